@@ -1,0 +1,103 @@
+"""Which kernel backend runs an op: "cuda" (bild_kernels._C), "triton", or "ref" (PyTorch).
+
+Default per device: CUDA tensors use the CUDA extension when it was built, else Triton; CPU tensors
+use Triton when TRITON_INTERPRET=1 (the interpreter runs kernels on the CPU), else the reference.
+`BILD_BACKEND=cuda|triton|ref` forces a default; `backend=` forces one call.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+BACKENDS = ("cuda", "triton", "ref")
+
+# op -> backends that implement it (filled in by the backend modules as they import).
+_IMPLS: dict[str, dict[str, object]] = {}
+
+
+@functools.lru_cache(None)
+def cuda_extension():
+    """The compiled extension module, or None when it was not built."""
+    try:
+        from bild_kernels import _C  # noqa: F401
+    except ImportError:
+        return None
+    return _C
+
+
+@functools.lru_cache(None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def register(op: str, backend: str, fn) -> None:
+    _IMPLS.setdefault(op, {})[backend] = fn
+
+
+def _usable(backend: str, device: torch.device) -> bool:
+    if backend == "ref":
+        return True
+    if backend == "triton":
+        return triton_available() and (device.type == "cuda" or triton_interpret())
+    if backend == "cuda":
+        return cuda_extension() is not None and device.type == "cuda"
+    return False
+
+
+def resolve(op: str, device: torch.device, backend: str | None) -> object:
+    """The implementation of `op` for tensors on `device`; raises ValueError naming the problem."""
+    _load_backends()
+    impls = _IMPLS.get(op, {})
+    if backend is None:
+        forced = os.environ.get("BILD_BACKEND")
+        order = [forced] if forced else (["cuda", "triton", "ref"] if device.type == "cuda" else ["triton", "ref"])
+        for b in order:
+            if b in impls and _usable(b, device):
+                return impls[b]
+        if forced:
+            raise ValueError(f"BILD_BACKEND={forced!r} cannot run {op} on {device}")
+        return impls["ref"]
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend not in impls:
+        raise ValueError(f"backend {backend!r} has no implementation of {op}")
+    if not _usable(backend, device):
+        why = {
+            "cuda": "the CUDA extension is not built or the tensors are not on a CUDA device",
+            "triton": "triton is missing, or the tensors are on the CPU without TRITON_INTERPRET=1",
+        }[backend]
+        raise ValueError(f"backend {backend!r} cannot run {op} on {device}: {why}")
+    return impls[backend]
+
+
+@functools.lru_cache(None)
+def _load_backends() -> None:
+    # Importing a backend module registers its implementations.
+    from bild_kernels.ops import _ref_impls  # noqa: F401
+    if triton_available():
+        from bild_kernels.ops import _triton_impls  # noqa: F401
+    if cuda_extension() is not None:
+        from bild_kernels.ops import _cuda_impls  # noqa: F401
+
+
+def backends(device: str | torch.device = "cuda") -> dict[str, dict]:
+    """For each op: the backends it has, which can run on `device`, and the default there."""
+    _load_backends()
+    device = torch.device(device)
+    out = {}
+    for op, impls in sorted(_IMPLS.items()):
+        usable = [b for b in BACKENDS if b in impls and _usable(b, device)]
+        default = resolve(op, device, None)
+        name = next(b for b, f in impls.items() if f is default)
+        out[op] = {"implemented": [b for b in BACKENDS if b in impls], "usable": usable, "default": name}
+    return out

@@ -1,0 +1,18 @@
+"""Registers the PyTorch reference as the "ref" backend of every op."""
+from bild_kernels import reference as R
+from bild_kernels._backend import register
+
+register("write_paged_kv", "ref", R.write_paged_kv_ref)
+register("reserve_paged_kv", "ref", R.reserve_paged_kv_ref)
+register("rollback_paged_kv", "ref", R.rollback_paged_kv_ref)
+register("gather_paged_kv", "ref", R.gather_paged_kv_ref)
+register("sample_draft", "ref", R.sample_draft_ref)
+
+
+def _verify_draft(draft_ids, target_logits, mode, rollback_threshold, draft_probs, temperature, top_k, top_p,
+                  seed, offset):
+    return R.verify_draft_ref(draft_ids, target_logits, mode, rollback_threshold, draft_probs, temperature,
+                              top_k, top_p, seed, offset)
+
+
+register("verify_draft", "ref", _verify_draft)

@@ -1,0 +1,75 @@
+"""Batched verification of drafted runs against one pass of the large model."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from bild_kernels._backend import resolve
+from bild_kernels.ops import _validate as v
+from bild_kernels.ops.sampling import sampling_params
+from bild_kernels.reference import MODES
+
+
+class VerifyResult(NamedTuple):
+    num_accepted: torch.Tensor  # [B] int32, drafted tokens kept
+    output_ids: torch.Tensor  # [B, K+1] int64, accepted drafts then the emitted token, -1 padded
+    distances: torch.Tensor  # [B, K] f32, -log p_L(draft_j) at temperature 1 (0 on padding)
+    target_probs: torch.Tensor  # [B, K+1] f32, max_v p_L(v) per position (0 past a row's draft)
+
+
+def verify_draft(draft_ids, target_logits, mode: str = "greedy", *, rollback_threshold=None, draft_probs=None,
+                 temperature=None, top_k=None, top_p=None, seed=None, offset=None,
+                 backend: str | None = None) -> VerifyResult:
+    """Accept a prefix of each row's draft and emit the large model's next token.
+
+    Parameters
+    ----------
+    draft_ids : [B, K] int tensor; each row's drafted ids then -1 padding (K may be 0).
+    target_logits : [B, K+1, V] float16 / bfloat16 / float32; position j scores the token after
+        the committed prefix plus draft[:j].
+    mode : "greedy" (accept while equal to the argmax), "bild" (BiLD's rollback rule with
+        `rollback_threshold`), or "sample" (lossless speculative sampling with `draft_probs`).
+    rollback_threshold : number or [B] float >= 0, required for "bild".
+    draft_probs : [B, K, V] float, required for "sample": the distributions the drafts were drawn from.
+    temperature, top_k, top_p, seed, offset : the large model's sampling parameters, per row.
+    backend : "cuda" | "triton" | "ref" | None (automatic).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
+    dev = v.tensor("target_logits", target_logits, dtypes=v.FLOATS, ndim=3).device
+    v.tensor("draft_ids", draft_ids, dtypes=v.INTS, ndim=2, device=dev)
+    B, K1, V = target_logits.shape
+    if V == 0:
+        raise ValueError("target_logits must have a non-empty vocabulary dimension")
+    v.shape("draft_ids", draft_ids, (B, K1 - 1))
+    K = K1 - 1
+    if K < 0:
+        raise ValueError("target_logits must have at least one position (K+1 >= 1)")
+    if not v.capturing() and draft_ids.numel():
+        if bool((draft_ids >= V).any()) or bool((draft_ids < -1).any()):
+            bad = draft_ids[(draft_ids >= V) | (draft_ids < -1)][0].item()
+            raise ValueError(f"draft_ids holds {bad}, outside the vocabulary [0, {V}) (-1 pads)")
+        real = draft_ids >= 0
+        if bool((real[:, 1:] & ~real[:, :-1]).any()):
+            raise ValueError("draft_ids: each row must hold its drafted ids first, then only -1 padding")
+    temperature, top_k, top_p, seed, offset = sampling_params(B, dev, temperature, top_k, top_p, seed, offset)
+    if mode == "bild":
+        if rollback_threshold is None:
+            raise ValueError("mode='bild' needs rollback_threshold")
+        rollback_threshold = v.per_row("rollback_threshold", rollback_threshold, B, torch.float32, dev, 0.0)
+        v.in_range("rollback_threshold", rollback_threshold, 0.0)
+    else:
+        rollback_threshold = torch.zeros(B, dtype=torch.float32, device=dev)
+    if mode == "sample":
+        if draft_probs is None:
+            raise ValueError("mode='sample' needs draft_probs [B, K, V]")
+        v.tensor("draft_probs", draft_probs, dtypes=v.FLOATS, ndim=3, device=dev)
+        v.shape("draft_probs", draft_probs, (B, K, V))
+        draft_probs = draft_probs.contiguous()
+    elif draft_probs is not None:
+        raise ValueError(f"draft_probs is only used by mode='sample', not {mode!r}")
+    fn = resolve("verify_draft", dev, backend)
+    out = fn(draft_ids.to(torch.int64).contiguous(), target_logits.contiguous(), MODES[mode], rollback_threshold,
+             draft_probs, temperature, top_k, top_p, seed, offset)
+    return VerifyResult(*out)

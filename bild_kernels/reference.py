@@ -1,0 +1,330 @@
+"""PyTorch twins of every kernel: the specification.
+
+Every Triton and CUDA kernel in this package must agree with the function here of the same stem
+(`write_paged_kv` <-> `write_paged_kv_ref`). Inputs are assumed valid (the public ops in
+`bild_kernels.ops` validate); math is done in float32 (float64 inputs stay float64).
+
+Random numbers: every random op draws from one counter-based generator, Philox4x32-10, keyed by a
+per-row int64 `seed` and addressed by a counter (c0, c1, c2, c3) = (index, offset_lo, offset_hi,
+purpose << 24 | position). `index` runs over the vocabulary (or is 0 for a single draw), `offset`
+is the per-row int64 step counter the caller advances, `purpose` separates the streams of
+different ops. The first output word x gives the uniform u = ((x >> 8) + 0.5) / 2**24 in (0, 1).
+Because the counter, not a hidden state, addresses every number, the op can be captured in a CUDA
+graph (seed and offset are device tensors) and this reference reproduces the kernels exactly.
+"""
+from __future__ import annotations
+
+import torch
+
+# Stream identifiers (the `purpose` byte of the Philox counter).
+PURPOSE_DRAFT_SAMPLE = 1  # sample_draft: Gumbel noise over the vocabulary
+PURPOSE_VERIFY_ACCEPT = 2  # verify_draft(sample): the acceptance uniform of position j
+PURPOSE_VERIFY_TOKEN = 3  # verify_draft: Gumbel noise of the token emitted at position j
+
+_M32 = 0xFFFFFFFF
+_PHILOX_A = 0xD2511F53
+_PHILOX_B = 0xCD9E8D57
+_KEY_A = 0x9E3779B9
+_KEY_B = 0xBB67AE85
+
+
+def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # b holds uint32 values in int64; a * b < 2**64 but may exceed int64: split b in 16-bit halves.
+    b_lo = b & 0xFFFF
+    b_hi = b >> 16
+    p_lo = a * b_lo  # < 2**48
+    p_hi = a * b_hi  # < 2**48
+    lo = (p_lo + ((p_hi & 0xFFFF) << 16)) & _M32
+    hi = (p_hi + (p_lo >> 16)) >> 16
+    return hi & _M32, lo
+
+
+def philox_ref(seed: torch.Tensor, c0, c1, c2, c3) -> torch.Tensor:
+    """Philox4x32-10; returns the first output word as int64 in [0, 2**32).
+
+    seed: int64 tensor (any shape broadcastable with the counters); counters: int64 tensors or
+    ints holding uint32 values.
+    """
+    seed = torch.as_tensor(seed, dtype=torch.int64)
+    k0 = seed & _M32
+    k1 = (seed >> 32) & _M32
+    c = [torch.as_tensor(x, dtype=torch.int64, device=seed.device) & _M32 for x in (c0, c1, c2, c3)]
+    c0, c1, c2, c3 = torch.broadcast_tensors(*c, k0)[:4]
+    k0, k1 = torch.broadcast_tensors(k0, c0)[0], torch.broadcast_tensors(k1, c0)[0]
+    for _ in range(10):
+        hi_b, lo_b = _mulhilo(_PHILOX_B, c2)
+        hi_a, lo_a = _mulhilo(_PHILOX_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + _KEY_A) & _M32
+        k1 = (k1 + _KEY_B) & _M32
+    return c0
+
+
+def uniform_ref(seed, index, offset, purpose: int, position) -> torch.Tensor:
+    """Uniform float32 in (0, 1) for counter (index, offset, purpose/position), see module doc."""
+    offset = torch.as_tensor(offset, dtype=torch.int64)
+    position = torch.as_tensor(position, dtype=torch.int64)
+    x = philox_ref(seed, index, offset & _M32, (offset >> 32) & _M32, (purpose << 24) | position)
+    return (((x >> 8).to(torch.float64) + 0.5) / 2.0**24).to(torch.float32)
+
+
+def gumbel_ref(seed, index, offset, purpose: int, position) -> torch.Tensor:
+    u = uniform_ref(seed, index, offset, purpose, position)
+    return -torch.log(-torch.log(u))
+
+
+# --------------------------------------------------------------------------------------------
+# Paged KV cache
+# --------------------------------------------------------------------------------------------
+def write_paged_kv_ref(key, value, key_cache, value_cache, slot_mapping) -> None:
+    """Scatter key/value [T, H, D] into caches [num_blocks, block_size, H, D] at slot_mapping [T].
+
+    Slot s means block s // block_size, row s % block_size; slot -1 is skipped (padding).
+    """
+    nb, bs = key_cache.shape[:2]
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    key_cache.view(nb * bs, *key_cache.shape[2:])[slots] = key[keep].to(key_cache.dtype)
+    value_cache.view(nb * bs, *value_cache.shape[2:])[slots] = value[keep].to(value_cache.dtype)
+
+
+def reserve_paged_kv_ref(block_tables, context_lens, num_new, free_blocks, num_free, block_size) -> None:
+    """Grow each row's block table so it holds context_lens[b] + num_new[b] tokens.
+
+    block_tables: [B, M] int32, a row's allocated blocks first, then -1. free_blocks: [N] int32, a
+    stack whose first num_free[0] entries are the free blocks; blocks are popped from its top
+    (highest index first), rows served in order b = 0, 1, ... Rows with context_lens[b] < 0 are
+    inactive and untouched. If the pool runs short, num_free[0] is set to -1 - (blocks missing)
+    and nothing else changes (the caller checks num_free >= 0).
+    """
+    nblk = (block_tables >= 0).sum(1)
+    want = torch.where(context_lens >= 0, (context_lens + num_new + block_size - 1) // block_size, nblk)
+    need = (want - nblk).clamp(min=0)
+    total = int(need.sum())
+    top = int(num_free[0])
+    if total > top:
+        num_free[0] = -1 - (total - top)
+        return
+    ptr = top
+    for b in range(block_tables.shape[0]):
+        for j in range(int(need[b])):
+            ptr -= 1
+            block_tables[b, int(nblk[b]) + j] = free_blocks[ptr]
+    num_free[0] = ptr
+
+
+def rollback_paged_kv_ref(block_tables, context_lens, num_rejected, free_blocks, num_free, block_size) -> None:
+    """Drop the last num_rejected[b] tokens of each row and return emptied blocks to the pool.
+
+    context_lens[b] -= num_rejected[b] (clamped at 0); every block of the row beyond
+    ceil(new_len / block_size) (reserved but unused ones included) is pushed on the free stack in
+    row order, then in table order, and its table entry set to -1. No KV data moves: rejected
+    slots are simply overwritten later. Rows with context_lens[b] < 0 are inactive and untouched.
+    """
+    ptr = int(num_free[0])
+    for b in range(block_tables.shape[0]):
+        if int(context_lens[b]) < 0:
+            continue
+        new_len = max(int(context_lens[b]) - int(num_rejected[b]), 0)
+        context_lens[b] = new_len
+        keep = (new_len + block_size - 1) // block_size
+        for j in range(keep, block_tables.shape[1]):
+            blk = int(block_tables[b, j])
+            if blk < 0:
+                break
+            free_blocks[ptr] = blk
+            ptr += 1
+            block_tables[b, j] = -1
+    num_free[0] = ptr
+
+
+def gather_paged_kv_ref(key_cache, value_cache, block_tables, context_lens):
+    """Gather each row's first context_lens[b] tokens into dense [B, L, H, D] (L = max length).
+
+    Positions past a row's length are zero. Used by the reference attention path.
+    """
+    B = block_tables.shape[0]
+    bs = key_cache.shape[1]
+    L = int(context_lens.clamp(min=0).max()) if B else 0
+    pos = torch.arange(L, device=key_cache.device)
+    blk = block_tables.long().gather(1, (pos // bs).unsqueeze(0).expand(B, -1).clamp(max=block_tables.shape[1] - 1))
+    valid = pos.unsqueeze(0) < context_lens.unsqueeze(1)
+    slots = torch.where(valid, blk * bs + pos % bs, torch.zeros_like(blk))
+    flat_k = key_cache.reshape(-1, *key_cache.shape[2:])
+    flat_v = value_cache.reshape(-1, *value_cache.shape[2:])
+    k = flat_k[slots] * valid[..., None, None]
+    v = flat_v[slots] * valid[..., None, None]
+    return k, v
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling helpers shared by sample_draft and verify_draft
+# --------------------------------------------------------------------------------------------
+def _filter_top_k_top_p(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Mask (to -inf) what top-k and top-p exclude from rows of scaled logits [R, V].
+
+    top-k keeps every token whose value is >= the k-th largest (ties at the threshold kept);
+    top_k <= 0 or >= V disables it. top-p keeps the smallest set of most probable tokens whose
+    probability sums to >= top_p, again with ties at the threshold kept; top_p >= 1 disables it.
+    Both apply to the same row: a token must pass both (top-p measured on the unfiltered row).
+    """
+    R, V = scaled.shape
+    keep = torch.ones_like(scaled, dtype=torch.bool)
+    k = top_k.long()
+    use_k = (k > 0) & (k < V)
+    if bool(use_k.any()):
+        srt = torch.sort(scaled, dim=1, descending=True).values
+        kth = srt.gather(1, (k.clamp(1, V) - 1).unsqueeze(1))
+        keep &= ~use_k.unsqueeze(1) | (scaled >= kth)
+    use_p = top_p < 1.0
+    if bool(use_p.any()):
+        probs = torch.softmax(scaled, dim=1)
+        sp = torch.sort(probs, dim=1, descending=True).values
+        excl = torch.cumsum(sp, dim=1) - sp  # mass strictly above each sorted entry
+        n_keep = (excl < top_p.unsqueeze(1)).sum(1).clamp(min=1)
+        thr = sp.gather(1, (n_keep - 1).unsqueeze(1))
+        keep &= ~use_p.unsqueeze(1) | (probs >= thr)
+    return scaled.masked_fill(~keep, float("-inf"))
+
+
+def _pick(scaled_filtered, greedy, noise):
+    """argmax of scaled (greedy rows) or of scaled + Gumbel noise (sampling rows); first index on ties."""
+    pert = torch.where(greedy.unsqueeze(1), scaled_filtered, scaled_filtered + noise)
+    return torch.argmax(pert, dim=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Draft sampling
+# --------------------------------------------------------------------------------------------
+def sample_draft_ref(logits, temperature, top_k, top_p, seed, offset, fallback_threshold):
+    """Sample one token per row of small-model logits [B, V] and report BiLD/E-LANG signals.
+
+    temperature, top_p, fallback_threshold: [B] float32; top_k: [B] int32; seed, offset: [B] int64.
+    Temperature 0 is greedy (argmax, first index on ties). Otherwise the token is
+    argmax(filter(z / T) + g_v) with Gumbel noise g_v = gumbel(seed, v, offset, DRAFT_SAMPLE, 0),
+    which samples softmax(filter(z / T)) exactly.
+
+    Returns (token_ids [B] int64, token_probs [B] f32, max_probs [B] f32, energies [B] f32,
+    fallback [B] bool):
+      token_probs: probability of the chosen token under softmax(filter(z / T')), T' = T or 1 if T = 0
+      max_probs:   max_v softmax(z)_v at temperature 1, unfiltered (BiLD's fallback signal)
+      energies:    -T' * logsumexp(z / T'), unfiltered (E-LANG's signal)
+      fallback:    max_probs < fallback_threshold
+    """
+    z = logits.float() if logits.dtype != torch.float64 else logits
+    B, V = z.shape
+    greedy = temperature <= 0
+    t = torch.where(greedy, torch.ones_like(temperature), temperature).to(z.dtype).unsqueeze(1)
+    scaled = z / t
+    filt = _filter_top_k_top_p(scaled, top_k, top_p)
+    idx = torch.arange(V, device=z.device).unsqueeze(0)
+    noise = gumbel_ref(seed.unsqueeze(1), idx, offset.unsqueeze(1), PURPOSE_DRAFT_SAMPLE, 0).to(z.dtype)
+    token = _pick(filt, greedy, noise)
+    lse_f = torch.logsumexp(filt, dim=1)
+    token_probs = torch.exp(filt.gather(1, token.unsqueeze(1)).squeeze(1) - lse_f)
+    max_probs = torch.exp(z.max(1).values - torch.logsumexp(z, dim=1))
+    energies = -t.squeeze(1) * torch.logsumexp(scaled, dim=1)
+    fallback = max_probs < fallback_threshold.to(max_probs.dtype)
+    return token, token_probs.float(), max_probs.float(), energies.float(), fallback
+
+
+# --------------------------------------------------------------------------------------------
+# Verification
+# --------------------------------------------------------------------------------------------
+MODE_GREEDY, MODE_BILD, MODE_SAMPLE = 0, 1, 2
+MODES = {"greedy": MODE_GREEDY, "bild": MODE_BILD, "sample": MODE_SAMPLE}
+
+
+def verify_draft_ref(draft_ids, target_logits, mode, rollback_threshold=None, draft_probs=None,
+                     temperature=None, top_k=None, top_p=None, seed=None, offset=None):
+    """Verify a ragged batch of drafts against the large model's logits.
+
+    draft_ids: [B, K] int64, each row's drafted tokens then -1 padding (n_b = drafted count).
+    target_logits: [B, K+1, V]; position j holds the large model's logits for the token after
+        committed + draft[:j].
+    mode: "greedy" | "bild" | "sample".
+    rollback_threshold: [B] float32 (bild). draft_probs: [B, K, V] (sample): the small model's
+        probabilities that each draft was sampled from.
+    temperature, top_p: [B] f32; top_k: [B] int32; seed, offset: [B] int64 — the sampling
+        parameters of the large model's tokens (all None = greedy).
+
+    Per position j the target distribution is q_j = softmax(filter(z_j / T)) (argmax at T = 0).
+    - greedy: accept draft[j] while draft[j] == argmax z_j.
+    - bild:   d_j = -log softmax(z_j)[draft[j]] (temperature 1); cut at the first j with
+              d_j > rollback_threshold and draft[j] != argmax z_j; accept everything before it.
+    - sample: accept draft[j] while u_j * p_S(draft[j]) < q_j(draft[j]) with u_j =
+              uniform(seed, 0, offset, VERIFY_ACCEPT, j); at the first rejection the emitted token
+              is drawn from norm(max(0, q_j - p_S)) (if that is all zero: from q_j).
+    The emitted token at position c = num_accepted (if c < n_b, the "recovered" token; else the
+    "bonus" token) is argmax z_c at T = 0, else argmax(log(w) + g) over the vocabulary with
+    g = gumbel(seed, v, offset, VERIFY_TOKEN, c) and w = q_c (or the residual in sample mode).
+
+    Returns (num_accepted [B] int32, output_ids [B, K+1] int64 (-1 padded: accepted drafts, then
+    the emitted token), distances [B, K] f32 (d_j; 0 on padding), target_probs [B, K+1] f32
+    (max_v softmax(z_j)_v; 0 past n_b)).
+    """
+    mode = MODES[mode] if isinstance(mode, str) else mode
+    z = target_logits.float() if target_logits.dtype != torch.float64 else target_logits
+    B, K1, V = z.shape
+    K = K1 - 1
+    dev = z.device
+    n = (draft_ids >= 0).sum(1)
+    pos = torch.arange(K, device=dev)
+    valid = pos.unsqueeze(0) < n.unsqueeze(1)  # [B, K]
+    safe_ids = draft_ids.clamp(min=0).long()
+
+    if temperature is None:
+        temperature = torch.zeros(B, device=dev)
+        top_k = torch.zeros(B, dtype=torch.int32, device=dev)
+        top_p = torch.ones(B, device=dev)
+        seed = torch.zeros(B, dtype=torch.int64, device=dev)
+        offset = torch.zeros(B, dtype=torch.int64, device=dev)
+
+    lse = torch.logsumexp(z, dim=2)  # [B, K+1]
+    amax = torch.argmax(z, dim=2)  # [B, K+1]
+    target_probs = torch.exp(z.max(2).values - lse)
+    target_probs = torch.where(torch.arange(K1, device=dev).unsqueeze(0) <= n.unsqueeze(1), target_probs,
+                               torch.zeros_like(target_probs))
+    z_draft = z[:, :K].gather(2, safe_ids.unsqueeze(2)).squeeze(2)
+    distances = torch.where(valid, lse[:, :K] - z_draft, torch.zeros_like(z_draft))
+
+    greedy = temperature <= 0
+    t = torch.where(greedy, torch.ones_like(temperature), temperature).to(z.dtype)
+    scaled = z / t[:, None, None]
+    filt = _filter_top_k_top_p(scaled.reshape(B * K1, V), top_k.repeat_interleave(K1),
+                               top_p.repeat_interleave(K1)).reshape(B, K1, V)
+    q = torch.softmax(filt, dim=2)
+    q_greedy = torch.nn.functional.one_hot(amax, V).to(q.dtype)
+    q = torch.where(greedy[:, None, None], q_greedy, q)
+
+    if mode == MODE_GREEDY:
+        ok = draft_ids[:, :K] == amax[:, :K]
+    elif mode == MODE_BILD:
+        ok = ~((distances > rollback_threshold.to(z.dtype).unsqueeze(1)) & (draft_ids != amax[:, :K]))
+    else:
+        ps = draft_probs.to(z.dtype).gather(2, safe_ids.unsqueeze(2)).squeeze(2)
+        qd = q[:, :K].gather(2, safe_ids.unsqueeze(2)).squeeze(2)
+        u = uniform_ref(seed.unsqueeze(1), 0, offset.unsqueeze(1), PURPOSE_VERIFY_ACCEPT, pos.unsqueeze(0))
+        ok = u.to(z.dtype) * ps < qd
+    ok = ok & valid
+    # number accepted = length of the all-True prefix
+    num_accepted = torch.cumprod(ok.long(), dim=1).sum(1) if K > 0 else torch.zeros(B, dtype=torch.long, device=dev)
+
+    c = num_accepted
+    rows = torch.arange(B, device=dev)
+    w = q[rows, c]  # [B, V]
+    if mode == MODE_SAMPLE:
+        cut = c < n
+        ps_c = draft_probs.to(z.dtype)[rows, c.clamp(max=max(K - 1, 0))] if K > 0 else torch.zeros_like(w)
+        resid = (w - ps_c).clamp(min=0)
+        use_resid = cut & (resid.sum(1) > 0)
+        w = torch.where(use_resid.unsqueeze(1), resid, w)
+    idx = torch.arange(V, device=dev).unsqueeze(0)
+    g = gumbel_ref(seed.unsqueeze(1), idx, offset.unsqueeze(1), PURPOSE_VERIFY_TOKEN, c.unsqueeze(1)).to(z.dtype)
+    emitted = torch.where(greedy, amax[rows, c], torch.argmax(torch.log(w) + g, dim=1))
+
+    out = torch.full((B, K1), -1, dtype=torch.int64, device=dev)
+    keep = torch.arange(K1, device=dev).unsqueeze(0) < c.unsqueeze(1)
+    out[:, :K] = torch.where(keep[:, :K], draft_ids.long(), out[:, :K])
+    out[rows, c] = emitted
+    return num_accepted.int(), out, distances.float(), target_probs.float()

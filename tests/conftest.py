@@ -1,0 +1,44 @@
+"""Shared fixtures: deterministic seeds, the backends to test, and the GPU skip marker."""
+import os
+
+import pytest
+import torch
+
+from bild_kernels._backend import cuda_extension, triton_available
+
+HAS_GPU = torch.cuda.is_available()
+requires_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU (none on this machine)")
+
+
+def kernel_backends():
+    """Backends whose kernels can run here, as (backend, device) pytest params.
+
+    Triton runs on the GPU, or on the CPU under TRITON_INTERPRET=1; CUDA needs a GPU and the built
+    extension. Backends that cannot run are still listed, skipped with the reason.
+    """
+    params = []
+    interp = os.environ.get("TRITON_INTERPRET") == "1"
+    if HAS_GPU:
+        params.append(pytest.param(("triton", "cuda"), id="triton-cuda"))
+    elif interp:
+        params.append(pytest.param(("triton", "cpu"), id="triton-interp"))
+    else:
+        params.append(pytest.param(("triton", "cpu"), id="triton",
+                                   marks=pytest.mark.skip(reason="no GPU and TRITON_INTERPRET is not 1")))
+    if not triton_available():
+        params[-1] = pytest.param(("triton", "cpu"), id="triton", marks=pytest.mark.skip(reason="triton missing"))
+    cuda_ok = HAS_GPU and cuda_extension() is not None
+    why = "needs a CUDA GPU" if not HAS_GPU else "bild_kernels._C was not built"
+    params.append(pytest.param(("cuda", "cuda"), id="cuda",
+                               marks=[] if cuda_ok else pytest.mark.skip(reason=why)))
+    return params
+
+
+@pytest.fixture(params=kernel_backends())
+def backend_device(request):
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
