@@ -4,5 +4,20 @@ from bild_kernels.ops import (DraftSample, VerifyResult, gather_paged_kv, reserv
                               sample_draft, verify_draft, write_paged_kv)
 
 __version__ = "0.1.0"
+
+_ENGINE_NAMES = {"Engine": "engine", "SamplingParams": "params", "RequestOutput": "sequence",
+                 "RequestMetrics": "sequence", "StreamChunk": "sequence", "Policy": "policies", "BiLD": "policies",
+                 "Greedy": "policies", "SpeculativeSampling": "policies", "LargeOnly": "policies",
+                 "SmallOnly": "policies"}
+
+
+def __getattr__(name):
+    # The engine pulls in the model code (and transformers when loading); kernel users need neither.
+    if name in _ENGINE_NAMES:
+        import importlib
+        return getattr(importlib.import_module(f"bild_kernels.engine.{_ENGINE_NAMES[name]}"), name)
+    raise AttributeError(f"module 'bild_kernels' has no attribute {name!r}")
+
+
 __all__ = ["backends", "write_paged_kv", "reserve_paged_kv", "rollback_paged_kv", "gather_paged_kv",
-           "sample_draft", "DraftSample", "verify_draft", "VerifyResult"]
+           "sample_draft", "DraftSample", "verify_draft", "VerifyResult", *_ENGINE_NAMES]

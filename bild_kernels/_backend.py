@@ -69,6 +69,9 @@ def resolve(op: str, device: torch.device, backend: str | None) -> object:
         return impls["ref"]
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "cuda" and cuda_extension() is None:
+        raise ValueError(f"backend 'cuda' cannot run {op}: bild_kernels._C was not built (no nvcc or CUDA torch "
+                         "at install time, or BILD_NO_CUDA=1)")
     if backend not in impls:
         raise ValueError(f"backend {backend!r} has no implementation of {op}")
     if not _usable(backend, device):

@@ -42,3 +42,7 @@ def backend_device(request):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long statistical or soak runs, outside the default test command")

@@ -53,3 +53,25 @@ def sample_draft(logits, *, temperature=None, top_k=None, top_p=None, seed=None,
     v.in_range("fallback_threshold", fallback_threshold, 0.0, 1.0)
     fn = resolve("sample_draft", dev, backend)
     return DraftSample(*fn(logits.contiguous(), temperature, top_k, top_p, seed, offset, fallback_threshold))
+
+
+def filtered_probs(logits, temperature, top_k, top_p):
+    """The distributions sample_draft draws from, as full rows [B, V] float32: softmax of the
+    temperature-scaled, top-k/top-p-filtered logits (one-hot argmax at temperature 0). Speculative
+    sampling needs them to verify the drafts."""
+    from bild_kernels.reference import _filter_top_k_top_p
+    z = logits.float()
+    greedy = temperature <= 0
+    t = torch.where(greedy, torch.ones_like(temperature), temperature).unsqueeze(1)
+    probs = torch.softmax(_filter_top_k_top_p(z / t, top_k, top_p), dim=1)
+    onehot = torch.nn.functional.one_hot(z.argmax(1), z.shape[1]).to(probs.dtype)
+    return torch.where(greedy.unsqueeze(1), onehot, probs)
+
+
+def pack_draft_probs(rows, K: int, V: int, like: torch.Tensor) -> torch.Tensor:
+    """Stack per-sequence lists of [V] probability rows into [B, K, V], zero-padded."""
+    out = torch.zeros((len(rows), K, V), dtype=torch.float32, device=like.device)
+    for i, r in enumerate(rows):
+        if r:
+            out[i, :len(r)] = torch.stack(r)
+    return out

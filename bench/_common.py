@@ -1,0 +1,132 @@
+"""Shared benchmark plumbing: timing with percentiles, effective bandwidth, result rows.
+
+Every bench_<op>.py prints one line per (configuration, backend) and appends a CSV row to
+bench/results/<bench>.csv with the device name and git revision, so runs on different machines
+and revisions can be compared side by side.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import os
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# Peak memory bandwidth (GB/s) of devices we report against; unknown devices report no percentage.
+PEAK_GBPS = {"H100": 3350.0, "H200": 4800.0, "A100": 2039.0, "L4": 300.0, "T4": 320.0}
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "cpu")
+    except OSError:
+        model = "cpu"
+    return f"{model} x{os.cpu_count()} (CPU)"
+
+
+def peak_gbps(device: str) -> float | None:
+    if device != "cuda":
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_GBPS.items() if k in name), None)
+
+
+def git_rev() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=Path(__file__).parent).stdout.strip()
+        return rev + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def timeit(fn, device: str, *, warmup: int = 3, iters: int = 20, setup=None) -> dict:
+    """Median and 20th/80th percentile of fn() in microseconds. `setup()` runs untimed before each call."""
+    for _ in range(warmup):
+        if setup:
+            setup()
+        fn()
+    times = []
+    for _ in range(iters):
+        if setup:
+            setup()
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) * 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e6)
+    q = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
+    return {"median_us": statistics.median(times), "p20_us": q[1], "p80_us": q[7]}
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--backends", default=None, help="comma-separated subset of cuda,triton,ref,compile")
+    p.add_argument("--iters", type=int, default=None)
+    p.add_argument("--no-save", action="store_true", help="print only, write no CSV row")
+    return p
+
+
+def usable_backends(device: str, requested: str | None) -> list[str]:
+    """Backends to run: on a GPU all built ones plus the torch.compile'd reference; on a CPU the
+    reference and (under TRITON_INTERPRET=1) Triton."""
+    from bild_kernels._backend import cuda_extension, triton_available, triton_interpret
+    avail = ["ref"]
+    if triton_available() and (device == "cuda" or triton_interpret()):
+        avail.append("triton")
+    if device == "cuda":
+        avail.append("compile")
+        if cuda_extension() is not None:
+            avail.append("cuda")
+    if requested:
+        want = requested.split(",")
+        return [b for b in want if b in avail]
+    return avail
+
+
+def record(bench: str, device: str, backend: str, config: dict, stats: dict, bytes_moved: int | None,
+           save: bool = True) -> dict:
+    gbps = bytes_moved / (stats["median_us"] * 1e-6) / 1e9 if bytes_moved else None
+    peak = peak_gbps(device)
+    row = {
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": device_name(device), "rev": git_rev(), "backend": backend,
+        **config,
+        "median_us": round(stats["median_us"], 2), "p20_us": round(stats["p20_us"], 2),
+        "p80_us": round(stats["p80_us"], 2),
+        "GBps": round(gbps, 1) if gbps else "",
+        "pct_peak": round(100 * gbps / peak, 1) if (gbps and peak) else "",
+    }
+    cfg = " ".join(f"{k}={v}" for k, v in config.items())
+    bw = f"{row['GBps']:>8} GB/s" + (f" ({row['pct_peak']}% of peak)" if row["pct_peak"] != "" else "") if gbps else ""
+    print(f"{bench:<22} {backend:<8} {cfg:<40} median {row['median_us']:>10.1f} us "
+          f"[p20 {row['p20_us']:.1f}, p80 {row['p80_us']:.1f}] {bw}", flush=True)
+    if save:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        path = RESULTS / f"{bench}.csv"
+        new = not path.exists()
+        with open(path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                w.writeheader()
+            w.writerow(row)
+    return row

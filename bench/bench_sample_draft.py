@@ -1,0 +1,65 @@
+"""Benchmark sample_draft: one token per row of bf16 small-model logits, every usable backend.
+
+GPU shapes: B in {1, 8, 64, 256}, V in {32000, 128256}; rows greedy, sampling (T = 0.8) or sampling with
+top-k 50 / top-p 0.9. Bandwidth counts one read of the logits (the floor any implementation pays); the
+speed-up is against the PyTorch reference ("ref"); "compile" is torch.compile of that reference.
+On a CPU (Triton under TRITON_INTERPRET=1) tiny shapes only show that the plumbing works.
+
+    python bench/bench_sample_draft.py [--device cuda] [--backends triton,ref] [--no-save]
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # run from a checkout
+from _common import parser, record, timeit, usable_backends  # noqa: E402
+
+from bild_kernels import reference as R  # noqa: E402
+from bild_kernels._backend import resolve  # noqa: E402
+
+ROWS = {"greedy": (0.0, 0, 1.0), "sample": (0.8, 0, 1.0), "topk_topp": (0.8, 50, 0.9)}
+
+
+def inputs(B, V, rows, device):
+    temp, k, p = ROWS[rows]
+    logits = (torch.randn(B, V, device=device) * 4).to(torch.bfloat16)
+    f = lambda x, dt: torch.full((B,), x, dtype=dt, device=device)  # noqa: E731
+    return (logits, f(temp, torch.float32), f(k, torch.int32), f(p, torch.float32),
+            torch.arange(B, device=device, dtype=torch.int64), f(7, torch.int64), f(0.3, torch.float32))
+
+
+def implementation(backend, device):
+    if backend == "ref":
+        return R.sample_draft_ref
+    if backend == "compile":
+        return torch.compile(R.sample_draft_ref, dynamic=False)
+    return resolve("sample_draft", torch.device(device), backend)  # the kernel without the op's input checks
+
+
+def main() -> None:
+    args = parser(__doc__.splitlines()[0]).parse_args()
+    gpu = args.device == "cuda"
+    shapes = [(B, V) for V in (32000, 128256) for B in (1, 8, 64, 256)] if gpu else [(1, 1000), (8, 1000)]
+    modes = list(ROWS) if gpu else ["greedy", "topk_topp"]
+    iters = args.iters or (50 if gpu else 3)
+    backends = usable_backends(args.device, args.backends)
+    backends.sort(key=lambda b: b != "ref")  # ref first: the others report their speed-up against it
+    fns = {b: implementation(b, args.device) for b in backends}
+    for B, V in shapes:
+        for rows in modes:
+            x = inputs(B, V, rows, args.device)
+            base = None
+            for b in backends:
+                stats = timeit(lambda: fns[b](*x), args.device, warmup=2 if gpu else 1, iters=iters)
+                base = stats["median_us"] if b == "ref" else base
+                row = record("sample_draft", args.device, b, {"B": B, "V": V, "rows": rows, "dtype": "bf16"}, stats,
+                             B * V * 2, save=not args.no_save)
+                if base and b != "ref":
+                    print(f"{'':<22} {b:<8} speed-up vs ref: {base / row['median_us']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Benchmark verify_draft: a batch of K-token drafts against bf16 large-model logits, every usable backend.
+
+GPU shapes: B in {1, 8, 64, 256}, K in {4, 8}, V in {32000, 128256}; modes greedy (greedy target), bild
+(greedy target) and sample (target at T = 0.8, fp32 draft probabilities). Drafts agree with the target's
+argmax at 70% of positions, so rows accept a mix of lengths. Bandwidth counts one read of the target
+logits [B, K+1, V] (sample mode adds nothing: it reads a single p_S row per rejected sequence). The
+speed-up is against the PyTorch reference ("ref"); "compile" is torch.compile of that reference.
+On a CPU (Triton under TRITON_INTERPRET=1) tiny shapes only show that the plumbing works.
+
+    python bench/bench_verify_draft.py [--device cuda] [--backends triton,ref] [--no-save]
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # run from a checkout
+from _common import parser, record, timeit, usable_backends  # noqa: E402
+
+from bild_kernels import reference as R  # noqa: E402
+from bild_kernels._backend import resolve  # noqa: E402
+
+
+def inputs(B, K, V, mode, device):
+    target_logits = (torch.randn(B, K + 1, V, device=device) * 4).to(torch.bfloat16)
+    amax = target_logits[:, :K].float().argmax(2)
+    draft_ids = torch.where(torch.rand(B, K, device=device) < 0.7, amax, torch.randint(0, V, (B, K), device=device))
+    f = lambda x, dt: torch.full((B,), x, dtype=dt, device=device)  # noqa: E731
+    draft_probs = torch.softmax(torch.randn(B, K, V, device=device), 2) if mode == R.MODE_SAMPLE else None
+    temperature = f(0.8 if mode == R.MODE_SAMPLE else 0.0, torch.float32)
+    return (draft_ids, target_logits, mode, f(2.0, torch.float32), draft_probs, temperature, f(0, torch.int32),
+            f(1.0, torch.float32), torch.arange(B, device=device, dtype=torch.int64), f(3, torch.int64))
+
+
+def implementation(backend, device):
+    if backend == "ref":
+        return R.verify_draft_ref
+    if backend == "compile":
+        return torch.compile(R.verify_draft_ref, dynamic=False)
+    return resolve("verify_draft", torch.device(device), backend)  # the kernel without the op's input checks
+
+
+def main() -> None:
+    args = parser(__doc__.splitlines()[0]).parse_args()
+    gpu = args.device == "cuda"
+    shapes = ([(B, K, V) for V in (32000, 128256) for K in (4, 8) for B in (1, 8, 64, 256)] if gpu
+              else [(1, 4, 1000), (8, 4, 1000)])
+    modes = ["greedy", "bild", "sample"] if gpu else ["greedy", "sample"]
+    iters = args.iters or (50 if gpu else 3)
+    backends = usable_backends(args.device, args.backends)
+    backends.sort(key=lambda b: b != "ref")  # ref first: the others report their speed-up against it
+    fns = {b: implementation(b, args.device) for b in backends}
+    for B, K, V in shapes:
+        for mode in modes:
+            x = inputs(B, K, V, R.MODES[mode], args.device)
+            base = None
+            for b in backends:
+                stats = timeit(lambda: fns[b](*x), args.device, warmup=2 if gpu else 1, iters=iters)
+                base = stats["median_us"] if b == "ref" else base
+                row = record("verify_draft", args.device, b, {"B": B, "K": K, "V": V, "mode": mode, "dtype": "bf16"},
+                             stats, B * (K + 1) * V * 2, save=not args.no_save)
+                if base and b != "ref":
+                    print(f"{'':<22} {b:<8} speed-up vs ref: {base / row['median_us']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""Train a draft model for a large one by distillation, and measure how often it agrees.
+
+The draft is a Llama with a few transformer layers copied from the large model (a better start than
+random), sharing the large model's frozen token embedding. Its head may be restricted to the
+`draft_vocab` most frequent tokens of the corpus: the head is ~1/5 of a small model's cost, and a
+token outside that set is one the verifier simply never accepts from the draft.
+
+Targets are the large model's own distributions over its own text, kept as top-k (ids, probs) per
+token, computed once (the teacher never runs again during training).
+"""
+from __future__ import annotations
+
+import copy
+import time
+from collections import Counter
+
+import torch
+import torch.nn.functional as F
+
+
+def build_draft(teacher, init_layers: list[int]):
+    """A LlamaForCausalLM with len(init_layers) layers copied from the teacher's, sharing its embedding."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig.from_dict(teacher.config.to_dict())
+    cfg.num_hidden_layers = len(init_layers)
+    cfg.layer_types = None
+    cfg.max_window_layers = None
+    draft = LlamaForCausalLM(cfg).to(torch.float32)
+    src = teacher.model
+    with torch.no_grad():
+        draft.model.embed_tokens.weight.copy_(src.embed_tokens.weight)
+        draft.model.norm.weight.copy_(src.norm.weight)
+        for i, j in enumerate(init_layers):
+            draft.model.layers[i].load_state_dict(copy.deepcopy(src.layers[j].state_dict()))
+        if not cfg.tie_word_embeddings:
+            draft.lm_head.weight.copy_(teacher.lm_head.weight)
+    draft.model.embed_tokens.weight.requires_grad_(False)
+    draft.lm_head.weight.requires_grad_(False)
+    return draft
+
+
+def frequent_tokens(corpus: list[list[int]], n: int, always: list[int]) -> torch.Tensor:
+    """The n most frequent token ids of the corpus plus `always` (EOS, ...), sorted."""
+    counts = Counter(t for seq in corpus for t in seq)
+    ids = set(always) | {t for t, _ in counts.most_common(n)}
+    return torch.tensor(sorted(ids)[: max(n, len(always))] if len(ids) > n else sorted(ids))
+
+
+@torch.inference_mode()
+def teacher_targets(teacher, corpus: list[list[int]], k: int = 32, batch_tokens: int = 4096, log=print):
+    """Per sequence: (top-k ids [L, k] int32, top-k probs [L, k] fp16) of the teacher's next-token distribution."""
+    out, t0, done = [], time.perf_counter(), 0
+    order = sorted(range(len(corpus)), key=lambda i: len(corpus[i]))
+    res = [None] * len(corpus)
+    i = 0
+    while i < len(order):
+        group = [order[i]]
+        while i + len(group) < len(order) and (len(group) + 1) * len(corpus[order[i + len(group)]]) <= batch_tokens:
+            group.append(order[i + len(group)])
+        width = max(len(corpus[g]) for g in group)
+        ids = torch.tensor([corpus[g] + [0] * (width - len(corpus[g])) for g in group])
+        mask = torch.tensor([[1] * len(corpus[g]) + [0] * (width - len(corpus[g])) for g in group])
+        logits = teacher(ids, attention_mask=mask).logits.float()
+        p, idx = torch.softmax(logits, -1).topk(k, dim=-1)
+        for row, g in enumerate(group):
+            n = len(corpus[g])
+            res[g] = (idx[row, :n].to(torch.int32), p[row, :n].to(torch.float16))
+        done += sum(len(corpus[g]) for g in group)
+        i += len(group)
+        log(f"teacher targets: {done} tokens, {done / (time.perf_counter() - t0):.0f} tok/s")
+    out = res
+    return out
+
+
+def _batch(corpus, targets, idxs, draft_vocab_map):
+    width = max(len(corpus[i]) for i in idxs)
+    ids = torch.zeros(len(idxs), width, dtype=torch.long)
+    mask = torch.zeros(len(idxs), width, dtype=torch.long)
+    k = targets[idxs[0]][0].shape[1]
+    tid = torch.zeros(len(idxs), width, k, dtype=torch.long)
+    tp = torch.zeros(len(idxs), width, k)
+    for r, i in enumerate(idxs):
+        n = len(corpus[i])
+        ids[r, :n] = torch.tensor(corpus[i])
+        mask[r, :n] = 1
+        tid[r, :n] = targets[i][0].long()
+        tp[r, :n] = targets[i][1].float()
+    if draft_vocab_map is not None:  # teacher ids outside the draft vocabulary carry no target mass
+        mapped = draft_vocab_map[tid]
+        tp = torch.where(mapped >= 0, tp, torch.zeros_like(tp))
+        tid = mapped.clamp(min=0)
+    return ids, mask, tid, tp
+
+
+def draft_logits(draft, ids, mask, vocab: torch.Tensor | None):
+    hidden = draft.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    head = draft.lm_head.weight if vocab is None else draft.lm_head.weight[vocab]
+    return hidden @ head.T
+
+
+def train(draft, corpus, targets, *, minutes: float, lr: float = 3e-4, batch_size: int = 8, vocab=None,
+          eval_fn=None, eval_every_s: float = 300.0, log=print, seed: int = 0):
+    """Distil for `minutes` of wall time (cross-entropy against the teacher's top-k distribution)."""
+    g = torch.Generator().manual_seed(seed)
+    params = [p for p in draft.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    vmap = None
+    if vocab is not None:
+        vmap = torch.full((draft.config.vocab_size,), -1, dtype=torch.long)
+        vmap[vocab] = torch.arange(len(vocab))
+    t0 = last_eval = time.perf_counter()
+    step, seen, history = 0, 0, []
+    draft.train()
+    while time.perf_counter() - t0 < minutes * 60:
+        idxs = torch.randint(len(corpus), (batch_size,), generator=g).tolist()
+        ids, mask, tid, tp = _batch(corpus, targets, idxs, vmap)
+        logp = F.log_softmax(draft_logits(draft, ids, mask, vocab).float(), -1)
+        loss_tok = -(tp * logp.gather(-1, tid)).sum(-1)
+        loss = (loss_tok * mask).sum() / mask.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        seen += int(mask.sum())
+        if step % 20 == 0:
+            el = time.perf_counter() - t0
+            log(f"step {step} loss {loss.item():.3f} tokens {seen} ({seen / el:.0f} tok/s) {el / 60:.1f} min")
+        if eval_fn is not None and time.perf_counter() - last_eval > eval_every_s:
+            draft.eval()
+            acc = eval_fn(draft)
+            draft.train()
+            history.append((round((time.perf_counter() - t0) / 60, 2), seen, acc))
+            log(f"held-out top-1 agreement {acc:.3f}")
+            last_eval = time.perf_counter()
+    draft.eval()
+    return history
+
+
+@torch.inference_mode()
+def agreement(draft, eval_corpus: list[tuple[list[int], int]], vocab=None) -> float:
+    """Top-1 agreement on the large model's greedy continuations: (ids, prompt_len) pairs; at every
+    response position the large model's argmax is the next token of its own greedy output."""
+    hits = total = 0
+    for ids, plen in eval_corpus:
+        x = torch.tensor([ids])
+        logits = draft_logits(draft, x, torch.ones_like(x), vocab)[0]
+        pred = logits.argmax(-1)
+        if vocab is not None:
+            pred = vocab[pred]
+        nxt = x[0, plen:]
+        hits += int((pred[plen - 1:-1] == nxt).sum())
+        total += len(nxt)
+    return hits / max(total, 1)

@@ -1,0 +1,68 @@
+"""ModelRunner: one model, its paged KV cache and block manager, and the per-step metadata.
+
+The engine speaks in rows (a request's slot in the block tables) and token lists; the runner turns a
+ragged extend (prefill, one-token decode and multi-token verification are all extends) into one
+batched forward over the paged cache and hands back the logits the engine asked for.
+"""
+from __future__ import annotations
+
+import torch
+
+from bild_kernels.engine.block_manager import BlockManager
+from bild_kernels.models import AttentionMetadata, load_model
+
+
+def load_executor(spec, role: str, dtype: torch.dtype, device: torch.device):
+    """(executor, tokenizer or None) from a model directory, a .gguf file or an in-memory HF model."""
+    return load_model(spec, dtype=dtype, device=device, role=role)
+
+
+class ModelRunner:
+    def __init__(self, executor, *, num_blocks: int, block_size: int, max_seqs: int, max_blocks_per_seq: int):
+        self.executor = executor
+        self.device = executor.device
+        self.block_size = block_size
+        self.kv_caches = executor.allocate_kv_cache(num_blocks, block_size)
+        self.blocks = BlockManager(num_blocks, block_size, max_seqs, max_blocks_per_seq, device=self.device)
+
+    def add(self, row: int) -> None:
+        self.blocks.allocate(row)
+
+    def free(self, row: int) -> None:
+        self.blocks.free(row)
+
+    def rollback(self, rows: list[int], counts: list[int]) -> None:
+        self.blocks.rollback(rows, counts)
+
+    def num_free_blocks(self) -> int:
+        return self.blocks.num_free_blocks()
+
+    def check_invariants(self) -> None:
+        self.blocks.check_invariants()
+
+    @torch.inference_mode()
+    def extend(self, rows: list[int], tokens: list[list[int]], n_logits: list[int]) -> torch.Tensor:
+        """Append tokens[i] to row rows[i]'s cache in one forward; return the logits of each row's
+        last n_logits[i] tokens as [len(rows), max(n_logits), V] (rows padded with zeros)."""
+        dev = self.device
+        counts = [len(t) for t in tokens]
+        starts = self.blocks.context_lens_of(rows)  # host mirror: cached tokens per row before this step
+        slot_mapping = self.blocks.append(rows, counts)  # [T] int64, reserves blocks as needed
+        input_ids = torch.tensor([t for ts in tokens for t in ts], dtype=torch.int64, device=dev)
+        positions = torch.tensor([s + j for s, c in zip(starts, counts) for j in range(c)], dtype=torch.int64,
+                                 device=dev)
+        qsl = [0]
+        for c in counts:
+            qsl.append(qsl[-1] + c)
+        meta = AttentionMetadata(
+            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
+            positions=positions, slot_mapping=slot_mapping,
+            block_tables=self.blocks.block_tables_of(rows),
+            context_lens=torch.tensor([s + c for s, c in zip(starts, counts)], dtype=torch.int32, device=dev),
+            max_query_len=max(counts), max_context_len=max(s + c for s, c in zip(starts, counts)))
+        K1 = max(n_logits)
+        # Row i's logits sit at flat positions qsl[i+1]-n .. qsl[i+1]-1; padding repeats the last one.
+        idx = [qsl[i + 1] - n + min(j, n - 1) for i, n in enumerate(n_logits) for j in range(K1)]
+        logits = self.executor.forward(input_ids, meta, self.kv_caches,
+                                       logits_indices=torch.tensor(idx, dtype=torch.int64, device=dev))
+        return logits.view(len(rows), K1, -1)

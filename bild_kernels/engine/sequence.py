@@ -1,0 +1,123 @@
+"""One request's state as the engine steps it, and what it hands back."""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from bild_kernels.engine.params import SamplingParams
+
+
+@dataclass
+class RequestMetrics:
+    """Counters of one request; `Engine.aggregate` sums them over many."""
+
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    large_passes: int = 0  # forward passes of the large model that included this request
+    small_steps: int = 0  # forward passes of the small model that included this request
+    drafted_tokens: int = 0  # tokens the small model proposed for verification
+    accepted_tokens: int = 0  # drafted tokens the large model kept
+    fallbacks: int = 0  # draft runs the small model ended itself (low confidence)
+    rollbacks: int = 0  # verification passes that rejected at least one drafted token
+    accepted_lengths: Counter = field(default_factory=Counter)  # accepted tokens per verification -> count
+    start_time: float = 0.0
+    end_time: float = 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        n = sum(self.accepted_lengths.values())
+        return sum(k * c for k, c in self.accepted_lengths.items()) / n if n else 0.0
+
+    @property
+    def wall_time(self) -> float:
+        return max(self.end_time - self.start_time, 0.0)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated_tokens / self.wall_time if self.wall_time > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "prompt_tokens": self.prompt_tokens, "generated_tokens": self.generated_tokens,
+            "large_passes": self.large_passes, "small_steps": self.small_steps,
+            "drafted_tokens": self.drafted_tokens, "accepted_tokens": self.accepted_tokens,
+            "acceptance_rate": round(self.acceptance_rate, 4),
+            "mean_accepted_length": round(self.mean_accepted_length, 4),
+            "accepted_length_histogram": dict(sorted(self.accepted_lengths.items())),
+            "fallbacks": self.fallbacks, "rollbacks": self.rollbacks,
+            "wall_time_s": round(self.wall_time, 6), "tokens_per_s": round(self.tokens_per_s, 2),
+        }
+
+    @staticmethod
+    def aggregate(items) -> RequestMetrics:
+        total = RequestMetrics()
+        items = list(items)
+        for m in items:
+            for name in ("prompt_tokens", "generated_tokens", "large_passes", "small_steps", "drafted_tokens",
+                         "accepted_tokens", "fallbacks", "rollbacks"):
+                setattr(total, name, getattr(total, name) + getattr(m, name))
+            total.accepted_lengths.update(m.accepted_lengths)
+        if items:
+            total.start_time = min(m.start_time for m in items)
+            total.end_time = max(m.end_time for m in items)
+        return total
+
+
+@dataclass
+class RequestOutput:
+    """What `Engine.generate` returns per prompt. `error` is set (and token_ids empty) when the
+    request was refused; the other requests of the batch are unaffected."""
+
+    request_id: int
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str | None
+    finish_reason: str | None  # "length" | "stop" | "eos" | "error"
+    metrics: RequestMetrics
+    error: str | None = None
+
+
+@dataclass
+class StreamChunk:
+    """A piece of a streamed request: the tokens committed in one step and their text."""
+
+    request_id: int
+    token_ids: list[int]
+    text: str
+    finished: bool
+    finish_reason: str | None = None
+    output: RequestOutput | None = None  # set on the last chunk
+
+
+class Sequence:
+    """A request in flight. `tokens` = prompt + committed output. Each model's KV cache holds a
+    prefix of `tokens` (plus, transiently, drafted tokens); `cached[model]` counts it."""
+
+    def __init__(self, request_id: int, prompt_ids: list[int], params: SamplingParams):
+        self.request_id = request_id
+        self.prompt_len = len(prompt_ids)
+        self.tokens = list(prompt_ids)
+        self.params = params
+        self.row = -1  # row in the block tables, -1 while waiting
+        self.cached = {"large": 0, "small": 0}
+        self.iteration = 0  # verification rounds so far: addresses this request's random numbers
+        self.finish_reason: str | None = None
+        self.metrics = RequestMetrics(prompt_tokens=len(prompt_ids), start_time=time.perf_counter())
+        self.text_len = 0  # characters of output text already streamed
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.tokens[self.prompt_len:]
+
+    @property
+    def remaining(self) -> int:
+        return self.params.max_tokens - len(self.output_ids)
+
+    def pending(self, model: str) -> list[int]:
+        """Committed tokens the model has not cached yet (at least the last one)."""
+        return self.tokens[self.cached[model]:]

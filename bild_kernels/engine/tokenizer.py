@@ -1,0 +1,70 @@
+"""Prompts in, text out: tokenisation with per-prompt errors, and incremental detokenisation."""
+from __future__ import annotations
+
+from bild_kernels.engine.sequence import Sequence
+
+
+def resolve_prompts(prompts, tokenizer, vocab_size: int, chat_template: bool):
+    """Yield (token_ids, None) for each valid prompt, or (None, error message) for a bad one."""
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            if not p:
+                yield None, f"prompt {i} is empty"
+                continue
+            if tokenizer is None:
+                yield None, f"prompt {i} is a string but the engine has no tokenizer: pass token ids"
+                continue
+            if chat_template and getattr(tokenizer, "chat_template", None):
+                ids = tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                                    tokenize=True)
+                ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+            else:
+                ids = tokenizer(p)["input_ids"]
+            yield list(ids), None
+        elif isinstance(p, (list, tuple)) or (hasattr(p, "tolist") and not isinstance(p, str)):
+            ids = p.tolist() if hasattr(p, "tolist") else list(p)
+            if not ids:
+                yield None, f"prompt {i} is empty"
+            elif not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                yield None, f"prompt {i} must hold int token ids"
+            elif min(ids) < 0 or max(ids) >= vocab_size:
+                bad = next(t for t in ids if t < 0 or t >= vocab_size)
+                yield None, f"prompt {i} holds token id {bad}, outside the vocabulary [0, {vocab_size})"
+            else:
+                yield ids, None
+        else:
+            yield None, f"prompt {i} must be a string or a list of token ids, got {type(p).__name__}"
+
+
+class Detokenizer:
+    """Turns each request's committed tokens into text, streaming only what is new and stable."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def text(self, seq: Sequence) -> str | None:
+        if self.tokenizer is None:
+            return None
+        return self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+
+    def delta(self, seq: Sequence) -> str:
+        if self.tokenizer is None:
+            return ""
+        full = self.text(seq)
+        # Hold back a trailing replacement char: the next token may complete a multi-byte character.
+        stable = full[:-1] if full.endswith("\ufffd") else full
+        new = stable[seq.text_len:] if len(stable) > seq.text_len else ""
+        seq.text_len = max(seq.text_len, len(stable))
+        return new
+
+    @staticmethod
+    def truncate_at_stop(tokenizer, seq: Sequence, stops: list[str], first_new: int) -> bool:
+        """If a stop string appears in the output, cut the tokens that complete it; True if cut."""
+        out = seq.output_ids
+        base = first_new - seq.prompt_len
+        for n in range(max(base, 0) + 1, len(out) + 1):
+            text = tokenizer.decode(out[:n], skip_special_tokens=True)
+            if any(s in text for s in stops):
+                del seq.tokens[seq.prompt_len + n - 1:]
+                return True
+        return False

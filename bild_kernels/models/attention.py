@@ -1,0 +1,137 @@
+"""Paged attention over a ragged batch: per-step metadata, the PyTorch reference, and the dispatch.
+
+One call covers prefill, one-token decode and multi-token extend: sequence b contributes
+query_start_loc[b+1] - query_start_loc[b] new tokens (already written to the cache), and token t at
+position positions[t] attends to that sequence's cached positions p' <= positions[t] (and
+p' > positions[t] - window under a sliding window). Rows with no visible key (padding) give zeros.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+
+from bild_kernels import reference as R
+
+
+@dataclasses.dataclass
+class AttentionMetadata:
+    """Per-step metadata of one batched forward (B sequences, T new tokens in all)."""
+
+    query_start_loc: torch.Tensor  # [B+1] int32, cumulative new-token counts
+    positions: torch.Tensor  # [T] int64, position of each new token in its sequence
+    slot_mapping: torch.Tensor  # [T] int64, cache slot of each new token; -1 = padding (not written)
+    block_tables: torch.Tensor  # [B, M] int32, each sequence's blocks in order
+    context_lens: torch.Tensor  # [B] int32, tokens in the cache INCLUDING the new ones
+    max_query_len: int  # max new tokens of one sequence: sizes the kernel grid, so it must not be short
+    max_context_len: int | None = None  # optional hint; nothing relies on it
+
+    @property
+    def num_seqs(self) -> int:
+        return self.block_tables.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.positions.shape[0]
+
+    @classmethod
+    def build(cls, query_lens: list[int], context_lens: list[int], block_tables: torch.Tensor,
+              block_size: int) -> "AttentionMetadata":
+        """From host lists, new tokens sitting at the end of each sequence (padding: query 1, context 0)."""
+        dev = block_tables.device
+        qsl, positions, slots = [0], [], []
+        tables = block_tables.tolist()
+        for b, (q, c) in enumerate(zip(query_lens, context_lens)):
+            if q > c and c > 0:
+                raise ValueError(f"sequence {b}: {q} new tokens but only {c} in context")
+            qsl.append(qsl[-1] + q)
+            for p in range(c - q, c):
+                positions.append(max(p, 0))
+                slots.append(tables[b][p // block_size] * block_size + p % block_size if p >= 0 else -1)
+        return cls(query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
+                   positions=torch.tensor(positions, dtype=torch.int64, device=dev),
+                   slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+                   block_tables=block_tables.to(torch.int32),
+                   context_lens=torch.tensor(context_lens, dtype=torch.int32, device=dev),
+                   max_query_len=max(query_lens, default=0), max_context_len=max(context_lens, default=0))
+
+    def validate(self) -> None:
+        """Shape and dtype checks (no device reads, so it is safe under CUDA-graph capture)."""
+        B, T = self.num_seqs, self.num_tokens
+        for name, t, dtypes, shape in (("query_start_loc", self.query_start_loc, (torch.int32, torch.int64), (B + 1,)),
+                                       ("positions", self.positions, (torch.int32, torch.int64), (T,)),
+                                       ("slot_mapping", self.slot_mapping, (torch.int32, torch.int64), (T,)),
+                                       ("context_lens", self.context_lens, (torch.int32,), (B,))):
+            if not isinstance(t, torch.Tensor) or t.dtype not in dtypes or tuple(t.shape) != shape:
+                got = f"{t.dtype} {list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"AttentionMetadata.{name} must be {[str(d) for d in dtypes]} of shape "
+                                 f"{list(shape)}, got {got}")
+        if self.block_tables.dtype != torch.int32 or self.block_tables.dim() != 2:
+            raise ValueError(f"AttentionMetadata.block_tables must be int32 [B, M], got {self.block_tables.dtype} "
+                             f"{list(self.block_tables.shape)}")
+        if isinstance(self.max_query_len, bool) or not isinstance(self.max_query_len, int) or self.max_query_len < 0:
+            raise ValueError(f"AttentionMetadata.max_query_len must be a non-negative int, got {self.max_query_len!r}")
+
+
+def paged_attention_ref(query, key_cache, value_cache, query_start_loc, positions, block_tables, context_lens,
+                        scale: float, sliding_window: int = 0):
+    """Reference paged attention. query [T, Hq, D]; caches [num_blocks, block_size, Hkv, D]; -> [T, Hq, D].
+
+    Math in float32 (float64 stays float64), as in `bild_kernels.reference`.
+    """
+    T, Hq, D = query.shape
+    Hkv = key_cache.shape[2]
+    acc = torch.float64 if query.dtype == torch.float64 else torch.float32
+    keys, values = R.gather_paged_kv_ref(key_cache, value_cache, block_tables, context_lens)  # [B, L, Hkv, D]
+    L = keys.shape[1]
+    # Each token's sequence, found without a host sync so the reference also runs on a GPU stream.
+    seq = torch.searchsorted(query_start_loc[1:].long(), torch.arange(T, device=query.device), right=True)
+    seq = seq.clamp(max=block_tables.shape[0] - 1)
+    kpos = torch.arange(L, device=query.device)
+    pos = positions.long()[:, None]
+    visible = (kpos[None, :] <= pos) & (kpos[None, :] < context_lens.long()[seq][:, None])  # [T, L]
+    if sliding_window > 0:
+        visible &= kpos[None, :] > pos - sliding_window
+    out = torch.zeros(T, Hq, D, dtype=acc, device=query.device)
+    q = query.to(acc).view(T, Hkv, Hq // Hkv, D)
+    # One sequence at a time keeps memory at O(tokens x context) instead of O(tokens x batch x context).
+    for b in range(block_tables.shape[0]):
+        rows = (seq == b).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            continue
+        k, v = keys[b].to(acc), values[b].to(acc)  # [L, Hkv, D]
+        scores = torch.einsum("thgd,lhd->thgl", q[rows], k) * scale
+        scores = scores.masked_fill(~visible[rows][:, None, None, :], float("-inf"))
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row with no visible key gives zeros
+        out[rows] = torch.einsum("thgl,lhd->thgd", probs, v).reshape(-1, Hq, D)
+    return out.to(query.dtype)
+
+
+def _default_backend(device: torch.device, dtype: torch.dtype) -> str:
+    forced = os.environ.get("BILD_BACKEND")
+    if forced in ("triton", "ref"):
+        return forced
+    from bild_kernels._backend import triton_available, triton_interpret
+    if dtype == torch.float64 or not triton_available():
+        return "ref"
+    return "triton" if device.type == "cuda" or triton_interpret() else "ref"
+
+
+def paged_attention(query, key_cache, value_cache, meta: AttentionMetadata, *, scale: float,
+                    sliding_window: int | None = None, backend: str | None = None):
+    """Attention of the new tokens over the paged cache. query [T, Hq, D] -> [T, Hq, D].
+
+    backend: "triton" (the GPU kernel, or the interpreter on the CPU), "ref", or None for the default
+    (Triton on CUDA or under TRITON_INTERPRET=1, else the reference; always the reference for float64).
+    """
+    window = int(sliding_window or 0)
+    backend = backend or _default_backend(query.device, query.dtype)
+    if backend == "ref":
+        return paged_attention_ref(query, key_cache, value_cache, meta.query_start_loc, meta.positions,
+                                   meta.block_tables, meta.context_lens, scale, window)
+    if backend != "triton":
+        raise ValueError(f"paged_attention: backend must be 'triton' or 'ref', got {backend!r}")
+    from bild_kernels.triton.attention import paged_attention_triton
+    return paged_attention_triton(query, key_cache, value_cache, meta.query_start_loc, meta.positions,
+                                  meta.block_tables, meta.context_lens, scale, window, meta.max_query_len)

@@ -1,0 +1,116 @@
+"""ModelConfig: the few numbers the Llama-family executor needs, read from a Hugging Face config.
+
+RoPE frequencies are computed once here, by transformers' own initialisers for scaled variants, so that
+the executor's rotary embedding is bit-identical to the HF model's (llama3, linear and yarn scaling
+included). Scalings that change with the sequence length (dynamic NTK, longrope) are refused rather
+than silently approximated.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# rope types whose frequencies do not depend on the current sequence length
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_type: str
+    inv_freq: torch.Tensor  # [head_dim // 2] float32, scaling already applied
+    attention_scaling: float  # multiplies cos/sin (yarn's mscale; 1 otherwise)
+    tie_word_embeddings: bool
+    sliding_windows: tuple  # per layer: window size in tokens, or None for full attention
+    max_position_embeddings: int
+    bos_token_id: int | None = None
+    eos_token_ids: tuple = ()
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head (grouped-query attention)."""
+        return self.num_heads // self.num_kv_heads
+
+    @classmethod
+    def from_hf(cls, hf_config) -> "ModelConfig":
+        """From a transformers PretrainedConfig; raises ValueError for what the executor cannot run."""
+        model_type = getattr(hf_config, "model_type", None)
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            archs = getattr(hf_config, "architectures", None)
+            raise ValueError(f"unsupported architecture: model_type={model_type!r} (architectures={archs}); "
+                             f"the executor runs {', '.join(SUPPORTED_MODEL_TYPES)}")
+        act = getattr(hf_config, "hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"unsupported hidden_act {act!r}: the executor implements SwiGLU (silu)")
+        num_heads = hf_config.num_attention_heads
+        num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or num_heads
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_attention_heads={num_heads} is not a multiple of num_key_value_heads={num_kv_heads}")
+        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
+        inv_freq, attention_scaling, rope_type, theta = _rope(hf_config, head_dim)
+        eos = getattr(hf_config, "eos_token_id", None)
+        eos = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+        return cls(
+            model_type=model_type, vocab_size=hf_config.vocab_size, hidden_size=hf_config.hidden_size,
+            num_layers=hf_config.num_hidden_layers, num_heads=num_heads, num_kv_heads=num_kv_heads,
+            head_dim=head_dim, intermediate_size=hf_config.intermediate_size, rms_norm_eps=hf_config.rms_norm_eps,
+            rope_theta=theta, rope_type=rope_type, inv_freq=inv_freq, attention_scaling=attention_scaling,
+            tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+            sliding_windows=_sliding_windows(hf_config, model_type),
+            max_position_embeddings=getattr(hf_config, "max_position_embeddings", 0) or 0,
+            bos_token_id=getattr(hf_config, "bos_token_id", None), eos_token_ids=eos)
+
+
+def _rope_parameters(hf_config) -> dict:
+    # transformers 5 keeps theta and scaling together in `rope_parameters`; older configs split them.
+    params = getattr(hf_config, "rope_parameters", None)
+    if params is None:
+        params = dict(getattr(hf_config, "rope_scaling", None) or {})
+        params.setdefault("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+    if "rope_type" not in params:
+        params = {**params, "rope_type": params.get("type", "default")}
+    return params
+
+
+def _rope(hf_config, head_dim: int):
+    params = _rope_parameters(hf_config)
+    rope_type = params["rope_type"]
+    if rope_type not in STATIC_ROPE_TYPES:
+        raise ValueError(f"unsupported rope scaling {rope_type!r}: the executor supports {STATIC_ROPE_TYPES}")
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError("unsupported partial_rotary_factor != 1")
+    theta = float(params["rope_theta"])
+    if rope_type == "default":
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        scaling = 1.0
+    else:
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"))
+    inv_freq = inv_freq.to(torch.float32)
+    if inv_freq.shape != (head_dim // 2,) or not math.isfinite(float(scaling)):
+        raise ValueError(f"rope initialiser for {rope_type!r} gave inv_freq {tuple(inv_freq.shape)}, "
+                         f"scaling {scaling}; expected ({head_dim // 2},)")
+    return inv_freq, float(scaling), rope_type, theta
+
+
+def _sliding_windows(hf_config, model_type: str) -> tuple:
+    n = hf_config.num_hidden_layers
+    window = getattr(hf_config, "sliding_window", None)
+    if model_type == "llama" or not window:
+        return (None,) * n
+    layer_types = getattr(hf_config, "layer_types", None)
+    if layer_types is None:  # Mistral: every layer slides when a window is set
+        return (int(window),) * n
+    return tuple(int(window) if t == "sliding_attention" else None for t in layer_types)

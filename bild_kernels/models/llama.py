@@ -1,0 +1,231 @@
+"""LlamaExecutor: the Llama-family forward (Llama 2/3, Mistral, Qwen2, SmolLM2) over the paged KV cache.
+
+One batched forward of ragged sequences serves prefill, one-token decode and multi-token extend: each
+layer writes the new tokens' K/V to their cache slots (`slot_mapping`, -1 rows skipped), then the new
+tokens attend over their sequence's cache, causally by position. Shallow-deep policies (FREE) run a
+layer range: the first L_s layers with the final norm and head give the shallow draft's logits and
+the residual stream, which a later call over layers L_s..N continues.
+
+The math mirrors transformers' modeling_llama op for op (RMSNorm in fp32 cast back before the weight,
+RoPE cos/sin computed in fp32, SwiGLU), so logits agree with the HF model to rounding. Q/K/V and
+gate/up projections are fused into one matmul each; biases are used where the checkpoint has them
+(Qwen2's q/k/v, Llama's attention_bias / mlp_bias).
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+
+from bild_kernels._backend import resolve
+from bild_kernels.models.attention import AttentionMetadata, paged_attention
+from bild_kernels.models.config import ModelConfig
+
+
+@dataclasses.dataclass
+class _LayerWeights:
+    input_norm: torch.Tensor  # [hidden]
+    qkv: torch.Tensor  # [(Hq + 2 Hkv) * D, hidden]
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor  # [hidden, Hq * D]
+    o_bias: torch.Tensor | None
+    post_norm: torch.Tensor  # [hidden]
+    gate_up: torch.Tensor  # [2 * intermediate, hidden]
+    gate_up_bias: torch.Tensor | None
+    down: torch.Tensor  # [hidden, intermediate]
+    down_bias: torch.Tensor | None
+
+
+class LlamaExecutor:
+    """The model math over a paged KV cache. Build it with `bild_kernels.models.load_model`.
+
+    weights: a transformers-style state dict (`model.layers.{i}.self_attn.q_proj.weight`, ...; the
+    `model.` prefix is optional), already in the dtype and on the device to run in.
+    backend: kernel backend for the cache writes and attention ("triton", "ref", or None: the default
+    for the device; float64 always uses the reference).
+    """
+
+    def __init__(self, config: ModelConfig, weights: Mapping[str, torch.Tensor], *, backend: str | None = None):
+        self.config = config
+        w = {k[len("model."):] if k.startswith("model.") else k: v for k, v in weights.items()}
+        take = _Taker(w)
+        c = config
+        self.embed = take("embed_tokens.weight", (c.vocab_size, c.hidden_size))
+        self.dtype, self.device = self.embed.dtype, self.embed.device
+        self.norm = take("norm.weight", (c.hidden_size,))
+        if c.tie_word_embeddings:
+            self.lm_head = self.embed
+        else:
+            self.lm_head = take("lm_head.weight", (c.vocab_size, c.hidden_size))
+        H, Hq, Hkv, D, I = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size
+        self.layers = []
+        for i in range(c.num_layers):
+            p = f"layers.{i}."
+            a, m = p + "self_attn.", p + "mlp."
+            qkv_shapes = ((Hq * D, H), (Hkv * D, H), (Hkv * D, H))
+            qkv = [take(f"{a}{n}_proj.weight", s) for n, s in zip("qkv", qkv_shapes)]
+            qkv_b = [take.optional(f"{a}{n}_proj.bias", (s[0],)) for n, s in zip("qkv", qkv_shapes)]
+            gate_up_b = [take.optional(f"{m}{n}_proj.bias", (I,)) for n in ("gate", "up")]
+            self.layers.append(_LayerWeights(
+                input_norm=take(p + "input_layernorm.weight", (H,)),
+                qkv=torch.cat(qkv), qkv_bias=_cat_optional(qkv_b, qkv_shapes, self.embed),
+                o=take(a + "o_proj.weight", (H, Hq * D)), o_bias=take.optional(a + "o_proj.bias", (H,)),
+                post_norm=take(p + "post_attention_layernorm.weight", (H,)),
+                gate_up=torch.cat([take(f"{m}{n}_proj.weight", (I, H)) for n in ("gate", "up")]),
+                gate_up_bias=_cat_optional(gate_up_b, ((I, H), (I, H)), self.embed),
+                down=take(m + "down_proj.weight", (H, I)), down_bias=take.optional(m + "down_proj.bias", (H,))))
+        take.check_all_used()
+        self.inv_freq = c.inv_freq.to(self.device, torch.float32)
+        self.scale = c.head_dim ** -0.5
+        # float64 runs only on the reference kernels (exactness tests).
+        self.backend = "ref" if self.dtype == torch.float64 else backend
+        self.attn_backend = {"cuda": None}.get(self.backend, self.backend)  # no CUDA attention kernel: Triton
+
+    # ----------------------------------------------------------------------------------------------
+    # KV cache
+    # ----------------------------------------------------------------------------------------------
+    def kv_cache_bytes_per_block(self, block_size: int) -> int:
+        """Bytes one cache block of `block_size` tokens takes over all layers, keys and values."""
+        c = self.config
+        return 2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim * self.embed.element_size()
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (key_cache, value_cache), each [num_blocks, block_size, H_kv, D], zero-filled so that
+        slots never written hold finite values."""
+        for name, val in (("num_blocks", num_blocks), ("block_size", block_size)):
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                raise ValueError(f"{name} must be a positive int, got {val!r}")
+        c = self.config
+        shape = (num_blocks, block_size, c.num_kv_heads, c.head_dim)
+        return [(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                 torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(c.num_layers)]
+
+    # ----------------------------------------------------------------------------------------------
+    # Forward
+    # ----------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor | None, meta: AttentionMetadata, kv_caches, *,
+                hidden_states: torch.Tensor | None = None, layers: slice | tuple[int, int] | None = None,
+                logits_indices: torch.Tensor | None = None, return_hidden: bool = False):
+        """Run layers [start, end) over T new tokens; write their K/V; return logits (and the residual stream).
+
+        input_ids [T] int (when start == 0) or hidden_states [T, hidden] (the residual stream entering
+        layer `start`, as returned by an earlier call with return_hidden=True).
+        kv_caches: per layer of the whole model, (key_cache, value_cache) [num_blocks, block_size, H_kv, D].
+        logits_indices [n]: the token rows to compute logits for (None: all T; empty: none).
+        Returns logits [n, V] in the model dtype (final norm + head applied after layer end - 1), or
+        (logits, hidden [T, hidden]) with return_hidden=True, hidden being the stream before the final norm.
+        """
+        start, end = self._layer_range(layers)
+        if not isinstance(meta, AttentionMetadata):
+            raise TypeError(f"meta must be an AttentionMetadata, got {type(meta).__name__}")
+        meta.validate()
+        if len(kv_caches) != self.config.num_layers:
+            raise ValueError(f"kv_caches must hold {self.config.num_layers} layers, got {len(kv_caches)}")
+        T = meta.num_tokens
+        if start == 0:
+            if hidden_states is not None or input_ids is None:
+                raise ValueError("a forward from layer 0 takes input_ids, not hidden_states")
+            if input_ids.shape != (T,) or input_ids.dtype not in (torch.int32, torch.int64):
+                raise ValueError(f"input_ids must be int [T={T}], got {input_ids.dtype} {list(input_ids.shape)}")
+            x = F.embedding(input_ids, self.embed)
+        else:
+            if input_ids is not None or hidden_states is None:
+                raise ValueError(f"a forward from layer {start} takes hidden_states (the stream entering it)")
+            if hidden_states.shape != (T, self.config.hidden_size):
+                raise ValueError(f"hidden_states must be [T={T}, {self.config.hidden_size}], "
+                                 f"got {list(hidden_states.shape)}")
+            x = hidden_states.to(self.dtype)
+        cos, sin = self._rope_cos_sin(meta.positions)
+        write_kv = resolve("write_paged_kv", self.device, self.backend)
+        slot_mapping = meta.slot_mapping.to(torch.int64)
+        for i in range(start, end):
+            x = self._layer(i, x, cos, sin, meta, kv_caches[i], write_kv, slot_mapping)
+        rows = x if logits_indices is None else x[logits_indices]
+        logits = F.linear(self._rms_norm(rows, self.norm), self.lm_head)
+        return (logits, x) if return_hidden else logits
+
+    __call__ = forward
+
+    def _layer(self, i, x, cos, sin, meta, cache, write_kv, slot_mapping):
+        c, w = self.config, self.layers[i]
+        T, Hq, Hkv, D = x.shape[0], c.num_heads, c.num_kv_heads, c.head_dim
+        qkv = F.linear(self._rms_norm(x, w.input_norm), w.qkv, w.qkv_bias)
+        q, k, v = qkv.split([Hq * D, Hkv * D, Hkv * D], dim=-1)
+        q = _rotate(q.view(T, Hq, D), cos, sin)
+        k = _rotate(k.view(T, Hkv, D), cos, sin)
+        key_cache, value_cache = cache
+        write_kv(k.contiguous(), v.reshape(T, Hkv, D).contiguous(), key_cache, value_cache, slot_mapping)
+        attn = paged_attention(q, key_cache, value_cache, meta, scale=self.scale,
+                               sliding_window=c.sliding_windows[i], backend=self.attn_backend)
+        x = x + F.linear(attn.reshape(T, Hq * D), w.o, w.o_bias)
+        gate, up = F.linear(self._rms_norm(x, w.post_norm), w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
+        return x + F.linear(F.silu(gate) * up, w.down, w.down_bias)
+
+    def _rms_norm(self, x, weight):
+        # HF normalises in fp32 (even for float64 models), casts back, then scales.
+        x32 = x.to(torch.float32)
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.config.rms_norm_eps)
+        return weight * normed.to(x.dtype)
+
+    def _rope_cos_sin(self, positions):
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2], fp32 as in HF
+        emb = torch.cat((freqs, freqs), dim=-1)
+        scaling = self.config.attention_scaling
+        return (emb.cos() * scaling).to(self.dtype)[:, None, :], (emb.sin() * scaling).to(self.dtype)[:, None, :]
+
+    def _layer_range(self, layers) -> tuple[int, int]:
+        n = self.config.num_layers
+        if layers is None:
+            return 0, n
+        if isinstance(layers, slice):
+            if layers.step not in (None, 1):
+                raise ValueError(f"layers: a slice with step {layers.step} is not a layer range")
+            start, end, _ = layers.indices(n)
+        elif isinstance(layers, tuple) and len(layers) == 2 and all(isinstance(v, int) for v in layers):
+            start, end = layers
+        else:
+            raise TypeError(f"layers must be a slice or a (start, end) tuple, got {layers!r}")
+        if not 0 <= start < end <= n:
+            raise ValueError(f"layers: need 0 <= start < end <= {n}, got ({start}, {end})")
+        return start, end
+
+
+def _rotate(x, cos, sin):
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def _cat_optional(biases, shapes, like):
+    """One fused bias from per-projection biases; missing ones are zeros, all missing gives None."""
+    if all(b is None for b in biases):
+        return None
+    return torch.cat([b if b is not None else like.new_zeros(s[0]) for b, s in zip(biases, shapes)])
+
+
+class _Taker:
+    """Pops weights by name with a shape check, so that a wrong or partial checkpoint fails clearly."""
+
+    def __init__(self, weights: dict):
+        self.weights = dict(weights)
+
+    def __call__(self, name, shape):
+        if name not in self.weights:
+            raise ValueError(f"checkpoint is missing weight {name!r}")
+        return self.optional(name, shape)
+
+    def optional(self, name, shape):
+        t = self.weights.pop(name, None)
+        if t is not None and tuple(t.shape) != tuple(shape):
+            raise ValueError(f"weight {name!r} has shape {list(t.shape)}, the config implies {list(shape)}")
+        return t
+
+    def check_all_used(self):
+        # Rotary buffers and a tied head's copy are expected leftovers; anything else means a different model.
+        rest = [k for k in self.weights if not (k.endswith("rotary_emb.inv_freq") or k == "lm_head.weight")]
+        if rest:
+            raise ValueError(f"checkpoint has weights the executor does not use (not a plain Llama-family "
+                             f"model?): {sorted(rest)[:5]}{' ...' if len(rest) > 5 else ''}")

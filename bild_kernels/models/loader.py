@@ -1,0 +1,141 @@
+"""Build a LlamaExecutor from a Hugging Face model directory, a GGUF file, or an in-memory transformers model.
+
+Directories are read directly (config.json + safetensors, sharded or not) without instantiating the
+transformers model, so a large checkpoint is read once, shard by shard, straight into the target dtype.
+GGUF files go through transformers' GGUF loader (it dequantises), then the same path as an in-memory model.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from bild_kernels.models.config import ModelConfig
+from bild_kernels.models.llama import LlamaExecutor
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
+def load_model(source, *, dtype=None, device="cpu", backend: str | None = None, gguf_file: str | None = None,
+               role: str | None = None):
+    """(executor, tokenizer or None) for `source`.
+
+    source: a model directory (config.json + *.safetensors), a .gguf file (or a directory with
+    `gguf_file=` naming one in it), or a transformers PreTrainedModel.
+    dtype: float32 / bfloat16 / float16 / float64 (a torch.dtype or its name); None keeps the
+    checkpoint's (a directory's config dtype, an in-memory model's parameters; float32 for GGUF).
+    Raises FileNotFoundError for a missing path, ValueError for an unsupported architecture or an
+    unreadable checkpoint, naming `role` ("large", "small") when given.
+    """
+    who = f"{role} model" if role else "model"
+    dtype = _dtype(dtype, who)
+    device = torch.device(device)
+    if hasattr(source, "state_dict") and hasattr(source, "config"):
+        return _from_module(source, dtype, device, backend, who), None
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"{who}: expected a model directory, a .gguf file or a transformers model, "
+                        f"got {type(source).__name__}")
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"{who}: no such file or directory: {str(path)!r}")
+    if gguf_file is not None or path.suffix.lower() == ".gguf":
+        gguf_dir, name = (path, gguf_file) if gguf_file is not None else (path.parent, path.name)
+        return _from_gguf(gguf_dir, name, dtype, device, backend, who)
+    if not path.is_dir():
+        raise ValueError(f"{who}: {str(path)!r} is neither a model directory nor a .gguf file")
+    return _from_dir(path, dtype, device, backend, who), _tokenizer(path)
+
+
+def _dtype(dtype, who):
+    if dtype is None or isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
+        return DTYPES[dtype.removeprefix("torch.")]
+    raise ValueError(f"{who}: dtype must be one of {list(DTYPES)}, got {dtype!r}")
+
+
+def _config(hf_config, who) -> ModelConfig:
+    try:
+        return ModelConfig.from_hf(hf_config)
+    except ValueError as exc:
+        raise ValueError(f"{who}: {exc}") from None
+
+
+def _executor(config, weights, dtype, device, backend, who) -> LlamaExecutor:
+    weights = {k: v.to(device=device, dtype=dtype) for k, v in weights.items() if v.is_floating_point()}
+    try:
+        return LlamaExecutor(config, weights, backend=backend)
+    except ValueError as exc:
+        raise ValueError(f"{who}: {exc}") from None
+
+
+def _from_module(model, dtype, device, backend, who) -> LlamaExecutor:
+    config = _config(model.config, who)
+    state = model.state_dict()
+    if dtype is None:
+        dtype = next(v.dtype for v in state.values() if v.is_floating_point())
+    return _executor(config, state, dtype, device, backend, who)
+
+
+def _from_dir(path: Path, dtype, device, backend, who) -> LlamaExecutor:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{who}: {str(path)!r} has no config.json")
+    try:
+        hf_config = AutoConfig.from_pretrained(path)
+    except (ValueError, KeyError, OSError) as exc:
+        raise ValueError(f"{who}: cannot read {path / 'config.json'}: {exc}") from None
+    config = _config(hf_config, who)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError) as exc:
+            raise ValueError(f"{who}: unreadable {index}: {exc}") from None
+    else:
+        shards = sorted(p.name for p in path.glob("*.safetensors"))
+    if not shards:
+        raise ValueError(f"{who}: {str(path)!r} has no *.safetensors weights (PyTorch .bin files are not read)")
+    if dtype is None:
+        dtype = _dtype(str(getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+                           or "float32"), who)
+    weights = {}
+    for shard in shards:
+        try:
+            part = load_file(path / shard)
+        except (SafetensorError, OSError) as exc:
+            raise ValueError(f"{who}: cannot read {path / shard}: {exc}") from None
+        # Convert shard by shard so that peak memory stays near one copy of the model.
+        weights.update({k: v.to(device=device, dtype=dtype) for k, v in part.items() if v.is_floating_point()})
+    return _executor(config, weights, dtype, device, backend, who)
+
+
+def _from_gguf(directory: Path, name: str, dtype, device, backend, who):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (directory / name).is_file():
+        raise FileNotFoundError(f"{who}: no such GGUF file: {str(directory / name)!r}")
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise ImportError(f"{who}: reading GGUF needs the `gguf` package (pip install gguf accelerate)") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name)
+    except (ValueError, KeyError, OSError, RuntimeError) as exc:
+        raise ValueError(f"{who}: cannot load GGUF {str(directory / name)!r}: {exc}") from None
+    executor = _from_module(model, dtype or torch.float32, device, backend, who)
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    return executor, tokenizer
+
+
+def _tokenizer(path: Path):
+    if not any((path / f).is_file() for f in _TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(path)

@@ -1,0 +1,1 @@
+"""Triton kernels, one module per op family; each exposes AOT_SPECS for an ahead-of-time compile check."""

@@ -1,0 +1,161 @@
+"""@triton.jit pieces shared by the sampling kernels (spec: `bild_kernels.reference`).
+
+Random numbers come from the reference's Philox counters (triton's tl.random.philox is the same
+Philox4x32-10, bit for bit). Passes over a vocabulary row walk it BLOCK_V logits at a time and keep
+per-lane running maxima (argmax, first index on ties) and per-chunk rescaled sums (online logsumexp,
+one exp per element). top-k/top-p never sort: a bisection on the order-preserving int32 image of
+the float32 scaled logits finds the smallest kept value, each step one counting pass over the row for several pivots.
+Scaling is `div_rn(z, t)` because the reference divides (correctly rounded), and the GPU's default
+fp32 division is approximate: any other rounding could split ties differently from the reference.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+_LOWEST_KEY = tl.constexpr(-2147483647)  # below the key of every float, -inf included
+NPIV = tl.constexpr(16)  # pivots per threshold-search pass: 8 passes instead of 32
+
+
+@triton.jit
+def uniform(seed, index, offset, PURPOSE: tl.constexpr, position):
+    # Counter (index, offset_lo, offset_hi, purpose << 24 | position), first output word, as the reference.
+    c1 = (offset & 0xFFFFFFFF).to(tl.uint32)
+    c2 = ((offset >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    c3 = (tl.full([], PURPOSE << 24, tl.int32) | position).to(tl.uint32)
+    x, _, _, _ = tl.random.philox(seed, index.to(tl.uint32), c1, c2, c3)
+    # (x >> 8) < 2**24 is exact in fp32; adding 0.5 rounds once, as the reference's float64 -> float32 cast.
+    return ((x >> 8).to(tl.int32).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+
+
+@triton.jit
+def gumbel(seed, index, offset, PURPOSE: tl.constexpr, position):
+    return -tl.log(-tl.log(uniform(seed, index, offset, PURPOSE, position)))
+
+
+@triton.jit
+def order_key(s):
+    # int32 whose signed order is the float order; -0.0 maps onto +0.0 because they compare equal.
+    bits = tl.where(s == 0.0, 0.0, s).to(tl.int32, bitcast=True)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
+def load_logits(row_ptr, offs, V):
+    return tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+
+
+@triton.jit
+def lse_chunk(m, acc, x):
+    # acc = sum exp(x_seen - m); -inf-only prefixes keep m = -inf and acc = 0 without NaNs.
+    m_new = tl.maximum(m, tl.max(x, 0))
+    safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return m_new, acc * tl.exp(m - safe) + tl.sum(tl.exp(x - safe), 0)
+
+
+@triton.jit
+def argmax_first(best, idx):
+    # Lanes hold their earliest maximum; the smallest index among the lanes at the row maximum wins.
+    m = tl.max(best, 0)
+    return tl.min(tl.where(best == m, idx, 2147483647), 0)
+
+
+@triton.jit
+def row_pass(row_ptr, V, t, seed, offset, position, PURPOSE: tl.constexpr, SCALED: tl.constexpr,
+             GUMBEL: tl.constexpr, BLOCK_V: tl.constexpr):
+    """The one full pass: max/argmax/sum-exp of z, of s = z / t (SCALED) and argmax(s + gumbel) (GUMBEL).
+
+    Returns (zmax, zidx, zsum, smax, ssum, gidx); sums are of exp(x - max). Without SCALED, s = z.
+    """
+    lanes = tl.arange(0, BLOCK_V)
+    zm = float("-inf")
+    zs = 0.0
+    sm = float("-inf")
+    ss = 0.0
+    best = tl.full([BLOCK_V], float("-inf"), tl.float32)
+    bidx = lanes
+    gbest = tl.full([BLOCK_V], float("-inf"), tl.float32)
+    gidx = lanes
+    for v0 in range(0, V, BLOCK_V):
+        offs = v0 + lanes
+        z = load_logits(row_ptr, offs, V)
+        zm, zs = lse_chunk(zm, zs, z)
+        upd = z > best
+        best = tl.where(upd, z, best)
+        bidx = tl.where(upd, offs, bidx)
+        s = z
+        if SCALED:
+            s = tl.math.div_rn(z, t)
+            sm, ss = lse_chunk(sm, ss, s)
+        if GUMBEL:
+            pert = s + gumbel(seed, offs, offset, PURPOSE, position)
+            upd = pert > gbest
+            gbest = tl.where(upd, pert, gbest)
+            gidx = tl.where(upd, offs, gidx)
+    if not SCALED:
+        sm = zm
+        ss = zs
+    return zm, argmax_first(best, bidx), zs, sm, ss, argmax_first(gbest, gidx)
+
+
+@triton.jit
+def _count_mass(row_ptr, V, t, m, pivots, NPIV: tl.constexpr, BLOCK_S: tl.constexpr):
+    # For each pivot key: how many scaled logits have key >= pivot, and their mass sum exp(s - m).
+    lanes = tl.arange(0, BLOCK_S)
+    cnt = tl.zeros([NPIV, BLOCK_S], tl.int32)
+    mass = tl.zeros([NPIV, BLOCK_S], tl.float32)
+    for v0 in range(0, V, BLOCK_S):
+        offs = v0 + lanes
+        s = tl.math.div_rn(load_logits(row_ptr, offs, V), t)
+        e = tl.exp(s - m)
+        keep = (order_key(s)[None, :] >= pivots[:, None]) & (offs < V)[None, :]
+        cnt += keep.to(tl.int32)
+        mass += tl.where(keep, e[None, :], 0.0)
+    return tl.sum(cnt, 1), tl.sum(mass, 1)
+
+
+@triton.jit
+def filter_threshold(row_ptr, V, t, smax, ssum, top_k, top_p, NPIV: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Key of the smallest scaled logit that top-k and top-p both keep (_LOWEST_KEY when neither is on).
+
+    top-k keeps s >= the k-th largest value, i.e. keys up to the largest c with count(key >= c) >= k;
+    top-p keeps s >= the largest value c with mass(key >= c) >= top_p * total. A token must pass both,
+    so the answer is the larger of the two cut-offs: the largest c where either condition holds. Both
+    counts only fall as c grows, so a search over [lowest key, key(max)] finds it: each pass tests NPIV
+    evenly spaced pivots at once (about 32 / log2(NPIV + 1) passes). Ties at the cut-off are kept.
+    """
+    use_k = (top_k > 0) & (top_k < V)
+    use_p = top_p < 1.0
+    lo = tl.full([], _LOWEST_KEY, tl.int64)
+    if use_k | use_p:
+        hi = order_key(smax).to(tl.int64) + 1  # invariant: lo satisfies, hi does not
+        target = top_p * ssum
+        step = tl.arange(1, NPIV + 1).to(tl.int64)
+        while hi - lo > 1:
+            pivots = lo + ((hi - lo) * step) // (NPIV + 1)
+            cnt, mass = _count_mass(row_ptr, V, t, smax, pivots.to(tl.int32), NPIV, BLOCK_S)
+            ok = tl.where(use_k, cnt >= top_k, False) | tl.where(use_p, mass >= target, False)
+            lo = tl.maximum(lo, tl.max(tl.where(ok, pivots, lo), 0))
+            hi = tl.minimum(hi, tl.min(tl.where(ok, hi, pivots), 0))
+    return lo.to(tl.int32)
+
+
+@triton.jit
+def kept_pass(row_ptr, V, t, smax, tau, seed, offset, position, PURPOSE: tl.constexpr, GUMBEL: tl.constexpr,
+              BLOCK_V: tl.constexpr):
+    """Over the kept set (key(s) >= tau): sum exp(s - smax) and argmax(s + gumbel) (GUMBEL)."""
+    lanes = tl.arange(0, BLOCK_V)
+    mass = tl.zeros([BLOCK_V], tl.float32)
+    gbest = tl.full([BLOCK_V], float("-inf"), tl.float32)
+    gidx = lanes
+    for v0 in range(0, V, BLOCK_V):
+        offs = v0 + lanes
+        s = tl.math.div_rn(load_logits(row_ptr, offs, V), t)
+        keep = (order_key(s) >= tau) & (offs < V)
+        mass += tl.where(keep, tl.exp(s - smax), 0.0)
+        if GUMBEL:
+            pert = tl.where(keep, s + gumbel(seed, offs, offset, PURPOSE, position), float("-inf"))
+            upd = pert > gbest
+            gbest = tl.where(upd, pert, gbest)
+            gidx = tl.where(upd, offs, gidx)
+    return tl.sum(mass, 0), argmax_first(gbest, gidx)

@@ -1,0 +1,61 @@
+// The one binding file: op schemas (namespace bild_kernels_C) and their CUDA kernels. Importing the
+// Python module bild_kernels._C runs the static registrations below; the module itself is empty.
+// Positional arguments are those of the reference functions in bild_kernels/reference.py.
+#include <ATen/core/Tensor.h>
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+namespace bild {
+// paged_kv.cu
+void write_paged_kv(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache, at::Tensor& value_cache,
+                    const at::Tensor& slot_mapping);
+void reserve_paged_kv(at::Tensor& block_tables, at::Tensor& context_lens, const at::Tensor& num_new,
+                      at::Tensor& free_blocks, at::Tensor& num_free, int64_t block_size);
+void rollback_paged_kv(at::Tensor& block_tables, at::Tensor& context_lens, const at::Tensor& num_rejected,
+                       at::Tensor& free_blocks, at::Tensor& num_free, int64_t block_size);
+std::tuple<at::Tensor, at::Tensor> gather_paged_kv(const at::Tensor& key_cache, const at::Tensor& value_cache,
+                                                   const at::Tensor& block_tables, const at::Tensor& context_lens);
+// sampling.cu
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_draft(
+    const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k, const at::Tensor& top_p,
+    const at::Tensor& seed, const at::Tensor& offset, const at::Tensor& fallback_threshold);
+// verify.cu
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_draft(
+    const at::Tensor& draft_ids, const at::Tensor& target_logits, int64_t mode, const at::Tensor& rollback_threshold,
+    const std::optional<at::Tensor>& draft_probs, const at::Tensor& temperature, const at::Tensor& top_k,
+    const at::Tensor& top_p, const at::Tensor& seed, const at::Tensor& offset);
+}  // namespace bild
+
+TORCH_LIBRARY(bild_kernels_C, m) {
+  m.def("write_paged_kv(Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, "
+        "Tensor slot_mapping) -> ()");
+  m.def("reserve_paged_kv(Tensor(a!) block_tables, Tensor(b!) context_lens, Tensor num_new, "
+        "Tensor(c!) free_blocks, Tensor(d!) num_free, int block_size) -> ()");
+  m.def("rollback_paged_kv(Tensor(a!) block_tables, Tensor(b!) context_lens, Tensor num_rejected, "
+        "Tensor(c!) free_blocks, Tensor(d!) num_free, int block_size) -> ()");
+  m.def("gather_paged_kv(Tensor key_cache, Tensor value_cache, Tensor block_tables, Tensor context_lens) "
+        "-> (Tensor, Tensor)");
+  m.def("sample_draft(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor seed, Tensor offset, "
+        "Tensor fallback_threshold) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("verify_draft(Tensor draft_ids, Tensor target_logits, int mode, Tensor rollback_threshold, "
+        "Tensor? draft_probs, Tensor temperature, Tensor top_k, Tensor top_p, Tensor seed, Tensor offset) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+// The same functions serve the CPU key only to fail with a message that names the op, the tensor and
+// the backends that do run on the CPU (the dispatcher's own "no kernel for CPU" error names none).
+#define BILD_REGISTER_ALL(m)                                 \
+  m.impl("write_paged_kv", &bild::write_paged_kv);           \
+  m.impl("reserve_paged_kv", &bild::reserve_paged_kv);       \
+  m.impl("rollback_paged_kv", &bild::rollback_paged_kv);     \
+  m.impl("gather_paged_kv", &bild::gather_paged_kv);         \
+  m.impl("sample_draft", &bild::sample_draft);               \
+  m.impl("verify_draft", &bild::verify_draft)
+
+TORCH_LIBRARY_IMPL(bild_kernels_C, CUDA, m) { BILD_REGISTER_ALL(m); }
+TORCH_LIBRARY_IMPL(bild_kernels_C, CPU, m) { BILD_REGISTER_ALL(m); }
+
+PYBIND11_MODULE(_C, m) {}

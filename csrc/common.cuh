@@ -1,0 +1,271 @@
+// Building blocks shared by every kernel of bild_kernels._C. No torch headers: the launchers in the
+// other .cuh files are usable from plain CUDA C++ (tests/native) as well as from the torch layer.
+//
+// Spec: bild_kernels/reference.py. What must match it bit for bit (token ids, counts) is written so
+// that the GPU rounds exactly as the reference does: divisions are correctly rounded (__fdiv_rn, the
+// reference divides in fp32), logf/expf are the accurate library versions (no --use_fast_math).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <climits>
+#include <cstdint>
+#include <cstring>
+
+namespace bild {
+
+// Stream identifiers (the `purpose` byte of the Philox counter) and verify modes, as in reference.py.
+constexpr int kPurposeDraftSample = 1;
+constexpr int kPurposeVerifyAccept = 2;
+constexpr int kPurposeVerifyToken = 3;
+constexpr int kModeGreedy = 0;
+constexpr int kModeBild = 1;
+constexpr int kModeSample = 2;
+
+constexpr int kRowThreads = 512;    // threads of a kernel that owns one vocabulary row
+constexpr int kTableThreads = 1024; // threads of the single-CTA block-table kernels
+constexpr float kInf = __builtin_huge_valf();
+
+// ------------------------------------------------------------------------------------------------
+// Philox4x32-10 (reference.philox_ref): key (seed_lo, seed_hi), counter (c0, c1, c2, c3).
+// Host and device, so the native test's CPU reference runs the very same code.
+// ------------------------------------------------------------------------------------------------
+__host__ __device__ inline uint32_t mulhi32(uint32_t a, uint32_t b) {
+  return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
+}
+
+__host__ __device__ inline uint32_t philox_first_word(uint64_t seed, uint32_t c0, uint32_t c1, uint32_t c2,
+                                                      uint32_t c3) {
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+#pragma unroll
+  for (int round = 0; round < 10; ++round) {
+    const uint32_t hi_b = mulhi32(0xCD9E8D57u, c2), lo_b = 0xCD9E8D57u * c2;
+    const uint32_t hi_a = mulhi32(0xD2511F53u, c0), lo_a = 0xD2511F53u * c0;
+    c0 = hi_b ^ c1 ^ k0;
+    c1 = lo_b;
+    c2 = hi_a ^ c3 ^ k1;
+    c3 = lo_a;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  return c0;
+}
+
+// Counter (index, offset_lo, offset_hi, purpose << 24 | position); u = ((x >> 8) + 0.5) / 2^24.
+// (x >> 8) < 2^24 converts exactly; the one rounding (of + 0.5) is round-to-even like the reference's
+// float64 -> float32 cast, and the scaling by 2^-24 is exact.
+__host__ __device__ inline float uniform(int64_t seed, uint32_t index, int64_t offset, int purpose, int position) {
+  const uint32_t x = philox_first_word(static_cast<uint64_t>(seed), index, static_cast<uint32_t>(offset),
+                                       static_cast<uint32_t>(static_cast<uint64_t>(offset) >> 32),
+                                       (static_cast<uint32_t>(purpose) << 24) | static_cast<uint32_t>(position));
+  return (static_cast<float>(x >> 8) + 0.5f) * (1.0f / 16777216.0f);
+}
+
+__host__ __device__ inline float gumbel(int64_t seed, uint32_t index, int64_t offset, int purpose, int position) {
+  return -logf(-logf(uniform(seed, index, offset, purpose, position)));
+}
+
+// int32 whose signed order is the float order (-0.0 folded onto +0.0, which compares equal), so a
+// threshold on the scaled logits can be bisected over integers. Every float, -inf included, has a
+// key above kLowestKey.
+constexpr int kLowestKey = -2147483647;
+__host__ __device__ inline int order_key(float s) {
+  int bits;
+  const float folded = s == 0.0f ? 0.0f : s;
+  memcpy(&bits, &folded, sizeof(bits));
+  return bits ^ ((bits >> 31) & 0x7FFFFFFF);
+}
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+// ------------------------------------------------------------------------------------------------
+// Running statistics: online logsumexp and argmax with the reference's tie rule (first index).
+// ------------------------------------------------------------------------------------------------
+struct Lse {
+  float m = -kInf;  // running max
+  float s = 0.0f;   // sum of exp(x - m)
+  __device__ void add(float x) {
+    if (x > m) {
+      s = s * expf(m - x) + 1.0f;  // m = -inf gives s * 0 + 1
+      m = x;
+    } else if (m != -kInf) {       // x = m = -inf would give exp(nan)
+      s += expf(x - m);
+    }
+  }
+  __device__ float log_sum() const { return m + logf(s); }
+};
+
+__device__ inline Lse merge(Lse a, Lse b) {
+  Lse r;
+  r.m = fmaxf(a.m, b.m);
+  if (r.m == -kInf) return r;
+  r.s = a.s * expf(a.m - r.m) + b.s * expf(b.m - r.m);
+  return r;
+}
+
+struct ArgMax {
+  float v = -kInf;
+  int i = INT_MAX;  // any index beats it on a tie, so an all -inf row gives index 0 as torch.argmax
+  __device__ void add(float x, int idx) {
+    if (x > v || (x == v && idx < i)) {
+      v = x;
+      i = idx;
+    }
+  }
+};
+
+__device__ inline ArgMax merge(ArgMax a, ArgMax b) {
+  a.add(b.v, b.i);
+  return a;
+}
+
+__device__ inline float merge(float a, float b) { return a + b; }
+__device__ inline int merge(int a, int b) { return a + b; }
+
+__device__ inline float shfl_xor(float x, int o) { return __shfl_xor_sync(0xFFFFFFFFu, x, o); }
+__device__ inline int shfl_xor(int x, int o) { return __shfl_xor_sync(0xFFFFFFFFu, x, o); }
+__device__ inline Lse shfl_xor(Lse x, int o) { return Lse{shfl_xor(x.m, o), shfl_xor(x.s, o)}; }
+__device__ inline ArgMax shfl_xor(ArgMax x, int o) { return ArgMax{shfl_xor(x.v, o), shfl_xor(x.i, o)}; }
+
+template <typename T>
+__device__ T warp_reduce(T x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x = merge(x, shfl_xor(x, o));
+  return x;
+}
+
+// Block-wide merge of one value per thread; every thread gets the result. blockDim.x is a multiple of
+// 32 and at most 1024. `smem` holds 32 values; the trailing barrier lets the caller reuse it at once.
+template <typename T>
+__device__ T block_reduce(T x, T* smem) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  x = warp_reduce(x);
+  if (lane == 0) smem[warp] = x;
+  __syncthreads();
+  T r = smem[0];
+  for (int w = 1; w < nwarps; ++w) r = merge(r, smem[w]);  // same order in every thread: same result
+  __syncthreads();
+  return r;
+}
+
+// Element-wise block sum of N floats per thread (smem: 32 * N floats). Counts up to 2^24 stay exact.
+template <int N>
+__device__ void block_sum(float (&x)[N], float* smem) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+#pragma unroll
+  for (int k = 0; k < N; ++k) {
+    x[k] = warp_reduce(x[k]);
+    if (lane == 0) smem[warp * N + k] = x[k];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int k = 0; k < N; ++k) {
+    float r = 0.0f;
+    for (int w = 0; w < nwarps; ++w) r += smem[w * N + k];
+    x[k] = r;
+  }
+  __syncthreads();
+}
+
+// Exclusive prefix sum of one int per thread, in thread order; *total gets the block's sum.
+// smem holds 32 ints. Used where the order of rows must be the reference's (the free-block stack).
+__device__ inline int block_exclusive_scan(int x, int* smem, int* total) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  int incl = x;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int up = __shfl_up_sync(0xFFFFFFFFu, incl, o);
+    if (lane >= o) incl += up;
+  }
+  if (lane == 31) smem[warp] = incl;
+  __syncthreads();
+  int before = 0, sum = 0;
+  for (int w = 0; w < nwarps; ++w) {
+    if (w < warp) before += smem[w];
+    sum += smem[w];
+  }
+  __syncthreads();
+  *total = sum;
+  return before + incl - x;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Row traversal: every thread of the block visits its share of row[0, V) and calls f(index, value)
+// with the value converted to fp32. The aligned middle is read with 16-byte loads; the unaligned
+// head and the tail element by element. Visit order differs from the reference's; only sums (within
+// float tolerance) can tell, argmax ties are settled by index.
+// ------------------------------------------------------------------------------------------------
+template <typename T, typename F>
+__device__ void for_each_in_row(const T* __restrict__ row, int V, F&& f) {
+  constexpr int N = 16 / sizeof(T);
+  const uintptr_t addr = reinterpret_cast<uintptr_t>(row);
+  int head = static_cast<int>(((16 - (addr & 15)) & 15) / sizeof(T));
+  head = head < V ? head : V;
+  for (int i = threadIdx.x; i < head; i += blockDim.x) f(i, to_float(row[i]));
+  const int nvec = (V - head) / N;
+  const uint4* vec = reinterpret_cast<const uint4*>(row + head);
+  for (int w = threadIdx.x; w < nvec; w += blockDim.x) {
+    const uint4 raw = __ldg(vec + w);
+    const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int k = 0; k < N; ++k) f(head + w * N + k, to_float(e[k]));
+  }
+  for (int i = head + nvec * N + threadIdx.x; i < V; i += blockDim.x) f(i, to_float(row[i]));
+}
+
+// ------------------------------------------------------------------------------------------------
+// top-k / top-p without sorting (reference._filter_top_k_top_p). With s = z / t the scaled logits,
+// top-k keeps s >= the k-th largest value: keys up to the largest c with count(key >= c) >= k.
+// top-p keeps s >= the largest c with mass(key >= c) >= top_p * total. A token must pass both, so the
+// cut-off is the largest c where either holds. Both only fall as c grows: bisect c over
+// [kLowestKey, key(smax)], each pass over the row testing kPivots evenly spaced pivots at once
+// (about 8 passes for 32 bits). Ties at the cut-off are kept, as in the reference.
+// Returns the cut-off key (kLowestKey when neither filter is on). smem: 64 * kPivots floats.
+// ------------------------------------------------------------------------------------------------
+constexpr int kPivots = 16;
+
+template <typename T>
+__device__ int filter_threshold(const T* __restrict__ row, int V, float t, float smax, float ssum, int top_k,
+                                float top_p, float* smem) {
+  const bool use_k = top_k > 0 && top_k < V;
+  const bool use_p = top_p < 1.0f;
+  long long lo = kLowestKey;  // invariant: lo satisfies, hi does not
+  if (!use_k && !use_p) return kLowestKey;
+  long long hi = static_cast<long long>(order_key(smax)) + 1;
+  const float target = top_p * ssum;
+  while (hi - lo > 1) {  // lo and hi come from block-wide sums: the loop is uniform across the block
+    int pivot[kPivots];
+    float acc[2 * kPivots];  // counts, then masses
+#pragma unroll
+    for (int p = 0; p < kPivots; ++p) {
+      pivot[p] = static_cast<int>(lo + (hi - lo) * (p + 1) / (kPivots + 1));
+      acc[p] = 0.0f;
+      acc[kPivots + p] = 0.0f;
+    }
+    for_each_in_row(row, V, [&](int, float z) {
+      const float s = __fdiv_rn(z, t);
+      const int key = order_key(s);
+      const float e = expf(s - smax);
+#pragma unroll
+      for (int p = 0; p < kPivots; ++p) {
+        const bool keep = key >= pivot[p];
+        acc[p] += keep ? 1.0f : 0.0f;
+        acc[kPivots + p] += keep ? e : 0.0f;
+      }
+    });
+    block_sum(acc, smem);
+#pragma unroll
+    for (int p = 0; p < kPivots; ++p) {
+      const bool ok = (use_k && acc[p] >= static_cast<float>(top_k)) || (use_p && acc[kPivots + p] >= target);
+      if (ok) lo = lo > pivot[p] ? lo : pivot[p];
+      else hi = hi < pivot[p] ? hi : pivot[p];
+    }
+  }
+  return static_cast<int>(lo);
+}
+
+}  // namespace bild

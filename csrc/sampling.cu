@@ -1,0 +1,62 @@
+// Torch layer of sample_draft: check inputs, allocate outputs, pick the current stream, launch (sampling.cuh).
+#include <ATen/ops/empty.h>
+
+#include "sampling.cuh"
+#include "torch_utils.h"
+
+namespace bild {
+
+// The per-row parameter vectors of sample_draft and verify_draft: [B] each, of the reference's dtypes.
+void check_row_params(const char* op, int64_t B, const at::Tensor& temperature, const at::Tensor& top_k,
+                      const at::Tensor& top_p, const at::Tensor& seed, const at::Tensor& offset) {
+  const std::pair<const char*, const at::Tensor*> params[] = {
+      {"temperature", &temperature}, {"top_k", &top_k}, {"top_p", &top_p}, {"seed", &seed}, {"offset", &offset}};
+  for (const auto& [name, t] : params) {
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == B, "bild_kernels_C::", op, ": ", name, " must be [B] = [", B,
+                "], got ", t->sizes());
+    check_contiguous(op, name, *t);
+  }
+  check_dtype(op, "temperature", temperature, at::kFloat);
+  check_dtype(op, "top_k", top_k, at::kInt);
+  check_dtype(op, "top_p", top_p, at::kFloat);
+  check_dtype(op, "seed", seed, at::kLong);
+  check_dtype(op, "offset", offset, at::kLong);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_draft(
+    const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k, const at::Tensor& top_p,
+    const at::Tensor& seed, const at::Tensor& offset, const at::Tensor& fallback_threshold) {
+  constexpr const char* op = "sample_draft";
+  check_cuda(op, {{"logits", &logits}, {"temperature", &temperature}, {"top_k", &top_k}, {"top_p", &top_p},
+                  {"seed", &seed}, {"offset", &offset}, {"fallback_threshold", &fallback_threshold}});
+  // logits: [B, V] float16 / bfloat16 / float32 (float64 is computed in float32, as the Triton backend)
+  TORCH_CHECK(logits.dim() == 2 && logits.size(1) > 0, op, ": logits must be [B, V] with V > 0");
+  const at::Tensor z = (logits.scalar_type() == at::kDouble ? logits.to(at::kFloat) : logits).contiguous();
+  const int64_t B = z.size(0), V = z.size(1);
+  TORCH_CHECK(V < (1LL << 24), op, ": V must be below 2^24, got ", V);
+  // temperature, top_p: [B] f32; top_k: [B] i32; seed, offset: [B] i64
+  check_row_params(op, B, temperature, top_k, top_p, seed, offset);
+  // fallback_threshold: [B] f32
+  check_dtype(op, "fallback_threshold", fallback_threshold, at::kFloat);
+  TORCH_CHECK(fallback_threshold.dim() == 1 && fallback_threshold.size(0) == B && fallback_threshold.is_contiguous(),
+              op, ": fallback_threshold must be a contiguous [B] tensor");
+
+  const c10::cuda::CUDAGuard guard(z.device());
+  const auto f32 = z.options().dtype(at::kFloat);
+  at::Tensor token_ids = at::empty({B}, z.options().dtype(at::kLong));
+  at::Tensor token_probs = at::empty({B}, f32), max_probs = at::empty({B}, f32), energies = at::empty({B}, f32);
+  at::Tensor fallback = at::empty({B}, z.options().dtype(at::kBool));
+  const SampleDraftParams prm{temperature.const_data_ptr<float>(), top_k.const_data_ptr<int>(),
+                              top_p.const_data_ptr<float>(),       seed.const_data_ptr<int64_t>(),
+                              offset.const_data_ptr<int64_t>(),    fallback_threshold.const_data_ptr<float>()};
+  const SampleDraftOutputs out{token_ids.data_ptr<int64_t>(), token_probs.data_ptr<float>(),
+                               max_probs.data_ptr<float>(), energies.data_ptr<float>(), fallback.data_ptr<bool>()};
+  dispatch_logits(op, z.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    C10_CUDA_CHECK(SampleDraft<T>(static_cast<const T*>(z.const_data_ptr()), B, V, prm, out,
+                                  c10::cuda::getCurrentCUDAStream()));
+  });
+  return {token_ids, token_probs, max_probs, energies, fallback};
+}
+
+}  // namespace bild

@@ -1,0 +1,97 @@
+"""Builds bild_kernels, with the CUDA extension bild_kernels._C when it can.
+
+The extension is built from csrc/ (*.cu + bindings.cpp, with ninja) when nvcc is found, torch is a CUDA
+build and BILD_NO_CUDA is not "1"; otherwise the pure-Python package installs (Triton and reference
+backends) and the reason is printed. Install with `pip install --no-build-isolation .` so that the
+venv's torch is the one compiled against. TORCH_CUDA_ARCH_LIST picks the architectures (default
+"8.0;9.0"); CUDA_HOME defaults to the toolkit that nvcc belongs to.
+"""
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _toolkit_root(nvcc: str) -> str:
+    """The toolkit nvcc belongs to. nvcc may be a wrapper script (e.g. /usr/local/bin/nvcc), so ask it."""
+    try:
+        dry = subprocess.run([nvcc, "--dryrun", "-c", "x.cu"], capture_output=True, text=True, timeout=60)
+        top = re.search(r"^#\$ TOP=(.+)$", dry.stdout + dry.stderr, re.M)
+        if top:
+            return os.path.realpath(top.group(1).strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+
+
+def _nvidia_include_dirs() -> list[str]:
+    # Headers that torch's CUDA headers include (cuBLAS, cuSPARSE...) ship in the nvidia wheels
+    # (<site-packages>/nvidia/cu13/include), not in the toolkit.
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    dirs = []
+    for base in nvidia.__path__:
+        dirs += sorted(glob.glob(os.path.join(base, "cu*", "include")))
+    return dirs
+
+
+def _cuda_extension():
+    """(extension, build_ext class), or (None, why not)."""
+    if os.environ.get("BILD_NO_CUDA", "0") == "1":
+        return None, "BILD_NO_CUDA=1"
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cu"))) + [os.path.join("csrc", "bindings.cpp")]
+    if not os.path.exists(os.path.join(ROOT, "csrc", "bindings.cpp")):
+        return None, "csrc/bindings.cpp is missing"
+    nvcc = shutil.which("nvcc")
+    if nvcc is None and os.environ.get("CUDA_HOME"):
+        nvcc = shutil.which("nvcc", path=os.path.join(os.environ["CUDA_HOME"], "bin"))
+    if nvcc is None:
+        return None, "nvcc not found on PATH or in $CUDA_HOME/bin"
+    try:
+        import torch
+    except ImportError:
+        return None, "torch is not importable at build time (install with pip install --no-build-isolation .)"
+    if torch.version.cuda is None:
+        return None, f"torch {torch.__version__} is not a CUDA build"
+    os.environ.setdefault("CUDA_HOME", _toolkit_root(nvcc))
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    # Imported only now: cpp_extension reads CUDA_HOME when it is first imported.
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    # No --use_fast_math: the kernels must round exp/log/division as the reference does, or sampled
+    # token ids could differ at near-ties. -lineinfo costs nothing at run time and helps ncu.
+    ext = CUDAExtension(
+        name="bild_kernels._C",
+        sources=sources,
+        include_dirs=[os.path.join(ROOT, "csrc")] + _nvidia_include_dirs(),
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
+    )
+    return (ext, BuildExtension.with_options(use_ninja=True)), None
+
+
+_ext, _why = _cuda_extension()
+if _ext is None:
+    print(f"bild_kernels: installing without the CUDA extension bild_kernels._C ({_why})", file=sys.stderr)
+else:
+    print(f"bild_kernels: building bild_kernels._C for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} "
+          f"with CUDA_HOME={os.environ['CUDA_HOME']}", file=sys.stderr)
+
+setup(
+    name="bild-kernels",
+    version="0.1.0",
+    description="Big-little speculative decoding on fused CUDA/Triton kernels",
+    packages=find_packages(include=["bild_kernels", "bild_kernels.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch", "triton", "numpy", "transformers", "safetensors"],
+    ext_modules=[_ext[0]] if _ext else [],
+    cmdclass={"build_ext": _ext[1]} if _ext else {},
+    zip_safe=False,
+)

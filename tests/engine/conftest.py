@@ -1,0 +1,53 @@
+"""Tiny random Llama pairs for engine tests: a large model and a small one that often disagrees."""
+import pytest
+import torch
+
+
+def tiny_llama(seed: int, layers: int, hidden: int = 64, vocab: int = 97, dtype=torch.float64):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      eos_token_id=None, bos_token_id=None, pad_token_id=None, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg).to(dtype).eval()
+    # Sharper distributions than the default init: the models' argmaxes are then stable in float64 and
+    # the small model's confidence spreads over (0, 1), so fallbacks and rollbacks both happen.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(16.0)
+    return model
+
+
+@pytest.fixture(scope="session")
+def large_model():
+    large = tiny_llama(1, layers=3)
+    # A weak last layer: a copy of the first two layers then agrees with the whole model ~75% of the
+    # time (a random 3-layer model's shallow layers would agree ~20%), like a decent draft.
+    with torch.no_grad():
+        large.model.layers[2].self_attn.o_proj.weight.mul_(0.3)
+        large.model.layers[2].mlp.down_proj.weight.mul_(0.3)
+    return large
+
+
+@pytest.fixture(scope="session")
+def small_model(large_model):
+    return shallow_copy(large_model, layers=2, noise=0.3)
+
+
+def shallow_copy(large, layers: int, noise: float, seed: int = 2):
+    """A draft that agrees with `large` often but not always: its first `layers` layers, embedding,
+    norm and head, plus a little noise (the tests need acceptances, fallbacks and rollbacks)."""
+    small = tiny_llama(seed, layers=layers, hidden=large.config.hidden_size, vocab=large.config.vocab_size)
+    small.load_state_dict(large.state_dict(), strict=False)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in small.model.layers.parameters():
+            p.add_(noise * p.std() * torch.randn_like(p))
+    return small
+
+
+def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
+                             min_new_tokens=n, pad_token_id=0)
+    return out[0, len(prompt):].tolist()

@@ -1,0 +1,174 @@
+"""BlockManager: property tests over random allocate/append/rollback/free sequences, plus the edge cases."""
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, Phase, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from bild_kernels.engine.block_manager import BlockManager, KVCacheExhausted
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TRITON_OK = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def snapshot(bm):
+    return [t.clone() for t in (bm.free_blocks, bm.num_free, bm.block_tables, bm.context_lens)]
+
+
+def assert_unchanged(bm, snap):
+    for a, b in zip(snapshot(bm), snap):
+        assert torch.equal(a, b)
+
+
+class BlockManagerMachine(RuleBasedStateMachine):
+    """Two caches share a small pool, so exhaustion, block reuse and cross-cache mixing all happen."""
+
+    backend = "ref"
+    SEQS, BS, M, N = 5, 3, 6, 10
+
+    @initialize()
+    def setup(self):
+        self.bm = BlockManager(self.N, self.BS, self.SEQS, self.M, num_caches=2, device=DEVICE, backend=self.backend)
+        self.lens = [dict(), dict()]  # the model: cache -> {row: tokens}
+
+    @rule(cache=st.integers(0, 1), row=st.integers(0, SEQS - 1))
+    def allocate(self, cache, row):
+        if row in self.lens[cache]:
+            with pytest.raises(ValueError, match="active"):
+                self.bm.allocate(row, cache)
+            return
+        self.bm.allocate(row, cache)
+        self.lens[cache][row] = 0
+
+    @precondition(lambda self: any(self.lens))
+    @rule(data=st.data())
+    def append(self, data):
+        cache = data.draw(st.sampled_from([c for c in (0, 1) if self.lens[c]]))
+        rows = data.draw(st.lists(st.sampled_from(sorted(self.lens[cache])), min_size=1, unique=True))
+        room = [self.M * self.BS - self.lens[cache][r] for r in rows]
+        counts = [data.draw(st.integers(0, min(r, 2 * self.BS + 1))) for r in room]
+        before = snapshot(self.bm)
+        try:
+            slots = self.bm.append(rows, counts, cache)
+        except KVCacheExhausted as e:
+            assert e.missing > 0
+            assert_unchanged(self.bm, before)
+            return
+        tables = self.bm.block_tables[cache].cpu()
+        expect = [int(tables[r, p // self.BS]) * self.BS + p % self.BS
+                  for r, n in zip(rows, counts) for p in range(self.lens[cache][r], self.lens[cache][r] + n)]
+        assert slots.dtype == torch.int64 and slots.tolist() == expect
+        assert len(set(expect)) == len(expect)
+        for r, n in zip(rows, counts):
+            self.lens[cache][r] += n
+
+    @precondition(lambda self: any(self.lens))
+    @rule(data=st.data(), on_device=st.booleans())
+    def rollback(self, data, on_device):
+        cache = data.draw(st.sampled_from([c for c in (0, 1) if self.lens[c]]))
+        rows = data.draw(st.lists(st.sampled_from(sorted(self.lens[cache])), unique=True))
+        counts = [data.draw(st.integers(0, self.lens[cache][r] + 4)) for r in rows]  # may exceed: clamped
+        if on_device:
+            full = torch.zeros(self.SEQS, dtype=torch.int32)
+            full[rows] = torch.tensor(counts, dtype=torch.int32)
+            full[[r for r in range(self.SEQS) if r not in self.lens[cache]]] = 7  # inactive rows: ignored
+            self.bm.rollback(None, full.to(DEVICE), cache)
+        else:
+            self.bm.rollback(rows, counts, cache)
+        for r, n in zip(rows, counts):
+            self.lens[cache][r] = max(self.lens[cache][r] - n, 0)
+
+    @precondition(lambda self: any(self.lens))
+    @rule(data=st.data())
+    def free(self, data):
+        cache = data.draw(st.sampled_from([c for c in (0, 1) if self.lens[c]]))
+        row = data.draw(st.sampled_from(sorted(self.lens[cache])))
+        self.bm.free(row, cache)
+        del self.lens[cache][row]
+
+    @invariant()
+    def consistent(self):
+        self.bm.check_invariants()
+        for c in (0, 1):
+            want = [self.lens[c].get(r, -1) for r in range(self.SEQS)]
+            assert self.bm.context_lens_of(range(self.SEQS), c) == want
+            assert self.bm.context_lens[c].tolist() == want
+
+    def teardown(self):
+        if not hasattr(self, "bm"):
+            return
+        for c in (0, 1):
+            for row in list(self.lens[c]):
+                self.bm.free(row, c)
+        self.bm.check_invariants()
+        assert self.bm.num_free_blocks() == self.N
+        assert sorted(self.bm.free_blocks.tolist()) == list(range(self.N))
+
+
+TestBlockManagerRef = BlockManagerMachine.TestCase
+TestBlockManagerRef.settings = settings(max_examples=150, stateful_step_count=30, deadline=None,
+                                        suppress_health_check=[HealthCheck.too_slow])
+
+
+class TritonMachine(BlockManagerMachine):
+    backend = "triton"
+
+
+TestBlockManagerTriton = pytest.mark.skipif(not TRITON_OK, reason="triton needs a GPU or TRITON_INTERPRET=1")(
+    TritonMachine.TestCase)
+# No shrinking: under the interpreter it takes minutes; a failure here is replayed fast on the ref machine.
+TestBlockManagerTriton.settings = settings(max_examples=4, stateful_step_count=15, deadline=None, database=None,
+                                           phases=[Phase.generate], suppress_health_check=[HealthCheck.too_slow])
+
+
+@pytest.fixture(params=["ref", pytest.param("triton", marks=pytest.mark.skipif(not TRITON_OK, reason="no triton"))])
+def backend(request):
+    return request.param
+
+
+def test_fresh_pool_hands_out_blocks_in_order(backend):
+    bm = BlockManager(8, 4, 3, 4, device=DEVICE, backend=backend)
+    bm.allocate(0)
+    bm.allocate(2)
+    slots = bm.append([2, 0], [5, 3])
+    # Rows are served in row order (row 0 gets block 0, row 2 blocks 1, 2); slots come in the order asked.
+    assert slots.tolist() == [4, 5, 6, 7, 8, 0, 1, 2]
+    assert bm.block_tables_of([0, 2]).tolist() == [[0, -1, -1, -1], [1, 2, -1, -1]]
+    assert bm.context_lens_of([0, 1, 2]) == [3, -1, 5]
+    assert bm.num_free_blocks() == 5
+    bm.rollback([2], [2])  # 5 -> 3 tokens: block 2 goes back
+    assert bm.num_free_blocks() == 6 and bm.context_lens_of([2]) == [3]
+    assert bm.append([2], [2]).tolist() == [4 * 1 + 3, 4 * 2 + 0]  # the freed block is the next one popped
+    bm.check_invariants()
+
+
+def test_exhausted_leaves_state_unchanged(backend):
+    bm = BlockManager(4, 2, 2, 8, device=DEVICE, backend=backend)
+    bm.allocate(0)
+    bm.allocate(1)
+    bm.append([0], [5])  # 3 blocks
+    before = snapshot(bm)
+    with pytest.raises(KVCacheExhausted) as e:
+        bm.append([0, 1], [1, 4])  # needs 0 + 2 more, one is free
+    assert e.value.missing == 1 and isinstance(e.value, ValueError)
+    assert_unchanged(bm, before)
+    assert bm.context_lens_of([0, 1]) == [5, 0]
+    bm.check_invariants()
+
+
+def test_bad_requests_raise_before_anything_changes(backend):
+    bm = BlockManager(6, 2, 3, 2, device=DEVICE, backend=backend)
+    bm.allocate(0)
+    before = snapshot(bm)
+    for call, match in [(lambda: bm.append([1], [1]), "not active"), (lambda: bm.allocate(0), "active"),
+                        (lambda: bm.append([0], [5]), "num_new"),  # 5 tokens > 2 blocks of 2
+                        (lambda: bm.append([0], [-1]), "num_new"), (lambda: bm.append([0, 0], [1, 1]), "distinct"),
+                        (lambda: bm.rollback([0], [-1]), "num_rejected"), (lambda: bm.free(2), "not active"),
+                        (lambda: bm.allocate(3), "row"), (lambda: bm.tables(1), "cache")]:
+        with pytest.raises(ValueError, match=match):
+            call()
+        assert_unchanged(bm, before)
+    with pytest.raises(ValueError, match="num_blocks"):
+        BlockManager(0, 2, 3, 2)

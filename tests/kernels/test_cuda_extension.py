@@ -1,0 +1,243 @@
+"""The CUDA extension bild_kernels._C: its op schemas, clear errors off the GPU, and (on a GPU) the
+CUDA-specific checks the per-op tests do not make: every op against the reference at odd sizes and
+dtypes called directly through torch.ops.bild_kernels_C, CUDA-graph capture, opcheck, and the native
+C++ test binary (tests/native) built with nvcc."""
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from bild_kernels import reference as R
+from bild_kernels._backend import cuda_extension
+from tests.conftest import requires_gpu
+
+pytestmark = pytest.mark.skipif(cuda_extension() is None, reason="bild_kernels._C was not built")
+C = torch.ops.bild_kernels_C if cuda_extension() is not None else None
+SCHEMAS = {
+    "write_paged_kv": "(Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, Tensor slot_mapping)"
+                      " -> ()",
+    "reserve_paged_kv": "(Tensor(a!) block_tables, Tensor(b!) context_lens, Tensor num_new, Tensor(c!) free_blocks, "
+                        "Tensor(d!) num_free, int block_size) -> ()",
+    "rollback_paged_kv": "(Tensor(a!) block_tables, Tensor(b!) context_lens, Tensor num_rejected, "
+                         "Tensor(c!) free_blocks, Tensor(d!) num_free, int block_size) -> ()",
+    "gather_paged_kv": "(Tensor key_cache, Tensor value_cache, Tensor block_tables, Tensor context_lens) "
+                       "-> (Tensor, Tensor)",
+    "sample_draft": "(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor seed, Tensor offset, "
+                    "Tensor fallback_threshold) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "verify_draft": "(Tensor draft_ids, Tensor target_logits, int mode, Tensor rollback_threshold, "
+                    "Tensor? draft_probs, Tensor temperature, Tensor top_k, Tensor top_p, Tensor seed, "
+                    "Tensor offset) -> (Tensor, Tensor, Tensor, Tensor)",
+}
+DTYPES = [(torch.float32, 1e-5, 1e-5), (torch.float16, 1e-5, 1e-4), (torch.bfloat16, 1e-5, 1e-4)]
+
+
+def row_params(B, V, device, seed0=0, greedy_every=3, filters=True):
+    """Per-row sampling parameters with greedy rows, top-k 1, top-p 1.0 and exact top-p cut-offs mixed."""
+    g = torch.Generator().manual_seed(seed0 + B + V)
+    temperature = torch.rand(B, generator=g) * 1.5 + 0.2
+    temperature[::greedy_every] = 0.0
+    top_k = torch.zeros(B, dtype=torch.int32)
+    top_p = torch.ones(B)
+    if filters:
+        top_k = torch.where(torch.rand(B, generator=g) < 0.4, torch.randint(1, min(V, 40) + 1, (B,), generator=g), 0)
+        top_k[1::5] = 1
+        top_k = top_k.int()
+        top_p = torch.where(torch.rand(B, generator=g) < 0.4, -1.0, 1.0)  # -1: set per row by exact_top_p
+    seed = torch.randint(-2**62, 2**62, (B,), generator=g)
+    offset = torch.randint(0, 2**40, (B,), generator=g)
+    return [x.to(device) for x in (temperature, top_k, top_p, seed, offset)]
+
+
+def spaced_logits(rows, V, dtype, seed):
+    """Rows that permute one spaced grid whose lowest 5% are -inf: no near-ties for summation order to
+    flip, and every row has the same sorted probabilities, so one exact top-p holds at all of a row's
+    positions."""
+    g = torch.Generator().manual_seed(seed)
+    grid = torch.linspace(-8.0, 8.0, V)
+    grid[: V // 20] = float("-inf")
+    return torch.stack([grid[torch.randperm(V, generator=g)] for _ in range(rows)]).to(dtype)
+
+
+def exact_top_p(z, temperature, top_p, rank=5):
+    """Replace top_p = -1 by a value halfway between two cumulative steps (float64): the kept set is then
+    the top rank+1 tokens whatever the kernel's summation order."""
+    t = torch.where(temperature > 0, temperature, torch.ones_like(temperature)).double().unsqueeze(1)
+    p = torch.softmax(z.double() / t, dim=1).sort(dim=1, descending=True).values.cumsum(1)
+    mid = ((p[:, rank - 1] + p[:, rank]) / 2).float()
+    return torch.where(top_p < 0, mid, top_p)
+
+
+def test_every_schema_is_registered():
+    for op, schema in SCHEMAS.items():
+        assert str(getattr(C, op).default._schema) == f"bild_kernels_C::{op}{schema}"
+
+
+def test_cpu_tensors_raise_a_clear_error():
+    B, V = 2, 7
+    row = lambda dt=torch.float32: torch.zeros(B, dtype=dt)  # noqa: E731
+    with pytest.raises(RuntimeError, match="runs on CUDA tensors only.*logits is on cpu"):
+        C.sample_draft(torch.randn(B, V), row(), row(torch.int32), row() + 1, row(torch.int64), row(torch.int64), row())
+    with pytest.raises(RuntimeError, match="runs on CUDA tensors only"):
+        C.verify_draft(torch.zeros(B, 1, dtype=torch.int64), torch.randn(B, 2, V), 0, row(), None, row(),
+                       row(torch.int32), row() + 1, row(torch.int64), row(torch.int64))
+    tables = torch.full((B, 3), -1, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="runs on CUDA tensors only"):
+        C.reserve_paged_kv(tables, torch.zeros(B, dtype=torch.int32), torch.ones(B, dtype=torch.int32),
+                           torch.arange(4, dtype=torch.int32), torch.tensor([4], dtype=torch.int32), 4)
+    with pytest.raises(RuntimeError, match="runs on CUDA tensors only"):
+        C.write_paged_kv(torch.randn(1, 2, 4), torch.randn(1, 2, 4), torch.zeros(2, 4, 2, 4), torch.zeros(2, 4, 2, 4),
+                         torch.zeros(1, dtype=torch.int64))
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+@pytest.mark.parametrize("B, V", [(1, 111), (7, 32000), (99, 111), (7, 151936)])
+def test_sample_draft_matches_reference(B, V, dtype, atol, rtol):
+    z = spaced_logits(B, V, dtype, seed=B + V).cuda()
+    temperature, top_k, top_p, seed, offset = row_params(B, V, "cuda")
+    top_p = exact_top_p(z.float(), temperature, top_p)
+    thr = torch.rand(B, device="cuda")
+    got = C.sample_draft(z, temperature, top_k, top_p, seed, offset, thr)
+    want = R.sample_draft_ref(z, temperature, top_k, top_p, seed, offset, thr)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[4], want[4])
+    for g, w in zip(got[1:4], want[1:4]):
+        torch.testing.assert_close(g, w, atol=atol, rtol=rtol)
+
+
+@requires_gpu
+@pytest.mark.parametrize("mode", [R.MODE_GREEDY, R.MODE_BILD, R.MODE_SAMPLE])
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+@pytest.mark.parametrize("B, K, V", [(1, 1, 111), (7, 4, 32000), (99, 8, 111), (5, 0, 111), (3, 4, 151936)])
+def test_verify_draft_matches_reference(B, K, V, mode, dtype, atol, rtol):
+    z = spaced_logits(B * (K + 1), V, dtype, seed=B + K + V).reshape(B, K + 1, V).cuda()
+    amax = z.float().argmax(2)
+    g = torch.Generator().manual_seed(B * K + V)
+    n = torch.randint(0, K + 1, (B,), generator=g)
+    n[0] = K  # a full draft; with the agreeing tokens below, some rows accept everything and some nothing
+    draft_ids = torch.where(torch.rand(B, K, generator=g) < 0.7, amax[:, :K].cpu(), torch.randint(0, V, (B, K),
+                                                                                                  generator=g))
+    draft_ids[1::4] = amax[1::4, :K].cpu()
+    draft_ids[2::4] = (amax[2::4, :K].cpu() + 1) % V
+    draft_ids[torch.arange(K).unsqueeze(0) >= n.unsqueeze(1)] = -1
+    draft_ids = draft_ids.cuda()
+    temperature, top_k, top_p, seed, offset = row_params(B, V, "cuda", greedy_every=2)
+    top_p = exact_top_p(z[:, 0].float(), temperature, top_p)
+    thr = torch.rand(B, device="cuda") * 6
+    probs = torch.softmax(torch.randn(B, K, V, generator=g) * 2, 2).cuda() if mode == R.MODE_SAMPLE else None
+    args = (draft_ids, z, mode, thr, probs, temperature, top_k, top_p, seed, offset)
+    got = C.verify_draft(*args)
+    want = R.verify_draft_ref(*args)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    torch.testing.assert_close(got[2], want[2], atol=atol * 10, rtol=rtol)
+    torch.testing.assert_close(got[3], want[3], atol=atol, rtol=rtol)
+
+
+@requires_gpu
+@pytest.mark.parametrize("key_dtype, cache_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float16),
+                                                    (torch.float64, torch.float16), (torch.float16, torch.float64)])
+def test_write_and_gather_paged_kv(key_dtype, cache_dtype):
+    T, H, D, nb, bs = 37, 3, 40, 29, 16
+    key = torch.randn(T, 2 * H, D, device="cuda", dtype=key_dtype)[:, ::2]  # strided heads
+    value = torch.randn(T, H, D, device="cuda", dtype=key_dtype)
+    slots = torch.randperm(nb * bs, device="cuda")[:T]
+    slots[::5] = -1
+    kc, vc = (torch.zeros(nb, bs, H, D, device="cuda", dtype=cache_dtype) for _ in range(2))
+    kr, vr = kc.clone(), vc.clone()
+    C.write_paged_kv(key, value, kc, vc, slots)
+    R.write_paged_kv_ref(key, value, kr, vr, slots)
+    assert torch.equal(kc, kr) and torch.equal(vc, vr)
+    tables = torch.randperm(nb, device="cuda")[:4 * 7].reshape(4, 7).int()
+    lens = torch.tensor([0, 1, 112, 45], dtype=torch.int32, device="cuda")
+    for got, want in zip(C.gather_paged_kv(kc, vc, tables, lens), R.gather_paged_kv_ref(kc, vc, tables, lens)):
+        assert torch.equal(got, want)
+
+
+def _tables(B, M, N, device):
+    g = torch.Generator().manual_seed(B * M + N)
+    lens = torch.randint(0, 3 * 16, (B,), generator=g).int()
+    lens[::7] = -1  # inactive rows
+    tables = torch.full((B, M), -1, dtype=torch.int32)
+    perm = torch.randperm(N, generator=g).int()
+    used = 0
+    for b in range(B):
+        k = (max(int(lens[b]), 0) + 15) // 16 + int(torch.randint(0, 2, (1,), generator=g))  # some reserved extra
+        tables[b, :k] = perm[used:used + k]
+        used += k
+    free = torch.zeros(N, dtype=torch.int32)
+    free[:N - used] = perm[used:]
+    num_free = torch.tensor([N - used], dtype=torch.int32)
+    return [x.to(device) for x in (tables, lens, free, num_free)]
+
+
+@requires_gpu
+@pytest.mark.parametrize("B", [1, 7, 99, 1500])
+def test_reserve_and_rollback_match_reference(B):
+    M, bs = 12, 16
+    N = B * M
+    tables, lens, free, num_free = _tables(B, M, N, "cuda")
+    g = torch.Generator().manual_seed(B)
+    num_new = torch.randint(0, 5 * bs, (B,), generator=g).int().cuda()
+    num_new = torch.minimum(num_new, (M * bs - lens.clamp(min=0)).int())
+    for op, ref, counts in ((C.reserve_paged_kv, R.reserve_paged_kv_ref, num_new),
+                            (C.rollback_paged_kv, R.rollback_paged_kv_ref, (num_new // 2).int())):
+        got = [x.clone() for x in (tables, lens, free, num_free)]
+        want = [x.clone() for x in (tables, lens, free, num_free)]
+        op(got[0], got[1], counts, got[2], got[3], bs)
+        ref(want[0], want[1], counts, want[2], want[3], bs)
+        for x, y in zip(got, want):
+            assert torch.equal(x, y)
+        tables, lens, free, num_free = got
+    # a shortfall changes nothing but num_free
+    before = [x.clone() for x in (tables, lens, free)]
+    C.reserve_paged_kv(tables, lens, torch.full_like(lens, 100 * M * bs), free, num_free, bs)
+    assert all(torch.equal(x, y) for x, y in zip(before, (tables, lens, free))) and int(num_free) < 0
+
+
+@requires_gpu
+def test_ops_capture_in_a_cuda_graph():
+    B, K, V = 4, 3, 32000
+    z = torch.randn(B, K + 1, V, device="cuda")
+    draft_ids = z[:, :K].argmax(2)
+    temperature, top_k, top_p, seed, offset = row_params(B, V, "cuda", filters=False)
+    top_k[0] = 7
+    rollback, fallback = torch.full((B,), 2.0, device="cuda"), torch.full((B,), 0.5, device="cuda")
+    logits = z[:, 0].contiguous()
+
+    def run():
+        return (C.verify_draft(draft_ids, z, R.MODE_BILD, rollback, None, temperature, top_k, top_p, seed, offset),
+                C.sample_draft(logits, temperature, top_k, top_p, seed, offset, fallback))
+
+    run()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    offset += 1  # the graph reads the new offset from the same buffer
+    graph.replay()
+    eager = run()
+    for g, w in zip(out[0] + out[1], eager[0] + eager[1]):
+        assert torch.equal(g, w)
+
+
+@requires_gpu
+def test_opcheck_cuda_ops():
+    B, V = 5, 53
+    f = lambda x: torch.full((B,), x, device="cuda")  # noqa: E731
+    args = (torch.randn(B, V, device="cuda"), f(0.8), torch.full((B,), 7, dtype=torch.int32, device="cuda"), f(0.95),
+            torch.arange(B, device="cuda"), torch.arange(B, device="cuda") * 3, f(0.2))
+    torch.library.opcheck(C.sample_draft.default, args, test_utils=("test_schema", "test_faketensor"))
+
+
+@requires_gpu
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")
+def test_native_kernel_binary(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    exe = tmp_path / "test_kernels"
+    major, minor = torch.cuda.get_device_capability()
+    subprocess.run(["nvcc", "-std=c++17", "-O2", f"-arch=sm_{major}{minor}", "-I", os.path.join(root, "csrc"), "-I",
+                    os.path.join(root, "tests", "native"), os.path.join(root, "tests", "native", "test_kernels.cu"),
+                    "-o", str(exe)], check=True)
+    res = subprocess.run([str(exe)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr

@@ -1,0 +1,81 @@
+"""The Triton ops are real torch custom ops: their fake implementations agree with the kernels
+(torch.library.opcheck), and they trace through torch.compile with fullgraph=True."""
+import pytest
+import torch
+
+import bild_kernels  # noqa: F401  (registers the ops)
+from bild_kernels.reference import MODE_BILD, MODE_SAMPLE
+
+pytestmark = pytest.mark.usefixtures("backend_device")
+
+
+def _triton_device(backend_device):
+    backend, device = backend_device
+    if backend != "triton":
+        pytest.skip("custom-op checks here cover the Triton ops; the CUDA ops are checked in test_cuda_extension")
+    from bild_kernels._backend import _load_backends
+    _load_backends()
+    return device
+
+
+def _verify_args(device, mode):
+    B, K, V = 3, 4, 37
+    logits = torch.randn(B, K + 1, V, device=device)
+    draft = torch.randint(0, V, (B, K), device=device)
+    draft[1, 2:] = -1
+    probs = torch.softmax(torch.randn(B, K, V, device=device), -1) if mode == MODE_SAMPLE else None
+    f = lambda x: torch.full((B,), x, device=device)  # noqa: E731
+    return (draft, logits, mode, f(1.0), probs, f(0.7), torch.full((B,), 5, dtype=torch.int32, device=device),
+            f(0.9), torch.arange(B, device=device), torch.zeros(B, dtype=torch.int64, device=device))
+
+
+def _sample_args(device):
+    B, V = 5, 53
+    f = lambda x: torch.full((B,), x, device=device)  # noqa: E731
+    return (torch.randn(B, V, device=device), f(0.8), torch.full((B,), 7, dtype=torch.int32, device=device), f(0.95),
+            torch.arange(B, device=device), torch.arange(B, device=device) * 3, f(0.2))
+
+
+@pytest.mark.parametrize("mode", [MODE_BILD, MODE_SAMPLE])
+def test_opcheck_verify_draft(backend_device, mode):
+    device = _triton_device(backend_device)
+    torch.library.opcheck(torch.ops.bild_kernels.verify_draft_triton.default, _verify_args(device, mode),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_opcheck_sample_draft(backend_device):
+    device = _triton_device(backend_device)
+    torch.library.opcheck(torch.ops.bild_kernels.sample_draft_triton.default, _sample_args(device),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_opcheck_paged_kv(backend_device):
+    device = _triton_device(backend_device)
+    T, H, D, nb, bs = 5, 2, 8, 6, 4
+    key, value = torch.randn(T, H, D, device=device), torch.randn(T, H, D, device=device)
+    kc, vc = torch.zeros(nb, bs, H, D, device=device), torch.zeros(nb, bs, H, D, device=device)
+    slots = torch.tensor([0, 5, -1, 9, 23], device=device)
+    torch.library.opcheck(torch.ops.bild_kernels.write_paged_kv_triton.default, (key, value, kc, vc, slots),
+                          test_utils=("test_schema", "test_faketensor"))
+    tables = torch.full((2, 3), -1, dtype=torch.int32, device=device)
+    lens = torch.tensor([0, 0], dtype=torch.int32, device=device)
+    free = torch.arange(nb, dtype=torch.int32, device=device)
+    nfree = torch.tensor([nb], dtype=torch.int32, device=device)
+    n = torch.tensor([5, 3], dtype=torch.int32, device=device)
+    torch.library.opcheck(torch.ops.bild_kernels.reserve_paged_kv_triton.default, (tables, lens, n, free, nfree, bs),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_verify_and_sample_trace_through_torch_compile(backend_device):
+    device = _triton_device(backend_device)
+    vargs, sargs = _verify_args(device, MODE_BILD), _sample_args(device)
+
+    def step(vargs, sargs):
+        na, out, dist, conf = torch.ops.bild_kernels.verify_draft_triton(*vargs)
+        tok, p, pmax, energy, fb = torch.ops.bild_kernels.sample_draft_triton(*sargs)
+        return na + 1, out, dist.sum(), tok, energy * 2
+
+    eager = step(vargs, sargs)
+    compiled = torch.compile(step, fullgraph=True, backend="eager")(vargs, sargs)
+    for a, b in zip(eager, compiled):
+        assert torch.equal(a, b)

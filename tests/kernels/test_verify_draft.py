@@ -1,0 +1,174 @@
+"""verify_draft against its reference twin in every mode: identical counts and ids, close distances and
+target probabilities, at odd sizes and dtypes, ragged and empty drafts, K = 0, -inf logits, mixed greedy
+and sampling rows; bad input; and a 1M-draw check that sample mode reproduces the target distribution."""
+import pytest
+import torch
+
+from bild_kernels import ops
+from bild_kernels import reference as R
+from tests.kernels.test_sample_draft import DTYPES, robust_top_p, separated_logits
+
+MODES = ("greedy", "bild", "sample")
+
+
+def make_case(B, K, V, device, dtype=torch.float32, filters=False, seed0=0):
+    g = torch.Generator().manual_seed(seed0 + 31 * B + K + V)
+    target_logits = separated_logits(B * (K + 1), V, "cpu").reshape(B, K + 1, V)
+    amax = target_logits.argmax(2)
+    draft_ids = torch.randint(0, V, (B, K), generator=g)
+    agree = torch.rand(B, K, generator=g) < 0.7  # most drafts agree, so some rows accept several
+    draft_ids = torch.where(agree, amax[:, :K], draft_ids)
+    n = torch.randint(0, K + 1, (B,), generator=g)
+    n[: B // 3] = K  # full drafts
+    draft_ids[torch.arange(K).unsqueeze(0) >= n.unsqueeze(1)] = -1
+    temperature = torch.rand(B, generator=g) * 1.5 + 0.3
+    temperature[::2] = 0.0  # greedy and sampling rows side by side
+    top_k = torch.zeros(B, dtype=torch.int32)
+    top_p = torch.ones(B)
+    if filters:
+        top_k = torch.where(torch.rand(B, generator=g) < 0.5, torch.randint(1, 20, (B,), generator=g), 0).int()
+        rank = torch.where(torch.rand(B, generator=g) < 0.5, torch.randint(0, 15, (B,), generator=g), -1)
+        # Every position of a row permutes the same grid, so one robust top-p holds at all of them.
+        top_p = robust_top_p(target_logits[:, 0].to(dtype).float(), temperature, rank)
+    draft_probs = torch.softmax(torch.randn(B, K, V, generator=g) * 2, dim=2)
+    draft_probs[..., : V // 4] = 0.0  # zero mass somewhere: exercises zero and all-zero residuals
+    draft_probs /= draft_probs.sum(2, keepdim=True)
+    params = dict(rollback_threshold=torch.rand(B, generator=g) * 6, temperature=temperature, top_k=top_k,
+                  top_p=top_p, seed=torch.randint(0, 2**62, (B,), generator=g),
+                  offset=torch.randint(0, 2**40, (B,), generator=g))
+    to = lambda x: x.to(device)  # noqa: E731
+    return to(draft_ids), to(target_logits.to(dtype)), to(draft_probs), {k: to(v) for k, v in params.items()}
+
+
+def check(backend, mode, draft_ids, target_logits, draft_probs, params, atol=1e-5, rtol=1e-5):
+    kw = dict(params)
+    if mode != "bild":
+        kw.pop("rollback_threshold")
+    dp = draft_probs if mode == "sample" else None
+    want = R.verify_draft_ref(draft_ids, target_logits, mode, params["rollback_threshold"], dp, params["temperature"],
+                              params["top_k"], params["top_p"], params["seed"], params["offset"])
+    got = ops.verify_draft(draft_ids, target_logits, mode, draft_probs=dp, backend=backend, **kw)
+    assert torch.equal(got.num_accepted, want[0])
+    assert torch.equal(got.output_ids, want[1])
+    torch.testing.assert_close(got.distances, want[2], atol=atol, rtol=rtol)
+    torch.testing.assert_close(got.target_probs, want[3], atol=atol, rtol=rtol)
+    return got
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("B, K, V, filters", [(1, 1, 111, True), (7, 4, 111, True), (99, 8, 111, False),
+                                              (13, 8, 111, True), (5, 0, 111, True), (7, 4, 32000, False),
+                                              (2, 2, 151936, False)])
+def test_verify_draft_matches_reference(backend_device, mode, B, K, V, filters):
+    backend, device = backend_device
+    check(backend, mode, *make_case(B, K, V, device, filters=filters))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+def test_verify_draft_dtypes(backend_device, mode, dtype, atol, rtol):
+    backend, device = backend_device
+    check(backend, mode, *make_case(9, 4, 257, device, dtype, filters=True), atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_verify_draft_all_and_nothing_accepted(backend_device, mode):
+    backend, device = backend_device
+    draft_ids, target_logits, draft_probs, params = make_case(6, 4, 111, device)
+    params["temperature"].zero_()  # greedy target: acceptance is decided by the argmax alone
+    amax = target_logits.argmax(2)[:, :4]
+    draft_probs = torch.nn.functional.one_hot(amax, 111).float()
+    for ids, want in ((amax.clone(), 4), ((amax + 1) % 111, 0)):
+        ids[5] = -1  # a row with nothing drafted
+        params["rollback_threshold"].zero_()
+        got = check(backend, mode, ids, target_logits, draft_probs, params)
+        assert (got.num_accepted[:5] == want).all() and got.num_accepted[5] == 0
+
+
+def test_verify_draft_neg_inf_logits(backend_device):
+    backend, device = backend_device
+    for mode in MODES:
+        draft_ids, target_logits, draft_probs, params = make_case(5, 3, 111, device, filters=True, seed0=1)
+        target_logits[:, :, 60:] = float("-inf")
+        target_logits[1, 0, :] = float("-inf")
+        target_logits[1, 0, 7] = 0.0  # a one-token distribution
+        draft_ids[0, 0] = 100  # a draft on a -inf logit: distance inf, rejected
+        check(backend, mode, draft_ids, target_logits, draft_probs, params)
+
+
+BAD = [
+    (dict(draft_ids=torch.zeros(2, 4, dtype=torch.int64)), ValueError, "draft_ids"),
+    (dict(draft_ids=torch.zeros(2, 3)), TypeError, "draft_ids"),
+    (dict(draft_ids=torch.full((2, 3), 5)), ValueError, "draft_ids"),
+    (dict(draft_ids=torch.full((2, 3), -2)), ValueError, "draft_ids"),
+    (dict(draft_ids=torch.tensor([[-1, 1, 1], [0, 0, 0]])), ValueError, "draft_ids"),
+    (dict(target_logits=torch.zeros(2, 4)), ValueError, "target_logits"),
+    (dict(target_logits=torch.zeros(2, 4, 5, dtype=torch.int64)), TypeError, "target_logits"),
+    (dict(mode="nope"), ValueError, "mode"),
+    (dict(mode="bild"), ValueError, "rollback_threshold"),
+    (dict(mode="bild", rollback_threshold=-1.0), ValueError, "rollback_threshold"),
+    (dict(mode="sample"), ValueError, "draft_probs"),
+    (dict(mode="sample", draft_probs=torch.zeros(2, 3, 4)), ValueError, "draft_probs"),
+    (dict(draft_probs=torch.zeros(2, 3, 5)), ValueError, "draft_probs"),
+    (dict(temperature=-1.0), ValueError, "temperature"),
+    (dict(top_p=0.0), ValueError, "top_p"),
+    (dict(top_p=1.01), ValueError, "top_p"),
+    (dict(top_k=-3), ValueError, "top_k"),
+    (dict(offset=torch.full((3,), 1)), ValueError, "offset"),
+]
+
+
+@pytest.mark.parametrize("kwargs, exc, name", BAD)
+def test_verify_draft_bad_input(backend_device, kwargs, exc, name):
+    backend, device = backend_device
+    args = dict(draft_ids=torch.zeros(2, 3, dtype=torch.int64), target_logits=torch.zeros(2, 4, 5), mode="greedy")
+    args.update(kwargs)
+    args = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+    with pytest.raises(exc, match=name):
+        ops.verify_draft(args.pop("draft_ids"), args.pop("target_logits"), args.pop("mode"), backend=backend, **args)
+
+
+def _sampling_setup(N, device="cpu"):
+    # V = 6, K = 2: fixed draft distributions p_S, fixed target logits; drafts drawn from p_S per row.
+    V, K = 6, 2
+    p_s = torch.tensor([[0.4, 0.1, 0.2, 0.05, 0.05, 0.2], [0.1, 0.3, 0.3, 0.1, 0.1, 0.1]])
+    z = torch.tensor([[1.0, 0.2, 1.5, -0.5, 0.3, -2.0], [0.0, 1.0, -1.0, 0.5, 2.0, 0.1], [0.3] * 6])
+    g = torch.Generator().manual_seed(1)
+    draft_ids = torch.stack([torch.multinomial(p_s[j], N, replacement=True, generator=g) for j in range(K)], 1)
+    ones = torch.ones(N)
+    args = (draft_ids, z.expand(N, K + 1, V).contiguous(), "sample", None, p_s.expand(N, K, V).contiguous(),
+            ones, torch.zeros(N, dtype=torch.int32), ones, torch.arange(N) * 104729 + 3, torch.full((N,), 5))
+    return [a.to(device) if isinstance(a, torch.Tensor) else a for a in args], torch.softmax(z, 1)
+
+
+def test_verify_draft_sample_mode_reproduces_target():
+    N = 1_000_000
+    args, q = _sampling_setup(N)
+    num_accepted, out = R.verify_draft_ref(*args)[:2]
+    first = torch.bincount(out[:, 0], minlength=6).double() / N
+    assert float((first - q[0]).abs().sum()) / 2 < 3e-3  # total variation, ~5 sigma at 1M draws
+    second_rows = num_accepted >= 1  # the first token was an accepted draft: the second follows q_1
+    second = torch.bincount(out[second_rows, 1], minlength=6).double() / int(second_rows.sum())
+    assert int(second_rows.sum()) > 300_000
+    assert float((second - q[1]).abs().sum()) / 2 < 5e-3
+    assert 0.2 < float((num_accepted == 0).double().mean()) < 0.8  # both outcomes are well represented
+
+
+def _kernel_vs_reference_on_sampling_rows(backend, device, N):
+    args, _ = _sampling_setup(N, device)
+    want = R.verify_draft_ref(*args)
+    got = ops.verify_draft(args[0], args[1], "sample", draft_probs=args[4], temperature=args[5], top_k=args[6],
+                           top_p=args[7], seed=args[8], offset=args[9], backend=backend)
+    assert torch.equal(got.num_accepted, want[0])
+    assert torch.equal(got.output_ids, want[1])
+
+
+def test_verify_draft_sample_mode_kernel_matches_reference_rows(backend_device):
+    backend, device = backend_device
+    _kernel_vs_reference_on_sampling_rows(backend, device, 600 if device == "cpu" else 20_000)
+
+
+@pytest.mark.slow
+def test_verify_draft_sample_mode_kernel_matches_reference_20k_rows(backend_device):
+    backend, device = backend_device
+    _kernel_vs_reference_on_sampling_rows(backend, device, 20_000)

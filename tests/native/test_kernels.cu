@@ -1,0 +1,239 @@
+// Native test of the csrc/ kernels through their .cuh launchers only (no torch, no Python): each kernel
+// runs on small random inputs and is compared with the CPU twins in cpu_reference.h. Token ids, counts
+// and block tables must match exactly; floats within 1e-4. Registered with ctest (CMakeLists.txt).
+// Exit codes: 0 pass, 1 failure, 77 skip (no GPU: after the host-side Philox check, which always runs).
+#include <cstdio>
+#include <random>
+#include <vector>
+
+#include "cpu_reference.h"
+#include "paged_kv.cuh"
+#include "sampling.cuh"
+#include "verify.cuh"
+
+static int g_failures = 0;
+#define EXPECT(cond, ...)                                   \
+  do {                                                      \
+    if (!(cond)) {                                          \
+      ++g_failures;                                         \
+      if (g_failures < 20) {                                \
+        std::printf("FAIL %s:%d: ", __FILE__, __LINE__);    \
+        std::printf(__VA_ARGS__);                           \
+        std::printf("\n");                                  \
+      }                                                     \
+    }                                                       \
+  } while (0)
+#define CUDA_OK(expr) EXPECT((expr) == cudaSuccess, "%s", #expr)
+
+template <typename T>
+static std::vector<T> zeros(size_t n) { return std::vector<T>(n, T{}); }
+
+static bool close(float a, float b) { return std::fabs(a - b) <= 1e-4f + 1e-4f * std::fabs(b); }
+
+// A device copy of a host vector; copied back with get().
+template <typename T>
+struct Dev {
+  T* p = nullptr;
+  size_t n;
+  explicit Dev(const std::vector<T>& h) : n(h.size()) {
+    CUDA_OK(cudaMalloc(&p, std::max<size_t>(n, 1) * sizeof(T)));
+    CUDA_OK(cudaMemcpy(p, h.data(), n * sizeof(T), cudaMemcpyHostToDevice));
+  }
+  ~Dev() { cudaFree(p); }
+  std::vector<T> get() const {
+    std::vector<T> h(n);
+    CUDA_OK(cudaMemcpy(h.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost));
+    return h;
+  }
+};
+
+static void test_philox_host() {  // values from bild_kernels.reference.philox_ref / uniform_ref
+  struct Case { int64_t seed; uint32_t idx; int64_t off; int purpose, pos; uint32_t x; float u; };
+  const Case cases[] = {
+      {0LL, 0u, 0LL, 1, 0, 0x910223A1u, 0.566438913f},
+      {12345LL, 7u, 3LL, 2, 5, 0x46B9A9D4u, 0.276270479f},
+      {-1LL, 99999u, 1099511627793LL, 3, 63, 0xE823BCEFu, 0.906795263f},
+      {4611686018427387909LL, 1u, 0LL, 1, 0, 0x32A655A4u, 0.197850555f},
+  };
+  for (const Case& c : cases) {
+    const uint32_t x = bild::philox_first_word(c.seed, c.idx, static_cast<uint32_t>(c.off),
+                                               static_cast<uint32_t>(static_cast<uint64_t>(c.off) >> 32),
+                                               (static_cast<uint32_t>(c.purpose) << 24) | c.pos);
+    EXPECT(x == c.x, "philox seed %lld: %08X != %08X", static_cast<long long>(c.seed), x, c.x);
+    EXPECT(bild::uniform(c.seed, c.idx, c.off, c.purpose, c.pos) == c.u, "uniform seed %lld",
+           static_cast<long long>(c.seed));
+  }
+}
+
+static void test_paged_kv(std::mt19937& rng) {
+  const int T = 7, H = 3, D = 5, NB = 6, BS = 4, HD = H * D;
+  std::vector<float> key(T * HD), value(T * HD);
+  std::normal_distribution<float> normal;
+  for (auto& x : key) x = normal(rng);
+  for (auto& x : value) x = normal(rng);
+  const std::vector<int64_t> slots = {3, -1, 0, 22, 9, -1, 17};
+  std::vector<__half> kc(NB * BS * HD, __float2half(0.0f)), vc = kc;
+  Dev<float> dk(key), dv(value);
+  Dev<__half> dkc(kc), dvc(vc);
+  Dev<int64_t> ds(slots);
+  CUDA_OK(bild::WritePagedKV(dk.p, dv.p, dkc.p, dvc.p, ds.p, T, H, D, HD, D, HD, D, nullptr));
+  const std::vector<__half> gk = dkc.get(), gv = dvc.get();
+  for (int t = 0; t < T; ++t) {
+    if (slots[t] < 0) continue;
+    for (int e = 0; e < HD; ++e) {
+      EXPECT(__half2float(gk[slots[t] * HD + e]) == __half2float(__float2half(key[t * HD + e])), "write key");
+      EXPECT(__half2float(gv[slots[t] * HD + e]) == __half2float(__float2half(value[t * HD + e])), "write value");
+    }
+  }
+
+  // reserve then rollback on 3 rows (row 1 inactive), checked against the reference's loops.
+  const int B = 3, M = 4;
+  std::vector<int> tables = {5, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1};
+  std::vector<int> lens = {3, -1, 0}, num_new = {6, 4, 5}, free_blocks = {0, 1, 2, 3, 4, 0, 0}, num_free = {5};
+  std::vector<int> want_tables = tables, want_free = free_blocks;
+  int ptr = num_free[0];
+  for (int b = 0; b < B; ++b) {  // reserve_paged_kv_ref
+    int nblk = 0;
+    for (int j = 0; j < M; ++j) nblk += tables[b * M + j] >= 0;
+    const int want = lens[b] >= 0 ? (lens[b] + num_new[b] + BS - 1) / BS : nblk;
+    for (int j = 0; j < want - nblk; ++j) want_tables[b * M + nblk + j] = free_blocks[--ptr];
+  }
+  Dev<int> dt(tables), dl(lens), dn(num_new), df(free_blocks), dnf(num_free);
+  CUDA_OK(bild::ReservePagedKV(dt.p, dl.p, dn.p, df.p, dnf.p, B, M, BS, nullptr));
+  EXPECT(dt.get() == want_tables, "reserve: block tables");
+  EXPECT(dnf.get()[0] == ptr, "reserve: num_free %d != %d", dnf.get()[0], ptr);
+
+  std::vector<int> rejected = {5, 2, 3}, want_lens = lens;
+  for (int b = 0; b < B; ++b) {  // rollback_paged_kv_ref
+    if (lens[b] < 0) continue;
+    want_lens[b] = std::max(lens[b] - rejected[b], 0);
+    for (int j = (want_lens[b] + BS - 1) / BS; j < M && want_tables[b * M + j] >= 0; ++j) {
+      want_free[ptr++] = want_tables[b * M + j];
+      want_tables[b * M + j] = -1;
+    }
+  }
+  Dev<int> dr(rejected);
+  CUDA_OK(bild::RollbackPagedKV(dt.p, dl.p, dr.p, df.p, dnf.p, B, M, static_cast<int>(free_blocks.size()), BS,
+                                nullptr));
+  EXPECT(dt.get() == want_tables && dl.get() == want_lens, "rollback: tables / lens");
+  EXPECT(dnf.get()[0] == ptr && std::equal(want_free.begin(), want_free.begin() + ptr, df.get().begin()),
+         "rollback: free stack");
+
+  // shortfall: nothing changes but num_free = -1 - missing
+  std::vector<int> big = {40, 40, 40};
+  Dev<int> dbig(big);
+  const std::vector<int> before = dt.get();
+  CUDA_OK(bild::ReservePagedKV(dt.p, dl.p, dbig.p, df.p, dnf.p, B, M, BS, nullptr));
+  EXPECT(dt.get() == before && dnf.get()[0] < 0, "reserve shortfall");
+
+  // gather the first rows of the half caches back
+  const std::vector<int> gtab = {0, 5, 2, 4, -1, -1}, glens = {6, 3};
+  const int L = 6;
+  Dev<int> dgt(gtab), dgl(glens);
+  Dev<__half> ok(zeros<__half>(2 * L * HD)), ov(zeros<__half>(2 * L * HD));
+  CUDA_OK(bild::GatherPagedKV(dkc.p, dvc.p, dgt.p, dgl.p, ok.p, ov.p, 2, 3, L, BS, HD * 2, nullptr));
+  const std::vector<__half> go = ok.get();
+  for (int b = 0; b < 2; ++b)
+    for (int pos = 0; pos < L; ++pos)
+      for (int e = 0; e < HD; ++e) {
+        const float want = pos < glens[b] ? __half2float(gk[(gtab[b * 3 + pos / BS] * BS + pos % BS) * HD + e]) : 0.f;
+        EXPECT(__half2float(go[(b * L + pos) * HD + e]) == want, "gather b=%d pos=%d", b, pos);
+      }
+}
+
+static void test_sample_draft(std::mt19937& rng) {
+  const int B = 6, V = 1111;
+  std::vector<float> logits(B * V);
+  std::normal_distribution<float> normal(0.0f, 3.0f);
+  for (auto& x : logits) x = std::round(normal(rng) * 4.0f) / 4.0f;  // coarse values: ties are common
+  const std::vector<float> temp = {0.0f, 0.7f, 1.0f, 1.3f, 0.0f, 0.9f}, top_p = {1.0f, 1.0f, 0.8f, 1.0f, 0.5f, 0.9f};
+  const std::vector<int> top_k = {0, 0, 0, 5, 1, 50};
+  const std::vector<int64_t> seed = {1, 2, 3, 4, 5, -6}, offset = {0, 7, 1LL << 33, 2, 0, 9};
+  const std::vector<float> thr = {0.1f, 0.5f, 0.0f, 1.0f, 0.2f, 0.3f};
+  Dev<float> dz(logits), dt(temp), dp(top_p), dthr(thr);
+  Dev<int> dk(top_k);
+  Dev<int64_t> dseed(seed), doff(offset), tok(zeros<int64_t>(B));
+  Dev<float> tp(zeros<float>(B)), mp(zeros<float>(B)), en(zeros<float>(B));
+  bool* dfb;  // std::vector<bool> has no data(): a raw buffer
+  CUDA_OK(cudaMalloc(&dfb, B));
+  CUDA_OK(bild::SampleDraft(dz.p, B, V, {dt.p, dk.p, dp.p, dseed.p, doff.p, dthr.p}, {tok.p, tp.p, mp.p, en.p, dfb},
+                            nullptr));
+  bool hfb[B];
+  CUDA_OK(cudaMemcpy(hfb, dfb, B, cudaMemcpyDeviceToHost));
+  cudaFree(dfb);
+  const auto gtok = tok.get();
+  const auto gtp = tp.get(), gmp = mp.get(), gen = en.get();
+  for (int b = 0; b < B; ++b) {
+    const std::vector<float> z(logits.begin() + b * V, logits.begin() + (b + 1) * V);
+    const ref::Sample r = ref::sample_draft(z, temp[b], top_k[b], top_p[b], seed[b], offset[b], thr[b]);
+    EXPECT(gtok[b] == r.token, "sample_draft row %d: token %lld != %lld", b, static_cast<long long>(gtok[b]),
+           static_cast<long long>(r.token));
+    EXPECT(close(gtp[b], r.token_prob) && close(gmp[b], r.max_prob) && close(gen[b], r.energy),
+           "sample_draft row %d: floats %g %g %g vs %g %g %g", b, gtp[b], gmp[b], gen[b], r.token_prob, r.max_prob,
+           r.energy);
+    EXPECT(hfb[b] == r.fallback, "sample_draft row %d: fallback", b);
+  }
+}
+
+static void test_verify_draft(std::mt19937& rng, int mode) {
+  const int B = 5, K = 4, V = 333, K1 = K + 1;
+  std::vector<float> logits(B * K1 * V), probs(B * K * V);
+  std::normal_distribution<float> normal(0.0f, 2.0f);
+  for (auto& x : logits) x = normal(rng);
+  for (int r = 0; r < B * K; ++r) {  // softmax rows for p_S
+    double s = 0;
+    for (int v = 0; v < V; ++v) s += probs[r * V + v] = std::exp(normal(rng));
+    for (int v = 0; v < V; ++v) probs[r * V + v] = static_cast<float>(probs[r * V + v] / s);
+  }
+  std::vector<int64_t> ids(B * K);
+  for (int b = 0; b < B; ++b)
+    for (int j = 0; j < K; ++j) {  // row b drafts K - b tokens (b >= K: none); half of them the argmax
+      const float* z = &logits[(b * K1 + j) * V];
+      ids[b * K + j] = j >= K - b ? -1 : (j % 2 == 0 ? std::max_element(z, z + V) - z : (b * 37 + j) % V);
+    }
+  const std::vector<float> thr = {1.0f, 5.0f, 0.0f, 3.0f, 2.0f}, temp = {0.0f, 0.8f, 1.0f, 0.0f, 1.5f};
+  const std::vector<float> top_p = {1.0f, 0.9f, 1.0f, 1.0f, 0.7f};
+  const std::vector<int> top_k = {0, 0, 20, 3, 0};
+  const std::vector<int64_t> seed = {11, 12, 13, 14, 15}, offset = {0, 1, 2, 3, 4};
+  Dev<int64_t> dids(ids), dseed(seed), doff(offset), oids(zeros<int64_t>(B * K1));
+  Dev<float> dz(logits), dprobs(probs), dthr(thr), dt(temp), dp(top_p);
+  Dev<int> dk(top_k), nacc(zeros<int>(B)), si(zeros<int>(3 * B * K1));
+  Dev<float> dist(zeros<float>(B * K)), tprob(zeros<float>(B * K1)), sf(zeros<float>(2 * B * K1));
+  const int n = B * K1;
+  CUDA_OK(bild::VerifyDraft(dids.p, dz.p, dprobs.p, B, K, V, mode, {dthr.p, dt.p, dk.p, dp.p, dseed.p, doff.p},
+                            {nacc.p, oids.p, dist.p, tprob.p}, {si.p, si.p + n, si.p + 2 * n, sf.p, sf.p + n},
+                            nullptr));
+  const auto gn = nacc.get();
+  const auto gids = oids.get();
+  const auto gd = dist.get(), gtp = tprob.get();
+  for (int b = 0; b < B; ++b) {
+    std::vector<std::vector<float>> z(K1), ps(K);
+    for (int j = 0; j < K1; ++j) z[j].assign(&logits[(b * K1 + j) * V], &logits[(b * K1 + j + 1) * V]);
+    for (int j = 0; j < K; ++j) ps[j].assign(&probs[(b * K + j) * V], &probs[(b * K + j + 1) * V]);
+    const std::vector<int64_t> row(ids.begin() + b * K, ids.begin() + (b + 1) * K);
+    const ref::Verify r = ref::verify_draft(row, z, mode, thr[b], ps, temp[b], top_k[b], top_p[b], seed[b], offset[b]);
+    EXPECT(gn[b] == r.num_accepted, "verify mode %d row %d: accepted %d != %d", mode, b, gn[b], r.num_accepted);
+    EXPECT(std::equal(r.output_ids.begin(), r.output_ids.end(), gids.begin() + b * K1), "verify mode %d row %d: ids",
+           mode, b);
+    for (int j = 0; j < K; ++j) EXPECT(close(gd[b * K + j], r.distances[j]), "verify distance %d %d", b, j);
+    for (int j = 0; j < K1; ++j) EXPECT(close(gtp[b * K1 + j], r.target_probs[j]), "verify target prob %d %d", b, j);
+  }
+}
+
+int main() {
+  test_philox_host();
+  int devices = 0;
+  const cudaError_t err = cudaGetDeviceCount(&devices);
+  if (err != cudaSuccess || devices == 0) {
+    std::printf("host Philox check: %s; GPU tests skipped: no CUDA device (%s)\n",
+                g_failures ? "FAILED" : "passed", err != cudaSuccess ? cudaGetErrorString(err) : "0 devices");
+    return g_failures ? 1 : 77;
+  }
+  std::mt19937 rng(1234);
+  test_paged_kv(rng);
+  test_sample_draft(rng);
+  for (int mode : {bild::kModeGreedy, bild::kModeBild, bild::kModeSample}) test_verify_draft(rng, mode);
+  CUDA_OK(cudaDeviceSynchronize());
+  std::printf("%s (%d failures)\n", g_failures ? "FAILED" : "all native kernel tests passed", g_failures);
+  return g_failures ? 1 : 0;
+}
