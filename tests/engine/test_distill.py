@@ -1,0 +1,38 @@
+"""The distillation tool's pieces on a tiny teacher: layer copying, targets, agreement, a training step."""
+import torch
+
+from bild_kernels.distill.train import agreement, build_draft, frequent_tokens, teacher_targets, train
+
+from .conftest import hf_greedy, tiny_llama
+
+
+def _teacher():
+    t = tiny_llama(5, layers=3, dtype=torch.float32)
+    return t
+
+
+def test_a_draft_with_every_layer_agrees_with_its_teacher_everywhere():
+    teacher = _teacher()
+    prompts = [[5, 17, 3], [44, 2, 90, 61]]
+    pairs = [(p + hf_greedy(teacher, p, 8), len(p)) for p in prompts]
+    full = build_draft(teacher, [0, 1, 2])
+    assert agreement(full, pairs) == 1.0
+    shallow = build_draft(teacher, [0])
+    assert 0.0 <= agreement(shallow, pairs) < 1.0
+
+
+def test_targets_are_top_k_and_training_updates_only_the_layers():
+    teacher = _teacher()
+    corpus = [[int(x) for x in torch.randint(0, 97, (12,))] for _ in range(6)]
+    targets = teacher_targets(teacher, corpus, k=8, log=lambda s: None)
+    for seq, (ids, probs) in zip(corpus, targets):
+        assert ids.shape == (len(seq), 8) and probs.shape == (len(seq), 8)
+        assert bool((probs.float().sum(-1) <= 1.001).all())
+    vocab = frequent_tokens(corpus, 40, always=[0])
+    assert 0 in vocab.tolist() and len(vocab) <= 41
+    draft = build_draft(teacher, [0])
+    embed = draft.model.embed_tokens.weight.clone()
+    layer = draft.model.layers[0].mlp.up_proj.weight.clone()
+    train(draft, corpus, targets, minutes=0.02, batch_size=4, vocab=vocab, log=lambda s: None)
+    assert torch.equal(draft.model.embed_tokens.weight, embed)  # shared with the large model: frozen
+    assert not torch.equal(draft.model.layers[0].mlp.up_proj.weight, layer)
