@@ -41,12 +41,15 @@ class Engine:
     max_batch_size : requests decoded together. max_model_len : prompt + output tokens per request.
     kv_cache_blocks : blocks of `block_size` tokens per model cache (both models get the same number,
         so both hold the same tokens); default: enough for max_batch_size requests of max_model_len.
+    kv_cache_memory : instead of kv_cache_blocks, one memory budget for both caches together: bytes
+        (an int) or a fraction of the device's free memory (a float in (0, 1], CUDA only). A block of
+        the budget holds the same tokens in the large and the small cache.
     tokenizer : a transformers tokenizer; default: the large model's, when it has one.
     """
 
     def __init__(self, large=None, small=None, *, device: str = "cpu", dtype: torch.dtype | None = None,
                  max_batch_size: int = 8, max_model_len: int = 2048, kv_cache_blocks: int | None = None,
-                 block_size: int = 16, tokenizer=None):
+                 block_size: int = 16, kv_cache_memory: int | float | None = None, tokenizer=None):
         if large is None:
             raise ValueError("large: a model is required (a model directory, a .gguf file or a transformers model)")
         for name, val, lo in (("max_batch_size", max_batch_size, 1), ("max_model_len", max_model_len, 2),
@@ -60,13 +63,21 @@ class Engine:
         self.max_batch_size, self.max_model_len, self.block_size = max_batch_size, max_model_len, block_size
         # A request may cache a whole draft run past its last committed token.
         self.blocks_per_seq = -(-(max_model_len + 64) // block_size)
+        if kv_cache_blocks is not None and kv_cache_memory is not None:
+            raise ValueError("give kv_cache_blocks or kv_cache_memory, not both")
+        budget = self._memory_budget(kv_cache_memory)
+        large_exec, large_tok = load_executor(large, "large", dtype, self.device)
+        small_exec, small_tok = (None, None) if small is None else load_executor(small, "small", dtype, self.device)
+        if budget is not None:
+            per_block = sum(e.kv_cache_bytes_per_block(block_size) for e in (large_exec, small_exec) if e is not None)
+            kv_cache_blocks = budget // per_block
+            if kv_cache_blocks < 1:
+                raise ValueError(f"kv_cache_memory={kv_cache_memory!r} holds no block ({per_block} bytes each)")
         if kv_cache_blocks is None:
             kv_cache_blocks = max_batch_size * self.blocks_per_seq
         if isinstance(kv_cache_blocks, bool) or not isinstance(kv_cache_blocks, int) or kv_cache_blocks < 1:
             raise ValueError(f"kv_cache_blocks must be a positive int, got {kv_cache_blocks!r}")
         self.kv_cache_blocks = kv_cache_blocks
-        large_exec, large_tok = load_executor(large, "large", dtype, self.device)
-        small_exec, small_tok = (None, None) if small is None else load_executor(small, "small", dtype, self.device)
         if small_exec is not None and small_exec.config.vocab_size != large_exec.config.vocab_size:
             raise ValueError(f"the small model's vocabulary ({small_exec.config.vocab_size}) differs from the large "
                              f"model's ({large_exec.config.vocab_size}): they must share a tokenizer")
@@ -84,6 +95,20 @@ class Engine:
         # Seconds spent drafting (small model + sampling) and verifying (large model + verify + rollback),
         # summed over steps; wall time minus both is the engine's own overhead. Benchmarks reset it.
         self.time_split = {"draft": 0.0, "verify": 0.0}
+
+    def _memory_budget(self, mem) -> int | None:
+        if mem is None:
+            return None
+        if isinstance(mem, bool) or not isinstance(mem, (int, float)) or mem <= 0:
+            raise ValueError(f"kv_cache_memory must be bytes (int > 0) or a fraction in (0, 1], got {mem!r}")
+        if isinstance(mem, int):
+            return mem
+        if mem > 1:
+            raise ValueError(f"kv_cache_memory as a fraction must be in (0, 1], got {mem!r}")
+        if self.device.type != "cuda":
+            raise ValueError("kv_cache_memory as a fraction needs a CUDA device; give bytes on the CPU")
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return int(free * mem)
 
     # ------------------------------------------------------------------------------------------
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,

@@ -43,7 +43,7 @@ class ModelRunner:
     @torch.inference_mode()
     def extend(self, rows: list[int], tokens: list[list[int]], n_logits: list[int]) -> torch.Tensor:
         """Append tokens[i] to row rows[i]'s cache in one forward; return the logits of each row's
-        last n_logits[i] tokens as [len(rows), max(n_logits), V] (rows padded with zeros)."""
+        last n_logits[i] tokens as [len(rows), max(n_logits), V] (short rows repeat their last logits)."""
         dev = self.device
         counts = [len(t) for t in tokens]
         starts = self.blocks.context_lens_of(rows)  # host mirror: cached tokens per row before this step

@@ -140,3 +140,16 @@ def test_policy_needing_small_model_without_one(large_model):
     with pytest.raises(ValueError, match="small model"):
         eng.generate([[1, 2]], SamplingParams(max_tokens=2), policy=BiLD())
     assert eng.generate([[1, 2]], SamplingParams(max_tokens=2), policy=LargeOnly())[0].error is None
+
+
+def test_one_memory_budget_for_both_caches(large_model, small_model):
+    from bild_kernels.models import load_model
+    per_block = sum(load_model(m, dtype=torch.float64)[0].kv_cache_bytes_per_block(4) for m in (large_model, small_model))
+    eng = Engine(large=large_model, small=small_model, dtype=torch.float64, max_batch_size=2, max_model_len=32,
+                 block_size=4, kv_cache_memory=10 * per_block + 5)
+    assert eng.kv_cache_blocks == 10
+    assert all(r.num_free_blocks() == 10 for r in eng.runners.values())
+    with pytest.raises(ValueError, match="kv_cache_memory"):
+        Engine(large=large_model, small=small_model, dtype=torch.float64, kv_cache_memory=0.5)  # fraction: CUDA only
+    with pytest.raises(ValueError, match="not both"):
+        Engine(large=large_model, small=small_model, dtype=torch.float64, kv_cache_memory=10**6, kv_cache_blocks=4)
