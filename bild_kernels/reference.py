@@ -218,8 +218,11 @@ def sample_draft_ref(logits, temperature, top_k, top_p, seed, offset, fallback_t
     scaled = z / t
     filt = _filter_top_k_top_p(scaled, top_k, top_p)
     idx = torch.arange(V, device=z.device).unsqueeze(0)
-    noise = gumbel_ref(seed.unsqueeze(1), idx, offset.unsqueeze(1), PURPOSE_DRAFT_SAMPLE, 0).to(z.dtype)
-    token = _pick(filt, greedy, noise)
+    if bool(greedy.all()):  # no row samples: its random numbers would go unused
+        token = torch.argmax(filt, dim=1)
+    else:
+        noise = gumbel_ref(seed.unsqueeze(1), idx, offset.unsqueeze(1), PURPOSE_DRAFT_SAMPLE, 0).to(z.dtype)
+        token = _pick(filt, greedy, noise)
     lse_f = torch.logsumexp(filt, dim=1)
     token_probs = torch.exp(filt.gather(1, token.unsqueeze(1)).squeeze(1) - lse_f)
     max_probs = torch.exp(z.max(1).values - torch.logsumexp(z, dim=1))
@@ -320,8 +323,11 @@ def verify_draft_ref(draft_ids, target_logits, mode, rollback_threshold=None, dr
         use_resid = cut & (resid.sum(1) > 0)
         w = torch.where(use_resid.unsqueeze(1), resid, w)
     idx = torch.arange(V, device=dev).unsqueeze(0)
-    g = gumbel_ref(seed.unsqueeze(1), idx, offset.unsqueeze(1), PURPOSE_VERIFY_TOKEN, c.unsqueeze(1)).to(z.dtype)
-    emitted = torch.where(greedy, amax[rows, c], torch.argmax(torch.log(w) + g, dim=1))
+    if bool(greedy.all()):
+        emitted = amax[rows, c]
+    else:
+        g = gumbel_ref(seed.unsqueeze(1), idx, offset.unsqueeze(1), PURPOSE_VERIFY_TOKEN, c.unsqueeze(1)).to(z.dtype)
+        emitted = torch.where(greedy, amax[rows, c], torch.argmax(torch.log(w) + g, dim=1))
 
     out = torch.full((B, K1), -1, dtype=torch.int64, device=dev)
     keep = torch.arange(K1, device=dev).unsqueeze(0) < c.unsqueeze(1)

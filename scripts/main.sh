@@ -1,22 +1,14 @@
 #!/usr/bin/env bash
-# The main job (README): set everything up, then run the benchmarks — the end-to-end engine benchmark
-# (every policy vs LargeOnly vs Hugging Face) and each kernel against its reference. On a machine
-# without a GPU they run CPU-sized shapes (Triton kernels under the interpreter); on a GPU, serving shapes.
+# The main job (README): set everything up on a fresh machine, then let BiLD answer a prompt with the
+# default pair — SmolLM2-135M-Instruct (large) and its distilled draft (small) — streaming the tokens
+# and closing with tokens/s, acceptance rate, fallbacks and rollbacks. Offline; a CPU is enough.
+#   bash scripts/main.sh                       # the default prompt
+#   bash scripts/main.sh "your prompt" [bild generate options, e.g. --policy large-only]
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 . scripts/setup.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-if [ "$(python -c 'import torch; print(int(torch.cuda.is_available()))')" = "0" ]; then
-    export TRITON_INTERPRET=1
-    E2E_ARGS=(--pair tiny --tokens 32 --prompts 4 --batch-sizes 1,4)
-else
-    E2E_ARGS=(--pair llama-1b --tokens 128 --prompts 16 --batch-sizes 1,8,32)
-fi
-echo "== end to end: policies vs LargeOnly vs Hugging Face"
-python bench/bench_e2e.py "${E2E_ARGS[@]}" "$@"
-for op in write_paged_kv rollback_paged_kv gather_paged_kv sample_draft verify_draft paged_attention; do
-    echo "== bench_$op"
-    python "bench/bench_$op.py" "$@"
-done
-echo "results appended to bench/results/*.csv"
+PROMPT="${1:-Explain in a few sentences why the sky is blue.}"
+shift || true
+bild generate "$PROMPT" --max-tokens 128 "$@"

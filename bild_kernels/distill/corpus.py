@@ -25,7 +25,8 @@ def generate_corpus(model, tokenizer, prompts: list[str], *, max_new_tokens: int
                     batch_size: int = 16, seed: int = 0, log=print) -> list[list[int]]:
     """prompt + response token ids for every prompt, sampled from `model` (left-padded batches)."""
     torch.manual_seed(seed)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None))
+    stops = {tokenizer.pad_token_id, tokenizer.eos_token_id} - {None}  # generate() pads finished rows with these
     out, t0, n_tok = [], time.perf_counter(), 0
     for i in range(0, len(prompts), batch_size):
         ids = [chat_ids(tokenizer, p) for p in prompts[i:i + batch_size]]
@@ -38,7 +39,7 @@ def generate_corpus(model, tokenizer, prompts: list[str], *, max_new_tokens: int
             resp = []
             for t in row:
                 resp.append(t)
-                if t == tokenizer.eos_token_id or t == pad:
+                if t in stops:
                     break
             out.append(x + resp)
             n_tok += len(resp)

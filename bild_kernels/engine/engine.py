@@ -10,23 +10,43 @@ the same alone or beside others):
   3. commit — append accepted + emitted tokens, roll back both caches past the accepted prefix,
               finish rows that hit a stop condition and free their blocks.
 A new request's prefill is simply its first verification pass with nothing drafted.
+Policies without a small model reuse the same loop: Jacobi's guesses (the last pass's predictions,
+then prompt tokens) stand in for the draft; shallow-deep drafts with the large model's first layers
+and its verify pass runs the deep layers over every pending token (see `shallow_deep`). With
+calibrated ("auto") thresholds, each verify pass also feeds FREE's labelled pairs to the policy.
 """
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 
 import torch
 
 from bild_kernels import ops
+from bild_kernels.engine.calibration import labelled_pairs
 from bild_kernels.engine.params import SamplingParams
-from bild_kernels.engine.policies import BiLD, Policy
+from bild_kernels.engine.policies import BiLD, LargeOnly, Policy
 from bild_kernels.engine.runner import ModelRunner, load_executor
-from bild_kernels.engine.sequence import RequestOutput, Sequence, StreamChunk
+from bild_kernels.engine.sequence import Drafts, RequestOutput, Sequence, StreamChunk
+from bild_kernels.engine.shallow_deep import LayerGroups
 from bild_kernels.engine.tokenizer import Detokenizer, resolve_prompts
 
 # Draft steps of one iteration use offsets iteration * _DRAFT_STRIDE + step: distinct for every step.
 _DRAFT_STRIDE = 128
+
+
+def _recommended_policy(small) -> Policy:
+    """generate()'s policy when none is given: LargeOnly without a small model, else BiLD (with the
+    thresholds a shipped draft's manifest recommends for its pair, when it has some)."""
+    from bild_kernels.models.draft import is_draft_dir, read_manifest
+    if small is None:
+        return LargeOnly()
+    if small is not None and isinstance(small, (str, os.PathLike)) and is_draft_dir(small):
+        tuned = read_manifest(small).get("policy") or {}
+        if tuned:
+            return BiLD(**tuned)
+    return BiLD()
 
 
 class Engine:
@@ -34,8 +54,10 @@ class Engine:
 
     Parameters
     ----------
-    large, small : a Hugging Face model directory, a .gguf file, or an in-memory transformers model
-        (the small model is optional for policies that do not draft).
+    large, small : a Hugging Face model directory, a .gguf file, or an in-memory transformers model;
+        small may also be a draft directory (bild_draft.json) made for `large`. The small model is
+        optional for policies that do not draft. Neither given: the default pair, SmolLM2-135M-Instruct
+        and its distilled draft, with generate() defaulting to the BiLD thresholds tuned for it.
     device : "cpu" | "cuda". dtype : torch dtype of weights and caches (default float32 on CPU,
         bfloat16 on CUDA).
     max_batch_size : requests decoded together. max_model_len : prompt + output tokens per request.
@@ -51,7 +73,10 @@ class Engine:
                  max_batch_size: int = 8, max_model_len: int = 2048, kv_cache_blocks: int | None = None,
                  block_size: int = 16, kv_cache_memory: int | float | None = None, tokenizer=None):
         if large is None:
-            raise ValueError("large: a model is required (a model directory, a .gguf file or a transformers model)")
+            if small is not None:
+                raise ValueError("small given without large: name both models, or neither for the default pair")
+            from bild_kernels.models.default import default_pair
+            large, small = default_pair()
         for name, val, lo in (("max_batch_size", max_batch_size, 1), ("max_model_len", max_model_len, 2),
                               ("block_size", block_size, 1)):
             if isinstance(val, bool) or not isinstance(val, int) or val < lo:
@@ -67,7 +92,10 @@ class Engine:
             raise ValueError("give kv_cache_blocks or kv_cache_memory, not both")
         budget = self._memory_budget(kv_cache_memory)
         large_exec, large_tok = load_executor(large, "large", dtype, self.device)
-        small_exec, small_tok = (None, None) if small is None else load_executor(small, "small", dtype, self.device)
+        small_exec, small_tok = ((None, None) if small is None
+                                 else load_executor(small, "small", dtype, self.device, base=large_exec))
+        # A shipped draft may recommend the BiLD thresholds tuned for its pair: generate() defaults to them.
+        self.default_policy = _recommended_policy(small)
         if budget is not None:
             per_block = sum(e.kv_cache_bytes_per_block(block_size) for e in (large_exec, small_exec) if e is not None)
             kv_cache_blocks = budget // per_block
@@ -128,13 +156,39 @@ class Engine:
         """Yield the tokens of one request as they are committed; the last chunk carries the output."""
         yield from self._run([prompt], params, policy, chat_template)
 
+    def score(self, prompt: list[int], continuation: list[int]) -> list[float]:
+        """The large model's log-probability of each token of `continuation` following `prompt` (token
+        ids): one prefill pass on a free row, for quality metrics such as NLL per token."""
+        ids = list(prompt) + list(continuation)
+        if not prompt or not continuation:
+            raise ValueError("score: prompt and continuation must both be non-empty lists of token ids")
+        if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size for t in ids):
+            raise ValueError(f"score: token ids must be ints in [0, {self.vocab_size})")
+        if len(ids) > self.max_model_len:
+            raise ValueError(f"score: {len(ids)} tokens exceed max_model_len={self.max_model_len}")
+        large = self.runners["large"]
+        busy = set(large.blocks.active_rows())
+        row = next((r for r in range(self.max_batch_size) if r not in busy), None)
+        need = -(-len(ids) // self.block_size)
+        if row is None or large.num_free_blocks() < need:
+            raise ValueError("score: the engine has no free row or KV blocks right now")
+        large.add(row)
+        try:
+            logits = large.extend([row], [ids], [len(continuation) + 1])[0, :-1].float()
+        finally:
+            large.free(row)
+        logp = torch.log_softmax(logits, -1)
+        return logp.gather(1, torch.tensor(continuation, device=logp.device)[:, None])[:, 0].tolist()
+
     # ------------------------------------------------------------------------------------------
     def _check_policy(self, policy) -> Policy:
-        policy = BiLD() if policy is None else policy
+        policy = self.default_policy if policy is None else policy
         if not isinstance(policy, Policy):
             raise TypeError(f"policy must be a bild_kernels policy (BiLD, Greedy, ...), got {type(policy).__name__}")
         if policy.uses_small and "small" not in self.runners:
             raise ValueError(f"policy {policy.name!r} needs a small model, but the engine has none")
+        if policy.drafter == "shallow":
+            self._layer_groups(policy)  # checks exit_layer against the large model's depth
         return policy
 
     def _run(self, prompts, params, policy, chat_template) -> Iterator[StreamChunk]:
@@ -191,6 +245,9 @@ class Engine:
         return min(seq.params.max_tokens, self.max_model_len - seq.prompt_len)
 
     def _admission_error(self, seq: Sequence, policy: Policy) -> str | None:
+        error = policy.request_error(seq.params)
+        if error:
+            return error
         if seq.prompt_len >= self.max_model_len:
             return f"prompt has {seq.prompt_len} tokens; max_model_len={self.max_model_len} leaves no room to generate"
         if self._worst_blocks(seq, policy) > self.kv_cache_blocks:
@@ -257,9 +314,14 @@ class Engine:
             committed = self._step_small_only(running)
             self.time_split["draft"] += time.perf_counter() - t0
             return committed
-        drafts, probs = self._draft(running, policy) if policy.drafts else ([[] for _ in running], None)
+        if not policy.drafts:
+            drafts = Drafts([[] for _ in running])
+        elif policy.drafter == "guess":
+            drafts = self._guess(running, policy)
+        else:
+            drafts = self._draft(running, policy)
         t1 = time.perf_counter()
-        committed = self._verify(running, policy, drafts, probs)
+        committed = self._verify(running, policy, drafts)
         self.time_split["draft"] += t1 - t0
         self.time_split["verify"] += time.perf_counter() - t1
         return committed
@@ -277,58 +339,120 @@ class Engine:
             s.iteration += 1
         return new
 
-    def _draft(self, running: list[Sequence], policy: Policy):
-        small = self.runners["small"]
-        drafts: list[list[int]] = [[] for _ in running]
-        probs: list[list[torch.Tensor]] | None = [[] for _ in running] if policy.verify_mode == "sample" else None
+    def _draft_caps(self, running: list[Sequence], policy: Policy) -> list[int]:
         # Never draft past what the request may still generate: the emitted token comes on top.
-        caps = [min(policy.max_draft_len, self._max_new(s) - len(s.output_ids) - 1) for s in running]
+        return [min(policy.max_draft_len, self._max_new(s) - len(s.output_ids) - 1) for s in running]
+
+    def _guess(self, running: list[Sequence], policy: Policy) -> Drafts:
+        """Jacobi: no drafter; the policy guesses each row's next tokens (carried from the last pass)."""
+        return Drafts([policy.guess(s, max(c, 0)) for s, c in zip(running, self._draft_caps(running, policy))])
+
+    def _layer_groups(self, policy: Policy) -> LayerGroups:
+        if getattr(self, "_groups", None) is None or self._groups.exit_layer != policy.exit_layer:
+            self._groups = LayerGroups(self.runners["large"], policy.exit_layer)
+        return self._groups
+
+    def _draft(self, running: list[Sequence], policy: Policy) -> Drafts:
+        """Autoregressive drafting by the small model, or by the large model's shallow layers."""
+        shallow = policy.drafter == "shallow"
+        key = "large" if shallow else "small"
+        drafts: list[list[int]] = [[] for _ in running]
+        out = Drafts(drafts, probs=[[] for _ in running] if policy.verify_mode == "sample" else None)
+        if policy.calibration is not None:
+            out.confidences, out.unsure = [[] for _ in running], [None] * len(running)
+        caps = self._draft_caps(running, policy)
+        fallback_threshold = policy.thresholds()[0]
+        energy = policy.fallback_signal == "energy"
         active = [i for i, c in enumerate(caps) if c > 0]
         step = 0
         while active:
             seqs = [running[i] for i in active]
-            toks = [(s.tokens + drafts[i])[s.cached["small"]:] for i, s in zip(active, seqs)]
-            logits = small.extend([s.row for s in seqs], toks, [1] * len(seqs))[:, 0]  # [n, V]
+            rows = [s.row for s in seqs]
+            toks = [(s.tokens + drafts[i])[s.cached[key]:] for i, s in zip(active, seqs)]
+            if shallow:
+                logits, hidden = self._layer_groups(policy).shallow(rows, toks, [1] * len(seqs))
+                for s, h in zip(seqs, hidden):
+                    s.hidden.append(h)
+            else:
+                logits = self.runners["small"].extend(rows, toks, [1] * len(seqs))
+            logits = logits[:, 0]  # [n, V]
             for i, s in zip(active, seqs):
-                s.cached["small"] = len(s.tokens) + len(drafts[i])
+                s.cached[key] = len(s.tokens) + len(drafts[i])
                 s.metrics.small_steps += 1
             sp = self._sampling(seqs, [s.iteration * _DRAFT_STRIDE + step for s in seqs])
-            res = ops.sample_draft(logits, fallback_threshold=policy.fallback_threshold, **sp)
-            row_probs = ops.filtered_probs(logits, sp["temperature"], sp["top_k"], sp["top_p"]) if probs else None
+            res = ops.sample_draft(logits, fallback_threshold=0.0 if energy else fallback_threshold, **sp)
+            # E-LANG: a high energy -T logsumexp(z/T) marks a hard token; BiLD: a low max probability.
+            unsure = (res.energies > fallback_threshold) if energy else res.fallback
+            row_probs = ops.filtered_probs(logits, sp["temperature"], sp["top_k"], sp["top_p"]) if out.probs else None
+            confs = res.max_probs.tolist() if out.confidences is not None else None
             still = []
-            for j, (i, tok, fb) in enumerate(zip(active, res.token_ids.tolist(), res.fallback.tolist())):
-                if fb:  # the small model is unsure: its token is discarded and the large model takes over
+            for j, (i, tok, fb) in enumerate(zip(active, res.token_ids.tolist(), unsure.tolist())):
+                if fb:  # the drafter is unsure: its token is discarded and the large model takes over
                     running[i].metrics.fallbacks += 1
+                    if confs is not None:
+                        out.unsure[i] = (tok, confs[j])
                     continue
                 drafts[i].append(tok)
-                if probs is not None:
-                    probs[i].append(row_probs[j])
+                if out.probs is not None:
+                    out.probs[i].append(row_probs[j])
+                if confs is not None:
+                    out.confidences[i].append(confs[j])
                 if len(drafts[i]) < caps[i]:
                     still.append(i)
             active = still
             step += 1
-        return drafts, probs
+        return out
 
-    def _verify(self, running: list[Sequence], policy: Policy, drafts, probs) -> list[list[int]]:
-        large = self.runners["large"]
-        K = max(len(d) for d in drafts)
-        toks = [s.tokens[s.cached["large"]:] + d for s, d in zip(running, drafts)]
-        target_logits = large.extend([s.row for s in running], toks, [len(d) + 1 for d in drafts])  # [B, K+1, V]
+    def _target_logits(self, running: list[Sequence], policy: Policy, drafts: list[list[int]]) -> torch.Tensor:
+        """One pass of the large model over every row's uncached tokens + draft: [B, K+1, V]."""
+        rows = [s.row for s in running]
+        if policy.drafter != "shallow":
+            toks = [s.tokens[s.cached["large"]:] + d for s, d in zip(running, drafts)]
+            target_logits = self.runners["large"].extend(rows, toks, [len(d) + 1 for d in drafts])
+        else:
+            groups = self._layer_groups(policy)
+            # The shallow group first catches up on what it has not seen (a prompt, a capped run's last draft)...
+            behind = [i for i, (s, d) in enumerate(zip(running, drafts)) if s.cached["large"] < len(s.tokens) + len(d)]
+            if behind:
+                toks = [(running[i].tokens + drafts[i])[running[i].cached["large"]:] for i in behind]
+                _, hidden = groups.shallow([rows[i] for i in behind], toks, [0] * len(behind))
+                for i, h in zip(behind, hidden):
+                    running[i].hidden.append(h)
+            # ...then the deep layers run once over every token whose deep KV is pending.
+            target_logits = groups.deep(rows, [s.hidden for s in running], [s.cached["deep"] for s in running],
+                                        [len(d) + 1 for d in drafts])
+            for s, d in zip(running, drafts):
+                s.cached["deep"] = len(s.tokens) + len(d)
+                s.hidden = []
         for s, d in zip(running, drafts):
             s.cached["large"] = len(s.tokens) + len(d)
             s.metrics.large_passes += 1
+        return target_logits
+
+    def _verify(self, running: list[Sequence], policy: Policy, drafts: Drafts) -> list[list[int]]:
+        draft_tokens = drafts.tokens
+        K = max(len(d) for d in draft_tokens)
+        target_logits = self._target_logits(running, policy, draft_tokens)  # [B, K+1, V]
         draft_ids = torch.full((len(running), K), -1, dtype=torch.int64)
-        for i, d in enumerate(drafts):
+        for i, d in enumerate(draft_tokens):
             draft_ids[i, :len(d)] = torch.tensor(d, dtype=torch.int64)
         kw = self._sampling(running, [s.iteration for s in running])
         if policy.verify_mode == "bild":
-            kw["rollback_threshold"] = policy.rollback_threshold
+            kw["rollback_threshold"] = policy.thresholds()[1]
         if policy.verify_mode == "sample":
-            kw["draft_probs"] = ops.pack_draft_probs(probs, K, self.vocab_size, target_logits)
+            kw["draft_probs"] = ops.pack_draft_probs(drafts.probs, K, self.vocab_size, target_logits)
         res = ops.verify_draft(draft_ids.to(self.device), target_logits, policy.verify_mode, **kw)
         num_accepted, out_ids = res.num_accepted.tolist(), res.output_ids.tolist()
+        # The large model's argmax at every position: Jacobi's next guesses, calibration's labels.
+        argmax = None
+        if policy.drafter == "guess" or policy.calibration is not None:
+            B, K1, V = target_logits.shape
+            argmax = ops.sample_draft(target_logits.reshape(B * K1, V)).token_ids.view(B, K1).tolist()
+        if policy.calibration is not None:
+            policy.calibration.observe(*labelled_pairs(draft_tokens, drafts.confidences, drafts.unsure, argmax,
+                                                       res.distances.tolist()))
         committed, rollbacks = [], {name: ([], []) for name in self.runners}
-        for s, d, a, out in zip(running, drafts, num_accepted, out_ids):
+        for i, (s, d, a, out) in enumerate(zip(running, draft_tokens, num_accepted, out_ids)):
             new = out[:a + 1]
             if d:
                 m = s.metrics
@@ -336,9 +460,12 @@ class Engine:
                 m.accepted_tokens += a
                 m.accepted_lengths[a] += 1
                 m.rollbacks += a < len(d)
+            if policy.drafter == "guess":  # Jacobi: predictions past the emitted token become the next guesses
+                s.guesses = argmax[i][a + 1:len(d) + 1]
             valid = len(s.tokens) + a  # cached tokens still on the committed path
             s.tokens += new
             s.iteration += 1
+            s.cached["deep"] = min(s.cached["deep"], valid)
             for name in self.runners:
                 if s.cached[name] > valid:
                     rollbacks[name][0].append(s.row)

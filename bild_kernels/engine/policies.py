@@ -4,7 +4,12 @@ the engine executes. Every policy is a frozen dataclass validated on constructio
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import random
+from dataclasses import dataclass, field
+
+from bild_kernels.engine.calibration import Calibration
+
+FALLBACK_SIGNALS = ("max_prob", "energy")
 
 
 class Policy:
@@ -12,11 +17,24 @@ class Policy:
 
     name = "policy"
     uses_small = False  # the engine needs a small model
-    drafts = False  # the small model drafts runs that the large model verifies
+    drafts = False  # something drafts runs that the large model verifies
+    drafter = "small"  # "small": the small model; "guess": Jacobi's guesses; "shallow": the large model's first layers
     verify_mode = "greedy"  # bild_kernels.ops.verify_draft mode ("greedy" samples the emitted token when T > 0)
     max_draft_len = 0
+    fallback_signal = "max_prob"  # "max_prob": unsure when max p < threshold; "energy": when energy > threshold
     fallback_threshold = 0.0
     rollback_threshold = 0.0
+    calibration: Calibration | None = None  # online thresholds (FREE), None when they are fixed
+
+    def thresholds(self) -> tuple[float, float]:
+        """The (fallback, rollback) thresholds to use now: fixed, or the calibration's current ones."""
+        if self.calibration is not None:
+            return self.calibration.fallback_threshold, self.calibration.rollback_threshold
+        return self.fallback_threshold, self.rollback_threshold
+
+    def request_error(self, params) -> str | None:
+        """Why this policy cannot serve a request with these SamplingParams (None: it can)."""
+        return None
 
 
 def _check_draft_len(n) -> None:
@@ -39,29 +57,78 @@ class SmallOnly(Policy):
     uses_small = True
 
 
+def _is_real(x) -> bool:
+    return not isinstance(x, bool) and isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def _check_int(name: str, n, lo: int) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or n < lo:
+        raise ValueError(f"{name} must be an int >= {lo}, got {n!r}")
+
+
 @dataclass(frozen=True)
 class BiLD(Policy):
-    """Big Little Decoder (Kim et al. 2023). The small model drafts until its max probability drops
-    below `fallback_threshold` (that unsure token is discarded) or `max_draft_len` tokens; the large
-    model then rolls back at the first drafted token whose distance -log p_L exceeds
-    `rollback_threshold` and is not its own choice. rollback_threshold -> 0 with greedy decoding
-    reproduces the large model's greedy output."""
+    """Big Little Decoder (Kim et al. 2023). The small model drafts until it is unsure (that token is
+    discarded) or `max_draft_len` tokens; the large model then rolls back at the first drafted token
+    whose distance -log p_L exceeds `rollback_threshold` and is not its own choice.
+    rollback_threshold -> 0 with greedy decoding reproduces the large model's greedy output.
 
-    fallback_threshold: float = 0.6
-    rollback_threshold: float = 5.0
+    fallback_signal: "max_prob" (BiLD: unsure when max p_S < fallback_threshold, in [0, 1]; default
+    0.6) or "energy" (E-LANG: unsure when -T logsumexp(z/T) > fallback_threshold, a real number,
+    typically negative; no default, its scale depends on the model; T is the request's temperature, 1
+    when greedy, as in `sample_draft`).
+    "auto" thresholds (FREE, max_prob only): calibrated online from the (confidence, agreed) pairs of
+    every verification pass so that P(agree | confidence = threshold) > `target`; refit every
+    `refit_every` new pairs on the last `buffer_size`, frozen after `max_updates` fits. They start at
+    0.6 / 5.0, and `calibration` shows their current values. Calibrated thresholds are shared by every
+    request the policy serves, so a request's output then depends on what ran before it."""
+
+    fallback_threshold: float | str | None = None
+    rollback_threshold: float | str = 5.0
     max_draft_len: int = 10
+    fallback_signal: str = "max_prob"
+    target: float = 0.9
+    refit_every: int = 256
+    buffer_size: int = 4096
+    max_updates: int = 50
+    calibration: Calibration | None = field(default=None, init=False, repr=False, compare=False)
     name = "bild"
     uses_small = True
     drafts = True
     verify_mode = "bild"
 
     def __post_init__(self):
-        f, r = self.fallback_threshold, self.rollback_threshold
-        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f <= 1.0:
-            raise ValueError(f"fallback_threshold must be in [0, 1], got {f!r}")
-        if isinstance(r, bool) or not isinstance(r, (int, float)) or math.isnan(r) or r < 0:
-            raise ValueError(f"rollback_threshold must be >= 0, got {r!r}")
+        f, r, sig = self.fallback_threshold, self.rollback_threshold, self.fallback_signal
+        if sig not in FALLBACK_SIGNALS:
+            raise ValueError(f"fallback_signal must be one of {FALLBACK_SIGNALS}, got {sig!r}")
+        if f is None:
+            if sig == "energy":
+                raise ValueError("fallback_signal='energy' needs an explicit fallback_threshold (a real number, "
+                                 "typically negative: the energy -T*logsumexp(z/T) above which a token is hard)")
+            object.__setattr__(self, "fallback_threshold", f := 0.6)
+        if f == "auto":
+            if sig != "max_prob":
+                raise ValueError("fallback_threshold='auto' calibrates a probability: "
+                                 "it needs fallback_signal='max_prob'")
+        elif sig == "max_prob" and not (_is_real(f) and 0.0 <= f <= 1.0):
+            raise ValueError(f"fallback_threshold must be in [0, 1] (or 'auto') for fallback_signal='max_prob', "
+                             f"got {f!r}")
+        elif sig == "energy" and not _is_real(f):
+            raise ValueError(f"fallback_threshold must be a finite real number for fallback_signal='energy', got {f!r}")
+        if r != "auto" and not (_is_real(r) and r >= 0):
+            raise ValueError(f"rollback_threshold must be >= 0 (or 'auto'), got {r!r}")
         _check_draft_len(self.max_draft_len)
+        t = self.target
+        if not (_is_real(t) and 0.0 < t < 1.0):
+            raise ValueError(f"target must be a probability in (0, 1), got {t!r}")
+        _check_int("refit_every", self.refit_every, 1)
+        _check_int("buffer_size", self.buffer_size, 2)
+        _check_int("max_updates", self.max_updates, 1)
+        if "auto" in (f, r):
+            object.__setattr__(self, "calibration", Calibration(
+                fallback=f == "auto", rollback=r == "auto", fallback_threshold=0.6 if f == "auto" else f,
+                rollback_threshold=5.0 if r == "auto" else r, target=t, refit_every=self.refit_every,
+                buffer_size=self.buffer_size, max_updates=self.max_updates))
 
 
 @dataclass(frozen=True)
@@ -90,4 +157,67 @@ class SpeculativeSampling(Policy):
     verify_mode = "sample"
 
     def __post_init__(self):
+        _check_draft_len(self.max_draft_len)
+
+
+@dataclass(frozen=True)
+class Jacobi(Policy):
+    """CLLM's Jacobi decoding (Kou et al. 2024), no small model. Each pass feeds the large model the
+    last committed token followed by `block_size` guesses; the longest prefix of guesses that equal its
+    argmax is kept (the fixed-point condition), plus its argmax after them, and its predictions past
+    that point are carried as the next pass's first guesses. Fresh guesses are tokens drawn from the
+    prompt. The output is exactly the large model's greedy output; only greedy requests are served."""
+
+    block_size: int = 8
+    name = "jacobi"
+    drafts = True
+    drafter = "guess"
+    verify_mode = "greedy"
+
+    def __post_init__(self):
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or not 1 <= self.block_size <= 64:
+            raise ValueError(f"block_size must be an int in [1, 64], got {self.block_size!r}")
+
+    @property
+    def max_draft_len(self) -> int:
+        return self.block_size
+
+    def guess(self, seq, n: int) -> list[int]:
+        """Up to n guesses: the carried predictions, then prompt tokens drawn with the request's seed."""
+        carried = seq.guesses[:n]
+        rng = random.Random(seq.params.seed * 1_000_003 + seq.iteration)
+        prompt = seq.tokens[:seq.prompt_len]
+        return carried + [rng.choice(prompt) for _ in range(n - len(carried))]
+
+    def request_error(self, params) -> str | None:
+        if params.temperature > 0:
+            return f"Jacobi decoding is greedy: temperature must be 0, got {params.temperature}"
+        return None
+
+
+@dataclass(frozen=True)
+class ShallowDeep(Policy):
+    """FREE's shallow-deep decoding (Bae et al. 2023), no small model: the large model's first
+    `exit_layer` layers with its final norm and head draft while their max probability is at least
+    `fallback_threshold` (at most `max_draft_len` tokens); drafted tokens leave their deep-layer KV
+    pending, and the verification pass runs the deep layers once over every pending token
+    (synchronized parallel decoding). Verification uses BiLD's rollback rule; the default
+    rollback_threshold=0 with greedy decoding gives exactly the large model's greedy output."""
+
+    exit_layer: int
+    fallback_threshold: float = 0.6
+    rollback_threshold: float = 0.0
+    max_draft_len: int = 8
+    name = "shallow-deep"
+    drafts = True
+    drafter = "shallow"
+    verify_mode = "bild"
+
+    def __post_init__(self):
+        _check_int("exit_layer", self.exit_layer, 1)
+        f, r = self.fallback_threshold, self.rollback_threshold
+        if not (_is_real(f) and 0.0 <= f <= 1.0):
+            raise ValueError(f"fallback_threshold must be in [0, 1], got {f!r}")
+        if not (_is_real(r) and r >= 0):
+            raise ValueError(f"rollback_threshold must be >= 0, got {r!r}")
         _check_draft_len(self.max_draft_len)

@@ -12,9 +12,10 @@ from bild_kernels.engine.block_manager import BlockManager
 from bild_kernels.models import AttentionMetadata, load_model
 
 
-def load_executor(spec, role: str, dtype: torch.dtype, device: torch.device):
-    """(executor, tokenizer or None) from a model directory, a .gguf file or an in-memory HF model."""
-    return load_model(spec, dtype=dtype, device=device, role=role)
+def load_executor(spec, role: str, dtype: torch.dtype, device: torch.device, base=None):
+    """(executor, tokenizer or None) from a model directory, a .gguf file, an in-memory HF model, or a
+    draft directory that borrows `base`'s embedding and head."""
+    return load_model(spec, dtype=dtype, device=device, role=role, base=base)
 
 
 class ModelRunner:

@@ -34,6 +34,11 @@ class RequestMetrics:
         return sum(k * c for k, c in self.accepted_lengths.items()) / n if n else 0.0
 
     @property
+    def iterations_per_token(self) -> float:
+        """Large-model passes per generated token (1.0 for plain decoding; lower is better)."""
+        return self.large_passes / self.generated_tokens if self.generated_tokens else 0.0
+
+    @property
     def wall_time(self) -> float:
         return max(self.end_time - self.start_time, 0.0)
 
@@ -50,6 +55,7 @@ class RequestMetrics:
             "mean_accepted_length": round(self.mean_accepted_length, 4),
             "accepted_length_histogram": dict(sorted(self.accepted_lengths.items())),
             "fallbacks": self.fallbacks, "rollbacks": self.rollbacks,
+            "iterations_per_token": round(self.iterations_per_token, 4),
             "wall_time_s": round(self.wall_time, 6), "tokens_per_s": round(self.tokens_per_s, 2),
         }
 
@@ -66,6 +72,16 @@ class RequestMetrics:
             total.start_time = min(m.start_time for m in items)
             total.end_time = max(m.end_time for m in items)
         return total
+
+
+@dataclass
+class Drafts:
+    """What one draft phase hands to verification, per running sequence (metadata, not state)."""
+
+    tokens: list[list[int]]  # drafted (or guessed) ids
+    probs: list[list] | None = None  # speculative sampling: the [V] distributions the drafts came from
+    confidences: list[list[float]] | None = None  # calibration: max p_S of each drafted token
+    unsure: list[tuple[int, float] | None] | None = None  # calibration: the discarded token, its max p_S
 
 
 @dataclass
@@ -104,7 +120,10 @@ class Sequence:
         self.tokens = list(prompt_ids)
         self.params = params
         self.row = -1  # row in the block tables, -1 while waiting
-        self.cached = {"large": 0, "small": 0}
+        # Shallow-deep decoding: "large" counts the shallow layer group, "deep" the deep one.
+        self.cached = {"large": 0, "small": 0, "deep": 0}
+        self.hidden: list = []  # shallow-deep: residual streams entering the deep layers, of the pending tokens
+        self.guesses: list[int] = []  # Jacobi: the last pass's predictions past the committed tokens
         self.iteration = 0  # verification rounds so far: addresses this request's random numbers
         self.finish_reason: str | None = None
         self.metrics = RequestMetrics(prompt_tokens=len(prompt_ids), start_time=time.perf_counter())

@@ -45,9 +45,12 @@ class LlamaExecutor:
     `model.` prefix is optional), already in the dtype and on the device to run in.
     backend: kernel backend for the cache writes and attention ("triton", "ref", or None: the default
     for the device; float64 always uses the reference).
+    head_vocab: optional sorted token ids [n] that the head scores (a draft model's reduced vocabulary:
+    the head's cost drops by V/n); logits stay [*, V], with -inf for every other token.
     """
 
-    def __init__(self, config: ModelConfig, weights: Mapping[str, torch.Tensor], *, backend: str | None = None):
+    def __init__(self, config: ModelConfig, weights: Mapping[str, torch.Tensor], *, backend: str | None = None,
+                 head_vocab: torch.Tensor | None = None):
         self.config = config
         w = {k[len("model."):] if k.startswith("model.") else k: v for k, v in weights.items()}
         take = _Taker(w)
@@ -59,6 +62,10 @@ class LlamaExecutor:
             self.lm_head = self.embed
         else:
             self.lm_head = take("lm_head.weight", (c.vocab_size, c.hidden_size))
+        self.head_vocab = None
+        if head_vocab is not None:
+            self.head_vocab = _check_head_vocab(head_vocab, c.vocab_size).to(self.device)
+            self.lm_head = self.lm_head[self.head_vocab]  # a copy of n rows; the embedding stays shared
         H, Hq, Hkv, D, I = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size
         self.layers = []
         for i in range(c.num_layers):
@@ -145,6 +152,9 @@ class LlamaExecutor:
             x = self._layer(i, x, cos, sin, meta, kv_caches[i], write_kv, slot_mapping)
         rows = x if logits_indices is None else x[logits_indices]
         logits = F.linear(self._rms_norm(rows, self.norm), self.lm_head)
+        if self.head_vocab is not None:
+            full = logits.new_full((logits.shape[0], self.config.vocab_size), float("-inf"))
+            logits = full.index_copy_(1, self.head_vocab, logits)
         return (logits, x) if return_hidden else logits
 
     __call__ = forward
@@ -191,6 +201,16 @@ class LlamaExecutor:
         if not 0 <= start < end <= n:
             raise ValueError(f"layers: need 0 <= start < end <= {n}, got ({start}, {end})")
         return start, end
+
+
+def _check_head_vocab(ids, vocab_size: int) -> torch.Tensor:
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError("head_vocab must be a 1-D int tensor of token ids")
+    if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= vocab_size:
+        raise ValueError(f"head_vocab must hold token ids in [0, {vocab_size}), got {ids.numel()} ids")
+    if ids.numel() > 1 and not bool((ids[1:] > ids[:-1]).all()):
+        raise ValueError("head_vocab must be sorted and free of duplicates")
+    return ids.to(torch.int64)
 
 
 def _rotate(x, cos, sin):

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from bild_kernels.models.config import ModelConfig
+from bild_kernels.models.draft import is_draft_dir, load_draft
 from bild_kernels.models.llama import LlamaExecutor
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -20,13 +21,15 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"
 
 
 def load_model(source, *, dtype=None, device="cpu", backend: str | None = None, gguf_file: str | None = None,
-               role: str | None = None):
+               role: str | None = None, base: LlamaExecutor | None = None):
     """(executor, tokenizer or None) for `source`.
 
     source: a model directory (config.json + *.safetensors), a .gguf file (or a directory with
     `gguf_file=` naming one in it), or a transformers PreTrainedModel.
     dtype: float32 / bfloat16 / float16 / float64 (a torch.dtype or its name); None keeps the
     checkpoint's (a directory's config dtype, an in-memory model's parameters; float32 for GGUF).
+    A draft directory (bild_draft.json, see bild_kernels.models.draft) borrows the embedding and head of
+    `base`, the already loaded large model.
     Raises FileNotFoundError for a missing path, ValueError for an unsupported architecture or an
     unreadable checkpoint, naming `role` ("large", "small") when given.
     """
@@ -46,6 +49,8 @@ def load_model(source, *, dtype=None, device="cpu", backend: str | None = None, 
         return _from_gguf(gguf_dir, name, dtype, device, backend, who)
     if not path.is_dir():
         raise ValueError(f"{who}: {str(path)!r} is neither a model directory nor a .gguf file")
+    if is_draft_dir(path):
+        return load_draft(path, base, dtype=dtype, device=device, backend=backend, who=who), None
     return _from_dir(path, dtype, device, backend, who), _tokenizer(path)
 
 
@@ -125,12 +130,22 @@ def _from_gguf(directory: Path, name: str, dtype, device, backend, who):
         import gguf  # noqa: F401
     except ImportError:
         raise ImportError(f"{who}: reading GGUF needs the `gguf` package (pip install gguf accelerate)") from None
+    from transformers.utils import logging as hf_logging
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # dequantisation bars would clutter a CLI's output
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils  # its bar ignores the switch above
+    bar = getattr(gguf_utils, "tqdm", None)
+    gguf_utils.tqdm = lambda it, *a, **k: it
     try:
         model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name)
+        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
     except (ValueError, KeyError, OSError, RuntimeError) as exc:
         raise ValueError(f"{who}: cannot load GGUF {str(directory / name)!r}: {exc}") from None
+    finally:
+        gguf_utils.tqdm = bar
+        if bars:
+            hf_logging.enable_progress_bar()
     executor = _from_module(model, dtype or torch.float32, device, backend, who)
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
     return executor, tokenizer
 
 

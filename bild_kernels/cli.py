@@ -1,0 +1,377 @@
+"""`bild`: generate, benchmark, evaluate and distil from the command line.
+
+  bild generate "prompt"     stream a reply from the default pair (or --large/--small) with BiLD
+  bild eval                  quality and speed of policies vs the large model alone on held-out prompts
+  bild bench                 speed only: policies vs LargeOnly vs Hugging Face generate / assisted generation
+  bild distill --out DIR     train a draft model for a large model and write a shippable draft directory
+
+Bad input (an unknown model path, an unreadable GGUF, a pair with different tokenizers, an empty
+prompt, a parameter out of range) ends with one line on stderr and exit status 2, never a traceback
+(BILD_DEBUG=1 shows it).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import time
+from pathlib import Path
+
+POLICY_NAMES = ("bild", "greedy", "sampling", "large-only", "small-only", "jacobi", "shallow-deep")
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for: reported as one line, exit status 2."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# shared options
+# ---------------------------------------------------------------------------------------------------
+def _model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("models")
+    g.add_argument("--large", help="large model: HF directory or .gguf file (default: SmolLM2-135M-Instruct)")
+    g.add_argument("--small", help="small model: HF directory, .gguf, or draft directory (default: the shipped "
+                                   "draft when --large is not given; none otherwise)")
+    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    g.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: float32 on CPU, bf16 on CUDA)")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
+
+
+def _policy_args(p: argparse.ArgumentParser, default_policy: str | None = "bild") -> None:
+    g = p.add_argument_group("policy")
+    g.add_argument("--policy", default=default_policy, choices=POLICY_NAMES)
+    g.add_argument("--fallback-threshold", type=float, default=None, help="BiLD: draft while max prob >= this")
+    g.add_argument("--rollback-threshold", type=float, default=None, help="BiLD: reject drafts with -log p_L > this")
+    g.add_argument("--max-draft-len", type=int, default=None)
+    g.add_argument("--fallback-signal", default=None, choices=("max_prob", "energy"),
+                   help="BiLD: max_prob (the paper's) or energy (E-LANG: unsure when energy > threshold)")
+    g.add_argument("--block-size", type=int, default=None, help="jacobi: guesses per pass")
+    g.add_argument("--exit-layer", type=int, default=None, help="shallow-deep: layers of the large model that draft")
+
+
+def _engine(args, *, max_batch_size: int = 1, max_model_len: int = 1024):
+    import torch
+
+    from bild_kernels import Engine
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from bild_kernels.models.loader import DTYPES
+    if args.dtype is not None and args.dtype not in DTYPES:
+        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
+    dtype = DTYPES[args.dtype] if args.dtype else None
+    if args.small and not args.large:
+        raise UsageError("--small needs --large (the default draft belongs to the default large model)")
+    return Engine(large=args.large, small=args.small, device=device, dtype=dtype, max_batch_size=max_batch_size,
+                  max_model_len=max_model_len)
+
+
+def _policy(args, engine):
+    from bild_kernels import BiLD, Greedy, LargeOnly, SmallOnly, SpeculativeSampling
+    from bild_kernels.engine.policies import Jacobi, ShallowDeep
+    name = args.policy
+    if name is None:  # the engine's default, unless BiLD's knobs were given
+        if all(getattr(args, a) is None for a in ("fallback_threshold", "rollback_threshold", "max_draft_len",
+                                                  "fallback_signal")):
+            return engine.default_policy
+        name = "bild"
+    k = {} if args.max_draft_len is None else {"max_draft_len": args.max_draft_len}
+    own = {"bild": ("fallback_threshold", "rollback_threshold", "fallback_signal"), "jacobi": ("block_size",),
+           "shallow-deep": ("fallback_threshold", "rollback_threshold", "exit_layer")}.get(name, ())
+    for a in ("fallback_threshold", "rollback_threshold", "fallback_signal", "block_size", "exit_layer"):
+        if getattr(args, a) is not None and a not in own:
+            raise UsageError(f"--{a.replace('_', '-')} does not apply to --policy {name}")
+    if name == "bild":
+        base = engine.default_policy if isinstance(engine.default_policy, BiLD) else BiLD()
+        signal = args.fallback_signal or "max_prob"
+        if signal == "energy" and args.fallback_threshold is None:
+            raise UsageError("--fallback-signal energy needs --fallback-threshold (an energy, e.g. -20)")
+        return BiLD(fallback_threshold=(base.fallback_threshold if args.fallback_threshold is None
+                                        else args.fallback_threshold),
+                    rollback_threshold=(base.rollback_threshold if args.rollback_threshold is None
+                                        else args.rollback_threshold),
+                    max_draft_len=k.get("max_draft_len", base.max_draft_len), fallback_signal=signal)
+    if name == "jacobi":
+        return Jacobi() if args.block_size is None else Jacobi(block_size=args.block_size)
+    if name == "shallow-deep":
+        if args.exit_layer is None:
+            raise UsageError("--policy shallow-deep needs --exit-layer")
+        kw = {a: getattr(args, a) for a in ("fallback_threshold", "rollback_threshold") if getattr(args, a) is not None}
+        return ShallowDeep(exit_layer=args.exit_layer, **kw, **k)
+    return {"greedy": lambda: Greedy(**k), "sampling": lambda: SpeculativeSampling(**k),
+            "large-only": LargeOnly, "small-only": SmallOnly}[name]()
+
+
+# ---------------------------------------------------------------------------------------------------
+# bild generate
+# ---------------------------------------------------------------------------------------------------
+def cmd_generate(args) -> int:
+    from bild_kernels import SamplingParams
+    from bild_kernels.evaluate import describe
+    prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
+    if not prompt.strip():
+        raise UsageError("the prompt is empty")
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed)
+    t_load = time.perf_counter()
+    engine = _engine(args, max_model_len=args.max_model_len)
+    policy = _policy(args, engine)
+    chat = not args.no_chat_template and bool(getattr(engine.tokenizer, "chat_template", None))
+    load_s = time.perf_counter() - t_load
+    out = None
+    for chunk in engine.stream(prompt, params, policy=policy, chat_template=chat):
+        if chunk.output is not None and chunk.output.error:
+            raise UsageError(chunk.output.error)
+        sys.stdout.write(chunk.text)
+        sys.stdout.flush()
+        out = chunk.output or out
+    sys.stdout.write("\n")
+    m = out.metrics
+    line = (f"[{describe(policy)}] {m.generated_tokens} tokens in {m.wall_time:.2f} s = {m.tokens_per_s:.1f} tokens/s"
+            f" | large passes {m.large_passes}")
+    if policy.drafts:
+        line += (f" | acceptance {m.acceptance_rate:.0%}, mean accepted {m.mean_accepted_length:.2f}"
+                 f" | fallbacks {m.fallbacks} | rollbacks {m.rollbacks}")
+    print(line + f" | models loaded in {load_s:.1f} s", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# bild eval / bild bench
+# ---------------------------------------------------------------------------------------------------
+def _grid(text: str, name: str) -> list[float]:
+    try:
+        vals = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"{name} must be comma-separated numbers, got {text!r}") from None
+    if not vals:
+        raise UsageError(f"{name} is empty")
+    return vals
+
+
+def _eval_prompts(engine, n: int) -> list[list[int]]:
+    from bild_kernels.distill.corpus import chat_ids
+    from bild_kernels.distill.prompts import held_out_prompts
+    if engine.tokenizer is None:
+        raise UsageError("the large model has no tokenizer: evaluation needs one to encode its prompts")
+    prompts = held_out_prompts()
+    if not 1 <= n <= len(prompts):
+        raise UsageError(f"--prompts must be in [1, {len(prompts)}], got {n}")
+    return [chat_ids(engine.tokenizer, p) for p in prompts[:n]]
+
+
+def _eval_policies(args, engine) -> list:
+    from bild_kernels import BiLD, Greedy
+    pols = []
+    if engine.runners.get("small") is None:
+        raise UsageError("evaluation compares draft policies: it needs a small model (--small)")
+    pols.append(Greedy(max_draft_len=args.greedy_draft_len))
+    pols.append(engine.default_policy if isinstance(engine.default_policy, BiLD) else BiLD())
+    if getattr(args, "sweep", False):
+        for f in _grid(args.fallback_grid, "--fallback-grid"):
+            for r in _grid(args.rollback_grid, "--rollback-grid"):
+                p = BiLD(fallback_threshold=f, rollback_threshold=r, max_draft_len=args.max_draft_len or 10)
+                if p not in pols:
+                    pols.append(p)
+    return pols
+
+
+def _write_csv(path: str | None, rows: list[dict], extra: dict) -> None:
+    if not path:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fields = list(extra) + list(rows[0])
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        if new:
+            w.writeheader()
+        for r in rows:
+            w.writerow({**extra, **r})
+    print(f"rows appended to {path}", file=sys.stderr)
+
+
+def _run_info(engine) -> dict:
+    import datetime
+    import platform
+
+    import torch
+    dev = engine.device
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{platform.processor() or 'cpu'} x{os.cpu_count()}"
+    return {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "device": name,
+            "threads": torch.get_num_threads(), "rev": _git_rev()}
+
+
+def _git_rev() -> str:
+    import subprocess
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        from bild_kernels import __version__
+        return __version__
+
+
+def cmd_eval(args) -> int:
+    from bild_kernels.evaluate import evaluate, format_table, plot_tradeoff
+    engine = _engine(args, max_batch_size=max(args.batch, 1), max_model_len=1024)
+    prompts = _eval_prompts(engine, args.prompts)
+    policies = _eval_policies(args, engine)
+    rows = []
+    bar = _progress(len(policies) + 1, "eval")
+    rows = [r.as_dict() for r in evaluate(engine, prompts, policies, batch=args.batch, max_tokens=args.max_tokens,
+                                          progress=lambda r: bar.update(1))]
+    bar.close()
+    if args.hf:
+        rows += [r for r in _hf_rows(args, engine, prompts, rows[0]) if r]
+    cols = ["policy", "batch", "tokens_per_s", "speedup", "exact_match", "rouge_l", "nll", "nll_ratio",
+            "acceptance", "mean_accepted", "fallbacks", "rollbacks"]
+    print(format_table(rows, cols))
+    _write_csv(args.out, rows, _run_info(engine))
+    if args.plot:
+        plot_tradeoff(rows[1:], args.plot, title=f"BiLD trade-off on {len(prompts)} held-out prompts, batch {args.batch}")
+        print(f"plot written to {args.plot}", file=sys.stderr)
+    return 0
+
+
+def _hf_rows(args, engine, prompts, base_row) -> list[dict]:
+    """HF generate (large alone) and HF assisted generation with the same pair, batch 1, greedy."""
+    from bild_kernels.evaluate import rouge_l
+    from bild_kernels.hf import hf_pair
+    large, small = hf_pair(args.large, args.small)
+    base_tps = base_row["tokens_per_s"]
+    rows, ref = [], None
+    for name, assistant, conf in (("hf generate", None, None), ("hf assisted", small, None),
+                                  ("hf assisted conf=0.4", small, 0.4)):
+        outs, wall = _hf_generate(large, prompts, args.max_tokens, assistant, conf)
+        ref = outs if ref is None else ref
+        toks = sum(len(o) for o in outs)
+        nll = sum(-sum(engine.score(p, o)) for p, o in zip(prompts, outs) if o) / max(toks, 1)
+        rows.append({"policy": name, "batch": 1, "prompts": len(prompts), "tokens": toks,
+                     "tokens_per_s": round(toks / wall, 4), "speedup": round(toks / wall / base_tps, 4),
+                     "exact_match": round(sum(a == b for a, b in zip(outs, ref)) / len(outs), 4),
+                     "rouge_l": round(sum(rouge_l(a, b) for a, b in zip(outs, ref)) / len(outs), 4),
+                     "nll": round(nll, 4), "nll_ratio": round(nll / base_row["nll"], 4) if base_row["nll"] else 0})
+    return rows
+
+
+def _hf_generate(model, prompts, max_tokens, assistant=None, confidence=None):
+    import torch
+    outs = []
+    t0 = time.perf_counter()
+    eos = model.generation_config.eos_token_id
+    for p in prompts:
+        ids = torch.tensor([p])
+        kw = {}
+        if assistant is not None:
+            assistant.generation_config.num_assistant_tokens = 5
+            assistant.generation_config.num_assistant_tokens_schedule = "constant"
+            assistant.generation_config.assistant_confidence_threshold = confidence or 0.0
+            kw["assistant_model"] = assistant
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_tokens,
+                                 pad_token_id=eos if isinstance(eos, int) else 0, **kw)
+        outs.append(out[0, len(p):].tolist())
+    return outs, time.perf_counter() - t0
+
+
+def cmd_bench(args) -> int:
+    args.sweep = False
+    args.hf = not args.no_hf
+    args.plot = None
+    return cmd_eval(args)
+
+
+# ---------------------------------------------------------------------------------------------------
+# bild distill
+# ---------------------------------------------------------------------------------------------------
+def cmd_distill(args) -> int:
+    from bild_kernels.distill.pipeline import distill
+    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+    distill(large=args.large, out=args.out, prompts=args.prompts, max_new_tokens=args.max_new_tokens,
+            minutes=args.minutes, init_layers=layers, draft_vocab=args.draft_vocab, threads=args.threads,
+            work_dir=args.work_dir, log=lambda s: print(s, file=sys.stderr, flush=True))
+    return 0
+
+
+def _progress(total: int, desc: str):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, file=sys.stderr, leave=False)
+
+
+# ---------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="bild", description="Big-little speculative decoding (BiLD) on fused kernels.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="stream a reply to one prompt")
+    g.add_argument("prompt", help="the prompt ('-' reads stdin)")
+    _model_args(g)
+    _policy_args(g, default_policy=None)
+    g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--max-model-len", type=int, default=2048)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--no-chat-template", action="store_true", help="send the prompt as raw text")
+    g.set_defaults(func=cmd_generate)
+
+    for name, func, hlp in (("eval", cmd_eval, "quality and speed vs the large model alone (held-out prompts)"),
+                            ("bench", cmd_bench, "speed vs LargeOnly and Hugging Face (held-out prompts)")):
+        e = sub.add_parser(name, help=hlp)
+        _model_args(e)
+        e.add_argument("--prompts", type=int, default=50, help="held-out prompts to use (max 59)")
+        e.add_argument("--max-tokens", type=int, default=64)
+        e.add_argument("--batch", type=int, default=1, help="1: one request at a time; n: the engine batches n")
+        e.add_argument("--greedy-draft-len", type=int, default=3)
+        e.add_argument("--max-draft-len", type=int, default=None, help="BiLD draft cap in the sweep (default 10)")
+        e.add_argument("--out", default=None, help="append the rows to this CSV")
+        if name == "eval":
+            e.add_argument("--sweep", action="store_true", help="also sweep BiLD's two thresholds")
+            e.add_argument("--fallback-grid", default="0.3,0.5,0.7,0.9")
+            e.add_argument("--rollback-grid", default="1,2,4,8")
+            e.add_argument("--hf", action="store_true", help="also run HF generate and assisted generation")
+            e.add_argument("--plot", default=None, help="write the speed/quality trade-off as a PNG here")
+        else:
+            e.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baselines")
+        e.set_defaults(func=func)
+
+    d = sub.add_parser("distill", help="train a draft model for a large model")
+    d.add_argument("--large", default=None, help="large model (default: SmolLM2-135M-Instruct)")
+    d.add_argument("--out", required=True, help="draft directory to write")
+    d.add_argument("--prompts", type=int, default=512, help="training prompts (templated, see distill/prompts.py)")
+    d.add_argument("--max-new-tokens", type=int, default=96)
+    d.add_argument("--minutes", type=float, default=15.0, help="training wall time")
+    d.add_argument("--layers", default=None, help="large-model layers to initialise the draft from, e.g. 0,1,2,29")
+    d.add_argument("--draft-vocab", type=int, default=8192, help="head vocabulary size (0: the whole vocabulary)")
+    d.add_argument("--threads", type=int, default=None)
+    d.add_argument("--work-dir", default=None, help="cache the corpus and teacher targets here between runs")
+    d.set_defaults(func=cmd_distill)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    if os.environ.get("BILD_DEBUG"):  # developers: the full traceback
+        return args.func(args)
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        print(f"bild: error: {exc}", file=sys.stderr)
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:
+        print(f"bild: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("bild: interrupted", file=sys.stderr)
+        return 130
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Quality and speed of decoding policies against the large model alone, measured in one run.
+
+Faithfulness: exact match and ROUGE-L (token level) of each output against the large model's own greedy
+output. Plausibility: the large model's mean negative log-likelihood per token of the generated text,
+beside that of its own greedy text (lower is more likely; a lossy policy should stay close).
+Speed: generated tokens per second of wall time and the speed-up over `LargeOnly()` on the same engine,
+one request at a time (batch 1, the latency-critical use) or all prompts together (batched).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+from bild_kernels.engine.params import SamplingParams
+from bild_kernels.engine.policies import LargeOnly, Policy
+from bild_kernels.engine.sequence import RequestMetrics
+
+
+def rouge_l(candidate: list, reference: list) -> float:
+    """ROUGE-L F1 over tokens: the longest common subsequence against both lengths."""
+    if not candidate or not reference:
+        return float(candidate == reference)
+    prev = [0] * (len(reference) + 1)
+    for c in candidate:
+        cur = [0]
+        for j, r in enumerate(reference):
+            cur.append(prev[j] + 1 if c == r else max(prev[j + 1], cur[j]))
+        prev = cur
+    lcs = prev[-1]
+    if lcs == 0:
+        return 0.0
+    p, r = lcs / len(candidate), lcs / len(reference)
+    return 2 * p * r / (p + r)
+
+
+@dataclass
+class EvalRow:
+    policy: str
+    batch: int
+    prompts: int
+    tokens: int
+    tokens_per_s: float
+    speedup: float  # over LargeOnly in the same run and batch mode
+    exact_match: float  # fraction of outputs identical to the large model's greedy output
+    rouge_l: float  # mean ROUGE-L against it
+    nll: float  # the large model's mean NLL per generated token
+    nll_ratio: float  # nll / the large model's greedy text's nll
+    acceptance: float
+    mean_accepted: float
+    fallbacks: int
+    rollbacks: int
+    large_passes: int
+
+    def as_dict(self) -> dict:
+        return {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items()}
+
+
+_ALWAYS = ("fallback_threshold", "rollback_threshold", "max_draft_len", "block_size", "exit_layer")
+
+
+def describe(policy: Policy) -> str:
+    """A short label for a policy: its main knobs, and any other parameter that differs from its default."""
+    import dataclasses
+    if not dataclasses.is_dataclass(policy):
+        return policy.name
+    args = []
+    for f in dataclasses.fields(policy):
+        if not f.init or not f.compare:
+            continue
+        val = getattr(policy, f.name)
+        default = f.default if f.default is not dataclasses.MISSING else dataclasses.MISSING
+        if f.name in _ALWAYS or val != default:
+            args.append(f"{f.name}={val}")
+    return f"{policy.name}({','.join(args)})" if args else policy.name
+
+
+def run_policy(engine, prompts: list[list[int]], params: SamplingParams, policy: Policy, batch: int):
+    """(outputs, wall seconds): one request at a time when batch == 1, else the engine's own batching
+    (at most engine.max_batch_size together)."""
+    t0 = time.perf_counter()
+    if batch == 1:
+        outs = [engine.generate([p], params, policy=policy)[0] for p in prompts]
+    else:
+        outs = engine.generate(prompts, params, policy=policy)
+    wall = time.perf_counter() - t0
+    bad = [o.error for o in outs if o.error]
+    if bad:
+        raise RuntimeError(f"{describe(policy)}: {len(bad)} requests failed, first: {bad[0]}")
+    return outs, wall
+
+
+def mean_nll(engine, prompts, outputs) -> float:
+    total = n = 0.0
+    for p, o in zip(prompts, outputs):
+        if o.token_ids:
+            lp = engine.score(p, o.token_ids)
+            total -= sum(lp)
+            n += len(lp)
+    return total / n if n else 0.0
+
+
+def evaluate(engine, prompts: list[list[int]], policies: list[Policy], *, batch: int = 1, max_tokens: int = 64,
+             progress=None) -> list[EvalRow]:
+    """One row for LargeOnly (the reference) and one per policy, greedy decoding (temperature 0)."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    engine.generate([prompts[0]], SamplingParams(max_tokens=4), policy=LargeOnly())  # warm-up
+    ref, ref_wall = run_policy(engine, prompts, params, LargeOnly(), batch)
+    ref_ids = [o.token_ids for o in ref]
+    ref_nll = mean_nll(engine, prompts, ref)
+    base_tps = sum(len(r) for r in ref_ids) / ref_wall
+    rows = [_row("large-only", batch, prompts, ref, ref_wall, base_tps, ref_ids, ref_nll, ref_nll)]
+    if progress:
+        progress(rows[-1])
+    for pol in policies:
+        outs, wall = run_policy(engine, prompts, params, pol, batch)
+        rows.append(_row(describe(pol), batch, prompts, outs, wall, base_tps, ref_ids,
+                         mean_nll(engine, prompts, outs), ref_nll))
+        if progress:
+            progress(rows[-1])
+    return rows
+
+
+def _row(name, batch, prompts, outs, wall, base_tps, ref_ids, nll, ref_nll) -> EvalRow:
+    m = RequestMetrics.aggregate(o.metrics for o in outs)
+    toks = sum(len(o.token_ids) for o in outs)
+    tps = toks / wall if wall > 0 else 0.0
+    return EvalRow(
+        policy=name, batch=batch, prompts=len(prompts), tokens=toks, tokens_per_s=tps,
+        speedup=tps / base_tps if base_tps else 0.0,
+        exact_match=sum(o.token_ids == r for o, r in zip(outs, ref_ids)) / len(outs),
+        rouge_l=sum(rouge_l(o.token_ids, r) for o, r in zip(outs, ref_ids)) / len(outs),
+        nll=nll, nll_ratio=nll / ref_nll if ref_nll else 0.0, acceptance=m.acceptance_rate,
+        mean_accepted=m.mean_accepted_length, fallbacks=m.fallbacks, rollbacks=m.rollbacks,
+        large_passes=m.large_passes)
+
+
+def format_table(rows: list[dict], columns: list[str] | None = None) -> str:
+    """A plain-text table (also valid Markdown) of dict rows."""
+    if not rows:
+        return ""
+    columns = columns or list(rows[0])
+    cells = [[_fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"  # noqa: E731
+    out = [line(columns), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out += [line(row) for row in cells]
+    return "\n".join(out)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}"
+    return str(v)
+
+
+def plot_tradeoff(rows: list[dict], path, title: str = "") -> None:
+    """Speed-up against quality (NLL ratio, and ROUGE-L), one series per policy family, as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    families: dict[str, list[dict]] = {}
+    for r in rows:
+        families.setdefault(r.get("family") or r["policy"].split("(")[0], []).append(r)
+    for ax, metric, label in ((axes[0], "nll_ratio", "NLL per token / large model's greedy NLL (lower is better)"),
+                              (axes[1], "rouge_l", "ROUGE-L vs large model's greedy output (higher is better)")):
+        for fam, rs in families.items():
+            ax.scatter([r[metric] for r in rs], [r["speedup"] for r in rs], label=fam, s=28)
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+        ax.set_xlabel(label, fontsize=8)
+        ax.set_ylabel("speed-up over LargeOnly")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

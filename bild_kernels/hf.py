@@ -1,0 +1,52 @@
+"""Hugging Face twins of the engine's models, for the baselines (HF generate, HF assisted generation)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def hf_model(source, dtype=torch.float32):
+    """A transformers causal LM from a model directory or a .gguf file."""
+    from transformers import AutoModelForCausalLM
+    path = Path(source)
+    if path.suffix.lower() == ".gguf":
+        return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype).eval()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+
+
+def hf_draft(draft_dir, large) -> torch.nn.Module:
+    """A LlamaForCausalLM made of a draft directory's layers and `large`'s embedding and head. Its head
+    scores the whole vocabulary (transformers has no reduced-vocabulary head), so its proposals may
+    include tokens the engine's draft never proposes."""
+    from safetensors.torch import load_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from bild_kernels.models.draft import read_manifest
+    manifest = read_manifest(draft_dir)
+    cfg = LlamaConfig.from_dict(large.config.to_dict())
+    cfg.num_hidden_layers = manifest["num_layers"]
+    cfg.layer_types = None
+    draft = LlamaForCausalLM(cfg).to(large.dtype).eval()
+    weights = load_file(str(Path(draft_dir) / "model.safetensors"))
+    weights.pop("draft_vocab", None)
+    with torch.no_grad():
+        draft.model.embed_tokens.weight.copy_(large.model.embed_tokens.weight)
+        if not cfg.tie_word_embeddings:
+            draft.lm_head.weight.copy_(large.lm_head.weight)
+        missing, unexpected = draft.load_state_dict({k: v.to(large.dtype) for k, v in weights.items()}, strict=False)
+    if unexpected or any(not (k.endswith("embed_tokens.weight") or k == "lm_head.weight") for k in missing):
+        raise ValueError(f"draft {draft_dir}: weights do not fit a Llama of its manifest ({unexpected or missing})")
+    return draft
+
+
+def hf_pair(large=None, small=None):
+    """(large, small) transformers models for the engine's pair; None/None is the default pair."""
+    from bild_kernels.models.default import default_pair
+    from bild_kernels.models.draft import is_draft_dir
+    if large is None:
+        large, small = default_pair()
+    large_model = hf_model(large)
+    if small is None:
+        return large_model, None
+    return large_model, hf_draft(small, large_model) if is_draft_dir(small) else hf_model(small)

@@ -1,0 +1,145 @@
+"""The `bild` command on tiny models saved to disk: generate, eval, bench, distill, and bad input."""
+import csv
+import json
+
+import pytest
+import torch
+
+from bild_kernels import cli
+
+from .engine.conftest import shallow_copy, tiny_llama
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {f"w{i}": i for i in range(96)}
+    vocab["<unk>"] = 96
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def pair_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pair")
+    large = tiny_llama(1, layers=3, dtype=torch.float32)
+    with torch.no_grad():  # a weak last layer: the 2-layer copy then agrees often (see engine/conftest.py)
+        large.model.layers[2].self_attn.o_proj.weight.mul_(0.3)
+        large.model.layers[2].mlp.down_proj.weight.mul_(0.3)
+    small = shallow_copy(large, layers=2, noise=0.3).to(torch.float32)
+    tok = _tokenizer()
+    for name, model in (("large", large), ("small", small)):
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    return root / "large", root / "small"
+
+
+def _run(capsys, *argv):
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_generate_streams_text_and_reports_the_run(capsys, pair_dirs):
+    large, small = pair_dirs
+    code, out, err = _run(capsys, "generate", "w1 w2 w3", "--large", large, "--small", small, "--max-tokens", 12,
+                          "--no-chat-template", "--policy", "bild", "--fallback-threshold", 0.3)
+    assert code == 0, err
+    assert len(out.split()) == 12 and all(w.startswith("w") or w == "<unk>" for w in out.split())
+    last = err.strip().splitlines()[-1]
+    for word in ("tokens/s", "acceptance", "fallbacks", "rollbacks", "bild("):
+        assert word in last
+
+
+@pytest.mark.parametrize("policy", [["greedy"], ["jacobi", "--block-size", "3"], ["shallow-deep", "--exit-layer", "1"],
+                                    ["bild", "--rollback-threshold", "0"]])
+def test_lossless_policies_equal_large_only(capsys, pair_dirs, policy):
+    large, small = pair_dirs
+    texts = []
+    for pol in (["large-only"], policy):
+        code, out, err = _run(capsys, "generate", "w4 w8", "--large", large, "--small", small, "--max-tokens", 10,
+                              "--no-chat-template", "--policy", *pol)
+        assert code == 0, err
+        texts.append(out)
+    assert texts[0] == texts[1]
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["generate", "hi", "--large", "/no/such/model"], "no such file or directory"),
+    (["generate", "   ", "--large", "{large}"], "prompt is empty"),
+    (["generate", "hi", "--small", "{small}"], "--small needs --large"),
+    (["generate", "hi", "--large", "{large}", "--policy", "greedy", "--fallback-threshold", "0.5"], "does not apply to"),
+    (["generate", "hi", "--large", "{large}", "--small", "{small}", "--fallback-threshold", "1.5"],
+     "fallback_threshold must be in"),
+    (["generate", "hi", "--large", "{large}", "--max-tokens", "0"], "max_tokens must be a positive int"),
+    (["generate", "hi", "--large", "{bad_gguf}"], "cannot load GGUF"),
+    (["generate", "hi", "--large", "{large}", "--small", "{other_tok}"], "tokenizer differs"),
+    (["eval", "--large", "{large}"], "needs a small model"),
+    (["generate", "hi", "--large", "{large}", "--small", "{small}", "--fallback-signal", "energy"],
+     "needs --fallback-threshold"),
+    (["generate", "hi", "--large", "{large}", "--policy", "shallow-deep"], "needs --exit-layer"),
+    (["generate", "hi", "--large", "{large}", "--policy", "jacobi", "--block-size", "0"], "block_size must be"),
+])
+def test_bad_input_is_one_line_on_stderr(capsys, tmp_path, pair_dirs, argv, match):
+    large, small = pair_dirs
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"not a gguf file")
+    other = tmp_path / "other"
+    if "{other_tok}" in argv:
+        model = shallow_copy(tiny_llama(1, layers=3, dtype=torch.float32), layers=1, noise=0.0).to(torch.float32)
+        model.save_pretrained(other)
+        tok = _tokenizer()
+        tok.add_tokens(["extra"])
+        tok.save_pretrained(other)
+    argv = [a.format(large=large, small=small, bad_gguf=bad, other_tok=other) for a in argv]
+    code, out, err = _run(capsys, *argv)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("bild: error:") and match in lines[-1], err
+    assert "Traceback" not in err
+
+
+def test_eval_writes_table_csv_and_plot(capsys, tmp_path, pair_dirs):
+    large, small = pair_dirs
+    csv_path, png = tmp_path / "eval.csv", tmp_path / "tradeoff.png"
+    code, out, err = _run(capsys, "eval", "--large", large, "--small", small, "--prompts", 3, "--max-tokens", 6,
+                          "--sweep", "--fallback-grid", "0.2,0.6", "--rollback-grid", "0.5", "--out", csv_path,
+                          "--plot", png)
+    assert code == 0, err
+    rows = list(csv.DictReader(open(csv_path)))
+    names = [r["policy"] for r in rows]
+    assert names[0] == "large-only" and any(n.startswith("greedy") for n in names) and len(rows) == 5
+    greedy = next(r for r in rows if r["policy"].startswith("greedy"))
+    assert float(greedy["exact_match"]) == 1.0 and float(greedy["rouge_l"]) == 1.0  # lossless
+    assert float(rows[0]["nll_ratio"]) == 1.0 and float(rows[0]["speedup"]) == 1.0
+    assert "| policy" in out and png.stat().st_size > 1000
+
+
+def test_distill_writes_a_draft_the_engine_loads(tmp_path, pair_dirs):
+    from bild_kernels import Engine, Greedy, SamplingParams
+    from bild_kernels.distill.pipeline import distill
+    large, _ = pair_dirs
+    out = tmp_path / "draft"
+    stats = distill(large=large, out=out, prompts=6, max_new_tokens=6, minutes=0.02, init_layers=[0, 2],
+                    draft_vocab=50, work_dir=tmp_path / "work", log=lambda s: None)
+    manifest = json.loads((out / "bild_draft.json").read_text())
+    assert manifest["init_layers"] == [0, 2] and manifest["draft_vocab_size"] == stats["draft_vocab"]
+    assert f"**{stats['agreement']:.3f}**" in (out / "README.md").read_text()
+    eng = Engine(large=str(large), small=str(out), max_batch_size=1, max_model_len=64)
+    o = eng.generate([[1, 2, 3]], SamplingParams(max_tokens=8), policy=Greedy())[0]
+    ref = eng.generate([[1, 2, 3]], SamplingParams(max_tokens=8), policy=cli_large_only())[0]
+    assert o.token_ids == ref.token_ids and o.metrics.drafted_tokens > 0
+    assert (tmp_path / "work" / "corpus_eval.pt").is_file()  # cached for the next run
+
+
+def cli_large_only():
+    from bild_kernels import LargeOnly
+    return LargeOnly()
+
+
+def test_rouge_l():
+    from bild_kernels.evaluate import rouge_l
+    assert rouge_l([1, 2, 3], [1, 2, 3]) == 1.0
+    assert rouge_l([1, 2, 3], [4, 5]) == 0.0
+    assert rouge_l([1, 9, 2, 3], [1, 2, 3, 7]) == pytest.approx(0.75)  # LCS 3 of 4 and 4
