@@ -24,6 +24,36 @@ TRAIN_TEMPLATES = [
     "Summarize the history of {t} in a few sentences.",
     "Compare {t} with something from everyday life.",
 ]
+MORE_TRAIN_TEMPLATES = [
+    "Write a limerick about {t}.",
+    "What would a world without {t} look like?",
+    "Give three tips for someone interested in {t}.",
+    "Explain {t} in exactly three sentences.",
+    "Write a short dialogue between two friends about {t}.",
+    "What questions do scientists still ask about {t}?",
+    "Describe {t} to someone who has never heard of it.",
+    "Write a product description for a book about {t}.",
+    "What is the most important thing to know about {t}?",
+    "Tell a short fable that teaches a lesson using {t}.",
+    "How has {t} changed over the last hundred years?",
+    "Write a tweet about {t}.",
+    "What jobs are connected to {t}?",
+    "Give an analogy that explains {t}.",
+    "Write a motivational message inspired by {t}.",
+    "What are some fun activities related to {t} for a weekend?",
+]
+MORE_TRAIN_TOPICS = [
+    "elephants", "rainbows", "the internet", "gardening", "jazz music", "castles", "astronauts", "dinosaurs",
+    "chocolate", "electric cars", "the ocean", "board games", "museums", "recycling paper", "hiking",
+    "ancient Egypt", "the brain", "wind energy", "birds migrating", "cooking rice", "tennis", "dreams",
+    "languages", "maps", "clocks", "umbrellas", "the sun", "frogs", "space stations", "poetry", "cities",
+    "farming", "money", "music festivals", "running shoes", "the immune system", "ants", "sharks", "magnets",
+    "electricity", "ice cream", "camping", "writing letters", "skyscrapers", "the moon landing", "fireworks",
+    "computers", "mushrooms", "rain", "thunderstorms", "honey", "vitamins", "the desert at night", "wolves",
+    "guitars", "video games", "newspapers", "volcanic islands", "bicycle repair", "saving energy at home",
+    "learning to swim", "the first airplane", "coffee shops", "zoos", "tides", "pirates", "knights",
+    "the Renaissance", "mathematics", "fractions", "gravity", "plastic pollution", "teamwork", "kindness",
+]
 EVAL_TEMPLATES = [
     "Tell me something surprising about {t}.",
     "Can you describe how {t} works, briefly?",
@@ -76,6 +106,9 @@ LANGUAGES = ["French", "Spanish", "German"]
 def train_prompts(n: int | None = None, seed: int = 0) -> list[str]:
     """Chat instructions, summaries and translations from the training templates and topics."""
     out = [t.format(t=topic) for t in TRAIN_TEMPLATES for topic in TRAIN_TOPICS]
+    topics = TRAIN_TOPICS + MORE_TRAIN_TOPICS
+    out += [t.format(t=topic) for t in MORE_TRAIN_TEMPLATES for topic in topics]
+    out += [t.format(t=topic) for t in TRAIN_TEMPLATES for topic in MORE_TRAIN_TOPICS]
     out += [f"Summarize this paragraph in one sentence:\n\n{p}" for p in PARAGRAPHS]
     out += [f"Summarize the following text for a busy reader:\n\n{p}" for p in PARAGRAPHS]
     out += [f"Translate into {lang}: {s}" for s in SENTENCES for lang in LANGUAGES]

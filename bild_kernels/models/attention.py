@@ -83,6 +83,18 @@ def paged_attention_ref(query, key_cache, value_cache, query_start_loc, position
     T, Hq, D = query.shape
     Hkv = key_cache.shape[2]
     acc = torch.float64 if query.dtype == torch.float64 else torch.float32
+    if query.device.type == "cpu":
+        return _paged_attention_cpu(query, key_cache, value_cache, query_start_loc, positions, block_tables,
+                                    context_lens, scale, sliding_window, acc)
+    return _paged_attention_gather(query, key_cache, value_cache, query_start_loc, positions, block_tables,
+                                   context_lens, scale, sliding_window, acc)
+
+
+def _paged_attention_gather(query, key_cache, value_cache, query_start_loc, positions, block_tables, context_lens,
+                            scale, sliding_window, acc):
+    """Dense gather of every row's cache, then masked softmax attention; no host reads (GPU-stream safe)."""
+    T, Hq, D = query.shape
+    Hkv = key_cache.shape[2]
     keys, values = R.gather_paged_kv_ref(key_cache, value_cache, block_tables, context_lens)  # [B, L, Hkv, D]
     L = keys.shape[1]
     # Each token's sequence, found without a host sync so the reference also runs on a GPU stream.
@@ -105,6 +117,36 @@ def paged_attention_ref(query, key_cache, value_cache, query_start_loc, position
         scores = scores.masked_fill(~visible[rows][:, None, None, :], float("-inf"))
         probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row with no visible key gives zeros
         out[rows] = torch.einsum("thgl,lhd->thgd", probs, v).reshape(-1, Hq, D)
+    return out.to(query.dtype)
+
+
+def _paged_attention_cpu(query, key_cache, value_cache, query_start_loc, positions, block_tables, context_lens,
+                         scale, sliding_window, acc):
+    """The same attention on CPU tensors, where reading lengths on the host is free: each sequence's blocks
+    are indexed directly (no padded gather of the batch) and fed to PyTorch's fused SDPA."""
+    import torch.nn.functional as F
+    T, Hq, D = query.shape
+    block_size, Hkv = key_cache.shape[1], key_cache.shape[2]
+    qsl, lens = query_start_loc.tolist(), context_lens.tolist()
+    out = torch.zeros(T, Hq, D, dtype=acc)
+    for b in range(block_tables.shape[0]):
+        s, e, L = qsl[b], qsl[b + 1], lens[b]
+        if e == s or L <= 0:
+            continue
+        blocks = block_tables[b, :-(-L // block_size)].long()
+        k = key_cache[blocks].reshape(-1, Hkv, D)[:L].to(acc).transpose(0, 1)  # [Hkv, L, D]
+        v = value_cache[blocks].reshape(-1, Hkv, D)[:L].to(acc).transpose(0, 1)
+        q = query[s:e].to(acc).transpose(0, 1)  # [Hq, t, D]
+        pos = positions[s:e].long()
+        kpos = torch.arange(L)
+        visible = kpos[None, :] <= pos[:, None]
+        if sliding_window > 0:
+            visible &= kpos[None, :] > pos[:, None] - sliding_window
+        mask = None if bool(visible.all()) else visible
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=Hq != Hkv)
+        if mask is not None:  # a query that sees no key gets zeros, as in the reference
+            o = o.masked_fill(~visible.any(1)[None, :, None], 0.0)
+        out[s:e] = o.transpose(0, 1)
     return out.to(query.dtype)
 
 

@@ -36,3 +36,15 @@ def test_targets_are_top_k_and_training_updates_only_the_layers():
     train(draft, corpus, targets, minutes=0.02, batch_size=4, vocab=vocab, log=lambda s: None)
     assert torch.equal(draft.model.embed_tokens.weight, embed)  # shared with the large model: frozen
     assert not torch.equal(draft.model.layers[0].mlp.up_proj.weight, layer)
+
+
+def test_held_out_prompts_share_no_template_or_topic_with_training():
+    from bild_kernels.distill import prompts as P
+    train, held = P.train_prompts(), P.held_out_prompts()
+    assert len(held) >= 50 and not set(train) & set(held)
+    train_topics = set(P.TRAIN_TOPICS) | set(P.MORE_TRAIN_TOPICS)
+    assert not train_topics & set(P.EVAL_TOPICS)
+    templates = set(P.TRAIN_TEMPLATES) | set(P.MORE_TRAIN_TEMPLATES)
+    assert not templates & set(P.EVAL_TEMPLATES)
+    for prompt in train:  # no training prompt is an evaluation template filled with any topic
+        assert not any(prompt == t.format(t=topic) for t in P.EVAL_TEMPLATES for topic in train_topics)
