@@ -184,12 +184,19 @@ def _write_csv(path: str | None, rows: list[dict], extra: dict) -> None:
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fields = list(extra) + list(rows[0])
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
+    fields = list(extra) + [k for r in rows for k in r if k not in extra]
+    fields = list(dict.fromkeys(fields))
+    old = []
+    if path.exists():  # append; an older file with other columns is rewritten under their union
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            old = list(reader)
+            fields = list(dict.fromkeys(list(reader.fieldnames or []) + fields))
+    with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
-        if new:
-            w.writeheader()
+        w.writeheader()
+        for r in old:
+            w.writerow(r)
         for r in rows:
             w.writerow({**extra, **r})
     print(f"rows appended to {path}", file=sys.stderr)
@@ -229,7 +236,7 @@ def cmd_eval(args) -> int:
     if args.hf:
         rows += [r for r in _hf_rows(args, engine, prompts, rows[0]) if r]
     cols = ["policy", "batch", "tokens_per_s", "speedup", "exact_match", "rouge_l", "nll", "nll_ratio",
-            "acceptance", "mean_accepted", "fallbacks", "rollbacks"]
+            "acceptance", "mean_accepted", "fallbacks", "rollbacks", "draft_s", "verify_s", "overhead_s"]
     print(format_table(rows, cols))
     _write_csv(args.out, rows, _run_info(engine))
     if args.plot:

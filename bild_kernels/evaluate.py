@@ -50,6 +50,9 @@ class EvalRow:
     fallbacks: int
     rollbacks: int
     large_passes: int
+    draft_s: float = 0.0  # seconds in the draft phase (small model, sampling)
+    verify_s: float = 0.0  # seconds in the verify phase (large model, verify_draft, rollback)
+    overhead_s: float = 0.0  # the rest of the wall time: the engine's own bookkeeping
 
     def as_dict(self) -> dict:
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items()}
@@ -77,6 +80,7 @@ def describe(policy: Policy) -> str:
 def run_policy(engine, prompts: list[list[int]], params: SamplingParams, policy: Policy, batch: int):
     """(outputs, wall seconds): one request at a time when batch == 1, else the engine's own batching
     (at most engine.max_batch_size together)."""
+    split0 = dict(engine.time_split)
     t0 = time.perf_counter()
     if batch == 1:
         outs = [engine.generate([p], params, policy=policy)[0] for p in prompts]
@@ -86,7 +90,8 @@ def run_policy(engine, prompts: list[list[int]], params: SamplingParams, policy:
     bad = [o.error for o in outs if o.error]
     if bad:
         raise RuntimeError(f"{describe(policy)}: {len(bad)} requests failed, first: {bad[0]}")
-    return outs, wall
+    split = {k: engine.time_split[k] - split0.get(k, 0.0) for k in ("draft", "verify")}
+    return outs, wall, split
 
 
 def mean_nll(engine, prompts, outputs) -> float:
@@ -104,23 +109,23 @@ def evaluate(engine, prompts: list[list[int]], policies: list[Policy], *, batch:
     """One row for LargeOnly (the reference) and one per policy, greedy decoding (temperature 0)."""
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
     engine.generate([prompts[0]], SamplingParams(max_tokens=4), policy=LargeOnly())  # warm-up
-    ref, ref_wall = run_policy(engine, prompts, params, LargeOnly(), batch)
+    ref, ref_wall, split = run_policy(engine, prompts, params, LargeOnly(), batch)
     ref_ids = [o.token_ids for o in ref]
     ref_nll = mean_nll(engine, prompts, ref)
     base_tps = sum(len(r) for r in ref_ids) / ref_wall
-    rows = [_row("large-only", batch, prompts, ref, ref_wall, base_tps, ref_ids, ref_nll, ref_nll)]
+    rows = [_row("large-only", batch, prompts, ref, ref_wall, base_tps, ref_ids, ref_nll, ref_nll, split)]
     if progress:
         progress(rows[-1])
     for pol in policies:
-        outs, wall = run_policy(engine, prompts, params, pol, batch)
+        outs, wall, split = run_policy(engine, prompts, params, pol, batch)
         rows.append(_row(describe(pol), batch, prompts, outs, wall, base_tps, ref_ids,
-                         mean_nll(engine, prompts, outs), ref_nll))
+                         mean_nll(engine, prompts, outs), ref_nll, split))
         if progress:
             progress(rows[-1])
     return rows
 
 
-def _row(name, batch, prompts, outs, wall, base_tps, ref_ids, nll, ref_nll) -> EvalRow:
+def _row(name, batch, prompts, outs, wall, base_tps, ref_ids, nll, ref_nll, split) -> EvalRow:
     m = RequestMetrics.aggregate(o.metrics for o in outs)
     toks = sum(len(o.token_ids) for o in outs)
     tps = toks / wall if wall > 0 else 0.0
@@ -131,7 +136,8 @@ def _row(name, batch, prompts, outs, wall, base_tps, ref_ids, nll, ref_nll) -> E
         rouge_l=sum(rouge_l(o.token_ids, r) for o, r in zip(outs, ref_ids)) / len(outs),
         nll=nll, nll_ratio=nll / ref_nll if ref_nll else 0.0, acceptance=m.acceptance_rate,
         mean_accepted=m.mean_accepted_length, fallbacks=m.fallbacks, rollbacks=m.rollbacks,
-        large_passes=m.large_passes)
+        large_passes=m.large_passes, draft_s=split["draft"], verify_s=split["verify"],
+        overhead_s=max(wall - split["draft"] - split["verify"], 0.0))
 
 
 def format_table(rows: list[dict], columns: list[str] | None = None) -> str:
