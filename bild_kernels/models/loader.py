@@ -121,11 +121,57 @@ def _from_dir(path: Path, dtype, device, backend, who) -> LlamaExecutor:
     return _executor(config, weights, dtype, device, backend, who)
 
 
-def _from_gguf(directory: Path, name: str, dtype, device, backend, who):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def gguf_cache_dir(path: Path) -> Path | None:
+    """Where a GGUF file's dequantised weights and tokenizer are kept as an HF directory (keyed by the
+    file's path, size and mtime), or None when caching is off (BILD_CACHE=0)."""
+    import hashlib
+    root = os.environ.get("BILD_CACHE", "")
+    if root == "0":
+        return None
+    root = Path(root) if root else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bild-kernels"
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return root / f"gguf-{path.stem}-{key}"
 
+
+def _from_gguf(directory: Path, name: str, dtype, device, backend, who):
     if not (directory / name).is_file():
         raise FileNotFoundError(f"{who}: no such GGUF file: {str(directory / name)!r}")
+    # Dequantising a GGUF takes tens of seconds; the first load keeps the result as an HF directory.
+    cache = gguf_cache_dir(directory / name)
+    if cache is not None and (cache / "complete").is_file():
+        try:
+            return _from_dir(cache, dtype or torch.float32, device, backend, who), _tokenizer(cache)
+        except (ValueError, OSError):
+            pass  # a damaged cache: load the GGUF again and rewrite it
+    executor, tokenizer, model = _load_gguf(directory, name, dtype, device, backend, who)
+    if cache is not None:
+        _write_cache(cache, model, tokenizer, directory / name)
+    return executor, tokenizer
+
+
+def _write_cache(cache: Path, model, tokenizer, source: Path) -> None:
+    import shutil
+
+    from safetensors.torch import save_file
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)  # the weights are stored dequantised
+        (cache / "config.json").write_text(json.dumps(config, indent=1, default=str))
+        state = model.state_dict()
+        if config.get("tie_word_embeddings"):
+            state.pop("lm_head.weight", None)  # shares the embedding's storage
+        save_file({k: v.contiguous() for k, v in state.items()}, str(cache / "model.safetensors"))
+        tokenizer.save_pretrained(cache)
+        (cache / "complete").write_text(str(source) + "\n")
+    except Exception:  # noqa: BLE001 - the cache is an optimisation: any failure leaves none behind
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+def _load_gguf(directory: Path, name: str, dtype, device, backend, who):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     try:
         import gguf  # noqa: F401
     except ImportError:
@@ -146,7 +192,7 @@ def _from_gguf(directory: Path, name: str, dtype, device, backend, who):
         if bars:
             hf_logging.enable_progress_bar()
     executor = _from_module(model, dtype or torch.float32, device, backend, who)
-    return executor, tokenizer
+    return executor, tokenizer, model
 
 
 def _tokenizer(path: Path):
