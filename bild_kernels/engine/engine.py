@@ -28,9 +28,10 @@ from bild_kernels.engine.calibration import labelled_pairs
 from bild_kernels.engine.params import SamplingParams
 from bild_kernels.engine.policies import BiLD, LargeOnly, Policy
 from bild_kernels.engine.runner import ModelRunner, load_executor
+from bild_kernels.engine.scheduler import Scheduler
 from bild_kernels.engine.sequence import Drafts, RequestOutput, Sequence, StreamChunk
 from bild_kernels.engine.shallow_deep import LayerGroups
-from bild_kernels.engine.tokenizer import Detokenizer, resolve_prompts
+from bild_kernels.engine.tokenizer import Detokenizer
 
 # Draft steps of one iteration use offsets iteration * _DRAFT_STRIDE + step: distinct for every step.
 _DRAFT_STRIDE = 128
@@ -123,6 +124,7 @@ class Engine:
         # Seconds spent drafting (small model + sampling) and verifying (large model + verify + rollback),
         # summed over steps; wall time minus both is the engine's own overhead. Benchmarks reset it.
         self.time_split = {"draft": 0.0, "verify": 0.0}
+        self._scheduler = Scheduler(self)  # one running batch for every thread that calls generate/stream
 
     def _memory_budget(self, mem) -> int | None:
         if mem is None:
@@ -142,19 +144,46 @@ class Engine:
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
                  policy: Policy | None = None, *, chat_template: bool = False) -> list[RequestOutput]:
         """Generate for every prompt (a string or a list of token ids); one RequestOutput each, in order.
-        `params` is one SamplingParams for all prompts or a list with one per prompt."""
+        `params` is one SamplingParams for all prompts or a list with one per prompt.
+
+        Safe to call from many threads at once: the requests join the engine's running batch at its next
+        step (continuous batching) and leave it when done; a request's output does not depend on what
+        else runs beside it. A request that cannot be served comes back with finish_reason "error" and
+        `error` set (token_ids empty); one that ends early ("timeout", "cancelled", or "error" from a
+        NaN/inf in a model's logits) keeps the tokens committed before; a timeout or fault says why in `error`.
+        """
         single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int))
         prompts = [prompts] if single else list(prompts)
+        reqs = self._scheduler.submit(prompts, params, policy, chat_template)
         outputs = {}
-        for chunk in self._run(prompts, params, policy, chat_template):
-            if chunk.finished:
-                outputs[chunk.request_id] = chunk.output
-        return [outputs[k] for k in sorted(outputs)]
+        try:
+            for chunk in self._scheduler.chunks(reqs):
+                if chunk.finished:
+                    outputs[chunk.request_id] = chunk.output
+        finally:
+            for r in reqs:  # an exception (or KeyboardInterrupt) here must not leave requests running
+                self._scheduler.cancel(r)
+        return [outputs[r.seq.request_id] for r in reqs]
 
     def stream(self, prompt, params: SamplingParams | None = None, policy: Policy | None = None,
                *, chat_template: bool = False) -> Iterator[StreamChunk]:
-        """Yield the tokens of one request as they are committed; the last chunk carries the output."""
-        yield from self._run([prompt], params, policy, chat_template)
+        """Yield the tokens of one request as they are committed; the last chunk carries the output.
+
+        The request is submitted at the first `next()`. Closing the generator (or dropping it) cancels
+        the request and frees its KV blocks at once; so does `cancel(chunk.request_id)` from any thread
+        (the stream then ends with finish_reason "cancelled") or `SamplingParams(timeout_s=...)`.
+        """
+        reqs = self._scheduler.submit([prompt], params, policy, chat_template)
+        try:
+            yield from self._scheduler.chunks(reqs)
+        finally:
+            self._scheduler.cancel(reqs[0])  # an abandoned stream frees its blocks at once
+
+    def cancel(self, request_id: int) -> bool:
+        """End a waiting or running request (finish_reason "cancelled") and free its blocks before
+        returning. False if no such request is in flight."""
+        req = self._scheduler.find(request_id)
+        return req is not None and self._scheduler.cancel(req)
 
     def score(self, prompt: list[int], continuation: list[int]) -> list[float]:
         """The large model's log-probability of each token of `continuation` following `prompt` (token
@@ -167,16 +196,20 @@ class Engine:
         if len(ids) > self.max_model_len:
             raise ValueError(f"score: {len(ids)} tokens exceed max_model_len={self.max_model_len}")
         large = self.runners["large"]
-        busy = set(large.blocks.active_rows())
-        row = next((r for r in range(self.max_batch_size) if r not in busy), None)
-        need = -(-len(ids) // self.block_size)
-        if row is None or large.num_free_blocks() < need:
-            raise ValueError("score: the engine has no free row or KV blocks right now")
-        large.add(row)
-        try:
-            logits = large.extend([row], [ids], [len(continuation) + 1])[0, :-1].float()
-        finally:
-            large.free(row)
+        with self._scheduler.exclusive():  # no step runs meanwhile: the row and blocks are ours until freed
+            busy = set(large.blocks.active_rows())
+            row = next((r for r in range(self.max_batch_size) if r not in busy), None)
+            need = -(-len(ids) // self.block_size)
+            if row is None or large.num_free_blocks() < need:
+                raise ValueError("score: the engine has no free row or KV blocks right now")
+            large.add(row)
+            try:
+                logits = large.extend([row], [ids], [len(continuation) + 1])[0, :-1].float()
+                faulty = row in large.take_nonfinite()
+            finally:
+                large.free(row)
+        if faulty:
+            raise ValueError("score: the large model produced non-finite logits (NaN or inf)")
         logp = torch.log_softmax(logits, -1)
         return logp.gather(1, torch.tensor(continuation, device=logp.device)[:, None])[:, 0].tolist()
 
@@ -188,53 +221,8 @@ class Engine:
         if policy.uses_small and "small" not in self.runners:
             raise ValueError(f"policy {policy.name!r} needs a small model, but the engine has none")
         if policy.drafter == "shallow":
-            self._layer_groups(policy)  # checks exit_layer against the large model's depth
+            LayerGroups(self.runners["large"], policy.exit_layer)  # checks exit_layer against the model's depth
         return policy
-
-    def _run(self, prompts, params, policy, chat_template) -> Iterator[StreamChunk]:
-        params = SamplingParams() if params is None else params
-        params = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
-        if len(params) != len(prompts):
-            raise ValueError(f"params: got {len(params)} SamplingParams for {len(prompts)} prompts")
-        for p in params:
-            if not isinstance(p, SamplingParams):
-                raise TypeError(f"params must be SamplingParams, got {type(p).__name__}")
-        policy = self._check_policy(policy)
-        detok = Detokenizer(self.tokenizer)
-        waiting: list[Sequence] = []
-        resolved = resolve_prompts(prompts, self.tokenizer, self.vocab_size, chat_template)
-        for (ids, error), p in zip(resolved, params):
-            seq = Sequence(self._next_id, ids or [], p)
-            self._next_id += 1
-            error = error or self._admission_error(seq, policy)
-            if error:
-                seq.finish_reason = "error"
-                seq.metrics.end_time = seq.metrics.start_time
-                yield StreamChunk(seq.request_id, [], "", True, "error", self._output(seq, detok, error))
-            else:
-                waiting.append(seq)
-        running: list[Sequence] = []
-        try:
-            while waiting or running:
-                while waiting and len(running) < self.max_batch_size and self._fits(waiting[0], running, policy):
-                    seq = waiting.pop(0)
-                    seq.row = min(set(range(self.max_batch_size)) - {s.row for s in running})
-                    for r in self.runners.values():
-                        r.add(seq.row)
-                    running.append(seq)
-                committed = self._step(running, policy)
-                for seq, new in zip(list(running), committed):
-                    reason = self._finish(seq, new)
-                    text = detok.delta(seq)
-                    if reason:
-                        self._release(seq, running)
-                        seq.metrics.end_time = time.perf_counter()
-                        yield StreamChunk(seq.request_id, new, text, True, reason, self._output(seq, detok, None))
-                    elif new:
-                        yield StreamChunk(seq.request_id, new, text, False)
-        finally:
-            for seq in list(running):  # an abandoned stream frees its blocks at once
-                self._release(seq, running)
 
     # ------------------------------------------------------------------------------------------
     def _worst_blocks(self, seq: Sequence, policy: Policy) -> int:
@@ -254,16 +242,6 @@ class Engine:
             return (f"the KV cache ({self.kv_cache_blocks} blocks of {self.block_size} tokens) is too small for this "
                     f"request ({self._worst_blocks(seq, policy)} blocks needed)")
         return None
-
-    def _fits(self, seq: Sequence, running: list[Sequence], policy: Policy) -> bool:
-        # Admission reserves each request's worst case, so a running request never runs out of blocks.
-        used = sum(self._worst_blocks(s, policy) for s in running)
-        return used + self._worst_blocks(seq, policy) <= self.kv_cache_blocks
-
-    def _release(self, seq: Sequence, running: list[Sequence]) -> None:
-        for r in self.runners.values():
-            r.free(seq.row)
-        running.remove(seq)
 
     def _finish(self, seq: Sequence, new: list[int]) -> str | None:
         """Apply stop conditions to the tokens just committed; truncate and return the reason."""

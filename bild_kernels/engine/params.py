@@ -11,6 +11,8 @@ class SamplingParams:
     temperature 0 is greedy. top_k 0 and top_p 1.0 disable those filters. `seed` makes sampling
     reproducible whatever else is in the batch. `stop` holds strings and/or token ids that end the
     request (the stop text itself is not returned); the tokenizer's EOS ends it unless `ignore_eos`.
+    `timeout_s` bounds the request's whole life from submission (waiting included): past it the request
+    ends with finish_reason "timeout", keeps the tokens committed so far, and its KV blocks are freed.
     """
 
     max_tokens: int = 64
@@ -20,6 +22,7 @@ class SamplingParams:
     seed: int = 0
     stop: tuple = field(default_factory=tuple)
     ignore_eos: bool = False
+    timeout_s: float | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, (str, int)):
@@ -31,14 +34,17 @@ class SamplingParams:
     def validate(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
             raise ValueError(f"max_tokens must be a positive int, got {self.max_tokens!r}")
-        if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not isinstance(self.temperature, (int, float)) or not 0 <= self.temperature < float("inf"):
+            raise ValueError(f"temperature must be >= 0 and finite, got {self.temperature!r}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an int >= 0 (0 disables), got {self.top_k!r}")
         if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be an int in [0, 2**63), got {self.seed!r}")
+        t = self.timeout_s
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < float("inf")):
+            raise ValueError(f"timeout_s must be a positive number of seconds (or None), got {t!r}")
         for s in self.stop:
             if isinstance(s, bool) or not isinstance(s, (str, int)) or s == "" or (isinstance(s, int) and s < 0):
                 raise ValueError(f"stop entries must be non-empty strings or token ids >= 0, got {s!r}")

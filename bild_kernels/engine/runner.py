@@ -25,6 +25,8 @@ class ModelRunner:
         self.block_size = block_size
         self.kv_caches = executor.allocate_kv_cache(num_blocks, block_size)
         self.blocks = BlockManager(num_blocks, block_size, max_seqs, max_blocks_per_seq, device=self.device)
+        # Rows whose logits held a NaN or inf since the engine last asked (numeric faults), on the device.
+        self._nonfinite = torch.zeros(max_seqs, dtype=torch.bool, device=self.device)
 
     def add(self, row: int) -> None:
         self.blocks.allocate(row)
@@ -40,6 +42,25 @@ class ModelRunner:
 
     def check_invariants(self) -> None:
         self.blocks.check_invariants()
+
+    def screen_logits(self, rows: list[int], logits: torch.Tensor) -> torch.Tensor:
+        """Zero (in place) the logits [n, K1, V] of every row with a NaN or inf among them, and note the row.
+
+        The engine ends those requests with an error after the step; zeros keep the sampling and
+        verification ops of the step well defined for them meanwhile. No host sync here.
+        """
+        bad = ~torch.isfinite(logits.amax(-1)).all(-1)  # [n]: amax propagates NaN; an all -inf row is bad too
+        logits.masked_fill_(bad[:, None, None], 0.0)
+        idx = torch.tensor(rows, dtype=torch.long, device=self.device)
+        self._nonfinite.index_copy_(0, idx, self._nonfinite.index_select(0, idx) | bad)
+        return logits
+
+    def take_nonfinite(self) -> list[int]:
+        """The rows noted by `screen_logits` since the last call (one host read), and forget them."""
+        rows = self._nonfinite.nonzero().flatten().tolist()
+        if rows:
+            self._nonfinite.zero_()
+        return rows
 
     @torch.inference_mode()
     def extend(self, rows: list[int], tokens: list[list[int]], n_logits: list[int]) -> torch.Tensor:
@@ -66,4 +87,4 @@ class ModelRunner:
         idx = [qsl[i + 1] - n + min(j, n - 1) for i, n in enumerate(n_logits) for j in range(K1)]
         logits = self.executor.forward(input_ids, meta, self.kv_caches,
                                        logits_indices=torch.tensor(idx, dtype=torch.int64, device=dev))
-        return logits.view(len(rows), K1, -1)
+        return self.screen_logits(rows, logits.view(len(rows), K1, -1))

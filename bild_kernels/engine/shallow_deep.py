@@ -50,7 +50,7 @@ class LayerGroups:
                                             logits_indices=torch.tensor(idx, dtype=torch.int64, device=dev),
                                             return_hidden=True)
         hidden = list(hidden.split(counts))
-        return (logits.view(len(rows), K1, -1) if K1 > 0 else None), hidden
+        return (r.screen_logits(rows, logits.view(len(rows), K1, -1)) if K1 > 0 else None), hidden
 
     @torch.inference_mode()
     def deep(self, rows: list[int], hidden: list[list[torch.Tensor]], starts: list[int],
@@ -73,4 +73,4 @@ class LayerGroups:
         logits = r.executor.forward(None, meta, r.kv_caches, hidden_states=torch.cat(x),
                                     layers=(self.exit_layer, self.num_layers),
                                     logits_indices=torch.tensor(idx, dtype=torch.int64, device=r.device))
-        return logits.view(len(rows), K1, -1)
+        return r.screen_logits(rows, logits.view(len(rows), K1, -1))

@@ -1,0 +1,277 @@
+"""The engine's one scheduler: any number of threads submit requests, one running batch serves them all.
+
+Continuous batching without a background thread: a thread that waits for its requests' chunks steps the
+whole engine when no other thread is stepping ("whoever waits, steps"). One engine iteration admits
+waiting requests (FIFO; each reserves its worst case of KV blocks, so a running request never runs out
+and a waiting one is admitted as soon as blocks free up), steps each policy group of the running batch in
+turn, and hands every request's chunks to its own queue. A thread never steps across a `yield`, so a
+paused stream stalls nobody; its chunks wait in its queue while the others step.
+
+Requests end in one of these ways, each freeing the request's blocks before anyone can see it end:
+  "length" | "stop" | "eos"   stop conditions (Engine._finish)
+  "error"                     refused at submission (empty tokens), or a NaN/inf in a model's logits
+                              for that row (the tokens committed before it are kept)
+  "timeout"                   past SamplingParams.timeout_s (checked before and after every step)
+  "cancelled"                 Engine.cancel, or a stream closed / garbage-collected by its consumer
+Any other exception raised by a step ends that step's policy group: its requests are freed and the
+exception is re-raised in each of their consumers; the other groups go on.
+
+Lock order: `cv` (the queues and lists), then `tok_lock` (the tokenizer is not shared across threads).
+Only the stepping thread touches the block tables; `cancel` and `exclusive` wait for it to stop.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from bild_kernels.engine.params import SamplingParams
+from bild_kernels.engine.policies import Policy
+from bild_kernels.engine.sequence import RequestOutput, Sequence, StreamChunk
+from bild_kernels.engine.tokenizer import Detokenizer, resolve_prompts
+
+
+@dataclass(eq=False)
+class Request:
+    """A submitted request: its sequence, its policy, and the queue its consumer reads."""
+
+    seq: Sequence
+    policy: Policy
+    deadline: float | None
+    chunks: deque = field(default_factory=deque)  # StreamChunk, or the exception that ended the request
+    end: str | None = None  # "cancelled" | "timeout": to be ended at the next reap
+    done: bool = False
+
+
+def _group_key(policy: Policy):
+    # Equal fixed policies share a batch; a calibrated one carries its own state, so it steps alone.
+    if policy.calibration is not None:
+        return id(policy)
+    try:
+        return hash(policy), policy
+    except TypeError:
+        return id(policy)
+
+
+class Scheduler:
+    def __init__(self, engine):
+        self.engine = engine
+        self.detok = Detokenizer(engine.tokenizer)
+        self.cv = threading.Condition()
+        self.tok_lock = threading.RLock()
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.stepper: int | None = None  # ident of the thread stepping (or otherwise owning the tables) now
+        self.next_id = 0
+
+    # -- submission ---------------------------------------------------------------------------------
+    def submit(self, prompts, params, policy, chat_template) -> list[Request]:
+        """Validate and enqueue; a request refused here is already finished (error chunk queued)."""
+        eng = self.engine
+        params = SamplingParams() if params is None else params
+        params = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"params: got {len(params)} SamplingParams for {len(prompts)} prompts")
+        for p in params:
+            if not isinstance(p, SamplingParams):
+                raise TypeError(f"params must be SamplingParams, got {type(p).__name__}")
+        policy = eng._check_policy(policy)
+        with self.tok_lock:
+            resolved = list(resolve_prompts(prompts, eng.tokenizer, eng.vocab_size, chat_template))
+        now = time.perf_counter()
+        reqs = []
+        with self.cv:
+            for (ids, error), p in zip(resolved, params):
+                seq = Sequence(self.next_id, ids or [], p)
+                self.next_id += 1
+                req = Request(seq, policy, None if p.timeout_s is None else now + p.timeout_s)
+                error = error or eng._admission_error(seq, policy)
+                if error:
+                    seq.finish_reason = "error"
+                    seq.metrics.end_time = seq.metrics.start_time
+                    req.chunks.append(StreamChunk(seq.request_id, [], "", True, "error",
+                                                  eng._output(seq, self.detok, error)))
+                    req.done = True
+                else:
+                    self.waiting.append(req)
+                reqs.append(req)
+            self.cv.notify_all()
+        return reqs
+
+    # -- consumption --------------------------------------------------------------------------------
+    def chunks(self, reqs: list[Request]) -> Iterator[StreamChunk]:
+        """Yield the chunks of `reqs` as they come, stepping the engine whenever nobody else is."""
+        left = list(reqs)
+        while left:
+            ready, step = [], False
+            with self.cv:
+                for r in left:
+                    while r.chunks:
+                        ready.append((r, r.chunks.popleft()))
+                if not ready:
+                    if self.stepper is None:
+                        self.stepper, step = threading.get_ident(), True
+                    else:
+                        self.cv.wait()  # the stepper notifies after every step
+                        continue
+            if step:
+                try:
+                    self._step_all()
+                finally:
+                    with self.cv:
+                        self.stepper = None
+                        self.cv.notify_all()
+                continue
+            for r, c in ready:
+                if isinstance(c, BaseException):
+                    left.remove(r)
+                    raise c
+                if c.finished:
+                    left.remove(r)
+                yield c
+
+    def cancel(self, req: Request, reason: str = "cancelled") -> bool:
+        """End `req` and free its blocks before returning (unless called from inside a step, e.g. by the
+        garbage collector: then at the end of that step). False if it had already ended."""
+        with self.cv:
+            if req.done:
+                return False
+            req.end = req.end or reason
+            if self.stepper == threading.get_ident():
+                return True
+            while self.stepper is not None and not req.done:
+                self.cv.wait()
+            if not req.done:  # nobody steps, and nobody can start while we hold cv
+                self._reap()
+                self.cv.notify_all()
+            return True
+
+    def find(self, request_id: int) -> Request | None:
+        with self.cv:
+            return next((r for r in (*self.waiting, *self.running) if r.seq.request_id == request_id), None)
+
+    @contextmanager
+    def exclusive(self):
+        """Own the block tables (no step runs meanwhile), for work outside the batch such as scoring."""
+        me = threading.get_ident()
+        with self.cv:
+            if self.stepper == me:
+                raise RuntimeError("the engine cannot be re-entered from inside its own step")
+            while self.stepper is not None:
+                self.cv.wait()
+            self.stepper = me
+        try:
+            yield
+        finally:
+            with self.cv:
+                self.stepper = None
+                self.cv.notify_all()
+
+    # -- stepping (only the thread in self.stepper) ---------------------------------------------------
+    def _step_all(self) -> None:
+        eng = self.engine
+        with self.cv:
+            self._reap()
+            self._admit()
+            groups: dict = {}
+            for r in self.running:
+                groups.setdefault(_group_key(r.policy), []).append(r)
+            self.cv.notify_all()
+            if not groups:
+                if self.waiting:  # cannot happen: admission refuses what would never fit an empty batch
+                    raise RuntimeError("scheduler: requests wait but none can be admitted into an empty batch")
+                return
+        for group in groups.values():
+            try:
+                committed = eng._step([r.seq for r in group], group[0].policy)
+                faulted = self._take_faults()
+            except BaseException as exc:
+                self._take_faults()
+                with self.cv:
+                    for r in group:
+                        self._end(r, "error", f"the engine step failed: {type(exc).__name__}: {exc}", exc)
+                    self.cv.notify_all()
+                if not isinstance(exc, Exception):
+                    raise
+                continue
+            with self.cv, self.tok_lock:
+                for r, new in zip(group, committed):
+                    if r.seq.row in faulted:
+                        del r.seq.tokens[len(r.seq.tokens) - len(new):]  # tokens drawn from the faulty step
+                        self._end(r, "error", f"the {faulted[r.seq.row]} model produced non-finite logits (NaN or "
+                                              f"inf) after {len(r.seq.output_ids)} output tokens")
+                        continue
+                    reason = eng._finish(r.seq, new)
+                    text = self.detok.delta(r.seq)
+                    if reason:
+                        self._release(r)
+                        r.seq.metrics.end_time = time.perf_counter()
+                        r.chunks.append(StreamChunk(r.seq.request_id, new, text, True, reason,
+                                                    eng._output(r.seq, self.detok, None)))
+                        r.done = True
+                    elif new:
+                        r.chunks.append(StreamChunk(r.seq.request_id, new, text, False))
+                self.cv.notify_all()
+        with self.cv:
+            self._reap()
+
+    def _take_faults(self) -> dict[int, str]:
+        faulted = {}
+        for name, runner in self.engine.runners.items():
+            for row in runner.take_nonfinite():
+                faulted.setdefault(row, name)
+        return faulted
+
+    def _admit(self) -> None:
+        eng = self.engine
+        used = sum(eng._worst_blocks(r.seq, r.policy) for r in self.running)
+        while self.waiting and len(self.running) < eng.max_batch_size:
+            req = self.waiting[0]
+            need = eng._worst_blocks(req.seq, req.policy)
+            if used + need > eng.kv_cache_blocks:
+                break  # FIFO: the head waits for blocks, and nobody overtakes it (no starvation)
+            self.waiting.popleft()
+            req.seq.row = min(set(range(eng.max_batch_size)) - {r.seq.row for r in self.running})
+            for runner in eng.runners.values():
+                runner.add(req.seq.row)
+            self.running.append(req)
+            used += need
+
+    def _reap(self) -> None:
+        now = time.perf_counter()
+        for r in (*self.waiting, *self.running):
+            if r.end is None and r.deadline is not None and now >= r.deadline:
+                r.end = "timeout"
+            if r.end == "timeout":
+                self._end(r, "timeout", f"timed out after {r.seq.params.timeout_s} s")
+            elif r.end is not None:
+                self._end(r, r.end, None)
+
+    def _release(self, r: Request) -> None:
+        if r in self.running:
+            for runner in self.engine.runners.values():
+                runner.free(r.seq.row)
+            self.running.remove(r)
+            r.seq.row = -1
+        elif r in self.waiting:
+            self.waiting.remove(r)
+
+    def _end(self, r: Request, reason: str, error: str | None, exc: BaseException | None = None) -> None:
+        """End a request early (cancel, timeout, fault): free its blocks, queue its last chunk."""
+        self._release(r)
+        seq = r.seq
+        seq.finish_reason = reason
+        seq.metrics.generated_tokens = len(seq.output_ids)
+        seq.metrics.end_time = time.perf_counter()
+        if exc is not None:
+            r.chunks.append(exc)
+        else:
+            with self.tok_lock:
+                text = self.detok.text(seq)
+            out = RequestOutput(seq.request_id, seq.tokens[:seq.prompt_len], seq.output_ids, text, reason,
+                                seq.metrics, error)
+            r.chunks.append(StreamChunk(seq.request_id, [], "", True, reason, out))
+        r.done = True

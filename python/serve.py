@@ -1,0 +1,301 @@
+"""A small streaming HTTP service on bild_kernels' public API: OpenAI-style completions.
+
+    python python/serve.py [--large DIR --small DIR] [--port 8000]     # default: Engine()'s default pair
+
+Endpoints (JSON; errors are {"error": {"message", "type"}} with status 400 / 404 / 413 / 503):
+  GET  /health            {"status": "ok", ...}
+  GET  /v1/models         the loaded pair
+  POST /v1/completions    {prompt: str | [token ids], max_tokens=16, temperature=0, top_p=1, top_k=0, seed=0,
+                           stop: str | [str | id], stream=false, timeout: seconds, policy: {"name": "bild"|
+                           "greedy"|"speculative-sampling"|"large-only"|"small-only"|"jacobi"|"shallow-deep",
+                           ...the policy's keyword arguments}}
+With "stream": true the reply is server-sent events, one `data: {...}` per committed run of tokens and
+`data: [DONE]` at the end. Each choice carries, besides OpenAI's text and finish_reason, the token ids
+("token_ids") and, at the end, the engine's "error" when the request ended early (finish_reason "error" or
+"timeout"). Every request thread calls the one Engine: requests join its running batch as they come. A
+client that goes away mid-stream cancels its request, which frees its KV blocks at once.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from contextlib import closing
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import torch
+
+from bild_kernels import (BiLD, Engine, Greedy, Jacobi, LargeOnly, SamplingParams, ShallowDeep, SmallOnly,
+                          SpeculativeSampling)
+
+POLICIES = {"bild": BiLD, "greedy": Greedy, "speculative-sampling": SpeculativeSampling, "large-only": LargeOnly,
+            "small-only": SmallOnly, "jacobi": Jacobi, "shallow-deep": ShallowDeep}
+MAX_BODY = 1 << 20  # bytes
+FIELDS = {"prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "timeout", "policy",
+          "model", "n", "user", "ignore_eos"}
+
+
+class BadRequest(ValueError):
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+class Service:
+    """The engine plus what the HTTP layer needs: request parsing, a policy cache, an admission bound."""
+
+    def __init__(self, engine: Engine, *, model_name: str = "bild", max_pending: int = 256,
+                 default_timeout: float | None = 600.0):
+        self.engine, self.model_name, self.default_timeout = engine, model_name, default_timeout
+        self.slots = threading.BoundedSemaphore(max_pending)
+        self._policies: dict[str, object] = {}
+        self._lock = threading.Lock()
+
+    def policy(self, spec):
+        """One policy object per distinct spec: equal requests share a batch, and "auto" thresholds keep
+        calibrating across requests. The cache is bounded (hostile clients could send endless specs)."""
+        if spec is None:
+            return None
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+            raise BadRequest('policy must be an object with a "name", e.g. {"name": "greedy", "max_draft_len": 4}')
+        kw = {k: v for k, v in spec.items() if k != "name"}
+        cls = POLICIES.get(spec["name"])
+        if cls is None:
+            raise BadRequest(f"unknown policy {spec['name']!r}; one of {sorted(POLICIES)}")
+        key = json.dumps(spec, sort_keys=True)
+        with self._lock:
+            if key in self._policies:
+                return self._policies[key]
+        try:
+            pol = cls(**kw)
+        except (TypeError, ValueError) as e:
+            raise BadRequest(f"policy: {e}") from None
+        with self._lock:
+            if len(self._policies) >= 128:
+                self._policies.pop(next(iter(self._policies)))
+            return self._policies.setdefault(key, pol)
+
+    def parse(self, body: dict):
+        if not isinstance(body, dict):
+            raise BadRequest("the request body must be a JSON object")
+        unknown = set(body) - FIELDS
+        if unknown:
+            raise BadRequest(f"unsupported field(s): {sorted(unknown)}")
+        if body.get("n", 1) != 1:
+            raise BadRequest("n must be 1")
+        prompt = body.get("prompt")
+        if not (isinstance(prompt, str) or (isinstance(prompt, list) and all(type(t) is int for t in prompt))):
+            raise BadRequest("prompt must be a string or a list of token ids")
+        stop = body.get("stop")
+        stop = () if stop is None else (stop,) if isinstance(stop, (str, int)) else stop
+        if not isinstance(stop, list | tuple):
+            raise BadRequest("stop must be a string, a token id, or a list of them")
+        timeout = body.get("timeout", self.default_timeout)
+        try:
+            params = SamplingParams(max_tokens=body.get("max_tokens", 16), temperature=body.get("temperature", 0.0),
+                                    top_p=body.get("top_p", 1.0), top_k=body.get("top_k", 0),
+                                    seed=body.get("seed", 0), stop=tuple(stop),
+                                    ignore_eos=bool(body.get("ignore_eos", False)), timeout_s=timeout)
+        except (TypeError, ValueError) as e:
+            raise BadRequest(str(e)) from None
+        if not isinstance(body.get("stream", False), bool):
+            raise BadRequest("stream must be true or false")
+        return prompt, params, self.policy(body.get("policy")), body.get("stream", False)
+
+    def choice(self, text, token_ids, finish_reason, error=None) -> dict:
+        c = {"index": 0, "text": text, "token_ids": token_ids, "finish_reason": finish_reason}
+        if error:
+            c["error"] = error
+        return c
+
+    def envelope(self, request_id: int, choice: dict, created: int, usage=None) -> dict:
+        out = {"id": f"cmpl-{request_id}", "object": "text_completion", "created": created,
+               "model": self.model_name, "choices": [choice]}
+        if usage is not None:
+            out["usage"] = usage
+        return out
+
+
+def _usage(out) -> dict:
+    p, g = len(out.prompt_token_ids), len(out.token_ids)
+    return {"prompt_tokens": p, "completion_tokens": g, "total_tokens": p + g}
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    timeout = 60  # seconds a client may stall while sending its request (slow clients hold no engine state)
+    service: Service  # set by make_server
+
+    def log_message(self, fmt, *args):  # quiet by default; --log turns it on
+        if getattr(self.server, "log", False):
+            super().log_message(fmt, *args)
+
+    def _json(self, status: int, obj) -> None:
+        data = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _error(self, status: int, message: str, kind: str = "invalid_request_error") -> None:
+        self._json(status, {"error": {"message": message, "type": kind}})
+
+    def do_GET(self):
+        if self.path == "/health":
+            eng = self.service.engine
+            self._json(200, {"status": "ok", "max_batch_size": eng.max_batch_size,
+                             "kv_cache_blocks": eng.kv_cache_blocks})
+        elif self.path == "/v1/models":
+            self._json(200, {"object": "list", "data": [{"id": self.service.model_name, "object": "model"}]})
+        else:
+            self._error(404, f"no route {self.path}", "not_found")
+
+    def do_POST(self):
+        if self.path != "/v1/completions":
+            return self._error(404, f"no route {self.path}", "not_found")
+        try:
+            n = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            return self._error(411, "Content-Length required")
+        if not 0 <= n <= MAX_BODY:
+            self.close_connection = True
+            return self._error(413, f"body over {MAX_BODY} bytes")
+        try:
+            body = json.loads(self.rfile.read(n) or b"null")
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            return self._error(400, f"invalid JSON: {e}")
+        svc = self.service
+        try:
+            prompt, params, policy, stream = svc.parse(body)
+        except BadRequest as e:
+            return self._error(e.status, str(e))
+        if not svc.slots.acquire(blocking=False):
+            return self._error(503, "server busy: too many requests in flight", "overloaded")
+        try:
+            if stream:
+                self._stream(prompt, params, policy)
+            else:
+                self._complete(prompt, params, policy)
+        except (TypeError, ValueError) as e:  # the engine's documented argument errors
+            self._error(400, str(e))
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            pass  # the client left before the reply
+        except Exception as e:  # the engine re-raises a failed step here; the service goes on
+            self._error(500, f"{type(e).__name__}: {e}", "server_error")
+        finally:
+            svc.slots.release()
+
+    def _complete(self, prompt, params, policy):
+        svc, created = self.service, int(time.time())
+        out = svc.engine.generate([prompt], params, policy=policy)[0]
+        if _refused(out):
+            return self._error(400, out.error)
+        choice = svc.choice(out.text or "", out.token_ids, out.finish_reason, out.error)
+        self._json(200, svc.envelope(out.request_id, choice, created, _usage(out)))
+
+    def _stream(self, prompt, params, policy):
+        svc, created = self.service, int(time.time())
+        with closing(svc.engine.stream(prompt, params, policy=policy)) as chunks:  # closing cancels the request
+            first = next(chunks)
+            out = first.output
+            if first.finished and _refused(out):
+                return self._error(400, out.error)
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.close_connection = True
+            try:
+                for c in _chain(first, chunks):
+                    o = c.output
+                    choice = svc.choice(c.text, c.token_ids, c.finish_reason, o.error if o else None)
+                    event = svc.envelope(c.request_id, choice, created, _usage(o) if o else None)
+                    self.wfile.write(b"data: " + json.dumps(event).encode() + b"\n\n")
+                    self.wfile.flush()
+                self.wfile.write(b"data: [DONE]\n\n")
+                self.wfile.flush()
+            except (BrokenPipeError, ConnectionResetError, TimeoutError):
+                pass  # the client left: closing the stream cancels the request and frees its blocks
+            except Exception as e:  # a failed engine step, after the headers went out: say so in the stream
+                err = {"error": {"message": f"{type(e).__name__}: {e}", "type": "server_error"}}
+                self.wfile.write(b"data: " + json.dumps(err).encode() + b"\n\n")
+
+
+def _refused(out) -> bool:
+    """The engine refused the request before any model ran (a bad prompt, too long, ...): a client error."""
+    m = out.metrics
+    return out.finish_reason == "error" and m.large_passes == 0 and m.small_steps == 0
+
+
+def _chain(first, rest):
+    yield first
+    yield from rest
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 256  # the listen backlog: the default 5 resets connections under a burst of clients
+
+
+def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 0, **kw) -> ThreadingHTTPServer:
+    """A ThreadingHTTPServer serving `engine` (port 0: a free port, read it from server.server_address)."""
+    svc = Service(engine, **kw)
+    handler = type("BoundHandler", (Handler,), {"service": svc})
+    server = _Server((host, port), handler)
+    server.service = svc
+    return server
+
+
+def build_engine(args) -> Engine:
+    dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+             "float64": torch.float64}[args.dtype]
+    kw = dict(device=args.device, dtype=dtype, max_batch_size=args.max_batch_size, max_model_len=args.max_model_len)
+    if args.kv_cache_blocks:
+        kw["kv_cache_blocks"] = args.kv_cache_blocks
+    if args.large is None:
+        if args.small is not None:
+            raise SystemExit("--small needs --large")
+        return Engine(**kw)
+    return Engine(large=args.large, small=args.small, **kw)
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--large", help="large model: HF directory or .gguf (default: the engine's default pair)")
+    ap.add_argument("--small", help="small model: HF directory or draft directory")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "float64"])
+    ap.add_argument("--max-batch-size", type=int, default=8)
+    ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--kv-cache-blocks", type=int, default=None)
+    ap.add_argument("--max-pending", type=int, default=256, help="requests in flight before 503")
+    ap.add_argument("--request-timeout", type=float, default=600.0, help="default per-request timeout, seconds")
+    ap.add_argument("--log", action="store_true", help="log every HTTP request to stderr")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    engine = build_engine(args)
+    server = make_server(engine, args.host, args.port, max_pending=args.max_pending,
+                         default_timeout=args.request_timeout)
+    server.log = args.log
+    host, port = server.server_address[:2]
+    print(f"serving on http://{host}:{port}/v1/completions", file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Numeric faults: a NaN or inf in one row's logits ends that request with a clear error; the rest of
+the batch, and every later request that reuses its blocks, is unharmed.
+
+The fault is injected where real ones come from: a NaN row in a model's embedding (corrupt weights),
+so the poisoned request also writes NaN keys and values into its KV blocks.
+"""
+import threading
+
+import pytest
+import torch
+
+from bild_kernels import BiLD, Engine, Greedy, LargeOnly, SamplingParams, ShallowDeep, SmallOnly
+
+from .conftest import hf_greedy
+
+POISON = 13
+CLEAN = [[5, 17, 3], [44, 2, 90, 61, 7], [8], [33, 34, 35, 36]]
+N = 10
+
+
+def _poisoned_engine(large_model, small_model, which=("large",)):
+    eng = Engine(large=large_model, small=small_model, dtype=torch.float64, max_batch_size=3, max_model_len=64,
+                 block_size=4)
+    for name in which:
+        ex = eng.runners[name].executor
+        ex.embed = ex.embed.clone()  # never touch the shared session models
+        ex.embed[POISON] = float("nan")
+    return eng
+
+
+def _all_free(engine):
+    for r in engine.runners.values():
+        assert r.num_free_blocks() == engine.kv_cache_blocks
+        r.check_invariants()
+
+
+@pytest.fixture(scope="module")
+def oracle(large_model):
+    assert not any(POISON in p + hf_greedy(large_model, p, N) for p in CLEAN)
+    return [hf_greedy(large_model, p, N) for p in CLEAN]
+
+
+@pytest.mark.parametrize("which, policy, model", [
+    (("large",), LargeOnly(), "large"), (("large",), Greedy(max_draft_len=3), "large"),
+    (("small",), BiLD(fallback_threshold=0.3, rollback_threshold=0.0), "small"),
+    (("large",), ShallowDeep(exit_layer=2), "large")], ids=["large-only", "greedy", "bild-small", "shallow-deep"])
+def test_poisoned_prompt_fails_alone(large_model, small_model, oracle, which, policy, model):
+    eng = _poisoned_engine(large_model, small_model, which)
+    prompts = [CLEAN[0], [1, POISON, 2], CLEAN[1], CLEAN[2], CLEAN[3]]
+    outs = eng.generate(prompts, SamplingParams(max_tokens=N), policy=policy)
+    bad = outs[1]
+    assert bad.finish_reason == "error" and bad.token_ids == []
+    assert f"the {model} model produced non-finite logits" in bad.error
+    assert [o.token_ids for o in outs[:1] + outs[2:]] == oracle
+    _all_free(eng)
+    # The poisoned request's blocks (NaN keys and values in them) serve the next requests cleanly.
+    assert [o.token_ids for o in eng.generate(CLEAN, SamplingParams(max_tokens=N), policy=policy)] == oracle
+    _all_free(eng)
+
+
+def test_fault_mid_generation_keeps_the_tokens_before_it(large_model, small_model):
+    prompt = CLEAN[1]
+    full = hf_greedy(large_model, prompt, N)
+    k = next(i for i, t in enumerate(full) if t not in prompt + full[:i])
+    eng = Engine(large=large_model, dtype=torch.float64, max_batch_size=2, max_model_len=64, block_size=4)
+    ex = eng.runners["large"].executor
+    ex.embed = ex.embed.clone()
+    ex.embed[full[k]] = float("nan")
+    out = eng.generate([prompt], SamplingParams(max_tokens=N), policy=LargeOnly())[0]
+    # The token itself is committed; the pass that reads it back produces the NaN.
+    assert out.finish_reason == "error" and out.token_ids == full[:k + 1]
+    assert f"after {k + 1} output tokens" in out.error
+    _all_free(eng)
+
+
+def test_small_only_and_streams_fail_cleanly(large_model, small_model):
+    eng = _poisoned_engine(large_model, small_model, ("small",))
+    out = eng.generate([[POISON, 4]], SamplingParams(max_tokens=N), policy=SmallOnly())[0]
+    assert out.finish_reason == "error" and "small model" in out.error
+    chunks = list(eng.stream([POISON], SamplingParams(max_tokens=N), policy=Greedy()))
+    assert [c.finished for c in chunks] == [True] and chunks[-1].finish_reason == "error"
+    assert "small model" in chunks[-1].output.error and chunks[-1].output.token_ids == []
+    _all_free(eng)
+
+
+def test_concurrent_faults_do_not_disturb_the_others(large_model, small_model, oracle):
+    eng = _poisoned_engine(large_model, small_model, ("large", "small"))
+    prompts = [[POISON, 1]] + CLEAN + [[2, POISON]] + CLEAN
+    results = [None] * len(prompts)
+
+    def run(i):
+        results[i] = eng.generate([prompts[i]], SamplingParams(max_tokens=N), policy=Greedy(max_draft_len=3))[0]
+
+    ts = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(timeout=120)
+    assert all(r is not None for r in results)
+    assert [r.finish_reason for r in (results[0], results[5])] == ["error", "error"]
+    assert [r.token_ids for r in results[1:5] + results[6:]] == oracle + oracle
+    _all_free(eng)
+
+
+def test_score_refuses_non_finite_logits(large_model, small_model):
+    eng = _poisoned_engine(large_model, small_model)
+    with pytest.raises(ValueError, match="non-finite"):
+        eng.score([POISON, 1], [2, 3])
+    assert len(eng.score([1], [2, 3])) == 2
+    _all_free(eng)
+
+
+def test_screen_logits_flags_nan_inf_and_empty_rows(large_model):
+    eng = Engine(large=large_model, dtype=torch.float64, max_batch_size=6, max_model_len=32, block_size=4)
+    runner = eng.runners["large"]
+    logits = torch.randn(5, 2, 7, dtype=torch.float64)
+    logits[0, 1, 3] = float("nan")
+    logits[1, 0, 0] = float("inf")
+    logits[2] = float("-inf")  # nothing left to sample from
+    logits[3, :, :4] = float("-inf")  # a draft head's reduced vocabulary: fine
+    keep = logits[3:].clone()
+    out = runner.screen_logits([5, 0, 2, 1, 3], logits)
+    assert out is logits and torch.equal(logits[:3], torch.zeros(3, 2, 7, dtype=torch.float64))
+    assert torch.equal(logits[3:], keep)
+    assert runner.take_nonfinite() == [0, 2, 5] and runner.take_nonfinite() == []

@@ -1,0 +1,120 @@
+"""Property-based fuzzing of the engine on tiny models: random prompts (valid or hostile), lengths,
+sampling parameters, thresholds and policies.
+
+Properties: nothing raises but the documented errors (ValueError / TypeError for bad arguments); a bad
+prompt fails alone with `error` set; lossless greedy modes equal the Hugging Face oracle; every request,
+lossless or not, gives the same tokens alone as in its batch; no KV block is ever leaked.
+"""
+import functools
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bild_kernels import (BiLD, Engine, Greedy, Jacobi, LargeOnly, SamplingParams, ShallowDeep, SmallOnly,
+                          SpeculativeSampling)
+
+from .conftest import hf_greedy
+
+VOCAB, MAX_LEN = 97, 40
+FUZZ = settings(max_examples=40, deadline=None, database=None, derandomize=True,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+
+draft_len = st.integers(1, 6)
+unit = st.floats(0.0, 1.0, allow_nan=False)
+lossless = st.one_of(
+    st.just(LargeOnly()), st.builds(Greedy, max_draft_len=draft_len),
+    st.builds(BiLD, fallback_threshold=unit, rollback_threshold=st.just(0.0), max_draft_len=draft_len),
+    st.builds(Jacobi, block_size=draft_len),
+    st.builds(ShallowDeep, exit_layer=st.integers(1, 2), fallback_threshold=unit, max_draft_len=draft_len),
+    st.builds(SpeculativeSampling, max_draft_len=draft_len))
+lossy = st.one_of(
+    st.just(SmallOnly()),
+    st.builds(BiLD, fallback_threshold=unit, rollback_threshold=st.floats(0.0, 30.0), max_draft_len=draft_len),
+    st.builds(BiLD, fallback_signal=st.just("energy"), fallback_threshold=st.floats(-30.0, 5.0),
+              rollback_threshold=st.floats(0.0, 30.0), max_draft_len=draft_len),
+    st.builds(ShallowDeep, exit_layer=st.integers(1, 2), fallback_threshold=unit,
+              rollback_threshold=st.floats(0.0, 30.0), max_draft_len=draft_len))
+good_prompt = st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=20)
+bad_prompt = st.one_of(st.just([]), st.lists(st.integers(VOCAB, 10**6), min_size=1, max_size=3),
+                       st.lists(st.integers(-5, -1), min_size=1, max_size=3), st.just([1, True]), st.just(3.5),
+                       st.lists(st.integers(0, VOCAB - 1), min_size=MAX_LEN, max_size=MAX_LEN + 5))
+sampling = st.builds(SamplingParams, max_tokens=st.integers(1, 16), temperature=st.sampled_from([0.0, 0.5, 1.0, 2.5]),
+                     top_k=st.sampled_from([0, 1, 5, 200]), top_p=st.sampled_from([1.0, 0.9, 0.3]),
+                     seed=st.integers(0, 2**63 - 1), stop=st.lists(st.integers(0, VOCAB - 1), max_size=2))
+
+
+@pytest.fixture(scope="module")
+def engine(large_model, small_model):
+    # A small pool: batches of several long requests must wait for blocks.
+    return Engine(large=large_model, small=small_model, dtype=torch.float64, max_batch_size=3, max_model_len=MAX_LEN,
+                  block_size=4, kv_cache_blocks=24)
+
+
+@pytest.fixture(scope="module")
+def oracle(large_model):
+    return functools.lru_cache(maxsize=None)(lambda prompt, n: tuple(hf_greedy(large_model, list(prompt), n)))
+
+
+def _all_free(engine):
+    for r in engine.runners.values():
+        assert r.num_free_blocks() == engine.kv_cache_blocks
+        r.check_invariants()
+
+
+@FUZZ
+@given(policy=lossless, prompts=st.lists(st.one_of(good_prompt, bad_prompt), min_size=1, max_size=4),
+       max_tokens=st.lists(st.integers(1, 16), min_size=4, max_size=4))
+def test_lossless_greedy_equals_the_oracle(engine, oracle, policy, prompts, max_tokens):
+    params = [SamplingParams(max_tokens=n) for n in max_tokens[:len(prompts)]]
+    outs = engine.generate(prompts, params, policy=policy)
+    assert len(outs) == len(prompts)
+    for p, sp, o in zip(prompts, params, outs):
+        if o.error is not None:  # only bad prompts fail, each with its reason and no tokens
+            assert o.finish_reason == "error" and o.token_ids == []
+            assert not (isinstance(p, list) and 0 < len(p) < MAX_LEN and all(type(t) is int and 0 <= t < VOCAB
+                                                                             for t in p)), o.error
+            continue
+        n = min(sp.max_tokens, MAX_LEN - len(p))
+        assert o.finish_reason == "length" and len(o.token_ids) == n
+        assert tuple(o.token_ids) == oracle(tuple(p), n)
+    _all_free(engine)
+
+
+@FUZZ
+@given(policy=st.one_of(lossless, lossy), prompts=st.lists(good_prompt, min_size=1, max_size=4),
+       params=st.lists(sampling, min_size=4, max_size=4))
+def test_any_policy_is_batch_invariant_and_leaks_nothing(engine, policy, prompts, params):
+    params = params[:len(prompts)]
+    if any(policy.request_error(p) for p in params):  # e.g. Jacobi is greedy only: a clear per-request error
+        params = [SamplingParams(max_tokens=p.max_tokens, seed=p.seed) for p in params]
+    together = engine.generate(prompts, params, policy=policy)
+    alone = [engine.generate([p], s, policy=policy)[0] for p, s in zip(prompts, params)]
+    assert [o.token_ids for o in together] == [o.token_ids for o in alone]
+    for p, sp, o in zip(prompts, params, together):
+        assert o.error is None and o.finish_reason in ("length", "stop")
+        assert 1 <= len(o.token_ids) <= min(sp.max_tokens, MAX_LEN - len(p))
+        assert all(0 <= t < VOCAB for t in o.token_ids)
+        if o.finish_reason == "stop":
+            assert o.token_ids[-1] in sp.stop and not set(o.token_ids[:-1]) & set(sp.stop)
+    _all_free(engine)
+
+
+@FUZZ
+@given(kw=st.fixed_dictionaries({}, optional={
+    "max_tokens": st.one_of(st.integers(-3, 3), st.floats(allow_nan=True), st.none(), st.just(True)),
+    "temperature": st.one_of(st.floats(allow_nan=True), st.integers(-2, 2), st.text(max_size=2)),
+    "top_k": st.one_of(st.integers(-3, 3), st.floats(allow_nan=True)),
+    "top_p": st.one_of(st.floats(allow_nan=True), st.integers(-1, 2)),
+    "seed": st.one_of(st.integers(-5, 2**64), st.floats(allow_nan=True)),
+    "stop": st.one_of(st.text(max_size=3), st.lists(st.one_of(st.integers(-3, 99), st.text(max_size=2)), max_size=3)),
+    "timeout_s": st.one_of(st.floats(allow_nan=True), st.integers(-1, 2), st.none())}))
+def test_hostile_sampling_params_raise_value_error_or_run(engine, kw):
+    try:
+        params = SamplingParams(**kw)
+    except (ValueError, TypeError):
+        return
+    out = engine.generate([[1, 2, 3]], params, policy=Greedy(max_draft_len=2))[0]
+    assert out.error is None and 1 <= len(out.token_ids) <= params.max_tokens
+    _all_free(engine)

@@ -1,0 +1,150 @@
+"""python/serve.py on a tiny pair saved to disk: streamed == non-streamed == Engine alone, concurrent
+clients, hostile input, and a client that leaves mid-stream."""
+import http.client
+import importlib
+import json
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+PYTHON = Path(__file__).resolve().parent.parent / "python"
+
+
+@pytest.fixture(scope="module")
+def programs():
+    sys.path.insert(0, str(PYTHON))
+    try:
+        yield {m: importlib.import_module(m) for m in ("serve", "load_test", "tiny_pair")}
+    finally:
+        sys.path.remove(str(PYTHON))
+
+
+@pytest.fixture(scope="module")
+def server(programs, tmp_path_factory):
+    serve = programs["serve"]
+    large, small = programs["tiny_pair"].save_tiny_pair(tmp_path_factory.mktemp("pair"))
+    args = serve.parser().parse_args(["--large", str(large), "--small", str(small), "--dtype", "float64",
+                                      "--max-batch-size", "4", "--max-model-len", "64", "--port", "0"])
+    srv = serve.make_server(serve.build_engine(args), port=0, max_pending=64)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def _url(srv):
+    return f"http://127.0.0.1:{srv.server_address[1]}"
+
+
+def _raw(srv, method, path, body: bytes | None = None, headers=None):
+    conn = http.client.HTTPConnection("127.0.0.1", srv.server_address[1], timeout=60)
+    try:
+        conn.request(method, path, body, headers or {})
+        r = conn.getresponse()
+        return r.status, r.read()
+    finally:
+        conn.close()
+
+
+def _all_free(engine):
+    deadline = time.monotonic() + 10
+    while engine._scheduler.running or engine._scheduler.waiting:
+        assert time.monotonic() < deadline, "requests still in flight"
+        time.sleep(0.01)
+    for r in engine.runners.values():
+        assert r.num_free_blocks() == engine.kv_cache_blocks
+        r.check_invariants()
+
+
+BODIES = [{"prompt": "w1 w2 w3", "max_tokens": 12},
+          {"prompt": [5, 17, 3], "max_tokens": 9, "policy": {"name": "greedy", "max_draft_len": 3}},
+          {"prompt": "w40 w2", "max_tokens": 10, "temperature": 0.9, "top_p": 0.9, "seed": 11,
+           "policy": {"name": "speculative-sampling"}},
+          {"prompt": [8], "max_tokens": 7, "policy": {"name": "bild", "fallback_threshold": 0.4,
+                                                      "rollback_threshold": 2.0}},
+          {"prompt": "w7 w7 w7", "max_tokens": 8, "policy": {"name": "jacobi", "block_size": 3}, "stop": ["w50"]}]
+
+
+def test_streamed_equals_complete_equals_engine(programs, server):
+    lt = programs["load_test"]
+    eng, svc = server.service.engine, server.service
+    for body in BODIES:
+        full = lt.complete(_url(server), body, stream=False)
+        streamed = lt.complete(_url(server), body, stream=True)
+        _, params, policy, _ = svc.parse(body)
+        alone = eng.generate([body["prompt"]], params, policy=policy)[0]
+        assert full["status"] == streamed["status"] == 200
+        assert full["token_ids"] == streamed["token_ids"] == alone.token_ids and alone.token_ids
+        assert full["text"] == streamed["text"] == alone.text
+        assert full["finish_reason"] == streamed["finish_reason"] == alone.finish_reason
+    _all_free(eng)
+
+
+def test_concurrent_clients_equal_alone(programs, server):
+    lt = programs["load_test"]
+    bodies = lt.request_mix(12, seed=1, max_tokens=12)
+    res = lt.run_load(_url(server), bodies, clients=6, requests=36, seed=2)
+    assert res["row"]["mismatches"] == 0 and not res["failures"], res["failures"]
+    assert res["row"]["latency_p99_ms"] >= res["row"]["latency_p50_ms"] > 0
+    _all_free(server.service.engine)
+
+
+@pytest.mark.parametrize("body, status, match", [
+    (b"{not json", 400, "invalid JSON"), (b"[1, 2]", 400, "JSON object"), (b"{}", 400, "prompt must be"),
+    (json.dumps({"prompt": "w1", "max_tokens": -1}), 400, "max_tokens"),
+    (json.dumps({"prompt": "w1", "temperature": "hot"}), 400, "temperature"),
+    (json.dumps({"prompt": "w1", "policy": {"name": "magic"}}), 400, "unknown policy"),
+    (json.dumps({"prompt": "w1", "policy": {"name": "bild", "fallback_threshold": 7}}), 400, "fallback_threshold"),
+    (json.dumps({"prompt": "w1", "policy": {"name": "shallow-deep", "exit_layer": 9}}), 400, "exit_layer"),
+    (json.dumps({"prompt": "w1", "policy": "greedy"}), 400, "policy must be"),
+    (json.dumps({"prompt": [1, 500]}), 400, "outside the vocabulary"),
+    (json.dumps({"prompt": [1] * 80}), 400, "max_model_len"),
+    (json.dumps({"prompt": ""}), 400, "empty"),
+    (json.dumps({"prompt": "w1", "n": 3}), 400, "n must be 1"),
+    (json.dumps({"prompt": "w1", "stop": {"a": 1}}), 400, "stop"),
+    (json.dumps({"prompt": "w1", "stream": "yes"}), 400, "stream"),
+    (json.dumps({"prompt": "w1", "timeout": -2}), 400, "timeout_s"),
+    (json.dumps({"prompt": "w1", "logprobs": 5}), 400, "unsupported"),
+    (json.dumps({"prompt": [1, 500], "stream": True}), 400, "outside the vocabulary"),
+])
+def test_hostile_requests_get_clear_errors(server, body, status, match):
+    body = body.encode() if isinstance(body, str) else body
+    code, data = _raw(server, "POST", "/v1/completions", body, {"Content-Type": "application/json"})
+    assert code == status and match in json.loads(data)["error"]["message"]
+    _all_free(server.service.engine)
+
+
+def test_routes_and_limits(server):
+    assert _raw(server, "GET", "/health")[0] == 200
+    assert json.loads(_raw(server, "GET", "/v1/models")[1])["data"][0]["object"] == "model"
+    assert _raw(server, "GET", "/nope")[0] == 404
+    assert _raw(server, "POST", "/v1/chat", b"{}")[0] == 404
+    assert _raw(server, "POST", "/v1/completions", b"x", {"Content-Length": str(1 << 24)})[0] == 413
+
+
+def test_timeout_reports_partial_tokens(programs, server, monkeypatch):
+    eng = server.service.engine
+    step = eng._step
+    monkeypatch.setattr(eng, "_step", lambda running, policy: time.sleep(0.03) or step(running, policy))
+    res = programs["load_test"].complete(_url(server), {"prompt": "w3 w4", "max_tokens": 50, "timeout": 0.2,
+                                                        "policy": {"name": "large-only"}}, stream=True)
+    assert res["finish_reason"] == "timeout" and "timed out" in res["error"] and 0 < len(res["token_ids"]) < 50
+    _all_free(eng)
+
+
+def test_client_leaving_mid_stream_frees_its_blocks(server, monkeypatch):
+    eng = server.service.engine
+    step = eng._step
+    monkeypatch.setattr(eng, "_step", lambda running, policy: time.sleep(0.01) or step(running, policy))
+    body = json.dumps({"prompt": [3, 4], "max_tokens": 60, "stream": True, "policy": {"name": "large-only"}})
+    sock = socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=30)
+    sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
+    assert b"data: " in sock.recv(4096)
+    assert eng._scheduler.running, "the request should still be running"
+    sock.close()
+    _all_free(eng)
