@@ -86,8 +86,9 @@ class Drafts:
 
 @dataclass
 class RequestOutput:
-    """What `Engine.generate` returns per prompt. `error` is set (and token_ids empty) when the
-    request was refused; the other requests of the batch are unaffected."""
+    """What `Engine.generate` returns per prompt. `error` is set when the request was refused (then
+    token_ids is empty), timed out, was cancelled or hit a numeric fault (then token_ids holds what it
+    committed before); the other requests of the batch are unaffected."""
 
     request_id: int
     prompt_token_ids: list[int]
