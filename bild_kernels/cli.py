@@ -171,11 +171,20 @@ def _eval_policies(args, engine) -> list:
     pols.append(Greedy(max_draft_len=args.greedy_draft_len))
     pols.append(engine.default_policy if isinstance(engine.default_policy, BiLD) else BiLD())
     if getattr(args, "sweep", False):
+        rollbacks = _grid(args.rollback_grid, "--rollback-grid")
         for f in _grid(args.fallback_grid, "--fallback-grid"):
-            for r in _grid(args.rollback_grid, "--rollback-grid"):
+            for r in rollbacks:
                 p = BiLD(fallback_threshold=f, rollback_threshold=r, max_draft_len=args.max_draft_len or 10)
                 if p not in pols:
                     pols.append(p)
+        if args.energy_grid:  # E-LANG: the same rollback rule, fallback on the draft's energy
+            for e in _grid(args.energy_grid, "--energy-grid"):
+                for r in rollbacks:
+                    pols.append(BiLD(fallback_signal="energy", fallback_threshold=e, rollback_threshold=r,
+                                     max_draft_len=args.max_draft_len or 10))
+        if args.auto:  # FREE: both thresholds calibrated online while the evaluation runs
+            pols.append(BiLD(fallback_threshold="auto", rollback_threshold="auto",
+                             max_draft_len=args.max_draft_len or 10))
     return pols
 
 
@@ -342,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
             e.add_argument("--sweep", action="store_true", help="also sweep BiLD's two thresholds")
             e.add_argument("--fallback-grid", default="0.3,0.5,0.7,0.9")
             e.add_argument("--rollback-grid", default="1,2,4,8")
+            e.add_argument("--energy-grid", default="", help="with --sweep: E-LANG energy fallback thresholds too")
+            e.add_argument("--auto", action="store_true", help="with --sweep: FREE's calibrated thresholds too")
             e.add_argument("--hf", action="store_true", help="also run HF generate and assisted generation")
             e.add_argument("--plot", default=None, help="write the speed/quality trade-off as a PNG here")
         else:

@@ -159,6 +159,16 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def family(label: str) -> str:
+    """The curve a policy label belongs to on the trade-off plot."""
+    name = label.split("(")[0]
+    if name == "bild" and "fallback_signal=energy" in label:
+        return "bild, energy fallback (E-LANG)"
+    if name == "bild" and "=auto" in label:
+        return "bild, auto thresholds (FREE)"
+    return name
+
+
 def plot_tradeoff(rows: list[dict], path, title: str = "") -> None:
     """Speed-up against quality (NLL ratio, and ROUGE-L), one series per policy family, as a PNG."""
     import matplotlib
@@ -168,7 +178,7 @@ def plot_tradeoff(rows: list[dict], path, title: str = "") -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     families: dict[str, list[dict]] = {}
     for r in rows:
-        families.setdefault(r.get("family") or r["policy"].split("(")[0], []).append(r)
+        families.setdefault(r.get("family") or family(r["policy"]), []).append(r)
     for ax, metric, label in ((axes[0], "nll_ratio", "NLL per token / large model's greedy NLL (lower is better)"),
                               (axes[1], "rouge_l", "ROUGE-L vs large model's greedy output (higher is better)")):
         for fam, rs in families.items():

@@ -1,0 +1,136 @@
+"""The EAGLE-style feature draft on a tiny random teacher: layer maths, chaining, training, agreement."""
+import torch
+
+from bild_kernels.distill.feature_draft import (FeatureDraft, _batch, feature_agreement, feature_loss,
+                                                feature_stats, teacher_features, teacher_self_agreement,
+                                                train_feature_draft)
+
+from .conftest import hf_greedy, tiny_llama
+
+
+def _teacher():
+    return tiny_llama(5, layers=3, dtype=torch.float32)
+
+
+def _setup(vocab=None, n_layers=1):
+    teacher = _teacher()
+    prompts = [[5, 17, 3], [44, 2, 90, 61], [7, 7, 30]]
+    pairs = [(p + hf_greedy(teacher, p, 10), len(p)) for p in prompts]
+    feats = teacher_features(teacher, [ids for ids, _ in pairs], log=lambda s: None)
+    mean, std = feature_stats(feats)
+    draft = FeatureDraft.from_teacher(teacher, n_layers=n_layers, vocab=vocab, feat_mean=mean, feat_std=std)
+    return teacher, pairs, feats, draft
+
+
+def test_features_are_the_pre_norm_last_hidden_state_and_the_layer_maths_matches_the_teacher():
+    teacher = _teacher()
+    ids = [3, 9, 27, 81, 50, 1, 2]
+    (f,) = teacher_features(teacher, [ids], log=lambda s: None)
+    assert f.shape == (len(ids), teacher.config.hidden_size) and f.dtype == torch.float16
+    with torch.no_grad():
+        logits = teacher(torch.tensor([ids])).logits[0]
+        assert torch.allclose(teacher.lm_head(teacher.model.norm(f.float())), logits, atol=0.05 * logits.abs().max())
+    # a "draft" holding all of the teacher's layers, fed the teacher's embeddings, reproduces its features
+    cap = {}
+    hook = teacher.model.norm.register_forward_pre_hook(lambda m, a: cap.__setitem__("f", a[0]))
+    with torch.no_grad():
+        teacher(torch.tensor([ids]))
+    hook.remove()
+    full = FeatureDraft.from_teacher(teacher, n_layers=3)
+    x = full.embed[torch.tensor([ids])]
+    with torch.no_grad():
+        out, _ = full._forward(x, torch.arange(len(ids)), None, None)
+    assert torch.allclose(out[0], cap["f"][0], atol=1e-5, rtol=1e-4)
+
+
+def test_shapes_and_chained_prediction_equals_incremental_decoding():
+    teacher, pairs, feats, draft = _setup(n_layers=2)
+    ids, plen = pairs[1]
+    f = feats[1].float()
+    T, H = f.shape
+    with torch.no_grad():
+        outs = draft.chains(f[None], torch.tensor([ids]), 3)
+    assert len(outs) == 3 and all(o.shape == (1, T, H) for o in outs)
+    assert draft.logits(outs[0]).shape == (1, T, teacher.config.vocab_size)
+    # incremental: true features up to s, then the draft's own features, must match the batched chains
+    for s in [0, 3, T - 4]:
+        cache = [None] * 2
+        for p in range(s + 1):
+            pred, _ = draft.step(f[p], ids[p + 1], p, cache)
+        assert torch.allclose(pred, outs[0][0, s], atol=1e-4)
+        for j in (2, 3):
+            pred, _ = draft.step(pred, ids[s + j], s + j - 1, cache)
+            assert torch.allclose(pred, outs[j - 1][0, s], atol=1e-4), (s, j)
+    # a different (wrong) context changes the chain: the masking does not let it see the future
+    f2 = f.clone()
+    f2[T - 1] += 5.0
+    with torch.no_grad():
+        outs2 = draft.chains(f2[None], torch.tensor([ids]), 3)
+    assert torch.allclose(outs2[2][0, : T - 3], outs[2][0, : T - 3])
+    assert not torch.allclose(outs2[0][0, T - 1], outs[0][0, T - 1])
+
+
+def test_training_lowers_the_loss_and_keeps_the_teacher_parts_frozen():
+    teacher, pairs, feats, draft = _setup(vocab=torch.arange(0, 97, 2))
+    corpus = [ids for ids, _ in pairs]
+    with torch.no_grad():
+        logits = teacher(torch.tensor([corpus[0]])).logits
+    targets = []
+    for ids in corpus:
+        with torch.no_grad():
+            p = torch.softmax(teacher(torch.tensor([ids])).logits[0], -1)
+        pv, pi = p.topk(8, -1)
+        targets.append((pi.to(torch.int32), pv.to(torch.float16)))
+    vmap = torch.full((97,), -1, dtype=torch.long)
+    vmap[draft.vocab] = torch.arange(len(draft.vocab))
+    batch = _batch(corpus, feats, targets, [0, 1, 2], vmap)
+
+    def loss():
+        with torch.no_grad():
+            return float(feature_loss(draft, *batch, depth=2, w_ce=0.5)[0])
+
+    before = loss()
+    embed = draft.embed.clone()
+    hist = train_feature_draft(draft, corpus, feats, targets, minutes=5, max_steps=60, lr=3e-3, batch_size=3,
+                               depth=2, noise=0.0, w_ce=0.5, warmup=5, log=lambda s: None,
+                               eval_fn=lambda d: feature_agreement(d, feats, pairs, depth=2, max_k=2))
+    after = loss()
+    assert after < 0.7 * before, (before, after)
+    assert torch.equal(draft.embed, embed)
+    assert "embed" not in draft.state_dict() and draft.trainable_parameters() > 0
+    assert len(hist) == 1 and 0.0 <= hist[0]["d1"] <= 1.0
+
+
+def test_agreement_scores_an_oracle_draft_1_and_a_shifted_one_low():
+    teacher, pairs, feats, draft = _setup()
+    assert teacher_self_agreement(teacher, feats, pairs) == 1.0
+
+    class Oracle(FeatureDraft):
+        shift = 0  # added to every depth
+        wrong_at = ()  # depths whose prediction is -f (its argmax is the teacher's argmin)
+
+        def chains(self, f, tokens, depth, noise=0.0, detach=False):  # the true f_{s+j} (+ shift)
+            T = f.shape[1]
+            out = []
+            for j in range(1, depth + 1):
+                idx = (torch.arange(T) + j + self.shift).clamp(0, T - 1)
+                out.append(-f[:, idx] if j in self.wrong_at else f[:, idx])
+            return out
+
+    oracle = Oracle.from_teacher(teacher, feat_mean=draft.feat_mean, feat_std=draft.feat_std)
+    res = feature_agreement(oracle, feats, pairs, depth=4, max_k=5)
+    assert res["d1"] == 1.0 and res["d4"] == 1.0 and res["c3"] == 1.0
+    assert abs(res["acc_5"] - 5.0) < 1e-9 and abs(res["acc_2"] - 2.0) < 1e-9
+    assert res["n_d1"] == sum(len(ids) - p for ids, p in pairs)
+    Oracle.wrong_at = (2,)  # right at depths 1, 3, 4, 5: every chain still accepts exactly one token
+    first = feature_agreement(oracle, feats, pairs, depth=4, max_k=5)
+    assert first["d1"] == 1.0 and first["d2"] == 0.0 and first["d3"] == 1.0 and first["c2"] == 0.0
+    assert abs(first["acc_1"] - 1.0) < 1e-9 and abs(first["acc_5"] - 1.0) < 1e-9
+    Oracle.wrong_at = ()
+    Oracle.shift = -1  # one position late: predicts x_{s+j} instead of x_{s+j+1}
+    late = feature_agreement(oracle, feats, pairs, depth=4, max_k=5)
+    assert late["d1"] < 0.5 and late["acc_5"] < 2.5
+    # a real, untrained draft is somewhere in between and its chain statistics are consistent
+    res = feature_agreement(draft, feats, pairs, depth=4, max_k=5)
+    assert 0.0 <= res["d1"] <= 1.0 and res["acc_1"] <= res["acc_2"] <= res["acc_5"] <= 5.0
+    assert abs(res["acc_1"] - res["d1_chain"]) < 1e-9
