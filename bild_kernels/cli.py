@@ -182,6 +182,11 @@ def _eval_policies(args, engine) -> list:
                 for r in rollbacks:
                     pols.append(BiLD(fallback_signal="energy", fallback_threshold=e, rollback_threshold=r,
                                      max_draft_len=args.max_draft_len or 10))
+        from bild_kernels.engine.policies import Jacobi, ShallowDeep
+        if args.jacobi:  # CLLM: no draft model at all
+            pols.append(Jacobi(block_size=args.jacobi))
+        if args.shallow_deep:  # FREE: the large model's first layers draft
+            pols.append(ShallowDeep(exit_layer=args.shallow_deep))
         if args.auto:  # FREE: both thresholds calibrated online while the evaluation runs
             pols.append(BiLD(fallback_threshold="auto", rollback_threshold="auto",
                              max_draft_len=args.max_draft_len or 10))
@@ -245,7 +250,8 @@ def cmd_eval(args) -> int:
     if args.hf:
         rows += [r for r in _hf_rows(args, engine, prompts, rows[0]) if r]
     cols = ["policy", "batch", "tokens_per_s", "speedup", "exact_match", "rouge_l", "nll", "nll_ratio",
-            "acceptance", "mean_accepted", "fallbacks", "rollbacks", "draft_s", "verify_s", "overhead_s"]
+            "acceptance", "mean_accepted", "passes_per_token", "fallbacks", "rollbacks", "draft_s", "verify_s",
+            "overhead_s"]
     print(format_table(rows, cols))
     _write_csv(args.out, rows, _run_info(engine))
     if args.plot:
@@ -353,6 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
             e.add_argument("--rollback-grid", default="1,2,4,8")
             e.add_argument("--energy-grid", default="", help="with --sweep: E-LANG energy fallback thresholds too")
             e.add_argument("--auto", action="store_true", help="with --sweep: FREE's calibrated thresholds too")
+            e.add_argument("--jacobi", type=int, default=0, help="with --sweep: Jacobi(block_size=N) too")
+            e.add_argument("--shallow-deep", type=int, default=0, help="with --sweep: ShallowDeep(exit_layer=N) too")
             e.add_argument("--hf", action="store_true", help="also run HF generate and assisted generation")
             e.add_argument("--plot", default=None, help="write the speed/quality trade-off as a PNG here")
         else:

@@ -50,6 +50,7 @@ class EvalRow:
     fallbacks: int
     rollbacks: int
     large_passes: int
+    passes_per_token: float = 0.0  # large-model passes per generated token (Jacobi's iterations per token)
     draft_s: float = 0.0  # seconds in the draft phase (small model, sampling)
     verify_s: float = 0.0  # seconds in the verify phase (large model, verify_draft, rollback)
     overhead_s: float = 0.0  # the rest of the wall time: the engine's own bookkeeping
@@ -136,7 +137,7 @@ def _row(name, batch, prompts, outs, wall, base_tps, ref_ids, nll, ref_nll, spli
         rouge_l=sum(rouge_l(o.token_ids, r) for o, r in zip(outs, ref_ids)) / len(outs),
         nll=nll, nll_ratio=nll / ref_nll if ref_nll else 0.0, acceptance=m.acceptance_rate,
         mean_accepted=m.mean_accepted_length, fallbacks=m.fallbacks, rollbacks=m.rollbacks,
-        large_passes=m.large_passes, draft_s=split["draft"], verify_s=split["verify"],
+        large_passes=m.large_passes, passes_per_token=m.large_passes / toks if toks else 0.0, draft_s=split["draft"], verify_s=split["verify"],
         overhead_s=max(wall - split["draft"] - split["verify"], 0.0))
 
 

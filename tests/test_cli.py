@@ -105,12 +105,15 @@ def test_eval_writes_table_csv_and_plot(capsys, tmp_path, pair_dirs):
     csv_path, png = tmp_path / "eval.csv", tmp_path / "tradeoff.png"
     code, out, err = _run(capsys, "eval", "--large", large, "--small", small, "--prompts", 3, "--max-tokens", 6,
                           "--sweep", "--fallback-grid", "0.2,0.6", "--rollback-grid", "0.5", "--out", csv_path,
-                          "--plot", png, "--energy-grid", "-3", "--auto")
+                          "--plot", png, "--energy-grid", "-3", "--auto", "--jacobi", 3, "--shallow-deep", 1)
     assert code == 0, err
     rows = list(csv.DictReader(open(csv_path)))
     names = [r["policy"] for r in rows]
-    assert names[0] == "large-only" and any(n.startswith("greedy") for n in names) and len(rows) == 7
+    assert names[0] == "large-only" and any(n.startswith("greedy") for n in names) and len(rows) == 9
     assert any("fallback_signal=energy" in n for n in names) and any("=auto" in n for n in names)
+    for name in ("jacobi", "shallow-deep"):  # lossless without a draft model
+        row = next(r for r in rows if r["policy"].startswith(name))
+        assert float(row["exact_match"]) == 1.0 and 0 < float(row["passes_per_token"]) <= 1.0
     greedy = next(r for r in rows if r["policy"].startswith("greedy"))
     assert float(greedy["exact_match"]) == 1.0 and float(greedy["rouge_l"]) == 1.0  # lossless
     assert float(rows[0]["nll_ratio"]) == 1.0 and float(rows[0]["speedup"]) == 1.0
