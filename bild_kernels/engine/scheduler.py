@@ -145,7 +145,14 @@ class Scheduler:
             while self.stepper is not None and not req.done:
                 self.cv.wait()
             if not req.done:  # nobody steps, and nobody can start while we hold cv
-                self._reap()
+                # Act as the stepper while reaping: a cancel that the garbage collector runs meanwhile in
+                # this thread (an abandoned stream) then only marks its request, and is reaped below.
+                self.stepper = threading.get_ident()
+                try:
+                    while any(r.end is not None and not r.done for r in (*self.waiting, *self.running)):
+                        self._reap()
+                finally:
+                    self.stepper = None
                 self.cv.notify_all()
             return True
 

@@ -174,6 +174,10 @@ def paged_attention(query, key_cache, value_cache, meta: AttentionMetadata, *, s
                                    meta.block_tables, meta.context_lens, scale, window)
     if backend != "triton":
         raise ValueError(f"paged_attention: backend must be 'triton' or 'ref', got {backend!r}")
+    from bild_kernels.ops._triton_impls import interpreter_guard
     from bild_kernels.triton.attention import paged_attention_triton
-    return paged_attention_triton(query, key_cache, value_cache, meta.query_start_loc, meta.positions,
+    run = interpreter_guard("paged_attention", paged_attention_triton,
+                            lambda q, kc, vc, qsl, pos, bt, cl, sc, win, _mq: paged_attention_ref(
+                                q, kc, vc, qsl, pos, bt, cl, sc, win))
+    return run(query, key_cache, value_cache, meta.query_start_loc, meta.positions,
                                   meta.block_tables, meta.context_lens, scale, window, meta.max_query_len)

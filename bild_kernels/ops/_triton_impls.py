@@ -5,9 +5,13 @@ The custom ops (namespace `bild_kernels`) carry fake implementations, so the ops
 """
 from __future__ import annotations
 
+import functools
+import threading
+
 import torch
 
-from bild_kernels._backend import register
+from bild_kernels._backend import register, resolve, triton_interpret
+from bild_kernels.ops import _ref_impls  # noqa: F401  (the guards below fall back to these)
 from bild_kernels.ops import _fake
 from bild_kernels.triton import paged_kv as _kv
 from bild_kernels.triton import sampling as _smp
@@ -61,9 +65,32 @@ gather_paged_kv_triton.register_fake(_fake.gather_paged_kv)
 sample_draft_triton.register_fake(_fake.sample_draft)
 verify_draft_triton.register_fake(_fake.verify_draft)
 
-register("write_paged_kv", "triton", write_paged_kv_triton)
-register("reserve_paged_kv", "triton", reserve_paged_kv_triton)
-register("rollback_paged_kv", "triton", rollback_paged_kv_triton)
-register("gather_paged_kv", "triton", gather_paged_kv_triton)
-register("sample_draft", "triton", sample_draft_triton)
-register("verify_draft", "triton", verify_draft_triton)
+_INTERPRETER = threading.RLock()
+_DEPTH = threading.local()
+
+
+def interpreter_guard(op: str, fn, ref):
+    """Under TRITON_INTERPRET=1, launches of `fn` one at a time (the interpreter patches the global
+    `triton.language` module for the length of a launch, so two at once break each other). A launch made
+    while one is being interpreted in the same thread (a garbage-collection finalizer freeing blocks,
+    say) runs `ref`, which computes the same result. Compiled Triton is left as it is."""
+    if not triton_interpret():
+        return fn
+
+    @functools.wraps(fn)
+    def guarded(*args, **kwargs):
+        if getattr(_DEPTH, "n", 0):
+            return ref(*args, **kwargs)
+        with _INTERPRETER:
+            _DEPTH.n = 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _DEPTH.n = 0
+    return guarded
+
+
+for _op, _fn in (("write_paged_kv", write_paged_kv_triton), ("reserve_paged_kv", reserve_paged_kv_triton),
+                 ("rollback_paged_kv", rollback_paged_kv_triton), ("gather_paged_kv", gather_paged_kv_triton),
+                 ("sample_draft", sample_draft_triton), ("verify_draft", verify_draft_triton)):
+    register(_op, "triton", interpreter_guard(_op, _fn, resolve(_op, torch.device("cpu"), "ref")))
