@@ -147,3 +147,13 @@ def test_rouge_l():
     assert rouge_l([1, 2, 3], [1, 2, 3]) == 1.0
     assert rouge_l([1, 2, 3], [4, 5]) == 0.0
     assert rouge_l([1, 9, 2, 3], [1, 2, 3, 7]) == pytest.approx(0.75)  # LCS 3 of 4 and 4
+
+
+def test_bench_prints_speed_rows(capsys, tmp_path, pair_dirs):
+    large, small = pair_dirs
+    code, out, err = _run(capsys, "bench", "--large", large, "--small", small, "--prompts", 2, "--max-tokens", 4,
+                          "--no-hf", "--out", tmp_path / "bench.csv")
+    assert code == 0, err
+    rows = list(csv.DictReader(open(tmp_path / "bench.csv")))
+    assert [r["policy"].split("(")[0] for r in rows] == ["large-only", "greedy", "bild"]
+    assert all(float(r["tokens_per_s"]) > 0 for r in rows) and "draft_s" in rows[0]
