@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from .engine.conftest import assert_all_free
+
 PYTHON = Path(__file__).resolve().parent.parent / "python"
 
 
@@ -55,9 +57,7 @@ def _all_free(engine):
     while engine._scheduler.running or engine._scheduler.waiting:
         assert time.monotonic() < deadline, "requests still in flight"
         time.sleep(0.01)
-    for r in engine.runners.values():
-        assert r.num_free_blocks() == engine.kv_cache_blocks
-        r.check_invariants()
+    assert_all_free(engine)
 
 
 BODIES = [{"prompt": "w1 w2 w3", "max_tokens": 12},

@@ -8,6 +8,7 @@ p' > positions[t] - window under a sliding window). Rows with no visible key (pa
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 import torch
@@ -150,6 +151,16 @@ def _paged_attention_cpu(query, key_cache, value_cache, query_start_loc, positio
     return out.to(query.dtype)
 
 
+@functools.cache
+def _triton_launcher():
+    """The Triton kernel, guarded under the interpreter like the ops (built once: this is a per-layer call)."""
+    from bild_kernels.ops._triton_impls import interpreter_guard
+    from bild_kernels.triton.attention import paged_attention_triton
+    return interpreter_guard("paged_attention", paged_attention_triton,
+                             lambda q, kc, vc, qsl, pos, bt, cl, sc, win, _mq: paged_attention_ref(
+                                 q, kc, vc, qsl, pos, bt, cl, sc, win))
+
+
 def _default_backend(device: torch.device, dtype: torch.dtype) -> str:
     forced = os.environ.get("BILD_BACKEND")
     if forced in ("triton", "ref"):
@@ -174,10 +185,5 @@ def paged_attention(query, key_cache, value_cache, meta: AttentionMetadata, *, s
                                    meta.block_tables, meta.context_lens, scale, window)
     if backend != "triton":
         raise ValueError(f"paged_attention: backend must be 'triton' or 'ref', got {backend!r}")
-    from bild_kernels.ops._triton_impls import interpreter_guard
-    from bild_kernels.triton.attention import paged_attention_triton
-    run = interpreter_guard("paged_attention", paged_attention_triton,
-                            lambda q, kc, vc, qsl, pos, bt, cl, sc, win, _mq: paged_attention_ref(
-                                q, kc, vc, qsl, pos, bt, cl, sc, win))
-    return run(query, key_cache, value_cache, meta.query_start_loc, meta.positions,
+    return _triton_launcher()(query, key_cache, value_cache, meta.query_start_loc, meta.positions,
                                   meta.block_tables, meta.context_lens, scale, window, meta.max_query_len)

@@ -51,3 +51,31 @@ def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
         out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
                              min_new_tokens=n, pad_token_id=0)
     return out[0, len(prompt):].tolist()
+
+
+def assert_all_free(engine):
+    """Every KV block of every model is back in the free pool, and the allocator's invariants hold."""
+    for r in engine.runners.values():
+        assert r.num_free_blocks() == engine.kv_cache_blocks
+        r.check_invariants()
+
+
+@torch.no_grad()
+def greedy_speculative_reference(large, draft, prompt: list[int], n: int, max_draft_len: int, unsure):
+    """Greedy speculative decoding on plain HF models, one token at a time: `draft` proposes until
+    `unsure(logits)` (that token is discarded: a fallback) or `max_draft_len`; `large` keeps the prefix equal to
+    its argmax and emits its own next token. Returns (output, drafted, accepted, fallbacks)."""
+    tokens, drafted, accepted, fallbacks = list(prompt), 0, 0, 0
+    while len(tokens) - len(prompt) < n:
+        proposal, cap = [], min(max_draft_len, n - (len(tokens) - len(prompt)) - 1)
+        while len(proposal) < cap:
+            z = draft(torch.tensor([tokens + proposal])).logits[0, -1]
+            if unsure(z):
+                fallbacks += 1
+                break
+            proposal.append(int(z.argmax()))
+        target = large(torch.tensor([tokens + proposal])).logits[0, len(tokens) - 1:].argmax(-1).tolist()
+        a = next((i for i, t in enumerate(proposal) if t != target[i]), len(proposal))
+        drafted, accepted = drafted + len(proposal), accepted + a
+        tokens += proposal[:a] + [target[a]]
+    return tokens[len(prompt):], drafted, accepted, fallbacks

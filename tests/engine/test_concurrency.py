@@ -12,7 +12,7 @@ import torch
 
 from bild_kernels import BiLD, Engine, Greedy, Jacobi, LargeOnly, SamplingParams, ShallowDeep, SpeculativeSampling
 
-from .conftest import hf_greedy
+from .conftest import assert_all_free, hf_greedy
 
 POLICIES = [LargeOnly(), Greedy(max_draft_len=3), BiLD(fallback_threshold=0.4, rollback_threshold=2.0, max_draft_len=4),
             SpeculativeSampling(max_draft_len=3), Jacobi(block_size=3), ShallowDeep(exit_layer=2)]
@@ -25,9 +25,7 @@ def _engine(large_model, small_model, **kw):
 
 def _all_free(engine):
     assert not engine._scheduler.running and not engine._scheduler.waiting
-    for r in engine.runners.values():
-        assert r.num_free_blocks() == engine.kv_cache_blocks
-        r.check_invariants()
+    assert_all_free(engine)
 
 
 def _requests(n, seed):

@@ -9,7 +9,7 @@ from bild_kernels.engine.runner import ModelRunner
 from bild_kernels.models import load_model
 from bild_kernels.models.draft import MANIFEST, load_draft, save_draft
 
-from .conftest import hf_greedy, shallow_copy, tiny_llama
+from .conftest import assert_all_free, hf_greedy, shallow_copy, tiny_llama
 
 VOCAB = torch.arange(0, 97, 2)  # the draft's head scores the even ids only
 
@@ -61,8 +61,7 @@ def test_engine_with_draft_dir_is_lossless_and_takes_the_recommended_policy(draf
     outs = eng.generate(prompts, SamplingParams(max_tokens=10), policy=Greedy(max_draft_len=3))
     assert [o.token_ids for o in outs] == [hf_greedy(large_model, p, 10) for p in prompts]
     assert sum(o.metrics.drafted_tokens for o in outs) > 0
-    for r in eng.runners.values():
-        assert r.num_free_blocks() == eng.kv_cache_blocks
+    assert_all_free(eng)
 
 
 def test_draft_for_another_large_model_is_refused(draft_dir):

@@ -4,7 +4,7 @@ import torch
 
 from bild_kernels import BiLD, Engine, Greedy, LargeOnly, SamplingParams, SmallOnly, SpeculativeSampling
 
-from .conftest import hf_greedy
+from .conftest import assert_all_free, hf_greedy
 
 PROMPTS = [[5, 17, 3], [44, 2, 90, 61, 7, 7, 12, 30, 1, 0, 15], [8], [33, 34, 35, 36, 37, 38]]
 N = 12
@@ -21,12 +21,6 @@ def oracle(large_model):
     return [hf_greedy(large_model, p, N) for p in PROMPTS]
 
 
-def _all_free(engine):
-    for r in engine.runners.values():
-        assert r.num_free_blocks() == engine.kv_cache_blocks
-        r.check_invariants()
-
-
 @pytest.mark.parametrize("policy", [LargeOnly(), Greedy(max_draft_len=4), Greedy(max_draft_len=1),
                                     BiLD(fallback_threshold=0.0, rollback_threshold=0.0, max_draft_len=5),
                                     BiLD(fallback_threshold=0.5, rollback_threshold=1e-9, max_draft_len=3)],
@@ -35,13 +29,13 @@ def test_lossless_policies_match_hf_greedy(engine, oracle, policy):
     outs = engine.generate(PROMPTS, SamplingParams(max_tokens=N), policy=policy)
     assert [o.token_ids for o in outs] == oracle
     assert all(o.finish_reason == "length" and o.error is None for o in outs)
-    _all_free(engine)
+    assert_all_free(engine)
 
 
 def test_small_only_matches_hf_greedy_of_small(engine, small_model):
     outs = engine.generate(PROMPTS, SamplingParams(max_tokens=N), policy=SmallOnly())
     assert [o.token_ids for o in outs] == [hf_greedy(small_model, p, N) for p in PROMPTS]
-    _all_free(engine)
+    assert_all_free(engine)
 
 
 def test_drafting_really_happens_and_metrics_add_up(engine):
@@ -65,7 +59,7 @@ def test_bild_with_loose_rollback_differs_but_keeps_length(engine, oracle):
     assert all(len(o.token_ids) == N for o in outs)
     # with a huge rollback threshold nothing is ever rolled back: every draft run is kept
     assert all(o.metrics.rollbacks == 0 for o in outs)
-    _all_free(engine)
+    assert_all_free(engine)
 
 
 def test_batch_composition_does_not_change_outputs(engine):
@@ -86,14 +80,14 @@ def test_stream_yields_the_generate_tokens(engine, oracle):
     chunks = list(engine.stream(PROMPTS[1], SamplingParams(max_tokens=N), policy=Greedy(max_draft_len=3)))
     assert chunks[-1].finished and chunks[-1].output.token_ids == oracle[1]
     assert sum((c.token_ids for c in chunks), []) == oracle[1]
-    _all_free(engine)
+    assert_all_free(engine)
 
 
 def test_abandoned_stream_frees_its_blocks(engine):
     it = engine.stream(PROMPTS[0], SamplingParams(max_tokens=N), policy=Greedy())
     next(it)
     it.close()
-    _all_free(engine)
+    assert_all_free(engine)
 
 
 def test_bad_requests_fail_alone(engine, oracle):
@@ -104,7 +98,7 @@ def test_bad_requests_fail_alone(engine, oracle):
     assert "outside the vocabulary" in outs[2].error
     assert "max_model_len" in outs[3].error
     assert all(o.finish_reason == "error" and o.token_ids == [] for o in outs[1:4])
-    _all_free(engine)
+    assert_all_free(engine)
 
 
 def test_kv_budget_too_small_is_a_request_error(large_model, small_model):

@@ -11,7 +11,7 @@ import torch
 
 from bild_kernels import BiLD, Engine, Greedy, LargeOnly, SamplingParams, ShallowDeep, SmallOnly
 
-from .conftest import hf_greedy
+from .conftest import assert_all_free, hf_greedy
 
 POISON = 13
 CLEAN = [[5, 17, 3], [44, 2, 90, 61, 7], [8], [33, 34, 35, 36]]
@@ -26,12 +26,6 @@ def _poisoned_engine(large_model, small_model, which=("large",)):
         ex.embed = ex.embed.clone()  # never touch the shared session models
         ex.embed[POISON] = float("nan")
     return eng
-
-
-def _all_free(engine):
-    for r in engine.runners.values():
-        assert r.num_free_blocks() == engine.kv_cache_blocks
-        r.check_invariants()
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +46,10 @@ def test_poisoned_prompt_fails_alone(large_model, small_model, oracle, which, po
     assert bad.finish_reason == "error" and bad.token_ids == []
     assert f"the {model} model produced non-finite logits" in bad.error
     assert [o.token_ids for o in outs[:1] + outs[2:]] == oracle
-    _all_free(eng)
+    assert_all_free(eng)
     # The poisoned request's blocks (NaN keys and values in them) serve the next requests cleanly.
     assert [o.token_ids for o in eng.generate(CLEAN, SamplingParams(max_tokens=N), policy=policy)] == oracle
-    _all_free(eng)
+    assert_all_free(eng)
 
 
 def test_fault_mid_generation_keeps_the_tokens_before_it(large_model, small_model):
@@ -70,7 +64,7 @@ def test_fault_mid_generation_keeps_the_tokens_before_it(large_model, small_mode
     # The token itself is committed; the pass that reads it back produces the NaN.
     assert out.finish_reason == "error" and out.token_ids == full[:k + 1]
     assert f"after {k + 1} output tokens" in out.error
-    _all_free(eng)
+    assert_all_free(eng)
 
 
 def test_small_only_and_streams_fail_cleanly(large_model, small_model):
@@ -80,7 +74,7 @@ def test_small_only_and_streams_fail_cleanly(large_model, small_model):
     chunks = list(eng.stream([POISON], SamplingParams(max_tokens=N), policy=Greedy()))
     assert [c.finished for c in chunks] == [True] and chunks[-1].finish_reason == "error"
     assert "small model" in chunks[-1].output.error and chunks[-1].output.token_ids == []
-    _all_free(eng)
+    assert_all_free(eng)
 
 
 def test_concurrent_faults_do_not_disturb_the_others(large_model, small_model, oracle):
@@ -99,7 +93,7 @@ def test_concurrent_faults_do_not_disturb_the_others(large_model, small_model, o
     assert all(r is not None for r in results)
     assert [r.finish_reason for r in (results[0], results[5])] == ["error", "error"]
     assert [r.token_ids for r in results[1:5] + results[6:]] == oracle + oracle
-    _all_free(eng)
+    assert_all_free(eng)
 
 
 def test_score_refuses_non_finite_logits(large_model, small_model):
@@ -107,7 +101,7 @@ def test_score_refuses_non_finite_logits(large_model, small_model):
     with pytest.raises(ValueError, match="non-finite"):
         eng.score([POISON, 1], [2, 3])
     assert len(eng.score([1], [2, 3])) == 2
-    _all_free(eng)
+    assert_all_free(eng)
 
 
 def test_screen_logits_flags_nan_inf_and_empty_rows(large_model):

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from bild_kernels import (BiLD, Engine, Greedy, Jacobi, LargeOnly, SamplingParams, ShallowDeep, SmallOnly,
                           SpeculativeSampling)
 
-from .conftest import hf_greedy
+from .conftest import assert_all_free, hf_greedy
 
 VOCAB, MAX_LEN = 97, 40
 FUZZ = settings(max_examples=40, deadline=None, database=None, derandomize=True,
@@ -57,12 +57,6 @@ def oracle(large_model):
     return functools.lru_cache(maxsize=None)(lambda prompt, n: tuple(hf_greedy(large_model, list(prompt), n)))
 
 
-def _all_free(engine):
-    for r in engine.runners.values():
-        assert r.num_free_blocks() == engine.kv_cache_blocks
-        r.check_invariants()
-
-
 @FUZZ
 @given(policy=lossless, prompts=st.lists(st.one_of(good_prompt, bad_prompt), min_size=1, max_size=4),
        max_tokens=st.lists(st.integers(1, 16), min_size=4, max_size=4))
@@ -79,7 +73,7 @@ def test_lossless_greedy_equals_the_oracle(engine, oracle, policy, prompts, max_
         n = min(sp.max_tokens, MAX_LEN - len(p))
         assert o.finish_reason == "length" and len(o.token_ids) == n
         assert tuple(o.token_ids) == oracle(tuple(p), n)
-    _all_free(engine)
+    assert_all_free(engine)
 
 
 @FUZZ
@@ -98,7 +92,7 @@ def test_any_policy_is_batch_invariant_and_leaks_nothing(engine, policy, prompts
         assert all(0 <= t < VOCAB for t in o.token_ids)
         if o.finish_reason == "stop":
             assert o.token_ids[-1] in sp.stop and not set(o.token_ids[:-1]) & set(sp.stop)
-    _all_free(engine)
+    assert_all_free(engine)
 
 
 @FUZZ
@@ -117,4 +111,4 @@ def test_hostile_sampling_params_raise_value_error_or_run(engine, kw):
         return
     out = engine.generate([[1, 2, 3]], params, policy=Greedy(max_draft_len=2))[0]
     assert out.error is None and 1 <= len(out.token_ids) <= params.max_tokens
-    _all_free(engine)
+    assert_all_free(engine)

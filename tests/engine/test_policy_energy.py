@@ -4,7 +4,7 @@ import torch
 
 from bild_kernels import BiLD, Engine, SamplingParams
 
-from .conftest import hf_greedy
+from .conftest import assert_all_free, greedy_speculative_reference, hf_greedy
 
 PROMPTS = [[5, 17, 3], [44, 2, 90, 61, 7, 7, 12, 30, 1, 0, 15], [8], [33, 34, 35, 36, 37, 38]]
 N = 12
@@ -17,30 +17,11 @@ def engine(large_model, small_model):
                   block_size=4)
 
 
-def _all_free(engine):
-    for r in engine.runners.values():
-        assert r.num_free_blocks() == engine.kv_cache_blocks
-        r.check_invariants()
-
-
-@torch.no_grad()
 def _energy_bild_reference(large, small, prompt, n, threshold, max_draft_len):
     """BiLD with rollback threshold 0 (greedy, lossless) and the energy fallback, one token at a time on
     the HF models: returns (output, drafted, accepted, fallbacks)."""
-    tokens, drafted, accepted, fallbacks = list(prompt), 0, 0, 0
-    while len(tokens) - len(prompt) < n:
-        draft, cap = [], min(max_draft_len, n - (len(tokens) - len(prompt)) - 1)
-        while len(draft) < cap:
-            z = small(torch.tensor([tokens + draft])).logits[0, -1]
-            if -torch.logsumexp(z, 0).item() > threshold:  # T = 1 at greedy decoding
-                fallbacks += 1
-                break
-            draft.append(int(z.argmax()))
-        target = large(torch.tensor([tokens + draft])).logits[0, len(tokens) - 1:].argmax(-1).tolist()
-        a = next((i for i, t in enumerate(draft) if t != target[i]), len(draft))
-        drafted, accepted = drafted + len(draft), accepted + a
-        tokens += draft[:a] + [target[a]]
-    return tokens[len(prompt):], drafted, accepted, fallbacks
+    return greedy_speculative_reference(large, small, prompt, n, max_draft_len,
+                                        unsure=lambda z: -torch.logsumexp(z, 0).item() > threshold)  # T = 1
 
 
 @pytest.mark.parametrize("max_draft_len", [1, 4])
@@ -57,7 +38,7 @@ def test_energy_fallback_follows_the_reference_loop(engine, large_model, small_m
                                                                                               fallbacks)
         total_fallbacks += fallbacks
     assert total_fallbacks > 0, "the threshold should make the small model fall back sometimes"
-    _all_free(engine)
+    assert_all_free(engine)
 
 
 def test_energy_threshold_extremes(engine):
@@ -68,7 +49,7 @@ def test_energy_threshold_extremes(engine):
     always = engine.generate(PROMPTS, params, policy=BiLD(fallback_signal="energy", fallback_threshold=-100.0,
                                                           max_draft_len=4))
     assert all(o.metrics.drafted_tokens == 0 and o.metrics.fallbacks > 0 for o in always)
-    _all_free(engine)
+    assert_all_free(engine)
 
 
 def test_default_signal_is_max_prob():

@@ -9,6 +9,8 @@ from bild_kernels import BiLD, Engine, SamplingParams
 from bild_kernels.engine.calibration import (GRID, BetaMixture, BetaParams, Calibration, Calibrator, fit_beta,
                                              fit_beta_mixture, labelled_pairs, select_threshold)
 
+from .conftest import assert_all_free
+
 PROMPTS = [[5, 17, 3], [44, 2, 90, 61, 7, 7, 12, 30, 1, 0, 15], [8], [33, 34, 35, 36, 37, 38]]
 N = 12
 
@@ -137,12 +139,6 @@ def engine(large_model, small_model):
                   block_size=4)
 
 
-def _all_free(engine):
-    for r in engine.runners.values():
-        assert r.num_free_blocks() == engine.kv_cache_blocks
-        r.check_invariants()
-
-
 def test_pairs_are_labelled_up_to_the_first_mismatch(engine, large_model):
     from .conftest import hf_greedy
     # No refit: the thresholds stay at 0.6 / fixed 0 (lossless), and the buffer holds every labelled pair.
@@ -157,7 +153,7 @@ def test_pairs_are_labelled_up_to_the_first_mismatch(engine, large_model):
     assert int(y[drafted].sum()) == accepted and int((~y[drafted]).sum()) == rollbacks
     assert 0 < int((~drafted).sum()) <= sum(o.metrics.fallbacks for o in outs)
     assert policy.calibration.rollback is None and policy.thresholds() == (0.6, 0.0)
-    _all_free(engine)
+    assert_all_free(engine)
 
 
 def test_auto_thresholds_calibrate_then_freeze(engine):
@@ -178,7 +174,7 @@ def test_auto_thresholds_calibrate_then_freeze(engine):
     assert rb == pytest.approx(-math.log(rb_conf)) and 0.0 < fb < 1.0 and 0.0 < rb < 5.0
     engine.generate(PROMPTS, SamplingParams(max_tokens=N), policy=policy)
     assert policy.thresholds() == (fb, rb) and cal.updates == 3  # frozen: no more fits
-    _all_free(engine)
+    assert_all_free(engine)
 
 
 def test_fixed_thresholds_have_no_calibration():

@@ -6,7 +6,7 @@ import torch
 
 from bild_kernels import Engine, Jacobi, SamplingParams
 
-from .conftest import hf_greedy
+from .conftest import assert_all_free, hf_greedy
 
 PROMPTS = [[5, 17, 3], [44, 2, 90, 61, 7, 7, 12, 30, 1, 0, 15], [8], [33, 34, 35, 36, 37, 38]]
 N = 40  # long enough for the tiny model's greedy output to repeat itself (where Jacobi gains)
@@ -21,12 +21,6 @@ def engine(large_model):
 @pytest.fixture(scope="module")
 def oracle(large_model):
     return [hf_greedy(large_model, p, N) for p in PROMPTS]
-
-
-def _all_free(engine):
-    for r in engine.runners.values():
-        assert r.num_free_blocks() == engine.kv_cache_blocks
-        r.check_invariants()
 
 
 @torch.no_grad()
@@ -55,7 +49,7 @@ def test_jacobi_matches_hf_greedy(engine, oracle, block_size):
         assert m.generated_tokens == N and m.small_steps == 0
         assert m.large_passes + m.accepted_tokens == N  # each pass commits its accepted guesses plus one token
         assert m.iterations_per_token == m.large_passes / N <= 1.0
-    _all_free(engine)
+    assert_all_free(engine)
 
 
 def test_jacobi_iterations_follow_the_reference(engine, large_model):
@@ -93,7 +87,7 @@ def test_sampling_request_is_refused_alone(engine, oracle):
                            policy=Jacobi(block_size=4))
     assert outs[0].token_ids == oracle[0]
     assert outs[1].finish_reason == "error" and "greedy" in outs[1].error
-    _all_free(engine)
+    assert_all_free(engine)
 
 
 @pytest.mark.parametrize("bad", [0, 65, -1, 2.0, True])

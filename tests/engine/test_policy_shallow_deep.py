@@ -4,7 +4,7 @@ import torch
 
 from bild_kernels import Engine, SamplingParams, ShallowDeep
 
-from .conftest import hf_greedy, shallow_copy
+from .conftest import assert_all_free, greedy_speculative_reference, hf_greedy, shallow_copy
 
 PROMPTS = [[5, 17, 3], [44, 2, 90, 61, 7, 7, 12, 30, 1, 0, 15], [8], [33, 34, 35, 36, 37, 38]]
 N = 12
@@ -21,12 +21,6 @@ def oracle(large_model):
     return [hf_greedy(large_model, p, N) for p in PROMPTS]
 
 
-def _all_free(engine):
-    for r in engine.runners.values():
-        assert r.num_free_blocks() == engine.kv_cache_blocks
-        r.check_invariants()
-
-
 @pytest.mark.parametrize("policy", [ShallowDeep(exit_layer=2), ShallowDeep(exit_layer=1, max_draft_len=4),
                                     ShallowDeep(exit_layer=2, fallback_threshold=0.0, max_draft_len=3),
                                     ShallowDeep(exit_layer=2, fallback_threshold=0.3, max_draft_len=1)],
@@ -37,27 +31,14 @@ def test_shallow_deep_matches_hf_greedy(engine, oracle, policy):
     m = [o.metrics for o in outs]
     assert sum(x.drafted_tokens for x in m) > 0 and all(x.large_passes <= N for x in m)
     assert all(x.small_steps > 0 for x in m)  # shallow passes
-    _all_free(engine)
+    assert_all_free(engine)
 
 
-@torch.no_grad()
 def _reference(large, shallow, prompt, n, threshold, max_draft_len):
     """Greedy speculative decoding with `shallow` (a plain HF model) as the draft, unsure below `threshold`:
     (output, drafted, accepted, fallbacks)."""
-    tokens, drafted, accepted, fallbacks = list(prompt), 0, 0, 0
-    while len(tokens) - len(prompt) < n:
-        draft, cap = [], min(max_draft_len, n - (len(tokens) - len(prompt)) - 1)
-        while len(draft) < cap:
-            z = shallow(torch.tensor([tokens + draft])).logits[0, -1]
-            if torch.softmax(z, 0).max().item() < threshold:
-                fallbacks += 1
-                break
-            draft.append(int(z.argmax()))
-        target = large(torch.tensor([tokens + draft])).logits[0, len(tokens) - 1:].argmax(-1).tolist()
-        a = next((i for i, t in enumerate(draft) if t != target[i]), len(draft))
-        drafted, accepted = drafted + len(draft), accepted + a
-        tokens += draft[:a] + [target[a]]
-    return tokens[len(prompt):], drafted, accepted, fallbacks
+    return greedy_speculative_reference(large, shallow, prompt, n, max_draft_len,
+                                        unsure=lambda z: torch.softmax(z, 0).max().item() < threshold)
 
 
 @pytest.mark.parametrize("exit_layer", [1, 2])
@@ -80,7 +61,7 @@ def test_batch_composition_does_not_change_sampled_outputs(engine):
     alone = [engine.generate([p], params, policy=policy)[0] for p in PROMPTS]
     assert [o.token_ids for o in together] == [o.token_ids for o in alone]
     assert all(len(o.token_ids) == N for o in together)
-    _all_free(engine)
+    assert_all_free(engine)
 
 
 def test_stream_and_abandon_free_both_layer_groups(engine, oracle):
@@ -89,14 +70,14 @@ def test_stream_and_abandon_free_both_layer_groups(engine, oracle):
     it = engine.stream(PROMPTS[0], SamplingParams(max_tokens=N), policy=ShallowDeep(exit_layer=1))
     next(it)
     it.close()
-    _all_free(engine)
+    assert_all_free(engine)
 
 
 def test_exit_layer_must_leave_deep_layers(engine):
     for bad in (3, 7):  # the tiny large model has 3 layers
         with pytest.raises(ValueError, match="exit_layer"):
             engine.generate([[1, 2]], SamplingParams(max_tokens=2), policy=ShallowDeep(exit_layer=bad))
-    _all_free(engine)
+    assert_all_free(engine)
 
 
 @pytest.mark.parametrize("bad, match", [(dict(exit_layer=0), "exit_layer"), (dict(exit_layer=1.0), "exit_layer"),
