@@ -172,12 +172,13 @@ def _filter_top_k_top_p(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.
     keep = torch.ones_like(scaled, dtype=torch.bool)
     k = top_k.long()
     use_k = (k > 0) & (k < V)
-    if bool(use_k.any()):
+    capturing = scaled.is_cuda and torch.cuda.is_current_stream_capturing()  # no host read in a graph
+    if capturing or bool(use_k.any()):
         srt = torch.sort(scaled, dim=1, descending=True).values
         kth = srt.gather(1, (k.clamp(1, V) - 1).unsqueeze(1))
         keep &= ~use_k.unsqueeze(1) | (scaled >= kth)
     use_p = top_p < 1.0
-    if bool(use_p.any()):
+    if capturing or bool(use_p.any()):
         probs = torch.softmax(scaled, dim=1)
         sp = torch.sort(probs, dim=1, descending=True).values
         excl = torch.cumsum(sp, dim=1) - sp  # mass strictly above each sorted entry

@@ -25,6 +25,7 @@ import torch
 
 from bild_kernels import ops
 from bild_kernels.engine.calibration import labelled_pairs
+from bild_kernels.engine.draft_loop import StaticDraftLoop
 from bild_kernels.engine.params import SamplingParams
 from bild_kernels.engine.policies import BiLD, LargeOnly, Policy
 from bild_kernels.engine.runner import ModelRunner, load_executor
@@ -68,11 +69,16 @@ class Engine:
         (an int) or a fraction of the device's free memory (a float in (0, 1], CUDA only). A block of
         the budget holds the same tokens in the large and the small cache.
     tokenizer : a transformers tokenizer; default: the large model's, when it has one.
+    draft_loop : how the small model's draft runs execute: "graph" (captured CUDA graphs, one per
+        batch-size bucket; the default on CUDA), "eager" (a loop that shrinks the batch as rows stop;
+        the default on a CPU), or "static" (the graphs' fixed-buffer loop run without capture: for
+        debugging a graph). All three give the same tokens.
     """
 
     def __init__(self, large=None, small=None, *, device: str = "cpu", dtype: torch.dtype | None = None,
                  max_batch_size: int = 8, max_model_len: int = 2048, kv_cache_blocks: int | None = None,
-                 block_size: int = 16, kv_cache_memory: int | float | None = None, tokenizer=None):
+                 block_size: int = 16, kv_cache_memory: int | float | None = None, tokenizer=None,
+                 draft_loop: str | None = None):
         if large is None:
             if small is not None:
                 raise ValueError("small given without large: name both models, or neither for the default pair")
@@ -86,6 +92,11 @@ class Engine:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device='cuda' but no CUDA device is available")
         dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        draft_loop = draft_loop or ("graph" if self.device.type == "cuda" else "eager")
+        if draft_loop not in ("graph", "eager", "static"):
+            raise ValueError(f"draft_loop must be 'graph', 'eager' or 'static', got {draft_loop!r}")
+        if draft_loop == "graph" and self.device.type != "cuda":
+            raise ValueError("draft_loop='graph' captures CUDA graphs: it needs device='cuda'")
         self.max_batch_size, self.max_model_len, self.block_size = max_batch_size, max_model_len, block_size
         # A request may cache a whole draft run past its last committed token.
         self.blocks_per_seq = -(-(max_model_len + 64) // block_size)
@@ -120,6 +131,9 @@ class Engine:
         self.runners = {"large": ModelRunner(large_exec, **kw)}
         if small_exec is not None:
             self.runners["small"] = ModelRunner(small_exec, **kw)
+        self.draft_loop = draft_loop
+        self._static = (None if small_exec is None or draft_loop == "eager"
+                        else StaticDraftLoop(self.runners["small"], max_batch_size, capture=draft_loop == "graph"))
         self._next_id = 0
         # Seconds spent drafting (small model + sampling) and verifying (large model + verify + rollback),
         # summed over steps; wall time minus both is the engine's own overhead. Benchmarks reset it.
@@ -333,6 +347,8 @@ class Engine:
     def _draft(self, running: list[Sequence], policy: Policy) -> Drafts:
         """Autoregressive drafting by the small model, or by the large model's shallow layers."""
         shallow = policy.drafter == "shallow"
+        if not shallow and self._static is not None:
+            return self._draft_static(running, policy)
         key = "large" if shallow else "small"
         drafts: list[list[int]] = [[] for _ in running]
         out = Drafts(drafts, probs=[[] for _ in running] if policy.verify_mode == "sample" else None)
@@ -379,6 +395,33 @@ class Engine:
                     still.append(i)
             active = still
             step += 1
+        return out
+
+    def _draft_static(self, running: list[Sequence], policy: Policy) -> Drafts:
+        """The same draft run on the fixed buffers of `StaticDraftLoop` (CUDA graphs on a GPU)."""
+        caps = self._draft_caps(running, policy)
+        with_probs = policy.verify_mode == "sample"
+        out = Drafts([[] for _ in running], probs=[[] for _ in running] if with_probs else None)
+        if policy.calibration is not None:
+            out.confidences, out.unsure = [[] for _ in running], [None] * len(running)
+        active = [i for i, c in enumerate(caps) if c > 0]
+        if not active:
+            return out
+        seqs = [running[i] for i in active]
+        rows = [s.row for s in seqs]
+        logits = self.runners["small"].extend(rows, [s.pending("small") for s in seqs], [1] * len(seqs))[:, 0]
+        run = self._static.run(rows, [caps[i] for i in active], logits,
+                               self._sampling(seqs, [s.iteration * _DRAFT_STRIDE for s in seqs]),
+                               policy.thresholds()[0], policy.fallback_signal == "energy", with_probs=with_probs)
+        for j, (i, s) in enumerate(zip(active, seqs)):
+            s.cached["small"] = len(s.tokens) + run.fed[j]
+            s.metrics.small_steps += 1 + run.fed[j]
+            s.metrics.fallbacks += run.fell[j]
+            out.tokens[i] = run.tokens[j]
+            if with_probs:
+                out.probs[i] = run.probs[j]
+            if out.confidences is not None:
+                out.confidences[i], out.unsure[i] = run.confidences[j], run.unsure[j]
         return out
 
     def _target_logits(self, running: list[Sequence], policy: Policy, drafts: list[list[int]]) -> torch.Tensor:

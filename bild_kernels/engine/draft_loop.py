@@ -1,0 +1,263 @@
+"""The small model's draft run on fixed buffers: what a CUDA graph replays.
+
+`Engine._draft` (the eager loop) shrinks its batch as rows stop drafting and reads every step's result
+on the host. That is cheapest on a CPU and impossible inside a CUDA graph. `StaticDraftLoop` runs the
+same draft run the way a graph needs it:
+
+  step 0   the small model's ragged catch-up extend (a row's uncached committed tokens), eager, then
+           `_update` on its logits padded to the batch-size bucket;
+  step j   one *decode step* per bucket row: feed the row's last drafted token, write its K/V (slot -1
+           for rows that stopped and padding, so they write nothing and attend to nothing), sample, and
+           update every row's state on the device — no host read anywhere in the step.
+
+Every tensor a step touches lives in a per-bucket `_Buffers` (batch-size buckets 1, 2, 4, ...,
+max_batch_size), so `capture=True` records the decode step once per bucket as a CUDA graph and replays
+it; `capture=False` runs the identical ops eagerly (CPU tests, debugging a graph on a GPU). Per-step
+results are copied into per-run tensors after each step and read on the host once, at the end.
+
+Without host reads the loop cannot see at once that every row has stopped. On a GPU it never waits for
+that: after each step it copies "any row still active" into pinned memory behind an event, and stops
+enqueuing steps as soon as a completed event shows none (a lag of a step or two, never a stall); on a
+CPU the flag is read directly. The KV blocks of a whole run (each row's cap) are reserved before the
+first decode step and what the row did not use is rolled back after the run. Random numbers come from
+the device seed and offset tensors (the offset advances in the graph), so a row draws exactly what the
+eager loop draws for it: both loops give the same drafts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from bild_kernels import ops
+from bild_kernels.models import AttentionMetadata
+
+
+def buckets(max_batch_size: int) -> list[int]:
+    """Batch-size buckets: powers of two below max_batch_size, then max_batch_size."""
+    out, b = [], 1
+    while b < max_batch_size:
+        out.append(b)
+        b *= 2
+    return out + [max_batch_size]
+
+
+@dataclass
+class DraftRun:
+    """One draft run's result, per row of the running batch given to `StaticDraftLoop.run`."""
+
+    tokens: list[list[int]]  # accepted drafts
+    fed: list[int]  # decode steps the row took part in (tokens it wrote to the small cache after step 0)
+    fell: list[bool]  # the row ended its run by a fallback
+    unsure: list[tuple[int, float] | None]  # the discarded token and its max p_S, for rows that fell back
+    confidences: list[list[float]]  # max p_S of each accepted draft
+    probs: list[list[torch.Tensor]] | None  # the [V] distributions of each accepted draft (speculative sampling)
+
+
+@dataclass
+class _Buffers:
+    """Every tensor of one bucket's decode step: inputs, state updated in place, per-step outputs."""
+
+    size: int
+    with_probs: bool
+    device: torch.device
+    max_blocks: int
+    vocab: int
+    graph: object = None
+    t: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        B, dev = self.size, self.device
+        i64, i32, f32, b = (dict(dtype=d, device=dev) for d in (torch.int64, torch.int32, torch.float32, torch.bool))
+        self.t = dict(
+            tok=torch.zeros(B, **i64), pos=torch.zeros(B, **i64), active=torch.zeros(B, **b),
+            ndraft=torch.zeros(B, **i32), cap=torch.zeros(B, **i32), fed=torch.zeros(B, **i32),
+            block_tables=torch.full((B, self.max_blocks), -1, **i32), query_start_loc=torch.arange(B + 1, **i32),
+            temperature=torch.zeros(B, **f32), top_k=torch.zeros(B, **i32), top_p=torch.ones(B, **f32),
+            seed=torch.zeros(B, **i64), offset=torch.zeros(B, **i64), threshold=torch.zeros(B, **f32),
+            energy=torch.zeros(B, **b), nonfinite=torch.zeros(B, **b),
+            out_token=torch.zeros(B, **i64), out_accepted=torch.zeros(B, **b), out_fell=torch.zeros(B, **b),
+            out_conf=torch.zeros(B, **f32), any_active=torch.zeros((), **b))
+        if self.with_probs:
+            self.t["out_probs"] = torch.zeros(B, self.vocab, **f32)
+
+
+class StaticDraftLoop:
+    """Draft runs of one small-model runner on fixed per-bucket buffers, optionally as CUDA graphs."""
+
+    def __init__(self, runner, max_batch_size: int, *, capture: bool):
+        if capture and runner.device.type != "cuda":
+            raise ValueError("CUDA-graph draft runs need a CUDA device")
+        self.runner, self.capture = runner, capture
+        self.buckets = buckets(max_batch_size)
+        self._buffers: dict[tuple[int, bool], _Buffers] = {}
+        self._pool = torch.cuda.graph_pool_handle() if capture else None
+
+    # -- the step ---------------------------------------------------------------------------------
+    def _update(self, t: dict, logits: torch.Tensor) -> None:
+        """Sample each active row's next draft from logits [B, V] and advance the row state in place."""
+        bad = ~torch.isfinite(logits.amax(-1))  # a NaN/inf row: zeroed here, its request ended after the step
+        t["nonfinite"] |= bad & t["active"]
+        logits = logits.masked_fill(bad[:, None], 0.0)
+        thr, energy = t["threshold"], t["energy"]
+        res = ops.sample_draft(logits, temperature=t["temperature"], top_k=t["top_k"], top_p=t["top_p"],
+                               seed=t["seed"], offset=t["offset"],
+                               fallback_threshold=torch.where(energy, torch.zeros_like(thr), thr))
+        # E-LANG: a high energy marks a hard token; BiLD: a low max probability.
+        unsure = torch.where(energy, res.energies > thr, res.fallback)
+        was = t["active"]
+        accepted = was & ~unsure
+        t["out_token"].copy_(res.token_ids)
+        t["out_accepted"].copy_(accepted)
+        t["out_fell"].copy_(was & unsure)
+        t["out_conf"].copy_(res.max_probs)
+        if "out_probs" in t:
+            t["out_probs"].copy_(ops.filtered_probs(logits, t["temperature"], t["top_k"], t["top_p"]))
+        t["ndraft"] += accepted.to(torch.int32)
+        t["active"].copy_(accepted & (t["ndraft"] < t["cap"]))
+        t["tok"].copy_(torch.where(accepted, res.token_ids, t["tok"]))
+        t["offset"] += 1
+        t["any_active"].copy_(t["active"].any())
+
+    def _decode_step(self, t: dict) -> None:
+        """Feed every active row's last draft at its position; rows that stopped write and read nothing."""
+        bs, executor = self.runner.block_size, self.runner.executor
+        active, pos = t["active"], t["pos"]
+        col = (pos // bs).clamp(max=t["block_tables"].shape[1] - 1)
+        block = t["block_tables"].gather(1, col[:, None])[:, 0].long()
+        slot = torch.where(active, block * bs + pos % bs, torch.full_like(pos, -1))
+        meta = AttentionMetadata(query_start_loc=t["query_start_loc"], positions=pos, slot_mapping=slot,
+                                 block_tables=t["block_tables"],
+                                 context_lens=torch.where(active, pos + 1, torch.zeros_like(pos)).to(torch.int32),
+                                 max_query_len=1)
+        logits = executor.forward(t["tok"], meta, self.runner.kv_caches)
+        t["fed"] += active.to(torch.int32)
+        t["pos"] += active.to(torch.int64)
+        self._update(t, logits)
+
+    # -- buffers and graphs -------------------------------------------------------------------------
+    def _get(self, n: int, with_probs: bool) -> _Buffers:
+        size = next(b for b in self.buckets if b >= n)
+        key = (size, with_probs)
+        if key not in self._buffers:
+            r = self.runner
+            buf = _Buffers(size, with_probs, r.device, r.blocks.max_blocks_per_seq, r.executor.config.vocab_size)
+            if self.capture:
+                self._capture(buf)
+            self._buffers[key] = buf
+        return self._buffers[key]
+
+    def _capture(self, buf: _Buffers) -> None:
+        """Record one decode step of this bucket. Every row inactive meanwhile: nothing is written."""
+        t = buf.t
+        t["active"].zero_()
+        side = torch.cuda.Stream(self.runner.device)
+        side.wait_stream(torch.cuda.current_stream(self.runner.device))
+        with torch.cuda.stream(side):  # warm-up: allocator pools, Triton compilation, cuBLAS workspaces
+            for _ in range(2):
+                self._decode_step(t)
+        torch.cuda.current_stream(self.runner.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            self._decode_step(t)
+        buf.graph = graph
+
+    # -- one run ------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def run(self, rows: list[int], caps: list[int], logits: torch.Tensor, sampling: dict, threshold: float,
+            energy: bool, *, with_probs: bool) -> DraftRun:
+        """The draft run of `rows`, whose step-0 logits [n, V] the caller computed (the small model's cache
+        then holds each row's committed tokens). caps[i] >= 1: drafts row i may propose; sampling: the
+        engine's per-row [n] tensors (offset: step 0's)."""
+        n, dev = len(rows), self.runner.device
+        buf = self._get(n, with_probs)
+        t, B = buf.t, buf.size
+        pad = B - n
+
+        def fill(name, values: torch.Tensor, padding=0):
+            t[name][:n].copy_(values)
+            t[name][n:].fill_(padding)
+
+        starts = self.runner.blocks.context_lens_of(rows)
+        # Each row may feed cap - 1 drafts after step 0: reserve their blocks now, return the rest after.
+        reserve = [c - 1 for c in caps]
+        self.runner.blocks.append(rows, reserve)
+        fill("block_tables", self.runner.blocks.block_tables_of(rows), -1)
+        fill("pos", torch.tensor(starts, dtype=torch.int64))
+        fill("cap", torch.tensor(caps, dtype=torch.int32))
+        for name in ("temperature", "top_k", "top_p", "seed", "offset"):
+            fill(name, sampling[name], {"top_p": 1}.get(name, 0))
+        t["threshold"].fill_(threshold)
+        t["energy"].fill_(energy)
+        for name in ("ndraft", "fed", "tok", "nonfinite"):
+            t[name].zero_()
+        t["active"][:n].fill_(True)
+        t["active"][n:].fill_(False)
+        self._update(t, torch.cat([logits, logits.new_zeros(pad, logits.shape[1])]) if pad else logits)
+        outs = [[] for _ in range(5 if with_probs else 4)]
+        self._collect(t, outs)
+
+        steps, lagged = max(caps), _LaggedFlag(dev, max(caps)) if dev.type == "cuda" else None
+        for j in range(1, steps):
+            if lagged is None:
+                if not bool(t["any_active"]):
+                    break
+            elif lagged.all_done():
+                break
+            if buf.graph is not None:
+                buf.graph.replay()
+            else:
+                self._decode_step(t)
+            self._collect(t, outs)
+            if lagged is not None:
+                lagged.record(j, t["any_active"])
+
+        # The run's one host read.
+        token, accepted, fell, conf = (torch.stack(o, 1)[:n].tolist() for o in outs[:4])
+        fed = t["fed"][:n].tolist()
+        idx = torch.tensor(rows, dtype=torch.long, device=dev)  # rows whose logits went NaN/inf: noted
+        nf = self.runner._nonfinite
+        nf.index_copy_(0, idx, nf.index_select(0, idx) | t["nonfinite"][:n])
+        self.runner.blocks.rollback(rows, [r - f for r, f in zip(reserve, fed)])
+        probs = torch.stack(outs[4], 1)[:n] if with_probs else None
+        run = DraftRun([[] for _ in rows], fed, [False] * n, [None] * n, [[] for _ in rows],
+                       [[] for _ in rows] if with_probs else None)
+        for i in range(n):
+            for j in range(len(token[i])):
+                if accepted[i][j]:
+                    run.tokens[i].append(token[i][j])
+                    run.confidences[i].append(conf[i][j])
+                    if probs is not None:
+                        run.probs[i].append(probs[i, j])
+                elif fell[i][j]:
+                    run.fell[i], run.unsure[i] = True, (token[i][j], conf[i][j])
+        return run
+
+    @staticmethod
+    def _collect(t: dict, outs: list) -> None:
+        """Keep this step's outputs (device copies: the buffers are overwritten by the next step)."""
+        for o, name in zip(outs, ("out_token", "out_accepted", "out_fell", "out_conf", "out_probs")):
+            o.append(t[name].clone())
+
+
+class _LaggedFlag:
+    """"Any row still drafting?" after each step, copied to pinned memory behind an event: read only
+    once the event has completed, so the host never waits on the device inside a run."""
+
+    def __init__(self, device: torch.device, steps: int):
+        self.flags = torch.ones(steps, dtype=torch.bool, pin_memory=True)
+        self.events: list[tuple[int, torch.cuda.Event]] = []
+        self.device = device
+
+    def record(self, step: int, any_active: torch.Tensor) -> None:
+        self.flags[step].copy_(any_active, non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(self.device))
+        self.events.append((step, ev))
+
+    def all_done(self) -> bool:
+        while self.events and self.events[0][1].query():
+            step, _ = self.events.pop(0)
+            if not bool(self.flags[step]):
+                return True
+        return False
