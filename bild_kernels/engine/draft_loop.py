@@ -25,6 +25,7 @@ eager loop draws for it: both loops give the same drafts.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -143,7 +144,12 @@ class StaticDraftLoop:
             r = self.runner
             buf = _Buffers(size, with_probs, r.device, r.blocks.max_blocks_per_seq, r.executor.config.vocab_size)
             if self.capture:
-                self._capture(buf)
+                try:
+                    self._capture(buf)
+                except Exception as exc:  # noqa: BLE001 — the uncaptured loop is the same ops, only slower
+                    warnings.warn(f"CUDA-graph capture of the draft step (bucket {size}) failed, running it without "
+                                  f"a graph: {type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=2)
+                    torch.cuda.synchronize(r.device)
             self._buffers[key] = buf
         return self._buffers[key]
 
