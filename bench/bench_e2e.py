@@ -70,8 +70,11 @@ def main():
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--batch-sizes", default="1,4")
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--draft-loops", default=None,
+                    help="Engine draft_loop values to compare, comma-separated (default: graph,eager on CUDA, eager on CPU)")
     args = ap.parse_args()
     dev = args.device
+    loops = (args.draft_loops or ("graph,eager" if dev == "cuda" else "eager")).split(",")
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     large, small = random_pair(args.pair, dtype, dev)
     vocab = large.config.vocab_size
@@ -84,11 +87,14 @@ def main():
     rows = []
     with torch.inference_mode():
         for bs in [int(b) for b in args.batch_sizes.split(",")]:
-            eng = Engine(large=large, small=small, device=dev, dtype=dtype, max_batch_size=bs,
-                         max_model_len=64 + args.tokens, block_size=16)
-            eng.generate(prompts[:1], SamplingParams(max_tokens=4), policy=Greedy())  # warm-up
+            engines = {loop: Engine(large=large, small=small, device=dev, dtype=dtype, max_batch_size=bs,
+                                    max_model_len=64 + args.tokens, block_size=16, draft_loop=loop) for loop in loops}
+            for eng in engines.values():  # warm-up: kernels compiled, every bucket's graph captured
+                eng.generate(prompts[:bs], SamplingParams(max_tokens=8), policy=Greedy())
             base = None
-            for pol in policies:
+            runs = [(loops[0], LargeOnly())] + [(loop, pol) for pol in policies[1:] for loop in loops]
+            for loop, pol in runs:
+                eng = engines[loop]
                 eng.time_split = {"draft": 0.0, "verify": 0.0}
                 t0 = time.perf_counter()
                 outs = eng.generate(prompts, params, policy=pol)
@@ -98,7 +104,8 @@ def main():
                 tps = m.generated_tokens / wall
                 base = tps if isinstance(pol, LargeOnly) else base
                 split = eng.time_split
-                row = dict(pair=args.pair, batch=bs, system=f"engine {pol.name}", tokens_per_s=round(tps, 1),
+                label = f"engine {pol.name}" + (f" ({loop} draft loop)" if len(loops) > 1 and pol.uses_small else "")
+                row = dict(pair=args.pair, batch=bs, system=label, tokens_per_s=round(tps, 1),
                            speedup=round(tps / base, 3), acceptance=round(m.acceptance_rate, 3),
                            mean_accepted=round(m.mean_accepted_length, 2),
                            draft_s=round(split["draft"], 3), verify_s=round(split["verify"], 3),
