@@ -10,6 +10,15 @@ is a tail artefact of the fit, not evidence (a threshold there would keep almost
 
 Rollback distances d = -log p_L(draft) in [0, inf) are squashed into (0, 1] by x = exp(-d) = p_L(draft),
 so the same fit applies; the threshold maps back by d = -log λ.
+
+The two thresholds answer different questions, so each has its own target. The rollback threshold
+decides which disagreeing drafts stay in the output: ζ (`target`) is FREE's quality target. The
+fallback threshold only decides whether the drafter proposes one more token, which the large model
+still verifies: a token kept saves a large-model step, a token lost costs a draft step and its share
+of the verify pass, so drafting pays while P(agree | confidence) exceeds that cost as a fraction of a
+large-model step. `fallback_target` is that break-even.
+Before the first fit the thresholds are the neutral guesses: fallback at its target (a calibrated
+drafter, P(agree | x) = x), rollback at 0 (exact until the fit says what the target allows).
 """
 from __future__ import annotations
 
@@ -153,13 +162,16 @@ class Calibrator:
 
 class Calibration:
     """The mutable calibration state of a policy: current thresholds (fallback on max p_S, rollback on
-    the distance), fits so far, and the calibrators that produce them (None: that threshold is fixed)."""
+    the distance), fits so far, and the calibrators that produce them (None: that threshold is fixed).
+    `target` is the rollback's ζ, `fallback_target` the fallback's (default: the same)."""
 
     def __init__(self, *, fallback: bool, rollback: bool, fallback_threshold: float, rollback_threshold: float,
-                 target: float, refit_every: int, buffer_size: int, max_updates: int):
-        kw = dict(target=target, refit_every=refit_every, buffer_size=buffer_size, max_updates=max_updates)
-        self.fallback = Calibrator(fallback_threshold, **kw) if fallback else None
-        self.rollback = Calibrator(float(squash_distance(rollback_threshold)), **kw) if rollback else None
+                 target: float, refit_every: int, buffer_size: int, max_updates: int,
+                 fallback_target: float | None = None):
+        kw = dict(refit_every=refit_every, buffer_size=buffer_size, max_updates=max_updates)
+        fb_target = target if fallback_target is None else fallback_target
+        self.fallback = Calibrator(fallback_threshold, target=fb_target, **kw) if fallback else None
+        self.rollback = Calibrator(float(squash_distance(rollback_threshold)), target=target, **kw) if rollback else None
         self._fixed = (fallback_threshold, rollback_threshold)
 
     @property
@@ -168,7 +180,7 @@ class Calibration:
 
     @property
     def rollback_threshold(self) -> float:
-        return -math.log(self.rollback.threshold) if self.rollback else self._fixed[1]
+        return 0.0 - math.log(self.rollback.threshold) if self.rollback else self._fixed[1]  # (never -0.0)
 
     @property
     def updates(self) -> int:

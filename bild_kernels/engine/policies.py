@@ -78,17 +78,24 @@ class BiLD(Policy):
     typically negative; no default, its scale depends on the model; T is the request's temperature, 1
     when greedy, as in `sample_draft`).
     "auto" thresholds (FREE, max_prob only): calibrated online from the (confidence, agreed) pairs of
-    every verification pass so that P(agree | confidence = threshold) > `target`; refit every
-    `refit_every` new pairs on the last `buffer_size`, frozen after `max_updates` fits. They start at
-    0.6 / 5.0, and `calibration` shows their current values. Calibrated thresholds are shared by every
-    request the policy serves, so a request's output then depends on what ran before it."""
+    every verification pass, each at the smallest value where P(agree | x = threshold) exceeds its
+    target; refit every `refit_every` new pairs on the last `buffer_size`, frozen after `max_updates`
+    fits. The rollback's `target` (ζ) is a quality target: which disagreeing drafts may stay. The
+    fallback's `fallback_target` is a cost break-even, since a drafted token is still verified: the
+    drafter goes on while the token is likely enough to be kept to pay for its draft step and its share
+    of the verify pass (about a third of a large-model step for the default pair on a CPU; 0.5 keeps a
+    margin; a cheaper drafter, as on a GPU, can go lower). Before the first fit they are
+    `fallback_target` and 0 (exact verification); `calibration` shows their current values.
+    Calibrated thresholds are shared by every request the policy serves, so a request's output then
+    depends on what ran before it."""
 
     fallback_threshold: float | str | None = None
     rollback_threshold: float | str = 5.0
     max_draft_len: int = 10
     fallback_signal: str = "max_prob"
     target: float = 0.9
-    refit_every: int = 256
+    fallback_target: float = 0.5
+    refit_every: int = 64
     buffer_size: int = 4096
     max_updates: int = 50
     calibration: Calibration | None = field(default=None, init=False, repr=False, compare=False)
@@ -118,16 +125,19 @@ class BiLD(Policy):
         if r != "auto" and not (_is_real(r) and r >= 0):
             raise ValueError(f"rollback_threshold must be >= 0 (or 'auto'), got {r!r}")
         _check_draft_len(self.max_draft_len)
-        t = self.target
-        if not (_is_real(t) and 0.0 < t < 1.0):
-            raise ValueError(f"target must be a probability in (0, 1), got {t!r}")
+        for name in ("target", "fallback_target"):
+            t = getattr(self, name)
+            if not (_is_real(t) and 0.0 < t < 1.0):
+                raise ValueError(f"{name} must be a probability in (0, 1), got {t!r}")
         _check_int("refit_every", self.refit_every, 1)
         _check_int("buffer_size", self.buffer_size, 2)
         _check_int("max_updates", self.max_updates, 1)
         if "auto" in (f, r):
             object.__setattr__(self, "calibration", Calibration(
-                fallback=f == "auto", rollback=r == "auto", fallback_threshold=0.6 if f == "auto" else f,
-                rollback_threshold=5.0 if r == "auto" else r, target=t, refit_every=self.refit_every,
+                fallback=f == "auto", rollback=r == "auto",
+                fallback_threshold=self.fallback_target if f == "auto" else f,
+                rollback_threshold=0.0 if r == "auto" else r, target=self.target,
+                fallback_target=self.fallback_target, refit_every=self.refit_every,
                 buffer_size=self.buffer_size, max_updates=self.max_updates))
 
 

@@ -141,9 +141,10 @@ def engine(large_model, small_model):
 
 def test_pairs_are_labelled_up_to_the_first_mismatch(engine, large_model):
     from .conftest import hf_greedy
-    # No refit: the thresholds stay at 0.6 / fixed 0 (lossless), and the buffer holds every labelled pair.
-    policy = BiLD(fallback_threshold="auto", rollback_threshold=0.0, max_draft_len=4, refit_every=10**6,
-                  buffer_size=10**6)
+    # No refit: the thresholds stay at 0.6 (the fallback target) / fixed 0 (lossless), and the buffer
+    # holds every labelled pair.
+    policy = BiLD(fallback_threshold="auto", rollback_threshold=0.0, max_draft_len=4, fallback_target=0.6,
+                  refit_every=10**6, buffer_size=10**6)
     outs = engine.generate(PROMPTS, SamplingParams(max_tokens=N), policy=policy)
     assert [o.token_ids for o in outs] == [hf_greedy(large_model, p, N) for p in PROMPTS]
     x, y = np.array(policy.calibration.fallback._x), np.array(policy.calibration.fallback._y)
@@ -157,10 +158,12 @@ def test_pairs_are_labelled_up_to_the_first_mismatch(engine, large_model):
 
 
 def test_auto_thresholds_calibrate_then_freeze(engine):
-    policy = BiLD(fallback_threshold="auto", rollback_threshold="auto", target=0.6, max_draft_len=4,
-                  refit_every=12, max_updates=3)
+    policy = BiLD(fallback_threshold="auto", rollback_threshold="auto", target=0.6, fallback_target=0.4,
+                  max_draft_len=4, refit_every=12, max_updates=3)
     cal = policy.calibration
-    assert (cal.fallback_threshold, cal.rollback_threshold, cal.updates) == (0.6, pytest.approx(5.0), 0)
+    # before any fit: the fallback at its target, the rollback exact
+    assert (cal.fallback_threshold, cal.rollback_threshold, cal.updates) == (0.4, 0.0, 0)
+    assert str(cal.rollback_threshold) == "0.0"
     for _ in range(6):
         outs = engine.generate(PROMPTS, SamplingParams(max_tokens=N), policy=policy)
         assert all(len(o.token_ids) == N for o in outs)
@@ -168,13 +171,37 @@ def test_auto_thresholds_calibrate_then_freeze(engine):
             break
     assert cal.frozen and cal.updates == 3 and cal.fallback.updates == 3 and cal.rollback.updates == 3
     fb, rb = policy.thresholds()
-    assert (fb, rb) != (0.6, pytest.approx(5.0))
-    assert fb == select_threshold(cal.fallback.mixture, 0.6, lower=_disagree_mean(cal.fallback.mixture))
+    assert (fb, rb) != (0.4, 0.0)
+    # each threshold from its own target: the fallback's break-even, the rollback's quality target
+    assert fb == select_threshold(cal.fallback.mixture, 0.4, lower=_disagree_mean(cal.fallback.mixture))
     rb_conf = select_threshold(cal.rollback.mixture, 0.6, lower=_disagree_mean(cal.rollback.mixture))
-    assert rb == pytest.approx(-math.log(rb_conf)) and 0.0 < fb < 1.0 and 0.0 < rb < 5.0
+    assert rb == pytest.approx(-math.log(rb_conf)) and 0.0 < fb < 1.0 and 0.0 <= rb < 5.0
     engine.generate(PROMPTS, SamplingParams(max_tokens=N), policy=policy)
     assert policy.thresholds() == (fb, rb) and cal.updates == 3  # frozen: no more fits
     assert_all_free(engine)
+
+
+def test_each_threshold_is_fitted_to_its_own_target():
+    # The same pairs for both: the fallback's lower break-even target gives the lower threshold.
+    cal = Calibration(fallback=True, rollback=True, fallback_threshold=0.5, rollback_threshold=0.0, target=0.9,
+                      fallback_target=0.5, refit_every=20_000, buffer_size=20_000, max_updates=5)
+    x, y = _draws(10_000, 10_000, seed=6)
+    cal.observe(x.tolist(), y.tolist(), (-np.log(x)).tolist(), y.tolist())
+    mix = fit_beta_mixture(x, y)
+    assert cal.fallback_threshold == select_threshold(mix, 0.5, lower=_disagree_mean(mix)) == pytest.approx(0.5, abs=0.02)
+    assert cal.rollback_threshold == pytest.approx(-math.log(select_threshold(mix, 0.9, lower=_disagree_mean(mix))))
+    assert cal.fallback.target == 0.5 and cal.rollback.target == 0.9
+    same = Calibration(fallback=True, rollback=False, fallback_threshold=0.6, rollback_threshold=5.0, target=0.7,
+                       refit_every=10, buffer_size=10, max_updates=1)
+    assert same.fallback.target == 0.7  # no fallback_target: the one target serves both
+
+
+def test_auto_defaults():
+    policy = BiLD(fallback_threshold="auto", rollback_threshold="auto")
+    assert (policy.target, policy.fallback_target, policy.refit_every) == (0.9, 0.5, 64)
+    assert policy.thresholds() == (0.5, 0.0)
+    assert BiLD(fallback_threshold="auto", fallback_target=0.3).thresholds() == (0.3, 5.0)
+    assert BiLD(fallback_threshold=0.4, rollback_threshold="auto").thresholds() == (0.4, 0.0)
 
 
 def test_fixed_thresholds_have_no_calibration():
@@ -185,6 +212,8 @@ def test_fixed_thresholds_have_no_calibration():
 @pytest.mark.parametrize("bad, match", [
     (dict(fallback_threshold="automatic"), "fallback_threshold"), (dict(rollback_threshold="aut"), "rollback"),
     (dict(target=1.0), "target"), (dict(target=0.0), "target"), (dict(target=float("nan")), "target"),
+    (dict(fallback_target=1.0), "fallback_target"), (dict(fallback_target=0), "fallback_target"),
+    (dict(fallback_target="auto"), "fallback_target"),
     (dict(refit_every=0), "refit_every"), (dict(buffer_size=1), "buffer_size"), (dict(max_updates=0), "max_updates"),
     (dict(max_updates=2.5), "max_updates"),
 ])
