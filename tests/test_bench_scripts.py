@@ -1,0 +1,41 @@
+"""Every benchmark script runs at CPU-sized shapes and prints its rows (nothing saved): a benchmark that
+breaks is found by the test command, not by the next GPU session."""
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+OPS = ["write_paged_kv", "rollback_paged_kv", "gather_paged_kv", "sample_draft", "verify_draft", "paged_attention"]
+
+
+def _run(script: str, *args: str) -> list[str]:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(BENCH / script), "--no-save", *args], capture_output=True,
+                          text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout.splitlines()
+
+
+def test_every_op_has_a_benchmark():
+    assert sorted(p.stem[len("bench_"):] for p in BENCH.glob("bench_*.py")) == sorted(OPS + ["e2e"])
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_op_benchmark_prints_rows(op):
+    # "<op> <backend> <config> median <us> us [p20 .., p80 ..] <GB/s>": the reference and Triton (interpreted)
+    rows = [line.split() for line in _run(f"bench_{op}.py") if " median " in line]
+    assert {r[1] for r in rows} >= {"ref", "triton"}
+    assert all(r[0].endswith(op.split("_", 1)[1]) and float(r[r.index("median") + 1]) > 0 for r in rows)
+
+
+def test_e2e_benchmark_compares_draft_loops():
+    rows = [ast.literal_eval(line) for line in _run("bench_e2e.py", "--pair", "tiny", "--tokens", "4", "--prompts",
+                                                    "2", "--batch-sizes", "2", "--no-hf", "--draft-loops",
+                                                    "eager,static") if line.startswith("{")]
+    systems = [r["system"] for r in rows]
+    assert systems[0] == "engine large-only" and "engine bild (static draft loop)" in systems
+    assert all(r["tokens_per_s"] > 0 for r in rows)
