@@ -1,0 +1,231 @@
+"""One iteration of the engine over its running batch: draft, verify, commit.
+
+`Iteration` is the half of `Engine` that steps: it holds no state of its own (the runners, the
+sequences and the time split are the engine's) and is split out only to keep each file readable.
+The loop is described at the top of `bild_kernels/engine/engine.py`.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from bild_kernels import ops
+from bild_kernels.engine.calibration import labelled_pairs
+from bild_kernels.engine.policies import Policy
+from bild_kernels.engine.sequence import Drafts, Sequence
+from bild_kernels.engine.shallow_deep import LayerGroups
+
+# Draft steps of one iteration use offsets iteration * _DRAFT_STRIDE + step: distinct for every step.
+_DRAFT_STRIDE = 128
+
+
+class Iteration:
+    """Engine methods that run one step over the running batch (mixed into `Engine`)."""
+
+    def _sampling(self, seqs: list[Sequence], offsets: list[int]) -> dict:
+        dev = self.device
+        return dict(temperature=torch.tensor([s.params.temperature for s in seqs], dtype=torch.float32, device=dev),
+                    top_k=torch.tensor([s.params.top_k for s in seqs], dtype=torch.int32, device=dev),
+                    top_p=torch.tensor([s.params.top_p for s in seqs], dtype=torch.float32, device=dev),
+                    seed=torch.tensor([s.params.seed for s in seqs], dtype=torch.int64, device=dev),
+                    offset=torch.tensor(offsets, dtype=torch.int64, device=dev))
+
+    def _step(self, running: list[Sequence], policy: Policy) -> list[list[int]]:
+        """One iteration over the running batch; returns the tokens committed per sequence."""
+        t0 = time.perf_counter()
+        if policy.uses_small and not policy.drafts:
+            committed = self._step_small_only(running)
+            self.time_split["draft"] += time.perf_counter() - t0
+            return committed
+        if not policy.drafts:
+            drafts = Drafts([[] for _ in running])
+        elif policy.drafter == "guess":
+            drafts = self._guess(running, policy)
+        else:
+            drafts = self._draft(running, policy)
+        t1 = time.perf_counter()
+        committed = self._verify(running, policy, drafts)
+        self.time_split["draft"] += t1 - t0
+        self.time_split["verify"] += time.perf_counter() - t1
+        return committed
+
+    def _step_small_only(self, running: list[Sequence]) -> list[list[int]]:
+        small = self.runners["small"]
+        logits = small.extend([s.row for s in running], [s.pending("small") for s in running], [1] * len(running))
+        for s in running:
+            s.cached["small"] = len(s.tokens)
+            s.metrics.small_steps += 1
+        res = ops.sample_draft(logits[:, 0], **self._sampling(running, [s.iteration for s in running]))
+        new = [[t] for t in res.token_ids.tolist()]
+        for s, t in zip(running, new):
+            s.tokens += t
+            s.iteration += 1
+        return new
+
+    def _draft_caps(self, running: list[Sequence], policy: Policy) -> list[int]:
+        # Never draft past what the request may still generate: the emitted token comes on top.
+        return [min(policy.max_draft_len, self._max_new(s) - len(s.output_ids) - 1) for s in running]
+
+    def _guess(self, running: list[Sequence], policy: Policy) -> Drafts:
+        """Jacobi: no drafter; the policy guesses each row's next tokens (carried from the last pass)."""
+        return Drafts([policy.guess(s, max(c, 0)) for s, c in zip(running, self._draft_caps(running, policy))])
+
+    def _layer_groups(self, policy: Policy) -> LayerGroups:
+        if getattr(self, "_groups", None) is None or self._groups.exit_layer != policy.exit_layer:
+            self._groups = LayerGroups(self.runners["large"], policy.exit_layer)
+        return self._groups
+
+    def _draft(self, running: list[Sequence], policy: Policy) -> Drafts:
+        """Autoregressive drafting by the small model, or by the large model's shallow layers."""
+        shallow = policy.drafter == "shallow"
+        if not shallow and self._static is not None:
+            return self._draft_static(running, policy)
+        key = "large" if shallow else "small"
+        drafts: list[list[int]] = [[] for _ in running]
+        out = Drafts(drafts, probs=[[] for _ in running] if policy.verify_mode == "sample" else None)
+        if policy.calibration is not None:
+            out.confidences, out.unsure = [[] for _ in running], [None] * len(running)
+        caps = self._draft_caps(running, policy)
+        fallback_threshold = policy.thresholds()[0]
+        energy = policy.fallback_signal == "energy"
+        active = [i for i, c in enumerate(caps) if c > 0]
+        step = 0
+        while active:
+            seqs = [running[i] for i in active]
+            rows = [s.row for s in seqs]
+            toks = [(s.tokens + drafts[i])[s.cached[key]:] for i, s in zip(active, seqs)]
+            if shallow:
+                logits, hidden = self._layer_groups(policy).shallow(rows, toks, [1] * len(seqs))
+                for s, h in zip(seqs, hidden):
+                    s.hidden.append(h)
+            else:
+                logits = self.runners["small"].extend(rows, toks, [1] * len(seqs))
+            logits = logits[:, 0]  # [n, V]
+            for i, s in zip(active, seqs):
+                s.cached[key] = len(s.tokens) + len(drafts[i])
+                s.metrics.small_steps += 1
+            sp = self._sampling(seqs, [s.iteration * _DRAFT_STRIDE + step for s in seqs])
+            res = ops.sample_draft(logits, fallback_threshold=0.0 if energy else fallback_threshold, **sp)
+            # E-LANG: a high energy -T logsumexp(z/T) marks a hard token; BiLD: a low max probability.
+            unsure = (res.energies > fallback_threshold) if energy else res.fallback
+            row_probs = ops.filtered_probs(logits, sp["temperature"], sp["top_k"], sp["top_p"]) if out.probs else None
+            confs = res.max_probs.tolist() if out.confidences is not None else None
+            still = []
+            for j, (i, tok, fb) in enumerate(zip(active, res.token_ids.tolist(), unsure.tolist())):
+                if fb:  # the drafter is unsure: its token is discarded and the large model takes over
+                    running[i].metrics.fallbacks += 1
+                    if confs is not None:
+                        out.unsure[i] = (tok, confs[j])
+                    continue
+                drafts[i].append(tok)
+                if out.probs is not None:
+                    out.probs[i].append(row_probs[j])
+                if confs is not None:
+                    out.confidences[i].append(confs[j])
+                if len(drafts[i]) < caps[i]:
+                    still.append(i)
+            active = still
+            step += 1
+        return out
+
+    def _draft_static(self, running: list[Sequence], policy: Policy) -> Drafts:
+        """The same draft run on the fixed buffers of `StaticDraftLoop` (CUDA graphs on a GPU)."""
+        caps = self._draft_caps(running, policy)
+        with_probs = policy.verify_mode == "sample"
+        out = Drafts([[] for _ in running], probs=[[] for _ in running] if with_probs else None)
+        if policy.calibration is not None:
+            out.confidences, out.unsure = [[] for _ in running], [None] * len(running)
+        active = [i for i, c in enumerate(caps) if c > 0]
+        if not active:
+            return out
+        seqs = [running[i] for i in active]
+        rows = [s.row for s in seqs]
+        logits = self.runners["small"].extend(rows, [s.pending("small") for s in seqs], [1] * len(seqs))[:, 0]
+        run = self._static.run(rows, [caps[i] for i in active], logits,
+                               self._sampling(seqs, [s.iteration * _DRAFT_STRIDE for s in seqs]),
+                               policy.thresholds()[0], policy.fallback_signal == "energy", with_probs=with_probs)
+        for j, (i, s) in enumerate(zip(active, seqs)):
+            s.cached["small"] = len(s.tokens) + run.fed[j]
+            s.metrics.small_steps += 1 + run.fed[j]
+            s.metrics.fallbacks += run.fell[j]
+            out.tokens[i] = run.tokens[j]
+            if with_probs:
+                out.probs[i] = run.probs[j]
+            if out.confidences is not None:
+                out.confidences[i], out.unsure[i] = run.confidences[j], run.unsure[j]
+        return out
+
+    def _target_logits(self, running: list[Sequence], policy: Policy, drafts: list[list[int]]) -> torch.Tensor:
+        """One pass of the large model over every row's uncached tokens + draft: [B, K+1, V]."""
+        rows = [s.row for s in running]
+        if policy.drafter != "shallow":
+            toks = [s.tokens[s.cached["large"]:] + d for s, d in zip(running, drafts)]
+            target_logits = self.runners["large"].extend(rows, toks, [len(d) + 1 for d in drafts])
+        else:
+            groups = self._layer_groups(policy)
+            # The shallow group first catches up on what it has not seen (a prompt, a capped run's last draft)...
+            behind = [i for i, (s, d) in enumerate(zip(running, drafts)) if s.cached["large"] < len(s.tokens) + len(d)]
+            if behind:
+                toks = [(running[i].tokens + drafts[i])[running[i].cached["large"]:] for i in behind]
+                _, hidden = groups.shallow([rows[i] for i in behind], toks, [0] * len(behind))
+                for i, h in zip(behind, hidden):
+                    running[i].hidden.append(h)
+            # ...then the deep layers run once over every token whose deep KV is pending.
+            target_logits = groups.deep(rows, [s.hidden for s in running], [s.cached["deep"] for s in running],
+                                        [len(d) + 1 for d in drafts])
+            for s, d in zip(running, drafts):
+                s.cached["deep"] = len(s.tokens) + len(d)
+                s.hidden = []
+        for s, d in zip(running, drafts):
+            s.cached["large"] = len(s.tokens) + len(d)
+            s.metrics.large_passes += 1
+        return target_logits
+
+    def _verify(self, running: list[Sequence], policy: Policy, drafts: Drafts) -> list[list[int]]:
+        draft_tokens = drafts.tokens
+        K = max(len(d) for d in draft_tokens)
+        target_logits = self._target_logits(running, policy, draft_tokens)  # [B, K+1, V]
+        draft_ids = torch.full((len(running), K), -1, dtype=torch.int64)
+        for i, d in enumerate(draft_tokens):
+            draft_ids[i, :len(d)] = torch.tensor(d, dtype=torch.int64)
+        kw = self._sampling(running, [s.iteration for s in running])
+        if policy.verify_mode == "bild":
+            kw["rollback_threshold"] = policy.thresholds()[1]
+        if policy.verify_mode == "sample":
+            kw["draft_probs"] = ops.pack_draft_probs(drafts.probs, K, self.vocab_size, target_logits)
+        res = ops.verify_draft(draft_ids.to(self.device), target_logits, policy.verify_mode, **kw)
+        num_accepted, out_ids = res.num_accepted.tolist(), res.output_ids.tolist()
+        # The large model's argmax at every position: Jacobi's next guesses, calibration's labels.
+        argmax = None
+        if policy.drafter == "guess" or policy.calibration is not None:
+            B, K1, V = target_logits.shape
+            argmax = ops.sample_draft(target_logits.reshape(B * K1, V)).token_ids.view(B, K1).tolist()
+        if policy.calibration is not None:
+            policy.calibration.observe(*labelled_pairs(draft_tokens, drafts.confidences, drafts.unsure, argmax,
+                                                       res.distances.tolist()))
+        committed, rollbacks = [], {name: ([], []) for name in self.runners}
+        for i, (s, d, a, out) in enumerate(zip(running, draft_tokens, num_accepted, out_ids)):
+            new = out[:a + 1]
+            if d:
+                m = s.metrics
+                m.drafted_tokens += len(d)
+                m.accepted_tokens += a
+                m.accepted_lengths[a] += 1
+                m.rollbacks += a < len(d)
+            if policy.drafter == "guess":  # Jacobi: predictions past the emitted token become the next guesses
+                s.guesses = argmax[i][a + 1:len(d) + 1]
+            valid = len(s.tokens) + a  # cached tokens still on the committed path
+            s.tokens += new
+            s.iteration += 1
+            s.cached["deep"] = min(s.cached["deep"], valid)
+            for name in self.runners:
+                if s.cached[name] > valid:
+                    rollbacks[name][0].append(s.row)
+                    rollbacks[name][1].append(s.cached[name] - valid)
+                    s.cached[name] = valid
+            committed.append(new)
+        for name, (rows, counts) in rollbacks.items():
+            if rows:
+                self.runners[name].rollback(rows, counts)
+        return committed
