@@ -18,6 +18,21 @@ NPIV = tl.constexpr(16)  # pivots per threshold-search pass: 8 passes instead of
 
 
 @triton.jit
+def row_params(temperature_ptr, top_k_ptr, top_p_ptr, seed_ptr, offset_ptr, row, V):
+    # One row's sampling parameters, and what they imply: greedy (T <= 0), the divisor t (1 when greedy),
+    # and whether top-k/top-p filter anything.
+    temp = tl.load(temperature_ptr + row)
+    top_k = tl.load(top_k_ptr + row)
+    top_p = tl.load(top_p_ptr + row)
+    seed = tl.load(seed_ptr + row)
+    offset = tl.load(offset_ptr + row)
+    greedy = temp <= 0.0
+    t = tl.where(greedy, 1.0, temp)
+    filtered = ((top_k > 0) & (top_k < V)) | (top_p < 1.0)
+    return top_k, top_p, seed, offset, greedy, t, filtered
+
+
+@triton.jit
 def uniform(seed, index, offset, PURPOSE: tl.constexpr, position):
     # Counter (index, offset_lo, offset_hi, purpose << 24 | position), first output word, as the reference.
     c1 = (offset & 0xFFFFFFFF).to(tl.uint32)

@@ -12,7 +12,7 @@ import triton.language as tl
 
 from bild_kernels._backend import triton_interpret
 from bild_kernels import reference as R
-from bild_kernels.triton._sampling_common import NPIV, filter_threshold, kept_pass, row_pass
+from bild_kernels.triton._sampling_common import NPIV, filter_threshold, kept_pass, row_params, row_pass
 
 PURPOSE_DRAFT_SAMPLE = tl.constexpr(R.PURPOSE_DRAFT_SAMPLE)
 
@@ -28,14 +28,8 @@ def _sample_draft_kernel(logits_ptr, temperature_ptr, top_k_ptr, top_p_ptr, seed
                          fallback_ptr, V, BLOCK_V: tl.constexpr, BLOCK_S: tl.constexpr):
     row = tl.program_id(0)
     row_ptr = logits_ptr + row.to(tl.int64) * V
-    temp = tl.load(temperature_ptr + row)
-    top_k = tl.load(top_k_ptr + row)
-    top_p = tl.load(top_p_ptr + row)
-    seed = tl.load(seed_ptr + row)
-    offset = tl.load(offset_ptr + row)
-    greedy = temp <= 0.0
-    t = tl.where(greedy, 1.0, temp)
-    filtered = ((top_k > 0) & (top_k < V)) | (top_p < 1.0)
+    top_k, top_p, seed, offset, greedy, t, filtered = row_params(temperature_ptr, top_k_ptr, top_p_ptr, seed_ptr,
+                                                                 offset_ptr, row, V)
     if greedy:
         zm, zidx, zs, sm, ss, gidx = row_pass(row_ptr, V, t, seed, offset, 0, PURPOSE_DRAFT_SAMPLE, False, False,
                                               BLOCK_V)

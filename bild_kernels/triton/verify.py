@@ -11,8 +11,8 @@ import triton.language as tl
 
 from bild_kernels import reference as R
 from bild_kernels._backend import triton_interpret
-from bild_kernels.triton._sampling_common import (NPIV, filter_threshold, gumbel, kept_pass, order_key, row_pass,
-                                                  uniform)
+from bild_kernels.triton._sampling_common import (NPIV, filter_threshold, gumbel, kept_pass, order_key, row_params,
+                                                  row_pass, uniform)
 
 PURPOSE_VERIFY_ACCEPT = tl.constexpr(R.PURPOSE_VERIFY_ACCEPT)
 PURPOSE_VERIFY_TOKEN = tl.constexpr(R.PURPOSE_VERIFY_TOKEN)
@@ -81,14 +81,8 @@ def _verify_draft_kernel(draft_ids_ptr, target_logits_ptr, draft_probs_ptr, roll
         tl.store(distances_ptr + b * K + j, 0.0, mask=j < K)
     else:
         row_ptr = target_logits_ptr + pid.to(tl.int64) * V
-        temp = tl.load(temperature_ptr + b)
-        top_k = tl.load(top_k_ptr + b)
-        top_p = tl.load(top_p_ptr + b)
-        seed = tl.load(seed_ptr + b)
-        offset = tl.load(offset_ptr + b)
-        greedy = temp <= 0.0
-        t = tl.where(greedy, 1.0, temp)
-        filtered = ((top_k > 0) & (top_k < V)) | (top_p < 1.0)
+        top_k, top_p, seed, offset, greedy, t, filtered = row_params(temperature_ptr, top_k_ptr, top_p_ptr,
+                                                                     seed_ptr, offset_ptr, b, V)
         if greedy:
             zm, zidx, zs, sm, ss, _ = row_pass(row_ptr, V, t, seed, offset, j, PURPOSE_VERIFY_TOKEN, False, False,
                                                BLOCK_V)
@@ -105,7 +99,7 @@ def _verify_draft_kernel(draft_ids_ptr, target_logits_ptr, draft_probs_ptr, roll
         # The kept set and its normaliser define q_j for sampling rows (greedy rows use the one-hot argmax).
         tau = tl.full([], -2147483647, tl.int32)
         kept_sum = ss
-        if filtered & (temp > 0.0):
+        if filtered & (greedy == 0):
             tau = filter_threshold(row_ptr, V, t, sm, ss, top_k, top_p, NPIV, BLOCK_S)
             kept_sum, _ = kept_pass(row_ptr, V, t, sm, tau, seed, offset, j, PURPOSE_VERIFY_TOKEN, False, BLOCK_V)
         hit = draft == zidx
