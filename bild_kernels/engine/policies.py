@@ -142,32 +142,32 @@ class BiLD(Policy):
 
 
 @dataclass(frozen=True)
-class Greedy(Policy):
-    """Lossless greedy speculative decoding: drafts are kept while they equal the large model's argmax."""
+class _SmallDrafts(Policy):
+    """The small model drafts `max_draft_len` tokens (no fallback); the verify mode decides what is kept."""
 
     max_draft_len: int = 5
-    name = "greedy"
     uses_small = True
     drafts = True
-    verify_mode = "greedy"
 
     def __post_init__(self):
         _check_draft_len(self.max_draft_len)
 
 
 @dataclass(frozen=True)
-class SpeculativeSampling(Policy):
+class Greedy(_SmallDrafts):
+    """Lossless greedy speculative decoding: drafts are kept while they equal the large model's argmax."""
+
+    name = "greedy"
+    verify_mode = "greedy"
+
+
+@dataclass(frozen=True)
+class SpeculativeSampling(_SmallDrafts):
     """Lossless speculative sampling (Leviathan et al. 2023; Chen et al. 2023): the output follows the
     large model's distribution exactly, at any temperature."""
 
-    max_draft_len: int = 5
     name = "speculative-sampling"
-    uses_small = True
-    drafts = True
     verify_mode = "sample"
-
-    def __post_init__(self):
-        _check_draft_len(self.max_draft_len)
 
 
 @dataclass(frozen=True)
