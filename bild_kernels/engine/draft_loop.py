@@ -221,9 +221,7 @@ class StaticDraftLoop:
         # The run's one host read.
         token, accepted, fell, conf = (torch.stack(o, 1)[:n].tolist() for o in outs[:4])
         fed = t["fed"][:n].tolist()
-        idx = torch.tensor(rows, dtype=torch.long, device=dev)  # rows whose logits went NaN/inf: noted
-        nf = self.runner._nonfinite
-        nf.index_copy_(0, idx, nf.index_select(0, idx) | t["nonfinite"][:n])
+        self.runner.note_nonfinite(rows, t["nonfinite"][:n])  # rows whose logits went NaN/inf
         self.runner.blocks.rollback(rows, [r - f for r, f in zip(reserve, fed)])
         probs = torch.stack(outs[4], 1)[:n] if with_probs else None
         run = DraftRun([[] for _ in rows], fed, [False] * n, [None] * n, [[] for _ in rows],

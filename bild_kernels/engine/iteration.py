@@ -76,16 +76,23 @@ class Iteration:
             self._groups = LayerGroups(self.runners["large"], policy.exit_layer)
         return self._groups
 
+    @staticmethod
+    def _no_drafts(running: list[Sequence], policy: Policy) -> Drafts:
+        """Empty per-row draft lists, with the distributions (speculative sampling) and the calibration
+        labels (FREE) the policy needs, for a draft run to fill."""
+        out = Drafts([[] for _ in running], probs=[[] for _ in running] if policy.verify_mode == "sample" else None)
+        if policy.calibration is not None:
+            out.confidences, out.unsure = [[] for _ in running], [None] * len(running)
+        return out
+
     def _draft(self, running: list[Sequence], policy: Policy) -> Drafts:
         """Autoregressive drafting by the small model, or by the large model's shallow layers."""
         shallow = policy.drafter == "shallow"
         if not shallow and self._static is not None:
             return self._draft_static(running, policy)
         key = "large" if shallow else "small"
-        drafts: list[list[int]] = [[] for _ in running]
-        out = Drafts(drafts, probs=[[] for _ in running] if policy.verify_mode == "sample" else None)
-        if policy.calibration is not None:
-            out.confidences, out.unsure = [[] for _ in running], [None] * len(running)
+        out = self._no_drafts(running, policy)
+        drafts = out.tokens
         caps = self._draft_caps(running, policy)
         fallback_threshold = policy.thresholds()[0]
         energy = policy.fallback_signal == "energy"
@@ -133,9 +140,7 @@ class Iteration:
         """The same draft run on the fixed buffers of `StaticDraftLoop` (CUDA graphs on a GPU)."""
         caps = self._draft_caps(running, policy)
         with_probs = policy.verify_mode == "sample"
-        out = Drafts([[] for _ in running], probs=[[] for _ in running] if with_probs else None)
-        if policy.calibration is not None:
-            out.confidences, out.unsure = [[] for _ in running], [None] * len(running)
+        out = self._no_drafts(running, policy)
         active = [i for i, c in enumerate(caps) if c > 0]
         if not active:
             return out

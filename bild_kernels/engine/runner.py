@@ -51,9 +51,13 @@ class ModelRunner:
         """
         bad = ~torch.isfinite(logits.amax(-1)).all(-1)  # [n]: amax propagates NaN; an all -inf row is bad too
         logits.masked_fill_(bad[:, None, None], 0.0)
+        self.note_nonfinite(rows, bad)
+        return logits
+
+    def note_nonfinite(self, rows: list[int], bad: torch.Tensor) -> None:
+        """Note rows[i] as faulty where bad[i] (a device bool tensor; no host sync)."""
         idx = torch.tensor(rows, dtype=torch.long, device=self.device)
         self._nonfinite.index_copy_(0, idx, self._nonfinite.index_select(0, idx) | bad)
-        return logits
 
     def take_nonfinite(self) -> list[int]:
         """The rows noted by `screen_logits` since the last call (one host read), and forget them."""
