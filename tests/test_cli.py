@@ -130,6 +130,7 @@ def test_distill_writes_a_draft_the_engine_loads(tmp_path, pair_dirs):
     manifest = json.loads((out / "bild_draft.json").read_text())
     assert manifest["init_layers"] == [0, 2] and manifest["draft_vocab_size"] == stats["draft_vocab"]
     assert f"**{stats['agreement']:.3f}**" in (out / "README.md").read_text()
+    assert ("bfloat16" in (out / "README.md").read_text()) == stats["bf16"]
     eng = Engine(large=str(large), small=str(out), max_batch_size=1, max_model_len=64)
     o = eng.generate([[1, 2, 3]], SamplingParams(max_tokens=8), policy=Greedy())[0]
     ref = eng.generate([[1, 2, 3]], SamplingParams(max_tokens=8), policy=cli_large_only())[0]

@@ -10,6 +10,7 @@ Steps 1–2 are cached in `work_dir` so that a second run only trains.
 """
 from __future__ import annotations
 
+import copy
 import time
 from pathlib import Path
 
@@ -45,11 +46,15 @@ def _cached(work_dir: Path | None, name: str, make):
 
 def distill(*, large=None, out, prompts: int = 512, max_new_tokens: int = 96, minutes: float = 15.0,
             init_layers: list[int] | None = None, draft_vocab: int = 8192, threads: int | None = None,
-            work_dir=None, log=print) -> dict:
-    """Train a draft for `large` (default: SmolLM2-135M-Instruct) and write it to `out`; returns its stats."""
+            work_dir=None, bf16: bool | None = None, log=print) -> dict:
+    """Train a draft for `large` (default: SmolLM2-135M-Instruct) and write it to `out`; returns its stats.
+
+    `bf16` (default: where it is fast, see `fast_bf16`): the teacher writes the training corpus and its
+    targets in bfloat16 and training runs under bfloat16 autocast; the held-out references the draft
+    is scored against always come from the teacher in float32."""
     from bild_kernels.distill.corpus import chat_ids, generate_corpus
     from bild_kernels.distill.prompts import held_out_prompts, train_prompts
-    from bild_kernels.distill.train import agreement, build_draft, frequent_tokens, teacher_targets, train
+    from bild_kernels.distill.train import agreement, build_draft, fast_bf16, frequent_tokens, teacher_targets, train
     from bild_kernels.models import load_model
     from bild_kernels.models.draft import save_draft
 
@@ -70,21 +75,27 @@ def distill(*, large=None, out, prompts: int = 512, max_new_tokens: int = 96, mi
     layers = init_layers or [0, 1, 2, L - 1]
     if any(not 0 <= j < L for j in layers):
         raise ValueError(f"init layers {layers} out of range: the large model has {L} layers")
+    bf16 = fast_bf16() if bf16 is None else bool(bf16)
     train_set = train_prompts(prompts)
-    log(f"corpus: {len(train_set)} training prompts, {len(held_out_prompts())} held-out prompts")
-    corpus = _cached(work, f"corpus_train_{len(train_set)}_{max_new_tokens}.pt", lambda: generate_corpus(
-        teacher, tok, train_set, max_new_tokens=max_new_tokens, temperature=0.7, log=log))
+    log(f"corpus: {len(train_set)} training prompts, {len(held_out_prompts())} held-out prompts"
+        f"{', bfloat16 teacher and training' if bf16 else ''}")
     held = _cached(work, "corpus_eval.pt", lambda: generate_corpus(
         teacher, tok, held_out_prompts(), max_new_tokens=64, temperature=0.0, log=log))
     held_pairs = [(ids, len(chat_ids(tok, p))) for p, ids in zip(held_out_prompts(), held)]
-    targets = _cached(work, f"targets_{len(train_set)}_{max_new_tokens}.pt",
-                      lambda: teacher_targets(teacher, corpus, k=32, log=log))
+    fast_teacher = copy.deepcopy(teacher).to(torch.bfloat16) if bf16 else teacher
+    tag = f"{len(train_set)}_{max_new_tokens}{'_bf16' if bf16 else ''}"
+    corpus = _cached(work, f"corpus_train_{tag}.pt", lambda: generate_corpus(
+        fast_teacher, tok, train_set, max_new_tokens=max_new_tokens, temperature=0.7,
+        batch_size=64 if bf16 else 16, log=log))
+    targets = _cached(work, f"targets_{tag}.pt",
+                      lambda: teacher_targets(fast_teacher, corpus, k=32, log=log))
+    del fast_teacher
     always = [tok.eos_token_id] if tok.eos_token_id is not None else []
     vocab = frequent_tokens(corpus, draft_vocab, always) if draft_vocab else None
     draft = build_draft(teacher, layers)
     t0 = time.perf_counter()
     before = agreement(draft, held_pairs, vocab)
-    history = train(draft, corpus, targets, minutes=minutes, vocab=vocab, log=log,
+    history = train(draft, corpus, targets, minutes=minutes, vocab=vocab, log=log, bf16=bf16, final_lr_frac=0.1,
                     eval_fn=lambda d: agreement(d, held_pairs, vocab), eval_every_s=max(60.0, minutes * 12))
     acc = agreement(draft, held_pairs, vocab)
     log(f"held-out top-1 agreement {before:.3f} -> {acc:.3f} after {minutes:g} min")
@@ -93,7 +104,8 @@ def distill(*, large=None, out, prompts: int = 512, max_new_tokens: int = 96, mi
     stats = {"agreement": round(acc, 4), "agreement_before": round(before, 4), "minutes": minutes,
              "corpus_sequences": len(corpus), "corpus_tokens": n_tokens, "init_layers": layers,
              "draft_vocab": None if vocab is None else int(vocab.numel()), "history": history,
-             "train_seconds": round(time.perf_counter() - t0, 1), "threads": torch.get_num_threads()}
+             "train_seconds": round(time.perf_counter() - t0, 1), "threads": torch.get_num_threads(),
+             "bf16": bf16}
     card = _card(source.name, stats, len(held_pairs))
     save_draft(out, draft.state_dict(), base=base, init_layers=layers, draft_vocab=vocab, base_name=source.name,
                card=card)
@@ -103,6 +115,7 @@ def distill(*, large=None, out, prompts: int = 512, max_new_tokens: int = 96, mi
 
 def _card(base_name: str, s: dict, n_held: int) -> str:
     vocab = "the whole vocabulary" if s["draft_vocab"] is None else f"the {s['draft_vocab']} most frequent corpus tokens"
+    precision = ", matrix products in bfloat16 (autocast; teacher corpus and targets too)" if s.get("bf16") else ""
     hist = "\n".join(f"| {m} | {seen} | {acc:.3f} |" for m, seen, acc in s["history"]) or "| - | - | - |"
     return f"""# Draft model for {base_name}
 
@@ -116,7 +129,7 @@ A draft for big-little speculative decoding with bild-kernels, made by `bild dis
   prompts (instructions, summaries, translations; bild_kernels/distill/prompts.py), {s['corpus_tokens']}
   tokens with the prompts. No external data set.
 - **Objective**: cross-entropy to the large model's top-32 next-token distribution at every position.
-- **Training**: AdamW, lr 3e-4, batch 8, {s['minutes']:g} minutes of wall time on {s['threads']} CPU thread(s).
+- **Training**: AdamW, lr 3e-4 (cosine to 3e-5 over the time budget), batch 8, {s['minutes']:g} minutes of wall time on {s['threads']} CPU thread(s){precision}.
 - **Agreement**: top-1 agreement with the large model's greedy continuations of {n_held} held-out
   prompts (templates and topics training never saw): {s['agreement_before']:.3f} before training,
   **{s['agreement']:.3f}** after.

@@ -11,11 +11,22 @@ token, computed once (the teacher never runs again during training).
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections import Counter
 
 import torch
 import torch.nn.functional as F
+
+
+def fast_bf16(device: str = "cpu") -> bool:
+    """Whether bfloat16 matrix products beat float32 here: any CUDA device, or a CPU with AMX or
+    AVX512-BF16 (measured on a Sapphire Rapids core: 680 vs 181 GFLOP/s at 1024 x 576 x 1536)."""
+    if str(device).startswith("cuda"):
+        return True
+    cpu = torch.cpu
+    return bool(getattr(cpu, "_is_amx_tile_supported", lambda: False)()
+                or getattr(cpu, "_is_avx512_bf16_supported", lambda: False)())
 
 
 def build_draft(teacher, init_layers: list[int]):
@@ -99,8 +110,16 @@ def draft_logits(draft, ids, mask, vocab: torch.Tensor | None):
 
 
 def train(draft, corpus, targets, *, minutes: float, lr: float = 3e-4, batch_size: int = 8, vocab=None,
-          eval_fn=None, eval_every_s: float = 300.0, log=print, seed: int = 0):
-    """Distil for `minutes` of wall time (cross-entropy against the teacher's top-k distribution)."""
+          eval_fn=None, eval_every_s: float = 300.0, log=print, seed: int = 0, bf16: bool = False,
+          final_lr_frac: float = 1.0):
+    """Distil for `minutes` of wall time (cross-entropy against the teacher's top-k distribution).
+
+    `bf16`: run the forward and backward matrix products in bfloat16 (autocast; the weights and the
+    optimizer stay float32), ~3x the tokens per second on a CPU with AMX (see `fast_bf16`).
+    `final_lr_frac` < 1: the learning rate follows a cosine over the wall-time budget down to that
+    fraction of `lr` (the budget is time, so the schedule is too)."""
+    if not 0.0 < final_lr_frac <= 1.0:
+        raise ValueError(f"final_lr_frac must be in (0, 1], got {final_lr_frac!r}")
     g = torch.Generator().manual_seed(seed)
     params = [p for p in draft.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -111,10 +130,14 @@ def train(draft, corpus, targets, *, minutes: float, lr: float = 3e-4, batch_siz
     t0 = last_eval = time.perf_counter()
     step, seen, history = 0, 0, []
     draft.train()
-    while time.perf_counter() - t0 < minutes * 60:
+    while (done := (time.perf_counter() - t0) / (minutes * 60)) < 1.0:
+        for group in opt.param_groups:
+            group["lr"] = lr * (final_lr_frac + (1 - final_lr_frac) * 0.5 * (1 + math.cos(math.pi * done)))
         idxs = torch.randint(len(corpus), (batch_size,), generator=g).tolist()
         ids, mask, tid, tp = _batch(corpus, targets, idxs, vmap)
-        logp = F.log_softmax(draft_logits(draft, ids, mask, vocab).float(), -1)
+        with torch.autocast(device_type=ids.device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = draft_logits(draft, ids, mask, vocab)
+        logp = F.log_softmax(logits.float(), -1)
         loss_tok = -(tp * logp.gather(-1, tid)).sum(-1)
         loss = (loss_tok * mask).sum() / mask.sum()
         opt.zero_grad(set_to_none=True)
@@ -125,7 +148,8 @@ def train(draft, corpus, targets, *, minutes: float, lr: float = 3e-4, batch_siz
         seen += int(mask.sum())
         if step % 20 == 0:
             el = time.perf_counter() - t0
-            log(f"step {step} loss {loss.item():.3f} tokens {seen} ({seen / el:.0f} tok/s) {el / 60:.1f} min")
+            log(f"step {step} loss {loss.item():.3f} tokens {seen} ({seen / el:.0f} tok/s) {el / 60:.1f} min"
+                f" lr {opt.param_groups[0]['lr']:.2e}")
         if eval_fn is not None and time.perf_counter() - last_eval > eval_every_s:
             draft.eval()
             acc = eval_fn(draft)

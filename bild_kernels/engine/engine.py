@@ -56,7 +56,8 @@ class Engine(Iteration):
         optional for policies that do not draft. Neither given: the default pair, SmolLM2-135M-Instruct
         and its distilled draft, with generate() defaulting to the BiLD thresholds tuned for it.
     device : "cpu" | "cuda". dtype : torch dtype of weights and caches (default float32 on CPU,
-        bfloat16 on CUDA).
+        bfloat16 on CUDA). small_dtype : the small model's (default: dtype); e.g. bfloat16 for the
+        draft beside a float32 large model on a CPU with AMX, where it makes drafting cheaper.
     max_batch_size : requests decoded together. max_model_len : prompt + output tokens per request.
     kv_cache_blocks : blocks of `block_size` tokens per model cache (both models get the same number,
         so both hold the same tokens); default: enough for max_batch_size requests of max_model_len.
@@ -73,7 +74,7 @@ class Engine(Iteration):
     def __init__(self, large=None, small=None, *, device: str = "cpu", dtype: torch.dtype | None = None,
                  max_batch_size: int = 8, max_model_len: int = 2048, kv_cache_blocks: int | None = None,
                  block_size: int = 16, kv_cache_memory: int | float | None = None, tokenizer=None,
-                 draft_loop: str | None = None):
+                 draft_loop: str | None = None, small_dtype: torch.dtype | None = None):
         if large is None:
             if small is not None:
                 raise ValueError("small given without large: name both models, or neither for the default pair")
@@ -87,6 +88,10 @@ class Engine(Iteration):
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device='cuda' but no CUDA device is available")
         dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        small_dtype = small_dtype or dtype
+        for name, val in (("dtype", dtype), ("small_dtype", small_dtype)):
+            if not isinstance(val, torch.dtype) or not val.is_floating_point:
+                raise ValueError(f"{name} must be a floating-point torch.dtype, got {val!r}")
         draft_loop = draft_loop or ("graph" if self.device.type == "cuda" else "eager")
         if draft_loop not in ("graph", "eager", "static"):
             raise ValueError(f"draft_loop must be 'graph', 'eager' or 'static', got {draft_loop!r}")
@@ -100,7 +105,7 @@ class Engine(Iteration):
         budget = self._memory_budget(kv_cache_memory)
         large_exec, large_tok = load_executor(large, "large", dtype, self.device)
         small_exec, small_tok = ((None, None) if small is None
-                                 else load_executor(small, "small", dtype, self.device, base=large_exec))
+                                 else load_executor(small, "small", small_dtype, self.device, base=large_exec))
         # A shipped draft may recommend the BiLD thresholds tuned for its pair: generate() defaults to them.
         self.default_policy = _recommended_policy(small)
         if budget is not None:

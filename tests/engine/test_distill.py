@@ -48,3 +48,18 @@ def test_held_out_prompts_share_no_template_or_topic_with_training():
     assert not templates & set(P.EVAL_TEMPLATES)
     for prompt in train:  # no training prompt is an evaluation template filled with any topic
         assert not any(prompt == t.format(t=topic) for t in P.EVAL_TEMPLATES for topic in train_topics)
+
+
+def test_bf16_training_updates_float32_weights_and_lowers_the_loss():
+    from bild_kernels.distill.train import fast_bf16
+    teacher = _teacher()
+    corpus = [[int(x) for x in torch.randint(0, 97, (12,), generator=torch.Generator().manual_seed(i))]
+              for i in range(4)]
+    targets = teacher_targets(teacher, corpus, k=8, log=lambda s: None)
+    draft = build_draft(teacher, [0])
+    logs = []
+    train(draft, corpus, targets, minutes=0.05, batch_size=4, lr=3e-3, log=logs.append, bf16=True)
+    assert all(p.dtype == torch.float32 for p in draft.parameters())  # autocast: the weights stay float32
+    losses = [float(s.split()[3]) for s in logs if s.startswith("step")]
+    assert len(losses) >= 2 and losses[-1] < losses[0], losses
+    assert fast_bf16("cuda") is True

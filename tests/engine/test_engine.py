@@ -147,3 +147,25 @@ def test_one_memory_budget_for_both_caches(large_model, small_model):
         Engine(large=large_model, small=small_model, dtype=torch.float64, kv_cache_memory=0.5)  # fraction: CUDA only
     with pytest.raises(ValueError, match="not both"):
         Engine(large=large_model, small=small_model, dtype=torch.float64, kv_cache_memory=10**6, kv_cache_blocks=4)
+
+
+@pytest.mark.parametrize("draft_loop", ["eager", "static"])
+def test_a_bfloat16_draft_beside_a_float64_large_model_stays_lossless(large_model, small_model, oracle, draft_loop):
+    eng = Engine(large=large_model, small=small_model, dtype=torch.float64, small_dtype=torch.bfloat16,
+                 max_batch_size=3, max_model_len=64, block_size=4, draft_loop=draft_loop)
+    assert eng.runners["small"].executor.dtype == torch.bfloat16
+    assert eng.runners["large"].executor.dtype == torch.float64
+    for policy in (Greedy(max_draft_len=3), BiLD(fallback_threshold=0.3, rollback_threshold=1e-9, max_draft_len=3)):
+        outs = eng.generate(PROMPTS, SamplingParams(max_tokens=N), policy=policy)
+        assert [o.token_ids for o in outs] == oracle
+        assert sum(o.metrics.accepted_tokens for o in outs) > 0
+    sampled = eng.generate(PROMPTS, SamplingParams(max_tokens=N, temperature=0.8, seed=3),
+                           policy=SpeculativeSampling(max_draft_len=3))
+    assert all(len(o.token_ids) == N for o in sampled)
+    assert_all_free(eng)
+
+
+@pytest.mark.parametrize("bad", [torch.int32, "bfloat16"])
+def test_bad_small_dtype_raises(large_model, small_model, bad):
+    with pytest.raises(ValueError, match="small_dtype"):
+        Engine(large=large_model, small=small_model, small_dtype=bad)
