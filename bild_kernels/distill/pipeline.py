@@ -95,7 +95,9 @@ def distill(*, large=None, out, prompts: int = 512, max_new_tokens: int = 96, mi
     draft = build_draft(teacher, layers)
     t0 = time.perf_counter()
     before = agreement(draft, held_pairs, vocab)
-    history = train(draft, corpus, targets, minutes=minutes, vocab=vocab, log=log, bf16=bf16, final_lr_frac=0.1,
+    lr, final_lr_frac = 3e-4, 0.1
+    history = train(draft, corpus, targets, minutes=minutes, vocab=vocab, log=log, bf16=bf16, lr=lr,
+                    final_lr_frac=final_lr_frac,
                     eval_fn=lambda d: agreement(d, held_pairs, vocab), eval_every_s=max(60.0, minutes * 12))
     acc = agreement(draft, held_pairs, vocab)
     log(f"held-out top-1 agreement {before:.3f} -> {acc:.3f} after {minutes:g} min")
@@ -105,7 +107,7 @@ def distill(*, large=None, out, prompts: int = 512, max_new_tokens: int = 96, mi
              "corpus_sequences": len(corpus), "corpus_tokens": n_tokens, "init_layers": layers,
              "draft_vocab": None if vocab is None else int(vocab.numel()), "history": history,
              "train_seconds": round(time.perf_counter() - t0, 1), "threads": torch.get_num_threads(),
-             "bf16": bf16}
+             "bf16": bf16, "lr": lr, "final_lr": lr * final_lr_frac}
     card = _card(source.name, stats, len(held_pairs))
     save_draft(out, draft.state_dict(), base=base, init_layers=layers, draft_vocab=vocab, base_name=source.name,
                card=card)
@@ -129,7 +131,7 @@ A draft for big-little speculative decoding with bild-kernels, made by `bild dis
   prompts (instructions, summaries, translations; bild_kernels/distill/prompts.py), {s['corpus_tokens']}
   tokens with the prompts. No external data set.
 - **Objective**: cross-entropy to the large model's top-32 next-token distribution at every position.
-- **Training**: AdamW, lr 3e-4 (cosine to 3e-5 over the time budget), batch 8, {s['minutes']:g} minutes of wall time on {s['threads']} CPU thread(s){precision}.
+- **Training**: AdamW, lr {s['lr']:g} (cosine to {s['final_lr']:g} over the time budget), batch 8, {s['minutes']:g} minutes of wall time on {s['threads']} CPU thread(s){precision}.
 - **Agreement**: top-1 agreement with the large model's greedy continuations of {n_held} held-out
   prompts (templates and topics training never saw): {s['agreement_before']:.3f} before training,
   **{s['agreement']:.3f}** after.
