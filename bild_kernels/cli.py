@@ -370,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("distill", help="train a draft model for a large model")
     d.add_argument("--large", default=None, help="large model (default: SmolLM2-135M-Instruct)")
     d.add_argument("--out", required=True, help="draft directory to write")
-    d.add_argument("--prompts", type=int, default=512, help="training prompts (templated, see distill/prompts.py)")
+    d.add_argument("--prompts", type=int, default=512, help="training prompts (templated, at most 23,704; see distill/prompts.py)")
     d.add_argument("--max-new-tokens", type=int, default=96)
     d.add_argument("--minutes", type=float, default=15.0, help="training wall time")
     d.add_argument("--layers", default=None, help="large-model layers to initialise the draft from, e.g. 0,1,2,29")

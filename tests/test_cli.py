@@ -80,6 +80,7 @@ def test_lossless_policies_equal_large_only(capsys, pair_dirs, policy):
      "needs --fallback-threshold"),
     (["generate", "hi", "--large", "{large}", "--policy", "shallow-deep"], "needs --exit-layer"),
     (["generate", "hi", "--large", "{large}", "--policy", "jacobi", "--block-size", "0"], "block_size must be"),
+    (["distill", "--large", "{large}", "--out", "{tmp}/d", "--prompts", "30000"], "prompts must be in [1, 23704]"),
 ])
 def test_bad_input_is_one_line_on_stderr(capsys, tmp_path, pair_dirs, argv, match):
     large, small = pair_dirs
@@ -92,12 +93,13 @@ def test_bad_input_is_one_line_on_stderr(capsys, tmp_path, pair_dirs, argv, matc
         tok = _tokenizer()
         tok.add_tokens(["extra"])
         tok.save_pretrained(other)
-    argv = [a.format(large=large, small=small, bad_gguf=bad, other_tok=other) for a in argv]
+    argv = [a.format(large=large, small=small, bad_gguf=bad, other_tok=other, tmp=tmp_path) for a in argv]
     code, out, err = _run(capsys, *argv)
     assert code == 2
     lines = err.strip().splitlines()
     assert lines[-1].startswith("bild: error:") and match in lines[-1], err
     assert "Traceback" not in err
+    assert not (tmp_path / "d").exists()  # refused before anything ran
 
 
 def test_eval_writes_table_csv_and_plot(capsys, tmp_path, pair_dirs):

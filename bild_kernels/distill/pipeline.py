@@ -53,7 +53,7 @@ def distill(*, large=None, out, prompts: int = 512, max_new_tokens: int = 96, mi
     targets in bfloat16 and training runs under bfloat16 autocast; the held-out references the draft
     is scored against always come from the teacher in float32."""
     from bild_kernels.distill.corpus import chat_ids, generate_corpus
-    from bild_kernels.distill.prompts import held_out_prompts, train_prompts
+    from bild_kernels.distill.prompts import all_train_prompts, held_out_prompts
     from bild_kernels.distill.train import agreement, build_draft, fast_bf16, frequent_tokens, teacher_targets, train
     from bild_kernels.models import load_model
     from bild_kernels.models.draft import save_draft
@@ -65,6 +65,7 @@ def distill(*, large=None, out, prompts: int = 512, max_new_tokens: int = 96, mi
         raise ValueError(f"minutes must be > 0, got {minutes!r}")
     if draft_vocab < 0:
         raise ValueError(f"draft_vocab must be >= 0 (0: the whole vocabulary), got {draft_vocab}")
+    train_set = all_train_prompts(prompts)  # refuses more prompts than there are
     if threads is not None:
         torch.set_num_threads(threads)
     work = Path(work_dir) if work_dir is not None else None
@@ -76,7 +77,6 @@ def distill(*, large=None, out, prompts: int = 512, max_new_tokens: int = 96, mi
     if any(not 0 <= j < L for j in layers):
         raise ValueError(f"init layers {layers} out of range: the large model has {L} layers")
     bf16 = fast_bf16() if bf16 is None else bool(bf16)
-    train_set = train_prompts(prompts)
     log(f"corpus: {len(train_set)} training prompts, {len(held_out_prompts())} held-out prompts"
         f"{', bfloat16 teacher and training' if bf16 else ''}")
     held = _cached(work, "corpus_eval.pt", lambda: generate_corpus(

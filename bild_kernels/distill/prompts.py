@@ -102,6 +102,98 @@ SENTENCES = ["Good morning, how are you?", "The cat is sleeping on the sofa.", "
 EVAL_SENTENCES = ["My brother plays the guitar.", "The museum opens at nine.", "It is raining again."]
 LANGUAGES = ["French", "Spanish", "German"]
 
+EXTRA_TRAIN_TEMPLATES = [
+    "What is {t}?",
+    "Give me a quick overview of {t}.",
+    "Write a short paragraph for a school newsletter about {t}.",
+    "What should a beginner avoid when it comes to {t}?",
+    "Explain why {t} matters, in simple words.",
+    "Write four lines of rhyming verse about {t}.",
+    "If you could ask an expert one question about {t}, what would it be and why?",
+    "Describe a typical day for someone who works with {t}.",
+    "What are two arguments for and two against {t}?",
+    "Write a short speech opening about {t}.",
+    "Summarize what you know about {t} in five bullet points.",
+    "Write a riddle whose answer is {t}.",
+    "How would you explain {t} to your grandmother?",
+    "Write a short blog post introduction about {t}.",
+    "What is the connection between {t} and nature?",
+    "Create a short quiz with three questions about {t}.",
+    "Write a thank-you note that mentions {t}.",
+    "What might the future of {t} look like?",
+    "Give a short definition of {t} and one example.",
+    "Write a diary entry from someone discovering {t} for the first time.",
+    "What are the main parts or ideas of {t}?",
+    "Write a slogan and a short explanation for a campaign about {t}.",
+    "Why might a child find {t} exciting?",
+    "Write a short review of an imaginary documentary about {t}.",
+    "List three myths and three facts about {t}.",
+    "Explain {t} using a cooking metaphor.",
+    "What would you tell a friend who wants to learn about {t}?",
+    "Describe the sounds, colors and smells you associate with {t}.",
+]
+EXTRA_TRAIN_TOPICS = [
+    "butterflies", "the printing of books", "street food", "lightning", "glass making", "trees in autumn",
+    "the human skeleton", "sea turtles", "horses", "the piano", "soap", "the postal service", "bamboo",
+    "night trains", "the Amazon rainforest", "polar bears", "spiders", "pottery", "knitting", "sailing",
+    "skateboarding", "the Moon's phases", "the solar system", "Mars", "saturn's rings", "telescopes",
+    "microscopes", "bacteria", "the digestive system", "dental care", "swimming pools",
+    "basketball", "baseball", "cricket", "table tennis", "the Tour de France", "ballet", "opera", "theatre",
+    "movies", "cartoons", "comic books", "libraries in the future", "school uniforms", "homework",
+    "learning a new language", "typing", "handwriting", "calligraphy", "the Eiffel Tower", "Venice",
+    "the Sahara", "the Alps", "the Nile", "islands", "rain forests", "caves", "waterfalls", "lakes",
+    "wetlands", "prairies", "the Arctic", "Antarctica", "penguin chicks", "camels", "giraffes", "lions",
+    "tigers", "pandas", "koalas", "kangaroos", "dolphins", "salmon", "jellyfish", "crabs", "snails",
+    "earthworms", "compost", "vegetable gardens", "tomatoes", "potatoes", "apples", "oranges", "bananas",
+    "rice farming", "wheat", "corn", "olive oil", "spices", "soup", "pizza", "sushi", "pancakes", "salads",
+    "breakfast", "picnics", "family dinners", "holidays", "new year celebrations", "weddings", "gifts",
+    "letters from friends", "postcards", "stamps", "coins", "banks", "saving money", "shopping",
+    "online shopping", "advertising", "social media", "email", "passwords", "cybersecurity", "printers",
+    "keyboards", "batteries", "light bulbs", "refrigerators", "washing machines", "elevators", "escalators",
+    "traffic lights", "roads", "tunnels", "ships", "harbors", "helicopters", "rockets", "satellites",
+    "the weather forecast", "clouds", "fog", "wind", "hurricanes", "seasons", "summer", "winter", "spring",
+    "autumn leaves", "sunsets", "stars", "constellations", "the night sky", "northern lights", "eclipses",
+    "rocks and minerals", "fossils", "gold", "diamonds", "iron", "copper", "water", "salt", "sugar",
+    "bread", "milk", "eggs", "chickens", "cows", "sheep", "goats", "dogs", "cats", "rabbits", "hamsters",
+    "goldfish", "parrots", "pigeons", "eagles", "bats", "hedgehogs", "squirrels", "foxes", "bears",
+    "deer", "mice", "ladybugs", "dragonflies", "grasshoppers", "mosquitoes", "flowers", "roses",
+    "sunflowers", "cactus plants", "moss", "seeds", "roots", "leaves", "wood", "paper", "pencils", "erasers",
+    "notebooks", "backpacks", "shoes", "hats", "scarves", "sweaters", "sewing", "fashion", "colors",
+    "the color blue", "shapes", "numbers", "prime numbers", "geometry", "algebra", "statistics",
+    "probability", "logic puzzles", "crosswords", "sudoku", "card games", "puzzles", "toys", "dolls",
+    "building blocks", "playgrounds", "parks", "gyms", "stretching", "walking",
+    "healthy eating", "drinking water", "first aid", "hospitals", "nurses", "doctors", "firefighters",
+    "police officers", "teachers", "scientists", "engineers", "artists", "writers", "musicians", "chefs",
+    "pilots", "farmers", "carpenters", "plumbers", "electricians", "architects", "inventors", "explorers",
+    "the wheel", "the telephone", "the radio", "television", "the camera", "the compass", "paper money",
+    "the calendar", "the microscope's invention", "steam engines", "factories", "robots at work",
+    "artificial intelligence", "computer programming", "video calls", "electric bicycles", "public parks",
+    "clean air", "noise pollution", "planting trees", "saving water", "renewable energy", "nuclear energy",
+    "oil", "coal", "natural gas", "hydropower", "energy storage", "electric grids", "smart homes",
+]
+EXTRA_PARAGRAPHS = [
+    "The town library opened a repair cafe where volunteers fix broken toasters, lamps and bicycles for free. "
+    "Visitors bring their items on Saturday mornings and learn how to repair them. The library says fewer "
+    "things are thrown away since the cafe started.",
+    "A farmer in the valley switched from chemical sprays to planting flowers between her crops. The flowers "
+    "attract insects that eat the pests. After two seasons her harvest is as large as before, and she spends "
+    "less money on sprays.",
+    "Engineers finished a new footbridge over the railway line, so children no longer have to walk a long "
+    "way round to reach school. The bridge has ramps for wheelchairs and bicycles. It was built in six months, "
+    "two weeks ahead of schedule.",
+    "A hospital started letting volunteers read stories to patients in the long-stay ward. Nurses noticed "
+    "that patients slept better and felt less lonely. The hospital now trains twenty new volunteers each year.",
+    "The football club planted two hundred trees around its stadium to give shade to fans in summer. Local "
+    "schools helped with the planting. The club plans to water the young trees with rain collected from the roof.",
+    "A young chef opened a restaurant that serves only food grown within fifty kilometres. The menu changes "
+    "every week with the seasons. Customers say the food tastes fresher, though some dishes disappear quickly.",
+]
+EXTRA_SENTENCES = ["I am learning to cook.", "The children are playing in the garden.", "How much does this cost?",
+                   "The shop closes at six.", "My sister lives in a big city.", "We need more bread and milk.",
+                   "The dog is waiting at the door.", "I forgot my umbrella at home.", "Thank you for your help.",
+                   "The train is late again.", "Can you help me find the hotel?", "She reads a book every week."]
+EXTRA_LANGUAGES = ["French", "Spanish", "German", "Italian", "Portuguese"]
+
 
 def train_prompts(n: int | None = None, seed: int = 0) -> list[str]:
     """Chat instructions, summaries and translations from the training templates and topics."""
@@ -113,6 +205,35 @@ def train_prompts(n: int | None = None, seed: int = 0) -> list[str]:
     out += [f"Summarize the following text for a busy reader:\n\n{p}" for p in PARAGRAPHS]
     out += [f"Translate into {lang}: {s}" for s in SENTENCES for lang in LANGUAGES]
     random.Random(seed).shuffle(out)
+    return out if n is None else out[:n]
+
+
+def extra_train_prompts(seed: int = 1) -> list[str]:
+    """A larger training set for later distillation stages: new templates and topics (and every old template
+    with the new topics, every new template with the old ones), more paragraphs and translations. Disjoint
+    from `train_prompts()` (so chunk indices into it stay valid) and from the held-out set."""
+    old_topics = TRAIN_TOPICS + MORE_TRAIN_TOPICS
+    topics = old_topics + EXTRA_TRAIN_TOPICS
+    out = [t.format(t=topic) for t in EXTRA_TRAIN_TEMPLATES for topic in topics]
+    out += [t.format(t=topic) for t in TRAIN_TEMPLATES + MORE_TRAIN_TEMPLATES for topic in EXTRA_TRAIN_TOPICS]
+    for p in PARAGRAPHS + EXTRA_PARAGRAPHS:
+        out += [f"{lead}\n\n{p}" for lead in ("Summarize this paragraph in one sentence:",
+                                               "Summarize the following text for a busy reader:",
+                                               "What is the main point of this text?",
+                                               "Write a headline for this news story:",
+                                               "List the key facts in this text:")]
+    out += [f"Translate into {lang}: {s}" for s in SENTENCES + EXTRA_SENTENCES for lang in EXTRA_LANGUAGES]
+    seen = set(train_prompts())
+    out = list(dict.fromkeys(p for p in out if p not in seen))
+    random.Random(seed).shuffle(out)
+    return out
+
+
+def all_train_prompts(n: int | None = None) -> list[str]:
+    """`train_prompts()` then `extra_train_prompts()`: the first n, up to 23,704 (what `bild distill` uses)."""
+    out = train_prompts() + extra_train_prompts()
+    if n is not None and not 1 <= n <= len(out):
+        raise ValueError(f"prompts must be in [1, {len(out)}], got {n}")
     return out if n is None else out[:n]
 
 

@@ -50,6 +50,20 @@ def test_held_out_prompts_share_no_template_or_topic_with_training():
         assert not any(prompt == t.format(t=topic) for t in P.EVAL_TEMPLATES for topic in train_topics)
 
 
+def test_extra_training_prompts_are_new_and_share_nothing_with_the_held_out_set():
+    from bild_kernels.distill import prompts as P
+    extra, train, held = P.extra_train_prompts(), P.train_prompts(), P.held_out_prompts()
+    assert len(extra) > 4 * len(train) and len(set(extra)) == len(extra)
+    assert not set(extra) & set(train) and not set(extra) & set(held)
+    assert not set(P.EXTRA_TRAIN_TOPICS) & set(P.EVAL_TOPICS)
+    assert not set(P.EXTRA_TRAIN_TEMPLATES) & set(P.EVAL_TEMPLATES)
+    assert not set(P.EXTRA_SENTENCES) & set(P.EVAL_SENTENCES) and not set(P.EXTRA_PARAGRAPHS) & set(P.EVAL_PARAGRAPHS)
+    topics = P.TRAIN_TOPICS + P.MORE_TRAIN_TOPICS + P.EXTRA_TRAIN_TOPICS
+    evals = {t.format(t=topic) for t in P.EVAL_TEMPLATES for topic in topics}
+    assert not evals & set(extra)
+    assert P.extra_train_prompts() == extra  # fixed order: chunk files index into it
+
+
 def test_bf16_training_updates_float32_weights_and_lowers_the_loss():
     from bild_kernels.distill.train import fast_bf16
     teacher = _teacher()
