@@ -80,7 +80,8 @@ def test_lossless_policies_equal_large_only(capsys, pair_dirs, policy):
      "needs --fallback-threshold"),
     (["generate", "hi", "--large", "{large}", "--policy", "shallow-deep"], "needs --exit-layer"),
     (["generate", "hi", "--large", "{large}", "--policy", "jacobi", "--block-size", "0"], "block_size must be"),
-    (["distill", "--large", "{large}", "--out", "{tmp}/d", "--prompts", "30000"], "prompts must be in [1, 23704]"),
+    (["distill", "--large", "{large}", "--out", "{tmp}/d", "--work-dir", "{tmp}/w", "--prompts", "30000"],
+     "prompts must be in [1, 23704]"),
 ])
 def test_bad_input_is_one_line_on_stderr(capsys, tmp_path, pair_dirs, argv, match):
     large, small = pair_dirs
@@ -99,7 +100,7 @@ def test_bad_input_is_one_line_on_stderr(capsys, tmp_path, pair_dirs, argv, matc
     lines = err.strip().splitlines()
     assert lines[-1].startswith("bild: error:") and match in lines[-1], err
     assert "Traceback" not in err
-    assert not (tmp_path / "d").exists()  # refused before anything ran
+    assert not (tmp_path / "w").exists()  # distill refused before it made its work dir or loaded a model
 
 
 def test_eval_writes_table_csv_and_plot(capsys, tmp_path, pair_dirs):

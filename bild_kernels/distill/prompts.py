@@ -212,8 +212,7 @@ def extra_train_prompts(seed: int = 1) -> list[str]:
     """A larger training set for later distillation stages: new templates and topics (and every old template
     with the new topics, every new template with the old ones), more paragraphs and translations. Disjoint
     from `train_prompts()` (so chunk indices into it stay valid) and from the held-out set."""
-    old_topics = TRAIN_TOPICS + MORE_TRAIN_TOPICS
-    topics = old_topics + EXTRA_TRAIN_TOPICS
+    topics = TRAIN_TOPICS + MORE_TRAIN_TOPICS + EXTRA_TRAIN_TOPICS
     out = [t.format(t=topic) for t in EXTRA_TRAIN_TEMPLATES for topic in topics]
     out += [t.format(t=topic) for t in TRAIN_TEMPLATES + MORE_TRAIN_TEMPLATES for topic in EXTRA_TRAIN_TOPICS]
     for p in PARAGRAPHS + EXTRA_PARAGRAPHS:
