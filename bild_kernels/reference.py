@@ -215,6 +215,29 @@ def sample_draft_ref(logits, temperature, top_k, top_p, seed, offset, fallback_t
     z = logits.float() if logits.dtype != torch.float64 else logits
     B, V = z.shape
     greedy = temperature <= 0
+    if _plain_greedy(z, greedy, top_k, top_p):
+        # Every row is an unfiltered argmax: z / 1 is z, so one logsumexp and one max give every output
+        # with the same bits as the general path below (tested against it).
+        lse = torch.logsumexp(z, dim=1)
+        zmax, token = z.max(1)  # first index on ties, like argmax
+        p = torch.exp(zmax - lse)
+        return token, p.float(), p.float(), (-lse).float(), p < fallback_threshold.to(p.dtype)
+    return _sample_draft_general(z, greedy, temperature, top_k, top_p, seed, offset, fallback_threshold)
+
+
+def _all_greedy(z, greedy) -> bool:
+    """True when every row is greedy, read on the host (so never while a CUDA graph is being captured)."""
+    return not (z.is_cuda and torch.cuda.is_current_stream_capturing()) and bool(greedy.all())
+
+
+def _plain_greedy(z, greedy, top_k, top_p) -> bool:
+    """True when every row is greedy with no top-k / top-p filter."""
+    V = z.shape[1]
+    return _all_greedy(z, greedy) and not bool(((top_k > 0) & (top_k < V)).any()) and not bool((top_p < 1.0).any())
+
+
+def _sample_draft_general(z, greedy, temperature, top_k, top_p, seed, offset, fallback_threshold):
+    B, V = z.shape
     t = torch.where(greedy, torch.ones_like(temperature), temperature).to(z.dtype).unsqueeze(1)
     scaled = z / t
     filt = _filter_top_k_top_p(scaled, top_k, top_p)
@@ -285,21 +308,25 @@ def verify_draft_ref(draft_ids, target_logits, mode, rollback_threshold=None, dr
         offset = torch.zeros(B, dtype=torch.int64, device=dev)
 
     lse = torch.logsumexp(z, dim=2)  # [B, K+1]
-    amax = torch.argmax(z, dim=2)  # [B, K+1]
-    target_probs = torch.exp(z.max(2).values - lse)
+    zmax, amax = z.max(2)  # [B, K+1]; first index on ties, like argmax
+    target_probs = torch.exp(zmax - lse)
     target_probs = torch.where(torch.arange(K1, device=dev).unsqueeze(0) <= n.unsqueeze(1), target_probs,
                                torch.zeros_like(target_probs))
     z_draft = z[:, :K].gather(2, safe_ids.unsqueeze(2)).squeeze(2)
     distances = torch.where(valid, lse[:, :K] - z_draft, torch.zeros_like(z_draft))
 
     greedy = temperature <= 0
-    t = torch.where(greedy, torch.ones_like(temperature), temperature).to(z.dtype)
-    scaled = z / t[:, None, None]
-    filt = _filter_top_k_top_p(scaled.reshape(B * K1, V), top_k.repeat_interleave(K1),
-                               top_p.repeat_interleave(K1)).reshape(B, K1, V)
-    q = torch.softmax(filt, dim=2)
-    q_greedy = torch.nn.functional.one_hot(amax, V).to(q.dtype)
-    q = torch.where(greedy[:, None, None], q_greedy, q)
+    # The target distributions q are read only to sample a token or in sample mode: all-greedy rows in
+    # the other modes emit the argmax and skip building them (the same outputs; tested).
+    need_q = mode == MODE_SAMPLE or not _all_greedy(z, greedy)
+    if need_q:
+        t = torch.where(greedy, torch.ones_like(temperature), temperature).to(z.dtype)
+        scaled = z / t[:, None, None]
+        filt = _filter_top_k_top_p(scaled.reshape(B * K1, V), top_k.repeat_interleave(K1),
+                                   top_p.repeat_interleave(K1)).reshape(B, K1, V)
+        q = torch.softmax(filt, dim=2)
+        q_greedy = torch.nn.functional.one_hot(amax, V).to(q.dtype)
+        q = torch.where(greedy[:, None, None], q_greedy, q)
 
     if mode == MODE_GREEDY:
         ok = draft_ids[:, :K] == amax[:, :K]
@@ -316,18 +343,18 @@ def verify_draft_ref(draft_ids, target_logits, mode, rollback_threshold=None, dr
 
     c = num_accepted
     rows = torch.arange(B, device=dev)
-    w = q[rows, c]  # [B, V]
-    if mode == MODE_SAMPLE:
-        cut = c < n
-        ps_c = draft_probs.to(z.dtype)[rows, c.clamp(max=max(K - 1, 0))] if K > 0 else torch.zeros_like(w)
-        resid = (w - ps_c).clamp(min=0)
-        use_resid = cut & (resid.sum(1) > 0)
-        w = torch.where(use_resid.unsqueeze(1), resid, w)
-    idx = torch.arange(V, device=dev).unsqueeze(0)
-    if bool(greedy.all()):
+    if not need_q or bool(greedy.all()):
         emitted = amax[rows, c]
     else:
-        g = gumbel_ref(seed.unsqueeze(1), idx, offset.unsqueeze(1), PURPOSE_VERIFY_TOKEN, c.unsqueeze(1)).to(z.dtype)
+        w = q[rows, c]  # [B, V]
+        if mode == MODE_SAMPLE:
+            cut = c < n
+            ps_c = draft_probs.to(z.dtype)[rows, c.clamp(max=max(K - 1, 0))] if K > 0 else torch.zeros_like(w)
+            resid = (w - ps_c).clamp(min=0)
+            use_resid = cut & (resid.sum(1) > 0)
+            w = torch.where(use_resid.unsqueeze(1), resid, w)
+        g = gumbel_ref(seed.unsqueeze(1), torch.arange(V, device=dev).unsqueeze(0), offset.unsqueeze(1),
+                       PURPOSE_VERIFY_TOKEN, c.unsqueeze(1)).to(z.dtype)
         emitted = torch.where(greedy, amax[rows, c], torch.argmax(torch.log(w) + g, dim=1))
 
     out = torch.full((B, K1), -1, dtype=torch.int64, device=dev)

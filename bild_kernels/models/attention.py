@@ -125,30 +125,61 @@ def _paged_attention_cpu(query, key_cache, value_cache, query_start_loc, positio
                          scale, sliding_window, acc):
     """The same attention on CPU tensors, where reading lengths on the host is free: each sequence's blocks
     are indexed directly (no padded gather of the batch) and fed to PyTorch's fused SDPA."""
-    import torch.nn.functional as F
-    T, Hq, D = query.shape
-    block_size, Hkv = key_cache.shape[1], key_cache.shape[2]
-    qsl, lens = query_start_loc.tolist(), context_lens.tolist()
-    out = torch.zeros(T, Hq, D, dtype=acc)
-    for b in range(block_tables.shape[0]):
-        s, e, L = qsl[b], qsl[b + 1], lens[b]
-        if e == s or L <= 0:
-            continue
-        blocks = block_tables[b, :-(-L // block_size)].long()
-        k = key_cache[blocks].reshape(-1, Hkv, D)[:L].to(acc).transpose(0, 1)  # [Hkv, L, D]
-        v = value_cache[blocks].reshape(-1, Hkv, D)[:L].to(acc).transpose(0, 1)
-        q = query[s:e].to(acc).transpose(0, 1)  # [Hq, t, D]
-        pos = positions[s:e].long()
-        kpos = torch.arange(L)
-        visible = kpos[None, :] <= pos[:, None]
-        if sliding_window > 0:
-            visible &= kpos[None, :] > pos[:, None] - sliding_window
-        mask = None if bool(visible.all()) else visible
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=Hq != Hkv)
-        if mask is not None:  # a query that sees no key gets zeros, as in the reference
-            o = o.masked_fill(~visible.any(1)[None, :, None], 0.0)
-        out[s:e] = o.transpose(0, 1)
-    return out.to(query.dtype)
+    plan = CpuAttentionPlan(query_start_loc, positions, block_tables, context_lens, key_cache.shape[1])
+    return plan.attend(query, key_cache, value_cache, scale, sliding_window, acc)
+
+
+class CpuAttentionPlan:
+    """What the CPU reference attention derives from the step's metadata alone (each sequence's query rows,
+    cache blocks and visibility mask), read on the host once per forward and shared by every layer."""
+
+    def __init__(self, query_start_loc, positions, block_tables, context_lens, block_size: int):
+        qsl, lens = query_start_loc.tolist(), context_lens.tolist()
+        self.seqs = []  # (first row, end row, context length, block ids, positions)
+        for b in range(block_tables.shape[0]):
+            s, e, L = qsl[b], qsl[b + 1], lens[b]
+            if e > s and L > 0:
+                self.seqs.append((s, e, L, block_tables[b, :-(-L // block_size)].long(), positions[s:e].long()))
+        self._masks = {}  # sliding window -> per sequence: (mask or None when every key is visible, rows seeing none)
+
+    @classmethod
+    def of(cls, meta: AttentionMetadata, block_size: int) -> "CpuAttentionPlan":
+        return cls(meta.query_start_loc, meta.positions, meta.block_tables, meta.context_lens, block_size)
+
+    def _masks_for(self, window: int):
+        if window not in self._masks:
+            masks = []
+            for _, _, L, _, pos in self.seqs:
+                kpos = torch.arange(L)
+                visible = kpos[None, :] <= pos[:, None]
+                if window > 0:
+                    visible &= kpos[None, :] > pos[:, None] - window
+                masks.append((None, None) if bool(visible.all()) else (visible, ~visible.any(1)))
+            self._masks[window] = masks
+        return self._masks[window]
+
+    def attend(self, query, key_cache, value_cache, scale: float, sliding_window: int = 0, acc=None):
+        """query [T, Hq, D] over caches [num_blocks, block_size, Hkv, D] -> [T, Hq, D] (math in `acc`:
+        float32, or float64 for float64 inputs; rows with no visible key give zeros)."""
+        import torch.nn.functional as F
+        T, Hq, D = query.shape
+        Hkv = key_cache.shape[2]
+        acc = acc or (torch.float64 if query.dtype == torch.float64 else torch.float32)
+        parts = []
+        for (s, e, L, blocks, _), (mask, blind) in zip(self.seqs, self._masks_for(int(sliding_window))):
+            k = key_cache[blocks].reshape(-1, Hkv, D)[:L].to(acc).transpose(0, 1)  # [Hkv, L, D]
+            v = value_cache[blocks].reshape(-1, Hkv, D)[:L].to(acc).transpose(0, 1)
+            q = query[s:e].to(acc).transpose(0, 1)  # [Hq, t, D]
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=Hq != Hkv)
+            if mask is not None:  # a query that sees no key gets zeros, as in the reference
+                o = o.masked_fill(blind[None, :, None], 0.0)
+            parts.append((s, e, o.transpose(0, 1)))
+        if len(parts) == 1 and parts[0][:2] == (0, T):  # one sequence owns every row (batch-1 decode)
+            return parts[0][2].to(query.dtype)
+        out = torch.zeros(T, Hq, D, dtype=acc)
+        for s, e, o in parts:
+            out[s:e] = o
+        return out.to(query.dtype)
 
 
 @functools.cache
@@ -161,7 +192,7 @@ def _triton_launcher():
                                  q, kc, vc, qsl, pos, bt, cl, sc, win))
 
 
-def _default_backend(device: torch.device, dtype: torch.dtype) -> str:
+def default_attention_backend(device: torch.device, dtype: torch.dtype) -> str:
     forced = os.environ.get("BILD_BACKEND")
     if forced in ("triton", "ref"):
         return forced
@@ -179,7 +210,7 @@ def paged_attention(query, key_cache, value_cache, meta: AttentionMetadata, *, s
     (Triton on CUDA or under TRITON_INTERPRET=1, else the reference; always the reference for float64).
     """
     window = int(sliding_window or 0)
-    backend = backend or _default_backend(query.device, query.dtype)
+    backend = backend or default_attention_backend(query.device, query.dtype)
     if backend == "ref":
         return paged_attention_ref(query, key_cache, value_cache, meta.query_start_loc, meta.positions,
                                    meta.block_tables, meta.context_lens, scale, window)

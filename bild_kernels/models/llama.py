@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from bild_kernels._backend import resolve
-from bild_kernels.models.attention import AttentionMetadata, paged_attention
+from bild_kernels.models.attention import (AttentionMetadata, CpuAttentionPlan, default_attention_backend,
+                                           paged_attention)
 from bild_kernels.models.config import ModelConfig
 
 
@@ -148,8 +149,17 @@ class LlamaExecutor:
         cos, sin = self._rope_cos_sin(meta.positions)
         write_kv = resolve("write_paged_kv", self.device, self.backend)
         slot_mapping = meta.slot_mapping.to(torch.int64)
+        # The attention backend is chosen once per forward; on the CPU reference the per-sequence blocks
+        # and masks are read once too, not once per layer.
+        attn_backend = self.attn_backend or default_attention_backend(self.device, self.dtype)
+        if attn_backend == "ref" and self.device.type == "cpu":
+            plan = CpuAttentionPlan.of(meta, kv_caches[start][0].shape[1])
+            attend = lambda q, kc, vc, window: plan.attend(q, kc, vc, self.scale, window)  # noqa: E731
+        else:
+            attend = lambda q, kc, vc, window: paged_attention(  # noqa: E731
+                q, kc, vc, meta, scale=self.scale, sliding_window=window, backend=attn_backend)
         for i in range(start, end):
-            x = self._layer(i, x, cos, sin, meta, kv_caches[i], write_kv, slot_mapping)
+            x = self._layer(i, x, cos, sin, kv_caches[i], write_kv, slot_mapping, attend)
         rows = x if logits_indices is None else x[logits_indices]
         logits = F.linear(self._rms_norm(rows, self.norm), self.lm_head)
         if self.head_vocab is not None:
@@ -159,7 +169,7 @@ class LlamaExecutor:
 
     __call__ = forward
 
-    def _layer(self, i, x, cos, sin, meta, cache, write_kv, slot_mapping):
+    def _layer(self, i, x, cos, sin, cache, write_kv, slot_mapping, attend):
         c, w = self.config, self.layers[i]
         T, Hq, Hkv, D = x.shape[0], c.num_heads, c.num_kv_heads, c.head_dim
         qkv = F.linear(self._rms_norm(x, w.input_norm), w.qkv, w.qkv_bias)
@@ -168,8 +178,7 @@ class LlamaExecutor:
         k = _rotate(k.view(T, Hkv, D), cos, sin)
         key_cache, value_cache = cache
         write_kv(k.contiguous(), v.reshape(T, Hkv, D).contiguous(), key_cache, value_cache, slot_mapping)
-        attn = paged_attention(q, key_cache, value_cache, meta, scale=self.scale,
-                               sliding_window=c.sliding_windows[i], backend=self.attn_backend)
+        attn = attend(q, key_cache, value_cache, c.sliding_windows[i] or 0)
         x = x + F.linear(attn.reshape(T, Hq * D), w.o, w.o_bias)
         gate, up = F.linear(self._rms_norm(x, w.post_norm), w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
         return x + F.linear(F.silu(gate) * up, w.down, w.down_bias)

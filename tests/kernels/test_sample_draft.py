@@ -168,3 +168,24 @@ def test_sample_draft_kernel_matches_reference_on_many_seeds(backend_device):
     top_p = torch.where(torch.arange(N) % 3 == 0, 0.9, 1.0).to(device)
     check(backend, logits, temperature, top_k, top_p, torch.arange(N, device=device) * 7919 + 1,
           torch.full((N,), 11, device=device), torch.zeros(N, device=device), 1e-5, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16, torch.float64])
+def test_sample_draft_reference_greedy_shortcut_matches_general_path(monkeypatch, dtype):
+    # With every row greedy and unfiltered the reference takes a shortcut (one logsumexp, one max): it must
+    # give the general path's outputs bit for bit, ties, -inf entries and fallback flags included.
+    V = 301
+    logits = separated_logits(6, V, "cpu", dtype)
+    logits[0, :] = 1.5  # a flat row: first index
+    logits[1, 40:] = float("-inf")
+    logits[2, 7] = logits[2, 9] = logits[2].max() + 1  # a tie at the top
+    logits[3, ::2] = float("-inf")
+    zeros = torch.zeros(6)
+    args = (logits, zeros, torch.zeros(6, dtype=torch.int32), torch.ones(6), torch.arange(6) * 7,
+            torch.zeros(6, dtype=torch.int64), torch.tensor([0.0, 0.3, 0.5, 0.9, 1.0, 0.05]))
+    fast = R.sample_draft_ref(*args)
+    monkeypatch.setattr(R, "_plain_greedy", lambda *a: False)
+    general = R.sample_draft_ref(*args)
+    for f, g in zip(fast, general):
+        assert f.dtype == g.dtype and torch.equal(f, g)
+    assert fast.__len__() == 5 and fast[0][2].item() == 7

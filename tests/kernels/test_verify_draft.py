@@ -172,3 +172,21 @@ def test_verify_draft_sample_mode_kernel_matches_reference_rows(backend_device):
 def test_verify_draft_sample_mode_kernel_matches_reference_20k_rows(backend_device):
     backend, device = backend_device
     _kernel_vs_reference_on_sampling_rows(backend, device, 20_000)
+
+
+@pytest.mark.parametrize("mode", ["greedy", "bild"])
+@pytest.mark.parametrize("K, dtype", [(0, torch.float32), (1, torch.float32), (4, torch.float32),
+                                      (4, torch.bfloat16), (3, torch.float64)])
+def test_verify_draft_reference_greedy_shortcut_matches_general_path(monkeypatch, mode, K, dtype):
+    # All-greedy rows outside sample mode skip building the target distributions: the outputs must be the
+    # general path's bit for bit (ragged and empty drafts, ties, -inf logits).
+    draft_ids, target_logits, _, params = make_case(9, K, 257, "cpu", dtype)
+    target_logits[0, :, :] = 0.5  # flat: the first index wins
+    target_logits[1, :, 100:] = float("-inf")
+    args = (draft_ids, target_logits, mode, params["rollback_threshold"], None, torch.zeros(9), params["top_k"],
+            params["top_p"], params["seed"], params["offset"])
+    fast = R.verify_draft_ref(*args)
+    monkeypatch.setattr(R, "_all_greedy", lambda *a: False)
+    general = R.verify_draft_ref(*args)
+    for f, g in zip(fast, general):
+        assert f.dtype == g.dtype and torch.equal(f, g)
