@@ -89,7 +89,11 @@ def test_paged_attention_ref_matches_dense_causal():
     torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
 
 
-@pytest.mark.parametrize("seqs", [PREFILL, DECODE, EXTEND, PADDED, MIXED])
+ONE_DECODE = [(1, 33)]  # batch-1 decode and verify: the CPU path returns the one sequence's output directly
+ONE_EXTEND = [(3, 40)]
+
+
+@pytest.mark.parametrize("seqs", [PREFILL, DECODE, EXTEND, PADDED, MIXED, ONE_DECODE, ONE_EXTEND])
 @pytest.mark.parametrize("window", [0, 3])
 @pytest.mark.parametrize("dtype", [torch.float64, BF16])
 def test_reference_cpu_path_equals_the_gather_path(seqs, window, dtype):
@@ -105,6 +109,20 @@ def test_reference_cpu_path_equals_the_gather_path(seqs, window, dtype):
     torch.testing.assert_close(fast, dense, atol=tol, rtol=tol)
     pad = torch.tensor([c == 0 for q, c in seqs for _ in range(q)])
     assert torch.equal(fast[pad], torch.zeros_like(fast[pad]))
+
+
+@pytest.mark.parametrize("seqs", [MIXED, ONE_EXTEND])
+def test_cpu_attention_plan_is_shared_by_layers_with_different_windows(seqs):
+    """One plan per forward serves every layer: alternating sliding windows (as Mistral/Qwen2 layers do)
+    must each get their own masks, not the first layer's."""
+    from bild_kernels.models.attention import CpuAttentionPlan, _paged_attention_gather
+    query, key_cache, value_cache, meta = _case(seqs, 4, 2, 3, 32, torch.float64, "cpu")
+    plan = CpuAttentionPlan.of(meta, 4)
+    for window in (0, 3, 0, 5, 3):
+        want = _paged_attention_gather(query, key_cache, value_cache, meta.query_start_loc, meta.positions,
+                                       meta.block_tables, meta.context_lens, 0.2, window, torch.float64)
+        torch.testing.assert_close(plan.attend(query, key_cache, value_cache, 0.2, window), want,
+                                   atol=1e-12, rtol=1e-12)
 
 
 def test_paged_attention_bad_input():
