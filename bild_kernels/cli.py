@@ -36,6 +36,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     g.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: float32 on CPU, bf16 on CUDA)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
+    g.add_argument("--small-weights", default="auto", choices=("auto", "int8", "as-loaded"),
+                   help="small model's weights: int8 (CPU; bf16 activations), as-loaded, or auto (int8 on a CPU "
+                        "when --dtype is not given)")
 
 
 def _policy_args(p: argparse.ArgumentParser, default_policy: str | None = "bild") -> None:
@@ -65,8 +68,9 @@ def _engine(args, *, max_batch_size: int = 1, max_model_len: int = 1024):
     dtype = DTYPES[args.dtype] if args.dtype else None
     if args.small and not args.large:
         raise UsageError("--small needs --large (the default draft belongs to the default large model)")
+    weights = {"as-loaded": None}.get(args.small_weights, args.small_weights)
     return Engine(large=args.large, small=args.small, device=device, dtype=dtype, max_batch_size=max_batch_size,
-                  max_model_len=max_model_len)
+                  max_model_len=max_model_len, small_weights=weights)
 
 
 def _policy(args, engine):

@@ -31,6 +31,7 @@ from bild_kernels.engine.scheduler import Scheduler
 from bild_kernels.engine.sequence import RequestOutput, Sequence, StreamChunk
 from bild_kernels.engine.shallow_deep import LayerGroups
 from bild_kernels.engine.tokenizer import Detokenizer
+from bild_kernels.models.llama import check_int8_kernel
 
 
 def _recommended_policy(small) -> Policy:
@@ -69,12 +70,19 @@ class Engine(Iteration):
         batch-size bucket; the default on CUDA), "eager" (a loop that shrinks the batch as rows stop;
         the default on a CPU), or "static" (the graphs' fixed-buffer loop run without capture: for
         debugging a graph). All three give the same tokens.
+    small_weights : "int8" stores the small model's projections and head as int8 per output channel
+        (weight-only; activations in bfloat16 unless small_dtype says float16): a quarter of the float32
+        bytes a CPU draft step reads. "auto" (the default): int8 on a CPU when neither dtype nor
+        small_dtype is given and this torch has the kernel (in bfloat16 if the model's widths do not
+        suit the kernel), else as loaded. None: as loaded. Lossless
+        policies give the same tokens either way; the draft's proposals may differ in rare near-ties.
     """
 
     def __init__(self, large=None, small=None, *, device: str = "cpu", dtype: torch.dtype | None = None,
                  max_batch_size: int = 8, max_model_len: int = 2048, kv_cache_blocks: int | None = None,
                  block_size: int = 16, kv_cache_memory: int | float | None = None, tokenizer=None,
-                 draft_loop: str | None = None, small_dtype: torch.dtype | None = None):
+                 draft_loop: str | None = None, small_dtype: torch.dtype | None = None,
+                 small_weights: str | None = "auto"):
         if large is None:
             if small is not None:
                 raise ValueError("small given without large: name both models, or neither for the default pair")
@@ -87,8 +95,10 @@ class Engine(Iteration):
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device='cuda' but no CUDA device is available")
+        auto_weights = small_weights == "auto"
+        small_weights = self._small_weights(small_weights, small, dtype, small_dtype)
         dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
-        small_dtype = small_dtype or dtype
+        small_dtype = small_dtype or (torch.bfloat16 if small_weights == "int8" else dtype)
         for name, val in (("dtype", dtype), ("small_dtype", small_dtype)):
             if not isinstance(val, torch.dtype) or not val.is_floating_point:
                 raise ValueError(f"{name} must be a floating-point torch.dtype, got {val!r}")
@@ -106,6 +116,12 @@ class Engine(Iteration):
         large_exec, large_tok = load_executor(large, "large", dtype, self.device)
         small_exec, small_tok = ((None, None) if small is None
                                  else load_executor(small, "small", small_dtype, self.device, base=large_exec))
+        if small_exec is not None and small_weights == "int8":
+            try:
+                small_exec.quantize_weights("int8")
+            except ValueError:
+                if not auto_weights:  # asked for by name: say why not; "auto" keeps the bfloat16 weights
+                    raise
         # A shipped draft may recommend the BiLD thresholds tuned for its pair: generate() defaults to them.
         self.default_policy = _recommended_policy(small)
         if budget is not None:
@@ -139,6 +155,27 @@ class Engine(Iteration):
         # summed over steps; wall time minus both is the engine's own overhead. Benchmarks reset it.
         self.time_split = {"draft": 0.0, "verify": 0.0}
         self._scheduler = Scheduler(self)  # one running batch for every thread that calls generate/stream
+
+    def _small_weights(self, small_weights, small, dtype, small_dtype) -> str | None:
+        """"int8" or None, checked before any model loads. "auto" is int8 on a CPU when no dtype was asked
+        for and this torch has the kernel: a draft step there is bound by reading its weights."""
+        if small_weights not in ("auto", "int8", None):
+            raise ValueError(f"small_weights must be 'auto', 'int8' or None, got {small_weights!r}")
+        if small_weights == "auto":
+            if small is None or self.device.type != "cpu" or dtype is not None or small_dtype is not None:
+                return None
+            try:
+                check_int8_kernel(self.device, torch.bfloat16)
+            except ValueError:
+                return None
+            return "int8"
+        if small_weights == "int8":
+            if small is None:
+                raise ValueError("small_weights='int8' quantises the small model, but none was given")
+            if small_dtype not in (None, torch.bfloat16, torch.float16):
+                raise ValueError(f"small_weights='int8' runs the small model in bfloat16 or float16, not {small_dtype}")
+            check_int8_kernel(self.device, small_dtype or torch.bfloat16)
+        return small_weights
 
     def _memory_budget(self, mem) -> int | None:
         if mem is None:

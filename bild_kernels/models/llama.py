@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -90,6 +91,31 @@ class LlamaExecutor:
         # float64 runs only on the reference kernels (exactness tests).
         self.backend = "ref" if self.dtype == torch.float64 else backend
         self.attn_backend = {"cuda": None}.get(self.backend, self.backend)  # no CUDA attention kernel: Triton
+        self.weight_format = str(self.dtype).removeprefix("torch.")  # "int8" after quantize_weights
+
+    def quantize_weights(self, kind: str = "int8") -> "LlamaExecutor":
+        """Store every projection and the head as int8 per output channel (weight-only; w ~= q * scale),
+        in place. The matrix products read a quarter of the float32 bytes, which is what a small model's
+        decode step costs on a CPU; activations stay in the executor's dtype (bfloat16 or float16). The
+        embedding stays as it was (lookups, and the large model it may be shared with)."""
+        if kind != "int8":
+            raise ValueError(f"quantize_weights: kind must be 'int8', got {kind!r}")
+        if self.dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"int8 weights run with bfloat16 or float16 activations; this model is {self.dtype} "
+                             "(load it in bfloat16)")
+        check_int8_kernel(self.device, self.dtype)
+        c = self.config
+        widths = {"hidden_size": c.hidden_size, "num_heads * head_dim": c.num_heads * c.head_dim,
+                  "intermediate_size": c.intermediate_size}
+        odd = {k: v for k, v in widths.items() if v % INT8_K_MULTIPLE}
+        if odd:  # torch's CPU kernel assumes it (other widths crash it rather than raise)
+            raise ValueError(f"int8 weights need every projection's input width divisible by {INT8_K_MULTIPLE}; "
+                             f"this model has {', '.join(f'{k}={v}' for k, v in odd.items())}")
+        self.lm_head = Int8Weight.of(self.lm_head)
+        for w in self.layers:
+            w.qkv, w.o, w.gate_up, w.down = (Int8Weight.of(t) for t in (w.qkv, w.o, w.gate_up, w.down))
+        self.weight_format = "int8"
+        return self
 
     # ----------------------------------------------------------------------------------------------
     # KV cache
@@ -161,7 +187,7 @@ class LlamaExecutor:
         for i in range(start, end):
             x = self._layer(i, x, cos, sin, kv_caches[i], write_kv, slot_mapping, attend)
         rows = x if logits_indices is None else x[logits_indices]
-        logits = F.linear(self._rms_norm(rows, self.norm), self.lm_head)
+        logits = _linear(self._rms_norm(rows, self.norm), self.lm_head)
         if self.head_vocab is not None:
             full = logits.new_full((logits.shape[0], self.config.vocab_size), float("-inf"))
             logits = full.index_copy_(1, self.head_vocab, logits)
@@ -172,16 +198,16 @@ class LlamaExecutor:
     def _layer(self, i, x, cos, sin, cache, write_kv, slot_mapping, attend):
         c, w = self.config, self.layers[i]
         T, Hq, Hkv, D = x.shape[0], c.num_heads, c.num_kv_heads, c.head_dim
-        qkv = F.linear(self._rms_norm(x, w.input_norm), w.qkv, w.qkv_bias)
+        qkv = _linear(self._rms_norm(x, w.input_norm), w.qkv, w.qkv_bias)
         q, k, v = qkv.split([Hq * D, Hkv * D, Hkv * D], dim=-1)
         q = _rotate(q.view(T, Hq, D), cos, sin)
         k = _rotate(k.view(T, Hkv, D), cos, sin)
         key_cache, value_cache = cache
         write_kv(k.contiguous(), v.reshape(T, Hkv, D).contiguous(), key_cache, value_cache, slot_mapping)
         attn = attend(q, key_cache, value_cache, c.sliding_windows[i] or 0)
-        x = x + F.linear(attn.reshape(T, Hq * D), w.o, w.o_bias)
-        gate, up = F.linear(self._rms_norm(x, w.post_norm), w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
-        return x + F.linear(F.silu(gate) * up, w.down, w.down_bias)
+        x = x + _linear(attn.reshape(T, Hq * D), w.o, w.o_bias)
+        gate, up = _linear(self._rms_norm(x, w.post_norm), w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
+        return x + _linear(F.silu(gate) * up, w.down, w.down_bias)
 
     def _rms_norm(self, x, weight):
         # HF normalises in fp32 (even for float64 models), casts back, then scales.
@@ -210,6 +236,48 @@ class LlamaExecutor:
         if not 0 <= start < end <= n:
             raise ValueError(f"layers: need 0 <= start < end <= {n}, got ({start}, {end})")
         return start, end
+
+
+class Int8Weight(NamedTuple):
+    """A [N, K] weight as int8 per output channel: w ~= q * scale[:, None] (symmetric, no zero point)."""
+    q: torch.Tensor  # [N, K] int8
+    scale: torch.Tensor  # [N], in the activations' dtype
+
+    @classmethod
+    def of(cls, w: torch.Tensor) -> "Int8Weight":
+        wf = w.float()
+        scale = (wf.abs().amax(1) / 127.0).clamp(min=torch.finfo(torch.float32).tiny)
+        q = torch.round(wf / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        return cls(q.contiguous(), scale.to(w.dtype).contiguous())
+
+    def dequantize(self) -> torch.Tensor:
+        return self.q.to(self.scale.dtype) * self.scale[:, None]
+
+
+INT8_K_MULTIPLE = 16  # torch's CPU int8 weight kernel reads the input width in blocks of 16
+
+
+def _linear(x, w, bias=None):
+    if not isinstance(w, Int8Weight):
+        return F.linear(x, w, bias)
+    y = torch.ops.aten._weight_int8pack_mm(x.contiguous(), w.q, w.scale)
+    return y if bias is None else y + bias
+
+
+def check_int8_kernel(device, dtype) -> None:
+    """Fail early, naming the reason, where this torch has no int8 weight kernel for the device and dtype
+    (a CPU option: the one measured, and the one whose shape limits are known)."""
+    if torch.device(device).type != "cpu":
+        raise ValueError(f"int8 weights are a CPU option; this model is on {device}")
+    w = Int8Weight.of(torch.linspace(-1, 1, 64 * 32, device=device, dtype=dtype).view(64, 32))
+    x = torch.ones(2, 32, device=device, dtype=dtype)
+    try:
+        y = _linear(x, w)
+    except (RuntimeError, AttributeError, NotImplementedError) as exc:
+        raise ValueError(f"int8 weights: this torch cannot multiply {dtype} activations by int8 weights on "
+                         f"{device} ({str(exc).splitlines()[0]})") from None
+    if not torch.allclose(y.float(), F.linear(x, w.dequantize()).float(), rtol=2e-2, atol=2e-2):
+        raise ValueError(f"int8 weights: torch's int8 kernel gives wrong results on {device} with {dtype}")
 
 
 def _check_head_vocab(ids, vocab_size: int) -> torch.Tensor:

@@ -1,0 +1,105 @@
+"""int8 weights for the small model on a CPU: the executor's int8 path against the same weights dequantized,
+the engine's lossless policies unchanged with an int8 draft, "auto" and the refusals."""
+import pytest
+import torch
+
+from bild_kernels import Engine, Greedy, LargeOnly, SamplingParams
+from bild_kernels.engine.runner import ModelRunner
+from bild_kernels.models import load_model
+from bild_kernels.models.llama import Int8Weight
+
+from .conftest import assert_all_free, hf_greedy, tiny_llama
+
+BF16 = torch.bfloat16
+
+
+def _logits(executor, ids):
+    runner = ModelRunner(executor, num_blocks=8, block_size=4, max_seqs=1, max_blocks_per_seq=8)
+    runner.add(0)
+    return runner.extend([0], [ids], [len(ids)])[0]
+
+
+def test_int8_weight_round_trip():
+    w = torch.randn(97, 64) * torch.logspace(-2, 1, 97)[:, None]  # rows of very different scales
+    q = Int8Weight.of(w)
+    assert q.q.dtype == torch.int8 and q.q.abs().max() <= 127 and q.scale.shape == (97,)
+    err = (q.dequantize() - w).abs().max(1).values
+    assert (err <= q.scale * 0.5 + 1e-12).all()  # round to nearest: at most half a step per entry
+    zero = Int8Weight.of(torch.zeros(3, 16))  # an all-zero row keeps a finite scale
+    assert torch.isfinite(zero.scale).all() and torch.equal(zero.dequantize(), torch.zeros(3, 16))
+
+
+def test_int8_executor_equals_its_dequantized_weights(small_model):
+    ids = [5, 17, 3, 44, 2, 90, 11]
+    quant, _ = load_model(small_model, dtype=BF16)
+    quant.quantize_weights("int8")
+    assert quant.weight_format == "int8" and isinstance(quant.layers[0].qkv, Int8Weight)
+    plain, _ = load_model(small_model, dtype=BF16)  # the same weights as the int8 ones hold, in bf16
+    plain.lm_head = Int8Weight.of(plain.lm_head).dequantize()
+    for w in plain.layers:
+        w.qkv, w.o, w.gate_up, w.down = (Int8Weight.of(t).dequantize() for t in (w.qkv, w.o, w.gate_up, w.down))
+    got, want = _logits(quant, ids).float(), _logits(plain, ids).float()
+    torch.testing.assert_close(got, want, atol=0.08 * want.abs().max().item(), rtol=0.0)
+    full, _ = load_model(small_model, dtype=torch.float64)
+    agree = (got.argmax(-1) == _logits(full, ids).argmax(-1)).float().mean()
+    assert agree >= 0.7  # quantisation moves near-ties only
+
+
+def test_engine_int8_draft_is_lossless(large_model, small_model):
+    eng = Engine(large=large_model, small=small_model, dtype=torch.float32, small_weights="int8", max_batch_size=2,
+                 max_model_len=64, block_size=4)
+    small = eng.runners["small"].executor
+    assert small.weight_format == "int8" and small.dtype == BF16
+    assert eng.runners["large"].executor.dtype == torch.float32
+    prompts = [[5, 17, 3], [8, 9]]
+    params = SamplingParams(max_tokens=12)
+    outs = eng.generate(prompts, params, policy=Greedy(max_draft_len=3))
+    alone = eng.generate(prompts, params, policy=LargeOnly())
+    assert [o.token_ids for o in outs] == [o.token_ids for o in alone] == [hf_greedy(large_model, p, 12)
+                                                                          for p in prompts]
+    assert sum(o.metrics.accepted_tokens for o in outs) > 0
+    assert_all_free(eng)
+
+
+def test_small_weights_auto(large_model, small_model):
+    kw = dict(max_batch_size=1, max_model_len=32, block_size=4)
+    auto = Engine(large=large_model, small=small_model, **kw)  # CPU, no dtype asked for: int8
+    assert auto.runners["small"].executor.weight_format == "int8"
+    assert auto.runners["large"].executor.dtype == torch.float32
+    exact = Engine(large=large_model, small=small_model, dtype=torch.float64, **kw)  # a dtype asked for: as loaded
+    assert exact.runners["small"].executor.weight_format == "float64"
+    plain = Engine(large=large_model, small=small_model, small_weights=None, **kw)
+    assert plain.runners["small"].executor.weight_format == "float32"
+    odd = tiny_llama(3, layers=1, hidden=72)  # 72 is not a multiple of 16: auto keeps bf16 weights
+    big_odd = tiny_llama(4, layers=2, hidden=72)
+    eng = Engine(large=big_odd, small=odd, **kw)
+    assert eng.runners["small"].executor.weight_format == "bfloat16"
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(small_weights="int4"), "small_weights must be"),
+    (dict(small_weights="int8", small_dtype=torch.float32), "bfloat16 or float16"),
+    (dict(small_weights="int8", small=None), "none was given"),
+])
+def test_small_weights_bad_input_before_loading(kwargs, match):
+    args = dict(large="/nonexistent/large", small="/nonexistent/small")
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):  # not FileNotFoundError: checked before any load
+        Engine(**args)
+
+
+def test_quantize_weights_refusals(small_model):
+    ex, _ = load_model(small_model, dtype=torch.float32)
+    with pytest.raises(ValueError, match="bfloat16"):
+        ex.quantize_weights("int8")
+    ex, _ = load_model(small_model, dtype=BF16)
+    with pytest.raises(ValueError, match="kind"):
+        ex.quantize_weights("int4")
+    odd, _ = load_model(tiny_llama(3, layers=1, hidden=72), dtype=BF16)
+    with pytest.raises(ValueError, match="hidden_size=72"):
+        odd.quantize_weights("int8")
+    assert odd.weight_format == "bfloat16"
+    eng_args = dict(large=tiny_llama(4, layers=2, hidden=72), small=tiny_llama(3, layers=1, hidden=72),
+                    small_weights="int8", max_batch_size=1, max_model_len=32)
+    with pytest.raises(ValueError, match="divisible by 16"):
+        Engine(**eng_args)
