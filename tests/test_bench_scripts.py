@@ -21,7 +21,7 @@ def _run(script: str, *args: str) -> list[str]:
 
 
 def test_every_op_has_a_benchmark():
-    assert sorted(p.stem[len("bench_"):] for p in BENCH.glob("bench_*.py")) == sorted(OPS + ["e2e"])
+    assert sorted(p.stem[len("bench_"):] for p in BENCH.glob("bench_*.py")) == sorted(OPS + ["e2e", "draft_weights"])
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -39,3 +39,12 @@ def test_e2e_benchmark_compares_draft_loops():
     systems = [r["system"] for r in rows]
     assert systems[0] == "engine large-only" and "engine bild (static draft loop)" in systems
     assert all(r["tokens_per_s"] > 0 for r in rows)
+
+
+def test_draft_weights_benchmark_times_every_format():
+    rows = [line.split() for line in _run("bench_draft_weights.py", "--iters", "2", "--flush-mb", "8", "--layers", "1",
+                                          "--hidden", "64", "--intermediate", "128", "--kv-width", "32",
+                                          "--head", "97") if " median " in line]
+    assert sorted((r[1], r[2]) for r in rows) == sorted((f, f"cache={c}") for f in ("float32", "bfloat16", "int8")
+                                                        for c in ("warm", "cold"))
+    assert all(float(r[r.index("median") + 1]) > 0 for r in rows)
