@@ -6,7 +6,7 @@ every projection of the shipped draft's shapes and its reduced head) in float32,
 large model (540 MB) through memory, as the large model's verification pass does between two draft steps
 inside the engine. Bandwidth counts one read of the weights.
 
-    python bench/bench_draft_weights.py [--layers 4] [--hidden 576] [--intermediate 1536] [--head 8192] [--no-save]
+    python bench/bench_draft_weights.py [--threads 1] [--layers 4] [--hidden 576] [--intermediate 1536] [--head 8192] [--no-save]
 """
 from __future__ import annotations
 
@@ -36,7 +36,10 @@ def main() -> None:
     p.add_argument("--kv-width", type=int, default=192, help="num_kv_heads * head_dim")
     p.add_argument("--head", type=int, default=8192, help="rows of the draft's head (its reduced vocabulary)")
     p.add_argument("--flush-mb", type=int, default=540, help="bytes streamed before a cold step")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.device != "cpu":
         raise SystemExit("bench_draft_weights measures the CPU weight formats (int8 weights are a CPU option)")
     g = torch.Generator().manual_seed(0)
@@ -55,7 +58,8 @@ def main() -> None:
                      for w in ws)
         for cache, setup in (("warm", None), ("cold", lambda: flush.add_(1.0))):
             stats = timeit(step, "cpu", warmup=3, iters=iters, setup=setup)
-            record("draft_weights", "cpu", name, {"cache": cache, "layers": args.layers, "hidden": args.hidden,
+            record("draft_weights", "cpu", name, {"cache": cache, "threads": torch.get_num_threads(),
+                                                  "layers": args.layers, "hidden": args.hidden,
                                                   "head": args.head, "MB": round(nbytes / 2**20, 1)},
                    stats, nbytes, save=not args.no_save)
 
