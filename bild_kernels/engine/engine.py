@@ -74,8 +74,8 @@ class Engine(Iteration):
         (weight-only; activations in bfloat16 unless small_dtype says float16): a quarter of the float32
         bytes a CPU draft step reads. "auto" (the default): int8 on a CPU when neither dtype nor
         small_dtype is given and this torch has the kernel (in bfloat16 if the model's widths do not
-        suit the kernel), else as loaded. None: as loaded. Lossless
-        policies give the same tokens either way; the draft's proposals may differ in rare near-ties.
+        suit the kernel), else as loaded. None: as loaded. Lossless policies give the same tokens
+        either way; the draft's proposals may differ in rare near-ties.
     """
 
     def __init__(self, large=None, small=None, *, device: str = "cpu", dtype: torch.dtype | None = None,
