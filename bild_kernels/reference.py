@@ -318,7 +318,8 @@ def verify_draft_ref(draft_ids, target_logits, mode, rollback_threshold=None, dr
     greedy = temperature <= 0
     # The target distributions q are read only to sample a token or in sample mode: all-greedy rows in
     # the other modes emit the argmax and skip building them (the same outputs; tested).
-    need_q = mode == MODE_SAMPLE or not _all_greedy(z, greedy)
+    all_greedy = _all_greedy(z, greedy)
+    need_q = mode == MODE_SAMPLE or not all_greedy
     if need_q:
         t = torch.where(greedy, torch.ones_like(temperature), temperature).to(z.dtype)
         scaled = z / t[:, None, None]
@@ -343,7 +344,7 @@ def verify_draft_ref(draft_ids, target_logits, mode, rollback_threshold=None, dr
 
     c = num_accepted
     rows = torch.arange(B, device=dev)
-    if not need_q or bool(greedy.all()):
+    if all_greedy:
         emitted = amax[rows, c]
     else:
         w = q[rows, c]  # [B, V]

@@ -12,6 +12,7 @@ import functools
 import os
 
 import torch
+import torch.nn.functional as F
 
 from bild_kernels import reference as R
 
@@ -161,7 +162,6 @@ class CpuAttentionPlan:
     def attend(self, query, key_cache, value_cache, scale: float, sliding_window: int = 0, acc=None):
         """query [T, Hq, D] over caches [num_blocks, block_size, Hkv, D] -> [T, Hq, D] (math in `acc`:
         float32, or float64 for float64 inputs; rows with no visible key give zeros)."""
-        import torch.nn.functional as F
         T, Hq, D = query.shape
         Hkv = key_cache.shape[2]
         acc = acc or (torch.float64 if query.dtype == torch.float64 else torch.float32)

@@ -14,6 +14,7 @@ gate/up projections are fused into one matmul each; biases are used where the ch
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 from typing import NamedTuple
 
@@ -269,15 +270,24 @@ def check_int8_kernel(device, dtype) -> None:
     (a CPU option: the one measured, and the one whose shape limits are known)."""
     if torch.device(device).type != "cpu":
         raise ValueError(f"int8 weights are a CPU option; this model is on {device}")
-    w = Int8Weight.of(torch.linspace(-1, 1, 64 * 32, device=device, dtype=dtype).view(64, 32))
-    x = torch.ones(2, 32, device=device, dtype=dtype)
+    problem = _int8_kernel_problem(dtype)
+    if problem:
+        raise ValueError(f"int8 weights: {problem}")
+
+
+@functools.cache
+def _int8_kernel_problem(dtype) -> str | None:
+    """Why torch's CPU int8 weight kernel cannot serve `dtype` activations, or None; probed once per dtype
+    (the engine asks before loading and the executor again when it quantises)."""
+    w = Int8Weight.of(torch.linspace(-1, 1, 64 * 32, dtype=dtype).view(64, 32))
+    x = torch.ones(2, 32, dtype=dtype)
     try:
         y = _linear(x, w)
     except (RuntimeError, AttributeError, NotImplementedError) as exc:
-        raise ValueError(f"int8 weights: this torch cannot multiply {dtype} activations by int8 weights on "
-                         f"{device} ({str(exc).splitlines()[0]})") from None
+        return f"this torch cannot multiply {dtype} activations by int8 weights on cpu ({str(exc).splitlines()[0]})"
     if not torch.allclose(y.float(), F.linear(x, w.dequantize()).float(), rtol=2e-2, atol=2e-2):
-        raise ValueError(f"int8 weights: torch's int8 kernel gives wrong results on {device} with {dtype}")
+        return f"torch's int8 kernel gives wrong results on cpu with {dtype}"
+    return None
 
 
 def _check_head_vocab(ids, vocab_size: int) -> torch.Tensor:
