@@ -24,6 +24,9 @@ def hf_draft(draft_dir, large) -> torch.nn.Module:
 
     from bild_kernels.models.draft import read_manifest
     manifest = read_manifest(draft_dir)
+    if manifest["kind"] == "feature":
+        raise ValueError(f"draft {draft_dir} is a feature draft (it reads the large model's hidden states): "
+                         "transformers' assisted generation cannot run it; give a standalone draft")
     cfg = LlamaConfig.from_dict(large.config.to_dict())
     cfg.num_hidden_layers = manifest["num_layers"]
     cfg.layer_types = None

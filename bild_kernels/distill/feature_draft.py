@@ -263,6 +263,20 @@ class FeatureDraft(nn.Module):
     def checkpoint(self):
         return {"state": {k: v for k, v in self.state_dict().items()}, "config": self.cfg, "vocab": self.vocab}
 
+    def save_dir(self, path, base, *, base_name: str = "", card: str = "", policy: dict | None = None,
+                 dtype: torch.dtype = torch.bfloat16):
+        """Write this draft as a draft directory (`bild_kernels.models.draft`, kind "feature") for the engine.
+        base: the large model's executor (its embedding identifies the pair). Layers are stored in `dtype`,
+        the input map and feature statistics in float32."""
+        from bild_kernels.models.draft import save_draft
+        state = {f"model.{k}": v for k, v in self.state_dict().items() if k.startswith("layers.")}
+        state.update({"fc.weight": self.fc.weight, "fc.bias": self.fc.bias, "feat_mean": self.feat_mean,
+                      "feat_std": self.feat_std, "emb_scale": self.emb_scale})
+        n_base = base.config.num_layers
+        return save_draft(path, state, base=base, init_layers=list(range(n_base - len(self.layers), n_base)),
+                          draft_vocab=self.vocab, base_name=base_name, card=card, policy=policy, dtype=dtype,
+                          kind="feature")
+
     @classmethod
     def from_checkpoint(cls, ck, teacher):
         cfg = dict(ck["config"])

@@ -64,6 +64,7 @@ class _Buffers:
     device: torch.device
     max_blocks: int
     vocab: int
+    features: tuple | None = None  # a feature draft's (hidden size, dtype): each row's fed-back feature
     graph: object = None
     t: dict = field(default_factory=dict)
 
@@ -81,6 +82,8 @@ class _Buffers:
             out_conf=torch.zeros(B, **f32), any_active=torch.zeros((), **b))
         if self.with_probs:
             self.t["out_probs"] = torch.zeros(B, self.vocab, **f32)
+        if self.features is not None:
+            self.t["feat"] = torch.zeros(B, self.features[0], dtype=self.features[1], device=dev)
 
 
 class StaticDraftLoop:
@@ -131,7 +134,13 @@ class StaticDraftLoop:
                                  block_tables=t["block_tables"],
                                  context_lens=torch.where(active, pos + 1, torch.zeros_like(pos)).to(torch.int32),
                                  max_query_len=1)
-        logits = executor.forward(t["tok"], meta, self.runner.kv_caches)
+        if "feat" in t:  # a feature draft: its own last feature and last draft in, its next feature out
+            embeds = executor.input_embeds(t["feat"], t["tok"])
+            logits, hidden = executor.forward(None, meta, self.runner.kv_caches, hidden_states=embeds,
+                                              return_hidden=True)
+            t["feat"].copy_(torch.where(active[:, None], hidden, t["feat"]))
+        else:
+            logits = executor.forward(t["tok"], meta, self.runner.kv_caches)
         t["fed"] += active.to(torch.int32)
         t["pos"] += active.to(torch.int64)
         self._update(t, logits)
@@ -142,7 +151,10 @@ class StaticDraftLoop:
         key = (size, with_probs)
         if key not in self._buffers:
             r = self.runner
-            buf = _Buffers(size, with_probs, r.device, r.blocks.max_blocks_per_seq, r.executor.config.vocab_size)
+            feats = ((r.executor.config.hidden_size, r.executor.dtype)
+                     if getattr(r.executor, "kind", "layers") == "feature" else None)
+            buf = _Buffers(size, with_probs, r.device, r.blocks.max_blocks_per_seq, r.executor.config.vocab_size,
+                           feats)
             if self.capture:
                 try:
                     self._capture(buf)
@@ -171,10 +183,11 @@ class StaticDraftLoop:
     # -- one run ------------------------------------------------------------------------------------
     @torch.inference_mode()
     def run(self, rows: list[int], caps: list[int], logits: torch.Tensor, sampling: dict, threshold: float,
-            energy: bool, *, with_probs: bool) -> DraftRun:
+            energy: bool, *, with_probs: bool, features: torch.Tensor | None = None) -> DraftRun:
         """The draft run of `rows`, whose step-0 logits [n, V] the caller computed (the small model's cache
         then holds each row's committed tokens). caps[i] >= 1: drafts row i may propose; sampling: the
-        engine's per-row [n] tensors (offset: step 0's)."""
+        engine's per-row [n] tensors (offset: step 0's). features [n, H]: a feature draft's step-0 output
+        (its predicted next feature per row), required for one and refused otherwise."""
         n, dev = len(rows), self.runner.device
         buf = self._get(n, with_probs)
         t, B = buf.t, buf.size
@@ -184,6 +197,10 @@ class StaticDraftLoop:
             t[name][:n].copy_(values)
             t[name][n:].fill_(padding)
 
+        if (features is None) != ("feat" not in t):
+            raise ValueError("StaticDraftLoop.run: features are given for a feature draft, and only for one")
+        if features is not None:
+            fill("feat", features)
         starts = self.runner.blocks.context_lens_of(rows)
         # Each row may feed cap - 1 drafts after step 0: reserve their blocks now, return the rest after.
         reserve = [c - 1 for c in caps]

@@ -102,9 +102,9 @@ class Engine(Iteration):
         for name, val in (("dtype", dtype), ("small_dtype", small_dtype)):
             if not isinstance(val, torch.dtype) or not val.is_floating_point:
                 raise ValueError(f"{name} must be a floating-point torch.dtype, got {val!r}")
-        draft_loop = draft_loop or ("graph" if self.device.type == "cuda" else "eager")
-        if draft_loop not in ("graph", "eager", "static"):
+        if draft_loop not in (None, "graph", "eager", "static"):
             raise ValueError(f"draft_loop must be 'graph', 'eager' or 'static', got {draft_loop!r}")
+        draft_loop = draft_loop or ("graph" if self.device.type == "cuda" else "eager")
         if draft_loop == "graph" and self.device.type != "cuda":
             raise ValueError("draft_loop='graph' captures CUDA graphs: it needs device='cuda'")
         self.max_batch_size, self.max_model_len, self.block_size = max_batch_size, max_model_len, block_size
@@ -148,6 +148,8 @@ class Engine(Iteration):
         if small_exec is not None:
             self.runners["small"] = ModelRunner(small_exec, **kw)
         self.draft_loop = draft_loop
+        # "layers": a standalone small model (tokens in); "feature": it reads the large model's hidden states
+        self.small_kind = getattr(small_exec, "kind", "layers") if small_exec is not None else None
         self._static = (None if small_exec is None or draft_loop == "eager"
                         else StaticDraftLoop(self.runners["small"], max_batch_size, capture=draft_loop == "graph"))
         self._next_id = 0
@@ -271,6 +273,9 @@ class Engine(Iteration):
             raise TypeError(f"policy must be a bild_kernels policy (BiLD, Greedy, ...), got {type(policy).__name__}")
         if policy.uses_small and "small" not in self.runners:
             raise ValueError(f"policy {policy.name!r} needs a small model, but the engine has none")
+        if policy.uses_small and not policy.drafts and self.small_kind == "feature":
+            raise ValueError(f"policy {policy.name!r} runs the small model alone, but this one is a feature draft: "
+                             "it reads the large model's hidden states and cannot generate by itself")
         if policy.drafter == "shallow":
             LayerGroups(self.runners["large"], policy.exit_layer)  # checks exit_layer against the model's depth
         return policy

@@ -91,9 +91,13 @@ class Iteration:
         if not shallow and self._static is not None:
             return self._draft_static(running, policy)
         key = "large" if shallow else "small"
+        feature = not shallow and self.small_kind == "feature"
         out = self._no_drafts(running, policy)
         drafts = out.tokens
         caps = self._draft_caps(running, policy)
+        if feature:  # a feature draft starts once the large model has seen the prompt (prefill drafts nothing)
+            caps = [c if s.cached["large"] > 0 else 0 for s, c in zip(running, caps)]
+            chain_features: dict[int, torch.Tensor] = {}
         fallback_threshold = policy.thresholds()[0]
         energy = policy.fallback_signal == "energy"
         active = [i for i, c in enumerate(caps) if c > 0]
@@ -106,11 +110,14 @@ class Iteration:
                 logits, hidden = self._layer_groups(policy).shallow(rows, toks, [1] * len(seqs))
                 for s, h in zip(seqs, hidden):
                     s.hidden.append(h)
+            elif feature:
+                logits = self._feature_step(active, seqs, drafts, chain_features)
             else:
                 logits = self.runners["small"].extend(rows, toks, [1] * len(seqs))
             logits = logits[:, 0]  # [n, V]
             for i, s in zip(active, seqs):
-                s.cached[key] = len(s.tokens) + len(drafts[i])
+                # (a feature draft's position t reads token t + 1: it holds one position fewer than the tokens)
+                s.cached[key] = len(s.tokens) + len(drafts[i]) - feature
                 s.metrics.small_steps += 1
             sp = self._sampling(seqs, [s.iteration * _DRAFT_STRIDE + step for s in seqs])
             res = ops.sample_draft(logits, fallback_threshold=0.0 if energy else fallback_threshold, **sp)
@@ -134,11 +141,47 @@ class Iteration:
                     still.append(i)
             active = still
             step += 1
+        if feature:  # the chain's positions hold guessed features: drop them, keep the verified ones
+            chained = [(s.row, s.cached["small"] - (len(s.tokens) - 1)) for s in running]
+            chained = [(r, n) for r, n in chained if n > 0]
+            if chained:
+                self.runners["small"].rollback([r for r, _ in chained], [n for _, n in chained])
+            for s in running:
+                s.cached["small"] = min(s.cached["small"], len(s.tokens) - 1)
         return out
+
+    def _feature_step(self, active: list[int], seqs: list[Sequence], drafts: list[list[int]],
+                      chain_features: dict) -> torch.Tensor:
+        """One feature-draft forward: a row with no draft yet feeds the large model's features of every
+        verified position it has not seen (and the tokens after them); a row in its chain feeds its own
+        predicted feature and its last draft. Returns the logits [n, 1, V] of each row's last position."""
+        small = self.runners["small"]
+        feats, nxt = [], []
+        for i, s in zip(active, seqs):
+            if drafts[i]:
+                feats.append(chain_features[i][None])
+                nxt.append([drafts[i][-1]])
+                continue
+            have = sum(f.shape[0] for f in s.features)
+            if s.cached["small"] + have != len(s.tokens) - 1:  # an engine bug, not a user error
+                raise RuntimeError(f"feature draft out of step: {s.cached['small']} fed + {have} pending features "
+                                   f"for {len(s.tokens)} tokens")
+            feats.append(torch.cat(s.features))
+            nxt.append(s.tokens[s.cached["small"] + 1:])
+            s.features = []
+        ids = torch.tensor([t for ts in nxt for t in ts], dtype=torch.int64, device=self.device)
+        embeds = small.executor.input_embeds(torch.cat(feats).to(self.device), ids)
+        logits, hidden = small.extend([s.row for s in seqs], nxt, [1] * len(seqs), return_hidden=True, embeds=embeds)
+        for i, h in zip(active, hidden):
+            chain_features[i] = h[-1]
+        return logits
 
     def _draft_static(self, running: list[Sequence], policy: Policy) -> Drafts:
         """The same draft run on the fixed buffers of `StaticDraftLoop` (CUDA graphs on a GPU)."""
         caps = self._draft_caps(running, policy)
+        feature = self.small_kind == "feature"
+        if feature:  # as in `_draft`: nothing to draft from before the large model's prefill
+            caps = [c if s.cached["large"] > 0 else 0 for s, c in zip(running, caps)]
         with_probs = policy.verify_mode == "sample"
         out = self._no_drafts(running, policy)
         active = [i for i, c in enumerate(caps) if c > 0]
@@ -146,12 +189,23 @@ class Iteration:
             return out
         seqs = [running[i] for i in active]
         rows = [s.row for s in seqs]
-        logits = self.runners["small"].extend(rows, [s.pending("small") for s in seqs], [1] * len(seqs))[:, 0]
+        features = None
+        if feature:
+            chain: dict[int, torch.Tensor] = {}
+            logits = self._feature_step(active, seqs, [[] for _ in running], chain)[:, 0]
+            features = torch.stack([chain[i] for i in active])
+        else:
+            logits = self.runners["small"].extend(rows, [s.pending("small") for s in seqs], [1] * len(seqs))[:, 0]
         run = self._static.run(rows, [caps[i] for i in active], logits,
                                self._sampling(seqs, [s.iteration * _DRAFT_STRIDE for s in seqs]),
-                               policy.thresholds()[0], policy.fallback_signal == "energy", with_probs=with_probs)
+                               policy.thresholds()[0], policy.fallback_signal == "energy", with_probs=with_probs,
+                               features=features)
+        if feature:  # the chain's positions hold guessed features: drop them
+            fed = [(s.row, run.fed[j]) for j, s in enumerate(seqs) if run.fed[j] > 0]
+            if fed:
+                self.runners["small"].rollback([r for r, _ in fed], [n for _, n in fed])
         for j, (i, s) in enumerate(zip(active, seqs)):
-            s.cached["small"] = len(s.tokens) + run.fed[j]
+            s.cached["small"] = len(s.tokens) - 1 if feature else len(s.tokens) + run.fed[j]
             s.metrics.small_steps += 1 + run.fed[j]
             s.metrics.fallbacks += run.fell[j]
             out.tokens[i] = run.tokens[j]
@@ -161,12 +215,21 @@ class Iteration:
                 out.confidences[i], out.unsure[i] = run.confidences[j], run.unsure[j]
         return out
 
+    def _keeps_features(self, policy: Policy) -> bool:
+        return self.small_kind == "feature" and policy.drafts and policy.drafter == "small"
+
     def _target_logits(self, running: list[Sequence], policy: Policy, drafts: list[list[int]]) -> torch.Tensor:
         """One pass of the large model over every row's uncached tokens + draft: [B, K+1, V]."""
         rows = [s.row for s in running]
         if policy.drafter != "shallow":
             toks = [s.tokens[s.cached["large"]:] + d for s, d in zip(running, drafts)]
-            target_logits = self.runners["large"].extend(rows, toks, [len(d) + 1 for d in drafts])
+            if self._keeps_features(policy):  # a feature draft reads the verified positions' hidden states
+                target_logits, hidden = self.runners["large"].extend(rows, toks, [len(d) + 1 for d in drafts],
+                                                                     return_hidden=True)
+                for s, h in zip(running, hidden):
+                    s.pass_features = (s.cached["large"], h)
+            else:
+                target_logits = self.runners["large"].extend(rows, toks, [len(d) + 1 for d in drafts])
         else:
             groups = self._layer_groups(policy)
             # The shallow group first catches up on what it has not seen (a prompt, a capped run's last draft)...
@@ -221,6 +284,10 @@ class Iteration:
             if policy.drafter == "guess":  # Jacobi: predictions past the emitted token become the next guesses
                 s.guesses = argmax[i][a + 1:len(d) + 1]
             valid = len(s.tokens) + a  # cached tokens still on the committed path
+            if s.pass_features is not None:
+                start, h = s.pass_features
+                s.features.append(h[:valid - start])
+                s.pass_features = None
             s.tokens += new
             s.iteration += 1
             s.cached["deep"] = min(s.cached["deep"], valid)

@@ -67,14 +67,20 @@ class ModelRunner:
         return rows
 
     @torch.inference_mode()
-    def extend(self, rows: list[int], tokens: list[list[int]], n_logits: list[int]) -> torch.Tensor:
+    def extend(self, rows: list[int], tokens: list[list[int]], n_logits: list[int], *, return_hidden: bool = False,
+               embeds: torch.Tensor | None = None):
         """Append tokens[i] to row rows[i]'s cache in one forward; return the logits of each row's
-        last n_logits[i] tokens as [len(rows), max(n_logits), V] (short rows repeat their last logits)."""
+        last n_logits[i] tokens as [len(rows), max(n_logits), V] (short rows repeat their last logits).
+
+        return_hidden: also return each row's stream after the last layer (before the final norm), a list
+        of [len(tokens[i]), H] tensors. embeds [sum len(tokens[i]), H]: the layer-0 inputs to use instead
+        of the tokens' embeddings (a feature draft's; `tokens` then only give the counts)."""
         dev = self.device
         counts = [len(t) for t in tokens]
         starts = self.blocks.context_lens_of(rows)  # host mirror: cached tokens per row before this step
         slot_mapping = self.blocks.append(rows, counts)  # [T] int64, reserves blocks as needed
-        input_ids = torch.tensor([t for ts in tokens for t in ts], dtype=torch.int64, device=dev)
+        input_ids = None if embeds is not None else torch.tensor([t for ts in tokens for t in ts], dtype=torch.int64,
+                                                                 device=dev)
         positions = torch.tensor([s + j for s, c in zip(starts, counts) for j in range(c)], dtype=torch.int64,
                                  device=dev)
         qsl = [0]
@@ -89,6 +95,8 @@ class ModelRunner:
         K1 = max(n_logits)
         # Row i's logits sit at flat positions qsl[i+1]-n .. qsl[i+1]-1; padding repeats the last one.
         idx = [qsl[i + 1] - n + min(j, n - 1) for i, n in enumerate(n_logits) for j in range(K1)]
-        logits = self.executor.forward(input_ids, meta, self.kv_caches,
-                                       logits_indices=torch.tensor(idx, dtype=torch.int64, device=dev))
-        return self.screen_logits(rows, logits.view(len(rows), K1, -1))
+        out = self.executor.forward(input_ids, meta, self.kv_caches, hidden_states=embeds,
+                                    logits_indices=torch.tensor(idx, dtype=torch.int64, device=dev),
+                                    return_hidden=return_hidden)
+        logits = self.screen_logits(rows, (out[0] if return_hidden else out).view(len(rows), K1, -1))
+        return (logits, list(out[1].split(counts))) if return_hidden else logits

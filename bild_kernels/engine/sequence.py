@@ -124,6 +124,10 @@ class Sequence:
         # Shallow-deep decoding: "large" counts the shallow layer group, "deep" the deep one.
         self.cached = {"large": 0, "small": 0, "deep": 0}
         self.hidden: list = []  # shallow-deep: residual streams entering the deep layers, of the pending tokens
+        # A feature draft: the large model's last hidden states [n, H] of the positions from cached["small"] on
+        # (every verified position the draft has not been fed yet), in chunks.
+        self.features: list = []
+        self.pass_features = None  # (first position, hidden [n, H]) of the large model's last pass, until verified
         self.guesses: list[int] = []  # Jacobi: the last pass's predictions past the committed tokens
         self.iteration = 0  # verification rounds so far: addresses this request's random numbers
         self.finish_reason: str | None = None

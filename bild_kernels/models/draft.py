@@ -9,6 +9,10 @@ directory holds only what is its own, and is small enough to ship inside the pac
                         token ids its head scores; absent = the whole vocabulary)
     README.md           the card: how it was trained, on what, its agreement with the base model
 
+A *feature* draft (manifest "kind": "feature", see `bild_kernels.models.feature_draft`) reads the large
+model's last hidden state as well as the next token: its safetensors hold `fc.weight`, `fc.bias`,
+`feat_mean`, `feat_std`, `emb_scale` beside its layers, and it uses the large model's final norm.
+
 `load_draft` builds the draft's executor on top of an already loaded base executor, whose embedding
 tensor it shares (no copy); it refuses a base model that is not the one the draft was trained for.
 """
@@ -25,6 +29,8 @@ from bild_kernels.models.llama import LlamaExecutor
 MANIFEST = "bild_draft.json"
 FORMAT = "bild-draft/1"
 _SHAPE_KEYS = ("vocab_size", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "intermediate_size")
+KINDS = ("layers", "feature")
+_FEATURE_KEYS = ("fc.weight", "fc.bias", "feat_mean", "feat_std", "emb_scale")
 _PROBE = 8  # the base embedding's [:8, :8] corner identifies it (up to dtype rounding)
 
 
@@ -34,23 +40,32 @@ def is_draft_dir(path) -> bool:
 
 def save_draft(path, state_dict: dict, *, base: LlamaExecutor, init_layers: list[int],
                draft_vocab: torch.Tensor | None = None, base_name: str = "", card: str = "",
-               policy: dict | None = None, dtype: torch.dtype = torch.bfloat16) -> Path:
+               policy: dict | None = None, dtype: torch.dtype = torch.bfloat16, kind: str = "layers") -> Path:
     """Write a draft directory from a transformers-style state dict of the draft (its own layers and
-    final norm are kept; embedding and head are dropped: they come from `base` at load time)."""
+    final norm are kept; embedding and head are dropped: they come from `base` at load time).
+    kind="feature": a feature draft's state dict (its layers, `fc.*` and the feature statistics; the
+    final norm is the base's)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     from safetensors.torch import save_file
     own = {}
     for k, v in state_dict.items():
         name = k if k.startswith("model.") else f"model.{k}"
-        if name.startswith("model.layers.") or name == "model.norm.weight":
+        if name.startswith("model.layers.") or (name == "model.norm.weight" and kind == "layers"):
             own[name] = v.detach().to("cpu", dtype).contiguous()
+        elif kind == "feature" and k in _FEATURE_KEYS:  # statistics and input map stay float32
+            own[k] = v.detach().to("cpu", torch.float32).contiguous()
+    missing = [k for k in _FEATURE_KEYS if kind == "feature" and k not in own]
+    if missing:
+        raise ValueError(f"a feature draft's state dict needs {missing}")
     if draft_vocab is not None:
         own["draft_vocab"] = draft_vocab.detach().to("cpu", torch.int64).contiguous()
     save_file(own, str(path / "model.safetensors"))
     c = base.config
     manifest = {
-        "format": FORMAT,
+        "format": FORMAT, "kind": kind,
         "base": {"name": base_name, "num_layers": c.num_layers, **{k: getattr(c, k) for k in _SHAPE_KEYS},
                  "embedding_probe": base.embed[:_PROBE, :_PROBE].float().cpu().tolist()},
         "num_layers": len(init_layers), "init_layers": list(init_layers),
@@ -71,6 +86,9 @@ def read_manifest(path) -> dict:
         raise ValueError(f"unreadable draft manifest {path / MANIFEST}: {exc}") from None
     if manifest.get("format") != FORMAT:
         raise ValueError(f"{path / MANIFEST}: unknown format {manifest.get('format')!r} (expected {FORMAT!r})")
+    manifest.setdefault("kind", "layers")
+    if manifest["kind"] not in KINDS:
+        raise ValueError(f"{path / MANIFEST}: unknown draft kind {manifest['kind']!r} (expected one of {KINDS})")
     return manifest
 
 
@@ -109,7 +127,12 @@ def load_draft(path, base: LlamaExecutor | None, *, dtype=None, device=None, bac
     weights["model.embed_tokens.weight"] = base.embed.to(device=device, dtype=dtype)
     if not c.tie_word_embeddings:
         weights["lm_head.weight"] = base.lm_head.to(device=device, dtype=dtype)
+    cls = LlamaExecutor
+    if manifest["kind"] == "feature":
+        from bild_kernels.models.feature_draft import FeatureDraftExecutor
+        cls = FeatureDraftExecutor
+        weights["model.norm.weight"] = base.norm.to(device=device, dtype=dtype)
     try:
-        return LlamaExecutor(config, weights, backend=backend, head_vocab=vocab)
+        return cls(config, weights, backend=backend, head_vocab=vocab)
     except ValueError as exc:
         raise ValueError(f"{who}: {exc}") from None

@@ -146,8 +146,9 @@ class LlamaExecutor:
                 logits_indices: torch.Tensor | None = None, return_hidden: bool = False):
         """Run layers [start, end) over T new tokens; write their K/V; return logits (and the residual stream).
 
-        input_ids [T] int (when start == 0) or hidden_states [T, hidden] (the residual stream entering
-        layer `start`, as returned by an earlier call with return_hidden=True).
+        input_ids [T] int (only when start == 0) or hidden_states [T, hidden]: the residual stream entering
+        layer `start`, as returned by an earlier call with return_hidden=True (at layer 0: input embeddings,
+        as a feature draft computes them).
         kv_caches: per layer of the whole model, (key_cache, value_cache) [num_blocks, block_size, H_kv, D].
         logits_indices [n]: the token rows to compute logits for (None: all T; empty: none).
         Returns logits [n, V] in the model dtype (final norm + head applied after layer end - 1), or
@@ -160,15 +161,15 @@ class LlamaExecutor:
         if len(kv_caches) != self.config.num_layers:
             raise ValueError(f"kv_caches must hold {self.config.num_layers} layers, got {len(kv_caches)}")
         T = meta.num_tokens
-        if start == 0:
-            if hidden_states is not None or input_ids is None:
-                raise ValueError("a forward from layer 0 takes input_ids, not hidden_states")
+        if (input_ids is None) == (hidden_states is None):
+            raise ValueError("forward takes input_ids or hidden_states, exactly one of them")
+        if input_ids is not None:
+            if start != 0:
+                raise ValueError(f"a forward from layer {start} takes hidden_states (the stream entering it)")
             if input_ids.shape != (T,) or input_ids.dtype not in (torch.int32, torch.int64):
                 raise ValueError(f"input_ids must be int [T={T}], got {input_ids.dtype} {list(input_ids.shape)}")
             x = F.embedding(input_ids, self.embed)
-        else:
-            if input_ids is not None or hidden_states is None:
-                raise ValueError(f"a forward from layer {start} takes hidden_states (the stream entering it)")
+        else:  # the stream entering layer `start` (at 0: input embeddings computed by the caller)
             if hidden_states.shape != (T, self.config.hidden_size):
                 raise ValueError(f"hidden_states must be [T={T}, {self.config.hidden_size}], "
                                  f"got {list(hidden_states.shape)}")

@@ -1,0 +1,75 @@
+"""FeatureDraftExecutor: an EAGLE-style draft (Li et al. 2024) that reads the large model's own features.
+
+The draft's input at position t is the large model's last hidden state f_t (after its last decoder
+layer, before the final norm) together with the next token x_{t+1}:
+
+    x_t = W_f z_t + W_e embed(x_{t+1}) / emb_scale + b,   z_t = (f_t - feat_mean) / feat_std
+
+then its decoder layer(s) over its own paged KV cache (causal, position t), and the large model's final
+norm and head (over the draft's reduced vocabulary) on the output, which is its prediction f'_{t+1} of
+the next feature. Drafting k tokens after a verification: one extend over the positions whose true
+features the verify pass produced, then k - 1 steps that feed the draft's own f' back in; those chain
+positions are dropped from its cache once the run ends (their features were guesses). Training is
+`bild_kernels.distill.feature_draft`; the directory format is `bild_kernels.models.draft`.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+
+from bild_kernels.models.config import ModelConfig
+from bild_kernels.models.llama import Int8Weight, LlamaExecutor, _linear
+
+
+class FeatureDraftExecutor(LlamaExecutor):
+    """A LlamaExecutor whose layer-0 input is `input_embeds(features, next_ids)` instead of token embeddings.
+
+    weights: the draft's layers plus the large model's `embed_tokens.weight` and `norm.weight` (and
+    `lm_head.weight` if untied), and its own `fc.weight` [H, 2H], `fc.bias` [H], `feat_mean` [H],
+    `feat_std` [H], `emb_scale` [] (any `model.` prefix is optional).
+    """
+
+    kind = "feature"
+
+    def __init__(self, config: ModelConfig, weights: Mapping[str, torch.Tensor], *, backend: str | None = None,
+                 head_vocab: torch.Tensor | None = None):
+        w = {k[len("model."):] if k.startswith("model.") else k: v for k, v in weights.items()}
+        H = config.hidden_size
+        own = {}
+        for name, shape in (("fc.weight", (H, 2 * H)), ("fc.bias", (H,)), ("feat_mean", (H,)), ("feat_std", (H,)),
+                            ("emb_scale", ())):
+            t = w.pop(name, None)
+            if t is None:
+                raise ValueError(f"feature draft checkpoint is missing {name!r}")
+            if tuple(t.shape) != shape:
+                raise ValueError(f"feature draft weight {name!r} has shape {list(t.shape)}, expected {list(shape)}")
+            own[name] = t
+        super().__init__(config, w, backend=backend, head_vocab=head_vocab)
+        std = own["feat_std"].float()
+        if not bool(torch.isfinite(std).all()) or float(std.min()) <= 0 or float(own["emb_scale"]) <= 0:
+            raise ValueError("feature draft: feat_std and emb_scale must be positive")
+        dt, dev = self.dtype, self.device
+        self.fc = own["fc.weight"].to(dev, dt)
+        self.fc_bias = own["fc.bias"].to(dev, dt)
+        # z = f * inv_std - mean * inv_std, one fused multiply-add per feature
+        self.inv_std = (1.0 / std).to(dev, dt)
+        self.shift = (-own["feat_mean"].float() / std).to(dev, dt)
+        self.inv_emb_scale = float(1.0 / own["emb_scale"].float())
+
+    def input_embeds(self, features: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
+        """The layer-0 input [T, H] for features [T, H] (any float dtype) and next tokens [T]."""
+        T, H = features.shape[0], self.config.hidden_size
+        if features.shape != (T, H):
+            raise ValueError(f"features must be [T, {H}], got {list(features.shape)}")
+        if next_ids.shape != (T,) or next_ids.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"next_ids must be int [T={T}], got {next_ids.dtype} {list(next_ids.shape)}")
+        z = torch.addcmul(self.shift, features.to(self.dtype), self.inv_std)
+        e = F.embedding(next_ids, self.embed) * self.inv_emb_scale
+        return _linear(torch.cat([z, e], -1), self.fc, self.fc_bias)
+
+    def quantize_weights(self, kind: str = "int8") -> "FeatureDraftExecutor":
+        super().quantize_weights(kind)
+        self.fc = Int8Weight.of(self.fc)  # input width 2H: a multiple of 16 whenever H is
+        return self

@@ -1,0 +1,204 @@
+"""A feature draft (EAGLE-style: it reads the large model's hidden states) inside the engine: its directory,
+its executor against the training module, its proposals against a one-sequence reference, lossless policies."""
+import pytest
+import torch
+
+from bild_kernels import BiLD, Engine, Greedy, LargeOnly, SamplingParams, SmallOnly, SpeculativeSampling
+from bild_kernels.distill.feature_draft import FeatureDraft, feature_stats, teacher_features, train_feature_draft
+from bild_kernels.models import load_model
+from bild_kernels.models.draft import read_manifest
+from bild_kernels.models.feature_draft import FeatureDraftExecutor
+
+from .conftest import assert_all_free, hf_greedy, tiny_llama
+
+F64 = torch.float64
+VOCAB = sorted(torch.arange(0, 97, 3)[:-2].tolist() + list(range(1, 97, 3)))  # 63 of the 97 ids
+
+
+def _teacher():
+    return tiny_llama(5, layers=3, hidden=64, dtype=F64)
+
+
+def _draft(teacher):
+    """A feature draft trained for a few seconds on the teacher's greedy text (it then agrees with the teacher
+    often but not always: the tests need acceptances and rejections)."""
+    t32 = _teacher().float()
+    prompts = [[5, 17, 3], [44, 2, 90, 61], [7, 7, 30], [1, 50, 3, 3], [60, 12], [33, 34, 35]]
+    corpus = [p + hf_greedy(t32, p, 24) for p in prompts]
+    feats = teacher_features(t32, corpus, log=lambda s: None)
+    mean, std = feature_stats(feats)
+    d = FeatureDraft.from_teacher(t32, n_layers=1, vocab=torch.tensor(VOCAB), feat_mean=mean, feat_std=std)
+    targets = []
+    with torch.no_grad():
+        for ids in corpus:
+            pv, pi = torch.softmax(t32(torch.tensor([ids])).logits[0], -1).topk(4, -1)
+            targets.append((pi.to(torch.int32), pv.to(torch.float16)))
+    train_feature_draft(d, corpus, feats, targets, minutes=5, max_steps=40, lr=3e-3, batch_size=3, depth=2,
+                        noise=0.0, w_ce=1.0, warmup=5, log=lambda s: None)
+    return d.eval()
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    teacher = _teacher()
+    draft = _draft(teacher)
+    base, _ = load_model(teacher, dtype=F64)
+    path = draft.save_dir(tmp_path_factory.mktemp("fd") / "draft", base, base_name="tiny", dtype=F64)
+    return teacher, draft, path
+
+
+def _engine(teacher, path, **kw):
+    kw = {"dtype": F64, "max_batch_size": 2, "max_model_len": 96, "block_size": 4, **kw}
+    return Engine(large=teacher, small=str(path), **kw)
+
+
+@torch.no_grad()
+def _features(teacher, ids):
+    cap = {}
+    hook = teacher.model.norm.register_forward_pre_hook(lambda m, a: cap.__setitem__("f", a[0]))
+    logits = teacher(torch.tensor([ids])).logits[0]
+    hook.remove()
+    return cap["f"][0], logits
+
+
+@torch.no_grad()
+def feature_speculative_reference(teacher, draft, prompt, n, k):
+    """Greedy speculative decoding of one sequence with the training module's feature draft (float64): the
+    prefill drafts nothing; then the draft is fed the true features of every verified position (from scratch)
+    and chains k tokens on its own features; the teacher keeps the prefix equal to its argmax.
+    Returns (output, [drafts of each pass])."""
+    d64 = draft.double()
+    d64.embed, d64.norm_w = teacher.model.embed_tokens.weight.double(), teacher.model.norm.weight.double()
+    d64.head_w = teacher.lm_head.weight.double()
+    tokens, runs = list(prompt), []
+    _, logits = _features(teacher, tokens)
+    tokens.append(int(logits[-1].argmax()))
+    while len(tokens) - len(prompt) < n:
+        f, _ = _features(teacher, tokens)
+        cache = [None]
+        for p in range(len(tokens) - 1):
+            pred, lg = d64.step(f[p], tokens[p + 1], p, cache)
+        run = []
+        k_now = min(k, n - (len(tokens) - len(prompt)) - 1)
+        while len(run) < k_now:
+            run.append(int(d64.to_ids(lg.argmax())))
+            if len(run) < k_now:
+                pred, lg = d64.step(pred, run[-1], len(tokens) - 2 + len(run), cache)
+        runs.append(run)
+        _, logits = _features(teacher, tokens + run)
+        target = logits[len(tokens) - 1:].argmax(-1).tolist()
+        a = 0
+        while a < len(run) and run[a] == target[a]:
+            a += 1
+        tokens += run[:a] + [target[a]]
+    return tokens[len(prompt):len(prompt) + n], runs
+
+
+def test_directory_round_trip_and_input_map_equal_the_training_module(pair):
+    teacher, draft, path = pair
+    m = read_manifest(path)
+    assert m["kind"] == "feature" and m["init_layers"] == [2] and m["draft_vocab_size"] == len(VOCAB)
+    base, _ = load_model(teacher, dtype=F64)
+    ex, _ = load_model(str(path), dtype=F64, base=base, role="small")
+    assert isinstance(ex, FeatureDraftExecutor) and ex.config.num_layers == 1
+    feats = torch.randn(5, 64, dtype=F64) * 3
+    nxt = torch.tensor([4, 7, 96, 0, 33])
+    with torch.no_grad():
+        want = draft.double()._inp(feats[None], nxt[None])[0]
+    torch.testing.assert_close(ex.input_embeds(feats, nxt), want, rtol=1e-5, atol=1e-5)  # stored in float32
+    with pytest.raises(ValueError, match="features must be"):
+        ex.input_embeds(feats[:, :10], nxt)
+    with pytest.raises(ValueError, match="next_ids must be"):
+        ex.input_embeds(feats, nxt[:3])
+
+
+def test_engine_drafts_what_the_reference_drafts_and_stays_lossless(pair):
+    teacher, draft, path = pair
+    eng = _engine(teacher, path)
+    prompts = [[5, 17, 3], [44, 2, 90, 61, 8, 8, 1]]
+    n, k = 24, 3
+    seen = []
+    verify = eng._verify
+
+    def spy(running, policy, drafts):
+        seen.append([list(d) for d in drafts.tokens])
+        return verify(running, policy, drafts)
+
+    eng._verify = spy
+    for p in prompts:  # one at a time: the reference is one sequence
+        seen.clear()
+        (out,) = eng.generate([p], SamplingParams(max_tokens=n), policy=Greedy(max_draft_len=k))
+        want, runs = feature_speculative_reference(teacher, draft, p, n, k)
+        assert out.token_ids == want == hf_greedy(teacher, p, n)
+        assert [s[0] for s in seen] == [[]] + runs  # the prefill drafts nothing, then the same proposals
+        assert 0 < out.metrics.accepted_tokens < out.metrics.drafted_tokens  # acceptances and rejections
+    assert_all_free(eng)
+
+
+def test_batched_and_other_policies(pair):
+    teacher, _, path = pair
+    eng = _engine(teacher, path)
+    prompts = [[5, 17, 3], [44, 2, 90, 61, 8, 8, 1], [9]]
+    params = SamplingParams(max_tokens=20)
+    alone = [eng.generate([p], params, policy=Greedy(max_draft_len=4))[0].token_ids for p in prompts]
+    together = eng.generate(prompts, params, policy=Greedy(max_draft_len=4))  # 3 requests, batch size 2
+    assert [o.token_ids for o in together] == alone == [o.token_ids for o in
+                                                         eng.generate(prompts, params, policy=LargeOnly())]
+    bild = eng.generate(prompts, params, policy=BiLD(fallback_threshold=0.3, rollback_threshold=2.0, max_draft_len=4))
+    assert all(len(o.token_ids) == 20 for o in bild)
+    assert sum(o.metrics.fallbacks for o in bild) > 0 and sum(o.metrics.accepted_tokens for o in bild) > 0
+    hot = SamplingParams(max_tokens=20, temperature=0.8, seed=3)
+    s1 = eng.generate(prompts, hot, policy=SpeculativeSampling(max_draft_len=3))
+    s2 = eng.generate(prompts[::-1], hot, policy=SpeculativeSampling(max_draft_len=3))
+    assert [o.token_ids for o in s1] == [o.token_ids for o in s2][::-1]  # a request's tokens do not depend on others
+    assert_all_free(eng)
+
+
+def test_int8_feature_draft_is_lossless(pair, tmp_path):
+    teacher, draft, _ = pair
+    t32 = _teacher().float()
+    base, _ = load_model(t32, dtype=torch.float32)
+    path = draft.float().save_dir(tmp_path / "d", base)
+    eng = Engine(large=t32, small=str(path), max_batch_size=2, max_model_len=64, block_size=4)  # CPU: int8 draft
+    small = eng.runners["small"].executor
+    assert small.weight_format == "int8" and type(small.fc).__name__ == "Int8Weight"
+    prompts = [[5, 17, 3], [8, 9]]
+    params = SamplingParams(max_tokens=12)
+    outs = eng.generate(prompts, params, policy=Greedy(max_draft_len=3))
+    assert [o.token_ids for o in outs] == [o.token_ids for o in eng.generate(prompts, params, policy=LargeOnly())]
+    assert sum(o.metrics.accepted_tokens for o in outs) > 0
+    assert_all_free(eng)
+
+
+def test_refusals(pair):
+    teacher, _, path = pair
+    eng = _engine(teacher, path)
+    with pytest.raises(ValueError, match="feature draft"):
+        eng.generate([[5, 17, 3]], SamplingParams(max_tokens=4), policy=SmallOnly())
+    assert_all_free(eng)
+    from bild_kernels.hf import hf_draft
+    with pytest.raises(ValueError, match="feature draft"):
+        hf_draft(path, teacher)
+
+
+def test_static_draft_loop_equals_the_eager_one(pair):
+    """The fixed-buffer loop that CUDA graphs replay feeds each row's own feature back on the device."""
+    teacher, _, path = pair
+    prompts = [[5, 17, 3], [44, 2, 90, 61, 8, 8, 1], [9]]
+    runs = {}
+    for loop in ("eager", "static"):
+        eng = _engine(teacher, path, draft_loop=loop)
+        seen = []
+        verify = eng._verify
+
+        def spy(running, policy, drafts, seen=seen, verify=verify):
+            seen.append(sorted((s.request_id, tuple(d)) for s, d in zip(running, drafts.tokens)))
+            return verify(running, policy, drafts)
+
+        eng._verify = spy
+        greedy = eng.generate(prompts, SamplingParams(max_tokens=16), policy=Greedy(max_draft_len=3))
+        bild = eng.generate(prompts, SamplingParams(max_tokens=16, temperature=0.7, seed=5),
+                            policy=BiLD(fallback_threshold=0.3, rollback_threshold=2.0, max_draft_len=4))
+        runs[loop] = ([o.token_ids for o in greedy + bild], [o.metrics.accepted_tokens for o in greedy + bild], seen)
+        assert_all_free(eng)
+    assert runs["static"] == runs["eager"]
