@@ -320,7 +320,7 @@ def cmd_distill(args) -> int:
     layers = [int(x) for x in args.layers.split(",")] if args.layers else None
     distill(large=args.large, out=args.out, prompts=args.prompts, max_new_tokens=args.max_new_tokens,
             minutes=args.minutes, init_layers=layers, draft_vocab=args.draft_vocab, threads=args.threads,
-            work_dir=args.work_dir, bf16=args.bf16, log=lambda s: print(s, file=sys.stderr, flush=True))
+            work_dir=args.work_dir, bf16=args.bf16, kind=args.kind, log=lambda s: print(s, file=sys.stderr, flush=True))
     return 0
 
 
@@ -381,6 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--draft-vocab", type=int, default=8192, help="head vocabulary size (0: the whole vocabulary)")
     d.add_argument("--threads", type=int, default=None)
     d.add_argument("--work-dir", default=None, help="cache the corpus and teacher targets here between runs")
+    d.add_argument("--kind", default="layers", choices=("layers", "feature"),
+                   help="layers: a standalone few-layer draft; feature: an EAGLE-style one-layer draft that reads "
+                        "the large model's hidden states (engine only, no HF assisted generation)")
     d.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="teacher corpus and training in bfloat16 (default: where fast: CUDA, or a CPU with AMX)")
     d.set_defaults(func=cmd_distill)

@@ -141,6 +141,27 @@ def test_distill_writes_a_draft_the_engine_loads(tmp_path, pair_dirs):
     assert (tmp_path / "work" / "corpus_eval.pt").is_file()  # cached for the next run
 
 
+def test_distill_feature_writes_a_feature_draft_the_engine_runs(tmp_path, pair_dirs):
+    from bild_kernels import Engine, Greedy, LargeOnly, SamplingParams
+    from bild_kernels.distill.pipeline import distill
+    large, _ = pair_dirs
+    out = tmp_path / "fdraft"
+    stats = distill(large=large, out=out, prompts=6, max_new_tokens=6, minutes=0.02, draft_vocab=50, kind="feature",
+                    work_dir=tmp_path / "work", bf16=False, log=lambda s: None)
+    manifest = json.loads((out / "bild_draft.json").read_text())
+    assert manifest["kind"] == "feature" and manifest["init_layers"] == [2] and stats["kind"] == "feature"
+    card = (out / "README.md").read_text()
+    assert card.startswith("# Feature draft") and f"**{stats['agreement']:.3f}**" in card
+    eng = Engine(large=str(large), small=str(out), max_batch_size=1, max_model_len=64)
+    o = eng.generate([[1, 2, 3]], SamplingParams(max_tokens=8), policy=Greedy())[0]
+    assert o.token_ids == eng.generate([[1, 2, 3]], SamplingParams(max_tokens=8), policy=LargeOnly())[0].token_ids
+    assert o.metrics.drafted_tokens > 0
+    with pytest.raises(ValueError, match="init_layers"):
+        distill(large=large, out=out, kind="feature", init_layers=[0], log=lambda s: None)
+    with pytest.raises(ValueError, match="kind must be"):
+        distill(large=large, out=out, kind="eagle", log=lambda s: None)
+
+
 def cli_large_only():
     from bild_kernels import LargeOnly
     return LargeOnly()

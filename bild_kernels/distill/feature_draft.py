@@ -326,6 +326,43 @@ def teacher_features(teacher, corpus: list[list[int]], batch_tokens: int = 4096,
     return res
 
 
+@torch.inference_mode()
+def executor_features(executor, corpus: list[list[int]], batch_tokens: int = 8192, block_size: int = 16,
+                      log=print) -> list[torch.Tensor]:
+    """`teacher_features` computed by bild's own executor (`load_model(teacher, dtype=...)`): per sequence the
+    last-layer hidden state before the final norm, fp16 [L, H]. In bfloat16 on a CPU with AMX this is ~10x
+    faster than transformers' float32 forward of a dequantised GGUF model (measured: 2,760 tok/s on 2 threads,
+    1.9% relative error)."""
+    from bild_kernels.models import AttentionMetadata
+    order = sorted(range(len(corpus)), key=lambda i: len(corpus[i]))
+    res, caches, i, t0, done = [None] * len(corpus), None, 0, time.perf_counter(), 0
+    while i < len(order):
+        group, tot = [order[i]], len(corpus[order[i]])
+        while i + len(group) < len(order) and tot + len(corpus[order[i + len(group)]]) <= batch_tokens:
+            tot += len(corpus[order[i + len(group)]])
+            group.append(order[i + len(group)])
+        lens = [len(corpus[g]) for g in group]
+        nblk = [-(-n // block_size) for n in lens]
+        if caches is None or caches[0][0].shape[0] < sum(nblk):
+            caches = executor.allocate_kv_cache(max(sum(nblk), batch_tokens // block_size + len(group)), block_size)
+        table = torch.zeros(len(group), max(nblk), dtype=torch.int32)
+        first = 0
+        for r, n in enumerate(nblk):
+            table[r, :n] = torch.arange(first, first + n, dtype=torch.int32)
+            first += n
+        meta = AttentionMetadata.build(lens, lens, table.to(executor.device), block_size)
+        ids = torch.tensor([t for g in group for t in corpus[g]], dtype=torch.int64, device=executor.device)
+        _, hidden = executor.forward(ids, meta, caches, logits_indices=torch.zeros(0, dtype=torch.int64,
+                                                                                   device=executor.device),
+                                     return_hidden=True)
+        for g, h in zip(group, hidden.split(lens)):
+            res[g] = h.to("cpu", torch.float16).clone()
+        done += sum(lens)
+        i += len(group)
+        log(f"teacher features: {done} tokens, {done / (time.perf_counter() - t0):.0f} tok/s")
+    return res
+
+
 def feature_stats(feats: list[torch.Tensor], skip_first: bool = True):
     """Per-dimension mean and std of the features (the first position, BOS/attention-sink, skipped)."""
     x = torch.cat([f[1:] if skip_first else f for f in feats]).float()

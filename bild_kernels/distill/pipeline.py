@@ -3,7 +3,9 @@
   1. corpus   — the large model answers the training prompts (sampled, T = 0.7) and the held-out
                 prompts (greedy: what the draft is scored against);
   2. targets  — the large model's top-k next-token distribution over its own training text;
-  3. train    — a few of its layers, its frozen embedding and head, distilled for `minutes`;
+  3. train    — a few of its layers, its frozen embedding and head, distilled for `minutes`; or, with
+                kind="feature", an EAGLE-style feature draft (`bild_kernels.distill.feature_draft`): one
+                layer that reads the large model's last hidden state, trained to predict the next one;
   4. measure  — top-1 agreement with the large model on the held-out continuations;
   5. write    — the draft directory (bild_kernels.models.draft) with a card saying all of the above.
 Steps 1–2 are cached in `work_dir` so that a second run only trains.
@@ -46,12 +48,15 @@ def _cached(work_dir: Path | None, name: str, make):
 
 def distill(*, large=None, out, prompts: int = 512, max_new_tokens: int = 96, minutes: float = 15.0,
             init_layers: list[int] | None = None, draft_vocab: int = 8192, threads: int | None = None,
-            work_dir=None, bf16: bool | None = None, log=print) -> dict:
+            work_dir=None, bf16: bool | None = None, kind: str = "layers", log=print) -> dict:
     """Train a draft for `large` (default: SmolLM2-135M-Instruct) and write it to `out`; returns its stats.
 
     `bf16` (default: where it is fast, see `fast_bf16`): the teacher writes the training corpus and its
     targets in bfloat16 and training runs under bfloat16 autocast; the held-out references the draft
-    is scored against always come from the teacher in float32."""
+    is scored against always come from the teacher in float32.
+    kind="feature": a one-layer feature draft initialised from the large model's last layer (init_layers
+    is then refused); its teacher features come from bild's executor (bfloat16 where fast) and it always
+    trains in float32 (under bfloat16 autocast it does not learn)."""
     from bild_kernels.distill.corpus import chat_ids, generate_corpus
     from bild_kernels.distill.prompts import all_train_prompts, held_out_prompts
     from bild_kernels.distill.train import agreement, build_draft, fast_bf16, frequent_tokens, teacher_targets, train
@@ -65,6 +70,10 @@ def distill(*, large=None, out, prompts: int = 512, max_new_tokens: int = 96, mi
         raise ValueError(f"minutes must be > 0, got {minutes!r}")
     if draft_vocab < 0:
         raise ValueError(f"draft_vocab must be >= 0 (0: the whole vocabulary), got {draft_vocab}")
+    if kind not in ("layers", "feature"):
+        raise ValueError(f"kind must be 'layers' or 'feature', got {kind!r}")
+    if kind == "feature" and init_layers is not None:
+        raise ValueError("init_layers: a feature draft is one layer initialised from the large model's last")
     train_set = all_train_prompts(prompts)  # refuses more prompts than there are
     if threads is not None:
         torch.set_num_threads(threads)
@@ -92,6 +101,8 @@ def distill(*, large=None, out, prompts: int = 512, max_new_tokens: int = 96, mi
     del fast_teacher
     always = [tok.eos_token_id] if tok.eos_token_id is not None else []
     vocab = frequent_tokens(corpus, draft_vocab, always) if draft_vocab else None
+    if kind == "feature":
+        return _distill_feature(teacher, source, corpus, targets, held_pairs, vocab, minutes, bf16, out, work, log)
     draft = build_draft(teacher, layers)
     t0 = time.perf_counter()
     before = agreement(draft, held_pairs, vocab)
@@ -115,10 +126,75 @@ def distill(*, large=None, out, prompts: int = 512, max_new_tokens: int = 96, mi
     return stats
 
 
+def _distill_feature(teacher, source, corpus, targets, held_pairs, vocab, minutes, bf16, out, work, log) -> dict:
+    from bild_kernels.distill.feature_draft import (FeatureDraft, executor_features, feature_agreement,
+                                                    feature_stats, teacher_features, train_feature_draft)
+    from bild_kernels.models import load_model
+    fdtype = torch.bfloat16 if bf16 else torch.float32
+    tag = f"{len(corpus)}_{sum(map(len, corpus))}{'_bf16' if bf16 else ''}"
+    feats = _cached(work, f"features_{tag}.pt", lambda: executor_features(
+        load_model(teacher, dtype=fdtype)[0], corpus, log=log))
+    held_feats = _cached(work, "features_eval.pt", lambda: teacher_features(
+        teacher, [ids for ids, _ in held_pairs], log=log))
+    mean, std = feature_stats(feats)
+    draft = FeatureDraft.from_teacher(teacher, n_layers=1, vocab=vocab, feat_mean=mean, feat_std=std)
+
+    def measure(d):
+        return feature_agreement(d, held_feats, held_pairs, depth=2, max_k=2)
+
+    t0 = time.perf_counter()
+    before = measure(draft)["d1"]
+    lr, depth = 2e-3, 2
+    history = train_feature_draft(draft, corpus, feats, targets, minutes=minutes, lr=lr, batch_size=8, depth=depth,
+                                  noise=0.1, w_ce=1.0, eval_fn=measure, eval_every_s=max(60.0, minutes * 12), log=log)
+    acc = history[-1]["d1"]
+    log(f"held-out top-1 agreement {before:.3f} -> {acc:.3f} after {minutes:g} min")
+    stats = {"kind": "feature", "agreement": round(acc, 4), "agreement_before": round(before, 4),
+             "minutes": minutes, "corpus_sequences": len(corpus), "corpus_tokens": sum(map(len, corpus)),
+             "init_layers": [teacher.config.num_hidden_layers - 1],
+             "draft_vocab": None if vocab is None else int(vocab.numel()),
+             "history": [(h["minutes"], h["tokens"], h["d1"]) for h in history],
+             "train_seconds": round(time.perf_counter() - t0, 1), "threads": torch.get_num_threads(),
+             "bf16": bf16, "lr": lr, "final_lr": lr * 0.1, "depth": depth}
+    base, _ = load_model(teacher, dtype=torch.float32)
+    draft.save_dir(out, base, base_name=source.name, card=_card(source.name, stats, len(held_pairs)))
+    log(f"draft written to {out}")
+    return stats
+
+
 def _card(base_name: str, s: dict, n_held: int) -> str:
     vocab = "the whole vocabulary" if s["draft_vocab"] is None else f"the {s['draft_vocab']} most frequent corpus tokens"
     precision = ", matrix products in bfloat16 (autocast; teacher corpus and targets too)" if s.get("bf16") else ""
     hist = "\n".join(f"| {m} | {seen} | {acc:.3f} |" for m, seen, acc in s["history"]) or "| - | - | - |"
+    if s.get("kind") == "feature":
+        head = f"""# Feature draft for {base_name}
+
+An EAGLE-style draft for big-little speculative decoding with bild-kernels, made by `bild distill --kind feature`.
+
+- **Architecture**: fc(standardised large-model feature f_t, next-token embedding) -> one Llama decoder layer
+  initialised from the large model's layer {s['init_layers'][0]} -> the large model's final norm and head. It
+  reads the large model's last hidden state (before the final norm) at every verified position and predicts the
+  next one; while chaining it feeds its own predictions back. The head scores {vocab}.
+- **Data**: the large model's own answers (temperature 0.7) to {s['corpus_sequences']} templated chat prompts
+  (bild_kernels/distill/prompts.py), {s['corpus_tokens']} tokens with the prompts; features from bild's executor
+  ({'bfloat16' if s.get('bf16') else 'float32'}). No external data set.
+- **Objective**: smooth-L1 to the next feature (standardised) plus cross-entropy to the large model's top-32
+  next-token distribution, unrolled {s['depth']} steps on the draft's own features.
+- **Training**: AdamW, lr {s['lr']:g} (cosine to {s['final_lr']:g}), batch 8, float32, {s['minutes']:g} minutes
+  on {s['threads']} CPU thread(s).
+"""
+    else:
+        head = ""
+    agreement = f"""- **Agreement**: top-1 agreement with the large model's greedy continuations of {n_held} held-out
+  prompts (templates and topics training never saw): {s['agreement_before']:.3f} before training,
+  **{s['agreement']:.3f}** after.
+
+| minutes | tokens seen | held-out agreement |
+|---|---|---|
+{hist}
+"""
+    if head:
+        return head + agreement
     return f"""# Draft model for {base_name}
 
 A draft for big-little speculative decoding with bild-kernels, made by `bild distill`.
@@ -132,11 +208,4 @@ A draft for big-little speculative decoding with bild-kernels, made by `bild dis
   tokens with the prompts. No external data set.
 - **Objective**: cross-entropy to the large model's top-32 next-token distribution at every position.
 - **Training**: AdamW, lr {s['lr']:g} (cosine to {s['final_lr']:g} over the time budget), batch 8, {s['minutes']:g} minutes of wall time on {s['threads']} CPU thread(s){precision}.
-- **Agreement**: top-1 agreement with the large model's greedy continuations of {n_held} held-out
-  prompts (templates and topics training never saw): {s['agreement_before']:.3f} before training,
-  **{s['agreement']:.3f}** after.
-
-| minutes | tokens seen | held-out agreement |
-|---|---|---|
-{hist}
-"""
+{agreement}"""

@@ -134,3 +134,16 @@ def test_agreement_scores_an_oracle_draft_1_and_a_shifted_one_low():
     res = feature_agreement(draft, feats, pairs, depth=4, max_k=5)
     assert 0.0 <= res["d1"] <= 1.0 and res["acc_1"] <= res["acc_2"] <= res["acc_5"] <= 5.0
     assert abs(res["acc_1"] - res["d1_chain"]) < 1e-9
+
+
+def test_executor_features_equal_the_hf_teacher_features():
+    from bild_kernels.distill.feature_draft import executor_features
+    from bild_kernels.models import load_model
+    teacher = _teacher()
+    corpus = [[3, 9, 27, 81, 50, 1, 2], [5], [44, 2, 90, 61] * 9]  # ragged, one longer than a batch's blocks
+    want = teacher_features(teacher, corpus, log=lambda s: None)
+    ex, _ = load_model(teacher, dtype=torch.float32)
+    got = executor_features(ex, corpus, batch_tokens=16, block_size=4, log=lambda s: None)
+    assert [g.shape for g in got] == [w.shape for w in want] and got[0].dtype == torch.float16
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.float(), w.float(), rtol=2e-3, atol=2e-3 * float(w.abs().max()))
