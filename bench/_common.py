@@ -103,6 +103,20 @@ def usable_backends(device: str, requested: str | None) -> list[str]:
     return avail
 
 
+# torch.compile of the reference runs at the targets' configuration only: each shape (and mode) is a
+# recompilation of tens of seconds, and a GPU session's device time is short.
+COMPILE_AT = {"B": 64, "V": 128256}
+
+
+def runs_at(backend: str, config: dict) -> bool:
+    """Whether `backend` is timed at `config` (every backend everywhere, "compile" at COMPILE_AT only)."""
+    if backend != "compile":
+        return True
+    import torch._dynamo
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)  # no silent eager
+    return all(config.get(k) == v for k, v in COMPILE_AT.items())
+
+
 def record(bench: str, device: str, backend: str, config: dict, stats: dict, bytes_moved: int | None,
            save: bool = True) -> dict:
     gbps = bytes_moved / (stats["median_us"] * 1e-6) / 1e9 if bytes_moved else None

@@ -58,9 +58,15 @@ class AttentionMetadata:
                    context_lens=torch.tensor(context_lens, dtype=torch.int32, device=dev),
                    max_query_len=max(query_lens, default=0), max_context_len=max(context_lens, default=0))
 
-    def validate(self) -> None:
-        """Shape and dtype checks (no device reads, so it is safe under CUDA-graph capture)."""
+    def validate(self, device: torch.device | None = None) -> None:
+        """Shape, dtype and (given `device`) device checks; no device reads, so it is safe under CUDA-graph
+        capture."""
         B, T = self.num_seqs, self.num_tokens
+        if device is not None:
+            for name in ("query_start_loc", "positions", "slot_mapping", "block_tables", "context_lens"):
+                t = getattr(self, name)
+                if isinstance(t, torch.Tensor) and t.device != torch.device(device):
+                    raise ValueError(f"AttentionMetadata.{name} is on {t.device}, the model on {device}")
         for name, t, dtypes, shape in (("query_start_loc", self.query_start_loc, (torch.int32, torch.int64), (B + 1,)),
                                        ("positions", self.positions, (torch.int32, torch.int64), (T,)),
                                        ("slot_mapping", self.slot_mapping, (torch.int32, torch.int64), (T,)),

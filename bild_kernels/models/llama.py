@@ -157,7 +157,7 @@ class LlamaExecutor:
         start, end = self._layer_range(layers)
         if not isinstance(meta, AttentionMetadata):
             raise TypeError(f"meta must be an AttentionMetadata, got {type(meta).__name__}")
-        meta.validate()
+        meta.validate(self.device)
         if len(kv_caches) != self.config.num_layers:
             raise ValueError(f"kv_caches must hold {self.config.num_layers} layers, got {len(kv_caches)}")
         T = meta.num_tokens
@@ -168,11 +168,15 @@ class LlamaExecutor:
                 raise ValueError(f"a forward from layer {start} takes hidden_states (the stream entering it)")
             if input_ids.shape != (T,) or input_ids.dtype not in (torch.int32, torch.int64):
                 raise ValueError(f"input_ids must be int [T={T}], got {input_ids.dtype} {list(input_ids.shape)}")
+            if input_ids.device != self.device:
+                raise ValueError(f"input_ids are on {input_ids.device}, the model on {self.device}")
             x = F.embedding(input_ids, self.embed)
         else:  # the stream entering layer `start` (at 0: input embeddings computed by the caller)
             if hidden_states.shape != (T, self.config.hidden_size):
                 raise ValueError(f"hidden_states must be [T={T}, {self.config.hidden_size}], "
                                  f"got {list(hidden_states.shape)}")
+            if hidden_states.device != self.device:
+                raise ValueError(f"hidden_states are on {hidden_states.device}, the model on {self.device}")
             x = hidden_states.to(self.dtype)
         cos, sin = self._rope_cos_sin(meta.positions)
         write_kv = resolve("write_paged_kv", self.device, self.backend)

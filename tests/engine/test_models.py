@@ -37,7 +37,7 @@ def hf_model(family, dtype=torch.float64, seed=0):
 
 def hf_logits(model, ids):
     with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0]
+        return model(torch.tensor([ids], device=model.device)).logits[0]
 
 
 class Batch:
@@ -47,7 +47,7 @@ class Batch:
         self.ex, self.bs = executor, block_size
         num_blocks = (num_seqs + 2) * max_blocks
         self.caches = executor.allocate_kv_cache(num_blocks, block_size)
-        self.tables = torch.randperm(num_blocks)[:(num_seqs + 2) * max_blocks].view(num_seqs + 2, max_blocks).int()
+        self.tables = torch.randperm(num_blocks)[:(num_seqs + 2) * max_blocks].view(num_seqs + 2, max_blocks).int().to(executor.device)
         self.tokens = [[] for _ in range(num_seqs)]
 
     def step(self, new, pad_at=(), **kw):
@@ -60,9 +60,9 @@ class Batch:
         tables = torch.stack([self.tables[-1] if r is None else self.tables[r] for r in rows])
         meta = AttentionMetadata.build(qlens, ctx, tables, self.bs)
         ids = [t for r in rows for t in ([0] if r is None else new[r])]
-        out = self.ex.forward(torch.tensor(ids), meta, self.caches, **kw)
+        out = self.ex.forward(torch.tensor(ids, device=self.ex.device), meta, self.caches, **kw)
         logits = out[0] if isinstance(out, tuple) else out
-        real = torch.tensor([r is not None for r, q in zip(rows, qlens) for _ in range(q)])
+        real = torch.tensor([r is not None for r, q in zip(rows, qlens) for _ in range(q)], device=self.ex.device)
         for r in range(len(new)):
             self.tokens[r] += new[r]
         return (logits[real] if logits.shape[0] == real.shape[0] else logits), out
