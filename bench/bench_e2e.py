@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # run from a checkout
 from _common import device_name, git_rev, parser, RESULTS  # noqa: E402
 
 from bild_kernels import BiLD, Engine, Greedy, LargeOnly, SamplingParams, SpeculativeSampling  # noqa: E402

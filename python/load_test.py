@@ -19,7 +19,7 @@ import time
 import urllib.parse
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # run from a checkout
 from _report import dated, percentile, run_info, write_csv  # noqa: E402
 
 POLICY_MIX = [None, {"name": "greedy", "max_draft_len": 4}, {"name": "large-only"},

@@ -6,8 +6,10 @@
 # the device tool may run 10 minutes, so split the stages over calls, e.g.
 #   run: bash scripts/gpu_session.sh build tests          (kernel + engine GPU tests, CUDA-graph draft loop)
 #   run: bash scripts/gpu_session.sh build bench          (every kernel benchmark at serving shapes)
-#   run: bash scripts/gpu_session.sh build e2e divergence (Llama-1B-shaped pair; bf16 batch divergence)
-# Stages: build | tests | bench | e2e | divergence | ctest. Wheels in .whl/ (carried) are installed first.
+#   run: bash scripts/gpu_session.sh build e2e divergence (Llama-1B-shaped pair at batch 1 with the HF
+#                                                          baselines; bf16 batch divergence)
+#   run: bash scripts/gpu_session.sh build e2e_batch      (the same pair at batch 8 and 32, engine only)
+# Stages: build | tests | bench | e2e | e2e_batch | divergence | ctest. Wheels in .whl/ (carried) are installed first.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -15,7 +17,7 @@ OUT="${OUT:-$ROOT/gpu_out}"
 LOG="$(mktemp -d)/logs"
 mkdir -p "$OUT" "$LOG"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
-export MAX_JOBS="${MAX_JOBS:-16}"
+export MAX_JOBS="${MAX_JOBS:-16}" PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # the in-place build
 PY="${PYTHON:-python3}"
 status=0
 
@@ -40,19 +42,21 @@ torch.cuda.get_device_name() if torch.cuda.is_available() else '')" | tee "$LOG/
 for s in "$@"; do
     case "$s" in
         build) stage build "$PY" setup.py build_ext --inplace ;;
-        tests) stage tests "$PY" -m pytest -q -m "not slow" -p no:cacheprovider -x --timeout 500 \
+        tests) stage tests "$PY" -m pytest -q -m "not slow" -p no:cacheprovider --maxfail 20 --timeout 500 \
                    tests/kernels tests/engine/test_draft_loop.py tests/engine/test_engine.py \
                    tests/engine/test_models.py tests/engine/test_speculative_sampling.py ;;
         bench) for op in write_paged_kv rollback_paged_kv gather_paged_kv sample_draft verify_draft paged_attention; do
                    stage "bench_$op" "$PY" "bench/bench_$op.py" --device cuda
                done ;;
-        e2e) stage e2e "$PY" bench/bench_e2e.py --device cuda --pair llama-1b --tokens 128 --prompts 16 \
-                 --batch-sizes 1,8,32 ;;
+        e2e) stage e2e "$PY" bench/bench_e2e.py --device cuda --pair llama-1b --tokens 64 --prompts 8 \
+                 --batch-sizes 1 ;;
+        e2e_batch) stage e2e_batch "$PY" bench/bench_e2e.py --device cuda --pair llama-1b --tokens 64 \
+                       --prompts 64 --batch-sizes 8,32 --no-hf ;;
         divergence) stage divergence "$PY" python/load_test.py --tiny --device cuda --dtype bfloat16 \
                         --out bench/results/serve_load_bf16_cuda.csv ;;
         ctest) stage ctest sh -c "cmake -S . -B build/cmake -G Ninja -DCMAKE_CUDA_ARCHITECTURES=90 \
                    && cmake --build build/cmake && ctest --test-dir build/cmake --output-on-failure" ;;
-        *) echo "unknown stage: $s (build | tests | bench | e2e | divergence | ctest)"; exit 2 ;;
+        *) echo "unknown stage: $s (build | tests | bench | e2e | e2e_batch | divergence | ctest)"; exit 2 ;;
     esac
 done
 tar czf "$OUT/gpu_session.tgz" -C "$(dirname "$LOG")" logs -C "$ROOT" bench/results
