@@ -218,6 +218,133 @@ __device__ void for_each_in_row(const T* __restrict__ row, int V, F&& f) {
 }
 
 // ------------------------------------------------------------------------------------------------
+// Split rows. A kernel that gives each vocabulary row to one block reads at most a few rows per SM at a
+// time (a verify batch of 64 x 9 positions is 576 blocks of 512 threads for 132 SMs, and the row kernels
+// need ~116 registers a thread for their top-k/top-p code: one block per SM), far from the bandwidth the
+// first pass over V needs. So that pass is split: RowChunkStatsKernel gives each row S = row_splits<T>(V)
+// blocks of kChunkThreads threads; each thread issues kChunkVecs 16-byte loads before it uses any, and
+// each block leaves the statistics of its chunk in a RowPartial. The row kernel then merges a row's S
+// partials (warp_merge_partials): every thread gets the same result, and S depends on V and the dtype
+// only, so a row's result never depends on the batch around it (the chunks' contents do depend on the
+// row's start modulo 16 bytes, as for_each_in_row's thread shares do; rows of V a multiple of 8 bf16 or
+// 4 fp32 elements all start aligned).
+// ------------------------------------------------------------------------------------------------
+constexpr int kChunkThreads = 256;
+constexpr int kChunkVecs = 4;
+
+template <typename T>
+__host__ __device__ constexpr int chunk_elems() {
+  return kChunkThreads * kChunkVecs * static_cast<int>(16 / sizeof(T));
+}
+
+// Chunks per row of V elements of T. The aligned middle of a row has at most V / (16 / sizeof(T))
+// vectors, so S chunks of kChunkThreads * kChunkVecs vectors always cover it.
+template <typename T>
+__host__ __device__ constexpr int row_splits(int V) {
+  return (V + chunk_elems<T>() - 1) / chunk_elems<T>();
+}
+
+struct RowPartial {
+  Lse z;        // logsumexp of the logits z
+  ArgMax zmax;  // argmax of z
+  Lse s;        // logsumexp of s = z / t (rows with `scaled`)
+  ArgMax g;     // argmax of s + Gumbel noise (rows with `draw`)
+};
+static_assert(sizeof(RowPartial) == 32, "RowPartial is four 8-byte records");
+
+// What the first pass computes for one row (a Rows functor returns it for a row index).
+struct RowTask {
+  bool active = false;  // false: the row is skipped and its partials are never read
+  bool scaled = false;  // also the logsumexp of z / t
+  bool draw = false;    // also the Gumbel-max over z / t, noise from gumbel(seed, i, offset, purpose, position)
+  float t = 1.0f;
+  int64_t seed = 0, offset = 0;
+  int purpose = 0, position = 0;
+};
+
+// Every thread of a kChunkThreads block visits its share of chunk c of row[0, V) (S chunks) and calls
+// f(index, value) in fp32. Chunk c covers the vectors [c, c + 1) * kChunkThreads * kChunkVecs of the row's
+// 16-byte-aligned middle; chunk 0 also takes the unaligned head and chunk S - 1 the tail. Each thread
+// issues all of its loads before it uses any.
+template <typename T, typename F>
+__device__ void for_each_in_chunk(const T* __restrict__ row, int V, int S, int c, F&& f) {
+  constexpr int N = 16 / sizeof(T);
+  const uintptr_t addr = reinterpret_cast<uintptr_t>(row);
+  int head = static_cast<int>(((16 - (addr & 15)) & 15) / sizeof(T));
+  head = head < V ? head : V;
+  const int nvec = (V - head) / N;
+  if (c == 0) {
+    for (int i = threadIdx.x; i < head; i += kChunkThreads) f(i, to_float(row[i]));
+  }
+  const uint4* vec = reinterpret_cast<const uint4*>(row + head);
+  const int w0 = c * kChunkThreads * kChunkVecs + threadIdx.x;
+  uint4 raw[kChunkVecs];
+#pragma unroll
+  for (int k = 0; k < kChunkVecs; ++k) {
+    const int w = w0 + k * kChunkThreads;
+    if (w < nvec) raw[k] = __ldg(vec + w);
+  }
+#pragma unroll
+  for (int k = 0; k < kChunkVecs; ++k) {
+    const int w = w0 + k * kChunkThreads;
+    if (w < nvec) {
+      const T* e = reinterpret_cast<const T*>(&raw[k]);
+#pragma unroll
+      for (int q = 0; q < N; ++q) f(head + w * N + q, to_float(e[q]));
+    }
+  }
+  if (c == S - 1) {
+    for (int i = head + nvec * N + threadIdx.x; i < V; i += kChunkThreads) f(i, to_float(row[i]));
+  }
+}
+
+// Grid (R * S,), kChunkThreads threads: block r * S + c reads chunk c of row r of logits [R, V] and
+// writes partials[r * S + c].
+template <typename T, typename Rows>
+__global__ void __launch_bounds__(kChunkThreads)
+    RowChunkStatsKernel(const T* __restrict__ logits, int V, int S, Rows rows, RowPartial* __restrict__ partials) {
+  __shared__ float smem[2 * 32];
+  const int r = blockIdx.x / S, c = blockIdx.x % S;
+  const RowTask task = rows(r);
+  if (!task.active) return;  // block-uniform
+  RowPartial p;
+  for_each_in_chunk(logits + static_cast<int64_t>(r) * V, V, S, c, [&](int i, float z) {
+    p.z.add(z);
+    p.zmax.add(z, i);
+    if (task.scaled) {
+      const float sv = __fdiv_rn(z, task.t);
+      p.s.add(sv);
+      if (task.draw) p.g.add(sv + gumbel(task.seed, i, task.offset, task.purpose, task.position), i);
+    }
+  });
+  p.z = block_reduce(p.z, reinterpret_cast<Lse*>(smem));
+  p.zmax = block_reduce(p.zmax, reinterpret_cast<ArgMax*>(smem));
+  if (task.scaled) p.s = block_reduce(p.s, reinterpret_cast<Lse*>(smem));
+  if (task.draw) p.g = block_reduce(p.g, reinterpret_cast<ArgMax*>(smem));
+  if (threadIdx.x == 0) partials[blockIdx.x] = p;
+}
+
+// The statistics of a whole row from its S partials, for a full warp: lane l merges chunks l, l + 32, ...
+// in order, then a butterfly merges the lanes. Every merge is commutative bit for bit (fmaxf, one
+// float sum, argmax ties to the lower index), so every lane, and every warp of a block, gets the same
+// result; the order depends on S only. The merge identity is a default RowPartial.
+__device__ inline RowPartial warp_merge_partials(const RowPartial* __restrict__ p, int S) {
+  RowPartial r;
+  for (int c = threadIdx.x & 31; c < S; c += 32) {
+    const RowPartial q = p[c];
+    r.z = merge(r.z, q.z);
+    r.zmax = merge(r.zmax, q.zmax);
+    r.s = merge(r.s, q.s);
+    r.g = merge(r.g, q.g);
+  }
+  r.z = warp_reduce(r.z);
+  r.zmax = warp_reduce(r.zmax);
+  r.s = warp_reduce(r.s);
+  r.g = warp_reduce(r.g);
+  return r;
+}
+
+// ------------------------------------------------------------------------------------------------
 // top-k / top-p without sorting (reference._filter_top_k_top_p). With s = z / t the scaled logits,
 // top-k keeps s >= the k-th largest value: keys up to the largest c with count(key >= c) >= k.
 // top-p keeps s >= the largest c with mass(key >= c) >= top_p * total. A token must pass both, so the

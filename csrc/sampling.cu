@@ -53,7 +53,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_dr
                                max_probs.data_ptr<float>(), energies.data_ptr<float>(), fallback.data_ptr<bool>()};
   dispatch_logits(op, z.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
+    const int64_t n_partials = sample_draft_partials<T>(B, V);
+    TORCH_CHECK(n_partials < (1LL << 31), op, ": B * ceil(V / ", chunk_elems<T>(), ") must be below 2^31");
+    at::Tensor partials = at::empty({n_partials * static_cast<int64_t>(sizeof(RowPartial) / sizeof(float))}, f32);
     C10_CUDA_CHECK(SampleDraft<T>(static_cast<const T*>(z.const_data_ptr()), B, V, prm, out,
+                                  reinterpret_cast<RowPartial*>(partials.data_ptr<float>()),
                                   c10::cuda::getCurrentCUDAStream()));
   });
   return {token_ids, token_probs, max_probs, energies, fallback};

@@ -25,14 +25,35 @@ struct SampleDraftOutputs {
   bool* fallback;
 };
 
-// Grid (B,), kRowThreads threads: one block owns one row of V logits, each thread a strided share of it.
-// Rows without top-k/top-p make ONE pass: online logsumexp of z (max_probs) and of s = z / T (energies),
-// running argmax of z (greedy rows) or of s + Gumbel noise (sampling rows), merged across the block at
-// the end; the softmax never reaches memory. Rows with top-k/top-p add the threshold bisection (one
-// counting pass per step) and one pass that sums and samples over the kept set.
+__device__ inline bool top_k_top_p_on(int top_k, float top_p, int V) { return (top_k > 0 && top_k < V) || top_p < 1.0f; }
+
+// The first pass's task for row b: the logsumexp of z (max_probs) and of s = z / T (energies), the
+// argmax of z (greedy rows), and for sampling rows without top-k/top-p the Gumbel-max draw over s.
+struct SampleRows {
+  SampleDraftParams prm;
+  int V;
+  __device__ RowTask operator()(int b) const {
+    RowTask task;
+    task.active = true;
+    const float temp = prm.temperature[b];
+    task.scaled = !(temp <= 0.0f);
+    task.t = task.scaled ? temp : 1.0f;
+    task.draw = task.scaled && !top_k_top_p_on(prm.top_k[b], prm.top_p[b], V);
+    task.seed = prm.seed[b];
+    task.offset = prm.offset[b];
+    task.purpose = kPurposeDraftSample;
+    return task;
+  }
+};
+
+// Grid (B,), kRowThreads threads, after RowChunkStatsKernel made the one pass over every row (split
+// into S chunks, see common.cuh): one block per row merges its S partials; the softmax never reaches
+// memory. Rows with top-k/top-p add the threshold bisection (one counting pass per step) and one pass
+// that sums and samples over the kept set.
 template <typename T>
 __global__ void __launch_bounds__(kRowThreads)
-    SampleDraftKernel(const T* __restrict__ logits, int V, SampleDraftParams prm, SampleDraftOutputs out) {
+    SampleDraftKernel(const T* __restrict__ logits, int V, SampleDraftParams prm, SampleDraftOutputs out,
+                      const RowPartial* __restrict__ partials) {
   __shared__ float smem[64 * kPivots];
   const int b = blockIdx.x;
   const T* row = logits + static_cast<int64_t>(b) * V;
@@ -41,26 +62,16 @@ __global__ void __launch_bounds__(kRowThreads)
   const float t = greedy ? 1.0f : temp;  // greedy rows report probabilities at temperature 1
   const int top_k = prm.top_k[b];
   const float top_p = prm.top_p[b];
-  const bool filtered = (top_k > 0 && top_k < V) || top_p < 1.0f;
+  const bool filtered = top_k_top_p_on(top_k, top_p, V);
   const int64_t seed = prm.seed[b], offset = prm.offset[b];
   const bool draw_now = !greedy && !filtered;  // filtered rows draw over the kept set instead
 
-  Lse z_lse, s_lse;
-  ArgMax z_max, g_max;
-  for_each_in_row(row, V, [&](int i, float z) {
-    z_lse.add(z);
-    z_max.add(z, i);
-    if (!greedy) {
-      const float s = __fdiv_rn(z, t);
-      s_lse.add(s);
-      if (draw_now) g_max.add(s + gumbel(seed, i, offset, kPurposeDraftSample, 0), i);
-    }
-  });
-  z_lse = block_reduce(z_lse, reinterpret_cast<Lse*>(smem));
-  z_max = block_reduce(z_max, reinterpret_cast<ArgMax*>(smem));
-  s_lse = greedy ? z_lse : block_reduce(s_lse, reinterpret_cast<Lse*>(smem));  // block-uniform branch
-  int token = z_max.i;  // the filters always keep the maximum, so greedy rows need nothing else
-  if (draw_now) token = block_reduce(g_max, reinterpret_cast<ArgMax*>(smem)).i;
+  const int S = row_splits<T>(V);
+  const RowPartial stats = warp_merge_partials(partials + static_cast<int64_t>(b) * S, S);
+  const Lse z_lse = stats.z;
+  const Lse s_lse = greedy ? z_lse : stats.s;
+  int token = stats.zmax.i;  // the filters always keep the maximum, so greedy rows need nothing else
+  if (draw_now) token = stats.g.i;
 
   float kept_sum = s_lse.s;
   if (filtered) {
@@ -89,12 +100,23 @@ __global__ void __launch_bounds__(kRowThreads)
   }
 }
 
-// logits: [B, V] row-major, T = float | __half | __nv_bfloat16. Capturable: no sync, no allocation.
+// Elements of the partials buffer SampleDraft<T> needs.
+template <typename T>
+inline int64_t sample_draft_partials(int B, int V) {
+  return static_cast<int64_t>(B) * row_splits<T>(V);
+}
+
+// logits: [B, V] row-major, T = float | __half | __nv_bfloat16; partials: sample_draft_partials<T>(B, V)
+// elements of scratch, below 2^31. Two launches on `stream`; capturable: no sync, no allocation.
 template <typename T>
 cudaError_t SampleDraft(const T* logits, int B, int V, SampleDraftParams prm, SampleDraftOutputs out,
-                        cudaStream_t stream) {
+                        RowPartial* partials, cudaStream_t stream) {
   if (B == 0) return cudaSuccess;
-  SampleDraftKernel<T><<<B, kRowThreads, 0, stream>>>(logits, V, prm, out);
+  RowChunkStatsKernel<T><<<static_cast<unsigned>(sample_draft_partials<T>(B, V)), kChunkThreads, 0, stream>>>(
+      logits, V, row_splits<T>(V), SampleRows{prm, V}, partials);
+  cudaError_t first = cudaGetLastError();
+  if (first != cudaSuccess) return first;
+  SampleDraftKernel<T><<<B, kRowThreads, 0, stream>>>(logits, V, prm, out, partials);
   return cudaGetLastError();
 }
 

@@ -63,10 +63,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_draft(
                           target_probs.data_ptr<float>()};
   int* si = scratch_i.data_ptr<int>();
   float* sf = scratch_f.data_ptr<float>();
-  const VerifyScratch scr{si, si + B * K1, si + 2 * B * K1, sf, sf + B * K1};
   const float* probs_ptr = probs.defined() ? probs.const_data_ptr<float>() : nullptr;
   dispatch_logits(op, z.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
+    const int64_t n_partials = verify_partials<T>(B, K, V);
+    TORCH_CHECK(n_partials < (1LL << 31), op, ": B * (K+1) * ceil(V / ", chunk_elems<T>(), ") must be below 2^31");
+    const int64_t n_cut = verify_cut_partials<T>(B, V);  // RowPartial then CutPartial records, 8-byte aligned
+    const int64_t words = (n_partials * static_cast<int64_t>(sizeof(RowPartial)) +
+                           n_cut * static_cast<int64_t>(sizeof(CutPartial))) / 8;
+    at::Tensor partials = at::empty({words}, z.options().dtype(at::kLong));
+    char* base = reinterpret_cast<char*>(partials.data_ptr<int64_t>());
+    const VerifyScratch scr{si, si + B * K1, si + 2 * B * K1, sf, sf + B * K1, reinterpret_cast<RowPartial*>(base),
+                            reinterpret_cast<CutPartial*>(base + n_partials * sizeof(RowPartial))};
     C10_CUDA_CHECK(VerifyDraft<T>(ids.const_data_ptr<int64_t>(), static_cast<const T*>(z.const_data_ptr()), probs_ptr,
                                   B, K, V, static_cast<int>(mode), prm, out, scr, c10::cuda::getCurrentCUDAStream()));
   });

@@ -23,14 +23,36 @@ struct VerifyOutputs {
   float* target_probs;
 };
 
-// Per-position results the finishing kernel needs, [B * (K+1)] each; written for positions j <= n_b.
+// What the emitting pass over z_c leaves per (row, chunk) for a sampling row.
+struct CutPartial {
+  ArgMax q;           // Gumbel-max over log q_c
+  ArgMax r;           // Gumbel-max over log max(0, q_c - p_S) (sample mode, at a rejection)
+  int any_resid = 0;  // threads that saw a positive residual
+  int unused = 0;
+};
+static_assert(sizeof(CutPartial) == 24, "CutPartial is three 8-byte records");
+
+// Per-position results the finishing kernels need, [B * (K+1)] each, written for positions j <= n_b;
+// and the two passes' chunk partials.
 struct VerifyScratch {
   int* verdict;      // draft j accepted (j < n_b)
   int* argmax;       // argmax of z_j
   int* tau;          // order key of the smallest kept scaled logit (kLowestKey: no filter)
   float* s_max;      // max of s_j = z_j / T
   float* kept_sum;   // sum over the kept set of exp(s_j - s_max)
+  RowPartial* partials;      // [B * (K+1) * row_splits<T>(V)]: the first pass's chunk statistics
+  CutPartial* cut_partials;  // [B * row_splits<T>(V)]: the emitting pass's, per row and chunk
 };
+
+// Elements of VerifyScratch::partials and ::cut_partials that VerifyDraft<T> needs.
+template <typename T>
+inline int64_t verify_partials(int B, int K, int V) {
+  return static_cast<int64_t>(B) * (K + 1) * row_splits<T>(V);
+}
+template <typename T>
+inline int64_t verify_cut_partials(int B, int V) {
+  return static_cast<int64_t>(B) * row_splits<T>(V);
+}
 
 // Number of drafted tokens of row b: the ids before the -1 padding.
 __device__ inline int drafted_count(const int64_t* ids, int K) {
@@ -39,150 +61,243 @@ __device__ inline int drafted_count(const int64_t* ids, int K) {
   return n;
 }
 
-// Grid (B * (K+1),), kRowThreads threads: one block per (row b, position j) with j <= n_b makes one
-// pass over z_j's V logits (online logsumexp, argmax; sampling rows also the logsumexp of z_j / T,
-// filtered sampling rows add the top-k/top-p bisection and a kept-mass pass), writes distance and
-// target prob, and leaves the accept verdict plus what defines q_j in scratch. Blocks past n_b only
-// zero their outputs. The accept rule needs all positions of a row: VerifyFinishKernel applies it.
+// Row b's cut: its first rejected position, or n_b when every drafted token was accepted.
+__device__ inline int cut_position(const int64_t* draft_ids, const int* verdict, int b, int K) {
+  const int n = drafted_count(draft_ids + static_cast<int64_t>(b) * K, K);
+  int c = 0;
+  while (c < n && verdict[b * (K + 1) + c]) ++c;
+  return c;
+}
+
+// The first pass's task for position row pid = b * (K+1) + j: rows past the drafts (j > n_b) are
+// skipped; sampling rows (temperature > 0) also need the logsumexp of z / T.
+struct VerifyRows {
+  const int64_t* draft_ids;
+  const float* temperature;
+  int K;
+  __device__ RowTask operator()(int pid) const {
+    const int b = pid / (K + 1), j = pid % (K + 1);
+    RowTask task;
+    task.active = j <= drafted_count(draft_ids + static_cast<int64_t>(b) * K, K);
+    const float temp = temperature[b];
+    task.scaled = !(temp <= 0.0f);
+    task.t = task.scaled ? temp : 1.0f;
+    return task;
+  }
+};
+
+// Position pid = b * (K+1) + j of the batch: what both position kernels read first.
+struct VerifyPosition {
+  int pid, b, j, n;  // n: the row's drafted tokens; positions j > n are padding
+  bool greedy, filtered;
+  float t;
+  __device__ VerifyPosition(int pid_, const int64_t* draft_ids, int K, int V, const VerifyParams& prm) : pid(pid_) {
+    b = pid / (K + 1);
+    j = pid % (K + 1);
+    n = drafted_count(draft_ids + static_cast<int64_t>(b) * K, K);
+    const float temp = prm.temperature[b];
+    greedy = temp <= 0.0f;
+    t = greedy ? 1.0f : temp;
+    filtered = !greedy && ((prm.top_k[b] > 0 && prm.top_k[b] < V) || prm.top_p[b] < 1.0f);
+  }
+};
+
+// One thread's closing work for an active position (j <= n): target prob, distance, and the accept
+// verdict plus what defines q_j, from the merged statistics and the kept set (tau, kept_sum).
 template <typename T>
-__global__ void __launch_bounds__(kRowThreads)
-    VerifyPositionKernel(const int64_t* __restrict__ draft_ids, const T* __restrict__ target_logits,
-                         const float* __restrict__ draft_probs, int K, int V, int mode, VerifyParams prm,
-                         VerifyOutputs out, VerifyScratch scr) {
-  __shared__ float smem[64 * kPivots];
-  const int pid = blockIdx.x, K1 = K + 1;
-  const int b = pid / K1, j = pid % K1;
-  const int64_t* ids = draft_ids + static_cast<int64_t>(b) * K;
-  const int n = drafted_count(ids, K);
-  if (j > n) {
-    if (threadIdx.x == 0) {
-      out.target_probs[pid] = 0.0f;
-      if (j < K) out.distances[b * K + j] = 0.0f;
-    }
-    return;
-  }
+__device__ void finish_position(const VerifyPosition& at, const RowPartial& stats, int tau, float kept_sum,
+                                const int64_t* __restrict__ draft_ids, const T* __restrict__ target_logits,
+                                const float* __restrict__ draft_probs, int K, int V, int mode,
+                                const VerifyParams& prm, const VerifyOutputs& out, const VerifyScratch& scr) {
+  const int pid = at.pid, b = at.b, j = at.j;
+  const Lse z_lse = stats.z;
+  const Lse s_lse = at.greedy ? z_lse : stats.s;
   const T* row = target_logits + static_cast<int64_t>(pid) * V;
-  const float temp = prm.temperature[b];
-  const bool greedy = temp <= 0.0f;
-  const float t = greedy ? 1.0f : temp;
-  const int top_k = prm.top_k[b];
-  const float top_p = prm.top_p[b];
-  const bool filtered = !greedy && ((top_k > 0 && top_k < V) || top_p < 1.0f);
-
-  Lse z_lse, s_lse;
-  ArgMax z_max;
-  for_each_in_row(row, V, [&](int i, float z) {
-    z_lse.add(z);
-    z_max.add(z, i);
-    if (!greedy) s_lse.add(__fdiv_rn(z, t));
-  });
-  z_lse = block_reduce(z_lse, reinterpret_cast<Lse*>(smem));
-  z_max = block_reduce(z_max, reinterpret_cast<ArgMax*>(smem));
-  s_lse = greedy ? z_lse : block_reduce(s_lse, reinterpret_cast<Lse*>(smem));
-
-  int tau = kLowestKey;
-  float kept_sum = s_lse.s;
-  if (filtered) {
-    tau = filter_threshold(row, V, t, s_lse.m, s_lse.s, top_k, top_p, smem);
-    float mass = 0.0f;
-    for_each_in_row(row, V, [&](int, float z) {
-      const float s = __fdiv_rn(z, t);
-      if (order_key(s) >= tau) mass += expf(s - s_lse.m);
-    });
-    kept_sum = block_reduce(mass, smem);
-  }
-  if (threadIdx.x != 0) return;
-
   const float lse = z_lse.log_sum();
   out.target_probs[pid] = expf(z_lse.m - lse);
-  const bool drafted = j < n;
-  const int draft = drafted ? static_cast<int>(ids[j]) : 0;
+  const bool drafted = j < at.n;
+  const int draft = drafted ? static_cast<int>(draft_ids[static_cast<int64_t>(b) * K + j]) : 0;
   const float z_draft = to_float(row[draft]);
   const float dist = lse - z_draft;
   if (j < K) out.distances[b * K + j] = drafted ? dist : 0.0f;
-  const bool hit = draft == z_max.i;
+  const bool hit = draft == stats.zmax.i;
   bool ok = hit;
   if (mode == kModeBild) {
     ok = !(dist > prm.rollback_threshold[b] && !hit);
   } else if (mode == kModeSample) {
     const float ps = drafted ? draft_probs[(static_cast<int64_t>(b) * K + j) * V + draft] : 0.0f;
-    const float s_draft = __fdiv_rn(z_draft, t);
+    const float s_draft = __fdiv_rn(z_draft, at.t);
     float q_draft = order_key(s_draft) >= tau ? expf(s_draft - s_lse.m) / kept_sum : 0.0f;
-    if (greedy) q_draft = hit ? 1.0f : 0.0f;  // q is one-hot on the argmax at temperature 0
+    if (at.greedy) q_draft = hit ? 1.0f : 0.0f;  // q is one-hot on the argmax at temperature 0
     ok = uniform(prm.seed[b], 0, prm.offset[b], kPurposeVerifyAccept, j) * ps < q_draft;
   }
   scr.verdict[pid] = ok && drafted;
-  scr.argmax[pid] = z_max.i;
+  scr.argmax[pid] = stats.zmax.i;
   scr.tau[pid] = tau;
   scr.s_max[pid] = s_lse.m;
   scr.kept_sum[pid] = kept_sum;
 }
 
-// Grid (B,), kRowThreads threads: one block per row reads the verdicts, cuts at the first rejection
-// c (or n_b), and writes num_accepted and output_ids. Greedy rows emit the argmax of z_c; sampling rows
-// make one pass over z_c drawing Gumbel-max over log q_c and, at a rejection in sample mode, over the
-// residual max(0, q_c - p_S) in the same pass (the residual wins unless it is zero everywhere).
+constexpr int kMergeWarps = 4;  // positions per block of VerifyMergeKernel, one warp each
+
+// Grid (ceil(B * (K+1) / kMergeWarps),), 32 * kMergeWarps threads: one warp per position merges the first
+// pass's S partials of z_j (logsumexp, argmax; sampling rows also the logsumexp of z_j / T) and, unless
+// the row filters with top-k/top-p (VerifyFilterKernel's job), finishes the position. Positions past
+// n_b only zero their outputs.
+template <typename T>
+__global__ void __launch_bounds__(32 * kMergeWarps)
+    VerifyMergeKernel(const int64_t* __restrict__ draft_ids, const T* __restrict__ target_logits,
+                      const float* __restrict__ draft_probs, int B, int K, int V, int mode, VerifyParams prm,
+                      VerifyOutputs out, VerifyScratch scr) {
+  const int pid = blockIdx.x * kMergeWarps + (threadIdx.x >> 5);
+  if (pid >= B * (K + 1)) return;  // warp-uniform
+  const VerifyPosition at(pid, draft_ids, K, V, prm);
+  const bool lane0 = (threadIdx.x & 31) == 0;
+  if (at.j > at.n) {
+    if (lane0) {
+      out.target_probs[pid] = 0.0f;
+      if (at.j < K) out.distances[at.b * K + at.j] = 0.0f;
+    }
+    return;
+  }
+  if (at.filtered) return;
+  const int S = row_splits<T>(V);
+  const RowPartial stats = warp_merge_partials(scr.partials + static_cast<int64_t>(pid) * S, S);
+  if (lane0) {
+    const float kept_sum = at.greedy ? stats.z.s : stats.s.s;
+    finish_position(at, stats, kLowestKey, kept_sum, draft_ids, target_logits, draft_probs, K, V, mode, prm, out,
+                    scr);
+  }
+}
+
+// Grid (B * (K+1),), kRowThreads threads: one block per active position of a row that filters with
+// top-k/top-p (every other block returns at once) bisects the kept set's threshold over z_j / T, sums
+// the kept mass in one more pass over V, and finishes the position.
 template <typename T>
 __global__ void __launch_bounds__(kRowThreads)
-    VerifyFinishKernel(const int64_t* __restrict__ draft_ids, const T* __restrict__ target_logits,
+    VerifyFilterKernel(const int64_t* __restrict__ draft_ids, const T* __restrict__ target_logits,
                        const float* __restrict__ draft_probs, int K, int V, int mode, VerifyParams prm,
                        VerifyOutputs out, VerifyScratch scr) {
+  __shared__ float smem[64 * kPivots];
+  const VerifyPosition at(blockIdx.x, draft_ids, K, V, prm);
+  if (!at.filtered || at.j > at.n) return;  // block-uniform
+  const int S = row_splits<T>(V);
+  const RowPartial stats = warp_merge_partials(scr.partials + static_cast<int64_t>(at.pid) * S, S);
+  const T* row = target_logits + static_cast<int64_t>(at.pid) * V;
+  const float t = at.t, s_max = stats.s.m;
+  const int tau = filter_threshold(row, V, t, s_max, stats.s.s, prm.top_k[at.b], prm.top_p[at.b], smem);
+  float mass = 0.0f;
+  for_each_in_row(row, V, [&](int, float z) {
+    const float s = __fdiv_rn(z, t);
+    if (order_key(s) >= tau) mass += expf(s - s_max);
+  });
+  const float kept_sum = block_reduce(mass, smem);
+  if (threadIdx.x == 0) {
+    finish_position(at, stats, tau, kept_sum, draft_ids, target_logits, draft_probs, K, V, mode, prm, out, scr);
+  }
+}
+
+// Grid (B * S,), kChunkThreads threads, S = row_splits<T>(V): for a sampling row b (temperature > 0;
+// greedy rows return at once), block b * S + c reads chunk c of z at the row's cut position and draws
+// Gumbel-max over log q and, at a rejection in sample mode, over the residual max(0, q - p_S), leaving
+// a CutPartial. The noise is addressed by the vocabulary index, so the split changes no draw.
+template <typename T>
+__global__ void __launch_bounds__(kChunkThreads)
+    VerifyCutChunkKernel(const int64_t* __restrict__ draft_ids, const T* __restrict__ target_logits,
+                         const float* __restrict__ draft_probs, int K, int V, int mode, VerifyParams prm,
+                         VerifyScratch scr) {
   __shared__ float smem[2 * 32];
-  const int b = blockIdx.x, K1 = K + 1;
+  const int S = row_splits<T>(V);
+  const int b = blockIdx.x / S, chunk = blockIdx.x % S;
+  if (prm.temperature[b] <= 0.0f) return;  // block-uniform
+  const float t = prm.temperature[b];
+  const int n = drafted_count(draft_ids + static_cast<int64_t>(b) * K, K);
+  const int c = cut_position(draft_ids, scr.verdict, b, K);
+  const int pc = b * (K + 1) + c;
+  const int tau = scr.tau[pc];
+  const float s_max = scr.s_max[pc], kept_sum = scr.kept_sum[pc];
+  const int64_t seed = prm.seed[b], offset = prm.offset[b];
+  const bool resid = mode == kModeSample && c < n;
+  const float* ps_row = resid ? draft_probs + (static_cast<int64_t>(b) * K + c) * V : nullptr;
+  CutPartial p;
+  for_each_in_chunk(target_logits + static_cast<int64_t>(pc) * V, V, S, chunk, [&](int i, float z) {
+    const float s = __fdiv_rn(z, t);
+    const float q = order_key(s) >= tau ? expf(s - s_max) / kept_sum : 0.0f;
+    const float g = gumbel(seed, i, offset, kPurposeVerifyToken, c);
+    p.q.add(q > 0.0f ? logf(q) + g : -kInf, i);  // log(0) + g = -inf, as in the reference
+    if (resid) {
+      const float r = fmaxf(q - ps_row[i], 0.0f);
+      p.any_resid |= r > 0.0f;
+      p.r.add(r > 0.0f ? logf(r) + g : -kInf, i);
+    }
+  });
+  p.q = block_reduce(p.q, reinterpret_cast<ArgMax*>(smem));
+  if (resid) {
+    p.r = block_reduce(p.r, reinterpret_cast<ArgMax*>(smem));
+    p.any_resid = block_reduce(p.any_resid, reinterpret_cast<int*>(smem));
+  }
+  if (threadIdx.x == 0) scr.cut_partials[blockIdx.x] = p;
+}
+
+// Grid (B,), one warp per row: cuts at the first rejection c (or n_b) and writes num_accepted and
+// output_ids. Greedy rows emit the argmax of z_c; sampling rows merge their S CutPartials (chunk order
+// per lane, then a butterfly: the same result in every lane): the residual's draw wins at a rejection in
+// sample mode unless the residual is zero everywhere, else the draw over q_c.
+template <typename T>
+__global__ void __launch_bounds__(32)
+    VerifyFinishKernel(const int64_t* __restrict__ draft_ids, int K, int V, int mode, VerifyParams prm,
+                       VerifyOutputs out, VerifyScratch scr) {
+  const int b = blockIdx.x, K1 = K + 1, lane = threadIdx.x;
   const int64_t* ids = draft_ids + static_cast<int64_t>(b) * K;
   const int n = drafted_count(ids, K);
-  int c = 0;
-  while (c < n && scr.verdict[b * K1 + c]) ++c;
-  const int pc = b * K1 + c;
-
-  int emitted = scr.argmax[pc];
+  const int c = cut_position(draft_ids, scr.verdict, b, K);
+  int emitted = scr.argmax[b * K1 + c];
   if (!(prm.temperature[b] <= 0.0f)) {
-    const float t = prm.temperature[b];
-    const int tau = scr.tau[pc];
-    const float s_max = scr.s_max[pc], kept_sum = scr.kept_sum[pc];
-    const int64_t seed = prm.seed[b], offset = prm.offset[b];
-    const bool resid = mode == kModeSample && c < n;
-    const float* ps_row = resid ? draft_probs + (static_cast<int64_t>(b) * K + c) * V : nullptr;
-    ArgMax q_max, r_max;
+    const int S = row_splits<T>(V);
+    const CutPartial* part = scr.cut_partials + static_cast<int64_t>(b) * S;
+    ArgMax q, r;
     int any_resid = 0;
-    for_each_in_row(target_logits + static_cast<int64_t>(pc) * V, V, [&](int i, float z) {
-      const float s = __fdiv_rn(z, t);
-      const float q = order_key(s) >= tau ? expf(s - s_max) / kept_sum : 0.0f;
-      const float g = gumbel(seed, i, offset, kPurposeVerifyToken, c);
-      q_max.add(q > 0.0f ? logf(q) + g : -kInf, i);  // log(0) + g = -inf, as in the reference
-      if (resid) {
-        const float r = fmaxf(q - ps_row[i], 0.0f);
-        any_resid |= r > 0.0f;
-        r_max.add(r > 0.0f ? logf(r) + g : -kInf, i);
-      }
-    });
-    q_max = block_reduce(q_max, reinterpret_cast<ArgMax*>(smem));
-    emitted = q_max.i;
-    if (resid) {
-      r_max = block_reduce(r_max, reinterpret_cast<ArgMax*>(smem));
-      if (block_reduce(any_resid, reinterpret_cast<int*>(smem)) > 0) emitted = r_max.i;
+    for (int k = lane; k < S; k += 32) {
+      q = merge(q, part[k].q);
+      r = merge(r, part[k].r);
+      any_resid += part[k].any_resid;
     }
+    q = warp_reduce(q);
+    r = warp_reduce(r);
+    any_resid = warp_reduce(any_resid);
+    emitted = mode == kModeSample && c < n && any_resid > 0 ? r.i : q.i;
   }
-  for (int k = threadIdx.x; k < K1; k += blockDim.x) {
+  for (int k = lane; k < K1; k += 32) {
     out.output_ids[static_cast<int64_t>(b) * K1 + k] = k < c ? ids[k] : (k == c ? emitted : -1);
   }
-  if (threadIdx.x == 0) out.num_accepted[b] = c;
+  if (lane == 0) out.num_accepted[b] = c;
 }
 
 // draft_ids: [B, K] (drafts then -1), target_logits: [B, K+1, V] (T = float | __half | __nv_bfloat16),
 // draft_probs: [B, K, V] f32, read in sample mode only (may be null otherwise). scratch: 5 arrays of
-// B * (K+1) elements. Two launches on `stream`; capturable: no sync, no allocation.
+// B * (K+1) elements, verify_partials<T>(B, K, V) partials and verify_cut_partials<T>(B, V) cut partials.
+// Five launches on `stream`; capturable: no sync, no allocation. B * (K+1) * row_splits<T>(V) must be
+// below 2^31 (the first pass's grid).
 template <typename T>
 cudaError_t VerifyDraft(const int64_t* draft_ids, const T* target_logits, const float* draft_probs, int B, int K,
                         int V, int mode, VerifyParams prm, VerifyOutputs out, VerifyScratch scr,
                         cudaStream_t stream) {
   if (B == 0) return cudaSuccess;
-  VerifyPositionKernel<T><<<B * (K + 1), kRowThreads, 0, stream>>>(draft_ids, target_logits, draft_probs, K, V,
-                                                                   mode, prm, out, scr);
+  const int S = row_splits<T>(V);
+  RowChunkStatsKernel<T><<<static_cast<unsigned>(verify_partials<T>(B, K, V)), kChunkThreads, 0, stream>>>(
+      target_logits, V, S, VerifyRows{draft_ids, prm.temperature, K}, scr.partials);
+  cudaError_t first = cudaGetLastError();
+  if (first != cudaSuccess) return first;
+  const int positions = B * (K + 1);
+  VerifyMergeKernel<T><<<(positions + kMergeWarps - 1) / kMergeWarps, 32 * kMergeWarps, 0, stream>>>(
+      draft_ids, target_logits, draft_probs, B, K, V, mode, prm, out, scr);
+  VerifyFilterKernel<T><<<positions, kRowThreads, 0, stream>>>(draft_ids, target_logits, draft_probs, K, V, mode, prm,
+                                                              out, scr);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  VerifyFinishKernel<T><<<B, kRowThreads, 0, stream>>>(draft_ids, target_logits, draft_probs, K, V, mode, prm, out,
-                                                       scr);
+  VerifyCutChunkKernel<T><<<static_cast<unsigned>(verify_cut_partials<T>(B, V)), kChunkThreads, 0, stream>>>(
+      draft_ids, target_logits, draft_probs, K, V, mode, prm, scr);
+  VerifyFinishKernel<T><<<B, 32, 0, stream>>>(draft_ids, K, V, mode, prm, out, scr);
   return cudaGetLastError();
 }
 

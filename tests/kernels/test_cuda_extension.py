@@ -93,7 +93,7 @@ def test_cpu_tensors_raise_a_clear_error():
 
 @requires_gpu
 @pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
-@pytest.mark.parametrize("B, V", [(1, 111), (7, 32000), (99, 111), (7, 151936)])
+@pytest.mark.parametrize("B, V", [(1, 111), (7, 32000), (99, 111), (7, 151936), (5, 20001)])  # 20001: rows split
 def test_sample_draft_matches_reference(B, V, dtype, atol, rtol):
     z = spaced_logits(B, V, dtype, seed=B + V).cuda()
     temperature, top_k, top_p, seed, offset = row_params(B, V, "cuda")
@@ -109,7 +109,8 @@ def test_sample_draft_matches_reference(B, V, dtype, atol, rtol):
 @requires_gpu
 @pytest.mark.parametrize("mode", [R.MODE_GREEDY, R.MODE_BILD, R.MODE_SAMPLE])
 @pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
-@pytest.mark.parametrize("B, K, V", [(1, 1, 111), (7, 4, 32000), (99, 8, 111), (5, 0, 111), (3, 4, 151936)])
+@pytest.mark.parametrize("B, K, V", [(1, 1, 111), (7, 4, 32000), (99, 8, 111), (5, 0, 111), (3, 4, 151936),
+                                     (6, 3, 20001)])  # odd V: unaligned rows split into chunks with a tail
 def test_verify_draft_matches_reference(B, K, V, mode, dtype, atol, rtol):
     z = spaced_logits(B * (K + 1), V, dtype, seed=B + K + V).reshape(B, K + 1, V).cuda()
     amax = z.float().argmax(2)
@@ -198,6 +199,36 @@ def test_reserve_and_rollback_match_reference(B):
     assert all(torch.equal(x, y) for x, y in zip(want, (tables, lens, free, num_free)))
     assert all(torch.equal(x, y) for x, y in zip(before[:3], (tables, lens, free)))
     assert (int(num_free) < 0) == bool((lens >= 0).any())
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_rows_do_not_depend_on_the_batch(dtype):
+    """A row's results, floats included, are the same bits alone (a fresh copy) and inside a batch: the pass over
+    V is split by V and the dtype only and merged in a fixed order (rows of 16-byte multiples, as real vocabularies
+    have: where a row starts off that alignment, its unaligned head shifts the chunks' contents)."""
+    B, K, V = 9, 4, 50000
+    z = torch.randn(B, K + 1, V, device="cuda").to(dtype)
+    draft_ids = z[:, :K].float().argmax(2)
+    draft_ids[::2, 1] = 3
+    temperature, top_k, top_p, seed, offset = row_params(B, V, "cuda", greedy_every=2)
+    thr, fb = torch.full((B,), 2.0, device="cuda"), torch.full((B,), 0.5, device="cuda")
+    for mode in (R.MODE_BILD, R.MODE_SAMPLE):
+        probs = torch.softmax(torch.randn(B, K, V, device="cuda"), 2) if mode == R.MODE_SAMPLE else None
+        whole = C.verify_draft(draft_ids, z, mode, thr, probs, temperature, top_k, top_p, seed, offset)
+        for b in (0, 5, 8):
+            one = C.verify_draft(draft_ids[b:b + 1], z[b:b + 1].clone(), mode, thr[b:b + 1],
+                                 None if probs is None else probs[b:b + 1], temperature[b:b + 1], top_k[b:b + 1],
+                                 top_p[b:b + 1], seed[b:b + 1], offset[b:b + 1])
+            for w, o in zip(whole, one):
+                assert torch.equal(w[b:b + 1], o)
+    logits = z[:, 0].contiguous()
+    whole = C.sample_draft(logits, temperature, top_k, top_p, seed, offset, fb)
+    for b in (0, 5, 8):
+        one = C.sample_draft(logits[b:b + 1].clone(), temperature[b:b + 1], top_k[b:b + 1], top_p[b:b + 1], seed[b:b + 1],
+                             offset[b:b + 1], fb[b:b + 1])
+        for w, o in zip(whole, one):
+            assert torch.equal(w[b:b + 1], o)
 
 
 @requires_gpu

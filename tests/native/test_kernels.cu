@@ -141,8 +141,9 @@ static void test_paged_kv(std::mt19937& rng) {
       }
 }
 
-static void test_sample_draft(std::mt19937& rng) {
-  const int B = 6, V = 1111;
+// V = 1111 is one chunk of the first pass; V = 9001 is three (fp32: 4096 a chunk) with an odd tail.
+static void test_sample_draft(std::mt19937& rng, int V) {
+  const int B = 6;
   std::vector<float> logits(B * V);
   std::normal_distribution<float> normal(0.0f, 3.0f);
   for (auto& x : logits) x = std::round(normal(rng) * 4.0f) / 4.0f;  // coarse values: ties are common
@@ -156,8 +157,9 @@ static void test_sample_draft(std::mt19937& rng) {
   Dev<float> tp(zeros<float>(B)), mp(zeros<float>(B)), en(zeros<float>(B));
   bool* dfb;  // std::vector<bool> has no data(): a raw buffer
   CUDA_OK(cudaMalloc(&dfb, B));
+  Dev<bild::RowPartial> part(std::vector<bild::RowPartial>(bild::sample_draft_partials<float>(B, V)));
   CUDA_OK(bild::SampleDraft(dz.p, B, V, {dt.p, dk.p, dp.p, dseed.p, doff.p, dthr.p}, {tok.p, tp.p, mp.p, en.p, dfb},
-                            nullptr));
+                            part.p, nullptr));
   bool hfb[B];
   CUDA_OK(cudaMemcpy(hfb, dfb, B, cudaMemcpyDeviceToHost));
   cudaFree(dfb);
@@ -175,8 +177,8 @@ static void test_sample_draft(std::mt19937& rng) {
   }
 }
 
-static void test_verify_draft(std::mt19937& rng, int mode) {
-  const int B = 5, K = 4, V = 333, K1 = K + 1;
+static void test_verify_draft(std::mt19937& rng, int mode, int V) {
+  const int B = 5, K = 4, K1 = K + 1;
   std::vector<float> logits(B * K1 * V), probs(B * K * V);
   std::normal_distribution<float> normal(0.0f, 2.0f);
   for (auto& x : logits) x = normal(rng);
@@ -200,9 +202,11 @@ static void test_verify_draft(std::mt19937& rng, int mode) {
   Dev<int> dk(top_k), nacc(zeros<int>(B)), si(zeros<int>(3 * B * K1));
   Dev<float> dist(zeros<float>(B * K)), tprob(zeros<float>(B * K1)), sf(zeros<float>(2 * B * K1));
   const int n = B * K1;
+  Dev<bild::RowPartial> part(std::vector<bild::RowPartial>(bild::verify_partials<float>(B, K, V)));
+  Dev<bild::CutPartial> cut(std::vector<bild::CutPartial>(bild::verify_cut_partials<float>(B, V)));
   CUDA_OK(bild::VerifyDraft(dids.p, dz.p, dprobs.p, B, K, V, mode, {dthr.p, dt.p, dk.p, dp.p, dseed.p, doff.p},
-                            {nacc.p, oids.p, dist.p, tprob.p}, {si.p, si.p + n, si.p + 2 * n, sf.p, sf.p + n},
-                            nullptr));
+                            {nacc.p, oids.p, dist.p, tprob.p},
+                            {si.p, si.p + n, si.p + 2 * n, sf.p, sf.p + n, part.p, cut.p}, nullptr));
   const auto gn = nacc.get();
   const auto gids = oids.get();
   const auto gd = dist.get(), gtp = tprob.get();
@@ -231,8 +235,9 @@ int main() {
   }
   std::mt19937 rng(1234);
   test_paged_kv(rng);
-  test_sample_draft(rng);
-  for (int mode : {bild::kModeGreedy, bild::kModeBild, bild::kModeSample}) test_verify_draft(rng, mode);
+  for (int V : {1111, 9001}) test_sample_draft(rng, V);
+  for (int V : {333, 9001})
+    for (int mode : {bild::kModeGreedy, bild::kModeBild, bild::kModeSample}) test_verify_draft(rng, mode, V);
   CUDA_OK(cudaDeviceSynchronize());
   std::printf("%s (%d failures)\n", g_failures ? "FAILED" : "all native kernel tests passed", g_failures);
   return g_failures ? 1 : 0;
