@@ -27,8 +27,12 @@ PAIRS = {
 }
 
 
-def random_pair(name: str, dtype, device):
-    """A random large Llama and a draft made of its first layers (agreeing often, as a distilled one would)."""
+def random_pair(name: str, dtype, device, depth_scale: float = 0.05):
+    """A random large Llama and a draft made of its first layers, agreeing often as a distilled one would: the
+    deep layers' output projections are scaled by `depth_scale`, so they refine the stream instead of
+    rewriting it. Top-1 agreement of the draft with the large model's greedy continuations of random
+    prompts (float32, teacher-forced): llama-1b 0.14 at scale 0.2, 0.74 at 0.05, 0.89 at 0.02; tiny 0.32,
+    0.77 at 0.2, 0.05 (peak probabilities 0.7-0.9 from the head scaled by 30)."""
     from transformers import LlamaConfig, LlamaForCausalLM
     L, S, hidden, heads, kv, inter, vocab = PAIRS[name]
     torch.manual_seed(0)
@@ -39,8 +43,8 @@ def random_pair(name: str, dtype, device):
     with torch.no_grad():
         large.lm_head.weight.mul_(30.0)  # peaked distributions, like a trained model's
         for layer in large.model.layers[S:]:  # deep layers refine rather than rewrite: drafts agree often
-            layer.self_attn.o_proj.weight.mul_(0.2)
-            layer.mlp.down_proj.weight.mul_(0.2)
+            layer.self_attn.o_proj.weight.mul_(depth_scale)
+            layer.mlp.down_proj.weight.mul_(depth_scale)
     scfg = LlamaConfig(**{**cfg.to_dict(), "num_hidden_layers": S})
     small = LlamaForCausalLM(scfg).to(dtype).eval()
     small.load_state_dict(large.state_dict(), strict=False)
@@ -70,13 +74,16 @@ def main():
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--batch-sizes", default="1,4")
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--depth-scale", type=float, default=0.05,
+                    help="scale of the large model's deep layers' output projections: sets how often the draft "
+                         "agrees (llama-1b: 0.2 -> 14%%, 0.05 -> 74%%, 0.02 -> 89%%)")
     ap.add_argument("--draft-loops", default=None,
                     help="Engine draft_loop values to compare, comma-separated (default: graph,eager on CUDA, eager on CPU)")
     args = ap.parse_args()
     dev = args.device
     loops = (args.draft_loops or ("graph,eager" if dev == "cuda" else "eager")).split(",")
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
-    large, small = random_pair(args.pair, dtype, dev)
+    large, small = random_pair(args.pair, dtype, dev, args.depth_scale)
     vocab = large.config.vocab_size
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, vocab, (int(torch.randint(8, 24, (1,), generator=g)),), generator=g).tolist()
@@ -105,8 +112,9 @@ def main():
                 base = tps if isinstance(pol, LargeOnly) else base
                 split = eng.time_split
                 label = f"engine {pol.name}" + (f" ({loop} draft loop)" if len(loops) > 1 and pol.uses_small else "")
-                row = dict(pair=args.pair, batch=bs, system=label, tokens_per_s=round(tps, 1),
-                           speedup=round(tps / base, 3), acceptance=round(m.acceptance_rate, 3),
+                row = dict(pair=args.pair, depth_scale=args.depth_scale, batch=bs, system=label,
+                           tokens_per_s=round(tps, 1), speedup=round(tps / base, 3),
+                           acceptance=round(m.acceptance_rate, 3),
                            mean_accepted=round(m.mean_accepted_length, 2),
                            draft_s=round(split["draft"], 3), verify_s=round(split["verify"], 3),
                            overhead_s=round(wall - split["draft"] - split["verify"], 3))
@@ -116,8 +124,8 @@ def main():
                 for name, kw in (("hf generate (large)", {}), ("hf assisted", dict(assistant=small)),
                                  ("hf assisted conf=0.4", dict(assistant=small, confidence=0.4))):
                     tps = hf_run(large, prompts, args.tokens, **kw)
-                    row = dict(pair=args.pair, batch=1, system=name, tokens_per_s=round(tps, 1),
-                               speedup=round(tps / base, 3))
+                    row = dict(pair=args.pair, depth_scale=args.depth_scale, batch=1, system=name,
+                               tokens_per_s=round(tps, 1), speedup=round(tps / base, 3))
                     rows.append(row)
                     print(row, flush=True)
     if not args.no_save:
@@ -125,8 +133,8 @@ def main():
         import datetime
         RESULTS.mkdir(exist_ok=True)
         path = RESULTS / "bench_e2e.csv"
-        fields = ["time", "device", "rev", "pair", "batch", "system", "tokens_per_s", "speedup", "acceptance",
-                  "mean_accepted", "draft_s", "verify_s", "overhead_s"]
+        fields = ["time", "device", "rev", "pair", "depth_scale", "batch", "system", "tokens_per_s", "speedup",
+                  "acceptance", "mean_accepted", "draft_s", "verify_s", "overhead_s"]
         new = not path.exists()
         with open(path, "a", newline="") as f:
             w = csv.DictWriter(f, fieldnames=fields)
