@@ -83,7 +83,27 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--backends", default=None, help="comma-separated subset of cuda,triton,ref,compile")
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--no-save", action="store_true", help="print only, write no CSV row")
+    p.add_argument("--shapes", default=None,
+                   help="only these shapes, comma-separated, dims joined by x in the benchmark's order "
+                        "(verify_draft: BxKxV, e.g. 64x8x128256; sample_draft: BxV)")
     return p
+
+
+def pick_shapes(args, default: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+    """The shapes to run: --shapes if given (each with as many dims as the defaults have), else `default`."""
+    if not args.shapes:
+        return default
+    dims = len(default[0])
+    shapes = []
+    for item in args.shapes.split(","):
+        try:
+            shape = tuple(int(d) for d in item.split("x"))
+        except ValueError:
+            shape = ()
+        if len(shape) != dims or min(shape) < 0:
+            raise SystemExit(f"--shapes: {item!r} is not {dims} non-negative integers joined by x")
+        shapes.append(shape)
+    return shapes
 
 
 def usable_backends(device: str, requested: str | None) -> list[str]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # run from a checkout
-from _common import parser, record, runs_at, timeit, usable_backends  # noqa: E402
+from _common import parser, pick_shapes, record, runs_at, timeit, usable_backends  # noqa: E402
 
 from bild_kernels import reference as R  # noqa: E402
 from bild_kernels._backend import resolve  # noqa: E402
@@ -42,7 +42,8 @@ def implementation(backend, device):
 def main() -> None:
     args = parser(__doc__.splitlines()[0]).parse_args()
     gpu = args.device == "cuda"
-    shapes = [(B, V) for V in (32000, 128256) for B in (1, 8, 64, 256)] if gpu else [(1, 1000), (8, 1000)]
+    shapes = pick_shapes(args, [(B, V) for V in (32000, 128256) for B in (1, 8, 64, 256)] if gpu
+                         else [(1, 1000), (8, 1000)])
     modes = list(ROWS) if gpu else ["greedy", "topk_topp"]
     iters = args.iters or (50 if gpu else 3)
     backends = usable_backends(args.device, args.backends)

@@ -9,7 +9,9 @@
 #   run: bash scripts/gpu_session.sh build e2e divergence (Llama-1B-shaped pair at batch 1 with the HF
 #                                                          baselines; bf16 batch divergence)
 #   run: bash scripts/gpu_session.sh build e2e_batch      (the same pair at batch 8 and 32, engine only)
-# Stages: build | tests | bench | e2e | e2e_batch | divergence | ctest. Wheels in .whl/ (carried) are installed first.
+# With little device time: `build kernel_tests bench_targets` (the kernel tests, then verify_draft and
+# sample_draft at the issue's target shapes and every rollback size: a few minutes).
+# Stages: build | tests | kernel_tests | bench | bench_targets | e2e | e2e_batch | divergence | ctest. Wheels in .whl/ (carried) are installed first.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -45,6 +47,13 @@ for s in "$@"; do
         tests) stage tests "$PY" -m pytest -q -m "not slow" -p no:cacheprovider --maxfail 20 --timeout 500 \
                    tests/kernels tests/engine/test_draft_loop.py tests/engine/test_engine.py \
                    tests/engine/test_models.py tests/engine/test_speculative_sampling.py ;;
+        kernel_tests) stage kernel_tests "$PY" -m pytest -q -m "not slow" -p no:cacheprovider --maxfail 20 \
+                          --timeout 300 tests/kernels ;;
+        bench_targets) stage bench_verify_targets "$PY" bench/bench_verify_draft.py --device cuda \
+                           --shapes 64x8x128256,256x8x128256,64x4x32000
+                       stage bench_sample_targets "$PY" bench/bench_sample_draft.py --device cuda \
+                           --shapes 64x128256,256x128256,1x128256
+                       stage bench_rollback "$PY" bench/bench_rollback_paged_kv.py --device cuda ;;
         bench) for op in write_paged_kv rollback_paged_kv gather_paged_kv sample_draft verify_draft paged_attention; do
                    stage "bench_$op" "$PY" "bench/bench_$op.py" --device cuda
                done ;;
@@ -56,7 +65,7 @@ for s in "$@"; do
                         --out bench/results/serve_load_bf16_cuda.csv ;;
         ctest) stage ctest sh -c "cmake -S . -B build/cmake -G Ninja -DCMAKE_CUDA_ARCHITECTURES=90 \
                    && cmake --build build/cmake && ctest --test-dir build/cmake --output-on-failure" ;;
-        *) echo "unknown stage: $s (build | tests | bench | e2e | e2e_batch | divergence | ctest)"; exit 2 ;;
+        *) echo "unknown stage: $s (build | tests | kernel_tests | bench | bench_targets | e2e | e2e_batch | divergence | ctest)"; exit 2 ;;
     esac
 done
 tar czf "$OUT/gpu_session.tgz" -C "$(dirname "$LOG")" logs -C "$ROOT" bench/results
