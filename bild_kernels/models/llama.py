@@ -181,6 +181,8 @@ class LlamaExecutor:
         cos, sin = self._rope_cos_sin(meta.positions)
         write_kv = resolve("write_paged_kv", self.device, self.backend)
         slot_mapping = meta.slot_mapping.to(torch.int64)
+        if self.device.type == "cpu" and write_kv is resolve("write_paged_kv", self.device, "ref"):
+            write_kv = _CpuKVWriter(slot_mapping)  # the same writes, slots filtered once per forward
         # The attention backend is chosen once per forward; on the CPU reference the per-sequence blocks
         # and masks are read once too, not once per layer.
         attn_backend = self.attn_backend or default_attention_backend(self.device, self.dtype)
@@ -205,11 +207,11 @@ class LlamaExecutor:
         c, w = self.config, self.layers[i]
         T, Hq, Hkv, D = x.shape[0], c.num_heads, c.num_kv_heads, c.head_dim
         qkv = _linear(self._rms_norm(x, w.input_norm), w.qkv, w.qkv_bias)
-        q, k, v = qkv.split([Hq * D, Hkv * D, Hkv * D], dim=-1)
-        q = _rotate(q.view(T, Hq, D), cos, sin)
-        k = _rotate(k.view(T, Hkv, D), cos, sin)
+        qk = _rotate(qkv[:, :(Hq + Hkv) * D].view(T, Hq + Hkv, D), cos, sin)  # q and k rotated in one go
+        q, k = qk[:, :Hq], qk[:, Hq:]
+        v = qkv[:, (Hq + Hkv) * D:].view(T, Hkv, D)
         key_cache, value_cache = cache
-        write_kv(k.contiguous(), v.reshape(T, Hkv, D).contiguous(), key_cache, value_cache, slot_mapping)
+        write_kv(k.contiguous(), v.contiguous(), key_cache, value_cache, slot_mapping)
         attn = attend(q, key_cache, value_cache, c.sliding_windows[i] or 0)
         x = x + _linear(attn.reshape(T, Hq * D), w.o, w.o_bias)
         gate, up = _linear(self._rms_norm(x, w.post_norm), w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
@@ -217,6 +219,8 @@ class LlamaExecutor:
 
     def _rms_norm(self, x, weight):
         # HF normalises in fp32 (even for float64 models), casts back, then scales.
+        if x.dtype == torch.float32:  # the same ops without the no-op casts (each costs a dispatch)
+            return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.config.rms_norm_eps))
         x32 = x.to(torch.float32)
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.config.rms_norm_eps)
         return weight * normed.to(x.dtype)
@@ -303,6 +307,23 @@ def _check_head_vocab(ids, vocab_size: int) -> torch.Tensor:
     if ids.numel() > 1 and not bool((ids[1:] > ids[:-1]).all()):
         raise ValueError("head_vocab must be sorted and free of duplicates")
     return ids.to(torch.int64)
+
+
+class _CpuKVWriter:
+    """write_paged_kv_ref for every layer of one CPU forward: the padding rows (slot -1) are found once
+    per forward instead of once per layer, and each layer's K/V land with one index_copy_ per cache."""
+
+    def __init__(self, slot_mapping: torch.Tensor):
+        keep = slot_mapping >= 0
+        self.rows = None if bool(keep.all()) else keep.nonzero().flatten()
+        self.slots = slot_mapping if self.rows is None else slot_mapping[self.rows]
+
+    def __call__(self, key, value, key_cache, value_cache, _slot_mapping) -> None:
+        if self.rows is not None:
+            key, value = key[self.rows], value[self.rows]
+        for src, cache in ((key, key_cache), (value, value_cache)):
+            flat = cache.view(cache.shape[0] * cache.shape[1], *cache.shape[2:])
+            flat.index_copy_(0, self.slots, src.to(cache.dtype))
 
 
 def _rotate(x, cos, sin):
