@@ -355,6 +355,11 @@ __device__ inline RowPartial warp_merge_partials(const RowPartial* __restrict__ 
 // ------------------------------------------------------------------------------------------------
 constexpr int kPivots = 16;
 
+// Whether a row's top-k / top-p settings filter anything out of V tokens.
+__device__ inline bool top_k_top_p_on(int top_k, float top_p, int V) {
+  return (top_k > 0 && top_k < V) || top_p < 1.0f;
+}
+
 template <typename T>
 __device__ int filter_threshold(const T* __restrict__ row, int V, float t, float smax, float ssum, int top_k,
                                 float top_p, float* smem) {

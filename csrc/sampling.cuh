@@ -25,8 +25,6 @@ struct SampleDraftOutputs {
   bool* fallback;
 };
 
-__device__ inline bool top_k_top_p_on(int top_k, float top_p, int V) { return (top_k > 0 && top_k < V) || top_p < 1.0f; }
-
 // The first pass's task for row b: the logsumexp of z (max_probs) and of s = z / T (energies), the
 // argmax of z (greedy rows), and for sampling rows without top-k/top-p the Gumbel-max draw over s.
 struct SampleRows {

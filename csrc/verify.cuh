@@ -61,30 +61,12 @@ __device__ inline int drafted_count(const int64_t* ids, int K) {
   return n;
 }
 
-// Row b's cut: its first rejected position, or n_b when every drafted token was accepted.
-__device__ inline int cut_position(const int64_t* draft_ids, const int* verdict, int b, int K) {
-  const int n = drafted_count(draft_ids + static_cast<int64_t>(b) * K, K);
+// Row b's cut: its first rejected position, or n (its drafted tokens) when every one was accepted.
+__device__ inline int cut_position(const int* verdict, int b, int K, int n) {
   int c = 0;
   while (c < n && verdict[b * (K + 1) + c]) ++c;
   return c;
 }
-
-// The first pass's task for position row pid = b * (K+1) + j: rows past the drafts (j > n_b) are
-// skipped; sampling rows (temperature > 0) also need the logsumexp of z / T.
-struct VerifyRows {
-  const int64_t* draft_ids;
-  const float* temperature;
-  int K;
-  __device__ RowTask operator()(int pid) const {
-    const int b = pid / (K + 1), j = pid % (K + 1);
-    RowTask task;
-    task.active = j <= drafted_count(draft_ids + static_cast<int64_t>(b) * K, K);
-    const float temp = temperature[b];
-    task.scaled = !(temp <= 0.0f);
-    task.t = task.scaled ? temp : 1.0f;
-    return task;
-  }
-};
 
 // Position pid = b * (K+1) + j of the batch: what both position kernels read first.
 struct VerifyPosition {
@@ -98,7 +80,23 @@ struct VerifyPosition {
     const float temp = prm.temperature[b];
     greedy = temp <= 0.0f;
     t = greedy ? 1.0f : temp;
-    filtered = !greedy && ((prm.top_k[b] > 0 && prm.top_k[b] < V) || prm.top_p[b] < 1.0f);
+    filtered = !greedy && top_k_top_p_on(prm.top_k[b], prm.top_p[b], V);
+  }
+};
+
+// The first pass's task for position row pid: rows past the drafts (j > n_b) are skipped; sampling rows
+// (temperature > 0) also need the logsumexp of z / T.
+struct VerifyRows {
+  const int64_t* draft_ids;
+  VerifyParams prm;
+  int K, V;
+  __device__ RowTask operator()(int pid) const {
+    const VerifyPosition at(pid, draft_ids, K, V, prm);
+    RowTask task;
+    task.active = at.j <= at.n;
+    task.scaled = !at.greedy;
+    task.t = at.t;
+    return task;
   }
 };
 
@@ -212,7 +210,7 @@ __global__ void __launch_bounds__(kChunkThreads)
   if (prm.temperature[b] <= 0.0f) return;  // block-uniform
   const float t = prm.temperature[b];
   const int n = drafted_count(draft_ids + static_cast<int64_t>(b) * K, K);
-  const int c = cut_position(draft_ids, scr.verdict, b, K);
+  const int c = cut_position(scr.verdict, b, K, n);
   const int pc = b * (K + 1) + c;
   const int tau = scr.tau[pc];
   const float s_max = scr.s_max[pc], kept_sum = scr.kept_sum[pc];
@@ -250,7 +248,7 @@ __global__ void __launch_bounds__(32)
   const int b = blockIdx.x, K1 = K + 1, lane = threadIdx.x;
   const int64_t* ids = draft_ids + static_cast<int64_t>(b) * K;
   const int n = drafted_count(ids, K);
-  const int c = cut_position(draft_ids, scr.verdict, b, K);
+  const int c = cut_position(scr.verdict, b, K, n);
   int emitted = scr.argmax[b * K1 + c];
   if (!(prm.temperature[b] <= 0.0f)) {
     const int S = row_splits<T>(V);
@@ -285,7 +283,7 @@ cudaError_t VerifyDraft(const int64_t* draft_ids, const T* target_logits, const 
   if (B == 0) return cudaSuccess;
   const int S = row_splits<T>(V);
   RowChunkStatsKernel<T><<<static_cast<unsigned>(verify_partials<T>(B, K, V)), kChunkThreads, 0, stream>>>(
-      target_logits, V, S, VerifyRows{draft_ids, prm.temperature, K}, scr.partials);
+      target_logits, V, S, VerifyRows{draft_ids, prm, K, V}, scr.partials);
   cudaError_t first = cudaGetLastError();
   if (first != cudaSuccess) return first;
   const int positions = B * (K + 1);
