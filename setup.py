@@ -5,9 +5,14 @@ build and BILD_NO_CUDA is not "1"; otherwise the pure-Python package installs (T
 backends) and the reason is printed. Install with `pip install --no-build-isolation .` so that the
 venv's torch is the one compiled against. TORCH_CUDA_ARCH_LIST picks the architectures (default
 "8.0;9.0"); CUDA_HOME defaults to the toolkit that nvcc belongs to.
+
+On x86-64 the CPU extension bild_kernels._cpu (csrc/cpu_linear.cpp: the small-M float32 matmul of a CPU
+verify pass) is built too, unless BILD_NO_CPU_EXT is "1". It is optional: if it fails to compile, the
+reason is printed and the package installs without it (the ops fall back to their references).
 """
 import glob
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -77,7 +82,47 @@ def _cuda_extension():
     return (ext, BuildExtension.with_options(use_ninja=True)), None
 
 
+def _build_ext_ninja():
+    from torch.utils.cpp_extension import BuildExtension
+    return BuildExtension.with_options(use_ninja=True)
+
+
+def _cpu_extension():
+    """The optional CPU extension, or None and why not. Called after _cuda_extension (which must set
+    CUDA_HOME before torch.utils.cpp_extension is first imported)."""
+    if os.environ.get("BILD_NO_CPU_EXT", "0") == "1":
+        return None, "BILD_NO_CPU_EXT=1"
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None, f"the CPU kernels are x86-64 (AVX2) code; this machine is {platform.machine()}"
+    try:
+        from torch.utils.cpp_extension import CppExtension
+    except ImportError:
+        return None, "torch is not importable at build time (install with pip install --no-build-isolation .)"
+    # The AVX2 code carries its own target attribute: no -mavx2 here, so the module loads on any x86-64
+    # and checks the CPU at run time.
+    return CppExtension(name="bild_kernels._cpu", sources=[os.path.join("csrc", "cpu_linear.cpp")],
+                        extra_compile_args={"cxx": ["-O3"]}), None
+
+
+def _build_ext_class(base):
+    class BuildExt(base):
+        """Builds every extension; a failure of the optional CPU one is reported, not fatal."""
+
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as exc:  # noqa: BLE001 - compiler errors come as several types
+                if ext.name != "bild_kernels._cpu":
+                    raise
+                print(f"bild_kernels: installing without the CPU extension bild_kernels._cpu ({exc})",
+                      file=sys.stderr)
+    return BuildExt
+
+
 _ext, _why = _cuda_extension()
+_cpu_ext, _cpu_why = _cpu_extension()
+if _cpu_ext is None:
+    print(f"bild_kernels: installing without the CPU extension bild_kernels._cpu ({_cpu_why})", file=sys.stderr)
 if _ext is None:
     print(f"bild_kernels: installing without the CUDA extension bild_kernels._C ({_why})", file=sys.stderr)
 else:
@@ -98,7 +143,8 @@ setup(
     package_data={"bild_kernels": ["data/*/*.json", "data/*/*.safetensors", "data/*/*.md"]},
     include_package_data=True,
     entry_points={"console_scripts": ["bild=bild_kernels.cli:main"]},
-    ext_modules=[_ext[0]] if _ext else [],
-    cmdclass={"build_ext": _ext[1]} if _ext else {},
+    ext_modules=([_ext[0]] if _ext else []) + ([_cpu_ext] if _cpu_ext else []),
+    cmdclass=({"build_ext": _build_ext_class(_ext[1])} if _ext else
+              {"build_ext": _build_ext_class(_build_ext_ninja())} if _cpu_ext else {}),
     zip_safe=False,
 )

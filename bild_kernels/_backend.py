@@ -1,8 +1,11 @@
-"""Which kernel backend runs an op: "cuda" (bild_kernels._C), "triton", or "ref" (PyTorch).
+"""Which kernel backend runs an op: "cuda" (bild_kernels._C), "triton", "cpu" (bild_kernels._cpu, CPU-only
+ops such as cpu_linear), or "ref" (PyTorch).
 
 Default per device: CUDA tensors use the CUDA extension when it was built, else Triton; CPU tensors
-use Triton when TRITON_INTERPRET=1 (the interpreter runs kernels on the CPU), else the reference.
-`BILD_BACKEND=cuda|triton|ref` forces a default; `backend=` forces one call.
+use the CPU extension where it implements the op and was built for this CPU, then Triton when
+TRITON_INTERPRET=1 (the interpreter runs kernels on the CPU), else the reference.
+`BILD_BACKEND=cuda|triton|cpu|ref` forces a default (ops without that backend keep theirs); `backend=`
+forces one call.
 """
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import os
 
 import torch
 
-BACKENDS = ("cuda", "triton", "ref")
+BACKENDS = ("cuda", "triton", "cpu", "ref")
 
 # op -> backends that implement it (filled in by the backend modules as they import).
 _IMPLS: dict[str, dict[str, object]] = {}
@@ -27,6 +30,17 @@ def cuda_extension():
     # the ops' fake implementations come with the extension, whoever imports it first
     from bild_kernels.ops import _cuda_impls  # noqa: F401
     return _C
+
+
+@functools.lru_cache(None)
+def cpu_extension():
+    """The compiled CPU extension module when it was built and this CPU can run it (x86-64 with AVX2 and
+    FMA), else None."""
+    try:
+        from bild_kernels import _cpu  # noqa: F401
+    except ImportError:
+        return None
+    return _cpu if torch.ops.bild_kernels_cpu.cpu_linear_supported() else None
 
 
 @functools.lru_cache(None)
@@ -53,6 +67,8 @@ def _usable(backend: str, device: torch.device) -> bool:
         return triton_available() and (device.type == "cuda" or triton_interpret())
     if backend == "cuda":
         return cuda_extension() is not None and device.type == "cuda"
+    if backend == "cpu":
+        return cpu_extension() is not None and device.type == "cpu"
     return False
 
 
@@ -62,7 +78,13 @@ def resolve(op: str, device: torch.device, backend: str | None) -> object:
     impls = _IMPLS.get(op, {})
     if backend is None:
         forced = os.environ.get("BILD_BACKEND")
-        order = [forced] if forced else (["cuda", "triton", "ref"] if device.type == "cuda" else ["triton", "ref"])
+        if forced and forced not in BACKENDS:
+            raise ValueError(f"BILD_BACKEND must be one of {BACKENDS}, got {forced!r}")
+        if forced and forced in impls:
+            order = [forced]
+        else:
+            forced = None
+            order = ["cuda", "triton", "ref"] if device.type == "cuda" else ["cpu", "triton", "ref"]
         for b in order:
             if b in impls and _usable(b, device):
                 return impls[b]
@@ -79,6 +101,8 @@ def resolve(op: str, device: torch.device, backend: str | None) -> object:
     if not _usable(backend, device):
         why = {
             "cuda": "the CUDA extension is not built or the tensors are not on a CUDA device",
+            "cpu": "the CPU extension bild_kernels._cpu is not built, this CPU lacks AVX2/FMA, or the tensors "
+                   "are not on the CPU",
             "triton": "triton is missing, or the tensors are on the CPU without TRITON_INTERPRET=1",
         }[backend]
         raise ValueError(f"backend {backend!r} cannot run {op} on {device}: {why}")
@@ -93,6 +117,8 @@ def _load_backends() -> None:
         from bild_kernels.ops import _triton_impls  # noqa: F401
     if cuda_extension() is not None:
         from bild_kernels.ops import _cuda_impls  # noqa: F401
+    if cpu_extension() is not None:
+        from bild_kernels.ops import _cpu_impls  # noqa: F401
 
 
 def backends(device: str | torch.device = "cuda") -> dict[str, dict]:

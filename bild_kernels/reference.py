@@ -157,6 +157,12 @@ def gather_paged_kv_ref(key_cache, value_cache, block_tables, context_lens):
     return k, v
 
 
+def cpu_linear_ref(x, weight, bias=None):
+    """x [M, K] @ weight[N, K].T (+ bias [N]) -> [M, N]: the specification of the CPU small-M matmul (the
+    kernel sums in its own fixed order, so the two agree to float32 rounding, not bit for bit)."""
+    return torch.nn.functional.linear(x, weight, bias)
+
+
 # --------------------------------------------------------------------------------------------
 # Sampling helpers shared by sample_draft and verify_draft
 # --------------------------------------------------------------------------------------------

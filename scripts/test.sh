@@ -14,6 +14,17 @@ else
     echo "   skipped: nvcc not found or BILD_NO_CUDA=1"
 fi
 
+echo "== compile check: bild_kernels._cpu (csrc/cpu_linear.cpp, x86-64)"
+case "$(uname -m)" in
+    x86_64|amd64)
+        if [ "${BILD_NO_CPU_EXT:-0}" != "1" ]; then
+            python -c "import bild_kernels._cpu, torch; print('   bild_kernels._cpu built; AVX2/FMA here:', torch.ops.bild_kernels_cpu.cpu_linear_supported())"
+        else
+            echo "   skipped: BILD_NO_CPU_EXT=1"
+        fi ;;
+    *) echo "   skipped: not x86-64" ;;
+esac
+
 echo "== compile check: every Triton kernel ahead of time for sm_90"
 python python/tools/aot_compile_triton.py
 

@@ -4,16 +4,37 @@ import torch
 
 import bild_kernels
 from bild_kernels import backends, verify_draft
+from bild_kernels._backend import cpu_extension
 
 OPS = {"write_paged_kv", "reserve_paged_kv", "rollback_paged_kv", "gather_paged_kv", "sample_draft", "verify_draft"}
+CPU_OPS = {"cpu_linear"}  # CPU-only ops: the extension bild_kernels._cpu and a reference
 
 
 def test_every_op_lists_its_backends():
     table = backends("cpu")
-    assert set(table) == OPS
+    assert set(table) == OPS | CPU_OPS
     for op, info in table.items():
-        assert "ref" in info["implemented"] and "triton" in info["implemented"], op
+        assert "ref" in info["implemented"], op
+        assert ("triton" in info["implemented"]) == (op in OPS), op
         assert info["default"] in info["usable"]
+
+
+def test_cpu_ops_default_to_the_extension(monkeypatch):
+    monkeypatch.delenv("BILD_BACKEND", raising=False)
+    info = backends("cpu")["cpu_linear"]
+    assert info["default"] == ("cpu" if cpu_extension() is not None else "ref")
+    assert ("cpu" in info["usable"]) == (cpu_extension() is not None)
+    assert backends("cuda")["cpu_linear"]["usable"] == ["ref"]  # the extension never serves CUDA tensors
+    monkeypatch.setenv("BILD_BACKEND", "triton")  # a forced backend an op lacks leaves that op's default
+    assert backends("cpu")["cpu_linear"]["default"] == info["default"]
+    monkeypatch.setenv("BILD_BACKEND", "ref")
+    assert backends("cpu")["cpu_linear"]["default"] == "ref"
+
+
+def test_env_backend_must_be_known(monkeypatch):
+    monkeypatch.setenv("BILD_BACKEND", "tpu")
+    with pytest.raises(ValueError, match="BILD_BACKEND must be one of"):
+        verify_draft(torch.tensor([[1]]), torch.randn(1, 2, 5), "greedy")
 
 
 def test_cpu_default_follows_triton_interpret(monkeypatch):
@@ -34,6 +55,8 @@ def test_forced_backends_agree_and_bad_names_fail(monkeypatch):
         verify_draft(draft, logits, "greedy", backend="tpu")
     with pytest.raises(ValueError, match="cannot run"):
         verify_draft(draft, logits, "greedy", backend="cuda")
+    with pytest.raises(ValueError, match="no implementation of verify_draft"):
+        verify_draft(draft, logits, "greedy", backend="cpu")
 
 
 def test_env_forces_default(monkeypatch):

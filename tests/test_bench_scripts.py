@@ -21,7 +21,7 @@ def _run(script: str, *args: str) -> list[str]:
 
 
 def test_every_op_has_a_benchmark():
-    assert sorted(p.stem[len("bench_"):] for p in BENCH.glob("bench_*.py")) == sorted(OPS + ["e2e", "draft_weights"])
+    assert sorted(p.stem[len("bench_"):] for p in BENCH.glob("bench_*.py")) == sorted(OPS + ["e2e", "draft_weights", "cpu_linear"])
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -48,3 +48,13 @@ def test_draft_weights_benchmark_times_every_format():
     assert sorted((r[1], r[2]) for r in rows) == sorted((f, f"cache={c}") for f in ("float32", "bfloat16", "int8")
                                                         for c in ("warm", "cold"))
     assert all(float(r[r.index("median") + 1]) > 0 for r in rows)
+
+
+def test_cpu_linear_benchmark_compares_with_reference():
+    from bild_kernels._backend import cpu_extension
+    if cpu_extension() is None:
+        pytest.skip("bild_kernels._cpu not built, or this CPU lacks AVX2/FMA")
+    lines = _run("bench_cpu_linear.py", "--shapes", "576x576", "--rows", "1,3", "--iters", "2")
+    rows = [line.split() for line in lines if " median " in line]
+    assert sorted((r[1], next(t for t in r if t.startswith("M="))) for r in rows) == [("cpu", "M=1"), ("cpu", "M=3"), ("ref", "M=1"), ("ref", "M=3")]
+    assert any(line.strip().startswith("M=3: cpu") and "ref/cpu" in line for line in lines)

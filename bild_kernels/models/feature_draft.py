@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from bild_kernels.models.config import ModelConfig
-from bild_kernels.models.llama import Int8Weight, LlamaExecutor, _linear
+from bild_kernels.models.llama import Int8Weight, LlamaExecutor
 
 
 class FeatureDraftExecutor(LlamaExecutor):
@@ -67,7 +67,7 @@ class FeatureDraftExecutor(LlamaExecutor):
             raise ValueError(f"next_ids must be int [T={T}], got {next_ids.dtype} {list(next_ids.shape)}")
         z = torch.addcmul(self.shift, features.to(self.dtype), self.inv_std)
         e = F.embedding(next_ids, self.embed) * self.inv_emb_scale
-        return _linear(torch.cat([z, e], -1), self.fc, self.fc_bias)
+        return self._linear(torch.cat([z, e], -1), self.fc, self.fc_bias)
 
     def quantize_weights(self, kind: str = "int8") -> "FeatureDraftExecutor":
         super().quantize_weights(kind)

@@ -25,6 +25,7 @@ from bild_kernels._backend import resolve
 from bild_kernels.models.attention import (AttentionMetadata, CpuAttentionPlan, default_attention_backend,
                                            paged_attention)
 from bild_kernels.models.config import ModelConfig
+from bild_kernels.ops.cpu_linear import MAX_ROWS as CPU_LINEAR_MAX_ROWS
 
 
 @dataclasses.dataclass
@@ -93,6 +94,20 @@ class LlamaExecutor:
         self.backend = "ref" if self.dtype == torch.float64 else backend
         self.attn_backend = {"cuda": None}.get(self.backend, self.backend)  # no CUDA attention kernel: Triton
         self.weight_format = str(self.dtype).removeprefix("torch.")  # "int8" after quantize_weights
+        self._linear = functools.partial(_linear, native=self._native_linear())
+
+    def _native_linear(self):
+        """The CPU extension's small-M matmul where it serves this model (float32 on a CPU with AVX2/FMA,
+        the backend not forced to "ref"), else None: F.linear. Its weights must be contiguous."""
+        if self.device.type != "cpu" or self.dtype != torch.float32:
+            return None
+        fn = resolve("cpu_linear", self.device, "ref" if self.backend == "ref" else None)
+        if fn is not _cpu_linear_kernel():
+            return None
+        self.lm_head = self.lm_head.contiguous()
+        for w in self.layers:
+            w.qkv, w.o, w.gate_up, w.down = (t.contiguous() for t in (w.qkv, w.o, w.gate_up, w.down))
+        return fn
 
     def quantize_weights(self, kind: str = "int8") -> "LlamaExecutor":
         """Store every projection and the head as int8 per output channel (weight-only; w ~= q * scale),
@@ -116,6 +131,7 @@ class LlamaExecutor:
         for w in self.layers:
             w.qkv, w.o, w.gate_up, w.down = (Int8Weight.of(t) for t in (w.qkv, w.o, w.gate_up, w.down))
         self.weight_format = "int8"
+        self._linear = functools.partial(_linear, native=None)
         return self
 
     # ----------------------------------------------------------------------------------------------
@@ -195,7 +211,7 @@ class LlamaExecutor:
         for i in range(start, end):
             x = self._layer(i, x, cos, sin, kv_caches[i], write_kv, slot_mapping, attend)
         rows = x if logits_indices is None else x[logits_indices]
-        logits = _linear(self._rms_norm(rows, self.norm), self.lm_head)
+        logits = self._linear(self._rms_norm(rows, self.norm), self.lm_head)
         if self.head_vocab is not None:
             full = logits.new_full((logits.shape[0], self.config.vocab_size), float("-inf"))
             logits = full.index_copy_(1, self.head_vocab, logits)
@@ -206,16 +222,16 @@ class LlamaExecutor:
     def _layer(self, i, x, cos, sin, cache, write_kv, slot_mapping, attend):
         c, w = self.config, self.layers[i]
         T, Hq, Hkv, D = x.shape[0], c.num_heads, c.num_kv_heads, c.head_dim
-        qkv = _linear(self._rms_norm(x, w.input_norm), w.qkv, w.qkv_bias)
+        qkv = self._linear(self._rms_norm(x, w.input_norm), w.qkv, w.qkv_bias)
         qk = _rotate(qkv[:, :(Hq + Hkv) * D].view(T, Hq + Hkv, D), cos, sin)  # q and k rotated in one go
         q, k = qk[:, :Hq], qk[:, Hq:]
         v = qkv[:, (Hq + Hkv) * D:].view(T, Hkv, D)
         key_cache, value_cache = cache
         write_kv(k.contiguous(), v.contiguous(), key_cache, value_cache, slot_mapping)
         attn = attend(q, key_cache, value_cache, c.sliding_windows[i] or 0)
-        x = x + _linear(attn.reshape(T, Hq * D), w.o, w.o_bias)
-        gate, up = _linear(self._rms_norm(x, w.post_norm), w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
-        return x + _linear(F.silu(gate) * up, w.down, w.down_bias)
+        x = x + self._linear(attn.reshape(T, Hq * D), w.o, w.o_bias)
+        gate, up = self._linear(self._rms_norm(x, w.post_norm), w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
+        return x + self._linear(F.silu(gate) * up, w.down, w.down_bias)
 
     def _rms_norm(self, x, weight):
         # HF normalises in fp32 (even for float64 models), casts back, then scales.
@@ -264,10 +280,22 @@ class Int8Weight(NamedTuple):
         return self.q.to(self.scale.dtype) * self.scale[:, None]
 
 
+@functools.cache
+def _cpu_linear_kernel():
+    from bild_kernels._backend import cpu_extension
+    return torch.ops.bild_kernels_cpu.cpu_linear if cpu_extension() is not None else None
+
+
 INT8_K_MULTIPLE = 16  # torch's CPU int8 weight kernel reads the input width in blocks of 16
 
 
-def _linear(x, w, bias=None):
+def _linear(x, w, bias=None, native=None):
+    """x [M, K] @ w.T (+ bias). native: the CPU small-M kernel (LlamaExecutor._native_linear), used for
+    float32 passes of up to CPU_LINEAR_MAX_ROWS tokens (decode, verify); larger ones (prefill) go to
+    F.linear, which is faster there."""
+    if native is not None and 1 <= x.shape[0] <= CPU_LINEAR_MAX_ROWS and x.dim() == 2 \
+            and x.dtype == torch.float32 and w.dtype == torch.float32 and w.is_contiguous():
+        return native(x, w, bias)
     if not isinstance(w, Int8Weight):
         return F.linear(x, w, bias)
     y = torch.ops.aten._weight_int8pack_mm(x.contiguous(), w.q, w.scale)

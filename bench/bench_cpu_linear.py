@@ -1,0 +1,68 @@
+"""Benchmark cpu_linear (the CPU small-M float32 matmul of a verify pass) against F.linear, its reference.
+
+Shapes: SmolLM2-135M's projections (the default large model: fused q/k/v 960x576, o 576x576, fused gate/up
+3072x576, down 576x1536, head 49152x576), each timed as a stack of 30 distinct weights (one per layer, so
+the weights stream from memory as in a forward pass; the head once), at M = 1..8 rows. Prints median and
+20th/80th percentiles, GB/s of weights read, and the ratio ref / cpu at each M; "vs M=1" says what a verify
+pass over M tokens costs against a decode step. CPU only; set threads with --threads (default 1, as `bild
+eval --threads 1`).
+
+  python bench/bench_cpu_linear.py [--threads 1] [--rows 1,2,3,4,8] [--no-save]
+"""
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import parser, pick_shapes, record, timeit  # noqa: E402
+
+from bild_kernels._backend import cpu_extension  # noqa: E402
+from bild_kernels.ops.cpu_linear import MAX_ROWS  # noqa: E402
+
+# (name, N, K, weights in the stack)
+SHAPES = [("qkv", 960, 576, 30), ("o", 576, 576, 30), ("gate_up", 3072, 576, 30), ("down", 576, 1536, 30),
+          ("head", 49152, 576, 1)]
+
+
+def main():
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--rows", default="1,2,3,4,5,8", help="comma-separated M values (1..8)")
+    args = p.parse_args()
+    if args.device != "cpu":
+        raise SystemExit("cpu_linear is a CPU op: run with --device cpu (the default without a GPU)")
+    if cpu_extension() is None:
+        raise SystemExit("bild_kernels._cpu is not built or this CPU lacks AVX2/FMA: nothing to compare")
+    rows = [int(m) for m in args.rows.split(",")]
+    if any(not 1 <= m <= MAX_ROWS for m in rows):
+        raise SystemExit(f"--rows: each M must be in 1..{MAX_ROWS}")
+    torch.set_num_threads(args.threads)
+    kernels = {"cpu": torch.ops.bild_kernels_cpu.cpu_linear, "ref": lambda x, w, b: F.linear(x, w, b)}
+    wanted = {(n, k) for n, k in pick_shapes(args, [(n, k) for _, n, k, _ in SHAPES])}
+    totals = {}
+    for name, N, K, L in SHAPES:
+        if (N, K) not in wanted:
+            continue
+        weights = [torch.randn(N, K) for _ in range(L)]
+        for M in rows:
+            x = torch.randn(M, K)
+            for backend, fn in kernels.items():
+                stats = timeit(lambda: [fn(x, w, None) for w in weights], "cpu", iters=args.iters or 20)
+                row = record("cpu_linear", "cpu", backend,
+                             {"shape": name, "N": N, "K": K, "stack": L, "M": M, "threads": args.threads},
+                             stats, L * N * K * 4, save=not args.no_save)
+                totals[backend, M] = totals.get((backend, M), 0.0) + row["median_us"]
+    print("\nall shapes (one forward's matmuls of the 30-layer model):")
+    for M in rows:
+        cpu, ref = totals.get(("cpu", M)), totals.get(("ref", M))
+        if cpu is None:
+            continue
+        print(f"  M={M}: cpu {cpu / 1e3:7.1f} ms (vs M={rows[0]} {cpu / totals['cpu', rows[0]]:.2f}x)   "
+              f"ref {ref / 1e3:7.1f} ms (vs M={rows[0]} {ref / totals['ref', rows[0]]:.2f}x)   ref/cpu {ref / cpu:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,13 @@
+"""Registers the CPU extension (bild_kernels._cpu) as the "cpu" backend of the ops it implements, with the
+fake (meta) implementations that let torch.compile trace through them."""
+import torch
+
+from bild_kernels._backend import register
+
+
+@torch.library.register_fake("bild_kernels_cpu::cpu_linear")
+def _cpu_linear_fake(x, weight, bias):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+register("cpu_linear", "cpu", torch.ops.bild_kernels_cpu.cpu_linear)

@@ -1,0 +1,41 @@
+"""cpu_linear: y = x @ weight.T (+ bias) for a few rows of float32 on the CPU, the large model's verify pass.
+
+A CPU decode step is memory-bound: it reads every weight once. A verify pass over k + 1 tokens should cost
+the same, but library small-M matmuls may not manage it (MKL on an AMD EPYC costs about M times one row
+for M = 2..3). The "cpu" backend (csrc/cpu_linear.cpp) streams each weight row once for all M <= 8 rows,
+and gives an output row the same bits whatever M or the row's position (batch invariance); "ref" is
+F.linear.
+"""
+from __future__ import annotations
+
+import torch
+
+from bild_kernels._backend import resolve
+from bild_kernels.ops import _validate as v
+
+MAX_ROWS = 8  # the "cpu" backend's limit: M * R accumulators must fit the 16 AVX2 registers
+
+
+def cpu_linear(x, weight, bias=None, *, backend: str | None = None) -> torch.Tensor:
+    """x [M, K] float32, weight [N, K] float32 (contiguous), bias [N] or None -> y [M, N] float32, on the CPU.
+
+    backend: "cpu" (the extension; needs x86-64 with AVX2 and FMA, and 1 <= M <= 8), "ref" (F.linear), or
+    None (the extension where it can run, else the reference).
+    """
+    v.tensor("x", x, dtypes=(torch.float32,), ndim=2)
+    v.tensor("weight", weight, dtypes=(torch.float32,), ndim=2, device=x.device)
+    M, K = x.shape
+    v.shape("weight", weight, (None, K))
+    if bias is not None:
+        v.tensor("bias", bias, dtypes=(torch.float32,), ndim=1, device=x.device)
+        v.shape("bias", bias, (weight.shape[0],))
+    if x.device.type != "cpu":
+        raise ValueError(f"cpu_linear runs on the CPU; x is on {x.device}")
+    if not weight.is_contiguous():
+        raise ValueError("weight must be contiguous")
+    fn = resolve("cpu_linear", x.device, backend)
+    if backend is None and not 1 <= M <= MAX_ROWS:
+        fn = resolve("cpu_linear", x.device, "ref")
+    elif backend == "cpu" and not 1 <= M <= MAX_ROWS:
+        raise ValueError(f"backend 'cpu' takes 1..{MAX_ROWS} rows, x has {M}")
+    return fn(x, weight, None if bias is None else bias.contiguous())

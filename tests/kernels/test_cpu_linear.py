@@ -1,0 +1,166 @@
+"""cpu_linear (the CPU small-M matmul of a verify pass) against its reference twin: values at odd sizes,
+batch and thread invariance (bit for bit), strided inputs, the fake implementation, bad input, and the
+executor using it."""
+import pytest
+import torch
+
+from bild_kernels import reference as R
+from bild_kernels._backend import cpu_extension
+from bild_kernels.ops.cpu_linear import MAX_ROWS, cpu_linear
+
+needs_ext = pytest.mark.skipif(cpu_extension() is None,
+                               reason="bild_kernels._cpu not built, or this CPU lacks AVX2/FMA")
+
+
+def _tol(K):  # float32 sums of K products of N(0, 1) values, against float64
+    return 1e-5 * (K ** 0.5) + 1e-6
+
+
+@needs_ext
+@pytest.mark.parametrize("N, K", [(1, 1), (7, 13), (111, 64), (5, 8), (33, 1536), (960, 576), (3, 7)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_cpu_linear_matches_reference(N, K, with_bias):
+    w = torch.randn(N, K)
+    bias = torch.randn(N) if with_bias else None
+    x = torch.randn(MAX_ROWS, K)
+    want = R.cpu_linear_ref(x.double(), w.double(), None if bias is None else bias.double())
+    for M in range(1, MAX_ROWS + 1):
+        got = cpu_linear(x[:M], w, bias, backend="cpu")
+        assert got.dtype == torch.float32 and got.shape == (M, N)
+        torch.testing.assert_close(got.double(), want[:M], atol=_tol(K), rtol=1e-5)
+
+
+@needs_ext
+@pytest.mark.parametrize("N, K", [(13, 29), (3072, 576), (49, 1536)])
+def test_cpu_linear_batch_invariant(N, K):
+    # A row's outputs are the same bits whatever the other rows, their number, or the row's place among
+    # them: a token verified in a pass of k + 1 gets the logits it would get alone.
+    w, bias = torch.randn(N, K), torch.randn(N)
+    x = torch.randn(MAX_ROWS, K)
+    alone = torch.cat([cpu_linear(x[m:m + 1], w, bias, backend="cpu") for m in range(MAX_ROWS)])
+    for M in range(2, MAX_ROWS + 1):
+        for start in range(0, MAX_ROWS - M + 1):
+            assert torch.equal(cpu_linear(x[start:start + M], w, bias, backend="cpu"), alone[start:start + M])
+    perm = torch.randperm(MAX_ROWS)
+    assert torch.equal(cpu_linear(x[perm], w, bias, backend="cpu"), alone[perm])
+
+
+@needs_ext
+def test_cpu_linear_thread_invariant():
+    w, x = torch.randn(1000, 96), torch.randn(3, 96)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu_linear(x, w, backend="cpu")
+        torch.set_num_threads(2)
+        two = cpu_linear(x, w, backend="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+
+
+@needs_ext
+def test_cpu_linear_strided_x():
+    # A column slice (row stride > K) is read in place; a transposed view is made contiguous first.
+    K, N = 40, 17
+    w = torch.randn(N, K)
+    wide = torch.randn(3, K + 24)
+    sliced = wide[:, 8:8 + K]
+    torch.testing.assert_close(cpu_linear(sliced, w, backend="cpu"), R.cpu_linear_ref(sliced, w), atol=_tol(K),
+                               rtol=1e-5)
+    assert torch.equal(cpu_linear(sliced, w, backend="cpu"), cpu_linear(sliced.contiguous(), w, backend="cpu"))
+    transposed = torch.randn(K, 2).t()
+    assert torch.equal(cpu_linear(transposed, w, backend="cpu"), cpu_linear(transposed.contiguous(), w,
+                                                                             backend="cpu"))
+
+
+@needs_ext
+def test_cpu_linear_default_backend_and_many_rows():
+    w, x = torch.randn(20, 16), torch.randn(MAX_ROWS + 3, 16)
+    assert torch.equal(cpu_linear(x[:2], w), cpu_linear(x[:2], w, backend="cpu"))  # the extension by default
+    assert torch.equal(cpu_linear(x, w), R.cpu_linear_ref(x, w))  # more rows than it takes: the reference
+    assert cpu_linear(x[:0], w).shape == (0, 20)
+    with pytest.raises(ValueError, match="1..8 rows"):
+        cpu_linear(x, w, backend="cpu")
+    with pytest.raises(ValueError, match="1..8 rows"):
+        cpu_linear(x[:0], w, backend="cpu")
+
+
+@needs_ext
+def test_cpu_linear_fake_impl():
+    # schema, fake (meta) implementation and dispatch agree, so torch.compile can trace through the op
+    x, w, b = torch.randn(3, 24), torch.randn(10, 24), torch.randn(10)
+    torch.library.opcheck(torch.ops.bild_kernels_cpu.cpu_linear, (x, w, b),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.bild_kernels_cpu.cpu_linear, (x, w, None),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_cpu_linear_ref_backend_everywhere():
+    w, x, b = torch.randn(6, 10), torch.randn(4, 10), torch.randn(6)
+    assert torch.equal(cpu_linear(x, w, b, backend="ref"), torch.nn.functional.linear(x, w, b))
+
+
+@pytest.mark.parametrize("make, exc, match", [
+    (lambda: (torch.randn(2, 8, dtype=torch.float64), torch.randn(4, 8), None), TypeError, "x must have dtype"),
+    (lambda: (torch.randn(2, 8), torch.randn(4, 8).bfloat16(), None), TypeError, "weight must have dtype"),
+    (lambda: (torch.randn(8), torch.randn(4, 8), None), ValueError, "x must be 2-D"),
+    (lambda: (torch.randn(2, 8), torch.randn(4, 9), None), ValueError, r"weight must have shape \[\*, 8\]"),
+    (lambda: (torch.randn(2, 8), torch.randn(8, 4).t(), None), ValueError, "weight must be contiguous"),
+    (lambda: (torch.randn(2, 8), torch.randn(4, 8), torch.randn(5)), ValueError, r"bias must have shape \[4\]"),
+    (lambda: (torch.randn(2, 8), torch.randn(4, 8), torch.randn(4, 1)), ValueError, "bias must be 1-D"),
+    (lambda: (torch.randn(2, 8), torch.randn(4, 8), [0.0] * 4), TypeError, "bias must be a torch.Tensor"),
+])
+def test_cpu_linear_bad_input(make, exc, match):
+    x, w, b = make()
+    with pytest.raises(exc, match=match):
+        cpu_linear(x, w, b)
+
+
+def test_cpu_linear_backend_errors():
+    x, w = torch.randn(2, 8), torch.randn(4, 8)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        cpu_linear(x, w, backend="fast")
+    with pytest.raises(ValueError, match="no implementation of cpu_linear"):
+        cpu_linear(x, w, backend="triton")
+    if cpu_extension() is None:
+        with pytest.raises(ValueError, match="backend 'cpu' cannot run cpu_linear"):
+            cpu_linear(x, w, backend="cpu")
+
+
+@needs_ext
+def test_executor_uses_cpu_linear_for_few_rows():
+    # float32 on the CPU: decode/verify-sized passes run the extension, the "ref" backend keeps F.linear,
+    # and both give the same logits to rounding.
+    from transformers import LlamaConfig
+
+    from bild_kernels.models.config import ModelConfig
+    from bild_kernels.models.llama import LlamaExecutor
+    cfg = ModelConfig.from_hf(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    weights = _random_weights(cfg)
+    native = LlamaExecutor(cfg, weights)
+    ref = LlamaExecutor(cfg, weights, backend="ref")
+    assert native._linear.keywords["native"] is torch.ops.bild_kernels_cpu.cpu_linear
+    assert ref._linear.keywords["native"] is None
+    x = torch.randn(3, 32)
+    w = native.layers[0].gate_up
+    torch.testing.assert_close(native._linear(x, w), ref._linear(x, w), atol=1e-5, rtol=1e-5)
+    assert torch.equal(native._linear(x, w), cpu_linear(x, w, backend="cpu"))
+    many = torch.randn(MAX_ROWS + 1, 32)
+    assert torch.equal(native._linear(many, w), torch.nn.functional.linear(many, w))
+
+
+def _random_weights(cfg):
+    H, I, D = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    w = {"embed_tokens.weight": torch.randn(cfg.vocab_size, H), "norm.weight": torch.ones(H)}
+    for i in range(cfg.num_layers):
+        p = f"layers.{i}."
+        w.update({p + "input_layernorm.weight": torch.ones(H), p + "post_attention_layernorm.weight": torch.ones(H),
+                  p + "self_attn.q_proj.weight": torch.randn(cfg.num_heads * D, H),
+                  p + "self_attn.k_proj.weight": torch.randn(cfg.num_kv_heads * D, H),
+                  p + "self_attn.v_proj.weight": torch.randn(cfg.num_kv_heads * D, H),
+                  p + "self_attn.o_proj.weight": torch.randn(H, cfg.num_heads * D),
+                  p + "mlp.gate_proj.weight": torch.randn(I, H), p + "mlp.up_proj.weight": torch.randn(I, H),
+                  p + "mlp.down_proj.weight": torch.randn(H, I)})
+    return w
