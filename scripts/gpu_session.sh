@@ -4,7 +4,7 @@
 # named on the command line; the logs and bench/results/*.csv come back in $OUT/gpu_session.tgz (the
 # device tool returns at most 8 files), and each stage's last lines are printed. Each call of
 # the device tool may run 10 minutes, so split the stages over calls, e.g.
-#   run: bash scripts/gpu_session.sh build tests          (kernel + engine GPU tests, CUDA-graph draft loop)
+#   run: bash scripts/gpu_session.sh build tests          (kernel + engine GPU tests, CUDA-graph draft loop and passes)
 #   run: bash scripts/gpu_session.sh build bench          (every kernel benchmark at serving shapes)
 #   run: bash scripts/gpu_session.sh build e2e divergence (Llama-1B-shaped pair at batch 1 with the HF
 #                                                          baselines; bf16 batch divergence)
@@ -45,7 +45,7 @@ for s in "$@"; do
     case "$s" in
         build) stage build "$PY" setup.py build_ext --inplace ;;
         tests) stage tests "$PY" -m pytest -q -m "not slow" -p no:cacheprovider --maxfail 20 --timeout 500 \
-                   tests/kernels tests/engine/test_draft_loop.py tests/engine/test_engine.py \
+                   tests/kernels tests/engine/test_draft_loop.py tests/engine/test_static_extend.py tests/engine/test_engine.py \
                    tests/engine/test_models.py tests/engine/test_speculative_sampling.py ;;
         kernel_tests) stage kernel_tests "$PY" -m pytest -q -m "not slow" -p no:cacheprovider --maxfail 20 \
                           --timeout 300 tests/kernels ;;

@@ -33,6 +33,10 @@ from bild_kernels.engine.shallow_deep import LayerGroups
 from bild_kernels.engine.tokenizer import Detokenizer
 from bild_kernels.models.llama import check_int8_kernel
 
+# The longest pass (new tokens a row) that runs on fixed buffers / CUDA graphs: a verification of up to 15
+# drafted tokens, or a catch-up. Longer ones (prefill) run eagerly.
+STATIC_EXTEND_TOKENS = 16
+
 
 def _recommended_policy(small) -> Policy:
     """generate()'s policy when none is given: LargeOnly without a small model, else BiLD (with the
@@ -70,6 +74,12 @@ class Engine(Iteration):
         batch-size bucket; the default on CUDA), "eager" (a loop that shrinks the batch as rows stop;
         the default on a CPU), or "static" (the graphs' fixed-buffer loop run without capture: for
         debugging a graph). All three give the same tokens.
+    extend_passes : how both models' short passes run (decode steps, verification passes, draft catch-ups:
+        up to `max_draft_len`-sized runs of new tokens a row, bucketed to 1, 2, 4, 8 or 16): "graph" (one
+        captured CUDA graph per (batch-size, token-count) bucket; the default on CUDA), "eager" (the
+        default on a CPU), or "static" (the graphs' padded fixed-buffer pass without capture). Longer
+        passes (prefill) always run eagerly. The same tokens either way, up to the rounding of padded
+        shapes.
     small_weights : "int8" stores the small model's projections and head as int8 per output channel
         (weight-only; activations in bfloat16 unless small_dtype says float16): a quarter of the float32
         bytes a CPU draft step reads. "auto" (the default): int8 on a CPU when neither dtype nor
@@ -82,7 +92,7 @@ class Engine(Iteration):
                  max_batch_size: int = 8, max_model_len: int = 2048, kv_cache_blocks: int | None = None,
                  block_size: int = 16, kv_cache_memory: int | float | None = None, tokenizer=None,
                  draft_loop: str | None = None, small_dtype: torch.dtype | None = None,
-                 small_weights: str | None = "auto"):
+                 small_weights: str | None = "auto", extend_passes: str | None = None):
         if large is None:
             if small is not None:
                 raise ValueError("small given without large: name both models, or neither for the default pair")
@@ -107,6 +117,11 @@ class Engine(Iteration):
         draft_loop = draft_loop or ("graph" if self.device.type == "cuda" else "eager")
         if draft_loop == "graph" and self.device.type != "cuda":
             raise ValueError("draft_loop='graph' captures CUDA graphs: it needs device='cuda'")
+        if extend_passes not in (None, "graph", "eager", "static"):
+            raise ValueError(f"extend_passes must be 'graph', 'eager' or 'static', got {extend_passes!r}")
+        extend_passes = extend_passes or ("graph" if self.device.type == "cuda" else "eager")
+        if extend_passes == "graph" and self.device.type != "cuda":
+            raise ValueError("extend_passes='graph' captures CUDA graphs: it needs device='cuda'")
         self.max_batch_size, self.max_model_len, self.block_size = max_batch_size, max_model_len, block_size
         # A request may cache a whole draft run past its last committed token.
         self.blocks_per_seq = -(-(max_model_len + 64) // block_size)
@@ -147,7 +162,10 @@ class Engine(Iteration):
         self.runners = {"large": ModelRunner(large_exec, **kw)}
         if small_exec is not None:
             self.runners["small"] = ModelRunner(small_exec, **kw)
-        self.draft_loop = draft_loop
+        self.draft_loop, self.extend_passes = draft_loop, extend_passes
+        if extend_passes != "eager":
+            for runner in self.runners.values():
+                runner.use_static(max_batch_size, STATIC_EXTEND_TOKENS, capture=extend_passes == "graph")
         # "layers": a standalone small model (tokens in); "feature": it reads the large model's hidden states
         self.small_kind = getattr(small_exec, "kind", "layers") if small_exec is not None else None
         self._static = (None if small_exec is None or draft_loop == "eager"

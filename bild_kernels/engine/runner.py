@@ -27,6 +27,12 @@ class ModelRunner:
         self.blocks = BlockManager(num_blocks, block_size, max_seqs, max_blocks_per_seq, device=self.device)
         # Rows whose logits held a NaN or inf since the engine last asked (numeric faults), on the device.
         self._nonfinite = torch.zeros(max_seqs, dtype=torch.bool, device=self.device)
+        self.static = None  # a StaticExtend for short passes (`use_static`), else every pass runs eagerly
+
+    def use_static(self, max_batch_size: int, max_tokens: int, *, capture: bool) -> None:
+        """Run passes of up to max_tokens new tokens a row on fixed buffers (CUDA graphs with capture)."""
+        from bild_kernels.engine.static_extend import StaticExtend
+        self.static = StaticExtend(self, max_batch_size, max_tokens, capture=capture)
 
     def add(self, row: int) -> None:
         self.blocks.allocate(row)
@@ -79,6 +85,14 @@ class ModelRunner:
         counts = [len(t) for t in tokens]
         starts = self.blocks.context_lens_of(rows)  # host mirror: cached tokens per row before this step
         slot_mapping = self.blocks.append(rows, counts)  # [T] int64, reserves blocks as needed
+        K1 = max(n_logits)
+        if self.static is not None and not return_hidden and embeds is None and self.static.serves(counts):
+            full = self.static.forward(rows, tokens, starts, slot_mapping)  # [n, Q, V]
+            # Row i's logits sit at its positions c-n .. c-1; padding repeats the last one.
+            idx = torch.tensor([[c - n + min(j, n - 1) for j in range(K1)] for c, n in zip(counts, n_logits)],
+                               dtype=torch.int64, device=dev)
+            logits = full.gather(1, idx[:, :, None].expand(-1, -1, full.shape[-1]))
+            return self.screen_logits(rows, logits)
         input_ids = None if embeds is not None else torch.tensor([t for ts in tokens for t in ts], dtype=torch.int64,
                                                                  device=dev)
         positions = torch.tensor([s + j for s, c in zip(starts, counts) for j in range(c)], dtype=torch.int64,
@@ -92,7 +106,6 @@ class ModelRunner:
             block_tables=self.blocks.block_tables_of(rows),
             context_lens=torch.tensor([s + c for s, c in zip(starts, counts)], dtype=torch.int32, device=dev),
             max_query_len=max(counts), max_context_len=max(s + c for s, c in zip(starts, counts)))
-        K1 = max(n_logits)
         # Row i's logits sit at flat positions qsl[i+1]-n .. qsl[i+1]-1; padding repeats the last one.
         idx = [qsl[i + 1] - n + min(j, n - 1) for i, n in enumerate(n_logits) for j in range(K1)]
         out = self.executor.forward(input_ids, meta, self.kv_caches, hidden_states=embeds,
