@@ -47,15 +47,23 @@ __attribute__((target("avx2,fma"))) inline float reduce_lanes(__m256 v) {
 }
 
 // Output rows [n0, n0 + R) for all M input rows. R is what fits the 16 ymm registers: M * R accumulators.
+// prefetch: also touch the rows two groups ahead (they exist), one cache line per row every 16 floats. The
+// hardware prefetcher alone keeps too few lines in flight once M > 1 slows the loop: with it, three rows cost
+// ~1.4x one; with this, ~1.1x (a 30-layer stack of 3072x576 weights, one thread, AMD EPYC).
 template <int M, int R>
 __attribute__((target("avx2,fma"))) void rows_block(const float* x, int64_t ldx, const float* w, int64_t K,
-                                                     const float* bias, float* y, int64_t ldy, int64_t n0) {
+                                                     const float* bias, float* y, int64_t ldy, int64_t n0,
+                                                     bool prefetch) {
   __m256 acc[M][R];
   for (int m = 0; m < M; ++m)
     for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
   const int64_t K8 = K & ~int64_t{7};
   const float* wr = w + n0 * K;
+  const float* ahead = wr + 2 * R * K;
   for (int64_t k = 0; k < K8; k += 8) {
+    if (prefetch && (k & 15) == 0) {
+      for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(ahead + r * K + k), _MM_HINT_T0);
+    }
     for (int r = 0; r < R; ++r) {
       const __m256 wv = _mm256_loadu_ps(wr + r * K + k);
       for (int m = 0; m < M; ++m) acc[m][r] = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * ldx + k), wv, acc[m][r]);
@@ -76,8 +84,8 @@ void rows_range(const float* x, int64_t ldx, const float* w, int64_t K, const fl
                 int64_t begin, int64_t end) {
   constexpr int R = M <= 3 ? 4 : (M == 4 ? 3 : (M <= 6 ? 2 : 1));
   int64_t n = begin;
-  for (; n + R <= end; n += R) rows_block<M, R>(x, ldx, w, K, bias, y, ldy, n);
-  for (; n < end; ++n) rows_block<M, 1>(x, ldx, w, K, bias, y, ldy, n);  // the same order per output
+  for (; n + R <= end; n += R) rows_block<M, R>(x, ldx, w, K, bias, y, ldy, n, n + 3 * R <= end);
+  for (; n < end; ++n) rows_block<M, 1>(x, ldx, w, K, bias, y, ldy, n, false);  // the same order per output
 }
 
 using RowsFn = void (*)(const float*, int64_t, const float*, int64_t, const float*, float*, int64_t, int64_t,
