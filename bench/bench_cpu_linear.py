@@ -4,8 +4,10 @@ Shapes: SmolLM2-135M's projections (the default large model: fused q/k/v 960x576
 3072x576, down 576x1536, head 49152x576), each timed as a stack of 30 distinct weights (one per layer, so
 the weights stream from memory as in a forward pass; the head once), at M = 1..8 rows. Prints median and
 20th/80th percentiles, GB/s of weights read, and the ratio ref / cpu at each M; "vs M=1" says what a verify
-pass over M tokens costs against a decode step. CPU only; set threads with --threads (default 1, as `bild
-eval --threads 1`).
+pass over M tokens costs against a decode step. Then cpu_linear_int8 at the shipped draft's shapes (4-layer
+stacks of int8 weights, an 8192-row head) at M = 1, 2, against torch's int8 weight kernel with bfloat16
+activations (`torch-bf16`, what the draft ran on before). CPU only; set threads with --threads (default 1,
+as `bild eval --threads 1`).
 
   python bench/bench_cpu_linear.py [--threads 1] [--rows 1,2,3,4,8] [--no-save]
 """
@@ -20,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import parser, pick_shapes, record, timeit  # noqa: E402
 
 from bild_kernels._backend import cpu_extension  # noqa: E402
+from bild_kernels.models.llama import Int8Weight  # noqa: E402
 from bild_kernels.ops.cpu_linear import MAX_ROWS  # noqa: E402
 
 # (name, N, K, weights in the stack)
@@ -62,6 +65,23 @@ def main():
             continue
         print(f"  M={M}: cpu {cpu / 1e3:7.1f} ms (vs M={rows[0]} {cpu / totals['cpu', rows[0]]:.2f}x)   "
               f"ref {ref / 1e3:7.1f} ms (vs M={rows[0]} {ref / totals['ref', rows[0]]:.2f}x)   ref/cpu {ref / cpu:.2f}x")
+
+    int8 = {"cpu": lambda x, w: torch.ops.bild_kernels_cpu.cpu_linear_int8(x, w.q, w.scale, None),
+            "torch-bf16": lambda x, w: torch.ops.aten._weight_int8pack_mm(x, w.q, w.scale)}
+    for name, N, K, L in SHAPES:
+        if (N, K) not in wanted:
+            continue
+        N, L = (8192, 1) if name == "head" else (N, 4)  # the draft's reduced-vocabulary head, its 4 layers
+        weights = {"cpu": [Int8Weight.of(torch.randn(N, K)) for _ in range(L)]}
+        weights["torch-bf16"] = [Int8Weight(w.q, w.scale.bfloat16()) for w in weights["cpu"]]
+        for M in (1, 2):
+            x = torch.randn(M, K)
+            for backend, fn in int8.items():
+                xb = x.bfloat16() if backend == "torch-bf16" else x
+                stats = timeit(lambda: [fn(xb, w) for w in weights[backend]], "cpu", iters=args.iters or 50)
+                record("cpu_linear_int8", "cpu", backend,
+                       {"shape": "draft_" + name, "N": N, "K": K, "stack": L, "M": M, "threads": args.threads},
+                       stats, L * N * K, save=not args.no_save)
 
 
 if __name__ == "__main__":

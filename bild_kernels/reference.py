@@ -163,6 +163,13 @@ def cpu_linear_ref(x, weight, bias=None):
     return torch.nn.functional.linear(x, weight, bias)
 
 
+def cpu_linear_int8_ref(x, qweight, scale, bias=None):
+    """x [M, K] float32 @ (qweight [N, K] int8 as float).T, times scale [N] (+ bias [N]) -> [M, N]: weights
+    stored as w ~= qweight * scale[:, None], the scale applied to each finished sum."""
+    y = (x @ qweight.to(x.dtype).T) * scale
+    return y if bias is None else y + bias
+
+
 # --------------------------------------------------------------------------------------------
 # Sampling helpers shared by sample_draft and verify_draft
 # --------------------------------------------------------------------------------------------

@@ -5,10 +5,12 @@
 // the same. Library small-M paths do not always manage that (MKL on an AMD EPYC costs about M times one row
 // at M = 2..3), so here each group of R weight rows is streamed once while all M input rows (hot in L1) are
 // multiplied against it: M x R accumulators of 8 lanes live in registers.
+// cpu_linear_int8: the same with int8 weights and a float32 scale per output row (w ~= q * scale), float32
+// activations, any M (chunks of 8 rows): a CPU draft step reads a quarter of the float32 bytes.
 //
 // Work split: at::parallel_for over groups of R output rows; each output is computed by one thread alone.
 // Summation order: lane j (0..7) accumulates k = j, j + 8, j + 16, ... with FMA in increasing k; the 8 lanes
-// are then added in a fixed tree, then the K mod 8 tail in order, then the bias. That order depends on K
+// are then added in a fixed tree, then the K mod 8 tail in order, then the scale (int8), then the bias. That order depends on K
 // only, so an output row's values are bit-identical whatever M, the row's position in x, R, or the thread
 // count (batch invariance: a token verified in a pass of three rows gets the logits it gets alone).
 //
@@ -23,6 +25,7 @@
 #include <Python.h>
 
 #include <cmath>
+#include <algorithm>
 #include <cstdint>
 #include <optional>
 
@@ -46,52 +49,81 @@ __attribute__((target("avx2,fma"))) inline float reduce_lanes(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+template <typename W>
+__attribute__((target("avx2,fma"))) inline __m256 load8(const W* p);
+template <>
+__attribute__((target("avx2,fma"))) inline __m256 load8<float>(const float* p) {
+  return _mm256_loadu_ps(p);
+}
+template <>
+__attribute__((target("avx2,fma"))) inline __m256 load8<int8_t>(const int8_t* p) {  // exact: |q| <= 127
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
 // Output rows [n0, n0 + R) for all M input rows. R is what fits the 16 ymm registers: M * R accumulators.
-// prefetch: also touch the rows two groups ahead (they exist), one cache line per row every 16 floats. The
+// W: float weights, or int8 ones with a per-row scale applied to each finished sum (w ~= q * scale).
+// prefetch: also touch the rows two groups ahead (they exist), one cache line per row per line read. The
 // hardware prefetcher alone keeps too few lines in flight once M > 1 slows the loop: with it, three rows cost
-// ~1.4x one; with this, ~1.1x (a 30-layer stack of 3072x576 weights, one thread, AMD EPYC).
-template <int M, int R>
-__attribute__((target("avx2,fma"))) void rows_block(const float* x, int64_t ldx, const float* w, int64_t K,
-                                                     const float* bias, float* y, int64_t ldy, int64_t n0,
-                                                     bool prefetch) {
+// ~1.4x one; with this, ~1.1x (a 30-layer stack of 3072x576 float32 weights, one thread, AMD EPYC).
+template <typename W, int M, int R>
+__attribute__((target("avx2,fma"))) void rows_block(const float* x, int64_t ldx, const W* w, int64_t K,
+                                                     const float* scale, const float* bias, float* y, int64_t ldy,
+                                                     int64_t n0, bool prefetch) {
+  constexpr int64_t kLine = 64 / sizeof(W);  // weights per cache line
   __m256 acc[M][R];
   for (int m = 0; m < M; ++m)
     for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
   const int64_t K8 = K & ~int64_t{7};
-  const float* wr = w + n0 * K;
-  const float* ahead = wr + 2 * R * K;
+  const W* wr = w + n0 * K;
+  const W* ahead = wr + 2 * R * K;
   for (int64_t k = 0; k < K8; k += 8) {
-    if (prefetch && (k & 15) == 0) {
+    if (prefetch && (k & (kLine - 1)) == 0) {
       for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(ahead + r * K + k), _MM_HINT_T0);
     }
     for (int r = 0; r < R; ++r) {
-      const __m256 wv = _mm256_loadu_ps(wr + r * K + k);
+      const __m256 wv = load8<W>(wr + r * K + k);
       for (int m = 0; m < M; ++m) acc[m][r] = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * ldx + k), wv, acc[m][r]);
     }
   }
   for (int m = 0; m < M; ++m) {
     for (int r = 0; r < R; ++r) {
       float s = reduce_lanes(acc[m][r]);
-      for (int64_t k = K8; k < K; ++k) s = std::fma(x[m * ldx + k], wr[r * K + k], s);
+      for (int64_t k = K8; k < K; ++k) s = std::fma(x[m * ldx + k], static_cast<float>(wr[r * K + k]), s);
+      if (scale != nullptr) s *= scale[n0 + r];
       if (bias != nullptr) s += bias[n0 + r];
       y[m * ldy + n0 + r] = s;
     }
   }
 }
 
-template <int M>
-void rows_range(const float* x, int64_t ldx, const float* w, int64_t K, const float* bias, float* y, int64_t ldy,
-                int64_t begin, int64_t end) {
+template <typename W, int M>
+void rows_range(const float* x, int64_t ldx, const W* w, int64_t K, const float* scale, const float* bias, float* y,
+                int64_t ldy, int64_t begin, int64_t end) {
   constexpr int R = M <= 3 ? 4 : (M == 4 ? 3 : (M <= 6 ? 2 : 1));
   int64_t n = begin;
-  for (; n + R <= end; n += R) rows_block<M, R>(x, ldx, w, K, bias, y, ldy, n, n + 3 * R <= end);
-  for (; n < end; ++n) rows_block<M, 1>(x, ldx, w, K, bias, y, ldy, n, false);  // the same order per output
+  for (; n + R <= end; n += R) rows_block<W, M, R>(x, ldx, w, K, scale, bias, y, ldy, n, n + 3 * R <= end);
+  for (; n < end; ++n) rows_block<W, M, 1>(x, ldx, w, K, scale, bias, y, ldy, n, false);  // same order per output
 }
 
-using RowsFn = void (*)(const float*, int64_t, const float*, int64_t, const float*, float*, int64_t, int64_t,
-                        int64_t);
-constexpr RowsFn kRowsFns[kMaxRows] = {rows_range<1>, rows_range<2>, rows_range<3>, rows_range<4>,
-                                       rows_range<5>, rows_range<6>, rows_range<7>, rows_range<8>};
+template <typename W>
+using RowsFn = void (*)(const float*, int64_t, const W*, int64_t, const float*, const float*, float*, int64_t,
+                        int64_t, int64_t);
+template <typename W>
+constexpr RowsFn<W> kRowsFns[kMaxRows] = {rows_range<W, 1>, rows_range<W, 2>, rows_range<W, 3>, rows_range<W, 4>,
+                                          rows_range<W, 5>, rows_range<W, 6>, rows_range<W, 7>, rows_range<W, 8>};
+
+// y[M, N] for any M: chunks of up to kMaxRows rows, each over the same weights (hot in cache after the first).
+template <typename W>
+void rows_all(const float* x, int64_t ldx, int64_t M, const W* w, int64_t K, int64_t N, const float* scale,
+              const float* bias, float* y) {
+  // grain: 64 output rows (>= 37 KB of float32 weights for K = 576), so a thread's share is worth waking it for
+  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+      const int64_t rows = std::min(kMaxRows, M - m0);
+      kRowsFns<W>[rows - 1](x + m0 * ldx, ldx, w, K, scale, bias, y + m0 * N, N, begin, end);
+    }
+  });
+}
 #endif
 
 bool cpu_supported() {
@@ -110,35 +142,57 @@ bool cpu_linear_supported() {
   return ok;
 }
 
-at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
-  // x [M, K] float32, weight [N, K] float32 contiguous, bias [N] float32 or None -> y [M, N]
-  TORCH_CHECK(cpu_linear_supported(), "cpu_linear: this CPU lacks AVX2/FMA (use F.linear)");
-  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "cpu_linear: x and weight must be on the CPU");
-  TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat,
-              "cpu_linear: x and weight must be float32, got ", x.scalar_type(), " and ", weight.scalar_type());
-  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2, "cpu_linear: x must be [M, K] and weight [N, K], got ", x.sizes(),
+namespace {
+void check_common(const char* op, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(cpu_linear_supported(), op, ": this CPU lacks AVX2/FMA (use the reference)");
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), op, ": x and weight must be on the CPU");
+  TORCH_CHECK(x.scalar_type() == at::kFloat, op, ": x must be float32, got ", x.scalar_type());
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2, op, ": x must be [M, K] and weight [N, K], got ", x.sizes(),
               " and ", weight.sizes());
-  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-  TORCH_CHECK(weight.size(1) == K, "cpu_linear: x has K=", K, " columns, weight ", weight.size(1));
-  TORCH_CHECK(M >= 1 && M <= kMaxRows, "cpu_linear: x must have 1..", kMaxRows, " rows, got ", M);
-  TORCH_CHECK(weight.is_contiguous(), "cpu_linear: weight must be contiguous");
-  const float* bias_ptr = nullptr;
+  TORCH_CHECK(weight.size(1) == x.size(1), op, ": x has K=", x.size(1), " columns, weight ", weight.size(1));
+  TORCH_CHECK(weight.is_contiguous(), op, ": weight must be contiguous");
   if (bias.has_value()) {
     TORCH_CHECK(bias->device().is_cpu() && bias->scalar_type() == at::kFloat && bias->dim() == 1 &&
-                    bias->size(0) == N && bias->is_contiguous(),
-                "cpu_linear: bias must be a contiguous float32 [N=", N, "] CPU tensor");
-    bias_ptr = bias->data_ptr<float>();
+                    bias->size(0) == weight.size(0) && bias->is_contiguous(),
+                op, ": bias must be a contiguous float32 [N=", weight.size(0), "] CPU tensor");
   }
+}
+}  // namespace
+
+at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  // x [M, K] float32, weight [N, K] float32 contiguous, bias [N] float32 or None -> y [M, N]; 1 <= M <= 8
+  check_common("cpu_linear", x, weight, bias);
+  TORCH_CHECK(weight.scalar_type() == at::kFloat, "cpu_linear: weight must be float32, got ", weight.scalar_type());
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  TORCH_CHECK(M >= 1 && M <= kMaxRows, "cpu_linear: x must have 1..", kMaxRows, " rows, got ", M);
   const at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous();
   at::Tensor y = at::empty({M, N}, x.options());
 #ifdef BILD_X86
-  const float* xp = xc.data_ptr<float>();
-  const float* wp = weight.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  const int64_t ldx = xc.stride(0);
-  const RowsFn fn = kRowsFns[M - 1];
-  // grain: 64 output rows (>= 37 KB of weights for K = 576), so a thread's share is worth waking it for
-  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) { fn(xp, ldx, wp, K, bias_ptr, yp, N, begin, end); });
+  rows_all<float>(xc.data_ptr<float>(), xc.stride(0), M, weight.data_ptr<float>(), K, N, nullptr,
+                  bias.has_value() ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>());
+#endif
+  return y;
+}
+
+at::Tensor cpu_linear_int8(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
+                           const std::optional<at::Tensor>& bias) {
+  // x [M, K] float32 (any M), qweight [N, K] int8 contiguous, scale [N] float32, bias [N] float32 or None
+  // -> y [M, N] = (x @ qweight.T) * scale + bias
+  check_common("cpu_linear_int8", x, qweight, bias);
+  TORCH_CHECK(qweight.scalar_type() == at::kChar, "cpu_linear_int8: qweight must be int8, got ",
+              qweight.scalar_type());
+  const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0);
+  TORCH_CHECK(scale.device().is_cpu() && scale.scalar_type() == at::kFloat && scale.dim() == 1 &&
+                  scale.size(0) == N && scale.is_contiguous(),
+              "cpu_linear_int8: scale must be a contiguous float32 [N=", N, "] CPU tensor");
+  const at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous();
+  at::Tensor y = at::empty({M, N}, x.options());
+#ifdef BILD_X86
+  if (M > 0) {
+    rows_all<int8_t>(xc.data_ptr<float>(), xc.stride(0), M, qweight.data_ptr<int8_t>(), K, N,
+                     scale.data_ptr<float>(), bias.has_value() ? bias->data_ptr<float>() : nullptr,
+                     y.data_ptr<float>());
+  }
 #endif
   return y;
 }
@@ -147,10 +201,14 @@ at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& weight, const std::
 
 TORCH_LIBRARY(bild_kernels_cpu, m) {
   m.def("cpu_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("cpu_linear_int8(Tensor x, Tensor qweight, Tensor scale, Tensor? bias) -> Tensor");
   m.def("cpu_linear_supported() -> bool", &bild::cpu_linear_supported);
 }
 
-TORCH_LIBRARY_IMPL(bild_kernels_cpu, CPU, m) { m.impl("cpu_linear", &bild::cpu_linear); }
+TORCH_LIBRARY_IMPL(bild_kernels_cpu, CPU, m) {
+  m.impl("cpu_linear", &bild::cpu_linear);
+  m.impl("cpu_linear_int8", &bild::cpu_linear_int8);
+}
 
 // The module is empty: importing bild_kernels._cpu runs the registrations above.
 static PyModuleDef bild_cpu_module = {PyModuleDef_HEAD_INIT, "_cpu", nullptr, -1, nullptr};

@@ -57,5 +57,8 @@ def test_cpu_linear_benchmark_compares_with_reference():
         pytest.skip("bild_kernels._cpu not built, or this CPU lacks AVX2/FMA")
     lines = _run("bench_cpu_linear.py", "--shapes", "576x576", "--rows", "1,3", "--iters", "2")
     rows = [line.split() for line in lines if " median " in line]
-    assert sorted((r[1], next(t for t in r if t.startswith("M="))) for r in rows) == [("cpu", "M=1"), ("cpu", "M=3"), ("ref", "M=1"), ("ref", "M=3")]
+    fp32 = [r for r in rows if r[0] == "cpu_linear"]
+    assert sorted((r[1], next(t for t in r if t.startswith("M="))) for r in fp32) == [
+        ("cpu", "M=1"), ("cpu", "M=3"), ("ref", "M=1"), ("ref", "M=3")]
+    assert sorted(r[1] for r in rows if r[0] == "cpu_linear_int8") == ["cpu", "cpu", "torch-bf16", "torch-bf16"]
     assert any(line.strip().startswith("M=3: cpu") and "ref/cpu" in line for line in lines)

@@ -31,7 +31,7 @@ from bild_kernels.engine.scheduler import Scheduler
 from bild_kernels.engine.sequence import RequestOutput, Sequence, StreamChunk
 from bild_kernels.engine.shallow_deep import LayerGroups
 from bild_kernels.engine.tokenizer import Detokenizer
-from bild_kernels.models.llama import check_int8_kernel
+from bild_kernels.models.llama import check_int8_kernel, int8_activation_dtype
 
 # The longest pass (new tokens a row) that runs on fixed buffers / CUDA graphs: a verification of up to 15
 # drafted tokens, or a catch-up. Longer ones (prefill) run eagerly.
@@ -81,10 +81,11 @@ class Engine(Iteration):
         passes (prefill) always run eagerly. The same tokens either way, up to the rounding of padded
         shapes.
     small_weights : "int8" stores the small model's projections and head as int8 per output channel
-        (weight-only; activations in bfloat16 unless small_dtype says float16): a quarter of the float32
-        bytes a CPU draft step reads. "auto" (the default): int8 on a CPU when neither dtype nor
-        small_dtype is given and this torch has the kernel (in bfloat16 if the model's widths do not
-        suit the kernel), else as loaded. None: as loaded. Lossless policies give the same tokens
+        (weight-only): a quarter of the float32 bytes a CPU draft step reads. Activations are float32
+        where the CPU extension's cpu_linear_int8 runs (x86-64 with AVX2), else bfloat16 (torch's int8
+        kernel), unless small_dtype says otherwise. "auto" (the default): int8 on a CPU when neither
+        dtype nor small_dtype is given and a kernel serves it (the weights stay as loaded if the model's
+        widths do not suit torch's kernel), else as loaded. None: as loaded. Lossless policies give the same tokens
         either way; the draft's proposals may differ in rare near-ties.
     """
 
@@ -108,7 +109,7 @@ class Engine(Iteration):
         auto_weights = small_weights == "auto"
         small_weights = self._small_weights(small_weights, small, dtype, small_dtype)
         dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
-        small_dtype = small_dtype or (torch.bfloat16 if small_weights == "int8" else dtype)
+        small_dtype = small_dtype or (int8_activation_dtype() if small_weights == "int8" else dtype)
         for name, val in (("dtype", dtype), ("small_dtype", small_dtype)):
             if not isinstance(val, torch.dtype) or not val.is_floating_point:
                 raise ValueError(f"{name} must be a floating-point torch.dtype, got {val!r}")
@@ -185,16 +186,17 @@ class Engine(Iteration):
             if small is None or self.device.type != "cpu" or dtype is not None or small_dtype is not None:
                 return None
             try:
-                check_int8_kernel(self.device, torch.bfloat16)
+                check_int8_kernel(self.device, int8_activation_dtype())
             except ValueError:
                 return None
             return "int8"
         if small_weights == "int8":
             if small is None:
                 raise ValueError("small_weights='int8' quantises the small model, but none was given")
-            if small_dtype not in (None, torch.bfloat16, torch.float16):
-                raise ValueError(f"small_weights='int8' runs the small model in bfloat16 or float16, not {small_dtype}")
-            check_int8_kernel(self.device, small_dtype or torch.bfloat16)
+            if small_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+                raise ValueError(f"small_weights='int8' runs the small model in float32, bfloat16 or float16, "
+                                 f"not {small_dtype}")
+            check_int8_kernel(self.device, small_dtype or int8_activation_dtype())
         return small_weights
 
     def _memory_budget(self, mem) -> int | None:

@@ -112,18 +112,20 @@ class LlamaExecutor:
     def quantize_weights(self, kind: str = "int8") -> "LlamaExecutor":
         """Store every projection and the head as int8 per output channel (weight-only; w ~= q * scale),
         in place. The matrix products read a quarter of the float32 bytes, which is what a small model's
-        decode step costs on a CPU; activations stay in the executor's dtype (bfloat16 or float16). The
-        embedding stays as it was (lookups, and the large model it may be shared with)."""
+        decode step costs on a CPU; activations stay in the executor's dtype: float32 (the CPU extension's
+        cpu_linear_int8, or its reference where the extension is missing) or bfloat16 / float16 (torch's
+        int8 weight kernel). The embedding stays as it was (lookups, and the large model it may be shared
+        with)."""
         if kind != "int8":
             raise ValueError(f"quantize_weights: kind must be 'int8', got {kind!r}")
-        if self.dtype not in (torch.bfloat16, torch.float16):
-            raise ValueError(f"int8 weights run with bfloat16 or float16 activations; this model is {self.dtype} "
-                             "(load it in bfloat16)")
+        if self.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"int8 weights run with float32, bfloat16 or float16 activations; this model is "
+                             f"{self.dtype}")
         check_int8_kernel(self.device, self.dtype)
         c = self.config
         widths = {"hidden_size": c.hidden_size, "num_heads * head_dim": c.num_heads * c.head_dim,
                   "intermediate_size": c.intermediate_size}
-        odd = {k: v for k, v in widths.items() if v % INT8_K_MULTIPLE}
+        odd = {k: v for k, v in widths.items() if v % INT8_K_MULTIPLE and self.dtype != torch.float32}
         if odd:  # torch's CPU kernel assumes it (other widths crash it rather than raise)
             raise ValueError(f"int8 weights need every projection's input width divisible by {INT8_K_MULTIPLE}; "
                              f"this model has {', '.join(f'{k}={v}' for k, v in odd.items())}")
@@ -131,7 +133,10 @@ class LlamaExecutor:
         for w in self.layers:
             w.qkv, w.o, w.gate_up, w.down = (Int8Weight.of(t) for t in (w.qkv, w.o, w.gate_up, w.down))
         self.weight_format = "int8"
-        self._linear = functools.partial(_linear, native=None)
+        int8_fp32 = None
+        if self.dtype == torch.float32:
+            int8_fp32 = resolve("cpu_linear_int8", self.device, "ref" if self.backend == "ref" else None)
+        self._linear = functools.partial(_linear, native=None, int8_fp32=int8_fp32)
         return self
 
     # ----------------------------------------------------------------------------------------------
@@ -289,22 +294,33 @@ def _cpu_linear_kernel():
 INT8_K_MULTIPLE = 16  # torch's CPU int8 weight kernel reads the input width in blocks of 16
 
 
-def _linear(x, w, bias=None, native=None):
+def _linear(x, w, bias=None, native=None, int8_fp32=None):
     """x [M, K] @ w.T (+ bias). native: the CPU small-M kernel (LlamaExecutor._native_linear), used for
     float32 passes of up to CPU_LINEAR_MAX_ROWS tokens (decode, verify); larger ones (prefill) go to
-    F.linear, which is faster there."""
+    F.linear, which is faster there. int8_fp32: cpu_linear_int8's implementation, for Int8Weight with
+    float32 activations."""
     if native is not None and 1 <= x.shape[0] <= CPU_LINEAR_MAX_ROWS and x.dim() == 2 \
             and x.dtype == torch.float32 and w.dtype == torch.float32 and w.is_contiguous():
         return native(x, w, bias)
     if not isinstance(w, Int8Weight):
         return F.linear(x, w, bias)
+    if x.dtype == torch.float32:
+        return int8_fp32(x, w.q, w.scale, bias)
     y = torch.ops.aten._weight_int8pack_mm(x.contiguous(), w.q, w.scale)
     return y if bias is None else y + bias
 
 
+def int8_activation_dtype() -> torch.dtype:
+    """The activations' dtype that int8 weights run fastest with on this CPU: float32 where the CPU
+    extension's cpu_linear_int8 runs, else bfloat16 (torch's int8 weight kernel)."""
+    from bild_kernels._backend import cpu_extension
+    return torch.float32 if cpu_extension() is not None else torch.bfloat16
+
+
 def check_int8_kernel(device, dtype) -> None:
-    """Fail early, naming the reason, where this torch has no int8 weight kernel for the device and dtype
-    (a CPU option: the one measured, and the one whose shape limits are known)."""
+    """Fail early, naming the reason, where no int8 weight kernel serves the device and dtype (a CPU
+    option: the one measured, and the one whose shape limits are known). float32 activations always have
+    one (the CPU extension's, else its reference)."""
     if torch.device(device).type != "cpu":
         raise ValueError(f"int8 weights are a CPU option; this model is on {device}")
     problem = _int8_kernel_problem(dtype)
@@ -316,6 +332,8 @@ def check_int8_kernel(device, dtype) -> None:
 def _int8_kernel_problem(dtype) -> str | None:
     """Why torch's CPU int8 weight kernel cannot serve `dtype` activations, or None; probed once per dtype
     (the engine asks before loading and the executor again when it quantises)."""
+    if dtype == torch.float32:
+        return None
     w = Int8Weight.of(torch.linspace(-1, 1, 64 * 32, dtype=dtype).view(64, 32))
     x = torch.ones(2, 32, dtype=dtype)
     try:

@@ -10,4 +10,10 @@ def _cpu_linear_fake(x, weight, bias):
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
+@torch.library.register_fake("bild_kernels_cpu::cpu_linear_int8")
+def _cpu_linear_int8_fake(x, qweight, scale, bias):
+    return x.new_empty((x.shape[0], qweight.shape[0]))
+
+
 register("cpu_linear", "cpu", torch.ops.bild_kernels_cpu.cpu_linear)
+register("cpu_linear_int8", "cpu", torch.ops.bild_kernels_cpu.cpu_linear_int8)

@@ -1,4 +1,5 @@
-"""cpu_linear: y = x @ weight.T (+ bias) for a few rows of float32 on the CPU, the large model's verify pass.
+"""cpu_linear: y = x @ weight.T (+ bias) for a few rows of float32 on the CPU, the large model's verify pass;
+cpu_linear_int8: the same with int8 weights and a per-row scale, any number of rows (a CPU draft model).
 
 A CPU decode step is memory-bound: it reads every weight once. A verify pass over k + 1 tokens should cost
 the same, but library small-M matmuls may not manage it (MKL on an AMD EPYC costs about M times one row
@@ -39,3 +40,27 @@ def cpu_linear(x, weight, bias=None, *, backend: str | None = None) -> torch.Ten
     elif backend == "cpu" and not 1 <= M <= MAX_ROWS:
         raise ValueError(f"backend 'cpu' takes 1..{MAX_ROWS} rows, x has {M}")
     return fn(x, weight, None if bias is None else bias.contiguous())
+
+
+def cpu_linear_int8(x, qweight, scale, bias=None, *, backend: str | None = None) -> torch.Tensor:
+    """x [M, K] float32, qweight [N, K] int8 (contiguous), scale [N] float32, bias [N] or None
+    -> y [M, N] = (x @ qweight.T) * scale (+ bias), float32, on the CPU. Any M (the "cpu" backend works in
+    chunks of 8 rows, so each row's result is the same bits whatever M).
+
+    backend: "cpu" (the extension; x86-64 with AVX2 and FMA), "ref", or None (the extension where it runs).
+    """
+    v.tensor("x", x, dtypes=(torch.float32,), ndim=2)
+    v.tensor("qweight", qweight, dtypes=(torch.int8,), ndim=2, device=x.device)
+    N, K = qweight.shape
+    v.shape("x", x, (None, K))
+    v.tensor("scale", scale, dtypes=(torch.float32,), ndim=1, device=x.device)
+    v.shape("scale", scale, (N,))
+    if bias is not None:
+        v.tensor("bias", bias, dtypes=(torch.float32,), ndim=1, device=x.device)
+        v.shape("bias", bias, (N,))
+    if x.device.type != "cpu":
+        raise ValueError(f"cpu_linear_int8 runs on the CPU; x is on {x.device}")
+    if not qweight.is_contiguous():
+        raise ValueError("qweight must be contiguous")
+    fn = resolve("cpu_linear_int8", x.device, backend)
+    return fn(x, qweight, scale.contiguous(), None if bias is None else bias.contiguous())

@@ -1,12 +1,14 @@
-"""int8 weights for the small model on a CPU: the executor's int8 path against the same weights dequantized,
-the engine's lossless policies unchanged with an int8 draft, "auto" and the refusals."""
+"""int8 weights for the small model on a CPU: the executor's int8 path (float32 activations on the CPU
+extension's kernel, bfloat16 on torch's) against the same weights dequantized, the engine's lossless
+policies unchanged with an int8 draft, "auto" and the refusals."""
 import pytest
 import torch
 
 from bild_kernels import Engine, Greedy, LargeOnly, SamplingParams
 from bild_kernels.engine.runner import ModelRunner
 from bild_kernels.models import load_model
-from bild_kernels.models.llama import Int8Weight
+from bild_kernels._backend import cpu_extension
+from bild_kernels.models.llama import Int8Weight, int8_activation_dtype
 
 from .conftest import assert_all_free, hf_greedy, tiny_llama
 
@@ -29,17 +31,20 @@ def test_int8_weight_round_trip():
     assert torch.isfinite(zero.scale).all() and torch.equal(zero.dequantize(), torch.zeros(3, 16))
 
 
-def test_int8_executor_equals_its_dequantized_weights(small_model):
+@pytest.mark.parametrize("dtype, tol", [(BF16, 0.08), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("backend", [None, "ref"])
+def test_int8_executor_equals_its_dequantized_weights(small_model, dtype, tol, backend):
+    # float32: the CPU extension's kernel (backend None, where built) or its reference; bf16: torch's kernel
     ids = [5, 17, 3, 44, 2, 90, 11]
-    quant, _ = load_model(small_model, dtype=BF16)
+    quant, _ = load_model(small_model, dtype=dtype, backend=backend)
     quant.quantize_weights("int8")
     assert quant.weight_format == "int8" and isinstance(quant.layers[0].qkv, Int8Weight)
-    plain, _ = load_model(small_model, dtype=BF16)  # the same weights as the int8 ones hold, in bf16
+    plain, _ = load_model(small_model, dtype=dtype)  # the same weights as the int8 ones hold, unquantised
     plain.lm_head = Int8Weight.of(plain.lm_head).dequantize()
     for w in plain.layers:
         w.qkv, w.o, w.gate_up, w.down = (Int8Weight.of(t).dequantize() for t in (w.qkv, w.o, w.gate_up, w.down))
     got, want = _logits(quant, ids).float(), _logits(plain, ids).float()
-    torch.testing.assert_close(got, want, atol=0.08 * want.abs().max().item(), rtol=0.0)
+    torch.testing.assert_close(got, want, atol=tol * want.abs().max().item(), rtol=0.0)
     full, _ = load_model(small_model, dtype=torch.float64)
     agree = (got.argmax(-1) == _logits(full, ids).argmax(-1)).float().mean()
     assert agree >= 0.7  # quantisation moves near-ties only
@@ -49,7 +54,7 @@ def test_engine_int8_draft_is_lossless(large_model, small_model):
     eng = Engine(large=large_model, small=small_model, dtype=torch.float32, small_weights="int8", max_batch_size=2,
                  max_model_len=64, block_size=4)
     small = eng.runners["small"].executor
-    assert small.weight_format == "int8" and small.dtype == BF16
+    assert small.weight_format == "int8" and small.dtype == int8_activation_dtype()
     assert eng.runners["large"].executor.dtype == torch.float32
     prompts = [[5, 17, 3], [8, 9]]
     params = SamplingParams(max_tokens=12)
@@ -70,15 +75,17 @@ def test_small_weights_auto(large_model, small_model):
     assert exact.runners["small"].executor.weight_format == "float64"
     plain = Engine(large=large_model, small=small_model, small_weights=None, **kw)
     assert plain.runners["small"].executor.weight_format == "float32"
-    odd = tiny_llama(3, layers=1, hidden=72)  # 72 is not a multiple of 16: auto keeps bf16 weights
+    assert auto.runners["small"].executor.dtype == (torch.float32 if cpu_extension() else BF16)
+    # 72 is not a multiple of 16: torch's kernel cannot take it (auto keeps bf16 weights), the extension's can
+    odd = tiny_llama(3, layers=1, hidden=72)
     big_odd = tiny_llama(4, layers=2, hidden=72)
     eng = Engine(large=big_odd, small=odd, **kw)
-    assert eng.runners["small"].executor.weight_format == "bfloat16"
+    assert eng.runners["small"].executor.weight_format == ("int8" if cpu_extension() else "bfloat16")
 
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(small_weights="int4"), "small_weights must be"),
-    (dict(small_weights="int8", small_dtype=torch.float32), "bfloat16 or float16"),
+    (dict(small_weights="int8", small_dtype=torch.float64), "float32, bfloat16 or float16"),
     (dict(small_weights="int8", small=None), "none was given"),
 ])
 def test_small_weights_bad_input_before_loading(kwargs, match):
@@ -89,8 +96,8 @@ def test_small_weights_bad_input_before_loading(kwargs, match):
 
 
 def test_quantize_weights_refusals(small_model):
-    ex, _ = load_model(small_model, dtype=torch.float32)
-    with pytest.raises(ValueError, match="bfloat16"):
+    ex, _ = load_model(small_model, dtype=torch.float64)
+    with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
         ex.quantize_weights("int8")
     ex, _ = load_model(small_model, dtype=BF16)
     with pytest.raises(ValueError, match="kind"):
@@ -100,6 +107,6 @@ def test_quantize_weights_refusals(small_model):
         odd.quantize_weights("int8")
     assert odd.weight_format == "bfloat16"
     eng_args = dict(large=tiny_llama(4, layers=2, hidden=72), small=tiny_llama(3, layers=1, hidden=72),
-                    small_weights="int8", max_batch_size=1, max_model_len=32)
+                    small_weights="int8", small_dtype=BF16, max_batch_size=1, max_model_len=32)
     with pytest.raises(ValueError, match="divisible by 16"):
         Engine(**eng_args)

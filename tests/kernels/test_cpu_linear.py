@@ -6,7 +6,7 @@ import torch
 
 from bild_kernels import reference as R
 from bild_kernels._backend import cpu_extension
-from bild_kernels.ops.cpu_linear import MAX_ROWS, cpu_linear
+from bild_kernels.ops.cpu_linear import MAX_ROWS, cpu_linear, cpu_linear_int8
 
 needs_ext = pytest.mark.skipif(cpu_extension() is None,
                                reason="bild_kernels._cpu not built, or this CPU lacks AVX2/FMA")
@@ -164,3 +164,62 @@ def _random_weights(cfg):
                   p + "mlp.gate_proj.weight": torch.randn(I, H), p + "mlp.up_proj.weight": torch.randn(I, H),
                   p + "mlp.down_proj.weight": torch.randn(H, I)})
     return w
+
+
+# -- cpu_linear_int8: int8 weights with a per-row scale, float32 activations, any number of rows -----------
+
+def _int8_case(N, K, M, with_bias=True):
+    q = torch.randint(-127, 128, (N, K), dtype=torch.int8)
+    scale = torch.rand(N) * 0.02 + 1e-3
+    return torch.randn(M, K), q, scale, (torch.randn(N) if with_bias else None)
+
+
+@needs_ext
+@pytest.mark.parametrize("N, K", [(1, 1), (7, 13), (111, 64), (33, 1536), (960, 576), (3, 70)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_cpu_linear_int8_matches_reference(N, K, with_bias):
+    x, q, scale, bias = _int8_case(N, K, 21, with_bias)
+    want = R.cpu_linear_int8_ref(x.double(), q, scale.double(), None if bias is None else bias.double())
+    for M in (1, 2, 3, 8, 9, 21):  # beyond 8 rows the kernel works in chunks of 8
+        got = cpu_linear_int8(x[:M], q, scale, bias, backend="cpu")
+        assert got.dtype == torch.float32 and got.shape == (M, N)
+        torch.testing.assert_close(got.double(), want[:M], atol=_tol(K) * 127 * 0.021, rtol=1e-5)
+
+
+@needs_ext
+def test_cpu_linear_int8_batch_invariant():
+    x, q, scale, bias = _int8_case(50, 96, 19)
+    alone = torch.cat([cpu_linear_int8(x[m:m + 1], q, scale, bias, backend="cpu") for m in range(19)])
+    for M in (2, 5, 8, 9, 17, 19):
+        assert torch.equal(cpu_linear_int8(x[:M], q, scale, bias, backend="cpu"), alone[:M])
+    assert torch.equal(cpu_linear_int8(x[3:14], q, scale, bias, backend="cpu"), alone[3:14])
+
+
+@needs_ext
+def test_cpu_linear_int8_fake_impl():
+    x, q, scale, bias = _int8_case(10, 24, 3)
+    torch.library.opcheck(torch.ops.bild_kernels_cpu.cpu_linear_int8, (x, q, scale, bias),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_cpu_linear_int8_ref_backend_and_empty():
+    x, q, scale, bias = _int8_case(6, 10, 4)
+    want = (x @ q.float().T) * scale + bias
+    torch.testing.assert_close(cpu_linear_int8(x, q, scale, bias, backend="ref"), want)
+    assert cpu_linear_int8(x[:0], q, scale, bias).shape == (0, 6)
+
+
+@pytest.mark.parametrize("change, exc, match", [
+    (dict(x=torch.randn(2, 8).double()), TypeError, "x must have dtype"),
+    (dict(q=torch.zeros(4, 8, dtype=torch.int16)), TypeError, "qweight must have dtype"),
+    (dict(x=torch.randn(2, 9)), ValueError, r"x must have shape \[\*, 8\]"),
+    (dict(q=torch.zeros(8, 4, dtype=torch.int8).t()), ValueError, "qweight must be contiguous"),
+    (dict(scale=torch.rand(5)), ValueError, r"scale must have shape \[4\]"),
+    (dict(scale=torch.rand(4).double()), TypeError, "scale must have dtype"),
+    (dict(bias=torch.randn(3)), ValueError, r"bias must have shape \[4\]"),
+])
+def test_cpu_linear_int8_bad_input(change, exc, match):
+    args = dict(x=torch.randn(2, 8), q=torch.zeros(4, 8, dtype=torch.int8), scale=torch.rand(4), bias=None)
+    args.update(change)
+    with pytest.raises(exc, match=match):
+        cpu_linear_int8(args["x"], args["q"], args["scale"], args["bias"])
