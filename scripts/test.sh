@@ -33,5 +33,14 @@ if [ "$HAS_GPU" = "0" ]; then
     export TRITON_INTERPRET=1
 fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-echo "== pytest (TRITON_INTERPRET=${TRITON_INTERPRET:-0}, GPU=$HAS_GPU)"
-python -m pytest -q -m "not slow" -p no:cacheprovider tests "$@"
+# The default large model's dequantised cache is written once here, so that the test workers only read it.
+python -c "from bild_kernels.models import load_model; from bild_kernels.models.default import default_pair; load_model(default_pair()[0])"
+# Two test processes (pytest-xdist), one torch thread each, a test file per process at a time (its fixtures
+# built once): the suite is CPU-bound and single-threaded per test.
+WORKERS="${BILD_TEST_WORKERS:-$(python -c "import os; print(min(2, os.cpu_count() or 1))")}"
+echo "== pytest (TRITON_INTERPRET=${TRITON_INTERPRET:-0}, GPU=$HAS_GPU, $WORKERS workers)"
+if [ "$WORKERS" -gt 1 ]; then
+    OMP_NUM_THREADS=1 python -m pytest -q -m "not slow" -p no:cacheprovider -n "$WORKERS" --dist loadfile tests "$@"
+else
+    python -m pytest -q -m "not slow" -p no:cacheprovider tests "$@"
+fi
