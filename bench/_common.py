@@ -42,6 +42,9 @@ def peak_gbps(device: str) -> float | None:
 
 
 def git_rev() -> str:
+    """The checkout's short revision (with -dirty); $BILD_REV where it is set (a copy without .git)."""
+    if os.environ.get("BILD_REV"):
+        return os.environ["BILD_REV"]
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              cwd=Path(__file__).parent, check=True).stdout.strip()

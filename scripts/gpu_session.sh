@@ -11,7 +11,13 @@
 #   run: bash scripts/gpu_session.sh build e2e_batch      (the same pair at batch 8 and 32, engine only)
 # With little device time: `build kernel_tests bench_targets` (the kernel tests, then verify_draft and
 # sample_draft at the issue's target shapes and every rollback size: a few minutes).
-# Stages: build | tests | kernel_tests | bench | bench_targets | e2e | e2e_batch | divergence | ctest. Wheels in .whl/ (carried) are installed first.
+# One call of at most 10 minutes that covers the kernels and the engine (a session lent 15 minutes of device time):
+#   run: DEADLINE=540 bash scripts/gpu_session.sh build tests bench_targets e2e_quick e2e_batch_quick
+# DEADLINE (seconds from the start): each stage is cut (timeout) so that the whole script, the tarball
+# included, ends before it; a stage with under 20 s left is skipped. Each stage also has its own cap.
+# BILD_REV names the revision in the result rows where the copy has no .git.
+# Stages: build | tests | kernel_tests | bench | bench_targets | e2e | e2e_quick | e2e_batch | e2e_batch_quick |
+#         divergence | ctest. Wheels in .whl/ (carried) are installed first.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -22,13 +28,21 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TORCH_CUDA_ARC
 export MAX_JOBS="${MAX_JOBS:-16}" PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # the in-place build
 PY="${PYTHON:-python3}"
 status=0
+START=$(date +%s)
+WORKERS="${GPU_TEST_WORKERS:-8}"  # pytest-xdist workers for the GPU tests (one GPU, 16 CPU cores compiling)
 
-stage() {  # stage NAME COMMAND...: run it, log it, remember a failure, go on with the next stage
-    local name=$1; shift
-    echo "== $name: $*"
+stage() {  # stage NAME CAP_S COMMAND...: run it (cut at CAP_S or DEADLINE), log it, remember a failure, go on
+    local name=$1 cap=$2; shift 2
+    if [ -n "${DEADLINE:-}" ]; then
+        local left=$(( DEADLINE - ($(date +%s) - START) - 15 ))
+        [ $left -lt $cap ] && cap=$left
+        if [ $cap -lt 20 ]; then echo "== $name: skipped, ${cap} s left before DEADLINE"; status=1; return; fi
+    fi
+    echo "== $name (cap ${cap} s): $*"
     local t0; t0=$(date +%s)
-    "$@" > "$LOG/$name.log" 2>&1
+    timeout -k 5 "$cap" "$@" > "$LOG/$name.log" 2>&1
     local rc=$?
+    [ $rc -eq 124 ] && echo "   $name: CUT at its cap of ${cap} s"
     echo "   $name: rc=$rc, $(( $(date +%s) - t0 )) s (log: $LOG/$name.log)"
     tail -n 15 "$LOG/$name.log"
     [ $rc -eq 0 ] || status=1
@@ -38,34 +52,37 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && \
         export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$LOG/nvidia-smi.txt" 2>&1
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(),
 torch.cuda.get_device_name() if torch.cuda.is_available() else '')" | tee "$LOG/device.txt"
 
+TESTS="tests/kernels tests/test_backends.py tests/engine/test_draft_loop.py tests/engine/test_static_extend.py
+       tests/engine/test_engine.py tests/engine/test_models.py tests/engine/test_speculative_sampling.py"
+E2E="$PY bench/bench_e2e.py --device cuda --pair llama-1b --tokens 64"
 for s in "$@"; do
     case "$s" in
-        build) stage build "$PY" setup.py build_ext --inplace ;;
-        tests) stage tests "$PY" -m pytest -q -m "not slow" -p no:cacheprovider --maxfail 20 --timeout 500 \
-                   tests/kernels tests/engine/test_draft_loop.py tests/engine/test_static_extend.py tests/engine/test_engine.py \
-                   tests/engine/test_models.py tests/engine/test_speculative_sampling.py ;;
-        kernel_tests) stage kernel_tests "$PY" -m pytest -q -m "not slow" -p no:cacheprovider --maxfail 20 \
-                          --timeout 300 tests/kernels ;;
-        bench_targets) stage bench_verify_targets "$PY" bench/bench_verify_draft.py --device cuda \
+        build) stage build 240 env BILD_NO_CPU_EXT=1 "$PY" setup.py build_ext --inplace ;;
+        tests) stage tests 240 "$PY" -m pytest -q -m "not slow" -p no:cacheprovider --maxfail 20 --timeout 200 \
+                   -n "$WORKERS" --dist loadfile $TESTS ;;
+        kernel_tests) stage kernel_tests 240 "$PY" -m pytest -q -m "not slow" -p no:cacheprovider --maxfail 20 \
+                          --timeout 200 -n "$WORKERS" --dist loadfile tests/kernels ;;
+        bench_targets) stage bench_verify_targets 90 "$PY" bench/bench_verify_draft.py --device cuda \
                            --shapes 64x8x128256,256x8x128256,64x4x32000
-                       stage bench_sample_targets "$PY" bench/bench_sample_draft.py --device cuda \
+                       stage bench_sample_targets 60 "$PY" bench/bench_sample_draft.py --device cuda \
                            --shapes 64x128256,256x128256,1x128256
-                       stage bench_rollback "$PY" bench/bench_rollback_paged_kv.py --device cuda ;;
+                       stage bench_rollback 60 "$PY" bench/bench_rollback_paged_kv.py --device cuda ;;
         bench) for op in write_paged_kv rollback_paged_kv gather_paged_kv sample_draft verify_draft paged_attention; do
-                   stage "bench_$op" "$PY" "bench/bench_$op.py" --device cuda
+                   stage "bench_$op" 300 "$PY" "bench/bench_$op.py" --device cuda
                done ;;
-        e2e) stage e2e "$PY" bench/bench_e2e.py --device cuda --pair llama-1b --tokens 64 --prompts 8 \
-                 --batch-sizes 1 ;;
-        e2e_batch) stage e2e_batch "$PY" bench/bench_e2e.py --device cuda --pair llama-1b --tokens 64 \
-                       --prompts 64 --batch-sizes 8,32 --no-hf ;;
-        divergence) stage divergence "$PY" python/load_test.py --tiny --device cuda --dtype bfloat16 \
+        e2e) stage e2e 600 $E2E --prompts 8 --batch-sizes 1 ;;
+        e2e_quick) stage e2e_quick 180 $E2E --prompts 4 --batch-sizes 1 ;;
+        e2e_batch) stage e2e_batch 600 $E2E --prompts 64 --batch-sizes 8,32 --no-hf ;;
+        e2e_batch_quick) stage e2e_batch_quick 150 $E2E --prompts 32 --batch-sizes 8,32 --no-hf ;;
+        divergence) stage divergence 300 "$PY" python/load_test.py --tiny --device cuda --dtype bfloat16 \
                         --out bench/results/serve_load_bf16_cuda.csv ;;
-        ctest) stage ctest sh -c "cmake -S . -B build/cmake -G Ninja -DCMAKE_CUDA_ARCHITECTURES=90 \
+        ctest) stage ctest 400 sh -c "cmake -S . -B build/cmake -G Ninja -DCMAKE_CUDA_ARCHITECTURES=90 \
                    && cmake --build build/cmake && ctest --test-dir build/cmake --output-on-failure" ;;
-        *) echo "unknown stage: $s (build | tests | kernel_tests | bench | bench_targets | e2e | e2e_batch | divergence | ctest)"; exit 2 ;;
+        *) echo "unknown stage: $s (build | tests | kernel_tests | bench | bench_targets | e2e | e2e_quick | e2e_batch | e2e_batch_quick | divergence | ctest)"; exit 2 ;;
     esac
 done
 tar czf "$OUT/gpu_session.tgz" -C "$(dirname "$LOG")" logs -C "$ROOT" bench/results
