@@ -15,6 +15,7 @@ import os
 import torch
 
 BACKENDS = ("cuda", "triton", "cpu", "ref")
+CPU_EXTENSION_OPS = ("cpu_linear", "cpu_linear_int8")  # what bild_kernels._cpu implements (ops/_cpu_impls.py)
 
 # op -> backends that implement it (filled in by the backend modules as they import).
 _IMPLS: dict[str, dict[str, object]] = {}
@@ -96,6 +97,9 @@ def resolve(op: str, device: torch.device, backend: str | None) -> object:
     if backend == "cuda" and cuda_extension() is None:
         raise ValueError(f"backend 'cuda' cannot run {op}: bild_kernels._C was not built (no nvcc or CUDA torch "
                          "at install time, or BILD_NO_CUDA=1)")
+    if backend == "cpu" and op in CPU_EXTENSION_OPS and cpu_extension() is None:
+        raise ValueError(f"backend 'cpu' cannot run {op}: the CPU extension bild_kernels._cpu was not built "
+                         "(BILD_NO_CPU_EXT=1, a failed build, not x86-64) or this CPU lacks AVX2/FMA")
     if backend not in impls:
         raise ValueError(f"backend {backend!r} has no implementation of {op}")
     if not _usable(backend, device):
@@ -122,13 +126,19 @@ def _load_backends() -> None:
 
 
 def backends(device: str | torch.device = "cuda") -> dict[str, dict]:
-    """For each op: the backends it has, which can run on `device`, and the default there."""
+    """For each op: the backends it has, which can run on `device`, and the default there (None, with the
+    reason under "error", where BILD_BACKEND forces a backend that cannot run the op on `device`)."""
     _load_backends()
     device = torch.device(device)
     out = {}
     for op, impls in sorted(_IMPLS.items()):
         usable = [b for b in BACKENDS if b in impls and _usable(b, device)]
-        default = resolve(op, device, None)
-        name = next(b for b, f in impls.items() if f is default)
+        try:
+            default = resolve(op, device, None)
+            name, error = next(b for b, f in impls.items() if f is default), None
+        except ValueError as exc:  # BILD_BACKEND names a backend that cannot run this op here
+            name, error = None, str(exc)
         out[op] = {"implemented": [b for b in BACKENDS if b in impls], "usable": usable, "default": name}
+        if error is not None:
+            out[op]["error"] = error
     return out

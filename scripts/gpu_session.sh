@@ -12,12 +12,14 @@
 # With little device time: `build kernel_tests bench_targets` (the kernel tests, then verify_draft and
 # sample_draft at the issue's target shapes and every rollback size: a few minutes).
 # One call of at most 10 minutes that covers the kernels and the engine (a session lent 15 minutes of device time):
-#   run: DEADLINE=540 bash scripts/gpu_session.sh build tests bench_targets e2e_quick e2e_batch_quick
+#   run: BILD_REV=<rev> DEADLINE=555 bash scripts/gpu_session.sh build gpu_tests e2e_quick bench_targets e2e_batch_quick tests
+# (2026-11-26 on an H200: build 50 s, e2e_quick ~100 s, bench_targets 100 s, e2e_batch_quick 55 s; the whole
+# `tests` stage needs ~300 s with 14 workers, so it goes last; gpu_tests runs the GPU-only tests first).
 # DEADLINE (seconds from the start): each stage is cut (timeout) so that the whole script, the tarball
 # included, ends before it; a stage with under 20 s left is skipped. Each stage also has its own cap.
 # BILD_REV names the revision in the result rows where the copy has no .git.
-# Stages: build | tests | kernel_tests | bench | bench_targets | e2e | e2e_quick | e2e_batch | e2e_batch_quick |
-#         divergence | ctest. Wheels in .whl/ (carried) are installed first.
+# Stages: build | gpu_tests | tests | kernel_tests | bench | bench_targets | e2e | e2e_quick | e2e_batch |
+#         e2e_batch_quick | divergence | profile (ncu on verify_draft at B=64, K=8, V=128256) | ctest. Wheels in .whl/ (carried) are installed first.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -62,8 +64,14 @@ E2E="$PY bench/bench_e2e.py --device cuda --pair llama-1b --tokens 64"
 for s in "$@"; do
     case "$s" in
         build) stage build 240 env BILD_NO_CPU_EXT=1 "$PY" setup.py build_ext --inplace ;;
-        tests) stage tests 240 "$PY" -m pytest -q -m "not slow" -p no:cacheprovider --maxfail 20 --timeout 200 \
-                   -n "$WORKERS" --dist loadfile $TESTS ;;
+        gpu_tests) stage gpu_tests 150 env OMP_NUM_THREADS=2 "$PY" -m pytest -q -rfE -m "not slow" -p no:cacheprovider \
+                       -p no:benchmark --timeout 120 -n "$WORKERS" -k "on_gpu or cuda_graph or test_cuda_extension" \
+                       $TESTS ;;
+        tests) stage tests 240 env OMP_NUM_THREADS=2 "$PY" -m pytest -q -rfE -m "not slow" -p no:cacheprovider \
+                   -p no:benchmark --maxfail 20 --timeout 200 -n "$WORKERS" --dist loadfile $TESTS ;;
+        profile) stage profile 240 ncu --set basic --kernel-name regex:"Kernel" --launch-skip 30 --launch-count 15 \
+                     "$PY" bench/bench_verify_draft.py --device cuda --backends cuda --no-save \
+                     --shapes 64x8x128256 ;;
         kernel_tests) stage kernel_tests 240 "$PY" -m pytest -q -m "not slow" -p no:cacheprovider --maxfail 20 \
                           --timeout 200 -n "$WORKERS" --dist loadfile tests/kernels ;;
         bench_targets) stage bench_verify_targets 90 "$PY" bench/bench_verify_draft.py --device cuda \
@@ -82,7 +90,7 @@ for s in "$@"; do
                         --out bench/results/serve_load_bf16_cuda.csv ;;
         ctest) stage ctest 400 sh -c "cmake -S . -B build/cmake -G Ninja -DCMAKE_CUDA_ARCHITECTURES=90 \
                    && cmake --build build/cmake && ctest --test-dir build/cmake --output-on-failure" ;;
-        *) echo "unknown stage: $s (build | tests | kernel_tests | bench | bench_targets | e2e | e2e_quick | e2e_batch | e2e_batch_quick | divergence | ctest)"; exit 2 ;;
+        *) echo "unknown stage: $s (build | gpu_tests | tests | profile | kernel_tests | bench | bench_targets | e2e | e2e_quick | e2e_batch | e2e_batch_quick | divergence | ctest)"; exit 2 ;;
     esac
 done
 tar czf "$OUT/gpu_session.tgz" -C "$(dirname "$LOG")" logs -C "$ROOT" bench/results

@@ -4,7 +4,7 @@ import torch
 
 import bild_kernels
 from bild_kernels import backends, verify_draft
-from bild_kernels._backend import cpu_extension
+from bild_kernels._backend import cpu_extension, triton_available, triton_interpret
 
 OPS = {"write_paged_kv", "reserve_paged_kv", "rollback_paged_kv", "gather_paged_kv", "sample_draft", "verify_draft"}
 CPU_OPS = {"cpu_linear", "cpu_linear_int8"}  # CPU-only ops: the extension bild_kernels._cpu and a reference
@@ -44,19 +44,33 @@ def test_cpu_default_follows_triton_interpret(monkeypatch):
     assert backends("cpu")["verify_draft"]["default"] == "ref"
 
 
-def test_forced_backends_agree_and_bad_names_fail(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+def test_forced_backends_agree_and_bad_names_fail():
     logits = torch.randn(2, 3, 19)
     draft = torch.tensor([[1, 2], [3, -1]])
     a = verify_draft(draft, logits, "greedy", backend="ref")
-    b = verify_draft(draft, logits, "greedy", backend="triton")
-    assert torch.equal(a.output_ids, b.output_ids) and torch.equal(a.num_accepted, b.num_accepted)
+    # Triton runs on a GPU, or on the CPU when the process started under TRITON_INTERPRET=1 (the interpreter
+    # is chosen when the kernels are defined: setting the variable later does not reach them).
+    dev = "cuda" if torch.cuda.is_available() else "cpu" if triton_interpret() else None
+    if dev is not None and triton_available():
+        b = verify_draft(draft.to(dev), logits.to(dev), "greedy", backend="triton")
+        assert torch.equal(a.output_ids, b.output_ids.cpu()) and torch.equal(a.num_accepted, b.num_accepted.cpu())
     with pytest.raises(ValueError, match="backend must be one of"):
         verify_draft(draft, logits, "greedy", backend="tpu")
     with pytest.raises(ValueError, match="cannot run"):
         verify_draft(draft, logits, "greedy", backend="cuda")
     with pytest.raises(ValueError, match="no implementation of verify_draft"):
         verify_draft(draft, logits, "greedy", backend="cpu")
+
+
+def test_backends_reports_a_forced_backend_that_cannot_run(monkeypatch):
+    # backends() describes; it does not raise: where BILD_BACKEND names a backend that cannot run an op on the
+    # device (the CUDA extension on CPU tensors), that op's default is None and the reason is given.
+    monkeypatch.setenv("BILD_BACKEND", "cuda")
+    info = backends("cpu")["verify_draft"]
+    assert info["default"] is None and "cannot run verify_draft on cpu" in info["error"]
+    assert backends("cpu")["cpu_linear"]["default"] in ("cpu", "ref")  # it has no cuda backend: its default stays
+    with pytest.raises(ValueError, match="BILD_BACKEND='cuda' cannot run verify_draft on cpu"):
+        verify_draft(torch.tensor([[1]]), torch.randn(1, 2, 5), "greedy")
 
 
 def test_env_forces_default(monkeypatch):

@@ -37,7 +37,7 @@ class _Buffers:
     block_tables: torch.Tensor  # [B', M] int32
     context_lens: torch.Tensor  # [B'] int32, 0 for padding rows
     graph: object = None
-    logits: torch.Tensor | None = None  # [B'*Q, V]: the graph's output (its pool), or the last eager one
+    logits: torch.Tensor | None = None  # [B'*Q, V]: the graph's output (its pool), overwritten by every pass
 
 
 class StaticExtend:
@@ -85,8 +85,10 @@ class StaticExtend:
         buf.block_tables[:n].copy_(self.runner.blocks.block_tables_of(rows))
         if buf.graph is not None:
             buf.graph.replay()
-        else:
+        elif buf.logits is None:
             buf.logits = self._forward(buf)
+        else:  # the uncaptured pass overwrites the bucket's one logits buffer, as a replay does, so that
+            buf.logits.copy_(self._forward(buf))  # a caller holding logits across passes fails here too
         return buf.logits.view(B, Q, -1)[:n]
 
     def _forward(self, buf: _Buffers) -> torch.Tensor:

@@ -2,7 +2,7 @@
 fake (meta) implementations that let torch.compile trace through them."""
 import torch
 
-from bild_kernels._backend import register
+from bild_kernels._backend import CPU_EXTENSION_OPS, register
 
 
 @torch.library.register_fake("bild_kernels_cpu::cpu_linear")
@@ -15,5 +15,5 @@ def _cpu_linear_int8_fake(x, qweight, scale, bias):
     return x.new_empty((x.shape[0], qweight.shape[0]))
 
 
-register("cpu_linear", "cpu", torch.ops.bild_kernels_cpu.cpu_linear)
-register("cpu_linear_int8", "cpu", torch.ops.bild_kernels_cpu.cpu_linear_int8)
+for _op in CPU_EXTENSION_OPS:
+    register(_op, "cpu", getattr(torch.ops.bild_kernels_cpu, _op))

@@ -124,8 +124,10 @@ def test_cpu_linear_backend_errors():
     with pytest.raises(ValueError, match="no implementation of cpu_linear"):
         cpu_linear(x, w, backend="triton")
     if cpu_extension() is None:
-        with pytest.raises(ValueError, match="backend 'cpu' cannot run cpu_linear"):
+        with pytest.raises(ValueError, match="backend 'cpu' cannot run cpu_linear: the CPU extension"):
             cpu_linear(x, w, backend="cpu")
+    with pytest.raises(ValueError, match="cpu_linear runs on the CPU; x is on meta"):
+        cpu_linear(x.to("meta"), w.to("meta"), backend="cpu")
 
 
 @needs_ext
