@@ -113,6 +113,13 @@ def resolve(op: str, device: torch.device, backend: str | None) -> object:
     return impls[backend]
 
 
+def registered(op: str, backend: str):
+    """The implementation of `op` that `backend` registered, or None (the backend lacks the op, or its
+    extension is not built here): to tell which backend `resolve` chose."""
+    _load_backends()
+    return _IMPLS.get(op, {}).get(backend)
+
+
 @functools.lru_cache(None)
 def _load_backends() -> None:
     # Importing a backend module registers its implementations.

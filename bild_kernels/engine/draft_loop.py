@@ -34,6 +34,29 @@ from bild_kernels import ops
 from bild_kernels.models import AttentionMetadata
 
 
+def capture_graph(step, device: torch.device, pool, what: str):
+    """`step()` recorded as a CUDA graph in the shared memory `pool`, after two warm-up runs on a side stream
+    (allocator pools, Triton compilation, cuBLAS workspaces); the caller has made the step write nothing.
+    A capture that fails warns and returns None: the caller then runs the step uncaptured (the same ops, only
+    slower). Used for the draft loop's steps and for the short extend passes (static_extend.py)."""
+    try:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            step()
+        return graph
+    except Exception as exc:  # noqa: BLE001 — the uncaptured step is the same ops, only slower
+        warnings.warn(f"CUDA-graph capture of {what} failed, running it without a graph: {type(exc).__name__}: "
+                      f"{exc}", RuntimeWarning, stacklevel=3)
+        torch.cuda.synchronize(device)
+        return None
+
+
 def buckets(max_batch_size: int) -> list[int]:
     """Batch-size buckets: powers of two below max_batch_size, then max_batch_size."""
     out, b = [], 1
@@ -156,29 +179,12 @@ class StaticDraftLoop:
             buf = _Buffers(size, with_probs, r.device, r.blocks.max_blocks_per_seq, r.executor.config.vocab_size,
                            feats)
             if self.capture:
-                try:
-                    self._capture(buf)
-                except Exception as exc:  # noqa: BLE001 — the uncaptured loop is the same ops, only slower
-                    warnings.warn(f"CUDA-graph capture of the draft step (bucket {size}) failed, running it without "
-                                  f"a graph: {type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=2)
-                    torch.cuda.synchronize(r.device)
+                t = buf.t
+                t["active"].zero_()  # every row inactive while recording: nothing is written
+                buf.graph = capture_graph(lambda: self._decode_step(t), r.device, self._pool,
+                                          f"the draft step (bucket {size})")
             self._buffers[key] = buf
         return self._buffers[key]
-
-    def _capture(self, buf: _Buffers) -> None:
-        """Record one decode step of this bucket. Every row inactive meanwhile: nothing is written."""
-        t = buf.t
-        t["active"].zero_()
-        side = torch.cuda.Stream(self.runner.device)
-        side.wait_stream(torch.cuda.current_stream(self.runner.device))
-        with torch.cuda.stream(side):  # warm-up: allocator pools, Triton compilation, cuBLAS workspaces
-            for _ in range(2):
-                self._decode_step(t)
-        torch.cuda.current_stream(self.runner.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            self._decode_step(t)
-        buf.graph = graph
 
     # -- one run ------------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -87,12 +87,11 @@ class ModelRunner:
         slot_mapping = self.blocks.append(rows, counts)  # [T] int64, reserves blocks as needed
         K1 = max(n_logits)
         if self.static is not None and not return_hidden and embeds is None and self.static.serves(counts):
-            full = self.static.forward(rows, tokens, starts, slot_mapping)  # [n, Q, V]
-            # Row i's logits sit at its positions c-n .. c-1; padding repeats the last one.
-            idx = torch.tensor([[c - n + min(j, n - 1) for j in range(K1)] for c, n in zip(counts, n_logits)],
-                               dtype=torch.int64, device=dev)
-            logits = full.gather(1, idx[:, :, None].expand(-1, -1, full.shape[-1]))
-            return self.screen_logits(rows, logits)
+            full = self.static.forward(rows, tokens, starts, slot_mapping)  # [n, Q, V]: row i's tokens first
+            Q = full.shape[1]
+            idx = _last_positions([i * Q + c for i, c in enumerate(counts)], n_logits)
+            logits = full.flatten(0, 1)[torch.tensor(idx, dtype=torch.int64, device=dev)]
+            return self.screen_logits(rows, logits.view(len(rows), K1, -1))
         input_ids = None if embeds is not None else torch.tensor([t for ts in tokens for t in ts], dtype=torch.int64,
                                                                  device=dev)
         positions = torch.tensor([s + j for s, c in zip(starts, counts) for j in range(c)], dtype=torch.int64,
@@ -106,10 +105,16 @@ class ModelRunner:
             block_tables=self.blocks.block_tables_of(rows),
             context_lens=torch.tensor([s + c for s, c in zip(starts, counts)], dtype=torch.int32, device=dev),
             max_query_len=max(counts), max_context_len=max(s + c for s, c in zip(starts, counts)))
-        # Row i's logits sit at flat positions qsl[i+1]-n .. qsl[i+1]-1; padding repeats the last one.
-        idx = [qsl[i + 1] - n + min(j, n - 1) for i, n in enumerate(n_logits) for j in range(K1)]
         out = self.executor.forward(input_ids, meta, self.kv_caches, hidden_states=embeds,
-                                    logits_indices=torch.tensor(idx, dtype=torch.int64, device=dev),
+                                    logits_indices=torch.tensor(_last_positions(qsl[1:], n_logits),
+                                                                dtype=torch.int64, device=dev),
                                     return_hidden=return_hidden)
         logits = self.screen_logits(rows, (out[0] if return_hidden else out).view(len(rows), K1, -1))
         return (logits, list(out[1].split(counts))) if return_hidden else logits
+
+
+def _last_positions(ends: list[int], n_logits: list[int]) -> list[int]:
+    """Flat positions of each row's last n_logits[i] tokens, row i's tokens ending (exclusive) at ends[i];
+    every row padded to max(n_logits) positions by repeating its last one (as extend returns them)."""
+    K1 = max(n_logits)
+    return [e - n + min(j, n - 1) for e, n in zip(ends, n_logits) for j in range(K1)]

@@ -17,12 +17,11 @@ identical padded forward without a graph (CPU tests, debugging a graph on a GPU)
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
 
-from bild_kernels.engine.draft_loop import buckets
+from bild_kernels.engine.draft_loop import buckets, capture_graph
 from bild_kernels.models import AttentionMetadata
 
 
@@ -109,29 +108,11 @@ class StaticExtend:
                            query_start_loc=torch.arange(batch + 1, **i32) * tokens,
                            block_tables=torch.full((batch, r.blocks.max_blocks_per_seq), -1, **i32),
                            context_lens=torch.zeros(batch, **i32))
-            if self.capture:
-                try:
-                    self._capture(buf)
-                except Exception as exc:  # noqa: BLE001 — the uncaptured pass is the same ops, only slower
-                    warnings.warn(f"CUDA-graph capture of the extend pass (bucket {batch}x{tokens}) failed, running "
-                                  f"it without a graph: {type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=2)
-                    torch.cuda.synchronize(r.device)
-                    buf.graph = None
+            if self.capture:  # new buffers: every slot -1, every context empty, so recording writes nothing
+                def step():
+                    buf.logits = self._forward(buf)
+                buf.graph = capture_graph(step, r.device, self._pool, f"the extend pass (bucket {batch}x{tokens})")
+                if buf.graph is None:
+                    buf.logits = None  # a failed capture's output is not a buffer to reuse
             self._buffers[key] = buf
         return self._buffers[key]
-
-    def _capture(self, buf: _Buffers) -> None:
-        """Record the pass of this bucket. Every slot -1 and every context empty meanwhile: nothing is written."""
-        dev = self.runner.device
-        buf.slot_mapping.fill_(-1)
-        buf.context_lens.zero_()
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):  # warm-up: allocator pools, Triton compilation, cuBLAS workspaces
-            for _ in range(2):
-                self._forward(buf)
-        torch.cuda.current_stream(dev).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            buf.logits = self._forward(buf)
-        buf.graph = graph

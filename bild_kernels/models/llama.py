@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from bild_kernels._backend import resolve
+from bild_kernels._backend import registered, resolve
 from bild_kernels.models.attention import (AttentionMetadata, CpuAttentionPlan, default_attention_backend,
                                            paged_attention)
 from bild_kernels.models.config import ModelConfig
@@ -102,7 +102,7 @@ class LlamaExecutor:
         if self.device.type != "cpu" or self.dtype != torch.float32:
             return None
         fn = resolve("cpu_linear", self.device, "ref" if self.backend == "ref" else None)
-        if fn is not _cpu_linear_kernel():
+        if fn is not registered("cpu_linear", "cpu"):  # the reference: F.linear does it
             return None
         self.lm_head = self.lm_head.contiguous()
         for w in self.layers:
@@ -283,12 +283,6 @@ class Int8Weight(NamedTuple):
 
     def dequantize(self) -> torch.Tensor:
         return self.q.to(self.scale.dtype) * self.scale[:, None]
-
-
-@functools.cache
-def _cpu_linear_kernel():
-    from bild_kernels._backend import cpu_extension
-    return torch.ops.bild_kernels_cpu.cpu_linear if cpu_extension() is not None else None
 
 
 INT8_K_MULTIPLE = 16  # torch's CPU int8 weight kernel reads the input width in blocks of 16

@@ -50,12 +50,18 @@ def test_static_passes_equal_eager_passes(engines, policy, params):
 
 
 def test_static_passes_are_lossless_under_greedy(engines, large_model):
-    tokens, metrics = run(engines["static"], Greedy(max_draft_len=5), SamplingParams(max_tokens=N))
-    assert tokens == [hf_greedy(large_model, p, N) for p in PROMPTS]
-    assert sum(m[METRICS.index("drafted_tokens")] for m in metrics) > 0
-    # every bucket the passes used was a padded one at least once (5 rows -> bucket 5, then 4, 2, 1)
-    used = set(engines["static"].runners["large"].static._buffers)
-    assert {b for b, _ in used} >= {1, 2, 4, 5} and {q for _, q in used} >= {1, 2, 4, 8}
+    static = engines["static"]
+    static.runners["large"].static._buffers.clear()  # the buckets of this test's passes only
+    lengths = [N, N - 8, N - 10, N - 12, N - 13]  # rows leave one by one: the batch shrinks 5 -> 4 -> 3 -> 2 -> 1
+    outs = static.generate(PROMPTS, [SamplingParams(max_tokens=m) for m in lengths], policy=Greedy(max_draft_len=5))
+    assert all(o.error is None for o in outs)
+    assert_all_free(static)
+    assert [o.token_ids for o in outs] == [hf_greedy(large_model, p, m) for p, m in zip(PROMPTS, lengths)]
+    assert sum(o.metrics.drafted_tokens for o in outs) > 0
+    # every batch bucket was used (5 rows -> bucket 5, then 4, 4 for 3 rows, 2, 1), and token buckets from
+    # decode-sized to a verification over 5 drafts (6 tokens -> 8)
+    used = set(static.runners["large"].static._buffers)
+    assert {b for b, _ in used} >= {1, 2, 4, 5} and {q for _, q in used} >= {1, 2, 8}
 
 
 def test_static_passes_with_the_static_draft_loop(large_model, small_model, engines):
