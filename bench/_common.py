@@ -80,6 +80,21 @@ def timeit(fn, device: str, *, warmup: int = 3, iters: int = 20, setup=None) -> 
     return {"median_us": statistics.median(times), "p20_us": q[1], "p80_us": q[7]}
 
 
+GRAPHED = ("cuda", "triton")  # backends also timed replayed from a CUDA graph on a GPU ("<backend>+graph")
+
+
+def graph_replay(fn):
+    """fn captured in a CUDA graph (after one warm-up call), returned as its replay: what the op costs the GPU
+    alone, without the Python and launch cost that a timed eager call includes (the engine runs its draft
+    steps this way)."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

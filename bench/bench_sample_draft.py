@@ -2,7 +2,8 @@
 
 GPU shapes: B in {1, 8, 64, 256}, V in {32000, 128256}; rows greedy, sampling (T = 0.8) or sampling with
 top-k 50 / top-p 0.9. Bandwidth counts one read of the logits (the floor any implementation pays); the
-speed-up is against the PyTorch reference ("ref"); "compile" is torch.compile of that reference.
+speed-up is against the PyTorch reference ("ref"); "compile" is torch.compile of that reference;
+"cuda+graph" and "triton+graph" time the kernels replayed from a CUDA graph (no Python or launch cost).
 On a CPU (Triton under TRITON_INTERPRET=1) tiny shapes only show that the plumbing works.
 
     python bench/bench_sample_draft.py [--device cuda] [--backends triton,ref] [--no-save]
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # run from a checkout
-from _common import parser, pick_shapes, record, runs_at, timeit, usable_backends  # noqa: E402
+from _common import GRAPHED, graph_replay, parser, pick_shapes, record, runs_at, timeit, usable_backends  # noqa: E402
 
 from bild_kernels import reference as R  # noqa: E402
 from bild_kernels._backend import resolve  # noqa: E402
@@ -60,6 +61,10 @@ def main() -> None:
                              B * V * 2, save=not args.no_save)
                 if base and b != "ref":
                     print(f"{'':<22} {b:<8} speed-up vs ref: {base / row['median_us']:.2f}x")
+                if gpu and b in GRAPHED:
+                    stats = timeit(graph_replay(lambda: fns[b](*x)), args.device, warmup=2, iters=iters)
+                    record("sample_draft", args.device, b + "+graph", {"B": B, "V": V, "rows": rows, "dtype": "bf16"}, stats,
+                           B * V * 2, save=not args.no_save)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ GPU shapes: B in {1, 8, 64, 256}, K in {4, 8}, V in {32000, 128256}; modes greed
 (greedy target) and sample (target at T = 0.8, fp32 draft probabilities). Drafts agree with the target's
 argmax at 70% of positions, so rows accept a mix of lengths. Bandwidth counts one read of the target
 logits [B, K+1, V] (sample mode adds nothing: it reads a single p_S row per rejected sequence). The
-speed-up is against the PyTorch reference ("ref"); "compile" is torch.compile of that reference.
+speed-up is against the PyTorch reference ("ref"); "compile" is torch.compile of that reference;
+"cuda+graph" and "triton+graph" time the kernels replayed from a CUDA graph (no Python or launch cost).
 On a CPU (Triton under TRITON_INTERPRET=1) tiny shapes only show that the plumbing works.
 
     python bench/bench_verify_draft.py [--device cuda] [--backends triton,ref] [--no-save]
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # run from a checkout
-from _common import parser, pick_shapes, record, runs_at, timeit, usable_backends  # noqa: E402
+from _common import GRAPHED, graph_replay, parser, pick_shapes, record, runs_at, timeit, usable_backends  # noqa: E402
 
 from bild_kernels import reference as R  # noqa: E402
 from bild_kernels._backend import resolve  # noqa: E402
@@ -63,6 +64,10 @@ def main() -> None:
                              stats, B * (K + 1) * V * 2, save=not args.no_save)
                 if base and b != "ref":
                     print(f"{'':<22} {b:<8} speed-up vs ref: {base / row['median_us']:.2f}x")
+                if gpu and b in GRAPHED:
+                    stats = timeit(graph_replay(lambda: fns[b](*x)), args.device, warmup=2, iters=iters)
+                    record("verify_draft", args.device, b + "+graph", {"B": B, "K": K, "V": V, "mode": mode, "dtype": "bf16"}, stats,
+                           B * (K + 1) * V * 2, save=not args.no_save)
 
 
 if __name__ == "__main__":
