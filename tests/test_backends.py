@@ -80,3 +80,20 @@ def test_env_forces_default(monkeypatch):
 
 def test_version():
     assert bild_kernels.__version__
+
+
+def test_trusted_inputs_skips_value_checks_only():
+    # The engine's own steps run inside trusted_inputs(): value checks (each a device read, a host sync on a
+    # GPU) are skipped there; shape, dtype and device checks are not, and the checks come back on leaving.
+    from bild_kernels.ops import trusted_inputs
+    logits, bad_ids = torch.randn(1, 3, 5), torch.tensor([[1, 7]])  # 7 is outside the vocabulary of 5
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        verify_draft(bad_ids, logits, "greedy", backend="ref")
+    with trusted_inputs():
+        verify_draft(torch.tensor([[1, 2]]), logits, "bild", rollback_threshold=-1.0, backend="ref")  # unchecked
+        with pytest.raises(ValueError, match="draft_ids must have shape"):
+            verify_draft(torch.tensor([[1]]), logits, "greedy", backend="ref")
+        with pytest.raises(TypeError, match="draft_ids must have dtype"):
+            verify_draft(torch.tensor([[1.0, 2.0]]), logits, "greedy", backend="ref")
+    with pytest.raises(ValueError, match="rollback_threshold must be >= 0"):
+        verify_draft(torch.tensor([[1, 2]]), logits, "bild", rollback_threshold=-1.0, backend="ref")

@@ -32,6 +32,7 @@ from bild_kernels.engine.params import SamplingParams
 from bild_kernels.engine.policies import Policy
 from bild_kernels.engine.sequence import RequestOutput, Sequence, StreamChunk
 from bild_kernels.engine.tokenizer import Detokenizer, resolve_prompts
+from bild_kernels.ops import trusted_inputs
 
 
 @dataclass(eq=False)
@@ -193,7 +194,8 @@ class Scheduler:
                 return
         for group in groups.values():
             try:
-                committed = eng._step([r.seq for r in group], group[0].policy)
+                with trusted_inputs():  # every request was checked at admission: no device reads in the ops
+                    committed = eng._step([r.seq for r in group], group[0].policy)
                 faulted = self._take_faults()
             except BaseException as exc:
                 self._take_faults()

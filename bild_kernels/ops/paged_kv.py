@@ -70,7 +70,7 @@ def reserve_paged_kv(block_tables, context_lens, num_new, free_blocks, num_free,
     reads it when it must know (the engine does, once per step, outside any graph).
     """
     dev = _check_tables(block_tables, context_lens, num_new, "num_new", free_blocks, num_free, block_size)
-    if not v.capturing():
+    if not v.skip_value_checks():
         cap = (context_lens.long() + num_new.long() + block_size - 1) // block_size
         if bool(((context_lens >= 0) & (cap > block_tables.shape[1])).any()):
             raise ValueError(f"num_new: a row would need more than block_tables.shape[1]="

@@ -46,7 +46,7 @@ def verify_draft(draft_ids, target_logits, mode: str = "greedy", *, rollback_thr
     K = K1 - 1
     if K < 0:
         raise ValueError("target_logits must have at least one position (K+1 >= 1)")
-    if not v.capturing() and draft_ids.numel():
+    if not v.skip_value_checks() and draft_ids.numel():
         if bool((draft_ids >= V).any()) or bool((draft_ids < -1).any()):
             bad = draft_ids[(draft_ids >= V) | (draft_ids < -1)][0].item()
             raise ValueError(f"draft_ids holds {bad}, outside the vocabulary [0, {V}) (-1 pads)")
