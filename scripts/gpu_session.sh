@@ -19,7 +19,8 @@
 # included, ends before it; a stage with under 20 s left is skipped. Each stage also has its own cap.
 # BILD_REV names the revision in the result rows where the copy has no .git.
 # Stages: build | gpu_tests | tests | kernel_tests | bench | bench_targets | e2e | e2e_quick | e2e_batch |
-#         e2e_batch_quick | divergence | profile (ncu on verify_draft at B=64, K=8, V=128256) | ctest. Wheels in .whl/ (carried) are installed first.
+#         e2e_batch_quick | divergence | profile (ncu on verify_draft at B=64, K=8, V=128256) |
+#         profile_step (torch.profiler over graphed engine steps, random Llama-1B pair) | ctest. Wheels in .whl/ (carried) are installed first.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -72,6 +73,10 @@ for s in "$@"; do
         profile) stage profile 240 ncu --set basic --kernel-name regex:"Kernel" --launch-skip 30 --launch-count 15 \
                      "$PY" bench/bench_verify_draft.py --device cuda --backends cuda --no-save \
                      --shapes 64x8x128256 ;;
+        profile_step) stage profile_step_large 120 "$PY" bench/profile_step.py --device cuda --pair llama-1b \
+                          --policy large-only
+                      stage profile_step_bild 120 "$PY" bench/profile_step.py --device cuda --pair llama-1b \
+                          --policy bild ;;
         kernel_tests) stage kernel_tests 240 "$PY" -m pytest -q -m "not slow" -p no:cacheprovider --maxfail 20 \
                           --timeout 200 -n "$WORKERS" --dist loadfile tests/kernels ;;
         bench_targets) stage bench_verify_targets 90 "$PY" bench/bench_verify_draft.py --device cuda \
@@ -90,7 +95,7 @@ for s in "$@"; do
                         --out bench/results/serve_load_bf16_cuda.csv ;;
         ctest) stage ctest 400 sh -c "cmake -S . -B build/cmake -G Ninja -DCMAKE_CUDA_ARCHITECTURES=90 \
                    && cmake --build build/cmake && ctest --test-dir build/cmake --output-on-failure" ;;
-        *) echo "unknown stage: $s (build | gpu_tests | tests | profile | kernel_tests | bench | bench_targets | e2e | e2e_quick | e2e_batch | e2e_batch_quick | divergence | ctest)"; exit 2 ;;
+        *) echo "unknown stage: $s (build | gpu_tests | tests | profile | profile_step | kernel_tests | bench | bench_targets | e2e | e2e_quick | e2e_batch | e2e_batch_quick | divergence | ctest)"; exit 2 ;;
     esac
 done
 tar czf "$OUT/gpu_session.tgz" -C "$(dirname "$LOG")" logs -C "$ROOT" bench/results

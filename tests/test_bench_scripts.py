@@ -62,3 +62,13 @@ def test_cpu_linear_benchmark_compares_with_reference():
         ("cpu", "M=1"), ("cpu", "M=3"), ("ref", "M=1"), ("ref", "M=3")]
     assert sorted(r[1] for r in rows if r[0] == "cpu_linear_int8") == ["cpu", "cpu", "torch-bf16", "torch-bf16"]
     assert any(line.strip().startswith("M=3: cpu") and "ref/cpu" in line for line in lines)
+
+
+def test_step_profile_prints_where_the_time_goes():
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(BENCH / "profile_step.py"), "--pair", "tiny", "--policy", "bild",
+                           "--passes", "static", "--tokens", "4", "--rows", "5"], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Self CPU time total" in proc.stdout
+    assert "bild (static), batch 1: 4 tokens in" in proc.stdout.splitlines()[-1]
