@@ -9,6 +9,12 @@
   4. measure  — top-1 agreement with the large model on the held-out continuations;
   5. write    — the draft directory (bild_kernels.models.draft) with a card saying all of the above.
 Steps 1–2 are cached in `work_dir` so that a second run only trains.
+
+For a short GPU session: device="cuda" runs the large model and the draft there (bfloat16, larger
+batches); `samples_per_prompt` draws more answers from the same prompts; `corpus_minutes` bounds step 1
+by wall time; `init_draft` starts from an existing draft (the shipped one) instead of the large model's
+layers, so the session's minutes add to the training it already had. The held-out references
+(`corpus_eval.pt`) do not depend on the device: a work dir that already holds them skips their generation.
 """
 from __future__ import annotations
 
@@ -17,6 +23,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from bild_kernels.distill.card import draft_card
 
 
 def _teacher(large):
@@ -46,84 +54,199 @@ def _cached(work_dir: Path | None, name: str, make):
     return value
 
 
+def _check_device(device, kind: str) -> torch.device:
+    """The torch.device for `device`, refused here (before any model is loaded) when it cannot run."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be 'cpu' or 'cuda' (or 'cuda:N'), got {device!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda' (or 'cuda:N'), got {device!r}")
+    if dev.type == "cuda" and kind == "feature":
+        raise ValueError("device: kind='feature' trains on the CPU only (its teacher features come from "
+                         "bild's CPU executor); use device='cpu' or kind='layers'")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}: no CUDA GPU is usable here (torch.cuda.is_available() is False)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+def _init_manifest(init_draft, init_layers, draft_vocab) -> dict:
+    """The manifest of the draft to warm-start from, refused when it cannot be (a feature draft, no such
+    directory) or when it contradicts `init_layers` / `draft_vocab`."""
+    from bild_kernels.models.draft import is_draft_dir, read_manifest
+    if not is_draft_dir(init_draft):
+        raise FileNotFoundError(f"init_draft: no draft directory (with bild_draft.json) at {str(init_draft)!r}")
+    manifest = read_manifest(init_draft)
+    if manifest["kind"] != "layers":
+        raise ValueError(f"init_draft: {str(init_draft)!r} is a {manifest['kind']} draft; warm starts take a "
+                         "layers draft")
+    if init_layers is not None and list(init_layers) != manifest["init_layers"]:
+        raise ValueError(f"init_layers {list(init_layers)} conflicts with init_draft {str(init_draft)!r}, whose "
+                         f"layers were initialised from {manifest['init_layers']} (leave init_layers out)")
+    if draft_vocab is not None and (draft_vocab or None) != manifest["draft_vocab_size"]:
+        own = manifest["draft_vocab_size"] or 0
+        raise ValueError(f"draft_vocab {draft_vocab} conflicts with init_draft {str(init_draft)!r}, whose head "
+                         f"scores {own or 'the whole vocabulary'}{' tokens' if own else ''} (leave draft_vocab out)")
+    return manifest
+
+
+def _warm_start(draft, init_draft) -> torch.Tensor | None:
+    """Copy a draft directory's layers and final norm into `draft` (built with its init layers); returns
+    its `draft_vocab` (None: the whole vocabulary)."""
+    from safetensors.torch import load_file
+    weights = load_file(str(Path(init_draft) / "model.safetensors"))
+    vocab = weights.pop("draft_vocab", None)
+    with torch.no_grad():
+        missing, unexpected = draft.load_state_dict({k: v.float() for k, v in weights.items()}, strict=False)
+    if unexpected or any(k not in ("model.embed_tokens.weight", "lm_head.weight") for k in missing):
+        raise ValueError(f"init_draft: {str(init_draft)!r} does not fit a draft of its manifest "
+                         f"(unexpected {unexpected}, missing {missing})")
+    return vocab
+
+
 def distill(*, large=None, out, prompts: int = 512, max_new_tokens: int = 96, minutes: float = 15.0,
-            init_layers: list[int] | None = None, draft_vocab: int = 8192, threads: int | None = None,
-            work_dir=None, bf16: bool | None = None, kind: str = "layers", log=print) -> dict:
+            init_layers: list[int] | None = None, draft_vocab: int | None = None, threads: int | None = None,
+            work_dir=None, bf16: bool | None = None, kind: str = "layers", device: str = "cpu",
+            samples_per_prompt: int = 1, init_draft=None, corpus_minutes: float | None = None,
+            corpus_batch_size: int | None = None, train_batch_size: int | None = None, lr: float | None = None,
+            log=print) -> dict:
     """Train a draft for `large` (default: SmolLM2-135M-Instruct) and write it to `out`; returns its stats.
 
     `bf16` (default: where it is fast, see `fast_bf16`): the teacher writes the training corpus and its
     targets in bfloat16 and training runs under bfloat16 autocast; the held-out references the draft
     is scored against always come from the teacher in float32.
+    `device` ("cpu" or "cuda"): where the teacher and the draft run (bfloat16 by default on CUDA); the
+    corpus and the top-k targets stay on the CPU (and in `work_dir`). CUDA defaults: corpus batches of
+    256 answers (CPU: 64 in bfloat16, 16 in float32), training batches of 64 sequences (CPU: 8).
+    `samples_per_prompt`: every training prompt is answered that many times (T = 0.7, pass s seeded s),
+    so more data comes from the same prompts. `corpus_minutes`: the training corpus stops at the first
+    batch boundary after that much wall time and the run goes on with what it has (the held-out
+    references are always complete).
+    `init_draft`: a draft directory to warm-start from (e.g. the shipped one): its layers, final norm,
+    layer count and head vocabulary are kept (init_layers and draft_vocab, if given, must agree); lr
+    then defaults to 2e-4 (3e-4 from scratch), as the shipped draft's warm-started stages used.
+    `draft_vocab` (default 8192): the head scores the most frequent corpus tokens (0: the whole vocabulary).
     kind="feature": a one-layer feature draft initialised from the large model's last layer (init_layers
     is then refused); its teacher features come from bild's executor (bfloat16 where fast) and it always
-    trains in float32 (under bfloat16 autocast it does not learn)."""
+    trains in float32 (under bfloat16 autocast it does not learn); CPU only."""
     from bild_kernels.distill.corpus import chat_ids, generate_corpus
     from bild_kernels.distill.prompts import all_train_prompts, held_out_prompts
-    from bild_kernels.distill.train import agreement, build_draft, fast_bf16, frequent_tokens, teacher_targets, train
+    from bild_kernels.distill.train import agreement, build_draft, fast_bf16, teacher_targets, train
     from bild_kernels.models import load_model
-    from bild_kernels.models.draft import save_draft
+    from bild_kernels.models.draft import load_draft, save_draft
 
-    for name, val in (("prompts", prompts), ("max_new_tokens", max_new_tokens)):
-        if not isinstance(val, int) or val < 1:
+    for name, val in (("prompts", prompts), ("max_new_tokens", max_new_tokens),
+                      ("samples_per_prompt", samples_per_prompt), ("corpus_batch_size", corpus_batch_size),
+                      ("train_batch_size", train_batch_size)):
+        if val is None and name.endswith("batch_size"):
+            continue
+        if not isinstance(val, int) or isinstance(val, bool) or val < 1:
             raise ValueError(f"{name} must be a positive int, got {val!r}")
-    if not minutes > 0:
-        raise ValueError(f"minutes must be > 0, got {minutes!r}")
-    if draft_vocab < 0:
+    for name, val, optional in (("minutes", minutes, False), ("corpus_minutes", corpus_minutes, True),
+                                ("lr", lr, True)):
+        if not (optional and val is None) and not (isinstance(val, (int, float)) and val > 0):
+            raise ValueError(f"{name} must be > 0{' or None' if optional else ''}, got {val!r}")
+    if draft_vocab is not None and draft_vocab < 0:
         raise ValueError(f"draft_vocab must be >= 0 (0: the whole vocabulary), got {draft_vocab}")
     if kind not in ("layers", "feature"):
         raise ValueError(f"kind must be 'layers' or 'feature', got {kind!r}")
     if kind == "feature" and init_layers is not None:
         raise ValueError("init_layers: a feature draft is one layer initialised from the large model's last")
+    if kind == "feature" and init_draft is not None:
+        raise ValueError("init_draft: a feature draft starts from the large model's last layer, not from a draft")
+    dev = _check_device(device, kind)
+    init = _init_manifest(init_draft, init_layers, draft_vocab) if init_draft is not None else None
     train_set = all_train_prompts(prompts)  # refuses more prompts than there are
     if threads is not None:
         torch.set_num_threads(threads)
+    teacher, tok, source = _teacher(large)
+    L = teacher.config.num_hidden_layers
+    layers = init["init_layers"] if init is not None else (init_layers or [0, 1, 2, L - 1])
+    if any(not 0 <= j < L for j in layers):
+        raise ValueError(f"init layers {layers} out of range: the large model has {L} layers")
+    base = None
+    if init is not None:  # the checks the engine makes when it loads the result: the same large model
+        base, _ = load_model(teacher, dtype=torch.float32)
+        load_draft(init_draft, base, who="init_draft")
     work = Path(work_dir) if work_dir is not None else None
     if work is not None:
         work.mkdir(parents=True, exist_ok=True)
-    teacher, tok, source = _teacher(large)
-    L = teacher.config.num_hidden_layers
-    layers = init_layers or [0, 1, 2, L - 1]
-    if any(not 0 <= j < L for j in layers):
-        raise ValueError(f"init layers {layers} out of range: the large model has {L} layers")
-    bf16 = fast_bf16() if bf16 is None else bool(bf16)
-    log(f"corpus: {len(train_set)} training prompts, {len(held_out_prompts())} held-out prompts"
-        f"{', bfloat16 teacher and training' if bf16 else ''}")
+    teacher.to(dev)
+    bf16 = fast_bf16(dev.type) if bf16 is None else bool(bf16)
+    gen_batch = corpus_batch_size or (256 if dev.type == "cuda" else 64 if bf16 else 16)
+    train_batch = train_batch_size or (64 if dev.type == "cuda" else 8)
+    log(f"corpus: {len(train_set)} training prompts"
+        f"{f' x {samples_per_prompt} samples' if samples_per_prompt > 1 else ''}, "
+        f"{len(held_out_prompts())} held-out prompts{', bfloat16 teacher and training' if bf16 else ''}"
+        f"{f' on {_device_name(dev)}' if dev.type != 'cpu' else ''}")
     held = _cached(work, "corpus_eval.pt", lambda: generate_corpus(
-        teacher, tok, held_out_prompts(), max_new_tokens=64, temperature=0.0, log=log))
+        teacher, tok, held_out_prompts(), max_new_tokens=64, temperature=0.0, device=dev, log=log))
     held_pairs = [(ids, len(chat_ids(tok, p))) for p, ids in zip(held_out_prompts(), held)]
     fast_teacher = copy.deepcopy(teacher).to(torch.bfloat16) if bf16 else teacher
-    tag = f"{len(train_set)}_{max_new_tokens}{'_bf16' if bf16 else ''}"
+    # The corpus is cut by its time budget at an arbitrary point: such a corpus gets a name of its own.
+    tag = (f"{len(train_set)}_{max_new_tokens}{'_bf16' if bf16 else ''}"
+           f"{f'_x{samples_per_prompt}' if samples_per_prompt > 1 else ''}"
+           f"{f'_{corpus_minutes:g}min' if corpus_minutes is not None else ''}")
+    t_data = time.perf_counter()
     corpus = _cached(work, f"corpus_train_{tag}.pt", lambda: generate_corpus(
-        fast_teacher, tok, train_set, max_new_tokens=max_new_tokens, temperature=0.7,
-        batch_size=64 if bf16 else 16, log=log))
-    targets = _cached(work, f"targets_{tag}.pt",
-                      lambda: teacher_targets(fast_teacher, corpus, k=32, log=log))
-    del fast_teacher
-    always = [tok.eos_token_id] if tok.eos_token_id is not None else []
-    vocab = frequent_tokens(corpus, draft_vocab, always) if draft_vocab else None
+        fast_teacher, tok, train_set, max_new_tokens=max_new_tokens, temperature=0.7, batch_size=gen_batch,
+        samples=samples_per_prompt, max_seconds=None if corpus_minutes is None else corpus_minutes * 60,
+        device=dev, log=log))
+    corpus_s = time.perf_counter() - t_data
+    n_tokens = sum(len(c) for c in corpus)
+    log(f"corpus: {len(corpus)} answers, {n_tokens} tokens with the prompts, in {corpus_s:.0f} s")
+    targets = _cached(work, f"targets_{tag}.pt", lambda: teacher_targets(
+        fast_teacher, corpus, k=32, batch_tokens=16384 if dev.type == "cuda" else 4096, device=dev, log=log))
+    targets_s = time.perf_counter() - t_data - corpus_s
+    fast_teacher = None  # its memory back (on a GPU too): training reads only the corpus and targets
     if kind == "feature":
+        vocab = _vocab(corpus, draft_vocab, tok)
         return _distill_feature(teacher, source, corpus, targets, held_pairs, vocab, minutes, bf16, out, work, log)
     draft = build_draft(teacher, layers)
+    vocab = _warm_start(draft, init_draft) if init is not None else _vocab(corpus, draft_vocab, tok)
+    draft.to(dev)
     t0 = time.perf_counter()
-    before = agreement(draft, held_pairs, vocab)
-    lr, final_lr_frac = 3e-4, 0.1
+    before = agreement(draft, held_pairs, vocab, device=dev)
+    if init is not None:
+        log(f"warm start from {init_draft}: held-out top-1 agreement {before:.3f}")
+    lr = lr or (2e-4 if init is not None else 3e-4)
+    final_lr_frac = 0.1
     history = train(draft, corpus, targets, minutes=minutes, vocab=vocab, log=log, bf16=bf16, lr=lr,
-                    final_lr_frac=final_lr_frac,
-                    eval_fn=lambda d: agreement(d, held_pairs, vocab), eval_every_s=max(60.0, minutes * 12))
-    acc = agreement(draft, held_pairs, vocab)
+                    final_lr_frac=final_lr_frac, batch_size=train_batch, device=dev,
+                    eval_fn=lambda d: agreement(d, held_pairs, vocab, device=dev),
+                    eval_every_s=max(60.0, minutes * 12))
+    acc = agreement(draft, held_pairs, vocab, device=dev)
     log(f"held-out top-1 agreement {before:.3f} -> {acc:.3f} after {minutes:g} min")
-    base, _ = load_model(teacher, dtype=torch.float32)
-    n_tokens = sum(len(c) for c in corpus)
+    if base is None:
+        base, _ = load_model(teacher, dtype=torch.float32)
     stats = {"agreement": round(acc, 4), "agreement_before": round(before, 4), "minutes": minutes,
              "corpus_sequences": len(corpus), "corpus_tokens": n_tokens, "init_layers": layers,
              "draft_vocab": None if vocab is None else int(vocab.numel()), "history": history,
              "train_seconds": round(time.perf_counter() - t0, 1), "threads": torch.get_num_threads(),
-             "bf16": bf16, "lr": lr, "final_lr": lr * final_lr_frac}
-    card = _card(source.name, stats, len(held_pairs))
+             "bf16": bf16, "lr": lr, "final_lr": lr * final_lr_frac, "device": _device_name(dev),
+             "prompts": len(train_set), "samples_per_prompt": samples_per_prompt, "corpus_minutes": corpus_minutes,
+             "corpus_planned": len(train_set) * samples_per_prompt, "corpus_seconds": round(corpus_s, 1),
+             "targets_seconds": round(targets_s, 1), "batch_size": train_batch,
+             "init_draft": None if init_draft is None else str(init_draft)}
+    card = draft_card(source.name, stats, len(held_pairs))
     save_draft(out, draft.state_dict(), base=base, init_layers=layers, draft_vocab=vocab, base_name=source.name,
-               card=card)
+               card=card, policy=None if init is None else init.get("policy"))
     log(f"draft written to {out}")
     return stats
+
+
+def _vocab(corpus, draft_vocab: int | None, tok) -> torch.Tensor | None:
+    """The head vocabulary of a new draft: the `draft_vocab` (default 8192) most frequent corpus tokens."""
+    from bild_kernels.distill.train import frequent_tokens
+    n = 8192 if draft_vocab is None else draft_vocab
+    always = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    return frequent_tokens(corpus, n, always) if n else None
+
+
+def _device_name(dev: torch.device) -> str:
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
 
 
 def _distill_feature(teacher, source, corpus, targets, held_pairs, vocab, minutes, bf16, out, work, log) -> dict:
@@ -157,55 +280,6 @@ def _distill_feature(teacher, source, corpus, targets, held_pairs, vocab, minute
              "train_seconds": round(time.perf_counter() - t0, 1), "threads": torch.get_num_threads(),
              "bf16": bf16, "lr": lr, "final_lr": lr * 0.1, "depth": depth}
     base, _ = load_model(teacher, dtype=torch.float32)
-    draft.save_dir(out, base, base_name=source.name, card=_card(source.name, stats, len(held_pairs)))
+    draft.save_dir(out, base, base_name=source.name, card=draft_card(source.name, stats, len(held_pairs)))
     log(f"draft written to {out}")
     return stats
-
-
-def _card(base_name: str, s: dict, n_held: int) -> str:
-    vocab = "the whole vocabulary" if s["draft_vocab"] is None else f"the {s['draft_vocab']} most frequent corpus tokens"
-    precision = ", matrix products in bfloat16 (autocast; teacher corpus and targets too)" if s.get("bf16") else ""
-    hist = "\n".join(f"| {m} | {seen} | {acc:.3f} |" for m, seen, acc in s["history"]) or "| - | - | - |"
-    if s.get("kind") == "feature":
-        head = f"""# Feature draft for {base_name}
-
-An EAGLE-style draft for big-little speculative decoding with bild-kernels, made by `bild distill --kind feature`.
-
-- **Architecture**: fc(standardised large-model feature f_t, next-token embedding) -> one Llama decoder layer
-  initialised from the large model's layer {s['init_layers'][0]} -> the large model's final norm and head. It
-  reads the large model's last hidden state (before the final norm) at every verified position and predicts the
-  next one; while chaining it feeds its own predictions back. The head scores {vocab}.
-- **Data**: the large model's own answers (temperature 0.7) to {s['corpus_sequences']} templated chat prompts
-  (bild_kernels/distill/prompts.py), {s['corpus_tokens']} tokens with the prompts; features from bild's executor
-  ({'bfloat16' if s.get('bf16') else 'float32'}). No external data set.
-- **Objective**: smooth-L1 to the next feature (standardised) plus cross-entropy to the large model's top-32
-  next-token distribution, unrolled {s['depth']} steps on the draft's own features.
-- **Training**: AdamW, lr {s['lr']:g} (cosine to {s['final_lr']:g}), batch 8, float32, {s['minutes']:g} minutes
-  on {s['threads']} CPU thread(s).
-"""
-    else:
-        head = ""
-    agreement = f"""- **Agreement**: top-1 agreement with the large model's greedy continuations of {n_held} held-out
-  prompts (templates and topics training never saw): {s['agreement_before']:.3f} before training,
-  **{s['agreement']:.3f}** after.
-
-| minutes | tokens seen | held-out agreement |
-|---|---|---|
-{hist}
-"""
-    if head:
-        return head + agreement
-    return f"""# Draft model for {base_name}
-
-A draft for big-little speculative decoding with bild-kernels, made by `bild distill`.
-
-- **Architecture**: {len(s['init_layers'])} Llama decoder layers initialised from the large model's layers
-  {s['init_layers']}, its own final norm; the large model's token embedding and LM head are borrowed at
-  load time (frozen during training, not stored here). The head scores {vocab}; any other token is
-  never proposed (the verifier supplies it).
-- **Data**: the large model's own answers (temperature 0.7) to {s['corpus_sequences']} templated chat
-  prompts (instructions, summaries, translations; bild_kernels/distill/prompts.py), {s['corpus_tokens']}
-  tokens with the prompts. No external data set.
-- **Objective**: cross-entropy to the large model's top-32 next-token distribution at every position.
-- **Training**: AdamW, lr {s['lr']:g} (cosine to {s['final_lr']:g} over the time budget), batch 8, {s['minutes']:g} minutes of wall time on {s['threads']} CPU thread(s){precision}.
-{agreement}"""

@@ -18,6 +18,8 @@ from collections import Counter
 import torch
 import torch.nn.functional as F
 
+from bild_kernels.distill.corpus import model_device
+
 
 def fast_bf16(device: str = "cpu") -> bool:
     """Whether bfloat16 matrix products beat float32 here: any CUDA device, or a CPU with AMX or
@@ -58,9 +60,16 @@ def frequent_tokens(corpus: list[list[int]], n: int, always: list[int]) -> torch
 
 
 @torch.inference_mode()
-def teacher_targets(teacher, corpus: list[list[int]], k: int = 32, batch_tokens: int = 4096, log=print):
-    """Per sequence: (top-k ids [L, k] int32, top-k probs [L, k] fp16) of the teacher's next-token distribution."""
-    out, t0, done = [], time.perf_counter(), 0
+def teacher_targets(teacher, corpus: list[list[int]], k: int = 32, batch_tokens: int = 4096, device=None,
+                    log=print):
+    """Per sequence: (top-k ids [L, k] int32, top-k probs [L, k] fp16) of the teacher's next-token distribution.
+
+    Sequences are grouped by length into batches of at most `batch_tokens` (padded) tokens; the teacher
+    runs on `device` (see `model_device`; on a GPU ~16k tokens per batch keep it busy) and the targets
+    are kept on the CPU, where training reads them."""
+    dev = model_device(teacher, device)
+    t0 = last_log = time.perf_counter()
+    done = 0
     order = sorted(range(len(corpus)), key=lambda i: len(corpus[i]))
     res = [None] * len(corpus)
     i = 0
@@ -69,21 +78,23 @@ def teacher_targets(teacher, corpus: list[list[int]], k: int = 32, batch_tokens:
         while i + len(group) < len(order) and (len(group) + 1) * len(corpus[order[i + len(group)]]) <= batch_tokens:
             group.append(order[i + len(group)])
         width = max(len(corpus[g]) for g in group)
-        ids = torch.tensor([corpus[g] + [0] * (width - len(corpus[g])) for g in group])
-        mask = torch.tensor([[1] * len(corpus[g]) + [0] * (width - len(corpus[g])) for g in group])
-        logits = teacher(ids, attention_mask=mask).logits.float()
-        p, idx = torch.softmax(logits, -1).topk(k, dim=-1)
+        ids = torch.tensor([corpus[g] + [0] * (width - len(corpus[g])) for g in group], device=dev)
+        mask = torch.tensor([[1] * len(corpus[g]) + [0] * (width - len(corpus[g])) for g in group], device=dev)
+        logits = teacher(ids, attention_mask=mask).logits.float()  # [B, W, V]
+        p, idx = torch.softmax(logits, -1).topk(k, dim=-1)  # [B, W, k]
+        idx, p = idx.to("cpu", torch.int32), p.to("cpu", torch.float16)  # one copy per batch, not per row
         for row, g in enumerate(group):
             n = len(corpus[g])
-            res[g] = (idx[row, :n].to(torch.int32), p[row, :n].to(torch.float16))
+            res[g] = (idx[row, :n].clone(), p[row, :n].clone())  # own storage: saved without the padding
         done += sum(len(corpus[g]) for g in group)
         i += len(group)
-        log(f"teacher targets: {done} tokens, {done / (time.perf_counter() - t0):.0f} tok/s")
-    out = res
-    return out
+        if i == len(order) or time.perf_counter() - last_log > 5.0:
+            log(f"teacher targets: {done} tokens, {done / (time.perf_counter() - t0):.0f} tok/s")
+            last_log = time.perf_counter()
+    return res
 
 
-def _batch(corpus, targets, idxs, draft_vocab_map):
+def _batch(corpus, targets, idxs, draft_vocab_map, device):
     width = max(len(corpus[i]) for i in idxs)
     ids = torch.zeros(len(idxs), width, dtype=torch.long)
     mask = torch.zeros(len(idxs), width, dtype=torch.long)
@@ -96,6 +107,7 @@ def _batch(corpus, targets, idxs, draft_vocab_map):
         mask[r, :n] = 1
         tid[r, :n] = targets[i][0].long()
         tp[r, :n] = targets[i][1].float()
+    ids, mask, tid, tp = (t.to(device, non_blocking=True) for t in (ids, mask, tid, tp))
     if draft_vocab_map is not None:  # teacher ids outside the draft vocabulary carry no target mass
         mapped = draft_vocab_map[tid]
         tp = torch.where(mapped >= 0, tp, torch.zeros_like(tp))
@@ -105,21 +117,26 @@ def _batch(corpus, targets, idxs, draft_vocab_map):
 
 def draft_logits(draft, ids, mask, vocab: torch.Tensor | None):
     hidden = draft.model(input_ids=ids, attention_mask=mask).last_hidden_state
-    head = draft.lm_head.weight if vocab is None else draft.lm_head.weight[vocab]
+    head = draft.lm_head.weight if vocab is None else draft.lm_head.weight[vocab.to(hidden.device)]
     return hidden @ head.T
 
 
 def train(draft, corpus, targets, *, minutes: float, lr: float = 3e-4, batch_size: int = 8, vocab=None,
           eval_fn=None, eval_every_s: float = 300.0, log=print, seed: int = 0, bf16: bool = False,
-          final_lr_frac: float = 1.0):
+          final_lr_frac: float = 1.0, device=None):
     """Distil for `minutes` of wall time (cross-entropy against the teacher's top-k distribution).
 
     `bf16`: run the forward and backward matrix products in bfloat16 (autocast; the weights and the
     optimizer stay float32), ~3x the tokens per second on a CPU with AMX (see `fast_bf16`).
     `final_lr_frac` < 1: the learning rate follows a cosine over the wall-time budget down to that
-    fraction of `lr` (the budget is time, so the schedule is too)."""
+    fraction of `lr` (the budget is time, so the schedule is too).
+    `device`: where the draft trains (see `model_device`); each batch is built on the CPU from the
+    corpus and its targets, then moved there."""
     if not 0.0 < final_lr_frac <= 1.0:
         raise ValueError(f"final_lr_frac must be in (0, 1], got {final_lr_frac!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    dev = model_device(draft, device)
     g = torch.Generator().manual_seed(seed)
     params = [p for p in draft.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -127,6 +144,8 @@ def train(draft, corpus, targets, *, minutes: float, lr: float = 3e-4, batch_siz
     if vocab is not None:
         vmap = torch.full((draft.config.vocab_size,), -1, dtype=torch.long)
         vmap[vocab] = torch.arange(len(vocab))
+        vmap, vocab = vmap.to(dev), vocab.to(dev)
+    log_every = 20 if dev.type == "cpu" else 200  # a GPU step is ~100x faster: keep the log readable
     t0 = last_eval = time.perf_counter()
     step, seen, history = 0, 0, []
     draft.train()
@@ -134,7 +153,7 @@ def train(draft, corpus, targets, *, minutes: float, lr: float = 3e-4, batch_siz
         for group in opt.param_groups:
             group["lr"] = lr * (final_lr_frac + (1 - final_lr_frac) * 0.5 * (1 + math.cos(math.pi * done)))
         idxs = torch.randint(len(corpus), (batch_size,), generator=g).tolist()
-        ids, mask, tid, tp = _batch(corpus, targets, idxs, vmap)
+        ids, mask, tid, tp = _batch(corpus, targets, idxs, vmap, dev)
         with torch.autocast(device_type=ids.device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = draft_logits(draft, ids, mask, vocab)
         logp = F.log_softmax(logits.float(), -1)
@@ -145,8 +164,8 @@ def train(draft, corpus, targets, *, minutes: float, lr: float = 3e-4, batch_siz
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
-        seen += int(mask.sum())
-        if step % 20 == 0:
+        seen += sum(len(corpus[i]) for i in idxs)  # = mask.sum(), without waiting for the device
+        if step % log_every == 0:
             el = time.perf_counter() - t0
             log(f"step {step} loss {loss.item():.3f} tokens {seen} ({seen / el:.0f} tok/s) {el / 60:.1f} min"
                 f" lr {opt.param_groups[0]['lr']:.2e}")
@@ -162,12 +181,15 @@ def train(draft, corpus, targets, *, minutes: float, lr: float = 3e-4, batch_siz
 
 
 @torch.inference_mode()
-def agreement(draft, eval_corpus: list[tuple[list[int], int]], vocab=None) -> float:
+def agreement(draft, eval_corpus: list[tuple[list[int], int]], vocab=None, device=None) -> float:
     """Top-1 agreement on the large model's greedy continuations: (ids, prompt_len) pairs; at every
-    response position the large model's argmax is the next token of its own greedy output."""
+    response position the large model's argmax is the next token of its own greedy output.
+    `device`: where the draft runs (see `model_device`)."""
+    dev = model_device(draft, device)
+    vocab = None if vocab is None else vocab.to(dev)
     hits = total = 0
     for ids, plen in eval_corpus:
-        x = torch.tensor([ids])
+        x = torch.tensor([ids], device=dev)
         logits = draft_logits(draft, x, torch.ones_like(x), vocab)[0]
         pred = logits.argmax(-1)
         if vocab is not None:

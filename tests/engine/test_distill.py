@@ -1,7 +1,21 @@
-"""The distillation tool's pieces on a tiny teacher: layer copying, targets, agreement, a training step."""
+"""The distillation tool's pieces on a tiny teacher: layer copying, targets, agreement, a training step;
+distill() on a device, with more samples per prompt, a corpus time budget and a warm start; file parts."""
+import json
+import re
+import shutil
+from collections import Counter
+
+import pytest
 import torch
 
+from bild_kernels import cli
+from bild_kernels.distill import parts
+from bild_kernels.distill.corpus import chat_ids, generate_corpus
+from bild_kernels.distill.pipeline import distill
+from bild_kernels.distill.prompts import all_train_prompts, held_out_prompts
 from bild_kernels.distill.train import agreement, build_draft, frequent_tokens, teacher_targets, train
+from bild_kernels.hf import hf_model
+from tests.conftest import requires_gpu
 
 from .conftest import hf_greedy, tiny_llama
 
@@ -77,3 +91,261 @@ def test_bf16_training_updates_float32_weights_and_lowers_the_loss():
     losses = [float(s.split()[3]) for s in logs if s.startswith("step")]
     assert len(losses) >= 2 and losses[-1] < losses[0], losses
     assert fast_bf16("cuda") is True
+
+
+# ---------------------------------------------------------------------------------------------------
+# distill(): devices, more samples per prompt, a corpus time budget, warm starts; parts of files
+# ---------------------------------------------------------------------------------------------------
+QUIET = dict(log=lambda s: None)
+
+
+def _tokenizer():
+    """Whole words: the 96 most frequent of the held-out and the first training prompts, the rest <unk>.
+    (With fewer known words every prompt is a run of <unk> and the held-out references all look alike.)"""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    words = Counter(w for p in held_out_prompts() + all_train_prompts(64) for w in re.findall(r"\w+|[^\w\s]", p))
+    vocab = {w: i for i, (w, _) in enumerate(words.most_common(96))}
+    vocab["<unk>"] = 96
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def large_dir(tmp_path_factory):
+    """The tiny teacher on disk with a tokenizer, and its held-out references (made once: every
+    distill() run of this module starts from a work dir holding them)."""
+    root = tmp_path_factory.mktemp("large")
+    _teacher().save_pretrained(root / "large")
+    _tokenizer().save_pretrained(root / "large")
+    held = generate_corpus(hf_model(root / "large"), _tokenizer(), held_out_prompts(), max_new_tokens=8,
+                           temperature=0.0, **QUIET)
+    torch.save(held, root / "corpus_eval.pt")
+    return root / "large"
+
+
+def _work(large_dir, tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copy(large_dir.parent / "corpus_eval.pt", work / "corpus_eval.pt")
+    return work
+
+
+def _held_pairs(work):
+    held = torch.load(work / "corpus_eval.pt")
+    return [(ids, len(chat_ids(_tokenizer(), p))) for p, ids in zip(held_out_prompts(), held)]
+
+
+def _init_draft(large_dir, path, layers=(0, 2)):
+    """A draft directory saved in float32 (so that a warm start sees exactly its weights) whose layers
+    differ from the teacher's, with a head vocabulary and a policy of its own."""
+    from bild_kernels.models import load_model
+    from bild_kernels.models.draft import save_draft
+    teacher = hf_model(large_dir)
+    draft = build_draft(teacher, list(layers))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in draft.model.layers.parameters():
+            p.add_(0.3 * p.std() * torch.randn(p.shape, generator=g))
+    vocab = torch.tensor(sorted({0, 96} | set(torch.randperm(97, generator=g)[:40].tolist())))
+    policy = {"fallback_threshold": 0.1, "rollback_threshold": 3.0, "max_draft_len": 3}
+    save_draft(path, draft.state_dict(), base=load_model(teacher, dtype=torch.float32)[0], init_layers=list(layers),
+               draft_vocab=vocab, base_name="tiny", dtype=torch.float32, policy=policy)
+    return draft, vocab, policy
+
+
+def test_warm_start_keeps_the_init_drafts_weights_vocabulary_and_agreement(large_dir, tmp_path):
+    from safetensors.torch import load_file
+    init, vocab, policy = _init_draft(large_dir, tmp_path / "init")
+    work, out = _work(large_dir, tmp_path), tmp_path / "out"
+    stats = distill(large=large_dir, out=out, prompts=3, max_new_tokens=4, minutes=0.003, work_dir=work, bf16=False,
+                    init_draft=tmp_path / "init", samples_per_prompt=2, **QUIET)
+    pairs = _held_pairs(work)
+    assert stats["agreement_before"] == round(agreement(init, pairs, vocab), 4)  # the init draft, unchanged
+    teacher = hf_model(large_dir)
+    assert stats["agreement_before"] != round(agreement(build_draft(teacher, [0, 2]), pairs, vocab), 4)
+    assert stats["init_draft"] == str(tmp_path / "init") and stats["init_layers"] == [0, 2]
+    assert stats["lr"] == 2e-4 and stats["draft_vocab"] == len(vocab)
+    assert torch.equal(load_file(str(out / "model.safetensors"))["draft_vocab"], vocab)  # not recomputed
+    manifest = json.loads((out / "bild_draft.json").read_text())
+    assert manifest["init_layers"] == [0, 2] and manifest["policy"] == policy
+    card = (out / "README.md").read_text()
+    assert "**Warm start**" in card and "`init`" in card and "2 per prompt" in card
+    # samples_per_prompt: every prompt answered twice, cached under a name that says so
+    assert stats["corpus_sequences"] == 6 == stats["corpus_planned"] and (work / "corpus_train_3_4_x2.pt").is_file()
+    corpus = torch.load(work / "corpus_train_3_4_x2.pt")
+    prompt_ids = [chat_ids(_tokenizer(), p) for p in all_train_prompts(3)]
+    assert [c[:len(p)] for c, p in zip(corpus, prompt_ids * 2)] == prompt_ids * 2
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(init_layers=[0, 1]), "init_layers \\[0, 1\\] conflicts"),
+    (dict(draft_vocab=10), "draft_vocab 10 conflicts"),
+    (dict(kind="feature"), "init_draft: a feature draft"),
+])
+def test_warm_start_refuses_what_contradicts_the_init_draft(large_dir, tmp_path, kw, match):
+    _init_draft(large_dir, tmp_path / "init")
+    with pytest.raises(ValueError, match=match):
+        distill(large="/no/such/model", out=tmp_path / "out", init_draft=tmp_path / "init", **kw, **QUIET)
+    with pytest.raises(FileNotFoundError, match="no draft directory"):
+        distill(large="/no/such/model", out=tmp_path / "out", init_draft=tmp_path / "none", **QUIET)
+
+
+def test_warm_start_refuses_a_draft_of_another_large_model(large_dir, tmp_path):
+    other = tmp_path / "other"
+    tiny_llama(6, layers=3, dtype=torch.float32).save_pretrained(other)
+    _tokenizer().save_pretrained(other)
+    _init_draft(large_dir, tmp_path / "init")
+    with pytest.raises(ValueError, match="init_draft: this draft was made for tiny"):
+        distill(large=other, out=tmp_path / "out", init_draft=tmp_path / "init", work_dir=tmp_path / "w", **QUIET)
+    assert not (tmp_path / "w").exists()
+
+
+def test_samples_per_prompt_multiplies_the_corpus_and_a_time_budget_stops_it(large_dir):
+    teacher, tok = hf_model(large_dir), _tokenizer()
+    prompts = all_train_prompts(5)
+    one = generate_corpus(teacher, tok, prompts, max_new_tokens=6, batch_size=2, **QUIET)
+    two = generate_corpus(teacher, tok, prompts, max_new_tokens=6, batch_size=2, samples=2, **QUIET)
+    assert len(one) == 5 and len(two) == 10
+    assert two[:5] == one  # pass 0 is the one-sample corpus
+    prompt_ids = [chat_ids(tok, p) for p in prompts]
+    assert [a[:len(p)] for a, p in zip(two[5:], prompt_ids)] == prompt_ids and two[5:] != one  # other answers
+    logs = []
+    cut = generate_corpus(teacher, tok, prompts, max_new_tokens=6, batch_size=2, samples=2, max_seconds=1e-9,
+                          log=logs.append)
+    assert cut == one[:2]  # the first batch, then the budget is spent
+    assert "time budget" in logs[-1] and "2 of 10 answers" in logs[-1]
+
+
+def test_corpus_minutes_cuts_the_corpus_and_the_card_says_so(large_dir, tmp_path):
+    work = _work(large_dir, tmp_path)
+    stats = distill(large=large_dir, out=tmp_path / "out", prompts=4, max_new_tokens=4, minutes=0.003, bf16=False,
+                    work_dir=work, draft_vocab=30, samples_per_prompt=2, corpus_minutes=1e-7, corpus_batch_size=2,
+                    train_batch_size=2, **QUIET)
+    assert stats["corpus_sequences"] == 2 and stats["corpus_planned"] == 8 and stats["batch_size"] == 2
+    assert (work / "corpus_train_4_4_x2_1e-07min.pt").is_file()  # a cut corpus is never taken for a whole one
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "2 of 8 answers" in card and "batch 2" in card and "CPU thread" in card
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(device="tpu"), "device must be 'cpu' or 'cuda'"),
+    (dict(device="cuda:x"), "device must be 'cpu' or 'cuda'"),
+    (dict(device="cuda", kind="feature"), "kind='feature' trains on the CPU only"),
+    pytest.param(dict(device="cuda"), "no CUDA GPU is usable here",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
+    (dict(samples_per_prompt=0), "samples_per_prompt must be a positive int"),
+    (dict(corpus_batch_size=0), "corpus_batch_size must be a positive int"),
+    (dict(train_batch_size=2.5), "train_batch_size must be a positive int"),
+    (dict(corpus_minutes=0), "corpus_minutes must be > 0 or None"),
+    (dict(lr=-1.0), "lr must be > 0 or None"),
+])
+def test_bad_arguments_are_refused_before_anything_is_loaded(tmp_path, kw, match):
+    with pytest.raises(ValueError, match=match):  # a missing large model would be the next error
+        distill(large="/no/such/model", out=tmp_path / "out", work_dir=tmp_path / "w", **kw, **QUIET)
+    assert not (tmp_path / "w").exists()
+
+
+def test_split_and_join_are_byte_identical(tmp_path):
+    data = bytes(torch.randint(0, 256, (2500,), generator=torch.Generator().manual_seed(0)).tolist())
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(data)
+    pieces = parts.split_file(f, 1000, remove=True)
+    assert [p.name for p in pieces] == [f"model.safetensors.part00{i}" for i in range(3)] and not f.exists()
+    assert [p.stat().st_size for p in pieces] == [1000, 1000, 500]
+    parts.join_parts(f)
+    assert f.read_bytes() == data and all(p.exists() for p in pieces)  # parts kept unless remove=True
+    pieces[1].write_bytes(b"x" * 1000)
+    f.unlink()
+    with pytest.raises(ValueError, match="SHA-256"):
+        parts.join_parts(f)
+    assert not f.exists() and not (tmp_path / "model.safetensors.joining").exists()
+    pieces[1].unlink()
+    with pytest.raises(FileNotFoundError, match="missing part"):
+        parts.join_parts(f)
+    # the module's command line, on a directory: only files over the size are split
+    d = tmp_path / "draft"
+    d.mkdir()
+    (d / "model.safetensors").write_bytes(data)
+    (d / "bild_draft.json").write_text("{}")
+    assert parts.main(["split", str(d), "--mib", str(1000 / parts.MIB), "--remove"]) == 0
+    assert sorted(p.name for p in d.iterdir()) == ["bild_draft.json", "model.safetensors.part000",
+                                                   "model.safetensors.part001", "model.safetensors.part002",
+                                                   "model.safetensors.parts.json"]
+    assert parts.main(["join", str(d), "--remove"]) == 0
+    assert sorted(p.name for p in d.iterdir()) == ["bild_draft.json", "model.safetensors"]
+    assert (d / "model.safetensors").read_bytes() == data
+    assert parts.main(["split", str(d), "--mib", "0"]) == 2
+
+
+def _cli(capsys, *argv):
+    code = cli.main(["distill", *map(str, argv)])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, match", [
+    pytest.param(["--device", "cuda"], "no CUDA GPU is usable here",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
+    (["--device", "gpu"], "device must be 'cpu' or 'cuda'"),
+    (["--device", "cuda", "--kind", "feature"], "kind='feature' trains on the CPU only"),
+    (["--samples-per-prompt", "0"], "samples_per_prompt must be a positive int"),
+    (["--corpus-minutes", "-1"], "corpus_minutes must be > 0"),
+    (["--corpus-batch-size", "0"], "corpus_batch_size must be a positive int"),
+    (["--train-batch-size", "0"], "train_batch_size must be a positive int"),
+    (["--split-mib", "0"], "--split-mib must be > 0"),
+    (["--layers", "0,x"], "--layers must be comma-separated"),
+    (["--threads", "0"], "--threads must be >= 1"),
+    (["--init-draft", "{tmp}/none"], "init_draft: no draft directory"),
+])
+def test_cli_refuses_bad_values_in_one_line(capsys, large_dir, tmp_path, argv, match):
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    code, err = _cli(capsys, "--large", large_dir, "--out", tmp_path / "d", "--work-dir", tmp_path / "w", *argv)
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("bild: error:") and match in err.strip().splitlines()[-1], err
+    assert not (tmp_path / "w").exists() and not (tmp_path / "d").exists()
+
+
+def test_cli_warm_start_with_a_budget_writes_parts_that_join_into_a_loadable_draft(capsys, large_dir, tmp_path):
+    from bild_kernels import Engine, Greedy, LargeOnly, SamplingParams
+    _init_draft(large_dir, tmp_path / "init")
+    work, out = _work(large_dir, tmp_path), tmp_path / "out"
+    code, err = _cli(capsys, "--large", large_dir, "--out", out, "--work-dir", work, "--prompts", 4,
+                     "--max-new-tokens", 4, "--minutes", 0.003, "--no-bf16", "--init-draft", tmp_path / "init",
+                     "--samples-per-prompt", 2, "--corpus-minutes", 1e-7, "--corpus-batch-size", 2,
+                     "--train-batch-size", 2, "--split-mib", 0.05)
+    assert code == 0, err
+    assert "time budget" in err and "split into parts of at most 0.05 MiB" in err
+    assert not (out / "model.safetensors").exists()
+    assert all(p.stat().st_size <= 0.05 * parts.MIB for p in out.glob("model.safetensors.part*"))
+    assert parts.main(["join", str(out)]) == 0
+    eng = Engine(large=str(large_dir), small=str(out), max_batch_size=1, max_model_len=64)
+    o = eng.generate([[1, 2, 3]], SamplingParams(max_tokens=8), policy=Greedy())[0]
+    assert o.token_ids == eng.generate([[1, 2, 3]], SamplingParams(max_tokens=8), policy=LargeOnly())[0].token_ids
+
+
+@requires_gpu
+def test_distill_on_cuda_end_to_end(large_dir, tmp_path):
+    """The whole pipeline on the GPU: corpus, targets, warm start, training; the draft loads on the CPU."""
+    from bild_kernels import Engine, Greedy, LargeOnly, SamplingParams
+    init, vocab, _ = _init_draft(large_dir, tmp_path / "init")
+    teacher = hf_model(large_dir)
+    corpus = [torch.randint(0, 97, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 12, 9)]
+    cpu_t = teacher_targets(teacher, corpus, k=8, **QUIET)
+    gpu_t = teacher_targets(teacher, corpus, k=8, device="cuda", **QUIET)
+    for (ci, cp), (gi, gp) in zip(cpu_t, gpu_t):
+        assert gi.device.type == "cpu" and gp.device.type == "cpu"  # stored targets stay on the CPU
+        torch.testing.assert_close(gp.float(), cp.float(), atol=2e-3, rtol=0)
+        assert (gi == ci).float().mean() > 0.9
+    work, out = _work(large_dir, tmp_path), tmp_path / "out"
+    stats = distill(large=large_dir, out=out, prompts=6, max_new_tokens=6, minutes=0.02, work_dir=work, device="cuda",
+                    init_draft=tmp_path / "init", samples_per_prompt=2, corpus_minutes=5.0, **QUIET)
+    assert stats["device"] != "cpu" and stats["bf16"] is True and stats["batch_size"] == 64
+    assert stats["corpus_sequences"] == 12
+    pairs = _held_pairs(work)
+    assert abs(stats["agreement_before"] - agreement(init, pairs, vocab)) < 0.02
+    targets = torch.load(next(work.glob("targets_*_x2_*.pt")))
+    assert all(t.device.type == "cpu" for pair in targets for t in pair)
+    eng = Engine(large=str(large_dir), small=str(out), device="cpu", max_batch_size=1, max_model_len=64)
+    o = eng.generate([[1, 2, 3]], SamplingParams(max_tokens=8), policy=Greedy())[0]
+    assert o.token_ids == eng.generate([[1, 2, 3]], SamplingParams(max_tokens=8), policy=LargeOnly())[0].token_ids

@@ -1,0 +1,79 @@
+"""The card (README.md) of a draft directory written by `bild distill`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def draft_card(base_name: str, s: dict, n_held: int) -> str:
+    """The README.md of a distilled draft directory, from `distill`'s stats: what it is, what it was
+    trained on, how, and how often it agrees with the large model."""
+    vocab = "the whole vocabulary" if s["draft_vocab"] is None else f"the {s['draft_vocab']} most frequent corpus tokens"
+    warm = s.get("init_draft")
+    if warm and s["draft_vocab"] is not None:
+        vocab = f"the {s['draft_vocab']} token ids of `{Path(warm).name}` (its `draft_vocab`, kept)"
+    precision = ", matrix products in bfloat16 (autocast; teacher corpus and targets too)" if s.get("bf16") else ""
+    hist = "\n".join(f"| {m} | {seen} | {acc:.3f} |" for m, seen, acc in s["history"]) or "| - | - | - |"
+    if s.get("kind") == "feature":
+        head = f"""# Feature draft for {base_name}
+
+An EAGLE-style draft for big-little speculative decoding with bild-kernels, made by `bild distill --kind feature`.
+
+- **Architecture**: fc(standardised large-model feature f_t, next-token embedding) -> one Llama decoder layer
+  initialised from the large model's layer {s['init_layers'][0]} -> the large model's final norm and head. It
+  reads the large model's last hidden state (before the final norm) at every verified position and predicts the
+  next one; while chaining it feeds its own predictions back. The head scores {vocab}.
+- **Data**: the large model's own answers (temperature 0.7) to {s['corpus_sequences']} templated chat prompts
+  (bild_kernels/distill/prompts.py), {s['corpus_tokens']} tokens with the prompts; features from bild's executor
+  ({'bfloat16' if s.get('bf16') else 'float32'}). No external data set.
+- **Objective**: smooth-L1 to the next feature (standardised) plus cross-entropy to the large model's top-32
+  next-token distribution, unrolled {s['depth']} steps on the draft's own features.
+- **Training**: AdamW, lr {s['lr']:g} (cosine to {s['final_lr']:g}), batch 8, float32, {s['minutes']:g} minutes
+  on {s['threads']} CPU thread(s).
+"""
+    else:
+        head = ""
+    agreement = f"""- **Agreement**: top-1 agreement with the large model's greedy continuations of {n_held} held-out
+  prompts (templates and topics training never saw): {s['agreement_before']:.3f} before training,
+  **{s['agreement']:.3f}** after.
+
+| minutes | tokens seen | held-out agreement |
+|---|---|---|
+{hist}
+"""
+    if head:
+        return head + agreement
+    start = (f"""- **Warm start**: the layers, final norm and head vocabulary of `{Path(warm).name}` (its card describes
+  its own data and training), {s['agreement_before']:.3f} agreement before this run; then trained as below.
+""" if warm else "")
+    return f"""# Draft model for {base_name}
+
+A draft for big-little speculative decoding with bild-kernels, made by `bild distill`.
+
+- **Architecture**: {len(s['init_layers'])} Llama decoder layers initialised from the large model's layers
+  {s['init_layers']}, its own final norm; the large model's token embedding and LM head are borrowed at
+  load time (frozen during training, not stored here). The head scores {vocab}; any other token is
+  never proposed (the verifier supplies it).
+{start}- **Data**: {_data(s)}
+- **Objective**: cross-entropy to the large model's top-32 next-token distribution at every position.
+- **Training**: AdamW, lr {s['lr']:g} (cosine to {s['final_lr']:g} over the time budget), batch {s.get('batch_size', 8)}, {s['minutes']:g} minutes of wall time on {_where(s)}{precision}.
+{agreement}"""
+
+
+def _data(s: dict) -> str:
+    k = s.get("samples_per_prompt", 1)
+    what = "(instructions, summaries, translations; bild_kernels/distill/prompts.py)"
+    if k == 1 and s.get("corpus_planned", s["corpus_sequences"]) == s["corpus_sequences"]:
+        return (f"the large model's own answers (temperature 0.7) to {s['corpus_sequences']} templated chat\n"
+                f"  prompts {what}, {s['corpus_tokens']}\n  tokens with the prompts. No external data set.")
+    text = (f"{s['corpus_sequences']} answers written by the large model itself (temperature 0.7"
+            f"{f', {k} per prompt, a seed per pass' if k > 1 else ''}) to {s['prompts']} templated chat\n"
+            f"  prompts {what}, {s['corpus_tokens']} tokens with the prompts")
+    if s["corpus_sequences"] < s.get("corpus_planned", 0):
+        text += (f"; generation\n  stopped at its {s['corpus_minutes']:g}-minute budget, after {s['corpus_sequences']}"
+                 f" of {s['corpus_planned']} answers")
+    return text + ". No external data set."
+
+
+def _where(s: dict) -> str:
+    device = s.get("device", "cpu")
+    return f"{s['threads']} CPU thread(s)" if device == "cpu" else f"one {device}"
