@@ -106,7 +106,10 @@ def test_graph_loop_equals_static_and_eager_on_gpu(large_model, small_model, pol
     prompts=st.lists(st.lists(st.integers(0, 96), min_size=1, max_size=12), min_size=1, max_size=5),
     params=st.builds(SamplingParams, max_tokens=st.integers(1, 16), temperature=st.sampled_from([0.0, 0.7, 1.5]),
                      top_k=st.sampled_from([0, 3]), top_p=st.sampled_from([1.0, 0.8]), seed=st.integers(0, 2**40)))
-def test_fuzz_static_loop_equals_eager_loop(engines, policy, prompts, params):
+def test_fuzz_static_loop_equals_eager_loop(engines, policy, prompts, params, monkeypatch):
+    # The loops' equality over many random cases, on the reference kernels (the tests above run the default
+    # ones): under TRITON_INTERPRET=1 each example would take ~15 s in the Triton interpreter.
+    monkeypatch.setenv("BILD_BACKEND", "ref")
     outs = [[(o.token_ids, [getattr(o.metrics, k) for k in METRICS])
              for o in engines[loop].generate(prompts, params, policy=policy)] for loop in ("eager", "static")]
     assert outs[0] == outs[1]
