@@ -10,7 +10,7 @@
 #   device 3:  run(carry=[".carry3"], command="bash scripts/gpu_carry.sh stash .carry3 && \   the machine must
 #                  eval \"\$(bash scripts/gpu_carry.sh unpack)\" && python3 -m bild_kernels.cli distill ...")  stay warm)
 # `stash` copies a part to /root/carry (which outlives a call while the machine stays warm); `unpack` joins the
-# parts, checks the GGUF's sha256, installs the wheel under /tmp/site and prints the exports to eval
+# parts (python -m bild_kernels.distill.parts: it checks the GGUF's size and SHA-256), installs the wheel under /tmp/site and prints the exports to eval
 # (PYTHONPATH, BILD_LARGE = the GGUF's path).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -19,18 +19,18 @@ STORE="${BILD_CARRY_STORE:-/root/carry}"
 PARTS=3
 
 case "${1:-}" in
-    pack)
+    pack)  # the GGUF as three parts plus an index of size and SHA-256 (bild_kernels.distill.parts), the wheel
         PY="${PYTHON:-python}"
         gguf="$("$PY" -c "from bild_kernels.models.default import default_large; print(default_large())")"
         name="$(basename "$gguf")"
         rm -rf .carry1 .carry2 .carry3
         mkdir -p .carry1 .carry2 .carry3
-        grep -qx '/.carry[123]/' .git/info/exclude 2>/dev/null || printf '/.carry1/\n/.carry2/\n/.carry3/\n' >> .git/info/exclude
-        size=$(stat -c %s "$gguf")
-        chunk=$(( (size + PARTS - 1) / PARTS ))
-        split -b "$chunk" -d -a 1 "$gguf" "/tmp/bild_carry_part_"
-        for i in 0 1 2; do mv "/tmp/bild_carry_part_$i" ".carry$((i + 1))/$name.part$i"; done
-        (cd "$(dirname "$gguf")" && sha256sum "$name") > .carry1/SHA256SUMS
+        grep -qx '/.carry1/' .git/info/exclude 2>/dev/null || printf '/.carry1/\n/.carry2/\n/.carry3/\n' >> .git/info/exclude
+        cp "$gguf" .carry1/
+        mib=$("$PY" -c "import os; print(os.path.getsize('$gguf') / $PARTS / 2**20 + 0.01)")
+        "$PY" -m bild_kernels.distill.parts split ".carry1/$name" --mib "$mib" --remove
+        mv ".carry1/$name.part001" .carry2/
+        mv ".carry1/$name.part002" .carry3/
         ver="$("$PY" -c "import importlib.metadata as m; print(m.version('gguf'))")"
         "$PY" -m pip download -q --no-deps --only-binary=:all: -d .carry1 "gguf==$ver"
         du -sh .carry1 .carry2 .carry3
@@ -41,13 +41,12 @@ case "${1:-}" in
         cp "$src"/* "$STORE"/
         ls -la "$STORE"
         ;;
-    unpack)
-        cd "$STORE"
-        name="$(awk '{print $2}' SHA256SUMS)"
-        cat "$name".part0 "$name".part1 "$name".part2 > "$name"
-        sha256sum -c --quiet SHA256SUMS >&2
-        python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site ./gguf-*.whl >&2
-        echo "export PYTHONPATH=/tmp/site\${PYTHONPATH:+:\$PYTHONPATH} BILD_LARGE=$STORE/$name"
+    unpack)  # join (checks the size and SHA-256), install the wheel, print the exports
+        index="$(ls "$STORE"/*.parts.json)"
+        gguf="${index%.parts.json}"
+        python3 -m bild_kernels.distill.parts join "$gguf" >&2
+        python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$STORE"/gguf-*.whl >&2
+        echo "export PYTHONPATH=/tmp/site\${PYTHONPATH:+:\$PYTHONPATH} BILD_LARGE=$gguf"
         ;;
     *)
         echo "usage: $0 pack | stash FOLDER | unpack" >&2
