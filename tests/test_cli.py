@@ -7,17 +7,11 @@ import torch
 
 from bild_kernels import cli
 
-from .engine.conftest import shallow_copy, tiny_llama
+from .engine.conftest import shallow_copy, tiny_llama, word_tokenizer
 
 
 def _tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    vocab = {f"w{i}": i for i in range(96)}
-    vocab["<unk>"] = 96
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>")
+    return word_tokenizer([f"w{i}" for i in range(96)])
 
 
 @pytest.fixture(scope="module")

@@ -45,6 +45,17 @@ def shallow_copy(large, layers: int, noise: float, seed: int = 2):
     return small
 
 
+def word_tokenizer(words: list[str]):
+    """A whole-word tokenizer for the tiny models: words[i] is id i, anything else <unk> (id len(words))."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {w: i for i, w in enumerate(words)}
+    vocab["<unk>"] = len(words)
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>")
+
+
 def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
     ids = torch.tensor([prompt])
     with torch.no_grad():

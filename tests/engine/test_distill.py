@@ -17,7 +17,7 @@ from bild_kernels.distill.train import agreement, build_draft, frequent_tokens, 
 from bild_kernels.hf import hf_model
 from tests.conftest import requires_gpu
 
-from .conftest import hf_greedy, tiny_llama
+from .conftest import hf_greedy, tiny_llama, word_tokenizer
 
 
 def _teacher():
@@ -102,14 +102,8 @@ QUIET = dict(log=lambda s: None)
 def _tokenizer():
     """Whole words: the 96 most frequent of the held-out and the first training prompts, the rest <unk>.
     (With fewer known words every prompt is a run of <unk> and the held-out references all look alike.)"""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
     words = Counter(w for p in held_out_prompts() + all_train_prompts(64) for w in re.findall(r"\w+|[^\w\s]", p))
-    vocab = {w: i for i, (w, _) in enumerate(words.most_common(96))}
-    vocab["<unk>"] = 96
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>")
+    return word_tokenizer([w for w, _ in words.most_common(96)])
 
 
 @pytest.fixture(scope="module")
