@@ -147,23 +147,30 @@ class CpuAttentionPlan:
             s, e, L = qsl[b], qsl[b + 1], lens[b]
             if e > s and L > 0:
                 self.seqs.append((s, e, L, block_tables[b, :-(-L // block_size)].long(), positions[s:e].long()))
-        self._masks = {}  # sliding window -> per sequence: (mask or None when every key is visible, rows seeing none)
+        # (sliding window, dtype) -> per sequence: (additive mask, or None when every key is visible;
+        # rows seeing no key, or None when there are none)
+        self._masks = {}
 
     @classmethod
     def of(cls, meta: AttentionMetadata, block_size: int) -> "CpuAttentionPlan":
         return cls(meta.query_start_loc, meta.positions, meta.block_tables, meta.context_lens, block_size)
 
-    def _masks_for(self, window: int):
-        if window not in self._masks:
+    def _masks_for(self, window: int, dtype: torch.dtype):
+        if (window, dtype) not in self._masks:
             masks = []
             for _, _, L, _, pos in self.seqs:
                 kpos = torch.arange(L)
                 visible = kpos[None, :] <= pos[:, None]
                 if window > 0:
                     visible &= kpos[None, :] > pos[:, None] - window
-                masks.append((None, None) if bool(visible.all()) else (visible, ~visible.any(1)))
-            self._masks[window] = masks
-        return self._masks[window]
+                if bool(visible.all()):
+                    masks.append((None, None))
+                else:  # an additive mask (SDPA takes it as is; a bool one it converts in every layer)
+                    blind = ~visible.any(1)
+                    add = torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, float("-inf"))
+                    masks.append((add, blind if bool(blind.any()) else None))
+            self._masks[(window, dtype)] = masks
+        return self._masks[(window, dtype)]
 
     def attend(self, query, key_cache, value_cache, scale: float, sliding_window: int = 0, acc=None):
         """query [T, Hq, D] over caches [num_blocks, block_size, Hkv, D] -> [T, Hq, D] (math in `acc`:
@@ -172,12 +179,13 @@ class CpuAttentionPlan:
         Hkv = key_cache.shape[2]
         acc = acc or (torch.float64 if query.dtype == torch.float64 else torch.float32)
         parts = []
-        for (s, e, L, blocks, _), (mask, blind) in zip(self.seqs, self._masks_for(int(sliding_window))):
-            k = key_cache[blocks].reshape(-1, Hkv, D)[:L].to(acc).transpose(0, 1)  # [Hkv, L, D]
-            v = value_cache[blocks].reshape(-1, Hkv, D)[:L].to(acc).transpose(0, 1)
+        for (s, e, L, blocks, _), (mask, blind) in zip(self.seqs, self._masks_for(int(sliding_window), acc)):
+            # index_select, not key_cache[blocks]: the same copy without advanced indexing's overhead (~6x)
+            k = key_cache.index_select(0, blocks).view(-1, Hkv, D)[:L].to(acc).transpose(0, 1)  # [Hkv, L, D]
+            v = value_cache.index_select(0, blocks).view(-1, Hkv, D)[:L].to(acc).transpose(0, 1)
             q = query[s:e].to(acc).transpose(0, 1)  # [Hq, t, D]
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=Hq != Hkv)
-            if mask is not None:  # a query that sees no key gets zeros, as in the reference
+            if blind is not None:  # a query that sees no key gets zeros, as in the reference
                 o = o.masked_fill(blind[None, :, None], 0.0)
             parts.append((s, e, o.transpose(0, 1)))
         if len(parts) == 1 and parts[0][:2] == (0, T):  # one sequence owns every row (batch-1 decode)
