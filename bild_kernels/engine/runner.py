@@ -74,19 +74,22 @@ class ModelRunner:
 
     @torch.inference_mode()
     def extend(self, rows: list[int], tokens: list[list[int]], n_logits: list[int], *, return_hidden: bool = False,
-               embeds: torch.Tensor | None = None):
+               embeds: torch.Tensor | None = None, full_vocab: bool = True):
         """Append tokens[i] to row rows[i]'s cache in one forward; return the logits of each row's
         last n_logits[i] tokens as [len(rows), max(n_logits), V] (short rows repeat their last logits).
 
         return_hidden: also return each row's stream after the last layer (before the final norm), a list
         of [len(tokens[i]), H] tensors. embeds [sum len(tokens[i]), H]: the layer-0 inputs to use instead
-        of the tokens' embeddings (a feature draft's; `tokens` then only give the counts)."""
+        of the tokens' embeddings (a feature draft's; `tokens` then only give the counts).
+        full_vocab=False: a reduced head's logits over its own ids only (see `LlamaExecutor.forward`); the
+        fixed-buffer passes do not serve it."""
         dev = self.device
         counts = [len(t) for t in tokens]
         starts = self.blocks.context_lens_of(rows)  # host mirror: cached tokens per row before this step
         slot_mapping = self.blocks.append(rows, counts)  # [T] int64, reserves blocks as needed
         K1 = max(n_logits)
-        if self.static is not None and not return_hidden and embeds is None and self.static.serves(counts):
+        if (self.static is not None and not return_hidden and embeds is None and full_vocab
+                and self.static.serves(counts)):
             full = self.static.forward(rows, tokens, starts, slot_mapping)  # [n, Q, V]: row i's tokens first
             Q = full.shape[1]
             idx = _last_positions([i * Q + c for i, c in enumerate(counts)], n_logits)
@@ -108,7 +111,7 @@ class ModelRunner:
         out = self.executor.forward(input_ids, meta, self.kv_caches, hidden_states=embeds,
                                     logits_indices=torch.tensor(_last_positions(qsl[1:], n_logits),
                                                                 dtype=torch.int64, device=dev),
-                                    return_hidden=return_hidden)
+                                    return_hidden=return_hidden, full_vocab=full_vocab)
         logits = self.screen_logits(rows, (out[0] if return_hidden else out).view(len(rows), K1, -1))
         return (logits, list(out[1].split(counts))) if return_hidden else logits
 

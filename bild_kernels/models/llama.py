@@ -164,7 +164,7 @@ class LlamaExecutor:
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor | None, meta: AttentionMetadata, kv_caches, *,
                 hidden_states: torch.Tensor | None = None, layers: slice | tuple[int, int] | None = None,
-                logits_indices: torch.Tensor | None = None, return_hidden: bool = False):
+                logits_indices: torch.Tensor | None = None, return_hidden: bool = False, full_vocab: bool = True):
         """Run layers [start, end) over T new tokens; write their K/V; return logits (and the residual stream).
 
         input_ids [T] int (only when start == 0) or hidden_states [T, hidden]: the residual stream entering
@@ -174,6 +174,8 @@ class LlamaExecutor:
         logits_indices [n]: the token rows to compute logits for (None: all T; empty: none).
         Returns logits [n, V] in the model dtype (final norm + head applied after layer end - 1), or
         (logits, hidden [T, hidden]) with return_hidden=True, hidden being the stream before the final norm.
+        full_vocab=False with a reduced head (`head_vocab`): logits [n, len(head_vocab)] over the head's own
+        ids, column j scoring token head_vocab[j], instead of a [n, V] tensor that is -inf elsewhere.
         """
         start, end = self._layer_range(layers)
         if not isinstance(meta, AttentionMetadata):
@@ -217,7 +219,7 @@ class LlamaExecutor:
             x = self._layer(i, x, cos, sin, kv_caches[i], write_kv, slot_mapping, attend)
         rows = x if logits_indices is None else x[logits_indices]
         logits = self._linear(self._rms_norm(rows, self.norm), self.lm_head)
-        if self.head_vocab is not None:
+        if self.head_vocab is not None and full_vocab:
             full = logits.new_full((logits.shape[0], self.config.vocab_size), float("-inf"))
             logits = full.index_copy_(1, self.head_vocab, logits)
         return (logits, x) if return_hidden else logits

@@ -64,6 +64,48 @@ def test_engine_with_draft_dir_is_lossless_and_takes_the_recommended_policy(draf
     assert_all_free(eng)
 
 
+def test_greedy_drafts_over_the_reduced_head_equal_the_full_vocabulary_ones(draft_dir, large_model, monkeypatch):
+    """Greedy rows draft from logits over the head's own ids (no [n, V] expansion): the same drafts,
+    fallbacks and accepted counts as drafting from the full-vocabulary logits, for BiLD and SmallOnly."""
+    from bild_kernels import BiLD, SmallOnly
+    from bild_kernels.engine.iteration import Iteration
+
+    def run(reduced: bool):
+        eng = Engine(large=large_model, small=str(draft_dir), dtype=torch.float64, max_batch_size=3,
+                     max_model_len=64, block_size=4)
+        calls = []
+        real = Iteration._head_vocab
+
+        def spy(self, running):
+            got = real(self, running)
+            calls.append(got is not None)
+            return got if reduced else None
+        monkeypatch.setattr(Iteration, "_head_vocab", spy)
+        prompts = [[5, 17, 3], [8, 9], [40, 41, 42, 43]]
+        outs = [eng.generate(prompts, SamplingParams(max_tokens=12), policy=pol)
+                for pol in (BiLD(fallback_threshold=0.3, rollback_threshold=2.0, max_draft_len=3), SmallOnly())]
+        monkeypatch.setattr(Iteration, "_head_vocab", real)
+        assert calls and all(calls), "greedy rows with a reduced head should draft over it"
+        assert_all_free(eng)
+        return [(o.token_ids, o.metrics.drafted_tokens, o.metrics.accepted_tokens, o.metrics.fallbacks)
+                for batch in outs for o in batch]
+
+    got, want = run(True), run(False)
+    assert got == want
+    assert sum(d for _, d, _, _ in got) > 0 and sum(f for *_, f in got) > 0  # drafts and fallbacks both seen
+
+
+def test_sampled_rows_draft_over_the_full_vocabulary(draft_dir, large_model):
+    eng = Engine(large=large_model, small=str(draft_dir), dtype=torch.float64, max_batch_size=2, max_model_len=64,
+                 block_size=4)
+
+    class Row:
+        def __init__(self, t):
+            self.params = SamplingParams(max_tokens=4, temperature=t)
+    assert eng._head_vocab([Row(0.0), Row(0.0)]) is not None
+    assert eng._head_vocab([Row(0.0), Row(0.7)]) is None  # a sampled row's noise is indexed by token id
+
+
 def test_draft_for_another_large_model_is_refused(draft_dir):
     other, _ = load_model(tiny_llama(7, layers=3), dtype=torch.float64)
     with pytest.raises(ValueError, match="draft was made for"):
