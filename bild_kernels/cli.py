@@ -242,14 +242,14 @@ def _git_rev() -> str:
 
 
 def cmd_eval(args) -> int:
-    from bild_kernels.evaluate import evaluate, format_table, plot_tradeoff
+    from bild_kernels.evaluate import eval_runs, evaluate, format_table, plot_tradeoff
     engine = _engine(args, max_batch_size=max(args.batch, 1), max_model_len=1024)
     prompts = _eval_prompts(engine, args.prompts)
     policies = _eval_policies(args, engine)
-    rows = []
-    bar = _progress(len(policies) + 1, "eval")
+    interleave = not args.sequential
+    bar = _progress(eval_runs(len(prompts), len(policies), batch=args.batch, interleave=interleave), "eval")
     rows = [r.as_dict() for r in evaluate(engine, prompts, policies, batch=args.batch, max_tokens=args.max_tokens,
-                                          progress=lambda r: bar.update(1))]
+                                          progress=lambda: bar.update(1), interleave=interleave)]
     bar.close()
     if args.hf:
         rows += [r for r in _hf_rows(args, engine, prompts, rows[0]) if r]
@@ -374,6 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument("--max-draft-len", type=int, default=None, help="BiLD draft cap in the sweep (default 10)")
         e.add_argument("--out", default=None, help="append the rows to this CSV")
         if name == "eval":
+            e.add_argument("--sequential", action="store_true",
+                           help="each policy over all prompts in turn (default: every policy on each prompt, or "
+                                "each batch of them, in rotating order, so that a machine's speed drifting during "
+                                "the run slows all policies alike)")
             e.add_argument("--sweep", action="store_true", help="also sweep BiLD's two thresholds")
             e.add_argument("--fallback-grid", default="0.3,0.5,0.7,0.9")
             e.add_argument("--rollback-grid", default="1,2,4,8")

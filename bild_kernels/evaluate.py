@@ -106,24 +106,45 @@ def mean_nll(engine, prompts, outputs) -> float:
 
 
 def evaluate(engine, prompts: list[list[int]], policies: list[Policy], *, batch: int = 1, max_tokens: int = 64,
-             progress=None) -> list[EvalRow]:
-    """One row for LargeOnly (the reference) and one per policy, greedy decoding (temperature 0)."""
+             progress=None, interleave: bool = True) -> list[EvalRow]:
+    """One row for LargeOnly (the reference) and one per policy, greedy decoding (temperature 0).
+
+    interleave (default): the prompts go chunk by chunk (one prompt at batch 1, else `batch` of them) and
+    every policy, LargeOnly included, runs on each chunk in turn, in an order that rotates from chunk to
+    chunk; a machine whose speed drifts during the run (a shared CPU) then slows every policy alike, and
+    the speed-ups compare like with like. False: each policy over all prompts, one after the other.
+    progress: called with no argument after each (chunk, policy) run: `eval_runs` of them in all."""
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
-    engine.generate([prompts[0]], SamplingParams(max_tokens=4), policy=LargeOnly())  # warm-up
-    ref, ref_wall, split = run_policy(engine, prompts, params, LargeOnly(), batch)
-    ref_ids = [o.token_ids for o in ref]
-    ref_nll = mean_nll(engine, prompts, ref)
-    base_tps = sum(len(r) for r in ref_ids) / ref_wall
-    rows = [_row("large-only", batch, prompts, ref, ref_wall, base_tps, ref_ids, ref_nll, ref_nll, split)]
-    if progress:
-        progress(rows[-1])
-    for pol in policies:
-        outs, wall, split = run_policy(engine, prompts, params, pol, batch)
-        rows.append(_row(describe(pol), batch, prompts, outs, wall, base_tps, ref_ids,
-                         mean_nll(engine, prompts, outs), ref_nll, split))
-        if progress:
-            progress(rows[-1])
+    everyone = [LargeOnly()] + list(policies)
+    for pol in everyone:  # warm-up: first-call allocations and caches out of the measured runs
+        engine.generate([prompts[0]], SamplingParams(max_tokens=4), policy=pol)
+    chunks = [prompts[i:i + batch] for i in range(0, len(prompts), batch)] if interleave else [prompts]
+    outs = [[] for _ in everyone]
+    walls = [0.0] * len(everyone)
+    splits = [{"draft": 0.0, "verify": 0.0} for _ in everyone]
+    for c, chunk in enumerate(chunks):
+        for j in range(len(everyone)):
+            k = (j + c) % len(everyone)
+            o, wall, split = run_policy(engine, chunk, params, everyone[k], batch)
+            outs[k] += o
+            walls[k] += wall
+            for name in splits[k]:
+                splits[k][name] += split[name]
+            if progress:
+                progress()
+    ref_ids = [o.token_ids for o in outs[0]]
+    ref_nll = mean_nll(engine, prompts, outs[0])
+    base_tps = sum(len(r) for r in ref_ids) / walls[0]
+    rows = [_row("large-only", batch, prompts, outs[0], walls[0], base_tps, ref_ids, ref_nll, ref_nll, splits[0])]
+    for pol, o, wall, split in zip(policies, outs[1:], walls[1:], splits[1:]):
+        rows.append(_row(describe(pol), batch, prompts, o, wall, base_tps, ref_ids, mean_nll(engine, prompts, o),
+                         ref_nll, split))
     return rows
+
+
+def eval_runs(n_prompts: int, n_policies: int, *, batch: int = 1, interleave: bool = True) -> int:
+    """How many times `evaluate` calls `progress` for n_prompts prompts and n_policies policies."""
+    return (-(-n_prompts // batch) if interleave else 1) * (n_policies + 1)
 
 
 def _row(name, batch, prompts, outs, wall, base_tps, ref_ids, nll, ref_nll, split) -> EvalRow:

@@ -168,6 +168,34 @@ def test_rouge_l():
     assert rouge_l([1, 9, 2, 3], [1, 2, 3, 7]) == pytest.approx(0.75)  # LCS 3 of 4 and 4
 
 
+def test_evaluate_interleaves_the_policies_and_measures_the_same_runs(pair_dirs, monkeypatch):
+    """Every policy runs on each prompt in turn, in an order that rotates; the rows (tokens, quality,
+    acceptance) are those of running each policy over all prompts in one go."""
+    from bild_kernels import BiLD, Engine, Greedy
+    from bild_kernels import evaluate as ev
+    large, small = pair_dirs
+    eng = Engine(large=str(large), small=str(small), device="cpu", max_batch_size=2, max_model_len=64)
+    prompts, policies = [[3, 4, 5], [7, 8], [9, 10, 11, 12]], [Greedy(max_draft_len=2), BiLD(0.3, 1.0, 3)]
+    order, real = [], ev.run_policy
+
+    def spy(engine, chunk, params, policy, batch):
+        order.append(ev.describe(policy).split("(")[0])
+        return real(engine, chunk, params, policy, batch)
+    monkeypatch.setattr(ev, "run_policy", spy)
+    ticks = []
+    rows = ev.evaluate(eng, prompts, policies, max_tokens=6, progress=lambda: ticks.append(1))
+    assert order == ["large-only", "greedy", "bild", "greedy", "bild", "large-only", "bild", "large-only", "greedy"]
+    assert len(ticks) == ev.eval_runs(len(prompts), len(policies)) == 9
+    order.clear()
+    seq = ev.evaluate(eng, prompts, policies, max_tokens=6, interleave=False)
+    assert order == ["large-only", "greedy", "bild"]
+    keys = ("policy", "tokens", "exact_match", "rouge_l", "nll", "acceptance", "large_passes", "rollbacks")
+    assert [[r.as_dict()[k] for k in keys] for r in rows] == [[r.as_dict()[k] for k in keys] for r in seq]
+    assert rows[1].exact_match == 1.0 and rows[0].speedup == 1.0
+    batched = ev.evaluate(eng, prompts, policies, max_tokens=6, batch=2)
+    assert ev.eval_runs(3, 2, batch=2) == 6 and [r.tokens for r in batched] == [r.tokens for r in rows]
+
+
 def test_bench_prints_speed_rows(capsys, tmp_path, pair_dirs):
     large, small = pair_dirs
     code, out, err = _run(capsys, "bench", "--large", large, "--small", small, "--prompts", 2, "--max-tokens", 4,
