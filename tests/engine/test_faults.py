@@ -117,3 +117,7 @@ def test_screen_logits_flags_nan_inf_and_empty_rows(large_model):
     assert out is logits and torch.equal(logits[:3], torch.zeros(3, 2, 7, dtype=torch.float64))
     assert torch.equal(logits[3:], keep)
     assert runner.take_nonfinite() == [0, 2, 5] and runner.take_nonfinite() == []
+    clean = torch.randn(2, 3, 7, dtype=torch.float64)
+    keep = clean.clone()
+    assert runner.screen_logits([1, 4], clean) is clean and torch.equal(clean, keep)
+    assert runner.take_nonfinite() == []
