@@ -373,11 +373,11 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument("--greedy-draft-len", type=int, default=3)
         e.add_argument("--max-draft-len", type=int, default=None, help="BiLD draft cap in the sweep (default 10)")
         e.add_argument("--out", default=None, help="append the rows to this CSV")
+        e.add_argument("--sequential", action="store_true",
+                       help="each policy over all prompts in turn (default: every policy on each prompt, or each "
+                            "batch of them, in rotating order, so that a machine's speed drifting during the run "
+                            "slows all policies alike)")
         if name == "eval":
-            e.add_argument("--sequential", action="store_true",
-                           help="each policy over all prompts in turn (default: every policy on each prompt, or "
-                                "each batch of them, in rotating order, so that a machine's speed drifting during "
-                                "the run slows all policies alike)")
             e.add_argument("--sweep", action="store_true", help="also sweep BiLD's two thresholds")
             e.add_argument("--fallback-grid", default="0.3,0.5,0.7,0.9")
             e.add_argument("--rollback-grid", default="1,2,4,8")
@@ -404,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--work-dir", default=None, help="cache the corpus and teacher targets here between runs")
     d.add_argument("--kind", default="layers", choices=("layers", "feature"),
                    help="layers: a standalone few-layer draft; feature: an EAGLE-style one-layer draft that reads "
-                        "the large model's hidden states (engine only, no HF assisted generation; CPU only)")
+                        "the large model's hidden states (engine only, no HF assisted generation)")
     d.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="teacher corpus and training in bfloat16 (default: where fast: CUDA, or a CPU with AMX)")
     g = d.add_argument_group("GPU runs, more data, warm starts")

@@ -311,11 +311,12 @@ def teacher_features(teacher, corpus: list[list[int]], batch_tokens: int = 4096,
                    and (len(group) + 1) * len(corpus[order[i + len(group)]]) <= batch_tokens):
                 group.append(order[i + len(group)])
             width = max(len(corpus[g]) for g in group)
-            ids = torch.tensor([corpus[g] + [0] * (width - len(corpus[g])) for g in group])
-            mask = torch.tensor([[1] * len(corpus[g]) + [0] * (width - len(corpus[g])) for g in group])
+            dev = teacher.model.embed_tokens.weight.device
+            ids = torch.tensor([corpus[g] + [0] * (width - len(corpus[g])) for g in group], device=dev)
+            mask = torch.tensor([[1] * len(corpus[g]) + [0] * (width - len(corpus[g])) for g in group], device=dev)
             teacher.model(input_ids=ids, attention_mask=mask)
             for row, g in enumerate(group):
-                res[g] = cap["f"][row, :len(corpus[g])].to(torch.float16).clone()
+                res[g] = cap["f"][row, :len(corpus[g])].to("cpu", torch.float16).clone()
             done += sum(len(corpus[g]) for g in group)
             i += len(group)
             log(f"teacher features: {done} tokens, {done / (time.perf_counter() - t0):.0f} tok/s")
@@ -401,14 +402,15 @@ def feature_loss(draft, ids, f, n, tid, tp, *, depth: int = 1, noise: float = 0.
     cross-entropy to the teacher's (top-k) next-token distribution, averaged over valid positions;
     chain steps 2..depth weighted by depth_decay**(j-1). Returns (loss, dict of parts)."""
     B, T, _ = f.shape
+    dev = f.device
     outs = draft.chains(f, ids, depth, noise=noise, detach=detach)
-    ar = torch.arange(T)
+    ar = torch.arange(T, device=dev)
     total, parts = 0.0, {}
     for j, pred in enumerate(outs, start=1):
         valid = (ar[None, :] + j) < n[:, None]  # predicts f_{s+j}, needs x_{s+j}
-        tgt = torch.cat([f[:, j:], torch.zeros(B, j, f.shape[2])], 1)
-        tgt_id = torch.cat([tid[:, j:], torch.zeros(B, j, tid.shape[2], dtype=tid.dtype)], 1)
-        tgt_p = torch.cat([tp[:, j:], torch.zeros(B, j, tp.shape[2])], 1)
+        tgt = torch.cat([f[:, j:], f.new_zeros(B, j, f.shape[2])], 1)
+        tgt_id = torch.cat([tid[:, j:], tid.new_zeros(B, j, tid.shape[2])], 1)
+        tgt_p = torch.cat([tp[:, j:], tp.new_zeros(B, j, tp.shape[2])], 1)
         m = valid.float()
         reg = F.smooth_l1_loss((pred - tgt) / draft.feat_std, torch.zeros_like(pred), reduction="none").mean(-1)
         logp = F.log_softmax(draft.logits(pred), -1)
@@ -436,8 +438,11 @@ def train_feature_draft(draft, corpus, feats, targets, *, minutes: float, lr: fl
     space (a few dimensions in the thousands), does not learn at all (measured: held-out d1 stayed at the
     untrained 0.009 while float32 reached 0.42 in 3 minutes on the same 2,000 answers).
     eval_fn(draft) -> dict is called every eval_every_s (and at the end); on_eval(draft, history)
-    after each evaluation (e.g. to save the best checkpoint). Returns the eval history."""
+    after each evaluation (e.g. to save the best checkpoint). The draft trains where its parameters are (a
+    CUDA device too); the corpus, features and targets stay on the CPU and go over batch by batch.
+    Returns the eval history."""
     g = torch.Generator().manual_seed(seed)
+    dev = draft.fc.weight.device
     params = [p for p in draft.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     vmap = vocab_map(draft.vocab, draft.cfg["vocab_size"])
@@ -463,7 +468,7 @@ def train_feature_draft(draft, corpus, feats, targets, *, minutes: float, lr: fl
         for grp in opt.param_groups:
             grp["lr"] = cur
         idxs = torch.randint(len(corpus), (batch_size,), generator=g).tolist()
-        ids, f, n, tid, tp = _batch(corpus, feats, targets, idxs, vmap)
+        ids, f, n, tid, tp = (t.to(dev, non_blocking=True) for t in _batch(corpus, feats, targets, idxs, vmap))
         loss, parts = feature_loss(draft, ids, f, n, tid, tp, depth=depth, noise=noise, w_reg=w_reg, w_ce=w_ce,
                                    detach=detach)
         opt.zero_grad(set_to_none=True)
@@ -504,20 +509,21 @@ def feature_agreement(draft, eval_feats: list[torch.Tensor], eval_corpus: list[t
     depths 1..j-1 agreed, and `acc_k` = E[accepted draft tokens] under greedy verification of a
     chain of k (the verifier then adds one token of its own: tokens per pass = 1 + acc_k)."""
     D = max(depth, max_k)
+    dev = draft.fc.weight.device
     d1_hit = d1_n = 0
-    runs, hits = [], []
+    hits = []
     for (ids, plen), f in zip(eval_corpus, eval_feats):
         T = len(ids)
-        x = torch.tensor([ids])
-        outs = draft.chains(f[None].float(), x, D)
+        x = torch.tensor([ids], device=dev)
+        outs = draft.chains(f[None].to(dev, torch.float32), x, D)
         preds = [draft.to_ids(draft.logits(o[0]).argmax(-1)) for o in outs]  # preds[j-1][s] -> x_{s+j+1}
         # depth 1 over all response tokens
-        m = torch.arange(max(plen, 2), T)
+        m = torch.arange(max(plen, 2), T, device=dev)
         d1_hit += int((preds[0][m - 2] == x[0, m]).sum())
         d1_n += len(m)
         # chains: start s = plen-1 (the prefill's last position; x_plen is the large model's own
         # token) onwards, with s+D+1 <= T-1
-        starts = torch.arange(max(plen - 1, 0), T - D - 1)
+        starts = torch.arange(max(plen - 1, 0), T - D - 1, device=dev)
         if len(starts) == 0:
             continue
         h = torch.stack([preds[j - 1][starts] == x[0, starts + j + 1] for j in range(1, D + 1)], 1)  # [S, D]

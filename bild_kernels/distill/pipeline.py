@@ -62,9 +62,6 @@ def _check_device(device, kind: str) -> torch.device:
         raise ValueError(f"device must be 'cpu' or 'cuda' (or 'cuda:N'), got {device!r}") from None
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda' (or 'cuda:N'), got {device!r}")
-    if dev.type == "cuda" and kind == "feature":
-        raise ValueError("device: kind='feature' trains on the CPU only (its teacher features come from "
-                         "bild's CPU executor); use device='cpu' or kind='layers'")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r}: no CUDA GPU is usable here (torch.cuda.is_available() is False)")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
@@ -129,8 +126,9 @@ def distill(*, large=None, out, prompts: int = 512, max_new_tokens: int = 96, mi
     then defaults to 2e-4 (3e-4 from scratch), as the shipped draft's warm-started stages used.
     `draft_vocab` (default 8192): the head scores the most frequent corpus tokens (0: the whole vocabulary).
     kind="feature": a one-layer feature draft initialised from the large model's last layer (init_layers
-    is then refused); its teacher features come from bild's executor (bfloat16 where fast) and it always
-    trains in float32 (under bfloat16 autocast it does not learn); CPU only."""
+    is then refused); its teacher features come from bild's executor on `device` (bfloat16 where fast) and
+    it always trains in float32 (under bfloat16 autocast it does not learn), on `device` too (lr defaults
+    to 2e-3, batches to train_batch_size)."""
     from bild_kernels.distill.corpus import chat_ids, generate_corpus
     from bild_kernels.distill.prompts import all_train_prompts, held_out_prompts
     from bild_kernels.distill.train import agreement, build_draft, fast_bf16, teacher_targets, train
@@ -203,7 +201,8 @@ def distill(*, large=None, out, prompts: int = 512, max_new_tokens: int = 96, mi
     fast_teacher = None  # its memory back (on a GPU too): training reads only the corpus and targets
     if kind == "feature":
         vocab = _vocab(corpus, draft_vocab, tok)
-        return _distill_feature(teacher, source, corpus, targets, held_pairs, vocab, minutes, bf16, out, work, log)
+        return _distill_feature(teacher, source, corpus, targets, held_pairs, vocab, minutes, bf16, out, work, log,
+                                device=dev, batch_size=train_batch, lr=lr)
     draft = build_draft(teacher, layers)
     vocab = _warm_start(draft, init_draft) if init is not None else _vocab(corpus, draft_vocab, tok)
     draft.to(dev)
@@ -249,26 +248,30 @@ def _device_name(dev: torch.device) -> str:
     return torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
 
 
-def _distill_feature(teacher, source, corpus, targets, held_pairs, vocab, minutes, bf16, out, work, log) -> dict:
+def _distill_feature(teacher, source, corpus, targets, held_pairs, vocab, minutes, bf16, out, work, log, *,
+                     device=None, batch_size: int = 8, lr: float | None = None) -> dict:
     from bild_kernels.distill.feature_draft import (FeatureDraft, executor_features, feature_agreement,
                                                     feature_stats, teacher_features, train_feature_draft)
     from bild_kernels.models import load_model
     fdtype = torch.bfloat16 if bf16 else torch.float32
     tag = f"{len(corpus)}_{sum(map(len, corpus))}{'_bf16' if bf16 else ''}"
+    dev = torch.device(device or "cpu")
     feats = _cached(work, f"features_{tag}.pt", lambda: executor_features(
-        load_model(teacher, dtype=fdtype)[0], corpus, log=log))
+        load_model(teacher, dtype=fdtype, device=dev)[0], corpus, batch_tokens=65536 if dev.type == "cuda" else 8192,
+        log=log))
     held_feats = _cached(work, "features_eval.pt", lambda: teacher_features(
         teacher, [ids for ids, _ in held_pairs], log=log))
     mean, std = feature_stats(feats)
-    draft = FeatureDraft.from_teacher(teacher, n_layers=1, vocab=vocab, feat_mean=mean, feat_std=std)
+    draft = FeatureDraft.from_teacher(teacher, n_layers=1, vocab=vocab, feat_mean=mean, feat_std=std).to(dev)
 
     def measure(d):
         return feature_agreement(d, held_feats, held_pairs, depth=2, max_k=2)
 
     t0 = time.perf_counter()
     before = measure(draft)["d1"]
-    lr, depth = 2e-3, 2
-    history = train_feature_draft(draft, corpus, feats, targets, minutes=minutes, lr=lr, batch_size=8, depth=depth,
+    lr, depth = lr or 2e-3, 2
+    history = train_feature_draft(draft, corpus, feats, targets, minutes=minutes, lr=lr, batch_size=batch_size,
+                                  depth=depth,
                                   noise=0.1, w_ce=1.0, eval_fn=measure, eval_every_s=max(60.0, minutes * 12), log=log)
     acc = history[-1]["d1"]
     log(f"held-out top-1 agreement {before:.3f} -> {acc:.3f} after {minutes:g} min")
@@ -278,7 +281,9 @@ def _distill_feature(teacher, source, corpus, targets, held_pairs, vocab, minute
              "draft_vocab": None if vocab is None else int(vocab.numel()),
              "history": [(h["minutes"], h["tokens"], h["d1"]) for h in history],
              "train_seconds": round(time.perf_counter() - t0, 1), "threads": torch.get_num_threads(),
-             "bf16": bf16, "lr": lr, "final_lr": lr * 0.1, "depth": depth}
+             "bf16": bf16, "lr": lr, "final_lr": lr * 0.1, "depth": depth, "device": _device_name(dev),
+             "batch_size": batch_size}
+    draft.to("cpu")
     base, _ = load_model(teacher, dtype=torch.float32)
     draft.save_dir(out, base, base_name=source.name, card=draft_card(source.name, stats, len(held_pairs)))
     log(f"draft written to {out}")

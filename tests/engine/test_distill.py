@@ -226,7 +226,6 @@ def test_corpus_minutes_cuts_the_corpus_and_the_card_says_so(large_dir, tmp_path
 @pytest.mark.parametrize("kw, match", [
     (dict(device="tpu"), "device must be 'cpu' or 'cuda'"),
     (dict(device="cuda:x"), "device must be 'cpu' or 'cuda'"),
-    (dict(device="cuda", kind="feature"), "kind='feature' trains on the CPU only"),
     pytest.param(dict(device="cuda"), "no CUDA GPU is usable here",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
     (dict(samples_per_prompt=0), "samples_per_prompt must be a positive int"),
@@ -282,7 +281,6 @@ def _cli(capsys, *argv):
     pytest.param(["--device", "cuda"], "no CUDA GPU is usable here",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
     (["--device", "gpu"], "device must be 'cpu' or 'cuda'"),
-    (["--device", "cuda", "--kind", "feature"], "kind='feature' trains on the CPU only"),
     (["--samples-per-prompt", "0"], "samples_per_prompt must be a positive int"),
     (["--corpus-minutes", "-1"], "corpus_minutes must be > 0"),
     (["--corpus-batch-size", "0"], "corpus_batch_size must be a positive int"),
@@ -319,7 +317,7 @@ def test_cli_warm_start_with_a_budget_writes_parts_that_join_into_a_loadable_dra
 
 
 @requires_gpu
-def test_distill_on_cuda_end_to_end(large_dir, tmp_path):
+def test_distill_on_gpu_end_to_end(large_dir, tmp_path):
     """The whole pipeline on the GPU: corpus, targets, warm start, training; the draft loads on the CPU."""
     from bild_kernels import Engine, Greedy, LargeOnly, SamplingParams
     init, vocab, _ = _init_draft(large_dir, tmp_path / "init")
@@ -341,5 +339,21 @@ def test_distill_on_cuda_end_to_end(large_dir, tmp_path):
     targets = torch.load(next(work.glob("targets_*_x2_*.pt")))
     assert all(t.device.type == "cpu" for pair in targets for t in pair)
     eng = Engine(large=str(large_dir), small=str(out), device="cpu", max_batch_size=1, max_model_len=64)
+    o = eng.generate([[1, 2, 3]], SamplingParams(max_tokens=8), policy=Greedy())[0]
+    assert o.token_ids == eng.generate([[1, 2, 3]], SamplingParams(max_tokens=8), policy=LargeOnly())[0].token_ids
+
+
+@requires_gpu
+def test_feature_distill_on_gpu_end_to_end(large_dir, tmp_path):
+    """A feature draft on the GPU: features from bild's executor there, training there; the draft it writes
+    loads on the CPU and lossless decoding with it equals the large model alone."""
+    from bild_kernels import Engine, Greedy, LargeOnly, SamplingParams
+    work, out = _work(large_dir, tmp_path), tmp_path / "out"
+    stats = distill(large=large_dir, out=out, prompts=6, max_new_tokens=6, minutes=0.02, work_dir=work, device="cuda",
+                    kind="feature", draft_vocab=30, **QUIET)
+    assert stats["kind"] == "feature" and stats["device"] != "cpu" and stats["batch_size"] == 64
+    assert 0.0 <= stats["agreement"] <= 1.0 and stats["history"]
+    eng = Engine(large=str(large_dir), small=str(out), device="cpu", max_batch_size=1, max_model_len=64)
+    assert eng.small_kind == "feature"
     o = eng.generate([[1, 2, 3]], SamplingParams(max_tokens=8), policy=Greedy())[0]
     assert o.token_ids == eng.generate([[1, 2, 3]], SamplingParams(max_tokens=8), policy=LargeOnly())[0].token_ids
