@@ -53,6 +53,7 @@ class BlockManager:
         self.context_lens = torch.full((num_caches, max_seqs), -1, **i32)
         self._lens = [[-1] * max_seqs for _ in range(num_caches)]  # host mirror of context_lens
         self._stale = [False] * num_caches  # a device-only rollback ran since the mirror was last read
+        self.host_slots = self.device.type == "cpu"  # `append` computes slot mappings from host ints
 
     # -- state views --------------------------------------------------------------------------------
     def tables(self, cache: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,7 +110,10 @@ class BlockManager:
         if left < 0:  # the op only wrote num_free; restoring it restores everything
             self.num_free.copy_(top)
             raise KVCacheExhausted(-1 - left)
-        slots = self._slots(bt, cl, idx, cnt, sum(counts))
+        if self.host_slots:  # the tables are host memory: read the few entries needed directly
+            slots = self._slots_host(bt, [self._lens[cache][r] for r in rows], rows, counts)
+        else:
+            slots = self._slots(bt, cl, idx, cnt, sum(counts))
         cl += per_row
         for r, n in zip(rows, counts):
             self._lens[cache][r] += n
@@ -208,6 +212,16 @@ class BlockManager:
             self._lens[cache] = self.context_lens[cache].tolist()
             self._stale[cache] = False
         return self._lens[cache]
+
+    def _slots_host(self, bt, lens: list[int], rows: list[int], counts: list[int]) -> torch.Tensor:
+        """`_slots` for CPU tables, from host ints: ~10x cheaper than its dozen tensor ops at batch 1."""
+        bs, out = self.block_size, []
+        for r, L, n in zip(rows, lens, counts):
+            if n:
+                first = L // bs
+                blks = bt[r, first:(L + n - 1) // bs + 1].tolist()
+                out += [blks[p // bs - first] * bs + p % bs for p in range(L, L + n)]
+        return torch.tensor(out, dtype=torch.int64, device=self.device)
 
     def _slots(self, bt, cl, idx, cnt, total: int) -> torch.Tensor:
         # Token i of the appended run of row idx[k] sits at position context_lens[row] + i.

@@ -172,3 +172,39 @@ def test_bad_requests_raise_before_anything_changes(backend):
         assert_unchanged(bm, before)
     with pytest.raises(ValueError, match="num_blocks"):
         BlockManager(0, 2, 3, 2)
+
+
+def test_host_and_device_slot_mappings_agree():
+    """On a CPU `append` computes the slot mapping from host ints; the device path (tensor ops, what a GPU
+    runs) gives the same slots over a random sequence of appends and rollbacks."""
+    import random
+    rng = random.Random(0)
+    host, dev = (BlockManager(60, 4, 6, 12, num_caches=2) for _ in range(2))
+    dev.host_slots = False
+    assert host.host_slots
+    for bm in (host, dev):
+        for c in (0, 1):
+            for r in range(6):
+                bm.allocate(r, c)
+    lens = {(c, r): 0 for c in (0, 1) for r in range(6)}
+    for _ in range(200):
+        c = rng.randint(0, 1)
+        rows = rng.sample(range(6), rng.randint(1, 6))
+        if rng.random() < 0.7:
+            counts = [rng.randint(0, min(9, 48 - lens[c, r])) for r in rows]
+            try:
+                got = host.append(rows, counts, c)
+            except KVCacheExhausted:
+                with pytest.raises(KVCacheExhausted):
+                    dev.append(rows, counts, c)
+                continue
+            assert torch.equal(got, dev.append(rows, counts, c))
+            for r, n in zip(rows, counts):
+                lens[c, r] += n
+        else:
+            counts = [rng.randint(0, lens[c, r]) for r in rows]
+            for bm in (host, dev):
+                bm.rollback(rows, counts, c)
+            for r, n in zip(rows, counts):
+                lens[c, r] -= n
+    assert torch.equal(host.block_tables, dev.block_tables) and torch.equal(host.context_lens, dev.context_lens)
