@@ -124,11 +124,14 @@ def pick_shapes(args, default: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
     return shapes
 
 
-def usable_backends(device: str, requested: str | None) -> list[str]:
+def usable_backends(device: str, requested: str | None, *, cpu_kernel: bool = False) -> list[str]:
     """Backends to run: on a GPU all built ones plus the torch.compile'd reference; on a CPU the
-    reference and (under TRITON_INTERPRET=1) Triton."""
-    from bild_kernels._backend import cuda_extension, triton_available, triton_interpret
+    reference, (under TRITON_INTERPRET=1) Triton, and with cpu_kernel=True (the op has one in
+    bild_kernels._cpu) "cpu" where that extension is built and runs here."""
+    from bild_kernels._backend import cpu_extension, cuda_extension, triton_available, triton_interpret
     avail = ["ref"]
+    if cpu_kernel and device == "cpu" and cpu_extension() is not None:
+        avail.append("cpu")
     if triton_available() and (device == "cuda" or triton_interpret()):
         avail.append("triton")
     if device == "cuda":

@@ -196,6 +196,16 @@ class CpuAttentionPlan:
         return out.to(query.dtype)
 
 
+def cpu_attention_kernel():
+    """bild_kernels._cpu's paged attention, or a ValueError saying why it cannot run here."""
+    from bild_kernels._backend import _load_backends, cpu_extension
+    if cpu_extension() is None:
+        raise ValueError("paged_attention: backend 'cpu' needs the CPU extension bild_kernels._cpu (not built, or "
+                         "this CPU lacks AVX2/FMA)")
+    _load_backends()  # its fake implementation (torch.compile) registers with the extension's other ops
+    return torch.ops.bild_kernels_cpu.paged_attention
+
+
 @functools.cache
 def _triton_launcher():
     """The Triton kernel, guarded under the interpreter like the ops (built once: this is a per-layer call)."""
@@ -207,10 +217,14 @@ def _triton_launcher():
 
 
 def default_attention_backend(device: torch.device, dtype: torch.dtype) -> str:
+    """"cpu" (bild_kernels._cpu's kernel) for float32 on a CPU that runs it, else "triton" on CUDA or under
+    TRITON_INTERPRET=1, else "ref" (always for float64); BILD_BACKEND=triton|ref|cpu forces one where it can run."""
     forced = os.environ.get("BILD_BACKEND")
     if forced in ("triton", "ref"):
         return forced
-    from bild_kernels._backend import triton_available, triton_interpret
+    from bild_kernels._backend import cpu_extension, triton_available, triton_interpret
+    if device.type == "cpu" and dtype == torch.float32 and cpu_extension() is not None:
+        return "cpu"
     if dtype == torch.float64 or not triton_available():
         return "ref"
     return "triton" if device.type == "cuda" or triton_interpret() else "ref"
@@ -220,15 +234,21 @@ def paged_attention(query, key_cache, value_cache, meta: AttentionMetadata, *, s
                     sliding_window: int | None = None, backend: str | None = None):
     """Attention of the new tokens over the paged cache. query [T, Hq, D] -> [T, Hq, D].
 
-    backend: "triton" (the GPU kernel, or the interpreter on the CPU), "ref", or None for the default
-    (Triton on CUDA or under TRITON_INTERPRET=1, else the reference; always the reference for float64).
+    backend: "triton" (the GPU kernel, or the interpreter on the CPU), "cpu" (bild_kernels._cpu: float32 CPU
+    tensors, keys and values read in place), "ref", or None for the default (`default_attention_backend`).
     """
     window = int(sliding_window or 0)
     backend = backend or default_attention_backend(query.device, query.dtype)
     if backend == "ref":
         return paged_attention_ref(query, key_cache, value_cache, meta.query_start_loc, meta.positions,
                                    meta.block_tables, meta.context_lens, scale, window)
+    if backend == "cpu":
+        if query.device.type != "cpu" or query.dtype != torch.float32:
+            raise ValueError(f"paged_attention: backend 'cpu' takes float32 CPU tensors, got {query.dtype} on "
+                             f"{query.device}")
+        return cpu_attention_kernel()(query.contiguous(), key_cache, value_cache, meta.query_start_loc,
+                                      meta.positions, meta.block_tables, meta.context_lens, float(scale), window)
     if backend != "triton":
-        raise ValueError(f"paged_attention: backend must be 'triton' or 'ref', got {backend!r}")
+        raise ValueError(f"paged_attention: backend must be 'triton', 'cpu' or 'ref', got {backend!r}")
     return _triton_launcher()(query, key_cache, value_cache, meta.query_start_loc, meta.positions,
                                   meta.block_tables, meta.context_lens, scale, window, meta.max_query_len)

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from bild_kernels._backend import registered, resolve
-from bild_kernels.models.attention import (AttentionMetadata, CpuAttentionPlan, default_attention_backend,
-                                           paged_attention)
+from bild_kernels.models.attention import (AttentionMetadata, CpuAttentionPlan, cpu_attention_kernel,
+                                           default_attention_backend, paged_attention)
 from bild_kernels.models.config import ModelConfig
 from bild_kernels.ops.cpu_linear import MAX_ROWS as CPU_LINEAR_MAX_ROWS
 
@@ -212,6 +212,12 @@ class LlamaExecutor:
         if attn_backend == "ref" and self.device.type == "cpu":
             plan = CpuAttentionPlan.of(meta, kv_caches[start][0].shape[1])
             attend = lambda q, kc, vc, window: plan.attend(q, kc, vc, self.scale, window)  # noqa: E731
+        elif attn_backend == "cpu" and self.device.type == "cpu" and self.dtype == torch.float32:
+            # bild_kernels._cpu's kernel, bound once per forward (its per-layer call then costs ~5 us of overhead)
+            op, qsl, pos, tables, lens = (cpu_attention_kernel(), meta.query_start_loc, meta.positions,
+                                          meta.block_tables.contiguous(), meta.context_lens)
+            attend = lambda q, kc, vc, window: op(q.contiguous(), kc, vc, qsl, pos, tables, lens,  # noqa: E731
+                                                  self.scale, window)
         else:
             attend = lambda q, kc, vc, window: paged_attention(  # noqa: E731
                 q, kc, vc, meta, scale=self.scale, sliding_window=window, backend=attn_backend)

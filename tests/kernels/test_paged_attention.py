@@ -125,6 +125,67 @@ def test_cpu_attention_plan_is_shared_by_layers_with_different_windows(seqs):
                                    atol=1e-12, rtol=1e-12)
 
 
+def _cpu_kernel_ok():
+    from bild_kernels._backend import cpu_extension
+    return cpu_extension() is not None
+
+
+requires_cpu_kernel = pytest.mark.skipif(not _cpu_kernel_ok(), reason="bild_kernels._cpu not built, or no AVX2/FMA")
+
+
+@requires_cpu_kernel
+@pytest.mark.parametrize("seqs", [PREFILL, DECODE, EXTEND, PADDED, MIXED, ONE_DECODE, ONE_EXTEND],
+                         ids=["prefill", "decode", "extend", "padded", "mixed", "one-decode", "one-extend"])
+@pytest.mark.parametrize("block_size, num_kv_heads, group, head_dim", [
+    (16, 2, 1, 64), (16, 1, 4, 128), (1, 2, 4, 64), (16, 3, 3, 64), (5, 1, 1, 128), (4, 2, 3, 36),
+])
+@pytest.mark.parametrize("window", [0, 3])
+def test_cpu_paged_attention_matches_reference(seqs, block_size, num_kv_heads, group, head_dim, window):
+    """bild_kernels._cpu's kernel (keys and values read in place through the table) against the reference;
+    slots outside every context hold NaN, so a stray read shows; rows with no key give zeros."""
+    query, key_cache, value_cache, meta = _case(seqs, block_size, num_kv_heads, group, head_dim, F32, "cpu")
+    scale = head_dim ** -0.5
+    want = paged_attention_ref(query, key_cache, value_cache, meta.query_start_loc, meta.positions,
+                               meta.block_tables, meta.context_lens, scale, window)
+    got = paged_attention(query, _poisoned(key_cache, meta), _poisoned(value_cache, meta), meta, scale=scale,
+                          sliding_window=window, backend="cpu")
+    assert got.dtype == F32 and got.shape == query.shape
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    pad = torch.tensor([c == 0 for q, c in seqs for _ in range(q)])
+    assert torch.equal(got[pad], torch.zeros_like(got[pad]))
+
+
+@requires_cpu_kernel
+def test_cpu_paged_attention_is_batch_invariant_and_the_cpu_default():
+    """A token's output has the same bits alone or in a batch (the verifier's tokens get what decode gets),
+    and float32 CPU tensors take this kernel by default (float64 the reference)."""
+    from bild_kernels.models.attention import default_attention_backend
+    query, key_cache, value_cache, meta = _case(MIXED, 4, 2, 3, 64, F32, "cpu")
+    full = paged_attention(query, key_cache, value_cache, meta, scale=0.125, backend="cpu")
+    for b, (q, c) in enumerate(MIXED):
+        s = int(meta.query_start_loc[b])
+        one = AttentionMetadata.build([q], [c], meta.block_tables[b:b + 1], 4)
+        alone = paged_attention(query[s:s + q], key_cache, value_cache, one, scale=0.125, backend="cpu")
+        assert torch.equal(alone, full[s:s + q])
+    assert default_attention_backend(torch.device("cpu"), F32) in ("cpu", "ref", "triton")
+    if not __import__("os").environ.get("BILD_BACKEND"):
+        assert default_attention_backend(torch.device("cpu"), F32) == "cpu"
+    assert default_attention_backend(torch.device("cpu"), torch.float64) == "ref"
+
+
+@requires_cpu_kernel
+def test_cpu_paged_attention_bad_input():
+    query, key_cache, value_cache, meta = _case(DECODE, 16, 2, 1, 64, F32, "cpu")
+    with pytest.raises(ValueError, match="float32 CPU"):
+        paged_attention(query.double(), key_cache.double(), value_cache.double(), meta, scale=1.0, backend="cpu")
+    bad = AttentionMetadata(meta.query_start_loc, meta.positions, meta.slot_mapping,
+                            meta.block_tables.clone().fill_(10**6), meta.context_lens, 1)
+    with pytest.raises(RuntimeError, match="holds block"):  # a table entry outside the pool: refused, not read
+        paged_attention(query, key_cache, value_cache, bad, scale=1.0, backend="cpu")
+    with pytest.raises(RuntimeError, match="kv heads"):
+        paged_attention(query[:, :1], key_cache, value_cache, meta, scale=1.0, backend="cpu")
+
+
 def test_paged_attention_bad_input():
     query, key_cache, value_cache, meta = _case(DECODE, 16, 2, 1, 64, F32, "cpu")
     with pytest.raises(ValueError, match="backend"):

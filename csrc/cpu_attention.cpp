@@ -1,0 +1,225 @@
+// cpu_paged_attention: attention of T new tokens over the paged KV cache, float32, on x86 CPUs with AVX2 and
+// FMA: the executor's per-layer attention on a CPU (bild_kernels.models.attention, backend "cpu").
+//
+// Why: the reference gathers each sequence's blocks and calls PyTorch's SDPA once per sequence and layer;
+// at decode sizes (one to a few queries, a few hundred keys) that costs ~150 us of fixed overhead for
+// ~10 us of arithmetic. Here the keys and values are read in place through the block table, one call per
+// layer serves the whole batch, and no intermediate tensor is allocated.
+//
+// Semantics (those of paged_attention_ref): token t of sequence b (query_start_loc[b] <= t <
+// query_start_loc[b + 1]) at position positions[t] sees the keys at positions p with p <= positions[t],
+// p < context_lens[b] and, if sliding_window > 0, p > positions[t] - sliding_window; query head h reads kv
+// head h / (Hq / Hkv). softmax(scale * q.k) over those keys, times v; a token that sees no key gets zeros.
+// Work split: at::parallel_for over (token, kv head) pairs; each output is computed by one thread alone, in
+// a fixed order (keys in increasing position, 8-lane dot products reduced in a fixed tree), so a token's
+// output does not depend on the batch around it, its position in it, or the thread count.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define BILD_X86 1
+#endif
+
+namespace bild {
+bool cpu_linear_supported();  // cpu_linear.cpp: AVX2 and FMA present
+
+namespace {
+
+template <typename I>
+int64_t at_index(const at::Tensor& t, int64_t i) {
+  return static_cast<int64_t>(t.data_ptr<I>()[i]);
+}
+
+int64_t read_int(const at::Tensor& t, int64_t i) {
+  return t.scalar_type() == at::kInt ? at_index<int32_t>(t, i) : at_index<int64_t>(t, i);
+}
+
+#ifdef BILD_X86
+__attribute__((target("avx2,fma"))) inline float reduce8(__m256 v) {  // a fixed tree over the 8 lanes
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+
+__attribute__((target("avx2,fma"))) inline float dot(const float* a, const float* b, int64_t D) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc);
+  float r = reduce8(acc);
+  for (; d < D; ++d) r = std::fma(a[d], b[d], r);
+  return r;
+}
+
+__attribute__((target("avx2,fma"))) inline void axpy(float w, const float* x, float* y, int64_t D) {
+  const __m256 wv = _mm256_set1_ps(w);
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) _mm256_storeu_ps(y + d, _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + d), _mm256_loadu_ps(y + d)));
+  for (; d < D; ++d) y[d] = std::fma(w, x[d], y[d]);
+}
+
+// One (token, kv head) pair: its rep query heads over keys [lo, hi] of one sequence. DV: D / 8 when that is
+// a size kept in registers (the output rows accumulate there), else 0 (any D, through memory).
+template <int DV>
+__attribute__((target("avx2,fma"))) void attend_one(const float* q, const float* kc, const float* vc,
+                                                    const int32_t* table, int64_t BS, int64_t Hkv, int64_t D,
+                                                    int64_t g, int64_t rep, int64_t lo, int64_t hi, float scale,
+                                                    float* out, std::vector<float>& s) {
+  const int64_t n = hi - lo + 1;
+  s.resize(static_cast<size_t>(rep * n));
+  for (int64_t p = lo; p <= hi; ++p) {
+    const int64_t slot = static_cast<int64_t>(table[p / BS]) * BS + p % BS;
+    const float* k = kc + (slot * Hkv + g) * D;
+    if constexpr (DV > 0) {  // the key stays in registers for the rep query heads that read it
+      __m256 kv[DV];
+      for (int j = 0; j < DV; ++j) kv[j] = _mm256_loadu_ps(k + 8 * j);
+      for (int64_t r = 0; r < rep; ++r) {
+        const float* qr = q + r * D;
+        __m256 a0 = _mm256_mul_ps(_mm256_loadu_ps(qr), kv[0]), a1 = _mm256_mul_ps(_mm256_loadu_ps(qr + 8), kv[1]);
+        for (int j = 2; j < DV; j += 2) {
+          a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qr + 8 * j), kv[j], a0);
+          a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qr + 8 * j + 8), kv[j + 1], a1);
+        }
+        s[r * n + (p - lo)] = reduce8(_mm256_add_ps(a0, a1)) * scale;
+      }
+    } else {
+      for (int64_t r = 0; r < rep; ++r) s[r * n + (p - lo)] = dot(q + r * D, k, D) * scale;
+    }
+  }
+  for (int64_t r = 0; r < rep; ++r) {
+    float* sr = s.data() + r * n;
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int64_t i = 0; i < n; ++i) mx = std::max(mx, sr[i]);
+    float sum = 0.f;
+    for (int64_t i = 0; i < n; ++i) {
+      sr[i] = std::exp(sr[i] - mx);
+      sum += sr[i];
+    }
+    const float inv = 1.f / sum;
+    float* o = out + r * D;
+    if constexpr (DV > 0) {
+      __m256 acc[DV];
+      for (int j = 0; j < DV; ++j) acc[j] = _mm256_setzero_ps();
+      for (int64_t p = lo; p <= hi; ++p) {
+        const float* v = vc + ((static_cast<int64_t>(table[p / BS]) * BS + p % BS) * Hkv + g) * D;
+        const __m256 w = _mm256_set1_ps(sr[p - lo] * inv);
+        for (int j = 0; j < DV; ++j) acc[j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * j), acc[j]);
+      }
+      for (int j = 0; j < DV; ++j) _mm256_storeu_ps(o + 8 * j, acc[j]);
+    } else {
+      for (int64_t p = lo; p <= hi; ++p) {
+        const int64_t slot = static_cast<int64_t>(table[p / BS]) * BS + p % BS;
+        axpy(sr[p - lo] * inv, vc + (slot * Hkv + g) * D, o, D);
+      }
+    }
+  }
+}
+
+using AttendFn = void (*)(const float*, const float*, const float*, const int32_t*, int64_t, int64_t, int64_t,
+                          int64_t, int64_t, int64_t, int64_t, float, float*, std::vector<float>&);
+
+AttendFn attend_for(int64_t D) {
+  switch (D) {
+    case 64: return attend_one<8>;
+    case 128: return attend_one<16>;
+    default: return attend_one<0>;
+  }
+}
+#endif
+
+void check_index(const char* name, const at::Tensor& t, int64_t n, bool int32_only) {
+  TORCH_CHECK(t.device().is_cpu(), "cpu_paged_attention: ", name, " must be on the CPU");
+  TORCH_CHECK(t.scalar_type() == at::kInt || (!int32_only && t.scalar_type() == at::kLong), "cpu_paged_attention: ",
+              name, " must be int32", int32_only ? "" : " or int64", ", got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == n && t.is_contiguous(), "cpu_paged_attention: ", name,
+              " must be a contiguous [", n, "] tensor, got ", t.sizes());
+}
+
+}  // namespace
+
+at::Tensor cpu_paged_attention(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
+                               const at::Tensor& query_start_loc, const at::Tensor& positions,
+                               const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
+                               int64_t sliding_window) {
+  TORCH_CHECK(cpu_linear_supported(), "cpu_paged_attention: this CPU lacks AVX2/FMA (use the reference)");
+  for (const at::Tensor* t : {&query, &key_cache, &value_cache}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous(),
+                "cpu_paged_attention: query and the caches must be contiguous float32 CPU tensors");
+  }
+  TORCH_CHECK(query.dim() == 3, "cpu_paged_attention: query must be [T, Hq, D], got ", query.sizes());
+  TORCH_CHECK(key_cache.dim() == 4 && key_cache.sizes() == value_cache.sizes(),
+              "cpu_paged_attention: the caches must both be [num_blocks, block_size, Hkv, D], got ", key_cache.sizes(),
+              " and ", value_cache.sizes());
+  const int64_t T = query.size(0), Hq = query.size(1), D = query.size(2);
+  const int64_t NB = key_cache.size(0), BS = key_cache.size(1), Hkv = key_cache.size(2);
+  TORCH_CHECK(key_cache.size(3) == D, "cpu_paged_attention: the caches' head size ", key_cache.size(3),
+              " differs from the query's ", D);
+  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "cpu_paged_attention: ", Hq, " query heads cannot share ", Hkv, " kv heads");
+  TORCH_CHECK(block_tables.device().is_cpu() && block_tables.scalar_type() == at::kInt && block_tables.dim() == 2 &&
+                  block_tables.is_contiguous(),
+              "cpu_paged_attention: block_tables must be a contiguous int32 [B, M] CPU tensor");
+  const int64_t B = block_tables.size(0), M = block_tables.size(1);
+  check_index("query_start_loc", query_start_loc, B + 1, false);
+  check_index("positions", positions, T, false);
+  check_index("context_lens", context_lens, B, true);
+  TORCH_CHECK(sliding_window >= 0, "cpu_paged_attention: sliding_window must be >= 0, got ", sliding_window);
+
+  // Each token's sequence, its visible key range; checked before any work.
+  std::vector<int64_t> seq(T, -1), lo(T, 0), hi(T, -1);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t s = read_int(query_start_loc, b), e = read_int(query_start_loc, b + 1);
+    TORCH_CHECK(0 <= s && s <= e && e <= T, "cpu_paged_attention: query_start_loc must rise within [0, ", T, "]");
+    const int64_t L = at_index<int32_t>(context_lens, b);
+    TORCH_CHECK(L <= M * BS, "cpu_paged_attention: context_lens[", b, "] = ", L, " exceeds the table's ", M * BS);
+    const int32_t* row = block_tables.data_ptr<int32_t>() + b * M;
+    for (int64_t j = 0; j < (L + BS - 1) / BS && e > s; ++j) {
+      const int64_t blk = row[j];
+      TORCH_CHECK(0 <= blk && blk < NB, "cpu_paged_attention: sequence ", b, " holds block ", blk, " of ", NB);
+    }
+    for (int64_t t = s; t < e; ++t) {
+      seq[t] = b;
+      const int64_t pos = read_int(positions, t);
+      hi[t] = std::min(pos, L - 1);
+      lo[t] = sliding_window > 0 ? std::max<int64_t>(0, pos - sliding_window + 1) : 0;
+    }
+  }
+  at::Tensor out = at::zeros({T, Hq, D}, query.options());
+#ifdef BILD_X86
+  const float* q = query.data_ptr<float>();
+  const float* kc = key_cache.data_ptr<float>();
+  const float* vc = value_cache.data_ptr<float>();
+  const int32_t* tables = block_tables.data_ptr<int32_t>();
+  float* o = out.data_ptr<float>();
+  const int64_t rep = Hq / Hkv;
+  const AttendFn attend = attend_for(D);
+  at::parallel_for(0, T * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> s;
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t t = i / Hkv, g = i % Hkv;
+      if (seq[t] < 0 || hi[t] < lo[t]) continue;  // no sequence, or no visible key: zeros
+      attend(q + (t * Hq + g * rep) * D, kc, vc, tables + seq[t] * M, BS, Hkv, D, g, rep, lo[t], hi[t],
+                 static_cast<float>(scale), o + (t * Hq + g * rep) * D, s);
+    }
+  });
+#endif
+  return out;
+}
+
+}  // namespace bild
+
+TORCH_LIBRARY_FRAGMENT(bild_kernels_cpu, m) {
+  m.def("paged_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor query_start_loc, "
+        "Tensor positions, Tensor block_tables, Tensor context_lens, float scale, int sliding_window) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(bild_kernels_cpu, CPU, m) { m.impl("paged_attention", &bild::cpu_paged_attention); }
