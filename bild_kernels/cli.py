@@ -222,13 +222,25 @@ def _write_csv(path: str | None, rows: list[dict], extra: dict) -> None:
 
 def _run_info(engine) -> dict:
     import datetime
-    import platform
 
     import torch
     dev = engine.device
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{platform.processor() or 'cpu'} x{os.cpu_count()}"
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{_cpu_model() or 'cpu'} x{os.cpu_count()}"
     return {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "device": name,
             "threads": torch.get_num_threads(), "rev": _git_rev()}
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux, where platform.processor() is often empty)."""
+    import platform
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
 
 
 def _git_rev() -> str:
