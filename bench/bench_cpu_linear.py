@@ -2,7 +2,7 @@
 
 Shapes: SmolLM2-135M's projections (the default large model: fused q/k/v 960x576, o 576x576, fused gate/up
 3072x576, down 576x1536, head 49152x576), each timed as a stack of 30 distinct weights (one per layer, so
-the weights stream from memory as in a forward pass; the head once), at M = 1..8 rows. Prints median and
+the weights stream from memory as in a forward pass; the head once), at M = 1..16 rows. Prints median and
 20th/80th percentiles, GB/s of weights read, and the ratio ref / cpu at each M; "vs M=1" says what a verify
 pass over M tokens costs against a decode step. Then cpu_linear_int8 at the shipped draft's shapes (4-layer
 stacks of int8 weights, an 8192-row head) at M = 1, 2, against torch's int8 weight kernel with bfloat16
@@ -33,7 +33,7 @@ SHAPES = [("qkv", 960, 576, 30), ("o", 576, 576, 30), ("gate_up", 3072, 576, 30)
 def main():
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--rows", default="1,2,3,4,5,8", help="comma-separated M values (1..8)")
+    p.add_argument("--rows", default="1,2,3,4,5,8", help="comma-separated M values (1..16)")
     args = p.parse_args()
     if args.device != "cpu":
         raise SystemExit("cpu_linear is a CPU op: run with --device cpu (the default without a GPU)")
