@@ -7,7 +7,8 @@ venv's torch is the one compiled against. TORCH_CUDA_ARCH_LIST picks the archite
 "8.0;9.0"); CUDA_HOME defaults to the toolkit that nvcc belongs to.
 
 On x86-64 the CPU extension bild_kernels._cpu (csrc/cpu_linear.cpp: the small-M float32 matmul of a CPU
-verify pass; csrc/cpu_attention.cpp: paged attention in place over the KV cache) is built too, unless BILD_NO_CPU_EXT is "1". It is optional: if it fails to compile, the
+verify pass; csrc/cpu_attention.cpp: paged attention in place over the KV cache; csrc/cpu_paged_kv.cpp: the
+block tables' reserve and rollback) is built too, unless BILD_NO_CPU_EXT is "1". It is optional: if it fails to compile, the
 reason is printed and the package installs without it (the ops fall back to their references).
 """
 import glob
@@ -101,7 +102,8 @@ def _cpu_extension():
     # The AVX2 code carries its own target attribute: no -mavx2 here, so the module loads on any x86-64
     # and checks the CPU at run time.
     return CppExtension(name="bild_kernels._cpu", sources=[os.path.join("csrc", "cpu_linear.cpp"),
-                                                               os.path.join("csrc", "cpu_attention.cpp")],
+                                                               os.path.join("csrc", "cpu_attention.cpp"),
+                                                               os.path.join("csrc", "cpu_paged_kv.cpp")],
                         extra_compile_args={"cxx": ["-O3"]}), None
 
 

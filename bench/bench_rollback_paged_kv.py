@@ -4,9 +4,10 @@ Each of B rows holds ~1000 tokens plus a verify window of K+1 = 6 reserved slots
 blocks); rollback drops 0..6 tokens per row, reserve asks 6 more per row. B in {1, 8, 64, 256}; the
 target is rollback of 256 rows < 20 us on an H100. On a GPU the Triton/CUDA kernels are also timed
 replayed from a CUDA graph ("+graph"), as the engine runs them, which removes the Python launch cost.
-Bytes = block tables read + per-row vectors.
+On a CPU (tables of 16 blocks of 4): the reference and the CPU extension's twin ("cpu"), and Triton under
+TRITON_INTERPRET=1. Bytes = block tables read + per-row vectors.
 
-  python bench/bench_rollback_paged_kv.py [--device cpu] [--backends triton,ref] [--no-save]
+  python bench/bench_rollback_paged_kv.py [--device cpu] [--backends cpu,ref] [--no-save]
 """
 import sys
 from pathlib import Path
@@ -43,7 +44,7 @@ def main():
     gpu = dev == "cuda"
     bs, M = (16, 256) if gpu else (4, 16)
     gen = torch.Generator().manual_seed(0)
-    for backend in [b for b in usable_backends(dev, args.backends) if b != "compile"]:  # loops: nothing to compile
+    for backend in [b for b in usable_backends(dev, args.backends, cpu_kernel=True) if b != "compile"]:  # loops: nothing to compile
         modes = [False, True] if gpu and backend != "ref" else [False]
         for op in ("rollback", "reserve"):
             fn = resolve(f"{op}_paged_kv", torch.device(dev), backend)

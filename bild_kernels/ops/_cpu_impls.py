@@ -21,5 +21,8 @@ def _paged_attention_fake(query, key_cache, value_cache, query_start_loc, positi
     return query.new_empty(query.shape)
 
 
+for _op in ("reserve_paged_kv", "rollback_paged_kv"):  # in place: their fakes return nothing
+    torch.library.register_fake(f"bild_kernels_cpu::{_op}")(lambda *args: None)
+
 for _op in CPU_EXTENSION_OPS:
     register(_op, "cpu", getattr(torch.ops.bild_kernels_cpu, _op))

@@ -123,7 +123,23 @@ TestBlockManagerTriton.settings = settings(max_examples=4, stateful_step_count=1
                                            phases=[Phase.generate], suppress_health_check=[HealthCheck.too_slow])
 
 
-@pytest.fixture(params=["ref", pytest.param("triton", marks=pytest.mark.skipif(not TRITON_OK, reason="no triton"))])
+def _cpu_ext():
+    from bild_kernels._backend import cpu_extension
+    return DEVICE == "cpu" and cpu_extension() is not None
+
+
+class CpuMachine(BlockManagerMachine):
+    backend = "cpu"
+
+
+TestBlockManagerCpu = pytest.mark.skipif(not _cpu_ext(), reason="bild_kernels._cpu not built (or a GPU machine)")(
+    CpuMachine.TestCase)
+TestBlockManagerCpu.settings = settings(max_examples=150, stateful_step_count=30, deadline=None,
+                                        suppress_health_check=[HealthCheck.too_slow])
+
+
+@pytest.fixture(params=["ref", pytest.param("triton", marks=pytest.mark.skipif(not TRITON_OK, reason="no triton")),
+                        pytest.param("cpu", marks=pytest.mark.skipif(not _cpu_ext(), reason="no bild_kernels._cpu"))])
 def backend(request):
     return request.param
 

@@ -1,4 +1,4 @@
-"""reserve_paged_kv and rollback_paged_kv against their reference twins: bit-identical tables, lengths,
+"""reserve_paged_kv and rollback_paged_kv (Triton, CUDA and CPU twins) against their references: bit-identical tables, lengths,
 free stack and num_free, including shortfalls, inactive rows, rollback to 0 and past 0, and bad input."""
 import random
 
@@ -8,7 +8,21 @@ import torch
 from bild_kernels import ops
 from bild_kernels import reference as R
 
+from ..conftest import kernel_backends
+
 NAMES = ("block_tables", "context_lens", "free_blocks", "num_free")
+
+
+def _cpu_ext():
+    from bild_kernels._backend import cpu_extension
+    return cpu_extension() is not None
+
+
+# These two ops also have a "cpu" twin (bild_kernels._cpu, csrc/cpu_paged_kv.cpp): every test runs it too.
+@pytest.fixture(params=kernel_backends() + [pytest.param(("cpu", "cpu"), id="cpu", marks=pytest.mark.skipif(
+    not _cpu_ext(), reason="bild_kernels._cpu not built, or this CPU lacks AVX2/FMA"))])
+def backend_device(request):
+    return request.param
 
 
 def make_state(B, M, block_size, num_blocks, device, seed=0, p_active=0.8, max_extra=2):
