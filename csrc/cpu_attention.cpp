@@ -25,10 +25,7 @@
 #include <limits>
 #include <vector>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define BILD_X86 1
-#endif
+#include "cpu_simd.h"  // reduce_lanes; defines BILD_X86 on x86-64
 
 namespace bild {
 bool cpu_linear_supported();  // cpu_linear.cpp: AVX2 and FMA present
@@ -45,18 +42,11 @@ int64_t read_int(const at::Tensor& t, int64_t i) {
 }
 
 #ifdef BILD_X86
-__attribute__((target("avx2,fma"))) inline float reduce8(__m256 v) {  // a fixed tree over the 8 lanes
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-  return _mm_cvtss_f32(s);
-}
-
 __attribute__((target("avx2,fma"))) inline float dot(const float* a, const float* b, int64_t D) {
   __m256 acc = _mm256_setzero_ps();
   int64_t d = 0;
   for (; d + 8 <= D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc);
-  float r = reduce8(acc);
+  float r = reduce_lanes(acc);
   for (; d < D; ++d) r = std::fma(a[d], b[d], r);
   return r;
 }
@@ -90,7 +80,7 @@ __attribute__((target("avx2,fma"))) void attend_one(const float* q, const float*
           a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qr + 8 * j), kv[j], a0);
           a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qr + 8 * j + 8), kv[j + 1], a1);
         }
-        s[r * n + (p - lo)] = reduce8(_mm256_add_ps(a0, a1)) * scale;
+        s[r * n + (p - lo)] = reduce_lanes(_mm256_add_ps(a0, a1)) * scale;
       }
     } else {
       for (int64_t r = 0; r < rep; ++r) s[r * n + (p - lo)] = dot(q + r * D, k, D) * scale;

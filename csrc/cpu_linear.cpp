@@ -29,10 +29,7 @@
 #include <cstdint>
 #include <optional>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define BILD_X86 1
-#endif
+#include "cpu_simd.h"  // reduce_lanes; defines BILD_X86 on x86-64
 
 namespace bild {
 namespace {
@@ -40,15 +37,6 @@ namespace {
 constexpr int64_t kMaxRows = 8;
 
 #ifdef BILD_X86
-__attribute__((target("avx2,fma"))) inline float reduce_lanes(__m256 v) {
-  // ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)): fixed, whatever the caller
-  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
-  __m128 s = _mm_add_ps(lo, hi);
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-  return _mm_cvtss_f32(s);
-}
-
 template <typename W>
 __attribute__((target("avx2,fma"))) inline __m256 load8(const W* p);
 template <>

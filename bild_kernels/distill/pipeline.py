@@ -271,8 +271,8 @@ def _distill_feature(teacher, source, corpus, targets, held_pairs, vocab, minute
     before = measure(draft)["d1"]
     lr, depth = lr or 2e-3, 2
     history = train_feature_draft(draft, corpus, feats, targets, minutes=minutes, lr=lr, batch_size=batch_size,
-                                  depth=depth,
-                                  noise=0.1, w_ce=1.0, eval_fn=measure, eval_every_s=max(60.0, minutes * 12), log=log)
+                                  depth=depth, noise=0.1, w_ce=1.0, eval_fn=measure,
+                                  eval_every_s=max(60.0, minutes * 12), log=log)
     acc = history[-1]["d1"]
     log(f"held-out top-1 agreement {before:.3f} -> {acc:.3f} after {minutes:g} min")
     stats = {"kind": "feature", "agreement": round(acc, 4), "agreement_before": round(before, 4),

@@ -299,8 +299,8 @@ INT8_K_MULTIPLE = 16  # torch's CPU int8 weight kernel reads the input width in 
 def _linear(x, w, bias=None, native=None, int8_fp32=None):
     """x [M, K] @ w.T (+ bias). native: the CPU small-M kernel (LlamaExecutor._native_linear), used for
     float32 passes of up to CPU_LINEAR_MAX_ROWS (16) tokens (decode, verify, a batch's verify up to 16 tokens
-    in all); larger ones (prefill, bigger batches) go to F.linear, which is faster there. int8_fp32: cpu_linear_int8's implementation, for Int8Weight with
-    float32 activations."""
+    in all); larger ones (prefill, bigger batches) go to F.linear, which is faster there. int8_fp32:
+    cpu_linear_int8's implementation, for Int8Weight with float32 activations."""
     if native is not None and 1 <= x.shape[0] <= CPU_LINEAR_MAX_ROWS and x.dim() == 2 \
             and x.dtype == torch.float32 and w.dtype == torch.float32 and w.is_contiguous():
         return native(x, w, bias)
