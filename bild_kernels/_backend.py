@@ -16,7 +16,7 @@ import torch
 
 BACKENDS = ("cuda", "triton", "cpu", "ref")
 # what bild_kernels._cpu implements (ops/_cpu_impls.py)
-CPU_EXTENSION_OPS = ("cpu_linear", "cpu_linear_int8", "reserve_paged_kv", "rollback_paged_kv")
+CPU_EXTENSION_OPS = ("cpu_linear", "cpu_linear_int8", "reserve_paged_kv", "rollback_paged_kv", "cpu_decoder_layer")
 
 # op -> backends that implement it (filled in by the backend modules as they import).
 _IMPLS: dict[str, dict[str, object]] = {}

@@ -170,6 +170,44 @@ def cpu_linear_int8_ref(x, qweight, scale, bias=None):
     return y if bias is None else y + bias
 
 
+def cpu_decoder_layer_ref(x, cos, sin, input_norm, qkv_w, qkv_scale, qkv_bias, o_w, o_scale, o_bias, post_norm,
+                          gate_up_w, gate_up_scale, gate_up_bias, down_w, down_scale, down_bias, key_cache,
+                          value_cache, slot_mapping, query_start_loc, positions, block_tables, context_lens,
+                          num_heads: int, num_kv_heads: int, scale: float, sliding_window: int, eps: float, *,
+                          linear=None, linear_int8=None, attention=None):
+    """One Llama-family decoder layer over T new tokens x [T, hidden] (the LlamaExecutor's layer, op for op):
+    RMSNorm, the fused q/k/v product, RoPE (cos/sin [T, D], rotate-half), the K/V written to the paged cache at
+    slot_mapping (slot -1 skipped), paged attention, the output product and residual, RMSNorm, the fused
+    gate/up product, SiLU(gate) * up, the down product and residual. A weight with a scale is int8
+    (w ~= q * scale, `cpu_linear_int8_ref`), else float (`cpu_linear_ref`). Returns the new stream [T, hidden];
+    the caches are written in place. linear / linear_int8 / attention: other implementations of the products
+    and the attention with the references' signatures (a benchmark's "PyTorch ops on the extension's kernels")."""
+    from bild_kernels.models.attention import paged_attention_ref
+    linear, linear_int8 = linear or cpu_linear_ref, linear_int8 or cpu_linear_int8_ref
+    attention = attention or paged_attention_ref
+
+    def norm(v, w):
+        return w * (v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps))
+
+    def project(v, w, s, b):
+        return linear_int8(v, w, s, b) if s is not None else linear(v, w, b)
+
+    T, D = x.shape[0], key_cache.shape[3]
+    Hq, Hkv = num_heads, num_kv_heads
+    qkv = project(norm(x, input_norm), qkv_w, qkv_scale, qkv_bias)
+    qk = qkv[:, :(Hq + Hkv) * D].view(T, Hq + Hkv, D)
+    half = D // 2
+    qk = qk * cos[:, None] + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin[:, None]
+    q, k = qk[:, :Hq], qk[:, Hq:]
+    v = qkv[:, (Hq + Hkv) * D:].view(T, Hkv, D)
+    write_paged_kv_ref(k, v, key_cache, value_cache, slot_mapping)
+    attn = attention(q.contiguous(), key_cache, value_cache, query_start_loc, positions, block_tables, context_lens,
+                     scale, sliding_window)
+    x = x + project(attn.reshape(T, Hq * D), o_w, o_scale, o_bias)
+    gate, up = project(norm(x, post_norm), gate_up_w, gate_up_scale, gate_up_bias).chunk(2, dim=-1)
+    return x + project(torch.nn.functional.silu(gate) * up, down_w, down_scale, down_bias)
+
+
 # --------------------------------------------------------------------------------------------
 # Sampling helpers shared by sample_draft and verify_draft
 # --------------------------------------------------------------------------------------------

@@ -21,7 +21,8 @@ def _run(script: str, *args: str) -> list[str]:
 
 
 def test_every_op_has_a_benchmark():
-    assert sorted(p.stem[len("bench_"):] for p in BENCH.glob("bench_*.py")) == sorted(OPS + ["e2e", "draft_weights", "cpu_linear"])
+    assert sorted(p.stem[len("bench_"):] for p in BENCH.glob("bench_*.py")) == sorted(
+        OPS + ["e2e", "draft_weights", "cpu_linear", "cpu_decoder_layer"])
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -65,6 +66,17 @@ def test_cpu_linear_benchmark_compares_with_reference():
         ("cpu", "M=1"), ("cpu", "M=3"), ("ref", "M=1"), ("ref", "M=3")]
     assert sorted(r[1] for r in rows if r[0] == "cpu_linear_int8") == ["cpu", "cpu", "torch-bf16", "torch-bf16"]
     assert any(line.strip().startswith("M=3: cpu") and "ref/cpu" in line for line in lines)
+
+
+def test_cpu_decoder_layer_benchmark_compares_with_reference():
+    from bild_kernels._backend import cpu_extension
+    if cpu_extension() is None:
+        pytest.skip("bild_kernels._cpu not built, or this CPU lacks AVX2/FMA")
+    lines = _run("bench_cpu_decoder_layer.py", "--rows", "1,3", "--layers", "2", "--iters", "2")
+    rows = [line.split() for line in lines if " median " in line]
+    assert sorted((r[1], r[2], r[4]) for r in rows) == sorted(
+        (b, f"weights={w}", f"T={t}") for b in ("cpu", "ref", "torch-ops") for w in ("float32", "int8") for t in (1, 3))
+    assert sum("torch-ops/cpu" in line for line in lines) == 4
 
 
 def test_step_profile_prints_where_the_time_goes():

@@ -25,6 +25,7 @@ from bild_kernels._backend import registered, resolve
 from bild_kernels.models.attention import (AttentionMetadata, CpuAttentionPlan, cpu_attention_kernel,
                                            default_attention_backend, paged_attention)
 from bild_kernels.models.config import ModelConfig
+from bild_kernels.ops.cpu_decoder_layer import LayerWeights, layer_args
 from bild_kernels.ops.cpu_linear import MAX_ROWS as CPU_LINEAR_MAX_ROWS
 
 
@@ -40,6 +41,23 @@ class _LayerWeights:
     gate_up_bias: torch.Tensor | None
     down: torch.Tensor  # [hidden, intermediate]
     down_bias: torch.Tensor | None
+
+    def __setattr__(self, name, value):  # a weight replaced: the fused layer's argument tuple is stale
+        object.__setattr__(self, name, value)
+        self.__dict__.pop("_fused_args", None)
+
+    def fused_args(self) -> tuple:
+        """This layer's weights as cpu_decoder_layer's 14 positional arguments (built once, until a weight is
+        replaced): a projection is (weight, None, bias), or (int8 weight, scale, bias)."""
+        args = self.__dict__.get("_fused_args")
+        if args is None:
+            def proj(w, b):
+                return (w.q, w.scale.float(), b) if isinstance(w, Int8Weight) else (w.contiguous(), None, b)
+            args = layer_args(LayerWeights(self.input_norm, proj(self.qkv, self.qkv_bias), proj(self.o, self.o_bias),
+                                           self.post_norm, proj(self.gate_up, self.gate_up_bias),
+                                           proj(self.down, self.down_bias)))
+            self.__dict__["_fused_args"] = args
+        return args
 
 
 class LlamaExecutor:
@@ -95,6 +113,7 @@ class LlamaExecutor:
         self.attn_backend = {"cuda": None}.get(self.backend, self.backend)  # no CUDA attention kernel: Triton
         self.weight_format = str(self.dtype).removeprefix("torch.")  # "int8" after quantize_weights
         self._linear = functools.partial(_linear, native=self._native_linear())
+        self._fused = self._fused_layer()  # the CPU extension's one-call layer, or None
 
     def _native_linear(self):
         """The CPU extension's small-M matmul where it serves this model (float32 on a CPU with AVX2/FMA,
@@ -108,6 +127,19 @@ class LlamaExecutor:
         for w in self.layers:
             w.qkv, w.o, w.gate_up, w.down = (t.contiguous() for t in (w.qkv, w.o, w.gate_up, w.down))
         return fn
+
+    def _fused_layer(self):
+        """The op of csrc/cpu_decoder_layer.cpp where it serves this model: float32
+        on a CPU whose extension runs the layer's matmuls (float32 weights through cpu_linear, int8 ones through
+        cpu_linear_int8) and its attention; else None (the layer runs as PyTorch ops)."""
+        if self.device.type != "cpu" or self.dtype != torch.float32 or self.backend not in (None, "cpu"):
+            return None
+        kind = "cpu_linear_int8" if self.weight_format == "int8" else "cpu_linear"
+        if resolve(kind, self.device, None) is not registered(kind, "cpu"):
+            return None
+        if default_attention_backend(self.device, self.dtype) != "cpu":
+            return None
+        return registered("cpu_decoder_layer", "cpu")
 
     def quantize_weights(self, kind: str = "int8") -> "LlamaExecutor":
         """Store every projection and the head as int8 per output channel (weight-only; w ~= q * scale),
@@ -137,6 +169,7 @@ class LlamaExecutor:
         if self.dtype == torch.float32:
             int8_fp32 = resolve("cpu_linear_int8", self.device, "ref" if self.backend == "ref" else None)
         self._linear = functools.partial(_linear, native=None, int8_fp32=int8_fp32)
+        self._fused = self._fused_layer()
         return self
 
     # ----------------------------------------------------------------------------------------------
@@ -221,8 +254,20 @@ class LlamaExecutor:
         else:
             attend = lambda q, kc, vc, window: paged_attention(  # noqa: E731
                 q, kc, vc, meta, scale=self.scale, sliding_window=window, backend=attn_backend)
-        for i in range(start, end):
-            x = self._layer(i, x, cos, sin, kv_caches[i], write_kv, slot_mapping, attend)
+        if self._fused is not None and attn_backend == "cpu" and T <= CPU_LINEAR_MAX_ROWS:
+            # the whole layer in one call of the CPU extension (csrc/cpu_decoder_layer.cpp)
+            op, c = self._fused, self.config
+            cos2, sin2 = cos.view(T, -1), sin.view(T, -1)
+            qsl, pos, tables, lens = (meta.query_start_loc, meta.positions, meta.block_tables.contiguous(),
+                                      meta.context_lens)
+            x = x.contiguous()
+            for i in range(start, end):
+                kc, vc = kv_caches[i]
+                x = op(x, cos2, sin2, *self.layers[i].fused_args(), kc, vc, slot_mapping, qsl, pos, tables, lens,
+                       c.num_heads, c.num_kv_heads, self.scale, c.sliding_windows[i] or 0, c.rms_norm_eps)
+        else:
+            for i in range(start, end):
+                x = self._layer(i, x, cos, sin, kv_caches[i], write_kv, slot_mapping, attend)
         rows = x if logits_indices is None else x[logits_indices]
         logits = self._linear(self._rms_norm(rows, self.norm), self.lm_head)
         if self.head_vocab is not None and full_vocab:

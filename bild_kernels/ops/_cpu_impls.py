@@ -21,6 +21,11 @@ def _paged_attention_fake(query, key_cache, value_cache, query_start_loc, positi
     return query.new_empty(query.shape)
 
 
+@torch.library.register_fake("bild_kernels_cpu::cpu_decoder_layer")
+def _cpu_decoder_layer_fake(x, *args):
+    return x.new_empty(x.shape)
+
+
 for _op in ("reserve_paged_kv", "rollback_paged_kv"):  # in place: their fakes return nothing
     torch.library.register_fake(f"bild_kernels_cpu::{_op}")(lambda *args: None)
 

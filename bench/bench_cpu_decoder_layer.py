@@ -1,0 +1,86 @@
+"""Benchmark cpu_decoder_layer (one decoder layer in one call of the CPU extension) against its reference twin
+(the same layer as PyTorch ops with F.linear products: "ref") and against the same PyTorch ops on the
+extension's matmul and attention kernels ("torch-ops": what the executor ran before the fused layer).
+
+Shapes: SmolLM2-135M's layer (hidden 576, 9 query heads over 3 kv heads of 64, intermediate 1536), as a stack
+of distinct layers (30 float32 ones: the default large model's decode step or verify pass; 4 int8 ones: the
+shipped draft's step), T = 1 or 3 new tokens of one sequence over a 96-token context. Prints median and
+20th/80th percentile µs per stack, and the ratios to cpu. CPU only; one thread unless --threads.
+
+  python bench/bench_cpu_decoder_layer.py [--threads 1] [--rows 1,3] [--no-save]
+"""
+import functools
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import parser, record, timeit  # noqa: E402
+
+from bild_kernels import reference as R  # noqa: E402
+from bild_kernels._backend import cpu_extension  # noqa: E402
+from bild_kernels.models.attention import AttentionMetadata  # noqa: E402
+from bild_kernels.models.llama import Int8Weight  # noqa: E402
+from bild_kernels.ops.cpu_decoder_layer import LayerWeights, layer_args  # noqa: E402
+
+H, HQ, HKV, D, INTER, BLOCK, CONTEXT = 576, 9, 3, 64, 1536, 16, 96
+
+
+def _layer(int8: bool) -> LayerWeights:
+    def w(n, k):
+        t = torch.randn(n, k) * k ** -0.5
+        return (*Int8Weight.of(t), None) if int8 else (t, None, None)
+    return LayerWeights(torch.ones(H), w((HQ + 2 * HKV) * D, H), w(H, HQ * D), torch.ones(H), w(2 * INTER, H),
+                        w(H, INTER))
+
+
+def main():
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--rows", default="1,3", help="comma-separated new-token counts T (1..16)")
+    p.add_argument("--layers", type=int, default=30, help="float32 layers in the stack (the draft's stack is 4)")
+    args = p.parse_args()
+    if args.device != "cpu":
+        raise SystemExit("cpu_decoder_layer is a CPU op: run with --device cpu (the default without a GPU)")
+    if cpu_extension() is None:
+        raise SystemExit("bild_kernels._cpu is not built or this CPU lacks AVX2/FMA: nothing to compare")
+    rows = [int(t) for t in args.rows.split(",")]
+    if any(not 1 <= t <= 16 for t in rows):
+        raise SystemExit("--rows: each T must be in 1..16")
+    torch.set_num_threads(args.threads)
+    ext = torch.ops.bild_kernels_cpu
+    kernels = {"cpu": ext.cpu_decoder_layer, "ref": R.cpu_decoder_layer_ref,
+               "torch-ops": functools.partial(R.cpu_decoder_layer_ref, linear=ext.cpu_linear,
+                                              linear_int8=ext.cpu_linear_int8, attention=ext.paged_attention)}
+    blocks = -(-(CONTEXT + 16) // BLOCK)
+    for stack, int8 in ((args.layers, False), (4, True)):
+        layers = [layer_args(_layer(int8)) for _ in range(stack)]
+        caches = [(torch.randn(blocks, BLOCK, HKV, D), torch.randn(blocks, BLOCK, HKV, D)) for _ in range(stack)]
+        for T in rows:
+            meta = AttentionMetadata.build([T], [CONTEXT], torch.arange(blocks, dtype=torch.int32)[None], BLOCK)
+            x = torch.randn(T, H)
+            angle = meta.positions.float()[:, None] * torch.rand(D // 2)[None]
+            cos, sin = torch.cat((angle, angle), -1).cos(), torch.cat((angle, angle), -1).sin()
+            tail = (meta.slot_mapping, meta.query_start_loc, meta.positions, meta.block_tables, meta.context_lens,
+                    HQ, HKV, D ** -0.5, 0, 1e-5)
+            medians = {}
+            for backend, fn in kernels.items():
+                def run():
+                    h = x
+                    for w, (kc, vc) in zip(layers, caches):
+                        h = fn(h, cos, sin, *w, kc, vc, *tail)
+                    return h
+                stats = timeit(run, "cpu", iters=args.iters or 20)
+                row = record("cpu_decoder_layer", "cpu", backend,
+                             {"weights": "int8" if int8 else "float32", "stack": stack, "T": T,
+                              "threads": args.threads}, stats, None, save=not args.no_save)
+                medians[backend] = row["median_us"]
+            print(f"  {'int8' if int8 else 'float32'} stack of {stack}, T={T}: ref/cpu "
+                  f"{medians['ref'] / medians['cpu']:.2f}x, torch-ops/cpu {medians['torch-ops'] / medians['cpu']:.2f}x "
+                  f"({(medians['torch-ops'] - medians['cpu']) / stack:.0f} us a layer saved)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""cpu_decoder_layer: one Llama-family decoder layer over a few new tokens in a single call, float32 on the CPU
+(the executor's layer for decode steps, verify passes and draft steps of up to 16 tokens).
+
+A decode step's arithmetic outside the four matrix products is tiny, but as PyTorch ops it is ~30
+dispatches a layer plus the Python around them (~0.4 ms a layer on the AMD EPYC, ~12 ms of a 30-layer
+step whose weights stream in ~45 ms). The "cpu" backend (csrc/cpu_decoder_layer.cpp) runs the whole layer
+in C++ on the extension's own matmul and attention kernels; "ref" (`reference.cpu_decoder_layer_ref`) is
+the same layer in PyTorch ops. Weights are float32, or int8 with a float32 scale per output row.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from bild_kernels._backend import resolve
+from bild_kernels.ops import _validate as v
+
+
+class LayerWeights(NamedTuple):
+    """One layer's weights as cpu_decoder_layer takes them: a projection is (weight, scale or None, bias or
+    None), weight [N, K] float32, or int8 with scale [N] float32."""
+    input_norm: torch.Tensor
+    qkv: tuple
+    o: tuple
+    post_norm: torch.Tensor
+    gate_up: tuple
+    down: tuple
+
+
+def cpu_decoder_layer(x, cos, sin, weights: LayerWeights, key_cache, value_cache, slot_mapping, query_start_loc,
+                      positions, block_tables, context_lens, *, num_heads: int, num_kv_heads: int, scale: float,
+                      sliding_window: int = 0, eps: float, backend: str | None = None) -> torch.Tensor:
+    """x [T, hidden] float32 -> the layer's output [T, hidden]; the new tokens' K/V are written into
+    key_cache / value_cache [blocks, block_size, H_kv, D] at slot_mapping [T] (-1: skipped).
+
+    cos, sin [T, D]: the tokens' rotary tables (scaled). The attention metadata are those of
+    `paged_attention` (query_start_loc [B + 1], positions [T], block_tables [B, max_blocks], context_lens [B]).
+    backend: "cpu" (the extension), "ref", or None (the extension where it runs)."""
+    v.tensor("x", x, dtypes=(torch.float32,), ndim=2)
+    if x.device.type != "cpu":
+        raise ValueError(f"cpu_decoder_layer runs on the CPU; x is on {x.device}")
+    T, H = x.shape
+    if T < 1:
+        raise ValueError("x must hold at least one token")
+    v.tensor("key_cache", key_cache, dtypes=(torch.float32,), ndim=4, device=x.device)
+    v.tensor("value_cache", value_cache, dtypes=(torch.float32,), ndim=4, device=x.device)
+    v.shape("value_cache", value_cache, tuple(key_cache.shape))
+    D = key_cache.shape[3]
+    if num_kv_heads != key_cache.shape[2] or num_heads < 1 or num_heads % num_kv_heads:
+        raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads}), which "
+                         f"must equal key_cache.shape[2] ({key_cache.shape[2]})")
+    for name, t in (("cos", cos), ("sin", sin)):
+        v.tensor(name, t, dtypes=(torch.float32,), ndim=2, device=x.device)
+        v.shape(name, t, (T, D))
+    v.tensor("slot_mapping", slot_mapping, dtypes=(torch.int64,), ndim=1, device=x.device)
+    v.shape("slot_mapping", slot_mapping, (T,))
+    for name in ("input_norm", "post_norm"):
+        v.tensor(name, getattr(weights, name), dtypes=(torch.float32,), ndim=1, device=x.device)
+        v.shape(name, getattr(weights, name), (H,))
+    qkv_n = (num_heads + 2 * num_kv_heads) * D
+    inter = weights.gate_up[0].shape[0] // 2
+    for name, (n, k) in (("qkv", (qkv_n, H)), ("o", (H, num_heads * D)), ("gate_up", (2 * inter, H)),
+                         ("down", (H, inter))):
+        w, s, b = getattr(weights, name)
+        v.tensor(f"{name} weight", w, dtypes=(torch.int8,) if s is not None else (torch.float32,), ndim=2,
+                 device=x.device)
+        v.shape(f"{name} weight", w, (n, k))
+        if s is not None:
+            v.tensor(f"{name} scale", s, dtypes=(torch.float32,), ndim=1, device=x.device)
+            v.shape(f"{name} scale", s, (n,))
+        if b is not None:
+            v.tensor(f"{name} bias", b, dtypes=(torch.float32,), ndim=1, device=x.device)
+            v.shape(f"{name} bias", b, (n,))
+    fn = resolve("cpu_decoder_layer", x.device, backend)
+    return fn(x.contiguous(), cos.contiguous(), sin.contiguous(), *layer_args(weights), key_cache, value_cache,
+              slot_mapping.contiguous(), query_start_loc, positions, block_tables, context_lens, num_heads,
+              num_kv_heads, float(scale), int(sliding_window), float(eps))
+
+
+def layer_args(weights: LayerWeights) -> tuple:
+    """The weights as the op's 14 positional arguments (contiguous)."""
+    def c(t):
+        return None if t is None else t.contiguous()
+    out = [c(weights.input_norm)]
+    for name in ("qkv", "o"):
+        out += [c(t) for t in getattr(weights, name)]
+    out.append(c(weights.post_norm))
+    for name in ("gate_up", "down"):
+        out += [c(t) for t in getattr(weights, name)]
+    return tuple(out)

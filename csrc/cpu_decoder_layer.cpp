@@ -1,0 +1,233 @@
+// cpu_decoder_layer: one Llama-family decoder layer over T new tokens (decode, a verify pass, a draft step),
+// float32 activations on x86 CPUs with AVX2 and FMA: the executor's CPU layer for passes of up to 16 tokens
+// (bild_kernels.models.llama; its reference twin is reference.cpu_decoder_layer_ref, the same steps in PyTorch).
+//
+// Why: at decode sizes a layer's arithmetic outside its four matrix products is tiny, but written as PyTorch
+// ops it is ~30 dispatches of a few microseconds each plus the Python around them: ~0.4 ms a layer, 10-12 ms
+// of a 30-layer CPU decode step whose weights stream in ~45 ms. Here the whole layer is one call: RMSNorm,
+// the fused q/k/v product, RoPE, the K/V write into the paged cache (slot -1 skipped), paged attention, the
+// output product and residual, RMSNorm, the fused gate/up product, SiLU(gate) * up, the down product and
+// residual. The products and the attention are the extension's own kernels (cpu_linear / cpu_linear_int8,
+// cpu_paged_attention), called directly.
+//
+// Semantics, per token row (rows are independent but for attention, which reads each sequence's cache):
+//   h = in_norm * (x * rsqrt(mean(x^2) + eps)); qkv = h @ Wqkv^T (+ b); q, k rotated by (cos, sin) in the
+//   rotate-half convention (cos/sin [T, D] already scaled); k, v written to slot_mapping[t];
+//   x1 = x + attention(q) @ Wo^T (+ b); h2 = post_norm * (x1 * rsqrt(mean(x1^2) + eps));
+//   [g, u] = h2 @ Wgu^T (+ b); out = x1 + (silu(g) * u) @ Wd^T (+ b).
+// Weights are float32 [N, K] (scale None) or int8 with a float32 per-row scale (w ~= q * scale).
+// Everything per row is computed in a fixed order that depends on nothing but the row (and, for attention,
+// its sequence's cache), so a token's output is the same bits in a pass of one or of sixteen tokens.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <optional>
+
+#include "cpu_simd.h"  // reduce_lanes; defines BILD_X86 on x86-64
+
+namespace bild {
+bool cpu_linear_supported();
+at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
+at::Tensor cpu_linear_int8(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
+                           const std::optional<at::Tensor>& bias);
+at::Tensor cpu_paged_attention(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
+                               const at::Tensor& query_start_loc, const at::Tensor& positions,
+                               const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
+                               int64_t sliding_window);
+
+namespace {
+
+at::Tensor project(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& scale,
+                   const std::optional<at::Tensor>& bias) {
+  return scale.has_value() ? cpu_linear_int8(x, w, *scale, bias) : cpu_linear(x, w, bias);
+}
+
+#ifdef BILD_X86
+// out[t] = w * (x[t] * (1 / sqrt(mean(x[t]^2) + eps))): the sum of squares in 8 lanes (k = j, j + 8, ...),
+// reduced in reduce_lanes' fixed tree, then the tail in order.
+__attribute__((target("avx2,fma"))) void rms_norm(const float* x, const float* w, int64_t T, int64_t H, float eps,
+                                                  float* out) {
+  const int64_t H8 = H & ~int64_t{7};
+  for (int64_t t = 0; t < T; ++t) {
+    const float* xr = x + t * H;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t k = 0; k < H8; k += 8) {
+      const __m256 v = _mm256_loadu_ps(xr + k);
+      acc = _mm256_fmadd_ps(v, v, acc);
+    }
+    float ss = reduce_lanes(acc);
+    for (int64_t k = H8; k < H; ++k) ss = std::fma(xr[k], xr[k], ss);
+    const float inv = 1.0f / std::sqrt(ss / static_cast<float>(H) + eps);
+    for (int64_t k = 0; k < H; ++k) out[t * H + k] = w[k] * (xr[k] * inv);
+  }
+}
+#endif
+
+void check_weight(const char* name, const at::Tensor& w, const std::optional<at::Tensor>& scale,
+                  const std::optional<at::Tensor>& bias, int64_t N, int64_t K) {
+  TORCH_CHECK(w.device().is_cpu() && w.dim() == 2 && w.size(0) == N && w.size(1) == K && w.is_contiguous(),
+              "cpu_decoder_layer: ", name, " must be a contiguous [", N, ", ", K, "] CPU tensor, got ", w.sizes());
+  if (scale.has_value()) {
+    TORCH_CHECK(w.scalar_type() == at::kChar, "cpu_decoder_layer: ", name, " with a scale must be int8");
+  } else {
+    TORCH_CHECK(w.scalar_type() == at::kFloat, "cpu_decoder_layer: ", name, " must be float32 (or int8 with a scale)");
+  }
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "cpu_decoder_layer: ", name, " bias must be [", N, "]");
+  }
+}
+
+void check_vector(const char* name, const at::Tensor& v, int64_t n) {
+  TORCH_CHECK(v.device().is_cpu() && v.scalar_type() == at::kFloat && v.dim() == 1 && v.size(0) == n &&
+                  v.is_contiguous(),
+              "cpu_decoder_layer: ", name, " must be a contiguous float32 [", n, "] CPU tensor");
+}
+
+}  // namespace
+
+at::Tensor cpu_decoder_layer(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                             const at::Tensor& input_norm, const at::Tensor& qkv_w,
+                             const std::optional<at::Tensor>& qkv_scale, const std::optional<at::Tensor>& qkv_bias,
+                             const at::Tensor& o_w, const std::optional<at::Tensor>& o_scale,
+                             const std::optional<at::Tensor>& o_bias, const at::Tensor& post_norm,
+                             const at::Tensor& gate_up_w, const std::optional<at::Tensor>& gate_up_scale,
+                             const std::optional<at::Tensor>& gate_up_bias, const at::Tensor& down_w,
+                             const std::optional<at::Tensor>& down_scale, const std::optional<at::Tensor>& down_bias,
+                             const at::Tensor& key_cache, const at::Tensor& value_cache,
+                             const at::Tensor& slot_mapping, const at::Tensor& query_start_loc,
+                             const at::Tensor& positions, const at::Tensor& block_tables,
+                             const at::Tensor& context_lens, int64_t num_heads, int64_t num_kv_heads, double scale,
+                             int64_t sliding_window, double eps) {
+  TORCH_CHECK(cpu_linear_supported(), "cpu_decoder_layer: this CPU lacks AVX2/FMA (use the reference)");
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
+              "cpu_decoder_layer: x must be a contiguous float32 [T, hidden] CPU tensor");
+  const int64_t T = x.size(0), H = x.size(1);
+  TORCH_CHECK(T >= 1, "cpu_decoder_layer: x must have at least one row");
+  TORCH_CHECK(key_cache.dim() == 4 && key_cache.scalar_type() == at::kFloat && key_cache.is_contiguous() &&
+                  value_cache.sizes() == key_cache.sizes() && value_cache.scalar_type() == at::kFloat &&
+                  value_cache.is_contiguous(),
+              "cpu_decoder_layer: key_cache and value_cache must be contiguous float32 [blocks, block_size, "
+              "H_kv, D] tensors of one shape");
+  const int64_t D = key_cache.size(3), Hq = num_heads, Hkv = num_kv_heads;
+  TORCH_CHECK(Hq >= 1 && Hkv >= 1 && Hq % Hkv == 0 && key_cache.size(2) == Hkv && D % 2 == 0,
+              "cpu_decoder_layer: num_heads must be a multiple of num_kv_heads = key_cache.size(2), and the head "
+              "dim even");
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.dim() == 2 &&
+                  cos.size(0) == T && cos.size(1) == D && sin.sizes() == cos.sizes() && cos.is_contiguous() &&
+                  sin.is_contiguous(),
+              "cpu_decoder_layer: cos and sin must be contiguous float32 [T, head_dim]");
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1 && slot_mapping.size(0) == T &&
+                  slot_mapping.is_contiguous(),
+              "cpu_decoder_layer: slot_mapping must be a contiguous int64 [T] tensor");
+  const int64_t qkv_n = (Hq + 2 * Hkv) * D;
+  check_vector("input_norm", input_norm, H);
+  check_vector("post_norm", post_norm, H);
+  check_weight("qkv", qkv_w, qkv_scale, qkv_bias, qkv_n, H);
+  check_weight("o", o_w, o_scale, o_bias, H, Hq * D);
+  TORCH_CHECK(gate_up_w.dim() == 2 && gate_up_w.size(0) % 2 == 0, "cpu_decoder_layer: gate_up must be [2 I, hidden]");
+  const int64_t I = gate_up_w.size(0) / 2;
+  check_weight("gate_up", gate_up_w, gate_up_scale, gate_up_bias, 2 * I, H);
+  check_weight("down", down_w, down_scale, down_bias, H, I);
+  const int64_t num_slots = key_cache.size(0) * key_cache.size(1);
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t) {
+    TORCH_CHECK(slots[t] >= -1 && slots[t] < num_slots, "cpu_decoder_layer: slot_mapping[", t, "] = ", slots[t],
+                " is outside [-1, ", num_slots, ")");
+  }
+  at::Tensor out = at::empty({T, H}, x.options());
+#ifdef BILD_X86
+  const float fe = static_cast<float>(eps);
+  at::Tensor h = at::empty({T, H}, x.options());
+  rms_norm(x.data_ptr<float>(), input_norm.data_ptr<float>(), T, H, fe, h.data_ptr<float>());
+  const at::Tensor qkv = project(h, qkv_w, qkv_scale, qkv_bias);  // [T, (Hq + 2 Hkv) D]
+  at::Tensor q = at::empty({T, Hq, D}, x.options());
+  {
+    const float* src = qkv.data_ptr<float>();
+    const float* c = cos.data_ptr<float>();
+    const float* s = sin.data_ptr<float>();
+    float* qd = q.data_ptr<float>();
+    float* kc = key_cache.data_ptr<float>();
+    float* vc = value_cache.data_ptr<float>();
+    const int64_t half = D / 2;
+    for (int64_t t = 0; t < T; ++t) {
+      const float* row = src + t * qkv_n;
+      const float* ct = c + t * D;
+      const float* st = s + t * D;
+      // heads 0..Hq-1 are q (to q), Hq..Hq+Hkv-1 are k (to the cache slot); x*cos + rotate_half(x)*sin
+      for (int64_t head = 0; head < Hq + Hkv; ++head) {
+        float* dst;
+        if (head < Hq) {
+          dst = qd + (t * Hq + head) * D;
+        } else if (slots[t] >= 0) {
+          dst = kc + (slots[t] * Hkv + (head - Hq)) * D;
+        } else {
+          continue;
+        }
+        const float* xh = row + head * D;
+        for (int64_t d = 0; d < half; ++d) {
+          const float a = xh[d] * ct[d];
+          const float b = -xh[d + half] * st[d];
+          dst[d] = a + b;
+        }
+        for (int64_t d = half; d < D; ++d) {
+          const float a = xh[d] * ct[d];
+          const float b = xh[d - half] * st[d];
+          dst[d] = a + b;
+        }
+      }
+      if (slots[t] >= 0) {
+        const float* v = row + (Hq + Hkv) * D;
+        std::copy(v, v + Hkv * D, vc + slots[t] * Hkv * D);
+      }
+    }
+  }
+  const at::Tensor attn = cpu_paged_attention(q, key_cache, value_cache, query_start_loc, positions, block_tables,
+                                              context_lens, scale, sliding_window);  // [T, Hq, D]
+  const at::Tensor o = project(attn.view({T, Hq * D}), o_w, o_scale, o_bias);
+  at::Tensor x1 = at::empty({T, H}, x.options());
+  {
+    const float* xa = x.data_ptr<float>();
+    const float* ob = o.data_ptr<float>();
+    float* x1d = x1.data_ptr<float>();
+    for (int64_t i = 0; i < T * H; ++i) x1d[i] = xa[i] + ob[i];
+  }
+  rms_norm(x1.data_ptr<float>(), post_norm.data_ptr<float>(), T, H, fe, h.data_ptr<float>());
+  const at::Tensor gu = project(h, gate_up_w, gate_up_scale, gate_up_bias);  // [T, 2 I]: gate, then up
+  at::Tensor act = at::empty({T, I}, x.options());
+  {
+    const float* g = gu.data_ptr<float>();
+    float* a = act.data_ptr<float>();
+    for (int64_t t = 0; t < T; ++t) {
+      for (int64_t i = 0; i < I; ++i) {
+        const float gv = g[t * 2 * I + i];
+        a[t * I + i] = (gv / (1.0f + std::exp(-gv))) * g[t * 2 * I + I + i];
+      }
+    }
+  }
+  const at::Tensor down = project(act, down_w, down_scale, down_bias);
+  {
+    const float* x1d = x1.data_ptr<float>();
+    const float* dd = down.data_ptr<float>();
+    float* od = out.data_ptr<float>();
+    for (int64_t i = 0; i < T * H; ++i) od[i] = x1d[i] + dd[i];
+  }
+#endif
+  return out;
+}
+
+}  // namespace bild
+
+TORCH_LIBRARY_FRAGMENT(bild_kernels_cpu, m) {
+  m.def("cpu_decoder_layer(Tensor x, Tensor cos, Tensor sin, Tensor input_norm, Tensor qkv_w, Tensor? qkv_scale, "
+        "Tensor? qkv_bias, Tensor o_w, Tensor? o_scale, Tensor? o_bias, Tensor post_norm, Tensor gate_up_w, "
+        "Tensor? gate_up_scale, Tensor? gate_up_bias, Tensor down_w, Tensor? down_scale, Tensor? down_bias, "
+        "Tensor(a!) key_cache, Tensor(b!) value_cache, Tensor slot_mapping, Tensor query_start_loc, "
+        "Tensor positions, Tensor block_tables, Tensor context_lens, int num_heads, int num_kv_heads, "
+        "float scale, int sliding_window, float eps) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(bild_kernels_cpu, CPU, m) { m.impl("cpu_decoder_layer", &bild::cpu_decoder_layer); }

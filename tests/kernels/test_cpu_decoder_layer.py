@@ -1,0 +1,204 @@
+"""cpu_decoder_layer (one decoder layer in one call of the CPU extension) against its reference twin: outputs and
+cache writes for decode, verify and ragged batches with padding, GQA, biases, int8 weights and a sliding
+window; batch invariance (bit for bit); the executor using it; bad input."""
+import pytest
+import torch
+
+from bild_kernels import reference as R
+from bild_kernels._backend import cpu_extension
+from bild_kernels.models.attention import AttentionMetadata
+from bild_kernels.models.llama import Int8Weight
+from bild_kernels.ops.cpu_decoder_layer import LayerWeights, cpu_decoder_layer
+
+needs_ext = pytest.mark.skipif(cpu_extension() is None,
+                               reason="bild_kernels._cpu not built, or this CPU lacks AVX2/FMA")
+
+DECODE = [(1, 33), (1, 5), (1, 1)]
+VERIFY = [(3, 40)]
+PADDED = [(1, 0), (5, 21), (1, 0), (2, 2)]  # context 0: padding rows (slot -1), no key to attend
+MIXED = [(4, 13), (1, 30), (3, 12)]
+
+
+def _weights(H, Hq, Hkv, D, inter, *, bias, int8, gen):
+    def w(n, k):
+        t = torch.randn(n, k, generator=gen) * k ** -0.5
+        return (*Int8Weight.of(t), None) if int8 else (t, None, None)
+
+    def with_bias(p, n):
+        return (p[0], p[1], torch.randn(n, generator=gen) * 0.1) if bias else p
+    qkv_n = (Hq + 2 * Hkv) * D
+    return LayerWeights(input_norm=1 + 0.1 * torch.randn(H, generator=gen), qkv=with_bias(w(qkv_n, H), qkv_n),
+                        o=with_bias(w(H, Hq * D), H), post_norm=1 + 0.1 * torch.randn(H, generator=gen),
+                        gate_up=with_bias(w(2 * inter, H), 2 * inter), down=with_bias(w(H, inter), H))
+
+
+def _case(seqs, *, H=48, Hq=4, Hkv=2, D=16, inter=40, block_size=4, bias=False, int8=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    max_blocks = max(-(-c // block_size) for _, c in seqs) + 1
+    num_blocks = len(seqs) * max_blocks + 2
+    tables = torch.randperm(num_blocks, generator=gen)[:len(seqs) * max_blocks].view(len(seqs), max_blocks)
+    meta = AttentionMetadata.build([q for q, _ in seqs], [c for _, c in seqs], tables.int(), block_size)
+    shape = (num_blocks, block_size, Hkv, D)
+    caches = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    T = meta.num_tokens
+    x = torch.randn(T, H, generator=gen)
+    angle = meta.positions.float()[:, None] * (10000.0 ** (-torch.arange(0, D // 2) / (D // 2)))[None]
+    emb = torch.cat((angle, angle), dim=-1)
+    return x, emb.cos(), emb.sin(), _weights(H, Hq, Hkv, D, inter, bias=bias, int8=int8, gen=gen), caches, meta, Hq, Hkv
+
+
+def _run(case, backend, window=0, caches=None):
+    x, cos, sin, weights, (kc, vc), meta, Hq, Hkv = case
+    kc, vc = (kc.clone(), vc.clone()) if caches is None else caches
+    out = cpu_decoder_layer(x, cos, sin, weights, kc, vc, meta.slot_mapping, meta.query_start_loc, meta.positions,
+                            meta.block_tables, meta.context_lens, num_heads=Hq, num_kv_heads=Hkv,
+                            scale=kc.shape[3] ** -0.5, sliding_window=window, eps=1e-5, backend=backend)
+    return out, kc, vc
+
+
+@needs_ext
+@pytest.mark.parametrize("seqs", [DECODE, VERIFY, PADDED, MIXED], ids=["decode", "verify", "padded", "mixed"])
+@pytest.mark.parametrize("bias, int8", [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("window", [0, 3])
+def test_cpu_decoder_layer_matches_reference(seqs, bias, int8, window):
+    case = _case(seqs, bias=bias, int8=int8)
+    want, want_k, want_v = _run(case, "ref", window)
+    got, got_k, got_v = _run(case, "cpu", window)
+    assert got.dtype == torch.float32 and got.shape == case[0].shape
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got_k, want_k, atol=1e-5, rtol=1e-5)  # the rotated keys, at the same slots
+    torch.testing.assert_close(got_v, want_v, atol=1e-5, rtol=1e-5)
+    kc0 = case[4][0]
+    untouched = torch.ones(kc0.shape[0] * kc0.shape[1], dtype=torch.bool)
+    untouched[case[5].slot_mapping[case[5].slot_mapping >= 0]] = False
+    assert torch.equal(got_k.flatten(0, 1)[untouched], kc0.flatten(0, 1)[untouched])
+
+
+@needs_ext
+def test_cpu_decoder_layer_shapes_of_the_default_pair():
+    # SmolLM2-135M's layer: hidden 576, 9 query heads over 3 kv heads of 64, intermediate 1536
+    case = _case(VERIFY, H=576, Hq=9, Hkv=3, D=64, inter=1536, block_size=16)
+    torch.testing.assert_close(_run(case, "cpu")[0], _run(case, "ref")[0], atol=1e-4, rtol=1e-4)
+
+
+@needs_ext
+def test_cpu_decoder_layer_is_batch_invariant():
+    """A sequence's rows get the same bits whatever else is in the pass (a verified token gets its decode
+    logits: Greedy equals LargeOnly token for token)."""
+    case = _case(MIXED, bias=True)
+    x, cos, sin, weights, (kc, vc), meta, Hq, Hkv = case
+    full, _, _ = _run(case, "cpu")
+    for b, (q, c) in enumerate(MIXED):
+        s = int(meta.query_start_loc[b])
+        one = AttentionMetadata.build([q], [c], meta.block_tables[b:b + 1], kc.shape[1])
+        alone, _, _ = _run((x[s:s + q], cos[s:s + q], sin[s:s + q], weights, (kc, vc), one, Hq, Hkv), "cpu")
+        assert torch.equal(alone, full[s:s + q])
+
+
+def test_cpu_decoder_layer_ref_is_the_executors_layer():
+    """The reference twin is the executor's own PyTorch layer (LlamaExecutor._layer), op for op."""
+    from bild_kernels.models import load_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    ex, _ = load_model(hf, dtype=torch.float32, device=torch.device("cpu"), role="large", backend="ref")
+    assert ex._fused is None  # backend "ref": F.linear and the reference ops
+    w = ex.layers[0]
+    meta = AttentionMetadata.build([3], [7], torch.tensor([[0, 1]], dtype=torch.int32), 4)
+    caches = ex.allocate_kv_cache(2, 4)
+    x = torch.randn(3, 32)
+    cos, sin = ex._rope_cos_sin(meta.positions)
+    kc1, vc1 = caches[0][0].clone(), caches[0][1].clone()
+    from bild_kernels.models.attention import paged_attention
+    want = ex._layer(0, x, cos, sin, (kc1, vc1), lambda k, v, kc, vc, s: R.write_paged_kv_ref(k, v, kc, vc, s),
+                     meta.slot_mapping, lambda q, kc, vc, win: paged_attention(q, kc, vc, meta, scale=ex.scale,
+                                                                               backend="ref"))
+    weights = LayerWeights(w.input_norm, (w.qkv, None, w.qkv_bias), (w.o, None, w.o_bias), w.post_norm,
+                           (w.gate_up, None, w.gate_up_bias), (w.down, None, w.down_bias))
+    kc2, vc2 = caches[0][0].clone(), caches[0][1].clone()
+    got = cpu_decoder_layer(x, cos.view(3, -1), sin.view(3, -1), weights, kc2, vc2, meta.slot_mapping,
+                            meta.query_start_loc, meta.positions, meta.block_tables, meta.context_lens,
+                            num_heads=4, num_kv_heads=2, scale=ex.scale, eps=ex.config.rms_norm_eps, backend="ref")
+    assert torch.equal(got, want) and torch.equal(kc1, kc2) and torch.equal(vc1, vc2)
+
+
+@needs_ext
+def test_executor_takes_the_fused_layer_for_short_float32_passes():
+    """A float32 CPU executor runs passes of up to 16 tokens through the fused layer (int8 weights too) and
+    longer ones (prefill) through PyTorch ops; both agree with the unfused executor."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from bild_kernels.models import load_model
+    torch.manual_seed(1)
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=80, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128))
+    for int8 in (False, True):
+        ex, _ = load_model(hf, dtype=torch.float32, device=torch.device("cpu"), role="large")
+        if int8:
+            ex.quantize_weights("int8")
+        assert ex._fused is not None
+        for T, c in ((1, 20), (3, 40), (16, 16), (17, 17)):
+            meta = AttentionMetadata.build([T], [c], torch.arange(12, dtype=torch.int32)[None], 4)
+            ids = torch.randint(0, 96, (T,))
+            caches = [(kc.normal_(), vc.normal_()) for kc, vc in ex.allocate_kv_cache(12, 4)]
+            copy = [(kc.clone(), vc.clone()) for kc, vc in caches]
+            fused = ex.forward(ids, meta, caches)
+            saved, ex._fused = ex._fused, None
+            plain = ex.forward(ids, meta, copy)
+            ex._fused = saved
+            torch.testing.assert_close(fused, plain, atol=1e-4, rtol=1e-4)
+            for (k1, v1), (k2, v2) in zip(caches, copy):
+                torch.testing.assert_close(k1, k2, atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(v1, v2, atol=1e-5, rtol=1e-5)
+    # a weight replaced after construction (as tests and tools do) reaches the fused layer too
+    ex.layers[0].o = Int8Weight.of(torch.zeros_like(ex.layers[0].o.dequantize()))
+    meta = AttentionMetadata.build([2], [5], torch.arange(12, dtype=torch.int32)[None], 4)
+    outs = []
+    for fused in (ex._fused, None):
+        ex._fused = fused
+        outs.append(ex.forward(torch.tensor([3, 4]), meta, ex.allocate_kv_cache(12, 4)))
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-4, rtol=1e-4)
+    ex64, _ = load_model(hf, dtype=torch.float64, device=torch.device("cpu"), role="large")
+    assert ex64._fused is None  # float64 (exactness tests) stays on the reference ops
+
+
+@needs_ext
+@pytest.mark.parametrize("change, exc, match", [
+    (dict(x=lambda c: c[0].double()), TypeError, "x must have dtype"),
+    (dict(cos=lambda c: c[1][:, :-2]), ValueError, r"cos must have shape"),
+    (dict(slot=lambda c: c[5].slot_mapping.int()), TypeError, "slot_mapping must have dtype"),
+    (dict(qkv=lambda c: (c[3].qkv[0][:-1], None, None)), ValueError, r"qkv weight must have shape"),
+    (dict(down=lambda c: (c[3].down[0].to(torch.int8), None, None)), TypeError, "down weight must have dtype"),
+    (dict(heads=3), ValueError, "num_heads"),
+])
+def test_cpu_decoder_layer_bad_input(change, exc, match):
+    case = _case(DECODE)
+    x, cos, sin, weights, (kc, vc), meta, Hq, Hkv = case
+    slot = meta.slot_mapping
+    if "x" in change:
+        x = change["x"](case)
+    if "cos" in change:
+        cos = change["cos"](case)
+    if "slot" in change:
+        slot = change["slot"](case)
+    for name in ("qkv", "down"):
+        if name in change:
+            weights = weights._replace(**{name: change[name](case)})
+    Hq = change.get("heads", Hq)
+    before = kc.clone()
+    with pytest.raises(exc, match=match):
+        cpu_decoder_layer(x, cos, sin, weights, kc, vc, slot, meta.query_start_loc, meta.positions,
+                          meta.block_tables, meta.context_lens, num_heads=Hq, num_kv_heads=Hkv, scale=0.25, eps=1e-5)
+    assert torch.equal(kc, before)  # nothing written
+
+
+@needs_ext
+def test_cpu_decoder_layer_fake_impl():
+    case = _case(DECODE)
+    x, cos, sin, weights, (kc, vc), meta, Hq, Hkv = case
+    from bild_kernels.ops.cpu_decoder_layer import layer_args
+    args = (x, cos, sin, *layer_args(weights), kc, vc, meta.slot_mapping, meta.query_start_loc, meta.positions,
+            meta.block_tables, meta.context_lens, Hq, Hkv, 0.25, 0, 1e-5)
+    torch.library.opcheck(torch.ops.bild_kernels_cpu.cpu_decoder_layer, args,
+                          test_utils=("test_schema", "test_faketensor"))
