@@ -39,6 +39,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--small-weights", default="auto", choices=("auto", "int8", "as-loaded"),
                    help="small model's weights: int8 (CPU; bf16 activations), as-loaded, or auto (int8 on a CPU "
                         "when --dtype is not given)")
+    g.add_argument("--draft-max-batch", default="auto",
+                   help="draft only while at most N requests run together (larger batches decode with the large "
+                        "model alone): N, none, or auto (the shipped draft's recommendation on a CPU: 2)")
 
 
 def _policy_args(p: argparse.ArgumentParser, default_policy: str | None = "bild") -> None:
@@ -69,8 +72,17 @@ def _engine(args, *, max_batch_size: int = 1, max_model_len: int = 1024):
     if args.small and not args.large:
         raise UsageError("--small needs --large (the default draft belongs to the default large model)")
     weights = {"as-loaded": None}.get(args.small_weights, args.small_weights)
+    limit = given = getattr(args, "draft_max_batch", "auto")
+    if limit not in ("auto", "none"):
+        try:
+            limit = int(limit)
+        except ValueError:
+            limit = 0
+        if limit < 1:
+            raise UsageError(f"--draft-max-batch must be a positive int, none or auto, got {given!r}")
     return Engine(large=args.large, small=args.small, device=device, dtype=dtype, max_batch_size=max_batch_size,
-                  max_model_len=max_model_len, small_weights=weights)
+                  max_model_len=max_model_len, small_weights=weights,
+                  draft_max_batch=None if limit == "none" else limit)
 
 
 def _policy(args, engine):

@@ -74,6 +74,7 @@ def test_lossless_policies_equal_large_only(capsys, pair_dirs, policy):
      "needs --fallback-threshold"),
     (["generate", "hi", "--large", "{large}", "--policy", "shallow-deep"], "needs --exit-layer"),
     (["generate", "hi", "--large", "{large}", "--policy", "jacobi", "--block-size", "0"], "block_size must be"),
+    (["generate", "hi", "--large", "{large}", "--draft-max-batch", "0"], "draft-max-batch must be a positive int"),
     (["distill", "--large", "{large}", "--out", "{tmp}/d", "--work-dir", "{tmp}/w", "--prompts", "30000"],
      "prompts must be in [1, 23704]"),
 ])

@@ -51,6 +51,17 @@ def _recommended_policy(small) -> Policy:
     return BiLD()
 
 
+def _recommended_draft_max_batch(small, device: torch.device) -> int | None:
+    """draft_max_batch="auto": the shipped draft's manifest's `cpu_draft_max_batch` on a CPU, else None."""
+    from bild_kernels.models.draft import is_draft_dir, read_manifest
+    if device.type != "cpu" or small is None or not isinstance(small, (str, os.PathLike)) or not is_draft_dir(small):
+        return None
+    limit = read_manifest(small).get("cpu_draft_max_batch")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"{small}: cpu_draft_max_batch must be an int >= 1, got {limit!r}")
+    return limit
+
+
 class Engine(Iteration):
     """Big-little speculative decoding over a paged KV cache.
 
@@ -87,13 +98,22 @@ class Engine(Iteration):
         dtype nor small_dtype is given and a kernel serves it (the weights stay as loaded if the model's
         widths do not suit torch's kernel), else as loaded. None: as loaded. Lossless policies give the same tokens
         either way; the draft's proposals may differ in rare near-ties.
+    draft_max_batch : draft only while at most this many requests run together; a step over a larger batch
+        is a plain large-model step for every row (no draft, nothing to verify: what the policy would emit
+        with nothing drafted, so lossless policies stay exact). Batching already shares each weight read
+        among the rows, and on a CPU a verify pass over batch x (k + 1) tokens becomes compute-bound: with
+        the default pair on the 2-core AMD EPYC, the default BiLD ran 1.34x LargeOnly at batch 2 but 0.85x
+        at batch 4 and 0.65x at batch 8. None: no limit. "auto" (the default): the shipped draft's
+        recommendation for the device (`cpu_draft_max_batch` in its bild_draft.json: 2 for the default
+        pair) on a CPU, else no limit.
     """
 
     def __init__(self, large=None, small=None, *, device: str = "cpu", dtype: torch.dtype | None = None,
                  max_batch_size: int = 8, max_model_len: int = 2048, kv_cache_blocks: int | None = None,
                  block_size: int = 16, kv_cache_memory: int | float | None = None, tokenizer=None,
                  draft_loop: str | None = None, small_dtype: torch.dtype | None = None,
-                 small_weights: str | None = "auto", extend_passes: str | None = None):
+                 small_weights: str | None = "auto", extend_passes: str | None = None,
+                 draft_max_batch: int | str | None = "auto"):
         if large is None:
             if small is not None:
                 raise ValueError("small given without large: name both models, or neither for the default pair")
@@ -103,6 +123,9 @@ class Engine(Iteration):
                               ("block_size", block_size, 1)):
             if isinstance(val, bool) or not isinstance(val, int) or val < lo:
                 raise ValueError(f"{name} must be an int >= {lo}, got {val!r}")
+        if draft_max_batch != "auto" and draft_max_batch is not None and (
+                isinstance(draft_max_batch, bool) or not isinstance(draft_max_batch, int) or draft_max_batch < 1):
+            raise ValueError(f"draft_max_batch must be an int >= 1, None or 'auto', got {draft_max_batch!r}")
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device='cuda' but no CUDA device is available")
@@ -140,6 +163,8 @@ class Engine(Iteration):
                     raise
         # A shipped draft may recommend the BiLD thresholds tuned for its pair: generate() defaults to them.
         self.default_policy = _recommended_policy(small)
+        self.draft_max_batch = (_recommended_draft_max_batch(small, self.device) if draft_max_batch == "auto"
+                                else draft_max_batch)
         if budget is not None:
             per_block = sum(e.kv_cache_bytes_per_block(block_size) for e in (large_exec, small_exec) if e is not None)
             kv_cache_blocks = budget // per_block

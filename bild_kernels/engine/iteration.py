@@ -40,6 +40,8 @@ class Iteration:
             return committed
         if not policy.drafts:
             drafts = Drafts([[] for _ in running])
+        elif self.draft_max_batch is not None and len(running) > self.draft_max_batch:
+            drafts = self._no_drafts(running, policy)  # a plain large-model step (Engine's draft_max_batch)
         elif policy.drafter == "guess":
             drafts = self._guess(running, policy)
         else:

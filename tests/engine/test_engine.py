@@ -169,3 +169,39 @@ def test_a_bfloat16_draft_beside_a_float64_large_model_stays_lossless(large_mode
 def test_bad_small_dtype_raises(large_model, small_model, bad):
     with pytest.raises(ValueError, match="small_dtype"):
         Engine(large=large_model, small=small_model, small_dtype=bad)
+
+
+@pytest.mark.parametrize("policy", [Greedy(max_draft_len=3), BiLD(fallback_threshold=0.0, rollback_threshold=0.0,
+                                                                   max_draft_len=4), SpeculativeSampling(max_draft_len=2)],
+                         ids=["greedy", "bild-lossless", "speculative-sampling"])
+def test_draft_max_batch_decodes_larger_batches_with_the_large_model(large_model, small_model, oracle, policy):
+    """Above draft_max_batch running requests a step drafts nothing (a plain large-model step); as the batch
+    shrinks (requests of different lengths finish), drafting resumes and the small model catches up on
+    what it missed: the lossless policies' tokens do not change."""
+    eng = Engine(large=large_model, small=small_model, dtype=torch.float64, max_batch_size=4, max_model_len=64,
+                 block_size=4, draft_max_batch=1)
+    assert eng.draft_max_batch == 1
+    lengths = [N, 3, 5, 8]
+    params = [SamplingParams(max_tokens=n, temperature=0.0) for n in lengths]
+    outs = eng.generate(PROMPTS, params, policy=policy)
+    assert [o.token_ids for o in outs] == [want[:n] for want, n in zip(oracle, lengths)]
+    # the last request ran alone for its last N - 8 tokens: it drafted then, and only then
+    long, short = outs[0].metrics, outs[1].metrics
+    assert short.drafted_tokens == 0 and short.small_steps == 0
+    assert long.drafted_tokens > 0 and long.small_steps > 0
+    alone = eng.generate([PROMPTS[1]], SamplingParams(max_tokens=N), policy=policy)[0]
+    assert alone.token_ids == oracle[1] and alone.metrics.drafted_tokens > 0  # a batch of one drafts
+    assert_all_free(eng)
+
+
+def test_draft_max_batch_values(large_model, small_model):
+    from bild_kernels.engine.engine import _recommended_draft_max_batch
+    from bild_kernels.models.default import DRAFT_DIR
+    for bad in (0, -1, True, 2.0, "two"):
+        with pytest.raises(ValueError, match="draft_max_batch"):
+            Engine(large=large_model, small=small_model, dtype=torch.float64, max_model_len=64, draft_max_batch=bad)
+    eng = Engine(large=large_model, small=small_model, dtype=torch.float64, max_model_len=64)
+    assert eng.draft_max_batch is None  # "auto" without a shipped draft's recommendation: no limit
+    # the default pair's draft recommends 2 on a CPU (measured: BiLD wins at batch 2, loses from 4 on), nothing on CUDA
+    assert _recommended_draft_max_batch(str(DRAFT_DIR), torch.device("cpu")) == 2
+    assert _recommended_draft_max_batch(str(DRAFT_DIR), torch.device("cuda")) is None
