@@ -124,6 +124,22 @@ def pick_shapes(args, default: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
     return shapes
 
 
+def cpu_extension_rows(args, op: str, unit: str, max_rows: int) -> list[int]:
+    """For a benchmark of a CPU-extension op with --threads and --rows: exit with the reason where it cannot
+    run (not --device cpu, bild_kernels._cpu missing), set torch's threads, and return the --rows values,
+    each checked to lie in 1..max_rows (`unit` names them in the message: M, T)."""
+    from bild_kernels._backend import cpu_extension
+    if args.device != "cpu":
+        raise SystemExit(f"{op} is a CPU op: run with --device cpu (the default without a GPU)")
+    if cpu_extension() is None:
+        raise SystemExit("bild_kernels._cpu is not built or this CPU lacks AVX2/FMA: nothing to compare")
+    rows = [int(m) for m in args.rows.split(",")]
+    if any(not 1 <= m <= max_rows for m in rows):
+        raise SystemExit(f"--rows: each {unit} must be in 1..{max_rows}")
+    torch.set_num_threads(args.threads)
+    return rows
+
+
 def usable_backends(device: str, requested: str | None, *, cpu_kernel: bool = False) -> list[str]:
     """Backends to run: on a GPU all built ones plus the torch.compile'd reference; on a CPU the
     reference, (under TRITON_INTERPRET=1) Triton, and with cpu_kernel=True (the op has one in

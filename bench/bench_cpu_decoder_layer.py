@@ -17,13 +17,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import parser, record, timeit  # noqa: E402
+from _common import cpu_extension_rows, parser, record, timeit  # noqa: E402
 
 from bild_kernels import reference as R  # noqa: E402
-from bild_kernels._backend import cpu_extension  # noqa: E402
 from bild_kernels.models.attention import AttentionMetadata  # noqa: E402
 from bild_kernels.models.llama import Int8Weight  # noqa: E402
 from bild_kernels.ops.cpu_decoder_layer import LayerWeights, layer_args  # noqa: E402
+from bild_kernels.ops.cpu_linear import MAX_ROWS  # noqa: E402
 
 H, HQ, HKV, D, INTER, BLOCK, CONTEXT = 576, 9, 3, 64, 1536, 16, 96
 
@@ -42,14 +42,7 @@ def main():
     p.add_argument("--rows", default="1,3", help="comma-separated new-token counts T (1..16)")
     p.add_argument("--layers", type=int, default=30, help="float32 layers in the stack (the draft's stack is 4)")
     args = p.parse_args()
-    if args.device != "cpu":
-        raise SystemExit("cpu_decoder_layer is a CPU op: run with --device cpu (the default without a GPU)")
-    if cpu_extension() is None:
-        raise SystemExit("bild_kernels._cpu is not built or this CPU lacks AVX2/FMA: nothing to compare")
-    rows = [int(t) for t in args.rows.split(",")]
-    if any(not 1 <= t <= 16 for t in rows):
-        raise SystemExit("--rows: each T must be in 1..16")
-    torch.set_num_threads(args.threads)
+    rows = cpu_extension_rows(args, "cpu_decoder_layer", "T", MAX_ROWS)  # the executor's fused passes
     ext = torch.ops.bild_kernels_cpu
     kernels = {"cpu": ext.cpu_decoder_layer, "ref": R.cpu_decoder_layer_ref,
                "torch-ops": functools.partial(R.cpu_decoder_layer_ref, linear=ext.cpu_linear,

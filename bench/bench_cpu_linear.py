@@ -19,9 +19,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import parser, pick_shapes, record, timeit  # noqa: E402
+from _common import cpu_extension_rows, parser, pick_shapes, record, timeit  # noqa: E402
 
-from bild_kernels._backend import cpu_extension  # noqa: E402
 from bild_kernels.models.llama import Int8Weight  # noqa: E402
 from bild_kernels.ops.cpu_linear import MAX_ROWS  # noqa: E402
 
@@ -35,14 +34,7 @@ def main():
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rows", default="1,2,3,4,5,8", help="comma-separated M values (1..16)")
     args = p.parse_args()
-    if args.device != "cpu":
-        raise SystemExit("cpu_linear is a CPU op: run with --device cpu (the default without a GPU)")
-    if cpu_extension() is None:
-        raise SystemExit("bild_kernels._cpu is not built or this CPU lacks AVX2/FMA: nothing to compare")
-    rows = [int(m) for m in args.rows.split(",")]
-    if any(not 1 <= m <= MAX_ROWS for m in rows):
-        raise SystemExit(f"--rows: each M must be in 1..{MAX_ROWS}")
-    torch.set_num_threads(args.threads)
+    rows = cpu_extension_rows(args, "cpu_linear", "M", MAX_ROWS)
     kernels = {"cpu": torch.ops.bild_kernels_cpu.cpu_linear, "ref": lambda x, w, b: F.linear(x, w, b)}
     wanted = {(n, k) for n, k in pick_shapes(args, [(n, k) for _, n, k, _ in SHAPES])}
     totals = {}

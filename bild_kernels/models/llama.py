@@ -129,9 +129,9 @@ class LlamaExecutor:
         return fn
 
     def _fused_layer(self):
-        """The op of csrc/cpu_decoder_layer.cpp where it serves this model: float32
-        on a CPU whose extension runs the layer's matmuls (float32 weights through cpu_linear, int8 ones through
-        cpu_linear_int8) and its attention; else None (the layer runs as PyTorch ops)."""
+        """The op of csrc/cpu_decoder_layer.cpp where it serves this model: float32 on a CPU whose extension
+        runs the layer's matmuls (float32 weights through cpu_linear, int8 ones through cpu_linear_int8) and its
+        attention; else None (the layer runs as PyTorch ops)."""
         if self.device.type != "cpu" or self.dtype != torch.float32 or self.backend not in (None, "cpu"):
             return None
         kind = "cpu_linear_int8" if self.weight_format == "int8" else "cpu_linear"
@@ -235,13 +235,41 @@ class LlamaExecutor:
                 raise ValueError(f"hidden_states are on {hidden_states.device}, the model on {self.device}")
             x = hidden_states.to(self.dtype)
         cos, sin = self._rope_cos_sin(meta.positions)
-        write_kv = resolve("write_paged_kv", self.device, self.backend)
         slot_mapping = meta.slot_mapping.to(torch.int64)
+        # The attention backend is chosen once per forward.
+        attn_backend = self.attn_backend or default_attention_backend(self.device, self.dtype)
+        if self._fused is not None and attn_backend == "cpu" and T <= CPU_LINEAR_MAX_ROWS:
+            x = self._fused_layers(x, cos, sin, meta, kv_caches, slot_mapping, start, end)
+        else:
+            x = self._op_layers(x, cos, sin, meta, kv_caches, slot_mapping, start, end, attn_backend)
+        rows = x if logits_indices is None else x[logits_indices]
+        logits = self._linear(self._rms_norm(rows, self.norm), self.lm_head)
+        if self.head_vocab is not None and full_vocab:
+            full = logits.new_full((logits.shape[0], self.config.vocab_size), float("-inf"))
+            logits = full.index_copy_(1, self.head_vocab, logits)
+        return (logits, x) if return_hidden else logits
+
+    __call__ = forward
+
+    def _fused_layers(self, x, cos, sin, meta, kv_caches, slot_mapping, start, end):
+        """Layers [start, end), each in one call of the CPU extension (csrc/cpu_decoder_layer.cpp)."""
+        op, c, T = self._fused, self.config, x.shape[0]
+        cos2, sin2 = cos.view(T, -1), sin.view(T, -1)
+        qsl, pos, tables, lens = (meta.query_start_loc, meta.positions, meta.block_tables.contiguous(),
+                                  meta.context_lens)
+        x = x.contiguous()
+        for i in range(start, end):
+            kc, vc = kv_caches[i]
+            x = op(x, cos2, sin2, *self.layers[i].fused_args(), kc, vc, slot_mapping, qsl, pos, tables, lens,
+                   c.num_heads, c.num_kv_heads, self.scale, c.sliding_windows[i] or 0, c.rms_norm_eps)
+        return x
+
+    def _op_layers(self, x, cos, sin, meta, kv_caches, slot_mapping, start, end, attn_backend):
+        """Layers [start, end) as PyTorch ops around the kernels (`_layer`)."""
+        write_kv = resolve("write_paged_kv", self.device, self.backend)
         if self.device.type == "cpu" and write_kv is resolve("write_paged_kv", self.device, "ref"):
             write_kv = _CpuKVWriter(slot_mapping)  # the same writes, slots filtered once per forward
-        # The attention backend is chosen once per forward; on the CPU reference the per-sequence blocks
-        # and masks are read once too, not once per layer.
-        attn_backend = self.attn_backend or default_attention_backend(self.device, self.dtype)
+        # On the CPU reference the per-sequence blocks and masks are read once per forward, not once per layer.
         if attn_backend == "ref" and self.device.type == "cpu":
             plan = CpuAttentionPlan.of(meta, kv_caches[start][0].shape[1])
             attend = lambda q, kc, vc, window: plan.attend(q, kc, vc, self.scale, window)  # noqa: E731
@@ -254,28 +282,9 @@ class LlamaExecutor:
         else:
             attend = lambda q, kc, vc, window: paged_attention(  # noqa: E731
                 q, kc, vc, meta, scale=self.scale, sliding_window=window, backend=attn_backend)
-        if self._fused is not None and attn_backend == "cpu" and T <= CPU_LINEAR_MAX_ROWS:
-            # the whole layer in one call of the CPU extension (csrc/cpu_decoder_layer.cpp)
-            op, c = self._fused, self.config
-            cos2, sin2 = cos.view(T, -1), sin.view(T, -1)
-            qsl, pos, tables, lens = (meta.query_start_loc, meta.positions, meta.block_tables.contiguous(),
-                                      meta.context_lens)
-            x = x.contiguous()
-            for i in range(start, end):
-                kc, vc = kv_caches[i]
-                x = op(x, cos2, sin2, *self.layers[i].fused_args(), kc, vc, slot_mapping, qsl, pos, tables, lens,
-                       c.num_heads, c.num_kv_heads, self.scale, c.sliding_windows[i] or 0, c.rms_norm_eps)
-        else:
-            for i in range(start, end):
-                x = self._layer(i, x, cos, sin, kv_caches[i], write_kv, slot_mapping, attend)
-        rows = x if logits_indices is None else x[logits_indices]
-        logits = self._linear(self._rms_norm(rows, self.norm), self.lm_head)
-        if self.head_vocab is not None and full_vocab:
-            full = logits.new_full((logits.shape[0], self.config.vocab_size), float("-inf"))
-            logits = full.index_copy_(1, self.head_vocab, logits)
-        return (logits, x) if return_hidden else logits
-
-    __call__ = forward
+        for i in range(start, end):
+            x = self._layer(i, x, cos, sin, kv_caches[i], write_kv, slot_mapping, attend)
+        return x
 
     def _layer(self, i, x, cos, sin, cache, write_kv, slot_mapping, attend):
         c, w = self.config, self.layers[i]
