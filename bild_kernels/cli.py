@@ -267,6 +267,11 @@ def _git_rev() -> str:
 
 def cmd_eval(args) -> int:
     from bild_kernels.evaluate import eval_runs, evaluate, format_table, plot_tradeoff
+    if args.hf and args.small:  # refused before anything runs
+        from bild_kernels.models.draft import is_draft_dir, read_manifest
+        if is_draft_dir(args.small) and read_manifest(args.small)["kind"] == "feature":
+            raise UsageError(f"--hf: {args.small} is a feature draft, which transformers' assisted generation cannot "
+                             "run; give a standalone draft as --small, or leave --hf out")
     engine = _engine(args, max_batch_size=max(args.batch, 1), max_model_len=1024)
     prompts = _eval_prompts(engine, args.prompts)
     policies = _eval_policies(args, engine)
@@ -295,8 +300,10 @@ def _hf_rows(args, engine, prompts, base_row) -> list[dict]:
     large, small = hf_pair(args.large, args.small)
     base_tps = base_row["tokens_per_s"]
     rows, ref = [], None
-    for name, assistant, conf in (("hf generate", None, None), ("hf assisted", small, None),
-                                  ("hf assisted conf=0.4", small, 0.4)):
+    # The default pair's feature draft cannot assist transformers: its standalone draft does, and the rows say so.
+    tag = " (standalone draft)" if args.small is None and engine.small_kind == "feature" else ""
+    for name, assistant, conf in (("hf generate", None, None), (f"hf assisted{tag}", small, None),
+                                  (f"hf assisted{tag} conf=0.4", small, 0.4)):
         outs, wall = _hf_generate(large, prompts, args.max_tokens, assistant, conf)
         ref = outs if ref is None else ref
         toks = sum(len(o) for o in outs)

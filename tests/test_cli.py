@@ -70,6 +70,7 @@ def test_lossless_policies_equal_large_only(capsys, pair_dirs, policy):
     (["generate", "hi", "--large", "{bad_gguf}"], "cannot load GGUF"),
     (["generate", "hi", "--large", "{large}", "--small", "{other_tok}"], "tokenizer differs"),
     (["eval", "--large", "{large}"], "needs a small model"),
+    (["eval", "--large", "{large}", "--small", "{feature}", "--hf"], "is a feature draft"),
     (["generate", "hi", "--large", "{large}", "--small", "{small}", "--fallback-signal", "energy"],
      "needs --fallback-threshold"),
     (["generate", "hi", "--large", "{large}", "--policy", "shallow-deep"], "needs --exit-layer"),
@@ -89,7 +90,11 @@ def test_bad_input_is_one_line_on_stderr(capsys, tmp_path, pair_dirs, argv, matc
         tok = _tokenizer()
         tok.add_tokens(["extra"])
         tok.save_pretrained(other)
-    argv = [a.format(large=large, small=small, bad_gguf=bad, other_tok=other, tmp=tmp_path) for a in argv]
+    feature = tmp_path / "feature"  # a feature draft's manifest: --hf refuses it before any model loads
+    feature.mkdir()
+    (feature / "bild_draft.json").write_text(json.dumps({"format": "bild-draft/1", "kind": "feature"}))
+    argv = [a.format(large=large, small=small, bad_gguf=bad, other_tok=other, tmp=tmp_path, feature=feature)
+            for a in argv]
     code, out, err = _run(capsys, *argv)
     assert code == 2
     lines = err.strip().splitlines()

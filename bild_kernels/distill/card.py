@@ -22,13 +22,11 @@ An EAGLE-style draft for big-little speculative decoding with bild-kernels, made
   initialised from the large model's layer {s['init_layers'][0]} -> the large model's final norm and head. It
   reads the large model's last hidden state (before the final norm) at every verified position and predicts the
   next one; while chaining it feeds its own predictions back. The head scores {vocab}.
-- **Data**: the large model's own answers (temperature 0.7) to {s['corpus_sequences']} templated chat prompts
-  (bild_kernels/distill/prompts.py), {s['corpus_tokens']} tokens with the prompts; features from bild's executor
-  ({'bfloat16' if s.get('bf16') else 'float32'}). No external data set.
+- **Data**: {_data(s)} Features from bild's executor ({'bfloat16' if s.get('bf16') else 'float32'}).
 - **Objective**: smooth-L1 to the next feature (standardised) plus cross-entropy to the large model's top-32
   next-token distribution, unrolled {s['depth']} steps on the draft's own features.
-- **Training**: AdamW, lr {s['lr']:g} (cosine to {s['final_lr']:g}), batch 8, float32, {s['minutes']:g} minutes
-  on {s['threads']} CPU thread(s).
+- **Training**: AdamW, lr {s['lr']:g} (cosine to {s['final_lr']:g}), batch {s.get('batch_size', 8)}, float32,
+  {s['minutes']:g} minutes of wall time on {_where(s)}.
 """
     else:
         head = ""

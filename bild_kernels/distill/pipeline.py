@@ -199,10 +199,13 @@ def distill(*, large=None, out, prompts: int = 512, max_new_tokens: int = 96, mi
         fast_teacher, corpus, k=32, batch_tokens=16384 if dev.type == "cuda" else 4096, device=dev, log=log))
     targets_s = time.perf_counter() - t_data - corpus_s
     fast_teacher = None  # its memory back (on a GPU too): training reads only the corpus and targets
+    corpus_info = {"prompts": len(train_set), "samples_per_prompt": samples_per_prompt,
+                   "corpus_minutes": corpus_minutes, "corpus_planned": len(train_set) * samples_per_prompt,
+                   "corpus_seconds": round(corpus_s, 1), "targets_seconds": round(targets_s, 1)}
     if kind == "feature":
         vocab = _vocab(corpus, draft_vocab, tok)
         return _distill_feature(teacher, source, corpus, targets, held_pairs, vocab, minutes, bf16, out, work, log,
-                                device=dev, batch_size=train_batch, lr=lr)
+                                device=dev, batch_size=train_batch, lr=lr, corpus_info=corpus_info)
     draft = build_draft(teacher, layers)
     vocab = _warm_start(draft, init_draft) if init is not None else _vocab(corpus, draft_vocab, tok)
     draft.to(dev)
@@ -224,11 +227,8 @@ def distill(*, large=None, out, prompts: int = 512, max_new_tokens: int = 96, mi
              "corpus_sequences": len(corpus), "corpus_tokens": n_tokens, "init_layers": layers,
              "draft_vocab": None if vocab is None else int(vocab.numel()), "history": history,
              "train_seconds": round(time.perf_counter() - t0, 1), "threads": torch.get_num_threads(),
-             "bf16": bf16, "lr": lr, "final_lr": lr * final_lr_frac, "device": _device_name(dev),
-             "prompts": len(train_set), "samples_per_prompt": samples_per_prompt, "corpus_minutes": corpus_minutes,
-             "corpus_planned": len(train_set) * samples_per_prompt, "corpus_seconds": round(corpus_s, 1),
-             "targets_seconds": round(targets_s, 1), "batch_size": train_batch,
-             "init_draft": None if init_draft is None else str(init_draft)}
+             "bf16": bf16, "lr": lr, "final_lr": lr * final_lr_frac, "device": _device_name(dev), **corpus_info,
+             "batch_size": train_batch, "init_draft": None if init_draft is None else str(init_draft)}
     card = draft_card(source.name, stats, len(held_pairs))
     save_draft(out, draft.state_dict(), base=base, init_layers=layers, draft_vocab=vocab, base_name=source.name,
                card=card, policy=None if init is None else init.get("policy"))
@@ -249,7 +249,8 @@ def _device_name(dev: torch.device) -> str:
 
 
 def _distill_feature(teacher, source, corpus, targets, held_pairs, vocab, minutes, bf16, out, work, log, *,
-                     device=None, batch_size: int = 8, lr: float | None = None) -> dict:
+                     device=None, batch_size: int = 8, lr: float | None = None,
+                     corpus_info: dict | None = None) -> dict:
     from bild_kernels.distill.feature_draft import (FeatureDraft, executor_features, feature_agreement,
                                                     feature_stats, teacher_features, train_feature_draft)
     from bild_kernels.models import load_model
@@ -282,7 +283,7 @@ def _distill_feature(teacher, source, corpus, targets, held_pairs, vocab, minute
              "history": [(h["minutes"], h["tokens"], h["d1"]) for h in history],
              "train_seconds": round(time.perf_counter() - t0, 1), "threads": torch.get_num_threads(),
              "bf16": bf16, "lr": lr, "final_lr": lr * 0.1, "depth": depth, "device": _device_name(dev),
-             "batch_size": batch_size}
+             "batch_size": batch_size, **(corpus_info or {})}
     draft.to("cpu")
     base, _ = load_model(teacher, dtype=torch.float32)
     draft.save_dir(out, base, base_name=source.name, card=draft_card(source.name, stats, len(held_pairs)))

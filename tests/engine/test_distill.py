@@ -223,6 +223,17 @@ def test_corpus_minutes_cuts_the_corpus_and_the_card_says_so(large_dir, tmp_path
     assert "2 of 8 answers" in card and "batch 2" in card and "CPU thread" in card
 
 
+def test_a_feature_draft_card_says_its_batch_device_and_corpus_budget(large_dir, tmp_path):
+    work = _work(large_dir, tmp_path)
+    stats = distill(large=large_dir, out=tmp_path / "out", prompts=4, max_new_tokens=4, minutes=0.003, bf16=False,
+                    work_dir=work, draft_vocab=30, corpus_minutes=1e-7, corpus_batch_size=2, train_batch_size=3,
+                    kind="feature", **QUIET)
+    assert stats["kind"] == "feature" and stats["corpus_planned"] == 4 and stats["batch_size"] == 3
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert card.startswith("# Feature draft") and "2 of 4 answers" in card and "batch 3" in card
+    assert "CPU thread" in card and "batch 8" not in card
+
+
 @pytest.mark.parametrize("kw, match", [
     (dict(device="tpu"), "device must be 'cpu' or 'cuda'"),
     (dict(device="cuda:x"), "device must be 'cpu' or 'cuda'"),
