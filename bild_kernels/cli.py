@@ -362,6 +362,7 @@ def cmd_distill(args) -> int:
             minutes=args.minutes, init_layers=layers, draft_vocab=args.draft_vocab, threads=args.threads,
             work_dir=args.work_dir, bf16=args.bf16, kind=args.kind, device=args.device,
             samples_per_prompt=args.samples_per_prompt, init_draft=args.init_draft, corpus_minutes=args.corpus_minutes,
+            corpus_seed=args.corpus_seed,
             corpus_batch_size=args.corpus_batch_size, train_batch_size=args.train_batch_size, lr=args.lr,
             log=lambda s: print(s, file=sys.stderr, flush=True))
     if args.split_mib is not None:
@@ -444,15 +445,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--samples-per-prompt", type=int, default=1, metavar="K",
                    help="answers sampled per training prompt (T=0.7, a seed per pass): more data from the same prompts")
     g.add_argument("--init-draft", default=None, metavar="DIR",
-                   help="warm-start from this draft directory (e.g. bild_kernels/data/smollm2-135m-instruct-draft): "
-                        "its layers and head vocabulary")
+                   help="warm-start from a draft directory of the same --kind (e.g. the shipped "
+                        "bild_kernels/data/smollm2-135m-instruct-feature-draft with --kind feature): its weights, "
+                        "head vocabulary and policy")
     g.add_argument("--corpus-minutes", type=float, default=None, metavar="M",
                    help="wall-time budget of the training corpus; generation stops there and the run goes on")
+    g.add_argument("--corpus-seed", type=int, default=0, metavar="S",
+                   help="sampling seed of the corpus (default 0): another seed, other answers to the same prompts")
     g.add_argument("--corpus-batch-size", type=int, default=None, metavar="B",
                    help="answers generated per batch (default: 256 on CUDA, 64 in bfloat16 on a CPU, else 16)")
     g.add_argument("--train-batch-size", type=int, default=None, metavar="B", help="sequences per training step "
                                                                       "(default: 64 on CUDA, 8 on a CPU)")
-    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default 3e-4; 2e-4 with --init-draft)")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default 3e-4, 2e-4 with --init-draft; "
+                                                              "feature drafts 2e-3, 1e-3 with --init-draft)")
     g.add_argument("--split-mib", type=float, default=None, metavar="MIB",
                    help="then write every draft file over this many MiB as parts (e.g. 15: a GPU machine hands back "
                         "files of at most 16 MiB); python -m bild_kernels.distill.parts join DIR rebuilds them")

@@ -20,6 +20,13 @@
 # draft distilled there (scripts/gpu_carry.sh carries the GGUF, one call per part, then `bild distill --device cuda
 # --kind feature ...`: 493 s for a 3-minute corpus and 4 minutes of training). Not yet run anywhere: profile_step,
 # ctest.
+# Next distillation (the feature draft's agreement was still rising, 0.510 -> 0.568 over its 4 minutes): pack,
+# stash the parts (one call each, within 30 s of the last), and in the last call go on from the shipped draft on
+# fresh answers:
+#   ... && python3 -m bild_kernels.cli distill --device cuda --kind feature --large "$BILD_LARGE" \
+#        --init-draft bild_kernels/data/smollm2-135m-instruct-feature-draft --corpus-seed 1 --prompts 23704 \
+#        --corpus-minutes 3 --minutes 4 --work-dir /tmp/w --out /tmp/draft   (cp bench/data/corpus_eval_*.pt
+#        /tmp/w/corpus_eval.pt first; tar and split the draft into $OUT as the 2026-11-26 run did)
 # DEADLINE (seconds from the start): each stage is cut (timeout) so that the whole script, the tarball
 # included, ends before it; a stage with under 20 s left is skipped. Each stage also has its own cap.
 # BILD_REV names the revision in the result rows where the copy has no .git.

@@ -39,6 +39,10 @@ An EAGLE-style draft for big-little speculative decoding with bild-kernels, made
 {hist}
 """
     if head:
+        if warm:
+            head += (f"- **Warm start**: the layers, input map, feature statistics and head vocabulary of "
+                     f"`{Path(warm).name}`\n  (its card describes its own data and training), "
+                     f"{s['agreement_before']:.3f} agreement before this run.\n")
         return head + agreement
     start = (f"""- **Warm start**: the layers, final norm and head vocabulary of `{Path(warm).name}` (its card describes
   its own data and training), {s['agreement_before']:.3f} agreement before this run; then trained as below.
@@ -60,6 +64,8 @@ A draft for big-little speculative decoding with bild-kernels, made by `bild dis
 def _data(s: dict) -> str:
     k = s.get("samples_per_prompt", 1)
     what = "(instructions, summaries, translations; bild_kernels/distill/prompts.py)"
+    if s.get("corpus_seed"):
+        what = what[:-1] + f"; sampling seed {s['corpus_seed']})"
     if k == 1 and s.get("corpus_planned", s["corpus_sequences"]) == s["corpus_sequences"]:
         return (f"the large model's own answers (temperature 0.7) to {s['corpus_sequences']} templated chat\n"
                 f"  prompts {what}, {s['corpus_tokens']}\n  tokens with the prompts. No external data set.")

@@ -278,6 +278,29 @@ class FeatureDraft(nn.Module):
                           kind="feature")
 
     @classmethod
+    def from_dir(cls, path, teacher):
+        """The feature draft a draft directory (kind "feature", written by `save_dir`) holds, attached to
+        `teacher`, in float32 for more training: its layers, input map, feature statistics and head
+        vocabulary. A directory that is not such a draft, or whose weights do not fit the teacher, is refused."""
+        from pathlib import Path
+
+        from safetensors.torch import load_file
+
+        from bild_kernels.models.draft import read_manifest
+        manifest = read_manifest(path)
+        if manifest["kind"] != "feature":
+            raise ValueError(f"{str(path)!r} is a {manifest['kind']} draft, not a feature draft")
+        weights = load_file(str(Path(path) / "model.safetensors"))
+        vocab = weights.pop("draft_vocab", None)
+        d = cls(teacher_config(teacher), manifest["num_layers"], None if vocab is None else vocab.long())
+        state = {(k[len("model."):] if k.startswith("model.") else k): v.float() for k, v in weights.items()}
+        missing, unexpected = d.load_state_dict(state, strict=False)
+        if unexpected or missing:
+            raise ValueError(f"{str(path)!r} does not fit a feature draft of its manifest for this large model "
+                             f"(unexpected {unexpected}, missing {missing})")
+        return d.attach_teacher(teacher)
+
+    @classmethod
     def from_checkpoint(cls, ck, teacher):
         cfg = dict(ck["config"])
         n = cfg.pop("n_layers")

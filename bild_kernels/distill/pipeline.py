@@ -69,16 +69,16 @@ def _check_device(device, kind: str) -> torch.device:
     return dev
 
 
-def _init_manifest(init_draft, init_layers, draft_vocab) -> dict:
-    """The manifest of the draft to warm-start from, refused when it cannot be (a feature draft, no such
-    directory) or when it contradicts `init_layers` / `draft_vocab`."""
+def _init_manifest(init_draft, init_layers, draft_vocab, kind: str = "layers") -> dict:
+    """The manifest of the draft to warm-start from, refused when it cannot be (another kind than `kind`, no
+    such directory) or when it contradicts `init_layers` / `draft_vocab`."""
     from bild_kernels.models.draft import is_draft_dir, read_manifest
     if not is_draft_dir(init_draft):
         raise FileNotFoundError(f"init_draft: no draft directory (with bild_draft.json) at {str(init_draft)!r}")
     manifest = read_manifest(init_draft)
-    if manifest["kind"] != "layers":
-        raise ValueError(f"init_draft: {str(init_draft)!r} is a {manifest['kind']} draft; warm starts take a "
-                         "layers draft")
+    if manifest["kind"] != kind:
+        raise ValueError(f"init_draft: {str(init_draft)!r} is a {manifest['kind']} draft; a {kind} draft warm-starts "
+                         f"from a {kind} draft")
     if init_layers is not None and list(init_layers) != manifest["init_layers"]:
         raise ValueError(f"init_layers {list(init_layers)} conflicts with init_draft {str(init_draft)!r}, whose "
                          f"layers were initialised from {manifest['init_layers']} (leave init_layers out)")
@@ -106,7 +106,7 @@ def _warm_start(draft, init_draft) -> torch.Tensor | None:
 def distill(*, large=None, out, prompts: int = 512, max_new_tokens: int = 96, minutes: float = 15.0,
             init_layers: list[int] | None = None, draft_vocab: int | None = None, threads: int | None = None,
             work_dir=None, bf16: bool | None = None, kind: str = "layers", device: str = "cpu",
-            samples_per_prompt: int = 1, init_draft=None, corpus_minutes: float | None = None,
+            samples_per_prompt: int = 1, init_draft=None, corpus_minutes: float | None = None, corpus_seed: int = 0,
             corpus_batch_size: int | None = None, train_batch_size: int | None = None, lr: float | None = None,
             log=print) -> dict:
     """Train a draft for `large` (default: SmolLM2-135M-Instruct) and write it to `out`; returns its stats.
@@ -117,6 +117,8 @@ def distill(*, large=None, out, prompts: int = 512, max_new_tokens: int = 96, mi
     `device` ("cpu" or "cuda"): where the teacher and the draft run (bfloat16 by default on CUDA); the
     corpus and the top-k targets stay on the CPU (and in `work_dir`). CUDA defaults: corpus batches of
     256 answers (CPU: 64 in bfloat16, 16 in float32), training batches of 64 sequences (CPU: 8).
+    `corpus_seed`: the sampling seed of the corpus's first pass (pass s is seeded corpus_seed + s): another
+    seed gives other answers to the same prompts, e.g. fresh data for a warm start.
     `samples_per_prompt`: every training prompt is answered that many times (T = 0.7, pass s seeded s),
     so more data comes from the same prompts. `corpus_minutes`: the training corpus stops at the first
     batch boundary after that much wall time and the run goes on with what it has (the held-out
@@ -128,7 +130,9 @@ def distill(*, large=None, out, prompts: int = 512, max_new_tokens: int = 96, mi
     kind="feature": a one-layer feature draft initialised from the large model's last layer (init_layers
     is then refused); its teacher features come from bild's executor on `device` (bfloat16 where fast) and
     it always trains in float32 (under bfloat16 autocast it does not learn), on `device` too (lr defaults
-    to 2e-3, batches to train_batch_size)."""
+    to 2e-3, batches to train_batch_size). With `init_draft` (a feature draft directory, e.g. the shipped
+    one) its layers, input map, feature statistics, head vocabulary and policy go on training (lr 1e-3), so
+    that short GPU sessions add up."""
     from bild_kernels.distill.corpus import chat_ids, generate_corpus
     from bild_kernels.distill.prompts import all_train_prompts, held_out_prompts
     from bild_kernels.distill.train import agreement, build_draft, fast_bf16, teacher_targets, train
@@ -146,22 +150,23 @@ def distill(*, large=None, out, prompts: int = 512, max_new_tokens: int = 96, mi
                                 ("lr", lr, True)):
         if not (optional and val is None) and not (isinstance(val, (int, float)) and val > 0):
             raise ValueError(f"{name} must be > 0{' or None' if optional else ''}, got {val!r}")
+    if isinstance(corpus_seed, bool) or not isinstance(corpus_seed, int) or corpus_seed < 0:
+        raise ValueError(f"corpus_seed must be an int >= 0, got {corpus_seed!r}")
     if draft_vocab is not None and draft_vocab < 0:
         raise ValueError(f"draft_vocab must be >= 0 (0: the whole vocabulary), got {draft_vocab}")
     if kind not in ("layers", "feature"):
         raise ValueError(f"kind must be 'layers' or 'feature', got {kind!r}")
     if kind == "feature" and init_layers is not None:
         raise ValueError("init_layers: a feature draft is one layer initialised from the large model's last")
-    if kind == "feature" and init_draft is not None:
-        raise ValueError("init_draft: a feature draft starts from the large model's last layer, not from a draft")
     dev = _check_device(device, kind)
-    init = _init_manifest(init_draft, init_layers, draft_vocab) if init_draft is not None else None
+    init = _init_manifest(init_draft, init_layers, draft_vocab, kind) if init_draft is not None else None
     train_set = all_train_prompts(prompts)  # refuses more prompts than there are
     if threads is not None:
         torch.set_num_threads(threads)
     teacher, tok, source = _teacher(large)
     L = teacher.config.num_hidden_layers
-    layers = init["init_layers"] if init is not None else (init_layers or [0, 1, 2, L - 1])
+    layers = init["init_layers"] if init is not None else (init_layers or ([L - 1] if kind == "feature" else
+                                                                           [0, 1, 2, L - 1]))
     if any(not 0 <= j < L for j in layers):
         raise ValueError(f"init layers {layers} out of range: the large model has {L} layers")
     base = None
@@ -186,12 +191,13 @@ def distill(*, large=None, out, prompts: int = 512, max_new_tokens: int = 96, mi
     # The corpus is cut by its time budget at an arbitrary point: such a corpus gets a name of its own.
     tag = (f"{len(train_set)}_{max_new_tokens}{'_bf16' if bf16 else ''}"
            f"{f'_x{samples_per_prompt}' if samples_per_prompt > 1 else ''}"
-           f"{f'_{corpus_minutes:g}min' if corpus_minutes is not None else ''}")
+           f"{f'_{corpus_minutes:g}min' if corpus_minutes is not None else ''}"
+           f"{f'_seed{corpus_seed}' if corpus_seed else ''}")
     t_data = time.perf_counter()
     corpus = _cached(work, f"corpus_train_{tag}.pt", lambda: generate_corpus(
         fast_teacher, tok, train_set, max_new_tokens=max_new_tokens, temperature=0.7, batch_size=gen_batch,
         samples=samples_per_prompt, max_seconds=None if corpus_minutes is None else corpus_minutes * 60,
-        device=dev, log=log))
+        seed=corpus_seed, device=dev, log=log))
     corpus_s = time.perf_counter() - t_data
     n_tokens = sum(len(c) for c in corpus)
     log(f"corpus: {len(corpus)} answers, {n_tokens} tokens with the prompts, in {corpus_s:.0f} s")
@@ -199,13 +205,14 @@ def distill(*, large=None, out, prompts: int = 512, max_new_tokens: int = 96, mi
         fast_teacher, corpus, k=32, batch_tokens=16384 if dev.type == "cuda" else 4096, device=dev, log=log))
     targets_s = time.perf_counter() - t_data - corpus_s
     fast_teacher = None  # its memory back (on a GPU too): training reads only the corpus and targets
-    corpus_info = {"prompts": len(train_set), "samples_per_prompt": samples_per_prompt,
+    corpus_info = {"prompts": len(train_set), "samples_per_prompt": samples_per_prompt, "corpus_seed": corpus_seed,
                    "corpus_minutes": corpus_minutes, "corpus_planned": len(train_set) * samples_per_prompt,
                    "corpus_seconds": round(corpus_s, 1), "targets_seconds": round(targets_s, 1)}
     if kind == "feature":
-        vocab = _vocab(corpus, draft_vocab, tok)
+        vocab = _vocab(corpus, draft_vocab, tok) if init is None else None  # a warm start keeps its own
         return _distill_feature(teacher, source, corpus, targets, held_pairs, vocab, minutes, bf16, out, work, log,
-                                device=dev, batch_size=train_batch, lr=lr, corpus_info=corpus_info)
+                                device=dev, batch_size=train_batch, lr=lr, corpus_info=corpus_info,
+                                init_draft=init_draft, policy=None if init is None else init.get("policy"))
     draft = build_draft(teacher, layers)
     vocab = _warm_start(draft, init_draft) if init is not None else _vocab(corpus, draft_vocab, tok)
     draft.to(dev)
@@ -250,7 +257,7 @@ def _device_name(dev: torch.device) -> str:
 
 def _distill_feature(teacher, source, corpus, targets, held_pairs, vocab, minutes, bf16, out, work, log, *,
                      device=None, batch_size: int = 8, lr: float | None = None,
-                     corpus_info: dict | None = None) -> dict:
+                     corpus_info: dict | None = None, init_draft=None, policy: dict | None = None) -> dict:
     from bild_kernels.distill.feature_draft import (FeatureDraft, executor_features, feature_agreement,
                                                     feature_stats, teacher_features, train_feature_draft)
     from bild_kernels.models import load_model
@@ -262,15 +269,21 @@ def _distill_feature(teacher, source, corpus, targets, held_pairs, vocab, minute
         log=log))
     held_feats = _cached(work, "features_eval.pt", lambda: teacher_features(
         teacher, [ids for ids, _ in held_pairs], log=log))
-    mean, std = feature_stats(feats)
-    draft = FeatureDraft.from_teacher(teacher, n_layers=1, vocab=vocab, feat_mean=mean, feat_std=std).to(dev)
+    if init_draft is None:
+        mean, std = feature_stats(feats)
+        draft = FeatureDraft.from_teacher(teacher, n_layers=1, vocab=vocab, feat_mean=mean, feat_std=std).to(dev)
+    else:  # its layers, input map, feature statistics and head vocabulary go on training
+        draft = FeatureDraft.from_dir(init_draft, teacher).to(dev)
+        vocab = draft.vocab
 
     def measure(d):
         return feature_agreement(d, held_feats, held_pairs, depth=2, max_k=2)
 
     t0 = time.perf_counter()
     before = measure(draft)["d1"]
-    lr, depth = lr or 2e-3, 2
+    if init_draft is not None:
+        log(f"warm start from {init_draft}: held-out top-1 agreement {before:.3f}")
+    lr, depth = lr or (1e-3 if init_draft is not None else 2e-3), 2
     history = train_feature_draft(draft, corpus, feats, targets, minutes=minutes, lr=lr, batch_size=batch_size,
                                   depth=depth, noise=0.1, w_ce=1.0, eval_fn=measure,
                                   eval_every_s=max(60.0, minutes * 12), log=log)
@@ -278,14 +291,16 @@ def _distill_feature(teacher, source, corpus, targets, held_pairs, vocab, minute
     log(f"held-out top-1 agreement {before:.3f} -> {acc:.3f} after {minutes:g} min")
     stats = {"kind": "feature", "agreement": round(acc, 4), "agreement_before": round(before, 4),
              "minutes": minutes, "corpus_sequences": len(corpus), "corpus_tokens": sum(map(len, corpus)),
-             "init_layers": [teacher.config.num_hidden_layers - 1],
+             "init_layers": [teacher.config.num_hidden_layers - len(draft.layers) + i for i in range(len(draft.layers))],
              "draft_vocab": None if vocab is None else int(vocab.numel()),
              "history": [(h["minutes"], h["tokens"], h["d1"]) for h in history],
              "train_seconds": round(time.perf_counter() - t0, 1), "threads": torch.get_num_threads(),
              "bf16": bf16, "lr": lr, "final_lr": lr * 0.1, "depth": depth, "device": _device_name(dev),
-             "batch_size": batch_size, **(corpus_info or {})}
+             "batch_size": batch_size, "init_draft": None if init_draft is None else str(init_draft),
+             **(corpus_info or {})}
     draft.to("cpu")
     base, _ = load_model(teacher, dtype=torch.float32)
-    draft.save_dir(out, base, base_name=source.name, card=draft_card(source.name, stats, len(held_pairs)))
+    draft.save_dir(out, base, base_name=source.name, card=draft_card(source.name, stats, len(held_pairs)),
+                   policy=policy)
     log(f"draft written to {out}")
     return stats

@@ -176,7 +176,7 @@ def test_warm_start_keeps_the_init_drafts_weights_vocabulary_and_agreement(large
 @pytest.mark.parametrize("kw, match", [
     (dict(init_layers=[0, 1]), "init_layers \\[0, 1\\] conflicts"),
     (dict(draft_vocab=10), "draft_vocab 10 conflicts"),
-    (dict(kind="feature"), "init_draft: a feature draft"),
+    (dict(kind="feature"), "is a layers draft; a feature draft warm-starts from a feature draft"),
 ])
 def test_warm_start_refuses_what_contradicts_the_init_draft(large_dir, tmp_path, kw, match):
     _init_draft(large_dir, tmp_path / "init")
@@ -184,6 +184,40 @@ def test_warm_start_refuses_what_contradicts_the_init_draft(large_dir, tmp_path,
         distill(large="/no/such/model", out=tmp_path / "out", init_draft=tmp_path / "init", **kw, **QUIET)
     with pytest.raises(FileNotFoundError, match="no draft directory"):
         distill(large="/no/such/model", out=tmp_path / "out", init_draft=tmp_path / "none", **QUIET)
+
+
+def test_a_feature_draft_warm_starts_from_a_feature_draft(large_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from bild_kernels.distill.feature_draft import FeatureDraft, feature_agreement
+    work, init_dir = _work(large_dir, tmp_path), tmp_path / "init"
+    distill(large=large_dir, out=init_dir, prompts=4, max_new_tokens=4, minutes=0.003, bf16=False, work_dir=work,
+            draft_vocab=30, kind="feature", **QUIET)
+    policy = {"fallback_threshold": 0.0, "rollback_threshold": 2.2, "max_draft_len": 3}
+    manifest = json.loads((init_dir / "bild_draft.json").read_text())
+    (init_dir / "bild_draft.json").write_text(json.dumps(dict(manifest, policy=policy)))
+    init = FeatureDraft.from_dir(init_dir, hf_model(large_dir))  # exactly the saved weights, in float32
+    saved = load_file(str(init_dir / "model.safetensors"))
+    assert torch.equal(init.fc.weight, saved["fc.weight"].float()) and torch.equal(init.vocab, saved["draft_vocab"].long())
+    assert torch.equal(init.layers[0].mlp.down_proj.weight, saved["model.layers.0.mlp.down_proj.weight"].float())
+    before = feature_agreement(init, torch.load(work / "features_eval.pt"), _held_pairs(work), depth=2, max_k=2)["d1"]
+    out = tmp_path / "out"
+    stats = distill(large=large_dir, out=out, prompts=4, max_new_tokens=4, minutes=0.003, bf16=False, work_dir=work,
+                    kind="feature", init_draft=init_dir, corpus_seed=1, **QUIET)
+    # fresh answers to the same prompts, cached under their own name
+    fresh, first = torch.load(work / "corpus_train_4_4_seed1.pt"), torch.load(work / "corpus_train_4_4.pt")
+    assert len(fresh) == len(first) == 4 and fresh != first and stats["corpus_seed"] == 1
+    assert stats["agreement_before"] == round(before, 4) and stats["lr"] == 1e-3  # the init draft, unchanged
+    assert stats["init_draft"] == str(init_dir) and stats["draft_vocab"] == init.vocab.numel()
+    assert torch.equal(load_file(str(out / "model.safetensors"))["draft_vocab"], saved["draft_vocab"])
+    written = json.loads((out / "bild_draft.json").read_text())
+    assert written["kind"] == "feature" and written["policy"] == policy
+    assert "**Warm start**" in (out / "README.md").read_text() and "sampling seed 1" in (out / "README.md").read_text()
+    with pytest.raises(ValueError, match="is a feature draft; a layers draft warm-starts from a layers draft"):
+        distill(large="/no/such/model", out=tmp_path / "x", init_draft=init_dir, **QUIET)
+    with pytest.raises(ValueError, match="not a feature draft"):
+        _init_draft(large_dir, tmp_path / "layers")
+        FeatureDraft.from_dir(tmp_path / "layers", hf_model(large_dir))
 
 
 def test_warm_start_refuses_a_draft_of_another_large_model(large_dir, tmp_path):
@@ -244,6 +278,7 @@ def test_a_feature_draft_card_says_its_batch_device_and_corpus_budget(large_dir,
     (dict(train_batch_size=2.5), "train_batch_size must be a positive int"),
     (dict(corpus_minutes=0), "corpus_minutes must be > 0 or None"),
     (dict(lr=-1.0), "lr must be > 0 or None"),
+    (dict(corpus_seed=-1), "corpus_seed must be an int >= 0"),
 ])
 def test_bad_arguments_are_refused_before_anything_is_loaded(tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):  # a missing large model would be the next error
@@ -296,6 +331,7 @@ def _cli(capsys, *argv):
     (["--corpus-minutes", "-1"], "corpus_minutes must be > 0"),
     (["--corpus-batch-size", "0"], "corpus_batch_size must be a positive int"),
     (["--train-batch-size", "0"], "train_batch_size must be a positive int"),
+    (["--corpus-seed", "-2"], "corpus_seed must be an int >= 0"),
     (["--split-mib", "0"], "--split-mib must be > 0"),
     (["--layers", "0,x"], "--layers must be comma-separated"),
     (["--threads", "0"], "--threads must be >= 1"),
