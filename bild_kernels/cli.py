@@ -267,11 +267,9 @@ def _git_rev() -> str:
 
 def cmd_eval(args) -> int:
     from bild_kernels.evaluate import eval_runs, evaluate, format_table, plot_tradeoff
-    if args.hf and args.small:  # refused before anything runs
-        from bild_kernels.models.draft import is_draft_dir, read_manifest
-        if is_draft_dir(args.small) and read_manifest(args.small)["kind"] == "feature":
-            raise UsageError(f"--hf: {args.small} is a feature draft, which transformers' assisted generation cannot "
-                             "run; give a standalone draft as --small, or leave --hf out")
+    if args.hf:  # the HF rows' assistant, refused before anything runs
+        from bild_kernels.hf import check_assistant
+        check_assistant(args.small)
     engine = _engine(args, max_batch_size=max(args.batch, 1), max_model_len=1024)
     prompts = _eval_prompts(engine, args.prompts)
     policies = _eval_policies(args, engine)

@@ -15,6 +15,15 @@ def hf_model(source, dtype=torch.float32):
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
 
 
+def check_assistant(small) -> None:
+    """Refuse, before any model loads, a small model that transformers' assisted generation cannot run: a
+    feature draft directory (it reads the large model's hidden states)."""
+    from bild_kernels.models.draft import is_draft_dir, read_manifest
+    if small is not None and is_draft_dir(small) and read_manifest(small)["kind"] == "feature":
+        raise ValueError(f"draft {small} is a feature draft (it reads the large model's hidden states): "
+                         "transformers' assisted generation cannot run it; give a standalone draft")
+
+
 def hf_draft(draft_dir, large) -> torch.nn.Module:
     """A LlamaForCausalLM made of a draft directory's layers and `large`'s embedding and head. Its head
     scores the whole vocabulary (transformers has no reduced-vocabulary head), so its proposals may
@@ -23,10 +32,8 @@ def hf_draft(draft_dir, large) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from bild_kernels.models.draft import read_manifest
+    check_assistant(draft_dir)
     manifest = read_manifest(draft_dir)
-    if manifest["kind"] == "feature":
-        raise ValueError(f"draft {draft_dir} is a feature draft (it reads the large model's hidden states): "
-                         "transformers' assisted generation cannot run it; give a standalone draft")
     cfg = LlamaConfig.from_dict(large.config.to_dict())
     cfg.num_hidden_layers = manifest["num_layers"]
     cfg.layer_types = None

@@ -291,7 +291,8 @@ def _distill_feature(teacher, source, corpus, targets, held_pairs, vocab, minute
     log(f"held-out top-1 agreement {before:.3f} -> {acc:.3f} after {minutes:g} min")
     stats = {"kind": "feature", "agreement": round(acc, 4), "agreement_before": round(before, 4),
              "minutes": minutes, "corpus_sequences": len(corpus), "corpus_tokens": sum(map(len, corpus)),
-             "init_layers": [teacher.config.num_hidden_layers - len(draft.layers) + i for i in range(len(draft.layers))],
+             "init_layers": list(range(teacher.config.num_hidden_layers - len(draft.layers),
+                                       teacher.config.num_hidden_layers)),
              "draft_vocab": None if vocab is None else int(vocab.numel()),
              "history": [(h["minutes"], h["tokens"], h["d1"]) for h in history],
              "train_seconds": round(time.perf_counter() - t0, 1), "threads": torch.get_num_threads(),
