@@ -7,6 +7,7 @@ and revisions can be compared side by side.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime
 import os
@@ -80,7 +81,22 @@ def timeit(fn, device: str, *, warmup: int = 3, iters: int = 20, setup=None) -> 
     return {"median_us": statistics.median(times), "p20_us": q[1], "p80_us": q[7]}
 
 
-GRAPHED = ("cuda", "triton")  # backends also timed replayed from a CUDA graph on a GPU ("<backend>+graph")
+GRAPHED = ("cuda", "cuda-wide", "triton")  # backends also timed replayed from a CUDA graph on a GPU ("<backend>+graph")
+
+
+@contextlib.contextmanager
+def first_pass_of(backend: str):
+    """"cuda-wide" is the CUDA backend with its wide first pass over V (bild_kernels.cuda_first_pass): set for
+    the timings of that backend only."""
+    if backend != "cuda-wide":
+        yield
+        return
+    from bild_kernels import cuda_first_pass
+    old = cuda_first_pass("wide")
+    try:
+        yield
+    finally:
+        cuda_first_pass(old)
 
 
 def graph_replay(fn):
@@ -140,10 +156,12 @@ def cpu_extension_rows(args, op: str, unit: str, max_rows: int) -> list[int]:
     return rows
 
 
-def usable_backends(device: str, requested: str | None, *, cpu_kernel: bool = False) -> list[str]:
-    """Backends to run: on a GPU all built ones plus the torch.compile'd reference; on a CPU the
-    reference, (under TRITON_INTERPRET=1) Triton, and with cpu_kernel=True (the op has one in
-    bild_kernels._cpu) "cpu" where that extension is built and runs here."""
+def usable_backends(device: str, requested: str | None, *, cpu_kernel: bool = False,
+                    first_pass: bool = False) -> list[str]:
+    """Backends to run: on a GPU all built ones plus the torch.compile'd reference (with first_pass=True, the op
+    has a wide first pass: "cuda-wide" too); on a CPU the reference, (under TRITON_INTERPRET=1) Triton, and
+    with cpu_kernel=True (the op has one in bild_kernels._cpu) "cpu" where that extension is built and runs
+    here."""
     from bild_kernels._backend import cpu_extension, cuda_extension, triton_available, triton_interpret
     avail = ["ref"]
     if cpu_kernel and device == "cpu" and cpu_extension() is not None:
@@ -154,6 +172,8 @@ def usable_backends(device: str, requested: str | None, *, cpu_kernel: bool = Fa
         avail.append("compile")
         if cuda_extension() is not None:
             avail.append("cuda")
+            if first_pass:
+                avail.append("cuda-wide")
     if requested:
         want = requested.split(",")
         return [b for b in want if b in avail]

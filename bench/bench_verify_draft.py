@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # run from a checkout
-from _common import GRAPHED, graph_replay, parser, pick_shapes, record, runs_at, timeit, usable_backends  # noqa: E402
+from _common import GRAPHED, first_pass_of, graph_replay, parser, pick_shapes, record, runs_at, timeit, usable_backends  # noqa: E402
 
 from bild_kernels import reference as R  # noqa: E402
 from bild_kernels._backend import resolve  # noqa: E402
@@ -40,7 +40,8 @@ def implementation(backend, device):
         return R.verify_draft_ref
     if backend == "compile":
         return torch.compile(R.verify_draft_ref, dynamic=False)
-    return resolve("verify_draft", torch.device(device), backend)  # the kernel without the op's input checks
+    # the kernel without the op's input checks ("cuda-wide": the CUDA kernel, run under first_pass_of)
+    return resolve("verify_draft", torch.device(device), "cuda" if backend == "cuda-wide" else backend)
 
 
 def main() -> None:
@@ -50,7 +51,7 @@ def main() -> None:
                          else [(1, 4, 1000), (8, 4, 1000)])
     modes = ["greedy", "bild", "sample"] if gpu else ["greedy", "sample"]
     iters = args.iters or (50 if gpu else 3)
-    backends = usable_backends(args.device, args.backends)
+    backends = usable_backends(args.device, args.backends, first_pass=True)
     backends.sort(key=lambda b: b != "ref")  # ref first: the others report their speed-up against it
     fns = {b: implementation(b, args.device) for b in backends}
     for B, K, V in shapes:
@@ -58,14 +59,16 @@ def main() -> None:
             x = inputs(B, K, V, R.MODES[mode], args.device)
             base = None
             for b in [b for b in backends if runs_at(b, {"B": B, "V": V})]:
-                stats = timeit(lambda: fns[b](*x), args.device, warmup=2 if gpu else 1, iters=iters)
+                with first_pass_of(b):
+                    stats = timeit(lambda: fns[b](*x), args.device, warmup=2 if gpu else 1, iters=iters)
                 base = stats["median_us"] if b == "ref" else base
                 row = record("verify_draft", args.device, b, {"B": B, "K": K, "V": V, "mode": mode, "dtype": "bf16"},
                              stats, B * (K + 1) * V * 2, save=not args.no_save)
                 if base and b != "ref":
                     print(f"{'':<22} {b:<8} speed-up vs ref: {base / row['median_us']:.2f}x")
                 if gpu and b in GRAPHED:
-                    stats = timeit(graph_replay(lambda: fns[b](*x)), args.device, warmup=2, iters=iters)
+                    with first_pass_of(b):
+                        stats = timeit(graph_replay(lambda: fns[b](*x)), args.device, warmup=2, iters=iters)
                     record("verify_draft", args.device, b + "+graph", {"B": B, "K": K, "V": V, "mode": mode, "dtype": "bf16"}, stats,
                            B * (K + 1) * V * 2, save=not args.no_save)
 

@@ -31,7 +31,31 @@ def cuda_extension():
         return None
     # the ops' fake implementations come with the extension, whoever imports it first
     from bild_kernels.ops import _cuda_impls  # noqa: F401
+    kind = os.environ.get("BILD_FIRST_PASS")
+    if kind:
+        if kind not in FIRST_PASSES:
+            raise ValueError(f"BILD_FIRST_PASS must be one of {FIRST_PASSES}, got {kind!r}")
+        _C.set_first_pass(FIRST_PASSES.index(kind))
     return _C
+
+
+FIRST_PASSES = ("chunked", "wide")
+
+
+def cuda_first_pass(kind: str | None = None) -> str:
+    """The first pass over the vocabulary that the CUDA `sample_draft` and `verify_draft` launch, for the whole
+    process: "chunked" (RowChunkStatsKernel, the default) or "wide" (RowWideStatsKernel: 4x larger chunks, the
+    statistics of greedy and BiLD rows per 16-byte vector; csrc/common.cuh). With `kind`, sets it and returns
+    the previous one; without, returns the current one. `BILD_FIRST_PASS=wide` sets it when the extension
+    loads. A CUDA graph keeps the kernel it captured. Raises RuntimeError where the extension was not built."""
+    ext = cuda_extension()
+    if ext is None:
+        raise RuntimeError("cuda_first_pass: bild_kernels._C was not built (no nvcc or BILD_NO_CUDA=1 at install)")
+    if kind is None:
+        return FIRST_PASSES[ext.first_pass()]
+    if kind not in FIRST_PASSES:
+        raise ValueError(f"cuda_first_pass: kind must be one of {FIRST_PASSES}, got {kind!r}")
+    return FIRST_PASSES[ext.set_first_pass(FIRST_PASSES.index(kind))]
 
 
 @functools.lru_cache(None)

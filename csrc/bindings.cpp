@@ -27,6 +27,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_draft(
     const at::Tensor& draft_ids, const at::Tensor& target_logits, int64_t mode, const at::Tensor& rollback_threshold,
     const std::optional<at::Tensor>& draft_probs, const at::Tensor& temperature, const at::Tensor& top_k,
     const at::Tensor& top_p, const at::Tensor& seed, const at::Tensor& offset);
+// sampling.cu: the first pass over V of sample_draft and verify_draft (0 chunked, 1 wide); returns the old one
+int current_first_pass();
+int64_t set_first_pass(int64_t kind);
 }  // namespace bild
 
 TORCH_LIBRARY(bild_kernels_C, m) {
@@ -58,4 +61,11 @@ TORCH_LIBRARY(bild_kernels_C, m) {
 TORCH_LIBRARY_IMPL(bild_kernels_C, CUDA, m) { BILD_REGISTER_ALL(m); }
 TORCH_LIBRARY_IMPL(bild_kernels_C, CPU, m) { BILD_REGISTER_ALL(m); }
 
-PYBIND11_MODULE(_C, m) {}
+PYBIND11_MODULE(_C, m) {
+  m.def("first_pass", &bild::current_first_pass,
+        "The first pass over V that sample_draft and verify_draft launch: 0 chunked (RowChunkStatsKernel), "
+        "1 wide (RowWideStatsKernel)");
+  m.def("set_first_pass", &bild::set_first_pass, pybind11::arg("kind"),
+        "Choose the first pass over V for the whole process (0 chunked, 1 wide); returns the previous one. "
+        "A CUDA graph keeps the kernel it captured.");
+}

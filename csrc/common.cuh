@@ -252,6 +252,13 @@ struct RowPartial {
 };
 static_assert(sizeof(RowPartial) == 32, "RowPartial is four 8-byte records");
 
+__device__ inline RowPartial merge(RowPartial a, RowPartial b) {
+  return RowPartial{merge(a.z, b.z), merge(a.zmax, b.zmax), merge(a.s, b.s), merge(a.g, b.g)};
+}
+__device__ inline RowPartial shfl_xor(RowPartial x, int o) {
+  return RowPartial{shfl_xor(x.z, o), shfl_xor(x.zmax, o), shfl_xor(x.s, o), shfl_xor(x.g, o)};
+}
+
 // What the first pass computes for one row (a Rows functor returns it for a row index).
 struct RowTask {
   bool active = false;  // false: the row is skipped and its partials are never read
@@ -263,10 +270,10 @@ struct RowTask {
 };
 
 // Every thread of a kChunkThreads block visits its share of chunk c of row[0, V) (S chunks) and calls
-// f(index, value) in fp32. Chunk c covers the vectors [c, c + 1) * kChunkThreads * kChunkVecs of the row's
+// f(index, value) in fp32. Chunk c covers the vectors [c, c + 1) * kChunkThreads * VECS of the row's
 // 16-byte-aligned middle; chunk 0 also takes the unaligned head and chunk S - 1 the tail. Each thread
 // issues all of its loads before it uses any.
-template <typename T, typename F>
+template <int VECS = kChunkVecs, typename T, typename F>
 __device__ void for_each_in_chunk(const T* __restrict__ row, int V, int S, int c, F&& f) {
   constexpr int N = 16 / sizeof(T);
   const uintptr_t addr = reinterpret_cast<uintptr_t>(row);
@@ -277,15 +284,15 @@ __device__ void for_each_in_chunk(const T* __restrict__ row, int V, int S, int c
     for (int i = threadIdx.x; i < head; i += kChunkThreads) f(i, to_float(row[i]));
   }
   const uint4* vec = reinterpret_cast<const uint4*>(row + head);
-  const int w0 = c * kChunkThreads * kChunkVecs + threadIdx.x;
-  uint4 raw[kChunkVecs];
+  const int w0 = c * kChunkThreads * VECS + threadIdx.x;
+  uint4 raw[VECS];
 #pragma unroll
-  for (int k = 0; k < kChunkVecs; ++k) {
+  for (int k = 0; k < VECS; ++k) {
     const int w = w0 + k * kChunkThreads;
     if (w < nvec) raw[k] = __ldg(vec + w);
   }
 #pragma unroll
-  for (int k = 0; k < kChunkVecs; ++k) {
+  for (int k = 0; k < VECS; ++k) {
     const int w = w0 + k * kChunkThreads;
     if (w < nvec) {
       const T* e = reinterpret_cast<const T*>(&raw[k]);
@@ -322,6 +329,166 @@ __global__ void __launch_bounds__(kChunkThreads)
   if (task.scaled) p.s = block_reduce(p.s, reinterpret_cast<Lse*>(smem));
   if (task.draw) p.g = block_reduce(p.g, reinterpret_cast<ArgMax*>(smem));
   if (threadIdx.x == 0) partials[blockIdx.x] = p;
+}
+
+// ------------------------------------------------------------------------------------------------
+// The wide first pass (opt-in until measured on a GPU: set_first_pass(kFirstPassWide)). The H100's
+// profile of RowChunkStatsKernel (bench/results/gpu_h100_2026-11-26.md) showed it compute-bound (82% SM,
+// 21% DRAM): per element an online-logsumexp update with a branch and an accurate expf, an argmax update,
+// and per 32 elements two block reductions whose merges cost two expf at every level, in every thread.
+// Here each thread owns kWideVecs 16-byte vectors (all loads issued before any use), and rows that need
+// only the statistics of z (greedy and BiLD verification, greedy drafting) take them per vector: the
+// vector's max (the argmax only when it beats the thread's best), one rescale of the running sum when the
+// max grows, then one ex2.approx per element. Rows that scale or draw (sampling) keep the per-element
+// code. One block reduction whose cross-warp merge runs in warp 0 only. S = wide_row_splits<T>(V).
+// ------------------------------------------------------------------------------------------------
+constexpr int kFirstPassChunked = 0;  // RowChunkStatsKernel, row_splits<T>(V) chunks a row
+constexpr int kFirstPassWide = 1;     // RowWideStatsKernel, wide_row_splits<T>(V) chunks a row
+constexpr int kWideVecs = 16;
+
+template <typename T>
+__host__ __device__ constexpr int wide_chunk_elems() {
+  return kChunkThreads * kWideVecs * static_cast<int>(16 / sizeof(T));
+}
+
+template <typename T>
+__host__ __device__ constexpr int wide_row_splits(int V) {
+  return (V + wide_chunk_elems<T>() - 1) / wide_chunk_elems<T>();
+}
+
+// Chunks per row of the first pass `kind`; buffers sized by row_splits<T>(V) hold either (wide chunks are
+// larger).
+template <typename T>
+__host__ __device__ constexpr int first_pass_splits(int kind, int V) {
+  return kind == kFirstPassWide ? wide_row_splits<T>(V) : row_splits<T>(V);
+}
+
+// 2^x, one MUFU instruction (relative error ~2^-22; subnormal results flush to zero, which a sum of
+// terms <= 1 cannot tell).
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// The per-thread state of the wide pass: an Lse and an ArgMax whose elements arrive in increasing index
+// order (so a strict > keeps the first of equal maxima).
+struct WideStats {
+  Lse z;
+  ArgMax zmax;
+  template <int N>
+  __device__ __forceinline__ void add_vector(const float (&x)[N], int base) {
+    float vm = x[0];
+#pragma unroll
+    for (int q = 1; q < N; ++q) vm = fmaxf(vm, x[q]);  // NaN only if every element is NaN
+    if (vm > zmax.v || (zmax.i == INT_MAX && vm == vm)) {
+#pragma unroll
+      for (int q = N - 1; q >= 0; --q) {
+        if (x[q] == vm) zmax.i = base + q;  // the last write is the first index holding the max
+      }
+      zmax.v = vm;
+    }
+    if (vm > z.m) {
+      z.s *= fast_exp2((z.m - vm) * 1.4426950408889634f);  // m = -inf: 2^-inf = 0
+      z.m = vm;
+    }
+    if (z.m == -kInf) return;  // every element so far is -inf
+    const float shift = -z.m * 1.4426950408889634f;
+    float acc = 0.0f;
+#pragma unroll
+    for (int q = 0; q < N; ++q) acc += fast_exp2(fmaf(x[q], 1.4426950408889634f, shift));
+    z.s += acc;
+  }
+};
+
+// Block-wide merge of one value per thread for thread 0 only: warps merge by butterfly, warp 0 merges the
+// warps' results in warp order. smem holds 32 values.
+template <typename T>
+__device__ T block_reduce_to_first(T x, T* smem) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  x = warp_reduce(x);
+  if (lane == 0) smem[warp] = x;
+  __syncthreads();
+  if (warp == 0) {
+    x = lane < nwarps ? smem[lane] : T{};
+    x = warp_reduce(x);
+  }
+  return x;
+}
+
+// Grid (R * S,), kChunkThreads threads, S = wide_row_splits<T>(V): as RowChunkStatsKernel, with chunks of
+// wide_chunk_elems<T>() elements.
+template <typename T, typename Rows>
+__global__ void __launch_bounds__(kChunkThreads)
+    RowWideStatsKernel(const T* __restrict__ logits, int V, int S, Rows rows, RowPartial* __restrict__ partials) {
+  __shared__ RowPartial smem[32];
+  const int r = blockIdx.x / S, c = blockIdx.x % S;
+  const RowTask task = rows(r);
+  if (!task.active) return;  // block-uniform
+  const T* row = logits + static_cast<int64_t>(r) * V;
+  RowPartial p;
+  if (task.scaled) {  // sampling rows: the per-element statistics of z, z / t and the Gumbel draw
+    for_each_in_chunk<kWideVecs>(row, V, S, c, [&](int i, float z) {
+      p.z.add(z);
+      p.zmax.add(z, i);
+      const float sv = __fdiv_rn(z, task.t);
+      p.s.add(sv);
+      if (task.draw) p.g.add(sv + gumbel(task.seed, i, task.offset, task.purpose, task.position), i);
+    });
+  } else {
+    constexpr int N = 16 / sizeof(T);
+    const uintptr_t addr = reinterpret_cast<uintptr_t>(row);
+    int head = static_cast<int>(((16 - (addr & 15)) & 15) / sizeof(T));
+    head = head < V ? head : V;
+    const int nvec = (V - head) / N;
+    WideStats w;
+    if (c == 0 && static_cast<int>(threadIdx.x) < head) {  // the unaligned head: below every vector's index
+      const float x[1] = {to_float(row[threadIdx.x])};
+      w.add_vector(x, threadIdx.x);
+    }
+    const uint4* vec = reinterpret_cast<const uint4*>(row + head);
+    const int w0 = c * kChunkThreads * kWideVecs + threadIdx.x;
+    uint4 raw[kWideVecs];
+#pragma unroll
+    for (int k = 0; k < kWideVecs; ++k) {
+      const int v = w0 + k * kChunkThreads;
+      if (v < nvec) raw[k] = __ldg(vec + v);
+    }
+#pragma unroll
+    for (int k = 0; k < kWideVecs; ++k) {
+      const int v = w0 + k * kChunkThreads;
+      if (v < nvec) {
+        const T* e = reinterpret_cast<const T*>(&raw[k]);
+        float x[N];
+#pragma unroll
+        for (int q = 0; q < N; ++q) x[q] = to_float(e[q]);
+        w.add_vector(x, head + v * N);
+      }
+    }
+    if (c == S - 1) {  // the tail: above every vector's index
+      for (int i = head + nvec * N + threadIdx.x; i < V; i += kChunkThreads) {
+        const float x[1] = {to_float(row[i])};
+        w.add_vector(x, i);
+      }
+    }
+    p.z = w.z;
+    p.zmax = w.zmax;
+  }
+  p = block_reduce_to_first(p, smem);
+  if (threadIdx.x == 0) partials[blockIdx.x] = p;
+}
+
+// Launches the first pass `kind` over R rows of V elements: R * first_pass_splits<T>(kind, V) blocks.
+template <typename T, typename Rows>
+void launch_first_pass(int kind, const T* logits, int R, int V, Rows rows, RowPartial* partials,
+                       cudaStream_t stream) {
+  const int S = first_pass_splits<T>(kind, V);
+  const unsigned grid = static_cast<unsigned>(static_cast<int64_t>(R) * S);
+  if (kind == kFirstPassWide) {
+    RowWideStatsKernel<T><<<grid, kChunkThreads, 0, stream>>>(logits, V, S, rows, partials);
+  } else {
+    RowChunkStatsKernel<T><<<grid, kChunkThreads, 0, stream>>>(logits, V, S, rows, partials);
+  }
 }
 
 // The statistics of a whole row from its S partials, for a full warp: lane l merges chunks l, l + 32, ...

@@ -1,10 +1,24 @@
 // Torch layer of sample_draft: check inputs, allocate outputs, pick the current stream, launch (sampling.cuh).
 #include <ATen/ops/empty.h>
 
+#include <atomic>
+
 #include "sampling.cuh"
 #include "torch_utils.h"
 
 namespace bild {
+
+// Which first pass sample_draft and verify_draft launch (kFirstPassChunked or kFirstPassWide), for the
+// whole process; bild_kernels._C.first_pass(kind) sets it (CUDA graphs keep the kernel of their capture).
+static std::atomic<int> g_first_pass{kFirstPassChunked};
+
+int current_first_pass() { return g_first_pass.load(std::memory_order_relaxed); }
+
+int64_t set_first_pass(int64_t kind) {
+  TORCH_CHECK(kind == kFirstPassChunked || kind == kFirstPassWide,
+              "first_pass: kind must be 0 (chunked) or 1 (wide), got ", kind);
+  return g_first_pass.exchange(static_cast<int>(kind));
+}
 
 // The per-row parameter vectors of sample_draft and verify_draft: [B] each, of the reference's dtypes.
 void check_row_params(const char* op, int64_t B, const at::Tensor& temperature, const at::Tensor& top_k,
@@ -58,7 +72,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_dr
     at::Tensor partials = at::empty({n_partials * static_cast<int64_t>(sizeof(RowPartial) / sizeof(float))}, f32);
     C10_CUDA_CHECK(SampleDraft<T>(static_cast<const T*>(z.const_data_ptr()), B, V, prm, out,
                                   reinterpret_cast<RowPartial*>(partials.data_ptr<float>()),
-                                  c10::cuda::getCurrentCUDAStream()));
+                                  c10::cuda::getCurrentCUDAStream(), current_first_pass()));
   });
   return {token_ids, token_probs, max_probs, energies, fallback};
 }

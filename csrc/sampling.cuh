@@ -51,7 +51,7 @@ struct SampleRows {
 template <typename T>
 __global__ void __launch_bounds__(kRowThreads)
     SampleDraftKernel(const T* __restrict__ logits, int V, SampleDraftParams prm, SampleDraftOutputs out,
-                      const RowPartial* __restrict__ partials) {
+                      const RowPartial* __restrict__ partials, int S) {
   __shared__ float smem[64 * kPivots];
   const int b = blockIdx.x;
   const T* row = logits + static_cast<int64_t>(b) * V;
@@ -64,7 +64,6 @@ __global__ void __launch_bounds__(kRowThreads)
   const int64_t seed = prm.seed[b], offset = prm.offset[b];
   const bool draw_now = !greedy && !filtered;  // filtered rows draw over the kept set instead
 
-  const int S = row_splits<T>(V);
   const RowPartial stats = warp_merge_partials(partials + static_cast<int64_t>(b) * S, S);
   const Lse z_lse = stats.z;
   const Lse s_lse = greedy ? z_lse : stats.s;
@@ -106,15 +105,16 @@ inline int64_t sample_draft_partials(int B, int V) {
 
 // logits: [B, V] row-major, T = float | __half | __nv_bfloat16; partials: sample_draft_partials<T>(B, V)
 // elements of scratch, below 2^31. Two launches on `stream`; capturable: no sync, no allocation.
+// first_pass: kFirstPassChunked or kFirstPassWide (common.cuh).
 template <typename T>
 cudaError_t SampleDraft(const T* logits, int B, int V, SampleDraftParams prm, SampleDraftOutputs out,
-                        RowPartial* partials, cudaStream_t stream) {
+                        RowPartial* partials, cudaStream_t stream, int first_pass = kFirstPassChunked) {
   if (B == 0) return cudaSuccess;
-  RowChunkStatsKernel<T><<<static_cast<unsigned>(sample_draft_partials<T>(B, V)), kChunkThreads, 0, stream>>>(
-      logits, V, row_splits<T>(V), SampleRows{prm, V}, partials);
+  launch_first_pass(first_pass, logits, B, V, SampleRows{prm, V}, partials, stream);
   cudaError_t first = cudaGetLastError();
   if (first != cudaSuccess) return first;
-  SampleDraftKernel<T><<<B, kRowThreads, 0, stream>>>(logits, V, prm, out, partials);
+  SampleDraftKernel<T><<<B, kRowThreads, 0, stream>>>(logits, V, prm, out, partials,
+                                                      first_pass_splits<T>(first_pass, V));
   return cudaGetLastError();
 }
 

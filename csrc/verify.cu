@@ -10,6 +10,7 @@ namespace bild {
 
 void check_row_params(const char* op, int64_t B, const at::Tensor& temperature, const at::Tensor& top_k,
                       const at::Tensor& top_p, const at::Tensor& seed, const at::Tensor& offset);  // sampling.cu
+int current_first_pass();  // sampling.cu
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_draft(
     const at::Tensor& draft_ids, const at::Tensor& target_logits, int64_t mode, const at::Tensor& rollback_threshold,
@@ -76,7 +77,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_draft(
     const VerifyScratch scr{si, si + B * K1, si + 2 * B * K1, sf, sf + B * K1, reinterpret_cast<RowPartial*>(base),
                             reinterpret_cast<CutPartial*>(base + n_partials * sizeof(RowPartial))};
     C10_CUDA_CHECK(VerifyDraft<T>(ids.const_data_ptr<int64_t>(), static_cast<const T*>(z.const_data_ptr()), probs_ptr,
-                                  B, K, V, static_cast<int>(mode), prm, out, scr, c10::cuda::getCurrentCUDAStream()));
+                                  B, K, V, static_cast<int>(mode), prm, out, scr, c10::cuda::getCurrentCUDAStream(),
+                                  current_first_pass()));
   });
   return {num_accepted, output_ids, distances, target_probs};
 }

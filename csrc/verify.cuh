@@ -145,8 +145,8 @@ constexpr int kMergeWarps = 4;  // positions per block of VerifyMergeKernel, one
 template <typename T>
 __global__ void __launch_bounds__(32 * kMergeWarps)
     VerifyMergeKernel(const int64_t* __restrict__ draft_ids, const T* __restrict__ target_logits,
-                      const float* __restrict__ draft_probs, int B, int K, int V, int mode, VerifyParams prm,
-                      VerifyOutputs out, VerifyScratch scr) {
+                      const float* __restrict__ draft_probs, int B, int K, int V, int S, int mode,
+                      VerifyParams prm, VerifyOutputs out, VerifyScratch scr) {
   const int pid = blockIdx.x * kMergeWarps + (threadIdx.x >> 5);
   if (pid >= B * (K + 1)) return;  // warp-uniform
   const VerifyPosition at(pid, draft_ids, K, V, prm);
@@ -159,7 +159,6 @@ __global__ void __launch_bounds__(32 * kMergeWarps)
     return;
   }
   if (at.filtered) return;
-  const int S = row_splits<T>(V);
   const RowPartial stats = warp_merge_partials(scr.partials + static_cast<int64_t>(pid) * S, S);
   if (lane0) {
     const float kept_sum = at.greedy ? stats.z.s : stats.s.s;
@@ -174,12 +173,11 @@ __global__ void __launch_bounds__(32 * kMergeWarps)
 template <typename T>
 __global__ void __launch_bounds__(kRowThreads)
     VerifyFilterKernel(const int64_t* __restrict__ draft_ids, const T* __restrict__ target_logits,
-                       const float* __restrict__ draft_probs, int K, int V, int mode, VerifyParams prm,
+                       const float* __restrict__ draft_probs, int K, int V, int S, int mode, VerifyParams prm,
                        VerifyOutputs out, VerifyScratch scr) {
   __shared__ float smem[64 * kPivots];
   const VerifyPosition at(blockIdx.x, draft_ids, K, V, prm);
   if (!at.filtered || at.j > at.n) return;  // block-uniform
-  const int S = row_splits<T>(V);
   const RowPartial stats = warp_merge_partials(scr.partials + static_cast<int64_t>(at.pid) * S, S);
   const T* row = target_logits + static_cast<int64_t>(at.pid) * V;
   const float t = at.t, s_max = stats.s.m;
@@ -275,22 +273,22 @@ __global__ void __launch_bounds__(32)
 // draft_probs: [B, K, V] f32, read in sample mode only (may be null otherwise). scratch: 5 arrays of
 // B * (K+1) elements, verify_partials<T>(B, K, V) partials and verify_cut_partials<T>(B, V) cut partials.
 // Five launches on `stream`; capturable: no sync, no allocation. B * (K+1) * row_splits<T>(V) must be
-// below 2^31 (the first pass's grid).
+// below 2^31 (the first pass's grid). first_pass: kFirstPassChunked or kFirstPassWide (common.cuh).
 template <typename T>
 cudaError_t VerifyDraft(const int64_t* draft_ids, const T* target_logits, const float* draft_probs, int B, int K,
                         int V, int mode, VerifyParams prm, VerifyOutputs out, VerifyScratch scr,
-                        cudaStream_t stream) {
+                        cudaStream_t stream, int first_pass = kFirstPassChunked) {
   if (B == 0) return cudaSuccess;
-  const int S = row_splits<T>(V);
-  RowChunkStatsKernel<T><<<static_cast<unsigned>(verify_partials<T>(B, K, V)), kChunkThreads, 0, stream>>>(
-      target_logits, V, S, VerifyRows{draft_ids, prm, K, V}, scr.partials);
+  const int S = first_pass_splits<T>(first_pass, V);
+  launch_first_pass(first_pass, target_logits, B * (K + 1), V, VerifyRows{draft_ids, prm, K, V}, scr.partials,
+                    stream);
   cudaError_t first = cudaGetLastError();
   if (first != cudaSuccess) return first;
   const int positions = B * (K + 1);
   VerifyMergeKernel<T><<<(positions + kMergeWarps - 1) / kMergeWarps, 32 * kMergeWarps, 0, stream>>>(
-      draft_ids, target_logits, draft_probs, B, K, V, mode, prm, out, scr);
-  VerifyFilterKernel<T><<<positions, kRowThreads, 0, stream>>>(draft_ids, target_logits, draft_probs, K, V, mode, prm,
-                                                              out, scr);
+      draft_ids, target_logits, draft_probs, B, K, V, S, mode, prm, out, scr);
+  VerifyFilterKernel<T><<<positions, kRowThreads, 0, stream>>>(draft_ids, target_logits, draft_probs, K, V, S, mode,
+                                                              prm, out, scr);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   VerifyCutChunkKernel<T><<<static_cast<unsigned>(verify_cut_partials<T>(B, V)), kChunkThreads, 0, stream>>>(

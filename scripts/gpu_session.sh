@@ -89,6 +89,16 @@ for s in "$@"; do
                           --policy large-only
                       stage profile_step_bild 120 "$PY" bench/profile_step.py --device cuda --pair llama-1b \
                           --policy bild ;;
+        wide) stage wide_tests 200 "$PY" -m pytest -q -rfE -p no:cacheprovider -p no:benchmark --timeout 150 \
+                  -n "$WORKERS" -k "cuda-wide or first_pass or native_kernel_binary" tests/kernels/test_verify_draft.py \
+                  tests/kernels/test_sample_draft.py tests/kernels/test_cuda_extension.py
+              stage wide_bench_verify 120 "$PY" bench/bench_verify_draft.py --device cuda --backends cuda,cuda-wide \
+                  --shapes 64x8x128256,256x8x128256,64x4x32000,1x4x128256
+              stage wide_bench_sample 60 "$PY" bench/bench_sample_draft.py --device cuda --backends cuda,cuda-wide \
+                  --shapes 64x128256,256x128256,1x128256
+              stage wide_profile 150 env BILD_FIRST_PASS=wide ncu --set basic --kernel-name regex:"Kernel" \
+                  --launch-skip 30 --launch-count 15 "$PY" bench/bench_verify_draft.py --device cuda --backends cuda \
+                  --no-save --shapes 64x8x128256 ;;
         kernel_tests) stage kernel_tests 240 "$PY" -m pytest -q -m "not slow" -p no:cacheprovider --maxfail 20 \
                           --timeout 200 -n "$WORKERS" --dist loadfile tests/kernels ;;
         bench_targets) stage bench_verify_targets 90 "$PY" bench/bench_verify_draft.py --device cuda \
@@ -107,7 +117,7 @@ for s in "$@"; do
                         --out bench/results/serve_load_bf16_cuda.csv ;;
         ctest) stage ctest 400 sh -c "cmake -S . -B build/cmake -G Ninja -DCMAKE_CUDA_ARCHITECTURES=90 \
                    && cmake --build build/cmake && ctest --test-dir build/cmake --output-on-failure" ;;
-        *) echo "unknown stage: $s (build | gpu_tests | tests | profile | profile_step | kernel_tests | bench | bench_targets | e2e | e2e_quick | e2e_batch | e2e_batch_quick | divergence | ctest)"; exit 2 ;;
+        *) echo "unknown stage: $s (build | gpu_tests | tests | profile | profile_step | wide | kernel_tests | bench | bench_targets | e2e | e2e_quick | e2e_batch | e2e_batch_quick | divergence | ctest)"; exit 2 ;;
     esac
 done
 tar czf "$OUT/gpu_session.tgz" -C "$(dirname "$LOG")" logs -C "$ROOT" bench/results

@@ -10,11 +10,12 @@ HAS_GPU = torch.cuda.is_available()
 requires_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU (none on this machine)")
 
 
-def kernel_backends():
+def kernel_backends(first_passes: bool = False):
     """Backends whose kernels can run here, as (backend, device) pytest params.
 
     Triton runs on the GPU, or on the CPU under TRITON_INTERPRET=1; CUDA needs a GPU and the built
-    extension. Backends that cannot run are still listed, skipped with the reason.
+    extension. Backends that cannot run are still listed, skipped with the reason. With `first_passes`,
+    CUDA also runs with its wide first pass over the vocabulary ("cuda-wide": sample_draft and verify_draft).
     """
     params = []
     interp = os.environ.get("TRITON_INTERPRET") == "1"
@@ -31,12 +32,34 @@ def kernel_backends():
     why = "needs a CUDA GPU" if not HAS_GPU else "bild_kernels._C was not built"
     params.append(pytest.param(("cuda", "cuda"), id="cuda",
                                marks=[] if cuda_ok else pytest.mark.skip(reason=why)))
+    if first_passes:
+        params.append(pytest.param(("cuda", "cuda", "wide"), id="cuda-wide",
+                                   marks=[] if cuda_ok else pytest.mark.skip(reason=why)))
     return params
+
+
+def _backend_device(request):
+    backend, device, *first_pass = request.param
+    if not first_pass:
+        yield backend, device
+        return
+    from bild_kernels import cuda_first_pass
+    old = cuda_first_pass(first_pass[0])
+    try:
+        yield backend, device
+    finally:
+        cuda_first_pass(old)
 
 
 @pytest.fixture(params=kernel_backends())
 def backend_device(request):
-    return request.param
+    yield from _backend_device(request)
+
+
+@pytest.fixture(params=kernel_backends(first_passes=True))
+def backend_device_passes(request):
+    """backend_device, plus CUDA with its wide first pass (the ops that have one: sample_draft, verify_draft)."""
+    yield from _backend_device(request)
 
 
 @pytest.fixture(autouse=True)

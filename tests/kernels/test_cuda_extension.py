@@ -277,3 +277,47 @@ def test_native_kernel_binary(tmp_path):
                     "-o", str(exe)], check=True)
     res = subprocess.run([str(exe)], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_cuda_first_pass_setting():
+    """The process-wide choice of the first pass over V (the per-op tests run the CUDA ops under both)."""
+    from bild_kernels import cuda_first_pass
+    assert cuda_first_pass() == "chunked"  # the default until the wide pass has been measured on a GPU
+    assert cuda_first_pass("wide") == "chunked"
+    try:
+        assert cuda_first_pass() == "wide"
+        with pytest.raises(ValueError, match="kind must be one of"):
+            cuda_first_pass("fast")
+        assert cuda_first_pass() == "wide"  # a refused value changes nothing
+    finally:
+        assert cuda_first_pass("chunked") == "wide"
+    with pytest.raises(RuntimeError, match="kind must be 0"):
+        cuda_extension().set_first_pass(7)
+    assert cuda_first_pass() == "chunked"
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_wide_first_pass_matches_chunked_at_serving_shapes(dtype):
+    """Both first passes at a real vocabulary and batch: identical ids and counts, close floats."""
+    from bild_kernels import cuda_first_pass, ops
+    B, K, V = 16, 4, 128256
+    g = torch.Generator().manual_seed(5)
+    logits = (torch.randn(B, K + 1, V, generator=g) * 3).to(dtype).cuda()
+    amax = logits.argmax(2)
+    draft = torch.where(torch.rand(B, K, generator=g).cuda() < 0.7, amax[:, :K], torch.randint(0, V, (B, K)).cuda())
+    kw = dict(rollback_threshold=torch.full((B,), 4.0, device="cuda"))
+    res = {}
+    for kind in ("chunked", "wide"):
+        old = cuda_first_pass(kind)
+        try:
+            res[kind] = (ops.verify_draft(draft, logits, "bild", backend="cuda", **kw),
+                         ops.sample_draft(logits[:, 0], backend="cuda"))
+        finally:
+            cuda_first_pass(old)
+    (v0, s0), (v1, s1) = res["chunked"], res["wide"]
+    assert torch.equal(v0.num_accepted, v1.num_accepted) and torch.equal(v0.output_ids, v1.output_ids)
+    torch.testing.assert_close(v0.distances, v1.distances, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(v0.target_probs, v1.target_probs, atol=1e-6, rtol=1e-5)
+    assert torch.equal(s0.token_ids, s1.token_ids)
+    torch.testing.assert_close(s0.max_probs, s1.max_probs, atol=1e-6, rtol=1e-5)

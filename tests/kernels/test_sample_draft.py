@@ -62,8 +62,8 @@ def check(backend, logits, temperature, top_k, top_p, seed, offset, fallback_thr
 @pytest.mark.parametrize("B, V, filters", [(1, 111, True), (7, 111, True), (99, 111, True), (7, 32000, False),
                                            (5, 32000, True), (2, 151936, False)])
 @pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
-def test_sample_draft_matches_reference(backend_device, B, V, filters, dtype, atol, rtol):
-    backend, device = backend_device
+def test_sample_draft_matches_reference(backend_device_passes, B, V, filters, dtype, atol, rtol):
+    backend, device = backend_device_passes
     logits = separated_logits(B, V, device, dtype)
     temperature, top_k, rank, seed, offset, fallback_threshold = mixed_params(B, V, device, filters)
     top_p = robust_top_p(logits.float().cpu(), temperature.cpu(), rank).to(device)
@@ -71,9 +71,9 @@ def test_sample_draft_matches_reference(backend_device, B, V, filters, dtype, at
 
 
 @pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
-def test_sample_draft_plain_randn_logits(backend_device, dtype, atol, rtol):
+def test_sample_draft_plain_randn_logits(backend_device_passes, dtype, atol, rtol):
     # Unfiltered rows need no separation: only argmax / Gumbel-max decide the token.
-    backend, device = backend_device
+    backend, device = backend_device_passes
     B, V = 33, 1000
     logits = (torch.randn(B, V) * 3).to(dtype).to(device)
     temperature, top_k, _, seed, offset, fallback_threshold = mixed_params(B, V, device, filters=False)
@@ -81,8 +81,8 @@ def test_sample_draft_plain_randn_logits(backend_device, dtype, atol, rtol):
           atol, rtol)
 
 
-def test_sample_draft_edge_rows(backend_device):
-    backend, device = backend_device
+def test_sample_draft_edge_rows(backend_device_passes):
+    backend, device = backend_device_passes
     V = 111
     logits = separated_logits(8, V, device)
     logits[0, :] = 1.0  # greedy on a flat row: first index
@@ -101,9 +101,9 @@ def test_sample_draft_edge_rows(backend_device):
     assert got.token_probs[5] == 1.0
 
 
-def test_sample_draft_same_counters_same_token(backend_device):
+def test_sample_draft_same_counters_same_token(backend_device_passes):
     # A row's token depends only on its own (seed, offset) and logits, not on its neighbours.
-    backend, device = backend_device
+    backend, device = backend_device_passes
     logits = separated_logits(4, 111, device)
     logits[1:] = logits[0]
     kw = dict(temperature=1.0, top_k=10, seed=torch.tensor([5, 5, 6, 5], device=device), offset=3, backend=backend)
@@ -126,8 +126,8 @@ def test_sample_draft_same_counters_same_token(backend_device):
     (dict(fallback_threshold=2.0), ValueError, "fallback_threshold"),
     (dict(seed="x"), TypeError, "seed"),
 ])
-def test_sample_draft_bad_input(backend_device, kwargs, exc, name):
-    backend, device = backend_device
+def test_sample_draft_bad_input(backend_device_passes, kwargs, exc, name):
+    backend, device = backend_device_passes
     args = dict(logits=torch.zeros(2, 5, device=device))
     args.update({k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()})
     with pytest.raises(exc, match=name):
@@ -157,9 +157,9 @@ def test_sample_draft_reference_samples_filtered_softmax():
     assert (freq[want == 0] == 0).all()
 
 
-def test_sample_draft_kernel_matches_reference_on_many_seeds(backend_device):
+def test_sample_draft_kernel_matches_reference_on_many_seeds(backend_device_passes):
     # The kernel reproduces the reference draw for draw on a few hundred seeds of the same setting.
-    backend, device = backend_device
+    backend, device = backend_device_passes
     N, V = 300, 6
     logits = torch.tensor([2.0, 1.5, 0.3, 0.0, -1.0, 1.0]).expand(N, V).contiguous().to(device)
     temperature = torch.full((N,), 0.8, device=device)

@@ -59,21 +59,21 @@ def check(backend, mode, draft_ids, target_logits, draft_probs, params, atol=1e-
 @pytest.mark.parametrize("B, K, V, filters", [(1, 1, 111, True), (7, 4, 111, True), (99, 8, 111, False),
                                               (13, 8, 111, True), (5, 0, 111, True), (7, 4, 32000, False),
                                               (2, 2, 151936, False)])
-def test_verify_draft_matches_reference(backend_device, mode, B, K, V, filters):
-    backend, device = backend_device
+def test_verify_draft_matches_reference(backend_device_passes, mode, B, K, V, filters):
+    backend, device = backend_device_passes
     check(backend, mode, *make_case(B, K, V, device, filters=filters))
 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
-def test_verify_draft_dtypes(backend_device, mode, dtype, atol, rtol):
-    backend, device = backend_device
+def test_verify_draft_dtypes(backend_device_passes, mode, dtype, atol, rtol):
+    backend, device = backend_device_passes
     check(backend, mode, *make_case(9, 4, 257, device, dtype, filters=True), atol=atol, rtol=rtol)
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_verify_draft_all_and_nothing_accepted(backend_device, mode):
-    backend, device = backend_device
+def test_verify_draft_all_and_nothing_accepted(backend_device_passes, mode):
+    backend, device = backend_device_passes
     draft_ids, target_logits, draft_probs, params = make_case(6, 4, 111, device)
     params["temperature"].zero_()  # greedy target: acceptance is decided by the argmax alone
     amax = target_logits.argmax(2)[:, :4]
@@ -85,8 +85,8 @@ def test_verify_draft_all_and_nothing_accepted(backend_device, mode):
         assert (got.num_accepted[:5] == want).all() and got.num_accepted[5] == 0
 
 
-def test_verify_draft_neg_inf_logits(backend_device):
-    backend, device = backend_device
+def test_verify_draft_neg_inf_logits(backend_device_passes):
+    backend, device = backend_device_passes
     for mode in MODES:
         draft_ids, target_logits, draft_probs, params = make_case(5, 3, 111, device, filters=True, seed0=1)
         target_logits[:, :, 60:] = float("-inf")
@@ -119,8 +119,8 @@ BAD = [
 
 
 @pytest.mark.parametrize("kwargs, exc, name", BAD)
-def test_verify_draft_bad_input(backend_device, kwargs, exc, name):
-    backend, device = backend_device
+def test_verify_draft_bad_input(backend_device_passes, kwargs, exc, name):
+    backend, device = backend_device_passes
     args = dict(draft_ids=torch.zeros(2, 3, dtype=torch.int64), target_logits=torch.zeros(2, 4, 5), mode="greedy")
     args.update(kwargs)
     args = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
@@ -163,14 +163,14 @@ def _kernel_vs_reference_on_sampling_rows(backend, device, N):
     assert torch.equal(got.output_ids, want[1])
 
 
-def test_verify_draft_sample_mode_kernel_matches_reference_rows(backend_device):
-    backend, device = backend_device
+def test_verify_draft_sample_mode_kernel_matches_reference_rows(backend_device_passes):
+    backend, device = backend_device_passes
     _kernel_vs_reference_on_sampling_rows(backend, device, 600 if device == "cpu" else 20_000)
 
 
 @pytest.mark.slow
-def test_verify_draft_sample_mode_kernel_matches_reference_20k_rows(backend_device):
-    backend, device = backend_device
+def test_verify_draft_sample_mode_kernel_matches_reference_20k_rows(backend_device_passes):
+    backend, device = backend_device_passes
     _kernel_vs_reference_on_sampling_rows(backend, device, 20_000)
 
 

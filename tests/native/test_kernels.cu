@@ -142,7 +142,7 @@ static void test_paged_kv(std::mt19937& rng) {
 }
 
 // V = 1111 is one chunk of the first pass; V = 9001 is three (fp32: 4096 a chunk) with an odd tail.
-static void test_sample_draft(std::mt19937& rng, int V) {
+static void test_sample_draft(std::mt19937& rng, int V, int first_pass) {
   const int B = 6;
   std::vector<float> logits(B * V);
   std::normal_distribution<float> normal(0.0f, 3.0f);
@@ -159,7 +159,7 @@ static void test_sample_draft(std::mt19937& rng, int V) {
   CUDA_OK(cudaMalloc(&dfb, B));
   Dev<bild::RowPartial> part(std::vector<bild::RowPartial>(bild::sample_draft_partials<float>(B, V)));
   CUDA_OK(bild::SampleDraft(dz.p, B, V, {dt.p, dk.p, dp.p, dseed.p, doff.p, dthr.p}, {tok.p, tp.p, mp.p, en.p, dfb},
-                            part.p, nullptr));
+                            part.p, nullptr, first_pass));
   bool hfb[B];
   CUDA_OK(cudaMemcpy(hfb, dfb, B, cudaMemcpyDeviceToHost));
   cudaFree(dfb);
@@ -168,7 +168,8 @@ static void test_sample_draft(std::mt19937& rng, int V) {
   for (int b = 0; b < B; ++b) {
     const std::vector<float> z(logits.begin() + b * V, logits.begin() + (b + 1) * V);
     const ref::Sample r = ref::sample_draft(z, temp[b], top_k[b], top_p[b], seed[b], offset[b], thr[b]);
-    EXPECT(gtok[b] == r.token, "sample_draft row %d: token %lld != %lld", b, static_cast<long long>(gtok[b]),
+    EXPECT(gtok[b] == r.token, "sample_draft (first pass %d) row %d: token %lld != %lld", first_pass, b,
+           static_cast<long long>(gtok[b]),
            static_cast<long long>(r.token));
     EXPECT(close(gtp[b], r.token_prob) && close(gmp[b], r.max_prob) && close(gen[b], r.energy),
            "sample_draft row %d: floats %g %g %g vs %g %g %g", b, gtp[b], gmp[b], gen[b], r.token_prob, r.max_prob,
@@ -177,7 +178,7 @@ static void test_sample_draft(std::mt19937& rng, int V) {
   }
 }
 
-static void test_verify_draft(std::mt19937& rng, int mode, int V) {
+static void test_verify_draft(std::mt19937& rng, int mode, int V, int first_pass) {
   const int B = 5, K = 4, K1 = K + 1;
   std::vector<float> logits(B * K1 * V), probs(B * K * V);
   std::normal_distribution<float> normal(0.0f, 2.0f);
@@ -206,7 +207,7 @@ static void test_verify_draft(std::mt19937& rng, int mode, int V) {
   Dev<bild::CutPartial> cut(std::vector<bild::CutPartial>(bild::verify_cut_partials<float>(B, V)));
   CUDA_OK(bild::VerifyDraft(dids.p, dz.p, dprobs.p, B, K, V, mode, {dthr.p, dt.p, dk.p, dp.p, dseed.p, doff.p},
                             {nacc.p, oids.p, dist.p, tprob.p},
-                            {si.p, si.p + n, si.p + 2 * n, sf.p, sf.p + n, part.p, cut.p}, nullptr));
+                            {si.p, si.p + n, si.p + 2 * n, sf.p, sf.p + n, part.p, cut.p}, nullptr, first_pass));
   const auto gn = nacc.get();
   const auto gids = oids.get();
   const auto gd = dist.get(), gtp = tprob.get();
@@ -216,7 +217,8 @@ static void test_verify_draft(std::mt19937& rng, int mode, int V) {
     for (int j = 0; j < K; ++j) ps[j].assign(&probs[(b * K + j) * V], &probs[(b * K + j + 1) * V]);
     const std::vector<int64_t> row(ids.begin() + b * K, ids.begin() + (b + 1) * K);
     const ref::Verify r = ref::verify_draft(row, z, mode, thr[b], ps, temp[b], top_k[b], top_p[b], seed[b], offset[b]);
-    EXPECT(gn[b] == r.num_accepted, "verify mode %d row %d: accepted %d != %d", mode, b, gn[b], r.num_accepted);
+    EXPECT(gn[b] == r.num_accepted, "verify mode %d (first pass %d) row %d: accepted %d != %d", mode, first_pass, b,
+           gn[b], r.num_accepted);
     EXPECT(std::equal(r.output_ids.begin(), r.output_ids.end(), gids.begin() + b * K1), "verify mode %d row %d: ids",
            mode, b);
     for (int j = 0; j < K; ++j) EXPECT(close(gd[b * K + j], r.distances[j]), "verify distance %d %d", b, j);
@@ -235,9 +237,13 @@ int main() {
   }
   std::mt19937 rng(1234);
   test_paged_kv(rng);
-  for (int V : {1111, 9001}) test_sample_draft(rng, V);
-  for (int V : {333, 9001})
-    for (int mode : {bild::kModeGreedy, bild::kModeBild, bild::kModeSample}) test_verify_draft(rng, mode, V);
+  // V = 70001 is several chunks of the wide first pass too (fp32: 16384 a chunk).
+  for (int first_pass : {bild::kFirstPassChunked, bild::kFirstPassWide}) {
+    for (int V : {1111, 9001, 70001}) test_sample_draft(rng, V, first_pass);
+    for (int V : {333, 9001, 70001})
+      for (int mode : {bild::kModeGreedy, bild::kModeBild, bild::kModeSample})
+        test_verify_draft(rng, mode, V, first_pass);
+  }
   CUDA_OK(cudaDeviceSynchronize());
   std::printf("%s (%d failures)\n", g_failures ? "FAILED" : "all native kernel tests passed", g_failures);
   return g_failures ? 1 : 0;
