@@ -421,7 +421,7 @@ __device__ T block_reduce_to_first(T x, T* smem) {
 template <typename T, typename Rows>
 __global__ void __launch_bounds__(kChunkThreads)
     RowWideStatsKernel(const T* __restrict__ logits, int V, int S, Rows rows, RowPartial* __restrict__ partials) {
-  __shared__ RowPartial smem[32];
+  __shared__ __align__(16) float smem[32 * sizeof(RowPartial) / sizeof(float)];  // 32 RowPartials, unconstructed
   const int r = blockIdx.x / S, c = blockIdx.x % S;
   const RowTask task = rows(r);
   if (!task.active) return;  // block-uniform
@@ -474,7 +474,7 @@ __global__ void __launch_bounds__(kChunkThreads)
     p.z = w.z;
     p.zmax = w.zmax;
   }
-  p = block_reduce_to_first(p, smem);
+  p = block_reduce_to_first(p, reinterpret_cast<RowPartial*>(smem));
   if (threadIdx.x == 0) partials[blockIdx.x] = p;
 }
 
