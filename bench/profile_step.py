@@ -7,6 +7,7 @@ how much the GPU is busy, and with what.
 
   python bench/profile_step.py --device cuda --pair llama-1b --policy large-only
   python bench/profile_step.py --pair tiny --policy bild --passes static      # CPU: the host side only
+  python bench/profile_step.py --pair default --policy default --threads 1     # the default pair on a CPU
 """
 from __future__ import annotations
 
@@ -29,8 +30,11 @@ def main() -> None:
     import argparse
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--pair", default="tiny", choices=sorted(PAIRS))
-    ap.add_argument("--policy", default="large-only", choices=sorted(POLICIES))
+    ap.add_argument("--pair", default="tiny", choices=sorted(PAIRS) + ["default"],
+                    help="random Llama pairs, or the package's default pair (SmolLM2-135M-Instruct and its draft)")
+    ap.add_argument("--policy", default="large-only", choices=sorted(POLICIES) + ["default"],
+                    help="default: the draft's recommended policy (the default pair's BiLD)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (CPU)")
     ap.add_argument("--passes", default=None, choices=("graph", "static", "eager"),
                     help="draft_loop and extend_passes (default: graph on CUDA, eager on CPU)")
     ap.add_argument("--batch", type=int, default=1)
@@ -39,14 +43,23 @@ def main() -> None:
     args = ap.parse_args()
     dev = args.device
     passes = args.passes or ("graph" if dev == "cuda" else "eager")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
-    large, small = random_pair(args.pair, dtype, dev)
-    vocab = large.config.vocab_size
-    g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(0, vocab, (16,), generator=g).tolist() for _ in range(args.batch)]
-    eng = Engine(large=large, small=small, device=dev, dtype=dtype, max_batch_size=args.batch,
-                 max_model_len=64 + args.tokens, block_size=16, draft_loop=passes, extend_passes=passes)
-    params, policy = SamplingParams(max_tokens=args.tokens, ignore_eos=True), POLICIES[args.policy]
+    if args.pair == "default":  # real prompts: the held-out set's first ones
+        from bild_kernels.distill.corpus import chat_ids
+        from bild_kernels.distill.prompts import held_out_prompts
+        eng = Engine(device=dev, max_batch_size=args.batch, draft_loop=passes, extend_passes=passes)
+        prompts = [chat_ids(eng.tokenizer, p) for p in held_out_prompts()[:args.batch]]
+    else:
+        large, small = random_pair(args.pair, dtype, dev)
+        vocab = large.config.vocab_size
+        g = torch.Generator().manual_seed(1)
+        prompts = [torch.randint(0, vocab, (16,), generator=g).tolist() for _ in range(args.batch)]
+        eng = Engine(large=large, small=small, device=dev, dtype=dtype, max_batch_size=args.batch,
+                     max_model_len=64 + args.tokens, block_size=16, draft_loop=passes, extend_passes=passes)
+    params = SamplingParams(max_tokens=args.tokens, ignore_eos=True)
+    policy = eng.default_policy if args.policy == "default" else POLICIES[args.policy]
     with torch.inference_mode():
         eng.generate(prompts, params, policy=policy)  # warm-up: compilation, every bucket's graph captured
         acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if dev == "cuda" else [])
