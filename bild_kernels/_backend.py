@@ -17,6 +17,8 @@ import torch
 BACKENDS = ("cuda", "triton", "cpu", "ref")
 # what bild_kernels._cpu implements (ops/_cpu_impls.py)
 CPU_EXTENSION_OPS = ("cpu_linear", "cpu_linear_int8", "reserve_paged_kv", "rollback_paged_kv", "cpu_decoder_layer")
+# ops whose "cpu" backend needs bild_kernels._cpu through a Python wrapper (greedy rows; the reference otherwise)
+CPU_WRAPPED_OPS = ("sample_draft", "verify_draft")
 
 # op -> backends that implement it (filled in by the backend modules as they import).
 _IMPLS: dict[str, dict[str, object]] = {}
@@ -122,7 +124,7 @@ def resolve(op: str, device: torch.device, backend: str | None) -> object:
     if backend == "cuda" and cuda_extension() is None:
         raise ValueError(f"backend 'cuda' cannot run {op}: bild_kernels._C was not built (no nvcc or CUDA torch "
                          "at install time, or BILD_NO_CUDA=1)")
-    if backend == "cpu" and op in CPU_EXTENSION_OPS and cpu_extension() is None:
+    if backend == "cpu" and op in CPU_EXTENSION_OPS + CPU_WRAPPED_OPS and cpu_extension() is None:
         raise ValueError(f"backend 'cpu' cannot run {op}: the CPU extension bild_kernels._cpu was not built "
                          "(BILD_NO_CPU_EXT=1, a failed build, not x86-64) or this CPU lacks AVX2/FMA")
     if backend not in impls:

@@ -10,12 +10,13 @@ HAS_GPU = torch.cuda.is_available()
 requires_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU (none on this machine)")
 
 
-def kernel_backends(first_passes: bool = False):
+def kernel_backends(first_passes: bool = False, cpu: bool = False):
     """Backends whose kernels can run here, as (backend, device) pytest params.
 
     Triton runs on the GPU, or on the CPU under TRITON_INTERPRET=1; CUDA needs a GPU and the built
     extension. Backends that cannot run are still listed, skipped with the reason. With `first_passes`,
-    CUDA also runs with its wide first pass over the vocabulary ("cuda-wide": sample_draft and verify_draft).
+    CUDA also runs with its wide first pass over the vocabulary ("cuda-wide": sample_draft and verify_draft);
+    with `cpu`, the CPU extension's backend too (the ops with one beside those of CPU_EXTENSION_OPS).
     """
     params = []
     interp = os.environ.get("TRITON_INTERPRET") == "1"
@@ -35,6 +36,10 @@ def kernel_backends(first_passes: bool = False):
     if first_passes:
         params.append(pytest.param(("cuda", "cuda", "wide"), id="cuda-wide",
                                    marks=[] if cuda_ok else pytest.mark.skip(reason=why)))
+    if cpu:
+        from bild_kernels._backend import cpu_extension
+        params.append(pytest.param(("cpu", "cpu"), id="cpu", marks=[] if cpu_extension() is not None else
+                                   pytest.mark.skip(reason="bild_kernels._cpu was not built or needs AVX2/FMA")))
     return params
 
 
@@ -56,9 +61,10 @@ def backend_device(request):
     yield from _backend_device(request)
 
 
-@pytest.fixture(params=kernel_backends(first_passes=True))
+@pytest.fixture(params=kernel_backends(first_passes=True, cpu=True))
 def backend_device_passes(request):
-    """backend_device, plus CUDA with its wide first pass (the ops that have one: sample_draft, verify_draft)."""
+    """backend_device, plus CUDA with its wide first pass and the CPU extension's backend (the ops that have
+    both: sample_draft, verify_draft)."""
     yield from _backend_device(request)
 
 

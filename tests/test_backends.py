@@ -38,10 +38,14 @@ def test_env_backend_must_be_known(monkeypatch):
 
 
 def test_cpu_default_follows_triton_interpret(monkeypatch):
+    # gather_paged_kv has no CPU-extension backend: Triton under the interpreter, else the reference. Ops with
+    # one (verify_draft: its greedy rows) take it first where it is built.
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert backends("cpu")["verify_draft"]["default"] == "triton"
+    assert backends("cpu")["gather_paged_kv"]["default"] == "triton"
+    assert backends("cpu")["verify_draft"]["default"] == ("cpu" if cpu_extension() is not None else "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert backends("cpu")["verify_draft"]["default"] == "ref"
+    assert backends("cpu")["gather_paged_kv"]["default"] == "ref"
+    assert backends("cpu")["verify_draft"]["default"] == ("cpu" if cpu_extension() is not None else "ref")
 
 
 def test_forced_backends_agree_and_bad_names_fail():
@@ -58,8 +62,16 @@ def test_forced_backends_agree_and_bad_names_fail():
         verify_draft(draft, logits, "greedy", backend="tpu")
     with pytest.raises(ValueError, match="cannot run"):
         verify_draft(draft, logits, "greedy", backend="cuda")
-    with pytest.raises(ValueError, match="no implementation of verify_draft"):
-        verify_draft(draft, logits, "greedy", backend="cpu")
+    with pytest.raises(ValueError, match="no implementation of gather_paged_kv"):
+        bild_kernels.gather_paged_kv(torch.zeros(2, 4, 1, 8), torch.zeros(2, 4, 1, 8),
+                                     torch.zeros(1, 2, dtype=torch.int32), torch.ones(1, dtype=torch.int32),
+                                     backend="cpu")
+    if cpu_extension() is not None:  # the CPU extension's greedy verification agrees with the reference
+        c = verify_draft(draft, logits, "greedy", backend="cpu")
+        assert torch.equal(a.output_ids, c.output_ids) and torch.equal(a.num_accepted, c.num_accepted)
+    else:
+        with pytest.raises(ValueError, match="CPU extension bild_kernels._cpu was not built"):
+            verify_draft(draft, logits, "greedy", backend="cpu")
 
 
 def test_backends_reports_a_forced_backend_that_cannot_run(monkeypatch):

@@ -189,3 +189,60 @@ def test_sample_draft_reference_greedy_shortcut_matches_general_path(monkeypatch
     for f, g in zip(fast, general):
         assert f.dtype == g.dtype and torch.equal(f, g)
     assert fast.__len__() == 5 and fast[0][2].item() == 7
+
+
+def _greedy_rows(B, V, device, dtype=F32, seed0=0):
+    """All-greedy rows of plain randn logits (ties in bf16/fp16 exercise the first-index rule), with -inf
+    stretches, a row of one finite logit and a flat row."""
+    g = torch.Generator().manual_seed(seed0 + B + V)
+    logits = (torch.randn(B, V, generator=g) * 3).to(dtype)
+    if B >= 3:
+        logits[0, V // 2:] = float("-inf")
+        logits[1, :] = float("-inf")
+        logits[1, V // 3] = 0.5
+        logits[2, :] = 1.0
+    return logits.to(device), torch.rand(B, generator=g).to(device)
+
+
+@pytest.mark.parametrize("B, V", [(1, 111), (7, 1001), (3, 32000), (2, 151936)])
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+def test_sample_draft_greedy_rows(backend_device_passes, B, V, dtype, atol, rtol):
+    """Every row greedy and unfiltered: what a greedy CPU engine asks at every draft step (the CPU backend's
+    own kernel; other backends take their general paths)."""
+    backend, device = backend_device_passes
+    logits, thr = _greedy_rows(B, V, device, dtype)
+    z = torch.zeros(B, device=device)
+    check(backend, logits, z, torch.zeros(B, dtype=torch.int32, device=device), torch.ones(B, device=device),
+          torch.zeros(B, dtype=torch.int64, device=device), torch.zeros(B, dtype=torch.int64, device=device), thr,
+          atol, rtol)
+
+
+def test_sample_draft_cpu_kernel_handles_greedy_rows_only():
+    """The CPU extension computes all-greedy unfiltered calls over finite-max rows itself and reports every
+    other call unhandled (its wrapper then runs the reference): checked on the op, not through the wrapper,
+    so a kernel that never handled anything could not pass for one that does."""
+    from bild_kernels._backend import cpu_extension
+    if cpu_extension() is None:
+        pytest.skip("bild_kernels._cpu was not built or needs AVX2/FMA")
+    op = torch.ops.bild_kernels_cpu.cpu_sample_draft_greedy
+    B, V = 5, 1001
+    logits, thr = _greedy_rows(B, V, "cpu")
+    t, k, p = torch.zeros(B), torch.zeros(B, dtype=torch.int32), torch.ones(B)
+    *out, handled = op(logits, t, k, p, thr)
+    assert bool(handled)
+    want = R.sample_draft_ref(logits, t, k, p, torch.zeros(B, dtype=torch.int64), torch.zeros(B, dtype=torch.int64),
+                              thr)
+    assert torch.equal(out[0], want[0]) and torch.equal(out[4], want[4])
+    for g, w in zip(out[1:4], want[1:4]):
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-6)
+    sampling, top_k, top_p = t.clone(), k.clone(), p.clone()
+    sampling[3], top_k[3], top_p[3] = 0.7, 5, 0.9
+    for args in ((logits, sampling, k, p), (logits, t, top_k, p), (logits, t, k, top_p)):
+        assert not bool(op(*args, thr)[-1])
+    for bad in (float("nan"), float("inf")):
+        z = logits.clone()
+        z[4, 17] = bad
+        assert not bool(op(z, t, k, p, thr)[-1])
+    z = logits.clone()
+    z[4] = float("-inf")  # a row with no finite logit
+    assert not bool(op(z, t, k, p, thr)[-1])

@@ -190,3 +190,66 @@ def test_verify_draft_reference_greedy_shortcut_matches_general_path(monkeypatch
     general = R.verify_draft_ref(*args)
     for f, g in zip(fast, general):
         assert f.dtype == g.dtype and torch.equal(f, g)
+
+
+def _greedy_case(B, K, V, device, dtype=torch.float32, seed0=0):
+    """All-greedy rows of randn logits, drafts mostly the argmax, ragged lengths, -inf stretches."""
+    g = torch.Generator().manual_seed(seed0 + 31 * B + K + V)
+    target_logits = (torch.randn(B, K + 1, V, generator=g) * 3).to(dtype)
+    if B >= 2:
+        target_logits[0, :, V // 2:] = float("-inf")
+        target_logits[1, 0, :] = float("-inf")
+        target_logits[1, 0, V // 3] = 0.0
+    amax = target_logits.float().argmax(2)
+    draft_ids = torch.where(torch.rand(B, K, generator=g) < 0.7, amax[:, :K], torch.randint(0, V, (B, K), generator=g))
+    n = torch.randint(0, K + 1, (B,), generator=g)
+    n[: B // 3] = K
+    draft_ids[torch.arange(K).unsqueeze(0) >= n.unsqueeze(1)] = -1
+    params = dict(rollback_threshold=torch.rand(B, generator=g) * 6, temperature=torch.zeros(B),
+                  top_k=torch.zeros(B, dtype=torch.int32), top_p=torch.ones(B), seed=torch.zeros(B, dtype=torch.int64),
+                  offset=torch.zeros(B, dtype=torch.int64))
+    return draft_ids.to(device), target_logits.to(device), {k: v.to(device) for k, v in params.items()}
+
+
+@pytest.mark.parametrize("mode", ["greedy", "bild"])
+@pytest.mark.parametrize("B, K, V", [(1, 1, 111), (7, 4, 1001), (13, 8, 111), (5, 0, 111), (3, 3, 32000)])
+def test_verify_draft_greedy_rows(backend_device_passes, mode, B, K, V):
+    """Every row greedy: what a greedy CPU engine verifies at every step (the CPU backend's own kernel)."""
+    backend, device = backend_device_passes
+    draft_ids, target_logits, params = _greedy_case(B, K, V, device)
+    check(backend, mode, draft_ids, target_logits, None, params)
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+def test_verify_draft_greedy_rows_dtypes(backend_device_passes, dtype, atol, rtol):
+    backend, device = backend_device_passes
+    draft_ids, target_logits, params = _greedy_case(6, 3, 257, device, dtype)
+    for mode in ("greedy", "bild"):
+        check(backend, mode, draft_ids, target_logits, None, params, atol=atol, rtol=rtol)
+
+
+def test_verify_draft_cpu_kernel_handles_greedy_rows_only():
+    """The CPU extension computes all-greedy calls (greedy and bild modes) over rows with a finite max itself and
+    reports every other call unhandled (its wrapper then runs the reference): checked on the op directly."""
+    from bild_kernels._backend import cpu_extension
+    if cpu_extension() is None:
+        pytest.skip("bild_kernels._cpu was not built or needs AVX2/FMA")
+    op = torch.ops.bild_kernels_cpu.cpu_verify_draft_greedy
+    draft_ids, z, params = _greedy_case(7, 4, 1001, "cpu")
+    thr, t = params["rollback_threshold"], params["temperature"]
+    for mode in (R.MODE_GREEDY, R.MODE_BILD):
+        *out, handled = op(draft_ids, z, mode, thr, t)
+        assert bool(handled)
+        want = R.verify_draft_ref(draft_ids, z, mode, thr, None, t, params["top_k"], params["top_p"],
+                                  params["seed"], params["offset"])
+        assert torch.equal(out[0], want[0]) and torch.equal(out[1], want[1])
+        torch.testing.assert_close(out[2], want[2], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out[3], want[3], atol=1e-6, rtol=1e-5)
+    sampling = t.clone()
+    sampling[2] = 0.8
+    assert not bool(op(draft_ids, z, R.MODE_BILD, thr, sampling)[-1])
+    nan = z.clone()
+    nan[0, 0, 5] = float("nan")  # row 0 drafts all K: position 0 is read
+    assert not bool(op(draft_ids, nan, R.MODE_BILD, thr, t)[-1])
+    with pytest.raises(RuntimeError, match="mode"):
+        op(draft_ids, z, R.MODE_SAMPLE, thr, t)
