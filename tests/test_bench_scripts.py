@@ -31,7 +31,7 @@ def test_op_benchmark_prints_rows(op):
     rows = [line.split() for line in _run(f"bench_{op}.py") if " median " in line]
     assert {r[1] for r in rows} >= {"ref", "triton"}
     from bild_kernels._backend import cpu_extension
-    if op == "paged_attention" and cpu_extension() is not None:  # bild_kernels._cpu's kernel too
+    if op in ("paged_attention", "sample_draft", "verify_draft") and cpu_extension() is not None:  # bild_kernels._cpu's too
         assert "cpu" in {r[1] for r in rows}
     assert all(r[0].endswith(op.split("_", 1)[1]) and float(r[r.index("median") + 1]) > 0 for r in rows)
 
