@@ -90,8 +90,17 @@ __attribute__((target("avx2,fma"))) void attend_one(const float* q, const float*
     float* sr = s.data() + r * n;
     float mx = -std::numeric_limits<float>::infinity();
     for (int64_t i = 0; i < n; ++i) mx = std::max(mx, sr[i]);
-    float sum = 0.f;
-    for (int64_t i = 0; i < n; ++i) {
+    // exp in 8 lanes (lane j sums i = j, j + 8, ... in order, the lanes in reduce_lanes' tree), then the tail
+    const __m256 vmx = _mm256_set1_ps(mx);
+    __m256 vsum = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+      const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sr + i), vmx));
+      _mm256_storeu_ps(sr + i, e);
+      vsum = _mm256_add_ps(vsum, e);
+    }
+    float sum = reduce_lanes(vsum);
+    for (; i < n; ++i) {
       sr[i] = std::exp(sr[i] - mx);
       sum += sr[i];
     }

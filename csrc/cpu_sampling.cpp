@@ -12,7 +12,7 @@
 //
 // Summation order: lane j (0..7) adds exp(z[k] - max) for k = j, j + 8, ... in increasing k, the lanes are added
 // in reduce_lanes' fixed tree, then the V mod 8 tail in order: a row's result depends on the row alone, never on
-// the batch around it. exp is a Cephes-style polynomial (max relative error ~2 ulp); the references use
+// the batch around it. exp is cpu_simd.h's exp8 (relative error ~2 ulp); the references use
 // PyTorch's vectorised exp, so floats agree within float32 rounding and ids exactly.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -41,24 +41,6 @@ struct RowStats {
 };
 
 #ifdef BILD_X86
-// e^x for x <= 0 (the only arguments here), 8 lanes: x = n ln2 + r, e^r by a degree-5 polynomial, times 2^n.
-// Arguments below -87.3 give ~e^-87.3 instead of 0 (a sum of terms of which one is 1 cannot tell).
-__attribute__((target("avx2,fma"))) inline __m256 exp_nonpositive(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
-  const __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-}
-
 // The row's statistics; false (and nothing else) when its max is not finite (NaN, +inf, or every logit -inf).
 __attribute__((target("avx2,fma"))) bool row_stats(const float* z, int64_t V, RowStats* out) {
   const int64_t V8 = V & ~int64_t{7};
@@ -86,7 +68,7 @@ __attribute__((target("avx2,fma"))) bool row_stats(const float* z, int64_t V, Ro
   while (z[arg] != mx) ++arg;  // the max is there: the scan ends at its first index
   const __m256 vmx = _mm256_set1_ps(mx);
   __m256 acc = _mm256_setzero_ps();
-  for (int64_t k = 0; k < V8; k += 8) acc = _mm256_add_ps(acc, exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(z + k), vmx)));
+  for (int64_t k = 0; k < V8; k += 8) acc = _mm256_add_ps(acc, exp8(_mm256_sub_ps(_mm256_loadu_ps(z + k), vmx)));
   float s = reduce_lanes(acc);
   for (int64_t k = V8; k < V; ++k) s += std::exp(z[k] - mx);
   *out = RowStats{mx, arg, mx + std::log(s)};
