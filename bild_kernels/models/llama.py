@@ -309,6 +309,19 @@ class LlamaExecutor:
         return weight * normed.to(x.dtype)
 
     def _rope_cos_sin(self, positions):
+        if self.device.type == "cpu":  # rows of a table of every position so far: one index_select a step
+            n = int(positions.max()) + 1 if positions.numel() else 0
+            if n > self._rope_rows:
+                self._rope_table = self._rope_rows_of(torch.arange(max(n, 2 * self._rope_rows, 256)))
+                self._rope_rows = self._rope_table[0].shape[0]
+            cos, sin = self._rope_table
+            return cos.index_select(0, positions), sin.index_select(0, positions)
+        return self._rope_rows_of(positions)
+
+    _rope_rows, _rope_table = 0, None
+
+    def _rope_rows_of(self, positions):
+        # Elementwise in the position: a table row has the bits this computes for that position alone.
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2], fp32 as in HF
         emb = torch.cat((freqs, freqs), dim=-1)
         scaling = self.config.attention_scaling
