@@ -27,11 +27,17 @@
 #        --init-draft bild_kernels/data/smollm2-135m-instruct-feature-draft --corpus-seed 1 --prompts 23704 \
 #        --corpus-minutes 3 --minutes 4 --work-dir /tmp/w --out /tmp/draft   (cp bench/data/corpus_eval_*.pt
 #        /tmp/w/corpus_eval.pt first; tar and split the draft into $OUT as the 2026-11-26 run did)
+# Plan for the next session lent 15 minutes (2026-11-26 evening): the first call
+#   run: BILD_REV=<rev> DEADLINE=420 bash scripts/gpu_session.sh build wide profile_step ctest
+# (the wide first pass's tests on the GPU, both first passes timed and profiled; the engine's GPU time split at
+# the Llama-1B shapes; the CMake build and ctest), then the parts and the warm-start distillation above in the
+# remaining calls. If `wide` passes and beats `chunked`, make it the default (csrc/sampling.cu g_first_pass).
 # DEADLINE (seconds from the start): each stage is cut (timeout) so that the whole script, the tarball
 # included, ends before it; a stage with under 20 s left is skipped. Each stage also has its own cap.
 # BILD_REV names the revision in the result rows where the copy has no .git.
 # Stages: build | gpu_tests | tests | kernel_tests | bench | bench_targets | e2e | e2e_quick | e2e_batch |
 #         e2e_batch_quick | divergence | profile (ncu on verify_draft at B=64, K=8, V=128256) |
+#         wide (the opt-in wide first pass: its tests, both passes benchmarked, ncu) |
 #         profile_step (torch.profiler over graphed engine steps, random Llama-1B pair) | ctest. Wheels in .whl/ (carried) are installed first.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
