@@ -5,6 +5,7 @@ C++ test binary (tests/native) built with nvcc."""
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -321,3 +322,16 @@ def test_wide_first_pass_matches_chunked_at_serving_shapes(dtype):
     torch.testing.assert_close(v0.target_probs, v1.target_probs, atol=1e-6, rtol=1e-5)
     assert torch.equal(s0.token_ids, s1.token_ids)
     torch.testing.assert_close(s0.max_probs, s1.max_probs, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("value, want", [("wide", "wide"), ("chunked", "chunked"), ("fast", "must be one of")])
+def test_first_pass_from_the_environment(value, want):
+    """BILD_FIRST_PASS sets the first pass when the extension loads; a bad value fails naming the variable."""
+    code = "from bild_kernels import cuda_first_pass; print(cuda_first_pass())"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "BILD_FIRST_PASS": value})
+    if want == "must be one of":
+        assert res.returncode != 0 and "BILD_FIRST_PASS must be one of" in res.stderr
+    else:
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert res.stdout.strip().splitlines()[-1] == want
