@@ -321,7 +321,8 @@ class LlamaExecutor:
     _rope_rows, _rope_table = 0, None
 
     def _rope_rows_of(self, positions):
-        # Elementwise in the position: a table row has the bits this computes for that position alone.
+        # Elementwise in the position. On a CPU its rows come from one table (above), so a position reads the
+        # same cos/sin in every pass, whatever the other positions of the pass.
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2], fp32 as in HF
         emb = torch.cat((freqs, freqs), dim=-1)
         scaling = self.config.attention_scaling
