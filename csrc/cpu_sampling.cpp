@@ -1,19 +1,24 @@
-// sample_draft and verify_draft on CPU tensors for greedy rows: the "cpu" backend of those two ops
-// (bild_kernels/ops/_cpu_impls.py), exactly their references' definitions (bild_kernels.reference.sample_draft_ref
-// and verify_draft_ref) for the case a CPU engine runs at every step: every row greedy (temperature <= 0), and
-// for sample_draft no top-k / top-p filter. Per row one pass for the max, a scan for its first index, one pass
-// for sum(exp(z - max)) in AVX2; the per-row outputs in plain loops. The references cost ~0.4 ms
-// (sample_draft, one row of 8,192) and ~1.7 ms (verify_draft, four positions of 49,152) a call in PyTorch ops
-// on one core of the AMD EPYC; here tens of microseconds.
+// sample_draft and verify_draft on CPU tensors for rows without a top-k / top-p filter: the "cpu" backend of
+// those two ops (bild_kernels/ops/_cpu_impls.py), exactly their references' definitions
+// (bild_kernels.reference.sample_draft_ref and verify_draft_ref) for the calls a CPU engine makes at every step:
+// greedy rows (temperature <= 0), and sampling rows (temperature > 0) without top-k / top-p, whose Gumbel-max
+// draws use the reference's Philox counter (the same code as csrc/common.cuh's host side). verify_draft: modes
+// greedy and bild (sample mode's accept/resample runs the reference). Per row one pass for the max, a scan for
+// its first index, one pass for sum(exp(z - max)) in AVX2; a sampling row adds one Philox draw and two logs per
+// logit. The references cost ~0.2-0.4 ms (sample_draft, one greedy row of 8,192 to 49,152) and ~1.6 ms
+// (verify_draft, four greedy positions of 49,152) a call in PyTorch ops on one core of the AMD EPYC, and several
+// milliseconds more per sampling row (the Philox rounds as int64 tensor ops); here tens of microseconds for a
+// greedy row.
 //
-// Each op returns a last output `handled` (a bool scalar): false when a row samples, filters, or holds a logit
-// that is not finite at a position it needs (the references define NaN / inf rows through PyTorch's own
+// Each op returns a last output `handled` (a bool scalar): false when a row filters (top-k / top-p), or holds a
+// logit that is not finite at a position it needs (the references define NaN / inf rows through PyTorch's own
 // conventions); the Python wrapper then runs the reference on the whole call. Nothing is written then.
 //
 // Summation order: lane j (0..7) adds exp(z[k] - max) for k = j, j + 8, ... in increasing k, the lanes are added
 // in reduce_lanes' fixed tree, then the V mod 8 tail in order: a row's result depends on the row alone, never on
-// the batch around it. exp is cpu_simd.h's exp8 (relative error ~2 ulp); the references use
-// PyTorch's vectorised exp, so floats agree within float32 rounding and ids exactly.
+// the batch around it. exp is cpu_simd.h's exp8 (relative error ~2 ulp), logs std::log; the references use
+// PyTorch's vectorised exp and log, so floats agree within float32 rounding and ids exactly (a Gumbel-max draw
+// could differ only where two candidates tie within an ulp).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
@@ -26,6 +31,7 @@
 #include <cstdint>
 #include <limits>
 #include <tuple>
+#include <vector>
 
 #include "cpu_simd.h"  // reduce_lanes; defines BILD_X86 on x86-64
 
@@ -39,6 +45,33 @@ struct RowStats {
   int64_t argmax;  // first index holding max
   float lse;       // max + log(sum(exp(z - max)))
 };
+
+// Philox4x32-10, first output word (reference.philox_ref; csrc/common.cuh's host/device code, which this CPU-only
+// build cannot include): key (seed_lo, seed_hi), counter (c0, c1, c2, c3).
+inline uint32_t philox_first_word(uint64_t seed, uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3) {
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int round = 0; round < 10; ++round) {
+    const uint64_t pb = static_cast<uint64_t>(0xCD9E8D57u) * c2, pa = static_cast<uint64_t>(0xD2511F53u) * c0;
+    c0 = static_cast<uint32_t>(pb >> 32) ^ c1 ^ k0;
+    c1 = static_cast<uint32_t>(pb);
+    c2 = static_cast<uint32_t>(pa >> 32) ^ c3 ^ k1;
+    c3 = static_cast<uint32_t>(pa);
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  return c0;
+}
+
+constexpr int kPurposeDraftSample = 1, kPurposeVerifyToken = 3;  // reference.PURPOSE_*
+
+// reference.gumbel_ref at vocabulary index v: u = float32(((x >> 8) + 0.5) / 2^24) in float64, g = -log(-log(u)).
+inline float gumbel(int64_t seed, uint32_t v, int64_t offset, int purpose, int64_t position) {
+  const uint32_t x = philox_first_word(static_cast<uint64_t>(seed), v, static_cast<uint32_t>(offset),
+                                       static_cast<uint32_t>(static_cast<uint64_t>(offset) >> 32),
+                                       (static_cast<uint32_t>(purpose) << 24) | static_cast<uint32_t>(position));
+  const float u = static_cast<float>((static_cast<double>(x >> 8) + 0.5) / 16777216.0);
+  return -std::log(-std::log(u));
+}
 
 #ifdef BILD_X86
 // The row's statistics; false (and nothing else) when its max is not finite (NaN, +inf, or every logit -inf).
@@ -92,55 +125,97 @@ at::Tensor flag(bool v) { return at::scalar_tensor(v, at::TensorOptions().dtype(
 
 }  // namespace
 
-// logits [B, V] f32; temperature, top_p, fallback_threshold [B] f32; top_k [B] i32 ->
+namespace {
+#ifdef BILD_X86
+// argmax over v of s[v] + gumbel(seed, v, offset, purpose, position), the first index on ties, a NaN winning
+// (torch.argmax's rule); s [V] may hold -inf.
+int64_t gumbel_argmax(const float* s, int64_t V, int64_t seed, int64_t offset, int purpose, int64_t position) {
+  float best = -std::numeric_limits<float>::infinity();
+  int64_t arg = 0;
+  for (int64_t v = 0; v < V; ++v) {
+    const float val = s[v] + gumbel(seed, static_cast<uint32_t>(v), offset, purpose, position);
+    if (std::isnan(val)) return v;
+    if (val > best) {
+      best = val;
+      arg = v;
+    }
+  }
+  return arg;
+}
+#endif
+}  // namespace
+
+// logits [B, V] f32; temperature, top_p, fallback_threshold [B] f32; top_k [B] i32; seed, offset [B] i64 ->
 // (token_ids [B] i64, token_probs, max_probs, energies [B] f32, fallback [B] bool, handled bool scalar)
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_sample_draft_greedy(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_sample_draft_unfiltered(
     const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k, const at::Tensor& top_p,
-    const at::Tensor& fallback_threshold) {
-  constexpr const char* op = "cpu_sample_draft_greedy";
+    const at::Tensor& seed, const at::Tensor& offset, const at::Tensor& fallback_threshold) {
+  constexpr const char* op = "cpu_sample_draft_unfiltered";
   check_logits(op, logits, 2);
   const int64_t B = logits.size(0), V = logits.size(1);
   check_rows(op, "temperature", temperature, B, at::kFloat);
   check_rows(op, "top_k", top_k, B, at::kInt);
   check_rows(op, "top_p", top_p, B, at::kFloat);
+  check_rows(op, "seed", seed, B, at::kLong);
+  check_rows(op, "offset", offset, B, at::kLong);
   check_rows(op, "fallback_threshold", fallback_threshold, B, at::kFloat);
   const auto f32 = logits.options();
-  at::Tensor token = at::empty({B}, f32.dtype(at::kLong)), prob = at::empty({B}, f32), energy = at::empty({B}, f32);
-  at::Tensor fallback = at::empty({B}, f32.dtype(at::kBool));
+  at::Tensor token = at::empty({B}, f32.dtype(at::kLong)), prob = at::empty({B}, f32), maxp = at::empty({B}, f32);
+  at::Tensor energy = at::empty({B}, f32), fallback = at::empty({B}, f32.dtype(at::kBool));
+  const auto unhandled = [&] { return std::make_tuple(token, prob, maxp, energy, fallback, flag(false)); };
   const float* t = temperature.data_ptr<float>();
   const int32_t* k = top_k.data_ptr<int32_t>();
   const float* p = top_p.data_ptr<float>();
-  for (int64_t b = 0; b < B; ++b) {  // every row an unfiltered argmax, or the reference does the whole call
-    if (!(t[b] <= 0.0f) || (k[b] > 0 && k[b] < V) || p[b] < 1.0f) return {token, prob, prob, energy, fallback, flag(false)};
+  for (int64_t b = 0; b < B; ++b) {  // no row filters, or the reference does the whole call
+    if ((k[b] > 0 && k[b] < V) || p[b] < 1.0f) return unhandled();
   }
 #ifdef BILD_X86
   const float* z = logits.data_ptr<float>();
   const float* thr = fallback_threshold.data_ptr<float>();
+  const int64_t* sd = seed.data_ptr<int64_t>();
+  const int64_t* off = offset.data_ptr<int64_t>();
   int64_t* tok = token.data_ptr<int64_t>();
   float* pr = prob.data_ptr<float>();
+  float* mp = maxp.data_ptr<float>();
   float* en = energy.data_ptr<float>();
   bool* fb = fallback.data_ptr<bool>();
+  std::vector<float> scaled;
   for (int64_t b = 0; b < B; ++b) {
-    RowStats s;
-    if (!row_stats(z + b * V, V, &s)) return {token, prob, prob, energy, fallback, flag(false)};
-    tok[b] = s.argmax;
-    pr[b] = std::exp(s.max - s.lse);
-    en[b] = -s.lse;
-    fb[b] = pr[b] < thr[b];
+    const float* zr = z + b * V;
+    RowStats zs;
+    if (!row_stats(zr, V, &zs)) return unhandled();
+    mp[b] = std::exp(zs.max - zs.lse);  // at temperature 1, unfiltered
+    if (t[b] <= 0.0f) {  // greedy: the argmax, its probability at temperature 1
+      tok[b] = zs.argmax;
+      pr[b] = mp[b];
+      en[b] = -zs.lse;
+    } else {  // s = z / T; the token argmax(s + g); its probability under softmax(s); energy -T logsumexp(s)
+      scaled.resize(static_cast<size_t>(V));
+      for (int64_t v = 0; v < V; ++v) scaled[v] = zr[v] / t[b];
+      RowStats ss;
+      if (!row_stats(scaled.data(), V, &ss)) return unhandled();
+      tok[b] = gumbel_argmax(scaled.data(), V, sd[b], off[b], kPurposeDraftSample, 0);
+      pr[b] = std::exp(scaled[tok[b]] - ss.lse);
+      en[b] = -t[b] * ss.lse;
+    }
+    fb[b] = mp[b] < thr[b];
   }
-  return {token, prob, prob.clone(), energy, fallback, flag(true)};
+  return {token, prob, maxp, energy, fallback, flag(true)};
 #else
-  return {token, prob, prob, energy, fallback, flag(false)};
+  return unhandled();
 #endif
 }
 
 // draft_ids [B, K] i64 (drafts, then -1); logits [B, K+1, V] f32; mode 0 (greedy) or 1 (bild);
-// rollback_threshold, temperature [B] f32 -> (num_accepted [B] i32, output_ids [B, K+1] i64, distances [B, K] f32,
-// target_probs [B, K+1] f32, handled bool scalar). Statistics only at the positions j <= n_b a row uses.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_verify_draft_greedy(
+// rollback_threshold, temperature, top_p [B] f32; top_k [B] i32; seed, offset [B] i64 ->
+// (num_accepted [B] i32, output_ids [B, K+1] i64, distances [B, K] f32, target_probs [B, K+1] f32, handled bool
+// scalar). Statistics only at the positions j <= n_b a row uses. A sampling row (temperature > 0) emits at its
+// cut c the argmax of log q_c + g, q_c = softmax(z_c / T), g = gumbel(seed, v, offset, VERIFY_TOKEN, c).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_verify_draft_unfiltered(
     const at::Tensor& draft_ids, const at::Tensor& logits, int64_t mode, const at::Tensor& rollback_threshold,
-    const at::Tensor& temperature) {
-  constexpr const char* op = "cpu_verify_draft_greedy";
+    const at::Tensor& temperature, const at::Tensor& top_k, const at::Tensor& top_p, const at::Tensor& seed,
+    const at::Tensor& offset) {
+  constexpr const char* op = "cpu_verify_draft_unfiltered";
   check_logits(op, logits, 3);
   const int64_t B = logits.size(0), K1 = logits.size(1), K = K1 - 1, V = logits.size(2);
   TORCH_CHECK(mode == 0 || mode == 1, op, ": mode must be 0 (greedy) or 1 (bild), got ", mode);
@@ -149,22 +224,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_verif
               op, ": draft_ids must be a contiguous int64 [", B, ", ", K, "] CPU tensor");
   check_rows(op, "rollback_threshold", rollback_threshold, B, at::kFloat);
   check_rows(op, "temperature", temperature, B, at::kFloat);
+  check_rows(op, "top_k", top_k, B, at::kInt);
+  check_rows(op, "top_p", top_p, B, at::kFloat);
+  check_rows(op, "seed", seed, B, at::kLong);
+  check_rows(op, "offset", offset, B, at::kLong);
   const auto f32 = logits.options();
   at::Tensor num_accepted = at::empty({B}, f32.dtype(at::kInt));
   at::Tensor out_ids = at::full({B, K1}, -1, f32.dtype(at::kLong));
   at::Tensor distances = at::zeros({B, K}, f32), target_probs = at::zeros({B, K1}, f32);
+  const auto unhandled = [&] { return std::make_tuple(num_accepted, out_ids, distances, target_probs, flag(false)); };
   const float* t = temperature.data_ptr<float>();
-  for (int64_t b = 0; b < B; ++b) {
-    if (!(t[b] <= 0.0f)) return {num_accepted, out_ids, distances, target_probs, flag(false)};
+  const int32_t* tk = top_k.data_ptr<int32_t>();
+  const float* tp_ = top_p.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b) {  // a sampling row that filters: the reference does the whole call
+    if (!(t[b] <= 0.0f) && ((tk[b] > 0 && tk[b] < V) || tp_[b] < 1.0f)) return unhandled();
   }
 #ifdef BILD_X86
   const int64_t* ids = draft_ids.data_ptr<int64_t>();
   const float* z = logits.data_ptr<float>();
   const float* thr = rollback_threshold.data_ptr<float>();
+  const int64_t* sd = seed.data_ptr<int64_t>();
+  const int64_t* off = offset.data_ptr<int64_t>();
   int32_t* na = num_accepted.data_ptr<int32_t>();
   int64_t* out = out_ids.data_ptr<int64_t>();
   float* dist = distances.data_ptr<float>();
   float* tp = target_probs.data_ptr<float>();
+  std::vector<float> logq;
   for (int64_t b = 0; b < B; ++b) {
     const int64_t* row = ids + b * K;
     int64_t n = 0;
@@ -174,7 +259,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_verif
     for (int64_t j = 0; j <= n; ++j) {
       const float* zj = z + (b * K1 + j) * V;
       RowStats s;
-      if (!row_stats(zj, V, &s)) return {num_accepted, out_ids, distances, target_probs, flag(false)};
+      if (!row_stats(zj, V, &s)) return unhandled();
       tp[b * K1 + j] = std::exp(s.max - s.lse);
       bool ok = false;
       if (j < n) {
@@ -190,26 +275,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_verif
     }
     // c <= n always: position n is never accepted. Positions past the cut still get their distances and
     // target probabilities (the reference reports them for every drafted position).
+    if (!(t[b] <= 0.0f)) {  // a sampling row draws its token at the cut from q_c = softmax(z_c / T)
+      const float* zc = z + (b * K1 + c) * V;
+      logq.resize(static_cast<size_t>(V));
+      float m = -std::numeric_limits<float>::infinity();
+      for (int64_t v = 0; v < V; ++v) {
+        logq[v] = zc[v] / t[b];
+        m = logq[v] > m ? logq[v] : m;
+      }
+      if (!std::isfinite(m)) return unhandled();
+      float sum = 0.0f;
+      for (int64_t v = 0; v < V; ++v) sum += std::exp(logq[v] - m);
+      for (int64_t v = 0; v < V; ++v) logq[v] = std::log(std::exp(logq[v] - m) / sum);  // log of q as softmax gives it
+      emitted = gumbel_argmax(logq.data(), V, sd[b], off[b], kPurposeVerifyToken, c);
+    }
     na[b] = static_cast<int32_t>(c);
     for (int64_t j = 0; j < c; ++j) out[b * K1 + j] = row[j];
     out[b * K1 + c] = emitted;
   }
   return {num_accepted, out_ids, distances, target_probs, flag(true)};
 #else
-  return {num_accepted, out_ids, distances, target_probs, flag(false)};
+  return unhandled();
 #endif
 }
 
 }  // namespace bild
 
 TORCH_LIBRARY_FRAGMENT(bild_kernels_cpu, m) {
-  m.def("cpu_sample_draft_greedy(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, "
-        "Tensor fallback_threshold) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("cpu_verify_draft_greedy(Tensor draft_ids, Tensor logits, int mode, Tensor rollback_threshold, "
-        "Tensor temperature) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("cpu_sample_draft_unfiltered(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor seed, "
+        "Tensor offset, Tensor fallback_threshold) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("cpu_verify_draft_unfiltered(Tensor draft_ids, Tensor logits, int mode, Tensor rollback_threshold, "
+        "Tensor temperature, Tensor top_k, Tensor top_p, Tensor seed, Tensor offset) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(bild_kernels_cpu, CPU, m) {
-  m.impl("cpu_sample_draft_greedy", &bild::cpu_sample_draft_greedy);
-  m.impl("cpu_verify_draft_greedy", &bild::cpu_verify_draft_greedy);
+  m.impl("cpu_sample_draft_unfiltered", &bild::cpu_sample_draft_unfiltered);
+  m.impl("cpu_verify_draft_unfiltered", &bild::cpu_verify_draft_unfiltered);
 }

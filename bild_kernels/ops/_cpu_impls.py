@@ -34,19 +34,21 @@ for _op in CPU_EXTENSION_OPS:
     register(_op, "cpu", getattr(torch.ops.bild_kernels_cpu, _op))
 
 
-# sample_draft and verify_draft: csrc/cpu_sampling.cpp computes calls whose rows are all greedy (sample_draft:
-# also unfiltered) over finite logits, the case of every step of a greedy CPU engine; it reports the others
-# unhandled, and the reference computes those (the same definitions; tested against each other).
-@torch.library.register_fake("bild_kernels_cpu::cpu_sample_draft_greedy")
-def _sample_draft_greedy_fake(logits, temperature, top_k, top_p, fallback_threshold):
+# sample_draft and verify_draft: csrc/cpu_sampling.cpp computes calls whose rows do not filter (no top-k / top-p;
+# greedy rows of verify_draft may) over finite logits, in modes greedy and bild for verify_draft: every step of a
+# CPU engine without top-k / top-p. It reports the other calls unhandled, and the reference computes those (the
+# same definitions; tested against each other).
+@torch.library.register_fake("bild_kernels_cpu::cpu_sample_draft_unfiltered")
+def _sample_draft_unfiltered_fake(logits, temperature, top_k, top_p, seed, offset, fallback_threshold):
     B = logits.shape[0]
     f = logits.new_empty((B,), dtype=torch.float32)
     return (logits.new_empty((B,), dtype=torch.int64), f, f.clone(), f.clone(),
             logits.new_empty((B,), dtype=torch.bool), logits.new_empty((), dtype=torch.bool))
 
 
-@torch.library.register_fake("bild_kernels_cpu::cpu_verify_draft_greedy")
-def _verify_draft_greedy_fake(draft_ids, logits, mode, rollback_threshold, temperature):
+@torch.library.register_fake("bild_kernels_cpu::cpu_verify_draft_unfiltered")
+def _verify_draft_unfiltered_fake(draft_ids, logits, mode, rollback_threshold, temperature, top_k, top_p, seed,
+                                  offset):
     B, K1, _ = logits.shape
     return (logits.new_empty((B,), dtype=torch.int32), logits.new_empty((B, K1), dtype=torch.int64),
             logits.new_empty((B, K1 - 1), dtype=torch.float32), logits.new_empty((B, K1), dtype=torch.float32),
@@ -60,8 +62,8 @@ def _as_f32(logits):
 
 def cpu_sample_draft(logits, temperature, top_k, top_p, seed, offset, fallback_threshold):
     if logits.dtype != torch.float64:
-        *out, handled = torch.ops.bild_kernels_cpu.cpu_sample_draft_greedy(
-            _as_f32(logits).contiguous(), temperature, top_k, top_p, fallback_threshold)
+        *out, handled = torch.ops.bild_kernels_cpu.cpu_sample_draft_unfiltered(
+            _as_f32(logits).contiguous(), temperature, top_k, top_p, seed, offset, fallback_threshold)
         if handled:
             return tuple(out)
     return R.sample_draft_ref(logits, temperature, top_k, top_p, seed, offset, fallback_threshold)
@@ -70,8 +72,9 @@ def cpu_sample_draft(logits, temperature, top_k, top_p, seed, offset, fallback_t
 def cpu_verify_draft(draft_ids, target_logits, mode, rollback_threshold, draft_probs, temperature, top_k, top_p,
                      seed, offset):
     if mode != R.MODE_SAMPLE and target_logits.dtype != torch.float64:
-        *out, handled = torch.ops.bild_kernels_cpu.cpu_verify_draft_greedy(
-            draft_ids, _as_f32(target_logits).contiguous(), mode, rollback_threshold, temperature)
+        *out, handled = torch.ops.bild_kernels_cpu.cpu_verify_draft_unfiltered(
+            draft_ids, _as_f32(target_logits).contiguous(), mode, rollback_threshold, temperature, top_k, top_p,
+            seed, offset)
         if handled:
             return tuple(out)
     return R.verify_draft_ref(draft_ids, target_logits, mode, rollback_threshold, draft_probs, temperature, top_k,

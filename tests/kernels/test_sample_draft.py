@@ -217,32 +217,53 @@ def test_sample_draft_greedy_rows(backend_device_passes, B, V, dtype, atol, rtol
           atol, rtol)
 
 
-def test_sample_draft_cpu_kernel_handles_greedy_rows_only():
-    """The CPU extension computes all-greedy unfiltered calls over finite-max rows itself and reports every
-    other call unhandled (its wrapper then runs the reference): checked on the op, not through the wrapper,
-    so a kernel that never handled anything could not pass for one that does."""
+def test_sample_draft_cpu_kernel_handles_unfiltered_rows_only():
+    """The CPU extension computes calls whose rows do not filter (greedy and sampling rows) over rows with a finite
+    max itself and reports every other call unhandled (its wrapper then runs the reference): checked on the op,
+    not through the wrapper, so a kernel that never handled anything could not pass for one that does."""
     from bild_kernels._backend import cpu_extension
     if cpu_extension() is None:
         pytest.skip("bild_kernels._cpu was not built or needs AVX2/FMA")
-    op = torch.ops.bild_kernels_cpu.cpu_sample_draft_greedy
+    op = torch.ops.bild_kernels_cpu.cpu_sample_draft_unfiltered
     B, V = 5, 1001
     logits, thr = _greedy_rows(B, V, "cpu")
     t, k, p = torch.zeros(B), torch.zeros(B, dtype=torch.int32), torch.ones(B)
-    *out, handled = op(logits, t, k, p, thr)
-    assert bool(handled)
-    want = R.sample_draft_ref(logits, t, k, p, torch.zeros(B, dtype=torch.int64), torch.zeros(B, dtype=torch.int64),
-                              thr)
-    assert torch.equal(out[0], want[0]) and torch.equal(out[4], want[4])
-    for g, w in zip(out[1:4], want[1:4]):
-        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-6)
-    sampling, top_k, top_p = t.clone(), k.clone(), p.clone()
-    sampling[3], top_k[3], top_p[3] = 0.7, 5, 0.9
-    for args in ((logits, sampling, k, p), (logits, t, top_k, p), (logits, t, k, top_p)):
-        assert not bool(op(*args, thr)[-1])
+    seed, offset = torch.arange(B) * 7919 + 1, torch.arange(B) * 3
+    sampling = t.clone()
+    sampling[3:] = torch.tensor([0.7, 1.3])
+    for temp in (t, sampling):  # all greedy; greedy and sampling rows side by side
+        *out, handled = op(logits, temp, k, p, seed, offset, thr)
+        assert bool(handled)
+        want = R.sample_draft_ref(logits, temp, k, p, seed, offset, thr)
+        assert torch.equal(out[0], want[0]) and torch.equal(out[4], want[4])
+        for g, w in zip(out[1:4], want[1:4]):
+            torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-5)
+    top_k, top_p = k.clone(), p.clone()
+    top_k[3], top_p[4] = 5, 0.9
+    for args in ((logits, t, top_k, p), (logits, sampling, k, top_p)):
+        assert not bool(op(*args, seed, offset, thr)[-1])
     for bad in (float("nan"), float("inf")):
         z = logits.clone()
         z[4, 17] = bad
-        assert not bool(op(z, t, k, p, thr)[-1])
+        assert not bool(op(z, t, k, p, seed, offset, thr)[-1])
     z = logits.clone()
     z[4] = float("-inf")  # a row with no finite logit
-    assert not bool(op(z, t, k, p, thr)[-1])
+    assert not bool(op(z, t, k, p, seed, offset, thr)[-1])
+
+
+def test_sample_draft_cpu_sampling_rows_follow_the_counter():
+    """Sampling rows on the CPU kernel draw the reference's tokens over many (seed, offset) counters."""
+    from bild_kernels._backend import cpu_extension
+    if cpu_extension() is None:
+        pytest.skip("bild_kernels._cpu was not built or needs AVX2/FMA")
+    B, V = 64, 257
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(B, V, generator=g) * 2
+    temp = torch.rand(B, generator=g) + 0.5
+    seed, offset = torch.randint(0, 2**62, (B,), generator=g), torch.randint(0, 2**40, (B,), generator=g)
+    k, p, thr = torch.zeros(B, dtype=torch.int32), torch.ones(B), torch.full((B,), 0.3)
+    got = ops.sample_draft(logits, temperature=temp, top_k=k, top_p=p, seed=seed, offset=offset,
+                           fallback_threshold=thr, backend="cpu")
+    want = R.sample_draft_ref(logits, temp, k, p, seed, offset, thr)
+    assert torch.equal(got.token_ids, want[0])
+    assert len(set(got.token_ids.tolist())) > 10  # draws, not one argmax
