@@ -270,18 +270,23 @@ struct RowTask {
 };
 
 // Every thread of a kChunkThreads block visits its share of chunk c of row[0, V) (S chunks) and calls
-// f(index, value) in fp32. Chunk c covers the vectors [c, c + 1) * kChunkThreads * VECS of the row's
-// 16-byte-aligned middle; chunk 0 also takes the unaligned head and chunk S - 1 the tail. Each thread
-// issues all of its loads before it uses any.
+// fv(e, base) for runs of consecutive elements, e an array of T (N = 16 / sizeof(T) of them for each 16-byte
+// vector, one for an element of the unaligned head or the tail) holding row[base, base + size of e).
+// Chunk c covers the vectors [c, c + 1) * kChunkThreads * VECS of the row's 16-byte-aligned middle; chunk 0
+// also takes the unaligned head and chunk S - 1 the tail. A thread's runs come in increasing index order, and
+// each thread issues all of its loads before it uses any.
 template <int VECS = kChunkVecs, typename T, typename F>
-__device__ void for_each_in_chunk(const T* __restrict__ row, int V, int S, int c, F&& f) {
+__device__ void for_each_vector_in_chunk(const T* __restrict__ row, int V, int S, int c, F&& fv) {
   constexpr int N = 16 / sizeof(T);
   const uintptr_t addr = reinterpret_cast<uintptr_t>(row);
   int head = static_cast<int>(((16 - (addr & 15)) & 15) / sizeof(T));
   head = head < V ? head : V;
   const int nvec = (V - head) / N;
   if (c == 0) {
-    for (int i = threadIdx.x; i < head; i += kChunkThreads) f(i, to_float(row[i]));
+    for (int i = threadIdx.x; i < head; i += kChunkThreads) {
+      const T e[1] = {row[i]};
+      fv(e, i);
+    }
   }
   const uint4* vec = reinterpret_cast<const uint4*>(row + head);
   const int w0 = c * kChunkThreads * VECS + threadIdx.x;
@@ -294,15 +299,24 @@ __device__ void for_each_in_chunk(const T* __restrict__ row, int V, int S, int c
 #pragma unroll
   for (int k = 0; k < VECS; ++k) {
     const int w = w0 + k * kChunkThreads;
-    if (w < nvec) {
-      const T* e = reinterpret_cast<const T*>(&raw[k]);
-#pragma unroll
-      for (int q = 0; q < N; ++q) f(head + w * N + q, to_float(e[q]));
-    }
+    if (w < nvec) fv(*reinterpret_cast<const T(*)[N]>(&raw[k]), head + w * N);
   }
   if (c == S - 1) {
-    for (int i = head + nvec * N + threadIdx.x; i < V; i += kChunkThreads) f(i, to_float(row[i]));
+    for (int i = head + nvec * N + threadIdx.x; i < V; i += kChunkThreads) {
+      const T e[1] = {row[i]};
+      fv(e, i);
+    }
   }
+}
+
+// The same traversal one element at a time: f(index, value) in fp32.
+template <int VECS = kChunkVecs, typename T, typename F>
+__device__ void for_each_in_chunk(const T* __restrict__ row, int V, int S, int c, F&& f) {
+  for_each_vector_in_chunk<VECS>(row, V, S, c, [&](const auto& e, int base) {
+    constexpr int n = sizeof(e) / sizeof(e[0]);
+#pragma unroll
+    for (int q = 0; q < n; ++q) f(base + q, to_float(e[q]));
+  });
 }
 
 // Grid (R * S,), kChunkThreads threads: block r * S + c reads chunk c of row r of logits [R, V] and
@@ -435,42 +449,15 @@ __global__ void __launch_bounds__(kChunkThreads)
       p.s.add(sv);
       if (task.draw) p.g.add(sv + gumbel(task.seed, i, task.offset, task.purpose, task.position), i);
     });
-  } else {
-    constexpr int N = 16 / sizeof(T);
-    const uintptr_t addr = reinterpret_cast<uintptr_t>(row);
-    int head = static_cast<int>(((16 - (addr & 15)) & 15) / sizeof(T));
-    head = head < V ? head : V;
-    const int nvec = (V - head) / N;
+  } else {  // greedy / BiLD rows: the statistics of z per 16-byte vector
     WideStats w;
-    if (c == 0 && static_cast<int>(threadIdx.x) < head) {  // the unaligned head: below every vector's index
-      const float x[1] = {to_float(row[threadIdx.x])};
-      w.add_vector(x, threadIdx.x);
-    }
-    const uint4* vec = reinterpret_cast<const uint4*>(row + head);
-    const int w0 = c * kChunkThreads * kWideVecs + threadIdx.x;
-    uint4 raw[kWideVecs];
+    for_each_vector_in_chunk<kWideVecs>(row, V, S, c, [&](const auto& e, int base) {
+      constexpr int n = sizeof(e) / sizeof(e[0]);
+      float x[n];
 #pragma unroll
-    for (int k = 0; k < kWideVecs; ++k) {
-      const int v = w0 + k * kChunkThreads;
-      if (v < nvec) raw[k] = __ldg(vec + v);
-    }
-#pragma unroll
-    for (int k = 0; k < kWideVecs; ++k) {
-      const int v = w0 + k * kChunkThreads;
-      if (v < nvec) {
-        const T* e = reinterpret_cast<const T*>(&raw[k]);
-        float x[N];
-#pragma unroll
-        for (int q = 0; q < N; ++q) x[q] = to_float(e[q]);
-        w.add_vector(x, head + v * N);
-      }
-    }
-    if (c == S - 1) {  // the tail: above every vector's index
-      for (int i = head + nvec * N + threadIdx.x; i < V; i += kChunkThreads) {
-        const float x[1] = {to_float(row[i])};
-        w.add_vector(x, i);
-      }
-    }
+      for (int q = 0; q < n; ++q) x[q] = to_float(e[q]);
+      w.add_vector(x, base);
+    });
     p.z = w.z;
     p.zmax = w.zmax;
   }

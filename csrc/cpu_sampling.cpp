@@ -121,6 +121,19 @@ void check_rows(const char* op, const char* name, const at::Tensor& t, int64_t B
               op, ": ", name, " must be a contiguous ", dtype, " [", B, "] CPU tensor");
 }
 
+// The per-row sampling parameters both ops take: temperature, top_p [B] f32; top_k [B] i32; seed, offset [B] i64.
+void check_sampling_rows(const char* op, int64_t B, const at::Tensor& temperature, const at::Tensor& top_k,
+                         const at::Tensor& top_p, const at::Tensor& seed, const at::Tensor& offset) {
+  check_rows(op, "temperature", temperature, B, at::kFloat);
+  check_rows(op, "top_k", top_k, B, at::kInt);
+  check_rows(op, "top_p", top_p, B, at::kFloat);
+  check_rows(op, "seed", seed, B, at::kLong);
+  check_rows(op, "offset", offset, B, at::kLong);
+}
+
+// Whether a row's top-k / top-p removes any of V tokens (common.cuh's top_k_top_p_on).
+inline bool filters(int32_t top_k, float top_p, int64_t V) { return (top_k > 0 && top_k < V) || top_p < 1.0f; }
+
 at::Tensor flag(bool v) { return at::scalar_tensor(v, at::TensorOptions().dtype(at::kBool)); }
 
 }  // namespace
@@ -153,11 +166,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   constexpr const char* op = "cpu_sample_draft_unfiltered";
   check_logits(op, logits, 2);
   const int64_t B = logits.size(0), V = logits.size(1);
-  check_rows(op, "temperature", temperature, B, at::kFloat);
-  check_rows(op, "top_k", top_k, B, at::kInt);
-  check_rows(op, "top_p", top_p, B, at::kFloat);
-  check_rows(op, "seed", seed, B, at::kLong);
-  check_rows(op, "offset", offset, B, at::kLong);
+  check_sampling_rows(op, B, temperature, top_k, top_p, seed, offset);
   check_rows(op, "fallback_threshold", fallback_threshold, B, at::kFloat);
   const auto f32 = logits.options();
   at::Tensor token = at::empty({B}, f32.dtype(at::kLong)), prob = at::empty({B}, f32), maxp = at::empty({B}, f32);
@@ -167,7 +176,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const int32_t* k = top_k.data_ptr<int32_t>();
   const float* p = top_p.data_ptr<float>();
   for (int64_t b = 0; b < B; ++b) {  // no row filters, or the reference does the whole call
-    if ((k[b] > 0 && k[b] < V) || p[b] < 1.0f) return unhandled();
+    if (filters(k[b], p[b], V)) return unhandled();
   }
 #ifdef BILD_X86
   const float* z = logits.data_ptr<float>();
@@ -223,11 +232,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_verif
                   draft_ids.size(0) == B && draft_ids.size(1) == K && draft_ids.is_contiguous(),
               op, ": draft_ids must be a contiguous int64 [", B, ", ", K, "] CPU tensor");
   check_rows(op, "rollback_threshold", rollback_threshold, B, at::kFloat);
-  check_rows(op, "temperature", temperature, B, at::kFloat);
-  check_rows(op, "top_k", top_k, B, at::kInt);
-  check_rows(op, "top_p", top_p, B, at::kFloat);
-  check_rows(op, "seed", seed, B, at::kLong);
-  check_rows(op, "offset", offset, B, at::kLong);
+  check_sampling_rows(op, B, temperature, top_k, top_p, seed, offset);
   const auto f32 = logits.options();
   at::Tensor num_accepted = at::empty({B}, f32.dtype(at::kInt));
   at::Tensor out_ids = at::full({B, K1}, -1, f32.dtype(at::kLong));
@@ -237,7 +242,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_verif
   const int32_t* tk = top_k.data_ptr<int32_t>();
   const float* tp_ = top_p.data_ptr<float>();
   for (int64_t b = 0; b < B; ++b) {  // a sampling row that filters: the reference does the whole call
-    if (!(t[b] <= 0.0f) && ((tk[b] > 0 && tk[b] < V) || tp_[b] < 1.0f)) return unhandled();
+    if (!(t[b] <= 0.0f) && filters(tk[b], tp_[b], V)) return unhandled();
   }
 #ifdef BILD_X86
   const int64_t* ids = draft_ids.data_ptr<int64_t>();
@@ -285,8 +290,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_verif
       }
       if (!std::isfinite(m)) return unhandled();
       float sum = 0.0f;
-      for (int64_t v = 0; v < V; ++v) sum += std::exp(logq[v] - m);
-      for (int64_t v = 0; v < V; ++v) logq[v] = std::log(std::exp(logq[v] - m) / sum);  // log of q as softmax gives it
+      for (int64_t v = 0; v < V; ++v) sum += logq[v] = std::exp(logq[v] - m);
+      for (int64_t v = 0; v < V; ++v) logq[v] = std::log(logq[v] / sum);  // log of q as softmax gives it
       emitted = gumbel_argmax(logq.data(), V, sd[b], off[b], kPurposeVerifyToken, c);
     }
     na[b] = static_cast<int32_t>(c);
