@@ -37,7 +37,7 @@
 # BILD_REV names the revision in the result rows where the copy has no .git.
 # Stages: build | gpu_tests | tests | kernel_tests | bench | bench_targets | e2e | e2e_quick | e2e_batch |
 #         e2e_batch_quick | divergence | profile (ncu on verify_draft at B=64, K=8, V=128256) |
-#         wide (the opt-in wide first pass: its tests, both passes benchmarked, ncu) |
+#         wide (the opt-in wide first pass: its tests, both passes benchmarked) | wide_profile (ncu on it) |
 #         profile_step (torch.profiler over graphed engine steps, random Llama-1B pair) | ctest. Wheels in .whl/ (carried) are installed first.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -102,7 +102,8 @@ for s in "$@"; do
                   --shapes 64x8x128256,256x8x128256,64x4x32000,1x4x128256
               stage wide_bench_sample 60 "$PY" bench/bench_sample_draft.py --device cuda --backends cuda,cuda-wide \
                   --shapes 64x128256,256x128256,1x128256
-              stage wide_profile 150 env BILD_FIRST_PASS=wide ncu --set basic --kernel-name regex:"Kernel" \
+              ;;
+        wide_profile) stage wide_profile 150 env BILD_FIRST_PASS=wide ncu --set basic --kernel-name regex:"Kernel" \
                   --launch-skip 30 --launch-count 15 "$PY" bench/bench_verify_draft.py --device cuda --backends cuda \
                   --no-save --shapes 64x8x128256 ;;
         kernel_tests) stage kernel_tests 240 "$PY" -m pytest -q -m "not slow" -p no:cacheprovider --maxfail 20 \
@@ -123,7 +124,7 @@ for s in "$@"; do
                         --out bench/results/serve_load_bf16_cuda.csv ;;
         ctest) stage ctest 400 sh -c "cmake -S . -B build/cmake -G Ninja -DCMAKE_CUDA_ARCHITECTURES=90 \
                    && cmake --build build/cmake && ctest --test-dir build/cmake --output-on-failure" ;;
-        *) echo "unknown stage: $s (build | gpu_tests | tests | profile | profile_step | wide | kernel_tests | bench | bench_targets | e2e | e2e_quick | e2e_batch | e2e_batch_quick | divergence | ctest)"; exit 2 ;;
+        *) echo "unknown stage: $s (build | gpu_tests | tests | profile | profile_step | wide | wide_profile | kernel_tests | bench | bench_targets | e2e | e2e_quick | e2e_batch | e2e_batch_quick | divergence | ctest)"; exit 2 ;;
     esac
 done
 tar czf "$OUT/gpu_session.tgz" -C "$(dirname "$LOG")" logs -C "$ROOT" bench/results
