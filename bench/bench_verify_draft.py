@@ -40,8 +40,8 @@ def implementation(backend, device):
         return R.verify_draft_ref
     if backend == "compile":
         return torch.compile(R.verify_draft_ref, dynamic=False)
-    # the kernel without the op's input checks ("cuda-wide": the CUDA kernel, run under first_pass_of)
-    return resolve("verify_draft", torch.device(device), "cuda" if backend == "cuda-wide" else backend)
+    # the kernel without the op's input checks ("cuda-chunked", "cuda-wide": the CUDA kernel, run under first_pass_of)
+    return resolve("verify_draft", torch.device(device), "cuda" if backend.startswith("cuda-") else backend)
 
 
 def main() -> None:

@@ -42,15 +42,18 @@ def cuda_extension():
     return _C
 
 
-FIRST_PASSES = ("chunked", "wide")
+FIRST_PASSES = ("chunked", "wide", "auto")
 
 
 def cuda_first_pass(kind: str | None = None) -> str:
     """The first pass over the vocabulary that the CUDA `sample_draft` and `verify_draft` launch, for the whole
-    process: "chunked" (RowChunkStatsKernel, the default) or "wide" (RowWideStatsKernel: 4x larger chunks, the
-    statistics of greedy and BiLD rows per 16-byte vector; csrc/common.cuh). With `kind`, sets it and returns
-    the previous one; without, returns the current one. `BILD_FIRST_PASS=wide` sets it when the extension
-    loads. A CUDA graph keeps the kernel it captured. Raises RuntimeError where the extension was not built."""
+    process: "auto" (the default: per launch, the wide pass where it measured faster on an H200, the chunked
+    one for sample-mode verification and for launches with fewer wide blocks than the GPU has SMs;
+    csrc/common.cuh resolve_first_pass), "chunked" (RowChunkStatsKernel) or "wide" (RowWideStatsKernel: 4x
+    larger chunks, the statistics of greedy and BiLD rows per 16-byte vector). With `kind`, sets it and
+    returns the previous one; without, returns the current one. `BILD_FIRST_PASS=<kind>` sets it when the
+    extension loads. A CUDA graph keeps the kernel it captured. Raises RuntimeError where the extension was
+    not built."""
     ext = cuda_extension()
     if ext is None:
         raise RuntimeError("cuda_first_pass: bild_kernels._C was not built (no nvcc or BILD_NO_CUDA=1 at install)")

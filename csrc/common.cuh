@@ -346,7 +346,7 @@ __global__ void __launch_bounds__(kChunkThreads)
 }
 
 // ------------------------------------------------------------------------------------------------
-// The wide first pass (opt-in until measured on a GPU: set_first_pass(kFirstPassWide)). The H100's
+// The wide first pass (resolve_first_pass picks it by default where it measured faster). The H100's
 // profile of RowChunkStatsKernel (bench/results/gpu_h100_2026-11-26.md) showed it compute-bound (82% SM,
 // 21% DRAM): per element an online-logsumexp update with a branch and an accurate expf, an argmax update,
 // and per 32 elements two block reductions whose merges cost two expf at every level, in every thread.
@@ -358,6 +358,7 @@ __global__ void __launch_bounds__(kChunkThreads)
 // ------------------------------------------------------------------------------------------------
 constexpr int kFirstPassChunked = 0;  // RowChunkStatsKernel, row_splits<T>(V) chunks a row
 constexpr int kFirstPassWide = 1;     // RowWideStatsKernel, wide_row_splits<T>(V) chunks a row
+constexpr int kFirstPassAuto = 2;     // per launch, resolve_first_pass (the default)
 constexpr int kWideVecs = 16;
 
 template <typename T>
@@ -375,6 +376,22 @@ __host__ __device__ constexpr int wide_row_splits(int V) {
 template <typename T>
 __host__ __device__ constexpr int first_pass_splits(int kind, int V) {
   return kind == kFirstPassWide ? wide_row_splits<T>(V) : row_splits<T>(V);
+}
+
+// The first pass a launch over `rows` rows of V elements of T runs, for the process-wide setting `kind`:
+// kFirstPassChunked or kFirstPassWide as set; kFirstPassAuto picks what measured faster on an H200
+// (bench/results/gpu_h200_2026-11-26b.md): the chunked pass for verification in sample mode (its per-element
+// Philox and logs run better at the chunked pass's occupancy: wide 7% slower at B=64 and 256, K=8,
+// V=128256) and for launches with fewer wide blocks than SMs (their 4x larger chunks leave most SMs idle:
+// sample_draft of one sampled row of V=128256 ran 92 us wide against 34 us chunked); the wide pass otherwise
+// (greedy / BiLD verification at B=64, K=8, V=128256: 103 against 191 us; at B=256: 301 against 700 us;
+// sample_draft of 64 greedy rows: 18.5 against 32.4 us). `sms`: the device's multiprocessor count.
+// elem_size: sizeof(T) of the logits (2 or 4).
+inline int resolve_first_pass(int kind, int64_t rows, int V, int elem_size, bool sample_mode, int sms) {
+  if (kind != kFirstPassAuto) return kind;
+  if (sample_mode) return kFirstPassChunked;
+  const int64_t wide_chunk = static_cast<int64_t>(kChunkThreads) * kWideVecs * (16 / elem_size);
+  return rows * ((V + wide_chunk - 1) / wide_chunk) >= sms ? kFirstPassWide : kFirstPassChunked;
 }
 
 // 2^x, one MUFU instruction (relative error ~2^-22; subnormal results flush to zero, which a sum of

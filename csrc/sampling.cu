@@ -1,4 +1,5 @@
 // Torch layer of sample_draft: check inputs, allocate outputs, pick the current stream, launch (sampling.cuh).
+#include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
 
 #include <atomic>
@@ -8,16 +9,27 @@
 
 namespace bild {
 
-// Which first pass sample_draft and verify_draft launch (kFirstPassChunked or kFirstPassWide), for the
-// whole process; bild_kernels._C.first_pass(kind) sets it (CUDA graphs keep the kernel of their capture).
-static std::atomic<int> g_first_pass{kFirstPassChunked};
+// Which first pass sample_draft and verify_draft launch (kFirstPassChunked, kFirstPassWide or kFirstPassAuto),
+// for the whole process; bild_kernels._C.set_first_pass(kind) sets it (CUDA graphs keep the kernel of their
+// capture).
+static std::atomic<int> g_first_pass{kFirstPassAuto};
 
 int current_first_pass() { return g_first_pass.load(std::memory_order_relaxed); }
 
+// Returns the previous setting, or -1 (and changes nothing) for a kind that is none of the three: no C++
+// exception crosses this pybind11 binding (one thrown here crashed the process on an H200 machine whose
+// extension was built with another compiler than torch; the Python wrapper raises instead).
 int64_t set_first_pass(int64_t kind) {
-  TORCH_CHECK(kind == kFirstPassChunked || kind == kFirstPassWide,
-              "first_pass: kind must be 0 (chunked) or 1 (wide), got ", kind);
+  if (kind != kFirstPassChunked && kind != kFirstPassWide && kind != kFirstPassAuto) return -1;
   return g_first_pass.exchange(static_cast<int>(kind));
+}
+
+int device_sms() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+
+int64_t resolve_first_pass_for(int64_t rows, int64_t V, int64_t elem_size, bool sample_mode, int64_t sms) {
+  if (rows < 0 || V <= 0 || V >= (1LL << 31) || (elem_size != 2 && elem_size != 4) || sms <= 0) return -1;
+  return resolve_first_pass(current_first_pass(), rows, static_cast<int>(V), static_cast<int>(elem_size),
+                            sample_mode, static_cast<int>(sms));
 }
 
 // The per-row parameter vectors of sample_draft and verify_draft: [B] each, of the reference's dtypes.
@@ -72,7 +84,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_dr
     at::Tensor partials = at::empty({n_partials * static_cast<int64_t>(sizeof(RowPartial) / sizeof(float))}, f32);
     C10_CUDA_CHECK(SampleDraft<T>(static_cast<const T*>(z.const_data_ptr()), B, V, prm, out,
                                   reinterpret_cast<RowPartial*>(partials.data_ptr<float>()),
-                                  c10::cuda::getCurrentCUDAStream(), current_first_pass()));
+                                  c10::cuda::getCurrentCUDAStream(),
+                                  resolve_first_pass(current_first_pass(), B, static_cast<int>(V), sizeof(T), false,
+                                                     device_sms())));
   });
   return {token_ids, token_probs, max_probs, energies, fallback};
 }

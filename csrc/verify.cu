@@ -11,6 +11,7 @@ namespace bild {
 void check_row_params(const char* op, int64_t B, const at::Tensor& temperature, const at::Tensor& top_k,
                       const at::Tensor& top_p, const at::Tensor& seed, const at::Tensor& offset);  // sampling.cu
 int current_first_pass();  // sampling.cu
+int device_sms();          // sampling.cu
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_draft(
     const at::Tensor& draft_ids, const at::Tensor& target_logits, int64_t mode, const at::Tensor& rollback_threshold,
@@ -78,7 +79,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_draft(
                             reinterpret_cast<CutPartial*>(base + n_partials * sizeof(RowPartial))};
     C10_CUDA_CHECK(VerifyDraft<T>(ids.const_data_ptr<int64_t>(), static_cast<const T*>(z.const_data_ptr()), probs_ptr,
                                   B, K, V, static_cast<int>(mode), prm, out, scr, c10::cuda::getCurrentCUDAStream(),
-                                  current_first_pass()));
+                                  resolve_first_pass(current_first_pass(), B * (K + 1), static_cast<int>(V), sizeof(T),
+                                                     mode == kModeSample, device_sms())));
   });
   return {num_accepted, output_ids, distances, target_probs};
 }

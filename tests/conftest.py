@@ -15,7 +15,8 @@ def kernel_backends(first_passes: bool = False, cpu: bool = False):
 
     Triton runs on the GPU, or on the CPU under TRITON_INTERPRET=1; CUDA needs a GPU and the built
     extension. Backends that cannot run are still listed, skipped with the reason. With `first_passes`,
-    CUDA also runs with its wide first pass over the vocabulary ("cuda-wide": sample_draft and verify_draft);
+    CUDA (whose default first pass over the vocabulary, "auto", picks per launch) also runs with each first pass
+    forced ("cuda-chunked", "cuda-wide": sample_draft and verify_draft);
     with `cpu`, the CPU extension's backend too (the ops with one beside those of CPU_EXTENSION_OPS).
     """
     params = []
@@ -34,8 +35,9 @@ def kernel_backends(first_passes: bool = False, cpu: bool = False):
     params.append(pytest.param(("cuda", "cuda"), id="cuda",
                                marks=[] if cuda_ok else pytest.mark.skip(reason=why)))
     if first_passes:
-        params.append(pytest.param(("cuda", "cuda", "wide"), id="cuda-wide",
-                                   marks=[] if cuda_ok else pytest.mark.skip(reason=why)))
+        for kind in ("chunked", "wide"):
+            params.append(pytest.param(("cuda", "cuda", kind), id=f"cuda-{kind}",
+                                       marks=[] if cuda_ok else pytest.mark.skip(reason=why)))
     if cpu:
         from bild_kernels._backend import cpu_extension
         params.append(pytest.param(("cpu", "cpu"), id="cpu", marks=[] if cpu_extension() is not None else
@@ -63,7 +65,7 @@ def backend_device(request):
 
 @pytest.fixture(params=kernel_backends(first_passes=True, cpu=True))
 def backend_device_passes(request):
-    """backend_device, plus CUDA with its wide first pass and the CPU extension's backend (the ops that have
+    """backend_device, plus CUDA with each first pass forced and the CPU extension's backend (the ops that have
     both: sample_draft, verify_draft)."""
     yield from _backend_device(request)
 

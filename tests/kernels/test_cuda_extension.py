@@ -281,20 +281,54 @@ def test_native_kernel_binary(tmp_path):
 
 
 def test_cuda_first_pass_setting():
-    """The process-wide choice of the first pass over V (the per-op tests run the CUDA ops under both)."""
+    """The process-wide choice of the first pass over V (the per-op tests run the CUDA ops under each)."""
     from bild_kernels import cuda_first_pass
-    assert cuda_first_pass() == "chunked"  # the default until the wide pass has been measured on a GPU
-    assert cuda_first_pass("wide") == "chunked"
+    assert cuda_first_pass() == "auto"  # the default: per launch (csrc/common.cuh resolve_first_pass)
+    assert cuda_first_pass("wide") == "auto"
     try:
         assert cuda_first_pass() == "wide"
         with pytest.raises(ValueError, match="kind must be one of"):
             cuda_first_pass("fast")
         assert cuda_first_pass() == "wide"  # a refused value changes nothing
-    finally:
         assert cuda_first_pass("chunked") == "wide"
-    with pytest.raises(RuntimeError, match="kind must be 0"):
-        cuda_extension().set_first_pass(7)
-    assert cuda_first_pass() == "chunked"
+        assert cuda_first_pass() == "chunked"
+    finally:
+        assert cuda_first_pass("auto") == "chunked"
+    # the binding itself refuses another kind with -1, not a C++ exception (one crossing pybind11 crashed the
+    # process on an H200 machine), and changes nothing
+    assert cuda_extension().set_first_pass(7) == -1
+    assert cuda_extension().set_first_pass(-1) == -1
+    assert cuda_first_pass() == "auto"
+
+
+@pytest.mark.parametrize("kind", ["chunked", "wide", "auto"])
+def test_resolve_first_pass(kind):
+    """What each setting launches: chunked and wide as set; auto the chunked pass for sample-mode verification
+    and for launches with fewer wide blocks (rows x ceil(V / 32768) in bf16, / 16384 in fp32) than SMs, the
+    wide pass otherwise."""
+    from bild_kernels import cuda_first_pass
+    ext = cuda_extension()
+    old = cuda_first_pass(kind)
+    try:
+        for rows, V, size, sample, sms, auto in [
+                (576, 128256, 2, False, 132, 1),   # verify greedy / BiLD, B=64, K=8: 2304 wide blocks
+                (576, 128256, 2, True, 132, 0),    # the same in sample mode
+                (5, 128256, 2, False, 132, 0),     # B=1, K=4: 20 wide blocks on 132 SMs
+                (1, 128256, 2, False, 132, 0),     # sample_draft, one row
+                (33, 128256, 2, False, 132, 1),    # 33 * 4 = 132 wide blocks
+                (32, 128256, 2, False, 132, 0),
+                (66, 49152, 2, False, 132, 1),     # SmolLM2's vocabulary: 2 wide blocks a row
+                (65, 49152, 2, False, 132, 0),
+                (44, 49152, 4, False, 132, 1),     # fp32: 16384-element chunks, 3 a row
+                (43, 49152, 4, False, 132, 0),
+                (0, 111, 2, False, 132, 0)]:
+            want = {"chunked": 0, "wide": 1, "auto": auto}[kind]
+            assert ext.resolve_first_pass(rows, V, size, sample, sms) == want, (rows, V, size, sample, sms)
+        for bad in [(-1, 10, 2, False, 132), (1, 0, 2, False, 132), (1, 2**31, 2, False, 132),
+                    (1, 10, 8, False, 132), (1, 10, 2, False, 0)]:
+            assert ext.resolve_first_pass(*bad) == -1, bad
+    finally:
+        cuda_first_pass(old)
 
 
 @requires_gpu
@@ -324,7 +358,8 @@ def test_wide_first_pass_matches_chunked_at_serving_shapes(dtype):
     torch.testing.assert_close(s0.max_probs, s1.max_probs, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("value, want", [("wide", "wide"), ("chunked", "chunked"), ("fast", "must be one of")])
+@pytest.mark.parametrize("value, want", [("wide", "wide"), ("chunked", "chunked"), ("auto", "auto"),
+                                         ("fast", "must be one of")])
 def test_first_pass_from_the_environment(value, want):
     """BILD_FIRST_PASS sets the first pass when the extension loads; a bad value fails naming the variable."""
     code = "from bild_kernels import cuda_first_pass; print(cuda_first_pass())"
