@@ -459,13 +459,23 @@ __global__ void __launch_bounds__(kChunkThreads)
   const T* row = logits + static_cast<int64_t>(r) * V;
   RowPartial p;
   if (task.scaled) {  // sampling rows: the per-element statistics of z, z / t and the Gumbel draw
-    for_each_in_chunk<kWideVecs>(row, V, S, c, [&](int i, float z) {
-      p.z.add(z);
-      p.zmax.add(z, i);
-      const float sv = __fdiv_rn(z, task.t);
-      p.s.add(sv);
-      if (task.draw) p.g.add(sv + gumbel(task.seed, i, task.offset, task.purpose, task.position), i);
-    });
+    // Compute-bound (a Philox draw and two logs per element), so the wide chunk goes as the chunked pass's
+    // kWideVecs / kChunkVecs chunks that tile it, in turn: the same elements in the same order per thread
+    // (head first, tail last), a quarter of the loads in flight, and the registers of the chunked pass
+    // instead of 16 vectors' worth (which set the whole kernel's occupancy). Chunk c of S covers the chunked
+    // pass's chunks c * sub ... c * sub + sub - 1 of row_splits<T>(V); those past the last hold nothing.
+    constexpr int sub = kWideVecs / kChunkVecs;
+    static_assert(kWideVecs % kChunkVecs == 0, "a wide chunk is whole chunked-pass chunks");
+    const int S4 = row_splits<T>(V);
+    for (int g = 0; g < sub && c * sub + g < S4; ++g) {
+      for_each_in_chunk<kChunkVecs>(row, V, S4, c * sub + g, [&](int i, float z) {
+        p.z.add(z);
+        p.zmax.add(z, i);
+        const float sv = __fdiv_rn(z, task.t);
+        p.s.add(sv);
+        if (task.draw) p.g.add(sv + gumbel(task.seed, i, task.offset, task.purpose, task.position), i);
+      });
+    }
   } else {  // greedy / BiLD rows: the statistics of z per 16-byte vector
     WideStats w;
     for_each_vector_in_chunk<kWideVecs>(row, V, S, c, [&](const auto& e, int base) {
