@@ -24,15 +24,21 @@ from bild_kernels import reference as R  # noqa: E402
 from bild_kernels._backend import resolve  # noqa: E402
 
 
-def inputs(B, K, V, mode, device):
+# mode name -> (op mode, temperature, top_k, top_p) of the large model's tokens
+MODES = {"greedy": (R.MODE_GREEDY, 0.0, 0, 1.0), "bild": (R.MODE_BILD, 0.0, 0, 1.0), "sample": (R.MODE_SAMPLE, 0.8, 0, 1.0),
+         "bild-topk_topp": (R.MODE_BILD, 0.8, 50, 0.9)}  # BiLD with sampled tokens at the cut, top-k 50, top-p 0.9
+
+
+def inputs(B, K, V, mode_name, device):
+    mode, temp, top_k, top_p = MODES[mode_name]
     target_logits = (torch.randn(B, K + 1, V, device=device) * 4).to(torch.bfloat16)
     amax = target_logits[:, :K].float().argmax(2)
     draft_ids = torch.where(torch.rand(B, K, device=device) < 0.7, amax, torch.randint(0, V, (B, K), device=device))
     f = lambda x, dt: torch.full((B,), x, dtype=dt, device=device)  # noqa: E731
     draft_probs = torch.softmax(torch.randn(B, K, V, device=device), 2) if mode == R.MODE_SAMPLE else None
-    temperature = f(0.8 if mode == R.MODE_SAMPLE else 0.0, torch.float32)
-    return (draft_ids, target_logits, mode, f(2.0, torch.float32), draft_probs, temperature, f(0, torch.int32),
-            f(1.0, torch.float32), torch.arange(B, device=device, dtype=torch.int64), f(3, torch.int64))
+    return (draft_ids, target_logits, mode, f(2.0, torch.float32), draft_probs, f(temp, torch.float32),
+            f(top_k, torch.int32), f(top_p, torch.float32), torch.arange(B, device=device, dtype=torch.int64),
+            f(3, torch.int64))
 
 
 def implementation(backend, device):
@@ -49,14 +55,14 @@ def main() -> None:
     gpu = args.device == "cuda"
     shapes = pick_shapes(args, [(B, K, V) for V in (32000, 128256) for K in (4, 8) for B in (1, 8, 64, 256)] if gpu
                          else [(1, 4, 1000), (8, 4, 1000), (1, 4, 49152)])
-    modes = ["greedy", "bild", "sample"] if gpu else ["greedy", "sample"]
+    modes = ["greedy", "bild", "sample"] if gpu else ["greedy", "sample", "bild-topk_topp"]
     iters = args.iters or (50 if gpu else 3)
     backends = usable_backends(args.device, args.backends, first_pass=True, cpu_kernel=True)
     backends.sort(key=lambda b: b != "ref")  # ref first: the others report their speed-up against it
     fns = {b: implementation(b, args.device) for b in backends}
     for B, K, V in shapes:
         for mode in modes:
-            x = inputs(B, K, V, R.MODES[mode], args.device)
+            x = inputs(B, K, V, mode, args.device)
             base = None
             # (on a CPU the interpreted Triton kernels only at the small shapes: the default pair's are for ref/cpu)
             for b in [b for b in backends if runs_at(b, {"B": B, "V": V}) and (gpu or b != "triton" or V <= 1000)]:

@@ -1,17 +1,18 @@
-// sample_draft and verify_draft on CPU tensors for rows without a top-k / top-p filter: the "cpu" backend of
-// those two ops (bild_kernels/ops/_cpu_impls.py), exactly their references' definitions
-// (bild_kernels.reference.sample_draft_ref and verify_draft_ref) for the calls a CPU engine makes at every step:
-// greedy rows (temperature <= 0), and sampling rows (temperature > 0) without top-k / top-p, whose Gumbel-max
-// draws use the reference's Philox counter (the same code as csrc/common.cuh's host side). verify_draft: modes
-// greedy and bild (sample mode's accept/resample runs the reference). Per row one pass for the max, a scan for
+// sample_draft and verify_draft on CPU tensors: the "cpu" backend of those two ops (bild_kernels/ops/_cpu_impls.py),
+// exactly their references' definitions (bild_kernels.reference.sample_draft_ref and verify_draft_ref) for the
+// calls a CPU engine makes at every step: greedy rows (temperature <= 0) and sampling rows (temperature > 0), with
+// or without top-k / top-p, whose Gumbel-max draws use the reference's Philox counter (the same code as
+// csrc/common.cuh's host side). verify_draft: modes greedy and bild (sample mode's accept/resample runs the
+// reference). Top-k / top-p (filter_row) select without a full sort: the k-th largest by nth_element, top-p's
+// threshold from a partial sort of the most probable tokens that grows until their mass passes top_p. Per row one pass for the max, a scan for
 // its first index, one pass for sum(exp(z - max)) in AVX2; a sampling row adds one Philox draw and two logs per
 // logit. The references cost ~0.2-0.4 ms (sample_draft, one greedy row of 8,192 to 49,152) and ~1.6 ms
 // (verify_draft, four greedy positions of 49,152) a call in PyTorch ops on one core of the AMD EPYC, and several
 // milliseconds more per sampling row (the Philox rounds as int64 tensor ops); here tens of microseconds for a
 // greedy row.
 //
-// Each op returns a last output `handled` (a bool scalar): false when a row filters (top-k / top-p), or holds a
-// logit that is not finite at a position it needs (the references define NaN / inf rows through PyTorch's own
+// Each op returns a last output `handled` (a bool scalar): false when a row holds a logit that is not finite at a
+// position it needs (the references define NaN / inf rows through PyTorch's own
 // conventions); the Python wrapper then runs the reference on the whole call. Nothing is written then.
 //
 // Summation order: lane j (0..7) adds exp(z[k] - max) for k = j, j + 8, ... in increasing k, the lanes are added
@@ -27,7 +28,9 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <functional>
 #include <cstdint>
 #include <limits>
 #include <tuple>
@@ -134,6 +137,58 @@ void check_sampling_rows(const char* op, int64_t B, const at::Tensor& temperatur
 // Whether a row's top-k / top-p removes any of V tokens (common.cuh's top_k_top_p_on).
 inline bool filters(int32_t top_k, float top_p, int64_t V) { return (top_k > 0 && top_k < V) || top_p < 1.0f; }
 
+// reference._filter_top_k_top_p on one row s [V] (scaled logits, finite max): filt[v] = s[v] where v passes
+// both filters, else -inf. top-k keeps s[v] >= the k-th largest s (exact: the same comparisons). top-p keeps
+// q[v] >= thr, q = softmax(s) in float32, thr the n-th largest q where n = max(1, #{i : excl_i < top_p}) over
+// the q sorted in descending order, excl_i = float(cumsum_i) - q_i with the cumulative sum in double (as
+// torch.cumsum accumulates float32 on a CPU). Only a prefix of that order is needed: it is sorted (partial
+// sort) until excl passes top_p by a margin (excl never falls by more than a float32 rounding of a sum <= 1
+// later), doubling from 64 entries. q comes from this file's exp, the reference's from PyTorch's: a kept set
+// can differ only where the mass crosses top_p within float rounding.
+void filter_row(const float* s, int64_t V, int32_t top_k, float top_p, float smax, std::vector<float>& filt,
+                std::vector<float>& work) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  filt.assign(s, s + V);
+  if (top_k > 0 && top_k < V) {
+    work.assign(s, s + V);
+    std::nth_element(work.begin(), work.begin() + (top_k - 1), work.end(), std::greater<float>());
+    const float kth = work[static_cast<size_t>(top_k - 1)];
+    for (int64_t v = 0; v < V; ++v) filt[v] = s[v] >= kth ? filt[v] : kNegInf;
+  }
+  if (top_p < 1.0f) {
+    std::vector<float>& q = work;
+    q.resize(static_cast<size_t>(V));
+    double sum = 0.0;
+    for (int64_t v = 0; v < V; ++v) sum += q[v] = std::exp(s[v] - smax);
+    const float inv = static_cast<float>(1.0 / sum);
+    for (int64_t v = 0; v < V; ++v) q[v] *= inv;
+    std::vector<float> sorted(q);
+    int64_t n_keep = 0, m = std::min<int64_t>(V, 64);
+    for (;;) {
+      std::partial_sort(sorted.begin(), sorted.begin() + m, sorted.end(), std::greater<float>());
+      double acc = 0.0;
+      float excl = 0.0f;
+      n_keep = 0;
+      for (int64_t i = 0; i < m; ++i) {
+        acc += static_cast<double>(sorted[i]);
+        excl = static_cast<float>(acc) - sorted[i];
+        n_keep += excl < top_p;
+      }
+      if (m == V || excl >= top_p + 1e-5f) break;
+      m = std::min<int64_t>(V, 2 * m);
+    }
+    const float thr = sorted[static_cast<size_t>(std::max<int64_t>(n_keep, 1) - 1)];
+    for (int64_t v = 0; v < V; ++v) filt[v] = q[v] >= thr ? filt[v] : kNegInf;
+  }
+}
+
+// logsumexp of a row with a finite max m (entries may be -inf), in double.
+float row_lse(const float* x, int64_t V, float m) {
+  double sum = 0.0;
+  for (int64_t v = 0; v < V; ++v) sum += std::exp(static_cast<double>(x[v]) - m);
+  return static_cast<float>(m + std::log(sum));
+}
+
 at::Tensor flag(bool v) { return at::scalar_tensor(v, at::TensorOptions().dtype(at::kBool)); }
 
 }  // namespace
@@ -160,10 +215,10 @@ int64_t gumbel_argmax(const float* s, int64_t V, int64_t seed, int64_t offset, i
 
 // logits [B, V] f32; temperature, top_p, fallback_threshold [B] f32; top_k [B] i32; seed, offset [B] i64 ->
 // (token_ids [B] i64, token_probs, max_probs, energies [B] f32, fallback [B] bool, handled bool scalar)
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_sample_draft_unfiltered(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_sample_draft(
     const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k, const at::Tensor& top_p,
     const at::Tensor& seed, const at::Tensor& offset, const at::Tensor& fallback_threshold) {
-  constexpr const char* op = "cpu_sample_draft_unfiltered";
+  constexpr const char* op = "cpu_sample_draft";
   check_logits(op, logits, 2);
   const int64_t B = logits.size(0), V = logits.size(1);
   check_sampling_rows(op, B, temperature, top_k, top_p, seed, offset);
@@ -175,9 +230,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const float* t = temperature.data_ptr<float>();
   const int32_t* k = top_k.data_ptr<int32_t>();
   const float* p = top_p.data_ptr<float>();
-  for (int64_t b = 0; b < B; ++b) {  // no row filters, or the reference does the whole call
-    if (filters(k[b], p[b], V)) return unhandled();
-  }
 #ifdef BILD_X86
   const float* z = logits.data_ptr<float>();
   const float* thr = fallback_threshold.data_ptr<float>();
@@ -188,24 +240,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   float* mp = maxp.data_ptr<float>();
   float* en = energy.data_ptr<float>();
   bool* fb = fallback.data_ptr<bool>();
-  std::vector<float> scaled;
+  std::vector<float> scaled, filt, work;
   for (int64_t b = 0; b < B; ++b) {
     const float* zr = z + b * V;
+    const bool filtered = filters(k[b], p[b], V);
     RowStats zs;
     if (!row_stats(zr, V, &zs)) return unhandled();
     mp[b] = std::exp(zs.max - zs.lse);  // at temperature 1, unfiltered
-    if (t[b] <= 0.0f) {  // greedy: the argmax, its probability at temperature 1
+    if (t[b] <= 0.0f) {  // greedy: the argmax (which both filters keep), its probability at temperature 1
       tok[b] = zs.argmax;
-      pr[b] = mp[b];
       en[b] = -zs.lse;
-    } else {  // s = z / T; the token argmax(s + g); its probability under softmax(s); energy -T logsumexp(s)
+      pr[b] = mp[b];
+      if (filtered) {  // ... renormalised over the tokens the filters keep
+        filter_row(zr, V, k[b], p[b], zs.max, filt, work);
+        pr[b] = std::exp(zs.max - row_lse(filt.data(), V, zs.max));
+      }
+    } else {  // s = z / T; the token argmax(filter(s) + g); its probability under softmax(filter(s)); energy
+              // -T logsumexp(s), unfiltered
       scaled.resize(static_cast<size_t>(V));
       for (int64_t v = 0; v < V; ++v) scaled[v] = zr[v] / t[b];
       RowStats ss;
       if (!row_stats(scaled.data(), V, &ss)) return unhandled();
-      tok[b] = gumbel_argmax(scaled.data(), V, sd[b], off[b], kPurposeDraftSample, 0);
-      pr[b] = std::exp(scaled[tok[b]] - ss.lse);
       en[b] = -t[b] * ss.lse;
+      if (filtered) {
+        filter_row(scaled.data(), V, k[b], p[b], ss.max, filt, work);
+        tok[b] = gumbel_argmax(filt.data(), V, sd[b], off[b], kPurposeDraftSample, 0);
+        pr[b] = std::exp(filt[tok[b]] - row_lse(filt.data(), V, ss.max));
+      } else {
+        tok[b] = gumbel_argmax(scaled.data(), V, sd[b], off[b], kPurposeDraftSample, 0);
+        pr[b] = std::exp(scaled[tok[b]] - ss.lse);
+      }
     }
     fb[b] = mp[b] < thr[b];
   }
@@ -219,12 +283,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 // rollback_threshold, temperature, top_p [B] f32; top_k [B] i32; seed, offset [B] i64 ->
 // (num_accepted [B] i32, output_ids [B, K+1] i64, distances [B, K] f32, target_probs [B, K+1] f32, handled bool
 // scalar). Statistics only at the positions j <= n_b a row uses. A sampling row (temperature > 0) emits at its
-// cut c the argmax of log q_c + g, q_c = softmax(z_c / T), g = gumbel(seed, v, offset, VERIFY_TOKEN, c).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_verify_draft_unfiltered(
+// cut c the argmax of log q_c + g, q_c = softmax(filter(z_c / T)), g = gumbel(seed, v, offset, VERIFY_TOKEN, c);
+// a greedy row emits the argmax whatever its filters (the reference's q is then one-hot at the argmax).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_verify_draft(
     const at::Tensor& draft_ids, const at::Tensor& logits, int64_t mode, const at::Tensor& rollback_threshold,
     const at::Tensor& temperature, const at::Tensor& top_k, const at::Tensor& top_p, const at::Tensor& seed,
     const at::Tensor& offset) {
-  constexpr const char* op = "cpu_verify_draft_unfiltered";
+  constexpr const char* op = "cpu_verify_draft";
   check_logits(op, logits, 3);
   const int64_t B = logits.size(0), K1 = logits.size(1), K = K1 - 1, V = logits.size(2);
   TORCH_CHECK(mode == 0 || mode == 1, op, ": mode must be 0 (greedy) or 1 (bild), got ", mode);
@@ -241,9 +306,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_verif
   const float* t = temperature.data_ptr<float>();
   const int32_t* tk = top_k.data_ptr<int32_t>();
   const float* tp_ = top_p.data_ptr<float>();
-  for (int64_t b = 0; b < B; ++b) {  // a sampling row that filters: the reference does the whole call
-    if (!(t[b] <= 0.0f) && filters(tk[b], tp_[b], V)) return unhandled();
-  }
 #ifdef BILD_X86
   const int64_t* ids = draft_ids.data_ptr<int64_t>();
   const float* z = logits.data_ptr<float>();
@@ -254,7 +316,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_verif
   int64_t* out = out_ids.data_ptr<int64_t>();
   float* dist = distances.data_ptr<float>();
   float* tp = target_probs.data_ptr<float>();
-  std::vector<float> logq;
+  std::vector<float> logq, filt, work;
   for (int64_t b = 0; b < B; ++b) {
     const int64_t* row = ids + b * K;
     int64_t n = 0;
@@ -280,7 +342,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_verif
     }
     // c <= n always: position n is never accepted. Positions past the cut still get their distances and
     // target probabilities (the reference reports them for every drafted position).
-    if (!(t[b] <= 0.0f)) {  // a sampling row draws its token at the cut from q_c = softmax(z_c / T)
+    if (!(t[b] <= 0.0f)) {  // a sampling row draws its token at the cut from q_c = softmax(filter(z_c / T))
       const float* zc = z + (b * K1 + c) * V;
       logq.resize(static_cast<size_t>(V));
       float m = -std::numeric_limits<float>::infinity();
@@ -289,6 +351,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_verif
         m = logq[v] > m ? logq[v] : m;
       }
       if (!std::isfinite(m)) return unhandled();
+      if (filters(tk[b], tp_[b], V)) {  // the filters keep the max, so m stays the filtered row's max
+        filter_row(logq.data(), V, tk[b], tp_[b], m, filt, work);
+        logq.swap(filt);
+      }
       float sum = 0.0f;
       for (int64_t v = 0; v < V; ++v) sum += logq[v] = std::exp(logq[v] - m);
       for (int64_t v = 0; v < V; ++v) logq[v] = std::log(logq[v] / sum);  // log of q as softmax gives it
@@ -307,14 +373,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_verif
 }  // namespace bild
 
 TORCH_LIBRARY_FRAGMENT(bild_kernels_cpu, m) {
-  m.def("cpu_sample_draft_unfiltered(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor seed, "
+  m.def("cpu_sample_draft(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor seed, "
         "Tensor offset, Tensor fallback_threshold) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("cpu_verify_draft_unfiltered(Tensor draft_ids, Tensor logits, int mode, Tensor rollback_threshold, "
+  m.def("cpu_verify_draft(Tensor draft_ids, Tensor logits, int mode, Tensor rollback_threshold, "
         "Tensor temperature, Tensor top_k, Tensor top_p, Tensor seed, Tensor offset) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(bild_kernels_cpu, CPU, m) {
-  m.impl("cpu_sample_draft_unfiltered", &bild::cpu_sample_draft_unfiltered);
-  m.impl("cpu_verify_draft_unfiltered", &bild::cpu_verify_draft_unfiltered);
+  m.impl("cpu_sample_draft", &bild::cpu_sample_draft);
+  m.impl("cpu_verify_draft", &bild::cpu_verify_draft);
 }

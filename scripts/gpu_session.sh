@@ -18,20 +18,22 @@
 # 2026-11-26 on an H100 (bench/results/gpu_h100_2026-11-26.md): the GPU-only tests of both distillation kinds and
 # of the graphed draft loop and passes (7 passed), `build profile bench_targets` (143 s), and the shipped feature
 # draft distilled there (scripts/gpu_carry.sh carries the GGUF, one call per part, then `bild distill --device cuda
-# --kind feature ...`: 493 s for a 3-minute corpus and 4 minutes of training). Not yet run anywhere: profile_step,
-# ctest.
-# Next distillation (the feature draft's agreement was still rising, 0.510 -> 0.568 over its 4 minutes): pack,
-# stash the parts (one call each, within 30 s of the last), and in the last call go on from the shipped draft on
-# fresh answers:
-#   ... && python3 -m bild_kernels.cli distill --device cuda --kind feature --large "$BILD_LARGE" \
-#        --init-draft bild_kernels/data/smollm2-135m-instruct-feature-draft --corpus-seed 1 --prompts 23704 \
-#        --corpus-minutes 3 --minutes 4 --work-dir /tmp/w --out /tmp/draft   (cp bench/data/corpus_eval_*.pt
-#        /tmp/w/corpus_eval.pt first; tar and split the draft into $OUT as the 2026-11-26 run did)
-# Plan for the next session lent 15 minutes (2026-11-26 evening): the first call
-#   run: BILD_REV=<rev> DEADLINE=420 bash scripts/gpu_session.sh build wide profile_step ctest
-# (the wide first pass's tests on the GPU, both first passes timed and profiled; the engine's GPU time split at
-# the Llama-1B shapes; the CMake build and ctest), then the parts and the warm-start distillation above in the
-# remaining calls. If `wide` passes and beats `chunked`, make it the default (csrc/sampling.cu g_first_pass).
+# --kind feature ...`: 493 s for a 3-minute corpus and 4 minutes of training).
+# 2026-11-26 evening on an H200 (bench/results/gpu_h200_2026-11-26b.md), two calls, 664 s: with the four-layer
+# draft moved out of the checkout (`mv bild_kernels/data/smollm2-135m-instruct-draft /tmp/`, put back after),
+# `scripts/gpu_carry.sh pack` makes two parts; call 1 `bash scripts/gpu_carry.sh stash .carry1 && BILD_REV=<rev>
+# DEADLINE=250 GPU_TEST_WORKERS=12 bash scripts/gpu_session.sh build wide ctest wide_profile` (169 s), call 2
+# `bash scripts/gpu_carry.sh stash .carry2 && eval "$(bash scripts/gpu_carry.sh unpack)" && mkdir -p /tmp/w &&
+# cp bench/data/corpus_eval_smollm2-135m-instruct.pt /tmp/w/corpus_eval.pt && python3 -m bild_kernels.cli distill
+# --device cuda --kind feature --large "$BILD_LARGE" --init-draft bild_kernels/data/smollm2-135m-instruct-feature-draft
+# --corpus-seed 1 --prompts 23704 --corpus-batch-size 768 --corpus-minutes 2 --minutes 4 --work-dir /tmp/w
+# --out /tmp/draft > $OUT/distill.log 2>&1; tar czf $OUT/draft.tgz -C /tmp draft` (436 s; agreement 0.567 ->
+# 0.585, flat in its last minute). Not yet run anywhere: profile_step.
+# Plan for the next session lent 15 minutes: the first call
+#   run: BILD_REV=<rev> DEADLINE=420 bash scripts/gpu_session.sh build wide wide_profile profile_step
+# (the `auto` first pass and the wide pass's sampling rows, changed since 2026-11-26b, tested and timed beside
+# both forced passes; the engine's GPU time split at the Llama-1B shapes), then, if the tree is packed as above,
+# a distillation that tries more data per prompt (`--samples-per-prompt 2 --corpus-seed 2`) from the shipped draft.
 # DEADLINE (seconds from the start): each stage is cut (timeout) so that the whole script, the tarball
 # included, ends before it; a stage with under 20 s left is skipped. Each stage also has its own cap.
 # BILD_REV names the revision in the result rows where the copy has no .git.

@@ -34,21 +34,20 @@ for _op in CPU_EXTENSION_OPS:
     register(_op, "cpu", getattr(torch.ops.bild_kernels_cpu, _op))
 
 
-# sample_draft and verify_draft: csrc/cpu_sampling.cpp computes calls whose rows do not filter (no top-k / top-p;
-# greedy rows of verify_draft may) over finite logits, in modes greedy and bild for verify_draft: every step of a
-# CPU engine without top-k / top-p. It reports the other calls unhandled, and the reference computes those (the
-# same definitions; tested against each other).
-@torch.library.register_fake("bild_kernels_cpu::cpu_sample_draft_unfiltered")
-def _sample_draft_unfiltered_fake(logits, temperature, top_k, top_p, seed, offset, fallback_threshold):
+# sample_draft and verify_draft: csrc/cpu_sampling.cpp computes calls over finite logits, greedy and sampling rows
+# with or without top-k / top-p, in modes greedy and bild for verify_draft: every step of a CPU engine but
+# speculative sampling's. It reports the other calls unhandled (a row whose max is not finite, float64 logits go
+# straight to the reference), and the reference computes those (the same definitions; tested against each other).
+@torch.library.register_fake("bild_kernels_cpu::cpu_sample_draft")
+def _cpu_sample_draft_fake(logits, temperature, top_k, top_p, seed, offset, fallback_threshold):
     B = logits.shape[0]
     f = logits.new_empty((B,), dtype=torch.float32)
     return (logits.new_empty((B,), dtype=torch.int64), f, f.clone(), f.clone(),
             logits.new_empty((B,), dtype=torch.bool), logits.new_empty((), dtype=torch.bool))
 
 
-@torch.library.register_fake("bild_kernels_cpu::cpu_verify_draft_unfiltered")
-def _verify_draft_unfiltered_fake(draft_ids, logits, mode, rollback_threshold, temperature, top_k, top_p, seed,
-                                  offset):
+@torch.library.register_fake("bild_kernels_cpu::cpu_verify_draft")
+def _cpu_verify_draft_fake(draft_ids, logits, mode, rollback_threshold, temperature, top_k, top_p, seed, offset):
     B, K1, _ = logits.shape
     return (logits.new_empty((B,), dtype=torch.int32), logits.new_empty((B, K1), dtype=torch.int64),
             logits.new_empty((B, K1 - 1), dtype=torch.float32), logits.new_empty((B, K1), dtype=torch.float32),
@@ -62,7 +61,7 @@ def _as_f32(logits):
 
 def cpu_sample_draft(logits, temperature, top_k, top_p, seed, offset, fallback_threshold):
     if logits.dtype != torch.float64:
-        *out, handled = torch.ops.bild_kernels_cpu.cpu_sample_draft_unfiltered(
+        *out, handled = torch.ops.bild_kernels_cpu.cpu_sample_draft(
             _as_f32(logits).contiguous(), temperature, top_k, top_p, seed, offset, fallback_threshold)
         if handled:
             return tuple(out)
@@ -72,7 +71,7 @@ def cpu_sample_draft(logits, temperature, top_k, top_p, seed, offset, fallback_t
 def cpu_verify_draft(draft_ids, target_logits, mode, rollback_threshold, draft_probs, temperature, top_k, top_p,
                      seed, offset):
     if mode != R.MODE_SAMPLE and target_logits.dtype != torch.float64:
-        *out, handled = torch.ops.bild_kernels_cpu.cpu_verify_draft_unfiltered(
+        *out, handled = torch.ops.bild_kernels_cpu.cpu_verify_draft(
             draft_ids, _as_f32(target_logits).contiguous(), mode, rollback_threshold, temperature, top_k, top_p,
             seed, offset)
         if handled:

@@ -217,31 +217,29 @@ def test_sample_draft_greedy_rows(backend_device_passes, B, V, dtype, atol, rtol
           atol, rtol)
 
 
-def test_sample_draft_cpu_kernel_handles_unfiltered_rows_only():
-    """The CPU extension computes calls whose rows do not filter (greedy and sampling rows) over rows with a finite
-    max itself and reports every other call unhandled (its wrapper then runs the reference): checked on the op,
-    not through the wrapper, so a kernel that never handled anything could not pass for one that does."""
+def test_sample_draft_cpu_kernel_handles_every_row_over_finite_logits():
+    """The CPU extension computes greedy and sampling rows, with and without top-k / top-p, itself and reports a
+    call unhandled only for a row whose max is not finite (its wrapper then runs the reference): checked on the
+    op, not through the wrapper, so a kernel that never handled anything could not pass for one that does."""
     from bild_kernels._backend import cpu_extension
     if cpu_extension() is None:
         pytest.skip("bild_kernels._cpu was not built or needs AVX2/FMA")
-    op = torch.ops.bild_kernels_cpu.cpu_sample_draft_unfiltered
+    op = torch.ops.bild_kernels_cpu.cpu_sample_draft
     B, V = 5, 1001
     logits, thr = _greedy_rows(B, V, "cpu")
     t, k, p = torch.zeros(B), torch.zeros(B, dtype=torch.int32), torch.ones(B)
     seed, offset = torch.arange(B) * 7919 + 1, torch.arange(B) * 3
     sampling = t.clone()
     sampling[3:] = torch.tensor([0.7, 1.3])
-    for temp in (t, sampling):  # all greedy; greedy and sampling rows side by side
-        *out, handled = op(logits, temp, k, p, seed, offset, thr)
+    top_k, top_p = k.clone(), p.clone()
+    top_k[3], top_p[4], top_k[0], top_p[1] = 5, 0.9, 3, 0.5  # sampling rows and greedy rows that filter
+    for temp, kk, pp in ((t, k, p), (sampling, k, p), (t, top_k, top_p), (sampling, top_k, top_p)):
+        *out, handled = op(logits, temp, kk, pp, seed, offset, thr)
         assert bool(handled)
-        want = R.sample_draft_ref(logits, temp, k, p, seed, offset, thr)
+        want = R.sample_draft_ref(logits, temp, kk, pp, seed, offset, thr)
         assert torch.equal(out[0], want[0]) and torch.equal(out[4], want[4])
         for g, w in zip(out[1:4], want[1:4]):
             torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-5)
-    top_k, top_p = k.clone(), p.clone()
-    top_k[3], top_p[4] = 5, 0.9
-    for args in ((logits, t, top_k, p), (logits, sampling, k, top_p)):
-        assert not bool(op(*args, seed, offset, thr)[-1])
     for bad in (float("nan"), float("inf")):
         z = logits.clone()
         z[4, 17] = bad
@@ -249,6 +247,30 @@ def test_sample_draft_cpu_kernel_handles_unfiltered_rows_only():
     z = logits.clone()
     z[4] = float("-inf")  # a row with no finite logit
     assert not bool(op(z, t, k, p, seed, offset, thr)[-1])
+
+
+@pytest.mark.parametrize("V", [257, 8192, 49152])
+def test_sample_draft_cpu_filtered_rows_follow_the_reference(V):
+    """Rows with top-k, top-p or both on the CPU kernel, greedy and sampling, over many counters: the reference's
+    tokens, flags and probabilities, with top-p's cut-off at every rank from the first token (top_p below the
+    largest probability) to hundreds of tokens deep (the kernel's partial sort grows past its first 64)."""
+    from bild_kernels._backend import cpu_extension
+    if cpu_extension() is None:
+        pytest.skip("bild_kernels._cpu was not built or needs AVX2/FMA")
+    B = 48
+    g = torch.Generator().manual_seed(V)
+    logits = torch.randn(B, V, generator=g) * torch.linspace(0.5, 6.0, B).unsqueeze(1)  # flat to peaked rows
+    temperature = torch.rand(B, generator=g) + 0.3
+    temperature[::4] = 0.0
+    pick = torch.arange(B) % 3  # 0 top-k, 1 top-p, 2 both
+    top_k = torch.where(pick != 1, torch.randint(1, min(V, 300), (B,), generator=g), 0).int()
+    rank = torch.where(pick != 0, torch.randint(0, min(V, 400), (B,), generator=g), -1)
+    top_p = robust_top_p(logits, temperature, rank)
+    seed = torch.randint(0, 2**62, (B,), generator=g)
+    offset = torch.randint(0, 2**40, (B,), generator=g)
+    got = check("cpu", logits, temperature, top_k, top_p, seed, offset, torch.rand(B, generator=g), 1e-5, 1e-5)
+    sampled = temperature > 0
+    assert (got.token_ids[sampled] != logits[sampled].argmax(1)).any()  # draws, not only argmaxes
 
 
 def test_sample_draft_cpu_sampling_rows_follow_the_counter():

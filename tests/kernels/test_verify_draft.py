@@ -228,38 +228,56 @@ def test_verify_draft_greedy_rows_dtypes(backend_device_passes, dtype, atol, rto
         check(backend, mode, draft_ids, target_logits, None, params, atol=atol, rtol=rtol)
 
 
-def test_verify_draft_cpu_kernel_handles_unfiltered_rows_only():
-    """The CPU extension computes calls in greedy and bild modes whose sampling rows do not filter, over rows with a
-    finite max, itself, and reports every other call unhandled (its wrapper then runs the reference): checked on
-    the op directly."""
+def test_verify_draft_cpu_kernel_handles_greedy_and_bild_calls():
+    """The CPU extension computes calls in greedy and bild modes, sampling rows with and without top-k / top-p,
+    over rows with a finite max, itself, and reports a call with a non-finite row unhandled (its wrapper then runs
+    the reference): checked on the op directly."""
     from bild_kernels._backend import cpu_extension
     if cpu_extension() is None:
         pytest.skip("bild_kernels._cpu was not built or needs AVX2/FMA")
-    op = torch.ops.bild_kernels_cpu.cpu_verify_draft_unfiltered
+    op = torch.ops.bild_kernels_cpu.cpu_verify_draft
     draft_ids, z, params = _greedy_case(7, 4, 1001, "cpu")
     thr, t, k, p = params["rollback_threshold"], params["temperature"], params["top_k"], params["top_p"]
     seed, offset = torch.arange(7) * 104729 + 5, torch.arange(7) * 11
     sampling = t.clone()
     sampling[2:5] = torch.tensor([0.8, 1.0, 1.6])
-    for temp in (t, sampling):
+    top_k, top_p = k.clone(), p.clone()
+    top_k[3], top_p[4], top_k[2], top_p[2], top_k[0] = 20, 0.7, 50, 0.95, 20  # sampling rows and a greedy row
+    for temp, kk, pp in ((t, k, p), (sampling, k, p), (sampling, top_k, top_p)):
         for mode in (R.MODE_GREEDY, R.MODE_BILD):
-            *out, handled = op(draft_ids, z, mode, thr, temp, k, p, seed, offset)
+            *out, handled = op(draft_ids, z, mode, thr, temp, kk, pp, seed, offset)
             assert bool(handled)
-            want = R.verify_draft_ref(draft_ids, z, mode, thr, None, temp, k, p, seed, offset)
+            want = R.verify_draft_ref(draft_ids, z, mode, thr, None, temp, kk, pp, seed, offset)
             assert torch.equal(out[0], want[0]) and torch.equal(out[1], want[1])
             torch.testing.assert_close(out[2], want[2], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(out[3], want[3], atol=1e-6, rtol=1e-5)
-    top_k = k.clone()
-    top_k[3] = 20  # a sampling row that filters
-    assert not bool(op(draft_ids, z, R.MODE_BILD, thr, sampling, top_k, p, seed, offset)[-1])
-    top_k = k.clone()
-    top_k[0] = 20  # a greedy row's filter changes nothing: handled
-    assert bool(op(draft_ids, z, R.MODE_BILD, thr, sampling, top_k, p, seed, offset)[-1])
     nan = z.clone()
     nan[0, 0, 5] = float("nan")  # row 0 drafts all K: position 0 is read
     assert not bool(op(draft_ids, nan, R.MODE_BILD, thr, t, k, p, seed, offset)[-1])
     with pytest.raises(RuntimeError, match="mode"):
         op(draft_ids, z, R.MODE_SAMPLE, thr, t, k, p, seed, offset)
+
+
+def test_verify_draft_cpu_filtered_rows_emit_the_reference_tokens():
+    """Sampling rows with top-k, top-p or both on the CPU kernel emit the reference's token at their cut over many
+    counters (top-p from the first token to hundreds deep)."""
+    from bild_kernels._backend import cpu_extension
+    if cpu_extension() is None:
+        pytest.skip("bild_kernels._cpu was not built or needs AVX2/FMA")
+    B, K, V = 36, 3, 4099
+    draft_ids, z, params = _greedy_case(B, K, V, "cpu", seed0=11)
+    g = torch.Generator().manual_seed(5)
+    params["temperature"] = torch.rand(B, generator=g) + 0.5
+    pick = torch.arange(B) % 3  # 0 top-k, 1 top-p, 2 both
+    params["top_k"] = torch.where(pick != 1, torch.randint(1, 300, (B,), generator=g), 0).int()
+    params["top_p"] = torch.where(pick != 0, torch.rand(B, generator=g) * 0.98 + 0.01, torch.ones(B))
+    params["seed"] = torch.randint(0, 2**62, (B,), generator=g)
+    params["offset"] = torch.randint(0, 2**40, (B,), generator=g)
+    for mode in ("greedy", "bild"):
+        got = check("cpu", mode, draft_ids, z, None, params)
+        cut = got.num_accepted.long()
+        emitted = got.output_ids.gather(1, cut[:, None]).squeeze(1)
+        assert (emitted != z.argmax(2).gather(1, cut[:, None]).squeeze(1)).any()  # draws, not only argmaxes
 
 
 def test_verify_draft_cpu_sampling_rows_emit_the_reference_tokens():
