@@ -8,7 +8,10 @@ Random numbers: every random op draws from one counter-based generator, Philox4x
 per-row int64 `seed` and addressed by a counter (c0, c1, c2, c3) = (index, offset_lo, offset_hi,
 purpose << 24 | position). `index` runs over the vocabulary (or is 0 for a single draw), `offset`
 is the per-row int64 step counter the caller advances, `purpose` separates the streams of
-different ops. The first output word x gives the uniform u = ((x >> 8) + 0.5) / 2**24 in (0, 1).
+different ops. The first output word x gives the uniform u = ((x >> 9) + 0.5) / 2**23, exact in float32, in
+[2**-24, 1 - 2**-24]: never 0 or 1, so a Gumbel draw -log(-log(u)) is finite and at most GUMBEL_MAX, which lets
+a Gumbel-max kernel skip the draw of any logit that cannot beat its best so far and still return exactly this
+reference's token.
 Because the counter, not a hidden state, addresses every number, the op can be captured in a CUDA
 graph (seed and offset are device tensors) and this reference reproduces the kernels exactly.
 """
@@ -65,12 +68,22 @@ def uniform_ref(seed, index, offset, purpose: int, position) -> torch.Tensor:
     offset = torch.as_tensor(offset, dtype=torch.int64)
     position = torch.as_tensor(position, dtype=torch.int64)
     x = philox_ref(seed, index, offset & _M32, (offset >> 32) & _M32, (purpose << 24) | position)
-    return (((x >> 8).to(torch.float64) + 0.5) / 2.0**24).to(torch.float32)
+    return uniform_of_word(x)
+
+
+def uniform_of_word(x: torch.Tensor) -> torch.Tensor:
+    """u = ((x >> 9) + 0.5) / 2**23 in float32 (exact) of Philox output words x (int64 tensors in [0, 2**32))."""
+    return (((x >> 9).to(torch.float64) + 0.5) / 2.0**23).to(torch.float32)
 
 
 def gumbel_ref(seed, index, offset, purpose: int, position) -> torch.Tensor:
     u = uniform_ref(seed, index, offset, purpose, position)
     return -torch.log(-torch.log(u))
+
+
+# An upper bound of every Gumbel draw in float32: -log(-log(1 - 2**-24)) = 16.6355..., rounded up with room for
+# a log that is a few ulps off (tested against the largest draw the formula can give).
+GUMBEL_MAX = 16.64
 
 
 # --------------------------------------------------------------------------------------------

@@ -53,15 +53,18 @@ __host__ __device__ inline uint32_t philox_first_word(uint64_t seed, uint32_t c0
   return c0;
 }
 
-// Counter (index, offset_lo, offset_hi, purpose << 24 | position); u = ((x >> 8) + 0.5) / 2^24.
-// (x >> 8) < 2^24 converts exactly; the one rounding (of + 0.5) is round-to-even like the reference's
-// float64 -> float32 cast, and the scaling by 2^-24 is exact.
+// Counter (index, offset_lo, offset_hi, purpose << 24 | position); u = ((x >> 9) + 0.5) / 2^23, exact in float
+// ((x >> 9) + 0.5 < 2^23 has a spare bit), in [2^-24, 1 - 2^-24]: a Gumbel draw is finite and below kGumbelMax.
 __host__ __device__ inline float uniform(int64_t seed, uint32_t index, int64_t offset, int purpose, int position) {
   const uint32_t x = philox_first_word(static_cast<uint64_t>(seed), index, static_cast<uint32_t>(offset),
                                        static_cast<uint32_t>(static_cast<uint64_t>(offset) >> 32),
                                        (static_cast<uint32_t>(purpose) << 24) | static_cast<uint32_t>(position));
-  return (static_cast<float>(x >> 8) + 0.5f) * (1.0f / 16777216.0f);
+  return (static_cast<float>(x >> 9) + 0.5f) * (1.0f / 8388608.0f);
 }
+
+// reference.GUMBEL_MAX: above every gumbel() (-log(-log(1 - 2^-24)) = 16.6355...), so a logit s with
+// s + kGumbelMax < the best draw so far cannot win a Gumbel-max and its draw can be skipped.
+constexpr float kGumbelMax = 16.64f;
 
 __host__ __device__ inline float gumbel(int64_t seed, uint32_t index, int64_t offset, int purpose, int position) {
   return -logf(-logf(uniform(seed, index, offset, purpose, position)));

@@ -66,13 +66,15 @@ inline uint32_t philox_first_word(uint64_t seed, uint32_t c0, uint32_t c1, uint3
 }
 
 constexpr int kPurposeDraftSample = 1, kPurposeVerifyToken = 3;  // reference.PURPOSE_*
+constexpr float kGumbelMax = 16.64f;                              // reference.GUMBEL_MAX
 
-// reference.gumbel_ref at vocabulary index v: u = float32(((x >> 8) + 0.5) / 2^24) in float64, g = -log(-log(u)).
+// reference.gumbel_ref at vocabulary index v: u = ((x >> 9) + 0.5) / 2^23 (exact in float32), g = -log(-log(u)),
+// finite and below kGumbelMax (reference.GUMBEL_MAX).
 inline float gumbel(int64_t seed, uint32_t v, int64_t offset, int purpose, int64_t position) {
   const uint32_t x = philox_first_word(static_cast<uint64_t>(seed), v, static_cast<uint32_t>(offset),
                                        static_cast<uint32_t>(static_cast<uint64_t>(offset) >> 32),
                                        (static_cast<uint32_t>(purpose) << 24) | static_cast<uint32_t>(position));
-  const float u = static_cast<float>((static_cast<double>(x >> 8) + 0.5) / 16777216.0);
+  const float u = (static_cast<float>(x >> 9) + 0.5f) * (1.0f / 8388608.0f);
   return -std::log(-std::log(u));
 }
 
@@ -196,14 +198,21 @@ at::Tensor flag(bool v) { return at::scalar_tensor(v, at::TensorOptions().dtype(
 namespace {
 #ifdef BILD_X86
 // argmax over v of s[v] + gumbel(seed, v, offset, purpose, position), the first index on ties, a NaN winning
-// (torch.argmax's rule); s [V] may hold -inf.
-int64_t gumbel_argmax(const float* s, int64_t V, int64_t seed, int64_t offset, int purpose, int64_t position) {
-  float best = -std::numeric_limits<float>::infinity();
-  int64_t arg = 0;
+// (torch.argmax's rule); s [V] may hold -inf. `hint` (an index, e.g. the row's max) is drawn first, so that the
+// best so far starts high; then a logit with s[v] + kGumbelMax < best cannot win (every draw is below
+// kGumbelMax, and float addition is monotone) and its Philox draw is skipped: exactly the reference's token at
+// a fraction of the draws (all of those a top-k / top-p filter removed, and most of a peaked row).
+int64_t gumbel_argmax(const float* s, int64_t V, int64_t seed, int64_t offset, int purpose, int64_t position,
+                      int64_t hint) {
+  const auto draw = [&](int64_t v) { return s[v] + gumbel(seed, static_cast<uint32_t>(v), offset, purpose, position); };
+  float best = draw(hint);
+  int64_t arg = hint;
+  if (std::isnan(best)) best = -std::numeric_limits<float>::infinity();  // NaN only from a NaN logit: scan all
   for (int64_t v = 0; v < V; ++v) {
-    const float val = s[v] + gumbel(seed, static_cast<uint32_t>(v), offset, purpose, position);
+    if (v == hint || s[v] + kGumbelMax < best) continue;
+    const float val = draw(v);
     if (std::isnan(val)) return v;
-    if (val > best) {
+    if (val > best || (val == best && v < arg)) {
       best = val;
       arg = v;
     }
@@ -264,10 +273,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       en[b] = -t[b] * ss.lse;
       if (filtered) {
         filter_row(scaled.data(), V, k[b], p[b], ss.max, filt, work);
-        tok[b] = gumbel_argmax(filt.data(), V, sd[b], off[b], kPurposeDraftSample, 0);
+        tok[b] = gumbel_argmax(filt.data(), V, sd[b], off[b], kPurposeDraftSample, 0, ss.argmax);
         pr[b] = std::exp(filt[tok[b]] - row_lse(filt.data(), V, ss.max));
       } else {
-        tok[b] = gumbel_argmax(scaled.data(), V, sd[b], off[b], kPurposeDraftSample, 0);
+        tok[b] = gumbel_argmax(scaled.data(), V, sd[b], off[b], kPurposeDraftSample, 0, ss.argmax);
         pr[b] = std::exp(scaled[tok[b]] - ss.lse);
       }
     }
@@ -346,9 +355,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_verif
       const float* zc = z + (b * K1 + c) * V;
       logq.resize(static_cast<size_t>(V));
       float m = -std::numeric_limits<float>::infinity();
+      int64_t am = 0;  // the first index of the max, which both filters keep: gumbel_argmax's first draw
       for (int64_t v = 0; v < V; ++v) {
         logq[v] = zc[v] / t[b];
-        m = logq[v] > m ? logq[v] : m;
+        if (logq[v] > m) {
+          m = logq[v];
+          am = v;
+        }
       }
       if (!std::isfinite(m)) return unhandled();
       if (filters(tk[b], tp_[b], V)) {  // the filters keep the max, so m stays the filtered row's max
@@ -358,7 +371,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_verif
       float sum = 0.0f;
       for (int64_t v = 0; v < V; ++v) sum += logq[v] = std::exp(logq[v] - m);
       for (int64_t v = 0; v < V; ++v) logq[v] = std::log(logq[v] / sum);  // log of q as softmax gives it
-      emitted = gumbel_argmax(logq.data(), V, sd[b], off[b], kPurposeVerifyToken, c);
+      emitted = gumbel_argmax(logq.data(), V, sd[b], off[b], kPurposeVerifyToken, c, am);
     }
     na[b] = static_cast<int32_t>(c);
     for (int64_t j = 0; j < c; ++j) out[b * K1 + j] = row[j];

@@ -39,8 +39,8 @@ def uniform(seed, index, offset, PURPOSE: tl.constexpr, position):
     c2 = ((offset >> 32) & 0xFFFFFFFF).to(tl.uint32)
     c3 = (tl.full([], PURPOSE << 24, tl.int32) | position).to(tl.uint32)
     x, _, _, _ = tl.random.philox(seed, index.to(tl.uint32), c1, c2, c3)
-    # (x >> 8) < 2**24 is exact in fp32; adding 0.5 rounds once, as the reference's float64 -> float32 cast.
-    return ((x >> 8).to(tl.int32).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+    # (x >> 9) < 2**23, so (x >> 9) + 0.5 and its scaling by 2**-23 are exact in fp32, as in the reference.
+    return ((x >> 9).to(tl.int32).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
 
 
 @triton.jit
