@@ -362,7 +362,7 @@ def cmd_distill(args) -> int:
             samples_per_prompt=args.samples_per_prompt, init_draft=args.init_draft, corpus_minutes=args.corpus_minutes,
             corpus_seed=args.corpus_seed,
             corpus_batch_size=args.corpus_batch_size, train_batch_size=args.train_batch_size, lr=args.lr,
-            log=lambda s: print(s, file=sys.stderr, flush=True))
+            feature_layers=args.feature_layers, log=lambda s: print(s, file=sys.stderr, flush=True))
     if args.split_mib is not None:
         for f in split_dir(args.out, int(args.split_mib * MIB), remove=True):
             print(f"{f} split into parts of at most {args.split_mib:g} MiB; put it back with "
@@ -428,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-new-tokens", type=int, default=96)
     d.add_argument("--minutes", type=float, default=15.0, help="training wall time")
     d.add_argument("--layers", default=None, help="large-model layers to initialise the draft from, e.g. 0,1,2,29")
+    d.add_argument("--feature-layers", type=int, default=None, metavar="N",
+                   help="--kind feature: decoder layers of the draft, initialised from the large model's last N "
+                        "(default 1, or --init-draft's own)")
     d.add_argument("--draft-vocab", type=int, default=None,
                    help="head vocabulary size (default 8192, or --init-draft's own; 0: the whole vocabulary)")
     d.add_argument("--threads", type=int, default=None)

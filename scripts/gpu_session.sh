@@ -33,7 +33,8 @@
 #   run: BILD_REV=<rev> DEADLINE=420 bash scripts/gpu_session.sh build wide wide_profile profile_step
 # (the `auto` first pass and the wide pass's sampling rows, changed since 2026-11-26b, tested and timed beside
 # both forced passes; the engine's GPU time split at the Llama-1B shapes), then, if the tree is packed as above,
-# a distillation that tries more data per prompt (`--samples-per-prompt 2 --corpus-seed 2`) from the shipped draft.
+# a distillation that tries more data per prompt (`--samples-per-prompt 2 --corpus-seed 2`) from the shipped draft,
+# or a larger draft from scratch (`--feature-layers 2`, no --init-draft) against the shipped one's 0.585.
 # DEADLINE (seconds from the start): each stage is cut (timeout) so that the whole script, the tarball
 # included, ends before it; a stage with under 20 s left is skipped. Each stage also has its own cap.
 # BILD_REV names the revision in the result rows where the copy has no .git.

@@ -4,6 +4,13 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def _feature_layers(s: dict) -> str:
+    layers = s["init_layers"]
+    if len(layers) == 1:
+        return f"one Llama decoder layer initialised from the large model's layer {layers[0]}"
+    return f"{len(layers)} Llama decoder layers initialised from the large model's layers {layers}"
+
+
 def draft_card(base_name: str, s: dict, n_held: int) -> str:
     """The README.md of a distilled draft directory, from `distill`'s stats: what it is, what it was
     trained on, how, and how often it agrees with the large model."""
@@ -18,8 +25,8 @@ def draft_card(base_name: str, s: dict, n_held: int) -> str:
 
 An EAGLE-style draft for big-little speculative decoding with bild-kernels, made by `bild distill --kind feature`.
 
-- **Architecture**: fc(standardised large-model feature f_t, next-token embedding) -> one Llama decoder layer
-  initialised from the large model's layer {s['init_layers'][0]} -> the large model's final norm and head. It
+- **Architecture**: fc(standardised large-model feature f_t, next-token embedding) -> {_feature_layers(s)} -> the
+  large model's final norm and head. It
   reads the large model's last hidden state (before the final norm) at every verified position and predicts the
   next one; while chaining it feeds its own predictions back. The head scores {vocab}.
 - **Data**: {_data(s)} Features from bild's executor ({'bfloat16' if s.get('bf16') else 'float32'}).

@@ -108,7 +108,7 @@ def distill(*, large=None, out, prompts: int = 512, max_new_tokens: int = 96, mi
             work_dir=None, bf16: bool | None = None, kind: str = "layers", device: str = "cpu",
             samples_per_prompt: int = 1, init_draft=None, corpus_minutes: float | None = None, corpus_seed: int = 0,
             corpus_batch_size: int | None = None, train_batch_size: int | None = None, lr: float | None = None,
-            log=print) -> dict:
+            feature_layers: int | None = None, log=print) -> dict:
     """Train a draft for `large` (default: SmolLM2-135M-Instruct) and write it to `out`; returns its stats.
 
     `bf16` (default: where it is fast, see `fast_bf16`): the teacher writes the training corpus and its
@@ -127,12 +127,12 @@ def distill(*, large=None, out, prompts: int = 512, max_new_tokens: int = 96, mi
     layer count and head vocabulary are kept (init_layers and draft_vocab, if given, must agree); lr
     then defaults to 2e-4 (3e-4 from scratch), as the shipped draft's warm-started stages used.
     `draft_vocab` (default 8192): the head scores the most frequent corpus tokens (0: the whole vocabulary).
-    kind="feature": a one-layer feature draft initialised from the large model's last layer (init_layers
-    is then refused); its teacher features come from bild's executor on `device` (bfloat16 where fast) and
+    kind="feature": a feature draft of `feature_layers` decoder layers (default 1) initialised from the large
+    model's last ones (init_layers is then refused); its teacher features come from bild's executor on `device` (bfloat16 where fast) and
     it always trains in float32 (under bfloat16 autocast it does not learn), on `device` too (lr defaults
     to 2e-3, batches to train_batch_size). With `init_draft` (a feature draft directory, e.g. the shipped
     one) its layers, input map, feature statistics, head vocabulary and policy go on training (lr 1e-3), so
-    that short GPU sessions add up."""
+    that short GPU sessions add up (`feature_layers`, if given, must be its layer count)."""
     from bild_kernels.distill.corpus import chat_ids, generate_corpus
     from bild_kernels.distill.prompts import all_train_prompts, held_out_prompts
     from bild_kernels.distill.train import agreement, build_draft, fast_bf16, teacher_targets, train
@@ -157,16 +157,27 @@ def distill(*, large=None, out, prompts: int = 512, max_new_tokens: int = 96, mi
     if kind not in ("layers", "feature"):
         raise ValueError(f"kind must be 'layers' or 'feature', got {kind!r}")
     if kind == "feature" and init_layers is not None:
-        raise ValueError("init_layers: a feature draft is one layer initialised from the large model's last")
+        raise ValueError("init_layers: a feature draft's layers are initialised from the large model's last ones "
+                         "(feature_layers says how many)")
+    if feature_layers is not None:
+        if kind != "feature":
+            raise ValueError(f"feature_layers applies to kind='feature' only (kind is {kind!r}; init_layers chooses "
+                             "a layers draft's layers)")
+        if isinstance(feature_layers, bool) or not isinstance(feature_layers, int) or feature_layers < 1:
+            raise ValueError(f"feature_layers must be a positive int, got {feature_layers!r}")
     dev = _check_device(device, kind)
     init = _init_manifest(init_draft, init_layers, draft_vocab, kind) if init_draft is not None else None
+    if init is not None and feature_layers is not None and feature_layers != init["num_layers"]:
+        raise ValueError(f"feature_layers {feature_layers} conflicts with init_draft {str(init_draft)!r}, which has "
+                         f"{init['num_layers']} layer(s) (leave feature_layers out)")
     train_set = all_train_prompts(prompts)  # refuses more prompts than there are
     if threads is not None:
         torch.set_num_threads(threads)
     teacher, tok, source = _teacher(large)
     L = teacher.config.num_hidden_layers
-    layers = init["init_layers"] if init is not None else (init_layers or ([L - 1] if kind == "feature" else
-                                                                           [0, 1, 2, L - 1]))
+    n_feature = feature_layers or 1
+    layers = init["init_layers"] if init is not None else (init_layers or (list(range(L - n_feature, L))
+                                                                           if kind == "feature" else [0, 1, 2, L - 1]))
     if any(not 0 <= j < L for j in layers):
         raise ValueError(f"init layers {layers} out of range: the large model has {L} layers")
     base = None
@@ -212,7 +223,8 @@ def distill(*, large=None, out, prompts: int = 512, max_new_tokens: int = 96, mi
         vocab = _vocab(corpus, draft_vocab, tok) if init is None else None  # a warm start keeps its own
         return _distill_feature(teacher, source, corpus, targets, held_pairs, vocab, minutes, bf16, out, work, log,
                                 device=dev, batch_size=train_batch, lr=lr, corpus_info=corpus_info,
-                                init_draft=init_draft, policy=None if init is None else init.get("policy"))
+                                init_draft=init_draft, policy=None if init is None else init.get("policy"),
+                                n_layers=len(layers))
     draft = build_draft(teacher, layers)
     vocab = _warm_start(draft, init_draft) if init is not None else _vocab(corpus, draft_vocab, tok)
     draft.to(dev)
@@ -257,7 +269,8 @@ def _device_name(dev: torch.device) -> str:
 
 def _distill_feature(teacher, source, corpus, targets, held_pairs, vocab, minutes, bf16, out, work, log, *,
                      device=None, batch_size: int = 8, lr: float | None = None,
-                     corpus_info: dict | None = None, init_draft=None, policy: dict | None = None) -> dict:
+                     corpus_info: dict | None = None, init_draft=None, policy: dict | None = None,
+                     n_layers: int = 1) -> dict:
     from bild_kernels.distill.feature_draft import (FeatureDraft, executor_features, feature_agreement,
                                                     feature_stats, teacher_features, train_feature_draft)
     from bild_kernels.models import load_model
@@ -271,7 +284,8 @@ def _distill_feature(teacher, source, corpus, targets, held_pairs, vocab, minute
         teacher, [ids for ids, _ in held_pairs], log=log))
     if init_draft is None:
         mean, std = feature_stats(feats)
-        draft = FeatureDraft.from_teacher(teacher, n_layers=1, vocab=vocab, feat_mean=mean, feat_std=std).to(dev)
+        draft = FeatureDraft.from_teacher(teacher, n_layers=n_layers, vocab=vocab, feat_mean=mean,
+                                          feat_std=std).to(dev)
     else:  # its layers, input map, feature statistics and head vocabulary go on training
         draft = FeatureDraft.from_dir(init_draft, teacher).to(dev)
         vocab = draft.vocab

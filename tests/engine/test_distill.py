@@ -268,6 +268,29 @@ def test_a_feature_draft_card_says_its_batch_device_and_corpus_budget(large_dir,
     assert "CPU thread" in card and "batch 8" not in card
 
 
+def test_a_feature_draft_of_two_layers(large_dir, tmp_path):
+    """feature_layers=2: a feature draft of the large model's last two layers, its manifest and card say so, it
+    runs in the engine losslessly, and it warm-starts only as a two-layer draft."""
+    from bild_kernels import Engine, Greedy, LargeOnly, SamplingParams
+    from bild_kernels.distill.feature_draft import FeatureDraft
+    work, out = _work(large_dir, tmp_path), tmp_path / "out"
+    stats = distill(large=large_dir, out=out, prompts=4, max_new_tokens=4, minutes=0.003, bf16=False, work_dir=work,
+                    draft_vocab=30, kind="feature", feature_layers=2, **QUIET)
+    L = hf_model(large_dir).config.num_hidden_layers
+    manifest = json.loads((out / "bild_draft.json").read_text())
+    assert stats["init_layers"] == manifest["init_layers"] == [L - 2, L - 1] and manifest["num_layers"] == 2
+    assert f"2 Llama decoder layers initialised from the large model's layers [{L - 2}, {L - 1}]" in (
+        out / "README.md").read_text()
+    assert len(FeatureDraft.from_dir(out, hf_model(large_dir)).layers) == 2
+    eng = Engine(large=str(large_dir), small=str(out), max_batch_size=2, max_model_len=64)
+    prompts = [[1, 2, 3], [5, 6, 7, 8, 9]]
+    params = SamplingParams(max_tokens=8)
+    assert [o.token_ids for o in eng.generate(prompts, params, policy=Greedy())] == [
+        o.token_ids for o in eng.generate(prompts, params, policy=LargeOnly())]
+    with pytest.raises(ValueError, match="feature_layers 1 conflicts with init_draft"):
+        distill(large=large_dir, out=tmp_path / "o2", kind="feature", init_draft=out, feature_layers=1, **QUIET)
+
+
 @pytest.mark.parametrize("kw, match", [
     (dict(device="tpu"), "device must be 'cpu' or 'cuda'"),
     (dict(device="cuda:x"), "device must be 'cpu' or 'cuda'"),
@@ -279,6 +302,9 @@ def test_a_feature_draft_card_says_its_batch_device_and_corpus_budget(large_dir,
     (dict(corpus_minutes=0), "corpus_minutes must be > 0 or None"),
     (dict(lr=-1.0), "lr must be > 0 or None"),
     (dict(corpus_seed=-1), "corpus_seed must be an int >= 0"),
+    (dict(kind="feature", feature_layers=0), "feature_layers must be a positive int"),
+    (dict(kind="feature", feature_layers=True), "feature_layers must be a positive int"),
+    (dict(feature_layers=2), "feature_layers applies to kind='feature' only"),
 ])
 def test_bad_arguments_are_refused_before_anything_is_loaded(tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):  # a missing large model would be the next error
@@ -336,6 +362,8 @@ def _cli(capsys, *argv):
     (["--layers", "0,x"], "--layers must be comma-separated"),
     (["--threads", "0"], "--threads must be >= 1"),
     (["--init-draft", "{tmp}/none"], "init_draft: no draft directory"),
+    (["--kind", "feature", "--feature-layers", "0"], "feature_layers must be a positive int"),
+    (["--feature-layers", "2"], "feature_layers applies to kind='feature' only"),
 ])
 def test_cli_refuses_bad_values_in_one_line(capsys, large_dir, tmp_path, argv, match):
     argv = [a.format(tmp=tmp_path) for a in argv]
