@@ -393,8 +393,8 @@ __host__ __device__ constexpr int first_pass_splits(int kind, int V) {
 inline int resolve_first_pass(int kind, int64_t rows, int V, int elem_size, bool sample_mode, int sms) {
   if (kind != kFirstPassAuto) return kind;
   if (sample_mode) return kFirstPassChunked;
-  const int64_t wide_chunk = static_cast<int64_t>(kChunkThreads) * kWideVecs * (16 / elem_size);
-  return rows * ((V + wide_chunk - 1) / wide_chunk) >= sms ? kFirstPassWide : kFirstPassChunked;
+  const int splits = elem_size == 2 ? wide_row_splits<__half>(V) : wide_row_splits<float>(V);
+  return rows * splits >= sms ? kFirstPassWide : kFirstPassChunked;
 }
 
 // 2^x, one MUFU instruction (relative error ~2^-22; subnormal results flush to zero, which a sum of

@@ -184,13 +184,6 @@ void filter_row(const float* s, int64_t V, int32_t top_k, float top_p, float sma
   }
 }
 
-// logsumexp of a row with a finite max m (entries may be -inf), in double.
-float row_lse(const float* x, int64_t V, float m) {
-  double sum = 0.0;
-  for (int64_t v = 0; v < V; ++v) sum += std::exp(static_cast<double>(x[v]) - m);
-  return static_cast<float>(m + std::log(sum));
-}
-
 at::Tensor flag(bool v) { return at::scalar_tensor(v, at::TensorOptions().dtype(at::kBool)); }
 
 }  // namespace
@@ -253,7 +246,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   for (int64_t b = 0; b < B; ++b) {
     const float* zr = z + b * V;
     const bool filtered = filters(k[b], p[b], V);
-    RowStats zs;
+    RowStats zs, fs;  // fs: the filtered row's (exp8 counts its -inf entries as ~e^-87 each: nothing a sum can tell)
     if (!row_stats(zr, V, &zs)) return unhandled();
     mp[b] = std::exp(zs.max - zs.lse);  // at temperature 1, unfiltered
     if (t[b] <= 0.0f) {  // greedy: the argmax (which both filters keep), its probability at temperature 1
@@ -262,7 +255,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       pr[b] = mp[b];
       if (filtered) {  // ... renormalised over the tokens the filters keep
         filter_row(zr, V, k[b], p[b], zs.max, filt, work);
-        pr[b] = std::exp(zs.max - row_lse(filt.data(), V, zs.max));
+        row_stats(filt.data(), V, &fs);  // its max, kept by both filters, is finite
+        pr[b] = std::exp(zs.max - fs.lse);
       }
     } else {  // s = z / T; the token argmax(filter(s) + g); its probability under softmax(filter(s)); energy
               // -T logsumexp(s), unfiltered
@@ -273,8 +267,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       en[b] = -t[b] * ss.lse;
       if (filtered) {
         filter_row(scaled.data(), V, k[b], p[b], ss.max, filt, work);
+        row_stats(filt.data(), V, &fs);
         tok[b] = gumbel_argmax(filt.data(), V, sd[b], off[b], kPurposeDraftSample, 0, ss.argmax);
-        pr[b] = std::exp(filt[tok[b]] - row_lse(filt.data(), V, ss.max));
+        pr[b] = std::exp(filt[tok[b]] - fs.lse);
       } else {
         tok[b] = gumbel_argmax(scaled.data(), V, sd[b], off[b], kPurposeDraftSample, 0, ss.argmax);
         pr[b] = std::exp(scaled[tok[b]] - ss.lse);

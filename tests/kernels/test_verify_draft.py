@@ -258,6 +258,15 @@ def test_verify_draft_cpu_kernel_handles_greedy_and_bild_calls():
         op(draft_ids, z, R.MODE_SAMPLE, thr, t, k, p, seed, offset)
 
 
+def _check_cpu_draws(draft_ids, z, params):
+    """The CPU kernel against the reference in greedy and bild modes; its sampling rows draw at their cuts."""
+    for mode in ("greedy", "bild"):
+        got = check("cpu", mode, draft_ids, z, None, params)
+        cut = got.num_accepted.long()
+        emitted = got.output_ids.gather(1, cut[:, None]).squeeze(1)
+        assert (emitted != z.argmax(2).gather(1, cut[:, None]).squeeze(1)).any()  # draws, not only argmaxes
+
+
 def test_verify_draft_cpu_filtered_rows_emit_the_reference_tokens():
     """Sampling rows with top-k, top-p or both on the CPU kernel emit the reference's token at their cut over many
     counters (top-p from the first token to hundreds deep)."""
@@ -273,11 +282,7 @@ def test_verify_draft_cpu_filtered_rows_emit_the_reference_tokens():
     params["top_p"] = torch.where(pick != 0, torch.rand(B, generator=g) * 0.98 + 0.01, torch.ones(B))
     params["seed"] = torch.randint(0, 2**62, (B,), generator=g)
     params["offset"] = torch.randint(0, 2**40, (B,), generator=g)
-    for mode in ("greedy", "bild"):
-        got = check("cpu", mode, draft_ids, z, None, params)
-        cut = got.num_accepted.long()
-        emitted = got.output_ids.gather(1, cut[:, None]).squeeze(1)
-        assert (emitted != z.argmax(2).gather(1, cut[:, None]).squeeze(1)).any()  # draws, not only argmaxes
+    _check_cpu_draws(draft_ids, z, params)
 
 
 def test_verify_draft_cpu_sampling_rows_emit_the_reference_tokens():
@@ -291,8 +296,4 @@ def test_verify_draft_cpu_sampling_rows_emit_the_reference_tokens():
     params["temperature"] = torch.rand(B, generator=g) + 0.5
     params["seed"] = torch.randint(0, 2**62, (B,), generator=g)
     params["offset"] = torch.randint(0, 2**40, (B,), generator=g)
-    for mode in ("greedy", "bild"):
-        got = check("cpu", mode, draft_ids, z, None, params)
-        cut = got.num_accepted.long()
-        emitted = got.output_ids.gather(1, cut[:, None]).squeeze(1)
-        assert (emitted != z.argmax(2).gather(1, cut[:, None]).squeeze(1)).any()  # draws, not only argmaxes
+    _check_cpu_draws(draft_ids, z, params)
