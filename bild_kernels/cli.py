@@ -362,7 +362,8 @@ def cmd_distill(args) -> int:
             samples_per_prompt=args.samples_per_prompt, init_draft=args.init_draft, corpus_minutes=args.corpus_minutes,
             corpus_seed=args.corpus_seed,
             corpus_batch_size=args.corpus_batch_size, train_batch_size=args.train_batch_size, lr=args.lr,
-            feature_layers=args.feature_layers, log=lambda s: print(s, file=sys.stderr, flush=True))
+            feature_layers=args.feature_layers, self_prompts=args.self_prompts,
+            log=lambda s: print(s, file=sys.stderr, flush=True))
     if args.split_mib is not None:
         for f in split_dir(args.out, int(args.split_mib * MIB), remove=True):
             print(f"{f} split into parts of at most {args.split_mib:g} MiB; put it back with "
@@ -451,6 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "head vocabulary and policy")
     g.add_argument("--corpus-minutes", type=float, default=None, metavar="M",
                    help="wall-time budget of the training corpus; generation stops there and the run goes on")
+    g.add_argument("--self-prompts", type=int, default=0, metavar="N",
+                   help="N more training prompts written by the large model itself (sampled from its chat "
+                        "template's user-turn header, Magpie-style), mixed with the templated ones")
     g.add_argument("--corpus-seed", type=int, default=0, metavar="S",
                    help="sampling seed of the corpus (default 0): another seed, other answers to the same prompts")
     g.add_argument("--corpus-batch-size", type=int, default=None, metavar="B",

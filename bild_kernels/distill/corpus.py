@@ -79,3 +79,65 @@ def generate_corpus(model, tokenizer, prompts: list[str], *, max_new_tokens: int
                     f"{planned} answers, {n_tok} response tokens")
                 return out
     return out
+
+
+def _user_turn(tokenizer) -> tuple[list[int], set[int]]:
+    """What a user turn starts with and which token ids end it: the chat template's text before a user
+    message's content, and the first token after it (ChatML's <|im_end|>) or EOS; without a chat template,
+    BOS (or EOS) starts a text that EOS ends."""
+    eos = tokenizer.eos_token_id
+    if getattr(tokenizer, "chat_template", None):
+        mark = "\u2063BILD-USER-TURN\u2063"
+        text = tokenizer.apply_chat_template([{"role": "user", "content": mark}], tokenize=False,
+                                             add_generation_prompt=False)
+        if text.count(mark) != 1:
+            raise ValueError("self-written prompts: the chat template does not show a user message's content once")
+        before, after = text.split(mark)
+        prefix = tokenizer(before, add_special_tokens=False)["input_ids"]
+        closing = tokenizer(after, add_special_tokens=False)["input_ids"][:1]
+        stops = set(closing) | ({eos} if eos is not None else set())
+        if prefix and stops:
+            return prefix, stops
+    if eos is None:
+        raise ValueError("self-written prompts need a tokenizer with a chat template or an EOS token")
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
+    return [start], {eos}
+
+
+@torch.inference_mode()
+def generate_self_prompts(model, tokenizer, n: int, *, seed: int = 0, temperature: float = 1.0, top_p: float = 0.95,
+                          max_new_tokens: int = 64, batch_size: int = 16, exclude=(), device=None,
+                          log=print) -> list[str]:
+    """Up to n user prompts the large model writes itself (Magpie, Xu et al. 2024): sampled from its chat
+    template's user-turn header alone, so they follow what the model learnt users ask, far beyond our
+    templates. Only complete turns (the model closed them within max_new_tokens) that are new (not in
+    `exclude`, e.g. the held-out prompts, nor seen before) and not blank are kept; at most 4n are sampled, so
+    a model that rarely closes a turn gives fewer. Deterministic for a seed on one device."""
+    for name, val in (("n", n), ("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
+        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+            raise ValueError(f"{name} must be a positive int, got {val!r}")
+    if not temperature > 0 or not 0 < top_p <= 1:
+        raise ValueError(f"temperature must be > 0 and top_p in (0, 1], got {temperature!r}, {top_p!r}")
+    prefix, stops = _user_turn(tokenizer)
+    dev = model_device(model, device)
+    pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None))
+    seen, out, tried, t0 = set(exclude), [], 0, time.perf_counter()
+    torch.manual_seed(seed)
+    while len(out) < n and tried < 4 * n:
+        rows = min(batch_size, 4 * n - tried)
+        inp = torch.tensor([prefix] * rows, device=dev)
+        gen = model.generate(inp, attention_mask=torch.ones_like(inp), do_sample=True, temperature=temperature,
+                             top_p=top_p, top_k=None, max_new_tokens=max_new_tokens, eos_token_id=sorted(stops),
+                             pad_token_id=pad)
+        tried += rows
+        for row in gen[:, len(prefix):].cpu().tolist():
+            end = next((i for i, t in enumerate(row) if t in stops), None)
+            if end is None:  # never closed: cut off mid-sentence, or rambling
+                continue
+            text = tokenizer.decode(row[:end], skip_special_tokens=True).strip()
+            if text and text not in seen and len(out) < n:
+                seen.add(text)
+                out.append(text)
+        log(f"self-written prompts: {len(out)}/{n} kept of {tried} sampled "
+            f"({time.perf_counter() - t0:.0f} s)")
+    return out

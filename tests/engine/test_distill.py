@@ -432,3 +432,54 @@ def test_feature_distill_on_gpu_end_to_end(large_dir, tmp_path):
     assert eng.small_kind == "feature"
     o = eng.generate([[1, 2, 3]], SamplingParams(max_tokens=8), policy=Greedy())[0]
     assert o.token_ids == eng.generate([[1, 2, 3]], SamplingParams(max_tokens=8), policy=LargeOnly())[0].token_ids
+
+
+def _eos_tokenizer():
+    tok = _tokenizer()
+    tok.eos_token = "."  # one of its words: a text the model ends with "." is a complete prompt
+    return tok
+
+
+def test_self_written_prompts_are_complete_new_and_deterministic(large_dir):
+    from bild_kernels.distill.corpus import generate_self_prompts
+    teacher, tok = hf_model(large_dir), _eos_tokenizer()
+    kw = dict(max_new_tokens=24, batch_size=8, **QUIET)
+    logs = []
+    first = generate_self_prompts(teacher, tok, 4, seed=3, log=logs.append, **{k: v for k, v in kw.items() if k != "log"})
+    assert 1 <= len(first) <= 4 and len(set(first)) == len(first) and all(p and p == p.strip() for p in first)
+    assert "kept of" in logs[-1]
+    assert generate_self_prompts(teacher, tok, 4, seed=3, **kw) == first  # a seed gives the same prompts
+    again = generate_self_prompts(teacher, tok, 4, seed=3, exclude=first, **kw)
+    assert not set(again) & set(first)  # excluded texts are never returned
+    with pytest.raises(ValueError, match="n must be a positive int"):
+        generate_self_prompts(teacher, tok, 0, **kw)
+    with pytest.raises(ValueError, match="chat template or an EOS token"):
+        generate_self_prompts(teacher, _tokenizer(), 2, **kw)
+
+
+def test_a_chat_templates_user_turn_frames_the_self_written_prompts():
+    from bild_kernels.distill.corpus import _user_turn
+    tok = _eos_tokenizer()
+    open_w, close_w = tok.convert_ids_to_tokens([3, 4])
+    tok.chat_template = "{% for m in messages %}" + open_w + " {{ m['content'] }} " + close_w + " {% endfor %}"
+    assert _user_turn(tok) == ([3], {4, tok.eos_token_id})
+    tok.chat_template = None
+    assert _user_turn(tok) == ([tok.eos_token_id], {tok.eos_token_id})  # no BOS: EOS starts a text
+
+
+def test_distill_mixes_self_written_prompts_into_the_corpus(large_dir, tmp_path):
+    large = tmp_path / "large"
+    shutil.copytree(large_dir, large)
+    _eos_tokenizer().save_pretrained(large)
+    work = _work(large_dir, tmp_path)
+    stats = distill(large=large, out=tmp_path / "out", prompts=4, max_new_tokens=4, minutes=0.003, bf16=False,
+                    work_dir=work, draft_vocab=30, self_prompts=3, corpus_batch_size=8, kind="feature", **QUIET)
+    n_self = stats["self_prompts"]
+    assert 1 <= n_self <= 3 and stats["prompts"] == 4 and stats["corpus_sequences"] == 4 + n_self
+    assert (work / "self_prompts_3_seed0.pt").is_file()
+    assert (work / f"corpus_train_{4 + n_self}_4_self{n_self}.pt").is_file()
+    assert f"and {n_self} prompts it wrote itself" in (tmp_path / "out" / "README.md").read_text()
+    with pytest.raises(ValueError, match="self_prompts must be an int >= 0"):
+        distill(large=large, out=tmp_path / "o2", self_prompts=-1, **QUIET)
+    with pytest.raises(ValueError, match="chat template or an EOS token"):  # the original tokenizer has neither
+        distill(large=large_dir, out=tmp_path / "o3", work_dir=tmp_path / "w3", self_prompts=2, **QUIET)
