@@ -419,6 +419,49 @@ def _batch(corpus, feats, targets, idxs, vmap):
     return ids, f, n, tid, tp
 
 
+class PackedCorpus:
+    """The corpus, features and targets as flat tensors on the training device, so that a step's batch is a
+    few gathers there instead of a Python loop over sequences on the host and a copy per step (~10 ms of a
+    ~42 ms step for 64 sequences on the GPU run of 2026-11-26b). `batch(idxs)` returns exactly what `_batch`
+    does (zero padding included), on the device. Features stay float16 ([N, H]: 3.4 GB for 3M tokens of
+    SmolLM2) and the top-k ids int32."""
+
+    def __init__(self, corpus, feats, targets, vmap, device):
+        dev = torch.device(device)
+        lens = torch.tensor([len(c) for c in corpus], dtype=torch.long)
+        self.lens = lens.to(dev)
+        self.starts = (torch.cumsum(lens, 0) - lens).to(dev)
+        self.ids = torch.tensor([t for c in corpus for t in c], dtype=torch.long, device=dev)
+        self.feats = torch.cat([f.to(torch.float16) for f in feats]).to(dev)
+        # _batch pads (and without targets fills) the ids with 0 before mapping them into the head's ids
+        self.pad_id = 0 if vmap is None else max(int(vmap[0]), 0)
+        if targets is None:
+            self.tid = torch.full((len(self.ids), 1), self.pad_id, dtype=torch.int32, device=dev)
+            self.tp = torch.zeros(len(self.ids), 1, dtype=torch.float16, device=dev)
+        else:
+            tid = torch.cat([t[0] for t in targets]).long()
+            tp = torch.cat([t[1] for t in targets]).to(torch.float16)
+            if vmap is not None:  # the head's own ids; tokens outside it carry no target mass
+                mapped = vmap[tid]
+                tp = torch.where(mapped >= 0, tp, torch.zeros_like(tp))
+                tid = mapped.clamp(min=0)
+            self.tid, self.tp = tid.to(torch.int32).to(dev), tp.to(dev)
+
+    def batch(self, idxs):
+        sel = torch.as_tensor(idxs, dtype=torch.long, device=self.lens.device)
+        n = self.lens[sel]
+        width = int(n.max())
+        ar = torch.arange(width, device=sel.device)
+        valid = ar[None, :] < n[:, None]  # [B, W]
+        pos = torch.where(valid, self.starts[sel][:, None] + ar[None, :], 0)
+        keep = valid[..., None]
+        ids = torch.where(valid, self.ids[pos], 0)
+        f = torch.where(keep, self.feats[pos].float(), 0.0)
+        tid = torch.where(keep, self.tid[pos].long(), self.pad_id)
+        tp = torch.where(keep, self.tp[pos].float(), 0.0)
+        return ids, f, n, tid, tp
+
+
 def feature_loss(draft, ids, f, n, tid, tp, *, depth: int = 1, noise: float = 0.0, w_reg: float = 1.0,
                  w_ce: float = 0.1, depth_decay: float = 0.8, detach: bool = False):
     """EAGLE loss: smooth-L1 between predicted and true next features (in standardised units) plus
@@ -469,6 +512,8 @@ def train_feature_draft(draft, corpus, feats, targets, *, minutes: float, lr: fl
     params = [p for p in draft.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     vmap = vocab_map(draft.vocab, draft.cfg["vocab_size"])
+    # on a GPU the batches come from device-resident copies (on a CPU the host loop is as fast)
+    packed = PackedCorpus(corpus, feats, targets, vmap, dev) if dev.type == "cuda" else None
     t0 = last_eval = time.perf_counter()
     step, seen, history = 0, 0, []
     budget = minutes * 60
@@ -491,7 +536,10 @@ def train_feature_draft(draft, corpus, feats, targets, *, minutes: float, lr: fl
         for grp in opt.param_groups:
             grp["lr"] = cur
         idxs = torch.randint(len(corpus), (batch_size,), generator=g).tolist()
-        ids, f, n, tid, tp = (t.to(dev, non_blocking=True) for t in _batch(corpus, feats, targets, idxs, vmap))
+        if packed is not None:
+            ids, f, n, tid, tp = packed.batch(idxs)
+        else:
+            ids, f, n, tid, tp = _batch(corpus, feats, targets, idxs, vmap)
         loss, parts = feature_loss(draft, ids, f, n, tid, tp, depth=depth, noise=noise, w_reg=w_reg, w_ce=w_ce,
                                    detach=detach)
         opt.zero_grad(set_to_none=True)

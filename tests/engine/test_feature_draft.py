@@ -1,4 +1,5 @@
 """The EAGLE-style feature draft on a tiny random teacher: layer maths, chaining, training, agreement."""
+import pytest
 import torch
 
 from bild_kernels.distill.feature_draft import (FeatureDraft, _batch, feature_agreement, feature_loss,
@@ -147,3 +148,21 @@ def test_executor_features_equal_the_hf_teacher_features():
     assert [g.shape for g in got] == [w.shape for w in want] and got[0].dtype == torch.float16
     for g, w in zip(got, want):
         torch.testing.assert_close(g.float(), w.float(), rtol=2e-3, atol=2e-3 * float(w.abs().max()))
+
+
+@pytest.mark.parametrize("with_vocab, with_targets", [(True, True), (False, True), (True, False)])
+def test_packed_corpus_batches_equal_the_host_batches(with_vocab, with_targets):
+    """The device-resident batcher a GPU run uses gives exactly `_batch`'s tensors (dtypes, padding, the head's
+    id map and the zeroed mass of tokens outside it), for ragged sequences and repeated indices."""
+    from bild_kernels.distill.feature_draft import PackedCorpus, vocab_map
+    g = torch.Generator().manual_seed(0)
+    lens = torch.randint(1, 40, (30,), generator=g).tolist()
+    corpus = [torch.randint(0, 100, (n,), generator=g).tolist() for n in lens]
+    feats = [torch.randn(n, 8, generator=g).half() for n in lens]
+    targets = [(torch.randint(0, 100, (n, 4), generator=g, dtype=torch.int32), torch.rand(n, 4, generator=g).half())
+               for n in lens] if with_targets else None
+    vmap = vocab_map(torch.randperm(100, generator=g)[:37], 100) if with_vocab else None
+    packed = PackedCorpus(corpus, feats, targets, vmap, "cpu")
+    for idxs in ([0], [5, 5, 29], torch.randint(0, 30, (16,), generator=g).tolist()):
+        for want, got in zip(_batch(corpus, feats, targets, idxs, vmap), packed.batch(idxs)):
+            assert want.dtype == got.dtype and torch.equal(want, got)
