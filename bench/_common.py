@@ -81,14 +81,15 @@ def timeit(fn, device: str, *, warmup: int = 3, iters: int = 20, setup=None) -> 
     return {"median_us": statistics.median(times), "p20_us": q[1], "p80_us": q[7]}
 
 
-GRAPHED = ("cuda", "cuda-chunked", "cuda-wide", "triton")  # backends also timed replayed from a CUDA graph on a GPU ("<backend>+graph")
+FORCED_FIRST_PASSES = ("cuda-chunked", "cuda-wide", "cuda-stream")  # the CUDA backend, that first pass forced
+GRAPHED = ("cuda", *FORCED_FIRST_PASSES, "triton")  # backends also timed replayed from a CUDA graph on a GPU ("<backend>+graph")
 
 
 @contextlib.contextmanager
 def first_pass_of(backend: str):
-    """"cuda-chunked" / "cuda-wide" are the CUDA backend with that first pass over V forced
+    """"cuda-chunked" / "cuda-wide" / "cuda-stream" are the CUDA backend with that first pass over V forced
     (bild_kernels.cuda_first_pass; "cuda" runs the default, "auto"): set for the timings of that backend only."""
-    if backend not in ("cuda-chunked", "cuda-wide"):
+    if backend not in FORCED_FIRST_PASSES:
         yield
         return
     from bild_kernels import cuda_first_pass
@@ -159,7 +160,7 @@ def cpu_extension_rows(args, op: str, unit: str, max_rows: int) -> list[int]:
 def usable_backends(device: str, requested: str | None, *, cpu_kernel: bool = False,
                     first_pass: bool = False) -> list[str]:
     """Backends to run: on a GPU all built ones plus the torch.compile'd reference (with first_pass=True, the op
-    has a choice of first pass: "cuda-chunked" and "cuda-wide" too); on a CPU the reference, (under TRITON_INTERPRET=1) Triton, and
+    has a choice of first pass: "cuda-chunked", "cuda-wide" and "cuda-stream" too); on a CPU the reference, (under TRITON_INTERPRET=1) Triton, and
     with cpu_kernel=True (the op has one in bild_kernels._cpu) "cpu" where that extension is built and runs
     here."""
     from bild_kernels._backend import cpu_extension, cuda_extension, triton_available, triton_interpret
@@ -173,7 +174,7 @@ def usable_backends(device: str, requested: str | None, *, cpu_kernel: bool = Fa
         if cuda_extension() is not None:
             avail.append("cuda")
             if first_pass:
-                avail += ["cuda-chunked", "cuda-wide"]
+                avail += list(FORCED_FIRST_PASSES)
     if requested:
         want = requested.split(",")
         return [b for b in want if b in avail]

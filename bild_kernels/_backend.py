@@ -42,7 +42,7 @@ def cuda_extension():
     return _C
 
 
-FIRST_PASSES = ("chunked", "wide", "auto")
+FIRST_PASSES = ("chunked", "wide", "auto", "stream")  # index = csrc/common.cuh kFirstPass*
 
 
 def cuda_first_pass(kind: str | None = None) -> str:
@@ -50,7 +50,9 @@ def cuda_first_pass(kind: str | None = None) -> str:
     process: "auto" (the default: per launch, the wide pass where it measured faster on an H200, the chunked
     one for sample-mode verification and for launches with fewer wide blocks than the GPU has SMs;
     csrc/common.cuh resolve_first_pass), "chunked" (RowChunkStatsKernel) or "wide" (RowWideStatsKernel: 4x
-    larger chunks, the statistics of greedy and BiLD rows per 16-byte vector). With `kind`, sets it and
+    larger chunks, the statistics of greedy and BiLD rows per 16-byte vector) or "stream" (opt-in until timed on a
+    GPU: the statistics of z per vector at a higher occupancy, then the sampling rows' scaled statistics and
+    Gumbel draw in a second kernel that skips the draws that cannot win). With `kind`, sets it and
     returns the previous one; without, returns the current one. `BILD_FIRST_PASS=<kind>` sets it when the
     extension loads. A CUDA graph keeps the kernel it captured. Raises RuntimeError where the extension was
     not built."""

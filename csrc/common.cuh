@@ -362,7 +362,9 @@ __global__ void __launch_bounds__(kChunkThreads)
 constexpr int kFirstPassChunked = 0;  // RowChunkStatsKernel, row_splits<T>(V) chunks a row
 constexpr int kFirstPassWide = 1;     // RowWideStatsKernel, wide_row_splits<T>(V) chunks a row
 constexpr int kFirstPassAuto = 2;     // per launch, resolve_first_pass (the default)
+constexpr int kFirstPassStream = 3;   // RowStreamStatsKernel + RowScaledStatsKernel, stream_row_splits<T>(V) chunks
 constexpr int kWideVecs = 16;
+constexpr int kStreamVecs = 8;
 
 template <typename T>
 __host__ __device__ constexpr int wide_chunk_elems() {
@@ -374,11 +376,22 @@ __host__ __device__ constexpr int wide_row_splits(int V) {
   return (V + wide_chunk_elems<T>() - 1) / wide_chunk_elems<T>();
 }
 
-// Chunks per row of the first pass `kind`; buffers sized by row_splits<T>(V) hold either (wide chunks are
-// larger).
+template <typename T>
+__host__ __device__ constexpr int stream_chunk_elems() {
+  return kChunkThreads * kStreamVecs * static_cast<int>(16 / sizeof(T));
+}
+
+template <typename T>
+__host__ __device__ constexpr int stream_row_splits(int V) {
+  return (V + stream_chunk_elems<T>() - 1) / stream_chunk_elems<T>();
+}
+
+// Chunks per row of the first pass `kind`; buffers sized by row_splits<T>(V) hold any of them (the wide and
+// stream chunks are larger).
 template <typename T>
 __host__ __device__ constexpr int first_pass_splits(int kind, int V) {
-  return kind == kFirstPassWide ? wide_row_splits<T>(V) : row_splits<T>(V);
+  return kind == kFirstPassWide ? wide_row_splits<T>(V) : kind == kFirstPassStream ? stream_row_splits<T>(V)
+                                                                                    : row_splits<T>(V);
 }
 
 // The first pass a launch over `rows` rows of V elements of T runs, for the process-wide setting `kind`:
@@ -495,7 +508,103 @@ __global__ void __launch_bounds__(kChunkThreads)
   if (threadIdx.x == 0) partials[blockIdx.x] = p;
 }
 
-// Launches the first pass `kind` over R rows of V elements: R * first_pass_splits<T>(kind, V) blocks.
+// ------------------------------------------------------------------------------------------------
+// The stream first pass (opt-in, kFirstPassStream, until a GPU has timed it). The wide pass's profile on an
+// H200 (bench/results/gpu_h200_2026-11-26b.md: 30% DRAM, 44% SM, 122 registers, 2 blocks an SM) showed its
+// load, math and reduction phases not overlapping; and the registers of its sampling rows set the occupancy of
+// every row. So the work is split in two kernels:
+// - RowStreamStatsKernel: the statistics of z (logsumexp, argmax) of every active row, per 16-byte vector as
+//   the wide pass's greedy rows, kStreamVecs vectors a thread (all loads issued first), registers capped for
+//   kStreamMinBlocks blocks an SM so that other blocks' loads stream while one block computes or reduces; it
+//   writes z and zmax of each chunk's RowPartial (s and g as the merge identity).
+// - RowScaledStatsKernel: for the rows that scale (sampling: temperature > 0; every other block-item is
+//   skipped), the logsumexp of s = z / t and the Gumbel-max draw over s, chunk by chunk, on top of the first
+//   kernel's partials. The chunk's max of s is fdiv(max z, t) (division by t > 0 is monotone and correctly
+//   rounded), so the logsumexp needs no running max, and the draw starts from the candidate at the chunk's
+//   argmax: an element whose s + kGumbelMax is below the best draw so far cannot win (every Gumbel draw is
+//   below kGumbelMax; rounding is monotone), and its Philox draw and two logs are skipped. On real logits
+//   (most of a vocabulary tens of nats below its max) that is nearly every element. The same elements win as in
+//   the other passes: the draws are addressed by vocabulary index and ties go to the lower index.
+//   A grid-stride loop over (row, chunk) items, so that a launch without sampling rows costs one small grid.
+// ------------------------------------------------------------------------------------------------
+constexpr int kStreamMinBlocks = 4;     // RowStreamStatsKernel: at most 64 registers a thread
+constexpr int kScaledMaxBlocks = 1024;  // RowScaledStatsKernel's grid cap
+
+struct ZStats {
+  Lse z;
+  ArgMax zmax;
+};
+__device__ inline ZStats merge(ZStats a, ZStats b) { return ZStats{merge(a.z, b.z), merge(a.zmax, b.zmax)}; }
+__device__ inline ZStats shfl_xor(ZStats x, int o) { return ZStats{shfl_xor(x.z, o), shfl_xor(x.zmax, o)}; }
+
+struct ScaledStats {
+  Lse s;
+  ArgMax g;
+};
+__device__ inline ScaledStats merge(ScaledStats a, ScaledStats b) {
+  return ScaledStats{merge(a.s, b.s), merge(a.g, b.g)};
+}
+__device__ inline ScaledStats shfl_xor(ScaledStats x, int o) { return ScaledStats{shfl_xor(x.s, o), shfl_xor(x.g, o)}; }
+
+// Grid (R * S,), kChunkThreads threads, S = stream_row_splits<T>(V).
+template <typename T, typename Rows>
+__global__ void __launch_bounds__(kChunkThreads, kStreamMinBlocks)
+    RowStreamStatsKernel(const T* __restrict__ logits, int V, int S, Rows rows, RowPartial* __restrict__ partials) {
+  __shared__ __align__(16) float smem[32 * sizeof(ZStats) / sizeof(float)];  // 32 ZStats, unconstructed
+  const int r = blockIdx.x / S, c = blockIdx.x % S;
+  if (!rows(r).active) return;  // block-uniform
+  WideStats w;
+  for_each_vector_in_chunk<kStreamVecs>(logits + static_cast<int64_t>(r) * V, V, S, c, [&](const auto& e, int base) {
+    constexpr int n = sizeof(e) / sizeof(e[0]);
+    float x[n];
+#pragma unroll
+    for (int q = 0; q < n; ++q) x[q] = to_float(e[q]);
+    w.add_vector(x, base);
+  });
+  const ZStats t = block_reduce_to_first(ZStats{w.z, w.zmax}, reinterpret_cast<ZStats*>(smem));
+  if (threadIdx.x == 0) partials[blockIdx.x] = RowPartial{t.z, t.zmax, Lse{}, ArgMax{}};
+}
+
+// Grid (min(R * S, kScaledMaxBlocks),), kChunkThreads threads, after RowStreamStatsKernel over the same rows:
+// item (r, c) = r * S + c, blocks striding over them, adds s and g to partials[r * S + c] for scaling rows.
+template <typename T, typename Rows>
+__global__ void __launch_bounds__(kChunkThreads)
+    RowScaledStatsKernel(const T* __restrict__ logits, int V, int S, int items, Rows rows,
+                         RowPartial* __restrict__ partials) {
+  __shared__ __align__(16) float smem[32 * sizeof(ScaledStats) / sizeof(float)];
+  for (int item = blockIdx.x; item < items; item += gridDim.x) {
+    const int r = item / S, c = item % S;
+    const RowTask task = rows(r);
+    if (!task.active || !task.scaled) continue;  // block-uniform
+    const RowPartial zp = partials[item];
+    const float t = task.t;
+    const float s_max = __fdiv_rn(zp.zmax.v, t);  // the chunk's max of s
+    const float shift = -s_max * 1.4426950408889634f;
+    const float log2e_t = 1.4426950408889634f / t;  // exp(s - s_max) as 2^(z * log2e / t - s_max * log2e)
+    float sum = 0.0f;
+    ArgMax g;
+    if (task.draw && s_max > -kInf) {  // the draw at the chunk's argmax: the bar every other element must pass
+      g.v = s_max + gumbel(task.seed, zp.zmax.i, task.offset, task.purpose, task.position);
+      g.i = zp.zmax.i;
+    }
+    for_each_in_chunk<kStreamVecs>(logits + static_cast<int64_t>(r) * V, V, S, c, [&](int i, float z) {
+      if (s_max > -kInf) sum += fast_exp2(fmaf(z, log2e_t, shift));  // a -inf chunk sums nothing
+      if (task.draw) {
+        const float sv = __fdiv_rn(z, t);
+        if (!(sv + kGumbelMax < g.v)) g.add(sv + gumbel(task.seed, i, task.offset, task.purpose, task.position), i);
+      }
+    });
+    Lse s;
+    s.m = s_max;
+    s.s = s_max > -kInf ? sum : 0.0f;
+    const ScaledStats st = block_reduce_to_first(ScaledStats{s, g}, reinterpret_cast<ScaledStats*>(smem));
+    if (threadIdx.x == 0) partials[item] = RowPartial{zp.z, zp.zmax, st.s, st.g};
+    __syncthreads();  // smem is reused by the next item
+  }
+}
+
+// Launches the first pass `kind` over R rows of V elements: R * first_pass_splits<T>(kind, V) blocks (the
+// stream pass: then its scaled kernel, at most kScaledMaxBlocks blocks).
 template <typename T, typename Rows>
 void launch_first_pass(int kind, const T* logits, int R, int V, Rows rows, RowPartial* partials,
                        cudaStream_t stream) {
@@ -503,6 +612,11 @@ void launch_first_pass(int kind, const T* logits, int R, int V, Rows rows, RowPa
   const unsigned grid = static_cast<unsigned>(static_cast<int64_t>(R) * S);
   if (kind == kFirstPassWide) {
     RowWideStatsKernel<T><<<grid, kChunkThreads, 0, stream>>>(logits, V, S, rows, partials);
+  } else if (kind == kFirstPassStream) {
+    RowStreamStatsKernel<T><<<grid, kChunkThreads, 0, stream>>>(logits, V, S, rows, partials);
+    const unsigned scaled_grid = grid < kScaledMaxBlocks ? grid : kScaledMaxBlocks;
+    RowScaledStatsKernel<T><<<scaled_grid, kChunkThreads, 0, stream>>>(logits, V, S, static_cast<int>(grid), rows,
+                                                                       partials);
   } else {
     RowChunkStatsKernel<T><<<grid, kChunkThreads, 0, stream>>>(logits, V, S, rows, partials);
   }

@@ -16,7 +16,7 @@ def kernel_backends(first_passes: bool = False, cpu: bool = False):
     Triton runs on the GPU, or on the CPU under TRITON_INTERPRET=1; CUDA needs a GPU and the built
     extension. Backends that cannot run are still listed, skipped with the reason. With `first_passes`,
     CUDA (whose default first pass over the vocabulary, "auto", picks per launch) also runs with each first pass
-    forced ("cuda-chunked", "cuda-wide": sample_draft and verify_draft);
+    forced ("cuda-chunked", "cuda-wide", "cuda-stream": sample_draft and verify_draft);
     with `cpu`, the CPU extension's backend too (the ops with one beside those of CPU_EXTENSION_OPS).
     """
     params = []
@@ -35,7 +35,7 @@ def kernel_backends(first_passes: bool = False, cpu: bool = False):
     params.append(pytest.param(("cuda", "cuda"), id="cuda",
                                marks=[] if cuda_ok else pytest.mark.skip(reason=why)))
     if first_passes:
-        for kind in ("chunked", "wide"):
+        for kind in ("chunked", "wide", "stream"):
             params.append(pytest.param(("cuda", "cuda", kind), id=f"cuda-{kind}",
                                        marks=[] if cuda_ok else pytest.mark.skip(reason=why)))
     if cpu:

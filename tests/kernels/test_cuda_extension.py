@@ -304,7 +304,7 @@ def test_cuda_first_pass_setting():
     assert cuda_first_pass() == "auto"
 
 
-@pytest.mark.parametrize("kind", ["chunked", "wide", "auto"])
+@pytest.mark.parametrize("kind", ["chunked", "wide", "auto", "stream"])
 def test_resolve_first_pass(kind):
     """What each setting launches: chunked and wide as set; auto the chunked pass for sample-mode verification
     and for launches with fewer wide blocks (rows x ceil(V / 32768) in bf16, / 16384 in fp32) than SMs, the
@@ -325,7 +325,7 @@ def test_resolve_first_pass(kind):
                 (44, 49152, 4, False, 132, 1),     # fp32: 16384-element chunks, 3 a row
                 (43, 49152, 4, False, 132, 0),
                 (0, 111, 2, False, 132, 0)]:
-            want = {"chunked": 0, "wide": 1, "auto": auto}[kind]
+            want = {"chunked": 0, "wide": 1, "auto": auto, "stream": 3}[kind]
             assert ext.resolve_first_pass(rows, V, size, sample, sms) == want, (rows, V, size, sample, sms)
         for bad in [(-1, 10, 2, False, 132), (1, 0, 2, False, 132), (1, 2**31, 2, False, 132),
                     (1, 10, 8, False, 132), (1, 10, 2, False, 0)]:
@@ -336,8 +336,10 @@ def test_resolve_first_pass(kind):
 
 @requires_gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_wide_first_pass_matches_chunked_at_serving_shapes(dtype):
-    """Both first passes at a real vocabulary and batch: identical ids and counts, close floats."""
+def test_every_first_pass_matches_chunked_at_serving_shapes(dtype):
+    """Every first pass at a real vocabulary and batch: identical ids, counts and sampled tokens (greedy, BiLD and
+    sampled rows, the last with logits as peaked as a language model's, where the stream pass skips most
+    Gumbel draws), close floats."""
     from bild_kernels import cuda_first_pass, ops
     B, K, V = 16, 4, 128256
     g = torch.Generator().manual_seed(5)
@@ -345,23 +347,34 @@ def test_wide_first_pass_matches_chunked_at_serving_shapes(dtype):
     amax = logits.argmax(2)
     draft = torch.where(torch.rand(B, K, generator=g).cuda() < 0.7, amax[:, :K], torch.randint(0, V, (B, K)).cuda())
     kw = dict(rollback_threshold=torch.full((B,), 4.0, device="cuda"))
+    peaked = logits[:, 0].float() * 2.0
+    peaked[torch.arange(B, device="cuda"), torch.randint(0, V, (B,), generator=g).cuda()] += 25.0
+    temp = torch.tensor([0.0, 0.7, 1.0, 1.5] * (B // 4), device="cuda")
+    sk = dict(temperature=temp, seed=torch.arange(B, device="cuda") + 11, offset=torch.full((B,), 3, device="cuda"))
     res = {}
-    for kind in ("chunked", "wide"):
+    for kind in ("chunked", "wide", "stream"):
         old = cuda_first_pass(kind)
         try:
             res[kind] = (ops.verify_draft(draft, logits, "bild", backend="cuda", **kw),
-                         ops.sample_draft(logits[:, 0], backend="cuda"))
+                         ops.sample_draft(logits[:, 0], backend="cuda"),
+                         ops.sample_draft(peaked.to(dtype), backend="cuda", **sk),
+                         ops.sample_draft(logits[:, 1], backend="cuda", **sk))
         finally:
             cuda_first_pass(old)
-    (v0, s0), (v1, s1) = res["chunked"], res["wide"]
-    assert torch.equal(v0.num_accepted, v1.num_accepted) and torch.equal(v0.output_ids, v1.output_ids)
-    torch.testing.assert_close(v0.distances, v1.distances, atol=1e-4, rtol=1e-5)
-    torch.testing.assert_close(v0.target_probs, v1.target_probs, atol=1e-6, rtol=1e-5)
-    assert torch.equal(s0.token_ids, s1.token_ids)
-    torch.testing.assert_close(s0.max_probs, s1.max_probs, atol=1e-6, rtol=1e-5)
+    v0, s0, p0, q0 = res["chunked"]
+    for kind in ("wide", "stream"):
+        v1, s1, p1, q1 = res[kind]
+        assert torch.equal(v0.num_accepted, v1.num_accepted) and torch.equal(v0.output_ids, v1.output_ids), kind
+        torch.testing.assert_close(v0.distances, v1.distances, atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(v0.target_probs, v1.target_probs, atol=1e-6, rtol=1e-5)
+        for a, b in ((s0, s1), (p0, p1), (q0, q1)):
+            assert torch.equal(a.token_ids, b.token_ids), kind
+            torch.testing.assert_close(a.max_probs, b.max_probs, atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(a.token_probs, b.token_probs, atol=1e-6, rtol=1e-4)
+            torch.testing.assert_close(a.energies, b.energies, atol=1e-4, rtol=1e-5)
 
 
-@pytest.mark.parametrize("value, want", [("wide", "wide"), ("chunked", "chunked"), ("auto", "auto"),
+@pytest.mark.parametrize("value, want", [("wide", "wide"), ("chunked", "chunked"), ("auto", "auto"), ("stream", "stream"),
                                          ("fast", "must be one of")])
 def test_first_pass_from_the_environment(value, want):
     """BILD_FIRST_PASS sets the first pass when the extension loads; a bad value fails naming the variable."""
