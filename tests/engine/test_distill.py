@@ -467,18 +467,24 @@ def test_a_chat_templates_user_turn_frames_the_self_written_prompts():
     assert _user_turn(tok) == ([tok.eos_token_id], {tok.eos_token_id})  # no BOS: EOS starts a text
 
 
-def test_distill_mixes_self_written_prompts_into_the_corpus(large_dir, tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_gpu)])
+def test_distill_mixes_self_written_prompts_into_the_corpus(large_dir, tmp_path, device):
+    """Self-written prompts join the templated ones in the corpus, its cache names and the card; on a GPU this is
+    also a run of the device-resident training batches (PackedCorpus)."""
     large = tmp_path / "large"
     shutil.copytree(large_dir, large)
     _eos_tokenizer().save_pretrained(large)
     work = _work(large_dir, tmp_path)
-    stats = distill(large=large, out=tmp_path / "out", prompts=4, max_new_tokens=4, minutes=0.003, bf16=False,
-                    work_dir=work, draft_vocab=30, self_prompts=3, corpus_batch_size=8, kind="feature", **QUIET)
+    bf16 = "" if device == "cpu" else "_bf16"
+    stats = distill(large=large, out=tmp_path / "out", prompts=4, max_new_tokens=4, minutes=0.01,
+                    bf16=device != "cpu", work_dir=work, draft_vocab=30, self_prompts=3, corpus_batch_size=8,
+                    kind="feature", device=device, **QUIET)
     n_self = stats["self_prompts"]
     assert 1 <= n_self <= 3 and stats["prompts"] == 4 and stats["corpus_sequences"] == 4 + n_self
-    assert (work / "self_prompts_3_seed0.pt").is_file()
-    assert (work / f"corpus_train_{4 + n_self}_4_self{n_self}.pt").is_file()
+    assert (work / f"self_prompts_3{bf16}_seed0.pt").is_file()
+    assert (work / f"corpus_train_{4 + n_self}_4{bf16}_self{n_self}.pt").is_file()
     assert f"and {n_self} prompts it wrote itself" in (tmp_path / "out" / "README.md").read_text()
+    assert stats["history"] and 0.0 <= stats["agreement"] <= 1.0
     with pytest.raises(ValueError, match="self_prompts must be an int >= 0"):
         distill(large=large, out=tmp_path / "o2", self_prompts=-1, **QUIET)
     with pytest.raises(ValueError, match="chat template or an EOS token"):  # the original tokenizer has neither
