@@ -31,10 +31,11 @@
 # 0.585, flat in its last minute). Not yet run anywhere: profile_step.
 # Plan for the next session lent 15 minutes (tree packed as above, two calls):
 #   call 1: bash scripts/gpu_carry.sh stash .carry1 && BILD_REV=<rev> DEADLINE=250 GPU_TEST_WORKERS=12 bash
-#           scripts/gpu_session.sh build wide distill_tests wide_profile
+#           scripts/gpu_session.sh build wide engine_gpu_tests wide_profile
 #   (the `auto` first pass, the wide pass's sampling rows, the opt-in `stream` pass and the filter / cut kernels'
 #   strided grids, all changed since 2026-11-26b: tested against the reference, timed beside the forced passes;
-#   distill_tests: the GPU distillation tests, self-written prompts and device-resident batches included);
+#   engine_gpu_tests: the GPU tests of distillation (self-written prompts, device-resident batches) and of the
+#   graphed draft loop (now also: no host synchronisation inside a run));
 #   call 2: the distillation of 2026-11-26b with `--corpus-seed 2 --self-prompts 12000 --corpus-minutes 2.5`
 #   (prompts the large model writes itself: the shipped draft agrees 0.664 on training prompts, 0.585 held out and
 #   0.570 on self-written ones, so the templates' narrow variety is what holds it back), ~500 s.
@@ -46,7 +47,7 @@
 #         e2e_batch_quick | divergence | profile (ncu on verify_draft at B=64, K=8, V=128256) |
 #         wide (the first passes: their tests, every pass benchmarked) | wide_profile (ncu on the wide and stream passes) |
 #         profile_step (torch.profiler over graphed engine steps, random Llama-1B pair) | ctest |
-#         distill_tests (the distillation tests that need a GPU). Wheels in .whl/ (carried) are installed first.
+#         engine_gpu_tests (the GPU-only tests of distillation and of the draft loop). Wheels in .whl/ (carried) are installed first.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -94,9 +95,10 @@ for s in "$@"; do
         gpu_tests) stage gpu_tests 150 env OMP_NUM_THREADS=2 "$PY" -m pytest -q -rfE -m "not slow" -p no:cacheprovider \
                        -p no:benchmark --timeout 120 -n "$WORKERS" -k "on_gpu or cuda_graph or test_cuda_extension" \
                        $TESTS ;;
-        distill_tests) stage distill_tests 150 env OMP_NUM_THREADS=2 "$PY" -m pytest -q -rfE -m "not slow" \
-                           -p no:cacheprovider -p no:benchmark --timeout 120 -n 4 -k "gpu or cuda" \
-                           tests/engine/test_distill.py tests/engine/test_feature_draft.py ;;
+        engine_gpu_tests) stage engine_gpu_tests 150 env OMP_NUM_THREADS=2 "$PY" -m pytest -q -rfE -m "not slow" \
+                              -p no:cacheprovider -p no:benchmark --timeout 120 -n 4 -k "gpu or cuda" \
+                              tests/engine/test_distill.py tests/engine/test_feature_draft.py \
+                              tests/engine/test_draft_loop.py ;;
         tests) stage tests 240 env OMP_NUM_THREADS=2 "$PY" -m pytest -q -rfE -m "not slow" -p no:cacheprovider \
                    -p no:benchmark --maxfail 20 --timeout 200 -n "$WORKERS" --dist loadfile $TESTS ;;
         profile) stage profile 240 ncu --set basic --kernel-name regex:"Kernel" --launch-skip 30 --launch-count 15 \
@@ -137,7 +139,7 @@ for s in "$@"; do
                         --out bench/results/serve_load_bf16_cuda.csv ;;
         ctest) stage ctest 400 sh -c "cmake -S . -B build/cmake -G Ninja -DCMAKE_CUDA_ARCHITECTURES=90 \
                    && cmake --build build/cmake && ctest --test-dir build/cmake --output-on-failure" ;;
-        *) echo "unknown stage: $s (build | gpu_tests | tests | distill_tests | profile | profile_step | wide | wide_profile | kernel_tests | bench | bench_targets | e2e | e2e_quick | e2e_batch | e2e_batch_quick | divergence | ctest)"; exit 2 ;;
+        *) echo "unknown stage: $s (build | gpu_tests | tests | engine_gpu_tests | profile | profile_step | wide | wide_profile | kernel_tests | bench | bench_targets | e2e | e2e_quick | e2e_batch | e2e_batch_quick | divergence | ctest)"; exit 2 ;;
     esac
 done
 tar czf "$OUT/gpu_session.tgz" -C "$(dirname "$LOG")" logs -C "$ROOT" bench/results

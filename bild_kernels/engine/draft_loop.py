@@ -25,6 +25,7 @@ eager loop draws for it: both loops give the same drafts.
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass, field
 
@@ -32,6 +33,23 @@ import torch
 
 from bild_kernels import ops
 from bild_kernels.models import AttentionMetadata
+
+# Set by a test on a GPU: the decode steps of a run then go under torch.cuda.set_sync_debug_mode("error"), so any
+# host synchronisation between the run's set-up and its one host read raises.
+SYNC_CHECK = False
+
+
+@contextlib.contextmanager
+def _no_host_sync(device: torch.device):
+    if not (SYNC_CHECK and device.type == "cuda"):
+        yield
+        return
+    old = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(old)
 
 
 def capture_graph(step, device: torch.device, pool, what: str):
@@ -227,19 +245,20 @@ class StaticDraftLoop:
         self._collect(t, outs)
 
         steps, lagged = max(caps), _LaggedFlag(dev, max(caps)) if dev.type == "cuda" else None
-        for j in range(1, steps):
-            if lagged is None:
-                if not bool(t["any_active"]):
+        with _no_host_sync(dev):
+            for j in range(1, steps):
+                if lagged is None:
+                    if not bool(t["any_active"]):
+                        break
+                elif lagged.all_done():
                     break
-            elif lagged.all_done():
-                break
-            if buf.graph is not None:
-                buf.graph.replay()
-            else:
-                self._decode_step(t)
-            self._collect(t, outs)
-            if lagged is not None:
-                lagged.record(j, t["any_active"])
+                if buf.graph is not None:
+                    buf.graph.replay()
+                else:
+                    self._decode_step(t)
+                self._collect(t, outs)
+                if lagged is not None:
+                    lagged.record(j, t["any_active"])
 
         # The run's one host read.
         token, accepted, fell, conf = (torch.stack(o, 1)[:n].tolist() for o in outs[:4])
