@@ -219,13 +219,17 @@ __device__ void cut_chunk(const int64_t* __restrict__ draft_ids, const T* __rest
   for_each_in_chunk(target_logits + static_cast<int64_t>(pc) * V, V, S, chunk, [&](int i, float z) {
     const float s = __fdiv_rn(z, t);
     const float q = order_key(s) >= tau ? expf(s - s_max) / kept_sum : 0.0f;
-    const float g = gumbel(seed, i, offset, kPurposeVerifyToken, c);
-    p.q.add(q > 0.0f ? logf(q) + g : -kInf, i);  // log(0) + g = -inf, as in the reference
-    if (resid) {
-      const float r = fmaxf(q - ps_row[i], 0.0f);
-      p.any_resid |= r > 0.0f;
-      p.r.add(r > 0.0f ? logf(r) + g : -kInf, i);
-    }
+    const float lq = q > 0.0f ? logf(q) : -kInf;  // log(0) + g = -inf, as in the reference
+    const float r = resid ? fmaxf(q - ps_row[i], 0.0f) : 0.0f;
+    const float lr = r > 0.0f ? logf(r) : -kInf;
+    p.any_resid |= r > 0.0f;
+    // Every Gumbel draw is below kGumbelMax and rounding is monotone: an element whose log + kGumbelMax is below
+    // the best draw so far cannot win or tie, so its Philox draw is skipped (most of a peaked row's elements).
+    const bool q_may_win = !(lq + kGumbelMax < p.q.v), r_may_win = resid && !(lr + kGumbelMax < p.r.v);
+    if (!q_may_win && !r_may_win) return;
+    const float g = lq > -kInf || lr > -kInf ? gumbel(seed, i, offset, kPurposeVerifyToken, c) : 0.0f;
+    if (q_may_win) p.q.add(lq + g, i);
+    if (r_may_win) p.r.add(lr + g, i);
   });
   p.q = block_reduce(p.q, reinterpret_cast<ArgMax*>(smem));
   if (resid) {
