@@ -31,6 +31,7 @@
 #include <algorithm>
 #include <cmath>
 #include <functional>
+#include <optional>
 #include <cstdint>
 #include <limits>
 #include <tuple>
@@ -65,17 +66,20 @@ inline uint32_t philox_first_word(uint64_t seed, uint32_t c0, uint32_t c1, uint3
   return c0;
 }
 
-constexpr int kPurposeDraftSample = 1, kPurposeVerifyToken = 3;  // reference.PURPOSE_*
+constexpr int kPurposeDraftSample = 1, kPurposeVerifyAccept = 2, kPurposeVerifyToken = 3;  // reference.PURPOSE_*
 constexpr float kGumbelMax = 16.64f;                              // reference.GUMBEL_MAX
 
-// reference.gumbel_ref at vocabulary index v: u = ((x >> 9) + 0.5) / 2^23 (exact in float32), g = -log(-log(u)),
-// finite and below kGumbelMax (reference.GUMBEL_MAX).
-inline float gumbel(int64_t seed, uint32_t v, int64_t offset, int purpose, int64_t position) {
-  const uint32_t x = philox_first_word(static_cast<uint64_t>(seed), v, static_cast<uint32_t>(offset),
+// reference.uniform_ref: u = ((x >> 9) + 0.5) / 2^23 (exact in float32), in [2^-24, 1 - 2^-24].
+inline float uniform(int64_t seed, uint32_t index, int64_t offset, int purpose, int64_t position) {
+  const uint32_t x = philox_first_word(static_cast<uint64_t>(seed), index, static_cast<uint32_t>(offset),
                                        static_cast<uint32_t>(static_cast<uint64_t>(offset) >> 32),
                                        (static_cast<uint32_t>(purpose) << 24) | static_cast<uint32_t>(position));
-  const float u = (static_cast<float>(x >> 9) + 0.5f) * (1.0f / 8388608.0f);
-  return -std::log(-std::log(u));
+  return (static_cast<float>(x >> 9) + 0.5f) * (1.0f / 8388608.0f);
+}
+
+// reference.gumbel_ref at vocabulary index v: g = -log(-log(u)), finite and below kGumbelMax (reference.GUMBEL_MAX).
+inline float gumbel(int64_t seed, uint32_t v, int64_t offset, int purpose, int64_t position) {
+  return -std::log(-std::log(uniform(seed, v, offset, purpose, position)));
 }
 
 #ifdef BILD_X86
@@ -184,6 +188,32 @@ void filter_row(const float* s, int64_t V, int32_t top_k, float top_p, float sma
   }
 }
 
+// q = softmax(filter(z / t)) of one row, as the reference builds a sampling row's target distribution (the division
+// in float32, the softmax as exp(x - max) / sum); *am gets the first index of the max of z / t, which both filters
+// keep. False (q untouched) when that max is not finite.
+bool target_q(const float* z, int64_t V, float t, int32_t top_k, float top_p, std::vector<float>& q,
+              std::vector<float>& filt, std::vector<float>& work, int64_t* am) {
+  q.resize(static_cast<size_t>(V));
+  float m = -std::numeric_limits<float>::infinity();
+  *am = 0;
+  for (int64_t v = 0; v < V; ++v) {
+    q[v] = z[v] / t;
+    if (q[v] > m) {
+      m = q[v];
+      *am = v;
+    }
+  }
+  if (!std::isfinite(m)) return false;
+  if (filters(top_k, top_p, V)) {  // the filters keep the max, so m stays the filtered row's max
+    filter_row(q.data(), V, top_k, top_p, m, filt, work);
+    q.swap(filt);
+  }
+  float sum = 0.0f;
+  for (int64_t v = 0; v < V; ++v) sum += q[v] = std::exp(q[v] - m);
+  for (int64_t v = 0; v < V; ++v) q[v] /= sum;
+  return true;
+}
+
 at::Tensor flag(bool v) { return at::scalar_tensor(v, at::TensorOptions().dtype(at::kBool)); }
 
 }  // namespace
@@ -283,23 +313,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 #endif
 }
 
-// draft_ids [B, K] i64 (drafts, then -1); logits [B, K+1, V] f32; mode 0 (greedy) or 1 (bild);
-// rollback_threshold, temperature, top_p [B] f32; top_k [B] i32; seed, offset [B] i64 ->
-// (num_accepted [B] i32, output_ids [B, K+1] i64, distances [B, K] f32, target_probs [B, K+1] f32, handled bool
-// scalar). Statistics only at the positions j <= n_b a row uses. A sampling row (temperature > 0) emits at its
-// cut c the argmax of log q_c + g, q_c = softmax(filter(z_c / T)), g = gumbel(seed, v, offset, VERIFY_TOKEN, c);
-// a greedy row emits the argmax whatever its filters (the reference's q is then one-hot at the argmax).
+// draft_ids [B, K] i64 (drafts, then -1); logits [B, K+1, V] f32; mode 0 (greedy), 1 (bild) or 2 (sample);
+// rollback_threshold, temperature, top_p [B] f32; top_k [B] i32; seed, offset [B] i64; draft_probs [B, K, V] f32
+// (mode 2 only) -> (num_accepted [B] i32, output_ids [B, K+1] i64, distances [B, K] f32, target_probs [B, K+1] f32,
+// handled bool scalar). Statistics only at the positions j <= n_b a row uses. A sampling row (temperature > 0)
+// emits at its cut c the argmax of log w + g, g = gumbel(seed, v, offset, VERIFY_TOKEN, c), w = q_c =
+// softmax(filter(z_c / T)), or in mode 2 after a rejection the residual max(0, q_c - p_S) unless it is zero
+// everywhere; a greedy row emits the argmax whatever its filters (the reference's q is then one-hot at the
+// argmax). Mode 2 accepts draft j while u_j * p_S(draft_j) < q_j(draft_j), u_j = uniform(seed, 0, offset,
+// VERIFY_ACCEPT, j): speculative sampling, the reference's rule.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_verify_draft(
     const at::Tensor& draft_ids, const at::Tensor& logits, int64_t mode, const at::Tensor& rollback_threshold,
-    const at::Tensor& temperature, const at::Tensor& top_k, const at::Tensor& top_p, const at::Tensor& seed,
-    const at::Tensor& offset) {
+    const std::optional<at::Tensor>& draft_probs, const at::Tensor& temperature, const at::Tensor& top_k,
+    const at::Tensor& top_p, const at::Tensor& seed, const at::Tensor& offset) {
   constexpr const char* op = "cpu_verify_draft";
   check_logits(op, logits, 3);
   const int64_t B = logits.size(0), K1 = logits.size(1), K = K1 - 1, V = logits.size(2);
-  TORCH_CHECK(mode == 0 || mode == 1, op, ": mode must be 0 (greedy) or 1 (bild), got ", mode);
+  TORCH_CHECK(mode == 0 || mode == 1 || mode == 2, op, ": mode must be 0 (greedy), 1 (bild) or 2 (sample), got ",
+              mode);
   TORCH_CHECK(draft_ids.device().is_cpu() && draft_ids.scalar_type() == at::kLong && draft_ids.dim() == 2 &&
                   draft_ids.size(0) == B && draft_ids.size(1) == K && draft_ids.is_contiguous(),
               op, ": draft_ids must be a contiguous int64 [", B, ", ", K, "] CPU tensor");
+  if (mode == 2) {
+    TORCH_CHECK(draft_probs.has_value() && draft_probs->device().is_cpu() &&
+                    draft_probs->scalar_type() == at::kFloat && draft_probs->is_contiguous() &&
+                    draft_probs->dim() == 3 && draft_probs->size(0) == B && draft_probs->size(1) == K &&
+                    draft_probs->size(2) == V,
+                op, ": mode 2 (sample) needs draft_probs, a contiguous float32 [", B, ", ", K, ", ", V, "] CPU tensor");
+  }
   check_rows(op, "rollback_threshold", rollback_threshold, B, at::kFloat);
   check_sampling_rows(op, B, temperature, top_k, top_p, seed, offset);
   const auto f32 = logits.options();
@@ -314,19 +355,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_verif
   const int64_t* ids = draft_ids.data_ptr<int64_t>();
   const float* z = logits.data_ptr<float>();
   const float* thr = rollback_threshold.data_ptr<float>();
+  const float* ps = mode == 2 ? draft_probs->data_ptr<float>() : nullptr;
   const int64_t* sd = seed.data_ptr<int64_t>();
   const int64_t* off = offset.data_ptr<int64_t>();
   int32_t* na = num_accepted.data_ptr<int32_t>();
   int64_t* out = out_ids.data_ptr<int64_t>();
   float* dist = distances.data_ptr<float>();
   float* tp = target_probs.data_ptr<float>();
-  std::vector<float> logq, filt, work;
+  std::vector<float> q, filt, work;
   for (int64_t b = 0; b < B; ++b) {
     const int64_t* row = ids + b * K;
+    const bool sampling = !(t[b] <= 0.0f);
     int64_t n = 0;
     for (int64_t j = 0; j < K; ++j) n += row[j] >= 0;  // as the reference counts them
     int64_t c = -1;       // the cut: the first position not accepted
     int64_t emitted = 0;  // argmax at the cut
+    int64_t q_pos = -1;   // the position whose q_j `q` holds (sampling rows)
+    int64_t q_am = 0;     // and the first index of its max
     for (int64_t j = 0; j <= n; ++j) {
       const float* zj = z + (b * K1 + j) * V;
       RowStats s;
@@ -337,7 +382,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_verif
         const int64_t d = row[j] < 0 ? 0 : row[j];
         const float dj = s.lse - zj[d];
         if (j < K) dist[b * K + j] = dj;
-        ok = mode == 0 ? row[j] == s.argmax : !(dj > thr[b] && row[j] != s.argmax);
+        if (mode == 2) {
+          if (c < 0) {  // past the cut nothing is accepted: no q needed there
+            float qd = d == s.argmax ? 1.0f : 0.0f;  // a greedy row's q: one-hot at the argmax
+            if (sampling) {
+              if (!target_q(zj, V, t[b], tk[b], tp_[b], q, filt, work, &q_am)) return unhandled();
+              q_pos = j;
+              qd = q[d];
+            }
+            ok = uniform(sd[b], 0, off[b], kPurposeVerifyAccept, j) * ps[(b * K + j) * V + d] < qd;
+          }
+        } else {
+          ok = mode == 0 ? row[j] == s.argmax : !(dj > thr[b] && row[j] != s.argmax);
+        }
       }
       if (c < 0 && !ok) {
         c = j;
@@ -346,27 +403,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_verif
     }
     // c <= n always: position n is never accepted. Positions past the cut still get their distances and
     // target probabilities (the reference reports them for every drafted position).
-    if (!(t[b] <= 0.0f)) {  // a sampling row draws its token at the cut from q_c = softmax(filter(z_c / T))
-      const float* zc = z + (b * K1 + c) * V;
-      logq.resize(static_cast<size_t>(V));
-      float m = -std::numeric_limits<float>::infinity();
-      int64_t am = 0;  // the first index of the max, which both filters keep: gumbel_argmax's first draw
-      for (int64_t v = 0; v < V; ++v) {
-        logq[v] = zc[v] / t[b];
-        if (logq[v] > m) {
-          m = logq[v];
-          am = v;
+    if (sampling) {  // a sampling row draws its token at the cut from w = q_c (or mode 2's residual)
+      if (q_pos != c && !target_q(z + (b * K1 + c) * V, V, t[b], tk[b], tp_[b], q, filt, work, &q_am)) {
+        return unhandled();
+      }
+      int64_t hint = q_am;
+      if (mode == 2 && c < n) {  // a rejection: the residual norm(max(0, q_c - p_S)), unless it is zero everywhere
+        const float* pc = ps + (b * K + c) * V;
+        work.resize(static_cast<size_t>(V));
+        int64_t r_am = -1;
+        for (int64_t v = 0; v < V; ++v) {
+          work[v] = std::max(q[v] - pc[v], 0.0f);
+          if (work[v] > 0.0f && (r_am < 0 || work[v] > work[r_am])) r_am = v;
+        }
+        if (r_am >= 0) {
+          q.swap(work);
+          hint = r_am;
         }
       }
-      if (!std::isfinite(m)) return unhandled();
-      if (filters(tk[b], tp_[b], V)) {  // the filters keep the max, so m stays the filtered row's max
-        filter_row(logq.data(), V, tk[b], tp_[b], m, filt, work);
-        logq.swap(filt);
-      }
-      float sum = 0.0f;
-      for (int64_t v = 0; v < V; ++v) sum += logq[v] = std::exp(logq[v] - m);
-      for (int64_t v = 0; v < V; ++v) logq[v] = std::log(logq[v] / sum);  // log of q as softmax gives it
-      emitted = gumbel_argmax(logq.data(), V, sd[b], off[b], kPurposeVerifyToken, c, am);
+      for (int64_t v = 0; v < V; ++v) q[v] = std::log(q[v]);  // log(0) = -inf: never drawn
+      emitted = gumbel_argmax(q.data(), V, sd[b], off[b], kPurposeVerifyToken, c, hint);
     }
     na[b] = static_cast<int32_t>(c);
     for (int64_t j = 0; j < c; ++j) out[b * K1 + j] = row[j];
@@ -384,7 +440,7 @@ TORCH_LIBRARY_FRAGMENT(bild_kernels_cpu, m) {
   m.def("cpu_sample_draft(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor seed, "
         "Tensor offset, Tensor fallback_threshold) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("cpu_verify_draft(Tensor draft_ids, Tensor logits, int mode, Tensor rollback_threshold, "
-        "Tensor temperature, Tensor top_k, Tensor top_p, Tensor seed, Tensor offset) "
+        "Tensor? draft_probs, Tensor temperature, Tensor top_k, Tensor top_p, Tensor seed, Tensor offset) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 

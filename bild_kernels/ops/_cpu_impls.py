@@ -35,8 +35,8 @@ for _op in CPU_EXTENSION_OPS:
 
 
 # sample_draft and verify_draft: csrc/cpu_sampling.cpp computes calls over finite logits, greedy and sampling rows
-# with or without top-k / top-p, in modes greedy and bild for verify_draft: every step of a CPU engine but
-# speculative sampling's. It reports the other calls unhandled (a row whose max is not finite, float64 logits go
+# with or without top-k / top-p, in every mode of verify_draft (speculative sampling's too): every step of a CPU
+# engine. It reports the other calls unhandled (a row whose max is not finite, float64 logits go
 # straight to the reference), and the reference computes those (the same definitions; tested against each other).
 @torch.library.register_fake("bild_kernels_cpu::cpu_sample_draft")
 def _cpu_sample_draft_fake(logits, temperature, top_k, top_p, seed, offset, fallback_threshold):
@@ -47,7 +47,8 @@ def _cpu_sample_draft_fake(logits, temperature, top_k, top_p, seed, offset, fall
 
 
 @torch.library.register_fake("bild_kernels_cpu::cpu_verify_draft")
-def _cpu_verify_draft_fake(draft_ids, logits, mode, rollback_threshold, temperature, top_k, top_p, seed, offset):
+def _cpu_verify_draft_fake(draft_ids, logits, mode, rollback_threshold, draft_probs, temperature, top_k, top_p, seed,
+                           offset):
     B, K1, _ = logits.shape
     return (logits.new_empty((B,), dtype=torch.int32), logits.new_empty((B, K1), dtype=torch.int64),
             logits.new_empty((B, K1 - 1), dtype=torch.float32), logits.new_empty((B, K1), dtype=torch.float32),
@@ -70,10 +71,12 @@ def cpu_sample_draft(logits, temperature, top_k, top_p, seed, offset, fallback_t
 
 def cpu_verify_draft(draft_ids, target_logits, mode, rollback_threshold, draft_probs, temperature, top_k, top_p,
                      seed, offset):
-    if mode != R.MODE_SAMPLE and target_logits.dtype != torch.float64:
+    if target_logits.dtype != torch.float64:
+        # draft_probs read in float32, as the reference reads them against float32 logits
+        probs = draft_probs.to(torch.float32).contiguous() if mode == R.MODE_SAMPLE else None
         *out, handled = torch.ops.bild_kernels_cpu.cpu_verify_draft(
-            draft_ids, _as_f32(target_logits).contiguous(), mode, rollback_threshold, temperature, top_k, top_p,
-            seed, offset)
+            draft_ids, _as_f32(target_logits).contiguous(), mode, rollback_threshold, probs, temperature, top_k,
+            top_p, seed, offset)
         if handled:
             return tuple(out)
     return R.verify_draft_ref(draft_ids, target_logits, mode, rollback_threshold, draft_probs, temperature, top_k,

@@ -228,8 +228,8 @@ def test_verify_draft_greedy_rows_dtypes(backend_device_passes, dtype, atol, rto
         check(backend, mode, draft_ids, target_logits, None, params, atol=atol, rtol=rtol)
 
 
-def test_verify_draft_cpu_kernel_handles_greedy_and_bild_calls():
-    """The CPU extension computes calls in greedy and bild modes, sampling rows with and without top-k / top-p,
+def test_verify_draft_cpu_kernel_handles_every_mode():
+    """The CPU extension computes calls in greedy, bild and sample modes, sampling rows with and without top-k / top-p,
     over rows with a finite max, itself, and reports a call with a non-finite row unhandled (its wrapper then runs
     the reference): checked on the op directly."""
     from bild_kernels._backend import cpu_extension
@@ -245,17 +245,29 @@ def test_verify_draft_cpu_kernel_handles_greedy_and_bild_calls():
     top_k[3], top_p[4], top_k[2], top_p[2], top_k[0] = 20, 0.7, 50, 0.95, 20  # sampling rows and a greedy row
     for temp, kk, pp in ((t, k, p), (sampling, k, p), (sampling, top_k, top_p)):
         for mode in (R.MODE_GREEDY, R.MODE_BILD):
-            *out, handled = op(draft_ids, z, mode, thr, temp, kk, pp, seed, offset)
+            *out, handled = op(draft_ids, z, mode, thr, None, temp, kk, pp, seed, offset)
             assert bool(handled)
             want = R.verify_draft_ref(draft_ids, z, mode, thr, None, temp, kk, pp, seed, offset)
             assert torch.equal(out[0], want[0]) and torch.equal(out[1], want[1])
             torch.testing.assert_close(out[2], want[2], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(out[3], want[3], atol=1e-6, rtol=1e-5)
+    # sample mode (speculative sampling): accept tests, the residual draw at a rejection and the bonus draw
+    _, _, probs, _ = make_case(7, 4, 1001, "cpu")
+    probs[5] = torch.softmax(z[5, :4] / 0.8, -1)  # p_S = q where row 5 samples at T = 0.8: always accepted
+    sampling[5] = 0.8
+    for temp, kk, pp in ((t, k, p), (sampling, k, p), (sampling, top_k, top_p)):
+        *out, handled = op(draft_ids, z, R.MODE_SAMPLE, thr, probs, temp, kk, pp, seed, offset)
+        assert bool(handled)
+        want = R.verify_draft_ref(draft_ids, z, R.MODE_SAMPLE, thr, probs, temp, kk, pp, seed, offset)
+        assert torch.equal(out[0], want[0]) and torch.equal(out[1], want[1])
+        torch.testing.assert_close(out[3], want[3], atol=1e-6, rtol=1e-5)
     nan = z.clone()
     nan[0, 0, 5] = float("nan")  # row 0 drafts all K: position 0 is read
-    assert not bool(op(draft_ids, nan, R.MODE_BILD, thr, t, k, p, seed, offset)[-1])
-    with pytest.raises(RuntimeError, match="mode"):
-        op(draft_ids, z, R.MODE_SAMPLE, thr, t, k, p, seed, offset)
+    assert not bool(op(draft_ids, nan, R.MODE_BILD, thr, None, t, k, p, seed, offset)[-1])
+    with pytest.raises(RuntimeError, match="mode 2 \\(sample\\) needs draft_probs"):
+        op(draft_ids, z, R.MODE_SAMPLE, thr, None, t, k, p, seed, offset)
+    with pytest.raises(RuntimeError, match="mode must be 0"):
+        op(draft_ids, z, 3, thr, None, t, k, p, seed, offset)
 
 
 def _check_cpu_draws(draft_ids, z, params):
