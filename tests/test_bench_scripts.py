@@ -22,7 +22,7 @@ def _run(script: str, *args: str) -> list[str]:
 
 def test_every_op_has_a_benchmark():
     assert sorted(p.stem[len("bench_"):] for p in BENCH.glob("bench_*.py")) == sorted(
-        OPS + ["e2e", "draft_weights", "cpu_linear", "cpu_decoder_layer"])
+        OPS + ["e2e", "draft_weights", "cpu_linear", "cpu_decoder_layer", "sampled_decoding"])
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -44,6 +44,14 @@ def test_e2e_benchmark_compares_draft_loops():
     assert systems[:2] == ["engine large-only (eager)", "engine large-only (static)"]
     assert "engine bild (static)" in systems
     assert all(r["tokens_per_s"] > 0 for r in rows)
+
+
+def test_sampled_decoding_benchmark_runs_the_default_pair():
+    lines = [line.split() for line in _run("bench_sampled_decoding.py", "--prompts", "1", "--max-tokens", "4",
+                                           "--draft-lens", "2", "--threads", "1", "--reference-verify")
+             if "tokens/s" in line]
+    assert [r[0] for r in lines] == ["large-only", "speculative-sampling(2)"]
+    assert all(float(r[1]) > 0 for r in lines) and lines[0][3] == "1.00x"
 
 
 def test_draft_weights_benchmark_times_every_format():
