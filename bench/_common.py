@@ -195,6 +195,19 @@ def runs_at(backend: str, config: dict) -> bool:
     return all(config.get(k) == v for k, v in COMPILE_AT.items())
 
 
+def append_rows(name: str, rows: list[dict]) -> Path:
+    """Append rows to bench/results/<name> (the header written when the file is new)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / name
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        if new:
+            w.writeheader()
+        w.writerows(rows)
+    return path
+
+
 def record(bench: str, device: str, backend: str, config: dict, stats: dict, bytes_moved: int | None,
            save: bool = True) -> dict:
     gbps = bytes_moved / (stats["median_us"] * 1e-6) / 1e9 if bytes_moved else None
@@ -213,12 +226,5 @@ def record(bench: str, device: str, backend: str, config: dict, stats: dict, byt
     print(f"{bench:<22} {backend:<8} {cfg:<40} median {row['median_us']:>10.1f} us "
           f"[p20 {row['p20_us']:.1f}, p80 {row['p80_us']:.1f}] {bw}", flush=True)
     if save:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        path = RESULTS / f"{bench}.csv"
-        new = not path.exists()
-        with open(path, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(row))
-            if new:
-                w.writeheader()
-            w.writerow(row)
+        append_rows(f"{bench}.csv", [row])
     return row

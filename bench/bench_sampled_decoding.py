@@ -10,7 +10,6 @@ bench/results/sampled_decoding.csv.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import sys
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # run from a checkout
-from _common import RESULTS, device_name, git_rev  # noqa: E402
+from _common import append_rows, device_name, git_rev  # noqa: E402
 
 from bild_kernels import Engine, LargeOnly, SamplingParams, SpeculativeSampling  # noqa: E402
 from bild_kernels import reference as R  # noqa: E402
@@ -88,13 +87,7 @@ def main() -> None:
                      "tokens_per_s": round(tps, 2), "speedup": round(tps / base, 3),
                      "acceptance": "" if acc is None else round(acc, 3)})
     if not args.no_save:
-        path = RESULTS / "sampled_decoding.csv"
-        new = not path.exists()
-        with open(path, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            if new:
-                w.writeheader()
-            w.writerows(rows)
+        append_rows("sampled_decoding.csv", rows)
 
 
 if __name__ == "__main__":

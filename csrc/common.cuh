@@ -235,16 +235,18 @@ __device__ void for_each_in_row(const T* __restrict__ row, int V, F&& f) {
 constexpr int kChunkThreads = 256;
 constexpr int kChunkVecs = 4;
 
+// Elements of T in a chunk of `vecs` 16-byte vectors a thread (the chunked pass's kChunkVecs by default; the
+// wide and stream passes' chunks have kWideVecs and kStreamVecs).
 template <typename T>
-__host__ __device__ constexpr int chunk_elems() {
-  return kChunkThreads * kChunkVecs * static_cast<int>(16 / sizeof(T));
+__host__ __device__ constexpr int chunk_elems(int vecs = kChunkVecs) {
+  return kChunkThreads * vecs * static_cast<int>(16 / sizeof(T));
 }
 
 // Chunks per row of V elements of T. The aligned middle of a row has at most V / (16 / sizeof(T))
-// vectors, so S chunks of kChunkThreads * kChunkVecs vectors always cover it.
+// vectors, so S chunks of kChunkThreads * vecs vectors always cover it.
 template <typename T>
-__host__ __device__ constexpr int row_splits(int V) {
-  return (V + chunk_elems<T>() - 1) / chunk_elems<T>();
+__host__ __device__ constexpr int row_splits(int V, int vecs = kChunkVecs) {
+  return (V + chunk_elems<T>(vecs) - 1) / chunk_elems<T>(vecs);
 }
 
 struct RowPartial {
@@ -357,41 +359,20 @@ __global__ void __launch_bounds__(kChunkThreads)
 // only the statistics of z (greedy and BiLD verification, greedy drafting) take them per vector: the
 // vector's max (the argmax only when it beats the thread's best), one rescale of the running sum when the
 // max grows, then one ex2.approx per element. Rows that scale or draw (sampling) keep the per-element
-// code. One block reduction whose cross-warp merge runs in warp 0 only. S = wide_row_splits<T>(V).
+// code. One block reduction whose cross-warp merge runs in warp 0 only. S = row_splits<T>(V, kWideVecs).
 // ------------------------------------------------------------------------------------------------
 constexpr int kFirstPassChunked = 0;  // RowChunkStatsKernel, row_splits<T>(V) chunks a row
-constexpr int kFirstPassWide = 1;     // RowWideStatsKernel, wide_row_splits<T>(V) chunks a row
+constexpr int kFirstPassWide = 1;     // RowWideStatsKernel, row_splits<T>(V, kWideVecs) chunks a row
 constexpr int kFirstPassAuto = 2;     // per launch, resolve_first_pass (the default)
-constexpr int kFirstPassStream = 3;   // RowStreamStatsKernel + RowScaledStatsKernel, stream_row_splits<T>(V) chunks
+constexpr int kFirstPassStream = 3;   // RowStreamStatsKernel + RowScaledStatsKernel, row_splits<T>(V, kStreamVecs) chunks
 constexpr int kWideVecs = 16;
 constexpr int kStreamVecs = 8;
-
-template <typename T>
-__host__ __device__ constexpr int wide_chunk_elems() {
-  return kChunkThreads * kWideVecs * static_cast<int>(16 / sizeof(T));
-}
-
-template <typename T>
-__host__ __device__ constexpr int wide_row_splits(int V) {
-  return (V + wide_chunk_elems<T>() - 1) / wide_chunk_elems<T>();
-}
-
-template <typename T>
-__host__ __device__ constexpr int stream_chunk_elems() {
-  return kChunkThreads * kStreamVecs * static_cast<int>(16 / sizeof(T));
-}
-
-template <typename T>
-__host__ __device__ constexpr int stream_row_splits(int V) {
-  return (V + stream_chunk_elems<T>() - 1) / stream_chunk_elems<T>();
-}
 
 // Chunks per row of the first pass `kind`; buffers sized by row_splits<T>(V) hold any of them (the wide and
 // stream chunks are larger).
 template <typename T>
 __host__ __device__ constexpr int first_pass_splits(int kind, int V) {
-  return kind == kFirstPassWide ? wide_row_splits<T>(V) : kind == kFirstPassStream ? stream_row_splits<T>(V)
-                                                                                    : row_splits<T>(V);
+  return row_splits<T>(V, kind == kFirstPassWide ? kWideVecs : kind == kFirstPassStream ? kStreamVecs : kChunkVecs);
 }
 
 // The first pass a launch over `rows` rows of V elements of T runs, for the process-wide setting `kind`:
@@ -406,7 +387,7 @@ __host__ __device__ constexpr int first_pass_splits(int kind, int V) {
 inline int resolve_first_pass(int kind, int64_t rows, int V, int elem_size, bool sample_mode, int sms) {
   if (kind != kFirstPassAuto) return kind;
   if (sample_mode) return kFirstPassChunked;
-  const int splits = elem_size == 2 ? wide_row_splits<__half>(V) : wide_row_splits<float>(V);
+  const int splits = elem_size == 2 ? row_splits<__half>(V, kWideVecs) : row_splits<float>(V, kWideVecs);
   return rows * splits >= sms ? kFirstPassWide : kFirstPassChunked;
 }
 
@@ -463,8 +444,8 @@ __device__ T block_reduce_to_first(T x, T* smem) {
   return x;
 }
 
-// Grid (R * S,), kChunkThreads threads, S = wide_row_splits<T>(V): as RowChunkStatsKernel, with chunks of
-// wide_chunk_elems<T>() elements.
+// Grid (R * S,), kChunkThreads threads, S = row_splits<T>(V, kWideVecs): as RowChunkStatsKernel, with chunks of
+// chunk_elems<T>(kWideVecs) elements.
 template <typename T, typename Rows>
 __global__ void __launch_bounds__(kChunkThreads)
     RowWideStatsKernel(const T* __restrict__ logits, int V, int S, Rows rows, RowPartial* __restrict__ partials) {
@@ -546,7 +527,7 @@ __device__ inline ScaledStats merge(ScaledStats a, ScaledStats b) {
 }
 __device__ inline ScaledStats shfl_xor(ScaledStats x, int o) { return ScaledStats{shfl_xor(x.s, o), shfl_xor(x.g, o)}; }
 
-// Grid (R * S,), kChunkThreads threads, S = stream_row_splits<T>(V).
+// Grid (R * S,), kChunkThreads threads, S = row_splits<T>(V, kStreamVecs).
 template <typename T, typename Rows>
 __global__ void __launch_bounds__(kChunkThreads, kStreamMinBlocks)
     RowStreamStatsKernel(const T* __restrict__ logits, int V, int S, Rows rows, RowPartial* __restrict__ partials) {
