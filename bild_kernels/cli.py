@@ -362,7 +362,7 @@ def cmd_distill(args) -> int:
             samples_per_prompt=args.samples_per_prompt, init_draft=args.init_draft, corpus_minutes=args.corpus_minutes,
             corpus_seed=args.corpus_seed,
             corpus_batch_size=args.corpus_batch_size, train_batch_size=args.train_batch_size, lr=args.lr,
-            feature_layers=args.feature_layers, self_prompts=args.self_prompts,
+            feature_layers=args.feature_layers, self_prompts=args.self_prompts, corpus_backend=args.corpus_backend,
             log=lambda s: print(s, file=sys.stderr, flush=True))
     if args.split_mib is not None:
         for f in split_dir(args.out, int(args.split_mib * MIB), remove=True):
@@ -457,6 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "template's user-turn header, Magpie-style), mixed with the templated ones")
     g.add_argument("--corpus-seed", type=int, default=0, metavar="S",
                    help="sampling seed of the corpus (default 0): another seed, other answers to the same prompts")
+    g.add_argument("--corpus-backend", default="auto", choices=("auto", "bild", "hf"),
+                   help="what writes the training answers: bild's batch decode loop (CUDA graphs, no host sync a "
+                        "step; the default on CUDA) or transformers' generate (the default on a CPU)")
     g.add_argument("--corpus-batch-size", type=int, default=None, metavar="B",
                    help="answers generated per batch (default: 256 on CUDA, 64 in bfloat16 on a CPU, else 16)")
     g.add_argument("--train-batch-size", type=int, default=None, metavar="B", help="sequences per training step "

@@ -34,11 +34,16 @@
 #           scripts/gpu_session.sh build wide engine_gpu_tests wide_profile
 #   (the `auto` first pass, the wide pass's sampling rows, the opt-in `stream` pass and the filter / cut kernels'
 #   strided grids, all changed since 2026-11-26b: tested against the reference, timed beside the forced passes;
-#   engine_gpu_tests: the GPU tests of distillation (self-written prompts, device-resident batches) and of the
-#   graphed draft loop (now also: no host synchronisation inside a run));
-#   call 2: the distillation of 2026-11-26b with `--corpus-seed 2 --self-prompts 12000 --corpus-minutes 2.5`
+#   engine_gpu_tests: the GPU tests of distillation (self-written prompts, device-resident batches, the corpus now
+#   written by BatchGenerator), of the graphed draft loop (now also: no host synchronisation inside a run) and of
+#   BatchGenerator's graphed decode loop (tests/engine/test_bulk.py));
+#   call 2: `python3 bench/bench_bulk.py --device cuda --model default --large "$BILD_LARGE" --batch-sizes 768`
+#   (after unpack: BatchGenerator beside HF generate, ~40 s), then the distillation of 2026-11-26b with
+#   `--corpus-seed 2 --self-prompts 12000 --samples-per-prompt 2 --corpus-batch-size 1024 --corpus-minutes 2.5`
 #   (prompts the large model writes itself: the shipped draft agrees 0.664 on training prompts, 0.585 held out and
-#   0.570 on self-written ones, so the templates' narrow variety is what holds it back), ~500 s.
+#   0.570 on self-written ones, so the templates' narrow variety is what holds it back; the corpus written by
+#   BatchGenerator, which should make several times HF generate's 18.6k tokens/s: if call 1's test_bulk failed,
+#   add `--corpus-backend hf` and drop `--samples-per-prompt 2`), ~540 s.
 # profile_step (the engine's GPU time split at the Llama-1B shapes) waits for the session after.
 # DEADLINE (seconds from the start): each stage is cut (timeout) so that the whole script, the tarball
 # included, ends before it; a stage with under 20 s left is skipped. Each stage also has its own cap.
@@ -98,7 +103,7 @@ for s in "$@"; do
         engine_gpu_tests) stage engine_gpu_tests 150 env OMP_NUM_THREADS=2 "$PY" -m pytest -q -rfE -m "not slow" \
                               -p no:cacheprovider -p no:benchmark --timeout 120 -n 4 -k "gpu or cuda" \
                               tests/engine/test_distill.py tests/engine/test_feature_draft.py \
-                              tests/engine/test_draft_loop.py ;;
+                              tests/engine/test_draft_loop.py tests/engine/test_bulk.py ;;
         tests) stage tests 240 env OMP_NUM_THREADS=2 "$PY" -m pytest -q -rfE -m "not slow" -p no:cacheprovider \
                    -p no:benchmark --maxfail 20 --timeout 200 -n "$WORKERS" --dist loadfile $TESTS ;;
         profile) stage profile 240 ncu --set basic --kernel-name regex:"Kernel" --launch-skip 30 --launch-count 15 \

@@ -22,7 +22,7 @@ def _run(script: str, *args: str) -> list[str]:
 
 def test_every_op_has_a_benchmark():
     assert sorted(p.stem[len("bench_"):] for p in BENCH.glob("bench_*.py")) == sorted(
-        OPS + ["e2e", "draft_weights", "cpu_linear", "cpu_decoder_layer", "sampled_decoding"])
+        OPS + ["e2e", "draft_weights", "cpu_linear", "cpu_decoder_layer", "sampled_decoding", "bulk"])
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -52,6 +52,13 @@ def test_sampled_decoding_benchmark_runs_the_default_pair():
              if "tokens/s" in line]
     assert [r[0] for r in lines] == ["large-only", "speculative-sampling(2)"]
     assert all(float(r[1]) > 0 for r in lines) and lines[0][3] == "1.00x"
+
+
+def test_bulk_benchmark_compares_batch_generation_with_hf_generate():
+    lines = [line.split() for line in _run("bench_bulk.py", "--model", "tiny", "--batch-sizes", "1,3", "--tokens", "4")]
+    rates = [r for r in lines if "tokens/s," in r]
+    assert [(r[1], r[2]) for r in rates] == [("B=1", "bild:"), ("B=1", "hf:"), ("B=3", "bild:"), ("B=3", "hf:")]
+    assert sum("bild / hf:" in " ".join(r) for r in lines) == 2
 
 
 def test_draft_weights_benchmark_times_every_format():

@@ -78,14 +78,18 @@ def _data(s: dict) -> str:
            f"top-p 0.95; Magpie-style)" if n_self else "")
     if k == 1 and s.get("corpus_planned", s["corpus_sequences"]) == s["corpus_sequences"]:
         return (f"the large model's own answers (temperature 0.7) to {s['corpus_sequences'] - n_self} templated chat\n"
-                f"  prompts {what}{own}, {s['corpus_tokens']}\n  tokens with the prompts. No external data set.")
+                f"  prompts {what}{own}, {s['corpus_tokens']}\n  tokens with the prompts.{_writer(s)} No external data set.")
     text = (f"{s['corpus_sequences']} answers written by the large model itself (temperature 0.7"
             f"{f', {k} per prompt, a seed per pass' if k > 1 else ''}) to {s['prompts']} templated chat\n"
             f"  prompts {what}{own}, {s['corpus_tokens']} tokens with the prompts")
     if s["corpus_sequences"] < s.get("corpus_planned", 0):
         text += (f"; generation\n  stopped at its {s['corpus_minutes']:g}-minute budget, after {s['corpus_sequences']}"
                  f" of {s['corpus_planned']} answers")
-    return text + ". No external data set."
+    return text + f".{_writer(s)} No external data set."
+
+
+def _writer(s: dict) -> str:
+    return " Written by bild's batch decode loop (`BatchGenerator`)." if s.get("corpus_backend") == "bild" else ""
 
 
 def _where(s: dict) -> str:

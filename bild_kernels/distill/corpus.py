@@ -32,7 +32,7 @@ def model_device(model, device=None) -> torch.device:
 @torch.inference_mode()
 def generate_corpus(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 96, temperature: float = 0.7,
                     batch_size: int = 16, seed: int = 0, samples: int = 1, max_seconds: float | None = None,
-                    device=None, log=print) -> list[list[int]]:
+                    device=None, backend: str = "auto", log=print) -> list[list[int]]:
     """prompt + response token ids for every prompt, sampled from `model` (left-padded batches).
 
     samples > 1: every prompt is answered that many times, in passes over all prompts, pass s seeded
@@ -40,33 +40,35 @@ def generate_corpus(model, tokenizer, prompts: list[str], *, max_new_tokens: int
     ends early keeps as many distinct prompts as it can.
     max_seconds: stop at the first batch boundary after that much wall time and return what there is
     (at least one batch).
-    device: where the model runs (see `model_device`); the returned ids are plain Python lists."""
+    device: where the model runs (see `model_device`); the returned ids are plain Python lists.
+    backend: "hf" (transformers' `generate`, seeded by torch's generator), "bild" (`BatchGenerator`: a
+    host-free decode loop, CUDA graphs on a GPU; row i of pass s seeded with (seed + s) * 2**32 + i) or
+    "auto" (bild on CUDA, hf elsewhere: on a CPU both run at the same speed). Both sample the same
+    distribution, not the same answers."""
     if not isinstance(samples, int) or samples < 1:
         raise ValueError(f"samples must be a positive int, got {samples!r}")
     if max_seconds is not None and not max_seconds > 0:
         raise ValueError(f"max_seconds must be > 0 or None, got {max_seconds!r}")
     dev = model_device(model, device)
+    backend = _backend(backend, dev)
     pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None))
     stops = {tokenizer.pad_token_id, tokenizer.eos_token_id} - {None}  # generate() pads finished rows with these
     prompt_ids = [chat_ids(tokenizer, p) for p in prompts]  # once, however many passes
+    bulk = None if backend == "hf" else _batch_generator(model, dev, batch_size,
+                                                           max(map(len, prompt_ids)) + max_new_tokens)
     planned = samples * len(prompts)
     out, t0, n_tok = [], time.perf_counter(), 0
     for s in range(samples):
         torch.manual_seed(seed + s)  # the CPU's and every CUDA device's generator
         for i in range(0, len(prompts), batch_size):
             ids = prompt_ids[i:i + batch_size]
-            width = max(len(x) for x in ids)
-            inp = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=dev)
-            mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=dev)
-            gen = model.generate(inp, attention_mask=mask, do_sample=temperature > 0,
-                                 temperature=temperature or None, top_p=None, top_k=None,
-                                 max_new_tokens=max_new_tokens, pad_token_id=pad)
-            for x, row in zip(ids, gen[:, width:].cpu().tolist()):
-                resp = []
-                for t in row:
-                    resp.append(t)
-                    if t in stops:
-                        break
+            if bulk is not None:
+                answers = bulk.generate(ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                                        seeds=[(seed + s) * 2**32 + i + j for j in range(len(ids))], stop_ids=stops)
+            else:
+                answers = hf_answers(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, pad=pad,
+                                     stops=stops)
+            for x, resp in zip(ids, answers):
                 out.append(x + resp)
                 n_tok += len(resp)
             elapsed = time.perf_counter() - t0
@@ -79,6 +81,38 @@ def generate_corpus(model, tokenizer, prompts: list[str], *, max_new_tokens: int
                     f"{planned} answers, {n_tok} response tokens")
                 return out
     return out
+
+
+def _backend(backend: str, dev: torch.device) -> str:
+    if backend not in ("auto", "hf", "bild"):
+        raise ValueError(f"backend must be 'auto', 'hf' or 'bild', got {backend!r}")
+    return backend if backend != "auto" else ("bild" if dev.type == "cuda" else "hf")
+
+
+def _batch_generator(model, dev: torch.device, batch_size: int, max_len: int):
+    from bild_kernels.engine.bulk import BatchGenerator
+    dtype = next(model.parameters()).dtype
+    return BatchGenerator(model, device=dev, dtype=dtype, max_batch_size=batch_size, max_model_len=max_len)
+
+
+@torch.inference_mode()
+def hf_answers(model, ids: list[list[int]], *, max_new_tokens: int, temperature: float, pad: int,
+               stops) -> list[list[int]]:
+    """transformers' `generate` over one left-padded batch of prompts (token ids; sampled from torch's global
+    generator): each answer up to and including its first id in `stops`."""
+    dev = next(model.parameters()).device
+    width = max(len(x) for x in ids)
+    inp = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=dev)
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=dev)
+    gen = model.generate(inp, attention_mask=mask, do_sample=temperature > 0, temperature=temperature or None,
+                         top_p=None, top_k=None, max_new_tokens=max_new_tokens, pad_token_id=pad)
+    return [_until_stop(row, stops) for row in gen[:, width:].cpu().tolist()]
+
+
+def _until_stop(row: list[int], stops) -> list[int]:
+    """row up to and including its first id in `stops`."""
+    end = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
+    return row[:end]
 
 
 def _user_turn(tokenizer) -> tuple[list[int], set[int]]:
@@ -107,12 +141,13 @@ def _user_turn(tokenizer) -> tuple[list[int], set[int]]:
 @torch.inference_mode()
 def generate_self_prompts(model, tokenizer, n: int, *, seed: int = 0, temperature: float = 1.0, top_p: float = 0.95,
                           max_new_tokens: int = 64, batch_size: int = 16, exclude=(), device=None,
-                          log=print) -> list[str]:
+                          backend: str = "auto", log=print) -> list[str]:
     """Up to n user prompts the large model writes itself (Magpie, Xu et al. 2024): sampled from its chat
     template's user-turn header alone, so they follow what the model learnt users ask, far beyond our
     templates. Only complete turns (the model closed them within max_new_tokens) that are new (not in
     `exclude`, e.g. the held-out prompts, nor seen before) and not blank are kept; at most 4n are sampled, so
-    a model that rarely closes a turn gives fewer. Deterministic for a seed on one device."""
+    a model that rarely closes a turn gives fewer. Deterministic for a seed on one device and backend
+    (see `generate_corpus`; with "bild", sampled row k is seeded with seed * 2**32 + k)."""
     for name, val in (("n", n), ("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
         if isinstance(val, bool) or not isinstance(val, int) or val < 1:
             raise ValueError(f"{name} must be a positive int, got {val!r}")
@@ -120,17 +155,23 @@ def generate_self_prompts(model, tokenizer, n: int, *, seed: int = 0, temperatur
         raise ValueError(f"temperature must be > 0 and top_p in (0, 1], got {temperature!r}, {top_p!r}")
     prefix, stops = _user_turn(tokenizer)
     dev = model_device(model, device)
+    bulk = None if _backend(backend, dev) == "hf" else _batch_generator(model, dev, batch_size,
+                                                                          len(prefix) + max_new_tokens)
     pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None))
     seen, out, tried, t0 = set(exclude), [], 0, time.perf_counter()
     torch.manual_seed(seed)
     while len(out) < n and tried < 4 * n:
         rows = min(batch_size, 4 * n - tried)
-        inp = torch.tensor([prefix] * rows, device=dev)
-        gen = model.generate(inp, attention_mask=torch.ones_like(inp), do_sample=True, temperature=temperature,
-                             top_p=top_p, top_k=None, max_new_tokens=max_new_tokens, eos_token_id=sorted(stops),
-                             pad_token_id=pad)
+        if bulk is not None:
+            gen = bulk.generate([prefix] * rows, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                seeds=[seed * 2**32 + tried + k for k in range(rows)], stop_ids=stops)
+        else:
+            inp = torch.tensor([prefix] * rows, device=dev)
+            gen = model.generate(inp, attention_mask=torch.ones_like(inp), do_sample=True, temperature=temperature,
+                                 top_p=top_p, top_k=None, max_new_tokens=max_new_tokens,
+                                 eos_token_id=sorted(stops), pad_token_id=pad)[:, len(prefix):].cpu().tolist()
         tried += rows
-        for row in gen[:, len(prefix):].cpu().tolist():
+        for row in gen:
             end = next((i for i, t in enumerate(row) if t in stops), None)
             if end is None:  # never closed: cut off mid-sentence, or rambling
                 continue

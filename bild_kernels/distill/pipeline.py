@@ -109,7 +109,8 @@ def distill(*, large=None, out, prompts: int = 512, max_new_tokens: int = 96, mi
             work_dir=None, bf16: bool | None = None, kind: str = "layers", device: str = "cpu",
             samples_per_prompt: int = 1, init_draft=None, corpus_minutes: float | None = None, corpus_seed: int = 0,
             corpus_batch_size: int | None = None, train_batch_size: int | None = None, lr: float | None = None,
-            feature_layers: int | None = None, self_prompts: int = 0, log=print) -> dict:
+            feature_layers: int | None = None, self_prompts: int = 0, corpus_backend: str = "auto",
+            log=print) -> dict:
     """Train a draft for `large` (default: SmolLM2-135M-Instruct) and write it to `out`; returns its stats.
 
     `bf16` (default: where it is fast, see `fast_bf16`): the teacher writes the training corpus and its
@@ -138,8 +139,11 @@ def distill(*, large=None, out, prompts: int = 512, max_new_tokens: int = 96, mi
     Magpie-style: sampled from its chat template's user-turn header; none equal to a held-out prompt), mixed
     with the templated ones (seeded by corpus_seed) before the corpus answers them all. The shipped feature
     draft agreed 0.664 on training prompts' greedy continuations against 0.585 on the held-out ones: the
-    templates' narrow variety costs agreement that more varied prompts can buy back."""
-    from bild_kernels.distill.corpus import _user_turn, chat_ids, generate_corpus, generate_self_prompts
+    templates' narrow variety costs agreement that more varied prompts can buy back.
+    `corpus_backend`: what writes the training answers and self-written prompts (see `generate_corpus`):
+    "bild" (bild's host-free batch decode loop, CUDA graphs; the default on CUDA), "hf" (transformers'
+    `generate`; the default on a CPU) or "auto". The held-out references always come from "hf"."""
+    from bild_kernels.distill.corpus import _backend, _user_turn, chat_ids, generate_corpus, generate_self_prompts
     from bild_kernels.distill.prompts import all_train_prompts, held_out_prompts
     from bild_kernels.distill.train import agreement, build_draft, fast_bf16, teacher_targets, train
     from bild_kernels.models import load_model
@@ -174,6 +178,7 @@ def distill(*, large=None, out, prompts: int = 512, max_new_tokens: int = 96, mi
         if isinstance(feature_layers, bool) or not isinstance(feature_layers, int) or feature_layers < 1:
             raise ValueError(f"feature_layers must be a positive int, got {feature_layers!r}")
     dev = _check_device(device, kind)
+    corpus_backend = _backend(corpus_backend, dev)
     init = _init_manifest(init_draft, init_layers, draft_vocab, kind) if init_draft is not None else None
     if init is not None and feature_layers is not None and feature_layers != init["num_layers"]:
         raise ValueError(f"feature_layers {feature_layers} conflicts with init_draft {str(init_draft)!r}, which has "
@@ -206,16 +211,18 @@ def distill(*, large=None, out, prompts: int = 512, max_new_tokens: int = 96, mi
         f"{len(held_out_prompts())} held-out prompts{', bfloat16 teacher and training' if bf16 else ''}"
         f"{f' on {_device_name(dev)}' if dev.type != 'cpu' else ''}")
     held = _cached(work, "corpus_eval.pt", lambda: generate_corpus(
-        teacher, tok, held_out_prompts(), max_new_tokens=64, temperature=0.0, device=dev, log=log))
+        teacher, tok, held_out_prompts(), max_new_tokens=64, temperature=0.0, device=dev, backend="hf", log=log))
     held_pairs = [(ids, len(chat_ids(tok, p))) for p, ids in zip(held_out_prompts(), held)]
     fast_teacher = copy.deepcopy(teacher).to(torch.bfloat16) if bf16 else teacher
     templated, self_written, self_s = len(train_set), [], 0.0
     if self_prompts:
         t_self = time.perf_counter()
-        self_written = _cached(work, f"self_prompts_{self_prompts}{'_bf16' if bf16 else ''}_seed{corpus_seed}.pt",
+        bk = "_bild" if corpus_backend == "bild" else ""
+        self_written = _cached(work, f"self_prompts_{self_prompts}{'_bf16' if bf16 else ''}{bk}_seed{corpus_seed}.pt",
                                lambda: generate_self_prompts(
                                    fast_teacher, tok, self_prompts, seed=corpus_seed, batch_size=gen_batch,
-                                   exclude=held_out_prompts() + train_set, device=dev, log=log))
+                                   exclude=held_out_prompts() + train_set, device=dev, backend=corpus_backend,
+                                   log=log))
         self_s = time.perf_counter() - t_self
         log(f"corpus: {len(self_written)} self-written prompts in {self_s:.0f} s, e.g. {self_written[:3]}")
         # mixed, so that a corpus time budget keeps both kinds
@@ -226,12 +233,12 @@ def distill(*, large=None, out, prompts: int = 512, max_new_tokens: int = 96, mi
            f"{f'_self{len(self_written)}' if self_written else ''}"
            f"{f'_x{samples_per_prompt}' if samples_per_prompt > 1 else ''}"
            f"{f'_{corpus_minutes:g}min' if corpus_minutes is not None else ''}"
-           f"{f'_seed{corpus_seed}' if corpus_seed else ''}")
+           f"{f'_seed{corpus_seed}' if corpus_seed else ''}{'_bild' if corpus_backend == 'bild' else ''}")
     t_data = time.perf_counter()
     corpus = _cached(work, f"corpus_train_{tag}.pt", lambda: generate_corpus(
         fast_teacher, tok, train_set, max_new_tokens=max_new_tokens, temperature=0.7, batch_size=gen_batch,
         samples=samples_per_prompt, max_seconds=None if corpus_minutes is None else corpus_minutes * 60,
-        seed=corpus_seed, device=dev, log=log))
+        seed=corpus_seed, device=dev, backend=corpus_backend, log=log))
     corpus_s = time.perf_counter() - t_data
     n_tokens = sum(len(c) for c in corpus)
     log(f"corpus: {len(corpus)} answers, {n_tokens} tokens with the prompts, in {corpus_s:.0f} s")
@@ -241,7 +248,7 @@ def distill(*, large=None, out, prompts: int = 512, max_new_tokens: int = 96, mi
     fast_teacher = None  # its memory back (on a GPU too): training reads only the corpus and targets
     corpus_info = {"prompts": templated, "self_prompts": len(self_written), "self_prompts_seconds": round(self_s, 1),
                    "samples_per_prompt": samples_per_prompt, "corpus_seed": corpus_seed,
-                   "corpus_minutes": corpus_minutes, "corpus_planned": len(train_set) * samples_per_prompt,
+                   "corpus_minutes": corpus_minutes, "corpus_backend": corpus_backend, "corpus_planned": len(train_set) * samples_per_prompt,
                    "corpus_seconds": round(corpus_s, 1), "targets_seconds": round(targets_s, 1)}
     if kind == "feature":
         vocab = _vocab(corpus, draft_vocab, tok) if init is None else None  # a warm start keeps its own

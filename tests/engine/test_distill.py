@@ -246,6 +246,27 @@ def test_samples_per_prompt_multiplies_the_corpus_and_a_time_budget_stops_it(lar
     assert "time budget" in logs[-1] and "2 of 10 answers" in logs[-1]
 
 
+def test_the_bild_corpus_backend_writes_the_same_greedy_answers_and_its_own_cache(large_dir, tmp_path):
+    """backend="bild" (BatchGenerator; the default on CUDA) answers like transformers' generate at temperature 0
+    and samples its own answers otherwise; distill() names its corpus after it and says so in the card."""
+    teacher, tok = hf_model(large_dir), _tokenizer()
+    prompts = all_train_prompts(5)
+    kw = dict(max_new_tokens=6, batch_size=2, temperature=0.0, **QUIET)
+    assert generate_corpus(teacher, tok, prompts, backend="bild", **kw) == generate_corpus(teacher, tok, prompts,
+                                                                                            backend="hf", **kw)
+    kw["temperature"] = 0.7
+    a = generate_corpus(teacher, tok, prompts, backend="bild", **kw)
+    assert a == generate_corpus(teacher, tok, prompts, backend="bild", **kw)  # seeded per row
+    assert generate_corpus(teacher, tok, prompts, backend="bild", seed=1, **kw) != a
+    with pytest.raises(ValueError, match="backend must be 'auto', 'hf' or 'bild'"):
+        generate_corpus(teacher, tok, prompts, backend="vllm", **kw)
+    work = _work(large_dir, tmp_path)
+    stats = distill(large=large_dir, out=tmp_path / "out", prompts=4, max_new_tokens=4, minutes=0.003, bf16=False,
+                    work_dir=work, draft_vocab=30, corpus_backend="bild", **QUIET)
+    assert stats["corpus_backend"] == "bild" and (work / "corpus_train_4_4_bild.pt").is_file()
+    assert "Written by bild's batch decode loop" in (tmp_path / "out" / "README.md").read_text()
+
+
 def test_corpus_minutes_cuts_the_corpus_and_the_card_says_so(large_dir, tmp_path):
     work = _work(large_dir, tmp_path)
     stats = distill(large=large_dir, out=tmp_path / "out", prompts=4, max_new_tokens=4, minutes=0.003, bf16=False,
@@ -451,6 +472,12 @@ def test_self_written_prompts_are_complete_new_and_deterministic(large_dir):
     assert generate_self_prompts(teacher, tok, 4, seed=3, **kw) == first  # a seed gives the same prompts
     again = generate_self_prompts(teacher, tok, 4, seed=3, exclude=first, **kw)
     assert not set(again) & set(first)  # excluded texts are never returned
+    # The GPU's default writer; a word the tiny model writes more often than "." ends its turns.
+    tok3 = _eos_tokenizer()
+    tok3.eos_token = tok3.convert_ids_to_tokens([2])[0]
+    bild = generate_self_prompts(teacher, tok3, 4, seed=3, backend="bild", **kw)
+    assert 1 <= len(bild) <= 4 and len(set(bild)) == len(bild) and all(p and p == p.strip() for p in bild)
+    assert generate_self_prompts(teacher, tok3, 4, seed=3, backend="bild", **kw) == bild
     with pytest.raises(ValueError, match="n must be a positive int"):
         generate_self_prompts(teacher, tok, 0, **kw)
     with pytest.raises(ValueError, match="chat template or an EOS token"):
@@ -475,14 +502,15 @@ def test_distill_mixes_self_written_prompts_into_the_corpus(large_dir, tmp_path,
     shutil.copytree(large_dir, large)
     _eos_tokenizer().save_pretrained(large)
     work = _work(large_dir, tmp_path)
-    bf16 = "" if device == "cpu" else "_bf16"
+    bf16, bk = ("", "") if device == "cpu" else ("_bf16", "_bild")  # a GPU's corpus comes from BatchGenerator
     stats = distill(large=large, out=tmp_path / "out", prompts=4, max_new_tokens=4, minutes=0.01,
                     bf16=device != "cpu", work_dir=work, draft_vocab=30, self_prompts=3, corpus_batch_size=8,
                     kind="feature", device=device, **QUIET)
     n_self = stats["self_prompts"]
     assert 1 <= n_self <= 3 and stats["prompts"] == 4 and stats["corpus_sequences"] == 4 + n_self
-    assert (work / f"self_prompts_3{bf16}_seed0.pt").is_file()
-    assert (work / f"corpus_train_{4 + n_self}_4{bf16}_self{n_self}.pt").is_file()
+    assert (work / f"self_prompts_3{bf16}{bk}_seed0.pt").is_file()
+    assert (work / f"corpus_train_{4 + n_self}_4{bf16}_self{n_self}{bk}.pt").is_file()
+    assert stats["corpus_backend"] == ("hf" if device == "cpu" else "bild")
     assert f"and {n_self} prompts it wrote itself" in (tmp_path / "out" / "README.md").read_text()
     assert stats["history"] and 0.0 <= stats["agreement"] <= 1.0
     with pytest.raises(ValueError, match="self_prompts must be an int >= 0"):
