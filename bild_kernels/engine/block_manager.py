@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from bild_kernels import ops
+from bild_kernels.engine.host import to_device
 
 _NO_LIMIT = 2**31 - 1  # a rollback count that empties any row
 
@@ -70,7 +71,7 @@ class BlockManager:
 
     def block_tables_of(self, rows, cache: int = 0) -> torch.Tensor:
         """The block tables of `rows`, int32 [len(rows), max_blocks_per_seq], on the device."""
-        idx = torch.tensor(list(rows), dtype=torch.long, device=self.device)
+        idx = to_device(list(rows), torch.long, self.device)
         return self.tables(cache)[0].index_select(0, idx)
 
     def active_rows(self, cache: int = 0) -> list[int]:
@@ -111,8 +112,8 @@ class BlockManager:
                 for r, n in zip(rows, counts):
                     self._lens[cache][r] += n
                 return self._slots_of(held, lens, counts)
-        idx = torch.tensor(rows, dtype=torch.long, device=self.device)
-        cnt = torch.tensor(counts, dtype=torch.int32, device=self.device)
+        idx = to_device(rows, torch.long, self.device)
+        cnt = to_device(counts, torch.int32, self.device)
         per_row = torch.zeros(self.max_seqs, dtype=torch.int32, device=self.device).index_copy_(0, idx, cnt)
         top = self.num_free.clone()
         ops.reserve_paged_kv(bt, cl, per_row, self.free_blocks, self.num_free, self.block_size,
@@ -149,7 +150,7 @@ class BlockManager:
                 if n < 0:
                     raise ValueError(f"num_rejected must be >= 0, got {n} for row {r}")
             counts = torch.zeros(self.max_seqs, dtype=torch.int32, device=self.device)
-            counts[rows] = torch.tensor(num, dtype=torch.int32, device=self.device)
+            counts[to_device(rows, torch.long, self.device)] = to_device(num, torch.int32, self.device)
         ops.rollback_paged_kv(bt, cl, counts, self.free_blocks, self.num_free, self.block_size, backend=self.backend)
         if rows is not None and not self._stale[cache]:
             for r, n in zip(rows, num):
@@ -234,7 +235,7 @@ class BlockManager:
         for blks, L, n in zip(held, lens, counts):
             first = L // bs
             out += [blks[p // bs - first] * bs + p % bs for p in range(L, L + n)]
-        return torch.tensor(out, dtype=torch.int64, device=self.device)
+        return to_device(out, torch.int64, self.device)
 
     def _slots_host(self, bt, lens: list[int], rows: list[int], counts: list[int]) -> torch.Tensor:
         """`_slots` for CPU tables, from host ints: ~10x cheaper than its dozen tensor ops at batch 1."""

@@ -12,6 +12,7 @@ import torch
 
 from bild_kernels import ops
 from bild_kernels.engine.calibration import labelled_pairs
+from bild_kernels.engine.host import to_device
 from bild_kernels.engine.policies import Policy
 from bild_kernels.engine.sequence import Drafts, Sequence
 from bild_kernels.engine.shallow_deep import LayerGroups
@@ -25,11 +26,11 @@ class Iteration:
 
     def _sampling(self, seqs: list[Sequence], offsets: list[int]) -> dict:
         dev = self.device
-        return dict(temperature=torch.tensor([s.params.temperature for s in seqs], dtype=torch.float32, device=dev),
-                    top_k=torch.tensor([s.params.top_k for s in seqs], dtype=torch.int32, device=dev),
-                    top_p=torch.tensor([s.params.top_p for s in seqs], dtype=torch.float32, device=dev),
-                    seed=torch.tensor([s.params.seed for s in seqs], dtype=torch.int64, device=dev),
-                    offset=torch.tensor(offsets, dtype=torch.int64, device=dev))
+        return dict(temperature=to_device([s.params.temperature for s in seqs], torch.float32, dev),
+                    top_k=to_device([s.params.top_k for s in seqs], torch.int32, dev),
+                    top_p=to_device([s.params.top_p for s in seqs], torch.float32, dev),
+                    seed=to_device([s.params.seed for s in seqs], torch.int64, dev),
+                    offset=to_device(offsets, torch.int64, dev))
 
     def _step(self, running: list[Sequence], policy: Policy) -> list[list[int]]:
         """One iteration over the running batch; returns the tokens committed per sequence."""
@@ -188,7 +189,7 @@ class Iteration:
             feats.append(torch.cat(s.features))
             nxt.append(s.tokens[s.cached["small"] + 1:])
             s.features = []
-        ids = torch.tensor([t for ts in nxt for t in ts], dtype=torch.int64, device=self.device)
+        ids = to_device([t for ts in nxt for t in ts], torch.int64, self.device)
         embeds = small.executor.input_embeds(torch.cat(feats).to(self.device), ids)
         logits, hidden = small.extend([s.row for s in seqs], nxt, [1] * len(seqs), return_hidden=True, embeds=embeds,
                                       full_vocab=full_vocab)
@@ -282,8 +283,10 @@ class Iteration:
             kw["rollback_threshold"] = policy.thresholds()[1]
         if policy.verify_mode == "sample":
             kw["draft_probs"] = ops.pack_draft_probs(drafts.probs, K, self.vocab_size, target_logits)
-        res = ops.verify_draft(draft_ids.to(self.device), target_logits, policy.verify_mode, **kw)
-        num_accepted, out_ids = res.num_accepted.tolist(), res.output_ids.tolist()
+        res = ops.verify_draft(draft_ids.to(self.device, non_blocking=True), target_logits, policy.verify_mode, **kw)
+        # one host read for both (each .tolist() of a GPU tensor is a synchronisation)
+        host = torch.cat([res.num_accepted[:, None].to(res.output_ids.dtype), res.output_ids], 1).tolist()
+        num_accepted, out_ids = [r[0] for r in host], [r[1:] for r in host]
         # The large model's argmax at every position: Jacobi's next guesses, calibration's labels.
         argmax = None
         if policy.drafter == "guess" or policy.calibration is not None:

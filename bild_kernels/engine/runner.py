@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from bild_kernels.engine.block_manager import BlockManager
+from bild_kernels.engine.host import to_device
 from bild_kernels.models import AttentionMetadata, load_model
 
 
@@ -64,7 +65,7 @@ class ModelRunner:
 
     def note_nonfinite(self, rows: list[int], bad: torch.Tensor) -> None:
         """Note rows[i] as faulty where bad[i] (a device bool tensor; no host sync)."""
-        idx = torch.tensor(rows, dtype=torch.long, device=self.device)
+        idx = to_device(rows, torch.long, self.device)
         self._nonfinite.index_copy_(0, idx, self._nonfinite.index_select(0, idx) | bad)
 
     def take_nonfinite(self) -> list[int]:
@@ -95,24 +96,21 @@ class ModelRunner:
             full = self.static.forward(rows, tokens, starts, slot_mapping)  # [n, Q, V]: row i's tokens first
             Q = full.shape[1]
             idx = _last_positions([i * Q + c for i, c in enumerate(counts)], n_logits)
-            logits = full.flatten(0, 1)[torch.tensor(idx, dtype=torch.int64, device=dev)]
+            logits = full.flatten(0, 1)[to_device(idx, torch.int64, dev)]
             return self.screen_logits(rows, logits.view(len(rows), K1, -1))
-        input_ids = None if embeds is not None else torch.tensor([t for ts in tokens for t in ts], dtype=torch.int64,
-                                                                 device=dev)
-        positions = torch.tensor([s + j for s, c in zip(starts, counts) for j in range(c)], dtype=torch.int64,
-                                 device=dev)
+        input_ids = None if embeds is not None else to_device([t for ts in tokens for t in ts], torch.int64, dev)
+        positions = to_device([s + j for s, c in zip(starts, counts) for j in range(c)], torch.int64, dev)
         qsl = [0]
         for c in counts:
             qsl.append(qsl[-1] + c)
         meta = AttentionMetadata(
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
+            query_start_loc=to_device(qsl, torch.int32, dev),
             positions=positions, slot_mapping=slot_mapping,
             block_tables=self.blocks.block_tables_of(rows),
-            context_lens=torch.tensor([s + c for s, c in zip(starts, counts)], dtype=torch.int32, device=dev),
+            context_lens=to_device([s + c for s, c in zip(starts, counts)], torch.int32, dev),
             max_query_len=max(counts), max_context_len=max(s + c for s, c in zip(starts, counts)))
         out = self.executor.forward(input_ids, meta, self.kv_caches, hidden_states=embeds,
-                                    logits_indices=torch.tensor(_last_positions(qsl[1:], n_logits),
-                                                                dtype=torch.int64, device=dev),
+                                    logits_indices=to_device(_last_positions(qsl[1:], n_logits), torch.int64, dev),
                                     return_hidden=return_hidden, full_vocab=full_vocab)
         logits = self.screen_logits(rows, (out[0] if return_hidden else out).view(len(rows), K1, -1))
         return (logits, list(out[1].split(counts))) if return_hidden else logits

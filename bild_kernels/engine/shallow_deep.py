@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from bild_kernels.engine.host import to_device
 from bild_kernels.engine.runner import ModelRunner
 from bild_kernels.models import AttentionMetadata
 
@@ -37,17 +38,17 @@ class LayerGroups:
         for c in counts:
             qsl.append(qsl[-1] + c)
         meta = AttentionMetadata(
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
+            query_start_loc=to_device(qsl, torch.int32, dev),
             positions=torch.tensor([s + j for s, c in zip(starts, counts) for j in range(c)], dtype=torch.int64,
                                    device=dev),
             slot_mapping=slot_mapping, block_tables=r.blocks.block_tables_of(rows),
-            context_lens=torch.tensor(ctx, dtype=torch.int32, device=dev), max_query_len=max(counts),
+            context_lens=to_device(ctx, torch.int32, dev), max_query_len=max(counts),
             max_context_len=max(ctx))
         K1 = max(n_logits)
         idx = [qsl[i + 1] - n + min(j, n - 1) for i, n in enumerate(n_logits) if n > 0 for j in range(K1)]
-        input_ids = torch.tensor([t for ts in tokens for t in ts], dtype=torch.int64, device=dev)
+        input_ids = to_device([t for ts in tokens for t in ts], torch.int64, dev)
         logits, hidden = r.executor.forward(input_ids, meta, r.kv_caches, layers=(0, self.exit_layer),
-                                            logits_indices=torch.tensor(idx, dtype=torch.int64, device=dev),
+                                            logits_indices=to_device(idx, torch.int64, dev),
                                             return_hidden=True)
         hidden = list(hidden.split(counts))
         return (r.screen_logits(rows, logits.view(len(rows), K1, -1)) if K1 > 0 else None), hidden
@@ -72,5 +73,5 @@ class LayerGroups:
         idx = [qsl[i + 1] - n + min(j, n - 1) for i, n in enumerate(n_logits) for j in range(K1)]
         logits = r.executor.forward(None, meta, r.kv_caches, hidden_states=torch.cat(x),
                                     layers=(self.exit_layer, self.num_layers),
-                                    logits_indices=torch.tensor(idx, dtype=torch.int64, device=r.device))
+                                    logits_indices=to_device(idx, torch.int64, r.device))
         return r.screen_logits(rows, logits.view(len(rows), K1, -1))

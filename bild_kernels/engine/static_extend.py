@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from bild_kernels.engine.draft_loop import buckets, capture_graph
+from bild_kernels.engine.host import to_device
 from bild_kernels.models import AttentionMetadata
 
 
@@ -79,7 +80,7 @@ class StaticExtend:
         buf.positions.copy_(torch.tensor(pos, dtype=torch.int64), non_blocking=True)
         buf.context_lens.copy_(torch.tensor(ctx, dtype=torch.int32), non_blocking=True)
         buf.slot_mapping.fill_(-1)
-        buf.slot_mapping.index_copy_(0, torch.tensor(dst, dtype=torch.int64, device=dev), slot_mapping)
+        buf.slot_mapping.index_copy_(0, to_device(dst, torch.int64, dev), slot_mapping)
         buf.block_tables.fill_(-1)
         buf.block_tables[:n].copy_(self.runner.blocks.block_tables_of(rows))
         if buf.graph is not None:

@@ -110,3 +110,28 @@ def test_graph_passes_equal_static_and_eager_on_gpu(large_model, small_model, po
                for passes in ("eager", "static", "graph")}
     assert results["graph"] == results["static"]
     assert results["graph"][0] == results["eager"][0]
+
+
+@requires_gpu
+def test_a_graphed_large_only_step_reads_the_device_at_most_three_times(large_model):
+    """A LargeOnly step on graphed passes synchronises the host with the GPU only where it must read it: whether
+    the block reservation was served, the verified tokens, the non-finite rows. Host data goes over with
+    non-blocking copies (`engine.host.to_device`): a `torch.tensor(..., device="cuda")` would wait for the queued
+    forward (~12 such waits a step before)."""
+    import warnings
+    eng = make(large_model, None, "graph", "cuda", torch.float32)
+    params = SamplingParams(max_tokens=N, temperature=0.8, seed=3)
+    run(eng, LargeOnly(), params)  # graphs recorded, kernels compiled
+    old = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            outs = eng.generate(PROMPTS, params, policy=LargeOnly())
+    finally:
+        torch.cuda.set_sync_debug_mode(old)
+    syncs = sum("synchroniz" in str(w.message) for w in caught)
+    steps = max(o.metrics.large_passes for o in outs)
+    print(f"{syncs} host synchronisations over {steps} steps of {len(PROMPTS)} requests")
+    assert all(o.error is None for o in outs)
+    assert syncs <= 3 * steps + 2 * len(PROMPTS), (syncs, steps)
