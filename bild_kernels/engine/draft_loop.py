@@ -218,7 +218,7 @@ class StaticDraftLoop:
         pad = B - n
 
         def fill(name, values: torch.Tensor, padding=0):
-            t[name][:n].copy_(values)
+            t[name][:n].copy_(values, non_blocking=True)  # host values: no wait for the queued kernels
             t[name][n:].fill_(padding)
 
         if (features is None) != ("feat" not in t):
