@@ -36,7 +36,8 @@
 #   strided grids, all changed since 2026-11-26b: tested against the reference, timed beside the forced passes;
 #   engine_gpu_tests: the GPU tests of distillation (self-written prompts, device-resident batches, the corpus now
 #   written by BatchGenerator), of the graphed draft loop (now also: no host synchronisation inside a run) and of
-#   BatchGenerator's graphed decode loop (tests/engine/test_bulk.py));
+#   BatchGenerator's graphed decode loop (tests/engine/test_bulk.py), and the bound on a graphed LargeOnly step's
+#   host syncs now that host data goes over without waiting (test_static_extend.py; it prints the count));
 #   call 2: `python3 bench/bench_bulk.py --device cuda --model default --large "$BILD_LARGE" --batch-sizes 768`
 #   (after unpack: BatchGenerator beside HF generate, ~40 s), then the distillation of 2026-11-26b with
 #   `--corpus-seed 2 --self-prompts 12000 --samples-per-prompt 2 --corpus-batch-size 1024 --corpus-minutes 2.5`
@@ -52,7 +53,7 @@
 #         e2e_batch_quick | divergence | profile (ncu on verify_draft at B=64, K=8, V=128256) |
 #         wide (the first passes: their tests, every pass benchmarked) | wide_profile (ncu on the wide and stream passes) |
 #         profile_step (torch.profiler over graphed engine steps, random Llama-1B pair) | ctest |
-#         engine_gpu_tests (the GPU-only tests of distillation and of the draft loop). Wheels in .whl/ (carried) are installed first.
+#         engine_gpu_tests (the GPU-only tests of distillation, the draft loop, the graphed passes, BatchGenerator). Wheels in .whl/ (carried) are installed first.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -103,7 +104,8 @@ for s in "$@"; do
         engine_gpu_tests) stage engine_gpu_tests 150 env OMP_NUM_THREADS=2 "$PY" -m pytest -q -rfE -m "not slow" \
                               -p no:cacheprovider -p no:benchmark --timeout 120 -n 4 -k "gpu or cuda" \
                               tests/engine/test_distill.py tests/engine/test_feature_draft.py \
-                              tests/engine/test_draft_loop.py tests/engine/test_bulk.py ;;
+                              tests/engine/test_draft_loop.py tests/engine/test_bulk.py \
+                              tests/engine/test_static_extend.py ;;
         tests) stage tests 240 env OMP_NUM_THREADS=2 "$PY" -m pytest -q -rfE -m "not slow" -p no:cacheprovider \
                    -p no:benchmark --maxfail 20 --timeout 200 -n "$WORKERS" --dist loadfile $TESTS ;;
         profile) stage profile 240 ncu --set basic --kernel-name regex:"Kernel" --launch-skip 30 --launch-count 15 \
