@@ -113,7 +113,7 @@ def test_graph_passes_equal_static_and_eager_on_gpu(large_model, small_model, po
 
 
 @requires_gpu
-def test_a_graphed_large_only_step_reads_the_device_at_most_three_times(large_model):
+def test_a_graphed_large_only_step_on_gpu_reads_the_device_at_most_three_times(large_model):
     """A LargeOnly step on graphed passes synchronises the host with the GPU only where it must read it: whether
     the block reservation was served, the verified tokens, the non-finite rows. Host data goes over with
     non-blocking copies (`engine.host.to_device`): a `torch.tensor(..., device="cuda")` would wait for the queued
