@@ -43,31 +43,26 @@ def generate_corpus(model, tokenizer, prompts: list[str], *, max_new_tokens: int
     device: where the model runs (see `model_device`); the returned ids are plain Python lists.
     backend: "hf" (transformers' `generate`, seeded by torch's generator), "bild" (`BatchGenerator`: a
     host-free decode loop, CUDA graphs on a GPU; row i of pass s seeded with (seed + s) * 2**32 + i) or
-    "auto" (bild on CUDA, hf elsewhere: on a CPU both run at the same speed). Both sample the same
-    distribution, not the same answers."""
+    "auto" (bild on CUDA, hf elsewhere: on a CPU both run at the same speed; should bild fail to build or to
+    write the first batch, it says so and hf writes the corpus). Both sample the same distribution, not the
+    same answers."""
     if not isinstance(samples, int) or samples < 1:
         raise ValueError(f"samples must be a positive int, got {samples!r}")
     if max_seconds is not None and not max_seconds > 0:
         raise ValueError(f"max_seconds must be > 0 or None, got {max_seconds!r}")
     dev = model_device(model, device)
-    backend = _backend(backend, dev)
     pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None))
     stops = {tokenizer.pad_token_id, tokenizer.eos_token_id} - {None}  # generate() pads finished rows with these
     prompt_ids = [chat_ids(tokenizer, p) for p in prompts]  # once, however many passes
-    bulk = None if backend == "hf" else _batch_generator(model, dev, batch_size,
-                                                           max(map(len, prompt_ids)) + max_new_tokens)
+    write = _Writer(backend, model, dev, batch_size, max(map(len, prompt_ids)) + max_new_tokens, log)
     planned = samples * len(prompts)
     out, t0, n_tok = [], time.perf_counter(), 0
     for s in range(samples):
         torch.manual_seed(seed + s)  # the CPU's and every CUDA device's generator
         for i in range(0, len(prompts), batch_size):
             ids = prompt_ids[i:i + batch_size]
-            if bulk is not None:
-                answers = bulk.generate(ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                                        seeds=[(seed + s) * 2**32 + i + j for j in range(len(ids))], stop_ids=stops)
-            else:
-                answers = hf_answers(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, pad=pad,
-                                     stops=stops)
+            answers = write(ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=1.0, pad=pad,
+                            stops=stops, seeds=[(seed + s) * 2**32 + i + j for j in range(len(ids))])
             for x, resp in zip(ids, answers):
                 out.append(x + resp)
                 n_tok += len(resp)
@@ -95,17 +90,54 @@ def _batch_generator(model, dev: torch.device, batch_size: int, max_len: int):
     return BatchGenerator(model, device=dev, dtype=dtype, max_batch_size=batch_size, max_model_len=max_len)
 
 
+class _Writer:
+    """Answers to batches of prompts (token ids) with the chosen backend (see `generate_corpus`). With "auto",
+    a BatchGenerator that fails to build or to write its first batch is logged and replaced by HF `generate`
+    (a failure after that is raised: half a corpus from each backend is not what was asked for)."""
+
+    def __init__(self, backend: str, model, dev: torch.device, batch_size: int, max_len: int, log):
+        self.model, self.log, self.auto = model, log, backend == "auto"
+        self.bulk, self.batches = None, 0
+        if _backend(backend, dev) == "bild":
+            try:
+                self.bulk = _batch_generator(model, dev, batch_size, max_len)
+            except Exception as exc:  # noqa: BLE001 — "auto" promises a corpus either way
+                self._fall_back(exc)
+
+    def _fall_back(self, exc: Exception) -> None:
+        if not self.auto:
+            raise exc
+        self.log(f"corpus: BatchGenerator failed ({type(exc).__name__}: {exc}); HF generate writes the corpus")
+        self.bulk = None
+
+    def __call__(self, ids, *, max_new_tokens, temperature, top_p, pad, stops, seeds,
+                 stop_early: bool = False) -> list[list[int]]:
+        self.batches += 1
+        if self.bulk is not None:
+            try:
+                return self.bulk.generate(ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                          seeds=seeds, stop_ids=stops)
+            except Exception as exc:  # noqa: BLE001
+                if self.batches > 1:
+                    raise
+                self._fall_back(exc)
+        return hf_answers(self.model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                          pad=pad, stops=stops, stop_early=stop_early)
+
+
 @torch.inference_mode()
 def hf_answers(model, ids: list[list[int]], *, max_new_tokens: int, temperature: float, pad: int,
-               stops) -> list[list[int]]:
+               stops, top_p: float = 1.0, stop_early: bool = False) -> list[list[int]]:
     """transformers' `generate` over one left-padded batch of prompts (token ids; sampled from torch's global
-    generator): each answer up to and including its first id in `stops`."""
+    generator): each answer up to and including its first id in `stops`. stop_early: `stops` also end the
+    generation (else the model's own EOS does; the answers are the same)."""
     dev = next(model.parameters()).device
     width = max(len(x) for x in ids)
     inp = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=dev)
     mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=dev)
     gen = model.generate(inp, attention_mask=mask, do_sample=temperature > 0, temperature=temperature or None,
-                         top_p=None, top_k=None, max_new_tokens=max_new_tokens, pad_token_id=pad)
+                         top_p=top_p if top_p < 1.0 else None, top_k=None, max_new_tokens=max_new_tokens,
+                         pad_token_id=pad, **({"eos_token_id": sorted(stops)} if stop_early else {}))
     return [_until_stop(row, stops) for row in gen[:, width:].cpu().tolist()]
 
 
@@ -155,21 +187,14 @@ def generate_self_prompts(model, tokenizer, n: int, *, seed: int = 0, temperatur
         raise ValueError(f"temperature must be > 0 and top_p in (0, 1], got {temperature!r}, {top_p!r}")
     prefix, stops = _user_turn(tokenizer)
     dev = model_device(model, device)
-    bulk = None if _backend(backend, dev) == "hf" else _batch_generator(model, dev, batch_size,
-                                                                          len(prefix) + max_new_tokens)
+    write = _Writer(backend, model, dev, batch_size, len(prefix) + max_new_tokens, log)
     pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None))
     seen, out, tried, t0 = set(exclude), [], 0, time.perf_counter()
     torch.manual_seed(seed)
     while len(out) < n and tried < 4 * n:
         rows = min(batch_size, 4 * n - tried)
-        if bulk is not None:
-            gen = bulk.generate([prefix] * rows, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                seeds=[seed * 2**32 + tried + k for k in range(rows)], stop_ids=stops)
-        else:
-            inp = torch.tensor([prefix] * rows, device=dev)
-            gen = model.generate(inp, attention_mask=torch.ones_like(inp), do_sample=True, temperature=temperature,
-                                 top_p=top_p, top_k=None, max_new_tokens=max_new_tokens,
-                                 eos_token_id=sorted(stops), pad_token_id=pad)[:, len(prefix):].cpu().tolist()
+        gen = write([prefix] * rows, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, pad=pad,
+                    stops=stops, seeds=[seed * 2**32 + tried + k for k in range(rows)], stop_early=True)
         tried += rows
         for row in gen:
             end = next((i for i, t in enumerate(row) if t in stops), None)

@@ -517,3 +517,25 @@ def test_distill_mixes_self_written_prompts_into_the_corpus(large_dir, tmp_path,
         distill(large=large, out=tmp_path / "o2", self_prompts=-1, **QUIET)
     with pytest.raises(ValueError, match="chat template or an EOS token"):  # the original tokenizer has neither
         distill(large=large_dir, out=tmp_path / "o3", work_dir=tmp_path / "w3", self_prompts=2, **QUIET)
+
+
+def test_an_auto_corpus_falls_back_to_hf_when_batch_generator_fails(large_dir, monkeypatch):
+    """backend="auto" (BatchGenerator on CUDA) must still write a corpus if BatchGenerator cannot: a build or
+    first-batch failure is logged and HF generate answers; an explicit backend="bild" raises instead."""
+    from bild_kernels.distill import corpus
+    from bild_kernels.engine.bulk import BatchGenerator
+    teacher, tok = hf_model(large_dir), _tokenizer()
+    prompts = all_train_prompts(4)
+    kw = dict(max_new_tokens=5, batch_size=2, temperature=0.0)
+    want = generate_corpus(teacher, tok, prompts, backend="hf", **kw, **QUIET)
+    monkeypatch.setattr(corpus, "_backend", lambda backend, dev: "bild")  # as on CUDA
+    for where in ("__init__", "generate"):
+        with monkeypatch.context() as m:
+            def broken(*a, **k):
+                raise RuntimeError("no graph today")
+            m.setattr(BatchGenerator, where, broken)
+            logs = []
+            assert generate_corpus(teacher, tok, prompts, backend="auto", log=logs.append, **kw) == want
+            assert any("BatchGenerator failed (RuntimeError: no graph today)" in line for line in logs)
+            with pytest.raises(RuntimeError, match="no graph today"):
+                generate_corpus(teacher, tok, prompts, backend="bild", **kw, **QUIET)
