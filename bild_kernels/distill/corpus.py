@@ -32,7 +32,7 @@ def model_device(model, device=None) -> torch.device:
 @torch.inference_mode()
 def generate_corpus(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 96, temperature: float = 0.7,
                     batch_size: int = 16, seed: int = 0, samples: int = 1, max_seconds: float | None = None,
-                    device=None, backend: str = "auto", log=print) -> list[list[int]]:
+                    device=None, backend: str = "auto", info: dict | None = None, log=print) -> list[list[int]]:
     """prompt + response token ids for every prompt, sampled from `model` (left-padded batches).
 
     samples > 1: every prompt is answered that many times, in passes over all prompts, pass s seeded
@@ -45,7 +45,7 @@ def generate_corpus(model, tokenizer, prompts: list[str], *, max_new_tokens: int
     host-free decode loop, CUDA graphs on a GPU; row i of pass s seeded with (seed + s) * 2**32 + i) or
     "auto" (bild on CUDA, hf elsewhere: on a CPU both run at the same speed; should bild fail to build or to
     write the first batch, it says so and hf writes the corpus). Both sample the same distribution, not the
-    same answers."""
+    same answers. info: a dict that gets "backend", the one that wrote the corpus."""
     if not isinstance(samples, int) or samples < 1:
         raise ValueError(f"samples must be a positive int, got {samples!r}")
     if max_seconds is not None and not max_seconds > 0:
@@ -55,6 +55,7 @@ def generate_corpus(model, tokenizer, prompts: list[str], *, max_new_tokens: int
     stops = {tokenizer.pad_token_id, tokenizer.eos_token_id} - {None}  # generate() pads finished rows with these
     prompt_ids = [chat_ids(tokenizer, p) for p in prompts]  # once, however many passes
     write = _Writer(backend, model, dev, batch_size, max(map(len, prompt_ids)) + max_new_tokens, log)
+    info = {} if info is None else info
     planned = samples * len(prompts)
     out, t0, n_tok = [], time.perf_counter(), 0
     for s in range(samples):
@@ -63,6 +64,7 @@ def generate_corpus(model, tokenizer, prompts: list[str], *, max_new_tokens: int
             ids = prompt_ids[i:i + batch_size]
             answers = write(ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=1.0, pad=pad,
                             stops=stops, seeds=[(seed + s) * 2**32 + i + j for j in range(len(ids))])
+            info["backend"] = "bild" if write.bulk is not None else "hf"
             for x, resp in zip(ids, answers):
                 out.append(x + resp)
                 n_tok += len(resp)

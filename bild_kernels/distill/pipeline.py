@@ -235,10 +235,12 @@ def distill(*, large=None, out, prompts: int = 512, max_new_tokens: int = 96, mi
            f"{f'_{corpus_minutes:g}min' if corpus_minutes is not None else ''}"
            f"{f'_seed{corpus_seed}' if corpus_seed else ''}{'_bild' if corpus_backend == 'bild' else ''}")
     t_data = time.perf_counter()
+    written = {}  # which backend wrote the corpus (a failing BatchGenerator hands over to HF under "auto")
     corpus = _cached(work, f"corpus_train_{tag}.pt", lambda: generate_corpus(
         fast_teacher, tok, train_set, max_new_tokens=max_new_tokens, temperature=0.7, batch_size=gen_batch,
         samples=samples_per_prompt, max_seconds=None if corpus_minutes is None else corpus_minutes * 60,
-        seed=corpus_seed, device=dev, backend=corpus_backend, log=log))
+        seed=corpus_seed, device=dev, backend=corpus_backend, info=written, log=log))
+    corpus_backend = written.get("backend", corpus_backend)
     corpus_s = time.perf_counter() - t_data
     n_tokens = sum(len(c) for c in corpus)
     log(f"corpus: {len(corpus)} answers, {n_tokens} tokens with the prompts, in {corpus_s:.0f} s")

@@ -255,7 +255,9 @@ def test_the_bild_corpus_backend_writes_the_same_greedy_answers_and_its_own_cach
     assert generate_corpus(teacher, tok, prompts, backend="bild", **kw) == generate_corpus(teacher, tok, prompts,
                                                                                             backend="hf", **kw)
     kw["temperature"] = 0.7
-    a = generate_corpus(teacher, tok, prompts, backend="bild", **kw)
+    info = {}
+    a = generate_corpus(teacher, tok, prompts, backend="bild", info=info, **kw)
+    assert info == {"backend": "bild"}
     assert a == generate_corpus(teacher, tok, prompts, backend="bild", **kw)  # seeded per row
     assert generate_corpus(teacher, tok, prompts, backend="bild", seed=1, **kw) != a
     with pytest.raises(ValueError, match="backend must be 'auto', 'hf' or 'bild'"):
@@ -534,8 +536,9 @@ def test_an_auto_corpus_falls_back_to_hf_when_batch_generator_fails(large_dir, m
             def broken(*a, **k):
                 raise RuntimeError("no graph today")
             m.setattr(BatchGenerator, where, broken)
-            logs = []
-            assert generate_corpus(teacher, tok, prompts, backend="auto", log=logs.append, **kw) == want
+            logs, info = [], {}
+            assert generate_corpus(teacher, tok, prompts, backend="auto", log=logs.append, info=info, **kw) == want
             assert any("BatchGenerator failed (RuntimeError: no graph today)" in line for line in logs)
+            assert info == {"backend": "hf"}
             with pytest.raises(RuntimeError, match="no graph today"):
                 generate_corpus(teacher, tok, prompts, backend="bild", **kw, **QUIET)
