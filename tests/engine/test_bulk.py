@@ -89,6 +89,11 @@ def test_bad_input_is_refused_before_anything_runs(gen, kw, match):
     assert gen.generate([[1, 2, 3]], max_new_tokens=4) == gen.generate([[1, 2, 3]], max_new_tokens=4)
 
 
+def test_the_package_exports_it():
+    import bild_kernels
+    assert bild_kernels.BatchGenerator is BatchGenerator and "BatchGenerator" in bild_kernels.__all__
+
+
 def test_constructor_arguments_are_checked(large_model):
     with pytest.raises(ValueError, match="max_batch_size must be a positive int"):
         BatchGenerator(large_model, max_batch_size=0)
