@@ -10,6 +10,8 @@ import time
 
 import torch
 
+from bild_kernels.engine.bulk import BatchGenerator, until_stop
+
 
 def chat_ids(tokenizer, prompt: str) -> list[int]:
     """Token ids of a one-turn chat prompt with the generation prompt appended."""
@@ -87,7 +89,6 @@ def _backend(backend: str, dev: torch.device) -> str:
 
 
 def _batch_generator(model, dev: torch.device, batch_size: int, max_len: int):
-    from bild_kernels.engine.bulk import BatchGenerator
     dtype = next(model.parameters()).dtype
     return BatchGenerator(model, device=dev, dtype=dtype, max_batch_size=batch_size, max_model_len=max_len)
 
@@ -140,13 +141,7 @@ def hf_answers(model, ids: list[list[int]], *, max_new_tokens: int, temperature:
     gen = model.generate(inp, attention_mask=mask, do_sample=temperature > 0, temperature=temperature or None,
                          top_p=top_p if top_p < 1.0 else None, top_k=None, max_new_tokens=max_new_tokens,
                          pad_token_id=pad, **({"eos_token_id": sorted(stops)} if stop_early else {}))
-    return [_until_stop(row, stops) for row in gen[:, width:].cpu().tolist()]
-
-
-def _until_stop(row: list[int], stops) -> list[int]:
-    """row up to and including its first id in `stops`."""
-    end = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
-    return row[:end]
+    return [until_stop(row, stops) for row in gen[:, width:].cpu().tolist()]
 
 
 def _user_turn(tokenizer) -> tuple[list[int], set[int]]:

@@ -250,7 +250,8 @@ def distill(*, large=None, out, prompts: int = 512, max_new_tokens: int = 96, mi
     fast_teacher = None  # its memory back (on a GPU too): training reads only the corpus and targets
     corpus_info = {"prompts": templated, "self_prompts": len(self_written), "self_prompts_seconds": round(self_s, 1),
                    "samples_per_prompt": samples_per_prompt, "corpus_seed": corpus_seed,
-                   "corpus_minutes": corpus_minutes, "corpus_backend": corpus_backend, "corpus_planned": len(train_set) * samples_per_prompt,
+                   "corpus_minutes": corpus_minutes, "corpus_backend": corpus_backend,
+                   "corpus_planned": len(train_set) * samples_per_prompt,
                    "corpus_seconds": round(corpus_s, 1), "targets_seconds": round(targets_s, 1)}
     if kind == "feature":
         vocab = _vocab(corpus, draft_vocab, tok) if init is None else None  # a warm start keeps its own

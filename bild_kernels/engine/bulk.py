@@ -28,6 +28,8 @@ import torch
 from bild_kernels import ops
 from bild_kernels.ops import _validate as v
 from bild_kernels.engine.draft_loop import capture_graph
+from bild_kernels.engine.host import to_device
+from bild_kernels.engine.params import SamplingParams
 from bild_kernels.engine.runner import ModelRunner, load_executor
 from bild_kernels.models import AttentionMetadata
 
@@ -113,20 +115,20 @@ class BatchGenerator:
                 lp.temperature.fill_(temperature)
                 lp.top_k.fill_(top_k)
                 lp.top_p.fill_(top_p)
-                lp.seed.copy_(torch.tensor(seeds, dtype=torch.int64), non_blocking=True)
+                lp.seed.copy_(to_device(seeds, torch.int64, dev))
                 lp.offset.zero_()
                 lp.out.zero_()
                 lp.out[:, 0] = self._sample(lp, first)
                 lp.slots.copy_(slots)
                 lp.block_tables.copy_(self.runner.blocks.block_tables_of(rows))
                 lp.input_ids.copy_(lp.out[:, 0])
-                plen = torch.tensor(plens, dtype=torch.int64).to(dev, non_blocking=True)
+                plen = to_device(plens, torch.int64, dev)
                 lp.positions.copy_(plen)
                 lp.context_lens.copy_(plen + 1)
                 lp.slot_mapping.copy_(slots[:, 0])
                 lp.offset.fill_(1)
                 lp.step.zero_()
-                stops = torch.tensor(sorted(set(int(s) for s in stop_ids)), dtype=torch.int64, device=dev)
+                stops = to_device(sorted(set(stop_ids)), torch.int64, dev)
                 for j in range(N - 1):
                     if lp.graph is not None:
                         lp.graph.replay()
@@ -139,12 +141,8 @@ class BatchGenerator:
         finally:
             for r in rows:
                 self.runner.free(r)
-        stop_set = set(int(s) for s in stop_ids)
-        answers = []
-        for row in out:
-            end = next((i + 1 for i, t in enumerate(row) if t in stop_set), N)
-            answers.append(row[:end])
-        return answers
+        stop_set = set(stop_ids)
+        return [until_stop(row, stop_set) for row in out]
 
     def _check(self, prompts, max_new_tokens, temperature, top_k, top_p, seeds, stop_ids, check_every) -> None:
         if not isinstance(prompts, (list, tuple)) or not prompts:
@@ -163,12 +161,7 @@ class BatchGenerator:
             if len(p) + max_new_tokens > self.max_model_len:
                 raise ValueError(f"prompts[{i}]: {len(p)} tokens + max_new_tokens={max_new_tokens} exceed "
                                  f"max_model_len={self.max_model_len}")
-        if not isinstance(temperature, (int, float)) or not 0 <= temperature < float("inf"):
-            raise ValueError(f"temperature must be >= 0 and finite, got {temperature!r}")
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-            raise ValueError(f"top_k must be an int >= 0 (0 disables), got {top_k!r}")
-        if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+        SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)  # the engine's checks of them
         if seeds is not None and (len(seeds) != len(prompts) or any(
                 isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2**63 for s in seeds)):
             raise ValueError(f"seeds must hold one int in [0, 2**63) per prompt ({len(prompts)})")
@@ -229,3 +222,9 @@ class BatchGenerator:
                                      f"the batch decode step (batch {B}, {N} new tokens)")
         self._loops[key] = lp
         return lp
+
+
+def until_stop(row: list[int], stops) -> list[int]:
+    """row up to and including its first id in `stops` (all of it if none is there)."""
+    end = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
+    return row[:end]

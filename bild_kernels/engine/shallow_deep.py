@@ -39,8 +39,7 @@ class LayerGroups:
             qsl.append(qsl[-1] + c)
         meta = AttentionMetadata(
             query_start_loc=to_device(qsl, torch.int32, dev),
-            positions=torch.tensor([s + j for s, c in zip(starts, counts) for j in range(c)], dtype=torch.int64,
-                                   device=dev),
+            positions=to_device([s + j for s, c in zip(starts, counts) for j in range(c)], torch.int64, dev),
             slot_mapping=slot_mapping, block_tables=r.blocks.block_tables_of(rows),
             context_lens=to_device(ctx, torch.int32, dev), max_query_len=max(counts),
             max_context_len=max(ctx))
