@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import datetime
 import os
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.append(str(Path(__file__).resolve().parents[1] / "python"))  # python/_report.py: the shared row writer
+from _report import write_csv  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -196,16 +199,9 @@ def runs_at(backend: str, config: dict) -> bool:
 
 
 def append_rows(name: str, rows: list[dict]) -> Path:
-    """Append rows to bench/results/<name> (the header written when the file is new)."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / name
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            w.writeheader()
-        w.writerows(rows)
-    return path
+    """Append rows to bench/results/<name> (the header written when the file is new): the writer of the
+    python/ programs' result rows (python/_report.py), which live beside these."""
+    return write_csv(RESULTS / name, rows)
 
 
 def record(bench: str, device: str, backend: str, config: dict, stats: dict, bytes_moved: int | None,
