@@ -14,6 +14,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "cut_search.h"  // order_key, kLowestKey and the top-k / top-p cut-off search
+
 namespace bild {
 
 // Stream identifiers (the `purpose` byte of the Philox counter) and verify modes, as in reference.py.
@@ -68,17 +70,6 @@ constexpr float kGumbelMax = 16.64f;
 
 __host__ __device__ inline float gumbel(int64_t seed, uint32_t index, int64_t offset, int purpose, int position) {
   return -logf(-logf(uniform(seed, index, offset, purpose, position)));
-}
-
-// int32 whose signed order is the float order (-0.0 folded onto +0.0, which compares equal), so a
-// threshold on the scaled logits can be bisected over integers. Every float, -inf included, has a
-// key above kLowestKey.
-constexpr int kLowestKey = -2147483647;
-__host__ __device__ inline int order_key(float s) {
-  int bits;
-  const float folded = s == 0.0f ? 0.0f : s;
-  memcpy(&bits, &folded, sizeof(bits));
-  return bits ^ ((bits >> 31) & 0x7FFFFFFF);
 }
 
 __device__ __forceinline__ float to_float(float x) { return x; }
@@ -624,15 +615,22 @@ __device__ inline RowPartial warp_merge_partials(const RowPartial* __restrict__ 
 }
 
 // ------------------------------------------------------------------------------------------------
-// top-k / top-p without sorting (reference._filter_top_k_top_p). With s = z / t the scaled logits,
-// top-k keeps s >= the k-th largest value: keys up to the largest c with count(key >= c) >= k.
-// top-p keeps s >= the largest c with mass(key >= c) >= top_p * total. A token must pass both, so the
-// cut-off is the largest c where either holds. Both only fall as c grows: bisect c over
-// [kLowestKey, key(smax)], each pass over the row testing kPivots evenly spaced pivots at once
-// (about 8 passes for 32 bits). Ties at the cut-off are kept, as in the reference.
-// Returns the cut-off key (kLowestKey when neither filter is on). smem: 64 * kPivots floats.
+// top-k / top-p without sorting (reference._filter_top_k_top_p): the cut-off search of cut_search.h, each pass
+// one block-wide histogram of the bracket's keys in shared memory (integer atomics: exact, order-free sums),
+// then a prefix sum over the buckets from the top and the first bucket that satisfies. Returns the search's
+// end state: tau() the cut-off key (keys >= it are kept; kLowestKey when neither filter is on) and
+// kept_sum(s_sum) the kept set's sum of exp(s - s_max), so no further pass is needed to normalise over it.
+// Every thread of the block calls it (blockDim.x divides kCutBuckets); it ends with a barrier.
 // ------------------------------------------------------------------------------------------------
-constexpr int kPivots = 16;
+struct CutSmem {
+  unsigned int cnt[kCutBuckets];
+  unsigned long long mass[kCutBuckets];
+  unsigned int warp_cnt[32];
+  unsigned long long warp_mass[32];
+  int first;  // the first satisfying bucket of the pass (kCutBuckets: none)
+  unsigned int cnt_excl, cnt_incl;
+  unsigned long long mass_excl, mass_incl;
+};
 
 // Whether a row's top-k / top-p settings filter anything out of V tokens.
 __device__ inline bool top_k_top_p_on(int top_k, float top_p, int V) {
@@ -640,43 +638,96 @@ __device__ inline bool top_k_top_p_on(int top_k, float top_p, int V) {
 }
 
 template <typename T>
-__device__ int filter_threshold(const T* __restrict__ row, int V, float t, float smax, float ssum, int top_k,
-                                float top_p, float* smem) {
-  const bool use_k = top_k > 0 && top_k < V;
-  const bool use_p = top_p < 1.0f;
-  long long lo = kLowestKey;  // invariant: lo satisfies, hi does not
-  if (!use_k && !use_p) return kLowestKey;
-  long long hi = static_cast<long long>(order_key(smax)) + 1;
-  const float target = top_p * ssum;
-  while (hi - lo > 1) {  // lo and hi come from block-wide sums: the loop is uniform across the block
-    int pivot[kPivots];
-    float acc[2 * kPivots];  // counts, then masses
-#pragma unroll
-    for (int p = 0; p < kPivots; ++p) {
-      pivot[p] = static_cast<int>(lo + (hi - lo) * (p + 1) / (kPivots + 1));
-      acc[p] = 0.0f;
-      acc[kPivots + p] = 0.0f;
+__device__ CutSearch filter_cut(const T* __restrict__ row, int V, float t, float s_max, float s_sum, int top_k,
+                                float top_p, CutSmem& sm) {
+  CutSearch cs;
+  cs.init(s_max, s_sum, top_k, top_p, V);
+  const int per = kCutBuckets / blockDim.x, first_mine = threadIdx.x * per;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  while (!cs.done()) {  // cs is the same in every thread: the loop is block-uniform
+    cs.begin_pass();
+    for (int j = threadIdx.x; j < kCutBuckets; j += blockDim.x) {
+      sm.cnt[j] = 0u;
+      sm.mass[j] = 0ull;
     }
-    for_each_in_row(row, V, [&](int, float z) {
+    if (threadIdx.x == 0) sm.first = kCutBuckets;
+    __syncthreads();
+    const CutSearch pass = cs;  // a copy the loop reads (by value: kept in registers)
+    for_each_in_row(row, V, [&sm, pass, t, s_max](int, float z) {
       const float s = __fdiv_rn(z, t);
-      const int key = order_key(s);
-      const float e = expf(s - smax);
-#pragma unroll
-      for (int p = 0; p < kPivots; ++p) {
-        const bool keep = key >= pivot[p];
-        acc[p] += keep ? 1.0f : 0.0f;
-        acc[kPivots + p] += keep ? e : 0.0f;
-      }
+      const int j = pass.bucket(order_key(s), s);
+      if (j < 0) return;  // most logits of a peaked row, after one compare
+      atomicAdd(&sm.cnt[j], 1u);
+      const float e = expf(s - s_max);
+      if (e > 0.0f) atomicAdd(&sm.mass[j], cut_fixed_mass(e));  // (a NaN logit adds nothing)
     });
-    block_sum(acc, smem);
-#pragma unroll
-    for (int p = 0; p < kPivots; ++p) {
-      const bool ok = (use_k && acc[p] >= static_cast<float>(top_k)) || (use_p && acc[kPivots + p] >= target);
-      if (ok) lo = lo > pivot[p] ? lo : pivot[p];
-      else hi = hi < pivot[p] ? hi : pivot[p];
+    __syncthreads();
+    // Sums over buckets 0 .. j from the top: each thread's `per` buckets, an exclusive scan over the threads.
+    unsigned int c = 0u;
+    unsigned long long m = 0ull;
+    for (int q = 0; q < per; ++q) {
+      c += sm.cnt[first_mine + q];
+      m += sm.mass[first_mine + q];
     }
+    unsigned int ci = c;
+    unsigned long long mi = m;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const unsigned int cu = __shfl_up_sync(0xFFFFFFFFu, ci, o);
+      const unsigned long long mu = __shfl_up_sync(0xFFFFFFFFu, mi, o);
+      if (lane >= o) {
+        ci += cu;
+        mi += mu;
+      }
+    }
+    if (lane == 31) {
+      sm.warp_cnt[warp] = ci;
+      sm.warp_mass[warp] = mi;
+    }
+    __syncthreads();
+    unsigned int c_before = ci - c, c_total = 0u;
+    unsigned long long m_before = mi - m, m_total = 0ull;
+    for (int w = 0; w < nwarps; ++w) {
+      if (w < warp) {
+        c_before += sm.warp_cnt[w];
+        m_before += sm.warp_mass[w];
+      }
+      c_total += sm.warp_cnt[w];
+      m_total += sm.warp_mass[w];
+    }
+    unsigned int run_c = c_before;
+    unsigned long long run_m = m_before;
+    for (int q = 0; q < per; ++q) {  // satisfied() only turns true going down: the first is the answer
+      run_c += sm.cnt[first_mine + q];
+      run_m += sm.mass[first_mine + q];
+      if (cs.satisfied(run_c, run_m)) {
+        atomicMin(&sm.first, first_mine + q);
+        break;
+      }
+    }
+    __syncthreads();
+    const int j = sm.first;
+    if (j < kCutBuckets && j >= first_mine && j < first_mine + per) {  // the owner of bucket j
+      unsigned int cb = c_before;
+      unsigned long long mb = m_before;
+      for (int q = first_mine; q < j; ++q) {
+        cb += sm.cnt[q];
+        mb += sm.mass[q];
+      }
+      sm.cnt_excl = cb;
+      sm.mass_excl = mb;
+      sm.cnt_incl = cb + sm.cnt[j];
+      sm.mass_incl = mb + sm.mass[j];
+    }
+    __syncthreads();
+    if (j < kCutBuckets) {
+      cs.settle(j, sm.cnt_excl, sm.mass_excl, sm.cnt_incl, sm.mass_incl);
+    } else {
+      cs.settle(-1, 0u, 0ull, c_total, m_total);
+    }
+    __syncthreads();  // every thread has read sm before the next pass clears it
   }
-  return static_cast<int>(lo);
+  return cs;
 }
 
 }  // namespace bild

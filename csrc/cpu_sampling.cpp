@@ -38,6 +38,7 @@
 #include <vector>
 
 #include "cpu_simd.h"  // reduce_lanes; defines BILD_X86 on x86-64
+#include "cut_search.h"  // the CUDA kernels' top-k / top-p cut-off search, run here by cpu_filter_cut
 
 namespace bild {
 bool cpu_linear_supported();
@@ -434,9 +435,82 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_verif
 #endif
 }
 
+// The CUDA kernels' top-k / top-p cut-off search (cut_search.h, filter_cut in common.cuh) run on the host, one
+// row at a time, each pass's histogram summed in order: the same bucket, bracket and settle code as on the GPU,
+// so the tests check it against the reference on the CPU. scaled: [R, V] float32, the rows' z / t; top_k [R]
+// int32, top_p [R] float32. Returns tau [R] int32 (keys >= it are kept), kept_sum [R] float32 (sum of
+// exp(s - s_max) over them) and passes [R] int32 (passes over the row the search made).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_filter_cut(const at::Tensor& scaled, const at::Tensor& top_k,
+                                                             const at::Tensor& top_p) {
+  TORCH_CHECK(scaled.dim() == 2 && scaled.scalar_type() == at::kFloat && scaled.is_contiguous(),
+              "cpu_filter_cut: scaled must be a contiguous [R, V] float32 tensor");
+  const int64_t R = scaled.size(0), V = scaled.size(1);
+  TORCH_CHECK(V > 0 && V < (1LL << 24), "cpu_filter_cut: V must be in [1, 2^24), got ", V);
+  TORCH_CHECK(top_k.dim() == 1 && top_k.size(0) == R && top_k.scalar_type() == at::kInt && top_k.is_contiguous(),
+              "cpu_filter_cut: top_k must be a contiguous [R] int32 tensor");
+  TORCH_CHECK(top_p.dim() == 1 && top_p.size(0) == R && top_p.scalar_type() == at::kFloat && top_p.is_contiguous(),
+              "cpu_filter_cut: top_p must be a contiguous [R] float32 tensor");
+  at::Tensor tau = at::empty({R}, at::TensorOptions().dtype(at::kInt));
+  at::Tensor kept = at::empty({R}, at::TensorOptions().dtype(at::kFloat));
+  at::Tensor passes = at::empty({R}, at::TensorOptions().dtype(at::kInt));
+  const float* s_all = scaled.const_data_ptr<float>();
+  const int32_t* kk = top_k.const_data_ptr<int32_t>();
+  const float* pp = top_p.const_data_ptr<float>();
+  std::vector<unsigned int> cnt(kCutBuckets);
+  std::vector<unsigned long long> mass(kCutBuckets);
+  for (int64_t r = 0; r < R; ++r) {
+    const float* s = s_all + r * V;
+    float s_max = -std::numeric_limits<float>::infinity();
+    for (int64_t i = 0; i < V; ++i) s_max = std::max(s_max, s[i]);
+    float s_sum = 0.0f;
+    for (int64_t i = 0; i < V; ++i) s_sum += s_max == -std::numeric_limits<float>::infinity() ? 0.0f : std::exp(s[i] - s_max);
+    CutSearch cs;
+    cs.init(s_max, s_sum, kk[r], pp[r], static_cast<int>(V));
+    int n = 0;
+    while (!cs.done()) {
+      cs.begin_pass();
+      std::fill(cnt.begin(), cnt.end(), 0u);
+      std::fill(mass.begin(), mass.end(), 0ull);
+      for (int64_t i = 0; i < V; ++i) {
+        const int j = cs.bucket(order_key(s[i]), s[i]);
+        if (j < 0) continue;
+        cnt[j] += 1u;
+        const float e = std::exp(s[i] - s_max);
+        if (e > 0.0f) mass[j] += cut_fixed_mass(e);
+      }
+      unsigned int c = 0u;
+      unsigned long long m = 0ull;
+      int first = -1;
+      unsigned int c_excl = 0u;
+      unsigned long long m_excl = 0ull;
+      for (int j = 0; j < kCutBuckets; ++j) {
+        c_excl = c;
+        m_excl = m;
+        c += cnt[j];
+        m += mass[j];
+        if (cs.satisfied(c, m)) {
+          first = j;
+          break;
+        }
+      }
+      if (first >= 0) {
+        cs.settle(first, c_excl, m_excl, c, m);
+      } else {
+        cs.settle(-1, 0u, 0ull, c, m);
+      }
+      ++n;
+    }
+    tau.data_ptr<int32_t>()[r] = cs.tau();
+    kept.data_ptr<float>()[r] = cs.kept_sum(s_sum);
+    passes.data_ptr<int32_t>()[r] = n;
+  }
+  return {tau, kept, passes};
+}
+
 }  // namespace bild
 
 TORCH_LIBRARY_FRAGMENT(bild_kernels_cpu, m) {
+  m.def("cpu_filter_cut(Tensor scaled, Tensor top_k, Tensor top_p) -> (Tensor, Tensor, Tensor)");
   m.def("cpu_sample_draft(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor seed, "
         "Tensor offset, Tensor fallback_threshold) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("cpu_verify_draft(Tensor draft_ids, Tensor logits, int mode, Tensor rollback_threshold, "
@@ -447,4 +521,5 @@ TORCH_LIBRARY_FRAGMENT(bild_kernels_cpu, m) {
 TORCH_LIBRARY_IMPL(bild_kernels_cpu, CPU, m) {
   m.impl("cpu_sample_draft", &bild::cpu_sample_draft);
   m.impl("cpu_verify_draft", &bild::cpu_verify_draft);
+  m.impl("cpu_filter_cut", &bild::cpu_filter_cut);
 }

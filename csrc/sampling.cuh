@@ -46,13 +46,16 @@ struct SampleRows {
 
 // Grid (B,), kRowThreads threads, after RowChunkStatsKernel made the one pass over every row (split
 // into S chunks, see common.cuh): one block per row merges its S partials; the softmax never reaches
-// memory. Rows with top-k/top-p add the threshold bisection (one counting pass per step) and one pass
-// that sums and samples over the kept set.
+// memory. Rows with top-k/top-p add the cut-off search (filter_cut: about three histogram passes, which also
+// sum the kept set), and sampling rows among them one pass that draws over the kept set.
+// One block an SM asked for: a grid of B rows rarely fills the GPU, and without it ptxas caps the registers
+// at 64 and spills filter_cut's state.
 template <typename T>
-__global__ void __launch_bounds__(kRowThreads)
+__global__ void __launch_bounds__(kRowThreads, 1)
     SampleDraftKernel(const T* __restrict__ logits, int V, SampleDraftParams prm, SampleDraftOutputs out,
                       const RowPartial* __restrict__ partials, int S) {
-  __shared__ float smem[64 * kPivots];
+  __shared__ float smem[2 * 32];
+  __shared__ CutSmem cut_smem;
   const int b = blockIdx.x;
   const T* row = logits + static_cast<int64_t>(b) * V;
   const float temp = prm.temperature[b];
@@ -72,18 +75,21 @@ __global__ void __launch_bounds__(kRowThreads)
 
   float kept_sum = s_lse.s;
   if (filtered) {
-    const int tau = filter_threshold(row, V, t, s_lse.m, s_lse.s, top_k, top_p, smem);
-    float mass = 0.0f;
-    ArgMax k_max;
-    for_each_in_row(row, V, [&](int i, float z) {
-      const float s = __fdiv_rn(z, t);
-      if (order_key(s) >= tau) {
-        mass += expf(s - s_lse.m);
-        if (!greedy) k_max.add(s + gumbel(seed, i, offset, kPurposeDraftSample, 0), i);
-      }
-    });
-    kept_sum = block_reduce(mass, smem);
-    if (!greedy) token = block_reduce(k_max, reinterpret_cast<ArgMax*>(smem)).i;
+    const CutSearch cut = filter_cut(row, V, t, s_lse.m, s_lse.s, top_k, top_p, cut_smem);
+    kept_sum = cut.kept_sum(s_lse.s);  // the search's exact sum over the kept set
+    if (!greedy) {  // greedy rows keep the argmax; sampling rows draw over the kept set
+      const int tau = cut.tau();
+      // Every thread starts from the draw at the row's argmax (s = s_max, always kept): an element whose
+      // s + kGumbelMax is below the best draw so far cannot win or tie, and its Philox draw is skipped.
+      ArgMax k_max;
+      k_max.add(s_lse.m + gumbel(seed, stats.zmax.i, offset, kPurposeDraftSample, 0), stats.zmax.i);
+      for_each_in_row(row, V, [&](int i, float z) {
+        const float s = __fdiv_rn(z, t);
+        if (order_key(s) < tau || s + kGumbelMax < k_max.v) return;
+        k_max.add(s + gumbel(seed, i, offset, kPurposeDraftSample, 0), i);
+      });
+      token = block_reduce(k_max, reinterpret_cast<ArgMax*>(smem)).i;
+    }
   }
 
   if (threadIdx.x == 0) {

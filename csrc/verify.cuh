@@ -173,29 +173,24 @@ __global__ void __launch_bounds__(32 * kMergeWarps)
 constexpr int kVerifyLoopBlocks = 256;
 
 // Grid (min(B * (K+1), kVerifyLoopBlocks),), kRowThreads threads, striding over the positions: each active
-// position of a row that filters with top-k/top-p (the others are passed over) bisects the kept set's
-// threshold over z_j / T, sums the kept mass in one more pass over V, and finishes the position.
+// position of a row that filters with top-k/top-p (the others are passed over) finds the kept set's cut-off
+// over z_j / T and its mass (filter_cut) and finishes the position.
 template <typename T>
 __global__ void __launch_bounds__(kRowThreads)
     VerifyFilterKernel(const int64_t* __restrict__ draft_ids, const T* __restrict__ target_logits,
                        const float* __restrict__ draft_probs, int positions, int K, int V, int S, int mode,
                        VerifyParams prm, VerifyOutputs out, VerifyScratch scr) {
-  __shared__ float smem[64 * kPivots];
+  __shared__ CutSmem cut_smem;
   for (int pid = blockIdx.x; pid < positions; pid += gridDim.x) {
     const VerifyPosition at(pid, draft_ids, K, V, prm);
     if (!at.filtered || at.j > at.n) continue;  // block-uniform
     const RowPartial stats = warp_merge_partials(scr.partials + static_cast<int64_t>(at.pid) * S, S);
     const T* row = target_logits + static_cast<int64_t>(at.pid) * V;
     const float t = at.t, s_max = stats.s.m;
-    const int tau = filter_threshold(row, V, t, s_max, stats.s.s, prm.top_k[at.b], prm.top_p[at.b], smem);
-    float mass = 0.0f;
-    for_each_in_row(row, V, [&](int, float z) {
-      const float s = __fdiv_rn(z, t);
-      if (order_key(s) >= tau) mass += expf(s - s_max);
-    });
-    const float kept_sum = block_reduce(mass, smem);  // its trailing barrier frees smem for the next position
-    if (threadIdx.x == 0) {
-      finish_position(at, stats, tau, kept_sum, draft_ids, target_logits, draft_probs, K, V, mode, prm, out, scr);
+    const CutSearch cut = filter_cut(row, V, t, s_max, stats.s.s, prm.top_k[at.b], prm.top_p[at.b], cut_smem);
+    if (threadIdx.x == 0) {  // filter_cut's trailing barrier: the next position may clear cut_smem at once
+      finish_position(at, stats, cut.tau(), cut.kept_sum(stats.s.s), draft_ids, target_logits, draft_probs, K, V,
+                      mode, prm, out, scr);
     }
   }
 }
