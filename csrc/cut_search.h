@@ -114,11 +114,28 @@ struct CutSearch {
       return static_cast<int>(static_cast<unsigned int>(hi - 1 - key) / static_cast<unsigned int>(width));
     }
     if (key < bottom) return -1;
-    int j = static_cast<int>((s_max - s) * (1.0f / kCutStep));  // s in [s_max - 32, s_max]: a guess within one
+    // The bucket is the first j with key >= lower(j) (lower only falls as j grows; lower(kCutBuckets - 1) =
+    // bottom <= key). The arithmetic guess is it, or off by one near a boundary; where the boundaries collapse
+    // (|s_max| beyond ~2^19, e.g. a tiny temperature, puts several of them on one float) a bisection finds it.
+    int j = static_cast<int>((s_max - s) * (1.0f / kCutStep));  // s in [s_max - 32, s_max]
     j = j < 0 ? 0 : (j > kCutBuckets - 1 ? kCutBuckets - 1 : j);
-    while (j > 0 && key >= lower(j - 1)) --j;
-    while (key < lower(j)) ++j;  // ends: key >= bottom = lower(kCutBuckets - 1)
-    return j;
+    for (int step = 0; step < 2; ++step) {
+      if (key < lower(j)) {
+        if (j == kCutBuckets - 1) break;
+        ++j;
+      } else if (j > 0 && key >= lower(j - 1)) {
+        --j;
+      } else {
+        return j;
+      }
+    }
+    int a = 0, b = kCutBuckets - 1;
+    while (a < b) {
+      const int mid = (a + b) >> 1;
+      if (key >= lower(mid)) b = mid;
+      else a = mid + 1;
+    }
+    return a;
   }
 
   // Whether the lower bound of a bucket satisfies, given the counts and masses of this pass's buckets down to

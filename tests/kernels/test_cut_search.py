@@ -75,7 +75,8 @@ def test_cut_search_on_separated_and_tied_rows():
 def test_cut_search_edge_rows():
     """-inf logits, one finite logit, logits all below zero and around zero (the keys of a bucket that holds
     zero span most of the int32 range), a huge maximum (the value pass's buckets collapse onto one key), top-p
-    that keeps only the max and one that reaches 200 tokens deep, top-k 1 and V - 1."""
+    that keeps only the max and one that reaches 200 tokens deep, top-k 1 and V - 1, and scaled logits of 1e8 with
+    many equal values (a tiny temperature), where the value pass's bucket bounds collapse onto few floats."""
     V = 4096
     g = torch.Generator().manual_seed(7)
     base = torch.randn(V, generator=g)
@@ -90,10 +91,12 @@ def test_cut_search_edge_rows():
         base * 5,
         base * 3,
         base * 3,
-    ]
+        (base * 8).round() * 1e7,  # a temperature of 1e-7 over integer logits
+        2.0**28 + 32.0 * torch.randint(-40, 8, (V,), generator=g).float(),  # 2^28 + whole ulps: 512 of the
+    ]                                                                        # value buckets on one float
     scaled = torch.stack(rows)
-    top_k = torch.tensor([10, 1, 40, 100, 300, 20, 0, 0, 1, V - 1], dtype=torch.int32)
-    rank = torch.tensor([30, -1, 20, -1, 5, -1, 0, 200, -1, -1])  # top-p's cut-off rank (-1: off)
+    top_k = torch.tensor([10, 1, 40, 100, 300, 20, 0, 0, 1, V - 1, 7, 200], dtype=torch.int32)
+    rank = torch.tensor([30, -1, 20, -1, 5, -1, 0, 200, -1, -1, -1, -1])  # top-p's cut-off rank (-1: off)
     top_p = robust_top_p(scaled, torch.ones(len(rows)), rank)
     top_p[6] = 1e-6  # below the max's own probability: only the max is kept
     check(scaled, top_k, top_p)
