@@ -51,11 +51,17 @@ def implementation(backend, device):
 
 
 def main() -> None:
-    args = parser(__doc__.splitlines()[0]).parse_args()
+    ap = parser(__doc__.splitlines()[0])
+    ap.add_argument("--modes", default=None, help=f"comma-separated subset of {','.join(MODES)}")
+    args = ap.parse_args()
     gpu = args.device == "cuda"
     shapes = pick_shapes(args, [(B, K, V) for V in (32000, 128256) for K in (4, 8) for B in (1, 8, 64, 256)] if gpu
                          else [(1, 4, 1000), (8, 4, 1000), (1, 4, 49152)])
     modes = ["greedy", "bild", "sample"] if gpu else ["greedy", "sample", "bild-topk_topp"]
+    if args.modes:
+        modes = args.modes.split(",")
+        if any(m not in MODES for m in modes):
+            raise SystemExit(f"--modes: {args.modes!r} names a mode outside {','.join(MODES)}")
     iters = args.iters or (50 if gpu else 3)
     backends = usable_backends(args.device, args.backends, first_pass=True, cpu_kernel=True)
     backends.sort(key=lambda b: b != "ref")  # ref first: the others report their speed-up against it

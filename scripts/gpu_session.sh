@@ -122,6 +122,9 @@ for s in "$@"; do
                   --shapes 64x8x128256,256x8x128256,64x4x32000,1x4x128256
               stage wide_bench_sample 60 "$PY" bench/bench_sample_draft.py --device cuda --backends cuda,cuda-chunked,cuda-wide,cuda-stream \
                   --shapes 64x128256,256x128256,1x128256
+              # the top-k / top-p cut-off search (csrc/cut_search.h, first run on a GPU after 2026-11-27)
+              stage cut_bench_verify 40 "$PY" bench/bench_verify_draft.py --device cuda --backends cuda \
+                  --modes bild-topk_topp --shapes 64x8x128256,256x8x128256
               ;;
         wide_profile) for pass in wide stream; do
                           stage "${pass}_profile" 100 env BILD_FIRST_PASS=$pass ncu --set basic --kernel-name regex:"Kernel" \
