@@ -1,6 +1,7 @@
 // The top-k / top-p cut-off search of the CUDA sampling kernels (csrc/common.cuh, filter_cut), host and device.
 // Plain C++ (no CUDA headers), so the CPU extension runs the same bucket and bracket logic on the host
-// (csrc/cpu_sampling.cpp, cpu_filter_cut) and the tests check it against the reference on the CPU.
+// (csrc/cpu_sampling.cpp, cpu_filter_cut) and the tests check it against the reference on the CPU. The Triton
+// twins (bild_kernels/triton/_sampling_common.py, filter_threshold) search the same way.
 //
 // What it finds (reference._filter_top_k_top_p): with s = z / t the scaled logits of a row, top-k keeps
 // s >= the k-th largest, i.e. the keys up to the largest c with count(key >= c) >= k; top-p keeps the keys up

@@ -3,8 +3,8 @@
 Random numbers come from the reference's Philox counters (triton's tl.random.philox is the same
 Philox4x32-10, bit for bit). Passes over a vocabulary row walk it BLOCK_V logits at a time and keep
 per-lane running maxima (argmax, first index on ties) and per-chunk rescaled sums (online logsumexp,
-one exp per element). top-k/top-p never sort: a bisection on the order-preserving int32 image of
-the float32 scaled logits finds the smallest kept value, each step one counting pass over the row for several pivots.
+one exp per element). top-k/top-p never sort: the CUDA kernels' cut-off search (csrc/cut_search.h) over the
+order-preserving int32 image of the float32 scaled logits finds the smallest kept value in a few histogram passes.
 Scaling is `div_rn(z, t)` because the reference divides (correctly rounded), and the GPU's default
 fp32 division is approximate: any other rounding could split ties differently from the reference.
 """
@@ -14,7 +14,6 @@ import triton
 import triton.language as tl
 
 _LOWEST_KEY = tl.constexpr(-2147483647)  # below the key of every float, -inf included
-NPIV = tl.constexpr(16)  # pivots per threshold-search pass: 8 passes instead of 32
 
 
 @triton.jit
@@ -113,45 +112,94 @@ def row_pass(row_ptr, V, t, seed, offset, position, PURPOSE: tl.constexpr, SCALE
     return zm, argmax_first(best, bidx), zs, sm, ss, argmax_first(gbest, gidx)
 
 
-@triton.jit
-def _count_mass(row_ptr, V, t, m, pivots, NPIV: tl.constexpr, BLOCK_S: tl.constexpr):
-    # For each pivot key: how many scaled logits have key >= pivot, and their mass sum exp(s - m).
-    lanes = tl.arange(0, BLOCK_S)
-    cnt = tl.zeros([NPIV, BLOCK_S], tl.int32)
-    mass = tl.zeros([NPIV, BLOCK_S], tl.float32)
-    for v0 in range(0, V, BLOCK_S):
-        offs = v0 + lanes
-        s = tl.math.div_rn(load_logits(row_ptr, offs, V), t)
-        e = tl.exp(s - m)
-        keep = (order_key(s)[None, :] >= pivots[:, None]) & (offs < V)[None, :]
-        cnt += keep.to(tl.int32)
-        mass += tl.where(keep, e[None, :], 0.0)
-    return tl.sum(cnt, 1), tl.sum(mass, 1)
+CUT_BUCKETS = tl.constexpr(1024)  # buckets of a cut-off search pass (csrc/cut_search.h)
+_CUT_STEP = tl.constexpr(0.03125)  # the value pass's bucket: 1/32 nat
+_CUT_UNIT = tl.constexpr(68719476736.0)  # 2^36: masses exp(s - s_max) <= 1 in fixed point; V < 2^24 keeps sums < 2^60
 
 
 @triton.jit
-def filter_threshold(row_ptr, V, t, smax, ssum, top_k, top_p, NPIV: tl.constexpr, BLOCK_S: tl.constexpr):
+def _value_lower(smax, j):
+    # The lowest key of value bucket j: that of s_max - (j + 1) / 32 (the product is exact; one rounding).
+    return order_key(smax - (j + 1).to(tl.float32) * _CUT_STEP).to(tl.int64)
+
+
+@triton.jit
+def filter_threshold(row_ptr, V, t, smax, ssum, top_k, top_p, hist_ptr, BLOCK_V: tl.constexpr):
     """Key of the smallest scaled logit that top-k and top-p both keep (_LOWEST_KEY when neither is on).
 
     top-k keeps s >= the k-th largest value, i.e. keys up to the largest c with count(key >= c) >= k;
     top-p keeps s >= the largest value c with mass(key >= c) >= top_p * total. A token must pass both,
-    so the answer is the larger of the two cut-offs: the largest c where either condition holds. Both
-    counts only fall as c grows, so a search over [lowest key, key(max)] finds it: each pass tests NPIV
-    evenly spaced pivots at once (about 32 / log2(NPIV + 1) passes). Ties at the cut-off are kept.
+    so the answer is the larger of the two cut-offs: the largest c where either condition holds. The search
+    of the CUDA kernels (csrc/cut_search.h): a bracket [lo, hi) of keys narrowed by passes over the row, each a
+    histogram of the bracket's keys over CUT_BUCKETS buckets (counts and fixed-point masses, summed by integer
+    atomics into this program's hist_ptr[2, CUT_BUCKETS] of int64), then the first bucket from the top whose lower
+    bound satisfies. The first pass buckets by value (1/32 nat each, 32 nats below the max), later ones split the
+    bracket's keys evenly: at most 5 passes, usually 3. Ties at the cut-off are kept.
     """
     use_k = (top_k > 0) & (top_k < V)
     use_p = top_p < 1.0
     lo = tl.full([], _LOWEST_KEY, tl.int64)
-    if use_k | use_p:
-        hi = order_key(smax).to(tl.int64) + 1  # invariant: lo satisfies, hi does not
-        target = top_p * ssum
-        step = tl.arange(1, NPIV + 1).to(tl.int64)
-        while hi - lo > 1:
-            pivots = lo + ((hi - lo) * step) // (NPIV + 1)
-            cnt, mass = _count_mass(row_ptr, V, t, smax, pivots.to(tl.int32), NPIV, BLOCK_S)
-            ok = tl.where(use_k, cnt >= top_k, False) | tl.where(use_p, mass >= target, False)
-            lo = tl.maximum(lo, tl.max(tl.where(ok, pivots, lo), 0))
-            hi = tl.minimum(hi, tl.min(tl.where(ok, hi, pivots), 0))
+    hi = tl.where(use_k | use_p, order_key(smax).to(tl.int64) + 1, lo + 1)  # lo satisfies, hi does not
+    target = (top_p * ssum * _CUT_UNIT).to(tl.int64)
+    k64 = top_k.to(tl.int64)
+    above_cnt = tl.zeros([], tl.int64)
+    above_mass = tl.zeros([], tl.int64)
+    by_value = smax - smax == 0.0  # finite
+    idx = tl.arange(0, CUT_BUCKETS)
+    lanes = tl.arange(0, BLOCK_V)
+    while hi - lo > 1:
+        tl.store(hist_ptr + idx, tl.zeros([CUT_BUCKETS], tl.int64))
+        tl.store(hist_ptr + CUT_BUCKETS + idx, tl.zeros([CUT_BUCKETS], tl.int64))
+        tl.debug_barrier()
+        width = (hi - lo + CUT_BUCKETS - 1) // CUT_BUCKETS
+        bottom = _value_lower(smax, tl.full([], CUT_BUCKETS - 1, tl.int32))
+        for v0 in range(0, V, BLOCK_V):
+            offs = v0 + lanes
+            s = tl.math.div_rn(load_logits(row_ptr, offs, V), t)
+            key = order_key(s).to(tl.int64)
+            inside = (offs < V) & (key >= lo) & (key < hi)
+            if by_value:  # the first j with key >= lower(j), by bisection over the 1024 bounds
+                inside = inside & (key >= bottom)
+                a = tl.zeros([BLOCK_V], tl.int32)
+                b = tl.full([BLOCK_V], CUT_BUCKETS - 1, tl.int32)
+                for _ in tl.static_range(10):
+                    mid = (a + b) >> 1
+                    up = key >= _value_lower(smax, mid)
+                    b = tl.where(up, mid, b)
+                    a = tl.where(up, a, mid + 1)
+                j = a
+            else:
+                j = ((hi - 1 - key) // width).to(tl.int32)
+            j = tl.where(inside, j, 0)
+            e = tl.exp(s - smax)
+            tl.atomic_add(hist_ptr + j, tl.full([BLOCK_V], 1, tl.int64), mask=inside)
+            tl.atomic_add(hist_ptr + CUT_BUCKETS + j, (e * _CUT_UNIT).to(tl.int64), mask=inside & (e > 0.0))
+        tl.debug_barrier()
+        cnt = tl.load(hist_ptr + idx, volatile=True)
+        mass = tl.load(hist_ptr + CUT_BUCKETS + idx, volatile=True)
+        ccum = tl.cumsum(cnt, 0)
+        mcum = tl.cumsum(mass, 0)
+        ok = tl.where(use_k, above_cnt + ccum >= k64, False) | tl.where(use_p, above_mass + mcum >= target, False)
+        first = tl.min(tl.where(ok, idx, CUT_BUCKETS), 0)
+        if first < CUT_BUCKETS:
+            c_excl = tl.sum(tl.where(idx < first, cnt, 0), 0)
+            m_excl = tl.sum(tl.where(idx < first, mass, 0), 0)
+            if by_value:
+                new_lo = _value_lower(smax, first)
+                new_hi = tl.where(first == 0, hi, _value_lower(smax, tl.maximum(first - 1, 0)))
+            else:
+                new_lo = tl.maximum(lo, hi - (first + 1).to(tl.int64) * width)
+                new_hi = tl.where(first == 0, hi, tl.maximum(lo, hi - first.to(tl.int64) * width))
+            above_cnt += c_excl
+            above_mass += m_excl
+            lo = new_lo
+            hi = new_hi
+        else:  # the cut-off lies below every bucket (a key pass's reach lo: then lo, never proven, stays)
+            above_cnt += tl.sum(cnt, 0)
+            above_mass += tl.sum(mass, 0)
+            hi = tl.where(by_value, bottom, lo)
+        by_value = False
+        tl.debug_barrier()
     return lo.to(tl.int32)
 
 

@@ -12,7 +12,7 @@ import triton.language as tl
 
 from bild_kernels._backend import triton_interpret
 from bild_kernels import reference as R
-from bild_kernels.triton._sampling_common import NPIV, filter_threshold, kept_pass, row_params, row_pass
+from bild_kernels.triton._sampling_common import CUT_BUCKETS, filter_threshold, kept_pass, row_params, row_pass
 
 PURPOSE_DRAFT_SAMPLE = tl.constexpr(R.PURPOSE_DRAFT_SAMPLE)
 
@@ -20,12 +20,12 @@ PURPOSE_DRAFT_SAMPLE = tl.constexpr(R.PURPOSE_DRAFT_SAMPLE)
 # Grid (B,): one program per row walks its V logits in BLOCK_V chunks. Rows without top-k/top-p make ONE
 # pass: online logsumexp at temperature 1 (max_probs) and at T (energies), running argmax (greedy rows) or
 # running Gumbel-max (sampling rows); the softmax never reaches global memory. Rows that enable top-k/top-p
-# add the threshold bisection (one counting pass per step) and one pass that samples over the kept set.
+# add the cut-off search (a few histogram passes) and one pass that samples over the kept set.
 # Greedy rows compile to a loop without scaling or Philox, sampling rows to one with both.
 @triton.jit
 def _sample_draft_kernel(logits_ptr, temperature_ptr, top_k_ptr, top_p_ptr, seed_ptr, offset_ptr,
                          fallback_threshold_ptr, token_ids_ptr, token_probs_ptr, max_probs_ptr, energies_ptr,
-                         fallback_ptr, V, BLOCK_V: tl.constexpr, BLOCK_S: tl.constexpr):
+                         fallback_ptr, hist_ptr, V, BLOCK_V: tl.constexpr):
     row = tl.program_id(0)
     row_ptr = logits_ptr + row.to(tl.int64) * V
     top_k, top_p, seed, offset, greedy, t, filtered = row_params(temperature_ptr, top_k_ptr, top_p_ptr, seed_ptr,
@@ -44,7 +44,8 @@ def _sample_draft_kernel(logits_ptr, temperature_ptr, top_k_ptr, top_p_ptr, seed
         token = gidx
     kept_sum = ss
     if filtered:
-        tau = filter_threshold(row_ptr, V, t, sm, ss, top_k, top_p, NPIV, BLOCK_S)
+        tau = filter_threshold(row_ptr, V, t, sm, ss, top_k, top_p, hist_ptr + row.to(tl.int64) * 2 * CUT_BUCKETS,
+                               BLOCK_V)
         if greedy:
             kept_sum, _ = kept_pass(row_ptr, V, t, sm, tau, seed, offset, 0, PURPOSE_DRAFT_SAMPLE, False, BLOCK_V)
         else:
@@ -59,13 +60,13 @@ def _sample_draft_kernel(logits_ptr, temperature_ptr, top_k_ptr, top_p_ptr, seed
     tl.store(fallback_ptr + row, max_prob < tl.load(fallback_threshold_ptr + row))
 
 
-def _block_v(V: int) -> tuple[int, int, int]:
-    # (BLOCK_V, BLOCK_S, warps); BLOCK_S is the chunk of the threshold search, whose tiles are [NPIV, BLOCK_S].
+def _block_v(V: int) -> tuple[int, int]:
+    # (BLOCK_V, warps): the logits a program step reads, in every pass over a row.
     if triton_interpret():
         # The interpreter runs each chunk as NumPy calls: wide chunks mean fewer Python steps.
-        return min(triton.next_power_of_2(V), 16384), min(triton.next_power_of_2(V), 1024), 4
+        return min(triton.next_power_of_2(V), 16384), 4
     # One program per row and often few rows: wide programs keep more loads in flight per SM.
-    return min(triton.next_power_of_2(V), 4096), min(triton.next_power_of_2(V), 512), 16
+    return min(triton.next_power_of_2(V), 4096), 16
 
 
 def sample_draft(logits, temperature, top_k, top_p, seed, offset, fallback_threshold):
@@ -80,11 +81,12 @@ def sample_draft(logits, temperature, top_k, top_p, seed, offset, fallback_thres
     fallback = torch.empty(B, dtype=torch.bool, device=dev)
     if B == 0:
         return token_ids, token_probs, max_probs, energies, fallback
-    BLOCK_V, BLOCK_S, warps = _block_v(V)
+    BLOCK_V, warps = _block_v(V)
+    hist = torch.empty((B, 2, CUT_BUCKETS), dtype=torch.int64, device=dev)  # each row's cut-off search histogram
     _sample_draft_kernel[(B,)](logits.contiguous(), temperature.float().contiguous(), top_k.int().contiguous(),
                                top_p.float().contiguous(), seed.long().contiguous(), offset.long().contiguous(),
                                fallback_threshold.float().contiguous(), token_ids, token_probs, max_probs, energies,
-                               fallback, V, BLOCK_V=BLOCK_V, BLOCK_S=BLOCK_S, num_warps=warps)
+                               fallback, hist, V, BLOCK_V=BLOCK_V, num_warps=warps)
     return token_ids, token_probs, max_probs, energies, fallback
 
 
@@ -93,9 +95,9 @@ def _aot_spec(dtype: str) -> tuple:
     sig = {"logits_ptr": f"*{dtype}", "temperature_ptr": "*fp32", "top_k_ptr": "*i32", "top_p_ptr": "*fp32",
            "seed_ptr": "*i64", "offset_ptr": "*i64", "fallback_threshold_ptr": "*fp32", "token_ids_ptr": "*i64",
            "token_probs_ptr": "*fp32", "max_probs_ptr": "*fp32", "energies_ptr": "*fp32", "fallback_ptr": "*i1",
-           "V": "i32", "BLOCK_V": "constexpr", "BLOCK_S": "constexpr"}
+           "hist_ptr": "*i64", "V": "i32", "BLOCK_V": "constexpr"}
     assert list(sig) == _sample_draft_kernel.arg_names, (list(sig), _sample_draft_kernel.arg_names)
-    return _sample_draft_kernel, sig, {"BLOCK_V": 4096, "BLOCK_S": 512}
+    return _sample_draft_kernel, sig, {"BLOCK_V": 4096}
 
 
 AOT_SPECS = [_aot_spec("bf16"), _aot_spec("fp16"), _aot_spec("fp32")]

@@ -11,7 +11,7 @@ import triton.language as tl
 
 from bild_kernels import reference as R
 from bild_kernels._backend import triton_interpret
-from bild_kernels.triton._sampling_common import (NPIV, filter_threshold, gumbel, kept_pass, order_key, row_params,
+from bild_kernels.triton._sampling_common import (CUT_BUCKETS, filter_threshold, gumbel, kept_pass, order_key, row_params,
                                                   row_pass, uniform)
 
 PURPOSE_VERIFY_ACCEPT = tl.constexpr(R.PURPOSE_VERIFY_ACCEPT)
@@ -59,7 +59,7 @@ def _emit_pass(row_ptr, probs_ptr, cut, V, t, smax, kept_sum, tau, seed, offset,
 
 
 # Grid (B * (K+1),): one program per (row b, position j <= n_b) makes one pass over that position's V logits
-# (online logsumexp, argmax; rows that sample at a filtered temperature add the top-k/top-p bisection) and
+# (online logsumexp, argmax; rows that sample at a filtered temperature add the top-k/top-p cut-off search) and
 # writes distance, target prob and its accept verdict. Verdicts need every position of the row, so each
 # program then bumps the row's arrival counter; the last of the row's n_b + 1 programs reads the verdicts,
 # cuts at the first rejection c, writes the row's outputs and, for sampling rows, draws the emitted token
@@ -67,8 +67,8 @@ def _emit_pass(row_ptr, probs_ptr, cut, V, t, smax, kept_sum, tau, seed, offset,
 @triton.jit
 def _verify_draft_kernel(draft_ids_ptr, target_logits_ptr, draft_probs_ptr, rollback_threshold_ptr, temperature_ptr,
                          top_k_ptr, top_p_ptr, seed_ptr, offset_ptr, num_accepted_ptr, output_ids_ptr, distances_ptr,
-                         target_probs_ptr, scratch_i_ptr, scratch_f_ptr, arrivals_ptr, K, V,
-                         MODE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_S: tl.constexpr):
+                         target_probs_ptr, scratch_i_ptr, scratch_f_ptr, arrivals_ptr, hist_ptr, K, V,
+                         MODE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):
     pid = tl.program_id(0)
     K1 = K + 1
     b = pid // K1
@@ -100,7 +100,8 @@ def _verify_draft_kernel(draft_ids_ptr, target_logits_ptr, draft_probs_ptr, roll
         tau = tl.full([], -2147483647, tl.int32)
         kept_sum = ss
         if filtered & (greedy == 0):
-            tau = filter_threshold(row_ptr, V, t, sm, ss, top_k, top_p, NPIV, BLOCK_S)
+            tau = filter_threshold(row_ptr, V, t, sm, ss, top_k, top_p,
+                                   hist_ptr + pid.to(tl.int64) * 2 * CUT_BUCKETS, BLOCK_V)
             kept_sum, _ = kept_pass(row_ptr, V, t, sm, tau, seed, offset, j, PURPOSE_VERIFY_TOKEN, False, BLOCK_V)
         hit = draft == zidx
         if MODE == MODE_SAMPLE:
@@ -139,11 +140,11 @@ def _verify_draft_kernel(draft_ids_ptr, target_logits_ptr, draft_probs_ptr, roll
             tl.store(num_accepted_ptr + b, c)
 
 
-def _block_v(V: int) -> tuple[int, int, int]:
-    # (BLOCK_V, BLOCK_S, warps); BLOCK_S is the chunk of the threshold search, whose tiles are [NPIV, BLOCK_S].
+def _block_v(V: int) -> tuple[int, int]:
+    # (BLOCK_V, warps): the logits a program step reads, in every pass over a row.
     if triton_interpret():
-        return min(triton.next_power_of_2(V), 16384), min(triton.next_power_of_2(V), 1024), 4  # fewer NumPy steps
-    return min(triton.next_power_of_2(V), 2048), min(triton.next_power_of_2(V), 256), 8
+        return min(triton.next_power_of_2(V), 16384), 4  # fewer NumPy steps
+    return min(triton.next_power_of_2(V), 2048), 8
 
 
 def verify_draft(draft_ids, target_logits, mode, rollback_threshold, draft_probs, temperature, top_k, top_p, seed,
@@ -162,15 +163,16 @@ def verify_draft(draft_ids, target_logits, mode, rollback_threshold, draft_probs
     scratch_i = torch.empty((B, K1, 3), dtype=torch.int32, device=dev)  # verdict, argmax, kept-set key per position
     scratch_f = torch.empty((B, K1, 2), dtype=torch.float32, device=dev)  # max and kept sum of scaled logits
     arrivals = torch.zeros(B, dtype=torch.int32, device=dev)
+    hist = torch.empty((B * K1, 2, CUT_BUCKETS), dtype=torch.int64, device=dev)  # each position's cut-off search
     if draft_probs is None:
         draft_probs = target_logits  # never read outside sample mode
-    BLOCK_V, BLOCK_S, warps = _block_v(V)
+    BLOCK_V, warps = _block_v(V)
     _verify_draft_kernel[(B * K1,)](
         draft_ids.long().contiguous(), target_logits.contiguous(), draft_probs.contiguous(),
         rollback_threshold.float().contiguous(), temperature.float().contiguous(), top_k.int().contiguous(),
         top_p.float().contiguous(), seed.long().contiguous(), offset.long().contiguous(), num_accepted, output_ids,
-        distances, target_probs, scratch_i, scratch_f, arrivals, K, V, MODE=int(mode),
-        BLOCK_K=triton.next_power_of_2(K1), BLOCK_V=BLOCK_V, BLOCK_S=BLOCK_S, num_warps=warps)
+        distances, target_probs, scratch_i, scratch_f, arrivals, hist, K, V, MODE=int(mode),
+        BLOCK_K=triton.next_power_of_2(K1), BLOCK_V=BLOCK_V, num_warps=warps)
     return num_accepted, output_ids, distances, target_probs
 
 
@@ -181,10 +183,9 @@ def _aot_spec(mode: int, dtype: str = "bf16") -> tuple:
            "temperature_ptr": "*fp32", "top_k_ptr": "*i32", "top_p_ptr": "*fp32", "seed_ptr": "*i64",
            "offset_ptr": "*i64", "num_accepted_ptr": "*i32", "output_ids_ptr": "*i64", "distances_ptr": "*fp32",
            "target_probs_ptr": "*fp32", "scratch_i_ptr": "*i32", "scratch_f_ptr": "*fp32", "arrivals_ptr": "*i32",
-           "K": "i32", "V": "i32", "MODE": "constexpr", "BLOCK_K": "constexpr", "BLOCK_V": "constexpr",
-           "BLOCK_S": "constexpr"}
+           "hist_ptr": "*i64", "K": "i32", "V": "i32", "MODE": "constexpr", "BLOCK_K": "constexpr", "BLOCK_V": "constexpr"}
     assert list(sig) == _verify_draft_kernel.arg_names, (list(sig), _verify_draft_kernel.arg_names)
-    return _verify_draft_kernel, sig, {"MODE": mode, "BLOCK_K": 16, "BLOCK_V": 2048, "BLOCK_S": 256}
+    return _verify_draft_kernel, sig, {"MODE": mode, "BLOCK_K": 16, "BLOCK_V": 2048}
 
 
 AOT_SPECS = [_aot_spec(R.MODE_GREEDY), _aot_spec(R.MODE_BILD), _aot_spec(R.MODE_SAMPLE),
