@@ -33,7 +33,8 @@
 #   call 1: bash scripts/gpu_carry.sh stash .carry1 && BILD_REV=<rev> DEADLINE=250 GPU_TEST_WORKERS=12 bash
 #           scripts/gpu_session.sh build wide engine_gpu_tests wide_profile
 #   (the `auto` first pass, the wide pass's sampling rows, the opt-in `stream` pass and the filter / cut kernels'
-#   strided grids, all changed since 2026-11-26b: tested against the reference, timed beside the forced passes;
+#   strided grids, all changed since 2026-11-26b, and the top-k / top-p cut-off search of 2026-11-27 (histogram
+#   passes, csrc/cut_search.h; CUDA and Triton): tested against the reference, timed beside the forced passes;
 #   engine_gpu_tests: the GPU tests of distillation (self-written prompts, device-resident batches, the corpus now
 #   written by BatchGenerator), of the graphed draft loop (now also: no host synchronisation inside a run) and of
 #   BatchGenerator's graphed decode loop (tests/engine/test_bulk.py), and the bound on a graphed LargeOnly step's
