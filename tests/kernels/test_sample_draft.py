@@ -101,6 +101,34 @@ def test_sample_draft_edge_rows(backend_device_passes):
     assert got.token_probs[5] == 1.0
 
 
+def test_sample_draft_top_k_top_p_hard_rows(backend_device_passes):
+    """Rows that stress the top-k / top-p cut-off search (csrc/cut_search.h and its Triton twin): -inf logits,
+    one finite logit, logits far below zero and around zero, a temperature of 1e-7 over integer logits (scaled
+    logits of 1e8, where the search's value buckets collapse onto few floats), 2^28 plus whole ulps with the
+    top-k cut-off below the value pass's 32 nats, greedy rows that filter; sampled and greedy rows alike."""
+    backend, device = backend_device_passes
+    V = 4096
+    g = torch.Generator().manual_seed(11)
+    base = torch.randn(V, generator=g)
+    rows = [torch.where(torch.rand(V, generator=g) < 0.5, base * 4, torch.tensor(float("-inf"))),
+            torch.full((V,), float("-inf")).index_fill(0, torch.tensor([17]), 3.0),
+            base * 2 - 30.0,
+            base * 0.01,
+            (base * 8).round(),
+            2.0**28 + 32.0 * torch.randint(-40, 8, (V,), generator=g).float(),
+            base * 3,
+            base * 3]
+    logits = torch.stack(rows)
+    temperature = torch.tensor([0.8, 1.0, 0.5, 1.0, 1e-7, 1.0, 0.0, 0.0])
+    top_k = torch.tensor([10, 1, 40, 100, 7, 200, 5, 0], dtype=torch.int32)
+    rank = torch.tensor([30, -1, 20, -1, -1, -1, -1, 12])  # top-p's cut-off rank (-1: off)
+    top_p = robust_top_p(logits, temperature, rank)
+    B = len(rows)
+    to = lambda x: x.to(device)  # noqa: E731
+    check(backend, to(logits), to(temperature), to(top_k), to(top_p), to(torch.arange(B) * 131 + 7),
+          to(torch.full((B,), 5, dtype=torch.int64)), to(torch.full((B,), 0.5)), 1e-5, 1e-5)
+
+
 def test_sample_draft_same_counters_same_token(backend_device_passes):
     # A row's token depends only on its own (seed, offset) and logits, not on its neighbours.
     backend, device = backend_device_passes

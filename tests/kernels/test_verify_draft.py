@@ -128,6 +128,33 @@ def test_verify_draft_bad_input(backend_device_passes, kwargs, exc, name):
         ops.verify_draft(args.pop("draft_ids"), args.pop("target_logits"), args.pop("mode"), backend=backend, **args)
 
 
+@pytest.mark.parametrize("mode", ["bild", "sample"])
+def test_verify_draft_top_k_top_p_hard_rows(backend_device_passes, mode):
+    """The rows of test_sample_draft_top_k_top_p_hard_rows (-inf logits, scaled logits of 1e8, cut-offs below the
+    cut-off search's value range, ...), each repeated at every position of a row, verified with sampling
+    temperatures and top-k / top-p: the kept sets decide q and the token drawn at the cut."""
+    backend, device = backend_device_passes
+    V, K = 4096, 2
+    g = torch.Generator().manual_seed(12)
+    base = torch.randn(V, generator=g)
+    rows = torch.stack([torch.where(torch.rand(V, generator=g) < 0.5, base * 4, torch.tensor(float("-inf"))),
+                        torch.full((V,), float("-inf")).index_fill(0, torch.tensor([17]), 3.0),
+                        base * 2 - 30.0, base * 0.01, (base * 8).round(),
+                        2.0**28 + 32.0 * torch.randint(-40, 8, (V,), generator=g).float()])
+    B = rows.shape[0]
+    target_logits = rows.unsqueeze(1).repeat(1, K + 1, 1)  # [B, K+1, V]
+    draft_ids = torch.stack([rows.argmax(1), torch.randint(0, V, (B,), generator=g)], 1)  # [B, K]
+    temperature = torch.tensor([0.8, 1.0, 0.5, 1.0, 1e-7, 1.0])
+    rank = torch.tensor([30, -1, 20, -1, -1, -1])
+    params = dict(rollback_threshold=torch.full((B,), 2.0), temperature=temperature,
+                  top_k=torch.tensor([10, 1, 40, 100, 7, 200], dtype=torch.int32),
+                  top_p=robust_top_p(rows, temperature, rank), seed=torch.arange(B) * 313 + 1,
+                  offset=torch.full((B,), 9, dtype=torch.int64))
+    draft_probs = torch.softmax(torch.randn(B, K, V, generator=g) * 2, dim=2)
+    to = lambda x: x.to(device)  # noqa: E731
+    check(backend, mode, to(draft_ids), to(target_logits), to(draft_probs), {k: to(v) for k, v in params.items()})
+
+
 def _sampling_setup(N, device="cpu"):
     # V = 6, K = 2: fixed draft distributions p_S, fixed target logits; drafts drawn from p_S per row.
     V, K = 6, 2
