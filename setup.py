@@ -101,13 +101,14 @@ def _cpu_extension():
     except ImportError:
         return None, "torch is not importable at build time (install with pip install --no-build-isolation .)"
     # The AVX2 code carries its own target attribute: no -mavx2 here, so the module loads on any x86-64
-    # and checks the CPU at run time.
+    # and checks the CPU at run time. -fopenmp: at::parallel_for runs its loop on torch's threads only where
+    # the caller was compiled with OpenMP (ATen's ParallelOpenMP.h); without it every kernel ran on one thread.
     return CppExtension(name="bild_kernels._cpu", sources=[os.path.join("csrc", "cpu_linear.cpp"),
                                                                os.path.join("csrc", "cpu_attention.cpp"),
                                                                os.path.join("csrc", "cpu_paged_kv.cpp"),
                                                                os.path.join("csrc", "cpu_sampling.cpp"),
                                                                os.path.join("csrc", "cpu_decoder_layer.cpp")],
-                        extra_compile_args={"cxx": ["-O3"]}), None
+                        extra_compile_args={"cxx": ["-O3", "-fopenmp"]}, extra_link_args=["-fopenmp"]), None
 
 
 def _build_ext_class(base):

@@ -186,12 +186,23 @@ at::Tensor cpu_linear_int8(const at::Tensor& x, const at::Tensor& qweight, const
   return y;
 }
 
+// Whether this module was compiled with OpenMP: only then does at::parallel_for spread the kernels' loops over
+// torch's threads (setup.py passes -fopenmp; without it every kernel here runs on the calling thread).
+bool cpu_openmp() {
+#ifdef _OPENMP
+  return true;
+#else
+  return false;
+#endif
+}
+
 }  // namespace bild
 
 TORCH_LIBRARY(bild_kernels_cpu, m) {
   m.def("cpu_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("cpu_linear_int8(Tensor x, Tensor qweight, Tensor scale, Tensor? bias) -> Tensor");
   m.def("cpu_linear_supported() -> bool", &bild::cpu_linear_supported);
+  m.def("cpu_openmp() -> bool", &bild::cpu_openmp);
 }
 
 TORCH_LIBRARY_IMPL(bild_kernels_cpu, CPU, m) {

@@ -95,6 +95,23 @@ def test_cpu_decoder_layer_is_batch_invariant():
         assert torch.equal(alone, full[s:s + q])
 
 
+@needs_ext
+@pytest.mark.parametrize("int8", [False, True])
+def test_cpu_decoder_layer_is_thread_invariant(int8):
+    """The same bits on one thread or two: each output is computed by one thread alone, in a fixed order."""
+    case = _case(MIXED, bias=True, int8=int8, H=96, inter=200)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _run(case, "cpu")
+        torch.set_num_threads(2)
+        two = _run(case, "cpu")
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
+
+
 def test_cpu_decoder_layer_ref_is_the_executors_layer():
     """The reference twin is the executor's own PyTorch layer (LlamaExecutor._layer), op for op."""
     from bild_kernels.models import load_model

@@ -46,6 +46,13 @@ def test_cpu_linear_batch_invariant(N, K):
 
 
 @needs_ext
+def test_cpu_extension_runs_on_torchs_threads():
+    """Built with OpenMP (setup.py's -fopenmp), so at::parallel_for uses torch's threads: without it every CPU
+    kernel ran on one thread whatever torch.set_num_threads said."""
+    assert torch.ops.bild_kernels_cpu.cpu_openmp()
+
+
+@needs_ext
 def test_cpu_linear_thread_invariant():
     w, x = torch.randn(1000, 96), torch.randn(3, 96)
     threads = torch.get_num_threads()

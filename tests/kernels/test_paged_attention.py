@@ -174,6 +174,20 @@ def test_cpu_paged_attention_is_batch_invariant_and_the_cpu_default():
 
 
 @requires_cpu_kernel
+def test_cpu_paged_attention_is_thread_invariant():
+    query, key_cache, value_cache, meta = _case(MIXED, 4, 2, 3, 64, F32, "cpu")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = paged_attention(query, key_cache, value_cache, meta, scale=0.125, backend="cpu")
+        torch.set_num_threads(2)
+        two = paged_attention(query, key_cache, value_cache, meta, scale=0.125, backend="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+
+
+@requires_cpu_kernel
 def test_cpu_paged_attention_bad_input():
     query, key_cache, value_cache, meta = _case(DECODE, 16, 2, 1, 64, F32, "cpu")
     with pytest.raises(ValueError, match="float32 CPU"):
