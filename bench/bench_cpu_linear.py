@@ -7,7 +7,8 @@ the weights stream from memory as in a forward pass; the head once), at M = 1..1
 pass over M tokens costs against a decode step. Then cpu_linear_int8 at the shipped draft's shapes (4-layer
 stacks of int8 weights, an 8192-row head) at M = 1, 2, against torch's int8 weight kernel with bfloat16
 activations (`torch-bf16`, what the draft ran on before). CPU only; set threads with --threads (default 1,
-as `bild eval --threads 1`).
+as `bild eval --threads 1`). Last, cpu_linear_q8_0 on the large model's head shape (its Q8_0 form in the GGUF)
+beside cpu_linear on the same weights in float32.
 
   python bench/bench_cpu_linear.py [--threads 1] [--rows 1,2,3,4,8] [--no-save]
 """
@@ -74,6 +75,22 @@ def main():
                 record("cpu_linear_int8", "cpu", backend,
                        {"shape": "draft_" + name, "N": N, "K": K, "stack": L, "M": M, "threads": args.threads},
                        stats, L * N * K, save=not args.no_save)
+
+    # cpu_linear_q8_0 on the large model's head (a Q8_0 matrix in the GGUF) beside cpu_linear on its float32 weights
+    if (49152, 576) in wanted:
+        N, K = 49152, 576
+        q = torch.randint(-127, 128, (N, K), dtype=torch.int8)
+        d = (torch.rand(N, K // 32) * 0.02).half().float()
+        w = q.float() * d.repeat_interleave(32, dim=1)
+        q8 = {"cpu-q8_0": lambda x: torch.ops.bild_kernels_cpu.cpu_linear_q8_0(x, q, d, None),
+              "cpu-f32": lambda x: torch.ops.bild_kernels_cpu.cpu_linear(x, w, None)}
+        for M in rows:
+            x = torch.randn(M, K)
+            for backend, fn in q8.items():
+                stats = timeit(lambda: fn(x), "cpu", iters=args.iters or 20)
+                record("cpu_linear_q8_0", "cpu", backend,
+                       {"shape": "head", "N": N, "K": K, "stack": 1, "M": M, "threads": args.threads},
+                       stats, N * (K + K // 32 * 4) if backend == "cpu-q8_0" else N * K * 4, save=not args.no_save)
 
 
 if __name__ == "__main__":

@@ -183,6 +183,14 @@ def cpu_linear_int8_ref(x, qweight, scale, bias=None):
     return y if bias is None else y + bias
 
 
+def cpu_linear_q8_0_ref(x, qweight, block_scale, bias=None):
+    """x [M, K] float32 @ w.T (+ bias [N]) -> [M, N], w [N, K] = qweight [N, K] int8 times block_scale [N, K / 32],
+    one scale per 32 weights of a row (a GGUF Q8_0 matrix; q * d is exact in float32)."""
+    w = qweight.to(x.dtype) * block_scale.repeat_interleave(32, dim=1)
+    y = x @ w.T
+    return y if bias is None else y + bias
+
+
 def cpu_decoder_layer_ref(x, cos, sin, input_norm, qkv_w, qkv_scale, qkv_bias, o_w, o_scale, o_bias, post_norm,
                           gate_up_w, gate_up_scale, gate_up_bias, down_w, down_scale, down_bias, key_cache,
                           value_cache, slot_mapping, query_start_loc, positions, block_tables, context_lens,

@@ -7,6 +7,8 @@
 // multiplied against it: M x R accumulators of 8 lanes live in registers.
 // cpu_linear_int8: the same with int8 weights and a float32 scale per output row (w ~= q * scale), float32
 // activations, any M (chunks of 8 rows): a CPU draft step reads a quarter of the float32 bytes.
+// cpu_linear_q8_0: int8 weights with a scale per 32 of a row's weights (a GGUF Q8_0 matrix, the default large
+// model's head): each weight rebuilt exactly in registers, so the same bits as cpu_linear on the float32 weights.
 //
 // Work split: at::parallel_for over groups of R output rows; each output is computed by one thread alone.
 // Summation order: lane j (0..7) accumulates k = j, j + 8, j + 16, ... with FMA in increasing k; the 8 lanes
@@ -53,10 +55,13 @@ __attribute__((target("avx2,fma"))) inline __m256 load8<int8_t>(const int8_t* p)
 // prefetch: also touch the rows two groups ahead (they exist), one cache line per row per line read. The
 // hardware prefetcher alone keeps too few lines in flight once M > 1 slows the loop: with it, three rows cost
 // ~1.4x one; with this, ~1.1x (a 30-layer stack of 3072x576 float32 weights, one thread, AMD EPYC).
-template <typename W, int M, int R>
+// BLOCKED (int8 weights only): each run of 32 weights of a row has its own scale d (block_scale[n][k / 32], a
+// Q8_0 block): the weight is rebuilt as q * d in registers, exact in float32 (d an fp16 value, |q| <= 127), so
+// every product and sum is the float32 kernel's on the dequantised weights, bit for bit.
+template <typename W, int M, int R, bool BLOCKED = false>
 __attribute__((target("avx2,fma"))) void rows_block(const float* x, int64_t ldx, const W* w, int64_t K,
                                                      const float* scale, const float* bias, float* y, int64_t ldy,
-                                                     int64_t n0, bool prefetch) {
+                                                     int64_t n0, bool prefetch, const float* block_scale = nullptr) {
   constexpr int64_t kLine = 64 / sizeof(W);  // weights per cache line
   __m256 acc[M][R];
   for (int m = 0; m < M; ++m)
@@ -69,7 +74,8 @@ __attribute__((target("avx2,fma"))) void rows_block(const float* x, int64_t ldx,
       for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(ahead + r * K + k), _MM_HINT_T0);
     }
     for (int r = 0; r < R; ++r) {
-      const __m256 wv = load8<W>(wr + r * K + k);
+      __m256 wv = load8<W>(wr + r * K + k);
+      if constexpr (BLOCKED) wv = _mm256_mul_ps(wv, _mm256_broadcast_ss(block_scale + (n0 + r) * (K / 32) + k / 32));
       for (int m = 0; m < M; ++m) acc[m][r] = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * ldx + k), wv, acc[m][r]);
     }
   }
@@ -84,31 +90,37 @@ __attribute__((target("avx2,fma"))) void rows_block(const float* x, int64_t ldx,
   }
 }
 
-template <typename W, int M>
+template <typename W, int M, bool BLOCKED = false>
 void rows_range(const float* x, int64_t ldx, const W* w, int64_t K, const float* scale, const float* bias, float* y,
-                int64_t ldy, int64_t begin, int64_t end) {
+                int64_t ldy, int64_t begin, int64_t end, const float* block_scale) {
   constexpr int R = M <= 3 ? 4 : (M == 4 ? 3 : (M <= 6 ? 2 : 1));
   int64_t n = begin;
-  for (; n + R <= end; n += R) rows_block<W, M, R>(x, ldx, w, K, scale, bias, y, ldy, n, n + 3 * R <= end);
-  for (; n < end; ++n) rows_block<W, M, 1>(x, ldx, w, K, scale, bias, y, ldy, n, false);  // same order per output
+  for (; n + R <= end; n += R) {
+    rows_block<W, M, R, BLOCKED>(x, ldx, w, K, scale, bias, y, ldy, n, n + 3 * R <= end, block_scale);
+  }
+  for (; n < end; ++n) {  // same order per output
+    rows_block<W, M, 1, BLOCKED>(x, ldx, w, K, scale, bias, y, ldy, n, false, block_scale);
+  }
 }
 
 template <typename W>
 using RowsFn = void (*)(const float*, int64_t, const W*, int64_t, const float*, const float*, float*, int64_t,
-                        int64_t, int64_t);
-template <typename W>
-constexpr RowsFn<W> kRowsFns[kMaxRows] = {rows_range<W, 1>, rows_range<W, 2>, rows_range<W, 3>, rows_range<W, 4>,
-                                          rows_range<W, 5>, rows_range<W, 6>, rows_range<W, 7>, rows_range<W, 8>};
+                        int64_t, int64_t, const float*);
+template <typename W, bool BLOCKED = false>
+constexpr RowsFn<W> kRowsFns[kMaxRows] = {rows_range<W, 1, BLOCKED>, rows_range<W, 2, BLOCKED>,
+                                          rows_range<W, 3, BLOCKED>, rows_range<W, 4, BLOCKED>,
+                                          rows_range<W, 5, BLOCKED>, rows_range<W, 6, BLOCKED>,
+                                          rows_range<W, 7, BLOCKED>, rows_range<W, 8, BLOCKED>};
 
 // y[M, N] for any M: chunks of up to kMaxRows rows, each over the same weights (hot in cache after the first).
-template <typename W>
+template <typename W, bool BLOCKED = false>
 void rows_all(const float* x, int64_t ldx, int64_t M, const W* w, int64_t K, int64_t N, const float* scale,
-              const float* bias, float* y) {
+              const float* bias, float* y, const float* block_scale = nullptr) {
   // grain: 64 output rows (>= 37 KB of float32 weights for K = 576), so a thread's share is worth waking it for
   at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
     for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
       const int64_t rows = std::min(kMaxRows, M - m0);
-      kRowsFns<W>[rows - 1](x + m0 * ldx, ldx, w, K, scale, bias, y + m0 * N, N, begin, end);
+      kRowsFns<W, BLOCKED>[rows - 1](x + m0 * ldx, ldx, w, K, scale, bias, y + m0 * N, N, begin, end, block_scale);
     }
   });
 }
@@ -186,6 +198,31 @@ at::Tensor cpu_linear_int8(const at::Tensor& x, const at::Tensor& qweight, const
   return y;
 }
 
+at::Tensor cpu_linear_q8_0(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& block_scale,
+                           const std::optional<at::Tensor>& bias) {
+  // x [M, K] float32 (any M), qweight [N, K] int8 contiguous, block_scale [N, K / 32] float32 (K a multiple of
+  // 32), bias [N] float32 or None -> y [M, N] = x @ (qweight * block_scale per 32 columns).T + bias: a Q8_0 matrix
+  // (a GGUF's q and d), the same bits as cpu_linear on its dequantised float32 weights
+  check_common("cpu_linear_q8_0", x, qweight, bias);
+  TORCH_CHECK(qweight.scalar_type() == at::kChar, "cpu_linear_q8_0: qweight must be int8, got ",
+              qweight.scalar_type());
+  const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0);
+  TORCH_CHECK(K % 32 == 0, "cpu_linear_q8_0: K must be a multiple of 32 (Q8_0 blocks), got ", K);
+  TORCH_CHECK(block_scale.device().is_cpu() && block_scale.scalar_type() == at::kFloat && block_scale.dim() == 2 &&
+                  block_scale.size(0) == N && block_scale.size(1) == K / 32 && block_scale.is_contiguous(),
+              "cpu_linear_q8_0: block_scale must be a contiguous float32 [N=", N, ", K/32=", K / 32, "] CPU tensor");
+  const at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous();
+  at::Tensor y = at::empty({M, N}, x.options());
+#ifdef BILD_X86
+  if (M > 0) {
+    rows_all<int8_t, true>(xc.data_ptr<float>(), xc.stride(0), M, qweight.data_ptr<int8_t>(), K, N, nullptr,
+                           bias.has_value() ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>(),
+                           block_scale.data_ptr<float>());
+  }
+#endif
+  return y;
+}
+
 // Whether this module was compiled with OpenMP: only then does at::parallel_for spread the kernels' loops over
 // torch's threads (setup.py passes -fopenmp; without it every kernel here runs on the calling thread).
 bool cpu_openmp() {
@@ -201,6 +238,7 @@ bool cpu_openmp() {
 TORCH_LIBRARY(bild_kernels_cpu, m) {
   m.def("cpu_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("cpu_linear_int8(Tensor x, Tensor qweight, Tensor scale, Tensor? bias) -> Tensor");
+  m.def("cpu_linear_q8_0(Tensor x, Tensor qweight, Tensor block_scale, Tensor? bias) -> Tensor");
   m.def("cpu_linear_supported() -> bool", &bild::cpu_linear_supported);
   m.def("cpu_openmp() -> bool", &bild::cpu_openmp);
 }
@@ -208,6 +246,7 @@ TORCH_LIBRARY(bild_kernels_cpu, m) {
 TORCH_LIBRARY_IMPL(bild_kernels_cpu, CPU, m) {
   m.impl("cpu_linear", &bild::cpu_linear);
   m.impl("cpu_linear_int8", &bild::cpu_linear_int8);
+  m.impl("cpu_linear_q8_0", &bild::cpu_linear_q8_0);
 }
 
 // The module is empty: importing bild_kernels._cpu runs the registrations above.

@@ -18,4 +18,5 @@ def _verify_draft(draft_ids, target_logits, mode, rollback_threshold, draft_prob
 register("verify_draft", "ref", _verify_draft)
 register("cpu_linear", "ref", R.cpu_linear_ref)
 register("cpu_linear_int8", "ref", R.cpu_linear_int8_ref)
+register("cpu_linear_q8_0", "ref", R.cpu_linear_q8_0_ref)
 register("cpu_decoder_layer", "ref", R.cpu_decoder_layer_ref)

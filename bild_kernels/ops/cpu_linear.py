@@ -46,6 +46,34 @@ def cpu_linear(x, weight, bias=None, *, backend: str | None = None) -> torch.Ten
     return fn(x, weight, None if bias is None else bias.contiguous())
 
 
+def cpu_linear_q8_0(x, qweight, block_scale, bias=None, *, backend: str | None = None) -> torch.Tensor:
+    """x [M, K] float32, qweight [N, K] int8 (contiguous), block_scale [N, K / 32] float32, bias [N] or None
+    -> y [M, N] = x @ w.T (+ bias), w = qweight * block_scale (one scale per 32 weights of a row: a GGUF Q8_0
+    matrix, e.g. the default large model's head). The "cpu" backend rebuilds each weight exactly in registers, so
+    its output is cpu_linear's on the dequantised float32 weights, bit for bit, from a quarter of the bytes.
+    K must be a multiple of 32. Any M (chunks of 8 rows).
+
+    backend: "cpu" (the extension; x86-64 with AVX2 and FMA), "ref", or None (the extension where it runs).
+    """
+    v.tensor("x", x, dtypes=(torch.float32,), ndim=2)
+    v.tensor("qweight", qweight, dtypes=(torch.int8,), ndim=2, device=x.device)
+    N, K = qweight.shape
+    v.shape("x", x, (None, K))
+    if K % 32:
+        raise ValueError(f"qweight's K = {K} is not a multiple of 32 (Q8_0 blocks)")
+    v.tensor("block_scale", block_scale, dtypes=(torch.float32,), ndim=2, device=x.device)
+    v.shape("block_scale", block_scale, (N, K // 32))
+    if bias is not None:
+        v.tensor("bias", bias, dtypes=(torch.float32,), ndim=1, device=x.device)
+        v.shape("bias", bias, (N,))
+    if x.device.type != "cpu":
+        raise ValueError(f"cpu_linear_q8_0 runs on the CPU; x is on {x.device}")
+    if not qweight.is_contiguous():
+        raise ValueError("qweight must be contiguous")
+    fn = resolve("cpu_linear_q8_0", x.device, backend)
+    return fn(x, qweight, block_scale.contiguous(), None if bias is None else bias.contiguous())
+
+
 def cpu_linear_int8(x, qweight, scale, bias=None, *, backend: str | None = None) -> torch.Tensor:
     """x [M, K] float32, qweight [N, K] int8 (contiguous), scale [N] float32, bias [N] or None
     -> y [M, N] = (x @ qweight.T) * scale (+ bias), float32, on the CPU. Any M (the "cpu" backend works in

@@ -6,7 +6,7 @@ import torch
 
 from bild_kernels import reference as R
 from bild_kernels._backend import cpu_extension
-from bild_kernels.ops.cpu_linear import MAX_ROWS, cpu_linear, cpu_linear_int8
+from bild_kernels.ops.cpu_linear import MAX_ROWS, cpu_linear, cpu_linear_int8, cpu_linear_q8_0
 
 needs_ext = pytest.mark.skipif(cpu_extension() is None,
                                reason="bild_kernels._cpu not built, or this CPU lacks AVX2/FMA")
@@ -234,3 +234,62 @@ def test_cpu_linear_int8_bad_input(change, exc, match):
     args.update(change)
     with pytest.raises(exc, match=match):
         cpu_linear_int8(args["x"], args["q"], args["scale"], args["bias"])
+
+
+def _q8_0_case(N, K, M, with_bias=True, seed=0):
+    """A Q8_0 matrix (int8 q, one fp16-valued scale d per 32 weights of a row) and its float32 weights q * d."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g)
+    d = (torch.rand(N, K // 32, generator=g) * 0.02 + 1e-3).half().float()
+    w = q.float() * d.repeat_interleave(32, dim=1)
+    return torch.randn(M, K, generator=g), q, d, w, (torch.randn(N, generator=g) if with_bias else None)
+
+
+@needs_ext
+@pytest.mark.parametrize("N, K", [(1, 32), (7, 64), (111, 576), (33, 1536), (4099, 576)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_cpu_linear_q8_0_is_cpu_linear_on_the_dequantised_weights(N, K, with_bias):
+    """The same bits as the float32 kernel on q * d (each weight rebuilt exactly), at any M and thread count;
+    and close to the float64 reference."""
+    x, q, d, w, bias = _q8_0_case(N, K, 21, with_bias)
+    want = R.cpu_linear_q8_0_ref(x.double(), q, d.double(), None if bias is None else bias.double())
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            for M in (1, 2, 3, 8, 9, 21):
+                got = cpu_linear_q8_0(x[:M], q, d, bias, backend="cpu")
+                assert got.dtype == torch.float32 and got.shape == (M, N)
+                assert torch.equal(got, cpu_linear(x[:M], w, bias, backend="cpu"))
+                torch.testing.assert_close(got.double(), want[:M], atol=_tol(K) * 127 * 0.021, rtol=1e-5)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_ext
+def test_cpu_linear_q8_0_fake_impl():
+    x, q, d, _, bias = _q8_0_case(10, 64, 3)
+    torch.library.opcheck(torch.ops.bild_kernels_cpu.cpu_linear_q8_0, (x, q, d, bias),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_cpu_linear_q8_0_ref_backend():
+    x, q, d, w, bias = _q8_0_case(6, 64, 4)
+    torch.testing.assert_close(cpu_linear_q8_0(x, q, d, bias, backend="ref"), x @ w.T + bias)
+
+
+@pytest.mark.parametrize("change, exc, match", [
+    (dict(x=torch.randn(2, 64).double()), TypeError, "x must have dtype"),
+    (dict(q=torch.zeros(4, 64, dtype=torch.int16)), TypeError, "qweight must have dtype"),
+    (dict(x=torch.randn(2, 32)), ValueError, r"x must have shape \[\*, 64\]"),
+    (dict(x=torch.randn(2, 40), q=torch.zeros(4, 40, dtype=torch.int8)), ValueError, "not a multiple of 32"),
+    (dict(d=torch.rand(4, 3)), ValueError, r"block_scale must have shape \[4, 2\]"),
+    (dict(d=torch.rand(4, 2).double()), TypeError, "block_scale must have dtype"),
+    (dict(q=torch.zeros(64, 4, dtype=torch.int8).t()), ValueError, "qweight must be contiguous"),
+    (dict(bias=torch.randn(3)), ValueError, r"bias must have shape \[4\]"),
+])
+def test_cpu_linear_q8_0_bad_input(change, exc, match):
+    args = dict(x=torch.randn(2, 64), q=torch.zeros(4, 64, dtype=torch.int8), d=torch.rand(4, 2), bias=None)
+    args.update(change)
+    with pytest.raises(exc, match=match):
+        cpu_linear_q8_0(args["x"], args["q"], args["d"], args["bias"])
