@@ -114,6 +114,7 @@ class LlamaExecutor:
         self.weight_format = str(self.dtype).removeprefix("torch.")  # "int8" after quantize_weights
         self._linear = functools.partial(_linear, native=self._native_linear())
         self._fused = self._fused_layer()  # the CPU extension's one-call layer, or None
+        self._q8_0_head = None  # the head's Q8_0 blocks, where use_q8_0_head found them equal to lm_head
 
     def _native_linear(self):
         """The CPU extension's small-M matmul where it serves this model (float32 on a CPU with AVX2/FMA,
@@ -127,6 +128,30 @@ class LlamaExecutor:
         for w in self.layers:
             w.qkv, w.o, w.gate_up, w.down = (t.contiguous() for t in (w.qkv, w.o, w.gate_up, w.down))
         return fn
+
+    def use_q8_0_head(self, qweight: torch.Tensor, block_scale: torch.Tensor) -> bool:
+        """Score the head from a Q8_0 copy of it (qweight [V, K] int8, block_scale [V, K / 32] float32: the GGUF's
+        blocks) where that is exactly lm_head (every weight == q * d) and the float32 small-M kernel would run:
+        cpu_linear_q8_0 then gives the same logits, bit for bit, from a quarter of the bytes. Returns whether it
+        took it (False: a float32 CPU kernel does not serve this model, a reduced or int8 head, or weights that
+        differ)."""
+        if self._linear.keywords.get("native") is None or self.head_vocab is not None \
+                or not isinstance(self.lm_head, torch.Tensor) or self.lm_head.dtype != torch.float32:
+            return False
+        V, K = self.lm_head.shape
+        if qweight.dtype != torch.int8 or tuple(qweight.shape) != (V, K) or K % 32 \
+                or tuple(block_scale.shape) != (V, K // 32) or block_scale.dtype != torch.float32:
+            return False
+        fn = resolve("cpu_linear_q8_0", self.device, None)
+        if fn is not registered("cpu_linear_q8_0", "cpu"):
+            return False
+        q, d = qweight.contiguous(), block_scale.contiguous()
+        for i in range(0, V, 4096):  # in slices: the check's float32 copy stays small
+            if not torch.equal(q[i:i + 4096].float() * d[i:i + 4096].repeat_interleave(32, dim=1),
+                               self.lm_head[i:i + 4096]):
+                return False
+        self._q8_0_head = functools.partial(fn, qweight=q, block_scale=d, bias=None)
+        return True
 
     def _fused_layer(self):
         """The op of csrc/cpu_decoder_layer.cpp where it serves this model: float32 on a CPU whose extension
@@ -162,6 +187,7 @@ class LlamaExecutor:
             raise ValueError(f"int8 weights need every projection's input width divisible by {INT8_K_MULTIPLE}; "
                              f"this model has {', '.join(f'{k}={v}' for k, v in odd.items())}")
         self.lm_head = Int8Weight.of(self.lm_head)
+        self._q8_0_head = None
         for w in self.layers:
             w.qkv, w.o, w.gate_up, w.down = (Int8Weight.of(t) for t in (w.qkv, w.o, w.gate_up, w.down))
         self.weight_format = "int8"
@@ -242,8 +268,11 @@ class LlamaExecutor:
             x = self._fused_layers(x, cos, sin, meta, kv_caches, slot_mapping, start, end)
         else:
             x = self._op_layers(x, cos, sin, meta, kv_caches, slot_mapping, start, end, attn_backend)
-        rows = x if logits_indices is None else x[logits_indices]
-        logits = self._linear(self._rms_norm(rows, self.norm), self.lm_head)
+        rows = self._rms_norm(x if logits_indices is None else x[logits_indices], self.norm)
+        if self._q8_0_head is not None and 1 <= rows.shape[0] <= CPU_LINEAR_MAX_ROWS and rows.dtype == torch.float32:
+            logits = self._q8_0_head(rows)  # the bits of self._linear's small-M path, from the Q8_0 blocks
+        else:
+            logits = self._linear(rows, self.lm_head)
         if self.head_vocab is not None and full_vocab:
             full = logits.new_full((logits.shape[0], self.config.vocab_size), float("-inf"))
             logits = full.index_copy_(1, self.head_vocab, logits)

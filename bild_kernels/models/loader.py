@@ -186,14 +186,68 @@ def _from_gguf(directory: Path, name: str, dtype, device, backend, who):
     cache = gguf_cache_dir(directory / name)
     if cache is not None and (cache / "complete").is_file():
         try:
-            return _from_dir(cache, dtype or torch.float32, device, backend, who), _tokenizer(cache)
+            executor, tokenizer = _from_dir(cache, dtype or torch.float32, device, backend, who), _tokenizer(cache)
+            _attach_q8_0_head(executor, directory / name, cache)
+            return executor, tokenizer
         except (ValueError, OSError):  # a damaged entry: load the GGUF again and rewrite it
             import shutil
             shutil.rmtree(cache, ignore_errors=True)
     executor, tokenizer, model = _load_gguf(directory, name, dtype, device, backend, who)
     if cache is not None and _write_cache(cache, model, tokenizer, directory / name):
         prune_gguf_cache(cache, directory / name)
+    _attach_q8_0_head(executor, directory / name, cache)
     return executor, tokenizer
+
+
+# In a GGUF's cache entry: the head's Q8_0 blocks (q, d), safetensors inside (not *.safetensors: those are weights).
+_HEAD_Q8_0 = "head.q8_0"
+
+
+def _attach_q8_0_head(executor: LlamaExecutor, path: Path, cache: Path | None) -> bool:
+    """Hand the executor its head's Q8_0 blocks when the GGUF stores the head so (the default large model does:
+    its tied token_embd): on a CPU in float32 the head is then scored from a quarter of the bytes with the same
+    bits (LlamaExecutor.use_q8_0_head checks every weight). Nothing happens otherwise. The blocks are read from
+    the GGUF once (parsing its metadata takes seconds) and kept beside the cache entry's weights."""
+    if executor.device.type != "cpu" or executor.dtype != torch.float32:
+        return False
+    from safetensors.torch import load_file, save_file
+    kept = None if cache is None else cache / _HEAD_Q8_0
+    if kept is not None and kept.is_file():
+        try:
+            blocks = load_file(str(kept))
+            return executor.use_q8_0_head(blocks["q"], blocks["d"])
+        except (OSError, KeyError, ValueError, RuntimeError):  # unreadable: read the GGUF again
+            pass
+    q_d = _read_q8_0_head(path, executor.lm_head.shape)
+    if q_d is None:
+        return False
+    if kept is not None and (cache / "complete").is_file():
+        try:
+            tmp = kept.with_name(f"{kept.name}.tmp{os.getpid()}")
+            save_file({"q": q_d[0], "d": q_d[1]}, str(tmp))
+            os.replace(tmp, kept)
+        except OSError:
+            pass  # a read-only cache: read the GGUF next time too
+    return executor.use_q8_0_head(*q_d)
+
+
+def _read_q8_0_head(path: Path, shape) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(q [V, K] int8, d [V, K / 32] float32) of the GGUF's head (output.weight, else the tied token_embd) when
+    it is stored as Q8_0 with the executor's shape, else None."""
+    try:
+        import numpy as np
+        from gguf import GGMLQuantizationType, GGUFReader
+        tensors = {t.name: t for t in GGUFReader(str(path)).tensors}
+    except Exception:  # noqa: BLE001 - no gguf package, or a file it cannot read: the float32 head serves
+        return None
+    t = tensors.get("output.weight", tensors.get("token_embd.weight"))
+    V, K = shape
+    if t is None or t.tensor_type != GGMLQuantizationType.Q8_0 or K % 32 or t.n_elements != V * K:
+        return None
+    blocks = np.asarray(t.data).reshape(-1, 34)  # Q8_0: an fp16 scale d, then 32 int8 weights
+    d = torch.from_numpy(blocks[:, :2].copy().view(np.float16).astype(np.float32)).view(V, K // 32)
+    q = torch.from_numpy(blocks[:, 2:].copy().view(np.int8)).view(V, K)
+    return q, d
 
 
 def _write_cache(cache: Path, model, tokenizer, source: Path) -> bool:
