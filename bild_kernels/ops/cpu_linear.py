@@ -63,13 +63,7 @@ def cpu_linear_q8_0(x, qweight, block_scale, bias=None, *, backend: str | None =
         raise ValueError(f"qweight's K = {K} is not a multiple of 32 (Q8_0 blocks)")
     v.tensor("block_scale", block_scale, dtypes=(torch.float32,), ndim=2, device=x.device)
     v.shape("block_scale", block_scale, (N, K // 32))
-    if bias is not None:
-        v.tensor("bias", bias, dtypes=(torch.float32,), ndim=1, device=x.device)
-        v.shape("bias", bias, (N,))
-    if x.device.type != "cpu":
-        raise ValueError(f"cpu_linear_q8_0 runs on the CPU; x is on {x.device}")
-    if not qweight.is_contiguous():
-        raise ValueError("qweight must be contiguous")
+    _check_quantised("cpu_linear_q8_0", x, qweight, bias)
     fn = resolve("cpu_linear_q8_0", x.device, backend)
     return fn(x, qweight, block_scale.contiguous(), None if bias is None else bias.contiguous())
 
@@ -87,12 +81,17 @@ def cpu_linear_int8(x, qweight, scale, bias=None, *, backend: str | None = None)
     v.shape("x", x, (None, K))
     v.tensor("scale", scale, dtypes=(torch.float32,), ndim=1, device=x.device)
     v.shape("scale", scale, (N,))
-    if bias is not None:
-        v.tensor("bias", bias, dtypes=(torch.float32,), ndim=1, device=x.device)
-        v.shape("bias", bias, (N,))
-    if x.device.type != "cpu":
-        raise ValueError(f"cpu_linear_int8 runs on the CPU; x is on {x.device}")
-    if not qweight.is_contiguous():
-        raise ValueError("qweight must be contiguous")
+    _check_quantised("cpu_linear_int8", x, qweight, bias)
     fn = resolve("cpu_linear_int8", x.device, backend)
     return fn(x, qweight, scale.contiguous(), None if bias is None else bias.contiguous())
+
+
+def _check_quantised(op: str, x, qweight, bias) -> None:
+    """The checks an int8-weight op shares: bias [N] float32 on x's device, x on the CPU, qweight contiguous."""
+    if bias is not None:
+        v.tensor("bias", bias, dtypes=(torch.float32,), ndim=1, device=x.device)
+        v.shape("bias", bias, (qweight.shape[0],))
+    if x.device.type != "cpu":
+        raise ValueError(f"{op} runs on the CPU; x is on {x.device}")
+    if not qweight.is_contiguous():
+        raise ValueError("qweight must be contiguous")
