@@ -146,41 +146,39 @@ __device__ T block_reduce(T x, T* smem) {
   return r;
 }
 
-// Element-wise block sum of N floats per thread (smem: 32 * N floats). Counts up to 2^24 stay exact.
-template <int N>
-__device__ void block_sum(float (&x)[N], float* smem) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-#pragma unroll
-  for (int k = 0; k < N; ++k) {
-    x[k] = warp_reduce(x[k]);
-    if (lane == 0) smem[warp * N + k] = x[k];
-  }
-  __syncthreads();
-#pragma unroll
-  for (int k = 0; k < N; ++k) {
-    float r = 0.0f;
-    for (int w = 0; w < nwarps; ++w) r += smem[w * N + k];
-    x[k] = r;
-  }
-  __syncthreads();
+// A count and a fixed-point mass summed together (the top-k / top-p cut-off search's bucket sums): integers,
+// so every order of summing them gives the same result.
+// (No member initialisers: it lives in __shared__ memory; CutSums{} is zero.)
+struct CutSums {
+  unsigned int cnt;
+  unsigned long long mass;
+};
+__device__ inline CutSums operator+(CutSums a, CutSums b) { return CutSums{a.cnt + b.cnt, a.mass + b.mass}; }
+__device__ inline CutSums operator-(CutSums a, CutSums b) { return CutSums{a.cnt - b.cnt, a.mass - b.mass}; }
+
+__device__ inline int shfl_up(int x, int o) { return __shfl_up_sync(0xFFFFFFFFu, x, o); }
+__device__ inline CutSums shfl_up(CutSums x, int o) {
+  return CutSums{__shfl_up_sync(0xFFFFFFFFu, x.cnt, o), __shfl_up_sync(0xFFFFFFFFu, x.mass, o)};
 }
 
-// Exclusive prefix sum of one int per thread, in thread order; *total gets the block's sum.
-// smem holds 32 ints. Used where the order of rows must be the reference's (the free-block stack).
-__device__ inline int block_exclusive_scan(int x, int* smem, int* total) {
+// Exclusive prefix sum of one value per thread (int or CutSums), in thread order; *total gets the block's sum.
+// smem holds 32 values. Used where the order must be the reference's (the free-block stack) or the sums exact
+// (the cut-off search's buckets). Ends with a barrier, so smem is free again on return.
+template <typename T>
+__device__ T block_exclusive_scan(T x, T* smem, T* total) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-  int incl = x;
+  T incl = x;
 #pragma unroll
   for (int o = 1; o < 32; o <<= 1) {
-    const int up = __shfl_up_sync(0xFFFFFFFFu, incl, o);
-    if (lane >= o) incl += up;
+    const T up = shfl_up(incl, o);
+    if (lane >= o) incl = incl + up;
   }
   if (lane == 31) smem[warp] = incl;
   __syncthreads();
-  int before = 0, sum = 0;
+  T before{}, sum{};
   for (int w = 0; w < nwarps; ++w) {
-    if (w < warp) before += smem[w];
-    sum += smem[w];
+    if (w < warp) before = before + smem[w];
+    sum = sum + smem[w];
   }
   __syncthreads();
   *total = sum;
@@ -625,11 +623,9 @@ __device__ inline RowPartial warp_merge_partials(const RowPartial* __restrict__ 
 struct CutSmem {
   unsigned int cnt[kCutBuckets];
   unsigned long long mass[kCutBuckets];
-  unsigned int warp_cnt[32];
-  unsigned long long warp_mass[32];
+  CutSums warp_sums[32];  // block_exclusive_scan's
   int first;  // the first satisfying bucket of the pass (kCutBuckets: none)
-  unsigned int cnt_excl, cnt_incl;
-  unsigned long long mass_excl, mass_incl;
+  CutSums first_excl, first_incl;  // the sums of the buckets above it and down to it
 };
 
 // Whether a row's top-k / top-p settings filter anything out of V tokens.
@@ -643,7 +639,6 @@ __device__ CutSearch filter_cut(const T* __restrict__ row, int V, float t, float
   CutSearch cs;
   cs.init(s_max, s_sum, top_k, top_p, V);
   const int per = kCutBuckets / blockDim.x, first_mine = threadIdx.x * per;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   while (!cs.done()) {  // cs is the same in every thread: the loop is block-uniform
     cs.begin_pass();
     for (int j = threadIdx.x; j < kCutBuckets; j += blockDim.x) {
@@ -663,44 +658,14 @@ __device__ CutSearch filter_cut(const T* __restrict__ row, int V, float t, float
     });
     __syncthreads();
     // Sums over buckets 0 .. j from the top: each thread's `per` buckets, an exclusive scan over the threads.
-    unsigned int c = 0u;
-    unsigned long long m = 0ull;
-    for (int q = 0; q < per; ++q) {
-      c += sm.cnt[first_mine + q];
-      m += sm.mass[first_mine + q];
-    }
-    unsigned int ci = c;
-    unsigned long long mi = m;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const unsigned int cu = __shfl_up_sync(0xFFFFFFFFu, ci, o);
-      const unsigned long long mu = __shfl_up_sync(0xFFFFFFFFu, mi, o);
-      if (lane >= o) {
-        ci += cu;
-        mi += mu;
-      }
-    }
-    if (lane == 31) {
-      sm.warp_cnt[warp] = ci;
-      sm.warp_mass[warp] = mi;
-    }
-    __syncthreads();
-    unsigned int c_before = ci - c, c_total = 0u;
-    unsigned long long m_before = mi - m, m_total = 0ull;
-    for (int w = 0; w < nwarps; ++w) {
-      if (w < warp) {
-        c_before += sm.warp_cnt[w];
-        m_before += sm.warp_mass[w];
-      }
-      c_total += sm.warp_cnt[w];
-      m_total += sm.warp_mass[w];
-    }
-    unsigned int run_c = c_before;
-    unsigned long long run_m = m_before;
+    CutSums mine{};
+    for (int q = 0; q < per; ++q) mine = mine + CutSums{sm.cnt[first_mine + q], sm.mass[first_mine + q]};
+    CutSums total;
+    const CutSums before = block_exclusive_scan(mine, sm.warp_sums, &total);  // ends with a barrier
+    CutSums run = before;
     for (int q = 0; q < per; ++q) {  // satisfied() only turns true going down: the first is the answer
-      run_c += sm.cnt[first_mine + q];
-      run_m += sm.mass[first_mine + q];
-      if (cs.satisfied(run_c, run_m)) {
+      run = run + CutSums{sm.cnt[first_mine + q], sm.mass[first_mine + q]};
+      if (cs.satisfied(run.cnt, run.mass)) {
         atomicMin(&sm.first, first_mine + q);
         break;
       }
@@ -708,22 +673,16 @@ __device__ CutSearch filter_cut(const T* __restrict__ row, int V, float t, float
     __syncthreads();
     const int j = sm.first;
     if (j < kCutBuckets && j >= first_mine && j < first_mine + per) {  // the owner of bucket j
-      unsigned int cb = c_before;
-      unsigned long long mb = m_before;
-      for (int q = first_mine; q < j; ++q) {
-        cb += sm.cnt[q];
-        mb += sm.mass[q];
-      }
-      sm.cnt_excl = cb;
-      sm.mass_excl = mb;
-      sm.cnt_incl = cb + sm.cnt[j];
-      sm.mass_incl = mb + sm.mass[j];
+      CutSums excl = before;
+      for (int q = first_mine; q < j; ++q) excl = excl + CutSums{sm.cnt[q], sm.mass[q]};
+      sm.first_excl = excl;
+      sm.first_incl = excl + CutSums{sm.cnt[j], sm.mass[j]};
     }
     __syncthreads();
     if (j < kCutBuckets) {
-      cs.settle(j, sm.cnt_excl, sm.mass_excl, sm.cnt_incl, sm.mass_incl);
+      cs.settle(j, sm.first_excl.cnt, sm.first_excl.mass, sm.first_incl.cnt, sm.first_incl.mass);
     } else {
-      cs.settle(-1, 0u, 0ull, c_total, m_total);
+      cs.settle(-1, 0u, 0ull, total.cnt, total.mass);
     }
     __syncthreads();  // every thread has read sm before the next pass clears it
   }

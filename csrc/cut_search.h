@@ -20,7 +20,6 @@
 // all, where the previous search (16 pivots a pass over the whole key range) took eight full ones.
 #pragma once
 
-#include <climits>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -52,9 +51,9 @@ constexpr double kCutMassUnit = 1099511627776.0;  // 2^40: masses exp(s - s_max)
 // exp(s - s_max) in [0, 1] as an integer multiple of 2^-40, rounded to nearest (e * 2^40 is exact in float).
 BILD_HD inline unsigned long long cut_fixed_mass(float e) {
 #if defined(__CUDA_ARCH__)
-  return __float2ull_rn(e * 1099511627776.0f);
+  return __float2ull_rn(e * static_cast<float>(kCutMassUnit));
 #else
-  return static_cast<unsigned long long>(std::nearbyint(e * 1099511627776.0f));
+  return static_cast<unsigned long long>(std::nearbyint(e * static_cast<float>(kCutMassUnit)));
 #endif
 }
 
