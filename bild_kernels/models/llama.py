@@ -114,7 +114,7 @@ class LlamaExecutor:
         self.weight_format = str(self.dtype).removeprefix("torch.")  # "int8" after quantize_weights
         self._linear = functools.partial(_linear, native=self._native_linear())
         self._fused = self._fused_layer()  # the CPU extension's one-call layer, or None
-        self._q8_0_head = None  # the head's Q8_0 blocks, where use_q8_0_head found them equal to lm_head
+        self._head_linear = self._linear  # the head's product (use_q8_0_head swaps its small-M kernel)
 
     def _native_linear(self):
         """The CPU extension's small-M matmul where it serves this model (float32 on a CPU with AVX2/FMA,
@@ -150,7 +150,8 @@ class LlamaExecutor:
             if not torch.equal(q[i:i + 4096].float() * d[i:i + 4096].repeat_interleave(32, dim=1),
                                self.lm_head[i:i + 4096]):
                 return False
-        self._q8_0_head = functools.partial(fn, qweight=q, block_scale=d, bias=None)
+        # _linear's own rule picks the small-M kernel; for the head that kernel reads the blocks instead of lm_head.
+        self._head_linear = functools.partial(_linear, native=lambda x, w, bias: fn(x, q, d, bias))
         return True
 
     def _fused_layer(self):
@@ -187,7 +188,6 @@ class LlamaExecutor:
             raise ValueError(f"int8 weights need every projection's input width divisible by {INT8_K_MULTIPLE}; "
                              f"this model has {', '.join(f'{k}={v}' for k, v in odd.items())}")
         self.lm_head = Int8Weight.of(self.lm_head)
-        self._q8_0_head = None
         for w in self.layers:
             w.qkv, w.o, w.gate_up, w.down = (Int8Weight.of(t) for t in (w.qkv, w.o, w.gate_up, w.down))
         self.weight_format = "int8"
@@ -195,6 +195,7 @@ class LlamaExecutor:
         if self.dtype == torch.float32:
             int8_fp32 = resolve("cpu_linear_int8", self.device, "ref" if self.backend == "ref" else None)
         self._linear = functools.partial(_linear, native=None, int8_fp32=int8_fp32)
+        self._head_linear = self._linear
         self._fused = self._fused_layer()
         return self
 
@@ -268,11 +269,8 @@ class LlamaExecutor:
             x = self._fused_layers(x, cos, sin, meta, kv_caches, slot_mapping, start, end)
         else:
             x = self._op_layers(x, cos, sin, meta, kv_caches, slot_mapping, start, end, attn_backend)
-        rows = self._rms_norm(x if logits_indices is None else x[logits_indices], self.norm)
-        if self._q8_0_head is not None and 1 <= rows.shape[0] <= CPU_LINEAR_MAX_ROWS and rows.dtype == torch.float32:
-            logits = self._q8_0_head(rows)  # the bits of self._linear's small-M path, from the Q8_0 blocks
-        else:
-            logits = self._linear(rows, self.lm_head)
+        rows = x if logits_indices is None else x[logits_indices]
+        logits = self._head_linear(self._rms_norm(rows, self.norm), self.lm_head)
         if self.head_vocab is not None and full_vocab:
             full = logits.new_full((logits.shape[0], self.config.vocab_size), float("-inf"))
             logits = full.index_copy_(1, self.head_vocab, logits)

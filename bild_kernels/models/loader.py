@@ -187,11 +187,12 @@ def _from_gguf(directory: Path, name: str, dtype, device, backend, who):
     if cache is not None and (cache / "complete").is_file():
         try:
             executor, tokenizer = _from_dir(cache, dtype or torch.float32, device, backend, who), _tokenizer(cache)
-            _attach_q8_0_head(executor, directory / name, cache)
-            return executor, tokenizer
         except (ValueError, OSError):  # a damaged entry: load the GGUF again and rewrite it
             import shutil
             shutil.rmtree(cache, ignore_errors=True)
+        else:
+            _attach_q8_0_head(executor, directory / name, cache)
+            return executor, tokenizer
     executor, tokenizer, model = _load_gguf(directory, name, dtype, device, backend, who)
     if cache is not None and _write_cache(cache, model, tokenizer, directory / name):
         prune_gguf_cache(cache, directory / name)

@@ -30,9 +30,9 @@ def test_the_head_takes_exact_q8_0_blocks_only():
     assert not ex.use_q8_0_head(q[:, :32].contiguous(), d[:, :1].contiguous())  # another shape
     assert ex.use_q8_0_head(q, d)
     h = torch.randn(5, 64)
-    assert torch.equal(ex._q8_0_head(h), cpu_linear(h, ex.lm_head, backend="cpu"))
+    assert torch.equal(ex._head_linear(h, ex.lm_head), cpu_linear(h, ex.lm_head, backend="cpu"))
     ex.quantize_weights("int8")  # an int8 head: the blocks no longer describe it
-    assert ex._q8_0_head is None and not ex.use_q8_0_head(q, d)
+    assert ex._head_linear is ex._linear and not ex.use_q8_0_head(q, d)
     ex64, _ = load_model(tiny_llama(0, 1, hidden=64, vocab=97, dtype=torch.float64))
     ex64.lm_head = w.double()
     assert not ex64.use_q8_0_head(q, d)  # float64 runs the reference kernels
@@ -43,7 +43,7 @@ def test_the_head_takes_exact_q8_0_blocks_only():
 def test_the_default_large_model_scores_its_head_from_the_q8_0_blocks():
     from bild_kernels.models.default import default_large
     ex, _ = load_model(default_large())
-    assert ex._q8_0_head is not None
+    assert ex._head_linear is not ex._linear
     h = torch.randn(4, ex.lm_head.shape[1])
     for m in (1, 4):
-        assert torch.equal(ex._q8_0_head(h[:m]), cpu_linear(h[:m], ex.lm_head, backend="cpu"))
+        assert torch.equal(ex._head_linear(h[:m], ex.lm_head), cpu_linear(h[:m], ex.lm_head, backend="cpu"))
