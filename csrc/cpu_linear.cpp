@@ -18,6 +18,10 @@
 //
 // Built into bild_kernels._cpu by setup.py on x86-64; the AVX2 code is compiled with a target attribute and
 // only entered when the CPU reports AVX2 and FMA (cpu_linear_supported), so the module loads anywhere.
+// Where the CPU has AVX-512VL the same 8-lane code runs from a second build that may use 32 ymm registers
+// (cpu_linear_isa() says which): the M input vectors of each k stay in registers and more accumulators fit, and
+// no accumulator is stored to the stack inside the loop (a fully unrolled epilogue keeps every index constant;
+// before, GCC spilled them every k, which cost ~2x on Q8_0 at M = 4). Same instructions, same bits.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -29,7 +33,9 @@
 #include <cmath>
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <optional>
+#include <string>
 
 #include "cpu_simd.h"  // reduce_lanes; defines BILD_X86 on x86-64
 
@@ -39,18 +45,16 @@ namespace {
 constexpr int64_t kMaxRows = 8;
 
 #ifdef BILD_X86
-template <typename W>
-__attribute__((target("avx2,fma"))) inline __m256 load8(const W* p);
-template <>
-__attribute__((target("avx2,fma"))) inline __m256 load8<float>(const float* p) {
-  return _mm256_loadu_ps(p);
-}
-template <>
-__attribute__((target("avx2,fma"))) inline __m256 load8<int8_t>(const int8_t* p) {  // exact: |q| <= 127
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-}
+// Two builds of the same code: kAvx2 (16 ymm registers) and kAvx512 (the same 8-lane AVX2 arithmetic compiled
+// with AVX-512VL, so that the compiler may use 32 ymm registers: more accumulators, the input rows held in
+// registers). Same instructions' results, so the same bits; kAvx512 is entered only where the CPU has AVX-512VL.
+enum class Isa { kAvx2, kAvx512 };
+#define BILD_AVX2 __attribute__((target("avx2,fma")))
+#define BILD_AVX512 __attribute__((target("avx2,fma,avx512f,avx512vl")))
+#define BILD_UNROLL _Pragma("GCC unroll 64")
 
-// Output rows [n0, n0 + R) for all M input rows. R is what fits the 16 ymm registers: M * R accumulators.
+// Output rows [n0, n0 + R) for all M input rows. R is what fits the registers: M * R accumulators, the M input
+// vectors of the current k (loaded once, used by every row r) and a weight vector.
 // W: float weights, or int8 ones with a per-row scale applied to each finished sum (w ~= q * scale).
 // prefetch: also touch the rows two groups ahead (they exist), one cache line per row per line read. The
 // hardware prefetcher alone keeps too few lines in flight once M > 1 slows the loop: with it, three rows cost
@@ -58,69 +62,125 @@ __attribute__((target("avx2,fma"))) inline __m256 load8<int8_t>(const int8_t* p)
 // BLOCKED (int8 weights only): each run of 32 weights of a row has its own scale d (block_scale[n][k / 32], a
 // Q8_0 block): the weight is rebuilt as q * d in registers, exact in float32 (d an fp16 value, |q| <= 127), so
 // every product and sum is the float32 kernel's on the dequantised weights, bit for bit.
-template <typename W, int M, int R, bool BLOCKED = false>
-__attribute__((target("avx2,fma"))) void rows_block(const float* x, int64_t ldx, const W* w, int64_t K,
-                                                     const float* scale, const float* bias, float* y, int64_t ldy,
-                                                     int64_t n0, bool prefetch, const float* block_scale = nullptr) {
-  constexpr int64_t kLine = 64 / sizeof(W);  // weights per cache line
-  __m256 acc[M][R];
-  for (int m = 0; m < M; ++m)
-    for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
-  const int64_t K8 = K & ~int64_t{7};
-  const W* wr = w + n0 * K;
-  const W* ahead = wr + 2 * R * K;
-  for (int64_t k = 0; k < K8; k += 8) {
-    if (prefetch && (k & (kLine - 1)) == 0) {
-      for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(ahead + r * K + k), _MM_HINT_T0);
-    }
-    for (int r = 0; r < R; ++r) {
-      __m256 wv = load8<W>(wr + r * K + k);
-      if constexpr (BLOCKED) wv = _mm256_mul_ps(wv, _mm256_broadcast_ss(block_scale + (n0 + r) * (K / 32) + k / 32));
-      for (int m = 0; m < M; ++m) acc[m][r] = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * ldx + k), wv, acc[m][r]);
-    }
+#define BILD_ROWS_BLOCK(TARGET)                                                                                   \
+  template <typename W, int M, int R, bool BLOCKED>                                                               \
+  TARGET void rows_block(const float* x, int64_t ldx, const W* w, int64_t K, const float* scale, const float* bias, \
+                         float* y, int64_t ldy, int64_t n0, bool prefetch, const float* block_scale) {            \
+    constexpr int64_t kLine = 64 / sizeof(W);                                                                     \
+    __m256 acc[M][R];                                                                                             \
+    BILD_UNROLL for (int m = 0; m < M; ++m)                                                                       \
+      BILD_UNROLL for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();                                    \
+    const int64_t K8 = K & ~int64_t{7};                                                                           \
+    const W* wr = w + n0 * K;                                                                                     \
+    const W* ahead = wr + 2 * R * K;                                                                              \
+    for (int64_t k = 0; k < K8; k += 8) {                                                                         \
+      if (prefetch && (k & (kLine - 1)) == 0) {                                                                   \
+        for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(ahead + r * K + k), _MM_HINT_T0);  \
+      }                                                                                                           \
+      __m256 xv[M];                                                                                               \
+      BILD_UNROLL for (int m = 0; m < M; ++m) xv[m] = _mm256_loadu_ps(x + m * ldx + k);                           \
+      BILD_UNROLL for (int r = 0; r < R; ++r) {                                                                   \
+        __m256 wv = load8(wr + r * K + k);                                                                        \
+        if constexpr (BLOCKED)                                                                                    \
+          wv = _mm256_mul_ps(wv, _mm256_broadcast_ss(block_scale + (n0 + r) * (K / 32) + k / 32));                \
+        BILD_UNROLL for (int m = 0; m < M; ++m) acc[m][r] = _mm256_fmadd_ps(xv[m], wv, acc[m][r]);                \
+      }                                                                                                           \
+    }                                                                                                             \
+    /* every index a constant (unrolled), so the accumulators stay in registers instead of being stored each k */ \
+    float sums[M][R];                                                                                             \
+    BILD_UNROLL for (int m = 0; m < M; ++m)                                                                       \
+      BILD_UNROLL for (int r = 0; r < R; ++r) sums[m][r] = reduce_lanes(acc[m][r]);                               \
+    for (int m = 0; m < M; ++m) {                                                                                 \
+      for (int r = 0; r < R; ++r) {                                                                               \
+        float s = sums[m][r];                                                                                     \
+        for (int64_t k = K8; k < K; ++k) s = std::fma(x[m * ldx + k], static_cast<float>(wr[r * K + k]), s);     \
+        if (scale != nullptr) s *= scale[n0 + r];                                                                 \
+        if (bias != nullptr) s += bias[n0 + r];                                                                   \
+        y[m * ldy + n0 + r] = s;                                                                                  \
+      }                                                                                                           \
+    }                                                                                                             \
   }
-  for (int m = 0; m < M; ++m) {
-    for (int r = 0; r < R; ++r) {
-      float s = reduce_lanes(acc[m][r]);
-      for (int64_t k = K8; k < K; ++k) s = std::fma(x[m * ldx + k], static_cast<float>(wr[r * K + k]), s);
-      if (scale != nullptr) s *= scale[n0 + r];
-      if (bias != nullptr) s += bias[n0 + r];
-      y[m * ldy + n0 + r] = s;
-    }
+
+#define BILD_LOAD8(TARGET)                                                                                        \
+  TARGET inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }                                      \
+  TARGET inline __m256 load8(const int8_t* p) { /* exact: |q| <= 127 */                                          \
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));       \
+  }
+
+namespace avx2 {
+BILD_LOAD8(BILD_AVX2)
+BILD_ROWS_BLOCK(BILD_AVX2)
+}  // namespace avx2
+namespace avx512 {
+BILD_LOAD8(BILD_AVX512)
+BILD_ROWS_BLOCK(BILD_AVX512)
+}  // namespace avx512
+#undef BILD_ROWS_BLOCK
+#undef BILD_LOAD8
+
+// Rows per block: M * R accumulators + M inputs + a weight within 16 (AVX2) or 32 (AVX-512VL) registers.
+template <Isa I>
+constexpr int rows_per_block(int M) {
+  if constexpr (I == Isa::kAvx2) {
+    return M <= 3 ? 4 : (M == 4 ? 3 : (M <= 6 ? 2 : 1));
+  } else {
+    return M == 1 ? 4 : (M <= 3 ? 8 : (M == 4 ? 6 : (M == 5 ? 4 : (M <= 7 ? 3 : 2))));
   }
 }
 
-template <typename W, int M, bool BLOCKED = false>
+template <Isa I, typename W, int M, int R, bool BLOCKED>
+inline void block_of(const float* x, int64_t ldx, const W* w, int64_t K, const float* scale, const float* bias,
+                     float* y, int64_t ldy, int64_t n0, bool prefetch, const float* block_scale) {
+  if constexpr (I == Isa::kAvx2) {
+    avx2::rows_block<W, M, R, BLOCKED>(x, ldx, w, K, scale, bias, y, ldy, n0, prefetch, block_scale);
+  } else {
+    avx512::rows_block<W, M, R, BLOCKED>(x, ldx, w, K, scale, bias, y, ldy, n0, prefetch, block_scale);
+  }
+}
+
+template <Isa I, typename W, int M, bool BLOCKED = false>
 void rows_range(const float* x, int64_t ldx, const W* w, int64_t K, const float* scale, const float* bias, float* y,
                 int64_t ldy, int64_t begin, int64_t end, const float* block_scale) {
-  constexpr int R = M <= 3 ? 4 : (M == 4 ? 3 : (M <= 6 ? 2 : 1));
+  constexpr int R = rows_per_block<I>(M);
   int64_t n = begin;
   for (; n + R <= end; n += R) {
-    rows_block<W, M, R, BLOCKED>(x, ldx, w, K, scale, bias, y, ldy, n, n + 3 * R <= end, block_scale);
+    block_of<I, W, M, R, BLOCKED>(x, ldx, w, K, scale, bias, y, ldy, n, n + 3 * R <= end, block_scale);
   }
   for (; n < end; ++n) {  // same order per output
-    rows_block<W, M, 1, BLOCKED>(x, ldx, w, K, scale, bias, y, ldy, n, false, block_scale);
+    block_of<I, W, M, 1, BLOCKED>(x, ldx, w, K, scale, bias, y, ldy, n, false, block_scale);
   }
 }
 
 template <typename W>
 using RowsFn = void (*)(const float*, int64_t, const W*, int64_t, const float*, const float*, float*, int64_t,
                         int64_t, int64_t, const float*);
-template <typename W, bool BLOCKED = false>
-constexpr RowsFn<W> kRowsFns[kMaxRows] = {rows_range<W, 1, BLOCKED>, rows_range<W, 2, BLOCKED>,
-                                          rows_range<W, 3, BLOCKED>, rows_range<W, 4, BLOCKED>,
-                                          rows_range<W, 5, BLOCKED>, rows_range<W, 6, BLOCKED>,
-                                          rows_range<W, 7, BLOCKED>, rows_range<W, 8, BLOCKED>};
+template <Isa I, typename W, bool BLOCKED>
+constexpr RowsFn<W> kRowsFns[kMaxRows] = {rows_range<I, W, 1, BLOCKED>, rows_range<I, W, 2, BLOCKED>,
+                                          rows_range<I, W, 3, BLOCKED>, rows_range<I, W, 4, BLOCKED>,
+                                          rows_range<I, W, 5, BLOCKED>, rows_range<I, W, 6, BLOCKED>,
+                                          rows_range<I, W, 7, BLOCKED>, rows_range<I, W, 8, BLOCKED>};
+
+// Whether the kernels run their AVX-512VL build: the CPU has it and BILD_CPU_NO_AVX512 is unset (read once; the
+// tests set it in a subprocess to check that both builds give the same bits).
+bool has_avx512vl() {
+  static const bool ok = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+           std::getenv("BILD_CPU_NO_AVX512") == nullptr;
+  }();
+  return ok;
+}
 
 // y[M, N] for any M: chunks of up to kMaxRows rows, each over the same weights (hot in cache after the first).
 template <typename W, bool BLOCKED = false>
 void rows_all(const float* x, int64_t ldx, int64_t M, const W* w, int64_t K, int64_t N, const float* scale,
               const float* bias, float* y, const float* block_scale = nullptr) {
+  const RowsFn<W>* fns = has_avx512vl() ? kRowsFns<Isa::kAvx512, W, BLOCKED> : kRowsFns<Isa::kAvx2, W, BLOCKED>;
   // grain: 64 output rows (>= 37 KB of float32 weights for K = 576), so a thread's share is worth waking it for
   at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
     for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
       const int64_t rows = std::min(kMaxRows, M - m0);
-      kRowsFns<W, BLOCKED>[rows - 1](x + m0 * ldx, ldx, w, K, scale, bias, y + m0 * N, N, begin, end, block_scale);
+      fns[rows - 1](x + m0 * ldx, ldx, w, K, scale, bias, y + m0 * N, N, begin, end, block_scale);
     }
   });
 }
@@ -223,6 +283,14 @@ at::Tensor cpu_linear_q8_0(const at::Tensor& x, const at::Tensor& qweight, const
   return y;
 }
 
+// Which build of the kernels runs here: "avx512vl" (32 registers), "avx2", or "none" (no AVX2/FMA: the ops refuse).
+std::string cpu_linear_isa() {
+#ifdef BILD_X86
+  if (cpu_linear_supported()) return has_avx512vl() ? "avx512vl" : "avx2";
+#endif
+  return "none";
+}
+
 // Whether this module was compiled with OpenMP: only then does at::parallel_for spread the kernels' loops over
 // torch's threads (setup.py passes -fopenmp; without it every kernel here runs on the calling thread).
 bool cpu_openmp() {
@@ -241,6 +309,7 @@ TORCH_LIBRARY(bild_kernels_cpu, m) {
   m.def("cpu_linear_q8_0(Tensor x, Tensor qweight, Tensor block_scale, Tensor? bias) -> Tensor");
   m.def("cpu_linear_supported() -> bool", &bild::cpu_linear_supported);
   m.def("cpu_openmp() -> bool", &bild::cpu_openmp);
+  m.def("cpu_linear_isa() -> str", &bild::cpu_linear_isa);
 }
 
 TORCH_LIBRARY_IMPL(bild_kernels_cpu, CPU, m) {

@@ -52,6 +52,49 @@ def test_cpu_extension_runs_on_torchs_threads():
     assert torch.ops.bild_kernels_cpu.cpu_openmp()
 
 
+_BOTH_BUILDS = """
+import sys, torch
+import bild_kernels.ops.cpu_linear as L
+from bild_kernels._backend import cpu_extension
+assert cpu_extension() is not None
+torch.manual_seed(0)
+out = {"isa": torch.ops.bild_kernels_cpu.cpu_linear_isa()}
+for N, K in [(13, 29), (200, 576), (77, 1536)]:
+    w, b, x = torch.randn(N, K), torch.randn(N), torch.randn(16, K)
+    q = torch.randint(-127, 128, (N, K), dtype=torch.int8)
+    s = torch.rand(N)
+    for M in range(1, 17):
+        out[f"f32 {N} {K} {M}"] = L.cpu_linear(x[:M], w, b, backend="cpu")
+        out[f"int8 {N} {K} {M}"] = L.cpu_linear_int8(x[:M], q, s, b, backend="cpu")
+        if K % 32 == 0:
+            d = torch.rand(N, K // 32).half().float()
+            out[f"q8_0 {N} {K} {M}"] = L.cpu_linear_q8_0(x[:M], q, d, b, backend="cpu")
+torch.save(out, sys.argv[1])
+"""
+
+
+@needs_ext
+@pytest.mark.skipif(cpu_extension() is None or torch.ops.bild_kernels_cpu.cpu_linear_isa() != "avx512vl",
+                    reason="this CPU runs only the AVX2 build of the CPU kernels")
+def test_cpu_linear_avx512_build_gives_the_avx2_bits(tmp_path):
+    """The AVX-512VL build (32 registers) and the AVX2 one (BILD_CPU_NO_AVX512=1, in a subprocess) of every
+    product kernel give the same bits at every row count: same instructions, only the registers differ."""
+    import os
+    import subprocess
+    import sys
+    script = tmp_path / "both.py"
+    script.write_text(_BOTH_BUILDS)
+    got = {}
+    for name, extra in (("avx512", {}), ("avx2", {"BILD_CPU_NO_AVX512": "1"})):
+        env = {k: v for k, v in os.environ.items() if k != "BILD_CPU_NO_AVX512"} | extra
+        subprocess.run([sys.executable, str(script), str(tmp_path / name)], env=env, check=True)
+        got[name] = torch.load(tmp_path / name)
+    assert got["avx512"].pop("isa") == "avx512vl" and got["avx2"].pop("isa") == "avx2"
+    assert got["avx512"].keys() == got["avx2"].keys() and len(got["avx2"]) == 3 * 16 * 2 + 2 * 16
+    for key, val in got["avx512"].items():
+        assert torch.equal(val, got["avx2"][key]), key
+
+
 @needs_ext
 def test_cpu_linear_thread_invariant():
     w, x = torch.randn(1000, 96), torch.randn(3, 96)
