@@ -191,6 +191,22 @@ def cpu_linear_q8_0_ref(x, qweight, block_scale, bias=None):
     return y if bias is None else y + bias
 
 
+def q4_1_dequantize(qweight, dm):
+    """The float32 weights [N, K] of a Q4_1 matrix: qweight [N, K / 2] uint8 (each block of 32 weights as 16 bytes,
+    byte j holding weight j in its low nibble and weight j + 16 in its high one: a GGUF's layout), dm
+    [N, K / 32, 2] float32 (each block's scale d and minimum m): w = d * q + m (d * q is exact in float32)."""
+    N, nb = dm.shape[0], dm.shape[1]
+    b = qweight.view(N, nb, 16)
+    q = torch.cat([b & 15, b >> 4], -1).to(torch.float32)  # [N, nb, 32]
+    return (dm[..., :1].float() * q + dm[..., 1:].float()).reshape(N, nb * 32)
+
+
+def cpu_linear_q4_1_ref(x, qweight, dm, bias=None):
+    """x [M, K] @ w.T (+ bias [N]) -> [M, N], w = q4_1_dequantize(qweight, dm) (a GGUF Q4_1 matrix)."""
+    y = x @ q4_1_dequantize(qweight, dm).to(x.dtype).T
+    return y if bias is None else y + bias
+
+
 def cpu_decoder_layer_ref(x, cos, sin, input_norm, qkv_w, qkv_scale, qkv_bias, o_w, o_scale, o_bias, post_norm,
                           gate_up_w, gate_up_scale, gate_up_bias, down_w, down_scale, down_bias, key_cache,
                           value_cache, slot_mapping, query_start_loc, positions, block_tables, context_lens,
@@ -200,7 +216,8 @@ def cpu_decoder_layer_ref(x, cos, sin, input_norm, qkv_w, qkv_scale, qkv_bias, o
     RMSNorm, the fused q/k/v product, RoPE (cos/sin [T, D], rotate-half), the K/V written to the paged cache at
     slot_mapping (slot -1 skipped), paged attention, the output product and residual, RMSNorm, the fused
     gate/up product, SiLU(gate) * up, the down product and residual. A weight with a scale is int8
-    (w ~= q * scale, `cpu_linear_int8_ref`), else float (`cpu_linear_ref`). Returns the new stream [T, hidden];
+    (w ~= q * scale, `cpu_linear_int8_ref`) or, when uint8, Q4_1 blocks with dm [N, K / 32, 2] as the scale
+    (`q4_1_dequantize`), else float (`cpu_linear_ref`). Returns the new stream [T, hidden];
     the caches are written in place. linear / linear_int8 / attention: other implementations of the products
     and the attention with the references' signatures (a benchmark's "PyTorch ops on the extension's kernels")."""
     from bild_kernels.models.attention import paged_attention_ref
@@ -211,7 +228,11 @@ def cpu_decoder_layer_ref(x, cos, sin, input_norm, qkv_w, qkv_scale, qkv_bias, o
         return w * (v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps))
 
     def project(v, w, s, b):
-        return linear_int8(v, w, s, b) if s is not None else linear(v, w, b)
+        if s is None:
+            return linear(v, w, b)
+        if w.dtype == torch.uint8:  # Q4_1 blocks, s their [N, K / 32, 2] (d, m): the float weights they stand for
+            return linear(v, q4_1_dequantize(w, s).to(v.dtype), b)
+        return linear_int8(v, w, s, b)
 
     T, D = x.shape[0], key_cache.shape[3]
     Hq, Hkv = num_heads, num_kv_heads

@@ -15,7 +15,8 @@
 //   rotate-half convention (cos/sin [T, D] already scaled); k, v written to slot_mapping[t];
 //   x1 = x + attention(q) @ Wo^T (+ b); h2 = post_norm * (x1 * rsqrt(mean(x1^2) + eps));
 //   [g, u] = h2 @ Wgu^T (+ b); out = x1 + (silu(g) * u) @ Wd^T (+ b).
-// Weights are float32 [N, K] (scale None) or int8 with a float32 per-row scale (w ~= q * scale).
+// Weights are float32 [N, K] (scale None), int8 with a float32 per-row scale (w ~= q * scale), or Q4_1 blocks
+// (uint8 [N, K / 2] with dm [N, K / 32, 2] as the scale: cpu_linear_q4_1, the same bits as their float32 weights).
 // Everything per row is computed in a fixed order that depends on nothing but the row (and, for attention,
 // its sequence's cache), so a token's output is the same bits in a pass of one or of sixteen tokens.
 #include <ATen/core/Tensor.h>
@@ -34,6 +35,8 @@ bool cpu_linear_supported();
 at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
 at::Tensor cpu_linear_int8(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
                            const std::optional<at::Tensor>& bias);
+at::Tensor cpu_linear_q4_1(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& dm,
+                           const std::optional<at::Tensor>& bias);
 at::Tensor cpu_paged_attention(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
                                const at::Tensor& query_start_loc, const at::Tensor& positions,
                                const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
@@ -43,7 +46,8 @@ namespace {
 
 at::Tensor project(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& scale,
                    const std::optional<at::Tensor>& bias) {
-  return scale.has_value() ? cpu_linear_int8(x, w, *scale, bias) : cpu_linear(x, w, bias);
+  if (!scale.has_value()) return cpu_linear(x, w, bias);
+  return w.scalar_type() == at::kByte ? cpu_linear_q4_1(x, w, *scale, bias) : cpu_linear_int8(x, w, *scale, bias);
 }
 
 #ifdef BILD_X86
@@ -83,6 +87,17 @@ __attribute__((target("avx2,fma"))) void silu_mul(const float* g, const float* u
 
 void check_weight(const char* name, const at::Tensor& w, const std::optional<at::Tensor>& scale,
                   const std::optional<at::Tensor>& bias, int64_t N, int64_t K) {
+  if (w.scalar_type() == at::kByte) {  // Q4_1 blocks: [N, K / 2] nibbles, scale = dm [N, K / 32, 2]
+    TORCH_CHECK(K % 32 == 0 && w.device().is_cpu() && w.dim() == 2 && w.size(0) == N && w.size(1) == K / 2 &&
+                    w.is_contiguous() && scale.has_value() && scale->dim() == 3 && scale->size(0) == N &&
+                    scale->size(1) == K / 32 && scale->size(2) == 2,
+                "cpu_decoder_layer: ", name, " as Q4_1 must be a contiguous uint8 [", N, ", ", K / 2,
+                "] CPU tensor with a [", N, ", ", K / 32, ", 2] dm (K a multiple of 32), got ", w.sizes());
+    if (bias.has_value()) {
+      TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "cpu_decoder_layer: ", name, " bias must be [", N, "]");
+    }
+    return;
+  }
   TORCH_CHECK(w.device().is_cpu() && w.dim() == 2 && w.size(0) == N && w.size(1) == K && w.is_contiguous(),
               "cpu_decoder_layer: ", name, " must be a contiguous [", N, ", ", K, "] CPU tensor, got ", w.sizes());
   if (scale.has_value()) {

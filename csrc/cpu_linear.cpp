@@ -9,6 +9,8 @@
 // activations, any M (chunks of 8 rows): a CPU draft step reads a quarter of the float32 bytes.
 // cpu_linear_q8_0: int8 weights with a scale per 32 of a row's weights (a GGUF Q8_0 matrix, the default large
 // model's head): each weight rebuilt exactly in registers, so the same bits as cpu_linear on the float32 weights.
+// cpu_linear_q4_1: the same for a GGUF Q4_1 matrix (4-bit values with a scale and a minimum per 32 weights: the
+// default large model's layers), from 0.75 bytes a weight.
 //
 // Work split: at::parallel_for over groups of R output rows; each output is computed by one thread alone.
 // Summation order: lane j (0..7) accumulates k = j, j + 8, j + 16, ... with FMA in increasing k; the 8 lanes
@@ -107,15 +109,83 @@ enum class Isa { kAvx2, kAvx512 };
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));       \
   }
 
+// Q4_1 (a GGUF's 4-bit matrix, the default large model's layers): each run of 32 weights of a row has a scale d
+// and a minimum m, and 16 bytes of 4-bit values q, byte j holding weight j (low nibble) and weight j + 16 (high
+// nibble). q is qweight [N, K / 2] uint8 (a row's blocks in order), (d, m) dm [N, K / 32, 2] float32. The weight
+// is rebuilt as fma(d, q, m): d * q is exact in float32 (d an fp16 value, q < 16), so that is the one rounding of
+// d * q + m, the value a loader's float32 copy holds; each k-step of 8 weights is then multiplied into the same
+// accumulators in the same order as the float32 kernel, so the result is cpu_linear's on those weights, bit for
+// bit, from 0.75 bytes a weight instead of 4.
+#define BILD_ROWS_BLOCK_Q4_1(TARGET, TABLE)                                                                       \
+  template <int M, int R>                                                                                         \
+  TARGET void rows_block_q4_1(const float* x, int64_t ldx, const uint8_t* q, const float* dm, int64_t K,          \
+                              const float* bias, float* y, int64_t ldy, int64_t n0, bool prefetch) {              \
+    __m256 acc[M][R];                                                                                             \
+    BILD_UNROLL for (int m = 0; m < M; ++m)                                                                       \
+      BILD_UNROLL for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();                                    \
+    const int64_t nb = K / 32, qrow = K / 2;                                                                      \
+    const uint8_t* qr = q + n0 * qrow;                                                                            \
+    const float* dr = dm + n0 * nb * 2;                                                                           \
+    const __m256i low = _mm256_set1_epi32(15);                                                                    \
+    const __m256 iota_lo = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);                                                \
+    const __m256 iota_hi = _mm256_setr_ps(8, 9, 10, 11, 12, 13, 14, 15);                                          \
+    for (int64_t b = 0; b < nb; ++b) {                                                                            \
+      if (prefetch) { /* two groups ahead: a line of q every 4 blocks, of dm every 8 */                         \
+        if ((b & 3) == 0)                                                                                         \
+          for (int r = 0; r < R; ++r)                                                                             \
+            _mm_prefetch(reinterpret_cast<const char*>(qr + (2 * R + r) * qrow + b * 16), _MM_HINT_T0);           \
+        if ((b & 7) == 0)                                                                                         \
+          for (int r = 0; r < R; ++r)                                                                             \
+            _mm_prefetch(reinterpret_cast<const char*>(dr + ((2 * R + r) * nb + b) * 2), _MM_HINT_T0);            \
+      }                                                                                                           \
+      /* TABLE: the block's 16 possible weights fma(d, j, m), j = 0..15, in two registers a row; each weight is  \
+         then one two-register lookup by its nibble (vpermt2ps reads the index's low 4 bits only) */           \
+      __m256 tlo[TABLE ? R : 1], thi[TABLE ? R : 1];                                                              \
+      if constexpr (TABLE) {                                                                                      \
+        BILD_UNROLL for (int r = 0; r < R; ++r) {                                                                 \
+          const __m256 d = _mm256_broadcast_ss(dr + (r * nb + b) * 2), m = _mm256_broadcast_ss(dr + (r * nb + b) * 2 + 1); \
+          tlo[r] = _mm256_fmadd_ps(d, iota_lo, m);                                                                \
+          thi[r] = _mm256_fmadd_ps(d, iota_hi, m);                                                                \
+        }                                                                                                         \
+      }                                                                                                           \
+      BILD_UNROLL for (int s = 0; s < 4; ++s) { /* k-steps of 8: low nibbles of bytes 0-7, 8-15, then high */     \
+        const int64_t k = b * 32 + s * 8;                                                                         \
+        __m256 xv[M];                                                                                             \
+        BILD_UNROLL for (int m = 0; m < M; ++m) xv[m] = _mm256_loadu_ps(x + m * ldx + k);                         \
+        BILD_UNROLL for (int r = 0; r < R; ++r) {                                                                 \
+          const __m256i bytes = _mm256_cvtepu8_epi32(                                                             \
+              _mm_loadl_epi64(reinterpret_cast<const __m128i*>(qr + r * qrow + b * 16 + (s & 1) * 8)));           \
+          __m256 wv;                                                                                              \
+          if constexpr (TABLE) {                                                                                  \
+            wv = _mm256_permutex2var_ps(tlo[r], s < 2 ? bytes : _mm256_srli_epi32(bytes, 4), thi[r]);             \
+          } else {                                                                                                \
+            const __m256i nib = s < 2 ? _mm256_and_si256(bytes, low) : _mm256_srli_epi32(bytes, 4);               \
+            const float* p = dr + (r * nb + b) * 2;                                                               \
+            wv = _mm256_fmadd_ps(_mm256_broadcast_ss(p), _mm256_cvtepi32_ps(nib), _mm256_broadcast_ss(p + 1));    \
+          }                                                                                                       \
+          BILD_UNROLL for (int m = 0; m < M; ++m) acc[m][r] = _mm256_fmadd_ps(xv[m], wv, acc[m][r]);              \
+        }                                                                                                         \
+      }                                                                                                           \
+    }                                                                                                             \
+    float sums[M][R];                                                                                             \
+    BILD_UNROLL for (int m = 0; m < M; ++m)                                                                       \
+      BILD_UNROLL for (int r = 0; r < R; ++r) sums[m][r] = reduce_lanes(acc[m][r]);                               \
+    for (int m = 0; m < M; ++m)                                                                                   \
+      for (int r = 0; r < R; ++r) y[m * ldy + n0 + r] = bias != nullptr ? sums[m][r] + bias[n0 + r] : sums[m][r]; \
+  }
+
 namespace avx2 {
 BILD_LOAD8(BILD_AVX2)
 BILD_ROWS_BLOCK(BILD_AVX2)
+BILD_ROWS_BLOCK_Q4_1(BILD_AVX2, false)
 }  // namespace avx2
 namespace avx512 {
 BILD_LOAD8(BILD_AVX512)
 BILD_ROWS_BLOCK(BILD_AVX512)
+BILD_ROWS_BLOCK_Q4_1(BILD_AVX512, true)
 }  // namespace avx512
 #undef BILD_ROWS_BLOCK
+#undef BILD_ROWS_BLOCK_Q4_1
 #undef BILD_LOAD8
 
 // Rows per block: M * R accumulators + M inputs + a weight within 16 (AVX2) or 32 (AVX-512VL) registers.
@@ -181,6 +251,53 @@ void rows_all(const float* x, int64_t ldx, int64_t M, const W* w, int64_t K, int
     for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
       const int64_t rows = std::min(kMaxRows, M - m0);
       fns[rows - 1](x + m0 * ldx, ldx, w, K, scale, bias, y + m0 * N, N, begin, end, block_scale);
+    }
+  });
+}
+
+// Rows per block of the Q4_1 kernel: M * R accumulators + M inputs + ~4 temporaries.
+template <Isa I>
+constexpr int rows_per_block_q4_1(int M) {
+  if constexpr (I == Isa::kAvx2) {
+    return M <= 2 ? 4 : (M <= 4 ? 2 : 1);
+  } else {
+    return M == 1 ? 8 : (M <= 3 ? 6 : (M == 4 ? 5 : (M == 5 ? 4 : (M == 6 ? 3 : 2))));
+  }
+}
+
+template <Isa I, int M, int R>
+inline void block_of_q4_1(const float* x, int64_t ldx, const uint8_t* q, const float* dm, int64_t K,
+                          const float* bias, float* y, int64_t ldy, int64_t n0, bool prefetch) {
+  if constexpr (I == Isa::kAvx2) {
+    avx2::rows_block_q4_1<M, R>(x, ldx, q, dm, K, bias, y, ldy, n0, prefetch);
+  } else {
+    avx512::rows_block_q4_1<M, R>(x, ldx, q, dm, K, bias, y, ldy, n0, prefetch);
+  }
+}
+
+template <Isa I, int M>
+void rows_range_q4_1(const float* x, int64_t ldx, const uint8_t* q, const float* dm, int64_t K, const float* bias,
+                     float* y, int64_t ldy, int64_t begin, int64_t end) {
+  constexpr int R = rows_per_block_q4_1<I>(M);
+  int64_t n = begin;
+  for (; n + R <= end; n += R) block_of_q4_1<I, M, R>(x, ldx, q, dm, K, bias, y, ldy, n, n + 3 * R <= end);
+  for (; n < end; ++n) block_of_q4_1<I, M, 1>(x, ldx, q, dm, K, bias, y, ldy, n, false);
+}
+
+using RowsFnQ4 = void (*)(const float*, int64_t, const uint8_t*, const float*, int64_t, const float*, float*,
+                          int64_t, int64_t, int64_t);
+template <Isa I>
+constexpr RowsFnQ4 kRowsFnsQ4[kMaxRows] = {rows_range_q4_1<I, 1>, rows_range_q4_1<I, 2>, rows_range_q4_1<I, 3>,
+                                           rows_range_q4_1<I, 4>, rows_range_q4_1<I, 5>, rows_range_q4_1<I, 6>,
+                                           rows_range_q4_1<I, 7>, rows_range_q4_1<I, 8>};
+
+void rows_all_q4_1(const float* x, int64_t ldx, int64_t M, const uint8_t* q, const float* dm, int64_t K, int64_t N,
+                   const float* bias, float* y) {
+  const RowsFnQ4* fns = has_avx512vl() ? kRowsFnsQ4<Isa::kAvx512> : kRowsFnsQ4<Isa::kAvx2>;
+  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+      const int64_t rows = std::min(kMaxRows, M - m0);
+      fns[rows - 1](x + m0 * ldx, ldx, q, dm, K, bias, y + m0 * N, N, begin, end);
     }
   });
 }
@@ -283,6 +400,43 @@ at::Tensor cpu_linear_q8_0(const at::Tensor& x, const at::Tensor& qweight, const
   return y;
 }
 
+at::Tensor cpu_linear_q4_1(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& dm,
+                           const std::optional<at::Tensor>& bias) {
+  // x [M, K] float32 (any M), qweight [N, K / 2] uint8 contiguous (Q4_1 nibbles, a GGUF row's blocks in order),
+  // dm [N, K / 32, 2] float32 (each block's d and m), bias [N] float32 or None -> y [M, N] = x @ w.T + bias with
+  // w = d * q + m: the same bits as cpu_linear on those float32 weights
+  TORCH_CHECK(cpu_linear_supported(), "cpu_linear_q4_1: this CPU lacks AVX2/FMA (use the reference)");
+  TORCH_CHECK(x.device().is_cpu() && qweight.device().is_cpu() && dm.device().is_cpu(),
+              "cpu_linear_q4_1: x, qweight and dm must be on the CPU");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2, "cpu_linear_q4_1: x must be float32 [M, K], got ",
+              x.scalar_type(), " ", x.sizes());
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(K % 32 == 0, "cpu_linear_q4_1: K must be a multiple of 32 (Q4_1 blocks), got ", K);
+  TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.dim() == 2 && qweight.size(1) == K / 2 &&
+                  qweight.is_contiguous(),
+              "cpu_linear_q4_1: qweight must be a contiguous uint8 [N, K/2=", K / 2, "] tensor, got ",
+              qweight.scalar_type(), " ", qweight.sizes());
+  const int64_t N = qweight.size(0);
+  TORCH_CHECK(dm.scalar_type() == at::kFloat && dm.dim() == 3 && dm.size(0) == N && dm.size(1) == K / 32 &&
+                  dm.size(2) == 2 && dm.is_contiguous(),
+              "cpu_linear_q4_1: dm must be a contiguous float32 [N=", N, ", K/32=", K / 32, ", 2] tensor, got ",
+              dm.sizes());
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->device().is_cpu() && bias->scalar_type() == at::kFloat && bias->dim() == 1 &&
+                    bias->size(0) == N && bias->is_contiguous(),
+                "cpu_linear_q4_1: bias must be a contiguous float32 [N=", N, "] CPU tensor");
+  }
+  const at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous();
+  at::Tensor y = at::empty({M, N}, x.options());
+#ifdef BILD_X86
+  if (M > 0) {
+    rows_all_q4_1(xc.data_ptr<float>(), xc.stride(0), M, qweight.data_ptr<uint8_t>(), dm.data_ptr<float>(), K, N,
+                  bias.has_value() ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>());
+  }
+#endif
+  return y;
+}
+
 // Which build of the kernels runs here: "avx512vl" (32 registers), "avx2", or "none" (no AVX2/FMA: the ops refuse).
 std::string cpu_linear_isa() {
 #ifdef BILD_X86
@@ -307,6 +461,7 @@ TORCH_LIBRARY(bild_kernels_cpu, m) {
   m.def("cpu_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("cpu_linear_int8(Tensor x, Tensor qweight, Tensor scale, Tensor? bias) -> Tensor");
   m.def("cpu_linear_q8_0(Tensor x, Tensor qweight, Tensor block_scale, Tensor? bias) -> Tensor");
+  m.def("cpu_linear_q4_1(Tensor x, Tensor qweight, Tensor dm, Tensor? bias) -> Tensor");
   m.def("cpu_linear_supported() -> bool", &bild::cpu_linear_supported);
   m.def("cpu_openmp() -> bool", &bild::cpu_openmp);
   m.def("cpu_linear_isa() -> str", &bild::cpu_linear_isa);
@@ -316,6 +471,7 @@ TORCH_LIBRARY_IMPL(bild_kernels_cpu, CPU, m) {
   m.impl("cpu_linear", &bild::cpu_linear);
   m.impl("cpu_linear_int8", &bild::cpu_linear_int8);
   m.impl("cpu_linear_q8_0", &bild::cpu_linear_q8_0);
+  m.impl("cpu_linear_q4_1", &bild::cpu_linear_q4_1);
 }
 
 // The module is empty: importing bild_kernels._cpu runs the registrations above.

@@ -41,21 +41,29 @@ class _LayerWeights:
     gate_up_bias: torch.Tensor | None
     down: torch.Tensor  # [hidden, intermediate]
     down_bias: torch.Tensor | None
+    # GGUF Q4_1 blocks standing exactly for qkv / o / gate_up / down: name -> (q [N, K / 2] uint8, dm [N, K / 32, 2])
+    # (LlamaExecutor.use_q4_1_layers); the fused CPU layer reads them, every other path the float weights above
+    blocks: dict | None = None
 
     def __setattr__(self, name, value):  # a weight replaced: the fused layer's argument tuple is stale
         object.__setattr__(self, name, value)
         self.__dict__.pop("_fused_args", None)
+        if name in ("qkv", "o", "gate_up", "down") and self.__dict__.get("blocks") is not None:
+            object.__setattr__(self, "blocks", None)  # blocks of the old weights no longer stand for them
 
     def fused_args(self) -> tuple:
         """This layer's weights as cpu_decoder_layer's 14 positional arguments (built once, until a weight is
         replaced): a projection is (weight, None, bias), or (int8 weight, scale, bias)."""
         args = self.__dict__.get("_fused_args")
         if args is None:
-            def proj(w, b):
+            def proj(name, b):
+                w = getattr(self, name)
+                if self.blocks is not None:
+                    return (*self.blocks[name], b)
                 return (w.q, w.scale.float(), b) if isinstance(w, Int8Weight) else (w.contiguous(), None, b)
-            args = layer_args(LayerWeights(self.input_norm, proj(self.qkv, self.qkv_bias), proj(self.o, self.o_bias),
-                                           self.post_norm, proj(self.gate_up, self.gate_up_bias),
-                                           proj(self.down, self.down_bias)))
+            args = layer_args(LayerWeights(self.input_norm, proj("qkv", self.qkv_bias), proj("o", self.o_bias),
+                                           self.post_norm, proj("gate_up", self.gate_up_bias),
+                                           proj("down", self.down_bias)))
             self.__dict__["_fused_args"] = args
         return args
 
@@ -154,6 +162,43 @@ class LlamaExecutor:
         self._head_linear = functools.partial(_linear, native=lambda x, w, bias: fn(x, q, d, bias))
         return True
 
+    def use_q4_1_layers(self, blocks: list[dict]) -> bool:
+        """Run the fused CPU layer's products from Q4_1 copies of the projections (blocks[i][name] = (q [N, K / 2]
+        uint8, dm [N, K / 32, 2] float32) for name in qkv, o, gate_up, down: a GGUF's blocks, see
+        `reference.q4_1_dequantize`) where they are exactly the float32 weights (every weight == d * q + m) and that
+        layer runs: cpu_linear_q4_1 then gives the same bits from 0.75 bytes a weight instead of 4. Passes the
+        fused layer does not take (prefill, over 16 tokens) keep the float32 weights. Returns whether it took
+        them (False: no fused float32 CPU layer here, int8 weights, or blocks that differ; nothing changes)."""
+        from bild_kernels.reference import q4_1_dequantize
+        if self._fused is None or self.weight_format != "float32" or len(blocks) != len(self.layers):
+            return False
+        if resolve("cpu_linear_q4_1", self.device, None) is not registered("cpu_linear_q4_1", "cpu"):
+            return False
+        taken = []
+        for w, given in zip(self.layers, blocks):
+            layer = {}
+            for name in ("qkv", "o", "gate_up", "down"):
+                ref = getattr(w, name)
+                q, dm = given.get(name, (None, None))
+                N, K = ref.shape
+                if not isinstance(q, torch.Tensor) or not isinstance(dm, torch.Tensor) or K % 32 \
+                        or q.dtype != torch.uint8 or tuple(q.shape) != (N, K // 2) \
+                        or dm.dtype != torch.float32 or tuple(dm.shape) != (N, K // 32, 2):
+                    return False
+                q, dm = q.contiguous(), dm.contiguous()
+                if not torch.equal(q4_1_dequantize(q, dm), ref):
+                    return False
+                layer[name] = (q, dm)
+            taken.append(layer)
+        for w, layer in zip(self.layers, taken):
+            w.blocks = layer
+        return True
+
+    @property
+    def layer_blocks(self) -> str | None:
+        """"q4_1" when the fused CPU layer reads Q4_1 blocks (use_q4_1_layers), else None."""
+        return "q4_1" if self.layers and self.layers[0].blocks is not None else None
+
     def _fused_layer(self):
         """The op of csrc/cpu_decoder_layer.cpp where it serves this model: float32 on a CPU whose extension
         runs the layer's matmuls (float32 weights through cpu_linear, int8 ones through cpu_linear_int8) and its
@@ -190,6 +235,7 @@ class LlamaExecutor:
         self.lm_head = Int8Weight.of(self.lm_head)
         for w in self.layers:
             w.qkv, w.o, w.gate_up, w.down = (Int8Weight.of(t) for t in (w.qkv, w.o, w.gate_up, w.down))
+            w.blocks = None
         self.weight_format = "int8"
         int8_fp32 = None
         if self.dtype == torch.float32:

@@ -21,6 +21,11 @@ def _cpu_linear_q8_0_fake(x, qweight, block_scale, bias):
     return x.new_empty((x.shape[0], qweight.shape[0]))
 
 
+@torch.library.register_fake("bild_kernels_cpu::cpu_linear_q4_1")
+def _cpu_linear_q4_1_fake(x, qweight, dm, bias):
+    return x.new_empty((x.shape[0], qweight.shape[0]))
+
+
 @torch.library.register_fake("bild_kernels_cpu::paged_attention")
 def _paged_attention_fake(query, key_cache, value_cache, query_start_loc, positions, block_tables, context_lens,
                           scale, sliding_window):

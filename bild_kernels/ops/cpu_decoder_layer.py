@@ -5,7 +5,8 @@ A decode step's arithmetic outside the four matrix products is tiny, but as PyTo
 dispatches a layer plus the Python around them (~0.4 ms a layer on the AMD EPYC, ~12 ms of a 30-layer
 step whose weights stream in ~45 ms). The "cpu" backend (csrc/cpu_decoder_layer.cpp) runs the whole layer
 in C++ on the extension's own matmul and attention kernels; "ref" (`reference.cpu_decoder_layer_ref`) is
-the same layer in PyTorch ops. Weights are float32, or int8 with a float32 scale per output row.
+the same layer in PyTorch ops. Weights are float32, int8 with a float32 scale per output row, or a GGUF's Q4_1
+blocks (uint8 [N, K / 2] with their (d, m) [N, K / 32, 2] as the scale; `reference.q4_1_dequantize`).
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from bild_kernels.ops import _validate as v
 
 class LayerWeights(NamedTuple):
     """One layer's weights as cpu_decoder_layer takes them: a projection is (weight, scale or None, bias or
-    None), weight [N, K] float32, or int8 with scale [N] float32."""
+    None), weight [N, K] float32, int8 with scale [N] float32, or Q4_1 blocks uint8 [N, K / 2] with scale = dm
+    [N, K / 32, 2] float32."""
     input_norm: torch.Tensor
     qkv: tuple
     o: tuple
@@ -63,10 +65,16 @@ def cpu_decoder_layer(x, cos, sin, weights: LayerWeights, key_cache, value_cache
     for name, (n, k) in (("qkv", (qkv_n, H)), ("o", (H, num_heads * D)), ("gate_up", (2 * inter, H)),
                          ("down", (H, inter))):
         w, s, b = getattr(weights, name)
-        v.tensor(f"{name} weight", w, dtypes=(torch.int8,) if s is not None else (torch.float32,), ndim=2,
-                 device=x.device)
-        v.shape(f"{name} weight", w, (n, k))
-        if s is not None:
+        q4_1 = s is not None and isinstance(w, torch.Tensor) and w.dtype == torch.uint8
+        v.tensor(f"{name} weight", w, dtypes=(torch.int8, torch.uint8) if s is not None else (torch.float32,),
+                 ndim=2, device=x.device)
+        if q4_1 and k % 32:
+            raise ValueError(f"{name} weight: Q4_1 blocks need an input width that is a multiple of 32, got {k}")
+        v.shape(f"{name} weight", w, (n, k // 2) if q4_1 else (n, k))
+        if q4_1:
+            v.tensor(f"{name} scale", s, dtypes=(torch.float32,), ndim=3, device=x.device)
+            v.shape(f"{name} scale", s, (n, k // 32, 2))
+        elif s is not None:
             v.tensor(f"{name} scale", s, dtypes=(torch.float32,), ndim=1, device=x.device)
             v.shape(f"{name} scale", s, (n,))
         if b is not None:

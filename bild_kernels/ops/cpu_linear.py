@@ -1,5 +1,7 @@
 """cpu_linear: y = x @ weight.T (+ bias) for a few rows of float32 on the CPU, the large model's verify pass;
-cpu_linear_int8: the same with int8 weights and a per-row scale, any number of rows (a CPU draft model).
+cpu_linear_int8: the same with int8 weights and a per-row scale, any number of rows (a CPU draft model);
+cpu_linear_q8_0 / cpu_linear_q4_1: a GGUF's Q8_0 / Q4_1 blocks (the default large model's head / layers), each
+weight rebuilt exactly, so the same bits as cpu_linear on the float32 weights they stand for.
 
 A CPU decode step is memory-bound: it reads every weight once. A verify pass over k + 1 tokens should cost
 the same, but library small-M matmuls may not manage it (MKL on an AMD EPYC costs about M times one row
@@ -66,6 +68,30 @@ def cpu_linear_q8_0(x, qweight, block_scale, bias=None, *, backend: str | None =
     _check_quantised("cpu_linear_q8_0", x, qweight, bias)
     fn = resolve("cpu_linear_q8_0", x.device, backend)
     return fn(x, qweight, block_scale.contiguous(), None if bias is None else bias.contiguous())
+
+
+def cpu_linear_q4_1(x, qweight, dm, bias=None, *, backend: str | None = None) -> torch.Tensor:
+    """x [M, K] float32, qweight [N, K / 2] uint8 (contiguous), dm [N, K / 32, 2] float32, bias [N] or None
+    -> y [M, N] = x @ w.T (+ bias), w = d * q + m: a GGUF Q4_1 matrix (e.g. the default large model's layers),
+    each block of 32 weights of a row as 16 bytes whose low nibbles are its first 16 weights and high nibbles the
+    next 16, with its scale d and minimum m in dm (`reference.q4_1_dequantize` is the definition). The "cpu"
+    backend rebuilds each weight exactly in registers, so its output is cpu_linear's on the dequantised float32
+    weights, bit for bit, from 0.75 bytes a weight instead of 4. K must be a multiple of 32. Any M.
+
+    backend: "cpu" (the extension; x86-64 with AVX2 and FMA), "ref", or None (the extension where it runs).
+    """
+    v.tensor("x", x, dtypes=(torch.float32,), ndim=2)
+    M, K = x.shape
+    if K % 32:
+        raise ValueError(f"x's K = {K} is not a multiple of 32 (Q4_1 blocks)")
+    v.tensor("qweight", qweight, dtypes=(torch.uint8,), ndim=2, device=x.device)
+    v.shape("qweight", qweight, (None, K // 2))
+    N = qweight.shape[0]
+    v.tensor("dm", dm, dtypes=(torch.float32,), ndim=3, device=x.device)
+    v.shape("dm", dm, (N, K // 32, 2))
+    _check_quantised("cpu_linear_q4_1", x, qweight, bias)
+    fn = resolve("cpu_linear_q4_1", x.device, backend)
+    return fn(x, qweight, dm.contiguous(), None if bias is None else bias.contiguous())
 
 
 def cpu_linear_int8(x, qweight, scale, bias=None, *, backend: str | None = None) -> torch.Tensor:

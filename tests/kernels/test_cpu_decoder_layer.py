@@ -112,6 +112,53 @@ def test_cpu_decoder_layer_is_thread_invariant(int8):
         assert torch.equal(a, b)
 
 
+def _q4_1_of(w: torch.Tensor):
+    """Q4_1 blocks (q [N, K / 2] uint8, dm [N, K / 32, 2]) near w, and the float32 weights they stand for."""
+    N, K = w.shape
+    b = w.view(N, K // 32, 32)
+    lo, hi = b.amin(2), b.amax(2)
+    d = ((hi - lo) / 15).clamp(min=1e-6).half().float()
+    m = lo.half().float()
+    nib = torch.round((b - m[..., None]) / d[..., None]).clamp(0, 15).to(torch.uint8)  # [N, nb, 32]
+    q = (nib[..., :16] | (nib[..., 16:] << 4)).reshape(N, K // 2).contiguous()
+    dm = torch.stack([d, m], -1).contiguous()
+    return q, dm, R.q4_1_dequantize(q, dm)
+
+
+@needs_ext
+@pytest.mark.parametrize("seqs", [DECODE, VERIFY, MIXED], ids=["decode", "verify", "mixed"])
+def test_cpu_decoder_layer_q4_1_blocks_give_the_float32_bits(seqs):
+    """Projections given as Q4_1 blocks (uint8 weight, dm as the scale) give the layer's output and cache writes on
+    their float32 weights, bit for bit; the reference twin agrees."""
+    case = _case(seqs, H=64, Hq=4, Hkv=2, D=16, inter=96, bias=True)
+    x, cos, sin, weights, caches, meta, Hq, Hkv = case
+    blocks, floats = {}, {}
+    for name in ("qkv", "o", "gate_up", "down"):
+        w, _, b = getattr(weights, name)
+        q, dm, wf = _q4_1_of(w)
+        blocks[name], floats[name] = (q, dm, b), (wf, None, b)
+    as_q4 = weights._replace(**blocks)
+    as_f32 = weights._replace(**floats)
+    got = _run((x, cos, sin, as_q4, caches, meta, Hq, Hkv), "cpu")
+    want = _run((x, cos, sin, as_f32, caches, meta, Hq, Hkv), "cpu")
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    ref = _run((x, cos, sin, as_q4, caches, meta, Hq, Hkv), "ref")
+    torch.testing.assert_close(got[0], ref[0], atol=1e-4, rtol=1e-4)
+
+
+@needs_ext
+def test_cpu_decoder_layer_q4_1_bad_input():
+    case = _case(DECODE, H=64, Hq=4, Hkv=2, D=16, inter=96)
+    x, cos, sin, weights, caches, meta, Hq, Hkv = case
+    q, dm, _ = _q4_1_of(weights.o[0])
+    for bad, match in (((q, dm[:, :1].contiguous(), None), r"o scale must have shape \[64, 2, 2\]"),
+                       ((q[:, :16].contiguous(), dm, None), r"o weight must have shape \[64, 32\]"),
+                       ((q, None, None), r"o weight must have dtype in \[.torch.float32.\], got torch.uint8")):
+        with pytest.raises((ValueError, TypeError), match=match):
+            _run((x, cos, sin, weights._replace(o=bad), caches, meta, Hq, Hkv), "cpu")
+
+
 def test_cpu_decoder_layer_ref_is_the_executors_layer():
     """The reference twin is the executor's own PyTorch layer (LlamaExecutor._layer), op for op."""
     from bild_kernels.models import load_model

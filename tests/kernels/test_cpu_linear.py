@@ -6,7 +6,7 @@ import torch
 
 from bild_kernels import reference as R
 from bild_kernels._backend import cpu_extension
-from bild_kernels.ops.cpu_linear import MAX_ROWS, cpu_linear, cpu_linear_int8, cpu_linear_q8_0
+from bild_kernels.ops.cpu_linear import MAX_ROWS, cpu_linear, cpu_linear_int8, cpu_linear_q4_1, cpu_linear_q8_0
 
 needs_ext = pytest.mark.skipif(cpu_extension() is None,
                                reason="bild_kernels._cpu not built, or this CPU lacks AVX2/FMA")
@@ -69,6 +69,9 @@ for N, K in [(13, 29), (200, 576), (77, 1536)]:
         if K % 32 == 0:
             d = torch.rand(N, K // 32).half().float()
             out[f"q8_0 {N} {K} {M}"] = L.cpu_linear_q8_0(x[:M], q, d, b, backend="cpu")
+            dm = torch.stack([d, -d.flip(1)], -1).contiguous()
+            out[f"q4_1 {N} {K} {M}"] = L.cpu_linear_q4_1(x[:M], q.view(torch.uint8)[:, :K // 2].contiguous(), dm, b,
+                                                         backend="cpu")
 torch.save(out, sys.argv[1])
 """
 
@@ -90,7 +93,7 @@ def test_cpu_linear_avx512_build_gives_the_avx2_bits(tmp_path):
         subprocess.run([sys.executable, str(script), str(tmp_path / name)], env=env, check=True)
         got[name] = torch.load(tmp_path / name)
     assert got["avx512"].pop("isa") == "avx512vl" and got["avx2"].pop("isa") == "avx2"
-    assert got["avx512"].keys() == got["avx2"].keys() and len(got["avx2"]) == 3 * 16 * 2 + 2 * 16
+    assert got["avx512"].keys() == got["avx2"].keys() and len(got["avx2"]) == 3 * 16 * 2 + 2 * 16 * 2
     for key, val in got["avx512"].items():
         assert torch.equal(val, got["avx2"][key]), key
 
@@ -336,3 +339,75 @@ def test_cpu_linear_q8_0_bad_input(change, exc, match):
     args.update(change)
     with pytest.raises(exc, match=match):
         cpu_linear_q8_0(args["x"], args["q"], args["d"], args["bias"])
+
+
+def _q4_1_case(N, K, seed, with_bias=False, M=21):
+    """Q4_1 blocks (random nibbles, fp16 d > 0 and m) and the float32 weights they stand for."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, generator=g)
+    d = (torch.rand(N, K // 32, generator=g) * 0.02 + 1e-3).half().float()
+    m = (-torch.rand(N, K // 32, generator=g) * 0.15).half().float()
+    dm = torch.stack([d, m], -1).contiguous()
+    return torch.randn(M, K, generator=g), q, dm, R.q4_1_dequantize(q, dm), (torch.randn(N, generator=g) if with_bias else None)
+
+
+def test_q4_1_dequantize_is_ggufs_layout():
+    """Byte j of a block holds weight j (low nibble) and weight j + 16 (high nibble); w = d * q + m."""
+    q = torch.zeros(1, 16, dtype=torch.uint8)
+    q[0, 3] = 0x5A  # weight 3 = 10, weight 19 = 5
+    dm = torch.tensor([[[0.5, -1.0]]])
+    w = R.q4_1_dequantize(q, dm)
+    want = torch.full((1, 32), -1.0)
+    want[0, 3], want[0, 19] = 0.5 * 10 - 1.0, 0.5 * 5 - 1.0
+    assert torch.equal(w, want)
+
+
+@needs_ext
+@pytest.mark.parametrize("N, K", [(1, 32), (7, 64), (111, 576), (33, 1536), (4099, 576)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_cpu_linear_q4_1_is_cpu_linear_on_the_dequantised_weights(N, K, with_bias):
+    """The same bits as the float32 kernel on d * q + m (each weight rebuilt exactly), at any M and thread count;
+    and close to the float64 reference."""
+    x, q, dm, w, bias = _q4_1_case(N, K, 22, with_bias)
+    want = R.cpu_linear_q4_1_ref(x.double(), q, dm, None if bias is None else bias.double())
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            for M in (1, 2, 3, 4, 5, 8, 9, 21):
+                got = cpu_linear_q4_1(x[:M], q, dm, bias, backend="cpu")
+                assert got.dtype == torch.float32 and got.shape == (M, N)
+                assert torch.equal(got, cpu_linear(x[:M], w, bias, backend="cpu"))
+                torch.testing.assert_close(got.double(), want[:M], atol=_tol(K) * 0.5, rtol=1e-5)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_ext
+def test_cpu_linear_q4_1_fake_impl():
+    x, q, dm, _, bias = _q4_1_case(10, 64, 3, True, M=3)
+    torch.library.opcheck(torch.ops.bild_kernels_cpu.cpu_linear_q4_1, (x, q, dm, bias),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_cpu_linear_q4_1_ref_backend():
+    x, q, dm, w, bias = _q4_1_case(6, 64, 4, True, M=3)
+    torch.testing.assert_close(cpu_linear_q4_1(x, q, dm, bias, backend="ref"), x @ w.T + bias)
+
+
+@pytest.mark.parametrize("change, exc, match", [
+    (dict(x=torch.randn(2, 64).double()), TypeError, "x must have dtype"),
+    (dict(q=torch.zeros(4, 32, dtype=torch.int8)), TypeError, "qweight must have dtype"),
+    (dict(x=torch.randn(2, 40)), ValueError, "not a multiple of 32"),
+    (dict(q=torch.zeros(4, 64, dtype=torch.uint8)), ValueError, r"qweight must have shape \[\*, 32\]"),
+    (dict(dm=torch.rand(4, 2)), ValueError, "dm must be 3-D"),
+    (dict(dm=torch.rand(4, 3, 2)), ValueError, r"dm must have shape \[4, 2, 2\]"),
+    (dict(dm=torch.rand(4, 2, 2).double()), TypeError, "dm must have dtype"),
+    (dict(q=torch.zeros(32, 4, dtype=torch.uint8).t()), ValueError, "qweight must be contiguous"),
+    (dict(bias=torch.randn(3)), ValueError, r"bias must have shape \[4\]"),
+])
+def test_cpu_linear_q4_1_bad_input(change, exc, match):
+    args = dict(x=torch.randn(2, 64), q=torch.zeros(4, 32, dtype=torch.uint8), dm=torch.rand(4, 2, 2), bias=None)
+    args.update(change)
+    with pytest.raises(exc, match=match):
+        cpu_linear_q4_1(args["x"], args["q"], args["dm"], args["bias"])
