@@ -7,8 +7,9 @@ the weights stream from memory as in a forward pass; the head once), at M = 1..1
 pass over M tokens costs against a decode step. Then cpu_linear_int8 at the shipped draft's shapes (4-layer
 stacks of int8 weights, an 8192-row head) at M = 1, 2, against torch's int8 weight kernel with bfloat16
 activations (`torch-bf16`, what the draft ran on before). CPU only; set threads with --threads (default 1,
-as `bild eval --threads 1`). Last, cpu_linear_q8_0 on the large model's head shape (its Q8_0 form in the GGUF)
-beside cpu_linear on the same weights in float32.
+as `bild eval --threads 1`). Then cpu_linear_q8_0 on the large model's head shape (its Q8_0 form in the GGUF)
+beside cpu_linear on the same weights in float32; last, cpu_linear_q4_1 on the layers' shapes (their Q4_1 form in
+the GGUF, 30-weight stacks) beside cpu_linear on the same weights in float32, with the totals of one forward.
 
   python bench/bench_cpu_linear.py [--threads 1] [--rows 1,2,3,4,8] [--no-save]
 """
@@ -91,6 +92,34 @@ def main():
                 record("cpu_linear_q8_0", "cpu", backend,
                        {"shape": "head", "N": N, "K": K, "stack": 1, "M": M, "threads": args.threads},
                        stats, N * (K + K // 32 * 4) if backend == "cpu-q8_0" else N * K * 4, save=not args.no_save)
+
+    # cpu_linear_q4_1 on the layers' projections (Q4_1 in the GGUF) beside cpu_linear on their float32 weights
+    from bild_kernels.reference import q4_1_dequantize
+    q4_totals = {}
+    for name, N, K, L in SHAPES:
+        if name == "head" or (N, K) not in wanted:
+            continue
+        blocks = [(torch.randint(0, 256, (N, K // 2), dtype=torch.uint8),
+                   torch.stack([(torch.rand(N, K // 32) * 0.02).half().float(),
+                                (-torch.rand(N, K // 32) * 0.1).half().float()], -1).contiguous()) for _ in range(L)]
+        floats = [q4_1_dequantize(q, dm) for q, dm in blocks]
+        q4 = {"cpu-q4_1": lambda x: [torch.ops.bild_kernels_cpu.cpu_linear_q4_1(x, q, dm, None) for q, dm in blocks],
+              "cpu-f32": lambda x: [torch.ops.bild_kernels_cpu.cpu_linear(x, w, None) for w in floats]}
+        for M in rows:
+            x = torch.randn(M, K)
+            for backend, fn in q4.items():
+                stats = timeit(lambda: fn(x), "cpu", iters=args.iters or 20)
+                row = record("cpu_linear_q4_1", "cpu", backend,
+                             {"shape": name, "N": N, "K": K, "stack": L, "M": M, "threads": args.threads},
+                             stats, L * N * (K // 2 + K // 32 * 8) if backend == "cpu-q4_1" else L * N * K * 4,
+                             save=not args.no_save)
+                q4_totals[backend, M] = q4_totals.get((backend, M), 0.0) + row["median_us"]
+    if q4_totals:
+        print("\nthe 30 layers' projections, Q4_1 blocks against float32 weights:")
+        for M in rows:
+            q, f = q4_totals["cpu-q4_1", M], q4_totals["cpu-f32", M]
+            print(f"  M={M}: q4_1 {q / 1e3:7.1f} ms (vs M={rows[0]} {q / q4_totals['cpu-q4_1', rows[0]]:.2f}x)   "
+                  f"f32 {f / 1e3:7.1f} ms   f32/q4_1 {f / q:.2f}x")
 
 
 if __name__ == "__main__":
