@@ -7,11 +7,15 @@ import torch
 
 
 def hf_model(source, dtype=torch.float32):
-    """A transformers causal LM from a model directory or a .gguf file."""
+    """A transformers causal LM from a model directory or a .gguf file. A GGUF's model remembers the file
+    (`bild_gguf_source`), so that bild's executor built from it later (`load_model(model)`: a BatchGenerator
+    writing a distillation corpus) can run from the file's own quantised blocks on a CPU."""
     from transformers import AutoModelForCausalLM
     path = Path(source)
     if path.suffix.lower() == ".gguf":
-        return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype).eval()
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype).eval()
+        model.bild_gguf_source = str(path.resolve())
+        return model
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
 
 

