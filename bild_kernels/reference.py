@@ -201,6 +201,19 @@ def q4_1_dequantize(qweight, dm):
     return (dm[..., :1].float() * q + dm[..., 1:].float()).reshape(N, nb * 32)
 
 
+def q4_1_quantize(w):
+    """Q4_1 blocks (qweight [N, K / 2] uint8, dm [N, K / 32, 2] float32) near w [N, K] (K a multiple of 32), as
+    llama.cpp makes them: per block of 32, m = its minimum, d = (maximum - minimum) / 15, both rounded to fp16,
+    q = round((w - m) / d) in 0..15. q4_1_dequantize gives the weights they stand for."""
+    N, K = w.shape
+    b = w.float().reshape(N, K // 32, 32)
+    lo, hi = b.amin(2), b.amax(2)
+    d = ((hi - lo) / 15).clamp(min=1e-6).half().float()
+    m = lo.half().float()
+    nib = torch.round((b - m[..., None]) / d[..., None]).clamp(0, 15).to(torch.uint8)
+    return (nib[..., :16] | (nib[..., 16:] << 4)).reshape(N, K // 2).contiguous(), torch.stack([d, m], -1).contiguous()
+
+
 def cpu_linear_q4_1_ref(x, qweight, dm, bias=None):
     """x [M, K] @ w.T (+ bias [N]) -> [M, N], w = q4_1_dequantize(qweight, dm) (a GGUF Q4_1 matrix)."""
     y = x @ q4_1_dequantize(qweight, dm).to(x.dtype).T

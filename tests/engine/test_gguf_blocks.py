@@ -52,15 +52,8 @@ def test_the_default_large_model_scores_its_head_from_the_q8_0_blocks():
 
 def _q4_1_of(w: torch.Tensor):
     """Q4_1 blocks (q [N, K / 2] uint8, dm [N, K / 32, 2]) near w, and the float32 weights they stand for."""
-    from bild_kernels.reference import q4_1_dequantize
-    N, K = w.shape
-    b = w.view(N, K // 32, 32)
-    lo, hi = b.amin(2), b.amax(2)
-    d = ((hi - lo) / 15).clamp(min=1e-6).half().float()
-    m = lo.half().float()
-    nib = torch.round((b - m[..., None]) / d[..., None]).clamp(0, 15).to(torch.uint8)
-    q = (nib[..., :16] | (nib[..., 16:] << 4)).reshape(N, K // 2).contiguous()
-    dm = torch.stack([d, m], -1).contiguous()
+    from bild_kernels.reference import q4_1_dequantize, q4_1_quantize
+    q, dm = q4_1_quantize(w)
     return q, dm, q4_1_dequantize(q, dm)
 
 

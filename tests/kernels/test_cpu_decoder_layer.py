@@ -114,15 +114,9 @@ def test_cpu_decoder_layer_is_thread_invariant(int8):
 
 def _q4_1_of(w: torch.Tensor):
     """Q4_1 blocks (q [N, K / 2] uint8, dm [N, K / 32, 2]) near w, and the float32 weights they stand for."""
-    N, K = w.shape
-    b = w.view(N, K // 32, 32)
-    lo, hi = b.amin(2), b.amax(2)
-    d = ((hi - lo) / 15).clamp(min=1e-6).half().float()
-    m = lo.half().float()
-    nib = torch.round((b - m[..., None]) / d[..., None]).clamp(0, 15).to(torch.uint8)  # [N, nb, 32]
-    q = (nib[..., :16] | (nib[..., 16:] << 4)).reshape(N, K // 2).contiguous()
-    dm = torch.stack([d, m], -1).contiguous()
-    return q, dm, R.q4_1_dequantize(q, dm)
+    from bild_kernels.reference import q4_1_dequantize, q4_1_quantize
+    q, dm = q4_1_quantize(w)
+    return q, dm, q4_1_dequantize(q, dm)
 
 
 @needs_ext

@@ -292,27 +292,6 @@ def _q8_0_case(N, K, M, with_bias=True, seed=0):
 
 
 @needs_ext
-@pytest.mark.parametrize("N, K", [(1, 32), (7, 64), (111, 576), (33, 1536), (4099, 576)])
-@pytest.mark.parametrize("with_bias", [False, True])
-def test_cpu_linear_q8_0_is_cpu_linear_on_the_dequantised_weights(N, K, with_bias):
-    """The same bits as the float32 kernel on q * d (each weight rebuilt exactly), at any M and thread count;
-    and close to the float64 reference."""
-    x, q, d, w, bias = _q8_0_case(N, K, 21, with_bias)
-    want = R.cpu_linear_q8_0_ref(x.double(), q, d.double(), None if bias is None else bias.double())
-    threads = torch.get_num_threads()
-    try:
-        for t in (1, 2):
-            torch.set_num_threads(t)
-            for M in (1, 2, 3, 8, 9, 21):
-                got = cpu_linear_q8_0(x[:M], q, d, bias, backend="cpu")
-                assert got.dtype == torch.float32 and got.shape == (M, N)
-                assert torch.equal(got, cpu_linear(x[:M], w, bias, backend="cpu"))
-                torch.testing.assert_close(got.double(), want[:M], atol=_tol(K) * 127 * 0.021, rtol=1e-5)
-    finally:
-        torch.set_num_threads(threads)
-
-
-@needs_ext
 def test_cpu_linear_q8_0_fake_impl():
     x, q, d, _, bias = _q8_0_case(10, 64, 3)
     torch.library.opcheck(torch.ops.bild_kernels_cpu.cpu_linear_q8_0, (x, q, d, bias),
@@ -363,22 +342,28 @@ def test_q4_1_dequantize_is_ggufs_layout():
 
 
 @needs_ext
+@pytest.mark.parametrize("kind", ["q8_0", "q4_1"])
 @pytest.mark.parametrize("N, K", [(1, 32), (7, 64), (111, 576), (33, 1536), (4099, 576)])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_cpu_linear_q4_1_is_cpu_linear_on_the_dequantised_weights(N, K, with_bias):
-    """The same bits as the float32 kernel on d * q + m (each weight rebuilt exactly), at any M and thread count;
-    and close to the float64 reference."""
-    x, q, dm, w, bias = _q4_1_case(N, K, 22, with_bias)
-    want = R.cpu_linear_q4_1_ref(x.double(), q, dm, None if bias is None else bias.double())
+def test_block_quantised_kernels_are_cpu_linear_on_the_dequantised_weights(kind, N, K, with_bias):
+    """The same bits as the float32 kernel on the weights the blocks stand for (q * d, d * q + m: each weight
+    rebuilt exactly), at any M and thread count; and close to the float64 reference."""
+    if kind == "q8_0":
+        x, q, scales, w, bias = _q8_0_case(N, K, 21, with_bias)
+        kernel, ref, atol = cpu_linear_q8_0, R.cpu_linear_q8_0_ref, _tol(K) * 127 * 0.021
+    else:
+        x, q, scales, w, bias = _q4_1_case(N, K, 22, with_bias)
+        kernel, ref, atol = cpu_linear_q4_1, R.cpu_linear_q4_1_ref, _tol(K) * 0.5
+    want = ref(x.double(), q, scales.double(), None if bias is None else bias.double())
     threads = torch.get_num_threads()
     try:
         for t in (1, 2):
             torch.set_num_threads(t)
             for M in (1, 2, 3, 4, 5, 8, 9, 21):
-                got = cpu_linear_q4_1(x[:M], q, dm, bias, backend="cpu")
+                got = kernel(x[:M], q, scales, bias, backend="cpu")
                 assert got.dtype == torch.float32 and got.shape == (M, N)
                 assert torch.equal(got, cpu_linear(x[:M], w, bias, backend="cpu"))
-                torch.testing.assert_close(got.double(), want[:M], atol=_tol(K) * 0.5, rtol=1e-5)
+                torch.testing.assert_close(got.double(), want[:M], atol=atol, rtol=1e-5)
     finally:
         torch.set_num_threads(threads)
 
@@ -411,3 +396,16 @@ def test_cpu_linear_q4_1_bad_input(change, exc, match):
     args.update(change)
     with pytest.raises(exc, match=match):
         cpu_linear_q4_1(args["x"], args["q"], args["dm"], args["bias"])
+
+
+def test_q4_1_quantize_round_trips():
+    """q4_1_quantize's blocks stand for weights within half a step d / 2 of w, and quantising those gives the same
+    blocks back."""
+    w = torch.randn(5, 64)
+    q, dm = R.q4_1_quantize(w)
+    back = R.q4_1_dequantize(q, dm)
+    d = dm[..., 0].repeat_interleave(32, dim=1)
+    assert q.dtype == torch.uint8 and q.shape == (5, 32) and dm.shape == (5, 2, 2)
+    assert bool(((back - w).abs() <= 0.5 * d + 1e-3).all())
+    q2, dm2 = R.q4_1_quantize(back)
+    assert torch.equal(R.q4_1_dequantize(q2, dm2), back)
