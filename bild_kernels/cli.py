@@ -147,7 +147,7 @@ def cmd_generate(args) -> int:
     sys.stdout.write("\n")
     m = out.metrics
     line = (f"[{describe(policy)}] {m.generated_tokens} tokens in {m.wall_time:.2f} s = {m.tokens_per_s:.1f} tokens/s"
-            f" | large passes {m.large_passes}")
+            f" (first after {m.time_to_first_token * 1e3:.0f} ms)" + f" | large passes {m.large_passes}")
     if policy.drafts:
         line += (f" | acceptance {m.acceptance_rate:.0%}, mean accepted {m.mean_accepted_length:.2f}"
                  f" | fallbacks {m.fallbacks} | rollbacks {m.rollbacks}")
@@ -282,7 +282,7 @@ def cmd_eval(args) -> int:
         rows += [r for r in _hf_rows(args, engine, prompts, rows[0]) if r]
     cols = ["policy", "batch", "tokens_per_s", "speedup", "exact_match", "rouge_l", "nll", "nll_ratio",
             "acceptance", "mean_accepted", "passes_per_token", "fallbacks", "rollbacks", "draft_s", "verify_s",
-            "overhead_s"]
+            "overhead_s", "ttft_ms", "decode_speedup"]
     print(format_table(rows, cols))
     _write_csv(args.out, rows, _run_info(engine))
     if args.plot:

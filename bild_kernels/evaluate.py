@@ -54,6 +54,9 @@ class EvalRow:
     draft_s: float = 0.0  # seconds in the draft phase (small model, sampling)
     verify_s: float = 0.0  # seconds in the verify phase (large model, verify_draft, rollback)
     overhead_s: float = 0.0  # the rest of the wall time: the engine's own bookkeeping
+    ttft_ms: float = 0.0  # mean time to a request's first token (its prompt's prefill): the same work in every policy
+    decode_tokens_per_s: float = 0.0  # tokens after each request's first / the time after it, summed over requests
+    decode_speedup: float = 0.0  # the same over LargeOnly's: the speed-up of the decode phase, prefill left out
 
     def as_dict(self) -> dict:
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items()}
@@ -135,11 +138,20 @@ def evaluate(engine, prompts: list[list[int]], policies: list[Policy], *, batch:
     ref_ids = [o.token_ids for o in outs[0]]
     ref_nll = mean_nll(engine, prompts, outs[0])
     base_tps = sum(len(r) for r in ref_ids) / walls[0]
-    rows = [_row("large-only", batch, prompts, outs[0], walls[0], base_tps, ref_ids, ref_nll, ref_nll, splits[0])]
+    base_decode = _decode_rate(outs[0])
+    rows = [_row("large-only", batch, prompts, outs[0], walls[0], base_tps, ref_ids, ref_nll, ref_nll, splits[0],
+                 base_decode)]
     for pol, o, wall, split in zip(policies, outs[1:], walls[1:], splits[1:]):
         rows.append(_row(describe(pol), batch, prompts, o, wall, base_tps, ref_ids, mean_nll(engine, prompts, o),
-                         ref_nll, split))
+                         ref_nll, split, base_decode))
     return rows
+
+
+def _decode_rate(outs) -> float:
+    """Output tokens after each request's first, over the time after it, summed over the requests."""
+    toks = sum(max(len(o.token_ids) - 1, 0) for o in outs)
+    secs = sum(o.metrics.decode_time for o in outs)
+    return toks / secs if secs > 0 else 0.0
 
 
 def eval_runs(n_prompts: int, n_policies: int, *, batch: int = 1, interleave: bool = True) -> int:
@@ -147,8 +159,9 @@ def eval_runs(n_prompts: int, n_policies: int, *, batch: int = 1, interleave: bo
     return (-(-n_prompts // batch) if interleave else 1) * (n_policies + 1)
 
 
-def _row(name, batch, prompts, outs, wall, base_tps, ref_ids, nll, ref_nll, split) -> EvalRow:
+def _row(name, batch, prompts, outs, wall, base_tps, ref_ids, nll, ref_nll, split, base_decode) -> EvalRow:
     m = RequestMetrics.aggregate(o.metrics for o in outs)
+    decode = _decode_rate(outs)
     toks = sum(len(o.token_ids) for o in outs)
     tps = toks / wall if wall > 0 else 0.0
     return EvalRow(
@@ -159,7 +172,9 @@ def _row(name, batch, prompts, outs, wall, base_tps, ref_ids, nll, ref_nll, spli
         nll=nll, nll_ratio=nll / ref_nll if ref_nll else 0.0, acceptance=m.acceptance_rate,
         mean_accepted=m.mean_accepted_length, fallbacks=m.fallbacks, rollbacks=m.rollbacks,
         large_passes=m.large_passes, passes_per_token=m.large_passes / toks if toks else 0.0, draft_s=split["draft"], verify_s=split["verify"],
-        overhead_s=max(wall - split["draft"] - split["verify"], 0.0))
+        overhead_s=max(wall - split["draft"] - split["verify"], 0.0),
+        ttft_ms=1e3 * sum(o.metrics.time_to_first_token for o in outs) / len(outs) if outs else 0.0,
+        decode_tokens_per_s=decode, decode_speedup=decode / base_decode if base_decode else 0.0)
 
 
 def format_table(rows: list[dict], columns: list[str] | None = None) -> str:

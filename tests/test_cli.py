@@ -42,7 +42,7 @@ def test_generate_streams_text_and_reports_the_run(capsys, pair_dirs):
     assert code == 0, err
     assert len(out.split()) == 12 and all(w.startswith("w") or w == "<unk>" for w in out.split())
     last = err.strip().splitlines()[-1]
-    for word in ("tokens/s", "acceptance", "fallbacks", "rollbacks", "bild("):
+    for word in ("tokens/s", "acceptance", "fallbacks", "rollbacks", "bild(", "first after"):
         assert word in last
 
 
@@ -120,7 +120,8 @@ def test_eval_writes_table_csv_and_plot(capsys, tmp_path, pair_dirs):
     greedy = next(r for r in rows if r["policy"].startswith("greedy"))
     assert float(greedy["exact_match"]) == 1.0 and float(greedy["rouge_l"]) == 1.0  # lossless
     assert float(rows[0]["nll_ratio"]) == 1.0 and float(rows[0]["speedup"]) == 1.0
-    assert "| policy" in out and png.stat().st_size > 1000
+    assert "| policy" in out and "decode_speedup" in out and png.stat().st_size > 1000
+    assert float(rows[0]["decode_speedup"]) == 1.0 and float(rows[0]["ttft_ms"]) > 0
 
 
 def test_distill_writes_a_draft_the_engine_loads(tmp_path, pair_dirs):
@@ -198,6 +199,9 @@ def test_evaluate_interleaves_the_policies_and_measures_the_same_runs(pair_dirs,
     keys = ("policy", "tokens", "exact_match", "rouge_l", "nll", "acceptance", "large_passes", "rollbacks")
     assert [[r.as_dict()[k] for k in keys] for r in rows] == [[r.as_dict()[k] for k in keys] for r in seq]
     assert rows[1].exact_match == 1.0 and rows[0].speedup == 1.0
+    # the prefill (time to first token) and the decode phase apart: the decode speed-up is that of the decode phase
+    assert rows[0].decode_speedup == 1.0 and all(r.ttft_ms > 0 and r.decode_tokens_per_s > 0 for r in rows)
+    assert rows[1].decode_speedup == pytest.approx(rows[1].decode_tokens_per_s / rows[0].decode_tokens_per_s)
     batched = ev.evaluate(eng, prompts, policies, max_tokens=6, batch=2)
     assert ev.eval_runs(3, 2, batch=2) == 6 and [r.tokens for r in batched] == [r.tokens for r in rows]
 

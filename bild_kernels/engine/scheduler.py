@@ -213,6 +213,8 @@ class Scheduler:
                         self._end(r, "error", f"the {faulted[r.seq.row]} model produced non-finite logits (NaN or "
                                               f"inf) after {len(r.seq.output_ids)} output tokens")
                         continue
+                    if new and not r.seq.metrics.first_token_time:
+                        r.seq.metrics.first_token_time = time.perf_counter()
                     reason = eng._finish(r.seq, new)
                     text = self.detok.delta(r.seq)
                     if reason:

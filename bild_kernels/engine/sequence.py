@@ -23,6 +23,7 @@ class RequestMetrics:
     accepted_lengths: Counter = field(default_factory=Counter)  # accepted tokens per verification -> count
     start_time: float = 0.0
     end_time: float = 0.0
+    first_token_time: float = 0.0  # when the step that produced the first output token ended (0: none yet)
 
     @property
     def acceptance_rate(self) -> float:
@@ -46,6 +47,16 @@ class RequestMetrics:
     def tokens_per_s(self) -> float:
         return self.generated_tokens / self.wall_time if self.wall_time > 0 else 0.0
 
+    @property
+    def time_to_first_token(self) -> float:
+        """Seconds from the request's arrival to its first output token (its prompt's prefill, and any wait)."""
+        return max(self.first_token_time - self.start_time, 0.0) if self.first_token_time else 0.0
+
+    @property
+    def decode_time(self) -> float:
+        """Seconds from the first output token to the last: the decode phase, where speculation acts."""
+        return max(self.end_time - self.first_token_time, 0.0) if self.first_token_time else 0.0
+
     def as_dict(self) -> dict:
         return {
             "prompt_tokens": self.prompt_tokens, "generated_tokens": self.generated_tokens,
@@ -57,6 +68,7 @@ class RequestMetrics:
             "fallbacks": self.fallbacks, "rollbacks": self.rollbacks,
             "iterations_per_token": round(self.iterations_per_token, 4),
             "wall_time_s": round(self.wall_time, 6), "tokens_per_s": round(self.tokens_per_s, 2),
+            "time_to_first_token_s": round(self.time_to_first_token, 6), "decode_time_s": round(self.decode_time, 6),
         }
 
     @staticmethod

@@ -51,6 +51,12 @@ def test_drafting_really_happens_and_metrics_add_up(engine):
         # every large pass commits at least one token: accepted drafts + one of its own
         assert x.large_passes <= N
         assert 0.0 <= x.acceptance_rate <= 1.0
+        # the first token comes from the prefill pass; the rest of the wall time is the decode phase
+        assert x.start_time < x.first_token_time <= x.end_time
+        assert x.time_to_first_token > 0 and x.decode_time >= 0
+        assert x.time_to_first_token + x.decode_time == pytest.approx(x.wall_time)
+        d = x.as_dict()
+        assert d["time_to_first_token_s"] == round(x.time_to_first_token, 6)
 
 
 def test_bild_with_loose_rollback_differs_but_keeps_length(engine, oracle):
