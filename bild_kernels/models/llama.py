@@ -28,6 +28,12 @@ from bild_kernels.models.config import ModelConfig
 from bild_kernels.ops.cpu_decoder_layer import LayerWeights, layer_args
 from bild_kernels.ops.cpu_linear import MAX_ROWS as CPU_LINEAR_MAX_ROWS
 
+# Tokens up to which a pass takes the fused CPU layer when it reads Q4_1 blocks (float32 weights: up to
+# CPU_LINEAR_MAX_ROWS, beyond which MKL's float32 product is faster). A prefill of the default large model on 2 cores
+# of the AMD EPYC (2026-11-27), fused from the blocks against F.linear on the float32 weights: 17 tokens 31 against 67
+# ms, 32 52 against 81, 64 102 against 144, 128 205 against 214, 256 441 against 402.
+Q4_1_FUSED_MAX_TOKENS = 96
+
 
 @dataclasses.dataclass
 class _LayerWeights:
@@ -196,8 +202,14 @@ class LlamaExecutor:
 
     @property
     def layer_blocks(self) -> str | None:
-        """"q4_1" when the fused CPU layer reads Q4_1 blocks (use_q4_1_layers), else None."""
-        return "q4_1" if self.layers and self.layers[0].blocks is not None else None
+        """"q4_1" when the fused CPU layer reads every layer's products from Q4_1 blocks (use_q4_1_layers), else
+        None."""
+        return "q4_1" if self.layers and all(w.blocks is not None for w in self.layers) else None
+
+    @property
+    def fused_max_tokens(self) -> int:
+        """The longest pass (tokens) that takes the fused CPU layer; longer ones run as ops on F.linear."""
+        return Q4_1_FUSED_MAX_TOKENS if self.layer_blocks == "q4_1" else CPU_LINEAR_MAX_ROWS
 
     def _fused_layer(self):
         """The op of csrc/cpu_decoder_layer.cpp where it serves this model: float32 on a CPU whose extension
@@ -311,7 +323,7 @@ class LlamaExecutor:
         slot_mapping = meta.slot_mapping.to(torch.int64)
         # The attention backend is chosen once per forward.
         attn_backend = self.attn_backend or default_attention_backend(self.device, self.dtype)
-        if self._fused is not None and attn_backend == "cpu" and T <= CPU_LINEAR_MAX_ROWS:
+        if self._fused is not None and attn_backend == "cpu" and T <= self.fused_max_tokens:
             x = self._fused_layers(x, cos, sin, meta, kv_caches, slot_mapping, start, end)
         else:
             x = self._op_layers(x, cos, sin, meta, kv_caches, slot_mapping, start, end, attn_backend)

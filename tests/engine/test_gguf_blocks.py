@@ -58,13 +58,13 @@ def _q4_1_of(w: torch.Tensor):
 
 
 def _extend(ex, tokens):
-    """Logits of one sequence's prompt (a prefill over F.linear) then of a 4-token and a 1-token pass (fused layer)."""
+    """Logits of one sequence's 16-token prompt, then of a 4-token and a 1-token pass (all through the fused layer)."""
     from bild_kernels.engine.runner import ModelRunner
     runner = ModelRunner(ex, num_blocks=64, block_size=4, max_seqs=1, max_blocks_per_seq=64)
     runner.add(0)
-    out = [runner.extend([0], [tokens[:20]], [1])]
-    out.append(runner.extend([0], [tokens[20:24]], [4]))
-    out.append(runner.extend([0], [tokens[24:25]], [1]))
+    out = [runner.extend([0], [tokens[:16]], [1])]
+    out.append(runner.extend([0], [tokens[16:20]], [4]))
+    out.append(runner.extend([0], [tokens[20:21]], [1]))
     return out
 
 
@@ -110,16 +110,37 @@ def test_the_default_large_model_runs_its_layers_from_the_q4_1_blocks():
     """Every projection of SmolLM2-135M's 30 layers from the GGUF's Q4_1 blocks (q and k rows in the loader's
     un-permuted order), and the same logits as its float32 weights."""
     from bild_kernels.models.default import default_large
+    from bild_kernels.engine.runner import ModelRunner
+    from bild_kernels.models.llama import Q4_1_FUSED_MAX_TOKENS
     ex, _ = load_model(default_large())
-    assert ex.layer_blocks == "q4_1"
+    assert ex.layer_blocks == "q4_1" and ex.fused_max_tokens == Q4_1_FUSED_MAX_TOKENS
     tokens = list(range(1000, 1025))
     got = _extend(ex, tokens)
+    runner = ModelRunner(ex, num_blocks=64, block_size=16, max_seqs=1, max_blocks_per_seq=64)
+    runner.add(0)
+    long = runner.extend([0], [list(range(2000, 2040))], [1])  # a 40-token prefill: fused too, from the blocks
+    blocks = [w.blocks for w in ex.layers]
     for w in ex.layers:
         w.blocks = None
-    assert ex.layer_blocks is None
+    assert ex.layer_blocks is None and ex.fused_max_tokens == 16
     want = _extend(ex, tokens)
     for a, b in zip(got, want):
         assert torch.equal(a, b)
+    ex.layers[0].blocks = blocks[0]
+    assert ex.layer_blocks is None  # one layer's blocks are not all of them
+    for w, b in zip(ex.layers, blocks):
+        w.blocks = b
+    runner.rollback([0], [40])
+    with torch.no_grad():  # the same 40 tokens through the fused layer on the float32 weights: the same bits
+        import bild_kernels.models.llama as llama
+        for w in ex.layers:
+            w.blocks = None
+        saved, llama.CPU_LINEAR_MAX_ROWS = llama.CPU_LINEAR_MAX_ROWS, 64
+        try:
+            again = runner.extend([0], [list(range(2000, 2040))], [1])
+        finally:
+            llama.CPU_LINEAR_MAX_ROWS = saved
+    assert torch.equal(long, again)
 
 
 @needs_ext
