@@ -238,8 +238,10 @@ def _run_info(engine) -> dict:
     import torch
     dev = engine.device
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{_cpu_model() or 'cpu'} x{os.cpu_count()}"
+    large = engine.runners["large"].executor
     return {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "device": name,
-            "threads": torch.get_num_threads(), "rev": _git_rev()}
+            "threads": torch.get_num_threads(), "rev": _git_rev(),
+            "large_weights": large.layer_blocks or large.weight_format}  # "q4_1": the layers from a GGUF's blocks
 
 
 def _cpu_model() -> str:
