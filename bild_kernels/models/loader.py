@@ -227,15 +227,26 @@ def _attach_gguf_blocks(executor: LlamaExecutor, path: Path, cache: Path | None)
             tensors = _gguf_tensors(path)
         return tensors
 
-    head = _kept(cache, _HEAD_Q8_0) or _keep(cache, _HEAD_Q8_0, _read_q8_0_head(gguf(), executor.lm_head.shape))
-    if head is not None:
-        taken["head"] = executor.use_q8_0_head(head["q"], head["d"])
-    layers = _kept(cache, _LAYERS_Q4_1) or _keep(cache, _LAYERS_Q4_1, _read_q4_1_layers(gguf(), executor))
-    if layers is not None:
-        per_layer = [{name: (layers[f"{i}.{name}.q"], layers[f"{i}.{name}.dm"])
+    def take_head(head: dict) -> bool:
+        return "q" in head and "d" in head and executor.use_q8_0_head(head["q"], head["d"])
+
+    def take_layers(layers: dict) -> bool:
+        per_layer = [{name: (layers[f"{i}.{name}.q"], layers.get(f"{i}.{name}.dm"))
                       for name in ("qkv", "o", "gate_up", "down") if f"{i}.{name}.q" in layers}
                      for i in range(executor.config.num_layers)]
-        taken["layers"] = executor.use_q4_1_layers(per_layer)
+        return executor.use_q4_1_layers(per_layer)
+
+    # A kept copy the executor refuses (damaged, or from another version) is read from the GGUF again and replaced.
+    for key, name, take, read in (
+            ("head", _HEAD_Q8_0, take_head, lambda: _read_q8_0_head(gguf(), executor.lm_head.shape)),
+            ("layers", _LAYERS_Q4_1, take_layers, lambda: _read_q4_1_layers(gguf(), executor))):
+        kept = _kept(cache, name)
+        taken[key] = kept is not None and take(kept)
+        if not taken[key]:
+            fresh = read()
+            taken[key] = fresh is not None and take(fresh)
+            if taken[key]:
+                _keep(cache, name, fresh)
     return taken
 
 
@@ -276,6 +287,8 @@ def _gguf_tensors(path: Path) -> dict:
 def _read_q8_0_head(tensors: dict, shape) -> dict | None:
     """{"q": [V, K] int8, "d": [V, K / 32] float32} of the GGUF's head (output.weight, else the tied token_embd)
     when it is stored as Q8_0 with the executor's shape, else None."""
+    if not tensors:  # no gguf package, or an unreadable file
+        return None
     import numpy as np
     from gguf import GGMLQuantizationType
     t = tensors.get("output.weight", tensors.get("token_embd.weight"))
@@ -297,6 +310,8 @@ def _read_q4_1_layers(tensors: dict, executor: LlamaExecutor) -> dict | None:
     [N, K / 32, 2] float32) when the GGUF stores all of them so, else None. q and k rows are put in the order the
     float32 weights have: transformers' GGUF loader un-permutes them for Llama (llama.cpp stores them permuted
     for its RoPE); a layer whose q/k match neither order makes use_q4_1_layers refuse them all."""
+    if not tensors:  # no gguf package, or an unreadable file
+        return None
     import numpy as np
     from gguf import GGMLQuantizationType
     c = executor.config

