@@ -3,8 +3,8 @@
 extension's matmul and attention kernels ("torch-ops": what the executor ran before the fused layer).
 
 Shapes: SmolLM2-135M's layer (hidden 576, 9 query heads over 3 kv heads of 64, intermediate 1536), as a stack
-of distinct layers (30 float32 ones: the default large model's decode step or verify pass; 4 int8 ones: the
-shipped draft's step), T = 1 or 3 new tokens of one sequence over a 96-token context. Prints median and
+of distinct layers (30 float32 ones: the default large model's decode step or verify pass; 30 with Q4_1 blocks:
+the same from its GGUF's blocks, as it runs on a CPU now; 4 int8 ones: the shipped draft's step), T = 1 or 3 new tokens of one sequence over a 96-token context. Prints median and
 20th/80th percentile µs per stack, and the ratios to cpu. CPU only; one thread unless --threads.
 
   python bench/bench_cpu_decoder_layer.py [--threads 1] [--rows 1,3] [--no-save]
@@ -28,10 +28,12 @@ from bild_kernels.ops.cpu_linear import MAX_ROWS  # noqa: E402
 H, HQ, HKV, D, INTER, BLOCK, CONTEXT = 576, 9, 3, 64, 1536, 16, 96
 
 
-def _layer(int8: bool) -> LayerWeights:
+def _layer(kind: str) -> LayerWeights:
     def w(n, k):
         t = torch.randn(n, k) * k ** -0.5
-        return (*Int8Weight.of(t), None) if int8 else (t, None, None)
+        if kind == "q4_1":  # the default large model's layers in its GGUF: Q4_1 blocks (uint8 weight, dm as scale)
+            return (*R.q4_1_quantize(t), None)
+        return (*Int8Weight.of(t), None) if kind == "int8" else (t, None, None)
     return LayerWeights(torch.ones(H), w((HQ + 2 * HKV) * D, H), w(H, HQ * D), torch.ones(H), w(2 * INTER, H),
                         w(H, INTER))
 
@@ -48,8 +50,8 @@ def main():
                "torch-ops": functools.partial(R.cpu_decoder_layer_ref, linear=ext.cpu_linear,
                                               linear_int8=ext.cpu_linear_int8, attention=ext.paged_attention)}
     blocks = -(-(CONTEXT + 16) // BLOCK)
-    for stack, int8 in ((args.layers, False), (4, True)):
-        layers = [layer_args(_layer(int8)) for _ in range(stack)]
+    for stack, kind in ((args.layers, "float32"), (args.layers, "q4_1"), (4, "int8")):
+        layers = [layer_args(_layer(kind)) for _ in range(stack)]
         caches = [(torch.randn(blocks, BLOCK, HKV, D), torch.randn(blocks, BLOCK, HKV, D)) for _ in range(stack)]
         for T in rows:
             meta = AttentionMetadata.build([T], [CONTEXT], torch.arange(blocks, dtype=torch.int32)[None], BLOCK)
@@ -60,6 +62,9 @@ def main():
                     HQ, HKV, D ** -0.5, 0, 1e-5)
             medians = {}
             for backend, fn in kernels.items():
+                if kind == "q4_1" and backend == "torch-ops":  # its products would dequantise each call
+                    continue
+
                 def run():
                     h = x
                     for w, (kc, vc) in zip(layers, caches):
@@ -67,12 +72,15 @@ def main():
                     return h
                 stats = timeit(run, "cpu", iters=args.iters or 20)
                 row = record("cpu_decoder_layer", "cpu", backend,
-                             {"weights": "int8" if int8 else "float32", "stack": stack, "T": T,
+                             {"weights": kind, "stack": stack, "T": T,
                               "threads": args.threads}, stats, None, save=not args.no_save)
                 medians[backend] = row["median_us"]
-            print(f"  {'int8' if int8 else 'float32'} stack of {stack}, T={T}: ref/cpu "
-                  f"{medians['ref'] / medians['cpu']:.2f}x, torch-ops/cpu {medians['torch-ops'] / medians['cpu']:.2f}x "
-                  f"({(medians['torch-ops'] - medians['cpu']) / stack:.0f} us a layer saved)")
+            line = f"  {kind} stack of {stack}, T={T}: cpu {medians['cpu'] / 1e3:.2f} ms, ref/cpu " \
+                   f"{medians['ref'] / medians['cpu']:.2f}x"
+            if "torch-ops" in medians:
+                line += (f", torch-ops/cpu {medians['torch-ops'] / medians['cpu']:.2f}x "
+                         f"({(medians['torch-ops'] - medians['cpu']) / stack:.0f} us a layer saved)")
+            print(line)
 
 
 if __name__ == "__main__":
