@@ -80,7 +80,9 @@ def test_cpu_linear_benchmark_compares_with_reference():
     assert sorted((r[1], next(t for t in r if t.startswith("M="))) for r in fp32) == [
         ("cpu", "M=1"), ("cpu", "M=3"), ("ref", "M=1"), ("ref", "M=3")]
     assert sorted(r[1] for r in rows if r[0] == "cpu_linear_int8") == ["cpu", "cpu", "torch-bf16", "torch-bf16"]
+    assert sorted(r[1] for r in rows if r[0] == "cpu_linear_q4_1") == ["cpu-f32", "cpu-f32", "cpu-q4_1", "cpu-q4_1"]
     assert any(line.strip().startswith("M=3: cpu") and "ref/cpu" in line for line in lines)
+    assert any(line.strip().startswith("M=3: q4_1") and "f32/q4_1" in line for line in lines)
 
 
 def test_cpu_decoder_layer_benchmark_compares_with_reference():
@@ -90,7 +92,8 @@ def test_cpu_decoder_layer_benchmark_compares_with_reference():
     lines = _run("bench_cpu_decoder_layer.py", "--rows", "1,3", "--layers", "2", "--iters", "2")
     rows = [line.split() for line in lines if " median " in line]
     assert sorted((r[1], r[2], r[4]) for r in rows) == sorted(
-        (b, f"weights={w}", f"T={t}") for b in ("cpu", "ref", "torch-ops") for w in ("float32", "int8") for t in (1, 3))
+        [(b, f"weights={w}", f"T={t}") for b in ("cpu", "ref", "torch-ops") for w in ("float32", "int8") for t in (1, 3)]
+        + [(b, "weights=q4_1", f"T={t}") for b in ("cpu", "ref") for t in (1, 3)])  # Q4_1: no torch-ops twin
     assert sum("torch-ops/cpu" in line for line in lines) == 4
 
 

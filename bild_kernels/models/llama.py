@@ -59,7 +59,8 @@ class _LayerWeights:
 
     def fused_args(self) -> tuple:
         """This layer's weights as cpu_decoder_layer's 14 positional arguments (built once, until a weight is
-        replaced): a projection is (weight, None, bias), or (int8 weight, scale, bias)."""
+        replaced): a projection is (weight, None, bias), (int8 weight, scale, bias), or (Q4_1 q, dm, bias) when
+        the layer has blocks."""
         args = self.__dict__.get("_fused_args")
         if args is None:
             def proj(name, b):
@@ -172,8 +173,9 @@ class LlamaExecutor:
         """Run the fused CPU layer's products from Q4_1 copies of the projections (blocks[i][name] = (q [N, K / 2]
         uint8, dm [N, K / 32, 2] float32) for name in qkv, o, gate_up, down: a GGUF's blocks, see
         `reference.q4_1_dequantize`) where they are exactly the float32 weights (every weight == d * q + m) and that
-        layer runs: cpu_linear_q4_1 then gives the same bits from 0.75 bytes a weight instead of 4. Passes the
-        fused layer does not take (prefill, over 16 tokens) keep the float32 weights. Returns whether it took
+        layer runs: cpu_linear_q4_1 then gives the same bits from 0.75 bytes a weight instead of 4, and passes of
+        up to Q4_1_FUSED_MAX_TOKENS tokens take that layer (longer prefills keep F.linear on the float32 weights,
+        faster there). Returns whether it took
         them (False: no fused float32 CPU layer here, int8 weights, or blocks that differ; nothing changes)."""
         from bild_kernels.reference import q4_1_dequantize
         if self._fused is None or self.weight_format != "float32" or len(blocks) != len(self.layers):

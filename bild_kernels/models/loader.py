@@ -39,7 +39,8 @@ def load_model(source, *, dtype=None, device="cpu", backend: str | None = None, 
     if hasattr(source, "state_dict") and hasattr(source, "config"):
         executor = _from_module(source, dtype, device, backend, who)
         gguf = getattr(source, "bild_gguf_source", None)  # set by bild_kernels.hf.hf_model
-        if isinstance(gguf, str) and Path(gguf).is_file():  # its blocks, where they are still exactly its weights
+        if isinstance(gguf, str) and executor.device.type == "cpu" and executor.dtype == torch.float32 \
+                and Path(gguf).is_file():  # its blocks, where they are still exactly its weights
             _attach_gguf_blocks(executor, Path(gguf), gguf_cache_dir(Path(gguf)))
         return executor, None
     if not isinstance(source, (str, os.PathLike)):
