@@ -241,17 +241,22 @@ bool has_avx512vl() {
   return ok;
 }
 
-// y[M, N] for any M: chunks of up to kMaxRows rows, each over the same weights (hot in cache after the first).
+// y[M, N] for any M: the output rows split over the threads, and each thread's rows done for chunks of up to
+// kMaxRows input rows, each chunk over the same weights (hot in cache after the first): fn(m0, rows, begin, end).
+// grain: 64 output rows (>= 37 KB of float32 weights for K = 576), so a thread's share is worth waking it for.
+template <typename Fn>
+void over_chunks(int64_t M, int64_t N, const Fn& fn) {
+  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) fn(m0, std::min(kMaxRows, M - m0), begin, end);
+  });
+}
+
 template <typename W, bool BLOCKED = false>
 void rows_all(const float* x, int64_t ldx, int64_t M, const W* w, int64_t K, int64_t N, const float* scale,
               const float* bias, float* y, const float* block_scale = nullptr) {
   const RowsFn<W>* fns = has_avx512vl() ? kRowsFns<Isa::kAvx512, W, BLOCKED> : kRowsFns<Isa::kAvx2, W, BLOCKED>;
-  // grain: 64 output rows (>= 37 KB of float32 weights for K = 576), so a thread's share is worth waking it for
-  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
-      const int64_t rows = std::min(kMaxRows, M - m0);
-      fns[rows - 1](x + m0 * ldx, ldx, w, K, scale, bias, y + m0 * N, N, begin, end, block_scale);
-    }
+  over_chunks(M, N, [&](int64_t m0, int64_t rows, int64_t begin, int64_t end) {
+    fns[rows - 1](x + m0 * ldx, ldx, w, K, scale, bias, y + m0 * N, N, begin, end, block_scale);
   });
 }
 
@@ -294,11 +299,8 @@ constexpr RowsFnQ4 kRowsFnsQ4[kMaxRows] = {rows_range_q4_1<I, 1>, rows_range_q4_
 void rows_all_q4_1(const float* x, int64_t ldx, int64_t M, const uint8_t* q, const float* dm, int64_t K, int64_t N,
                    const float* bias, float* y) {
   const RowsFnQ4* fns = has_avx512vl() ? kRowsFnsQ4<Isa::kAvx512> : kRowsFnsQ4<Isa::kAvx2>;
-  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
-      const int64_t rows = std::min(kMaxRows, M - m0);
-      fns[rows - 1](x + m0 * ldx, ldx, q, dm, K, bias, y + m0 * N, N, begin, end);
-    }
+  over_chunks(M, N, [&](int64_t m0, int64_t rows, int64_t begin, int64_t end) {
+    fns[rows - 1](x + m0 * ldx, ldx, q, dm, K, bias, y + m0 * N, N, begin, end);
   });
 }
 #endif
@@ -320,13 +322,16 @@ bool cpu_linear_supported() {
 }
 
 namespace {
-void check_common(const char* op, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+// weight_cols: the columns a weight row must have for x's K (K itself; K / 2 for Q4_1's packed nibbles)
+void check_common(const char* op, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                  int64_t (*weight_cols)(int64_t) = [](int64_t K) { return K; }) {
   TORCH_CHECK(cpu_linear_supported(), op, ": this CPU lacks AVX2/FMA (use the reference)");
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), op, ": x and weight must be on the CPU");
   TORCH_CHECK(x.scalar_type() == at::kFloat, op, ": x must be float32, got ", x.scalar_type());
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2, op, ": x must be [M, K] and weight [N, K], got ", x.sizes(),
               " and ", weight.sizes());
-  TORCH_CHECK(weight.size(1) == x.size(1), op, ": x has K=", x.size(1), " columns, weight ", weight.size(1));
+  TORCH_CHECK(weight.size(1) == weight_cols(x.size(1)), op, ": x has K=", x.size(1), " columns, so weight rows need ",
+              weight_cols(x.size(1)), ", got ", weight.size(1));
   TORCH_CHECK(weight.is_contiguous(), op, ": weight must be contiguous");
   if (bias.has_value()) {
     TORCH_CHECK(bias->device().is_cpu() && bias->scalar_type() == at::kFloat && bias->dim() == 1 &&
@@ -405,27 +410,14 @@ at::Tensor cpu_linear_q4_1(const at::Tensor& x, const at::Tensor& qweight, const
   // x [M, K] float32 (any M), qweight [N, K / 2] uint8 contiguous (Q4_1 nibbles, a GGUF row's blocks in order),
   // dm [N, K / 32, 2] float32 (each block's d and m), bias [N] float32 or None -> y [M, N] = x @ w.T + bias with
   // w = d * q + m: the same bits as cpu_linear on those float32 weights
-  TORCH_CHECK(cpu_linear_supported(), "cpu_linear_q4_1: this CPU lacks AVX2/FMA (use the reference)");
-  TORCH_CHECK(x.device().is_cpu() && qweight.device().is_cpu() && dm.device().is_cpu(),
-              "cpu_linear_q4_1: x, qweight and dm must be on the CPU");
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2, "cpu_linear_q4_1: x must be float32 [M, K], got ",
-              x.scalar_type(), " ", x.sizes());
-  const int64_t M = x.size(0), K = x.size(1);
+  check_common("cpu_linear_q4_1", x, qweight, bias, [](int64_t K) { return K / 2; });
+  TORCH_CHECK(qweight.scalar_type() == at::kByte, "cpu_linear_q4_1: qweight must be uint8, got ", qweight.scalar_type());
+  const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0);
   TORCH_CHECK(K % 32 == 0, "cpu_linear_q4_1: K must be a multiple of 32 (Q4_1 blocks), got ", K);
-  TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.dim() == 2 && qweight.size(1) == K / 2 &&
-                  qweight.is_contiguous(),
-              "cpu_linear_q4_1: qweight must be a contiguous uint8 [N, K/2=", K / 2, "] tensor, got ",
-              qweight.scalar_type(), " ", qweight.sizes());
-  const int64_t N = qweight.size(0);
-  TORCH_CHECK(dm.scalar_type() == at::kFloat && dm.dim() == 3 && dm.size(0) == N && dm.size(1) == K / 32 &&
-                  dm.size(2) == 2 && dm.is_contiguous(),
+  TORCH_CHECK(dm.device().is_cpu() && dm.scalar_type() == at::kFloat && dm.dim() == 3 && dm.size(0) == N &&
+                  dm.size(1) == K / 32 && dm.size(2) == 2 && dm.is_contiguous(),
               "cpu_linear_q4_1: dm must be a contiguous float32 [N=", N, ", K/32=", K / 32, ", 2] tensor, got ",
               dm.sizes());
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->device().is_cpu() && bias->scalar_type() == at::kFloat && bias->dim() == 1 &&
-                    bias->size(0) == N && bias->is_contiguous(),
-                "cpu_linear_q4_1: bias must be a contiguous float32 [N=", N, "] CPU tensor");
-  }
   const at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous();
   at::Tensor y = at::empty({M, N}, x.options());
 #ifdef BILD_X86
