@@ -48,15 +48,15 @@ FIRST_PASSES = ("chunked", "wide", "auto", "stream")  # index = csrc/common.cuh 
 
 def cuda_first_pass(kind: str | None = None) -> str:
     """The first pass over the vocabulary that the CUDA `sample_draft` and `verify_draft` launch, for the whole
-    process: "auto" (the default: per launch, the wide pass where it measured faster on an H200, the chunked
-    one for sample-mode verification and for launches with fewer wide blocks than the GPU has SMs;
-    csrc/common.cuh resolve_first_pass), "chunked" (RowChunkStatsKernel) or "wide" (RowWideStatsKernel: 4x
-    larger chunks, the statistics of greedy and BiLD rows per 16-byte vector) or "stream" (opt-in until timed on a
-    GPU: the statistics of z per vector at a higher occupancy, then the sampling rows' scaled statistics and
-    Gumbel draw in a second kernel that skips the draws that cannot win). With `kind`, sets it and
-    returns the previous one; without, returns the current one. `BILD_FIRST_PASS=<kind>` sets it when the
-    extension loads. A CUDA graph keeps the kernel it captured. Raises RuntimeError where the extension was
-    not built."""
+    process: "auto" (the default: per launch, what measured fastest on an H200 with all four timed in one run:
+    the stream pass for every `verify_draft` and for a `sample_draft` with at least as many stream blocks as
+    the GPU has SMs, the chunked pass for smaller ones; csrc/common.cuh resolve_first_pass), "chunked"
+    (RowChunkStatsKernel), "wide" (RowWideStatsKernel: 4x larger chunks, the statistics of greedy and BiLD rows
+    per 16-byte vector) or "stream" (the statistics of z per vector at a higher occupancy, then the sampling
+    rows' scaled statistics and Gumbel draw in a second kernel that skips the draws that cannot win). With
+    `kind`, sets it and returns the previous one; without, returns the current one. `BILD_FIRST_PASS=<kind>`
+    sets it when the extension loads. A CUDA graph keeps the kernel it captured. Raises RuntimeError where the
+    extension was not built."""
     ext = cuda_extension()
     if ext is None:
         raise RuntimeError("cuda_first_pass: bild_kernels._C was not built (no nvcc or BILD_NO_CUDA=1 at install)")

@@ -30,7 +30,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_draft(
 // sampling.cu: the first pass over V of sample_draft and verify_draft (0 chunked, 1 wide, 2 auto); none throws
 int current_first_pass();
 int64_t set_first_pass(int64_t kind);
-int64_t resolve_first_pass_for(int64_t rows, int64_t V, int64_t elem_size, bool sample_mode, int64_t sms);
+int64_t resolve_first_pass_for(int64_t rows, int64_t V, int64_t elem_size, bool verify, int64_t sms);
 }  // namespace bild
 
 TORCH_LIBRARY(bild_kernels_C, m) {
@@ -66,13 +66,13 @@ PYBIND11_MODULE(_C, m) {
   m.def("first_pass", &bild::current_first_pass,
         "The first pass over V that sample_draft and verify_draft launch: 0 chunked (RowChunkStatsKernel), "
         "1 wide (RowWideStatsKernel), 2 auto (per launch, csrc/common.cuh resolve_first_pass; the default), 3 stream "
-        "(RowStreamStatsKernel + RowScaledStatsKernel; opt-in)");
+        "(RowStreamStatsKernel + RowScaledStatsKernel)");
   m.def("set_first_pass", &bild::set_first_pass, pybind11::arg("kind"),
         "Choose the first pass over V for the whole process (0 chunked, 1 wide, 2 auto, 3 stream); returns the previous "
         "one, or -1 for another kind (nothing changes). A CUDA graph keeps the kernel it captured.");
   m.def("resolve_first_pass", &bild::resolve_first_pass_for, pybind11::arg("rows"), pybind11::arg("V"),
-        pybind11::arg("elem_size"), pybind11::arg("sample_mode"), pybind11::arg("sms"),
+        pybind11::arg("elem_size"), pybind11::arg("verify"), pybind11::arg("sms"),
         "The first pass (0 chunked, 1 wide, 3 stream) a launch over `rows` rows of V logits of `elem_size` bytes runs under "
-        "the current setting on a GPU of `sms` multiprocessors (sample_mode: verify_draft's sample mode); -1 for "
+        "the current setting on a GPU of `sms` multiprocessors (verify: a verify_draft launch, else sample_draft); -1 for "
         "arguments out of range");
 }

@@ -340,7 +340,7 @@ __global__ void __launch_bounds__(kChunkThreads)
 }
 
 // ------------------------------------------------------------------------------------------------
-// The wide first pass (resolve_first_pass picks it by default where it measured faster). The H100's
+// The wide first pass (forced with kFirstPassWide; `auto` picked it until the stream pass was timed). The H100's
 // profile of RowChunkStatsKernel (bench/results/gpu_h100_2026-11-26.md) showed it compute-bound (82% SM,
 // 21% DRAM): per element an online-logsumexp update with a branch and an accurate expf, an argmax update,
 // and per 32 elements two block reductions whose merges cost two expf at every level, in every thread.
@@ -365,19 +365,22 @@ __host__ __device__ constexpr int first_pass_splits(int kind, int V) {
 }
 
 // The first pass a launch over `rows` rows of V elements of T runs, for the process-wide setting `kind`:
-// kFirstPassChunked or kFirstPassWide as set; kFirstPassAuto picks what measured faster on an H200
-// (bench/results/gpu_h200_2026-11-26b.md): the chunked pass for verification in sample mode (its per-element
-// Philox and logs run better at the chunked pass's occupancy: wide 7% slower at B=64 and 256, K=8,
-// V=128256) and for launches with fewer wide blocks than SMs (their 4x larger chunks leave most SMs idle:
-// sample_draft of one sampled row of V=128256 ran 92 us wide against 34 us chunked); the wide pass otherwise
-// (greedy / BiLD verification at B=64, K=8, V=128256: 103 against 191 us; at B=256: 301 against 700 us;
-// sample_draft of 64 greedy rows: 18.5 against 32.4 us). `sms`: the device's multiprocessor count.
-// elem_size: sizeof(T) of the logits (2 or 4).
-inline int resolve_first_pass(int kind, int64_t rows, int V, int elem_size, bool sample_mode, int sms) {
+// kFirstPassChunked, kFirstPassWide or kFirstPassStream as set; kFirstPassAuto picks what measured fastest on
+// an H200 with all four passes timed in one run (bench/results/gpu_h200_2026-11-27.md, CUDA graphs, bf16):
+// - verify_draft (`verify`): the stream pass in every mode. Greedy / BiLD at B=64, K=8, V=128256 84 us
+//   against the wide pass's 101 and the chunked pass's 189; B=256 266 against 291 and 692; B=64, K=4,
+//   V=32000 27.4 against 32.8; B=1, K=4 18.9 against 20.6 (chunked); sample mode at B=64, K=8 262 against
+//   the chunked pass's 486 (its scaled kernel skips the draws that cannot win), at B=1 52.7 against 53.8.
+// - sample_draft: the stream pass where the launch has at least as many stream blocks as SMs (B=256 greedy
+//   rows 42 against 50 wide, sampled rows 340 against 375, top-k / top-p rows 658 against 749; B=64 sampled
+//   93 against 96, greedy 18.8 against 17.9 wide), the chunked pass below that (one sampled row of
+//   V=128256: 33.6 us chunked, 43.3 stream, 72.5 wide: a few large chunks leave most SMs idle).
+// `sms`: the device's multiprocessor count. elem_size: sizeof(T) of the logits (2 or 4).
+inline int resolve_first_pass(int kind, int64_t rows, int V, int elem_size, bool verify, int sms) {
   if (kind != kFirstPassAuto) return kind;
-  if (sample_mode) return kFirstPassChunked;
-  const int splits = elem_size == 2 ? row_splits<__half>(V, kWideVecs) : row_splits<float>(V, kWideVecs);
-  return rows * splits >= sms ? kFirstPassWide : kFirstPassChunked;
+  if (verify) return kFirstPassStream;
+  const int splits = elem_size == 2 ? row_splits<__half>(V, kStreamVecs) : row_splits<float>(V, kStreamVecs);
+  return rows * splits >= sms ? kFirstPassStream : kFirstPassChunked;
 }
 
 // 2^x, one MUFU instruction (relative error ~2^-22; subnormal results flush to zero, which a sum of
@@ -479,7 +482,8 @@ __global__ void __launch_bounds__(kChunkThreads)
 }
 
 // ------------------------------------------------------------------------------------------------
-// The stream first pass (opt-in, kFirstPassStream, until a GPU has timed it). The wide pass's profile on an
+// The stream first pass (what `auto` runs wherever it launches enough blocks; timed on an H200 2026-11-27).
+// The wide pass's profile on an
 // H200 (bench/results/gpu_h200_2026-11-26b.md: 30% DRAM, 44% SM, 122 registers, 2 blocks an SM) showed its
 // load, math and reduction phases not overlapping; and the registers of its sampling rows set the occupancy of
 // every row. So the work is split in two kernels:

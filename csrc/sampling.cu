@@ -29,10 +29,10 @@ int64_t set_first_pass(int64_t kind) {
 
 int device_sms() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 
-int64_t resolve_first_pass_for(int64_t rows, int64_t V, int64_t elem_size, bool sample_mode, int64_t sms) {
+int64_t resolve_first_pass_for(int64_t rows, int64_t V, int64_t elem_size, bool verify, int64_t sms) {
   if (rows < 0 || V <= 0 || V >= (1LL << 31) || (elem_size != 2 && elem_size != 4) || sms <= 0) return -1;
   return resolve_first_pass(current_first_pass(), rows, static_cast<int>(V), static_cast<int>(elem_size),
-                            sample_mode, static_cast<int>(sms));
+                            verify, static_cast<int>(sms));
 }
 
 // The per-row parameter vectors of sample_draft and verify_draft: [B] each, of the reference's dtypes.

@@ -80,7 +80,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_draft(
     C10_CUDA_CHECK(VerifyDraft<T>(ids.const_data_ptr<int64_t>(), static_cast<const T*>(z.const_data_ptr()), probs_ptr,
                                   B, K, V, static_cast<int>(mode), prm, out, scr, c10::cuda::getCurrentCUDAStream(),
                                   resolve_first_pass(current_first_pass(), B * (K + 1), static_cast<int>(V), sizeof(T),
-                                                     mode == kModeSample, device_sms())));
+                                                     /*verify=*/true, device_sms())));
   });
   return {num_accepted, output_ids, distances, target_probs};
 }

@@ -306,27 +306,29 @@ def test_cuda_first_pass_setting():
 
 @pytest.mark.parametrize("kind", ["chunked", "wide", "auto", "stream"])
 def test_resolve_first_pass(kind):
-    """What each setting launches: chunked and wide as set; auto the chunked pass for sample-mode verification
-    and for launches with fewer wide blocks (rows x ceil(V / 32768) in bf16, / 16384 in fp32) than SMs, the
-    wide pass otherwise."""
+    """What each setting launches: chunked, wide and stream as set; auto the stream pass for every verify_draft
+    launch, and for sample_draft the stream pass where it has at least as many stream blocks (rows x
+    ceil(V / 16384) in bf16, / 8192 in fp32) as the GPU has SMs, the chunked pass below that (the H200's
+    timings of 2026-11-27, csrc/common.cuh)."""
     from bild_kernels import cuda_first_pass
     ext = cuda_extension()
     old = cuda_first_pass(kind)
     try:
-        for rows, V, size, sample, sms, auto in [
-                (576, 128256, 2, False, 132, 1),   # verify greedy / BiLD, B=64, K=8: 2304 wide blocks
-                (576, 128256, 2, True, 132, 0),    # the same in sample mode
-                (5, 128256, 2, False, 132, 0),     # B=1, K=4: 20 wide blocks on 132 SMs
-                (1, 128256, 2, False, 132, 0),     # sample_draft, one row
-                (33, 128256, 2, False, 132, 1),    # 33 * 4 = 132 wide blocks
-                (32, 128256, 2, False, 132, 0),
-                (66, 49152, 2, False, 132, 1),     # SmolLM2's vocabulary: 2 wide blocks a row
-                (65, 49152, 2, False, 132, 0),
-                (44, 49152, 4, False, 132, 1),     # fp32: 16384-element chunks, 3 a row
-                (43, 49152, 4, False, 132, 0),
+        for rows, V, size, verify, sms, auto in [
+                (576, 128256, 2, True, 132, 3),    # verify_draft, B=64, K=8
+                (5, 128256, 2, True, 132, 3),      # verify_draft, B=1, K=4: stream too (18.9 against 20.6 us)
+                (1, 111, 4, True, 132, 3),
+                (64, 128256, 2, False, 132, 3),    # sample_draft, 64 rows: 512 stream blocks
+                (1, 128256, 2, False, 132, 0),     # sample_draft, one row: 8 stream blocks on 132 SMs
+                (17, 128256, 2, False, 132, 3),    # 17 * 8 = 136 stream blocks
+                (16, 128256, 2, False, 132, 0),    # 128
+                (44, 49152, 2, False, 132, 3),     # SmolLM2's vocabulary: 3 stream blocks a row
+                (43, 49152, 2, False, 132, 0),
+                (22, 49152, 4, False, 132, 3),     # fp32: 8192-element chunks, 6 a row
+                (21, 49152, 4, False, 132, 0),
                 (0, 111, 2, False, 132, 0)]:
             want = {"chunked": 0, "wide": 1, "auto": auto, "stream": 3}[kind]
-            assert ext.resolve_first_pass(rows, V, size, sample, sms) == want, (rows, V, size, sample, sms)
+            assert ext.resolve_first_pass(rows, V, size, verify, sms) == want, (rows, V, size, verify, sms)
         for bad in [(-1, 10, 2, False, 132), (1, 0, 2, False, 132), (1, 2**31, 2, False, 132),
                     (1, 10, 8, False, 132), (1, 10, 2, False, 0)]:
             assert ext.resolve_first_pass(*bad) == -1, bad
