@@ -81,7 +81,7 @@ class BlockManager:
     def allocate(self, row: int, cache: int = 0) -> None:
         """Start an empty sequence in `row` (blocks are reserved by `append`)."""
         self._row(row, cache, active=False)
-        self.context_lens[cache, row] = 0
+        self.context_lens[cache, row].fill_(0)  # not `= 0`: a Python scalar's setitem is a blocking H2D copy
         self._lens[cache][row] = 0
 
     def append(self, rows, num_new, cache: int = 0) -> torch.Tensor:
@@ -161,10 +161,11 @@ class BlockManager:
         self._row(row, cache, active=True)
         bt, cl = self.tables(cache)
         everything = torch.zeros(self.max_seqs, dtype=torch.int32, device=self.device)
-        everything[row] = _NO_LIMIT
-        ops.rollback_paged_kv(bt, cl, everything, self.free_blocks, self.num_free, self.block_size,
-                              backend=self.backend)
-        cl[row] = -1
+        everything[row].fill_(_NO_LIMIT)
+        with ops.trusted_inputs():  # the manager's own state, valid by construction: no device reads in the checks
+            ops.rollback_paged_kv(bt, cl, everything, self.free_blocks, self.num_free, self.block_size,
+                                  backend=self.backend)
+        cl[row].fill_(-1)
         self._lens[cache][row] = -1
 
     # -- checks -------------------------------------------------------------------------------------

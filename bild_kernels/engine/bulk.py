@@ -187,9 +187,12 @@ class BatchGenerator:
         return res.output_ids[:, 0]
 
     def _decode_step(self, lp: _Loop) -> None:
+        # A row with no slot this step attends to nothing: the graph's warm-up runs on empty buffers (every
+        # slot -1, every table entry -1) move context_lens on, and must not read block -1 of the caches.
+        ctx = torch.where(lp.slot_mapping >= 0, lp.context_lens, torch.zeros_like(lp.context_lens))
         meta = AttentionMetadata(query_start_loc=lp.query_start_loc, positions=lp.positions,
                                  slot_mapping=lp.slot_mapping, block_tables=lp.block_tables,
-                                 context_lens=lp.context_lens, max_query_len=1)
+                                 context_lens=ctx, max_query_len=1)
         logits = self.executor.forward(lp.input_ids, meta, self.runner.kv_caches)  # [B, V]
         tok = self._sample(lp, logits)
         lp.step.add_(1)

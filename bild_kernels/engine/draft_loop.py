@@ -69,9 +69,13 @@ def capture_graph(step, device: torch.device, pool, what: str):
             step()
         return graph
     except Exception as exc:  # noqa: BLE001 — the uncaptured step is the same ops, only slower
+        try:
+            torch.cuda.synchronize(device)
+        except Exception as fault:  # a device fault (illegal address, ...): no uncaptured step can run either;
+            raise RuntimeError(f"{what} faulted on the device while warming up or recording its CUDA graph "
+                               f"(first error: {type(exc).__name__}: {exc})") from fault
         warnings.warn(f"CUDA-graph capture of {what} failed, running it without a graph: {type(exc).__name__}: "
                       f"{exc}", RuntimeWarning, stacklevel=3)
-        torch.cuda.synchronize(device)
         return None
 
 

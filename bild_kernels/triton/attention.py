@@ -52,7 +52,8 @@ def _paged_attention_kernel(
         for start in range(lo, hi, BLOCK_N):
             n = start + tl.arange(0, BLOCK_N)
             n_ok = n < hi
-            blk = tl.load(block_tables_ptr + b * stride_bt + n // BLOCK_SIZE, mask=n_ok, other=0)
+            blk = tl.load(block_tables_ptr + b * stride_bt + n // BLOCK_SIZE, mask=n_ok, other=-1)
+            n_ok = n_ok & (blk >= 0)  # a -1 entry (no block) holds no key: never read before the cache
             kv_off = blk.to(tl.int64) * stride_kb + (n % BLOCK_SIZE) * stride_ks + kvh * stride_kh
             kv_mask = n_ok[:, None] & d_ok[None, :]
             k = tl.load(k_cache_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]

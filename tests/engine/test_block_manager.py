@@ -224,3 +224,42 @@ def test_host_and_device_slot_mappings_agree():
             for r, n in zip(rows, counts):
                 lens[c, r] -= n
     assert torch.equal(host.block_tables, dev.block_tables) and torch.equal(host.context_lens, dev.context_lens)
+
+
+class _DeviceReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the ops that make the host wait for the GPU on CUDA (a scalar read, nonzero, or a Python scalar
+    copied into a tensor element, which is a blocking host-to-device copy), whatever device runs them."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        if name.startswith(("aten._local_scalar_dense", "aten.item", "aten.nonzero", "aten.is_nonzero")) or (
+                name.startswith("aten.copy_") and args[0].dim() == 0 and args[1].dim() == 0
+                and args[1].device.type == "cpu"):
+            self.ops.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.skipif(not TRITON_OK, reason="the Triton ops need a GPU or TRITON_INTERPRET=1 (the reference ops are "
+                    "Python loops that read every entry: no GPU path)")
+def test_admitting_and_freeing_a_sequence_never_reads_the_device():
+    """allocate and free run once per request on the engine's host thread: on a GPU each read of the device
+    there stalls the queued work (an H200 counted 6 a request, 2026-11-27). Appending, as the engine's step
+    does it (its ops' value checks off: the manager's own state), reads num_free once: was the reservation
+    served?"""
+    from bild_kernels import ops
+    bm = BlockManager(8, 4, 3, 4, device=DEVICE, backend="triton")
+    bm.host_slots = False  # the device path of append, as on CUDA
+    with _DeviceReads() as reads:
+        bm.allocate(1)
+    assert reads.ops == []
+    with _DeviceReads() as reads, ops.trusted_inputs():
+        bm.append([1], [6])
+    assert reads.ops == ["aten._local_scalar_dense.default"]
+    with _DeviceReads() as reads:
+        bm.free(1)
+    assert reads.ops == []
+    assert bm.num_free_blocks() == 8 and bm.context_lens_of([1]) == [-1]

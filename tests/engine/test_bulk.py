@@ -6,7 +6,7 @@ from bild_kernels import Engine, LargeOnly, SamplingParams
 from bild_kernels.engine.bulk import BatchGenerator
 from tests.conftest import requires_gpu
 
-from .conftest import hf_greedy
+from .conftest import hf_greedy, tiny_llama
 
 PROMPT_LENS = (5, 1, 17, 9, 30, 2, 11)
 
@@ -121,3 +121,22 @@ def test_the_graphed_loop_equals_the_eager_one_and_never_waits_on_the_gpu(large_
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("B,N", [(1, 2), (4, 8)])
+def test_the_graph_warm_up_of_a_decode_step_reads_no_block(B, N):
+    """capture_graph runs a loop's decode step twice, then records it, on the loop's fresh buffers (every slot
+    and table entry -1), which move context_lens on each run: the step must not read block -1 of a cache (on an
+    H200 at batch 1,024 that read faulted, 2026-11-27). Every cache here is a view one block into a NaN-filled
+    buffer, so such a read shows as NaN logits (the CPU extension's attention refuses a -1 block outright)."""
+    gen = BatchGenerator(tiny_llama(1, layers=2), device="cpu", dtype=torch.float32, max_batch_size=4,
+                         max_model_len=32, graph=False)
+    gen.runner.kv_caches = [tuple(torch.full((c.shape[0] + 1, *c.shape[1:]), float("nan"), dtype=c.dtype)[1:]
+                                  for c in (kc, vc)) for kc, vc in gen.runner.kv_caches]
+    seen = []
+    sample = gen._sample
+    gen._sample = lambda lp, logits: (seen.append(logits.clone()), sample(lp, logits))[1]
+    lp = gen._loop(B, N)  # graph=False: nothing recorded, the buffers a recording gets
+    for _ in range(3):
+        gen._decode_step(lp)
+    assert len(seen) == 3 and all(bool(x.isfinite().all()) for x in seen)
