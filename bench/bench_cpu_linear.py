@@ -9,7 +9,8 @@ stacks of int8 weights, an 8192-row head) at M = 1, 2, against torch's int8 weig
 activations (`torch-bf16`, what the draft ran on before). CPU only; set threads with --threads (default 1,
 as `bild eval --threads 1`). Then cpu_linear_q8_0 on the large model's head shape (its Q8_0 form in the GGUF)
 beside cpu_linear on the same weights in float32; last, cpu_linear_q4_1 on the layers' shapes (their Q4_1 form in
-the GGUF, 30-weight stacks) beside cpu_linear on the same weights in float32, with the totals of one forward.
+the GGUF, 30-weight stacks) beside cpu_linear on the same weights in float32 and, where the CPU has AVX-512 VNNI,
+cpu_linear_q4_1x16 on those blocks packed (int16 activations), with the totals of one forward.
 
   python bench/bench_cpu_linear.py [--threads 1] [--rows 1,2,3,4,8] [--no-save]
 """
@@ -94,7 +95,7 @@ def main():
                        stats, N * (K + K // 32 * 4) if backend == "cpu-q8_0" else N * K * 4, save=not args.no_save)
 
     # cpu_linear_q4_1 on the layers' projections (Q4_1 in the GGUF) beside cpu_linear on their float32 weights
-    from bild_kernels.reference import q4_1_dequantize
+    from bild_kernels.reference import q4_1_dequantize, q4_1x16_pack
     q4_totals = {}
     for name, N, K, L in SHAPES:
         if name == "head" or (N, K) not in wanted:
@@ -105,21 +106,28 @@ def main():
         floats = [q4_1_dequantize(q, dm) for q, dm in blocks]
         q4 = {"cpu-q4_1": lambda x: [torch.ops.bild_kernels_cpu.cpu_linear_q4_1(x, q, dm, None) for q, dm in blocks],
               "cpu-f32": lambda x: [torch.ops.bild_kernels_cpu.cpu_linear(x, w, None) for w in floats]}
+        if torch.ops.bild_kernels_cpu.cpu_linear_q4_1x16_supported():  # the same blocks packed, int16 activations
+            packed = [q4_1x16_pack(q, dm) for q, dm in blocks]
+            q4["cpu-x16"] = lambda x: [torch.ops.bild_kernels_cpu.cpu_linear_q4_1x16(x, q, dm, None) for q, dm in packed]
         for M in rows:
             x = torch.randn(M, K)
             for backend, fn in q4.items():
                 stats = timeit(lambda: fn(x), "cpu", iters=args.iters or 20)
-                row = record("cpu_linear_q4_1", "cpu", backend,
+                op = "cpu_linear_q4_1x16" if backend == "cpu-x16" else "cpu_linear_q4_1"
+                row = record(op, "cpu", "cpu" if backend == "cpu-x16" else backend,
                              {"shape": name, "N": N, "K": K, "stack": L, "M": M, "threads": args.threads},
-                             stats, L * N * (K // 2 + K // 32 * 8) if backend == "cpu-q4_1" else L * N * K * 4,
+                             stats, L * N * (K // 2 + K // 32 * 8) if backend != "cpu-f32" else L * N * K * 4,
                              save=not args.no_save)
                 q4_totals[backend, M] = q4_totals.get((backend, M), 0.0) + row["median_us"]
     if q4_totals:
         print("\nthe 30 layers' projections, Q4_1 blocks against float32 weights:")
         for M in rows:
             q, f = q4_totals["cpu-q4_1", M], q4_totals["cpu-f32", M]
+            x16 = q4_totals.get(("cpu-x16", M))
             print(f"  M={M}: q4_1 {q / 1e3:7.1f} ms (vs M={rows[0]} {q / q4_totals['cpu-q4_1', rows[0]]:.2f}x)   "
-                  f"f32 {f / 1e3:7.1f} ms   f32/q4_1 {f / q:.2f}x")
+                  f"f32 {f / 1e3:7.1f} ms   f32/q4_1 {f / q:.2f}x"
+                  + ("" if x16 is None else f"   x16 {x16 / 1e3:7.1f} ms (vs M={rows[0]} "
+                     f"{x16 / q4_totals['cpu-x16', rows[0]]:.2f}x)   q4_1/x16 {q / x16:.2f}x"))
 
 
 if __name__ == "__main__":

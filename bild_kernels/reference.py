@@ -220,6 +220,62 @@ def cpu_linear_q4_1_ref(x, qweight, dm, bias=None):
     return y if bias is None else y + bias
 
 
+def q4_1x16_pack(qweight, dm):
+    """Q4_1 blocks (qweight [N, K / 2] uint8, dm [N, K / 32, 2] float32; N a multiple of 16) repacked for
+    `cpu_linear_q4_1x16`: 16 output rows side by side. packed [N / 16, K / 32, 4, 16, 4] uint8: for rows g and
+    block b, entry [t, n] is a 32-bit word of 8 nibbles, nibble s (bits 4s..4s+3) = q[16g + n, 8t + 2s] and
+    nibble s + 4 = q[16g + n, 8t + 2s + 1] (q the block's 32 values in order, little-endian bytes); dm16
+    [N / 16, K / 32, 2, 16] float32: d and m of the 16 rows. The same weights (q4_1x16_unpack)."""
+    N, nb = dm.shape[0], dm.shape[1]
+    if N % 16:
+        raise ValueError(f"q4_1x16_pack: N must be a multiple of 16, got {N}")
+    b = qweight.view(N, nb, 16).to(torch.int64)
+    q = torch.cat([b & 15, b >> 4], -1).view(N // 16, 16, nb, 4, 4, 2)  # [g, n, b, t, s, e]: k = 8t + 2s + e
+    nib = q.permute(0, 2, 3, 1, 5, 4).reshape(N // 16, nb, 4, 16, 8)  # nibble p = 4e + s
+    word = (nib << (4 * torch.arange(8))).sum(-1)  # [g, b, t, n] < 2^32
+    packed = torch.stack([(word >> (8 * i)) & 255 for i in range(4)], -1).to(torch.uint8)
+    return packed.contiguous(), dm.view(N // 16, 16, nb, 2).permute(0, 2, 3, 1).contiguous()
+
+
+def q4_1x16_unpack(packed, dm16):
+    """The inverse of q4_1x16_pack: (qweight [N, K / 2] uint8, dm [N, K / 32, 2] float32)."""
+    G, nb = packed.shape[0], packed.shape[1]
+    word = sum(packed[..., i].to(torch.int64) << (8 * i) for i in range(4))  # [g, b, t, n]
+    nib = (word[..., None] >> (4 * torch.arange(8))) & 15  # [g, b, t, n, p]
+    q = nib.view(G, nb, 4, 16, 2, 4).permute(0, 3, 1, 2, 5, 4).reshape(G * 16, nb, 32)  # [g, n, b, t, s, e]
+    qweight = (q[..., :16] | (q[..., 16:] << 4)).to(torch.uint8).reshape(G * 16, nb * 16)
+    return qweight.contiguous(), dm16.permute(0, 3, 1, 2).reshape(G * 16, nb, 2).contiguous()
+
+
+def q4_1x16_quantize_rows(x):
+    """The activations as cpu_linear_q4_1x16 rounds them: x [M, K] float32 (K a multiple of 32) -> xq [M, K]
+    int16 = round-half-even(x * (32767 / amax)) per run of 32 (0 where amax = 0), dx [M, K / 32] = amax / 32767,
+    sx [M, K / 32] = the run's float sum (the kernel sums in another order: within rounding)."""
+    M, K = x.shape
+    b = x.float().reshape(M, K // 32, 32)
+    amax = b.abs().amax(-1)
+    inv = torch.where(amax > 0, torch.tensor(32767.0) / amax, torch.zeros_like(amax))
+    xq = torch.round(b * inv[..., None]).clamp(-32768, 32767).to(torch.int16).reshape(M, K)
+    return xq, amax / 32767.0, b.sum(-1)
+
+
+def cpu_linear_q4_1x16_ref(x, packed, dm16, bias=None):
+    """x [M, K] @ w.T (+ bias [N]) -> [M, N] float32 as `cpu_linear_q4_1x16` computes it: w the Q4_1 weights of
+    (packed, dm16) (q4_1x16_pack), x rounded to int16 per run of 32 (q4_1x16_quantize_rows); per block b the
+    exact integer sum(q * xq), then y = sum_b d * dx * isum + m * sx (in float64 here: the kernel's float32
+    sums agree within rounding)."""
+    qweight, dm = q4_1x16_unpack(packed, dm16)
+    N, nb = dm.shape[0], dm.shape[1]
+    xq, dx, sx = q4_1x16_quantize_rows(x)
+    b = qweight.view(N, nb, 16).to(torch.int64)
+    q = torch.cat([b & 15, b >> 4], -1)  # [N, nb, 32]
+    isum = torch.einsum("mbk,nbk->mnb", xq.view(-1, nb, 32).to(torch.int64), q)  # exact
+    y = (isum.double() * (dm[None, :, :, 0].double() * dx[:, None, :].double())
+         + dm[None, :, :, 1].double() * sx[:, None, :].double()).sum(-1)
+    y = y.float()
+    return y if bias is None else y + bias
+
+
 def cpu_decoder_layer_ref(x, cos, sin, input_norm, qkv_w, qkv_scale, qkv_bias, o_w, o_scale, o_bias, post_norm,
                           gate_up_w, gate_up_scale, gate_up_bias, down_w, down_scale, down_bias, key_cache,
                           value_cache, slot_mapping, query_start_loc, positions, block_tables, context_lens,
@@ -243,6 +299,8 @@ def cpu_decoder_layer_ref(x, cos, sin, input_norm, qkv_w, qkv_scale, qkv_bias, o
     def project(v, w, s, b):
         if s is None:
             return linear(v, w, b)
+        if w.dtype == torch.uint8 and w.dim() == 5:  # Q4_1 blocks packed for int16 activations (q4_1x16_pack)
+            return cpu_linear_q4_1x16_ref(v, w, s, b)
         if w.dtype == torch.uint8:  # Q4_1 blocks, s their [N, K / 32, 2] (d, m): the float weights they stand for
             return linear(v, q4_1_dequantize(w, s).to(v.dtype), b)
         return linear_int8(v, w, s, b)

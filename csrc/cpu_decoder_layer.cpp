@@ -16,7 +16,9 @@
 //   x1 = x + attention(q) @ Wo^T (+ b); h2 = post_norm * (x1 * rsqrt(mean(x1^2) + eps));
 //   [g, u] = h2 @ Wgu^T (+ b); out = x1 + (silu(g) * u) @ Wd^T (+ b).
 // Weights are float32 [N, K] (scale None), int8 with a float32 per-row scale (w ~= q * scale), or Q4_1 blocks
-// (uint8 [N, K / 2] with dm [N, K / 32, 2] as the scale: cpu_linear_q4_1, the same bits as their float32 weights).
+// (uint8 [N, K / 2] with dm [N, K / 32, 2] as the scale: cpu_linear_q4_1, the same bits as their float32 weights),
+// or Q4_1 blocks packed for int16 activations (uint8 [N / 16, K / 32, 4, 16, 4] with dm [N / 16, K / 32, 2, 16]:
+// cpu_linear_q4_1x16, the activations rounded to int16 per run of 32).
 // Everything per row is computed in a fixed order that depends on nothing but the row (and, for attention,
 // its sequence's cache), so a token's output is the same bits in a pass of one or of sixteen tokens.
 #include <ATen/core/Tensor.h>
@@ -37,6 +39,8 @@ at::Tensor cpu_linear_int8(const at::Tensor& x, const at::Tensor& qweight, const
                            const std::optional<at::Tensor>& bias);
 at::Tensor cpu_linear_q4_1(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& dm,
                            const std::optional<at::Tensor>& bias);
+at::Tensor cpu_linear_q4_1x16(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& dm,
+                              const std::optional<at::Tensor>& bias);
 at::Tensor cpu_paged_attention(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
                                const at::Tensor& query_start_loc, const at::Tensor& positions,
                                const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
@@ -47,7 +51,8 @@ namespace {
 at::Tensor project(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& scale,
                    const std::optional<at::Tensor>& bias) {
   if (!scale.has_value()) return cpu_linear(x, w, bias);
-  return w.scalar_type() == at::kByte ? cpu_linear_q4_1(x, w, *scale, bias) : cpu_linear_int8(x, w, *scale, bias);
+  if (w.scalar_type() != at::kByte) return cpu_linear_int8(x, w, *scale, bias);
+  return w.dim() == 5 ? cpu_linear_q4_1x16(x, w, *scale, bias) : cpu_linear_q4_1(x, w, *scale, bias);
 }
 
 #ifdef BILD_X86
@@ -87,6 +92,18 @@ __attribute__((target("avx2,fma"))) void silu_mul(const float* g, const float* u
 
 void check_weight(const char* name, const at::Tensor& w, const std::optional<at::Tensor>& scale,
                   const std::optional<at::Tensor>& bias, int64_t N, int64_t K) {
+  if (w.scalar_type() == at::kByte && w.dim() == 5) {  // Q4_1 blocks packed for int16 activations (q4_1x16_pack)
+    TORCH_CHECK(K % 32 == 0 && N % 16 == 0 && w.device().is_cpu() && w.size(0) == N / 16 && w.size(1) == K / 32 &&
+                    w.size(2) == 4 && w.size(3) == 16 && w.size(4) == 4 && w.is_contiguous() && scale.has_value() &&
+                    scale->dim() == 4 && scale->size(0) == N / 16 && scale->size(1) == K / 32 &&
+                    scale->size(2) == 2 && scale->size(3) == 16,
+                "cpu_decoder_layer: ", name, " as packed Q4_1 must be a contiguous uint8 [", N / 16, ", ", K / 32,
+                ", 4, 16, 4] CPU tensor with a [", N / 16, ", ", K / 32, ", 2, 16] dm, got ", w.sizes());
+    if (bias.has_value()) {
+      TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "cpu_decoder_layer: ", name, " bias must be [", N, "]");
+    }
+    return;
+  }
   if (w.scalar_type() == at::kByte) {  // Q4_1 blocks: [N, K / 2] nibbles, scale = dm [N, K / 32, 2]
     TORCH_CHECK(K % 32 == 0 && w.device().is_cpu() && w.dim() == 2 && w.size(0) == N && w.size(1) == K / 2 &&
                     w.is_contiguous() && scale.has_value() && scale->dim() == 3 && scale->size(0) == N &&
@@ -157,8 +174,12 @@ at::Tensor cpu_decoder_layer(const at::Tensor& x, const at::Tensor& cos, const a
   check_vector("post_norm", post_norm, H);
   check_weight("qkv", qkv_w, qkv_scale, qkv_bias, qkv_n, H);
   check_weight("o", o_w, o_scale, o_bias, H, Hq * D);
-  TORCH_CHECK(gate_up_w.dim() == 2 && gate_up_w.size(0) % 2 == 0, "cpu_decoder_layer: gate_up must be [2 I, hidden]");
-  const int64_t I = gate_up_w.size(0) / 2;
+  // gate_up's rows 2 I: its first dimension, or 16 of them a group when packed for int16 activations (5-D)
+  const int64_t gu_rows = gate_up_w.dim() == 5 ? gate_up_w.size(0) * 16 : gate_up_w.size(0);
+  TORCH_CHECK((gate_up_w.dim() == 2 || (gate_up_w.dim() == 5 && gate_up_w.scalar_type() == at::kByte)) &&
+                  gu_rows % 2 == 0,
+              "cpu_decoder_layer: gate_up must be [2 I, hidden] (or packed Q4_1)");
+  const int64_t I = gu_rows / 2;
   check_weight("gate_up", gate_up_w, gate_up_scale, gate_up_bias, 2 * I, H);
   check_weight("down", down_w, down_scale, down_bias, H, I);
   const int64_t num_slots = key_cache.size(0) * key_cache.size(1);

@@ -38,6 +38,8 @@
 #include <cstdlib>
 #include <optional>
 #include <string>
+#include <cstring>
+#include <vector>
 
 #include "cpu_simd.h"  // reduce_lanes; defines BILD_X86 on x86-64
 
@@ -303,6 +305,117 @@ void rows_all_q4_1(const float* x, int64_t ldx, int64_t M, const uint8_t* q, con
     fns[rows - 1](x + m0 * ldx, ldx, q, dm, K, bias, y + m0 * N, N, begin, end);
   });
 }
+
+// Q4_1 x int16 (cpu_linear_q4_1x16): the same Q4_1 weights, repacked once (reference.q4_1x16_pack) so that
+// each 512-bit register holds 16 output rows, and the activations rounded to int16 per run of 32 (one scale a
+// run: amax / 32767, so each rounding error is at most 2^-16 of the run's largest |x|). A block's dot product
+// is then exact integer arithmetic: vpdpwssd multiplies pairs of int16 (a weight's 4-bit q, an activation) and
+// adds both products to an int32 lane, 16 output rows at once; per block and row one conversion and two FMAs
+// apply the scales: y += (d * dx) * sum(q * xq) + m * sum(x) (the m term from the float sum of the run, not
+// the rounded one). Against the float kernel it removes the per-weight table lookup and float FMA (the float
+// kernels are compute-bound on this CPU at every M), at the price of the activation rounding.
+// Layout per 16 output rows g and block b: packed[g, b, t, n, 0..3] (4 bytes = 8 nibbles a row n, t = 0..3):
+// nibble s (bits 4s..4s+3) is q[n, 8t + 2s] and nibble s + 4 is q[n, 8t + 2s + 1], so (v >> 4s) & 0x000F000F
+// gives row n's pair (k, k + 1) = (8t + 2s, 8t + 2s + 1) as two int16, to meet the activations' pair there.
+// dm16[g, b, 0, n] = d, dm16[g, b, 1, n] = m. Order: each (row m, output n) sums its blocks in increasing b, so
+// a row's result does not depend on M, on the other rows, or on the threads.
+#define BILD_X16 __attribute__((target("avx2,fma,avx512f,avx512vl,avx512bw,avx512vnni")))
+
+// x [M, K] -> xq [M, K] int16, dx [M, K / 32] (amax / 32767), sx [M, K / 32] (the run's float sum, in a fixed
+// order: the 16 lanes' pairwise sums of x[i] + x[i + 16], then reduce_add's tree).
+BILD_X16 void quantize_rows_x16(const float* x, int64_t ldx, int64_t M, int64_t K, int16_t* xq, float* dx,
+                                 float* sx) {
+  const int64_t nb = K / 32;
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* p = x + m * ldx + b * 32;
+      const __m512 a0 = _mm512_loadu_ps(p), a1 = _mm512_loadu_ps(p + 16);
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a0), _mm512_abs_ps(a1)));
+      const __m512 inv = _mm512_set1_ps(amax > 0 ? 32767.0f / amax : 0.0f);
+      dx[m * nb + b] = amax / 32767.0f;
+      sx[m * nb + b] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+      // round to nearest even (the default MXCSR mode), saturated (|x * inv| <= 32767 up to one rounding)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + m * K + b * 32),
+                          _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(a0, inv))));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + m * K + b * 32 + 16),
+                          _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(a1, inv))));
+    }
+  }
+}
+
+// G groups of 16 output rows, starting at group g0, for M activation rows.
+template <int M, int G>
+BILD_X16 void groups_x16(const int16_t* xq, const float* dx, const float* sx, int64_t K, const uint8_t* pk,
+                         const float* dm, const float* bias, float* y, int64_t ldy, int64_t g0) {
+  const int64_t nb = K / 32;
+  __m512 acc[M][G];
+  BILD_UNROLL for (int m = 0; m < M; ++m) BILD_UNROLL for (int g = 0; g < G; ++g) acc[m][g] = _mm512_setzero_ps();
+  const __m512i low = _mm512_set1_epi32(0x000F000F);
+  for (int64_t b = 0; b < nb; ++b) {
+    __m512i is[M][G];
+    BILD_UNROLL for (int m = 0; m < M; ++m) BILD_UNROLL for (int g = 0; g < G; ++g) is[m][g] = _mm512_setzero_si512();
+    BILD_UNROLL for (int t = 0; t < 4; ++t) {
+      __m512i v[G];
+      BILD_UNROLL for (int g = 0; g < G; ++g) v[g] = _mm512_loadu_si512(pk + ((g0 + g) * nb + b) * 256 + t * 64);
+      BILD_UNROLL for (int s = 0; s < 4; ++s) {
+        __m512i xs[M];
+        BILD_UNROLL for (int m = 0; m < M; ++m) {
+          int32_t pair;
+          std::memcpy(&pair, xq + m * K + b * 32 + 8 * t + 2 * s, sizeof(pair));
+          xs[m] = _mm512_set1_epi32(pair);
+        }
+        BILD_UNROLL for (int g = 0; g < G; ++g) {
+          const __m512i w = _mm512_and_si512(s == 0 ? v[g] : _mm512_srli_epi32(v[g], 4 * s), low);
+          BILD_UNROLL for (int m = 0; m < M; ++m) is[m][g] = _mm512_dpwssd_epi32(is[m][g], w, xs[m]);
+        }
+      }
+    }
+    BILD_UNROLL for (int g = 0; g < G; ++g) {
+      const float* d = dm + ((g0 + g) * nb + b) * 32;
+      const __m512 dv = _mm512_loadu_ps(d), mv = _mm512_loadu_ps(d + 16);
+      BILD_UNROLL for (int m = 0; m < M; ++m) {
+        const __m512 scale = _mm512_mul_ps(dv, _mm512_set1_ps(dx[m * nb + b]));
+        acc[m][g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is[m][g]), scale, acc[m][g]);
+        acc[m][g] = _mm512_fmadd_ps(mv, _mm512_set1_ps(sx[m * nb + b]), acc[m][g]);
+      }
+    }
+  }
+  BILD_UNROLL for (int m = 0; m < M; ++m) BILD_UNROLL for (int g = 0; g < G; ++g) {
+    __m512 out = acc[m][g];
+    if (bias != nullptr) out = _mm512_add_ps(out, _mm512_loadu_ps(bias + (g0 + g) * 16));
+    _mm512_storeu_ps(y + m * ldy + (g0 + g) * 16, out);
+  }
+}
+
+template <int M>
+void range_x16(const int16_t* xq, const float* dx, const float* sx, int64_t K, const uint8_t* pk, const float* dm,
+               const float* bias, float* y, int64_t ldy, int64_t begin, int64_t end) {
+  constexpr int G = M <= 2 ? 4 : 2;  // independent accumulator chains: G * M of them
+  int64_t g = begin;
+  for (; g + G <= end; g += G) groups_x16<M, G>(xq, dx, sx, K, pk, dm, bias, y, ldy, g);
+  for (; g < end; ++g) groups_x16<M, 1>(xq, dx, sx, K, pk, dm, bias, y, ldy, g);
+}
+
+using RangeX16 = void (*)(const int16_t*, const float*, const float*, int64_t, const uint8_t*, const float*,
+                          const float*, float*, int64_t, int64_t, int64_t);
+constexpr int64_t kMaxRowsX16 = 4;
+constexpr RangeX16 kRangesX16[kMaxRowsX16] = {range_x16<1>, range_x16<2>, range_x16<3>, range_x16<4>};
+
+void rows_all_x16(const float* x, int64_t ldx, int64_t M, const uint8_t* pk, const float* dm, int64_t K, int64_t N,
+                  const float* bias, float* y) {
+  const int64_t nb = K / 32, groups = N / 16;
+  std::vector<int16_t> xq(static_cast<size_t>(M * K));
+  std::vector<float> dx(static_cast<size_t>(M * nb)), sx(static_cast<size_t>(M * nb));
+  quantize_rows_x16(x, ldx, M, K, xq.data(), dx.data(), sx.data());
+  // grain: 4 groups (64 output rows), as the float kernels' 64
+  at::parallel_for(0, groups, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t m0 = 0; m0 < M; m0 += kMaxRowsX16) {
+      const int64_t rows = std::min(kMaxRowsX16, M - m0);
+      kRangesX16[rows - 1](xq.data() + m0 * K, dx.data() + m0 * nb, sx.data() + m0 * nb, K, pk, dm, bias,
+                           y + m0 * N, N, begin, end);
+    }
+  });
+}
 #endif
 
 bool cpu_supported() {
@@ -314,7 +427,24 @@ bool cpu_supported() {
 #endif
 }
 
+bool x16_supported() {
+#ifdef BILD_X86
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni");
+#else
+  return false;
+#endif
+}
+
 }  // namespace
+
+// Whether cpu_linear_q4_1x16 runs here (AVX-512 F/VL/BW and VNNI).
+bool cpu_linear_q4_1x16_supported() {
+  static const bool ok = x16_supported();
+  return ok;
+}
 
 bool cpu_linear_supported() {
   static const bool ok = cpu_supported();
@@ -429,6 +559,43 @@ at::Tensor cpu_linear_q4_1(const at::Tensor& x, const at::Tensor& qweight, const
   return y;
 }
 
+at::Tensor cpu_linear_q4_1x16(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& dm,
+                              const std::optional<at::Tensor>& bias) {
+  // x [M, K] float32 (any M), qweight uint8 [N / 16, K / 32, 4, 16, 4] and dm float32 [N / 16, K / 32, 2, 16]
+  // (reference.q4_1x16_pack of Q4_1 blocks), bias [N] float32 or None -> y [M, N] = x @ w.T + bias, the
+  // activations rounded to int16 per run of 32 (see rows_all_x16)
+  TORCH_CHECK(cpu_linear_q4_1x16_supported(), "cpu_linear_q4_1x16: this CPU lacks AVX-512 VNNI (use cpu_linear_q4_1)");
+  TORCH_CHECK(x.device().is_cpu() && qweight.device().is_cpu() && dm.device().is_cpu(),
+              "cpu_linear_q4_1x16: x, qweight and dm must be on the CPU");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2, "cpu_linear_q4_1x16: x must be float32 [M, K], got ",
+              x.scalar_type(), " ", x.sizes());
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.dim() == 5 && qweight.size(1) == K / 32 &&
+                  qweight.size(2) == 4 && qweight.size(3) == 16 && qweight.size(4) == 4 && qweight.is_contiguous() &&
+                  K % 32 == 0,
+              "cpu_linear_q4_1x16: qweight must be a contiguous uint8 [N/16, K/32=", K / 32,
+              ", 4, 16, 4] tensor (K a multiple of 32), got ", qweight.sizes());
+  const int64_t N = qweight.size(0) * 16;
+  TORCH_CHECK(dm.scalar_type() == at::kFloat && dm.dim() == 4 && dm.size(0) == N / 16 && dm.size(1) == K / 32 &&
+                  dm.size(2) == 2 && dm.size(3) == 16 && dm.is_contiguous(),
+              "cpu_linear_q4_1x16: dm must be a contiguous float32 [", N / 16, ", ", K / 32, ", 2, 16] tensor, got ",
+              dm.sizes());
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->device().is_cpu() && bias->scalar_type() == at::kFloat && bias->dim() == 1 &&
+                    bias->size(0) == N && bias->is_contiguous(),
+                "cpu_linear_q4_1x16: bias must be a contiguous float32 [N=", N, "] CPU tensor");
+  }
+  const at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous();
+  at::Tensor y = at::empty({M, N}, x.options());
+#ifdef BILD_X86
+  if (M > 0 && N > 0) {
+    rows_all_x16(xc.data_ptr<float>(), xc.stride(0), M, qweight.data_ptr<uint8_t>(), dm.data_ptr<float>(), K, N,
+                 bias.has_value() ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>());
+  }
+#endif
+  return y;
+}
+
 // Which build of the kernels runs here: "avx512vl" (32 registers), "avx2", or "none" (no AVX2/FMA: the ops refuse).
 std::string cpu_linear_isa() {
 #ifdef BILD_X86
@@ -454,6 +621,8 @@ TORCH_LIBRARY(bild_kernels_cpu, m) {
   m.def("cpu_linear_int8(Tensor x, Tensor qweight, Tensor scale, Tensor? bias) -> Tensor");
   m.def("cpu_linear_q8_0(Tensor x, Tensor qweight, Tensor block_scale, Tensor? bias) -> Tensor");
   m.def("cpu_linear_q4_1(Tensor x, Tensor qweight, Tensor dm, Tensor? bias) -> Tensor");
+  m.def("cpu_linear_q4_1x16(Tensor x, Tensor qweight, Tensor dm, Tensor? bias) -> Tensor");
+  m.def("cpu_linear_q4_1x16_supported() -> bool", &bild::cpu_linear_q4_1x16_supported);
   m.def("cpu_linear_supported() -> bool", &bild::cpu_linear_supported);
   m.def("cpu_openmp() -> bool", &bild::cpu_openmp);
   m.def("cpu_linear_isa() -> str", &bild::cpu_linear_isa);
@@ -464,6 +633,7 @@ TORCH_LIBRARY_IMPL(bild_kernels_cpu, CPU, m) {
   m.impl("cpu_linear_int8", &bild::cpu_linear_int8);
   m.impl("cpu_linear_q8_0", &bild::cpu_linear_q8_0);
   m.impl("cpu_linear_q4_1", &bild::cpu_linear_q4_1);
+  m.impl("cpu_linear_q4_1x16", &bild::cpu_linear_q4_1x16);
 }
 
 // The module is empty: importing bild_kernels._cpu runs the registrations above.

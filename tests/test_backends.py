@@ -7,7 +7,8 @@ from bild_kernels import backends, verify_draft
 from bild_kernels._backend import cpu_extension, triton_available, triton_interpret
 
 OPS = {"write_paged_kv", "reserve_paged_kv", "rollback_paged_kv", "gather_paged_kv", "sample_draft", "verify_draft"}
-CPU_OPS = {"cpu_linear", "cpu_linear_int8", "cpu_linear_q8_0", "cpu_linear_q4_1", "cpu_decoder_layer"}  # CPU-only ops: the extension bild_kernels._cpu and a reference
+CPU_OPS = {"cpu_linear", "cpu_linear_int8", "cpu_linear_q8_0", "cpu_linear_q4_1", "cpu_linear_q4_1x16",
+           "cpu_decoder_layer"}  # CPU-only ops: the extension bild_kernels._cpu and a reference
 
 
 def test_every_op_lists_its_backends():
@@ -17,6 +18,8 @@ def test_every_op_lists_its_backends():
         assert "ref" in info["implemented"], op
         assert ("triton" in info["implemented"]) == (op in OPS), op
         assert info["default"] in info["usable"]
+    x16 = cpu_extension() is not None and torch.ops.bild_kernels_cpu.cpu_linear_q4_1x16_supported()
+    assert ("cpu" in table["cpu_linear_q4_1x16"]["implemented"]) == x16  # only where the CPU has AVX-512 VNNI
 
 
 def test_cpu_ops_default_to_the_extension(monkeypatch):

@@ -83,6 +83,10 @@ def test_cpu_linear_benchmark_compares_with_reference():
     assert sorted(r[1] for r in rows if r[0] == "cpu_linear_q4_1") == ["cpu-f32", "cpu-f32", "cpu-q4_1", "cpu-q4_1"]
     assert any(line.strip().startswith("M=3: cpu") and "ref/cpu" in line for line in lines)
     assert any(line.strip().startswith("M=3: q4_1") and "f32/q4_1" in line for line in lines)
+    import torch
+    x16 = torch.ops.bild_kernels_cpu.cpu_linear_q4_1x16_supported()
+    assert sorted(r[1] for r in rows if r[0] == "cpu_linear_q4_1x16") == (["cpu", "cpu"] if x16 else [])
+    assert any(line.strip().startswith("M=3: q4_1") and "q4_1/x16" in line for line in lines) == x16
 
 
 def test_cpu_decoder_layer_benchmark_compares_with_reference():

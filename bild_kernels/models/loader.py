@@ -211,6 +211,16 @@ _HEAD_Q8_0 = "head.q8_0"
 _LAYERS_Q4_1 = "layers.q4_1"
 
 
+def q4_1_activations() -> str:
+    """How a GGUF's Q4_1 layers multiply on a CPU (`LlamaExecutor.use_q4_1_layers`): "int16" (the default: the
+    activations rounded to int16 per run of 32, integer dot products, where the CPU has AVX-512 VNNI; else the
+    float kernel) or "float32" (the same bits as the float32 weights), from BILD_Q4_1_ACTIVATIONS."""
+    value = os.environ.get("BILD_Q4_1_ACTIVATIONS", "int16")
+    if value not in ("int16", "float32"):
+        raise ValueError(f"BILD_Q4_1_ACTIVATIONS must be 'int16' or 'float32', got {value!r}")
+    return value
+
+
 def _attach_gguf_blocks(executor: LlamaExecutor, path: Path, cache: Path | None) -> dict:
     """Hand the executor the GGUF's own quantised blocks where they are exactly its float32 weights (the default
     large model: the head as Q8_0, every layer's projections as Q4_1): on a CPU in float32 the head and the fused
@@ -235,7 +245,8 @@ def _attach_gguf_blocks(executor: LlamaExecutor, path: Path, cache: Path | None)
         per_layer = [{name: (layers[f"{i}.{name}.q"], layers.get(f"{i}.{name}.dm"))
                       for name in ("qkv", "o", "gate_up", "down") if f"{i}.{name}.q" in layers}
                      for i in range(executor.config.num_layers)]
-        return executor.use_q4_1_layers(per_layer)
+        act = q4_1_activations()
+        return executor.use_q4_1_layers(per_layer, act) or (act != "float32" and executor.use_q4_1_layers(per_layer))
 
     # A kept copy the executor refuses (damaged, or from another version) is read from the GGUF again and replaced.
     for key, name, take, read in (

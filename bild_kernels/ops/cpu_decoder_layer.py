@@ -6,7 +6,9 @@ dispatches a layer plus the Python around them (~0.4 ms a layer on the AMD EPYC,
 step whose weights stream in ~45 ms). The "cpu" backend (csrc/cpu_decoder_layer.cpp) runs the whole layer
 in C++ on the extension's own matmul and attention kernels; "ref" (`reference.cpu_decoder_layer_ref`) is
 the same layer in PyTorch ops. Weights are float32, int8 with a float32 scale per output row, or a GGUF's Q4_1
-blocks (uint8 [N, K / 2] with their (d, m) [N, K / 32, 2] as the scale; `reference.q4_1_dequantize`).
+blocks (uint8 [N, K / 2] with their (d, m) [N, K / 32, 2] as the scale; `reference.q4_1_dequantize`), or those
+blocks packed for int16 activations (uint8 [N / 16, K / 32, 4, 16, 4] with dm [N / 16, K / 32, 2, 16];
+`reference.q4_1x16_pack`, `cpu_linear_q4_1x16`).
 """
 from __future__ import annotations
 
@@ -61,20 +63,30 @@ def cpu_decoder_layer(x, cos, sin, weights: LayerWeights, key_cache, value_cache
         v.tensor(name, getattr(weights, name), dtypes=(torch.float32,), ndim=1, device=x.device)
         v.shape(name, getattr(weights, name), (H,))
     qkv_n = (num_heads + 2 * num_kv_heads) * D
-    inter = weights.gate_up[0].shape[0] // 2
+    gu = weights.gate_up[0]
+    inter = gu.shape[0] * (16 if isinstance(gu, torch.Tensor) and gu.dim() == 5 else 1) // 2
     for name, (n, k) in (("qkv", (qkv_n, H)), ("o", (H, num_heads * D)), ("gate_up", (2 * inter, H)),
                          ("down", (H, inter))):
         w, s, b = getattr(weights, name)
         q4_1 = s is not None and isinstance(w, torch.Tensor) and w.dtype == torch.uint8
+        packed = q4_1 and w.dim() == 5  # Q4_1 blocks packed for int16 activations (reference.q4_1x16_pack)
         v.tensor(f"{name} weight", w, dtypes=(torch.int8, torch.uint8) if s is not None else (torch.float32,),
-                 ndim=2, device=x.device)
+                 ndim=5 if packed else 2, device=x.device)
         if q4_1 and k % 32:
             raise ValueError(f"{name} weight: Q4_1 blocks need an input width that is a multiple of 32, got {k}")
-        v.shape(f"{name} weight", w, (n, k // 2) if q4_1 else (n, k))
-        if q4_1:
+        if packed:
+            if n % 16:
+                raise ValueError(f"{name} weight: packed Q4_1 blocks need an output width that is a multiple of 16, "
+                                 f"got {n}")
+            v.shape(f"{name} weight", w, (n // 16, k // 32, 4, 16, 4))
+            v.tensor(f"{name} scale", s, dtypes=(torch.float32,), ndim=4, device=x.device)
+            v.shape(f"{name} scale", s, (n // 16, k // 32, 2, 16))
+        else:
+            v.shape(f"{name} weight", w, (n, k // 2) if q4_1 else (n, k))
+        if q4_1 and not packed:
             v.tensor(f"{name} scale", s, dtypes=(torch.float32,), ndim=3, device=x.device)
             v.shape(f"{name} scale", s, (n, k // 32, 2))
-        elif s is not None:
+        elif s is not None and not packed:
             v.tensor(f"{name} scale", s, dtypes=(torch.float32,), ndim=1, device=x.device)
             v.shape(f"{name} scale", s, (n,))
         if b is not None:

@@ -1,7 +1,8 @@
 """cpu_linear: y = x @ weight.T (+ bias) for a few rows of float32 on the CPU, the large model's verify pass;
 cpu_linear_int8: the same with int8 weights and a per-row scale, any number of rows (a CPU draft model);
 cpu_linear_q8_0 / cpu_linear_q4_1: a GGUF's Q8_0 / Q4_1 blocks (the default large model's head / layers), each
-weight rebuilt exactly, so the same bits as cpu_linear on the float32 weights they stand for.
+weight rebuilt exactly, so the same bits as cpu_linear on the float32 weights they stand for;
+cpu_linear_q4_1x16: the Q4_1 blocks repacked, against activations rounded to int16 (integer dot products).
 
 A CPU decode step is memory-bound: it reads every weight once. A verify pass over k + 1 tokens should cost
 the same, but library small-M matmuls may not manage it (MKL on an AMD EPYC costs about M times one row
@@ -91,6 +92,37 @@ def cpu_linear_q4_1(x, qweight, dm, bias=None, *, backend: str | None = None) ->
     v.shape("dm", dm, (N, K // 32, 2))
     _check_quantised("cpu_linear_q4_1", x, qweight, bias)
     fn = resolve("cpu_linear_q4_1", x.device, backend)
+    return fn(x, qweight, dm.contiguous(), None if bias is None else bias.contiguous())
+
+
+def cpu_linear_q4_1x16(x, qweight, dm, bias=None, *, backend: str | None = None) -> torch.Tensor:
+    """x [M, K] float32, qweight [N / 16, K / 32, 4, 16, 4] uint8 and dm [N / 16, K / 32, 2, 16] float32 (Q4_1
+    blocks repacked by `reference.q4_1x16_pack`), bias [N] or None -> y [M, N] = x @ w.T (+ bias) with the
+    activations rounded to int16 per run of 32 (scale amax / 32767: each rounding at most 2^-16 of the run's
+    largest |x|), each block's product exact in integers (AVX-512 VNNI `vpdpwssd`, 16 output rows a register).
+    `reference.cpu_linear_q4_1x16_ref` is the definition; against cpu_linear_q4_1 (float activations) the
+    outputs differ by that rounding (~3e-5 of their size). Any M; a row's output does not depend on the others.
+
+    backend: "cpu" (the extension, where the CPU has AVX-512 F/VL/BW and VNNI:
+    torch.ops.bild_kernels_cpu.cpu_linear_q4_1x16_supported()), "ref", or None (the extension where it runs).
+    """
+    v.tensor("x", x, dtypes=(torch.float32,), ndim=2)
+    M, K = x.shape
+    if K % 32:
+        raise ValueError(f"x's K = {K} is not a multiple of 32 (Q4_1 blocks)")
+    v.tensor("qweight", qweight, dtypes=(torch.uint8,), ndim=5, device=x.device)
+    v.shape("qweight", qweight, (None, K // 32, 4, 16, 4))
+    G = qweight.shape[0]
+    v.tensor("dm", dm, dtypes=(torch.float32,), ndim=4, device=x.device)
+    v.shape("dm", dm, (G, K // 32, 2, 16))
+    if bias is not None:
+        v.tensor("bias", bias, dtypes=(torch.float32,), ndim=1, device=x.device)
+        v.shape("bias", bias, (16 * G,))
+    if x.device.type != "cpu":
+        raise ValueError(f"cpu_linear_q4_1x16 runs on the CPU; x is on {x.device}")
+    if not qweight.is_contiguous():
+        raise ValueError("qweight must be contiguous")
+    fn = resolve("cpu_linear_q4_1x16", x.device, backend)
     return fn(x, qweight, dm.contiguous(), None if bias is None else bias.contiguous())
 
 

