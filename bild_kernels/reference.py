@@ -276,6 +276,30 @@ def cpu_linear_q4_1x16_ref(x, packed, dm16, bias=None):
     return y if bias is None else y + bias
 
 
+def q8_0x16_pack(qweight, block_scale):
+    """Q8_0 blocks (qweight [N, K] int8, block_scale [N, K / 32] float32; N a multiple of 16) repacked for
+    `cpu_linear_q8_0x16`: packed [N / 16, K / 32, 16, 16, 2] int8 with [g, b, p, n, e] = q[16g + n, 32b + 2p + e],
+    d16 [N / 16, K / 32, 16] float32 with [g, b, n] = d[16g + n, b]."""
+    N, K = qweight.shape
+    if N % 16:
+        raise ValueError(f"q8_0x16_pack: N must be a multiple of 16, got {N}")
+    packed = qweight.view(N // 16, 16, K // 32, 16, 2).permute(0, 2, 3, 1, 4).contiguous()
+    return packed, block_scale.view(N // 16, 16, K // 32).permute(0, 2, 1).contiguous()
+
+
+def cpu_linear_q8_0x16_ref(x, packed, d16, bias=None):
+    """x [M, K] @ w.T (+ bias [N]) -> [M, N] float32 as `cpu_linear_q8_0x16` computes it: w = q * d of the Q8_0
+    blocks (packed, d16) (q8_0x16_pack), x rounded to int16 per run of 32 (q4_1x16_quantize_rows); per block the
+    exact integer sum(q * xq), then y = sum_b d * dx * isum (float64 here)."""
+    G, nb = packed.shape[0], packed.shape[1]
+    q = packed.permute(0, 3, 1, 2, 4).reshape(G * 16, nb, 32).to(torch.int64)  # [N, nb, 32]
+    d = d16.permute(0, 2, 1).reshape(G * 16, nb)
+    xq, dx, _ = q4_1x16_quantize_rows(x)
+    isum = torch.einsum("mbk,nbk->mnb", xq.view(-1, nb, 32).to(torch.int64), q)
+    y = (isum.double() * (d[None].double() * dx[:, None, :].double())).sum(-1).float()
+    return y if bias is None else y + bias
+
+
 def cpu_decoder_layer_ref(x, cos, sin, input_norm, qkv_w, qkv_scale, qkv_bias, o_w, o_scale, o_bias, post_norm,
                           gate_up_w, gate_up_scale, gate_up_bias, down_w, down_scale, down_bias, key_cache,
                           value_cache, slot_mapping, query_start_loc, positions, block_tables, context_lens,

@@ -416,6 +416,75 @@ void rows_all_x16(const float* x, int64_t ldx, int64_t M, const uint8_t* pk, con
     }
   });
 }
+
+// Q8_0 x int16 (cpu_linear_q8_0x16): a Q8_0 matrix (int8 q, a scale d per 32 weights of a row: the default large
+// model's head) repacked 16 output rows a register (reference.q8_0x16_pack): per group g of 16 rows and block b,
+// packed[g, b, p, n, 0..1] = q[16g + n, 32b + 2p + {0, 1}] (int8), d16[g, b, n] = d. Each pair p sign-extends to
+// two int16 a lane (vpmovsxbw) and meets the activations' pair (2p, 2p + 1) in vpdpwssd; per block and row one
+// conversion and one FMA apply d * dx. The activations as in cpu_linear_q4_1x16.
+template <int M, int G>
+BILD_X16 void groups_q8_x16(const int16_t* xq, const float* dx, int64_t K, const int8_t* pk, const float* d,
+                            const float* bias, float* y, int64_t ldy, int64_t g0) {
+  const int64_t nb = K / 32;
+  __m512 acc[M][G];
+  BILD_UNROLL for (int m = 0; m < M; ++m) BILD_UNROLL for (int g = 0; g < G; ++g) acc[m][g] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    __m512i is[M][G];
+    BILD_UNROLL for (int m = 0; m < M; ++m) BILD_UNROLL for (int g = 0; g < G; ++g) is[m][g] = _mm512_setzero_si512();
+    BILD_UNROLL for (int p = 0; p < 16; ++p) {
+      __m512i xs[M];
+      BILD_UNROLL for (int m = 0; m < M; ++m) {
+        int32_t pair;
+        std::memcpy(&pair, xq + m * K + b * 32 + 2 * p, sizeof(pair));
+        xs[m] = _mm512_set1_epi32(pair);
+      }
+      BILD_UNROLL for (int g = 0; g < G; ++g) {
+        const __m512i w = _mm512_cvtepi8_epi16(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pk + ((g0 + g) * nb + b) * 512 + p * 32)));
+        BILD_UNROLL for (int m = 0; m < M; ++m) is[m][g] = _mm512_dpwssd_epi32(is[m][g], w, xs[m]);
+      }
+    }
+    BILD_UNROLL for (int g = 0; g < G; ++g) {
+      const __m512 dv = _mm512_loadu_ps(d + ((g0 + g) * nb + b) * 16);
+      BILD_UNROLL for (int m = 0; m < M; ++m) {
+        acc[m][g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is[m][g]), _mm512_mul_ps(dv, _mm512_set1_ps(dx[m * nb + b])),
+                                    acc[m][g]);
+      }
+    }
+  }
+  BILD_UNROLL for (int m = 0; m < M; ++m) BILD_UNROLL for (int g = 0; g < G; ++g) {
+    __m512 out = acc[m][g];
+    if (bias != nullptr) out = _mm512_add_ps(out, _mm512_loadu_ps(bias + (g0 + g) * 16));
+    _mm512_storeu_ps(y + m * ldy + (g0 + g) * 16, out);
+  }
+}
+
+template <int M>
+void range_q8_x16(const int16_t* xq, const float* dx, int64_t K, const int8_t* pk, const float* d, const float* bias,
+                  float* y, int64_t ldy, int64_t begin, int64_t end) {
+  constexpr int G = M <= 2 ? 4 : 2;
+  int64_t g = begin;
+  for (; g + G <= end; g += G) groups_q8_x16<M, G>(xq, dx, K, pk, d, bias, y, ldy, g);
+  for (; g < end; ++g) groups_q8_x16<M, 1>(xq, dx, K, pk, d, bias, y, ldy, g);
+}
+
+using RangeQ8X16 = void (*)(const int16_t*, const float*, int64_t, const int8_t*, const float*, const float*, float*,
+                            int64_t, int64_t, int64_t);
+constexpr RangeQ8X16 kRangesQ8X16[kMaxRowsX16] = {range_q8_x16<1>, range_q8_x16<2>, range_q8_x16<3>, range_q8_x16<4>};
+
+void rows_all_q8_x16(const float* x, int64_t ldx, int64_t M, const int8_t* pk, const float* d, int64_t K, int64_t N,
+                     const float* bias, float* y) {
+  const int64_t nb = K / 32, groups = N / 16;
+  std::vector<int16_t> xq(static_cast<size_t>(M * K));
+  std::vector<float> dx(static_cast<size_t>(M * nb)), sx(static_cast<size_t>(M * nb));
+  quantize_rows_x16(x, ldx, M, K, xq.data(), dx.data(), sx.data());
+  at::parallel_for(0, groups, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t m0 = 0; m0 < M; m0 += kMaxRowsX16) {
+      const int64_t rows = std::min(kMaxRowsX16, M - m0);
+      kRangesQ8X16[rows - 1](xq.data() + m0 * K, dx.data() + m0 * nb, K, pk, d, bias, y + m0 * N, N, begin, end);
+    }
+  });
+}
 #endif
 
 bool cpu_supported() {
@@ -596,6 +665,43 @@ at::Tensor cpu_linear_q4_1x16(const at::Tensor& x, const at::Tensor& qweight, co
   return y;
 }
 
+at::Tensor cpu_linear_q8_0x16(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& block_scale,
+                              const std::optional<at::Tensor>& bias) {
+  // x [M, K] float32 (any M), qweight int8 [N / 16, K / 32, 16, 16, 2] and block_scale float32 [N / 16, K / 32, 16]
+  // (reference.q8_0x16_pack of Q8_0 blocks), bias [N] float32 or None -> y [M, N] = x @ w.T + bias, the
+  // activations rounded to int16 per run of 32 (see rows_all_x16)
+  TORCH_CHECK(cpu_linear_q4_1x16_supported(), "cpu_linear_q8_0x16: this CPU lacks AVX-512 VNNI (use cpu_linear_q8_0)");
+  TORCH_CHECK(x.device().is_cpu() && qweight.device().is_cpu() && block_scale.device().is_cpu(),
+              "cpu_linear_q8_0x16: x, qweight and block_scale must be on the CPU");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2, "cpu_linear_q8_0x16: x must be float32 [M, K], got ",
+              x.scalar_type(), " ", x.sizes());
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(qweight.scalar_type() == at::kChar && qweight.dim() == 5 && qweight.size(1) == K / 32 &&
+                  qweight.size(2) == 16 && qweight.size(3) == 16 && qweight.size(4) == 2 && qweight.is_contiguous() &&
+                  K % 32 == 0,
+              "cpu_linear_q8_0x16: qweight must be a contiguous int8 [N/16, K/32=", K / 32,
+              ", 16, 16, 2] tensor (K a multiple of 32), got ", qweight.sizes());
+  const int64_t N = qweight.size(0) * 16;
+  TORCH_CHECK(block_scale.scalar_type() == at::kFloat && block_scale.dim() == 3 && block_scale.size(0) == N / 16 &&
+                  block_scale.size(1) == K / 32 && block_scale.size(2) == 16 && block_scale.is_contiguous(),
+              "cpu_linear_q8_0x16: block_scale must be a contiguous float32 [", N / 16, ", ", K / 32, ", 16] tensor, got ",
+              block_scale.sizes());
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->device().is_cpu() && bias->scalar_type() == at::kFloat && bias->dim() == 1 &&
+                    bias->size(0) == N && bias->is_contiguous(),
+                "cpu_linear_q8_0x16: bias must be a contiguous float32 [N=", N, "] CPU tensor");
+  }
+  const at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous();
+  at::Tensor y = at::empty({M, N}, x.options());
+#ifdef BILD_X86
+  if (M > 0 && N > 0) {
+    rows_all_q8_x16(xc.data_ptr<float>(), xc.stride(0), M, qweight.data_ptr<int8_t>(), block_scale.data_ptr<float>(),
+                    K, N, bias.has_value() ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>());
+  }
+#endif
+  return y;
+}
+
 // Which build of the kernels runs here: "avx512vl" (32 registers), "avx2", or "none" (no AVX2/FMA: the ops refuse).
 std::string cpu_linear_isa() {
 #ifdef BILD_X86
@@ -622,6 +728,7 @@ TORCH_LIBRARY(bild_kernels_cpu, m) {
   m.def("cpu_linear_q8_0(Tensor x, Tensor qweight, Tensor block_scale, Tensor? bias) -> Tensor");
   m.def("cpu_linear_q4_1(Tensor x, Tensor qweight, Tensor dm, Tensor? bias) -> Tensor");
   m.def("cpu_linear_q4_1x16(Tensor x, Tensor qweight, Tensor dm, Tensor? bias) -> Tensor");
+  m.def("cpu_linear_q8_0x16(Tensor x, Tensor qweight, Tensor block_scale, Tensor? bias) -> Tensor");
   m.def("cpu_linear_q4_1x16_supported() -> bool", &bild::cpu_linear_q4_1x16_supported);
   m.def("cpu_linear_supported() -> bool", &bild::cpu_linear_supported);
   m.def("cpu_openmp() -> bool", &bild::cpu_openmp);
@@ -634,6 +741,7 @@ TORCH_LIBRARY_IMPL(bild_kernels_cpu, CPU, m) {
   m.impl("cpu_linear_q8_0", &bild::cpu_linear_q8_0);
   m.impl("cpu_linear_q4_1", &bild::cpu_linear_q4_1);
   m.impl("cpu_linear_q4_1x16", &bild::cpu_linear_q4_1x16);
+  m.impl("cpu_linear_q8_0x16", &bild::cpu_linear_q8_0x16);
 }
 
 // The module is empty: importing bild_kernels._cpu runs the registrations above.

@@ -131,6 +131,7 @@ class LlamaExecutor:
         self._linear = functools.partial(_linear, native=self._native_linear())
         self._fused = self._fused_layer()  # the CPU extension's one-call layer, or None
         self._head_linear = self._linear  # the head's product (use_q8_0_head swaps its small-M kernel)
+        self.head_blocks = None  # "q8_0" / "q8_0x16" once use_q8_0_head took a GGUF's blocks
 
     def _native_linear(self):
         """The CPU extension's small-M matmul where it serves this model (float32 on a CPU with AVX2/FMA,
@@ -145,29 +146,39 @@ class LlamaExecutor:
             w.qkv, w.o, w.gate_up, w.down = (t.contiguous() for t in (w.qkv, w.o, w.gate_up, w.down))
         return fn
 
-    def use_q8_0_head(self, qweight: torch.Tensor, block_scale: torch.Tensor) -> bool:
+    def use_q8_0_head(self, qweight: torch.Tensor, block_scale: torch.Tensor, activations: str = "float32") -> bool:
         """Score the head from a Q8_0 copy of it (qweight [V, K] int8, block_scale [V, K / 32] float32: the GGUF's
         blocks) where that is exactly lm_head (every weight == q * d) and the float32 small-M kernel would run:
         cpu_linear_q8_0 then gives the same logits, bit for bit, from a quarter of the bytes. Returns whether it
         took it (False: a float32 CPU kernel does not serve this model, a reduced or int8 head, or weights that
-        differ)."""
+        differ). activations="int16": the blocks repacked (`reference.q8_0x16_pack`) for cpu_linear_q8_0x16
+        (activations rounded to int16 per run of 32, integer products; logits within ~3e-5 relative), only
+        where that kernel runs (AVX-512 VNNI) and V is a multiple of 16."""
+        if activations not in ("float32", "int16"):
+            raise ValueError(f"activations must be 'float32' or 'int16', got {activations!r}")
         if self._linear.keywords.get("native") is None or self.head_vocab is not None \
                 or not isinstance(self.lm_head, torch.Tensor) or self.lm_head.dtype != torch.float32:
             return False
         V, K = self.lm_head.shape
         if qweight.dtype != torch.int8 or tuple(qweight.shape) != (V, K) or K % 32 \
-                or tuple(block_scale.shape) != (V, K // 32) or block_scale.dtype != torch.float32:
+                or tuple(block_scale.shape) != (V, K // 32) or block_scale.dtype != torch.float32 \
+                or (activations == "int16" and V % 16):
             return False
-        fn = resolve("cpu_linear_q8_0", self.device, None)
-        if fn is not registered("cpu_linear_q8_0", "cpu"):
+        op = "cpu_linear_q8_0x16" if activations == "int16" else "cpu_linear_q8_0"
+        fn = resolve(op, self.device, None)
+        if fn is not registered(op, "cpu"):
             return False
         q, d = qweight.contiguous(), block_scale.contiguous()
         for i in range(0, V, 4096):  # in slices: the check's float32 copy stays small
             if not torch.equal(q[i:i + 4096].float() * d[i:i + 4096].repeat_interleave(32, dim=1),
                                self.lm_head[i:i + 4096]):
                 return False
+        if activations == "int16":
+            from bild_kernels.reference import q8_0x16_pack
+            q, d = q8_0x16_pack(q, d)
         # _linear's own rule picks the small-M kernel; for the head that kernel reads the blocks instead of lm_head.
         self._head_linear = functools.partial(_linear, native=lambda x, w, bias: fn(x, q, d, bias))
+        self.head_blocks = "q8_0x16" if activations == "int16" else "q8_0"
         return True
 
     def use_q4_1_layers(self, blocks: list[dict], activations: str = "float32") -> bool:
@@ -266,7 +277,7 @@ class LlamaExecutor:
         if self.dtype == torch.float32:
             int8_fp32 = resolve("cpu_linear_int8", self.device, "ref" if self.backend == "ref" else None)
         self._linear = functools.partial(_linear, native=None, int8_fp32=int8_fp32)
-        self._head_linear = self._linear
+        self._head_linear, self.head_blocks = self._linear, None
         self._fused = self._fused_layer()
         return self
 

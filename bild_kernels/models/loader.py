@@ -211,13 +211,13 @@ _HEAD_Q8_0 = "head.q8_0"
 _LAYERS_Q4_1 = "layers.q4_1"
 
 
-def q4_1_activations() -> str:
-    """How a GGUF's Q4_1 layers multiply on a CPU (`LlamaExecutor.use_q4_1_layers`): "int16" (the default: the
-    activations rounded to int16 per run of 32, integer dot products, where the CPU has AVX-512 VNNI; else the
-    float kernel) or "float32" (the same bits as the float32 weights), from BILD_Q4_1_ACTIVATIONS."""
-    value = os.environ.get("BILD_Q4_1_ACTIVATIONS", "int16")
+def gguf_activations() -> str:
+    """How a GGUF's blocks multiply on a CPU (`LlamaExecutor.use_q8_0_head` / `use_q4_1_layers`): "int16" (the
+    default: the activations rounded to int16 per run of 32, integer dot products, where the CPU has AVX-512 VNNI;
+    else the float kernels) or "float32" (the same bits as the float32 weights), from BILD_GGUF_ACTIVATIONS."""
+    value = os.environ.get("BILD_GGUF_ACTIVATIONS", "int16")
     if value not in ("int16", "float32"):
-        raise ValueError(f"BILD_Q4_1_ACTIVATIONS must be 'int16' or 'float32', got {value!r}")
+        raise ValueError(f"BILD_GGUF_ACTIVATIONS must be 'int16' or 'float32', got {value!r}")
     return value
 
 
@@ -225,7 +225,8 @@ def _attach_gguf_blocks(executor: LlamaExecutor, path: Path, cache: Path | None)
     """Hand the executor the GGUF's own quantised blocks where they are exactly its float32 weights (the default
     large model: the head as Q8_0, every layer's projections as Q4_1): on a CPU in float32 the head and the fused
     layer then read 3.8x and 5.3x fewer bytes for the same bits (LlamaExecutor.use_q8_0_head / use_q4_1_layers
-    check every weight). Nothing happens otherwise. The blocks are read from the GGUF once (parsing it takes
+    check every weight), or, by default where the CPU has AVX-512 VNNI, multiply them against int16 activations
+    (gguf_activations). Nothing happens otherwise. The blocks are read from the GGUF once (parsing it takes
     seconds) and kept beside the cache entry's weights. Returns {"head": bool, "layers": bool}: what was taken."""
     taken = {"head": False, "layers": False}
     if executor.device.type != "cpu" or executor.dtype != torch.float32:
@@ -239,13 +240,17 @@ def _attach_gguf_blocks(executor: LlamaExecutor, path: Path, cache: Path | None)
         return tensors
 
     def take_head(head: dict) -> bool:
-        return "q" in head and "d" in head and executor.use_q8_0_head(head["q"], head["d"])
+        if "q" not in head or "d" not in head:
+            return False
+        act = gguf_activations()
+        return executor.use_q8_0_head(head["q"], head["d"], act) or (
+            act != "float32" and executor.use_q8_0_head(head["q"], head["d"]))
 
     def take_layers(layers: dict) -> bool:
         per_layer = [{name: (layers[f"{i}.{name}.q"], layers.get(f"{i}.{name}.dm"))
                       for name in ("qkv", "o", "gate_up", "down") if f"{i}.{name}.q" in layers}
                      for i in range(executor.config.num_layers)]
-        act = q4_1_activations()
+        act = gguf_activations()
         return executor.use_q4_1_layers(per_layer, act) or (act != "float32" and executor.use_q4_1_layers(per_layer))
 
     # A kept copy the executor refuses (damaged, or from another version) is read from the GGUF again and replaced.

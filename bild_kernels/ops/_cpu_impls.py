@@ -31,6 +31,11 @@ def _cpu_linear_q4_1x16_fake(x, qweight, dm, bias):
     return x.new_empty((x.shape[0], qweight.shape[0] * 16))
 
 
+@torch.library.register_fake("bild_kernels_cpu::cpu_linear_q8_0x16")
+def _cpu_linear_q8_0x16_fake(x, qweight, block_scale, bias):
+    return x.new_empty((x.shape[0], qweight.shape[0] * 16))
+
+
 @torch.library.register_fake("bild_kernels_cpu::paged_attention")
 def _paged_attention_fake(query, key_cache, value_cache, query_start_loc, positions, block_tables, context_lens,
                           scale, sliding_window):
@@ -49,6 +54,7 @@ for _op in CPU_EXTENSION_OPS:
     register(_op, "cpu", getattr(torch.ops.bild_kernels_cpu, _op))
 if torch.ops.bild_kernels_cpu.cpu_linear_q4_1x16_supported():  # AVX-512 VNNI: else the reference alone
     register("cpu_linear_q4_1x16", "cpu", torch.ops.bild_kernels_cpu.cpu_linear_q4_1x16)
+    register("cpu_linear_q8_0x16", "cpu", torch.ops.bild_kernels_cpu.cpu_linear_q8_0x16)
 
 
 # sample_draft and verify_draft: csrc/cpu_sampling.cpp computes calls over finite logits, greedy and sampling rows

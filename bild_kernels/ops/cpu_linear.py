@@ -2,7 +2,8 @@
 cpu_linear_int8: the same with int8 weights and a per-row scale, any number of rows (a CPU draft model);
 cpu_linear_q8_0 / cpu_linear_q4_1: a GGUF's Q8_0 / Q4_1 blocks (the default large model's head / layers), each
 weight rebuilt exactly, so the same bits as cpu_linear on the float32 weights they stand for;
-cpu_linear_q4_1x16: the Q4_1 blocks repacked, against activations rounded to int16 (integer dot products).
+cpu_linear_q4_1x16 / cpu_linear_q8_0x16: those blocks repacked, against activations rounded to int16 (integer dot
+products).
 
 A CPU decode step is memory-bound: it reads every weight once. A verify pass over k + 1 tokens should cost
 the same, but library small-M matmuls may not manage it (MKL on an AMD EPYC costs about M times one row
@@ -124,6 +125,31 @@ def cpu_linear_q4_1x16(x, qweight, dm, bias=None, *, backend: str | None = None)
         raise ValueError("qweight must be contiguous")
     fn = resolve("cpu_linear_q4_1x16", x.device, backend)
     return fn(x, qweight, dm.contiguous(), None if bias is None else bias.contiguous())
+
+
+def cpu_linear_q8_0x16(x, qweight, block_scale, bias=None, *, backend: str | None = None) -> torch.Tensor:
+    """x [M, K] float32, qweight [N / 16, K / 32, 16, 16, 2] int8 and block_scale [N / 16, K / 32, 16] float32 (Q8_0
+    blocks repacked by `reference.q8_0x16_pack`), bias [N] or None -> y [M, N] = x @ w.T (+ bias), w = q * d, with
+    the activations rounded to int16 per run of 32 as in `cpu_linear_q4_1x16` (`reference.cpu_linear_q8_0x16_ref`
+    is the definition). backend: "cpu" (where the CPU has AVX-512 VNNI), "ref", or None."""
+    v.tensor("x", x, dtypes=(torch.float32,), ndim=2)
+    M, K = x.shape
+    if K % 32:
+        raise ValueError(f"x's K = {K} is not a multiple of 32 (Q8_0 blocks)")
+    v.tensor("qweight", qweight, dtypes=(torch.int8,), ndim=5, device=x.device)
+    v.shape("qweight", qweight, (None, K // 32, 16, 16, 2))
+    G = qweight.shape[0]
+    v.tensor("block_scale", block_scale, dtypes=(torch.float32,), ndim=3, device=x.device)
+    v.shape("block_scale", block_scale, (G, K // 32, 16))
+    if bias is not None:
+        v.tensor("bias", bias, dtypes=(torch.float32,), ndim=1, device=x.device)
+        v.shape("bias", bias, (16 * G,))
+    if x.device.type != "cpu":
+        raise ValueError(f"cpu_linear_q8_0x16 runs on the CPU; x is on {x.device}")
+    if not qweight.is_contiguous():
+        raise ValueError("qweight must be contiguous")
+    fn = resolve("cpu_linear_q8_0x16", x.device, backend)
+    return fn(x, qweight, block_scale.contiguous(), None if bias is None else bias.contiguous())
 
 
 def cpu_linear_int8(x, qweight, scale, bias=None, *, backend: str | None = None) -> torch.Tensor:

@@ -18,7 +18,7 @@ needs_ext = pytest.mark.skipif(cpu_extension() is None, reason="the CPU extensio
 def _float_activations(monkeypatch):
     """These tests are about the exact path (the same bits as the float32 weights); the loader's default where the
     CPU has AVX-512 VNNI is int16 activations (tests/engine/test_q4_1x16_layers.py)."""
-    monkeypatch.setenv("BILD_Q4_1_ACTIVATIONS", "float32")
+    monkeypatch.setenv("BILD_GGUF_ACTIVATIONS", "float32")
 
 
 def _q8_0_of(w: torch.Tensor):

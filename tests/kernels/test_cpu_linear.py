@@ -7,7 +7,7 @@ import torch
 from bild_kernels import reference as R
 from bild_kernels._backend import cpu_extension
 from bild_kernels.ops.cpu_linear import (MAX_ROWS, cpu_linear, cpu_linear_int8, cpu_linear_q4_1, cpu_linear_q4_1x16,
-                                        cpu_linear_q8_0)
+                                        cpu_linear_q8_0, cpu_linear_q8_0x16)
 
 needs_ext = pytest.mark.skipif(cpu_extension() is None,
                                reason="bild_kernels._cpu not built, or this CPU lacks AVX2/FMA")
@@ -514,3 +514,68 @@ def test_cpu_linear_q4_1x16_bad_input(change, exc, match):
     args.update(change)
     with pytest.raises(exc, match=match):
         cpu_linear_q4_1x16(args["x"], args["q"], args["dm"], args["bias"])
+
+
+def _q8_0x16_case(N, K, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(N, K, generator=g)
+    d = (w.view(N, K // 32, 32).abs().amax(2) / 127.0).clamp(min=1e-8)
+    q = torch.round(w.view(N, K // 32, 32) / d[..., None]).clamp(-127, 127).to(torch.int8).view(N, K)
+    return q, d, *R.q8_0x16_pack(q, d)
+
+
+def test_q8_0x16_pack_layout():
+    q, d, packed, d16 = _q8_0x16_case(48, 64)
+    assert packed.shape == (3, 2, 16, 16, 2) and d16.shape == (3, 2, 16)
+    assert int(packed[2, 1, 5, 7, 1]) == int(q[2 * 16 + 7, 32 + 2 * 5 + 1]) and float(d16[2, 1, 7]) == float(d[39, 1])
+    with pytest.raises(ValueError, match="multiple of 16"):
+        R.q8_0x16_pack(q[:8], d[:8])
+
+
+@needs_x16
+@pytest.mark.parametrize("N, K", [(16, 32), (48, 64), (8192, 576), (112, 1536)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_cpu_linear_q8_0x16_matches_reference(N, K, with_bias):
+    q, d, packed, d16 = _q8_0x16_case(N, K)
+    bias = torch.randn(N) if with_bias else None
+    x = torch.randn(6, K)
+    want = R.cpu_linear_q8_0x16_ref(x, packed, d16, bias)
+    exact = R.cpu_linear_q8_0_ref(x.double(), q, d, None if bias is None else bias.double())
+    for M in range(1, 7):
+        got = cpu_linear_q8_0x16(x[:M], packed, d16, bias, backend="cpu")
+        assert got.dtype == torch.float32 and got.shape == (M, N)
+        scale = want[:M].abs().amax(1, keepdim=True)
+        assert bool(((got - want[:M]).abs() <= 2e-6 * scale + _tol(K)).all())
+        assert bool(((got.double() - exact[:M]).abs() <= 2e-4 * exact[:M].abs().amax(1, keepdim=True)).all())
+        alone = torch.cat([cpu_linear_q8_0x16(x[i:i + 1], packed, d16, bias, backend="cpu") for i in range(M)])
+        assert torch.equal(alone, got)
+
+
+@needs_x16
+def test_cpu_linear_q8_0x16_fake_impl():
+    _, _, packed, d16 = _q8_0x16_case(32, 64)
+    torch.library.opcheck(torch.ops.bild_kernels_cpu.cpu_linear_q8_0x16, (torch.randn(3, 64), packed, d16, None),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_cpu_linear_q8_0x16_ref_backend():
+    q, d, packed, d16 = _q8_0x16_case(32, 64)
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(cpu_linear_q8_0x16(x, packed, d16, backend="ref"), R.cpu_linear_q8_0_ref(x, q, d),
+                               atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("change, exc, match", [
+    (dict(x=torch.randn(2, 40)), ValueError, "not a multiple of 32"),
+    (dict(q=torch.zeros(32, 64, dtype=torch.int8)), ValueError, "qweight must be 5-D"),
+    (dict(q=torch.zeros(2, 2, 16, 16, 2, dtype=torch.uint8)), TypeError, "qweight must have dtype"),
+    (dict(q=torch.zeros(2, 3, 16, 16, 2, dtype=torch.int8)), ValueError, r"qweight must have shape"),
+    (dict(d=torch.rand(2, 2, 8)), ValueError, r"block_scale must have shape \[2, 2, 16\]"),
+    (dict(bias=torch.randn(16)), ValueError, r"bias must have shape \[32\]"),
+])
+def test_cpu_linear_q8_0x16_bad_input(change, exc, match):
+    args = dict(x=torch.randn(2, 64), q=torch.zeros(2, 2, 16, 16, 2, dtype=torch.int8), d=torch.rand(2, 2, 16),
+                bias=None)
+    args.update(change)
+    with pytest.raises(exc, match=match):
+        cpu_linear_q8_0x16(args["x"], args["q"], args["d"], args["bias"])

