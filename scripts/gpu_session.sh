@@ -29,23 +29,22 @@
 # --corpus-seed 1 --prompts 23704 --corpus-batch-size 768 --corpus-minutes 2 --minutes 4 --work-dir /tmp/w
 # --out /tmp/draft > $OUT/distill.log 2>&1; tar czf $OUT/draft.tgz -C /tmp draft` (436 s; agreement 0.567 ->
 # 0.585, flat in its last minute). Not yet run anywhere: profile_step.
+# 2026-11-27 on an H200 (bench/results/gpu_h200_2026-11-27.md), four calls, 675 s: call 1 `build wide
+# engine_gpu_tests` (142 s: 370 kernel tests passed, all four first passes timed; engine 13 passed, 1 failed: 72
+# host syncs against 52), then the distillation below crashed in BatchGenerator at batch 1,024 (fixed since: its
+# graph warm-up read block -1 of every cache) and ran with `--corpus-backend hf` instead, with only the default 512
+# templated prompts beside 8,000 self-written ones: 0.585 -> 0.549, not shipped.
 # Plan for the next session lent 15 minutes (tree packed as above, two calls):
-#   call 1: bash scripts/gpu_carry.sh stash .carry1 && BILD_REV=<rev> DEADLINE=250 GPU_TEST_WORKERS=12 bash
-#           scripts/gpu_session.sh build wide engine_gpu_tests wide_profile
-#   (the `auto` first pass, the wide pass's sampling rows, the opt-in `stream` pass and the filter / cut kernels'
-#   strided grids, all changed since 2026-11-26b, and the top-k / top-p cut-off search of 2026-11-27 (histogram
-#   passes, csrc/cut_search.h; CUDA and Triton): tested against the reference, timed beside the forced passes;
-#   engine_gpu_tests: the GPU tests of distillation (self-written prompts, device-resident batches, the corpus now
-#   written by BatchGenerator), of the graphed draft loop (now also: no host synchronisation inside a run) and of
-#   BatchGenerator's graphed decode loop (tests/engine/test_bulk.py), and the bound on a graphed LargeOnly step's
-#   host syncs now that host data goes over without waiting (test_static_extend.py; it prints the count));
-#   call 2: `python3 bench/bench_bulk.py --device cuda --model default --large "$BILD_LARGE" --batch-sizes 768`
-#   (after unpack: BatchGenerator beside HF generate, ~40 s), then the distillation of 2026-11-26b with
-#   `--corpus-seed 2 --self-prompts 12000 --samples-per-prompt 2 --corpus-batch-size 1024 --corpus-minutes 2.5`
-#   (prompts the large model writes itself: the shipped draft agrees 0.664 on training prompts, 0.585 held out and
-#   0.570 on self-written ones, so the templates' narrow variety is what holds it back; the corpus written by
-#   BatchGenerator, which should make several times HF generate's 18.6k tokens/s: if call 1's test_bulk failed,
-#   add `--corpus-backend hf` and drop `--samples-per-prompt 2`), ~540 s.
+#   call 1: bash scripts/gpu_carry.sh stash .carry1 && BILD_REV=<rev> DEADLINE=200 GPU_TEST_WORKERS=12 bash
+#           scripts/gpu_session.sh build engine_gpu_tests wide_profile
+#   (engine_gpu_tests: the host-sync bound again after dfbfaa5's fixes (a CPU census says 42 of 52), BatchGenerator;
+#   wide_profile: ncu on the stream pass, now the default for verification, at 36.7% of HBM);
+#   call 2: `python3 bench/bench_bulk.py --device cuda --model default --large "$BILD_LARGE" --batch-sizes 1024`
+#   (after unpack: BatchGenerator at the batch that faulted, beside HF generate, ~40 s), then the distillation of
+#   2026-11-26b with **`--prompts 23704`** (all templated prompts: the held-out set's distribution) plus
+#   `--corpus-seed 2 --self-prompts 4000 --samples-per-prompt 2 --corpus-batch-size 1024 --corpus-minutes 2.5
+#   --minutes 3.5` (a mix, not a corpus mostly self-written: that one lost 0.036), ~500 s. If bench_bulk fails,
+#   add `--corpus-backend hf` and drop `--samples-per-prompt 2`.
 # profile_step (the engine's GPU time split at the Llama-1B shapes) waits for the session after.
 # DEADLINE (seconds from the start): each stage is cut (timeout) so that the whole script, the tarball
 # included, ends before it; a stage with under 20 s left is skipped. Each stage also has its own cap.
