@@ -39,6 +39,7 @@
 #include <optional>
 #include <string>
 #include <cstring>
+#include <initializer_list>
 #include <vector>
 
 #include "cpu_simd.h"  // reduce_lanes; defines BILD_X86 on x86-64
@@ -628,32 +629,46 @@ at::Tensor cpu_linear_q4_1(const at::Tensor& x, const at::Tensor& qweight, const
   return y;
 }
 
+namespace {
+// The checks the int16-activation ops share: x float32 [M, K] (K a multiple of 32), qweight of `wtype`
+// [N / 16, K / 32, winner...] and `sname` float32 [N / 16, K / 32, sinner...], both contiguous, bias float32 [N]
+// or None, all on the CPU. Returns N.
+int64_t check_x16(const char* op, const at::Tensor& x, const at::Tensor& qweight, at::ScalarType wtype,
+                  std::initializer_list<int64_t> winner, const at::Tensor& scale, const char* sname,
+                  std::initializer_list<int64_t> sinner, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(cpu_linear_q4_1x16_supported(), op, ": this CPU lacks AVX-512 VNNI (use the float kernel on the blocks)");
+  TORCH_CHECK(x.device().is_cpu() && qweight.device().is_cpu() && scale.device().is_cpu(), op,
+              ": x, qweight and ", sname, " must be on the CPU");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2, op, ": x must be float32 [M, K], got ", x.scalar_type(),
+              " ", x.sizes());
+  const int64_t K = x.size(1);
+  TORCH_CHECK(K % 32 == 0, op, ": K must be a multiple of 32, got ", K);
+  const int64_t G = qweight.dim() >= 1 ? qweight.size(0) : 0;
+  std::vector<int64_t> wshape{G, K / 32}, sshape{G, K / 32};
+  wshape.insert(wshape.end(), winner);
+  sshape.insert(sshape.end(), sinner);
+  TORCH_CHECK(qweight.scalar_type() == wtype && qweight.sizes() == at::IntArrayRef(wshape) && qweight.is_contiguous(),
+              op, ": qweight must be a contiguous ", wtype, " ", at::IntArrayRef(wshape), " tensor, got ",
+              qweight.scalar_type(), " ", qweight.sizes());
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.sizes() == at::IntArrayRef(sshape) && scale.is_contiguous(),
+              op, ": ", sname, " must be a contiguous float32 ", at::IntArrayRef(sshape), " tensor, got ",
+              scale.scalar_type(), " ", scale.sizes());
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->device().is_cpu() && bias->scalar_type() == at::kFloat && bias->dim() == 1 &&
+                    bias->size(0) == G * 16 && bias->is_contiguous(),
+                op, ": bias must be a contiguous float32 [N=", G * 16, "] CPU tensor");
+  }
+  return G * 16;
+}
+}  // namespace
+
 at::Tensor cpu_linear_q4_1x16(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& dm,
                               const std::optional<at::Tensor>& bias) {
   // x [M, K] float32 (any M), qweight uint8 [N / 16, K / 32, 4, 16, 4] and dm float32 [N / 16, K / 32, 2, 16]
   // (reference.q4_1x16_pack of Q4_1 blocks), bias [N] float32 or None -> y [M, N] = x @ w.T + bias, the
   // activations rounded to int16 per run of 32 (see rows_all_x16)
-  TORCH_CHECK(cpu_linear_q4_1x16_supported(), "cpu_linear_q4_1x16: this CPU lacks AVX-512 VNNI (use cpu_linear_q4_1)");
-  TORCH_CHECK(x.device().is_cpu() && qweight.device().is_cpu() && dm.device().is_cpu(),
-              "cpu_linear_q4_1x16: x, qweight and dm must be on the CPU");
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2, "cpu_linear_q4_1x16: x must be float32 [M, K], got ",
-              x.scalar_type(), " ", x.sizes());
+  const int64_t N = check_x16("cpu_linear_q4_1x16", x, qweight, at::kByte, {4, 16, 4}, dm, "dm", {2, 16}, bias);
   const int64_t M = x.size(0), K = x.size(1);
-  TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.dim() == 5 && qweight.size(1) == K / 32 &&
-                  qweight.size(2) == 4 && qweight.size(3) == 16 && qweight.size(4) == 4 && qweight.is_contiguous() &&
-                  K % 32 == 0,
-              "cpu_linear_q4_1x16: qweight must be a contiguous uint8 [N/16, K/32=", K / 32,
-              ", 4, 16, 4] tensor (K a multiple of 32), got ", qweight.sizes());
-  const int64_t N = qweight.size(0) * 16;
-  TORCH_CHECK(dm.scalar_type() == at::kFloat && dm.dim() == 4 && dm.size(0) == N / 16 && dm.size(1) == K / 32 &&
-                  dm.size(2) == 2 && dm.size(3) == 16 && dm.is_contiguous(),
-              "cpu_linear_q4_1x16: dm must be a contiguous float32 [", N / 16, ", ", K / 32, ", 2, 16] tensor, got ",
-              dm.sizes());
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->device().is_cpu() && bias->scalar_type() == at::kFloat && bias->dim() == 1 &&
-                    bias->size(0) == N && bias->is_contiguous(),
-                "cpu_linear_q4_1x16: bias must be a contiguous float32 [N=", N, "] CPU tensor");
-  }
   const at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous();
   at::Tensor y = at::empty({M, N}, x.options());
 #ifdef BILD_X86
@@ -670,27 +685,9 @@ at::Tensor cpu_linear_q8_0x16(const at::Tensor& x, const at::Tensor& qweight, co
   // x [M, K] float32 (any M), qweight int8 [N / 16, K / 32, 16, 16, 2] and block_scale float32 [N / 16, K / 32, 16]
   // (reference.q8_0x16_pack of Q8_0 blocks), bias [N] float32 or None -> y [M, N] = x @ w.T + bias, the
   // activations rounded to int16 per run of 32 (see rows_all_x16)
-  TORCH_CHECK(cpu_linear_q4_1x16_supported(), "cpu_linear_q8_0x16: this CPU lacks AVX-512 VNNI (use cpu_linear_q8_0)");
-  TORCH_CHECK(x.device().is_cpu() && qweight.device().is_cpu() && block_scale.device().is_cpu(),
-              "cpu_linear_q8_0x16: x, qweight and block_scale must be on the CPU");
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2, "cpu_linear_q8_0x16: x must be float32 [M, K], got ",
-              x.scalar_type(), " ", x.sizes());
+  const int64_t N = check_x16("cpu_linear_q8_0x16", x, qweight, at::kChar, {16, 16, 2}, block_scale, "block_scale",
+                              {16}, bias);
   const int64_t M = x.size(0), K = x.size(1);
-  TORCH_CHECK(qweight.scalar_type() == at::kChar && qweight.dim() == 5 && qweight.size(1) == K / 32 &&
-                  qweight.size(2) == 16 && qweight.size(3) == 16 && qweight.size(4) == 2 && qweight.is_contiguous() &&
-                  K % 32 == 0,
-              "cpu_linear_q8_0x16: qweight must be a contiguous int8 [N/16, K/32=", K / 32,
-              ", 16, 16, 2] tensor (K a multiple of 32), got ", qweight.sizes());
-  const int64_t N = qweight.size(0) * 16;
-  TORCH_CHECK(block_scale.scalar_type() == at::kFloat && block_scale.dim() == 3 && block_scale.size(0) == N / 16 &&
-                  block_scale.size(1) == K / 32 && block_scale.size(2) == 16 && block_scale.is_contiguous(),
-              "cpu_linear_q8_0x16: block_scale must be a contiguous float32 [", N / 16, ", ", K / 32, ", 16] tensor, got ",
-              block_scale.sizes());
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->device().is_cpu() && bias->scalar_type() == at::kFloat && bias->dim() == 1 &&
-                    bias->size(0) == N && bias->is_contiguous(),
-                "cpu_linear_q8_0x16: bias must be a contiguous float32 [N=", N, "] CPU tensor");
-  }
   const at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous();
   at::Tensor y = at::empty({M, N}, x.options());
 #ifdef BILD_X86

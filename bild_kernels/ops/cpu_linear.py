@@ -107,22 +107,7 @@ def cpu_linear_q4_1x16(x, qweight, dm, bias=None, *, backend: str | None = None)
     backend: "cpu" (the extension, where the CPU has AVX-512 F/VL/BW and VNNI:
     torch.ops.bild_kernels_cpu.cpu_linear_q4_1x16_supported()), "ref", or None (the extension where it runs).
     """
-    v.tensor("x", x, dtypes=(torch.float32,), ndim=2)
-    M, K = x.shape
-    if K % 32:
-        raise ValueError(f"x's K = {K} is not a multiple of 32 (Q4_1 blocks)")
-    v.tensor("qweight", qweight, dtypes=(torch.uint8,), ndim=5, device=x.device)
-    v.shape("qweight", qweight, (None, K // 32, 4, 16, 4))
-    G = qweight.shape[0]
-    v.tensor("dm", dm, dtypes=(torch.float32,), ndim=4, device=x.device)
-    v.shape("dm", dm, (G, K // 32, 2, 16))
-    if bias is not None:
-        v.tensor("bias", bias, dtypes=(torch.float32,), ndim=1, device=x.device)
-        v.shape("bias", bias, (16 * G,))
-    if x.device.type != "cpu":
-        raise ValueError(f"cpu_linear_q4_1x16 runs on the CPU; x is on {x.device}")
-    if not qweight.is_contiguous():
-        raise ValueError("qweight must be contiguous")
+    _check_x16("cpu_linear_q4_1x16", x, qweight, torch.uint8, (4, 16, 4), dm, "dm", (2, 16), bias)
     fn = resolve("cpu_linear_q4_1x16", x.device, backend)
     return fn(x, qweight, dm.contiguous(), None if bias is None else bias.contiguous())
 
@@ -132,22 +117,7 @@ def cpu_linear_q8_0x16(x, qweight, block_scale, bias=None, *, backend: str | Non
     blocks repacked by `reference.q8_0x16_pack`), bias [N] or None -> y [M, N] = x @ w.T (+ bias), w = q * d, with
     the activations rounded to int16 per run of 32 as in `cpu_linear_q4_1x16` (`reference.cpu_linear_q8_0x16_ref`
     is the definition). backend: "cpu" (where the CPU has AVX-512 VNNI), "ref", or None."""
-    v.tensor("x", x, dtypes=(torch.float32,), ndim=2)
-    M, K = x.shape
-    if K % 32:
-        raise ValueError(f"x's K = {K} is not a multiple of 32 (Q8_0 blocks)")
-    v.tensor("qweight", qweight, dtypes=(torch.int8,), ndim=5, device=x.device)
-    v.shape("qweight", qweight, (None, K // 32, 16, 16, 2))
-    G = qweight.shape[0]
-    v.tensor("block_scale", block_scale, dtypes=(torch.float32,), ndim=3, device=x.device)
-    v.shape("block_scale", block_scale, (G, K // 32, 16))
-    if bias is not None:
-        v.tensor("bias", bias, dtypes=(torch.float32,), ndim=1, device=x.device)
-        v.shape("bias", bias, (16 * G,))
-    if x.device.type != "cpu":
-        raise ValueError(f"cpu_linear_q8_0x16 runs on the CPU; x is on {x.device}")
-    if not qweight.is_contiguous():
-        raise ValueError("qweight must be contiguous")
+    _check_x16("cpu_linear_q8_0x16", x, qweight, torch.int8, (16, 16, 2), block_scale, "block_scale", (16,), bias)
     fn = resolve("cpu_linear_q8_0x16", x.device, backend)
     return fn(x, qweight, block_scale.contiguous(), None if bias is None else bias.contiguous())
 
@@ -168,6 +138,27 @@ def cpu_linear_int8(x, qweight, scale, bias=None, *, backend: str | None = None)
     _check_quantised("cpu_linear_int8", x, qweight, bias)
     fn = resolve("cpu_linear_int8", x.device, backend)
     return fn(x, qweight, scale.contiguous(), None if bias is None else bias.contiguous())
+
+
+def _check_x16(op: str, x, qweight, wdtype, winner: tuple, scale, sname: str, sinner: tuple, bias) -> None:
+    """The checks the int16-activation ops share: x float32 [M, K] (K a multiple of 32) on the CPU, qweight
+    `wdtype` [N / 16, K / 32, *winner] contiguous, scale float32 [N / 16, K / 32, *sinner], bias [N] or None."""
+    v.tensor("x", x, dtypes=(torch.float32,), ndim=2)
+    K = x.shape[1]
+    if K % 32:
+        raise ValueError(f"x's K = {K} is not a multiple of 32 (the blocks' width)")
+    v.tensor("qweight", qweight, dtypes=(wdtype,), ndim=2 + len(winner), device=x.device)
+    v.shape("qweight", qweight, (None, K // 32, *winner))
+    G = qweight.shape[0]
+    v.tensor(sname, scale, dtypes=(torch.float32,), ndim=2 + len(sinner), device=x.device)
+    v.shape(sname, scale, (G, K // 32, *sinner))
+    if bias is not None:
+        v.tensor("bias", bias, dtypes=(torch.float32,), ndim=1, device=x.device)
+        v.shape("bias", bias, (16 * G,))
+    if x.device.type != "cpu":
+        raise ValueError(f"{op} runs on the CPU; x is on {x.device}")
+    if not qweight.is_contiguous():
+        raise ValueError("qweight must be contiguous")
 
 
 def _check_quantised(op: str, x, qweight, bias) -> None:
