@@ -402,19 +402,26 @@ using RangeX16 = void (*)(const int16_t*, const float*, const float*, int64_t, c
 constexpr int64_t kMaxRowsX16 = 4;
 constexpr RangeX16 kRangesX16[kMaxRowsX16] = {range_x16<1>, range_x16<2>, range_x16<3>, range_x16<4>};
 
-void rows_all_x16(const float* x, int64_t ldx, int64_t M, const uint8_t* pk, const float* dm, int64_t K, int64_t N,
-                  const float* bias, float* y) {
-  const int64_t nb = K / 32, groups = N / 16;
+// Quantises x once, then fn(xq, dx, sx, m0, rows, begin, end) for chunks of up to kMaxRowsX16 activation rows
+// over the output groups [begin, end) of each thread (grain: 4 groups, 64 output rows, as the float kernels' 64).
+template <typename Fn>
+void over_x16(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t N, const Fn& fn) {
+  const int64_t nb = K / 32;
   std::vector<int16_t> xq(static_cast<size_t>(M * K));
   std::vector<float> dx(static_cast<size_t>(M * nb)), sx(static_cast<size_t>(M * nb));
   quantize_rows_x16(x, ldx, M, K, xq.data(), dx.data(), sx.data());
-  // grain: 4 groups (64 output rows), as the float kernels' 64
-  at::parallel_for(0, groups, 4, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N / 16, 4, [&](int64_t begin, int64_t end) {
     for (int64_t m0 = 0; m0 < M; m0 += kMaxRowsX16) {
-      const int64_t rows = std::min(kMaxRowsX16, M - m0);
-      kRangesX16[rows - 1](xq.data() + m0 * K, dx.data() + m0 * nb, sx.data() + m0 * nb, K, pk, dm, bias,
-                           y + m0 * N, N, begin, end);
+      fn(xq.data() + m0 * K, dx.data() + m0 * nb, sx.data() + m0 * nb, m0, std::min(kMaxRowsX16, M - m0), begin, end);
     }
+  });
+}
+
+void rows_all_x16(const float* x, int64_t ldx, int64_t M, const uint8_t* pk, const float* dm, int64_t K, int64_t N,
+                  const float* bias, float* y) {
+  over_x16(x, ldx, M, K, N, [&](const int16_t* xq, const float* dx, const float* sx, int64_t m0, int64_t rows,
+                                int64_t begin, int64_t end) {
+    kRangesX16[rows - 1](xq, dx, sx, K, pk, dm, bias, y + m0 * N, N, begin, end);
   });
 }
 
@@ -475,15 +482,9 @@ constexpr RangeQ8X16 kRangesQ8X16[kMaxRowsX16] = {range_q8_x16<1>, range_q8_x16<
 
 void rows_all_q8_x16(const float* x, int64_t ldx, int64_t M, const int8_t* pk, const float* d, int64_t K, int64_t N,
                      const float* bias, float* y) {
-  const int64_t nb = K / 32, groups = N / 16;
-  std::vector<int16_t> xq(static_cast<size_t>(M * K));
-  std::vector<float> dx(static_cast<size_t>(M * nb)), sx(static_cast<size_t>(M * nb));
-  quantize_rows_x16(x, ldx, M, K, xq.data(), dx.data(), sx.data());
-  at::parallel_for(0, groups, 4, [&](int64_t begin, int64_t end) {
-    for (int64_t m0 = 0; m0 < M; m0 += kMaxRowsX16) {
-      const int64_t rows = std::min(kMaxRowsX16, M - m0);
-      kRangesQ8X16[rows - 1](xq.data() + m0 * K, dx.data() + m0 * nb, K, pk, d, bias, y + m0 * N, N, begin, end);
-    }
+  over_x16(x, ldx, M, K, N, [&](const int16_t* xq, const float* dx, const float*, int64_t m0, int64_t rows,
+                                int64_t begin, int64_t end) {
+    kRangesQ8X16[rows - 1](xq, dx, K, pk, d, bias, y + m0 * N, N, begin, end);
   });
 }
 #endif
