@@ -391,7 +391,7 @@ BILD_X16 void groups_x16(const int16_t* xq, const float* dx, const float* sx, in
 template <int M>
 void range_x16(const int16_t* xq, const float* dx, const float* sx, int64_t K, const uint8_t* pk, const float* dm,
                const float* bias, float* y, int64_t ldy, int64_t begin, int64_t end) {
-  constexpr int G = M <= 2 ? 4 : 2;  // independent accumulator chains: G * M of them
+  constexpr int G = 1;  // groups at a time: 1 measured fastest at M = 1 and 4 (2-4 groups: 20-30% slower, register pressure)
   int64_t g = begin;
   for (; g + G <= end; g += G) groups_x16<M, G>(xq, dx, sx, K, pk, dm, bias, y, ldy, g);
   for (; g < end; ++g) groups_x16<M, 1>(xq, dx, sx, K, pk, dm, bias, y, ldy, g);
@@ -470,7 +470,7 @@ BILD_X16 void groups_q8_x16(const int16_t* xq, const float* dx, int64_t K, const
 template <int M>
 void range_q8_x16(const int16_t* xq, const float* dx, int64_t K, const int8_t* pk, const float* d, const float* bias,
                   float* y, int64_t ldy, int64_t begin, int64_t end) {
-  constexpr int G = M <= 2 ? 4 : 2;
+  constexpr int G = 1;  // as range_x16: one group at a time measured fastest
   int64_t g = begin;
   for (; g + G <= end; g += G) groups_q8_x16<M, G>(xq, dx, K, pk, d, bias, y, ldy, g);
   for (; g < end; ++g) groups_q8_x16<M, 1>(xq, dx, K, pk, d, bias, y, ldy, g);
