@@ -191,8 +191,8 @@ class LlamaExecutor:
         them (False: no fused float32 CPU layer here, int8 weights, or blocks that differ; nothing changes).
 
         activations="int16": the blocks repacked (`reference.q4_1x16_pack`) for cpu_linear_q4_1x16, which rounds
-        each product's activations to int16 per run of 32 and multiplies in integers: ~1.5x faster at 1 token and
-        ~1.7x at 4 on an AMD EPYC, its outputs within ~3e-5 (relative) of the float ones instead of the same bits.
+        each product's activations to int16 per run of 32 and multiplies in integers: ~2x faster at 1 and 4
+        tokens on an AMD EPYC, its outputs within ~3e-5 (relative) of the float ones instead of the same bits.
         Only where that kernel runs (AVX-512 VNNI) and every output width is a multiple of 16, else False."""
         from bild_kernels.reference import q4_1_dequantize, q4_1x16_pack
         if activations not in ("float32", "int16"):
