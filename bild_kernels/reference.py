@@ -259,6 +259,20 @@ def q4_1x16_quantize_rows(x):
     return xq, amax / 32767.0, b.sum(-1)
 
 
+def _x16_linear(x, q, d, m=None, bias=None):
+    """What both int16-activation kernels compute, in float64: q [N, nb, 32] integer weights, d (and m) [N, nb] their
+    scales (and minimums); x rounded by q4_1x16_quantize_rows; per block b the exact integer isum = sum(q * xq),
+    then y = sum_b d * dx * isum (+ m * sx) -> [M, N] float32 (+ bias)."""
+    nb = q.shape[1]
+    xq, dx, sx = q4_1x16_quantize_rows(x)
+    isum = torch.einsum("mbk,nbk->mnb", xq.view(-1, nb, 32).to(torch.int64), q.to(torch.int64))  # exact
+    y = isum.double() * (d[None].double() * dx[:, None, :].double())
+    if m is not None:
+        y = y + m[None].double() * sx[:, None, :].double()
+    y = y.sum(-1).float()
+    return y if bias is None else y + bias
+
+
 def cpu_linear_q4_1x16_ref(x, packed, dm16, bias=None):
     """x [M, K] @ w.T (+ bias [N]) -> [M, N] float32 as `cpu_linear_q4_1x16` computes it: w the Q4_1 weights of
     (packed, dm16) (q4_1x16_pack), x rounded to int16 per run of 32 (q4_1x16_quantize_rows); per block b the
@@ -266,14 +280,9 @@ def cpu_linear_q4_1x16_ref(x, packed, dm16, bias=None):
     sums agree within rounding)."""
     qweight, dm = q4_1x16_unpack(packed, dm16)
     N, nb = dm.shape[0], dm.shape[1]
-    xq, dx, sx = q4_1x16_quantize_rows(x)
-    b = qweight.view(N, nb, 16).to(torch.int64)
+    b = qweight.view(N, nb, 16)
     q = torch.cat([b & 15, b >> 4], -1)  # [N, nb, 32]
-    isum = torch.einsum("mbk,nbk->mnb", xq.view(-1, nb, 32).to(torch.int64), q)  # exact
-    y = (isum.double() * (dm[None, :, :, 0].double() * dx[:, None, :].double())
-         + dm[None, :, :, 1].double() * sx[:, None, :].double()).sum(-1)
-    y = y.float()
-    return y if bias is None else y + bias
+    return _x16_linear(x, q, dm[..., 0], dm[..., 1], bias)
 
 
 def q8_0x16_pack(qweight, block_scale):
@@ -292,12 +301,8 @@ def cpu_linear_q8_0x16_ref(x, packed, d16, bias=None):
     blocks (packed, d16) (q8_0x16_pack), x rounded to int16 per run of 32 (q4_1x16_quantize_rows); per block the
     exact integer sum(q * xq), then y = sum_b d * dx * isum (float64 here)."""
     G, nb = packed.shape[0], packed.shape[1]
-    q = packed.permute(0, 3, 1, 2, 4).reshape(G * 16, nb, 32).to(torch.int64)  # [N, nb, 32]
-    d = d16.permute(0, 2, 1).reshape(G * 16, nb)
-    xq, dx, _ = q4_1x16_quantize_rows(x)
-    isum = torch.einsum("mbk,nbk->mnb", xq.view(-1, nb, 32).to(torch.int64), q)
-    y = (isum.double() * (d[None].double() * dx[:, None, :].double())).sum(-1).float()
-    return y if bias is None else y + bias
+    q = packed.permute(0, 3, 1, 2, 4).reshape(G * 16, nb, 32)  # [N, nb, 32]
+    return _x16_linear(x, q, d16.permute(0, 2, 1).reshape(G * 16, nb), bias=bias)
 
 
 def cpu_decoder_layer_ref(x, cos, sin, input_norm, qkv_w, qkv_scale, qkv_bias, o_w, o_scale, o_bias, post_norm,

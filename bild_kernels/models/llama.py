@@ -154,8 +154,7 @@ class LlamaExecutor:
         differ). activations="int16": the blocks repacked (`reference.q8_0x16_pack`) for cpu_linear_q8_0x16
         (activations rounded to int16 per run of 32, integer products; logits within ~3e-5 relative), only
         where that kernel runs (AVX-512 VNNI) and V is a multiple of 16."""
-        if activations not in ("float32", "int16"):
-            raise ValueError(f"activations must be 'float32' or 'int16', got {activations!r}")
+        _check_activations(activations)
         if self._linear.keywords.get("native") is None or self.head_vocab is not None \
                 or not isinstance(self.lm_head, torch.Tensor) or self.lm_head.dtype != torch.float32:
             return False
@@ -195,8 +194,7 @@ class LlamaExecutor:
         tokens on an AMD EPYC, its outputs within ~3e-5 (relative) of the float ones instead of the same bits.
         Only where that kernel runs (AVX-512 VNNI) and every output width is a multiple of 16, else False."""
         from bild_kernels.reference import q4_1_dequantize, q4_1x16_pack
-        if activations not in ("float32", "int16"):
-            raise ValueError(f"activations must be 'float32' or 'int16', got {activations!r}")
+        _check_activations(activations)
         if self._fused is None or self.weight_format != "float32" or len(blocks) != len(self.layers):
             return False
         op = "cpu_linear_q4_1x16" if activations == "int16" else "cpu_linear_q4_1"
@@ -213,8 +211,10 @@ class LlamaExecutor:
                         or q.dtype != torch.uint8 or tuple(q.shape) != (N, K // 2) \
                         or dm.dtype != torch.float32 or tuple(dm.shape) != (N, K // 32, 2):
                     return False
+                if activations == "int16" and N % 16:  # 16 output rows a register
+                    return False
                 q, dm = q.contiguous(), dm.contiguous()
-                if not torch.equal(q4_1_dequantize(q, dm), ref) or (activations == "int16" and N % 16):
+                if not torch.equal(q4_1_dequantize(q, dm), ref):
                     return False
                 layer[name] = q4_1x16_pack(q, dm) if activations == "int16" else (q, dm)
             taken.append(layer)
@@ -471,6 +471,12 @@ class Int8Weight(NamedTuple):
 
 
 INT8_K_MULTIPLE = 16  # torch's CPU int8 weight kernel reads the input width in blocks of 16
+
+
+def _check_activations(activations: str) -> None:
+    """use_q8_0_head / use_q4_1_layers: how their blocks multiply ("float32", or "int16" activations)."""
+    if activations not in ("float32", "int16"):
+        raise ValueError(f"activations must be 'float32' or 'int16', got {activations!r}")
 
 
 def _linear(x, w, bias=None, native=None, int8_fp32=None):

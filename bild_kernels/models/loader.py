@@ -239,19 +239,18 @@ def _attach_gguf_blocks(executor: LlamaExecutor, path: Path, cache: Path | None)
             tensors = _gguf_tensors(path)
         return tensors
 
-    def take_head(head: dict) -> bool:
-        if "q" not in head or "d" not in head:
-            return False
+    def use(method, *blocks) -> bool:  # the asked activations where they run, else the float kernels
         act = gguf_activations()
-        return executor.use_q8_0_head(head["q"], head["d"], act) or (
-            act != "float32" and executor.use_q8_0_head(head["q"], head["d"]))
+        return method(*blocks, act) or (act != "float32" and method(*blocks, "float32"))
+
+    def take_head(head: dict) -> bool:
+        return "q" in head and "d" in head and use(executor.use_q8_0_head, head["q"], head["d"])
 
     def take_layers(layers: dict) -> bool:
         per_layer = [{name: (layers[f"{i}.{name}.q"], layers.get(f"{i}.{name}.dm"))
                       for name in ("qkv", "o", "gate_up", "down") if f"{i}.{name}.q" in layers}
                      for i in range(executor.config.num_layers)]
-        act = gguf_activations()
-        return executor.use_q4_1_layers(per_layer, act) or (act != "float32" and executor.use_q4_1_layers(per_layer))
+        return use(executor.use_q4_1_layers, per_layer)
 
     # A kept copy the executor refuses (damaged, or from another version) is read from the GGUF again and replaced.
     for key, name, take, read in (

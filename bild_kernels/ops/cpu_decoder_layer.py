@@ -70,25 +70,23 @@ def cpu_decoder_layer(x, cos, sin, weights: LayerWeights, key_cache, value_cache
         w, s, b = getattr(weights, name)
         q4_1 = s is not None and isinstance(w, torch.Tensor) and w.dtype == torch.uint8
         packed = q4_1 and w.dim() == 5  # Q4_1 blocks packed for int16 activations (reference.q4_1x16_pack)
-        v.tensor(f"{name} weight", w, dtypes=(torch.int8, torch.uint8) if s is not None else (torch.float32,),
-                 ndim=5 if packed else 2, device=x.device)
         if q4_1 and k % 32:
             raise ValueError(f"{name} weight: Q4_1 blocks need an input width that is a multiple of 32, got {k}")
-        if packed:
-            if n % 16:
-                raise ValueError(f"{name} weight: packed Q4_1 blocks need an output width that is a multiple of 16, "
-                                 f"got {n}")
-            v.shape(f"{name} weight", w, (n // 16, k // 32, 4, 16, 4))
-            v.tensor(f"{name} scale", s, dtypes=(torch.float32,), ndim=4, device=x.device)
-            v.shape(f"{name} scale", s, (n // 16, k // 32, 2, 16))
+        if packed and n % 16:
+            raise ValueError(f"{name} weight: packed Q4_1 blocks need an output width that is a multiple of 16, "
+                             f"got {n}")
+        if packed:  # the weight's and the scale's shapes in each format
+            w_shape, s_shape = (n // 16, k // 32, 4, 16, 4), (n // 16, k // 32, 2, 16)
+        elif q4_1:
+            w_shape, s_shape = (n, k // 2), (n, k // 32, 2)
         else:
-            v.shape(f"{name} weight", w, (n, k // 2) if q4_1 else (n, k))
-        if q4_1 and not packed:
-            v.tensor(f"{name} scale", s, dtypes=(torch.float32,), ndim=3, device=x.device)
-            v.shape(f"{name} scale", s, (n, k // 32, 2))
-        elif s is not None and not packed:
-            v.tensor(f"{name} scale", s, dtypes=(torch.float32,), ndim=1, device=x.device)
-            v.shape(f"{name} scale", s, (n,))
+            w_shape, s_shape = (n, k), (n,)
+        v.tensor(f"{name} weight", w, dtypes=(torch.int8, torch.uint8) if s is not None else (torch.float32,),
+                 ndim=len(w_shape), device=x.device)
+        v.shape(f"{name} weight", w, w_shape)
+        if s is not None:
+            v.tensor(f"{name} scale", s, dtypes=(torch.float32,), ndim=len(s_shape), device=x.device)
+            v.shape(f"{name} scale", s, s_shape)
         if b is not None:
             v.tensor(f"{name} bias", b, dtypes=(torch.float32,), ndim=1, device=x.device)
             v.shape(f"{name} bias", b, (n,))

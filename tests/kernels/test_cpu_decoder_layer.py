@@ -119,25 +119,30 @@ def _q4_1_of(w: torch.Tensor):
     return q, dm, q4_1_dequantize(q, dm)
 
 
+def _q4_1_case(seqs, pack=lambda q, dm: (q, dm)):
+    """A layer case whose projections are Q4_1 weights: (case with the blocks, as `pack` gives them, as the
+    projections; the same case with the float32 weights they stand for)."""
+    x, cos, sin, weights, caches, meta, Hq, Hkv = _case(seqs, H=64, Hq=4, Hkv=2, D=16, inter=96, bias=True)
+    blocks, floats = {}, {}
+    for name in ("qkv", "o", "gate_up", "down"):
+        w, _, b = getattr(weights, name)
+        q, dm, wf = _q4_1_of(w)
+        blocks[name], floats[name] = (*pack(q, dm), b), (wf, None, b)
+    return ((x, cos, sin, weights._replace(**blocks), caches, meta, Hq, Hkv),
+            (x, cos, sin, weights._replace(**floats), caches, meta, Hq, Hkv))
+
+
 @needs_ext
 @pytest.mark.parametrize("seqs", [DECODE, VERIFY, MIXED], ids=["decode", "verify", "mixed"])
 def test_cpu_decoder_layer_q4_1_blocks_give_the_float32_bits(seqs):
     """Projections given as Q4_1 blocks (uint8 weight, dm as the scale) give the layer's output and cache writes on
     their float32 weights, bit for bit; the reference twin agrees."""
-    case = _case(seqs, H=64, Hq=4, Hkv=2, D=16, inter=96, bias=True)
-    x, cos, sin, weights, caches, meta, Hq, Hkv = case
-    blocks, floats = {}, {}
-    for name in ("qkv", "o", "gate_up", "down"):
-        w, _, b = getattr(weights, name)
-        q, dm, wf = _q4_1_of(w)
-        blocks[name], floats[name] = (q, dm, b), (wf, None, b)
-    as_q4 = weights._replace(**blocks)
-    as_f32 = weights._replace(**floats)
-    got = _run((x, cos, sin, as_q4, caches, meta, Hq, Hkv), "cpu")
-    want = _run((x, cos, sin, as_f32, caches, meta, Hq, Hkv), "cpu")
+    as_q4, as_f32 = _q4_1_case(seqs)
+    got = _run(as_q4, "cpu")
+    want = _run(as_f32, "cpu")
     for a, b in zip(got, want):
         assert torch.equal(a, b)
-    ref = _run((x, cos, sin, as_q4, caches, meta, Hq, Hkv), "ref")
+    ref = _run(as_q4, "ref")
     torch.testing.assert_close(got[0], ref[0], atol=1e-4, rtol=1e-4)
 
 
@@ -150,17 +155,10 @@ def test_cpu_decoder_layer_packed_q4_1_blocks_match_the_reference(seqs):
     output and cache writes (its products are cpu_linear_q4_1x16_ref), and within the activation rounding of the
     float32 weights' layer."""
     from bild_kernels.reference import q4_1x16_pack
-    case = _case(seqs, H=64, Hq=4, Hkv=2, D=16, inter=96, bias=True)
-    x, cos, sin, weights, caches, meta, Hq, Hkv = case
-    packed, floats = {}, {}
-    for name in ("qkv", "o", "gate_up", "down"):
-        w, _, b = getattr(weights, name)
-        q, dm, wf = _q4_1_of(w)
-        packed[name], floats[name] = (*q4_1x16_pack(q, dm), b), (wf, None, b)
-    as_x16 = weights._replace(**packed)
-    got = _run((x, cos, sin, as_x16, caches, meta, Hq, Hkv), "cpu")
-    ref = _run((x, cos, sin, as_x16, caches, meta, Hq, Hkv), "ref")
-    f32 = _run((x, cos, sin, weights._replace(**floats), caches, meta, Hq, Hkv), "cpu")
+    as_x16, as_f32 = _q4_1_case(seqs, q4_1x16_pack)
+    got = _run(as_x16, "cpu")
+    ref = _run(as_x16, "ref")
+    f32 = _run(as_f32, "cpu")
     for a, b, c in zip(got, ref, f32):  # the twins' float steps differ in order: an activation may round the other way
         torch.testing.assert_close(a, b, atol=5e-4 * float(b.abs().max()), rtol=0)
         torch.testing.assert_close(a, c, atol=2e-3 * float(c.abs().max()), rtol=0)
