@@ -247,24 +247,29 @@ def q4_1x16_unpack(packed, dm16):
     return qweight.contiguous(), dm16.permute(0, 3, 1, 2).reshape(G * 16, nb, 2).contiguous()
 
 
-def q4_1x16_quantize_rows(x):
+def q4_1x16_quantize_rows(x, activation_bits: int = 16):
     """The activations as cpu_linear_q4_1x16 rounds them: x [M, K] float32 (K a multiple of 32) -> xq [M, K]
     int16 = round-half-even(x * (32767 / amax)) per run of 32 (0 where amax = 0), dx [M, K / 32] = amax / 32767,
-    sx [M, K / 32] = the run's float sum (the kernel sums in another order: within rounding)."""
+    sx [M, K / 32] = the run's float sum (the kernel sums in another order: within rounding).
+    activation_bits=8: int8 with 127 for 32767 (clamped to [-127, 127])."""
+    if activation_bits not in (8, 16):
+        raise ValueError(f"activation_bits must be 8 or 16, got {activation_bits!r}")
+    top = 32767.0 if activation_bits == 16 else 127.0
     M, K = x.shape
     b = x.float().reshape(M, K // 32, 32)
     amax = b.abs().amax(-1)
-    inv = torch.where(amax > 0, torch.tensor(32767.0) / amax, torch.zeros_like(amax))
-    xq = torch.round(b * inv[..., None]).clamp(-32768, 32767).to(torch.int16).reshape(M, K)
-    return xq, amax / 32767.0, b.sum(-1)
+    inv = torch.where(amax > 0, torch.tensor(top) / amax, torch.zeros_like(amax))
+    xq = torch.round(b * inv[..., None]).clamp(-top - (activation_bits == 16), top)
+    xq = xq.to(torch.int16 if activation_bits == 16 else torch.int8).reshape(M, K)
+    return xq, amax / top, b.sum(-1)
 
 
-def _x16_linear(x, q, d, m=None, bias=None):
-    """What both int16-activation kernels compute, in float64: q [N, nb, 32] integer weights, d (and m) [N, nb] their
-    scales (and minimums); x rounded by q4_1x16_quantize_rows; per block b the exact integer isum = sum(q * xq),
-    then y = sum_b d * dx * isum (+ m * sx) -> [M, N] float32 (+ bias)."""
+def _x16_linear(x, q, d, m=None, bias=None, activation_bits=16):
+    """What both integer-activation kernels compute, in float64: q [N, nb, 32] integer weights, d (and m) [N, nb]
+    their scales (and minimums); x rounded by q4_1x16_quantize_rows(x, activation_bits); per block b the exact
+    integer isum = sum(q * xq), then y = sum_b d * dx * isum (+ m * sx) -> [M, N] float32 (+ bias)."""
     nb = q.shape[1]
-    xq, dx, sx = q4_1x16_quantize_rows(x)
+    xq, dx, sx = q4_1x16_quantize_rows(x, activation_bits)
     isum = torch.einsum("mbk,nbk->mnb", xq.view(-1, nb, 32).to(torch.int64), q.to(torch.int64))  # exact
     y = isum.double() * (d[None].double() * dx[:, None, :].double())
     if m is not None:
@@ -273,16 +278,16 @@ def _x16_linear(x, q, d, m=None, bias=None):
     return y if bias is None else y + bias
 
 
-def cpu_linear_q4_1x16_ref(x, packed, dm16, bias=None):
+def cpu_linear_q4_1x16_ref(x, packed, dm16, bias=None, activation_bits=16):
     """x [M, K] @ w.T (+ bias [N]) -> [M, N] float32 as `cpu_linear_q4_1x16` computes it: w the Q4_1 weights of
-    (packed, dm16) (q4_1x16_pack), x rounded to int16 per run of 32 (q4_1x16_quantize_rows); per block b the
-    exact integer sum(q * xq), then y = sum_b d * dx * isum + m * sx (in float64 here: the kernel's float32
-    sums agree within rounding)."""
+    (packed, dm16) (q4_1x16_pack), x rounded to int16 (or int8) per run of 32 (q4_1x16_quantize_rows); per block
+    b the exact integer sum(q * xq), then y = sum_b d * dx * isum + m * sx (in float64 here: the kernel's
+    float32 sums agree within rounding)."""
     qweight, dm = q4_1x16_unpack(packed, dm16)
     N, nb = dm.shape[0], dm.shape[1]
     b = qweight.view(N, nb, 16)
     q = torch.cat([b & 15, b >> 4], -1)  # [N, nb, 32]
-    return _x16_linear(x, q, dm[..., 0], dm[..., 1], bias)
+    return _x16_linear(x, q, dm[..., 0], dm[..., 1], bias, activation_bits)
 
 
 def q8_0x16_pack(qweight, block_scale):
@@ -296,26 +301,28 @@ def q8_0x16_pack(qweight, block_scale):
     return packed, block_scale.view(N // 16, 16, K // 32).permute(0, 2, 1).contiguous()
 
 
-def cpu_linear_q8_0x16_ref(x, packed, d16, bias=None):
+def cpu_linear_q8_0x16_ref(x, packed, d16, bias=None, activation_bits=16):
     """x [M, K] @ w.T (+ bias [N]) -> [M, N] float32 as `cpu_linear_q8_0x16` computes it: w = q * d of the Q8_0
-    blocks (packed, d16) (q8_0x16_pack), x rounded to int16 per run of 32 (q4_1x16_quantize_rows); per block the
-    exact integer sum(q * xq), then y = sum_b d * dx * isum (float64 here)."""
+    blocks (packed, d16) (q8_0x16_pack), x rounded to int16 (or int8) per run of 32 (q4_1x16_quantize_rows); per
+    block the exact integer sum(q * xq), then y = sum_b d * dx * isum (float64 here)."""
     G, nb = packed.shape[0], packed.shape[1]
     q = packed.permute(0, 3, 1, 2, 4).reshape(G * 16, nb, 32)  # [N, nb, 32]
-    return _x16_linear(x, q, d16.permute(0, 2, 1).reshape(G * 16, nb), bias=bias)
+    return _x16_linear(x, q, d16.permute(0, 2, 1).reshape(G * 16, nb), bias=bias, activation_bits=activation_bits)
 
 
 def cpu_decoder_layer_ref(x, cos, sin, input_norm, qkv_w, qkv_scale, qkv_bias, o_w, o_scale, o_bias, post_norm,
                           gate_up_w, gate_up_scale, gate_up_bias, down_w, down_scale, down_bias, key_cache,
                           value_cache, slot_mapping, query_start_loc, positions, block_tables, context_lens,
-                          num_heads: int, num_kv_heads: int, scale: float, sliding_window: int, eps: float, *,
-                          linear=None, linear_int8=None, attention=None):
+                          num_heads: int, num_kv_heads: int, scale: float, sliding_window: int, eps: float,
+                          activation_bits: int = 16, *, linear=None, linear_int8=None, attention=None):
     """One Llama-family decoder layer over T new tokens x [T, hidden] (the LlamaExecutor's layer, op for op):
     RMSNorm, the fused q/k/v product, RoPE (cos/sin [T, D], rotate-half), the K/V written to the paged cache at
     slot_mapping (slot -1 skipped), paged attention, the output product and residual, RMSNorm, the fused
     gate/up product, SiLU(gate) * up, the down product and residual. A weight with a scale is int8
     (w ~= q * scale, `cpu_linear_int8_ref`) or, when uint8, Q4_1 blocks with dm [N, K / 32, 2] as the scale
-    (`q4_1_dequantize`), else float (`cpu_linear_ref`). Returns the new stream [T, hidden];
+    (`q4_1_dequantize`), or 5-D: Q4_1 (uint8) or Q8_0 (int8) blocks packed 16 rows a register, their products
+    against activations rounded to activation_bits (`cpu_linear_q4_1x16_ref`, `cpu_linear_q8_0x16_ref`), else
+    float (`cpu_linear_ref`). Returns the new stream [T, hidden];
     the caches are written in place. linear / linear_int8 / attention: other implementations of the products
     and the attention with the references' signatures (a benchmark's "PyTorch ops on the extension's kernels")."""
     from bild_kernels.models.attention import paged_attention_ref
@@ -328,8 +335,9 @@ def cpu_decoder_layer_ref(x, cos, sin, input_norm, qkv_w, qkv_scale, qkv_bias, o
     def project(v, w, s, b):
         if s is None:
             return linear(v, w, b)
-        if w.dtype == torch.uint8 and w.dim() == 5:  # Q4_1 blocks packed for int16 activations (q4_1x16_pack)
-            return cpu_linear_q4_1x16_ref(v, w, s, b)
+        if w.dim() == 5:  # Q4_1 / Q8_0 blocks packed for integer activations (q4_1x16_pack, q8_0x16_pack)
+            ref = cpu_linear_q4_1x16_ref if w.dtype == torch.uint8 else cpu_linear_q8_0x16_ref
+            return ref(v, w, s, b, activation_bits)
         if w.dtype == torch.uint8:  # Q4_1 blocks, s their [N, K / 32, 2] (d, m): the float weights they stand for
             return linear(v, q4_1_dequantize(w, s).to(v.dtype), b)
         return linear_int8(v, w, s, b)

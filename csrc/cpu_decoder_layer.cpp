@@ -17,8 +17,10 @@
 //   [g, u] = h2 @ Wgu^T (+ b); out = x1 + (silu(g) * u) @ Wd^T (+ b).
 // Weights are float32 [N, K] (scale None), int8 with a float32 per-row scale (w ~= q * scale), or Q4_1 blocks
 // (uint8 [N, K / 2] with dm [N, K / 32, 2] as the scale: cpu_linear_q4_1, the same bits as their float32 weights),
-// or Q4_1 blocks packed for int16 activations (uint8 [N / 16, K / 32, 4, 16, 4] with dm [N / 16, K / 32, 2, 16]:
-// cpu_linear_q4_1x16, the activations rounded to int16 per run of 32).
+// or Q4_1 blocks packed for integer activations (uint8 [N / 16, K / 32, 4, 16, 4] with dm [N / 16, K / 32, 2, 16]:
+// cpu_linear_q4_1x16), or Q8_0 blocks packed alike (int8 [N / 16, K / 32, 16, 16, 2] with a [N / 16, K / 32, 16]
+// block scale: cpu_linear_q8_0x16); packed weights round the activations to int16 (activation_bits = 16) or
+// int8 (8) per run of 32.
 // Everything per row is computed in a fixed order that depends on nothing but the row (and, for attention,
 // its sequence's cache), so a token's output is the same bits in a pass of one or of sixteen tokens.
 #include <ATen/core/Tensor.h>
@@ -40,7 +42,9 @@ at::Tensor cpu_linear_int8(const at::Tensor& x, const at::Tensor& qweight, const
 at::Tensor cpu_linear_q4_1(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& dm,
                            const std::optional<at::Tensor>& bias);
 at::Tensor cpu_linear_q4_1x16(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& dm,
-                              const std::optional<at::Tensor>& bias);
+                              const std::optional<at::Tensor>& bias, int64_t activation_bits);
+at::Tensor cpu_linear_q8_0x16(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& block_scale,
+                              const std::optional<at::Tensor>& bias, int64_t activation_bits);
 at::Tensor cpu_paged_attention(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
                                const at::Tensor& query_start_loc, const at::Tensor& positions,
                                const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
@@ -49,10 +53,14 @@ at::Tensor cpu_paged_attention(const at::Tensor& query, const at::Tensor& key_ca
 namespace {
 
 at::Tensor project(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& scale,
-                   const std::optional<at::Tensor>& bias) {
+                   const std::optional<at::Tensor>& bias, int64_t activation_bits) {
   if (!scale.has_value()) return cpu_linear(x, w, bias);
+  if (w.dim() == 5) {  // packed 16 rows a register, for integer activations
+    return w.scalar_type() == at::kByte ? cpu_linear_q4_1x16(x, w, *scale, bias, activation_bits)
+                                        : cpu_linear_q8_0x16(x, w, *scale, bias, activation_bits);
+  }
   if (w.scalar_type() != at::kByte) return cpu_linear_int8(x, w, *scale, bias);
-  return w.dim() == 5 ? cpu_linear_q4_1x16(x, w, *scale, bias) : cpu_linear_q4_1(x, w, *scale, bias);
+  return cpu_linear_q4_1(x, w, *scale, bias);
 }
 
 #ifdef BILD_X86
@@ -92,7 +100,18 @@ __attribute__((target("avx2,fma"))) void silu_mul(const float* g, const float* u
 
 void check_weight(const char* name, const at::Tensor& w, const std::optional<at::Tensor>& scale,
                   const std::optional<at::Tensor>& bias, int64_t N, int64_t K) {
-  if (w.scalar_type() == at::kByte && w.dim() == 5) {  // Q4_1 blocks packed for int16 activations (q4_1x16_pack)
+  if (w.scalar_type() == at::kChar && w.dim() == 5) {  // Q8_0 blocks packed for integer activations (q8_0x16_pack)
+    TORCH_CHECK(K % 32 == 0 && N % 16 == 0 && w.device().is_cpu() && w.size(0) == N / 16 && w.size(1) == K / 32 &&
+                    w.size(2) == 16 && w.size(3) == 16 && w.size(4) == 2 && w.is_contiguous() && scale.has_value() &&
+                    scale->dim() == 3 && scale->size(0) == N / 16 && scale->size(1) == K / 32 && scale->size(2) == 16,
+                "cpu_decoder_layer: ", name, " as packed Q8_0 must be a contiguous int8 [", N / 16, ", ", K / 32,
+                ", 16, 16, 2] CPU tensor with a [", N / 16, ", ", K / 32, ", 16] block scale, got ", w.sizes());
+    if (bias.has_value()) {
+      TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "cpu_decoder_layer: ", name, " bias must be [", N, "]");
+    }
+    return;
+  }
+  if (w.scalar_type() == at::kByte && w.dim() == 5) {  // Q4_1 blocks packed for integer activations (q4_1x16_pack)
     TORCH_CHECK(K % 32 == 0 && N % 16 == 0 && w.device().is_cpu() && w.size(0) == N / 16 && w.size(1) == K / 32 &&
                     w.size(2) == 4 && w.size(3) == 16 && w.size(4) == 4 && w.is_contiguous() && scale.has_value() &&
                     scale->dim() == 4 && scale->size(0) == N / 16 && scale->size(1) == K / 32 &&
@@ -147,7 +166,7 @@ at::Tensor cpu_decoder_layer(const at::Tensor& x, const at::Tensor& cos, const a
                              const at::Tensor& slot_mapping, const at::Tensor& query_start_loc,
                              const at::Tensor& positions, const at::Tensor& block_tables,
                              const at::Tensor& context_lens, int64_t num_heads, int64_t num_kv_heads, double scale,
-                             int64_t sliding_window, double eps) {
+                             int64_t sliding_window, double eps, int64_t activation_bits) {
   TORCH_CHECK(cpu_linear_supported(), "cpu_decoder_layer: this CPU lacks AVX2/FMA (use the reference)");
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
               "cpu_decoder_layer: x must be a contiguous float32 [T, hidden] CPU tensor");
@@ -169,16 +188,17 @@ at::Tensor cpu_decoder_layer(const at::Tensor& x, const at::Tensor& cos, const a
   TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1 && slot_mapping.size(0) == T &&
                   slot_mapping.is_contiguous(),
               "cpu_decoder_layer: slot_mapping must be a contiguous int64 [T] tensor");
+  TORCH_CHECK(activation_bits == 8 || activation_bits == 16,
+              "cpu_decoder_layer: activation_bits must be 8 or 16, got ", activation_bits);
   const int64_t qkv_n = (Hq + 2 * Hkv) * D;
   check_vector("input_norm", input_norm, H);
   check_vector("post_norm", post_norm, H);
   check_weight("qkv", qkv_w, qkv_scale, qkv_bias, qkv_n, H);
   check_weight("o", o_w, o_scale, o_bias, H, Hq * D);
-  // gate_up's rows 2 I: its first dimension, or 16 of them a group when packed for int16 activations (5-D)
+  // gate_up's rows 2 I: its first dimension, or 16 of them a group when packed for integer activations (5-D)
   const int64_t gu_rows = gate_up_w.dim() == 5 ? gate_up_w.size(0) * 16 : gate_up_w.size(0);
-  TORCH_CHECK((gate_up_w.dim() == 2 || (gate_up_w.dim() == 5 && gate_up_w.scalar_type() == at::kByte)) &&
-                  gu_rows % 2 == 0,
-              "cpu_decoder_layer: gate_up must be [2 I, hidden] (or packed Q4_1)");
+  TORCH_CHECK((gate_up_w.dim() == 2 || gate_up_w.dim() == 5) && gu_rows % 2 == 0,
+              "cpu_decoder_layer: gate_up must be [2 I, hidden] (or packed Q4_1 / Q8_0)");
   const int64_t I = gu_rows / 2;
   check_weight("gate_up", gate_up_w, gate_up_scale, gate_up_bias, 2 * I, H);
   check_weight("down", down_w, down_scale, down_bias, H, I);
@@ -193,7 +213,7 @@ at::Tensor cpu_decoder_layer(const at::Tensor& x, const at::Tensor& cos, const a
   const float fe = static_cast<float>(eps);
   at::Tensor h = at::empty({T, H}, x.options());
   rms_norm(x.data_ptr<float>(), input_norm.data_ptr<float>(), T, H, fe, h.data_ptr<float>());
-  const at::Tensor qkv = project(h, qkv_w, qkv_scale, qkv_bias);  // [T, (Hq + 2 Hkv) D]
+  const at::Tensor qkv = project(h, qkv_w, qkv_scale, qkv_bias, activation_bits);  // [T, (Hq + 2 Hkv) D]
   at::Tensor q = at::empty({T, Hq, D}, x.options());
   {
     const float* src = qkv.data_ptr<float>();
@@ -237,7 +257,7 @@ at::Tensor cpu_decoder_layer(const at::Tensor& x, const at::Tensor& cos, const a
   }
   const at::Tensor attn = cpu_paged_attention(q, key_cache, value_cache, query_start_loc, positions, block_tables,
                                               context_lens, scale, sliding_window);  // [T, Hq, D]
-  const at::Tensor o = project(attn.view({T, Hq * D}), o_w, o_scale, o_bias);
+  const at::Tensor o = project(attn.view({T, Hq * D}), o_w, o_scale, o_bias, activation_bits);
   at::Tensor x1 = at::empty({T, H}, x.options());
   {
     const float* xa = x.data_ptr<float>();
@@ -246,14 +266,14 @@ at::Tensor cpu_decoder_layer(const at::Tensor& x, const at::Tensor& cos, const a
     for (int64_t i = 0; i < T * H; ++i) x1d[i] = xa[i] + ob[i];
   }
   rms_norm(x1.data_ptr<float>(), post_norm.data_ptr<float>(), T, H, fe, h.data_ptr<float>());
-  const at::Tensor gu = project(h, gate_up_w, gate_up_scale, gate_up_bias);  // [T, 2 I]: gate, then up
+  const at::Tensor gu = project(h, gate_up_w, gate_up_scale, gate_up_bias, activation_bits);  // [T, 2 I]: gate, then up
   at::Tensor act = at::empty({T, I}, x.options());
   {
     const float* g = gu.data_ptr<float>();
     float* a = act.data_ptr<float>();
     for (int64_t t = 0; t < T; ++t) silu_mul(g + t * 2 * I, g + t * 2 * I + I, a + t * I, I);
   }
-  const at::Tensor down = project(act, down_w, down_scale, down_bias);
+  const at::Tensor down = project(act, down_w, down_scale, down_bias, activation_bits);
   {
     const float* x1d = x1.data_ptr<float>();
     const float* dd = down.data_ptr<float>();
@@ -272,7 +292,7 @@ TORCH_LIBRARY_FRAGMENT(bild_kernels_cpu, m) {
         "Tensor? gate_up_scale, Tensor? gate_up_bias, Tensor down_w, Tensor? down_scale, Tensor? down_bias, "
         "Tensor(a!) key_cache, Tensor(b!) value_cache, Tensor slot_mapping, Tensor query_start_loc, "
         "Tensor positions, Tensor block_tables, Tensor context_lens, int num_heads, int num_kv_heads, "
-        "float scale, int sliding_window, float eps) -> Tensor");
+        "float scale, int sliding_window, float eps, int activation_bits=16) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(bild_kernels_cpu, CPU, m) { m.impl("cpu_decoder_layer", &bild::cpu_decoder_layer); }

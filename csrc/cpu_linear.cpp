@@ -487,6 +487,161 @@ void rows_all_q8_x16(const float* x, int64_t ldx, int64_t M, const int8_t* pk, c
     kRangesQ8X16[rows - 1](xq, dx, K, pk, d, bias, y + m0 * N, N, begin, end);
   });
 }
+
+// int8 activations (activation_bits = 8, both weight formats): each run of 32 rounded to int8 (scale amax / 127,
+// so each rounding is at most 1/254 of the run's largest |x|: what llama.cpp does to the activations of a Q4_1 or
+// Q8_0 product), and each block's integer dot product in vpdpbusd (u8 x s8, four products a lane: half the
+// instructions of vpdpwssd's two, the verify pass's matrix products on this CPU being bound by them from M = 3).
+// Q4_1 (the x16 packing as is): byte i of a row's word t holds nibbles q[8t + {0, 4, 1, 5}[i]] (low) and
+// q[8t + {2, 6, 3, 7}[i]] (high) (see q4_1x16_pack), so the activations are stored in that order within each 8
+// (kX8Order) and v & 0x0F, (v >> 4) & 0x0F meet xq's words [8t, 8t + 4) and [8t + 4, 8t + 8) as u8 weights.
+// Q8_0: one 64-byte load holds the pairs p = 2h, 2h + 1 of 16 rows; vpermw gathers each row's four bytes into
+// its lane, and q ^ 0x80 = q + 128 makes them u8: sum((q + 128) xq) - 128 sum(xq) is the exact product.
+// x [M, K] -> xq [M, K] int8 (interleaved: kX8Order within each 8), dx = amax / 127, sx the run's float sum (as
+// quantize_rows_x16), xs the run's integer sum of xq.
+BILD_X16 void quantize_rows_x8(const float* x, int64_t ldx, int64_t M, int64_t K, bool interleave, int8_t* xq,
+                               float* dx, float* sx, int32_t* xs) {
+  const int64_t nb = K / 32;
+  // kX8Order within each 8 (both 16-byte halves alike), or the identity
+  const __m128i order = interleave ? _mm_setr_epi8(0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15)
+                                   : _mm_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* p = x + m * ldx + b * 32;
+      const __m512 a0 = _mm512_loadu_ps(p), a1 = _mm512_loadu_ps(p + 16);
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a0), _mm512_abs_ps(a1)));
+      const __m512 inv = _mm512_set1_ps(amax > 0 ? 127.0f / amax : 0.0f);
+      dx[m * nb + b] = amax / 127.0f;
+      sx[m * nb + b] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+      const __m512i i0 = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(a0, inv)), lo), hi);
+      const __m512i i1 = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(a1, inv)), lo), hi);
+      xs[m * nb + b] = _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + m * K + b * 32), _mm_shuffle_epi8(_mm512_cvtepi32_epi8(i0), order));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + m * K + b * 32 + 16),
+                       _mm_shuffle_epi8(_mm512_cvtepi32_epi8(i1), order));
+    }
+  }
+}
+
+BILD_X16 inline __m512i bcast4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, sizeof(v));
+  return _mm512_set1_epi32(v);
+}
+
+// One group of 16 output rows (g) of Q4_1 for M rows of int8 activations; two integer chains a row (low and
+// high nibbles) so that M = 1 is not bound by vpdpbusd's latency.
+template <int M>
+BILD_X16 void group_q4_1_x8(const int8_t* xq, const float* dx, const float* sx, int64_t K, const uint8_t* pk,
+                            const float* dm, const float* bias, float* y, int64_t ldy, int64_t g) {
+  const int64_t nb = K / 32;
+  __m512 acc[M];
+  BILD_UNROLL for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  for (int64_t b = 0; b < nb; ++b) {
+    __m512i is0[M], is1[M];
+    BILD_UNROLL for (int m = 0; m < M; ++m) is0[m] = is1[m] = _mm512_setzero_si512();
+    BILD_UNROLL for (int t = 0; t < 4; ++t) {
+      const __m512i v = _mm512_loadu_si512(pk + (g * nb + b) * 256 + t * 64);
+      const __m512i w0 = _mm512_and_si512(v, low), w1 = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+      BILD_UNROLL for (int m = 0; m < M; ++m) {
+        is0[m] = _mm512_dpbusd_epi32(is0[m], w0, bcast4(xq + m * K + b * 32 + 8 * t));
+        is1[m] = _mm512_dpbusd_epi32(is1[m], w1, bcast4(xq + m * K + b * 32 + 8 * t + 4));
+      }
+    }
+    const float* d = dm + (g * nb + b) * 32;
+    const __m512 dv = _mm512_loadu_ps(d), mv = _mm512_loadu_ps(d + 16);
+    BILD_UNROLL for (int m = 0; m < M; ++m) {
+      const __m512 scale = _mm512_mul_ps(dv, _mm512_set1_ps(dx[m * nb + b]));
+      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(is0[m], is1[m])), scale, acc[m]);
+      acc[m] = _mm512_fmadd_ps(mv, _mm512_set1_ps(sx[m * nb + b]), acc[m]);
+    }
+  }
+  BILD_UNROLL for (int m = 0; m < M; ++m) {
+    __m512 out = acc[m];
+    if (bias != nullptr) out = _mm512_add_ps(out, _mm512_loadu_ps(bias + g * 16));
+    _mm512_storeu_ps(y + m * ldy + g * 16, out);
+  }
+}
+
+// The same for Q8_0 (q8_0x16_pack's layout): 8 loads a block, each two pairs of 16 rows.
+template <int M>
+BILD_X16 void group_q8_0_x8(const int8_t* xq, const float* dx, const int32_t* xs, int64_t K, const int8_t* pk,
+                            const float* d, const float* bias, float* y, int64_t ldy, int64_t g) {
+  const int64_t nb = K / 32;
+  // lane n <- (pair 2h of row n, pair 2h + 1 of row n): 16-bit words n and 16 + n of the load
+  const __m512i gather = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
+                                          21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512 acc[M];
+  BILD_UNROLL for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    __m512i is0[M], is1[M];
+    BILD_UNROLL for (int m = 0; m < M; ++m) is0[m] = is1[m] = _mm512_setzero_si512();
+    BILD_UNROLL for (int h = 0; h < 8; h += 2) {
+      const int8_t* src = pk + (g * nb + b) * 512 + h * 64;
+      const __m512i w0 = _mm512_xor_si512(_mm512_permutexvar_epi16(gather, _mm512_loadu_si512(src)), flip);
+      const __m512i w1 = _mm512_xor_si512(_mm512_permutexvar_epi16(gather, _mm512_loadu_si512(src + 64)), flip);
+      BILD_UNROLL for (int m = 0; m < M; ++m) {
+        is0[m] = _mm512_dpbusd_epi32(is0[m], w0, bcast4(xq + m * K + b * 32 + 4 * h));
+        is1[m] = _mm512_dpbusd_epi32(is1[m], w1, bcast4(xq + m * K + b * 32 + 4 * h + 4));
+      }
+    }
+    const __m512 dv = _mm512_loadu_ps(d + (g * nb + b) * 16);
+    BILD_UNROLL for (int m = 0; m < M; ++m) {
+      const __m512i s = _mm512_sub_epi32(_mm512_add_epi32(is0[m], is1[m]), _mm512_set1_epi32(128 * xs[m * nb + b]));
+      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dv, _mm512_set1_ps(dx[m * nb + b])), acc[m]);
+    }
+  }
+  BILD_UNROLL for (int m = 0; m < M; ++m) {
+    __m512 out = acc[m];
+    if (bias != nullptr) out = _mm512_add_ps(out, _mm512_loadu_ps(bias + g * 16));
+    _mm512_storeu_ps(y + m * ldy + g * 16, out);
+  }
+}
+
+// Quantises x once (int8), then for chunks of up to kMaxRowsX16 rows runs group<rows> over each thread's groups.
+template <bool Q4>
+void rows_all_x8(const float* x, int64_t ldx, int64_t M, const void* pk, const float* scale, int64_t K, int64_t N,
+                 const float* bias, float* y) {
+  const int64_t nb = K / 32;
+  std::vector<int8_t> xq(static_cast<size_t>(M * K));
+  std::vector<float> dx(static_cast<size_t>(M * nb)), sx(static_cast<size_t>(M * nb));
+  std::vector<int32_t> xs(static_cast<size_t>(M * nb));
+  quantize_rows_x8(x, ldx, M, K, Q4, xq.data(), dx.data(), sx.data(), xs.data());
+  at::parallel_for(0, N / 16, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t m0 = 0; m0 < M; m0 += kMaxRowsX16) {
+      const int64_t rows = std::min(kMaxRowsX16, M - m0);
+      const int8_t* xm = xq.data() + m0 * K;
+      for (int64_t g = begin; g < end; ++g) {
+        if constexpr (Q4) {
+          const uint8_t* w = static_cast<const uint8_t*>(pk);
+          const float* a = dx.data() + m0 * nb;
+          const float* s = sx.data() + m0 * nb;
+          float* out = y + m0 * N;
+          switch (rows) {
+            case 1: group_q4_1_x8<1>(xm, a, s, K, w, scale, bias, out, N, g); break;
+            case 2: group_q4_1_x8<2>(xm, a, s, K, w, scale, bias, out, N, g); break;
+            case 3: group_q4_1_x8<3>(xm, a, s, K, w, scale, bias, out, N, g); break;
+            default: group_q4_1_x8<4>(xm, a, s, K, w, scale, bias, out, N, g); break;
+          }
+        } else {
+          const int8_t* w = static_cast<const int8_t*>(pk);
+          const float* a = dx.data() + m0 * nb;
+          const int32_t* s = xs.data() + m0 * nb;
+          float* out = y + m0 * N;
+          switch (rows) {
+            case 1: group_q8_0_x8<1>(xm, a, s, K, w, scale, bias, out, N, g); break;
+            case 2: group_q8_0_x8<2>(xm, a, s, K, w, scale, bias, out, N, g); break;
+            case 3: group_q8_0_x8<3>(xm, a, s, K, w, scale, bias, out, N, g); break;
+            default: group_q8_0_x8<4>(xm, a, s, K, w, scale, bias, out, N, g); break;
+          }
+        }
+      }
+    }
+  });
+}
 #endif
 
 bool cpu_supported() {
@@ -636,8 +791,11 @@ namespace {
 // or None, all on the CPU. Returns N.
 int64_t check_x16(const char* op, const at::Tensor& x, const at::Tensor& qweight, at::ScalarType wtype,
                   std::initializer_list<int64_t> winner, const at::Tensor& scale, const char* sname,
-                  std::initializer_list<int64_t> sinner, const std::optional<at::Tensor>& bias) {
+                  std::initializer_list<int64_t> sinner, const std::optional<at::Tensor>& bias,
+                  int64_t activation_bits) {
   TORCH_CHECK(cpu_linear_q4_1x16_supported(), op, ": this CPU lacks AVX-512 VNNI (use the float kernel on the blocks)");
+  TORCH_CHECK(activation_bits == 8 || activation_bits == 16, op, ": activation_bits must be 8 or 16, got ",
+              activation_bits);
   TORCH_CHECK(x.device().is_cpu() && qweight.device().is_cpu() && scale.device().is_cpu(), op,
               ": x, qweight and ", sname, " must be on the CPU");
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2, op, ": x must be float32 [M, K], got ", x.scalar_type(),
@@ -664,37 +822,50 @@ int64_t check_x16(const char* op, const at::Tensor& x, const at::Tensor& qweight
 }  // namespace
 
 at::Tensor cpu_linear_q4_1x16(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& dm,
-                              const std::optional<at::Tensor>& bias) {
+                              const std::optional<at::Tensor>& bias, int64_t activation_bits) {
   // x [M, K] float32 (any M), qweight uint8 [N / 16, K / 32, 4, 16, 4] and dm float32 [N / 16, K / 32, 2, 16]
   // (reference.q4_1x16_pack of Q4_1 blocks), bias [N] float32 or None -> y [M, N] = x @ w.T + bias, the
   // activations rounded to int16 per run of 32 (see rows_all_x16)
-  const int64_t N = check_x16("cpu_linear_q4_1x16", x, qweight, at::kByte, {4, 16, 4}, dm, "dm", {2, 16}, bias);
+  const int64_t N = check_x16("cpu_linear_q4_1x16", x, qweight, at::kByte, {4, 16, 4}, dm, "dm", {2, 16}, bias,
+                              activation_bits);
   const int64_t M = x.size(0), K = x.size(1);
   const at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous();
   at::Tensor y = at::empty({M, N}, x.options());
 #ifdef BILD_X86
   if (M > 0 && N > 0) {
-    rows_all_x16(xc.data_ptr<float>(), xc.stride(0), M, qweight.data_ptr<uint8_t>(), dm.data_ptr<float>(), K, N,
-                 bias.has_value() ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>());
+    const float* b = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+    if (activation_bits == 8) {
+      rows_all_x8<true>(xc.data_ptr<float>(), xc.stride(0), M, qweight.data_ptr<uint8_t>(), dm.data_ptr<float>(), K, N,
+                        b, y.data_ptr<float>());
+    } else {
+      rows_all_x16(xc.data_ptr<float>(), xc.stride(0), M, qweight.data_ptr<uint8_t>(), dm.data_ptr<float>(), K, N, b,
+                   y.data_ptr<float>());
+    }
   }
 #endif
   return y;
 }
 
 at::Tensor cpu_linear_q8_0x16(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& block_scale,
-                              const std::optional<at::Tensor>& bias) {
+                              const std::optional<at::Tensor>& bias, int64_t activation_bits) {
   // x [M, K] float32 (any M), qweight int8 [N / 16, K / 32, 16, 16, 2] and block_scale float32 [N / 16, K / 32, 16]
   // (reference.q8_0x16_pack of Q8_0 blocks), bias [N] float32 or None -> y [M, N] = x @ w.T + bias, the
   // activations rounded to int16 per run of 32 (see rows_all_x16)
   const int64_t N = check_x16("cpu_linear_q8_0x16", x, qweight, at::kChar, {16, 16, 2}, block_scale, "block_scale",
-                              {16}, bias);
+                              {16}, bias, activation_bits);
   const int64_t M = x.size(0), K = x.size(1);
   const at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous();
   at::Tensor y = at::empty({M, N}, x.options());
 #ifdef BILD_X86
   if (M > 0 && N > 0) {
-    rows_all_q8_x16(xc.data_ptr<float>(), xc.stride(0), M, qweight.data_ptr<int8_t>(), block_scale.data_ptr<float>(),
-                    K, N, bias.has_value() ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>());
+    const float* b = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+    if (activation_bits == 8) {
+      rows_all_x8<false>(xc.data_ptr<float>(), xc.stride(0), M, qweight.data_ptr<int8_t>(),
+                         block_scale.data_ptr<float>(), K, N, b, y.data_ptr<float>());
+    } else {
+      rows_all_q8_x16(xc.data_ptr<float>(), xc.stride(0), M, qweight.data_ptr<int8_t>(), block_scale.data_ptr<float>(),
+                      K, N, b, y.data_ptr<float>());
+    }
   }
 #endif
   return y;
@@ -725,8 +896,9 @@ TORCH_LIBRARY(bild_kernels_cpu, m) {
   m.def("cpu_linear_int8(Tensor x, Tensor qweight, Tensor scale, Tensor? bias) -> Tensor");
   m.def("cpu_linear_q8_0(Tensor x, Tensor qweight, Tensor block_scale, Tensor? bias) -> Tensor");
   m.def("cpu_linear_q4_1(Tensor x, Tensor qweight, Tensor dm, Tensor? bias) -> Tensor");
-  m.def("cpu_linear_q4_1x16(Tensor x, Tensor qweight, Tensor dm, Tensor? bias) -> Tensor");
-  m.def("cpu_linear_q8_0x16(Tensor x, Tensor qweight, Tensor block_scale, Tensor? bias) -> Tensor");
+  m.def("cpu_linear_q4_1x16(Tensor x, Tensor qweight, Tensor dm, Tensor? bias, int activation_bits=16) -> Tensor");
+  m.def("cpu_linear_q8_0x16(Tensor x, Tensor qweight, Tensor block_scale, Tensor? bias, int activation_bits=16) -> "
+        "Tensor");
   m.def("cpu_linear_q4_1x16_supported() -> bool", &bild::cpu_linear_q4_1x16_supported);
   m.def("cpu_linear_supported() -> bool", &bild::cpu_linear_supported);
   m.def("cpu_openmp() -> bool", &bild::cpu_openmp);

@@ -85,8 +85,10 @@ def test_cpu_linear_benchmark_compares_with_reference():
     assert any(line.strip().startswith("M=3: q4_1") and "f32/q4_1" in line for line in lines)
     import torch
     x16 = torch.ops.bild_kernels_cpu.cpu_linear_q4_1x16_supported()
-    assert sorted(r[1] for r in rows if r[0] == "cpu_linear_q4_1x16") == (["cpu", "cpu"] if x16 else [])
-    assert any(line.strip().startswith("M=3: q4_1") and "q4_1/x16" in line for line in lines) == x16
+    assert sorted(r[1] for r in rows if r[0] == "cpu_linear_q4_1x16") == (["cpu", "cpu", "cpu-i8", "cpu-i8"] if x16
+                                                                          else [])
+    assert sorted(r[1] for r in rows if r[0] == "cpu_linear_q8_0x16") == (["cpu", "cpu"] if x16 else [])  # the draft's
+    assert any(line.strip().startswith("M=3: q4_1") and "q4_1/x16" in line and "x16i8" in line for line in lines) == x16
 
 
 def test_cpu_decoder_layer_benchmark_compares_with_reference():

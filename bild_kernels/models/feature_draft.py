@@ -20,7 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from bild_kernels.models.config import ModelConfig
-from bild_kernels.models.llama import Int8Weight, LlamaExecutor
+import functools
+
+from bild_kernels.models.llama import Int8Weight, LlamaExecutor, _packed_linear, int8_x16
 
 
 class FeatureDraftExecutor(LlamaExecutor):
@@ -57,6 +59,7 @@ class FeatureDraftExecutor(LlamaExecutor):
         self.inv_std = (1.0 / std).to(dev, dt)
         self.shift = (-own["feat_mean"].float() / std).to(dev, dt)
         self.inv_emb_scale = float(1.0 / own["emb_scale"].float())
+        self._fc_linear = self._linear  # quantize_weights may swap in the packed int8 kernel
 
     def input_embeds(self, features: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
         """The layer-0 input [T, H] for features [T, H] (any float dtype) and next tokens [T]."""
@@ -67,9 +70,13 @@ class FeatureDraftExecutor(LlamaExecutor):
             raise ValueError(f"next_ids must be int [T={T}], got {next_ids.dtype} {list(next_ids.shape)}")
         z = torch.addcmul(self.shift, features.to(self.dtype), self.inv_std)
         e = F.embedding(next_ids, self.embed) * self.inv_emb_scale
-        return self._linear(torch.cat([z, e], -1), self.fc, self.fc_bias)
+        return self._fc_linear(torch.cat([z, e], -1), self.fc, self.fc_bias)
 
     def quantize_weights(self, kind: str = "int8") -> "FeatureDraftExecutor":
         super().quantize_weights(kind)
         self.fc = Int8Weight.of(self.fc)  # input width 2H: a multiple of 16 whenever H is
+        if self.head_blocks is not None and self.packs_int8(self.fc):  # the layers and head packed: fc too
+            self._fc_linear = functools.partial(_packed_linear, packed=int8_x16(self.fc), linear=self._linear)
+        else:
+            self._fc_linear = self._linear
         return self

@@ -214,10 +214,11 @@ _LAYERS_Q4_1 = "layers.q4_1"
 def gguf_activations() -> str:
     """How a GGUF's blocks multiply on a CPU (`LlamaExecutor.use_q8_0_head` / `use_q4_1_layers`): "int16" (the
     default: the activations rounded to int16 per run of 32, integer dot products, where the CPU has AVX-512 VNNI;
-    else the float kernels) or "float32" (the same bits as the float32 weights), from BILD_GGUF_ACTIVATIONS."""
+    else the float kernels), "int8" (rounded to int8 as llama.cpp does: faster verify passes, outputs within ~1e-2)
+    or "float32" (the same bits as the float32 weights), from BILD_GGUF_ACTIVATIONS."""
     value = os.environ.get("BILD_GGUF_ACTIVATIONS", "int16")
-    if value not in ("int16", "float32"):
-        raise ValueError(f"BILD_GGUF_ACTIVATIONS must be 'int16' or 'float32', got {value!r}")
+    if value not in ("int16", "int8", "float32"):
+        raise ValueError(f"BILD_GGUF_ACTIVATIONS must be 'int16', 'int8' or 'float32', got {value!r}")
     return value
 
 

@@ -27,12 +27,12 @@ def _cpu_linear_q4_1_fake(x, qweight, dm, bias):
 
 
 @torch.library.register_fake("bild_kernels_cpu::cpu_linear_q4_1x16")
-def _cpu_linear_q4_1x16_fake(x, qweight, dm, bias):
+def _cpu_linear_q4_1x16_fake(x, qweight, dm, bias, activation_bits=16):
     return x.new_empty((x.shape[0], qweight.shape[0] * 16))
 
 
 @torch.library.register_fake("bild_kernels_cpu::cpu_linear_q8_0x16")
-def _cpu_linear_q8_0x16_fake(x, qweight, block_scale, bias):
+def _cpu_linear_q8_0x16_fake(x, qweight, block_scale, bias, activation_bits=16):
     return x.new_empty((x.shape[0], qweight.shape[0] * 16))
 
 

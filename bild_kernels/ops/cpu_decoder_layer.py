@@ -8,7 +8,9 @@ in C++ on the extension's own matmul and attention kernels; "ref" (`reference.cp
 the same layer in PyTorch ops. Weights are float32, int8 with a float32 scale per output row, or a GGUF's Q4_1
 blocks (uint8 [N, K / 2] with their (d, m) [N, K / 32, 2] as the scale; `reference.q4_1_dequantize`), or those
 blocks packed for int16 activations (uint8 [N / 16, K / 32, 4, 16, 4] with dm [N / 16, K / 32, 2, 16];
-`reference.q4_1x16_pack`, `cpu_linear_q4_1x16`).
+`reference.q4_1x16_pack`, `cpu_linear_q4_1x16`), or Q8_0 blocks packed alike (int8 [N / 16, K / 32, 16, 16, 2]
+with a block scale [N / 16, K / 32, 16]; `reference.q8_0x16_pack`, `cpu_linear_q8_0x16`); packed weights meet the
+activations rounded to `activation_bits` (16 or 8) per run of 32.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import torch
 
 from bild_kernels._backend import resolve
 from bild_kernels.ops import _validate as v
+from bild_kernels.ops.cpu_linear import check_activation_bits
 
 
 class LayerWeights(NamedTuple):
@@ -34,16 +37,19 @@ class LayerWeights(NamedTuple):
 
 def cpu_decoder_layer(x, cos, sin, weights: LayerWeights, key_cache, value_cache, slot_mapping, query_start_loc,
                       positions, block_tables, context_lens, *, num_heads: int, num_kv_heads: int, scale: float,
-                      sliding_window: int = 0, eps: float, backend: str | None = None) -> torch.Tensor:
+                      sliding_window: int = 0, eps: float, activation_bits: int = 16,
+                      backend: str | None = None) -> torch.Tensor:
     """x [T, hidden] float32 -> the layer's output [T, hidden]; the new tokens' K/V are written into
     key_cache / value_cache [blocks, block_size, H_kv, D] at slot_mapping [T] (-1: skipped).
 
     cos, sin [T, D]: the tokens' rotary tables (scaled). The attention metadata are those of
     `paged_attention` (query_start_loc [B + 1], positions [T], block_tables [B, max_blocks], context_lens [B]).
+    activation_bits: how packed (5-D) weights round the activations (16 or 8; see `cpu_linear_q4_1x16`).
     backend: "cpu" (the extension), "ref", or None (the extension where it runs)."""
     v.tensor("x", x, dtypes=(torch.float32,), ndim=2)
     if x.device.type != "cpu":
         raise ValueError(f"cpu_decoder_layer runs on the CPU; x is on {x.device}")
+    check_activation_bits(activation_bits)
     T, H = x.shape
     if T < 1:
         raise ValueError("x must hold at least one token")
@@ -68,14 +74,16 @@ def cpu_decoder_layer(x, cos, sin, weights: LayerWeights, key_cache, value_cache
     for name, (n, k) in (("qkv", (qkv_n, H)), ("o", (H, num_heads * D)), ("gate_up", (2 * inter, H)),
                          ("down", (H, inter))):
         w, s, b = getattr(weights, name)
+        packed = s is not None and isinstance(w, torch.Tensor) and w.dim() == 5  # q4_1x16_pack / q8_0x16_pack
         q4_1 = s is not None and isinstance(w, torch.Tensor) and w.dtype == torch.uint8
-        packed = q4_1 and w.dim() == 5  # Q4_1 blocks packed for int16 activations (reference.q4_1x16_pack)
-        if q4_1 and k % 32:
-            raise ValueError(f"{name} weight: Q4_1 blocks need an input width that is a multiple of 32, got {k}")
+        kind = "packed blocks" if packed else "Q4_1 blocks"
+        if (q4_1 or packed) and k % 32:
+            raise ValueError(f"{name} weight: {kind} need an input width that is a multiple of 32, got {k}")
         if packed and n % 16:
-            raise ValueError(f"{name} weight: packed Q4_1 blocks need an output width that is a multiple of 16, "
-                             f"got {n}")
-        if packed:  # the weight's and the scale's shapes in each format
+            raise ValueError(f"{name} weight: packed blocks need an output width that is a multiple of 16, got {n}")
+        if packed and w.dtype == torch.int8:  # the weight's and the scale's shapes in each format
+            w_shape, s_shape = (n // 16, k // 32, 16, 16, 2), (n // 16, k // 32, 16)
+        elif packed:
             w_shape, s_shape = (n // 16, k // 32, 4, 16, 4), (n // 16, k // 32, 2, 16)
         elif q4_1:
             w_shape, s_shape = (n, k // 2), (n, k // 32, 2)
@@ -93,7 +101,7 @@ def cpu_decoder_layer(x, cos, sin, weights: LayerWeights, key_cache, value_cache
     fn = resolve("cpu_decoder_layer", x.device, backend)
     return fn(x.contiguous(), cos.contiguous(), sin.contiguous(), *layer_args(weights), key_cache, value_cache,
               slot_mapping.contiguous(), query_start_loc, positions, block_tables, context_lens, num_heads,
-              num_kv_heads, float(scale), int(sliding_window), float(eps))
+              num_kv_heads, float(scale), int(sliding_window), float(eps), int(activation_bits))
 
 
 def layer_args(weights: LayerWeights) -> tuple:

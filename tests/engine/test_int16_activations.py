@@ -1,7 +1,8 @@
 """The large model's fused CPU layers from its Q4_1 blocks, and its head from its Q8_0 blocks, packed for int16
 activations (cpu_linear_q4_1x16, cpu_linear_q8_0x16): the loader's default where the CPU has AVX-512 VNNI. Logits
 within the activation rounding of the float32 weights' (not the same bits), the same argmax, a token's logits the
-same bits alone or in a pass of several."""
+same bits alone or in a pass of several. The same for int8 activations (BILD_GGUF_ACTIVATIONS=int8), within their
+coarser rounding."""
 import importlib.util
 
 import pytest
@@ -39,7 +40,7 @@ def test_the_layers_take_q4_1_blocks_packed_for_int16_activations():
     tokens = torch.randint(0, 97, (25,), generator=torch.Generator().manual_seed(1)).tolist()
     want = _extend(ex, tokens)  # the fused layer on the float32 weights
     with pytest.raises(ValueError, match="activations must be"):
-        ex.use_q4_1_layers(blocks, "int8")
+        ex.use_q4_1_layers(blocks, "int4")
     assert ex.use_q4_1_layers(blocks, "int16") and ex.layer_blocks == "q4_1x16"
     args = ex.layers[0].fused_args()
     assert args[1].dtype == torch.uint8 and args[1].dim() == 5 and args[2].dim() == 4
@@ -58,9 +59,37 @@ def test_the_layers_take_q4_1_blocks_packed_for_int16_activations():
 
 
 @needs_x16
-def test_a_token_gets_the_same_logits_alone_or_in_a_pass_of_several():
+def test_int8_activations_take_the_same_packed_blocks_within_their_rounding():
+    """activations="int8": the layers' and the head's products round the activations to int8 per run of 32 (as
+    llama.cpp multiplies these blocks): other bits than int16's, within ~1e-2 of the float32 weights' logits."""
+    ex, blocks = _blocked()
+    tokens = torch.randint(0, 97, (25,), generator=torch.Generator().manual_seed(1)).tolist()
+    want = _extend(ex, tokens)
+    assert ex.use_q4_1_layers(blocks, "int8") and ex.layer_blocks == "q4_1x16i8" and ex.activation_bits == 8
+    int8 = _extend(ex, tokens)
+    assert ex.use_q4_1_layers(blocks, "int16") and ex.activation_bits == 16
+    int16 = _extend(ex, tokens)
+    for a, b, c in zip(int8, int16, want):
+        scale = float(c.abs().max())
+        assert not torch.equal(a, b)
+        torch.testing.assert_close(a, c, atol=5e-2 * scale, rtol=0)
+        assert float((a - c).abs().max()) > float((b - c).abs().max())  # coarser than int16's rounding
+    head, _ = load_model(tiny_llama(0, 1, hidden=64, vocab=112, dtype=torch.float32), dtype="float32")
+    q, d, w = _q8_0_of(head.lm_head)
+    head.lm_head = w.contiguous()
+    h = torch.randn(5, 64)
+    want = cpu_linear(h, head.lm_head, backend="cpu")
+    assert head.use_q8_0_head(q, d, "int8") and head.head_blocks == "q8_0x16i8"
+    got = head._head_linear(h, head.lm_head)
+    torch.testing.assert_close(got, want, atol=2e-2 * float(want.abs().max()), rtol=0)
+    assert torch.equal(torch.cat([head._head_linear(h[i:i + 1], head.lm_head) for i in range(5)]), got)
+
+
+@needs_x16
+@pytest.mark.parametrize("activations", ["int16", "int8"])
+def test_a_token_gets_the_same_logits_alone_or_in_a_pass_of_several(activations):
     ex, blocks = _blocked(3)
-    assert ex.use_q4_1_layers(blocks, "int16")
+    assert ex.use_q4_1_layers(blocks, activations)
     tokens = torch.randint(0, 97, (24,), generator=torch.Generator().manual_seed(2)).tolist()
     from bild_kernels.engine.runner import ModelRunner
 
@@ -104,6 +133,17 @@ def test_the_default_large_model_takes_int16_activations_by_default(monkeypatch)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=2e-3 * float(b.abs().max()), rtol=0)
         assert torch.equal(a.argmax(-1), b.argmax(-1))
+    monkeypatch.setenv("BILD_GGUF_ACTIVATIONS", "int8")
+    coarse, _ = load_model(default_large())
+    assert coarse.layer_blocks == "q4_1x16i8" and coarse.head_blocks == "q8_0x16i8"
+    # coarser: 30 layers of int8 rounding move the logits by ~4% of the largest on average (~8% at most, 2026-11-27)
+    # and change near-ties: at most one of these 6 positions' argmax
+    coarse_out = _extend(coarse, tokens)
+    for a, b in zip(coarse_out, want):
+        err, top = (a - b).abs(), float(b.abs().max())
+        assert float(err.mean()) <= 0.06 * top and float(err.max()) <= 0.15 * top
+    same = torch.cat([(a.argmax(-1) == b.argmax(-1)).flatten() for a, b in zip(coarse_out, want)])
+    assert same.numel() == 6 and int(same.sum()) >= 5
     monkeypatch.setenv("BILD_GGUF_ACTIVATIONS", "int4")
     with pytest.raises(ValueError, match="BILD_GGUF_ACTIVATIONS"):
         load_model(default_large())
@@ -132,8 +172,8 @@ def test_the_head_takes_q8_0_blocks_for_int16_activations():
     torch.testing.assert_close(got, want, atol=2e-4 * float(want.abs().max()), rtol=0)
     assert torch.equal(got.argmax(-1), want.argmax(-1))
     assert torch.equal(torch.cat([ex._head_linear(h[i:i + 1], ex.lm_head) for i in range(5)]), got)
-    ex.quantize_weights("int8")
-    assert ex.head_blocks is None and not ex.use_q8_0_head(q, d, "int16")
+    ex.quantize_weights("int8")  # int8 weights: its own head packed (int8x16), not the GGUF's blocks
+    assert ex.head_blocks == "int8x16" and not ex.use_q8_0_head(q, d, "int16")
     odd, _ = load_model(tiny_llama(0, 1, hidden=64, vocab=97, dtype=torch.float32), dtype="float32")
     q, d, w = _q8_0_of(odd.lm_head)
     odd.lm_head = w.contiguous()

@@ -110,3 +110,35 @@ def test_quantize_weights_refusals(small_model):
                     small_weights="int8", small_dtype=BF16, max_batch_size=1, max_model_len=32)
     with pytest.raises(ValueError, match="divisible by 16"):
         Engine(**eng_args)
+
+
+needs_x16 = pytest.mark.skipif(cpu_extension() is None or not torch.ops.bild_kernels_cpu.cpu_linear_q4_1x16_supported(),
+                               reason="bild_kernels._cpu not built, or this CPU lacks AVX-512 VNNI")
+
+
+@needs_x16
+def test_int8_weights_run_packed_for_int16_activations_where_vnni():
+    """Where the widths pack (16 output rows a register, 32 inputs a block), quantize_weights also packs the
+    int8 projections and head for cpu_linear_q8_0x16: logits within the activations' int16 rounding of the
+    float-activation int8 path's (the reference backend's), the same argmax, a token's logits the same bits
+    alone or in a pass of several."""
+    model = tiny_llama(4, 2, hidden=64, vocab=112, dtype=torch.float32)
+    ids = [5, 17, 3, 44, 2, 90, 11, 7]
+    packed, _ = load_model(model, dtype=torch.float32)
+    packed.quantize_weights("int8")
+    assert packed.layer_blocks == "int8x16" and packed.head_blocks == "int8x16"
+    assert packed.fused_max_tokens == 16  # longer passes keep cpu_linear_int8 (float activations)
+    ref, _ = load_model(model, dtype=torch.float32, backend="ref")
+    ref.quantize_weights("int8")
+    assert ref.layer_blocks is None and ref.head_blocks is None  # no fused layer, no kernel: nothing packed
+    got, want = _logits(packed, ids), _logits(ref, ids)
+    assert not torch.equal(got, want)
+    torch.testing.assert_close(got, want, atol=2e-4 * want.abs().max().item(), rtol=0.0)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    runner = ModelRunner(packed, num_blocks=8, block_size=4, max_seqs=1, max_blocks_per_seq=8)
+    runner.add(0)
+    one_by_one = torch.cat([runner.extend([0], [[t]], [1])[0] for t in ids])
+    assert torch.equal(one_by_one, got)
+    odd, _ = load_model(tiny_llama(4, 2, hidden=64, vocab=97, dtype=torch.float32), dtype=torch.float32)
+    odd.quantize_weights("int8")
+    assert odd.layer_blocks is None and odd.head_blocks is None  # 97 head rows do not pack: none of it does

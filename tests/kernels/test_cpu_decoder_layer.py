@@ -47,12 +47,13 @@ def _case(seqs, *, H=48, Hq=4, Hkv=2, D=16, inter=40, block_size=4, bias=False, 
     return x, emb.cos(), emb.sin(), _weights(H, Hq, Hkv, D, inter, bias=bias, int8=int8, gen=gen), caches, meta, Hq, Hkv
 
 
-def _run(case, backend, window=0, caches=None):
+def _run(case, backend, window=0, caches=None, bits=16):
     x, cos, sin, weights, (kc, vc), meta, Hq, Hkv = case
     kc, vc = (kc.clone(), vc.clone()) if caches is None else caches
     out = cpu_decoder_layer(x, cos, sin, weights, kc, vc, meta.slot_mapping, meta.query_start_loc, meta.positions,
                             meta.block_tables, meta.context_lens, num_heads=Hq, num_kv_heads=Hkv,
-                            scale=kc.shape[3] ** -0.5, sliding_window=window, eps=1e-5, backend=backend)
+                            scale=kc.shape[3] ** -0.5, sliding_window=window, eps=1e-5, activation_bits=bits,
+                            backend=backend)
     return out, kc, vc
 
 
@@ -146,22 +147,45 @@ def test_cpu_decoder_layer_q4_1_blocks_give_the_float32_bits(seqs):
     torch.testing.assert_close(got[0], ref[0], atol=1e-4, rtol=1e-4)
 
 
-@needs_ext
-@pytest.mark.skipif(cpu_extension() is None or not torch.ops.bild_kernels_cpu.cpu_linear_q4_1x16_supported(),
-                    reason="this CPU lacks AVX-512 VNNI (cpu_linear_q4_1x16)")
+needs_vnni = pytest.mark.skipif(cpu_extension() is None or not torch.ops.bild_kernels_cpu.cpu_linear_q4_1x16_supported(),
+                                reason="this CPU lacks AVX-512 VNNI (cpu_linear_q4_1x16)")
+
+
+@needs_vnni
 @pytest.mark.parametrize("seqs", [DECODE, VERIFY, MIXED], ids=["decode", "verify", "mixed"])
-def test_cpu_decoder_layer_packed_q4_1_blocks_match_the_reference(seqs):
-    """Projections given as Q4_1 blocks packed for int16 activations (reference.q4_1x16_pack): the reference twin's
-    output and cache writes (its products are cpu_linear_q4_1x16_ref), and within the activation rounding of the
-    float32 weights' layer."""
+@pytest.mark.parametrize("bits, rounding", [(16, 2e-3), (8, 8e-2)])
+def test_cpu_decoder_layer_packed_q4_1_blocks_match_the_reference(seqs, bits, rounding):
+    """Projections given as Q4_1 blocks packed for integer activations (reference.q4_1x16_pack): the reference
+    twin's output and cache writes (its products are cpu_linear_q4_1x16_ref at the same activation_bits), and
+    within the activation rounding of the float32 weights' layer."""
     from bild_kernels.reference import q4_1x16_pack
     as_x16, as_f32 = _q4_1_case(seqs, q4_1x16_pack)
-    got = _run(as_x16, "cpu")
-    ref = _run(as_x16, "ref")
+    got = _run(as_x16, "cpu", bits=bits)
+    ref = _run(as_x16, "ref", bits=bits)
     f32 = _run(as_f32, "cpu")
     for a, b, c in zip(got, ref, f32):  # the twins' float steps differ in order: an activation may round the other way
-        torch.testing.assert_close(a, b, atol=5e-4 * float(b.abs().max()), rtol=0)
-        torch.testing.assert_close(a, c, atol=2e-3 * float(c.abs().max()), rtol=0)
+        torch.testing.assert_close(a, b, atol=5e-4 * float(b.abs().max()) * (1 if bits == 16 else 20), rtol=0)
+        torch.testing.assert_close(a, c, atol=rounding * float(c.abs().max()), rtol=0)
+
+
+@needs_vnni
+@pytest.mark.parametrize("seqs", [DECODE, VERIFY, MIXED], ids=["decode", "verify", "mixed"])
+@pytest.mark.parametrize("bits", [16, 8])
+def test_cpu_decoder_layer_packed_int8_weights_match_the_reference(seqs, bits):
+    """int8 weights packed as Q8_0 blocks (models.llama.int8_x16: the row's scale as every block's; the draft's
+    layers on a CPU with VNNI): the reference twin's output and cache writes, and within the activation rounding
+    of the same int8 weights against float activations (cpu_linear_int8)."""
+    from bild_kernels.models.llama import int8_x16
+    x, cos, sin, weights, caches, meta, Hq, Hkv = _case(seqs, H=64, Hq=4, Hkv=2, D=16, inter=96, bias=True, int8=True)
+    packed = weights._replace(**{n: (*int8_x16(Int8Weight(*getattr(weights, n)[:2])), getattr(weights, n)[2])
+                                 for n in ("qkv", "o", "gate_up", "down")})
+    as_x16 = (x, cos, sin, packed, caches, meta, Hq, Hkv)
+    got = _run(as_x16, "cpu", bits=bits)
+    ref = _run(as_x16, "ref", bits=bits)
+    float_acts = _run((x, cos, sin, weights, caches, meta, Hq, Hkv), "cpu")
+    for a, b, c in zip(got, ref, float_acts):
+        torch.testing.assert_close(a, b, atol=5e-4 * float(b.abs().max()) * (1 if bits == 16 else 20), rtol=0)
+        torch.testing.assert_close(a, c, atol=(2e-3 if bits == 16 else 8e-2) * float(c.abs().max()), rtol=0)
 
 
 @needs_ext
@@ -252,6 +276,7 @@ def test_executor_takes_the_fused_layer_for_short_float32_passes():
     (dict(qkv=lambda c: (c[3].qkv[0][:-1], None, None)), ValueError, r"qkv weight must have shape"),
     (dict(down=lambda c: (c[3].down[0].to(torch.int8), None, None)), TypeError, "down weight must have dtype"),
     (dict(heads=3), ValueError, "num_heads"),
+    (dict(bits=12), ValueError, "activation_bits must be 8 or 16, got 12"),
 ])
 def test_cpu_decoder_layer_bad_input(change, exc, match):
     case = _case(DECODE)
@@ -270,7 +295,8 @@ def test_cpu_decoder_layer_bad_input(change, exc, match):
     before = kc.clone()
     with pytest.raises(exc, match=match):
         cpu_decoder_layer(x, cos, sin, weights, kc, vc, slot, meta.query_start_loc, meta.positions,
-                          meta.block_tables, meta.context_lens, num_heads=Hq, num_kv_heads=Hkv, scale=0.25, eps=1e-5)
+                          meta.block_tables, meta.context_lens, num_heads=Hq, num_kv_heads=Hkv, scale=0.25, eps=1e-5,
+                          activation_bits=change.get("bits", 16))
     assert torch.equal(kc, before)  # nothing written
 
 

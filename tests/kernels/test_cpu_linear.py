@@ -439,6 +439,18 @@ def test_q4_1x16_pack_is_a_permutation_of_the_blocks(N, K):
         R.q4_1x16_pack(q[:8], dm[:8])
 
 
+def test_q4_1x16_quantize_rows_int8():
+    x = torch.randn(2, 64) * torch.tensor([1e-3, 1e3])[:, None]
+    x[0, 32:] = 0
+    xq, dx, sx = R.q4_1x16_quantize_rows(x, 8)
+    assert xq.dtype == torch.int8 and int(xq.abs().max()) == 127
+    err = (xq.float() * dx.repeat_interleave(32, 1) - x).abs()
+    assert bool((err <= dx.repeat_interleave(32, 1) * 0.5 * (1 + 1e-5)).all())
+    assert float(dx[0, 1]) == 0.0 and bool((xq[0, 32:] == 0).all())
+    with pytest.raises(ValueError, match="activation_bits must be 8 or 16"):
+        R.q4_1x16_quantize_rows(x, 4)
+
+
 def test_q4_1x16_quantize_rows_bounds_the_rounding():
     x = torch.randn(3, 64) * torch.tensor([1e-3, 1.0, 1e3])[:, None]
     x[1, 32:] = 0  # an all-zero run: scale 0, values 0
@@ -450,28 +462,38 @@ def test_q4_1x16_quantize_rows_bounds_the_rounding():
     torch.testing.assert_close(sx, x.view(3, 2, 32).sum(-1))
 
 
+# activation_bits, and how far the rounding may move an output from the float activations' (relative to the row's
+# largest): int16, each rounding at most 2^-16 of its run's largest |x|; int8, 1/254
+BITS = [(16, 2e-4), (8, 4e-2)]
+
+
 @needs_x16
 @pytest.mark.parametrize("N, K", [(16, 32), (48, 64), (960, 576), (576, 1536), (3072, 576)])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_cpu_linear_q4_1x16_matches_reference(N, K, with_bias):
+@pytest.mark.parametrize("bits, rounding", BITS)
+def test_cpu_linear_q4_1x16_matches_reference(N, K, with_bias, bits, rounding):
     q, dm, packed, dm16, bias = _x16_case(N, K, with_bias)
     x = torch.randn(9, K)
     x[2, :32] *= 1e4  # a run with an outlier: its scale, not the others'
-    want = R.cpu_linear_q4_1x16_ref(x, packed, dm16, bias)
+    want = R.cpu_linear_q4_1x16_ref(x, packed, dm16, bias, bits)
     exact = R.cpu_linear_q4_1_ref(x.double(), q, dm, None if bias is None else bias.double())  # float activations
     for M in range(1, 10):
-        got = cpu_linear_q4_1x16(x[:M], packed, dm16, bias, backend="cpu")
+        got = cpu_linear_q4_1x16(x[:M], packed, dm16, bias, activation_bits=bits, backend="cpu")
         assert got.dtype == torch.float32 and got.shape == (M, N)
         scale = want[:M].abs().amax(1, keepdim=True)  # float32 sums: rounding relative to the row's size
         assert bool(((got - want[:M]).abs() <= 2e-6 * scale + _tol(K)).all())
-        # the activation rounding (each at most 2^-16 of its run's largest |x|): ~1e-4 of the row's size at most
-        assert bool(((got.double() - exact[:M]).abs() <= 2e-4 * exact[:M].abs().amax(1, keepdim=True)).all())
-        alone = torch.cat([cpu_linear_q4_1x16(x[i:i + 1], packed, dm16, bias, backend="cpu") for i in range(M)])
+        assert bool(((got.double() - exact[:M]).abs() <= rounding * exact[:M].abs().amax(1, keepdim=True)).all())
+        alone = torch.cat([cpu_linear_q4_1x16(x[i:i + 1], packed, dm16, bias, activation_bits=bits, backend="cpu")
+                           for i in range(M)])
         assert torch.equal(alone, got)  # a row's output does not depend on the others (batch invariance)
+    if bits == 8:  # coarser than int16 (the same weights)
+        int16 = cpu_linear_q4_1x16(x, packed, dm16, bias, backend="cpu")
+        assert float((got.double() - exact).abs().max()) > float((int16.double() - exact).abs().max())
 
 
 @needs_x16
-def test_cpu_linear_q4_1x16_is_thread_invariant():
+@pytest.mark.parametrize("bits", [16, 8])
+def test_cpu_linear_q4_1x16_is_thread_invariant(bits):
     _, _, packed, dm16, bias = _x16_case(960, 576, True)
     x = torch.randn(4, 576)
     threads = torch.get_num_threads()
@@ -479,17 +501,18 @@ def test_cpu_linear_q4_1x16_is_thread_invariant():
         outs = []
         for n in (1, 2, 3):
             torch.set_num_threads(n)
-            outs.append(cpu_linear_q4_1x16(x, packed, dm16, bias, backend="cpu"))
+            outs.append(cpu_linear_q4_1x16(x, packed, dm16, bias, activation_bits=bits, backend="cpu"))
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(o, outs[0]) for o in outs)
 
 
 @needs_x16
-def test_cpu_linear_q4_1x16_fake_impl():
+@pytest.mark.parametrize("bits", [16, 8])
+def test_cpu_linear_q4_1x16_fake_impl(bits):
     _, _, packed, dm16, bias = _x16_case(32, 64, True)
-    torch.library.opcheck(torch.ops.bild_kernels_cpu.cpu_linear_q4_1x16, (torch.randn(3, 64), packed, dm16, bias),
-                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.bild_kernels_cpu.cpu_linear_q4_1x16,
+                          (torch.randn(3, 64), packed, dm16, bias, bits), test_utils=("test_schema", "test_faketensor"))
 
 
 def test_cpu_linear_q4_1x16_ref_backend():
@@ -497,6 +520,9 @@ def test_cpu_linear_q4_1x16_ref_backend():
     x = torch.randn(3, 64)
     torch.testing.assert_close(cpu_linear_q4_1x16(x, packed, dm16, bias, backend="ref"),
                                R.cpu_linear_q4_1_ref(x, q, dm, bias), atol=1e-3, rtol=1e-3)
+    want = R.cpu_linear_q4_1_ref(x, q, dm, bias)
+    torch.testing.assert_close(cpu_linear_q4_1x16(x, packed, dm16, bias, activation_bits=8, backend="ref"), want,
+                               atol=4e-2 * float(want.abs().max()), rtol=0)
 
 
 @pytest.mark.parametrize("change, exc, match", [
@@ -507,13 +533,15 @@ def test_cpu_linear_q4_1x16_ref_backend():
     (dict(q=torch.zeros(2, 2, 4, 16, 4, dtype=torch.int8)), TypeError, "qweight must have dtype"),
     (dict(dm=torch.rand(2, 2, 2, 8)), ValueError, r"dm must have shape \[2, 2, 2, 16\]"),
     (dict(bias=torch.randn(16)), ValueError, r"bias must have shape \[32\]"),
+    (dict(bits=4), ValueError, "activation_bits must be 8 or 16, got 4"),
+    (dict(bits=True), ValueError, "activation_bits must be 8 or 16, got True"),
 ])
 def test_cpu_linear_q4_1x16_bad_input(change, exc, match):
     args = dict(x=torch.randn(2, 64), q=torch.zeros(2, 2, 4, 16, 4, dtype=torch.uint8), dm=torch.rand(2, 2, 2, 16),
-                bias=None)
+                bias=None, bits=16)
     args.update(change)
     with pytest.raises(exc, match=match):
-        cpu_linear_q4_1x16(args["x"], args["q"], args["dm"], args["bias"])
+        cpu_linear_q4_1x16(args["x"], args["q"], args["dm"], args["bias"], activation_bits=args["bits"])
 
 
 def _q8_0x16_case(N, K, seed=0):
@@ -535,26 +563,33 @@ def test_q8_0x16_pack_layout():
 @needs_x16
 @pytest.mark.parametrize("N, K", [(16, 32), (48, 64), (8192, 576), (112, 1536)])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_cpu_linear_q8_0x16_matches_reference(N, K, with_bias):
+@pytest.mark.parametrize("bits, rounding", BITS)
+def test_cpu_linear_q8_0x16_matches_reference(N, K, with_bias, bits, rounding):
     q, d, packed, d16 = _q8_0x16_case(N, K)
+    q[0, :32] = -127  # the extremes: int8 activations meet q + 128 in [1, 255] (the kernel's u8 operand)
+    q[1, :32] = 127
+    packed, d16 = R.q8_0x16_pack(q, d)
     bias = torch.randn(N) if with_bias else None
     x = torch.randn(6, K)
-    want = R.cpu_linear_q8_0x16_ref(x, packed, d16, bias)
+    x[1, 32:64 if K > 32 else 32] *= 1e3
+    want = R.cpu_linear_q8_0x16_ref(x, packed, d16, bias, bits)
     exact = R.cpu_linear_q8_0_ref(x.double(), q, d, None if bias is None else bias.double())
     for M in range(1, 7):
-        got = cpu_linear_q8_0x16(x[:M], packed, d16, bias, backend="cpu")
+        got = cpu_linear_q8_0x16(x[:M], packed, d16, bias, activation_bits=bits, backend="cpu")
         assert got.dtype == torch.float32 and got.shape == (M, N)
         scale = want[:M].abs().amax(1, keepdim=True)
         assert bool(((got - want[:M]).abs() <= 2e-6 * scale + _tol(K)).all())
-        assert bool(((got.double() - exact[:M]).abs() <= 2e-4 * exact[:M].abs().amax(1, keepdim=True)).all())
-        alone = torch.cat([cpu_linear_q8_0x16(x[i:i + 1], packed, d16, bias, backend="cpu") for i in range(M)])
+        assert bool(((got.double() - exact[:M]).abs() <= rounding * exact[:M].abs().amax(1, keepdim=True)).all())
+        alone = torch.cat([cpu_linear_q8_0x16(x[i:i + 1], packed, d16, bias, activation_bits=bits, backend="cpu")
+                           for i in range(M)])
         assert torch.equal(alone, got)
 
 
 @needs_x16
-def test_cpu_linear_q8_0x16_fake_impl():
+@pytest.mark.parametrize("bits", [16, 8])
+def test_cpu_linear_q8_0x16_fake_impl(bits):
     _, _, packed, d16 = _q8_0x16_case(32, 64)
-    torch.library.opcheck(torch.ops.bild_kernels_cpu.cpu_linear_q8_0x16, (torch.randn(3, 64), packed, d16, None),
+    torch.library.opcheck(torch.ops.bild_kernels_cpu.cpu_linear_q8_0x16, (torch.randn(3, 64), packed, d16, None, bits),
                           test_utils=("test_schema", "test_faketensor"))
 
 
