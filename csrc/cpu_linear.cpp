@@ -322,24 +322,32 @@ void rows_all_q4_1(const float* x, int64_t ldx, int64_t M, const uint8_t* q, con
 // a row's result does not depend on M, on the other rows, or on the threads.
 #define BILD_X16 __attribute__((target("avx2,fma,avx512f,avx512vl,avx512bw,avx512vnni")))
 
-// x [M, K] -> xq [M, K] int16, dx [M, K / 32] (amax / 32767), sx [M, K / 32] (the run's float sum, in a fixed
+// One run of 32 activations p[0..31] scaled to [-top, top]: its 32 values rounded to nearest even (the default
+// MXCSR mode) as int32 (|x * inv| <= top up to one rounding), the scale amax / top and the float sum (in a fixed
 // order: the 16 lanes' pairwise sums of x[i] + x[i + 16], then reduce_add's tree).
+struct RoundedRun {
+  __m512i i0, i1;
+  float dx, sx;
+};
+BILD_X16 inline RoundedRun round_run(const float* p, float top) {
+  const __m512 a0 = _mm512_loadu_ps(p), a1 = _mm512_loadu_ps(p + 16);
+  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a0), _mm512_abs_ps(a1)));
+  const __m512 inv = _mm512_set1_ps(amax > 0 ? top / amax : 0.0f);
+  return {_mm512_cvtps_epi32(_mm512_mul_ps(a0, inv)), _mm512_cvtps_epi32(_mm512_mul_ps(a1, inv)), amax / top,
+          _mm512_reduce_add_ps(_mm512_add_ps(a0, a1))};
+}
+
+// x [M, K] -> xq [M, K] int16 (saturated), dx [M, K / 32] (amax / 32767), sx [M, K / 32] (the run's float sum).
 BILD_X16 void quantize_rows_x16(const float* x, int64_t ldx, int64_t M, int64_t K, int16_t* xq, float* dx,
                                  float* sx) {
   const int64_t nb = K / 32;
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t b = 0; b < nb; ++b) {
-      const float* p = x + m * ldx + b * 32;
-      const __m512 a0 = _mm512_loadu_ps(p), a1 = _mm512_loadu_ps(p + 16);
-      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a0), _mm512_abs_ps(a1)));
-      const __m512 inv = _mm512_set1_ps(amax > 0 ? 32767.0f / amax : 0.0f);
-      dx[m * nb + b] = amax / 32767.0f;
-      sx[m * nb + b] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-      // round to nearest even (the default MXCSR mode), saturated (|x * inv| <= 32767 up to one rounding)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + m * K + b * 32),
-                          _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(a0, inv))));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + m * K + b * 32 + 16),
-                          _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(a1, inv))));
+      const RoundedRun r = round_run(x + m * ldx + b * 32, 32767.0f);
+      dx[m * nb + b] = r.dx;
+      sx[m * nb + b] = r.sx;
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + m * K + b * 32), _mm512_cvtsepi32_epi16(r.i0));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + m * K + b * 32 + 16), _mm512_cvtsepi32_epi16(r.i1));
     }
   }
 }
@@ -508,14 +516,11 @@ BILD_X16 void quantize_rows_x8(const float* x, int64_t ldx, int64_t M, int64_t K
   const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t b = 0; b < nb; ++b) {
-      const float* p = x + m * ldx + b * 32;
-      const __m512 a0 = _mm512_loadu_ps(p), a1 = _mm512_loadu_ps(p + 16);
-      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a0), _mm512_abs_ps(a1)));
-      const __m512 inv = _mm512_set1_ps(amax > 0 ? 127.0f / amax : 0.0f);
-      dx[m * nb + b] = amax / 127.0f;
-      sx[m * nb + b] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-      const __m512i i0 = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(a0, inv)), lo), hi);
-      const __m512i i1 = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(a1, inv)), lo), hi);
+      const RoundedRun r = round_run(x + m * ldx + b * 32, 127.0f);
+      dx[m * nb + b] = r.dx;
+      sx[m * nb + b] = r.sx;
+      const __m512i i0 = _mm512_min_epi32(_mm512_max_epi32(r.i0, lo), hi);
+      const __m512i i1 = _mm512_min_epi32(_mm512_max_epi32(r.i1, lo), hi);
       xs[m * nb + b] = _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1));
       _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + m * K + b * 32), _mm_shuffle_epi8(_mm512_cvtepi32_epi8(i0), order));
       _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + m * K + b * 32 + 16),
@@ -601,6 +606,16 @@ BILD_X16 void group_q8_0_x8(const int8_t* xq, const float* dx, const int32_t* xs
   }
 }
 
+// group<rows> of each format, rows = 1..kMaxRowsX16 (the integer sums s: float sx for Q4_1, int xs for Q8_0)
+using GroupQ4X8 = void (*)(const int8_t*, const float*, const float*, int64_t, const uint8_t*, const float*,
+                           const float*, float*, int64_t, int64_t);
+using GroupQ8X8 = void (*)(const int8_t*, const float*, const int32_t*, int64_t, const int8_t*, const float*,
+                           const float*, float*, int64_t, int64_t);
+constexpr GroupQ4X8 kGroupsQ4X8[kMaxRowsX16] = {group_q4_1_x8<1>, group_q4_1_x8<2>, group_q4_1_x8<3>,
+                                                group_q4_1_x8<4>};
+constexpr GroupQ8X8 kGroupsQ8X8[kMaxRowsX16] = {group_q8_0_x8<1>, group_q8_0_x8<2>, group_q8_0_x8<3>,
+                                                group_q8_0_x8<4>};
+
 // Quantises x once (int8), then for chunks of up to kMaxRowsX16 rows runs group<rows> over each thread's groups.
 template <bool Q4>
 void rows_all_x8(const float* x, int64_t ldx, int64_t M, const void* pk, const float* scale, int64_t K, int64_t N,
@@ -613,30 +628,13 @@ void rows_all_x8(const float* x, int64_t ldx, int64_t M, const void* pk, const f
   at::parallel_for(0, N / 16, 4, [&](int64_t begin, int64_t end) {
     for (int64_t m0 = 0; m0 < M; m0 += kMaxRowsX16) {
       const int64_t rows = std::min(kMaxRowsX16, M - m0);
-      const int8_t* xm = xq.data() + m0 * K;
       for (int64_t g = begin; g < end; ++g) {
         if constexpr (Q4) {
-          const uint8_t* w = static_cast<const uint8_t*>(pk);
-          const float* a = dx.data() + m0 * nb;
-          const float* s = sx.data() + m0 * nb;
-          float* out = y + m0 * N;
-          switch (rows) {
-            case 1: group_q4_1_x8<1>(xm, a, s, K, w, scale, bias, out, N, g); break;
-            case 2: group_q4_1_x8<2>(xm, a, s, K, w, scale, bias, out, N, g); break;
-            case 3: group_q4_1_x8<3>(xm, a, s, K, w, scale, bias, out, N, g); break;
-            default: group_q4_1_x8<4>(xm, a, s, K, w, scale, bias, out, N, g); break;
-          }
+          kGroupsQ4X8[rows - 1](xq.data() + m0 * K, dx.data() + m0 * nb, sx.data() + m0 * nb, K,
+                                static_cast<const uint8_t*>(pk), scale, bias, y + m0 * N, N, g);
         } else {
-          const int8_t* w = static_cast<const int8_t*>(pk);
-          const float* a = dx.data() + m0 * nb;
-          const int32_t* s = xs.data() + m0 * nb;
-          float* out = y + m0 * N;
-          switch (rows) {
-            case 1: group_q8_0_x8<1>(xm, a, s, K, w, scale, bias, out, N, g); break;
-            case 2: group_q8_0_x8<2>(xm, a, s, K, w, scale, bias, out, N, g); break;
-            case 3: group_q8_0_x8<3>(xm, a, s, K, w, scale, bias, out, N, g); break;
-            default: group_q8_0_x8<4>(xm, a, s, K, w, scale, bias, out, N, g); break;
-          }
+          kGroupsQ8X8[rows - 1](xq.data() + m0 * K, dx.data() + m0 * nb, xs.data() + m0 * nb, K,
+                                static_cast<const int8_t*>(pk), scale, bias, y + m0 * N, N, g);
         }
       }
     }
