@@ -6,6 +6,8 @@ batched forward over the paged cache and hands back the logits the engine asked 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from bild_kernels.engine.block_manager import BlockManager
@@ -56,9 +58,12 @@ class ModelRunner:
         The engine ends those requests with an error after the step; zeros keep the sampling and
         verification ops of the step well defined for them meanwhile. No host sync here.
         """
-        bad = ~torch.isfinite(logits.amax(-1)).all(-1)  # [n]: amax propagates NaN; an all -inf row is bad too
-        if self.device.type == "cpu" and not bool(bad.any()):  # reading it is free here: skip two more passes
+        top = logits.amax(-1)  # [n, K1]: amax propagates NaN; an all -inf row is bad too
+        # on a CPU reading is free: one sum of the row maxima is finite exactly when every one of them is (a sum
+        # that overflows only takes the long way), and then nothing more is done
+        if self.device.type == "cpu" and math.isfinite(float(top.sum())):
             return logits
+        bad = ~torch.isfinite(top).all(-1)  # [n]
         logits.masked_fill_(bad[:, None, None], 0.0)
         self.note_nonfinite(rows, bad)
         return logits
@@ -109,11 +114,15 @@ class ModelRunner:
             block_tables=self.blocks.block_tables_of(rows),
             context_lens=to_device([s + c for s, c in zip(starts, counts)], torch.int32, dev),
             max_query_len=max(counts), max_context_len=max(s + c for s, c in zip(starts, counts)))
-        out = self.executor.forward(input_ids, meta, self.kv_caches, hidden_states=embeds,
-                                    logits_indices=to_device(_last_positions(qsl[1:], n_logits), torch.int64, dev),
+        last = _last_positions(qsl[1:], n_logits)
+        # every token's logits, in order (a decode step, a draft step, a verify pass of one row): no gather
+        indices = None if last == list(range(qsl[-1])) else to_device(last, torch.int64, dev)
+        out = self.executor.forward(input_ids, meta, self.kv_caches, hidden_states=embeds, logits_indices=indices,
                                     return_hidden=return_hidden, full_vocab=full_vocab)
         logits = self.screen_logits(rows, (out[0] if return_hidden else out).view(len(rows), K1, -1))
-        return (logits, list(out[1].split(counts))) if return_hidden else logits
+        if not return_hidden:
+            return logits
+        return logits, [out[1]] if len(counts) == 1 else list(out[1].split(counts))
 
 
 def _last_positions(ends: list[int], n_logits: list[int]) -> list[int]:
