@@ -120,6 +120,7 @@ class Iteration:
         # (speculative sampling needs each draft's distribution over the whole vocabulary)
         vocab = None if shallow or out.probs is not None else self._head_vocab(running)
         active = [i for i, c in enumerate(caps) if c > 0]
+        fixed = None  # the rows' sampling tensors but the offsets, built once while the same rows draft
         step = 0
         while active:
             seqs = [running[i] for i in active]
@@ -138,7 +139,12 @@ class Iteration:
                 # (a feature draft's position t reads token t + 1: it holds one position fewer than the tokens)
                 s.cached[key] = len(s.tokens) + len(drafts[i]) - feature
                 s.metrics.small_steps += 1
-            sp = self._sampling(seqs, [s.iteration * _DRAFT_STRIDE + step for s in seqs])
+            offsets = [s.iteration * _DRAFT_STRIDE + step for s in seqs]
+            if fixed is None or fixed[0] != active:
+                sp = self._sampling(seqs, offsets)
+                fixed = (active, sp)
+            else:  # the same rows as the last step: only the offsets move
+                sp = {**fixed[1], "offset": to_device(offsets, torch.int64, self.device)}
             res = ops.sample_draft(logits, fallback_threshold=0.0 if energy else fallback_threshold, **sp)
             # E-LANG: a high energy -T logsumexp(z/T) marks a hard token; BiLD: a low max probability.
             unsure = (res.energies > fallback_threshold) if energy else res.fallback
