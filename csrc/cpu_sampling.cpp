@@ -17,9 +17,11 @@
 //
 // Summation order: lane j (0..7) adds exp(z[k] - max) for k = j, j + 8, ... in increasing k, the lanes are added
 // in reduce_lanes' fixed tree, then the V mod 8 tail in order: a row's result depends on the row alone, never on
-// the batch around it. exp is cpu_simd.h's exp8 (relative error ~2 ulp), logs std::log; the references use
+// the batch around it (verify_draft computes its positions' statistics on torch's threads, each position by one
+// thread alone, so the thread count changes nothing either). exp is cpu_simd.h's exp8 (relative error ~2 ulp), logs std::log; the references use
 // PyTorch's vectorised exp and log, so floats agree within float32 rounding and ids exactly (a Gumbel-max draw
 // could differ only where two candidates tie within an ulp).
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
@@ -364,19 +366,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_verif
   float* dist = distances.data_ptr<float>();
   float* tp = target_probs.data_ptr<float>();
   std::vector<float> q, filt, work;
+  // Every examined position's statistics first, on torch's threads (a verify pass of one row has K + 1 of them,
+  // each a pass over V; each is the same bits on any thread), then the accept / cut logic in order.
+  std::vector<int64_t> drafted(static_cast<size_t>(B));
+  for (int64_t b = 0; b < B; ++b) {
+    int64_t n = 0;
+    for (int64_t j = 0; j < K; ++j) n += ids[b * K + j] >= 0;  // as the reference counts them
+    drafted[b] = n;
+  }
+  std::vector<RowStats> stats(static_cast<size_t>(B * K1));
+  std::vector<char> finite(static_cast<size_t>(B * K1), 1);
+  at::parallel_for(0, B * K1, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      if (i % K1 <= drafted[i / K1]) finite[i] = row_stats(z + i * V, V, &stats[i]);  // positions past n: unread
+    }
+  });
   for (int64_t b = 0; b < B; ++b) {
     const int64_t* row = ids + b * K;
     const bool sampling = !(t[b] <= 0.0f);
-    int64_t n = 0;
-    for (int64_t j = 0; j < K; ++j) n += row[j] >= 0;  // as the reference counts them
+    const int64_t n = drafted[b];
     int64_t c = -1;       // the cut: the first position not accepted
     int64_t emitted = 0;  // argmax at the cut
     int64_t q_pos = -1;   // the position whose q_j `q` holds (sampling rows)
     int64_t q_am = 0;     // and the first index of its max
     for (int64_t j = 0; j <= n; ++j) {
       const float* zj = z + (b * K1 + j) * V;
-      RowStats s;
-      if (!row_stats(zj, V, &s)) return unhandled();
+      if (!finite[b * K1 + j]) return unhandled();
+      const RowStats& s = stats[b * K1 + j];
       tp[b * K1 + j] = std::exp(s.max - s.lse);
       bool ok = false;
       if (j < n) {

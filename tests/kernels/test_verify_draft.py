@@ -297,6 +297,31 @@ def test_verify_draft_cpu_kernel_handles_every_mode():
         op(draft_ids, z, 3, thr, None, t, k, p, seed, offset)
 
 
+def test_verify_draft_cpu_kernel_is_thread_invariant():
+    """The CPU kernel computes its positions' statistics on torch's threads: the same outputs, bit for bit, on one
+    thread or several, and a non-finite logit past a row's drafted positions is never read."""
+    from bild_kernels._backend import cpu_extension
+    if cpu_extension() is None:
+        pytest.skip("bild_kernels._cpu was not built or needs AVX2/FMA")
+    op = torch.ops.bild_kernels_cpu.cpu_verify_draft
+    draft_ids, z, params = _greedy_case(7, 4, 1001, "cpu")
+    draft_ids[3, 2:] = -1  # a ragged row: positions 3 and 4 of it are padding
+    z[3, 3:, 7] = float("nan")
+    args = (params["rollback_threshold"], None, params["temperature"], params["top_k"], params["top_p"],
+            torch.arange(7) * 7919, torch.arange(7))
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outs.append(op(draft_ids, z, R.MODE_BILD, *args))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(bool(o[-1]) for o in outs)
+    for o in outs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(o, outs[0]))
+
+
 def _check_cpu_draws(draft_ids, z, params):
     """The CPU kernel against the reference in greedy and bild modes; its sampling rows draw at their cuts."""
     for mode in ("greedy", "bild"):
