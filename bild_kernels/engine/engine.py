@@ -104,8 +104,8 @@ class Engine(Iteration):
         among the rows, and on a CPU a verify pass over batch x (k + 1) tokens becomes compute-bound: with
         the default pair on the 2-core AMD EPYC, the default BiLD ran 1.34x LargeOnly at batch 2 but 0.85x
         at batch 4 and 0.65x at batch 8. None: no limit. "auto" (the default): the shipped draft's
-        recommendation for the device (`cpu_draft_max_batch` in its bild_draft.json: 2 for the default
-        pair) on a CPU, else no limit.
+        recommendation for the device (`cpu_draft_max_batch` in its bild_draft.json: 1 for the default
+        pair since its kernels got faster, batch 2 then ran 0.94-1.01x with drafting) on a CPU, else no limit.
     """
 
     def __init__(self, large=None, small=None, *, device: str = "cpu", dtype: torch.dtype | None = None,

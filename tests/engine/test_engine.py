@@ -202,12 +202,14 @@ def test_draft_max_batch_decodes_larger_batches_with_the_large_model(large_model
 
 def test_draft_max_batch_values(large_model, small_model):
     from bild_kernels.engine.engine import _recommended_draft_max_batch
-    from bild_kernels.models.default import DRAFT_DIR
+    from bild_kernels.models.default import DRAFT_DIR, FEATURE_DRAFT_DIR
     for bad in (0, -1, True, 2.0, "two"):
         with pytest.raises(ValueError, match="draft_max_batch"):
             Engine(large=large_model, small=small_model, dtype=torch.float64, max_model_len=64, draft_max_batch=bad)
     eng = Engine(large=large_model, small=small_model, dtype=torch.float64, max_model_len=64)
     assert eng.draft_max_batch is None  # "auto" without a shipped draft's recommendation: no limit
-    # the default pair's draft recommends 2 on a CPU (measured: BiLD wins at batch 2, loses from 4 on), nothing on CUDA
+    # the standalone draft recommends 2 on a CPU (measured: BiLD won at batch 2, lost from 4 on), nothing on CUDA;
+    # the default feature draft 1 (with the integer-activation kernels batch 2 decodes well enough alone)
     assert _recommended_draft_max_batch(str(DRAFT_DIR), torch.device("cpu")) == 2
+    assert _recommended_draft_max_batch(str(FEATURE_DRAFT_DIR), torch.device("cpu")) == 1
     assert _recommended_draft_max_batch(str(DRAFT_DIR), torch.device("cuda")) is None

