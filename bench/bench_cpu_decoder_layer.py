@@ -4,7 +4,9 @@ extension's matmul and attention kernels ("torch-ops": what the executor ran bef
 
 Shapes: SmolLM2-135M's layer (hidden 576, 9 query heads over 3 kv heads of 64, intermediate 1536), as a stack
 of distinct layers (30 float32 ones: the default large model's decode step or verify pass; 30 with Q4_1 blocks:
-the same from its GGUF's blocks, as it runs on a CPU now; 4 int8 ones: the shipped draft's step), T = 1 or 3 new tokens of one sequence over a 96-token context. Prints median and
+the same from its GGUF's blocks; 4 int8 ones: the shipped draft's step; where the CPU has AVX-512 VNNI, the same
+stacks packed for integer activations as the executor runs them there: q4_1x16 (int16), q4_1x16i8 (int8) and
+int8x16, the cpu backend only), T = 1 or 3 new tokens of one sequence over a 96-token context. Prints median and
 20th/80th percentile µs per stack, and the ratios to cpu. CPU only; one thread unless --threads.
 
   python bench/bench_cpu_decoder_layer.py [--threads 1] [--rows 1,3] [--no-save]
@@ -21,7 +23,7 @@ from _common import cpu_extension_rows, parser, record, timeit  # noqa: E402
 
 from bild_kernels import reference as R  # noqa: E402
 from bild_kernels.models.attention import AttentionMetadata  # noqa: E402
-from bild_kernels.models.llama import Int8Weight  # noqa: E402
+from bild_kernels.models.llama import Int8Weight, int8_x16  # noqa: E402
 from bild_kernels.ops.cpu_decoder_layer import LayerWeights, layer_args  # noqa: E402
 from bild_kernels.ops.cpu_linear import MAX_ROWS  # noqa: E402
 
@@ -33,6 +35,10 @@ def _layer(kind: str) -> LayerWeights:
         t = torch.randn(n, k) * k ** -0.5
         if kind == "q4_1":  # the default large model's layers in its GGUF: Q4_1 blocks (uint8 weight, dm as scale)
             return (*R.q4_1_quantize(t), None)
+        if kind.startswith("q4_1x16"):  # those blocks packed for integer activations (int16, or int8: "i8")
+            return (*R.q4_1x16_pack(*R.q4_1_quantize(t)), None)
+        if kind == "int8x16":  # the draft's int8 weights packed as Q8_0 blocks (int16 activations)
+            return (*int8_x16(Int8Weight.of(t)), None)
         return (*Int8Weight.of(t), None) if kind == "int8" else (t, None, None)
     return LayerWeights(torch.ones(H), w((HQ + 2 * HKV) * D, H), w(H, HQ * D), torch.ones(H), w(2 * INTER, H),
                         w(H, INTER))
@@ -50,7 +56,12 @@ def main():
                "torch-ops": functools.partial(R.cpu_decoder_layer_ref, linear=ext.cpu_linear,
                                               linear_int8=ext.cpu_linear_int8, attention=ext.paged_attention)}
     blocks = -(-(CONTEXT + 16) // BLOCK)
-    for stack, kind in ((args.layers, "float32"), (args.layers, "q4_1"), (4, "int8")):
+    totals = {}  # (kind, T) -> the cpu backend's median
+    kinds = [(args.layers, "float32"), (args.layers, "q4_1"), (4, "int8")]
+    if ext.cpu_linear_q4_1x16_supported():  # AVX-512 VNNI: the packed forms the executor runs here
+        kinds += [(args.layers, "q4_1x16"), (args.layers, "q4_1x16i8"), (4, "int8x16")]
+    for stack, kind in kinds:
+        bits = 8 if kind.endswith("i8") else 16
         layers = [layer_args(_layer(kind)) for _ in range(stack)]
         caches = [(torch.randn(blocks, BLOCK, HKV, D), torch.randn(blocks, BLOCK, HKV, D)) for _ in range(stack)]
         for T in rows:
@@ -59,11 +70,14 @@ def main():
             angle = meta.positions.float()[:, None] * torch.rand(D // 2)[None]
             cos, sin = torch.cat((angle, angle), -1).cos(), torch.cat((angle, angle), -1).sin()
             tail = (meta.slot_mapping, meta.query_start_loc, meta.positions, meta.block_tables, meta.context_lens,
-                    HQ, HKV, D ** -0.5, 0, 1e-5)
+                    HQ, HKV, D ** -0.5, 0, 1e-5, bits)
             medians = {}
             for backend, fn in kernels.items():
-                if kind == "q4_1" and backend == "torch-ops":  # its products would dequantise each call
+                if kind.startswith("q4_1") and backend == "torch-ops":  # its products would dequantise each call
                     continue
+                if kind.endswith("x16") or kind.endswith("i8"):  # packed: its reference is int64 arithmetic, slow
+                    if backend != "cpu":
+                        continue
 
                 def run():
                     h = x
@@ -75,8 +89,13 @@ def main():
                              {"weights": kind, "stack": stack, "T": T,
                               "threads": args.threads}, stats, None, save=not args.no_save)
                 medians[backend] = row["median_us"]
-            line = f"  {kind} stack of {stack}, T={T}: cpu {medians['cpu'] / 1e3:.2f} ms, ref/cpu " \
-                   f"{medians['ref'] / medians['cpu']:.2f}x"
+            totals[kind, T] = medians["cpu"]
+            line = f"  {kind} stack of {stack}, T={T}: cpu {medians['cpu'] / 1e3:.2f} ms"
+            if "ref" in medians:
+                line += f", ref/cpu {medians['ref'] / medians['cpu']:.2f}x"
+            unpacked = {"q4_1x16": "q4_1", "q4_1x16i8": "q4_1", "int8x16": "int8"}.get(kind)
+            if unpacked:
+                line += f", {unpacked} (float activations)/{kind} {totals[unpacked, T] / medians['cpu']:.2f}x"
             if "torch-ops" in medians:
                 line += (f", torch-ops/cpu {medians['torch-ops'] / medians['cpu']:.2f}x "
                          f"({(medians['torch-ops'] - medians['cpu']) / stack:.0f} us a layer saved)")

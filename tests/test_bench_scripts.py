@@ -97,10 +97,14 @@ def test_cpu_decoder_layer_benchmark_compares_with_reference():
         pytest.skip("bild_kernels._cpu not built, or this CPU lacks AVX2/FMA")
     lines = _run("bench_cpu_decoder_layer.py", "--rows", "1,3", "--layers", "2", "--iters", "2")
     rows = [line.split() for line in lines if " median " in line]
+    import torch
+    packed = ["q4_1x16", "q4_1x16i8", "int8x16"] if torch.ops.bild_kernels_cpu.cpu_linear_q4_1x16_supported() else []
     assert sorted((r[1], r[2], r[4]) for r in rows) == sorted(
         [(b, f"weights={w}", f"T={t}") for b in ("cpu", "ref", "torch-ops") for w in ("float32", "int8") for t in (1, 3)]
-        + [(b, "weights=q4_1", f"T={t}") for b in ("cpu", "ref") for t in (1, 3)])  # Q4_1: no torch-ops twin
+        + [(b, "weights=q4_1", f"T={t}") for b in ("cpu", "ref") for t in (1, 3)]  # Q4_1: no torch-ops twin
+        + [("cpu", f"weights={w}", f"T={t}") for w in packed for t in (1, 3)])  # packed: the kernel alone
     assert sum("torch-ops/cpu" in line for line in lines) == 4
+    assert sum("(float activations)/" in line for line in lines) == 2 * len(packed)
 
 
 def test_step_profile_prints_where_the_time_goes():
