@@ -268,7 +268,8 @@ class LlamaExecutor:
         decode step costs on a CPU; activations stay in the executor's dtype: float32 (the CPU extension's
         cpu_linear_int8, or its reference where the extension is missing) or bfloat16 / float16 (torch's
         int8 weight kernel). The embedding stays as it was (lookups, and the large model it may be shared
-        with)."""
+        with). Where the CPU has AVX-512 VNNI the projections and head are also packed for cpu_linear_q8_0x16
+        (`_pack_int8`: int16 activations, ~2x faster products at a draft step's sizes)."""
         if kind != "int8":
             raise ValueError(f"quantize_weights: kind must be 'int8', got {kind!r}")
         if self.dtype not in (torch.float32, torch.bfloat16, torch.float16):
