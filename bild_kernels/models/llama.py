@@ -294,6 +294,7 @@ class LlamaExecutor:
         self._linear = functools.partial(_linear, native=None, int8_fp32=int8_fp32)
         self._head_linear, self.head_blocks = self._linear, None
         self._fused = self._fused_layer()
+        self.activation_bits = 16  # what the packed int8 weights take (not a GGUF option's int8)
         self._pack_int8()
         return self
 

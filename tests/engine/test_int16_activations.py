@@ -83,6 +83,9 @@ def test_int8_activations_take_the_same_packed_blocks_within_their_rounding():
     got = head._head_linear(h, head.lm_head)
     torch.testing.assert_close(got, want, atol=2e-2 * float(want.abs().max()), rtol=0)
     assert torch.equal(torch.cat([head._head_linear(h[i:i + 1], head.lm_head) for i in range(5)]), got)
+    assert ex.use_q4_1_layers(blocks, "int8") and ex.activation_bits == 8
+    ex.quantize_weights("int8")  # its own int8 weights, packed for int16 activations: the GGUF option is gone
+    assert ex.activation_bits == 16 and ex.layer_blocks in ("int8x16", None)
 
 
 @needs_x16
