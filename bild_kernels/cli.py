@@ -241,7 +241,8 @@ def _run_info(engine) -> dict:
     large = engine.runners["large"].executor
     return {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "device": name,
             "threads": torch.get_num_threads(), "rev": _git_rev(),
-            "large_weights": large.layer_blocks or large.weight_format}  # "q4_1" / "q4_1x16" (int16 activations): a GGUF's blocks
+            # a GGUF's blocks: "q4_1", "q4_1x16" (int16 activations) or "q4_1x16i8" (int8); else the weights' format
+            "large_weights": large.layer_blocks or large.weight_format}
 
 
 def _cpu_model() -> str:

@@ -817,56 +817,63 @@ int64_t check_x16(const char* op, const at::Tensor& x, const at::Tensor& qweight
   }
   return G * 16;
 }
+
+// y [M, N] for an integer-activation op whose inputs check_x16 accepted: x made row-contiguous, then
+// run(x, ldx, M, K, bias or nullptr, y) where there is work (M, N > 0) and the kernels are built (x86-64).
+template <typename Run>
+at::Tensor x16_output(const at::Tensor& x, int64_t N, const std::optional<at::Tensor>& bias, const Run& run) {
+  const int64_t M = x.size(0), K = x.size(1);
+  const at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous();
+  at::Tensor y = at::empty({M, N}, x.options());
+#ifdef BILD_X86
+  if (M > 0 && N > 0) {
+    run(xc.data_ptr<float>(), xc.stride(0), M, K, bias.has_value() ? bias->data_ptr<float>() : nullptr,
+        y.data_ptr<float>());
+  }
+#else
+  (void)run;
+  (void)bias;
+#endif
+  return y;
+}
 }  // namespace
 
 at::Tensor cpu_linear_q4_1x16(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& dm,
                               const std::optional<at::Tensor>& bias, int64_t activation_bits) {
   // x [M, K] float32 (any M), qweight uint8 [N / 16, K / 32, 4, 16, 4] and dm float32 [N / 16, K / 32, 2, 16]
   // (reference.q4_1x16_pack of Q4_1 blocks), bias [N] float32 or None -> y [M, N] = x @ w.T + bias, the
-  // activations rounded to int16 per run of 32 (see rows_all_x16)
+  // activations rounded to int16 (rows_all_x16) or int8 (rows_all_x8) per run of 32
   const int64_t N = check_x16("cpu_linear_q4_1x16", x, qweight, at::kByte, {4, 16, 4}, dm, "dm", {2, 16}, bias,
                               activation_bits);
-  const int64_t M = x.size(0), K = x.size(1);
-  const at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous();
-  at::Tensor y = at::empty({M, N}, x.options());
+  return x16_output(x, N, bias, [&](const float* xp, int64_t ldx, int64_t M, int64_t K, const float* b, float* y) {
 #ifdef BILD_X86
-  if (M > 0 && N > 0) {
-    const float* b = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+    const uint8_t* w = qweight.data_ptr<uint8_t>();
     if (activation_bits == 8) {
-      rows_all_x8<true>(xc.data_ptr<float>(), xc.stride(0), M, qweight.data_ptr<uint8_t>(), dm.data_ptr<float>(), K, N,
-                        b, y.data_ptr<float>());
+      rows_all_x8<true>(xp, ldx, M, w, dm.data_ptr<float>(), K, N, b, y);
     } else {
-      rows_all_x16(xc.data_ptr<float>(), xc.stride(0), M, qweight.data_ptr<uint8_t>(), dm.data_ptr<float>(), K, N, b,
-                   y.data_ptr<float>());
+      rows_all_x16(xp, ldx, M, w, dm.data_ptr<float>(), K, N, b, y);
     }
-  }
 #endif
-  return y;
+  });
 }
 
 at::Tensor cpu_linear_q8_0x16(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& block_scale,
                               const std::optional<at::Tensor>& bias, int64_t activation_bits) {
   // x [M, K] float32 (any M), qweight int8 [N / 16, K / 32, 16, 16, 2] and block_scale float32 [N / 16, K / 32, 16]
   // (reference.q8_0x16_pack of Q8_0 blocks), bias [N] float32 or None -> y [M, N] = x @ w.T + bias, the
-  // activations rounded to int16 per run of 32 (see rows_all_x16)
+  // activations rounded to int16 (rows_all_q8_x16) or int8 (rows_all_x8) per run of 32
   const int64_t N = check_x16("cpu_linear_q8_0x16", x, qweight, at::kChar, {16, 16, 2}, block_scale, "block_scale",
                               {16}, bias, activation_bits);
-  const int64_t M = x.size(0), K = x.size(1);
-  const at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous();
-  at::Tensor y = at::empty({M, N}, x.options());
+  return x16_output(x, N, bias, [&](const float* xp, int64_t ldx, int64_t M, int64_t K, const float* b, float* y) {
 #ifdef BILD_X86
-  if (M > 0 && N > 0) {
-    const float* b = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+    const int8_t* w = qweight.data_ptr<int8_t>();
     if (activation_bits == 8) {
-      rows_all_x8<false>(xc.data_ptr<float>(), xc.stride(0), M, qweight.data_ptr<int8_t>(),
-                         block_scale.data_ptr<float>(), K, N, b, y.data_ptr<float>());
+      rows_all_x8<false>(xp, ldx, M, w, block_scale.data_ptr<float>(), K, N, b, y);
     } else {
-      rows_all_q8_x16(xc.data_ptr<float>(), xc.stride(0), M, qweight.data_ptr<int8_t>(), block_scale.data_ptr<float>(),
-                      K, N, b, y.data_ptr<float>());
+      rows_all_q8_x16(xp, ldx, M, w, block_scale.data_ptr<float>(), K, N, b, y);
     }
-  }
 #endif
-  return y;
+  });
 }
 
 // Which build of the kernels runs here: "avx512vl" (32 registers), "avx2", or "none" (no AVX2/FMA: the ops refuse).

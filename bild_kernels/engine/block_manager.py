@@ -115,7 +115,6 @@ class BlockManager:
                 cl_np = self._np[1][cache]
                 for r, n in zip(rows, counts):
                     cl_np[r] += n
-                for r, n in zip(rows, counts):
                     self._lens[cache][r] += n
                 return self._slots_of(held, lens, counts)
         bt, cl = self.tables(cache)

@@ -20,9 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from bild_kernels.models.config import ModelConfig
-import functools
-
-from bild_kernels.models.llama import Int8Weight, LlamaExecutor, _packed_linear, int8_x16
+from bild_kernels.models.llama import Int8Weight, LlamaExecutor
 
 
 class FeatureDraftExecutor(LlamaExecutor):
@@ -75,8 +73,6 @@ class FeatureDraftExecutor(LlamaExecutor):
     def quantize_weights(self, kind: str = "int8") -> "FeatureDraftExecutor":
         super().quantize_weights(kind)
         self.fc = Int8Weight.of(self.fc)  # input width 2H: a multiple of 16 whenever H is
-        if self.head_blocks is not None and self.packs_int8(self.fc):  # the layers and head packed: fc too
-            self._fc_linear = functools.partial(_packed_linear, packed=int8_x16(self.fc), linear=self._linear)
-        else:
-            self._fc_linear = self._linear
+        packed = self.head_blocks == "int8x16" and self.packs_int8(self.fc)  # the layers and head packed: fc too
+        self._fc_linear = self._packed_product(self.fc) if packed else self._linear
         return self

@@ -315,8 +315,13 @@ class LlamaExecutor:
             return
         for w in self.layers:
             w.blocks = {n: int8_x16(getattr(w, n)) for n in ("qkv", "o", "gate_up", "down")}
-        self._head_linear = functools.partial(_packed_linear, packed=int8_x16(self.lm_head), linear=self._linear)
+        self._head_linear = self._packed_product(self.lm_head)
         self.head_blocks = "int8x16"
+
+    def _packed_product(self, w: Int8Weight):
+        """x @ w.T (+ bias) from w's packed blocks (`int8_x16`) for passes of up to CPU_LINEAR_MAX_ROWS rows,
+        else this executor's int8 product."""
+        return functools.partial(_packed_linear, packed=int8_x16(w), linear=self._linear)
 
     # ----------------------------------------------------------------------------------------------
     # KV cache

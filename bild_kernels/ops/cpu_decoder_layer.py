@@ -25,8 +25,8 @@ from bild_kernels.ops.cpu_linear import check_activation_bits
 
 class LayerWeights(NamedTuple):
     """One layer's weights as cpu_decoder_layer takes them: a projection is (weight, scale or None, bias or
-    None), weight [N, K] float32, int8 with scale [N] float32, or Q4_1 blocks uint8 [N, K / 2] with scale = dm
-    [N, K / 32, 2] float32."""
+    None), weight [N, K] float32, int8 with scale [N] float32, Q4_1 blocks uint8 [N, K / 2] with scale = dm
+    [N, K / 32, 2] float32, or packed blocks (5-D: `reference.q4_1x16_pack` / `q8_0x16_pack`)."""
     input_norm: torch.Tensor
     qkv: tuple
     o: tuple
