@@ -9,7 +9,8 @@ venv's torch is the one compiled against. TORCH_CUDA_ARCH_LIST picks the archite
 On x86-64 the CPU extension bild_kernels._cpu (csrc/cpu_linear.cpp: the small-M float32 matmul of a CPU
 verify pass; csrc/cpu_attention.cpp: paged attention in place over the KV cache; csrc/cpu_paged_kv.cpp: the
 block tables' reserve and rollback; csrc/cpu_sampling.cpp: sample_draft and verify_draft for greedy rows;
-csrc/cpu_decoder_layer.cpp: a whole decoder layer in one call) is built too, unless BILD_NO_CPU_EXT is "1". It is optional: if it fails to compile, the
+csrc/cpu_decoder_layer.cpp: a whole decoder layer in one call; csrc/cpu_feature_draft.cpp: a feature draft's
+whole greedy draft run in one call) is built too, unless BILD_NO_CPU_EXT is "1". It is optional: if it fails to compile, the
 reason is printed and the package installs without it (the ops fall back to their references).
 """
 import glob
@@ -107,7 +108,8 @@ def _cpu_extension():
                                                                os.path.join("csrc", "cpu_attention.cpp"),
                                                                os.path.join("csrc", "cpu_paged_kv.cpp"),
                                                                os.path.join("csrc", "cpu_sampling.cpp"),
-                                                               os.path.join("csrc", "cpu_decoder_layer.cpp")],
+                                                               os.path.join("csrc", "cpu_decoder_layer.cpp"),
+                                                               os.path.join("csrc", "cpu_feature_draft.cpp")],
                         extra_compile_args={"cxx": ["-O3", "-fopenmp"]}, extra_link_args=["-fopenmp"]), None
 
 

@@ -79,11 +79,11 @@ def main():
                          "agrees (llama-1b: 0.2 -> 14%%, 0.05 -> 74%%, 0.02 -> 89%%)")
     ap.add_argument("--draft-loops", default=None,
                     help="how the engine runs, comma-separated, each both its draft_loop and its extend_passes: "
-                         "graph (CUDA graphs for draft steps and for short large/small passes), eager, static "
-                         "(default: graph,eager on CUDA, eager on CPU)")
+                         "graph (CUDA graphs for draft steps and for short large/small passes), eager, static, native "
+                         "(native: the CPU's draft_loop, eager passes; default: graph,eager on CUDA, native on CPU)")
     args = ap.parse_args()
     dev = args.device
-    loops = (args.draft_loops or ("graph,eager" if dev == "cuda" else "eager")).split(",")
+    loops = (args.draft_loops or ("graph,eager" if dev == "cuda" else "native")).split(",")
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     large, small = random_pair(args.pair, dtype, dev, args.depth_scale)
     vocab = large.config.vocab_size
@@ -98,7 +98,7 @@ def main():
         for bs in [int(b) for b in args.batch_sizes.split(",")]:
             engines = {loop: Engine(large=large, small=small, device=dev, dtype=dtype, max_batch_size=bs,
                                     max_model_len=64 + args.tokens, block_size=16, draft_loop=loop,
-                                    extend_passes=loop) for loop in loops}
+                                    extend_passes="eager" if loop == "native" else loop) for loop in loops}
             for eng in engines.values():  # warm-up: kernels compiled, every bucket's graph captured
                 eng.generate(prompts[:bs], SamplingParams(max_tokens=8), policy=Greedy())
             base = None

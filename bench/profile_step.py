@@ -35,21 +35,23 @@ def main() -> None:
     ap.add_argument("--policy", default="large-only", choices=sorted(POLICIES) + ["default"],
                     help="default: the draft's recommended policy (the default pair's BiLD)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (CPU)")
-    ap.add_argument("--passes", default=None, choices=("graph", "static", "eager"),
-                    help="draft_loop and extend_passes (default: graph on CUDA, eager on CPU)")
+    ap.add_argument("--passes", default=None, choices=("graph", "static", "eager", "native"),
+                    help="draft_loop and extend_passes (native: the CPU's draft_loop, eager passes; default: graph "
+                         "on CUDA, native on CPU)")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--rows", type=int, default=25, help="operations listed per table")
     args = ap.parse_args()
     dev = args.device
-    passes = args.passes or ("graph" if dev == "cuda" else "eager")
+    passes = args.passes or ("graph" if dev == "cuda" else "native")
+    extend = "eager" if passes == "native" else passes
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     if args.pair == "default":  # real prompts: the held-out set's first ones
         from bild_kernels.distill.corpus import chat_ids
         from bild_kernels.distill.prompts import held_out_prompts
-        eng = Engine(device=dev, max_batch_size=args.batch, draft_loop=passes, extend_passes=passes)
+        eng = Engine(device=dev, max_batch_size=args.batch, draft_loop=passes, extend_passes=extend)
         prompts = [chat_ids(eng.tokenizer, p) for p in held_out_prompts()[:args.batch]]
     else:
         large, small = random_pair(args.pair, dtype, dev)
@@ -57,7 +59,7 @@ def main() -> None:
         g = torch.Generator().manual_seed(1)
         prompts = [torch.randint(0, vocab, (16,), generator=g).tolist() for _ in range(args.batch)]
         eng = Engine(large=large, small=small, device=dev, dtype=dtype, max_batch_size=args.batch,
-                     max_model_len=64 + args.tokens, block_size=16, draft_loop=passes, extend_passes=passes)
+                     max_model_len=64 + args.tokens, block_size=16, draft_loop=passes, extend_passes=extend)
     params = SamplingParams(max_tokens=args.tokens, ignore_eos=True)
     policy = eng.default_policy if args.policy == "default" else POLICIES[args.policy]
     with torch.inference_mode():

@@ -41,7 +41,11 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                         "when --dtype is not given)")
     g.add_argument("--draft-max-batch", default="auto",
                    help="draft only while at most N requests run together (larger batches decode with the large "
-                        "model alone): N, none, or auto (the shipped draft's recommendation on a CPU: 2)")
+                        "model alone): N, none, or auto (the shipped draft's recommendation on a CPU)")
+    g.add_argument("--draft-loop", default="auto", choices=("auto", "native", "eager", "static", "graph"),
+                   help="how draft runs execute (Engine's draft_loop): auto is graph on CUDA, native on a CPU (a "
+                        "feature draft's greedy run for one sequence in one call of the CPU extension); eager is "
+                        "the Python loop")
 
 
 def _policy_args(p: argparse.ArgumentParser, default_policy: str | None = "bild") -> None:
@@ -82,7 +86,8 @@ def _engine(args, *, max_batch_size: int = 1, max_model_len: int = 1024):
             raise UsageError(f"--draft-max-batch must be a positive int, none or auto, got {given!r}")
     return Engine(large=args.large, small=args.small, device=device, dtype=dtype, max_batch_size=max_batch_size,
                   max_model_len=max_model_len, small_weights=weights,
-                  draft_max_batch=None if limit == "none" else limit)
+                  draft_max_batch=None if limit == "none" else limit,
+                  draft_loop=None if getattr(args, "draft_loop", "auto") == "auto" else args.draft_loop)
 
 
 def _policy(args, engine):

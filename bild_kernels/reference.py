@@ -17,6 +17,8 @@ graph (seed and offset are device tensors) and this reference reproduces the ker
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 # Stream identifiers (the `purpose` byte of the Philox counter).
@@ -330,17 +332,10 @@ def cpu_decoder_layer_ref(x, cos, sin, input_norm, qkv_w, qkv_scale, qkv_bias, o
     attention = attention or paged_attention_ref
 
     def norm(v, w):
-        return w * (v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps))
+        return cpu_rms_norm_ref(v, w, eps)
 
     def project(v, w, s, b):
-        if s is None:
-            return linear(v, w, b)
-        if w.dim() == 5:  # Q4_1 / Q8_0 blocks packed for integer activations (q4_1x16_pack, q8_0x16_pack)
-            ref = cpu_linear_q4_1x16_ref if w.dtype == torch.uint8 else cpu_linear_q8_0x16_ref
-            return ref(v, w, s, b, activation_bits)
-        if w.dtype == torch.uint8:  # Q4_1 blocks, s their [N, K / 32, 2] (d, m): the float weights they stand for
-            return linear(v, q4_1_dequantize(w, s).to(v.dtype), b)
-        return linear_int8(v, w, s, b)
+        return _project_ref(v, w, s, b, activation_bits, linear, linear_int8)
 
     T, D = x.shape[0], key_cache.shape[3]
     Hq, Hkv = num_heads, num_kv_heads
@@ -356,6 +351,86 @@ def cpu_decoder_layer_ref(x, cos, sin, input_norm, qkv_w, qkv_scale, qkv_bias, o
     x = x + project(attn.reshape(T, Hq * D), o_w, o_scale, o_bias)
     gate, up = project(norm(x, post_norm), gate_up_w, gate_up_scale, gate_up_bias).chunk(2, dim=-1)
     return x + project(torch.nn.functional.silu(gate) * up, down_w, down_scale, down_bias)
+
+
+def _project_ref(v, w, s, b, activation_bits: int, linear=None, linear_int8=None):
+    """v @ W.T (+ b) for a projection in any of cpu_decoder_layer_ref's weight forms (w, s: see there)."""
+    linear, linear_int8 = linear or cpu_linear_ref, linear_int8 or cpu_linear_int8_ref
+    if s is None:
+        return linear(v, w, b)
+    if w.dim() == 5:  # Q4_1 / Q8_0 blocks packed for integer activations (q4_1x16_pack, q8_0x16_pack)
+        ref = cpu_linear_q4_1x16_ref if w.dtype == torch.uint8 else cpu_linear_q8_0x16_ref
+        return ref(v, w, s, b, activation_bits)
+    if w.dtype == torch.uint8:  # Q4_1 blocks, s their [N, K / 32, 2] (d, m): the float weights they stand for
+        return linear(v, q4_1_dequantize(w, s).to(v.dtype), b)
+    return linear_int8(v, w, s, b)
+
+
+def cpu_rms_norm_ref(x, weight, eps: float):
+    """RMSNorm over the last dimension: weight * (x * rsqrt(mean(x^2) + eps)) (the executor's, float32)."""
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def cpu_feature_input_ref(features, next_ids, shift, inv_std, embed, inv_emb_scale: float, fc_w, fc_scale, fc_bias):
+    """A feature draft's layer-0 input [T, H] (models.feature_draft): fc([shift + features * inv_std,
+    embed[next_ids] * inv_emb_scale]) (+ fc_bias), features [T, H] float32, next_ids [T] int64; the fc in any
+    weight form of cpu_decoder_layer_ref (packed blocks meet int16 activations, as the executor's)."""
+    z = torch.addcmul(shift, features, inv_std)
+    e = embed[next_ids] * inv_emb_scale
+    return _project_ref(torch.cat([z, e], -1), fc_w, fc_scale, fc_bias, 16)
+
+
+def cpu_feature_draft_chain_ref(features, next_ids, shift, inv_std, embed, inv_emb_scale: float, fc_w, fc_scale,
+                                fc_bias, layers, key_caches, value_caches, norm, head_w, head_scale, head_bias,
+                                head_vocab, cos, sin, slot_mapping, block_table, start: int, num_heads: int,
+                                num_kv_heads: int, scale: float, sliding_windows, eps: float, activation_bits: int,
+                                max_steps: int, fallback_threshold: float, energy: bool):
+    """A feature draft's greedy draft run of one sequence (the engine's eager loop, step for step).
+
+    Step 0 feeds the T0 verified positions start .. start + T0 - 1 (features [T0, H], next_ids [T0]); each later
+    step one position: the draft's own last output (before the final norm) and its last token. A step is
+    `cpu_feature_input_ref`, the layers (`cpu_decoder_layer_ref`, 14 weights each in `layers`, K/V written at
+    slot_mapping [T0 + max_steps - 1] in order, rotary rows cos/sin [P, D] at the positions, block_table [1, M]),
+    then the head (head_w / head_scale / head_bias in any weight form, packed ones at int16 activations) on the
+    last position's RMSNorm. Its token: the first argmax, through head_vocab [V_head] when given; its confidence:
+    the max probability at temperature 1. The run stops at the first unsure step (energy: -logsumexp >
+    fallback_threshold, else max probability < fallback_threshold; its token is not drafted), at logits holding a
+    NaN or no finite maximum, or after max_steps drafted tokens.
+
+    Returns (tokens [max_steps] int64: every step's token, -1 after the last step run; max_probs [max_steps]
+    float32: every step's confidence, 0 after; status [3] int64: tokens drafted, steps run, and why it stopped:
+    0 max_steps, 1 unsure, 2 not finite)."""
+    tokens = torch.full((max_steps,), -1, dtype=torch.int64)
+    max_probs = torch.zeros(max_steps, dtype=torch.float32)
+    status = [0, 0, 0]
+    feed, ids, pos, used = features, next_ids, start, 0
+    for step in range(max_steps):
+        T = feed.shape[0]
+        x = cpu_feature_input_ref(feed, ids, shift, inv_std, embed, inv_emb_scale, fc_w, fc_scale, fc_bias)
+        qsl = torch.tensor([0, T], dtype=torch.int32)
+        positions = torch.arange(pos, pos + T)
+        lens = torch.tensor([pos + T], dtype=torch.int32)
+        for i in range(len(key_caches)):
+            x = cpu_decoder_layer_ref(x, cos[pos:pos + T], sin[pos:pos + T], *layers[14 * i:14 * (i + 1)],
+                                      key_caches[i], value_caches[i], slot_mapping[used:used + T], qsl, positions,
+                                      block_table, lens, num_heads, num_kv_heads, scale, sliding_windows[i], eps,
+                                      activation_bits)
+        logits = _project_ref(cpu_rms_norm_ref(x[-1:], norm, eps), head_w, head_scale, head_bias, 16)[0]
+        if bool(torch.isnan(logits).any()) or not math.isfinite(float(logits.max())):
+            status[2] = 2
+            break
+        lse = torch.logsumexp(logits, 0)
+        arg = int(logits.argmax())  # the first index of the maximum
+        prob = float(torch.exp(logits[arg] - lse))
+        tokens[step] = int(head_vocab[arg]) if head_vocab is not None else arg
+        max_probs[step] = prob
+        status[1] = step + 1
+        if (-float(lse) > fallback_threshold) if energy else (prob < fallback_threshold):
+            status[2] = 1
+            break
+        status[0] = step + 1
+        feed, ids, pos, used = x[-1:], tokens[step:step + 1], pos + T, used + T
+    return tokens, max_probs, torch.tensor(status, dtype=torch.int64)
 
 
 # --------------------------------------------------------------------------------------------

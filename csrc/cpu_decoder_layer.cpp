@@ -50,8 +50,7 @@ at::Tensor cpu_paged_attention(const at::Tensor& query, const at::Tensor& key_ca
                                const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
                                int64_t sliding_window);
 
-namespace {
-
+// The product of one projection in any of the weight forms above (shared with cpu_feature_draft.cpp).
 at::Tensor project(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& scale,
                    const std::optional<at::Tensor>& bias, int64_t activation_bits) {
   if (!scale.has_value()) return cpu_linear(x, w, bias);
@@ -66,6 +65,7 @@ at::Tensor project(const at::Tensor& x, const at::Tensor& w, const std::optional
 #ifdef BILD_X86
 // out[t] = w * (x[t] * (1 / sqrt(mean(x[t]^2) + eps))): the sum of squares in 8 lanes (k = j, j + 8, ...),
 // reduced in reduce_lanes' fixed tree, then the tail in order.
+// (shared with cpu_feature_draft.cpp: the executor's every CPU RMSNorm then rounds alike)
 __attribute__((target("avx2,fma"))) void rms_norm(const float* x, const float* w, int64_t T, int64_t H, float eps,
                                                   float* out) {
   const int64_t H8 = H & ~int64_t{7};
@@ -83,6 +83,8 @@ __attribute__((target("avx2,fma"))) void rms_norm(const float* x, const float* w
   }
 }
 #endif
+
+namespace {
 
 #ifdef BILD_X86
 // a[i] = silu(g[i]) * u[i] = g / (1 + e^-g) * u, 8 lanes at a time (exp8), the I mod 8 tail with std::exp.

@@ -250,6 +250,22 @@ int64_t gumbel_argmax(const float* s, int64_t V, int64_t seed, int64_t offset, i
 
 // logits [B, V] f32; temperature, top_p, fallback_threshold [B] f32; top_k [B] i32; seed, offset [B] i64 ->
 // (token_ids [B] i64, token_probs, max_probs, energies [B] f32, fallback [B] bool, handled bool scalar)
+// One greedy row as cpu_sample_draft computes it at temperature 0 without filters: the argmax (first index), its
+// probability exp(max - lse) at temperature 1 (BiLD's max probability) and the energy -lse; false, nothing written,
+// when the row's max is not finite. Shared with cpu_feature_draft.cpp, whose draft chain then decides alike.
+bool greedy_row(const float* z, int64_t V, int64_t* argmax, float* max_prob, float* energy) {
+#ifdef BILD_X86
+  RowStats s;
+  if (!row_stats(z, V, &s)) return false;
+  *argmax = s.argmax;
+  *max_prob = std::exp(s.max - s.lse);
+  *energy = -s.lse;
+  return true;
+#else
+  return false;
+#endif
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_sample_draft(
     const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k, const at::Tensor& top_p,
     const at::Tensor& seed, const at::Tensor& offset, const at::Tensor& fallback_threshold) {

@@ -22,7 +22,8 @@ def _run(script: str, *args: str) -> list[str]:
 
 def test_every_op_has_a_benchmark():
     assert sorted(p.stem[len("bench_"):] for p in BENCH.glob("bench_*.py")) == sorted(
-        OPS + ["e2e", "draft_weights", "cpu_linear", "cpu_decoder_layer", "sampled_decoding", "bulk"])
+        OPS + ["e2e", "draft_weights", "cpu_linear", "cpu_decoder_layer", "cpu_feature_draft", "sampled_decoding",
+               "bulk"])
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -105,6 +106,19 @@ def test_cpu_decoder_layer_benchmark_compares_with_reference():
         + [("cpu", f"weights={w}", f"T={t}") for w in packed for t in (1, 3)])  # packed: the kernel alone
     assert sum("torch-ops/cpu" in line for line in lines) == 4
     assert sum("(float activations)/" in line for line in lines) == 2 * len(packed)
+
+
+def test_cpu_feature_draft_benchmark_compares_with_reference():
+    from bild_kernels._backend import cpu_extension
+    if cpu_extension() is None:
+        pytest.skip("bild_kernels._cpu not built, or this CPU lacks AVX2/FMA")
+    lines = _run("bench_cpu_feature_draft.py", "--steps", "2", "--iters", "2")
+    rows = [line.split() for line in lines if " median " in line]
+    import torch
+    forms = ["float32", "int8"] + (["int8x16"] if torch.ops.bild_kernels_cpu.cpu_linear_q4_1x16_supported() else [])
+    assert sorted((r[1], r[2]) for r in rows) == sorted((b, f"weights={w}") for b in ("cpu", "pieces", "ref")
+                                                         for w in forms)
+    assert sum("pieces/cpu" in line for line in lines) == len(forms)
 
 
 def test_step_profile_prints_where_the_time_goes():

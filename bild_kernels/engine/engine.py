@@ -82,9 +82,11 @@ class Engine(Iteration):
         the budget holds the same tokens in the large and the small cache.
     tokenizer : a transformers tokenizer; default: the large model's, when it has one.
     draft_loop : how the small model's draft runs execute: "graph" (captured CUDA graphs, one per
-        batch-size bucket; the default on CUDA), "eager" (a loop that shrinks the batch as rows stop;
-        the default on a CPU), or "static" (the graphs' fixed-buffer loop run without capture: for
-        debugging a graph). All three give the same tokens.
+        batch-size bucket; the default on CUDA), "eager" (a loop that shrinks the batch as rows stop),
+        "static" (the graphs' fixed-buffer loop run without capture: for debugging a graph), or "native"
+        (the default on a CPU): "eager", but a feature draft's greedy run for a single drafting sequence
+        goes to the CPU extension in one call (cpu_feature_draft_chain), its steps back to back in C++.
+        All give the same tokens.
     extend_passes : how both models' short passes run (decode steps, verification passes, draft catch-ups:
         up to `max_draft_len`-sized runs of new tokens a row, bucketed to 1, 2, 4, 8 or 16): "graph" (one
         captured CUDA graph per (batch-size, token-count) bucket; the default on CUDA), "eager" (the
@@ -136,11 +138,13 @@ class Engine(Iteration):
         for name, val in (("dtype", dtype), ("small_dtype", small_dtype)):
             if not isinstance(val, torch.dtype) or not val.is_floating_point:
                 raise ValueError(f"{name} must be a floating-point torch.dtype, got {val!r}")
-        if draft_loop not in (None, "graph", "eager", "static"):
-            raise ValueError(f"draft_loop must be 'graph', 'eager' or 'static', got {draft_loop!r}")
-        draft_loop = draft_loop or ("graph" if self.device.type == "cuda" else "eager")
+        if draft_loop not in (None, "graph", "eager", "static", "native"):
+            raise ValueError(f"draft_loop must be 'graph', 'eager', 'static' or 'native', got {draft_loop!r}")
+        draft_loop = draft_loop or ("graph" if self.device.type == "cuda" else "native")
         if draft_loop == "graph" and self.device.type != "cuda":
             raise ValueError("draft_loop='graph' captures CUDA graphs: it needs device='cuda'")
+        if draft_loop == "native" and self.device.type != "cpu":
+            raise ValueError("draft_loop='native' runs draft runs in the CPU extension: it needs device='cpu'")
         if extend_passes not in (None, "graph", "eager", "static"):
             raise ValueError(f"extend_passes must be 'graph', 'eager' or 'static', got {extend_passes!r}")
         extend_passes = extend_passes or ("graph" if self.device.type == "cuda" else "eager")
@@ -194,7 +198,7 @@ class Engine(Iteration):
                 runner.use_static(max_batch_size, STATIC_EXTEND_TOKENS, capture=extend_passes == "graph")
         # "layers": a standalone small model (tokens in); "feature": it reads the large model's hidden states
         self.small_kind = getattr(small_exec, "kind", "layers") if small_exec is not None else None
-        self._static = (None if small_exec is None or draft_loop == "eager"
+        self._static = (None if small_exec is None or draft_loop in ("eager", "native")
                         else StaticDraftLoop(self.runners["small"], max_batch_size, capture=draft_loop == "graph"))
         self._next_id = 0
         # Seconds spent drafting (small model + sampling) and verifying (large model + verify + rollback),

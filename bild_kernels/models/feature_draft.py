@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from bild_kernels.models.config import ModelConfig
-from bild_kernels.models.llama import Int8Weight, LlamaExecutor
+from bild_kernels.models.llama import CPU_LINEAR_MAX_ROWS, Int8Weight, LlamaExecutor
+from bild_kernels.ops.cpu_feature_draft import DraftChain, chain_result
 
 
 class FeatureDraftExecutor(LlamaExecutor):
@@ -58,6 +59,9 @@ class FeatureDraftExecutor(LlamaExecutor):
         self.shift = (-own["feat_mean"].float() / std).to(dev, dt)
         self.inv_emb_scale = float(1.0 / own["emb_scale"].float())
         self._fc_linear = self._linear  # quantize_weights may swap in the packed int8 kernel
+        # fc as the CPU extension's products take it where they compute what _fc_linear does (see _head_args)
+        self._fc_args = self._native_args(self.fc, self.fc_bias)
+        self._input_op, self._chain_op = self._cpu_op("cpu_feature_input"), self._cpu_op("cpu_feature_draft_chain")
 
     def input_embeds(self, features: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
         """The layer-0 input [T, H] for features [T, H] (any float dtype) and next tokens [T]."""
@@ -66,13 +70,45 @@ class FeatureDraftExecutor(LlamaExecutor):
             raise ValueError(f"features must be [T, {H}], got {list(features.shape)}")
         if next_ids.shape != (T,) or next_ids.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"next_ids must be int [T={T}], got {next_ids.dtype} {list(next_ids.shape)}")
+        if self._input_op is not None and self._fc_args is not None and T <= CPU_LINEAR_MAX_ROWS:
+            # one call (csrc/cpu_feature_draft.cpp): the same arithmetic as a native draft run's steps
+            return self._input_op(features.to(self.dtype).contiguous(), next_ids.to(torch.int64).contiguous(),
+                                  self.shift, self.inv_std, self.embed, self.inv_emb_scale, *self._fc_args)
         z = torch.addcmul(self.shift, features.to(self.dtype), self.inv_std)
         e = F.embedding(next_ids, self.embed) * self.inv_emb_scale
         return self._fc_linear(torch.cat([z, e], -1), self.fc, self.fc_bias)
+
+    def chain_ready(self, first_tokens: int) -> bool:
+        """Whether `draft_chain` runs here with a first step of `first_tokens` positions: the CPU extension
+        serves every piece of a step (the fused layer, the fc and the head's products) at float32."""
+        return (self._chain_op is not None and self._fused is not None and self._fc_args is not None
+                and self._head_args is not None and self.embed.is_contiguous()
+                and 1 <= first_tokens <= min(self.fused_max_tokens, CPU_LINEAR_MAX_ROWS))
+
+    def draft_chain(self, features: torch.Tensor, next_ids: list[int], kv_caches, slot_mapping: torch.Tensor,
+                    block_table: torch.Tensor, start: int, max_steps: int, fallback_threshold: float,
+                    energy: bool) -> DraftChain:
+        """A greedy draft run of one sequence in one call of the CPU extension (`ops.cpu_feature_draft_chain`,
+        trusted inputs: the engine's own): the features [T0, H] of its verified positions start .. start + T0 - 1
+        not yet fed and the token after each, then up to max_steps - 1 chained steps. slot_mapping
+        [T0 + max_steps - 1]: the slots reserved for every position it may feed; block_table [1, M]."""
+        T0, c = features.shape[0], self.config
+        cos, sin = self._rope_table_to(start + T0 + max_steps - 1)
+        flat = [a for w in self.layers for a in w.fused_args()]
+        out = self._chain_op(
+            features.to(self.dtype).contiguous(), torch.tensor(next_ids, dtype=torch.int64), self.shift,
+            self.inv_std, self.embed, self.inv_emb_scale, *self._fc_args, flat, [kc for kc, _ in kv_caches],
+            [vc for _, vc in kv_caches], self.norm, *self._head_args, self.head_vocab, cos.view(cos.shape[0], -1),
+            sin.view(sin.shape[0], -1), slot_mapping, block_table, start, c.num_heads, c.num_kv_heads, self.scale,
+            [w or 0 for w in c.sliding_windows], c.rms_norm_eps, self.activation_bits, max_steps,
+            float(fallback_threshold), bool(energy))
+        return chain_result(*out)
 
     def quantize_weights(self, kind: str = "int8") -> "FeatureDraftExecutor":
         super().quantize_weights(kind)
         self.fc = Int8Weight.of(self.fc)  # input width 2H: a multiple of 16 whenever H is
         packed = self.head_blocks == "int8x16" and self.packs_int8(self.fc)  # the layers and head packed: fc too
         self._fc_linear = self._packed_product(self.fc) if packed else self._linear
+        self._fc_args = ((*self._fc_linear.keywords["packed"], self.fc_bias) if packed
+                         else self._native_args(self.fc, self.fc_bias))
         return self

@@ -131,9 +131,32 @@ class LlamaExecutor:
         self._linear = functools.partial(_linear, native=self._native_linear())
         self._fused = self._fused_layer()  # the CPU extension's one-call layer, or None
         self._head_linear = self._linear  # the head's product (use_q8_0_head swaps its small-M kernel)
+        # the head as the CPU extension's products take it (weight, scale, bias) where they compute what
+        # _head_linear does at a few rows (a draft run in C++ reads it: cpu_feature_draft_chain), else None
+        self._head_args = self._native_args(self.lm_head, None)
+        # RMSNorm in one call of the CPU extension (float32 on a CPU): ~5 PyTorch ops' dispatches saved a call
+        self._norm_op = self._cpu_op("cpu_rms_norm")
         self.head_blocks = None  # "q8_0" / "q8_0x16" / "q8_0x16i8" once use_q8_0_head took a GGUF's blocks
         # how the fused CPU layer's packed (5-D) weights round the activations (cpu_decoder_layer's activation_bits)
         self.activation_bits = 16
+
+    def _cpu_op(self, op: str):
+        """The CPU extension's implementation of `op` where it serves this model (float32 on a CPU, the backend
+        not forced to "ref"), else None."""
+        if self.device.type != "cpu" or self.dtype != torch.float32 or self.backend not in (None, "cpu"):
+            return None
+        fn = resolve(op, self.device, None)
+        return fn if fn is registered(op, "cpu") else None
+
+    def _native_args(self, w, bias):
+        """(weight, scale, bias) of a projection as the CPU extension's products take it, when this executor's
+        `_linear` runs it on the extension's own float32 or int8 kernel at a few rows; else None."""
+        kw = self._linear.keywords
+        if isinstance(w, Int8Weight):
+            int8 = kw.get("int8_fp32")
+            return (w.q, w.scale.float(), bias) if int8 is not None and int8 is registered("cpu_linear_int8",
+                                                                                            "cpu") else None
+        return (w, None, bias) if kw.get("native") is not None and w.is_contiguous() else None
 
     def _native_linear(self):
         """The CPU extension's small-M matmul where it serves this model (float32 on a CPU with AVX2/FMA,
@@ -184,6 +207,7 @@ class LlamaExecutor:
             native = lambda x, w, bias: fn(x, q, d, bias)  # noqa: E731
         # _linear's own rule picks the small-M kernel; for the head that kernel reads the blocks instead of lm_head.
         self._head_linear = functools.partial(_linear, native=native)
+        self._head_args = None  # (a large model's head: no draft run reads it)
         self.head_blocks = {"float32": "q8_0", "int16": "q8_0x16", "int8": "q8_0x16i8"}[activations]
         return True
 
@@ -293,6 +317,7 @@ class LlamaExecutor:
             int8_fp32 = resolve("cpu_linear_int8", self.device, "ref" if self.backend == "ref" else None)
         self._linear = functools.partial(_linear, native=None, int8_fp32=int8_fp32)
         self._head_linear, self.head_blocks = self._linear, None
+        self._head_args = self._native_args(self.lm_head, None)
         self._fused = self._fused_layer()
         self.activation_bits = 16  # what the packed int8 weights take (not a GGUF option's int8)
         self._pack_int8()
@@ -316,6 +341,7 @@ class LlamaExecutor:
         for w in self.layers:
             w.blocks = {n: int8_x16(getattr(w, n)) for n in ("qkv", "o", "gate_up", "down")}
         self._head_linear = self._packed_product(self.lm_head)
+        self._head_args = (*self._head_linear.keywords["packed"], None)
         self.head_blocks = "int8x16"
 
     def _packed_product(self, w: Int8Weight):
@@ -453,6 +479,8 @@ class LlamaExecutor:
         return x + self._linear(F.silu(gate) * up, w.down, w.down_bias)
 
     def _rms_norm(self, x, weight):
+        if self._norm_op is not None and x.dtype == torch.float32:  # csrc: the fused layer's own RMSNorm
+            return self._norm_op(x.contiguous(), weight, self.config.rms_norm_eps)
         # HF normalises in fp32 (even for float64 models), casts back, then scales.
         if x.dtype == torch.float32:  # the same ops without the no-op casts (each costs a dispatch)
             return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.config.rms_norm_eps))
@@ -462,15 +490,18 @@ class LlamaExecutor:
 
     def _rope_cos_sin(self, positions):
         if self.device.type == "cpu":  # rows of a table of every position so far: one index_select a step
-            n = int(positions.max()) + 1 if positions.numel() else 0
-            if n > self._rope_rows:
-                self._rope_table = self._rope_rows_of(torch.arange(max(n, 2 * self._rope_rows, 256)))
-                self._rope_rows = self._rope_table[0].shape[0]
-            cos, sin = self._rope_table
+            cos, sin = self._rope_table_to(int(positions.max()) + 1 if positions.numel() else 0)
             return cos.index_select(0, positions), sin.index_select(0, positions)
         return self._rope_rows_of(positions)
 
     _rope_rows, _rope_table = 0, None
+
+    def _rope_table_to(self, n: int):
+        """The CPU table of cos / sin rows [P, 1, D] by position, grown to cover positions below n."""
+        if n > self._rope_rows:
+            self._rope_table = self._rope_rows_of(torch.arange(max(n, 2 * self._rope_rows, 256)))
+            self._rope_rows = self._rope_table[0].shape[0]
+        return self._rope_table
 
     def _rope_rows_of(self, positions):
         # Elementwise in the position. On a CPU its rows come from one table (above), so a position reads the

@@ -47,6 +47,23 @@ def _cpu_decoder_layer_fake(x, *args):
     return x.new_empty(x.shape)
 
 
+@torch.library.register_fake("bild_kernels_cpu::cpu_rms_norm")
+def _cpu_rms_norm_fake(x, weight, eps):
+    return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("bild_kernels_cpu::cpu_feature_input")
+def _cpu_feature_input_fake(features, *args):
+    return features.new_empty(features.shape)
+
+
+@torch.library.register_fake("bild_kernels_cpu::cpu_feature_draft_chain")
+def _cpu_feature_draft_chain_fake(features, *args):
+    max_steps = args[-3]
+    return (features.new_empty((max_steps,), dtype=torch.int64), features.new_empty((max_steps,)),
+            features.new_empty((3,), dtype=torch.int64))
+
+
 for _op in ("reserve_paged_kv", "rollback_paged_kv"):  # in place: their fakes return nothing
     torch.library.register_fake(f"bild_kernels_cpu::{_op}")(lambda *args: None)
 

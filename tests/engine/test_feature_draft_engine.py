@@ -202,3 +202,54 @@ def test_static_draft_loop_equals_the_eager_one(pair):
         runs[loop] = ([o.token_ids for o in greedy + bild], [o.metrics.accepted_tokens for o in greedy + bild], seen)
         assert_all_free(eng)
     assert runs["static"] == runs["eager"]
+
+
+@pytest.mark.parametrize("small_weights", [None, "int8"])
+def test_native_draft_runs_equal_the_eager_loop(pair, tmp_path, small_weights):
+    """draft_loop="native" (the CPU default: a single drafting sequence's greedy run in one call of the CPU
+    extension) proposes what the eager loop proposes, with the same confidences, fallbacks and step counts."""
+    from bild_kernels._backend import cpu_extension
+    if cpu_extension() is None:
+        pytest.skip("bild_kernels._cpu not built, or this CPU lacks AVX2/FMA")
+    _, draft, _ = pair
+    t32 = _teacher().float()
+    base, _ = load_model(t32, dtype=torch.float32)
+    path = draft.float().save_dir(tmp_path / "d", base)
+    prompts = [[5, 17, 3], [44, 2, 90, 61, 8, 8, 1], [9]]
+    seen, outs = {}, {}
+    for loop in ("eager", "native"):
+        policies = [Greedy(max_draft_len=3), BiLD(fallback_threshold=0.3, rollback_threshold=2.0, max_draft_len=4),
+                    BiLD(fallback_threshold=-2.0, rollback_threshold=1.0, max_draft_len=5, fallback_signal="energy"),
+                    BiLD(fallback_threshold="auto", rollback_threshold="auto", max_draft_len=4, refit_every=8)]
+        eng = Engine(large=t32, small=str(path), max_batch_size=2, max_model_len=64, block_size=4, draft_loop=loop,
+                     small_weights=small_weights)
+        chains = []
+        ex = eng.runners["small"].executor
+        chain = ex.draft_chain
+        ex.draft_chain = lambda *a, **k: chains.append(1) or chain(*a, **k)
+        seen[loop] = []
+        verify = eng._verify
+
+        def spy(running, policy, drafts, log=seen[loop], verify=verify):
+            log.append((tuple(map(tuple, drafts.tokens)), drafts.confidences and tuple(map(tuple, drafts.confidences)),
+                        drafts.unsure and tuple(drafts.unsure)))
+            return verify(running, policy, drafts)
+
+        eng._verify = spy
+        outs[loop] = [eng.generate([p], SamplingParams(max_tokens=16), policy=pol)[0]
+                      for pol in policies for p in prompts]
+        outs[loop] += eng.generate(prompts, SamplingParams(max_tokens=16), policy=policies[1])  # batch 2: eager steps
+        assert (len(chains) > 20) == (loop == "native")
+        assert_all_free(eng)
+    assert seen["native"] == seen["eager"]
+    for a, b in zip(outs["native"], outs["eager"]):
+        assert a.token_ids == b.token_ids
+        for m in ("small_steps", "fallbacks", "drafted_tokens", "accepted_tokens", "large_passes"):
+            assert getattr(a.metrics, m) == getattr(b.metrics, m), m
+    assert sum(o.metrics.fallbacks for o in outs["native"]) > 0
+
+
+def test_native_draft_loop_needs_a_cpu(pair):
+    teacher, _, path = pair
+    with pytest.raises(ValueError, match="draft_loop"):
+        _engine(teacher, path, draft_loop="bogus")

@@ -1,0 +1,131 @@
+"""cpu_feature_draft_chain: a feature draft's whole greedy draft run for one sequence in a single call, float32 on
+the CPU (the counterpart of the CUDA-graph draft loop for the engine's CPU runs at batch 1); and its pieces
+cpu_rms_norm and cpu_feature_input, which the executor's own CPU passes use so that both paths round alike.
+
+A feature-draft step's kernels cost ~0.25 ms on the AMD EPYC, but as an engine extend (block bookkeeping,
+metadata tensors, the executor's forward, sampling checks, the loop's host reads) it cost ~0.63 ms. The "cpu"
+backend (csrc/cpu_feature_draft.cpp) runs every step of a run in C++ on the extension's layer, product and
+sampling code; "ref" (`reference.cpu_feature_draft_chain_ref`) is the same loop in PyTorch ops.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from bild_kernels._backend import resolve
+from bild_kernels.ops import _validate as v
+from bild_kernels.ops.cpu_decoder_layer import LayerWeights, layer_args
+
+
+class DraftChain(NamedTuple):
+    tokens: list[int]  # the drafted tokens (those before the stop)
+    max_probs: list[float]  # every step's confidence (max probability), the unsure step's last
+    steps: int  # forwards run
+    stop: str  # "max_steps", "unsure" (the last step's token was not drafted) or "not_finite"
+    unsure_token: int | None  # the unsure step's token (stop "unsure"), else None
+
+
+_STOPS = ("max_steps", "unsure", "not_finite")
+
+
+def cpu_rms_norm(x, weight, eps: float, *, backend: str | None = None) -> torch.Tensor:
+    """weight * (x * rsqrt(mean(x^2, -1) + eps)) for x [..., H] float32 on the CPU, weight [H]."""
+    v.tensor("x", x, dtypes=(torch.float32,), device=torch.device("cpu"))
+    v.tensor("weight", weight, dtypes=(torch.float32,), ndim=1, device=x.device)
+    if x.dim() < 1 or x.shape[-1] != weight.shape[0]:
+        raise ValueError(f"x's last dimension must be the weight's {weight.shape[0]}, got {list(x.shape)}")
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    return resolve("cpu_rms_norm", x.device, backend)(x.contiguous(), weight.contiguous(), float(eps))
+
+
+def _check_inputs(features, next_ids, shift, inv_std, embed, fc) -> None:
+    v.tensor("features", features, dtypes=(torch.float32,), ndim=2, device=torch.device("cpu"))
+    T, H = features.shape
+    v.tensor("next_ids", next_ids, dtypes=(torch.int64,), ndim=1, device=features.device)
+    v.shape("next_ids", next_ids, (T,))
+    for name, t in (("shift", shift), ("inv_std", inv_std)):
+        v.tensor(name, t, dtypes=(torch.float32,), ndim=1, device=features.device)
+        v.shape(name, t, (H,))
+    v.tensor("embed", embed, dtypes=(torch.float32,), ndim=2, device=features.device)
+    if embed.shape[1] != H:
+        raise ValueError(f"embed must be [V, {H}], got {list(embed.shape)}")
+    v.in_range("next_ids", next_ids, 0, embed.shape[0] - 1)
+    if not (isinstance(fc, tuple) and len(fc) == 3):
+        raise TypeError("fc must be a (weight, scale or None, bias or None) tuple")
+
+
+def cpu_feature_input(features, next_ids, *, shift, inv_std, embed, inv_emb_scale: float, fc: tuple,
+                      backend: str | None = None) -> torch.Tensor:
+    """A feature draft's layer-0 input [T, H]: fc([shift + features * inv_std, embed[next_ids] * inv_emb_scale]).
+
+    features [T, H] float32, next_ids [T] int64 (ids of embed [V, H]), shift and inv_std [H]; fc: (weight, scale or
+    None, bias or None) in any form `cpu_decoder_layer` takes (packed blocks at int16 activations)."""
+    _check_inputs(features, next_ids, shift, inv_std, embed, fc)
+    fn = resolve("cpu_feature_input", features.device, backend)
+    return fn(features.contiguous(), next_ids.contiguous(), shift.contiguous(), inv_std.contiguous(),
+              embed.contiguous(), float(inv_emb_scale), *fc)
+
+
+def cpu_feature_draft_chain(features, next_ids, *, shift, inv_std, embed, inv_emb_scale: float, fc: tuple,
+                            layers: list[LayerWeights], key_caches: list, value_caches: list, norm, head: tuple,
+                            head_vocab=None, cos, sin, slot_mapping, block_table, start: int, num_heads: int,
+                            num_kv_heads: int, scale: float, sliding_windows: list[int], eps: float,
+                            activation_bits: int = 16, max_steps: int, fallback_threshold: float,
+                            energy: bool = False, backend: str | None = None) -> DraftChain:
+    """Draft up to max_steps tokens greedily for one sequence with a feature draft (see
+    `reference.cpu_feature_draft_chain_ref` for the exact loop).
+
+    features [T0, H] float32 and next_ids [T0] int64: the verified positions start .. start + T0 - 1 not yet fed
+    (the large model's features, the token after each). layers: each layer's `LayerWeights`, with its key and
+    value caches [blocks, block_size, H_kv, D]. head: (weight, scale, bias) like fc; head_vocab [V_head] int64: the
+    ids it scores (None: all). cos, sin [P, D]: rotary rows by position (P >= start + T0 + max_steps - 1).
+    slot_mapping [T0 + max_steps - 1] int64: the cache slots of step 0's positions, then of each later step's.
+    block_table [1, M] int32. fallback_threshold: a step is unsure when its max probability is below it (energy:
+    when its energy -logsumexp is above it); an unsure step's token is not drafted and ends the run.
+    The K/V of every position fed are written; the caller drops the chained ones afterwards."""
+    _check_inputs(features, next_ids, shift, inv_std, embed, fc)
+    T0 = features.shape[0]
+    if T0 < 1:
+        raise ValueError("features must hold at least one position")
+    if not isinstance(max_steps, int) or max_steps < 1:
+        raise ValueError(f"max_steps must be an int >= 1, got {max_steps!r}")
+    if not isinstance(start, int) or start < 0:
+        raise ValueError(f"start must be an int >= 0, got {start!r}")
+    if not (energy or 0.0 <= fallback_threshold <= 1.0):
+        raise ValueError(f"fallback_threshold (a probability) must be in [0, 1], got {fallback_threshold}")
+    if not (len(layers) == len(key_caches) == len(value_caches) == len(sliding_windows) >= 1):
+        raise ValueError(f"layers ({len(layers)}), key_caches ({len(key_caches)}), value_caches "
+                         f"({len(value_caches)}) and sliding_windows ({len(sliding_windows)}) must match, >= 1")
+    for name, t in (("cos", cos), ("sin", sin)):
+        v.tensor(name, t, dtypes=(torch.float32,), ndim=2, device=features.device)
+        if t.shape[0] < start + T0 + max_steps - 1:
+            raise ValueError(f"{name} must cover positions up to {start + T0 + max_steps - 2}, has {t.shape[0]} rows")
+    v.tensor("slot_mapping", slot_mapping, dtypes=(torch.int64,), ndim=1, device=features.device)
+    v.shape("slot_mapping", slot_mapping, (T0 + max_steps - 1,))
+    v.tensor("block_table", block_table, dtypes=(torch.int32,), ndim=2, device=features.device)
+    if block_table.shape[0] != 1:
+        raise ValueError(f"block_table must be one row [1, M], got {list(block_table.shape)}")
+    v.tensor("norm", norm, dtypes=(torch.float32,), ndim=1, device=features.device)
+    v.shape("norm", norm, (features.shape[1],))
+    if head_vocab is not None:
+        v.tensor("head_vocab", head_vocab, dtypes=(torch.int64,), ndim=1, device=features.device)
+    if not (isinstance(head, tuple) and len(head) == 3):
+        raise TypeError("head must be a (weight, scale or None, bias or None) tuple")
+    fn = resolve("cpu_feature_draft_chain", features.device, backend)
+    flat = [a for w in layers for a in layer_args(w)]
+    tokens, probs, status = fn(features.contiguous(), next_ids.contiguous(), shift.contiguous(), inv_std.contiguous(),
+                               embed.contiguous(), float(inv_emb_scale), *fc, flat, list(key_caches),
+                               list(value_caches), norm.contiguous(), *head, head_vocab, cos.contiguous(),
+                               sin.contiguous(), slot_mapping.contiguous(), block_table.contiguous(), start,
+                               num_heads, num_kv_heads, float(scale), [int(w) for w in sliding_windows], float(eps),
+                               int(activation_bits), max_steps, float(fallback_threshold), bool(energy))
+    return chain_result(tokens, probs, status)
+
+
+def chain_result(tokens, probs, status) -> DraftChain:
+    """The op's (tokens, max_probs, status) tensors as a DraftChain (one host read each)."""
+    drafted, steps, stop = status.tolist()
+    ids = tokens[:steps].tolist()
+    return DraftChain(ids[:drafted], probs[:steps].tolist(), steps, _STOPS[stop], ids[drafted] if stop == 1 else None)

@@ -1,0 +1,253 @@
+// cpu_feature_draft_chain: a feature draft's whole greedy draft run for one sequence in one call (and its two
+// pieces, cpu_rms_norm and cpu_feature_input, which the executor's own CPU passes use so that both agree bit
+// for bit): the CPU counterpart of the CUDA-graph draft loop (bild_kernels.engine.iteration, draft_loop.py).
+//
+// Why: a feature-draft step's kernels (its one decoder layer, its fc, its 8,192-row head) cost ~0.25 ms on the
+// AMD EPYC, but the same step as an engine extend (block bookkeeping, metadata tensors, the executor's forward,
+// RMSNorm as five PyTorch ops, sample_draft's checks, the loop's host reads) cost ~0.63 ms: ~1.1 ms of every
+// BiLD pass of ~10 ms went to the Python around ~2.7 draft steps. Here the steps run back to back in C++.
+//
+// Semantics (those of the engine's eager loop, reference.cpu_feature_draft_chain_ref): step 0 feeds the T0
+// verified positions start .. start + T0 - 1 (features [T0, H], next_ids [T0]: the token after each), each later
+// step one position fed with the draft's own last output (before the final norm) and its last token. A step's
+// layer-0 input is cpu_feature_input, then the layers (cpu_decoder_layer, slots from slot_mapping in order,
+// rotary rows cos/sin[position]), then the head on the last position's RMSNorm. Its token is the argmax (first
+// index) of the head's logits mapped through head_vocab, its confidence the max probability (cpu_sample_draft's
+// greedy row, bit for bit); the run stops at the first unsure step (energy: -lse > threshold, else max probability
+// < threshold; its token is not drafted), at a non-finite row, or after max_steps drafted tokens.
+// Work split: the products and the attention run on torch's threads inside each kernel; the chain is sequential.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/core/List.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "cpu_simd.h"  // defines BILD_X86 on x86-64
+
+namespace bild {
+bool cpu_linear_supported();
+at::Tensor project(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& scale,
+                   const std::optional<at::Tensor>& bias, int64_t activation_bits);
+bool greedy_row(const float* z, int64_t V, int64_t* argmax, float* max_prob, float* energy);
+at::Tensor cpu_decoder_layer(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                             const at::Tensor& input_norm, const at::Tensor& qkv_w,
+                             const std::optional<at::Tensor>& qkv_scale, const std::optional<at::Tensor>& qkv_bias,
+                             const at::Tensor& o_w, const std::optional<at::Tensor>& o_scale,
+                             const std::optional<at::Tensor>& o_bias, const at::Tensor& post_norm,
+                             const at::Tensor& gate_up_w, const std::optional<at::Tensor>& gate_up_scale,
+                             const std::optional<at::Tensor>& gate_up_bias, const at::Tensor& down_w,
+                             const std::optional<at::Tensor>& down_scale, const std::optional<at::Tensor>& down_bias,
+                             const at::Tensor& key_cache, const at::Tensor& value_cache,
+                             const at::Tensor& slot_mapping, const at::Tensor& query_start_loc,
+                             const at::Tensor& positions, const at::Tensor& block_tables,
+                             const at::Tensor& context_lens, int64_t num_heads, int64_t num_kv_heads, double scale,
+                             int64_t sliding_window, double eps, int64_t activation_bits);
+#ifdef BILD_X86
+__attribute__((target("avx2,fma"))) void rms_norm(const float* x, const float* w, int64_t T, int64_t H, float eps,
+                                                  float* out);
+#endif
+
+// The fc and head products take int16 activations when packed, as the executor's (`_packed_linear`).
+constexpr int64_t kProductBits = 16;
+constexpr int64_t kLayerArgs = 14;  // cpu_decoder_layer's weights per layer (ops.cpu_decoder_layer.layer_args)
+
+namespace {
+
+void check_float(const char* op, const char* name, const at::Tensor& t, int64_t dim) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == dim && t.is_contiguous(), op, ": ",
+              name, " must be a contiguous float32 ", dim, "-D CPU tensor, got ", t.scalar_type(), " ", t.sizes());
+}
+
+// [T, 2H] = [shift + f * inv_std, embed[id] * inv_emb_scale] per row, then the fc product (+ bias) -> [T, H]
+at::Tensor feature_input(const float* f, const int64_t* ids, int64_t T, const at::Tensor& shift,
+                         const at::Tensor& inv_std, const at::Tensor& embed, float inv_emb_scale,
+                         const at::Tensor& fc_w, const std::optional<at::Tensor>& fc_scale,
+                         const std::optional<at::Tensor>& fc_bias) {
+  const int64_t H = shift.size(0), V = embed.size(0);
+  at::Tensor cat = at::empty({T, 2 * H}, shift.options());
+  const float* sh = shift.data_ptr<float>();
+  const float* is = inv_std.data_ptr<float>();
+  const float* em = embed.data_ptr<float>();
+  float* c = cat.data_ptr<float>();
+  for (int64_t t = 0; t < T; ++t) {
+    TORCH_CHECK(0 <= ids[t] && ids[t] < V, "cpu_feature_input: next_ids[", t, "] = ", ids[t], " is outside [0, ", V,
+                ")");
+    for (int64_t k = 0; k < H; ++k) c[t * 2 * H + k] = std::fma(f[t * H + k], is[k], sh[k]);
+    const float* e = em + ids[t] * H;
+    for (int64_t k = 0; k < H; ++k) c[t * 2 * H + H + k] = e[k] * inv_emb_scale;
+  }
+  return project(cat, fc_w, fc_scale, fc_bias, kProductBits);
+}
+
+void check_feature_input(const char* op, const at::Tensor& features, const at::Tensor& next_ids,
+                         const at::Tensor& shift, const at::Tensor& inv_std, const at::Tensor& embed) {
+  check_float(op, "features", features, 2);
+  const int64_t T = features.size(0), H = features.size(1);
+  check_float(op, "shift", shift, 1);
+  check_float(op, "inv_std", inv_std, 1);
+  check_float(op, "embed", embed, 2);
+  TORCH_CHECK(shift.size(0) == H && inv_std.size(0) == H && embed.size(1) == H, op,
+              ": shift, inv_std and embed's rows must have the features' width ", H);
+  TORCH_CHECK(next_ids.device().is_cpu() && next_ids.scalar_type() == at::kLong && next_ids.dim() == 1 &&
+                  next_ids.size(0) == T && next_ids.is_contiguous(),
+              op, ": next_ids must be a contiguous int64 [", T, "] CPU tensor");
+}
+
+}  // namespace
+
+at::Tensor cpu_rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  TORCH_CHECK(cpu_linear_supported(), "cpu_rms_norm: this CPU lacks AVX2/FMA (use the reference)");
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() >= 1,
+              "cpu_rms_norm: x must be a float32 CPU tensor");
+  check_float("cpu_rms_norm", "weight", weight, 1);
+  const int64_t H = weight.size(0);
+  TORCH_CHECK(x.size(-1) == H, "cpu_rms_norm: x's last dimension ", x.size(-1), " differs from the weight's ", H);
+  const at::Tensor xc = x.contiguous();
+  at::Tensor out = at::empty(x.sizes(), x.options());
+#ifdef BILD_X86
+  if (H > 0) rms_norm(xc.data_ptr<float>(), weight.data_ptr<float>(), x.numel() / H, H, static_cast<float>(eps),
+                      out.data_ptr<float>());
+#endif
+  return out;
+}
+
+at::Tensor cpu_feature_input(const at::Tensor& features, const at::Tensor& next_ids, const at::Tensor& shift,
+                             const at::Tensor& inv_std, const at::Tensor& embed, double inv_emb_scale,
+                             const at::Tensor& fc_w, const std::optional<at::Tensor>& fc_scale,
+                             const std::optional<at::Tensor>& fc_bias) {
+  TORCH_CHECK(cpu_linear_supported(), "cpu_feature_input: this CPU lacks AVX2/FMA (use the reference)");
+  check_feature_input("cpu_feature_input", features, next_ids, shift, inv_std, embed);
+  return feature_input(features.data_ptr<float>(), next_ids.data_ptr<int64_t>(), features.size(0), shift, inv_std,
+                       embed, static_cast<float>(inv_emb_scale), fc_w, fc_scale, fc_bias);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_feature_draft_chain(
+    const at::Tensor& features, const at::Tensor& next_ids, const at::Tensor& shift, const at::Tensor& inv_std,
+    const at::Tensor& embed, double inv_emb_scale, const at::Tensor& fc_w, const std::optional<at::Tensor>& fc_scale,
+    const std::optional<at::Tensor>& fc_bias, const c10::List<std::optional<at::Tensor>>& layers,
+    at::TensorList key_caches, at::TensorList value_caches, const at::Tensor& norm, const at::Tensor& head_w,
+    const std::optional<at::Tensor>& head_scale, const std::optional<at::Tensor>& head_bias,
+    const std::optional<at::Tensor>& head_vocab, const at::Tensor& cos, const at::Tensor& sin,
+    const at::Tensor& slot_mapping, const at::Tensor& block_table, int64_t start, int64_t num_heads,
+    int64_t num_kv_heads, double scale, at::IntArrayRef sliding_windows, double eps, int64_t activation_bits,
+    int64_t max_steps, double fallback_threshold, bool energy) {
+  constexpr const char* op = "cpu_feature_draft_chain";
+  TORCH_CHECK(cpu_linear_supported(), op, ": this CPU lacks AVX2/FMA (use the reference)");
+  check_feature_input(op, features, next_ids, shift, inv_std, embed);
+  const int64_t T0 = features.size(0), H = features.size(1);
+  TORCH_CHECK(T0 >= 1, op, ": features must hold at least one position");
+  TORCH_CHECK(max_steps >= 1, op, ": max_steps must be >= 1, got ", max_steps);
+  TORCH_CHECK(start >= 0, op, ": start must be >= 0, got ", start);
+  const int64_t L = static_cast<int64_t>(key_caches.size());
+  TORCH_CHECK(L >= 1 && static_cast<int64_t>(value_caches.size()) == L &&
+                  static_cast<int64_t>(layers.size()) == kLayerArgs * L &&
+                  static_cast<int64_t>(sliding_windows.size()) == L,
+              op, ": ", L, " key caches need as many value caches and sliding windows and ", kLayerArgs * L,
+              " layer weights, got ", value_caches.size(), ", ", sliding_windows.size(), " and ", layers.size());
+  check_float(op, "norm", norm, 1);
+  TORCH_CHECK(norm.size(0) == H, op, ": norm must be [", H, "]");
+  check_float(op, "cos", cos, 2);
+  check_float(op, "sin", sin, 2);
+  TORCH_CHECK(sin.sizes() == cos.sizes() && cos.size(0) >= start + T0 + max_steps - 1, op,
+              ": cos and sin must be [P, head_dim] tables of one shape covering positions up to ",
+              start + T0 + max_steps - 2, ", got ", cos.sizes(), " and ", sin.sizes());
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1 &&
+                  slot_mapping.size(0) == T0 + max_steps - 1 && slot_mapping.is_contiguous(),
+              op, ": slot_mapping must be a contiguous int64 [T0 + max_steps - 1 = ", T0 + max_steps - 1, "] tensor");
+  TORCH_CHECK(block_table.dim() == 2 && block_table.size(0) == 1, op, ": block_table must be one row [1, M]");
+  if (head_vocab.has_value()) {
+    TORCH_CHECK(head_vocab->device().is_cpu() && head_vocab->scalar_type() == at::kLong && head_vocab->dim() == 1 &&
+                    head_vocab->is_contiguous(),
+                op, ": head_vocab must be a contiguous int64 [V_head] CPU tensor");
+  }
+  std::vector<std::optional<at::Tensor>> w(layers.begin(), layers.end());
+  for (int64_t i = 0; i < L; ++i) {
+    for (int64_t j : {0, 1, 4, 7, 8, 11}) {  // input_norm, qkv, o, post_norm, gate_up, down: required
+      TORCH_CHECK(w[i * kLayerArgs + j].has_value(), op, ": layer ", i, "'s weight ", j, " is missing");
+    }
+  }
+  const auto opt = features.options();
+  at::Tensor tokens = at::full({max_steps}, -1, opt.dtype(at::kLong));
+  at::Tensor max_probs = at::zeros({max_steps}, opt);
+  at::Tensor status = at::zeros({3}, opt.dtype(at::kLong));  // drafted, forwards run, stop (0 cap, 1 unsure, 2 NaN)
+  int64_t* tok = tokens.data_ptr<int64_t>();
+  float* mp = max_probs.data_ptr<float>();
+  int64_t* st = status.data_ptr<int64_t>();
+#ifdef BILD_X86
+  const auto i32 = opt.dtype(at::kInt), i64 = opt.dtype(at::kLong);
+  const float thr = static_cast<float>(fallback_threshold);
+  const int64_t* vocab = head_vocab.has_value() ? head_vocab->data_ptr<int64_t>() : nullptr;
+  at::Tensor feed = features, ids = next_ids;  // this step's inputs: step 0's, then the chain's [1, H] and [1]
+  int64_t pos = start, used = 0;               // first position of the step; slots consumed so far
+  at::Tensor h = at::empty({1, H}, opt);
+  for (int64_t step = 0; step < max_steps; ++step) {
+    const int64_t T = feed.size(0);
+    at::Tensor x = feature_input(feed.data_ptr<float>(), ids.data_ptr<int64_t>(), T, shift, inv_std, embed,
+                                 static_cast<float>(inv_emb_scale), fc_w, fc_scale, fc_bias);
+    at::Tensor qsl = at::empty({2}, i32), positions = at::empty({T}, i64), lens = at::empty({1}, i32);
+    qsl.data_ptr<int32_t>()[0] = 0;
+    qsl.data_ptr<int32_t>()[1] = static_cast<int32_t>(T);
+    for (int64_t t = 0; t < T; ++t) positions.data_ptr<int64_t>()[t] = pos + t;
+    lens.data_ptr<int32_t>()[0] = static_cast<int32_t>(pos + T);
+    const at::Tensor slots = slot_mapping.narrow(0, used, T), c = cos.narrow(0, pos, T), s = sin.narrow(0, pos, T);
+    for (int64_t i = 0; i < L; ++i) {
+      const std::optional<at::Tensor>* a = w.data() + i * kLayerArgs;
+      x = cpu_decoder_layer(x, c, s, *a[0], *a[1], a[2], a[3], *a[4], a[5], a[6], *a[7], *a[8], a[9], a[10], *a[11],
+                            a[12], a[13], key_caches[i], value_caches[i], slots, qsl, positions, block_table, lens,
+                            num_heads, num_kv_heads, scale, sliding_windows[i], eps, activation_bits);
+    }
+    const float* last = x.data_ptr<float>() + (T - 1) * H;  // the draft's output: the next step's feature
+    rms_norm(last, norm.data_ptr<float>(), 1, H, static_cast<float>(eps), h.data_ptr<float>());
+    const at::Tensor logits = project(h, head_w, head_scale, head_bias, kProductBits).contiguous();  // [1, V_head]
+    TORCH_CHECK(vocab == nullptr || logits.size(1) == head_vocab->size(0), op, ": the head scores ", logits.size(1),
+                " ids, head_vocab names ", head_vocab->size(0));
+    int64_t arg = 0;
+    float prob = 0.0f, en = 0.0f;
+    if (!greedy_row(logits.data_ptr<float>(), logits.size(1), &arg, &prob, &en)) {
+      st[2] = 2;
+      break;
+    }
+    tok[step] = vocab != nullptr ? vocab[arg] : arg;
+    mp[step] = prob;
+    st[1] = step + 1;
+    if (energy ? en > thr : prob < thr) {
+      st[2] = 1;
+      break;
+    }
+    st[0] = step + 1;
+    used += T;
+    pos += T;
+    feed = x.narrow(0, T - 1, 1).clone();
+    ids = tokens.narrow(0, step, 1);
+  }
+#endif
+  return {tokens, max_probs, status};
+}
+
+}  // namespace bild
+
+TORCH_LIBRARY_FRAGMENT(bild_kernels_cpu, m) {
+  m.def("cpu_rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("cpu_feature_input(Tensor features, Tensor next_ids, Tensor shift, Tensor inv_std, Tensor embed, "
+        "float inv_emb_scale, Tensor fc_w, Tensor? fc_scale, Tensor? fc_bias) -> Tensor");
+  m.def("cpu_feature_draft_chain(Tensor features, Tensor next_ids, Tensor shift, Tensor inv_std, Tensor embed, "
+        "float inv_emb_scale, Tensor fc_w, Tensor? fc_scale, Tensor? fc_bias, Tensor?[] layers, "
+        "Tensor(a!)[] key_caches, Tensor(b!)[] value_caches, Tensor norm, Tensor head_w, Tensor? head_scale, "
+        "Tensor? head_bias, Tensor? head_vocab, Tensor cos, Tensor sin, Tensor slot_mapping, Tensor block_table, "
+        "int start, int num_heads, int num_kv_heads, float scale, int[] sliding_windows, float eps, "
+        "int activation_bits, int max_steps, float fallback_threshold, bool energy) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(bild_kernels_cpu, CPU, m) {
+  m.impl("cpu_rms_norm", &bild::cpu_rms_norm);
+  m.impl("cpu_feature_input", &bild::cpu_feature_input);
+  m.impl("cpu_feature_draft_chain", &bild::cpu_feature_draft_chain);
+}

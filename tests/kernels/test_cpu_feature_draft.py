@@ -1,0 +1,169 @@
+"""cpu_feature_draft_chain (a feature draft's greedy draft run in one call of the CPU extension) and its pieces
+cpu_rms_norm and cpu_feature_input against their reference twins: drafted tokens, confidences, the reason a run
+stops, the cache writes, with float32, int8 and packed int8 weights, a reduced head; bad input."""
+import pytest
+import torch
+
+from bild_kernels import reference as R
+from bild_kernels._backend import cpu_extension
+from bild_kernels.models.llama import Int8Weight, int8_x16
+from bild_kernels.ops.cpu_decoder_layer import LayerWeights, layer_args
+from bild_kernels.ops.cpu_feature_draft import cpu_feature_draft_chain, cpu_feature_input, cpu_rms_norm
+
+needs_ext = pytest.mark.skipif(cpu_extension() is None,
+                               reason="bild_kernels._cpu not built, or this CPU lacks AVX2/FMA")
+
+
+def _vnni() -> bool:
+    return cpu_extension() is not None and torch.ops.bild_kernels_cpu.cpu_linear_q4_1x16_supported()
+
+
+FORMS = ["float32", "int8", pytest.param("int8x16", marks=pytest.mark.skipif(not _vnni(), reason="no AVX-512 VNNI"))]
+# packed weights round the activations to int16 per run of 32: a float32 ulp apart, a value may round the other way
+TOL = {"float32": 1e-4, "int8": 1e-4, "int8x16": 2e-3}
+H, HQ, HKV, D, INTER, BS, V = 64, 4, 2, 16, 96, 4, 97
+
+
+def _proj(t, form, bias=None):
+    if form == "float32":
+        return (t, None, bias)
+    w = Int8Weight.of(t)
+    return (*int8_x16(w), bias) if form == "int8x16" else (w.q, w.scale.float(), bias)
+
+
+def _case(form, *, layers=1, vocab=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def w(n, k):
+        return torch.randn(n, k, generator=g) * k ** -0.5
+    lw = [LayerWeights(1 + 0.1 * torch.randn(H, generator=g), _proj(w((HQ + 2 * HKV) * D, H), form),
+                       _proj(w(H, HQ * D), form), 1 + 0.1 * torch.randn(H, generator=g),
+                       _proj(w(2 * INTER, H), form), _proj(w(H, INTER), form)) for _ in range(layers)]
+    head_vocab = torch.randperm(V, generator=g)[:48].sort().values if vocab else None
+    n_head = 48 if vocab else 96  # a packed head needs a multiple of 16 rows
+    blocks = 12
+    angle = torch.arange(64).float()[:, None] * (10000.0 ** (-torch.arange(0, D // 2) / (D // 2)))[None]
+    emb = torch.cat((angle, angle), -1)
+    return dict(
+        shift=0.1 * torch.randn(H, generator=g), inv_std=1 + 0.1 * torch.rand(H, generator=g),
+        embed=torch.randn(V, H, generator=g), inv_emb_scale=0.5,
+        fc=_proj(w(H, 2 * H), form, 0.1 * torch.randn(H, generator=g)), layers=lw,
+        key_caches=[torch.randn(blocks, BS, HKV, D, generator=g) for _ in range(layers)],
+        value_caches=[torch.randn(blocks, BS, HKV, D, generator=g) for _ in range(layers)],
+        norm=1 + 0.1 * torch.randn(H, generator=g), head=_proj(3 * w(n_head, H), form), head_vocab=head_vocab,
+        cos=emb.cos(), sin=emb.sin(), block_table=torch.randperm(blocks, generator=g)[None].int(),
+        num_heads=HQ, num_kv_heads=HKV, scale=D ** -0.5, sliding_windows=[0] * layers, eps=1e-5)
+
+
+def _run(case, backend, *, T0=3, start=5, steps=5, threshold=0.0, energy=False, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    c = {**case, "key_caches": [t.clone() for t in case["key_caches"]],
+         "value_caches": [t.clone() for t in case["value_caches"]]}
+    # position p of the sequence lives at slot table[p // BS] * BS + p % BS
+    pos = torch.arange(start, start + T0 + steps - 1)
+    slots = (c["block_table"][0].long()[pos // BS] * BS + pos % BS)
+    run = cpu_feature_draft_chain(torch.randn(T0, H, generator=g), torch.randint(0, V, (T0,), generator=g),
+                                  slot_mapping=slots, start=start, max_steps=steps, fallback_threshold=threshold,
+                                  energy=energy, backend=backend, **c)
+    return run, c["key_caches"], c["value_caches"]
+
+
+@needs_ext
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("layers, vocab", [(1, True), (2, False)])
+def test_cpu_feature_draft_chain_matches_reference(form, layers, vocab):
+    case = _case(form, layers=layers, vocab=vocab)
+    want, want_k, want_v = _run(case, "ref")
+    got, got_k, got_v = _run(case, "cpu")
+    assert got.stop == want.stop == "max_steps" and got.steps == want.steps == 5
+    assert got.tokens == want.tokens
+    if vocab:
+        assert set(got.tokens) <= set(case["head_vocab"].tolist())
+    tol = TOL[form]
+    torch.testing.assert_close(torch.tensor(got.max_probs), torch.tensor(want.max_probs), atol=tol / 10, rtol=tol)
+    for a, b in zip(got_k + got_v, want_k + want_v):  # every position fed, chained ones too, at its slot
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+
+
+@needs_ext
+@pytest.mark.parametrize("form", ["float32", "int8"])
+def test_cpu_feature_draft_chain_stops_where_the_reference_does(form):
+    case = _case(form)
+    free, _, _ = _run(case, "ref", steps=6)
+    j = min(range(1, 6), key=lambda i: free.max_probs[i])  # the least confident step past the first
+    threshold = free.max_probs[j] + 1e-6
+    for backend in ("ref", "cpu"):
+        run, _, _ = _run(case, backend, steps=6, threshold=threshold)
+        first = next(i for i, p in enumerate(free.max_probs) if p < threshold)
+        assert run.stop == "unsure" and run.steps == first + 1 and run.tokens == free.tokens[:first]
+        assert run.unsure_token == free.tokens[first] if first < len(free.tokens) else True
+        assert run.max_probs[-1] < threshold <= min(run.max_probs[:-1], default=1.0)
+    # energy: -logsumexp above the threshold is unsure; every step's energy is above -1e9, none above 1e9
+    for backend in ("ref", "cpu"):
+        assert _run(case, backend, energy=True, threshold=-1e9)[0][:4] == ([], free.max_probs[:1], 1, "unsure")
+        assert _run(case, backend, energy=True, threshold=1e9)[0].tokens == free.tokens[:5]
+
+
+@needs_ext
+def test_cpu_feature_draft_chain_stops_at_logits_that_are_not_finite():
+    case = _case("float32")
+    head = case["head"][0].clone()
+    head[7, 0] = float("nan")
+    case["head"] = (head, None, None)
+    for backend in ("ref", "cpu"):
+        run, _, _ = _run(case, backend)
+        assert (run.tokens, run.steps, run.stop) == ([], 0, "not_finite")
+
+
+@needs_ext
+@pytest.mark.parametrize("form", FORMS)
+def test_cpu_feature_input_and_rms_norm_match_reference(form):
+    case = _case(form)
+    g = torch.Generator().manual_seed(3)
+    f, ids = torch.randn(5, H, generator=g), torch.randint(0, V, (5,), generator=g)
+    kw = {k: case[k] for k in ("shift", "inv_std", "embed", "inv_emb_scale", "fc")}
+    torch.testing.assert_close(cpu_feature_input(f, ids, backend="cpu", **kw),
+                               cpu_feature_input(f, ids, backend="ref", **kw), atol=TOL[form], rtol=TOL[form])
+    x = torch.randn(2, 3, H, generator=g)
+    torch.testing.assert_close(cpu_rms_norm(x, case["norm"], 1e-5, backend="cpu"),
+                               R.cpu_rms_norm_ref(x, case["norm"], 1e-5), atol=1e-6, rtol=1e-5)
+
+
+@needs_ext
+@pytest.mark.parametrize("change, exc, match", [
+    (dict(features=torch.randn(3, H).double()), TypeError, "features"),
+    (dict(next_ids=torch.tensor([0, 1, V])), ValueError, "next_ids"),
+    (dict(next_ids=torch.tensor([0, 1])), ValueError, "next_ids"),
+    (dict(max_steps=0), ValueError, "max_steps"),
+    (dict(fallback_threshold=1.5), ValueError, "fallback_threshold"),
+    (dict(slot_mapping=torch.arange(3)), ValueError, "slot_mapping"),
+    (dict(cos=torch.zeros(6, D)), ValueError, "cos"),
+    (dict(block_table=torch.zeros(2, 12, dtype=torch.int32)), ValueError, "block_table"),
+    (dict(sliding_windows=[0, 0]), ValueError, "sliding_windows"),
+    (dict(head=(torch.zeros(48, H),)), TypeError, "head"),
+])
+def test_cpu_feature_draft_chain_bad_input(change, exc, match):
+    case = _case("float32")
+    kw = dict(features=torch.randn(3, H), next_ids=torch.tensor([0, 1, 2]), slot_mapping=torch.arange(7),
+              start=5, max_steps=5, fallback_threshold=0.5, **case)
+    kw.update(change)
+    keys = [t.clone() for t in case["key_caches"]]
+    with pytest.raises(exc, match=match):
+        cpu_feature_draft_chain(**kw)
+    assert all(torch.equal(a, b) for a, b in zip(keys, case["key_caches"]))  # nothing ran
+
+
+@needs_ext
+def test_cpu_feature_draft_chain_fake_impl():
+    shapes = [None if a is None else a.shape for w in _case("float32")["layers"] for a in layer_args(w)]
+    with torch._subclasses.fake_tensor.FakeTensorMode():
+        flat = [None if s is None else torch.empty(s) for s in shapes]
+        f = torch.empty(3, H)
+        out = torch.ops.bild_kernels_cpu.cpu_feature_draft_chain(
+            f, torch.empty(3, dtype=torch.int64), torch.empty(H), torch.empty(H), torch.empty(V, H), 0.5,
+            torch.empty(H, 2 * H), None, None, flat,
+            [torch.empty(12, BS, HKV, D)], [torch.empty(12, BS, HKV, D)], torch.empty(H), torch.empty(48, H), None,
+            None, None, torch.empty(64, D), torch.empty(64, D), torch.empty(7, dtype=torch.int64),
+            torch.empty(1, 12, dtype=torch.int32), 5, HQ, HKV, 0.25, [0], 1e-5, 16, 5, 0.5, False)
+    assert [tuple(t.shape) for t in out] == [(5,), (5,), (3,)]
+    assert [t.dtype for t in out] == [torch.int64, torch.float32, torch.int64]
