@@ -155,6 +155,14 @@ class BlockManager:
                 self._row(r, cache, active=True)
                 if n < 0:
                     raise ValueError(f"num_rejected must be >= 0, got {n} for row {r}")
+            if self.host_slots and not self._stale[cache]:  # CPU tables: a rollback that empties no block
+                lens, bs = self._lens[cache], self.block_size  # only shortens the rows (as append only lengthens)
+                new = [max(lens[r] - n, 0) for r, n in zip(rows, num)]
+                if all(-(-m // bs) == -(-lens[r] // bs) for r, m in zip(rows, new)):
+                    cl_np = self._np[1][cache]
+                    for r, m in zip(rows, new):
+                        cl_np[r] = lens[r] = m
+                    return
             counts = torch.zeros(self.max_seqs, dtype=torch.int32, device=self.device)
             counts[to_device(rows, torch.long, self.device)] = to_device(num, torch.int32, self.device)
         ops.rollback_paged_kv(bt, cl, counts, self.free_blocks, self.num_free, self.block_size, backend=self.backend)
