@@ -11,7 +11,9 @@
 // p < context_lens[b] and, if sliding_window > 0, p > positions[t] - sliding_window; query head h reads kv
 // head h / (Hq / Hkv). softmax(scale * q.k) over those keys, times v; a token that sees no key gets zeros.
 // Work split: at::parallel_for over (token, kv head) pairs; each output is computed by one thread alone, in
-// a fixed order (keys in increasing position, 8-lane dot products reduced in a fixed tree), so a token's
+// a fixed order (keys in increasing position; with AVX-512 and D = 64 or 128 each score a fixed chain over D in
+// 16 lanes, 16 keys' lanes reduced together in fixed trees; else 8-lane dot products reduced in a fixed tree;
+// each key's row found by walking the block table, no division a key), so a token's
 // output does not depend on the batch around it, its position in it, or the thread count.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -58,39 +60,25 @@ __attribute__((target("avx2,fma"))) inline void axpy(float w, const float* x, fl
   for (; d < D; ++d) y[d] = std::fma(w, x[d], y[d]);
 }
 
-// One (token, kv head) pair: its rep query heads over keys [lo, hi] of one sequence. DV: D / 8 when that is
-// a size kept in registers (the output rows accumulate there), else 0 (any D, through memory).
-template <int DV>
-__attribute__((target("avx2,fma"))) void attend_one(const float* q, const float* kc, const float* vc,
-                                                    const int32_t* table, int64_t BS, int64_t Hkv, int64_t D,
-                                                    int64_t g, int64_t rep, int64_t lo, int64_t hi, float scale,
-                                                    float* out, std::vector<float>& s) {
-  const int64_t n = hi - lo + 1;
-  s.resize(static_cast<size_t>(rep * n));
-  for (int64_t p = lo; p <= hi; ++p) {
-    const int64_t slot = static_cast<int64_t>(table[p / BS]) * BS + p % BS;
-    const float* k = kc + (slot * Hkv + g) * D;
-    if constexpr (DV > 0) {  // the key stays in registers for the rep query heads that read it
-      __m256 kv[DV];
-      for (int j = 0; j < DV; ++j) kv[j] = _mm256_loadu_ps(k + 8 * j);
-      for (int64_t r = 0; r < rep; ++r) {
-        const float* qr = q + r * D;
-        __m256 a0 = _mm256_mul_ps(_mm256_loadu_ps(qr), kv[0]), a1 = _mm256_mul_ps(_mm256_loadu_ps(qr + 8), kv[1]);
-        for (int j = 2; j < DV; j += 2) {
-          a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qr + 8 * j), kv[j], a0);
-          a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qr + 8 * j + 8), kv[j + 1], a1);
-        }
-        s[r * n + (p - lo)] = reduce_lanes(_mm256_add_ps(a0, a1)) * scale;
-      }
-    } else {
-      for (int64_t r = 0; r < rep; ++r) s[r * n + (p - lo)] = dot(q + r * D, k, D) * scale;
-    }
+// Each visible key's row offset (in floats) in the caches for kv head g: the block table walked block by block
+// (no division a key).
+inline void key_rows(const int32_t* table, int64_t BS, int64_t Hkv, int64_t D, int64_t g, int64_t lo, int64_t hi,
+                     std::vector<int64_t>& rows) {
+  rows.resize(static_cast<size_t>(hi - lo + 1));
+  int64_t p = lo;
+  while (p <= hi) {
+    const int64_t base = static_cast<int64_t>(table[p / BS]) * BS;
+    for (int64_t off = p % BS; off < BS && p <= hi; ++off, ++p) rows[p - lo] = ((base + off) * Hkv + g) * D;
   }
+}
+
+// softmax of each of the rep rows of s [rep, n] in place, each row's sum's inverse in inv[r]: exp in 8 lanes (lane j
+// sums i = j, j + 8, ... in order, the lanes in reduce_lanes' tree), then the tail.
+__attribute__((target("avx2,fma"))) inline void exp_rows(float* s, int64_t rep, int64_t n, float* inv) {
   for (int64_t r = 0; r < rep; ++r) {
-    float* sr = s.data() + r * n;
+    float* sr = s + r * n;
     float mx = -std::numeric_limits<float>::infinity();
     for (int64_t i = 0; i < n; ++i) mx = std::max(mx, sr[i]);
-    // exp in 8 lanes (lane j sums i = j, j + 8, ... in order, the lanes in reduce_lanes' tree), then the tail
     const __m256 vmx = _mm256_set1_ps(mx);
     __m256 vsum = _mm256_setzero_ps();
     int64_t i = 0;
@@ -104,35 +92,119 @@ __attribute__((target("avx2,fma"))) void attend_one(const float* q, const float*
       sr[i] = std::exp(sr[i] - mx);
       sum += sr[i];
     }
-    const float inv = 1.f / sum;
-    float* o = out + r * D;
-    if constexpr (DV > 0) {
-      __m256 acc[DV];
-      for (int j = 0; j < DV; ++j) acc[j] = _mm256_setzero_ps();
-      for (int64_t p = lo; p <= hi; ++p) {
-        const float* v = vc + ((static_cast<int64_t>(table[p / BS]) * BS + p % BS) * Hkv + g) * D;
-        const __m256 w = _mm256_set1_ps(sr[p - lo] * inv);
-        for (int j = 0; j < DV; ++j) acc[j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * j), acc[j]);
+    inv[r] = 1.f / sum;
+  }
+}
+
+// One (token, kv head) pair: its rep query heads over keys [lo, hi] of one sequence, any D (AVX2, through memory).
+__attribute__((target("avx2,fma"))) void attend_any(const float* q, const float* kc, const float* vc,
+                                                    const int32_t* table, int64_t BS, int64_t Hkv, int64_t D,
+                                                    int64_t g, int64_t rep, int64_t lo, int64_t hi, float scale,
+                                                    float* out, std::vector<float>& s, std::vector<int64_t>& rows) {
+  const int64_t n = hi - lo + 1;
+  key_rows(table, BS, Hkv, D, g, lo, hi, rows);
+  s.resize(static_cast<size_t>(rep * n));
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t r = 0; r < rep; ++r) s[r * n + i] = dot(q + r * D, kc + rows[i], D) * scale;
+  }
+  float inv[64];
+  for (int64_t r0 = 0; r0 < rep; r0 += 64) {
+    const int64_t rr = std::min<int64_t>(64, rep - r0);
+    exp_rows(s.data() + r0 * n, rr, n, inv);
+    for (int64_t r = 0; r < rr; ++r) {
+      for (int64_t i = 0; i < n; ++i) axpy(s[(r0 + r) * n + i] * inv[r], vc + rows[i], out + (r0 + r) * D, D);
+    }
+  }
+}
+
+// The same with D = 16 * DV (64, 128) in AVX-512 registers. Scores 16 keys at a time, every query head over the
+// same 16 keys (their rows stay in L1 across the heads): 16 dot products in 16 accumulators (a fixed chain over D
+// each), reduced together (halves added, then two 8-way hadd trees). Values: each key's row read once for a group
+// of heads, accumulated into their outputs in registers (up to 16 of them).
+template <int DV>
+__attribute__((target("avx2,fma,avx512f,avx512vl"))) inline __m256 fold_halves(__m512 a) {
+  return _mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
+}
+
+template <int DV>
+__attribute__((target("avx2,fma,avx512f,avx512vl"))) void attend_512(
+    const float* q, const float* kc, const float* vc, const int32_t* table, int64_t BS, int64_t Hkv, int64_t D,
+    int64_t g, int64_t rep, int64_t lo, int64_t hi, float scale, float* out, std::vector<float>& s,
+    std::vector<int64_t>& rows) {
+  const int64_t n = hi - lo + 1;
+  key_rows(table, BS, Hkv, D, g, lo, hi, rows);
+  s.resize(static_cast<size_t>(rep * n));
+  const __m256 vscale = _mm256_set1_ps(scale);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    for (int64_t r = 0; r < rep; ++r) {
+      const float* qr = q + r * D;
+      __m256 h[16];
+      for (int k = 0; k < 16; ++k) {
+        const float* kr = kc + rows[i + k];
+        __m512 a = _mm512_mul_ps(_mm512_loadu_ps(qr), _mm512_loadu_ps(kr));
+        for (int j = 1; j < DV; ++j) a = _mm512_fmadd_ps(_mm512_loadu_ps(qr + 16 * j), _mm512_loadu_ps(kr + 16 * j), a);
+        h[k] = fold_halves<DV>(a);
       }
-      for (int j = 0; j < DV; ++j) _mm256_storeu_ps(o + 8 * j, acc[j]);
-    } else {
-      for (int64_t p = lo; p <= hi; ++p) {
-        const int64_t slot = static_cast<int64_t>(table[p / BS]) * BS + p % BS;
-        axpy(sr[p - lo] * inv, vc + (slot * Hkv + g) * D, o, D);
+      for (int half = 0; half < 2; ++half) {  // 8 vectors -> their 8 lane sums, in key order
+        const __m256* v = h + 8 * half;
+        const __m256 t0 = _mm256_hadd_ps(v[0], v[1]), t1 = _mm256_hadd_ps(v[2], v[3]);
+        const __m256 t2 = _mm256_hadd_ps(v[4], v[5]), t3 = _mm256_hadd_ps(v[6], v[7]);
+        const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+        const __m256 sum = _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+        _mm256_storeu_ps(s.data() + r * n + i + 8 * half, _mm256_mul_ps(sum, vscale));
       }
+    }
+  }
+  for (; i < n; ++i) {  // the tail, one key at a time (the same chain, then reduce_lanes)
+    const float* kr = kc + rows[i];
+    for (int64_t r = 0; r < rep; ++r) {
+      const float* qr = q + r * D;
+      __m512 a = _mm512_mul_ps(_mm512_loadu_ps(qr), _mm512_loadu_ps(kr));
+      for (int j = 1; j < DV; ++j) a = _mm512_fmadd_ps(_mm512_loadu_ps(qr + 16 * j), _mm512_loadu_ps(kr + 16 * j), a);
+      s[r * n + i] = reduce_lanes(fold_halves<DV>(a)) * scale;
+    }
+  }
+  constexpr int kGroup = 16 / DV;  // heads whose outputs fit in 16 registers
+  float inv[64];
+  for (int64_t r0 = 0; r0 < rep; r0 += 64) {
+    const int64_t rr = std::min<int64_t>(64, rep - r0);
+    exp_rows(s.data() + r0 * n, rr, n, inv);
+    for (int64_t h0 = 0; h0 < rr; h0 += kGroup) {
+      const int64_t hg = std::min<int64_t>(kGroup, rr - h0);
+      __m512 acc[kGroup][DV];
+      for (int r = 0; r < kGroup; ++r)
+        for (int j = 0; j < DV; ++j) acc[r][j] = _mm512_setzero_ps();
+      const float* sr = s.data() + (r0 + h0) * n;
+      for (int64_t k = 0; k < n; ++k) {
+        const float* v = vc + rows[k];
+        __m512 vv[DV];
+        for (int j = 0; j < DV; ++j) vv[j] = _mm512_loadu_ps(v + 16 * j);
+        for (int r = 0; r < kGroup; ++r) {
+          if (r >= hg) break;
+          const __m512 w = _mm512_set1_ps(sr[r * n + k] * inv[h0 + r]);
+          for (int j = 0; j < DV; ++j) acc[r][j] = _mm512_fmadd_ps(w, vv[j], acc[r][j]);
+        }
+      }
+      for (int r = 0; r < hg; ++r)
+        for (int j = 0; j < DV; ++j) _mm512_storeu_ps(out + (r0 + h0 + r) * D + 16 * j, acc[r][j]);
     }
   }
 }
 
 using AttendFn = void (*)(const float*, const float*, const float*, const int32_t*, int64_t, int64_t, int64_t,
-                          int64_t, int64_t, int64_t, int64_t, float, float*, std::vector<float>&);
+                          int64_t, int64_t, int64_t, int64_t, float, float*, std::vector<float>&,
+                          std::vector<int64_t>&);
+
+bool has_avx512() {
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
+  return yes;
+}
 
 AttendFn attend_for(int64_t D) {
-  switch (D) {
-    case 64: return attend_one<8>;
-    case 128: return attend_one<16>;
-    default: return attend_one<0>;
-  }
+  if (has_avx512() && D == 64) return attend_512<4>;
+  if (has_avx512() && D == 128) return attend_512<8>;
+  return attend_any;
 }
 #endif
 
@@ -203,11 +275,12 @@ at::Tensor cpu_paged_attention(const at::Tensor& query, const at::Tensor& key_ca
   const AttendFn attend = attend_for(D);
   at::parallel_for(0, T * Hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> s;
+    std::vector<int64_t> rows;
     for (int64_t i = begin; i < end; ++i) {
       const int64_t t = i / Hkv, g = i % Hkv;
       if (seq[t] < 0 || hi[t] < lo[t]) continue;  // no sequence, or no visible key: zeros
       attend(q + (t * Hq + g * rep) * D, kc, vc, tables + seq[t] * M, BS, Hkv, D, g, rep, lo[t], hi[t],
-                 static_cast<float>(scale), o + (t * Hq + g * rep) * D, s);
+                 static_cast<float>(scale), o + (t * Hq + g * rep) * D, s, rows);
     }
   });
 #endif
