@@ -30,9 +30,13 @@ from bild_kernels.ops.cpu_linear import MAX_ROWS as CPU_LINEAR_MAX_ROWS
 
 # Tokens up to which a pass takes the fused CPU layer when it reads Q4_1 blocks (float32 weights: up to
 # CPU_LINEAR_MAX_ROWS, beyond which MKL's float32 product is faster). A prefill of the default large model on 2 cores
-# of the AMD EPYC (2026-11-27), fused from the blocks against F.linear on the float32 weights: 17 tokens 31 against 67
-# ms, 32 52 against 81, 64 102 against 144, 128 205 against 214, 256 441 against 402.
+# of the AMD EPYC (2026-11-27), fused from the blocks (float activations) against F.linear on the float32 weights:
+# 17 tokens 31 against 67 ms, 32 52 against 81, 64 102 against 144, 128 205 against 214, 256 441 against 402.
 Q4_1_FUSED_MAX_TOKENS = 96
+# The same blocks packed for integer activations (q4_1x16, q4_1x16i8) are the faster at every length measured: at rev
+# f1779cf + tiled products, 17 tokens 16 against 64 ms, 64 49 against 124, 128 97 against 207, 256 209 against 381, 512
+# 475 against 770 (2 threads); so every pass but a very long prompt's takes them.
+Q4_1X16_FUSED_MAX_TOKENS = 8192
 
 
 @dataclasses.dataclass
@@ -216,7 +220,8 @@ class LlamaExecutor:
         uint8, dm [N, K / 32, 2] float32) for name in qkv, o, gate_up, down: a GGUF's blocks, see
         `reference.q4_1_dequantize`) where they are exactly the float32 weights (every weight == d * q + m) and that
         layer runs: cpu_linear_q4_1 then gives the same bits from 0.75 bytes a weight instead of 4, and passes of
-        up to Q4_1_FUSED_MAX_TOKENS tokens take that layer (longer prefills keep F.linear on the float32 weights,
+        up to Q4_1_FUSED_MAX_TOKENS tokens take that layer (Q4_1X16_FUSED_MAX_TOKENS packed for integer activations;
+        longer prefills keep F.linear on the float32 weights,
         faster there). Returns whether it took
         them (False: no fused float32 CPU layer here, int8 weights, or blocks that differ; nothing changes).
 
@@ -271,7 +276,10 @@ class LlamaExecutor:
     @property
     def fused_max_tokens(self) -> int:
         """The longest pass (tokens) that takes the fused CPU layer; longer ones run as ops on F.linear."""
-        return Q4_1_FUSED_MAX_TOKENS if (self.layer_blocks or "").startswith("q4_1") else CPU_LINEAR_MAX_ROWS
+        kind = self.layer_blocks or ""
+        if kind.startswith("q4_1x16"):
+            return Q4_1X16_FUSED_MAX_TOKENS
+        return Q4_1_FUSED_MAX_TOKENS if kind == "q4_1" else CPU_LINEAR_MAX_ROWS
 
     def _fused_layer(self):
         """The op of csrc/cpu_decoder_layer.cpp where it serves this model: float32 on a CPU whose extension

@@ -493,6 +493,21 @@ def test_cpu_linear_q4_1x16_matches_reference(N, K, with_bias, bits, rounding):
 
 @needs_x16
 @pytest.mark.parametrize("bits", [16, 8])
+def test_cpu_linear_x16_prefill_rows_take_the_tiled_loop(bits):
+    """A prefill's 40 rows go through the weights in tiles (every 4-row chunk over a tile, then the next tile): the
+    same bits as each chunk of 4 rows alone (one pass over the weights), for Q4_1 and Q8_0 blocks."""
+    _, _, packed, dm16, bias = _x16_case(576, 1536, True)
+    x = torch.randn(40, 1536)
+    got = cpu_linear_q4_1x16(x, packed, dm16, bias, activation_bits=bits, backend="cpu")
+    assert torch.equal(got, torch.cat([cpu_linear_q4_1x16(x[i:i + 4], packed, dm16, bias, activation_bits=bits,
+                                                          backend="cpu") for i in range(0, 40, 4)]))
+    _, _, q8, d8 = _q8_0x16_case(320, 1536)
+    op = torch.ops.bild_kernels_cpu.cpu_linear_q8_0x16
+    assert torch.equal(op(x, q8, d8, None, bits), torch.cat([op(x[i:i + 4], q8, d8, None, bits) for i in range(0, 40, 4)]))
+
+
+@needs_x16
+@pytest.mark.parametrize("bits", [16, 8])
 def test_cpu_linear_q4_1x16_is_thread_invariant(bits):
     _, _, packed, dm16, bias = _x16_case(960, 576, True)
     x = torch.randn(4, 576)
