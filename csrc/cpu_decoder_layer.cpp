@@ -32,25 +32,12 @@
 #include <cstdint>
 #include <optional>
 
+#include "cpu_ops.h"
 #include "cpu_simd.h"  // reduce_lanes; defines BILD_X86 on x86-64
 
 namespace bild {
-bool cpu_linear_supported();
-at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
-at::Tensor cpu_linear_int8(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
-                           const std::optional<at::Tensor>& bias);
-at::Tensor cpu_linear_q4_1(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& dm,
-                           const std::optional<at::Tensor>& bias);
-at::Tensor cpu_linear_q4_1x16(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& dm,
-                              const std::optional<at::Tensor>& bias, int64_t activation_bits);
-at::Tensor cpu_linear_q8_0x16(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& block_scale,
-                              const std::optional<at::Tensor>& bias, int64_t activation_bits);
-at::Tensor cpu_paged_attention(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
-                               const at::Tensor& query_start_loc, const at::Tensor& positions,
-                               const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
-                               int64_t sliding_window);
 
-// The product of one projection in any of the weight forms above (shared with cpu_feature_draft.cpp).
+// The product of one projection in any of the weight forms above (cpu_ops.h).
 at::Tensor project(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& scale,
                    const std::optional<at::Tensor>& bias, int64_t activation_bits) {
   if (!scale.has_value()) return cpu_linear(x, w, bias);

@@ -30,30 +30,10 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu_ops.h"
 #include "cpu_simd.h"  // defines BILD_X86 on x86-64
 
 namespace bild {
-bool cpu_linear_supported();
-at::Tensor project(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& scale,
-                   const std::optional<at::Tensor>& bias, int64_t activation_bits);
-bool greedy_row(const float* z, int64_t V, int64_t* argmax, float* max_prob, float* energy);
-at::Tensor cpu_decoder_layer(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
-                             const at::Tensor& input_norm, const at::Tensor& qkv_w,
-                             const std::optional<at::Tensor>& qkv_scale, const std::optional<at::Tensor>& qkv_bias,
-                             const at::Tensor& o_w, const std::optional<at::Tensor>& o_scale,
-                             const std::optional<at::Tensor>& o_bias, const at::Tensor& post_norm,
-                             const at::Tensor& gate_up_w, const std::optional<at::Tensor>& gate_up_scale,
-                             const std::optional<at::Tensor>& gate_up_bias, const at::Tensor& down_w,
-                             const std::optional<at::Tensor>& down_scale, const std::optional<at::Tensor>& down_bias,
-                             const at::Tensor& key_cache, const at::Tensor& value_cache,
-                             const at::Tensor& slot_mapping, const at::Tensor& query_start_loc,
-                             const at::Tensor& positions, const at::Tensor& block_tables,
-                             const at::Tensor& context_lens, int64_t num_heads, int64_t num_kv_heads, double scale,
-                             int64_t sliding_window, double eps, int64_t activation_bits);
-#ifdef BILD_X86
-__attribute__((target("avx2,fma"))) void rms_norm(const float* x, const float* w, int64_t T, int64_t H, float eps,
-                                                  float* out);
-#endif
 
 // The fc and head products take int16 activations when packed, as the executor's (`_packed_linear`).
 constexpr int64_t kProductBits = 16;

@@ -39,11 +39,11 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu_ops.h"  // greedy_row
 #include "cpu_simd.h"  // reduce_lanes; defines BILD_X86 on x86-64
 #include "cut_search.h"  // the CUDA kernels' top-k / top-p cut-off search, run here by cpu_filter_cut
 
 namespace bild {
-bool cpu_linear_supported();
 
 namespace {
 
