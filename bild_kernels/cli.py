@@ -247,7 +247,8 @@ def _run_info(engine) -> dict:
     return {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "device": name,
             "threads": torch.get_num_threads(), "rev": _git_rev(),
             # a GGUF's blocks: "q4_1", "q4_1x16" (int16 activations) or "q4_1x16i8" (int8); else the weights' format
-            "large_weights": large.layer_blocks or large.weight_format}
+            "large_weights": large.layer_blocks or large.weight_format,
+            "draft_loop": engine.draft_loop}  # native / eager / static / graph: how draft runs executed
 
 
 def _cpu_model() -> str:

@@ -123,6 +123,7 @@ def test_eval_writes_table_csv_and_plot(capsys, tmp_path, pair_dirs):
     assert "| policy" in out and "decode_speedup" in out and png.stat().st_size > 1000
     assert float(rows[0]["decode_speedup"]) == 1.0 and float(rows[0]["ttft_ms"]) > 0
     assert rows[0]["large_weights"] == "float32"  # a directory's float32 weights (a GGUF's: "q4_1" where it holds them)
+    assert rows[0]["draft_loop"] == "native"  # the CPU default (--draft-loop)
 
 
 def test_distill_writes_a_draft_the_engine_loads(tmp_path, pair_dirs):
