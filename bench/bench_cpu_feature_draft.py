@@ -1,4 +1,4 @@
-"""Benchmark cpu_feature_draft_chain (a feature draft's greedy draft run of one sequence in one call of the CPU
+"""Benchmark cpu_feature_draft_chain (a feature draft's greedy draft run, here of one sequence, in one call of the CPU
 extension) against its reference twin and against the same run as one call per piece ("pieces":
 cpu_feature_input, cpu_decoder_layer, cpu_rms_norm, the head's product and sample_draft each step, the kernels the
 engine's eager loop calls, without its bookkeeping).
@@ -46,7 +46,7 @@ def _draft(form, blocks):
                 fc=_proj(w(H, 2 * H), form, torch.zeros(H)), layers=[layer],
                 key_caches=[torch.randn(blocks, BLOCK, HKV, D)], value_caches=[torch.randn(blocks, BLOCK, HKV, D)],
                 norm=torch.ones(H), head=_proj(w(VH, H), form), head_vocab=torch.randperm(V)[:VH].sort().values,
-                cos=emb.cos(), sin=emb.sin(), block_table=torch.arange(blocks, dtype=torch.int32)[None],
+                cos=emb.cos(), sin=emb.sin(), block_tables=torch.arange(blocks, dtype=torch.int32)[None],
                 num_heads=HQ, num_kv_heads=HKV, scale=D ** -0.5, sliding_windows=[0], eps=1e-5)
 
 
@@ -61,7 +61,7 @@ def _pieces(features, next_ids, *, steps, start, slot_mapping, d):
         x = ext.cpu_decoder_layer(x, d["cos"][pos:pos + T], d["sin"][pos:pos + T], *flat, d["key_caches"][0],
                                   d["value_caches"][0], slot_mapping[used:used + T],
                                   torch.tensor([0, T], dtype=torch.int32), torch.arange(pos, pos + T),
-                                  d["block_table"], torch.tensor([pos + T], dtype=torch.int32), HQ, HKV, d["scale"], 0,
+                                  d["block_tables"], torch.tensor([pos + T], dtype=torch.int32), HQ, HKV, d["scale"], 0,
                                   d["eps"], 16)
         h = ext.cpu_rms_norm(x[-1:], d["norm"], d["eps"])
         w, s, b = d["head"]
@@ -91,11 +91,10 @@ def main():
             pos = torch.arange(CONTEXT, CONTEXT + T0 + steps - 1)
             slots = pos  # the table is the identity: position p at slot p
             medians = {}
-            runs = {"cpu": lambda: cpu_feature_draft_chain(f, nxt, slot_mapping=slots, start=CONTEXT, max_steps=steps,
-                                                           fallback_threshold=0.0, backend="cpu", **d),
+            chain = dict(counts=[T0], starts=[CONTEXT], caps=[steps], slot_mapping=slots, fallback_threshold=0.0, **d)
+            runs = {"cpu": lambda: cpu_feature_draft_chain(f, nxt, backend="cpu", **chain),
                     "pieces": lambda: _pieces(f, nxt, steps=steps, start=CONTEXT, slot_mapping=slots, d=d),
-                    "ref": lambda: cpu_feature_draft_chain(f, nxt, slot_mapping=slots, start=CONTEXT, max_steps=steps,
-                                                           fallback_threshold=0.0, backend="ref", **d)}
+                    "ref": lambda: cpu_feature_draft_chain(f, nxt, backend="ref", **chain)}
             for backend, fn in runs.items():
                 stats = timeit(fn, "cpu", iters=args.iters or (20 if backend != "ref" else 3))
                 row = record("cpu_feature_draft_chain", "cpu", backend,

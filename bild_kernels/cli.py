@@ -44,7 +44,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                         "model alone): N, none, or auto (the shipped draft's recommendation on a CPU)")
     g.add_argument("--draft-loop", default="auto", choices=("auto", "native", "eager", "static", "graph"),
                    help="how draft runs execute (Engine's draft_loop): auto is graph on CUDA, native on a CPU (a "
-                        "feature draft's greedy run for one sequence in one call of the CPU extension); eager is "
+                        "feature draft's greedy runs in one call of the CPU extension); eager is "
                         "the Python loop")
 
 

@@ -382,55 +382,64 @@ def cpu_feature_input_ref(features, next_ids, shift, inv_std, embed, inv_emb_sca
 
 def cpu_feature_draft_chain_ref(features, next_ids, shift, inv_std, embed, inv_emb_scale: float, fc_w, fc_scale,
                                 fc_bias, layers, key_caches, value_caches, norm, head_w, head_scale, head_bias,
-                                head_vocab, cos, sin, slot_mapping, block_table, start: int, num_heads: int,
-                                num_kv_heads: int, scale: float, sliding_windows, eps: float, activation_bits: int,
-                                max_steps: int, fallback_threshold: float, energy: bool):
-    """A feature draft's greedy draft run of one sequence (the engine's eager loop, step for step).
+                                head_vocab, cos, sin, slot_mapping, block_tables, counts, starts, caps,
+                                num_heads: int, num_kv_heads: int, scale: float, sliding_windows, eps: float,
+                                activation_bits: int, fallback_threshold: float, energy: bool):
+    """A feature draft's greedy draft runs of B sequences (the engine's eager loop, step for step; each sequence's
+    run depends on nothing but its own inputs, so this twin runs them one after the other).
 
-    Step 0 feeds the T0 verified positions start .. start + T0 - 1 (features [T0, H], next_ids [T0]); each later
-    step one position: the draft's own last output (before the final norm) and its last token. A step is
-    `cpu_feature_input_ref`, the layers (`cpu_decoder_layer_ref`, 14 weights each in `layers`, K/V written at
-    slot_mapping [T0 + max_steps - 1] in order, rotary rows cos/sin [P, D] at the positions, block_table [1, M]),
-    then the head (head_w / head_scale / head_bias in any weight form, packed ones at int16 activations) on the
-    last position's RMSNorm. Its token: the first argmax, through head_vocab [V_head] when given; its confidence:
-    the max probability at temperature 1. The run stops at the first unsure step (energy: -logsumexp >
-    fallback_threshold, else max probability < fallback_threshold; its token is not drafted), at logits holding a
-    NaN or no finite maximum, or after max_steps drafted tokens.
+    Sequence b: step 0 feeds its counts[b] verified positions starts[b] .. starts[b] + counts[b] - 1 (its rows of
+    features [sum(counts), H] and next_ids, in sequence order); each later step one position: the draft's own last
+    output (before the final norm) and its last token. A step is `cpu_feature_input_ref`, the layers
+    (`cpu_decoder_layer_ref`, 14 weights each in `layers`, K/V written at the sequence's run of counts[b] + caps[b]
+    - 1 slots of slot_mapping in order, rotary rows cos/sin [P, D] at the positions, its block_tables row), then the
+    head (head_w / head_scale / head_bias in any weight form, packed ones at int16 activations) on the last
+    position's RMSNorm. Its token: the first argmax, through head_vocab [V_head] when given; its confidence: the max
+    probability at temperature 1. A run stops at the first unsure step (energy: -logsumexp > fallback_threshold,
+    else max probability < fallback_threshold; its token is not drafted), at logits holding a NaN or no finite
+    maximum, or after caps[b] drafted tokens.
 
-    Returns (tokens [max_steps] int64: every step's token, -1 after the last step run; max_probs [max_steps]
-    float32: every step's confidence, 0 after; status [3] int64: tokens drafted, steps run, and why it stopped:
-    0 max_steps, 1 unsure, 2 not finite)."""
-    tokens = torch.full((max_steps,), -1, dtype=torch.int64)
-    max_probs = torch.zeros(max_steps, dtype=torch.float32)
-    status = [0, 0, 0]
-    feed, ids, pos, used = features, next_ids, start, 0
-    for step in range(max_steps):
-        T = feed.shape[0]
-        x = cpu_feature_input_ref(feed, ids, shift, inv_std, embed, inv_emb_scale, fc_w, fc_scale, fc_bias)
-        qsl = torch.tensor([0, T], dtype=torch.int32)
-        positions = torch.arange(pos, pos + T)
-        lens = torch.tensor([pos + T], dtype=torch.int32)
-        for i in range(len(key_caches)):
-            x = cpu_decoder_layer_ref(x, cos[pos:pos + T], sin[pos:pos + T], *layers[14 * i:14 * (i + 1)],
-                                      key_caches[i], value_caches[i], slot_mapping[used:used + T], qsl, positions,
-                                      block_table, lens, num_heads, num_kv_heads, scale, sliding_windows[i], eps,
-                                      activation_bits)
-        logits = _project_ref(cpu_rms_norm_ref(x[-1:], norm, eps), head_w, head_scale, head_bias, 16)[0]
-        if bool(torch.isnan(logits).any()) or not math.isfinite(float(logits.max())):
-            status[2] = 2
-            break
-        lse = torch.logsumexp(logits, 0)
-        arg = int(logits.argmax())  # the first index of the maximum
-        prob = float(torch.exp(logits[arg] - lse))
-        tokens[step] = int(head_vocab[arg]) if head_vocab is not None else arg
-        max_probs[step] = prob
-        status[1] = step + 1
-        if (-float(lse) > fallback_threshold) if energy else (prob < fallback_threshold):
-            status[2] = 1
-            break
-        status[0] = step + 1
-        feed, ids, pos, used = x[-1:], tokens[step:step + 1], pos + T, used + T
-    return tokens, max_probs, torch.tensor(status, dtype=torch.int64)
+    Returns (tokens [B, max(caps)] int64: every step's token, -1 after the last step run; max_probs [B, max(caps)]
+    float32: every step's confidence, 0 after; status [B, 3] int64: tokens drafted, steps run, and why the run
+    stopped: 0 its cap, 1 unsure, 2 not finite)."""
+    B, width = len(counts), int(max(caps))
+    tokens = torch.full((B, width), -1, dtype=torch.int64)
+    max_probs = torch.zeros(B, width, dtype=torch.float32)
+    status = torch.zeros(B, 3, dtype=torch.int64)
+    row0 = slot0 = 0
+    for b in range(B):
+        n0, cap = int(counts[b]), int(caps[b])
+        slots = slot_mapping[slot0:slot0 + n0 + cap - 1]
+        feed, ids = features[row0:row0 + n0], next_ids[row0:row0 + n0]
+        pos, used = int(starts[b]), 0
+        row0, slot0 = row0 + n0, slot0 + n0 + cap - 1
+        for step in range(cap):
+            T = feed.shape[0]
+            x = cpu_feature_input_ref(feed, ids, shift, inv_std, embed, inv_emb_scale, fc_w, fc_scale, fc_bias)
+            qsl = torch.tensor([0, T], dtype=torch.int32)
+            positions = torch.arange(pos, pos + T)
+            lens = torch.tensor([pos + T], dtype=torch.int32)
+            for i in range(len(key_caches)):
+                x = cpu_decoder_layer_ref(x, cos[pos:pos + T], sin[pos:pos + T], *layers[14 * i:14 * (i + 1)],
+                                          key_caches[i], value_caches[i], slots[used:used + T], qsl, positions,
+                                          block_tables[b:b + 1], lens, num_heads, num_kv_heads, scale,
+                                          sliding_windows[i], eps, activation_bits)
+            logits = _project_ref(cpu_rms_norm_ref(x[-1:], norm, eps), head_w, head_scale, head_bias, 16)[0]
+            if bool(torch.isnan(logits).any()) or not math.isfinite(float(logits.max())):
+                status[b, 2] = 2
+                break
+            lse = torch.logsumexp(logits, 0)
+            arg = int(logits.argmax())  # the first index of the maximum
+            prob = float(torch.exp(logits[arg] - lse))
+            tokens[b, step] = int(head_vocab[arg]) if head_vocab is not None else arg
+            max_probs[b, step] = prob
+            status[b, 1] = step + 1
+            if (-float(lse) > fallback_threshold) if energy else (prob < fallback_threshold):
+                status[b, 2] = 1
+                break
+            status[b, 0] = step + 1
+            feed, ids, pos, used = x[-1:], tokens[b, step:step + 1], pos + T, used + T
+    return tokens, max_probs, status
 
 
 # --------------------------------------------------------------------------------------------

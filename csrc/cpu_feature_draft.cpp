@@ -1,21 +1,22 @@
-// cpu_feature_draft_chain: a feature draft's whole greedy draft run for one sequence in one call (and its two
-// pieces, cpu_rms_norm and cpu_feature_input, which the executor's own CPU passes use so that both agree bit
-// for bit): the CPU counterpart of the CUDA-graph draft loop (bild_kernels.engine.iteration, draft_loop.py).
+// cpu_feature_draft_chain: a feature draft's whole greedy draft run for a batch of sequences in one call (and its
+// two pieces, cpu_rms_norm and cpu_feature_input, which the executor's own CPU passes use so that both agree bit for
+// bit): the CPU counterpart of the CUDA-graph draft loop (bild_kernels.engine.iteration, draft_loop.py).
 //
 // Why: a feature-draft step's kernels (its one decoder layer, its fc, its 8,192-row head) cost ~0.25 ms on the
 // AMD EPYC, but the same step as an engine extend (block bookkeeping, metadata tensors, the executor's forward,
 // RMSNorm as five PyTorch ops, sample_draft's checks, the loop's host reads) cost ~0.63 ms: ~1.1 ms of every
 // BiLD pass of ~10 ms went to the Python around ~2.7 draft steps. Here the steps run back to back in C++.
 //
-// Semantics (those of the engine's eager loop, reference.cpu_feature_draft_chain_ref): step 0 feeds the T0
-// verified positions start .. start + T0 - 1 (features [T0, H], next_ids [T0]: the token after each), each later
-// step one position fed with the draft's own last output (before the final norm) and its last token. A step's
-// layer-0 input is cpu_feature_input, then the layers (cpu_decoder_layer, slots from slot_mapping in order,
-// rotary rows cos/sin[position]), then the head on the last position's RMSNorm. Its token is the argmax (first
+// Semantics (those of the engine's eager loop, reference.cpu_feature_draft_chain_ref), per sequence b: step 0
+// feeds its counts[b] verified positions starts[b] .. (features and next_ids: every sequence's rows in order, the
+// token after each position), each later step one position fed with the draft's own last output (before the final
+// norm) and its last token. A step's layer-0 input is cpu_feature_input, then the layers (cpu_decoder_layer over
+// every sequence still drafting, each sequence's slots from its run of slot_mapping in order, rotary rows
+// cos/sin[position]), then the head on each sequence's last position's RMSNorm. Its token is the argmax (first
 // index) of the head's logits mapped through head_vocab, its confidence the max probability (cpu_sample_draft's
-// greedy row, bit for bit); the run stops at the first unsure step (energy: -lse > threshold, else max probability
-// < threshold; its token is not drafted), at a non-finite row, or after max_steps drafted tokens.
-// Work split: the products and the attention run on torch's threads inside each kernel; the chain is sequential.
+// greedy row, bit for bit); a sequence stops at its first unsure step (energy: -lse > threshold, else max
+// probability < threshold; its token is not drafted), at a non-finite row, or after caps[b] drafted tokens.
+// Work split: the products and the attention run on torch's threads inside each kernel; the steps are sequential.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
@@ -24,6 +25,7 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <optional>
@@ -116,16 +118,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_feature_draft_chain(
     at::TensorList key_caches, at::TensorList value_caches, const at::Tensor& norm, const at::Tensor& head_w,
     const std::optional<at::Tensor>& head_scale, const std::optional<at::Tensor>& head_bias,
     const std::optional<at::Tensor>& head_vocab, const at::Tensor& cos, const at::Tensor& sin,
-    const at::Tensor& slot_mapping, const at::Tensor& block_table, int64_t start, int64_t num_heads,
-    int64_t num_kv_heads, double scale, at::IntArrayRef sliding_windows, double eps, int64_t activation_bits,
-    int64_t max_steps, double fallback_threshold, bool energy) {
+    const at::Tensor& slot_mapping, const at::Tensor& block_tables, const at::Tensor& counts, const at::Tensor& starts,
+    const at::Tensor& caps, int64_t num_heads, int64_t num_kv_heads, double scale, at::IntArrayRef sliding_windows,
+    double eps, int64_t activation_bits, double fallback_threshold, bool energy) {
   constexpr const char* op = "cpu_feature_draft_chain";
   TORCH_CHECK(cpu_linear_supported(), op, ": this CPU lacks AVX2/FMA (use the reference)");
   check_feature_input(op, features, next_ids, shift, inv_std, embed);
-  const int64_t T0 = features.size(0), H = features.size(1);
-  TORCH_CHECK(T0 >= 1, op, ": features must hold at least one position");
-  TORCH_CHECK(max_steps >= 1, op, ": max_steps must be >= 1, got ", max_steps);
-  TORCH_CHECK(start >= 0, op, ": start must be >= 0, got ", start);
+  const int64_t H = features.size(1);
+  for (const at::Tensor* t : {&counts, &starts, &caps}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kLong && t->dim() == 1 && t->is_contiguous() &&
+                    t->size(0) == counts.size(0),
+                op, ": counts, starts and caps must be contiguous int64 [B] CPU tensors of one length");
+  }
+  const int64_t B = counts.size(0);
+  TORCH_CHECK(B >= 1, op, ": at least one sequence");
+  const int64_t* cnt = counts.data_ptr<int64_t>();
+  const int64_t* st0 = starts.data_ptr<int64_t>();
+  const int64_t* cap = caps.data_ptr<int64_t>();
+  int64_t fed = 0, slots_needed = 0, max_cap = 0, max_pos = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(cnt[b] >= 1 && cap[b] >= 1 && st0[b] >= 0, op, ": sequence ", b, " has counts ", cnt[b], ", caps ",
+                cap[b], " and starts ", st0[b], " (each must be >= 1, >= 1 and >= 0)");
+    fed += cnt[b];
+    slots_needed += cnt[b] + cap[b] - 1;
+    max_cap = std::max(max_cap, cap[b]);
+    max_pos = std::max(max_pos, st0[b] + cnt[b] + cap[b] - 1);
+  }
+  TORCH_CHECK(features.size(0) == fed, op, ": features hold ", features.size(0), " positions, counts sum to ", fed);
   const int64_t L = static_cast<int64_t>(key_caches.size());
   TORCH_CHECK(L >= 1 && static_cast<int64_t>(value_caches.size()) == L &&
                   static_cast<int64_t>(layers.size()) == kLayerArgs * L &&
@@ -136,13 +155,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_feature_draft_chain(
   TORCH_CHECK(norm.size(0) == H, op, ": norm must be [", H, "]");
   check_float(op, "cos", cos, 2);
   check_float(op, "sin", sin, 2);
-  TORCH_CHECK(sin.sizes() == cos.sizes() && cos.size(0) >= start + T0 + max_steps - 1, op,
-              ": cos and sin must be [P, head_dim] tables of one shape covering positions up to ",
-              start + T0 + max_steps - 2, ", got ", cos.sizes(), " and ", sin.sizes());
+  TORCH_CHECK(sin.sizes() == cos.sizes() && cos.size(0) >= max_pos, op,
+              ": cos and sin must be [P, head_dim] tables of one shape covering positions up to ", max_pos - 1,
+              ", got ", cos.sizes(), " and ", sin.sizes());
   TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1 &&
-                  slot_mapping.size(0) == T0 + max_steps - 1 && slot_mapping.is_contiguous(),
-              op, ": slot_mapping must be a contiguous int64 [T0 + max_steps - 1 = ", T0 + max_steps - 1, "] tensor");
-  TORCH_CHECK(block_table.dim() == 2 && block_table.size(0) == 1, op, ": block_table must be one row [1, M]");
+                  slot_mapping.size(0) == slots_needed && slot_mapping.is_contiguous(),
+              op, ": slot_mapping must be a contiguous int64 [sum(counts + caps - 1) = ", slots_needed, "] tensor");
+  TORCH_CHECK(block_tables.scalar_type() == at::kInt && block_tables.dim() == 2 && block_tables.size(0) == B,
+              op, ": block_tables must be int32 [B = ", B, ", M]");
   if (head_vocab.has_value()) {
     TORCH_CHECK(head_vocab->device().is_cpu() && head_vocab->scalar_type() == at::kLong && head_vocab->dim() == 1 &&
                     head_vocab->is_contiguous(),
@@ -155,9 +175,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_feature_draft_chain(
     }
   }
   const auto opt = features.options();
-  at::Tensor tokens = at::full({max_steps}, -1, opt.dtype(at::kLong));
-  at::Tensor max_probs = at::zeros({max_steps}, opt);
-  at::Tensor status = at::zeros({3}, opt.dtype(at::kLong));  // drafted, forwards run, stop (0 cap, 1 unsure, 2 NaN)
+  at::Tensor tokens = at::full({B, max_cap}, -1, opt.dtype(at::kLong));
+  at::Tensor max_probs = at::zeros({B, max_cap}, opt);
+  // per sequence: drafted, forwards run, stop (0 cap, 1 unsure, 2 not finite)
+  at::Tensor status = at::zeros({B, 3}, opt.dtype(at::kLong));
   int64_t* tok = tokens.data_ptr<int64_t>();
   float* mp = max_probs.data_ptr<float>();
   int64_t* st = status.data_ptr<int64_t>();
@@ -165,48 +186,96 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_feature_draft_chain(
   const auto i32 = opt.dtype(at::kInt), i64 = opt.dtype(at::kLong);
   const float thr = static_cast<float>(fallback_threshold);
   const int64_t* vocab = head_vocab.has_value() ? head_vocab->data_ptr<int64_t>() : nullptr;
-  at::Tensor feed = features, ids = next_ids;  // this step's inputs: step 0's, then the chain's [1, H] and [1]
-  int64_t pos = start, used = 0;               // first position of the step; slots consumed so far
-  at::Tensor h = at::empty({1, H}, opt);
-  for (int64_t step = 0; step < max_steps; ++step) {
-    const int64_t T = feed.size(0);
+  const int64_t M = block_tables.size(1);
+  const at::Tensor tables = block_tables.contiguous();
+  // per sequence: its first slot in slot_mapping, the next position it feeds, the slots it has used
+  std::vector<int64_t> slot0(B), pos(B), used(B, 0), active;
+  for (int64_t b = 0, o = 0; b < B; ++b) {
+    slot0[b] = o;
+    o += cnt[b] + cap[b] - 1;
+    pos[b] = st0[b];
+    active.push_back(b);
+  }
+  at::Tensor feed = features, ids = next_ids;  // this step's inputs, the active sequences' rows in order
+  for (int64_t step = 0; !active.empty(); ++step) {
+    const int64_t n = static_cast<int64_t>(active.size()), T = feed.size(0);
     at::Tensor x = feature_input(feed.data_ptr<float>(), ids.data_ptr<int64_t>(), T, shift, inv_std, embed,
                                  static_cast<float>(inv_emb_scale), fc_w, fc_scale, fc_bias);
-    at::Tensor qsl = at::empty({2}, i32), positions = at::empty({T}, i64), lens = at::empty({1}, i32);
-    qsl.data_ptr<int32_t>()[0] = 0;
-    qsl.data_ptr<int32_t>()[1] = static_cast<int32_t>(T);
-    for (int64_t t = 0; t < T; ++t) positions.data_ptr<int64_t>()[t] = pos + t;
-    lens.data_ptr<int32_t>()[0] = static_cast<int32_t>(pos + T);
-    const at::Tensor slots = slot_mapping.narrow(0, used, T), c = cos.narrow(0, pos, T), s = sin.narrow(0, pos, T);
+    at::Tensor qsl = at::empty({n + 1}, i32), positions = at::empty({T}, i64), lens = at::empty({n}, i32);
+    at::Tensor slots = at::empty({T}, i64), table = at::empty({n, M}, i32), c = at::empty({T, cos.size(1)}, opt);
+    at::Tensor s = at::empty({T, cos.size(1)}, opt);
+    const int64_t D2 = cos.size(1);
+    int32_t* q = qsl.data_ptr<int32_t>();
+    q[0] = 0;
+    for (int64_t k = 0; k < n; ++k) {
+      const int64_t b = active[k], Tb = step == 0 ? cnt[b] : 1;
+      q[k + 1] = static_cast<int32_t>(q[k] + Tb);
+      lens.data_ptr<int32_t>()[k] = static_cast<int32_t>(pos[b] + Tb);
+      std::copy(tables.data_ptr<int32_t>() + b * M, tables.data_ptr<int32_t>() + (b + 1) * M,
+                table.data_ptr<int32_t>() + k * M);
+      for (int64_t t = 0; t < Tb; ++t) {
+        const int64_t r = q[k] + t, p = pos[b] + t;
+        positions.data_ptr<int64_t>()[r] = p;
+        slots.data_ptr<int64_t>()[r] = slot_mapping.data_ptr<int64_t>()[slot0[b] + used[b] + t];
+        std::copy(cos.data_ptr<float>() + p * D2, cos.data_ptr<float>() + (p + 1) * D2, c.data_ptr<float>() + r * D2);
+        std::copy(sin.data_ptr<float>() + p * D2, sin.data_ptr<float>() + (p + 1) * D2, s.data_ptr<float>() + r * D2);
+      }
+    }
+    TORCH_CHECK(q[n] == T, op, ": internal: ", T, " rows fed for ", q[n], " positions");
     for (int64_t i = 0; i < L; ++i) {
       const std::optional<at::Tensor>* a = w.data() + i * kLayerArgs;
       x = cpu_decoder_layer(x, c, s, *a[0], *a[1], a[2], a[3], *a[4], a[5], a[6], *a[7], *a[8], a[9], a[10], *a[11],
-                            a[12], a[13], key_caches[i], value_caches[i], slots, qsl, positions, block_table, lens,
+                            a[12], a[13], key_caches[i], value_caches[i], slots, qsl, positions, table, lens,
                             num_heads, num_kv_heads, scale, sliding_windows[i], eps, activation_bits);
     }
-    const float* last = x.data_ptr<float>() + (T - 1) * H;  // the draft's output: the next step's feature
-    rms_norm(last, norm.data_ptr<float>(), 1, H, static_cast<float>(eps), h.data_ptr<float>());
-    const at::Tensor logits = project(h, head_w, head_scale, head_bias, kProductBits).contiguous();  // [1, V_head]
-    TORCH_CHECK(vocab == nullptr || logits.size(1) == head_vocab->size(0), op, ": the head scores ", logits.size(1),
+    // each sequence's last position: its output (the next step's feature), normed, then the head
+    at::Tensor last = at::empty({n, H}, opt), h = at::empty({n, H}, opt);
+    for (int64_t k = 0; k < n; ++k) {
+      std::copy(x.data_ptr<float>() + (q[k + 1] - 1) * H, x.data_ptr<float>() + q[k + 1] * H,
+                last.data_ptr<float>() + k * H);
+    }
+    rms_norm(last.data_ptr<float>(), norm.data_ptr<float>(), n, H, static_cast<float>(eps), h.data_ptr<float>());
+    const at::Tensor logits = project(h, head_w, head_scale, head_bias, kProductBits).contiguous();  // [n, V_head]
+    const int64_t Vh = logits.size(1);
+    TORCH_CHECK(vocab == nullptr || Vh == head_vocab->size(0), op, ": the head scores ", Vh,
                 " ids, head_vocab names ", head_vocab->size(0));
-    int64_t arg = 0;
-    float prob = 0.0f, en = 0.0f;
-    if (!greedy_row(logits.data_ptr<float>(), logits.size(1), &arg, &prob, &en)) {
-      st[2] = 2;
-      break;
+    std::vector<int64_t> still, keep;  // sequences that go on; their rows in `last`
+    std::vector<int64_t> next_tok;
+    for (int64_t k = 0; k < n; ++k) {
+      const int64_t b = active[k];
+      int64_t* sb = st + b * 3;
+      int64_t arg = 0;
+      float prob = 0.0f, en = 0.0f;
+      used[b] += step == 0 ? cnt[b] : 1;
+      pos[b] += step == 0 ? cnt[b] : 1;
+      if (!greedy_row(logits.data_ptr<float>() + k * Vh, Vh, &arg, &prob, &en)) {
+        sb[2] = 2;
+        continue;
+      }
+      const int64_t id = vocab != nullptr ? vocab[arg] : arg;
+      tok[b * max_cap + step] = id;
+      mp[b * max_cap + step] = prob;
+      sb[1] = step + 1;
+      if (energy ? en > thr : prob < thr) {
+        sb[2] = 1;
+        continue;
+      }
+      sb[0] = step + 1;
+      if (step + 1 < cap[b]) {
+        still.push_back(b);
+        keep.push_back(k);
+        next_tok.push_back(id);
+      }
     }
-    tok[step] = vocab != nullptr ? vocab[arg] : arg;
-    mp[step] = prob;
-    st[1] = step + 1;
-    if (energy ? en > thr : prob < thr) {
-      st[2] = 1;
-      break;
+    active = still;
+    if (active.empty()) break;
+    feed = at::empty({static_cast<int64_t>(keep.size()), H}, opt);
+    ids = at::empty({static_cast<int64_t>(keep.size())}, i64);
+    for (size_t k = 0; k < keep.size(); ++k) {
+      std::copy(last.data_ptr<float>() + keep[k] * H, last.data_ptr<float>() + (keep[k] + 1) * H,
+                feed.data_ptr<float>() + k * H);
+      ids.data_ptr<int64_t>()[k] = next_tok[k];
     }
-    st[0] = step + 1;
-    used += T;
-    pos += T;
-    feed = x.narrow(0, T - 1, 1).clone();
-    ids = tokens.narrow(0, step, 1);
   }
 #endif
   return {tokens, max_probs, status};
@@ -221,9 +290,10 @@ TORCH_LIBRARY_FRAGMENT(bild_kernels_cpu, m) {
   m.def("cpu_feature_draft_chain(Tensor features, Tensor next_ids, Tensor shift, Tensor inv_std, Tensor embed, "
         "float inv_emb_scale, Tensor fc_w, Tensor? fc_scale, Tensor? fc_bias, Tensor?[] layers, "
         "Tensor(a!)[] key_caches, Tensor(b!)[] value_caches, Tensor norm, Tensor head_w, Tensor? head_scale, "
-        "Tensor? head_bias, Tensor? head_vocab, Tensor cos, Tensor sin, Tensor slot_mapping, Tensor block_table, "
-        "int start, int num_heads, int num_kv_heads, float scale, int[] sliding_windows, float eps, "
-        "int activation_bits, int max_steps, float fallback_threshold, bool energy) -> (Tensor, Tensor, Tensor)");
+        "Tensor? head_bias, Tensor? head_vocab, Tensor cos, Tensor sin, Tensor slot_mapping, Tensor block_tables, "
+        "Tensor counts, Tensor starts, Tensor caps, int num_heads, int num_kv_heads, float scale, "
+        "int[] sliding_windows, float eps, int activation_bits, float fallback_threshold, bool energy) "
+        "-> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(bild_kernels_cpu, CPU, m) {

@@ -84,8 +84,8 @@ class Engine(Iteration):
     draft_loop : how the small model's draft runs execute: "graph" (captured CUDA graphs, one per
         batch-size bucket; the default on CUDA), "eager" (a loop that shrinks the batch as rows stop),
         "static" (the graphs' fixed-buffer loop run without capture: for debugging a graph), or "native"
-        (the default on a CPU): "eager", but a feature draft's greedy run for a single drafting sequence
-        goes to the CPU extension in one call (cpu_feature_draft_chain), its steps back to back in C++.
+        (the default on a CPU): "eager", but a feature draft's greedy runs (every drafting row greedy) go
+        to the CPU extension in one call (cpu_feature_draft_chain), their steps back to back in C++.
         All give the same tokens.
     extend_passes : how both models' short passes run (decode steps, verification passes, draft catch-ups:
         up to `max_draft_len`-sized runs of new tokens a row, bucketed to 1, 2, 4, 8 or 16): "graph" (one

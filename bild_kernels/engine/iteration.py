@@ -120,9 +120,9 @@ class Iteration:
         # (speculative sampling needs each draft's distribution over the whole vocabulary)
         vocab = None if shallow or out.probs is not None else self._head_vocab(running)
         active = [i for i, c in enumerate(caps) if c > 0]
-        if (feature and self.draft_loop == "native" and len(active) == 1 and out.probs is None
-                and running[active[0]].params.temperature <= 0
-                and self._draft_native(running[active[0]], active[0], caps[active[0]], policy, out)):
+        if (feature and self.draft_loop == "native" and active and out.probs is None
+                and all(running[i].params.temperature <= 0 for i in active)
+                and self._draft_native(running, active, caps, policy, out)):
             return out
         fixed = None  # the rows' sampling tensors but the offsets, built once while the same rows draft
         step = 0
@@ -179,40 +179,47 @@ class Iteration:
                 s.cached["small"] = min(s.cached["small"], len(s.tokens) - 1)
         return out
 
-    def _draft_native(self, s: Sequence, i: int, cap: int, policy: Policy, out: Drafts) -> bool:
-        """One sequence's greedy feature-draft run in one call of the CPU extension (`draft_loop="native"`): the
-        same drafts, confidences and metrics as the eager loop below. Returns False, having done nothing, where
-        the extension does not serve this draft or this run's first step."""
+    def _draft_native(self, running: list[Sequence], active: list[int], caps: list[int], policy: Policy,
+                      out: Drafts) -> bool:
+        """The drafting rows' greedy feature-draft runs in one call of the CPU extension (`draft_loop="native"`):
+        the same drafts, confidences and metrics as the eager loop below. Returns False, having done nothing, where
+        the extension does not serve this draft or a row's first step."""
         small = self.runners["small"]
         ex = small.executor
-        T0 = sum(f.shape[0] for f in s.features)
-        if not ex.chain_ready(T0):
+        seqs = [running[i] for i in active]
+        counts = [sum(f.shape[0] for f in s.features) for s in seqs]
+        if not all(ex.chain_ready(n) for n in counts):
             return False
-        start = s.cached["small"]
-        if start + T0 != len(s.tokens) - 1:  # an engine bug, not a user error
-            raise RuntimeError(f"feature draft out of step: {start} fed + {T0} pending features for "
-                               f"{len(s.tokens)} tokens")
-        # every slot the run may feed, reserved at once (the worst case the scheduler budgets for anyway)
-        slots = small.blocks.append([s.row], [T0 + cap - 1])
-        feats = s.features[0] if len(s.features) == 1 else torch.cat(s.features)
-        energy = policy.fallback_signal == "energy"
-        run = ex.draft_chain(feats, s.tokens[start + 1:], small.kv_caches, slots, small.blocks.block_tables_of([s.row]),
-                             start, cap, policy.thresholds()[0], energy)
-        s.features = []
-        if cap > 1:  # the chain's positions hold guessed features: drop them, keep the verified ones
-            small.rollback([s.row], [cap - 1])
-        s.cached["small"] = len(s.tokens) - 1
-        s.metrics.small_steps += run.steps
-        n = len(run.tokens)
-        if run.stop == "unsure":
-            s.metrics.fallbacks += 1
-            if out.unsure is not None:
-                out.unsure[i] = (run.unsure_token, run.max_probs[n])
-        elif run.stop == "not_finite":  # as screen_logits would: the request ends with an error after the step
-            small.note_nonfinite([s.row], torch.ones(1, dtype=torch.bool))
-        out.tokens[i] = run.tokens
-        if out.confidences is not None:
-            out.confidences[i] = run.max_probs[:n]
+        starts = [s.cached["small"] for s in seqs]
+        for s, st, n in zip(seqs, starts, counts):
+            if st + n != len(s.tokens) - 1:  # an engine bug, not a user error
+                raise RuntimeError(f"feature draft out of step: {st} fed + {n} pending features for "
+                                   f"{len(s.tokens)} tokens")
+        rows, row_caps = [s.row for s in seqs], [caps[i] for i in active]
+        # every slot the runs may feed, reserved at once (the worst case the scheduler budgets for anyway)
+        slots = small.blocks.append(rows, [n + c - 1 for n, c in zip(counts, row_caps)])
+        feats = torch.cat([f for s in seqs for f in s.features])
+        nxt = [t for s, st in zip(seqs, starts) for t in s.tokens[st + 1:]]
+        runs = ex.draft_chain(feats, nxt, counts, starts, row_caps, small.kv_caches, slots,
+                              small.blocks.block_tables_of(rows), policy.thresholds()[0],
+                              policy.fallback_signal == "energy")
+        chained = [(r, c - 1) for r, c in zip(rows, row_caps) if c > 1]
+        if chained:  # the chains' positions hold guessed features: drop them, keep the verified ones
+            small.rollback([r for r, _ in chained], [n for _, n in chained])
+        for i, s, run in zip(active, seqs, runs):
+            s.features = []
+            s.cached["small"] = len(s.tokens) - 1
+            s.metrics.small_steps += run.steps
+            n = len(run.tokens)
+            if run.stop == "unsure":
+                s.metrics.fallbacks += 1
+                if out.unsure is not None:
+                    out.unsure[i] = (run.unsure_token, run.max_probs[n])
+            elif run.stop == "not_finite":  # as screen_logits would: the request ends with an error after the step
+                small.note_nonfinite([s.row], torch.ones(1, dtype=torch.bool))
+            out.tokens[i] = run.tokens
+            if out.confidences is not None:
+                out.confidences[i] = run.max_probs[:n]
         return True
 
     def _feature_step(self, active: list[int], seqs: list[Sequence], drafts: list[list[int]],

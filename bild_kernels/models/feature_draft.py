@@ -85,23 +85,25 @@ class FeatureDraftExecutor(LlamaExecutor):
                 and self._head_args is not None and self.embed.is_contiguous()
                 and 1 <= first_tokens <= min(self.fused_max_tokens, CPU_LINEAR_MAX_ROWS))
 
-    def draft_chain(self, features: torch.Tensor, next_ids: list[int], kv_caches, slot_mapping: torch.Tensor,
-                    block_table: torch.Tensor, start: int, max_steps: int, fallback_threshold: float,
-                    energy: bool) -> DraftChain:
-        """A greedy draft run of one sequence in one call of the CPU extension (`ops.cpu_feature_draft_chain`,
-        trusted inputs: the engine's own): the features [T0, H] of its verified positions start .. start + T0 - 1
-        not yet fed and the token after each, then up to max_steps - 1 chained steps. slot_mapping
-        [T0 + max_steps - 1]: the slots reserved for every position it may feed; block_table [1, M]."""
-        T0, c = features.shape[0], self.config
-        cos, sin = self._rope_table_to(start + T0 + max_steps - 1)
+    def draft_chain(self, features: torch.Tensor, next_ids: list[int], counts: list[int], starts: list[int],
+                    caps: list[int], kv_caches, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
+                    fallback_threshold: float, energy: bool) -> list[DraftChain]:
+        """Greedy draft runs of B sequences in one call of the CPU extension (`ops.cpu_feature_draft_chain`, trusted
+        inputs: the engine's own): sequence b feeds the features of its counts[b] verified positions starts[b] ..
+        not yet fed (its rows of features [sum(counts), H], the token after each in next_ids), then chains up to
+        caps[b] - 1 more steps. slot_mapping [sum(counts + caps - 1)]: each sequence's run of the slots reserved for
+        every position it may feed; block_tables [B, M]."""
+        c = self.config
+        cos, sin = self._rope_table_to(max(s + n + k - 1 for s, n, k in zip(starts, counts, caps)))
         flat = [a for w in self.layers for a in w.fused_args()]
+        i64 = dict(dtype=torch.int64)
         out = self._chain_op(
-            features.to(self.dtype).contiguous(), torch.tensor(next_ids, dtype=torch.int64), self.shift,
-            self.inv_std, self.embed, self.inv_emb_scale, *self._fc_args, flat, [kc for kc, _ in kv_caches],
-            [vc for _, vc in kv_caches], self.norm, *self._head_args, self.head_vocab, cos.view(cos.shape[0], -1),
-            sin.view(sin.shape[0], -1), slot_mapping, block_table, start, c.num_heads, c.num_kv_heads, self.scale,
-            [w or 0 for w in c.sliding_windows], c.rms_norm_eps, self.activation_bits, max_steps,
-            float(fallback_threshold), bool(energy))
+            features.to(self.dtype).contiguous(), torch.tensor(next_ids, **i64), self.shift, self.inv_std, self.embed,
+            self.inv_emb_scale, *self._fc_args, flat, [kc for kc, _ in kv_caches], [vc for _, vc in kv_caches],
+            self.norm, *self._head_args, self.head_vocab, cos.view(cos.shape[0], -1), sin.view(sin.shape[0], -1),
+            slot_mapping, block_tables.contiguous(), torch.tensor(counts, **i64), torch.tensor(starts, **i64),
+            torch.tensor(caps, **i64), c.num_heads, c.num_kv_heads, self.scale, [w or 0 for w in c.sliding_windows],
+            c.rms_norm_eps, self.activation_bits, float(fallback_threshold), bool(energy))
         return chain_result(*out)
 
     def quantize_weights(self, kind: str = "int8") -> "FeatureDraftExecutor":

@@ -58,10 +58,14 @@ def _cpu_feature_input_fake(features, *args):
 
 
 @torch.library.register_fake("bild_kernels_cpu::cpu_feature_draft_chain")
-def _cpu_feature_draft_chain_fake(features, *args):
-    max_steps = args[-3]
-    return (features.new_empty((max_steps,), dtype=torch.int64), features.new_empty((max_steps,)),
-            features.new_empty((3,), dtype=torch.int64))
+def _cpu_feature_draft_chain_fake(features, next_ids, shift, inv_std, embed, inv_emb_scale, fc_w, fc_scale, fc_bias,
+                                  layers, key_caches, value_caches, norm, head_w, head_scale, head_bias, head_vocab,
+                                  cos, sin, slot_mapping, block_tables, counts, *args):
+    # [B, max(caps)]: the width is the caps' maximum, a value: unknown while tracing
+    width = torch.library.get_ctx().new_dynamic_size()
+    B = counts.shape[0]
+    return (features.new_empty((B, width), dtype=torch.int64), features.new_empty((B, width)),
+            features.new_empty((B, 3), dtype=torch.int64))
 
 
 for _op in ("reserve_paged_kv", "rollback_paged_kv"):  # in place: their fakes return nothing

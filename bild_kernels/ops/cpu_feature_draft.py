@@ -1,5 +1,5 @@
-"""cpu_feature_draft_chain: a feature draft's whole greedy draft run for one sequence in a single call, float32 on
-the CPU (the counterpart of the CUDA-graph draft loop for the engine's CPU runs at batch 1); and its pieces
+"""cpu_feature_draft_chain: a feature draft's whole greedy draft run for a batch of sequences in a single call, float32
+on the CPU (the counterpart of the CUDA-graph draft loop for the engine's CPU runs); and its pieces
 cpu_rms_norm and cpu_feature_input, which the executor's own CPU passes use so that both paths round alike.
 
 A feature-draft step's kernels cost ~0.25 ms on the AMD EPYC, but as an engine extend (block bookkeeping,
@@ -68,45 +68,52 @@ def cpu_feature_input(features, next_ids, *, shift, inv_std, embed, inv_emb_scal
               embed.contiguous(), float(inv_emb_scale), *fc)
 
 
-def cpu_feature_draft_chain(features, next_ids, *, shift, inv_std, embed, inv_emb_scale: float, fc: tuple,
-                            layers: list[LayerWeights], key_caches: list, value_caches: list, norm, head: tuple,
-                            head_vocab=None, cos, sin, slot_mapping, block_table, start: int, num_heads: int,
-                            num_kv_heads: int, scale: float, sliding_windows: list[int], eps: float,
-                            activation_bits: int = 16, max_steps: int, fallback_threshold: float,
-                            energy: bool = False, backend: str | None = None) -> DraftChain:
-    """Draft up to max_steps tokens greedily for one sequence with a feature draft (see
-    `reference.cpu_feature_draft_chain_ref` for the exact loop).
+def cpu_feature_draft_chain(features, next_ids, *, counts, starts, caps, shift, inv_std, embed,
+                            inv_emb_scale: float, fc: tuple, layers: list[LayerWeights], key_caches: list,
+                            value_caches: list, norm, head: tuple, head_vocab=None, cos, sin, slot_mapping,
+                            block_tables, num_heads: int, num_kv_heads: int, scale: float, sliding_windows: list[int],
+                            eps: float, activation_bits: int = 16, fallback_threshold: float, energy: bool = False,
+                            backend: str | None = None) -> list[DraftChain]:
+    """Draft up to caps[b] tokens greedily for each of B sequences with a feature draft, every step of all of them
+    in one batched forward (see `reference.cpu_feature_draft_chain_ref` for the exact loop).
 
-    features [T0, H] float32 and next_ids [T0] int64: the verified positions start .. start + T0 - 1 not yet fed
-    (the large model's features, the token after each). layers: each layer's `LayerWeights`, with its key and
-    value caches [blocks, block_size, H_kv, D]. head: (weight, scale, bias) like fc; head_vocab [V_head] int64: the
-    ids it scores (None: all). cos, sin [P, D]: rotary rows by position (P >= start + T0 + max_steps - 1).
-    slot_mapping [T0 + max_steps - 1] int64: the cache slots of step 0's positions, then of each later step's.
-    block_table [1, M] int32. fallback_threshold: a step is unsure when its max probability is below it (energy:
-    when its energy -logsumexp is above it); an unsure step's token is not drafted and ends the run.
-    The K/V of every position fed are written; the caller drops the chained ones afterwards."""
+    features [sum(counts), H] float32 and next_ids [sum(counts)] int64: each sequence's verified positions
+    starts[b] .. starts[b] + counts[b] - 1 not yet fed (the large model's features, the token after each), in
+    sequence order. counts, starts, caps: B ints. layers: each layer's `LayerWeights`, with its key and value caches
+    [blocks, block_size, H_kv, D]. head: (weight, scale, bias) like fc; head_vocab [V_head] int64: the ids it scores
+    (None: all). cos, sin [P, D]: rotary rows by position (P >= every starts[b] + counts[b] + caps[b] - 1).
+    slot_mapping [sum(counts + caps - 1)] int64: each sequence's run of the cache slots of its step 0's positions,
+    then of each later step's. block_tables [B, M] int32. fallback_threshold: a step is unsure when its max
+    probability is below it (energy: when its energy -logsumexp is above it); an unsure step's token is not drafted
+    and ends that sequence's run. The K/V of every position fed are written; the caller drops the chained ones."""
     _check_inputs(features, next_ids, shift, inv_std, embed, fc)
-    T0 = features.shape[0]
-    if T0 < 1:
-        raise ValueError("features must hold at least one position")
-    if not isinstance(max_steps, int) or max_steps < 1:
-        raise ValueError(f"max_steps must be an int >= 1, got {max_steps!r}")
-    if not isinstance(start, int) or start < 0:
-        raise ValueError(f"start must be an int >= 0, got {start!r}")
+    per_seq = {}
+    for name, vals, lo in (("counts", counts, 1), ("starts", starts, 0), ("caps", caps, 1)):
+        vals = vals.tolist() if isinstance(vals, torch.Tensor) else list(vals)
+        if not vals or any(isinstance(x, bool) or not isinstance(x, int) or x < lo for x in vals):
+            raise ValueError(f"{name} must be a non-empty list of ints >= {lo}, got {vals!r}")
+        per_seq[name] = vals
+    counts, starts, caps = per_seq["counts"], per_seq["starts"], per_seq["caps"]
+    B = len(counts)
+    if not len(starts) == len(caps) == B:
+        raise ValueError(f"counts ({B}), starts ({len(starts)}) and caps ({len(caps)}) must have one entry a sequence")
+    if features.shape[0] != sum(counts):
+        raise ValueError(f"features hold {features.shape[0]} positions, counts sum to {sum(counts)}")
     if not (energy or 0.0 <= fallback_threshold <= 1.0):
         raise ValueError(f"fallback_threshold (a probability) must be in [0, 1], got {fallback_threshold}")
     if not (len(layers) == len(key_caches) == len(value_caches) == len(sliding_windows) >= 1):
         raise ValueError(f"layers ({len(layers)}), key_caches ({len(key_caches)}), value_caches "
                          f"({len(value_caches)}) and sliding_windows ({len(sliding_windows)}) must match, >= 1")
+    top = max(s + n + c - 1 for s, n, c in zip(starts, counts, caps))
     for name, t in (("cos", cos), ("sin", sin)):
         v.tensor(name, t, dtypes=(torch.float32,), ndim=2, device=features.device)
-        if t.shape[0] < start + T0 + max_steps - 1:
-            raise ValueError(f"{name} must cover positions up to {start + T0 + max_steps - 2}, has {t.shape[0]} rows")
+        if t.shape[0] < top:
+            raise ValueError(f"{name} must cover positions up to {top - 1}, has {t.shape[0]} rows")
     v.tensor("slot_mapping", slot_mapping, dtypes=(torch.int64,), ndim=1, device=features.device)
-    v.shape("slot_mapping", slot_mapping, (T0 + max_steps - 1,))
-    v.tensor("block_table", block_table, dtypes=(torch.int32,), ndim=2, device=features.device)
-    if block_table.shape[0] != 1:
-        raise ValueError(f"block_table must be one row [1, M], got {list(block_table.shape)}")
+    v.shape("slot_mapping", slot_mapping, (sum(n + c - 1 for n, c in zip(counts, caps)),))
+    v.tensor("block_tables", block_tables, dtypes=(torch.int32,), ndim=2, device=features.device)
+    if block_tables.shape[0] != B:
+        raise ValueError(f"block_tables must hold one row a sequence [{B}, M], got {list(block_tables.shape)}")
     v.tensor("norm", norm, dtypes=(torch.float32,), ndim=1, device=features.device)
     v.shape("norm", norm, (features.shape[1],))
     if head_vocab is not None:
@@ -115,17 +122,19 @@ def cpu_feature_draft_chain(features, next_ids, *, shift, inv_std, embed, inv_em
         raise TypeError("head must be a (weight, scale or None, bias or None) tuple")
     fn = resolve("cpu_feature_draft_chain", features.device, backend)
     flat = [a for w in layers for a in layer_args(w)]
-    tokens, probs, status = fn(features.contiguous(), next_ids.contiguous(), shift.contiguous(), inv_std.contiguous(),
-                               embed.contiguous(), float(inv_emb_scale), *fc, flat, list(key_caches),
-                               list(value_caches), norm.contiguous(), *head, head_vocab, cos.contiguous(),
-                               sin.contiguous(), slot_mapping.contiguous(), block_table.contiguous(), start,
-                               num_heads, num_kv_heads, float(scale), [int(w) for w in sliding_windows], float(eps),
-                               int(activation_bits), max_steps, float(fallback_threshold), bool(energy))
-    return chain_result(tokens, probs, status)
+    i64 = dict(dtype=torch.int64)
+    out = fn(features.contiguous(), next_ids.contiguous(), shift.contiguous(), inv_std.contiguous(),
+             embed.contiguous(), float(inv_emb_scale), *fc, flat, list(key_caches), list(value_caches),
+             norm.contiguous(), *head, head_vocab, cos.contiguous(), sin.contiguous(), slot_mapping.contiguous(),
+             block_tables.contiguous(), torch.tensor(counts, **i64), torch.tensor(starts, **i64),
+             torch.tensor(caps, **i64), num_heads, num_kv_heads, float(scale), [int(w) for w in sliding_windows],
+             float(eps), int(activation_bits), float(fallback_threshold), bool(energy))
+    return chain_result(*out)
 
 
-def chain_result(tokens, probs, status) -> DraftChain:
-    """The op's (tokens, max_probs, status) tensors as a DraftChain (one host read each)."""
-    drafted, steps, stop = status.tolist()
-    ids = tokens[:steps].tolist()
-    return DraftChain(ids[:drafted], probs[:steps].tolist(), steps, _STOPS[stop], ids[drafted] if stop == 1 else None)
+def chain_result(tokens, probs, status) -> list[DraftChain]:
+    """The op's (tokens [B, W], max_probs [B, W], status [B, 3]) as one DraftChain a sequence (three host reads)."""
+    out = []
+    for ids, ps, (drafted, steps, stop) in zip(tokens.tolist(), probs.tolist(), status.tolist()):
+        out.append(DraftChain(ids[:drafted], ps[:steps], steps, _STOPS[stop], ids[drafted] if stop == 1 else None))
+    return out

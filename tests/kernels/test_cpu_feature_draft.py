@@ -1,6 +1,7 @@
-"""cpu_feature_draft_chain (a feature draft's greedy draft run in one call of the CPU extension) and its pieces
-cpu_rms_norm and cpu_feature_input against their reference twins: drafted tokens, confidences, the reason a run
-stops, the cache writes, with float32, int8 and packed int8 weights, a reduced head; bad input."""
+"""cpu_feature_draft_chain (a feature draft's greedy draft runs of a batch of sequences in one call of the CPU
+extension) and its pieces cpu_rms_norm and cpu_feature_input against their reference twins: drafted tokens,
+confidences, the reason a run stops, the cache writes, with float32, int8 and packed int8 weights, a reduced head;
+a batch against its sequences alone; bad input."""
 import pytest
 import torch
 
@@ -31,7 +32,7 @@ def _proj(t, form, bias=None):
     return (*int8_x16(w), bias) if form == "int8x16" else (w.q, w.scale.float(), bias)
 
 
-def _case(form, *, layers=1, vocab=True, seed=0):
+def _case(form, *, layers=1, vocab=True, seed=0, seqs=1):
     g = torch.Generator().manual_seed(seed)
 
     def w(n, k):
@@ -48,23 +49,33 @@ def _case(form, *, layers=1, vocab=True, seed=0):
         shift=0.1 * torch.randn(H, generator=g), inv_std=1 + 0.1 * torch.rand(H, generator=g),
         embed=torch.randn(V, H, generator=g), inv_emb_scale=0.5,
         fc=_proj(w(H, 2 * H), form, 0.1 * torch.randn(H, generator=g)), layers=lw,
-        key_caches=[torch.randn(blocks, BS, HKV, D, generator=g) for _ in range(layers)],
-        value_caches=[torch.randn(blocks, BS, HKV, D, generator=g) for _ in range(layers)],
+        key_caches=[torch.randn(blocks * seqs, BS, HKV, D, generator=g) for _ in range(layers)],
+        value_caches=[torch.randn(blocks * seqs, BS, HKV, D, generator=g) for _ in range(layers)],
         norm=1 + 0.1 * torch.randn(H, generator=g), head=_proj(3 * w(n_head, H), form), head_vocab=head_vocab,
-        cos=emb.cos(), sin=emb.sin(), block_table=torch.randperm(blocks, generator=g)[None].int(),
+        cos=emb.cos(), sin=emb.sin(),
+        block_tables=torch.randperm(blocks * seqs, generator=g).view(seqs, blocks).int(),
         num_heads=HQ, num_kv_heads=HKV, scale=D ** -0.5, sliding_windows=[0] * layers, eps=1e-5)
 
 
-def _run(case, backend, *, T0=3, start=5, steps=5, threshold=0.0, energy=False, seed=1):
+def _inputs(counts, seed=1):
     g = torch.Generator().manual_seed(seed)
+    return torch.randn(sum(counts), H, generator=g), torch.randint(0, V, (sum(counts),), generator=g)
+
+
+def _slots(table, start, n):
+    # position p of a sequence lives at slot table[p // BS] * BS + p % BS
+    pos = torch.arange(start, start + n)
+    return table.long()[pos // BS] * BS + pos % BS
+
+
+def _run(case, backend, *, T0=3, start=5, steps=5, threshold=0.0, energy=False, seed=1):
+    """One sequence's run: (its DraftChain, the caches after it)."""
     c = {**case, "key_caches": [t.clone() for t in case["key_caches"]],
          "value_caches": [t.clone() for t in case["value_caches"]]}
-    # position p of the sequence lives at slot table[p // BS] * BS + p % BS
-    pos = torch.arange(start, start + T0 + steps - 1)
-    slots = (c["block_table"][0].long()[pos // BS] * BS + pos % BS)
-    run = cpu_feature_draft_chain(torch.randn(T0, H, generator=g), torch.randint(0, V, (T0,), generator=g),
-                                  slot_mapping=slots, start=start, max_steps=steps, fallback_threshold=threshold,
-                                  energy=energy, backend=backend, **c)
+    f, ids = _inputs([T0], seed)
+    (run,) = cpu_feature_draft_chain(f, ids, counts=[T0], starts=[start], caps=[steps],
+                                     slot_mapping=_slots(c["block_tables"][0], start, T0 + steps - 1),
+                                     fallback_threshold=threshold, energy=energy, backend=backend, **c)
     return run, c["key_caches"], c["value_caches"]
 
 
@@ -134,18 +145,20 @@ def test_cpu_feature_input_and_rms_norm_match_reference(form):
     (dict(features=torch.randn(3, H).double()), TypeError, "features"),
     (dict(next_ids=torch.tensor([0, 1, V])), ValueError, "next_ids"),
     (dict(next_ids=torch.tensor([0, 1])), ValueError, "next_ids"),
-    (dict(max_steps=0), ValueError, "max_steps"),
+    (dict(caps=[0]), ValueError, "caps"),
+    (dict(counts=[2]), ValueError, "counts sum"),
+    (dict(starts=[5, 6]), ValueError, "one entry a sequence"),
     (dict(fallback_threshold=1.5), ValueError, "fallback_threshold"),
     (dict(slot_mapping=torch.arange(3)), ValueError, "slot_mapping"),
     (dict(cos=torch.zeros(6, D)), ValueError, "cos"),
-    (dict(block_table=torch.zeros(2, 12, dtype=torch.int32)), ValueError, "block_table"),
+    (dict(block_tables=torch.zeros(2, 12, dtype=torch.int32)), ValueError, "block_tables"),
     (dict(sliding_windows=[0, 0]), ValueError, "sliding_windows"),
     (dict(head=(torch.zeros(48, H),)), TypeError, "head"),
 ])
 def test_cpu_feature_draft_chain_bad_input(change, exc, match):
     case = _case("float32")
     kw = dict(features=torch.randn(3, H), next_ids=torch.tensor([0, 1, 2]), slot_mapping=torch.arange(7),
-              start=5, max_steps=5, fallback_threshold=0.5, **case)
+              counts=[3], starts=[5], caps=[5], fallback_threshold=0.5, **case)
     kw.update(change)
     keys = [t.clone() for t in case["key_caches"]]
     with pytest.raises(exc, match=match):
@@ -156,14 +169,51 @@ def test_cpu_feature_draft_chain_bad_input(change, exc, match):
 @needs_ext
 def test_cpu_feature_draft_chain_fake_impl():
     shapes = [None if a is None else a.shape for w in _case("float32")["layers"] for a in layer_args(w)]
-    with torch._subclasses.fake_tensor.FakeTensorMode():
+    with torch._subclasses.fake_tensor.FakeTensorMode(shape_env=torch.fx.experimental.symbolic_shapes.ShapeEnv()):
         flat = [None if s is None else torch.empty(s) for s in shapes]
-        f = torch.empty(3, H)
+        i64 = dict(dtype=torch.int64)
         out = torch.ops.bild_kernels_cpu.cpu_feature_draft_chain(
-            f, torch.empty(3, dtype=torch.int64), torch.empty(H), torch.empty(H), torch.empty(V, H), 0.5,
-            torch.empty(H, 2 * H), None, None, flat,
-            [torch.empty(12, BS, HKV, D)], [torch.empty(12, BS, HKV, D)], torch.empty(H), torch.empty(48, H), None,
-            None, None, torch.empty(64, D), torch.empty(64, D), torch.empty(7, dtype=torch.int64),
-            torch.empty(1, 12, dtype=torch.int32), 5, HQ, HKV, 0.25, [0], 1e-5, 16, 5, 0.5, False)
-    assert [tuple(t.shape) for t in out] == [(5,), (5,), (3,)]
+            torch.empty(5, H), torch.empty(5, **i64), torch.empty(H), torch.empty(H), torch.empty(V, H), 0.5,
+            torch.empty(H, 2 * H), None, None, flat, [torch.empty(24, BS, HKV, D)], [torch.empty(24, BS, HKV, D)],
+            torch.empty(H), torch.empty(48, H), None, None, None, torch.empty(64, D), torch.empty(64, D),
+            torch.empty(11, **i64), torch.empty(2, 12, dtype=torch.int32), torch.empty(2, **i64),
+            torch.empty(2, **i64), torch.empty(2, **i64), HQ, HKV, 0.25, [0], 1e-5, 16, 0.5, False)
+    assert [t.dim() for t in out] == [2, 2, 2] and [t.shape[0] for t in out] == [2, 2, 2] and out[2].shape[1] == 3
     assert [t.dtype for t in out] == [torch.int64, torch.float32, torch.int64]
+
+
+@needs_ext
+@pytest.mark.parametrize("form", FORMS)
+def test_cpu_feature_draft_chain_batch_equals_its_sequences_alone(form):
+    """Three sequences (different first steps, starts and caps; one stops unsure early) drafted together: each gets
+    the bits it gets alone, and the reference's tokens."""
+    case = _case(form, seqs=3)
+    counts, starts, caps = [3, 1, 2], [5, 9, 0], [4, 2, 5]
+    f, ids = _inputs(counts)
+    slots = torch.cat([_slots(case["block_tables"][b], s, n + c - 1)
+                       for b, (s, n, c) in enumerate(zip(starts, counts, caps))])
+
+    def run(backend, rows, threshold):
+        c = {**case, "key_caches": [t.clone() for t in case["key_caches"]],
+             "value_caches": [t.clone() for t in case["value_caches"]], "block_tables": case["block_tables"][rows]}
+        offs = [sum(counts[:b]) for b in rows]
+        soffs = [sum(n + k - 1 for n, k in zip(counts[:b], caps[:b])) for b in rows]
+        sel = torch.cat([torch.arange(o, o + counts[b]) for o, b in zip(offs, rows)])
+        ssel = torch.cat([torch.arange(o, o + counts[b] + caps[b] - 1) for o, b in zip(soffs, rows)])
+        out = cpu_feature_draft_chain(f[sel], ids[sel], counts=[counts[b] for b in rows], starts=[starts[b] for b in rows],
+                                      caps=[caps[b] for b in rows], slot_mapping=slots[ssel], fallback_threshold=threshold,
+                                      backend=backend, **c)
+        return out, c["key_caches"]
+    free, _ = run("cpu", [0, 1, 2], 0.0)
+    threshold = min(free[2].max_probs[1:]) + 1e-6  # the third sequence stops unsure past its first step
+    together, keys = run("cpu", [0, 1, 2], threshold)
+    assert any(r.stop == "unsure" for r in together) and any(r.stop == "max_steps" for r in together)
+    for b in range(3):
+        (alone,), _ = run("cpu", [b], threshold)
+        assert alone == together[b]
+    want, want_keys = run("ref", [0, 1, 2], threshold)
+    assert [r.tokens for r in together] == [r.tokens for r in want]
+    assert [r.stop for r in together] == [r.stop for r in want]
+    tol = TOL[form]
+    for a, b in zip(keys, want_keys):
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol)
