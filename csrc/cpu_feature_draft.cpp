@@ -202,9 +202,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_feature_draft_chain(
     at::Tensor x = feature_input(feed.data_ptr<float>(), ids.data_ptr<int64_t>(), T, shift, inv_std, embed,
                                  static_cast<float>(inv_emb_scale), fc_w, fc_scale, fc_bias);
     at::Tensor qsl = at::empty({n + 1}, i32), positions = at::empty({T}, i64), lens = at::empty({n}, i32);
-    at::Tensor slots = at::empty({T}, i64), table = at::empty({n, M}, i32), c = at::empty({T, cos.size(1)}, opt);
-    at::Tensor s = at::empty({T, cos.size(1)}, opt);
     const int64_t D2 = cos.size(1);
+    at::Tensor slots = at::empty({T}, i64), table = at::empty({n, M}, i32), c = at::empty({T, D2}, opt);
+    at::Tensor s = at::empty({T, D2}, opt);
     int32_t* q = qsl.data_ptr<int32_t>();
     q[0] = 0;
     for (int64_t k = 0; k < n; ++k) {

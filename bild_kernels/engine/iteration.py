@@ -187,14 +187,10 @@ class Iteration:
         small = self.runners["small"]
         ex = small.executor
         seqs = [running[i] for i in active]
-        counts = [sum(f.shape[0] for f in s.features) for s in seqs]
+        counts = [_pending_features(s) for s in seqs]
         if not all(ex.chain_ready(n) for n in counts):
             return False
         starts = [s.cached["small"] for s in seqs]
-        for s, st, n in zip(seqs, starts, counts):
-            if st + n != len(s.tokens) - 1:  # an engine bug, not a user error
-                raise RuntimeError(f"feature draft out of step: {st} fed + {n} pending features for "
-                                   f"{len(s.tokens)} tokens")
         rows, row_caps = [s.row for s in seqs], [caps[i] for i in active]
         # every slot the runs may feed, reserved at once (the worst case the scheduler budgets for anyway)
         slots = small.blocks.append(rows, [n + c - 1 for n, c in zip(counts, row_caps)])
@@ -235,10 +231,7 @@ class Iteration:
                 feats.append(chain_features[i][None])
                 nxt.append([drafts[i][-1]])
                 continue
-            have = sum(f.shape[0] for f in s.features)
-            if s.cached["small"] + have != len(s.tokens) - 1:  # an engine bug, not a user error
-                raise RuntimeError(f"feature draft out of step: {s.cached['small']} fed + {have} pending features "
-                                   f"for {len(s.tokens)} tokens")
+            _pending_features(s)
             feats.append(torch.cat(s.features))
             nxt.append(s.tokens[s.cached["small"] + 1:])
             s.features = []
@@ -377,6 +370,16 @@ class Iteration:
             if rows:
                 self.runners[name].rollback(rows, counts)
         return committed
+
+
+def _pending_features(s: Sequence) -> int:
+    """The verified positions whose large-model features a feature draft has not been fed yet (every one from
+    s.cached["small"] to the last token's)."""
+    have = sum(f.shape[0] for f in s.features)
+    if s.cached["small"] + have != len(s.tokens) - 1:  # an engine bug, not a user error
+        raise RuntimeError(f"feature draft out of step: {s.cached['small']} fed + {have} pending features "
+                           f"for {len(s.tokens)} tokens")
+    return have
 
 
 def _token_ids(res, vocab: torch.Tensor | None) -> torch.Tensor:

@@ -285,14 +285,15 @@ class LlamaExecutor:
         """The op of csrc/cpu_decoder_layer.cpp where it serves this model: float32 on a CPU whose extension
         runs the layer's matmuls (float32 weights through cpu_linear, int8 ones through cpu_linear_int8) and its
         attention; else None (the layer runs as PyTorch ops)."""
-        if self.device.type != "cpu" or self.dtype != torch.float32 or self.backend not in (None, "cpu"):
+        op = self._cpu_op("cpu_decoder_layer")
+        if op is None:
             return None
         kind = "cpu_linear_int8" if self.weight_format == "int8" else "cpu_linear"
         if resolve(kind, self.device, None) is not registered(kind, "cpu"):
             return None
         if default_attention_backend(self.device, self.dtype) != "cpu":
             return None
-        return registered("cpu_decoder_layer", "cpu")
+        return op
 
     def quantize_weights(self, kind: str = "int8") -> "LlamaExecutor":
         """Store every projection and the head as int8 per output channel (weight-only; w ~= q * scale),
