@@ -27,7 +27,7 @@ import torch
 
 from bild_kernels import ops
 from bild_kernels.ops import _validate as v
-from bild_kernels.engine.draft_loop import capture_graph
+from bild_kernels.engine.draft_loop import GraphRecorder
 from bild_kernels.engine.host import to_device
 from bild_kernels.engine.params import SamplingParams
 from bild_kernels.engine.runner import ModelRunner, load_executor
@@ -90,7 +90,7 @@ class BatchGenerator:
         self.runner = ModelRunner(self.executor, num_blocks=max_batch_size * per_seq, block_size=block_size,
                                   max_seqs=max_batch_size, max_blocks_per_seq=per_seq)
         self._loops: dict[tuple[int, int], _Loop] = {}
-        self._pool = torch.cuda.graph_pool_handle() if graph else None
+        self._graphs = GraphRecorder(self.device) if graph else None
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
@@ -221,8 +221,8 @@ class BatchGenerator:
         if self.graph and N > 1:
             # Recorded on empty buffers: every slot -1 and every context empty, so the warm-up runs write
             # no KV; their counter moves are reset by `generate` before each use.
-            lp.graph = capture_graph(lambda: self._decode_step(lp), dev, self._pool,
-                                     f"the batch decode step (batch {B}, {N} new tokens)")
+            lp.graph = self._graphs.capture(lambda: self._decode_step(lp),
+                                            f"the batch decode step (batch {B}, {N} new tokens)")
         self._loops[key] = lp
         return lp
 

@@ -26,6 +26,7 @@ eager loop draws for it: both loops give the same drafts.
 from __future__ import annotations
 
 import contextlib
+import gc
 import warnings
 from dataclasses import dataclass, field
 
@@ -52,31 +53,50 @@ def _no_host_sync(device: torch.device):
         torch.cuda.set_sync_debug_mode(old)
 
 
-def capture_graph(step, device: torch.device, pool, what: str):
-    """`step()` recorded as a CUDA graph in the shared memory `pool`, after two warm-up runs on a side stream
+class GraphRecorder:
+    """CUDA graphs of one component's steps (the draft loop's, the extend passes', BatchGenerator's), recorded into
+    one shared memory pool. `capture(step, what)` records `step()` after two warm-up runs on a side stream
     (allocator pools, Triton compilation, cuBLAS workspaces); the caller has made the step write nothing.
+
     A capture that fails warns and returns None: the caller then runs the step uncaptured (the same ops, only
-    slower). Used for the draft loop's steps and for the short extend passes (static_extend.py)."""
-    try:
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                step()
-        torch.cuda.current_stream(device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
-            step()
-        return graph
-    except Exception as exc:  # noqa: BLE001 — the uncaptured step is the same ops, only slower
+    slower). Two things that made captures fail on a GPU are kept out: Python's cyclic garbage collector is off
+    while a graph records (a collection inside the capture that frees an older engine's CUDA graph or memory
+    makes CUDA calls that invalidate it), and a failed capture leaves its pool marked as recording in the
+    caching allocator, so the graphs after it record into a fresh pool (else every later capture fails with
+    "already recording to mempool_id")."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def capture(self, step, what: str):
         try:
-            torch.cuda.synchronize(device)
-        except Exception as fault:  # a device fault (illegal address, ...): no uncaptured step can run either;
-            raise RuntimeError(f"{what} faulted on the device while warming up or recording its CUDA graph "
-                               f"(first error: {type(exc).__name__}: {exc})") from fault
-        warnings.warn(f"CUDA-graph capture of {what} failed, running it without a graph: {type(exc).__name__}: "
-                      f"{exc}", RuntimeWarning, stacklevel=3)
-        return None
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    step()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            collecting = gc.isenabled()
+            gc.disable()
+            try:
+                with torch.cuda.graph(graph, pool=self.pool):
+                    step()
+            finally:
+                if collecting:
+                    gc.enable()
+            return graph
+        except Exception as exc:  # noqa: BLE001 — the uncaptured step is the same ops, only slower
+            try:
+                torch.cuda.synchronize(self.device)
+            except Exception as fault:  # a device fault (illegal address, ...): no uncaptured step can run either;
+                raise RuntimeError(f"{what} faulted on the device while warming up or recording its CUDA graph "
+                                   f"(first error: {type(exc).__name__}: {exc})") from fault
+            warnings.warn(f"CUDA-graph capture of {what} failed, running it without a graph: {type(exc).__name__}: "
+                          f"{exc}", RuntimeWarning, stacklevel=3)
+            self.pool = torch.cuda.graph_pool_handle()
+            return None
 
 
 def buckets(max_batch_size: int) -> list[int]:
@@ -140,7 +160,7 @@ class StaticDraftLoop:
         self.runner, self.capture = runner, capture
         self.buckets = buckets(max_batch_size)
         self._buffers: dict[tuple[int, bool], _Buffers] = {}
-        self._pool = torch.cuda.graph_pool_handle() if capture else None
+        self._graphs = GraphRecorder(runner.device) if capture else None
 
     # -- the step ---------------------------------------------------------------------------------
     def _update(self, t: dict, logits: torch.Tensor) -> None:
@@ -203,8 +223,7 @@ class StaticDraftLoop:
             if self.capture:
                 t = buf.t
                 t["active"].zero_()  # every row inactive while recording: nothing is written
-                buf.graph = capture_graph(lambda: self._decode_step(t), r.device, self._pool,
-                                          f"the draft step (bucket {size})")
+                buf.graph = self._graphs.capture(lambda: self._decode_step(t), f"the draft step (bucket {size})")
             self._buffers[key] = buf
         return self._buffers[key]
 

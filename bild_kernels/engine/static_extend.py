@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bild_kernels.engine.draft_loop import buckets, capture_graph
+from bild_kernels.engine.draft_loop import GraphRecorder, buckets
 from bild_kernels.engine.host import to_device
 from bild_kernels.models import AttentionMetadata
 
@@ -51,7 +51,7 @@ class StaticExtend:
         self.runner, self.capture = runner, capture
         self.batch_buckets, self.token_buckets = buckets(max_batch_size), buckets(max_tokens)
         self._buffers: dict[tuple[int, int], _Buffers] = {}
-        self._pool = torch.cuda.graph_pool_handle() if capture else None
+        self._graphs = GraphRecorder(runner.device) if capture else None
 
     def serves(self, counts: list[int]) -> bool:
         """Whether a pass with counts[i] new tokens per row fits a bucket."""
@@ -112,7 +112,7 @@ class StaticExtend:
             if self.capture:  # new buffers: every slot -1, every context empty, so recording writes nothing
                 def step():
                     buf.logits = self._forward(buf)
-                buf.graph = capture_graph(step, r.device, self._pool, f"the extend pass (bucket {batch}x{tokens})")
+                buf.graph = self._graphs.capture(step, f"the extend pass (bucket {batch}x{tokens})")
                 if buf.graph is None:
                     buf.logits = None  # a failed capture's output is not a buffer to reuse
             self._buffers[key] = buf

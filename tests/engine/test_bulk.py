@@ -125,7 +125,7 @@ def test_the_graphed_loop_equals_the_eager_one_and_never_waits_on_the_gpu(large_
 
 @pytest.mark.parametrize("B,N", [(1, 2), (4, 8)])
 def test_the_graph_warm_up_of_a_decode_step_reads_no_block(B, N):
-    """capture_graph runs a loop's decode step twice, then records it, on the loop's fresh buffers (every slot
+    """GraphRecorder.capture runs a loop's decode step twice, then records it, on the loop's fresh buffers (every slot
     and table entry -1), which move context_lens on each run: the step must not read block -1 of a cache (on an
     H200 at batch 1,024 that read faulted, 2026-11-27). Every cache here is a view one block into a NaN-filled
     buffer, so such a read shows as NaN logits (the CPU extension's attention refuses a -1 block outright)."""

@@ -134,16 +134,100 @@ def test_fuzz_static_loop_equals_eager_loop(engines, policy, prompts, params, mo
 
 
 def test_a_failed_capture_warns_and_leaves_the_step_uncaptured(monkeypatch):
-    # The draft loop and the extend passes share capture_graph: a capture that raises (here: no CUDA stream)
-    # must not fail the request, only warn and return None so that the step runs without a graph.
-    from bild_kernels.engine.draft_loop import capture_graph
+    # The draft loop, the extend passes and BatchGenerator share GraphRecorder: a capture that raises (here: no
+    # CUDA stream) must not fail the request, only warn and return None so that the step runs without a graph;
+    # and the graphs after it record into a fresh pool (a failed capture leaves its pool marked as recording).
+    from bild_kernels.engine.draft_loop import GraphRecorder
 
     def no_stream(*a, **k):
         raise RuntimeError("no stream here")
     monkeypatch.setattr(torch.cuda, "Stream", no_stream)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    handles = iter(range(100))
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: (0, next(handles)))
+    rec = GraphRecorder(torch.device("cuda"))
+    assert rec.pool == (0, 0)
     calls = []
     with pytest.warns(RuntimeWarning, match="CUDA-graph capture of the test step failed, running it without a graph: "
                                             "RuntimeError: no stream here"):
-        assert capture_graph(lambda: calls.append(1), torch.device("cuda"), None, "the test step") is None
+        assert rec.capture(lambda: calls.append(1), "the test step") is None
     assert calls == []
+    assert rec.pool == (0, 1)
+
+
+class _FakeGraph:
+    """Stand-ins for torch.cuda's stream and graph objects, so that GraphRecorder.capture runs on a CPU."""
+
+    def __init__(self, *a, **k):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def wait_stream(self, other):
+        pass
+
+
+def test_a_capture_records_with_the_garbage_collector_off(monkeypatch):
+    # A cyclic collection inside a capture can free an older engine's CUDA graph or memory, whose CUDA calls
+    # invalidate the capture (seen on an H200: every graph of a BiLD engine built after two others fell back to
+    # eager). The step runs twice to warm up with the collector as it was, and records with it off; it is back
+    # on afterwards, and stays off for a caller that had turned it off.
+    import gc
+
+    from bild_kernels.engine.draft_loop import GraphRecorder
+    for name in ("Stream", "stream", "graph", "CUDAGraph"):
+        monkeypatch.setattr(torch.cuda, name, _FakeGraph)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a, **k: _FakeGraph())
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: (0, 7))
+    rec = GraphRecorder(torch.device("cuda"))
+    was = gc.isenabled()
+    try:
+        for enabled in (True, False):
+            (gc.enable if enabled else gc.disable)()
+            seen = []
+            assert isinstance(rec.capture(lambda: seen.append(gc.isenabled()), "the test step"), _FakeGraph)
+            assert seen == [enabled, enabled, False]
+            assert gc.isenabled() == enabled
+        gc.enable()  # a step that fails while recording (its third run): the collector is back on all the same
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+        runs = []
+        with pytest.warns(RuntimeWarning, match="ZeroDivisionError"):
+            assert rec.capture(lambda: runs.append(1) or (len(runs) == 3 and 1 / 0), "the test step") is None
+        assert len(runs) == 3 and gc.isenabled()
+    finally:
+        (gc.enable if was else gc.disable)()
+
+
+@requires_gpu
+def test_a_capture_on_gpu_survives_garbage_holding_an_old_graph():
+    # Garbage in a reference cycle that holds a recorded CUDA graph and its memory (what an engine that is
+    # dropped leaves), with the collector set to run at nearly every allocation: the next capture still records.
+    import gc
+    import warnings
+
+    from bild_kernels.engine.draft_loop import GraphRecorder
+    dev = torch.device("cuda")
+    x = torch.zeros(1024, device=dev)
+    old = GraphRecorder(dev)
+    holder = {"graph": old.capture(lambda: x.add_(1), "the old step"), "mem": torch.ones(1 << 20, device=dev)}
+    assert holder["graph"] is not None
+    holder["self"] = holder  # a cycle: only the cyclic collector frees it
+    del holder, old
+    threshold = gc.get_threshold()
+    gc.set_threshold(1, 1, 1)
+    try:
+        y = torch.zeros(1024, device=dev)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            graph = GraphRecorder(dev).capture(lambda: [torch.ones(8, device=dev) for _ in range(50)] and y.add_(1),
+                                               "the new step")
+    finally:
+        gc.set_threshold(*threshold)
+    assert graph is not None
+    graph.replay()
+    torch.cuda.synchronize()
+    assert y[0].item() == 3.0  # two warm-up runs and one replay
