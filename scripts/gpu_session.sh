@@ -34,24 +34,28 @@
 # host syncs against 52), then the distillation below crashed in BatchGenerator at batch 1,024 (fixed since: its
 # graph warm-up read block -1 of every cache) and ran with `--corpus-backend hf` instead, with only the default 512
 # templated prompts beside 8,000 self-written ones: 0.585 -> 0.549, not shipped.
+# 2026-11-27 afternoon on an H200 (bench/results/gpu_h200_2026-11-27b.md), three calls, 728 s: call 1 `bash
+# scripts/gpu_carry.sh stash .carry1 && BILD_REV=217a80b DEADLINE=190 GPU_TEST_WORKERS=12 bash scripts/gpu_session.sh
+# build engine_gpu_tests stream_profile` (133 s: 14 passed; ncu on the stream pass), call 2 (a throwaway script: stash
+# .carry2, unpack, `bench_bulk.py --batch-sizes 1024` (5.88x HF), then the distillation with `--prompts 23704
+# --corpus-seed 2 --self-prompts 4000 --corpus-backend bild --samples-per-prompt 2 --corpus-batch-size 1024
+# --corpus-minutes 2 --minutes 3`: 0.585 -> 0.600, shipped; 452 s), call 3 `profile_step` (77 s).
 # Plan for the next session lent 15 minutes (tree packed as above, two calls):
-#   call 1: bash scripts/gpu_carry.sh stash .carry1 && BILD_REV=<rev> DEADLINE=200 GPU_TEST_WORKERS=12 bash
-#           scripts/gpu_session.sh build engine_gpu_tests wide_profile
-#   (engine_gpu_tests: the host-sync bound again after dfbfaa5's fixes (a CPU census says 42 of 52), BatchGenerator;
-#   wide_profile: ncu on the stream pass, now the default for verification, at 36.7% of HBM);
-#   call 2: `python3 bench/bench_bulk.py --device cuda --model default --large "$BILD_LARGE" --batch-sizes 1024`
-#   (after unpack: BatchGenerator at the batch that faulted, beside HF generate, ~40 s), then the distillation of
-#   2026-11-26b with **`--prompts 23704`** (all templated prompts: the held-out set's distribution) plus
-#   `--corpus-seed 2 --self-prompts 4000 --samples-per-prompt 2 --corpus-batch-size 1024 --corpus-minutes 2.5
-#   --minutes 3.5` (a mix, not a corpus mostly self-written: that one lost 0.036), ~500 s. If bench_bulk fails,
-#   add `--corpus-backend hf` and drop `--samples-per-prompt 2`.
-# profile_step (the engine's GPU time split at the Llama-1B shapes) waits for the session after.
+#   call 1: bash scripts/gpu_carry.sh stash .carry1 && BILD_REV=<rev> DEADLINE=230 GPU_TEST_WORKERS=12 bash
+#           scripts/gpu_session.sh build engine_gpu_tests bench_targets
+#   (engine_gpu_tests: GraphRecorder's GPU test and no "capture ... failed" warning in the log; bench_targets: the
+#   verification and sampling timings after the no-op kernels' early return, every first pass side by side);
+#   call 2: stash .carry2, unpack, then the distillation warm-started from the shipped draft with more answers in the
+#   same budget (run 3's 55,408 answers took 48 s of its 2 minutes): `--prompts 23704 --corpus-seed 3 --self-prompts
+#   8000 --corpus-backend bild --samples-per-prompt 4 --corpus-batch-size 1024 --corpus-minutes 2.5 --minutes 3`
+#   (~480 s), then `tar czf $OUT/draft.tgz -C /tmp draft`.
 # DEADLINE (seconds from the start): each stage is cut (timeout) so that the whole script, the tarball
 # included, ends before it; a stage with under 20 s left is skipped. Each stage also has its own cap.
 # BILD_REV names the revision in the result rows where the copy has no .git.
 # Stages: build | gpu_tests | tests | kernel_tests | bench | bench_targets | e2e | e2e_quick | e2e_batch |
 #         e2e_batch_quick | divergence | profile (ncu on verify_draft at B=64, K=8, V=128256) |
 #         wide (the first passes: their tests, every pass benchmarked) | wide_profile (ncu on the wide and stream passes) |
+#         stream_profile (ncu --set full on the stream pass's verification launches, B=64, K=8, V=128256) |
 #         profile_step (torch.profiler over graphed engine steps, random Llama-1B pair) | ctest |
 #         engine_gpu_tests (the GPU-only tests of distillation, the draft loop, the graphed passes, BatchGenerator). Wheels in .whl/ (carried) are installed first.
 set -uo pipefail
@@ -131,6 +135,9 @@ for s in "$@"; do
                               --launch-skip 30 --launch-count 15 "$PY" bench/bench_verify_draft.py --device cuda \
                               --backends cuda --no-save --shapes 64x8x128256
                       done ;;
+        stream_profile) stage stream_profile 120 env BILD_FIRST_PASS=stream ncu --set full --kernel-name regex:"Kernel" \
+                            --launch-skip 30 --launch-count 12 "$PY" bench/bench_verify_draft.py --device cuda \
+                            --backends cuda --no-save --shapes 64x8x128256 ;;
         kernel_tests) stage kernel_tests 240 "$PY" -m pytest -q -m "not slow" -p no:cacheprovider --maxfail 20 \
                           --timeout 200 -n "$WORKERS" --dist loadfile tests/kernels ;;
         bench_targets) stage bench_verify_targets 90 "$PY" bench/bench_verify_draft.py --device cuda \
@@ -149,7 +156,7 @@ for s in "$@"; do
                         --out bench/results/serve_load_bf16_cuda.csv ;;
         ctest) stage ctest 400 sh -c "cmake -S . -B build/cmake -G Ninja -DCMAKE_CUDA_ARCHITECTURES=90 \
                    && cmake --build build/cmake && ctest --test-dir build/cmake --output-on-failure" ;;
-        *) echo "unknown stage: $s (build | gpu_tests | tests | engine_gpu_tests | profile | profile_step | wide | wide_profile | kernel_tests | bench | bench_targets | e2e | e2e_quick | e2e_batch | e2e_batch_quick | divergence | ctest)"; exit 2 ;;
+        *) echo "unknown stage: $s (build | gpu_tests | tests | engine_gpu_tests | profile | profile_step | wide | wide_profile | stream_profile | kernel_tests | bench | bench_targets | e2e | e2e_quick | e2e_batch | e2e_batch_quick | divergence | ctest)"; exit 2 ;;
     esac
 done
 tar czf "$OUT/gpu_session.tgz" -C "$(dirname "$LOG")" logs -C "$ROOT" bench/results
