@@ -546,6 +546,15 @@ __global__ void __launch_bounds__(kChunkThreads)
     RowScaledStatsKernel(const T* __restrict__ logits, int V, int S, int items, Rows rows,
                          RowPartial* __restrict__ partials) {
   __shared__ __align__(16) float smem[32 * sizeof(ScaledStats) / sizeof(float)];
+  // Most launches have no sampling row (greedy and BiLD verification): every block finds that out in one
+  // parallel round over the rows and returns, instead of reading each of its items' row tasks in turn (the
+  // H200 profile of 2026-11-27b: 13.8 us for 1,024 blocks with nothing to do, 4.5 dependent task reads each).
+  int mine = 0;
+  for (int r = threadIdx.x; r < items / S; r += blockDim.x) {
+    const RowTask task = rows(r);
+    mine |= task.active && task.scaled;
+  }
+  if (!__syncthreads_or(mine)) return;  // block-uniform
   for (int item = blockIdx.x; item < items; item += gridDim.x) {
     const int r = item / S, c = item % S;
     const RowTask task = rows(r);

@@ -181,6 +181,12 @@ __global__ void __launch_bounds__(kRowThreads)
                        const float* __restrict__ draft_probs, int positions, int K, int V, int S, int mode,
                        VerifyParams prm, VerifyOutputs out, VerifyScratch scr) {
   __shared__ CutSmem cut_smem;
+  int mine = 0;  // whether any position filters: one parallel round, then every block without work returns
+  for (int pid = threadIdx.x; pid < positions; pid += blockDim.x) {
+    const VerifyPosition at(pid, draft_ids, K, V, prm);
+    mine |= at.filtered && at.j <= at.n;
+  }
+  if (!__syncthreads_or(mine)) return;  // block-uniform
   for (int pid = blockIdx.x; pid < positions; pid += gridDim.x) {
     const VerifyPosition at(pid, draft_ids, K, V, prm);
     if (!at.filtered || at.j > at.n) continue;  // block-uniform
@@ -246,6 +252,9 @@ __global__ void __launch_bounds__(kChunkThreads)
                          VerifyScratch scr) {
   __shared__ float smem[2 * 32];
   const int S = row_splits<T>(V);
+  int mine = 0;  // whether any row samples: one parallel round, then every block without work returns
+  for (int b = threadIdx.x; b < B; b += blockDim.x) mine |= !(prm.temperature[b] <= 0.0f);
+  if (!__syncthreads_or(mine)) return;  // block-uniform
   for (int item = blockIdx.x; item < B * S; item += gridDim.x) {
     const int b = item / S;
     if (prm.temperature[b] <= 0.0f) continue;  // block-uniform
