@@ -84,7 +84,7 @@ def timeit(fn, device: str, *, warmup: int = 3, iters: int = 20, setup=None) -> 
     return {"median_us": statistics.median(times), "p20_us": q[1], "p80_us": q[7]}
 
 
-FORCED_FIRST_PASSES = ("cuda-chunked", "cuda-wide", "cuda-stream")  # the CUDA backend, that first pass forced
+FORCED_FIRST_PASSES = ("cuda-chunked", "cuda-wide", "cuda-stream", "cuda-long")  # the CUDA backend, that first pass forced
 GRAPHED = ("cuda", *FORCED_FIRST_PASSES, "triton")  # backends also timed replayed from a CUDA graph on a GPU ("<backend>+graph")
 
 

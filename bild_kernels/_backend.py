@@ -44,7 +44,7 @@ def cuda_extension():
     return _C
 
 
-FIRST_PASSES = ("chunked", "wide", "auto", "stream")  # index = csrc/common.cuh kFirstPass*
+FIRST_PASSES = ("chunked", "wide", "auto", "stream", "long")  # index = csrc/common.cuh kFirstPass*
 
 
 def cuda_first_pass(kind: str | None = None) -> str:
@@ -54,7 +54,9 @@ def cuda_first_pass(kind: str | None = None) -> str:
     the GPU has SMs, the chunked pass for smaller ones; csrc/common.cuh resolve_first_pass), "chunked"
     (RowChunkStatsKernel), "wide" (RowWideStatsKernel: 4x larger chunks, the statistics of greedy and BiLD rows
     per 16-byte vector) or "stream" (the statistics of z per vector at a higher occupancy, then the sampling
-    rows' scaled statistics and Gumbel draw in a second kernel that skips the draws that cannot win). With
+    rows' scaled statistics and Gumbel draw in a second kernel that skips the draws that cannot win) or "long"
+    (the stream pass over chunks twice as long, each thread's 16-byte vectors taken eight at a time: opt-in until
+    timed on a GPU; csrc/common.cuh RowLongStatsKernel). With
     `kind`, sets it and returns the previous one; without, returns the current one. `BILD_FIRST_PASS=<kind>`
     sets it when the extension loads. A CUDA graph keeps the kernel it captured. Raises RuntimeError where the
     extension was not built."""

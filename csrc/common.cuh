@@ -13,6 +13,7 @@
 #include <climits>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "cut_search.h"  // order_key, kLowestKey and the top-k / top-p cut-off search
 
@@ -354,14 +355,20 @@ constexpr int kFirstPassChunked = 0;  // RowChunkStatsKernel, row_splits<T>(V) c
 constexpr int kFirstPassWide = 1;     // RowWideStatsKernel, row_splits<T>(V, kWideVecs) chunks a row
 constexpr int kFirstPassAuto = 2;     // per launch, resolve_first_pass (the default)
 constexpr int kFirstPassStream = 3;   // RowStreamStatsKernel + RowScaledStatsKernel, row_splits<T>(V, kStreamVecs) chunks
+constexpr int kFirstPassLong = 4;     // RowLongStatsKernel + RowScaledStatsKernel, row_splits<T>(V, kLongVecs) chunks
 constexpr int kWideVecs = 16;
 constexpr int kStreamVecs = 8;
+constexpr int kLongIters = 2;  // the long pass: batches of kStreamVecs vectors a thread, one after another
+constexpr int kLongVecs = kStreamVecs * kLongIters;
 
 // Chunks per row of the first pass `kind`; buffers sized by row_splits<T>(V) hold any of them (the wide and
 // stream chunks are larger).
 template <typename T>
 __host__ __device__ constexpr int first_pass_splits(int kind, int V) {
-  return row_splits<T>(V, kind == kFirstPassWide ? kWideVecs : kind == kFirstPassStream ? kStreamVecs : kChunkVecs);
+  return row_splits<T>(V, kind == kFirstPassWide     ? kWideVecs
+                          : kind == kFirstPassStream ? kStreamVecs
+                          : kind == kFirstPassLong   ? kLongVecs
+                                                     : kChunkVecs);
 }
 
 // The first pass a launch over `rows` rows of V elements of T runs, for the process-wide setting `kind`:
@@ -391,6 +398,34 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
+// The max of VECS 16-byte vectors of T as a float: fmaxf semantics (a NaN loses to any number; NaN only if every
+// element is NaN). Half types take packed maxima (__hmax2: two elements an instruction), converted once at the end.
+template <typename T, int VECS>
+__device__ __forceinline__ float batch_max(const uint4 (&raw)[VECS]) {
+  if constexpr (sizeof(T) == 4) {
+    float m = __uint_as_float(raw[0].x);
+#pragma unroll
+    for (int k = 0; k < VECS; ++k) {
+      m = fmaxf(m, fmaxf(fmaxf(__uint_as_float(raw[k].x), __uint_as_float(raw[k].y)),
+                         fmaxf(__uint_as_float(raw[k].z), __uint_as_float(raw[k].w))));
+    }
+    return m;
+  } else {
+    using T2 = typename std::conditional<std::is_same<T, __half>::value, __half2, __nv_bfloat162>::type;
+    const T2* first = reinterpret_cast<const T2*>(&raw[0]);
+    T2 m[4] = {first[0], first[1], first[2], first[3]};
+#pragma unroll
+    for (int k = 1; k < VECS; ++k) {
+      const T2* h = reinterpret_cast<const T2*>(&raw[k]);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) m[j] = __hmax2(m[j], h[j]);
+    }
+    const T2 m2 = __hmax2(__hmax2(m[0], m[1]), __hmax2(m[2], m[3]));
+    const T* e = reinterpret_cast<const T*>(&m2);
+    return fmaxf(to_float(e[0]), to_float(e[1]));
+  }
+}
+
 // The per-thread state of the wide pass: an Lse and an ArgMax whose elements arrive in increasing index
 // order (so a strict > keeps the first of equal maxima).
 struct WideStats {
@@ -418,6 +453,41 @@ struct WideStats {
 #pragma unroll
     for (int q = 0; q < N; ++q) acc += fast_exp2(fmaf(x[q], 1.4426950408889634f, shift));
     z.s += acc;
+  }
+  // VECS whole 16-byte vectors of T at once, vector k's element q at index base0 + k * stride + q (increasing
+  // in k, then q): the batch's max from packed maxima of the raw values (exact: the conversion to float is exact
+  // and monotone), one rescale of the running sum, then one ex2 per element converted on the fly. The same
+  // statistics as add_vector on each vector in turn, up to the sum's rounding (one shift for the batch instead
+  // of one a vector), with ~2/3 of its instructions and no float copy of the batch in registers.
+  template <typename T, int VECS>
+  __device__ __forceinline__ void add_batch(const uint4 (&raw)[VECS], int base0, int stride) {
+    constexpr int N = 16 / sizeof(T);
+    const float vm = batch_max<T>(raw);  // NaN only if every element is NaN
+    if (vm > zmax.v || (zmax.i == INT_MAX && vm == vm)) {
+#pragma unroll
+      for (int k = VECS - 1; k >= 0; --k) {
+#pragma unroll
+        for (int q = N - 1; q >= 0; --q) {
+          if (to_float(reinterpret_cast<const T*>(&raw[k])[q]) == vm) zmax.i = base0 + k * stride + q;  // last write: first index
+        }
+      }
+      zmax.v = vm;
+    }
+    if (vm > z.m) {
+      z.s *= fast_exp2((z.m - vm) * 1.4426950408889634f);  // m = -inf: 2^-inf = 0
+      z.m = vm;
+    }
+    if (z.m == -kInf) return;  // every element so far is -inf
+    const float shift = -z.m * 1.4426950408889634f;
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // four chains of adds, not one
+#pragma unroll
+    for (int k = 0; k < VECS; ++k) {
+#pragma unroll
+      for (int q = 0; q < N; ++q) {
+        acc[q & 3] += fast_exp2(fmaf(to_float(reinterpret_cast<const T*>(&raw[k])[q]), 1.4426950408889634f, shift));
+      }
+    }
+    z.s += (acc[0] + acc[1]) + (acc[2] + acc[3]);
   }
 };
 
@@ -539,9 +609,75 @@ __global__ void __launch_bounds__(kChunkThreads, kStreamMinBlocks)
   if (threadIdx.x == 0) partials[blockIdx.x] = RowPartial{t.z, t.zmax, Lse{}, ArgMax{}};
 }
 
+// The long first pass (kFirstPassLong, opt-in until timed). The H200 profile of the stream pass (2026-11-27b:
+// 74% of issue slots, 44% of DRAM bandwidth, 17.6 instructions a logit) showed it bound by instruction issue,
+// about half of it each thread's fixed work around its 64 logits (the row's task, the block's reduction with an
+// exp at each level). RowLongStatsKernel takes chunks kLongIters times longer, as kLongIters batches of
+// kStreamVecs vectors a thread (each batch's loads issued before its math, the registers of the stream pass), and
+// takes a whole batch at once (WideStats::add_batch: packed maxima, one rescale, one ex2 an element); the row's
+// last batch, where some vectors lie past the row, goes vector by vector. RowScaledStatsKernel<..., kLongIters>
+// visits the same elements per chunk. Grid (R * S,), kChunkThreads threads, S = row_splits<T>(V, kLongVecs).
+template <typename T, typename Rows>
+__global__ void __launch_bounds__(kChunkThreads, kStreamMinBlocks)
+    RowLongStatsKernel(const T* __restrict__ logits, int V, int S, Rows rows, RowPartial* __restrict__ partials) {
+  __shared__ __align__(16) float smem[32 * sizeof(ZStats) / sizeof(float)];  // 32 ZStats, unconstructed
+  const int r = blockIdx.x / S, c = blockIdx.x % S;
+  if (!rows(r).active) return;  // block-uniform
+  constexpr int N = 16 / sizeof(T);
+  const T* row = logits + static_cast<int64_t>(r) * V;
+  // The geometry of for_each_vector_in_chunk with S * kLongIters chunks of kStreamVecs vectors: chunk c here is
+  // its chunks c * kLongIters ... c * kLongIters + kLongIters - 1 (the head with the first, the tail the last).
+  const uintptr_t addr = reinterpret_cast<uintptr_t>(row);
+  int head = static_cast<int>(((16 - (addr & 15)) & 15) / sizeof(T));
+  head = head < V ? head : V;
+  const int nvec = (V - head) / N;
+  WideStats w;
+  if (c == 0) {
+    for (int i = threadIdx.x; i < head; i += kChunkThreads) {
+      const float x[1] = {to_float(row[i])};
+      w.add_vector(x, i);
+    }
+  }
+  const uint4* vec = reinterpret_cast<const uint4*>(row + head);
+  for (int it = 0; it < kLongIters; ++it) {
+    const int first = (c * kLongIters + it) * kChunkThreads * kStreamVecs;  // the batch's first vector
+    if (first >= nvec) break;  // block-uniform: the row ends before this batch
+    const int w0 = first + threadIdx.x;
+    uint4 raw[kStreamVecs];
+#pragma unroll
+    for (int k = 0; k < kStreamVecs; ++k) {
+      const int wk = w0 + k * kChunkThreads;
+      if (wk < nvec) raw[k] = __ldg(vec + wk);
+    }
+    if (first + kStreamVecs * kChunkThreads <= nvec) {  // block-uniform: every vector of the batch lies in the row
+      w.add_batch<T>(raw, head + w0 * N, kChunkThreads * N);
+    } else {
+#pragma unroll
+      for (int k = 0; k < kStreamVecs; ++k) {
+        const int wk = w0 + k * kChunkThreads;
+        if (wk < nvec) {
+          float x[N];
+#pragma unroll
+          for (int q = 0; q < N; ++q) x[q] = to_float(reinterpret_cast<const T*>(&raw[k])[q]);
+          w.add_vector(x, head + wk * N);
+        }
+      }
+    }
+  }
+  if (c == S - 1) {
+    for (int i = head + nvec * N + threadIdx.x; i < V; i += kChunkThreads) {
+      const float x[1] = {to_float(row[i])};
+      w.add_vector(x, i);
+    }
+  }
+  const ZStats t = block_reduce_to_first(ZStats{w.z, w.zmax}, reinterpret_cast<ZStats*>(smem));
+  if (threadIdx.x == 0) partials[blockIdx.x] = RowPartial{t.z, t.zmax, Lse{}, ArgMax{}};
+}
+
 // Grid (min(R * S, kScaledMaxBlocks),), kChunkThreads threads, after RowStreamStatsKernel over the same rows:
 // item (r, c) = r * S + c, blocks striding over them, adds s and g to partials[r * S + c] for scaling rows.
-template <typename T, typename Rows>
+// ITERS: the chunk geometry of the statistics kernel before it (1: the stream pass's, kLongIters: the long pass's).
+template <typename T, typename Rows, int ITERS = 1>
 __global__ void __launch_bounds__(kChunkThreads)
     RowScaledStatsKernel(const T* __restrict__ logits, int V, int S, int items, Rows rows,
                          RowPartial* __restrict__ partials) {
@@ -570,13 +706,16 @@ __global__ void __launch_bounds__(kChunkThreads)
       g.v = s_max + gumbel(task.seed, zp.zmax.i, task.offset, task.purpose, task.position);
       g.i = zp.zmax.i;
     }
-    for_each_in_chunk<kStreamVecs>(logits + static_cast<int64_t>(r) * V, V, S, c, [&](int i, float z) {
-      if (s_max > -kInf) sum += fast_exp2(fmaf(z, log2e_t, shift));  // a -inf chunk sums nothing
-      if (task.draw) {
-        const float sv = __fdiv_rn(z, t);
-        if (!(sv + kGumbelMax < g.v)) g.add(sv + gumbel(task.seed, i, task.offset, task.purpose, task.position), i);
-      }
-    });
+    for (int it = 0; it < ITERS; ++it) {
+      for_each_in_chunk<kStreamVecs>(logits + static_cast<int64_t>(r) * V, V, S * ITERS, c * ITERS + it,
+                                     [&](int i, float z) {
+        if (s_max > -kInf) sum += fast_exp2(fmaf(z, log2e_t, shift));  // a -inf chunk sums nothing
+        if (task.draw) {
+          const float sv = __fdiv_rn(z, t);
+          if (!(sv + kGumbelMax < g.v)) g.add(sv + gumbel(task.seed, i, task.offset, task.purpose, task.position), i);
+        }
+      });
+    }
     Lse s;
     s.m = s_max;
     s.s = s_max > -kInf ? sum : 0.0f;
@@ -587,7 +726,7 @@ __global__ void __launch_bounds__(kChunkThreads)
 }
 
 // Launches the first pass `kind` over R rows of V elements: R * first_pass_splits<T>(kind, V) blocks (the
-// stream pass: then its scaled kernel, at most kScaledMaxBlocks blocks).
+// stream and long passes: then their scaled kernel, at most kScaledMaxBlocks blocks).
 template <typename T, typename Rows>
 void launch_first_pass(int kind, const T* logits, int R, int V, Rows rows, RowPartial* partials,
                        cudaStream_t stream) {
@@ -595,11 +734,17 @@ void launch_first_pass(int kind, const T* logits, int R, int V, Rows rows, RowPa
   const unsigned grid = static_cast<unsigned>(static_cast<int64_t>(R) * S);
   if (kind == kFirstPassWide) {
     RowWideStatsKernel<T><<<grid, kChunkThreads, 0, stream>>>(logits, V, S, rows, partials);
-  } else if (kind == kFirstPassStream) {
-    RowStreamStatsKernel<T><<<grid, kChunkThreads, 0, stream>>>(logits, V, S, rows, partials);
+  } else if (kind == kFirstPassStream || kind == kFirstPassLong) {
     const unsigned scaled_grid = grid < kScaledMaxBlocks ? grid : kScaledMaxBlocks;
-    RowScaledStatsKernel<T><<<scaled_grid, kChunkThreads, 0, stream>>>(logits, V, S, static_cast<int>(grid), rows,
-                                                                       partials);
+    if (kind == kFirstPassStream) {
+      RowStreamStatsKernel<T><<<grid, kChunkThreads, 0, stream>>>(logits, V, S, rows, partials);
+      RowScaledStatsKernel<T, Rows, 1><<<scaled_grid, kChunkThreads, 0, stream>>>(logits, V, S, static_cast<int>(grid),
+                                                                                  rows, partials);
+    } else {
+      RowLongStatsKernel<T><<<grid, kChunkThreads, 0, stream>>>(logits, V, S, rows, partials);
+      RowScaledStatsKernel<T, Rows, kLongIters><<<scaled_grid, kChunkThreads, 0, stream>>>(
+          logits, V, S, static_cast<int>(grid), rows, partials);
+    }
   } else {
     RowChunkStatsKernel<T><<<grid, kChunkThreads, 0, stream>>>(logits, V, S, rows, partials);
   }

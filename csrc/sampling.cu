@@ -9,19 +9,20 @@
 
 namespace bild {
 
-// Which first pass sample_draft and verify_draft launch (kFirstPassChunked, kFirstPassWide, kFirstPassAuto or
-// kFirstPassStream),
+// Which first pass sample_draft and verify_draft launch (kFirstPassChunked, kFirstPassWide, kFirstPassAuto,
+// kFirstPassStream or kFirstPassLong),
 // for the whole process; bild_kernels._C.set_first_pass(kind) sets it (CUDA graphs keep the kernel of their
 // capture).
 static std::atomic<int> g_first_pass{kFirstPassAuto};
 
 int current_first_pass() { return g_first_pass.load(std::memory_order_relaxed); }
 
-// Returns the previous setting, or -1 (and changes nothing) for a kind that is none of the four: no C++
+// Returns the previous setting, or -1 (and changes nothing) for a kind that is none of the five: no C++
 // exception crosses this pybind11 binding (one thrown here crashed the process on an H200 machine whose
 // extension was built with another compiler than torch; the Python wrapper raises instead).
 int64_t set_first_pass(int64_t kind) {
-  if (kind != kFirstPassChunked && kind != kFirstPassWide && kind != kFirstPassAuto && kind != kFirstPassStream) {
+  if (kind != kFirstPassChunked && kind != kFirstPassWide && kind != kFirstPassAuto && kind != kFirstPassStream &&
+      kind != kFirstPassLong) {
     return -1;
   }
   return g_first_pass.exchange(static_cast<int>(kind));

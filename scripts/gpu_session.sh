@@ -120,7 +120,7 @@ for s in "$@"; do
                       stage profile_step_bild 120 "$PY" bench/profile_step.py --device cuda --pair llama-1b \
                           --policy bild ;;
         wide) stage wide_tests 200 "$PY" -m pytest -q -rfE -p no:cacheprovider -p no:benchmark --timeout 150 \
-                  -n "$WORKERS" -k "cuda-wide or cuda-chunked or cuda-stream or first_pass or native_kernel_binary" tests/kernels/test_verify_draft.py \
+                  -n "$WORKERS" -k "cuda-wide or cuda-chunked or cuda-stream or cuda-long or first_pass or native_kernel_binary" tests/kernels/test_verify_draft.py \
                   tests/kernels/test_sample_draft.py tests/kernels/test_cuda_extension.py
               stage wide_bench_verify 120 "$PY" bench/bench_verify_draft.py --device cuda --backends cuda,cuda-chunked,cuda-wide,cuda-stream \
                   --shapes 64x8x128256,256x8x128256,64x4x32000,1x4x128256

@@ -35,7 +35,7 @@ def kernel_backends(first_passes: bool = False, cpu: bool = False):
     params.append(pytest.param(("cuda", "cuda"), id="cuda",
                                marks=[] if cuda_ok else pytest.mark.skip(reason=why)))
     if first_passes:
-        for kind in ("chunked", "wide", "stream"):
+        for kind in ("chunked", "wide", "stream", "long"):
             params.append(pytest.param(("cuda", "cuda", kind), id=f"cuda-{kind}",
                                        marks=[] if cuda_ok else pytest.mark.skip(reason=why)))
     if cpu:

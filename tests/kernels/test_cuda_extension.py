@@ -293,18 +293,20 @@ def test_cuda_first_pass_setting():
         with pytest.raises(ValueError, match="kind must be one of"):
             cuda_first_pass("fast")
         assert cuda_first_pass() == "wide"  # a refused value changes nothing
-        assert cuda_first_pass("chunked") == "wide"
+        assert cuda_first_pass("long") == "wide"
+        assert cuda_first_pass("chunked") == "long"
         assert cuda_first_pass() == "chunked"
     finally:
         assert cuda_first_pass("auto") == "chunked"
     # the binding itself refuses another kind with -1, not a C++ exception (one crossing pybind11 crashed the
     # process on an H200 machine), and changes nothing
     assert cuda_extension().set_first_pass(7) == -1
+    assert cuda_extension().set_first_pass(5) == -1  # the first index past the five kinds
     assert cuda_extension().set_first_pass(-1) == -1
     assert cuda_first_pass() == "auto"
 
 
-@pytest.mark.parametrize("kind", ["chunked", "wide", "auto", "stream"])
+@pytest.mark.parametrize("kind", ["chunked", "wide", "auto", "stream", "long"])
 def test_resolve_first_pass(kind):
     """What each setting launches: chunked, wide and stream as set; auto the stream pass for every verify_draft
     launch, and for sample_draft the stream pass where it has at least as many stream blocks (rows x
@@ -327,7 +329,7 @@ def test_resolve_first_pass(kind):
                 (22, 49152, 4, False, 132, 3),     # fp32: 8192-element chunks, 6 a row
                 (21, 49152, 4, False, 132, 0),
                 (0, 111, 2, False, 132, 0)]:
-            want = {"chunked": 0, "wide": 1, "auto": auto, "stream": 3}[kind]
+            want = {"chunked": 0, "wide": 1, "auto": auto, "stream": 3, "long": 4}[kind]
             assert ext.resolve_first_pass(rows, V, size, verify, sms) == want, (rows, V, size, verify, sms)
         for bad in [(-1, 10, 2, False, 132), (1, 0, 2, False, 132), (1, 2**31, 2, False, 132),
                     (1, 10, 8, False, 132), (1, 10, 2, False, 0)]:
@@ -354,7 +356,7 @@ def test_every_first_pass_matches_chunked_at_serving_shapes(dtype):
     temp = torch.tensor([0.0, 0.7, 1.0, 1.5] * (B // 4), device="cuda")
     sk = dict(temperature=temp, seed=torch.arange(B, device="cuda") + 11, offset=torch.full((B,), 3, device="cuda"))
     res = {}
-    for kind in ("chunked", "wide", "stream"):
+    for kind in ("chunked", "wide", "stream", "long"):
         old = cuda_first_pass(kind)
         try:
             res[kind] = (ops.verify_draft(draft, logits, "bild", backend="cuda", **kw),
@@ -364,7 +366,7 @@ def test_every_first_pass_matches_chunked_at_serving_shapes(dtype):
         finally:
             cuda_first_pass(old)
     v0, s0, p0, q0 = res["chunked"]
-    for kind in ("wide", "stream"):
+    for kind in ("wide", "stream", "long"):
         v1, s1, p1, q1 = res[kind]
         assert torch.equal(v0.num_accepted, v1.num_accepted) and torch.equal(v0.output_ids, v1.output_ids), kind
         torch.testing.assert_close(v0.distances, v1.distances, atol=1e-4, rtol=1e-5)
@@ -377,6 +379,7 @@ def test_every_first_pass_matches_chunked_at_serving_shapes(dtype):
 
 
 @pytest.mark.parametrize("value, want", [("wide", "wide"), ("chunked", "chunked"), ("auto", "auto"), ("stream", "stream"),
+                                         ("long", "long"),
                                          ("fast", "must be one of")])
 def test_first_pass_from_the_environment(value, want):
     """BILD_FIRST_PASS sets the first pass when the extension loads; a bad value fails naming the variable."""

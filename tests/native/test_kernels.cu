@@ -238,7 +238,7 @@ int main() {
   std::mt19937 rng(1234);
   test_paged_kv(rng);
   // V = 70001 is several chunks of the wide first pass too (fp32: 16384 a chunk; stream: 8192).
-  for (int first_pass : {bild::kFirstPassChunked, bild::kFirstPassWide, bild::kFirstPassStream}) {
+  for (int first_pass : {bild::kFirstPassChunked, bild::kFirstPassWide, bild::kFirstPassStream, bild::kFirstPassLong}) {
     for (int V : {1111, 9001, 70001}) test_sample_draft(rng, V, first_pass);
     for (int V : {333, 9001, 70001})
       for (int mode : {bild::kModeGreedy, bild::kModeBild, bild::kModeSample})
