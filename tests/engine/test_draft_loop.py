@@ -100,14 +100,19 @@ def test_a_graphed_draft_run_never_waits_on_gpu(large_model, small_model, monkey
     """Between a draft run's set-up and its one host read, the replayed steps never synchronise the host with
     the device (torch.cuda.set_sync_debug_mode("error") around them, draft_loop.SYNC_CHECK)."""
     from bild_kernels.engine import draft_loop
+    import warnings
     monkeypatch.setattr(draft_loop, "SYNC_CHECK", True)
     eng = make(large_model, small_model, "graph", "cuda", torch.float32)
-    for policy, params in ((BiLD(fallback_threshold=0.3, rollback_threshold=2.0, max_draft_len=6),
-                            SamplingParams(max_tokens=N)),
-                           (SpeculativeSampling(max_draft_len=4), SamplingParams(max_tokens=N, temperature=1.0))):
-        outs = eng.generate(PROMPTS, params, policy=policy)
-        assert all(o.error is None for o in outs), [o.error for o in outs]
-        assert sum(o.metrics.small_steps for o in outs) > 0
+    with warnings.catch_warnings(record=True) as caught:  # and every step really replays a graph
+        warnings.simplefilter("always")
+        for policy, params in ((BiLD(fallback_threshold=0.3, rollback_threshold=2.0, max_draft_len=6),
+                                SamplingParams(max_tokens=N)),
+                               (SpeculativeSampling(max_draft_len=4), SamplingParams(max_tokens=N, temperature=1.0))):
+            outs = eng.generate(PROMPTS, params, policy=policy)
+            assert all(o.error is None for o in outs), [o.error for o in outs]
+            assert sum(o.metrics.small_steps for o in outs) > 0
+    fell_back = [str(w.message) for w in caught if "CUDA-graph capture" in str(w.message)]
+    assert not fell_back, fell_back
     assert_all_free(eng)
 
 
