@@ -431,23 +431,31 @@ __device__ __forceinline__ float batch_max(const uint4 (&raw)[VECS]) {
 struct WideStats {
   Lse z;
   ArgMax zmax;
+  // Whether vm, the max of the next elements, takes the argmax: it is larger, or it is the first number seen.
+  __device__ __forceinline__ bool beats_argmax(float vm) const {
+    return vm > zmax.v || (zmax.i == INT_MAX && vm == vm);
+  }
+  // Raises the running max to vm (rescaling the sum); false while every element so far is -inf.
+  __device__ __forceinline__ bool take_max(float vm) {
+    if (vm > z.m) {
+      z.s *= fast_exp2((z.m - vm) * 1.4426950408889634f);  // m = -inf: 2^-inf = 0
+      z.m = vm;
+    }
+    return z.m != -kInf;
+  }
   template <int N>
   __device__ __forceinline__ void add_vector(const float (&x)[N], int base) {
     float vm = x[0];
 #pragma unroll
     for (int q = 1; q < N; ++q) vm = fmaxf(vm, x[q]);  // NaN only if every element is NaN
-    if (vm > zmax.v || (zmax.i == INT_MAX && vm == vm)) {
+    if (beats_argmax(vm)) {
 #pragma unroll
       for (int q = N - 1; q >= 0; --q) {
         if (x[q] == vm) zmax.i = base + q;  // the last write is the first index holding the max
       }
       zmax.v = vm;
     }
-    if (vm > z.m) {
-      z.s *= fast_exp2((z.m - vm) * 1.4426950408889634f);  // m = -inf: 2^-inf = 0
-      z.m = vm;
-    }
-    if (z.m == -kInf) return;  // every element so far is -inf
+    if (!take_max(vm)) return;
     const float shift = -z.m * 1.4426950408889634f;
     float acc = 0.0f;
 #pragma unroll
@@ -463,7 +471,7 @@ struct WideStats {
   __device__ __forceinline__ void add_batch(const uint4 (&raw)[VECS], int base0, int stride) {
     constexpr int N = 16 / sizeof(T);
     const float vm = batch_max<T>(raw);  // NaN only if every element is NaN
-    if (vm > zmax.v || (zmax.i == INT_MAX && vm == vm)) {
+    if (beats_argmax(vm)) {
 #pragma unroll
       for (int k = VECS - 1; k >= 0; --k) {
 #pragma unroll
@@ -473,11 +481,7 @@ struct WideStats {
       }
       zmax.v = vm;
     }
-    if (vm > z.m) {
-      z.s *= fast_exp2((z.m - vm) * 1.4426950408889634f);  // m = -inf: 2^-inf = 0
-      z.m = vm;
-    }
-    if (z.m == -kInf) return;  // every element so far is -inf
+    if (!take_max(vm)) return;
     const float shift = -z.m * 1.4426950408889634f;
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // four chains of adds, not one
 #pragma unroll
