@@ -46,8 +46,8 @@
 #   (engine_gpu_tests: GraphRecorder's GPU test and no "capture ... failed" warning in the log; bench_targets: the
 #   verification and sampling timings after the no-op kernels' early return, every first pass side by side);
 #   call 2 (carry .carry2): `bash scripts/gpu_distill.sh .carry2 --prompts 23704 --corpus-seed 3 --self-prompts 8000
-#   --samples-per-prompt 4 --corpus-minutes 2.5 --minutes 3` (~500 s): the distillation warm-started from the
-#   shipped draft with more answers in the same budget (run 3's 55,408 answers took 48 s of its 2 minutes).
+#   --samples-per-prompt 3 --corpus-minutes 2 --minutes 2.5` (~440 s by run 3's rates: ~95k answers, ~12 M tokens):
+#   the distillation warm-started from the shipped draft on more answers (run 3's 55,408 took 48 s of its 2 minutes).
 # DEADLINE (seconds from the start): each stage is cut (timeout) so that the whole script, the tarball
 # included, ends before it; a stage with under 20 s left is skipped. Each stage also has its own cap.
 # BILD_REV names the revision in the result rows where the copy has no .git.
