@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from bild_kernels import ops
+from bild_kernels.engine.policies import MAX_DRAFT_LEN as MAX_STEPS  # a run's steps: step 0, then one a draft
 from bild_kernels.models import AttentionMetadata
 
 # Set by a test on a GPU: the decode steps of a run then go under torch.cuda.set_sync_debug_mode("error"), so any
@@ -122,7 +123,9 @@ class DraftRun:
 
 @dataclass
 class _Buffers:
-    """Every tensor of one bucket's decode step: inputs, state updated in place, per-step outputs."""
+    """Every tensor of one bucket's decode step: inputs, state updated in place, per-step outputs (the sampled
+    distributions of speculative sampling in out_probs, copied out after each step: [B, V] a step is too much to
+    keep MAX_STEPS of)."""
 
     size: int
     with_probs: bool
@@ -143,8 +146,12 @@ class _Buffers:
             temperature=torch.zeros(B, **f32), top_k=torch.zeros(B, **i32), top_p=torch.ones(B, **f32),
             seed=torch.zeros(B, **i64), offset=torch.zeros(B, **i64), threshold=torch.zeros(B, **f32),
             energy=torch.zeros(B, **b), nonfinite=torch.zeros(B, **b),
-            out_token=torch.zeros(B, **i64), out_accepted=torch.zeros(B, **b), out_fell=torch.zeros(B, **b),
-            out_conf=torch.zeros(B, **f32), any_active=torch.zeros((), **b))
+            any_active=torch.zeros((), **b),
+            # Each step's outputs, row `step` of [MAX_STEPS, B] (written inside the step, so a graphed run needs no
+            # copy of them between replays; read once at the run's end).
+            step=torch.zeros(1, **i64), hist_token=torch.zeros(MAX_STEPS, B, **i64),
+            hist_accepted=torch.zeros(MAX_STEPS, B, **b), hist_fell=torch.zeros(MAX_STEPS, B, **b),
+            hist_conf=torch.zeros(MAX_STEPS, B, **f32))
         if self.with_probs:
             self.t["out_probs"] = torch.zeros(B, self.vocab, **f32)
         if self.features is not None:
@@ -176,10 +183,11 @@ class StaticDraftLoop:
         unsure = torch.where(energy, res.energies > thr, res.fallback)
         was = t["active"]
         accepted = was & ~unsure
-        t["out_token"].copy_(res.token_ids)
-        t["out_accepted"].copy_(accepted)
-        t["out_fell"].copy_(was & unsure)
-        t["out_conf"].copy_(res.max_probs)
+        step = t["step"]
+        for name, value in (("hist_token", res.token_ids), ("hist_accepted", accepted), ("hist_fell", was & unsure),
+                            ("hist_conf", res.max_probs)):
+            t[name].index_copy_(0, step, value[None])
+        step += 1
         if "out_probs" in t:
             t["out_probs"].copy_(ops.filtered_probs(logits, t["temperature"], t["top_k"], t["top_p"]))
         t["ndraft"] += accepted.to(torch.int32)
@@ -236,6 +244,8 @@ class StaticDraftLoop:
         engine's per-row [n] tensors (offset: step 0's). features [n, H]: a feature draft's step-0 output
         (its predicted next feature per row), required for one and refused otherwise."""
         n, dev = len(rows), self.runner.device
+        if not caps or max(caps) > MAX_STEPS or min(caps) < 1:
+            raise ValueError(f"StaticDraftLoop.run: caps must be in [1, {MAX_STEPS}], got {caps!r}")
         buf = self._get(n, with_probs)
         t, B = buf.t, buf.size
         pad = B - n
@@ -259,15 +269,15 @@ class StaticDraftLoop:
             fill(name, sampling[name], {"top_p": 1}.get(name, 0))
         t["threshold"].fill_(threshold)
         t["energy"].fill_(energy)
-        for name in ("ndraft", "fed", "tok", "nonfinite"):
+        for name in ("ndraft", "fed", "tok", "nonfinite", "step"):
             t[name].zero_()
         t["active"][:n].fill_(True)
         t["active"][n:].fill_(False)
         self._update(t, torch.cat([logits, logits.new_zeros(pad, logits.shape[1])]) if pad else logits)
-        outs = [[] for _ in range(5 if with_probs else 4)]
-        self._collect(t, outs)
+        probs_out = [t["out_probs"].clone()] if with_probs else None
 
         steps, lagged = max(caps), _LaggedFlag(dev, max(caps)) if dev.type == "cuda" else None
+        done = 1  # steps run: step 0 (above), then one a loop pass
         with _no_host_sync(dev):
             for j in range(1, steps):
                 if lagged is None:
@@ -279,16 +289,19 @@ class StaticDraftLoop:
                     buf.graph.replay()
                 else:
                     self._decode_step(t)
-                self._collect(t, outs)
+                done = j + 1
+                if probs_out is not None:  # copied out before the next step overwrites it
+                    probs_out.append(t["out_probs"].clone())
                 if lagged is not None:
                     lagged.record(j, t["any_active"])
 
         # The run's one host read.
-        token, accepted, fell, conf = (torch.stack(o, 1)[:n].tolist() for o in outs[:4])
+        token, accepted, fell, conf = (t[name][:done, :n].T.tolist()
+                                       for name in ("hist_token", "hist_accepted", "hist_fell", "hist_conf"))
         fed = t["fed"][:n].tolist()
         self.runner.note_nonfinite(rows, t["nonfinite"][:n])  # rows whose logits went NaN/inf
         self.runner.blocks.rollback(rows, [r - f for r, f in zip(reserve, fed)])
-        probs = torch.stack(outs[4], 1)[:n] if with_probs else None
+        probs = torch.stack(probs_out, 1)[:n] if with_probs else None
         run = DraftRun([[] for _ in rows], fed, [False] * n, [None] * n, [[] for _ in rows],
                        [[] for _ in rows] if with_probs else None)
         for i in range(n):
@@ -301,12 +314,6 @@ class StaticDraftLoop:
                 elif fell[i][j]:
                     run.fell[i], run.unsure[i] = True, (token[i][j], conf[i][j])
         return run
-
-    @staticmethod
-    def _collect(t: dict, outs: list) -> None:
-        """Keep this step's outputs (device copies: the buffers are overwritten by the next step)."""
-        for o, name in zip(outs, ("out_token", "out_accepted", "out_fell", "out_conf", "out_probs")):
-            o.append(t[name].clone())
 
 
 class _LaggedFlag:

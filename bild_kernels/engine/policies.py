@@ -37,9 +37,12 @@ class Policy:
         return None
 
 
+MAX_DRAFT_LEN = 64  # the longest draft run a policy may ask for (the graphed draft loop keeps as many steps' outputs)
+
+
 def _check_draft_len(n) -> None:
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 64:
-        raise ValueError(f"max_draft_len must be an int in [1, 64], got {n!r}")
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_DRAFT_LEN:
+        raise ValueError(f"max_draft_len must be an int in [1, {MAX_DRAFT_LEN}], got {n!r}")
 
 
 @dataclass(frozen=True)

@@ -236,3 +236,16 @@ def test_a_capture_on_gpu_survives_garbage_holding_an_old_graph():
     graph.replay()
     torch.cuda.synchronize()
     assert y[0].item() == 3.0  # two warm-up runs and one replay
+
+
+@pytest.mark.parametrize("caps", [[], [0], [1, 65]])
+def test_a_draft_run_refuses_caps_outside_what_its_buffers_hold(caps):
+    # Each step's outputs are kept in [MAX_STEPS, B] buffers inside the step (no copy between graph replays):
+    # a run longer than that, or a row with nothing to draft, is refused before anything is reserved or run.
+    from types import SimpleNamespace
+
+    from bild_kernels.engine.draft_loop import MAX_STEPS, StaticDraftLoop
+    assert MAX_STEPS == 64
+    loop = StaticDraftLoop(SimpleNamespace(device=torch.device("cpu")), 2, capture=False)
+    with pytest.raises(ValueError, match=r"caps must be in \[1, 64\]"):
+        loop.run(list(range(len(caps))), caps, torch.zeros(len(caps), 8), {}, 0.5, False, with_probs=False)
