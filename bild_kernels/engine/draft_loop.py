@@ -12,8 +12,9 @@ same draft run the way a graph needs it:
 
 Every tensor a step touches lives in a per-bucket `_Buffers` (batch-size buckets 1, 2, 4, ...,
 max_batch_size), so `capture=True` records the decode step once per bucket as a CUDA graph and replays
-it; `capture=False` runs the identical ops eagerly (CPU tests, debugging a graph on a GPU). Per-step
-results are copied into per-run tensors after each step and read on the host once, at the end.
+it; `capture=False` runs the identical ops eagerly (CPU tests, debugging a graph on a GPU). Each step writes
+its results into row `step` of per-bucket [MAX_STEPS, B] buffers (a device-side index the step advances), so
+nothing runs between two replays but the stop flag below; the host reads them once, at the end.
 
 Without host reads the loop cannot see at once that every row has stopped. On a GPU it never waits for
 that: after each step it copies "any row still active" into pinned memory behind an event, and stops
