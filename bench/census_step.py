@@ -5,7 +5,8 @@ the GPU busy 35% of the time and a BiLD pass 22%: the host's work around the gra
 launch, each tensor built from Python lists a host-to-device copy) is what a step waits on at batch 1. This
 counts, on any device, the aten operations an engine run issues outside the forwards that the graphs replay
 (StaticExtend's and the draft loop's decode step), per large-model pass, by operation and by engine line: the
-census to shrink. Views and allocations are not counted (no kernel).
+census to shrink. Views and allocations are not counted (no kernel). On a CPU run every operation counts, also
+the host's own building of tensors that a GPU run then sends over in one copy (no launch there): read the lines.
 
   python bench/census_step.py --policy large-only
   python bench/census_step.py --policy bild --lines 40

@@ -137,20 +137,23 @@ class _Buffers:
     graph: object = None
     t: dict = field(default_factory=dict)
 
+    # The per-row state a run sets up, one [len(names), B] tensor per dtype ("arenas"): t[name] is a row of it, so a
+    # run's set-up is one host-to-device copy per dtype (`StaticDraftLoop.run`), not two ops per name.
+    ARENAS = {torch.int64: ("pos", "seed", "offset", "tok", "step"), torch.int32: ("cap", "top_k", "ndraft", "fed"),
+              torch.float32: ("temperature", "top_p", "threshold"), torch.bool: ("energy", "active", "nonfinite")}
+
     def __post_init__(self):
         B, dev = self.size, self.device
         i64, i32, f32, b = (dict(dtype=d, device=dev) for d in (torch.int64, torch.int32, torch.float32, torch.bool))
-        self.t = dict(
-            tok=torch.zeros(B, **i64), pos=torch.zeros(B, **i64), active=torch.zeros(B, **b),
-            ndraft=torch.zeros(B, **i32), cap=torch.zeros(B, **i32), fed=torch.zeros(B, **i32),
+        self.arenas = {dtype: torch.zeros(len(names), B, dtype=dtype, device=dev) for dtype, names in self.ARENAS.items()}
+        self.t = {name: self.arenas[dtype][i] for dtype, names in self.ARENAS.items() for i, name in enumerate(names)}
+        self.t["step"] = self.t["step"][:1]  # the step index: [1] (its row's other entries unused)
+        self.t.update(
             block_tables=torch.full((B, self.max_blocks), -1, **i32), query_start_loc=torch.arange(B + 1, **i32),
-            temperature=torch.zeros(B, **f32), top_k=torch.zeros(B, **i32), top_p=torch.ones(B, **f32),
-            seed=torch.zeros(B, **i64), offset=torch.zeros(B, **i64), threshold=torch.zeros(B, **f32),
-            energy=torch.zeros(B, **b), nonfinite=torch.zeros(B, **b),
             any_active=torch.zeros((), **b),
             # Each step's outputs, row `step` of [MAX_STEPS, B] (written inside the step, so a graphed run needs no
             # copy of them between replays; read once at the run's end).
-            step=torch.zeros(1, **i64), hist_token=torch.zeros(MAX_STEPS, B, **i64),
+            hist_token=torch.zeros(MAX_STEPS, B, **i64),
             hist_accepted=torch.zeros(MAX_STEPS, B, **b), hist_fell=torch.zeros(MAX_STEPS, B, **b),
             hist_conf=torch.zeros(MAX_STEPS, B, **f32))
         if self.with_probs:
@@ -242,8 +245,9 @@ class StaticDraftLoop:
             energy: bool, *, with_probs: bool, features: torch.Tensor | None = None) -> DraftRun:
         """The draft run of `rows`, whose step-0 logits [n, V] the caller computed (the small model's cache
         then holds each row's committed tokens). caps[i] >= 1: drafts row i may propose; sampling: the
-        engine's per-row [n] tensors (offset: step 0's). features [n, H]: a feature draft's step-0 output
-        (its predicted next feature per row), required for one and refused otherwise."""
+        engine's per-row values (lists or host tensors of n: temperature, top_k, top_p, seed, offset (step 0's)).
+        features [n, H]: a feature draft's step-0 output (its predicted next feature per row), required for one
+        and refused otherwise."""
         n, dev = len(rows), self.runner.device
         if not caps or max(caps) > MAX_STEPS or min(caps) < 1:
             raise ValueError(f"StaticDraftLoop.run: caps must be in [1, {MAX_STEPS}], got {caps!r}")
@@ -251,29 +255,30 @@ class StaticDraftLoop:
         t, B = buf.t, buf.size
         pad = B - n
 
-        def fill(name, values: torch.Tensor, padding=0):
-            t[name][:n].copy_(values, non_blocking=True)  # host values: no wait for the queued kernels
-            t[name][n:].fill_(padding)
-
         if (features is None) != ("feat" not in t):
             raise ValueError("StaticDraftLoop.run: features are given for a feature draft, and only for one")
         if features is not None:
-            fill("feat", features)
+            t["feat"][:n].copy_(features)
+            t["feat"][n:].zero_()
         starts = self.runner.blocks.context_lens_of(rows)
         # Each row may feed cap - 1 drafts after step 0: reserve their blocks now, return the rest after.
         reserve = [c - 1 for c in caps]
         self.runner.blocks.append(rows, reserve)
-        fill("block_tables", self.runner.blocks.block_tables_of(rows), -1)
-        fill("pos", torch.tensor(starts, dtype=torch.int64))
-        fill("cap", torch.tensor(caps, dtype=torch.int32))
-        for name in ("temperature", "top_k", "top_p", "seed", "offset"):
-            fill(name, sampling[name], {"top_p": 1}.get(name, 0))
-        t["threshold"].fill_(threshold)
-        t["energy"].fill_(energy)
-        for name in ("ndraft", "fed", "tok", "nonfinite", "step"):
-            t[name].zero_()
-        t["active"][:n].fill_(True)
-        t["active"][n:].fill_(False)
+        t["block_tables"][:n].copy_(self.runner.blocks.block_tables_of(rows))
+        t["block_tables"][n:].fill_(-1)
+        # Every per-row field at once: built on the host (padding rows: nothing to draft, top_p 1), one copy per
+        # dtype (non-blocking from pageable memory: the host buffer is staged before the call returns).
+        rows_of = dict(pos=starts, cap=caps, active=[True] * n, threshold=[threshold] * B, energy=[energy] * B,
+                       **{name: sampling[name] for name in ("temperature", "top_k", "top_p", "seed", "offset")})
+        for dtype, names in buf.ARENAS.items():
+            host = torch.zeros(len(names), B, dtype=dtype)
+            for i, name in enumerate(names):
+                if name == "top_p":
+                    host[i].fill_(1.0)
+                if name in rows_of:
+                    values = torch.as_tensor(rows_of[name], dtype=dtype)
+                    host[i, :len(values)] = values
+            buf.arenas[dtype].copy_(host, non_blocking=True)
         self._update(t, torch.cat([logits, logits.new_zeros(pad, logits.shape[1])]) if pad else logits)
         probs_out = [t["out_probs"].clone()] if with_probs else None
 

@@ -24,13 +24,16 @@ _DRAFT_STRIDE = 128
 class Iteration:
     """Engine methods that run one step over the running batch (mixed into `Engine`)."""
 
+    @staticmethod
+    def _sampling_values(seqs: list[Sequence], offsets: list[int]) -> dict:
+        """The rows' sampling parameters as host lists (what the static draft loop copies over in one go)."""
+        return dict(temperature=[s.params.temperature for s in seqs], top_k=[s.params.top_k for s in seqs],
+                    top_p=[s.params.top_p for s in seqs], seed=[s.params.seed for s in seqs], offset=offsets)
+
     def _sampling(self, seqs: list[Sequence], offsets: list[int]) -> dict:
-        dev = self.device
-        return dict(temperature=to_device([s.params.temperature for s in seqs], torch.float32, dev),
-                    top_k=to_device([s.params.top_k for s in seqs], torch.int32, dev),
-                    top_p=to_device([s.params.top_p for s in seqs], torch.float32, dev),
-                    seed=to_device([s.params.seed for s in seqs], torch.int64, dev),
-                    offset=to_device(offsets, torch.int64, dev))
+        dev, dtypes = self.device, dict(temperature=torch.float32, top_k=torch.int32, top_p=torch.float32,
+                                        seed=torch.int64, offset=torch.int64)
+        return {name: to_device(values, dtypes[name], dev) for name, values in self._sampling_values(seqs, offsets).items()}
 
     def _step(self, running: list[Sequence], policy: Policy) -> list[list[int]]:
         """One iteration over the running batch; returns the tokens committed per sequence."""
@@ -264,7 +267,7 @@ class Iteration:
         else:
             logits = self.runners["small"].extend(rows, [s.pending("small") for s in seqs], [1] * len(seqs))[:, 0]
         run = self._static.run(rows, [caps[i] for i in active], logits,
-                               self._sampling(seqs, [s.iteration * _DRAFT_STRIDE for s in seqs]),
+                               self._sampling_values(seqs, [s.iteration * _DRAFT_STRIDE for s in seqs]),
                                policy.thresholds()[0], policy.fallback_signal == "energy", with_probs=with_probs,
                                features=features)
         if feature:  # the chain's positions hold guessed features: drop them
