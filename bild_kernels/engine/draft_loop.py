@@ -136,6 +136,11 @@ class _Buffers:
     features: tuple | None = None  # a feature draft's (hidden size, dtype): each row's fed-back feature
     graph: object = None
     t: dict = field(default_factory=dict)
+    # Step 0's update (sampling the catch-up's logits) as a graph of its own, on a fixed logits buffer [B, V]:
+    # recorded at the bucket's first run (when the logits' dtype and width are known); None after a failed try.
+    update_graph: object = None
+    update_tried: bool = False
+    logits0: torch.Tensor | None = None
 
     # The per-row state a run sets up, one [len(names), B] tensor per dtype ("arenas"): t[name] is a row of it, so a
     # run's set-up is one host-to-device copy per dtype (`StaticDraftLoop.run`), not two ops per name.
@@ -254,6 +259,13 @@ class StaticDraftLoop:
         buf = self._get(n, with_probs)
         t, B = buf.t, buf.size
         pad = B - n
+        if self.capture and not buf.update_tried:
+            buf.update_tried = True
+            buf.logits0 = logits.new_zeros(B, logits.shape[1])
+            t["active"].zero_()  # recorded before the set-up below: every row inactive, the step index at 0
+            t["step"].zero_()
+            buf.update_graph = self._graphs.capture(lambda: self._update(t, buf.logits0),
+                                                    f"the draft run's first update (bucket {B})")
 
         if (features is None) != ("feat" not in t):
             raise ValueError("StaticDraftLoop.run: features are given for a feature draft, and only for one")
@@ -279,7 +291,13 @@ class StaticDraftLoop:
                     values = torch.as_tensor(rows_of[name], dtype=dtype)
                     host[i, :len(values)] = values
             buf.arenas[dtype].copy_(host, non_blocking=True)
-        self._update(t, torch.cat([logits, logits.new_zeros(pad, logits.shape[1])]) if pad else logits)
+        if buf.update_graph is not None:
+            buf.logits0[:n].copy_(logits)
+            if pad:
+                buf.logits0[n:].zero_()
+            buf.update_graph.replay()
+        else:
+            self._update(t, torch.cat([logits, logits.new_zeros(pad, logits.shape[1])]) if pad else logits)
         probs_out = [t["out_probs"].clone()] if with_probs else None
 
         steps, lagged = max(caps), _LaggedFlag(dev, max(caps)) if dev.type == "cuda" else None

@@ -249,3 +249,37 @@ def test_a_draft_run_refuses_caps_outside_what_its_buffers_hold(caps):
     loop = StaticDraftLoop(SimpleNamespace(device=torch.device("cpu")), 2, capture=False)
     with pytest.raises(ValueError, match=r"caps must be in \[1, 64\]"):
         loop.run(list(range(len(caps))), caps, torch.zeros(len(caps), 8), {}, 0.5, False, with_probs=False)
+
+
+class _ReplayRecorder:
+    """GraphRecorder's stand-in on a CPU: warms a step up twice, as the real one does, and 'replays' it by running
+    it again on the same buffers (what a CUDA graph replays), so the recorded paths of the loop run here."""
+
+    def __init__(self):
+        self.recorded = []
+
+    def capture(self, step, what):
+        step()
+        step()
+        self.recorded.append(what)
+        from types import SimpleNamespace
+        return SimpleNamespace(replay=step)
+
+
+@pytest.mark.parametrize("policy,params", [
+    (BiLD(fallback_threshold=0.5, rollback_threshold=2.0, max_draft_len=4), SamplingParams(max_tokens=N)),
+    (SpeculativeSampling(max_draft_len=3), SamplingParams(max_tokens=N, temperature=1.0, top_p=0.9, seed=3)),
+], ids=["bild", "speculative-sampling"])
+def test_the_recorded_loop_gives_the_eager_loops_drafts(large_model, small_model, policy, params):
+    # The graph path's own logic (the first update recorded on its fixed logits buffer at a bucket's first run, the
+    # decode steps recorded when the bucket is made, both replayed) with recording stood in for, against the eager
+    # loop: the same tokens and metrics, every bucket recorded once.
+    eager = make(large_model, small_model, "eager")
+    recorded = make(large_model, small_model, "static")
+    loop = recorded._static
+    loop.capture, loop._graphs = True, _ReplayRecorder()
+    assert run(recorded, policy, params) == run(eager, policy, params)
+    assert run(recorded, policy, params) == run(eager, policy, params)  # the buckets' second runs: replays only
+    firsts = [w for w in loop._graphs.recorded if "first update" in w]
+    steps = [w for w in loop._graphs.recorded if "draft step" in w]
+    assert firsts and steps and len(set(firsts)) == len(firsts) and len(set(steps)) == len(steps)
