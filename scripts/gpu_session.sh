@@ -41,12 +41,14 @@
 # --corpus-seed 2 --self-prompts 4000 --corpus-backend bild --samples-per-prompt 2 --corpus-batch-size 1024
 # --corpus-minutes 2 --minutes 3`: 0.585 -> 0.600, shipped; 452 s), call 3 `profile_step` (77 s).
 # Plan for the next session lent 15 minutes (tree packed as above, two calls):
-#   call 1: bash scripts/gpu_carry.sh stash .carry1 && BILD_REV=<rev> DEADLINE=230 GPU_TEST_WORKERS=12 bash
-#           scripts/gpu_session.sh build engine_gpu_tests bench_targets
-#   (engine_gpu_tests: GraphRecorder's GPU test and no "capture ... failed" warning in the log; bench_targets: the
-#   verification and sampling timings after the no-op kernels' early return, every first pass side by side);
+#   call 1: bash scripts/gpu_carry.sh stash .carry1 && BILD_REV=<rev> DEADLINE=300 GPU_TEST_WORKERS=12 bash
+#           scripts/gpu_session.sh build engine_gpu_tests long bench_targets profile_step
+#   (engine_gpu_tests: GraphRecorder's GPU test, the tests that now fail on any graph fallback, the draft loop's
+#   recorded first update; long: the long first pass's correctness before its timings; bench_targets: the verification and sampling timings after the no-op kernels' early
+#   return, every first pass side by side with the new `long` one; profile_step: now also the unprofiled pass time
+#   and the host's time in each CUDAGraph.replay, cut first if time runs short);
 #   call 2 (carry .carry2): `bash scripts/gpu_distill.sh .carry2 --prompts 23704 --corpus-seed 3 --self-prompts 8000
-#   --samples-per-prompt 3 --corpus-minutes 2 --minutes 2.5` (~440 s by run 3's rates: ~95k answers, ~12 M tokens):
+#   --samples-per-prompt 3 --corpus-minutes 2 --minutes 2` (~410 s by run 3's rates: ~95k answers, ~12 M tokens):
 #   the distillation warm-started from the shipped draft on more answers (run 3's 55,408 took 48 s of its 2 minutes).
 # DEADLINE (seconds from the start): each stage is cut (timeout) so that the whole script, the tarball
 # included, ends before it; a stage with under 20 s left is skipped. Each stage also has its own cap.
@@ -55,6 +57,7 @@
 #         e2e_batch_quick | divergence | profile (ncu on verify_draft at B=64, K=8, V=128256) |
 #         wide (the first passes: their tests, every pass benchmarked) | wide_profile (ncu on the wide and stream passes) |
 #         stream_profile (ncu --set full on the stream pass's verification launches, B=64, K=8, V=128256) |
+#         long (the per-op tests of the opt-in long first pass, the first-pass equality test, the native binary) |
 #         profile_step (torch.profiler over graphed engine steps, random Llama-1B pair) | ctest |
 #         engine_gpu_tests (the GPU-only tests of distillation, the draft loop, the graphed passes, BatchGenerator). Wheels in .whl/ (carried) are installed first.
 set -uo pipefail
@@ -118,12 +121,15 @@ for s in "$@"; do
                           --policy large-only
                       stage profile_step_bild 120 "$PY" bench/profile_step.py --device cuda --pair llama-1b \
                           --policy bild ;;
+        long) stage long_tests 150 "$PY" -m pytest -q -rfE -p no:cacheprovider -p no:benchmark --timeout 150 \
+                  -n "$WORKERS" -k "cuda-long or first_pass or native_kernel_binary" tests/kernels/test_verify_draft.py \
+                  tests/kernels/test_sample_draft.py tests/kernels/test_cuda_extension.py ;;
         wide) stage wide_tests 200 "$PY" -m pytest -q -rfE -p no:cacheprovider -p no:benchmark --timeout 150 \
                   -n "$WORKERS" -k "cuda-wide or cuda-chunked or cuda-stream or cuda-long or first_pass or native_kernel_binary" tests/kernels/test_verify_draft.py \
                   tests/kernels/test_sample_draft.py tests/kernels/test_cuda_extension.py
-              stage wide_bench_verify 120 "$PY" bench/bench_verify_draft.py --device cuda --backends cuda,cuda-chunked,cuda-wide,cuda-stream \
+              stage wide_bench_verify 120 "$PY" bench/bench_verify_draft.py --device cuda --backends cuda,cuda-chunked,cuda-wide,cuda-stream,cuda-long \
                   --shapes 64x8x128256,256x8x128256,64x4x32000,1x4x128256
-              stage wide_bench_sample 60 "$PY" bench/bench_sample_draft.py --device cuda --backends cuda,cuda-chunked,cuda-wide,cuda-stream \
+              stage wide_bench_sample 60 "$PY" bench/bench_sample_draft.py --device cuda --backends cuda,cuda-chunked,cuda-wide,cuda-stream,cuda-long \
                   --shapes 64x128256,256x128256,1x128256
               # the top-k / top-p cut-off search (csrc/cut_search.h, first run on a GPU after 2026-11-27)
               stage cut_bench_verify 40 "$PY" bench/bench_verify_draft.py --device cuda --backends cuda \
@@ -139,9 +145,9 @@ for s in "$@"; do
                             --backends cuda --no-save --shapes 64x8x128256 ;;
         kernel_tests) stage kernel_tests 240 "$PY" -m pytest -q -m "not slow" -p no:cacheprovider --maxfail 20 \
                           --timeout 200 -n "$WORKERS" --dist loadfile tests/kernels ;;
-        bench_targets) stage bench_verify_targets 90 "$PY" bench/bench_verify_draft.py --device cuda \
+        bench_targets) stage bench_verify_targets 120 "$PY" bench/bench_verify_draft.py --device cuda \
                            --shapes 64x8x128256,256x8x128256,64x4x32000
-                       stage bench_sample_targets 60 "$PY" bench/bench_sample_draft.py --device cuda \
+                       stage bench_sample_targets 80 "$PY" bench/bench_sample_draft.py --device cuda \
                            --shapes 64x128256,256x128256,1x128256
                        stage bench_rollback 60 "$PY" bench/bench_rollback_paged_kv.py --device cuda ;;
         bench) for op in write_paged_kv rollback_paged_kv gather_paged_kv sample_draft verify_draft paged_attention; do
@@ -155,7 +161,7 @@ for s in "$@"; do
                         --out bench/results/serve_load_bf16_cuda.csv ;;
         ctest) stage ctest 400 sh -c "cmake -S . -B build/cmake -G Ninja -DCMAKE_CUDA_ARCHITECTURES=90 \
                    && cmake --build build/cmake && ctest --test-dir build/cmake --output-on-failure" ;;
-        *) echo "unknown stage: $s (build | gpu_tests | tests | engine_gpu_tests | profile | profile_step | wide | wide_profile | stream_profile | kernel_tests | bench | bench_targets | e2e | e2e_quick | e2e_batch | e2e_batch_quick | divergence | ctest)"; exit 2 ;;
+        *) echo "unknown stage: $s (build | gpu_tests | tests | engine_gpu_tests | profile | profile_step | wide | wide_profile | stream_profile | long | kernel_tests | bench | bench_targets | e2e | e2e_quick | e2e_batch | e2e_batch_quick | divergence | ctest)"; exit 2 ;;
     esac
 done
 tar czf "$OUT/gpu_session.tgz" -C "$(dirname "$LOG")" logs -C "$ROOT" bench/results
