@@ -31,9 +31,12 @@ class Iteration:
                     top_p=[s.params.top_p for s in seqs], seed=[s.params.seed for s in seqs], offset=offsets)
 
     def _sampling(self, seqs: list[Sequence], offsets: list[int]) -> dict:
-        dev, dtypes = self.device, dict(temperature=torch.float32, top_k=torch.int32, top_p=torch.float32,
-                                        seed=torch.int64, offset=torch.int64)
-        return {name: to_device(values, dtypes[name], dev) for name, values in self._sampling_values(seqs, offsets).items()}
+        """The same on the device: two host-to-device copies (the float and the integer fields), not five."""
+        v, dev = self._sampling_values(seqs, offsets), self.device
+        floats = to_device([v["temperature"], v["top_p"]], torch.float32, dev)
+        ints = to_device([v["top_k"], v["seed"], v["offset"]], torch.int64, dev)
+        return dict(temperature=floats[0], top_k=ints[0].to(torch.int32), top_p=floats[1], seed=ints[1],
+                    offset=ints[2])
 
     def _step(self, running: list[Sequence], policy: Policy) -> list[list[int]]:
         """One iteration over the running batch; returns the tokens committed per sequence."""
