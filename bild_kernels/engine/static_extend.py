@@ -22,7 +22,6 @@ from dataclasses import dataclass
 import torch
 
 from bild_kernels.engine.draft_loop import GraphRecorder, buckets
-from bild_kernels.engine.host import to_device
 from bild_kernels.models import AttentionMetadata
 
 
@@ -30,8 +29,11 @@ from bild_kernels.models import AttentionMetadata
 class _Buffers:
     batch: int  # B'
     tokens: int  # Q
-    input_ids: torch.Tensor  # [B'*Q] int64
-    positions: torch.Tensor  # [B'*Q] int64
+    # [3 * B'*Q + B'] int64, one host-to-device copy a pass: the token ids, the positions (the two the graph
+    # reads), each row's context length (cast into context_lens) and the new tokens' flat indices (for slot_mapping)
+    staging: torch.Tensor
+    input_ids: torch.Tensor  # [B'*Q] int64, a view of staging
+    positions: torch.Tensor  # [B'*Q] int64, a view of staging
     slot_mapping: torch.Tensor  # [B'*Q] int64, -1 for padding
     query_start_loc: torch.Tensor  # [B'+1] int32, i*Q (fixed)
     block_tables: torch.Tensor  # [B', M] int32
@@ -68,7 +70,7 @@ class StaticExtend:
         counts = [len(t) for t in tokens]
         buf = self._get(next(b for b in self.batch_buckets if b >= n), next(q for q in self.token_buckets
                                                                               if q >= max(counts)))
-        B, Q, dev = buf.batch, buf.tokens, self.runner.device
+        B, Q = buf.batch, buf.tokens
         ids, pos, dst = [0] * (B * Q), [0] * (B * Q), []
         for i, (toks, s) in enumerate(zip(tokens, starts)):
             base, c = i * Q, len(toks)
@@ -76,11 +78,12 @@ class StaticExtend:
             pos[base:base + Q] = [s + min(j, c - 1) for j in range(Q)]
             dst.extend(range(base, base + c))
         ctx = [s + c for s, c in zip(starts, counts)] + [0] * (B - n)
-        buf.input_ids.copy_(torch.tensor(ids, dtype=torch.int64), non_blocking=True)
-        buf.positions.copy_(torch.tensor(pos, dtype=torch.int64), non_blocking=True)
-        buf.context_lens.copy_(torch.tensor(ctx, dtype=torch.int32), non_blocking=True)
+        host = torch.tensor(ids + pos + ctx + dst, dtype=torch.int64)
+        buf.staging[:len(host)].copy_(host, non_blocking=True)  # pageable: staged before the call returns
+        BQ = B * Q
+        buf.context_lens.copy_(buf.staging[2 * BQ:2 * BQ + B])
         buf.slot_mapping.fill_(-1)
-        buf.slot_mapping.index_copy_(0, to_device(dst, torch.int64, dev), slot_mapping)
+        buf.slot_mapping.index_copy_(0, buf.staging[2 * BQ + B:2 * BQ + B + len(dst)], slot_mapping)
         buf.block_tables.fill_(-1)
         buf.block_tables[:n].copy_(self.runner.blocks.block_tables_of(rows))
         if buf.graph is not None:
@@ -104,7 +107,8 @@ class StaticExtend:
             r, T = self.runner, batch * tokens
             i64 = dict(dtype=torch.int64, device=r.device)
             i32 = dict(dtype=torch.int32, device=r.device)
-            buf = _Buffers(batch, tokens, input_ids=torch.zeros(T, **i64), positions=torch.zeros(T, **i64),
+            staging = torch.zeros(3 * T + batch, **i64)
+            buf = _Buffers(batch, tokens, staging=staging, input_ids=staging[:T], positions=staging[T:2 * T],
                            slot_mapping=torch.full((T,), -1, **i64),
                            query_start_loc=torch.arange(batch + 1, **i32) * tokens,
                            block_tables=torch.full((batch, r.blocks.max_blocks_per_seq), -1, **i32),
