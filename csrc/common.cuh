@@ -192,14 +192,24 @@ __device__ T block_exclusive_scan(T x, T* smem, T* total) {
 // head and the tail element by element. Visit order differs from the reference's; only sums (within
 // float tolerance) can tell, argmax ties are settled by index.
 // ------------------------------------------------------------------------------------------------
-template <typename T, typename F>
-__device__ void for_each_in_row(const T* __restrict__ row, int V, F&& f) {
-  constexpr int N = 16 / sizeof(T);
+// A row's split for 16-byte loads: `head` elements before its first 16-byte boundary (read one by one), then
+// `nvec` whole vectors of 16 / sizeof(T) elements, then the tail (V - head - nvec * N elements, one by one).
+struct RowMiddle {
+  int head, nvec;
+};
+template <typename T>
+__device__ __forceinline__ RowMiddle row_middle(const T* row, int V) {
   const uintptr_t addr = reinterpret_cast<uintptr_t>(row);
   int head = static_cast<int>(((16 - (addr & 15)) & 15) / sizeof(T));
   head = head < V ? head : V;
+  return RowMiddle{head, (V - head) / static_cast<int>(16 / sizeof(T))};
+}
+
+template <typename T, typename F>
+__device__ void for_each_in_row(const T* __restrict__ row, int V, F&& f) {
+  constexpr int N = 16 / sizeof(T);
+  const auto [head, nvec] = row_middle(row, V);
   for (int i = threadIdx.x; i < head; i += blockDim.x) f(i, to_float(row[i]));
-  const int nvec = (V - head) / N;
   const uint4* vec = reinterpret_cast<const uint4*>(row + head);
   for (int w = threadIdx.x; w < nvec; w += blockDim.x) {
     const uint4 raw = __ldg(vec + w);
@@ -273,10 +283,7 @@ struct RowTask {
 template <int VECS = kChunkVecs, typename T, typename F>
 __device__ void for_each_vector_in_chunk(const T* __restrict__ row, int V, int S, int c, F&& fv) {
   constexpr int N = 16 / sizeof(T);
-  const uintptr_t addr = reinterpret_cast<uintptr_t>(row);
-  int head = static_cast<int>(((16 - (addr & 15)) & 15) / sizeof(T));
-  head = head < V ? head : V;
-  const int nvec = (V - head) / N;
+  const auto [head, nvec] = row_middle(row, V);
   if (c == 0) {
     for (int i = threadIdx.x; i < head; i += kChunkThreads) {
       const T e[1] = {row[i]};
@@ -631,10 +638,7 @@ __global__ void __launch_bounds__(kChunkThreads, kStreamMinBlocks)
   const T* row = logits + static_cast<int64_t>(r) * V;
   // The geometry of for_each_vector_in_chunk with S * kLongIters chunks of kStreamVecs vectors: chunk c here is
   // its chunks c * kLongIters ... c * kLongIters + kLongIters - 1 (the head with the first, the tail the last).
-  const uintptr_t addr = reinterpret_cast<uintptr_t>(row);
-  int head = static_cast<int>(((16 - (addr & 15)) & 15) / sizeof(T));
-  head = head < V ? head : V;
-  const int nvec = (V - head) / N;
+  const auto [head, nvec] = row_middle(row, V);
   WideStats w;
   if (c == 0) {
     for (int i = threadIdx.x; i < head; i += kChunkThreads) {
