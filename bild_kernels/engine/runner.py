@@ -70,8 +70,9 @@ class ModelRunner:
 
     def note_nonfinite(self, rows: list[int], bad: torch.Tensor) -> None:
         """Note rows[i] as faulty where bad[i] (a device bool tensor; no host sync)."""
-        if rows and rows == list(range(rows[0], rows[0] + len(rows))):  # consecutive rows (one request): no index
-            self._nonfinite[rows[0]:rows[0] + len(rows)] |= bad
+        span = _span(rows)
+        if span is not None:  # consecutive rows (one request): no index to send
+            self._nonfinite[span] |= bad
             return
         idx = to_device(rows, torch.long, self.device)
         self._nonfinite.index_copy_(0, idx, self._nonfinite.index_select(0, idx) | bad)
@@ -104,10 +105,8 @@ class ModelRunner:
             full = self.static.forward(rows, tokens, starts, slot_mapping)  # [n, Q, V]: row i's tokens first
             Q = full.shape[1]
             idx = _last_positions([i * Q + c for i, c in enumerate(counts)], n_logits)
-            if idx == list(range(idx[0], idx[0] + len(idx))):  # one row, or rows filling their buckets: a view
-                logits = full.flatten(0, 1)[idx[0]:idx[0] + len(idx)]  # (the bucket's buffer, as a replay leaves it)
-            else:
-                logits = full.flatten(0, 1)[to_device(idx, torch.int64, dev)]
+            span = _span(idx)  # one row, or rows filling their buckets: a view of the bucket's buffer
+            logits = full.flatten(0, 1)[span if span is not None else to_device(idx, torch.int64, dev)]
             return self.screen_logits(rows, logits.view(len(rows), K1, -1))
         input_ids = None if embeds is not None else to_device([t for ts in tokens for t in ts], torch.int64, dev)
         positions = to_device([s + j for s, c in zip(starts, counts) for j in range(c)], torch.int64, dev)
@@ -129,6 +128,12 @@ class ModelRunner:
         if not return_hidden:
             return logits
         return logits, [out[1]] if len(counts) == 1 else list(out[1].split(counts))
+
+
+def _span(xs: list[int]) -> slice | None:
+    """xs as a slice where they are consecutive increasing integers (a view instead of an index sent over), else
+    None."""
+    return slice(xs[0], xs[0] + len(xs)) if xs and xs == list(range(xs[0], xs[0] + len(xs))) else None
 
 
 def _last_positions(ends: list[int], n_logits: list[int]) -> list[int]:
