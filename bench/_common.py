@@ -84,23 +84,27 @@ def timeit(fn, device: str, *, warmup: int = 3, iters: int = 20, setup=None) -> 
     return {"median_us": statistics.median(times), "p20_us": q[1], "p80_us": q[7]}
 
 
-FORCED_FIRST_PASSES = ("cuda-chunked", "cuda-wide", "cuda-stream", "cuda-long")  # the CUDA backend, that first pass forced
+# the CUDA backend with that first pass forced, or ("cuda-split") with the split top-k / top-p cut-off search
+FORCED_FIRST_PASSES = ("cuda-chunked", "cuda-wide", "cuda-stream", "cuda-long", "cuda-split")
 GRAPHED = ("cuda", *FORCED_FIRST_PASSES, "triton")  # backends also timed replayed from a CUDA graph on a GPU ("<backend>+graph")
 
 
 @contextlib.contextmanager
 def first_pass_of(backend: str):
-    """"cuda-chunked" / "cuda-wide" / "cuda-stream" are the CUDA backend with that first pass over V forced
-    (bild_kernels.cuda_first_pass; "cuda" runs the default, "auto"): set for the timings of that backend only."""
+    """"cuda-chunked" / "cuda-wide" / "cuda-stream" / "cuda-long" are the CUDA backend with that first pass over V
+    forced (bild_kernels.cuda_first_pass; "cuda" runs the default, "auto"), "cuda-split" the default first pass with
+    the split top-k / top-p cut-off search (bild_kernels.cuda_cut_search): set for the timings of that backend only."""
     if backend not in FORCED_FIRST_PASSES:
         yield
         return
-    from bild_kernels import cuda_first_pass
-    old = cuda_first_pass(backend.split("-", 1)[1])
+    from bild_kernels import cuda_cut_search, cuda_first_pass
+    kind = backend.split("-", 1)[1]
+    choose = cuda_cut_search if kind == "split" else cuda_first_pass
+    old = choose(kind)
     try:
         yield
     finally:
-        cuda_first_pass(old)
+        choose(old)
 
 
 def graph_replay(fn):
@@ -163,7 +167,8 @@ def cpu_extension_rows(args, op: str, unit: str, max_rows: int) -> list[int]:
 def usable_backends(device: str, requested: str | None, *, cpu_kernel: bool = False,
                     first_pass: bool = False) -> list[str]:
     """Backends to run: on a GPU all built ones plus the torch.compile'd reference (with first_pass=True, the op
-    has a choice of first pass: "cuda-chunked", "cuda-wide" and "cuda-stream" too); on a CPU the reference, (under TRITON_INTERPRET=1) Triton, and
+    has a choice of first pass and cut-off search: "cuda-chunked", "cuda-wide", "cuda-stream", "cuda-long" and
+    "cuda-split" too); on a CPU the reference, (under TRITON_INTERPRET=1) Triton, and
     with cpu_kernel=True (the op has one in bild_kernels._cpu) "cpu" where that extension is built and runs
     here."""
     from bild_kernels._backend import cpu_extension, cuda_extension, triton_available, triton_interpret

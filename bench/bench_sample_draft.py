@@ -37,7 +37,7 @@ def implementation(backend, device):
         return R.sample_draft_ref
     if backend == "compile":
         return torch.compile(R.sample_draft_ref, dynamic=False)
-    # the kernel without the op's input checks ("cuda-chunked", "cuda-wide", "cuda-stream", "cuda-long": the CUDA kernel, run under first_pass_of)
+    # the kernel without the op's input checks ("cuda-chunked", "cuda-wide", "cuda-stream", "cuda-long", "cuda-split": the CUDA kernel, run under first_pass_of)
     return resolve("sample_draft", torch.device(device), "cuda" if backend.startswith("cuda-") else backend)
 
 

@@ -41,10 +41,16 @@ def cuda_extension():
         if kind not in FIRST_PASSES:
             raise ValueError(f"BILD_FIRST_PASS must be one of {FIRST_PASSES}, got {kind!r}")
         _C.set_first_pass(FIRST_PASSES.index(kind))
+    kind = os.environ.get("BILD_CUT_SEARCH")
+    if kind:
+        if kind not in CUT_SEARCHES:
+            raise ValueError(f"BILD_CUT_SEARCH must be one of {CUT_SEARCHES}, got {kind!r}")
+        _C.set_cut_search(CUT_SEARCHES.index(kind))
     return _C
 
 
 FIRST_PASSES = ("chunked", "wide", "auto", "stream", "long")  # index = csrc/common.cuh kFirstPass*
+CUT_SEARCHES = ("block", "split", "auto")  # index = csrc/common.cuh kCutSearch*
 
 
 def cuda_first_pass(kind: str | None = None) -> str:
@@ -186,3 +192,22 @@ def backends(device: str | torch.device = "cuda") -> dict[str, dict]:
         if error is not None:
             out[op]["error"] = error
     return out
+
+
+def cuda_cut_search(kind: str | None = None) -> str:
+    """The top-k / top-p cut-off search that the CUDA `sample_draft` and `verify_draft` run, for the whole process:
+    "auto" (the default: "block" until "split" is timed on a GPU), "block" (each row's whole search in one thread
+    block, inside the op's row kernels: csrc/common.cuh filter_cut) or "split" (each of its at most five passes one
+    launch over every chunk of every row that filters, the chunks' histograms summed in global memory and each pass
+    settled by the row's last block: CutSplitPassKernel). Both find the same cut-off, pass for pass. With `kind`,
+    sets it and returns the previous one; without, returns the current one. `BILD_CUT_SEARCH=<kind>` sets it when
+    the extension loads. A CUDA graph keeps the kernels it captured. Raises RuntimeError where the extension was not
+    built."""
+    ext = cuda_extension()
+    if ext is None:
+        raise RuntimeError("cuda_cut_search: bild_kernels._C was not built (no nvcc or BILD_NO_CUDA=1 at install)")
+    if kind is None:
+        return CUT_SEARCHES[ext.cut_search()]
+    if kind not in CUT_SEARCHES:
+        raise ValueError(f"cuda_cut_search: kind must be one of {CUT_SEARCHES}, got {kind!r}")
+    return CUT_SEARCHES[ext.set_cut_search(CUT_SEARCHES.index(kind))]

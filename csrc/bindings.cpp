@@ -31,6 +31,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_draft(
 int current_first_pass();
 int64_t set_first_pass(int64_t kind);
 int64_t resolve_first_pass_for(int64_t rows, int64_t V, int64_t elem_size, bool verify, int64_t sms);
+// sampling.cu: the top-k / top-p cut-off search (0 block, 1 split, 2 auto); none throws
+int current_cut_search();
+int64_t set_cut_search(int64_t kind);
 }  // namespace bild
 
 TORCH_LIBRARY(bild_kernels_C, m) {
@@ -70,6 +73,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_first_pass", &bild::set_first_pass, pybind11::arg("kind"),
         "Choose the first pass over V for the whole process (0 chunked, 1 wide, 2 auto, 3 stream); returns the previous "
         "one, or -1 for another kind (nothing changes). A CUDA graph keeps the kernel it captured.");
+  m.def("cut_search", &bild::current_cut_search,
+        "The top-k / top-p cut-off search sample_draft and verify_draft run: 0 block (filter_cut, one block a row), "
+        "1 split (CutSplitPassKernel: each pass over every chunk of every row), 2 auto (the block search; the default)");
+  m.def("set_cut_search", &bild::set_cut_search, pybind11::arg("kind"),
+        "Choose the cut-off search for the whole process (0 block, 1 split, 2 auto); returns the previous one, or -1 for "
+        "another kind (nothing changes). A CUDA graph keeps the kernels it captured.");
   m.def("resolve_first_pass", &bild::resolve_first_pass_for, pybind11::arg("rows"), pybind11::arg("V"),
         pybind11::arg("elem_size"), pybind11::arg("verify"), pybind11::arg("sms"),
         "The first pass (0 chunked, 1 wide, 3 stream) a launch over `rows` rows of V logits of `elem_size` bytes runs under "

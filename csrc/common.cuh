@@ -799,60 +799,202 @@ __device__ inline bool top_k_top_p_on(int top_k, float top_p, int V) {
   return (top_k > 0 && top_k < V) || top_p < 1.0f;
 }
 
+// One logit's share of a pass: its bucket's count and fixed-point mass, added to sm's histogram (most logits of a
+// peaked row fall outside the bracket and cost one compare).
+__device__ inline void cut_count(const CutSearch& pass, float z, float t, CutSmem& sm) {
+  const float s = __fdiv_rn(z, t);
+  const int j = pass.bucket(order_key(s), s);
+  if (j < 0) return;
+  atomicAdd(&sm.cnt[j], 1u);
+  const float e = expf(s - pass.s_max);
+  if (e > 0.0f) atomicAdd(&sm.mass[j], cut_fixed_mass(e));  // (a NaN logit adds nothing)
+}
+
+// Clears sm's histogram and its `first` for a pass. Every thread calls it; the caller's barrier follows.
+__device__ inline void cut_clear(CutSmem& sm) {
+  for (int j = threadIdx.x; j < kCutBuckets; j += blockDim.x) {
+    sm.cnt[j] = 0u;
+    sm.mass[j] = 0ull;
+  }
+  if (threadIdx.x == 0) sm.first = kCutBuckets;
+}
+
+// The close of a pass, once sm holds its whole histogram (and first = kCutBuckets) behind a barrier: a prefix sum
+// over the buckets from the top, the first bucket that satisfies, and cs (every thread's copy) settled on it.
+// Every thread calls it (blockDim.x divides kCutBuckets); it ends with a barrier, so sm is free again.
+__device__ inline void cut_settle(CutSearch& cs, CutSmem& sm) {
+  const int per = kCutBuckets / blockDim.x, first_mine = threadIdx.x * per;
+  // Sums over buckets 0 .. j from the top: each thread's `per` buckets, an exclusive scan over the threads.
+  CutSums mine{};
+  for (int q = 0; q < per; ++q) mine = mine + CutSums{sm.cnt[first_mine + q], sm.mass[first_mine + q]};
+  CutSums total;
+  const CutSums before = block_exclusive_scan(mine, sm.warp_sums, &total);  // ends with a barrier
+  CutSums run = before;
+  for (int q = 0; q < per; ++q) {  // satisfied() only turns true going down: the first is the answer
+    run = run + CutSums{sm.cnt[first_mine + q], sm.mass[first_mine + q]};
+    if (cs.satisfied(run.cnt, run.mass)) {
+      atomicMin(&sm.first, first_mine + q);
+      break;
+    }
+  }
+  __syncthreads();
+  const int j = sm.first;
+  if (j < kCutBuckets && j >= first_mine && j < first_mine + per) {  // the owner of bucket j
+    CutSums excl = before;
+    for (int q = first_mine; q < j; ++q) excl = excl + CutSums{sm.cnt[q], sm.mass[q]};
+    sm.first_excl = excl;
+    sm.first_incl = excl + CutSums{sm.cnt[j], sm.mass[j]};
+  }
+  __syncthreads();
+  if (j < kCutBuckets) {
+    cs.settle(j, sm.first_excl.cnt, sm.first_excl.mass, sm.first_incl.cnt, sm.first_incl.mass);
+  } else {
+    cs.settle(-1, 0u, 0ull, total.cnt, total.mass);
+  }
+  __syncthreads();  // every thread has read sm before the next pass clears it
+}
+
 template <typename T>
 __device__ CutSearch filter_cut(const T* __restrict__ row, int V, float t, float s_max, float s_sum, int top_k,
                                 float top_p, CutSmem& sm) {
   CutSearch cs;
   cs.init(s_max, s_sum, top_k, top_p, V);
-  const int per = kCutBuckets / blockDim.x, first_mine = threadIdx.x * per;
   while (!cs.done()) {  // cs is the same in every thread: the loop is block-uniform
     cs.begin_pass();
-    for (int j = threadIdx.x; j < kCutBuckets; j += blockDim.x) {
-      sm.cnt[j] = 0u;
-      sm.mass[j] = 0ull;
-    }
-    if (threadIdx.x == 0) sm.first = kCutBuckets;
+    cut_clear(sm);
     __syncthreads();
     const CutSearch pass = cs;  // a copy the loop reads (by value: kept in registers)
-    for_each_in_row(row, V, [&sm, pass, t, s_max](int, float z) {
-      const float s = __fdiv_rn(z, t);
-      const int j = pass.bucket(order_key(s), s);
-      if (j < 0) return;  // most logits of a peaked row, after one compare
-      atomicAdd(&sm.cnt[j], 1u);
-      const float e = expf(s - s_max);
-      if (e > 0.0f) atomicAdd(&sm.mass[j], cut_fixed_mass(e));  // (a NaN logit adds nothing)
-    });
+    for_each_in_row(row, V, [&sm, pass, t](int, float z) { cut_count(pass, z, t, sm); });
     __syncthreads();
-    // Sums over buckets 0 .. j from the top: each thread's `per` buckets, an exclusive scan over the threads.
-    CutSums mine{};
-    for (int q = 0; q < per; ++q) mine = mine + CutSums{sm.cnt[first_mine + q], sm.mass[first_mine + q]};
-    CutSums total;
-    const CutSums before = block_exclusive_scan(mine, sm.warp_sums, &total);  // ends with a barrier
-    CutSums run = before;
-    for (int q = 0; q < per; ++q) {  // satisfied() only turns true going down: the first is the answer
-      run = run + CutSums{sm.cnt[first_mine + q], sm.mass[first_mine + q]};
-      if (cs.satisfied(run.cnt, run.mass)) {
-        atomicMin(&sm.first, first_mine + q);
-        break;
-      }
-    }
-    __syncthreads();
-    const int j = sm.first;
-    if (j < kCutBuckets && j >= first_mine && j < first_mine + per) {  // the owner of bucket j
-      CutSums excl = before;
-      for (int q = first_mine; q < j; ++q) excl = excl + CutSums{sm.cnt[q], sm.mass[q]};
-      sm.first_excl = excl;
-      sm.first_incl = excl + CutSums{sm.cnt[j], sm.mass[j]};
-    }
-    __syncthreads();
-    if (j < kCutBuckets) {
-      cs.settle(j, sm.first_excl.cnt, sm.first_excl.mass, sm.first_incl.cnt, sm.first_incl.mass);
-    } else {
-      cs.settle(-1, 0u, 0ull, total.cnt, total.mass);
-    }
-    __syncthreads();  // every thread has read sm before the next pass clears it
+    cut_settle(cs, sm);
   }
   return cs;
+}
+
+// ------------------------------------------------------------------------------------------------
+// The split cut-off search (kCutSearchSplit; opt-in until timed on a GPU). filter_cut gives a row's whole search
+// to one block: a row of V = 128,256 took ~300 us on an H200 (bench/results/gpu_h200_2026-11-27.md), a latency no
+// batch hides at small B, and a sample_draft of B rows used B of the GPU's SMs. Here each pass is one launch over
+// every chunk of every searching row (row_splits<T>(V) chunks, the chunked first pass's): each block counts its
+// chunk into a shared histogram as filter_cut does, adds its non-empty buckets into the row's histogram in global
+// memory (integer atomics: the same sums in any order, so the same search as filter_cut's, pass for pass), and the
+// row's last block to arrive settles the pass (cut_settle) and leaves the state for the next launch. The first
+// launch starts each row's search from the first pass's partials. kCutMaxPasses launches always run (a CUDA
+// graph's launches are fixed); a row whose search is done returns at once in every later one.
+// ------------------------------------------------------------------------------------------------
+constexpr int kCutSearchBlock = 0;  // filter_cut inside the row / position kernels
+constexpr int kCutSearchSplit = 1;  // the passes below
+constexpr int kCutSearchAuto = 2;   // the default: the block search until the split one is timed
+constexpr int kCutMaxPasses = 5;    // a value pass, then key passes that split at most 2^32 keys 1024-fold each
+
+// What the split search needs of row r (a CutRows functor returns it).
+struct CutRow {
+  bool filtered = false;  // the row searches a cut-off (false: never read, never written)
+  bool use_z = false;     // s is z itself (a greedy sample_draft row: t = 1): its statistics are the partials' z
+  float t = 1.0f;
+  int top_k = 0;
+  float top_p = 1.0f;
+};
+
+// A row's histogram in global memory, summed by every chunk of a pass.
+struct CutHist {
+  unsigned int cnt[kCutBuckets];
+  unsigned long long mass[kCutBuckets];
+};
+
+// The split search's scratch for R rows, carved from one buffer of cut_split_bytes(R) bytes (cut_split_carve):
+// the histograms and arrival counters first (zeroed by launch_cut_split with one memset; each pass leaves them
+// zero), then the states.
+struct CutSplit {
+  CutHist* hist;           // [R]
+  unsigned int* arrived;   // [R]: the blocks of the current pass that have added their buckets
+  CutSearch* state;        // [R]: the search after the last pass that settled (read where the row filters)
+};
+inline int64_t cut_split_zeroed_bytes(int64_t R) {
+  return R * static_cast<int64_t>(sizeof(CutHist) + sizeof(unsigned int));
+}
+inline int64_t cut_split_bytes(int64_t R) {
+  return (cut_split_zeroed_bytes(R) + 15) / 16 * 16 + R * static_cast<int64_t>(sizeof(CutSearch));
+}
+inline CutSplit cut_split_carve(void* base, int64_t R) {
+  char* p = static_cast<char*>(base);
+  return CutSplit{reinterpret_cast<CutHist*>(p), reinterpret_cast<unsigned int*>(p + R * sizeof(CutHist)),
+                  reinterpret_cast<CutSearch*>(p + (cut_split_zeroed_bytes(R) + 15) / 16 * 16)};
+}
+
+// Grid (R * S,), kChunkThreads threads, S = row_splits<T>(V): pass `pass` of the search of every filtered row, block
+// r * S + c counting chunk c of row r. partials: the first pass's, S_first a row (read by the first launch).
+template <typename T, typename CutRows>
+__global__ void __launch_bounds__(kChunkThreads)
+    CutSplitPassKernel(const T* __restrict__ logits, int V, int S, CutRows rows, const RowPartial* __restrict__ partials,
+                       int S_first, CutSplit split, int pass) {
+  __shared__ CutSmem sm;
+  __shared__ int last;
+  const int r = blockIdx.x / S, c = blockIdx.x % S;
+  const CutRow row = rows(r);
+  if (!row.filtered) return;  // block-uniform, as everything that decides below
+  CutSearch cs;
+  if (pass == 0) {  // every warp merges the row's partials: the same result in every lane
+    const RowPartial st = warp_merge_partials(partials + static_cast<int64_t>(r) * S_first, S_first);
+    const Lse s = row.use_z ? st.z : st.s;
+    cs.init(s.m, s.s, row.top_k, row.top_p, V);
+    if (cs.done()) {  // nothing to search: the state as it starts (no pass of this row settles)
+      if (c == 0 && threadIdx.x == 0) split.state[r] = cs;
+      return;
+    }
+  } else {
+    cs = split.state[r];
+    if (cs.done()) return;
+  }
+  cs.begin_pass();
+  cut_clear(sm);
+  __syncthreads();
+  const CutSearch counting = cs;
+  const float t = row.t;
+  for_each_in_chunk(logits + static_cast<int64_t>(r) * V, V, S, c,
+                    [counting, t](int, float z) { cut_count(counting, z, t, sm); });
+  __syncthreads();
+  CutHist& h = split.hist[r];
+  for (int j = threadIdx.x; j < kCutBuckets; j += blockDim.x) {
+    if (sm.cnt[j] != 0u) atomicAdd(&h.cnt[j], sm.cnt[j]);
+    if (sm.mass[j] != 0ull) atomicAdd(&h.mass[j], sm.mass[j]);
+  }
+  __threadfence();  // this block's sums are visible device-wide before it counts as arrived
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(&split.arrived[r], 1u) == static_cast<unsigned int>(S - 1);
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  // The row's last block: every chunk's sums are in h. Read them (from L2: __ldcg), leave h and the counter
+  // zero for the next pass, settle.
+  for (int j = threadIdx.x; j < kCutBuckets; j += blockDim.x) {
+    sm.cnt[j] = __ldcg(&h.cnt[j]);
+    sm.mass[j] = __ldcg(&h.mass[j]);
+    h.cnt[j] = 0u;
+    h.mass[j] = 0ull;
+  }
+  if (threadIdx.x == 0) {
+    sm.first = kCutBuckets;
+    split.arrived[r] = 0u;
+  }
+  __syncthreads();
+  cut_settle(cs, sm);
+  if (threadIdx.x == 0) split.state[r] = cs;
+}
+
+// Launches the split search over R rows of V elements of T after the first pass (partials: S_first a row): one
+// memset, then kCutMaxPasses launches of R * row_splits<T>(V) blocks. Capturable: no sync, no allocation.
+template <typename T, typename CutRows>
+cudaError_t launch_cut_split(const T* logits, int R, int V, CutRows rows, const RowPartial* partials, int S_first,
+                             CutSplit split, cudaStream_t stream) {
+  cudaError_t err = cudaMemsetAsync(split.hist, 0, static_cast<size_t>(cut_split_zeroed_bytes(R)), stream);
+  if (err != cudaSuccess) return err;
+  const int S = row_splits<T>(V);
+  const unsigned grid = static_cast<unsigned>(static_cast<int64_t>(R) * S);
+  for (int pass = 0; pass < kCutMaxPasses; ++pass) {
+    CutSplitPassKernel<T><<<grid, kChunkThreads, 0, stream>>>(logits, V, S, rows, partials, S_first, split, pass);
+  }
+  return cudaGetLastError();
 }
 
 }  // namespace bild

@@ -28,6 +28,27 @@ int64_t set_first_pass(int64_t kind) {
   return g_first_pass.exchange(static_cast<int>(kind));
 }
 
+// Which top-k / top-p cut-off search (kCutSearchBlock, kCutSearchSplit or kCutSearchAuto: common.cuh) the two ops
+// run, for the whole process; bild_kernels._C.set_cut_search(kind) sets it. Auto is the block search until the
+// split one is timed on a GPU.
+static std::atomic<int> g_cut_search{kCutSearchAuto};
+
+int current_cut_search() { return g_cut_search.load(std::memory_order_relaxed); }
+
+// Returns the previous setting, or -1 (and changes nothing) for a kind that is none of the three.
+int64_t set_cut_search(int64_t kind) {
+  if (kind != kCutSearchBlock && kind != kCutSearchSplit && kind != kCutSearchAuto) return -1;
+  return g_cut_search.exchange(static_cast<int>(kind));
+}
+
+// The split search's scratch for R rows (`buf` keeps it alive) where the current setting runs it, else nullptr.
+const CutSplit* cut_split_scratch(int64_t R, const at::Tensor& like, at::Tensor& buf, CutSplit& split) {
+  if (current_cut_search() != kCutSearchSplit) return nullptr;
+  buf = at::empty({cut_split_bytes(R)}, like.options().dtype(at::kByte));
+  split = cut_split_carve(buf.data_ptr(), R);
+  return &split;
+}
+
 int device_sms() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 
 int64_t resolve_first_pass_for(int64_t rows, int64_t V, int64_t elem_size, bool verify, int64_t sms) {
@@ -81,6 +102,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_dr
                               offset.const_data_ptr<int64_t>(),    fallback_threshold.const_data_ptr<float>()};
   const SampleDraftOutputs out{token_ids.data_ptr<int64_t>(), token_probs.data_ptr<float>(),
                                max_probs.data_ptr<float>(), energies.data_ptr<float>(), fallback.data_ptr<bool>()};
+  at::Tensor split_buf;
+  CutSplit split;
+  const CutSplit* split_ptr = cut_split_scratch(B, z, split_buf, split);
   dispatch_logits(op, z.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const int64_t n_partials = sample_draft_partials<T>(B, V);
@@ -90,7 +114,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_dr
                                   reinterpret_cast<RowPartial*>(partials.data_ptr<float>()),
                                   c10::cuda::getCurrentCUDAStream(),
                                   resolve_first_pass(current_first_pass(), B, static_cast<int>(V), sizeof(T), false,
-                                                     device_sms())));
+                                                     device_sms()),
+                                  split_ptr));
   });
   return {token_ids, token_probs, max_probs, energies, fallback};
 }

@@ -44,16 +44,34 @@ struct SampleRows {
   }
 };
 
+// The split cut-off search's view of row b (common.cuh CutRow): every row with top-k / top-p searches, greedy
+// rows at temperature 1 (their token probability is over the kept set).
+struct SampleCutRows {
+  SampleDraftParams prm;
+  int V;
+  __device__ CutRow operator()(int b) const {
+    CutRow row;
+    row.filtered = top_k_top_p_on(prm.top_k[b], prm.top_p[b], V);
+    const float temp = prm.temperature[b];
+    row.use_z = temp <= 0.0f;
+    row.t = row.use_z ? 1.0f : temp;
+    row.top_k = prm.top_k[b];
+    row.top_p = prm.top_p[b];
+    return row;
+  }
+};
+
 // Grid (B,), kRowThreads threads, after RowChunkStatsKernel made the one pass over every row (split
 // into S chunks, see common.cuh): one block per row merges its S partials; the softmax never reaches
 // memory. Rows with top-k/top-p add the cut-off search (filter_cut: about three histogram passes, which also
-// sum the kept set), and sampling rows among them one pass that draws over the kept set.
+// sum the kept set; or, with cut_state, the split search's result), and sampling rows among them one pass that
+// draws over the kept set.
 // One block an SM asked for: a grid of B rows rarely fills the GPU, and without it ptxas caps the registers
 // at 64 and spills filter_cut's state.
 template <typename T>
 __global__ void __launch_bounds__(kRowThreads, 1)
     SampleDraftKernel(const T* __restrict__ logits, int V, SampleDraftParams prm, SampleDraftOutputs out,
-                      const RowPartial* __restrict__ partials, int S) {
+                      const RowPartial* __restrict__ partials, int S, const CutSearch* __restrict__ cut_state) {
   __shared__ float smem[2 * 32];
   __shared__ CutSmem cut_smem;
   const int b = blockIdx.x;
@@ -75,7 +93,8 @@ __global__ void __launch_bounds__(kRowThreads, 1)
 
   float kept_sum = s_lse.s;
   if (filtered) {
-    const CutSearch cut = filter_cut(row, V, t, s_lse.m, s_lse.s, top_k, top_p, cut_smem);
+    const CutSearch cut =
+        cut_state != nullptr ? cut_state[b] : filter_cut(row, V, t, s_lse.m, s_lse.s, top_k, top_p, cut_smem);
     kept_sum = cut.kept_sum(s_lse.s);  // the search's exact sum over the kept set
     if (!greedy) {  // greedy rows keep the argmax; sampling rows draw over the kept set
       const int tau = cut.tau();
@@ -110,17 +129,24 @@ inline int64_t sample_draft_partials(int B, int V) {
 }
 
 // logits: [B, V] row-major, T = float | __half | __nv_bfloat16; partials: sample_draft_partials<T>(B, V)
-// elements of scratch, below 2^31. Two launches on `stream`; capturable: no sync, no allocation.
-// first_pass: kFirstPassChunked or kFirstPassWide (common.cuh).
+// elements of scratch, below 2^31. Two launches on `stream` (with `split`, the split cut-off search's scratch for
+// B rows, its memset and kCutMaxPasses launches between them); capturable: no sync, no allocation.
+// first_pass: kFirstPassChunked, kFirstPassWide, kFirstPassStream or kFirstPassLong (common.cuh).
 template <typename T>
 cudaError_t SampleDraft(const T* logits, int B, int V, SampleDraftParams prm, SampleDraftOutputs out,
-                        RowPartial* partials, cudaStream_t stream, int first_pass = kFirstPassChunked) {
+                        RowPartial* partials, cudaStream_t stream, int first_pass = kFirstPassChunked,
+                        const CutSplit* split = nullptr) {
   if (B == 0) return cudaSuccess;
   launch_first_pass(first_pass, logits, B, V, SampleRows{prm, V}, partials, stream);
   cudaError_t first = cudaGetLastError();
   if (first != cudaSuccess) return first;
-  SampleDraftKernel<T><<<B, kRowThreads, 0, stream>>>(logits, V, prm, out, partials,
-                                                      first_pass_splits<T>(first_pass, V));
+  const int S = first_pass_splits<T>(first_pass, V);
+  if (split != nullptr) {
+    const cudaError_t err = launch_cut_split(logits, B, V, SampleCutRows{prm, V}, partials, S, *split, stream);
+    if (err != cudaSuccess) return err;
+  }
+  SampleDraftKernel<T><<<B, kRowThreads, 0, stream>>>(logits, V, prm, out, partials, S,
+                                                      split != nullptr ? split->state : nullptr);
   return cudaGetLastError();
 }
 

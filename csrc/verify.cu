@@ -12,6 +12,7 @@ void check_row_params(const char* op, int64_t B, const at::Tensor& temperature, 
                       const at::Tensor& top_p, const at::Tensor& seed, const at::Tensor& offset);  // sampling.cu
 int current_first_pass();  // sampling.cu
 int device_sms();          // sampling.cu
+const CutSplit* cut_split_scratch(int64_t R, const at::Tensor& like, at::Tensor& buf, CutSplit& split);  // sampling.cu
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_draft(
     const at::Tensor& draft_ids, const at::Tensor& target_logits, int64_t mode, const at::Tensor& rollback_threshold,
@@ -66,6 +67,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_draft(
   int* si = scratch_i.data_ptr<int>();
   float* sf = scratch_f.data_ptr<float>();
   const float* probs_ptr = probs.defined() ? probs.const_data_ptr<float>() : nullptr;
+  at::Tensor split_buf;
+  CutSplit split;
+  const CutSplit* split_ptr = cut_split_scratch(B * K1, z, split_buf, split);
   dispatch_logits(op, z.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const int64_t n_partials = verify_partials<T>(B, K, V);
@@ -80,7 +84,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_draft(
     C10_CUDA_CHECK(VerifyDraft<T>(ids.const_data_ptr<int64_t>(), static_cast<const T*>(z.const_data_ptr()), probs_ptr,
                                   B, K, V, static_cast<int>(mode), prm, out, scr, c10::cuda::getCurrentCUDAStream(),
                                   resolve_first_pass(current_first_pass(), B * (K + 1), static_cast<int>(V), sizeof(T),
-                                                     /*verify=*/true, device_sms())));
+                                                     /*verify=*/true, device_sms()),
+                                  split_ptr));
   });
   return {num_accepted, output_ids, distances, target_probs};
 }

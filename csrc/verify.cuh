@@ -100,6 +100,23 @@ struct VerifyRows {
   }
 };
 
+// The split cut-off search's view of position row pid (common.cuh CutRow): the active positions of rows that
+// sample with top-k / top-p, as VerifyFilterKernel's.
+struct VerifyCutRows {
+  const int64_t* draft_ids;
+  VerifyParams prm;
+  int K, V;
+  __device__ CutRow operator()(int pid) const {
+    const VerifyPosition at(pid, draft_ids, K, V, prm);
+    CutRow row;
+    row.filtered = at.filtered && at.j <= at.n;
+    row.t = at.t;
+    row.top_k = prm.top_k[at.b];
+    row.top_p = prm.top_p[at.b];
+    return row;
+  }
+};
+
 // One thread's closing work for an active position (j <= n): target prob, distance, and the accept
 // verdict plus what defines q_j, from the merged statistics and the kept set (tau, kept_sum).
 template <typename T>
@@ -139,14 +156,14 @@ __device__ void finish_position(const VerifyPosition& at, const RowPartial& stat
 constexpr int kMergeWarps = 4;  // positions per block of VerifyMergeKernel, one warp each
 
 // Grid (ceil(B * (K+1) / kMergeWarps),), 32 * kMergeWarps threads: one warp per position merges the first
-// pass's S partials of z_j (logsumexp, argmax; sampling rows also the logsumexp of z_j / T) and, unless
-// the row filters with top-k/top-p (VerifyFilterKernel's job), finishes the position. Positions past
-// n_b only zero their outputs.
+// pass's S partials of z_j (logsumexp, argmax; sampling rows also the logsumexp of z_j / T) and finishes the
+// position, unless the row filters with top-k/top-p and no cut_state (the split search's) is given: then that is
+// VerifyFilterKernel's job. Positions past n_b only zero their outputs.
 template <typename T>
 __global__ void __launch_bounds__(32 * kMergeWarps)
     VerifyMergeKernel(const int64_t* __restrict__ draft_ids, const T* __restrict__ target_logits,
                       const float* __restrict__ draft_probs, int B, int K, int V, int S, int mode,
-                      VerifyParams prm, VerifyOutputs out, VerifyScratch scr) {
+                      VerifyParams prm, VerifyOutputs out, VerifyScratch scr, const CutSearch* __restrict__ cut_state) {
   const int pid = blockIdx.x * kMergeWarps + (threadIdx.x >> 5);
   if (pid >= B * (K + 1)) return;  // warp-uniform
   const VerifyPosition at(pid, draft_ids, K, V, prm);
@@ -158,12 +175,17 @@ __global__ void __launch_bounds__(32 * kMergeWarps)
     }
     return;
   }
-  if (at.filtered) return;
+  if (at.filtered && cut_state == nullptr) return;
   const RowPartial stats = warp_merge_partials(scr.partials + static_cast<int64_t>(pid) * S, S);
   if (lane0) {
-    const float kept_sum = at.greedy ? stats.z.s : stats.s.s;
-    finish_position(at, stats, kLowestKey, kept_sum, draft_ids, target_logits, draft_probs, K, V, mode, prm, out,
-                    scr);
+    int tau = kLowestKey;
+    float kept_sum = at.greedy ? stats.z.s : stats.s.s;
+    if (at.filtered) {
+      const CutSearch cut = cut_state[pid];
+      tau = cut.tau();
+      kept_sum = cut.kept_sum(stats.s.s);
+    }
+    finish_position(at, stats, tau, kept_sum, draft_ids, target_logits, draft_probs, K, V, mode, prm, out, scr);
   }
 }
 
@@ -299,25 +321,34 @@ __global__ void __launch_bounds__(32)
 // draft_ids: [B, K] (drafts then -1), target_logits: [B, K+1, V] (T = float | __half | __nv_bfloat16),
 // draft_probs: [B, K, V] f32, read in sample mode only (may be null otherwise). scratch: 5 arrays of
 // B * (K+1) elements, verify_partials<T>(B, K, V) partials and verify_cut_partials<T>(B, V) cut partials.
-// Five launches on `stream`; capturable: no sync, no allocation. B * (K+1) * row_splits<T>(V) must be
-// below 2^31 (the first pass's grid). first_pass: kFirstPassChunked or kFirstPassWide (common.cuh).
+// Five launches on `stream` (with `split`, the split cut-off search's scratch for B * (K+1) rows: its memset and
+// kCutMaxPasses launches instead of VerifyFilterKernel); capturable: no sync, no allocation. B * (K+1) *
+// row_splits<T>(V) must be below 2^31 (the first pass's grid). first_pass: kFirstPassChunked, kFirstPassWide,
+// kFirstPassStream or kFirstPassLong (common.cuh).
 template <typename T>
 cudaError_t VerifyDraft(const int64_t* draft_ids, const T* target_logits, const float* draft_probs, int B, int K,
                         int V, int mode, VerifyParams prm, VerifyOutputs out, VerifyScratch scr,
-                        cudaStream_t stream, int first_pass = kFirstPassChunked) {
+                        cudaStream_t stream, int first_pass = kFirstPassChunked, const CutSplit* split = nullptr) {
   if (B == 0) return cudaSuccess;
   const int S = first_pass_splits<T>(first_pass, V);
-  launch_first_pass(first_pass, target_logits, B * (K + 1), V, VerifyRows{draft_ids, prm, K, V}, scr.partials,
-                    stream);
-  cudaError_t first = cudaGetLastError();
-  if (first != cudaSuccess) return first;
   const int positions = B * (K + 1);
-  VerifyMergeKernel<T><<<(positions + kMergeWarps - 1) / kMergeWarps, 32 * kMergeWarps, 0, stream>>>(
-      draft_ids, target_logits, draft_probs, B, K, V, S, mode, prm, out, scr);
-  const int filter_grid = positions < kVerifyLoopBlocks ? positions : kVerifyLoopBlocks;
-  VerifyFilterKernel<T><<<filter_grid, kRowThreads, 0, stream>>>(draft_ids, target_logits, draft_probs, positions, K,
-                                                                 V, S, mode, prm, out, scr);
+  launch_first_pass(first_pass, target_logits, positions, V, VerifyRows{draft_ids, prm, K, V}, scr.partials, stream);
   cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  if (split != nullptr) {
+    err = launch_cut_split(target_logits, positions, V, VerifyCutRows{draft_ids, prm, K, V}, scr.partials, S, *split,
+                           stream);
+    if (err != cudaSuccess) return err;
+  }
+  VerifyMergeKernel<T><<<(positions + kMergeWarps - 1) / kMergeWarps, 32 * kMergeWarps, 0, stream>>>(
+      draft_ids, target_logits, draft_probs, B, K, V, S, mode, prm, out, scr,
+      split != nullptr ? split->state : nullptr);
+  if (split == nullptr) {
+    const int filter_grid = positions < kVerifyLoopBlocks ? positions : kVerifyLoopBlocks;
+    VerifyFilterKernel<T><<<filter_grid, kRowThreads, 0, stream>>>(draft_ids, target_logits, draft_probs, positions,
+                                                                   K, V, S, mode, prm, out, scr);
+  }
+  err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   const int64_t cut_items = verify_cut_partials<T>(B, V);
   const unsigned cut_grid = static_cast<unsigned>(cut_items < kVerifyLoopBlocks ? cut_items : kVerifyLoopBlocks);

@@ -41,12 +41,14 @@
 # --corpus-seed 2 --self-prompts 4000 --corpus-backend bild --samples-per-prompt 2 --corpus-batch-size 1024
 # --corpus-minutes 2 --minutes 3`: 0.585 -> 0.600, shipped; 452 s), call 3 `profile_step` (77 s).
 # Plan for the next session lent 15 minutes (tree packed as above, two calls):
-#   call 1: bash scripts/gpu_carry.sh stash .carry1 && BILD_REV=<rev> DEADLINE=300 GPU_TEST_WORKERS=12 bash
-#           scripts/gpu_session.sh build engine_gpu_tests long bench_targets profile_step
+#   call 1: bash scripts/gpu_carry.sh stash .carry1 && BILD_REV=<rev> DEADLINE=330 GPU_TEST_WORKERS=12 bash
+#           scripts/gpu_session.sh build engine_gpu_tests long split bench_targets profile_step
 #   (engine_gpu_tests: GraphRecorder's GPU test, the tests that now fail on any graph fallback, the draft loop's
-#   recorded first update; long: the long first pass's correctness before its timings; bench_targets: the verification and sampling timings after the no-op kernels' early
-#   return, every first pass side by side with the new `long` one; profile_step: now also the unprofiled pass time
-#   and the host's time in each CUDAGraph.replay, cut first if time runs short);
+#   recorded first update; long: the long first pass's correctness before its timings; split: the split top-k /
+#   top-p cut-off search's correctness and its timings beside the block search's; bench_targets: the verification
+#   and sampling timings after the no-op kernels' early return, every first pass side by side with the new `long`
+#   one (and `cuda-split`); profile_step: now also the unprofiled pass time and the host's time in each
+#   CUDAGraph.replay, cut first if time runs short);
 #   call 2 (carry .carry2): `bash scripts/gpu_distill.sh .carry2 --prompts 23704 --corpus-seed 3 --self-prompts 8000
 #   --samples-per-prompt 3 --corpus-minutes 2 --minutes 2` (~410 s by run 3's rates: ~95k answers, ~12 M tokens):
 #   the distillation warm-started from the shipped draft on more answers (run 3's 55,408 took 48 s of its 2 minutes).
@@ -58,6 +60,8 @@
 #         wide (the first passes: their tests, every pass benchmarked) | wide_profile (ncu on the wide and stream passes) |
 #         stream_profile (ncu --set full on the stream pass's verification launches, B=64, K=8, V=128256) |
 #         long (the per-op tests of the opt-in long first pass, the first-pass equality test, the native binary) |
+#         split (the per-op tests of the opt-in split top-k / top-p cut-off search, the native binary, its timings
+#         beside the block search's) |
 #         profile_step (torch.profiler over graphed engine steps, random Llama-1B pair) | ctest |
 #         engine_gpu_tests (the GPU-only tests of distillation, the draft loop, the graphed passes, BatchGenerator). Wheels in .whl/ (carried) are installed first.
 set -uo pipefail
@@ -121,6 +125,13 @@ for s in "$@"; do
                           --policy large-only
                       stage profile_step_bild 120 "$PY" bench/profile_step.py --device cuda --pair llama-1b \
                           --policy bild ;;
+        split) stage split_tests 150 "$PY" -m pytest -q -rfE -p no:cacheprovider -p no:benchmark --timeout 150 \
+                  -n "$WORKERS" -k "cuda-split or cut_search or native_kernel_binary" tests/kernels/test_verify_draft.py \
+                  tests/kernels/test_sample_draft.py tests/kernels/test_cuda_extension.py
+               stage split_bench_verify 60 "$PY" bench/bench_verify_draft.py --device cuda --backends cuda,cuda-split \
+                  --modes bild-topk_topp --shapes 64x8x128256,256x8x128256,1x4x128256
+               stage split_bench_sample 60 "$PY" bench/bench_sample_draft.py --device cuda --backends cuda,cuda-split \
+                  --shapes 64x128256,256x128256,1x128256 ;;
         long) stage long_tests 150 "$PY" -m pytest -q -rfE -p no:cacheprovider -p no:benchmark --timeout 150 \
                   -n "$WORKERS" -k "cuda-long or first_pass or native_kernel_binary" tests/kernels/test_verify_draft.py \
                   tests/kernels/test_sample_draft.py tests/kernels/test_cuda_extension.py ;;
@@ -161,7 +172,7 @@ for s in "$@"; do
                         --out bench/results/serve_load_bf16_cuda.csv ;;
         ctest) stage ctest 400 sh -c "cmake -S . -B build/cmake -G Ninja -DCMAKE_CUDA_ARCHITECTURES=90 \
                    && cmake --build build/cmake && ctest --test-dir build/cmake --output-on-failure" ;;
-        *) echo "unknown stage: $s (build | gpu_tests | tests | engine_gpu_tests | profile | profile_step | wide | wide_profile | stream_profile | long | kernel_tests | bench | bench_targets | e2e | e2e_quick | e2e_batch | e2e_batch_quick | divergence | ctest)"; exit 2 ;;
+        *) echo "unknown stage: $s (build | gpu_tests | tests | engine_gpu_tests | profile | profile_step | wide | wide_profile | stream_profile | long | kernel_tests | bench | bench_targets | e2e | e2e_quick | e2e_batch | e2e_batch_quick | divergence | ctest | split)"; exit 2 ;;
     esac
 done
 tar czf "$OUT/gpu_session.tgz" -C "$(dirname "$LOG")" logs -C "$ROOT" bench/results

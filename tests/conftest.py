@@ -16,7 +16,8 @@ def kernel_backends(first_passes: bool = False, cpu: bool = False):
     Triton runs on the GPU, or on the CPU under TRITON_INTERPRET=1; CUDA needs a GPU and the built
     extension. Backends that cannot run are still listed, skipped with the reason. With `first_passes`,
     CUDA (whose default first pass over the vocabulary, "auto", picks per launch) also runs with each first pass
-    forced ("cuda-chunked", "cuda-wide", "cuda-stream": sample_draft and verify_draft);
+    forced ("cuda-chunked", "cuda-wide", "cuda-stream", "cuda-long": sample_draft and verify_draft) and with the
+    split top-k / top-p cut-off search ("cuda-split");
     with `cpu`, the CPU extension's backend too (the ops with one beside those of CPU_EXTENSION_OPS).
     """
     params = []
@@ -35,7 +36,7 @@ def kernel_backends(first_passes: bool = False, cpu: bool = False):
     params.append(pytest.param(("cuda", "cuda"), id="cuda",
                                marks=[] if cuda_ok else pytest.mark.skip(reason=why)))
     if first_passes:
-        for kind in ("chunked", "wide", "stream", "long"):
+        for kind in ("chunked", "wide", "stream", "long", "split"):
             params.append(pytest.param(("cuda", "cuda", kind), id=f"cuda-{kind}",
                                        marks=[] if cuda_ok else pytest.mark.skip(reason=why)))
     if cpu:
@@ -46,16 +47,17 @@ def kernel_backends(first_passes: bool = False, cpu: bool = False):
 
 
 def _backend_device(request):
-    backend, device, *first_pass = request.param
-    if not first_pass:
+    backend, device, *setting = request.param
+    if not setting:
         yield backend, device
         return
-    from bild_kernels import cuda_first_pass
-    old = cuda_first_pass(first_pass[0])
+    from bild_kernels import cuda_cut_search, cuda_first_pass
+    choose = cuda_cut_search if setting[0] == "split" else cuda_first_pass  # "split": the cut-off search, else a first pass
+    old = choose(setting[0])
     try:
         yield backend, device
     finally:
-        cuda_first_pass(old)
+        choose(old)
 
 
 @pytest.fixture(params=kernel_backends())

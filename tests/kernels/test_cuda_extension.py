@@ -283,6 +283,23 @@ def test_native_kernel_binary(tmp_path):
     assert ("all native kernel tests passed" if HAS_GPU else "host Philox check: passed") in res.stdout
 
 
+def test_cuda_cut_search_setting():
+    """The process-wide choice of the top-k / top-p cut-off search (the per-op tests run the CUDA ops under "split"
+    as "cuda-split")."""
+    from bild_kernels import cuda_cut_search
+    assert cuda_cut_search() == "auto"  # the default: the block search until the split one is timed
+    assert cuda_cut_search("split") == "auto"
+    try:
+        assert cuda_cut_search() == "split"
+        with pytest.raises(ValueError, match="kind must be one of"):
+            cuda_cut_search("fast")
+        assert cuda_cut_search() == "split"  # a refused value changes nothing
+        assert cuda_cut_search("block") == "split"
+        assert cuda_cut_search() == "block"
+    finally:
+        assert cuda_cut_search("auto") == "block"
+
+
 def test_cuda_first_pass_setting():
     """The process-wide choice of the first pass over V (the per-op tests run the CUDA ops under each)."""
     from bild_kernels import cuda_first_pass

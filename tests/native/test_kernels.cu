@@ -142,7 +142,8 @@ static void test_paged_kv(std::mt19937& rng) {
 }
 
 // V = 1111 is one chunk of the first pass; V = 9001 is three (fp32: 4096 a chunk) with an odd tail.
-static void test_sample_draft(std::mt19937& rng, int V, int first_pass) {
+// split: the split top-k / top-p cut-off search (CutSplitPassKernel) instead of filter_cut.
+static void test_sample_draft(std::mt19937& rng, int V, int first_pass, bool split = false) {
   const int B = 6;
   std::vector<float> logits(B * V);
   std::normal_distribution<float> normal(0.0f, 3.0f);
@@ -158,8 +159,18 @@ static void test_sample_draft(std::mt19937& rng, int V, int first_pass) {
   bool* dfb;  // std::vector<bool> has no data(): a raw buffer
   CUDA_OK(cudaMalloc(&dfb, B));
   Dev<bild::RowPartial> part(std::vector<bild::RowPartial>(bild::sample_draft_partials<float>(B, V)));
+  void* split_buf = nullptr;
+  bild::CutSplit cs{};
+  if (split) {
+    CUDA_OK(cudaMalloc(&split_buf, bild::cut_split_bytes(B)));
+    cs = bild::cut_split_carve(split_buf, B);
+  }
   CUDA_OK(bild::SampleDraft(dz.p, B, V, {dt.p, dk.p, dp.p, dseed.p, doff.p, dthr.p}, {tok.p, tp.p, mp.p, en.p, dfb},
-                            part.p, nullptr, first_pass));
+                            part.p, nullptr, first_pass, split ? &cs : nullptr));
+  if (split_buf != nullptr) {
+    CUDA_OK(cudaDeviceSynchronize());
+    cudaFree(split_buf);
+  }
   bool hfb[B];
   CUDA_OK(cudaMemcpy(hfb, dfb, B, cudaMemcpyDeviceToHost));
   cudaFree(dfb);
@@ -168,7 +179,7 @@ static void test_sample_draft(std::mt19937& rng, int V, int first_pass) {
   for (int b = 0; b < B; ++b) {
     const std::vector<float> z(logits.begin() + b * V, logits.begin() + (b + 1) * V);
     const ref::Sample r = ref::sample_draft(z, temp[b], top_k[b], top_p[b], seed[b], offset[b], thr[b]);
-    EXPECT(gtok[b] == r.token, "sample_draft (first pass %d) row %d: token %lld != %lld", first_pass, b,
+    EXPECT(gtok[b] == r.token, "sample_draft (first pass %d, split %d) row %d: token %lld != %lld", first_pass, split, b,
            static_cast<long long>(gtok[b]),
            static_cast<long long>(r.token));
     EXPECT(close(gtp[b], r.token_prob) && close(gmp[b], r.max_prob) && close(gen[b], r.energy),
@@ -178,7 +189,7 @@ static void test_sample_draft(std::mt19937& rng, int V, int first_pass) {
   }
 }
 
-static void test_verify_draft(std::mt19937& rng, int mode, int V, int first_pass) {
+static void test_verify_draft(std::mt19937& rng, int mode, int V, int first_pass, bool split = false) {
   const int B = 5, K = 4, K1 = K + 1;
   std::vector<float> logits(B * K1 * V), probs(B * K * V);
   std::normal_distribution<float> normal(0.0f, 2.0f);
@@ -205,9 +216,20 @@ static void test_verify_draft(std::mt19937& rng, int mode, int V, int first_pass
   const int n = B * K1;
   Dev<bild::RowPartial> part(std::vector<bild::RowPartial>(bild::verify_partials<float>(B, K, V)));
   Dev<bild::CutPartial> cut(std::vector<bild::CutPartial>(bild::verify_cut_partials<float>(B, V)));
+  void* split_buf = nullptr;
+  bild::CutSplit cs{};
+  if (split) {
+    CUDA_OK(cudaMalloc(&split_buf, bild::cut_split_bytes(n)));
+    cs = bild::cut_split_carve(split_buf, n);
+  }
   CUDA_OK(bild::VerifyDraft(dids.p, dz.p, dprobs.p, B, K, V, mode, {dthr.p, dt.p, dk.p, dp.p, dseed.p, doff.p},
                             {nacc.p, oids.p, dist.p, tprob.p},
-                            {si.p, si.p + n, si.p + 2 * n, sf.p, sf.p + n, part.p, cut.p}, nullptr, first_pass));
+                            {si.p, si.p + n, si.p + 2 * n, sf.p, sf.p + n, part.p, cut.p}, nullptr, first_pass,
+                            split ? &cs : nullptr));
+  if (split_buf != nullptr) {
+    CUDA_OK(cudaDeviceSynchronize());
+    cudaFree(split_buf);
+  }
   const auto gn = nacc.get();
   const auto gids = oids.get();
   const auto gd = dist.get(), gtp = tprob.get();
@@ -217,8 +239,8 @@ static void test_verify_draft(std::mt19937& rng, int mode, int V, int first_pass
     for (int j = 0; j < K; ++j) ps[j].assign(&probs[(b * K + j) * V], &probs[(b * K + j + 1) * V]);
     const std::vector<int64_t> row(ids.begin() + b * K, ids.begin() + (b + 1) * K);
     const ref::Verify r = ref::verify_draft(row, z, mode, thr[b], ps, temp[b], top_k[b], top_p[b], seed[b], offset[b]);
-    EXPECT(gn[b] == r.num_accepted, "verify mode %d (first pass %d) row %d: accepted %d != %d", mode, first_pass, b,
-           gn[b], r.num_accepted);
+    EXPECT(gn[b] == r.num_accepted, "verify mode %d (first pass %d, split %d) row %d: accepted %d != %d", mode,
+           first_pass, split, b, gn[b], r.num_accepted);
     EXPECT(std::equal(r.output_ids.begin(), r.output_ids.end(), gids.begin() + b * K1), "verify mode %d row %d: ids",
            mode, b);
     for (int j = 0; j < K; ++j) EXPECT(close(gd[b * K + j], r.distances[j]), "verify distance %d %d", b, j);
@@ -243,6 +265,13 @@ int main() {
     for (int V : {333, 9001, 70001})
       for (int mode : {bild::kModeGreedy, bild::kModeBild, bild::kModeSample})
         test_verify_draft(rng, mode, V, first_pass);
+  }
+  // The split cut-off search, after the default first pass of each op and after the chunked one.
+  for (int first_pass : {bild::kFirstPassChunked, bild::kFirstPassStream}) {
+    for (int V : {1111, 9001, 70001}) test_sample_draft(rng, V, first_pass, /*split=*/true);
+    for (int V : {333, 9001, 70001})
+      for (int mode : {bild::kModeGreedy, bild::kModeBild, bild::kModeSample})
+        test_verify_draft(rng, mode, V, first_pass, /*split=*/true);
   }
   CUDA_OK(cudaDeviceSynchronize());
   std::printf("%s (%d failures)\n", g_failures ? "FAILED" : "all native kernel tests passed", g_failures);
