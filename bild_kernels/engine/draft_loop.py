@@ -146,25 +146,36 @@ class _Buffers:
     # run's set-up is one host-to-device copy per dtype (`StaticDraftLoop.run`), not two ops per name.
     ARENAS = {torch.int64: ("pos", "seed", "offset", "tok", "step"), torch.int32: ("cap", "top_k", "ndraft", "fed"),
               torch.float32: ("temperature", "top_p", "threshold"), torch.bool: ("energy", "active", "nonfinite")}
+    # Each step's outputs, row `step` of [MAX_STEPS, B] each (written inside the step, so a graphed run needs no copy
+    # of them between replays), held in the int32 arena after its named rows (the token as int32, the two flags as
+    # 0 / 1, the confidence as float32 bits): with "fed" they are all a run reads back, in one copy (`_results`).
+    HIST = ("hist_token", "hist_accepted", "hist_fell", "hist_conf")
 
     def __post_init__(self):
         B, dev = self.size, self.device
-        i64, i32, f32, b = (dict(dtype=d, device=dev) for d in (torch.int64, torch.int32, torch.float32, torch.bool))
-        self.arenas = {dtype: torch.zeros(len(names), B, dtype=dtype, device=dev) for dtype, names in self.ARENAS.items()}
+        i32, b = dict(dtype=torch.int32, device=dev), dict(dtype=torch.bool, device=dev)
+        rows = {dtype: len(names) + (len(self.HIST) * MAX_STEPS if dtype == torch.int32 else 0)
+                for dtype, names in self.ARENAS.items()}
+        self.arenas = {dtype: torch.zeros(rows[dtype], B, dtype=dtype, device=dev) for dtype in self.ARENAS}
         self.t = {name: self.arenas[dtype][i] for dtype, names in self.ARENAS.items() for i, name in enumerate(names)}
         self.t["step"] = self.t["step"][:1]  # the step index: [1] (its row's other entries unused)
+        for name in self.HIST:
+            first = self.hist_row(name)
+            self.t[name] = self.arenas[torch.int32][first:first + MAX_STEPS]
+        self.t["hist_conf"] = self.t["hist_conf"].view(torch.float32)
         self.t.update(
             block_tables=torch.full((B, self.max_blocks), -1, **i32), query_start_loc=torch.arange(B + 1, **i32),
-            any_active=torch.zeros((), **b),
-            # Each step's outputs, row `step` of [MAX_STEPS, B] (written inside the step, so a graphed run needs no
-            # copy of them between replays; read once at the run's end).
-            hist_token=torch.zeros(MAX_STEPS, B, **i64),
-            hist_accepted=torch.zeros(MAX_STEPS, B, **b), hist_fell=torch.zeros(MAX_STEPS, B, **b),
-            hist_conf=torch.zeros(MAX_STEPS, B, **f32))
+            any_active=torch.zeros((), **b))
         if self.with_probs:
-            self.t["out_probs"] = torch.zeros(B, self.vocab, **f32)
+            self.t["out_probs"] = torch.zeros(B, self.vocab, dtype=torch.float32, device=dev)
         if self.features is not None:
             self.t["feat"] = torch.zeros(B, self.features[0], dtype=self.features[1], device=dev)
+
+
+    @classmethod
+    def hist_row(cls, name: str) -> int:
+        """The int32 arena's first row of step output `name` (one of HIST)."""
+        return len(cls.ARENAS[torch.int32]) + cls.HIST.index(name) * MAX_STEPS
 
 
 class StaticDraftLoop:
@@ -193,8 +204,8 @@ class StaticDraftLoop:
         was = t["active"]
         accepted = was & ~unsure
         step = t["step"]
-        for name, value in (("hist_token", res.token_ids), ("hist_accepted", accepted), ("hist_fell", was & unsure),
-                            ("hist_conf", res.max_probs)):
+        for name, value in (("hist_token", res.token_ids.to(torch.int32)), ("hist_accepted", accepted.to(torch.int32)),
+                            ("hist_fell", (was & unsure).to(torch.int32)), ("hist_conf", res.max_probs)):
             t[name].index_copy_(0, step, value[None])
         step += 1
         if "out_probs" in t:
@@ -290,7 +301,7 @@ class StaticDraftLoop:
                 if name in rows_of:
                     values = torch.as_tensor(rows_of[name], dtype=dtype)
                     host[i, :len(values)] = values
-            buf.arenas[dtype].copy_(host, non_blocking=True)
+            buf.arenas[dtype][:len(names)].copy_(host, non_blocking=True)  # the named rows (not the step outputs)
         if buf.update_graph is not None:
             buf.logits0[:n].copy_(logits)
             if pad:
@@ -319,10 +330,7 @@ class StaticDraftLoop:
                 if lagged is not None:
                     lagged.record(j, t["any_active"])
 
-        # The run's one host read.
-        token, accepted, fell, conf = (t[name][:done, :n].T.tolist()
-                                       for name in ("hist_token", "hist_accepted", "hist_fell", "hist_conf"))
-        fed = t["fed"][:n].tolist()
+        token, accepted, fell, conf, fed = self._results(buf, done, n)  # the run's one host read
         self.runner.note_nonfinite(rows, t["nonfinite"][:n])  # rows whose logits went NaN/inf
         self.runner.blocks.rollback(rows, [r - f for r, f in zip(reserve, fed)])
         probs = torch.stack(probs_out, 1)[:n] if with_probs else None
@@ -338,6 +346,18 @@ class StaticDraftLoop:
                 elif fell[i][j]:
                     run.fell[i], run.unsure[i] = True, (token[i][j], conf[i][j])
         return run
+
+
+    @staticmethod
+    def _results(buf: _Buffers, done: int, n: int):
+        """A run's outputs for its n rows and `done` steps, from one copy of the int32 arena (a GPU run's one
+        synchronisation): per row the tokens, accepted and fell flags (0 / 1) and confidences of each step, and
+        the decode steps it fed."""
+        host = buf.arenas[torch.int32].cpu()
+        token, accepted, fell, conf = (host[buf.hist_row(name):buf.hist_row(name) + done, :n]
+                                       for name in buf.HIST)
+        fed = host[buf.ARENAS[torch.int32].index("fed"), :n].tolist()
+        return token.T.tolist(), accepted.T.tolist(), fell.T.tolist(), conf.view(torch.float32).T.tolist(), fed
 
 
 class _LaggedFlag:

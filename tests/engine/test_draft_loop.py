@@ -116,6 +116,58 @@ def test_a_graphed_draft_run_never_waits_on_gpu(large_model, small_model, monkey
     assert_all_free(eng)
 
 
+def test_a_run_reads_its_results_in_one_copy():
+    """The step outputs live in the int32 arena beside the fed counts: tokens as int32, the flags as 0 / 1, the
+    confidences as float32 bits, read back exactly for the run's own rows and steps."""
+    from bild_kernels.engine.draft_loop import _Buffers, StaticDraftLoop
+    buf = _Buffers(4, False, torch.device("cpu"), 3, 50)
+    t = buf.t
+    for j in range(3):
+        t["hist_token"][j] = torch.tensor([10 + j, 20 + j, 30 + j, 40 + j], dtype=torch.int32)
+        t["hist_accepted"][j] = torch.tensor([1, j % 2, 0, 1], dtype=torch.int32)
+        t["hist_fell"][j] = torch.tensor([0, 1 - j % 2, 1, 0], dtype=torch.int32)
+        t["hist_conf"][j] = torch.tensor([0.5, 0.25 + j, 1e-30, 0.1 * j])
+    t["fed"].copy_(torch.tensor([2, 0, 1, 3], dtype=torch.int32))
+    assert t["hist_conf"].dtype == torch.float32 and t["hist_conf"].data_ptr() == t["hist_fell"].data_ptr() + \
+        t["hist_fell"].numel() * 4  # views of one arena
+    token, accepted, fell, conf, fed = StaticDraftLoop._results(buf, 2, 3)
+    assert token == [[10, 11], [20, 21], [30, 31]]
+    assert accepted == [[1, 1], [0, 1], [0, 0]] and fell == [[0, 0], [1, 0], [1, 1]]
+    assert conf == [[0.5, 0.5], [0.25, 1.25], [torch.tensor(1e-30).item()] * 2]
+    assert fed == [2, 0, 1]
+
+
+@requires_gpu
+def test_a_graphed_draft_run_reads_the_device_at_most_twice(large_model, small_model, monkeypatch):
+    """A whole draft run (set-up, steps, results) synchronises the host with the GPU at most twice: whether the
+    blocks its drafts need were reserved (`BlockManager.append`), and one copy of every result (the step outputs
+    and fed counts share the int32 arena: `StaticDraftLoop._results`; five reads before)."""
+    import warnings
+    from bild_kernels.engine import draft_loop
+    counts, orig = [], draft_loop.StaticDraftLoop.run
+
+    def counted(self, *a, **k):
+        old = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                out = orig(self, *a, **k)
+        finally:
+            torch.cuda.set_sync_debug_mode(old)
+        counts.append(sum("synchroniz" in str(w.message) for w in caught))
+        return out
+
+    eng = make(large_model, small_model, "graph", "cuda", torch.float32)
+    policy = BiLD(fallback_threshold=0.3, rollback_threshold=2.0, max_draft_len=6)
+    eng.generate(PROMPTS, SamplingParams(max_tokens=N), policy=policy)  # graphs recorded
+    monkeypatch.setattr(draft_loop.StaticDraftLoop, "run", counted)
+    outs = eng.generate(PROMPTS, SamplingParams(max_tokens=N), policy=policy)
+    assert all(o.error is None for o in outs), [o.error for o in outs]
+    print(f"host synchronisations per draft run: {counts}")
+    assert counts and max(counts) <= 2, counts
+
+
 @settings(max_examples=25, deadline=None, database=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(policy=st.one_of(
