@@ -902,24 +902,28 @@ struct CutHist {
   unsigned long long mass[kCutBuckets];
 };
 
-// The split search's scratch for R rows, carved from one buffer of cut_split_bytes(R) bytes (cut_split_carve):
+// The split search's scratch for R rows, carved from one buffer of cut_split_bytes(R, D) bytes (cut_split_carve):
 // the histograms and arrival counters first (zeroed by launch_cut_split with one memset; each pass leaves them
-// zero), then the states.
+// zero), then the states, then D records for the caller's chunked draws over the kept sets (sample_draft's).
 struct CutSplit {
   CutHist* hist;           // [R]
   unsigned int* arrived;   // [R]: the blocks of the current pass that have added their buckets
   CutSearch* state;        // [R]: the search after the last pass that settled (read where the row filters)
+  ArgMax* draws;           // [D] (null when D = 0)
 };
 inline int64_t cut_split_zeroed_bytes(int64_t R) {
   return R * static_cast<int64_t>(sizeof(CutHist) + sizeof(unsigned int));
 }
-inline int64_t cut_split_bytes(int64_t R) {
-  return (cut_split_zeroed_bytes(R) + 15) / 16 * 16 + R * static_cast<int64_t>(sizeof(CutSearch));
+inline int64_t cut_split_state_offset(int64_t R) { return (cut_split_zeroed_bytes(R) + 15) / 16 * 16; }
+inline int64_t cut_split_bytes(int64_t R, int64_t D = 0) {
+  return cut_split_state_offset(R) + R * static_cast<int64_t>(sizeof(CutSearch)) + D * static_cast<int64_t>(sizeof(ArgMax));
 }
-inline CutSplit cut_split_carve(void* base, int64_t R) {
+inline CutSplit cut_split_carve(void* base, int64_t R, int64_t D = 0) {
   char* p = static_cast<char*>(base);
+  char* state = p + cut_split_state_offset(R);
   return CutSplit{reinterpret_cast<CutHist*>(p), reinterpret_cast<unsigned int*>(p + R * sizeof(CutHist)),
-                  reinterpret_cast<CutSearch*>(p + (cut_split_zeroed_bytes(R) + 15) / 16 * 16)};
+                  reinterpret_cast<CutSearch*>(state),
+                  D > 0 ? reinterpret_cast<ArgMax*>(state + R * sizeof(CutSearch)) : nullptr};
 }
 
 // Grid (R * S,), kChunkThreads threads, S = row_splits<T>(V): pass `pass` of the search of every filtered row, block

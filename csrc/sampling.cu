@@ -41,11 +41,12 @@ int64_t set_cut_search(int64_t kind) {
   return g_cut_search.exchange(static_cast<int>(kind));
 }
 
-// The split search's scratch for R rows (`buf` keeps it alive) where the current setting runs it, else nullptr.
-const CutSplit* cut_split_scratch(int64_t R, const at::Tensor& like, at::Tensor& buf, CutSplit& split) {
+// The split search's scratch for R rows and D draws (`buf` keeps it alive) where the current setting runs it, else
+// nullptr.
+const CutSplit* cut_split_scratch(int64_t R, int64_t D, const at::Tensor& like, at::Tensor& buf, CutSplit& split) {
   if (current_cut_search() != kCutSearchSplit) return nullptr;
-  buf = at::empty({cut_split_bytes(R)}, like.options().dtype(at::kByte));
-  split = cut_split_carve(buf.data_ptr(), R);
+  buf = at::empty({cut_split_bytes(R, D)}, like.options().dtype(at::kByte));
+  split = cut_split_carve(buf.data_ptr(), R, D);
   return &split;
 }
 
@@ -104,7 +105,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_dr
                                max_probs.data_ptr<float>(), energies.data_ptr<float>(), fallback.data_ptr<bool>()};
   at::Tensor split_buf;
   CutSplit split;
-  const CutSplit* split_ptr = cut_split_scratch(B, z, split_buf, split);
+  // (draws: the chunks of float32 rows, the most of any dtype)
+  const CutSplit* split_ptr = cut_split_scratch(B, B * row_splits<float>(static_cast<int>(V)), z, split_buf, split);
   dispatch_logits(op, z.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const int64_t n_partials = sample_draft_partials<T>(B, V);

@@ -61,17 +61,53 @@ struct SampleCutRows {
   }
 };
 
+// Gumbel-max over the kept set {i : order_key(z_i / t) >= tau} of chunk c of a sampling row, for every thread of a
+// kChunkThreads block: each thread starts from the draw at the row's argmax (s_max, always kept), so an element whose
+// s + kGumbelMax is below the best draw so far cannot win or tie and its Philox draw is skipped; the block's result
+// in every thread. Ends with a barrier (block_reduce's).
+template <typename T>
+__device__ ArgMax draw_kept(const T* __restrict__ row, int V, int S, int c, float t, int tau, float s_max, int argmax,
+                            int64_t seed, int64_t offset, ArgMax* smem) {
+  ArgMax k_max;
+  k_max.add(s_max + gumbel(seed, argmax, offset, kPurposeDraftSample, 0), argmax);
+  for_each_in_chunk(row, V, S, c, [&](int i, float z) {
+    const float s = __fdiv_rn(z, t);
+    if (order_key(s) < tau || s + kGumbelMax < k_max.v) return;
+    k_max.add(s + gumbel(seed, i, offset, kPurposeDraftSample, 0), i);
+  });
+  return block_reduce(k_max, smem);
+}
+
+// Grid (B * S,), kChunkThreads threads, S = row_splits<T>(V), after the split cut-off search (cut_state): block
+// b * S + c of a sampling row with top-k / top-p leaves the draw over the kept set's elements in chunk c in
+// draws[b * S + c]; SampleDraftKernel merges a row's S draws (ties to the lower index: the block draw's token).
+template <typename T>
+__global__ void __launch_bounds__(kChunkThreads)
+    SampleCutDrawKernel(const T* __restrict__ logits, int V, int S, SampleDraftParams prm,
+                        const RowPartial* __restrict__ partials, int S_first, const CutSearch* __restrict__ cut_state,
+                        ArgMax* __restrict__ draws) {
+  __shared__ float smem[2 * 32];  // 32 ArgMax records (no constructor runs on __shared__ memory)
+  const int b = blockIdx.x / S, c = blockIdx.x % S;
+  const float temp = prm.temperature[b];
+  if (temp <= 0.0f || !top_k_top_p_on(prm.top_k[b], prm.top_p[b], V)) return;  // block-uniform
+  const RowPartial stats = warp_merge_partials(partials + static_cast<int64_t>(b) * S_first, S_first);
+  const ArgMax d = draw_kept(logits + static_cast<int64_t>(b) * V, V, S, c, temp, cut_state[b].tau(), stats.s.m,
+                             stats.zmax.i, prm.seed[b], prm.offset[b], reinterpret_cast<ArgMax*>(smem));
+  if (threadIdx.x == 0) draws[blockIdx.x] = d;
+}
+
 // Grid (B,), kRowThreads threads, after RowChunkStatsKernel made the one pass over every row (split
 // into S chunks, see common.cuh): one block per row merges its S partials; the softmax never reaches
 // memory. Rows with top-k/top-p add the cut-off search (filter_cut: about three histogram passes, which also
 // sum the kept set; or, with cut_state, the split search's result), and sampling rows among them one pass that
-// draws over the kept set.
+// draws over the kept set (or, with draws, the merge of SampleCutDrawKernel's chunk draws, S_draw a row).
 // One block an SM asked for: a grid of B rows rarely fills the GPU, and without it ptxas caps the registers
 // at 64 and spills filter_cut's state.
 template <typename T>
 __global__ void __launch_bounds__(kRowThreads, 1)
     SampleDraftKernel(const T* __restrict__ logits, int V, SampleDraftParams prm, SampleDraftOutputs out,
-                      const RowPartial* __restrict__ partials, int S, const CutSearch* __restrict__ cut_state) {
+                      const RowPartial* __restrict__ partials, int S, const CutSearch* __restrict__ cut_state,
+                      const ArgMax* __restrict__ draws, int S_draw) {
   __shared__ float smem[2 * 32];
   __shared__ CutSmem cut_smem;
   const int b = blockIdx.x;
@@ -96,7 +132,11 @@ __global__ void __launch_bounds__(kRowThreads, 1)
     const CutSearch cut =
         cut_state != nullptr ? cut_state[b] : filter_cut(row, V, t, s_lse.m, s_lse.s, top_k, top_p, cut_smem);
     kept_sum = cut.kept_sum(s_lse.s);  // the search's exact sum over the kept set
-    if (!greedy) {  // greedy rows keep the argmax; sampling rows draw over the kept set
+    if (!greedy && draws != nullptr) {  // sampling rows: the split draws, merged (every lane of every warp)
+      ArgMax k_max;
+      for (int k = threadIdx.x & 31; k < S_draw; k += 32) k_max = merge(k_max, draws[static_cast<int64_t>(b) * S_draw + k]);
+      token = warp_reduce(k_max).i;
+    } else if (!greedy) {  // greedy rows keep the argmax; sampling rows draw over the kept set
       const int tau = cut.tau();
       // Every thread starts from the draw at the row's argmax (s = s_max, always kept): an element whose
       // s + kGumbelMax is below the best draw so far cannot win or tie, and its Philox draw is skipped.
@@ -130,7 +170,8 @@ inline int64_t sample_draft_partials(int B, int V) {
 
 // logits: [B, V] row-major, T = float | __half | __nv_bfloat16; partials: sample_draft_partials<T>(B, V)
 // elements of scratch, below 2^31. Two launches on `stream` (with `split`, the split cut-off search's scratch for
-// B rows, its memset and kCutMaxPasses launches between them); capturable: no sync, no allocation.
+// B rows with room for B * row_splits<T>(V) draws: its memset, kCutMaxPasses launches and the chunked draws between
+// them); capturable: no sync, no allocation.
 // first_pass: kFirstPassChunked, kFirstPassWide, kFirstPassStream or kFirstPassLong (common.cuh).
 template <typename T>
 cudaError_t SampleDraft(const T* logits, int B, int V, SampleDraftParams prm, SampleDraftOutputs out,
@@ -140,13 +181,16 @@ cudaError_t SampleDraft(const T* logits, int B, int V, SampleDraftParams prm, Sa
   launch_first_pass(first_pass, logits, B, V, SampleRows{prm, V}, partials, stream);
   cudaError_t first = cudaGetLastError();
   if (first != cudaSuccess) return first;
-  const int S = first_pass_splits<T>(first_pass, V);
+  const int S = first_pass_splits<T>(first_pass, V), S_draw = row_splits<T>(V);
   if (split != nullptr) {
     const cudaError_t err = launch_cut_split(logits, B, V, SampleCutRows{prm, V}, partials, S, *split, stream);
     if (err != cudaSuccess) return err;
+    SampleCutDrawKernel<T><<<static_cast<unsigned>(static_cast<int64_t>(B) * S_draw), kChunkThreads, 0, stream>>>(
+        logits, V, S_draw, prm, partials, S, split->state, split->draws);
   }
   SampleDraftKernel<T><<<B, kRowThreads, 0, stream>>>(logits, V, prm, out, partials, S,
-                                                      split != nullptr ? split->state : nullptr);
+                                                      split != nullptr ? split->state : nullptr,
+                                                      split != nullptr ? split->draws : nullptr, S_draw);
   return cudaGetLastError();
 }
 

@@ -162,8 +162,9 @@ static void test_sample_draft(std::mt19937& rng, int V, int first_pass, bool spl
   void* split_buf = nullptr;
   bild::CutSplit cs{};
   if (split) {
-    CUDA_OK(cudaMalloc(&split_buf, bild::cut_split_bytes(B)));
-    cs = bild::cut_split_carve(split_buf, B);
+    const int64_t draws = B * bild::row_splits<float>(V);
+    CUDA_OK(cudaMalloc(&split_buf, bild::cut_split_bytes(B, draws)));
+    cs = bild::cut_split_carve(split_buf, B, draws);
   }
   CUDA_OK(bild::SampleDraft(dz.p, B, V, {dt.p, dk.p, dp.p, dseed.p, doff.p, dthr.p}, {tok.p, tp.p, mp.p, en.p, dfb},
                             part.p, nullptr, first_pass, split ? &cs : nullptr));
