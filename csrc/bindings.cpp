@@ -21,12 +21,12 @@ std::tuple<at::Tensor, at::Tensor> gather_paged_kv(const at::Tensor& key_cache, 
 // sampling.cu
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_draft(
     const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k, const at::Tensor& top_p,
-    const at::Tensor& seed, const at::Tensor& offset, const at::Tensor& fallback_threshold);
+    const at::Tensor& seed, const at::Tensor& offset, const at::Tensor& fallback_threshold, int64_t rows);
 // verify.cu
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_draft(
     const at::Tensor& draft_ids, const at::Tensor& target_logits, int64_t mode, const at::Tensor& rollback_threshold,
     const std::optional<at::Tensor>& draft_probs, const at::Tensor& temperature, const at::Tensor& top_k,
-    const at::Tensor& top_p, const at::Tensor& seed, const at::Tensor& offset);
+    const at::Tensor& top_p, const at::Tensor& seed, const at::Tensor& offset, int64_t rows);
 // sampling.cu: the first pass over V of sample_draft and verify_draft (0 chunked, 1 wide, 2 auto); none throws
 int current_first_pass();
 int64_t set_first_pass(int64_t kind);
@@ -45,11 +45,13 @@ TORCH_LIBRARY(bild_kernels_C, m) {
         "Tensor(c!) free_blocks, Tensor(d!) num_free, int block_size) -> ()");
   m.def("gather_paged_kv(Tensor key_cache, Tensor value_cache, Tensor block_tables, Tensor context_lens) "
         "-> (Tensor, Tensor)");
+  // rows (last, not in the reference): what the caller knows of the rows, 1 some sample, 2 some use top-k / top-p
+  // (3, the default: unknown); the kernels that serve only kinds left out are not launched
   m.def("sample_draft(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor seed, Tensor offset, "
-        "Tensor fallback_threshold) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "Tensor fallback_threshold, int rows=3) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("verify_draft(Tensor draft_ids, Tensor target_logits, int mode, Tensor rollback_threshold, "
-        "Tensor? draft_probs, Tensor temperature, Tensor top_k, Tensor top_p, Tensor seed, Tensor offset) "
-        "-> (Tensor, Tensor, Tensor, Tensor)");
+        "Tensor? draft_probs, Tensor temperature, Tensor top_k, Tensor top_p, Tensor seed, Tensor offset, "
+        "int rows=3) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 // The same functions serve the CPU key only to fail with a message that names the op, the tensor and

@@ -733,11 +733,18 @@ __global__ void __launch_bounds__(kChunkThreads)
   }
 }
 
+// What a launch's caller knows of its rows on the host (the ops' `rows` argument; kRowsAll when unknown): the
+// kernels that serve only the kinds absent are not launched (they would each look at every row and return).
+constexpr int kRowsSampled = 1;   // some row samples (temperature > 0)
+constexpr int kRowsFiltered = 2;  // some row uses top-k / top-p
+constexpr int kRowsAll = kRowsSampled | kRowsFiltered;
+
 // Launches the first pass `kind` over R rows of V elements: R * first_pass_splits<T>(kind, V) blocks (the
-// stream and long passes: then their scaled kernel, at most kScaledMaxBlocks blocks).
+// stream and long passes: then their scaled kernel, at most kScaledMaxBlocks blocks, unless no row samples:
+// `sampled` false, when the partials' s and g stay the merge identity, read by no row).
 template <typename T, typename Rows>
 void launch_first_pass(int kind, const T* logits, int R, int V, Rows rows, RowPartial* partials,
-                       cudaStream_t stream) {
+                       cudaStream_t stream, bool sampled = true) {
   const int S = first_pass_splits<T>(kind, V);
   const unsigned grid = static_cast<unsigned>(static_cast<int64_t>(R) * S);
   if (kind == kFirstPassWide) {
@@ -746,12 +753,16 @@ void launch_first_pass(int kind, const T* logits, int R, int V, Rows rows, RowPa
     const unsigned scaled_grid = grid < kScaledMaxBlocks ? grid : kScaledMaxBlocks;
     if (kind == kFirstPassStream) {
       RowStreamStatsKernel<T><<<grid, kChunkThreads, 0, stream>>>(logits, V, S, rows, partials);
-      RowScaledStatsKernel<T, Rows, 1><<<scaled_grid, kChunkThreads, 0, stream>>>(logits, V, S, static_cast<int>(grid),
-                                                                                  rows, partials);
+      if (sampled) {
+        RowScaledStatsKernel<T, Rows, 1><<<scaled_grid, kChunkThreads, 0, stream>>>(
+            logits, V, S, static_cast<int>(grid), rows, partials);
+      }
     } else {
       RowLongStatsKernel<T><<<grid, kChunkThreads, 0, stream>>>(logits, V, S, rows, partials);
-      RowScaledStatsKernel<T, Rows, kLongIters><<<scaled_grid, kChunkThreads, 0, stream>>>(
-          logits, V, S, static_cast<int>(grid), rows, partials);
+      if (sampled) {
+        RowScaledStatsKernel<T, Rows, kLongIters><<<scaled_grid, kChunkThreads, 0, stream>>>(
+            logits, V, S, static_cast<int>(grid), rows, partials);
+      }
     }
   } else {
     RowChunkStatsKernel<T><<<grid, kChunkThreads, 0, stream>>>(logits, V, S, rows, partials);

@@ -77,8 +77,10 @@ void check_row_params(const char* op, int64_t B, const at::Tensor& temperature, 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_draft(
     const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k, const at::Tensor& top_p,
-    const at::Tensor& seed, const at::Tensor& offset, const at::Tensor& fallback_threshold) {
+    const at::Tensor& seed, const at::Tensor& offset, const at::Tensor& fallback_threshold, int64_t rows) {
   constexpr const char* op = "sample_draft";
+  TORCH_CHECK(rows >= 0 && rows <= kRowsAll, op, ": rows must be in [0, 3] (1: some row samples, 2: some row uses "
+              "top-k / top-p), got ", rows);
   check_cuda(op, {{"logits", &logits}, {"temperature", &temperature}, {"top_k", &top_k}, {"top_p", &top_p},
                   {"seed", &seed}, {"offset", &offset}, {"fallback_threshold", &fallback_threshold}});
   // logits: [B, V] float16 / bfloat16 / float32 (float64 is computed in float32, as the Triton backend)
@@ -117,7 +119,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_dr
                                   c10::cuda::getCurrentCUDAStream(),
                                   resolve_first_pass(current_first_pass(), B, static_cast<int>(V), sizeof(T), false,
                                                      device_sms()),
-                                  split_ptr));
+                                  split_ptr, static_cast<int>(rows)));
   });
   return {token_ids, token_probs, max_probs, energies, fallback};
 }

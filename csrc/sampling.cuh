@@ -173,20 +173,26 @@ inline int64_t sample_draft_partials(int B, int V) {
 // B rows with room for B * row_splits<T>(V) draws: its memset, kCutMaxPasses launches and the chunked draws between
 // them); capturable: no sync, no allocation.
 // first_pass: kFirstPassChunked, kFirstPassWide, kFirstPassStream or kFirstPassLong (common.cuh).
+// rows: what the caller knows of the rows (kRowsSampled | kRowsFiltered, common.cuh; kRowsAll: nothing): a row of a
+// kind left out computes wrong results.
 template <typename T>
 cudaError_t SampleDraft(const T* logits, int B, int V, SampleDraftParams prm, SampleDraftOutputs out,
                         RowPartial* partials, cudaStream_t stream, int first_pass = kFirstPassChunked,
-                        const CutSplit* split = nullptr) {
+                        const CutSplit* split = nullptr, int rows = kRowsAll) {
   if (B == 0) return cudaSuccess;
-  launch_first_pass(first_pass, logits, B, V, SampleRows{prm, V}, partials, stream);
+  const bool sampled = rows & kRowsSampled, filtered = rows & kRowsFiltered;
+  launch_first_pass(first_pass, logits, B, V, SampleRows{prm, V}, partials, stream, sampled);
   cudaError_t first = cudaGetLastError();
   if (first != cudaSuccess) return first;
   const int S = first_pass_splits<T>(first_pass, V), S_draw = row_splits<T>(V);
+  if (!filtered) split = nullptr;  // no search to run: the row kernel reads no state
   if (split != nullptr) {
     const cudaError_t err = launch_cut_split(logits, B, V, SampleCutRows{prm, V}, partials, S, *split, stream);
     if (err != cudaSuccess) return err;
-    SampleCutDrawKernel<T><<<static_cast<unsigned>(static_cast<int64_t>(B) * S_draw), kChunkThreads, 0, stream>>>(
-        logits, V, S_draw, prm, partials, S, split->state, split->draws);
+    if (sampled) {
+      SampleCutDrawKernel<T><<<static_cast<unsigned>(static_cast<int64_t>(B) * S_draw), kChunkThreads, 0, stream>>>(
+          logits, V, S_draw, prm, partials, S, split->state, split->draws);
+    }
   }
   SampleDraftKernel<T><<<B, kRowThreads, 0, stream>>>(logits, V, prm, out, partials, S,
                                                       split != nullptr ? split->state : nullptr,

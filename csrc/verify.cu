@@ -18,8 +18,10 @@ const CutSplit* cut_split_scratch(int64_t R, int64_t D, const at::Tensor& like, 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_draft(
     const at::Tensor& draft_ids, const at::Tensor& target_logits, int64_t mode, const at::Tensor& rollback_threshold,
     const std::optional<at::Tensor>& draft_probs, const at::Tensor& temperature, const at::Tensor& top_k,
-    const at::Tensor& top_p, const at::Tensor& seed, const at::Tensor& offset) {
+    const at::Tensor& top_p, const at::Tensor& seed, const at::Tensor& offset, int64_t rows) {
   constexpr const char* op = "verify_draft";
+  TORCH_CHECK(rows >= 0 && rows <= kRowsAll, op, ": rows must be in [0, 3] (1: some row samples, 2: some row uses "
+              "top-k / top-p), got ", rows);
   check_cuda(op, {{"target_logits", &target_logits}, {"draft_ids", &draft_ids},
                   {"rollback_threshold", &rollback_threshold}, {"temperature", &temperature}, {"top_k", &top_k},
                   {"top_p", &top_p}, {"seed", &seed}, {"offset", &offset}});
@@ -86,7 +88,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_draft(
                                   B, K, V, static_cast<int>(mode), prm, out, scr, c10::cuda::getCurrentCUDAStream(),
                                   resolve_first_pass(current_first_pass(), B * (K + 1), static_cast<int>(V), sizeof(T),
                                                      /*verify=*/true, device_sms()),
-                                  split_ptr));
+                                  split_ptr, static_cast<int>(rows)));
   });
   return {num_accepted, output_ids, distances, target_probs};
 }

@@ -325,16 +325,23 @@ __global__ void __launch_bounds__(32)
 // kCutMaxPasses launches instead of VerifyFilterKernel); capturable: no sync, no allocation. B * (K+1) *
 // row_splits<T>(V) must be below 2^31 (the first pass's grid). first_pass: kFirstPassChunked, kFirstPassWide,
 // kFirstPassStream or kFirstPassLong (common.cuh).
+// rows: what the caller knows of the rows (kRowsSampled | kRowsFiltered, common.cuh; kRowsAll: nothing): without
+// sampling rows the scaled statistics, top-k / top-p and sampled-token kernels are not launched (top-k / top-p
+// applies to sampling rows only); a row of a kind left out computes wrong results.
 template <typename T>
 cudaError_t VerifyDraft(const int64_t* draft_ids, const T* target_logits, const float* draft_probs, int B, int K,
                         int V, int mode, VerifyParams prm, VerifyOutputs out, VerifyScratch scr,
-                        cudaStream_t stream, int first_pass = kFirstPassChunked, const CutSplit* split = nullptr) {
+                        cudaStream_t stream, int first_pass = kFirstPassChunked, const CutSplit* split = nullptr,
+                        int rows = kRowsAll) {
   if (B == 0) return cudaSuccess;
+  const bool sampled = rows & kRowsSampled, filtered = sampled && (rows & kRowsFiltered);
   const int S = first_pass_splits<T>(first_pass, V);
   const int positions = B * (K + 1);
-  launch_first_pass(first_pass, target_logits, positions, V, VerifyRows{draft_ids, prm, K, V}, scr.partials, stream);
+  launch_first_pass(first_pass, target_logits, positions, V, VerifyRows{draft_ids, prm, K, V}, scr.partials, stream,
+                    sampled);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
+  if (!filtered) split = nullptr;  // no search to run: the merge kernel reads no state
   if (split != nullptr) {
     err = launch_cut_split(target_logits, positions, V, VerifyCutRows{draft_ids, prm, K, V}, scr.partials, S, *split,
                            stream);
@@ -343,17 +350,19 @@ cudaError_t VerifyDraft(const int64_t* draft_ids, const T* target_logits, const 
   VerifyMergeKernel<T><<<(positions + kMergeWarps - 1) / kMergeWarps, 32 * kMergeWarps, 0, stream>>>(
       draft_ids, target_logits, draft_probs, B, K, V, S, mode, prm, out, scr,
       split != nullptr ? split->state : nullptr);
-  if (split == nullptr) {
+  if (split == nullptr && filtered) {
     const int filter_grid = positions < kVerifyLoopBlocks ? positions : kVerifyLoopBlocks;
     VerifyFilterKernel<T><<<filter_grid, kRowThreads, 0, stream>>>(draft_ids, target_logits, draft_probs, positions,
                                                                    K, V, S, mode, prm, out, scr);
   }
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  const int64_t cut_items = verify_cut_partials<T>(B, V);
-  const unsigned cut_grid = static_cast<unsigned>(cut_items < kVerifyLoopBlocks ? cut_items : kVerifyLoopBlocks);
-  VerifyCutChunkKernel<T><<<cut_grid, kChunkThreads, 0, stream>>>(draft_ids, target_logits, draft_probs, B, K, V, mode,
-                                                                   prm, scr);
+  if (sampled) {
+    const int64_t cut_items = verify_cut_partials<T>(B, V);
+    const unsigned cut_grid = static_cast<unsigned>(cut_items < kVerifyLoopBlocks ? cut_items : kVerifyLoopBlocks);
+    VerifyCutChunkKernel<T><<<cut_grid, kChunkThreads, 0, stream>>>(draft_ids, target_logits, draft_probs, B, K, V,
+                                                                     mode, prm, scr);
+  }
   VerifyFinishKernel<T><<<B, 32, 0, stream>>>(draft_ids, K, V, mode, prm, out, scr);
   return cudaGetLastError();
 }

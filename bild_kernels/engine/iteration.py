@@ -31,12 +31,14 @@ class Iteration:
                     top_p=[s.params.top_p for s in seqs], seed=[s.params.seed for s in seqs], offset=offsets)
 
     def _sampling(self, seqs: list[Sequence], offsets: list[int]) -> dict:
-        """The same on the device: two host-to-device copies (the float and the integer fields), not five."""
+        """The same on the device: two host-to-device copies (the float and the integer fields), not five; with
+        what the host knows of the rows (the ops' `sampled` / `filtered`: kernels for neither kind are skipped)."""
         v, dev = self._sampling_values(seqs, offsets), self.device
         floats = to_device([v["temperature"], v["top_p"]], torch.float32, dev)
         ints = to_device([v["top_k"], v["seed"], v["offset"]], torch.int64, dev)
         return dict(temperature=floats[0], top_k=ints[0].to(torch.int32), top_p=floats[1], seed=ints[1],
-                    offset=ints[2])
+                    offset=ints[2], sampled=any(t > 0 for t in v["temperature"]),
+                    filtered=any(k > 0 for k in v["top_k"]) or any(p < 1.0 for p in v["top_p"]))
 
     def _step(self, running: list[Sequence], policy: Policy) -> list[list[int]]:
         """One iteration over the running batch; returns the tokens committed per sequence."""

@@ -5,7 +5,7 @@ from typing import NamedTuple
 
 import torch
 
-from bild_kernels._backend import resolve
+from bild_kernels._backend import registered, resolve
 from bild_kernels.ops import _validate as v
 
 
@@ -31,8 +31,49 @@ def sampling_params(B: int, device, temperature=None, top_k=None, top_p=None, se
     return temperature, top_k, top_p, seed, offset
 
 
+def row_kinds(V: int, given: tuple, params: tuple, sampled: bool | None, filtered: bool | None, *,
+              filter_needs_sampling: bool) -> int:
+    """The CUDA kernels' `rows` argument (csrc/common.cuh kRowsSampled | kRowsFiltered): whether some row samples
+    (temperature > 0) and whether some row uses top-k / top-p, so that the kernels serving neither are not launched.
+
+    given: temperature, top_k, top_p as the caller passed them; params: the same as [B] tensors. sampled / filtered
+    None: exact where given as numbers (or left out), else assumed True. False is a promise, checked against the
+    values unless value checks are off (`trusted_inputs`, CUDA-graph capture): ValueError naming it when broken.
+    filter_needs_sampling: top-k / top-p only matter on sampling rows (verify_draft)."""
+    temperature, top_k, top_p = params
+    for name, value in (("sampled", sampled), ("filtered", filtered)):
+        if value is not None and not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool or None, got {type(value).__name__}")
+    check = not v.skip_value_checks()  # a caller's False is checked (what numbers tell needs no check)
+    number = lambda x: not isinstance(x, torch.Tensor)  # noqa: E731  (None: the default, a number too)
+    if sampled is None:
+        sampled, check_sampled = not number(given[0]) or (given[0] or 0.0) > 0, False
+    else:
+        check_sampled = check and not sampled
+    if filtered is None:
+        if number(given[1]) and number(given[2]):
+            k, p = (given[1] or 0), (1.0 if given[2] is None else given[2])
+            filtered = 0 < k < V or p < 1.0
+        else:
+            filtered = True
+        check_filtered = False
+    else:
+        check_filtered = check and not filtered
+    if check_sampled and bool((temperature > 0).any()):
+        raise ValueError("sampled=False, but a row's temperature is > 0")
+    if check_filtered:
+        rows = ((top_k > 0) & (top_k < V)) | (top_p < 1.0)
+        if filter_needs_sampling:
+            rows &= temperature > 0
+        if bool(rows.any()):
+            raise ValueError("filtered=False, but a row uses top-k or top-p"
+                             + (" with temperature > 0" if filter_needs_sampling else ""))
+    return int(sampled) | 2 * int(filtered)
+
+
 def sample_draft(logits, *, temperature=None, top_k=None, top_p=None, seed=None, offset=None,
-                 fallback_threshold=None, backend: str | None = None) -> DraftSample:
+                 fallback_threshold=None, sampled: bool | None = None, filtered: bool | None = None,
+                 backend: str | None = None) -> DraftSample:
     """Sample the next draft token of each row in one pass over the logits.
 
     Parameters
@@ -42,17 +83,26 @@ def sample_draft(logits, *, temperature=None, top_k=None, top_p=None, seed=None,
     top_k : number or [B] int; 0 disables. top_p : number or [B] float in (0, 1]; 1 disables.
     seed, offset : number or [B] int64; the Philox key and step counter (see `bild_kernels.reference`).
     fallback_threshold : number or [B] float in [0, 1]; fallback = max_probs < it. Default 0.
+    sampled, filtered : whether some row samples (temperature > 0) / uses top-k or top-p, where the caller knows
+        it on the host (None: known for parameters given as numbers, else assumed): with False the CUDA backend
+        launches none of the kernels that only those rows need. False is checked against the values unless value
+        checks are off (`bild_kernels.ops.trusted_inputs`), where a wrong False gives wrong results for those rows.
     backend : "cuda" | "triton" | "ref" | None (automatic).
     """
     dev = v.tensor("logits", logits, dtypes=v.FLOATS, ndim=2).device
     B, V = logits.shape
     if V == 0:
         raise ValueError("logits must have a non-empty vocabulary dimension")
+    given = (temperature, top_k, top_p)
     temperature, top_k, top_p, seed, offset = sampling_params(B, dev, temperature, top_k, top_p, seed, offset)
     fallback_threshold = v.per_row("fallback_threshold", fallback_threshold, B, torch.float32, dev, 0.0)
     v.in_range("fallback_threshold", fallback_threshold, 0.0, 1.0)
+    rows = row_kinds(V, given, (temperature, top_k, top_p), sampled, filtered, filter_needs_sampling=False)
     fn = resolve("sample_draft", dev, backend)
-    return DraftSample(*fn(logits.contiguous(), temperature, top_k, top_p, seed, offset, fallback_threshold))
+    args = (logits.contiguous(), temperature, top_k, top_p, seed, offset, fallback_threshold)
+    if fn is registered("sample_draft", "cuda"):
+        return DraftSample(*fn(*args, rows=rows))
+    return DraftSample(*fn(*args))
 
 
 def filtered_probs(logits, temperature, top_k, top_p):

@@ -5,9 +5,9 @@ from typing import NamedTuple
 
 import torch
 
-from bild_kernels._backend import resolve
+from bild_kernels._backend import registered, resolve
 from bild_kernels.ops import _validate as v
-from bild_kernels.ops.sampling import sampling_params
+from bild_kernels.ops.sampling import row_kinds, sampling_params
 from bild_kernels.reference import MODES
 
 
@@ -19,8 +19,8 @@ class VerifyResult(NamedTuple):
 
 
 def verify_draft(draft_ids, target_logits, mode: str = "greedy", *, rollback_threshold=None, draft_probs=None,
-                 temperature=None, top_k=None, top_p=None, seed=None, offset=None,
-                 backend: str | None = None) -> VerifyResult:
+                 temperature=None, top_k=None, top_p=None, seed=None, offset=None, sampled: bool | None = None,
+                 filtered: bool | None = None, backend: str | None = None) -> VerifyResult:
     """Accept a prefix of each row's draft and emit the large model's next token.
 
     Parameters
@@ -33,6 +33,9 @@ def verify_draft(draft_ids, target_logits, mode: str = "greedy", *, rollback_thr
     rollback_threshold : number or [B] float >= 0, required for "bild".
     draft_probs : [B, K, V] float, required for "sample": the distributions the drafts were drawn from.
     temperature, top_k, top_p, seed, offset : the large model's sampling parameters, per row.
+    sampled, filtered : whether some row samples (temperature > 0) / samples with top-k or top-p, where the caller
+        knows it on the host (as in `sample_draft`: None is known for numbers, else assumed; a False lets the CUDA
+        backend skip the kernels only those rows need, checked unless value checks are off).
     backend : "cuda" | "triton" | "ref" | None (automatic).
     """
     if mode not in MODES:
@@ -53,7 +56,9 @@ def verify_draft(draft_ids, target_logits, mode: str = "greedy", *, rollback_thr
         real = draft_ids >= 0
         if bool((real[:, 1:] & ~real[:, :-1]).any()):
             raise ValueError("draft_ids: each row must hold its drafted ids first, then only -1 padding")
+    given = (temperature, top_k, top_p)
     temperature, top_k, top_p, seed, offset = sampling_params(B, dev, temperature, top_k, top_p, seed, offset)
+    rows = row_kinds(V, given, (temperature, top_k, top_p), sampled, filtered, filter_needs_sampling=True)
     if mode == "bild":
         if rollback_threshold is None:
             raise ValueError("mode='bild' needs rollback_threshold")
@@ -70,6 +75,7 @@ def verify_draft(draft_ids, target_logits, mode: str = "greedy", *, rollback_thr
     elif draft_probs is not None:
         raise ValueError(f"draft_probs is only used by mode='sample', not {mode!r}")
     fn = resolve("verify_draft", dev, backend)
-    out = fn(draft_ids.to(torch.int64).contiguous(), target_logits.contiguous(), MODES[mode], rollback_threshold,
-             draft_probs, temperature, top_k, top_p, seed, offset)
+    args = (draft_ids.to(torch.int64).contiguous(), target_logits.contiguous(), MODES[mode], rollback_threshold,
+            draft_probs, temperature, top_k, top_p, seed, offset)
+    out = fn(*args, rows=rows) if fn is registered("verify_draft", "cuda") else fn(*args)
     return VerifyResult(*out)

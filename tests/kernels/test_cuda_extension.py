@@ -26,10 +26,10 @@ SCHEMAS = {
     "gather_paged_kv": "(Tensor key_cache, Tensor value_cache, Tensor block_tables, Tensor context_lens) "
                        "-> (Tensor, Tensor)",
     "sample_draft": "(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor seed, Tensor offset, "
-                    "Tensor fallback_threshold) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+                    "Tensor fallback_threshold, int rows=3) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
     "verify_draft": "(Tensor draft_ids, Tensor target_logits, int mode, Tensor rollback_threshold, "
                     "Tensor? draft_probs, Tensor temperature, Tensor top_k, Tensor top_p, Tensor seed, "
-                    "Tensor offset) -> (Tensor, Tensor, Tensor, Tensor)",
+                    "Tensor offset, int rows=3) -> (Tensor, Tensor, Tensor, Tensor)",
 }
 DTYPES = [(torch.float32, 1e-5, 1e-5), (torch.float16, 1e-5, 1e-4), (torch.bfloat16, 1e-5, 1e-4)]
 
@@ -90,6 +90,18 @@ def test_cpu_tensors_raise_a_clear_error():
     with pytest.raises(RuntimeError, match="runs on CUDA tensors only"):
         C.write_paged_kv(torch.randn(1, 2, 4), torch.randn(1, 2, 4), torch.zeros(2, 4, 2, 4), torch.zeros(2, 4, 2, 4),
                          torch.zeros(1, dtype=torch.int64))
+
+
+@requires_gpu
+def test_a_rows_hint_out_of_range_raises():
+    B, V = 2, 7
+    row = lambda dt=torch.float32: torch.zeros(B, dtype=dt, device="cuda")  # noqa: E731
+    with pytest.raises(RuntimeError, match="rows must be in"):
+        C.sample_draft(torch.randn(B, V, device="cuda"), row(), row(torch.int32), row() + 1, row(torch.int64),
+                       row(torch.int64), row(), 4)
+    with pytest.raises(RuntimeError, match="rows must be in"):
+        C.verify_draft(torch.zeros(B, 1, dtype=torch.int64, device="cuda"), torch.randn(B, 2, V, device="cuda"), 0,
+                       row(), None, row(), row(torch.int32), row() + 1, row(torch.int64), row(torch.int64), -1)
 
 
 @requires_gpu

@@ -47,10 +47,10 @@ def mixed_params(B, V, device, filters=True, seed0=0):
     return to(temperature), to(top_k), rank, to(seed), to(offset), to(fallback_threshold)
 
 
-def check(backend, logits, temperature, top_k, top_p, seed, offset, fallback_threshold, atol, rtol):
+def check(backend, logits, temperature, top_k, top_p, seed, offset, fallback_threshold, atol, rtol, **hints):
     want = R.sample_draft_ref(logits, temperature, top_k, top_p, seed, offset, fallback_threshold)
     got = ops.sample_draft(logits, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, offset=offset,
-                           fallback_threshold=fallback_threshold, backend=backend)
+                           fallback_threshold=fallback_threshold, backend=backend, **hints)
     assert torch.equal(got.token_ids, want[0])
     torch.testing.assert_close(got.token_probs, want[1], atol=atol, rtol=rtol)
     torch.testing.assert_close(got.max_probs, want[2], atol=atol, rtol=rtol)
@@ -153,6 +153,10 @@ def test_sample_draft_same_counters_same_token(backend_device_passes):
     (dict(fallback_threshold=-0.1), ValueError, "fallback_threshold"),
     (dict(fallback_threshold=2.0), ValueError, "fallback_threshold"),
     (dict(seed="x"), TypeError, "seed"),
+    (dict(sampled=1), TypeError, "sampled"),
+    (dict(temperature=torch.full((2,), 0.5), sampled=False), ValueError, "sampled"),
+    (dict(top_p=torch.full((2,), 0.9), filtered=False), ValueError, "filtered"),
+    (dict(top_k=torch.tensor([0, 3], dtype=torch.int32), filtered=False), ValueError, "filtered"),
 ])
 def test_sample_draft_bad_input(backend_device_passes, kwargs, exc, name):
     backend, device = backend_device_passes
@@ -243,6 +247,46 @@ def test_sample_draft_greedy_rows(backend_device_passes, B, V, dtype, atol, rtol
     check(backend, logits, z, torch.zeros(B, dtype=torch.int32, device=device), torch.ones(B, device=device),
           torch.zeros(B, dtype=torch.int64, device=device), torch.zeros(B, dtype=torch.int64, device=device), thr,
           atol, rtol)
+
+
+def test_sample_draft_rows_the_host_knows(backend_device_passes):
+    """`sampled` / `filtered` given (what the engine knows of its rows): the CUDA backend leaves out the kernels of
+    the other kinds of row; every backend gives the reference's results."""
+    backend, device = backend_device_passes
+    logits, thr = _greedy_rows(5, 1001, device, F32)
+    z = torch.zeros(5, device=device)
+    for hints in (dict(sampled=False, filtered=False), dict(sampled=False), dict(filtered=False)):
+        check(backend, logits, z, z.int(), z + 1, z.long(), z.long(), thr, 1e-5, 1e-5, **hints)
+    # sampling rows without top-k / top-p (a sampling engine's usual draft step)
+    temperature, top_k, _, seed, offset, fallback_threshold = mixed_params(7, 1001, device, filters=False)
+    check(backend, separated_logits(7, 1001, device), temperature, top_k, torch.ones(7, device=device), seed, offset,
+          fallback_threshold, 1e-5, 1e-5, filtered=False)
+
+
+def test_sample_draft_row_kinds_from_numbers_and_promises():
+    """What the wrapper tells the CUDA kernels (csrc/common.cuh kRowsSampled | kRowsFiltered): exact for numbers,
+    everything for tensors it was not told about, the caller's promise otherwise (checked, or trusted inside
+    `trusted_inputs`)."""
+    from bild_kernels.ops.sampling import row_kinds
+    V = 100
+    t = lambda *x: torch.tensor(x)  # noqa: E731
+    params = (t(0.0, 0.0), t(0, 0).int(), t(1.0, 1.0))
+    assert row_kinds(V, (None, None, None), params, None, None, filter_needs_sampling=False) == 0
+    assert row_kinds(V, (0.7, None, None), params, None, None, filter_needs_sampling=False) == 1
+    assert row_kinds(V, (0.0, 5, 1.0), params, None, None, filter_needs_sampling=False) == 2
+    assert row_kinds(V, (0.0, V, 1.0), params, None, None, filter_needs_sampling=False) == 0  # top-k of V: no filter
+    assert row_kinds(V, (0.0, 0, 0.9), params, None, None, filter_needs_sampling=False) == 2
+    assert row_kinds(V, params, params, None, None, filter_needs_sampling=False) == 3  # tensors: not known
+    assert row_kinds(V, params, params, False, False, filter_needs_sampling=False) == 0  # promised (and true)
+    hot = (t(0.0, 0.5), t(0, 3).int(), t(1.0, 1.0))
+    with pytest.raises(ValueError, match="sampled=False"):
+        row_kinds(V, hot, hot, False, None, filter_needs_sampling=False)
+    with pytest.raises(ValueError, match="filtered=False"):
+        row_kinds(V, hot, hot, None, False, filter_needs_sampling=False)
+    greedy_filtered = (t(0.0, 0.0), t(0, 3).int(), t(1.0, 1.0))  # top-k on a greedy row: nothing for verify
+    assert row_kinds(V, greedy_filtered, greedy_filtered, False, False, filter_needs_sampling=True) == 0
+    with ops.trusted_inputs():  # not checked there: the caller vouches for it
+        assert row_kinds(V, hot, hot, False, False, filter_needs_sampling=False) == 0
 
 
 def test_sample_draft_cpu_kernel_handles_every_row_over_finite_logits():

@@ -40,8 +40,8 @@ def make_case(B, K, V, device, dtype=torch.float32, filters=False, seed0=0):
     return to(draft_ids), to(target_logits.to(dtype)), to(draft_probs), {k: to(v) for k, v in params.items()}
 
 
-def check(backend, mode, draft_ids, target_logits, draft_probs, params, atol=1e-5, rtol=1e-5):
-    kw = dict(params)
+def check(backend, mode, draft_ids, target_logits, draft_probs, params, atol=1e-5, rtol=1e-5, **hints):
+    kw = dict(params, **hints)
     if mode != "bild":
         kw.pop("rollback_threshold")
     dp = draft_probs if mode == "sample" else None
@@ -115,6 +115,10 @@ BAD = [
     (dict(top_p=1.01), ValueError, "top_p"),
     (dict(top_k=-3), ValueError, "top_k"),
     (dict(offset=torch.full((3,), 1)), ValueError, "offset"),
+    (dict(filtered="no"), TypeError, "filtered"),
+    (dict(temperature=torch.full((2,), 0.5), sampled=False), ValueError, "sampled"),
+    (dict(temperature=torch.full((2,), 0.5), top_k=torch.full((2,), 2, dtype=torch.int32), filtered=False),
+     ValueError, "filtered"),
 ]
 
 
@@ -245,6 +249,18 @@ def test_verify_draft_greedy_rows(backend_device_passes, mode, B, K, V):
     backend, device = backend_device_passes
     draft_ids, target_logits, params = _greedy_case(B, K, V, device)
     check(backend, mode, draft_ids, target_logits, None, params)
+
+
+def test_verify_draft_rows_the_host_knows(backend_device_passes):
+    """`sampled` / `filtered` given (what the engine knows of its rows): the CUDA backend leaves out the scaled
+    statistics, top-k / top-p and sampled-token kernels where no row needs them; every backend gives the
+    reference's results."""
+    backend, device = backend_device_passes
+    draft_ids, target_logits, params = _greedy_case(5, 3, 1001, device)
+    for mode in ("greedy", "bild"):
+        check(backend, mode, draft_ids, target_logits, None, params, sampled=False, filtered=False)
+    for mode in MODES:  # greedy and sampling rows, no top-k / top-p
+        check(backend, mode, *make_case(7, 4, 257, device), filtered=False)
 
 
 @pytest.mark.parametrize("dtype, atol, rtol", DTYPES)

@@ -142,14 +142,20 @@ static void test_paged_kv(std::mt19937& rng) {
 }
 
 // V = 1111 is one chunk of the first pass; V = 9001 is three (fp32: 4096 a chunk) with an odd tail.
-// split: the split top-k / top-p cut-off search (CutSplitPassKernel) instead of filter_cut.
-static void test_sample_draft(std::mt19937& rng, int V, int first_pass, bool split = false) {
+// split: the split top-k / top-p cut-off search (CutSplitPassKernel) instead of filter_cut. greedy_only: every row
+// greedy without top-k / top-p, launched with rows = 0 (the kernels for other kinds of row left out).
+static void test_sample_draft(std::mt19937& rng, int V, int first_pass, bool split = false, bool greedy_only = false) {
   const int B = 6;
   std::vector<float> logits(B * V);
   std::normal_distribution<float> normal(0.0f, 3.0f);
   for (auto& x : logits) x = std::round(normal(rng) * 4.0f) / 4.0f;  // coarse values: ties are common
-  const std::vector<float> temp = {0.0f, 0.7f, 1.0f, 1.3f, 0.0f, 0.9f}, top_p = {1.0f, 1.0f, 0.8f, 1.0f, 0.5f, 0.9f};
-  const std::vector<int> top_k = {0, 0, 0, 5, 1, 50};
+  std::vector<float> temp = {0.0f, 0.7f, 1.0f, 1.3f, 0.0f, 0.9f}, top_p = {1.0f, 1.0f, 0.8f, 1.0f, 0.5f, 0.9f};
+  std::vector<int> top_k = {0, 0, 0, 5, 1, 50};
+  if (greedy_only) {
+    temp.assign(B, 0.0f);
+    top_p.assign(B, 1.0f);
+    top_k.assign(B, 0);
+  }
   const std::vector<int64_t> seed = {1, 2, 3, 4, 5, -6}, offset = {0, 7, 1LL << 33, 2, 0, 9};
   const std::vector<float> thr = {0.1f, 0.5f, 0.0f, 1.0f, 0.2f, 0.3f};
   Dev<float> dz(logits), dt(temp), dp(top_p), dthr(thr);
@@ -167,7 +173,8 @@ static void test_sample_draft(std::mt19937& rng, int V, int first_pass, bool spl
     cs = bild::cut_split_carve(split_buf, B, draws);
   }
   CUDA_OK(bild::SampleDraft(dz.p, B, V, {dt.p, dk.p, dp.p, dseed.p, doff.p, dthr.p}, {tok.p, tp.p, mp.p, en.p, dfb},
-                            part.p, nullptr, first_pass, split ? &cs : nullptr));
+                            part.p, nullptr, first_pass, split ? &cs : nullptr,
+                            greedy_only ? 0 : bild::kRowsAll));
   if (split_buf != nullptr) {
     CUDA_OK(cudaDeviceSynchronize());
     cudaFree(split_buf);
@@ -190,7 +197,8 @@ static void test_sample_draft(std::mt19937& rng, int V, int first_pass, bool spl
   }
 }
 
-static void test_verify_draft(std::mt19937& rng, int mode, int V, int first_pass, bool split = false) {
+static void test_verify_draft(std::mt19937& rng, int mode, int V, int first_pass, bool split = false,
+                              bool greedy_only = false) {
   const int B = 5, K = 4, K1 = K + 1;
   std::vector<float> logits(B * K1 * V), probs(B * K * V);
   std::normal_distribution<float> normal(0.0f, 2.0f);
@@ -206,9 +214,12 @@ static void test_verify_draft(std::mt19937& rng, int mode, int V, int first_pass
       const float* z = &logits[(b * K1 + j) * V];
       ids[b * K + j] = j >= K - b ? -1 : (j % 2 == 0 ? std::max_element(z, z + V) - z : (b * 37 + j) % V);
     }
-  const std::vector<float> thr = {1.0f, 5.0f, 0.0f, 3.0f, 2.0f}, temp = {0.0f, 0.8f, 1.0f, 0.0f, 1.5f};
-  const std::vector<float> top_p = {1.0f, 0.9f, 1.0f, 1.0f, 0.7f};
-  const std::vector<int> top_k = {0, 0, 20, 3, 0};
+  const std::vector<float> thr = {1.0f, 5.0f, 0.0f, 3.0f, 2.0f};
+  std::vector<float> temp = {0.0f, 0.8f, 1.0f, 0.0f, 1.5f}, top_p = {1.0f, 0.9f, 1.0f, 1.0f, 0.7f};
+  std::vector<int> top_k = {0, 0, 20, 3, 0};
+  if (greedy_only) {  // (top-k / top-p of greedy rows filters nothing in verify_draft)
+    temp.assign(B, 0.0f);
+  }
   const std::vector<int64_t> seed = {11, 12, 13, 14, 15}, offset = {0, 1, 2, 3, 4};
   Dev<int64_t> dids(ids), dseed(seed), doff(offset), oids(zeros<int64_t>(B * K1));
   Dev<float> dz(logits), dprobs(probs), dthr(thr), dt(temp), dp(top_p);
@@ -226,7 +237,7 @@ static void test_verify_draft(std::mt19937& rng, int mode, int V, int first_pass
   CUDA_OK(bild::VerifyDraft(dids.p, dz.p, dprobs.p, B, K, V, mode, {dthr.p, dt.p, dk.p, dp.p, dseed.p, doff.p},
                             {nacc.p, oids.p, dist.p, tprob.p},
                             {si.p, si.p + n, si.p + 2 * n, sf.p, sf.p + n, part.p, cut.p}, nullptr, first_pass,
-                            split ? &cs : nullptr));
+                            split ? &cs : nullptr, greedy_only ? 0 : bild::kRowsAll));
   if (split_buf != nullptr) {
     CUDA_OK(cudaDeviceSynchronize());
     cudaFree(split_buf);
@@ -266,6 +277,13 @@ int main() {
     for (int V : {333, 9001, 70001})
       for (int mode : {bild::kModeGreedy, bild::kModeBild, bild::kModeSample})
         test_verify_draft(rng, mode, V, first_pass);
+  }
+  // Greedy rows launched with rows = 0: no scaled statistics, top-k / top-p or sampled-token kernels.
+  for (int first_pass : {bild::kFirstPassChunked, bild::kFirstPassStream}) {
+    for (int V : {1111, 70001}) test_sample_draft(rng, V, first_pass, /*split=*/false, /*greedy_only=*/true);
+    for (int V : {333, 70001})
+      for (int mode : {bild::kModeGreedy, bild::kModeBild, bild::kModeSample})
+        test_verify_draft(rng, mode, V, first_pass, /*split=*/true, /*greedy_only=*/true);
   }
   // The split cut-off search, after the default first pass of each op and after the chunked one.
   for (int first_pass : {bild::kFirstPassChunked, bild::kFirstPassStream}) {
