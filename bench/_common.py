@@ -86,7 +86,10 @@ def timeit(fn, device: str, *, warmup: int = 3, iters: int = 20, setup=None) -> 
 
 # the CUDA backend with that first pass forced, or ("cuda-split") with the split top-k / top-p cut-off search
 FORCED_FIRST_PASSES = ("cuda-chunked", "cuda-wide", "cuda-stream", "cuda-long", "cuda-split")
-GRAPHED = ("cuda", *FORCED_FIRST_PASSES, "triton")  # backends also timed replayed from a CUDA graph on a GPU ("<backend>+graph")
+# the CUDA backend told what the host knows of the rows (sample_draft / verify_draft's `rows`: the kernels for kinds
+# of row absent are left out), as the engine calls it
+HINTED = "cuda-hinted"
+GRAPHED = ("cuda", *FORCED_FIRST_PASSES, HINTED, "triton")  # also timed replayed from a CUDA graph on a GPU ("<backend>+graph")
 
 
 @contextlib.contextmanager
@@ -182,7 +185,7 @@ def usable_backends(device: str, requested: str | None, *, cpu_kernel: bool = Fa
         if cuda_extension() is not None:
             avail.append("cuda")
             if first_pass:
-                avail += list(FORCED_FIRST_PASSES)
+                avail += [*FORCED_FIRST_PASSES, HINTED]
     if requested:
         want = requested.split(",")
         return [b for b in want if b in avail]

@@ -60,8 +60,8 @@
 #         wide (the first passes: their tests, every pass benchmarked) | wide_profile (ncu on the wide and stream passes) |
 #         stream_profile (ncu --set full on the stream pass's verification launches, B=64, K=8, V=128256) |
 #         long (the per-op tests of the opt-in long first pass, the first-pass equality test, the native binary) |
-#         split (the per-op tests of the opt-in split top-k / top-p cut-off search, the native binary, its timings
-#         beside the block search's) |
+#         split (the per-op tests of the opt-in split top-k / top-p cut-off search and of the `rows` hint, the
+#         native binary, their timings beside the plain CUDA backend's) |
 #         profile_step (torch.profiler over graphed engine steps, random Llama-1B pair) | ctest |
 #         engine_gpu_tests (the GPU-only tests of distillation, the draft loop, the graphed passes, BatchGenerator). Wheels in .whl/ (carried) are installed first.
 set -uo pipefail
@@ -126,12 +126,12 @@ for s in "$@"; do
                       stage profile_step_bild 120 "$PY" bench/profile_step.py --device cuda --pair llama-1b \
                           --policy bild ;;
         split) stage split_tests 150 "$PY" -m pytest -q -rfE -p no:cacheprovider -p no:benchmark --timeout 150 \
-                  -n "$WORKERS" -k "cuda-split or cut_search or native_kernel_binary" tests/kernels/test_verify_draft.py \
-                  tests/kernels/test_sample_draft.py tests/kernels/test_cuda_extension.py
-               stage split_bench_verify 60 "$PY" bench/bench_verify_draft.py --device cuda --backends cuda,cuda-split \
-                  --modes bild-topk_topp --shapes 64x8x128256,256x8x128256,1x4x128256
-               stage split_bench_sample 60 "$PY" bench/bench_sample_draft.py --device cuda --backends cuda,cuda-split \
-                  --shapes 64x128256,256x128256,1x128256 ;;
+                  -n "$WORKERS" -k "cuda-split or cut_search or host_knows or rows_hint or native_kernel_binary" \
+                  tests/kernels/test_verify_draft.py tests/kernels/test_sample_draft.py tests/kernels/test_cuda_extension.py
+               stage split_bench_verify 60 "$PY" bench/bench_verify_draft.py --device cuda \
+                  --backends cuda,cuda-hinted,cuda-split --modes bild,bild-topk_topp --shapes 64x8x128256,1x4x128256
+               stage split_bench_sample 60 "$PY" bench/bench_sample_draft.py --device cuda \
+                  --backends cuda,cuda-hinted,cuda-split --shapes 64x128256,1x128256 ;;
         long) stage long_tests 150 "$PY" -m pytest -q -rfE -p no:cacheprovider -p no:benchmark --timeout 150 \
                   -n "$WORKERS" -k "cuda-long or first_pass or native_kernel_binary" tests/kernels/test_verify_draft.py \
                   tests/kernels/test_sample_draft.py tests/kernels/test_cuda_extension.py ;;
