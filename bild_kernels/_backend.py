@@ -66,14 +66,20 @@ def cuda_first_pass(kind: str | None = None) -> str:
     `kind`, sets it and returns the previous one; without, returns the current one. `BILD_FIRST_PASS=<kind>`
     sets it when the extension loads. A CUDA graph keeps the kernel it captured. Raises RuntimeError where the
     extension was not built."""
+    return _cuda_setting("cuda_first_pass", "first_pass", FIRST_PASSES, kind)
+
+
+def _cuda_setting(fn: str, name: str, kinds: tuple, kind: str | None) -> str:
+    """A process-wide choice of bild_kernels._C (its `<name>()` getter and `set_<name>(index)` setter): the current
+    one, or set to `kind` returning the previous one."""
     ext = cuda_extension()
     if ext is None:
-        raise RuntimeError("cuda_first_pass: bild_kernels._C was not built (no nvcc or BILD_NO_CUDA=1 at install)")
+        raise RuntimeError(f"{fn}: bild_kernels._C was not built (no nvcc or BILD_NO_CUDA=1 at install)")
     if kind is None:
-        return FIRST_PASSES[ext.first_pass()]
-    if kind not in FIRST_PASSES:
-        raise ValueError(f"cuda_first_pass: kind must be one of {FIRST_PASSES}, got {kind!r}")
-    return FIRST_PASSES[ext.set_first_pass(FIRST_PASSES.index(kind))]
+        return kinds[getattr(ext, name)()]
+    if kind not in kinds:
+        raise ValueError(f"{fn}: kind must be one of {kinds}, got {kind!r}")
+    return kinds[getattr(ext, f"set_{name}")(kinds.index(kind))]
 
 
 @functools.lru_cache(None)
@@ -203,11 +209,4 @@ def cuda_cut_search(kind: str | None = None) -> str:
     sets it and returns the previous one; without, returns the current one. `BILD_CUT_SEARCH=<kind>` sets it when
     the extension loads. A CUDA graph keeps the kernels it captured. Raises RuntimeError where the extension was not
     built."""
-    ext = cuda_extension()
-    if ext is None:
-        raise RuntimeError("cuda_cut_search: bild_kernels._C was not built (no nvcc or BILD_NO_CUDA=1 at install)")
-    if kind is None:
-        return CUT_SEARCHES[ext.cut_search()]
-    if kind not in CUT_SEARCHES:
-        raise ValueError(f"cuda_cut_search: kind must be one of {CUT_SEARCHES}, got {kind!r}")
-    return CUT_SEARCHES[ext.set_cut_search(CUT_SEARCHES.index(kind))]
+    return _cuda_setting("cuda_cut_search", "cut_search", CUT_SEARCHES, kind)
