@@ -4,7 +4,7 @@ On the H200 (bench/results/gpu_h200_2026-11-27b.md) a graphed LargeOnly step of 
 the GPU busy 35% of the time and a BiLD pass 22%: the host's work around the graphs (each eager op a kernel
 launch, each tensor built from Python lists a host-to-device copy) is what a step waits on at batch 1. This
 counts, on any device, the aten operations an engine run issues outside the forwards that the graphs replay
-(StaticExtend's and the draft loop's decode step), per large-model pass, by operation and by engine line: the
+(StaticExtend's, the draft loop's decode step and its first update), per large-model pass, by operation and by engine line: the
 census to shrink. Views and allocations are not counted (no kernel). On a CPU run every operation counts, also
 the host's own building of tensors that a GPU run then sends over in one copy (no launch there): read the lines.
 
@@ -82,6 +82,7 @@ def main() -> None:
     inside = [0]
     _outside_counted(static_extend.StaticExtend, "_forward", inside)
     _outside_counted(draft_loop.StaticDraftLoop, "_decode_step", inside)
+    _outside_counted(draft_loop.StaticDraftLoop, "_update", inside)  # step 0's: a graph of its own on a GPU
     with torch.inference_mode(), _Census(inside) as census:
         outs = eng.generate(prompts, params, policy=policy)
     passes = max(o.metrics.large_passes for o in outs)

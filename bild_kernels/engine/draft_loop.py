@@ -142,10 +142,12 @@ class _Buffers:
     update_tried: bool = False
     logits0: torch.Tensor | None = None
 
-    # The per-row state a run sets up, one [len(names), B] tensor per dtype ("arenas"): t[name] is a row of it, so a
-    # run's set-up is one host-to-device copy per dtype (`StaticDraftLoop.run`), not two ops per name.
-    ARENAS = {torch.int64: ("pos", "seed", "offset", "tok", "step"), torch.int32: ("cap", "top_k", "ndraft", "fed"),
-              torch.float32: ("temperature", "top_p", "threshold"), torch.bool: ("energy", "active", "nonfinite")}
+    # The per-row state a run sets up, one [len(names), B] tensor per dtype ("arenas"): t[name] is a row of it. The
+    # arenas are typed views of one byte buffer, in this order, the int32 one last with the step outputs after its
+    # named rows: a run's set-up is one host-to-device copy of the bytes before those (`StaticDraftLoop.run`), and its
+    # results one copy of the int32 arena back (`_results`).
+    ARENAS = {torch.int64: ("pos", "seed", "offset", "tok", "step"), torch.float32: ("temperature", "top_p", "threshold"),
+              torch.bool: ("energy", "active", "nonfinite"), torch.int32: ("cap", "top_k", "ndraft", "fed")}
     # Each step's outputs, row `step` of [MAX_STEPS, B] each (written inside the step, so a graphed run needs no copy
     # of them between replays), held in the int32 arena after its named rows (the token as int32, the two flags as
     # 0 / 1, the confidence as float32 bits): with "fed" they are all a run reads back, in one copy (`_results`).
@@ -156,7 +158,15 @@ class _Buffers:
         i32, b = dict(dtype=torch.int32, device=dev), dict(dtype=torch.bool, device=dev)
         rows = {dtype: len(names) + (len(self.HIST) * MAX_STEPS if dtype == torch.int32 else 0)
                 for dtype, names in self.ARENAS.items()}
-        self.arenas = {dtype: torch.zeros(rows[dtype], B, dtype=dtype, device=dev) for dtype in self.ARENAS}
+        self.offsets, at = {}, 0  # each arena's first byte (8-byte aligned)
+        for dtype in self.ARENAS:
+            self.offsets[dtype] = at
+            at += -(-rows[dtype] * B * dtype.itemsize // 8) * 8
+        self.arena_bytes = torch.zeros(at, dtype=torch.uint8, device=dev)
+        self.arenas = {dtype: self.arena_bytes[self.offsets[dtype]:self.offsets[dtype] + rows[dtype] * B * dtype.itemsize]
+                       .view(dtype).view(rows[dtype], B) for dtype in self.ARENAS}
+        # the set-up's bytes: every arena's named rows, up to the int32 arena's step outputs
+        self.setup_bytes = self.offsets[torch.int32] + len(self.ARENAS[torch.int32]) * B * 4
         self.t = {name: self.arenas[dtype][i] for dtype, names in self.ARENAS.items() for i, name in enumerate(names)}
         self.t["step"] = self.t["step"][:1]  # the step index: [1] (its row's other entries unused)
         for name in self.HIST:
@@ -293,15 +303,16 @@ class StaticDraftLoop:
         # dtype (non-blocking from pageable memory: the host buffer is staged before the call returns).
         rows_of = dict(pos=starts, cap=caps, active=[True] * n, threshold=[threshold] * B, energy=[energy] * B,
                        **{name: sampling[name] for name in ("temperature", "top_k", "top_p", "seed", "offset")})
+        host = torch.zeros(buf.setup_bytes, dtype=torch.uint8)
         for dtype, names in buf.ARENAS.items():
-            host = torch.zeros(len(names), B, dtype=dtype)
-            for i, name in enumerate(names):
-                if name == "top_p":
-                    host[i].fill_(1.0)
-                if name in rows_of:
-                    values = torch.as_tensor(rows_of[name], dtype=dtype)
-                    host[i, :len(values)] = values
-            buf.arenas[dtype][:len(names)].copy_(host, non_blocking=True)  # the named rows (not the step outputs)
+            table = []  # one Python list a name, padded to B, then one tensor a dtype: no host op a name
+            for name in names:
+                values = rows_of.get(name, [])
+                values = values.tolist() if isinstance(values, torch.Tensor) else list(values)
+                table.append(values + [1.0 if name == "top_p" else 0] * (B - len(values)))
+            at = buf.offsets[dtype]
+            host[at:at + len(names) * B * dtype.itemsize] = torch.tensor(table, dtype=dtype).view(torch.uint8).flatten()
+        buf.arena_bytes[:buf.setup_bytes].copy_(host, non_blocking=True)
         if buf.update_graph is not None:
             buf.logits0[:n].copy_(logits)
             if pad:
@@ -354,10 +365,14 @@ class StaticDraftLoop:
         synchronisation): per row the tokens, accepted and fell flags (0 / 1) and confidences of each step, and
         the decode steps it fed."""
         host = buf.arenas[torch.int32].cpu()
-        token, accepted, fell, conf = (host[buf.hist_row(name):buf.hist_row(name) + done, :n]
-                                       for name in buf.HIST)
-        fed = host[buf.ARENAS[torch.int32].index("fed"), :n].tolist()
-        return token.T.tolist(), accepted.T.tolist(), fell.T.tolist(), conf.view(torch.float32).T.tolist(), fed
+        ints = host[:, :n].tolist()  # (Python lists from here: no host op a field)
+        first = {name: buf.hist_row(name) for name in buf.HIST}
+        first_conf = first["hist_conf"]
+        confs = host[first_conf:first_conf + done, :n].view(torch.float32).tolist()
+        token, accepted, fell = ([list(col) for col in zip(*ints[first[name]:first[name] + done])]
+                                 for name in buf.HIST[:3])
+        fed = ints[buf.ARENAS[torch.int32].index("fed")]
+        return token, accepted, fell, [list(col) for col in zip(*confs)], fed
 
 
 class _LaggedFlag:

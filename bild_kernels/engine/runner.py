@@ -79,10 +79,7 @@ class ModelRunner:
 
     def take_nonfinite(self) -> list[int]:
         """The rows noted by `screen_logits` since the last call (one host read), and forget them."""
-        rows = self._nonfinite.nonzero().flatten().tolist()
-        if rows:
-            self._nonfinite.zero_()
-        return rows
+        return take_nonfinite([self])[0]
 
     @torch.inference_mode()
     def extend(self, rows: list[int], tokens: list[list[int]], n_logits: list[int], *, return_hidden: bool = False,
@@ -141,3 +138,17 @@ def _last_positions(ends: list[int], n_logits: list[int]) -> list[int]:
     every row padded to max(n_logits) positions by repeating its last one (as extend returns them)."""
     K1 = max(n_logits)
     return [e - n + min(j, n - 1) for e, n in zip(ends, n_logits) for j in range(K1)]
+
+
+def take_nonfinite(runners: list[ModelRunner]) -> list[list[int]]:
+    """Each runner's rows noted by `screen_logits` since the last call, read in one host read (one GPU
+    synchronisation for the large and the small model together), and forgotten."""
+    flags = runners[0]._nonfinite if len(runners) == 1 else torch.stack([r._nonfinite for r in runners])
+    hits = flags.view(len(runners), -1).nonzero().tolist()
+    rows = [[] for _ in runners]
+    for i, row in hits:
+        rows[i].append(row)
+    for r, mine in zip(runners, rows):
+        if mine:
+            r._nonfinite.zero_()
+    return rows

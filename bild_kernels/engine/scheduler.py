@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 from bild_kernels.engine.params import SamplingParams
 from bild_kernels.engine.policies import Policy
+from bild_kernels.engine.runner import take_nonfinite
 from bild_kernels.engine.sequence import RequestOutput, Sequence, StreamChunk
 from bild_kernels.engine.tokenizer import Detokenizer, resolve_prompts
 from bild_kernels.ops import trusted_inputs
@@ -230,9 +231,11 @@ class Scheduler:
             self._reap()
 
     def _take_faults(self) -> dict[int, str]:
+        """The rows whose logits went NaN / inf in the step, by the first model that noted them: one host read."""
         faulted = {}
-        for name, runner in self.engine.runners.items():
-            for row in runner.take_nonfinite():
+        names, runners = zip(*self.engine.runners.items())
+        for name, rows in zip(names, take_nonfinite(list(runners))):
+            for row in rows:
                 faulted.setdefault(row, name)
         return faulted
 

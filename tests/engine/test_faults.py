@@ -121,3 +121,18 @@ def test_screen_logits_flags_nan_inf_and_empty_rows(large_model):
     keep = clean.clone()
     assert runner.screen_logits([1, 4], clean) is clean and torch.equal(clean, keep)
     assert runner.take_nonfinite() == []
+
+
+def test_both_models_faulty_rows_are_read_together(large_model, small_model):
+    """The step's faults of the large and the small model come back in one host read (engine.runner.take_nonfinite:
+    one GPU synchronisation a step, not one per model), each model's rows its own, and are forgotten after."""
+    from bild_kernels.engine.runner import take_nonfinite
+    eng = Engine(large=large_model, small=small_model, dtype=torch.float64, max_batch_size=4, max_model_len=32,
+                 block_size=4)
+    large, small = eng.runners["large"], eng.runners["small"]
+    large.note_nonfinite([0, 1, 2], torch.tensor([False, True, False]))
+    small.note_nonfinite([1, 3], torch.tensor([True, True]))
+    assert take_nonfinite([large, small]) == [[1], [1, 3]]
+    assert take_nonfinite([large, small]) == [[], []]
+    small.note_nonfinite([2], torch.tensor([True]))
+    assert take_nonfinite([large, small]) == [[], [2]] and small.take_nonfinite() == []
