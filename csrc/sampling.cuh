@@ -196,7 +196,7 @@ cudaError_t SampleDraft(const T* logits, int B, int V, SampleDraftParams prm, Sa
   }
   SampleDraftKernel<T><<<B, kRowThreads, 0, stream>>>(logits, V, prm, out, partials, S,
                                                       split != nullptr ? split->state : nullptr,
-                                                      split != nullptr ? split->draws : nullptr, S_draw);
+                                                      split != nullptr && sampled ? split->draws : nullptr, S_draw);
   return cudaGetLastError();
 }
 
