@@ -138,7 +138,7 @@ def test_a_run_reads_its_results_in_one_copy():
 
 
 @requires_gpu
-def test_a_graphed_draft_run_reads_the_device_at_most_twice(large_model, small_model, monkeypatch):
+def test_a_graphed_draft_run_on_gpu_reads_the_device_at_most_twice(large_model, small_model, monkeypatch):
     """A whole draft run (set-up, steps, results) synchronises the host with the GPU at most twice: whether the
     blocks its drafts need were reserved (`BlockManager.append`), and one copy of every result (the step outputs
     and fed counts share the int32 arena: `StaticDraftLoop._results`; five reads before)."""
