@@ -73,6 +73,17 @@ __host__ __device__ inline float gumbel(int64_t seed, uint32_t index, int64_t of
   return -logf(-logf(uniform(seed, index, offset, purpose, position)));
 }
 
+// Whether s = __fdiv_rn(z, t) certainly fails the draws' bar, s + kGumbelMax < bar (float sums), judged without the
+// division (inv_t = 1 / t, rounded): z * inv_t is within 2^-22 |s| of s, so hi = that plus 1e-6 of its magnitude is
+// >= s, and rounding is monotone: fl(hi + kGumbelMax) < bar implies fl(s + kGumbelMax) < bar. Never true where the
+// exact test is false (infinite or NaN z give NaN here: false, left to the exact test), so a caller that skips on it
+// skips a subset of what the exact test skips and draws the same token.
+__device__ __forceinline__ bool cannot_win(float z, float inv_t, float bar) {
+  const float sa = z * inv_t;
+  const float hi = sa + fabsf(sa) * 1e-6f;
+  return hi + kGumbelMax < bar;
+}
+
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
@@ -708,6 +719,7 @@ __global__ void __launch_bounds__(kChunkThreads)
     const float s_max = __fdiv_rn(zp.zmax.v, t);  // the chunk's max of s
     const float shift = -s_max * 1.4426950408889634f;
     const float log2e_t = 1.4426950408889634f / t;  // exp(s - s_max) as 2^(z * log2e / t - s_max * log2e)
+    const float inv_t = 1.0f / t;
     float sum = 0.0f;
     ArgMax g;
     if (task.draw && s_max > -kInf) {  // the draw at the chunk's argmax: the bar every other element must pass
@@ -718,7 +730,7 @@ __global__ void __launch_bounds__(kChunkThreads)
       for_each_in_chunk<kStreamVecs>(logits + static_cast<int64_t>(r) * V, V, S * ITERS, c * ITERS + it,
                                      [&](int i, float z) {
         if (s_max > -kInf) sum += fast_exp2(fmaf(z, log2e_t, shift));  // a -inf chunk sums nothing
-        if (task.draw) {
+        if (task.draw && !cannot_win(z, inv_t, g.v)) {  // (most elements: no division either)
           const float sv = __fdiv_rn(z, t);
           if (!(sv + kGumbelMax < g.v)) g.add(sv + gumbel(task.seed, i, task.offset, task.purpose, task.position), i);
         }

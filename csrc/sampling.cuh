@@ -70,7 +70,9 @@ __device__ ArgMax draw_kept(const T* __restrict__ row, int V, int S, int c, floa
                             int64_t seed, int64_t offset, ArgMax* smem) {
   ArgMax k_max;
   k_max.add(s_max + gumbel(seed, argmax, offset, kPurposeDraftSample, 0), argmax);
+  const float inv_t = 1.0f / t;
   for_each_in_chunk(row, V, S, c, [&](int i, float z) {
+    if (cannot_win(z, inv_t, k_max.v)) return;  // (most elements: no division either)
     const float s = __fdiv_rn(z, t);
     if (order_key(s) < tau || s + kGumbelMax < k_max.v) return;
     k_max.add(s + gumbel(seed, i, offset, kPurposeDraftSample, 0), i);
@@ -142,7 +144,9 @@ __global__ void __launch_bounds__(kRowThreads, 1)
       // s + kGumbelMax is below the best draw so far cannot win or tie, and its Philox draw is skipped.
       ArgMax k_max;
       k_max.add(s_lse.m + gumbel(seed, stats.zmax.i, offset, kPurposeDraftSample, 0), stats.zmax.i);
+      const float inv_t = 1.0f / t;
       for_each_in_row(row, V, [&](int i, float z) {
+        if (cannot_win(z, inv_t, k_max.v)) return;  // (most elements: no division either)
         const float s = __fdiv_rn(z, t);
         if (order_key(s) < tau || s + kGumbelMax < k_max.v) return;
         k_max.add(s + gumbel(seed, i, offset, kPurposeDraftSample, 0), i);
