@@ -42,13 +42,14 @@
 # --corpus-minutes 2 --minutes 3`: 0.585 -> 0.600, shipped; 452 s), call 3 `profile_step` (77 s).
 # Plan for the next session lent 15 minutes (tree packed as above, two calls):
 #   call 1: bash scripts/gpu_carry.sh stash .carry1 && BILD_REV=<rev> DEADLINE=330 GPU_TEST_WORKERS=12 bash
-#           scripts/gpu_session.sh build engine_gpu_tests long split bench_targets profile_step
+#           scripts/gpu_session.sh build engine_gpu_tests cuda_ops split bench_targets profile_step
 #   (engine_gpu_tests: GraphRecorder's GPU test, the tests that now fail on any graph fallback, the draft loop's
-#   recorded first update; long: the long first pass's correctness before its timings; split: the split top-k /
-#   top-p cut-off search's correctness and its timings beside the block search's; bench_targets: the verification
-#   and sampling timings after the no-op kernels' early return, every first pass side by side with the new `long`
-#   one (and `cuda-split`); profile_step: now also the unprofiled pass time and the host's time in each
-#   CUDAGraph.replay, cut first if time runs short);
+#   recorded first update and its two-reads bound; cuda_ops: every CUDA variant against the reference (~450 tests,
+#   ~40 s by the 370 of 2026-11-27), after this evening's untested kernel changes (the long pass, the split cut-off
+#   search and its chunked draws, the `rows` hint, cannot_win and the cut-position pre-skip in the draws); split:
+#   the split search and the hint timed beside the plain backend; bench_targets: every first pass side by side,
+#   `cuda-split` and `cuda-hinted` too; profile_step: the unprofiled pass time and the host's time in each
+#   CUDAGraph.replay after the host-side changes, cut first if time runs short);
 #   call 2 (carry .carry2): `bash scripts/gpu_distill.sh .carry2 --prompts 23704 --corpus-seed 3 --self-prompts 8000
 #   --samples-per-prompt 3 --corpus-minutes 2 --minutes 2` (~410 s by run 3's rates: ~95k answers, ~12 M tokens):
 #   the distillation warm-started from the shipped draft on more answers (run 3's 55,408 took 48 s of its 2 minutes).
@@ -60,8 +61,9 @@
 #         wide (the first passes: their tests, every pass benchmarked) | wide_profile (ncu on the wide and stream passes) |
 #         stream_profile (ncu --set full on the stream pass's verification launches, B=64, K=8, V=128256) |
 #         long (the per-op tests of the opt-in long first pass, the first-pass equality test, the native binary) |
-#         split (the per-op tests of the opt-in split top-k / top-p cut-off search and of the `rows` hint, the
-#         native binary, their timings beside the plain CUDA backend's) |
+#         cuda_ops (every CUDA variant's per-op tests of sample_draft / verify_draft: the default, each forced first
+#         pass, the split cut-off search, the `rows` hint; the extension's tests and the native binary) |
+#         split (the split cut-off search and the `rows` hint timed beside the plain CUDA backend) |
 #         profile_step (torch.profiler over graphed engine steps, random Llama-1B pair) | ctest |
 #         engine_gpu_tests (the GPU-only tests of distillation, the draft loop, the graphed passes, BatchGenerator). Wheels in .whl/ (carried) are installed first.
 set -uo pipefail
@@ -125,10 +127,10 @@ for s in "$@"; do
                           --policy large-only
                       stage profile_step_bild 120 "$PY" bench/profile_step.py --device cuda --pair llama-1b \
                           --policy bild ;;
-        split) stage split_tests 150 "$PY" -m pytest -q -rfE -p no:cacheprovider -p no:benchmark --timeout 150 \
-                  -n "$WORKERS" -k "cuda-split or cut_search or host_knows or rows_hint or native_kernel_binary" \
-                  tests/kernels/test_verify_draft.py tests/kernels/test_sample_draft.py tests/kernels/test_cuda_extension.py
-               stage split_bench_verify 60 "$PY" bench/bench_verify_draft.py --device cuda \
+        cuda_ops) stage cuda_ops_tests 150 "$PY" -m pytest -q -rfE -p no:cacheprovider -p no:benchmark --timeout 150 \
+                  -n "$WORKERS" -k "cuda or cut_search or host_knows or rows_hint or native_kernel_binary" \
+                  tests/kernels/test_verify_draft.py tests/kernels/test_sample_draft.py tests/kernels/test_cuda_extension.py ;;
+        split) stage split_bench_verify 60 "$PY" bench/bench_verify_draft.py --device cuda \
                   --backends cuda,cuda-hinted,cuda-split --modes bild,bild-topk_topp --shapes 64x8x128256,1x4x128256
                stage split_bench_sample 60 "$PY" bench/bench_sample_draft.py --device cuda \
                   --backends cuda,cuda-hinted,cuda-split --shapes 64x128256,1x128256 ;;
@@ -172,7 +174,7 @@ for s in "$@"; do
                         --out bench/results/serve_load_bf16_cuda.csv ;;
         ctest) stage ctest 400 sh -c "cmake -S . -B build/cmake -G Ninja -DCMAKE_CUDA_ARCHITECTURES=90 \
                    && cmake --build build/cmake && ctest --test-dir build/cmake --output-on-failure" ;;
-        *) echo "unknown stage: $s (build | gpu_tests | tests | engine_gpu_tests | profile | profile_step | wide | wide_profile | stream_profile | long | kernel_tests | bench | bench_targets | e2e | e2e_quick | e2e_batch | e2e_batch_quick | divergence | ctest | split)"; exit 2 ;;
+        *) echo "unknown stage: $s (build | gpu_tests | tests | engine_gpu_tests | profile | profile_step | wide | wide_profile | stream_profile | long | kernel_tests | bench | bench_targets | e2e | e2e_quick | e2e_batch | e2e_batch_quick | divergence | ctest | cuda_ops | split)"; exit 2 ;;
     esac
 done
 tar czf "$OUT/gpu_session.tgz" -C "$(dirname "$LOG")" logs -C "$ROOT" bench/results
