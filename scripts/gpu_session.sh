@@ -159,8 +159,10 @@ for s in "$@"; do
         kernel_tests) stage kernel_tests 240 "$PY" -m pytest -q -m "not slow" -p no:cacheprovider --maxfail 20 \
                           --timeout 200 -n "$WORKERS" --dist loadfile tests/kernels ;;
         bench_targets) stage bench_verify_targets 120 "$PY" bench/bench_verify_draft.py --device cuda \
+                           --backends ref,compile,triton,cuda,cuda-stream,cuda-long,cuda-hinted \
                            --shapes 64x8x128256,256x8x128256,64x4x32000
                        stage bench_sample_targets 80 "$PY" bench/bench_sample_draft.py --device cuda \
+                           --backends ref,compile,triton,cuda,cuda-stream,cuda-long,cuda-hinted \
                            --shapes 64x128256,256x128256,1x128256
                        stage bench_rollback 60 "$PY" bench/bench_rollback_paged_kv.py --device cuda ;;
         bench) for op in write_paged_kv rollback_paged_kv gather_paged_kv sample_draft verify_draft paged_attention; do
