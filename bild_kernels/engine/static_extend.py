@@ -82,9 +82,13 @@ class StaticExtend:
         buf.staging[:len(host)].copy_(host, non_blocking=True)  # pageable: staged before the call returns
         BQ = B * Q
         buf.context_lens.copy_(buf.staging[2 * BQ:2 * BQ + B])
-        buf.slot_mapping.fill_(-1)
-        buf.slot_mapping.index_copy_(0, buf.staging[2 * BQ + B:2 * BQ + B + len(dst)], slot_mapping)
-        buf.block_tables.fill_(-1)
+        if len(dst) == BQ:  # every position is a new token (no padding: at batch 1 a pass of 1, 2, 4, 8 tokens)
+            buf.slot_mapping.copy_(slot_mapping)
+        else:
+            buf.slot_mapping.fill_(-1)
+            buf.slot_mapping.index_copy_(0, buf.staging[2 * BQ + B:2 * BQ + B + len(dst)], slot_mapping)
+        if n < B:  # padding rows attend to nothing
+            buf.block_tables[n:].fill_(-1)
         buf.block_tables[:n].copy_(self.runner.blocks.block_tables_of(rows))
         if buf.graph is not None:
             buf.graph.replay()
