@@ -329,9 +329,7 @@ class Iteration:
         draft_tokens = drafts.tokens
         K = max(len(d) for d in draft_tokens)
         target_logits = self._target_logits(running, policy, draft_tokens)  # [B, K+1, V]
-        draft_ids = torch.full((len(running), K), -1, dtype=torch.int64)
-        for i, d in enumerate(draft_tokens):
-            draft_ids[i, :len(d)] = torch.tensor(d, dtype=torch.int64)
+        draft_ids = torch.tensor([d + [-1] * (K - len(d)) for d in draft_tokens], dtype=torch.int64).view(len(running), K)
         kw = self._sampling(running, [s.iteration for s in running])
         if policy.verify_mode == "bild":
             kw["rollback_threshold"] = policy.thresholds()[1]

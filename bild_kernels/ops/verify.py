@@ -1,6 +1,7 @@
 """Batched verification of drafted runs against one pass of the large model."""
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -9,6 +10,13 @@ from bild_kernels._backend import registered, resolve
 from bild_kernels.ops import _validate as v
 from bild_kernels.ops.sampling import row_kinds, sampling_params
 from bild_kernels.reference import MODES
+
+
+@functools.lru_cache(maxsize=64)
+def _zeros(B: int, device: torch.device) -> torch.Tensor:
+    """The unused rollback thresholds of greedy and sample mode, [B] zeros: one tensor per (B, device), never
+    written (no allocation and fill kernel at every call)."""
+    return torch.zeros(B, dtype=torch.float32, device=device)
 
 
 class VerifyResult(NamedTuple):
@@ -64,8 +72,8 @@ def verify_draft(draft_ids, target_logits, mode: str = "greedy", *, rollback_thr
             raise ValueError("mode='bild' needs rollback_threshold")
         rollback_threshold = v.per_row("rollback_threshold", rollback_threshold, B, torch.float32, dev, 0.0)
         v.in_range("rollback_threshold", rollback_threshold, 0.0)
-    else:
-        rollback_threshold = torch.zeros(B, dtype=torch.float32, device=dev)
+    else:  # (inside a CUDA-graph capture a fresh one: a tensor made there is not filled until the graph replays)
+        rollback_threshold = (torch.zeros(B, dtype=torch.float32, device=dev) if v.capturing() else _zeros(B, dev))
     if mode == "sample":
         if draft_probs is None:
             raise ValueError("mode='sample' needs draft_probs [B, K, V]")
