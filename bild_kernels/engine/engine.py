@@ -204,6 +204,9 @@ class Engine(Iteration):
         # Seconds spent drafting (small model + sampling) and verifying (large model + verify + rollback),
         # summed over steps; wall time minus both is the engine's own overhead. Benchmarks reset it.
         self.time_split = {"draft": 0.0, "verify": 0.0}
+        # The fault flags a step's verification read with its verdicts ({model: rows}), until the scheduler takes
+        # them (None: not read; the scheduler reads them itself)
+        self.step_faults: dict[str, list[int]] | None = None
         self._scheduler = Scheduler(self)  # one running batch for every thread that calls generate/stream
 
     def _small_weights(self, small_weights, small, dtype, small_dtype) -> str | None:

@@ -14,6 +14,7 @@ from bild_kernels import ops
 from bild_kernels.engine.calibration import labelled_pairs
 from bild_kernels.engine.host import to_device
 from bild_kernels.engine.policies import Policy
+from bild_kernels.engine.runner import forget_nonfinite, nonfinite_flags
 from bild_kernels.engine.sequence import Drafts, Sequence
 from bild_kernels.engine.shallow_deep import LayerGroups
 
@@ -336,9 +337,21 @@ class Iteration:
         if policy.verify_mode == "sample":
             kw["draft_probs"] = ops.pack_draft_probs(drafts.probs, K, self.vocab_size, target_logits)
         res = ops.verify_draft(draft_ids.to(self.device, non_blocking=True), target_logits, policy.verify_mode, **kw)
-        # one host read for both (each .tolist() of a GPU tensor is a synchronisation)
-        host = torch.cat([res.num_accepted[:, None].to(res.output_ids.dtype), res.output_ids], 1).tolist()
-        num_accepted, out_ids = [r[0] for r in host], [r[1:] for r in host]
+        # One host read (each .tolist() of a GPU tensor is a synchronisation) for the verdicts and the step's fault
+        # flags of every model (noted while its passes ran, all before this point of the step): `step_faults`, for
+        # the scheduler, which would otherwise read them again.
+        names = list(self.runners)
+        runners = [self.runners[n] for n in names]
+        flags = nonfinite_flags(runners)
+        B, K1 = res.output_ids.shape
+        host = torch.cat([res.num_accepted.to(torch.int64), res.output_ids.flatten(),
+                          flags.flatten().to(torch.int64)]).tolist()
+        num_accepted, out = host[:B], host[B:B + B * K1]
+        out_ids = [out[i * K1:(i + 1) * K1] for i in range(B)]
+        bits, M = host[B + B * K1:], flags.shape[1]
+        faults = [[row for row in range(M) if bits[i * M + row]] for i in range(len(names))]
+        forget_nonfinite(runners, faults)
+        self.step_faults = dict(zip(names, faults))
         # The large model's argmax at every position: Jacobi's next guesses, calibration's labels.
         argmax = None
         if policy.drafter == "guess" or policy.calibration is not None:

@@ -140,15 +140,24 @@ def _last_positions(ends: list[int], n_logits: list[int]) -> list[int]:
     return [e - n + min(j, n - 1) for e, n in zip(ends, n_logits) for j in range(K1)]
 
 
-def take_nonfinite(runners: list[ModelRunner]) -> list[list[int]]:
-    """Each runner's rows noted by `screen_logits` since the last call, read in one host read (one GPU
-    synchronisation for the large and the small model together), and forgotten."""
-    flags = runners[0]._nonfinite if len(runners) == 1 else torch.stack([r._nonfinite for r in runners])
-    hits = flags.view(len(runners), -1).nonzero().tolist()
-    rows = [[] for _ in runners]
-    for i, row in hits:
-        rows[i].append(row)
+def nonfinite_flags(runners: list[ModelRunner]) -> torch.Tensor:
+    """The runners' fault flags as one [len(runners), max_seqs] bool tensor on the device (a view for one runner),
+    for a caller that reads them together with other results (one host read) and then calls `forget_nonfinite`."""
+    return runners[0]._nonfinite[None] if len(runners) == 1 else torch.stack([r._nonfinite for r in runners])
+
+
+def forget_nonfinite(runners: list[ModelRunner], rows: list[list[int]]) -> None:
+    """Clear the flags of the runners whose rows[i], read from `nonfinite_flags`, are not empty."""
     for r, mine in zip(runners, rows):
         if mine:
             r._nonfinite.zero_()
+
+
+def take_nonfinite(runners: list[ModelRunner]) -> list[list[int]]:
+    """Each runner's rows noted by `screen_logits` since the last call, read in one host read (one GPU
+    synchronisation for the large and the small model together), and forgotten."""
+    rows = [[] for _ in runners]
+    for i, row in nonfinite_flags(runners).nonzero().tolist():
+        rows[i].append(row)
+    forget_nonfinite(runners, rows)
     return rows

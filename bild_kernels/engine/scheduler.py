@@ -231,10 +231,13 @@ class Scheduler:
             self._reap()
 
     def _take_faults(self) -> dict[int, str]:
-        """The rows whose logits went NaN / inf in the step, by the first model that noted them: one host read."""
-        faulted = {}
-        names, runners = zip(*self.engine.runners.items())
-        for name, rows in zip(names, take_nonfinite(list(runners))):
+        """The rows whose logits went NaN / inf in the step, by the first model that noted them: as the step's
+        verification read them with its verdicts (`step_faults`), else in one host read."""
+        eng, faulted = self.engine, {}
+        read, eng.step_faults = eng.step_faults, None
+        names, runners = zip(*eng.runners.items())
+        rows_of = [read[n] for n in names] if read is not None else take_nonfinite(list(runners))
+        for name, rows in zip(names, rows_of):
             for row in rows:
                 faulted.setdefault(row, name)
         return faulted

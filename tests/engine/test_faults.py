@@ -136,3 +136,24 @@ def test_both_models_faulty_rows_are_read_together(large_model, small_model):
     assert take_nonfinite([large, small]) == [[], []]
     small.note_nonfinite([2], torch.tensor([True]))
     assert take_nonfinite([large, small]) == [[], [2]] and small.take_nonfinite() == []
+
+
+@pytest.mark.parametrize("which, policy, model", [
+    (("large",), LargeOnly(), "large"), (("small",), BiLD(fallback_threshold=0.3, rollback_threshold=0.0), "small")],
+    ids=["large-only", "bild-small"])
+def test_a_verifying_step_reads_its_faults_with_its_verdicts(large_model, small_model, oracle, monkeypatch, which,
+                                                            policy, model):
+    """A step that verifies reads every model's fault flags in the same host read as its verdicts (Engine.step_faults):
+    the scheduler never reads them a second time (on a GPU: one synchronisation a step fewer)."""
+    from bild_kernels.engine import scheduler
+
+    def read_again(runners):
+        raise AssertionError("the scheduler read the fault flags again")
+
+    eng = _poisoned_engine(large_model, small_model, which)
+    monkeypatch.setattr(scheduler, "take_nonfinite", read_again)
+    outs = eng.generate([CLEAN[0], [1, POISON, 2], CLEAN[1]], SamplingParams(max_tokens=N), policy=policy)
+    assert outs[1].finish_reason == "error" and f"the {model} model produced non-finite logits" in outs[1].error
+    assert [outs[0].token_ids, outs[2].token_ids] == [oracle[0], oracle[1]]
+    assert eng.step_faults is None  # taken
+    assert_all_free(eng)
