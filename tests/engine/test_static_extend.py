@@ -120,9 +120,10 @@ def test_graph_passes_equal_static_and_eager_on_gpu(large_model, small_model, po
 
 
 @requires_gpu
-def test_a_graphed_large_only_step_on_gpu_reads_the_device_at_most_three_times(large_model):
+def test_a_graphed_large_only_step_on_gpu_reads_the_device_at_most_twice(large_model):
     """A LargeOnly step on graphed passes synchronises the host with the GPU only where it must read it: whether
-    the block reservation was served, the verified tokens, the non-finite rows. Host data goes over with
+    the block reservation was served, and the verified tokens with the non-finite rows in the same read (three
+    reads before 2026-11-27 evening; the bound held at 42 of 52 on an H200 that afternoon). Host data goes over with
     non-blocking copies (`engine.host.to_device`): a `torch.tensor(..., device="cuda")` would wait for the queued
     forward (~12 such waits a step before)."""
     import warnings
@@ -141,4 +142,4 @@ def test_a_graphed_large_only_step_on_gpu_reads_the_device_at_most_three_times(l
     steps = max(o.metrics.large_passes for o in outs)
     print(f"{syncs} host synchronisations over {steps} steps of {len(PROMPTS)} requests")
     assert all(o.error is None for o in outs)
-    assert syncs <= 3 * steps + 2 * len(PROMPTS), (syncs, steps)
+    assert syncs <= 2 * steps + 2 * len(PROMPTS), (syncs, steps)
