@@ -44,11 +44,12 @@
 #   call 1: bash scripts/gpu_carry.sh stash .carry1 && BILD_REV=<rev> DEADLINE=330 GPU_TEST_WORKERS=12 bash
 #           scripts/gpu_session.sh build engine_gpu_tests cuda_ops split bench_targets profile_step
 #   (engine_gpu_tests: GraphRecorder's GPU test, the tests that now fail on any graph fallback, the draft loop's
-#   recorded first update and its two-reads bound; cuda_ops: every CUDA variant against the reference (~450 tests,
+#   recorded first update, a draft run's two-reads bound and a LargeOnly step's two-reads bound (three before);
+#   cuda_ops: every CUDA variant against the reference (~450 tests,
 #   ~40 s by the 370 of 2026-11-27), after this evening's untested kernel changes (the long pass, the split cut-off
 #   search and its chunked draws, the `rows` hint, cannot_win and the cut-position pre-skip in the draws); split:
-#   the split search and the hint timed beside the plain backend; bench_targets: every first pass side by side,
-#   `cuda-split` and `cuda-hinted` too; profile_step: the unprofiled pass time and the host's time in each
+#   the split search and the hint timed beside the plain backend; bench_targets: the reference, compile, Triton and
+#   the default, stream, long and hinted CUDA backends; profile_step: the unprofiled pass time and the host's time in each
 #   CUDAGraph.replay after the host-side changes, cut first if time runs short);
 #   call 2 (carry .carry2): `bash scripts/gpu_distill.sh .carry2 --prompts 23704 --corpus-seed 3 --self-prompts 8000
 #   --samples-per-prompt 3 --corpus-minutes 2 --minutes 2` (~410 s by run 3's rates: ~95k answers, ~12 M tokens):
