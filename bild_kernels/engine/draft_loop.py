@@ -146,7 +146,8 @@ class _Buffers:
     # arenas are typed views of one byte buffer, in this order, the int32 one last with the step outputs after its
     # named rows: a run's set-up is one host-to-device copy of the bytes before those (`StaticDraftLoop.run`), and its
     # results one copy of the int32 arena back (`_results`).
-    ARENAS = {torch.int64: ("pos", "seed", "offset", "tok", "step"), torch.float32: ("temperature", "top_p", "threshold"),
+    ARENAS = {torch.int64: ("pos", "seed", "offset", "tok", "step"),
+              torch.float32: ("temperature", "top_p", "threshold"),
               torch.bool: ("energy", "active", "nonfinite"), torch.int32: ("cap", "top_k", "ndraft", "fed")}
     # Each step's outputs, row `step` of [MAX_STEPS, B] each (written inside the step, so a graphed run needs no copy
     # of them between replays), held in the int32 arena after its named rows (the token as int32, the two flags as
@@ -163,8 +164,8 @@ class _Buffers:
             self.offsets[dtype] = at
             at += -(-rows[dtype] * B * dtype.itemsize // 8) * 8
         self.arena_bytes = torch.zeros(at, dtype=torch.uint8, device=dev)
-        self.arenas = {dtype: self.arena_bytes[self.offsets[dtype]:self.offsets[dtype] + rows[dtype] * B * dtype.itemsize]
-                       .view(dtype).view(rows[dtype], B) for dtype in self.ARENAS}
+        self.arenas = {dtype: self.arena_bytes[at:at + rows[dtype] * B * dtype.itemsize].view(dtype)
+                       .view(rows[dtype], B) for dtype, at in self.offsets.items()}
         # the set-up's bytes: every arena's named rows, up to the int32 arena's step outputs
         self.setup_bytes = self.offsets[torch.int32] + len(self.ARENAS[torch.int32]) * B * 4
         self.t = {name: self.arenas[dtype][i] for dtype, names in self.ARENAS.items() for i, name in enumerate(names)}
@@ -180,7 +181,6 @@ class _Buffers:
             self.t["out_probs"] = torch.zeros(B, self.vocab, dtype=torch.float32, device=dev)
         if self.features is not None:
             self.t["feat"] = torch.zeros(B, self.features[0], dtype=self.features[1], device=dev)
-
 
     @classmethod
     def hist_row(cls, name: str) -> int:
@@ -299,8 +299,8 @@ class StaticDraftLoop:
         self.runner.blocks.append(rows, reserve)
         t["block_tables"][:n].copy_(self.runner.blocks.block_tables_of(rows))
         t["block_tables"][n:].fill_(-1)
-        # Every per-row field at once: built on the host (padding rows: nothing to draft, top_p 1), one copy per
-        # dtype (non-blocking from pageable memory: the host buffer is staged before the call returns).
+        # Every per-row field at once: built on the host (padding rows: nothing to draft, top_p 1), one copy of the
+        # arenas' bytes (non-blocking from pageable memory: the host buffer is staged before the call returns).
         rows_of = dict(pos=starts, cap=caps, active=[True] * n, threshold=[threshold] * B, energy=[energy] * B,
                        **{name: sampling[name] for name in ("temperature", "top_k", "top_p", "seed", "offset")})
         host = torch.zeros(buf.setup_bytes, dtype=torch.uint8)
@@ -357,7 +357,6 @@ class StaticDraftLoop:
                 elif fell[i][j]:
                     run.fell[i], run.unsure[i] = True, (token[i][j], conf[i][j])
         return run
-
 
     @staticmethod
     def _results(buf: _Buffers, done: int, n: int):

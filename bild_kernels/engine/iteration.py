@@ -330,7 +330,8 @@ class Iteration:
         draft_tokens = drafts.tokens
         K = max(len(d) for d in draft_tokens)
         target_logits = self._target_logits(running, policy, draft_tokens)  # [B, K+1, V]
-        draft_ids = torch.tensor([d + [-1] * (K - len(d)) for d in draft_tokens], dtype=torch.int64).view(len(running), K)
+        draft_ids = torch.tensor([d + [-1] * (K - len(d)) for d in draft_tokens], dtype=torch.int64)
+        draft_ids = draft_ids.view(len(running), K)  # (K = 0: [n, 0], not the [n] a list of empty lists gives)
         kw = self._sampling(running, [s.iteration for s in running])
         if policy.verify_mode == "bild":
             kw["rollback_threshold"] = policy.thresholds()[1]
@@ -348,10 +349,7 @@ class Iteration:
                           flags.flatten().to(torch.int64)]).tolist()
         num_accepted, out = host[:B], host[B:B + B * K1]
         out_ids = [out[i * K1:(i + 1) * K1] for i in range(B)]
-        bits, M = host[B + B * K1:], flags.shape[1]
-        faults = [[row for row in range(M) if bits[i * M + row]] for i in range(len(names))]
-        forget_nonfinite(runners, faults)
-        self.step_faults = dict(zip(names, faults))
+        self.step_faults = dict(zip(names, forget_nonfinite(runners, host[B + B * K1:])))
         # The large model's argmax at every position: Jacobi's next guesses, calibration's labels.
         argmax = None
         if policy.drafter == "guess" or policy.calibration is not None:

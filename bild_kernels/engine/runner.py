@@ -146,18 +146,18 @@ def nonfinite_flags(runners: list[ModelRunner]) -> torch.Tensor:
     return runners[0]._nonfinite[None] if len(runners) == 1 else torch.stack([r._nonfinite for r in runners])
 
 
-def forget_nonfinite(runners: list[ModelRunner], rows: list[list[int]]) -> None:
-    """Clear the flags of the runners whose rows[i], read from `nonfinite_flags`, are not empty."""
+def forget_nonfinite(runners: list[ModelRunner], bits: list) -> list[list[int]]:
+    """Each runner's faulty rows from `bits`, `nonfinite_flags(runners)` flattened and read to the host; the flags
+    of the runners with any are cleared."""
+    M = len(bits) // len(runners)
+    rows = [[row for row in range(M) if bits[i * M + row]] for i in range(len(runners))]
     for r, mine in zip(runners, rows):
         if mine:
             r._nonfinite.zero_()
+    return rows
 
 
 def take_nonfinite(runners: list[ModelRunner]) -> list[list[int]]:
     """Each runner's rows noted by `screen_logits` since the last call, read in one host read (one GPU
     synchronisation for the large and the small model together), and forgotten."""
-    rows = [[] for _ in runners]
-    for i, row in nonfinite_flags(runners).nonzero().tolist():
-        rows[i].append(row)
-    forget_nonfinite(runners, rows)
-    return rows
+    return forget_nonfinite(runners, nonfinite_flags(runners).flatten().tolist())

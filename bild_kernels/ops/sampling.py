@@ -45,23 +45,15 @@ def row_kinds(V: int, given: tuple, params: tuple, sampled: bool | None, filtere
         if value is not None and not isinstance(value, bool):
             raise TypeError(f"{name} must be a bool or None, got {type(value).__name__}")
     check = not v.skip_value_checks()  # a caller's False is checked (what numbers tell needs no check)
-    number = lambda x: not isinstance(x, torch.Tensor)  # noqa: E731  (None: the default, a number too)
+    tensor = lambda x: isinstance(x, torch.Tensor)  # noqa: E731  (else a number, or None: the default)
     if sampled is None:
-        sampled, check_sampled = not number(given[0]) or (given[0] or 0.0) > 0, False
-    else:
-        check_sampled = check and not sampled
-    if filtered is None:
-        if number(given[1]) and number(given[2]):
-            k, p = (given[1] or 0), (1.0 if given[2] is None else given[2])
-            filtered = 0 < k < V or p < 1.0
-        else:
-            filtered = True
-        check_filtered = False
-    else:
-        check_filtered = check and not filtered
-    if check_sampled and bool((temperature > 0).any()):
+        sampled = tensor(given[0]) or (given[0] or 0.0) > 0
+    elif not sampled and check and bool((temperature > 0).any()):
         raise ValueError("sampled=False, but a row's temperature is > 0")
-    if check_filtered:
+    if filtered is None:
+        filtered = (tensor(given[1]) or tensor(given[2]) or 0 < (given[1] or 0) < V
+                    or (1.0 if given[2] is None else given[2]) < 1.0)
+    elif not filtered and check:
         rows = ((top_k > 0) & (top_k < V)) | (top_p < 1.0)
         if filter_needs_sampling:
             rows &= temperature > 0
