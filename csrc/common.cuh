@@ -73,15 +73,19 @@ __host__ __device__ inline float gumbel(int64_t seed, uint32_t index, int64_t of
   return -logf(-logf(uniform(seed, index, offset, purpose, position)));
 }
 
-// Whether s = __fdiv_rn(z, t) certainly fails the draws' bar, s + kGumbelMax < bar (float sums), judged without the
-// division (inv_t = 1 / t, rounded): z * inv_t is within 2^-22 |s| of s, so hi = that plus 1e-6 of its magnitude is
-// >= s, and rounding is monotone: fl(hi + kGumbelMax) < bar implies fl(s + kGumbelMax) < bar. Never true where the
-// exact test is false (infinite or NaN z give NaN here: false, left to the exact test), so a caller that skips on it
-// skips a subset of what the exact test skips and draws the same token.
-__device__ __forceinline__ bool cannot_win(float z, float inv_t, float bar) {
+// An upper bound of s = __fdiv_rn(z, t) without the division (inv_t = 1 / t, rounded): z * inv_t is within 2^-22 |s|
+// of s, so that plus 1e-6 of its magnitude is >= s (infinite or NaN z give NaN: a bound no test passes).
+__device__ __forceinline__ float scaled_upper(float z, float inv_t) {
   const float sa = z * inv_t;
-  const float hi = sa + fabsf(sa) * 1e-6f;
-  return hi + kGumbelMax < bar;
+  return sa + fabsf(sa) * 1e-6f;
+}
+
+// Whether s = __fdiv_rn(z, t) certainly fails the draws' bar, s + kGumbelMax < bar (float sums), judged from
+// scaled_upper: rounding is monotone, so fl(hi + kGumbelMax) < bar implies fl(s + kGumbelMax) < bar. Never true where
+// the exact test is false (NaN: false, left to the exact test), so a caller that skips on it skips a subset of what
+// the exact test skips and draws the same token.
+__device__ __forceinline__ bool cannot_win(float z, float inv_t, float bar) {
+  return scaled_upper(z, inv_t) + kGumbelMax < bar;
 }
 
 __device__ __forceinline__ float to_float(float x) { return x; }

@@ -61,18 +61,19 @@ struct SampleCutRows {
   }
 };
 
-// Gumbel-max over the kept set {i : order_key(z_i / t) >= tau} of chunk c of a sampling row, for every thread of a
-// kChunkThreads block: each thread starts from the draw at the row's argmax (s_max, always kept), so an element whose
-// s + kGumbelMax is below the best draw so far cannot win or tie and its Philox draw is skipped; the block's result
-// in every thread. Ends with a barrier (block_reduce's).
-template <typename T>
-__device__ ArgMax draw_kept(const T* __restrict__ row, int V, int S, int c, float t, int tau, float s_max, int argmax,
-                            int64_t seed, int64_t offset, ArgMax* smem) {
+// Gumbel-max over the kept set {i : order_key(z_i / t) >= tau} of the elements `visit` hands each thread of the block
+// (visit(f) calls f(index, z): a whole row, or one chunk of it): each thread starts from the draw at the row's argmax
+// (s_max, always kept), so an element whose s + kGumbelMax is below the best draw so far cannot win or tie and its
+// Philox draw is skipped (most of them before the division: cannot_win); the block's result in every thread. Ends
+// with a barrier (block_reduce's).
+template <typename Visit>
+__device__ ArgMax draw_kept(Visit&& visit, float t, int tau, float s_max, int argmax, int64_t seed, int64_t offset,
+                            ArgMax* smem) {
   ArgMax k_max;
   k_max.add(s_max + gumbel(seed, argmax, offset, kPurposeDraftSample, 0), argmax);
   const float inv_t = 1.0f / t;
-  for_each_in_chunk(row, V, S, c, [&](int i, float z) {
-    if (cannot_win(z, inv_t, k_max.v)) return;  // (most elements: no division either)
+  visit([&](int i, float z) {
+    if (cannot_win(z, inv_t, k_max.v)) return;
     const float s = __fdiv_rn(z, t);
     if (order_key(s) < tau || s + kGumbelMax < k_max.v) return;
     k_max.add(s + gumbel(seed, i, offset, kPurposeDraftSample, 0), i);
@@ -93,8 +94,9 @@ __global__ void __launch_bounds__(kChunkThreads)
   const float temp = prm.temperature[b];
   if (temp <= 0.0f || !top_k_top_p_on(prm.top_k[b], prm.top_p[b], V)) return;  // block-uniform
   const RowPartial stats = warp_merge_partials(partials + static_cast<int64_t>(b) * S_first, S_first);
-  const ArgMax d = draw_kept(logits + static_cast<int64_t>(b) * V, V, S, c, temp, cut_state[b].tau(), stats.s.m,
-                             stats.zmax.i, prm.seed[b], prm.offset[b], reinterpret_cast<ArgMax*>(smem));
+  const T* row = logits + static_cast<int64_t>(b) * V;
+  const ArgMax d = draw_kept([&](auto&& f) { for_each_in_chunk(row, V, S, c, f); }, temp, cut_state[b].tau(),
+                             stats.s.m, stats.zmax.i, prm.seed[b], prm.offset[b], reinterpret_cast<ArgMax*>(smem));
   if (threadIdx.x == 0) draws[blockIdx.x] = d;
 }
 
@@ -136,22 +138,13 @@ __global__ void __launch_bounds__(kRowThreads, 1)
     kept_sum = cut.kept_sum(s_lse.s);  // the search's exact sum over the kept set
     if (!greedy && draws != nullptr) {  // sampling rows: the split draws, merged (every lane of every warp)
       ArgMax k_max;
-      for (int k = threadIdx.x & 31; k < S_draw; k += 32) k_max = merge(k_max, draws[static_cast<int64_t>(b) * S_draw + k]);
+      for (int k = threadIdx.x & 31; k < S_draw; k += 32) {
+        k_max = merge(k_max, draws[static_cast<int64_t>(b) * S_draw + k]);
+      }
       token = warp_reduce(k_max).i;
     } else if (!greedy) {  // greedy rows keep the argmax; sampling rows draw over the kept set
-      const int tau = cut.tau();
-      // Every thread starts from the draw at the row's argmax (s = s_max, always kept): an element whose
-      // s + kGumbelMax is below the best draw so far cannot win or tie, and its Philox draw is skipped.
-      ArgMax k_max;
-      k_max.add(s_lse.m + gumbel(seed, stats.zmax.i, offset, kPurposeDraftSample, 0), stats.zmax.i);
-      const float inv_t = 1.0f / t;
-      for_each_in_row(row, V, [&](int i, float z) {
-        if (cannot_win(z, inv_t, k_max.v)) return;  // (most elements: no division either)
-        const float s = __fdiv_rn(z, t);
-        if (order_key(s) < tau || s + kGumbelMax < k_max.v) return;
-        k_max.add(s + gumbel(seed, i, offset, kPurposeDraftSample, 0), i);
-      });
-      token = block_reduce(k_max, reinterpret_cast<ArgMax*>(smem)).i;
+      token = draw_kept([&](auto&& f) { for_each_in_row(row, V, f); }, t, cut.tau(), s_lse.m, stats.zmax.i, seed,
+                        offset, reinterpret_cast<ArgMax*>(smem)).i;
     }
   }
 

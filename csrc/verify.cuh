@@ -239,30 +239,29 @@ __device__ void cut_chunk(const int64_t* __restrict__ draft_ids, const T* __rest
   const bool resid = mode == kModeSample && c < n;
   const float* ps_row = resid ? draft_probs + (static_cast<int64_t>(b) * K + c) * V : nullptr;
   const T* row = target_logits + static_cast<int64_t>(pc) * V;
+  auto q_of = [&](float z) {  // q = the target's filtered distribution at temperature t, 0 outside the kept set
+    const float s = __fdiv_rn(z, t);
+    return order_key(s) >= tau ? expf(s - s_max) / kept_sum : 0.0f;
+  };
   CutPartial p;
   // Every thread starts the q draw from the draw at the position's argmax (always kept; the same candidate in every
   // chunk changes no maximum), so that the bar below is high from the first element.
   const int amax = scr.argmax[pc];
-  {
-    const float s = __fdiv_rn(to_float(row[amax]), t);
-    const float q = order_key(s) >= tau ? expf(s - s_max) / kept_sum : 0.0f;
-    if (q > 0.0f) p.q.add(logf(q) + gumbel(seed, amax, offset, kPurposeVerifyToken, c), amax);
-  }
+  const float q_amax = q_of(to_float(row[amax]));
+  if (q_amax > 0.0f) p.q.add(logf(q_amax) + gumbel(seed, amax, offset, kPurposeVerifyToken, c), amax);
   // An upper bound of log q without the division, exp or log: lq = log(exp(s - s_max) / kept_sum) is at most
   // (s - s_max) - log(kept_sum) plus the rounding of expf (2 ulp), the division and logf (1 ulp each), which the
-  // margin below covers many times over; s <= hi as in cannot_win. Where it already fails the bar (for q, and for
+  // margin below covers many times over; s <= scaled_upper. Where it already fails the bar (for q, and for
   // the residual r <= q too), the element cannot win either draw: skipped outright, unless it still has to tell
   // whether this thread sees a positive residual at all.
   const float inv_t = 1.0f / t, log_kept = logf(kept_sum);
   for_each_in_chunk(row, V, S, chunk, [&](int i, float z) {
     if (!resid || p.any_resid) {
-      const float sa = z * inv_t;
-      const float lq_hi = ((sa + fabsf(sa) * 1e-6f) - s_max) - log_kept;
+      const float lq_hi = (scaled_upper(z, inv_t) - s_max) - log_kept;
       const float bound = lq_hi + (1e-4f + 1e-5f * (fabsf(lq_hi) + fabsf(log_kept)));  // NaN: no skip
       if (bound + kGumbelMax < (resid ? fminf(p.q.v, p.r.v) : p.q.v)) return;
     }
-    const float s = __fdiv_rn(z, t);
-    const float q = order_key(s) >= tau ? expf(s - s_max) / kept_sum : 0.0f;
+    const float q = q_of(z);
     const float lq = q > 0.0f ? logf(q) : -kInf;  // log(0) + g = -inf, as in the reference
     const float r = resid ? fmaxf(q - ps_row[i], 0.0f) : 0.0f;
     const float lr = r > 0.0f ? logf(r) : -kInf;
