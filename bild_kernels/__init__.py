@@ -8,7 +8,8 @@ __version__ = "0.1.0"
 _ENGINE_NAMES = {"Engine": "engine", "SamplingParams": "params", "RequestOutput": "sequence",
                  "RequestMetrics": "sequence", "StreamChunk": "sequence", "Policy": "policies", "BiLD": "policies",
                  "Greedy": "policies", "SpeculativeSampling": "policies", "LargeOnly": "policies",
-                 "SmallOnly": "policies", "Jacobi": "policies", "ShallowDeep": "policies", "BatchGenerator": "bulk"}
+                 "SmallOnly": "policies", "Jacobi": "policies", "ShallowDeep": "policies", "NGram": "policies",
+                 "BatchGenerator": "bulk"}
 
 
 def __getattr__(name):

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-POLICY_NAMES = ("bild", "greedy", "sampling", "large-only", "small-only", "jacobi", "shallow-deep")
+POLICY_NAMES = ("bild", "greedy", "sampling", "large-only", "small-only", "jacobi", "shallow-deep", "ngram")
 
 
 class UsageError(Exception):
@@ -58,6 +58,12 @@ def _policy_args(p: argparse.ArgumentParser, default_policy: str | None = "bild"
                    help="BiLD: max_prob (the paper's) or energy (E-LANG: unsure when energy > threshold)")
     g.add_argument("--block-size", type=int, default=None, help="jacobi: guesses per pass")
     g.add_argument("--exit-layer", type=int, default=None, help="shallow-deep: layers of the large model that draft")
+    g.add_argument("--max-ngram", type=int, default=None, help="ngram / --lookup: longest n-gram matched (default 3)")
+    g.add_argument("--min-ngram", type=int, default=None,
+                   help="ngram / --lookup: shortest n-gram matched (default 1 for ngram, 2 for --lookup)")
+    g.add_argument("--lookup", type=int, default=None, metavar="N",
+                   help="bild, greedy, sampling: where the sequence's last tokens occurred before, draft the up to N "
+                        "tokens that followed them instead of running the small model (prompt lookup)")
 
 
 def _engine(args, *, max_batch_size: int = 1, max_model_len: int = 1024):
@@ -101,10 +107,18 @@ def _policy(args, engine):
         name = "bild"
     k = {} if args.max_draft_len is None else {"max_draft_len": args.max_draft_len}
     own = {"bild": ("fallback_threshold", "rollback_threshold", "fallback_signal"), "jacobi": ("block_size",),
-           "shallow-deep": ("fallback_threshold", "rollback_threshold", "exit_layer")}.get(name, ())
-    for a in ("fallback_threshold", "rollback_threshold", "fallback_signal", "block_size", "exit_layer"):
-        if getattr(args, a) is not None and a not in own:
-            raise UsageError(f"--{a.replace('_', '-')} does not apply to --policy {name}")
+           "shallow-deep": ("fallback_threshold", "rollback_threshold", "exit_layer"),
+           "ngram": ("max_ngram", "min_ngram")}.get(name, ())
+    if name in ("bild", "greedy", "sampling"):
+        own += ("lookup", "max_ngram", "min_ngram") if args.lookup is not None else ("lookup",)
+    for a in ("fallback_threshold", "rollback_threshold", "fallback_signal", "block_size", "exit_layer", "lookup",
+              "max_ngram", "min_ngram"):
+        if getattr(args, a, None) is not None and a not in own:
+            raise UsageError(f"--{a.replace('_', '-')} does not apply to --policy {name}"
+                             + (" without --lookup" if a in ("max_ngram", "min_ngram") else ""))
+    lookup = None
+    if args.lookup is not None:
+        lookup = _ngram(args.lookup, args.max_ngram, args.min_ngram, min_default=2, what="--lookup")
     if name == "bild":
         base = engine.default_policy if isinstance(engine.default_policy, BiLD) else BiLD()
         signal = args.fallback_signal or "max_prob"
@@ -114,7 +128,10 @@ def _policy(args, engine):
                                         else args.fallback_threshold),
                     rollback_threshold=(base.rollback_threshold if args.rollback_threshold is None
                                         else args.rollback_threshold),
-                    max_draft_len=k.get("max_draft_len", base.max_draft_len), fallback_signal=signal)
+                    max_draft_len=k.get("max_draft_len", base.max_draft_len), fallback_signal=signal, lookup=lookup)
+    if name == "ngram":
+        return _ngram(args.max_draft_len if args.max_draft_len is not None else 4, args.max_ngram, args.min_ngram,
+                      min_default=1, what="--max-draft-len")
     if name == "jacobi":
         return Jacobi() if args.block_size is None else Jacobi(block_size=args.block_size)
     if name == "shallow-deep":
@@ -122,8 +139,21 @@ def _policy(args, engine):
             raise UsageError("--policy shallow-deep needs --exit-layer")
         kw = {a: getattr(args, a) for a in ("fallback_threshold", "rollback_threshold") if getattr(args, a) is not None}
         return ShallowDeep(exit_layer=args.exit_layer, **kw, **k)
-    return {"greedy": lambda: Greedy(**k), "sampling": lambda: SpeculativeSampling(**k),
+    return {"greedy": lambda: Greedy(**k, lookup=lookup), "sampling": lambda: SpeculativeSampling(**k, lookup=lookup),
             "large-only": LargeOnly, "small-only": SmallOnly}[name]()
+
+
+def _ngram(length: int, max_ngram: int | None, min_ngram: int | None, *, min_default: int, what: str):
+    """An NGram policy (alone, or as another policy's `lookup`) from the command line's numbers."""
+    from bild_kernels.engine.policies import NGram
+    max_ngram = 3 if max_ngram is None else max_ngram
+    min_ngram = min(min_default, max_ngram) if min_ngram is None else min_ngram
+    try:
+        return NGram(max_draft_len=length, max_ngram=max_ngram, min_ngram=min_ngram)
+    except ValueError as exc:
+        msg = str(exc).replace("max_draft_len", what).replace("max_ngram", "--max-ngram").replace("min_ngram",
+                                                                                                  "--min-ngram")
+        raise UsageError(msg) from None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -191,6 +221,11 @@ def _eval_policies(args, engine) -> list:
         raise UsageError("evaluation compares draft policies: it needs a small model (--small)")
     pols.append(Greedy(max_draft_len=args.greedy_draft_len))
     pols.append(engine.default_policy if isinstance(engine.default_policy, BiLD) else BiLD())
+    if getattr(args, "lookup", 0):  # n-gram lookup alone, and Greedy / the default BiLD with it (or without it)
+        import dataclasses
+        pols.append(_ngram(args.lookup, None, None, min_default=1, what="--lookup"))
+        spec = _ngram(args.lookup, None, None, min_default=2, what="--lookup")
+        pols += [dataclasses.replace(p, lookup=None if p.lookup is not None else spec) for p in pols[:2]]
     if getattr(args, "sweep", False):
         rollbacks = _grid(args.rollback_grid, "--rollback-grid")
         for f in _grid(args.fallback_grid, "--fallback-grid"):
@@ -411,6 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument("--max-tokens", type=int, default=64)
         e.add_argument("--batch", type=int, default=1, help="1: one request at a time; n: the engine batches n")
         e.add_argument("--greedy-draft-len", type=int, default=3)
+        e.add_argument("--lookup", type=int, default=0, metavar="N",
+                       help="also NGram(max_draft_len=N) alone, and Greedy and the default BiLD with an n-gram lookup "
+                            "of up to N tokens (n = 3, then 2) where it matches")
         e.add_argument("--max-draft-len", type=int, default=None, help="BiLD draft cap in the sweep (default 10)")
         e.add_argument("--out", default=None, help="append the rows to this CSV")
         e.add_argument("--sequential", action="store_true",

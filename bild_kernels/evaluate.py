@@ -77,7 +77,7 @@ def describe(policy: Policy) -> str:
         val = getattr(policy, f.name)
         default = f.default if f.default is not dataclasses.MISSING else dataclasses.MISSING
         if f.name in _ALWAYS or val != default:
-            args.append(f"{f.name}={val}")
+            args.append(f"{f.name}={describe(val) if isinstance(val, Policy) else val}")
     return f"{policy.name}({','.join(args)})" if args else policy.name
 
 
@@ -203,6 +203,8 @@ def family(label: str) -> str:
         return "bild, energy fallback (E-LANG)"
     if name == "bild" and "=auto" in label:
         return "bild, auto thresholds (FREE)"
+    if "lookup=" in label:
+        return f"{name} + n-gram lookup"
     return name
 
 

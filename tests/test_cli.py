@@ -47,7 +47,8 @@ def test_generate_streams_text_and_reports_the_run(capsys, pair_dirs):
 
 
 @pytest.mark.parametrize("policy", [["greedy"], ["jacobi", "--block-size", "3"], ["shallow-deep", "--exit-layer", "1"],
-                                    ["bild", "--rollback-threshold", "0"]])
+                                    ["bild", "--rollback-threshold", "0"], ["ngram", "--max-draft-len", "5"],
+                                    ["greedy", "--lookup", "3", "--min-ngram", "1"]])
 def test_lossless_policies_equal_large_only(capsys, pair_dirs, policy):
     large, small = pair_dirs
     texts = []
@@ -76,6 +77,11 @@ def test_lossless_policies_equal_large_only(capsys, pair_dirs, policy):
     (["generate", "hi", "--large", "{large}", "--policy", "shallow-deep"], "needs --exit-layer"),
     (["generate", "hi", "--large", "{large}", "--policy", "jacobi", "--block-size", "0"], "block_size must be"),
     (["generate", "hi", "--large", "{large}", "--draft-max-batch", "0"], "draft-max-batch must be a positive int"),
+    (["generate", "hi", "--large", "{large}", "--policy", "greedy", "--max-ngram", "2"], "without --lookup"),
+    (["generate", "hi", "--large", "{large}", "--policy", "ngram", "--lookup", "2"], "--lookup does not apply"),
+    (["generate", "hi", "--large", "{large}", "--policy", "greedy", "--lookup", "0"], "--lookup must be an int in"),
+    (["generate", "hi", "--large", "{large}", "--policy", "ngram", "--min-ngram", "4"], "--min-ngram must be <="),
+    (["eval", "--large", "{large}", "--small", "{small}", "--lookup", "-1"], "--lookup must be an int in"),
     (["distill", "--large", "{large}", "--out", "{tmp}/d", "--work-dir", "{tmp}/w", "--prompts", "30000"],
      "prompts must be in [1, 23704]"),
 ])
@@ -124,6 +130,22 @@ def test_eval_writes_table_csv_and_plot(capsys, tmp_path, pair_dirs):
     assert float(rows[0]["decode_speedup"]) == 1.0 and float(rows[0]["ttft_ms"]) > 0
     assert rows[0]["large_weights"] == "float32"  # a directory's float32 weights (a GGUF's: "q4_1" where it holds them)
     assert rows[0]["draft_loop"] == "native"  # the CPU default (--draft-loop)
+
+
+def test_eval_lookup_adds_ngram_rows(capsys, tmp_path, pair_dirs):
+    large, small = pair_dirs
+    csv_path = tmp_path / "eval.csv"
+    code, out, err = _run(capsys, "eval", "--large", large, "--small", small, "--prompts", 3, "--max-tokens", 12,
+                          "--lookup", 4, "--out", csv_path)
+    assert code == 0, err
+    rows = {r["policy"]: r for r in csv.DictReader(open(csv_path))}
+    names = list(rows)
+    assert "ngram(max_draft_len=4)" in names
+    assert any(n.startswith("greedy(") and "lookup=ngram(max_draft_len=4,min_ngram=2)" in n for n in names)
+    assert any(n.startswith("bild(") and "lookup=" in n for n in names) and len(rows) == 6
+    for name, row in rows.items():  # the greedy ones are lossless
+        if name.startswith(("ngram", "greedy")):
+            assert float(row["exact_match"]) == 1.0, name
 
 
 def test_distill_writes_a_draft_the_engine_loads(tmp_path, pair_dirs):

@@ -25,7 +25,7 @@ import torch
 from bild_kernels.engine.draft_loop import StaticDraftLoop
 from bild_kernels.engine.iteration import Iteration
 from bild_kernels.engine.params import SamplingParams
-from bild_kernels.engine.policies import BiLD, LargeOnly, Policy
+from bild_kernels.engine.policies import BiLD, LargeOnly, Policy, bild_from_dict
 from bild_kernels.engine.runner import ModelRunner, load_executor
 from bild_kernels.engine.scheduler import Scheduler
 from bild_kernels.engine.sequence import RequestOutput, Sequence, StreamChunk
@@ -47,7 +47,7 @@ def _recommended_policy(small) -> Policy:
     if small is not None and isinstance(small, (str, os.PathLike)) and is_draft_dir(small):
         tuned = read_manifest(small).get("policy") or {}
         if tuned:
-            return BiLD(**tuned)
+            return bild_from_dict(tuned)
     return BiLD()
 
 
@@ -335,7 +335,7 @@ class Engine(Iteration):
     # ------------------------------------------------------------------------------------------
     def _worst_blocks(self, seq: Sequence, policy: Policy) -> int:
         """Blocks a request can ever hold: its whole output plus one draft run."""
-        return -(-(seq.prompt_len + self._max_new(seq) + policy.max_draft_len + 1) // self.block_size)
+        return -(-(seq.prompt_len + self._max_new(seq) + policy.max_run + 1) // self.block_size)
 
     def _max_new(self, seq: Sequence) -> int:
         return min(seq.params.max_tokens, self.max_model_len - seq.prompt_len)

@@ -13,7 +13,8 @@ import torch
 from bild_kernels import ops
 from bild_kernels.engine.calibration import labelled_pairs
 from bild_kernels.engine.host import to_device
-from bild_kernels.engine.policies import Policy
+from bild_kernels.engine.lookup import NGramIndex
+from bild_kernels.engine.policies import NGram, Policy
 from bild_kernels.engine.runner import forget_nonfinite, nonfinite_flags
 from bild_kernels.engine.sequence import Drafts, Sequence
 from bild_kernels.engine.shallow_deep import LayerGroups
@@ -54,6 +55,10 @@ class Iteration:
             drafts = self._no_drafts(running, policy)  # a plain large-model step (Engine's draft_max_batch)
         elif policy.drafter == "guess":
             drafts = self._guess(running, policy)
+        elif policy.drafter == "lookup":
+            drafts = self._lookup(running, policy)
+        elif policy.lookup is not None:
+            drafts = self._draft_or_lookup(running, policy)
         else:
             drafts = self._draft(running, policy)
         t1 = time.perf_counter()
@@ -89,9 +94,38 @@ class Iteration:
             return None
         return vocab
 
-    def _draft_caps(self, running: list[Sequence], policy: Policy) -> list[int]:
-        # Never draft past what the request may still generate: the emitted token comes on top.
-        return [min(policy.max_draft_len, self._max_new(s) - len(s.output_ids) - 1) for s in running]
+    def _draft_caps(self, running: list[Sequence], policy: Policy, skip: frozenset[int] = frozenset()) -> list[int]:
+        # Never draft past what the request may still generate: the emitted token comes on top. Rows in `skip`
+        # (their drafts come from the lookup this pass) draft nothing.
+        return [0 if i in skip else min(policy.max_draft_len, self._max_new(s) - len(s.output_ids) - 1)
+                for i, s in enumerate(running)]
+
+    def _lookup_tokens(self, running: list[Sequence], spec: NGram) -> list[list[int]]:
+        """Each row's n-gram lookup drafts (`NGram`): up to spec.max_draft_len tokens (and what the request may
+        still generate), [] where no n-gram of its tokens matches."""
+        out = []
+        for s, cap in zip(running, self._draft_caps(running, spec)):
+            if s.ngram is None or s.ngram.sizes[0] != spec.max_ngram or s.ngram.sizes[-1] != spec.min_ngram:
+                s.ngram = NGramIndex(spec.min_ngram, spec.max_ngram)
+            out.append(s.ngram.propose(s.tokens, cap))
+        return out
+
+    def _lookup(self, running: list[Sequence], policy: NGram) -> Drafts:
+        """NGram: no drafter; each row's drafts come from the lookup in its own tokens."""
+        tokens = self._lookup_tokens(running, policy)
+        return Drafts(tokens, looked_up=[bool(d) for d in tokens])
+
+    def _draft_or_lookup(self, running: list[Sequence], policy: Policy) -> Drafts:
+        """A small model's policy with `lookup`: the rows whose lookup matches take its drafts (one-hot
+        distributions where speculative sampling verifies them), the small model drafts for the others."""
+        tokens = self._lookup_tokens(running, policy.lookup)
+        looked = [bool(d) for d in tokens]
+        out = self._draft(running, policy, skip=frozenset(i for i, x in enumerate(looked) if x))
+        for i, d in enumerate(tokens):
+            if d:
+                out.tokens[i] = d
+        out.looked_up = looked
+        return out
 
     def _guess(self, running: list[Sequence], policy: Policy) -> Drafts:
         """Jacobi: no drafter; the policy guesses each row's next tokens (carried from the last pass)."""
@@ -111,16 +145,17 @@ class Iteration:
             out.confidences, out.unsure = [[] for _ in running], [None] * len(running)
         return out
 
-    def _draft(self, running: list[Sequence], policy: Policy) -> Drafts:
-        """Autoregressive drafting by the small model, or by the large model's shallow layers."""
+    def _draft(self, running: list[Sequence], policy: Policy, skip: frozenset[int] = frozenset()) -> Drafts:
+        """Autoregressive drafting by the small model, or by the large model's shallow layers (none for the
+        rows in `skip`)."""
         shallow = policy.drafter == "shallow"
         if not shallow and self._static is not None:
-            return self._draft_static(running, policy)
+            return self._draft_static(running, policy, skip)
         key = "large" if shallow else "small"
         feature = not shallow and self.small_kind == "feature"
         out = self._no_drafts(running, policy)
         drafts = out.tokens
-        caps = self._draft_caps(running, policy)
+        caps = self._draft_caps(running, policy, skip)
         if feature:  # a feature draft starts once the large model has seen the prompt (prefill drafts nothing)
             caps = [c if s.cached["large"] > 0 else 0 for s, c in zip(running, caps)]
             chain_features: dict[int, torch.Tensor] = {}
@@ -252,9 +287,9 @@ class Iteration:
             chain_features[i] = h[-1]
         return logits
 
-    def _draft_static(self, running: list[Sequence], policy: Policy) -> Drafts:
+    def _draft_static(self, running: list[Sequence], policy: Policy, skip: frozenset[int] = frozenset()) -> Drafts:
         """The same draft run on the fixed buffers of `StaticDraftLoop` (CUDA graphs on a GPU)."""
-        caps = self._draft_caps(running, policy)
+        caps = self._draft_caps(running, policy, skip)
         feature = self.small_kind == "feature"
         if feature:  # as in `_draft`: nothing to draft from before the large model's prefill
             caps = [c if s.cached["large"] > 0 else 0 for s, c in zip(running, caps)]
@@ -333,11 +368,14 @@ class Iteration:
         draft_ids = torch.tensor([d + [-1] * (K - len(d)) for d in draft_tokens], dtype=torch.int64)
         draft_ids = draft_ids.view(len(running), K)  # (K = 0: [n, 0], not the [n] a list of empty lists gives)
         kw = self._sampling(running, [s.iteration for s in running])
-        if policy.verify_mode == "bild":
+        mode, looked = policy.verify_mode, drafts.looked_up or [False] * len(running)
+        if policy.drafter == "lookup" and not kw["sampled"]:
+            mode = "greedy"  # one-hot drafts of greedy rows: speculative sampling accepts exactly the argmax's
+        if mode == "bild":
             kw["rollback_threshold"] = policy.thresholds()[1]
-        if policy.verify_mode == "sample":
-            kw["draft_probs"] = ops.pack_draft_probs(drafts.probs, K, self.vocab_size, target_logits)
-        res = ops.verify_draft(draft_ids.to(self.device, non_blocking=True), target_logits, policy.verify_mode, **kw)
+        if mode == "sample":
+            kw["draft_probs"] = self._draft_probs(drafts, looked, K, target_logits)
+        res = ops.verify_draft(draft_ids.to(self.device, non_blocking=True), target_logits, mode, **kw)
         # One host read (each .tolist() of a GPU tensor is a synchronisation) for the verdicts and the step's fault
         # flags of every model (noted while its passes ran, all before this point of the step): `step_faults`, for
         # the scheduler, which would otherwise read them again.
@@ -355,8 +393,9 @@ class Iteration:
         if policy.drafter == "guess" or policy.calibration is not None:
             B, K1, V = target_logits.shape
             argmax = ops.sample_draft(target_logits.reshape(B * K1, V)).token_ids.view(B, K1).tolist()
-        if policy.calibration is not None:
-            policy.calibration.observe(*labelled_pairs(draft_tokens, drafts.confidences, drafts.unsure, argmax,
+        if policy.calibration is not None:  # (the small model's drafts only: a lookup's tokens carry no confidence)
+            model_drafts = [[] if x else d for d, x in zip(draft_tokens, looked)]
+            policy.calibration.observe(*labelled_pairs(model_drafts, drafts.confidences, drafts.unsure, argmax,
                                                        res.distances.tolist()))
         committed, rollbacks = [], {name: ([], []) for name in self.runners}
         for i, (s, d, a, out) in enumerate(zip(running, draft_tokens, num_accepted, out_ids)):
@@ -367,6 +406,9 @@ class Iteration:
                 m.accepted_tokens += a
                 m.accepted_lengths[a] += 1
                 m.rollbacks += a < len(d)
+                if looked[i]:
+                    m.lookup_drafted_tokens += len(d)
+                    m.lookup_accepted_tokens += a
             if policy.drafter == "guess":  # Jacobi: predictions past the emitted token become the next guesses
                 s.guesses = argmax[i][a + 1:len(d) + 1]
             valid = len(s.tokens) + a  # cached tokens still on the committed path
@@ -387,6 +429,13 @@ class Iteration:
             if rows:
                 self.runners[name].rollback(rows, counts)
         return committed
+
+    def _draft_probs(self, drafts: Drafts, looked: list[bool], K: int, target_logits: torch.Tensor) -> torch.Tensor:
+        """Speculative sampling's draft distributions [B, K, V]: the small model's, and one-hot ones for the rows
+        whose drafts the lookup chose (a deterministic draft: accepted with probability q(token))."""
+        rows = [[] if x or drafts.probs is None else p for p, x in zip(drafts.probs or [None] * len(looked), looked)]
+        return ops.pack_draft_probs(rows, K, self.vocab_size, target_logits,
+                                    one_hot=[d if x else None for d, x in zip(drafts.tokens, looked)])
 
 
 def _pending_features(s: Sequence) -> int:

@@ -18,13 +18,20 @@ class Policy:
     name = "policy"
     uses_small = False  # the engine needs a small model
     drafts = False  # something drafts runs that the large model verifies
-    drafter = "small"  # "small": the small model; "guess": Jacobi's guesses; "shallow": the large model's first layers
+    drafter = "small"  # "small": the small model; "guess": Jacobi's guesses; "shallow": the large model's first
+    # layers; "lookup": n-gram lookup in the sequence's own tokens (NGram)
     verify_mode = "greedy"  # bild_kernels.ops.verify_draft mode ("greedy" samples the emitted token when T > 0)
     max_draft_len = 0
     fallback_signal = "max_prob"  # "max_prob": unsure when max p < threshold; "energy": when energy > threshold
     fallback_threshold = 0.0
     rollback_threshold = 0.0
     calibration: Calibration | None = None  # online thresholds (FREE), None when they are fixed
+    lookup: NGram | None = None  # a small model's policy: rows whose n-gram lookup matches take its drafts instead
+
+    @property
+    def max_run(self) -> int:
+        """The most tokens one pass may verify past the committed ones (what a request's KV budget allows for)."""
+        return max(self.max_draft_len, self.lookup.max_draft_len if self.lookup is not None else 0)
 
     def thresholds(self) -> tuple[float, float]:
         """The (fallback, rollback) thresholds to use now: fixed, or the calibration's current ones."""
@@ -70,6 +77,40 @@ def _check_int(name: str, n, lo: int) -> None:
 
 
 @dataclass(frozen=True)
+class NGram(Policy):
+    """N-gram lookup speculation (prompt lookup decoding; vLLM's `ngram`, transformers'
+    `prompt_lookup_num_tokens`), no small model: each pass drafts the up to `max_draft_len` tokens that
+    followed the latest earlier occurrence of the sequence's last n tokens (n from `max_ngram` down to
+    `min_ngram`) in its own prompt and output, and nothing where no n-gram matches. The drafts are
+    verified as speculative sampling with one-hot draft distributions (greedy verification when every
+    row is greedy), so the output is exactly the large model's, at any temperature.
+
+    Also a small model's helper: `Greedy(lookup=NGram(...))`, `BiLD(..., lookup=...)` and
+    `SpeculativeSampling(lookup=...)` draft from the lookup on the rows where it matches (the small model
+    skips them that pass) and with the small model elsewhere."""
+
+    max_draft_len: int = 4
+    max_ngram: int = 3
+    min_ngram: int = 1
+    name = "ngram"
+    drafts = True
+    drafter = "lookup"
+    verify_mode = "sample"
+
+    def __post_init__(self):
+        _check_draft_len(self.max_draft_len)
+        _check_int("max_ngram", self.max_ngram, 1)
+        _check_int("min_ngram", self.min_ngram, 1)
+        if self.min_ngram > self.max_ngram:
+            raise ValueError(f"min_ngram must be <= max_ngram, got {self.min_ngram} > {self.max_ngram}")
+
+
+def _check_lookup(lookup) -> None:
+    if lookup is not None and not isinstance(lookup, NGram):
+        raise TypeError(f"lookup must be an NGram policy or None, got {type(lookup).__name__}")
+
+
+@dataclass(frozen=True)
 class BiLD(Policy):
     """Big Little Decoder (Kim et al. 2023). The small model drafts until it is unsure (that token is
     discarded) or `max_draft_len` tokens; the large model then rolls back at the first drafted token
@@ -101,6 +142,7 @@ class BiLD(Policy):
     refit_every: int = 64
     buffer_size: int = 4096
     max_updates: int = 50
+    lookup: NGram | None = None
     calibration: Calibration | None = field(default=None, init=False, repr=False, compare=False)
     name = "bild"
     uses_small = True
@@ -128,6 +170,7 @@ class BiLD(Policy):
         if r != "auto" and not (_is_real(r) and r >= 0):
             raise ValueError(f"rollback_threshold must be >= 0 (or 'auto'), got {r!r}")
         _check_draft_len(self.max_draft_len)
+        _check_lookup(self.lookup)
         for name in ("target", "fallback_target"):
             t = getattr(self, name)
             if not (_is_real(t) and 0.0 < t < 1.0):
@@ -144,16 +187,29 @@ class BiLD(Policy):
                 buffer_size=self.buffer_size, max_updates=self.max_updates))
 
 
+def bild_from_dict(d: dict) -> BiLD:
+    """The BiLD policy a draft's manifest recommends (`policy` in bild_draft.json): BiLD's fields, with `lookup` as
+    a dict of NGram's fields."""
+    d = dict(d)
+    if d.get("lookup") is not None:
+        if not isinstance(d["lookup"], dict):
+            raise TypeError(f"policy.lookup must be a dict of NGram's fields, got {type(d['lookup']).__name__}")
+        d["lookup"] = NGram(**d["lookup"])
+    return BiLD(**d)
+
+
 @dataclass(frozen=True)
 class _SmallDrafts(Policy):
     """The small model drafts `max_draft_len` tokens (no fallback); the verify mode decides what is kept."""
 
     max_draft_len: int = 5
+    lookup: NGram | None = None
     uses_small = True
     drafts = True
 
     def __post_init__(self):
         _check_draft_len(self.max_draft_len)
+        _check_lookup(self.lookup)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,8 @@ class RequestMetrics:
     small_steps: int = 0  # forward passes of the small model that included this request
     drafted_tokens: int = 0  # tokens the small model proposed for verification
     accepted_tokens: int = 0  # drafted tokens the large model kept
+    lookup_drafted_tokens: int = 0  # of the drafted tokens, those the n-gram lookup proposed (NGram, `lookup=`)
+    lookup_accepted_tokens: int = 0  # of those, the ones the large model kept
     fallbacks: int = 0  # draft runs the small model ended itself (low confidence)
     rollbacks: int = 0  # verification passes that rejected at least one drafted token
     accepted_lengths: Counter = field(default_factory=Counter)  # accepted tokens per verification -> count
@@ -62,6 +64,7 @@ class RequestMetrics:
             "prompt_tokens": self.prompt_tokens, "generated_tokens": self.generated_tokens,
             "large_passes": self.large_passes, "small_steps": self.small_steps,
             "drafted_tokens": self.drafted_tokens, "accepted_tokens": self.accepted_tokens,
+            "lookup_drafted_tokens": self.lookup_drafted_tokens, "lookup_accepted_tokens": self.lookup_accepted_tokens,
             "acceptance_rate": round(self.acceptance_rate, 4),
             "mean_accepted_length": round(self.mean_accepted_length, 4),
             "accepted_length_histogram": dict(sorted(self.accepted_lengths.items())),
@@ -77,7 +80,7 @@ class RequestMetrics:
         items = list(items)
         for m in items:
             for name in ("prompt_tokens", "generated_tokens", "large_passes", "small_steps", "drafted_tokens",
-                         "accepted_tokens", "fallbacks", "rollbacks"):
+                         "accepted_tokens", "lookup_drafted_tokens", "lookup_accepted_tokens", "fallbacks", "rollbacks"):
                 setattr(total, name, getattr(total, name) + getattr(m, name))
             total.accepted_lengths.update(m.accepted_lengths)
         if items:
@@ -94,6 +97,7 @@ class Drafts:
     probs: list[list] | None = None  # speculative sampling: the [V] distributions the drafts came from
     confidences: list[list[float]] | None = None  # calibration: max p_S of each drafted token
     unsure: list[tuple[int, float] | None] | None = None  # calibration: the discarded token, its max p_S
+    looked_up: list[bool] | None = None  # per row: its drafts came from the n-gram lookup, not a model
 
 
 @dataclass
@@ -141,6 +145,7 @@ class Sequence:
         self.features: list = []
         self.pass_features = None  # (first position, hidden [n, H]) of the large model's last pass, until verified
         self.guesses: list[int] = []  # Jacobi: the last pass's predictions past the committed tokens
+        self.ngram = None  # NGram / a policy's `lookup`: the NGramIndex of `tokens`, built on first use
         self.iteration = 0  # verification rounds so far: addresses this request's random numbers
         self.finish_reason: str | None = None
         self.metrics = RequestMetrics(prompt_tokens=len(prompt_ids), start_time=time.perf_counter())

@@ -110,10 +110,16 @@ def filtered_probs(logits, temperature, top_k, top_p):
     return torch.where(greedy.unsqueeze(1), onehot, probs)
 
 
-def pack_draft_probs(rows, K: int, V: int, like: torch.Tensor) -> torch.Tensor:
-    """Stack per-sequence lists of [V] probability rows into [B, K, V], zero-padded."""
+def pack_draft_probs(rows, K: int, V: int, like: torch.Tensor, one_hot=None) -> torch.Tensor:
+    """Stack per-sequence lists of [V] probability rows into [B, K, V], zero-padded. one_hot: per sequence None, or
+    the token ids of drafts that were not sampled (an n-gram lookup's): their rows are one-hot at those ids (what
+    speculative sampling verifies a deterministic draft against: accepted with probability q(token))."""
     out = torch.zeros((len(rows), K, V), dtype=torch.float32, device=like.device)
     for i, r in enumerate(rows):
         if r:
             out[i, :len(r)] = torch.stack(r)
+    hot = [(i, j, t) for i, ids in enumerate(one_hot or []) if ids for j, t in enumerate(ids)]
+    if hot:
+        idx = torch.tensor(hot, dtype=torch.int64).T.to(like.device, non_blocking=True)
+        out[idx[0], idx[1], idx[2]] = 1.0
     return out

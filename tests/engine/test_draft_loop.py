@@ -5,7 +5,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bild_kernels import BiLD, Engine, Greedy, SamplingParams, SpeculativeSampling
+from bild_kernels import BiLD, Engine, Greedy, NGram, SamplingParams, SpeculativeSampling
 from bild_kernels.engine.draft_loop import buckets
 
 from tests.conftest import requires_gpu
@@ -86,7 +86,11 @@ def test_draft_loop_values_checked(large_model, small_model):
 @pytest.mark.parametrize("policy,params", [
     (BiLD(fallback_threshold=0.5, rollback_threshold=2.0, max_draft_len=4), SamplingParams(max_tokens=N)),
     (SpeculativeSampling(max_draft_len=3), SamplingParams(max_tokens=N, temperature=1.0, top_p=0.9, seed=3)),
-], ids=["bild", "speculative-sampling"])
+    (SpeculativeSampling(max_draft_len=3, lookup=NGram(max_draft_len=4)),
+     SamplingParams(max_tokens=N, temperature=0.8, seed=4)),
+    (BiLD(fallback_threshold=0.3, rollback_threshold=1.0, max_draft_len=3, lookup=NGram(max_draft_len=5, min_ngram=2)),
+     SamplingParams(max_tokens=N)),
+], ids=["bild", "speculative-sampling", "sampling-lookup", "bild-lookup"])
 def test_graph_loop_equals_static_and_eager_on_gpu(large_model, small_model, policy, params):
     # float32 on the GPU: the three loops run the same kernels on the same rows, so they agree exactly.
     results = {loop: run(make(large_model, small_model, loop, "cuda", torch.float32), policy, params)

@@ -6,7 +6,8 @@ import importlib.util
 
 import pytest
 
-from bild_kernels import BiLD, Engine, Greedy, LargeOnly, SamplingParams
+from bild_kernels import BiLD, Engine, Greedy, LargeOnly, NGram, SamplingParams
+from bild_kernels.engine.policies import bild_from_dict
 from bild_kernels.models import default
 from bild_kernels.models.draft import read_manifest
 
@@ -24,8 +25,7 @@ def test_shipped_draft_has_its_card_and_fits(which, kind, cpu_batch):
     assert manifest["kind"] == kind and manifest["cpu_draft_max_batch"] == cpu_batch
     assert (path / "README.md").is_file()  # its card
     assert sum(f.stat().st_size for f in path.iterdir()) <= 40 * 2 ** 20
-    policy = manifest["policy"]
-    BiLD(**policy)  # a valid recommendation
+    bild_from_dict(manifest["policy"])  # a valid recommendation
 
 
 @pytest.mark.parametrize("small", [None, "standalone"])
@@ -36,9 +36,12 @@ def test_shipped_draft_on_the_default_large_model(small):
            else Engine(large=str(default.default_large()), small=str(path), max_batch_size=2, max_model_len=256))
     assert eng.small_kind == manifest["kind"]
     tuned = eng.default_policy
-    assert isinstance(tuned, BiLD) and (tuned.fallback_threshold, tuned.rollback_threshold, tuned.max_draft_len) == (
+    assert isinstance(tuned, BiLD) and tuned == bild_from_dict(manifest["policy"])
+    assert (tuned.fallback_threshold, tuned.rollback_threshold, tuned.max_draft_len) == (
         manifest["policy"]["fallback_threshold"], manifest["policy"]["rollback_threshold"],
         manifest["policy"]["max_draft_len"])
+    if small is None:  # the default pair drafts from an n-gram lookup too where the text repeats
+        assert tuned.lookup == NGram(**manifest["policy"]["lookup"])
     params = SamplingParams(max_tokens=24)
     outs = eng.generate(PROMPTS, params, policy=Greedy(max_draft_len=2), chat_template=True)
     alone = eng.generate(PROMPTS, params, policy=LargeOnly(), chat_template=True)
