@@ -1,5 +1,5 @@
 """End-to-end: every policy vs LargeOnly on the same executor vs Hugging Face generate and assisted
-generation, at batch 1 and at batch sizes HF assisted generation cannot do.
+generation (and HF prompt lookup beside NGram), at batch 1 and at batch sizes HF assisted generation cannot do.
 
 Reports tokens/s, speed-up over LargeOnly measured in the same run, acceptance rate, mean accepted
 length, and the time split between drafting, verifying and the engine's own overhead.
@@ -18,7 +18,7 @@ import torch
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # run from a checkout
 from _common import device_name, git_rev, parser, RESULTS  # noqa: E402
 
-from bild_kernels import BiLD, Engine, Greedy, LargeOnly, SamplingParams, SpeculativeSampling  # noqa: E402
+from bild_kernels import BiLD, Engine, Greedy, LargeOnly, NGram, SamplingParams, SpeculativeSampling  # noqa: E402
 
 PAIRS = {
     # (large layers, small layers, hidden, heads, kv heads, intermediate, vocab)
@@ -51,12 +51,14 @@ def random_pair(name: str, dtype, device, depth_scale: float = 0.05):
     return large.to(device), small.to(device)
 
 
-def hf_run(model, prompts, n, assistant=None, confidence=None):
+def hf_run(model, prompts, n, assistant=None, confidence=None, lookup=0):
     toks = 0
     t0 = time.perf_counter()
     for p in prompts:  # HF assisted generation is batch size 1
         ids = torch.tensor([p], device=model.device)
         kw = dict(assistant_model=assistant) if assistant is not None else {}
+        if lookup:  # HF prompt lookup decoding
+            kw["prompt_lookup_num_tokens"] = lookup
         if assistant is not None:
             assistant.generation_config.num_assistant_tokens = 5
             assistant.generation_config.num_assistant_tokens_schedule = "constant"
@@ -92,7 +94,8 @@ def main():
                for _ in range(args.prompts)]
     params = SamplingParams(max_tokens=args.tokens, ignore_eos=True)
     policies = [LargeOnly(), Greedy(max_draft_len=4), BiLD(fallback_threshold=0.5, rollback_threshold=3.0,
-                                                             max_draft_len=6), SpeculativeSampling(max_draft_len=4)]
+                                                             max_draft_len=6), SpeculativeSampling(max_draft_len=4),
+                NGram(max_draft_len=4)]
     rows = []
     with torch.inference_mode():
         for bs in [int(b) for b in args.batch_sizes.split(",")]:
@@ -126,7 +129,8 @@ def main():
                 print(row, flush=True)
             if bs == 1 and not args.no_hf:
                 for name, kw in (("hf generate (large)", {}), ("hf assisted", dict(assistant=small)),
-                                 ("hf assisted conf=0.4", dict(assistant=small, confidence=0.4))):
+                                 ("hf assisted conf=0.4", dict(assistant=small, confidence=0.4)),
+                                 ("hf prompt lookup", dict(lookup=4))):
                     tps = hf_run(large, prompts, args.tokens, **kw)
                     row = dict(pair=args.pair, depth_scale=args.depth_scale, batch=1, system=name,
                                tokens_per_s=round(tps, 1), speedup=round(tps / base, 3))

@@ -336,7 +336,8 @@ def cmd_eval(args) -> int:
 
 
 def _hf_rows(args, engine, prompts, base_row) -> list[dict]:
-    """HF generate (large alone) and HF assisted generation with the same pair, batch 1, greedy."""
+    """HF generate (large alone) and HF assisted generation with the same pair (and, with --lookup, HF prompt lookup
+    decoding), batch 1, greedy."""
     from bild_kernels.evaluate import rouge_l
     from bild_kernels.hf import hf_pair
     large, small = hf_pair(args.large, args.small)
@@ -344,9 +345,12 @@ def _hf_rows(args, engine, prompts, base_row) -> list[dict]:
     rows, ref = [], None
     # The default pair's feature draft cannot assist transformers: its standalone draft does, and the rows say so.
     tag = " (standalone draft)" if args.small is None and engine.small_kind == "feature" else ""
-    for name, assistant, conf in (("hf generate", None, None), (f"hf assisted{tag}", small, None),
-                                  (f"hf assisted{tag} conf=0.4", small, 0.4)):
-        outs, wall = _hf_generate(large, prompts, args.max_tokens, assistant, conf)
+    runs = [("hf generate", None, None, 0), (f"hf assisted{tag}", small, None, 0),
+            (f"hf assisted{tag} conf=0.4", small, 0.4, 0)]
+    if getattr(args, "lookup", 0):  # beside NGram: transformers' prompt lookup decoding, as many tokens
+        runs.append((f"hf prompt lookup ({args.lookup})", None, None, args.lookup))
+    for name, assistant, conf, lookup in runs:
+        outs, wall = _hf_generate(large, prompts, args.max_tokens, assistant, conf, lookup)
         ref = outs if ref is None else ref
         toks = sum(len(o) for o in outs)
         nll = sum(-sum(engine.score(p, o)) for p, o in zip(prompts, outs) if o) / max(toks, 1)
@@ -358,7 +362,7 @@ def _hf_rows(args, engine, prompts, base_row) -> list[dict]:
     return rows
 
 
-def _hf_generate(model, prompts, max_tokens, assistant=None, confidence=None):
+def _hf_generate(model, prompts, max_tokens, assistant=None, confidence=None, lookup=0):
     import torch
     outs = []
     t0 = time.perf_counter()
@@ -371,6 +375,8 @@ def _hf_generate(model, prompts, max_tokens, assistant=None, confidence=None):
             assistant.generation_config.num_assistant_tokens_schedule = "constant"
             assistant.generation_config.assistant_confidence_threshold = confidence or 0.0
             kw["assistant_model"] = assistant
+        if lookup:
+            kw["prompt_lookup_num_tokens"] = lookup
         with torch.inference_mode():
             out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_tokens,
                                  pad_token_id=eos if isinstance(eos, int) else 0, **kw)

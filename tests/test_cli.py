@@ -136,15 +136,16 @@ def test_eval_lookup_adds_ngram_rows(capsys, tmp_path, pair_dirs):
     large, small = pair_dirs
     csv_path = tmp_path / "eval.csv"
     code, out, err = _run(capsys, "eval", "--large", large, "--small", small, "--prompts", 3, "--max-tokens", 12,
-                          "--lookup", 4, "--out", csv_path)
+                          "--lookup", 4, "--out", csv_path, "--hf")
     assert code == 0, err
     rows = {r["policy"]: r for r in csv.DictReader(open(csv_path))}
     names = list(rows)
     assert "ngram(max_draft_len=4)" in names
     assert any(n.startswith("greedy(") and "lookup=ngram(max_draft_len=4,min_ngram=2)" in n for n in names)
-    assert any(n.startswith("bild(") and "lookup=" in n for n in names) and len(rows) == 6
-    for name, row in rows.items():  # the greedy ones are lossless
-        if name.startswith(("ngram", "greedy")):
+    assert any(n.startswith("bild(") and "lookup=" in n for n in names)
+    assert "hf prompt lookup (4)" in names and len(rows) == 10  # and HF generate, assisted twice
+    for name, row in rows.items():  # the greedy ones are lossless (HF's rows against HF generate's text)
+        if name.startswith(("ngram", "greedy", "hf prompt lookup")):
             assert float(row["exact_match"]) == 1.0, name
 
 
