@@ -7,8 +7,8 @@ Endpoints (JSON; errors are {"error": {"message", "type"}} with status 400 / 404
   GET  /v1/models         the loaded pair
   POST /v1/completions    {prompt: str | [token ids], max_tokens=16, temperature=0, top_p=1, top_k=0, seed=0,
                            stop: str | [str | id], stream=false, timeout: seconds, policy: {"name": "bild"|
-                           "greedy"|"speculative-sampling"|"large-only"|"small-only"|"jacobi"|"shallow-deep",
-                           ...the policy's keyword arguments}}
+                           "greedy"|"speculative-sampling"|"large-only"|"small-only"|"jacobi"|"shallow-deep"|
+                           "ngram", ...the policy's keyword arguments; "lookup": {NGram's} for the drafting ones}}
 With "stream": true the reply is server-sent events, one `data: {...}` per committed run of tokens and
 `data: [DONE]` at the end. Each choice carries, besides OpenAI's text and finish_reason, the token ids
 ("token_ids") and, at the end, the engine's "error" when the request ended early (finish_reason "error" or
@@ -27,11 +27,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
 
-from bild_kernels import (BiLD, Engine, Greedy, Jacobi, LargeOnly, SamplingParams, ShallowDeep, SmallOnly,
+from bild_kernels import (BiLD, Engine, Greedy, Jacobi, LargeOnly, NGram, SamplingParams, ShallowDeep, SmallOnly,
                           SpeculativeSampling)
 
 POLICIES = {"bild": BiLD, "greedy": Greedy, "speculative-sampling": SpeculativeSampling, "large-only": LargeOnly,
-            "small-only": SmallOnly, "jacobi": Jacobi, "shallow-deep": ShallowDeep}
+            "small-only": SmallOnly, "jacobi": Jacobi, "shallow-deep": ShallowDeep, "ngram": NGram}
 MAX_BODY = 1 << 20  # bytes
 FIELDS = {"prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "timeout", "policy",
           "model", "n", "user", "ignore_eos"}
@@ -69,6 +69,8 @@ class Service:
             if key in self._policies:
                 return self._policies[key]
         try:
+            if isinstance(kw.get("lookup"), dict):  # {"name": "greedy", "lookup": {"max_draft_len": 3, ...}}
+                kw["lookup"] = NGram(**kw["lookup"])
             pol = cls(**kw)
         except (TypeError, ValueError) as e:
             raise BadRequest(f"policy: {e}") from None

@@ -66,7 +66,10 @@ BODIES = [{"prompt": "w1 w2 w3", "max_tokens": 12},
            "policy": {"name": "speculative-sampling"}},
           {"prompt": [8], "max_tokens": 7, "policy": {"name": "bild", "fallback_threshold": 0.4,
                                                       "rollback_threshold": 2.0}},
-          {"prompt": "w7 w7 w7", "max_tokens": 8, "policy": {"name": "jacobi", "block_size": 3}, "stop": ["w50"]}]
+          {"prompt": "w7 w7 w7", "max_tokens": 8, "policy": {"name": "jacobi", "block_size": 3}, "stop": ["w50"]},
+          {"prompt": "w3 w4 w5 w3 w4", "max_tokens": 10, "policy": {"name": "ngram", "max_draft_len": 3}},
+          {"prompt": "w3 w4 w5 w3 w4", "max_tokens": 10, "temperature": 0.8, "seed": 2,
+           "policy": {"name": "greedy", "max_draft_len": 2, "lookup": {"max_draft_len": 4, "min_ngram": 2}}}]
 
 
 def test_streamed_equals_complete_equals_engine(programs, server):
@@ -101,6 +104,9 @@ def test_concurrent_clients_equal_alone(programs, server):
     (json.dumps({"prompt": "w1", "policy": {"name": "bild", "fallback_threshold": 7}}), 400, "fallback_threshold"),
     (json.dumps({"prompt": "w1", "policy": {"name": "shallow-deep", "exit_layer": 9}}), 400, "exit_layer"),
     (json.dumps({"prompt": "w1", "policy": "greedy"}), 400, "policy must be"),
+    (json.dumps({"prompt": "w1", "policy": {"name": "ngram", "min_ngram": 5}}), 400, "min_ngram must be <="),
+    (json.dumps({"prompt": "w1", "policy": {"name": "greedy", "lookup": {"depth": 2}}}), 400, "depth"),
+    (json.dumps({"prompt": "w1", "policy": {"name": "greedy", "lookup": 3}}), 400, "lookup must be an NGram"),
     (json.dumps({"prompt": [1, 500]}), 400, "outside the vocabulary"),
     (json.dumps({"prompt": [1] * 80}), 400, "max_model_len"),
     (json.dumps({"prompt": ""}), 400, "empty"),
