@@ -12,7 +12,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bild_kernels import (BiLD, Engine, Greedy, Jacobi, LargeOnly, SamplingParams, ShallowDeep, SmallOnly,
+from bild_kernels import (BiLD, Engine, Greedy, Jacobi, LargeOnly, NGram, SamplingParams, ShallowDeep, SmallOnly,
                           SpeculativeSampling)
 
 from .conftest import assert_all_free, hf_greedy
@@ -34,15 +34,21 @@ def _reference_kernels(monkeypatch):
 
 draft_len = st.integers(1, 6)
 unit = st.floats(0.0, 1.0, allow_nan=False)
+ngram = st.integers(1, 3).flatmap(lambda lo: st.builds(NGram, max_draft_len=st.integers(1, 8), min_ngram=st.just(lo),
+                                                       max_ngram=st.integers(lo, 4)))
+lookup = st.one_of(st.none(), ngram)
 lossless = st.one_of(
     st.just(LargeOnly()), st.builds(Greedy, max_draft_len=draft_len),
     st.builds(BiLD, fallback_threshold=unit, rollback_threshold=st.just(0.0), max_draft_len=draft_len),
     st.builds(Jacobi, block_size=draft_len),
     st.builds(ShallowDeep, exit_layer=st.integers(1, 2), fallback_threshold=unit, max_draft_len=draft_len),
-    st.builds(SpeculativeSampling, max_draft_len=draft_len))
+    st.builds(SpeculativeSampling, max_draft_len=draft_len), ngram,
+    st.builds(Greedy, max_draft_len=draft_len, lookup=ngram),
+    st.builds(SpeculativeSampling, max_draft_len=draft_len, lookup=ngram))
 lossy = st.one_of(
     st.just(SmallOnly()),
-    st.builds(BiLD, fallback_threshold=unit, rollback_threshold=st.floats(0.0, 30.0), max_draft_len=draft_len),
+    st.builds(BiLD, fallback_threshold=unit, rollback_threshold=st.floats(0.0, 30.0), max_draft_len=draft_len,
+              lookup=lookup),
     st.builds(BiLD, fallback_signal=st.just("energy"), fallback_threshold=st.floats(-30.0, 5.0),
               rollback_threshold=st.floats(0.0, 30.0), max_draft_len=draft_len),
     st.builds(ShallowDeep, exit_layer=st.integers(1, 2), fallback_threshold=unit,
