@@ -90,3 +90,32 @@ def greedy_speculative_reference(large, draft, prompt: list[int], n: int, max_dr
         drafted, accepted = drafted + len(proposal), accepted + a
         tokens += proposal[:a] + [target[a]]
     return tokens[len(prompt):], drafted, accepted, fallbacks
+
+
+def flat_pair(vocab: int = 12):
+    """A tiny large / small pair over a small vocabulary with flat distributions (every token has real
+    probability mass): what the statistical tests of the sampling policies draw from."""
+    large, small = tiny_llama(11, layers=2, vocab=vocab), tiny_llama(12, layers=1, vocab=vocab)
+    for m in (large, small):
+        with torch.no_grad():
+            m.lm_head.weight.mul_(0.02)
+    return large, small
+
+
+def assert_follows_the_large_model(large, prompt: list[int], outs) -> None:
+    """The outputs' first tokens follow the large model's distribution after `prompt`, and their second tokens its
+    distribution after the most frequent first token: total variation within a few standard errors."""
+    V = large.config.vocab_size
+    with torch.no_grad():
+        p = torch.softmax(large(torch.tensor([prompt])).logits[0, -1], -1)
+    second = {}
+    for o in outs:
+        second.setdefault(o.token_ids[0], []).append(o.token_ids[1])
+    t1, seconds = max(second.items(), key=lambda kv: len(kv[1]))
+    with torch.no_grad():
+        q = torch.softmax(large(torch.tensor([prompt + [t1]])).logits[0, -1], -1)
+    for samples, target in (([o.token_ids[0] for o in outs], p), (seconds, q)):
+        emp = torch.bincount(torch.tensor(samples), minlength=V).double() / len(samples)
+        tv = 0.5 * (emp - target).abs().sum().item()
+        bound = 4 * (V / len(samples)) ** 0.5 / 2  # a few standard errors of the TV estimate
+        assert tv < bound, f"total variation {tv:.3f} >= {bound:.3f} over {len(samples)} samples"

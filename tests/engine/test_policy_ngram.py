@@ -9,7 +9,7 @@ import torch
 from bild_kernels import BiLD, Engine, Greedy, NGram, SamplingParams, SpeculativeSampling
 from bild_kernels.engine.lookup import NGramIndex
 
-from .conftest import assert_all_free, hf_greedy, tiny_llama
+from .conftest import assert_all_free, assert_follows_the_large_model, flat_pair, hf_greedy, tiny_llama
 
 # Prompts that repeat themselves (lookups match from the first pass) and ones that do not.
 PROMPTS = [[5, 17, 3, 5, 17], [44, 2, 90, 61, 7, 7, 12, 30, 1, 0, 15], [8], [33, 34, 35, 36, 33, 34, 35, 36, 33]]
@@ -165,29 +165,13 @@ def test_sampling_with_lookup_follows_the_large_model(monkeypatch, policy):
     # As test_speculative_sampling: thousands of requests on the reference kernels. The prompt ends with a token
     # it held before, so the lookup drafts the prefill's own position (the first token) and the next one.
     monkeypatch.setenv("BILD_BACKEND", "ref")
-    V = 12
-    large, small = tiny_llama(11, layers=2, vocab=V), tiny_llama(12, layers=1, vocab=V)
-    for m in (large, small):  # flat distributions: every token has real probability mass
-        with torch.no_grad():
-            m.lm_head.weight.mul_(0.02)
+    large, small = flat_pair()
     prompt = [3, 5, 7, 3]
     eng = Engine(large=large, small=small, dtype=torch.float64, max_batch_size=64, max_model_len=16, block_size=4)
     n = 4000
     outs = eng.generate([prompt] * n, [SamplingParams(max_tokens=3, temperature=1.0, seed=s) for s in range(n)],
                         policy=policy)
-    with torch.no_grad():
-        p = torch.softmax(large(torch.tensor([prompt])).logits[0, -1], -1)
-    second = {}
-    for o in outs:
-        second.setdefault(o.token_ids[0], []).append(o.token_ids[1])
-    t1, seconds = max(second.items(), key=lambda kv: len(kv[1]))
-    with torch.no_grad():
-        q = torch.softmax(large(torch.tensor([prompt + [t1]])).logits[0, -1], -1)
-    for samples, target in (([o.token_ids[0] for o in outs], p), (seconds, q)):
-        emp = torch.bincount(torch.tensor(samples), minlength=V).double() / len(samples)
-        tv = 0.5 * (emp - target).abs().sum().item()
-        bound = 4 * (V / len(samples)) ** 0.5 / 2  # a few standard errors of the TV estimate
-        assert tv < bound, f"total variation {tv:.3f} >= {bound:.3f} over {len(samples)} samples"
+    assert_follows_the_large_model(large, prompt, outs)
     looked = sum(o.metrics.lookup_drafted_tokens for o in outs)
     assert looked > n  # every request's first pass drafted from the lookup
     assert 0 < sum(o.metrics.lookup_accepted_tokens for o in outs) < looked
