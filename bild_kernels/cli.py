@@ -186,6 +186,8 @@ def cmd_generate(args) -> int:
     if policy.drafts:
         line += (f" | acceptance {m.acceptance_rate:.0%}, mean accepted {m.mean_accepted_length:.2f}"
                  f" | fallbacks {m.fallbacks} | rollbacks {m.rollbacks}")
+        if m.lookup_drafted_tokens:
+            line += f" | n-gram lookup: {m.lookup_accepted_tokens} of {m.lookup_drafted_tokens} drafts kept"
     print(line + f" | models loaded in {load_s:.1f} s", file=sys.stderr)
     return 0
 

@@ -60,6 +60,14 @@ def test_lossless_policies_equal_large_only(capsys, pair_dirs, policy):
     assert texts[0] == texts[1]
 
 
+def test_generate_reports_the_lookups_drafts(capsys, pair_dirs):
+    large, small = pair_dirs
+    code, out, err = _run(capsys, "generate", "w5 w6 w7 w5 w6 w7 w5 w6", "--large", large, "--small", small,
+                          "--max-tokens", 16, "--no-chat-template", "--policy", "ngram")
+    assert code == 0, err
+    assert "n-gram lookup:" in err.strip().splitlines()[-1] and "drafts kept" in err
+
+
 @pytest.mark.parametrize("argv, match", [
     (["generate", "hi", "--large", "/no/such/model"], "no such file or directory"),
     (["generate", "   ", "--large", "{large}"], "prompt is empty"),
