@@ -223,6 +223,7 @@ def _eval_policies(args, engine) -> list:
         raise UsageError("evaluation compares draft policies: it needs a small model (--small)")
     pols.append(Greedy(max_draft_len=args.greedy_draft_len))
     pols.append(engine.default_policy if isinstance(engine.default_policy, BiLD) else BiLD())
+    spec = None
     if getattr(args, "lookup", 0):  # n-gram lookup alone, and Greedy / the default BiLD with it (or without it)
         import dataclasses
         pols.append(_ngram(args.lookup, None, None, min_default=1, what="--lookup"))
@@ -232,9 +233,12 @@ def _eval_policies(args, engine) -> list:
         rollbacks = _grid(args.rollback_grid, "--rollback-grid")
         for f in _grid(args.fallback_grid, "--fallback-grid"):
             for r in rollbacks:
-                p = BiLD(fallback_threshold=f, rollback_threshold=r, max_draft_len=args.max_draft_len or 10)
-                if p not in pols:
-                    pols.append(p)
+                # with --lookup, each point of the curve with and without it
+                for lookup in (None, spec) if spec is not None else (None,):
+                    p = BiLD(fallback_threshold=f, rollback_threshold=r, max_draft_len=args.max_draft_len or 10,
+                             lookup=lookup)
+                    if p not in pols:
+                        pols.append(p)
         if args.energy_grid:  # E-LANG: the same rollback rule, fallback on the draft's energy
             for e in _grid(args.energy_grid, "--energy-grid"):
                 for r in rollbacks:
@@ -456,7 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument("--greedy-draft-len", type=int, default=3)
         e.add_argument("--lookup", type=int, default=0, metavar="N",
                        help="also NGram(max_draft_len=N) alone, and Greedy and the default BiLD with an n-gram lookup "
-                            "of up to N tokens (n = 3, then 2) where it matches")
+                            "of up to N tokens (n = 3, then 2) where it matches (without it where the default has "
+                            "one); with --sweep, every swept BiLD both ways")
         e.add_argument("--max-draft-len", type=int, default=None, help="BiLD draft cap in the sweep (default 10)")
         e.add_argument("--out", default=None, help="append the rows to this CSV")
         e.add_argument("--sequential", action="store_true",

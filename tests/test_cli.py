@@ -152,6 +152,12 @@ def test_eval_lookup_adds_ngram_rows(capsys, tmp_path, pair_dirs):
     assert any(n.startswith("greedy(") and "lookup=ngram(max_draft_len=4,min_ngram=2)" in n for n in names)
     assert any(n.startswith("bild(") and "lookup=" in n for n in names)
     assert "hf prompt lookup (4)" in names and len(rows) == 10  # and HF generate, assisted twice
+    code, out, err = _run(capsys, "eval", "--large", large, "--small", small, "--prompts", 2, "--max-tokens", 6,
+                          "--lookup", 3, "--sweep", "--fallback-grid", "0.3", "--rollback-grid", "1,2", "--out",
+                          tmp_path / "sweep.csv", "--plot", tmp_path / "sweep.png")
+    assert code == 0, err
+    swept = [r["policy"] for r in csv.DictReader(open(tmp_path / "sweep.csv")) if "fallback_threshold=0.3" in r["policy"]]
+    assert len(swept) == 4 and sum("lookup=" in n for n in swept) == 2  # each point with and without the lookup
     for name, row in rows.items():  # the greedy ones are lossless (HF's rows against HF generate's text)
         if name.startswith(("ngram", "greedy", "hf prompt lookup")):
             assert float(row["exact_match"]) == 1.0, name
