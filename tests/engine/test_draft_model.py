@@ -68,23 +68,23 @@ def test_greedy_drafts_over_the_reduced_head_equal_the_full_vocabulary_ones(draf
     """Greedy rows draft from logits over the head's own ids (no [n, V] expansion): the same drafts,
     fallbacks and accepted counts as drafting from the full-vocabulary logits, for BiLD and SmallOnly."""
     from bild_kernels import BiLD, SmallOnly
-    from bild_kernels.engine.iteration import Iteration
+    from bild_kernels.engine.drafting import Drafting
 
     def run(reduced: bool):
         eng = Engine(large=large_model, small=str(draft_dir), dtype=torch.float64, max_batch_size=3,
                      max_model_len=64, block_size=4)
         calls = []
-        real = Iteration._head_vocab
+        real = Drafting._head_vocab
 
         def spy(self, running):
             got = real(self, running)
             calls.append(got is not None)
             return got if reduced else None
-        monkeypatch.setattr(Iteration, "_head_vocab", spy)
+        monkeypatch.setattr(Drafting, "_head_vocab", spy)
         prompts = [[5, 17, 3], [8, 9], [40, 41, 42, 43]]
         outs = [eng.generate(prompts, SamplingParams(max_tokens=12), policy=pol)
                 for pol in (BiLD(fallback_threshold=0.3, rollback_threshold=2.0, max_draft_len=3), SmallOnly())]
-        monkeypatch.setattr(Iteration, "_head_vocab", real)
+        monkeypatch.setattr(Drafting, "_head_vocab", real)
         assert calls and all(calls), "greedy rows with a reduced head should draft over it"
         assert_all_free(eng)
         return [(o.token_ids, o.metrics.drafted_tokens, o.metrics.accepted_tokens, o.metrics.fallbacks)
