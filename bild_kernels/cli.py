@@ -60,7 +60,7 @@ def _policy_args(p: argparse.ArgumentParser, default_policy: str | None = "bild"
     g.add_argument("--exit-layer", type=int, default=None, help="shallow-deep: layers of the large model that draft")
     g.add_argument("--max-ngram", type=int, default=None, help="ngram / --lookup: longest n-gram matched (default 3)")
     g.add_argument("--min-ngram", type=int, default=None,
-                   help="ngram / --lookup: shortest n-gram matched (default 1 for ngram, 2 for --lookup)")
+                   help="ngram / --lookup: shortest n-gram matched (default 2, or --max-ngram if that is less)")
     g.add_argument("--lookup", type=int, default=None, metavar="N",
                    help="bild, greedy, sampling: where the sequence's last tokens occurred before, draft the up to N "
                         "tokens that followed them instead of running the small model (prompt lookup)")
@@ -118,7 +118,7 @@ def _policy(args, engine):
                              + (" without --lookup" if a in ("max_ngram", "min_ngram") else ""))
     lookup = None
     if args.lookup is not None:
-        lookup = _ngram(args.lookup, args.max_ngram, args.min_ngram, min_default=2, what="--lookup")
+        lookup = _ngram(args.lookup, args.max_ngram, args.min_ngram, what="--lookup")
     if name == "bild":
         base = engine.default_policy if isinstance(engine.default_policy, BiLD) else BiLD()
         signal = args.fallback_signal or "max_prob"
@@ -131,7 +131,7 @@ def _policy(args, engine):
                     max_draft_len=k.get("max_draft_len", base.max_draft_len), fallback_signal=signal, lookup=lookup)
     if name == "ngram":
         return _ngram(args.max_draft_len if args.max_draft_len is not None else 4, args.max_ngram, args.min_ngram,
-                      min_default=1, what="--max-draft-len")
+                      what="--max-draft-len")
     if name == "jacobi":
         return Jacobi() if args.block_size is None else Jacobi(block_size=args.block_size)
     if name == "shallow-deep":
@@ -143,11 +143,11 @@ def _policy(args, engine):
             "large-only": LargeOnly, "small-only": SmallOnly}[name]()
 
 
-def _ngram(length: int, max_ngram: int | None, min_ngram: int | None, *, min_default: int, what: str):
+def _ngram(length: int, max_ngram: int | None, min_ngram: int | None, *, what: str):
     """An NGram policy (alone, or as another policy's `lookup`) from the command line's numbers."""
     from bild_kernels.engine.policies import NGram
     max_ngram = 3 if max_ngram is None else max_ngram
-    min_ngram = min(min_default, max_ngram) if min_ngram is None else min_ngram
+    min_ngram = min(2, max_ngram) if min_ngram is None else min_ngram
     try:
         return NGram(max_draft_len=length, max_ngram=max_ngram, min_ngram=min_ngram)
     except ValueError as exc:
@@ -226,8 +226,8 @@ def _eval_policies(args, engine) -> list:
     spec = None
     if getattr(args, "lookup", 0):  # n-gram lookup alone, and Greedy / the default BiLD with it (or without it)
         import dataclasses
-        pols.append(_ngram(args.lookup, None, None, min_default=1, what="--lookup"))
-        spec = _ngram(args.lookup, None, None, min_default=2, what="--lookup")
+        spec = _ngram(args.lookup, None, None, what="--lookup")
+        pols.append(spec)
         pols += [dataclasses.replace(p, lookup=None if p.lookup is not None else spec) for p in pols[:2]]
     if getattr(args, "sweep", False):
         rollbacks = _grid(args.rollback_grid, "--rollback-grid")
@@ -459,8 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument("--batch", type=int, default=1, help="1: one request at a time; n: the engine batches n")
         e.add_argument("--greedy-draft-len", type=int, default=3)
         e.add_argument("--lookup", type=int, default=0, metavar="N",
-                       help="also NGram(max_draft_len=N) alone, and Greedy and the default BiLD with an n-gram lookup "
-                            "of up to N tokens (n = 3, then 2) where it matches (without it where the default has "
+                       help="also NGram(max_draft_len=N) alone, and Greedy and the default BiLD with that n-gram "
+                            "lookup (up to N tokens after a match of n = 3, then 2) where it matches (without it where the default has "
                             "one); with --sweep, every swept BiLD both ways")
         e.add_argument("--max-draft-len", type=int, default=None, help="BiLD draft cap in the sweep (default 10)")
         e.add_argument("--out", default=None, help="append the rows to this CSV")

@@ -89,6 +89,8 @@ def test_generate_reports_the_lookups_drafts(capsys, pair_dirs):
     (["generate", "hi", "--large", "{large}", "--policy", "ngram", "--lookup", "2"], "--lookup does not apply"),
     (["generate", "hi", "--large", "{large}", "--policy", "greedy", "--lookup", "0"], "--lookup must be an int in"),
     (["generate", "hi", "--large", "{large}", "--policy", "ngram", "--min-ngram", "4"], "--min-ngram must be <="),
+    (["generate", "hi", "--large", "{large}", "--policy", "ngram", "--max-ngram", "1", "--min-ngram", "2"],
+     "--min-ngram must be <="),
     (["eval", "--large", "{large}", "--small", "{small}", "--lookup", "-1"], "--lookup must be an int in"),
     (["distill", "--large", "{large}", "--out", "{tmp}/d", "--work-dir", "{tmp}/w", "--prompts", "30000"],
      "prompts must be in [1, 23704]"),
@@ -149,7 +151,7 @@ def test_eval_lookup_adds_ngram_rows(capsys, tmp_path, pair_dirs):
     rows = {r["policy"]: r for r in csv.DictReader(open(csv_path))}
     names = list(rows)
     assert "ngram(max_draft_len=4)" in names
-    assert any(n.startswith("greedy(") and "lookup=ngram(max_draft_len=4,min_ngram=2)" in n for n in names)
+    assert any(n.startswith("greedy(") and "lookup=ngram(max_draft_len=4)" in n for n in names)
     assert any(n.startswith("bild(") and "lookup=" in n for n in names)
     assert "hf prompt lookup (4)" in names and len(rows) == 10  # and HF generate, assisted twice
     code, out, err = _run(capsys, "eval", "--large", large, "--small", small, "--prompts", 2, "--max-tokens", 6,

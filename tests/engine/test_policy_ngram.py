@@ -75,7 +75,8 @@ def engine(large_model, small_model):
     return _engine(large_model, small_model)
 
 
-@pytest.mark.parametrize("policy", [NGram(), NGram(max_draft_len=8, max_ngram=4, min_ngram=2), NGram(max_draft_len=1)])
+@pytest.mark.parametrize("policy", [NGram(), NGram(max_draft_len=8, max_ngram=4, min_ngram=1), NGram(max_draft_len=1),
+                                    NGram(max_draft_len=3, max_ngram=1, min_ngram=1)])
 def test_ngram_alone_matches_hf_greedy(engine, oracle, policy):
     outs = engine.generate(PROMPTS, SamplingParams(max_tokens=N), policy=policy)
     assert [o.token_ids for o in outs] == oracle
@@ -162,11 +163,11 @@ def test_calibration_learns_from_the_small_models_drafts_only(engine, oracle):
 @pytest.mark.parametrize("policy", [NGram(max_draft_len=2),
                                     SpeculativeSampling(max_draft_len=2, lookup=NGram(max_draft_len=2))])
 def test_sampling_with_lookup_follows_the_large_model(monkeypatch, policy):
-    # As test_speculative_sampling: thousands of requests on the reference kernels. The prompt ends with a token
+    # As test_speculative_sampling: thousands of requests on the reference kernels. The prompt ends with two tokens
     # it held before, so the lookup drafts the prefill's own position (the first token) and the next one.
     monkeypatch.setenv("BILD_BACKEND", "ref")
     large, small = flat_pair()
-    prompt = [3, 5, 7, 3]
+    prompt = [3, 5, 7, 3, 5]
     eng = Engine(large=large, small=small, dtype=torch.float64, max_batch_size=64, max_model_len=16, block_size=4)
     n = 4000
     outs = eng.generate([prompt] * n, [SamplingParams(max_tokens=3, temperature=1.0, seed=s) for s in range(n)],
@@ -193,6 +194,7 @@ def test_lookup_runs_longer_than_the_policys_drafts_fit_the_kv_budget(large_mode
     (dict(max_draft_len=0), "max_draft_len"), (dict(max_draft_len=65), "max_draft_len"),
     (dict(max_ngram=0), "max_ngram"), (dict(min_ngram=0), "min_ngram"), (dict(min_ngram=True), "min_ngram"),
     (dict(max_ngram=2, min_ngram=3), "min_ngram must be <= max_ngram"), (dict(max_ngram=2.0), "max_ngram"),
+    (dict(max_ngram=1), "min_ngram defaults to 2"),
 ])
 def test_bad_ngram_raises(kw, match):
     with pytest.raises(ValueError, match=match):
