@@ -26,7 +26,8 @@ POLICY_MIX = [None, {"name": "greedy", "max_draft_len": 4}, {"name": "large-only
               {"name": "bild", "fallback_threshold": 0.5, "rollback_threshold": 0.0},
               {"name": "bild", "fallback_threshold": 0.4, "rollback_threshold": 2.0, "max_draft_len": 5},
               {"name": "speculative-sampling", "max_draft_len": 3}, {"name": "jacobi", "block_size": 4},
-              {"name": "shallow-deep", "exit_layer": 2}]
+              {"name": "shallow-deep", "exit_layer": 2}, {"name": "ngram", "max_draft_len": 4},
+              {"name": "greedy", "max_draft_len": 2, "lookup": {"max_draft_len": 4, "min_ngram": 1}}]
 
 
 def request_mix(n: int, seed: int = 0, *, vocab: int = 96, token_prompts: bool = True, max_tokens: int = 24,
@@ -41,7 +42,7 @@ def request_mix(n: int, seed: int = 0, *, vocab: int = 96, token_prompts: bool =
                 "max_tokens": rng.randint(1, max_tokens), "seed": rng.randrange(10**6)}
         if policy is not None:
             body["policy"] = policy
-        if policy is None or policy["name"] in ("speculative-sampling", "large-only", "bild"):
+        if policy is None or policy["name"] in ("speculative-sampling", "large-only", "bild", "ngram"):
             if rng.random() < 0.5:
                 body |= {"temperature": rng.choice([0.7, 1.0]), "top_p": rng.choice([1.0, 0.9])}
         bodies.append(body)
