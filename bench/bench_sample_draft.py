@@ -4,6 +4,11 @@ GPU shapes: B in {1, 8, 64, 256}, V in {32000, 128256}; rows greedy, sampling (T
 top-k 50 / top-p 0.9. Bandwidth counts one read of the logits (the floor any implementation pays); the
 speed-up is against the PyTorch reference ("ref"); "compile" is torch.compile of that reference;
 "cuda+graph" and "triton+graph" time the kernels replayed from a CUDA graph (no Python or launch cost).
+"flashinfer" (on a GPU, where `import flashinfer` works: `bash scripts/flashinfer_build.sh` makes a benchmark-only
+install in .flashinfer/, to put on PYTHONPATH) times FlashInfer's own sampling from logits as its users call it:
+`top_k_top_p_sampling_from_logits` (joint filter) for the top-k / top-p rows, `sampling_from_logits` for the
+sampled ones, both at temperature 1 (its API takes none), eagerly (it draws from a torch.Generator); it has no
+greedy op.
 On a CPU (Triton under TRITON_INTERPRET=1) tiny shapes only show that the plumbing works.
 
     python bench/bench_sample_draft.py [--device cuda] [--backends triton,ref] [--no-save]
@@ -45,6 +50,20 @@ def implementation(backend, device):
     return resolve("sample_draft", torch.device(device), "cuda" if backend.startswith("cuda-") else backend)
 
 
+def flashinfer_sampling(rows: str):
+    """FlashInfer's call for these rows (see the module's docstring), or None (greedy rows; not importable)."""
+    try:
+        import flashinfer.sampling as fs
+    except Exception:  # not installed, or its library does not load here
+        return None
+    if rows == "topk_topp":
+        return lambda logits, temperature, top_k, top_p, *rest: fs.top_k_top_p_sampling_from_logits(
+            logits, top_k, top_p, filter_apply_order="joint")
+    if rows == "sample":
+        return lambda logits, *rest: fs.sampling_from_logits(logits)
+    return None
+
+
 def main() -> None:
     args = parser(__doc__.splitlines()[0]).parse_args()
     gpu = args.device == "cuda"
@@ -55,13 +74,17 @@ def main() -> None:
     backends = usable_backends(args.device, args.backends, first_pass=True, cpu_kernel=True)
     backends.sort(key=lambda b: b != "ref")  # ref first: the others report their speed-up against it
     fns = {b: implementation(b, args.device) for b in backends}
+    if gpu and (args.backends is None or "flashinfer" in args.backends.split(",")) and flashinfer_sampling("sample"):
+        backends.append("flashinfer")
     for B, V in shapes:
         for rows in modes:
             x = inputs(B, V, rows, args.device)
             base = None
             # (on a CPU the interpreted Triton kernels only at the small shapes: the default pair's are for ref/cpu)
             for b in [b for b in backends if runs_at(b, {"B": B, "V": V}) and (gpu or b != "triton" or V <= 1000)]:
-                fn = functools.partial(fns[b], rows=HINTS[rows]) if b == HINTED else fns[b]
+                fn = functools.partial(fns[b], rows=HINTS[rows]) if b == HINTED else fns.get(b)
+                if b == "flashinfer" and (fn := flashinfer_sampling(rows)) is None:
+                    continue
                 with first_pass_of(b):
                     stats = timeit(lambda: fn(*x), args.device, warmup=2 if gpu else 1, iters=iters)
                 base = stats["median_us"] if b == "ref" else base

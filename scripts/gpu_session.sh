@@ -40,15 +40,17 @@
 # .carry2, unpack, `bench_bulk.py --batch-sizes 1024` (5.88x HF), then the distillation with `--prompts 23704
 # --corpus-seed 2 --self-prompts 4000 --corpus-backend bild --samples-per-prompt 2 --corpus-batch-size 1024
 # --corpus-minutes 2 --minutes 3`: 0.585 -> 0.600, shipped; 452 s), call 3 `profile_step` (77 s).
-# Plan for the next session lent 15 minutes (tree packed as above, two calls):
-#   call 1: bash scripts/gpu_carry.sh stash .carry1 && BILD_REV=<rev> DEADLINE=330 GPU_TEST_WORKERS=12 bash
-#           scripts/gpu_session.sh build engine_gpu_tests cuda_ops split bench_targets profile_step
+# Plan for the next session lent 15 minutes (`bash scripts/flashinfer_build.sh` first, here: .flashinfer/ then rides in
+# part 1; the tree packed as above, two calls):
+#   call 1: bash scripts/gpu_carry.sh stash .carry1 && BILD_REV=<rev> DEADLINE=360 GPU_TEST_WORKERS=12 bash
+#           scripts/gpu_session.sh build engine_gpu_tests cuda_ops split flashinfer bench_targets profile_step
 #   (engine_gpu_tests: GraphRecorder's GPU test, the tests that now fail on any graph fallback, the draft loop's
 #   recorded first update, a draft run's two-reads bound and a LargeOnly step's two-reads bound (three before);
 #   cuda_ops: every CUDA variant against the reference (~450 tests,
 #   ~40 s by the 370 of 2026-11-27), after this evening's untested kernel changes (the long pass, the split cut-off
 #   search and its chunked draws, the `rows` hint, cannot_win and the cut-position pre-skip in the draws); split:
-#   the split search and the hint timed beside the plain backend; bench_targets: the reference, compile, Triton and
+#   the split search and the hint timed beside the plain backend; flashinfer: FlashInfer 0.3.1's top-k / top-p
+#   sampling beside ours (the kernels issue's "at least as fast as FlashInfer", never measured yet); bench_targets: the reference, compile, Triton and
 #   the default, stream, long and hinted CUDA backends; profile_step: the unprofiled pass time and the host's time in each
 #   CUDAGraph.replay after the host-side changes, cut first if time runs short);
 #   call 2 (carry .carry2): `bash scripts/gpu_distill.sh .carry2 --prompts 23704 --corpus-seed 3 --self-prompts 8000
@@ -62,6 +64,7 @@
 #         wide (the first passes: their tests, every pass benchmarked) | wide_profile (ncu on the wide and stream passes) |
 #         stream_profile (ncu --set full on the stream pass's verification launches, B=64, K=8, V=128256) |
 #         long (the per-op tests of the opt-in long first pass, the first-pass equality test, the native binary) |
+#         flashinfer (FlashInfer's top-k / top-p and plain sampling from logits beside sample_draft's CUDA backends) |
 #         cuda_ops (every CUDA variant's per-op tests of sample_draft / verify_draft: the default, each forced first
 #         pass, the split cut-off search, the `rows` hint; the extension's tests and the native binary) |
 #         split (the split cut-off search and the `rows` hint timed beside the plain CUDA backend) |
@@ -135,6 +138,15 @@ for s in "$@"; do
                   --backends cuda,cuda-hinted,cuda-split --modes bild,bild-topk_topp --shapes 64x8x128256,1x4x128256
                stage split_bench_sample 60 "$PY" bench/bench_sample_draft.py --device cuda \
                   --backends cuda,cuda-hinted,cuda-split --shapes 64x128256,1x128256 ;;
+        flashinfer)  # FlashInfer's sampling beside ours (scripts/flashinfer_build.sh; carried as .flashinfer/ or in
+                     # gpu_carry.sh's part 1, stashed in /root/carry)
+            fi_dir=.flashinfer
+            if [ ! -d "$fi_dir" ] && [ -f /root/carry/flashinfer.tgz ]; then
+                fi_dir=/tmp/flashinfer && mkdir -p "$fi_dir" && tar xzf /root/carry/flashinfer.tgz -C "$fi_dir"
+            fi
+            stage flashinfer_sample 120 env PYTHONPATH="$fi_dir${PYTHONPATH:+:$PYTHONPATH}" FLASHINFER_CUDA_ARCH_LIST=9.0 \
+                "$PY" bench/bench_sample_draft.py --device cuda --backends ref,cuda,cuda-split,flashinfer \
+                --shapes 1x128256,8x128256,64x128256,256x128256,64x32000 ;;
         long) stage long_tests 150 "$PY" -m pytest -q -rfE -p no:cacheprovider -p no:benchmark --timeout 150 \
                   -n "$WORKERS" -k "cuda-long or first_pass or native_kernel_binary" tests/kernels/test_verify_draft.py \
                   tests/kernels/test_sample_draft.py tests/kernels/test_cuda_extension.py ;;
