@@ -7,6 +7,9 @@ logits [B, K+1, V] (sample mode adds nothing: it reads a single p_S row per reje
 speed-up is against the PyTorch reference ("ref"); "compile" is torch.compile of that reference;
 "cuda+graph" and "triton+graph" time the kernels replayed from a CUDA graph (no Python or launch cost).
 On a CPU (Triton under TRITON_INTERPRET=1) tiny shapes only show that the plumbing works.
+"flashinfer" (sample mode, on a GPU, where `import flashinfer` works: scripts/flashinfer_build.sh) times what a
+FlashInfer user calls for the same verification: softmax of the target logits at the rows' temperature, then
+`chain_speculative_sampling` over those probabilities and the drafts' (eagerly: it draws from a torch.Generator).
 
     python bench/bench_verify_draft.py [--device cuda] [--backends triton,ref] [--no-save]
 """
@@ -54,6 +57,22 @@ def implementation(backend, device):
     return resolve("verify_draft", torch.device(device), "cuda" if backend.startswith("cuda-") else backend)
 
 
+def flashinfer_verify(mode_name: str):
+    """FlashInfer's speculative-sampling verification (see the module's docstring), or None (other modes; not
+    importable)."""
+    if mode_name != "sample":
+        return None
+    try:
+        import flashinfer.sampling as fs
+    except Exception:  # not installed, or its library does not load here
+        return None
+
+    def fn(draft_ids, target_logits, mode, thresholds, draft_probs, temperature, *rest):
+        target_probs = torch.softmax(target_logits.float() / temperature[:, None, None], dim=2)
+        return fs.chain_speculative_sampling(draft_probs, draft_ids.int(), target_probs)
+    return fn
+
+
 def main() -> None:
     ap = parser(__doc__.splitlines()[0])
     ap.add_argument("--modes", default=None, help=f"comma-separated subset of {','.join(MODES)}")
@@ -70,13 +89,17 @@ def main() -> None:
     backends = usable_backends(args.device, args.backends, first_pass=True, cpu_kernel=True)
     backends.sort(key=lambda b: b != "ref")  # ref first: the others report their speed-up against it
     fns = {b: implementation(b, args.device) for b in backends}
+    if gpu and (args.backends is None or "flashinfer" in args.backends.split(",")) and flashinfer_verify("sample"):
+        backends.append("flashinfer")
     for B, K, V in shapes:
         for mode in modes:
             x = inputs(B, K, V, mode, args.device)
             base = None
             # (on a CPU the interpreted Triton kernels only at the small shapes: the default pair's are for ref/cpu)
             for b in [b for b in backends if runs_at(b, {"B": B, "V": V}) and (gpu or b != "triton" or V <= 1000)]:
-                fn = functools.partial(fns[b], rows=HINTS[mode]) if b == HINTED else fns[b]
+                fn = functools.partial(fns[b], rows=HINTS[mode]) if b == HINTED else fns.get(b)
+                if b == "flashinfer" and (fn := flashinfer_verify(mode)) is None:
+                    continue
                 with first_pass_of(b):
                     stats = timeit(lambda: fn(*x), args.device, warmup=2 if gpu else 1, iters=iters)
                 base = stats["median_us"] if b == "ref" else base

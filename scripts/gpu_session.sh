@@ -64,7 +64,8 @@
 #         wide (the first passes: their tests, every pass benchmarked) | wide_profile (ncu on the wide and stream passes) |
 #         stream_profile (ncu --set full on the stream pass's verification launches, B=64, K=8, V=128256) |
 #         long (the per-op tests of the opt-in long first pass, the first-pass equality test, the native binary) |
-#         flashinfer (FlashInfer's top-k / top-p and plain sampling from logits beside sample_draft's CUDA backends) |
+#         flashinfer (FlashInfer's top-k / top-p and plain sampling from logits beside sample_draft's CUDA backends,
+#         its chain_speculative_sampling beside verify_draft's sample mode) |
 #         cuda_ops (every CUDA variant's per-op tests of sample_draft / verify_draft: the default, each forced first
 #         pass, the split cut-off search, the `rows` hint; the extension's tests and the native binary) |
 #         split (the split cut-off search and the `rows` hint timed beside the plain CUDA backend) |
@@ -146,7 +147,10 @@ for s in "$@"; do
             fi
             stage flashinfer_sample 120 env PYTHONPATH="$fi_dir${PYTHONPATH:+:$PYTHONPATH}" FLASHINFER_CUDA_ARCH_LIST=9.0 \
                 "$PY" bench/bench_sample_draft.py --device cuda --backends ref,cuda,cuda-split,flashinfer \
-                --shapes 1x128256,8x128256,64x128256,256x128256,64x32000 ;;
+                --shapes 1x128256,8x128256,64x128256,256x128256,64x32000
+            stage flashinfer_verify 90 env PYTHONPATH="$fi_dir${PYTHONPATH:+:$PYTHONPATH}" FLASHINFER_CUDA_ARCH_LIST=9.0 \
+                "$PY" bench/bench_verify_draft.py --device cuda --backends ref,cuda,flashinfer --modes sample \
+                --shapes 1x4x128256,8x4x128256,64x8x128256,64x4x32000 ;;
         long) stage long_tests 150 "$PY" -m pytest -q -rfE -p no:cacheprovider -p no:benchmark --timeout 150 \
                   -n "$WORKERS" -k "cuda-long or first_pass or native_kernel_binary" tests/kernels/test_verify_draft.py \
                   tests/kernels/test_sample_draft.py tests/kernels/test_cuda_extension.py ;;
