@@ -63,7 +63,8 @@ def _policy_args(p: argparse.ArgumentParser, default_policy: str | None = "bild"
                    help="ngram / --lookup: shortest n-gram matched (default 2, or --max-ngram if that is less)")
     g.add_argument("--lookup", type=int, default=None, metavar="N",
                    help="bild, greedy, sampling: where the sequence's last tokens occurred before, draft the up to N "
-                        "tokens that followed them instead of running the small model (prompt lookup)")
+                        "tokens that followed them instead of running the small model (prompt lookup); 0: none "
+                        "(default: none, or the default BiLD's own for bild)")
 
 
 def _engine(args, *, max_batch_size: int = 1, max_model_len: int = 1024):
@@ -101,8 +102,8 @@ def _policy(args, engine):
     from bild_kernels.engine.policies import Jacobi, ShallowDeep
     name = args.policy
     if name is None:  # the engine's default, unless BiLD's knobs were given
-        if all(getattr(args, a) is None for a in ("fallback_threshold", "rollback_threshold", "max_draft_len",
-                                                  "fallback_signal")):
+        if all(getattr(args, a, None) is None for a in ("fallback_threshold", "rollback_threshold", "max_draft_len",
+                                                        "fallback_signal", "lookup", "max_ngram", "min_ngram")):
             return engine.default_policy
         name = "bild"
     k = {} if args.max_draft_len is None else {"max_draft_len": args.max_draft_len}
@@ -110,14 +111,14 @@ def _policy(args, engine):
            "shallow-deep": ("fallback_threshold", "rollback_threshold", "exit_layer"),
            "ngram": ("max_ngram", "min_ngram")}.get(name, ())
     if name in ("bild", "greedy", "sampling"):
-        own += ("lookup", "max_ngram", "min_ngram") if args.lookup is not None else ("lookup",)
+        own += ("lookup", "max_ngram", "min_ngram") if args.lookup else ("lookup",)
     for a in ("fallback_threshold", "rollback_threshold", "fallback_signal", "block_size", "exit_layer", "lookup",
               "max_ngram", "min_ngram"):
         if getattr(args, a, None) is not None and a not in own:
             raise UsageError(f"--{a.replace('_', '-')} does not apply to --policy {name}"
                              + (" without --lookup" if a in ("max_ngram", "min_ngram") else ""))
-    lookup = None
-    if args.lookup is not None:
+    lookup = None  # --lookup 0: none (a default BiLD's own lookup goes too)
+    if args.lookup:
         lookup = _ngram(args.lookup, args.max_ngram, args.min_ngram, what="--lookup")
     if name == "bild":
         base = engine.default_policy if isinstance(engine.default_policy, BiLD) else BiLD()
@@ -128,7 +129,8 @@ def _policy(args, engine):
                                         else args.fallback_threshold),
                     rollback_threshold=(base.rollback_threshold if args.rollback_threshold is None
                                         else args.rollback_threshold),
-                    max_draft_len=k.get("max_draft_len", base.max_draft_len), fallback_signal=signal, lookup=lookup)
+                    max_draft_len=k.get("max_draft_len", base.max_draft_len), fallback_signal=signal,
+                    lookup=base.lookup if args.lookup is None else lookup)
     if name == "ngram":
         return _ngram(args.max_draft_len if args.max_draft_len is not None else 4, args.max_ngram, args.min_ngram,
                       what="--max-draft-len")

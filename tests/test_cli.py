@@ -87,7 +87,7 @@ def test_generate_reports_the_lookups_drafts(capsys, pair_dirs):
     (["generate", "hi", "--large", "{large}", "--draft-max-batch", "0"], "draft-max-batch must be a positive int"),
     (["generate", "hi", "--large", "{large}", "--policy", "greedy", "--max-ngram", "2"], "without --lookup"),
     (["generate", "hi", "--large", "{large}", "--policy", "ngram", "--lookup", "2"], "--lookup does not apply"),
-    (["generate", "hi", "--large", "{large}", "--policy", "greedy", "--lookup", "0"], "--lookup must be an int in"),
+    (["generate", "hi", "--large", "{large}", "--policy", "greedy", "--lookup", "-2"], "--lookup must be an int in"),
     (["generate", "hi", "--large", "{large}", "--policy", "ngram", "--min-ngram", "4"], "--min-ngram must be <="),
     (["generate", "hi", "--large", "{large}", "--policy", "ngram", "--max-ngram", "1", "--min-ngram", "2"],
      "--min-ngram must be <="),
@@ -255,3 +255,22 @@ def test_bench_prints_speed_rows(capsys, tmp_path, pair_dirs):
     rows = list(csv.DictReader(open(tmp_path / "bench.csv")))
     assert [r["policy"].split("(")[0] for r in rows] == ["large-only", "greedy", "bild"]
     assert all(float(r["tokens_per_s"]) > 0 for r in rows) and "draft_s" in rows[0]
+
+
+def test_bild_knobs_keep_the_default_policys_lookup_unless_told():
+    from types import SimpleNamespace
+
+    from bild_kernels import BiLD, NGram
+    default = BiLD(fallback_threshold=0.2, rollback_threshold=2.0, max_draft_len=3, lookup=NGram(3))
+    engine = SimpleNamespace(default_policy=default)
+
+    def policy(*argv):
+        return cli._policy(cli.build_parser().parse_args(["generate", "hi", *argv]), engine)
+
+    assert policy() is default
+    assert policy("--rollback-threshold", "3") == BiLD(0.2, 3.0, 3, lookup=NGram(3))
+    assert policy("--rollback-threshold", "3", "--lookup", "0") == BiLD(0.2, 3.0, 3)
+    assert policy("--lookup", "5", "--min-ngram", "3") == BiLD(0.2, 2.0, 3, lookup=NGram(5, min_ngram=3))
+    assert policy("--policy", "greedy", "--lookup", "0").lookup is None
+    with pytest.raises(cli.UsageError, match="without --lookup"):
+        policy("--lookup", "0", "--max-ngram", "2")
