@@ -185,6 +185,7 @@ class Iteration(Drafting):
     def _draft_probs(self, drafts: Drafts, looked: list[bool], K: int, target_logits: torch.Tensor) -> torch.Tensor:
         """Speculative sampling's draft distributions [B, K, V]: the small model's, and one-hot ones for the rows
         whose drafts the lookup chose (a deterministic draft: accepted with probability q(token))."""
-        rows = [[] if x or drafts.probs is None else p for p, x in zip(drafts.probs or [None] * len(looked), looked)]
+        # (a looked-up row's list is empty: the small model skipped it; NGram has none at all)
+        rows = drafts.probs if drafts.probs is not None else [[] for _ in looked]
         return ops.pack_draft_probs(rows, K, self.vocab_size, target_logits,
                                     one_hot=[d if x else None for d, x in zip(drafts.tokens, looked)])

@@ -92,9 +92,12 @@ def sample_draft(logits, *, temperature=None, top_k=None, top_p=None, seed=None,
     rows = row_kinds(V, given, (temperature, top_k, top_p), sampled, filtered, filter_needs_sampling=False)
     fn = resolve("sample_draft", dev, backend)
     args = (logits.contiguous(), temperature, top_k, top_p, seed, offset, fallback_threshold)
-    if fn is registered("sample_draft", "cuda"):
-        return DraftSample(*fn(*args, rows=rows))
-    return DraftSample(*fn(*args))
+    return DraftSample(*call_with_rows("sample_draft", fn, args, rows))
+
+
+def call_with_rows(op: str, fn, args: tuple, rows: int):
+    """Run a backend's `op`: the CUDA kernel also gets the `rows` hint (see `row_kinds`), the others take none."""
+    return fn(*args, rows=rows) if fn is registered(op, "cuda") else fn(*args)
 
 
 def filtered_probs(logits, temperature, top_k, top_p):

@@ -6,9 +6,9 @@ from typing import NamedTuple
 
 import torch
 
-from bild_kernels._backend import registered, resolve
+from bild_kernels._backend import resolve
 from bild_kernels.ops import _validate as v
-from bild_kernels.ops.sampling import row_kinds, sampling_params
+from bild_kernels.ops.sampling import call_with_rows, row_kinds, sampling_params
 from bild_kernels.reference import MODES
 
 
@@ -85,5 +85,4 @@ def verify_draft(draft_ids, target_logits, mode: str = "greedy", *, rollback_thr
     fn = resolve("verify_draft", dev, backend)
     args = (draft_ids.to(torch.int64).contiguous(), target_logits.contiguous(), MODES[mode], rollback_threshold,
             draft_probs, temperature, top_k, top_p, seed, offset)
-    out = fn(*args, rows=rows) if fn is registered("verify_draft", "cuda") else fn(*args)
-    return VerifyResult(*out)
+    return VerifyResult(*call_with_rows("verify_draft", fn, args, rows))
