@@ -84,8 +84,8 @@ def timeit(fn, device: str, *, warmup: int = 3, iters: int = 20, setup=None) -> 
     return {"median_us": statistics.median(times), "p20_us": q[1], "p80_us": q[7]}
 
 
-# the CUDA backend with that first pass forced, or ("cuda-split") with the split top-k / top-p cut-off search
-FORCED_FIRST_PASSES = ("cuda-chunked", "cuda-wide", "cuda-stream", "cuda-long", "cuda-split")
+# the CUDA backend with that first pass forced, or ("cuda-split", "cuda-block") with that top-k / top-p cut-off search
+FORCED_FIRST_PASSES = ("cuda-chunked", "cuda-wide", "cuda-stream", "cuda-long", "cuda-split", "cuda-block")
 # the CUDA backend told what the host knows of the rows (sample_draft / verify_draft's `rows`: the kernels for kinds
 # of row absent are left out), as the engine calls it
 HINTED = "cuda-hinted"
@@ -95,14 +95,15 @@ GRAPHED = ("cuda", *FORCED_FIRST_PASSES, HINTED, "triton")  # also timed replaye
 @contextlib.contextmanager
 def first_pass_of(backend: str):
     """"cuda-chunked" / "cuda-wide" / "cuda-stream" / "cuda-long" are the CUDA backend with that first pass over V
-    forced (bild_kernels.cuda_first_pass; "cuda" runs the default, "auto"), "cuda-split" the default first pass with
-    the split top-k / top-p cut-off search (bild_kernels.cuda_cut_search): set for the timings of that backend only."""
+    forced (bild_kernels.cuda_first_pass; "cuda" runs the default, "auto"), "cuda-split" / "cuda-block" the default
+    first pass with that top-k / top-p cut-off search (bild_kernels.cuda_cut_search; the default, "auto", picks per
+    launch): set for the timings of that backend only."""
     if backend not in FORCED_FIRST_PASSES:
         yield
         return
     from bild_kernels import cuda_cut_search, cuda_first_pass
     kind = backend.split("-", 1)[1]
-    choose = cuda_cut_search if kind == "split" else cuda_first_pass
+    choose = cuda_cut_search if kind in ("split", "block") else cuda_first_pass
     old = choose(kind)
     try:
         yield
@@ -171,7 +172,7 @@ def usable_backends(device: str, requested: str | None, *, cpu_kernel: bool = Fa
                     first_pass: bool = False) -> list[str]:
     """Backends to run: on a GPU all built ones plus the torch.compile'd reference (with first_pass=True, the op
     has a choice of first pass and cut-off search: "cuda-chunked", "cuda-wide", "cuda-stream", "cuda-long" and
-    "cuda-split" too); on a CPU the reference, (under TRITON_INTERPRET=1) Triton, and
+    "cuda-split", "cuda-block" too); on a CPU the reference, (under TRITON_INTERPRET=1) Triton, and
     with cpu_kernel=True (the op has one in bild_kernels._cpu) "cpu" where that extension is built and runs
     here."""
     from bild_kernels._backend import cpu_extension, cuda_extension, triton_available, triton_interpret

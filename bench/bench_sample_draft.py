@@ -46,7 +46,7 @@ def implementation(backend, device):
         return R.sample_draft_ref
     if backend == "compile":
         return torch.compile(R.sample_draft_ref, dynamic=False)
-    # the kernel without the op's input checks ("cuda-chunked", "cuda-wide", "cuda-stream", "cuda-long", "cuda-split": the CUDA kernel, run under first_pass_of)
+    # the kernel without the op's input checks ("cuda-chunked", "cuda-wide", "cuda-stream", "cuda-long", "cuda-split", "cuda-block": the CUDA kernel, run under first_pass_of)
     return resolve("sample_draft", torch.device(device), "cuda" if backend.startswith("cuda-") else backend)
 
 
@@ -54,7 +54,9 @@ def flashinfer_sampling(rows: str):
     """FlashInfer's call for these rows (see the module's docstring), or None (greedy rows; not importable)."""
     try:
         import flashinfer.sampling as fs
-    except Exception:  # not installed, or its library does not load here
+        fs.get_sampling_module()  # its library loads on first use: a mismatched torch fails here, not mid-run
+    except Exception as exc:  # not installed, or its library does not load here
+        print(f"flashinfer: unusable here, left out ({type(exc).__name__}: {str(exc)[:200]})", file=sys.stderr)
         return None
     if rows == "topk_topp":
         return lambda logits, temperature, top_k, top_p, *rest: fs.top_k_top_p_sampling_from_logits(

@@ -53,7 +53,7 @@ def implementation(backend, device):
         return R.verify_draft_ref
     if backend == "compile":
         return torch.compile(R.verify_draft_ref, dynamic=False)
-    # the kernel without the op's input checks ("cuda-chunked", "cuda-wide", "cuda-stream", "cuda-long", "cuda-split": the CUDA kernel, run under first_pass_of)
+    # the kernel without the op's input checks ("cuda-chunked", "cuda-wide", "cuda-stream", "cuda-long", "cuda-split", "cuda-block": the CUDA kernel, run under first_pass_of)
     return resolve("verify_draft", torch.device(device), "cuda" if backend.startswith("cuda-") else backend)
 
 
@@ -64,7 +64,9 @@ def flashinfer_verify(mode_name: str):
         return None
     try:
         import flashinfer.sampling as fs
-    except Exception:  # not installed, or its library does not load here
+        fs.get_sampling_module()  # its library loads on first use: a mismatched torch fails here, not mid-run
+    except Exception as exc:  # not installed, or its library does not load here
+        print(f"flashinfer: unusable here, left out ({type(exc).__name__}: {str(exc)[:200]})", file=sys.stderr)
         return None
 
     def fn(draft_ids, target_logits, mode, thresholds, draft_probs, temperature, *rest):

@@ -34,6 +34,7 @@ int64_t resolve_first_pass_for(int64_t rows, int64_t V, int64_t elem_size, bool 
 // sampling.cu: the top-k / top-p cut-off search (0 block, 1 split, 2 auto); none throws
 int current_cut_search();
 int64_t set_cut_search(int64_t kind);
+int64_t resolve_cut_search_for(int64_t launch_rows, int64_t rows, bool verify);
 }  // namespace bild
 
 TORCH_LIBRARY(bild_kernels_C, m) {
@@ -77,10 +78,16 @@ PYBIND11_MODULE(_C, m) {
         "one, or -1 for another kind (nothing changes). A CUDA graph keeps the kernel it captured.");
   m.def("cut_search", &bild::current_cut_search,
         "The top-k / top-p cut-off search sample_draft and verify_draft run: 0 block (filter_cut, one block a row), "
-        "1 split (CutSplitPassKernel: each pass over every chunk of every row), 2 auto (the block search; the default)");
+        "1 split (CutSplitPassKernel: each pass over every chunk of every row), 2 auto (per launch, csrc/common.cuh "
+        "use_cut_split; the default)");
   m.def("set_cut_search", &bild::set_cut_search, pybind11::arg("kind"),
         "Choose the cut-off search for the whole process (0 block, 1 split, 2 auto); returns the previous one, or -1 for "
         "another kind (nothing changes). A CUDA graph keeps the kernels it captured.");
+  m.def("resolve_cut_search", &bild::resolve_cut_search_for, pybind11::arg("launch_rows"), pybind11::arg("rows"),
+        pybind11::arg("verify"),
+        "The cut-off search (0 block, 1 split) a launch over `launch_rows` rows runs under the current setting, given "
+        "the caller's rows hint (1 some row samples, 2 some row uses top-k / top-p, 3 unknown; verify: a verify_draft "
+        "launch, else sample_draft); -1 for arguments out of range");
   m.def("resolve_first_pass", &bild::resolve_first_pass_for, pybind11::arg("rows"), pybind11::arg("V"),
         pybind11::arg("elem_size"), pybind11::arg("verify"), pybind11::arg("sms"),
         "The first pass (0 chunked, 1 wide, 3 stream) a launch over `rows` rows of V logits of `elem_size` bytes runs under "

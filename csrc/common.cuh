@@ -899,7 +899,7 @@ __device__ CutSearch filter_cut(const T* __restrict__ row, int V, float t, float
 }
 
 // ------------------------------------------------------------------------------------------------
-// The split cut-off search (kCutSearchSplit; opt-in until timed on a GPU). filter_cut gives a row's whole search
+// The split cut-off search (kCutSearchSplit; kCutSearchAuto picks it per launch: use_cut_split). filter_cut gives a row's whole search
 // to one block: a row of V = 128,256 took ~300 us on an H200 (bench/results/gpu_h200_2026-11-27.md), a latency no
 // batch hides at small B, and a sample_draft of B rows used B of the GPU's SMs. Here each pass is one launch over
 // every chunk of every searching row (row_splits<T>(V) chunks, the chunked first pass's): each block counts its
@@ -911,7 +911,17 @@ __device__ CutSearch filter_cut(const T* __restrict__ row, int V, float t, float
 // ------------------------------------------------------------------------------------------------
 constexpr int kCutSearchBlock = 0;  // filter_cut inside the row / position kernels
 constexpr int kCutSearchSplit = 1;  // the passes below
-constexpr int kCutSearchAuto = 2;   // the default: the block search until the split one is timed
+constexpr int kCutSearchAuto = 2;   // the default: per launch, use_cut_split below
+// Auto, as timed on an H100 (bench/results/gpu_h100_2026-11-27c.md, V = 128,256, bf16, sample_draft): with top-k /
+// top-p rows the split search took 122 us against the block search's 330 at B = 1 and 229 against 347 at B = 64,
+// and the same at B = 256; where no row filters, its launches only add (~10 us at B = 64). So a sample_draft launch
+// of at most kAutoSplitMaxRows rows whose caller says some row may filter (the rows hint) runs the split search;
+// verify_draft keeps the block one until the split search is timed there.
+constexpr int kAutoSplitMaxRows = 64;
+inline bool use_cut_split(int setting, int64_t launch_rows, int rows_hint, bool verify) {
+  if (setting == kCutSearchSplit) return true;
+  return setting == kCutSearchAuto && !verify && (rows_hint & kRowsFiltered) != 0 && launch_rows <= kAutoSplitMaxRows;
+}
 constexpr int kCutMaxPasses = 5;    // a value pass, then key passes that split at most 2^32 keys 1024-fold each
 
 // What the split search needs of row r (a CutRows functor returns it).

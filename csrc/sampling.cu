@@ -29,8 +29,7 @@ int64_t set_first_pass(int64_t kind) {
 }
 
 // Which top-k / top-p cut-off search (kCutSearchBlock, kCutSearchSplit or kCutSearchAuto: common.cuh) the two ops
-// run, for the whole process; bild_kernels._C.set_cut_search(kind) sets it. Auto is the block search until the
-// split one is timed on a GPU.
+// run, for the whole process; bild_kernels._C.set_cut_search(kind) sets it. Auto decides per launch (use_cut_split).
 static std::atomic<int> g_cut_search{kCutSearchAuto};
 
 int current_cut_search() { return g_cut_search.load(std::memory_order_relaxed); }
@@ -41,13 +40,20 @@ int64_t set_cut_search(int64_t kind) {
   return g_cut_search.exchange(static_cast<int>(kind));
 }
 
-// The split search's scratch for R rows and D draws (`buf` keeps it alive) where the current setting runs it, else
-// nullptr.
-const CutSplit* cut_split_scratch(int64_t R, int64_t D, const at::Tensor& like, at::Tensor& buf, CutSplit& split) {
-  if (current_cut_search() != kCutSearchSplit) return nullptr;
+// The split search's scratch for R rows and D draws (`buf` keeps it alive) where the current setting runs it for
+// this launch (rows: the caller's hint; verify: a verify_draft launch), else nullptr.
+const CutSplit* cut_split_scratch(int64_t R, int64_t D, const at::Tensor& like, at::Tensor& buf, CutSplit& split,
+                                  int rows, bool verify) {
+  if (!use_cut_split(current_cut_search(), R, rows, verify)) return nullptr;
   buf = at::empty({cut_split_bytes(R, D)}, like.options().dtype(at::kByte));
   split = cut_split_carve(buf.data_ptr(), R, D);
   return &split;
+}
+
+int64_t resolve_cut_search_for(int64_t launch_rows, int64_t rows, bool verify) {
+  if (launch_rows < 0 || rows < 0 || rows > kRowsAll) return -1;
+  return use_cut_split(current_cut_search(), launch_rows, static_cast<int>(rows), verify) ? kCutSearchSplit
+                                                                                          : kCutSearchBlock;
 }
 
 int device_sms() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
@@ -108,7 +114,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_dr
   at::Tensor split_buf;
   CutSplit split;
   // (draws: the chunks of float32 rows, the most of any dtype)
-  const CutSplit* split_ptr = cut_split_scratch(B, B * row_splits<float>(static_cast<int>(V)), z, split_buf, split);
+  const CutSplit* split_ptr = cut_split_scratch(B, B * row_splits<float>(static_cast<int>(V)), z, split_buf, split,
+                                                static_cast<int>(rows), false);
   dispatch_logits(op, z.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const int64_t n_partials = sample_draft_partials<T>(B, V);

@@ -12,8 +12,8 @@ void check_row_params(const char* op, int64_t B, const at::Tensor& temperature, 
                       const at::Tensor& top_p, const at::Tensor& seed, const at::Tensor& offset);  // sampling.cu
 int current_first_pass();  // sampling.cu
 int device_sms();          // sampling.cu
-const CutSplit* cut_split_scratch(int64_t R, int64_t D, const at::Tensor& like, at::Tensor& buf,
-                                  CutSplit& split);  // sampling.cu
+const CutSplit* cut_split_scratch(int64_t R, int64_t D, const at::Tensor& like, at::Tensor& buf, CutSplit& split,
+                                  int rows, bool verify);  // sampling.cu
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_draft(
     const at::Tensor& draft_ids, const at::Tensor& target_logits, int64_t mode, const at::Tensor& rollback_threshold,
@@ -72,7 +72,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_draft(
   const float* probs_ptr = probs.defined() ? probs.const_data_ptr<float>() : nullptr;
   at::Tensor split_buf;
   CutSplit split;
-  const CutSplit* split_ptr = cut_split_scratch(B * K1, 0, z, split_buf, split);
+  const CutSplit* split_ptr = cut_split_scratch(B * K1, 0, z, split_buf, split, static_cast<int>(rows), true);
   dispatch_logits(op, z.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const int64_t n_partials = verify_partials<T>(B, K, V);

@@ -37,7 +37,7 @@ work=/tmp/distill_work
 mkdir -p "$work" && cp bench/data/corpus_eval_smollm2-135m-instruct.pt "$work/corpus_eval.pt"
 timeout "${DISTILL_TIMEOUT:-440}" python3 -m bild_kernels.cli distill --device cuda --kind feature \
     --large "$BILD_LARGE" --init-draft bild_kernels/data/smollm2-135m-instruct-feature-draft "${backend[@]}" \
-    --corpus-batch-size 1024 --work-dir "$work" --out /tmp/draft "$@" > "$OUT/distill.log" 2>&1
+    --corpus-batch-size 1024 --no-feature-cache --work-dir "$work" --out /tmp/draft "$@" > "$OUT/distill.log" 2>&1
 rc=$?
 echo "distill: rc=$rc, $(( $(date +%s) - t0 )) s"
 grep -a "^eval @\|held-out top-1\|^corpus: .*answers" "$OUT/distill.log"

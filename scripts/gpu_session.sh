@@ -40,22 +40,21 @@
 # .carry2, unpack, `bench_bulk.py --batch-sizes 1024` (5.88x HF), then the distillation with `--prompts 23704
 # --corpus-seed 2 --self-prompts 4000 --corpus-backend bild --samples-per-prompt 2 --corpus-batch-size 1024
 # --corpus-minutes 2 --minutes 3`: 0.585 -> 0.600, shipped; 452 s), call 3 `profile_step` (77 s).
-# Plan for the next session lent 15 minutes (`bash scripts/flashinfer_build.sh` first, here: .flashinfer/ then rides in
-# part 1; the tree packed as above, two calls):
-#   call 1: bash scripts/gpu_carry.sh stash .carry1 && BILD_REV=<rev> DEADLINE=360 GPU_TEST_WORKERS=12 bash
-#           scripts/gpu_session.sh build engine_gpu_tests cuda_ops split flashinfer bench_targets profile_step
-#   (engine_gpu_tests: GraphRecorder's GPU test, the tests that now fail on any graph fallback, the draft loop's
-#   recorded first update, a draft run's two-reads bound and a LargeOnly step's two-reads bound (three before);
-#   cuda_ops: every CUDA variant against the reference (~450 tests,
-#   ~40 s by the 370 of 2026-11-27), after this evening's untested kernel changes (the long pass, the split cut-off
-#   search and its chunked draws, the `rows` hint, cannot_win and the cut-position pre-skip in the draws); split:
-#   the split search and the hint timed beside the plain backend; flashinfer: FlashInfer 0.3.1's top-k / top-p
-#   sampling beside ours (the kernels issue's "at least as fast as FlashInfer", never measured yet); bench_targets: the reference, compile, Triton and
-#   the default, stream, long and hinted CUDA backends; profile_step: the unprofiled pass time and the host's time in each
-#   CUDAGraph.replay after the host-side changes, cut first if time runs short);
-#   call 2 (carry .carry2): `bash scripts/gpu_distill.sh .carry2 --prompts 23704 --corpus-seed 3 --self-prompts 8000
-#   --samples-per-prompt 3 --corpus-minutes 2 --minutes 2` (~410 s by run 3's rates: ~95k answers, ~12 M tokens):
-#   the distillation warm-started from the shipped draft on more answers (run 3's 55,408 took 48 s of its 2 minutes).
+# 2026-11-27 night on an H100 (bench/results/gpu_h100_2026-11-27c.md), five calls, 852 s: call 1 as planned with
+# DEADLINE=300 (278 s: engine 18 passed; cuda_ops 995 passed, 1 crashed; FlashInfer did not load: built against torch
+# 2.14, the machine has 2.11; bench_targets; split and profile_step cut), call 2 the distillation below (cut by its
+# timeout after reaching 0.613, nothing written: fixed since, each better evaluation is written at once).
+# Plan for the next session lent 15 minutes (`bash scripts/flashinfer_build.sh` first, here, against torch 2.11; the
+# tree packed as above, two calls, the second started within 30 s of the first's end):
+#   call 1: bash scripts/gpu_carry.sh stash .carry1 >/dev/null && BILD_REV=<rev> DEADLINE=250 GPU_TEST_WORKERS=12 bash
+#           scripts/gpu_session.sh build flashinfer split profile_step
+#   (flashinfer: FlashInfer 0.3.1's top-k / top-p sampling and chain speculative sampling beside ours, never measured;
+#   split: the split search in verify_draft, and sample_draft's auto choice; profile_step: the host's time around
+#   the graphs after the host-side changes);
+#   call 2 (carry .carry2): `DISTILL_TIMEOUT=<what is left, minus 40 s> bash scripts/gpu_distill.sh .carry2 --prompts
+#   23704 --corpus-seed 4 --self-prompts 8000 --samples-per-prompt 3 --corpus-minutes 2 --minutes 3` (~400 s by the
+#   H100's rates with the feature cache off: ~20 s loading, 8 s prompts, 90 s corpus, 67 s targets, 53 s features,
+#   the training and its evaluations; a cut keeps the best evaluation's draft).
 # DEADLINE (seconds from the start): each stage is cut (timeout) so that the whole script, the tarball
 # included, ends before it; a stage with under 20 s left is skipped. Each stage also has its own cap.
 # BILD_REV names the revision in the result rows where the copy has no .git.
@@ -136,9 +135,9 @@ for s in "$@"; do
                   -n "$WORKERS" -k "cuda or cut_search or host_knows or rows_hint or native_kernel_binary" \
                   tests/kernels/test_verify_draft.py tests/kernels/test_sample_draft.py tests/kernels/test_cuda_extension.py ;;
         split) stage split_bench_verify 60 "$PY" bench/bench_verify_draft.py --device cuda \
-                  --backends cuda,cuda-hinted,cuda-split --modes bild,bild-topk_topp --shapes 64x8x128256,1x4x128256
+                  --backends cuda,cuda-hinted,cuda-split,cuda-block --modes bild,bild-topk_topp --shapes 64x8x128256,1x4x128256
                stage split_bench_sample 60 "$PY" bench/bench_sample_draft.py --device cuda \
-                  --backends cuda,cuda-hinted,cuda-split --shapes 64x128256,1x128256 ;;
+                  --backends cuda,cuda-hinted,cuda-split,cuda-block --shapes 64x128256,1x128256 ;;
         flashinfer)  # FlashInfer's sampling beside ours (scripts/flashinfer_build.sh; carried as .flashinfer/ or in
                      # gpu_carry.sh's part 1, stashed in /root/carry)
             fi_dir=.flashinfer
@@ -146,7 +145,7 @@ for s in "$@"; do
                 fi_dir=/tmp/flashinfer && mkdir -p "$fi_dir" && tar xzf /root/carry/flashinfer.tgz -C "$fi_dir"
             fi
             stage flashinfer_sample 120 env PYTHONPATH="$fi_dir${PYTHONPATH:+:$PYTHONPATH}" FLASHINFER_CUDA_ARCH_LIST=9.0 \
-                "$PY" bench/bench_sample_draft.py --device cuda --backends ref,cuda,cuda-split,flashinfer \
+                "$PY" bench/bench_sample_draft.py --device cuda --backends ref,cuda,cuda-split,cuda-block,flashinfer \
                 --shapes 1x128256,8x128256,64x128256,256x128256,64x32000
             stage flashinfer_verify 90 env PYTHONPATH="$fi_dir${PYTHONPATH:+:$PYTHONPATH}" FLASHINFER_CUDA_ARCH_LIST=9.0 \
                 "$PY" bench/bench_verify_draft.py --device cuda --backends ref,cuda,flashinfer --modes sample \

@@ -16,8 +16,8 @@ def kernel_backends(first_passes: bool = False, cpu: bool = False):
     Triton runs on the GPU, or on the CPU under TRITON_INTERPRET=1; CUDA needs a GPU and the built
     extension. Backends that cannot run are still listed, skipped with the reason. With `first_passes`,
     CUDA (whose default first pass over the vocabulary, "auto", picks per launch) also runs with each first pass
-    forced ("cuda-chunked", "cuda-wide", "cuda-stream", "cuda-long": sample_draft and verify_draft) and with the
-    split top-k / top-p cut-off search ("cuda-split");
+    forced ("cuda-chunked", "cuda-wide", "cuda-stream", "cuda-long": sample_draft and verify_draft) and with each
+    top-k / top-p cut-off search forced ("cuda-split", "cuda-block": "auto" picks per launch);
     with `cpu`, the CPU extension's backend too (the ops with one beside those of CPU_EXTENSION_OPS).
     """
     params = []
@@ -36,7 +36,7 @@ def kernel_backends(first_passes: bool = False, cpu: bool = False):
     params.append(pytest.param(("cuda", "cuda"), id="cuda",
                                marks=[] if cuda_ok else pytest.mark.skip(reason=why)))
     if first_passes:
-        for kind in ("chunked", "wide", "stream", "long", "split"):
+        for kind in ("chunked", "wide", "stream", "long", "split", "block"):
             params.append(pytest.param(("cuda", "cuda", kind), id=f"cuda-{kind}",
                                        marks=[] if cuda_ok else pytest.mark.skip(reason=why)))
     if cpu:
@@ -52,7 +52,8 @@ def _backend_device(request):
         yield backend, device
         return
     from bild_kernels import cuda_cut_search, cuda_first_pass
-    choose = cuda_cut_search if setting[0] == "split" else cuda_first_pass  # "split": the cut-off search, else a first pass
+    # "split" / "block": the cut-off search, else a first pass
+    choose = cuda_cut_search if setting[0] in ("split", "block") else cuda_first_pass
     old = choose(setting[0])
     try:
         yield backend, device

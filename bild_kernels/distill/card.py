@@ -39,7 +39,7 @@ An EAGLE-style draft for big-little speculative decoding with bild-kernels, made
         head = ""
     agreement = f"""- **Agreement**: top-1 agreement with the large model's greedy continuations of {n_held} held-out
   prompts (templates and topics training never saw): {s['agreement_before']:.3f} before training,
-  **{s['agreement']:.3f}** after.
+  **{s['agreement']:.3f}** after.{_chosen(s)}
 
 | minutes | tokens seen | held-out agreement |
 |---|---|---|
@@ -66,6 +66,16 @@ A draft for big-little speculative decoding with bild-kernels, made by `bild dis
 - **Objective**: cross-entropy to the large model's top-32 next-token distribution at every position.
 - **Training**: AdamW, lr {s['lr']:g} (cosine to {s['final_lr']:g} over the time budget), batch {s.get('batch_size', 8)}, {s['minutes']:g} minutes of wall time on {_where(s)}{precision}.
 {agreement}"""
+
+
+def _chosen(s: dict) -> str:
+    """Which evaluation's weights a draft holds, where it was chosen among several (a feature draft is written
+    at each evaluation that beats the ones before it, so that a run cut short keeps its best)."""
+    n, planned = s.get("evaluations", 1), s.get("minutes_planned")
+    if n <= 1:
+        return ""
+    return (f" These are the weights of the best of {n} evaluations, at {s['minutes']:g}\n  of the "
+            f"{planned:g} planned minutes.")
 
 
 def _data(s: dict) -> str:

@@ -110,7 +110,7 @@ def distill(*, large=None, out, prompts: int = 512, max_new_tokens: int = 96, mi
             samples_per_prompt: int = 1, init_draft=None, corpus_minutes: float | None = None, corpus_seed: int = 0,
             corpus_batch_size: int | None = None, train_batch_size: int | None = None, lr: float | None = None,
             feature_layers: int | None = None, self_prompts: int = 0, corpus_backend: str = "auto",
-            log=print) -> dict:
+            feature_cache: bool = True, log=print) -> dict:
     """Train a draft for `large` (default: SmolLM2-135M-Instruct) and write it to `out`; returns its stats.
 
     `bf16` (default: where it is fast, see `fast_bf16`): the teacher writes the training corpus and its
@@ -129,6 +129,8 @@ def distill(*, large=None, out, prompts: int = 512, max_new_tokens: int = 96, mi
     layer count and head vocabulary are kept (init_layers and draft_vocab, if given, must agree); lr
     then defaults to 2e-4 (3e-4 from scratch), as the shipped draft's warm-started stages used.
     `draft_vocab` (default 8192): the head scores the most frequent corpus tokens (0: the whole vocabulary).
+    `feature_cache=False`: a feature draft's teacher features are not written to `work_dir` (two bytes per
+    hidden unit and token: 14 GB for a GPU session's 12.5M tokens, slower to write than to compute there).
     kind="feature": a feature draft of `feature_layers` decoder layers (default 1) initialised from the large
     model's last ones (init_layers is then refused); its teacher features come from bild's executor on `device` (bfloat16 where fast) and
     it always trains in float32 (under bfloat16 autocast it does not learn), on `device` too (lr defaults
@@ -171,6 +173,9 @@ def distill(*, large=None, out, prompts: int = 512, max_new_tokens: int = 96, mi
     if kind == "feature" and init_layers is not None:
         raise ValueError("init_layers: a feature draft's layers are initialised from the large model's last ones "
                          "(feature_layers says how many)")
+    if not feature_cache and kind != "feature":
+        raise ValueError(f"feature_cache=False applies to kind='feature' only (kind is {kind!r}: its cache holds no "
+                         f"features)")
     if feature_layers is not None:
         if kind != "feature":
             raise ValueError(f"feature_layers applies to kind='feature' only (kind is {kind!r}; init_layers chooses "
@@ -256,6 +261,7 @@ def distill(*, large=None, out, prompts: int = 512, max_new_tokens: int = 96, mi
     if kind == "feature":
         vocab = _vocab(corpus, draft_vocab, tok) if init is None else None  # a warm start keeps its own
         return _distill_feature(teacher, source, corpus, targets, held_pairs, vocab, minutes, bf16, out, work, log,
+                                feature_cache=feature_cache,
                                 device=dev, batch_size=train_batch, lr=lr, corpus_info=corpus_info,
                                 init_draft=init_draft, policy=None if init is None else init.get("policy"),
                                 n_layers=len(layers))
@@ -304,14 +310,14 @@ def _device_name(dev: torch.device) -> str:
 def _distill_feature(teacher, source, corpus, targets, held_pairs, vocab, minutes, bf16, out, work, log, *,
                      device=None, batch_size: int = 8, lr: float | None = None,
                      corpus_info: dict | None = None, init_draft=None, policy: dict | None = None,
-                     n_layers: int = 1) -> dict:
+                     n_layers: int = 1, feature_cache: bool = True) -> dict:
     from bild_kernels.distill.feature_draft import (FeatureDraft, executor_features, feature_agreement,
                                                     feature_stats, teacher_features, train_feature_draft)
     from bild_kernels.models import load_model
     fdtype = torch.bfloat16 if bf16 else torch.float32
     tag = f"{len(corpus)}_{sum(map(len, corpus))}{'_bf16' if bf16 else ''}"
     dev = torch.device(device or "cpu")
-    feats = _cached(work, f"features_{tag}.pt", lambda: executor_features(
+    feats = _cached(work if feature_cache else None, f"features_{tag}.pt", lambda: executor_features(
         load_model(teacher, dtype=fdtype, device=dev)[0], corpus, batch_tokens=65536 if dev.type == "cuda" else 8192,
         log=log))
     held_feats = _cached(work, "features_eval.pt", lambda: teacher_features(
@@ -327,29 +333,54 @@ def _distill_feature(teacher, source, corpus, targets, held_pairs, vocab, minute
     def measure(d):
         return feature_agreement(d, held_feats, held_pairs, depth=2, max_k=2)
 
+    # the large model's executor names the pair in the manifest: loaded before training, so that each evaluation
+    # that beats the ones before it is written at once (a run cut short still leaves its best draft)
+    base, _ = load_model(teacher, dtype=torch.float32)
     t0 = time.perf_counter()
     before = measure(draft)["d1"]
     if init_draft is not None:
         log(f"warm start from {init_draft}: held-out top-1 agreement {before:.3f}")
     lr, depth = lr or (1e-3 if init_draft is not None else 2e-3), 2
+    best: dict = {}
+
+    def checkpoint(d, history):
+        h = history[-1]
+        if best and h["d1"] <= best["agreement"]:
+            return
+        best.clear()
+        best.update({
+            "kind": "feature", "agreement": round(h["d1"], 4), "agreement_before": round(before, 4),
+            "minutes": h["minutes"], "minutes_planned": minutes, "evaluations": len(history),
+            "corpus_sequences": len(corpus), "corpus_tokens": sum(map(len, corpus)),
+            "init_layers": list(range(teacher.config.num_hidden_layers - len(d.layers),
+                                      teacher.config.num_hidden_layers)),
+            "draft_vocab": None if vocab is None else int(vocab.numel()),
+            "history": [(e["minutes"], e["tokens"], e["d1"]) for e in history],
+            "train_seconds": round(time.perf_counter() - t0, 1), "threads": torch.get_num_threads(),
+            "bf16": bf16, "lr": lr, "final_lr": lr * 0.1, "depth": depth, "device": _device_name(dev),
+            "batch_size": batch_size, "init_draft": None if init_draft is None else str(init_draft),
+            **(corpus_info or {})})
+        card = draft_card(source.name, best, len(held_pairs))
+        _replace_dir(Path(out), lambda path: d.save_dir(path, base, base_name=source.name, card=card, policy=policy))
+        log(f"draft written to {out} (held-out top-1 agreement {h['d1']:.3f} at {h['minutes']:g} min)")
+
     history = train_feature_draft(draft, corpus, feats, targets, minutes=minutes, lr=lr, batch_size=batch_size,
                                   depth=depth, noise=0.1, w_ce=1.0, eval_fn=measure,
-                                  eval_every_s=max(60.0, minutes * 12), log=log)
-    acc = history[-1]["d1"]
-    log(f"held-out top-1 agreement {before:.3f} -> {acc:.3f} after {minutes:g} min")
-    stats = {"kind": "feature", "agreement": round(acc, 4), "agreement_before": round(before, 4),
-             "minutes": minutes, "corpus_sequences": len(corpus), "corpus_tokens": sum(map(len, corpus)),
-             "init_layers": list(range(teacher.config.num_hidden_layers - len(draft.layers),
-                                       teacher.config.num_hidden_layers)),
-             "draft_vocab": None if vocab is None else int(vocab.numel()),
-             "history": [(h["minutes"], h["tokens"], h["d1"]) for h in history],
-             "train_seconds": round(time.perf_counter() - t0, 1), "threads": torch.get_num_threads(),
-             "bf16": bf16, "lr": lr, "final_lr": lr * 0.1, "depth": depth, "device": _device_name(dev),
-             "batch_size": batch_size, "init_draft": None if init_draft is None else str(init_draft),
-             **(corpus_info or {})}
+                                  eval_every_s=max(60.0, minutes * 12), on_eval=checkpoint, log=log)
+    log(f"held-out top-1 agreement {before:.3f} -> {history[-1]['d1']:.3f} after {minutes:g} min; the draft "
+        f"written is the best of {len(history)} evaluations ({best['agreement']:.3f} at {best['minutes']:g} min)")
     draft.to("cpu")
-    base, _ = load_model(teacher, dtype=torch.float32)
-    draft.save_dir(out, base, base_name=source.name, card=draft_card(source.name, stats, len(held_pairs)),
-                   policy=policy)
-    log(f"draft written to {out}")
-    return stats
+    return best
+
+
+def _replace_dir(out: Path, write) -> None:
+    """write(path) into a fresh directory beside `out`, then swap it in: `out` is never half-written."""
+    import shutil
+    fresh, old = out.with_name(out.name + ".partial"), out.with_name(out.name + ".old")
+    shutil.rmtree(fresh, ignore_errors=True)
+    write(fresh)
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    fresh.rename(out)
+    shutil.rmtree(old, ignore_errors=True)

@@ -291,6 +291,44 @@ def test_a_feature_draft_card_says_its_batch_device_and_corpus_budget(large_dir,
     assert "CPU thread" in card and "batch 8" not in card
 
 
+def test_a_feature_draft_is_written_at_each_better_evaluation_and_a_cut_run_keeps_its_best(large_dir, tmp_path,
+                                                                                          monkeypatch):
+    """Each evaluation that beats the ones before it writes the draft at once (swapped in whole), so a run killed
+    after its second evaluation leaves that evaluation's weights and a card that says which; without the feature
+    cache the features are not written to the work dir."""
+    import bild_kernels.distill.feature_draft as fd
+    from safetensors.torch import load_file
+    work, out = _work(large_dir, tmp_path), tmp_path / "out"
+
+    def staged(scores, cut_after=None):
+        def train(draft, *a, eval_fn, on_eval, **k):
+            history = []
+            for i, d1 in enumerate(scores):
+                with torch.no_grad():
+                    draft.fc.bias.fill_(float(i + 1))  # which evaluation the written weights come from
+                history.append({"minutes": float(i + 1), "step": i, "tokens": 10 * i, "d1": d1})
+                on_eval(draft, history)
+                if cut_after == i:
+                    raise KeyboardInterrupt  # a timeout's SIGTERM, as far as the written draft can tell
+            return history
+        return train
+
+    monkeypatch.setattr(fd, "train_feature_draft", staged([0.2, 0.5, 0.4]))
+    stats = distill(large=large_dir, out=out, prompts=4, max_new_tokens=4, minutes=3, bf16=False, work_dir=work,
+                    draft_vocab=30, kind="feature", feature_cache=False, **QUIET)
+    assert stats["agreement"] == 0.5 and stats["minutes"] == 2.0 and stats["evaluations"] == 2
+    assert torch.all(load_file(str(out / "model.safetensors"))["fc.bias"] == 2.0)
+    card = (out / "README.md").read_text()
+    assert "**0.500** after" in card and "best of 2 evaluations, at 2\n  of the 3 planned minutes" in card
+    assert not list(work.glob("features_*_*.pt")) and not list(tmp_path.glob("out.*"))
+    monkeypatch.setattr(fd, "train_feature_draft", staged([0.3, 0.6, 0.7], cut_after=1))
+    with pytest.raises(KeyboardInterrupt):
+        distill(large=large_dir, out=out, prompts=4, max_new_tokens=4, minutes=3, bf16=False, work_dir=work,
+                draft_vocab=30, kind="feature", **QUIET)
+    assert torch.all(load_file(str(out / "model.safetensors"))["fc.bias"] == 2.0)
+    assert "**0.600** after" in (out / "README.md").read_text() and list(work.glob("features_*_*.pt"))
+
+
 def test_a_feature_draft_of_two_layers(large_dir, tmp_path):
     """feature_layers=2: a feature draft of the large model's last two layers, its manifest and card say so, it
     runs in the engine losslessly, and it warm-starts only as a two-layer draft."""
@@ -328,6 +366,7 @@ def test_a_feature_draft_of_two_layers(large_dir, tmp_path):
     (dict(kind="feature", feature_layers=0), "feature_layers must be a positive int"),
     (dict(kind="feature", feature_layers=True), "feature_layers must be a positive int"),
     (dict(feature_layers=2), "feature_layers applies to kind='feature' only"),
+    (dict(feature_cache=False), "feature_cache=False applies to kind='feature' only"),
 ])
 def test_bad_arguments_are_refused_before_anything_is_loaded(tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):  # a missing large model would be the next error
@@ -387,6 +426,7 @@ def _cli(capsys, *argv):
     (["--init-draft", "{tmp}/none"], "init_draft: no draft directory"),
     (["--kind", "feature", "--feature-layers", "0"], "feature_layers must be a positive int"),
     (["--feature-layers", "2"], "feature_layers applies to kind='feature' only"),
+    (["--no-feature-cache"], "feature_cache=False applies to kind='feature' only"),
 ])
 def test_cli_refuses_bad_values_in_one_line(capsys, large_dir, tmp_path, argv, match):
     argv = [a.format(tmp=tmp_path) for a in argv]

@@ -299,7 +299,7 @@ def test_cuda_cut_search_setting():
     """The process-wide choice of the top-k / top-p cut-off search (the per-op tests run the CUDA ops under "split"
     as "cuda-split")."""
     from bild_kernels import cuda_cut_search
-    assert cuda_cut_search() == "auto"  # the default: the block search until the split one is timed
+    assert cuda_cut_search() == "auto"  # the default: per launch (test_resolve_cut_search)
     assert cuda_cut_search("split") == "auto"
     try:
         assert cuda_cut_search() == "split"
@@ -310,6 +310,27 @@ def test_cuda_cut_search_setting():
         assert cuda_cut_search() == "block"
     finally:
         assert cuda_cut_search("auto") == "block"
+
+
+@pytest.mark.parametrize("kind", ["block", "split", "auto"])
+def test_resolve_cut_search(kind):
+    """What each setting runs: block and split as set; auto the split search for a sample_draft launch of at most
+    64 rows whose rows hint says some row may filter (2, or 3: unknown), the block search otherwise and for every
+    verify_draft launch (the H100's timings of 2026-11-27c, csrc/common.cuh use_cut_split)."""
+    from bild_kernels import cuda_cut_search
+    ext = cuda_extension()
+    old = cuda_cut_search(kind)
+    try:
+        for launch_rows, rows, verify, auto in [(1, 3, False, 1), (64, 3, False, 1), (64, 2, False, 1),
+                                                (65, 3, False, 0), (256, 3, False, 0), (1, 1, False, 0),
+                                                (1, 0, False, 0), (64, 1, False, 0), (5, 3, True, 0),
+                                                (576, 3, True, 0), (0, 3, False, 1)]:
+            want = {"block": 0, "split": 1, "auto": auto}[kind]
+            assert ext.resolve_cut_search(launch_rows, rows, verify) == want, (launch_rows, rows, verify)
+        for bad in [(-1, 3, False), (1, 4, False), (1, -1, True)]:
+            assert ext.resolve_cut_search(*bad) == -1, bad
+    finally:
+        cuda_cut_search(old)
 
 
 def test_cuda_first_pass_setting():
