@@ -53,8 +53,9 @@
 #   the graphs after the host-side changes);
 #   call 2 (carry .carry2): `DISTILL_TIMEOUT=<what is left, minus 40 s> bash scripts/gpu_distill.sh .carry2 --prompts
 #   23704 --corpus-seed 4 --self-prompts 8000 --samples-per-prompt 3 --corpus-minutes 2 --minutes 3` (~400 s by the
-#   H100's rates with the feature cache off: ~20 s loading, 8 s prompts, 90 s corpus, 67 s targets, 53 s features,
-#   the training and its evaluations; a cut keeps the best evaluation's draft).
+#   H100's rates with the feature cache off: ~20 s loading, 8 s prompts, 90 s corpus, ~70 s for the features and
+#   the targets in one pass (53 + 67 s apart before), the training and its evaluations; a cut keeps the best
+#   evaluation's draft).
 # DEADLINE (seconds from the start): each stage is cut (timeout) so that the whole script, the tarball
 # included, ends before it; a stage with under 20 s left is skipped. Each stage also has its own cap.
 # BILD_REV names the revision in the result rows where the copy has no .git.

@@ -249,8 +249,12 @@ def distill(*, large=None, out, prompts: int = 512, max_new_tokens: int = 96, mi
     corpus_s = time.perf_counter() - t_data
     n_tokens = sum(len(c) for c in corpus)
     log(f"corpus: {len(corpus)} answers, {n_tokens} tokens with the prompts, in {corpus_s:.0f} s")
-    targets = _cached(work, f"targets_{tag}.pt", lambda: teacher_targets(
-        fast_teacher, corpus, k=32, batch_tokens=16384 if dev.type == "cuda" else 4096, device=dev, log=log))
+    targets_name = f"targets_{tag}.pt"
+    if kind == "feature" and not (work is not None and (work / targets_name).is_file()):
+        targets = None  # from the feature draft's pass of the large model over the corpus: one pass for both
+    else:
+        targets = _cached(work, targets_name, lambda: teacher_targets(
+            fast_teacher, corpus, k=32, batch_tokens=16384 if dev.type == "cuda" else 4096, device=dev, log=log))
     targets_s = time.perf_counter() - t_data - corpus_s
     fast_teacher = None  # its memory back (on a GPU too): training reads only the corpus and targets
     corpus_info = {"prompts": templated, "self_prompts": len(self_written), "self_prompts_seconds": round(self_s, 1),
@@ -261,7 +265,7 @@ def distill(*, large=None, out, prompts: int = 512, max_new_tokens: int = 96, mi
     if kind == "feature":
         vocab = _vocab(corpus, draft_vocab, tok) if init is None else None  # a warm start keeps its own
         return _distill_feature(teacher, source, corpus, targets, held_pairs, vocab, minutes, bf16, out, work, log,
-                                feature_cache=feature_cache,
+                                feature_cache=feature_cache, targets_name=targets_name,
                                 device=dev, batch_size=train_batch, lr=lr, corpus_info=corpus_info,
                                 init_draft=init_draft, policy=None if init is None else init.get("policy"),
                                 n_layers=len(layers))
@@ -310,16 +314,32 @@ def _device_name(dev: torch.device) -> str:
 def _distill_feature(teacher, source, corpus, targets, held_pairs, vocab, minutes, bf16, out, work, log, *,
                      device=None, batch_size: int = 8, lr: float | None = None,
                      corpus_info: dict | None = None, init_draft=None, policy: dict | None = None,
-                     n_layers: int = 1, feature_cache: bool = True) -> dict:
+                     n_layers: int = 1, feature_cache: bool = True, targets_name: str = "targets.pt") -> dict:
+    """targets None: the large model's top-32 targets come from the pass that computes its features (and are
+    cached in `work` under `targets_name`)."""
     from bild_kernels.distill.feature_draft import (FeatureDraft, executor_features, feature_agreement,
                                                     feature_stats, teacher_features, train_feature_draft)
     from bild_kernels.models import load_model
     fdtype = torch.bfloat16 if bf16 else torch.float32
     tag = f"{len(corpus)}_{sum(map(len, corpus))}{'_bf16' if bf16 else ''}"
     dev = torch.device(device or "cpu")
-    feats = _cached(work if feature_cache else None, f"features_{tag}.pt", lambda: executor_features(
-        load_model(teacher, dtype=fdtype, device=dev)[0], corpus, batch_tokens=65536 if dev.type == "cuda" else 8192,
-        log=log))
+    def features(targets_k=0):
+        return executor_features(load_model(teacher, dtype=fdtype, device=dev)[0], corpus, log=log,
+                                 batch_tokens=65536 if dev.type == "cuda" else 8192, targets_k=targets_k)
+
+    feats_name = f"features_{tag}.pt"
+    if targets is None:
+        t_pass = time.perf_counter()
+        feats, targets = features(targets_k=32)
+        if corpus_info is not None:
+            corpus_info = dict(corpus_info, targets_seconds=round(time.perf_counter() - t_pass, 1),
+                               targets_with_features=True)
+        if work is not None:
+            torch.save(targets, work / targets_name)
+            if feature_cache and not (work / feats_name).is_file():
+                torch.save(feats, work / feats_name)
+    else:
+        feats = _cached(work if feature_cache else None, feats_name, features)
     held_feats = _cached(work, "features_eval.pt", lambda: teacher_features(
         teacher, [ids for ids, _ in held_pairs], log=log))
     if init_draft is None:

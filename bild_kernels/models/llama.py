@@ -428,14 +428,19 @@ class LlamaExecutor:
             x = self._fused_layers(x, cos, sin, meta, kv_caches, slot_mapping, start, end)
         else:
             x = self._op_layers(x, cos, sin, meta, kv_caches, slot_mapping, start, end, attn_backend)
-        rows = x if logits_indices is None else x[logits_indices]
-        logits = self._head_linear(self._rms_norm(rows, self.norm), self.lm_head)
-        if self.head_vocab is not None and full_vocab:
-            full = logits.new_full((logits.shape[0], self.config.vocab_size), float("-inf"))
-            logits = full.index_copy_(1, self.head_vocab, logits)
+        logits = self.head_logits(x if logits_indices is None else x[logits_indices], full_vocab=full_vocab)
         return (logits, x) if return_hidden else logits
 
     __call__ = forward
+
+    def head_logits(self, hidden: torch.Tensor, *, full_vocab: bool = True) -> torch.Tensor:
+        """The logits of rows of the stream before the final norm (forward's `hidden`): the final norm, then the
+        head (over the whole vocabulary, -inf outside a reduced head's, unless full_vocab=False)."""
+        logits = self._head_linear(self._rms_norm(hidden, self.norm), self.lm_head)
+        if self.head_vocab is not None and full_vocab:
+            full = logits.new_full((logits.shape[0], self.config.vocab_size), float("-inf"))
+            logits = full.index_copy_(1, self.head_vocab, logits)
+        return logits
 
     def _fused_layers(self, x, cos, sin, meta, kv_caches, slot_mapping, start, end):
         """Layers [start, end), each in one call of the CPU extension (csrc/cpu_decoder_layer.cpp)."""

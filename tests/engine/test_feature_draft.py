@@ -150,6 +150,26 @@ def test_executor_features_equal_the_hf_teacher_features():
         torch.testing.assert_close(g.float(), w.float(), rtol=2e-3, atol=2e-3 * float(w.abs().max()))
 
 
+def test_executor_features_with_targets_equal_the_two_passes_they_replace():
+    """targets_k: the large model's top-k next-token distribution from the features' own pass, as teacher_targets
+    (the HF teacher's pass) gives it, the features unchanged; the head runs over head_rows rows at a time."""
+    from bild_kernels.distill.feature_draft import executor_features
+    from bild_kernels.distill.train import teacher_targets
+    from bild_kernels.models import load_model
+    teacher = _teacher()
+    corpus = [[3, 9, 27, 81, 50, 1, 2], [5], [44, 2, 90, 61] * 9]
+    ex, _ = load_model(teacher, dtype=torch.float32)
+    alone = executor_features(ex, corpus, batch_tokens=16, block_size=4, log=lambda s: None)
+    feats, targets = executor_features(ex, corpus, batch_tokens=16, block_size=4, log=lambda s: None, targets_k=6,
+                                       head_rows=5)
+    want = teacher_targets(teacher, corpus, k=6, log=lambda s: None)
+    assert all(torch.equal(a, f) for a, f in zip(alone, feats))
+    for (ids, probs), (want_ids, want_probs), seq in zip(targets, want, corpus):
+        assert ids.shape == (len(seq), 6) and ids.dtype == torch.int32 and probs.dtype == torch.float16
+        assert torch.equal(ids, want_ids)
+        torch.testing.assert_close(probs.float(), want_probs.float(), rtol=2e-3, atol=1e-4)
+
+
 @pytest.mark.parametrize("with_vocab, with_targets", [(True, True), (False, True), (True, False)])
 def test_packed_corpus_batches_equal_the_host_batches(with_vocab, with_targets):
     """The device-resident batcher a GPU run uses gives exactly `_batch`'s tensors (dtypes, padding, the head's
