@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # run from a checkout
-from _common import GRAPHED, HINTED, first_pass_of, graph_replay, parser, pick_shapes, record, runs_at, timeit, usable_backends  # noqa: E402
+from _common import FUSED, GRAPHED, HINTED, first_pass_of, graph_replay, parser, pick_shapes, record, runs_at, timeit, usable_backends  # noqa: E402
 
 from bild_kernels import reference as R  # noqa: E402
 from bild_kernels._backend import resolve  # noqa: E402
@@ -88,7 +88,7 @@ def main() -> None:
         if any(m not in MODES for m in modes):
             raise SystemExit(f"--modes: {args.modes!r} names a mode outside {','.join(MODES)}")
     iters = args.iters or (50 if gpu else 3)
-    backends = usable_backends(args.device, args.backends, first_pass=True, cpu_kernel=True)
+    backends = usable_backends(args.device, args.backends, first_pass=True, cpu_kernel=True, verify=True)
     backends.sort(key=lambda b: b != "ref")  # ref first: the others report their speed-up against it
     fns = {b: implementation(b, args.device) for b in backends}
     if gpu and (args.backends is None or "flashinfer" in args.backends.split(",")) and flashinfer_verify("sample"):
@@ -99,7 +99,7 @@ def main() -> None:
             base = None
             # (on a CPU the interpreted Triton kernels only at the small shapes: the default pair's are for ref/cpu)
             for b in [b for b in backends if runs_at(b, {"B": B, "V": V}) and (gpu or b != "triton" or V <= 1000)]:
-                fn = functools.partial(fns[b], rows=HINTS[mode]) if b == HINTED else fns.get(b)
+                fn = functools.partial(fns[b], rows=HINTS[mode]) if b in (HINTED, FUSED) else fns.get(b)
                 if b == "flashinfer" and (fn := flashinfer_verify(mode)) is None:
                     continue
                 with first_pass_of(b):

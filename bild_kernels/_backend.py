@@ -46,11 +46,17 @@ def cuda_extension():
         if kind not in CUT_SEARCHES:
             raise ValueError(f"BILD_CUT_SEARCH must be one of {CUT_SEARCHES}, got {kind!r}")
         _C.set_cut_search(CUT_SEARCHES.index(kind))
+    kind = os.environ.get("BILD_VERIFY_TAIL")
+    if kind:
+        if kind not in VERIFY_TAILS:
+            raise ValueError(f"BILD_VERIFY_TAIL must be one of {VERIFY_TAILS}, got {kind!r}")
+        _C.set_verify_tail(VERIFY_TAILS.index(kind))
     return _C
 
 
 FIRST_PASSES = ("chunked", "wide", "auto", "stream", "long")  # index = csrc/common.cuh kFirstPass*
 CUT_SEARCHES = ("block", "split", "auto")  # index = csrc/common.cuh kCutSearch*
+VERIFY_TAILS = ("launches", "fused", "auto")  # index = csrc/verify.cuh kVerifyTail*
 
 
 def cuda_first_pass(kind: str | None = None) -> str:
@@ -211,3 +217,15 @@ def cuda_cut_search(kind: str | None = None) -> str:
     the extension loads. A CUDA graph keeps the kernels it captured. Raises RuntimeError where the extension was not
     built."""
     return _cuda_setting("cuda_cut_search", "cut_search", CUT_SEARCHES, kind)
+
+
+def cuda_verify_tail(kind: str | None = None) -> str:
+    """How the CUDA `verify_draft` ends after its first pass over the vocabulary, for the whole process: "auto" (the
+    default: "launches" until "fused" is timed on a GPU), "launches" (a merge kernel for the positions, the kernels
+    that sampling and top-k / top-p rows need, a finishing kernel for the rows) or "fused" (where no row samples, by
+    the `rows` hint, and the first pass is "stream" or "long": the block that writes a position's last partial merges
+    and finishes it, and the row's last position to finish cuts the row, inside the first pass: csrc/verify.cuh
+    VerifyFusedTail). With `kind`, sets it and returns the previous one; without, returns the current one.
+    `BILD_VERIFY_TAIL=<kind>` sets it when the extension loads. A CUDA graph keeps the kernels it captured. Raises
+    RuntimeError where the extension was not built."""
+    return _cuda_setting("cuda_verify_tail", "verify_tail", VERIFY_TAILS, kind)

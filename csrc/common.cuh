@@ -616,10 +616,37 @@ __device__ inline ScaledStats merge(ScaledStats a, ScaledStats b) {
 }
 __device__ inline ScaledStats shfl_xor(ScaledStats x, int o) { return ScaledStats{shfl_xor(x.s, o), shfl_xor(x.g, o)}; }
 
+// What the stream and long first passes do after a block wrote its partial (`Tail`): nothing, or (a tail with kNone
+// false, e.g. verify.cuh's VerifyFusedTail) count the row's chunks done and, in the block that writes the row's
+// last partial, call tail(r, S, the row's partials): the work of the launches that would follow, without them.
+struct NoTail {
+  static constexpr bool kNone = true;
+  __device__ void operator()(int, int, const RowPartial*) const {}
+};
+
+// After thread 0 of a block wrote partial r * S + c: whether this block wrote row r's last one (then every earlier
+// write of the row is visible to it), the row's count left for the next launch to find at zero again.
+template <typename Tail>
+__device__ inline void after_partial(const Tail& tail, int r, int S, const RowPartial* partials) {
+  if constexpr (!Tail::kNone) {
+    bool last = false;
+    if (threadIdx.x == 0) {
+      __threadfence();  // the partial, before the count that publishes it
+      last = atomicAdd(tail.chunks_done + r, 1) == S - 1;
+      if (last) {
+        tail.chunks_done[r] = 0;
+        __threadfence();  // the other blocks' partials, after their counts
+      }
+    }
+    if (__syncthreads_or(last)) tail(r, S, partials + static_cast<int64_t>(r) * S);  // block-uniform
+  }
+}
+
 // Grid (R * S,), kChunkThreads threads, S = row_splits<T>(V, kStreamVecs).
-template <typename T, typename Rows>
+template <typename T, typename Rows, typename Tail = NoTail>
 __global__ void __launch_bounds__(kChunkThreads, kStreamMinBlocks)
-    RowStreamStatsKernel(const T* __restrict__ logits, int V, int S, Rows rows, RowPartial* __restrict__ partials) {
+    RowStreamStatsKernel(const T* __restrict__ logits, int V, int S, Rows rows, RowPartial* __restrict__ partials,
+                         Tail tail = Tail()) {
   __shared__ __align__(16) float smem[32 * sizeof(ZStats) / sizeof(float)];  // 32 ZStats, unconstructed
   const int r = blockIdx.x / S, c = blockIdx.x % S;
   if (!rows(r).active) return;  // block-uniform
@@ -633,6 +660,7 @@ __global__ void __launch_bounds__(kChunkThreads, kStreamMinBlocks)
   });
   const ZStats t = block_reduce_to_first(ZStats{w.z, w.zmax}, reinterpret_cast<ZStats*>(smem));
   if (threadIdx.x == 0) partials[blockIdx.x] = RowPartial{t.z, t.zmax, Lse{}, ArgMax{}};
+  after_partial(tail, r, S, partials);
 }
 
 // The long first pass (kFirstPassLong, opt-in until timed). The H200 profile of the stream pass (2026-11-27b:
@@ -643,9 +671,10 @@ __global__ void __launch_bounds__(kChunkThreads, kStreamMinBlocks)
 // takes a whole batch at once (WideStats::add_batch: packed maxima, one rescale, one ex2 an element); the row's
 // last batch, where some vectors lie past the row, goes vector by vector. RowScaledStatsKernel<..., kLongIters>
 // visits the same elements per chunk. Grid (R * S,), kChunkThreads threads, S = row_splits<T>(V, kLongVecs).
-template <typename T, typename Rows>
+template <typename T, typename Rows, typename Tail = NoTail>
 __global__ void __launch_bounds__(kChunkThreads, kStreamMinBlocks)
-    RowLongStatsKernel(const T* __restrict__ logits, int V, int S, Rows rows, RowPartial* __restrict__ partials) {
+    RowLongStatsKernel(const T* __restrict__ logits, int V, int S, Rows rows, RowPartial* __restrict__ partials,
+                       Tail tail = Tail()) {
   __shared__ __align__(16) float smem[32 * sizeof(ZStats) / sizeof(float)];  // 32 ZStats, unconstructed
   const int r = blockIdx.x / S, c = blockIdx.x % S;
   if (!rows(r).active) return;  // block-uniform
@@ -695,6 +724,7 @@ __global__ void __launch_bounds__(kChunkThreads, kStreamMinBlocks)
   }
   const ZStats t = block_reduce_to_first(ZStats{w.z, w.zmax}, reinterpret_cast<ZStats*>(smem));
   if (threadIdx.x == 0) partials[blockIdx.x] = RowPartial{t.z, t.zmax, Lse{}, ArgMax{}};
+  after_partial(tail, r, S, partials);
 }
 
 // Grid (min(R * S, kScaledMaxBlocks),), kChunkThreads threads, after RowStreamStatsKernel over the same rows:
@@ -757,10 +787,12 @@ constexpr int kRowsAll = kRowsSampled | kRowsFiltered;
 
 // Launches the first pass `kind` over R rows of V elements: R * first_pass_splits<T>(kind, V) blocks (the
 // stream and long passes: then their scaled kernel, at most kScaledMaxBlocks blocks, unless no row samples:
-// `sampled` false, when the partials' s and g stay the merge identity, read by no row).
-template <typename T, typename Rows>
+// `sampled` false, when the partials' s and g stay the merge identity, read by no row). A `tail` (after_partial)
+// runs in the stream and long passes only, and only without sampling rows (it would run before the scaled kernel):
+// the caller checks both.
+template <typename T, typename Rows, typename Tail = NoTail>
 void launch_first_pass(int kind, const T* logits, int R, int V, Rows rows, RowPartial* partials,
-                       cudaStream_t stream, bool sampled = true) {
+                       cudaStream_t stream, bool sampled = true, Tail tail = Tail()) {
   const int S = first_pass_splits<T>(kind, V);
   const unsigned grid = static_cast<unsigned>(static_cast<int64_t>(R) * S);
   if (kind == kFirstPassWide) {
@@ -768,13 +800,13 @@ void launch_first_pass(int kind, const T* logits, int R, int V, Rows rows, RowPa
   } else if (kind == kFirstPassStream || kind == kFirstPassLong) {
     const unsigned scaled_grid = grid < kScaledMaxBlocks ? grid : kScaledMaxBlocks;
     if (kind == kFirstPassStream) {
-      RowStreamStatsKernel<T><<<grid, kChunkThreads, 0, stream>>>(logits, V, S, rows, partials);
+      RowStreamStatsKernel<T, Rows, Tail><<<grid, kChunkThreads, 0, stream>>>(logits, V, S, rows, partials, tail);
       if (sampled) {
         RowScaledStatsKernel<T, Rows, 1><<<scaled_grid, kChunkThreads, 0, stream>>>(
             logits, V, S, static_cast<int>(grid), rows, partials);
       }
     } else {
-      RowLongStatsKernel<T><<<grid, kChunkThreads, 0, stream>>>(logits, V, S, rows, partials);
+      RowLongStatsKernel<T, Rows, Tail><<<grid, kChunkThreads, 0, stream>>>(logits, V, S, rows, partials, tail);
       if (sampled) {
         RowScaledStatsKernel<T, Rows, kLongIters><<<scaled_grid, kChunkThreads, 0, stream>>>(
             logits, V, S, static_cast<int>(grid), rows, partials);
@@ -789,10 +821,21 @@ void launch_first_pass(int kind, const T* logits, int R, int V, Rows rows, RowPa
 // in order, then a butterfly merges the lanes. Every merge is commutative bit for bit (fmaxf, one
 // float sum, argmax ties to the lower index), so every lane, and every warp of a block, gets the same
 // result; the order depends on S only. The merge identity is a default RowPartial.
+// kL2: the partials were written by other blocks of the same launch (a tail): read past this SM's L1, which may
+// hold an older copy of their lines.
+template <bool kL2 = false>
 __device__ inline RowPartial warp_merge_partials(const RowPartial* __restrict__ p, int S) {
   RowPartial r;
   for (int c = threadIdx.x & 31; c < S; c += 32) {
-    const RowPartial q = p[c];
+    RowPartial q;
+    if constexpr (kL2) {
+      const float4* v = reinterpret_cast<const float4*>(p + c);
+      const float4 lo = __ldcg(v), hi = __ldcg(v + 1);
+      memcpy(&q, &lo, sizeof(lo));
+      memcpy(reinterpret_cast<char*>(&q) + sizeof(lo), &hi, sizeof(hi));
+    } else {
+      q = p[c];
+    }
     r.z = merge(r.z, q.z);
     r.zmax = merge(r.zmax, q.zmax);
     r.s = merge(r.s, q.s);

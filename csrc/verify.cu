@@ -1,6 +1,7 @@
 // Torch layer of verify_draft: check inputs, allocate outputs and scratch, pick the stream, launch (verify.cuh).
 #include <ATen/ops/empty.h>
 
+#include <atomic>
 #include <optional>
 
 #include "torch_utils.h"
@@ -14,6 +15,28 @@ int current_first_pass();  // sampling.cu
 int device_sms();          // sampling.cu
 const CutSplit* cut_split_scratch(int64_t R, int64_t D, const at::Tensor& like, at::Tensor& buf, CutSplit& split,
                                   int rows, bool verify);  // sampling.cu
+
+// How verify_draft ends after its first pass (kVerifyTail*: verify.cuh), for the whole process;
+// bild_kernels._C.set_verify_tail(kind) sets it.
+static std::atomic<int> g_verify_tail{kVerifyTailAuto};
+
+int current_verify_tail() { return g_verify_tail.load(std::memory_order_relaxed); }
+
+// Returns the previous setting, or -1 (and changes nothing) for a kind that is none of the three.
+int64_t set_verify_tail(int64_t kind) {
+  if (kind != kVerifyTailLaunches && kind != kVerifyTailFused && kind != kVerifyTailAuto) return -1;
+  return g_verify_tail.exchange(static_cast<int>(kind));
+}
+
+int64_t resolve_verify_tail_for(int64_t rows, int64_t first_pass) {
+  if (rows < 0 || rows > kRowsAll || first_pass < kFirstPassChunked || first_pass > kFirstPassLong ||
+      first_pass == kFirstPassAuto) {
+    return -1;
+  }
+  return use_fused_tail(current_verify_tail(), static_cast<int>(rows), static_cast<int>(first_pass))
+             ? kVerifyTailFused
+             : kVerifyTailLaunches;
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_draft(
     const at::Tensor& draft_ids, const at::Tensor& target_logits, int64_t mode, const at::Tensor& rollback_threshold,
@@ -84,11 +107,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_draft(
     char* base = reinterpret_cast<char*>(partials.data_ptr<int64_t>());
     const VerifyScratch scr{si, si + B * K1, si + 2 * B * K1, sf, sf + B * K1, reinterpret_cast<RowPartial*>(base),
                             reinterpret_cast<CutPartial*>(base + n_partials * sizeof(RowPartial))};
+    const int first_pass = resolve_first_pass(current_first_pass(), B * (K + 1), static_cast<int>(V), sizeof(T),
+                                              /*verify=*/true, device_sms());
+    at::Tensor tail_buf;  // the fused tail's counts (VerifyFusedTail), where it runs
+    if (use_fused_tail(current_verify_tail(), static_cast<int>(rows), first_pass)) {
+      tail_buf = at::empty({B * K1 + B}, i32);
+    }
     C10_CUDA_CHECK(VerifyDraft<T>(ids.const_data_ptr<int64_t>(), static_cast<const T*>(z.const_data_ptr()), probs_ptr,
                                   B, K, V, static_cast<int>(mode), prm, out, scr, c10::cuda::getCurrentCUDAStream(),
-                                  resolve_first_pass(current_first_pass(), B * (K + 1), static_cast<int>(V), sizeof(T),
-                                                     /*verify=*/true, device_sms()),
-                                  split_ptr, static_cast<int>(rows)));
+                                  first_pass, split_ptr, static_cast<int>(rows),
+                                  tail_buf.defined() ? tail_buf.data_ptr<int>() : nullptr));
   });
   return {num_accepted, output_ids, distances, target_probs};
 }

@@ -189,6 +189,69 @@ __global__ void __launch_bounds__(32 * kMergeWarps)
   }
 }
 
+// How a verification ends after its first pass, for the whole process (bild_kernels.cuda_verify_tail):
+constexpr int kVerifyTailLaunches = 0;  // VerifyMergeKernel, then the filter / cut kernels rows need, VerifyFinishKernel
+constexpr int kVerifyTailFused = 1;     // VerifyFusedTail inside the first pass, where it applies (use_fused_tail)
+constexpr int kVerifyTailAuto = 2;      // the default: the launches until the fused tail is timed on a GPU
+
+// Whether a verification runs the fused tail: set so, no sampling rows (the rows hint) and the stream or long first
+// pass (the launch's resolved kind).
+__host__ __device__ inline bool use_fused_tail(int setting, int rows, int first_pass) {
+  return setting == kVerifyTailFused && (rows & kRowsSampled) == 0 &&
+         (first_pass == kFirstPassStream || first_pass == kFirstPassLong);
+}
+
+// The fused tail of a verification whose rows are all greedy (kVerifyTailFused): the block that writes position
+// pid's last first-pass partial merges the partials and finishes the position (VerifyMergeKernel's work), and the
+// last position of row b to finish cuts the row and writes its outputs (VerifyFinishKernel's), so the first pass is
+// the verification's only launch besides clearing the counts. counts: [B * (K+1)] chunks done, then [B] positions
+// done, zero before the launch and left at zero after it. Warp 0 of the block does the work.
+template <typename T>
+struct VerifyFusedTail {
+  static constexpr bool kNone = false;
+  int* chunks_done;     // [B * (K+1)]
+  int* positions_done;  // [B]
+  const int64_t* draft_ids;
+  const T* target_logits;
+  const float* draft_probs;
+  int K, V, mode;
+  VerifyParams prm;
+  VerifyOutputs out;
+  VerifyScratch scr;
+
+  __device__ void operator()(int pid, int S, const RowPartial* partials) const {
+    if (threadIdx.x >= 32) return;  // warp-uniform
+    const int lane = threadIdx.x;
+    const RowPartial stats = warp_merge_partials<true>(partials, S);
+    const VerifyPosition at(pid, draft_ids, K, V, prm);
+    bool row_last = false;
+    if (lane == 0) {
+      finish_position(at, stats, kLowestKey, at.greedy ? stats.z.s : stats.s.s, draft_ids, target_logits,
+                      draft_probs, K, V, mode, prm, out, scr);
+      __threadfence();  // the position's verdict and argmax, before the count that publishes them
+      row_last = atomicAdd(positions_done + at.b, 1) == at.n;  // the row's positions 0..n are active
+      if (row_last) {
+        positions_done[at.b] = 0;
+        __threadfence();  // the other positions' results, after their counts
+      }
+    }
+    if (!__shfl_sync(0xffffffffu, row_last, 0)) return;  // warp-uniform
+    const int b = at.b, n = at.n, K1 = K + 1;
+    int c = 0;  // the cut (cut_position), read past L1: other blocks wrote the verdicts
+    while (c < n && __ldcg(scr.verdict + b * K1 + c)) ++c;
+    const int emitted = __ldcg(scr.argmax + b * K1 + c);  // greedy rows emit the argmax of z_c
+    const int64_t* ids = draft_ids + static_cast<int64_t>(b) * K;
+    for (int k = lane; k < K1; k += 32) {
+      out.output_ids[static_cast<int64_t>(b) * K1 + k] = k < c ? ids[k] : (k == c ? emitted : -1);
+      if (k > n) {  // the padding positions, which the first pass skipped: VerifyMergeKernel zeroes them
+        out.target_probs[b * K1 + k] = 0.0f;
+        if (k < K) out.distances[b * K + k] = 0.0f;
+      }
+    }
+    if (lane == 0) out.num_accepted[b] = c;
+  }
+};
+
 // Blocks of the kernels below that stride over their positions or chunks: without top-k / top-p, or without
 // sampling rows, nearly all of those return at once, and a grid of one block each cost more than their work
 // (the H200 profile of 2026-11-26b: 8.8 us for 576 such filter blocks of 512 threads, one resident an SM).
@@ -348,15 +411,26 @@ __global__ void __launch_bounds__(32)
 // rows: what the caller knows of the rows (kRowsSampled | kRowsFiltered, common.cuh; kRowsAll: nothing): without
 // sampling rows the scaled statistics, top-k / top-p and sampled-token kernels are not launched (top-k / top-p
 // applies to sampling rows only); a row of a kind left out computes wrong results.
+// tail_counts: with no sampling rows and the stream or long first pass, B * (K+1) + B ints of scratch for the fused
+// tail (VerifyFusedTail: a memset and the first pass, two launches instead of three); nullptr: the launches.
 template <typename T>
 cudaError_t VerifyDraft(const int64_t* draft_ids, const T* target_logits, const float* draft_probs, int B, int K,
                         int V, int mode, VerifyParams prm, VerifyOutputs out, VerifyScratch scr,
                         cudaStream_t stream, int first_pass = kFirstPassChunked, const CutSplit* split = nullptr,
-                        int rows = kRowsAll) {
+                        int rows = kRowsAll, int* tail_counts = nullptr) {
   if (B == 0) return cudaSuccess;
   const bool sampled = rows & kRowsSampled, filtered = sampled && (rows & kRowsFiltered);
   const int S = first_pass_splits<T>(first_pass, V);
   const int positions = B * (K + 1);
+  if (tail_counts != nullptr && use_fused_tail(kVerifyTailFused, rows, first_pass)) {
+    cudaError_t err = cudaMemsetAsync(tail_counts, 0, sizeof(int) * (static_cast<size_t>(positions) + B), stream);
+    if (err != cudaSuccess) return err;
+    const VerifyFusedTail<T> tail{tail_counts, tail_counts + positions, draft_ids, target_logits, draft_probs, K, V,
+                                  mode, prm, out, scr};
+    launch_first_pass(first_pass, target_logits, positions, V, VerifyRows{draft_ids, prm, K, V}, scr.partials, stream,
+                      false, tail);
+    return cudaGetLastError();
+  }
   launch_first_pass(first_pass, target_logits, positions, V, VerifyRows{draft_ids, prm, K, V}, scr.partials, stream,
                     sampled);
   cudaError_t err = cudaGetLastError();

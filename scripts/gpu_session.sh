@@ -46,11 +46,15 @@
 # timeout after reaching 0.613, nothing written: fixed since, each better evaluation is written at once).
 # Plan for the next session lent 15 minutes (`bash scripts/flashinfer_build.sh` first, here, against torch 2.11; the
 # tree packed as above, two calls, the second started within 30 s of the first's end):
-#   call 1: bash scripts/gpu_carry.sh stash .carry1 >/dev/null && BILD_REV=<rev> DEADLINE=250 GPU_TEST_WORKERS=12 bash
-#           scripts/gpu_session.sh build flashinfer split profile_step
-#   (flashinfer: FlashInfer 0.3.1's top-k / top-p sampling and chain speculative sampling beside ours, never measured;
-#   split: the split search in verify_draft, and sample_draft's auto choice; profile_step: the host's time around
-#   the graphs after the host-side changes);
+#   call 1: bash scripts/gpu_carry.sh stash .carry1 >/dev/null && BILD_REV=<rev> DEADLINE=300 GPU_TEST_WORKERS=12 bash
+#           scripts/gpu_session.sh build fused flashinfer split profile_step
+#   (fused: verify_draft's fused tail, written after the H100 run: where no row samples, the first pass merges,
+#   finishes and cuts in the blocks that write a position's / a row's last result, two launches instead of three
+#   (after the H100 run the first pass alone is ~80% of HBM at B = 64, the launches after it ~12 of 67 us); its
+#   tests and the native binary first, then its timing beside cuda-hinted; flashinfer: FlashInfer 0.3.1's top-k /
+#   top-p sampling and chain speculative sampling beside ours, never measured; split: the split search in
+#   verify_draft, and sample_draft's auto choice; profile_step: the host's time around the graphs after the
+#   host-side changes);
 #   call 2 (carry .carry2): `DISTILL_TIMEOUT=<what is left, minus 40 s> bash scripts/gpu_distill.sh .carry2 --prompts
 #   23704 --corpus-seed 4 --self-prompts 8000 --samples-per-prompt 3 --corpus-minutes 2 --minutes 3` (~400 s by the
 #   H100's rates with the feature cache off: ~20 s loading, 8 s prompts, 90 s corpus, ~70 s for the features and
@@ -70,7 +74,9 @@
 #         pass, the split cut-off search, the `rows` hint; the extension's tests and the native binary) |
 #         split (the split cut-off search and the `rows` hint timed beside the plain CUDA backend) |
 #         profile_step (torch.profiler over graphed engine steps, random Llama-1B pair) | ctest |
-#         engine_gpu_tests (the GPU-only tests of distillation, the draft loop, the graphed passes, BatchGenerator). Wheels in .whl/ (carried) are installed first.
+#         engine_gpu_tests (the GPU-only tests of distillation, the draft loop, the graphed passes, BatchGenerator) |
+#         fused (verify_draft's fused tail and the forced block cut-off search against the reference, the native
+#         binary; then the fused tail timed beside the hinted and plain CUDA backends). Wheels in .whl/ (carried) are installed first.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -135,6 +141,12 @@ for s in "$@"; do
         cuda_ops) stage cuda_ops_tests 150 "$PY" -m pytest -q -rfE -p no:cacheprovider -p no:benchmark --timeout 150 \
                   -n "$WORKERS" -k "cuda or cut_search or host_knows or rows_hint or native_kernel_binary" \
                   tests/kernels/test_verify_draft.py tests/kernels/test_sample_draft.py tests/kernels/test_cuda_extension.py ;;
+        fused) stage fused_tests 120 "$PY" -m pytest -q -rfE -p no:cacheprovider -p no:benchmark --timeout 120 \
+                  -n "$WORKERS" -k "cuda-fused or cuda-block or verify_tail or cut_search or native_kernel_binary" \
+                  tests/kernels/test_verify_draft.py tests/kernels/test_sample_draft.py tests/kernels/test_cuda_extension.py
+               stage fused_bench 60 "$PY" bench/bench_verify_draft.py --device cuda \
+                  --backends cuda,cuda-hinted,cuda-fused --modes greedy,bild \
+                  --shapes 64x8x128256,256x8x128256,1x4x128256,64x4x32000 ;;
         split) stage split_bench_verify 60 "$PY" bench/bench_verify_draft.py --device cuda \
                   --backends cuda,cuda-hinted,cuda-split,cuda-block --modes bild,bild-topk_topp --shapes 64x8x128256,1x4x128256
                stage split_bench_sample 60 "$PY" bench/bench_sample_draft.py --device cuda \

@@ -312,6 +312,40 @@ def test_cuda_cut_search_setting():
         assert cuda_cut_search("auto") == "block"
 
 
+def test_cuda_verify_tail_setting():
+    """The process-wide choice of how verify_draft ends after its first pass (the per-op tests run the CUDA ops
+    under "fused" as "cuda-fused")."""
+    from bild_kernels import cuda_verify_tail
+    assert cuda_verify_tail() == "auto"  # the default: the launches until the fused tail is timed
+    assert cuda_verify_tail("fused") == "auto"
+    try:
+        assert cuda_verify_tail() == "fused"
+        with pytest.raises(ValueError, match="kind must be one of"):
+            cuda_verify_tail("merged")
+        assert cuda_verify_tail() == "fused"  # a refused value changes nothing
+        assert cuda_verify_tail("launches") == "fused"
+    finally:
+        assert cuda_verify_tail("auto") == "launches"
+
+
+@pytest.mark.parametrize("kind", ["launches", "fused", "auto"])
+def test_resolve_verify_tail(kind):
+    """The fused tail runs only where it is set, no row samples (rows hint 0 or 2) and the first pass is the stream
+    (3) or long (4) one; the launches everywhere else."""
+    from bild_kernels import cuda_verify_tail
+    ext = cuda_extension()
+    old = cuda_verify_tail(kind)
+    try:
+        for rows, first_pass, fused in [(0, 3, 1), (0, 4, 1), (2, 3, 1), (1, 3, 0), (3, 3, 0), (3, 4, 0),
+                                        (0, 0, 0), (0, 1, 0)]:
+            want = fused if kind == "fused" else 0
+            assert ext.resolve_verify_tail(rows, first_pass) == want, (rows, first_pass)
+        for bad in [(-1, 3), (4, 3), (0, 2), (0, 5), (0, -1)]:
+            assert ext.resolve_verify_tail(*bad) == -1, bad
+    finally:
+        cuda_verify_tail(old)
+
+
 @pytest.mark.parametrize("kind", ["block", "split", "auto"])
 def test_resolve_cut_search(kind):
     """What each setting runs: block and split as set; auto the split search for a sample_draft launch of at most

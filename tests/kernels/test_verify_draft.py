@@ -245,10 +245,11 @@ def _greedy_case(B, K, V, device, dtype=torch.float32, seed0=0):
 @pytest.mark.parametrize("mode", ["greedy", "bild"])
 @pytest.mark.parametrize("B, K, V", [(1, 1, 111), (7, 4, 1001), (13, 8, 111), (5, 0, 111), (3, 3, 32000)])
 def test_verify_draft_greedy_rows(backend_device_passes, mode, B, K, V):
-    """Every row greedy: what a greedy CPU engine verifies at every step (the CPU backend's own kernel)."""
+    """Every row greedy, as the engine says it (no row samples or filters): what a greedy CPU engine verifies at every
+    step (the CPU backend's own kernel), and what "cuda-fused" runs with its fused tail (VerifyFusedTail)."""
     backend, device = backend_device_passes
     draft_ids, target_logits, params = _greedy_case(B, K, V, device)
-    check(backend, mode, draft_ids, target_logits, None, params)
+    check(backend, mode, draft_ids, target_logits, None, params, sampled=False, filtered=False)
 
 
 def test_verify_draft_rows_the_host_knows(backend_device_passes):

@@ -2,6 +2,7 @@
 // runs on small random inputs and is compared with the CPU twins in cpu_reference.h. Token ids, counts
 // and block tables must match exactly; floats within 1e-4. Registered with ctest (CMakeLists.txt).
 // Exit codes: 0 pass, 1 failure, 77 skip (no GPU: after the host-side Philox check, which always runs).
+#include <algorithm>
 #include <cstdio>
 #include <random>
 #include <vector>
@@ -198,7 +199,7 @@ static void test_sample_draft(std::mt19937& rng, int V, int first_pass, bool spl
 }
 
 static void test_verify_draft(std::mt19937& rng, int mode, int V, int first_pass, bool split = false,
-                              bool greedy_only = false) {
+                              bool greedy_only = false, bool fused = false) {
   const int B = 5, K = 4, K1 = K + 1;
   std::vector<float> logits(B * K1 * V), probs(B * K * V);
   std::normal_distribution<float> normal(0.0f, 2.0f);
@@ -234,10 +235,16 @@ static void test_verify_draft(std::mt19937& rng, int mode, int V, int first_pass
     CUDA_OK(cudaMalloc(&split_buf, bild::cut_split_bytes(n)));
     cs = bild::cut_split_carve(split_buf, n);
   }
+  // the fused tail's counts, left nonzero on purpose: the launch clears them
+  Dev<int> counts(std::vector<int>(n + B, 7));
   CUDA_OK(bild::VerifyDraft(dids.p, dz.p, dprobs.p, B, K, V, mode, {dthr.p, dt.p, dk.p, dp.p, dseed.p, doff.p},
                             {nacc.p, oids.p, dist.p, tprob.p},
                             {si.p, si.p + n, si.p + 2 * n, sf.p, sf.p + n, part.p, cut.p}, nullptr, first_pass,
-                            split ? &cs : nullptr, greedy_only ? 0 : bild::kRowsAll));
+                            split ? &cs : nullptr, greedy_only ? 0 : bild::kRowsAll, fused ? counts.p : nullptr));
+  if (fused) {  // and left them at zero
+    const auto left = counts.get();
+    EXPECT(std::all_of(left.begin(), left.end(), [](int c) { return c == 0; }), "verify fused tail: counts left");
+  }
   if (split_buf != nullptr) {
     CUDA_OK(cudaDeviceSynchronize());
     cudaFree(split_buf);
@@ -285,6 +292,12 @@ int main() {
       for (int mode : {bild::kModeGreedy, bild::kModeBild, bild::kModeSample})
         test_verify_draft(rng, mode, V, first_pass, /*split=*/true, /*greedy_only=*/true);
   }
+  // The fused tail (VerifyFusedTail: merge and finish inside the first pass) of greedy rows after the stream and long
+  // passes; 70001 is several chunks a row, 333 one.
+  for (int first_pass : {bild::kFirstPassStream, bild::kFirstPassLong})
+    for (int V : {333, 9001, 70001})
+      for (int mode : {bild::kModeGreedy, bild::kModeBild, bild::kModeSample})
+        test_verify_draft(rng, mode, V, first_pass, /*split=*/false, /*greedy_only=*/true, /*fused=*/true);
   // The split cut-off search, after the default first pass of each op and after the chunked one.
   for (int first_pass : {bild::kFirstPassChunked, bild::kFirstPassStream}) {
     for (int V : {1111, 9001, 70001}) test_sample_draft(rng, V, first_pass, /*split=*/true);
