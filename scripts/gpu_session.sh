@@ -56,7 +56,9 @@
 #   verify_draft, and sample_draft's auto choice; profile_step: the host's time around the graphs after the
 #   host-side changes);
 #   call 2 (carry .carry2): `DISTILL_TIMEOUT=<what is left, minus 40 s> bash scripts/gpu_distill.sh .carry2 --prompts
-#   23704 --corpus-seed 4 --self-prompts 8000 --samples-per-prompt 3 --corpus-minutes 2 --minutes 3` (~400 s by the
+#   23704 --corpus-seed 4 --self-prompts 30000 --samples-per-prompt 2 --corpus-minutes 2 --minutes 3` (more distinct
+#   prompts rather than more answers to the same ones: the CPU ablations found data variety the lever; 30,000
+#   self-written prompts ~30 s, ~107k answers in the corpus budget; ~400 s by the
 #   H100's rates with the feature cache off: ~20 s loading, 8 s prompts, 90 s corpus, ~70 s for the features and
 #   the targets in one pass (53 + 67 s apart before), the training and its evaluations; a cut keeps the best
 #   evaluation's draft).
