@@ -436,6 +436,18 @@ def test_cli_refuses_bad_values_in_one_line(capsys, large_dir, tmp_path, argv, m
     assert not (tmp_path / "w").exists() and not (tmp_path / "d").exists()
 
 
+def test_cli_feature_draft_without_the_feature_cache(capsys, large_dir, tmp_path):
+    """`--kind feature --no-feature-cache` (what gpu_distill.sh passes): the draft is written, the teacher's targets
+    (from the features' pass) are cached, its features are not."""
+    work = _work(large_dir, tmp_path)
+    code, err = _cli(capsys, "--large", large_dir, "--out", tmp_path / "d", "--work-dir", work, "--kind", "feature",
+                     "--prompts", 4, "--max-new-tokens", 4, "--minutes", 0.003, "--draft-vocab", 30,
+                     "--no-feature-cache")
+    assert code == 0, err
+    assert (tmp_path / "d" / "bild_draft.json").is_file() and "draft written to" in err
+    assert list(work.glob("targets_*.pt")) and not list(work.glob("features_*_*.pt"))
+
+
 def test_cli_warm_start_with_a_budget_writes_parts_that_join_into_a_loadable_draft(capsys, large_dir, tmp_path):
     from bild_kernels import Engine, Greedy, LargeOnly, SamplingParams
     _init_draft(large_dir, tmp_path / "init")
