@@ -78,7 +78,8 @@
 #         profile_step (torch.profiler over graphed engine steps, random Llama-1B pair) | ctest |
 #         engine_gpu_tests (the GPU-only tests of distillation, the draft loop, the graphed passes, BatchGenerator) |
 #         fused (verify_draft's fused tail and the forced block cut-off search against the reference, the native
-#         binary; then the fused tail timed beside the hinted and plain CUDA backends). Wheels in .whl/ (carried) are installed first.
+#         binary; the test that crashed its worker on the H100 alone, under gdb where there is one; then the fused
+#         tail timed beside the hinted and plain CUDA backends). Wheels in .whl/ (carried) are installed first.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -146,6 +147,11 @@ for s in "$@"; do
         fused) stage fused_tests 120 "$PY" -m pytest -q -rfE -p no:cacheprovider -p no:benchmark --timeout 120 \
                   -n "$WORKERS" -k "cuda-fused or cuda-block or verify_tail or cut_search or native_kernel_binary" \
                   tests/kernels/test_verify_draft.py tests/kernels/test_sample_draft.py tests/kernels/test_cuda_extension.py
+               # the test that crashed its worker on the H100 (2026-11-27c), alone, with a native backtrace where gdb is
+               stage rows_hint_crash 60 sh -c "if command -v gdb >/dev/null; then gdb -q -batch -ex run -ex bt --args \
+                  $PY -X faulthandler -m pytest -q -p no:cacheprovider tests/kernels/test_cuda_extension.py -k \
+                  rows_hint_out_of_range; else $PY -X faulthandler -m pytest -q -p no:cacheprovider \
+                  tests/kernels/test_cuda_extension.py -k rows_hint_out_of_range; fi"
                stage fused_bench 60 "$PY" bench/bench_verify_draft.py --device cuda \
                   --backends cuda,cuda-hinted,cuda-fused --modes greedy,bild \
                   --shapes 64x8x128256,256x8x128256,1x4x128256,64x4x32000 ;;
