@@ -89,8 +89,7 @@ FORCED_FIRST_PASSES = ("cuda-chunked", "cuda-wide", "cuda-stream", "cuda-long", 
 # the CUDA backend told what the host knows of the rows (sample_draft / verify_draft's `rows`: the kernels for kinds
 # of row absent are left out), as the engine calls it
 HINTED = "cuda-hinted"
-# verify_draft's fused tail (bild_kernels.cuda_verify_tail), told the rows as "cuda-hinted": it applies without
-# sampling rows
+# the fused tail (bild_kernels.cuda_fused_tail), told the rows as "cuda-hinted": it applies where they allow
 FUSED = "cuda-fused"
 GRAPHED = ("cuda", *FORCED_FIRST_PASSES, HINTED, FUSED, "triton")  # also timed replayed from a CUDA graph on a GPU ("<backend>+graph")
 
@@ -104,10 +103,10 @@ def first_pass_of(backend: str):
     if backend not in (*FORCED_FIRST_PASSES, FUSED):
         yield
         return
-    from bild_kernels import cuda_cut_search, cuda_first_pass, cuda_verify_tail
+    from bild_kernels import cuda_cut_search, cuda_first_pass, cuda_fused_tail
     kind = backend.split("-", 1)[1]
     choose = (cuda_cut_search if kind in ("split", "block") else
-              cuda_verify_tail if kind == "fused" else cuda_first_pass)
+              cuda_fused_tail if kind == "fused" else cuda_first_pass)
     old = choose(kind)
     try:
         yield
@@ -173,10 +172,10 @@ def cpu_extension_rows(args, op: str, unit: str, max_rows: int) -> list[int]:
 
 
 def usable_backends(device: str, requested: str | None, *, cpu_kernel: bool = False,
-                    first_pass: bool = False, verify: bool = False) -> list[str]:
+                    first_pass: bool = False) -> list[str]:
     """Backends to run: on a GPU all built ones plus the torch.compile'd reference (with first_pass=True, the op
     has a choice of first pass and cut-off search: "cuda-chunked", "cuda-wide", "cuda-stream", "cuda-long" and
-    "cuda-split", "cuda-block" too, and with verify=True verify_draft's "cuda-fused"); on a CPU the reference, (under TRITON_INTERPRET=1) Triton, and
+    "cuda-split", "cuda-block" and "cuda-fused" too); on a CPU the reference, (under TRITON_INTERPRET=1) Triton, and
     with cpu_kernel=True (the op has one in bild_kernels._cpu) "cpu" where that extension is built and runs
     here."""
     from bild_kernels._backend import cpu_extension, cuda_extension, triton_available, triton_interpret
@@ -190,7 +189,7 @@ def usable_backends(device: str, requested: str | None, *, cpu_kernel: bool = Fa
         if cuda_extension() is not None:
             avail.append("cuda")
             if first_pass:
-                avail += [*FORCED_FIRST_PASSES, HINTED] + ([FUSED] if verify else [])
+                avail += [*FORCED_FIRST_PASSES, HINTED, FUSED]
     if requested:
         want = requested.split(",")
         return [b for b in want if b in avail]

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # run from a checkout
-from _common import GRAPHED, HINTED, first_pass_of, graph_replay, parser, pick_shapes, record, runs_at, timeit, usable_backends  # noqa: E402
+from _common import FUSED, GRAPHED, HINTED, first_pass_of, graph_replay, parser, pick_shapes, record, runs_at, timeit, usable_backends  # noqa: E402
 
 from bild_kernels import reference as R  # noqa: E402
 from bild_kernels._backend import resolve  # noqa: E402
@@ -84,7 +84,7 @@ def main() -> None:
             base = None
             # (on a CPU the interpreted Triton kernels only at the small shapes: the default pair's are for ref/cpu)
             for b in [b for b in backends if runs_at(b, {"B": B, "V": V}) and (gpu or b != "triton" or V <= 1000)]:
-                fn = functools.partial(fns[b], rows=HINTS[rows]) if b == HINTED else fns.get(b)
+                fn = functools.partial(fns[b], rows=HINTS[rows]) if b in (HINTED, FUSED) else fns.get(b)
                 if b == "flashinfer" and (fn := flashinfer_sampling(rows)) is None:
                     continue
                 with first_pass_of(b):

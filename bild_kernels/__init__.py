@@ -1,5 +1,5 @@
 """bild-kernels: big-little speculative decoding on fused CUDA/Triton kernels."""
-from bild_kernels._backend import backends, cuda_cut_search, cuda_first_pass, cuda_verify_tail
+from bild_kernels._backend import backends, cuda_cut_search, cuda_first_pass, cuda_fused_tail
 from bild_kernels.ops import (DraftSample, VerifyResult, gather_paged_kv, reserve_paged_kv, rollback_paged_kv,
                               sample_draft, verify_draft, write_paged_kv)
 
@@ -20,5 +20,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'bild_kernels' has no attribute {name!r}")
 
 
-__all__ = ["backends", "cuda_cut_search", "cuda_first_pass", "cuda_verify_tail", "write_paged_kv", "reserve_paged_kv", "rollback_paged_kv", "gather_paged_kv",
+__all__ = ["backends", "cuda_cut_search", "cuda_first_pass", "cuda_fused_tail", "write_paged_kv", "reserve_paged_kv", "rollback_paged_kv", "gather_paged_kv",
            "sample_draft", "DraftSample", "verify_draft", "VerifyResult", *_ENGINE_NAMES]

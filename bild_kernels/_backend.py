@@ -46,17 +46,17 @@ def cuda_extension():
         if kind not in CUT_SEARCHES:
             raise ValueError(f"BILD_CUT_SEARCH must be one of {CUT_SEARCHES}, got {kind!r}")
         _C.set_cut_search(CUT_SEARCHES.index(kind))
-    kind = os.environ.get("BILD_VERIFY_TAIL")
+    kind = os.environ.get("BILD_FUSED_TAIL")
     if kind:
-        if kind not in VERIFY_TAILS:
-            raise ValueError(f"BILD_VERIFY_TAIL must be one of {VERIFY_TAILS}, got {kind!r}")
-        _C.set_verify_tail(VERIFY_TAILS.index(kind))
+        if kind not in FUSED_TAILS:
+            raise ValueError(f"BILD_FUSED_TAIL must be one of {FUSED_TAILS}, got {kind!r}")
+        _C.set_fused_tail(FUSED_TAILS.index(kind))
     return _C
 
 
 FIRST_PASSES = ("chunked", "wide", "auto", "stream", "long")  # index = csrc/common.cuh kFirstPass*
 CUT_SEARCHES = ("block", "split", "auto")  # index = csrc/common.cuh kCutSearch*
-VERIFY_TAILS = ("launches", "fused", "auto")  # index = csrc/verify.cuh kVerifyTail*
+FUSED_TAILS = ("launches", "fused", "auto")  # index = csrc/common.cuh kTail*
 
 
 def cuda_first_pass(kind: str | None = None) -> str:
@@ -219,13 +219,13 @@ def cuda_cut_search(kind: str | None = None) -> str:
     return _cuda_setting("cuda_cut_search", "cut_search", CUT_SEARCHES, kind)
 
 
-def cuda_verify_tail(kind: str | None = None) -> str:
-    """How the CUDA `verify_draft` ends after its first pass over the vocabulary, for the whole process: "auto" (the
-    default: "launches" until "fused" is timed on a GPU), "launches" (a merge kernel for the positions, the kernels
-    that sampling and top-k / top-p rows need, a finishing kernel for the rows) or "fused" (where no row samples, by
-    the `rows` hint, and the first pass is "stream" or "long": the block that writes a position's last partial merges
-    and finishes it, and the row's last position to finish cuts the row, inside the first pass: csrc/verify.cuh
-    VerifyFusedTail). With `kind`, sets it and returns the previous one; without, returns the current one.
-    `BILD_VERIFY_TAIL=<kind>` sets it when the extension loads. A CUDA graph keeps the kernels it captured. Raises
-    RuntimeError where the extension was not built."""
-    return _cuda_setting("cuda_verify_tail", "verify_tail", VERIFY_TAILS, kind)
+def cuda_fused_tail(kind: str | None = None) -> str:
+    """How the CUDA `sample_draft` and `verify_draft` end after their first pass over the vocabulary, for the whole
+    process: "auto" (the default: "launches" until "fused" is timed on a GPU), "launches" (their row / position
+    kernels after the first pass) or "fused" (inside the chunked, stream or long first pass, where the caller's `rows`
+    hint allows: for `verify_draft` no row samples, for `sample_draft` no row samples or filters; the block that
+    writes a row's last partial merges them and finishes the row, and for `verify_draft` the last position of a row
+    to finish cuts it: csrc/common.cuh use_fused_tail, SampleFusedTail, VerifyFusedTail). With `kind`, sets it and
+    returns the previous one; without, returns the current one. `BILD_FUSED_TAIL=<kind>` sets it when the extension
+    loads. A CUDA graph keeps the kernels it captured. Raises RuntimeError where the extension was not built."""
+    return _cuda_setting("cuda_fused_tail", "fused_tail", FUSED_TAILS, kind)

@@ -35,9 +35,9 @@ int64_t resolve_first_pass_for(int64_t rows, int64_t V, int64_t elem_size, bool 
 int current_cut_search();
 int64_t set_cut_search(int64_t kind);
 int64_t resolve_cut_search_for(int64_t launch_rows, int64_t rows, bool verify);
-int current_verify_tail();
-int64_t set_verify_tail(int64_t kind);
-int64_t resolve_verify_tail_for(int64_t rows, int64_t first_pass);
+int current_fused_tail();
+int64_t set_fused_tail(int64_t kind);
+int64_t resolve_fused_tail_for(int64_t rows, int64_t first_pass, bool verify);
 }  // namespace bild
 
 TORCH_LIBRARY(bild_kernels_C, m) {
@@ -86,16 +86,18 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_cut_search", &bild::set_cut_search, pybind11::arg("kind"),
         "Choose the cut-off search for the whole process (0 block, 1 split, 2 auto); returns the previous one, or -1 for "
         "another kind (nothing changes). A CUDA graph keeps the kernels it captured.");
-  m.def("verify_tail", &bild::current_verify_tail,
-        "How verify_draft ends after its first pass: 0 launches (VerifyMergeKernel, ..., VerifyFinishKernel), 1 fused "
-        "(VerifyFusedTail inside the stream or long first pass, for verifications without sampling rows), 2 auto (the "
-        "launches; the default)");
-  m.def("set_verify_tail", &bild::set_verify_tail, pybind11::arg("kind"),
-        "Choose how verify_draft ends for the whole process (0 launches, 1 fused, 2 auto); returns the previous one, "
-        "or -1 for another kind (nothing changes). A CUDA graph keeps the kernels it captured.");
-  m.def("resolve_verify_tail", &bild::resolve_verify_tail_for, pybind11::arg("rows"), pybind11::arg("first_pass"),
-        "The tail (0 launches, 1 fused) a verify_draft launch runs under the current setting, given the caller's rows "
-        "hint and the launch's first pass (0 chunked, 1 wide, 3 stream, 4 long); -1 for arguments out of range");
+  m.def("fused_tail", &bild::current_fused_tail,
+        "How sample_draft and verify_draft end after their first pass: 0 launches (their row / position kernels), 1 "
+        "fused (SampleFusedTail, VerifyFusedTail inside the chunked, stream or long first pass, where the rows allow: "
+        "csrc/common.cuh use_fused_tail), 2 auto (the launches; the default)");
+  m.def("set_fused_tail", &bild::set_fused_tail, pybind11::arg("kind"),
+        "Choose how the two ops end for the whole process (0 launches, 1 fused, 2 auto); returns the previous one, or "
+        "-1 for another kind (nothing changes). A CUDA graph keeps the kernels it captured.");
+  m.def("resolve_fused_tail", &bild::resolve_fused_tail_for, pybind11::arg("rows"), pybind11::arg("first_pass"),
+        pybind11::arg("verify"),
+        "The tail (0 launches, 1 fused) a launch runs under the current setting, given the caller's rows hint, the "
+        "launch's first pass (0 chunked, 1 wide, 3 stream, 4 long) and the op (verify: verify_draft, else "
+        "sample_draft); -1 for arguments out of range");
   m.def("resolve_cut_search", &bild::resolve_cut_search_for, pybind11::arg("launch_rows"), pybind11::arg("rows"),
         pybind11::arg("verify"),
         "The cut-off search (0 block, 1 split) a launch over `launch_rows` rows runs under the current setting, given "

@@ -338,9 +338,36 @@ __device__ void for_each_in_chunk(const T* __restrict__ row, int V, int S, int c
 
 // Grid (R * S,), kChunkThreads threads: block r * S + c reads chunk c of row r of logits [R, V] and
 // writes partials[r * S + c].
-template <typename T, typename Rows>
+// What the chunked, stream and long first passes do after a block wrote its partial (`Tail`): nothing, or (a tail with kNone
+// false: verify.cuh's VerifyFusedTail, sampling.cuh's SampleFusedTail) count the row's chunks done and, in the block that writes the row's
+// last partial, call tail(r, S, the row's partials): the work of the launches that would follow, without them.
+struct NoTail {
+  static constexpr bool kNone = true;
+  __device__ void operator()(int, int, const RowPartial*) const {}
+};
+
+// After thread 0 of a block wrote partial r * S + c: whether this block wrote row r's last one (then every earlier
+// write of the row is visible to it), the row's count left for the next launch to find at zero again.
+template <typename Tail>
+__device__ inline void after_partial(const Tail& tail, int r, int S, const RowPartial* partials) {
+  if constexpr (!Tail::kNone) {
+    bool last = false;
+    if (threadIdx.x == 0) {
+      __threadfence();  // the partial, before the count that publishes it
+      last = atomicAdd(tail.chunks_done + r, 1) == S - 1;
+      if (last) {
+        tail.chunks_done[r] = 0;
+        __threadfence();  // the other blocks' partials, after their counts
+      }
+    }
+    if (__syncthreads_or(last)) tail(r, S, partials + static_cast<int64_t>(r) * S);  // block-uniform
+  }
+}
+
+template <typename T, typename Rows, typename Tail = NoTail>
 __global__ void __launch_bounds__(kChunkThreads)
-    RowChunkStatsKernel(const T* __restrict__ logits, int V, int S, Rows rows, RowPartial* __restrict__ partials) {
+    RowChunkStatsKernel(const T* __restrict__ logits, int V, int S, Rows rows, RowPartial* __restrict__ partials,
+                        Tail tail = Tail()) {
   __shared__ float smem[2 * 32];
   const int r = blockIdx.x / S, c = blockIdx.x % S;
   const RowTask task = rows(r);
@@ -360,6 +387,7 @@ __global__ void __launch_bounds__(kChunkThreads)
   if (task.scaled) p.s = block_reduce(p.s, reinterpret_cast<Lse*>(smem));
   if (task.draw) p.g = block_reduce(p.g, reinterpret_cast<ArgMax*>(smem));
   if (threadIdx.x == 0) partials[blockIdx.x] = p;
+  after_partial(tail, r, S, partials);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -616,32 +644,6 @@ __device__ inline ScaledStats merge(ScaledStats a, ScaledStats b) {
 }
 __device__ inline ScaledStats shfl_xor(ScaledStats x, int o) { return ScaledStats{shfl_xor(x.s, o), shfl_xor(x.g, o)}; }
 
-// What the stream and long first passes do after a block wrote its partial (`Tail`): nothing, or (a tail with kNone
-// false, e.g. verify.cuh's VerifyFusedTail) count the row's chunks done and, in the block that writes the row's
-// last partial, call tail(r, S, the row's partials): the work of the launches that would follow, without them.
-struct NoTail {
-  static constexpr bool kNone = true;
-  __device__ void operator()(int, int, const RowPartial*) const {}
-};
-
-// After thread 0 of a block wrote partial r * S + c: whether this block wrote row r's last one (then every earlier
-// write of the row is visible to it), the row's count left for the next launch to find at zero again.
-template <typename Tail>
-__device__ inline void after_partial(const Tail& tail, int r, int S, const RowPartial* partials) {
-  if constexpr (!Tail::kNone) {
-    bool last = false;
-    if (threadIdx.x == 0) {
-      __threadfence();  // the partial, before the count that publishes it
-      last = atomicAdd(tail.chunks_done + r, 1) == S - 1;
-      if (last) {
-        tail.chunks_done[r] = 0;
-        __threadfence();  // the other blocks' partials, after their counts
-      }
-    }
-    if (__syncthreads_or(last)) tail(r, S, partials + static_cast<int64_t>(r) * S);  // block-uniform
-  }
-}
-
 // Grid (R * S,), kChunkThreads threads, S = row_splits<T>(V, kStreamVecs).
 template <typename T, typename Rows, typename Tail = NoTail>
 __global__ void __launch_bounds__(kChunkThreads, kStreamMinBlocks)
@@ -785,11 +787,24 @@ constexpr int kRowsSampled = 1;   // some row samples (temperature > 0)
 constexpr int kRowsFiltered = 2;  // some row uses top-k / top-p
 constexpr int kRowsAll = kRowsSampled | kRowsFiltered;
 
+// How sample_draft and verify_draft end after their first pass, for the whole process (bild_kernels.cuda_fused_tail):
+constexpr int kTailLaunches = 0;  // their row / position kernels (sampling.cuh, verify.cuh)
+constexpr int kTailFused = 1;     // inside the first pass where it applies: SampleFusedTail, VerifyFusedTail
+constexpr int kTailAuto = 2;      // the default: the launches until the fused tails are timed on a GPU
+
+// Whether a launch runs its fused tail: set so, a first pass with the tail (chunked, stream or long: the launch's
+// resolved kind), and rows the tail serves (the caller's hint): verify_draft's no sampling rows, sample_draft's
+// neither sampling nor top-k / top-p rows (greedy rows report their token's probability over the kept set).
+__host__ __device__ inline bool use_fused_tail(int setting, int rows, int first_pass, bool verify) {
+  const bool pass = first_pass == kFirstPassChunked || first_pass == kFirstPassStream || first_pass == kFirstPassLong;
+  return setting == kTailFused && pass && (verify ? (rows & kRowsSampled) == 0 : rows == 0);
+}
+
 // Launches the first pass `kind` over R rows of V elements: R * first_pass_splits<T>(kind, V) blocks (the
 // stream and long passes: then their scaled kernel, at most kScaledMaxBlocks blocks, unless no row samples:
 // `sampled` false, when the partials' s and g stay the merge identity, read by no row). A `tail` (after_partial)
-// runs in the stream and long passes only, and only without sampling rows (it would run before the scaled kernel):
-// the caller checks both.
+// runs in the chunked, stream and long passes only, and only without sampling rows (in the stream and long passes
+// it would run before the scaled kernel): use_fused_tail checks both.
 template <typename T, typename Rows, typename Tail = NoTail>
 void launch_first_pass(int kind, const T* logits, int R, int V, Rows rows, RowPartial* partials,
                        cudaStream_t stream, bool sampled = true, Tail tail = Tail()) {
@@ -813,7 +828,7 @@ void launch_first_pass(int kind, const T* logits, int R, int V, Rows rows, RowPa
       }
     }
   } else {
-    RowChunkStatsKernel<T><<<grid, kChunkThreads, 0, stream>>>(logits, V, S, rows, partials);
+    RowChunkStatsKernel<T, Rows, Tail><<<grid, kChunkThreads, 0, stream>>>(logits, V, S, rows, partials, tail);
   }
 }
 

@@ -56,6 +56,28 @@ int64_t resolve_cut_search_for(int64_t launch_rows, int64_t rows, bool verify) {
                                                                                           : kCutSearchBlock;
 }
 
+// How the two ops end after their first pass (kTailLaunches, kTailFused or kTailAuto: common.cuh), for the whole
+// process; bild_kernels._C.set_fused_tail(kind) sets it. Auto is the launches until the fused tails are timed.
+static std::atomic<int> g_fused_tail{kTailAuto};
+
+int current_fused_tail() { return g_fused_tail.load(std::memory_order_relaxed); }
+
+// Returns the previous setting, or -1 (and changes nothing) for a kind that is none of the three.
+int64_t set_fused_tail(int64_t kind) {
+  if (kind != kTailLaunches && kind != kTailFused && kind != kTailAuto) return -1;
+  return g_fused_tail.exchange(static_cast<int>(kind));
+}
+
+int64_t resolve_fused_tail_for(int64_t rows, int64_t first_pass, bool verify) {
+  if (rows < 0 || rows > kRowsAll || first_pass < kFirstPassChunked || first_pass > kFirstPassLong ||
+      first_pass == kFirstPassAuto) {
+    return -1;
+  }
+  return use_fused_tail(current_fused_tail(), static_cast<int>(rows), static_cast<int>(first_pass), verify)
+             ? kTailFused
+             : kTailLaunches;
+}
+
 int device_sms() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 
 int64_t resolve_first_pass_for(int64_t rows, int64_t V, int64_t elem_size, bool verify, int64_t sms) {
@@ -121,12 +143,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_dr
     const int64_t n_partials = sample_draft_partials<T>(B, V);
     TORCH_CHECK(n_partials < (1LL << 31), op, ": B * ceil(V / ", chunk_elems<T>(), ") must be below 2^31");
     at::Tensor partials = at::empty({n_partials * static_cast<int64_t>(sizeof(RowPartial) / sizeof(float))}, f32);
+    const int first_pass =
+        resolve_first_pass(current_first_pass(), B, static_cast<int>(V), sizeof(T), false, device_sms());
+    at::Tensor tail_buf;  // the fused tail's counts (SampleFusedTail), where it runs
+    if (use_fused_tail(current_fused_tail(), static_cast<int>(rows), first_pass, /*verify=*/false)) {
+      tail_buf = at::empty({B}, z.options().dtype(at::kInt));
+    }
     C10_CUDA_CHECK(SampleDraft<T>(static_cast<const T*>(z.const_data_ptr()), B, V, prm, out,
                                   reinterpret_cast<RowPartial*>(partials.data_ptr<float>()),
-                                  c10::cuda::getCurrentCUDAStream(),
-                                  resolve_first_pass(current_first_pass(), B, static_cast<int>(V), sizeof(T), false,
-                                                     device_sms()),
-                                  split_ptr, static_cast<int>(rows)));
+                                  c10::cuda::getCurrentCUDAStream(), first_pass, split_ptr, static_cast<int>(rows),
+                                  tail_buf.defined() ? tail_buf.data_ptr<int>() : nullptr));
   });
   return {token_ids, token_probs, max_probs, energies, fallback};
 }

@@ -159,6 +159,37 @@ __global__ void __launch_bounds__(kRowThreads, 1)
   }
 }
 
+// The fused tail of a sample_draft whose rows neither sample nor filter (kTailFused, use_fused_tail): the block that
+// writes row b's last first-pass partial merges the partials and writes the row's outputs, as SampleDraftKernel does
+// for such a row (its argmax, the probability at temperature 1, the energy, the fallback flag), so the first pass is
+// the op's only launch besides clearing the counts. chunks_done: [B], zero before the launch and left at zero.
+template <typename T>
+struct SampleFusedTail {
+  static constexpr bool kNone = false;
+  int* chunks_done;
+  const T* logits;
+  int V;
+  SampleDraftParams prm;
+  SampleDraftOutputs out;
+
+  __device__ void operator()(int b, int S, const RowPartial* partials) const {
+    if (threadIdx.x >= 32) return;  // warp-uniform
+    const RowPartial stats = warp_merge_partials<true>(partials, S);
+    if (threadIdx.x == 0) {
+      const Lse z_lse = stats.z;
+      const int token = stats.zmax.i;
+      const float lse = z_lse.log_sum();
+      const float max_prob = expf(z_lse.m - lse);
+      out.token_ids[b] = token;
+      // SampleDraftKernel's expressions at t = 1 with the whole vocabulary kept
+      out.token_probs[b] = expf(to_float(logits[static_cast<int64_t>(b) * V + token]) - (z_lse.m + logf(z_lse.s)));
+      out.max_probs[b] = max_prob;
+      out.energies[b] = -lse;
+      out.fallback[b] = max_prob < prm.fallback_threshold[b];
+    }
+  }
+};
+
 // Elements of the partials buffer SampleDraft<T> needs.
 template <typename T>
 inline int64_t sample_draft_partials(int B, int V) {
@@ -172,12 +203,21 @@ inline int64_t sample_draft_partials(int B, int V) {
 // first_pass: kFirstPassChunked, kFirstPassWide, kFirstPassStream or kFirstPassLong (common.cuh).
 // rows: what the caller knows of the rows (kRowsSampled | kRowsFiltered, common.cuh; kRowsAll: nothing): a row of a
 // kind left out computes wrong results.
+// tail_counts: B ints of scratch for the fused tail (SampleFusedTail: a memset and the first pass, two launches as
+// before but no row kernel) where it applies (use_fused_tail); nullptr: the launches.
 template <typename T>
 cudaError_t SampleDraft(const T* logits, int B, int V, SampleDraftParams prm, SampleDraftOutputs out,
                         RowPartial* partials, cudaStream_t stream, int first_pass = kFirstPassChunked,
-                        const CutSplit* split = nullptr, int rows = kRowsAll) {
+                        const CutSplit* split = nullptr, int rows = kRowsAll, int* tail_counts = nullptr) {
   if (B == 0) return cudaSuccess;
   const bool sampled = rows & kRowsSampled, filtered = rows & kRowsFiltered;
+  if (tail_counts != nullptr && use_fused_tail(kTailFused, rows, first_pass, /*verify=*/false)) {
+    const cudaError_t err = cudaMemsetAsync(tail_counts, 0, sizeof(int) * static_cast<size_t>(B), stream);
+    if (err != cudaSuccess) return err;
+    launch_first_pass(first_pass, logits, B, V, SampleRows{prm, V}, partials, stream, false,
+                      SampleFusedTail<T>{tail_counts, logits, V, prm, out});
+    return cudaGetLastError();
+  }
   launch_first_pass(first_pass, logits, B, V, SampleRows{prm, V}, partials, stream, sampled);
   cudaError_t first = cudaGetLastError();
   if (first != cudaSuccess) return first;

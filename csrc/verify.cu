@@ -1,7 +1,6 @@
 // Torch layer of verify_draft: check inputs, allocate outputs and scratch, pick the stream, launch (verify.cuh).
 #include <ATen/ops/empty.h>
 
-#include <atomic>
 #include <optional>
 
 #include "torch_utils.h"
@@ -12,31 +11,10 @@ namespace bild {
 void check_row_params(const char* op, int64_t B, const at::Tensor& temperature, const at::Tensor& top_k,
                       const at::Tensor& top_p, const at::Tensor& seed, const at::Tensor& offset);  // sampling.cu
 int current_first_pass();  // sampling.cu
+int current_fused_tail();  // sampling.cu
 int device_sms();          // sampling.cu
 const CutSplit* cut_split_scratch(int64_t R, int64_t D, const at::Tensor& like, at::Tensor& buf, CutSplit& split,
                                   int rows, bool verify);  // sampling.cu
-
-// How verify_draft ends after its first pass (kVerifyTail*: verify.cuh), for the whole process;
-// bild_kernels._C.set_verify_tail(kind) sets it.
-static std::atomic<int> g_verify_tail{kVerifyTailAuto};
-
-int current_verify_tail() { return g_verify_tail.load(std::memory_order_relaxed); }
-
-// Returns the previous setting, or -1 (and changes nothing) for a kind that is none of the three.
-int64_t set_verify_tail(int64_t kind) {
-  if (kind != kVerifyTailLaunches && kind != kVerifyTailFused && kind != kVerifyTailAuto) return -1;
-  return g_verify_tail.exchange(static_cast<int>(kind));
-}
-
-int64_t resolve_verify_tail_for(int64_t rows, int64_t first_pass) {
-  if (rows < 0 || rows > kRowsAll || first_pass < kFirstPassChunked || first_pass > kFirstPassLong ||
-      first_pass == kFirstPassAuto) {
-    return -1;
-  }
-  return use_fused_tail(current_verify_tail(), static_cast<int>(rows), static_cast<int>(first_pass))
-             ? kVerifyTailFused
-             : kVerifyTailLaunches;
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_draft(
     const at::Tensor& draft_ids, const at::Tensor& target_logits, int64_t mode, const at::Tensor& rollback_threshold,
@@ -110,7 +88,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_draft(
     const int first_pass = resolve_first_pass(current_first_pass(), B * (K + 1), static_cast<int>(V), sizeof(T),
                                               /*verify=*/true, device_sms());
     at::Tensor tail_buf;  // the fused tail's counts (VerifyFusedTail), where it runs
-    if (use_fused_tail(current_verify_tail(), static_cast<int>(rows), first_pass)) {
+    if (use_fused_tail(current_fused_tail(), static_cast<int>(rows), first_pass, /*verify=*/true)) {
       tail_buf = at::empty({B * K1 + B}, i32);
     }
     C10_CUDA_CHECK(VerifyDraft<T>(ids.const_data_ptr<int64_t>(), static_cast<const T*>(z.const_data_ptr()), probs_ptr,

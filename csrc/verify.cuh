@@ -189,19 +189,7 @@ __global__ void __launch_bounds__(32 * kMergeWarps)
   }
 }
 
-// How a verification ends after its first pass, for the whole process (bild_kernels.cuda_verify_tail):
-constexpr int kVerifyTailLaunches = 0;  // VerifyMergeKernel, then the filter / cut kernels rows need, VerifyFinishKernel
-constexpr int kVerifyTailFused = 1;     // VerifyFusedTail inside the first pass, where it applies (use_fused_tail)
-constexpr int kVerifyTailAuto = 2;      // the default: the launches until the fused tail is timed on a GPU
-
-// Whether a verification runs the fused tail: set so, no sampling rows (the rows hint) and the stream or long first
-// pass (the launch's resolved kind).
-__host__ __device__ inline bool use_fused_tail(int setting, int rows, int first_pass) {
-  return setting == kVerifyTailFused && (rows & kRowsSampled) == 0 &&
-         (first_pass == kFirstPassStream || first_pass == kFirstPassLong);
-}
-
-// The fused tail of a verification whose rows are all greedy (kVerifyTailFused): the block that writes position
+// The fused tail of a verification without sampling rows (kTailFused, use_fused_tail): the block that writes position
 // pid's last first-pass partial merges the partials and finishes the position (VerifyMergeKernel's work), and the
 // last position of row b to finish cuts the row and writes its outputs (VerifyFinishKernel's), so the first pass is
 // the verification's only launch besides clearing the counts. counts: [B * (K+1)] chunks done, then [B] positions
@@ -411,8 +399,8 @@ __global__ void __launch_bounds__(32)
 // rows: what the caller knows of the rows (kRowsSampled | kRowsFiltered, common.cuh; kRowsAll: nothing): without
 // sampling rows the scaled statistics, top-k / top-p and sampled-token kernels are not launched (top-k / top-p
 // applies to sampling rows only); a row of a kind left out computes wrong results.
-// tail_counts: with no sampling rows and the stream or long first pass, B * (K+1) + B ints of scratch for the fused
-// tail (VerifyFusedTail: a memset and the first pass, two launches instead of three); nullptr: the launches.
+// tail_counts: B * (K+1) + B ints of scratch for the fused tail (VerifyFusedTail: a memset and the first pass, two
+// launches instead of three) where it applies (use_fused_tail); nullptr: the launches.
 template <typename T>
 cudaError_t VerifyDraft(const int64_t* draft_ids, const T* target_logits, const float* draft_probs, int B, int K,
                         int V, int mode, VerifyParams prm, VerifyOutputs out, VerifyScratch scr,
@@ -422,7 +410,7 @@ cudaError_t VerifyDraft(const int64_t* draft_ids, const T* target_logits, const 
   const bool sampled = rows & kRowsSampled, filtered = sampled && (rows & kRowsFiltered);
   const int S = first_pass_splits<T>(first_pass, V);
   const int positions = B * (K + 1);
-  if (tail_counts != nullptr && use_fused_tail(kVerifyTailFused, rows, first_pass)) {
+  if (tail_counts != nullptr && use_fused_tail(kTailFused, rows, first_pass, /*verify=*/true)) {
     cudaError_t err = cudaMemsetAsync(tail_counts, 0, sizeof(int) * (static_cast<size_t>(positions) + B), stream);
     if (err != cudaSuccess) return err;
     const VerifyFusedTail<T> tail{tail_counts, tail_counts + positions, draft_ids, target_logits, draft_probs, K, V,

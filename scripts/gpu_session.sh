@@ -48,10 +48,10 @@
 # tree packed as above, two calls, the second started within 30 s of the first's end):
 #   call 1: bash scripts/gpu_carry.sh stash .carry1 >/dev/null && BILD_REV=<rev> DEADLINE=300 GPU_TEST_WORKERS=12 bash
 #           scripts/gpu_session.sh build fused flashinfer split profile_step
-#   (fused: verify_draft's fused tail, written after the H100 run: where no row samples, the first pass merges,
-#   finishes and cuts in the blocks that write a position's / a row's last result, two launches instead of three
-#   (after the H100 run the first pass alone is ~80% of HBM at B = 64, the launches after it ~12 of 67 us); its
-#   tests and the native binary first, then its timing beside cuda-hinted; flashinfer: FlashInfer 0.3.1's top-k /
+#   (fused: the fused tails, written after the H100 run: where no row samples (sample_draft: or filters), the first
+#   pass merges, finishes (and cuts) in the blocks that write a position's / a row's last result: a memset and one
+#   kernel (after the H100 run verify_draft's first pass alone is ~80% of HBM at B = 64, the launches after it ~12
+#   of 67 us); their tests and the native binary first, then their timing beside cuda-hinted; flashinfer: FlashInfer 0.3.1's top-k /
 #   top-p sampling and chain speculative sampling beside ours, never measured; split: the split search in
 #   verify_draft, and sample_draft's auto choice; profile_step: the host's time around the graphs after the
 #   host-side changes);
@@ -77,9 +77,9 @@
 #         split (the split cut-off search and the `rows` hint timed beside the plain CUDA backend) |
 #         profile_step (torch.profiler over graphed engine steps, random Llama-1B pair) | ctest |
 #         engine_gpu_tests (the GPU-only tests of distillation, the draft loop, the graphed passes, BatchGenerator) |
-#         fused (verify_draft's fused tail and the forced block cut-off search against the reference, the native
+#         fused (the two ops' fused tails and the forced block cut-off search against the reference, the native
 #         binary; the test that crashed its worker on the H100 alone, under gdb where there is one; then the fused
-#         tail timed beside the hinted and plain CUDA backends). Wheels in .whl/ (carried) are installed first.
+#         tails timed beside the hinted and plain CUDA backends). Wheels in .whl/ (carried) are installed first.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -145,7 +145,7 @@ for s in "$@"; do
                   -n "$WORKERS" -k "cuda or cut_search or host_knows or rows_hint or native_kernel_binary" \
                   tests/kernels/test_verify_draft.py tests/kernels/test_sample_draft.py tests/kernels/test_cuda_extension.py ;;
         fused) stage fused_tests 120 "$PY" -m pytest -q -rfE -p no:cacheprovider -p no:benchmark --timeout 120 \
-                  -n "$WORKERS" -k "cuda-fused or cuda-block or verify_tail or cut_search or native_kernel_binary" \
+                  -n "$WORKERS" -k "cuda-fused or cuda-block or fused_tail or cut_search or native_kernel_binary" \
                   tests/kernels/test_verify_draft.py tests/kernels/test_sample_draft.py tests/kernels/test_cuda_extension.py
                # the test that crashed its worker on the H100 (2026-11-27c), alone, with a native backtrace where gdb is
                stage rows_hint_crash 60 sh -c "if command -v gdb >/dev/null; then gdb -q -batch -ex run -ex bt --args \
@@ -154,7 +154,9 @@ for s in "$@"; do
                   tests/kernels/test_cuda_extension.py -k rows_hint_out_of_range; fi"
                stage fused_bench 60 "$PY" bench/bench_verify_draft.py --device cuda \
                   --backends cuda,cuda-hinted,cuda-fused --modes greedy,bild \
-                  --shapes 64x8x128256,256x8x128256,1x4x128256,64x4x32000 ;;
+                  --shapes 64x8x128256,256x8x128256,1x4x128256,64x4x32000
+               stage fused_bench_sample 40 "$PY" bench/bench_sample_draft.py --device cuda \
+                  --backends cuda,cuda-hinted,cuda-fused --shapes 64x128256,1x128256,256x128256,1x49152 ;;
         split) stage split_bench_verify 60 "$PY" bench/bench_verify_draft.py --device cuda \
                   --backends cuda,cuda-hinted,cuda-split,cuda-block --modes bild,bild-topk_topp --shapes 64x8x128256,1x4x128256
                stage split_bench_sample 60 "$PY" bench/bench_sample_draft.py --device cuda \

@@ -17,8 +17,8 @@ def kernel_backends(first_passes: bool = False, cpu: bool = False):
     extension. Backends that cannot run are still listed, skipped with the reason. With `first_passes`,
     CUDA (whose default first pass over the vocabulary, "auto", picks per launch) also runs with each first pass
     forced ("cuda-chunked", "cuda-wide", "cuda-stream", "cuda-long": sample_draft and verify_draft) and with each
-    top-k / top-p cut-off search forced ("cuda-split", "cuda-block": "auto" picks per launch) and with verify_draft's
-    fused tail ("cuda-fused": it applies where the rows hint says no row samples);
+    top-k / top-p cut-off search forced ("cuda-split", "cuda-block": "auto" picks per launch) and with the fused tail
+    ("cuda-fused": it applies where the rows hint allows, csrc/common.cuh use_fused_tail);
     with `cpu`, the CPU extension's backend too (the ops with one beside those of CPU_EXTENSION_OPS).
     """
     params = []
@@ -52,10 +52,10 @@ def _backend_device(request):
     if not setting:
         yield backend, device
         return
-    from bild_kernels import cuda_cut_search, cuda_first_pass, cuda_verify_tail
-    # "split" / "block": the cut-off search, "fused": verify_draft's tail, else a first pass
+    from bild_kernels import cuda_cut_search, cuda_first_pass, cuda_fused_tail
+    # "split" / "block": the cut-off search, "fused": the fused tail, else a first pass
     choose = (cuda_cut_search if setting[0] in ("split", "block") else
-              cuda_verify_tail if setting[0] == "fused" else cuda_first_pass)
+              cuda_fused_tail if setting[0] == "fused" else cuda_first_pass)
     old = choose(setting[0])
     try:
         yield backend, device

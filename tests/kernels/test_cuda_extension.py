@@ -312,38 +312,41 @@ def test_cuda_cut_search_setting():
         assert cuda_cut_search("auto") == "block"
 
 
-def test_cuda_verify_tail_setting():
-    """The process-wide choice of how verify_draft ends after its first pass (the per-op tests run the CUDA ops
+def test_cuda_fused_tail_setting():
+    """The process-wide choice of how the two ops end after their first pass (the per-op tests run the CUDA ops
     under "fused" as "cuda-fused")."""
-    from bild_kernels import cuda_verify_tail
-    assert cuda_verify_tail() == "auto"  # the default: the launches until the fused tail is timed
-    assert cuda_verify_tail("fused") == "auto"
+    from bild_kernels import cuda_fused_tail
+    assert cuda_fused_tail() == "auto"  # the default: the launches until the fused tails are timed
+    assert cuda_fused_tail("fused") == "auto"
     try:
-        assert cuda_verify_tail() == "fused"
+        assert cuda_fused_tail() == "fused"
         with pytest.raises(ValueError, match="kind must be one of"):
-            cuda_verify_tail("merged")
-        assert cuda_verify_tail() == "fused"  # a refused value changes nothing
-        assert cuda_verify_tail("launches") == "fused"
+            cuda_fused_tail("merged")
+        assert cuda_fused_tail() == "fused"  # a refused value changes nothing
+        assert cuda_fused_tail("launches") == "fused"
     finally:
-        assert cuda_verify_tail("auto") == "launches"
+        assert cuda_fused_tail("auto") == "launches"
 
 
 @pytest.mark.parametrize("kind", ["launches", "fused", "auto"])
-def test_resolve_verify_tail(kind):
-    """The fused tail runs only where it is set, no row samples (rows hint 0 or 2) and the first pass is the stream
-    (3) or long (4) one; the launches everywhere else."""
-    from bild_kernels import cuda_verify_tail
+def test_resolve_fused_tail(kind):
+    """The fused tail runs only where it is set, the first pass is the chunked (0), stream (3) or long (4) one, and
+    the rows hint allows: verify_draft without sampling rows (0 or 2), sample_draft without sampling or top-k / top-p
+    rows (0); the launches everywhere else."""
+    from bild_kernels import cuda_fused_tail
     ext = cuda_extension()
-    old = cuda_verify_tail(kind)
+    old = cuda_fused_tail(kind)
     try:
-        for rows, first_pass, fused in [(0, 3, 1), (0, 4, 1), (2, 3, 1), (1, 3, 0), (3, 3, 0), (3, 4, 0),
-                                        (0, 0, 0), (0, 1, 0)]:
+        for rows, first_pass, verify, fused in [(0, 3, True, 1), (0, 4, True, 1), (0, 0, True, 1), (2, 3, True, 1),
+                                                (1, 3, True, 0), (3, 3, True, 0), (3, 4, True, 0), (0, 1, True, 0),
+                                                (0, 0, False, 1), (0, 3, False, 1), (0, 4, False, 1),
+                                                (2, 0, False, 0), (1, 0, False, 0), (3, 3, False, 0), (0, 1, False, 0)]:
             want = fused if kind == "fused" else 0
-            assert ext.resolve_verify_tail(rows, first_pass) == want, (rows, first_pass)
-        for bad in [(-1, 3), (4, 3), (0, 2), (0, 5), (0, -1)]:
-            assert ext.resolve_verify_tail(*bad) == -1, bad
+            assert ext.resolve_fused_tail(rows, first_pass, verify) == want, (rows, first_pass, verify)
+        for bad in [(-1, 3, True), (4, 3, True), (0, 2, False), (0, 5, True), (0, -1, False)]:
+            assert ext.resolve_fused_tail(*bad) == -1, bad
     finally:
-        cuda_verify_tail(old)
+        cuda_fused_tail(old)
 
 
 @pytest.mark.parametrize("kind", ["block", "split", "auto"])

@@ -240,13 +240,15 @@ def _greedy_rows(B, V, device, dtype=F32, seed0=0):
 @pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
 def test_sample_draft_greedy_rows(backend_device_passes, B, V, dtype, atol, rtol):
     """Every row greedy and unfiltered: what a greedy CPU engine asks at every draft step (the CPU backend's
-    own kernel; other backends take their general paths)."""
+    own kernel; other backends take their general paths), with and without the engine's word for it (the hint that
+    "cuda-fused" needs for its fused tail, SampleFusedTail)."""
     backend, device = backend_device_passes
     logits, thr = _greedy_rows(B, V, device, dtype)
     z = torch.zeros(B, device=device)
-    check(backend, logits, z, torch.zeros(B, dtype=torch.int32, device=device), torch.ones(B, device=device),
-          torch.zeros(B, dtype=torch.int64, device=device), torch.zeros(B, dtype=torch.int64, device=device), thr,
-          atol, rtol)
+    for hints in ({}, dict(sampled=False, filtered=False)):
+        check(backend, logits, z, torch.zeros(B, dtype=torch.int32, device=device), torch.ones(B, device=device),
+              torch.zeros(B, dtype=torch.int64, device=device), torch.zeros(B, dtype=torch.int64, device=device), thr,
+              atol, rtol, **hints)
 
 
 def test_sample_draft_rows_the_host_knows(backend_device_passes):

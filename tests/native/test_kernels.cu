@@ -145,7 +145,8 @@ static void test_paged_kv(std::mt19937& rng) {
 // V = 1111 is one chunk of the first pass; V = 9001 is three (fp32: 4096 a chunk) with an odd tail.
 // split: the split top-k / top-p cut-off search (CutSplitPassKernel) instead of filter_cut. greedy_only: every row
 // greedy without top-k / top-p, launched with rows = 0 (the kernels for other kinds of row left out).
-static void test_sample_draft(std::mt19937& rng, int V, int first_pass, bool split = false, bool greedy_only = false) {
+static void test_sample_draft(std::mt19937& rng, int V, int first_pass, bool split = false, bool greedy_only = false,
+                              bool fused = false) {
   const int B = 6;
   std::vector<float> logits(B * V);
   std::normal_distribution<float> normal(0.0f, 3.0f);
@@ -173,9 +174,14 @@ static void test_sample_draft(std::mt19937& rng, int V, int first_pass, bool spl
     CUDA_OK(cudaMalloc(&split_buf, bild::cut_split_bytes(B, draws)));
     cs = bild::cut_split_carve(split_buf, B, draws);
   }
+  Dev<int> counts(std::vector<int>(B, 5));  // the fused tail's counts, left nonzero on purpose: the launch clears them
   CUDA_OK(bild::SampleDraft(dz.p, B, V, {dt.p, dk.p, dp.p, dseed.p, doff.p, dthr.p}, {tok.p, tp.p, mp.p, en.p, dfb},
                             part.p, nullptr, first_pass, split ? &cs : nullptr,
-                            greedy_only ? 0 : bild::kRowsAll));
+                            greedy_only ? 0 : bild::kRowsAll, fused ? counts.p : nullptr));
+  if (fused) {  // and left them at zero
+    const auto left = counts.get();
+    EXPECT(std::all_of(left.begin(), left.end(), [](int c) { return c == 0; }), "sample fused tail: counts left");
+  }
   if (split_buf != nullptr) {
     CUDA_OK(cudaDeviceSynchronize());
     cudaFree(split_buf);
@@ -292,12 +298,14 @@ int main() {
       for (int mode : {bild::kModeGreedy, bild::kModeBild, bild::kModeSample})
         test_verify_draft(rng, mode, V, first_pass, /*split=*/true, /*greedy_only=*/true);
   }
-  // The fused tail (VerifyFusedTail: merge and finish inside the first pass) of greedy rows after the stream and long
-  // passes; 70001 is several chunks a row, 333 one.
-  for (int first_pass : {bild::kFirstPassStream, bild::kFirstPassLong})
+  // The fused tails (SampleFusedTail, VerifyFusedTail: merge and finish inside the first pass) of greedy rows after
+  // the chunked, stream and long passes; 70001 is several chunks a row, 333 one.
+  for (int first_pass : {bild::kFirstPassChunked, bild::kFirstPassStream, bild::kFirstPassLong}) {
+    for (int V : {333, 9001, 70001}) test_sample_draft(rng, V, first_pass, false, /*greedy_only=*/true, /*fused=*/true);
     for (int V : {333, 9001, 70001})
       for (int mode : {bild::kModeGreedy, bild::kModeBild, bild::kModeSample})
         test_verify_draft(rng, mode, V, first_pass, /*split=*/false, /*greedy_only=*/true, /*fused=*/true);
+  }
   // The split cut-off search, after the default first pass of each op and after the chunked one.
   for (int first_pass : {bild::kFirstPassChunked, bild::kFirstPassStream}) {
     for (int V : {1111, 9001, 70001}) test_sample_draft(rng, V, first_pass, /*split=*/true);
