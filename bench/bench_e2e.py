@@ -19,6 +19,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 from _common import device_name, git_rev, parser, RESULTS  # noqa: E402
 
 from bild_kernels import BiLD, Engine, Greedy, LargeOnly, NGram, SamplingParams, SpeculativeSampling  # noqa: E402
+from bild_kernels.hf import hf_generate  # noqa: E402
 
 PAIRS = {
     # (large layers, small layers, hidden, heads, kv heads, intermediate, vocab)
@@ -49,24 +50,6 @@ def random_pair(name: str, dtype, device, depth_scale: float = 0.05):
     small = LlamaForCausalLM(scfg).to(dtype).eval()
     small.load_state_dict(large.state_dict(), strict=False)
     return large.to(device), small.to(device)
-
-
-def hf_run(model, prompts, n, assistant=None, confidence=None, lookup=0):
-    toks = 0
-    t0 = time.perf_counter()
-    for p in prompts:  # HF assisted generation is batch size 1
-        ids = torch.tensor([p], device=model.device)
-        kw = dict(assistant_model=assistant) if assistant is not None else {}
-        if lookup:  # HF prompt lookup decoding
-            kw["prompt_lookup_num_tokens"] = lookup
-        if assistant is not None:
-            assistant.generation_config.num_assistant_tokens = 5
-            assistant.generation_config.num_assistant_tokens_schedule = "constant"
-            assistant.generation_config.assistant_confidence_threshold = confidence or 0.0
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
-                             min_new_tokens=n, pad_token_id=0, **kw)
-        toks += out.shape[1] - len(p)
-    return toks / (time.perf_counter() - t0)
 
 
 def main():
@@ -131,7 +114,8 @@ def main():
                 for name, kw in (("hf generate (large)", {}), ("hf assisted", dict(assistant=small)),
                                  ("hf assisted conf=0.4", dict(assistant=small, confidence=0.4)),
                                  ("hf prompt lookup", dict(lookup=4))):
-                    tps = hf_run(large, prompts, args.tokens, **kw)
+                    outs, secs = hf_generate(large, prompts, args.tokens, min_tokens=args.tokens, **kw)
+                    tps = sum(map(len, outs)) / secs
                     row = dict(pair=args.pair, depth_scale=args.depth_scale, batch=1, system=name,
                                tokens_per_s=round(tps, 1), speedup=round(tps / base, 3))
                     rows.append(row)

@@ -347,7 +347,7 @@ def _hf_rows(args, engine, prompts, base_row) -> list[dict]:
     """HF generate (large alone) and HF assisted generation with the same pair (and, with --lookup, HF prompt lookup
     decoding), batch 1, greedy."""
     from bild_kernels.evaluate import rouge_l
-    from bild_kernels.hf import hf_pair
+    from bild_kernels.hf import hf_generate, hf_pair
     large, small = hf_pair(args.large, args.small)
     base_tps = base_row["tokens_per_s"]
     rows, ref = [], None
@@ -358,7 +358,8 @@ def _hf_rows(args, engine, prompts, base_row) -> list[dict]:
     if getattr(args, "lookup", 0):  # beside NGram: transformers' prompt lookup decoding, as many tokens
         runs.append((f"hf prompt lookup ({args.lookup})", None, None, args.lookup))
     for name, assistant, conf, lookup in runs:
-        outs, wall = _hf_generate(large, prompts, args.max_tokens, assistant, conf, lookup)
+        outs, wall = hf_generate(large, prompts, args.max_tokens, assistant=assistant, confidence=conf,
+                                 lookup=lookup)
         ref = outs if ref is None else ref
         toks = sum(len(o) for o in outs)
         nll = sum(-sum(engine.score(p, o)) for p, o in zip(prompts, outs) if o) / max(toks, 1)
@@ -368,28 +369,6 @@ def _hf_rows(args, engine, prompts, base_row) -> list[dict]:
                      "rouge_l": round(sum(rouge_l(a, b) for a, b in zip(outs, ref)) / len(outs), 4),
                      "nll": round(nll, 4), "nll_ratio": round(nll / base_row["nll"], 4) if base_row["nll"] else 0})
     return rows
-
-
-def _hf_generate(model, prompts, max_tokens, assistant=None, confidence=None, lookup=0):
-    import torch
-    outs = []
-    t0 = time.perf_counter()
-    eos = model.generation_config.eos_token_id
-    for p in prompts:
-        ids = torch.tensor([p])
-        kw = {}
-        if assistant is not None:
-            assistant.generation_config.num_assistant_tokens = 5
-            assistant.generation_config.num_assistant_tokens_schedule = "constant"
-            assistant.generation_config.assistant_confidence_threshold = confidence or 0.0
-            kw["assistant_model"] = assistant
-        if lookup:
-            kw["prompt_lookup_num_tokens"] = lookup
-        with torch.inference_mode():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_tokens,
-                                 pad_token_id=eos if isinstance(eos, int) else 0, **kw)
-        outs.append(out[0, len(p):].tolist())
-    return outs, time.perf_counter() - t0
 
 
 def cmd_bench(args) -> int:

@@ -1,6 +1,7 @@
 """Hugging Face twins of the engine's models, for the baselines (HF generate, HF assisted generation)."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -65,3 +66,32 @@ def hf_pair(large=None, small=None):
     if small is None:
         return large_model, None
     return large_model, hf_draft(small, large_model) if is_draft_dir(small) else hf_model(small)
+
+
+def hf_generate(model, prompts, max_tokens: int, *, assistant=None, confidence: float | None = None, lookup: int = 0,
+                min_tokens: int = 0) -> tuple[list[list[int]], float]:
+    """transformers' greedy `generate` over `prompts` (lists of token ids), one at a time as its assisted generation
+    requires: plain, with `assistant` (HF assisted generation, 5 draft tokens a round, `confidence` its
+    assistant_confidence_threshold) or with `lookup` (prompt lookup decoding, that many tokens). Stops at the model's
+    end of sequence unless `min_tokens` asks for more. Returns (each prompt's new token ids, the wall time in
+    seconds)."""
+    outs = []
+    eos = model.generation_config.eos_token_id
+    kw = {}
+    if assistant is not None:
+        assistant.generation_config.num_assistant_tokens = 5
+        assistant.generation_config.num_assistant_tokens_schedule = "constant"
+        assistant.generation_config.assistant_confidence_threshold = confidence or 0.0
+        kw["assistant_model"] = assistant
+    if lookup:
+        kw["prompt_lookup_num_tokens"] = lookup
+    if min_tokens:
+        kw["min_new_tokens"] = min_tokens
+    t0 = time.perf_counter()
+    for p in prompts:
+        ids = torch.tensor([p], device=model.device)
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_tokens,
+                                 pad_token_id=eos if isinstance(eos, int) else 0, **kw)
+        outs.append(out[0, len(p):].tolist())
+    return outs, time.perf_counter() - t0
