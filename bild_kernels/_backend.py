@@ -208,9 +208,10 @@ def backends(device: str | torch.device = "cuda") -> dict[str, dict]:
 
 def cuda_cut_search(kind: str | None = None) -> str:
     """The top-k / top-p cut-off search that the CUDA `sample_draft` and `verify_draft` run, for the whole process:
-    "auto" (the default: per launch, "split" for a sample_draft of at most 64 rows whose `rows` hint says some row
-    may filter, where an H100 ran it 1.5-2.7x faster than "block", else "block"; csrc/common.cuh use_cut_split), "block" (each row's whole search in one thread
-    block, inside the op's row kernels: csrc/common.cuh filter_cut) or "split" (each of its at most five passes one
+    "auto" (the default: per launch, "split" for a sample_draft of at most 64 rows whose caller knows that some row
+    filters, where an H100 ran it 1.7-3.4x faster than "block", else "block"; csrc/common.cuh use_cut_split), "block"
+    (each row's whole search in one thread block, inside the op's row kernels: csrc/common.cuh filter_cut) or "split"
+    (each of its at most five passes one
     launch over every chunk of every row that filters, the chunks' histograms summed in global memory and each pass
     settled by the row's last block: CutSplitPassKernel). Both find the same cut-off, pass for pass. With `kind`,
     sets it and returns the previous one; without, returns the current one. `BILD_CUT_SEARCH=<kind>` sets it when

@@ -49,13 +49,13 @@ TORCH_LIBRARY(bild_kernels_C, m) {
         "Tensor(c!) free_blocks, Tensor(d!) num_free, int block_size) -> ()");
   m.def("gather_paged_kv(Tensor key_cache, Tensor value_cache, Tensor block_tables, Tensor context_lens) "
         "-> (Tensor, Tensor)");
-  // rows (last, not in the reference): what the caller knows of the rows, 1 some sample, 2 some use top-k / top-p
-  // (3, the default: unknown); the kernels that serve only kinds left out are not launched
+  // rows (last, not in the reference): what the caller knows of the rows, 1 some sample, 2 some use top-k / top-p, 4
+  // the 2 is a guess (7, the default: nothing known); the kernels that serve only kinds left out are not launched
   m.def("sample_draft(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor seed, Tensor offset, "
-        "Tensor fallback_threshold, int rows=3) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "Tensor fallback_threshold, int rows=7) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("verify_draft(Tensor draft_ids, Tensor target_logits, int mode, Tensor rollback_threshold, "
         "Tensor? draft_probs, Tensor temperature, Tensor top_k, Tensor top_p, Tensor seed, Tensor offset, "
-        "int rows=3) -> (Tensor, Tensor, Tensor, Tensor)");
+        "int rows=7) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 // The same functions serve the CPU key only to fail with a message that names the op, the tensor and
@@ -101,8 +101,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("resolve_cut_search", &bild::resolve_cut_search_for, pybind11::arg("launch_rows"), pybind11::arg("rows"),
         pybind11::arg("verify"),
         "The cut-off search (0 block, 1 split) a launch over `launch_rows` rows runs under the current setting, given "
-        "the caller's rows hint (1 some row samples, 2 some row uses top-k / top-p, 3 unknown; verify: a verify_draft "
-        "launch, else sample_draft); -1 for arguments out of range");
+        "the caller's rows hint (1 some row samples, 2 some row uses top-k / top-p, 4 the 2 guessed, 7 unknown; "
+        "verify: a verify_draft launch, else sample_draft); -1 for arguments out of range");
   m.def("resolve_first_pass", &bild::resolve_first_pass_for, pybind11::arg("rows"), pybind11::arg("V"),
         pybind11::arg("elem_size"), pybind11::arg("verify"), pybind11::arg("sms"),
         "The first pass (0 chunked, 1 wide, 3 stream) a launch over `rows` rows of V logits of `elem_size` bytes runs under "

@@ -781,11 +781,15 @@ __global__ void __launch_bounds__(kChunkThreads)
   }
 }
 
-// What a launch's caller knows of its rows on the host (the ops' `rows` argument; kRowsAll when unknown): the
+// What a launch's caller knows of its rows on the host (the ops' `rows` argument; kRowsUnknown when nothing): the
 // kernels that serve only the kinds absent are not launched (they would each look at every row and return).
 constexpr int kRowsSampled = 1;   // some row samples (temperature > 0)
 constexpr int kRowsFiltered = 2;  // some row uses top-k / top-p
 constexpr int kRowsAll = kRowsSampled | kRowsFiltered;
+// The filtered bit is an assumption (the caller was not told, e.g. a CUDA graph recorded for any rows): the kernels
+// serve filtering rows all the same, but a choice made for them (the split cut-off search) is not taken on a guess.
+constexpr int kRowsFilterGuessed = 4;
+constexpr int kRowsUnknown = kRowsAll | kRowsFilterGuessed;  // the ops' default
 
 // How sample_draft and verify_draft end after their first pass, for the whole process (bild_kernels.cuda_fused_tail):
 constexpr int kTailLaunches = 0;  // their row / position kernels (sampling.cuh, verify.cuh)
@@ -973,12 +977,14 @@ constexpr int kCutSearchAuto = 2;   // the default: per launch, use_cut_split be
 // Auto, as timed on an H100 (bench/results/gpu_h100_2026-11-27c.md, V = 128,256, bf16, sample_draft): with top-k /
 // top-p rows the split search took 122 us against the block search's 330 at B = 1 and 229 against 347 at B = 64,
 // and the same at B = 256; where no row filters, its launches only add (~10 us at B = 64). So a sample_draft launch
-// of at most kAutoSplitMaxRows rows whose caller says some row may filter (the rows hint) runs the split search;
-// verify_draft keeps the block one until the split search is timed there.
+// of at most kAutoSplitMaxRows rows whose caller knows that some row filters (the rows hint, its filtered bit not
+// guessed: a caller that knows nothing would pay for the split launches on rows that never filter) runs the split
+// search; verify_draft keeps the block one until the split search is timed there.
 constexpr int kAutoSplitMaxRows = 64;
 inline bool use_cut_split(int setting, int64_t launch_rows, int rows_hint, bool verify) {
   if (setting == kCutSearchSplit) return true;
-  return setting == kCutSearchAuto && !verify && (rows_hint & kRowsFiltered) != 0 && launch_rows <= kAutoSplitMaxRows;
+  return setting == kCutSearchAuto && !verify && (rows_hint & kRowsFiltered) != 0 &&
+         (rows_hint & kRowsFilterGuessed) == 0 && launch_rows <= kAutoSplitMaxRows;
 }
 constexpr int kCutMaxPasses = 5;    // a value pass, then key passes that split at most 2^32 keys 1024-fold each
 

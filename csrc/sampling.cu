@@ -51,7 +51,7 @@ const CutSplit* cut_split_scratch(int64_t R, int64_t D, const at::Tensor& like, 
 }
 
 int64_t resolve_cut_search_for(int64_t launch_rows, int64_t rows, bool verify) {
-  if (launch_rows < 0 || rows < 0 || rows > kRowsAll) return -1;
+  if (launch_rows < 0 || rows < 0 || rows > kRowsUnknown) return -1;
   return use_cut_split(current_cut_search(), launch_rows, static_cast<int>(rows), verify) ? kCutSearchSplit
                                                                                           : kCutSearchBlock;
 }
@@ -69,7 +69,7 @@ int64_t set_fused_tail(int64_t kind) {
 }
 
 int64_t resolve_fused_tail_for(int64_t rows, int64_t first_pass, bool verify) {
-  if (rows < 0 || rows > kRowsAll || first_pass < kFirstPassChunked || first_pass > kFirstPassLong ||
+  if (rows < 0 || rows > kRowsUnknown || first_pass < kFirstPassChunked || first_pass > kFirstPassLong ||
       first_pass == kFirstPassAuto) {
     return -1;
   }
@@ -107,8 +107,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_dr
     const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k, const at::Tensor& top_p,
     const at::Tensor& seed, const at::Tensor& offset, const at::Tensor& fallback_threshold, int64_t rows) {
   constexpr const char* op = "sample_draft";
-  TORCH_CHECK(rows >= 0 && rows <= kRowsAll, op, ": rows must be in [0, 3] (1: some row samples, 2: some row uses "
-              "top-k / top-p), got ", rows);
+  TORCH_CHECK(rows >= 0 && rows <= kRowsUnknown, op, ": rows must be in [0, 7] (1: some row samples, 2: some row uses "
+              "top-k / top-p, 4: the 2 is a guess), got ", rows);
   check_cuda(op, {{"logits", &logits}, {"temperature", &temperature}, {"top_k", &top_k}, {"top_p", &top_p},
                   {"seed", &seed}, {"offset", &offset}, {"fallback_threshold", &fallback_threshold}});
   // logits: [B, V] float16 / bfloat16 / float32 (float64 is computed in float32, as the Triton backend)

@@ -21,8 +21,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_draft(
     const std::optional<at::Tensor>& draft_probs, const at::Tensor& temperature, const at::Tensor& top_k,
     const at::Tensor& top_p, const at::Tensor& seed, const at::Tensor& offset, int64_t rows) {
   constexpr const char* op = "verify_draft";
-  TORCH_CHECK(rows >= 0 && rows <= kRowsAll, op, ": rows must be in [0, 3] (1: some row samples, 2: some row uses "
-              "top-k / top-p), got ", rows);
+  TORCH_CHECK(rows >= 0 && rows <= kRowsUnknown, op, ": rows must be in [0, 7] (1: some row samples, 2: some row uses "
+              "top-k / top-p, 4: the 2 is a guess), got ", rows);
   check_cuda(op, {{"target_logits", &target_logits}, {"draft_ids", &draft_ids},
                   {"rollback_threshold", &rollback_threshold}, {"temperature", &temperature}, {"top_k", &top_k},
                   {"top_p", &top_p}, {"seed", &seed}, {"offset", &offset}});

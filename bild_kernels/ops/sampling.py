@@ -33,8 +33,10 @@ def sampling_params(B: int, device, temperature=None, top_k=None, top_p=None, se
 
 def row_kinds(V: int, given: tuple, params: tuple, sampled: bool | None, filtered: bool | None, *,
               filter_needs_sampling: bool) -> int:
-    """The CUDA kernels' `rows` argument (csrc/common.cuh kRowsSampled | kRowsFiltered): whether some row samples
-    (temperature > 0) and whether some row uses top-k / top-p, so that the kernels serving neither are not launched.
+    """The CUDA kernels' `rows` argument (csrc/common.cuh kRowsSampled | kRowsFiltered | kRowsFilterGuessed): whether
+    some row samples (temperature > 0) and whether some row uses top-k / top-p, so that the kernels serving neither
+    are not launched; 4 where the second is assumed, not known (top-k / top-p tensors the caller said nothing about:
+    the kernels serve such rows all the same, but the split cut-off search is not chosen on a guess).
 
     given: temperature, top_k, top_p as the caller passed them; params: the same as [B] tensors. sampled / filtered
     None: exact where given as numbers (or left out), else assumed True. False is a promise, checked against the
@@ -50,9 +52,10 @@ def row_kinds(V: int, given: tuple, params: tuple, sampled: bool | None, filtere
         sampled = tensor(given[0]) or (given[0] or 0.0) > 0
     elif not sampled and check and bool((temperature > 0).any()):
         raise ValueError("sampled=False, but a row's temperature is > 0")
+    guessed = False
     if filtered is None:
-        filtered = (tensor(given[1]) or tensor(given[2]) or 0 < (given[1] or 0) < V
-                    or (1.0 if given[2] is None else given[2]) < 1.0)
+        guessed = tensor(given[1]) or tensor(given[2])
+        filtered = guessed or 0 < (given[1] or 0) < V or (1.0 if given[2] is None else given[2]) < 1.0
     elif not filtered and check:
         rows = ((top_k > 0) & (top_k < V)) | (top_p < 1.0)
         if filter_needs_sampling:
@@ -60,7 +63,7 @@ def row_kinds(V: int, given: tuple, params: tuple, sampled: bool | None, filtere
         if bool(rows.any()):
             raise ValueError("filtered=False, but a row uses top-k or top-p"
                              + (" with temperature > 0" if filter_needs_sampling else ""))
-    return int(sampled) | 2 * int(filtered)
+    return int(sampled) | 2 * int(filtered) | 4 * int(guessed)
 
 
 def sample_draft(logits, *, temperature=None, top_k=None, top_p=None, seed=None, offset=None,

@@ -26,10 +26,10 @@ SCHEMAS = {
     "gather_paged_kv": "(Tensor key_cache, Tensor value_cache, Tensor block_tables, Tensor context_lens) "
                        "-> (Tensor, Tensor)",
     "sample_draft": "(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor seed, Tensor offset, "
-                    "Tensor fallback_threshold, int rows=3) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+                    "Tensor fallback_threshold, int rows=7) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
     "verify_draft": "(Tensor draft_ids, Tensor target_logits, int mode, Tensor rollback_threshold, "
                     "Tensor? draft_probs, Tensor temperature, Tensor top_k, Tensor top_p, Tensor seed, "
-                    "Tensor offset, int rows=3) -> (Tensor, Tensor, Tensor, Tensor)",
+                    "Tensor offset, int rows=7) -> (Tensor, Tensor, Tensor, Tensor)",
 }
 DTYPES = [(torch.float32, 1e-5, 1e-5), (torch.float16, 1e-5, 1e-4), (torch.bfloat16, 1e-5, 1e-4)]
 
@@ -98,7 +98,7 @@ def test_a_rows_hint_out_of_range_raises():
     row = lambda dt=torch.float32: torch.zeros(B, dtype=dt, device="cuda")  # noqa: E731
     with pytest.raises(RuntimeError, match="rows must be in"):
         C.sample_draft(torch.randn(B, V, device="cuda"), row(), row(torch.int32), row() + 1, row(torch.int64),
-                       row(torch.int64), row(), 4)
+                       row(torch.int64), row(), 8)
     with pytest.raises(RuntimeError, match="rows must be in"):
         C.verify_draft(torch.zeros(B, 1, dtype=torch.int64, device="cuda"), torch.randn(B, 2, V, device="cuda"), 0,
                        row(), None, row(), row(torch.int32), row() + 1, row(torch.int64), row(torch.int64), -1)
@@ -340,10 +340,11 @@ def test_resolve_fused_tail(kind):
         for rows, first_pass, verify, fused in [(0, 3, True, 1), (0, 4, True, 1), (0, 0, True, 1), (2, 3, True, 1),
                                                 (1, 3, True, 0), (3, 3, True, 0), (3, 4, True, 0), (0, 1, True, 0),
                                                 (0, 0, False, 1), (0, 3, False, 1), (0, 4, False, 1),
-                                                (2, 0, False, 0), (1, 0, False, 0), (3, 3, False, 0), (0, 1, False, 0)]:
+                                                (2, 0, False, 0), (1, 0, False, 0), (3, 3, False, 0), (0, 1, False, 0),
+                                                (6, 3, True, 1), (7, 3, True, 0), (7, 0, False, 0)]:
             want = fused if kind == "fused" else 0
             assert ext.resolve_fused_tail(rows, first_pass, verify) == want, (rows, first_pass, verify)
-        for bad in [(-1, 3, True), (4, 3, True), (0, 2, False), (0, 5, True), (0, -1, False)]:
+        for bad in [(-1, 3, True), (8, 3, True), (0, 2, False), (0, 5, True), (0, -1, False)]:
             assert ext.resolve_fused_tail(*bad) == -1, bad
     finally:
         cuda_fused_tail(old)
@@ -352,8 +353,8 @@ def test_resolve_fused_tail(kind):
 @pytest.mark.parametrize("kind", ["block", "split", "auto"])
 def test_resolve_cut_search(kind):
     """What each setting runs: block and split as set; auto the split search for a sample_draft launch of at most
-    64 rows whose rows hint says some row may filter (2, or 3: unknown), the block search otherwise and for every
-    verify_draft launch (the H100's timings of 2026-11-27c, csrc/common.cuh use_cut_split)."""
+    64 rows whose rows hint knows that some row filters (2 or 3; not 6 or 7, where that is a guess), the block search
+    otherwise and for every verify_draft launch (the H100's timings of 2026-11-27c, csrc/common.cuh use_cut_split)."""
     from bild_kernels import cuda_cut_search
     ext = cuda_extension()
     old = cuda_cut_search(kind)
@@ -361,10 +362,11 @@ def test_resolve_cut_search(kind):
         for launch_rows, rows, verify, auto in [(1, 3, False, 1), (64, 3, False, 1), (64, 2, False, 1),
                                                 (65, 3, False, 0), (256, 3, False, 0), (1, 1, False, 0),
                                                 (1, 0, False, 0), (64, 1, False, 0), (5, 3, True, 0),
-                                                (576, 3, True, 0), (0, 3, False, 1)]:
+                                                (576, 3, True, 0), (0, 3, False, 1), (1, 7, False, 0),
+                                                (64, 6, False, 0), (1, 4, False, 0)]:
             want = {"block": 0, "split": 1, "auto": auto}[kind]
             assert ext.resolve_cut_search(launch_rows, rows, verify) == want, (launch_rows, rows, verify)
-        for bad in [(-1, 3, False), (1, 4, False), (1, -1, True)]:
+        for bad in [(-1, 3, False), (1, 8, False), (1, -1, True)]:
             assert ext.resolve_cut_search(*bad) == -1, bad
     finally:
         cuda_cut_search(old)

@@ -266,8 +266,8 @@ def test_sample_draft_rows_the_host_knows(backend_device_passes):
 
 
 def test_sample_draft_row_kinds_from_numbers_and_promises():
-    """What the wrapper tells the CUDA kernels (csrc/common.cuh kRowsSampled | kRowsFiltered): exact for numbers,
-    everything for tensors it was not told about, the caller's promise otherwise (checked, or trusted inside
+    """What the wrapper tells the CUDA kernels (csrc/common.cuh kRowsSampled | kRowsFiltered | kRowsFilterGuessed):
+    exact for numbers, everything for tensors it was not told about (the filter guessed), the caller's word otherwise (checked, or trusted inside
     `trusted_inputs`)."""
     from bild_kernels.ops.sampling import row_kinds
     V = 100
@@ -278,7 +278,9 @@ def test_sample_draft_row_kinds_from_numbers_and_promises():
     assert row_kinds(V, (0.0, 5, 1.0), params, None, None, filter_needs_sampling=False) == 2
     assert row_kinds(V, (0.0, V, 1.0), params, None, None, filter_needs_sampling=False) == 0  # top-k of V: no filter
     assert row_kinds(V, (0.0, 0, 0.9), params, None, None, filter_needs_sampling=False) == 2
-    assert row_kinds(V, params, params, None, None, filter_needs_sampling=False) == 3  # tensors: not known
+    assert row_kinds(V, params, params, None, None, filter_needs_sampling=False) == 7  # tensors: not known
+    assert row_kinds(V, params, params, None, True, filter_needs_sampling=False) == 3  # told: known
+    assert row_kinds(V, (0.5, 5, 1.0), params, None, None, filter_needs_sampling=False) == 3  # numbers: known
     assert row_kinds(V, params, params, False, False, filter_needs_sampling=False) == 0  # promised (and true)
     hot = (t(0.0, 0.5), t(0, 3).int(), t(1.0, 1.0))
     with pytest.raises(ValueError, match="sampled=False"):
