@@ -101,6 +101,16 @@ class GraphRecorder:
             return None
 
 
+def _greedy_rows(sampling: dict) -> bool:
+    """Whether every row of a run's sampling values (host lists or tensors) is greedy and unfiltered: temperature 0,
+    top_k 0 and top_p 1 (the padding rows' values too)."""
+    def values(name):
+        v = sampling[name]
+        return v.tolist() if isinstance(v, torch.Tensor) else list(v)
+    return (all(x <= 0 for x in values("temperature")) and all(k == 0 for k in values("top_k"))
+            and all(q >= 1.0 for q in values("top_p")))
+
+
 def buckets(max_batch_size: int) -> list[int]:
     """Batch-size buckets: powers of two below max_batch_size, then max_batch_size."""
     out, b = [], 1
@@ -134,6 +144,9 @@ class _Buffers:
     max_blocks: int
     vocab: int
     features: tuple | None = None  # a feature draft's (hidden size, dtype): each row's fed-back feature
+    # every row greedy and unfiltered (temperature 0, no top-k / top-p), as the sampling op is told: its kernels for
+    # sampling and filtering rows are left out of the step (and of its graph); else the op serves any rows
+    greedy: bool = False
     graph: object = None
     t: dict = field(default_factory=dict)
     # Step 0's update (sampling the catch-up's logits) as a graph of its own, on a fixed logits buffer [B, V]:
@@ -200,15 +213,20 @@ class StaticDraftLoop:
         self._graphs = GraphRecorder(runner.device) if capture else None
 
     # -- the step ---------------------------------------------------------------------------------
-    def _update(self, t: dict, logits: torch.Tensor) -> None:
-        """Sample each active row's next draft from logits [B, V] and advance the row state in place."""
+    def _update(self, t: dict, logits: torch.Tensor, greedy: bool = False) -> None:
+        """Sample each active row's next draft from logits [B, V] and advance the row state in place. greedy: every
+        row is greedy and unfiltered (the buffers' class), which the sampling op is told."""
         bad = ~torch.isfinite(logits.amax(-1))  # a NaN/inf row: zeroed here, its request ended after the step
         t["nonfinite"] |= bad & t["active"]
         logits = logits.masked_fill(bad[:, None], 0.0)
         thr, energy = t["threshold"], t["energy"]
-        res = ops.sample_draft(logits, temperature=t["temperature"], top_k=t["top_k"], top_p=t["top_p"],
-                               seed=t["seed"], offset=t["offset"],
-                               fallback_threshold=torch.where(energy, torch.zeros_like(thr), thr))
+        # (greedy: the promise holds by construction, the run's values having chosen the buffers: not checked, which
+        # would read the device)
+        with ops.trusted_inputs() if greedy else contextlib.nullcontext():
+            res = ops.sample_draft(logits, temperature=t["temperature"], top_k=t["top_k"], top_p=t["top_p"],
+                                   seed=t["seed"], offset=t["offset"],
+                                   fallback_threshold=torch.where(energy, torch.zeros_like(thr), thr),
+                                   **(dict(sampled=False, filtered=False) if greedy else {}))
         # E-LANG: a high energy marks a hard token; BiLD: a low max probability.
         unsure = torch.where(energy, res.energies > thr, res.fallback)
         was = t["active"]
@@ -226,7 +244,7 @@ class StaticDraftLoop:
         t["offset"] += 1
         t["any_active"].copy_(t["active"].any())
 
-    def _decode_step(self, t: dict) -> None:
+    def _decode_step(self, t: dict, greedy: bool = False) -> None:
         """Feed every active row's last draft at its position; rows that stopped write and read nothing."""
         bs, executor = self.runner.block_size, self.runner.executor
         active, pos = t["active"], t["pos"]
@@ -246,22 +264,23 @@ class StaticDraftLoop:
             logits = executor.forward(t["tok"], meta, self.runner.kv_caches)
         t["fed"] += active.to(torch.int32)
         t["pos"] += active.to(torch.int64)
-        self._update(t, logits)
+        self._update(t, logits, greedy)
 
     # -- buffers and graphs -------------------------------------------------------------------------
-    def _get(self, n: int, with_probs: bool) -> _Buffers:
+    def _get(self, n: int, with_probs: bool, greedy: bool = False) -> _Buffers:
         size = next(b for b in self.buckets if b >= n)
-        key = (size, with_probs)
+        key = (size, with_probs, greedy)
         if key not in self._buffers:
             r = self.runner
             feats = ((r.executor.config.hidden_size, r.executor.dtype)
                      if getattr(r.executor, "kind", "layers") == "feature" else None)
             buf = _Buffers(size, with_probs, r.device, r.blocks.max_blocks_per_seq, r.executor.config.vocab_size,
-                           feats)
+                           feats, greedy)
             if self.capture:
                 t = buf.t
                 t["active"].zero_()  # every row inactive while recording: nothing is written
-                buf.graph = self._graphs.capture(lambda: self._decode_step(t), f"the draft step (bucket {size})")
+                buf.graph = self._graphs.capture(lambda: self._decode_step(t, greedy),
+                                                 f"the draft step (bucket {size}{', greedy rows' if greedy else ''})")
             self._buffers[key] = buf
         return self._buffers[key]
 
@@ -277,7 +296,7 @@ class StaticDraftLoop:
         n, dev = len(rows), self.runner.device
         if not caps or max(caps) > MAX_STEPS or min(caps) < 1:
             raise ValueError(f"StaticDraftLoop.run: caps must be in [1, {MAX_STEPS}], got {caps!r}")
-        buf = self._get(n, with_probs)
+        buf = self._get(n, with_probs, _greedy_rows(sampling))
         t, B = buf.t, buf.size
         pad = B - n
         if self.capture and not buf.update_tried:
@@ -285,7 +304,7 @@ class StaticDraftLoop:
             buf.logits0 = logits.new_zeros(B, logits.shape[1])
             t["active"].zero_()  # recorded before the set-up below: every row inactive, the step index at 0
             t["step"].zero_()
-            buf.update_graph = self._graphs.capture(lambda: self._update(t, buf.logits0),
+            buf.update_graph = self._graphs.capture(lambda: self._update(t, buf.logits0, buf.greedy),
                                                     f"the draft run's first update (bucket {B})")
 
         if (features is None) != ("feat" not in t):
@@ -319,7 +338,7 @@ class StaticDraftLoop:
                 buf.logits0[n:].zero_()
             buf.update_graph.replay()
         else:
-            self._update(t, torch.cat([logits, logits.new_zeros(pad, logits.shape[1])]) if pad else logits)
+            self._update(t, torch.cat([logits, logits.new_zeros(pad, logits.shape[1])]) if pad else logits, buf.greedy)
         probs_out = [t["out_probs"].clone()] if with_probs else None
 
         steps, lagged = max(caps), _LaggedFlag(dev, max(caps)) if dev.type == "cuda" else None
@@ -334,7 +353,7 @@ class StaticDraftLoop:
                 if buf.graph is not None:
                     buf.graph.replay()
                 else:
-                    self._decode_step(t)
+                    self._decode_step(t, buf.greedy)
                 done = j + 1
                 if probs_out is not None:  # copied out before the next step overwrites it
                     probs_out.append(t["out_probs"].clone())

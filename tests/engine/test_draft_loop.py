@@ -65,6 +65,35 @@ def test_static_loop_is_lossless_under_greedy(engines, large_model):
     assert sum(m[METRICS.index("drafted_tokens")] for m in metrics) > 0
 
 
+def test_greedy_runs_tell_the_sampling_op_and_keep_buffers_of_their_own(large_model, small_model, monkeypatch):
+    """A run whose rows are all greedy and unfiltered tells sample_draft so (its sampling and filtering kernels are
+    then left out of the step and its graph) on buffers of its own; a run with a sampling or filtering row, or a
+    mix, tells it nothing on the general buffers. Same tokens either way (test_static_loop_equals_eager_loop)."""
+    from bild_kernels.engine import draft_loop
+    told, orig = [], draft_loop.ops.sample_draft
+
+    def recording(*a, **k):
+        told.append((k.get("sampled"), k.get("filtered")))
+        return orig(*a, **k)
+
+    monkeypatch.setattr(draft_loop.ops, "sample_draft", recording)
+    eng = make(large_model, small_model, "static")
+    policy = BiLD(fallback_threshold=0.3, rollback_threshold=2.0, max_draft_len=4)
+    run(eng, policy, SamplingParams(max_tokens=N))
+    assert told and set(told) == {(False, False)}
+    assert {key[2] for key in eng._static._buffers} == {True}
+    told.clear()
+    run(eng, policy, SamplingParams(max_tokens=N, temperature=0.7, seed=1))
+    run(eng, policy, SamplingParams(max_tokens=N, top_k=5))  # greedy, but filtered: its token's probability
+    assert told and set(told) == {(None, None)}
+    assert {key[2] for key in eng._static._buffers} == {True, False}
+    told.clear()  # a mix: general runs while a sampling row runs, greedy ones once only greedy rows are left
+    mixed = [SamplingParams(max_tokens=N if i % 2 else 4, temperature=0.7 if i % 2 else 0.0, seed=i)
+             for i in range(len(PROMPTS))]
+    assert all(o.error is None for o in eng.generate(PROMPTS, mixed, policy=policy))
+    assert (None, None) in told
+
+
 def test_static_loop_calibrates_like_eager(large_model, small_model):
     # FREE's labelled pairs come from the draft run: same pairs, same fitted thresholds, same tokens.
     results = []
