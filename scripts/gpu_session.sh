@@ -46,9 +46,10 @@
 # timeout after reaching 0.613, nothing written: fixed since, each better evaluation is written at once).
 # Plan for the next session lent 15 minutes (`bash scripts/flashinfer_build.sh` first, here, against torch 2.11; the
 # tree packed as above, two calls, the second started within 30 s of the first's end):
-#   call 1: bash scripts/gpu_carry.sh stash .carry1 >/dev/null && BILD_REV=<rev> DEADLINE=300 GPU_TEST_WORKERS=12 bash
-#           scripts/gpu_session.sh build fused flashinfer split profile_step
-#   (fused: the fused tails, written after the H100 run: where no row samples (sample_draft: or filters), the first
+#   call 1: bash scripts/gpu_carry.sh stash .carry1 >/dev/null && BILD_REV=<rev> DEADLINE=330 GPU_TEST_WORKERS=12 bash
+#           scripts/gpu_session.sh build engine_gpu_tests fused flashinfer split profile_step
+#   (engine_gpu_tests: the draft loop now records a second set of graphs for runs of greedy, unfiltered rows, which
+#   tell sample_draft so (~40 s by 2026-11-27c's run); fused: the fused tails, written after the H100 run: where no row samples (sample_draft: or filters), the first
 #   pass merges, finishes (and cuts) in the blocks that write a position's / a row's last result: a memset and one
 #   kernel (after the H100 run verify_draft's first pass alone is ~80% of HBM at B = 64, the launches after it ~12
 #   of 67 us); their tests and the native binary first, then their timing beside cuda-hinted; flashinfer: FlashInfer 0.3.1's top-k /
