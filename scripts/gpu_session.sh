@@ -148,7 +148,9 @@ for s in "$@"; do
         fused) stage fused_tests 120 "$PY" -m pytest -q -rfE -p no:cacheprovider -p no:benchmark --timeout 120 \
                   -n "$WORKERS" -k "cuda-fused or cuda-block or fused_tail or cut_search or native_kernel_binary" \
                   tests/kernels/test_verify_draft.py tests/kernels/test_sample_draft.py tests/kernels/test_cuda_extension.py
+               # whether the extension's own checks raise on this torch, or crash (scripts/probe_cpp_errors.py), then
                # the test that crashed its worker on the H100 (2026-11-27c), alone, with a native backtrace where gdb is
+               stage cpp_errors 60 "$PY" scripts/probe_cpp_errors.py
                stage rows_hint_crash 60 sh -c "if command -v gdb >/dev/null; then gdb -q -batch -ex run -ex bt --args \
                   $PY -X faulthandler -m pytest -q -p no:cacheprovider tests/kernels/test_cuda_extension.py -k \
                   rows_hint_out_of_range; else $PY -X faulthandler -m pytest -q -p no:cacheprovider \
