@@ -338,9 +338,10 @@ __device__ void for_each_in_chunk(const T* __restrict__ row, int V, int S, int c
 
 // Grid (R * S,), kChunkThreads threads: block r * S + c reads chunk c of row r of logits [R, V] and
 // writes partials[r * S + c].
-// What the chunked, stream and long first passes do after a block wrote its partial (`Tail`): nothing, or (a tail with kNone
-// false: verify.cuh's VerifyFusedTail, sampling.cuh's SampleFusedTail) count the row's chunks done and, in the block that writes the row's
-// last partial, call tail(r, S, the row's partials): the work of the launches that would follow, without them.
+// What the chunked, stream and long first passes do after a block wrote its partial (`Tail`): nothing, or (a tail
+// with kNone false: verify.cuh's VerifyFusedTail, sampling.cuh's SampleFusedTail) count the row's chunks done and, in
+// the block that writes the row's last partial, call tail(r, S, the row's partials): the work of the launches that
+// would follow, without them.
 struct NoTail {
   static constexpr bool kNone = true;
   __device__ void operator()(int, int, const RowPartial*) const {}
@@ -961,15 +962,15 @@ __device__ CutSearch filter_cut(const T* __restrict__ row, int V, float t, float
 }
 
 // ------------------------------------------------------------------------------------------------
-// The split cut-off search (kCutSearchSplit; kCutSearchAuto picks it per launch: use_cut_split). filter_cut gives a row's whole search
-// to one block: a row of V = 128,256 took ~300 us on an H200 (bench/results/gpu_h200_2026-11-27.md), a latency no
-// batch hides at small B, and a sample_draft of B rows used B of the GPU's SMs. Here each pass is one launch over
-// every chunk of every searching row (row_splits<T>(V) chunks, the chunked first pass's): each block counts its
-// chunk into a shared histogram as filter_cut does, adds its non-empty buckets into the row's histogram in global
+// The split cut-off search (kCutSearchSplit; kCutSearchAuto picks it per launch: use_cut_split). filter_cut gives a
+// row's whole search to one block: a row of V = 128,256 took ~300 us on an H200 (bench/results/gpu_h200_2026-11-27.md),
+// a latency no batch hides at small B, and a sample_draft of B rows used B of the GPU's SMs. Here each pass is one
+// launch over every chunk of every searching row (row_splits<T>(V) chunks, the chunked first pass's): each block counts
+// its chunk into a shared histogram as filter_cut does, adds its non-empty buckets into the row's histogram in global
 // memory (integer atomics: the same sums in any order, so the same search as filter_cut's, pass for pass), and the
-// row's last block to arrive settles the pass (cut_settle) and leaves the state for the next launch. The first
-// launch starts each row's search from the first pass's partials. kCutMaxPasses launches always run (a CUDA
-// graph's launches are fixed); a row whose search is done returns at once in every later one.
+// row's last block to arrive settles the pass (cut_settle) and leaves the state for the next launch. The first launch
+// starts each row's search from the first pass's partials. kCutMaxPasses launches always run (a CUDA graph's launches
+// are fixed); a row whose search is done returns at once in every later one.
 // ------------------------------------------------------------------------------------------------
 constexpr int kCutSearchBlock = 0;  // filter_cut inside the row / position kernels
 constexpr int kCutSearchSplit = 1;  // the passes below

@@ -68,6 +68,14 @@ int64_t set_fused_tail(int64_t kind) {
   return g_fused_tail.exchange(static_cast<int>(kind));
 }
 
+// The fused tail's n counts (`buf` keeps them alive) where the current setting runs it for this launch (rows: the
+// caller's hint; first_pass: the launch's resolved kind; verify: a verify_draft launch), else nullptr.
+int* fused_tail_counts(int64_t n, const at::Tensor& like, at::Tensor& buf, int rows, int first_pass, bool verify) {
+  if (!use_fused_tail(current_fused_tail(), rows, first_pass, verify)) return nullptr;
+  buf = at::empty({n}, like.options().dtype(at::kInt));
+  return buf.data_ptr<int>();
+}
+
 int64_t resolve_fused_tail_for(int64_t rows, int64_t first_pass, bool verify) {
   if (rows < 0 || rows > kRowsUnknown || first_pass < kFirstPassChunked || first_pass > kFirstPassLong ||
       first_pass == kFirstPassAuto) {
@@ -145,14 +153,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_dr
     at::Tensor partials = at::empty({n_partials * static_cast<int64_t>(sizeof(RowPartial) / sizeof(float))}, f32);
     const int first_pass =
         resolve_first_pass(current_first_pass(), B, static_cast<int>(V), sizeof(T), false, device_sms());
-    at::Tensor tail_buf;  // the fused tail's counts (SampleFusedTail), where it runs
-    if (use_fused_tail(current_fused_tail(), static_cast<int>(rows), first_pass, /*verify=*/false)) {
-      tail_buf = at::empty({B}, z.options().dtype(at::kInt));
-    }
+    at::Tensor tail_buf;
     C10_CUDA_CHECK(SampleDraft<T>(static_cast<const T*>(z.const_data_ptr()), B, V, prm, out,
                                   reinterpret_cast<RowPartial*>(partials.data_ptr<float>()),
                                   c10::cuda::getCurrentCUDAStream(), first_pass, split_ptr, static_cast<int>(rows),
-                                  tail_buf.defined() ? tail_buf.data_ptr<int>() : nullptr));
+                                  fused_tail_counts(B, z, tail_buf, static_cast<int>(rows), first_pass, false)));
   });
   return {token_ids, token_probs, max_probs, energies, fallback};
 }

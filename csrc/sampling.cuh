@@ -100,6 +100,20 @@ __global__ void __launch_bounds__(kChunkThreads)
   if (threadIdx.x == 0) draws[blockIdx.x] = d;
 }
 
+// Row b's outputs, written by one thread (SampleDraftKernel's, and SampleFusedTail's for a greedy, unfiltered row):
+// the token, its probability z_token / t against the kept set's sum kept_sum (relative to s_lse.m), the max
+// probability at temperature 1, the energy and the fallback flag.
+__device__ inline void write_draft_sample(const SampleDraftParams& prm, const SampleDraftOutputs& out, int b,
+                                          int token, float z_token, float t, Lse z_lse, Lse s_lse, float kept_sum) {
+  const float s_token = __fdiv_rn(z_token, t);
+  const float max_prob = expf(z_lse.m - z_lse.log_sum());
+  out.token_ids[b] = token;
+  out.token_probs[b] = expf(s_token - (s_lse.m + logf(kept_sum)));
+  out.max_probs[b] = max_prob;
+  out.energies[b] = -t * s_lse.log_sum();
+  out.fallback[b] = max_prob < prm.fallback_threshold[b];
+}
+
 // Grid (B,), kRowThreads threads, after RowChunkStatsKernel made the one pass over every row (split
 // into S chunks, see common.cuh): one block per row merges its S partials; the softmax never reaches
 // memory. Rows with top-k/top-p add the cut-off search (filter_cut: about three histogram passes, which also
@@ -148,15 +162,7 @@ __global__ void __launch_bounds__(kRowThreads, 1)
     }
   }
 
-  if (threadIdx.x == 0) {
-    const float s_token = __fdiv_rn(to_float(row[token]), t);
-    const float max_prob = expf(z_lse.m - z_lse.log_sum());
-    out.token_ids[b] = token;
-    out.token_probs[b] = expf(s_token - (s_lse.m + logf(kept_sum)));
-    out.max_probs[b] = max_prob;
-    out.energies[b] = -t * s_lse.log_sum();
-    out.fallback[b] = max_prob < prm.fallback_threshold[b];
-  }
+  if (threadIdx.x == 0) write_draft_sample(prm, out, b, token, to_float(row[token]), t, z_lse, s_lse, kept_sum);
 }
 
 // The fused tail of a sample_draft whose rows neither sample nor filter (kTailFused, use_fused_tail): the block that
@@ -175,17 +181,10 @@ struct SampleFusedTail {
   __device__ void operator()(int b, int S, const RowPartial* partials) const {
     if (threadIdx.x >= 32) return;  // warp-uniform
     const RowPartial stats = warp_merge_partials<true>(partials, S);
-    if (threadIdx.x == 0) {
-      const Lse z_lse = stats.z;
+    if (threadIdx.x == 0) {  // SampleDraftKernel's greedy, unfiltered row: its argmax at t = 1, the whole vocabulary
       const int token = stats.zmax.i;
-      const float lse = z_lse.log_sum();
-      const float max_prob = expf(z_lse.m - lse);
-      out.token_ids[b] = token;
-      // SampleDraftKernel's expressions at t = 1 with the whole vocabulary kept
-      out.token_probs[b] = expf(to_float(logits[static_cast<int64_t>(b) * V + token]) - (z_lse.m + logf(z_lse.s)));
-      out.max_probs[b] = max_prob;
-      out.energies[b] = -lse;
-      out.fallback[b] = max_prob < prm.fallback_threshold[b];
+      write_draft_sample(prm, out, b, token, to_float(logits[static_cast<int64_t>(b) * V + token]), 1.0f, stats.z,
+                         stats.z, stats.z.s);
     }
   }
 };

@@ -11,10 +11,11 @@ namespace bild {
 void check_row_params(const char* op, int64_t B, const at::Tensor& temperature, const at::Tensor& top_k,
                       const at::Tensor& top_p, const at::Tensor& seed, const at::Tensor& offset);  // sampling.cu
 int current_first_pass();  // sampling.cu
-int current_fused_tail();  // sampling.cu
 int device_sms();          // sampling.cu
 const CutSplit* cut_split_scratch(int64_t R, int64_t D, const at::Tensor& like, at::Tensor& buf, CutSplit& split,
                                   int rows, bool verify);  // sampling.cu
+int* fused_tail_counts(int64_t n, const at::Tensor& like, at::Tensor& buf, int rows, int first_pass,
+                       bool verify);  // sampling.cu
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_draft(
     const at::Tensor& draft_ids, const at::Tensor& target_logits, int64_t mode, const at::Tensor& rollback_threshold,
@@ -87,14 +88,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_draft(
                             reinterpret_cast<CutPartial*>(base + n_partials * sizeof(RowPartial))};
     const int first_pass = resolve_first_pass(current_first_pass(), B * (K + 1), static_cast<int>(V), sizeof(T),
                                               /*verify=*/true, device_sms());
-    at::Tensor tail_buf;  // the fused tail's counts (VerifyFusedTail), where it runs
-    if (use_fused_tail(current_fused_tail(), static_cast<int>(rows), first_pass, /*verify=*/true)) {
-      tail_buf = at::empty({B * K1 + B}, i32);
-    }
+    at::Tensor tail_buf;
     C10_CUDA_CHECK(VerifyDraft<T>(ids.const_data_ptr<int64_t>(), static_cast<const T*>(z.const_data_ptr()), probs_ptr,
                                   B, K, V, static_cast<int>(mode), prm, out, scr, c10::cuda::getCurrentCUDAStream(),
                                   first_pass, split_ptr, static_cast<int>(rows),
-                                  tail_buf.defined() ? tail_buf.data_ptr<int>() : nullptr));
+                                  fused_tail_counts(B * K1 + B, z, tail_buf, static_cast<int>(rows), first_pass,
+                                                    true)));
   });
   return {num_accepted, output_ids, distances, target_probs};
 }

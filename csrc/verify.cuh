@@ -61,11 +61,22 @@ __device__ inline int drafted_count(const int64_t* ids, int K) {
   return n;
 }
 
-// Row b's cut: its first rejected position, or n (its drafted tokens) when every one was accepted.
+// Row b's cut: its first rejected position, or n (its drafted tokens) when every one was accepted. kL2: the verdicts
+// were written by other blocks of the same launch (a fused tail): read past this SM's L1.
+template <bool kL2 = false>
 __device__ inline int cut_position(const int* verdict, int b, int K, int n) {
   int c = 0;
-  while (c < n && verdict[b * (K + 1) + c]) ++c;
+  while (c < n && (kL2 ? __ldcg(verdict + b * (K + 1) + c) : verdict[b * (K + 1) + c])) ++c;
   return c;
+}
+
+// One warp writes row b's outputs from its cut c: the accepted drafts, then the token `emitted` at the cut, then -1.
+__device__ inline void write_cut_row(const VerifyOutputs& out, const int64_t* ids, int b, int K, int c, int emitted) {
+  const int K1 = K + 1;
+  for (int k = threadIdx.x & 31; k < K1; k += 32) {
+    out.output_ids[static_cast<int64_t>(b) * K1 + k] = k < c ? ids[k] : (k == c ? emitted : -1);
+  }
+  if ((threadIdx.x & 31) == 0) out.num_accepted[b] = c;
 }
 
 // Position pid = b * (K+1) + j of the batch: what both position kernels read first.
@@ -209,7 +220,7 @@ struct VerifyFusedTail {
 
   __device__ void operator()(int pid, int S, const RowPartial* partials) const {
     if (threadIdx.x >= 32) return;  // warp-uniform
-    const int lane = threadIdx.x;
+    const int lane = threadIdx.x;  // (warp 0)
     const RowPartial stats = warp_merge_partials<true>(partials, S);
     const VerifyPosition at(pid, draft_ids, K, V, prm);
     bool row_last = false;
@@ -225,18 +236,12 @@ struct VerifyFusedTail {
     }
     if (!__shfl_sync(0xffffffffu, row_last, 0)) return;  // warp-uniform
     const int b = at.b, n = at.n, K1 = K + 1;
-    int c = 0;  // the cut (cut_position), read past L1: other blocks wrote the verdicts
-    while (c < n && __ldcg(scr.verdict + b * K1 + c)) ++c;
-    const int emitted = __ldcg(scr.argmax + b * K1 + c);  // greedy rows emit the argmax of z_c
-    const int64_t* ids = draft_ids + static_cast<int64_t>(b) * K;
-    for (int k = lane; k < K1; k += 32) {
-      out.output_ids[static_cast<int64_t>(b) * K1 + k] = k < c ? ids[k] : (k == c ? emitted : -1);
-      if (k > n) {  // the padding positions, which the first pass skipped: VerifyMergeKernel zeroes them
-        out.target_probs[b * K1 + k] = 0.0f;
-        if (k < K) out.distances[b * K + k] = 0.0f;
-      }
+    const int c = cut_position<true>(scr.verdict, b, K, n);  // other blocks wrote the verdicts and argmaxes
+    write_cut_row(out, draft_ids + static_cast<int64_t>(b) * K, b, K, c, __ldcg(scr.argmax + b * K1 + c));
+    for (int k = n + 1 + lane; k < K1; k += 32) {  // the padding positions, which the first pass skipped:
+      out.target_probs[b * K1 + k] = 0.0f;        // VerifyMergeKernel zeroes them
+      if (k < K) out.distances[b * K + k] = 0.0f;
     }
-    if (lane == 0) out.num_accepted[b] = c;
   }
 };
 
@@ -383,10 +388,7 @@ __global__ void __launch_bounds__(32)
     any_resid = warp_reduce(any_resid);
     emitted = mode == kModeSample && c < n && any_resid > 0 ? r.i : q.i;
   }
-  for (int k = lane; k < K1; k += 32) {
-    out.output_ids[static_cast<int64_t>(b) * K1 + k] = k < c ? ids[k] : (k == c ? emitted : -1);
-  }
-  if (lane == 0) out.num_accepted[b] = c;
+  write_cut_row(out, ids, b, K, c, emitted);
 }
 
 // draft_ids: [B, K] (drafts then -1), target_logits: [B, K+1, V] (T = float | __half | __nv_bfloat16),
