@@ -101,16 +101,6 @@ class GraphRecorder:
             return None
 
 
-def _greedy_rows(sampling: dict) -> bool:
-    """Whether every row of a run's sampling values (host lists or tensors) is greedy and unfiltered: temperature 0,
-    top_k 0 and top_p 1 (the padding rows' values too)."""
-    def values(name):
-        v = sampling[name]
-        return v.tolist() if isinstance(v, torch.Tensor) else list(v)
-    return (all(x <= 0 for x in values("temperature")) and all(k == 0 for k in values("top_k"))
-            and all(q >= 1.0 for q in values("top_p")))
-
-
 def buckets(max_batch_size: int) -> list[int]:
     """Batch-size buckets: powers of two below max_batch_size, then max_batch_size."""
     out, b = [], 1
@@ -296,7 +286,9 @@ class StaticDraftLoop:
         n, dev = len(rows), self.runner.device
         if not caps or max(caps) > MAX_STEPS or min(caps) < 1:
             raise ValueError(f"StaticDraftLoop.run: caps must be in [1, {MAX_STEPS}], got {caps!r}")
-        buf = self._get(n, with_probs, _greedy_rows(sampling))
+        # every row greedy and unfiltered (the padding rows are): the buffers whose sampling step is told so
+        greedy = not any(ops.known_row_kinds(sampling["temperature"], sampling["top_k"], sampling["top_p"]))
+        buf = self._get(n, with_probs, greedy)
         t, B = buf.t, buf.size
         pad = B - n
         if self.capture and not buf.update_tried:

@@ -34,9 +34,9 @@ class Iteration(Drafting):
         v, dev = self._sampling_values(seqs, offsets), self.device
         floats = to_device([v["temperature"], v["top_p"]], torch.float32, dev)
         ints = to_device([v["top_k"], v["seed"], v["offset"]], torch.int64, dev)
+        sampled, filtered = ops.known_row_kinds(v["temperature"], v["top_k"], v["top_p"])
         return dict(temperature=floats[0], top_k=ints[0].to(torch.int32), top_p=floats[1], seed=ints[1],
-                    offset=ints[2], sampled=any(t > 0 for t in v["temperature"]),
-                    filtered=any(k > 0 for k in v["top_k"]) or any(p < 1.0 for p in v["top_p"]))
+                    offset=ints[2], sampled=sampled, filtered=filtered)
 
     def _step(self, running: list[Sequence], policy: Policy) -> list[list[int]]:
         """One iteration over the running batch; returns the tokens committed per sequence."""

@@ -31,6 +31,15 @@ def sampling_params(B: int, device, temperature=None, top_k=None, top_p=None, se
     return temperature, top_k, top_p, seed, offset
 
 
+def known_row_kinds(temperature, top_k, top_p) -> tuple[bool, bool]:
+    """What a caller holding every row's sampling parameters as numbers (lists, or host tensors) knows of its rows,
+    for the ops' `sampled` / `filtered`: whether some row samples (temperature > 0) and whether some row uses top-k /
+    top-p (top_k > 0 or top_p < 1)."""
+    values = lambda x: x.tolist() if isinstance(x, torch.Tensor) else x  # noqa: E731
+    return (any(t > 0 for t in values(temperature)),
+            any(k > 0 for k in values(top_k)) or any(p < 1.0 for p in values(top_p)))
+
+
 def row_kinds(V: int, given: tuple, params: tuple, sampled: bool | None, filtered: bool | None, *,
               filter_needs_sampling: bool) -> int:
     """The CUDA kernels' `rows` argument (csrc/common.cuh kRowsSampled | kRowsFiltered | kRowsFilterGuessed): whether
