@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import os
 import statistics
 import subprocess
@@ -92,6 +93,19 @@ HINTED = "cuda-hinted"
 # the fused tail (bild_kernels.cuda_fused_tail), told the rows as "cuda-hinted": it applies where they allow
 FUSED = "cuda-fused"
 GRAPHED = ("cuda", *FORCED_FIRST_PASSES, HINTED, FUSED, "triton")  # also timed replayed from a CUDA graph on a GPU ("<backend>+graph")
+
+
+@functools.lru_cache(None)
+def flashinfer_sampling():
+    """FlashInfer's sampling module (`flashinfer.sampling`, its library loaded) where it imports and loads here, once
+    a process (scripts/flashinfer_build.sh makes a benchmark-only install), else None, said once on stderr."""
+    try:
+        import flashinfer.sampling as fs
+        fs.get_sampling_module()  # its library loads on first use: a mismatched torch fails here, not mid-run
+    except Exception as exc:  # not installed, or its library does not load here
+        print(f"flashinfer: unusable here, left out ({type(exc).__name__}: {str(exc)[:200]})", file=sys.stderr)
+        return None
+    return fs
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # run from a checkout
-from _common import FUSED, GRAPHED, HINTED, first_pass_of, graph_replay, parser, pick_shapes, record, runs_at, timeit, usable_backends  # noqa: E402
+from _common import FUSED, GRAPHED, HINTED, first_pass_of, flashinfer_sampling, graph_replay, parser, pick_shapes, record, runs_at, timeit, usable_backends  # noqa: E402
 
 from bild_kernels import reference as R  # noqa: E402
 from bild_kernels._backend import resolve  # noqa: E402
@@ -50,13 +50,10 @@ def implementation(backend, device):
     return resolve("sample_draft", torch.device(device), "cuda" if backend.startswith("cuda-") else backend)
 
 
-def flashinfer_sampling(rows: str):
+def flashinfer_call(rows: str):
     """FlashInfer's call for these rows (see the module's docstring), or None (greedy rows; not importable)."""
-    try:
-        import flashinfer.sampling as fs
-        fs.get_sampling_module()  # its library loads on first use: a mismatched torch fails here, not mid-run
-    except Exception as exc:  # not installed, or its library does not load here
-        print(f"flashinfer: unusable here, left out ({type(exc).__name__}: {str(exc)[:200]})", file=sys.stderr)
+    fs = flashinfer_sampling()
+    if fs is None:
         return None
     if rows == "topk_topp":
         return lambda logits, temperature, top_k, top_p, *rest: fs.top_k_top_p_sampling_from_logits(
@@ -76,7 +73,7 @@ def main() -> None:
     backends = usable_backends(args.device, args.backends, first_pass=True, cpu_kernel=True)
     backends.sort(key=lambda b: b != "ref")  # ref first: the others report their speed-up against it
     fns = {b: implementation(b, args.device) for b in backends}
-    if gpu and (args.backends is None or "flashinfer" in args.backends.split(",")) and flashinfer_sampling("sample"):
+    if gpu and (args.backends is None or "flashinfer" in args.backends.split(",")) and flashinfer_call("sample"):
         backends.append("flashinfer")
     for B, V in shapes:
         for rows in modes:
@@ -85,7 +82,7 @@ def main() -> None:
             # (on a CPU the interpreted Triton kernels only at the small shapes: the default pair's are for ref/cpu)
             for b in [b for b in backends if runs_at(b, {"B": B, "V": V}) and (gpu or b != "triton" or V <= 1000)]:
                 fn = functools.partial(fns[b], rows=HINTS[rows]) if b in (HINTED, FUSED) else fns.get(b)
-                if b == "flashinfer" and (fn := flashinfer_sampling(rows)) is None:
+                if b == "flashinfer" and (fn := flashinfer_call(rows)) is None:
                     continue
                 with first_pass_of(b):
                     stats = timeit(lambda: fn(*x), args.device, warmup=2 if gpu else 1, iters=iters)

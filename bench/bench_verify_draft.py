@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # run from a checkout
-from _common import FUSED, GRAPHED, HINTED, first_pass_of, graph_replay, parser, pick_shapes, record, runs_at, timeit, usable_backends  # noqa: E402
+from _common import FUSED, GRAPHED, HINTED, first_pass_of, flashinfer_sampling, graph_replay, parser, pick_shapes, record, runs_at, timeit, usable_backends  # noqa: E402
 
 from bild_kernels import reference as R  # noqa: E402
 from bild_kernels._backend import resolve  # noqa: E402
@@ -60,13 +60,8 @@ def implementation(backend, device):
 def flashinfer_verify(mode_name: str):
     """FlashInfer's speculative-sampling verification (see the module's docstring), or None (other modes; not
     importable)."""
-    if mode_name != "sample":
-        return None
-    try:
-        import flashinfer.sampling as fs
-        fs.get_sampling_module()  # its library loads on first use: a mismatched torch fails here, not mid-run
-    except Exception as exc:  # not installed, or its library does not load here
-        print(f"flashinfer: unusable here, left out ({type(exc).__name__}: {str(exc)[:200]})", file=sys.stderr)
+    fs = flashinfer_sampling() if mode_name == "sample" else None
+    if fs is None:
         return None
 
     def fn(draft_ids, target_logits, mode, thresholds, draft_probs, temperature, *rest):
