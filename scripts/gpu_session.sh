@@ -57,12 +57,13 @@
 #   verify_draft, and sample_draft's auto choice; profile_step: the host's time around the graphs after the
 #   host-side changes);
 #   call 2 (carry .carry2): `DISTILL_TIMEOUT=<what is left, minus 40 s> bash scripts/gpu_distill.sh .carry2 --prompts
-#   23704 --corpus-seed 4 --self-prompts 30000 --samples-per-prompt 2 --corpus-minutes 2 --minutes 3` (more distinct
-#   prompts rather than more answers to the same ones: the CPU ablations found data variety the lever; 30,000
-#   self-written prompts ~30 s, ~107k answers in the corpus budget; ~400 s by the
-#   H100's rates with the feature cache off: ~20 s loading, 8 s prompts, 90 s corpus, ~70 s for the features and
-#   the targets in one pass (53 + 67 s apart before), the training and its evaluations; a cut keeps the best
-#   evaluation's draft).
+#   23704 --topic-prompts 60000 --self-prompts 8000 --corpus-seed 4 --corpus-minutes 2 --minutes 3` (more distinct
+#   prompts rather than more answers to the same ones: the CPU ablations found data variety the lever, and the held-out
+#   misses are word pieces of topics the ~400 templated ones never name; --topic-prompts puts ~10,000 WordNet topics
+#   under the same templates (bild_kernels/data/wordnet_topics.txt, none held out); 91,704 answers, ~12 M tokens,
+#   ~115 s of corpus at the H100's ~110k tokens/s; ~400 s in all by its rates with the feature cache off: ~20 s
+#   loading, 8 s self-written prompts, the corpus, ~70 s for the features and the targets in one pass (53 + 67 s
+#   apart before), the training and its evaluations; a cut keeps the best evaluation's draft).
 # DEADLINE (seconds from the start): each stage is cut (timeout) so that the whole script, the tarball
 # included, ends before it; a stage with under 20 s left is skipped. Each stage also has its own cap.
 # BILD_REV names the revision in the result rows where the copy has no .git.

@@ -84,18 +84,23 @@ def _data(s: dict) -> str:
     if s.get("corpus_seed"):
         what = what[:-1] + f"; sampling seed {s['corpus_seed']})"
     n_self = s.get("self_prompts", 0)
-    own = (f" and {n_self} prompts it wrote itself\n  (sampled from its chat template's user-turn header, T = 1.0, "
-           f"top-p 0.95; Magpie-style)" if n_self else "")
+    n_topics = s.get("topic_prompts", 0)
+    own = (f", {n_topics} more under the same templates about everyday topics from WordNet 3.0's nouns\n"
+           f"  (bild_kernels/data/wordnet_topics.txt: none of them held out)" if n_topics else "")
+    own += (f" and {n_self} prompts it wrote itself\n  (sampled from its chat template's user-turn header, T = 1.0, "
+            f"top-p 0.95; Magpie-style)" if n_self else "")
+    source = " No external data set" + (" besides that list of topics." if n_topics else ".")
     if k == 1 and s.get("corpus_planned", s["corpus_sequences"]) == s["corpus_sequences"]:
-        return (f"the large model's own answers (temperature 0.7) to {s['corpus_sequences'] - n_self} templated chat\n"
-                f"  prompts {what}{own}, {s['corpus_tokens']}\n  tokens with the prompts.{_writer(s)} No external data set.")
+        return (f"the large model's own answers (temperature 0.7) to {s['corpus_sequences'] - n_self - n_topics} "
+                f"templated chat\n  prompts {what}{own}, {s['corpus_tokens']}\n  tokens with the prompts.{_writer(s)}"
+                f"{source}")
     text = (f"{s['corpus_sequences']} answers written by the large model itself (temperature 0.7"
             f"{f', {k} per prompt, a seed per pass' if k > 1 else ''}) to {s['prompts']} templated chat\n"
             f"  prompts {what}{own}, {s['corpus_tokens']} tokens with the prompts")
     if s["corpus_sequences"] < s.get("corpus_planned", 0):
         text += (f"; generation\n  stopped at its {s['corpus_minutes']:g}-minute budget, after {s['corpus_sequences']}"
                  f" of {s['corpus_planned']} answers")
-    return text + f".{_writer(s)} No external data set."
+    return text + f".{_writer(s)}{source}"
 
 
 def _writer(s: dict) -> str:

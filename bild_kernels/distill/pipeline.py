@@ -109,8 +109,8 @@ def distill(*, large=None, out, prompts: int = 512, max_new_tokens: int = 96, mi
             work_dir=None, bf16: bool | None = None, kind: str = "layers", device: str = "cpu",
             samples_per_prompt: int = 1, init_draft=None, corpus_minutes: float | None = None, corpus_seed: int = 0,
             corpus_batch_size: int | None = None, train_batch_size: int | None = None, lr: float | None = None,
-            feature_layers: int | None = None, self_prompts: int = 0, corpus_backend: str = "auto",
-            feature_cache: bool = True, log=print) -> dict:
+            feature_layers: int | None = None, self_prompts: int = 0, topic_prompts: int = 0,
+            corpus_backend: str = "auto", feature_cache: bool = True, log=print) -> dict:
     """Train a draft for `large` (default: SmolLM2-135M-Instruct) and write it to `out`; returns its stats.
 
     `bf16` (default: where it is fast, see `fast_bf16`): the teacher writes the training corpus and its
@@ -142,11 +142,16 @@ def distill(*, large=None, out, prompts: int = 512, max_new_tokens: int = 96, mi
     with the templated ones (seeded by corpus_seed) before the corpus answers them all. The shipped feature
     draft agreed 0.664 on training prompts' greedy continuations against 0.585 on the held-out ones: the
     templates' narrow variety costs agreement that more varied prompts can buy back.
+    `topic_prompts`: that many more training prompts about everyday topics from WordNet (`prompts.topic_prompts`:
+    ~10,000 topics, none held out, each under a random training template, seeded by corpus_seed), mixed with
+    the others before the corpus answers them all: the held-out misses are word pieces of topics the ~400
+    templated ones never name.
     `corpus_backend`: what writes the training answers and self-written prompts (see `generate_corpus`):
     "bild" (bild's host-free batch decode loop, CUDA graphs; the default on CUDA), "hf" (transformers'
     `generate`; the default on a CPU) or "auto". The held-out references always come from "hf"."""
     from bild_kernels.distill.corpus import _backend, _user_turn, chat_ids, generate_corpus, generate_self_prompts
     from bild_kernels.distill.prompts import all_train_prompts, held_out_prompts
+    from bild_kernels.distill.prompts import topic_prompts as wordnet_prompts
     from bild_kernels.distill.train import agreement, build_draft, fast_bf16, teacher_targets, train
     from bild_kernels.models import load_model
     from bild_kernels.models.draft import load_draft, save_draft
@@ -189,6 +194,7 @@ def distill(*, large=None, out, prompts: int = 512, max_new_tokens: int = 96, mi
         raise ValueError(f"feature_layers {feature_layers} conflicts with init_draft {str(init_draft)!r}, which has "
                          f"{init['num_layers']} layer(s) (leave feature_layers out)")
     train_set = all_train_prompts(prompts)  # refuses more prompts than there are
+    topical = wordnet_prompts(topic_prompts, seed=corpus_seed)  # refuses a count out of range
     if threads is not None:
         torch.set_num_threads(threads)
     teacher, tok, source = _teacher(large)
@@ -220,6 +226,9 @@ def distill(*, large=None, out, prompts: int = 512, max_new_tokens: int = 96, mi
     held_pairs = [(ids, len(chat_ids(tok, p))) for p, ids in zip(held_out_prompts(), held)]
     fast_teacher = copy.deepcopy(teacher).to(torch.bfloat16) if bf16 else teacher
     templated, self_written, self_s = len(train_set), [], 0.0
+    if topical:
+        train_set = train_set + topical
+        random.Random(corpus_seed).shuffle(train_set)  # mixed, so that a corpus time budget keeps both kinds
     if self_prompts:
         t_self = time.perf_counter()
         bk = "_bild" if corpus_backend == "bild" else ""
@@ -235,7 +244,7 @@ def distill(*, large=None, out, prompts: int = 512, max_new_tokens: int = 96, mi
         random.Random(corpus_seed).shuffle(train_set)
     # The corpus is cut by its time budget at an arbitrary point: such a corpus gets a name of its own.
     tag = (f"{len(train_set)}_{max_new_tokens}{'_bf16' if bf16 else ''}"
-           f"{f'_self{len(self_written)}' if self_written else ''}"
+           f"{f'_self{len(self_written)}' if self_written else ''}{f'_topics{len(topical)}' if topical else ''}"
            f"{f'_x{samples_per_prompt}' if samples_per_prompt > 1 else ''}"
            f"{f'_{corpus_minutes:g}min' if corpus_minutes is not None else ''}"
            f"{f'_seed{corpus_seed}' if corpus_seed else ''}{'_bild' if corpus_backend == 'bild' else ''}")
@@ -257,7 +266,7 @@ def distill(*, large=None, out, prompts: int = 512, max_new_tokens: int = 96, mi
             fast_teacher, corpus, k=32, batch_tokens=16384 if dev.type == "cuda" else 4096, device=dev, log=log))
     targets_s = time.perf_counter() - t_data - corpus_s
     fast_teacher = None  # its memory back (on a GPU too): training reads only the corpus and targets
-    corpus_info = {"prompts": templated, "self_prompts": len(self_written), "self_prompts_seconds": round(self_s, 1),
+    corpus_info = {"prompts": templated, "topic_prompts": len(topical), "self_prompts": len(self_written), "self_prompts_seconds": round(self_s, 1),
                    "samples_per_prompt": samples_per_prompt, "corpus_seed": corpus_seed,
                    "corpus_minutes": corpus_minutes, "corpus_backend": corpus_backend,
                    "corpus_planned": len(train_set) * samples_per_prompt,

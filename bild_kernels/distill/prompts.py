@@ -7,6 +7,8 @@ is never seen in training (`held_out_prompts` is what `bild eval` measures on).
 from __future__ import annotations
 
 import random
+from functools import lru_cache
+from pathlib import Path
 
 TRAIN_TEMPLATES = [
     "Explain {t} to a ten-year-old.",
@@ -234,6 +236,49 @@ def all_train_prompts(n: int | None = None) -> list[str]:
     if n is not None and not 1 <= n <= len(out):
         raise ValueError(f"prompts must be in [1, {len(out)}], got {n}")
     return out if n is None else out[:n]
+
+
+TOPICS_FILE = Path(__file__).resolve().parents[1] / "data" / "wordnet_topics.txt"
+
+
+@lru_cache(maxsize=1)
+def wordnet_topics() -> tuple[str, ...]:
+    """~10,000 everyday topics ("lighthouses", "photosynthesis", "Grand Canyon") from WordNet 3.0's nouns,
+    most frequent first: bild_kernels/data/wordnet_topics.txt, written by python/tools/wordnet_topics.py, which
+    leaves out every held-out topic, its synonyms and its direct hyponyms."""
+    with open(TOPICS_FILE, encoding="utf-8") as f:
+        return tuple(line.split("\t")[0] for line in f if line.strip() and not line.startswith("#"))
+
+
+def topic_prompts(n: int, seed: int = 0) -> list[str]:
+    """n training prompts about WordNet topics (`wordnet_topics`), each a training template (any of the 58 of
+    `all_train_prompts`) drawn at random for a topic: every topic once, in a seeded order, before any twice, and
+    no prompt twice. None is a held-out prompt or one of `all_train_prompts()`: a topic the templated prompts
+    also name (e.g. "rainbows") gets only the templates they do not have, and none where they have them all."""
+    templates = TRAIN_TEMPLATES + MORE_TRAIN_TEMPLATES + EXTRA_TRAIN_TEMPLATES
+    topics = wordnet_topics()
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= len(topics) * len(templates) // 2:
+        raise ValueError(f"topic_prompts must be an int in [0, {len(topics) * len(templates) // 2}] "
+                         f"({len(topics)} topics x {len(templates)} templates, at most half of them), got {n!r}")
+    rng = random.Random(seed)
+    taken = set(all_train_prompts()) | set(held_out_prompts())
+    out: list[str] = []
+    last = -1
+    while len(out) < n:
+        if out and len(out) == last:
+            raise RuntimeError(f"topic_prompts: no new prompt in a whole pass over the topics at {len(out)} of {n}")
+        last = len(out)
+        order = list(topics)
+        rng.shuffle(order)
+        for topic in order:
+            if len(out) == n:
+                break
+            free = [p for p in (t.format(t=topic) for t in templates) if p not in taken]
+            if free:  # else every template of this topic is taken (e.g. "rainbows" of the templated prompts)
+                p = rng.choice(free)
+                taken.add(p)
+                out.append(p)
+    return out
 
 
 def held_out_prompts() -> list[str]:

@@ -78,6 +78,51 @@ def test_extra_training_prompts_are_new_and_share_nothing_with_the_held_out_set(
     assert P.extra_train_prompts() == extra  # fixed order: chunk files index into it
 
 
+HELD_OUT_WORDS = ("octopus", "lighthouse", "violin", "fiddle", "glacier", "balloon", "bee", "comet", "cheese",
+                  "submarine", "kite", "coral", "reef", "periodic table", "windmill", "owl", "marathon", "great wall")
+
+
+def _names_held_out_topic(text: str) -> bool:
+    words = re.findall(r"[a-z]+", text.lower())
+    for held in HELD_OUT_WORDS:
+        h = held.split()
+        forms = {tuple(h), tuple(h[:-1] + [h[-1] + "s"]), tuple(h[:-1] + [h[-1] + "es"])}
+        if any(tuple(words[i:i + len(h)]) in forms for i in range(len(words) - len(h) + 1)):
+            return True
+    return False
+
+
+def test_wordnet_topics_are_many_distinct_and_none_is_held_out():
+    from bild_kernels.distill import prompts as P
+    topics = P.wordnet_topics()
+    assert len(topics) >= 5000 and len({t.lower() for t in topics}) == len(topics)
+    assert not [t for t in topics if _names_held_out_topic(t)]
+    assert _names_held_out_topic("the coral reefs") and not _names_held_out_topic("beef")  # the check itself
+    assert {"photosynthesis", "computers", "the Pacific Ocean"} <= set(topics)  # plurals, bare nouns, names
+
+
+def test_topic_prompts_are_new_seeded_and_share_nothing_with_the_held_out_set():
+    from bild_kernels.distill import prompts as P
+    topics = P.wordnet_topics()
+    n = len(topics) + 50
+    got = P.topic_prompts(n, seed=3)
+    assert len(got) == n == len(set(got)) and got == P.topic_prompts(n, seed=3) != P.topic_prompts(n, seed=4)
+    assert not set(got) & set(P.all_train_prompts()) and not set(got) & set(P.held_out_prompts())
+    assert not [p for p in got if _names_held_out_topic(p)]
+    templates = P.TRAIN_TEMPLATES + P.MORE_TRAIN_TEMPLATES + P.EXTRA_TRAIN_TEMPLATES
+    # every topic once before any twice, but for the few the templated prompts already have under every template
+    taken = set(P.all_train_prompts()) | set(P.held_out_prompts())
+    full = {topic for topic in topics if all(t.format(t=topic) in taken for t in templates)}
+    assert len(full) < 0.05 * len(topics)  # the ~400 templated topics, where WordNet has them too
+    named = {t.format(t=topic): topic for topic in topics for t in templates}
+    first = [named[p] for p in got[:len(topics) - len(full)]]
+    assert len(set(first)) == len(first) and set(first) == set(topics) - full
+    assert P.topic_prompts(0) == []
+    for bad in (-1, True, 2.0, len(topics) * len(templates)):
+        with pytest.raises(ValueError, match="topic_prompts must be an int in"):
+            P.topic_prompts(bad)
+
+
 def test_bf16_training_updates_float32_weights_and_lowers_the_loss():
     from bild_kernels.distill.train import fast_bf16
     teacher = _teacher()
@@ -573,6 +618,20 @@ def test_distill_mixes_self_written_prompts_into_the_corpus(large_dir, tmp_path,
         distill(large=large_dir, out=tmp_path / "o3", work_dir=tmp_path / "w3", self_prompts=2, **QUIET)
 
 
+def test_distill_mixes_topic_prompts_into_the_corpus(large_dir, tmp_path):
+    work = _work(large_dir, tmp_path)
+    stats = distill(large=large_dir, out=tmp_path / "out", prompts=3, max_new_tokens=4, minutes=0.003, bf16=False,
+                    work_dir=work, topic_prompts=2, corpus_seed=1, **QUIET)
+    assert stats["prompts"] == 3 and stats["topic_prompts"] == 2 and stats["corpus_sequences"] == 5
+    assert (work / "corpus_train_5_4_topics2_seed1.pt").is_file()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "2 more under the same templates about everyday topics from WordNet" in card
+    assert "3 templated chat" in card and "besides that list of topics" in card
+    with pytest.raises(ValueError, match="topic_prompts must be an int in"):
+        distill(large=large_dir, out=tmp_path / "o2", topic_prompts=-1, **QUIET)
+    assert not (tmp_path / "o2").exists()
+
+
 def test_an_auto_corpus_falls_back_to_hf_when_batch_generator_fails(large_dir, monkeypatch):
     """backend="auto" (BatchGenerator on CUDA) must still write a corpus if BatchGenerator cannot: a build or
     first-batch failure is logged and HF generate answers; an explicit backend="bild" raises instead."""
@@ -594,3 +653,20 @@ def test_an_auto_corpus_falls_back_to_hf_when_batch_generator_fails(large_dir, m
             assert info == {"backend": "hf"}
             with pytest.raises(RuntimeError, match="no graph today"):
                 generate_corpus(teacher, tok, prompts, backend="bild", **kw, **QUIET)
+
+
+def test_the_topic_lists_tool_writes_plurals_and_spots_held_out_phrases():
+    """python/tools/wordnet_topics.py's helpers (the tool itself needs WordNet's files, which CI does not have)."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[2] / "python" / "tools" / "wordnet_topics.py"
+    spec = importlib.util.spec_from_file_location("wordnet_topics", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    irregular = {"mouse": "mice"}
+    assert [tool.plural(w, irregular) for w in ("lighthouse", "box", "city", "day", "mouse", "computer mouse",
+                                                "goggles", "cattle")] == [
+        "lighthouses", "boxes", "cities", "days", "mice", "computer mice", "goggles", "cattle"]
+    banned = {"coral reef", "owl"}
+    assert tool.mentions("Coral Reefs", banned) and tool.mentions("barn owls", banned)
+    assert not tool.mentions("owlet", banned) and not tool.mentions("coral", banned)
