@@ -9,7 +9,7 @@ activations as the engine runs them there; a run of T0 = 2 verified positions th
 96-token context, never unsure. Prints median and 20th/80th percentile us per run. CPU only; one thread unless
 --threads.
 
-  python bench/bench_cpu_feature_draft.py [--threads 2] [--steps 1,3] [--no-save]
+  python bench/bench_cpu_feature_draft.py [--threads 2] [--steps 1,3] [--head-rows 8192,12288] [--no-save]
 """
 import sys
 from pathlib import Path
@@ -35,7 +35,7 @@ def _proj(t, form, bias=None):
     return (*int8_x16(w), bias) if form == "int8x16" else (w.q, w.scale.float(), bias)
 
 
-def _draft(form, blocks):
+def _draft(form, blocks, vh=VH):
     def w(n, k):
         return torch.randn(n, k) * k ** -0.5
     layer = LayerWeights(torch.ones(H), _proj(w((HQ + 2 * HKV) * D, H), form), _proj(w(H, HQ * D), form),
@@ -45,7 +45,7 @@ def _draft(form, blocks):
     return dict(shift=torch.zeros(H), inv_std=torch.ones(H), embed=torch.randn(V, H), inv_emb_scale=1.0,
                 fc=_proj(w(H, 2 * H), form, torch.zeros(H)), layers=[layer],
                 key_caches=[torch.randn(blocks, BLOCK, HKV, D)], value_caches=[torch.randn(blocks, BLOCK, HKV, D)],
-                norm=torch.ones(H), head=_proj(w(VH, H), form), head_vocab=torch.randperm(V)[:VH].sort().values,
+                norm=torch.ones(H), head=_proj(w(vh, H), form), head_vocab=torch.randperm(V)[:vh].sort().values,
                 cos=emb.cos(), sin=emb.sin(), block_tables=torch.arange(blocks, dtype=torch.int32)[None],
                 num_heads=HQ, num_kv_heads=HKV, scale=D ** -0.5, sliding_windows=[0], eps=1e-5)
 
@@ -77,15 +77,18 @@ def main():
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--steps", default="1,3", help="comma-separated draft lengths (steps a run)")
+    p.add_argument("--head-rows", default=str(VH),
+                   help=f"comma-separated head vocabulary sizes (default {VH}, the shipped draft's)")
     args = p.parse_args()
+    head_rows = [int(x) for x in args.head_rows.split(",")]
     args.rows = args.steps
     steps_list = cpu_extension_rows(args, "cpu_feature_draft_chain", "steps", 16)
     forms = ["float32", "int8"]
     if torch.ops.bild_kernels_cpu.cpu_linear_q4_1x16_supported():
         forms.append("int8x16")
     blocks = -(-(CONTEXT + 32) // BLOCK)
-    for form in forms:
-        d = _draft(form, blocks)
+    for form, vh in [(form, vh) for form in forms for vh in head_rows]:
+        d = _draft(form, blocks, vh)
         for steps in steps_list:
             f, nxt = torch.randn(T0, H), torch.randint(0, V, (T0,))
             pos = torch.arange(CONTEXT, CONTEXT + T0 + steps - 1)
@@ -98,10 +101,11 @@ def main():
             for backend, fn in runs.items():
                 stats = timeit(fn, "cpu", iters=args.iters or (20 if backend != "ref" else 3))
                 row = record("cpu_feature_draft_chain", "cpu", backend,
-                             {"weights": form, "T0": T0, "steps": steps, "threads": args.threads}, stats, None,
+                             {"weights": form, "T0": T0, "steps": steps, "threads": args.threads,
+                              **({"head_rows": vh} if vh != VH else {})}, stats, None,
                              save=not args.no_save)
                 medians[backend] = row["median_us"]
-            print(f"  {form}, {steps} steps: cpu {medians['cpu']:.0f} us ({medians['cpu'] / steps:.0f} a step), "
+            print(f"  {form}, head {vh}, {steps} steps: cpu {medians['cpu']:.0f} us ({medians['cpu'] / steps:.0f} a step), "
                   f"pieces/cpu {medians['pieces'] / medians['cpu']:.2f}x, ref/cpu {medians['ref'] / medians['cpu']:.1f}x")
 
 

@@ -475,7 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--kind feature: decoder layers of the draft, initialised from the large model's last N "
                         "(default 1, or --init-draft's own)")
     d.add_argument("--draft-vocab", type=int, default=None,
-                   help="head vocabulary size (default 8192, or --init-draft's own; 0: the whole vocabulary)")
+                   help="head vocabulary size (default 8192, or --init-draft's own; 0: the whole vocabulary); with "
+                        "--init-draft, a larger one adds the corpus's most frequent tokens its head lacks")
     d.add_argument("--threads", type=int, default=None)
     d.add_argument("--work-dir", default=None, help="cache the corpus and teacher targets here between runs")
     d.add_argument("--no-feature-cache", action="store_true",

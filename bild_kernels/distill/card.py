@@ -16,7 +16,11 @@ def draft_card(base_name: str, s: dict, n_held: int) -> str:
     trained on, how, and how often it agrees with the large model."""
     vocab = "the whole vocabulary" if s["draft_vocab"] is None else f"the {s['draft_vocab']} most frequent corpus tokens"
     warm = s.get("init_draft")
-    if warm and s["draft_vocab"] is not None:
+    if warm and "draft_vocab_before" in s:
+        vocab = (f"the {s['draft_vocab_before']} token ids of `{Path(warm).name}` (its `draft_vocab`) and "
+                 + ("every other token" if s["draft_vocab"] is None else
+                    f"the {s['draft_vocab'] - s['draft_vocab_before']} most frequent corpus tokens it lacked"))
+    elif warm and s["draft_vocab"] is not None:
         vocab = f"the {s['draft_vocab']} token ids of `{Path(warm).name}` (its `draft_vocab`, kept)"
     precision = ", matrix products in bfloat16 (autocast; teacher corpus and targets too)" if s.get("bf16") else ""
     hist = "\n".join(f"| {m} | {seen} | {acc:.3f} |" for m, seen, acc in s["history"]) or "| - | - | - |"
@@ -47,9 +51,11 @@ An EAGLE-style draft for big-little speculative decoding with bild-kernels, made
 """
     if head:
         if warm:
+            before = (f"{s['agreement_before_vocab']:.3f} agreement before this run with its own head vocabulary, "
+                      f"{s['agreement_before']:.3f} with the\n  grown one" if "agreement_before_vocab" in s else
+                      f"{s['agreement_before']:.3f} agreement before this run")
             head += (f"- **Warm start**: the layers, input map, feature statistics and head vocabulary of "
-                     f"`{Path(warm).name}`\n  (its card describes its own data and training), "
-                     f"{s['agreement_before']:.3f} agreement before this run.\n")
+                     f"`{Path(warm).name}`\n  (its card describes its own data and training), {before}.\n")
         return head + agreement
     start = (f"""- **Warm start**: the layers, final norm and head vocabulary of `{Path(warm).name}` (its card describes
   its own data and training), {s['agreement_before']:.3f} agreement before this run; then trained as below.

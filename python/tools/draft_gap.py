@@ -10,7 +10,8 @@ ones. A held-out prompt differs in its template and its topic; this scores the d
 
 Each set's references are the large model's greedy continuations (float32, HF generate, 64 tokens, as the
 held-out references); the measure is `feature_agreement` (d1: top-1 agreement at every response position; acc_2:
-tokens a chain of two drafts gets accepted). Usage:
+tokens a chain of two drafts gets accepted) beside the share of response tokens outside the draft's head vocabulary,
+which it can never propose, and d1 with the same weights scoring the whole vocabulary. Usage:
 
     python python/tools/draft_gap.py [--draft DIR] [--n 59] [--threads 2]
 """
@@ -60,7 +61,9 @@ def main(argv=None) -> int:
     sets = prompt_sets(args.n, args.seed)
     held = torch.load(ROOT / "bench" / "data" / "corpus_eval_smollm2-135m-instruct.pt")
     print(f"draft {args.draft.name}, {args.n} prompts a set (held-out: all {len(held)})", flush=True)
-    print("| set | example | response tokens | d1 | d2 | acc_2 |\n|---|---|---|---|---|---|")
+    print("| set | example | response tokens | outside the head | d1 | d2 | acc_2 | d1, whole vocabulary |\n"
+          "|---|---|---|---|---|---|---|---|")
+    head = set() if draft.vocab is None else set(draft.vocab.tolist())
     for name, prompts in list(sets.items()) + [("held-out", held_out_prompts())]:
         t = time.perf_counter()
         ids = held if name == "held-out" else generate_corpus(teacher, tok, prompts, max_new_tokens=64,
@@ -68,8 +71,13 @@ def main(argv=None) -> int:
         pairs = [(x, len(chat_ids(tok, p))) for p, x in zip(prompts, ids)]
         feats = teacher_features(teacher, [x for x, _ in pairs], log=lambda s: None)
         r = feature_agreement(draft, feats, pairs, depth=2, max_k=2)
-        print(f"| {name} | {prompts[0]!r} | {r['n_d1']} | {r['d1']:.3f} | {r.get('d2', float('nan')):.3f} | "
-              f"{r.get('acc_2', float('nan')):.3f} |", flush=True)
+        own, draft.vocab = draft.vocab, None  # the same weights scoring every token: what the head's choice costs
+        whole = feature_agreement(draft, feats, pairs, depth=1, max_k=1)["d1"]
+        draft.vocab = own
+        response = [t for x, n in pairs for t in x[n:]]
+        outside = sum(t not in head for t in response) / len(response) if head else 0.0
+        print(f"| {name} | {prompts[0]!r} | {r['n_d1']} | {outside:.3f} | {r['d1']:.3f} | {r.get('d2', float('nan')):.3f} | "
+              f"{r.get('acc_2', float('nan')):.3f} | {whole:.3f} |", flush=True)
         print(f"  ({time.perf_counter() - t:.0f} s)", file=sys.stderr, flush=True)
     return 0
 

@@ -265,6 +265,52 @@ def test_a_feature_draft_warm_starts_from_a_feature_draft(large_dir, tmp_path):
         FeatureDraft.from_dir(tmp_path / "layers", hf_model(large_dir))
 
 
+def test_a_warm_start_grows_its_head_vocabulary_by_the_corpus_tokens_it_lacks(large_dir, tmp_path):
+    """draft_vocab larger than the init draft's (or 0): its head ids stay, the corpus's most frequent tokens it lacks
+    join them (the head's rows are the large model's: nothing new to train), both agreements are reported, the card
+    says so and the engine runs the result losslessly; a smaller size is refused."""
+    from collections import Counter
+
+    from safetensors.torch import load_file
+
+    from bild_kernels import Engine, Greedy, LargeOnly, SamplingParams
+    from bild_kernels.distill.feature_draft import FeatureDraft, feature_agreement
+    work, init_dir = _work(large_dir, tmp_path), tmp_path / "init"
+    distill(large=large_dir, out=init_dir, prompts=4, max_new_tokens=4, minutes=0.003, bf16=False, work_dir=work,
+            draft_vocab=30, kind="feature", **QUIET)
+    init = FeatureDraft.from_dir(init_dir, hf_model(large_dir))
+    before = feature_agreement(init, torch.load(work / "features_eval.pt"), _held_pairs(work), depth=2, max_k=2)["d1"]
+    out = tmp_path / "out"
+    stats = distill(large=large_dir, out=out, prompts=4, max_new_tokens=4, minutes=0.003, bf16=False, work_dir=work,
+                    kind="feature", init_draft=init_dir, corpus_seed=1, draft_vocab=36, **QUIET)
+    grown = load_file(str(out / "model.safetensors"))["draft_vocab"].long()
+    old = set(init.vocab.tolist())
+    corpus = torch.load(work / "corpus_train_4_4_seed1.pt")
+    lacked = Counter(t for seq in corpus for t in seq if t not in old)
+    assert set(grown.tolist()) == old | {t for t, _ in lacked.most_common(6)} and len(grown) == min(36, 30 + len(lacked))
+    assert stats["draft_vocab"] == len(grown) and stats["draft_vocab_before"] == 30
+    assert stats["agreement_before_vocab"] == round(before, 4)
+    card = (out / "README.md").read_text()
+    assert f"the 30 token ids of `init` (its `draft_vocab`) and the {len(grown) - 30} most frequent corpus tokens" in card
+    assert f"{before:.3f} agreement before this run with its own head vocabulary" in card
+    eng = Engine(large=str(large_dir), small=str(out), max_batch_size=2, max_model_len=64)
+    prompts, params = [[1, 2, 3], [5, 6, 7, 8, 9]], SamplingParams(max_tokens=8)
+    assert [o.token_ids for o in eng.generate(prompts, params, policy=Greedy())] == [
+        o.token_ids for o in eng.generate(prompts, params, policy=LargeOnly())]
+    whole = distill(large=large_dir, out=tmp_path / "whole", prompts=4, max_new_tokens=4, minutes=0.003, bf16=False,
+                    work_dir=work, kind="feature", init_draft=init_dir, draft_vocab=0, **QUIET)
+    assert whole["draft_vocab"] is None and "draft_vocab" not in load_file(str(tmp_path / "whole" / "model.safetensors"))
+    assert "and every other token" in (tmp_path / "whole" / "README.md").read_text()
+    with pytest.raises(ValueError, match="draft_vocab 20 conflicts .* can only add to them"):
+        distill(large=large_dir, out=tmp_path / "o2", kind="feature", init_draft=init_dir, draft_vocab=20, **QUIET)
+    # a layers draft grows its head the same way
+    _, vocab, _ = _init_draft(large_dir, tmp_path / "init_layers")
+    stats = distill(large=large_dir, out=tmp_path / "layers", prompts=3, max_new_tokens=4, minutes=0.003, bf16=False,
+                    work_dir=work, init_draft=tmp_path / "init_layers", draft_vocab=len(vocab) + 5, **QUIET)
+    grown = load_file(str(tmp_path / "layers" / "model.safetensors"))["draft_vocab"]
+    assert set(vocab.tolist()) < set(grown.tolist()) and stats["draft_vocab_before"] == len(vocab)
+
+
 def test_warm_start_refuses_a_draft_of_another_large_model(large_dir, tmp_path):
     other = tmp_path / "other"
     tiny_llama(6, layers=3, dtype=torch.float32).save_pretrained(other)
