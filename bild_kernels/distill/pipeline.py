@@ -221,7 +221,7 @@ def distill(*, large=None, out, prompts: int = 512, max_new_tokens: int = 96, mi
     bf16 = fast_bf16(dev.type) if bf16 is None else bool(bf16)
     gen_batch = corpus_batch_size or (256 if dev.type == "cuda" else 64 if bf16 else 16)
     train_batch = train_batch_size or (64 if dev.type == "cuda" else 8)
-    log(f"corpus: {len(train_set)} training prompts"
+    log(f"corpus: {len(train_set)} templated{f' and {len(topical)} topic' if topical else ''} training prompts"
         f"{f' x {samples_per_prompt} samples' if samples_per_prompt > 1 else ''}, "
         f"{len(held_out_prompts())} held-out prompts{', bfloat16 teacher and training' if bf16 else ''}"
         f"{f' on {_device_name(dev)}' if dev.type != 'cpu' else ''}")

@@ -250,19 +250,29 @@ def wordnet_topics() -> tuple[str, ...]:
         return tuple(line.split("\t")[0] for line in f if line.strip() and not line.startswith("#"))
 
 
-def topic_prompts(n: int, seed: int = 0) -> list[str]:
+def topic_prompts(n: int, seed: int = 0, skip_topics=()) -> list[str]:
     """n training prompts about WordNet topics (`wordnet_topics`), each a training template (any of the 58 of
     `all_train_prompts`) drawn at random for a topic: every topic once, in a seeded order, before any twice, and
     no prompt twice. None is a held-out prompt or one of `all_train_prompts()`: a topic the templated prompts
-    also name (e.g. "rainbows") gets only the templates they do not have, and none where they have them all."""
+    also name (e.g. "rainbows") gets only the templates they do not have, and none where they have them all.
+    `skip_topics`: topics to leave out (e.g. those another call's prompts name: `topic_prompt_topics`)."""
+    return [p for _, p in _topic_pairs(n, seed, frozenset(skip_topics))]
+
+
+def topic_prompt_topics(n: int, seed: int = 0) -> set[str]:
+    """The topics that `topic_prompts(n, seed)` names."""
+    return {t for t, _ in _topic_pairs(n, seed, frozenset())}
+
+
+def _topic_pairs(n: int, seed: int, skip: frozenset) -> list[tuple[str, str]]:
     templates = TRAIN_TEMPLATES + MORE_TRAIN_TEMPLATES + EXTRA_TRAIN_TEMPLATES
-    topics = wordnet_topics()
+    topics = [t for t in wordnet_topics() if t not in skip]
     if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= len(topics) * len(templates) // 2:
         raise ValueError(f"topic_prompts must be an int in [0, {len(topics) * len(templates) // 2}] "
                          f"({len(topics)} topics x {len(templates)} templates, at most half of them), got {n!r}")
     rng = random.Random(seed)
     taken = set(all_train_prompts()) | set(held_out_prompts())
-    out: list[str] = []
+    out: list[tuple[str, str]] = []
     last = -1
     while len(out) < n:
         if out and len(out) == last:
@@ -277,7 +287,7 @@ def topic_prompts(n: int, seed: int = 0) -> list[str]:
             if free:  # else every template of this topic is taken (e.g. "rainbows" of the templated prompts)
                 p = rng.choice(free)
                 taken.add(p)
-                out.append(p)
+                out.append((topic, p))
     return out
 
 

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 
-def prompt_sets(n: int, seed: int = 0) -> dict[str, list[str]]:
+def prompt_sets(n: int, seed: int = 0, trained_topics: set[str] = frozenset()) -> dict[str, list[str]]:
     from bild_kernels.distill import prompts as P
     rng = random.Random(seed)
     train_topics = P.TRAIN_TOPICS + P.MORE_TRAIN_TOPICS + P.EXTRA_TRAIN_TOPICS
@@ -36,7 +36,7 @@ def prompt_sets(n: int, seed: int = 0) -> dict[str, list[str]]:
     seen = [t.format(t=topic) for t in templates for topic in train_topics]
     seen = [p for p in seen if p in train]
     new_template = sorted({t.format(t=topic) for t in P.EVAL_TEMPLATES for topic in train_topics} - train)
-    return {"train": rng.sample(seen, n), "new-topic": P.topic_prompts(n, seed=seed + 1),
+    return {"train": rng.sample(seen, n), "new-topic": P.topic_prompts(n, seed=seed + 1, skip_topics=trained_topics),
             "new-template": rng.sample(new_template, n)}
 
 
@@ -46,6 +46,9 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=59, help="prompts per set (default 59, as the held-out set)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--trained-topics", default=None, metavar="N:SEED",
+                    help="a draft trained with --topic-prompts N --corpus-seed SEED: its new-topic set leaves out the "
+                         "topics those prompts name")
     args = ap.parse_args(argv)
     import torch
 
@@ -58,7 +61,12 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     teacher, tok, _ = _teacher(None)
     draft = FeatureDraft.from_dir(args.draft, teacher)
-    sets = prompt_sets(args.n, args.seed)
+    trained = set()
+    if args.trained_topics:
+        from bild_kernels.distill.prompts import topic_prompt_topics
+        n, seed = (int(x) for x in args.trained_topics.split(":"))
+        trained = topic_prompt_topics(n, seed)
+    sets = prompt_sets(args.n, args.seed, trained)
     held = torch.load(ROOT / "bench" / "data" / "corpus_eval_smollm2-135m-instruct.pt")
     print(f"draft {args.draft.name}, {args.n} prompts a set (held-out: all {len(held)})", flush=True)
     print("| set | example | response tokens | outside the head | d1 | d2 | acc_2 | d1, whole vocabulary |\n"

@@ -118,6 +118,11 @@ def test_topic_prompts_are_new_seeded_and_share_nothing_with_the_held_out_set():
     first = [named[p] for p in got[:len(topics) - len(full)]]
     assert len(set(first)) == len(first) and set(first) == set(topics) - full
     assert P.topic_prompts(0) == []
+    # another set on other topics: what a draft trained on the first is scored on (python/tools/draft_gap.py)
+    used = P.topic_prompt_topics(500, seed=3)
+    assert len(used) == 500 and used <= set(topics)
+    other = P.topic_prompts(500, seed=5, skip_topics=used)
+    assert not {named[p] for p in other} & used and len(set(other)) == 500
     for bad in (-1, True, 2.0, len(topics) * len(templates)):
         with pytest.raises(ValueError, match="topic_prompts must be an int in"):
             P.topic_prompts(bad)
