@@ -13,7 +13,7 @@ thousands of them. This keeps the ones an everyday chat might name:
   words of plain English, all parts of speech);
 - a noun first (never an adverb or an adjective, at most twice as many verb senses as noun ones), three
   letters or more, not an abbreviation;
-- no sense of it is glossed as offensive, vulgar, slang or the like;
+- neither it nor any of its senses' glosses is offensive, vulgar, slang, violent or the like (a pattern);
 - it is not a held-out topic of `bild_kernels.distill.prompts.EVAL_TOPICS` (nor one of a held-out phrase's
   rarer nouns: "reef" of "coral reefs"), a synonym of one (any sense), a direct hyponym's lemma, nor a
   phrase that contains one of those: the held-out set stays unseen.
@@ -44,7 +44,7 @@ KEEP = ("act", "animal", "artifact", "cognition", "communication", "event", "foo
 PLURAL = ("animal", "artifact")
 BLOCK = re.compile(r"offensive|slur|vulgar|obscen|derogat|disparag|slang|sexual|genital|penis|vagin|excrement|"
                    r"feces|faeces|urin|racis|ethnic|insult|contempt|prostitut|nazi|tortur|murder|rape|suicid|"
-                   r"pornograph|narcotic|execution", re.I)
+                   r"pornograph|narcotic|execution|genocid|massacr|terroris|slave|traffick|abuse|abortion", re.I)
 TAXON = re.compile(r"^(genus|family|order|class|phylum|division|subfamily|suborder|subclass|superfamily)_|"
                    r"(aceae|idae|ales|inae|phyta|mycetes|opsida)$")
 LEMMA = re.compile(r"[a-z]+(-[a-z]+)?(_[a-z]+(-[a-z]+)?){0,2}")
@@ -186,7 +186,7 @@ def topics(wordnet: Path, tokenizer, min_gloss_count: int) -> list[tuple[str, st
         lex, words, gloss, _ = synsets[offs[0]]
         if lex not in KEEP or not LEMMA.fullmatch(lemma) or TAXON.search(lemma):
             continue
-        if any(BLOCK.search(synsets[o][2]) for o in offs):
+        if BLOCK.search(lemma) or any(BLOCK.search(synsets[o][2]) for o in offs):
             continue
         if "_" not in lemma and (len(lemma) < 3 or lemma in other["adv"] or lemma in other["adj"]
                                  or len(other["verb"].get(lemma, ())) > 2 * len(offs)):
