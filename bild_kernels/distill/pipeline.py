@@ -270,7 +270,8 @@ def distill(*, large=None, out, prompts: int = 512, max_new_tokens: int = 96, mi
             fast_teacher, corpus, k=32, batch_tokens=16384 if dev.type == "cuda" else 4096, device=dev, log=log))
     targets_s = time.perf_counter() - t_data - corpus_s
     fast_teacher = None  # its memory back (on a GPU too): training reads only the corpus and targets
-    corpus_info = {"prompts": templated, "topic_prompts": len(topical), "self_prompts": len(self_written), "self_prompts_seconds": round(self_s, 1),
+    corpus_info = {"prompts": templated, "topic_prompts": len(topical), "self_prompts": len(self_written),
+                   "self_prompts_seconds": round(self_s, 1),
                    "samples_per_prompt": samples_per_prompt, "corpus_seed": corpus_seed,
                    "corpus_minutes": corpus_minutes, "corpus_backend": corpus_backend,
                    "corpus_planned": len(train_set) * samples_per_prompt,
@@ -285,8 +286,8 @@ def distill(*, large=None, out, prompts: int = 512, max_new_tokens: int = 96, mi
     draft = build_draft(teacher, layers)
     own_vocab = _warm_start(draft, init_draft) if init is not None else None
     vocab = _grow_vocab(own_vocab, corpus, draft_vocab, log) if init is not None else _vocab(corpus, draft_vocab, tok)
-    grown = ({"draft_vocab_before": None if own_vocab is None else int(own_vocab.numel())}
-             if init is not None and vocab is not own_vocab else {})
+    grown = ({"draft_vocab_before": int(own_vocab.numel())} if init is not None and vocab is not own_vocab
+             else {})  # _grow_vocab grew it (a head of the whole vocabulary never grows)
     draft.to(dev)
     t0 = time.perf_counter()
     before = agreement(draft, held_pairs, vocab, device=dev)
@@ -398,7 +399,7 @@ def _distill_feature(teacher, source, corpus, targets, held_pairs, vocab, minute
     grown = {}
     if init_draft is not None and vocab is not own_vocab:  # _grow_vocab grew it
         draft.vocab = own_vocab
-        grown = {"draft_vocab_before": None if own_vocab is None else int(own_vocab.numel()),
+        grown = {"draft_vocab_before": int(own_vocab.numel()),
                  "agreement_before_vocab": round(measure(draft)["d1"], 4)}
         draft.vocab = vocab
         log(f"warm start from {init_draft}: held-out top-1 agreement {grown['agreement_before_vocab']:.3f} with its "

@@ -109,7 +109,7 @@ def gloss_counts(wordnet: Path):
     grams = collections.Counter(words)
     grams.update(zip(words, words[1:]))
     grams.update(zip(words, words[1:], words[2:]))
-    return lambda lemma: grams[lemma.split("_")[0] if "_" not in lemma else tuple(lemma.split("_"))]
+    return lambda lemma: grams[lemma if "_" not in lemma else tuple(lemma.split("_"))]
 
 
 THE = {"Alps", "Canal", "Channel", "Desert", "Empire", "Gulf", "Islands", "Mountains", "Ocean", "Range", "Republic",
