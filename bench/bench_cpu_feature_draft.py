@@ -105,8 +105,9 @@ def main():
                               **({"head_rows": vh} if vh != VH else {})}, stats, None,
                              save=not args.no_save)
                 medians[backend] = row["median_us"]
-            print(f"  {form}, head {vh}, {steps} steps: cpu {medians['cpu']:.0f} us ({medians['cpu'] / steps:.0f} a step), "
-                  f"pieces/cpu {medians['pieces'] / medians['cpu']:.2f}x, ref/cpu {medians['ref'] / medians['cpu']:.1f}x")
+            cpu = medians["cpu"]
+            print(f"  {form}, head {vh}, {steps} steps: cpu {cpu:.0f} us ({cpu / steps:.0f} a step), "
+                  f"pieces/cpu {medians['pieces'] / cpu:.2f}x, ref/cpu {medians['ref'] / cpu:.1f}x")
 
 
 if __name__ == "__main__":

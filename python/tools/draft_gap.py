@@ -42,7 +42,8 @@ def prompt_sets(n: int, seed: int = 0, trained_topics: set[str] = frozenset()) -
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--draft", type=Path, default=ROOT / "bild_kernels" / "data" / "smollm2-135m-instruct-feature-draft")
+    ap.add_argument("--draft", type=Path,
+                    default=ROOT / "bild_kernels" / "data" / "smollm2-135m-instruct-feature-draft")
     ap.add_argument("--n", type=int, default=59, help="prompts per set (default 59, as the held-out set)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
@@ -84,7 +85,8 @@ def main(argv=None) -> int:
         draft.vocab = own
         response = [t for x, n in pairs for t in x[n:]]
         outside = sum(t not in head for t in response) / len(response) if head else 0.0
-        print(f"| {name} | {prompts[0]!r} | {r['n_d1']} | {outside:.3f} | {r['d1']:.3f} | {r.get('d2', float('nan')):.3f} | "
+        print(f"| {name} | {prompts[0]!r} | {r['n_d1']} | {outside:.3f} | {r['d1']:.3f} | "
+              f"{r.get('d2', float('nan')):.3f} | "
               f"{r.get('acc_2', float('nan')):.3f} | {whole:.3f} |", flush=True)
         print(f"  ({time.perf_counter() - t:.0f} s)", file=sys.stderr, flush=True)
     return 0

@@ -19,7 +19,8 @@ thousands of them. This keeps the ones an everyday chat might name:
   phrase that contains one of those: the held-out set stays unseen.
 
 Creatures and artifacts are written in the plural ("lighthouses"), the rest bare ("photosynthesis"),
-proper names with their capitals ("Grand Canyon"; "the Kansas River", "the siege of Orleans"). Usage (wordnet-base is Debian's package of WordNet 3.0):
+proper names with their capitals ("Grand Canyon"; "the Kansas River", "the siege of Orleans"). Usage
+(wordnet-base is Debian's package of WordNet 3.0):
 
     apt-get download wordnet-base && dpkg-deb -x wordnet-base_*.deb /tmp/wn
     python python/tools/wordnet_topics.py --wordnet /tmp/wn/usr/share/wordnet

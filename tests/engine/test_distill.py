@@ -292,11 +292,13 @@ def test_a_warm_start_grows_its_head_vocabulary_by_the_corpus_tokens_it_lacks(la
     old = set(init.vocab.tolist())
     corpus = torch.load(work / "corpus_train_4_4_seed1.pt")
     lacked = Counter(t for seq in corpus for t in seq if t not in old)
-    assert set(grown.tolist()) == old | {t for t, _ in lacked.most_common(6)} and len(grown) == min(36, 30 + len(lacked))
+    assert set(grown.tolist()) == old | {t for t, _ in lacked.most_common(6)}
+    assert len(grown) == min(36, 30 + len(lacked))
     assert stats["draft_vocab"] == len(grown) and stats["draft_vocab_before"] == 30
     assert stats["agreement_before_vocab"] == round(before, 4)
     card = (out / "README.md").read_text()
-    assert f"the 30 token ids of `init` (its `draft_vocab`) and the {len(grown) - 30} most frequent corpus tokens" in card
+    assert (f"the 30 token ids of `init` (its `draft_vocab`) and the {len(grown) - 30} most frequent corpus tokens"
+            in card)
     assert f"{before:.3f} agreement before this run with its own head vocabulary" in card
     eng = Engine(large=str(large_dir), small=str(out), max_batch_size=2, max_model_len=64)
     prompts, params = [[1, 2, 3], [5, 6, 7, 8, 9]], SamplingParams(max_tokens=8)
@@ -304,7 +306,8 @@ def test_a_warm_start_grows_its_head_vocabulary_by_the_corpus_tokens_it_lacks(la
         o.token_ids for o in eng.generate(prompts, params, policy=LargeOnly())]
     whole = distill(large=large_dir, out=tmp_path / "whole", prompts=4, max_new_tokens=4, minutes=0.003, bf16=False,
                     work_dir=work, kind="feature", init_draft=init_dir, draft_vocab=0, **QUIET)
-    assert whole["draft_vocab"] is None and "draft_vocab" not in load_file(str(tmp_path / "whole" / "model.safetensors"))
+    assert whole["draft_vocab"] is None
+    assert "draft_vocab" not in load_file(str(tmp_path / "whole" / "model.safetensors"))
     assert "and every other token" in (tmp_path / "whole" / "README.md").read_text()
     with pytest.raises(ValueError, match="draft_vocab 20 conflicts .* can only add to them"):
         distill(large=large_dir, out=tmp_path / "o2", kind="feature", init_draft=init_dir, draft_vocab=20, **QUIET)
