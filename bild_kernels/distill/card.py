@@ -11,6 +11,10 @@ def _feature_layers(s: dict) -> str:
     return f"{len(layers)} Llama decoder layers initialised from the large model's layers {layers}"
 
 
+def _tf32(s: dict) -> str:
+    return " (matrix products on TF32 tensor cores)" if s.get("tf32") else ""
+
+
 def draft_card(base_name: str, s: dict, n_held: int) -> str:
     """The README.md of a distilled draft directory, from `distill`'s stats: what it is, what it was
     trained on, how, and how often it agrees with the large model."""
@@ -36,7 +40,7 @@ An EAGLE-style draft for big-little speculative decoding with bild-kernels, made
 - **Data**: {_data(s)} Features from bild's executor ({'bfloat16' if s.get('bf16') else 'float32'}).
 - **Objective**: smooth-L1 to the next feature (standardised) plus cross-entropy to the large model's top-32
   next-token distribution, unrolled {s['depth']} steps on the draft's own features.
-- **Training**: AdamW, lr {s['lr']:g} (cosine to {s['final_lr']:g}), batch {s.get('batch_size', 8)}, float32,
+- **Training**: AdamW, lr {s['lr']:g} (cosine to {s['final_lr']:g}), batch {s.get('batch_size', 8)}, float32{_tf32(s)},
   {s['minutes']:g} minutes of wall time on {_where(s)}.
 """
     else:

@@ -424,7 +424,8 @@ def _distill_feature(teacher, source, corpus, targets, held_pairs, vocab, minute
             "history": [(e["minutes"], e["tokens"], e["d1"]) for e in history],
             "train_seconds": round(time.perf_counter() - t0, 1), "threads": torch.get_num_threads(),
             "bf16": bf16, "lr": lr, "final_lr": lr * 0.1, "depth": depth, "device": _device_name(dev),
-            "batch_size": batch_size, "init_draft": None if init_draft is None else str(init_draft),
+            "batch_size": batch_size, "tf32": dev.type == "cuda",
+            "init_draft": None if init_draft is None else str(init_draft),
             **grown, **(corpus_info or {})})
         card = draft_card(source.name, best, len(held_pairs))
         _replace_dir(Path(out), lambda path: d.save_dir(path, base, base_name=source.name, card=card, policy=policy))

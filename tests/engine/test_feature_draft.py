@@ -71,11 +71,10 @@ def test_shapes_and_chained_prediction_equals_incremental_decoding():
     assert not torch.allclose(outs2[0][0, T - 1], outs[0][0, T - 1])
 
 
-def test_training_lowers_the_loss_and_keeps_the_teacher_parts_frozen():
+@pytest.mark.parametrize("group_by_length", [False, True])
+def test_training_lowers_the_loss_and_keeps_the_teacher_parts_frozen(group_by_length):
     teacher, pairs, feats, draft = _setup(vocab=torch.arange(0, 97, 2))
     corpus = [ids for ids, _ in pairs]
-    with torch.no_grad():
-        logits = teacher(torch.tensor([corpus[0]])).logits
     targets = []
     for ids in corpus:
         with torch.no_grad():
@@ -92,14 +91,71 @@ def test_training_lowers_the_loss_and_keeps_the_teacher_parts_frozen():
 
     before = loss()
     embed = draft.embed.clone()
+    lines = []
     hist = train_feature_draft(draft, corpus, feats, targets, minutes=5, max_steps=60, lr=3e-3, batch_size=3,
-                               depth=2, noise=0.0, w_ce=0.5, warmup=5, log=lambda s: None,
-                               eval_fn=lambda d: feature_agreement(d, feats, pairs, depth=2, max_k=2))
+                               depth=2, noise=0.0, w_ce=0.5, warmup=5, log=lines.append,
+                               eval_fn=lambda d: feature_agreement(d, feats, pairs, depth=2, max_k=2),
+                               group_by_length=group_by_length)
     after = loss()
+    # the logged parts are read as numbers, and the tokens seen grow by at least a batch of the shortest a step
+    steps = [line for line in lines if line.startswith("step ")]
+    assert len(steps) == 3 and all(" reg2 " in line and " ce2 " in line for line in steps)
+    seen = [int(line.split(" tokens ")[1].split()[0]) for line in steps]
+    assert seen[0] >= 20 * 3 * min(map(len, corpus)) and seen[1] > seen[0] and seen[2] > seen[1]
     assert after < 0.7 * before, (before, after)
     assert torch.equal(draft.embed, embed)
     assert "embed" not in draft.state_dict() and draft.trainable_parameters() > 0
     assert len(hist) == 1 and 0.0 <= hist[0]["d1"] <= 1.0
+
+
+def test_training_runs_its_products_in_tf32_and_its_evaluations_in_float32(monkeypatch):
+    """tf32 turns CUDA's TF32 products on for the training steps only: the held-out evaluations run without, and the
+    setting before the call is back after it (also when a step raises)."""
+    from bild_kernels.distill import feature_draft as fd
+    _, pairs, feats, draft = _setup()
+    corpus = [ids for ids, _ in pairs]
+    flags, real = [], fd.feature_loss
+
+    def spy(*a, **k):
+        flags.append(("train", torch.backends.cuda.matmul.allow_tf32))
+        return real(*a, **k)
+
+    def evaluate(d):
+        flags.append(("eval", torch.backends.cuda.matmul.allow_tf32))
+        return {"d1": 0.5}
+
+    monkeypatch.setattr(fd, "feature_loss", spy)
+    before = torch.backends.cuda.matmul.allow_tf32
+    for tf32 in (True, False):
+        flags.clear()
+        fd.train_feature_draft(draft, corpus, feats, None, minutes=5, max_steps=3, batch_size=2, tf32=tf32,
+                               eval_fn=evaluate, eval_every_s=0.0, log=lambda s: None)
+        assert [k for k, _ in flags].count("train") == 3 and [k for k, _ in flags].count("eval") == 4
+        assert {x for k, x in flags if k == "train"} == {tf32} and {x for k, x in flags if k == "eval"} == {False}
+        assert torch.backends.cuda.matmul.allow_tf32 == before
+    monkeypatch.setattr(fd, "feature_loss", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        fd.train_feature_draft(draft, corpus, feats, None, minutes=5, max_steps=3, batch_size=2, log=lambda s: None)
+    assert torch.backends.cuda.matmul.allow_tf32 == before
+
+
+def test_length_grouped_batches_cut_sorted_pools_and_cover_every_length():
+    from bild_kernels.distill.feature_draft import length_grouped_batches
+    lens = [5, 90, 7, 60, 61, 3, 88, 30, 31, 29]
+    it = length_grouped_batches(lens, 3, torch.Generator().manual_seed(0), pool=8)  # 3: all ten lengths hold
+    pools = [[next(it) for _ in range(3)] for _ in range(50)]
+    seen = set()
+    for pool in pools:
+        assert all(len(b) == 3 and all(0 <= i < len(lens) for i in b) for b in pool)
+        # a pool's batches are runs of its indices sorted by length: no two batches' length ranges overlap
+        spans = sorted((min(lens[i] for i in b), max(lens[i] for i in b)) for b in pool)
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+        seen |= {i for b in pool for i in b}
+    assert seen == set(range(len(lens)))
+    again = length_grouped_batches(lens, 3, torch.Generator().manual_seed(0), pool=3)
+    assert [next(again) for _ in range(6)] == [b for pool in pools[:2] for b in pool]
+    # the batches' order within a pool is shuffled, not always shortest first
+    assert any(min(lens[i] for i in pool[0]) > min(lens[i] for b in pool for i in b) for pool in pools)
 
 
 def test_agreement_scores_an_oracle_draft_1_and_a_shifted_one_low():
