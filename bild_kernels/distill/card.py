@@ -11,8 +11,10 @@ def _feature_layers(s: dict) -> str:
     return f"{len(layers)} Llama decoder layers initialised from the large model's layers {layers}"
 
 
-def _tf32(s: dict) -> str:
-    return " (matrix products on TF32 tensor cores)" if s.get("tf32") else ""
+def _batch(s: dict) -> str:
+    grouped = " (answers of similar lengths together)" if s.get("group_by_length") else ""
+    tf32 = " (matrix products on TF32 tensor cores)" if s.get("tf32") else ""
+    return f"batch {s.get('batch_size', 8)}{grouped}, float32{tf32}"
 
 
 def draft_card(base_name: str, s: dict, n_held: int) -> str:
@@ -40,7 +42,7 @@ An EAGLE-style draft for big-little speculative decoding with bild-kernels, made
 - **Data**: {_data(s)} Features from bild's executor ({'bfloat16' if s.get('bf16') else 'float32'}).
 - **Objective**: smooth-L1 to the next feature (standardised) plus cross-entropy to the large model's top-32
   next-token distribution, unrolled {s['depth']} steps on the draft's own features.
-- **Training**: AdamW, lr {s['lr']:g} (cosine to {s['final_lr']:g}), batch {s.get('batch_size', 8)}, float32{_tf32(s)},
+- **Training**: AdamW, lr {s['lr']:g} (cosine to {s['final_lr']:g}), {_batch(s)},
   {s['minutes']:g} minutes of wall time on {_where(s)}.
 """
     else:

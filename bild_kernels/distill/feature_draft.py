@@ -525,8 +525,10 @@ def length_grouped_batches(lens: list[int], batch_size: int, g: torch.Generator,
     """Endless batches of indices into `lens` that pad little: the indices come in random orders (one permutation
     of all of them after another), `pool` batches' worth at a time is sorted by length and cut into batches of
     neighbours, and those go out in random order (HF Trainer's `group_by_length`). A batch pads its sequences to
-    its longest; uniform random batches of 64 answers padded ~20% of their tokens. A corpus of fewer than `pool`
-    batches pools what it has."""
+    its longest: on the CPU, batches of 8 from 256 answers of up to 64 tokens padded 7% of their tokens uniform and
+    2% grouped, and 200 steps from scratch reached the same held-out agreement (0.292 and 0.290 grouped, 0.293 and
+    0.290 uniform, two seeds each); a GPU run's batches of 64 pad more (its log says how much). A corpus of fewer
+    than `pool` batches pools what it has."""
     pool = max(1, min(pool, len(lens) // batch_size))
     stream: list[int] = []
     while True:

@@ -424,7 +424,7 @@ def _distill_feature(teacher, source, corpus, targets, held_pairs, vocab, minute
             "history": [(e["minutes"], e["tokens"], e["d1"]) for e in history],
             "train_seconds": round(time.perf_counter() - t0, 1), "threads": torch.get_num_threads(),
             "bf16": bf16, "lr": lr, "final_lr": lr * 0.1, "depth": depth, "device": _device_name(dev),
-            "batch_size": batch_size, "tf32": dev.type == "cuda",
+            "batch_size": batch_size, "tf32": dev.type == "cuda", "group_by_length": True,
             "init_draft": None if init_draft is None else str(init_draft),
             **grown, **(corpus_info or {})})
         card = draft_card(source.name, best, len(held_pairs))
@@ -433,7 +433,8 @@ def _distill_feature(teacher, source, corpus, targets, held_pairs, vocab, minute
 
     history = train_feature_draft(draft, corpus, feats, targets, minutes=minutes, lr=lr, batch_size=batch_size,
                                   depth=depth, noise=0.1, w_ce=1.0, eval_fn=measure,
-                                  eval_every_s=max(60.0, minutes * 12), on_eval=checkpoint, log=log)
+                                  eval_every_s=max(60.0, minutes * 12), on_eval=checkpoint, log=log,
+                                  group_by_length=True)
     log(f"held-out top-1 agreement {before:.3f} -> {history[-1]['d1']:.3f} after {minutes:g} min; the draft "
         f"written is the best of {len(history)} evaluations ({best['agreement']:.3f} at {best['minutes']:g} min)")
     draft.to("cpu")

@@ -391,7 +391,8 @@ def test_a_feature_draft_card_says_its_batch_device_and_corpus_budget(large_dir,
     # TF32 products are a GPU's: the card says so only for a run that had them
     from bild_kernels.distill.card import draft_card
     assert stats["tf32"] is False and "TF32" not in card
-    assert "batch 3, float32 (matrix products on TF32 tensor cores)" in draft_card("x.gguf", dict(stats, tf32=True), 2)
+    assert stats["group_by_length"] is True and "batch 3 (answers of similar lengths together), float32," in card
+    assert ", float32 (matrix products on TF32 tensor cores)," in draft_card("x.gguf", dict(stats, tf32=True), 2)
 
 
 def test_a_feature_draft_is_written_at_each_better_evaluation_and_a_cut_run_keeps_its_best(large_dir, tmp_path,

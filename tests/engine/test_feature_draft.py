@@ -242,3 +242,42 @@ def test_packed_corpus_batches_equal_the_host_batches(with_vocab, with_targets):
     for idxs in ([0], [5, 5, 29], torch.randint(0, 30, (16,), generator=g).tolist()):
         for want, got in zip(_batch(corpus, feats, targets, idxs, vmap), packed.batch(idxs)):
             assert want.dtype == got.dtype and torch.equal(want, got)
+
+
+def test_the_numerics_tools_tf32_emulation_rounds_every_product_input_and_keeps_float32_sums():
+    """python/tools/train_numerics.py's TF32 (the evidence that a GPU may train a feature draft in TF32 rests on it):
+    inside it, F.linear and @ multiply inputs rounded to a 10-bit mantissa (ties away), forward and backward, with
+    float32 sums; outside it, plain float32 again."""
+    import importlib.util
+    from pathlib import Path
+
+    import torch.nn.functional as F
+    path = Path(__file__).resolve().parents[2] / "python" / "tools" / "train_numerics.py"
+    spec = importlib.util.spec_from_file_location("train_numerics", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+
+    def tf32(x):  # the rounding written another way: to 11 significant bits, halves away from zero
+        m, e = torch.frexp(x.double())
+        return torch.ldexp(torch.sign(m) * torch.floor(m.abs() * 2048 + 0.5) / 2048, e).float()
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 7, 33, generator=g, requires_grad=True)
+    w = torch.randn(12, 33, generator=g, requires_grad=True)
+    b = torch.randn(12, generator=g)
+    v = torch.randn(7, 33, 4, generator=g, requires_grad=True)
+    gy, gz = torch.randn(5, 7, 12, generator=g), torch.randn(5, 7, 7, 4, generator=g)
+    with tool._tf32_context():
+        y = F.linear(x, w, b)
+        z = x[:, None] @ v  # a broadcast product: [5, 1, 7, 33] @ [7, 33, 4]
+        (y * gy).sum().backward(retain_graph=True)
+        (z * gz).sum().backward()
+    xr, wr, vr = tf32(x.detach()), tf32(w.detach()), tf32(v.detach())
+    torch.testing.assert_close(y, xr @ wr.t() + b, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(z, xr[:, None] @ vr, rtol=1e-6, atol=1e-5)
+    gx = tf32(gy) @ wr + (tf32(gz) @ vr.transpose(-1, -2)).sum(1)
+    torch.testing.assert_close(x.grad, gx, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(w.grad, tf32(gy).reshape(-1, 12).t() @ xr.reshape(-1, 33), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(v.grad, (xr[:, None].transpose(-1, -2) @ tf32(gz)).sum(0), rtol=1e-5, atol=1e-4)
+    assert not torch.allclose(y, x.detach() @ w.detach().t() + b, rtol=1e-7, atol=0)  # it did round
+    assert F.linear(x, w).grad_fn.name() != "LinearBackward"  # patched names restored: plain autograd again
