@@ -63,7 +63,9 @@
 #   under the same templates (bild_kernels/data/wordnet_topics.txt, none held out); 91,704 answers, ~12 M tokens,
 #   ~115 s of corpus at the H100's ~110k tokens/s; ~400 s in all by its rates with the feature cache off: ~20 s
 #   loading, 8 s self-written prompts, the corpus, ~70 s for the features and the targets in one pass (53 + 67 s
-#   apart before), the training and its evaluations; a cut keeps the best evaluation's draft).
+#   apart before), the training and its evaluations; a cut keeps the best evaluation's draft; the training now runs
+#   its products in TF32 on batches of similar lengths without device reads between logged steps: compare its
+#   tokens/s and padding in the log with 2026-11-27c's ~224k tokens/s, bench/results/distill_cpu_numerics_2026-11-28.md).
 # DEADLINE (seconds from the start): each stage is cut (timeout) so that the whole script, the tarball
 # included, ends before it; a stage with under 20 s left is skipped. Each stage also has its own cap.
 # BILD_REV names the revision in the result rows where the copy has no .git.
