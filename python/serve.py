@@ -29,6 +29,7 @@ import torch
 
 from bild_kernels import (BiLD, Engine, Greedy, Jacobi, LargeOnly, NGram, SamplingParams, ShallowDeep, SmallOnly,
                           SpeculativeSampling)
+from bild_kernels.engine.policies import with_lookup
 
 POLICIES = {"bild": BiLD, "greedy": Greedy, "speculative-sampling": SpeculativeSampling, "large-only": LargeOnly,
             "small-only": SmallOnly, "jacobi": Jacobi, "shallow-deep": ShallowDeep, "ngram": NGram}
@@ -69,9 +70,7 @@ class Service:
             if key in self._policies:
                 return self._policies[key]
         try:
-            if isinstance(kw.get("lookup"), dict):  # {"name": "greedy", "lookup": {"max_draft_len": 3, ...}}
-                kw["lookup"] = NGram(**kw["lookup"])
-            pol = cls(**kw)
+            pol = cls(**with_lookup(kw))  # {"name": "greedy", "lookup": {"max_draft_len": 3, ...}}
         except (TypeError, ValueError) as e:
             raise BadRequest(f"policy: {e}") from None
         with self._lock:

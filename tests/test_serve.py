@@ -106,7 +106,7 @@ def test_concurrent_clients_equal_alone(programs, server):
     (json.dumps({"prompt": "w1", "policy": "greedy"}), 400, "policy must be"),
     (json.dumps({"prompt": "w1", "policy": {"name": "ngram", "min_ngram": 5}}), 400, "min_ngram must be <="),
     (json.dumps({"prompt": "w1", "policy": {"name": "greedy", "lookup": {"depth": 2}}}), 400, "depth"),
-    (json.dumps({"prompt": "w1", "policy": {"name": "greedy", "lookup": 3}}), 400, "lookup must be an NGram"),
+    (json.dumps({"prompt": "w1", "policy": {"name": "greedy", "lookup": 3}}), 400, "dict of NGram's fields"),
     (json.dumps({"prompt": [1, 500]}), 400, "outside the vocabulary"),
     (json.dumps({"prompt": [1] * 80}), 400, "max_model_len"),
     (json.dumps({"prompt": ""}), 400, "empty"),

@@ -188,15 +188,22 @@ class BiLD(Policy):
                 buffer_size=self.buffer_size, max_updates=self.max_updates))
 
 
+def with_lookup(kw: dict) -> dict:
+    """A policy's keyword arguments written as JSON (a draft's manifest, a server request): `lookup`, if given, as
+    a dict of NGram's fields, becomes the NGram."""
+    look = kw.get("lookup")
+    if look is None or isinstance(look, NGram):
+        return dict(kw)
+    if not isinstance(look, dict):
+        raise TypeError(f"lookup must be a dict of NGram's fields (max_draft_len, max_ngram, min_ngram), "
+                        f"got {type(look).__name__}")
+    return dict(kw, lookup=NGram(**look))
+
+
 def bild_from_dict(d: dict) -> BiLD:
     """The BiLD policy a draft's manifest recommends (`policy` in bild_draft.json): BiLD's fields, with `lookup` as
     a dict of NGram's fields."""
-    d = dict(d)
-    if d.get("lookup") is not None:
-        if not isinstance(d["lookup"], dict):
-            raise TypeError(f"policy.lookup must be a dict of NGram's fields, got {type(d['lookup']).__name__}")
-        d["lookup"] = NGram(**d["lookup"])
-    return BiLD(**d)
+    return BiLD(**with_lookup(d))
 
 
 @dataclass(frozen=True)

@@ -225,7 +225,7 @@ def test_a_drafts_manifest_may_recommend_a_lookup(tmp_path, large_model, small_m
              "lookup": {"max_draft_len": 4, "max_ngram": 3, "min_ngram": 2}}
     assert bild_from_dict(tuned) == BiLD(0.3, 1.0, 3, lookup=NGram(4, 3, 2))
     assert bild_from_dict({**tuned, "lookup": None}).lookup is None
-    with pytest.raises(TypeError, match="policy.lookup must be a dict"):
+    with pytest.raises(TypeError, match="lookup must be a dict of NGram's fields"):
         bild_from_dict({**tuned, "lookup": 3})
     with pytest.raises(ValueError, match="min_ngram"):
         bild_from_dict({**tuned, "lookup": {"min_ngram": 0}})
