@@ -578,7 +578,8 @@ def train_feature_draft(draft, corpus, feats, targets, *, minutes: float, lr: fl
     vmap = vocab_map(draft.vocab, draft.cfg["vocab_size"])
     # on a GPU the batches come from device-resident copies (on a CPU the host loop is as fast)
     packed = PackedCorpus(corpus, feats, targets, vmap, dev) if dev.type == "cuda" else None
-    grouped = length_grouped_batches([len(c) for c in corpus], batch_size, g) if group_by_length else None
+    lengths = [len(c) for c in corpus]  # a step's tokens and padding from the host: no step waits for the device
+    grouped = length_grouped_batches(lengths, batch_size, g) if group_by_length else None
     t0 = last_eval = time.perf_counter()
     step, seen, padded, history = 0, 0, 0, []
     budget = minutes * 60
@@ -615,7 +616,7 @@ def train_feature_draft(draft, corpus, feats, targets, *, minutes: float, lr: fl
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             step += 1
-            lens = [len(corpus[i]) for i in idxs]  # from the host: no step waits for the device but a logged one
+            lens = [lengths[i] for i in idxs]
             seen, padded = seen + sum(lens), padded + len(lens) * max(lens)
             if step % 20 == 0:
                 el = time.perf_counter() - t0
