@@ -488,19 +488,22 @@ class PackedCorpus:
 
 
 def feature_loss(draft, ids, f, n, tid, tp, *, depth: int = 1, noise: float = 0.0, w_reg: float = 1.0,
-                 w_ce: float = 0.1, depth_decay: float = 0.8, detach: bool = False):
+                 w_ce: float = 0.1, depth_decay: float = 0.8, detach: bool = False, target_feats=None):
     """EAGLE loss: smooth-L1 between predicted and true next features (in standardised units) plus
     cross-entropy to the teacher's (top-k) next-token distribution, averaged over valid positions;
     chain steps 2..depth weighted by depth_decay**(j-1). Returns (loss, dict of parts), the parts detached 0-d
-    tensors: reading one waits for the device, so a training loop reads them only when it logs."""
+    tensors: reading one waits for the device, so a training loop reads them only when it logs.
+    target_feats: the features the predictions are compared with, where the draft's input `f` carries more than
+    them (python/tools/feature_layers_ab.py: other layers' hidden states beside the last one's); default `f`."""
     B, T, _ = f.shape
     dev = f.device
     outs = draft.chains(f, ids, depth, noise=noise, detach=detach)
     ar = torch.arange(T, device=dev)
     total, parts = 0.0, {}
+    tf = f if target_feats is None else target_feats
     for j, pred in enumerate(outs, start=1):
         valid = (ar[None, :] + j) < n[:, None]  # predicts f_{s+j}, needs x_{s+j}
-        tgt = torch.cat([f[:, j:], f.new_zeros(B, j, f.shape[2])], 1)
+        tgt = torch.cat([tf[:, j:], tf.new_zeros(B, j, tf.shape[2])], 1)
         tgt_id = torch.cat([tid[:, j:], tid.new_zeros(B, j, tid.shape[2])], 1)
         tgt_p = torch.cat([tp[:, j:], tp.new_zeros(B, j, tp.shape[2])], 1)
         m = valid.float()

@@ -281,3 +281,47 @@ def test_the_numerics_tools_tf32_emulation_rounds_every_product_input_and_keeps_
     torch.testing.assert_close(v.grad, (xr[:, None].transpose(-1, -2) @ tf32(gz)).sum(0), rtol=1e-5, atol=1e-4)
     assert not torch.allclose(y, x.detach() @ w.detach().t() + b, rtol=1e-7, atol=0)  # it did round
     assert F.linear(x, w).grad_fn.name() != "LinearBackward"  # patched names restored: plain autograd again
+
+
+def test_extra_layer_inputs_start_as_the_plain_draft_and_then_learn_from_them():
+    """python/tools/feature_layers_ab.py: a draft that also reads other layers' hidden states at the verified
+    positions (a zero-initialised projection added to its input map) predicts exactly as the plain draft until it
+    trains; its loss compares predictions with the last layer's features only (feature_loss's target_feats); and
+    training moves the projection, while chain steps (the draft's own features, H wide) never use it."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[2] / "python" / "tools" / "feature_layers_ab.py"
+    spec = importlib.util.spec_from_file_location("feature_layers_ab", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+
+    teacher, pairs, feats, draft = _setup()
+    H = teacher.config.hidden_size
+    g = torch.Generator().manual_seed(0)
+    wide = [torch.cat([f, (torch.randn(f.shape[0], 2 * H, generator=g) * 3 + 1).half()], -1) for f in feats]
+    plain = FeatureDraft.from_teacher(teacher, n_layers=1, feat_mean=draft.feat_mean, feat_std=draft.feat_std)
+    plain.load_state_dict(draft.state_dict())
+    tool._with_layers(draft, wide, [1, 2], H)
+    assert draft.aux.weight.shape == (H, 2 * H) and not draft.aux.weight.any()
+    corpus = [ids for ids, _ in pairs]
+    batch = _batch(corpus, wide, None, [0, 1, 2], None)
+    ids, f, n = batch[0], batch[1], batch[2]
+    with torch.no_grad():
+        a, b = draft.chains(f, ids, 2), plain.chains(f[..., :H], ids, 2)
+        torch.testing.assert_close(a, b)
+        la, _ = feature_loss(draft, *batch, depth=2, target_feats=f[..., :H])
+        lb, _ = feature_loss(plain, ids, f[..., :H], n, batch[3], batch[4], depth=2)
+        torch.testing.assert_close(la, lb)
+    with pytest.raises(RuntimeError):  # without target_feats the wide input is no target for an H-wide prediction
+        feature_loss(draft, *batch, depth=2)
+    opt = torch.optim.SGD([draft.aux.weight], lr=1e-2)
+    loss, _ = feature_loss(draft, *batch, depth=2, target_feats=f[..., :H])
+    loss.backward()
+    opt.step()
+    assert draft.aux.weight.any()
+    with torch.no_grad():
+        moved = draft.chains(f, ids, 2)
+        assert not torch.allclose(moved[0], b[0])
+        # a chain step reads an H-wide feature: the projection plays no part in it
+        x_chain = draft._inp(b[0], ids), plain._inp(b[0], ids)
+        torch.testing.assert_close(*x_chain)
