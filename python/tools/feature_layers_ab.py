@@ -30,7 +30,6 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 LAYERS = [6, 14, 22]
 ARMS = {"ctrl": [], "all": [6, 14, 22], "mid": [14], "low": [6], "hi": [22]}
-DRAFT = ROOT / "bild_kernels" / "data" / "smollm2-135m-instruct-feature-draft"
 
 
 def _features(teacher, seqs, k: int = 32):
@@ -80,15 +79,16 @@ def _data(teacher, tok, n_prompts: int, path: Path) -> dict:
     return data
 
 
-def _with_layers(draft, feats, use: list[int], H: int):
-    """Give `draft` a zero-initialised projection of the standardised outputs of layers `use`, added to its input
-    map wherever its input carries them (features wider than H: the verified positions)."""
+def _with_layers(draft, feats, H: int):
+    """Give `draft` a zero-initialised projection of the standardised columns of `feats` after the first H (other
+    layers' outputs), added to its input map wherever its input carries them (features wider than H: the verified
+    positions)."""
     import torch
     import torch.nn as nn
     a = torch.cat([f[1:, H:] for f in feats]).float()
     draft.register_buffer("aux_mean", a.mean(0))
     draft.register_buffer("aux_std", a.std(0).clamp(min=1e-3))
-    draft.aux = nn.Linear(len(use) * H, H, bias=False)
+    draft.aux = nn.Linear(a.shape[1], H, bias=False)
     nn.init.zeros_(draft.aux.weight)
     plain = draft._inp
 
@@ -120,6 +120,7 @@ def main(argv=None) -> int:
 
     import bild_kernels.distill.feature_draft as fd
     from bild_kernels.distill.pipeline import _teacher
+    from bild_kernels.models.default import FEATURE_DRAFT_DIR
     if args.threads:
         torch.set_num_threads(args.threads)
     teacher, tok, _ = _teacher(None)
@@ -135,9 +136,9 @@ def main(argv=None) -> int:
         cols = torch.tensor(list(range(H)) + [H * (1 + LAYERS.index(i)) + j for i in use for j in range(H)])
         feats = [f[:, cols] for f in data["feats"]]
         held = [f[:, cols] for f in data["held_feats"]]
-        draft = fd.FeatureDraft.from_dir(DRAFT, teacher)
+        draft = fd.FeatureDraft.from_dir(FEATURE_DRAFT_DIR, teacher)
         if use:
-            _with_layers(draft, feats, use, H)
+            _with_layers(draft, feats, H)
 
         def measure(d):
             r = fd.feature_agreement(d, held, data["pairs"], depth=2, max_k=2)

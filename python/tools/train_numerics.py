@@ -94,6 +94,7 @@ def main(argv=None) -> int:
     from bild_kernels.distill.pipeline import _teacher
     from bild_kernels.distill.prompts import all_train_prompts, held_out_prompts
     from bild_kernels.models import load_model
+    from bild_kernels.models.default import FEATURE_DRAFT_DIR
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -108,8 +109,7 @@ def main(argv=None) -> int:
     held = torch.load(ROOT / "bench" / "data" / "corpus_eval_smollm2-135m-instruct.pt")
     pairs = [(x, len(chat_ids(tok, p))) for p, x in zip(held_out_prompts(), held)]
     held_feats = teacher_features(teacher, held, log=lambda s: None)
-    vocab = FeatureDraft.from_dir(ROOT / "bild_kernels" / "data" / "smollm2-135m-instruct-feature-draft",
-                                  teacher).vocab
+    vocab = FeatureDraft.from_dir(FEATURE_DRAFT_DIR, teacher).vocab
     mean, std = feature_stats(feats)
     for mode in args.modes.split(","):
         seed = int(mode.rsplit("-s", 1)[1]) if re.search(r"-s\d+$", mode) else 0

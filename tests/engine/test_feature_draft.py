@@ -301,7 +301,7 @@ def test_extra_layer_inputs_start_as_the_plain_draft_and_then_learn_from_them():
     wide = [torch.cat([f, (torch.randn(f.shape[0], 2 * H, generator=g) * 3 + 1).half()], -1) for f in feats]
     plain = FeatureDraft.from_teacher(teacher, n_layers=1, feat_mean=draft.feat_mean, feat_std=draft.feat_std)
     plain.load_state_dict(draft.state_dict())
-    tool._with_layers(draft, wide, [1, 2], H)
+    tool._with_layers(draft, wide, H)
     assert draft.aux.weight.shape == (H, 2 * H) and not draft.aux.weight.any()
     corpus = [ids for ids, _ in pairs]
     batch = _batch(corpus, wide, None, [0, 1, 2], None)
