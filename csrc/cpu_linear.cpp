@@ -320,7 +320,20 @@ void rows_all_q4_1(const float* x, int64_t ldx, int64_t M, const uint8_t* q, con
 // gives row n's pair (k, k + 1) = (8t + 2s, 8t + 2s + 1) as two int16, to meet the activations' pair there.
 // dm16[g, b, 0, n] = d, dm16[g, b, 1, n] = m. Order: each (row m, output n) sums its blocks in increasing b, so
 // a row's result does not depend on M, on the other rows, or on the threads.
+
 #define BILD_X16 __attribute__((target("avx2,fma,avx512f,avx512vl,avx512bw,avx512vnni")))
+
+// Software prefetch for the packed kernels (x16 and x8, both formats): at each block, the cache lines of the block
+// kAheadBlocks further on in the same stream (packed weights and their scales; a group's blocks are contiguous and
+// the next group follows, so "further on" crosses groups; a prefetch past the end cannot fault). The hardware
+// prefetcher alone lets the loads of a verify pass's rows wait on memory: the loop is too slow at M = 3-4 for it to
+// run far enough ahead. Measured on the 2-core AMD EPYC, a forward's products (30 layers and the head, int16
+// activations): a verify pass over 3 rows 1.20x a decode step without, 1.05-1.10x with; the decode step itself
+// 0-7% faster (2 threads).
+constexpr int64_t kAheadBlocks = 8;
+BILD_X16 inline void prefetch_lines(const void* p, int bytes) {
+  for (int l = 0; l < bytes; l += 64) _mm_prefetch(static_cast<const char*>(p) + l, _MM_HINT_T0);
+}
 
 // One run of 32 activations p[0..31] scaled to [-top, top]: its 32 values rounded to nearest even (the default
 // MXCSR mode) as int32 (|x * inv| <= top up to one rounding), the scale amax / top and the float sum (in a fixed
@@ -362,6 +375,10 @@ BILD_X16 void groups_x16(const int16_t* xq, const float* dx, const float* sx, in
   const __m512i low = _mm512_set1_epi32(0x000F000F);
   for (int64_t b = 0; b < nb; ++b) {
     __m512i is[M][G];
+    BILD_UNROLL for (int g = 0; g < G; ++g) {
+      prefetch_lines(pk + ((g0 + g) * nb + b + kAheadBlocks) * 256, 256);
+      prefetch_lines(dm + ((g0 + g) * nb + b + kAheadBlocks) * 32, 128);
+    }
     BILD_UNROLL for (int m = 0; m < M; ++m) BILD_UNROLL for (int g = 0; g < G; ++g) is[m][g] = _mm512_setzero_si512();
     BILD_UNROLL for (int t = 0; t < 4; ++t) {
       __m512i v[G];
@@ -455,6 +472,10 @@ BILD_X16 void groups_q8_x16(const int16_t* xq, const float* dx, int64_t K, const
   BILD_UNROLL for (int m = 0; m < M; ++m) BILD_UNROLL for (int g = 0; g < G; ++g) acc[m][g] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     __m512i is[M][G];
+    BILD_UNROLL for (int g = 0; g < G; ++g) {
+      prefetch_lines(pk + ((g0 + g) * nb + b + kAheadBlocks) * 512, 512);
+      prefetch_lines(d + ((g0 + g) * nb + b + kAheadBlocks) * 16, 64);
+    }
     BILD_UNROLL for (int m = 0; m < M; ++m) BILD_UNROLL for (int g = 0; g < G; ++g) is[m][g] = _mm512_setzero_si512();
     BILD_UNROLL for (int p = 0; p < 16; ++p) {
       __m512i xs[M];
@@ -555,6 +576,8 @@ BILD_X16 void group_q4_1_x8(const int8_t* xq, const float* dx, const float* sx, 
   const __m512i low = _mm512_set1_epi8(0x0F);
   for (int64_t b = 0; b < nb; ++b) {
     __m512i is0[M], is1[M];
+    prefetch_lines(pk + (g * nb + b + kAheadBlocks) * 256, 256);
+    prefetch_lines(dm + (g * nb + b + kAheadBlocks) * 32, 128);
     BILD_UNROLL for (int m = 0; m < M; ++m) is0[m] = is1[m] = _mm512_setzero_si512();
     BILD_UNROLL for (int t = 0; t < 4; ++t) {
       const __m512i v = _mm512_loadu_si512(pk + (g * nb + b) * 256 + t * 64);
@@ -592,6 +615,8 @@ BILD_X16 void group_q8_0_x8(const int8_t* xq, const float* dx, const int32_t* xs
   BILD_UNROLL for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     __m512i is0[M], is1[M];
+    prefetch_lines(pk + (g * nb + b + kAheadBlocks) * 512, 512);
+    prefetch_lines(d + (g * nb + b + kAheadBlocks) * 16, 64);
     BILD_UNROLL for (int m = 0; m < M; ++m) is0[m] = is1[m] = _mm512_setzero_si512();
     BILD_UNROLL for (int h = 0; h < 8; h += 2) {
       const int8_t* src = pk + (g * nb + b) * 512 + h * 64;
