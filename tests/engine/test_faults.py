@@ -121,6 +121,11 @@ def test_screen_logits_flags_nan_inf_and_empty_rows(large_model):
     keep = clean.clone()
     assert runner.screen_logits([1, 4], clean) is clean and torch.equal(clean, keep)
     assert runner.take_nonfinite() == []
+    masked = torch.randn(2, 3, 7, dtype=torch.float64)
+    masked[1, 2, 5] = float("-inf")  # some -inf logits but no empty row: the CPU fast path's sum is -inf, not bad
+    keep = masked.clone()
+    assert runner.screen_logits([1, 4], masked) is masked and torch.equal(masked, keep)
+    assert runner.take_nonfinite() == []
 
 
 def test_both_models_faulty_rows_are_read_together(large_model, small_model):
