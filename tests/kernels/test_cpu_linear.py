@@ -494,8 +494,9 @@ def test_cpu_linear_q4_1x16_matches_reference(N, K, with_bias, bits, rounding):
 @needs_x16
 @pytest.mark.parametrize("bits", [16, 8])
 def test_cpu_linear_x16_prefill_rows_take_the_tiled_loop(bits):
-    """A prefill's 40 rows go through the weights in tiles (every 4-row chunk over a tile, then the next tile): the
-    same bits as each chunk of 4 rows alone (one pass over the weights), for Q4_1 and Q8_0 blocks."""
+    """A prefill's 40 rows go through the weights in tiles (every chunk of 8 rows, 4 with int8 activations, over a
+    tile, then the next tile): the same bits as each 4 rows alone (one pass over the weights), for Q4_1 and Q8_0
+    blocks."""
     _, _, packed, dm16, bias = _x16_case(576, 1536, True)
     x = torch.randn(40, 1536)
     got = cpu_linear_q4_1x16(x, packed, dm16, bias, activation_bits=bits, backend="cpu")
