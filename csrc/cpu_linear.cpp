@@ -320,7 +320,6 @@ void rows_all_q4_1(const float* x, int64_t ldx, int64_t M, const uint8_t* q, con
 // gives row n's pair (k, k + 1) = (8t + 2s, 8t + 2s + 1) as two int16, to meet the activations' pair there.
 // dm16[g, b, 0, n] = d, dm16[g, b, 1, n] = m. Order: each (row m, output n) sums its blocks in increasing b, so
 // a row's result does not depend on M, on the other rows, or on the threads.
-
 #define BILD_X16 __attribute__((target("avx2,fma,avx512f,avx512vl,avx512bw,avx512vnni")))
 
 // Software prefetch for the packed kernels (x16 and x8, both formats): at each block, the cache lines of the block
@@ -335,6 +334,16 @@ constexpr int64_t kAheadBlocks = 8;
 BILD_X16 inline void prefetch_lines(const void* base, int64_t offset, int bytes) {
   const uintptr_t a = reinterpret_cast<uintptr_t>(base) + static_cast<uintptr_t>(offset);
   for (int l = 0; l < bytes; l += 64) _mm_prefetch(reinterpret_cast<const char*>(a + l), _MM_HINT_T0);
+}
+// Block i (of 16 rows, in the order of the packed streams) kAheadBlocks further on, in each format: Q4_1 256 bytes
+// of nibbles and 16 (d, m) pairs in float32; Q8_0 512 bytes of int8 and 16 float32 scales.
+BILD_X16 inline void prefetch_q4_1x16_ahead(const uint8_t* pk, const float* dm, int64_t i) {
+  prefetch_lines(pk, (i + kAheadBlocks) * 256, 256);
+  prefetch_lines(dm, (i + kAheadBlocks) * 128, 128);
+}
+BILD_X16 inline void prefetch_q8_0x16_ahead(const int8_t* pk, const float* d, int64_t i) {
+  prefetch_lines(pk, (i + kAheadBlocks) * 512, 512);
+  prefetch_lines(d, (i + kAheadBlocks) * 64, 64);
 }
 
 // One run of 32 activations p[0..31] scaled to [-top, top]: its 32 values rounded to nearest even (the default
@@ -377,10 +386,7 @@ BILD_X16 void groups_x16(const int16_t* xq, const float* dx, const float* sx, in
   const __m512i low = _mm512_set1_epi32(0x000F000F);
   for (int64_t b = 0; b < nb; ++b) {
     __m512i is[M][G];
-    BILD_UNROLL for (int g = 0; g < G; ++g) {
-      prefetch_lines(pk, ((g0 + g) * nb + b + kAheadBlocks) * 256, 256);
-      prefetch_lines(dm, ((g0 + g) * nb + b + kAheadBlocks) * 128, 128);
-    }
+    BILD_UNROLL for (int g = 0; g < G; ++g) prefetch_q4_1x16_ahead(pk, dm, (g0 + g) * nb + b);
     BILD_UNROLL for (int m = 0; m < M; ++m) BILD_UNROLL for (int g = 0; g < G; ++g) is[m][g] = _mm512_setzero_si512();
     BILD_UNROLL for (int t = 0; t < 4; ++t) {
       __m512i v[G];
@@ -479,10 +485,7 @@ BILD_X16 void groups_q8_x16(const int16_t* xq, const float* dx, int64_t K, const
   BILD_UNROLL for (int m = 0; m < M; ++m) BILD_UNROLL for (int g = 0; g < G; ++g) acc[m][g] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     __m512i is[M][G];
-    BILD_UNROLL for (int g = 0; g < G; ++g) {
-      prefetch_lines(pk, ((g0 + g) * nb + b + kAheadBlocks) * 512, 512);
-      prefetch_lines(d, ((g0 + g) * nb + b + kAheadBlocks) * 64, 64);
-    }
+    BILD_UNROLL for (int g = 0; g < G; ++g) prefetch_q8_0x16_ahead(pk, d, (g0 + g) * nb + b);
     BILD_UNROLL for (int m = 0; m < M; ++m) BILD_UNROLL for (int g = 0; g < G; ++g) is[m][g] = _mm512_setzero_si512();
     BILD_UNROLL for (int p = 0; p < 16; ++p) {
       __m512i xs[M];
@@ -584,8 +587,7 @@ BILD_X16 void group_q4_1_x8(const int8_t* xq, const float* dx, const float* sx, 
   const __m512i low = _mm512_set1_epi8(0x0F);
   for (int64_t b = 0; b < nb; ++b) {
     __m512i is0[M], is1[M];
-    prefetch_lines(pk, (g * nb + b + kAheadBlocks) * 256, 256);
-    prefetch_lines(dm, (g * nb + b + kAheadBlocks) * 128, 128);
+    prefetch_q4_1x16_ahead(pk, dm, g * nb + b);
     BILD_UNROLL for (int m = 0; m < M; ++m) is0[m] = is1[m] = _mm512_setzero_si512();
     BILD_UNROLL for (int t = 0; t < 4; ++t) {
       const __m512i v = _mm512_loadu_si512(pk + (g * nb + b) * 256 + t * 64);
@@ -623,8 +625,7 @@ BILD_X16 void group_q8_0_x8(const int8_t* xq, const float* dx, const int32_t* xs
   BILD_UNROLL for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     __m512i is0[M], is1[M];
-    prefetch_lines(pk, (g * nb + b + kAheadBlocks) * 512, 512);
-    prefetch_lines(d, (g * nb + b + kAheadBlocks) * 64, 64);
+    prefetch_q8_0x16_ahead(pk, d, g * nb + b);
     BILD_UNROLL for (int m = 0; m < M; ++m) is0[m] = is1[m] = _mm512_setzero_si512();
     BILD_UNROLL for (int h = 0; h < 8; h += 2) {
       const int8_t* src = pk + (g * nb + b) * 512 + h * 64;
