@@ -70,7 +70,7 @@ class FeatureDraftExecutor(LlamaExecutor):
             raise ValueError(f"features must be [T, {H}], got {list(features.shape)}")
         if next_ids.shape != (T,) or next_ids.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"next_ids must be int [T={T}], got {next_ids.dtype} {list(next_ids.shape)}")
-        if self._input_op is not None and self._fc_args is not None and T <= CPU_LINEAR_MAX_ROWS:
+        if self._input_op is not None and self._fc_args is not None and T <= self._input_rows_max:
             # one call (csrc/cpu_feature_draft.cpp): the same arithmetic as a native draft run's steps
             return self._input_op(features.to(self.dtype).contiguous(), next_ids.to(torch.int64).contiguous(),
                                   self.shift, self.inv_std, self.embed, self.inv_emb_scale, *self._fc_args)
@@ -78,12 +78,22 @@ class FeatureDraftExecutor(LlamaExecutor):
         e = F.embedding(next_ids, self.embed) * self.inv_emb_scale
         return self._fc_linear(torch.cat([z, e], -1), self.fc, self.fc_bias)
 
+    @property
+    def _input_rows_max(self) -> int:
+        """The longest pass whose fc product the CPU extension's calls (cpu_feature_input, a draft run's steps)
+        compute as `_fc_linear` does: any with packed blocks (the same tiled kernel at every length), else
+        CPU_LINEAR_MAX_ROWS (beyond which a float32 fc takes another kernel)."""
+        packed = self._fc_args is not None and self._fc_args[0].dim() == 5
+        return self.fused_max_tokens if packed else CPU_LINEAR_MAX_ROWS
+
     def chain_ready(self, first_tokens: int) -> bool:
         """Whether `draft_chain` runs here with a first step of `first_tokens` positions: the CPU extension
-        serves every piece of a step (the fused layer, the fc and the head's products) at float32."""
+        serves every piece of a step (the fused layer, the fc and the head's products) at float32. With packed
+        int8 weights (the shipped draft on an AVX-512 VNNI CPU) that includes a request's first run, which
+        feeds the whole prompt's features."""
         return (self._chain_op is not None and self._fused is not None and self._fc_args is not None
                 and self._head_args is not None and self.embed.is_contiguous()
-                and 1 <= first_tokens <= min(self.fused_max_tokens, CPU_LINEAR_MAX_ROWS))
+                and 1 <= first_tokens <= min(self.fused_max_tokens, self._input_rows_max))
 
     def draft_chain(self, features: torch.Tensor, next_ids: list[int], counts: list[int], starts: list[int],
                     caps: list[int], kv_caches, slot_mapping: torch.Tensor, block_tables: torch.Tensor,

@@ -35,7 +35,8 @@ from bild_kernels.ops.cpu_linear import MAX_ROWS as CPU_LINEAR_MAX_ROWS
 Q4_1_FUSED_MAX_TOKENS = 96
 # The same blocks packed for integer activations (q4_1x16, q4_1x16i8) are the faster at every length measured: at rev
 # f1779cf + tiled products, 17 tokens 16 against 64 ms, 64 49 against 124, 128 97 against 207, 256 209 against 381, 512
-# 475 against 770 (2 threads); so every pass but a very long prompt's takes them.
+# 475 against 770 (2 threads); so every pass but a very long prompt's takes them. So do int8 weights packed as Q8_0
+# blocks (int8x16: the shipped draft's layer, fc and head), whose products are the same tiled kernels.
 Q4_1X16_FUSED_MAX_TOKENS = 8192
 
 
@@ -277,7 +278,7 @@ class LlamaExecutor:
     def fused_max_tokens(self) -> int:
         """The longest pass (tokens) that takes the fused CPU layer; longer ones run as ops on F.linear."""
         kind = self.layer_blocks or ""
-        if kind.startswith("q4_1x16"):
+        if kind.startswith("q4_1x16") or kind == "int8x16":
             return Q4_1X16_FUSED_MAX_TOKENS
         return Q4_1_FUSED_MAX_TOKENS if kind == "q4_1" else CPU_LINEAR_MAX_ROWS
 
@@ -342,8 +343,8 @@ class LlamaExecutor:
         """Where the CPU has AVX-512 VNNI, the int8 projections and head also as blocks for cpu_linear_q8_0x16
         (each row's scale as every block's: the same weights), which rounds the activations to int16 per run of
         32 and multiplies in integers: a draft step's products from ~2x fewer instructions than cpu_linear_int8's
-        float ones, its outputs within ~3e-5 (relative). Passes of up to CPU_LINEAR_MAX_ROWS tokens take them;
-        longer ones keep cpu_linear_int8."""
+        float ones, its outputs within ~3e-5 (relative). Passes of every length take them (a prompt's too: the
+        products tile their rows)."""
         projections = [getattr(w, n) for w in self.layers for n in ("qkv", "o", "gate_up", "down")]
         if not self.packs_int8(self.lm_head, *projections):
             return
@@ -354,8 +355,8 @@ class LlamaExecutor:
         self.head_blocks = "int8x16"
 
     def _packed_product(self, w: Int8Weight):
-        """x @ w.T (+ bias) from w's packed blocks (`int8_x16`) for passes of up to CPU_LINEAR_MAX_ROWS rows,
-        else this executor's int8 product."""
+        """x @ w.T (+ bias) from w's packed blocks (`int8_x16`) for float32 passes, else this executor's int8
+        product."""
         return functools.partial(_packed_linear, packed=int8_x16(w), linear=self._linear)
 
     # ----------------------------------------------------------------------------------------------
@@ -571,8 +572,8 @@ def int8_x16(w: Int8Weight) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _packed_linear(x, w, bias=None, *, packed, linear):
     """x @ w.T (+ bias) for an Int8Weight w from its packed blocks (`int8_x16`) when x is float32 [M, K] with
-    1 <= M <= CPU_LINEAR_MAX_ROWS, else linear(x, w, bias)."""
-    if x.dim() == 2 and x.dtype == torch.float32 and 1 <= x.shape[0] <= CPU_LINEAR_MAX_ROWS:
+    M >= 1 (the packed kernel tiles any number of rows, as the fused layer's products do), else linear(x, w, bias)."""
+    if x.dim() == 2 and x.dtype == torch.float32 and x.shape[0] >= 1:
         return torch.ops.bild_kernels_cpu.cpu_linear_q8_0x16(x.contiguous(), *packed, bias, 16)
     return linear(x, w, bias)
 

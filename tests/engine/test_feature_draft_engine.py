@@ -19,7 +19,7 @@ def _teacher():
     return tiny_llama(5, layers=3, hidden=64, dtype=F64)
 
 
-def _draft(teacher):
+def _draft(teacher, vocab=VOCAB):
     """A feature draft trained for a few seconds on the teacher's greedy text (it then agrees with the teacher
     often but not always: the tests need acceptances and rejections)."""
     t32 = _teacher().float()
@@ -27,7 +27,7 @@ def _draft(teacher):
     corpus = [p + hf_greedy(t32, p, 24) for p in prompts]
     feats = teacher_features(t32, corpus, log=lambda s: None)
     mean, std = feature_stats(feats)
-    d = FeatureDraft.from_teacher(t32, n_layers=1, vocab=torch.tensor(VOCAB), feat_mean=mean, feat_std=std)
+    d = FeatureDraft.from_teacher(t32, n_layers=1, vocab=torch.tensor(vocab), feat_mean=mean, feat_std=std)
     targets = []
     with torch.no_grad():
         for ids in corpus:
@@ -215,7 +215,8 @@ def test_native_draft_runs_equal_the_eager_loop(pair, tmp_path, small_weights):
     t32 = _teacher().float()
     base, _ = load_model(t32, dtype=torch.float32)
     path = draft.float().save_dir(tmp_path / "d", base)
-    # the last prompt's first run feeds 19 features at once: more than a native run takes, so that one is eager
+    # the last prompt's first run feeds 19 features at once: more than a float32 draft's native run takes (its fc
+    # beyond 16 rows is another kernel), so that one is eager there; packed int8 weights (AVX-512 VNNI) run it too
     prompts = [[5, 17, 3], [44, 2, 90, 61, 8, 8, 1], [9], [(7 * i) % 97 for i in range(1, 21)]]
     seen, outs = {}, {}
     for loop in ("eager", "native"):
@@ -227,7 +228,7 @@ def test_native_draft_runs_equal_the_eager_loop(pair, tmp_path, small_weights):
         chains = []
         ex = eng.runners["small"].executor
         chain = ex.draft_chain
-        ex.draft_chain = lambda *a, **k: chains.append(1) or chain(*a, **k)
+        ex.draft_chain = lambda *a, **k: chains.append(a[2][0]) or chain(*a, **k)  # each run's first step's rows
         seen[loop] = []
         verify = eng._verify
 
@@ -241,6 +242,7 @@ def test_native_draft_runs_equal_the_eager_loop(pair, tmp_path, small_weights):
                       for pol in policies for p in prompts]
         outs[loop] += eng.generate(prompts[:3], SamplingParams(max_tokens=16), policy=policies[1])  # batch 2: eager
         assert (len(chains) > 20) == (loop == "native")
+        assert (max(chains, default=0) > 16) == (loop == "native" and ex.layer_blocks == "int8x16")
         assert_all_free(eng)
     assert seen["native"] == seen["eager"]
     for a, b in zip(outs["native"], outs["eager"]):
@@ -248,6 +250,36 @@ def test_native_draft_runs_equal_the_eager_loop(pair, tmp_path, small_weights):
         for m in ("small_steps", "fallbacks", "drafted_tokens", "accepted_tokens", "large_passes"):
             assert getattr(a.metrics, m) == getattr(b.metrics, m), m
     assert sum(o.metrics.fallbacks for o in outs["native"]) > 0
+
+
+def test_packed_native_draft_runs_feed_a_whole_prompt_as_the_eager_loop_does(tmp_path):
+    """With int8 weights packed as Q8_0 blocks (a head of 64 ids: every product packs where the CPU has AVX-512
+    VNNI, as the shipped draft's do), a request's first native run feeds its whole prompt's features at once
+    (40 and 24 here, past the 16 rows of the float32 kernels) and proposes what the eager loop proposes."""
+    from bild_kernels._backend import cpu_extension
+    if cpu_extension() is None or not torch.ops.bild_kernels_cpu.cpu_linear_q4_1x16_supported():
+        pytest.skip("bild_kernels._cpu not built, or this CPU lacks AVX-512 VNNI")
+    t32 = _teacher().float()
+    base, _ = load_model(t32, dtype=torch.float32)
+    path = _draft(_teacher(), vocab=sorted(VOCAB + [93])).float().save_dir(tmp_path / "d", base)
+    prompts = [[(7 * i) % 97 for i in range(1, 41)], [(11 * i) % 97 for i in range(1, 25)]]
+    runs = {}
+    for loop in ("eager", "native"):
+        eng = Engine(large=t32, small=str(path), max_batch_size=1, max_model_len=96, block_size=4, draft_loop=loop,
+                     small_weights="int8")
+        ex = eng.runners["small"].executor
+        assert ex.layer_blocks == "int8x16" and ex.head_blocks == "int8x16"
+        first_rows, seen = [], []
+        chain, verify = ex.draft_chain, eng._verify
+        ex.draft_chain = lambda *a, **k: first_rows.append(a[2][0]) or chain(*a, **k)
+        eng._verify = lambda running, policy, drafts: seen.append(tuple(map(tuple, drafts.tokens))) or verify(
+            running, policy, drafts)
+        outs = [eng.generate([p], SamplingParams(max_tokens=12), policy=pol)[0] for p in prompts
+                for pol in (Greedy(max_draft_len=3), BiLD(fallback_threshold=0.3, rollback_threshold=2.0))]
+        assert ({24, 40} <= set(first_rows)) == (loop == "native")
+        runs[loop] = (seen, [(o.token_ids, o.metrics.small_steps, o.metrics.accepted_tokens) for o in outs])
+        assert_all_free(eng)
+    assert runs["native"] == runs["eager"]
 
 
 def test_native_draft_loop_needs_a_cpu(pair):

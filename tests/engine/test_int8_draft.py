@@ -127,7 +127,7 @@ def test_int8_weights_run_packed_for_int16_activations_where_vnni():
     packed, _ = load_model(model, dtype=torch.float32)
     packed.quantize_weights("int8")
     assert packed.layer_blocks == "int8x16" and packed.head_blocks == "int8x16"
-    assert packed.fused_max_tokens == 16  # longer passes keep cpu_linear_int8 (float activations)
+    assert packed.fused_max_tokens > 1000  # a prompt's pass takes the packed products too (they tile any rows)
     ref, _ = load_model(model, dtype=torch.float32, backend="ref")
     ref.quantize_weights("int8")
     assert ref.layer_blocks is None and ref.head_blocks is None  # no fused layer, no kernel: nothing packed
