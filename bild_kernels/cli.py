@@ -319,6 +319,8 @@ def _git_rev() -> str:
 
 def cmd_eval(args) -> int:
     from bild_kernels.evaluate import eval_runs, evaluate, format_table, plot_tradeoff
+    if args.repeat < 1:
+        raise UsageError(f"--repeat must be >= 1, got {args.repeat}")
     if args.hf:  # the HF rows' assistant, refused before anything runs
         from bild_kernels.hf import check_assistant
         check_assistant(args.small)
@@ -326,9 +328,11 @@ def cmd_eval(args) -> int:
     prompts = _eval_prompts(engine, args.prompts)
     policies = _eval_policies(args, engine)
     interleave = not args.sequential
-    bar = _progress(eval_runs(len(prompts), len(policies), batch=args.batch, interleave=interleave), "eval")
+    bar = _progress(eval_runs(len(prompts), len(policies), batch=args.batch, interleave=interleave,
+                              repeat=args.repeat), "eval")
     rows = [r.as_dict() for r in evaluate(engine, prompts, policies, batch=args.batch, max_tokens=args.max_tokens,
-                                          progress=lambda: bar.update(1), interleave=interleave)]
+                                          progress=lambda: bar.update(1), interleave=interleave,
+                                          repeat=args.repeat)]
     bar.close()
     if args.hf:
         rows += [r for r in _hf_rows(args, engine, prompts, rows[0]) if r]
@@ -336,7 +340,7 @@ def cmd_eval(args) -> int:
             "acceptance", "mean_accepted", "passes_per_token", "fallbacks", "rollbacks", "draft_s", "verify_s",
             "overhead_s", "ttft_ms", "decode_speedup"]
     print(format_table(rows, cols))
-    _write_csv(args.out, rows, _run_info(engine))
+    _write_csv(args.out, rows, {**_run_info(engine), "repeat": args.repeat})
     if args.plot:
         plot_tradeoff(rows[1:], args.plot, title=f"BiLD trade-off on {len(prompts)} held-out prompts, batch {args.batch}")
         print(f"plot written to {args.plot}", file=sys.stderr)
@@ -450,6 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="each policy over all prompts in turn (default: every policy on each prompt, or each "
                             "batch of them, in rotating order, so that a machine's speed drifting during the run "
                             "slows all policies alike)")
+        e.add_argument("--repeat", type=int, default=1, metavar="N",
+                       help="run every policy N times on each prompt (or batch), the rounds interleaved, and time "
+                            "each by its fastest run: speed-ups that a shared machine's slow moments move less")
         if name == "eval":
             e.add_argument("--sweep", action="store_true", help="also sweep BiLD's two thresholds")
             e.add_argument("--fallback-grid", default="0.3,0.5,0.7,0.9")

@@ -247,6 +247,48 @@ def test_evaluate_interleaves_the_policies_and_measures_the_same_runs(pair_dirs,
     assert ev.eval_runs(3, 2, batch=2) == 6 and [r.tokens for r in batched] == [r.tokens for r in rows]
 
 
+def test_eval_repeat_times_each_policy_by_its_fastest_run(monkeypatch, pair_dirs, capsys):
+    """repeat=N: N interleaved rounds on each chunk, each in another rotation; a policy's row is timed by its
+    fastest run on each chunk; a repeat that decodes other tokens is an error; --repeat below 1 is refused."""
+    import dataclasses
+
+    from bild_kernels import Engine, Greedy
+    from bild_kernels import evaluate as ev
+    large, small = pair_dirs
+    eng = Engine(large=str(large), small=str(small), device="cpu", max_batch_size=1, max_model_len=64)
+    prompts, policies = [[3, 4, 5], [7, 8]], [Greedy(max_draft_len=2)]
+    order, real = [], ev.run_policy
+    fake = iter([4.0, 3.0, 1.0, 2.0, 5.0, 6.0, 3.0, 7.0])  # the runs' wall times, in the order they run
+
+    def spy(engine, chunk, params, policy, batch):
+        order.append(ev.describe(policy).split("(")[0])
+        outs, _, split = real(engine, chunk, params, policy, batch)
+        return outs, next(fake), split
+    monkeypatch.setattr(ev, "run_policy", spy)
+    rows = ev.evaluate(eng, prompts, policies, max_tokens=6, repeat=2)
+    assert order == ["large-only", "greedy", "greedy", "large-only", "greedy", "large-only", "large-only", "greedy"]
+    assert ev.eval_runs(len(prompts), len(policies), repeat=2) == len(order)
+    # large-only: min(4, 2) + min(6, 3) = 5 s; greedy: min(3, 1) + min(5, 7) = 6 s
+    assert rows[0].tokens_per_s == pytest.approx(rows[0].tokens / 5.0)
+    assert rows[1].tokens_per_s == pytest.approx(rows[1].tokens / 6.0)
+    assert rows[1].speedup == pytest.approx(5.0 / 6.0 * rows[1].tokens / rows[0].tokens)
+    calls = [0]
+
+    def drifting(engine, chunk, params, policy, batch):
+        outs, wall, split = real(engine, chunk, params, policy, batch)
+        calls[0] += 1
+        if calls[0] == 3:  # greedy's second run on the first prompt
+            outs = [dataclasses.replace(o, token_ids=o.token_ids + [1]) for o in outs]
+        return outs, wall, split
+    monkeypatch.setattr(ev, "run_policy", drifting)
+    with pytest.raises(RuntimeError, match="other tokens"):
+        ev.evaluate(eng, prompts, policies, max_tokens=6, repeat=2)
+    with pytest.raises(ValueError, match="repeat"):
+        ev.evaluate(eng, prompts, policies, max_tokens=6, repeat=0)
+    code, out, err = _run(capsys, "eval", "--large", large, "--small", small, "--prompts", 1, "--repeat", 0)
+    assert code == 2 and "--repeat must be >= 1" in err and "Traceback" not in err
+
+
 def test_bench_prints_speed_rows(capsys, tmp_path, pair_dirs):
     large, small = pair_dirs
     code, out, err = _run(capsys, "bench", "--large", large, "--small", small, "--prompts", 2, "--max-tokens", 4,
