@@ -137,11 +137,16 @@ class BlockManager:
             self._lens[cache][r] += n
         return slots
 
-    def rollback(self, rows, num_rejected, cache: int = 0) -> None:
+    def rollback(self, rows, num_rejected, cache: int = 0, *, keep_blocks: bool = False) -> None:
         """Drop the last num_rejected[i] tokens of rows[i] (clamped at 0 tokens); emptied blocks go back.
 
         rows=None: num_rejected is an int32 tensor [max_seqs] on the device, one count per row (inactive
         rows ignored) — no host read, so it can sit in a CUDA graph beside the verifier that produced it.
+        keep_blocks: where the tables are host memory (a CPU engine), only the lengths shrink and emptied blocks
+        stay the row's, for its next `append` to fill (a pass's rejected drafts, a draft run's chained
+        positions: the next pass appends as many again; without it a run that crosses a block boundary
+        returned that block and reserved it again every pass, ~0.1 ms each way). `free` and any later
+        rollback that returns blocks return them too; elsewhere it is a plain rollback.
         """
         bt, cl = self.tables(cache)
         if rows is None:
@@ -158,7 +163,7 @@ class BlockManager:
             if self.host_slots and not self._stale[cache]:  # CPU tables: a rollback that empties no block
                 lens, bs = self._lens[cache], self.block_size  # only shortens the rows (as append only lengthens)
                 new = [max(lens[r] - n, 0) for r, n in zip(rows, num)]
-                if all(-(-m // bs) == -(-lens[r] // bs) for r, m in zip(rows, new)):
+                if keep_blocks or all(-(-m // bs) == -(-lens[r] // bs) for r, m in zip(rows, new)):
                     cl_np = self._np[1][cache]
                     for r, m in zip(rows, new):
                         cl_np[r] = lens[r] = m

@@ -43,8 +43,10 @@ class ModelRunner:
     def free(self, row: int) -> None:
         self.blocks.free(row)
 
-    def rollback(self, rows: list[int], counts: list[int]) -> None:
-        self.blocks.rollback(rows, counts)
+    def rollback(self, rows: list[int], counts: list[int], *, keep_blocks: bool = False) -> None:
+        """Drop the last counts[i] tokens of rows[i] (`BlockManager.rollback`; keep_blocks: for positions the
+        next pass fills again)."""
+        self.blocks.rollback(rows, counts, keep_blocks=keep_blocks)
 
     def num_free_blocks(self) -> int:
         return self.blocks.num_free_blocks()

@@ -65,8 +65,8 @@ class BlockManagerMachine(RuleBasedStateMachine):
             self.lens[cache][r] += n
 
     @precondition(lambda self: any(self.lens))
-    @rule(data=st.data(), on_device=st.booleans())
-    def rollback(self, data, on_device):
+    @rule(data=st.data(), on_device=st.booleans(), keep=st.booleans())
+    def rollback(self, data, on_device, keep):
         cache = data.draw(st.sampled_from([c for c in (0, 1) if self.lens[c]]))
         rows = data.draw(st.lists(st.sampled_from(sorted(self.lens[cache])), unique=True))
         counts = [data.draw(st.integers(0, self.lens[cache][r] + 4)) for r in rows]  # may exceed: clamped
@@ -75,8 +75,8 @@ class BlockManagerMachine(RuleBasedStateMachine):
             full[rows] = torch.tensor(counts, dtype=torch.int32)
             full[[r for r in range(self.SEQS) if r not in self.lens[cache]]] = 7  # inactive rows: ignored
             self.bm.rollback(None, full.to(DEVICE), cache)
-        else:
-            self.bm.rollback(rows, counts, cache)
+        else:  # keep_blocks: emptied blocks may stay the row's; the invariants and the teardown's full pool hold
+            self.bm.rollback(rows, counts, cache, keep_blocks=keep)
         for r, n in zip(rows, counts):
             self.lens[cache][r] = max(self.lens[cache][r] - n, 0)
 
@@ -158,6 +158,27 @@ def test_fresh_pool_hands_out_blocks_in_order(backend):
     assert bm.num_free_blocks() == 6 and bm.context_lens_of([2]) == [3]
     assert bm.append([2], [2]).tolist() == [4 * 1 + 3, 4 * 2 + 0]  # the freed block is the next one popped
     bm.check_invariants()
+
+
+def test_a_kept_block_is_filled_by_the_next_append_and_freed_with_the_row(backend):
+    """rollback(keep_blocks=True) on CPU tables: the row keeps a block its tokens no longer reach, the next append
+    fills it without taking another from the pool, and free returns it; without it the block goes back at once."""
+    bm = BlockManager(8, 4, 2, 4, device=DEVICE, backend=backend)
+    bm.allocate(0)
+    bm.append([0], [3])  # block 0
+    first = bm.append([0], [3]).tolist()  # positions 3-5: into a second block
+    assert bm.num_free_blocks() == 6
+    bm.rollback([0], [3], keep_blocks=True)
+    assert bm.context_lens_of([0]) == [3] and bm.num_free_blocks() == 6  # the second block stays row 0's
+    bm.check_invariants()
+    assert bm.append([0], [3]).tolist() == first and bm.num_free_blocks() == 6  # the same slots again
+    bm.rollback([0], [3])
+    assert bm.num_free_blocks() == 7  # a plain rollback returns it
+    bm.append([0], [3])
+    bm.rollback([0], [3], keep_blocks=True)
+    bm.free(0)
+    bm.check_invariants()
+    assert bm.num_free_blocks() == 8
 
 
 def test_exhausted_leaves_state_unchanged(backend):
