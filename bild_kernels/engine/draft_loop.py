@@ -354,7 +354,7 @@ class StaticDraftLoop:
 
         token, accepted, fell, conf, fed = self._results(buf, done, n)  # the run's one host read
         self.runner.note_nonfinite(rows, t["nonfinite"][:n])  # rows whose logits went NaN/inf
-        self.runner.blocks.rollback(rows, [r - f for r, f in zip(reserve, fed)])
+        self.runner.rollback(rows, [r - f for r, f in zip(reserve, fed)])  # reserved slots no step fed
         probs = torch.stack(probs_out, 1)[:n] if with_probs else None
         run = DraftRun([[] for _ in rows], fed, [False] * n, [None] * n, [[] for _ in rows],
                        [[] for _ in rows] if with_probs else None)

@@ -159,7 +159,7 @@ class Drafting:
             chained = [(s.row, s.cached["small"] - (len(s.tokens) - 1)) for s in running]
             chained = [(r, n) for r, n in chained if n > 0]
             if chained:
-                self.runners["small"].rollback([r for r, _ in chained], [n for _, n in chained], keep_blocks=True)
+                self.runners["small"].rollback([r for r, _ in chained], [n for _, n in chained])
             for s in running:
                 s.cached["small"] = min(s.cached["small"], len(s.tokens) - 1)
         return out
@@ -186,7 +186,7 @@ class Drafting:
                               policy.fallback_signal == "energy")
         chained = [(r, c - 1) for r, c in zip(rows, row_caps) if c > 1]
         if chained:  # the chains' positions hold guessed features: drop them, keep the verified ones
-            small.rollback([r for r, _ in chained], [n for _, n in chained], keep_blocks=True)
+            small.rollback([r for r, _ in chained], [n for _, n in chained])
         for i, s, run in zip(active, seqs, runs):
             s.features = []
             s.cached["small"] = len(s.tokens) - 1
@@ -255,7 +255,7 @@ class Drafting:
         if feature:  # the chain's positions hold guessed features: drop them
             fed = [(s.row, run.fed[j]) for j, s in enumerate(seqs) if run.fed[j] > 0]
             if fed:
-                self.runners["small"].rollback([r for r, _ in fed], [n for _, n in fed], keep_blocks=True)
+                self.runners["small"].rollback([r for r, _ in fed], [n for _, n in fed])
         for j, (i, s) in enumerate(zip(active, seqs)):
             s.cached["small"] = len(s.tokens) - 1 if feature else len(s.tokens) + run.fed[j]
             s.metrics.small_steps += 1 + run.fed[j]

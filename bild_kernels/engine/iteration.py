@@ -178,8 +178,8 @@ class Iteration(Drafting):
                     s.cached[name] = valid
             committed.append(new)
         for name, (rows, counts) in rollbacks.items():
-            if rows:  # (the next pass appends as many positions again: a block they emptied stays the row's)
-                self.runners[name].rollback(rows, counts, keep_blocks=True)
+            if rows:
+                self.runners[name].rollback(rows, counts)
         return committed
 
     def _draft_probs(self, drafts: Drafts, looked: list[bool], K: int, target_logits: torch.Tensor) -> torch.Tensor:

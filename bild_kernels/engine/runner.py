@@ -43,10 +43,11 @@ class ModelRunner:
     def free(self, row: int) -> None:
         self.blocks.free(row)
 
-    def rollback(self, rows: list[int], counts: list[int], *, keep_blocks: bool = False) -> None:
-        """Drop the last counts[i] tokens of rows[i] (`BlockManager.rollback`; keep_blocks: for positions the
-        next pass fills again)."""
-        self.blocks.rollback(rows, counts, keep_blocks=keep_blocks)
+    def rollback(self, rows: list[int], counts: list[int]) -> None:
+        """Drop the last counts[i] tokens of rows[i]: rejected drafts, a draft run's chained positions, positions
+        the next pass fills again; so a block they emptied stays the row's where the tables are host memory
+        (`BlockManager.rollback`'s keep_blocks) until that pass, or `free`, needs it."""
+        self.blocks.rollback(rows, counts, keep_blocks=True)
 
     def num_free_blocks(self) -> int:
         return self.blocks.num_free_blocks()
