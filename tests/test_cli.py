@@ -92,6 +92,8 @@ def test_generate_reports_the_lookups_drafts(capsys, pair_dirs):
     (["generate", "hi", "--large", "{large}", "--policy", "ngram", "--max-ngram", "1", "--min-ngram", "2"],
      "--min-ngram must be <="),
     (["eval", "--large", "{large}", "--small", "{small}", "--lookup", "-1"], "--lookup must be an int in"),
+    (["eval", "--large", "{large}", "--small", "{small}", "--prompt-set", "tune", "--prompts", "60"],
+     "--prompts must be in [1, 59]"),
     (["distill", "--large", "{large}", "--out", "{tmp}/d", "--work-dir", "{tmp}/w", "--prompts", "30000"],
      "prompts must be in [1, 23704]"),
 ])
@@ -140,6 +142,26 @@ def test_eval_writes_table_csv_and_plot(capsys, tmp_path, pair_dirs):
     assert float(rows[0]["decode_speedup"]) == 1.0 and float(rows[0]["ttft_ms"]) > 0
     assert rows[0]["large_weights"] == "float32"  # a directory's float32 weights (a GGUF's: "q4_1" where it holds them)
     assert rows[0]["draft_loop"] == "native"  # the CPU default (--draft-loop)
+    assert rows[0]["prompt_set"] == "held-out"
+
+
+def test_eval_tune_prompt_set_runs_the_tuning_prompts(capsys, tmp_path, pair_dirs, monkeypatch):
+    from bild_kernels import evaluate
+    from bild_kernels.distill.corpus import chat_ids
+    from bild_kernels.distill.prompts import held_out_prompts, tune_prompts
+    large, small = pair_dirs
+    seen = []
+    real = evaluate.evaluate
+    monkeypatch.setattr(evaluate, "evaluate", lambda engine, prompts, *a, **k: (
+        seen.append((engine, prompts)), real(engine, prompts, *a, **k))[1])
+    csv_path = tmp_path / "eval.csv"
+    code, out, err = _run(capsys, "eval", "--large", large, "--small", small, "--prompts", 2, "--max-tokens", 4,
+                          "--prompt-set", "tune", "--out", csv_path)
+    assert code == 0, err
+    engine, prompts = seen[0]
+    assert prompts == [chat_ids(engine.tokenizer, p) for p in tune_prompts()[:2]]
+    assert prompts != [chat_ids(engine.tokenizer, p) for p in held_out_prompts()[:2]]
+    assert {r["prompt_set"] for r in csv.DictReader(open(csv_path))} == {"tune"}
 
 
 def test_eval_lookup_adds_ngram_rows(capsys, tmp_path, pair_dirs):

@@ -154,7 +154,7 @@ def distill(*, large=None, out, prompts: int = 512, max_new_tokens: int = 96, mi
     "bild" (bild's host-free batch decode loop, CUDA graphs; the default on CUDA), "hf" (transformers'
     `generate`; the default on a CPU) or "auto". The held-out references always come from "hf"."""
     from bild_kernels.distill.corpus import _backend, _user_turn, chat_ids, generate_corpus, generate_self_prompts
-    from bild_kernels.distill.prompts import all_train_prompts, held_out_prompts
+    from bild_kernels.distill.prompts import all_train_prompts, held_out_prompts, tune_topics
     from bild_kernels.distill.prompts import topic_prompts as wordnet_prompts
     from bild_kernels.distill.train import agreement, build_draft, fast_bf16, teacher_targets, train
     from bild_kernels.models import load_model
@@ -198,7 +198,8 @@ def distill(*, large=None, out, prompts: int = 512, max_new_tokens: int = 96, mi
         raise ValueError(f"feature_layers {feature_layers} conflicts with init_draft {str(init_draft)!r}, which has "
                          f"{init['num_layers']} layer(s) (leave feature_layers out)")
     train_set = all_train_prompts(prompts)  # refuses more prompts than there are
-    topical = wordnet_prompts(topic_prompts, seed=corpus_seed)  # refuses a count out of range
+    # (refuses a count out of range; never a topic of the tuning set that `bild eval --prompt-set tune` asks)
+    topical = wordnet_prompts(topic_prompts, seed=corpus_seed, skip_topics=tune_topics())
     if threads is not None:
         torch.set_num_threads(threads)
     teacher, tok, source = _teacher(large)

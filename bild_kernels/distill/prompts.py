@@ -259,9 +259,9 @@ def topic_prompts(n: int, seed: int = 0, skip_topics=()) -> list[str]:
     return [p for _, p in _topic_pairs(n, seed, frozenset(skip_topics))]
 
 
-def topic_prompt_topics(n: int, seed: int = 0) -> set[str]:
-    """The topics that `topic_prompts(n, seed)` names."""
-    return {t for t, _ in _topic_pairs(n, seed, frozenset())}
+def topic_prompt_topics(n: int, seed: int = 0, skip_topics=()) -> set[str]:
+    """The topics that `topic_prompts(n, seed, skip_topics)` names."""
+    return {t for t, _ in _topic_pairs(n, seed, frozenset(skip_topics))}
 
 
 def _topic_pairs(n: int, seed: int, skip: frozenset) -> list[tuple[str, str]]:
@@ -289,6 +289,23 @@ def _topic_pairs(n: int, seed: int, skip: frozenset) -> list[tuple[str, str]]:
                 taken.add(p)
                 out.append((topic, p))
     return out
+
+
+TUNE_SEED = 101  # topic_prompts' seed for the tuning set
+
+
+@lru_cache(maxsize=1)
+def tune_prompts() -> tuple[str, ...]:
+    """59 prompts for choosing a policy's thresholds (`bild eval --prompt-set tune`) without looking at the held-out
+    set that reports the result: training templates about WordNet topics (`topic_prompts`, seed TUNE_SEED), so
+    none is a held-out prompt nor one of `all_train_prompts()`; `bild distill` leaves their topics out of its own
+    topic prompts (`tune_topics`), so no draft trains on them either."""
+    return tuple(topic_prompts(59, seed=TUNE_SEED))
+
+
+def tune_topics() -> frozenset[str]:
+    """The topics `tune_prompts` name (what distillation's topic prompts skip)."""
+    return frozenset(topic_prompt_topics(59, seed=TUNE_SEED))
 
 
 def held_out_prompts() -> list[str]:

@@ -64,9 +64,9 @@ def main(argv=None) -> int:
     draft = FeatureDraft.from_dir(args.draft, teacher)
     trained = set()
     if args.trained_topics:
-        from bild_kernels.distill.prompts import topic_prompt_topics
+        from bild_kernels.distill.prompts import topic_prompt_topics, tune_topics
         n, seed = (int(x) for x in args.trained_topics.split(":"))
-        trained = topic_prompt_topics(n, seed)
+        trained = topic_prompt_topics(n, seed, skip_topics=tune_topics())  # (as `bild distill` draws them)
     sets = prompt_sets(args.n, args.seed, trained)
     held = torch.load(ROOT / "bench" / "data" / "corpus_eval_smollm2-135m-instruct.pt")
     print(f"draft {args.draft.name}, {args.n} prompts a set (held-out: all {len(held)})", flush=True)

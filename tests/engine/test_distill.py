@@ -128,6 +128,19 @@ def test_topic_prompts_are_new_seeded_and_share_nothing_with_the_held_out_set():
             P.topic_prompts(bad)
 
 
+def test_tune_prompts_are_disjoint_from_held_out_and_training_and_distillation_skips_their_topics():
+    from bild_kernels.distill import prompts as P
+    tune = P.tune_prompts()
+    assert len(tune) == 59 == len(set(tune)) and tune == P.tune_prompts()
+    assert not set(tune) & set(P.held_out_prompts()) and not set(tune) & set(P.all_train_prompts())
+    topics = P.tune_topics()
+    assert len(topics) == 59 and all(any(t in p for t in topics) for p in tune)
+    # what `bild distill --topic-prompts N` draws (pipeline.distill): never a tuning topic
+    drawn = P.topic_prompt_topics(len(P.wordnet_topics()), seed=4, skip_topics=topics)
+    assert not drawn & topics and len(drawn) > 0.9 * len(P.wordnet_topics())
+    assert not set(P.topic_prompts(2000, seed=4, skip_topics=topics)) & set(tune)
+
+
 def test_bf16_training_updates_float32_weights_and_lowers_the_loss():
     from bild_kernels.distill.train import fast_bf16
     teacher = _teacher()
