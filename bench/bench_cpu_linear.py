@@ -12,7 +12,8 @@ beside cpu_linear on the same weights in float32; last, cpu_linear_q4_1 on the l
 the GGUF, 30-weight stacks) beside cpu_linear on the same weights in float32 and, where the CPU has AVX-512 VNNI,
 cpu_linear_q4_1x16 on those blocks packed (int16 activations; `cpu-x16i8`: int8 activations), with the totals of
 one forward. The draft's int8 weights also run packed as Q8_0 blocks (`cpu-x16`: cpu_linear_q8_0x16, int16
-activations), and the head's Q8_0 blocks packed at both activation widths.
+activations), and the head's Q8_0 blocks packed at both activation widths (`cpu-x16stats`: with its rows' statistics,
+cpu_linear_q8_0x16_stats).
 
   python bench/bench_cpu_linear.py [--threads 1] [--rows 1,2,3,4,8] [--no-save]
 """
@@ -100,12 +101,15 @@ def main():
             for bits in (16, 8):
                 q8[f"cpu-x16{'i8' if bits == 8 else ''}"] = (
                     lambda x, bits=bits: torch.ops.bild_kernels_cpu.cpu_linear_q8_0x16(x, qp, dp, None, bits))
+            # with its rows' max / logsumexp / argmax / finite flag (what the engine's verification reads)
+            q8["cpu-x16stats"] = lambda x: torch.ops.bild_kernels_cpu.cpu_linear_q8_0x16_stats(x, qp, dp, None, 16)
         for M in rows:
             x = torch.randn(M, K)
             for backend, fn in q8.items():
                 stats = timeit(lambda: fn(x), "cpu", iters=args.iters or 20)
-                record("cpu_linear_q8_0x16" if backend.startswith("cpu-x16") else "cpu_linear_q8_0", "cpu",
-                       {"cpu-x16": "cpu", "cpu-x16i8": "cpu-i8"}.get(backend, backend),
+                op = ("cpu_linear_q8_0x16_stats" if backend == "cpu-x16stats" else
+                      "cpu_linear_q8_0x16" if backend.startswith("cpu-x16") else "cpu_linear_q8_0")
+                record(op, "cpu", {"cpu-x16": "cpu", "cpu-x16i8": "cpu-i8", "cpu-x16stats": "cpu"}.get(backend, backend),
                        {"shape": "head", "N": N, "K": K, "stack": 1, "M": M, "threads": args.threads},
                        stats, N * K * 4 if backend == "cpu-f32" else N * (K + K // 32 * 4), save=not args.no_save)
 

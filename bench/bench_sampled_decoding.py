@@ -31,10 +31,10 @@ def reference_verify_in_sample_mode() -> None:
     impls = _backend._IMPLS["verify_draft"]
     kernel = impls["cpu"]
 
-    def verify(draft_ids, target_logits, mode, *args):
+    def verify(draft_ids, target_logits, mode, *args, target_stats=None):
         if mode == R.MODE_SAMPLE:
             return R.verify_draft_ref(draft_ids, target_logits, mode, *args)
-        return kernel(draft_ids, target_logits, mode, *args)
+        return kernel(draft_ids, target_logits, mode, *args, target_stats=target_stats)
     impls["cpu"] = verify
 
 

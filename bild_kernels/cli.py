@@ -328,7 +328,8 @@ def cmd_eval(args) -> int:
         from bild_kernels.hf import check_assistant
         check_assistant(args.small)
     engine = _engine(args, max_batch_size=max(args.batch, 1), max_model_len=1024)
-    prompts = _eval_prompts(engine, args.prompts, args.prompt_set)
+    prompt_set = getattr(args, "prompt_set", "held-out")  # (bild bench: the held-out set)
+    prompts = _eval_prompts(engine, args.prompts, prompt_set)
     policies = _eval_policies(args, engine)
     interleave = not args.sequential
     bar = _progress(eval_runs(len(prompts), len(policies), batch=args.batch, interleave=interleave,
@@ -343,10 +344,10 @@ def cmd_eval(args) -> int:
             "acceptance", "mean_accepted", "passes_per_token", "fallbacks", "rollbacks", "draft_s", "verify_s",
             "overhead_s", "ttft_ms", "decode_speedup"]
     print(format_table(rows, cols))
-    _write_csv(args.out, rows, {**_run_info(engine), "repeat": args.repeat, "prompt_set": args.prompt_set})
+    _write_csv(args.out, rows, {**_run_info(engine), "repeat": args.repeat, "prompt_set": prompt_set})
     if args.plot:
         plot_tradeoff(rows[1:], args.plot,
-                      title=f"BiLD trade-off on {len(prompts)} {args.prompt_set} prompts, batch {args.batch}")
+                      title=f"BiLD trade-off on {len(prompts)} {prompt_set} prompts, batch {args.batch}")
         print(f"plot written to {args.plot}", file=sys.stderr)
     return 0
 

@@ -312,6 +312,21 @@ def cpu_linear_q8_0x16_ref(x, packed, d16, bias=None, activation_bits=16):
     return _x16_linear(x, q, d16.permute(0, 2, 1).reshape(G * 16, nb), bias=bias, activation_bits=activation_bits)
 
 
+def logit_row_stats_ref(y):
+    """Each row's statistics of logits y [M, N] float32, as `cpu_linear_q8_0x16_stats` returns them beside y: max [M],
+    logsumexp [M], first argmax [M] int64, finite [M] bool (every logit of the row finite; where not, the other
+    three are 0)."""
+    finite = torch.isfinite(y).all(-1)
+    z = torch.where(finite[:, None], y, torch.zeros_like(y))
+    return z.amax(-1), torch.logsumexp(z.double(), -1).float() * finite, z.argmax(-1) * finite, finite
+
+
+def cpu_linear_q8_0x16_stats_ref(x, packed, d16, bias=None, activation_bits=16):
+    """`cpu_linear_q8_0x16_ref`'s y and its rows' statistics (`logit_row_stats_ref`): (y, max, lse, argmax, finite)."""
+    y = cpu_linear_q8_0x16_ref(x, packed, d16, bias, activation_bits)
+    return (y, *logit_row_stats_ref(y))
+
+
 def cpu_decoder_layer_ref(x, cos, sin, input_norm, qkv_w, qkv_scale, qkv_bias, o_w, o_scale, o_bias, post_norm,
                           gate_up_w, gate_up_scale, gate_up_bias, down_w, down_scale, down_bias, key_cache,
                           value_cache, slot_mapping, query_start_loc, positions, block_tables, context_lens,

@@ -27,6 +27,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -38,6 +39,7 @@
 #include <cstdlib>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <cstring>
 #include <initializer_list>
 #include <vector>
@@ -537,6 +539,102 @@ void rows_all_q8_x16(const float* x, int64_t ldx, int64_t M, const int8_t* pk, c
   });
 }
 
+// Logit statistics with the head's product (cpu_linear_q8_0x16_stats): what the engine's verification and its
+// non-finite screen read from a pass's logits (each row's max, first argmax, logsumexp, and whether every logit is
+// finite), taken segment by segment (kStatGroups output groups, 1,024 logits) right after the segment's product,
+// by the thread that wrote it, while the segment is still in its cache. A separate pass after the product reads
+// the logits back cold (each thread's columns in the other core's cache: 74-128 us for one to four rows of 49,152
+// on the 2-core AMD EPYC, against ~10 us hot). Segment statistics: max (16 lanes, then the lanes), first index of
+// it, sum(exp(z - max)) (exp8, the 8 lanes in reduce_lanes' tree, the halves in order), finite (every z - z == 0);
+// a row's are combined over its segments in increasing order (combine_segments): the same bits whatever the thread
+// count, within float32 rounding of cpu_verify_draft's own statistics (one pass over the row).
+constexpr int64_t kStatGroups = 64;
+struct SegStats {
+  float max;
+  float sum;  // sum(exp(z - max)) over the segment
+  int64_t arg;  // column of the segment's first max
+  bool finite;
+};
+
+BILD_X16 void segment_stats(const float* z, int64_t col0, int64_t n, SegStats* out) {
+  // n: a multiple of 16 (whole output groups)
+  __m512 m = _mm512_loadu_ps(z);
+  __mmask16 ok = 0xFFFF;
+  for (int64_t k = 0; k < n; k += 16) {
+    const __m512 v = _mm512_loadu_ps(z + k);
+    ok &= _mm512_cmp_ps_mask(_mm512_sub_ps(v, v), _mm512_setzero_ps(), _CMP_EQ_OQ);  // NaN, +-inf: not 0
+    m = _mm512_max_ps(m, v);
+  }
+  if (ok != 0xFFFF) {
+    *out = SegStats{0.0f, 0.0f, col0, false};
+    return;
+  }
+  const float mx = _mm512_reduce_max_ps(m);
+  int64_t arg = 0;
+  while (z[arg] != mx) ++arg;
+  const __m256 vmx = _mm256_set1_ps(mx);
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t k = 0; k < n; k += 8) acc = _mm256_add_ps(acc, exp8(_mm256_sub_ps(_mm256_loadu_ps(z + k), vmx)));
+  *out = SegStats{mx, reduce_lanes(acc), col0 + arg, true};
+}
+
+// Row m's statistics from its S segments st[m * S + s].
+void combine_segments(const SegStats* st, int64_t M, int64_t S, float* row_max, float* row_lse, int64_t* row_arg,
+                      bool* finite) {
+  for (int64_t m = 0; m < M; ++m) {
+    const SegStats* r = st + m * S;
+    bool fin = true;
+    int64_t best = 0;
+    for (int64_t s = 0; s < S; ++s) {
+      fin &= r[s].finite;
+      if (r[s].max > r[best].max) best = s;  // strictly greater: the first segment holding the max
+    }
+    finite[m] = fin;
+    if (!fin) {
+      row_max[m] = row_lse[m] = 0.0f;
+      row_arg[m] = 0;
+      continue;
+    }
+    const float mx = r[best].max;
+    float sum = 0.0f;
+    for (int64_t s = 0; s < S; ++s) sum += r[s].sum * std::exp(r[s].max - mx);
+    row_max[m] = mx;
+    row_arg[m] = r[best].arg;
+    row_lse[m] = mx + std::log(sum);
+  }
+}
+
+// rows_all_q8_x16 segment by segment (parallel over segments, so each segment's statistics come from the thread
+// that wrote it), st [M, S] filled. The products' bits are rows_all_q8_x16's: every output's sum is in the same order.
+void rows_all_q8_x16_stats(const float* x, int64_t ldx, int64_t M, const int8_t* pk, const float* d, int64_t K,
+                           int64_t N, const float* bias, float* y, SegStats* st) {
+  const int64_t nb = K / 32, G = N / 16, S = (G + kStatGroups - 1) / kStatGroups;
+  std::vector<int16_t> xq(static_cast<size_t>(M * K));
+  std::vector<float> dx(static_cast<size_t>(M * nb)), sx(static_cast<size_t>(M * nb));
+  quantize_rows_x16(x, ldx, M, K, xq.data(), dx.data(), sx.data());
+  at::parallel_for(0, S, 1, [&](int64_t s0, int64_t s1) {
+    for (int64_t s = s0; s < s1; ++s) {
+      const int64_t g0 = s * kStatGroups, g1 = std::min(G, g0 + kStatGroups);
+      for (int64_t m0 = 0; m0 < M; m0 += kMaxRowsX16) {
+        kRangesQ8X16[std::min(kMaxRowsX16, M - m0) - 1](xq.data() + m0 * K, dx.data() + m0 * nb, K, pk, d, bias,
+                                                        y + m0 * N, N, g0, g1);
+      }
+      for (int64_t m = 0; m < M; ++m) segment_stats(y + m * N + g0 * 16, g0 * 16, (g1 - g0) * 16, &st[m * S + s]);
+    }
+  });
+}
+
+// The same statistics of a product already made (the int8-activation head): a pass over y by segments.
+void segments_of(const float* y, int64_t M, int64_t N, SegStats* st) {
+  const int64_t G = N / 16, S = (G + kStatGroups - 1) / kStatGroups;
+  at::parallel_for(0, S, 1, [&](int64_t s0, int64_t s1) {
+    for (int64_t s = s0; s < s1; ++s) {
+      const int64_t g0 = s * kStatGroups, g1 = std::min(G, g0 + kStatGroups);
+      for (int64_t m = 0; m < M; ++m) segment_stats(y + m * N + g0 * 16, g0 * 16, (g1 - g0) * 16, &st[m * S + s]);
+    }
+  });
+}
+
 // int8 activations (activation_bits = 8, both weight formats): each run of 32 rounded to int8 (scale amax / 127,
 // so each rounding is at most 1/254 of the run's largest |x|: what llama.cpp does to the activations of a Q4_1 or
 // Q8_0 product), and each block's integer dot product in vpdpbusd (u8 x s8, four products a lane: half the
@@ -920,6 +1018,36 @@ at::Tensor cpu_linear_q8_0x16(const at::Tensor& x, const at::Tensor& qweight, co
   });
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_linear_q8_0x16_stats(
+    const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& block_scale,
+    const std::optional<at::Tensor>& bias, int64_t activation_bits) {
+  // cpu_linear_q8_0x16's y, and each row's max [M] float32, logsumexp [M] float32 (max + log sum exp(y - max)),
+  // first argmax [M] int64 and finite [M] bool (every y of the row finite; where not, the other three are 0)
+  const int64_t N = check_x16("cpu_linear_q8_0x16_stats", x, qweight, at::kChar, {16, 16, 2}, block_scale,
+                              "block_scale", {16}, bias, activation_bits);
+  const int64_t M = x.size(0);
+  at::Tensor row_max = at::zeros({M}, x.options()), row_lse = at::zeros({M}, x.options());
+  at::Tensor row_arg = at::zeros({M}, x.options().dtype(at::kLong));
+  at::Tensor finite = at::zeros({M}, x.options().dtype(at::kBool));
+  at::Tensor y = x16_output(x, N, bias, [&](const float* xp, int64_t ldx, int64_t M, int64_t K, const float* b,
+                                            float* yp) {
+#ifdef BILD_X86
+    const int8_t* w = qweight.data_ptr<int8_t>();
+    const int64_t S = (N / 16 + kStatGroups - 1) / kStatGroups;
+    std::vector<SegStats> st(static_cast<size_t>(M * S));
+    if (activation_bits == 8) {
+      rows_all_x8<false>(xp, ldx, M, w, block_scale.data_ptr<float>(), K, N, b, yp);
+      segments_of(yp, M, N, st.data());
+    } else {
+      rows_all_q8_x16_stats(xp, ldx, M, w, block_scale.data_ptr<float>(), K, N, b, yp, st.data());
+    }
+    combine_segments(st.data(), M, S, row_max.data_ptr<float>(), row_lse.data_ptr<float>(),
+                     row_arg.data_ptr<int64_t>(), finite.data_ptr<bool>());
+#endif
+  });
+  return {y, row_max, row_lse, row_arg, finite};
+}
+
 // Which build of the kernels runs here: "avx512vl" (32 registers), "avx2", or "none" (no AVX2/FMA: the ops refuse).
 std::string cpu_linear_isa() {
 #ifdef BILD_X86
@@ -948,6 +1076,8 @@ TORCH_LIBRARY(bild_kernels_cpu, m) {
   m.def("cpu_linear_q4_1x16(Tensor x, Tensor qweight, Tensor dm, Tensor? bias, int activation_bits=16) -> Tensor");
   m.def("cpu_linear_q8_0x16(Tensor x, Tensor qweight, Tensor block_scale, Tensor? bias, int activation_bits=16) -> "
         "Tensor");
+  m.def("cpu_linear_q8_0x16_stats(Tensor x, Tensor qweight, Tensor block_scale, Tensor? bias, "
+        "int activation_bits=16) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("cpu_linear_q4_1x16_supported() -> bool", &bild::cpu_linear_q4_1x16_supported);
   m.def("cpu_linear_supported() -> bool", &bild::cpu_linear_supported);
   m.def("cpu_openmp() -> bool", &bild::cpu_openmp);
@@ -961,6 +1091,7 @@ TORCH_LIBRARY_IMPL(bild_kernels_cpu, CPU, m) {
   m.impl("cpu_linear_q4_1", &bild::cpu_linear_q4_1);
   m.impl("cpu_linear_q4_1x16", &bild::cpu_linear_q4_1x16);
   m.impl("cpu_linear_q8_0x16", &bild::cpu_linear_q8_0x16);
+  m.impl("cpu_linear_q8_0x16_stats", &bild::cpu_linear_q8_0x16_stats);
 }
 
 // The module is empty: importing bild_kernels._cpu runs the registrations above.

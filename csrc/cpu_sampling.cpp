@@ -344,7 +344,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_verify_draft(
     const at::Tensor& draft_ids, const at::Tensor& logits, int64_t mode, const at::Tensor& rollback_threshold,
     const std::optional<at::Tensor>& draft_probs, const at::Tensor& temperature, const at::Tensor& top_k,
-    const at::Tensor& top_p, const at::Tensor& seed, const at::Tensor& offset) {
+    const at::Tensor& top_p, const at::Tensor& seed, const at::Tensor& offset, const std::optional<at::Tensor>& row_max,
+    const std::optional<at::Tensor>& row_lse, const std::optional<at::Tensor>& row_argmax) {
   constexpr const char* op = "cpu_verify_draft";
   check_logits(op, logits, 3);
   const int64_t B = logits.size(0), K1 = logits.size(1), K = K1 - 1, V = logits.size(2);
@@ -361,6 +362,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_verif
                 op, ": mode 2 (sample) needs draft_probs, a contiguous float32 [", B, ", ", K, ", ", V, "] CPU tensor");
   }
   check_rows(op, "rollback_threshold", rollback_threshold, B, at::kFloat);
+  // row_max / row_lse / row_argmax [B, K + 1]: every position's statistics, given (a head product that took them,
+  // cpu_linear_q8_0x16_stats, of logits all finite) instead of read here; all three or none
+  const bool given = row_max.has_value();
+  TORCH_CHECK(given == row_lse.has_value() && given == row_argmax.has_value(), op,
+              ": row_max, row_lse and row_argmax go together (all three or none)");
+  if (given) {
+    for (const auto& [name, t, dtype] : {std::make_tuple("row_max", &*row_max, at::kFloat),
+                                          std::make_tuple("row_lse", &*row_lse, at::kFloat),
+                                          std::make_tuple("row_argmax", &*row_argmax, at::kLong)}) {
+      TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == dtype && t->dim() == 2 && t->size(0) == B &&
+                      t->size(1) == K1 && t->is_contiguous(),
+                  op, ": ", name, " must be a contiguous ", dtype, " [", B, ", ", K1, "] CPU tensor");
+    }
+  }
   check_sampling_rows(op, B, temperature, top_k, top_p, seed, offset);
   const auto f32 = logits.options();
   at::Tensor num_accepted = at::empty({B}, f32.dtype(at::kInt));
@@ -392,11 +407,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_verif
   }
   std::vector<RowStats> stats(static_cast<size_t>(B * K1));
   std::vector<char> finite(static_cast<size_t>(B * K1), 1);
-  at::parallel_for(0, B * K1, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      if (i % K1 <= drafted[i / K1]) finite[i] = row_stats(z + i * V, V, &stats[i]);  // positions past n: unread
+  if (given) {
+    const float* gm = row_max->data_ptr<float>();
+    const float* gl = row_lse->data_ptr<float>();
+    const int64_t* ga = row_argmax->data_ptr<int64_t>();
+    for (int64_t i = 0; i < B * K1; ++i) {
+      TORCH_CHECK(ga[i] >= 0 && ga[i] < V, op, ": row_argmax holds ", ga[i], ", outside the vocabulary [0, ", V, ")");
+      stats[i] = RowStats{gm[i], ga[i], gl[i]};
     }
-  });
+  } else {
+    at::parallel_for(0, B * K1, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        if (i % K1 <= drafted[i / K1]) finite[i] = row_stats(z + i * V, V, &stats[i]);  // positions past n: unread
+      }
+    });
+  }
   for (int64_t b = 0; b < B; ++b) {
     const int64_t* row = ids + b * K;
     const bool sampling = !(t[b] <= 0.0f);
@@ -546,8 +571,9 @@ TORCH_LIBRARY_FRAGMENT(bild_kernels_cpu, m) {
   m.def("cpu_sample_draft(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor seed, "
         "Tensor offset, Tensor fallback_threshold) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("cpu_verify_draft(Tensor draft_ids, Tensor logits, int mode, Tensor rollback_threshold, "
-        "Tensor? draft_probs, Tensor temperature, Tensor top_k, Tensor top_p, Tensor seed, Tensor offset) "
-        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "Tensor? draft_probs, Tensor temperature, Tensor top_k, Tensor top_p, Tensor seed, Tensor offset, "
+        "Tensor? row_max=None, Tensor? row_lse=None, Tensor? row_argmax=None) -> (Tensor, Tensor, Tensor, Tensor, "
+        "Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(bild_kernels_cpu, CPU, m) {

@@ -8,7 +8,7 @@ from bild_kernels._backend import cpu_extension, triton_available, triton_interp
 
 OPS = {"write_paged_kv", "reserve_paged_kv", "rollback_paged_kv", "gather_paged_kv", "sample_draft", "verify_draft"}
 CPU_OPS = {"cpu_linear", "cpu_linear_int8", "cpu_linear_q8_0", "cpu_linear_q4_1", "cpu_linear_q4_1x16",
-           "cpu_linear_q8_0x16", "cpu_decoder_layer", "cpu_rms_norm", "cpu_feature_input",
+           "cpu_linear_q8_0x16", "cpu_linear_q8_0x16_stats", "cpu_decoder_layer", "cpu_rms_norm", "cpu_feature_input",
            "cpu_feature_draft_chain"}  # CPU-only ops: the extension bild_kernels._cpu and a reference
 
 
@@ -22,6 +22,7 @@ def test_every_op_lists_its_backends():
     x16 = cpu_extension() is not None and torch.ops.bild_kernels_cpu.cpu_linear_q4_1x16_supported()
     assert ("cpu" in table["cpu_linear_q4_1x16"]["implemented"]) == x16  # only where the CPU has AVX-512 VNNI
     assert ("cpu" in table["cpu_linear_q8_0x16"]["implemented"]) == x16
+    assert ("cpu" in table["cpu_linear_q8_0x16_stats"]["implemented"]) == x16
 
 
 def test_cpu_ops_default_to_the_extension(monkeypatch):

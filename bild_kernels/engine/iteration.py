@@ -127,7 +127,10 @@ class Iteration(Drafting):
             kw["rollback_threshold"] = policy.thresholds()[1]
         if mode == "sample":
             kw["draft_probs"] = self._draft_probs(drafts, looked, K, target_logits)
-        res = ops.verify_draft(draft_ids.to(self.device, non_blocking=True), target_logits, mode, **kw)
+        # (the large model's head took its logits' statistics: verify_draft reads only the drafted tokens' logits)
+        stats = self.runners["large"].logit_stats(target_logits)
+        res = ops.verify_draft(draft_ids.to(self.device, non_blocking=True), target_logits, mode, target_stats=stats,
+                               **kw)
         # One host read (each .tolist() of a GPU tensor is a synchronisation) for the verdicts and the step's fault
         # flags of every model (noted while its passes ran, all before this point of the step): `step_faults`, for
         # the scheduler, which would otherwise read them again.

@@ -30,6 +30,7 @@ class ModelRunner:
         self.blocks = BlockManager(num_blocks, block_size, max_seqs, max_blocks_per_seq, device=self.device)
         # Rows whose logits held a NaN or inf since the engine last asked (numeric faults), on the device.
         self._nonfinite = torch.zeros(max_seqs, dtype=torch.bool, device=self.device)
+        self._stats = None  # (logits, their statistics) of the last extend whose head took them (logit_stats)
         self.static = None  # a StaticExtend for short passes (`use_static`), else every pass runs eagerly
 
     def use_static(self, max_batch_size: int, max_tokens: int, *, capture: bool) -> None:
@@ -55,12 +56,20 @@ class ModelRunner:
     def check_invariants(self) -> None:
         self.blocks.check_invariants()
 
-    def screen_logits(self, rows: list[int], logits: torch.Tensor) -> torch.Tensor:
+    def screen_logits(self, rows: list[int], logits: torch.Tensor, stats: list | None = None) -> torch.Tensor:
         """Zero (in place) the logits [n, K1, V] of every row with a NaN or inf among them, and note the row.
 
         The engine ends those requests with an error after the step; zeros keep the sampling and
         verification ops of the step well defined for them meanwhile. No host sync here.
+        stats: the head's [max, lse, argmax, finite] of the logits' n * K1 positions (`LlamaExecutor.head_logits`
+        where it took them): when every position is finite nothing is read, and `logit_stats` hands the first
+        three to the step's verification.
         """
+        self._stats = None
+        if stats is not None and bool(stats[3].all()):
+            n, K1 = logits.shape[:2]
+            self._stats = (logits, tuple(t.view(n, K1) for t in stats[:3]))
+            return logits
         # on a CPU reading is free: the sum of every logit is finite exactly when none is NaN or infinite (a sum
         # that overflows, or a legitimate -inf logit, only takes the long way), and then nothing more is done. One
         # reduction of the whole tensor: ~4x faster there than the row maxima below (torch splits a reduction
@@ -72,6 +81,11 @@ class ModelRunner:
         logits.masked_fill_(bad[:, None, None], 0.0)
         self.note_nonfinite(rows, bad)
         return logits
+
+    def logit_stats(self, logits: torch.Tensor) -> tuple | None:
+        """(row_max, row_lse, row_argmax) [n, K1] of `logits`, the last `extend`'s, where its head took them and
+        every logit was finite (`verify_draft`'s target_stats); else None."""
+        return self._stats[1] if self._stats is not None and self._stats[0] is logits else None
 
     def note_nonfinite(self, rows: list[int], bad: torch.Tensor) -> None:
         """Note rows[i] as faulty where bad[i] (a device bool tensor; no host sync)."""
@@ -126,7 +140,10 @@ class ModelRunner:
         indices = None if last == list(range(qsl[-1])) else to_device(last, torch.int64, dev)
         out = self.executor.forward(input_ids, meta, self.kv_caches, hidden_states=embeds, logits_indices=indices,
                                     return_hidden=return_hidden, full_vocab=full_vocab)
-        logits = self.screen_logits(rows, (out[0] if return_hidden else out).view(len(rows), K1, -1))
+        flat = out[0] if return_hidden else out
+        took = getattr(self.executor, "last_head_stats", None)  # (logits, stats) where the head took them
+        logits = self.screen_logits(rows, flat.view(len(rows), K1, -1),
+                                    took[1] if took is not None and took[0] is flat else None)
         if not return_hidden:
             return logits
         return logits, [out[1]] if len(counts) == 1 else list(out[1].split(counts))

@@ -142,6 +142,10 @@ class LlamaExecutor:
         # RMSNorm in one call of the CPU extension (float32 on a CPU): ~5 PyTorch ops' dispatches saved a call
         self._norm_op = self._cpu_op("cpu_rms_norm")
         self.head_blocks = None  # "q8_0" / "q8_0x16" / "q8_0x16i8" once use_q8_0_head took a GGUF's blocks
+        # the head's product with its rows' statistics (use_q8_0_head's integer-activation blocks:
+        # cpu_linear_q8_0x16_stats), and (logits, [max, lse, argmax, finite]) of the last head_logits that took them
+        self._head_stats = None
+        self.last_head_stats = None
         # how the fused CPU layer's packed (5-D) weights round the activations (cpu_decoder_layer's activation_bits)
         self.activation_bits = 16
 
@@ -208,6 +212,9 @@ class LlamaExecutor:
             q, d = q8_0x16_pack(q, d)
             bits = _ACTIVATION_BITS[activations]
             native = lambda x, w, bias: fn(x, q, d, bias, bits)  # noqa: E731
+            stats = resolve("cpu_linear_q8_0x16_stats", self.device, None)
+            if stats is registered("cpu_linear_q8_0x16_stats", "cpu"):
+                self._head_stats = lambda x: stats(x, q, d, None, bits)  # noqa: E731
         else:
             native = lambda x, w, bias: fn(x, q, d, bias)  # noqa: E731
         # _linear's own rule picks the small-M kernel; for the head that kernel reads the blocks instead of lm_head.
@@ -326,7 +333,7 @@ class LlamaExecutor:
         if self.dtype == torch.float32:
             int8_fp32 = resolve("cpu_linear_int8", self.device, "ref" if self.backend == "ref" else None)
         self._linear = functools.partial(_linear, native=None, int8_fp32=int8_fp32)
-        self._head_linear, self.head_blocks = self._linear, None
+        self._head_linear, self.head_blocks, self._head_stats = self._linear, None, None
         self._head_args = self._native_args(self.lm_head, None)
         self._fused = self._fused_layer()
         self.activation_bits = 16  # what the packed int8 weights take (not a GGUF option's int8)
@@ -350,7 +357,7 @@ class LlamaExecutor:
             return
         for w in self.layers:
             w.blocks = {n: int8_x16(getattr(w, n)) for n in ("qkv", "o", "gate_up", "down")}
-        self._head_linear = self._packed_product(self.lm_head)
+        self._head_linear, self._head_stats = self._packed_product(self.lm_head), None
         self._head_args = (*self._head_linear.keywords["packed"], None)
         self.head_blocks = "int8x16"
 
@@ -437,7 +444,14 @@ class LlamaExecutor:
     def head_logits(self, hidden: torch.Tensor, *, full_vocab: bool = True) -> torch.Tensor:
         """The logits of rows of the stream before the final norm (forward's `hidden`): the final norm, then the
         head (over the whole vocabulary, -inf outside a reduced head's, unless full_vocab=False)."""
-        logits = self._head_linear(self._rms_norm(hidden, self.norm), self.lm_head)
+        x = self._rms_norm(hidden, self.norm)
+        self.last_head_stats = None
+        if self._head_stats is not None and x.dim() == 2 and 1 <= x.shape[0] <= CPU_LINEAR_MAX_ROWS \
+                and x.dtype == torch.float32:  # (the rows _head_linear's blocks serve; head_vocab is None here)
+            logits, *stats = self._head_stats(x.contiguous())
+            self.last_head_stats = (logits, stats)
+            return logits
+        logits = self._head_linear(x, self.lm_head)
         if self.head_vocab is not None and full_vocab:
             full = logits.new_full((logits.shape[0], self.config.vocab_size), float("-inf"))
             logits = full.index_copy_(1, self.head_vocab, logits)

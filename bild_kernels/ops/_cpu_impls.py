@@ -36,6 +36,13 @@ def _cpu_linear_q8_0x16_fake(x, qweight, block_scale, bias, activation_bits=16):
     return x.new_empty((x.shape[0], qweight.shape[0] * 16))
 
 
+@torch.library.register_fake("bild_kernels_cpu::cpu_linear_q8_0x16_stats")
+def _cpu_linear_q8_0x16_stats_fake(x, qweight, block_scale, bias, activation_bits=16):
+    M = x.shape[0]
+    return (x.new_empty((M, qweight.shape[0] * 16)), x.new_empty((M,)), x.new_empty((M,)),
+            x.new_empty((M,), dtype=torch.int64), x.new_empty((M,), dtype=torch.bool))
+
+
 @torch.library.register_fake("bild_kernels_cpu::paged_attention")
 def _paged_attention_fake(query, key_cache, value_cache, query_start_loc, positions, block_tables, context_lens,
                           scale, sliding_window):
@@ -76,6 +83,7 @@ for _op in CPU_EXTENSION_OPS:
 if torch.ops.bild_kernels_cpu.cpu_linear_q4_1x16_supported():  # AVX-512 VNNI: else the reference alone
     register("cpu_linear_q4_1x16", "cpu", torch.ops.bild_kernels_cpu.cpu_linear_q4_1x16)
     register("cpu_linear_q8_0x16", "cpu", torch.ops.bild_kernels_cpu.cpu_linear_q8_0x16)
+    register("cpu_linear_q8_0x16_stats", "cpu", torch.ops.bild_kernels_cpu.cpu_linear_q8_0x16_stats)
 
 
 # sample_draft and verify_draft: csrc/cpu_sampling.cpp computes calls over finite logits, greedy and sampling rows
@@ -92,7 +100,7 @@ def _cpu_sample_draft_fake(logits, temperature, top_k, top_p, seed, offset, fall
 
 @torch.library.register_fake("bild_kernels_cpu::cpu_verify_draft")
 def _cpu_verify_draft_fake(draft_ids, logits, mode, rollback_threshold, draft_probs, temperature, top_k, top_p, seed,
-                           offset):
+                           offset, row_max=None, row_lse=None, row_argmax=None):
     B, K1, _ = logits.shape
     return (logits.new_empty((B,), dtype=torch.int32), logits.new_empty((B, K1), dtype=torch.int64),
             logits.new_empty((B, K1 - 1), dtype=torch.float32), logits.new_empty((B, K1), dtype=torch.float32),
@@ -114,13 +122,16 @@ def cpu_sample_draft(logits, temperature, top_k, top_p, seed, offset, fallback_t
 
 
 def cpu_verify_draft(draft_ids, target_logits, mode, rollback_threshold, draft_probs, temperature, top_k, top_p,
-                     seed, offset):
+                     seed, offset, target_stats=None):
+    """target_stats: (row_max, row_lse, row_argmax) [B, K+1] of float32 target_logits, used instead of a pass over
+    them (`verify_draft`'s); ignored where the reference runs."""
     if target_logits.dtype != torch.float64:
         # draft_probs read in float32, as the reference reads them against float32 logits
         probs = draft_probs.to(torch.float32).contiguous() if mode == R.MODE_SAMPLE else None
+        given = target_stats if target_stats is not None and target_logits.dtype == torch.float32 else (None,) * 3
         *out, handled = torch.ops.bild_kernels_cpu.cpu_verify_draft(
             draft_ids, _as_f32(target_logits).contiguous(), mode, rollback_threshold, probs, temperature, top_k,
-            top_p, seed, offset)
+            top_p, seed, offset, *given)
         if handled:
             return tuple(out)
     return R.verify_draft_ref(draft_ids, target_logits, mode, rollback_threshold, draft_probs, temperature, top_k,

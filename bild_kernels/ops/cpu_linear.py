@@ -3,7 +3,8 @@ cpu_linear_int8: the same with int8 weights and a per-row scale, any number of r
 cpu_linear_q8_0 / cpu_linear_q4_1: a GGUF's Q8_0 / Q4_1 blocks (the default large model's head / layers), each
 weight rebuilt exactly, so the same bits as cpu_linear on the float32 weights they stand for;
 cpu_linear_q4_1x16 / cpu_linear_q8_0x16: those blocks repacked, against activations rounded to int16 or int8
-(integer dot products).
+(integer dot products); cpu_linear_q8_0x16_stats: the latter with each output row's max, logsumexp, argmax and
+finite flag (an LM head's verification statistics).
 
 A CPU decode step is memory-bound: it reads every weight once. A verify pass over k + 1 tokens should cost
 the same, but library small-M matmuls may not manage it (MKL on an AMD EPYC costs about M times one row
@@ -12,6 +13,8 @@ time (more rows in chunks of 8, the weights then coming from cache), and gives a
 whatever M or the row's position (batch invariance); "ref" is F.linear.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -127,6 +130,27 @@ def cpu_linear_q8_0x16(x, qweight, block_scale, bias=None, *, activation_bits: i
                activation_bits)
     fn = resolve("cpu_linear_q8_0x16", x.device, backend)
     return fn(x, qweight, block_scale.contiguous(), None if bias is None else bias.contiguous(), activation_bits)
+
+
+class LinearStats(NamedTuple):
+    y: torch.Tensor  # [M, N] float32, cpu_linear_q8_0x16's product
+    row_max: torch.Tensor  # [M] float32
+    row_lse: torch.Tensor  # [M] float32, logsumexp of the row
+    row_argmax: torch.Tensor  # [M] int64, first index of the max
+    finite: torch.Tensor  # [M] bool: every y of the row finite (else the three above are 0)
+
+
+def cpu_linear_q8_0x16_stats(x, qweight, block_scale, bias=None, *, activation_bits: int = 16,
+                             backend: str | None = None) -> LinearStats:
+    """`cpu_linear_q8_0x16` (the same y, bit for bit) and each output row's max, logsumexp, first argmax and whether
+    all of it is finite: what a verification and a non-finite screen read from an LM head's logits, taken while the
+    head's product still has them in cache (the "cpu" backend: segment by segment, each by the thread that wrote
+    it; `reference.cpu_linear_q8_0x16_stats_ref` is the definition, float32 rounding apart for the logsumexp)."""
+    _check_x16("cpu_linear_q8_0x16_stats", x, qweight, torch.int8, (16, 16, 2), block_scale, "block_scale", (16,),
+               bias, activation_bits)
+    fn = resolve("cpu_linear_q8_0x16_stats", x.device, backend)
+    return LinearStats(*fn(x, qweight, block_scale.contiguous(), None if bias is None else bias.contiguous(),
+                           activation_bits))
 
 
 def cpu_linear_int8(x, qweight, scale, bias=None, *, backend: str | None = None) -> torch.Tensor:

@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 import torch
 
-from bild_kernels._backend import resolve
+from bild_kernels._backend import registered, resolve
 from bild_kernels.ops import _validate as v
 from bild_kernels.ops.sampling import call_with_rows, row_kinds, sampling_params
 from bild_kernels.reference import MODES
@@ -28,7 +28,7 @@ class VerifyResult(NamedTuple):
 
 def verify_draft(draft_ids, target_logits, mode: str = "greedy", *, rollback_threshold=None, draft_probs=None,
                  temperature=None, top_k=None, top_p=None, seed=None, offset=None, sampled: bool | None = None,
-                 filtered: bool | None = None, backend: str | None = None) -> VerifyResult:
+                 filtered: bool | None = None, target_stats=None, backend: str | None = None) -> VerifyResult:
     """Accept a prefix of each row's draft and emit the large model's next token.
 
     Parameters
@@ -44,7 +44,12 @@ def verify_draft(draft_ids, target_logits, mode: str = "greedy", *, rollback_thr
     sampled, filtered : whether some row samples (temperature > 0) / samples with top-k or top-p, where the caller
         knows it on the host (as in `sample_draft`: None is known for numbers, else assumed; a False lets the CUDA
         backend skip the kernels only those rows need, checked unless value checks are off).
-    backend : "cuda" | "triton" | "ref" | None (automatic).
+    target_stats : None, or (row_max, row_lse, row_argmax) [B, K+1] (float32, float32, int64) of float32
+        target_logits: each position's max, logsumexp and first argmax, as an LM head that took them gives them
+        (`cpu_linear_q8_0x16_stats`, every logit finite). Trusted, not checked against the logits: the "cpu"
+        backend then reads only the drafted tokens' logits instead of every position's whole row; the others
+        compute their own.
+    backend : "cuda" | "triton" | "cpu" | "ref" | None (automatic).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
@@ -82,7 +87,29 @@ def verify_draft(draft_ids, target_logits, mode: str = "greedy", *, rollback_thr
         draft_probs = draft_probs.contiguous()
     elif draft_probs is not None:
         raise ValueError(f"draft_probs is only used by mode='sample', not {mode!r}")
+    if target_stats is not None:
+        target_stats = _check_stats(target_stats, target_logits)
     fn = resolve("verify_draft", dev, backend)
     args = (draft_ids.to(torch.int64).contiguous(), target_logits.contiguous(), MODES[mode], rollback_threshold,
             draft_probs, temperature, top_k, top_p, seed, offset)
+    if target_stats is not None and fn is registered("verify_draft", "cpu"):
+        return VerifyResult(*fn(*args, target_stats=target_stats))
     return VerifyResult(*call_with_rows("verify_draft", fn, args, rows))
+
+
+def _check_stats(stats, target_logits) -> tuple:
+    """verify_draft's target_stats: three [B, K+1] tensors on the logits' device, made contiguous."""
+    B, K1, V = target_logits.shape
+    if not isinstance(stats, (tuple, list)) or len(stats) != 3:
+        raise TypeError("target_stats must be a tuple (row_max, row_lse, row_argmax)")
+    if target_logits.dtype != torch.float32:
+        raise ValueError(f"target_stats needs float32 target_logits, got {target_logits.dtype}")
+    out = []
+    for name, t, dtype in zip(("row_max", "row_lse", "row_argmax"), stats,
+                              (torch.float32, torch.float32, torch.int64)):
+        v.tensor(f"target_stats' {name}", t, dtypes=(dtype,), ndim=2, device=target_logits.device)
+        v.shape(f"target_stats' {name}", t, (B, K1))
+        out.append(t.contiguous())
+    if not v.skip_value_checks() and out[2].numel() and bool(((out[2] < 0) | (out[2] >= V)).any()):
+        raise ValueError(f"target_stats' row_argmax holds ids outside the vocabulary [0, {V})")
+    return tuple(out)

@@ -182,3 +182,38 @@ def test_the_head_takes_q8_0_blocks_for_int16_activations():
     odd.lm_head = w.contiguous()
     assert not odd.use_q8_0_head(q, d, "int16")  # 97 rows: not 16 a register
     assert odd.use_q8_0_head(q, d) and odd.head_blocks == "q8_0"
+
+
+@needs_x16
+def test_the_heads_statistics_reach_the_verification_and_skip_the_screen():
+    """An int16-activation Q8_0 head takes its logits' statistics (cpu_linear_q8_0x16_stats): the runner hands them
+    to `verify_draft` (`logit_stats`) for the logits of its last extend only, and only while every logit is finite;
+    a pass with a non-finite logit takes the screen's way (zeroed row, noted) and hands none."""
+    from bild_kernels import ops
+    from bild_kernels.engine.runner import ModelRunner
+    ex, _ = load_model(tiny_llama(0, 1, hidden=64, vocab=112, dtype=torch.float32), dtype="float32")
+    q, d, w = _q8_0_of(ex.lm_head)
+    ex.lm_head = w.contiguous()
+    assert ex.use_q8_0_head(q, d, "int16") and ex._head_stats is not None
+    runner = ModelRunner(ex, num_blocks=64, block_size=4, max_seqs=2, max_blocks_per_seq=16)
+    runner.add(0)
+    runner.add(1)
+    toks = torch.randint(0, 112, (30,), generator=torch.Generator().manual_seed(2)).tolist()
+    first = runner.extend([0, 1], [toks[:9], toks[9:14]], [1, 1])
+    assert runner.logit_stats(first) is not None
+    logits = runner.extend([0, 1], [toks[14:18], toks[18:20]], [4, 2])  # [2, 4, V], row 1 padded by repeats
+    assert runner.logit_stats(first) is None  # an earlier extend's logits: none
+    mx, lse, arg = runner.logit_stats(logits)
+    want = R.logit_row_stats_ref(logits.reshape(8, 112))
+    assert mx.shape == (2, 4) and torch.equal(mx.flatten(), want[0]) and torch.equal(arg.flatten(), want[2])
+    torch.testing.assert_close(lse.flatten(), want[1], rtol=1e-6, atol=1e-6)
+    draft = torch.tensor([[int(arg[0, 0]), int(arg[0, 1]), 5], [int(arg[1, 0]), -1, -1]])
+    with_stats = ops.verify_draft(draft, logits, "bild", rollback_threshold=2.0, target_stats=(mx, lse, arg))
+    without = ops.verify_draft(draft, logits, "bild", rollback_threshold=2.0)
+    assert torch.equal(with_stats.output_ids, without.output_ids)
+    assert torch.equal(with_stats.num_accepted, without.num_accepted) and with_stats.num_accepted[0] >= 2
+    torch.testing.assert_close(with_stats.distances, without.distances, rtol=1e-5, atol=1e-5)
+    runner.executor._head_stats = lambda x: (lambda r: (r[0], r[1], r[2], r[3], r[4] & False))(
+        torch.ops.bild_kernels_cpu.cpu_linear_q8_0x16_stats(x, *R.q8_0x16_pack(q, d), None, 16))  # "not finite"
+    again = runner.extend([0], [toks[20:22]], [2])
+    assert runner.logit_stats(again) is None  # the screen's way: the flags said a logit was not finite

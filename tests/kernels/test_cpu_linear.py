@@ -7,7 +7,7 @@ import torch
 from bild_kernels import reference as R
 from bild_kernels._backend import cpu_extension
 from bild_kernels.ops.cpu_linear import (MAX_ROWS, cpu_linear, cpu_linear_int8, cpu_linear_q4_1, cpu_linear_q4_1x16,
-                                        cpu_linear_q8_0, cpu_linear_q8_0x16)
+                                        cpu_linear_q8_0, cpu_linear_q8_0x16, cpu_linear_q8_0x16_stats)
 
 needs_ext = pytest.mark.skipif(cpu_extension() is None,
                                reason="bild_kernels._cpu not built, or this CPU lacks AVX2/FMA")
@@ -630,3 +630,83 @@ def test_cpu_linear_q8_0x16_bad_input(change, exc, match):
     args.update(change)
     with pytest.raises(exc, match=match):
         cpu_linear_q8_0x16(args["x"], args["q"], args["d"], args["bias"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# cpu_linear_q8_0x16_stats: the head's product with its rows' max, logsumexp, argmax and finite flag
+# ---------------------------------------------------------------------------------------------------
+@needs_x16
+@pytest.mark.parametrize("N, K", [(16, 32), (1120, 64), (8192, 576)])  # one partial segment; 1 + a part; 8 whole
+@pytest.mark.parametrize("bits", [16, 8])
+def test_cpu_linear_q8_0x16_stats_is_the_product_and_its_rows_statistics(N, K, bits):
+    q, d, packed, d16 = _q8_0x16_case(N, K, seed=1)
+    x = torch.randn(11, K, generator=torch.Generator().manual_seed(2))
+    bias = torch.randn(N, generator=torch.Generator().manual_seed(3))
+    for M in (1, 3, 8, 11):
+        got = cpu_linear_q8_0x16_stats(x[:M], packed, d16, bias, activation_bits=bits, backend="cpu")
+        y = cpu_linear_q8_0x16(x[:M], packed, d16, bias, activation_bits=bits, backend="cpu")
+        assert torch.equal(got.y, y)  # the same product, bit for bit
+        mx, lse, arg, fin = R.logit_row_stats_ref(y)
+        assert fin.all() and got.finite.dtype == torch.bool and bool(got.finite.all())
+        assert torch.equal(got.row_max, mx) and torch.equal(got.row_argmax, arg)
+        torch.testing.assert_close(got.row_lse, lse, rtol=2e-6, atol=2e-6)
+        want = R.cpu_linear_q8_0x16_stats_ref(x[:M], packed, d16, bias, bits)
+        ref = cpu_linear_q8_0x16_stats(x[:M], packed, d16, bias, activation_bits=bits, backend="ref")
+        assert all(torch.equal(a, b) for a, b in zip(ref, want))
+        torch.testing.assert_close(got.row_lse, want[2], rtol=1e-5, atol=1e-5)
+        assert torch.equal(got.row_argmax, want[3])
+
+
+@needs_x16
+def test_cpu_linear_q8_0x16_stats_argmax_is_the_first_of_tied_maxima():
+    q, d, packed, d16 = _q8_0x16_case(2048, 64, seed=4)
+    for i in (1500, 1999):  # equal output rows, in other segments than row 3's
+        q[i], d[i] = q[3], d[3]
+    packed, d16 = R.q8_0x16_pack(q, d)
+    bias = torch.zeros(2048)
+    bias[[3, 1500, 1999]] = 1e4  # the max of every row, tied three ways
+    got = cpu_linear_q8_0x16_stats(torch.randn(5, 64), packed, d16, bias, backend="cpu")
+    assert got.row_argmax.tolist() == [3] * 5
+    torch.testing.assert_close(got.row_lse, got.row_max + torch.log(torch.tensor(3.0)), rtol=0, atol=1e-3)
+
+
+@needs_x16
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_cpu_linear_q8_0x16_stats_flags_rows_with_a_logit_that_is_not_finite(bad):
+    _, _, packed, d16 = _q8_0x16_case(2048, 64)
+    x = torch.randn(3, 64)
+    assert cpu_linear_q8_0x16_stats(x, packed, d16, backend="cpu").finite.tolist() == [True] * 3
+    for col in (0, 1100, 2047):  # one logit of every row, in the first, a middle or the last segment
+        bias = torch.zeros(2048)
+        bias[col] = bad
+        got = cpu_linear_q8_0x16_stats(x, packed, d16, bias, backend="cpu")
+        assert got.finite.tolist() == [False] * 3
+        assert not got.row_max.any() and not got.row_lse.any() and not got.row_argmax.any()
+        ref = cpu_linear_q8_0x16_stats(x, packed, d16, bias, backend="ref")
+        assert ref.finite.tolist() == [False] * 3 and not ref.row_argmax.any()
+
+
+@needs_x16
+def test_cpu_linear_q8_0x16_stats_thread_invariant_and_fake_impl():
+    _, _, packed, d16 = _q8_0x16_case(4096, 576)
+    x = torch.randn(4, 576)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu_linear_q8_0x16_stats(x, packed, d16, backend="cpu")
+        torch.set_num_threads(max(2, before))
+        many = cpu_linear_q8_0x16_stats(x, packed, d16, backend="cpu")
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for a, b in zip(one, many))
+    torch.library.opcheck(torch.ops.bild_kernels_cpu.cpu_linear_q8_0x16_stats, (x, packed, d16, None, 16),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_cpu_linear_q8_0x16_stats_bad_input():
+    with pytest.raises(ValueError, match="not a multiple of 32"):
+        cpu_linear_q8_0x16_stats(torch.randn(2, 40), torch.zeros(2, 2, 16, 16, 2, dtype=torch.int8),
+                                 torch.rand(2, 2, 16))
+    with pytest.raises(ValueError, match="activation_bits must be 8 or 16"):
+        cpu_linear_q8_0x16_stats(torch.randn(2, 64), torch.zeros(2, 2, 16, 16, 2, dtype=torch.int8),
+                                 torch.rand(2, 2, 16), activation_bits=4)

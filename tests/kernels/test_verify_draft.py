@@ -314,6 +314,54 @@ def test_verify_draft_cpu_kernel_handles_every_mode():
         op(draft_ids, z, 3, thr, None, t, k, p, seed, offset)
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("B, K, V", [(1, 0, 111), (7, 4, 1001), (3, 3, 49152)])
+def test_verify_draft_with_given_target_stats_matches_reference(mode, B, K, V):
+    """target_stats (each position's max, logsumexp and argmax, as the large model's head gives them with
+    cpu_linear_q8_0x16_stats): the CPU backend reads only the drafted tokens' logits and gives the reference's
+    verdicts; the reference ignores them. Greedy and sampling rows alike (sampling rows compute their own q)."""
+    from bild_kernels._backend import cpu_extension
+    draft_ids, z, probs, params = make_case(B, K, V, "cpu")
+    mx, lse, arg, fin = R.logit_row_stats_ref(z.view(B * (K + 1), V))
+    assert bool(fin.all())
+    stats = (mx.view(B, K + 1), lse.view(B, K + 1), arg.view(B, K + 1))
+    kw = dict(params)
+    if mode != "bild":
+        kw.pop("rollback_threshold")
+    dp = probs if mode == "sample" else None
+    want = R.verify_draft_ref(draft_ids, z, mode, params["rollback_threshold"], dp, params["temperature"],
+                              params["top_k"], params["top_p"], params["seed"], params["offset"])
+    for backend in (["cpu"] if cpu_extension() is not None else []) + ["ref"]:
+        got = ops.verify_draft(draft_ids, z, mode, draft_probs=dp, target_stats=stats, backend=backend, **kw)
+        assert torch.equal(got.num_accepted, want[0]) and torch.equal(got.output_ids, want[1])
+        torch.testing.assert_close(got.distances, want[2], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got.target_probs, want[3], atol=1e-6, rtol=1e-5)
+    if cpu_extension() is not None and K:  # the given statistics are what the CPU backend uses: a wrong argmax shows
+        liar = (stats[0], stats[1], (stats[2] + 1) % V)
+        got = ops.verify_draft(draft_ids, z, "greedy", target_stats=liar, backend="cpu", **{
+            k: v for k, v in params.items() if k != "rollback_threshold"})
+        at = got.num_accepted.long()
+        greedy = params["temperature"] <= 0  # (a sampling row draws its own token)
+        emitted = got.output_ids[torch.arange(B), at][greedy]
+        assert greedy.any() and torch.equal(emitted, liar[2][torch.arange(B), at][greedy])
+
+
+@pytest.mark.parametrize("stats, exc, match", [
+    (lambda s: s[:2], TypeError, "target_stats must be a tuple"),
+    (lambda s: (s[0].double(), s[1], s[2]), TypeError, "row_max"),
+    (lambda s: (s[0], s[1][:, :1], s[2]), ValueError, "row_lse"),
+    (lambda s: (s[0], s[1], s[2] + 10_000), ValueError, "row_argmax holds ids outside the vocabulary"),
+])
+def test_verify_draft_bad_target_stats(stats, exc, match):
+    draft_ids, z, _, params = make_case(2, 3, 111, "cpu")
+    mx, lse, arg, _ = R.logit_row_stats_ref(z.view(8, 111))
+    good = (mx.view(2, 4), lse.view(2, 4), arg.view(2, 4))
+    with pytest.raises(exc, match=match):
+        ops.verify_draft(draft_ids, z, "greedy", target_stats=stats(good))
+    with pytest.raises(ValueError, match="needs float32 target_logits"):
+        ops.verify_draft(draft_ids, z.double(), "greedy", target_stats=good)
+
+
 def test_verify_draft_cpu_kernel_is_thread_invariant():
     """The CPU kernel computes its positions' statistics on torch's threads: the same outputs, bit for bit, on one
     thread or several, and a non-finite logit past a row's drafted positions is never read."""
