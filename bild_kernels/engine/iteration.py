@@ -6,6 +6,7 @@ The loop is described at the top of `bild_kernels/engine/engine.py`.
 """
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -127,10 +128,16 @@ class Iteration(Drafting):
             kw["rollback_threshold"] = policy.thresholds()[1]
         if mode == "sample":
             kw["draft_probs"] = self._draft_probs(drafts, looked, K, target_logits)
-        # (the large model's head took its logits' statistics: verify_draft reads only the drafted tokens' logits)
+        # (the large model's head took its logits' statistics: verify_draft reads only the drafted tokens' logits;
+        # on the CPU backend, with the engine's own inputs unchecked, unless a backend is forced)
         stats = self.runners["large"].logit_stats(target_logits)
-        res = ops.verify_draft(draft_ids.to(self.device, non_blocking=True), target_logits, mode, target_stats=stats,
-                               **kw)
+        if stats is not None and mode != "sample" and not os.environ.get("BILD_BACKEND"):
+            res = ops.verify_draft_cpu_trusted(draft_ids, target_logits, mode, kw.get("rollback_threshold"),
+                                               kw["temperature"], kw["top_k"], kw["top_p"], kw["seed"], kw["offset"],
+                                               stats)
+        else:
+            res = ops.verify_draft(draft_ids.to(self.device, non_blocking=True), target_logits, mode,
+                                   target_stats=stats, **kw)
         # One host read (each .tolist() of a GPU tensor is a synchronisation) for the verdicts and the step's fault
         # flags of every model (noted while its passes ran, all before this point of the step): `step_faults`, for
         # the scheduler, which would otherwise read them again.

@@ -97,6 +97,22 @@ def verify_draft(draft_ids, target_logits, mode: str = "greedy", *, rollback_thr
     return VerifyResult(*call_with_rows("verify_draft", fn, args, rows))
 
 
+def verify_draft_cpu_trusted(draft_ids, target_logits, mode: str, rollback_threshold: float | None, temperature,
+                             top_k, top_p, seed, offset, target_stats) -> VerifyResult:
+    """`verify_draft` on the CPU backend for an engine's own inputs, none of them checked (the engine built them):
+    draft_ids [B, K] int64 (contiguous, -1 padded), float32 target_logits [B, K+1, V] with their target_stats
+    (as `verify_draft` takes them), mode "greedy" or "bild" (rollback_threshold a number for "bild"), the sampling
+    parameters as [B] CPU tensors (float32, int32, float32, int64, int64). What a CPU engine step calls after the
+    large model's head took its logits' statistics: the argument checks, the backend's resolution and the tensors
+    built from numbers cost ~0.1 ms there, run cold after the forward."""
+    B = target_logits.shape[0]
+    thr = (torch.full((B,), float(rollback_threshold), dtype=torch.float32) if mode == "bild"
+           else _zeros(B, target_logits.device))
+    fn = registered("verify_draft", "cpu")
+    return VerifyResult(*fn(draft_ids, target_logits, MODES[mode], thr, None, temperature, top_k, top_p, seed, offset,
+                            target_stats=target_stats))
+
+
 def _check_stats(stats, target_logits) -> tuple:
     """verify_draft's target_stats: three [B, K+1] tensors on the logits' device, made contiguous."""
     B, K1, V = target_logits.shape

@@ -346,6 +346,28 @@ def test_verify_draft_with_given_target_stats_matches_reference(mode, B, K, V):
         assert greedy.any() and torch.equal(emitted, liar[2][torch.arange(B), at][greedy])
 
 
+@pytest.mark.parametrize("mode", ["greedy", "bild"])
+@pytest.mark.parametrize("B, K, V", [(1, 0, 111), (7, 4, 1001)])
+def test_verify_draft_cpu_trusted_is_verify_draft(mode, B, K, V):
+    """The engine's unchecked CPU call (`ops.verify_draft_cpu_trusted`) gives verify_draft's results, greedy and
+    sampling rows alike."""
+    from bild_kernels._backend import cpu_extension
+    if cpu_extension() is None:
+        pytest.skip("bild_kernels._cpu was not built or needs AVX2/FMA")
+    draft_ids, z, _, params = make_case(B, K, V, "cpu")
+    mx, lse, arg, _ = R.logit_row_stats_ref(z.view(B * (K + 1), V))
+    stats = (mx.view(B, K + 1), lse.view(B, K + 1), arg.view(B, K + 1))
+    p = dict(params, top_k=params["top_k"].int())
+    thr = 2.5 if mode == "bild" else None
+    got = ops.verify_draft_cpu_trusted(draft_ids, z, mode, thr, p["temperature"], p["top_k"], p["top_p"], p["seed"],
+                                       p["offset"], stats)
+    kw = {k: v for k, v in p.items() if k != "rollback_threshold"}
+    want = ops.verify_draft(draft_ids, z, mode, rollback_threshold=thr, backend="ref", **kw)
+    assert torch.equal(got.num_accepted, want.num_accepted) and torch.equal(got.output_ids, want.output_ids)
+    torch.testing.assert_close(got.distances, want.distances, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.target_probs, want.target_probs, atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("stats, exc, match", [
     (lambda s: s[:2], TypeError, "target_stats must be a tuple"),
     (lambda s: (s[0].double(), s[1], s[2]), TypeError, "row_max"),
