@@ -328,8 +328,7 @@ def cmd_eval(args) -> int:
         from bild_kernels.hf import check_assistant
         check_assistant(args.small)
     engine = _engine(args, max_batch_size=max(args.batch, 1), max_model_len=1024)
-    prompt_set = getattr(args, "prompt_set", "held-out")  # (bild bench: the held-out set)
-    prompts = _eval_prompts(engine, args.prompts, prompt_set)
+    prompts = _eval_prompts(engine, args.prompts, args.prompt_set)
     policies = _eval_policies(args, engine)
     interleave = not args.sequential
     bar = _progress(eval_runs(len(prompts), len(policies), batch=args.batch, interleave=interleave,
@@ -344,10 +343,10 @@ def cmd_eval(args) -> int:
             "acceptance", "mean_accepted", "passes_per_token", "fallbacks", "rollbacks", "draft_s", "verify_s",
             "overhead_s", "ttft_ms", "decode_speedup"]
     print(format_table(rows, cols))
-    _write_csv(args.out, rows, {**_run_info(engine), "repeat": args.repeat, "prompt_set": prompt_set})
+    _write_csv(args.out, rows, {**_run_info(engine), "repeat": args.repeat, "prompt_set": args.prompt_set})
     if args.plot:
         plot_tradeoff(rows[1:], args.plot,
-                      title=f"BiLD trade-off on {len(prompts)} {prompt_set} prompts, batch {args.batch}")
+                      title=f"BiLD trade-off on {len(prompts)} {args.prompt_set} prompts, batch {args.batch}")
         print(f"plot written to {args.plot}", file=sys.stderr)
     return 0
 
@@ -445,7 +444,11 @@ def build_parser() -> argparse.ArgumentParser:
                             ("bench", cmd_bench, "speed vs LargeOnly and Hugging Face (held-out prompts)")):
         e = sub.add_parser(name, help=hlp)
         _model_args(e)
-        e.add_argument("--prompts", type=int, default=50, help="prompts to use (max 59; eval: of --prompt-set)")
+        e.add_argument("--prompts", type=int, default=50, help="prompts of --prompt-set to use (max 59)")
+        e.add_argument("--prompt-set", default="held-out", choices=PROMPT_SETS,
+                       help="held-out: the evaluation set training never saw (what the README reports); tune: "
+                            "59 other prompts no draft trains on either, to choose thresholds on without "
+                            "looking at the held-out set (bild_kernels.distill.prompts.tune_prompts)")
         e.add_argument("--max-tokens", type=int, default=64)
         e.add_argument("--batch", type=int, default=1, help="1: one request at a time; n: the engine batches n")
         e.add_argument("--greedy-draft-len", type=int, default=3)
@@ -463,10 +466,6 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run every policy N times on each prompt (or batch), the rounds interleaved, and time "
                             "each by its fastest run: speed-ups that a shared machine's slow moments move less")
         if name == "eval":
-            e.add_argument("--prompt-set", default="held-out", choices=PROMPT_SETS,
-                           help="held-out: the evaluation set training never saw (what the README reports); tune: "
-                                "59 other prompts no draft trains on either, to choose thresholds on without "
-                                "looking at the held-out set (bild_kernels.distill.prompts.tune_prompts)")
             e.add_argument("--sweep", action="store_true", help="also sweep BiLD's two thresholds")
             e.add_argument("--fallback-grid", default="0.3,0.5,0.7,0.9")
             e.add_argument("--rollback-grid", default="1,2,4,8")

@@ -442,6 +442,16 @@ constexpr int64_t kMaxRowsX16 = 8;
 constexpr RangeX16 kRangesX16[kMaxRowsX16] = {range_x16<1>, range_x16<2>, range_x16<3>, range_x16<4>,
                                               range_x16<5>, range_x16<6>, range_x16<7>, range_x16<8>};
 
+// x [M, K] rounded as quantize_rows_x16 rounds it, in buffers of its own.
+struct QuantizedX16 {
+  std::vector<int16_t> xq;
+  std::vector<float> dx, sx;
+  QuantizedX16(const float* x, int64_t ldx, int64_t M, int64_t K)
+      : xq(static_cast<size_t>(M * K)), dx(static_cast<size_t>(M * (K / 32))), sx(static_cast<size_t>(M * (K / 32))) {
+    quantize_rows_x16(x, ldx, M, K, xq.data(), dx.data(), sx.data());
+  }
+};
+
 // Quantises x once, then fn(xq, dx, sx, m0, rows, begin, end) for chunks of up to kMaxRowsX16 activation rows
 // over the output groups of each thread (grain: 4 groups, 64 output rows, as the float kernels' 64). With more
 // than one chunk (a prefill, a batch's verify pass) the groups go in tiles of ~96 KB of packed weights, every
@@ -451,16 +461,15 @@ constexpr RangeX16 kRangesX16[kMaxRowsX16] = {range_x16<1>, range_x16<2>, range_
 template <typename Fn>
 void over_x16(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t N, const Fn& fn) {
   const int64_t nb = K / 32;
-  std::vector<int16_t> xq(static_cast<size_t>(M * K));
-  std::vector<float> dx(static_cast<size_t>(M * nb)), sx(static_cast<size_t>(M * nb));
-  quantize_rows_x16(x, ldx, M, K, xq.data(), dx.data(), sx.data());
+  const QuantizedX16 q(x, ldx, M, K);
   const int64_t tile = std::max<int64_t>(1, (96 << 10) / (nb * 384));  // groups: ~96 KB of q + dm (Q4_1; Q8_0 ~ 1.5x)
   at::parallel_for(0, N / 16, 4, [&](int64_t begin, int64_t end) {
     const int64_t step = M > kMaxRowsX16 ? tile : end - begin;
     for (int64_t g0 = begin; g0 < end; g0 += step) {
       const int64_t g1 = std::min(end, g0 + step);
       for (int64_t m0 = 0; m0 < M; m0 += kMaxRowsX16) {
-        fn(xq.data() + m0 * K, dx.data() + m0 * nb, sx.data() + m0 * nb, m0, std::min(kMaxRowsX16, M - m0), g0, g1);
+        fn(q.xq.data() + m0 * K, q.dx.data() + m0 * nb, q.sx.data() + m0 * nb, m0, std::min(kMaxRowsX16, M - m0), g0,
+           g1);
       }
     }
   });
@@ -604,33 +613,30 @@ void combine_segments(const SegStats* st, int64_t M, int64_t S, float* row_max, 
   }
 }
 
-// rows_all_q8_x16 segment by segment (parallel over segments, so each segment's statistics come from the thread
-// that wrote it), st [M, S] filled. The products' bits are rows_all_q8_x16's: every output's sum is in the same order.
-void rows_all_q8_x16_stats(const float* x, int64_t ldx, int64_t M, const int8_t* pk, const float* d, int64_t K,
-                           int64_t N, const float* bias, float* y, SegStats* st) {
-  const int64_t nb = K / 32, G = N / 16, S = (G + kStatGroups - 1) / kStatGroups;
-  std::vector<int16_t> xq(static_cast<size_t>(M * K));
-  std::vector<float> dx(static_cast<size_t>(M * nb)), sx(static_cast<size_t>(M * nb));
-  quantize_rows_x16(x, ldx, M, K, xq.data(), dx.data(), sx.data());
+// For each segment of y [M, N] in parallel: product(g0, g1) (the segment's output groups; nothing where y is made
+// already), then its rows' statistics st[m * S + s], by the same thread.
+template <typename Fn>
+void over_segments(float* y, int64_t M, int64_t N, SegStats* st, const Fn& product) {
+  const int64_t G = N / 16, S = (G + kStatGroups - 1) / kStatGroups;
   at::parallel_for(0, S, 1, [&](int64_t s0, int64_t s1) {
     for (int64_t s = s0; s < s1; ++s) {
       const int64_t g0 = s * kStatGroups, g1 = std::min(G, g0 + kStatGroups);
-      for (int64_t m0 = 0; m0 < M; m0 += kMaxRowsX16) {
-        kRangesQ8X16[std::min(kMaxRowsX16, M - m0) - 1](xq.data() + m0 * K, dx.data() + m0 * nb, K, pk, d, bias,
-                                                        y + m0 * N, N, g0, g1);
-      }
+      product(g0, g1);
       for (int64_t m = 0; m < M; ++m) segment_stats(y + m * N + g0 * 16, g0 * 16, (g1 - g0) * 16, &st[m * S + s]);
     }
   });
 }
 
-// The same statistics of a product already made (the int8-activation head): a pass over y by segments.
-void segments_of(const float* y, int64_t M, int64_t N, SegStats* st) {
-  const int64_t G = N / 16, S = (G + kStatGroups - 1) / kStatGroups;
-  at::parallel_for(0, S, 1, [&](int64_t s0, int64_t s1) {
-    for (int64_t s = s0; s < s1; ++s) {
-      const int64_t g0 = s * kStatGroups, g1 = std::min(G, g0 + kStatGroups);
-      for (int64_t m = 0; m < M; ++m) segment_stats(y + m * N + g0 * 16, g0 * 16, (g1 - g0) * 16, &st[m * S + s]);
+// rows_all_q8_x16 segment by segment, st [M, S] filled. The products' bits are rows_all_q8_x16's: every output's
+// sum is in the same order.
+void rows_all_q8_x16_stats(const float* x, int64_t ldx, int64_t M, const int8_t* pk, const float* d, int64_t K,
+                           int64_t N, const float* bias, float* y, SegStats* st) {
+  const int64_t nb = K / 32;
+  const QuantizedX16 q(x, ldx, M, K);
+  over_segments(y, M, N, st, [&](int64_t g0, int64_t g1) {
+    for (int64_t m0 = 0; m0 < M; m0 += kMaxRowsX16) {
+      kRangesQ8X16[std::min(kMaxRowsX16, M - m0) - 1](q.xq.data() + m0 * K, q.dx.data() + m0 * nb, K, pk, d, bias,
+                                                      y + m0 * N, N, g0, g1);
     }
   });
 }
@@ -1037,7 +1043,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_linea
     std::vector<SegStats> st(static_cast<size_t>(M * S));
     if (activation_bits == 8) {
       rows_all_x8<false>(xp, ldx, M, w, block_scale.data_ptr<float>(), K, N, b, yp);
-      segments_of(yp, M, N, st.data());
+      over_segments(yp, M, N, st.data(), [](int64_t, int64_t) {});  // the product made: its statistics only
     } else {
       rows_all_q8_x16_stats(xp, ldx, M, w, block_scale.data_ptr<float>(), K, N, b, yp, st.data());
     }

@@ -295,17 +295,21 @@ TUNE_SEED = 101  # topic_prompts' seed for the tuning set
 
 
 @lru_cache(maxsize=1)
+def _tune_pairs() -> tuple[tuple[str, str], ...]:
+    return tuple(_topic_pairs(59, TUNE_SEED, frozenset()))
+
+
 def tune_prompts() -> tuple[str, ...]:
     """59 prompts for choosing a policy's thresholds (`bild eval --prompt-set tune`) without looking at the held-out
     set that reports the result: training templates about WordNet topics (`topic_prompts`, seed TUNE_SEED), so
     none is a held-out prompt nor one of `all_train_prompts()`; `bild distill` leaves their topics out of its own
     topic prompts (`tune_topics`), so no draft trains on them either."""
-    return tuple(topic_prompts(59, seed=TUNE_SEED))
+    return tuple(p for _, p in _tune_pairs())
 
 
 def tune_topics() -> frozenset[str]:
     """The topics `tune_prompts` name (what distillation's topic prompts skip)."""
-    return frozenset(topic_prompt_topics(59, seed=TUNE_SEED))
+    return frozenset(t for t, _ in _tune_pairs())
 
 
 def held_out_prompts() -> list[str]:
