@@ -46,6 +46,11 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="how draft runs execute (Engine's draft_loop): auto is graph on CUDA, native on a CPU (a "
                         "feature draft's greedy runs in one call of the CPU extension); eager is "
                         "the Python loop")
+    g.add_argument("--prefix-cache", type=int, default=None, metavar="TOKENS",
+                   help="keep the large model's KV of up to TOKENS recent prompt positions and reuse a new prompt's "
+                        "longest kept prefix instead of prefilling it (Engine's prefix_cache; default: off). bild "
+                        "eval / bench then never let a prompt reuse itself, only what it shares with the others "
+                        "(a system prompt, a template)")
 
 
 def _policy_args(p: argparse.ArgumentParser, default_policy: str | None = "bild") -> None:
@@ -94,7 +99,14 @@ def _engine(args, *, max_batch_size: int = 1, max_model_len: int = 1024):
     return Engine(large=args.large, small=args.small, device=device, dtype=dtype, max_batch_size=max_batch_size,
                   max_model_len=max_model_len, small_weights=weights,
                   draft_max_batch=None if limit == "none" else limit,
-                  draft_loop=None if getattr(args, "draft_loop", "auto") == "auto" else args.draft_loop)
+                  draft_loop=None if getattr(args, "draft_loop", "auto") == "auto" else args.draft_loop,
+                  prefix_cache=_prefix_cache(getattr(args, "prefix_cache", None)))
+
+
+def _prefix_cache(tokens: int | None) -> int | None:
+    if tokens is not None and tokens < 0:
+        raise UsageError(f"--prefix-cache must be a number of tokens >= 0, got {tokens}")
+    return tokens
 
 
 def _policy(args, engine):
@@ -341,9 +353,10 @@ def cmd_eval(args) -> int:
         rows += [r for r in _hf_rows(args, engine, prompts, rows[0]) if r]
     cols = ["policy", "batch", "tokens_per_s", "speedup", "exact_match", "rouge_l", "nll", "nll_ratio",
             "acceptance", "mean_accepted", "passes_per_token", "fallbacks", "rollbacks", "draft_s", "verify_s",
-            "overhead_s", "ttft_ms", "decode_speedup"]
+            "overhead_s", "ttft_ms", "decode_speedup"] + (["cached_prompt"] if engine.prefix_cache is not None else [])
     print(format_table(rows, cols))
-    _write_csv(args.out, rows, {**_run_info(engine), "repeat": args.repeat, "prompt_set": args.prompt_set})
+    _write_csv(args.out, rows, {**_run_info(engine), "repeat": args.repeat, "prompt_set": args.prompt_set,
+                              "prefix_cache": args.prefix_cache or 0})
     if args.plot:
         plot_tradeoff(rows[1:], args.plot,
                       title=f"BiLD trade-off on {len(prompts)} {args.prompt_set} prompts, batch {args.batch}")

@@ -57,6 +57,7 @@ class EvalRow:
     ttft_ms: float = 0.0  # mean time to a request's first token (its prompt's prefill): the same work in every policy
     decode_tokens_per_s: float = 0.0  # tokens after each request's first / the time after it, summed over requests
     decode_speedup: float = 0.0  # the same over LargeOnly's: the speed-up of the decode phase, prefill left out
+    cached_prompt: float = 0.0  # mean prompt positions a request reused from the engine's prefix cache
 
     def as_dict(self) -> dict:
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items()}
@@ -83,12 +84,20 @@ def describe(policy: Policy) -> str:
 
 def run_policy(engine, prompts: list[list[int]], params: SamplingParams, policy: Policy, batch: int):
     """(outputs, wall seconds): one request at a time when batch == 1, else the engine's own batching
-    (at most engine.max_batch_size together)."""
+    (at most engine.max_batch_size together). With the engine's prefix cache on, a prompt never reuses its own
+    kept positions (each is dropped before it runs), only the prefixes it shares with other prompts."""
     split0 = dict(engine.time_split)
+    cache = getattr(engine, "prefix_cache", None)
     t0 = time.perf_counter()
     if batch == 1:
-        outs = [engine.generate([p], params, policy=policy)[0] for p in prompts]
+        outs = []
+        for p in prompts:
+            if cache is not None:  # another policy's (or round's) run of this very prompt is not reused: only
+                cache.discard(p)  # what it shares with other prompts (a system prompt, a template), as in service
+            outs.append(engine.generate([p], params, policy=policy)[0])
     else:
+        for p in prompts if cache is not None else ():
+            cache.discard(p)
         outs = engine.generate(prompts, params, policy=policy)
     wall = time.perf_counter() - t0
     bad = [o.error for o in outs if o.error]
@@ -188,7 +197,8 @@ def _row(name, batch, prompts, outs, wall, base_tps, ref_ids, nll, ref_nll, spli
         large_passes=m.large_passes, passes_per_token=m.large_passes / toks if toks else 0.0, draft_s=split["draft"], verify_s=split["verify"],
         overhead_s=max(wall - split["draft"] - split["verify"], 0.0),
         ttft_ms=1e3 * sum(o.metrics.time_to_first_token for o in outs) / len(outs) if outs else 0.0,
-        decode_tokens_per_s=decode, decode_speedup=decode / base_decode if base_decode else 0.0)
+        decode_tokens_per_s=decode, decode_speedup=decode / base_decode if base_decode else 0.0,
+        cached_prompt=m.cached_prompt_tokens / len(outs) if outs else 0.0)
 
 
 def format_table(rows: list[dict], columns: list[str] | None = None) -> str:

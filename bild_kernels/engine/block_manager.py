@@ -82,6 +82,19 @@ class BlockManager:
         idx = to_device(rows, torch.long, self.device)
         return self.tables(cache)[0].index_select(0, idx)
 
+    def slots_of(self, row: int, start: int, end: int, cache: int = 0) -> torch.Tensor:
+        """The slots (int64 [end - start], on the device) holding positions start .. end - 1 of `row`, which must
+        hold them."""
+        self._row(row, cache, active=True)
+        if not 0 <= start <= end <= self._mirror(cache)[row]:
+            raise ValueError(f"positions [{start}, {end}) outside the {self._mirror(cache)[row]} row {row} holds")
+        bs = self.block_size
+        if self.host_slots:
+            bt = self._np[0][cache][row]
+            return to_device([int(bt[p // bs]) * bs + p % bs for p in range(start, end)], torch.int64, self.device)
+        pos = torch.arange(start, end, device=self.device)
+        return self.block_tables[cache, row].long()[pos // bs] * bs + pos % bs
+
     def active_rows(self, cache: int = 0) -> list[int]:
         return [r for r, n in enumerate(self._mirror(cache)) if n >= 0]
 

@@ -98,7 +98,7 @@ class Drafting:
         drafts = out.tokens
         caps = self._draft_caps(running, policy, skip)
         if feature:  # a feature draft starts once the large model has seen the prompt (prefill drafts nothing)
-            caps = [c if s.cached["large"] > 0 else 0 for s, c in zip(running, caps)]
+            caps = [c if s.metrics.large_passes > 0 else 0 for s, c in zip(running, caps)]
             chain_features: dict[int, torch.Tensor] = {}
         fallback_threshold = policy.thresholds()[0]
         energy = policy.fallback_signal == "energy"
@@ -233,7 +233,7 @@ class Drafting:
         caps = self._draft_caps(running, policy, skip)
         feature = self.small_kind == "feature"
         if feature:  # as in `_draft`: nothing to draft from before the large model's prefill
-            caps = [c if s.cached["large"] > 0 else 0 for s, c in zip(running, caps)]
+            caps = [c if s.metrics.large_passes > 0 else 0 for s, c in zip(running, caps)]
         with_probs = policy.verify_mode == "sample"
         out = self._no_drafts(running, policy)
         active = [i for i, c in enumerate(caps) if c > 0]

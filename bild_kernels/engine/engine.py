@@ -26,6 +26,7 @@ from bild_kernels.engine.draft_loop import StaticDraftLoop
 from bild_kernels.engine.iteration import Iteration
 from bild_kernels.engine.params import SamplingParams
 from bild_kernels.engine.policies import BiLD, LargeOnly, Policy, bild_from_dict
+from bild_kernels.engine.prefix_cache import PrefixCache, PrefixEntry
 from bild_kernels.engine.runner import ModelRunner, load_executor
 from bild_kernels.engine.scheduler import Scheduler
 from bild_kernels.engine.sequence import RequestOutput, Sequence, StreamChunk
@@ -108,6 +109,12 @@ class Engine(Iteration):
         at batch 4 and 0.65x at batch 8. None: no limit. "auto" (the default): the shipped draft's
         recommendation for the device (`cpu_draft_max_batch` in its bild_draft.json: 1 for the default
         pair since its kernels got faster, batch 2 then ran 0.94-1.01x with drafting) on a CPU, else no limit.
+    prefix_cache : keep the large model's keys and values (and, with a feature draft, its hidden states) of up
+        to this many recent prompt positions, outside the KV pool, and copy the longest kept prefix of a new
+        prompt into its blocks at admission instead of prefilling it (`bild_kernels.engine.prefix_cache`): what
+        requests that share a system prompt or a template save of their time to first token. None or 0 (the
+        default): off. `Engine.prefix_cache` is then the cache (its hits, `clear()`, `discard(prompt)`), and each
+        request's metrics count its `cached_prompt_tokens`.
     """
 
     def __init__(self, large=None, small=None, *, device: str = "cpu", dtype: torch.dtype | None = None,
@@ -115,7 +122,7 @@ class Engine(Iteration):
                  block_size: int = 16, kv_cache_memory: int | float | None = None, tokenizer=None,
                  draft_loop: str | None = None, small_dtype: torch.dtype | None = None,
                  small_weights: str | None = "auto", extend_passes: str | None = None,
-                 draft_max_batch: int | str | None = "auto"):
+                 draft_max_batch: int | str | None = "auto", prefix_cache: int | None = None):
         if large is None:
             if small is not None:
                 raise ValueError("small given without large: name both models, or neither for the default pair")
@@ -128,6 +135,10 @@ class Engine(Iteration):
         if draft_max_batch != "auto" and draft_max_batch is not None and (
                 isinstance(draft_max_batch, bool) or not isinstance(draft_max_batch, int) or draft_max_batch < 1):
             raise ValueError(f"draft_max_batch must be an int >= 1, None or 'auto', got {draft_max_batch!r}")
+        if prefix_cache is not None and (isinstance(prefix_cache, bool) or not isinstance(prefix_cache, int)
+                                         or prefix_cache < 0):
+            raise ValueError(f"prefix_cache must be a number of tokens (an int >= 0) or None, got {prefix_cache!r}")
+        self.prefix_cache = PrefixCache(prefix_cache) if prefix_cache else None
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device='cuda' but no CUDA device is available")
@@ -331,6 +342,48 @@ class Engine(Iteration):
         if policy.drafter == "shallow":
             LayerGroups(self.runners["large"], policy.exit_layer)  # checks exit_layer against the model's depth
         return policy
+
+    # ------------------------------------------------------------------------------------------
+    def _prefix_applies(self, policy: Policy) -> bool:
+        """Whether the prefix cache serves this policy's requests: every one the large model prefills, but
+        shallow-deep decoding's (its layer groups cache apart) and the small model's alone."""
+        return (self.prefix_cache is not None and policy.drafter != "shallow"
+                and not (policy.uses_small and not policy.drafts))
+
+    def _prefix_restore(self, seq: Sequence, policy: Policy) -> None:
+        """At admission (the row holds nothing yet): copy the longest kept prefix of the prompt into the large
+        model's cache; the first pass then prefills only the rest."""
+        if not self._prefix_applies(policy):
+            return
+        keeps = self._keeps_features(policy)
+        entry, n = self.prefix_cache.match(seq.tokens[:seq.prompt_len], need_features=keeps)
+        if entry is None:
+            return
+        self.runners["large"].write_kv(seq.row, entry.kv, n)
+        seq.cached["large"] = n
+        seq.metrics.cached_prompt_tokens = n
+        if entry.features is not None:
+            seq.prompt_features = [entry.features[:n]]
+            if keeps:  # the feature draft is fed the restored positions' hidden states like computed ones
+                seq.features = [entry.features[:n].to(self.device)]
+
+    def _prefix_store(self, seq: Sequence, policy: Policy) -> None:
+        """After a request's first pass (its prompt's positions all cached and final): keep them, unless a kept
+        prompt already begins with all of this one."""
+        if seq.prompt_stored or not self._prefix_applies(policy) or seq.metrics.large_passes != 1:
+            return
+        seq.prompt_stored, P = True, seq.prompt_len
+        feats, seq.prompt_features = seq.prompt_features, None
+        if self.small_kind == "feature":
+            feats = torch.cat(feats) if feats else None
+            if feats is None or feats.shape[0] != P:
+                return  # (cannot happen: every first pass of such an engine keeps them)
+        else:
+            feats = None
+        prompt = seq.tokens[:P]
+        if self.prefix_cache.covers(prompt, need_features=feats is not None):
+            return
+        self.prefix_cache.insert(prompt, PrefixEntry(self.runners["large"].read_kv(seq.row, P), feats))
 
     # ------------------------------------------------------------------------------------------
     def _worst_blocks(self, seq: Sequence, policy: Policy) -> int:

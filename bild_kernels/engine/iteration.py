@@ -87,11 +87,18 @@ class Iteration(Drafting):
         rows = [s.row for s in running]
         if policy.drafter != "shallow":
             toks = [s.tokens[s.cached["large"]:] + d for s, d in zip(running, drafts)]
-            if self._keeps_features(policy):  # a feature draft reads the verified positions' hidden states
+            keeps = self._keeps_features(policy)  # a feature draft reads the verified positions' hidden states
+            # (and the prefix cache keeps a prompt's, for the feature draft of a later request that shares it)
+            first = (self.prefix_cache is not None and self.small_kind == "feature" and self._prefix_applies(policy)
+                     and any(s.metrics.large_passes == 0 for s in running))
+            if keeps or first:
                 target_logits, hidden = self.runners["large"].extend(rows, toks, [len(d) + 1 for d in drafts],
                                                                      return_hidden=True)
                 for s, h in zip(running, hidden):
-                    s.pass_features = (s.cached["large"], h)
+                    if keeps:
+                        s.pass_features = (s.cached["large"], h)
+                    if first and s.metrics.large_passes == 0:
+                        s.prompt_features = (s.prompt_features or []) + [h[:s.prompt_len - s.cached["large"]]]
             else:
                 target_logits = self.runners["large"].extend(rows, toks, [len(d) + 1 for d in drafts])
         else:

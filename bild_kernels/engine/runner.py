@@ -27,6 +27,7 @@ class ModelRunner:
         self.device = executor.device
         self.block_size = block_size
         self.kv_caches = executor.allocate_kv_cache(num_blocks, block_size)
+        self._kv_pool = _pool_of(self.kv_caches)  # [layers, 2, slots, H_kv, D] over them all, where they share one
         self.blocks = BlockManager(num_blocks, block_size, max_seqs, max_blocks_per_seq, device=self.device)
         # Rows whose logits held a NaN or inf since the engine last asked (numeric faults), on the device.
         self._nonfinite = torch.zeros(max_seqs, dtype=torch.bool, device=self.device)
@@ -43,6 +44,48 @@ class ModelRunner:
 
     def free(self, row: int) -> None:
         self.blocks.free(row)
+
+    def read_kv(self, row: int, n: int) -> torch.Tensor:
+        """A copy of the keys and values of `row`'s first n positions, [layers, 2, n, H_kv, D] (prefix caching)."""
+        if self._kv_pool is not None and self.blocks.host_slots:  # a block's positions are contiguous: slices
+            return torch.cat([self._kv_pool[:, :, a:b] for a, b in self._runs(row, n)], 2)
+        slots = self.blocks.slots_of(row, 0, n)
+        if self._kv_pool is not None:
+            return self._kv_pool.index_select(2, slots)
+        return torch.stack([torch.stack([c.flatten(0, 1).index_select(0, slots) for c in kv])
+                            for kv in self.kv_caches])
+
+    def write_kv(self, row: int, kv: torch.Tensor, n: int) -> None:
+        """Append the first n positions of `kv` (as `read_kv` gives them) to `row`, which holds nothing yet."""
+        if self.blocks.context_lens_of([row])[0] != 0:
+            raise ValueError(f"row {row} already holds tokens: a prefix goes into an empty row")
+        if kv.shape[0] != len(self.kv_caches) or kv.shape[2] < n:
+            raise ValueError(f"a prefix of {kv.shape[2]} positions over {kv.shape[0]} layers cannot fill {n} "
+                             f"positions of {len(self.kv_caches)} layers")
+        slots = self.blocks.append([row], [n])
+        src = kv[:, :, :n].to(self.device, self.kv_caches[0][0].dtype)
+        if self._kv_pool is not None and self.blocks.host_slots:
+            done = 0
+            for a, b in self._runs(row, n):
+                self._kv_pool[:, :, a:b].copy_(src[:, :, done:done + b - a])
+                done += b - a
+            return
+        if self._kv_pool is not None:
+            self._kv_pool.index_copy_(2, slots, src)
+            return
+        for layer, pair in enumerate(self.kv_caches):
+            for j, c in enumerate(pair):
+                c.flatten(0, 1).index_copy_(0, slots, src[layer, j].to(c.dtype))
+
+    def _runs(self, row: int, n: int) -> list[tuple[int, int]]:
+        """The slots of `row`'s first n positions as [start, end) runs of consecutive slots (CPU tables)."""
+        runs: list[list[int]] = []
+        for s in self.blocks.slots_of(row, 0, n).tolist():
+            if runs and runs[-1][1] == s:
+                runs[-1][1] = s + 1
+            else:
+                runs.append([s, s + 1])
+        return [(a, b) for a, b in runs]
 
     def rollback(self, rows: list[int], counts: list[int]) -> None:
         """Drop the last counts[i] tokens of rows[i]: rejected drafts, a draft run's chained positions, positions
@@ -147,6 +190,19 @@ class ModelRunner:
         if not return_hidden:
             return logits
         return logits, [out[1]] if len(counts) == 1 else list(out[1].split(counts))
+
+
+def _pool_of(kv_caches) -> torch.Tensor | None:
+    """The layers' caches as one [layers, 2, slots, H_kv, D] view where they are views of one contiguous
+    [layers, 2, blocks, block_size, H_kv, D] tensor (`LlamaExecutor.allocate_kv_cache`), else None."""
+    k0 = kv_caches[0][0]
+    base = k0._base
+    if base is None or not base.is_contiguous() or base.dim() != 6 or base.shape[:2] != (len(kv_caches), 2):
+        return None
+    if any(c._base is not base or c.data_ptr() != base[i, j].data_ptr() or c.shape != base.shape[2:]
+           for i, pair in enumerate(kv_caches) for j, c in enumerate(pair)):
+        return None
+    return base.flatten(2, 3)
 
 
 def _span(xs: list[int]) -> slice | None:

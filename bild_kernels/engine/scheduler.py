@@ -198,6 +198,10 @@ class Scheduler:
                 with trusted_inputs():  # every request was checked at admission: no device reads in the ops
                     committed = eng._step([r.seq for r in group], group[0].policy)
                 faulted = self._take_faults()
+                if eng.prefix_cache is not None:  # a prompt just prefilled is kept before its row can be freed
+                    for r in group:
+                        if r.seq.row not in faulted:
+                            eng._prefix_store(r.seq, r.policy)
             except BaseException as exc:
                 self._take_faults()
                 with self.cv:
@@ -255,6 +259,7 @@ class Scheduler:
             for runner in eng.runners.values():
                 runner.add(req.seq.row)
             self.running.append(req)
+            eng._prefix_restore(req.seq, req.policy)
             used += need
 
     def _reap(self) -> None:

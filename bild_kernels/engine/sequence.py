@@ -13,6 +13,7 @@ class RequestMetrics:
     """Counters of one request; `Engine.aggregate` sums them over many."""
 
     prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0  # prompt positions copied from the prefix cache instead of prefilled
     generated_tokens: int = 0
     large_passes: int = 0  # forward passes of the large model that included this request
     small_steps: int = 0  # forward passes of the small model that included this request
@@ -61,7 +62,8 @@ class RequestMetrics:
 
     def as_dict(self) -> dict:
         return {
-            "prompt_tokens": self.prompt_tokens, "generated_tokens": self.generated_tokens,
+            "prompt_tokens": self.prompt_tokens, "cached_prompt_tokens": self.cached_prompt_tokens,
+            "generated_tokens": self.generated_tokens,
             "large_passes": self.large_passes, "small_steps": self.small_steps,
             "drafted_tokens": self.drafted_tokens, "accepted_tokens": self.accepted_tokens,
             "lookup_drafted_tokens": self.lookup_drafted_tokens, "lookup_accepted_tokens": self.lookup_accepted_tokens,
@@ -79,8 +81,9 @@ class RequestMetrics:
         total = RequestMetrics()
         items = list(items)
         for m in items:
-            for name in ("prompt_tokens", "generated_tokens", "large_passes", "small_steps", "drafted_tokens",
-                         "accepted_tokens", "lookup_drafted_tokens", "lookup_accepted_tokens", "fallbacks", "rollbacks"):
+            for name in ("prompt_tokens", "cached_prompt_tokens", "generated_tokens", "large_passes", "small_steps",
+                         "drafted_tokens", "accepted_tokens", "lookup_drafted_tokens", "lookup_accepted_tokens",
+                         "fallbacks", "rollbacks"):
                 setattr(total, name, getattr(total, name) + getattr(m, name))
             total.accepted_lengths.update(m.accepted_lengths)
         if items:
@@ -144,6 +147,10 @@ class Sequence:
         # (every verified position the draft has not been fed yet), in chunks.
         self.features: list = []
         self.pass_features = None  # (first position, hidden [n, H]) of the large model's last pass, until verified
+        # Prefix caching: the large model's hidden states at the prompt's positions (chunks, with a feature draft),
+        # until the prompt is kept after its first pass
+        self.prompt_features: list | None = None
+        self.prompt_stored = False
         self.guesses: list[int] = []  # Jacobi: the last pass's predictions past the committed tokens
         self.ngram = None  # NGram / a policy's `lookup`: the NGramIndex of `tokens`, built on first use
         self.iteration = 0  # verification rounds so far: addresses this request's random numbers

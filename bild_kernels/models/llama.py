@@ -376,14 +376,15 @@ class LlamaExecutor:
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer (key_cache, value_cache), each [num_blocks, block_size, H_kv, D], zero-filled so that
-        slots never written hold finite values."""
+        slots never written hold finite values: views of one [layers, 2, num_blocks, block_size, H_kv, D] tensor,
+        so that a run of slots moves in every layer at once (`ModelRunner.read_kv`, prefix caching)."""
         for name, val in (("num_blocks", num_blocks), ("block_size", block_size)):
             if isinstance(val, bool) or not isinstance(val, int) or val < 1:
                 raise ValueError(f"{name} must be a positive int, got {val!r}")
         c = self.config
-        shape = (num_blocks, block_size, c.num_kv_heads, c.head_dim)
-        return [(torch.zeros(shape, dtype=self.dtype, device=self.device),
-                 torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(c.num_layers)]
+        pool = torch.zeros((c.num_layers, 2, num_blocks, block_size, c.num_kv_heads, c.head_dim), dtype=self.dtype,
+                           device=self.device)
+        return [(pool[i, 0], pool[i, 1]) for i in range(c.num_layers)]
 
     # ----------------------------------------------------------------------------------------------
     # Forward

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from bild_kernels import BiLD, Engine, Greedy, LargeOnly, SamplingParams, SmallOnly, SpeculativeSampling
+from bild_kernels.engine.policies import NGram
 from bild_kernels.distill.feature_draft import FeatureDraft, feature_stats, teacher_features, train_feature_draft
 from bild_kernels.models import load_model
 from bild_kernels.models.draft import read_manifest
@@ -286,3 +287,30 @@ def test_native_draft_loop_needs_a_cpu(pair):
     teacher, _, path = pair
     with pytest.raises(ValueError, match="draft_loop"):
         _engine(teacher, path, draft_loop="bogus")
+
+
+@pytest.mark.parametrize("draft_loop", ["native", "eager"])
+def test_prefix_cache_feeds_the_draft_the_kept_hidden_states(pair, draft_loop):
+    """With a feature draft the prefix cache keeps the large model's hidden states beside its KV (whatever policy
+    prefilled the prompt) and hands the restored positions' to the draft: the same drafts, the same tokens."""
+    teacher, _, path = pair
+    shared = [5, 17, 3, 44, 2, 90, 61, 8, 8, 1]
+    prompts = [shared + [9], shared + [30, 31], shared[:4] + [12, 13]]
+    params = SamplingParams(max_tokens=16)
+    plain = _engine(teacher, path, draft_loop=draft_loop)
+    cached = _engine(teacher, path, draft_loop=draft_loop, prefix_cache=128)
+    for policy in (Greedy(max_draft_len=3), BiLD(fallback_threshold=0.3, rollback_threshold=2.0, max_draft_len=4),
+                   Greedy(max_draft_len=3, lookup=NGram(max_draft_len=3))):
+        cached.prefix_cache.clear()
+        cached.generate([prompts[0]], SamplingParams(max_tokens=2), policy=LargeOnly())  # kept by another policy
+        assert cached.prefix_cache.match(prompts[0], need_features=True)[1] == len(prompts[0]) - 1
+        for p in prompts:
+            want = plain.generate([p], params, policy=policy)[0]
+            got = cached.generate([p], params, policy=policy)[0]
+            assert got.token_ids == want.token_ids
+            if policy.name != "bild":  # (lossless)
+                assert got.token_ids == plain.generate([p], params, policy=LargeOnly())[0].token_ids
+            assert got.metrics.cached_prompt_tokens > 0
+            assert (got.metrics.drafted_tokens, got.metrics.accepted_tokens) == (want.metrics.drafted_tokens,
+                                                                                 want.metrics.accepted_tokens)
+    assert_all_free(cached)
