@@ -85,6 +85,7 @@ def test_generate_reports_the_lookups_drafts(capsys, pair_dirs):
     (["generate", "hi", "--large", "{large}", "--policy", "shallow-deep"], "needs --exit-layer"),
     (["generate", "hi", "--large", "{large}", "--policy", "jacobi", "--block-size", "0"], "block_size must be"),
     (["generate", "hi", "--large", "{large}", "--draft-max-batch", "0"], "draft-max-batch must be a positive int"),
+    (["generate", "hi", "--large", "{large}", "--prefix-cache", "-4"], "--prefix-cache must be a number of tokens"),
     (["generate", "hi", "--large", "{large}", "--policy", "greedy", "--max-ngram", "2"], "without --lookup"),
     (["generate", "hi", "--large", "{large}", "--policy", "ngram", "--lookup", "2"], "--lookup does not apply"),
     (["generate", "hi", "--large", "{large}", "--policy", "greedy", "--lookup", "-2"], "--lookup must be an int in"),
@@ -162,6 +163,21 @@ def test_eval_tune_prompt_set_runs_the_tuning_prompts(capsys, tmp_path, pair_dir
     assert prompts == [chat_ids(engine.tokenizer, p) for p in tune_prompts()[:2]]
     assert prompts != [chat_ids(engine.tokenizer, p) for p in held_out_prompts()[:2]]
     assert {r["prompt_set"] for r in csv.DictReader(open(csv_path))} == {"tune"}
+
+
+def test_eval_prefix_cache_reuses_what_prompts_share(capsys, tmp_path, pair_dirs):
+    large, small = pair_dirs
+    csv_path = tmp_path / "eval.csv"
+    code, out, err = _run(capsys, "eval", "--large", large, "--small", small, "--prompts", 3, "--max-tokens", 4,
+                          "--prefix-cache", 4096, "--out", csv_path)
+    assert code == 0, err
+    rows = list(csv.DictReader(open(csv_path)))
+    assert {r["prefix_cache"] for r in rows} == {"4096"} and "cached_prompt" in out
+    # the tiny tokenizer reads the held-out prompts as runs of <unk>: the third begins with the first two (which are
+    # the same tokens, so neither reuses the other, as no prompt reuses its own run); every policy alike
+    cached = {float(r["cached_prompt"]) for r in rows}
+    assert len(cached) == 1 and cached.pop() == pytest.approx(7 / 3, abs=1e-3)
+    assert float(next(r for r in rows if r["policy"].startswith("greedy"))["exact_match"]) == 1.0
 
 
 def test_eval_lookup_adds_ngram_rows(capsys, tmp_path, pair_dirs):

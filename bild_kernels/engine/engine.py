@@ -368,8 +368,7 @@ class Engine(Iteration):
                 seq.features = [entry.features[:n].to(self.device)]
 
     def _prefix_store(self, seq: Sequence, policy: Policy) -> None:
-        """After a request's first pass (its prompt's positions all cached and final): keep them, unless a kept
-        prompt already begins with all of this one."""
+        """After a request's first pass (its prompt's positions all cached and final): keep them."""
         if seq.prompt_stored or not self._prefix_applies(policy) or seq.metrics.large_passes != 1:
             return
         seq.prompt_stored, P = True, seq.prompt_len
@@ -380,10 +379,7 @@ class Engine(Iteration):
                 return  # (cannot happen: every first pass of such an engine keeps them)
         else:
             feats = None
-        prompt = seq.tokens[:P]
-        if self.prefix_cache.covers(prompt, need_features=feats is not None):
-            return
-        self.prefix_cache.insert(prompt, PrefixEntry(self.runners["large"].read_kv(seq.row, P), feats))
+        self.prefix_cache.insert(seq.tokens[:P], PrefixEntry(self.runners["large"].read_kv(seq.row, P), feats))
 
     # ------------------------------------------------------------------------------------------
     def _worst_blocks(self, seq: Sequence, policy: Policy) -> int:

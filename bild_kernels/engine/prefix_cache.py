@@ -64,24 +64,19 @@ class PrefixCache:
         self.hit_tokens += best_n
         return self._entries[best], best_n
 
-    def covers(self, prompt: list[int], *, need_features: bool = False) -> bool:
-        """Whether a kept prompt begins with all of `prompt` (storing it would add nothing)."""
-        return any(len(k) >= len(prompt) and (e.features is not None or not need_features)
-                   and _common_prefix(k, prompt, len(prompt)) == len(prompt) for k, e in self._entries.items())
-
     def insert(self, prompt: list[int], entry: PrefixEntry) -> None:
-        """Keep `prompt`'s positions (evicting the least recently used prompts past the budget); a kept prompt that
-        is a prefix of this one goes (this one covers it). A prompt longer than the whole budget is not kept."""
+        """Keep `prompt`'s positions (in place of its earlier entry, if kept), evicting the least recently used
+        prompts past the budget. A prompt longer than the whole budget is not kept. (A kept prompt that begins
+        another stays kept beside it: a cache that a prompt's own entry can be dropped from, as `bild eval`
+        drops it, then still holds the others' as they were.)"""
         n = entry.kv.shape[2]
         if n != len(prompt) or (entry.features is not None and entry.features.shape[0] != n):
             raise ValueError(f"prefix entry holds {n} positions for a prompt of {len(prompt)} tokens")
         if n > self.max_tokens:
             return
         key = tuple(prompt)
-        for k in [k for k, e in self._entries.items()
-                  if len(k) <= n and _common_prefix(k, key, len(k)) == len(k)
-                  and (e.features is None or entry.features is not None)]:
-            self._drop(k)
+        if key in self._entries:
+            self._drop(key)
         self._entries[key] = entry
         self.tokens += n
         while self.tokens > self.max_tokens:

@@ -53,14 +53,17 @@ def test_need_features_skips_entries_without_them():
     pc.insert([1, 2, 5], _entry(3, features=True))
     assert pc.match([1, 2, 3, 4, 5], need_features=True)[1] == 2
     assert pc.match([1, 2, 3, 4, 5])[1] == 4
-    assert pc.covers([1, 2, 3]) and not pc.covers([1, 2, 3], need_features=True)
 
 
-def test_insert_replaces_covered_prompts_and_evicts_the_least_recently_used():
+def test_insert_keeps_each_prompt_once_and_evicts_the_least_recently_used():
     pc = PrefixCache(10)
     pc.insert([1, 2], _entry(2))
-    pc.insert([1, 2, 3], _entry(3))  # covers [1, 2]
-    assert len(pc) == 1 and pc.tokens == 3
+    pc.insert([1, 2], _entry(2))  # the same prompt again: replaced, not kept twice
+    pc.insert([1, 2, 3], _entry(3))  # begins with [1, 2], which stays kept beside it
+    assert len(pc) == 2 and pc.tokens == 5
+    assert pc.discard([1, 2, 3]) and pc.match([1, 2, 3, 4])[1] == 2
+    pc.insert([1, 2, 3], _entry(3))
+    pc.discard([1, 2])
     pc.insert([4, 5, 6, 7], _entry(4))
     pc.match([1, 2, 3, 9])  # [1, 2, 3] is now the most recently used
     pc.insert([8, 9, 10, 11], _entry(4))  # 11 > 10: the least recently used goes
