@@ -84,20 +84,17 @@ def describe(policy: Policy) -> str:
 
 def run_policy(engine, prompts: list[list[int]], params: SamplingParams, policy: Policy, batch: int):
     """(outputs, wall seconds): one request at a time when batch == 1, else the engine's own batching
-    (at most engine.max_batch_size together). With the engine's prefix cache on, a prompt never reuses its own
-    kept positions (each is dropped before it runs), only the prefixes it shares with other prompts."""
+    (at most engine.max_batch_size together). With the engine's prefix cache on, the prompts' own kept positions
+    (another policy's or round's runs of them) are dropped first: each reuses only what it shares with the prompts
+    run before it (a system prompt, a template), the same for every policy, as in service."""
     split0 = dict(engine.time_split)
     cache = getattr(engine, "prefix_cache", None)
+    for p in prompts if cache is not None else ():
+        cache.discard(p)
     t0 = time.perf_counter()
     if batch == 1:
-        outs = []
-        for p in prompts:
-            if cache is not None:  # another policy's (or round's) run of this very prompt is not reused: only
-                cache.discard(p)  # what it shares with other prompts (a system prompt, a template), as in service
-            outs.append(engine.generate([p], params, policy=policy)[0])
+        outs = [engine.generate([p], params, policy=policy)[0] for p in prompts]
     else:
-        for p in prompts if cache is not None else ():
-            cache.discard(p)
         outs = engine.generate(prompts, params, policy=policy)
     wall = time.perf_counter() - t0
     bad = [o.error for o in outs if o.error]

@@ -204,6 +204,8 @@ class Engine(Iteration):
         if small_exec is not None:
             self.runners["small"] = ModelRunner(small_exec, **kw)
         self.draft_loop, self.extend_passes = draft_loop, extend_passes
+        if self.prefix_cache is not None:
+            self.runners["large"].kv_pool()  # the large model's caches must move a run of positions in one go
         if extend_passes != "eager":
             for runner in self.runners.values():
                 runner.use_static(max_batch_size, STATIC_EXTEND_TOKENS, capture=extend_passes == "graph")
@@ -369,14 +371,15 @@ class Engine(Iteration):
 
     def _prefix_store(self, seq: Sequence, policy: Policy) -> None:
         """After a request's first pass (its prompt's positions all cached and final): keep them."""
-        if seq.prompt_stored or not self._prefix_applies(policy) or seq.metrics.large_passes != 1:
+        if not self._prefix_applies(policy) or seq.metrics.large_passes != 1:
             return
-        seq.prompt_stored, P = True, seq.prompt_len
+        P = seq.prompt_len
         feats, seq.prompt_features = seq.prompt_features, None
-        if self.small_kind == "feature":
+        if self.small_kind == "feature":  # every first pass of such an engine keeps them (`_target_logits`)
             feats = torch.cat(feats) if feats else None
-            if feats is None or feats.shape[0] != P:
-                return  # (cannot happen: every first pass of such an engine keeps them)
+            if feats is None or feats.shape[0] != P:  # an engine bug, not a user error
+                raise RuntimeError(f"prefix cache: {0 if feats is None else feats.shape[0]} hidden states kept for "
+                                   f"a prompt of {P} tokens")
         else:
             feats = None
         self.prefix_cache.insert(seq.tokens[:P], PrefixEntry(self.runners["large"].read_kv(seq.row, P), feats))

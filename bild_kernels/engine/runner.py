@@ -47,13 +47,10 @@ class ModelRunner:
 
     def read_kv(self, row: int, n: int) -> torch.Tensor:
         """A copy of the keys and values of `row`'s first n positions, [layers, 2, n, H_kv, D] (prefix caching)."""
-        if self._kv_pool is not None and self.blocks.host_slots:  # a block's positions are contiguous: slices
-            return torch.cat([self._kv_pool[:, :, a:b] for a, b in self._runs(row, n)], 2)
-        slots = self.blocks.slots_of(row, 0, n)
-        if self._kv_pool is not None:
-            return self._kv_pool.index_select(2, slots)
-        return torch.stack([torch.stack([c.flatten(0, 1).index_select(0, slots) for c in kv])
-                            for kv in self.kv_caches])
+        pool, slots = self.kv_pool(), self.blocks.slots_of(row, 0, n)
+        if self.blocks.host_slots:  # CPU tables: a block's positions are consecutive slots, read as slices
+            return torch.cat([pool[:, :, a:b] for a, b in _runs(slots.tolist())], 2)
+        return pool.index_select(2, slots)
 
     def write_kv(self, row: int, kv: torch.Tensor, n: int) -> None:
         """Append the first n positions of `kv` (as `read_kv` gives them) to `row`, which holds nothing yet."""
@@ -62,30 +59,23 @@ class ModelRunner:
         if kv.shape[0] != len(self.kv_caches) or kv.shape[2] < n:
             raise ValueError(f"a prefix of {kv.shape[2]} positions over {kv.shape[0]} layers cannot fill {n} "
                              f"positions of {len(self.kv_caches)} layers")
+        pool = self.kv_pool()
         slots = self.blocks.append([row], [n])
-        src = kv[:, :, :n].to(self.device, self.kv_caches[0][0].dtype)
-        if self._kv_pool is not None and self.blocks.host_slots:
-            done = 0
-            for a, b in self._runs(row, n):
-                self._kv_pool[:, :, a:b].copy_(src[:, :, done:done + b - a])
-                done += b - a
+        src = kv[:, :, :n].to(self.device, pool.dtype)
+        if not self.blocks.host_slots:
+            pool.index_copy_(2, slots, src)
             return
-        if self._kv_pool is not None:
-            self._kv_pool.index_copy_(2, slots, src)
-            return
-        for layer, pair in enumerate(self.kv_caches):
-            for j, c in enumerate(pair):
-                c.flatten(0, 1).index_copy_(0, slots, src[layer, j].to(c.dtype))
+        done = 0
+        for a, b in _runs(slots.tolist()):
+            pool[:, :, a:b].copy_(src[:, :, done:done + b - a])
+            done += b - a
 
-    def _runs(self, row: int, n: int) -> list[tuple[int, int]]:
-        """The slots of `row`'s first n positions as [start, end) runs of consecutive slots (CPU tables)."""
-        runs: list[list[int]] = []
-        for s in self.blocks.slots_of(row, 0, n).tolist():
-            if runs and runs[-1][1] == s:
-                runs[-1][1] = s + 1
-            else:
-                runs.append([s, s + 1])
-        return [(a, b) for a, b in runs]
+    def kv_pool(self) -> torch.Tensor:
+        """Every layer's keys and values as one [layers, 2, slots, H_kv, D] view (what read_kv and write_kv move)."""
+        if self._kv_pool is None:
+            raise ValueError(f"{type(self.executor).__name__}'s KV caches are not views of one tensor "
+                             "(LlamaExecutor.allocate_kv_cache): their positions cannot be copied in one go")
+        return self._kv_pool
 
     def rollback(self, rows: list[int], counts: list[int]) -> None:
         """Drop the last counts[i] tokens of rows[i]: rejected drafts, a draft run's chained positions, positions
@@ -203,6 +193,17 @@ def _pool_of(kv_caches) -> torch.Tensor | None:
            for i, pair in enumerate(kv_caches) for j, c in enumerate(pair)):
         return None
     return base.flatten(2, 3)
+
+
+def _runs(slots: list[int]) -> list[tuple[int, int]]:
+    """`slots` as [start, end) runs of consecutive slots, in order."""
+    runs: list[list[int]] = []
+    for s in slots:
+        if runs and runs[-1][1] == s:
+            runs[-1][1] = s + 1
+        else:
+            runs.append([s, s + 1])
+    return [(a, b) for a, b in runs]
 
 
 def _span(xs: list[int]) -> slice | None:
