@@ -8,11 +8,15 @@ Endpoints (JSON; errors are {"error": {"message", "type"}} with status 400 / 404
   POST /v1/completions    {prompt: str | [token ids], max_tokens=16, temperature=0, top_p=1, top_k=0, seed=0,
                            stop: str | [str | id], stream=false, timeout: seconds, policy: {"name": "bild"|
                            "greedy"|"speculative-sampling"|"large-only"|"small-only"|"jacobi"|"shallow-deep"|
-                           "ngram", ...the policy's keyword arguments; "lookup": {NGram's} for the drafting ones}}
+                           "ngram", ...the policy's keyword arguments; "lookup": {NGram's} for the drafting ones},
+                           logprobs: null | 0..20}
 With "stream": true the reply is server-sent events, one `data: {...}` per committed run of tokens and
 `data: [DONE]` at the end. Each choice carries, besides OpenAI's text and finish_reason, the token ids
 ("token_ids") and, at the end, the engine's "error" when the request ended early (finish_reason "error" or
-"timeout"). Every request thread calls the one Engine: requests join its running batch as they come. A
+"timeout"). With "logprobs": n, each choice also carries OpenAI's "logprobs" object for its tokens: "tokens" (each
+token's own text), "token_logprobs" (under the model that decided it: the large one, SmallOnly's small one; before
+temperature, top-k and top-p), "top_logprobs" (the n most likely tokens there, text -> logprob) and "text_offset"
+(where each token's text starts in the completion, counting the tokens' own texts). Every request thread calls the one Engine: requests join its running batch as they come. A
 client that goes away mid-stream cancels its request, which frees its KV blocks at once.
 """
 from __future__ import annotations
@@ -35,7 +39,7 @@ POLICIES = {"bild": BiLD, "greedy": Greedy, "speculative-sampling": SpeculativeS
             "small-only": SmallOnly, "jacobi": Jacobi, "shallow-deep": ShallowDeep, "ngram": NGram}
 MAX_BODY = 1 << 20  # bytes
 FIELDS = {"prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "timeout", "policy",
-          "model", "n", "user", "ignore_eos"}
+          "model", "n", "user", "ignore_eos", "logprobs"}
 
 
 class BadRequest(ValueError):
@@ -98,18 +102,37 @@ class Service:
             params = SamplingParams(max_tokens=body.get("max_tokens", 16), temperature=body.get("temperature", 0.0),
                                     top_p=body.get("top_p", 1.0), top_k=body.get("top_k", 0),
                                     seed=body.get("seed", 0), stop=tuple(stop),
-                                    ignore_eos=bool(body.get("ignore_eos", False)), timeout_s=timeout)
+                                    ignore_eos=bool(body.get("ignore_eos", False)), timeout_s=timeout,
+                                    logprobs=body.get("logprobs"))
         except (TypeError, ValueError) as e:
             raise BadRequest(str(e)) from None
         if not isinstance(body.get("stream", False), bool):
             raise BadRequest("stream must be true or false")
         return prompt, params, self.policy(body.get("policy")), body.get("stream", False)
 
-    def choice(self, text, token_ids, finish_reason, error=None) -> dict:
+    def choice(self, text, token_ids, finish_reason, error=None, logprobs=None, top_logprobs=None,
+               offset: int = 0) -> dict:
         c = {"index": 0, "text": text, "token_ids": token_ids, "finish_reason": finish_reason}
+        if logprobs is not None:
+            c["logprobs"] = self.logprobs(token_ids, logprobs, top_logprobs, offset)
         if error:
             c["error"] = error
         return c
+
+    def logprobs(self, token_ids, logprobs, top_logprobs, offset: int) -> dict:
+        """OpenAI's completions "logprobs" object for `token_ids`, their texts counted from `offset`."""
+        eng = self.engine
+        texts = eng.token_texts(token_ids)
+        alts = eng.token_texts([t for row in top_logprobs for t, _ in row])
+        top, k = [], 0
+        for row in top_logprobs:
+            top.append({alts[k + j]: v for j, (_, v) in enumerate(row)})
+            k += len(row)
+        starts = []
+        for t in texts:
+            starts.append(offset)
+            offset += len(t)
+        return {"tokens": texts, "token_logprobs": logprobs, "top_logprobs": top, "text_offset": starts}
 
     def envelope(self, request_id: int, choice: dict, created: int, usage=None) -> dict:
         out = {"id": f"cmpl-{request_id}", "object": "text_completion", "created": created,
@@ -194,7 +217,8 @@ class Handler(BaseHTTPRequestHandler):
         out = svc.engine.generate([prompt], params, policy=policy)[0]
         if _refused(out):
             return self._error(400, out.error)
-        choice = svc.choice(out.text or "", out.token_ids, out.finish_reason, out.error)
+        choice = svc.choice(out.text or "", out.token_ids, out.finish_reason, out.error, out.logprobs,
+                            out.top_logprobs)
         self._json(200, svc.envelope(out.request_id, choice, created, _usage(out)))
 
     def _stream(self, prompt, params, policy):
@@ -211,9 +235,13 @@ class Handler(BaseHTTPRequestHandler):
             self.end_headers()
             self.close_connection = True
             try:
+                offset = 0  # tokens' texts so far (logprobs' text_offset)
                 for c in _chain(first, chunks):
                     o = c.output
-                    choice = svc.choice(c.text, c.token_ids, c.finish_reason, o.error if o else None)
+                    choice = svc.choice(c.text, c.token_ids, c.finish_reason, o.error if o else None, c.logprobs,
+                                        c.top_logprobs, offset)
+                    if c.logprobs:
+                        offset += sum(len(t) for t in choice["logprobs"]["tokens"])
                     event = svc.envelope(c.request_id, choice, created, _usage(o) if o else None)
                     self.wfile.write(b"data: " + json.dumps(event).encode() + b"\n\n")
                     self.wfile.flush()

@@ -87,6 +87,39 @@ def test_streamed_equals_complete_equals_engine(programs, server):
     _all_free(eng)
 
 
+def _sse(data: bytes) -> list[dict]:
+    events = [line[6:] for line in data.decode().split("\n") if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_logprobs_as_openai_completions_give_them(server, stream):
+    eng = server.service.engine
+    body = {"prompt": "w1 w2 w3", "max_tokens": 10, "logprobs": 2, "stream": stream,
+            "policy": {"name": "bild", "fallback_threshold": 0.3, "rollback_threshold": 2.0}}
+    code, data = _raw(server, "POST", "/v1/completions", json.dumps(body).encode(),
+                      {"Content-Type": "application/json"})
+    assert code == 200
+    choices = [e["choices"][0] for e in (_sse(data) if stream else [json.loads(data)])]
+    lp = {k: sum((c["logprobs"][k] for c in choices), []) for k in ("tokens", "token_logprobs", "top_logprobs",
+                                                                      "text_offset")}
+    _, params, policy, _ = server.service.parse(body)
+    alone = eng.generate([body["prompt"]], params, policy=policy)[0]
+    ids = sum((c["token_ids"] for c in choices), [])
+    assert ids == alone.token_ids and len(ids) == 10
+    assert lp["token_logprobs"] == pytest.approx(alone.logprobs, abs=1e-9)
+    assert lp["tokens"] == eng.token_texts(ids)
+    assert [list(d) for d in lp["top_logprobs"]] == [eng.token_texts([t for t, _ in a]) for a in alone.top_logprobs]
+    assert [v for d in lp["top_logprobs"] for v in d.values()] == pytest.approx(
+        [v for a in alone.top_logprobs for _, v in a], abs=1e-9)
+    assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:i]) for i in range(len(ids))]
+    plain = json.loads(_raw(server, "POST", "/v1/completions", json.dumps({"prompt": "w1", "max_tokens": 3}).encode(),
+                            {"Content-Type": "application/json"})[1])
+    assert "logprobs" not in plain["choices"][0]
+    _all_free(eng)
+
+
 def test_concurrent_clients_equal_alone(programs, server):
     lt = programs["load_test"]
     bodies = lt.request_mix(12, seed=1, max_tokens=12)
@@ -114,7 +147,9 @@ def test_concurrent_clients_equal_alone(programs, server):
     (json.dumps({"prompt": "w1", "stop": {"a": 1}}), 400, "stop"),
     (json.dumps({"prompt": "w1", "stream": "yes"}), 400, "stream"),
     (json.dumps({"prompt": "w1", "timeout": -2}), 400, "timeout_s"),
-    (json.dumps({"prompt": "w1", "logprobs": 5}), 400, "unsupported"),
+    (json.dumps({"prompt": "w1", "logprobs": 21}), 400, "logprobs"),
+    (json.dumps({"prompt": "w1", "logprobs": "all"}), 400, "logprobs"),
+    (json.dumps({"prompt": "w1", "best_of": 5}), 400, "unsupported"),
     (json.dumps({"prompt": [1, 500], "stream": True}), 400, "outside the vocabulary"),
 ])
 def test_hostile_requests_get_clear_errors(server, body, status, match):

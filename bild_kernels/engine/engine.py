@@ -396,6 +396,8 @@ class Engine(Iteration):
         error = policy.request_error(seq.params)
         if error:
             return error
+        if seq.params.logprobs is not None and seq.params.logprobs > self.vocab_size:
+            return f"logprobs={seq.params.logprobs} asks for more alternatives than the vocabulary ({self.vocab_size}) has"
         if seq.prompt_len >= self.max_model_len:
             return f"prompt has {seq.prompt_len} tokens; max_model_len={self.max_model_len} leaves no room to generate"
         if self._worst_blocks(seq, policy) > self.kv_cache_blocks:
@@ -429,9 +431,22 @@ class Engine(Iteration):
                 del new[max(len(seq.tokens) - first_new, 0):]
                 seq.finish_reason = "stop"
         seq.metrics.generated_tokens = len(seq.output_ids)
+        seq.trim_logprobs()
         return seq.finish_reason
+
+    def token_texts(self, ids) -> list[str]:
+        """Each token id's own text, as the tokenizer decodes it alone (a piece of a multi-byte character reads as
+        U+FFFD): to show a request's `top_logprobs`, say. str(id) when the engine has no tokenizer."""
+        ids = list(ids)
+        bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"token ids must be ints in [0, {self.vocab_size}), got {bad[:5]}")
+        if self.tokenizer is None:
+            return [str(t) for t in ids]
+        with self._scheduler.tok_lock:  # (the tokenizer is not shared across threads)
+            return [self.tokenizer.decode([t]) for t in ids]
 
     def _output(self, seq: Sequence, detok: Detokenizer, error: str | None) -> RequestOutput:
         text = detok.text(seq) if error is None else None
         return RequestOutput(seq.request_id, seq.tokens[:seq.prompt_len], [] if error else seq.output_ids, text,
-                             seq.finish_reason, seq.metrics, error)
+                             seq.finish_reason, seq.metrics, error, *seq.logprobs_of(0))

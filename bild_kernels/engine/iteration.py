@@ -19,6 +19,45 @@ from bild_kernels.engine.policies import Policy
 from bild_kernels.engine.runner import forget_nonfinite, nonfinite_flags
 from bild_kernels.engine.sequence import Drafts, Sequence
 
+LOGPROB_CHUNK = 1 << 24  # logits a chunk of rows converts to float32 at a time (SamplingParams.logprobs)
+
+
+def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, top: int, columns: torch.Tensor | None = None):
+    """The log-softmax of `logits` [n, P, V'] at the columns `ids` [n, P] (< 0: read as column 0), and its `top`
+    largest values with their token ids (`columns[j]` for column j of a reduced head), in float32 (float64 logits:
+    float64) on the logits' device: (chosen [n, P], top values [n, P, top], top ids [n, P, top]). Rows go in chunks of LOGPROB_CHUNK logits."""
+    n, P, V = logits.shape
+    step = max(1, LOGPROB_CHUNK // max(P * V, 1))
+    chosen, vals, idx = [], [], []
+    for r in range(0, n, step):
+        x = logits[r:r + step]
+        x = x if x.dtype == torch.float64 else x.float()
+        lse = torch.logsumexp(x, dim=-1, keepdim=True)
+        chosen.append((x.gather(-1, ids[r:r + step].clamp(min=0).long().unsqueeze(-1)) - lse).squeeze(-1))
+        if top:
+            v, i = torch.topk(x, top, dim=-1)
+            vals.append(v - lse)
+            idx.append(i if columns is None else columns[i])
+    if not top:
+        return torch.cat(chosen), None, None
+    return torch.cat(chosen), torch.cat(vals), torch.cat(idx)
+
+
+def note_logprobs(seqs: list[Sequence], logits: torch.Tensor, ids: torch.Tensor, counts: list[int],
+                  columns: torch.Tensor | None = None) -> None:
+    """Append to each sequence's logprobs those of its first counts[i] tokens ids[i] (its committed ones) under
+    logits [n, P, V'] (one host read; the rows of `seqs` only, those that asked)."""
+    top = max(s.params.logprobs for s in seqs)
+    chosen, vals, idx = token_logprobs(logits, ids, top, columns)
+    chosen = chosen.tolist()
+    if top:
+        vals, idx = vals.tolist(), idx.tolist()
+    for i, (s, c) in enumerate(zip(seqs, counts)):
+        k = s.params.logprobs
+        s.logprobs += chosen[i][:c]
+        s.top_logprobs += [list(zip(idx[i][j][:k], vals[i][j][:k])) if k else [] for j in range(c)]
+
+
 class Iteration(Drafting):
     """Engine methods that run one step over the running batch (mixed into `Engine`): `Drafting` proposes, these
     verify and commit."""
@@ -74,6 +113,10 @@ class Iteration(Drafting):
             s.metrics.small_steps += 1
         res = ops.sample_draft(logits[:, 0], **self._sampling(running, [s.iteration for s in running]))
         new = [[t] for t in drafted_ids(res, vocab).tolist()]
+        ask = [i for i, s in enumerate(running) if s.logprobs is not None]
+        if ask:  # (the small model decided these tokens: its log-probabilities)
+            note_logprobs([running[i] for i in ask], logits[ask, :1], res.token_ids[ask].view(-1, 1), [1] * len(ask),
+                          vocab)
         for s, t in zip(running, new):
             s.tokens += t
             s.iteration += 1
@@ -157,6 +200,10 @@ class Iteration(Drafting):
         num_accepted, out = host[:B], host[B:B + B * K1]
         out_ids = [out[i * K1:(i + 1) * K1] for i in range(B)]
         self.step_faults = dict(zip(names, forget_nonfinite(runners, host[B + B * K1:])))
+        ask = [i for i, s in enumerate(running) if s.logprobs is not None]
+        if ask:  # the large model's log-probabilities of the tokens each row commits (a second host read)
+            note_logprobs([running[i] for i in ask], target_logits[ask], res.output_ids[ask],
+                          [num_accepted[i] + 1 for i in ask])
         # The large model's argmax at every position: Jacobi's next guesses, calibration's labels.
         argmax = None
         if policy.drafter == "guess" or policy.calibration is not None:

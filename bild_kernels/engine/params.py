@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+MAX_LOGPROBS = 20  # alternatives per position that SamplingParams.logprobs may ask for (as OpenAI's chat API)
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -13,6 +15,9 @@ class SamplingParams:
     request (the stop text itself is not returned); the tokenizer's EOS ends it unless `ignore_eos`.
     `timeout_s` bounds the request's whole life from submission (waiting included): past it the request
     ends with finish_reason "timeout", keeps the tokens committed so far, and its KV blocks are freed.
+    `logprobs` (None: none) returns, for each output token, its log-probability under the model that decided it
+    (the large model; the small one under `SmallOnly()`), and with logprobs = n > 0 the n most likely tokens at that
+    position with theirs: the model's own log-softmax, before temperature, top-k and top-p (vLLM's "raw" logprobs).
     """
 
     max_tokens: int = 64
@@ -23,6 +28,7 @@ class SamplingParams:
     stop: tuple = field(default_factory=tuple)
     ignore_eos: bool = False
     timeout_s: float | None = None
+    logprobs: int | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, (str, int)):
@@ -45,6 +51,10 @@ class SamplingParams:
         t = self.timeout_s
         if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < float("inf")):
             raise ValueError(f"timeout_s must be a positive number of seconds (or None), got {t!r}")
+        lp = self.logprobs
+        if lp is not None and (isinstance(lp, bool) or not isinstance(lp, int) or not 0 <= lp <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be None or an int in [0, {MAX_LOGPROBS}] (the top alternatives returned "
+                             f"beside each token's own), got {lp!r}")
         for s in self.stop:
             if isinstance(s, bool) or not isinstance(s, (str, int)) or s == "" or (isinstance(s, int) and s < 0):
                 raise ValueError(f"stop entries must be non-empty strings or token ids >= 0, got {s!r}")

@@ -95,7 +95,7 @@ class Scheduler:
                     seq.finish_reason = "error"
                     seq.metrics.end_time = seq.metrics.start_time
                     req.chunks.append(StreamChunk(seq.request_id, [], "", True, "error",
-                                                  eng._output(seq, self.detok, error)))
+                                                  eng._output(seq, self.detok, error), *seq.logprobs_of(0)))
                     req.done = True
                 else:
                     self.waiting.append(req)
@@ -215,6 +215,7 @@ class Scheduler:
                 for r, new in zip(group, committed):
                     if r.seq.row in faulted:
                         del r.seq.tokens[len(r.seq.tokens) - len(new):]  # tokens drawn from the faulty step
+                        r.seq.trim_logprobs()
                         self._end(r, "error", f"the {faulted[r.seq.row]} model produced non-finite logits (NaN or "
                                               f"inf) after {len(r.seq.output_ids)} output tokens")
                         continue
@@ -222,14 +223,16 @@ class Scheduler:
                         r.seq.metrics.first_token_time = time.perf_counter()
                     reason = eng._finish(r.seq, new)
                     text = self.detok.delta(r.seq)
+                    n_out = len(r.seq.output_ids)
+                    lps = r.seq.logprobs_of(n_out - len(new), n_out)
                     if reason:
                         self._release(r)
                         r.seq.metrics.end_time = time.perf_counter()
                         r.chunks.append(StreamChunk(r.seq.request_id, new, text, True, reason,
-                                                    eng._output(r.seq, self.detok, None)))
+                                                    eng._output(r.seq, self.detok, None), *lps))
                         r.done = True
                     elif new:
-                        r.chunks.append(StreamChunk(r.seq.request_id, new, text, False))
+                        r.chunks.append(StreamChunk(r.seq.request_id, new, text, False, None, None, *lps))
                 self.cv.notify_all()
         with self.cv:
             self._reap()
@@ -294,6 +297,6 @@ class Scheduler:
             with self.tok_lock:
                 text = self.detok.text(seq)
             out = RequestOutput(seq.request_id, seq.tokens[:seq.prompt_len], seq.output_ids, text, reason,
-                                seq.metrics, error)
-            r.chunks.append(StreamChunk(seq.request_id, [], "", True, reason, out))
+                                seq.metrics, error, *seq.logprobs_of(0))
+            r.chunks.append(StreamChunk(seq.request_id, [], "", True, reason, out, *seq.logprobs_of(len(seq.output_ids))))
         r.done = True

@@ -116,6 +116,10 @@ class RequestOutput:
     finish_reason: str | None  # "length" | "stop" | "eos" | "error"
     metrics: RequestMetrics
     error: str | None = None
+    # SamplingParams.logprobs: each output token's log-probability, and the top alternatives [(id, logprob)] at
+    # its position (most likely first); None when not asked for
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 @dataclass
@@ -128,6 +132,8 @@ class StreamChunk:
     finished: bool
     finish_reason: str | None = None
     output: RequestOutput | None = None  # set on the last chunk
+    logprobs: list[float] | None = None  # the chunk's tokens' (SamplingParams.logprobs)
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 class Sequence:
@@ -156,6 +162,9 @@ class Sequence:
         self.finish_reason: str | None = None
         self.metrics = RequestMetrics(prompt_tokens=len(prompt_ids), start_time=time.perf_counter())
         self.text_len = 0  # characters of output text already streamed
+        # SamplingParams.logprobs: per output token, its log-probability and the top alternatives at its position
+        self.logprobs: list[float] | None = None if params.logprobs is None else []
+        self.top_logprobs: list[list[tuple[int, float]]] | None = None if params.logprobs is None else []
 
     @property
     def output_ids(self) -> list[int]:
@@ -164,6 +173,18 @@ class Sequence:
     @property
     def remaining(self) -> int:
         return self.params.max_tokens - len(self.output_ids)
+
+    def trim_logprobs(self) -> None:
+        """Drop the log-probabilities of tokens the stop conditions (or a fault) took back."""
+        if self.logprobs is not None:
+            n = len(self.tokens) - self.prompt_len
+            del self.logprobs[n:], self.top_logprobs[n:]
+
+    def logprobs_of(self, start: int, end: int | None = None) -> tuple[list | None, list | None]:
+        """(logprobs, top_logprobs) of output tokens [start, end), or (None, None) when not asked for."""
+        if self.logprobs is None:
+            return None, None
+        return self.logprobs[start:end], self.top_logprobs[start:end]
 
     def pending(self, model: str) -> list[int]:
         """Committed tokens the model has not cached yet (at least the last one)."""

@@ -95,6 +95,27 @@ def test_greedy_drafts_over_the_reduced_head_equal_the_full_vocabulary_ones(draf
     assert sum(d for _, d, _, _ in got) > 0 and sum(f for *_, f in got) > 0  # drafts and fallbacks both seen
 
 
+def test_small_only_logprobs_over_the_reduced_head_equal_the_full_vocabulary_ones(draft_dir, large_model,
+                                                                                  monkeypatch):
+    """SmallOnly's logprobs (SamplingParams.logprobs) from logits over the head's own ids: its top alternatives
+    mapped back to token ids, the same values as from the [n, V] logits (-inf outside the head)."""
+    from bild_kernels import SmallOnly
+    from bild_kernels.engine.drafting import Drafting
+    eng = Engine(large=large_model, small=str(draft_dir), dtype=torch.float64, max_batch_size=2, max_model_len=64,
+                 block_size=4)
+    prompts, params = [[5, 17, 3], [8, 9]], SamplingParams(max_tokens=8, logprobs=4)
+    reduced = eng.generate(prompts, params, policy=SmallOnly())
+    assert eng._head_vocab([type("Row", (), {"params": params})()]) is not None
+    monkeypatch.setattr(Drafting, "_head_vocab", lambda self, running: None)
+    full = eng.generate(prompts, params, policy=SmallOnly())
+    for a, b in zip(reduced, full):
+        assert a.token_ids == b.token_ids
+        torch.testing.assert_close(a.logprobs, b.logprobs, rtol=0, atol=1e-12)
+        assert [[t for t, _ in x] for x in a.top_logprobs] == [[t for t, _ in x] for x in b.top_logprobs]
+        assert all(t == x[0][0] for t, x in zip(a.token_ids, a.top_logprobs))  # greedy: the top alternative
+    assert_all_free(eng)
+
+
 def test_sampled_rows_draft_over_the_full_vocabulary(draft_dir, large_model):
     eng = Engine(large=large_model, small=str(draft_dir), dtype=torch.float64, max_batch_size=2, max_model_len=64,
                  block_size=4)

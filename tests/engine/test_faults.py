@@ -64,6 +64,11 @@ def test_fault_mid_generation_keeps_the_tokens_before_it(large_model, small_mode
     # The token itself is committed; the pass that reads it back produces the NaN.
     assert out.finish_reason == "error" and out.token_ids == full[:k + 1]
     assert f"after {k + 1} output tokens" in out.error
+    # asked for, the log-probabilities of the tokens it keeps: as many, all finite
+    out = eng.generate([prompt], SamplingParams(max_tokens=N, logprobs=2), policy=LargeOnly())[0]
+    assert out.finish_reason == "error" and out.token_ids == full[:k + 1]
+    assert len(out.logprobs) == len(out.top_logprobs) == k + 1
+    assert all(lp <= 0 for lp in out.logprobs) and torch.isfinite(torch.tensor(out.logprobs)).all()
     assert_all_free(eng)
 
 
