@@ -27,6 +27,10 @@ from bild_kernels.engine.iteration import Iteration
 from bild_kernels.engine.params import SamplingParams
 from bild_kernels.engine.policies import BiLD, LargeOnly, Policy, bild_from_dict
 from bild_kernels.engine.prefix_cache import PrefixCache, PrefixEntry
+
+# Engine(prefix_cache="auto")'s budget where it is on: prompt positions kept (~190 MB for the default pair's 30 layers
+# of float32 keys and values, a quarter of its default KV pool; ~60 of its chat prompts)
+PREFIX_CACHE_AUTO_TOKENS = 4096
 from bild_kernels.engine.runner import ModelRunner, load_executor
 from bild_kernels.engine.scheduler import Scheduler
 from bild_kernels.engine.sequence import RequestOutput, Sequence, StreamChunk
@@ -114,7 +118,11 @@ class Engine(Iteration):
         prompt into its blocks at admission instead of prefilling it (`bild_kernels.engine.prefix_cache`): what
         requests that share a system prompt or a template save of their time to first token. None or 0 (the
         default): off. `Engine.prefix_cache` is then the cache (its hits, `clear()`, `discard(prompt)`), and each
-        request's metrics count its `cached_prompt_tokens`.
+        request's metrics count its `cached_prompt_tokens`. "auto" (the default): PREFIX_CACHE_AUTO_TOKENS where a
+        hit provably changes nothing but the time (the large model's layers and head compute each token's row
+        on its own, the same bits whatever else its pass holds: `LlamaExecutor.rows_independent`, the default
+        pair's GGUF blocks on a CPU with AVX-512 VNNI), else off (elsewhere float32 / bf16 products may round a
+        row differently in a shorter pass: ask for it by number there).
     """
 
     def __init__(self, large=None, small=None, *, device: str = "cpu", dtype: torch.dtype | None = None,
@@ -122,7 +130,7 @@ class Engine(Iteration):
                  block_size: int = 16, kv_cache_memory: int | float | None = None, tokenizer=None,
                  draft_loop: str | None = None, small_dtype: torch.dtype | None = None,
                  small_weights: str | None = "auto", extend_passes: str | None = None,
-                 draft_max_batch: int | str | None = "auto", prefix_cache: int | None = None):
+                 draft_max_batch: int | str | None = "auto", prefix_cache: int | str | None = "auto"):
         if large is None:
             if small is not None:
                 raise ValueError("small given without large: name both models, or neither for the default pair")
@@ -135,10 +143,10 @@ class Engine(Iteration):
         if draft_max_batch != "auto" and draft_max_batch is not None and (
                 isinstance(draft_max_batch, bool) or not isinstance(draft_max_batch, int) or draft_max_batch < 1):
             raise ValueError(f"draft_max_batch must be an int >= 1, None or 'auto', got {draft_max_batch!r}")
-        if prefix_cache is not None and (isinstance(prefix_cache, bool) or not isinstance(prefix_cache, int)
-                                         or prefix_cache < 0):
-            raise ValueError(f"prefix_cache must be a number of tokens (an int >= 0) or None, got {prefix_cache!r}")
-        self.prefix_cache = PrefixCache(prefix_cache) if prefix_cache else None
+        if prefix_cache not in (None, "auto") and (isinstance(prefix_cache, bool) or not isinstance(prefix_cache, int)
+                                                   or prefix_cache < 0):
+            raise ValueError(f"prefix_cache must be a number of tokens (an int >= 0), 'auto' or None, "
+                             f"got {prefix_cache!r}")
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device='cuda' but no CUDA device is available")
@@ -204,6 +212,10 @@ class Engine(Iteration):
         if small_exec is not None:
             self.runners["small"] = ModelRunner(small_exec, **kw)
         self.draft_loop, self.extend_passes = draft_loop, extend_passes
+        if prefix_cache == "auto":
+            prefix_cache = (PREFIX_CACHE_AUTO_TOKENS if large_exec.rows_independent
+                            and max_model_len <= large_exec.fused_max_tokens else None)
+        self.prefix_cache = PrefixCache(prefix_cache) if prefix_cache else None
         if self.prefix_cache is not None:
             self.runners["large"].kv_pool()  # the large model's caches must move a run of positions in one go
         if extend_passes != "eager":

@@ -282,6 +282,16 @@ class LlamaExecutor:
         return "q4_1x16" if self.activation_bits == 16 else "q4_1x16i8"
 
     @property
+    def rows_independent(self) -> bool:
+        """Whether each token's keys, values and logits come out the same bits whatever else its pass holds (for
+        passes of up to fused_max_tokens): the fused CPU layers and the head on GGUF blocks packed for integer
+        activations, which round and multiply each row on its own (tests/engine/test_int16_activations.py). Where
+        it holds, a prompt prefix copied from the prefix cache changes nothing but the time."""
+        attn = self.attn_backend or default_attention_backend(self.device, self.dtype)
+        return (self.device.type == "cpu" and self._fused is not None and attn == "cpu"
+                and self.layer_blocks in ("q4_1x16", "q4_1x16i8") and self.head_blocks in ("q8_0x16", "q8_0x16i8"))
+
+    @property
     def fused_max_tokens(self) -> int:
         """The longest pass (tokens) that takes the fused CPU layer; longer ones run as ops on F.linear."""
         kind = self.layer_blocks or ""

