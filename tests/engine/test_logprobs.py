@@ -6,6 +6,8 @@ import torch
 from bild_kernels import BiLD, Engine, Greedy, LargeOnly, SamplingParams, SmallOnly, SpeculativeSampling
 from bild_kernels.engine.policies import Jacobi, NGram, ShallowDeep
 
+from tests.conftest import requires_gpu
+
 from .conftest import assert_all_free, flat_pair
 
 PROMPTS = [[5, 17, 3, 44], [2, 90, 61, 7, 7, 12, 30, 1], [15, 8]]
@@ -128,4 +130,26 @@ def test_more_alternatives_than_the_vocabulary_fails_that_request_only():
                                            SamplingParams(max_tokens=4, logprobs=12)], policy=Greedy())
     assert outs[0].finish_reason == "error" and "logprobs=13" in outs[0].error and outs[0].logprobs == []
     assert len(outs[1].token_ids) == 4 and len(outs[1].top_logprobs[0]) == 12
+    assert_all_free(eng)
+
+
+@requires_gpu
+@pytest.mark.parametrize("policy, params", [
+    (BiLD(fallback_threshold=0.3, rollback_threshold=2.0, max_draft_len=4), SamplingParams(max_tokens=N, logprobs=3)),
+    (SpeculativeSampling(max_draft_len=3), SamplingParams(max_tokens=N, temperature=1.0, seed=3, logprobs=3)),
+    (LargeOnly(), SamplingParams(max_tokens=N, logprobs=0))], ids=["bild", "speculative-sampling", "large-only"])
+def test_logprobs_on_gpu_under_the_graphed_loop_and_passes(large_model, small_model, policy, params):
+    """On a GPU (graphed draft runs and extend passes, float32): the same tokens as without logprobs, and the large
+    model's log-softmax at each of them within float32 rounding."""
+    eng = Engine(large=large_model, small=small_model, device="cuda", dtype=torch.float32, max_batch_size=3,
+                 max_model_len=64, block_size=4)
+    plain = eng.generate(PROMPTS, SamplingParams(max_tokens=N, temperature=params.temperature, seed=params.seed),
+                         policy=policy)
+    outs = eng.generate(PROMPTS, params, policy=policy)
+    for p, a, o in zip(PROMPTS, plain, outs):
+        assert a.token_ids == o.token_ids and len(o.logprobs) == len(o.token_ids) == len(o.top_logprobs)
+        want = _teacher_forced(large_model, p, o.token_ids)
+        got = torch.tensor(o.logprobs, dtype=torch.float64)
+        torch.testing.assert_close(got, want.gather(1, torch.tensor(o.token_ids)[:, None])[:, 0], rtol=0, atol=1e-3)
+        assert all(len(a) == params.logprobs for a in o.top_logprobs)
     assert_all_free(eng)
