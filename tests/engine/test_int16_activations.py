@@ -23,6 +23,11 @@ NAMES = ("qkv", "o", "gate_up", "down")
 def _blocked(seed=0):
     """A tiny float32 executor whose projections are Q4_1 weights, and their blocks."""
     ex, _ = load_model(tiny_llama(seed, 2, hidden=64, vocab=97, dtype=torch.float32), dtype="float32")
+    return ex, _q4_1_layers(ex)
+
+
+def _q4_1_layers(ex) -> list[dict]:
+    """Replace ex's projections by the float32 weights of Q4_1 blocks near them; return those blocks per layer."""
     blocks = []
     for w in ex.layers:
         layer = {}
@@ -31,7 +36,7 @@ def _blocked(seed=0):
             setattr(w, n, wf)
             layer[n] = (q, dm)
         blocks.append(layer)
-    return ex, blocks
+    return blocks
 
 
 @needs_x16
@@ -229,14 +234,7 @@ def _packed_engine(prefix_cache):
     eng = Engine(large=large, small=small, dtype=torch.float32, max_batch_size=2, max_model_len=64, block_size=4,
                  prefix_cache=prefix_cache)
     ex = eng.runners["large"].executor
-    blocks = []
-    for w in ex.layers:
-        layer = {}
-        for n in NAMES:
-            q, dm, wf = _q4_1_of(getattr(w, n))
-            setattr(w, n, wf)
-            layer[n] = (q, dm)
-        blocks.append(layer)
+    blocks = _q4_1_layers(ex)
     q, d, w = _q8_0_of(ex.lm_head)
     ex.lm_head = w.contiguous()
     assert ex.use_q4_1_layers(blocks, "int16") and ex.use_q8_0_head(q, d, "int16")
