@@ -192,6 +192,11 @@ def cmd_generate(args) -> int:
     engine = _engine(args, max_model_len=args.max_model_len)
     policy = _policy(args, engine)
     chat = not args.no_chat_template and bool(getattr(engine.tokenizer, "chat_template", None))
+    if args.system is not None:
+        if not chat:
+            raise UsageError("--system needs the model's chat template (this model has none, or --no-chat-template "
+                             "was given)")
+        prompt = [{"role": "system", "content": args.system}, {"role": "user", "content": prompt}]
     load_s = time.perf_counter() - t_load
     out = None
     for chunk in engine.stream(prompt, params, policy=policy, chat_template=chat):
@@ -458,6 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--no-chat-template", action="store_true", help="send the prompt as raw text")
+    g.add_argument("--system", metavar="TEXT", help="a system message before the prompt (through the chat template)")
     g.set_defaults(func=cmd_generate)
 
     for name, func, hlp in (("eval", cmd_eval, "quality and speed vs the large model alone (held-out prompts)"),

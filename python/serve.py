@@ -10,6 +10,12 @@ Endpoints (JSON; errors are {"error": {"message", "type"}} with status 400 / 404
                            "greedy"|"speculative-sampling"|"large-only"|"small-only"|"jacobi"|"shallow-deep"|
                            "ngram", ...the policy's keyword arguments; "lookup": {NGram's} for the drafting ones},
                            logprobs: null | 0..20}
+  POST /v1/chat/completions
+                          {messages: [{role: "system"|"user"|"assistant", content: str}, ...], max_tokens (or
+                           max_completion_tokens)=16, logprobs: bool, top_logprobs: 0..20, and the fields above
+                           but prompt}: the messages through the model's chat template; OpenAI's chat.completion
+                           reply (choices[0].message.content, or with "stream": true chat.completion.chunk events
+                           whose choices[0].delta carries the new text); finish_reason "stop" for an EOS
 With "stream": true the reply is server-sent events, one `data: {...}` per committed run of tokens and
 `data: [DONE]` at the end. Each choice carries, besides OpenAI's text and finish_reason, the token ids
 ("token_ids") and, at the end, the engine's "error" when the request ended early (finish_reason "error" or
@@ -40,6 +46,8 @@ POLICIES = {"bild": BiLD, "greedy": Greedy, "speculative-sampling": SpeculativeS
 MAX_BODY = 1 << 20  # bytes
 FIELDS = {"prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "timeout", "policy",
           "model", "n", "user", "ignore_eos", "logprobs"}
+CHAT_FIELDS = FIELDS - {"prompt"} | {"messages", "max_completion_tokens", "top_logprobs"}
+ROUTES = {"/v1/completions": "text", "/v1/chat/completions": "chat"}
 
 
 class BadRequest(ValueError):
@@ -82,17 +90,22 @@ class Service:
                 self._policies.pop(next(iter(self._policies)))
             return self._policies.setdefault(key, pol)
 
-    def parse(self, body: dict):
+    def parse(self, body: dict, kind: str = "text"):
+        """(prompt, SamplingParams, policy, stream) of a completions body (kind "text") or a chat completions one
+        ("chat": the prompt is its messages, which the engine puts through the chat template)."""
         if not isinstance(body, dict):
             raise BadRequest("the request body must be a JSON object")
-        unknown = set(body) - FIELDS
+        unknown = set(body) - (FIELDS if kind == "text" else CHAT_FIELDS)
         if unknown:
             raise BadRequest(f"unsupported field(s): {sorted(unknown)}")
         if body.get("n", 1) != 1:
             raise BadRequest("n must be 1")
-        prompt = body.get("prompt")
-        if not (isinstance(prompt, str) or (isinstance(prompt, list) and all(type(t) is int for t in prompt))):
-            raise BadRequest("prompt must be a string or a list of token ids")
+        if kind == "chat":
+            prompt, body = self._chat_body(body)
+        else:
+            prompt = body.get("prompt")
+            if not (isinstance(prompt, str) or (isinstance(prompt, list) and all(type(t) is int for t in prompt))):
+                raise BadRequest("prompt must be a string or a list of token ids")
         stop = body.get("stop")
         stop = () if stop is None else (stop,) if isinstance(stop, (str, int)) else stop
         if not isinstance(stop, list | tuple):
@@ -110,14 +123,56 @@ class Service:
             raise BadRequest("stream must be true or false")
         return prompt, params, self.policy(body.get("policy")), body.get("stream", False)
 
+    def _chat_body(self, body: dict):
+        """The messages of a chat body, and the body in the completions fields the rest of `parse` reads."""
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+            raise BadRequest('messages must be a non-empty list of {"role": ..., "content": ...} objects')
+        if "max_tokens" in body and "max_completion_tokens" in body:
+            raise BadRequest("give max_tokens or max_completion_tokens, not both")
+        logprobs, top = body.get("logprobs", False), body.get("top_logprobs")
+        if not isinstance(logprobs, bool):
+            raise BadRequest("logprobs must be true or false (top_logprobs says how many alternatives)")
+        if top is not None and not logprobs:
+            raise BadRequest("top_logprobs needs logprobs: true")
+        rest = {k: v for k, v in body.items() if k not in ("messages", "max_completion_tokens", "top_logprobs")}
+        if "max_completion_tokens" in body:
+            rest["max_tokens"] = body["max_completion_tokens"]
+        rest["logprobs"] = (0 if top is None else top) if logprobs else None
+        return messages, rest
+
     def choice(self, text, token_ids, finish_reason, error=None, logprobs=None, top_logprobs=None,
-               offset: int = 0) -> dict:
-        c = {"index": 0, "text": text, "token_ids": token_ids, "finish_reason": finish_reason}
-        if logprobs is not None:
-            c["logprobs"] = self.logprobs(token_ids, logprobs, top_logprobs, offset)
+               offset: int = 0, kind: str = "text", first: bool = True, stream: bool = False) -> dict:
+        """One choice of a reply: completions' {text, ...}; chat's {message: {role, content}, ...}, or in a stream
+        {delta: {content}} (with the role in the first event)."""
+        if kind == "text":
+            c = {"index": 0, "text": text, "token_ids": token_ids, "finish_reason": finish_reason}
+            if logprobs is not None:
+                c["logprobs"] = self.logprobs(token_ids, logprobs, top_logprobs, offset)
+        else:
+            if stream:
+                c = {"index": 0, "delta": ({"role": "assistant", "content": text} if first else {"content": text})}
+            else:
+                c = {"index": 0, "message": {"role": "assistant", "content": text}}
+            c.update(token_ids=token_ids, finish_reason="stop" if finish_reason == "eos" else finish_reason)
+            if logprobs is not None:
+                c["logprobs"] = {"content": self.chat_logprobs(token_ids, logprobs, top_logprobs)}
         if error:
             c["error"] = error
         return c
+
+    def chat_logprobs(self, token_ids, logprobs, top_logprobs) -> list[dict]:
+        """The chat API's logprobs.content: per token its text, logprob, UTF-8 bytes and top alternatives."""
+        eng = self.engine
+        texts = eng.token_texts(token_ids)
+        alts = eng.token_texts([t for row in top_logprobs for t, _ in row])
+        out, k = [], 0
+        for text, lp, row in zip(texts, logprobs, top_logprobs):
+            top = [{"token": alts[k + j], "logprob": v, "bytes": list(alts[k + j].encode())}
+                   for j, (_, v) in enumerate(row)]
+            k += len(row)
+            out.append({"token": text, "logprob": lp, "bytes": list(text.encode()), "top_logprobs": top})
+        return out
 
     def logprobs(self, token_ids, logprobs, top_logprobs, offset: int) -> dict:
         """OpenAI's completions "logprobs" object for `token_ids`, their texts counted from `offset`."""
@@ -134,8 +189,10 @@ class Service:
             offset += len(t)
         return {"tokens": texts, "token_logprobs": logprobs, "top_logprobs": top, "text_offset": starts}
 
-    def envelope(self, request_id: int, choice: dict, created: int, usage=None) -> dict:
-        out = {"id": f"cmpl-{request_id}", "object": "text_completion", "created": created,
+    def envelope(self, request_id: int, choice: dict, created: int, usage=None, kind: str = "text",
+                 stream: bool = False) -> dict:
+        obj = "text_completion" if kind == "text" else "chat.completion.chunk" if stream else "chat.completion"
+        out = {"id": f"{'cmpl' if kind == 'text' else 'chatcmpl'}-{request_id}", "object": obj, "created": created,
                "model": self.model_name, "choices": [choice]}
         if usage is not None:
             out["usage"] = usage
@@ -178,7 +235,8 @@ class Handler(BaseHTTPRequestHandler):
             self._error(404, f"no route {self.path}", "not_found")
 
     def do_POST(self):
-        if self.path != "/v1/completions":
+        kind = ROUTES.get(self.path)
+        if kind is None:
             return self._error(404, f"no route {self.path}", "not_found")
         try:
             n = int(self.headers.get("Content-Length", ""))
@@ -193,16 +251,16 @@ class Handler(BaseHTTPRequestHandler):
             return self._error(400, f"invalid JSON: {e}")
         svc = self.service
         try:
-            prompt, params, policy, stream = svc.parse(body)
+            prompt, params, policy, stream = svc.parse(body, kind)
         except BadRequest as e:
             return self._error(e.status, str(e))
         if not svc.slots.acquire(blocking=False):
             return self._error(503, "server busy: too many requests in flight", "overloaded")
         try:
             if stream:
-                self._stream(prompt, params, policy)
+                self._stream(prompt, params, policy, kind)
             else:
-                self._complete(prompt, params, policy)
+                self._complete(prompt, params, policy, kind)
         except (TypeError, ValueError) as e:  # the engine's documented argument errors
             self._error(400, str(e))
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
@@ -212,16 +270,16 @@ class Handler(BaseHTTPRequestHandler):
         finally:
             svc.slots.release()
 
-    def _complete(self, prompt, params, policy):
+    def _complete(self, prompt, params, policy, kind="text"):
         svc, created = self.service, int(time.time())
         out = svc.engine.generate([prompt], params, policy=policy)[0]
         if _refused(out):
             return self._error(400, out.error)
         choice = svc.choice(out.text or "", out.token_ids, out.finish_reason, out.error, out.logprobs,
-                            out.top_logprobs)
-        self._json(200, svc.envelope(out.request_id, choice, created, _usage(out)))
+                            out.top_logprobs, kind=kind)
+        self._json(200, svc.envelope(out.request_id, choice, created, _usage(out), kind))
 
-    def _stream(self, prompt, params, policy):
+    def _stream(self, prompt, params, policy, kind="text"):
         svc, created = self.service, int(time.time())
         with closing(svc.engine.stream(prompt, params, policy=policy)) as chunks:  # closing cancels the request
             first = next(chunks)
@@ -235,14 +293,14 @@ class Handler(BaseHTTPRequestHandler):
             self.end_headers()
             self.close_connection = True
             try:
-                offset = 0  # tokens' texts so far (logprobs' text_offset)
-                for c in _chain(first, chunks):
+                offset = 0  # tokens' texts so far (completions' logprobs text_offset)
+                for i, c in enumerate(_chain(first, chunks)):
                     o = c.output
                     choice = svc.choice(c.text, c.token_ids, c.finish_reason, o.error if o else None, c.logprobs,
-                                        c.top_logprobs, offset)
-                    if c.logprobs:
+                                        c.top_logprobs, offset, kind, first=i == 0, stream=True)
+                    if c.logprobs and kind == "text":
                         offset += sum(len(t) for t in choice["logprobs"]["tokens"])
-                    event = svc.envelope(c.request_id, choice, created, _usage(o) if o else None)
+                    event = svc.envelope(c.request_id, choice, created, _usage(o) if o else None, kind, stream=True)
                     self.wfile.write(b"data: " + json.dumps(event).encode() + b"\n\n")
                     self.wfile.flush()
                 self.wfile.write(b"data: [DONE]\n\n")

@@ -40,14 +40,21 @@ def tiny_models(dtype=torch.float64):
 
 
 def tokenizer():
-    """Words w0 ... w95 and <unk> (id 96), split on whitespace."""
+    """Words w0 ... w95 and <unk> (id 96), split on whitespace; a chat template in those words (CHAT_TEMPLATE)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     vocab = {f"w{i}": i for i in range(VOCAB - 1)}
     vocab["<unk>"] = VOCAB - 1
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>")
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>")
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+# A chat template in the tiny vocabulary's words: w90 opens a turn, w91 / w92 / w93 name its role, w94 closes it.
+CHAT_TEMPLATE = ("{% for m in messages %}w90 {{ {'system': 'w91', 'user': 'w92', 'assistant': 'w93'}[m['role']] }} "
+                 "{{ m['content'] }} w94 {% endfor %}{% if add_generation_prompt %}w90 w93{% endif %}")
 
 
 def save_tiny_pair(root, dtype=torch.float64) -> tuple[Path, Path]:

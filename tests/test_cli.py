@@ -46,6 +46,28 @@ def test_generate_streams_text_and_reports_the_run(capsys, pair_dirs):
         assert word in last
 
 
+def test_generate_puts_a_system_message_before_the_prompt(capsys, tmp_path, pair_dirs):
+    import shutil
+
+    from bild_kernels import Engine, Greedy, SamplingParams
+    large, _ = pair_dirs
+    chat = tmp_path / "chat"
+    shutil.copytree(large, chat)
+    tok = word_tokenizer([f"w{i}" for i in range(90)] + ["turn", "system", "user", "assistant", "endturn"])
+    tok.chat_template = ("{% for m in messages %}turn {{ m['role'] }} {{ m['content'] }} endturn {% endfor %}"
+                         "{% if add_generation_prompt %}turn assistant{% endif %}")
+    tok.save_pretrained(chat)
+    code, out, err = _run(capsys, "generate", "w1 w2", "--system", "w5 w6", "--large", chat, "--max-tokens", 8,
+                          "--policy", "large-only")
+    assert code == 0, err
+    eng = Engine(large=str(chat), max_batch_size=1, max_model_len=64)
+    want = eng.generate([[{"role": "system", "content": "w5 w6"}, {"role": "user", "content": "w1 w2"}]],
+                        SamplingParams(max_tokens=8))[0]
+    plain = eng.generate(["w1 w2"], SamplingParams(max_tokens=8), chat_template=True)[0]
+    assert want.prompt_token_ids[:5] == tok("turn system w5 w6 endturn")["input_ids"]
+    assert out.strip() == want.text.strip() and want.prompt_token_ids != plain.prompt_token_ids
+
+
 @pytest.mark.parametrize("policy", [["greedy"], ["jacobi", "--block-size", "3"], ["shallow-deep", "--exit-layer", "1"],
                                     ["bild", "--rollback-threshold", "0"], ["ngram", "--max-draft-len", "5"],
                                     ["greedy", "--lookup", "3", "--min-ngram", "1"]])
@@ -86,6 +108,8 @@ def test_generate_reports_the_lookups_drafts(capsys, pair_dirs):
     (["generate", "hi", "--large", "{large}", "--policy", "jacobi", "--block-size", "0"], "block_size must be"),
     (["generate", "hi", "--large", "{large}", "--draft-max-batch", "0"], "draft-max-batch must be a positive int"),
     (["generate", "hi", "--large", "{large}", "--prefix-cache", "-4"], "--prefix-cache must be a number of tokens"),
+    (["generate", "hi", "--large", "{large}", "--prefix-cache", "lots"], "--prefix-cache must be a number of tokens"),
+    (["generate", "hi", "--large", "{large}", "--system", "be brief"], "--system needs the model's chat template"),
     (["generate", "hi", "--large", "{large}", "--policy", "greedy", "--max-ngram", "2"], "without --lookup"),
     (["generate", "hi", "--large", "{large}", "--policy", "ngram", "--lookup", "2"], "--lookup does not apply"),
     (["generate", "hi", "--large", "{large}", "--policy", "greedy", "--lookup", "-2"], "--lookup must be an int in"),

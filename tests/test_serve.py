@@ -120,6 +120,72 @@ def test_logprobs_as_openai_completions_give_them(server, stream):
     _all_free(eng)
 
 
+CHAT = [{"role": "system", "content": "w5 w6"}, {"role": "user", "content": "w1 w2 w3"}]
+
+
+def _post(server, path, body):
+    code, data = _raw(server, "POST", path, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    return code, (_sse(data) if body.get("stream") and code == 200 else json.loads(data))
+
+
+@pytest.mark.parametrize("body", [
+    {"messages": CHAT, "max_tokens": 10},
+    {"messages": CHAT, "max_completion_tokens": 9, "temperature": 0.8, "seed": 5,
+     "policy": {"name": "speculative-sampling"}},
+    {"messages": CHAT[1:], "max_tokens": 10, "logprobs": True, "top_logprobs": 2,
+     "policy": {"name": "bild", "fallback_threshold": 0.3, "rollback_threshold": 2.0}}])
+def test_chat_completions_streamed_equal_complete_equal_engine(server, body):
+    eng = server.service.engine
+    _, params, policy, _ = server.service.parse(body, "chat")
+    alone = eng.generate([body["messages"]], params, policy=policy)[0]
+    want_ids = eng.tokenizer.apply_chat_template(body["messages"], add_generation_prompt=True, tokenize=True)
+    assert alone.prompt_token_ids == list(want_ids["input_ids"]) and alone.token_ids
+    code, full = _post(server, "/v1/chat/completions", body)
+    assert code == 200 and full["object"] == "chat.completion" and full["id"].startswith("chatcmpl-")
+    c = full["choices"][0]
+    assert c["message"] == {"role": "assistant", "content": alone.text} and c["token_ids"] == alone.token_ids
+    assert c["finish_reason"] == ("stop" if alone.finish_reason == "eos" else alone.finish_reason)
+    assert full["usage"]["prompt_tokens"] == len(alone.prompt_token_ids)
+    code, events = _post(server, "/v1/chat/completions", {**body, "stream": True})
+    assert code == 200 and all(e["object"] == "chat.completion.chunk" for e in events)
+    deltas = [e["choices"][0]["delta"] for e in events]
+    assert deltas[0]["role"] == "assistant" and all("role" not in d for d in deltas[1:])
+    assert "".join(d["content"] for d in deltas) == alone.text
+    assert sum((e["choices"][0]["token_ids"] for e in events), []) == alone.token_ids
+    assert events[-1]["choices"][0]["finish_reason"] == c["finish_reason"]
+    if body.get("logprobs"):
+        for got in (c["logprobs"]["content"], sum((e["choices"][0]["logprobs"]["content"] for e in events), [])):
+            assert [x["logprob"] for x in got] == pytest.approx(alone.logprobs, abs=1e-9)
+            assert [x["token"] for x in got] == eng.token_texts(alone.token_ids)
+            assert all(x["bytes"] == list(x["token"].encode()) and len(x["top_logprobs"]) == 2 for x in got)
+            assert [[a["token"] for a in x["top_logprobs"]] for x in got] == [
+                eng.token_texts([t for t, _ in a]) for a in alone.top_logprobs]
+    else:
+        assert "logprobs" not in c
+    _all_free(eng)
+
+
+@pytest.mark.parametrize("body, match", [
+    ({"max_tokens": 3}, "messages must be a non-empty list"),
+    ({"messages": []}, "messages must be a non-empty list"),
+    ({"messages": ["w1"]}, "messages must be a non-empty list"),
+    ({"messages": [{"role": "robot", "content": "w1"}]}, "message 0 must be"),
+    ({"messages": [{"role": "user", "content": 3}]}, "message 0 must be"),
+    ({"messages": [{"role": "user"}]}, "message 0 must be"),
+    ({"messages": CHAT, "logprobs": 3}, "logprobs must be true or false"),
+    ({"messages": CHAT, "top_logprobs": 2}, "top_logprobs needs logprobs: true"),
+    ({"messages": CHAT, "logprobs": True, "top_logprobs": 30}, "logprobs must be None or an int in [0, 20]"),
+    ({"messages": CHAT, "max_tokens": 3, "max_completion_tokens": 3}, "not both"),
+    ({"messages": CHAT, "prompt": "w1"}, "unsupported field(s): ['prompt']"),
+    ({"messages": CHAT, "max_completion_tokens": 0}, "max_tokens"),
+])
+@pytest.mark.parametrize("stream", [False, True])
+def test_hostile_chat_requests_get_clear_errors(server, body, match, stream):
+    code, data = _post(server, "/v1/chat/completions", {**body, "stream": stream})
+    assert code == 400 and match in data["error"]["message"], data
+    _all_free(server.service.engine)
+
+
 def test_concurrent_clients_equal_alone(programs, server):
     lt = programs["load_test"]
     bodies = lt.request_mix(12, seed=1, max_tokens=12)
@@ -151,6 +217,7 @@ def test_concurrent_clients_equal_alone(programs, server):
     (json.dumps({"prompt": "w1", "logprobs": "all"}), 400, "logprobs"),
     (json.dumps({"prompt": "w1", "best_of": 5}), 400, "unsupported"),
     (json.dumps({"prompt": [1, 500], "stream": True}), 400, "outside the vocabulary"),
+    (json.dumps({"messages": [{"role": "user", "content": "w1"}]}), 400, "unsupported field(s): ['messages']"),
 ])
 def test_hostile_requests_get_clear_errors(server, body, status, match):
     body = body.encode() if isinstance(body, str) else body
@@ -164,6 +231,7 @@ def test_routes_and_limits(server):
     assert json.loads(_raw(server, "GET", "/v1/models")[1])["data"][0]["object"] == "model"
     assert _raw(server, "GET", "/nope")[0] == 404
     assert _raw(server, "POST", "/v1/chat", b"{}")[0] == 404
+    assert _raw(server, "POST", "/v1/chat/completions", b"{}")[0] == 400
     assert _raw(server, "POST", "/v1/completions", b"x", {"Content-Length": str(1 << 24)})[0] == 413
 
 

@@ -273,8 +273,9 @@ class Engine(Iteration):
     # ------------------------------------------------------------------------------------------
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
                  policy: Policy | None = None, *, chat_template: bool = False) -> list[RequestOutput]:
-        """Generate for every prompt (a string or a list of token ids); one RequestOutput each, in order.
-        `params` is one SamplingParams for all prompts or a list with one per prompt.
+        """Generate for every prompt (a string, a list of token ids, or a conversation: a list of {"role", "content"}
+        messages, put through the tokenizer's chat template); one RequestOutput each, in order. `params` is one
+        SamplingParams for all prompts or a list with one per prompt.
 
         Safe to call from many threads at once: the requests join the engine's running batch at its next
         step (continuous batching) and leave it when done; a request's output does not depend on what
@@ -282,7 +283,8 @@ class Engine(Iteration):
         `error` set (token_ids empty); one that ends early ("timeout", "cancelled", or "error" from a
         NaN/inf in a model's logits) keeps the tokens committed before; a timeout or fault says why in `error`.
         """
-        single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int))
+        single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts
+                                              and isinstance(prompts[0], (int, dict)))  # ids, or one conversation
         prompts = [prompts] if single else list(prompts)
         reqs = self._scheduler.submit(prompts, params, policy, chat_template)
         outputs = {}

@@ -4,10 +4,40 @@ from __future__ import annotations
 from bild_kernels.engine.sequence import Sequence
 
 
+ROLES = ("system", "user", "assistant")
+
+
+def is_conversation(p) -> bool:
+    """A prompt given as chat messages: a non-empty list of dicts ({"role": ..., "content": ...})."""
+    return isinstance(p, (list, tuple)) and len(p) > 0 and all(isinstance(m, dict) for m in p)
+
+
+def conversation_ids(tokenizer, messages) -> tuple[list[int] | None, str | None]:
+    """(token ids, None) of chat messages through the tokenizer's chat template, with the assistant's generation
+    prompt appended; (None, why) when the messages or the tokenizer cannot make one."""
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        return None, "a conversation needs a chat template, and the tokenizer has none (pass a string or token ids)"
+    for j, m in enumerate(messages):
+        if set(m) != {"role", "content"} or m["role"] not in ROLES or not isinstance(m["content"], str):
+            return None, (f"message {j} must be {{'role': one of {list(ROLES)}, 'content': a string}}, "
+                          f"got {str(m)[:80]}")
+    try:
+        ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+    except Exception as e:  # the template's own checks (roles out of order, say) raise from Jinja
+        return None, f"the chat template refused these messages: {type(e).__name__}: {e}"
+    ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    return (ids, None) if ids else (None, "the chat template made no tokens of these messages")
+
+
 def resolve_prompts(prompts, tokenizer, vocab_size: int, chat_template: bool):
-    """Yield (token_ids, None) for each valid prompt, or (None, error message) for a bad one."""
+    """Yield (token_ids, None) for each valid prompt, or (None, error message) for a bad one. A prompt is a string
+    (with chat_template: one user message through the tokenizer's chat template), a list of token ids, or a
+    conversation (a list of {"role", "content"} messages, always through the chat template)."""
     for i, p in enumerate(prompts):
-        if isinstance(p, str):
+        if is_conversation(p):
+            ids, why = conversation_ids(tokenizer, p)
+            yield (ids, None) if why is None else (None, f"prompt {i}: {why}")
+        elif isinstance(p, str):
             if not p:
                 yield None, f"prompt {i} is empty"
                 continue
@@ -33,7 +63,8 @@ def resolve_prompts(prompts, tokenizer, vocab_size: int, chat_template: bool):
             else:
                 yield ids, None
         else:
-            yield None, f"prompt {i} must be a string or a list of token ids, got {type(p).__name__}"
+            yield None, (f"prompt {i} must be a string, a list of token ids or a list of chat messages, "
+                         f"got {type(p).__name__}")
 
 
 class Detokenizer:

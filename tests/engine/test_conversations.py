@@ -1,0 +1,66 @@
+"""Prompts given as chat messages: put through the tokenizer's chat template, one per request, with a clear error for
+a conversation the template cannot take (the batch's other requests complete)."""
+import pytest
+import torch
+
+from bild_kernels import Engine, Greedy, SamplingParams
+
+from .conftest import assert_all_free, hf_greedy, word_tokenizer
+
+WORDS = [f"w{i}" for i in range(90)] + ["turn", "system", "user", "assistant", "endturn"]
+TEMPLATE = ("{% for m in messages %}turn {{ m['role'] }} {{ m['content'] }} endturn {% endfor %}"
+            "{% if add_generation_prompt %}turn assistant{% endif %}")
+CHAT = [{"role": "system", "content": "w5 w6"}, {"role": "user", "content": "w1 w2 w3"}]
+
+
+@pytest.fixture(scope="module")
+def engine(large_model, small_model):
+    tok = word_tokenizer(WORDS)
+    tok.chat_template = TEMPLATE
+    return Engine(large=large_model, small=small_model, dtype=torch.float64, max_batch_size=3, max_model_len=64,
+                  block_size=4, tokenizer=tok)
+
+
+def test_a_conversation_is_its_chat_template_s_tokens(engine, large_model):
+    ids = [90, 91, 5, 6, 94, 90, 92, 1, 2, 3, 94, 90, 93]
+    assert engine.tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True)["input_ids"] == ids
+    one = engine.generate(CHAT, SamplingParams(max_tokens=8), policy=Greedy(max_draft_len=3))
+    assert len(one) == 1 and one[0].prompt_token_ids == ids and one[0].token_ids == hf_greedy(large_model, ids, 8)
+    # a string with chat_template=True is one user turn
+    user = engine.generate(["w1 w2 w3"], SamplingParams(max_tokens=8), chat_template=True)[0]
+    assert user.prompt_token_ids == engine.generate([CHAT[1:]], SamplingParams(max_tokens=8))[0].prompt_token_ids
+    chunks = list(engine.stream(CHAT, SamplingParams(max_tokens=8), policy=Greedy(max_draft_len=3)))
+    assert chunks[-1].output.token_ids == one[0].token_ids
+    assert_all_free(engine)
+
+
+@pytest.mark.parametrize("bad, match", [
+    ([{"role": "robot", "content": "w1"}], "message 0 must be"),
+    ([{"role": "user", "content": "w1"}, {"role": "user", "content": 7}], "message 1 must be"),
+    ([{"role": "user", "content": "w1", "name": "x"}], "message 0 must be"),
+    ([{"role": "user"}], "message 0 must be"),
+])
+def test_a_bad_conversation_fails_that_request_only(engine, large_model, bad, match):
+    outs = engine.generate([bad, CHAT], SamplingParams(max_tokens=6))
+    assert outs[0].finish_reason == "error" and match in outs[0].error and outs[0].error.startswith("prompt 0: ")
+    assert outs[1].error is None and len(outs[1].token_ids) == 6
+    assert_all_free(engine)
+
+
+def test_a_template_that_raises_is_a_clear_error(large_model, small_model):
+    tok = word_tokenizer(WORDS)
+    tok.chat_template = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('user first') }}{% endif %}w1"
+    eng = Engine(large=large_model, dtype=torch.float64, max_batch_size=2, max_model_len=64, block_size=4,
+                 tokenizer=tok)
+    out = eng.generate([CHAT, CHAT[1:]], SamplingParams(max_tokens=3))
+    assert out[0].finish_reason == "error" and "the chat template refused these messages" in out[0].error
+    assert "user first" in out[0].error and len(out[1].token_ids) == 3
+
+
+def test_no_chat_template_no_conversations(large_model):
+    eng = Engine(large=large_model, dtype=torch.float64, max_batch_size=2, max_model_len=64, block_size=4,
+                 tokenizer=word_tokenizer(WORDS))
+    out = eng.generate(CHAT, SamplingParams(max_tokens=3))[0]
+    assert out.finish_reason == "error" and "needs a chat template" in out.error
+    ids = Engine(large=large_model, dtype=torch.float64, max_batch_size=2, max_model_len=64, block_size=4)
+    assert "needs a chat template" in ids.generate(CHAT, SamplingParams(max_tokens=3))[0].error  # no tokenizer at all
