@@ -16,7 +16,9 @@ Endpoints (JSON; errors are {"error": {"message", "type"}} with status 400 / 404
                            but prompt}: the messages through the model's chat template; OpenAI's chat.completion
                            reply (choices[0].message.content, or with "stream": true chat.completion.chunk events
                            whose choices[0].delta carries the new text); finish_reason "stop" for an EOS
-With "stream": true the reply is server-sent events, one `data: {...}` per committed run of tokens and
+presence_penalty / frequency_penalty 0, logit_bias null or {}, and (completions) echo false and best_of 1 are
+accepted as the no-ops they are; other values are refused. stream_options is accepted (the last event carries the
+usage either way). With "stream": true the reply is server-sent events, one `data: {...}` per committed run of tokens and
 `data: [DONE]` at the end. Each choice carries, besides OpenAI's text and finish_reason, the token ids
 ("token_ids") and, at the end, the engine's "error" when the request ended early (finish_reason "error" or
 "timeout"). With "logprobs": n, each choice also carries OpenAI's "logprobs" object for its tokens: "tokens" (each
@@ -46,7 +48,12 @@ POLICIES = {"bild": BiLD, "greedy": Greedy, "speculative-sampling": SpeculativeS
 MAX_BODY = 1 << 20  # bytes
 FIELDS = {"prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "timeout", "policy",
           "model", "n", "user", "ignore_eos", "logprobs"}
-CHAT_FIELDS = FIELDS - {"prompt"} | {"messages", "max_completion_tokens", "top_logprobs"}
+# Fields clients send at their neutral values: accepted there (they change nothing), refused otherwise
+NEUTRAL = {"presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "logit_bias": (None, {}), "echo": (False,),
+           "best_of": (1,)}
+CHAT_NEUTRAL = {k: v for k, v in NEUTRAL.items() if k not in ("echo", "best_of")}
+FIELDS |= set(NEUTRAL) | {"stream_options"}
+CHAT_FIELDS = FIELDS - {"prompt", "echo", "best_of"} | {"messages", "max_completion_tokens", "top_logprobs"}
 ROUTES = {"/v1/completions": "text", "/v1/chat/completions": "chat"}
 
 
@@ -100,6 +107,15 @@ class Service:
             raise BadRequest(f"unsupported field(s): {sorted(unknown)}")
         if body.get("n", 1) != 1:
             raise BadRequest("n must be 1")
+        for k, ok in (NEUTRAL if kind == "text" else CHAT_NEUTRAL).items():
+            if k in body and not any(body[k] == v and type(body[k]) is type(v) for v in ok):
+                raise BadRequest(f"{k} is not supported (only {' or '.join(json.dumps(v) for v in ok)}, which "
+                                 f"changes nothing), got {json.dumps(body[k])}")
+        opts = body.get("stream_options")
+        if opts is not None and (not isinstance(opts, dict) or set(opts) - {"include_usage"}
+                                 or not isinstance(opts.get("include_usage", True), bool)):
+            raise BadRequest('stream_options must be {"include_usage": true|false} (the last event carries the '
+                             'usage either way)')
         if kind == "chat":
             prompt, body = self._chat_body(body)
         else:

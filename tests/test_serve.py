@@ -178,11 +178,25 @@ def test_chat_completions_streamed_equal_complete_equal_engine(server, body):
     ({"messages": CHAT, "max_tokens": 3, "max_completion_tokens": 3}, "not both"),
     ({"messages": CHAT, "prompt": "w1"}, "unsupported field(s): ['prompt']"),
     ({"messages": CHAT, "max_completion_tokens": 0}, "max_tokens"),
+    ({"messages": CHAT, "presence_penalty": 1}, "presence_penalty is not supported"),
+    ({"messages": CHAT, "echo": False}, "unsupported field(s): ['echo']"),
 ])
 @pytest.mark.parametrize("stream", [False, True])
 def test_hostile_chat_requests_get_clear_errors(server, body, match, stream):
     code, data = _post(server, "/v1/chat/completions", {**body, "stream": stream})
     assert code == 400 and match in data["error"]["message"], data
+    _all_free(server.service.engine)
+
+
+def test_neutral_fields_clients_send_are_accepted(server):
+    body = {"prompt": "w1 w2", "max_tokens": 5, "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {},
+            "echo": False, "best_of": 1, "n": 1, "stream_options": {"include_usage": True}}
+    code, full = _post(server, "/v1/completions", body)
+    assert code == 200 and len(full["choices"][0]["token_ids"]) == 5
+    chat = {"messages": CHAT, "max_tokens": 5, "presence_penalty": 0.0, "frequency_penalty": 0, "logit_bias": None,
+            "stream": True, "stream_options": {"include_usage": True}}
+    code, events = _post(server, "/v1/chat/completions", chat)
+    assert code == 200 and events[-1]["usage"]["completion_tokens"] == 5
     _all_free(server.service.engine)
 
 
@@ -215,9 +229,15 @@ def test_concurrent_clients_equal_alone(programs, server):
     (json.dumps({"prompt": "w1", "timeout": -2}), 400, "timeout_s"),
     (json.dumps({"prompt": "w1", "logprobs": 21}), 400, "logprobs"),
     (json.dumps({"prompt": "w1", "logprobs": "all"}), 400, "logprobs"),
-    (json.dumps({"prompt": "w1", "best_of": 5}), 400, "unsupported"),
+    (json.dumps({"prompt": "w1", "suffix": "w2"}), 400, "unsupported"),
     (json.dumps({"prompt": [1, 500], "stream": True}), 400, "outside the vocabulary"),
     (json.dumps({"messages": [{"role": "user", "content": "w1"}]}), 400, "unsupported field(s): ['messages']"),
+    (json.dumps({"prompt": "w1", "presence_penalty": 0.5}), 400, "presence_penalty is not supported"),
+    (json.dumps({"prompt": "w1", "frequency_penalty": True}), 400, "frequency_penalty is not supported"),
+    (json.dumps({"prompt": "w1", "logit_bias": {"5": 10}}), 400, "logit_bias is not supported"),
+    (json.dumps({"prompt": "w1", "echo": True}), 400, "echo is not supported"),
+    (json.dumps({"prompt": "w1", "best_of": 3}), 400, "best_of is not supported"),
+    (json.dumps({"prompt": "w1", "stream_options": {"include_usage": "yes"}}), 400, "stream_options must be"),
 ])
 def test_hostile_requests_get_clear_errors(server, body, status, match):
     body = body.encode() if isinstance(body, str) else body
