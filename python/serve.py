@@ -24,7 +24,9 @@ usage either way). With "stream": true the reply is server-sent events, one `dat
 "timeout"). With "logprobs": n, each choice also carries OpenAI's "logprobs" object for its tokens: "tokens" (each
 token's own text), "token_logprobs" (under the model that decided it: the large one, SmallOnly's small one; before
 temperature, top-k and top-p), "top_logprobs" (the n most likely tokens there, text -> logprob) and "text_offset"
-(where each token's text starts in the completion, counting the tokens' own texts). Every request thread calls the one Engine: requests join its running batch as they come. A
+(where each token's text starts in the completion, counting the tokens' own texts). "echo": true (not with
+stream) puts the prompt before the text and, with logprobs, its tokens before the choice's, the first with logprob
+null: what lm-evaluation-harness's loglikelihood requests read. Every request thread calls the one Engine: requests join its running batch as they come. A
 client that goes away mid-stream cancels its request, which frees its KV blocks at once.
 """
 from __future__ import annotations
@@ -49,10 +51,9 @@ MAX_BODY = 1 << 20  # bytes
 FIELDS = {"prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "timeout", "policy",
           "model", "n", "user", "ignore_eos", "logprobs"}
 # Fields clients send at their neutral values: accepted there (they change nothing), refused otherwise
-NEUTRAL = {"presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "logit_bias": (None, {}), "echo": (False,),
-           "best_of": (1,)}
-CHAT_NEUTRAL = {k: v for k, v in NEUTRAL.items() if k not in ("echo", "best_of")}
-FIELDS |= set(NEUTRAL) | {"stream_options"}
+NEUTRAL = {"presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "logit_bias": (None, {}), "best_of": (1,)}
+CHAT_NEUTRAL = {k: v for k, v in NEUTRAL.items() if k != "best_of"}
+FIELDS |= set(NEUTRAL) | {"stream_options", "echo"}
 CHAT_FIELDS = FIELDS - {"prompt", "echo", "best_of"} | {"messages", "max_completion_tokens", "top_logprobs"}
 ROUTES = {"/v1/completions": "text", "/v1/chat/completions": "chat"}
 
@@ -122,6 +123,10 @@ class Service:
             prompt = body.get("prompt")
             if not (isinstance(prompt, str) or (isinstance(prompt, list) and all(type(t) is int for t in prompt))):
                 raise BadRequest("prompt must be a string or a list of token ids")
+            if not isinstance(body.get("echo", False), bool):
+                raise BadRequest("echo must be true or false")
+            if body.get("echo") and body.get("stream"):
+                raise BadRequest("echo is not supported with stream")
         stop = body.get("stop")
         stop = () if stop is None else (stop,) if isinstance(stop, (str, int)) else stop
         if not isinstance(stop, list | tuple):
@@ -132,7 +137,8 @@ class Service:
                                     top_p=body.get("top_p", 1.0), top_k=body.get("top_k", 0),
                                     seed=body.get("seed", 0), stop=tuple(stop),
                                     ignore_eos=bool(body.get("ignore_eos", False)), timeout_s=timeout,
-                                    logprobs=body.get("logprobs"))
+                                    logprobs=body.get("logprobs"),
+                                    prompt_logprobs=body.get("logprobs") if body.get("echo") else None)
         except (TypeError, ValueError) as e:
             raise BadRequest(str(e)) from None
         if not isinstance(body.get("stream", False), bool):
@@ -176,6 +182,23 @@ class Service:
         if error:
             c["error"] = error
         return c
+
+    def echo(self, choice: dict, prompt, out) -> None:
+        """Put the prompt before a completions choice's text (as given, or its ids' text) and, with logprobs, its
+        tokens before the choice's: the first with logprob null (nothing predicts it), as OpenAI's echo does."""
+        eng = self.engine
+        head = prompt if isinstance(prompt, str) else eng.tokenizer.decode(prompt) if eng.tokenizer else ""
+        choice["text"] = head + choice["text"]
+        if "logprobs" not in choice:
+            return
+        lp = self.logprobs(out.prompt_token_ids, out.prompt_logprobs,
+                           [[] if row is None else row for row in out.prompt_top_logprobs], 0)
+        lp["top_logprobs"][0] = None
+        rest, end = choice["logprobs"], sum(len(t) for t in lp["tokens"])
+        choice["logprobs"] = {"tokens": lp["tokens"] + rest["tokens"],
+                              "token_logprobs": lp["token_logprobs"] + rest["token_logprobs"],
+                              "top_logprobs": lp["top_logprobs"] + rest["top_logprobs"],
+                              "text_offset": lp["text_offset"] + [end + o for o in rest["text_offset"]]}
 
     def chat_logprobs(self, token_ids, logprobs, top_logprobs) -> list[dict]:
         """The chat API's logprobs.content: per token its text, logprob, UTF-8 bytes and top alternatives."""
@@ -276,7 +299,7 @@ class Handler(BaseHTTPRequestHandler):
             if stream:
                 self._stream(prompt, params, policy, kind)
             else:
-                self._complete(prompt, params, policy, kind)
+                self._complete(prompt, params, policy, kind, echo=kind == "text" and body.get("echo", False))
         except (TypeError, ValueError) as e:  # the engine's documented argument errors
             self._error(400, str(e))
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
@@ -286,13 +309,15 @@ class Handler(BaseHTTPRequestHandler):
         finally:
             svc.slots.release()
 
-    def _complete(self, prompt, params, policy, kind="text"):
+    def _complete(self, prompt, params, policy, kind="text", echo=False):
         svc, created = self.service, int(time.time())
         out = svc.engine.generate([prompt], params, policy=policy)[0]
         if _refused(out):
             return self._error(400, out.error)
         choice = svc.choice(out.text or "", out.token_ids, out.finish_reason, out.error, out.logprobs,
                             out.top_logprobs, kind=kind)
+        if echo:
+            svc.echo(choice, prompt, out)
         self._json(200, svc.envelope(out.request_id, choice, created, _usage(out), kind))
 
     def _stream(self, prompt, params, policy, kind="text"):

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from bild_kernels import SamplingParams
+
 from .engine.conftest import assert_all_free
 
 PYTHON = Path(__file__).resolve().parent.parent / "python"
@@ -188,9 +190,34 @@ def test_hostile_chat_requests_get_clear_errors(server, body, match, stream):
     _all_free(server.service.engine)
 
 
+@pytest.mark.parametrize("prompt", ["w1 w2 w3 w4", [5, 17, 3, 44, 2]])
+def test_echo_scores_the_prompt_as_lm_evaluation_harness_asks(server, prompt):
+    """{"prompt", "max_tokens": 1, "logprobs": 1, "echo": true}: the prompt's tokens and their log-probabilities
+    (the first null) before the completion's, each the large model's given what precedes it."""
+    eng = server.service.engine
+    body = {"prompt": prompt, "max_tokens": 1, "logprobs": 1, "echo": True, "temperature": 0, "seed": 1234}
+    code, r = _post(server, "/v1/completions", body)
+    assert code == 200, r
+    c, ids = r["choices"][0], prompt if isinstance(prompt, list) else eng.tokenizer(prompt)["input_ids"]
+    out = eng.generate([prompt], SamplingParams(max_tokens=1, logprobs=1))[0]
+    lp = c["logprobs"]
+    assert lp["tokens"] == eng.token_texts(ids + out.token_ids)
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    with_ctx = [eng.score(ids[:i], ids[i:i + 1])[0] for i in range(1, len(ids))]
+    assert lp["token_logprobs"][1:len(ids)] == pytest.approx(with_ctx, abs=1e-6)  # (score: float32)
+    assert lp["token_logprobs"][len(ids):] == pytest.approx(out.logprobs, abs=1e-9)
+    assert all(len(d) == 1 for d in lp["top_logprobs"][1:])
+    assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:i]) for i in range(len(lp["tokens"]))]
+    head = prompt if isinstance(prompt, str) else eng.tokenizer.decode(prompt)
+    assert c["text"] == head + out.text
+    plain = _post(server, "/v1/completions", {"prompt": prompt, "max_tokens": 2, "echo": True})[1]["choices"][0]
+    assert plain["text"].startswith(head) and "logprobs" not in plain
+    _all_free(eng)
+
+
 def test_neutral_fields_clients_send_are_accepted(server):
     body = {"prompt": "w1 w2", "max_tokens": 5, "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {},
-            "echo": False, "best_of": 1, "n": 1, "stream_options": {"include_usage": True}}
+            "best_of": 1, "n": 1, "stream_options": {"include_usage": True}}
     code, full = _post(server, "/v1/completions", body)
     assert code == 200 and len(full["choices"][0]["token_ids"]) == 5
     chat = {"messages": CHAT, "max_tokens": 5, "presence_penalty": 0.0, "frequency_penalty": 0, "logit_bias": None,
@@ -235,7 +262,8 @@ def test_concurrent_clients_equal_alone(programs, server):
     (json.dumps({"prompt": "w1", "presence_penalty": 0.5}), 400, "presence_penalty is not supported"),
     (json.dumps({"prompt": "w1", "frequency_penalty": True}), 400, "frequency_penalty is not supported"),
     (json.dumps({"prompt": "w1", "logit_bias": {"5": 10}}), 400, "logit_bias is not supported"),
-    (json.dumps({"prompt": "w1", "echo": True}), 400, "echo is not supported"),
+    (json.dumps({"prompt": "w1", "echo": True, "stream": True}), 400, "echo is not supported with stream"),
+    (json.dumps({"prompt": "w1", "echo": 1}), 400, "echo must be true or false"),
     (json.dumps({"prompt": "w1", "best_of": 3}), 400, "best_of is not supported"),
     (json.dumps({"prompt": "w1", "stream_options": {"include_usage": "yes"}}), 400, "stream_options must be"),
 ])

@@ -369,7 +369,7 @@ class Engine(Iteration):
     def _prefix_restore(self, seq: Sequence, policy: Policy) -> None:
         """At admission (the row holds nothing yet): copy the longest kept prefix of the prompt into the large
         model's cache; the first pass then prefills only the rest."""
-        if not self._prefix_applies(policy):
+        if not self._prefix_applies(policy) or seq.params.prompt_logprobs is not None:  # (its prefill scores it)
             return
         keeps = self._keeps_features(policy)
         entry, n = self.prefix_cache.match(seq.tokens[:seq.prompt_len], need_features=keeps)
@@ -410,8 +410,14 @@ class Engine(Iteration):
         error = policy.request_error(seq.params)
         if error:
             return error
-        if seq.params.logprobs is not None and seq.params.logprobs > self.vocab_size:
-            return f"logprobs={seq.params.logprobs} asks for more alternatives than the vocabulary ({self.vocab_size}) has"
+        for name in ("logprobs", "prompt_logprobs"):
+            n = getattr(seq.params, name)
+            if n is not None and n > self.vocab_size:
+                return f"{name}={n} asks for more alternatives than the vocabulary ({self.vocab_size}) has"
+        if seq.params.prompt_logprobs is not None and (policy.drafter == "shallow"
+                                                         or (policy.uses_small and not policy.drafts)):
+            return (f"prompt_logprobs come from the large model's prefill: {policy.name} has none of its own "
+                    f"(shallow-deep decoding and SmallOnly cannot give them)")
         if seq.prompt_len >= self.max_model_len:
             return f"prompt has {seq.prompt_len} tokens; max_model_len={self.max_model_len} leaves no room to generate"
         if self._worst_blocks(seq, policy) > self.kv_cache_blocks:
@@ -463,4 +469,5 @@ class Engine(Iteration):
     def _output(self, seq: Sequence, detok: Detokenizer, error: str | None) -> RequestOutput:
         text = detok.text(seq) if error is None else None
         return RequestOutput(seq.request_id, seq.tokens[:seq.prompt_len], [] if error else seq.output_ids, text,
-                             seq.finish_reason, seq.metrics, error, *seq.logprobs_of(0))
+                             seq.finish_reason, seq.metrics, error, *seq.logprobs_of(0), seq.prompt_logprobs,
+                             seq.prompt_top_logprobs)

@@ -134,16 +134,21 @@ class Iteration(Drafting):
             # (and the prefix cache keeps a prompt's, for the feature draft of a later request that shares it)
             first = (self.prefix_cache is not None and self.small_kind == "feature" and self._prefix_applies(policy)
                      and any(s.metrics.large_passes == 0 for s in running))
+            n_logits = [len(d) + 1 for d in drafts]
+            scored = [s.params.prompt_logprobs is not None and s.metrics.large_passes == 0 for s in running]
+            if any(scored):  # these rows' prefill takes every prompt position's logits (SamplingParams.prompt_logprobs)
+                n_logits = [len(t) if x else n for t, n, x in zip(toks, n_logits, scored)]
             if keeps or first:
-                target_logits, hidden = self.runners["large"].extend(rows, toks, [len(d) + 1 for d in drafts],
-                                                                     return_hidden=True)
+                target_logits, hidden = self.runners["large"].extend(rows, toks, n_logits, return_hidden=True)
                 for s, h in zip(running, hidden):
                     if keeps:
                         s.pass_features = (s.cached["large"], h)
                     if first and s.metrics.large_passes == 0:
                         s.prompt_features = (s.prompt_features or []) + [h[:s.prompt_len - s.cached["large"]]]
             else:
-                target_logits = self.runners["large"].extend(rows, toks, [len(d) + 1 for d in drafts])
+                target_logits = self.runners["large"].extend(rows, toks, n_logits)
+            if any(scored):
+                target_logits = self._score_prompts(running, drafts, toks, n_logits, scored, target_logits)
         else:
             groups = self._layer_groups(policy)
             # The shallow group first catches up on what it has not seen (a prompt, a capped run's last draft)...
@@ -163,6 +168,27 @@ class Iteration(Drafting):
             s.cached["large"] = len(s.tokens) + len(d)
             s.metrics.large_passes += 1
         return target_logits
+
+    def _score_prompts(self, running, drafts, toks, n_logits, scored, logits: torch.Tensor) -> torch.Tensor:
+        """Note the prompt log-probabilities of the `scored` rows, whose logits cover every token of their pass
+        (the whole prompt: no prefix was restored for them), and return the verification's [B, K+1, V]: each row's
+        logits of its last len(draft) + 1 tokens, padded by repeating the last (as `extend` pads)."""
+        K1 = max(len(d) for d in drafts) + 1
+        for i, s in enumerate(running):
+            if scored[i]:
+                P = s.prompt_len
+                top = s.params.prompt_logprobs
+                chosen, vals, idx = token_logprobs(logits[i:i + 1, :P - 1], torch.tensor([s.tokens[1:P]],
+                                                                                         device=logits.device), top)
+                chosen = chosen[0].tolist()
+                alts = [list(zip(t, v)) for t, v in zip(idx[0].tolist(), vals[0].tolist())] if top else [[]] * (P - 1)
+                s.prompt_logprobs, s.prompt_top_logprobs = [None] + chosen, [None] + alts
+        index = []
+        for i, (t, n, d) in enumerate(zip(toks, n_logits, drafts)):
+            first = n - (len(d) + 1)  # (n = len(t) for a scored row, else len(d) + 1: first = 0)
+            index.append([first + min(j, len(d)) for j in range(K1)])
+        rows = torch.arange(len(running), device=logits.device)[:, None]
+        return logits[rows, torch.tensor(index, device=logits.device)]
 
     def _verify(self, running: list[Sequence], policy: Policy, drafts: Drafts) -> list[list[int]]:
         draft_tokens = drafts.tokens

@@ -18,6 +18,9 @@ class SamplingParams:
     `logprobs` (None: none) returns, for each output token, its log-probability under the model that decided it
     (the large model; the small one under `SmallOnly()`), and with logprobs = n > 0 the n most likely tokens at that
     position with theirs: the model's own log-softmax, before temperature, top-k and top-p (vLLM's "raw" logprobs).
+    `prompt_logprobs` (None: none) does the same for the prompt's tokens under the large model (the first has none:
+    None), from the request's own prefill pass, which then runs over the whole prompt (no prefix cache hit);
+    not with `SmallOnly()` or shallow-deep decoding.
     """
 
     max_tokens: int = 64
@@ -29,6 +32,7 @@ class SamplingParams:
     ignore_eos: bool = False
     timeout_s: float | None = None
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, (str, int)):
@@ -51,10 +55,11 @@ class SamplingParams:
         t = self.timeout_s
         if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < float("inf")):
             raise ValueError(f"timeout_s must be a positive number of seconds (or None), got {t!r}")
-        lp = self.logprobs
-        if lp is not None and (isinstance(lp, bool) or not isinstance(lp, int) or not 0 <= lp <= MAX_LOGPROBS):
-            raise ValueError(f"logprobs must be None or an int in [0, {MAX_LOGPROBS}] (the top alternatives returned "
-                             f"beside each token's own), got {lp!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            lp = getattr(self, name)
+            if lp is not None and (isinstance(lp, bool) or not isinstance(lp, int) or not 0 <= lp <= MAX_LOGPROBS):
+                raise ValueError(f"{name} must be None or an int in [0, {MAX_LOGPROBS}] (the top alternatives "
+                                 f"returned beside each token's own), got {lp!r}")
         for s in self.stop:
             if isinstance(s, bool) or not isinstance(s, (str, int)) or s == "" or (isinstance(s, int) and s < 0):
                 raise ValueError(f"stop entries must be non-empty strings or token ids >= 0, got {s!r}")

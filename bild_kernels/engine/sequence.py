@@ -120,6 +120,9 @@ class RequestOutput:
     # its position (most likely first); None when not asked for
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
+    # SamplingParams.prompt_logprobs: the same for each prompt token (None at the first, which nothing predicts)
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None
 
 
 @dataclass
@@ -165,6 +168,8 @@ class Sequence:
         # SamplingParams.logprobs: per output token, its log-probability and the top alternatives at its position
         self.logprobs: list[float] | None = None if params.logprobs is None else []
         self.top_logprobs: list[list[tuple[int, float]]] | None = None if params.logprobs is None else []
+        self.prompt_logprobs: list | None = None  # SamplingParams.prompt_logprobs, once the prefill has run
+        self.prompt_top_logprobs: list | None = None
 
     @property
     def output_ids(self) -> list[int]:

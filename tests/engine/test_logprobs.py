@@ -117,10 +117,11 @@ def test_stop_conditions_trim_the_logprobs_with_the_tokens(engine, large_model):
     assert_all_free(engine)
 
 
+@pytest.mark.parametrize("name", ["logprobs", "prompt_logprobs"])
 @pytest.mark.parametrize("bad", [-1, 21, True, 1.5, "3"])
-def test_bad_logprobs_are_refused(bad):
-    with pytest.raises(ValueError, match="logprobs"):
-        SamplingParams(logprobs=bad)
+def test_bad_logprobs_are_refused(name, bad):
+    with pytest.raises(ValueError, match=f"^{name} must be None or an int"):
+        SamplingParams(**{name: bad})
 
 
 def test_more_alternatives_than_the_vocabulary_fails_that_request_only():
@@ -152,4 +153,56 @@ def test_logprobs_on_gpu_under_the_graphed_loop_and_passes(large_model, small_mo
         got = torch.tensor(o.logprobs, dtype=torch.float64)
         torch.testing.assert_close(got, want.gather(1, torch.tensor(o.token_ids)[:, None])[:, 0], rtol=0, atol=1e-3)
         assert all(len(a) == params.logprobs for a in o.top_logprobs)
+    assert_all_free(eng)
+
+
+def _assert_prompt_logprobs_of(model, prompt, out, top):
+    assert len(out.prompt_logprobs) == len(out.prompt_top_logprobs) == len(prompt)
+    assert out.prompt_logprobs[0] is None and out.prompt_top_logprobs[0] is None
+    if len(prompt) == 1:
+        return
+    want = _teacher_forced(model, prompt[:1], prompt[1:])
+    got = torch.tensor(out.prompt_logprobs[1:], dtype=torch.float64)
+    torch.testing.assert_close(got, want.gather(1, torch.tensor(prompt[1:])[:, None])[:, 0], rtol=0, atol=1e-9)
+    vals, ids = want.topk(top, -1) if top else (None, None)
+    for j, alts in enumerate(out.prompt_top_logprobs[1:]):
+        assert [t for t, _ in alts] == (ids[j].tolist() if top else [])
+        if top:
+            torch.testing.assert_close(torch.tensor([v for _, v in alts], dtype=torch.float64), vals[j], rtol=0,
+                                       atol=1e-9)
+
+
+@pytest.mark.parametrize("policy", [LargeOnly(), Greedy(max_draft_len=3),
+                                    BiLD(fallback_threshold=0.3, rollback_threshold=2.0, max_draft_len=4),
+                                    NGram(max_draft_len=3, min_ngram=1), Jacobi(block_size=3)], ids=lambda p: p.name)
+def test_prompt_logprobs_are_the_large_model_s_and_change_no_output(engine, large_model, policy):
+    prompts = PROMPTS + [[42]]
+    params = [SamplingParams(max_tokens=N, prompt_logprobs=2), SamplingParams(max_tokens=N),  # a row that does not ask
+              SamplingParams(max_tokens=N, prompt_logprobs=0, logprobs=1), SamplingParams(max_tokens=N, prompt_logprobs=1)]
+    outs = engine.generate(prompts, params, policy=policy)
+    plain = engine.generate(prompts, SamplingParams(max_tokens=N), policy=policy)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in plain]
+    for p, o, sp in zip(prompts, outs, params):
+        if sp.prompt_logprobs is None:
+            assert o.prompt_logprobs is None and o.prompt_top_logprobs is None
+        else:
+            _assert_prompt_logprobs_of(large_model, p, o, sp.prompt_logprobs)
+    _assert_logprobs_of(large_model, prompts[2], outs[2], 1)
+    assert_all_free(engine)
+
+
+def test_prompt_logprobs_skip_the_prefix_cache_and_refuse_what_cannot_give_them(large_model, small_model):
+    eng = Engine(large=large_model, small=small_model, dtype=torch.float64, max_batch_size=2, max_model_len=64,
+                 block_size=4, prefix_cache=256)
+    eng.generate([PROMPTS[1]], SamplingParams(max_tokens=2))
+    hit = eng.generate([PROMPTS[1] + [3]], SamplingParams(max_tokens=2))[0]
+    assert hit.metrics.cached_prompt_tokens == len(PROMPTS[1])
+    scored = eng.generate([PROMPTS[1] + [4]], SamplingParams(max_tokens=2, prompt_logprobs=1))[0]
+    assert scored.metrics.cached_prompt_tokens == 0  # its prefill scores every prompt token
+    _assert_prompt_logprobs_of(large_model, PROMPTS[1] + [4], scored, 1)
+    for policy in (SmallOnly(), ShallowDeep(exit_layer=2)):
+        out = eng.generate([PROMPTS[0], PROMPTS[1]], [SamplingParams(max_tokens=3, prompt_logprobs=0),
+                                                      SamplingParams(max_tokens=3)], policy=policy)
+        assert out[0].finish_reason == "error" and "prompt_logprobs come from the large model's prefill" in out[0].error
+        assert len(out[1].token_ids) == 3
     assert_all_free(eng)
