@@ -5,7 +5,8 @@
 Endpoints (JSON; errors are {"error": {"message", "type"}} with status 400 / 404 / 413 / 503):
   GET  /health            {"status": "ok", ...}
   GET  /v1/models         the loaded pair
-  POST /v1/completions    {prompt: str | [token ids], max_tokens=16, temperature=0, top_p=1, top_k=0, seed=0,
+  POST /v1/completions    {prompt: str | [token ids] | a list of those (a batch: one choice each, not streamed),
+                           max_tokens=16, temperature=0, top_p=1, top_k=0, seed=0,
                            stop: str | [str | id], stream=false, timeout: seconds, policy: {"name": "bild"|
                            "greedy"|"speculative-sampling"|"large-only"|"small-only"|"jacobi"|"shallow-deep"|
                            "ngram", ...the policy's keyword arguments; "lookup": {NGram's} for the drafting ones},
@@ -16,8 +17,8 @@ Endpoints (JSON; errors are {"error": {"message", "type"}} with status 400 / 404
                            but prompt}: the messages through the model's chat template; OpenAI's chat.completion
                            reply (choices[0].message.content, or with "stream": true chat.completion.chunk events
                            whose choices[0].delta carries the new text); finish_reason "stop" for an EOS
-presence_penalty / frequency_penalty 0, logit_bias null or {}, and (completions) echo false and best_of 1 are
-accepted as the no-ops they are; other values are refused. stream_options is accepted (the last event carries the
+presence_penalty / frequency_penalty 0, logit_bias null or {}, and (completions) best_of 1 are accepted as the
+no-ops they are; other values are refused. stream_options is accepted (the last event carries the
 usage either way). With "stream": true the reply is server-sent events, one `data: {...}` per committed run of tokens and
 `data: [DONE]` at the end. Each choice carries, besides OpenAI's text and finish_reason, the token ids
 ("token_ids") and, at the end, the engine's "error" when the request ended early (finish_reason "error" or
@@ -56,6 +57,7 @@ CHAT_NEUTRAL = {k: v for k, v in NEUTRAL.items() if k != "best_of"}
 FIELDS |= set(NEUTRAL) | {"stream_options", "echo"}
 CHAT_FIELDS = FIELDS - {"prompt", "echo", "best_of"} | {"messages", "max_completion_tokens", "top_logprobs"}
 ROUTES = {"/v1/completions": "text", "/v1/chat/completions": "chat"}
+MAX_BATCH_PROMPTS = 64  # prompts one completions request may carry (each a choice of the reply)
 
 
 class BadRequest(ValueError):
@@ -121,8 +123,14 @@ class Service:
             prompt, body = self._chat_body(body)
         else:
             prompt = body.get("prompt")
-            if not (isinstance(prompt, str) or (isinstance(prompt, list) and all(type(t) is int for t in prompt))):
-                raise BadRequest("prompt must be a string or a list of token ids")
+            if is_batch(prompt):
+                if len(prompt) > MAX_BATCH_PROMPTS or not all(_one_prompt(p) for p in prompt):
+                    raise BadRequest(f"a batch prompt must be a list of up to {MAX_BATCH_PROMPTS} prompts, each a "
+                                     f"string or a list of token ids")
+                if body.get("stream"):
+                    raise BadRequest("stream takes one prompt, not a batch")
+            elif not _one_prompt(prompt):
+                raise BadRequest("prompt must be a string, a list of token ids, or a list of those (a batch)")
             if not isinstance(body.get("echo", False), bool):
                 raise BadRequest("echo must be true or false")
             if body.get("echo") and body.get("stream"):
@@ -311,14 +319,23 @@ class Handler(BaseHTTPRequestHandler):
 
     def _complete(self, prompt, params, policy, kind="text", echo=False):
         svc, created = self.service, int(time.time())
-        out = svc.engine.generate([prompt], params, policy=policy)[0]
-        if _refused(out):
-            return self._error(400, out.error)
-        choice = svc.choice(out.text or "", out.token_ids, out.finish_reason, out.error, out.logprobs,
-                            out.top_logprobs, kind=kind)
-        if echo:
-            svc.echo(choice, prompt, out)
-        self._json(200, svc.envelope(out.request_id, choice, created, _usage(out), kind))
+        prompts = prompt if kind == "text" and is_batch(prompt) else [prompt]
+        outs = svc.engine.generate(prompts, params, policy=policy)  # (a batch joins the running batch together)
+        refused = next((o for o in outs if _refused(o)), None)
+        if refused is not None:  # (its error names its prompt's place in the batch)
+            return self._error(400, refused.error)
+        choices = []
+        for i, (p, out) in enumerate(zip(prompts, outs)):
+            choice = svc.choice(out.text or "", out.token_ids, out.finish_reason, out.error, out.logprobs,
+                                out.top_logprobs, kind=kind)
+            choice["index"] = i
+            if echo:
+                svc.echo(choice, p, out)
+            choices.append(choice)
+        usage = {k: sum(_usage(o)[k] for o in outs) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+        reply = svc.envelope(outs[0].request_id, choices[0], created, usage, kind)
+        reply["choices"] = choices
+        self._json(200, reply)
 
     def _stream(self, prompt, params, policy, kind="text"):
         svc, created = self.service, int(time.time())
@@ -351,6 +368,15 @@ class Handler(BaseHTTPRequestHandler):
             except Exception as e:  # a failed engine step, after the headers went out: say so in the stream
                 err = {"error": {"message": f"{type(e).__name__}: {e}", "type": "server_error"}}
                 self.wfile.write(b"data: " + json.dumps(err).encode() + b"\n\n")
+
+
+def _one_prompt(p) -> bool:
+    return isinstance(p, str) or (isinstance(p, list) and all(type(t) is int for t in p))
+
+
+def is_batch(prompt) -> bool:
+    """OpenAI's batch form of a completions prompt: a non-empty list of strings or of token-id lists."""
+    return isinstance(prompt, list) and len(prompt) > 0 and all(isinstance(p, (str, list)) for p in prompt)
 
 
 def _refused(out) -> bool:

@@ -215,6 +215,38 @@ def test_echo_scores_the_prompt_as_lm_evaluation_harness_asks(server, prompt):
     _all_free(eng)
 
 
+def test_a_batch_prompt_gets_one_choice_each_as_alone(server):
+    """lm-evaluation-harness sends its requests as batches ("prompt": [[ids], [ids], ...]): one choice each, by
+    index, each what that prompt gets alone."""
+    eng = server.service.engine
+    batch = [[5, 17, 3, 44, 2], "w1 w2 w3", [8, 9]]
+    body = {"prompt": batch, "max_tokens": 1, "logprobs": 1, "echo": True, "temperature": 0, "seed": 1234}
+    code, r = _post(server, "/v1/completions", body)
+    assert code == 200, r
+    assert [c["index"] for c in r["choices"]] == [0, 1, 2]
+    for p, c in zip(batch, r["choices"]):
+        alone = _post(server, "/v1/completions", {**body, "prompt": p})[1]["choices"][0]
+        assert c["text"] == alone["text"] and c["token_ids"] == alone["token_ids"]
+        assert c["logprobs"]["tokens"] == alone["logprobs"]["tokens"]
+        assert c["logprobs"]["token_logprobs"][1:] == pytest.approx(alone["logprobs"]["token_logprobs"][1:], abs=1e-9)
+    n_prompt = sum(len(p) if isinstance(p, list) else len(eng.tokenizer(p)["input_ids"]) for p in batch)
+    assert r["usage"] == {"prompt_tokens": n_prompt, "completion_tokens": 3, "total_tokens": n_prompt + 3}
+    _all_free(eng)
+
+
+@pytest.mark.parametrize("body, match", [
+    ({"prompt": [[1, 2], [3, 500]]}, "prompt 1 holds token id 500"),
+    ({"prompt": [[1, 2], ""]}, "prompt 1 is empty"),
+    ({"prompt": [[1, 2], [1.5]]}, "a batch prompt must be a list of up to 64 prompts"),
+    ({"prompt": [[1, 2]] * 65}, "a batch prompt must be a list of up to 64 prompts"),
+    ({"prompt": ["w1", "w2"], "stream": True}, "stream takes one prompt"),
+])
+def test_a_bad_batch_is_refused_whole(server, body, match):
+    code, r = _post(server, "/v1/completions", body)
+    assert code == 400 and match in r["error"]["message"], r
+    _all_free(server.service.engine)
+
+
 def test_neutral_fields_clients_send_are_accepted(server):
     body = {"prompt": "w1 w2", "max_tokens": 5, "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {},
             "best_of": 1, "n": 1, "stream_options": {"include_usage": True}}
