@@ -5,6 +5,9 @@
 Endpoints (JSON; errors are {"error": {"message", "type"}} with status 400 / 404 / 413 / 503):
   GET  /health            {"status": "ok", ...}
   GET  /v1/models         the loaded pair
+  GET  /tokenizer_info    the tokenizer's special tokens and chat template (as vLLM's)
+  POST /tokenize          {prompt: str, add_special_tokens=true} | {messages: [...]} -> {tokens, count, max_model_len}
+  POST /detokenize        {tokens: [ids]} -> {prompt: text}
   POST /v1/completions    {prompt: str | [token ids] | a list of those (a batch: one choice each, not streamed),
                            max_tokens=16, temperature=0, top_p=1, top_k=0, seed=0,
                            stop: str | [str | id], stream=false, timeout: seconds, policy: {"name": "bild"|
@@ -57,6 +60,7 @@ CHAT_NEUTRAL = {k: v for k, v in NEUTRAL.items() if k != "best_of"}
 FIELDS |= set(NEUTRAL) | {"stream_options", "echo"}
 CHAT_FIELDS = FIELDS - {"prompt", "echo", "best_of"} | {"messages", "max_completion_tokens", "top_logprobs"}
 ROUTES = {"/v1/completions": "text", "/v1/chat/completions": "chat"}
+TOKENIZER_ROUTES = {"/tokenize": "tokenize", "/detokenize": "detokenize"}
 MAX_BATCH_PROMPTS = 64  # prompts one completions request may carry (each a choice of the reply)
 
 
@@ -191,6 +195,36 @@ class Service:
             c["error"] = error
         return c
 
+    def tokenizer_info(self) -> dict:
+        """The tokenizer's special tokens and chat template (vLLM's /tokenizer_info, which lm-evaluation-harness's
+        remote tokenizer reads)."""
+        tok, eng = self.engine.tokenizer, self.engine
+        return {"tokenizer_class": type(tok).__name__, "eos_token": tok.eos_token, "bos_token": tok.bos_token,
+                "pad_token": tok.pad_token, "chat_template": getattr(tok, "chat_template", None),
+                "model_max_length": eng.max_model_len, "vocab_size": eng.vocab_size}
+
+    def tokenize(self, body) -> dict:
+        """{prompt: str, add_special_tokens=true} or {messages: [...]} -> {tokens, count, max_model_len}."""
+        if not isinstance(body, dict) or ("prompt" in body) == ("messages" in body) \
+                or set(body) - {"prompt", "messages", "add_special_tokens", "model"}:
+            raise BadRequest('tokenize takes {"prompt": str, "add_special_tokens": bool} or {"messages": [...]}')
+        special = body.get("add_special_tokens", True)
+        if not isinstance(special, bool):
+            raise BadRequest("add_special_tokens must be true or false")
+        if "prompt" in body and not isinstance(body["prompt"], str):
+            raise BadRequest("prompt must be a string")
+        if "messages" in body and not (isinstance(body["messages"], list) and body["messages"]
+                                       and all(isinstance(m, dict) for m in body["messages"])):
+            raise BadRequest('messages must be a non-empty list of {"role": ..., "content": ...} objects')
+        ids = self.engine.tokenize(body.get("prompt", body.get("messages")), add_special_tokens=special)
+        return {"tokens": ids, "count": len(ids), "max_model_len": self.engine.max_model_len}
+
+    def detokenize(self, body) -> dict:
+        """{tokens: [ids]} -> {prompt: their text}."""
+        if not isinstance(body, dict) or set(body) - {"tokens", "model"} or not isinstance(body.get("tokens"), list):
+            raise BadRequest('detokenize takes {"tokens": [token ids]}')
+        return {"prompt": self.engine.detokenize(body["tokens"])}
+
     def echo(self, choice: dict, prompt, out) -> None:
         """Put the prompt before a completions choice's text (as given, or its ids' text) and, with logprobs, its
         tokens before the choice's: the first with logprob null (nothing predicts it), as OpenAI's echo does."""
@@ -278,11 +312,13 @@ class Handler(BaseHTTPRequestHandler):
                              "kv_cache_blocks": eng.kv_cache_blocks})
         elif self.path == "/v1/models":
             self._json(200, {"object": "list", "data": [{"id": self.service.model_name, "object": "model"}]})
+        elif self.path == "/tokenizer_info" and self.service.engine.tokenizer is not None:
+            self._json(200, self.service.tokenizer_info())
         else:
             self._error(404, f"no route {self.path}", "not_found")
 
     def do_POST(self):
-        kind = ROUTES.get(self.path)
+        kind = ROUTES.get(self.path) or TOKENIZER_ROUTES.get(self.path)
         if kind is None:
             return self._error(404, f"no route {self.path}", "not_found")
         try:
@@ -297,6 +333,11 @@ class Handler(BaseHTTPRequestHandler):
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             return self._error(400, f"invalid JSON: {e}")
         svc = self.service
+        if kind in ("tokenize", "detokenize"):
+            try:
+                return self._json(200, svc.tokenize(body) if kind == "tokenize" else svc.detokenize(body))
+            except (BadRequest, ValueError) as e:
+                return self._error(400, str(e))
         try:
             prompt, params, policy, stream = svc.parse(body, kind)
         except BadRequest as e:

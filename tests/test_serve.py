@@ -247,6 +247,29 @@ def test_a_bad_batch_is_refused_whole(server, body, match):
     _all_free(server.service.engine)
 
 
+def test_tokenizer_routes_as_vllm_serves_them(server):
+    eng = server.service.engine
+    info = json.loads(_raw(server, "GET", "/tokenizer_info")[1])
+    assert info["chat_template"] == eng.tokenizer.chat_template and info["model_max_length"] == eng.max_model_len
+    assert set(info) >= {"eos_token", "bos_token", "pad_token"}
+    code, r = _post(server, "/tokenize", {"prompt": "w1 w2 w3", "add_special_tokens": False})
+    assert code == 200 and r["tokens"] == eng.tokenizer("w1 w2 w3", add_special_tokens=False)["input_ids"] == [1, 2, 3]
+    assert r["count"] == 3 and r["max_model_len"] == eng.max_model_len
+    code, r = _post(server, "/tokenize", {"messages": CHAT})
+    assert code == 200 and r["tokens"] == eng.generate([CHAT], SamplingParams(max_tokens=1))[0].prompt_token_ids
+    code, r = _post(server, "/detokenize", {"tokens": [1, 2, 3]})
+    assert code == 200 and r["prompt"] == eng.tokenizer.decode([1, 2, 3])
+    for path, body, match in [("/tokenize", {"prompt": 3}, "prompt must be a string"),
+                              ("/tokenize", {}, "tokenize takes"),
+                              ("/tokenize", {"prompt": "w1", "messages": CHAT}, "tokenize takes"),
+                              ("/tokenize", {"prompt": "w1", "add_special_tokens": "no"}, "add_special_tokens"),
+                              ("/tokenize", {"messages": [{"role": "robot", "content": "w1"}]}, "message 0 must be"),
+                              ("/detokenize", {"tokens": [1, 500]}, "token ids must be ints in [0, 97)"),
+                              ("/detokenize", {"tokens": "w1"}, "detokenize takes")]:
+        code, r = _post(server, path, body)
+        assert code == 400 and match in r["error"]["message"], (path, body, r)
+
+
 def test_neutral_fields_clients_send_are_accepted(server):
     body = {"prompt": "w1 w2", "max_tokens": 5, "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {},
             "best_of": 1, "n": 1, "stream_options": {"include_usage": True}}

@@ -64,3 +64,19 @@ def test_no_chat_template_no_conversations(large_model):
     assert out.finish_reason == "error" and "needs a chat template" in out.error
     ids = Engine(large=large_model, dtype=torch.float64, max_batch_size=2, max_model_len=64, block_size=4)
     assert "needs a chat template" in ids.generate(CHAT, SamplingParams(max_tokens=3))[0].error  # no tokenizer at all
+
+
+def test_tokenize_gives_what_generate_runs(engine, large_model):
+    assert engine.tokenize(CHAT) == engine.generate(CHAT, SamplingParams(max_tokens=1))[0].prompt_token_ids
+    assert engine.tokenize("w1 w2 w3") == engine.generate(["w1 w2 w3"], SamplingParams(max_tokens=1))[0].prompt_token_ids
+    assert engine.tokenize("w1 w2", add_special_tokens=False) == [1, 2]
+    assert engine.detokenize([1, 2, 90]) == engine.tokenizer.decode([1, 2, 90])
+    with pytest.raises(ValueError, match="message 0 must be"):
+        engine.tokenize([{"role": "robot", "content": "w1"}])
+    with pytest.raises(ValueError, match="takes a string or a list of chat messages"):
+        engine.tokenize(7)
+    with pytest.raises(ValueError, match=r"token ids must be ints in \[0, 97\)"):
+        engine.detokenize([1, 97])
+    bare = Engine(large=large_model, dtype=torch.float64, max_batch_size=1, max_model_len=16, block_size=4)
+    with pytest.raises(ValueError, match="no tokenizer"):
+        bare.tokenize("w1")
