@@ -13,7 +13,8 @@ Endpoints (JSON; errors are {"error": {"message", "type"}} with status 400 / 404
                            stop: str | [str | id], stream=false, timeout: seconds, policy: {"name": "bild"|
                            "greedy"|"speculative-sampling"|"large-only"|"small-only"|"jacobi"|"shallow-deep"|
                            "ngram", ...the policy's keyword arguments; "lookup": {NGram's} for the drafting ones},
-                           logprobs: null | 0..20}
+                           logprobs: null | 0..20, n=1..16: choices per prompt, the i-th sampled with seed + i,
+                           not streamed}
   POST /v1/chat/completions
                           {messages: [{role: "system"|"user"|"assistant", content: str}, ...], max_tokens (or
                            max_completion_tokens)=16, logprobs: bool, top_logprobs: 0..20, and the fields above
@@ -36,6 +37,7 @@ client that goes away mid-stream cancels its request, which frees its KV blocks 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import threading
@@ -61,6 +63,7 @@ FIELDS |= set(NEUTRAL) | {"stream_options", "echo"}
 CHAT_FIELDS = FIELDS - {"prompt", "echo", "best_of"} | {"messages", "max_completion_tokens", "top_logprobs"}
 ROUTES = {"/v1/completions": "text", "/v1/chat/completions": "chat"}
 TOKENIZER_ROUTES = {"/tokenize": "tokenize", "/detokenize": "detokenize"}
+MAX_N = 16  # completions one request may ask for per prompt (n)
 MAX_BATCH_PROMPTS = 64  # prompts one completions request may carry (each a choice of the reply)
 
 
@@ -112,8 +115,11 @@ class Service:
         unknown = set(body) - (FIELDS if kind == "text" else CHAT_FIELDS)
         if unknown:
             raise BadRequest(f"unsupported field(s): {sorted(unknown)}")
-        if body.get("n", 1) != 1:
-            raise BadRequest("n must be 1")
+        n = body.get("n", 1)
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
+            raise BadRequest(f"n must be an int in [1, {MAX_N}]")
+        if n > 1 and body.get("stream"):
+            raise BadRequest("stream takes n = 1")
         for k, ok in (NEUTRAL if kind == "text" else CHAT_NEUTRAL).items():
             if k in body and not any(body[k] == v and type(body[k]) is type(v) for v in ok):
                 raise BadRequest(f"{k} is not supported (only {' or '.join(json.dumps(v) for v in ok)}, which "
@@ -348,7 +354,8 @@ class Handler(BaseHTTPRequestHandler):
             if stream:
                 self._stream(prompt, params, policy, kind)
             else:
-                self._complete(prompt, params, policy, kind, echo=kind == "text" and body.get("echo", False))
+                self._complete(prompt, params, policy, kind, echo=kind == "text" and body.get("echo", False),
+                               n=body.get("n", 1))
         except (TypeError, ValueError) as e:  # the engine's documented argument errors
             self._error(400, str(e))
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
@@ -358,10 +365,15 @@ class Handler(BaseHTTPRequestHandler):
         finally:
             svc.slots.release()
 
-    def _complete(self, prompt, params, policy, kind="text", echo=False):
+    def _complete(self, prompt, params, policy, kind="text", echo=False, n=1):
         svc, created = self.service, int(time.time())
-        prompts = prompt if kind == "text" and is_batch(prompt) else [prompt]
-        outs = svc.engine.generate(prompts, params, policy=policy)  # (a batch joins the running batch together)
+        # each prompt n times, the i-th with seed + i (OpenAI's order: a prompt's n choices together)
+        prompts = [p for p in (prompt if kind == "text" and is_batch(prompt) else [prompt]) for _ in range(n)]
+        try:
+            per = [dataclasses.replace(params, seed=params.seed + i % n) for i in range(len(prompts))]
+        except ValueError as e:
+            return self._error(400, f"n = {n}: {e}")
+        outs = svc.engine.generate(prompts, per, policy=policy)  # (a batch joins the running batch together)
         refused = next((o for o in outs if _refused(o)), None)
         if refused is not None:  # (its error names its prompt's place in the batch)
             return self._error(400, refused.error)

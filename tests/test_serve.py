@@ -1,5 +1,6 @@
 """python/serve.py on a tiny pair saved to disk: streamed == non-streamed == Engine alone, concurrent
 clients, hostile input, and a client that leaves mid-stream."""
+import dataclasses
 import http.client
 import importlib
 import json
@@ -247,6 +248,24 @@ def test_a_bad_batch_is_refused_whole(server, body, match):
     _all_free(server.service.engine)
 
 
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", {"prompt": ["w1 w2", [5, 17, 3]], "max_tokens": 6, "temperature": 1.0, "seed": 7, "n": 3}),
+    ("/v1/chat/completions", {"messages": CHAT, "max_tokens": 6, "temperature": 1.0, "seed": 7, "n": 3})])
+def test_n_choices_are_the_prompt_sampled_with_seed_plus_i(server, path, body):
+    eng, kind = server.service.engine, "text" if "prompt" in body else "chat"
+    code, r = _post(server, path, body)
+    assert code == 200, r
+    prompts = body["prompt"] if kind == "text" else [body["messages"]]
+    assert [c["index"] for c in r["choices"]] == list(range(3 * len(prompts)))
+    _, params, policy, _ = server.service.parse({**body, "n": 1}, kind)
+    for j, p in enumerate(prompts):
+        for i in range(3):
+            alone = eng.generate([p], dataclasses.replace(params, seed=7 + i), policy=policy)[0]
+            assert r["choices"][j * 3 + i]["token_ids"] == alone.token_ids
+    assert len({tuple(c["token_ids"]) for c in r["choices"][:3]}) > 1  # sampled: the seeds differ
+    _all_free(eng)
+
+
 def test_tokenizer_routes_as_vllm_serves_them(server):
     eng = server.service.engine
     info = json.loads(_raw(server, "GET", "/tokenizer_info")[1])
@@ -305,7 +324,9 @@ def test_concurrent_clients_equal_alone(programs, server):
     (json.dumps({"prompt": [1, 500]}), 400, "outside the vocabulary"),
     (json.dumps({"prompt": [1] * 80}), 400, "max_model_len"),
     (json.dumps({"prompt": ""}), 400, "empty"),
-    (json.dumps({"prompt": "w1", "n": 3}), 400, "n must be 1"),
+    (json.dumps({"prompt": "w1", "n": 17}), 400, "n must be an int in [1, 16]"),
+    (json.dumps({"prompt": "w1", "n": 2, "stream": True}), 400, "stream takes n = 1"),
+    (json.dumps({"prompt": "w1", "n": 2, "seed": 2 ** 63 - 1}), 400, "seed must be an int"),
     (json.dumps({"prompt": "w1", "stop": {"a": 1}}), 400, "stop"),
     (json.dumps({"prompt": "w1", "stream": "yes"}), 400, "stream"),
     (json.dumps({"prompt": "w1", "timeout": -2}), 400, "timeout_s"),
