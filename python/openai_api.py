@@ -1,0 +1,270 @@
+"""OpenAI's completions and chat completions in bild_kernels' terms, for python/serve.py: what a request body asks
+for (a prompt, SamplingParams, a policy), and the reply's choices (text or message, logprobs, echo) from the engine's
+outputs; vLLM's tokenizer routes. No HTTP here: serve.py's handler calls `Service`."""
+from __future__ import annotations
+
+import json
+import threading
+
+from bild_kernels import (BiLD, Engine, Greedy, Jacobi, LargeOnly, NGram, SamplingParams, ShallowDeep, SmallOnly,
+                          SpeculativeSampling)
+from bild_kernels.engine.policies import with_lookup
+
+POLICIES = {"bild": BiLD, "greedy": Greedy, "speculative-sampling": SpeculativeSampling, "large-only": LargeOnly,
+            "small-only": SmallOnly, "jacobi": Jacobi, "shallow-deep": ShallowDeep, "ngram": NGram}
+MAX_BODY = 1 << 20  # bytes
+FIELDS = {"prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "timeout", "policy",
+          "model", "n", "user", "ignore_eos", "logprobs"}
+# Fields clients send at their neutral values: accepted there (they change nothing), refused otherwise
+NEUTRAL = {"presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "logit_bias": (None, {}), "best_of": (1,)}
+CHAT_NEUTRAL = {k: v for k, v in NEUTRAL.items() if k != "best_of"}
+FIELDS |= set(NEUTRAL) | {"stream_options", "echo"}
+CHAT_FIELDS = FIELDS - {"prompt", "echo", "best_of"} | {"messages", "max_completion_tokens", "top_logprobs"}
+ROUTES = {"/v1/completions": "text", "/v1/chat/completions": "chat"}
+TOKENIZER_ROUTES = {"/tokenize": "tokenize", "/detokenize": "detokenize"}
+MAX_N = 16  # completions one request may ask for per prompt (n)
+MAX_BATCH_PROMPTS = 64  # prompts one completions request may carry (each a choice of the reply)
+
+
+class BadRequest(ValueError):
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+class Service:
+    """The engine plus what the HTTP layer needs: request parsing, a policy cache, an admission bound."""
+
+    def __init__(self, engine: Engine, *, model_name: str = "bild", max_pending: int = 256,
+                 default_timeout: float | None = 600.0):
+        self.engine, self.model_name, self.default_timeout = engine, model_name, default_timeout
+        self.slots = threading.BoundedSemaphore(max_pending)
+        self._policies: dict[str, object] = {}
+        self._lock = threading.Lock()
+
+    def policy(self, spec):
+        """One policy object per distinct spec: equal requests share a batch, and "auto" thresholds keep
+        calibrating across requests. The cache is bounded (hostile clients could send endless specs)."""
+        if spec is None:
+            return None
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+            raise BadRequest('policy must be an object with a "name", e.g. {"name": "greedy", "max_draft_len": 4}')
+        kw = {k: v for k, v in spec.items() if k != "name"}
+        cls = POLICIES.get(spec["name"])
+        if cls is None:
+            raise BadRequest(f"unknown policy {spec['name']!r}; one of {sorted(POLICIES)}")
+        key = json.dumps(spec, sort_keys=True)
+        with self._lock:
+            if key in self._policies:
+                return self._policies[key]
+        try:
+            pol = cls(**with_lookup(kw))  # {"name": "greedy", "lookup": {"max_draft_len": 3, ...}}
+        except (TypeError, ValueError) as e:
+            raise BadRequest(f"policy: {e}") from None
+        with self._lock:
+            if len(self._policies) >= 128:
+                self._policies.pop(next(iter(self._policies)))
+            return self._policies.setdefault(key, pol)
+
+    def parse(self, body: dict, kind: str = "text"):
+        """(prompt, SamplingParams, policy, stream) of a completions body (kind "text") or a chat completions one
+        ("chat": the prompt is its messages, which the engine puts through the chat template)."""
+        if not isinstance(body, dict):
+            raise BadRequest("the request body must be a JSON object")
+        unknown = set(body) - (FIELDS if kind == "text" else CHAT_FIELDS)
+        if unknown:
+            raise BadRequest(f"unsupported field(s): {sorted(unknown)}")
+        n = body.get("n", 1)
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
+            raise BadRequest(f"n must be an int in [1, {MAX_N}]")
+        if n > 1 and body.get("stream"):
+            raise BadRequest("stream takes n = 1")
+        for k, ok in (NEUTRAL if kind == "text" else CHAT_NEUTRAL).items():
+            if k in body and not any(body[k] == v and type(body[k]) is type(v) for v in ok):
+                raise BadRequest(f"{k} is not supported (only {' or '.join(json.dumps(v) for v in ok)}, which "
+                                 f"changes nothing), got {json.dumps(body[k])}")
+        opts = body.get("stream_options")
+        if opts is not None and (not isinstance(opts, dict) or set(opts) - {"include_usage"}
+                                 or not isinstance(opts.get("include_usage", True), bool)):
+            raise BadRequest('stream_options must be {"include_usage": true|false} (the last event carries the '
+                             'usage either way)')
+        if kind == "chat":
+            prompt, body = self._chat_body(body)
+        else:
+            prompt = body.get("prompt")
+            if is_batch(prompt):
+                if len(prompt) > MAX_BATCH_PROMPTS or not all(_one_prompt(p) for p in prompt):
+                    raise BadRequest(f"a batch prompt must be a list of up to {MAX_BATCH_PROMPTS} prompts, each a "
+                                     f"string or a list of token ids")
+                if body.get("stream"):
+                    raise BadRequest("stream takes one prompt, not a batch")
+            elif not _one_prompt(prompt):
+                raise BadRequest("prompt must be a string, a list of token ids, or a list of those (a batch)")
+            if not isinstance(body.get("echo", False), bool):
+                raise BadRequest("echo must be true or false")
+            if body.get("echo") and body.get("stream"):
+                raise BadRequest("echo is not supported with stream")
+        stop = body.get("stop")
+        stop = () if stop is None else (stop,) if isinstance(stop, (str, int)) else stop
+        if not isinstance(stop, list | tuple):
+            raise BadRequest("stop must be a string, a token id, or a list of them")
+        timeout = body.get("timeout", self.default_timeout)
+        try:
+            params = SamplingParams(max_tokens=body.get("max_tokens", 16), temperature=body.get("temperature", 0.0),
+                                    top_p=body.get("top_p", 1.0), top_k=body.get("top_k", 0),
+                                    seed=body.get("seed", 0), stop=tuple(stop),
+                                    ignore_eos=bool(body.get("ignore_eos", False)), timeout_s=timeout,
+                                    logprobs=body.get("logprobs"),
+                                    prompt_logprobs=body.get("logprobs") if body.get("echo") else None)
+        except (TypeError, ValueError) as e:
+            raise BadRequest(str(e)) from None
+        if not isinstance(body.get("stream", False), bool):
+            raise BadRequest("stream must be true or false")
+        return prompt, params, self.policy(body.get("policy")), body.get("stream", False)
+
+    def _chat_body(self, body: dict):
+        """The messages of a chat body, and the body in the completions fields the rest of `parse` reads."""
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+            raise BadRequest('messages must be a non-empty list of {"role": ..., "content": ...} objects')
+        if "max_tokens" in body and "max_completion_tokens" in body:
+            raise BadRequest("give max_tokens or max_completion_tokens, not both")
+        logprobs, top = body.get("logprobs", False), body.get("top_logprobs")
+        if not isinstance(logprobs, bool):
+            raise BadRequest("logprobs must be true or false (top_logprobs says how many alternatives)")
+        if top is not None and not logprobs:
+            raise BadRequest("top_logprobs needs logprobs: true")
+        rest = {k: v for k, v in body.items() if k not in ("messages", "max_completion_tokens", "top_logprobs")}
+        if "max_completion_tokens" in body:
+            rest["max_tokens"] = body["max_completion_tokens"]
+        rest["logprobs"] = (0 if top is None else top) if logprobs else None
+        return messages, rest
+
+    def choice(self, text, token_ids, finish_reason, error=None, logprobs=None, top_logprobs=None,
+               offset: int = 0, kind: str = "text", first: bool = True, stream: bool = False) -> dict:
+        """One choice of a reply: completions' {text, ...}; chat's {message: {role, content}, ...}, or in a stream
+        {delta: {content}} (with the role in the first event)."""
+        if kind == "text":
+            c = {"index": 0, "text": text, "token_ids": token_ids, "finish_reason": finish_reason}
+            if logprobs is not None:
+                c["logprobs"] = self.logprobs(token_ids, logprobs, top_logprobs, offset)
+        else:
+            if stream:
+                c = {"index": 0, "delta": ({"role": "assistant", "content": text} if first else {"content": text})}
+            else:
+                c = {"index": 0, "message": {"role": "assistant", "content": text}}
+            c.update(token_ids=token_ids, finish_reason="stop" if finish_reason == "eos" else finish_reason)
+            if logprobs is not None:
+                c["logprobs"] = {"content": self.chat_logprobs(token_ids, logprobs, top_logprobs)}
+        if error:
+            c["error"] = error
+        return c
+
+    def tokenizer_info(self) -> dict:
+        """The tokenizer's special tokens and chat template (vLLM's /tokenizer_info, which lm-evaluation-harness's
+        remote tokenizer reads)."""
+        tok, eng = self.engine.tokenizer, self.engine
+        return {"tokenizer_class": type(tok).__name__, "eos_token": tok.eos_token, "bos_token": tok.bos_token,
+                "pad_token": tok.pad_token, "chat_template": getattr(tok, "chat_template", None),
+                "model_max_length": eng.max_model_len, "vocab_size": eng.vocab_size}
+
+    def tokenize(self, body) -> dict:
+        """{prompt: str, add_special_tokens=true} or {messages: [...]} -> {tokens, count, max_model_len}."""
+        if not isinstance(body, dict) or ("prompt" in body) == ("messages" in body) \
+                or set(body) - {"prompt", "messages", "add_special_tokens", "model"}:
+            raise BadRequest('tokenize takes {"prompt": str, "add_special_tokens": bool} or {"messages": [...]}')
+        special = body.get("add_special_tokens", True)
+        if not isinstance(special, bool):
+            raise BadRequest("add_special_tokens must be true or false")
+        if "prompt" in body and not isinstance(body["prompt"], str):
+            raise BadRequest("prompt must be a string")
+        if "messages" in body and not (isinstance(body["messages"], list) and body["messages"]
+                                       and all(isinstance(m, dict) for m in body["messages"])):
+            raise BadRequest('messages must be a non-empty list of {"role": ..., "content": ...} objects')
+        ids = self.engine.tokenize(body.get("prompt", body.get("messages")), add_special_tokens=special)
+        return {"tokens": ids, "count": len(ids), "max_model_len": self.engine.max_model_len}
+
+    def detokenize(self, body) -> dict:
+        """{tokens: [ids]} -> {prompt: their text}."""
+        if not isinstance(body, dict) or set(body) - {"tokens", "model"} or not isinstance(body.get("tokens"), list):
+            raise BadRequest('detokenize takes {"tokens": [token ids]}')
+        return {"prompt": self.engine.detokenize(body["tokens"])}
+
+    def echo(self, choice: dict, prompt, out) -> None:
+        """Put the prompt before a completions choice's text (as given, or its ids' text) and, with logprobs, its
+        tokens before the choice's: the first with logprob null (nothing predicts it), as OpenAI's echo does."""
+        eng = self.engine
+        head = prompt if isinstance(prompt, str) else eng.tokenizer.decode(prompt) if eng.tokenizer else ""
+        choice["text"] = head + choice["text"]
+        if "logprobs" not in choice:
+            return
+        lp = self.logprobs(out.prompt_token_ids, out.prompt_logprobs,
+                           [[] if row is None else row for row in out.prompt_top_logprobs], 0)
+        lp["top_logprobs"][0] = None
+        rest, end = choice["logprobs"], sum(len(t) for t in lp["tokens"])
+        choice["logprobs"] = {"tokens": lp["tokens"] + rest["tokens"],
+                              "token_logprobs": lp["token_logprobs"] + rest["token_logprobs"],
+                              "top_logprobs": lp["top_logprobs"] + rest["top_logprobs"],
+                              "text_offset": lp["text_offset"] + [end + o for o in rest["text_offset"]]}
+
+    def chat_logprobs(self, token_ids, logprobs, top_logprobs) -> list[dict]:
+        """The chat API's logprobs.content: per token its text, logprob, UTF-8 bytes and top alternatives."""
+        eng = self.engine
+        texts = eng.token_texts(token_ids)
+        alts = eng.token_texts([t for row in top_logprobs for t, _ in row])
+        out, k = [], 0
+        for text, lp, row in zip(texts, logprobs, top_logprobs):
+            top = [{"token": alts[k + j], "logprob": v, "bytes": list(alts[k + j].encode())}
+                   for j, (_, v) in enumerate(row)]
+            k += len(row)
+            out.append({"token": text, "logprob": lp, "bytes": list(text.encode()), "top_logprobs": top})
+        return out
+
+    def logprobs(self, token_ids, logprobs, top_logprobs, offset: int) -> dict:
+        """OpenAI's completions "logprobs" object for `token_ids`, their texts counted from `offset`."""
+        eng = self.engine
+        texts = eng.token_texts(token_ids)
+        alts = eng.token_texts([t for row in top_logprobs for t, _ in row])
+        top, k = [], 0
+        for row in top_logprobs:
+            top.append({alts[k + j]: v for j, (_, v) in enumerate(row)})
+            k += len(row)
+        starts = []
+        for t in texts:
+            starts.append(offset)
+            offset += len(t)
+        return {"tokens": texts, "token_logprobs": logprobs, "top_logprobs": top, "text_offset": starts}
+
+    def envelope(self, request_id: int, choice: dict, created: int, usage=None, kind: str = "text",
+                 stream: bool = False) -> dict:
+        obj = "text_completion" if kind == "text" else "chat.completion.chunk" if stream else "chat.completion"
+        out = {"id": f"{'cmpl' if kind == 'text' else 'chatcmpl'}-{request_id}", "object": obj, "created": created,
+               "model": self.model_name, "choices": [choice]}
+        if usage is not None:
+            out["usage"] = usage
+        return out
+
+
+def _usage(out) -> dict:
+    p, g = len(out.prompt_token_ids), len(out.token_ids)
+    return {"prompt_tokens": p, "completion_tokens": g, "total_tokens": p + g}
+
+
+def _one_prompt(p) -> bool:
+    return isinstance(p, str) or (isinstance(p, list) and all(type(t) is int for t in p))
+
+
+def is_batch(prompt) -> bool:
+    """OpenAI's batch form of a completions prompt: a non-empty list of strings or of token-id lists."""
+    return isinstance(prompt, list) and len(prompt) > 0 and all(isinstance(p, (str, list)) for p in prompt)
+
+
+def _refused(out) -> bool:
+    """The engine refused the request before any model ran (a bad prompt, too long, ...): a client error."""
+    m = out.metrics
+    return out.finish_reason == "error" and m.large_passes == 0 and m.small_steps == 0
+
+
+def _chain(first, rest):
+    yield first
+    yield from rest
