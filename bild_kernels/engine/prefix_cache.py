@@ -19,6 +19,7 @@ integer kernels; float32 / bfloat16 products elsewhere may round a row different
 """
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -32,13 +33,15 @@ class PrefixEntry:
 
 
 class PrefixCache:
-    """Kept prompts, by their token ids, within `max_tokens` positions in all; least recently used out first."""
+    """Kept prompts, by their token ids, within `max_tokens` positions in all; least recently used out first.
+    Safe to call from any thread (the engine's stepping thread matches and inserts while a caller may clear)."""
 
     def __init__(self, max_tokens: int):
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
             raise ValueError(f"prefix cache max_tokens must be a positive int, got {max_tokens!r}")
         self.max_tokens = max_tokens
         self._entries: OrderedDict[tuple[int, ...], PrefixEntry] = OrderedDict()
+        self._lock = threading.Lock()
         self.tokens = 0  # positions held
         self.queries = self.hits = self.hit_tokens = 0
 
@@ -49,6 +52,10 @@ class PrefixCache:
         """The kept prompt sharing the longest prefix with `prompt`, and that prefix's length (at most
         len(prompt) - 1: the last token always runs, for its logits). (None, 0) when none shares a token.
         need_features: only entries that carry the hidden states."""
+        with self._lock:
+            return self._match(prompt, need_features)
+
+    def _match(self, prompt, need_features):
         self.queries += 1
         best, best_n, cap = None, 0, len(prompt) - 1
         for key, entry in self._entries.items():
@@ -74,7 +81,10 @@ class PrefixCache:
             raise ValueError(f"prefix entry holds {n} positions for a prompt of {len(prompt)} tokens")
         if n > self.max_tokens:
             return
-        key = tuple(prompt)
+        with self._lock:
+            self._insert(tuple(prompt), entry, n)
+
+    def _insert(self, key, entry, n):
         if key in self._entries:
             self._drop(key)
         self._entries[key] = entry
@@ -85,14 +95,16 @@ class PrefixCache:
     def discard(self, prompt: list[int]) -> bool:
         """Forget `prompt` if it is kept (as is); True if it was."""
         key = tuple(prompt)
-        if key not in self._entries:
-            return False
-        self._drop(key)
-        return True
+        with self._lock:
+            if key not in self._entries:
+                return False
+            self._drop(key)
+            return True
 
     def clear(self) -> None:
-        for k in list(self._entries):
-            self._drop(k)
+        with self._lock:
+            for k in list(self._entries):
+                self._drop(k)
 
     def _drop(self, key: tuple[int, ...]) -> None:
         self.tokens -= len(key)

@@ -222,3 +222,43 @@ def test_eval_never_lets_a_prompt_reuse_itself(cached):
     rows = evaluate(cached, PROMPTS, [Greedy(max_draft_len=3)], max_tokens=4, repeat=2)
     # the first prompt finds nothing (not even its own warm-up run); each later one the prompts before it
     assert [r.cached_prompt for r in rows] == [pytest.approx((0 + 14 + 16 + 6) / 4)] * 2
+
+
+def test_the_cache_takes_calls_from_many_threads():
+    """The engine's stepping thread matches and inserts while a caller clears or discards: no call sees the table
+    mid-change, and the positions it counts stay the sum of its prompts'."""
+    import sys
+    import threading
+    pc, errors, stop = PrefixCache(400), [], threading.Event()
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # switch threads often: mid-iteration switches are what would break an unguarded table
+
+    def work(seed):
+        g = torch.Generator().manual_seed(seed)
+        try:
+            while not stop.is_set():
+                p = [1, 2, 3] + torch.randint(0, 6, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g).tolist()
+                pc.insert(p, _entry(len(p)))
+                pc.match(p + [9])
+                pc.discard(p[:-1])
+        except Exception as e:  # noqa: BLE001 (any error of a call is the failure)
+            errors.append(e)
+
+    def clearer():
+        try:
+            while not stop.is_set():
+                pc.clear()
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)] + [threading.Thread(target=clearer)]
+    try:
+        for t in threads:
+            t.start()
+        stop.wait(1.0)
+        stop.set()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(old)
+    assert not errors, errors[:3]
+    assert pc.tokens == sum(len(k) for k in pc._entries) <= pc.max_tokens
