@@ -205,7 +205,7 @@ def test_echo_scores_the_prompt_as_lm_evaluation_harness_asks(server, prompt):
     assert lp["tokens"] == eng.token_texts(ids + out.token_ids)
     assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
     with_ctx = [eng.score(ids[:i], ids[i:i + 1])[0] for i in range(1, len(ids))]
-    assert lp["token_logprobs"][1:len(ids)] == pytest.approx(with_ctx, abs=1e-6)  # (score: float32)
+    assert lp["token_logprobs"][1:len(ids)] == pytest.approx(with_ctx, abs=1e-9)
     assert lp["token_logprobs"][len(ids):] == pytest.approx(out.logprobs, abs=1e-9)
     assert all(len(d) == 1 for d in lp["top_logprobs"][1:])
     assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:i]) for i in range(len(lp["tokens"]))]

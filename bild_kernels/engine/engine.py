@@ -336,7 +336,8 @@ class Engine(Iteration):
                 raise ValueError("score: the engine has no free row or KV blocks right now")
             large.add(row)
             try:
-                logits = large.extend([row], [ids], [len(continuation) + 1])[0, :-1].float()
+                logits = large.extend([row], [ids], [len(continuation) + 1])[0, :-1]
+                logits = logits if logits.dtype == torch.float64 else logits.float()  # (bf16 / fp16: in float32)
                 faulty = row in large.take_nonfinite()
             finally:
                 large.free(row)
