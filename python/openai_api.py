@@ -9,6 +9,7 @@ import threading
 from bild_kernels import (BiLD, Engine, Greedy, Jacobi, LargeOnly, NGram, SamplingParams, ShallowDeep, SmallOnly,
                           SpeculativeSampling)
 from bild_kernels.engine.policies import with_lookup
+from serve_metrics import ServiceMetrics
 
 POLICIES = {"bild": BiLD, "greedy": Greedy, "speculative-sampling": SpeculativeSampling, "large-only": LargeOnly,
             "small-only": SmallOnly, "jacobi": Jacobi, "shallow-deep": ShallowDeep, "ngram": NGram}
@@ -39,6 +40,7 @@ class Service:
                  default_timeout: float | None = 600.0):
         self.engine, self.model_name, self.default_timeout = engine, model_name, default_timeout
         self.slots = threading.BoundedSemaphore(max_pending)
+        self.metrics = ServiceMetrics()
         self._policies: dict[str, object] = {}
         self._lock = threading.Lock()
 

@@ -5,6 +5,8 @@
 Endpoints (JSON; errors are {"error": {"message", "type"}} with status 400 / 404 / 413 / 503):
   GET  /health            {"status": "ok", ...}
   GET  /v1/models         the loaded pair
+  GET  /metrics           Prometheus text: requests by finish reason, tokens, drafts kept, latency histograms,
+                          the engine's load (python/serve_metrics.py)
   GET  /tokenizer_info    the tokenizer's special tokens and chat template (as vLLM's)
   POST /tokenize          {prompt: str, add_special_tokens=true} | {messages: [...]} -> {tokens, count, max_model_len}
   POST /detokenize        {tokens: [ids]} -> {prompt: text}
@@ -74,9 +76,16 @@ class Handler(BaseHTTPRequestHandler):
         if self.path == "/health":
             eng = self.service.engine
             self._json(200, {"status": "ok", "max_batch_size": eng.max_batch_size,
-                             "kv_cache_blocks": eng.kv_cache_blocks})
+                             "kv_cache_blocks": eng.kv_cache_blocks, "load": eng.load()})
         elif self.path == "/v1/models":
             self._json(200, {"object": "list", "data": [{"id": self.service.model_name, "object": "model"}]})
+        elif self.path == "/metrics":
+            data = self.service.metrics.render(self.service.engine.load()).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
         elif self.path == "/tokenizer_info" and self.service.engine.tokenizer is not None:
             self._json(200, self.service.tokenizer_info())
         else:
@@ -133,6 +142,8 @@ class Handler(BaseHTTPRequestHandler):
         except ValueError as e:
             return self._error(400, f"n = {n}: {e}")
         outs = svc.engine.generate(prompts, per, policy=policy)  # (a batch joins the running batch together)
+        for o in outs:
+            svc.metrics.observe(o)
         refused = next((o for o in outs if _refused(o)), None)
         if refused is not None:  # (its error names its prompt's place in the batch)
             return self._error(400, refused.error)
@@ -155,6 +166,7 @@ class Handler(BaseHTTPRequestHandler):
             first = next(chunks)
             out = first.output
             if first.finished and _refused(out):
+                svc.metrics.observe(out)
                 return self._error(400, out.error)
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
@@ -166,6 +178,8 @@ class Handler(BaseHTTPRequestHandler):
                 offset = 0  # tokens' texts so far (completions' logprobs text_offset)
                 for i, c in enumerate(_chain(first, chunks)):
                     o = c.output
+                    if o is not None:
+                        svc.metrics.observe(o)
                     choice = svc.choice(c.text, c.token_ids, c.finish_reason, o.error if o else None, c.logprobs,
                                         c.top_logprobs, offset, kind, first=i == 0, stream=True)
                     if c.logprobs and kind == "text":
@@ -176,7 +190,7 @@ class Handler(BaseHTTPRequestHandler):
                 self.wfile.write(b"data: [DONE]\n\n")
                 self.wfile.flush()
             except (BrokenPipeError, ConnectionResetError, TimeoutError):
-                pass  # the client left: closing the stream cancels the request and frees its blocks
+                svc.metrics.ended("cancelled")  # the client left: closing the stream cancels the request, frees its blocks
             except Exception as e:  # a failed engine step, after the headers went out: say so in the stream
                 err = {"error": {"message": f"{type(e).__name__}: {e}", "type": "server_error"}}
                 self.wfile.write(b"data: " + json.dumps(err).encode() + b"\n\n")

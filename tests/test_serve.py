@@ -266,6 +266,46 @@ def test_n_choices_are_the_prompt_sampled_with_seed_plus_i(server, path, body):
     _all_free(eng)
 
 
+def _metrics(server) -> dict:
+    code, data = _raw(server, "GET", "/metrics")
+    assert code == 200
+    out = {}
+    for line in data.decode().splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def test_metrics_count_what_the_service_served(server):
+    eng = server.service.engine
+    before = _metrics(server)
+    bodies = [{"prompt": "w1 w2 w3", "max_tokens": 7, "policy": {"name": "greedy", "max_draft_len": 3}},
+              {"prompt": [5, 17, 3], "max_tokens": 5, "stream": True},
+              {"messages": CHAT, "max_tokens": 4}]
+    outs = []
+    for b in bodies:
+        path = "/v1/chat/completions" if "messages" in b else "/v1/completions"
+        code, r = _post(server, path, b)
+        assert code == 200
+        outs.append(sum(len(e["choices"][0]["token_ids"]) for e in (r if b.get("stream") else [r])))
+    assert _post(server, "/v1/completions", {"prompt": [1, 500]})[0] == 400  # refused by the engine: an error
+    after = _metrics(server)
+
+    def delta(name):
+        return after.get(name, 0) - before.get(name, 0)
+    assert delta('bild_requests_total{finish_reason="length"}') == 3
+    assert delta('bild_requests_total{finish_reason="error"}') == 1
+    assert delta("bild_generation_tokens_total") == sum(outs) == 16
+    assert delta("bild_drafted_tokens_total") > 0 and delta("bild_accepted_tokens_total") >= 0
+    assert delta("bild_time_to_first_token_seconds_count") == 3 and delta("bild_request_duration_seconds_count") == 4
+    assert delta('bild_request_duration_seconds_bucket{le="+Inf"}') == 4
+    assert after["bild_running_requests"] == 0 and after["bild_waiting_requests"] == 0
+    assert after['bild_free_kv_blocks{model="large"}'] == eng.kv_cache_blocks
+    health = json.loads(_raw(server, "GET", "/health")[1])
+    assert health["load"]["running"] == 0 and health["load"]["free_kv_blocks"]["small"] == eng.kv_cache_blocks
+
+
 def test_tokenizer_routes_as_vllm_serves_them(server):
     eng = server.service.engine
     info = json.loads(_raw(server, "GET", "/tokenizer_info")[1])

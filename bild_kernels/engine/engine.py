@@ -455,6 +455,19 @@ class Engine(Iteration):
         seq.trim_logprobs()
         return seq.finish_reason
 
+    def load(self) -> dict:
+        """What the engine holds now (a snapshot, for monitoring): requests running and waiting, each model's free KV
+        blocks of kv_cache_blocks, and the prefix cache's positions and hits."""
+        sch = self._scheduler
+        with sch.cv:
+            out = {"running": len(sch.running), "waiting": len(sch.waiting), "kv_cache_blocks": self.kv_cache_blocks,
+                   "free_kv_blocks": {name: r.num_free_blocks() for name, r in self.runners.items()}}
+        pc = self.prefix_cache
+        if pc is not None:
+            out["prefix_cache"] = {"tokens": pc.tokens, "max_tokens": pc.max_tokens, "prompts": len(pc),
+                                   "queries": pc.queries, "hits": pc.hits, "hit_tokens": pc.hit_tokens}
+        return out
+
     def token_texts(self, ids) -> list[str]:
         """Each token id's own text, as the tokenizer decodes it alone (a piece of a multi-byte character reads as
         U+FFFD): to show a request's `top_logprobs`, say. str(id) when the engine has no tokenizer."""
