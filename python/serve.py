@@ -25,8 +25,8 @@ Endpoints (JSON; errors are {"error": {"message", "type"}} with status 400 / 404
                            whose choices[0].delta carries the new text); finish_reason "stop" for an EOS
 presence_penalty / frequency_penalty 0, logit_bias null or {}, and (completions) best_of 1 are accepted as the
 no-ops they are; other values are refused. stream_options is accepted (the last event carries the
-usage either way). With "stream": true the reply is server-sent events, one `data: {...}` per committed run of tokens and
-`data: [DONE]` at the end. Each choice carries, besides OpenAI's text and finish_reason, the token ids
+usage either way). With "stream": true the reply is server-sent events, one `data: {...}` per committed run of tokens
+and `data: [DONE]` at the end. Each choice carries, besides OpenAI's text and finish_reason, the token ids
 ("token_ids") and, at the end, the engine's "error" when the request ended early (finish_reason "error" or
 "timeout"). With "logprobs": n, each choice also carries OpenAI's "logprobs" object for its tokens: "tokens" (each
 token's own text), "token_logprobs" (under the model that decided it: the large one, SmallOnly's small one; before
@@ -190,7 +190,7 @@ class Handler(BaseHTTPRequestHandler):
                 self.wfile.write(b"data: [DONE]\n\n")
                 self.wfile.flush()
             except (BrokenPipeError, ConnectionResetError, TimeoutError):
-                svc.metrics.ended("cancelled")  # the client left: closing the stream cancels the request, frees its blocks
+                svc.metrics.ended("cancelled")  # the client left: closing the stream cancels it, frees its blocks
             except Exception as e:  # a failed engine step, after the headers went out: say so in the stream
                 err = {"error": {"message": f"{type(e).__name__}: {e}", "type": "server_error"}}
                 self.wfile.write(b"data: " + json.dumps(err).encode() + b"\n\n")

@@ -25,7 +25,8 @@ LOGPROB_CHUNK = 1 << 24  # logits a chunk of rows converts to float32 at a time 
 def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, top: int, columns: torch.Tensor | None = None):
     """The log-softmax of `logits` [n, P, V'] at the columns `ids` [n, P] (< 0: read as column 0), and its `top`
     largest values with their token ids (`columns[j]` for column j of a reduced head), in float32 (float64 logits:
-    float64) on the logits' device: (chosen [n, P], top values [n, P, top], top ids [n, P, top]). Rows go in chunks of LOGPROB_CHUNK logits."""
+    float64) on the logits' device: (chosen [n, P], top values [n, P, top], top ids [n, P, top]). Rows go in chunks
+    of LOGPROB_CHUNK logits."""
     n, P, V = logits.shape
     step = max(1, LOGPROB_CHUNK // max(P * V, 1))
     chosen, vals, idx = [], [], []

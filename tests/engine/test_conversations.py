@@ -68,7 +68,8 @@ def test_no_chat_template_no_conversations(large_model):
 
 def test_tokenize_gives_what_generate_runs(engine, large_model):
     assert engine.tokenize(CHAT) == engine.generate(CHAT, SamplingParams(max_tokens=1))[0].prompt_token_ids
-    assert engine.tokenize("w1 w2 w3") == engine.generate(["w1 w2 w3"], SamplingParams(max_tokens=1))[0].prompt_token_ids
+    plain = engine.generate(["w1 w2 w3"], SamplingParams(max_tokens=1))[0]
+    assert engine.tokenize("w1 w2 w3") == plain.prompt_token_ids
     assert engine.tokenize("w1 w2", add_special_tokens=False) == [1, 2]
     assert engine.detokenize([1, 2, 90]) == engine.tokenizer.decode([1, 2, 90])
     with pytest.raises(ValueError, match="message 0 must be"):

@@ -178,7 +178,8 @@ def _assert_prompt_logprobs_of(model, prompt, out, top):
 def test_prompt_logprobs_are_the_large_model_s_and_change_no_output(engine, large_model, policy):
     prompts = PROMPTS + [[42]]
     params = [SamplingParams(max_tokens=N, prompt_logprobs=2), SamplingParams(max_tokens=N),  # a row that does not ask
-              SamplingParams(max_tokens=N, prompt_logprobs=0, logprobs=1), SamplingParams(max_tokens=N, prompt_logprobs=1)]
+              SamplingParams(max_tokens=N, prompt_logprobs=0, logprobs=1),
+              SamplingParams(max_tokens=N, prompt_logprobs=1)]
     outs = engine.generate(prompts, params, policy=policy)
     plain = engine.generate(prompts, SamplingParams(max_tokens=N), policy=policy)
     assert [o.token_ids for o in outs] == [o.token_ids for o in plain]
@@ -206,3 +207,23 @@ def test_prompt_logprobs_skip_the_prefix_cache_and_refuse_what_cannot_give_them(
         assert out[0].finish_reason == "error" and "prompt_logprobs come from the large model's prefill" in out[0].error
         assert len(out[1].token_ids) == 3
     assert_all_free(eng)
+
+
+def test_the_fixed_buffer_paths_give_the_same_logprobs(large_model, small_model):
+    """The CPU twins of the GPU's graphed paths (draft_loop and extend_passes "static": the same fixed buffers, not
+    captured): the same tokens, logprobs and prompt logprobs as the eager engine."""
+    params = SamplingParams(max_tokens=N, logprobs=2, prompt_logprobs=1)
+    policy = BiLD(fallback_threshold=0.3, rollback_threshold=2.0, max_draft_len=4)
+    outs = {}
+    for mode in ("eager", "static"):
+        eng = Engine(large=large_model, small=small_model, dtype=torch.float64, max_batch_size=3, max_model_len=64,
+                     block_size=4, draft_loop=mode, extend_passes=mode)
+        outs[mode] = eng.generate(PROMPTS, params, policy=policy)
+        assert_all_free(eng)
+    for a, b, p in zip(outs["eager"], outs["static"], PROMPTS):
+        assert a.token_ids == b.token_ids
+        assert [t for t, _ in sum(a.top_logprobs, [])] == [t for t, _ in sum(b.top_logprobs, [])]
+        torch.testing.assert_close(a.logprobs, b.logprobs, rtol=0, atol=1e-12)
+        torch.testing.assert_close(a.prompt_logprobs[1:], b.prompt_logprobs[1:], rtol=0, atol=1e-12)
+        _assert_logprobs_of(large_model, p, b, 2)
+        _assert_prompt_logprobs_of(large_model, p, b, 1)

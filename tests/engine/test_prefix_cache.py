@@ -237,7 +237,8 @@ def test_the_cache_takes_calls_from_many_threads():
         g = torch.Generator().manual_seed(seed)
         try:
             while not stop.is_set():
-                p = [1, 2, 3] + torch.randint(0, 6, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g).tolist()
+                n = int(torch.randint(1, 12, (1,), generator=g))
+                p = [1, 2, 3] + torch.randint(0, 6, (n,), generator=g).tolist()
                 pc.insert(p, _entry(len(p)))
                 pc.match(p + [9])
                 pc.discard(p[:-1])
