@@ -223,6 +223,9 @@ class Engine(Iteration):
                 runner.use_static(max_batch_size, STATIC_EXTEND_TOKENS, capture=extend_passes == "graph")
         # "layers": a standalone small model (tokens in); "feature": it reads the large model's hidden states
         self.small_kind = getattr(small_exec, "kind", "layers") if small_exec is not None else None
+        # a feature draft's keys and values of kept prompts too, where its caches move the same way
+        self._prefix_small = (self.prefix_cache is not None and self.small_kind == "feature"
+                              and self.runners["small"]._kv_pool is not None)
         self._static = (None if small_exec is None or draft_loop in ("eager", "native")
                         else StaticDraftLoop(self.runners["small"], max_batch_size, capture=draft_loop == "graph"))
         self._next_id = 0
@@ -381,14 +384,27 @@ class Engine(Iteration):
         seq.metrics.cached_prompt_tokens = n
         if entry.features is not None:
             seq.prompt_features = [entry.features[:n]]
-            if keeps:  # the feature draft is fed the restored positions' hidden states like computed ones
-                seq.features = [entry.features[:n].to(self.device)]
+            m = 0  # the feature draft's own positions restored too (position t reads token t + 1: n - 1 at most)
+            if keeps and entry.small_kv is not None and self._prefix_small:
+                m = min(n - 1, entry.small_kv.shape[2])
+                if m > 0:
+                    self.runners["small"].write_kv(seq.row, entry.small_kv, m)
+                    seq.cached["small"] = m
+            if keeps:  # the draft is fed the restored positions' hidden states it has not seen, like computed ones
+                seq.features = [entry.features[m:n].to(self.device)]
 
     def _prefix_store(self, seq: Sequence, policy: Policy) -> None:
-        """After a request's first pass (its prompt's positions all cached and final): keep them."""
-        if not self._prefix_applies(policy) or seq.metrics.large_passes != 1:
+        """After a request's first pass (its prompt's positions all cached and final): keep them; after the feature
+        draft's first run over them, its own keys and values too."""
+        if not self._prefix_applies(policy):
             return
         P = seq.prompt_len
+        if (not seq.small_kept and P > 1 and seq.cached["small"] >= P - 1 and self._prefix_small
+                and self._keeps_features(policy)):
+            seq.small_kept = True
+            self.prefix_cache.attach_small(seq.tokens[:P], self.runners["small"].read_kv(seq.row, P - 1))
+        if seq.metrics.large_passes != 1:
+            return
         feats, seq.prompt_features = seq.prompt_features, None
         if self.small_kind == "feature":  # every first pass of such an engine keeps them (`_target_logits`)
             feats = torch.cat(feats) if feats else None

@@ -3,9 +3,10 @@
 A service's requests share their openings (a system prompt, a chat template, a few-shot preamble), and on a CPU a
 prefill is compute-bound: ~0.8 ms a token for the default pair, most of a short request's time to first token. The
 cache keeps, for recent prompts, a copy of the large model's keys and values at every prompt position (and, with a
-feature draft, the large model's last hidden state there, which the draft reads); a new request whose prompt shares
-its first n tokens with a kept one gets those n positions copied into its own blocks at admission and prefills only
-the rest.
+feature draft, the large model's last hidden state there, which the draft reads, and the draft's own keys and values
+of the prompt once a draft run has computed them); a new request whose prompt shares its first n tokens with a kept
+one gets those n positions copied into its own blocks at admission (the draft's first n - 1) and prefills only the
+rest.
 
 Copies, not shared blocks: every block still belongs to exactly one sequence (the allocator's invariant, and the
 rollback op's semantics, stay as they are), and the cache lives outside the KV pool, within its own token budget
@@ -30,6 +31,9 @@ import torch
 class PrefixEntry:
     kv: torch.Tensor  # [layers, 2, n, H_kv, D]: the large model's keys and values at positions 0 .. n - 1
     features: torch.Tensor | None  # [n, H]: its last hidden states there (a feature draft's inputs), or None
+    # a feature draft's own keys and values [layers, 2, n - 1, H_kv, D] at positions 0 .. n - 2 (position t reads
+    # feature t and token t + 1: those the prompt alone decides), once a draft run has computed them; else None
+    small_kv: torch.Tensor | None = None
 
 
 class PrefixCache:
@@ -91,6 +95,19 @@ class PrefixCache:
         self.tokens += n
         while self.tokens > self.max_tokens:
             self._drop(next(iter(self._entries)))
+
+    def attach_small(self, prompt: list[int], small_kv: torch.Tensor) -> bool:
+        """Add a feature draft's keys and values to `prompt`'s entry (kept as is, and without them yet); True if
+        they were added."""
+        with self._lock:
+            entry = self._entries.get(tuple(prompt))
+            if entry is None or entry.small_kv is not None or entry.features is None:
+                return False
+            if small_kv.shape[2] != entry.kv.shape[2] - 1:
+                raise ValueError(f"a feature draft's prefix holds {small_kv.shape[2]} positions for a prompt of "
+                                 f"{entry.kv.shape[2]} tokens (it should hold one fewer)")
+            entry.small_kv = small_kv
+            return True
 
     def discard(self, prompt: list[int]) -> bool:
         """Forget `prompt` if it is kept (as is); True if it was."""

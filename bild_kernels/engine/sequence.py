@@ -159,6 +159,7 @@ class Sequence:
         # Prefix caching: the large model's hidden states at the prompt's positions (chunks, with a feature draft),
         # until the prompt is kept after its first pass
         self.prompt_features: list | None = None
+        self.small_kept = False  # the feature draft's keys and values of the prompt went to the prefix cache
         self.guesses: list[int] = []  # Jacobi: the last pass's predictions past the committed tokens
         self.ngram = None  # NGram / a policy's `lookup`: the NGramIndex of `tokens`, built on first use
         self.iteration = 0  # verification rounds so far: addresses this request's random numbers

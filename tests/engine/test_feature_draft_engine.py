@@ -299,11 +299,20 @@ def test_prefix_cache_feeds_the_draft_the_kept_hidden_states(pair, draft_loop):
     params = SamplingParams(max_tokens=16)
     plain = _engine(teacher, path, draft_loop=draft_loop)
     cached = _engine(teacher, path, draft_loop=draft_loop, prefix_cache=128)
+    small, restored = cached.runners["small"], []
+    real_write = small.write_kv
+
+    def spy(row, kv, n):  # the draft's own positions copied from the cache
+        restored.append(n)
+        return real_write(row, kv, n)
+    small.write_kv = spy
     for policy in (Greedy(max_draft_len=3), BiLD(fallback_threshold=0.3, rollback_threshold=2.0, max_draft_len=4),
                    Greedy(max_draft_len=3, lookup=NGram(max_draft_len=3))):
         cached.prefix_cache.clear()
+        restored.clear()
         cached.generate([prompts[0]], SamplingParams(max_tokens=2), policy=LargeOnly())  # kept by another policy
-        assert cached.prefix_cache.match(prompts[0], need_features=True)[1] == len(prompts[0]) - 1
+        entry, n = cached.prefix_cache.match(prompts[0], need_features=True)
+        assert n == len(prompts[0]) - 1 and entry.small_kv is None  # (no draft ran over it)
         for p in prompts:
             want = plain.generate([p], params, policy=policy)[0]
             got = cached.generate([p], params, policy=policy)[0]
@@ -313,4 +322,9 @@ def test_prefix_cache_feeds_the_draft_the_kept_hidden_states(pair, draft_loop):
             assert got.metrics.cached_prompt_tokens > 0
             assert (got.metrics.drafted_tokens, got.metrics.accepted_tokens) == (want.metrics.drafted_tokens,
                                                                                  want.metrics.accepted_tokens)
+        # the first prompt's own rerun kept the draft's keys and values of its prompt (one position fewer than its
+        # tokens); the second prompt, which shares 10 tokens with it, started its draft 9 positions in
+        entry = cached.prefix_cache.match(prompts[0] + [77], need_features=True)[0]
+        assert entry.small_kv is not None and entry.small_kv.shape[2] == len(prompts[0]) - 1
+        assert restored[:1] == [len(shared) - 1]
     assert_all_free(cached)

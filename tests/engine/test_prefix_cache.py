@@ -263,3 +263,19 @@ def test_the_cache_takes_calls_from_many_threads():
         sys.setswitchinterval(old)
     assert not errors, errors[:3]
     assert pc.tokens == sum(len(k) for k in pc._entries) <= pc.max_tokens
+
+
+def test_a_feature_draft_s_keys_and_values_join_a_kept_prompt_once():
+    pc = PrefixCache(100)
+    pc.insert([1, 2, 3, 4], _entry(4, features=True))
+    pc.insert([5, 6, 7], _entry(3))  # no hidden states: no feature draft fed it
+    assert not pc.attach_small([9, 9], torch.zeros(1, 2, 1, 1, 4))  # not kept
+    assert not pc.attach_small([5, 6, 7], torch.zeros(1, 2, 2, 1, 4))
+    with pytest.raises(ValueError, match="one fewer"):
+        pc.attach_small([1, 2, 3, 4], torch.zeros(1, 2, 4, 1, 4))
+    assert pc.attach_small([1, 2, 3, 4], torch.ones(1, 2, 3, 1, 4))
+    assert not pc.attach_small([1, 2, 3, 4], torch.zeros(1, 2, 3, 1, 4))  # once: the first stays
+    entry, n = pc.match([1, 2, 3, 8], need_features=True)
+    assert n == 3 and entry.small_kv.eq(1).all()
+    pc.insert([1, 2, 3, 4], _entry(4, features=True))  # a fresh entry for the prompt has none yet
+    assert pc.match([1, 2, 3, 8])[0].small_kv is None
