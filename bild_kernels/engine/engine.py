@@ -26,16 +26,14 @@ from bild_kernels.engine.draft_loop import StaticDraftLoop
 from bild_kernels.engine.iteration import Iteration
 from bild_kernels.engine.params import SamplingParams
 from bild_kernels.engine.policies import BiLD, LargeOnly, Policy, bild_from_dict
-from bild_kernels.engine.prefix_cache import PrefixCache, PrefixEntry
+from bild_kernels.engine.prefix_cache import PrefixCache
+from bild_kernels.engine.prefixing import PREFIX_CACHE_AUTO_TOKENS, Prefixing
 
-# Engine(prefix_cache="auto")'s budget where it is on: prompt positions kept (~190 MB for the default pair's 30 layers
-# of float32 keys and values, a quarter of its default KV pool; ~60 of its chat prompts)
-PREFIX_CACHE_AUTO_TOKENS = 4096
 from bild_kernels.engine.runner import ModelRunner, load_executor
 from bild_kernels.engine.scheduler import Scheduler
 from bild_kernels.engine.sequence import RequestOutput, Sequence, StreamChunk
 from bild_kernels.engine.shallow_deep import LayerGroups
-from bild_kernels.engine.tokenizer import Detokenizer, conversation_ids, is_conversation
+from bild_kernels.engine.tokenizer import Detokenizer, TokenizerMethods
 from bild_kernels.models.llama import check_int8_kernel, int8_activation_dtype
 
 # The longest pass (new tokens a row) that runs on fixed buffers / CUDA graphs: a verification of up to 15
@@ -67,7 +65,7 @@ def _recommended_draft_max_batch(small, device: torch.device) -> int | None:
     return limit
 
 
-class Engine(Iteration):
+class Engine(Prefixing, TokenizerMethods, Iteration):
     """Big-little speculative decoding over a paged KV cache.
 
     Parameters
@@ -364,58 +362,6 @@ class Engine(Iteration):
         return policy
 
     # ------------------------------------------------------------------------------------------
-    def _prefix_applies(self, policy: Policy) -> bool:
-        """Whether the prefix cache serves this policy's requests: every one the large model prefills, but
-        shallow-deep decoding's (its layer groups cache apart) and the small model's alone."""
-        return (self.prefix_cache is not None and policy.drafter != "shallow"
-                and not (policy.uses_small and not policy.drafts))
-
-    def _prefix_restore(self, seq: Sequence, policy: Policy) -> None:
-        """At admission (the row holds nothing yet): copy the longest kept prefix of the prompt into the large
-        model's cache; the first pass then prefills only the rest."""
-        if not self._prefix_applies(policy) or seq.params.prompt_logprobs is not None:  # (its prefill scores it)
-            return
-        keeps = self._keeps_features(policy)
-        entry, n = self.prefix_cache.match(seq.tokens[:seq.prompt_len], need_features=keeps)
-        if entry is None:
-            return
-        self.runners["large"].write_kv(seq.row, entry.kv, n)
-        seq.cached["large"] = n
-        seq.metrics.cached_prompt_tokens = n
-        if entry.features is not None:
-            seq.prompt_features = [entry.features[:n]]
-            m = 0  # the feature draft's own positions restored too (position t reads token t + 1: n - 1 at most)
-            if keeps and entry.small_kv is not None and self._prefix_small:
-                m = min(n - 1, entry.small_kv.shape[2])
-                if m > 0:
-                    self.runners["small"].write_kv(seq.row, entry.small_kv, m)
-                    seq.cached["small"] = m
-            if keeps:  # the draft is fed the restored positions' hidden states it has not seen, like computed ones
-                seq.features = [entry.features[m:n].to(self.device)]
-
-    def _prefix_store(self, seq: Sequence, policy: Policy) -> None:
-        """After a request's first pass (its prompt's positions all cached and final): keep them; after the feature
-        draft's first run over them, its own keys and values too."""
-        if not self._prefix_applies(policy):
-            return
-        P = seq.prompt_len
-        if (not seq.small_kept and P > 1 and seq.cached["small"] >= P - 1 and self._prefix_small
-                and self._keeps_features(policy)):
-            seq.small_kept = True
-            self.prefix_cache.attach_small(seq.tokens[:P], self.runners["small"].read_kv(seq.row, P - 1))
-        if seq.metrics.large_passes != 1:
-            return
-        feats, seq.prompt_features = seq.prompt_features, None
-        if self.small_kind == "feature":  # every first pass of such an engine keeps them (`_target_logits`)
-            feats = torch.cat(feats) if feats else None
-            if feats is None or feats.shape[0] != P:  # an engine bug, not a user error
-                raise RuntimeError(f"prefix cache: {0 if feats is None else feats.shape[0]} hidden states kept for "
-                                   f"a prompt of {P} tokens")
-        else:
-            feats = None
-        self.prefix_cache.insert(seq.tokens[:P], PrefixEntry(self.runners["large"].read_kv(seq.row, P), feats))
-
-    # ------------------------------------------------------------------------------------------
     def _worst_blocks(self, seq: Sequence, policy: Policy) -> int:
         """Blocks a request can ever hold: its whole output plus one draft run."""
         return -(-(seq.prompt_len + self._max_new(seq) + policy.max_run + 1) // self.block_size)
@@ -483,47 +429,6 @@ class Engine(Iteration):
             out["prefix_cache"] = {"tokens": pc.tokens, "max_tokens": pc.max_tokens, "prompts": len(pc),
                                    "queries": pc.queries, "hits": pc.hits, "hit_tokens": pc.hit_tokens}
         return out
-
-    def token_texts(self, ids) -> list[str]:
-        """Each token id's own text, as the tokenizer decodes it alone (a piece of a multi-byte character reads as
-        U+FFFD): to show a request's `top_logprobs`, say. str(id) when the engine has no tokenizer."""
-        ids = self._checked_ids(ids)
-        if self.tokenizer is None:
-            return [str(t) for t in ids]
-        with self._scheduler.tok_lock:  # (the tokenizer is not shared across threads)
-            return [self.tokenizer.decode([t]) for t in ids]
-
-    def tokenize(self, prompt, *, add_special_tokens: bool = True) -> list[int]:
-        """The token ids `generate` would run for `prompt`: a string (with add_special_tokens, the tokenizer's own
-        BOS and the like, as generate adds them), or a conversation (a list of {"role", "content"} messages, through
-        the chat template with the assistant's generation prompt). ValueError for what generate would refuse."""
-        if self.tokenizer is None:
-            raise ValueError("the engine has no tokenizer: it takes token ids only")
-        if is_conversation(prompt):
-            with self._scheduler.tok_lock:
-                ids, why = conversation_ids(self.tokenizer, prompt)
-            if why is not None:
-                raise ValueError(why)
-            return ids
-        if not isinstance(prompt, str):
-            raise ValueError(f"tokenize takes a string or a list of chat messages, got {type(prompt).__name__}")
-        with self._scheduler.tok_lock:
-            return list(self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
-
-    def detokenize(self, ids) -> str:
-        """The text of token ids (special tokens included), as one piece."""
-        ids = self._checked_ids(ids)
-        if self.tokenizer is None:
-            raise ValueError("the engine has no tokenizer: it cannot turn ids into text")
-        with self._scheduler.tok_lock:
-            return self.tokenizer.decode(ids)
-
-    def _checked_ids(self, ids) -> list[int]:
-        ids = list(ids)
-        bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"token ids must be ints in [0, {self.vocab_size}), got {bad[:5]}")
-        return ids
 
     def _output(self, seq: Sequence, detok: Detokenizer, error: str | None) -> RequestOutput:
         text = detok.text(seq) if error is None else None

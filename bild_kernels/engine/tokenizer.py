@@ -99,3 +99,48 @@ class Detokenizer:
                 del seq.tokens[seq.prompt_len + n - 1:]
                 return True
         return False
+
+
+class TokenizerMethods:
+    """Engine methods on the tokenizer, each under the engine's tokenizer lock (mixed into `Engine`)."""
+
+    def token_texts(self, ids) -> list[str]:
+        """Each token id's own text, as the tokenizer decodes it alone (a piece of a multi-byte character reads as
+        U+FFFD): to show a request's `top_logprobs`, say. str(id) when the engine has no tokenizer."""
+        ids = self._checked_ids(ids)
+        if self.tokenizer is None:
+            return [str(t) for t in ids]
+        with self._scheduler.tok_lock:  # (the tokenizer is not shared across threads)
+            return [self.tokenizer.decode([t]) for t in ids]
+
+    def tokenize(self, prompt, *, add_special_tokens: bool = True) -> list[int]:
+        """The token ids `generate` would run for `prompt`: a string (with add_special_tokens, the tokenizer's own
+        BOS and the like, as generate adds them), or a conversation (a list of {"role", "content"} messages, through
+        the chat template with the assistant's generation prompt). ValueError for what generate would refuse."""
+        if self.tokenizer is None:
+            raise ValueError("the engine has no tokenizer: it takes token ids only")
+        if is_conversation(prompt):
+            with self._scheduler.tok_lock:
+                ids, why = conversation_ids(self.tokenizer, prompt)
+            if why is not None:
+                raise ValueError(why)
+            return ids
+        if not isinstance(prompt, str):
+            raise ValueError(f"tokenize takes a string or a list of chat messages, got {type(prompt).__name__}")
+        with self._scheduler.tok_lock:
+            return list(self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
+
+    def detokenize(self, ids) -> str:
+        """The text of token ids (special tokens included), as one piece."""
+        ids = self._checked_ids(ids)
+        if self.tokenizer is None:
+            raise ValueError("the engine has no tokenizer: it cannot turn ids into text")
+        with self._scheduler.tok_lock:
+            return self.tokenizer.decode(ids)
+
+    def _checked_ids(self, ids) -> list[int]:
+        ids = list(ids)
+        bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"token ids must be ints in [0, {self.vocab_size}), got {bad[:5]}")
+        return ids
