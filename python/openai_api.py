@@ -126,9 +126,7 @@ class Service:
 
     def _chat_body(self, body: dict):
         """The messages of a chat body, and the body in the completions fields the rest of `parse` reads."""
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-            raise BadRequest('messages must be a non-empty list of {"role": ..., "content": ...} objects')
+        messages = _checked_messages(body.get("messages"))
         if "max_tokens" in body and "max_completion_tokens" in body:
             raise BadRequest("give max_tokens or max_completion_tokens, not both")
         logprobs, top = body.get("logprobs", False), body.get("top_logprobs")
@@ -180,10 +178,8 @@ class Service:
             raise BadRequest("add_special_tokens must be true or false")
         if "prompt" in body and not isinstance(body["prompt"], str):
             raise BadRequest("prompt must be a string")
-        if "messages" in body and not (isinstance(body["messages"], list) and body["messages"]
-                                       and all(isinstance(m, dict) for m in body["messages"])):
-            raise BadRequest('messages must be a non-empty list of {"role": ..., "content": ...} objects')
-        ids = self.engine.tokenize(body.get("prompt", body.get("messages")), add_special_tokens=special)
+        prompt = body["prompt"] if "prompt" in body else _checked_messages(body["messages"])
+        ids = self.engine.tokenize(prompt, add_special_tokens=special)
         return {"tokens": ids, "count": len(ids), "max_model_len": self.engine.max_model_len}
 
     def detokenize(self, body) -> dict:
@@ -209,28 +205,26 @@ class Service:
                               "top_logprobs": lp["top_logprobs"] + rest["top_logprobs"],
                               "text_offset": lp["text_offset"] + [end + o for o in rest["text_offset"]]}
 
+    def _texts(self, token_ids, top_logprobs) -> tuple[list[str], list[list[tuple[str, float]]]]:
+        """Each token's own text, and each position's alternatives as (text, logprob), in one decoding."""
+        texts = self.engine.token_texts(list(token_ids) + [t for row in top_logprobs for t, _ in row])
+        alts, k = [], len(token_ids)
+        for row in top_logprobs:
+            alts.append([(texts[k + j], v) for j, (_, v) in enumerate(row)])
+            k += len(row)
+        return texts[:len(token_ids)], alts
+
     def chat_logprobs(self, token_ids, logprobs, top_logprobs) -> list[dict]:
         """The chat API's logprobs.content: per token its text, logprob, UTF-8 bytes and top alternatives."""
-        eng = self.engine
-        texts = eng.token_texts(token_ids)
-        alts = eng.token_texts([t for row in top_logprobs for t, _ in row])
-        out, k = [], 0
-        for text, lp, row in zip(texts, logprobs, top_logprobs):
-            top = [{"token": alts[k + j], "logprob": v, "bytes": list(alts[k + j].encode())}
-                   for j, (_, v) in enumerate(row)]
-            k += len(row)
-            out.append({"token": text, "logprob": lp, "bytes": list(text.encode()), "top_logprobs": top})
-        return out
+        texts, alts = self._texts(token_ids, top_logprobs)
+        return [{"token": text, "logprob": lp, "bytes": list(text.encode()),
+                 "top_logprobs": [{"token": a, "logprob": v, "bytes": list(a.encode())} for a, v in row]}
+                for text, lp, row in zip(texts, logprobs, alts)]
 
     def logprobs(self, token_ids, logprobs, top_logprobs, offset: int) -> dict:
         """OpenAI's completions "logprobs" object for `token_ids`, their texts counted from `offset`."""
-        eng = self.engine
-        texts = eng.token_texts(token_ids)
-        alts = eng.token_texts([t for row in top_logprobs for t, _ in row])
-        top, k = [], 0
-        for row in top_logprobs:
-            top.append({alts[k + j]: v for j, (_, v) in enumerate(row)})
-            k += len(row)
+        texts, alts = self._texts(token_ids, top_logprobs)
+        top = [dict(row) for row in alts]
         starts = []
         for t in texts:
             starts.append(offset)
@@ -250,6 +244,13 @@ class Service:
 def _usage(out) -> dict:
     p, g = len(out.prompt_token_ids), len(out.token_ids)
     return {"prompt_tokens": p, "completion_tokens": g, "total_tokens": p + g}
+
+
+def _checked_messages(messages) -> list[dict]:
+    """A chat body's messages, as far as their shape goes (the engine checks each message's role and content)."""
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+        raise BadRequest('messages must be a non-empty list of {"role": ..., "content": ...} objects')
+    return messages
 
 
 def _one_prompt(p) -> bool:

@@ -62,9 +62,11 @@ class Handler(BaseHTTPRequestHandler):
             super().log_message(fmt, *args)
 
     def _json(self, status: int, obj) -> None:
-        data = json.dumps(obj).encode()
+        self._send(status, json.dumps(obj).encode(), "application/json")
+
+    def _send(self, status: int, data: bytes, content_type: str) -> None:
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
@@ -80,12 +82,8 @@ class Handler(BaseHTTPRequestHandler):
         elif self.path == "/v1/models":
             self._json(200, {"object": "list", "data": [{"id": self.service.model_name, "object": "model"}]})
         elif self.path == "/metrics":
-            data = self.service.metrics.render(self.service.engine.load()).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "text/plain; version=0.0.4")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            text = self.service.metrics.render(self.service.engine.load())
+            self._send(200, text.encode(), "text/plain; version=0.0.4")
         elif self.path == "/tokenizer_info" and self.service.engine.tokenizer is not None:
             self._json(200, self.service.tokenizer_info())
         else:

@@ -11,14 +11,13 @@ import time
 import torch
 
 from bild_kernels.engine.bulk import BatchGenerator, until_stop
+from bild_kernels.engine.tokenizer import template_ids
 
 
 def chat_ids(tokenizer, prompt: str) -> list[int]:
     """Token ids of a one-turn chat prompt with the generation prompt appended."""
     if getattr(tokenizer, "chat_template", None):
-        enc = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            tokenize=True)
-        return list(enc["input_ids"] if hasattr(enc, "keys") else enc)
+        return template_ids(tokenizer, [{"role": "user", "content": prompt}])
     return tokenizer(prompt)["input_ids"]
 
 

@@ -28,7 +28,6 @@ from bild_kernels.engine.params import SamplingParams
 from bild_kernels.engine.policies import BiLD, LargeOnly, Policy, bild_from_dict
 from bild_kernels.engine.prefix_cache import PrefixCache
 from bild_kernels.engine.prefixing import PREFIX_CACHE_AUTO_TOKENS, Prefixing
-
 from bild_kernels.engine.runner import ModelRunner, load_executor
 from bild_kernels.engine.scheduler import Scheduler
 from bild_kernels.engine.sequence import RequestOutput, Sequence, StreamChunk
@@ -114,9 +113,9 @@ class Engine(Prefixing, TokenizerMethods, Iteration):
     prefix_cache : keep the large model's keys and values (and, with a feature draft, its hidden states) of up
         to this many recent prompt positions, outside the KV pool, and copy the longest kept prefix of a new
         prompt into its blocks at admission instead of prefilling it (`bild_kernels.engine.prefix_cache`): what
-        requests that share a system prompt or a template save of their time to first token. None or 0 (the
-        default): off. `Engine.prefix_cache` is then the cache (its hits, `clear()`, `discard(prompt)`), and each
-        request's metrics count its `cached_prompt_tokens`. "auto" (the default): PREFIX_CACHE_AUTO_TOKENS where a
+        requests that share a system prompt or a template save of their time to first token. None or 0: off.
+        `Engine.prefix_cache` is then the cache (its hits, `clear()`, `discard(prompt)`), and each request's
+        metrics count its `cached_prompt_tokens`. "auto" (the default): PREFIX_CACHE_AUTO_TOKENS where a
         hit provably changes nothing but the time (the large model's layers and head compute each token's row
         on its own, the same bits whatever else its pass holds: `LlamaExecutor.rows_independent`, the default
         pair's GGUF blocks on a CPU with AVX-512 VNNI), else off (elsewhere float32 / bf16 products may round a

@@ -44,19 +44,25 @@ def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, top: int, columns: t
     return torch.cat(chosen), torch.cat(vals), torch.cat(idx)
 
 
+def logprob_lists(logits: torch.Tensor, ids: torch.Tensor, counts: list[int], tops: list[int],
+                  columns: torch.Tensor | None = None) -> list[tuple[list[float], list[list[tuple[int, float]]]]]:
+    """Per row i of logits [n, P, V'] (one host read): the log-probabilities of its first counts[i] ids[i], and at
+    each of those positions its tops[i] likeliest (token id, log-probability), most likely first."""
+    chosen, vals, idx = token_logprobs(logits, ids, max(tops), columns)
+    chosen = chosen.tolist()
+    if max(tops):
+        vals, idx = vals.tolist(), idx.tolist()
+    return [(chosen[i][:c], [list(zip(idx[i][j][:k], vals[i][j][:k])) if k else [] for j in range(c)])
+            for i, (c, k) in enumerate(zip(counts, tops))]
+
+
 def note_logprobs(seqs: list[Sequence], logits: torch.Tensor, ids: torch.Tensor, counts: list[int],
                   columns: torch.Tensor | None = None) -> None:
     """Append to each sequence's logprobs those of its first counts[i] tokens ids[i] (its committed ones) under
-    logits [n, P, V'] (one host read; the rows of `seqs` only, those that asked)."""
-    top = max(s.params.logprobs for s in seqs)
-    chosen, vals, idx = token_logprobs(logits, ids, top, columns)
-    chosen = chosen.tolist()
-    if top:
-        vals, idx = vals.tolist(), idx.tolist()
-    for i, (s, c) in enumerate(zip(seqs, counts)):
-        k = s.params.logprobs
-        s.logprobs += chosen[i][:c]
-        s.top_logprobs += [list(zip(idx[i][j][:k], vals[i][j][:k])) if k else [] for j in range(c)]
+    logits [n, P, V'] (the rows of `seqs` only, those that asked)."""
+    for s, (lp, alts) in zip(seqs, logprob_lists(logits, ids, counts, [s.params.logprobs for s in seqs], columns)):
+        s.logprobs += lp
+        s.top_logprobs += alts
 
 
 class Iteration(Drafting):
@@ -178,12 +184,9 @@ class Iteration(Drafting):
         for i, s in enumerate(running):
             if scored[i]:
                 P = s.prompt_len
-                top = s.params.prompt_logprobs
-                chosen, vals, idx = token_logprobs(logits[i:i + 1, :P - 1], torch.tensor([s.tokens[1:P]],
-                                                                                         device=logits.device), top)
-                chosen = chosen[0].tolist()
-                alts = [list(zip(t, v)) for t, v in zip(idx[0].tolist(), vals[0].tolist())] if top else [[]] * (P - 1)
-                s.prompt_logprobs, s.prompt_top_logprobs = [None] + chosen, [None] + alts
+                ids = torch.tensor([s.tokens[1:P]], device=logits.device)
+                (lp, alts), = logprob_lists(logits[i:i + 1, :P - 1], ids, [P - 1], [s.params.prompt_logprobs])
+                s.prompt_logprobs, s.prompt_top_logprobs = [None] + lp, [None] + alts
         index = []
         for i, (t, n, d) in enumerate(zip(toks, n_logits, drafts)):
             first = n - (len(d) + 1)  # (n = len(t) for a scored row, else len(d) + 1: first = 0)

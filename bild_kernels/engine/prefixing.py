@@ -67,5 +67,3 @@ class Prefixing:
         else:
             feats = None
         self.prefix_cache.insert(seq.tokens[:P], PrefixEntry(self.runners["large"].read_kv(seq.row, P), feats))
-
-    # ------------------------------------------------------------------------------------------

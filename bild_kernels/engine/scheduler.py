@@ -298,5 +298,5 @@ class Scheduler:
                 text = self.detok.text(seq)
             out = RequestOutput(seq.request_id, seq.tokens[:seq.prompt_len], seq.output_ids, text, reason,
                                 seq.metrics, error, *seq.logprobs_of(0), seq.prompt_logprobs, seq.prompt_top_logprobs)
-            r.chunks.append(StreamChunk(seq.request_id, [], "", True, reason, out, *seq.logprobs_of(len(seq.output_ids))))
+            r.chunks.append(StreamChunk(seq.request_id, [], "", True, reason, out, *seq.logprobs_of(0, 0)))
         r.done = True

@@ -22,11 +22,16 @@ def conversation_ids(tokenizer, messages) -> tuple[list[int] | None, str | None]
             return None, (f"message {j} must be {{'role': one of {list(ROLES)}, 'content': a string}}, "
                           f"got {str(m)[:80]}")
     try:
-        ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+        ids = template_ids(tokenizer, messages)
     except Exception as e:  # the template's own checks (roles out of order, say) raise from Jinja
         return None, f"the chat template refused these messages: {type(e).__name__}: {e}"
-    ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
     return (ids, None) if ids else (None, "the chat template made no tokens of these messages")
+
+
+def template_ids(tokenizer, messages) -> list[int]:
+    """The chat template's token ids for `messages`, the assistant's generation prompt appended."""
+    ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
 
 def resolve_prompts(prompts, tokenizer, vocab_size: int, chat_template: bool):
@@ -45,9 +50,7 @@ def resolve_prompts(prompts, tokenizer, vocab_size: int, chat_template: bool):
                 yield None, f"prompt {i} is a string but the engine has no tokenizer: pass token ids"
                 continue
             if chat_template and getattr(tokenizer, "chat_template", None):
-                ids = tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                                    tokenize=True)
-                ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+                ids = template_ids(tokenizer, [{"role": "user", "content": p}])
             else:
                 ids = tokenizer(p)["input_ids"]
             yield list(ids), None
