@@ -109,7 +109,8 @@ def _cpu_extension():
                                                                os.path.join("csrc", "cpu_paged_kv.cpp"),
                                                                os.path.join("csrc", "cpu_sampling.cpp"),
                                                                os.path.join("csrc", "cpu_decoder_layer.cpp"),
-                                                               os.path.join("csrc", "cpu_feature_draft.cpp")],
+                                                               os.path.join("csrc", "cpu_feature_draft.cpp"),
+                                                               os.path.join("csrc", "cpu_penalties.cpp")],
                         extra_compile_args={"cxx": ["-O3", "-fopenmp"]}, extra_link_args=["-fopenmp"]), None
 
 

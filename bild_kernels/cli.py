@@ -187,7 +187,9 @@ def cmd_generate(args) -> int:
     if not prompt.strip():
         raise UsageError("the prompt is empty")
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, seed=args.seed)
+                            top_p=args.top_p, seed=args.seed, repetition_penalty=args.repetition_penalty,
+                            presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                            min_tokens=args.min_tokens)
     t_load = time.perf_counter()
     engine = _engine(args, max_model_len=args.max_model_len)
     policy = _policy(args, engine)
@@ -462,6 +464,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="> 0; divides the logits of tokens already in the prompt or reply (1: off)")
+    g.add_argument("--presence-penalty", type=float, default=0.0, help="[-2, 2]: once per token the reply holds")
+    g.add_argument("--frequency-penalty", type=float, default=0.0, help="[-2, 2]: per occurrence in the reply")
+    g.add_argument("--min-tokens", type=int, default=0, help="no EOS before the reply has this many tokens")
     g.add_argument("--no-chat-template", action="store_true", help="send the prompt as raw text")
     g.add_argument("--system", metavar="TEXT", help="a system message before the prompt (through the chat template)")
     g.set_defaults(func=cmd_generate)

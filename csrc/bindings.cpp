@@ -18,6 +18,11 @@ void rollback_paged_kv(at::Tensor& block_tables, at::Tensor& context_lens, const
                        at::Tensor& free_blocks, at::Tensor& num_free, int64_t block_size);
 std::tuple<at::Tensor, at::Tensor> gather_paged_kv(const at::Tensor& key_cache, const at::Tensor& value_cache,
                                                    const at::Tensor& block_tables, const at::Tensor& context_lens);
+// penalties.cu
+at::Tensor apply_penalties(const at::Tensor& logits, const at::Tensor& token_ids, const at::Tensor& prompt_lens,
+                           const at::Tensor& draft_ids, const at::Tensor& repetition_penalty,
+                           const at::Tensor& presence_penalty, const at::Tensor& frequency_penalty,
+                           const at::Tensor& min_tokens, const at::Tensor& banned_ids);
 // sampling.cu
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_draft(
     const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k, const at::Tensor& top_p,
@@ -56,6 +61,9 @@ TORCH_LIBRARY(bild_kernels_C, m) {
   m.def("verify_draft(Tensor draft_ids, Tensor target_logits, int mode, Tensor rollback_threshold, "
         "Tensor? draft_probs, Tensor temperature, Tensor top_k, Tensor top_p, Tensor seed, Tensor offset, "
         "int rows=7) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("apply_penalties(Tensor logits, Tensor token_ids, Tensor prompt_lens, Tensor draft_ids, "
+        "Tensor repetition_penalty, Tensor presence_penalty, Tensor frequency_penalty, Tensor min_tokens, "
+        "Tensor banned_ids) -> Tensor");
 }
 
 // The same functions serve the CPU key only to fail with a message that names the op, the tensor and
@@ -66,7 +74,8 @@ TORCH_LIBRARY(bild_kernels_C, m) {
   m.impl("rollback_paged_kv", &bild::rollback_paged_kv);     \
   m.impl("gather_paged_kv", &bild::gather_paged_kv);         \
   m.impl("sample_draft", &bild::sample_draft);               \
-  m.impl("verify_draft", &bild::verify_draft)
+  m.impl("verify_draft", &bild::verify_draft);               \
+  m.impl("apply_penalties", &bild::apply_penalties)
 
 TORCH_LIBRARY_IMPL(bild_kernels_C, CUDA, m) { BILD_REGISTER_ALL(m); }
 TORCH_LIBRARY_IMPL(bild_kernels_C, CPU, m) { BILD_REGISTER_ALL(m); }

@@ -15,9 +15,10 @@ POLICIES = {"bild": BiLD, "greedy": Greedy, "speculative-sampling": SpeculativeS
             "small-only": SmallOnly, "jacobi": Jacobi, "shallow-deep": ShallowDeep, "ngram": NGram}
 MAX_BODY = 1 << 20  # bytes
 FIELDS = {"prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "timeout", "policy",
-          "model", "n", "user", "ignore_eos", "logprobs"}
+          "model", "n", "user", "ignore_eos", "logprobs", "presence_penalty", "frequency_penalty",
+          "repetition_penalty", "min_tokens"}
 # Fields clients send at their neutral values: accepted there (they change nothing), refused otherwise
-NEUTRAL = {"presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "logit_bias": (None, {}), "best_of": (1,)}
+NEUTRAL = {"logit_bias": (None, {}), "best_of": (1,)}
 CHAT_NEUTRAL = {k: v for k, v in NEUTRAL.items() if k != "best_of"}
 FIELDS |= set(NEUTRAL) | {"stream_options", "echo"}
 CHAT_FIELDS = FIELDS - {"prompt", "echo", "best_of"} | {"messages", "max_completion_tokens", "top_logprobs"}
@@ -25,6 +26,12 @@ ROUTES = {"/v1/completions": "text", "/v1/chat/completions": "chat"}
 TOKENIZER_ROUTES = {"/tokenize": "tokenize", "/detokenize": "detokenize"}
 MAX_N = 16  # completions one request may ask for per prompt (n)
 MAX_BATCH_PROMPTS = 64  # prompts one completions request may carry (each a choice of the reply)
+
+
+def _number(body: dict, key: str, default: float):
+    """A float field of the body (JSON's integers too); anything else is left for SamplingParams to refuse."""
+    x = body.get(key, default)
+    return float(x) if isinstance(x, int) and not isinstance(x, bool) else x
 
 
 class BadRequest(ValueError):
@@ -116,6 +123,10 @@ class Service:
                                     top_p=body.get("top_p", 1.0), top_k=body.get("top_k", 0),
                                     seed=body.get("seed", 0), stop=tuple(stop),
                                     ignore_eos=bool(body.get("ignore_eos", False)), timeout_s=timeout,
+                                    presence_penalty=_number(body, "presence_penalty", 0.0),
+                                    frequency_penalty=_number(body, "frequency_penalty", 0.0),
+                                    repetition_penalty=_number(body, "repetition_penalty", 1.0),
+                                    min_tokens=body.get("min_tokens", 0),
                                     logprobs=body.get("logprobs"),
                                     prompt_logprobs=body.get("logprobs") if body.get("echo") else None)
         except (TypeError, ValueError) as e:

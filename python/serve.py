@@ -23,7 +23,9 @@ Endpoints (JSON; errors are {"error": {"message", "type"}} with status 400 / 404
                            but prompt}: the messages through the model's chat template; OpenAI's chat.completion
                            reply (choices[0].message.content, or with "stream": true chat.completion.chunk events
                            whose choices[0].delta carries the new text); finish_reason "stop" for an EOS
-presence_penalty / frequency_penalty 0, logit_bias null or {}, and (completions) best_of 1 are accepted as the
+presence_penalty and frequency_penalty (OpenAI's, in [-2, 2]), and vLLM's repetition_penalty (> 0) and min_tokens
+(EOS and stop ids held back until the output has that many tokens) shape the large model's distribution, what every
+policy verifies against (SamplingParams); logit_bias null or {}, and (completions) best_of 1 are accepted as the
 no-ops they are; other values are refused. stream_options is accepted (the last event carries the
 usage either way). With "stream": true the reply is server-sent events, one `data: {...}` per committed run of tokens
 and `data: [DONE]` at the end. Each choice carries, besides OpenAI's text and finish_reason, the token ids

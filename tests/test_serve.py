@@ -181,7 +181,7 @@ def test_chat_completions_streamed_equal_complete_equal_engine(server, body):
     ({"messages": CHAT, "max_tokens": 3, "max_completion_tokens": 3}, "not both"),
     ({"messages": CHAT, "prompt": "w1"}, "unsupported field(s): ['prompt']"),
     ({"messages": CHAT, "max_completion_tokens": 0}, "max_tokens"),
-    ({"messages": CHAT, "presence_penalty": 1}, "presence_penalty is not supported"),
+    ({"messages": CHAT, "presence_penalty": 3}, "presence_penalty must be a number in [-2, 2]"),
     ({"messages": CHAT, "echo": False}, "unsupported field(s): ['echo']"),
 ])
 @pytest.mark.parametrize("stream", [False, True])
@@ -341,6 +341,26 @@ def test_neutral_fields_clients_send_are_accepted(server):
     _all_free(server.service.engine)
 
 
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", {"prompt": "w1 w2 w3", "max_tokens": 9, "presence_penalty": -2, "frequency_penalty": -1.5,
+                         "repetition_penalty": 1.4, "min_tokens": 4}),
+    ("/v1/chat/completions", {"messages": CHAT, "max_tokens": 9, "frequency_penalty": -2, "min_tokens": 9,
+                              "policy": {"name": "greedy", "max_draft_len": 3}})])
+def test_penalties_reach_the_engine(server, path, body):
+    eng, svc = server.service.engine, server.service
+    code, r = _post(server, path, body)
+    assert code == 200, r
+    kind = "text" if path == "/v1/completions" else "chat"
+    prompt, params, policy, _ = svc.parse(body, kind)
+    assert (params.presence_penalty, params.frequency_penalty, params.repetition_penalty, params.min_tokens) == (
+        body.get("presence_penalty", 0), body.get("frequency_penalty", 0), body.get("repetition_penalty", 1),
+        body["min_tokens"])
+    alone = eng.generate([prompt], params, policy=policy)[0]
+    plain = eng.generate([prompt], SamplingParams(max_tokens=9), policy=policy)[0]
+    assert r["choices"][0]["token_ids"] == alone.token_ids != plain.token_ids
+    _all_free(eng)
+
+
 def test_concurrent_clients_equal_alone(programs, server):
     lt = programs["load_test"]
     bodies = lt.request_mix(12, seed=1, max_tokens=12)
@@ -375,8 +395,11 @@ def test_concurrent_clients_equal_alone(programs, server):
     (json.dumps({"prompt": "w1", "suffix": "w2"}), 400, "unsupported"),
     (json.dumps({"prompt": [1, 500], "stream": True}), 400, "outside the vocabulary"),
     (json.dumps({"messages": [{"role": "user", "content": "w1"}]}), 400, "unsupported field(s): ['messages']"),
-    (json.dumps({"prompt": "w1", "presence_penalty": 0.5}), 400, "presence_penalty is not supported"),
-    (json.dumps({"prompt": "w1", "frequency_penalty": True}), 400, "frequency_penalty is not supported"),
+    (json.dumps({"prompt": "w1", "presence_penalty": 2.5}), 400, "presence_penalty must be a number in [-2, 2]"),
+    (json.dumps({"prompt": "w1", "frequency_penalty": True}), 400, "frequency_penalty must be a number"),
+    (json.dumps({"prompt": "w1", "repetition_penalty": 0}), 400, "repetition_penalty must be a finite number > 0"),
+    (json.dumps({"prompt": "w1", "min_tokens": 20}), 400, "min_tokens must be an int in [0, max_tokens=16]"),
+    (json.dumps({"prompt": "w1", "min_tokens": 2, "policy": {"name": "small-only"}}), 400, "verifies nothing"),
     (json.dumps({"prompt": "w1", "logit_bias": {"5": 10}}), 400, "logit_bias is not supported"),
     (json.dumps({"prompt": "w1", "echo": True, "stream": True}), 400, "echo is not supported with stream"),
     (json.dumps({"prompt": "w1", "echo": 1}), 400, "echo must be true or false"),

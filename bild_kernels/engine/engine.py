@@ -222,7 +222,7 @@ class Engine(Prefixing, TokenizerMethods, Iteration):
         self.small_kind = getattr(small_exec, "kind", "layers") if small_exec is not None else None
         # a feature draft's keys and values of kept prompts too, where its caches move the same way
         self._prefix_small = (self.prefix_cache is not None and self.small_kind == "feature"
-                              and self.runners["small"]._kv_pool is not None)
+                              and self.runners["small"].kv_movable)
         self._static = (None if small_exec is None or draft_loop in ("eager", "native")
                         else StaticDraftLoop(self.runners["small"], max_batch_size, capture=draft_loop == "graph"))
         self._next_id = 0
@@ -380,6 +380,9 @@ class Engine(Prefixing, TokenizerMethods, Iteration):
                                                          or (policy.uses_small and not policy.drafts)):
             return (f"prompt_logprobs come from the large model's prefill: {policy.name} has none of its own "
                     f"(shallow-deep decoding and SmallOnly cannot give them)")
+        if seq.params.penalized and policy.uses_small and not policy.drafts:
+            return (f"penalties and min_tokens shape the large model's distribution: {policy.name} runs the small "
+                    f"model alone and verifies nothing")
         if seq.prompt_len >= self.max_model_len:
             return f"prompt has {seq.prompt_len} tokens; max_model_len={self.max_model_len} leaves no room to generate"
         if self._worst_blocks(seq, policy) > self.kv_cache_blocks:

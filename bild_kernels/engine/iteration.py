@@ -208,9 +208,12 @@ class Iteration(Drafting):
             kw["rollback_threshold"] = policy.thresholds()[1]
         if mode == "sample":
             kw["draft_probs"] = self._draft_probs(drafts, looked, K, target_logits)
+        # The distribution the drafts are verified against: with penalties (SamplingParams), the penalised logits;
+        # the raw ones stay for logprobs.
+        raw_logits, target_logits = target_logits, self._penalized(running, draft_ids, target_logits)
         # (the large model's head took its logits' statistics: verify_draft reads only the drafted tokens' logits;
         # on the CPU backend, with the engine's own inputs unchecked, unless a backend is forced)
-        stats = self.runners["large"].logit_stats(target_logits)
+        stats = self.runners["large"].logit_stats(raw_logits) if target_logits is raw_logits else None
         if stats is not None and mode != "sample" and not os.environ.get("BILD_BACKEND"):
             res = ops.verify_draft_cpu_trusted(draft_ids, target_logits, mode, kw.get("rollback_threshold"),
                                                kw["temperature"], kw["top_k"], kw["top_p"], kw["seed"], kw["offset"],
@@ -232,8 +235,9 @@ class Iteration(Drafting):
         self.step_faults = dict(zip(names, forget_nonfinite(runners, host[B + B * K1:])))
         ask = [i for i, s in enumerate(running) if s.logprobs is not None]
         if ask:  # the large model's log-probabilities of the tokens each row commits (a second host read)
-            note_logprobs([running[i] for i in ask], target_logits[ask], res.output_ids[ask],
-                          [num_accepted[i] + 1 for i in ask])
+            every = len(ask) == len(running)  # (then no copy of the rows that ask)
+            note_logprobs([running[i] for i in ask], raw_logits if every else raw_logits[ask],
+                          res.output_ids if every else res.output_ids[ask], [num_accepted[i] + 1 for i in ask])
         # The large model's argmax at every position: Jacobi's next guesses, calibration's labels.
         argmax = None
         if policy.drafter == "guess" or policy.calibration is not None:
@@ -275,6 +279,27 @@ class Iteration(Drafting):
             if rows:
                 self.runners[name].rollback(rows, counts)
         return committed
+
+    def _penalized(self, running: list[Sequence], draft_ids: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
+        """target_logits [B, K+1, V] with the rows' penalties and min_tokens applied (`ops.apply_penalties`; the
+        drafts before a position count as output there), or target_logits itself when no row has any."""
+        asks = [s.params.penalized for s in running]
+        if not any(asks):
+            return target_logits
+        L = max(len(s.tokens) for s, a in zip(running, asks) if a)
+        history = [s.tokens + [-1] * (L - len(s.tokens)) if a else [-1] * L for s, a in zip(running, asks)]
+        banned = [sorted((set() if s.params.ignore_eos else self.eos_ids)
+                         | {t for t in s.params.stop if isinstance(t, int)}) if s.params.min_tokens else []
+                  for s in running]
+        E = max(len(b) for b in banned)
+        dev = target_logits.device
+        ints = to_device([[s.prompt_len for s in running], [s.params.min_tokens for s in running]], torch.int32, dev)
+        floats = to_device([[s.params.repetition_penalty for s in running], [s.params.presence_penalty for s in running],
+                            [s.params.frequency_penalty for s in running]], torch.float64, dev)
+        return ops.apply_penalties(
+            target_logits, to_device(history, torch.int64, dev), ints[0], draft_ids.to(dev, non_blocking=True),
+            repetition_penalty=floats[0], presence_penalty=floats[1], frequency_penalty=floats[2], min_tokens=ints[1],
+            banned_ids=to_device([b + [-1] * (E - len(b)) for b in banned], torch.int64, dev).view(len(running), E))
 
     def _draft_probs(self, drafts: Drafts, looked: list[bool], K: int, target_logits: torch.Tensor) -> torch.Tensor:
         """Speculative sampling's draft distributions [B, K, V]: the small model's, and one-hot ones for the rows

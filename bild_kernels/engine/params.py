@@ -21,6 +21,14 @@ class SamplingParams:
     `prompt_logprobs` (None: none) does the same for the prompt's tokens under the large model (the first has none:
     None), from the request's own prefill pass, which then runs over the whole prompt (no prefix cache hit);
     not with `SmallOnly()` or shallow-deep decoding.
+    `repetition_penalty` (1.0: off; > 0) divides the large model's positive logits (multiplies its negative ones) of
+    every token the prompt or the output holds so far (Hugging Face's and vLLM's rule); `presence_penalty` and
+    `frequency_penalty` (0: off; in [-2, 2]) subtract from the logit of every token the output holds, once / once per
+    occurrence (OpenAI's rule); `min_tokens` (0: off; <= max_tokens) holds back EOS (unless `ignore_eos`) and the
+    stop token ids until the output has that many tokens, and stop strings do not end it before. They shape the large
+    model's distribution, the one every policy verifies against (drafts count as output at the positions after
+    them), so `Greedy()` stays exact against the penalised greedy text and `SpeculativeSampling()` samples the
+    penalised distribution; not with `SmallOnly()`, which verifies nothing. `logprobs` stay the raw ones.
     """
 
     max_tokens: int = 64
@@ -33,6 +41,10 @@ class SamplingParams:
     timeout_s: float | None = None
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_tokens: int = 0
 
     def __post_init__(self):
         if isinstance(self.stop, (str, int)):
@@ -40,6 +52,12 @@ class SamplingParams:
         elif not isinstance(self.stop, tuple):
             object.__setattr__(self, "stop", tuple(self.stop))
         self.validate()
+
+    @property
+    def penalized(self) -> bool:
+        """Whether the large model's logits need `ops.apply_penalties` (some penalty or min_tokens is on)."""
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or self.min_tokens > 0)
 
     def validate(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
@@ -60,6 +78,16 @@ class SamplingParams:
             if lp is not None and (isinstance(lp, bool) or not isinstance(lp, int) or not 0 <= lp <= MAX_LOGPROBS):
                 raise ValueError(f"{name} must be None or an int in [0, {MAX_LOGPROBS}] (the top alternatives "
                                  f"returned beside each token's own), got {lp!r}")
+        r = self.repetition_penalty
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r < float("inf"):
+            raise ValueError(f"repetition_penalty must be a finite number > 0 (1.0 is off), got {r!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            x = getattr(self, name)
+            if isinstance(x, bool) or not isinstance(x, (int, float)) or not -2 <= x <= 2:
+                raise ValueError(f"{name} must be a number in [-2, 2] (0 is off), got {x!r}")
+        m = self.min_tokens
+        if isinstance(m, bool) or not isinstance(m, int) or not 0 <= m <= self.max_tokens:
+            raise ValueError(f"min_tokens must be an int in [0, max_tokens={self.max_tokens}], got {m!r}")
         for s in self.stop:
             if isinstance(s, bool) or not isinstance(s, (str, int)) or s == "" or (isinstance(s, int) and s < 0):
                 raise ValueError(f"stop entries must be non-empty strings or token ids >= 0, got {s!r}")

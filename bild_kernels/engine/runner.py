@@ -70,6 +70,12 @@ class ModelRunner:
             pool[:, :, a:b].copy_(src[:, :, done:done + b - a])
             done += b - a
 
+    @property
+    def kv_movable(self) -> bool:
+        """Whether this model's keys and values can be copied out and back by position (`read_kv` / `write_kv`):
+        its caches are views of one tensor."""
+        return self._kv_pool is not None
+
     def kv_pool(self) -> torch.Tensor:
         """Every layer's keys and values as one [layers, 2, slots, H_kv, D] view (what read_kv and write_kv move)."""
         if self._kv_pool is None:

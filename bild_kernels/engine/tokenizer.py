@@ -93,12 +93,17 @@ class Detokenizer:
 
     @staticmethod
     def truncate_at_stop(tokenizer, seq: Sequence, stops: list[str], first_new: int) -> bool:
-        """If a stop string appears in the output, cut the tokens that complete it; True if cut."""
+        """If a stop string appears in the output, cut the tokens that complete it; True if cut. With `min_tokens`,
+        only an occurrence that ends past the text of the output's first min_tokens tokens (which stay)."""
         out = seq.output_ids
-        base = first_new - seq.prompt_len
-        for n in range(max(base, 0) + 1, len(out) + 1):
+        floor = seq.params.min_tokens
+        base = max(first_new - seq.prompt_len, floor, 0)
+        if base >= len(out):
+            return False
+        skip = len(tokenizer.decode(out[:floor], skip_special_tokens=True)) if floor > 0 else 0
+        for n in range(base + 1, len(out) + 1):
             text = tokenizer.decode(out[:n], skip_special_tokens=True)
-            if any(s in text for s in stops):
+            if any(text.find(s, max(skip - len(s) + 1, 0)) >= 0 for s in stops):
                 del seq.tokens[seq.prompt_len + n - 1:]
                 return True
         return False

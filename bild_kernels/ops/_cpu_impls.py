@@ -75,6 +75,11 @@ def _cpu_feature_draft_chain_fake(features, next_ids, shift, inv_std, embed, inv
             features.new_empty((B, 3), dtype=torch.int64))
 
 
+@torch.library.register_fake("bild_kernels_cpu::apply_penalties")
+def _apply_penalties_fake(logits, *args):
+    return logits.new_empty(logits.shape)
+
+
 for _op in ("reserve_paged_kv", "rollback_paged_kv"):  # in place: their fakes return nothing
     torch.library.register_fake(f"bild_kernels_cpu::{_op}")(lambda *args: None)
 

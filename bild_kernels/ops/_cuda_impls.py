@@ -14,7 +14,8 @@ import bild_kernels._C  # noqa: F401  (registers the torch.ops.bild_kernels_C op
 from bild_kernels._backend import register
 from bild_kernels.ops import _fake
 
-_OPS = ("write_paged_kv", "reserve_paged_kv", "rollback_paged_kv", "gather_paged_kv", "sample_draft", "verify_draft")
+_OPS = ("write_paged_kv", "reserve_paged_kv", "rollback_paged_kv", "gather_paged_kv", "sample_draft", "verify_draft",
+        "apply_penalties")
 
 
 def _mutating_fake(*args) -> None:
@@ -25,6 +26,7 @@ def _mutating_fake(*args) -> None:
 torch.library.register_fake("bild_kernels_C::gather_paged_kv")(_fake.gather_paged_kv)
 torch.library.register_fake("bild_kernels_C::sample_draft")(_fake.sample_draft)
 torch.library.register_fake("bild_kernels_C::verify_draft")(_fake.verify_draft)
+torch.library.register_fake("bild_kernels_C::apply_penalties")(_fake.apply_penalties)
 for _op in ("write_paged_kv", "reserve_paged_kv", "rollback_paged_kv"):
     torch.library.register_fake(f"bild_kernels_C::{_op}")(_mutating_fake)
 

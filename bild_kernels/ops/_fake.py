@@ -22,3 +22,8 @@ def verify_draft(draft_ids, target_logits, mode, rollback_threshold, draft_probs
     return (target_logits.new_empty((B,), dtype=torch.int32), target_logits.new_empty((B, K1), dtype=torch.int64),
             target_logits.new_empty((B, K1 - 1), dtype=torch.float32),
             target_logits.new_empty((B, K1), dtype=torch.float32))
+
+
+def apply_penalties(logits, token_ids, prompt_lens, draft_ids, repetition_penalty, presence_penalty, frequency_penalty,
+                    min_tokens, banned_ids):
+    return logits.new_empty(logits.shape)

@@ -14,6 +14,7 @@ from bild_kernels._backend import register, resolve, triton_interpret
 from bild_kernels.ops import _ref_impls  # noqa: F401  (the guards below fall back to these)
 from bild_kernels.ops import _fake
 from bild_kernels.triton import paged_kv as _kv
+from bild_kernels.triton import penalties as _pen
 from bild_kernels.triton import sampling as _smp
 from bild_kernels.triton import verify as _vfy
 
@@ -61,9 +62,19 @@ def verify_draft_triton(draft_ids: torch.Tensor, target_logits: torch.Tensor, mo
                              top_p, seed, offset)
 
 
+@torch.library.custom_op("bild_kernels::apply_penalties_triton", mutates_args=())
+def apply_penalties_triton(logits: torch.Tensor, token_ids: torch.Tensor, prompt_lens: torch.Tensor,
+                           draft_ids: torch.Tensor, repetition_penalty: torch.Tensor, presence_penalty: torch.Tensor,
+                           frequency_penalty: torch.Tensor, min_tokens: torch.Tensor,
+                           banned_ids: torch.Tensor) -> torch.Tensor:
+    return _pen.apply_penalties(logits, token_ids, prompt_lens, draft_ids, repetition_penalty, presence_penalty,
+                                frequency_penalty, min_tokens, banned_ids)
+
+
 gather_paged_kv_triton.register_fake(_fake.gather_paged_kv)
 sample_draft_triton.register_fake(_fake.sample_draft)
 verify_draft_triton.register_fake(_fake.verify_draft)
+apply_penalties_triton.register_fake(_fake.apply_penalties)
 
 _INTERPRETER = threading.RLock()
 _DEPTH = threading.local()
@@ -92,5 +103,6 @@ def interpreter_guard(op: str, fn, ref):
 
 for _op, _fn in (("write_paged_kv", write_paged_kv_triton), ("reserve_paged_kv", reserve_paged_kv_triton),
                  ("rollback_paged_kv", rollback_paged_kv_triton), ("gather_paged_kv", gather_paged_kv_triton),
-                 ("sample_draft", sample_draft_triton), ("verify_draft", verify_draft_triton)):
+                 ("sample_draft", sample_draft_triton), ("verify_draft", verify_draft_triton),
+                 ("apply_penalties", apply_penalties_triton)):
     register(_op, "triton", interpreter_guard(_op, _fn, resolve(_op, torch.device("cpu"), "ref")))

@@ -30,6 +30,9 @@ SCHEMAS = {
     "verify_draft": "(Tensor draft_ids, Tensor target_logits, int mode, Tensor rollback_threshold, "
                     "Tensor? draft_probs, Tensor temperature, Tensor top_k, Tensor top_p, Tensor seed, "
                     "Tensor offset, int rows=7) -> (Tensor, Tensor, Tensor, Tensor)",
+    "apply_penalties": "(Tensor logits, Tensor token_ids, Tensor prompt_lens, Tensor draft_ids, "
+                       "Tensor repetition_penalty, Tensor presence_penalty, Tensor frequency_penalty, "
+                       "Tensor min_tokens, Tensor banned_ids) -> Tensor",
 }
 DTYPES = [(torch.float32, 1e-5, 1e-5), (torch.float16, 1e-5, 1e-4), (torch.bfloat16, 1e-5, 1e-4)]
 
@@ -70,6 +73,22 @@ def exact_top_p(z, temperature, top_p, rank=5):
     return torch.where(top_p < 0, mid, top_p)
 
 
+def _penalty_args(B, P, V, L, E, dtype, device, seed=0):
+    """apply_penalties' positional arguments: histories with repeats and pads, drafts repeating them, per-row
+    penalties (every third row neutral), min_tokens around each row's output length, banned ids with pads."""
+    g = torch.Generator().manual_seed(seed + B + P + V)
+    z = (torch.randn(B, P, V, generator=g) * 4).to(dtype)
+    token_ids = torch.randint(-1, min(V, 40), (B, L), generator=g)
+    prompt_lens = torch.randint(0, L + 1, (B,), generator=g).int()
+    draft_ids = torch.randint(-1, min(V, 40), (B, P - 1), generator=g)
+    rep = torch.rand(B, generator=g, dtype=torch.float64) + 0.5
+    pres, freq = torch.randn(B, generator=g, dtype=torch.float64), torch.randn(B, generator=g, dtype=torch.float64)
+    rep[::3], pres[::3], freq[::3] = 1.0, 0.0, 0.0
+    min_tokens = torch.randint(0, L + P + 1, (B,), generator=g).int()
+    banned_ids = torch.randint(-1, V, (B, E), generator=g)
+    return [x.to(device) for x in (z, token_ids, prompt_lens, draft_ids, rep, pres, freq, min_tokens, banned_ids)]
+
+
 def test_every_schema_is_registered():
     for op, schema in SCHEMAS.items():
         assert str(getattr(C, op).default._schema) == f"bild_kernels_C::{op}{schema}"
@@ -87,6 +106,8 @@ def test_cpu_tensors_raise_a_clear_error():
     with pytest.raises(RuntimeError, match="runs on CUDA tensors only"):
         C.reserve_paged_kv(tables, torch.zeros(B, dtype=torch.int32), torch.ones(B, dtype=torch.int32),
                            torch.arange(4, dtype=torch.int32), torch.tensor([4], dtype=torch.int32), 4)
+    with pytest.raises(RuntimeError, match="runs on CUDA tensors only.*logits is on cpu"):
+        C.apply_penalties(*_penalty_args(B, 3, V, 4, 2, torch.float32, "cpu"))
     with pytest.raises(RuntimeError, match="runs on CUDA tensors only"):
         C.write_paged_kv(torch.randn(1, 2, 4), torch.randn(1, 2, 4), torch.zeros(2, 4, 2, 4), torch.zeros(2, 4, 2, 4),
                          torch.zeros(1, dtype=torch.int64))
@@ -271,12 +292,29 @@ def test_ops_capture_in_a_cuda_graph():
 
 
 @requires_gpu
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES + [(torch.float64, 1e-12, 1e-12)])
+@pytest.mark.parametrize("B, P, V, L, E", [(1, 1, 111, 0, 0), (7, 5, 32000, 300, 3), (99, 3, 111, 50, 2),
+                                           (3, 9, 151936, 1024, 1), (5, 4, 20001, 64, 4)])  # 20001: scalar kernel
+def test_apply_penalties_matches_reference(B, P, V, L, E, dtype, atol, rtol):
+    args = _penalty_args(B, P, V, L, E, dtype, "cuda")
+    got, want = C.apply_penalties(*args), R.apply_penalties_ref(*args)
+    assert got.dtype == dtype and torch.equal(torch.isneginf(got), torch.isneginf(want))
+    torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
+    z = args[0]
+    neutral = torch.arange(B, device="cuda") % 3 == 0  # and min_tokens: those rows' banned ids may be -inf
+    keep = neutral[:, None, None] & ~torch.isneginf(got)
+    assert torch.equal(got[keep], z[keep])
+
+
+@requires_gpu
 def test_opcheck_cuda_ops():
     B, V = 5, 53
     f = lambda x: torch.full((B,), x, device="cuda")  # noqa: E731
     args = (torch.randn(B, V, device="cuda"), f(0.8), torch.full((B,), 7, dtype=torch.int32, device="cuda"), f(0.95),
             torch.arange(B, device="cuda"), torch.arange(B, device="cuda") * 3, f(0.2))
     torch.library.opcheck(C.sample_draft.default, args, test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(C.apply_penalties.default, _penalty_args(3, 4, 29, 6, 2, torch.bfloat16, "cuda"),
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")

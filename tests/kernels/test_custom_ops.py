@@ -66,6 +66,31 @@ def test_opcheck_paged_kv(backend_device):
                           test_utils=("test_schema", "test_faketensor"))
 
 
+def _penalties_args(device):
+    B, P, V = 3, 4, 29
+    f = lambda x, dt=torch.float64: torch.full((B,), x, dtype=dt, device=device)  # noqa: E731
+    return (torch.randn(B, P, V, device=device), torch.tensor([[1, 2, 2, -1, 5]] * B, device=device),
+            f(2, torch.int32), torch.tensor([[5, -1, 7]] * B, device=device), f(1.3), f(0.5), f(0.25),
+            f(4, torch.int32), torch.tensor([[0, 28]] * B, device=device))
+
+
+def test_opcheck_apply_penalties(backend_device):
+    device = _triton_device(backend_device)
+    torch.library.opcheck(torch.ops.bild_kernels.apply_penalties_triton.default, _penalties_args(device),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_apply_penalties_traces_through_torch_compile(backend_device):
+    device = _triton_device(backend_device)
+    args = _penalties_args(device)
+
+    def step(args):
+        return torch.ops.bild_kernels.apply_penalties_triton(*args).float().softmax(-1)
+
+    eager = step(args)
+    assert torch.equal(eager, torch.compile(step, fullgraph=True, backend="eager")(args))
+
+
 def test_verify_and_sample_trace_through_torch_compile(backend_device):
     device = _triton_device(backend_device)
     vargs, sargs = _verify_args(device, MODE_BILD), _sample_args(device)

@@ -148,4 +148,42 @@ inline Verify verify_draft(const std::vector<int64_t>& ids, const std::vector<st
   return r;
 }
 
+// reference.apply_penalties_ref for row b of logits [B, P, V] (float arithmetic, one rounding per operation, the
+// reference's order); returns the row's [P, V] penalized logits.
+inline std::vector<float> apply_penalties(const std::vector<float>& logits, const std::vector<int64_t>& token_ids,
+                                          int prompt_len, const std::vector<int64_t>& draft_ids, double repetition,
+                                          double presence, double frequency, int min_tokens,
+                                          const std::vector<int64_t>& banned_ids, int b, int P, int V) {
+  const int L = static_cast<int>(token_ids.size());  // this row's
+  std::vector<int> count(V, 0);
+  std::vector<bool> in_prompt(V, false);
+  int n_out = 0;
+  for (int j = 0; j < L; ++j) {
+    if (token_ids[j] < 0) continue;
+    if (j >= prompt_len) {
+      ++count[token_ids[j]];
+      ++n_out;
+    } else {
+      in_prompt[token_ids[j]] = true;
+    }
+  }
+  const float r = static_cast<float>(repetition), pres = static_cast<float>(presence);
+  const float freq = static_cast<float>(frequency);
+  std::vector<float> out(static_cast<size_t>(P) * V);
+  for (int p = 0; p < P; ++p) {
+    if (p > 0 && draft_ids[p - 1] >= 0) ++count[draft_ids[p - 1]];
+    for (int v = 0; v < V; ++v) {
+      float z = logits[(static_cast<size_t>(b) * P + p) * V + v];
+      if (in_prompt[v] || count[v] > 0) z = z < 0.0f ? z * r : z / r;
+      z = z - freq * static_cast<float>(count[v]);
+      z = z - pres * (count[v] > 0 ? 1.0f : 0.0f);
+      out[static_cast<size_t>(p) * V + v] = z;
+    }
+    if (n_out + p < min_tokens)
+      for (int64_t id : banned_ids)
+        if (id >= 0) out[static_cast<size_t>(p) * V + id] = -kInf;
+  }
+  return out;
+}
+
 }  // namespace ref

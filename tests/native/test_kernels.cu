@@ -9,6 +9,7 @@
 
 #include "cpu_reference.h"
 #include "paged_kv.cuh"
+#include "penalties.cuh"
 #include "sampling.cuh"
 #include "verify.cuh"
 
@@ -273,6 +274,54 @@ static void test_verify_draft(std::mt19937& rng, int mode, int V, int first_pass
   }
 }
 
+// apply_penalties in T = float / bf16 (logits rounded to T before the CPU twin sees them) at V = 1111 (rows off
+// 16-byte alignment: the scalar kernel) and 4096 (the vector kernel): rows with output, prompt, repeated and drafted
+// tokens, -1 pads, banned ids inside and past min_tokens, a neutral row and an empty history; outputs bit-identical.
+template <typename T>
+static void test_apply_penalties(std::mt19937& rng, int V) {
+  const int B = 5, P = 4, L = 9, E = 3, K = P - 1;
+  std::normal_distribution<float> normal(0.0f, 3.0f);
+  std::vector<T> logits(static_cast<size_t>(B) * P * V);
+  std::vector<float> as_float(logits.size());
+  for (size_t i = 0; i < logits.size(); ++i) {
+    logits[i] = static_cast<T>(normal(rng));
+    as_float[i] = static_cast<float>(logits[i]);
+  }
+  as_float[7] = -ref::kInf;
+  logits[7] = static_cast<T>(-ref::kInf);
+  const std::vector<int64_t> token_ids = {3, 5, 5, -1, 7, 3, 9, 9, 9,     // prompt 3, 5 | output 7, 3, 9 x3
+                                          1, 2, 3, 4, 5, 6, -1, -1, -1,   // all prompt
+                                          -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                          0, 0, 0, 10, 10, 11, 12, 13, 14,
+                                          8, 8, -1, 8, 2, 2, 2, 2, 2};
+  const std::vector<int> prompt_lens = {4, 9, 0, 2, 0}, min_tokens = {6, 3, 2, 7, 0};
+  const std::vector<int64_t> draft_ids = {9, 4, -1, 1, 1, 2, 5, 5, 5, 0, -1, 0, 8, 8, 8};
+  const std::vector<double> rep = {1.3, 0.7, 2.0, 1.0, 1.1}, pres = {0.5, 0.0, -0.25, 0.0, 1.5},
+                            freq = {0.2, 0.1, 0.0, 0.0, -0.3};
+  const std::vector<int64_t> banned = {2, 9, -1, 0, -1, -1, 1, 1, 3, static_cast<int64_t>(V) - 1, 4, 8, -1, -1, -1};
+  Dev<T> dz(logits), dout(std::vector<T>(logits.size()));
+  Dev<int64_t> dtok(token_ids), ddraft(draft_ids), dban(banned);
+  Dev<int> dpl(prompt_lens), dmin(min_tokens), scratch(std::vector<int>(B * V + B, 7));  // cleared by the launch
+  Dev<double> drep(rep), dpres(pres), dfreq(freq);
+  CUDA_OK(bild::ApplyPenalties<T>(dz.p, dout.p, dtok.p, dpl.p, ddraft.p, drep.p, dpres.p, dfreq.p, dmin.p, dban.p,
+                                  scratch.p, B, P, L, V, E, nullptr));
+  const std::vector<T> got = dout.get();
+  for (int b = 0; b < B; ++b) {
+    const std::vector<float> want = ref::apply_penalties(
+        as_float, std::vector<int64_t>(token_ids.begin() + b * L, token_ids.begin() + (b + 1) * L), prompt_lens[b],
+        std::vector<int64_t>(draft_ids.begin() + b * K, draft_ids.begin() + (b + 1) * K), rep[b], pres[b], freq[b],
+        min_tokens[b], std::vector<int64_t>(banned.begin() + b * E, banned.begin() + (b + 1) * E), b, P, V);
+    int bad = 0;
+    for (int i = 0; i < P * V; ++i) {
+      const float g = static_cast<float>(got[static_cast<size_t>(b) * P * V + i]);
+      const float w = static_cast<float>(static_cast<T>(want[i]));
+      if (!(g == w || (std::isnan(g) && std::isnan(w)))) ++bad;
+    }
+    EXPECT(bad == 0, "apply_penalties (%zu-byte logits, V %d) row %d: %d of %d values differ", sizeof(T), V, b, bad,
+           P * V);
+  }
+}
+
 int main() {
   test_philox_host();
   int devices = 0;
@@ -284,6 +333,10 @@ int main() {
   }
   std::mt19937 rng(1234);
   test_paged_kv(rng);
+  for (int V : {1111, 4096}) {
+    test_apply_penalties<float>(rng, V);
+    test_apply_penalties<__nv_bfloat16>(rng, V);
+  }
   // V = 70001 is several chunks of the wide first pass too (fp32: 16384 a chunk; stream: 8192).
   for (int first_pass : {bild::kFirstPassChunked, bild::kFirstPassWide, bild::kFirstPassStream, bild::kFirstPassLong}) {
     for (int V : {1111, 9001, 70001}) test_sample_draft(rng, V, first_pass);
