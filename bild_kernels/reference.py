@@ -399,7 +399,8 @@ def cpu_feature_draft_chain_ref(features, next_ids, shift, inv_std, embed, inv_e
                                 fc_bias, layers, key_caches, value_caches, norm, head_w, head_scale, head_bias,
                                 head_vocab, cos, sin, slot_mapping, block_tables, counts, starts, caps,
                                 num_heads: int, num_kv_heads: int, scale: float, sliding_windows, eps: float,
-                                activation_bits: int, fallback_threshold: float, energy: bool):
+                                activation_bits: int, fallback_threshold: float, energy: bool, penalty_ids=None,
+                                penalty_rows=None, penalty_values=None, banned_ids=None):
     """A feature draft's greedy draft runs of B sequences (the engine's eager loop, step for step; each sequence's
     run depends on nothing but its own inputs, so this twin runs them one after the other).
 
@@ -414,6 +415,12 @@ def cpu_feature_draft_chain_ref(features, next_ids, shift, inv_std, embed, inv_e
     else max probability < fallback_threshold; its token is not drafted), at logits holding a NaN or no finite
     maximum, or after caps[b] drafted tokens.
 
+    With penalties (SamplingParams'; all four or none): penalty_ids [B, L] int64, each sequence's tokens as the head's
+    columns (-1: pads and ids it lacks), its prompt's first; penalty_rows [B, 3] int64 (prompt length, min_tokens,
+    the output's length in tokens); penalty_values [B, 3] float64 (repetition, presence, frequency); banned_ids [B, E]
+    int64 columns (-1 pads): each step's logits go through `apply_penalties_ref` first, the run's drafted columns
+    counting as output, banned_ids held back while the output and the drafts are shorter than min_tokens.
+
     Returns (tokens [B, max(caps)] int64: every step's token, -1 after the last step run; max_probs [B, max(caps)]
     float32: every step's confidence, 0 after; status [B, 3] int64: tokens drafted, steps run, and why the run
     stopped: 0 its cap, 1 unsure, 2 not finite)."""
@@ -426,7 +433,7 @@ def cpu_feature_draft_chain_ref(features, next_ids, shift, inv_std, embed, inv_e
         n0, cap = int(counts[b]), int(caps[b])
         slots = slot_mapping[slot0:slot0 + n0 + cap - 1]
         feed, ids = features[row0:row0 + n0], next_ids[row0:row0 + n0]
-        pos, used = int(starts[b]), 0
+        pos, used, cols = int(starts[b]), 0, []  # cols: the run's drafted columns so far
         row0, slot0 = row0 + n0, slot0 + n0 + cap - 1
         for step in range(cap):
             T = feed.shape[0]
@@ -440,6 +447,8 @@ def cpu_feature_draft_chain_ref(features, next_ids, shift, inv_std, embed, inv_e
                                           block_tables[b:b + 1], lens, num_heads, num_kv_heads, scale,
                                           sliding_windows[i], eps, activation_bits)
             logits = _project_ref(cpu_rms_norm_ref(x[-1:], norm, eps), head_w, head_scale, head_bias, 16)[0]
+            if penalty_ids is not None:
+                logits = _chain_penalties(logits, b, penalty_ids, penalty_rows, penalty_values, banned_ids, cols)
             if bool(torch.isnan(logits).any()) or not math.isfinite(float(logits.max())):
                 status[b, 2] = 2
                 break
@@ -453,6 +462,7 @@ def cpu_feature_draft_chain_ref(features, next_ids, shift, inv_std, embed, inv_e
                 status[b, 2] = 1
                 break
             status[b, 0] = step + 1
+            cols.append(arg)
             feed, ids, pos, used = x[-1:], tokens[b, step:step + 1], pos + T, used + T
     return tokens, max_probs, status
 
@@ -460,6 +470,17 @@ def cpu_feature_draft_chain_ref(features, next_ids, shift, inv_std, embed, inv_e
 # --------------------------------------------------------------------------------------------
 # Sampling helpers shared by sample_draft and verify_draft
 # --------------------------------------------------------------------------------------------
+def _chain_penalties(logits, b, penalty_ids, penalty_rows, penalty_values, banned_ids, cols):
+    """cpu_feature_draft_chain_ref's step logits [V_head] of sequence b with its penalties (see there)."""
+    plen, min_tokens, n_out = (int(x) for x in penalty_rows[b])
+    hist = torch.cat([penalty_ids[b], torch.tensor(cols, dtype=torch.int64)])[None]
+    mapped = int((penalty_ids[b, plen:] >= 0).sum())  # (apply_penalties_ref counts the output's ids it holds)
+    vals = penalty_values[b:b + 1].to(torch.float64)
+    return apply_penalties_ref(logits[None, None], hist, torch.tensor([plen]), torch.empty((1, 0), dtype=torch.int64),
+                               vals[:, 0], vals[:, 1], vals[:, 2], torch.tensor([max(min_tokens - (n_out - mapped), 0)]),
+                               banned_ids[b:b + 1])[0, 0]
+
+
 def _filter_top_k_top_p(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Mask (to -inf) what top-k and top-p exclude from rows of scaled logits [R, V].
 

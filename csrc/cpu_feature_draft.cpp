@@ -28,11 +28,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <optional>
 #include <tuple>
 #include <vector>
 
 #include "cpu_ops.h"
+#include "cpu_penalties.h"
 #include "cpu_simd.h"  // defines BILD_X86 on x86-64
 
 namespace bild {
@@ -111,6 +113,23 @@ at::Tensor cpu_feature_input(const at::Tensor& features, const at::Tensor& next_
                        embed, static_cast<float>(inv_emb_scale), fc_w, fc_scale, fc_bias);
 }
 
+// A chain step's penalties on its head logits z [Vh] (in place, float32 as apply_penalties computes float32 logits):
+// the sequence's history `seen0` plus its drafted columns so far; its banned columns while the output (n_out plus
+// the drafts) is shorter than min_tokens. rows: (prompt_len, min_tokens, n_out); values: (repetition, presence,
+// frequency).
+static void penalize_step(float* z, int64_t Vh, const std::vector<SeenToken>& seen0, const std::vector<int64_t>& drafted,
+                          const int64_t* rows, const double* values, const int64_t* banned, int64_t E) {
+  std::vector<SeenToken> seen = seen0;
+  for (int64_t c : drafted) penalty_add(seen, c);
+  const float r = static_cast<float>(values[0]), presence = static_cast<float>(values[1]),
+              frequency = static_cast<float>(values[2]);
+  for (const SeenToken& s : seen)
+    if (s.id < Vh) z[s.id] = penalize_logit(z[s.id], s, r, presence, frequency);
+  if (rows[2] + static_cast<int64_t>(drafted.size()) < rows[1])
+    for (int64_t e = 0; e < E; ++e)
+      if (banned[e] >= 0 && banned[e] < Vh) z[banned[e]] = -std::numeric_limits<float>::infinity();
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_feature_draft_chain(
     const at::Tensor& features, const at::Tensor& next_ids, const at::Tensor& shift, const at::Tensor& inv_std,
     const at::Tensor& embed, double inv_emb_scale, const at::Tensor& fc_w, const std::optional<at::Tensor>& fc_scale,
@@ -120,7 +139,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_feature_draft_chain(
     const std::optional<at::Tensor>& head_vocab, const at::Tensor& cos, const at::Tensor& sin,
     const at::Tensor& slot_mapping, const at::Tensor& block_tables, const at::Tensor& counts, const at::Tensor& starts,
     const at::Tensor& caps, int64_t num_heads, int64_t num_kv_heads, double scale, at::IntArrayRef sliding_windows,
-    double eps, int64_t activation_bits, double fallback_threshold, bool energy) {
+    double eps, int64_t activation_bits, double fallback_threshold, bool energy,
+    const std::optional<at::Tensor>& penalty_ids, const std::optional<at::Tensor>& penalty_rows,
+    const std::optional<at::Tensor>& penalty_values, const std::optional<at::Tensor>& banned_ids) {
   constexpr const char* op = "cpu_feature_draft_chain";
   TORCH_CHECK(cpu_linear_supported(), op, ": this CPU lacks AVX2/FMA (use the reference)");
   check_feature_input(op, features, next_ids, shift, inv_std, embed);
@@ -168,6 +189,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_feature_draft_chain(
                     head_vocab->is_contiguous(),
                 op, ": head_vocab must be a contiguous int64 [V_head] CPU tensor");
   }
+  // Penalties (SamplingParams): each sequence's history in the head's columns, its (prompt_len, min_tokens, n_out),
+  // (repetition, presence, frequency) and banned columns; the chain's own drafts count as output at later steps.
+  const bool penalize = penalty_ids.has_value();
+  TORCH_CHECK(penalize == penalty_rows.has_value() && penalize == penalty_values.has_value() &&
+                  penalize == banned_ids.has_value(),
+              op, ": penalty_ids, penalty_rows, penalty_values and banned_ids come together");
+  std::vector<std::vector<SeenToken>> seen0(penalize ? B : 0);
+  std::vector<bool> penalized(B, false);
+  if (penalize) {
+    const at::Tensor &pid = *penalty_ids, &prow = *penalty_rows, &pval = *penalty_values, &ban = *banned_ids;
+    TORCH_CHECK(pid.scalar_type() == at::kLong && pid.dim() == 2 && pid.size(0) == B && pid.is_contiguous() &&
+                    prow.scalar_type() == at::kLong && prow.dim() == 2 && prow.size(0) == B && prow.size(1) == 3 &&
+                    prow.is_contiguous() && pval.scalar_type() == at::kDouble && pval.dim() == 2 &&
+                    pval.size(0) == B && pval.size(1) == 3 && pval.is_contiguous() &&
+                    ban.scalar_type() == at::kLong && ban.dim() == 2 && ban.size(0) == B && ban.is_contiguous(),
+                op, ": penalty_ids [B, L] int64, penalty_rows [B, 3] int64, penalty_values [B, 3] float64, "
+                "banned_ids [B, E] int64, contiguous");
+    const int64_t* r = prow.data_ptr<int64_t>();
+    const double* v = pval.data_ptr<double>();
+    for (int64_t b = 0; b < B; ++b) {
+      penalized[b] = v[3 * b] != 1.0 || v[3 * b + 1] != 0.0 || v[3 * b + 2] != 0.0 || r[3 * b + 1] > 0;
+      if (penalized[b]) seen0[b] = penalty_history(pid.data_ptr<int64_t>() + b * pid.size(1), pid.size(1), r[3 * b]);
+    }
+  }
+  std::vector<std::vector<int64_t>> chain_cols(B);  // each sequence's drafted columns so far
   std::vector<std::optional<at::Tensor>> w(layers.begin(), layers.end());
   for (int64_t i = 0; i < L; ++i) {
     for (int64_t j : {0, 1, 4, 7, 8, 11}) {  // input_norm, qkv, o, post_norm, gate_up, down: required
@@ -248,6 +294,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_feature_draft_chain(
       float prob = 0.0f, en = 0.0f;
       used[b] += step == 0 ? cnt[b] : 1;
       pos[b] += step == 0 ? cnt[b] : 1;
+      if (penalize && penalized[b]) penalize_step(logits.data_ptr<float>() + k * Vh, Vh, seen0[b], chain_cols[b],
+                                                  penalty_rows->data_ptr<int64_t>() + 3 * b,
+                                                  penalty_values->data_ptr<double>() + 3 * b,
+                                                  banned_ids->data_ptr<int64_t>() + b * banned_ids->size(1),
+                                                  banned_ids->size(1));
       if (!greedy_row(logits.data_ptr<float>() + k * Vh, Vh, &arg, &prob, &en)) {
         sb[2] = 2;
         continue;
@@ -261,6 +312,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_feature_draft_chain(
         continue;
       }
       sb[0] = step + 1;
+      chain_cols[b].push_back(arg);
       if (step + 1 < cap[b]) {
         still.push_back(b);
         keep.push_back(k);
@@ -292,7 +344,8 @@ TORCH_LIBRARY_FRAGMENT(bild_kernels_cpu, m) {
         "Tensor(a!)[] key_caches, Tensor(b!)[] value_caches, Tensor norm, Tensor head_w, Tensor? head_scale, "
         "Tensor? head_bias, Tensor? head_vocab, Tensor cos, Tensor sin, Tensor slot_mapping, Tensor block_tables, "
         "Tensor counts, Tensor starts, Tensor caps, int num_heads, int num_kv_heads, float scale, "
-        "int[] sliding_windows, float eps, int activation_bits, float fallback_threshold, bool energy) "
+        "int[] sliding_windows, float eps, int activation_bits, float fallback_threshold, bool energy, "
+        "Tensor? penalty_ids=None, Tensor? penalty_rows=None, Tensor? penalty_values=None, Tensor? banned_ids=None) "
         "-> (Tensor, Tensor, Tensor)");
 }
 

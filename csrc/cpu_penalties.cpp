@@ -13,6 +13,8 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include "cpu_penalties.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -23,58 +25,22 @@ namespace bild {
 
 namespace {
 
-struct Seen {
-  int64_t id;
-  int64_t count;   // occurrences in the output (and, per position, the draft before it)
-  bool in_prompt;
-};
-
-// The distinct ids of a row's history with their output counts and prompt flags, sorted by id.
-std::vector<Seen> row_history(const int64_t* ids, int64_t L, int64_t prompt_len) {
-  std::vector<std::pair<int64_t, bool>> all;  // (id, is output)
-  all.reserve(L);
-  for (int64_t j = 0; j < L; ++j)
-    if (ids[j] >= 0) all.emplace_back(ids[j], j >= prompt_len);
-  std::sort(all.begin(), all.end());
-  std::vector<Seen> out;
-  for (const auto& [id, is_out] : all) {
-    if (out.empty() || out.back().id != id) out.push_back({id, 0, false});
-    out.back().count += is_out ? 1 : 0;
-    out.back().in_prompt |= !is_out;
-  }
-  return out;
-}
-
 template <typename scalar_t, typename acc_t>
 void penalize_row(const scalar_t* in, scalar_t* out, int64_t P, int64_t V, const int64_t* ids, int64_t L,
                   int64_t prompt_len, const int64_t* draft, int64_t K, acc_t r, acc_t presence, acc_t frequency,
                   int64_t min_tokens, const int64_t* banned, int64_t E) {
-  std::vector<Seen> base = row_history(ids, L, prompt_len);
+  const std::vector<SeenToken> base = penalty_history(ids, L, prompt_len);
   int64_t n_out = 0;
   for (int64_t j = prompt_len; j < L; ++j) n_out += ids[j] >= 0;
-  std::vector<Seen> seen;
+  std::vector<SeenToken> seen;
   for (int64_t p = 0; p < P; ++p) {
     const scalar_t* zin = in + p * V;
     scalar_t* zout = out + p * V;
     std::memcpy(zout, zin, sizeof(scalar_t) * V);
     seen = base;
-    for (int64_t j = 0; j < std::min(p, K); ++j) {  // the drafted tokens before position p count as output
-      const int64_t d = draft[j];
-      if (d < 0) continue;
-      auto it = std::lower_bound(seen.begin(), seen.end(), d, [](const Seen& s, int64_t v) { return s.id < v; });
-      if (it != seen.end() && it->id == d)
-        it->count += 1;
-      else
-        seen.insert(it, {d, 1, false});
-    }
-    for (const Seen& s : seen) {
-      acc_t z = static_cast<acc_t>(zin[s.id]);
-      z = z < acc_t(0) ? z * r : z / r;  // (seen: in the prompt or counted)
-      const acc_t c = static_cast<acc_t>(s.count);
-      z = z - frequency * c;
-      z = z - presence * (s.count > 0 ? acc_t(1) : acc_t(0));
-      zout[s.id] = static_cast<scalar_t>(z);
-    }
+    for (int64_t j = 0; j < std::min(p, K); ++j) penalty_add(seen, draft[j]);  // the drafts before p: output
+    for (const SeenToken& s : seen)
+      zout[s.id] = static_cast<scalar_t>(penalize_logit(static_cast<acc_t>(zin[s.id]), s, r, presence, frequency));
     if (n_out + p < min_tokens)
       for (int64_t e = 0; e < E; ++e)
         if (banned[e] >= 0) zout[banned[e]] = static_cast<scalar_t>(-std::numeric_limits<acc_t>::infinity());

@@ -12,6 +12,7 @@ import torch
 from bild_kernels import ops
 from bild_kernels.engine.host import to_device
 from bild_kernels.engine.lookup import NGramIndex
+from bild_kernels.engine.penalizing import chain_penalties, head_columns, penalized
 from bild_kernels.engine.policies import NGram, Policy
 from bild_kernels.engine.sequence import Drafts, Sequence
 from bild_kernels.engine.shallow_deep import LayerGroups
@@ -34,6 +35,14 @@ class Drafting:
         if vocab is None or small.static is not None or any(s.params.temperature > 0 for s in running):
             return None
         return vocab
+
+    def _head_columns(self, vocab: torch.Tensor | None) -> list[int] | None:
+        """`penalizing.head_columns` of the small model's reduced head, built once."""
+        if vocab is None:
+            return None
+        if getattr(self, "_columns", (None,))[0] is not vocab:
+            self._columns = (vocab, head_columns(vocab, self.vocab_size))
+        return self._columns[1]
 
     def _draft_caps(self, running: list[Sequence], policy: Policy, skip: frozenset[int] = frozenset()) -> list[int]:
         # Never draft past what the request may still generate: the emitted token comes on top. Rows in `skip`
@@ -90,7 +99,10 @@ class Drafting:
         """Autoregressive drafting by the small model, or by the large model's shallow layers (none for the
         rows in `skip`)."""
         shallow = policy.drafter == "shallow"
-        if not shallow and self._static is not None:
+        # Rows with penalties draft from their penalised distribution (what the penalised large model keeps), in this
+        # eager loop or the native one (the fixed-buffer and graphed loops take none).
+        penalties = any(s.params.penalized for s in running)
+        if not shallow and self._static is not None and not penalties:
             return self._draft_static(running, policy, skip)
         key = "large" if shallow else "small"
         feature = not shallow and self.small_kind == "feature"
@@ -105,6 +117,7 @@ class Drafting:
         # (speculative sampling needs each draft's distribution over the whole vocabulary)
         vocab = None if shallow or out.probs is not None else self._head_vocab(running)
         active = [i for i, c in enumerate(caps) if c > 0]
+        columns = self._head_columns(vocab) if penalties else None
         if (feature and self.draft_loop == "native" and active and out.probs is None
                 and all(running[i].params.temperature <= 0 for i in active)
                 and self._draft_native(running, active, caps, policy, out)):
@@ -123,6 +136,9 @@ class Drafting:
                 logits = self._feature_step(active, seqs, drafts, chain_features, full_vocab=vocab is None)
             else:
                 logits = self.runners["small"].extend(rows, toks, [1] * len(seqs), full_vocab=vocab is None)
+            if penalties:  # (each row's drafts so far count as its output)
+                logits = penalized(logits, seqs, [s.tokens + drafts[i] for i, s in zip(active, seqs)], self.eos_ids,
+                                   columns=columns)
             logits = logits[:, 0]  # [n, V]
             for i, s in zip(active, seqs):
                 # (a feature draft's position t reads token t + 1: it holds one position fewer than the tokens)
@@ -183,7 +199,8 @@ class Drafting:
         nxt = [t for s, st in zip(seqs, starts) for t in s.tokens[st + 1:]]
         runs = ex.draft_chain(feats, nxt, counts, starts, row_caps, small.kv_caches, slots,
                               small.blocks.block_tables_of(rows), policy.thresholds()[0],
-                              policy.fallback_signal == "energy")
+                              policy.fallback_signal == "energy",
+                              chain_penalties(seqs, self.eos_ids, self._head_columns(ex.head_vocab)))
         chained = [(r, c - 1) for r, c in zip(rows, row_caps) if c > 1]
         if chained:  # the chains' positions hold guessed features: drop them, keep the verified ones
             small.rollback([r for r, _ in chained], [n for _, n in chained])

@@ -15,6 +15,7 @@ from bild_kernels import ops
 from bild_kernels.engine.calibration import labelled_pairs
 from bild_kernels.engine.drafting import Drafting, drafted_ids
 from bild_kernels.engine.host import to_device
+from bild_kernels.engine.penalizing import penalized
 from bild_kernels.engine.policies import Policy
 from bild_kernels.engine.runner import forget_nonfinite, nonfinite_flags
 from bild_kernels.engine.sequence import Drafts, Sequence
@@ -281,25 +282,9 @@ class Iteration(Drafting):
         return committed
 
     def _penalized(self, running: list[Sequence], draft_ids: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
-        """target_logits [B, K+1, V] with the rows' penalties and min_tokens applied (`ops.apply_penalties`; the
-        drafts before a position count as output there), or target_logits itself when no row has any."""
-        asks = [s.params.penalized for s in running]
-        if not any(asks):
-            return target_logits
-        L = max(len(s.tokens) for s, a in zip(running, asks) if a)
-        history = [s.tokens + [-1] * (L - len(s.tokens)) if a else [-1] * L for s, a in zip(running, asks)]
-        banned = [sorted((set() if s.params.ignore_eos else self.eos_ids)
-                         | {t for t in s.params.stop if isinstance(t, int)}) if s.params.min_tokens else []
-                  for s in running]
-        E = max(len(b) for b in banned)
-        dev = target_logits.device
-        ints = to_device([[s.prompt_len for s in running], [s.params.min_tokens for s in running]], torch.int32, dev)
-        floats = to_device([[s.params.repetition_penalty for s in running], [s.params.presence_penalty for s in running],
-                            [s.params.frequency_penalty for s in running]], torch.float64, dev)
-        return ops.apply_penalties(
-            target_logits, to_device(history, torch.int64, dev), ints[0], draft_ids.to(dev, non_blocking=True),
-            repetition_penalty=floats[0], presence_penalty=floats[1], frequency_penalty=floats[2], min_tokens=ints[1],
-            banned_ids=to_device([b + [-1] * (E - len(b)) for b in banned], torch.int64, dev).view(len(running), E))
+        """target_logits [B, K+1, V] with the rows' penalties and min_tokens applied (the drafts before a position
+        count as output there), or target_logits itself when no row has any."""
+        return penalized(target_logits, running, [s.tokens for s in running], self.eos_ids, draft_ids)
 
     def _draft_probs(self, drafts: Drafts, looked: list[bool], K: int, target_logits: torch.Tensor) -> torch.Tensor:
         """Speculative sampling's draft distributions [B, K, V]: the small model's, and one-hot ones for the rows

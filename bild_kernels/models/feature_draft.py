@@ -97,12 +97,12 @@ class FeatureDraftExecutor(LlamaExecutor):
 
     def draft_chain(self, features: torch.Tensor, next_ids: list[int], counts: list[int], starts: list[int],
                     caps: list[int], kv_caches, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
-                    fallback_threshold: float, energy: bool) -> list[DraftChain]:
+                    fallback_threshold: float, energy: bool, penalties: tuple | None = None) -> list[DraftChain]:
         """Greedy draft runs of B sequences in one call of the CPU extension (`ops.cpu_feature_draft_chain`, trusted
         inputs: the engine's own): sequence b feeds the features of its counts[b] verified positions starts[b] ..
         not yet fed (its rows of features [sum(counts), H], the token after each in next_ids), then chains up to
         caps[b] - 1 more steps. slot_mapping [sum(counts + caps - 1)]: each sequence's run of the slots reserved for
-        every position it may feed; block_tables [B, M]."""
+        every position it may feed; block_tables [B, M]. penalties: as `ops.cpu_feature_draft_chain`'s."""
         c = self.config
         cos, sin = self._rope_table_to(max(s + n + k - 1 for s, n, k in zip(starts, counts, caps)))
         flat = [a for w in self.layers for a in w.fused_args()]
@@ -113,7 +113,7 @@ class FeatureDraftExecutor(LlamaExecutor):
             self.norm, *self._head_args, self.head_vocab, cos.view(cos.shape[0], -1), sin.view(sin.shape[0], -1),
             slot_mapping, block_tables.contiguous(), torch.tensor(counts, **i64), torch.tensor(starts, **i64),
             torch.tensor(caps, **i64), c.num_heads, c.num_kv_heads, self.scale, [w or 0 for w in c.sliding_windows],
-            c.rms_norm_eps, self.activation_bits, float(fallback_threshold), bool(energy))
+            c.rms_norm_eps, self.activation_bits, float(fallback_threshold), bool(energy), *(penalties or (None,) * 4))
         return chain_result(*out)
 
     def quantize_weights(self, kind: str = "int8") -> "FeatureDraftExecutor":

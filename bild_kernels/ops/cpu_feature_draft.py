@@ -73,7 +73,7 @@ def cpu_feature_draft_chain(features, next_ids, *, counts, starts, caps, shift, 
                             value_caches: list, norm, head: tuple, head_vocab=None, cos, sin, slot_mapping,
                             block_tables, num_heads: int, num_kv_heads: int, scale: float, sliding_windows: list[int],
                             eps: float, activation_bits: int = 16, fallback_threshold: float, energy: bool = False,
-                            backend: str | None = None) -> list[DraftChain]:
+                            penalties: tuple | None = None, backend: str | None = None) -> list[DraftChain]:
     """Draft up to caps[b] tokens greedily for each of B sequences with a feature draft, every step of all of them
     in one batched forward (see `reference.cpu_feature_draft_chain_ref` for the exact loop).
 
@@ -85,7 +85,9 @@ def cpu_feature_draft_chain(features, next_ids, *, counts, starts, caps, shift, 
     slot_mapping [sum(counts + caps - 1)] int64: each sequence's run of the cache slots of its step 0's positions,
     then of each later step's. block_tables [B, M] int32. fallback_threshold: a step is unsure when its max
     probability is below it (energy: when its energy -logsumexp is above it); an unsure step's token is not drafted
-    and ends that sequence's run. The K/V of every position fed are written; the caller drops the chained ones."""
+    and ends that sequence's run. The K/V of every position fed are written; the caller drops the chained ones.
+    penalties: None, or (penalty_ids [B, L] int64, penalty_rows [B, 3] int64, penalty_values [B, 3] float64,
+    banned_ids [B, E] int64): SamplingParams' penalties on every step's head logits (the reference's docstring)."""
     _check_inputs(features, next_ids, shift, inv_std, embed, fc)
     per_seq = {}
     for name, vals, lo in (("counts", counts, 1), ("starts", starts, 0), ("caps", caps, 1)):
@@ -120,6 +122,14 @@ def cpu_feature_draft_chain(features, next_ids, *, counts, starts, caps, shift, 
         v.tensor("head_vocab", head_vocab, dtypes=(torch.int64,), ndim=1, device=features.device)
     if not (isinstance(head, tuple) and len(head) == 3):
         raise TypeError("head must be a (weight, scale or None, bias or None) tuple")
+    if penalties is not None:
+        if not (isinstance(penalties, tuple) and len(penalties) == 4):
+            raise TypeError("penalties must be None or a (penalty_ids, penalty_rows, penalty_values, banned_ids) tuple")
+        for name, t, dt, width in zip(("penalty_ids", "penalty_rows", "penalty_values", "banned_ids"), penalties,
+                                      (torch.int64, torch.int64, torch.float64, torch.int64), (None, 3, 3, None)):
+            v.tensor(name, t, dtypes=(dt,), ndim=2, device=features.device)
+            v.shape(name, t, (B, width))
+        penalties = tuple(t.contiguous() for t in penalties)
     fn = resolve("cpu_feature_draft_chain", features.device, backend)
     flat = [a for w in layers for a in layer_args(w)]
     i64 = dict(dtype=torch.int64)
@@ -128,7 +138,7 @@ def cpu_feature_draft_chain(features, next_ids, *, counts, starts, caps, shift, 
              norm.contiguous(), *head, head_vocab, cos.contiguous(), sin.contiguous(), slot_mapping.contiguous(),
              block_tables.contiguous(), torch.tensor(counts, **i64), torch.tensor(starts, **i64),
              torch.tensor(caps, **i64), num_heads, num_kv_heads, float(scale), [int(w) for w in sliding_windows],
-             float(eps), int(activation_bits), float(fallback_threshold), bool(energy))
+             float(eps), int(activation_bits), float(fallback_threshold), bool(energy), *(penalties or (None,) * 4))
     return chain_result(*out)
 
 

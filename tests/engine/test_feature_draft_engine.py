@@ -253,6 +253,46 @@ def test_native_draft_runs_equal_the_eager_loop(pair, tmp_path, small_weights):
     assert sum(o.metrics.fallbacks for o in outs["native"]) > 0
 
 
+def test_penalized_native_draft_runs_equal_the_eager_loop(pair, tmp_path):
+    """With penalties the native runs still propose what the eager loop proposes (both from the penalised draft
+    distribution, their own drafts counting as output, min_tokens' ban included), other drafts than without them."""
+    from bild_kernels._backend import cpu_extension
+    if cpu_extension() is None:
+        pytest.skip("bild_kernels._cpu not built, or this CPU lacks AVX2/FMA")
+    _, draft, _ = pair
+    t32 = _teacher().float()
+    base, _ = load_model(t32, dtype=torch.float32)
+    path = draft.float().save_dir(tmp_path / "d", base)
+    prompts = [[5, 17, 3], [44, 2, 90, 61, 8, 8, 1], [9]]
+    policy = BiLD(fallback_threshold=0.3, rollback_threshold=2.0, max_draft_len=4)
+    plain_out = None
+    drafts = {}
+    for loop, params in (("eager", True), ("native", True), ("native", False)):
+        eng = Engine(large=t32, small=str(path), max_batch_size=2, max_model_len=64, block_size=4, draft_loop=loop,
+                     small_weights="int8")
+        verify, log = eng._verify, []
+
+        def spy(running, policy, d, log=log, verify=verify):
+            log.append(tuple(map(tuple, d.tokens)))
+            return verify(running, policy, d)
+
+        eng._verify = spy
+        ex, penalized_runs = eng.runners["small"].executor, []
+        chain = ex.draft_chain
+        ex.draft_chain = lambda *a, chain=chain, n=penalized_runs: n.append(a[10] is not None) or chain(*a)
+        sp = (SamplingParams(max_tokens=16, repetition_penalty=1.5, presence_penalty=0.4, frequency_penalty=0.6,
+                             min_tokens=12, stop=(prompts[0][0],)) if params else SamplingParams(max_tokens=16))
+        outs = [eng.generate([p], sp, policy=policy)[0] for p in prompts]
+        assert (len(penalized_runs) > 10 and all(penalized_runs) == params) if loop == "native" else not penalized_runs
+        if params:
+            drafts[loop] = (log, [o.token_ids for o in outs], [o.metrics.accepted_tokens for o in outs])
+        else:
+            plain_out = log
+        assert_all_free(eng)
+    assert drafts["native"] == drafts["eager"]
+    assert drafts["native"][0] != plain_out
+
+
 def test_packed_native_draft_runs_feed_a_whole_prompt_as_the_eager_loop_does(tmp_path):
     """With int8 weights packed as Q8_0 blocks (a head of 64 ids: every product packs where the CPU has AVX-512
     VNNI, as the shipped draft's do), a request's first native run feeds its whole prompt's features at once

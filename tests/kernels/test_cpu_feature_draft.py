@@ -68,14 +68,15 @@ def _slots(table, start, n):
     return table.long()[pos // BS] * BS + pos % BS
 
 
-def _run(case, backend, *, T0=3, start=5, steps=5, threshold=0.0, energy=False, seed=1):
+def _run(case, backend, *, T0=3, start=5, steps=5, threshold=0.0, energy=False, seed=1, penalties=None):
     """One sequence's run: (its DraftChain, the caches after it)."""
     c = {**case, "key_caches": [t.clone() for t in case["key_caches"]],
          "value_caches": [t.clone() for t in case["value_caches"]]}
     f, ids = _inputs([T0], seed)
     (run,) = cpu_feature_draft_chain(f, ids, counts=[T0], starts=[start], caps=[steps],
                                      slot_mapping=_slots(c["block_tables"][0], start, T0 + steps - 1),
-                                     fallback_threshold=threshold, energy=energy, backend=backend, **c)
+                                     fallback_threshold=threshold, energy=energy, backend=backend,
+                                     penalties=penalties, **c)
     return run, c["key_caches"], c["value_caches"]
 
 
@@ -94,6 +95,34 @@ def test_cpu_feature_draft_chain_matches_reference(form, layers, vocab):
     torch.testing.assert_close(torch.tensor(got.max_probs), torch.tensor(want.max_probs), atol=tol / 10, rtol=tol)
     for a, b in zip(got_k + got_v, want_k + want_v):  # every position fed, chained ones too, at its slot
         torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+
+
+@needs_ext
+@pytest.mark.parametrize("form", ["float32", "int8"])
+@pytest.mark.parametrize("vocab", [True, False])
+def test_cpu_feature_draft_chain_penalties_match_reference(form, vocab):
+    """SamplingParams' penalties on every step's head logits (the run's own drafts counting as output, banned
+    columns while min_tokens holds them back): the same drafts and confidences as the reference, and other drafts
+    than without them."""
+    case = _case(form, vocab=vocab)
+    plain, _, _ = _run(case, "ref", steps=6)
+    cols = (lambda t: int((case["head_vocab"] == t).nonzero()[0, 0])) if vocab else (lambda t: t)  # noqa: E731
+    first = cols(plain.tokens[0])
+    # history: 5 prompt columns then 4 output ones (one of them an id the head lacks: -1), the first plain draft
+    # among them; the output holds 5 tokens, min_tokens 8: banned (the plain run's second draft) for 3 steps
+    hist = torch.tensor([[3, 7, first, 11, -1, first, 2, -1, 9, -1, -1]])
+    rows = torch.tensor([[5, 8, 5]])
+    values = torch.tensor([[1.4, 0.3, 0.6]], dtype=torch.float64)
+    banned = torch.tensor([[cols(plain.tokens[1]), -1]])
+    pen = (hist, rows, values, banned)
+    want, _, _ = _run(case, "ref", steps=6, penalties=pen)
+    got, _, _ = _run(case, "cpu", steps=6, penalties=pen)
+    assert got.tokens == want.tokens and got.steps == want.steps and got.stop == want.stop
+    torch.testing.assert_close(torch.tensor(got.max_probs), torch.tensor(want.max_probs), atol=TOL[form] / 10,
+                               rtol=TOL[form])
+    assert want.tokens != plain.tokens and plain.tokens[1] not in want.tokens[:3]
+    neutral = (hist, rows * torch.tensor([[1, 0, 1]]), torch.tensor([[1.0, 0.0, 0.0]], dtype=torch.float64), banned)
+    assert _run(case, "cpu", steps=6, penalties=neutral)[0].tokens == plain.tokens
 
 
 @needs_ext

@@ -1,0 +1,72 @@
+"""SamplingParams' penalties and min_tokens on a pass's logits (`ops.apply_penalties`), for the verification (the
+large model's distribution, the one every policy keeps to) and for the drafts (the small model's, so that it proposes
+what the penalised large model will keep)."""
+from __future__ import annotations
+
+import torch
+
+from bild_kernels import ops
+from bild_kernels.engine.host import to_device
+from bild_kernels.engine.sequence import Sequence
+
+
+def _history_inputs(seqs: list[Sequence], histories: list[list[int]], eos_ids: set[int], columns: list[int] | None):
+    """The rows' histories as ids [n, L] (-1 pads; rows without penalties all -1), each row's banned ids [n, E]
+    (-1 pads), and its min_tokens less the output ids the columns lack (apply_penalties counts a row's output by the
+    ids it is given)."""
+    col = (lambda t: t) if columns is None else (lambda t: columns[t])  # noqa: E731
+    asks = [s.params.penalized for s in seqs]
+    L = max((len(h) for h, a in zip(histories, asks) if a), default=0)
+    ids = [[col(t) for t in h] + [-1] * (L - len(h)) if a else [-1] * L for h, a in zip(histories, asks)]
+    banned = [sorted({col(t) for t in (set() if s.params.ignore_eos else eos_ids)
+                      | {t for t in s.params.stop if isinstance(t, int)}} - {-1}) if s.params.min_tokens else []
+              for s in seqs]
+    E = max(len(b) for b in banned)
+    banned = [b + [-1] * (E - len(b)) for b in banned]
+    min_tokens = [max(s.params.min_tokens - sum(t < 0 for t in r[s.prompt_len:len(h)]), 0)
+                  for s, r, h in zip(seqs, ids, histories)]
+    return ids, banned, E, min_tokens
+
+
+def penalized(logits: torch.Tensor, seqs: list[Sequence], histories: list[list[int]], eos_ids: set[int],
+              draft_ids: torch.Tensor | None = None, columns: list[int] | None = None) -> torch.Tensor:
+    """logits [n, P, V'] of the rows `seqs` with each one's penalties applied, position p counting draft_ids[:, :p]
+    as output; `logits` itself when no row has any. histories[i]: row i's tokens, its prompt's first (prompt_len of
+    them), then everything it output (committed, and drafted in this run where the logits follow those drafts).
+    columns: where the logits score a reduced vocabulary (a draft's head), each token id's column (-1: none); ids
+    without one cannot be penalised there, nor banned."""
+    if not any(s.params.penalized for s in seqs):
+        return logits
+    ids, banned, E, min_tokens = _history_inputs(seqs, histories, eos_ids, columns)
+    dev = logits.device
+    ints = to_device([[s.prompt_len for s in seqs], min_tokens], torch.int32, dev)
+    floats = to_device([[s.params.repetition_penalty for s in seqs], [s.params.presence_penalty for s in seqs],
+                        [s.params.frequency_penalty for s in seqs]], torch.float64, dev)
+    return ops.apply_penalties(
+        logits, to_device(ids, torch.int64, dev).view(len(seqs), -1), ints[0],
+        None if draft_ids is None else draft_ids.to(dev, non_blocking=True),
+        repetition_penalty=floats[0], presence_penalty=floats[1], frequency_penalty=floats[2], min_tokens=ints[1],
+        banned_ids=to_device(banned, torch.int64, dev).view(len(seqs), E))
+
+
+def chain_penalties(seqs: list[Sequence], eos_ids: set[int], columns: list[int] | None) -> tuple | None:
+    """`ops.cpu_feature_draft_chain`'s penalties for the rows `seqs` (their committed tokens; the run adds its own
+    drafts), over a head whose columns are `columns` (None: every id); None where no row has any."""
+    if not any(s.params.penalized for s in seqs):
+        return None
+    ids, banned, E, _ = _history_inputs(seqs, [s.tokens for s in seqs], eos_ids, columns)
+    i64 = dict(dtype=torch.int64)
+    rows = [[s.prompt_len, s.params.min_tokens, len(s.tokens) - s.prompt_len] for s in seqs]
+    values = [[s.params.repetition_penalty, s.params.presence_penalty, s.params.frequency_penalty] for s in seqs]
+    return (torch.tensor(ids, **i64).view(len(seqs), -1), torch.tensor(rows, **i64),
+            torch.tensor(values, dtype=torch.float64), torch.tensor(banned, **i64).view(len(seqs), E))
+
+
+def head_columns(vocab: torch.Tensor | None, size: int) -> list[int] | None:
+    """A reduced head's column of each of `size` token ids (-1: not in it), from its sorted ids; None for none."""
+    if vocab is None:
+        return None
+    out = [-1] * size
+    for j, t in enumerate(vocab.tolist()):
+        out[t] = j
+    return out
