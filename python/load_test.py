@@ -32,8 +32,10 @@ POLICY_MIX = [None, {"name": "greedy", "max_draft_len": 4}, {"name": "large-only
 
 def request_mix(n: int, seed: int = 0, *, vocab: int = 96, token_prompts: bool = True, max_tokens: int = 24,
                 policies=POLICY_MIX) -> list[dict]:
-    """n distinct completion bodies: text and token-id prompts, greedy and seeded sampling, every policy."""
+    """n distinct completion bodies: text and token-id prompts, greedy and seeded sampling, every policy, penalties
+    on about a third of them (not SmallOnly's, which refuses them)."""
     rng = random.Random(seed)
+    extra = random.Random(seed + 1)  # (the penalties' own draws: the bodies are otherwise what they always were)
     bodies = []
     for i in range(n):
         policy = policies[i % len(policies)]
@@ -45,6 +47,10 @@ def request_mix(n: int, seed: int = 0, *, vocab: int = 96, token_prompts: bool =
         if policy is None or policy["name"] in ("speculative-sampling", "large-only", "bild", "ngram"):
             if rng.random() < 0.5:
                 body |= {"temperature": rng.choice([0.7, 1.0]), "top_p": rng.choice([1.0, 0.9])}
+        if (policy is None or policy["name"] != "small-only") and extra.random() < 0.35:
+            body |= {"repetition_penalty": extra.choice([1.0, 1.3]), "frequency_penalty": extra.choice([0.0, 0.7]),
+                     "presence_penalty": extra.choice([0.0, -0.5]),
+                     "min_tokens": extra.randint(0, body["max_tokens"])}
         bodies.append(body)
     return bodies
 

@@ -380,9 +380,6 @@ class Engine(Prefixing, TokenizerMethods, Iteration):
                                                          or (policy.uses_small and not policy.drafts)):
             return (f"prompt_logprobs come from the large model's prefill: {policy.name} has none of its own "
                     f"(shallow-deep decoding and SmallOnly cannot give them)")
-        if seq.params.penalized and policy.uses_small and not policy.drafts:
-            return (f"penalties and min_tokens shape the large model's distribution: {policy.name} runs the small "
-                    f"model alone and verifies nothing")
         if seq.prompt_len >= self.max_model_len:
             return f"prompt has {seq.prompt_len} tokens; max_model_len={self.max_model_len} leaves no room to generate"
         if self._worst_blocks(seq, policy) > self.kv_cache_blocks:

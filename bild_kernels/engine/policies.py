@@ -66,6 +66,12 @@ class SmallOnly(Policy):
     name = "small-only"
     uses_small = True
 
+    def request_error(self, params) -> str | None:
+        if params.penalized:
+            return ("penalties and min_tokens shape the large model's distribution: small-only runs the small model "
+                    "alone and verifies nothing")
+        return None
+
 
 def _is_real(x) -> bool:
     return not isinstance(x, bool) and isinstance(x, (int, float)) and math.isfinite(x)

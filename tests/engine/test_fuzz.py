@@ -5,6 +5,7 @@ Properties: nothing raises but the documented errors (ValueError / TypeError for
 prompt fails alone with `error` set; lossless greedy modes equal the Hugging Face oracle; every request,
 lossless or not, gives the same tokens alone as in its batch; no KV block is ever leaked.
 """
+import dataclasses
 import functools
 
 import pytest
@@ -62,6 +63,13 @@ sampling = st.builds(SamplingParams, max_tokens=st.integers(1, 16), temperature=
                      seed=st.integers(0, 2**63 - 1), stop=st.lists(st.integers(0, VOCAB - 1), max_size=2))
 
 
+# Penalties (and min_tokens, at most max_tokens) on top of any sampling parameters
+penalized = st.builds(lambda sp, r, pres, freq, m: dataclasses.replace(
+    sp, repetition_penalty=r, presence_penalty=pres, frequency_penalty=freq, min_tokens=min(m, sp.max_tokens)),
+    sampling, st.sampled_from([1.0, 0.7, 1.6]), st.sampled_from([0.0, 1.5, -1.0]), st.sampled_from([0.0, 0.8, -0.6]),
+    st.sampled_from([0, 1, 4, 16]))
+
+
 @pytest.fixture(scope="module")
 def engine(large_model, small_model):
     # A small pool: batches of several long requests must wait for blocks.
@@ -94,12 +102,30 @@ def test_lossless_greedy_equals_the_oracle(engine, oracle, policy, prompts, max_
 
 
 @FUZZ
+@given(policy=lossless, prompts=st.lists(good_prompt, min_size=1, max_size=3),
+       penalties=st.lists(st.tuples(st.integers(1, 16), st.sampled_from([1.0, 0.6, 1.5, 3.0]),
+                                    st.sampled_from([0.0, 2.0, -1.5]), st.sampled_from([0.0, 1.0, -2.0])),
+                          min_size=3, max_size=3))
+def test_lossless_greedy_with_penalties_equals_the_penalized_oracle(engine, large_model, policy, prompts, penalties):
+    from .test_penalties import hf_penalized_greedy
+    params = [SamplingParams(max_tokens=n, repetition_penalty=r, presence_penalty=p, frequency_penalty=f)
+              for n, r, p, f in penalties[:len(prompts)]]
+    outs = engine.generate(prompts, params, policy=policy)
+    for p, sp, o in zip(prompts, params, outs):
+        n = min(sp.max_tokens, MAX_LEN - len(p))
+        assert o.error is None and o.finish_reason == "length"
+        assert o.token_ids == hf_penalized_greedy(large_model, p, n, repetition=sp.repetition_penalty,
+                                                  presence=sp.presence_penalty, frequency=sp.frequency_penalty)
+    assert_all_free(engine)
+
+
+@FUZZ
 @given(policy=st.one_of(lossless, lossy), prompts=st.lists(good_prompt, min_size=1, max_size=4),
-       params=st.lists(sampling, min_size=4, max_size=4))
+       params=st.lists(st.one_of(sampling, penalized), min_size=4, max_size=4))
 def test_any_policy_is_batch_invariant_and_leaks_nothing(engine, policy, prompts, params):
     params = params[:len(prompts)]
-    if any(policy.request_error(p) for p in params):  # e.g. Jacobi is greedy only: a clear per-request error
-        params = [SamplingParams(max_tokens=p.max_tokens, seed=p.seed) for p in params]
+    if any(policy.request_error(p) for p in params):  # e.g. Jacobi is greedy only, SmallOnly takes no penalties: a
+        params = [SamplingParams(max_tokens=p.max_tokens, seed=p.seed) for p in params]  # clear per-request error
     together = engine.generate(prompts, params, policy=policy)
     alone = [engine.generate([p], s, policy=policy)[0] for p, s in zip(prompts, params)]
     assert [o.token_ids for o in together] == [o.token_ids for o in alone]
@@ -109,6 +135,7 @@ def test_any_policy_is_batch_invariant_and_leaks_nothing(engine, policy, prompts
         assert all(0 <= t < VOCAB for t in o.token_ids)
         if o.finish_reason == "stop":
             assert o.token_ids[-1] in sp.stop and not set(o.token_ids[:-1]) & set(sp.stop)
+            assert len(o.token_ids) > sp.min_tokens  # (the stop ids are held back until then)
     assert_all_free(engine)
 
 
@@ -120,7 +147,11 @@ def test_any_policy_is_batch_invariant_and_leaks_nothing(engine, policy, prompts
     "top_p": st.one_of(st.floats(allow_nan=True), st.integers(-1, 2)),
     "seed": st.one_of(st.integers(-5, 2**64), st.floats(allow_nan=True)),
     "stop": st.one_of(st.text(max_size=3), st.lists(st.one_of(st.integers(-3, 99), st.text(max_size=2)), max_size=3)),
-    "timeout_s": st.one_of(st.floats(allow_nan=True), st.integers(-1, 2), st.none())}))
+    "timeout_s": st.one_of(st.floats(allow_nan=True), st.integers(-1, 2), st.none()),
+    "repetition_penalty": st.one_of(st.floats(allow_nan=True), st.integers(-2, 3), st.just(True)),
+    "presence_penalty": st.one_of(st.floats(allow_nan=True), st.integers(-3, 3), st.text(max_size=2)),
+    "frequency_penalty": st.one_of(st.floats(allow_nan=True), st.integers(-3, 3)),
+    "min_tokens": st.one_of(st.integers(-3, 80), st.floats(allow_nan=True), st.just(False))}))
 def test_hostile_sampling_params_raise_value_error_or_run(engine, kw):
     try:
         params = SamplingParams(**kw)
