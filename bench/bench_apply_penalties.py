@@ -1,4 +1,4 @@
-"""Benchmark apply_penalties: repetition, presence, frequency and min_tokens on the large model's logits.
+"""Benchmark apply_penalties: a logit bias, repetition, presence, frequency and min_tokens on the large model's logits.
 
 GPU shapes: B in {1, 8, 64, 256} rows of P in {1, 5, 9} positions (a draft of P - 1 tokens) of bf16 logits, V in
 {32000, 128256}, each row with a history of L = 1024 committed tokens (a 768-token prompt, 256 of output), repetition
@@ -36,8 +36,10 @@ def inputs(B, P, V, L, device):
     n_out = L - L * 3 // 4
     min_tokens = torch.where(torch.arange(B) % 2 == 0, n_out + P, 0).int()  # even rows hold the banned ids back
     banned_ids = torch.tensor([[2, V - 1]] * B)
+    bias_ids = torch.stack([torch.randperm(V, generator=g)[:16] for _ in range(B)])  # a logit bias of 16 ids a row
+    bias_values = torch.randn(B, 16, generator=g, dtype=torch.float64)
     return [logits] + [x.to(device) for x in (token_ids, prompt_lens, draft_ids, f(1.2), f(0.5), f(0.3), min_tokens,
-                                   banned_ids)]
+                                   banned_ids, bias_ids, bias_values)]
 
 
 def implementation(backend, device):

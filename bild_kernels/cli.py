@@ -186,10 +186,17 @@ def cmd_generate(args) -> int:
     prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
     if not prompt.strip():
         raise UsageError("the prompt is empty")
+    bias = {}
+    for item in args.logit_bias or []:
+        tok, _, val = item.partition("=")
+        try:
+            bias[int(tok)] = float(val)
+        except ValueError:
+            raise UsageError(f"--logit-bias takes TOKEN_ID=BIAS (e.g. 13=-100), got {item!r}") from None
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, repetition_penalty=args.repetition_penalty,
                             presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-                            min_tokens=args.min_tokens)
+                            min_tokens=args.min_tokens, logit_bias=bias)
     t_load = time.perf_counter()
     engine = _engine(args, max_model_len=args.max_model_len)
     policy = _policy(args, engine)
@@ -469,6 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--presence-penalty", type=float, default=0.0, help="[-2, 2]: once per token the reply holds")
     g.add_argument("--frequency-penalty", type=float, default=0.0, help="[-2, 2]: per occurrence in the reply")
     g.add_argument("--min-tokens", type=int, default=0, help="no EOS before the reply has this many tokens")
+    g.add_argument("--logit-bias", action="append", metavar="ID=BIAS",
+                   help="add BIAS (in [-100, 100]) to token ID's logit; repeatable")
     g.add_argument("--no-chat-template", action="store_true", help="send the prompt as raw text")
     g.add_argument("--system", metavar="TEXT", help="a system message before the prompt (through the chat template)")
     g.set_defaults(func=cmd_generate)

@@ -400,7 +400,8 @@ def cpu_feature_draft_chain_ref(features, next_ids, shift, inv_std, embed, inv_e
                                 head_vocab, cos, sin, slot_mapping, block_tables, counts, starts, caps,
                                 num_heads: int, num_kv_heads: int, scale: float, sliding_windows, eps: float,
                                 activation_bits: int, fallback_threshold: float, energy: bool, penalty_ids=None,
-                                penalty_rows=None, penalty_values=None, banned_ids=None):
+                                penalty_rows=None, penalty_values=None, banned_ids=None, bias_ids=None,
+                                bias_values=None):
     """A feature draft's greedy draft runs of B sequences (the engine's eager loop, step for step; each sequence's
     run depends on nothing but its own inputs, so this twin runs them one after the other).
 
@@ -418,8 +419,9 @@ def cpu_feature_draft_chain_ref(features, next_ids, shift, inv_std, embed, inv_e
     With penalties (SamplingParams'; all four or none): penalty_ids [B, L] int64, each sequence's tokens as the head's
     columns (-1: pads and ids it lacks), its prompt's first; penalty_rows [B, 3] int64 (prompt length, min_tokens,
     the output's length in tokens); penalty_values [B, 3] float64 (repetition, presence, frequency); banned_ids [B, E]
-    int64 columns (-1 pads): each step's logits go through `apply_penalties_ref` first, the run's drafted columns
-    counting as output, banned_ids held back while the output and the drafts are shorter than min_tokens.
+    int64 columns (-1 pads); optionally a logit bias, bias_ids [B, E'] int64 columns (-1 pads) with bias_values [B, E']
+    float64: each step's logits go through `apply_penalties_ref` first, the run's drafted columns counting as output,
+    banned_ids held back while the output and the drafts are shorter than min_tokens.
 
     Returns (tokens [B, max(caps)] int64: every step's token, -1 after the last step run; max_probs [B, max(caps)]
     float32: every step's confidence, 0 after; status [B, 3] int64: tokens drafted, steps run, and why the run
@@ -448,7 +450,8 @@ def cpu_feature_draft_chain_ref(features, next_ids, shift, inv_std, embed, inv_e
                                           sliding_windows[i], eps, activation_bits)
             logits = _project_ref(cpu_rms_norm_ref(x[-1:], norm, eps), head_w, head_scale, head_bias, 16)[0]
             if penalty_ids is not None:
-                logits = _chain_penalties(logits, b, penalty_ids, penalty_rows, penalty_values, banned_ids, cols)
+                logits = _chain_penalties(logits, b, penalty_ids, penalty_rows, penalty_values, banned_ids, cols,
+                                          None if bias_ids is None else (bias_ids, bias_values))
             if bool(torch.isnan(logits).any()) or not math.isfinite(float(logits.max())):
                 status[b, 2] = 2
                 break
@@ -470,15 +473,17 @@ def cpu_feature_draft_chain_ref(features, next_ids, shift, inv_std, embed, inv_e
 # --------------------------------------------------------------------------------------------
 # Sampling helpers shared by sample_draft and verify_draft
 # --------------------------------------------------------------------------------------------
-def _chain_penalties(logits, b, penalty_ids, penalty_rows, penalty_values, banned_ids, cols):
+def _chain_penalties(logits, b, penalty_ids, penalty_rows, penalty_values, banned_ids, cols, bias=None):
     """cpu_feature_draft_chain_ref's step logits [V_head] of sequence b with its penalties (see there)."""
     plen, min_tokens, n_out = (int(x) for x in penalty_rows[b])
     hist = torch.cat([penalty_ids[b], torch.tensor(cols, dtype=torch.int64)])[None]
     mapped = int((penalty_ids[b, plen:] >= 0).sum())  # (apply_penalties_ref counts the output's ids it holds)
     vals = penalty_values[b:b + 1].to(torch.float64)
-    return apply_penalties_ref(logits[None, None], hist, torch.tensor([plen]), torch.empty((1, 0), dtype=torch.int64),
-                               vals[:, 0], vals[:, 1], vals[:, 2], torch.tensor([max(min_tokens - (n_out - mapped), 0)]),
-                               banned_ids[b:b + 1])[0, 0]
+    empty = torch.empty((1, 0), dtype=torch.int64)
+    bias_ids, bias_values = (empty, empty.double()) if bias is None else (bias[0][b:b + 1], bias[1][b:b + 1])
+    return apply_penalties_ref(logits[None, None], hist, torch.tensor([plen]), empty, vals[:, 0], vals[:, 1],
+                               vals[:, 2], torch.tensor([max(min_tokens - (n_out - mapped), 0)]), banned_ids[b:b + 1],
+                               bias_ids, bias_values)[0, 0]
 
 
 def _filter_top_k_top_p(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -690,7 +695,7 @@ def verify_draft_ref(draft_ids, target_logits, mode, rollback_threshold=None, dr
 # Penalties: repetition (prompt + output), presence and frequency (output), min_tokens
 # --------------------------------------------------------------------------------------------
 def apply_penalties_ref(logits, token_ids, prompt_lens, draft_ids, repetition_penalty, presence_penalty,
-                        frequency_penalty, min_tokens, banned_ids):
+                        frequency_penalty, min_tokens, banned_ids, bias_ids, bias_values):
     """The large model's logits at P positions per row [B, P, V] with each row's penalties applied; a new tensor of
     the logits' dtype (computed in float32, float64 logits in float64).
 
@@ -698,17 +703,23 @@ def apply_penalties_ref(logits, token_ids, prompt_lens, draft_ids, repetition_pe
     [B] int), then its output. draft_ids [B, P-1] int (-1 pads): position p scores the token after the committed
     ones plus draft_ids[b, :p], so those drafted tokens count as output there. Per row ([B]): repetition_penalty
     (> 0; 1 is off), presence_penalty and frequency_penalty (0 is off), min_tokens (>= 0), and banned_ids [B, E]
-    int (-1 pads; E may be 0). At position p of row b, with c_v the count of v in the output (and the draft before
-    p) and `seen` = v in the prompt or c_v > 0, as Hugging Face's RepetitionPenaltyLogitsProcessor and vLLM's
-    penalties compute it:
+    int (-1 pads; E may be 0), and a logit bias: bias_ids [B, E'] int (-1 pads; each id at most once a row) with
+    bias_values [B, E'] float64. At position p of row b, with c_v the count of v in the output (and the draft before
+    p) and `seen` = v in the prompt or c_v > 0, in vLLM's order (the bias, then the penalties as Hugging Face's
+    RepetitionPenaltyLogitsProcessor and vLLM compute them):
+        z_v = z_v + bias_values[b, j] where v = bias_ids[b, j]   (OpenAI's logit_bias)
         z_v = (z_v * r if z_v < 0 else z_v / r) where seen,     r = repetition_penalty
         z_v = z_v - frequency_penalty * c_v - presence_penalty * [c_v > 0]
         z_v = -inf for v in banned_ids[b] while n_out + p < min_tokens[b]   (n_out: the row's output tokens)
-    Neutral values (1, 0, 0, 0) give back the logits' values unchanged."""
+    Neutral values (1, 0, 0, 0, no bias) give back the logits' values unchanged."""
     dt = torch.float64 if logits.dtype == torch.float64 else torch.float32
     z = logits.to(dt)
     B, P, V = z.shape
     dev = z.device
+    if bias_ids.shape[1]:
+        bias = torch.zeros((B, V), dtype=dt, device=dev).scatter_add_(
+            1, bias_ids.clamp(min=0).to(torch.int64), torch.where(bias_ids >= 0, bias_values.to(dt), 0.0))
+        z = z + bias[:, None, :]
     L = token_ids.shape[1]
     valid = token_ids >= 0
     is_out = valid & (torch.arange(L, device=dev)[None, :] >= prompt_lens.to(torch.int64)[:, None])

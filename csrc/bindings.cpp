@@ -22,7 +22,8 @@ std::tuple<at::Tensor, at::Tensor> gather_paged_kv(const at::Tensor& key_cache, 
 at::Tensor apply_penalties(const at::Tensor& logits, const at::Tensor& token_ids, const at::Tensor& prompt_lens,
                            const at::Tensor& draft_ids, const at::Tensor& repetition_penalty,
                            const at::Tensor& presence_penalty, const at::Tensor& frequency_penalty,
-                           const at::Tensor& min_tokens, const at::Tensor& banned_ids);
+                           const at::Tensor& min_tokens, const at::Tensor& banned_ids, const at::Tensor& bias_ids,
+                           const at::Tensor& bias_values);
 // sampling.cu
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_draft(
     const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k, const at::Tensor& top_p,
@@ -63,7 +64,7 @@ TORCH_LIBRARY(bild_kernels_C, m) {
         "int rows=7) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("apply_penalties(Tensor logits, Tensor token_ids, Tensor prompt_lens, Tensor draft_ids, "
         "Tensor repetition_penalty, Tensor presence_penalty, Tensor frequency_penalty, Tensor min_tokens, "
-        "Tensor banned_ids) -> Tensor");
+        "Tensor banned_ids, Tensor bias_ids, Tensor bias_values) -> Tensor");
 }
 
 // The same functions serve the CPU key only to fail with a message that names the op, the tensor and

@@ -113,16 +113,20 @@ at::Tensor cpu_feature_input(const at::Tensor& features, const at::Tensor& next_
                        embed, static_cast<float>(inv_emb_scale), fc_w, fc_scale, fc_bias);
 }
 
-// A chain step's penalties on its head logits z [Vh] (in place, float32 as apply_penalties computes float32 logits):
+// A chain step's logit bias and penalties on its head logits z [Vh] (in place, float32 as apply_penalties computes
+// float32 logits):
 // the sequence's history `seen0` plus its drafted columns so far; its banned columns while the output (n_out plus
 // the drafts) is shorter than min_tokens. rows: (prompt_len, min_tokens, n_out); values: (repetition, presence,
 // frequency).
 static void penalize_step(float* z, int64_t Vh, const std::vector<SeenToken>& seen0, const std::vector<int64_t>& drafted,
-                          const int64_t* rows, const double* values, const int64_t* banned, int64_t E) {
+                          const int64_t* rows, const double* values, const int64_t* banned, int64_t E,
+                          const std::vector<LogitBias>& bias) {
   std::vector<SeenToken> seen = seen0;
   for (int64_t c : drafted) penalty_add(seen, c);
   const float r = static_cast<float>(values[0]), presence = static_cast<float>(values[1]),
               frequency = static_cast<float>(values[2]);
+  for (const LogitBias& x : bias)  // the logit bias first (float32, in place: the penalties read the biased value)
+    if (x.id < Vh) z[x.id] = z[x.id] + static_cast<float>(x.value);
   for (const SeenToken& s : seen)
     if (s.id < Vh) z[s.id] = penalize_logit(z[s.id], s, r, presence, frequency);
   if (rows[2] + static_cast<int64_t>(drafted.size()) < rows[1])
@@ -141,7 +145,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_feature_draft_chain(
     const at::Tensor& caps, int64_t num_heads, int64_t num_kv_heads, double scale, at::IntArrayRef sliding_windows,
     double eps, int64_t activation_bits, double fallback_threshold, bool energy,
     const std::optional<at::Tensor>& penalty_ids, const std::optional<at::Tensor>& penalty_rows,
-    const std::optional<at::Tensor>& penalty_values, const std::optional<at::Tensor>& banned_ids) {
+    const std::optional<at::Tensor>& penalty_values, const std::optional<at::Tensor>& banned_ids,
+    const std::optional<at::Tensor>& bias_ids, const std::optional<at::Tensor>& bias_values) {
   constexpr const char* op = "cpu_feature_draft_chain";
   TORCH_CHECK(cpu_linear_supported(), op, ": this CPU lacks AVX2/FMA (use the reference)");
   check_feature_input(op, features, next_ids, shift, inv_std, embed);
@@ -196,7 +201,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_feature_draft_chain(
                   penalize == banned_ids.has_value(),
               op, ": penalty_ids, penalty_rows, penalty_values and banned_ids come together");
   std::vector<std::vector<SeenToken>> seen0(penalize ? B : 0);
+  std::vector<std::vector<LogitBias>> bias(B);
   std::vector<bool> penalized(B, false);
+  TORCH_CHECK(bias_ids.has_value() == bias_values.has_value() && (penalize || !bias_ids.has_value()), op,
+              ": bias_ids and bias_values come together, with the penalties");
+  if (bias_ids.has_value()) {
+    TORCH_CHECK(bias_ids->scalar_type() == at::kLong && bias_ids->dim() == 2 && bias_ids->size(0) == B &&
+                    bias_ids->is_contiguous() && bias_values->scalar_type() == at::kDouble &&
+                    bias_values->sizes() == bias_ids->sizes() && bias_values->is_contiguous(),
+                op, ": bias_ids / bias_values must be contiguous [B, E'] int64 / float64");
+    const int64_t E2 = bias_ids->size(1);
+    for (int64_t b = 0; b < B; ++b)
+      bias[b] = logit_biases(bias_ids->data_ptr<int64_t>() + b * E2, bias_values->data_ptr<double>() + b * E2, E2);
+  }
   if (penalize) {
     const at::Tensor &pid = *penalty_ids, &prow = *penalty_rows, &pval = *penalty_values, &ban = *banned_ids;
     TORCH_CHECK(pid.scalar_type() == at::kLong && pid.dim() == 2 && pid.size(0) == B && pid.is_contiguous() &&
@@ -209,7 +226,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_feature_draft_chain(
     const int64_t* r = prow.data_ptr<int64_t>();
     const double* v = pval.data_ptr<double>();
     for (int64_t b = 0; b < B; ++b) {
-      penalized[b] = v[3 * b] != 1.0 || v[3 * b + 1] != 0.0 || v[3 * b + 2] != 0.0 || r[3 * b + 1] > 0;
+      penalized[b] = v[3 * b] != 1.0 || v[3 * b + 1] != 0.0 || v[3 * b + 2] != 0.0 || r[3 * b + 1] > 0 ||
+                     !bias[b].empty();
       if (penalized[b]) seen0[b] = penalty_history(pid.data_ptr<int64_t>() + b * pid.size(1), pid.size(1), r[3 * b]);
     }
   }
@@ -298,7 +316,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_feature_draft_chain(
                                                   penalty_rows->data_ptr<int64_t>() + 3 * b,
                                                   penalty_values->data_ptr<double>() + 3 * b,
                                                   banned_ids->data_ptr<int64_t>() + b * banned_ids->size(1),
-                                                  banned_ids->size(1));
+                                                  banned_ids->size(1), bias[b]);
       if (!greedy_row(logits.data_ptr<float>() + k * Vh, Vh, &arg, &prob, &en)) {
         sb[2] = 2;
         continue;
@@ -345,7 +363,8 @@ TORCH_LIBRARY_FRAGMENT(bild_kernels_cpu, m) {
         "Tensor? head_bias, Tensor? head_vocab, Tensor cos, Tensor sin, Tensor slot_mapping, Tensor block_tables, "
         "Tensor counts, Tensor starts, Tensor caps, int num_heads, int num_kv_heads, float scale, "
         "int[] sliding_windows, float eps, int activation_bits, float fallback_threshold, bool energy, "
-        "Tensor? penalty_ids=None, Tensor? penalty_rows=None, Tensor? penalty_values=None, Tensor? banned_ids=None) "
+        "Tensor? penalty_ids=None, Tensor? penalty_rows=None, Tensor? penalty_values=None, Tensor? banned_ids=None, "
+        "Tensor? bias_ids=None, Tensor? bias_values=None) "
         "-> (Tensor, Tensor, Tensor)");
 }
 

@@ -1,6 +1,6 @@
 // SamplingParams' penalties on one row of logits, shared by the CPU kernels that apply them: apply_penalties
 // (csrc/cpu_penalties.cpp) and the feature draft's native draft runs (csrc/cpu_feature_draft.cpp). The rule is
-// bild_kernels.reference.apply_penalties_ref's, in its order: repetition, frequency, presence.
+// bild_kernels.reference.apply_penalties_ref's, in its order: the logit bias, repetition, frequency, presence.
 #pragma once
 
 #include <algorithm>
@@ -41,6 +41,26 @@ inline void penalty_add(std::vector<SeenToken>& seen, int64_t id) {
     it->count += 1;
   else
     seen.insert(it, {id, 1, false});
+}
+
+struct LogitBias {
+  int64_t id;
+  double value;
+};
+
+// A row's logit bias (ids -1 skipped), sorted by id.
+inline std::vector<LogitBias> logit_biases(const int64_t* ids, const double* values, int64_t n) {
+  std::vector<LogitBias> out;
+  for (int64_t j = 0; j < n; ++j)
+    if (ids[j] >= 0) out.push_back({ids[j], values[j]});
+  std::sort(out.begin(), out.end(), [](const LogitBias& a, const LogitBias& b) { return a.id < b.id; });
+  return out;
+}
+
+// `id`'s bias, or nullptr where it has none (its logit is left as it is: -0.0 stays -0.0).
+inline const LogitBias* bias_of(const std::vector<LogitBias>& bias, int64_t id) {
+  auto it = std::lower_bound(bias.begin(), bias.end(), id, [](const LogitBias& x, int64_t v) { return x.id < v; });
+  return it != bias.end() && it->id == id ? &*it : nullptr;
 }
 
 // A seen token's logit after the penalties (it is in the prompt or counted: the repetition penalty applies).

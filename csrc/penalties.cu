@@ -13,12 +13,14 @@ namespace bild {
 at::Tensor apply_penalties(const at::Tensor& logits, const at::Tensor& token_ids, const at::Tensor& prompt_lens,
                            const at::Tensor& draft_ids, const at::Tensor& repetition_penalty,
                            const at::Tensor& presence_penalty, const at::Tensor& frequency_penalty,
-                           const at::Tensor& min_tokens, const at::Tensor& banned_ids) {
+                           const at::Tensor& min_tokens, const at::Tensor& banned_ids, const at::Tensor& bias_ids,
+                           const at::Tensor& bias_values) {
   constexpr const char* op = "apply_penalties";
   check_cuda(op, {{"logits", &logits}, {"token_ids", &token_ids}, {"prompt_lens", &prompt_lens},
                   {"draft_ids", &draft_ids}, {"repetition_penalty", &repetition_penalty},
                   {"presence_penalty", &presence_penalty}, {"frequency_penalty", &frequency_penalty},
-                  {"min_tokens", &min_tokens}, {"banned_ids", &banned_ids}});
+                  {"min_tokens", &min_tokens}, {"banned_ids", &banned_ids}, {"bias_ids", &bias_ids},
+                  {"bias_values", &bias_values}});
   // logits: [B, P, V] float16 / bfloat16 / float32 / float64, contiguous
   TORCH_CHECK(logits.dim() == 3 && logits.size(1) > 0 && logits.size(2) > 0, op,
               ": logits must be [B, P, V] with P, V > 0");
@@ -38,6 +40,13 @@ at::Tensor apply_penalties(const at::Tensor& logits, const at::Tensor& token_ids
   check_dtype(op, "banned_ids", banned_ids, at::kLong);
   check_contiguous(op, "banned_ids", banned_ids);
   TORCH_CHECK(banned_ids.dim() == 2 && banned_ids.size(0) == B, op, ": banned_ids must be [B, E]");
+  // bias_ids: [B, E2] int64 (-1 pads), bias_values: [B, E2] float64
+  check_dtype(op, "bias_ids", bias_ids, at::kLong);
+  check_contiguous(op, "bias_ids", bias_ids);
+  TORCH_CHECK(bias_ids.dim() == 2 && bias_ids.size(0) == B, op, ": bias_ids must be [B, E2]");
+  check_dtype(op, "bias_values", bias_values, at::kDouble);
+  check_contiguous(op, "bias_values", bias_values);
+  TORCH_CHECK(bias_values.sizes() == bias_ids.sizes(), op, ": bias_values must have bias_ids' shape [B, E2]");
   // prompt_lens, min_tokens: [B] int32
   const std::pair<const char*, const at::Tensor*> lens[] = {{"prompt_lens", &prompt_lens},
                                                             {"min_tokens", &min_tokens}};
@@ -56,8 +65,8 @@ at::Tensor apply_penalties(const at::Tensor& logits, const at::Tensor& token_ids
     TORCH_CHECK(t->dim() == 1 && t->size(0) == B, op, ": ", name, " must be [B]");
   }
   TORCH_CHECK(B <= 65535, op, ": at most 65535 rows, got ", B);
-  TORCH_CHECK(V < (1LL << 31) && P < (1LL << 31) && banned_ids.size(1) < (1LL << 31), op,
-              ": V, P and E must be below 2^31");
+  TORCH_CHECK(V < (1LL << 31) && P < (1LL << 31) && banned_ids.size(1) < (1LL << 31) &&
+                  bias_ids.size(1) < (1LL << 31), op, ": V, P, E and E2 must be below 2^31");
   TORCH_CHECK(L < kPromptBit, op, ": token_ids may hold at most 2^30 - 1 tokens a row, got ", L);
 
   const c10::cuda::CUDAGuard guard(logits.device());
@@ -72,7 +81,8 @@ at::Tensor apply_penalties(const at::Tensor& logits, const at::Tensor& token_ids
         token_ids.const_data_ptr<int64_t>(), prompt_lens.const_data_ptr<int>(), draft_ids.const_data_ptr<int64_t>(),
         repetition_penalty.const_data_ptr<double>(), presence_penalty.const_data_ptr<double>(),
         frequency_penalty.const_data_ptr<double>(), min_tokens.const_data_ptr<int>(),
-        banned_ids.const_data_ptr<int64_t>(), scratch.data_ptr<int>(), B, P, L, V, banned_ids.size(1), stream));
+        banned_ids.const_data_ptr<int64_t>(), bias_ids.const_data_ptr<int64_t>(), bias_values.const_data_ptr<double>(),
+        scratch.data_ptr<int>(), B, P, L, V, banned_ids.size(1), bias_ids.size(1), stream));
   });
   return out;
 }

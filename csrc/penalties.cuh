@@ -4,7 +4,7 @@
 // entry (an output token) or ORs in kPromptBit (a prompt token), and the block adds its output-token count to n_out.
 // ApplyPenaltiesKernel, grid (cdiv(V, threads * N), B): each thread owns N = 16 / sizeof(T) tokens of a row (one
 // 16-byte vector where rows are 16-byte aligned, else N tokens `threads` apart), reads their histogram entries and
-// banned flags once and serves the row's P positions: position p adds drafted token p - 1 to its counts, then
+// banned flags and logit bias once and serves the row's P positions: position p adds drafted token p - 1 to its counts, then
 // loads, penalizes in the reference's order and rounding (no fused multiply-adds) and stores.
 #pragma once
 
@@ -23,6 +23,8 @@ using PenaltyAcc = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 __device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
 __device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
 __device__ __forceinline__ float sub_rn(float a, float b) { return __fsub_rn(a, b); }
 __device__ __forceinline__ double sub_rn(double a, double b) { return __dsub_rn(a, b); }
 __device__ __forceinline__ float div_rn(float a, float b) { return __fdiv_rn(a, b); }
@@ -68,13 +70,15 @@ __global__ void __launch_bounds__(kPenaltyThreads)
                          const int* __restrict__ n_out, const int64_t* __restrict__ draft_ids,
                          const double* __restrict__ repetition_penalty, const double* __restrict__ presence_penalty,
                          const double* __restrict__ frequency_penalty, const int* __restrict__ min_tokens,
-                         const int64_t* __restrict__ banned_ids, int P, int V, int E) {
+                         const int64_t* __restrict__ banned_ids, const int64_t* __restrict__ bias_ids,
+                         const double* __restrict__ bias_values, int P, int V, int E, int E2) {
   using Acc = PenaltyAcc<T>;
   constexpr int N = 16 / sizeof(T);
   const int b = blockIdx.y;
   const int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.x * N;
   int col[N], count[N];
   bool prompt[N], banned[N];
+  Acc bias[N];
   // V is a multiple of N where kVec: a vector lies wholly in the row or wholly past it
   if (kVec && base + threadIdx.x * N >= V) return;
 #pragma unroll
@@ -84,6 +88,14 @@ __global__ void __launch_bounds__(kPenaltyThreads)
     count[q] = h & (kPromptBit - 1);
     prompt[q] = (h & kPromptBit) != 0;
     banned[q] = false;
+    bias[q] = Acc(0);
+  }
+  for (int e = 0; e < E2; ++e) {  // the row's logit bias: an id at most once, -1 pads match no column
+    const int64_t id = bias_ids[static_cast<int64_t>(b) * E2 + e];
+    const Acc value = static_cast<Acc>(bias_values[static_cast<int64_t>(b) * E2 + e]);
+#pragma unroll
+    for (int q = 0; q < N; ++q)
+      if (col[q] == id) bias[q] = value;
   }
   for (int e = 0; e < E; ++e) {  // -1 pads match no column
     const int64_t id = banned_ids[static_cast<int64_t>(b) * E + e];
@@ -112,6 +124,7 @@ __global__ void __launch_bounds__(kPenaltyThreads)
 #pragma unroll
     for (int q = 0; q < N; ++q) {
       Acc x = to_acc(z[q]);
+      if (E2 > 0) x = add_rn(x, bias[q]);  // the bias first (+0 elsewhere: the same values, as the reference)
       if (prompt[q] || count[q] > 0) x = x < Acc(0) ? mul_rn(x, r) : div_rn(x, r);
       x = sub_rn(x, mul_rn(frequency, static_cast<Acc>(count[q])));
       x = sub_rn(x, mul_rn(presence, count[q] > 0 ? Acc(1) : Acc(0)));
@@ -129,13 +142,15 @@ __global__ void __launch_bounds__(kPenaltyThreads)
 }
 
 // logits, out [B, P, V] of T; token_ids [B, L] i64 (-1 pads); prompt_lens [B] i32; draft_ids [B, P-1] i64 (-1 pads);
-// repetition / presence / frequency_penalty [B] f64; min_tokens [B] i32; banned_ids [B, E] i64 (-1 pads); scratch:
+// repetition / presence / frequency_penalty [B] f64; min_tokens [B] i32; banned_ids [B, E] i64 (-1 pads); bias_ids
+// [B, E2] i64 (-1 pads, an id at most once a row) with bias_values [B, E2] f64; scratch:
 // B * V + B int32 of device memory (zeroed here, on `stream`). Ids must lie in [-1, V); B <= 65535, L < 2^30.
 template <typename T>
 cudaError_t ApplyPenalties(const T* logits, T* out, const int64_t* token_ids, const int* prompt_lens,
                            const int64_t* draft_ids, const double* repetition_penalty, const double* presence_penalty,
                            const double* frequency_penalty, const int* min_tokens, const int64_t* banned_ids,
-                           int* scratch, int B, int P, int L, int V, int E, cudaStream_t stream) {
+                           const int64_t* bias_ids, const double* bias_values, int* scratch, int B, int P, int L,
+                           int V, int E, int E2, cudaStream_t stream) {
   if (B == 0 || P == 0 || V == 0) return cudaSuccess;
   int* hist = scratch;
   int* n_out = scratch + static_cast<int64_t>(B) * V;
@@ -155,11 +170,13 @@ cudaError_t ApplyPenalties(const T* logits, T* out, const int64_t* token_ids, co
   if (vec) {
     ApplyPenaltiesKernel<T, true><<<grid, threads, 0, stream>>>(logits, out, hist, n_out, draft_ids,
                                                                 repetition_penalty, presence_penalty,
-                                                                frequency_penalty, min_tokens, banned_ids, P, V, E);
+                                                                frequency_penalty, min_tokens, banned_ids, bias_ids,
+                                                                bias_values, P, V, E, E2);
   } else {
     ApplyPenaltiesKernel<T, false><<<grid, threads, 0, stream>>>(logits, out, hist, n_out, draft_ids,
                                                                  repetition_penalty, presence_penalty,
-                                                                 frequency_penalty, min_tokens, banned_ids, P, V, E);
+                                                                 frequency_penalty, min_tokens, banned_ids, bias_ids,
+                                                                 bias_values, P, V, E, E2);
   }
   return cudaGetLastError();
 }

@@ -16,9 +16,9 @@ POLICIES = {"bild": BiLD, "greedy": Greedy, "speculative-sampling": SpeculativeS
 MAX_BODY = 1 << 20  # bytes
 FIELDS = {"prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "timeout", "policy",
           "model", "n", "user", "ignore_eos", "logprobs", "presence_penalty", "frequency_penalty",
-          "repetition_penalty", "min_tokens"}
+          "repetition_penalty", "min_tokens", "logit_bias"}
 # Fields clients send at their neutral values: accepted there (they change nothing), refused otherwise
-NEUTRAL = {"logit_bias": (None, {}), "best_of": (1,)}
+NEUTRAL = {"best_of": (1,)}
 CHAT_NEUTRAL = {k: v for k, v in NEUTRAL.items() if k != "best_of"}
 FIELDS |= set(NEUTRAL) | {"stream_options", "echo"}
 CHAT_FIELDS = FIELDS - {"prompt", "echo", "best_of"} | {"messages", "max_completion_tokens", "top_logprobs"}
@@ -26,6 +26,16 @@ ROUTES = {"/v1/completions": "text", "/v1/chat/completions": "chat"}
 TOKENIZER_ROUTES = {"/tokenize": "tokenize", "/detokenize": "detokenize"}
 MAX_N = 16  # completions one request may ask for per prompt (n)
 MAX_BATCH_PROMPTS = 64  # prompts one completions request may carry (each a choice of the reply)
+
+
+def _logit_bias(body: dict) -> dict:
+    """OpenAI's logit_bias: {"token id": bias} (JSON keys are strings), or null."""
+    bias = body.get("logit_bias")
+    if bias is None:
+        return {}
+    if not isinstance(bias, dict) or not all(isinstance(k, str) and k.isdigit() for k in bias):
+        raise BadRequest('logit_bias must be an object {"token id": bias}, e.g. {"50256": -100}')
+    return {int(k): float(x) if isinstance(x, int) and not isinstance(x, bool) else x for k, x in bias.items()}
 
 
 def _number(body: dict, key: str, default: float):
@@ -126,7 +136,7 @@ class Service:
                                     presence_penalty=_number(body, "presence_penalty", 0.0),
                                     frequency_penalty=_number(body, "frequency_penalty", 0.0),
                                     repetition_penalty=_number(body, "repetition_penalty", 1.0),
-                                    min_tokens=body.get("min_tokens", 0),
+                                    min_tokens=body.get("min_tokens", 0), logit_bias=_logit_bias(body),
                                     logprobs=body.get("logprobs"),
                                     prompt_logprobs=body.get("logprobs") if body.get("echo") else None)
         except (TypeError, ValueError) as e:

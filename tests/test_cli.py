@@ -49,7 +49,8 @@ def test_generate_streams_text_and_reports_the_run(capsys, pair_dirs):
 def test_generate_passes_penalties_on(capsys, pair_dirs):
     large, small = pair_dirs
     outs = []
-    for extra in ([], ["--frequency-penalty", -2, "--presence-penalty", -2, "--min-tokens", 3]):
+    for extra in ([], ["--frequency-penalty", -2, "--presence-penalty", -2, "--min-tokens", 3, "--logit-bias", "25=-100",
+                       "--logit-bias", "7=3"]):
         code, out, err = _run(capsys, "generate", "w1 w2 w3", "--large", large, "--small", small, "--max-tokens", 12,
                               "--no-chat-template", "--policy", "greedy", *extra)
         assert code == 0, err
@@ -111,6 +112,8 @@ def test_generate_reports_the_lookups_drafts(capsys, pair_dirs):
     (["generate", "hi", "--large", "{large}", "--max-tokens", "0"], "max_tokens must be a positive int"),
     (["generate", "hi", "--large", "{large}", "--repetition-penalty", "0"], "repetition_penalty must be"),
     (["generate", "hi", "--large", "{large}", "--min-tokens", "200", "--max-tokens", "8"], "min_tokens must be"),
+    (["generate", "hi", "--large", "{large}", "--logit-bias", "x=2"], "--logit-bias takes TOKEN_ID=BIAS"),
+    (["generate", "hi", "--large", "{large}", "--logit-bias", "3=500"], "logit_bias values must be"),
     (["generate", "hi", "--large", "{bad_gguf}"], "cannot load GGUF"),
     (["generate", "hi", "--large", "{large}", "--small", "{other_tok}"], "tokenizer differs"),
     (["eval", "--large", "{large}"], "needs a small model"),

@@ -345,7 +345,8 @@ def test_neutral_fields_clients_send_are_accepted(server):
     ("/v1/completions", {"prompt": "w1 w2 w3", "max_tokens": 9, "presence_penalty": -2, "frequency_penalty": -1.5,
                          "repetition_penalty": 1.4, "min_tokens": 4}),
     ("/v1/chat/completions", {"messages": CHAT, "max_tokens": 9, "frequency_penalty": -2, "min_tokens": 9,
-                              "policy": {"name": "greedy", "max_draft_len": 3}})])
+                              "policy": {"name": "greedy", "max_draft_len": 3}}),
+    ("/v1/completions", {"prompt": [5, 17, 3], "max_tokens": 9, "logit_bias": {"40": -100, "9": 7}, "min_tokens": 0})])
 def test_penalties_reach_the_engine(server, path, body):
     eng, svc = server.service.engine, server.service
     code, r = _post(server, path, body)
@@ -358,6 +359,7 @@ def test_penalties_reach_the_engine(server, path, body):
     alone = eng.generate([prompt], params, policy=policy)[0]
     plain = eng.generate([prompt], SamplingParams(max_tokens=9), policy=policy)[0]
     assert r["choices"][0]["token_ids"] == alone.token_ids != plain.token_ids
+    assert params.logit_bias == tuple(sorted((int(k), v) for k, v in body.get("logit_bias", {}).items()))
     _all_free(eng)
 
 
@@ -400,7 +402,10 @@ def test_concurrent_clients_equal_alone(programs, server):
     (json.dumps({"prompt": "w1", "repetition_penalty": 0}), 400, "repetition_penalty must be a finite number > 0"),
     (json.dumps({"prompt": "w1", "min_tokens": 20}), 400, "min_tokens must be an int in [0, max_tokens=16]"),
     (json.dumps({"prompt": "w1", "min_tokens": 2, "policy": {"name": "small-only"}}), 400, "verifies nothing"),
-    (json.dumps({"prompt": "w1", "logit_bias": {"5": 10}}), 400, "logit_bias is not supported"),
+    (json.dumps({"prompt": "w1", "logit_bias": {"x5": 10}}), 400, "logit_bias must be an object"),
+    (json.dumps({"prompt": "w1", "logit_bias": [5, 10]}), 400, "logit_bias must be an object"),
+    (json.dumps({"prompt": "w1", "logit_bias": {"5": 500}}), 400, "logit_bias values must be numbers in [-100, 100]"),
+    (json.dumps({"prompt": "w1", "logit_bias": {"500": 5}}), 400, "logit_bias names token id 500"),
     (json.dumps({"prompt": "w1", "echo": True, "stream": True}), 400, "echo is not supported with stream"),
     (json.dumps({"prompt": "w1", "echo": 1}), 400, "echo must be true or false"),
     (json.dumps({"prompt": "w1", "best_of": 3}), 400, "best_of is not supported"),

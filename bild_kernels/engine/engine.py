@@ -380,6 +380,9 @@ class Engine(Prefixing, TokenizerMethods, Iteration):
                                                          or (policy.uses_small and not policy.drafts)):
             return (f"prompt_logprobs come from the large model's prefill: {policy.name} has none of its own "
                     f"(shallow-deep decoding and SmallOnly cannot give them)")
+        bad = [t for t, _ in seq.params.logit_bias if t >= self.vocab_size]
+        if bad:
+            return f"logit_bias names token id {bad[0]}, outside the vocabulary [0, {self.vocab_size})"
         if seq.prompt_len >= self.max_model_len:
             return f"prompt has {seq.prompt_len} tokens; max_model_len={self.max_model_len} leaves no room to generate"
         if self._worst_blocks(seq, policy) > self.kv_cache_blocks:

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20  # alternatives per position that SamplingParams.logprobs may ask for (as OpenAI's chat API)
+MAX_LOGIT_BIAS = 1024  # token ids one request's logit_bias may name (each kernel pass compares a column with them all)
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,8 @@ class SamplingParams:
     model's distribution, the one every policy verifies against (drafts count as output at the positions after
     them), so `Greedy()` stays exact against the penalised greedy text and `SpeculativeSampling()` samples the
     penalised distribution; not with `SmallOnly()`, which verifies nothing. `logprobs` stay the raw ones.
+    `logit_bias` ({token id: bias in [-100, 100]}, OpenAI's; empty: off) is added to those ids' logits first, as
+    vLLM does; it is kept as (id, bias) pairs sorted by id.
     """
 
     max_tokens: int = 64
@@ -45,8 +48,21 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     min_tokens: int = 0
+    logit_bias: tuple = ()
 
     def __post_init__(self):
+        bias = self.logit_bias
+        if isinstance(bias, dict):
+            bias = bias.items()
+        if bias is None:
+            bias = ()
+        try:
+            pairs = [(i, b) for i, b in bias]
+        except (TypeError, ValueError):
+            raise ValueError(f"logit_bias must be a dict {{token id: bias}} (or (id, bias) pairs), got {bias!r}") \
+                from None
+        pairs.sort(key=lambda x: x[0] if isinstance(x[0], int) else -1)  # (a bad key is reported by validate)
+        object.__setattr__(self, "logit_bias", tuple(pairs))
         if isinstance(self.stop, (str, int)):
             object.__setattr__(self, "stop", (self.stop,))
         elif not isinstance(self.stop, tuple):
@@ -55,9 +71,9 @@ class SamplingParams:
 
     @property
     def penalized(self) -> bool:
-        """Whether the large model's logits need `ops.apply_penalties` (some penalty or min_tokens is on)."""
+        """Whether the large model's logits need `ops.apply_penalties` (a logit bias, a penalty or min_tokens)."""
         return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
-                or self.min_tokens > 0)
+                or self.min_tokens > 0 or bool(self.logit_bias))
 
     def validate(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
@@ -88,6 +104,16 @@ class SamplingParams:
         m = self.min_tokens
         if isinstance(m, bool) or not isinstance(m, int) or not 0 <= m <= self.max_tokens:
             raise ValueError(f"min_tokens must be an int in [0, max_tokens={self.max_tokens}], got {m!r}")
+        ids = [i for i, _ in self.logit_bias]
+        if len(ids) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias names {len(ids)} token ids; at most {MAX_LOGIT_BIAS}")
+        for i, x in self.logit_bias:
+            if isinstance(i, bool) or not isinstance(i, int) or i < 0:
+                raise ValueError(f"logit_bias keys must be token ids (ints >= 0), got {i!r}")
+            if isinstance(x, bool) or not isinstance(x, (int, float)) or not -100 <= x <= 100:
+                raise ValueError(f"logit_bias values must be numbers in [-100, 100], got {x!r} for token {i}")
+        if len(set(ids)) != len(ids):
+            raise ValueError("logit_bias names a token id twice")
         for s in self.stop:
             if isinstance(s, bool) or not isinstance(s, (str, int)) or s == "" or (isinstance(s, int) and s < 0):
                 raise ValueError(f"stop entries must be non-empty strings or token ids >= 0, got {s!r}")

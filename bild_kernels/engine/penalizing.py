@@ -1,4 +1,4 @@
-"""SamplingParams' penalties and min_tokens on a pass's logits (`ops.apply_penalties`), for the verification (the
+"""SamplingParams' logit bias, penalties and min_tokens on a pass's logits (`ops.apply_penalties`), for the verification (the
 large model's distribution, the one every policy keeps to) and for the drafts (the small model's, so that it proposes
 what the penalised large model will keep)."""
 from __future__ import annotations
@@ -12,8 +12,8 @@ from bild_kernels.engine.sequence import Sequence
 
 def _history_inputs(seqs: list[Sequence], histories: list[list[int]], eos_ids: set[int], columns: list[int] | None):
     """The rows' histories as ids [n, L] (-1 pads; rows without penalties all -1), each row's banned ids [n, E]
-    (-1 pads), and its min_tokens less the output ids the columns lack (apply_penalties counts a row's output by the
-    ids it is given)."""
+    (-1 pads), its min_tokens less the output ids the columns lack (apply_penalties counts a row's output by the
+    ids it is given), and its logit bias as ids [n, E'] (-1 pads) and values."""
     col = (lambda t: t) if columns is None else (lambda t: columns[t])  # noqa: E731
     asks = [s.params.penalized for s in seqs]
     L = max((len(h) for h, a in zip(histories, asks) if a), default=0)
@@ -25,7 +25,11 @@ def _history_inputs(seqs: list[Sequence], histories: list[list[int]], eos_ids: s
     banned = [b + [-1] * (E - len(b)) for b in banned]
     min_tokens = [max(s.params.min_tokens - sum(t < 0 for t in r[s.prompt_len:len(h)]), 0)
                   for s, r, h in zip(seqs, ids, histories)]
-    return ids, banned, E, min_tokens
+    bias = [[(col(t), x) for t, x in s.params.logit_bias if col(t) >= 0] for s in seqs]
+    E2 = max(len(b) for b in bias)
+    bias_ids = [[t for t, _ in b] + [-1] * (E2 - len(b)) for b in bias]
+    bias_values = [[x for _, x in b] + [0.0] * (E2 - len(b)) for b in bias]
+    return ids, banned, E, min_tokens, bias_ids, bias_values, E2
 
 
 def penalized(logits: torch.Tensor, seqs: list[Sequence], histories: list[list[int]], eos_ids: set[int],
@@ -37,7 +41,7 @@ def penalized(logits: torch.Tensor, seqs: list[Sequence], histories: list[list[i
     without one cannot be penalised there, nor banned."""
     if not any(s.params.penalized for s in seqs):
         return logits
-    ids, banned, E, min_tokens = _history_inputs(seqs, histories, eos_ids, columns)
+    ids, banned, E, min_tokens, bias_ids, bias_values, E2 = _history_inputs(seqs, histories, eos_ids, columns)
     dev = logits.device
     ints = to_device([[s.prompt_len for s in seqs], min_tokens], torch.int32, dev)
     floats = to_device([[s.params.repetition_penalty for s in seqs], [s.params.presence_penalty for s in seqs],
@@ -46,7 +50,9 @@ def penalized(logits: torch.Tensor, seqs: list[Sequence], histories: list[list[i
         logits, to_device(ids, torch.int64, dev).view(len(seqs), -1), ints[0],
         None if draft_ids is None else draft_ids.to(dev, non_blocking=True),
         repetition_penalty=floats[0], presence_penalty=floats[1], frequency_penalty=floats[2], min_tokens=ints[1],
-        banned_ids=to_device(banned, torch.int64, dev).view(len(seqs), E))
+        banned_ids=to_device(banned, torch.int64, dev).view(len(seqs), E),
+        bias_ids=to_device(bias_ids, torch.int64, dev).view(len(seqs), E2),
+        bias_values=to_device(bias_values, torch.float64, dev).view(len(seqs), E2))
 
 
 def chain_penalties(seqs: list[Sequence], eos_ids: set[int], columns: list[int] | None) -> tuple | None:
@@ -54,12 +60,14 @@ def chain_penalties(seqs: list[Sequence], eos_ids: set[int], columns: list[int] 
     drafts), over a head whose columns are `columns` (None: every id); None where no row has any."""
     if not any(s.params.penalized for s in seqs):
         return None
-    ids, banned, E, _ = _history_inputs(seqs, [s.tokens for s in seqs], eos_ids, columns)
+    ids, banned, E, _, bias_ids, bias_values, E2 = _history_inputs(seqs, [s.tokens for s in seqs], eos_ids, columns)
     i64 = dict(dtype=torch.int64)
     rows = [[s.prompt_len, s.params.min_tokens, len(s.tokens) - s.prompt_len] for s in seqs]
     values = [[s.params.repetition_penalty, s.params.presence_penalty, s.params.frequency_penalty] for s in seqs]
     return (torch.tensor(ids, **i64).view(len(seqs), -1), torch.tensor(rows, **i64),
-            torch.tensor(values, dtype=torch.float64), torch.tensor(banned, **i64).view(len(seqs), E))
+            torch.tensor(values, dtype=torch.float64), torch.tensor(banned, **i64).view(len(seqs), E),
+            torch.tensor(bias_ids, **i64).view(len(seqs), E2),
+            torch.tensor(bias_values, dtype=torch.float64).view(len(seqs), E2))
 
 
 def head_columns(vocab: torch.Tensor | None, size: int) -> list[int] | None:

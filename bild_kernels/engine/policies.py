@@ -68,8 +68,8 @@ class SmallOnly(Policy):
 
     def request_error(self, params) -> str | None:
         if params.penalized:
-            return ("penalties and min_tokens shape the large model's distribution: small-only runs the small model "
-                    "alone and verifies nothing")
+            return ("a logit bias, penalties and min_tokens shape the large model's distribution: small-only runs "
+                    "the small model alone and verifies nothing")
         return None
 
 

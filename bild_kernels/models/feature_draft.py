@@ -113,7 +113,7 @@ class FeatureDraftExecutor(LlamaExecutor):
             self.norm, *self._head_args, self.head_vocab, cos.view(cos.shape[0], -1), sin.view(sin.shape[0], -1),
             slot_mapping, block_tables.contiguous(), torch.tensor(counts, **i64), torch.tensor(starts, **i64),
             torch.tensor(caps, **i64), c.num_heads, c.num_kv_heads, self.scale, [w or 0 for w in c.sliding_windows],
-            c.rms_norm_eps, self.activation_bits, float(fallback_threshold), bool(energy), *(penalties or (None,) * 4))
+            c.rms_norm_eps, self.activation_bits, float(fallback_threshold), bool(energy), *(penalties or (None,) * 6))
         return chain_result(*out)
 
     def quantize_weights(self, kind: str = "int8") -> "FeatureDraftExecutor":

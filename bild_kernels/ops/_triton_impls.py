@@ -65,10 +65,10 @@ def verify_draft_triton(draft_ids: torch.Tensor, target_logits: torch.Tensor, mo
 @torch.library.custom_op("bild_kernels::apply_penalties_triton", mutates_args=())
 def apply_penalties_triton(logits: torch.Tensor, token_ids: torch.Tensor, prompt_lens: torch.Tensor,
                            draft_ids: torch.Tensor, repetition_penalty: torch.Tensor, presence_penalty: torch.Tensor,
-                           frequency_penalty: torch.Tensor, min_tokens: torch.Tensor,
-                           banned_ids: torch.Tensor) -> torch.Tensor:
+                           frequency_penalty: torch.Tensor, min_tokens: torch.Tensor, banned_ids: torch.Tensor,
+                           bias_ids: torch.Tensor, bias_values: torch.Tensor) -> torch.Tensor:
     return _pen.apply_penalties(logits, token_ids, prompt_lens, draft_ids, repetition_penalty, presence_penalty,
-                                frequency_penalty, min_tokens, banned_ids)
+                                frequency_penalty, min_tokens, banned_ids, bias_ids, bias_values)
 
 
 gather_paged_kv_triton.register_fake(_fake.gather_paged_kv)

@@ -87,7 +87,8 @@ def cpu_feature_draft_chain(features, next_ids, *, counts, starts, caps, shift, 
     probability is below it (energy: when its energy -logsumexp is above it); an unsure step's token is not drafted
     and ends that sequence's run. The K/V of every position fed are written; the caller drops the chained ones.
     penalties: None, or (penalty_ids [B, L] int64, penalty_rows [B, 3] int64, penalty_values [B, 3] float64,
-    banned_ids [B, E] int64): SamplingParams' penalties on every step's head logits (the reference's docstring)."""
+    banned_ids [B, E] int64, bias_ids [B, E'] int64, bias_values [B, E'] float64): SamplingParams' logit bias and
+    penalties on every step's head logits (the reference's docstring)."""
     _check_inputs(features, next_ids, shift, inv_std, embed, fc)
     per_seq = {}
     for name, vals, lo in (("counts", counts, 1), ("starts", starts, 0), ("caps", caps, 1)):
@@ -123,12 +124,14 @@ def cpu_feature_draft_chain(features, next_ids, *, counts, starts, caps, shift, 
     if not (isinstance(head, tuple) and len(head) == 3):
         raise TypeError("head must be a (weight, scale or None, bias or None) tuple")
     if penalties is not None:
-        if not (isinstance(penalties, tuple) and len(penalties) == 4):
-            raise TypeError("penalties must be None or a (penalty_ids, penalty_rows, penalty_values, banned_ids) tuple")
-        for name, t, dt, width in zip(("penalty_ids", "penalty_rows", "penalty_values", "banned_ids"), penalties,
-                                      (torch.int64, torch.int64, torch.float64, torch.int64), (None, 3, 3, None)):
+        names = ("penalty_ids", "penalty_rows", "penalty_values", "banned_ids", "bias_ids", "bias_values")
+        if not (isinstance(penalties, tuple) and len(penalties) == 6):
+            raise TypeError(f"penalties must be None or a tuple of six tensors {names}")
+        for name, t, dt, width in zip(names, penalties, (torch.int64, torch.int64, torch.float64, torch.int64,
+                                                          torch.int64, torch.float64), (None, 3, 3, None, None, None)):
             v.tensor(name, t, dtypes=(dt,), ndim=2, device=features.device)
             v.shape(name, t, (B, width))
+        v.shape("bias_values", penalties[5], tuple(penalties[4].shape))
         penalties = tuple(t.contiguous() for t in penalties)
     fn = resolve("cpu_feature_draft_chain", features.device, backend)
     flat = [a for w in layers for a in layer_args(w)]
@@ -138,7 +141,7 @@ def cpu_feature_draft_chain(features, next_ids, *, counts, starts, caps, shift, 
              norm.contiguous(), *head, head_vocab, cos.contiguous(), sin.contiguous(), slot_mapping.contiguous(),
              block_tables.contiguous(), torch.tensor(counts, **i64), torch.tensor(starts, **i64),
              torch.tensor(caps, **i64), num_heads, num_kv_heads, float(scale), [int(w) for w in sliding_windows],
-             float(eps), int(activation_bits), float(fallback_threshold), bool(energy), *(penalties or (None,) * 4))
+             float(eps), int(activation_bits), float(fallback_threshold), bool(energy), *(penalties or (None,) * 6))
     return chain_result(*out)
 
 

@@ -45,14 +45,15 @@ def _to_logits(z, out_ptr, ROUND_BF16: tl.constexpr):
 
 
 # Grid (cdiv(V, BLOCK_V), B): one program per BLOCK_V tokens of a row serves all P positions of the row, so the
-# histogram block (counts and prompt flags), the row's penalties and its banned mask (BLOCK_V columns against the E
-# banned ids) are read once and kept in registers. Position p first adds drafted token p-1 to the counts (the draft
-# before p counts as output there), then reads its logits block, applies the reference's rule in order (repetition,
-# frequency, presence, min_tokens' -inf) in float32 (F64: float64) and stores it in the logits' dtype.
+# histogram block (counts and prompt flags), the row's penalties, its logit bias and its banned mask (BLOCK_V columns
+# against the E' bias ids and the E banned ids) are read once and kept in registers. Position p first adds drafted token p-1 to the counts (the draft
+# before p counts as output there), then reads its logits block, applies the reference's rule in order (the logit
+# bias, repetition, frequency, presence, min_tokens' -inf) in float32 (F64: float64) and stores it in the logits' dtype.
 @triton.jit
 def _apply_penalties_kernel(logits_ptr, out_ptr, hist_ptr, n_out_ptr, draft_ids_ptr, repetition_penalty_ptr,
-                            presence_penalty_ptr, frequency_penalty_ptr, min_tokens_ptr, banned_ids_ptr, P, V, E,
-                            BLOCK_V: tl.constexpr, F64: tl.constexpr, ROUND_BF16: tl.constexpr):
+                            presence_penalty_ptr, frequency_penalty_ptr, min_tokens_ptr, banned_ids_ptr, bias_ids_ptr,
+                            bias_values_ptr, P, V, E, E2, BLOCK_V: tl.constexpr, F64: tl.constexpr,
+                            ROUND_BF16: tl.constexpr):
     b = tl.program_id(1)
     b64 = b.to(tl.int64)
     cols = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -71,6 +72,10 @@ def _apply_penalties_kernel(logits_ptr, out_ptr, hist_ptr, n_out_ptr, draft_ids_
         r = tl.load(repetition_penalty_ptr + b).to(tl.float32)
         presence = tl.load(presence_penalty_ptr + b).to(tl.float32)
         frequency = tl.load(frequency_penalty_ptr + b).to(tl.float32)
+    bias = tl.zeros([BLOCK_V], tl.float64 if F64 else tl.float32)  # the row's logit bias on these columns
+    for e in range(0, E2):  # -1 pads match no column; an id appears at most once a row
+        x = tl.load(bias_values_ptr + b64 * E2 + e)
+        bias += tl.where(cols == tl.load(bias_ids_ptr + b64 * E2 + e), x if F64 else x.to(tl.float32), 0.0)
     n_out = tl.load(n_out_ptr + b)
     min_tokens = tl.load(min_tokens_ptr + b)
     for p in range(0, P):
@@ -83,6 +88,9 @@ def _apply_penalties_kernel(logits_ptr, out_ptr, hist_ptr, n_out_ptr, draft_ids_
         else:
             z = tl.load(logits_ptr + offs, mask=in_row, other=0.0).to(tl.float32)
             quotient = tl.math.div_rn(z, r)
+        if E2 > 0:  # (z + 0 elsewhere: the same values; the division follows the biased logit)
+            z = z + bias
+            quotient = z / r if F64 else tl.math.div_rn(z, r)
         seen = in_prompt | (count > 0)
         z = tl.where(seen, tl.where(z < 0, z * r, quotient), z)
         z = z - frequency * count.to(z.dtype)
@@ -104,9 +112,9 @@ def _block_v(B: int, V: int) -> tuple[int, int]:
 
 
 def apply_penalties(logits, token_ids, prompt_lens, draft_ids, repetition_penalty, presence_penalty,
-                    frequency_penalty, min_tokens, banned_ids):
+                    frequency_penalty, min_tokens, banned_ids, bias_ids, bias_values):
     B, P, V = logits.shape
-    L, E = token_ids.shape[1], banned_ids.shape[1]
+    L, E, E2 = token_ids.shape[1], banned_ids.shape[1], bias_ids.shape[1]
     out = torch.empty_like(logits)
     if out.numel() == 0:
         return out
@@ -121,7 +129,7 @@ def apply_penalties(logits, token_ids, prompt_lens, draft_ids, repetition_penalt
     round_bf16 = triton_interpret() and logits.dtype == torch.bfloat16
     _apply_penalties_kernel[(triton.cdiv(V, BLOCK_V), B)](
         logits, out, hist, n_out, draft_ids, repetition_penalty, presence_penalty, frequency_penalty, min_tokens,
-        banned_ids, P, V, E, BLOCK_V=BLOCK_V, F64=logits.dtype == torch.float64, ROUND_BF16=round_bf16,
+        banned_ids, bias_ids, bias_values, P, V, E, E2, BLOCK_V=BLOCK_V, F64=logits.dtype == torch.float64, ROUND_BF16=round_bf16,
         num_warps=warps, enable_fp_fusion=False)
     return out
 
@@ -137,8 +145,9 @@ def _aot_counts() -> tuple:
 def _aot_apply(dtype: str) -> tuple:
     sig = {"logits_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "hist_ptr": "*i32", "n_out_ptr": "*i32",
            "draft_ids_ptr": "*i64", "repetition_penalty_ptr": "*fp64", "presence_penalty_ptr": "*fp64",
-           "frequency_penalty_ptr": "*fp64", "min_tokens_ptr": "*i32", "banned_ids_ptr": "*i64", "P": "i32",
-           "V": "i32", "E": "i32", "BLOCK_V": "constexpr", "F64": "constexpr", "ROUND_BF16": "constexpr"}
+           "frequency_penalty_ptr": "*fp64", "min_tokens_ptr": "*i32", "banned_ids_ptr": "*i64",
+           "bias_ids_ptr": "*i64", "bias_values_ptr": "*fp64", "P": "i32", "V": "i32", "E": "i32", "E2": "i32",
+           "BLOCK_V": "constexpr", "F64": "constexpr", "ROUND_BF16": "constexpr"}
     assert list(sig) == _apply_penalties_kernel.arg_names, (list(sig), _apply_penalties_kernel.arg_names)
     return _apply_penalties_kernel, sig, {"BLOCK_V": 2048, "F64": dtype == "fp64", "ROUND_BF16": False}
 

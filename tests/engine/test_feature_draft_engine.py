@@ -281,7 +281,8 @@ def test_penalized_native_draft_runs_equal_the_eager_loop(pair, tmp_path):
         chain = ex.draft_chain
         ex.draft_chain = lambda *a, chain=chain, n=penalized_runs: n.append(a[10] is not None) or chain(*a)
         sp = (SamplingParams(max_tokens=16, repetition_penalty=1.5, presence_penalty=0.4, frequency_penalty=0.6,
-                             min_tokens=12, stop=(prompts[0][0],)) if params else SamplingParams(max_tokens=16))
+                             min_tokens=12, stop=(prompts[0][0],), logit_bias={5: 2.0, 17: -3.0, 44: 1.0, 90: -100})
+              if params else SamplingParams(max_tokens=16))
         outs = [eng.generate([p], sp, policy=policy)[0] for p in prompts]
         assert (len(penalized_runs) > 10 and all(penalized_runs) == params) if loop == "native" else not penalized_runs
         if params:

@@ -64,10 +64,11 @@ sampling = st.builds(SamplingParams, max_tokens=st.integers(1, 16), temperature=
 
 
 # Penalties (and min_tokens, at most max_tokens) on top of any sampling parameters
-penalized = st.builds(lambda sp, r, pres, freq, m: dataclasses.replace(
-    sp, repetition_penalty=r, presence_penalty=pres, frequency_penalty=freq, min_tokens=min(m, sp.max_tokens)),
-    sampling, st.sampled_from([1.0, 0.7, 1.6]), st.sampled_from([0.0, 1.5, -1.0]), st.sampled_from([0.0, 0.8, -0.6]),
-    st.sampled_from([0, 1, 4, 16]))
+logit_bias = st.dictionaries(st.integers(0, VOCAB - 1), st.sampled_from([-100.0, -2.0, 0.5, 3.0]), max_size=4)
+penalized = st.builds(lambda sp, r, pres, freq, m, bias: dataclasses.replace(
+    sp, repetition_penalty=r, presence_penalty=pres, frequency_penalty=freq, min_tokens=min(m, sp.max_tokens),
+    logit_bias=bias), sampling, st.sampled_from([1.0, 0.7, 1.6]), st.sampled_from([0.0, 1.5, -1.0]),
+    st.sampled_from([0.0, 0.8, -0.6]), st.sampled_from([0, 1, 4, 16]), logit_bias)
 
 
 @pytest.fixture(scope="module")
@@ -104,18 +105,19 @@ def test_lossless_greedy_equals_the_oracle(engine, oracle, policy, prompts, max_
 @FUZZ
 @given(policy=lossless, prompts=st.lists(good_prompt, min_size=1, max_size=3),
        penalties=st.lists(st.tuples(st.integers(1, 16), st.sampled_from([1.0, 0.6, 1.5, 3.0]),
-                                    st.sampled_from([0.0, 2.0, -1.5]), st.sampled_from([0.0, 1.0, -2.0])),
+                                    st.sampled_from([0.0, 2.0, -1.5]), st.sampled_from([0.0, 1.0, -2.0]), logit_bias),
                           min_size=3, max_size=3))
 def test_lossless_greedy_with_penalties_equals_the_penalized_oracle(engine, large_model, policy, prompts, penalties):
     from .test_penalties import hf_penalized_greedy
-    params = [SamplingParams(max_tokens=n, repetition_penalty=r, presence_penalty=p, frequency_penalty=f)
-              for n, r, p, f in penalties[:len(prompts)]]
+    params = [SamplingParams(max_tokens=n, repetition_penalty=r, presence_penalty=p, frequency_penalty=f,
+                             logit_bias=bias) for n, r, p, f, bias in penalties[:len(prompts)]]
     outs = engine.generate(prompts, params, policy=policy)
     for p, sp, o in zip(prompts, params, outs):
         n = min(sp.max_tokens, MAX_LEN - len(p))
         assert o.error is None and o.finish_reason == "length"
         assert o.token_ids == hf_penalized_greedy(large_model, p, n, repetition=sp.repetition_penalty,
-                                                  presence=sp.presence_penalty, frequency=sp.frequency_penalty)
+                                                  presence=sp.presence_penalty, frequency=sp.frequency_penalty,
+                                                  bias=dict(sp.logit_bias))
     assert_all_free(engine)
 
 
@@ -151,12 +153,18 @@ def test_any_policy_is_batch_invariant_and_leaks_nothing(engine, policy, prompts
     "repetition_penalty": st.one_of(st.floats(allow_nan=True), st.integers(-2, 3), st.just(True)),
     "presence_penalty": st.one_of(st.floats(allow_nan=True), st.integers(-3, 3), st.text(max_size=2)),
     "frequency_penalty": st.one_of(st.floats(allow_nan=True), st.integers(-3, 3)),
-    "min_tokens": st.one_of(st.integers(-3, 80), st.floats(allow_nan=True), st.just(False))}))
+    "min_tokens": st.one_of(st.integers(-3, 80), st.floats(allow_nan=True), st.just(False)),
+    "logit_bias": st.one_of(st.none(), st.text(max_size=3), st.dictionaries(
+        st.one_of(st.integers(-2, 120), st.text(max_size=2)), st.one_of(st.floats(allow_nan=True), st.text(max_size=1)),
+        max_size=3))}))
 def test_hostile_sampling_params_raise_value_error_or_run(engine, kw):
     try:
         params = SamplingParams(**kw)
     except (ValueError, TypeError):
         return
     out = engine.generate([[1, 2, 3]], params, policy=Greedy(max_draft_len=2))[0]
-    assert out.error is None and 1 <= len(out.token_ids) <= params.max_tokens
+    if any(t >= VOCAB for t, _ in params.logit_bias):  # valid parameters, an id this model lacks: that request fails
+        assert out.error is not None and "logit_bias names token id" in out.error
+    else:
+        assert out.error is None and 1 <= len(out.token_ids) <= params.max_tokens
     assert_all_free(engine)

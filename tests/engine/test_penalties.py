@@ -3,6 +3,7 @@ Face's greedy text under the same logits processors; speculative sampling sample
 import pytest
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
+from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
 from bild_kernels import BiLD, Engine, Greedy, LargeOnly, SamplingParams, SmallOnly, SpeculativeSampling
 from bild_kernels.engine.policies import Jacobi, NGram, ShallowDeep
@@ -35,10 +36,27 @@ class OpenAIPenalties(LogitsProcessor):
         return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
 
 
+class LogitBias(LogitsProcessor):
+    """OpenAI's logit_bias: {token id: bias} added to the logits."""
+
+    def __init__(self, bias: dict):
+        self.bias = bias
+
+    def __call__(self, input_ids, scores):
+        add = torch.zeros_like(scores)
+        for t, x in self.bias.items():
+            add[:, t] = x
+        return scores + add
+
+
 def hf_penalized_greedy(model, prompt, n, *, repetition=1.0, presence=0.0, frequency=0.0, min_tokens=0,
-                        eos=None) -> list[int]:
+                        eos=None, bias=None) -> list[int]:
     ids = torch.tensor([prompt])
     procs = LogitsProcessorList([OpenAIPenalties(len(prompt), presence, frequency)] if presence or frequency else [])
+    if bias:  # the bias first, then the penalties (vLLM's order): HF's own repetition_penalty would run before it
+        procs = LogitsProcessorList([LogitBias(bias)] + ([RepetitionPenaltyLogitsProcessor(repetition)]
+                                                         if repetition != 1.0 else []) + list(procs))
+        repetition = 1.0
     kw = dict(eos_token_id=eos, min_new_tokens=min_tokens) if eos is not None else dict(min_new_tokens=n)
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
@@ -53,7 +71,8 @@ def engine(large_model, small_model):
 
 
 CASES = {"repetition": dict(repetition=1.6), "presence-frequency": dict(presence=0.7, frequency=0.9),
-         "all": dict(repetition=0.8, presence=-0.3, frequency=1.1)}
+         "all": dict(repetition=0.8, presence=-0.3, frequency=1.1),
+         "bias": dict(bias={40: -100.0, 9: -2.0, 88: 1.5, 67: 3.0, 12: 0.5}, repetition=1.3)}
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +83,7 @@ def oracles(large_model):
 def _params(kw: dict, **more) -> SamplingParams:
     return SamplingParams(max_tokens=N, repetition_penalty=kw.get("repetition", 1.0),
                           presence_penalty=kw.get("presence", 0.0), frequency_penalty=kw.get("frequency", 0.0),
-                          **more)
+                          logit_bias=kw.get("bias", {}), **more)
 
 
 def test_the_penalties_change_the_greedy_text(large_model, oracles):
@@ -140,6 +159,14 @@ def test_min_tokens_holds_back_stop_strings(large_model, small_model):
     assert held.finish_reason == ("stop" if len(want) < N else "length")
 
 
+def test_logit_bias_outside_the_vocabulary_fails_alone(engine):
+    outs = engine.generate(PROMPTS[:2], [SamplingParams(max_tokens=N, logit_bias={97: 1.0}),
+                                         SamplingParams(max_tokens=N)], policy=Greedy(max_draft_len=3))
+    assert outs[0].error is not None and "logit_bias names token id 97" in outs[0].error
+    assert outs[1].error is None and len(outs[1].token_ids) == N
+    assert_all_free(engine)
+
+
 def test_small_only_refuses_penalties_alone(engine, large_model):
     outs = engine.generate(PROMPTS[:2], [_params(CASES["repetition"]), SamplingParams(max_tokens=N)],
                            policy=SmallOnly())
@@ -152,9 +179,14 @@ def test_small_only_refuses_penalties_alone(engine, large_model):
                                  dict(repetition_penalty=float("inf")), dict(repetition_penalty=float("nan")),
                                  dict(presence_penalty=2.5), dict(frequency_penalty=-2.1),
                                  dict(frequency_penalty=float("nan")), dict(presence_penalty=True),
-                                 dict(min_tokens=-1), dict(min_tokens=65), dict(min_tokens=1.5)])
+                                 dict(min_tokens=-1), dict(min_tokens=65), dict(min_tokens=1.5),
+                                 dict(logit_bias={3: 101}), dict(logit_bias={-1: 1.0}), dict(logit_bias={"5": 1.0}),
+                                 dict(logit_bias={3: float("nan")}), dict(logit_bias=[(3, 1.0), (3, 2.0)]),
+                                 dict(logit_bias="ab"), dict(logit_bias={i: 1.0 for i in range(1025)}),
+                                 dict(logit_bias={True: 1.0})])
 def test_bad_penalties_raise(bad):
     name = next(iter(bad))
+    name = "logit_bias" if name == "logit_bias" else name
     with pytest.raises(ValueError, match=name):
         SamplingParams(max_tokens=64, **bad)
 

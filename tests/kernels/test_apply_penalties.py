@@ -52,7 +52,22 @@ def make_inputs(B, P, V, L, E, seed=0):
     banned_ids = torch.randint(-1, V, (B, E), generator=g)
     if E > 1:
         banned_ids[:, 1] = banned_ids[:, 0]
-    return token_ids, prompt_lens, draft_ids, repetition, presence, frequency, min_tokens, banned_ids
+    # a logit bias of up to 3 distinct ids a row (some in the history or banned, -1 pads, rows without one)
+    E2 = min(3, V)
+    bias_ids = torch.stack([torch.randperm(V, generator=g)[:E2] for _ in range(B)]) if B else torch.empty(0, E2)
+    bias_ids = bias_ids.long()
+    if L and E2:
+        bias_ids[:, 0] = torch.where(token_ids[:, 0] >= 0, token_ids[:, 0], bias_ids[:, 0])
+        bias_ids[:, 1:] = torch.where((bias_ids[:, 1:] == bias_ids[:, :1]), -1, bias_ids[:, 1:])
+    bias_ids[torch.rand(B, E2, generator=g) < 0.2] = -1
+    bias_ids[torch.rand(B, generator=g) < 0.25] = -1
+    bias_values = torch.randn(B, E2, generator=g, dtype=F64) * 3
+    return (token_ids, prompt_lens, draft_ids, repetition, presence, frequency, min_tokens, banned_ids, bias_ids,
+            bias_values)
+
+
+def no_bias(B):
+    return torch.empty((B, 0), dtype=torch.int64), torch.empty((B, 0), dtype=F64)
 
 
 def make_logits(B, P, V, dtype, seed=0):
@@ -62,11 +77,13 @@ def make_logits(B, P, V, dtype, seed=0):
     return z.to(dtype)
 
 
-def run(backend, device, logits, token_ids, prompt_lens, draft_ids, rep, pres, freq, min_tokens, banned_ids):
+def run(backend, device, logits, token_ids, prompt_lens, draft_ids, rep, pres, freq, min_tokens, banned_ids,
+        bias_ids, bias_values):
     to = lambda x: x.to(device)  # noqa: E731
     return ops.apply_penalties(to(logits), to(token_ids), to(prompt_lens), to(draft_ids), repetition_penalty=to(rep),
                                presence_penalty=to(pres), frequency_penalty=to(freq), min_tokens=to(min_tokens),
-                               banned_ids=to(banned_ids), backend=backend).cpu()
+                               banned_ids=to(banned_ids), bias_ids=to(bias_ids), bias_values=to(bias_values),
+                               backend=backend).cpu()
 
 
 def check(backend, device, logits, *args, atol, rtol):
@@ -112,14 +129,16 @@ def test_apply_penalties_padding_rows_and_infinite_logits(backend_device, dtype,
     logits = make_logits(B, P, V, dtype)
     logits[:, :, :10] = float("-inf")  # -inf logits that the history penalizes
     logits[1, :, 50] = float("inf")
-    token_ids, prompt_lens, draft_ids, rep, pres, freq, min_tokens, banned_ids = make_inputs(B, P, V, L, E)
+    token_ids, prompt_lens, draft_ids, rep, pres, freq, min_tokens, banned_ids, bias_ids, bias_values = make_inputs(
+        B, P, V, L, E)
+    bias_ids[:, 0], bias_values[:, 0] = 4, 2.5  # a bias on a -inf logit
     token_ids[:, :4] = torch.arange(4) * 2  # ids 0, 2, 4, 6 (-inf logits) in every history
     token_ids[1, 5] = 50
     token_ids[0], draft_ids[0], banned_ids[0] = -1, -1, -1  # an all-padding row
     token_ids[2], prompt_lens[2] = -1, L  # a prompt of padding only
     rep[3], pres[3], freq[3] = 1.5, 2.0, 0.5
     got, _ = check(backend, device, logits, token_ids, prompt_lens, draft_ids, rep, pres, freq, min_tokens, banned_ids,
-                   atol=atol, rtol=rtol)
+                   bias_ids, bias_values, atol=atol, rtol=rtol)
     assert torch.isneginf(got[:, :, :10]).all()
 
 
@@ -132,7 +151,7 @@ def test_apply_penalties_repeated_ids_by_hand(backend_device):
     token_ids = torch.tensor([[5, 7, 5, 3, 3, 5, -1]])
     args = (token_ids, torch.tensor([3], dtype=torch.int32), torch.tensor([[3, 9]]), torch.tensor([2.0], dtype=F64),
             torch.tensor([0.25], dtype=F64), torch.tensor([0.5], dtype=F64), torch.tensor([5], dtype=torch.int32),
-            torch.tensor([[9, 9, -1]]))
+            torch.tensor([[9, 9, -1]]), *no_bias(1))
     got = run(backend, device, logits, *args)
     assert torch.equal(got, R.apply_penalties_ref(logits, *args))
     want = logits.clone()
@@ -157,7 +176,7 @@ def test_apply_penalties_min_tokens_boundary(backend_device, n_out, min_tokens):
     token_ids = torch.tensor([[1, 2] + [10] * n_out + [-1]])  # a prompt of two, n_out outputs, a pad
     args = (token_ids, torch.tensor([2], dtype=torch.int32), torch.tensor([[4, -1, 6]]), torch.ones(1, dtype=F64),
             torch.zeros(1, dtype=F64), torch.zeros(1, dtype=F64), torch.tensor([min_tokens], dtype=torch.int32),
-            torch.tensor([[0, 57]]))
+            torch.tensor([[0, 57]]), *no_bias(1))
     got = run(backend, device, logits, *args)
     held = torch.tensor([n_out + p < min_tokens for p in range(P)])
     assert torch.equal(torch.isneginf(got[0, :, 57]), held) and torch.equal(torch.isneginf(got[0, :, 0]), held)
@@ -173,12 +192,13 @@ def test_apply_penalties_neutral_values_are_bit_exact(backend_device, dtype):
     logits = make_logits(B, P, V, dtype)
     logits[:, :, 1] = -0.0
     logits[:, :, 2] = float("inf")
-    token_ids, prompt_lens, draft_ids, *_, banned_ids = make_inputs(B, P, V, L, E)
+    token_ids, prompt_lens, draft_ids, *_, banned_ids, _, _ = make_inputs(B, P, V, L, E)
     token_ids[:, :3] = torch.tensor([0, 1, 2])
     ones, zeros = torch.ones(B, dtype=F64), torch.zeros(B, dtype=F64)
     min_tokens = torch.tensor([0, 0, 100, 100], dtype=torch.int32)
     banned_ids[2:] = -1  # min_tokens holds back nothing: only pads
-    got = run(backend, device, logits, token_ids, prompt_lens, draft_ids, ones, zeros, zeros, min_tokens, banned_ids)
+    got = run(backend, device, logits, token_ids, prompt_lens, draft_ids, ones, zeros, zeros, min_tokens, banned_ids,
+              *no_bias(B))
     bits = {F64: torch.int64, F32: torch.int32, F16: torch.int16, BF16: torch.int16}[dtype]
     assert torch.equal(got.view(bits), logits.view(bits))
     # and the op's defaults are neutral
@@ -202,7 +222,7 @@ def test_reference_matches_hugging_face_processors_at_float64():
         got = R.apply_penalties_ref(logits, token_ids, torch.full((B,), prompt_len, dtype=torch.int32), draft_ids,
                                     torch.full((B,), penalty, dtype=F64), torch.zeros(B, dtype=F64),
                                     torch.zeros(B, dtype=F64), torch.full((B,), min_new, dtype=torch.int32),
-                                    torch.tensor([eos] * B))
+                                    torch.tensor([eos] * B), *no_bias(B))
         rep = RepetitionPenaltyLogitsProcessor(penalty)
         min_len = MinNewTokensLengthLogitsProcessor(prompt_len, min_new, eos)
         for p in range(P):
@@ -223,7 +243,8 @@ def test_apply_penalties_captures_in_a_cuda_graph(backend):
     args = [x.cuda() for x in make_inputs(B, P, V, L, E)]
     def fn():
         return ops.apply_penalties(logits, *args[:3], repetition_penalty=args[3], presence_penalty=args[4],
-                                   frequency_penalty=args[5], min_tokens=args[6], banned_ids=args[7], backend=backend)
+                                   frequency_penalty=args[5], min_tokens=args[6], banned_ids=args[7],
+                                   bias_ids=args[8], bias_values=args[9], backend=backend)
 
     with ops.trusted_inputs():
         fn()
@@ -284,6 +305,17 @@ def _bad_cases():
         (dict(min_tokens=2**31), ValueError, "min_tokens"),
         (dict(min_tokens=torch.tensor([2**40, 0])), ValueError, "min_tokens"),
         (dict(min_tokens=torch.tensor([True, False])), TypeError, "min_tokens"),
+        (dict(bias_ids=torch.tensor([[1], [11]]), bias_values=torch.ones(2, 1, dtype=F64)), ValueError, "bias_ids"),
+        (dict(bias_ids=torch.tensor([[1, 1], [2, 3]]), bias_values=torch.ones(2, 2, dtype=F64)), ValueError,
+         "bias_ids"),
+        (dict(bias_ids=torch.tensor([[1], [2]])), ValueError, "bias_ids and bias_values"),
+        (dict(bias_values=torch.ones(2, 1, dtype=F64)), ValueError, "bias_ids and bias_values"),
+        (dict(bias_ids=torch.tensor([[1], [2]]), bias_values=torch.ones(2, 2, dtype=F64)), ValueError, "bias_values"),
+        (dict(bias_ids=torch.tensor([[1], [2]]), bias_values=torch.tensor([[1.0], [float("nan")]], dtype=F64)),
+         ValueError, "bias_values"),
+        (dict(bias_ids=torch.tensor([[1], [2]]), bias_values=torch.tensor([[1.0], [1e39]], dtype=F64)), ValueError,
+         "bias_values"),
+        (dict(bias_ids=torch.tensor([[1.0], [2.0]]), bias_values=torch.ones(2, 1, dtype=F64)), TypeError, "bias_ids"),
         (dict(backend="tpu"), ValueError, "backend"),
     ]
 

@@ -101,9 +101,9 @@ def test_cpu_feature_draft_chain_matches_reference(form, layers, vocab):
 @pytest.mark.parametrize("form", ["float32", "int8"])
 @pytest.mark.parametrize("vocab", [True, False])
 def test_cpu_feature_draft_chain_penalties_match_reference(form, vocab):
-    """SamplingParams' penalties on every step's head logits (the run's own drafts counting as output, banned
-    columns while min_tokens holds them back): the same drafts and confidences as the reference, and other drafts
-    than without them."""
+    """SamplingParams' logit bias and penalties on every step's head logits (the run's own drafts counting as output,
+    banned columns while min_tokens holds them back): the same drafts and confidences as the reference, and other
+    drafts than without them."""
     case = _case(form, vocab=vocab)
     plain, _, _ = _run(case, "ref", steps=6)
     cols = (lambda t: int((case["head_vocab"] == t).nonzero()[0, 0])) if vocab else (lambda t: t)  # noqa: E731
@@ -114,14 +114,18 @@ def test_cpu_feature_draft_chain_penalties_match_reference(form, vocab):
     rows = torch.tensor([[5, 8, 5]])
     values = torch.tensor([[1.4, 0.3, 0.6]], dtype=torch.float64)
     banned = torch.tensor([[cols(plain.tokens[1]), -1]])
-    pen = (hist, rows, values, banned)
+    # a logit bias: the plain run's fourth draft pushed down, another column (also in the history) up
+    bias_ids, bias_values = torch.tensor([[cols(plain.tokens[3]), 11, -1]]), torch.tensor([[-4.0, 0.75, 9.0]],
+                                                                                        dtype=torch.float64)
+    pen = (hist, rows, values, banned, bias_ids, bias_values)
     want, _, _ = _run(case, "ref", steps=6, penalties=pen)
     got, _, _ = _run(case, "cpu", steps=6, penalties=pen)
     assert got.tokens == want.tokens and got.steps == want.steps and got.stop == want.stop
     torch.testing.assert_close(torch.tensor(got.max_probs), torch.tensor(want.max_probs), atol=TOL[form] / 10,
                                rtol=TOL[form])
     assert want.tokens != plain.tokens and plain.tokens[1] not in want.tokens[:3]
-    neutral = (hist, rows * torch.tensor([[1, 0, 1]]), torch.tensor([[1.0, 0.0, 0.0]], dtype=torch.float64), banned)
+    neutral = (hist, rows * torch.tensor([[1, 0, 1]]), torch.tensor([[1.0, 0.0, 0.0]], dtype=torch.float64), banned,
+               torch.empty((1, 0), dtype=torch.int64), torch.empty((1, 0), dtype=torch.float64))
     assert _run(case, "cpu", steps=6, penalties=neutral)[0].tokens == plain.tokens
 
 

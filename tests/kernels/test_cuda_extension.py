@@ -32,7 +32,7 @@ SCHEMAS = {
                     "Tensor offset, int rows=7) -> (Tensor, Tensor, Tensor, Tensor)",
     "apply_penalties": "(Tensor logits, Tensor token_ids, Tensor prompt_lens, Tensor draft_ids, "
                        "Tensor repetition_penalty, Tensor presence_penalty, Tensor frequency_penalty, "
-                       "Tensor min_tokens, Tensor banned_ids) -> Tensor",
+                       "Tensor min_tokens, Tensor banned_ids, Tensor bias_ids, Tensor bias_values) -> Tensor",
 }
 DTYPES = [(torch.float32, 1e-5, 1e-5), (torch.float16, 1e-5, 1e-4), (torch.bfloat16, 1e-5, 1e-4)]
 
@@ -86,7 +86,11 @@ def _penalty_args(B, P, V, L, E, dtype, device, seed=0):
     rep[::3], pres[::3], freq[::3] = 1.0, 0.0, 0.0
     min_tokens = torch.randint(0, L + P + 1, (B,), generator=g).int()
     banned_ids = torch.randint(-1, V, (B, E), generator=g)
-    return [x.to(device) for x in (z, token_ids, prompt_lens, draft_ids, rep, pres, freq, min_tokens, banned_ids)]
+    bias_ids = torch.stack([torch.randperm(V, generator=g)[:2] for _ in range(B)])  # distinct ids a row
+    bias_ids[::4] = -1
+    bias_values = torch.randn(B, 2, generator=g, dtype=torch.float64) * 3
+    return [x.to(device) for x in (z, token_ids, prompt_lens, draft_ids, rep, pres, freq, min_tokens, banned_ids,
+                                   bias_ids, bias_values)]
 
 
 def test_every_schema_is_registered():

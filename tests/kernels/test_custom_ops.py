@@ -71,7 +71,8 @@ def _penalties_args(device):
     f = lambda x, dt=torch.float64: torch.full((B,), x, dtype=dt, device=device)  # noqa: E731
     return (torch.randn(B, P, V, device=device), torch.tensor([[1, 2, 2, -1, 5]] * B, device=device),
             f(2, torch.int32), torch.tensor([[5, -1, 7]] * B, device=device), f(1.3), f(0.5), f(0.25),
-            f(4, torch.int32), torch.tensor([[0, 28]] * B, device=device))
+            f(4, torch.int32), torch.tensor([[0, 28]] * B, device=device), torch.tensor([[3, -1]] * B, device=device),
+            torch.tensor([[1.5, 0.0]] * B, dtype=torch.float64, device=device))
 
 
 def test_opcheck_apply_penalties(backend_device):

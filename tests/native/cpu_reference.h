@@ -149,11 +149,12 @@ inline Verify verify_draft(const std::vector<int64_t>& ids, const std::vector<st
 }
 
 // reference.apply_penalties_ref for row b of logits [B, P, V] (float arithmetic, one rounding per operation, the
-// reference's order); returns the row's [P, V] penalized logits.
+// reference's order: the logit bias, the penalties, min_tokens); returns the row's [P, V] penalized logits.
 inline std::vector<float> apply_penalties(const std::vector<float>& logits, const std::vector<int64_t>& token_ids,
                                           int prompt_len, const std::vector<int64_t>& draft_ids, double repetition,
                                           double presence, double frequency, int min_tokens,
-                                          const std::vector<int64_t>& banned_ids, int b, int P, int V) {
+                                          const std::vector<int64_t>& banned_ids, const std::vector<int64_t>& bias_ids,
+                                          const std::vector<double>& bias_values, int b, int P, int V) {
   const int L = static_cast<int>(token_ids.size());  // this row's
   std::vector<int> count(V, 0);
   std::vector<bool> in_prompt(V, false);
@@ -169,11 +170,15 @@ inline std::vector<float> apply_penalties(const std::vector<float>& logits, cons
   }
   const float r = static_cast<float>(repetition), pres = static_cast<float>(presence);
   const float freq = static_cast<float>(frequency);
+  std::vector<float> bias(V, 0.0f);
+  for (size_t j = 0; j < bias_ids.size(); ++j)
+    if (bias_ids[j] >= 0) bias[bias_ids[j]] = static_cast<float>(bias_values[j]);
   std::vector<float> out(static_cast<size_t>(P) * V);
   for (int p = 0; p < P; ++p) {
     if (p > 0 && draft_ids[p - 1] >= 0) ++count[draft_ids[p - 1]];
     for (int v = 0; v < V; ++v) {
       float z = logits[(static_cast<size_t>(b) * P + p) * V + v];
+      if (!bias_ids.empty()) z = z + bias[v];  // the logit bias first
       if (in_prompt[v] || count[v] > 0) z = z < 0.0f ? z * r : z / r;
       z = z - freq * static_cast<float>(count[v]);
       z = z - pres * (count[v] > 0 ? 1.0f : 0.0f);

@@ -276,7 +276,8 @@ static void test_verify_draft(std::mt19937& rng, int mode, int V, int first_pass
 
 // apply_penalties in T = float / bf16 (logits rounded to T before the CPU twin sees them) at V = 1111 (rows off
 // 16-byte alignment: the scalar kernel) and 4096 (the vector kernel): rows with output, prompt, repeated and drafted
-// tokens, -1 pads, banned ids inside and past min_tokens, a neutral row and an empty history; outputs bit-identical.
+// tokens, -1 pads, banned ids inside and past min_tokens, a logit bias, a neutral row and an empty history; outputs
+// bit-identical.
 template <typename T>
 static void test_apply_penalties(std::mt19937& rng, int V) {
   const int B = 5, P = 4, L = 9, E = 3, K = P - 1;
@@ -299,18 +300,24 @@ static void test_apply_penalties(std::mt19937& rng, int V) {
   const std::vector<double> rep = {1.3, 0.7, 2.0, 1.0, 1.1}, pres = {0.5, 0.0, -0.25, 0.0, 1.5},
                             freq = {0.2, 0.1, 0.0, 0.0, -0.3};
   const std::vector<int64_t> banned = {2, 9, -1, 0, -1, -1, 1, 1, 3, static_cast<int64_t>(V) - 1, 4, 8, -1, -1, -1};
+  const int E2 = 2;  // a logit bias: on a penalised id, a banned one, one past the history, -1 pads, none
+  const std::vector<int64_t> bias_ids = {9, 20, 2, -1, -1, -1, 0, static_cast<int64_t>(V) - 1, 8, 30};
+  const std::vector<double> bias_values = {-1.5, 4.0, 2.0, 0.0, 0.0, 0.0, 0.75, -100.0, 3.25, -0.5};
   Dev<T> dz(logits), dout(std::vector<T>(logits.size()));
-  Dev<int64_t> dtok(token_ids), ddraft(draft_ids), dban(banned);
+  Dev<int64_t> dtok(token_ids), ddraft(draft_ids), dban(banned), dbias_ids(bias_ids);
+  Dev<double> dbias_values(bias_values);
   Dev<int> dpl(prompt_lens), dmin(min_tokens), scratch(std::vector<int>(B * V + B, 7));  // cleared by the launch
   Dev<double> drep(rep), dpres(pres), dfreq(freq);
   CUDA_OK(bild::ApplyPenalties<T>(dz.p, dout.p, dtok.p, dpl.p, ddraft.p, drep.p, dpres.p, dfreq.p, dmin.p, dban.p,
-                                  scratch.p, B, P, L, V, E, nullptr));
+                                  dbias_ids.p, dbias_values.p, scratch.p, B, P, L, V, E, E2, nullptr));
   const std::vector<T> got = dout.get();
   for (int b = 0; b < B; ++b) {
     const std::vector<float> want = ref::apply_penalties(
         as_float, std::vector<int64_t>(token_ids.begin() + b * L, token_ids.begin() + (b + 1) * L), prompt_lens[b],
         std::vector<int64_t>(draft_ids.begin() + b * K, draft_ids.begin() + (b + 1) * K), rep[b], pres[b], freq[b],
-        min_tokens[b], std::vector<int64_t>(banned.begin() + b * E, banned.begin() + (b + 1) * E), b, P, V);
+        min_tokens[b], std::vector<int64_t>(banned.begin() + b * E, banned.begin() + (b + 1) * E),
+        std::vector<int64_t>(bias_ids.begin() + b * E2, bias_ids.begin() + (b + 1) * E2),
+        std::vector<double>(bias_values.begin() + b * E2, bias_values.begin() + (b + 1) * E2), b, P, V);
     int bad = 0;
     for (int i = 0; i < P * V; ++i) {
       const float g = static_cast<float>(got[static_cast<size_t>(b) * P * V + i]);
