@@ -3,9 +3,9 @@
 // PenaltyCountsKernel, grid (cdiv(L, 256), B), 256 threads: one thread per committed token adds 1 to its histogram
 // entry (an output token) or ORs in kPromptBit (a prompt token), and the block adds its output-token count to n_out.
 // ApplyPenaltiesKernel, grid (cdiv(V, threads * N), B): each thread owns N = 16 / sizeof(T) tokens of a row (one
-// 16-byte vector where rows are 16-byte aligned, else N tokens `threads` apart), reads their histogram entries and
-// banned flags and logit bias once and serves the row's P positions: position p adds drafted token p - 1 to its counts, then
-// loads, penalizes in the reference's order and rounding (no fused multiply-adds) and stores.
+// 16-byte vector where rows are 16-byte aligned, else N tokens `threads` apart), reads their histogram entries,
+// banned flags and logit bias once and serves the row's P positions: position p adds drafted token p - 1 to its
+// counts, then loads, penalizes in the reference's order and rounding (no fused multiply-adds) and stores.
 #pragma once
 
 #include "common.cuh"
@@ -95,7 +95,7 @@ __global__ void __launch_bounds__(kPenaltyThreads)
     const Acc value = static_cast<Acc>(bias_values[static_cast<int64_t>(b) * E2 + e]);
 #pragma unroll
     for (int q = 0; q < N; ++q)
-      if (col[q] == id) bias[q] = value;
+      if (col[q] == id) bias[q] += value;  // 0 + value, as the reference's scatter_add (-0.0 gives +0.0)
   }
   for (int e = 0; e < E; ++e) {  // -1 pads match no column
     const int64_t id = banned_ids[static_cast<int64_t>(b) * E + e];

@@ -137,8 +137,7 @@ class Drafting:
             else:
                 logits = self.runners["small"].extend(rows, toks, [1] * len(seqs), full_vocab=vocab is None)
             if penalties:  # (each row's drafts so far count as its output)
-                logits = penalized(logits, seqs, [s.tokens + drafts[i] for i, s in zip(active, seqs)], self.eos_ids,
-                                   columns=columns)
+                logits = penalized(logits, seqs, self.eos_ids, columns=columns, drafted=[drafts[i] for i in active])
             logits = logits[:, 0]  # [n, V]
             for i, s in zip(active, seqs):
                 # (a feature draft's position t reads token t + 1: it holds one position fewer than the tokens)

@@ -284,7 +284,7 @@ class Iteration(Drafting):
     def _penalized(self, running: list[Sequence], draft_ids: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
         """target_logits [B, K+1, V] with the rows' penalties and min_tokens applied (the drafts before a position
         count as output there), or target_logits itself when no row has any."""
-        return penalized(target_logits, running, [s.tokens for s in running], self.eos_ids, draft_ids)
+        return penalized(target_logits, running, self.eos_ids, draft_ids)
 
     def _draft_probs(self, drafts: Drafts, looked: list[bool], K: int, target_logits: torch.Tensor) -> torch.Tensor:
         """Speculative sampling's draft distributions [B, K, V]: the small model's, and one-hot ones for the rows

@@ -10,21 +10,49 @@ from bild_kernels.engine.host import to_device
 from bild_kernels.engine.sequence import Sequence
 
 
-def _history_inputs(seqs: list[Sequence], histories: list[list[int]], eos_ids: set[int], columns: list[int] | None):
-    """The rows' histories as ids [n, L] (-1 pads; rows without penalties all -1), each row's banned ids [n, E]
-    (-1 pads), its min_tokens less the output ids the columns lack (apply_penalties counts a row's output by the
-    ids it is given), and its logit bias as ids [n, E'] (-1 pads) and values."""
+def _committed(s: Sequence, columns: list[int] | None) -> torch.Tensor:
+    """s.tokens as an int64 host tensor, in `columns` (-1 where an id has none), kept on the sequence and extended by
+    what it committed since: a step's histories cost a copy a row, not a Python list of every token."""
+    key = None if columns is None else id(columns)
+    buf, n = s.penalty_history.get(key, (None, 0))
+    if n > len(s.tokens) or buf is None or buf.shape[0] < len(s.tokens):
+        grown = torch.empty(max(2 * len(s.tokens), 64), dtype=torch.int64)
+        if buf is not None and n <= len(s.tokens):
+            grown[:n] = buf[:n]
+        else:
+            n = 0
+        buf = grown
+    if n < len(s.tokens):
+        new = s.tokens[n:]
+        buf[n:len(s.tokens)] = torch.tensor(new if columns is None else [columns[t] for t in new], dtype=torch.int64)
+        n = len(s.tokens)
+    s.penalty_history[key] = (buf, n)
+    return buf[:n]
+
+
+def _history_inputs(seqs: list[Sequence], drafts: list[list[int]], eos_ids: set[int], columns: list[int] | None):
+    """The rows' histories (their tokens, then `drafts`) as ids [n, L] (-1 pads; rows without penalties all -1), each
+    row's banned ids [n, E] (-1 pads), its min_tokens less the output ids the columns lack (apply_penalties counts a
+    row's output by the ids it is given), and its logit bias as ids [n, E'] (-1 pads) and values."""
     col = (lambda t: t) if columns is None else (lambda t: columns[t])  # noqa: E731
     asks = [s.params.penalized for s in seqs]
-    L = max((len(h) for h, a in zip(histories, asks) if a), default=0)
-    ids = [[col(t) for t in h] + [-1] * (L - len(h)) if a else [-1] * L for h, a in zip(histories, asks)]
+    L = max((len(s.tokens) + len(d) for s, d, a in zip(seqs, drafts, asks) if a), default=0)
+    ids = torch.full((len(seqs), L), -1, dtype=torch.int64)
+    min_tokens = [0] * len(seqs)
+    for i, (s, d, a) in enumerate(zip(seqs, drafts, asks)):
+        if not a:
+            continue
+        n = len(s.tokens)
+        ids[i, :n] = _committed(s, columns)
+        if d:
+            ids[i, n:n + len(d)] = torch.tensor([col(t) for t in d], dtype=torch.int64)
+        lacking = int((ids[i, s.prompt_len:n + len(d)] < 0).sum()) if columns is not None and s.params.min_tokens else 0
+        min_tokens[i] = max(s.params.min_tokens - lacking, 0)
     banned = [sorted({col(t) for t in (set() if s.params.ignore_eos else eos_ids)
                       | {t for t in s.params.stop if isinstance(t, int)}} - {-1}) if s.params.min_tokens else []
               for s in seqs]
     E = max(len(b) for b in banned)
     banned = [b + [-1] * (E - len(b)) for b in banned]
-    min_tokens = [max(s.params.min_tokens - sum(t < 0 for t in r[s.prompt_len:len(h)]), 0)
-                  for s, r, h in zip(seqs, ids, histories)]
     bias = [[(col(t), x) for t, x in s.params.logit_bias if col(t) >= 0] for s in seqs]
     E2 = max(len(b) for b in bias)
     bias_ids = [[t for t, _ in b] + [-1] * (E2 - len(b)) for b in bias]
@@ -32,22 +60,23 @@ def _history_inputs(seqs: list[Sequence], histories: list[list[int]], eos_ids: s
     return ids, banned, E, min_tokens, bias_ids, bias_values, E2
 
 
-def penalized(logits: torch.Tensor, seqs: list[Sequence], histories: list[list[int]], eos_ids: set[int],
-              draft_ids: torch.Tensor | None = None, columns: list[int] | None = None) -> torch.Tensor:
+def penalized(logits: torch.Tensor, seqs: list[Sequence], eos_ids: set[int], draft_ids: torch.Tensor | None = None,
+              columns: list[int] | None = None, drafted: list[list[int]] | None = None) -> torch.Tensor:
     """logits [n, P, V'] of the rows `seqs` with each one's penalties applied, position p counting draft_ids[:, :p]
-    as output; `logits` itself when no row has any. histories[i]: row i's tokens, its prompt's first (prompt_len of
-    them), then everything it output (committed, and drafted in this run where the logits follow those drafts).
+    as output; `logits` itself when no row has any. A row's history: its tokens (the prompt's first), then
+    drafted[i] (what it drafted in this run, where the logits follow those drafts).
     columns: where the logits score a reduced vocabulary (a draft's head), each token id's column (-1: none); ids
     without one cannot be penalised there, nor banned."""
     if not any(s.params.penalized for s in seqs):
         return logits
-    ids, banned, E, min_tokens, bias_ids, bias_values, E2 = _history_inputs(seqs, histories, eos_ids, columns)
+    drafted = drafted or [[] for _ in seqs]
+    ids, banned, E, min_tokens, bias_ids, bias_values, E2 = _history_inputs(seqs, drafted, eos_ids, columns)
     dev = logits.device
     ints = to_device([[s.prompt_len for s in seqs], min_tokens], torch.int32, dev)
     floats = to_device([[s.params.repetition_penalty for s in seqs], [s.params.presence_penalty for s in seqs],
                         [s.params.frequency_penalty for s in seqs]], torch.float64, dev)
     return ops.apply_penalties(
-        logits, to_device(ids, torch.int64, dev).view(len(seqs), -1), ints[0],
+        logits, ids.to(dev, non_blocking=True), ints[0],
         None if draft_ids is None else draft_ids.to(dev, non_blocking=True),
         repetition_penalty=floats[0], presence_penalty=floats[1], frequency_penalty=floats[2], min_tokens=ints[1],
         banned_ids=to_device(banned, torch.int64, dev).view(len(seqs), E),
@@ -60,11 +89,11 @@ def chain_penalties(seqs: list[Sequence], eos_ids: set[int], columns: list[int] 
     drafts), over a head whose columns are `columns` (None: every id); None where no row has any."""
     if not any(s.params.penalized for s in seqs):
         return None
-    ids, banned, E, _, bias_ids, bias_values, E2 = _history_inputs(seqs, [s.tokens for s in seqs], eos_ids, columns)
+    ids, banned, E, _, bias_ids, bias_values, E2 = _history_inputs(seqs, [[] for _ in seqs], eos_ids, columns)
     i64 = dict(dtype=torch.int64)
     rows = [[s.prompt_len, s.params.min_tokens, len(s.tokens) - s.prompt_len] for s in seqs]
     values = [[s.params.repetition_penalty, s.params.presence_penalty, s.params.frequency_penalty] for s in seqs]
-    return (torch.tensor(ids, **i64).view(len(seqs), -1), torch.tensor(rows, **i64),
+    return (ids, torch.tensor(rows, **i64),
             torch.tensor(values, dtype=torch.float64), torch.tensor(banned, **i64).view(len(seqs), E),
             torch.tensor(bias_ids, **i64).view(len(seqs), E2),
             torch.tensor(bias_values, dtype=torch.float64).view(len(seqs), E2))

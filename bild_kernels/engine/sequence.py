@@ -162,6 +162,8 @@ class Sequence:
         self.small_kept = False  # the feature draft's keys and values of the prompt went to the prefix cache
         self.guesses: list[int] = []  # Jacobi: the last pass's predictions past the committed tokens
         self.ngram = None  # NGram / a policy's `lookup`: the NGramIndex of `tokens`, built on first use
+        # SamplingParams' penalties: `tokens` as an int64 host tensor (in a head's columns), grown as tokens commit
+        self.penalty_history: dict = {}
         self.iteration = 0  # verification rounds so far: addresses this request's random numbers
         self.finish_reason: str | None = None
         self.metrics = RequestMetrics(prompt_tokens=len(prompt_ids), start_time=time.perf_counter())

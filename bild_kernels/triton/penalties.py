@@ -45,10 +45,11 @@ def _to_logits(z, out_ptr, ROUND_BF16: tl.constexpr):
 
 
 # Grid (cdiv(V, BLOCK_V), B): one program per BLOCK_V tokens of a row serves all P positions of the row, so the
-# histogram block (counts and prompt flags), the row's penalties, its logit bias and its banned mask (BLOCK_V columns
-# against the E' bias ids and the E banned ids) are read once and kept in registers. Position p first adds drafted token p-1 to the counts (the draft
-# before p counts as output there), then reads its logits block, applies the reference's rule in order (the logit
-# bias, repetition, frequency, presence, min_tokens' -inf) in float32 (F64: float64) and stores it in the logits' dtype.
+# histogram block (counts and prompt flags), the row's penalties, its logit bias (the sum over its E2 entries of
+# those whose id is the column's: one at most) and its banned mask (BLOCK_V columns against the E banned ids) are
+# read once and kept in registers. Position p first adds drafted token p-1 to the counts (the draft before p counts
+# as output there), then reads its logits block, applies the reference's rule in order (the logit bias, repetition,
+# frequency, presence, min_tokens' -inf) in float32 (F64: float64) and stores it in the logits' dtype.
 @triton.jit
 def _apply_penalties_kernel(logits_ptr, out_ptr, hist_ptr, n_out_ptr, draft_ids_ptr, repetition_penalty_ptr,
                             presence_penalty_ptr, frequency_penalty_ptr, min_tokens_ptr, banned_ids_ptr, bias_ids_ptr,
@@ -82,15 +83,13 @@ def _apply_penalties_kernel(logits_ptr, out_ptr, hist_ptr, n_out_ptr, draft_ids_
         drafted = tl.load(draft_ids_ptr + b64 * (P - 1) + p - 1, mask=p > 0, other=-1)
         count += (cols == drafted).to(tl.int32)
         offs = (b64 * P + p) * V + cols
+        z = tl.load(logits_ptr + offs, mask=in_row, other=0.0).to(tl.float64 if F64 else tl.float32)
+        if E2 > 0:  # (+0 on the other columns, as the reference: -0.0 becomes +0.0 there; no bias, no change)
+            z = z + bias
         if F64:
-            z = tl.load(logits_ptr + offs, mask=in_row, other=0.0).to(tl.float64)
             quotient = z / r  # float64 division rounds correctly; float32's `/` is approximate on the GPU
         else:
-            z = tl.load(logits_ptr + offs, mask=in_row, other=0.0).to(tl.float32)
             quotient = tl.math.div_rn(z, r)
-        if E2 > 0:  # (z + 0 elsewhere: the same values; the division follows the biased logit)
-            z = z + bias
-            quotient = z / r if F64 else tl.math.div_rn(z, r)
         seen = in_prompt | (count > 0)
         z = tl.where(seen, tl.where(z < 0, z * r, quotient), z)
         z = z - frequency * count.to(z.dtype)
@@ -129,8 +128,8 @@ def apply_penalties(logits, token_ids, prompt_lens, draft_ids, repetition_penalt
     round_bf16 = triton_interpret() and logits.dtype == torch.bfloat16
     _apply_penalties_kernel[(triton.cdiv(V, BLOCK_V), B)](
         logits, out, hist, n_out, draft_ids, repetition_penalty, presence_penalty, frequency_penalty, min_tokens,
-        banned_ids, bias_ids, bias_values, P, V, E, E2, BLOCK_V=BLOCK_V, F64=logits.dtype == torch.float64, ROUND_BF16=round_bf16,
-        num_warps=warps, enable_fp_fusion=False)
+        banned_ids, bias_ids, bias_values, P, V, E, E2, BLOCK_V=BLOCK_V, F64=logits.dtype == torch.float64,
+        ROUND_BF16=round_bf16, num_warps=warps, enable_fp_fusion=False)
     return out
 
 

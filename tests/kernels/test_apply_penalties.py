@@ -1,6 +1,7 @@
-"""apply_penalties (Triton, CUDA and CPU twins) against its reference at odd sizes in every logits dtype; edge rows
-(no draft, no banned ids, no history, all padding, -inf logits, repeated ids, min_tokens at its boundary); neutral
-values bit-exact; the reference against Hugging Face's processors at float64; and bad input."""
+"""apply_penalties (Triton, CUDA and CPU twins) against its reference at odd sizes in every logits dtype, with a logit
+bias on penalised, banned and -inf tokens beside rows without one; edge rows (no draft, no banned ids, no history, all
+padding, -inf logits, repeated ids, min_tokens at its boundary); a row worked out by hand with and without a bias;
+neutral values bit-exact; the reference against Hugging Face's processors at float64; and bad input."""
 import pytest
 import torch
 
@@ -52,13 +53,17 @@ def make_inputs(B, P, V, L, E, seed=0):
     banned_ids = torch.randint(-1, V, (B, E), generator=g)
     if E > 1:
         banned_ids[:, 1] = banned_ids[:, 0]
-    # a logit bias of up to 3 distinct ids a row (some in the history or banned, -1 pads, rows without one)
+    # a logit bias of up to 3 distinct ids a row: the first in the history (penalised), the second banned, -1 pads,
+    # rows without one
     E2 = min(3, V)
     bias_ids = torch.stack([torch.randperm(V, generator=g)[:E2] for _ in range(B)]) if B else torch.empty(0, E2)
     bias_ids = bias_ids.long()
     if L and E2:
         bias_ids[:, 0] = torch.where(token_ids[:, 0] >= 0, token_ids[:, 0], bias_ids[:, 0])
-        bias_ids[:, 1:] = torch.where((bias_ids[:, 1:] == bias_ids[:, :1]), -1, bias_ids[:, 1:])
+    if E and E2 > 1:
+        bias_ids[:, 1] = torch.where(banned_ids[:, 0] >= 0, banned_ids[:, 0], bias_ids[:, 1])
+    for j in range(1, E2):  # each id once a row
+        bias_ids[:, j] = torch.where((bias_ids[:, j:j + 1] == bias_ids[:, :j]).any(1), -1, bias_ids[:, j])
     bias_ids[torch.rand(B, E2, generator=g) < 0.2] = -1
     bias_ids[torch.rand(B, generator=g) < 0.25] = -1
     bias_values = torch.randn(B, E2, generator=g, dtype=F64) * 3
@@ -165,6 +170,38 @@ def test_apply_penalties_repeated_ids_by_hand(backend_device):
             want[0, p, v] = z - 0.5 * c - 0.25 * (c > 0)
     want[0, :2, 9] = float("-inf")  # n_out = 3: positions 0 and 1 are below min_tokens 5, position 2 is at it
     assert torch.equal(got, want)
+
+
+def test_apply_penalties_logit_bias_by_hand(backend_device):
+    """Row 0 worked out by hand: prompt [5], output [3, 3], draft [3]; repetition 2, frequency 0.5, presence 0.25;
+    min_tokens 3 with banned [9]; a bias on 3 (a negative logit the bias turns positive before repetition divides
+    it), on 5 (the prompt's), on 9 (banned at position 0, not at 1), on 0 (a -inf logit) and on 7 (no penalty).
+    Row 1: the same row with a bias of pads only, which changes no value."""
+    backend, device = backend_device
+    P, V = 2, 12
+    logits = torch.arange(2 * P * V, dtype=F32).reshape(2, P, V) * 0.5 - 6.0  # exact in every step below
+    logits[:, :, 0] = float("-inf")
+    bias = {3: 10.0, 5: -1.0, 9: 50.0, 0: 1.0, 7: 0.5}
+    bias_ids = torch.tensor([list(bias) + [-1], [-1] * 6])
+    bias_values = torch.tensor([list(bias.values()) + [0.0], [7.0] * 6], dtype=F64)  # pads' values are ignored
+    args = (torch.tensor([[5, 3, 3, -1]] * 2), torch.tensor([1, 1], dtype=torch.int32), torch.tensor([[3], [3]]),
+            torch.full((2,), 2.0, dtype=F64), torch.full((2,), 0.25, dtype=F64), torch.full((2,), 0.5, dtype=F64),
+            torch.full((2,), 3, dtype=torch.int32), torch.tensor([[9], [9]]))
+    got = run(backend, device, logits, *args, bias_ids, bias_values)
+    assert torch.equal(got, R.apply_penalties_ref(logits, *args, bias_ids, bias_values))
+    want = logits[0].clone()
+    counts = [{3: 2}, {3: 3}]  # output (and the draft before p) per position
+    for p in range(P):
+        for v in range(1, V):
+            z = float(logits[0, p, v]) + bias.get(v, 0.0)
+            c = counts[p].get(v, 0)
+            if c or v == 5:
+                z = z * 2.0 if z < 0 else z / 2.0
+            want[p, v] = z - 0.5 * c - 0.25 * (c > 0)
+    want[0, 9] = float("-inf")  # n_out = 2: position 0 is below min_tokens 3, position 1 is at it
+    assert want[0, 3] == 1.5 and want[1, 9] == 50.0 + (12 + 9) * 0.5 - 6.0  # the bias first, then the penalties
+    assert torch.equal(got[0], want)
+    assert torch.equal(got[1], run(backend, device, logits, *args, *no_bias(2))[1])
 
 
 @pytest.mark.parametrize("n_out, min_tokens", [(3, 3), (3, 4), (3, 6), (3, 7), (0, 1), (0, 0)])
@@ -316,6 +353,13 @@ def _bad_cases():
         (dict(bias_ids=torch.tensor([[1], [2]]), bias_values=torch.tensor([[1.0], [1e39]], dtype=F64)), ValueError,
          "bias_values"),
         (dict(bias_ids=torch.tensor([[1.0], [2.0]]), bias_values=torch.ones(2, 1, dtype=F64)), TypeError, "bias_ids"),
+        (dict(bias_ids=torch.tensor([[1], [-2]]), bias_values=torch.ones(2, 1, dtype=F64)), ValueError, "bias_ids"),
+        (dict(bias_ids=torch.tensor([1, 2]), bias_values=torch.ones(2, dtype=F64)), ValueError, "bias_ids"),
+        (dict(bias_ids=torch.tensor([[1], [2], [3]]), bias_values=torch.ones(3, 1, dtype=F64)), ValueError,
+         "bias_ids"),
+        (dict(bias_ids=torch.tensor([[1], [2]]), bias_values=torch.tensor([[1], [2]])), TypeError, "bias_values"),
+        (dict(bias_ids=torch.tensor([[1], [2]]), bias_values=torch.tensor([[1.0], [float("-inf")]], dtype=F64)),
+         ValueError, "bias_values"),
         (dict(backend="tpu"), ValueError, "backend"),
     ]
 

@@ -172,7 +172,7 @@ inline std::vector<float> apply_penalties(const std::vector<float>& logits, cons
   const float freq = static_cast<float>(frequency);
   std::vector<float> bias(V, 0.0f);
   for (size_t j = 0; j < bias_ids.size(); ++j)
-    if (bias_ids[j] >= 0) bias[bias_ids[j]] = static_cast<float>(bias_values[j]);
+    if (bias_ids[j] >= 0) bias[bias_ids[j]] += static_cast<float>(bias_values[j]);
   std::vector<float> out(static_cast<size_t>(P) * V);
   for (int p = 0; p < P; ++p) {
     if (p > 0 && draft_ids[p - 1] >= 0) ++count[draft_ids[p - 1]];
