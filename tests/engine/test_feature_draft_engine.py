@@ -205,17 +205,23 @@ def test_static_draft_loop_equals_the_eager_one(pair):
     assert runs["static"] == runs["eager"]
 
 
-@pytest.mark.parametrize("small_weights", [None, "int8"])
-def test_native_draft_runs_equal_the_eager_loop(pair, tmp_path, small_weights):
-    """draft_loop="native" (the CPU default: a single drafting sequence's greedy run in one call of the CPU
-    extension) proposes what the eager loop proposes, with the same confidences, fallbacks and step counts."""
+def _float_pair_on_disk(pair, tmp_path):
+    """The float32 teacher and the feature draft saved beside it, for the native loop's tests (skipped where the CPU
+    extension cannot run)."""
     from bild_kernels._backend import cpu_extension
     if cpu_extension() is None:
         pytest.skip("bild_kernels._cpu not built, or this CPU lacks AVX2/FMA")
     _, draft, _ = pair
     t32 = _teacher().float()
     base, _ = load_model(t32, dtype=torch.float32)
-    path = draft.float().save_dir(tmp_path / "d", base)
+    return t32, draft.float().save_dir(tmp_path / "d", base)
+
+
+@pytest.mark.parametrize("small_weights", [None, "int8"])
+def test_native_draft_runs_equal_the_eager_loop(pair, tmp_path, small_weights):
+    """draft_loop="native" (the CPU default: a single drafting sequence's greedy run in one call of the CPU
+    extension) proposes what the eager loop proposes, with the same confidences, fallbacks and step counts."""
+    t32, path = _float_pair_on_disk(pair, tmp_path)
     # the last prompt's first run feeds 19 features at once: more than a float32 draft's native run takes (its fc
     # beyond 16 rows is another kernel), so that one is eager there; packed int8 weights (AVX-512 VNNI) run it too
     prompts = [[5, 17, 3], [44, 2, 90, 61, 8, 8, 1], [9], [(7 * i) % 97 for i in range(1, 21)]]
@@ -256,13 +262,7 @@ def test_native_draft_runs_equal_the_eager_loop(pair, tmp_path, small_weights):
 def test_penalized_native_draft_runs_equal_the_eager_loop(pair, tmp_path):
     """With penalties the native runs still propose what the eager loop proposes (both from the penalised draft
     distribution, their own drafts counting as output, min_tokens' ban included), other drafts than without them."""
-    from bild_kernels._backend import cpu_extension
-    if cpu_extension() is None:
-        pytest.skip("bild_kernels._cpu not built, or this CPU lacks AVX2/FMA")
-    _, draft, _ = pair
-    t32 = _teacher().float()
-    base, _ = load_model(t32, dtype=torch.float32)
-    path = draft.float().save_dir(tmp_path / "d", base)
+    t32, path = _float_pair_on_disk(pair, tmp_path)
     prompts = [[5, 17, 3], [44, 2, 90, 61, 8, 8, 1], [9]]
     policy = BiLD(fallback_threshold=0.3, rollback_threshold=2.0, max_draft_len=4)
     plain_out = None

@@ -16,14 +16,8 @@ F64, F32, F16, BF16 = torch.float64, torch.float32, torch.float16, torch.bfloat1
 DTYPES = [(F32, 1e-5, 1e-6), (F16, 1e-3, 1e-3), (BF16, 1e-2, 1e-2), (F64, 1e-12, 1e-12)]
 
 
-def _cpu_ext():
-    from bild_kernels._backend import cpu_extension
-    return cpu_extension() is not None
-
-
 # The op also has a "cpu" twin (bild_kernels._cpu, csrc/cpu_penalties.cpp): every test runs it too.
-@pytest.fixture(params=kernel_backends() + [pytest.param(("cpu", "cpu"), id="cpu", marks=pytest.mark.skipif(
-    not _cpu_ext(), reason="bild_kernels._cpu not built, or this CPU lacks AVX2/FMA"))])
+@pytest.fixture(params=kernel_backends(cpu=True))
 def backend_device(request):
     return request.param
 

@@ -13,14 +13,8 @@ from ..conftest import kernel_backends
 NAMES = ("block_tables", "context_lens", "free_blocks", "num_free")
 
 
-def _cpu_ext():
-    from bild_kernels._backend import cpu_extension
-    return cpu_extension() is not None
-
-
 # These two ops also have a "cpu" twin (bild_kernels._cpu, csrc/cpu_paged_kv.cpp): every test runs it too.
-@pytest.fixture(params=kernel_backends() + [pytest.param(("cpu", "cpu"), id="cpu", marks=pytest.mark.skipif(
-    not _cpu_ext(), reason="bild_kernels._cpu not built, or this CPU lacks AVX2/FMA"))])
+@pytest.fixture(params=kernel_backends(cpu=True))
 def backend_device(request):
     return request.param
 
