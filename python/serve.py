@@ -23,11 +23,10 @@ Endpoints (JSON; errors are {"error": {"message", "type"}} with status 400 / 404
                            but prompt}: the messages through the model's chat template; OpenAI's chat.completion
                            reply (choices[0].message.content, or with "stream": true chat.completion.chunk events
                            whose choices[0].delta carries the new text); finish_reason "stop" for an EOS
-presence_penalty and frequency_penalty (OpenAI's, in [-2, 2]), and vLLM's repetition_penalty (> 0) and min_tokens
-(EOS and stop ids held back until the output has that many tokens) shape the large model's distribution, what every
-policy verifies against (SamplingParams), as does logit_bias ({"token id": bias in [-100, 100]}, added first); (completions)
-best_of 1 is accepted as the
-no-ops they are; other values are refused. stream_options is accepted (the last event carries the
+presence_penalty and frequency_penalty (OpenAI's, in [-2, 2]), vLLM's repetition_penalty (> 0) and min_tokens (EOS
+and stop ids held back until the output has that many tokens), and logit_bias ({"token id": bias in [-100, 100]},
+added first) shape the large model's distribution, what every policy verifies against (SamplingParams);
+(completions) best_of 1 is accepted as the no-op it is, other values refused. stream_options is accepted (the last event carries the
 usage either way). With "stream": true the reply is server-sent events, one `data: {...}` per committed run of tokens
 and `data: [DONE]` at the end. Each choice carries, besides OpenAI's text and finish_reason, the token ids
 ("token_ids") and, at the end, the engine's "error" when the request ended early (finish_reason "error" or
