@@ -211,7 +211,7 @@ class Iteration(Drafting):
             kw["draft_probs"] = self._draft_probs(drafts, looked, K, target_logits)
         # The distribution the drafts are verified against: with penalties (SamplingParams), the penalised logits;
         # the raw ones stay for logprobs.
-        raw_logits, target_logits = target_logits, self._penalized(running, draft_ids, target_logits)
+        raw_logits, target_logits = target_logits, penalized(target_logits, running, self.eos_ids, draft_ids)
         # (the large model's head took its logits' statistics: verify_draft reads only the drafted tokens' logits;
         # on the CPU backend, with the engine's own inputs unchecked, unless a backend is forced)
         stats = self.runners["large"].logit_stats(raw_logits) if target_logits is raw_logits else None
@@ -280,11 +280,6 @@ class Iteration(Drafting):
             if rows:
                 self.runners[name].rollback(rows, counts)
         return committed
-
-    def _penalized(self, running: list[Sequence], draft_ids: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
-        """target_logits [B, K+1, V] with the rows' penalties and min_tokens applied (the drafts before a position
-        count as output there), or target_logits itself when no row has any."""
-        return penalized(target_logits, running, self.eos_ids, draft_ids)
 
     def _draft_probs(self, drafts: Drafts, looked: list[bool], K: int, target_logits: torch.Tensor) -> torch.Tensor:
         """Speculative sampling's draft distributions [B, K, V]: the small model's, and one-hot ones for the rows

@@ -31,9 +31,10 @@ def _committed(s: Sequence, columns: list[int] | None) -> torch.Tensor:
 
 
 def _history_inputs(seqs: list[Sequence], drafts: list[list[int]], eos_ids: set[int], columns: list[int] | None):
-    """The rows' histories (their tokens, then `drafts`) as ids [n, L] (-1 pads; rows without penalties all -1), each
-    row's banned ids [n, E] (-1 pads), its min_tokens less the output ids the columns lack (apply_penalties counts a
-    row's output by the ids it is given), and its logit bias as ids [n, E'] (-1 pads) and values."""
+    """Host tensors of the rows' histories (their tokens, then `drafts`) as ids [n, L] (-1 pads; rows without
+    penalties all -1), each row's banned ids [n, E] (-1 pads), its logit bias as ids [n, E'] (-1 pads) and values
+    [n, E'] float64, and as a list each row's min_tokens less the output ids the columns lack (apply_penalties counts
+    a row's output by the ids it is given)."""
     col = (lambda t: t) if columns is None else (lambda t: columns[t])  # noqa: E731
     asks = [s.params.penalized for s in seqs]
     L = max((len(s.tokens) + len(d) for s, d, a in zip(seqs, drafts, asks) if a), default=0)
@@ -52,12 +53,12 @@ def _history_inputs(seqs: list[Sequence], drafts: list[list[int]], eos_ids: set[
                       | {t for t in s.params.stop if isinstance(t, int)}} - {-1}) if s.params.min_tokens else []
               for s in seqs]
     E = max(len(b) for b in banned)
-    banned = [b + [-1] * (E - len(b)) for b in banned]
+    banned = torch.tensor([b + [-1] * (E - len(b)) for b in banned], dtype=torch.int64).view(len(seqs), E)
     bias = [[(col(t), x) for t, x in s.params.logit_bias if col(t) >= 0] for s in seqs]
     E2 = max(len(b) for b in bias)
-    bias_ids = [[t for t, _ in b] + [-1] * (E2 - len(b)) for b in bias]
-    bias_values = [[x for _, x in b] + [0.0] * (E2 - len(b)) for b in bias]
-    return ids, banned, E, min_tokens, bias_ids, bias_values, E2
+    bias_ids = torch.tensor([[t for t, _ in b] + [-1] * (E2 - len(b)) for b in bias], dtype=torch.int64)
+    bias_values = torch.tensor([[x for _, x in b] + [0.0] * (E2 - len(b)) for b in bias], dtype=torch.float64)
+    return ids, banned, bias_ids.view(len(seqs), E2), bias_values.view(len(seqs), E2), min_tokens
 
 
 def penalized(logits: torch.Tensor, seqs: list[Sequence], eos_ids: set[int], draft_ids: torch.Tensor | None = None,
@@ -70,18 +71,16 @@ def penalized(logits: torch.Tensor, seqs: list[Sequence], eos_ids: set[int], dra
     if not any(s.params.penalized for s in seqs):
         return logits
     drafted = drafted or [[] for _ in seqs]
-    ids, banned, E, min_tokens, bias_ids, bias_values, E2 = _history_inputs(seqs, drafted, eos_ids, columns)
+    ids, banned, bias_ids, bias_values, min_tokens = _history_inputs(seqs, drafted, eos_ids, columns)
     dev = logits.device
+    moved = lambda t: t.to(dev, non_blocking=True)  # noqa: E731
     ints = to_device([[s.prompt_len for s in seqs], min_tokens], torch.int32, dev)
     floats = to_device([[s.params.repetition_penalty for s in seqs], [s.params.presence_penalty for s in seqs],
                         [s.params.frequency_penalty for s in seqs]], torch.float64, dev)
     return ops.apply_penalties(
-        logits, ids.to(dev, non_blocking=True), ints[0],
-        None if draft_ids is None else draft_ids.to(dev, non_blocking=True),
-        repetition_penalty=floats[0], presence_penalty=floats[1], frequency_penalty=floats[2], min_tokens=ints[1],
-        banned_ids=to_device(banned, torch.int64, dev).view(len(seqs), E),
-        bias_ids=to_device(bias_ids, torch.int64, dev).view(len(seqs), E2),
-        bias_values=to_device(bias_values, torch.float64, dev).view(len(seqs), E2))
+        logits, moved(ids), ints[0], None if draft_ids is None else moved(draft_ids), repetition_penalty=floats[0],
+        presence_penalty=floats[1], frequency_penalty=floats[2], min_tokens=ints[1], banned_ids=moved(banned),
+        bias_ids=moved(bias_ids), bias_values=moved(bias_values))
 
 
 def chain_penalties(seqs: list[Sequence], eos_ids: set[int], columns: list[int] | None) -> tuple | None:
@@ -89,14 +88,11 @@ def chain_penalties(seqs: list[Sequence], eos_ids: set[int], columns: list[int] 
     drafts), over a head whose columns are `columns` (None: every id); None where no row has any."""
     if not any(s.params.penalized for s in seqs):
         return None
-    ids, banned, E, _, bias_ids, bias_values, E2 = _history_inputs(seqs, [[] for _ in seqs], eos_ids, columns)
-    i64 = dict(dtype=torch.int64)
+    ids, banned, bias_ids, bias_values, _ = _history_inputs(seqs, [[] for _ in seqs], eos_ids, columns)
     rows = [[s.prompt_len, s.params.min_tokens, len(s.tokens) - s.prompt_len] for s in seqs]
     values = [[s.params.repetition_penalty, s.params.presence_penalty, s.params.frequency_penalty] for s in seqs]
-    return (ids, torch.tensor(rows, **i64),
-            torch.tensor(values, dtype=torch.float64), torch.tensor(banned, **i64).view(len(seqs), E),
-            torch.tensor(bias_ids, **i64).view(len(seqs), E2),
-            torch.tensor(bias_values, dtype=torch.float64).view(len(seqs), E2))
+    return (ids, torch.tensor(rows, dtype=torch.int64), torch.tensor(values, dtype=torch.float64), banned, bias_ids,
+            bias_values)
 
 
 def head_columns(vocab: torch.Tensor | None, size: int) -> list[int] | None:

@@ -43,9 +43,11 @@ def test_opcheck_verify_draft(backend_device, mode):
                           test_utils=("test_schema", "test_faketensor"))
 
 
-def test_opcheck_sample_draft(backend_device):
+@pytest.mark.parametrize("op", ["sample_draft", "apply_penalties"])
+def test_opcheck_row_ops(backend_device, op):
     device = _triton_device(backend_device)
-    torch.library.opcheck(torch.ops.bild_kernels.sample_draft_triton.default, _sample_args(device),
+    args = {"sample_draft": _sample_args, "apply_penalties": _penalties_args}[op](device)
+    torch.library.opcheck(getattr(torch.ops.bild_kernels, f"{op}_triton").default, args,
                           test_utils=("test_schema", "test_faketensor"))
 
 
@@ -73,12 +75,6 @@ def _penalties_args(device):
             f(2, torch.int32), torch.tensor([[5, -1, 7]] * B, device=device), f(1.3), f(0.5), f(0.25),
             f(4, torch.int32), torch.tensor([[0, 28]] * B, device=device), torch.tensor([[3, -1]] * B, device=device),
             torch.tensor([[1.5, 0.0]] * B, dtype=torch.float64, device=device))
-
-
-def test_opcheck_apply_penalties(backend_device):
-    device = _triton_device(backend_device)
-    torch.library.opcheck(torch.ops.bild_kernels.apply_penalties_triton.default, _penalties_args(device),
-                          test_utils=("test_schema", "test_faketensor"))
 
 
 def test_apply_penalties_traces_through_torch_compile(backend_device):
