@@ -137,6 +137,10 @@ class _Buffers:
     # every row greedy and unfiltered (temperature 0, no top-k / top-p), as the sampling op is told: its kernels for
     # sampling and filtering rows are left out of the step (and of its graph); else the op serves any rows
     greedy: bool = False
+    # rows with penalties (SamplingParams' logit bias, penalties, min_tokens): the widths (L, E, E') of the buffers of
+    # their histories (committed tokens, then the run's drafts, appended in the step), banned ids and logit bias,
+    # which the step applies to the logits before sampling (`ops.apply_penalties`, as the eager loop does); None: none
+    penalties: tuple[int, int, int] | None = None
     graph: object = None
     t: dict = field(default_factory=dict)
     # Step 0's update (sampling the catch-up's logits) as a graph of its own, on a fixed logits buffer [B, V]:
@@ -184,6 +188,13 @@ class _Buffers:
             self.t["out_probs"] = torch.zeros(B, self.vocab, dtype=torch.float32, device=dev)
         if self.features is not None:
             self.t["feat"] = torch.zeros(B, self.features[0], dtype=self.features[1], device=dev)
+        if self.penalties is not None:
+            L, E, E2 = self.penalties
+            i64, f64 = dict(dtype=torch.int64, device=dev), dict(dtype=torch.float64, device=dev)
+            self.t.update(pen_ids=torch.full((B, L), -1, **i64), pen_len=torch.zeros(B, **i64),
+                          pen_ints=torch.zeros(2, B, dtype=torch.int32, device=dev),  # prompt lengths, min_tokens
+                          pen_values=torch.zeros(3, B, **f64), pen_banned=torch.full((B, E), -1, **i64),
+                          pen_bias_ids=torch.full((B, E2), -1, **i64), pen_bias_values=torch.zeros(B, E2, **f64))
 
     @classmethod
     def hist_row(cls, name: str) -> int:
@@ -209,6 +220,12 @@ class StaticDraftLoop:
         bad = ~torch.isfinite(logits.amax(-1))  # a NaN/inf row: zeroed here, its request ended after the step
         t["nonfinite"] |= bad & t["active"]
         logits = logits.masked_fill(bad[:, None], 0.0)
+        if "pen_ids" in t:  # the penalised distribution (each row's drafts so far count as its output)
+            ints, values = t["pen_ints"], t["pen_values"]
+            logits = ops.apply_penalties(
+                logits[:, None], t["pen_ids"], ints[0], repetition_penalty=values[0], presence_penalty=values[1],
+                frequency_penalty=values[2], min_tokens=ints[1], banned_ids=t["pen_banned"],
+                bias_ids=t["pen_bias_ids"], bias_values=t["pen_bias_values"])[:, 0]
         thr, energy = t["threshold"], t["energy"]
         # (greedy: the promise holds by construction, the run's values having chosen the buffers: not checked, which
         # would read the device)
@@ -228,6 +245,11 @@ class StaticDraftLoop:
         step += 1
         if "out_probs" in t:
             t["out_probs"].copy_(ops.filtered_probs(logits, t["temperature"], t["top_k"], t["top_p"]))
+        if "pen_ids" in t:  # an accepted draft joins its row's history, at the row's length
+            ids = t["pen_ids"]
+            at = t["pen_len"].clamp(max=ids.shape[1] - 1)[:, None]
+            ids.scatter_(1, at, torch.where(accepted[:, None], res.token_ids[:, None].to(ids.dtype), ids.gather(1, at)))
+            t["pen_len"] += accepted.to(torch.int64)
         t["ndraft"] += accepted.to(torch.int32)
         t["active"].copy_(accepted & (t["ndraft"] < t["cap"]))
         t["tok"].copy_(torch.where(accepted, res.token_ids, t["tok"]))
@@ -257,15 +279,16 @@ class StaticDraftLoop:
         self._update(t, logits, greedy)
 
     # -- buffers and graphs -------------------------------------------------------------------------
-    def _get(self, n: int, with_probs: bool, greedy: bool = False) -> _Buffers:
+    def _get(self, n: int, with_probs: bool, greedy: bool = False,
+             penalties: tuple[int, int, int] | None = None) -> _Buffers:
         size = next(b for b in self.buckets if b >= n)
-        key = (size, with_probs, greedy)
+        key = (size, with_probs, greedy, penalties)
         if key not in self._buffers:
             r = self.runner
             feats = ((r.executor.config.hidden_size, r.executor.dtype)
                      if getattr(r.executor, "kind", "layers") == "feature" else None)
             buf = _Buffers(size, with_probs, r.device, r.blocks.max_blocks_per_seq, r.executor.config.vocab_size,
-                           feats, greedy)
+                           feats, greedy, penalties)
             if self.capture:
                 t = buf.t
                 t["active"].zero_()  # every row inactive while recording: nothing is written
@@ -277,18 +300,24 @@ class StaticDraftLoop:
     # -- one run ------------------------------------------------------------------------------------
     @torch.inference_mode()
     def run(self, rows: list[int], caps: list[int], logits: torch.Tensor, sampling: dict, threshold: float,
-            energy: bool, *, with_probs: bool, features: torch.Tensor | None = None) -> DraftRun:
+            energy: bool, *, with_probs: bool, features: torch.Tensor | None = None,
+            penalties: tuple | None = None) -> DraftRun:
         """The draft run of `rows`, whose step-0 logits [n, V] the caller computed (the small model's cache
         then holds each row's committed tokens). caps[i] >= 1: drafts row i may propose; sampling: the
         engine's per-row values (lists or host tensors of n: temperature, top_k, top_p, seed, offset (step 0's)).
         features [n, H]: a feature draft's step-0 output (its predicted next feature per row), required for one
-        and refused otherwise."""
+        and refused otherwise. penalties: the rows' `penalizing.loop_penalties` (host tensors), None for none."""
         n, dev = len(rows), self.runner.device
         if not caps or max(caps) > MAX_STEPS or min(caps) < 1:
             raise ValueError(f"StaticDraftLoop.run: caps must be in [1, {MAX_STEPS}], got {caps!r}")
         # every row greedy and unfiltered (the padding rows are): the buffers whose sampling step is told so
         greedy = not any(ops.known_row_kinds(sampling["temperature"], sampling["top_k"], sampling["top_p"]))
-        buf = self._get(n, with_probs, greedy)
+        widths = None
+        if penalties is not None:  # (the histories' width: any row's longest; E and E' rounded up to powers of two)
+            r = self.runner
+            widths = (r.blocks.max_blocks_per_seq * r.block_size + MAX_STEPS,
+                      *(1 << max(int(x.shape[1]) - 1, 0).bit_length() for x in (penalties[3], penalties[4])))
+        buf = self._get(n, with_probs, greedy, widths)
         t, B = buf.t, buf.size
         pad = B - n
         if self.capture and not buf.update_tried:
@@ -304,6 +333,8 @@ class StaticDraftLoop:
         if features is not None:
             t["feat"][:n].copy_(features)
             t["feat"][n:].zero_()
+        if penalties is not None:
+            self._set_penalties(t, n, *penalties)
         starts = self.runner.blocks.context_lens_of(rows)
         # Each row may feed cap - 1 drafts after step 0: reserve their blocks now, return the rest after.
         reserve = [c - 1 for c in caps]
@@ -368,6 +399,22 @@ class StaticDraftLoop:
                 elif fell[i][j]:
                     run.fell[i], run.unsure[i] = True, (token[i][j], conf[i][j])
         return run
+
+    @staticmethod
+    def _set_penalties(t: dict, n: int, ids, ints, values, banned, bias_ids, bias_values) -> None:
+        """The penalty buffers of a run's n rows from `penalizing.loop_penalties`' host tensors; the padding rows'
+        neutral (no history, penalties off)."""
+        for name, src, pad in (("pen_ids", ids, -1), ("pen_banned", banned, -1), ("pen_bias_ids", bias_ids, -1),
+                               ("pen_bias_values", bias_values, 0.0)):
+            t[name].fill_(pad)
+            t[name][:n, :src.shape[1]].copy_(src, non_blocking=True)
+        t["pen_len"].zero_()
+        t["pen_len"][:n].copy_(ints[2], non_blocking=True)
+        t["pen_ints"].zero_()
+        t["pen_ints"][:, :n].copy_(ints[:2], non_blocking=True)
+        t["pen_values"].zero_()
+        t["pen_values"][0].fill_(1.0)  # (repetition_penalty 1: off)
+        t["pen_values"][:, :n].copy_(values, non_blocking=True)
 
     @staticmethod
     def _results(buf: _Buffers, done: int, n: int):

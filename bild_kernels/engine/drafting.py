@@ -12,7 +12,7 @@ import torch
 from bild_kernels import ops
 from bild_kernels.engine.host import to_device
 from bild_kernels.engine.lookup import NGramIndex
-from bild_kernels.engine.penalizing import chain_penalties, head_columns, penalized
+from bild_kernels.engine.penalizing import chain_penalties, head_columns, loop_penalties, penalized
 from bild_kernels.engine.policies import NGram, Policy
 from bild_kernels.engine.sequence import Drafts, Sequence
 from bild_kernels.engine.shallow_deep import LayerGroups
@@ -99,11 +99,11 @@ class Drafting:
         """Autoregressive drafting by the small model, or by the large model's shallow layers (none for the
         rows in `skip`)."""
         shallow = policy.drafter == "shallow"
-        # Rows with penalties draft from their penalised distribution (what the penalised large model keeps), in this
-        # eager loop or the native one (the fixed-buffer and graphed loops take none).
-        penalties = any(s.params.penalized for s in running)
-        if not shallow and self._static is not None and not penalties:
+        if not shallow and self._static is not None:
             return self._draft_static(running, policy, skip)
+        # Rows with penalties draft from their penalised distribution (what the penalised large model keeps), in every
+        # loop: this eager one, the native one, the fixed-buffer and graphed ones (_draft_static).
+        penalties = any(s.params.penalized for s in running)
         key = "large" if shallow else "small"
         feature = not shallow and self.small_kind == "feature"
         out = self._no_drafts(running, policy)
@@ -267,7 +267,7 @@ class Drafting:
         run = self._static.run(rows, [caps[i] for i in active], logits,
                                self._sampling_values(seqs, [s.iteration * DRAFT_STRIDE for s in seqs]),
                                policy.thresholds()[0], policy.fallback_signal == "energy", with_probs=with_probs,
-                               features=features)
+                               features=features, penalties=loop_penalties(seqs, self.eos_ids))
         if feature:  # the chain's positions hold guessed features: drop them
             fed = [(s.row, run.fed[j]) for j, s in enumerate(seqs) if run.fed[j] > 0]
             if fed:

@@ -95,6 +95,20 @@ def chain_penalties(seqs: list[Sequence], eos_ids: set[int], columns: list[int] 
             bias_values)
 
 
+def loop_penalties(seqs: list[Sequence], eos_ids: set[int]) -> tuple | None:
+    """`StaticDraftLoop.run`'s penalties for the rows `seqs` (full-vocabulary logits): host tensors of their committed
+    tokens [n, L] (-1 pads; the run appends its drafts on the device), [3, n] int64 prompt lengths, min_tokens and
+    committed lengths, [3, n] float64 repetition / presence / frequency penalties, banned ids [n, E] and the logit
+    bias as ids and values [n, E']; None where no row has any."""
+    if not any(s.params.penalized for s in seqs):
+        return None
+    ids, banned, bias_ids, bias_values, min_tokens = _history_inputs(seqs, [[] for _ in seqs], eos_ids, None)
+    ints = torch.tensor([[s.prompt_len for s in seqs], min_tokens, [len(s.tokens) for s in seqs]], dtype=torch.int64)
+    values = torch.tensor([[s.params.repetition_penalty for s in seqs], [s.params.presence_penalty for s in seqs],
+                           [s.params.frequency_penalty for s in seqs]], dtype=torch.float64)
+    return ids, ints, values, banned, bias_ids, bias_values
+
+
 def head_columns(vocab: torch.Tensor | None, size: int) -> list[int] | None:
     """A reduced head's column of each of `size` token ids (-1: not in it), from its sorted ids; None for none."""
     if vocab is None:

@@ -14,6 +14,9 @@ from .conftest import assert_all_free, hf_greedy
 
 PROMPTS = [[5, 17, 3], [44, 2, 90, 61, 7, 7, 12, 30, 1, 0, 15], [8], [33, 34, 35, 36, 37, 38], [9, 9]]
 N = 14
+# every penalty at once, min_tokens holding back stop id 4 (the drafts' penalties are the fixed-buffer loop's too)
+PENALIZED = SamplingParams(max_tokens=N, repetition_penalty=1.4, presence_penalty=0.6, frequency_penalty=0.3,
+                           min_tokens=9, stop=[4], logit_bias={3: 2.5, 11: -4.0})
 METRICS = ("generated_tokens", "large_passes", "small_steps", "drafted_tokens", "accepted_tokens", "fallbacks",
            "rollbacks")
 
@@ -51,12 +54,30 @@ def test_buckets():
      SamplingParams(max_tokens=N, temperature=0.8, top_k=20, seed=7)),
     (SpeculativeSampling(max_draft_len=3), SamplingParams(max_tokens=N, temperature=1.0, top_p=0.9, seed=3)),
     (Greedy(max_draft_len=1), SamplingParams(max_tokens=N)),
-], ids=["bild", "bild-no-rollback", "bild-energy", "bild-sampled", "speculative-sampling", "greedy-1"])
+    (BiLD(fallback_threshold=0.3, rollback_threshold=3.0, max_draft_len=4), PENALIZED),
+    (SpeculativeSampling(max_draft_len=3), SamplingParams(max_tokens=N, temperature=1.0, top_p=0.9, seed=3,
+                                                          repetition_penalty=0.8, frequency_penalty=-0.4)),
+], ids=["bild", "bild-no-rollback", "bild-energy", "bild-sampled", "speculative-sampling", "greedy-1",
+        "bild-penalized", "speculative-sampling-penalized"])
 def test_static_loop_equals_eager_loop(engines, policy, params):
     tokens, metrics = run(engines["eager"], policy, params)
     assert sum(m[METRICS.index("fallbacks")] for m in metrics) + sum(m[METRICS.index("drafted_tokens")]
                                                                       for m in metrics) > 0
     assert run(engines["static"], policy, params) == (tokens, metrics)
+
+
+def test_static_loop_drafts_the_penalized_distribution(large_model):
+    """A draft identical to the large model, under penalties: the fixed-buffer loop penalises each draft step as the
+    verification penalises the large model's logits (the run's drafts so far counting as output), so Greedy keeps
+    every draft; a mixed batch (rows with and without penalties, buffers of their own) the same as the eager loop."""
+    eng = make(large_model, large_model, "static")
+    outs = eng.generate(PROMPTS, PENALIZED, policy=Greedy(max_draft_len=4))
+    drafted = sum(o.metrics.drafted_tokens for o in outs)
+    assert drafted > 0 and sum(o.metrics.accepted_tokens for o in outs) == drafted
+    mixed = [PENALIZED if i % 2 else SamplingParams(max_tokens=N) for i in range(len(PROMPTS))]
+    policy = BiLD(fallback_threshold=0.3, rollback_threshold=2.0, max_draft_len=4)
+    assert run(eng, policy, mixed) == run(make(large_model, large_model, "eager"), policy, mixed)
+    assert_all_free(eng)
 
 
 def test_static_loop_is_lossless_under_greedy(engines, large_model):
@@ -119,7 +140,8 @@ def test_draft_loop_values_checked(large_model, small_model):
      SamplingParams(max_tokens=N, temperature=0.8, seed=4)),
     (BiLD(fallback_threshold=0.3, rollback_threshold=1.0, max_draft_len=3, lookup=NGram(max_draft_len=5, min_ngram=2)),
      SamplingParams(max_tokens=N)),
-], ids=["bild", "speculative-sampling", "sampling-lookup", "bild-lookup"])
+    (BiLD(fallback_threshold=0.3, rollback_threshold=3.0, max_draft_len=4), PENALIZED),
+], ids=["bild", "speculative-sampling", "sampling-lookup", "bild-lookup", "bild-penalized"])
 def test_graph_loop_equals_static_and_eager_on_gpu(large_model, small_model, policy, params):
     # float32 on the GPU: the three loops run the same kernels on the same rows, so they agree exactly.
     results = {loop: run(make(large_model, small_model, loop, "cuda", torch.float32), policy, params)
@@ -211,7 +233,10 @@ def test_a_graphed_draft_run_on_gpu_reads_the_device_at_most_twice(large_model, 
     st.builds(SpeculativeSampling, max_draft_len=st.integers(1, 8))),
     prompts=st.lists(st.lists(st.integers(0, 96), min_size=1, max_size=12), min_size=1, max_size=5),
     params=st.builds(SamplingParams, max_tokens=st.integers(1, 16), temperature=st.sampled_from([0.0, 0.7, 1.5]),
-                     top_k=st.sampled_from([0, 3]), top_p=st.sampled_from([1.0, 0.8]), seed=st.integers(0, 2**40)))
+                     top_k=st.sampled_from([0, 3]), top_p=st.sampled_from([1.0, 0.8]), seed=st.integers(0, 2**40),
+                     repetition_penalty=st.sampled_from([1.0, 1.0, 1.5]), presence_penalty=st.sampled_from([0.0, 0.7]),
+                     min_tokens=st.sampled_from([0, 0, 1]), stop=st.sampled_from([(), (2,)]),
+                     logit_bias=st.sampled_from([(), {1: 3.0, 40: -2.0}])))
 def test_fuzz_static_loop_equals_eager_loop(engines, policy, prompts, params, monkeypatch):
     # The loops' equality over many random cases, on the reference kernels (the tests above run the default
     # ones): under TRITON_INTERPRET=1 each example would take ~15 s in the Triton interpreter.
@@ -354,7 +379,8 @@ class _ReplayRecorder:
 @pytest.mark.parametrize("policy,params", [
     (BiLD(fallback_threshold=0.5, rollback_threshold=2.0, max_draft_len=4), SamplingParams(max_tokens=N)),
     (SpeculativeSampling(max_draft_len=3), SamplingParams(max_tokens=N, temperature=1.0, top_p=0.9, seed=3)),
-], ids=["bild", "speculative-sampling"])
+    (BiLD(fallback_threshold=0.3, rollback_threshold=3.0, max_draft_len=4), PENALIZED),
+], ids=["bild", "speculative-sampling", "bild-penalized"])
 def test_the_recorded_loop_gives_the_eager_loops_drafts(large_model, small_model, policy, params):
     # The graph path's own logic (the first update recorded on its fixed logits buffer at a bucket's first run, the
     # decode steps recorded when the bucket is made, both replayed) with recording stood in for, against the eager

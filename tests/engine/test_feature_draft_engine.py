@@ -200,6 +200,10 @@ def test_static_draft_loop_equals_the_eager_one(pair):
         greedy = eng.generate(prompts, SamplingParams(max_tokens=16), policy=Greedy(max_draft_len=3))
         bild = eng.generate(prompts, SamplingParams(max_tokens=16, temperature=0.7, seed=5),
                             policy=BiLD(fallback_threshold=0.3, rollback_threshold=2.0, max_draft_len=4))
+        # penalties on the drafts too (the fixed-buffer loop applies them in its step, appending the run's drafts)
+        bild += eng.generate(prompts, SamplingParams(max_tokens=16, repetition_penalty=1.5, frequency_penalty=0.4,
+                                                     min_tokens=6, logit_bias={7: 3.0}),
+                             policy=BiLD(fallback_threshold=0.2, rollback_threshold=3.0, max_draft_len=4))
         runs[loop] = ([o.token_ids for o in greedy + bild], [o.metrics.accepted_tokens for o in greedy + bild], seen)
         assert_all_free(eng)
     assert runs["static"] == runs["eager"]
