@@ -52,6 +52,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                         "auto (the default: 4096 where a hit provably changes nothing but the time, the default "
                         "pair on a CPU with AVX-512 VNNI; else off). bild eval / bench never let a prompt reuse "
                         "itself, only what it shares with the others (a system prompt, a template)")
+    g.add_argument("--prefill-chunk", default="auto", metavar="TOKENS",
+                   help="prefill a prompt longer than TOKENS a chunk of TOKENS a step while the other requests go "
+                        "on decoding (Engine's prefill_chunk): TOKENS, 0 (whole prompts), or auto (the default: 256 "
+                        "where chunking provably changes nothing but the time, as for --prefix-cache; else whole)")
 
 
 def _policy_args(p: argparse.ArgumentParser, default_policy: str | None = "bild") -> None:
@@ -101,10 +105,11 @@ def _engine(args, *, max_batch_size: int = 1, max_model_len: int = 1024):
                   max_model_len=max_model_len, small_weights=weights,
                   draft_max_batch=None if limit == "none" else limit,
                   draft_loop=None if getattr(args, "draft_loop", "auto") == "auto" else args.draft_loop,
-                  prefix_cache=_prefix_cache(getattr(args, "prefix_cache", "auto")))
+                  prefix_cache=_tokens_or_auto("--prefix-cache", getattr(args, "prefix_cache", "auto")),
+                  prefill_chunk=_tokens_or_auto("--prefill-chunk", getattr(args, "prefill_chunk", "auto")))
 
 
-def _prefix_cache(given) -> int | str:
+def _tokens_or_auto(flag: str, given) -> int | str:
     if given == "auto":
         return "auto"
     try:
@@ -112,7 +117,7 @@ def _prefix_cache(given) -> int | str:
     except (TypeError, ValueError):
         tokens = -1
     if tokens < 0:
-        raise UsageError(f"--prefix-cache must be a number of tokens >= 0 or auto, got {given}")
+        raise UsageError(f"{flag} must be a number of tokens >= 0 or auto, got {given}")
     return tokens
 
 

@@ -216,6 +216,11 @@ def build_engine(args) -> Engine:
     kw = dict(device=args.device, dtype=dtype, max_batch_size=args.max_batch_size, max_model_len=args.max_model_len)
     if args.kv_cache_blocks:
         kw["kv_cache_blocks"] = args.kv_cache_blocks
+    if args.prefill_chunk != "auto":
+        try:
+            kw["prefill_chunk"] = int(args.prefill_chunk)
+        except ValueError:
+            raise SystemExit(f"--prefill-chunk must be a number of tokens or auto, got {args.prefill_chunk!r}") from None
     if args.large is None:
         if args.small is not None:
             raise SystemExit("--small needs --large")
@@ -234,6 +239,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-batch-size", type=int, default=8)
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--kv-cache-blocks", type=int, default=None)
+    ap.add_argument("--prefill-chunk", default="auto", metavar="TOKENS",
+                    help="prefill prompts longer than this a chunk of TOKENS a step, so that running streams go on "
+                         "between the chunks (Engine's prefill_chunk): TOKENS, 0 (whole prompts), or auto")
     ap.add_argument("--max-pending", type=int, default=256, help="requests in flight before 503")
     ap.add_argument("--request-timeout", type=float, default=600.0, help="default per-request timeout, seconds")
     ap.add_argument("--log", action="store_true", help="log every HTTP request to stderr")

@@ -24,7 +24,7 @@ def _run(script: str, *args: str) -> list[str]:
 def test_every_op_has_a_benchmark():
     assert sorted(p.stem[len("bench_"):] for p in BENCH.glob("bench_*.py")) == sorted(
         OPS + ["e2e", "draft_weights", "cpu_linear", "cpu_decoder_layer", "cpu_feature_draft", "sampled_decoding",
-               "bulk"])
+               "bulk", "prefill_chunks"])
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -131,3 +131,11 @@ def test_step_profile_prints_where_the_time_goes():
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Self CPU time total" in proc.stdout
     assert "bild (static), batch 1: 4 tokens in" in proc.stdout.splitlines()[-1]
+
+
+def test_prefill_chunks_benchmark_compares_chunked_and_whole_prefills():
+    rows = [ast.literal_eval(line) for line in _run("bench_prefill_chunks.py", "--pair", "tiny", "--prompt-tokens", "120",
+                                                    "--chunks", "16,0", "--decode-tokens", "16")
+            if line.startswith("{")]
+    assert [(r["prefill_chunk"], r["chunks"]) for r in rows] == [(16, 7), (0, 0)]
+    assert all(r["max_gap_ms"] > 0 and r["long_ttft_ms"] > 0 for r in rows)

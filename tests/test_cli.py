@@ -58,6 +58,18 @@ def test_generate_passes_penalties_on(capsys, pair_dirs):
     assert outs[1] and outs[0] != outs[1]
 
 
+def test_generate_chunks_a_long_prompt_with_the_same_text(capsys, pair_dirs):
+    large, small = pair_dirs
+    prompt = " ".join(f"w{i % 30}" for i in range(40))
+    outs = []
+    for chunk in (0, 8):
+        code, out, err = _run(capsys, "generate", prompt, "--large", large, "--small", small, "--max-tokens", 6,
+                              "--no-chat-template", "--policy", "greedy", "--prefill-chunk", chunk)
+        assert code == 0, err
+        outs.append(out.split())
+    assert outs[0] == outs[1] and outs[0]
+
+
 def test_generate_puts_a_system_message_before_the_prompt(capsys, tmp_path, pair_dirs):
     import shutil
 
@@ -125,6 +137,8 @@ def test_generate_reports_the_lookups_drafts(capsys, pair_dirs):
     (["generate", "hi", "--large", "{large}", "--draft-max-batch", "0"], "draft-max-batch must be a positive int"),
     (["generate", "hi", "--large", "{large}", "--prefix-cache", "-4"], "--prefix-cache must be a number of tokens"),
     (["generate", "hi", "--large", "{large}", "--prefix-cache", "lots"], "--prefix-cache must be a number of tokens"),
+    (["generate", "hi", "--large", "{large}", "--prefill-chunk", "-1"], "--prefill-chunk must be a number of tokens"),
+    (["generate", "hi", "--large", "{large}", "--prefill-chunk", "big"], "--prefill-chunk must be a number of tokens"),
     (["generate", "hi", "--large", "{large}", "--system", "be brief"], "--system needs the model's chat template"),
     (["generate", "hi", "--large", "{large}", "--policy", "greedy", "--max-ngram", "2"], "without --lookup"),
     (["generate", "hi", "--large", "{large}", "--policy", "ngram", "--lookup", "2"], "--lookup does not apply"),

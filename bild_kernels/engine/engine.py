@@ -9,7 +9,8 @@ the same alone or beside others):
               `verify_draft` accepts a prefix and emits the large model's own next token;
   3. commit — append accepted + emitted tokens, roll back both caches past the accepted prefix,
               finish rows that hit a stop condition and free their blocks.
-A new request's prefill is simply its first verification pass with nothing drafted.
+A new request's prefill is simply its first verification pass with nothing drafted (a prompt longer than
+`prefill_chunk` goes through a chunk a step before it, the rest of the batch stepping on: `prefill_chunks`).
 Policies without a small model reuse the same loop: Jacobi's guesses (the last pass's predictions,
 then prompt tokens) stand in for the draft; shallow-deep drafts with the large model's first layers
 and its verify pass runs the deep layers over every pending token (see `shallow_deep`). With
@@ -26,6 +27,7 @@ from bild_kernels.engine.draft_loop import StaticDraftLoop
 from bild_kernels.engine.iteration import Iteration
 from bild_kernels.engine.params import SamplingParams
 from bild_kernels.engine.policies import BiLD, LargeOnly, Policy, bild_from_dict
+from bild_kernels.engine.prefill_chunks import PREFILL_CHUNK_AUTO_TOKENS
 from bild_kernels.engine.prefix_cache import PrefixCache
 from bild_kernels.engine.prefixing import PREFIX_CACHE_AUTO_TOKENS, Prefixing
 from bild_kernels.engine.runner import ModelRunner, load_executor
@@ -120,6 +122,11 @@ class Engine(Prefixing, TokenizerMethods, Iteration):
         on its own, the same bits whatever else its pass holds: `LlamaExecutor.rows_independent`, the default
         pair's GGUF blocks on a CPU with AVX-512 VNNI), else off (elsewhere float32 / bf16 products may round a
         row differently in a shorter pass: ask for it by number there).
+    prefill_chunk : a prompt longer than this many tokens is prefilled a chunk of this many tokens a step, while
+        the other requests go on decoding (`bild_kernels.engine.prefill_chunks`): a running stream then waits at most
+        one chunk's pass a step for a newcomer's prompt. None or 0: every prompt in one pass. "auto" (the default):
+        PREFILL_CHUNK_AUTO_TOKENS where chunking provably changes nothing but the time (as for prefix_cache), else
+        None.
     """
 
     def __init__(self, large=None, small=None, *, device: str = "cpu", dtype: torch.dtype | None = None,
@@ -127,7 +134,8 @@ class Engine(Prefixing, TokenizerMethods, Iteration):
                  block_size: int = 16, kv_cache_memory: int | float | None = None, tokenizer=None,
                  draft_loop: str | None = None, small_dtype: torch.dtype | None = None,
                  small_weights: str | None = "auto", extend_passes: str | None = None,
-                 draft_max_batch: int | str | None = "auto", prefix_cache: int | str | None = "auto"):
+                 draft_max_batch: int | str | None = "auto", prefix_cache: int | str | None = "auto",
+                 prefill_chunk: int | str | None = "auto"):
         if large is None:
             if small is not None:
                 raise ValueError("small given without large: name both models, or neither for the default pair")
@@ -144,6 +152,10 @@ class Engine(Prefixing, TokenizerMethods, Iteration):
                                                    or prefix_cache < 0):
             raise ValueError(f"prefix_cache must be a number of tokens (an int >= 0), 'auto' or None, "
                              f"got {prefix_cache!r}")
+        if prefill_chunk not in (None, "auto") and (isinstance(prefill_chunk, bool)
+                                                    or not isinstance(prefill_chunk, int) or prefill_chunk < 0):
+            raise ValueError(f"prefill_chunk must be a number of tokens (an int >= 0), 'auto' or None, "
+                             f"got {prefill_chunk!r}")
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device='cuda' but no CUDA device is available")
@@ -209,9 +221,10 @@ class Engine(Prefixing, TokenizerMethods, Iteration):
         if small_exec is not None:
             self.runners["small"] = ModelRunner(small_exec, **kw)
         self.draft_loop, self.extend_passes = draft_loop, extend_passes
+        exact = large_exec.rows_independent and max_model_len <= large_exec.fused_max_tokens
         if prefix_cache == "auto":
-            prefix_cache = (PREFIX_CACHE_AUTO_TOKENS if large_exec.rows_independent
-                            and max_model_len <= large_exec.fused_max_tokens else None)
+            prefix_cache = PREFIX_CACHE_AUTO_TOKENS if exact else None
+        self.prefill_chunk = (PREFILL_CHUNK_AUTO_TOKENS if exact else None) if prefill_chunk == "auto" else prefill_chunk
         self.prefix_cache = PrefixCache(prefix_cache) if prefix_cache else None
         if self.prefix_cache is not None:
             self.runners["large"].kv_pool()  # the large model's caches must move a run of positions in one go

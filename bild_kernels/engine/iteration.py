@@ -17,6 +17,7 @@ from bild_kernels.engine.drafting import Drafting, drafted_ids
 from bild_kernels.engine.host import to_device
 from bild_kernels.engine.penalizing import penalized
 from bild_kernels.engine.policies import Policy
+from bild_kernels.engine.prefill_chunks import PrefillChunks
 from bild_kernels.engine.runner import forget_nonfinite, nonfinite_flags
 from bild_kernels.engine.sequence import Drafts, Sequence
 
@@ -66,9 +67,23 @@ def note_logprobs(seqs: list[Sequence], logits: torch.Tensor, ids: torch.Tensor,
         s.top_logprobs += alts
 
 
-class Iteration(Drafting):
+def note_prompt_logprobs(s: Sequence, logits: torch.Tensor, start: int) -> None:
+    """Append to s.prompt_logprobs / s.prompt_top_logprobs the log-probabilities of the prompt tokens after positions
+    start, start + 1, ... under logits [n, V] of those positions (the first entry None, at start 0)."""
+    n = min(logits.shape[0], s.prompt_len - 1 - start)
+    ids = torch.tensor([s.tokens[start + 1:start + 1 + n]], dtype=torch.int64, device=logits.device)
+    (lp, alts), = logprob_lists(logits[None, :n], ids, [n], [s.params.prompt_logprobs])
+    if start == 0:
+        s.prompt_logprobs, s.prompt_top_logprobs = [None], [None]
+    s.prompt_logprobs += lp
+    s.prompt_top_logprobs += alts
+
+
+class Iteration(PrefillChunks, Drafting):
     """Engine methods that run one step over the running batch (mixed into `Engine`): `Drafting` proposes, these
-    verify and commit."""
+    verify and commit; `PrefillChunks` splits long prompts' prefills over steps."""
+
+    _note_prompt_logprobs = staticmethod(note_prompt_logprobs)
 
     @staticmethod
     def _sampling_values(seqs: list[Sequence], offsets: list[int]) -> dict:
@@ -87,7 +102,17 @@ class Iteration(Drafting):
                     offset=ints[2], sampled=sampled, filtered=filtered)
 
     def _step(self, running: list[Sequence], policy: Policy) -> list[list[int]]:
-        """One iteration over the running batch; returns the tokens committed per sequence."""
+        """One iteration over the running batch; returns the tokens committed per sequence (none for a row whose
+        long prompt is still going through in chunks: `prefill_chunks`)."""
+        waiting = {id(s) for s in running if self._prefilling(s, policy)}
+        if not waiting:
+            return self._step_batch(running, policy)
+        self._prefill_chunk(next(s for s in running if id(s) in waiting), policy)  # the first in admission order
+        rest = [s for s in running if id(s) not in waiting]
+        done = dict(zip(map(id, rest), self._step_batch(rest, policy))) if rest else {}
+        return [done.get(id(s), []) for s in running]
+
+    def _step_batch(self, running: list[Sequence], policy: Policy) -> list[list[int]]:
         t0 = time.perf_counter()
         if policy.uses_small and not policy.drafts:
             committed = self._step_small_only(running)
@@ -179,15 +204,12 @@ class Iteration(Drafting):
 
     def _score_prompts(self, running, drafts, toks, n_logits, scored, logits: torch.Tensor) -> torch.Tensor:
         """Note the prompt log-probabilities of the `scored` rows, whose logits cover every token of their pass
-        (the whole prompt: no prefix was restored for them), and return the verification's [B, K+1, V]: each row's
+        (the whole prompt, or what its chunks left of it: no prefix was restored for them), and return the verification's [B, K+1, V]: each row's
         logits of its last len(draft) + 1 tokens, padded by repeating the last (as `extend` pads)."""
         K1 = max(len(d) for d in drafts) + 1
         for i, s in enumerate(running):
-            if scored[i]:
-                P = s.prompt_len
-                ids = torch.tensor([s.tokens[1:P]], device=logits.device)
-                (lp, alts), = logprob_lists(logits[i:i + 1, :P - 1], ids, [P - 1], [s.params.prompt_logprobs])
-                s.prompt_logprobs, s.prompt_top_logprobs = [None] + lp, [None] + alts
+            if scored[i]:  # (after a chunked prefill's chunks: the rest of the prompt)
+                note_prompt_logprobs(s, logits[i], s.cached["large"])
         index = []
         for i, (t, n, d) in enumerate(zip(toks, n_logits, drafts)):
             first = n - (len(d) + 1)  # (n = len(t) for a scored row, else len(d) + 1: first = 0)

@@ -17,6 +17,7 @@ class RequestMetrics:
     generated_tokens: int = 0
     large_passes: int = 0  # forward passes of the large model that included this request
     small_steps: int = 0  # forward passes of the small model that included this request
+    prefill_chunks: int = 0  # passes over a chunk of the prompt alone before its first pass (Engine's prefill_chunk)
     drafted_tokens: int = 0  # tokens the small model proposed for verification
     accepted_tokens: int = 0  # drafted tokens the large model kept
     lookup_drafted_tokens: int = 0  # of the drafted tokens, those the n-gram lookup proposed (NGram, `lookup=`)
@@ -82,7 +83,7 @@ class RequestMetrics:
         items = list(items)
         for m in items:
             for name in ("prompt_tokens", "cached_prompt_tokens", "generated_tokens", "large_passes", "small_steps",
-                         "drafted_tokens", "accepted_tokens", "lookup_drafted_tokens", "lookup_accepted_tokens",
+                         "prefill_chunks", "drafted_tokens", "accepted_tokens", "lookup_drafted_tokens", "lookup_accepted_tokens",
                          "fallbacks", "rollbacks"):
                 setattr(total, name, getattr(total, name) + getattr(m, name))
             total.accepted_lengths.update(m.accepted_lengths)

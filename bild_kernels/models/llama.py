@@ -215,10 +215,15 @@ class LlamaExecutor:
             stats = resolve("cpu_linear_q8_0x16_stats", self.device, None)
             if stats is registered("cpu_linear_q8_0x16_stats", "cpu"):
                 self._head_stats = lambda x: stats(x, q, d, None, bits)  # noqa: E731
+            # Every number of rows from the blocks (the kernel tiles them, as the packed layers' products do): each
+            # row's logits then come out the same bits whatever else its pass holds (rows_independent), where
+            # F.linear on the float32 head beyond CPU_LINEAR_MAX_ROWS rows rounded them otherwise (a prompt's
+            # log-probabilities, a verify pass of a large batch).
+            self._head_linear = functools.partial(_blocks_linear, native=native, linear=self._linear)
         else:
             native = lambda x, w, bias: fn(x, q, d, bias)  # noqa: E731
-        # _linear's own rule picks the small-M kernel; for the head that kernel reads the blocks instead of lm_head.
-        self._head_linear = functools.partial(_linear, native=native)
+            # _linear's own rule picks the small-M kernel; for the head that kernel reads the blocks, not lm_head.
+            self._head_linear = functools.partial(_linear, native=native)
         self._head_args = None  # (a large model's head: no draft run reads it)
         self.head_blocks = {"float32": "q8_0", "int16": "q8_0x16", "int8": "q8_0x16i8"}[activations]
         return True
@@ -600,6 +605,14 @@ def _packed_linear(x, w, bias=None, *, packed, linear):
     M >= 1 (the packed kernel tiles any number of rows, as the fused layer's products do), else linear(x, w, bias)."""
     if x.dim() == 2 and x.dtype == torch.float32 and x.shape[0] >= 1:
         return torch.ops.bild_kernels_cpu.cpu_linear_q8_0x16(x.contiguous(), *packed, bias, 16)
+    return linear(x, w, bias)
+
+
+def _blocks_linear(x, w, bias=None, *, native, linear):
+    """x @ w.T (+ bias) through `native` (a packed-blocks kernel standing for w) when x is float32 [M, K] with M >= 1,
+    else linear(x, w, bias)."""
+    if x.dim() == 2 and x.dtype == torch.float32 and x.shape[0] >= 1:
+        return native(x.contiguous(), w, bias)
     return linear(x, w, bias)
 
 

