@@ -11,6 +11,7 @@ COUNTERS = {  # RequestMetrics field -> (metric, help)
     "cached_prompt_tokens": ("bild_cached_prompt_tokens_total", "Prompt positions copied from the prefix cache."),
     "generated_tokens": ("bild_generation_tokens_total", "Tokens generated."),
     "large_passes": ("bild_large_passes_total", "Large-model passes, summed over requests."),
+    "prefill_chunks": ("bild_prefill_chunks_total", "Chunks of long prompts prefilled before their first pass."),
     "drafted_tokens": ("bild_drafted_tokens_total", "Tokens drafted for verification."),
     "accepted_tokens": ("bild_accepted_tokens_total", "Drafted tokens the large model kept."),
     "fallbacks": ("bild_fallbacks_total", "Draft runs the small model ended itself (BiLD's fallback)."),

@@ -33,8 +33,10 @@ def server(programs, tmp_path_factory):
     serve = programs["serve"]
     large, small = programs["tiny_pair"].save_tiny_pair(tmp_path_factory.mktemp("pair"))
     args = serve.parser().parse_args(["--large", str(large), "--small", str(small), "--dtype", "float64",
-                                      "--max-batch-size", "4", "--max-model-len", "64", "--port", "0"])
+                                      "--max-batch-size", "4", "--max-model-len", "64", "--port", "0",
+                                      "--prefill-chunk", "4"])  # (a chat prompt's prefill then takes chunks)
     srv = serve.make_server(serve.build_engine(args), port=0, max_pending=64)
+    assert srv.service.engine.prefill_chunk == 4
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     yield srv
     srv.shutdown()
@@ -298,6 +300,7 @@ def test_metrics_count_what_the_service_served(server):
     assert delta('bild_requests_total{finish_reason="error"}') == 1
     assert delta("bild_generation_tokens_total") == sum(outs) == 16
     assert delta("bild_drafted_tokens_total") > 0 and delta("bild_accepted_tokens_total") >= 0
+    assert delta("bild_prefill_chunks_total") > 0  # the chat request's prompt, 4 tokens a step
     assert delta("bild_time_to_first_token_seconds_count") == 3 and delta("bild_request_duration_seconds_count") == 4
     assert delta('bild_request_duration_seconds_bucket{le="+Inf"}') == 4
     assert after["bild_running_requests"] == 0 and after["bild_waiting_requests"] == 0

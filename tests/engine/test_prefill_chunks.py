@@ -118,6 +118,31 @@ def test_running_requests_go_on_between_the_chunks(chunked):
     assert_all_free(chunked)
 
 
+def test_a_request_that_times_out_mid_prefill_frees_its_blocks_alone(chunked, whole):
+    """A request whose deadline passes between two of its chunks ends with finish_reason "timeout", no tokens and no
+    blocks held; the request beside it gets the tokens it gets alone."""
+    import time
+    orig = chunked._prefill_chunk
+
+    def slow(s, policy):
+        time.sleep(0.05)
+        return orig(s, policy)
+
+    chunked._prefill_chunk = slow
+    try:
+        outs = chunked.generate([PROMPTS[0], PROMPTS[1]], [SamplingParams(max_tokens=N, timeout_s=0.08),
+                                                           SamplingParams(max_tokens=N)], policy=Greedy(max_draft_len=3))
+    finally:
+        del chunked._prefill_chunk
+    assert outs[0].finish_reason == "timeout" and outs[0].token_ids == [] and outs[0].metrics.prefill_chunks < 4
+    assert outs[1].token_ids == whole.generate([PROMPTS[1]], SamplingParams(max_tokens=N),
+                                               policy=Greedy(max_draft_len=3))[0].token_ids
+    assert_all_free(chunked)
+    # the engine goes on: the same long prompt again, to the end
+    again = chunked.generate([PROMPTS[0]], SamplingParams(max_tokens=N), policy=Greedy(max_draft_len=3))[0]
+    assert again.metrics.prefill_chunks == 4 and len(again.token_ids) == N
+
+
 def test_prompt_logprobs_are_the_same(chunked, whole):
     params = SamplingParams(max_tokens=3, prompt_logprobs=2, logprobs=1)
     for policy in (LargeOnly(), Greedy(max_draft_len=3)):
