@@ -1,6 +1,6 @@
 // The one binding file: op schemas (namespace bild_kernels_C) and their CUDA kernels. Importing the
 // Python module bild_kernels._C runs the static registrations below; the module itself is empty.
-// Positional arguments are those of the reference functions in bild_kernels/reference.py.
+// Positional arguments are those of the reference functions in bild_kernels/reference/.
 #include <ATen/core/Tensor.h>
 #include <pybind11/pybind11.h>
 #include <torch/library.h>

@@ -1,7 +1,7 @@
 // Building blocks shared by every kernel of bild_kernels._C. No torch headers: the launchers in the
 // other .cuh files are usable from plain CUDA C++ (tests/native) as well as from the torch layer.
 //
-// Spec: bild_kernels/reference.py. What must match it bit for bit (token ids, counts) is written so
+// Spec: bild_kernels/reference/. What must match it bit for bit (token ids, counts) is written so
 // that the GPU rounds exactly as the reference does: divisions are correctly rounded (__fdiv_rn, the
 // reference divides in fp32), logf/expf are the accurate library versions (no --use_fast_math).
 #pragma once
@@ -19,7 +19,7 @@
 
 namespace bild {
 
-// Stream identifiers (the `purpose` byte of the Philox counter) and verify modes, as in reference.py.
+// Stream identifiers (the `purpose` byte of the Philox counter) and verify modes, as in bild_kernels/reference/.
 constexpr int kPurposeDraftSample = 1;
 constexpr int kPurposeVerifyAccept = 2;
 constexpr int kPurposeVerifyToken = 3;

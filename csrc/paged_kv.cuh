@@ -1,4 +1,4 @@
-// Paged KV-cache kernels and launchers: write, reserve, rollback, gather (spec: reference.py). No torch
+// Paged KV-cache kernels and launchers: write, reserve, rollback, gather (spec: bild_kernels/reference/). No torch
 // headers. Caches are [num_blocks, block_size, H, D], contiguous; slot s is row s % block_size of block
 // s / block_size. Block tables [B, M] i32 hold a row's blocks first, then -1; free_blocks [N] i32 is a
 // stack whose first num_free[0] entries are free.

@@ -27,7 +27,7 @@ import torch
 
 from bild_kernels import ops
 from bild_kernels.ops import _validate as v
-from bild_kernels.engine.draft_loop import GraphRecorder
+from bild_kernels.engine.graphs import GraphRecorder
 from bild_kernels.engine.host import to_device
 from bild_kernels.engine.params import SamplingParams
 from bild_kernels.engine.runner import ModelRunner, load_executor

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bild_kernels.engine.draft_loop import GraphRecorder, buckets
+from bild_kernels.engine.graphs import GraphRecorder, buckets
 from bild_kernels.models import AttentionMetadata
 
 

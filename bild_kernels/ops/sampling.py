@@ -116,7 +116,7 @@ def filtered_probs(logits, temperature, top_k, top_p):
     """The distributions sample_draft draws from, as full rows [B, V] float32: softmax of the
     temperature-scaled, top-k/top-p-filtered logits (one-hot argmax at temperature 0). Speculative
     sampling needs them to verify the drafts."""
-    from bild_kernels.reference import _filter_top_k_top_p
+    from bild_kernels.reference.sampling import _filter_top_k_top_p
     z = logits.float()
     greedy = temperature <= 0
     t = torch.where(greedy, torch.ones_like(temperature), temperature).unsqueeze(1)

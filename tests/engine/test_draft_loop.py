@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bild_kernels import BiLD, Engine, Greedy, NGram, SamplingParams, SpeculativeSampling
-from bild_kernels.engine.draft_loop import buckets
+from bild_kernels.engine.graphs import buckets
 
 from tests.conftest import requires_gpu
 
@@ -252,7 +252,7 @@ def test_a_failed_capture_warns_and_leaves_the_step_uncaptured(monkeypatch):
     # The draft loop, the extend passes and BatchGenerator share GraphRecorder: a capture that raises (here: no
     # CUDA stream) must not fail the request, only warn and return None so that the step runs without a graph;
     # and the graphs after it record into a fresh pool (a failed capture leaves its pool marked as recording).
-    from bild_kernels.engine.draft_loop import GraphRecorder
+    from bild_kernels.engine.graphs import GraphRecorder
 
     def no_stream(*a, **k):
         raise RuntimeError("no stream here")
@@ -293,7 +293,7 @@ def test_a_capture_records_with_the_garbage_collector_off(monkeypatch):
     # on afterwards, and stays off for a caller that had turned it off.
     import gc
 
-    from bild_kernels.engine.draft_loop import GraphRecorder
+    from bild_kernels.engine.graphs import GraphRecorder
     for name in ("Stream", "stream", "graph", "CUDAGraph"):
         monkeypatch.setattr(torch.cuda, name, _FakeGraph)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda *a, **k: _FakeGraph())
@@ -324,7 +324,7 @@ def test_a_capture_on_gpu_survives_garbage_holding_an_old_graph():
     import gc
     import warnings
 
-    from bild_kernels.engine.draft_loop import GraphRecorder
+    from bild_kernels.engine.graphs import GraphRecorder
     dev = torch.device("cuda")
     x = torch.zeros(1024, device=dev)
     old = GraphRecorder(dev)

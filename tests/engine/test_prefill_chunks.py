@@ -7,6 +7,8 @@ import torch
 from bild_kernels import BiLD, Engine, Greedy, LargeOnly, SamplingParams, SmallOnly, SpeculativeSampling
 from bild_kernels.engine.policies import Jacobi, NGram, ShallowDeep
 
+from tests.conftest import requires_gpu
+
 from .conftest import assert_all_free, hf_greedy
 from .test_feature_draft_engine import _engine as _feature_engine
 from .test_feature_draft_engine import pair  # noqa: F401 (a fixture)
@@ -199,6 +201,25 @@ def test_a_feature_draft_s_kept_prompt_holds_every_chunk_s_features(pair, whole)
         assert [o.metrics.prefill_chunks for o in outs] == ([5, 0] if chunk else [0, 0])
         assert_all_free(eng)
     assert runs[CHUNK] == runs[None]
+
+
+@requires_gpu
+def test_chunked_prefill_on_gpu_under_the_graphed_loop(large_model, small_model):
+    """On a GPU (float32, graphed draft runs and passes; chunks run eagerly): the large model's greedy text for the
+    lossless policies, chunked as in one pass."""
+    outs = {}
+    for chunk in (CHUNK, None):
+        eng = Engine(large=large_model, small=small_model, device="cuda", dtype=torch.float32, max_batch_size=3,
+                     max_model_len=64, block_size=4, prefill_chunk=chunk)
+        for policy in (LargeOnly(), Greedy(max_draft_len=4),
+                       BiLD(fallback_threshold=0.0, rollback_threshold=0.0, max_draft_len=3)):
+            got = eng.generate(PROMPTS, SamplingParams(max_tokens=N), policy=policy)
+            outs.setdefault(policy.name, []).append([o.token_ids for o in got])
+            assert [o.metrics.prefill_chunks for o in got] == (CHUNKS if chunk else [0] * len(PROMPTS))
+        assert_all_free(eng)
+    want = [hf_greedy(large_model, p, N) for p in PROMPTS]
+    for name, (chunked, whole) in outs.items():
+        assert chunked == whole == want, name
 
 
 @pytest.mark.parametrize("bad", [-1, 2.0, True, "512"])

@@ -1,6 +1,6 @@
 """The CUDA sampling kernels' top-k / top-p cut-off search (csrc/cut_search.h), run on the host by the CPU
 extension's cpu_filter_cut: the same bucket, bracket and settle code as the kernels' filter_cut, checked here
-against the reference's filter (reference._filter_top_k_top_p): the kept set exactly, its mass closely, and
+against the reference's filter (reference.sampling._filter_top_k_top_p): the kept set exactly, its mass closely, and
 the number of passes over the row within its bound."""
 import pytest
 import torch
@@ -26,7 +26,7 @@ def cut(scaled, top_k, top_p):
 
 def check(scaled, top_k, top_p, max_passes=MAX_PASSES):
     tau, kept_sum, passes = cut(scaled, top_k, top_p)
-    want = R._filter_top_k_top_p(scaled, top_k, top_p) > float("-inf")
+    want = R.sampling._filter_top_k_top_p(scaled, top_k, top_p) > float("-inf")
     got = order_key(scaled) >= tau.unsqueeze(1)
     finite = torch.isfinite(scaled)  # a -inf logit has no mass and never wins a draw, kept or not
     filtered = ((top_k > 0) & (top_k < scaled.shape[1])) | (top_p < 1.0)

@@ -182,7 +182,8 @@ def test_sample_draft_reference_samples_filtered_softmax():
     ones = torch.ones(N)
     tok = R.sample_draft_ref(logits, ones * T, torch.full((N,), k, dtype=torch.int32), ones * p,
                              torch.arange(N) * 7919 + 1, torch.full((N,), 11), ones * 0)[0]
-    want = torch.softmax(R._filter_top_k_top_p((z / T).unsqueeze(0), torch.tensor([k]), torch.tensor([p])), 1)[0]
+    kept = R.sampling._filter_top_k_top_p((z / T).unsqueeze(0), torch.tensor([k]), torch.tensor([p]))
+    want = torch.softmax(kept, 1)[0]
     assert (want > 0).sum() == 3  # the filters actually bit (top-p 0.8 keeps 3 of top-k 4)
     freq = torch.bincount(tok, minlength=V).double() / N
     assert float((freq - want.double()).abs().sum()) / 2 < 3e-3  # total variation; ~5 sigma at 1M draws
@@ -216,7 +217,7 @@ def test_sample_draft_reference_greedy_shortcut_matches_general_path(monkeypatch
     args = (logits, zeros, torch.zeros(6, dtype=torch.int32), torch.ones(6), torch.arange(6) * 7,
             torch.zeros(6, dtype=torch.int64), torch.tensor([0.0, 0.3, 0.5, 0.9, 1.0, 0.05]))
     fast = R.sample_draft_ref(*args)
-    monkeypatch.setattr(R, "_plain_greedy", lambda *a: False)
+    monkeypatch.setattr(R.sampling, "_plain_greedy", lambda *a: False)
     general = R.sample_draft_ref(*args)
     for f, g in zip(fast, general):
         assert f.dtype == g.dtype and torch.equal(f, g)

@@ -217,7 +217,7 @@ def test_verify_draft_reference_greedy_shortcut_matches_general_path(monkeypatch
     args = (draft_ids, target_logits, mode, params["rollback_threshold"], None, torch.zeros(9), params["top_k"],
             params["top_p"], params["seed"], params["offset"])
     fast = R.verify_draft_ref(*args)
-    monkeypatch.setattr(R, "_all_greedy", lambda *a: False)
+    monkeypatch.setattr(R.verify, "_all_greedy", lambda *a: False)
     general = R.verify_draft_ref(*args)
     for f, g in zip(fast, general):
         assert f.dtype == g.dtype and torch.equal(f, g)

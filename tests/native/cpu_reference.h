@@ -1,4 +1,4 @@
-// CPU twins of the kernels for the native test, written from bild_kernels/reference.py (loops and
+// CPU twins of the kernels for the native test, written from bild_kernels/reference/ (loops and
 // sorts, nothing clever), so that the test needs neither torch nor Python. Random numbers come from
 // the same host/device Philox in csrc/common.cuh, which the test first checks against values of the
 // Python reference.
