@@ -10,7 +10,7 @@
 // query_start_loc[b + 1]) at position positions[t] sees the keys at positions p with p <= positions[t],
 // p < context_lens[b] and, if sliding_window > 0, p > positions[t] - sliding_window; query head h reads kv
 // head h / (Hq / Hkv). softmax(scale * q.k) over those keys, times v; a token that sees no key gets zeros.
-// Work split: at::parallel_for over (token, kv head) pairs; each output is computed by one thread alone, in
+// Work split: at::parallel_for over (kv head, token) pairs; each output is computed by one thread alone, in
 // a fixed order (keys in increasing position; with AVX-512 and D = 64 or 128 each score a fixed chain over D in
 // 16 lanes, 16 keys' lanes reduced together in fixed trees; else 8-lane dot products reduced in a fixed tree;
 // each key's row found by walking the block table, no division a key), so a token's
@@ -273,11 +273,16 @@ at::Tensor cpu_paged_attention(const at::Tensor& query, const at::Tensor& key_ca
   float* o = out.data_ptr<float>();
   const int64_t rep = Hq / Hkv;
   const AttendFn attend = attend_for(D);
+  // Items in kv-head-major order, so that a thread's consecutive items read one head's keys and values (a long
+  // prompt's fit in L2, its three heads' did not); within a head the tokens alternate from both ends (0, T-1, 1,
+  // T-2, ...), so that the threads' contiguous ranges hold as many early (cheap) as late (costly) tokens of a causal
+  // prefill. Each output is still computed by one thread alone, the same way: the same bits in any order.
   at::parallel_for(0, T * Hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> s;
     std::vector<int64_t> rows;
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t t = i / Hkv, g = i % Hkv;
+      const int64_t g = i / T, k = i % T;
+      const int64_t t = (k % 2 == 0) ? k / 2 : T - 1 - k / 2;
       if (seq[t] < 0 || hi[t] < lo[t]) continue;  // no sequence, or no visible key: zeros
       attend(q + (t * Hq + g * rep) * D, kc, vc, tables + seq[t] * M, BS, Hkv, D, g, rep, lo[t], hi[t],
                  static_cast<float>(scale), o + (t * Hq + g * rep) * D, s, rows);
