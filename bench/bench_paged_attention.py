@@ -3,8 +3,8 @@
 GPU: Llama-3-8B heads (Hq=32, Hkv=8, D=128) bf16, block 16, blocks scattered through the pool;
 decode and extend at B in {1, 8, 64} with 2048 cached tokens per row, prefill of 4 x 512 tokens.
 CPU: SmolLM2-135M's heads (Hq=9, Hkv=3, D=64) float32, decode and extend (K+1 = 3) at B in {1, 8} with
-150 cached tokens (what the default pair's layers do on a CPU), plus a small prefill; backends ref, cpu
-(bild_kernels._cpu) and, under TRITON_INTERPRET=1, Triton. Bytes = K and V of every row's context read
+150 cached tokens (what the default pair's layers do on a CPU), plus a small prefill and a 1,024-token one; backends
+ref, cpu (bild_kernels._cpu) and, under TRITON_INTERPRET=1, Triton. Bytes = K and V of every row's context read
 once + queries and outputs: the floor for decode, where attention is bound by the cache read.
 
   python bench/bench_paged_attention.py [--device cpu] [--backends cpu,ref] [--no-save]
@@ -40,7 +40,8 @@ def main():
     Hq, Hkv, D, bs, dtype = (32, 8, 128, 16, torch.bfloat16) if gpu else (9, 3, 64, 16, torch.float32)
     configs = ([("decode", B, 2048) for B in (1, 8, 64)] + [("extend", B, 2048) for B in (1, 8, 64)]
                + [("prefill", 4, 512)]) if gpu else ([("decode", B, 150) for B in (1, 8)]
-                                                     + [("extend", B, 150) for B in (1, 8)] + [("prefill", 2, 32)])
+                                                     + [("extend", B, 150) for B in (1, 8)] + [("prefill", 2, 32)]
+                                                     + [("prefill", 1, 1024)])  # a long prompt: threads' balance
     # No CUDA-extension kernel and no compiled variant: the reference loops over rows in Python.
     for backend in [b for b in usable_backends(dev, args.backends, cpu_kernel=True) if b in ("triton", "cpu", "ref")]:
         for mode, B, L in configs:
