@@ -112,7 +112,8 @@ def main():
                 best = min(r["max_gap_ms"] for r in rs)
                 print(f"prefill_chunk {c}: the running stream's largest gap {best:.1f} ms against {base:.1f} ms whole "
                       f"({base / best:.2f}x shorter); long request's TTFT "
-                      f"{min(r['long_ttft_ms'] for r in rs):.1f} against {min(r['long_ttft_ms'] for r in by[0]):.1f} ms")
+                      f"{min(r['long_ttft_ms'] for r in rs):.1f} against "
+                      f"{min(r['long_ttft_ms'] for r in by[0]):.1f} ms")
     if not args.no_save:
         print(f"rows appended to {append_rows('prefill_chunks.csv', rows)}")
 

@@ -220,7 +220,8 @@ def build_engine(args) -> Engine:
         try:
             kw["prefill_chunk"] = int(args.prefill_chunk)
         except ValueError:
-            raise SystemExit(f"--prefill-chunk must be a number of tokens or auto, got {args.prefill_chunk!r}") from None
+            raise SystemExit(f"--prefill-chunk must be a number of tokens or auto, "
+                             f"got {args.prefill_chunk!r}") from None
     if args.large is None:
         if args.small is not None:
             raise SystemExit("--small needs --large")

@@ -134,8 +134,8 @@ def test_step_profile_prints_where_the_time_goes():
 
 
 def test_prefill_chunks_benchmark_compares_chunked_and_whole_prefills():
-    rows = [ast.literal_eval(line) for line in _run("bench_prefill_chunks.py", "--pair", "tiny", "--prompt-tokens", "120",
-                                                    "--chunks", "16,0", "--decode-tokens", "16")
-            if line.startswith("{")]
+    lines = _run("bench_prefill_chunks.py", "--pair", "tiny", "--prompt-tokens", "120", "--chunks", "16,0",
+                 "--decode-tokens", "16")
+    rows = [ast.literal_eval(line) for line in lines if line.startswith("{")]
     assert [(r["prefill_chunk"], r["chunks"]) for r in rows] == [(16, 7), (0, 0)]
     assert all(r["max_gap_ms"] > 0 and r["long_ttft_ms"] > 0 for r in rows)

@@ -251,7 +251,7 @@ class StaticDraftLoop:
         then holds each row's committed tokens). caps[i] >= 1: drafts row i may propose; sampling: the
         engine's per-row values (lists or host tensors of n: temperature, top_k, top_p, seed, offset (step 0's)).
         features [n, H]: a feature draft's step-0 output (its predicted next feature per row), required for one
-        and refused otherwise. penalties: the rows' `penalizing.loop_penalties` (host tensors), None for none."""
+        and refused otherwise. penalties: the rows' `penalizing.chain_penalties` (host tensors), None for none."""
         n, dev = len(rows), self.runner.device
         if not caps or max(caps) > MAX_STEPS or min(caps) < 1:
             raise ValueError(f"StaticDraftLoop.run: caps must be in [1, {MAX_STEPS}], got {caps!r}")
@@ -346,20 +346,21 @@ class StaticDraftLoop:
         return run
 
     @staticmethod
-    def _set_penalties(t: dict, n: int, ids, ints, values, banned, bias_ids, bias_values) -> None:
-        """The penalty buffers of a run's n rows from `penalizing.loop_penalties`' host tensors; the padding rows'
-        neutral (no history, penalties off)."""
+    def _set_penalties(t: dict, n: int, ids, rows, values, banned, bias_ids, bias_values) -> None:
+        """The penalty buffers of a run's n rows from `penalizing.chain_penalties`' host tensors (rows: prompt length,
+        min_tokens, output length); the padding rows' neutral (no history, penalties off)."""
         for name, src, pad in (("pen_ids", ids, -1), ("pen_banned", banned, -1), ("pen_bias_ids", bias_ids, -1),
                                ("pen_bias_values", bias_values, 0.0)):
             t[name].fill_(pad)
             t[name][:n, :src.shape[1]].copy_(src, non_blocking=True)
         t["pen_len"].zero_()
-        t["pen_len"][:n].copy_(ints[2], non_blocking=True)
+        # (the committed tokens: where the run's first draft goes)
+        t["pen_len"][:n].copy_(rows[:, 0] + rows[:, 2], non_blocking=True)
         t["pen_ints"].zero_()
-        t["pen_ints"][:, :n].copy_(ints[:2], non_blocking=True)
+        t["pen_ints"][:, :n].copy_(rows[:, :2].T, non_blocking=True)
         t["pen_values"].zero_()
         t["pen_values"][0].fill_(1.0)  # (repetition_penalty 1: off)
-        t["pen_values"][:, :n].copy_(values, non_blocking=True)
+        t["pen_values"][:, :n].copy_(values.T, non_blocking=True)
 
     @staticmethod
     def _results(buf: _Buffers, done: int, n: int):

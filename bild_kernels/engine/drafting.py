@@ -12,7 +12,7 @@ import torch
 from bild_kernels import ops
 from bild_kernels.engine.host import to_device
 from bild_kernels.engine.lookup import NGramIndex
-from bild_kernels.engine.penalizing import chain_penalties, head_columns, loop_penalties, penalized
+from bild_kernels.engine.penalizing import chain_penalties, head_columns, penalized
 from bild_kernels.engine.policies import NGram, Policy
 from bild_kernels.engine.sequence import Drafts, Sequence
 from bild_kernels.engine.shallow_deep import LayerGroups
@@ -267,7 +267,7 @@ class Drafting:
         run = self._static.run(rows, [caps[i] for i in active], logits,
                                self._sampling_values(seqs, [s.iteration * DRAFT_STRIDE for s in seqs]),
                                policy.thresholds()[0], policy.fallback_signal == "energy", with_probs=with_probs,
-                               features=features, penalties=loop_penalties(seqs, self.eos_ids))
+                               features=features, penalties=chain_penalties(seqs, self.eos_ids, None))
         if feature:  # the chain's positions hold guessed features: drop them
             fed = [(s.row, run.fed[j]) for j, s in enumerate(seqs) if run.fed[j] > 0]
             if fed:

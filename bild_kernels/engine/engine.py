@@ -224,7 +224,9 @@ class Engine(Prefixing, TokenizerMethods, Iteration):
         exact = large_exec.rows_independent and max_model_len <= large_exec.fused_max_tokens
         if prefix_cache == "auto":
             prefix_cache = PREFIX_CACHE_AUTO_TOKENS if exact else None
-        self.prefill_chunk = (PREFILL_CHUNK_AUTO_TOKENS if exact else None) if prefill_chunk == "auto" else prefill_chunk
+        if prefill_chunk == "auto":
+            prefill_chunk = PREFILL_CHUNK_AUTO_TOKENS if exact else None
+        self.prefill_chunk = prefill_chunk
         self.prefix_cache = PrefixCache(prefix_cache) if prefix_cache else None
         if self.prefix_cache is not None:
             self.runners["large"].kv_pool()  # the large model's caches must move a run of positions in one go

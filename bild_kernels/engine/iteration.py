@@ -165,8 +165,7 @@ class Iteration(PrefillChunks, Drafting):
             toks = [s.tokens[s.cached["large"]:] + d for s, d in zip(running, drafts)]
             keeps = self._keeps_features(policy)  # a feature draft reads the verified positions' hidden states
             # (and the prefix cache keeps a prompt's, for the feature draft of a later request that shares it)
-            first = (self.prefix_cache is not None and self.small_kind == "feature" and self._prefix_applies(policy)
-                     and any(s.metrics.large_passes == 0 for s in running))
+            first = self._keeps_prompt_features(policy) and any(s.metrics.large_passes == 0 for s in running)
             n_logits = [len(d) + 1 for d in drafts]
             scored = [s.params.prompt_logprobs is not None and s.metrics.large_passes == 0 for s in running]
             if any(scored):  # these rows' prefill takes every prompt position's logits (SamplingParams.prompt_logprobs)
@@ -204,8 +203,9 @@ class Iteration(PrefillChunks, Drafting):
 
     def _score_prompts(self, running, drafts, toks, n_logits, scored, logits: torch.Tensor) -> torch.Tensor:
         """Note the prompt log-probabilities of the `scored` rows, whose logits cover every token of their pass
-        (the whole prompt, or what its chunks left of it: no prefix was restored for them), and return the verification's [B, K+1, V]: each row's
-        logits of its last len(draft) + 1 tokens, padded by repeating the last (as `extend` pads)."""
+        (the whole prompt, or what its chunks left of it: no prefix was restored for them), and return the
+        verification's [B, K+1, V]: each row's logits of its last len(draft) + 1 tokens, padded by repeating the last
+        (as `extend` pads)."""
         K1 = max(len(d) for d in drafts) + 1
         for i, s in enumerate(running):
             if scored[i]:  # (after a chunked prefill's chunks: the rest of the prompt)

@@ -1,6 +1,6 @@
-"""SamplingParams' logit bias, penalties and min_tokens on a pass's logits (`ops.apply_penalties`), for the verification (the
-large model's distribution, the one every policy keeps to) and for the drafts (the small model's, so that it proposes
-what the penalised large model will keep)."""
+"""SamplingParams' logit bias, penalties and min_tokens on a pass's logits (`ops.apply_penalties`), for the
+verification (the large model's distribution, the one every policy keeps to) and for the drafts (the small model's,
+so that it proposes what the penalised large model will keep)."""
 from __future__ import annotations
 
 import torch
@@ -84,8 +84,11 @@ def penalized(logits: torch.Tensor, seqs: list[Sequence], eos_ids: set[int], dra
 
 
 def chain_penalties(seqs: list[Sequence], eos_ids: set[int], columns: list[int] | None) -> tuple | None:
-    """`ops.cpu_feature_draft_chain`'s penalties for the rows `seqs` (their committed tokens; the run adds its own
-    drafts), over a head whose columns are `columns` (None: every id); None where no row has any."""
+    """A draft run's penalties for the rows `seqs` (their committed tokens; the run adds its own drafts), over a head
+    whose columns are `columns` (None: every id), as host tensors: the histories [n, L] (-1 pads), [n, 3] int64 prompt
+    length, min_tokens and output length, [n, 3] float64 repetition / presence / frequency penalties, banned ids
+    [n, E] and the logit bias as ids and values [n, E']; None where no row has any. What `ops.cpu_feature_draft_chain`
+    takes, and (columns None) `StaticDraftLoop.run`."""
     if not any(s.params.penalized for s in seqs):
         return None
     ids, banned, bias_ids, bias_values, _ = _history_inputs(seqs, [[] for _ in seqs], eos_ids, columns)
@@ -93,20 +96,6 @@ def chain_penalties(seqs: list[Sequence], eos_ids: set[int], columns: list[int] 
     values = [[s.params.repetition_penalty, s.params.presence_penalty, s.params.frequency_penalty] for s in seqs]
     return (ids, torch.tensor(rows, dtype=torch.int64), torch.tensor(values, dtype=torch.float64), banned, bias_ids,
             bias_values)
-
-
-def loop_penalties(seqs: list[Sequence], eos_ids: set[int]) -> tuple | None:
-    """`StaticDraftLoop.run`'s penalties for the rows `seqs` (full-vocabulary logits): host tensors of their committed
-    tokens [n, L] (-1 pads; the run appends its drafts on the device), [3, n] int64 prompt lengths, min_tokens and
-    committed lengths, [3, n] float64 repetition / presence / frequency penalties, banned ids [n, E] and the logit
-    bias as ids and values [n, E']; None where no row has any."""
-    if not any(s.params.penalized for s in seqs):
-        return None
-    ids, banned, bias_ids, bias_values, min_tokens = _history_inputs(seqs, [[] for _ in seqs], eos_ids, None)
-    ints = torch.tensor([[s.prompt_len for s in seqs], min_tokens, [len(s.tokens) for s in seqs]], dtype=torch.int64)
-    values = torch.tensor([[s.params.repetition_penalty for s in seqs], [s.params.presence_penalty for s in seqs],
-                           [s.params.frequency_penalty for s in seqs]], dtype=torch.float64)
-    return ids, ints, values, banned, bias_ids, bias_values
 
 
 def head_columns(vocab: torch.Tensor | None, size: int) -> list[int] | None:

@@ -50,7 +50,7 @@ class PrefillChunks:
             start = s.cached["large"]
             scored = s.params.prompt_logprobs is not None
             keeps = self._keeps_features(policy)  # a feature draft reads every verified position's hidden state
-            kept = self.prefix_cache is not None and self.small_kind == "feature" and self._prefix_applies(policy)
+            kept = self._keeps_prompt_features(policy)
             out = self.runners["large"].extend([s.row], [s.tokens[start:start + chunk]], [chunk if scored else 1],
                                                return_hidden=keeps or kept)
             logits, hidden = out if keeps or kept else (out, None)

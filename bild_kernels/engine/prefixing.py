@@ -23,6 +23,11 @@ class Prefixing:
         return (self.prefix_cache is not None and policy.drafter != "shallow"
                 and not (policy.uses_small and not policy.drafts))
 
+    def _keeps_prompt_features(self, policy: Policy) -> bool:
+        """Whether a prompt's first passes keep the large model's hidden states of its positions for the prefix cache
+        (a feature draft's engine, for the feature draft of a later request that shares the prompt)."""
+        return self.small_kind == "feature" and self._prefix_applies(policy)
+
     def _prefix_restore(self, seq: Sequence, policy: Policy) -> None:
         """At admission (the row holds nothing yet): copy the longest kept prefix of the prompt into the large
         model's cache; the first pass then prefills only the rest."""

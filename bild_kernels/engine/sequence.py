@@ -83,8 +83,8 @@ class RequestMetrics:
         items = list(items)
         for m in items:
             for name in ("prompt_tokens", "cached_prompt_tokens", "generated_tokens", "large_passes", "small_steps",
-                         "prefill_chunks", "drafted_tokens", "accepted_tokens", "lookup_drafted_tokens", "lookup_accepted_tokens",
-                         "fallbacks", "rollbacks"):
+                         "prefill_chunks", "drafted_tokens", "accepted_tokens", "lookup_drafted_tokens",
+                         "lookup_accepted_tokens", "fallbacks", "rollbacks"):
                 setattr(total, name, getattr(total, name) + getattr(m, name))
             total.accepted_lengths.update(m.accepted_lengths)
         if items:

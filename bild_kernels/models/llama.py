@@ -211,7 +211,6 @@ class LlamaExecutor:
             from bild_kernels.reference import q8_0x16_pack
             q, d = q8_0x16_pack(q, d)
             bits = _ACTIVATION_BITS[activations]
-            native = lambda x, w, bias: fn(x, q, d, bias, bits)  # noqa: E731
             stats = resolve("cpu_linear_q8_0x16_stats", self.device, None)
             if stats is registered("cpu_linear_q8_0x16_stats", "cpu"):
                 self._head_stats = lambda x: stats(x, q, d, None, bits)  # noqa: E731
@@ -219,7 +218,8 @@ class LlamaExecutor:
             # row's logits then come out the same bits whatever else its pass holds (rows_independent), where
             # F.linear on the float32 head beyond CPU_LINEAR_MAX_ROWS rows rounded them otherwise (a prompt's
             # log-probabilities, a verify pass of a large batch).
-            self._head_linear = functools.partial(_blocks_linear, native=native, linear=self._linear)
+            self._head_linear = functools.partial(_packed_linear, packed=(q, d), linear=self._linear,
+                                                  activation_bits=bits)
         else:
             native = lambda x, w, bias: fn(x, q, d, bias)  # noqa: E731
             # _linear's own rule picks the small-M kernel; for the head that kernel reads the blocks, not lm_head.
@@ -600,19 +600,12 @@ def int8_x16(w: Int8Weight) -> tuple[torch.Tensor, torch.Tensor]:
     return q8_0x16_pack(w.q, w.scale.float()[:, None].expand(N, K // 32).contiguous())
 
 
-def _packed_linear(x, w, bias=None, *, packed, linear):
-    """x @ w.T (+ bias) for an Int8Weight w from its packed blocks (`int8_x16`) when x is float32 [M, K] with
-    M >= 1 (the packed kernel tiles any number of rows, as the fused layer's products do), else linear(x, w, bias)."""
+def _packed_linear(x, w, bias=None, *, packed, linear, activation_bits=16):
+    """x @ w.T (+ bias) from w's Q8_0 blocks packed for cpu_linear_q8_0x16 (an Int8Weight's `int8_x16`, or a GGUF
+    head's) when x is float32 [M, K] with M >= 1 (the packed kernel tiles any number of rows, as the fused layer's
+    products do), else linear(x, w, bias)."""
     if x.dim() == 2 and x.dtype == torch.float32 and x.shape[0] >= 1:
-        return torch.ops.bild_kernels_cpu.cpu_linear_q8_0x16(x.contiguous(), *packed, bias, 16)
-    return linear(x, w, bias)
-
-
-def _blocks_linear(x, w, bias=None, *, native, linear):
-    """x @ w.T (+ bias) through `native` (a packed-blocks kernel standing for w) when x is float32 [M, K] with M >= 1,
-    else linear(x, w, bias)."""
-    if x.dim() == 2 and x.dtype == torch.float32 and x.shape[0] >= 1:
-        return native(x.contiguous(), w, bias)
+        return torch.ops.bild_kernels_cpu.cpu_linear_q8_0x16(x.contiguous(), *packed, bias, activation_bits)
     return linear(x, w, bias)
 
 

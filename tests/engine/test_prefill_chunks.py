@@ -132,8 +132,8 @@ def test_a_request_that_times_out_mid_prefill_frees_its_blocks_alone(chunked, wh
 
     chunked._prefill_chunk = slow
     try:
-        outs = chunked.generate([PROMPTS[0], PROMPTS[1]], [SamplingParams(max_tokens=N, timeout_s=0.08),
-                                                           SamplingParams(max_tokens=N)], policy=Greedy(max_draft_len=3))
+        params = [SamplingParams(max_tokens=N, timeout_s=0.08), SamplingParams(max_tokens=N)]
+        outs = chunked.generate([PROMPTS[0], PROMPTS[1]], params, policy=Greedy(max_draft_len=3))
     finally:
         del chunked._prefill_chunk
     assert outs[0].finish_reason == "timeout" and outs[0].token_ids == [] and outs[0].metrics.prefill_chunks < 4
