@@ -89,7 +89,6 @@ def paged_attention_ref(query, key_cache, value_cache, query_start_loc, position
     Math in float32 (float64 stays float64), as in `bild_kernels.reference`.
     """
     T, Hq, D = query.shape
-    Hkv = key_cache.shape[2]
     acc = torch.float64 if query.dtype == torch.float64 else torch.float32
     if query.device.type == "cpu":
         return _paged_attention_cpu(query, key_cache, value_cache, query_start_loc, positions, block_tables,

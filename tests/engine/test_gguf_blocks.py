@@ -139,14 +139,14 @@ def test_the_default_large_model_runs_its_layers_from_the_q4_1_blocks():
         w.blocks = b
     runner.rollback([0], [40])
     with torch.no_grad():  # the same 40 tokens through the fused layer on the float32 weights: the same bits
-        import bild_kernels.models.llama as llama
+        import bild_kernels.models.weight_formats as formats
         for w in ex.layers:
             w.blocks = None
-        saved, llama.CPU_LINEAR_MAX_ROWS = llama.CPU_LINEAR_MAX_ROWS, 64
+        saved, formats.CPU_LINEAR_MAX_ROWS = formats.CPU_LINEAR_MAX_ROWS, 64
         try:
             again = runner.extend([0], [list(range(2000, 2040))], [1])
         finally:
-            llama.CPU_LINEAR_MAX_ROWS = saved
+            formats.CPU_LINEAR_MAX_ROWS = saved
     assert torch.equal(long, again)
 
 
