@@ -4,6 +4,7 @@ outputs; vLLM's tokenizer routes. No HTTP here: serve.py's handler calls `Servic
 from __future__ import annotations
 
 import json
+import secrets
 import threading
 
 from bild_kernels import (BiLD, Engine, Greedy, Jacobi, LargeOnly, NGram, SamplingParams, ShallowDeep, SmallOnly,
@@ -36,6 +37,13 @@ def _logit_bias(body: dict) -> dict:
     if not isinstance(bias, dict) or not all(isinstance(k, str) and k.isdigit() for k in bias):
         raise BadRequest('logit_bias must be an object {"token id": bias}, e.g. {"50256": -100}')
     return {int(k): float(x) if isinstance(x, int) and not isinstance(x, bool) else x for k, x in bias.items()}
+
+
+def _seed(body: dict):
+    """The request's sampling seed; absent or null, a fresh random one (OpenAI's and vLLM's meaning: two such requests
+    sample independently), below 2^63 - MAX_N so that the n choices' seed + i stay seeds. Give one to reproduce."""
+    seed = body.get("seed")
+    return secrets.randbelow(2 ** 63 - MAX_N) if seed is None else seed
 
 
 def _number(body: dict, key: str, default: float):
@@ -131,7 +139,7 @@ class Service:
         try:
             params = SamplingParams(max_tokens=body.get("max_tokens", 16), temperature=body.get("temperature", 0.0),
                                     top_p=body.get("top_p", 1.0), top_k=body.get("top_k", 0),
-                                    seed=body.get("seed", 0), stop=tuple(stop),
+                                    seed=_seed(body), stop=tuple(stop),
                                     ignore_eos=bool(body.get("ignore_eos", False)), timeout_s=timeout,
                                     presence_penalty=_number(body, "presence_penalty", 0.0),
                                     frequency_penalty=_number(body, "frequency_penalty", 0.0),

@@ -11,7 +11,7 @@ Endpoints (JSON; errors are {"error": {"message", "type"}} with status 400 / 404
   POST /tokenize          {prompt: str, add_special_tokens=true} | {messages: [...]} -> {tokens, count, max_model_len}
   POST /detokenize        {tokens: [ids]} -> {prompt: text}
   POST /v1/completions    {prompt: str | [token ids] | a list of those (a batch: one choice each, not streamed),
-                           max_tokens=16, temperature=0, top_p=1, top_k=0, seed=0,
+                           max_tokens=16, temperature=0, top_p=1, top_k=0, seed (absent or null: a random one),
                            stop: str | [str | id], stream=false, timeout: seconds, policy: {"name": "bild"|
                            "greedy"|"speculative-sampling"|"large-only"|"small-only"|"jacobi"|"shallow-deep"|
                            "ngram", ...the policy's keyword arguments; "lookup": {NGram's} for the drafting ones},

@@ -46,6 +46,23 @@ def test_generate_streams_text_and_reports_the_run(capsys, pair_dirs):
         assert word in last
 
 
+def test_generate_samples_with_a_random_seed_unless_given_one_and_says_which(capsys, pair_dirs, monkeypatch):
+    from bild_kernels.cli import generate
+    large, small = pair_dirs
+    drawn = iter([5, 6])
+    monkeypatch.setattr(generate.secrets, "randbelow", lambda n: next(drawn))
+    runs = []
+    for extra in ([], [], ["--seed", 5], ["--temperature", 0]):
+        temp = [] if extra[:1] == ["--temperature"] else ["--temperature", 1.0]
+        code, out, err = _run(capsys, "generate", "w1 w2 w3", "--large", large, "--small", small, "--max-tokens", 12,
+                              "--no-chat-template", "--policy", "sampling", *temp, *extra)
+        assert code == 0, err
+        runs.append((out.split(), err.strip().splitlines()[-1]))
+    assert [" | seed 5" in runs[0][1], " | seed 6" in runs[1][1], " | seed 5" in runs[2][1]] == [True] * 3
+    assert runs[0][0] == runs[2][0] and runs[0][0] != runs[1][0]  # the seed shown reproduces the run
+    assert " | seed" not in runs[3][1]  # greedy: no seed to speak of
+
+
 def test_generate_passes_penalties_on(capsys, pair_dirs):
     large, small = pair_dirs
     outs = []
@@ -73,7 +90,7 @@ def test_generate_chunks_a_long_prompt_with_the_same_text(capsys, pair_dirs):
 def test_generate_puts_a_system_message_before_the_prompt(capsys, tmp_path, pair_dirs):
     import shutil
 
-    from bild_kernels import Engine, Greedy, SamplingParams
+    from bild_kernels import Engine, SamplingParams
     large, _ = pair_dirs
     chat = tmp_path / "chat"
     shutil.copytree(large, chat)

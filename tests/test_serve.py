@@ -268,6 +268,30 @@ def test_n_choices_are_the_prompt_sampled_with_seed_plus_i(server, path, body):
     _all_free(eng)
 
 
+def test_a_request_without_a_seed_samples_with_a_fresh_random_one(server, monkeypatch):
+    """OpenAI's and vLLM's meaning: a sampled request that gives no seed (or null) draws its own, so that two alike
+    requests sample independently; one that gives a seed reproduces. The drawn seeds leave room for n choices."""
+    import openai_api
+    eng = server.service.engine
+    drawn, bounds = iter([41, 42, 43]), []
+
+    def randbelow(n):
+        bounds.append(n)
+        return next(drawn)
+    monkeypatch.setattr(openai_api.secrets, "randbelow", randbelow)
+    body = {"prompt": "w1 w2", "max_tokens": 8, "temperature": 1.0, "n": 2}
+    outs = [_post(server, "/v1/completions", b) for b in (body, {**body, "seed": None}, {**body, "seed": 41})]
+    assert all(code == 200 for code, _ in outs), outs
+    assert bounds == [2 ** 63 - openai_api.MAX_N] * 2  # drawn for the two requests without a seed, not the third
+    _, params, policy, _ = server.service.parse({**body, "n": 1, "seed": 0}, "text")
+    for (_, r), seed in zip(outs, (41, 42, 41)):
+        for i in range(2):
+            alone = eng.generate(["w1 w2"], dataclasses.replace(params, seed=seed + i), policy=policy)[0]
+            assert r["choices"][i]["token_ids"] == alone.token_ids
+    assert outs[0][1]["choices"][0]["token_ids"] != outs[1][1]["choices"][0]["token_ids"]  # (seeds 41 and 42)
+    _all_free(eng)
+
+
 def _metrics(server) -> dict:
     code, data = _raw(server, "GET", "/metrics")
     assert code == 200

@@ -1,6 +1,7 @@
 """`bild generate`: stream a reply to one prompt and close with one line of metrics."""
 from __future__ import annotations
 
+import secrets
 import sys
 import time
 
@@ -20,8 +21,10 @@ def cmd_generate(args) -> int:
             bias[int(tok)] = float(val)
         except ValueError:
             raise UsageError(f"--logit-bias takes TOKEN_ID=BIAS (e.g. 13=-100), got {item!r}") from None
+    # sampling without --seed draws one (as llama.cpp and HF do), printed at the end so that the run can be repeated
+    seed = args.seed if args.seed is not None else secrets.randbelow(2 ** 63) if args.temperature > 0 else 0
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, seed=args.seed, repetition_penalty=args.repetition_penalty,
+                            top_p=args.top_p, seed=seed, repetition_penalty=args.repetition_penalty,
                             presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
                             min_tokens=args.min_tokens, logit_bias=bias)
     t_load = time.perf_counter()
@@ -50,6 +53,8 @@ def cmd_generate(args) -> int:
                  f" | fallbacks {m.fallbacks} | rollbacks {m.rollbacks}")
         if m.lookup_drafted_tokens:
             line += f" | n-gram lookup: {m.lookup_accepted_tokens} of {m.lookup_drafted_tokens} drafts kept"
+    if params.temperature > 0:
+        line += f" | seed {seed}"
     print(line + f" | models loaded in {load_s:.1f} s", file=sys.stderr)
     return 0
 
@@ -65,7 +70,8 @@ def add_parser(sub) -> None:
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None,
+                   help="sampling seed (default: a random one when --temperature > 0, shown in the closing line)")
     g.add_argument("--repetition-penalty", type=float, default=1.0,
                    help="> 0; divides the logits of tokens already in the prompt or reply (1: off)")
     g.add_argument("--presence-penalty", type=float, default=0.0, help="[-2, 2]: once per token the reply holds")
