@@ -210,18 +210,34 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 0, **kw) ->
     return server
 
 
+def _count_or(flag: str, value: str, *words: str):
+    """A flag's value: a number >= 0, or one of `words` ("auto", "none": None), else a clear exit."""
+    if value in words:
+        return None if value == "none" else value
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise SystemExit(f"{flag} must be a number >= 0 or {' / '.join(words)}, got {value!r}")
+    return n
+
+
 def build_engine(args) -> Engine:
     dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
              "float64": torch.float64}[args.dtype]
-    kw = dict(device=args.device, dtype=dtype, max_batch_size=args.max_batch_size, max_model_len=args.max_model_len)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    kw = dict(device=args.device, dtype=dtype, max_batch_size=args.max_batch_size, max_model_len=args.max_model_len,
+              prefill_chunk=_count_or("--prefill-chunk", args.prefill_chunk, "auto"),
+              prefix_cache=_count_or("--prefix-cache", args.prefix_cache, "auto"),
+              draft_max_batch=_count_or("--draft-max-batch", args.draft_max_batch, "auto", "none"))
+    if kw["draft_max_batch"] == 0:
+        raise SystemExit("--draft-max-batch must be a positive number, none or auto, got 0")
     if args.kv_cache_blocks:
         kw["kv_cache_blocks"] = args.kv_cache_blocks
-    if args.prefill_chunk != "auto":
-        try:
-            kw["prefill_chunk"] = int(args.prefill_chunk)
-        except ValueError:
-            raise SystemExit(f"--prefill-chunk must be a number of tokens or auto, "
-                             f"got {args.prefill_chunk!r}") from None
     if args.large is None:
         if args.small is not None:
             raise SystemExit("--small needs --large")
@@ -243,6 +259,13 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--prefill-chunk", default="auto", metavar="TOKENS",
                     help="prefill prompts longer than this a chunk of TOKENS a step, so that running streams go on "
                          "between the chunks (Engine's prefill_chunk): TOKENS, 0 (whole prompts), or auto")
+    ap.add_argument("--prefix-cache", default="auto", metavar="TOKENS",
+                    help="keep the large model's KV of up to TOKENS recent prompt positions for prompts that open "
+                         "alike (Engine's prefix_cache): TOKENS, 0 (off), or auto")
+    ap.add_argument("--draft-max-batch", default="auto", metavar="N",
+                    help="draft only while at most N requests run together (Engine's draft_max_batch): N, none (no "
+                         "limit: BiLD's text then does not depend on the load), or auto (the draft's recommendation)")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
     ap.add_argument("--max-pending", type=int, default=256, help="requests in flight before 503")
     ap.add_argument("--request-timeout", type=float, default=600.0, help="default per-request timeout, seconds")
     ap.add_argument("--log", action="store_true", help="log every HTTP request to stderr")

@@ -43,6 +43,22 @@ def server(programs, tmp_path_factory):
     srv.server_close()
 
 
+def test_engine_flags_reach_the_engine_and_bad_ones_exit_with_a_message(programs, tmp_path):
+    serve = programs["serve"]
+    large, small = programs["tiny_pair"].save_tiny_pair(tmp_path / "pair")
+    base = ["--large", str(large), "--small", str(small), "--dtype", "float64", "--max-model-len", "64"]
+    engine = serve.build_engine(serve.parser().parse_args(base + ["--prefix-cache", "32", "--draft-max-batch", "2",
+                                                                  "--prefill-chunk", "5"]))
+    assert engine.prefix_cache is not None and engine.prefix_cache.max_tokens == 32
+    assert engine.draft_max_batch == 2 and engine.prefill_chunk == 5
+    engine = serve.build_engine(serve.parser().parse_args(base + ["--prefix-cache", "0", "--draft-max-batch", "none"]))
+    assert engine.prefix_cache is None and engine.draft_max_batch is None
+    for flag, value in (("--prefix-cache", "-1"), ("--prefix-cache", "lots"), ("--draft-max-batch", "0"),
+                        ("--draft-max-batch", "x"), ("--prefill-chunk", "auto-ish"), ("--threads", "0")):
+        with pytest.raises(SystemExit, match=flag):
+            serve.build_engine(serve.parser().parse_args(base + [flag, value]))
+
+
 def _url(srv):
     return f"http://127.0.0.1:{srv.server_address[1]}"
 
