@@ -106,8 +106,9 @@ class Engine(Prefixing, TokenizerMethods, Iteration):
         either way; the draft's proposals may differ in rare near-ties.
     draft_max_batch : draft only while at most this many requests run together; a step over a larger batch
         is a plain large-model step for every row (no draft, nothing to verify: what the policy would emit
-        with nothing drafted, so lossless policies stay exact; a lossy one's text, BiLD's, then depends on what runs
-        beside it: its undrafted tokens are the large model's own). Batching already shares each weight read
+        with nothing drafted, so greedy lossless policies give the same tokens; BiLD's text then depends on what
+        runs beside it, its undrafted tokens being the large model's own, and speculative sampling draws other tokens
+        from the same distribution). Batching already shares each weight read
         among the rows, and on a CPU a verify pass over batch x (k + 1) tokens becomes compute-bound: with
         the default pair on the 2-core AMD EPYC, the default BiLD ran 1.34x LargeOnly at batch 2 but 0.85x
         at batch 4 and 0.65x at batch 8. None: no limit. "auto" (the default): the shipped draft's
