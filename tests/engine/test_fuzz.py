@@ -122,16 +122,23 @@ def test_lossless_greedy_with_penalties_equals_the_penalized_oracle(engine, larg
     assert_all_free(engine)
 
 
-@FUZZ
-@given(policy=st.one_of(lossless, lossy), prompts=st.lists(good_prompt, min_size=1, max_size=4),
-       params=st.lists(st.one_of(sampling, penalized), min_size=4, max_size=4))
-def test_any_policy_is_batch_invariant_and_leaks_nothing(engine, policy, prompts, params):
+def _together_equals_alone(engine, policy, prompts, params):
+    """Generate the prompts as one batch and each alone: the same tokens. Returns (the parameters used, the batch's
+    outputs)."""
     params = params[:len(prompts)]
     if any(policy.request_error(p) for p in params):  # e.g. Jacobi is greedy only, SmallOnly takes no penalties: a
         params = [SamplingParams(max_tokens=p.max_tokens, seed=p.seed) for p in params]  # clear per-request error
     together = engine.generate(prompts, params, policy=policy)
     alone = [engine.generate([p], s, policy=policy)[0] for p, s in zip(prompts, params)]
     assert [o.token_ids for o in together] == [o.token_ids for o in alone]
+    return params, together
+
+
+@FUZZ
+@given(policy=st.one_of(lossless, lossy), prompts=st.lists(good_prompt, min_size=1, max_size=4),
+       params=st.lists(st.one_of(sampling, penalized), min_size=4, max_size=4))
+def test_any_policy_is_batch_invariant_and_leaks_nothing(engine, policy, prompts, params):
+    params, together = _together_equals_alone(engine, policy, prompts, params)
     for p, sp, o in zip(prompts, params, together):
         assert o.error is None and o.finish_reason in ("length", "stop")
         assert 1 <= len(o.token_ids) <= min(sp.max_tokens, MAX_LEN - len(p))
@@ -205,11 +212,6 @@ def test_chunked_and_cached_prefills_keep_lossless_greedy_exact(chunking_engine,
 @given(policy=st.one_of(lossless, lossy), prompts=st.lists(shared_prompt, min_size=1, max_size=4),
        params=st.lists(st.one_of(sampling, penalized), min_size=4, max_size=4))
 def test_chunked_and_cached_prefills_keep_any_policy_batch_invariant(chunking_engine, policy, prompts, params):
-    params = params[:len(prompts)]
-    if any(policy.request_error(p) for p in params):
-        params = [SamplingParams(max_tokens=p.max_tokens, seed=p.seed) for p in params]
-    together = chunking_engine.generate(prompts, params, policy=policy)
-    alone = [chunking_engine.generate([p], s, policy=policy)[0] for p, s in zip(prompts, params)]
-    assert [o.token_ids for o in together] == [o.token_ids for o in alone]
+    _, together = _together_equals_alone(chunking_engine, policy, prompts, params)
     assert all(o.error is None and o.finish_reason in ("length", "stop") for o in together)
     assert_all_free(chunking_engine)
