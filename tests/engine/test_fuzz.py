@@ -4,7 +4,8 @@ sampling parameters, thresholds and policies.
 Properties: nothing raises but the documented errors (ValueError / TypeError for bad arguments); a bad
 prompt fails alone with `error` set; lossless greedy modes equal the Hugging Face oracle; every request,
 lossless or not, gives the same tokens alone as in its batch; no KV block is ever leaked. The last two also on an
-engine that prefills in chunks and keeps a prefix cache, over prompts that share openings.
+engine that prefills in chunks and keeps a prefix cache, over prompts that share openings, with a token draft and
+with a feature draft (the default pair's kind).
 """
 import dataclasses
 import functools
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 
 from bild_kernels import (BiLD, Engine, Greedy, Jacobi, LargeOnly, NGram, SamplingParams, ShallowDeep, SmallOnly,
                           SpeculativeSampling)
+from bild_kernels.models import load_model
 
 from .conftest import assert_all_free, hf_greedy
 
@@ -215,3 +217,40 @@ def test_chunked_and_cached_prefills_keep_any_policy_batch_invariant(chunking_en
     _, together = _together_equals_alone(chunking_engine, policy, prompts, params)
     assert all(o.error is None and o.finish_reason in ("length", "stop") for o in together)
     assert_all_free(chunking_engine)
+
+
+@pytest.fixture(scope="module")
+def feature_pair(tmp_path_factory):
+    """A tiny teacher and its feature draft (tests/engine/test_feature_draft_engine.py's), on a chunking and caching
+    engine; and the teacher's greedy oracle."""
+    from .test_feature_draft_engine import _draft, _teacher
+    teacher = _teacher()
+    base, _ = load_model(teacher, dtype=torch.float64)
+    path = _draft(teacher).save_dir(tmp_path_factory.mktemp("fd") / "draft", base, base_name="tiny",
+                                    dtype=torch.float64)
+    engine = Engine(large=teacher, small=str(path), dtype=torch.float64, max_batch_size=3, max_model_len=MAX_LEN,
+                    block_size=4, kv_cache_blocks=40, prefill_chunk=3, prefix_cache=64)
+    assert engine.small_kind == "feature"
+    return engine, functools.lru_cache(maxsize=None)(lambda prompt, n: tuple(hf_greedy(teacher, list(prompt), n)))
+
+
+@FUZZ
+@given(policy=lossless, prompts=st.lists(shared_prompt, min_size=1, max_size=4),
+       max_tokens=st.lists(st.integers(1, 16), min_size=4, max_size=4))
+def test_a_feature_draft_with_chunks_and_a_cache_keeps_lossless_greedy_exact(feature_pair, policy, prompts, max_tokens):
+    engine, oracle = feature_pair
+    params = [SamplingParams(max_tokens=n) for n in max_tokens[:len(prompts)]]
+    for p, sp, o in zip(prompts, params, engine.generate(prompts, params, policy=policy)):
+        assert o.error is None and tuple(o.token_ids) == oracle(tuple(p), min(sp.max_tokens, MAX_LEN - len(p)))
+    assert_all_free(engine)
+
+
+@FUZZ
+@given(policy=st.one_of(lossless, lossy.filter(lambda p: not isinstance(p, SmallOnly))),
+       prompts=st.lists(shared_prompt, min_size=1, max_size=4),
+       params=st.lists(st.one_of(sampling, penalized), min_size=4, max_size=4))
+def test_a_feature_draft_with_chunks_and_a_cache_is_batch_invariant(feature_pair, policy, prompts, params):
+    engine, _ = feature_pair
+    _, together = _together_equals_alone(engine, policy, prompts, params)
+    assert all(o.error is None for o in together)
+    assert_all_free(engine)
