@@ -8,7 +8,6 @@ import sys
 POLICY_NAMES = ("bild", "greedy", "sampling", "large-only", "small-only", "jacobi", "shallow-deep", "ngram")
 
 
-
 class UsageError(Exception):
     """A problem with what the user asked for: reported as one line, exit status 2."""
 

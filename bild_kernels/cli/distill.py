@@ -35,7 +35,6 @@ def cmd_distill(args) -> int:
     return 0
 
 
-
 def add_parser(sub) -> None:
     d = sub.add_parser("distill", help="train a draft model for a large model")
     d.add_argument("--large", default=None, help="large model (default: SmolLM2-135M-Instruct)")

@@ -20,9 +20,7 @@ def _grid(text: str, name: str) -> list[float]:
     return vals
 
 
-
 PROMPT_SETS = ("held-out", "tune")
-
 
 
 def _eval_prompts(engine, n: int, prompt_set: str = "held-out") -> list[list[int]]:
@@ -34,7 +32,6 @@ def _eval_prompts(engine, n: int, prompt_set: str = "held-out") -> list[list[int
     if not 1 <= n <= len(prompts):
         raise UsageError(f"--prompts must be in [1, {len(prompts)}], got {n}")
     return [chat_ids(engine.tokenizer, p) for p in prompts[:n]]
-
 
 
 def _eval_policies(args, engine) -> list:
@@ -76,7 +73,6 @@ def _eval_policies(args, engine) -> list:
     return pols
 
 
-
 def _write_csv(path: str | None, rows: list[dict], extra: dict) -> None:
     if not path:
         return
@@ -100,7 +96,6 @@ def _write_csv(path: str | None, rows: list[dict], extra: dict) -> None:
     print(f"rows appended to {path}", file=sys.stderr)
 
 
-
 def _run_info(engine) -> dict:
     import datetime
 
@@ -113,7 +108,6 @@ def _run_info(engine) -> dict:
             # a GGUF's blocks: "q4_1", "q4_1x16" (int16 activations) or "q4_1x16i8" (int8); else the weights' format
             "large_weights": large.layer_blocks or large.weight_format,
             "draft_loop": engine.draft_loop}  # native / eager / static / graph: how draft runs executed
-
 
 
 def _cpu_model() -> str:
@@ -129,7 +123,6 @@ def _cpu_model() -> str:
     return platform.processor()
 
 
-
 def _git_rev() -> str:
     import subprocess
     try:
@@ -138,7 +131,6 @@ def _git_rev() -> str:
     except (OSError, subprocess.CalledProcessError):
         from bild_kernels import __version__
         return __version__
-
 
 
 def cmd_eval(args) -> int:
@@ -173,7 +165,6 @@ def cmd_eval(args) -> int:
     return 0
 
 
-
 def _hf_rows(args, engine, prompts, base_row) -> list[dict]:
     """HF generate (large alone) and HF assisted generation with the same pair (and, with --lookup, HF prompt lookup
     decoding), batch 1, greedy."""
@@ -202,13 +193,11 @@ def _hf_rows(args, engine, prompts, base_row) -> list[dict]:
     return rows
 
 
-
 def cmd_bench(args) -> int:
     args.sweep = False
     args.hf = not args.no_hf
     args.plot = None
     return cmd_eval(args)
-
 
 
 def add_parsers(sub) -> None:

@@ -59,7 +59,6 @@ def cmd_generate(args) -> int:
     return 0
 
 
-
 def add_parser(sub) -> None:
     g = sub.add_parser("generate", help="stream a reply to one prompt")
     g.add_argument("prompt", help="the prompt ('-' reads stdin)")

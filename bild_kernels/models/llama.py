@@ -24,10 +24,10 @@ from bild_kernels._backend import registered, resolve
 from bild_kernels.models.attention import (AttentionMetadata, CpuAttentionPlan, cpu_attention_kernel,
                                            default_attention_backend, paged_attention)
 from bild_kernels.models.config import ModelConfig
-from bild_kernels.ops.cpu_decoder_layer import LayerWeights, layer_args
 from bild_kernels.models.linear import (CPU_LINEAR_MAX_ROWS, Int8Weight, _linear, check_int8_kernel,
                                         int8_activation_dtype, int8_x16)
 from bild_kernels.models.weight_formats import Q4_1_FUSED_MAX_TOKENS, Q4_1X16_FUSED_MAX_TOKENS, WeightFormats
+from bild_kernels.ops.cpu_decoder_layer import LayerWeights, layer_args
 
 # (the products' and weight formats' names, imported from here elsewhere)
 __all__ = ["CPU_LINEAR_MAX_ROWS", "Int8Weight", "LlamaExecutor", "Q4_1_FUSED_MAX_TOKENS", "Q4_1X16_FUSED_MAX_TOKENS",

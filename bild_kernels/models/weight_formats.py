@@ -24,8 +24,6 @@ Q4_1_FUSED_MAX_TOKENS = 96
 Q4_1X16_FUSED_MAX_TOKENS = 8192
 
 
-
-
 class WeightFormats:
     """LlamaExecutor's weight formats (a mixin: the executor holds the weights and its products)."""
 
@@ -152,7 +150,6 @@ class WeightFormats:
         if kind.startswith("q4_1x16") or kind == "int8x16":
             return Q4_1X16_FUSED_MAX_TOKENS
         return Q4_1_FUSED_MAX_TOKENS if kind == "q4_1" else CPU_LINEAR_MAX_ROWS
-
 
     def quantize_weights(self, kind: str = "int8") -> "WeightFormats":
         """Store every projection and the head as int8 per output channel (weight-only; w ~= q * scale),
