@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 
+from bild_kernels.engine.logprobs import note_prompt_logprobs
 from bild_kernels.engine.policies import Policy
 from bild_kernels.engine.sequence import Sequence
 
@@ -59,7 +60,7 @@ class PrefillChunks:
             if kept:
                 s.prompt_features = (s.prompt_features or []) + [hidden[0]]
             if scored:
-                self._note_prompt_logprobs(s, logits[0], start)
+                note_prompt_logprobs(s, logits[0], start)
             s.cached["large"] = start + chunk
             if policy.drafter == "small" and self.small_kind != "feature" and s.cached["small"] < start + chunk:
                 # (a layer draft would otherwise catch up on the whole prompt at its first draft)
