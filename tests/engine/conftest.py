@@ -64,6 +64,12 @@ def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
+def tiny_engine(large, small, **kw):
+    """An Engine over a tiny pair in float64 with blocks of 4 tokens and 64 positions (`kw` adds or overrides)."""
+    from bild_kernels import Engine
+    return Engine(large=large, small=small, **{"dtype": torch.float64, "max_model_len": 64, "block_size": 4, **kw})
+
+
 def assert_all_free(engine):
     """Every KV block of every model is back in the free pool, and the allocator's invariants hold."""
     for r in engine.runners.values():

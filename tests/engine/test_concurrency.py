@@ -8,19 +8,17 @@ import threading
 import time
 
 import pytest
-import torch
 
-from bild_kernels import BiLD, Engine, Greedy, Jacobi, LargeOnly, SamplingParams, ShallowDeep, SpeculativeSampling
+from bild_kernels import BiLD, Greedy, Jacobi, LargeOnly, SamplingParams, ShallowDeep, SpeculativeSampling
 
-from .conftest import assert_all_free, hf_greedy
+from .conftest import assert_all_free, hf_greedy, tiny_engine
 
 POLICIES = [LargeOnly(), Greedy(max_draft_len=3), BiLD(fallback_threshold=0.4, rollback_threshold=2.0, max_draft_len=4),
             SpeculativeSampling(max_draft_len=3), Jacobi(block_size=3), ShallowDeep(exit_layer=2)]
 
 
 def _engine(large_model, small_model, **kw):
-    kw = dict(dtype=torch.float64, max_batch_size=4, max_model_len=64, block_size=4) | kw
-    return Engine(large=large_model, small=small_model, **kw)
+    return tiny_engine(large_model, small_model, **{"max_batch_size": 4, **kw})
 
 
 def _all_free(engine):

@@ -10,7 +10,7 @@ from bild_kernels.models import load_model
 from bild_kernels.models.draft import read_manifest
 from bild_kernels.models.feature_draft import FeatureDraftExecutor
 
-from .conftest import assert_all_free, hf_greedy, tiny_llama
+from .conftest import assert_all_free, hf_greedy, tiny_engine, tiny_llama
 
 F64 = torch.float64
 VOCAB = sorted(torch.arange(0, 97, 3)[:-2].tolist() + list(range(1, 97, 3)))  # 63 of the 97 ids
@@ -49,8 +49,7 @@ def pair(tmp_path_factory):
 
 
 def _engine(teacher, path, **kw):
-    kw = {"dtype": F64, "max_batch_size": 2, "max_model_len": 96, "block_size": 4, **kw}
-    return Engine(large=teacher, small=str(path), **kw)
+    return tiny_engine(teacher, str(path), **{"max_batch_size": 2, "max_model_len": 96, **kw})
 
 
 @torch.no_grad()

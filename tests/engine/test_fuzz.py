@@ -15,11 +15,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bild_kernels import (BiLD, Engine, Greedy, Jacobi, LargeOnly, NGram, SamplingParams, ShallowDeep, SmallOnly,
+from bild_kernels import (BiLD, Greedy, Jacobi, LargeOnly, NGram, SamplingParams, ShallowDeep, SmallOnly,
                           SpeculativeSampling)
 from bild_kernels.models import load_model
 
-from .conftest import assert_all_free, hf_greedy
+from .conftest import assert_all_free, hf_greedy, tiny_engine
 
 VOCAB, MAX_LEN = 97, 40
 FUZZ = settings(max_examples=40, deadline=None, database=None, derandomize=True,
@@ -77,8 +77,7 @@ penalized = st.builds(lambda sp, r, pres, freq, m, bias: dataclasses.replace(
 @pytest.fixture(scope="module")
 def engine(large_model, small_model):
     # A small pool: batches of several long requests must wait for blocks.
-    return Engine(large=large_model, small=small_model, dtype=torch.float64, max_batch_size=3, max_model_len=MAX_LEN,
-                  block_size=4, kv_cache_blocks=24)
+    return tiny_engine(large_model, small_model, max_batch_size=3, max_model_len=MAX_LEN, kv_cache_blocks=24)
 
 
 @pytest.fixture(scope="module")
@@ -191,8 +190,8 @@ shared_prompt = st.tuples(st.sampled_from(OPENINGS + [[]]), st.integers(0, 9),
 
 @pytest.fixture(scope="module")
 def chunking_engine(large_model, small_model):
-    engine = Engine(large=large_model, small=small_model, dtype=torch.float64, max_batch_size=3,
-                    max_model_len=MAX_LEN, block_size=4, kv_cache_blocks=40, prefill_chunk=3, prefix_cache=64)
+    engine = tiny_engine(large_model, small_model, max_batch_size=3, max_model_len=MAX_LEN, kv_cache_blocks=40,
+                         prefill_chunk=3, prefix_cache=64)
     assert engine.prefill_chunk == 3 and engine.prefix_cache is not None
     return engine
 
@@ -228,8 +227,8 @@ def feature_pair(tmp_path_factory):
     base, _ = load_model(teacher, dtype=torch.float64)
     path = _draft(teacher).save_dir(tmp_path_factory.mktemp("fd") / "draft", base, base_name="tiny",
                                     dtype=torch.float64)
-    engine = Engine(large=teacher, small=str(path), dtype=torch.float64, max_batch_size=3, max_model_len=MAX_LEN,
-                    block_size=4, kv_cache_blocks=40, prefill_chunk=3, prefix_cache=64)
+    engine = tiny_engine(teacher, str(path), max_batch_size=3, max_model_len=MAX_LEN, kv_cache_blocks=40,
+                         prefill_chunk=3, prefix_cache=64)
     assert engine.small_kind == "feature"
     return engine, functools.lru_cache(maxsize=None)(lambda prompt, n: tuple(hf_greedy(teacher, list(prompt), n)))
 

@@ -9,7 +9,7 @@ import torch
 from bild_kernels import BiLD, Engine, Greedy, NGram, SamplingParams, SpeculativeSampling
 from bild_kernels.engine.lookup import NGramIndex
 
-from .conftest import assert_all_free, assert_follows_the_large_model, flat_pair, hf_greedy, tiny_llama
+from .conftest import assert_all_free, assert_follows_the_large_model, flat_pair, hf_greedy, tiny_engine, tiny_llama
 
 # Prompts that repeat themselves (lookups match from the first pass) and ones that do not.
 PROMPTS = [[5, 17, 3, 5, 17], [44, 2, 90, 61, 7, 7, 12, 30, 1, 0, 15], [8], [33, 34, 35, 36, 33, 34, 35, 36, 33]]
@@ -66,8 +66,7 @@ def oracle(large_model):
 
 
 def _engine(large, small, **kw):
-    return Engine(large=large, small=small, dtype=torch.float64, max_batch_size=3, max_model_len=128, block_size=4,
-                  **kw)
+    return tiny_engine(large, small, **{"max_batch_size": 3, "max_model_len": 128, **kw})
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from bild_kernels.engine.policies import Jacobi, NGram, ShallowDeep
 
 from tests.conftest import requires_gpu
 
-from .conftest import assert_all_free, hf_greedy
+from .conftest import assert_all_free, hf_greedy, tiny_engine
 from .test_feature_draft_engine import _engine as _feature_engine
 from .test_feature_draft_engine import pair  # noqa: F401 (a fixture)
 
@@ -23,8 +23,7 @@ N = 10
 
 
 def _engine(large, small, **kw):
-    kw = {"dtype": torch.float64, "max_batch_size": 3, "max_model_len": 64, "block_size": 4, **kw}
-    return Engine(large=large, small=small, **kw)
+    return tiny_engine(large, small, **{"max_batch_size": 3, **kw})
 
 
 @pytest.fixture(scope="module")

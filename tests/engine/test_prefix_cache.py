@@ -8,7 +8,7 @@ from bild_kernels.engine.policies import Jacobi, NGram, ShallowDeep
 from bild_kernels.engine.prefix_cache import PrefixCache, PrefixEntry
 from bild_kernels.evaluate import evaluate
 
-from .conftest import assert_all_free, hf_greedy
+from .conftest import assert_all_free, hf_greedy, tiny_engine
 
 SYSTEM = [5, 17, 3, 44, 2, 90, 61, 7, 7, 12, 30, 1, 0, 15]  # a "system prompt" the requests share (14 tokens)
 PROMPTS = [SYSTEM + [33, 34, 35], SYSTEM + [8, 9], SYSTEM + [33, 34, 36, 40, 41], SYSTEM[:6] + [50, 51, 52]]
@@ -16,8 +16,7 @@ N = 10
 
 
 def _engine(large, small, **kw):
-    kw = {"dtype": torch.float64, "max_batch_size": 2, "max_model_len": 64, "block_size": 4, **kw}
-    return Engine(large=large, small=small, **kw)
+    return tiny_engine(large, small, **{"max_batch_size": 2, **kw})
 
 
 @pytest.fixture(scope="module")
