@@ -1,7 +1,7 @@
 """Benchmark sample_draft: one token per row of bf16 small-model logits, every usable backend.
 
-GPU shapes: B in {1, 8, 64, 256}, V in {32000, 128256}; rows greedy, sampling (T = 0.8) or sampling with
-top-k 50 / top-p 0.9. Bandwidth counts one read of the logits (the floor any implementation pays); the
+GPU shapes: B in {1, 8, 64, 256}, V in {32000, 128256}; rows greedy, sampling (T = 0.8), sampling with
+top-k 50 / top-p 0.9, or sampling with min-p 0.05. Bandwidth counts one read of the logits (the floor any implementation pays); the
 speed-up is against the PyTorch reference ("ref"); "compile" is torch.compile of that reference;
 "cuda+graph" and "triton+graph" time the kernels replayed from a CUDA graph (no Python or launch cost).
 "flashinfer" (on a GPU, where `import flashinfer` works: `bash scripts/flashinfer_build.sh` makes a benchmark-only
@@ -27,18 +27,20 @@ from _common import FUSED, GRAPHED, HINTED, first_pass_of, flashinfer_sampling, 
 from bild_kernels import reference as R  # noqa: E402
 from bild_kernels._backend import resolve  # noqa: E402
 
-ROWS = {"greedy": (0.0, 0, 1.0), "sample": (0.8, 0, 1.0), "topk_topp": (0.8, 50, 0.9)}
+ROWS = {"greedy": (0.0, 0, 1.0, 0.0), "sample": (0.8, 0, 1.0, 0.0), "topk_topp": (0.8, 50, 0.9, 0.0),
+        "min_p": (0.8, 0, 1.0, 0.05)}
 # what an engine tells the CUDA op of these rows ("cuda-hinted": its `rows` argument, kRowsSampled = 1 |
 # kRowsFiltered = 2); every other backend runs without it
-HINTS = {"greedy": 0, "sample": 1, "topk_topp": 3}
+HINTS = {"greedy": 0, "sample": 1, "topk_topp": 3, "min_p": 3}
 
 
 def inputs(B, V, rows, device):
-    temp, k, p = ROWS[rows]
+    temp, k, p, m = ROWS[rows]
     logits = (torch.randn(B, V, device=device) * 4).to(torch.bfloat16)
     f = lambda x, dt: torch.full((B,), x, dtype=dt, device=device)  # noqa: E731
     return (logits, f(temp, torch.float32), f(k, torch.int32), f(p, torch.float32),
-            torch.arange(B, device=device, dtype=torch.int64), f(7, torch.int64), f(0.3, torch.float32))
+            torch.arange(B, device=device, dtype=torch.int64), f(7, torch.int64), f(0.3, torch.float32),
+            f(m, torch.float32))
 
 
 def implementation(backend, device):
@@ -68,7 +70,7 @@ def main() -> None:
     gpu = args.device == "cuda"
     shapes = pick_shapes(args, [(B, V) for V in (32000, 128256) for B in (1, 8, 64, 256)] if gpu
                          else [(1, 1000), (8, 1000), (1, 8192), (1, 49152)])
-    modes = list(ROWS) if gpu else ["greedy", "topk_topp"]
+    modes = list(ROWS) if gpu else ["greedy", "topk_topp", "min_p"]
     iters = args.iters or (50 if gpu else 3)
     backends = usable_backends(args.device, args.backends, first_pass=True, cpu_kernel=True)
     backends.sort(key=lambda b: b != "ref")  # ref first: the others report their speed-up against it

@@ -27,17 +27,19 @@ at::Tensor apply_penalties(const at::Tensor& logits, const at::Tensor& token_ids
 // sampling.cu
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_draft(
     const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k, const at::Tensor& top_p,
-    const at::Tensor& seed, const at::Tensor& offset, const at::Tensor& fallback_threshold, int64_t rows);
+    const at::Tensor& seed, const at::Tensor& offset, const at::Tensor& fallback_threshold,
+    const std::optional<at::Tensor>& min_p, int64_t rows);
 // verify.cu
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_draft(
     const at::Tensor& draft_ids, const at::Tensor& target_logits, int64_t mode, const at::Tensor& rollback_threshold,
     const std::optional<at::Tensor>& draft_probs, const at::Tensor& temperature, const at::Tensor& top_k,
-    const at::Tensor& top_p, const at::Tensor& seed, const at::Tensor& offset, int64_t rows);
+    const at::Tensor& top_p, const at::Tensor& seed, const at::Tensor& offset, const std::optional<at::Tensor>& min_p,
+    int64_t rows);
 // sampling.cu: the first pass over V of sample_draft and verify_draft (0 chunked, 1 wide, 2 auto); none throws
 int current_first_pass();
 int64_t set_first_pass(int64_t kind);
 int64_t resolve_first_pass_for(int64_t rows, int64_t V, int64_t elem_size, bool verify, int64_t sms);
-// sampling.cu: the top-k / top-p cut-off search (0 block, 1 split, 2 auto); none throws
+// sampling.cu: the top-k / top-p / min-p cut-off search (0 block, 1 split, 2 auto); none throws
 int current_cut_search();
 int64_t set_cut_search(int64_t kind);
 int64_t resolve_cut_search_for(int64_t launch_rows, int64_t rows, bool verify);
@@ -55,13 +57,14 @@ TORCH_LIBRARY(bild_kernels_C, m) {
         "Tensor(c!) free_blocks, Tensor(d!) num_free, int block_size) -> ()");
   m.def("gather_paged_kv(Tensor key_cache, Tensor value_cache, Tensor block_tables, Tensor context_lens) "
         "-> (Tensor, Tensor)");
-  // rows (last, not in the reference): what the caller knows of the rows, 1 some sample, 2 some use top-k / top-p, 4
-  // the 2 is a guess (7, the default: nothing known); the kernels that serve only kinds left out are not launched
+  // min_p: None (off) or [B] float32 (0: off), as the reference's. rows (last, not in the
+  // reference): what the caller knows of the rows, 1 some sample, 2 some use top-k / top-p / min-p, 4 the 2 is a
+  // guess (7, the default: nothing known); the kernels that serve only kinds left out are not launched
   m.def("sample_draft(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor seed, Tensor offset, "
-        "Tensor fallback_threshold, int rows=7) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "Tensor fallback_threshold, Tensor? min_p=None, int rows=7) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("verify_draft(Tensor draft_ids, Tensor target_logits, int mode, Tensor rollback_threshold, "
         "Tensor? draft_probs, Tensor temperature, Tensor top_k, Tensor top_p, Tensor seed, Tensor offset, "
-        "int rows=7) -> (Tensor, Tensor, Tensor, Tensor)");
+        "Tensor? min_p=None, int rows=7) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("apply_penalties(Tensor logits, Tensor token_ids, Tensor prompt_lens, Tensor draft_ids, "
         "Tensor repetition_penalty, Tensor presence_penalty, Tensor frequency_penalty, Tensor min_tokens, "
         "Tensor banned_ids, Tensor bias_ids, Tensor bias_values) -> Tensor");
@@ -90,9 +93,9 @@ PYBIND11_MODULE(_C, m) {
         "Choose the first pass over V for the whole process (0 chunked, 1 wide, 2 auto, 3 stream); returns the previous "
         "one, or -1 for another kind (nothing changes). A CUDA graph keeps the kernel it captured.");
   m.def("cut_search", &bild::current_cut_search,
-        "The top-k / top-p cut-off search sample_draft and verify_draft run: 0 block (filter_cut, one block a row), "
-        "1 split (CutSplitPassKernel: each pass over every chunk of every row), 2 auto (per launch, csrc/common.cuh "
-        "use_cut_split; the default)");
+        "The top-k / top-p / min-p cut-off search sample_draft and verify_draft run: 0 block (filter_cut, one block a "
+        "row), 1 split (CutSplitPassKernel: each pass over every chunk of every row), 2 auto (per launch, "
+        "csrc/common.cuh use_cut_split; the default)");
   m.def("set_cut_search", &bild::set_cut_search, pybind11::arg("kind"),
         "Choose the cut-off search for the whole process (0 block, 1 split, 2 auto); returns the previous one, or -1 for "
         "another kind (nothing changes). A CUDA graph keeps the kernels it captured.");
@@ -111,8 +114,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("resolve_cut_search", &bild::resolve_cut_search_for, pybind11::arg("launch_rows"), pybind11::arg("rows"),
         pybind11::arg("verify"),
         "The cut-off search (0 block, 1 split) a launch over `launch_rows` rows runs under the current setting, given "
-        "the caller's rows hint (1 some row samples, 2 some row uses top-k / top-p, 4 the 2 guessed, 7 unknown; "
-        "verify: a verify_draft launch, else sample_draft); -1 for arguments out of range");
+        "the caller's rows hint (1 some row samples, 2 some row uses top-k / top-p / min-p, 4 the 2 guessed, 7 "
+        "unknown; verify: a verify_draft launch, else sample_draft); -1 for arguments out of range");
   m.def("resolve_first_pass", &bild::resolve_first_pass_for, pybind11::arg("rows"), pybind11::arg("V"),
         pybind11::arg("elem_size"), pybind11::arg("verify"), pybind11::arg("sms"),
         "The first pass (0 chunked, 1 wide, 3 stream) a launch over `rows` rows of V logits of `elem_size` bytes runs under "

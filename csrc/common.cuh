@@ -15,7 +15,7 @@
 #include <cstring>
 #include <type_traits>
 
-#include "cut_search.h"  // order_key, kLowestKey and the top-k / top-p cut-off search
+#include "cut_search.h"  // order_key, kLowestKey and the top-k / top-p / min-p cut-off search
 
 namespace bild {
 
@@ -162,7 +162,7 @@ __device__ T block_reduce(T x, T* smem) {
   return r;
 }
 
-// A count and a fixed-point mass summed together (the top-k / top-p cut-off search's bucket sums): integers,
+// A count and a fixed-point mass summed together (the top-k / top-p / min-p cut-off search's bucket sums): integers,
 // so every order of summing them gives the same result.
 // (No member initialisers: it lives in __shared__ memory; CutSums{} is zero.)
 struct CutSums {
@@ -785,7 +785,7 @@ __global__ void __launch_bounds__(kChunkThreads)
 // What a launch's caller knows of its rows on the host (the ops' `rows` argument; kRowsUnknown when nothing): the
 // kernels that serve only the kinds absent are not launched (they would each look at every row and return).
 constexpr int kRowsSampled = 1;   // some row samples (temperature > 0)
-constexpr int kRowsFiltered = 2;  // some row uses top-k / top-p
+constexpr int kRowsFiltered = 2;  // some row uses top-k / top-p / min-p
 constexpr int kRowsAll = kRowsSampled | kRowsFiltered;
 // The filtered bit is an assumption (the caller was not told, e.g. a CUDA graph recorded for any rows): the kernels
 // serve filtering rows all the same, but a choice made for them (the split cut-off search) is not taken on a guess.
@@ -799,7 +799,7 @@ constexpr int kTailAuto = 2;      // the default: the launches until the fused t
 
 // Whether a launch runs its fused tail: set so, a first pass with the tail (chunked, stream or long: the launch's
 // resolved kind), and rows the tail serves (the caller's hint): verify_draft's no sampling rows, sample_draft's
-// neither sampling nor top-k / top-p rows (greedy rows report their token's probability over the kept set).
+// neither sampling nor top-k / top-p / min-p rows (greedy rows report their token's probability over the kept set).
 __host__ __device__ inline bool use_fused_tail(int setting, int rows, int first_pass, bool verify) {
   const bool pass = first_pass == kFirstPassChunked || first_pass == kFirstPassStream || first_pass == kFirstPassLong;
   return setting == kTailFused && pass && (verify ? (rows & kRowsSampled) == 0 : rows == 0);
@@ -869,10 +869,10 @@ __device__ inline RowPartial warp_merge_partials(const RowPartial* __restrict__ 
 }
 
 // ------------------------------------------------------------------------------------------------
-// top-k / top-p without sorting (reference._filter_top_k_top_p): the cut-off search of cut_search.h, each pass
-// one block-wide histogram of the bracket's keys in shared memory (integer atomics: exact, order-free sums),
+// top-k / top-p / min-p without sorting (reference._filter_top_k_top_p): the cut-off search of cut_search.h, each
+// pass one block-wide histogram of the bracket's keys in shared memory (integer atomics: exact, order-free sums),
 // then a prefix sum over the buckets from the top and the first bucket that satisfies. Returns the search's
-// end state: tau() the cut-off key (keys >= it are kept; kLowestKey when neither filter is on) and
+// end state: tau() the cut-off key (keys >= it are kept; kLowestKey when no filter is on) and
 // kept_sum(s_sum) the kept set's sum of exp(s - s_max), so no further pass is needed to normalise over it.
 // Every thread of the block calls it (blockDim.x divides kCutBuckets); it ends with a barrier.
 // ------------------------------------------------------------------------------------------------
@@ -884,10 +884,14 @@ struct CutSmem {
   CutSums first_excl, first_incl;  // the sums of the buckets above it and down to it
 };
 
-// Whether a row's top-k / top-p settings filter anything out of V tokens.
-__device__ inline bool top_k_top_p_on(int top_k, float top_p, int V) {
-  return (top_k > 0 && top_k < V) || top_p < 1.0f;
+// Whether a row's top-k / top-p / min-p settings may filter anything out of V tokens (min-p: a row whose s_max
+// turns out not finite then keeps everything, which its search finds at once).
+__device__ inline bool filter_on(int top_k, float top_p, float min_p, int V) {
+  return (top_k > 0 && top_k < V) || top_p < 1.0f || min_p > 0.0f;
 }
+
+// Row b's min_p from the ops' optional [B] vector (null: none given, 0 for every row).
+__device__ inline float row_min_p(const float* min_p, int b) { return min_p != nullptr ? min_p[b] : 0.0f; }
 
 // One logit's share of a pass: its bucket's count and fixed-point mass, added to sm's histogram (most logits of a
 // peaked row fall outside the bracket and cost one compare).
@@ -922,7 +926,7 @@ __device__ inline void cut_settle(CutSearch& cs, CutSmem& sm) {
   CutSums run = before;
   for (int q = 0; q < per; ++q) {  // satisfied() only turns true going down: the first is the answer
     run = run + CutSums{sm.cnt[first_mine + q], sm.mass[first_mine + q]};
-    if (cs.satisfied(run.cnt, run.mass)) {
+    if (cs.satisfied(first_mine + q, run.cnt, run.mass)) {
       atomicMin(&sm.first, first_mine + q);
       break;
     }
@@ -946,9 +950,9 @@ __device__ inline void cut_settle(CutSearch& cs, CutSmem& sm) {
 
 template <typename T>
 __device__ CutSearch filter_cut(const T* __restrict__ row, int V, float t, float s_max, float s_sum, int top_k,
-                                float top_p, CutSmem& sm) {
+                                float top_p, float min_p, CutSmem& sm) {
   CutSearch cs;
-  cs.init(s_max, s_sum, top_k, top_p, V);
+  cs.init(s_max, s_sum, top_k, top_p, V, min_p);
   while (!cs.done()) {  // cs is the same in every thread: the loop is block-uniform
     cs.begin_pass();
     cut_clear(sm);
@@ -996,6 +1000,7 @@ struct CutRow {
   float t = 1.0f;
   int top_k = 0;
   float top_p = 1.0f;
+  float min_p = 0.0f;
 };
 
 // A row's histogram in global memory, summed by every chunk of a pass.
@@ -1043,7 +1048,7 @@ __global__ void __launch_bounds__(kChunkThreads)
   if (pass == 0) {  // every warp merges the row's partials: the same result in every lane
     const RowPartial st = warp_merge_partials(partials + static_cast<int64_t>(r) * S_first, S_first);
     const Lse s = row.use_z ? st.z : st.s;
-    cs.init(s.m, s.s, row.top_k, row.top_p, V);
+    cs.init(s.m, s.s, row.top_k, row.top_p, V, row.min_p);
     if (cs.done()) {  // nothing to search: the state as it starts (no pass of this row settles)
       if (c == 0 && threadIdx.x == 0) split.state[r] = cs;
       return;

@@ -1,7 +1,7 @@
 // sample_draft and verify_draft on CPU tensors: the "cpu" backend of those two ops (bild_kernels/ops/_cpu_impls.py),
 // exactly their references' definitions (bild_kernels.reference.sample_draft_ref and verify_draft_ref) for the
 // calls a CPU engine makes at every step: greedy rows (temperature <= 0) and sampling rows (temperature > 0), with
-// or without top-k / top-p, whose Gumbel-max draws use the reference's Philox counter (the same code as
+// or without top-k / top-p / min-p, whose Gumbel-max draws use the reference's Philox counter (the same code as
 // csrc/common.cuh's host side). verify_draft: modes greedy and bild (sample mode's accept/resample runs the
 // reference). Top-k / top-p (filter_row) select without a full sort: the k-th largest by nth_element, top-p's
 // threshold from a partial sort of the most probable tokens that grows until their mass passes top_p. Per row one pass for the max, a scan for
@@ -143,8 +143,10 @@ void check_sampling_rows(const char* op, int64_t B, const at::Tensor& temperatur
   check_rows(op, "offset", offset, B, at::kLong);
 }
 
-// Whether a row's top-k / top-p removes any of V tokens (common.cuh's top_k_top_p_on).
-inline bool filters(int32_t top_k, float top_p, int64_t V) { return (top_k > 0 && top_k < V) || top_p < 1.0f; }
+// Whether a row's top-k / top-p / min-p may remove any of V tokens (common.cuh's filter_on).
+inline bool filters(int32_t top_k, float top_p, float min_p, int64_t V) {
+  return (top_k > 0 && top_k < V) || top_p < 1.0f || min_p > 0.0f;
+}
 
 // reference._filter_top_k_top_p on one row s [V] (scaled logits, finite max): filt[v] = s[v] where v passes
 // both filters, else -inf. top-k keeps s[v] >= the k-th largest s (exact: the same comparisons). top-p keeps
@@ -153,11 +155,17 @@ inline bool filters(int32_t top_k, float top_p, int64_t V) { return (top_k > 0 &
 // torch.cumsum accumulates float32 on a CPU). Only a prefix of that order is needed: it is sorted (partial
 // sort) until excl passes top_p by a margin (excl never falls by more than a float32 rounding of a sum <= 1
 // later), doubling from 64 entries. q comes from this file's exp, the reference's from PyTorch's: a kept set
-// can differ only where the mass crosses top_p within float rounding.
-void filter_row(const float* s, int64_t V, int32_t top_k, float top_p, float smax, std::vector<float>& filt,
-                std::vector<float>& work) {
+// can differ only where the mass crosses top_p within float rounding. min-p (> 0) keeps s[v] >= smax + log(min_p)
+// (float32, as the reference's; its log is PyTorch's, so a kept set can differ only for a logit within an ulp of
+// that bound).
+void filter_row(const float* s, int64_t V, int32_t top_k, float top_p, float min_p, float smax,
+                std::vector<float>& filt, std::vector<float>& work) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   filt.assign(s, s + V);
+  if (min_p > 0.0f) {
+    const float cut = smax + std::log(min_p);
+    for (int64_t v = 0; v < V; ++v) filt[v] = s[v] >= cut ? filt[v] : kNegInf;
+  }
   if (top_k > 0 && top_k < V) {
     work.assign(s, s + V);
     std::nth_element(work.begin(), work.begin() + (top_k - 1), work.end(), std::greater<float>());
@@ -194,7 +202,7 @@ void filter_row(const float* s, int64_t V, int32_t top_k, float top_p, float sma
 // q = softmax(filter(z / t)) of one row, as the reference builds a sampling row's target distribution (the division
 // in float32, the softmax as exp(x - max) / sum); *am gets the first index of the max of z / t, which both filters
 // keep. False (q untouched) when that max is not finite.
-bool target_q(const float* z, int64_t V, float t, int32_t top_k, float top_p, std::vector<float>& q,
+bool target_q(const float* z, int64_t V, float t, int32_t top_k, float top_p, float min_p, std::vector<float>& q,
               std::vector<float>& filt, std::vector<float>& work, int64_t* am) {
   q.resize(static_cast<size_t>(V));
   float m = -std::numeric_limits<float>::infinity();
@@ -207,8 +215,8 @@ bool target_q(const float* z, int64_t V, float t, int32_t top_k, float top_p, st
     }
   }
   if (!std::isfinite(m)) return false;
-  if (filters(top_k, top_p, V)) {  // the filters keep the max, so m stays the filtered row's max
-    filter_row(q.data(), V, top_k, top_p, m, filt, work);
+  if (filters(top_k, top_p, min_p, V)) {  // the filters keep the max, so m stays the filtered row's max
+    filter_row(q.data(), V, top_k, top_p, min_p, m, filt, work);
     q.swap(filt);
   }
   float sum = 0.0f;
@@ -268,12 +276,14 @@ bool greedy_row(const float* z, int64_t V, int64_t* argmax, float* max_prob, flo
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_sample_draft(
     const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k, const at::Tensor& top_p,
-    const at::Tensor& seed, const at::Tensor& offset, const at::Tensor& fallback_threshold) {
+    const at::Tensor& seed, const at::Tensor& offset, const at::Tensor& fallback_threshold,
+    const std::optional<at::Tensor>& min_p) {
   constexpr const char* op = "cpu_sample_draft";
   check_logits(op, logits, 2);
   const int64_t B = logits.size(0), V = logits.size(1);
   check_sampling_rows(op, B, temperature, top_k, top_p, seed, offset);
   check_rows(op, "fallback_threshold", fallback_threshold, B, at::kFloat);
+  if (min_p.has_value()) check_rows(op, "min_p", *min_p, B, at::kFloat);
   const auto f32 = logits.options();
   at::Tensor token = at::empty({B}, f32.dtype(at::kLong)), prob = at::empty({B}, f32), maxp = at::empty({B}, f32);
   at::Tensor energy = at::empty({B}, f32), fallback = at::empty({B}, f32.dtype(at::kBool));
@@ -281,6 +291,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const float* t = temperature.data_ptr<float>();
   const int32_t* k = top_k.data_ptr<int32_t>();
   const float* p = top_p.data_ptr<float>();
+  const float* mn = min_p.has_value() ? min_p->data_ptr<float>() : nullptr;
 #ifdef BILD_X86
   const float* z = logits.data_ptr<float>();
   const float* thr = fallback_threshold.data_ptr<float>();
@@ -294,7 +305,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   std::vector<float> scaled, filt, work;
   for (int64_t b = 0; b < B; ++b) {
     const float* zr = z + b * V;
-    const bool filtered = filters(k[b], p[b], V);
+    const float m_b = mn != nullptr ? mn[b] : 0.0f;
+    const bool filtered = filters(k[b], p[b], m_b, V);
     RowStats zs, fs;  // fs: the filtered row's (exp8 counts its -inf entries as ~e^-87 each: nothing a sum can tell)
     if (!row_stats(zr, V, &zs)) return unhandled();
     mp[b] = std::exp(zs.max - zs.lse);  // at temperature 1, unfiltered
@@ -303,7 +315,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       en[b] = -zs.lse;
       pr[b] = mp[b];
       if (filtered) {  // ... renormalised over the tokens the filters keep
-        filter_row(zr, V, k[b], p[b], zs.max, filt, work);
+        filter_row(zr, V, k[b], p[b], m_b, zs.max, filt, work);
         row_stats(filt.data(), V, &fs);  // its max, kept by both filters, is finite
         pr[b] = std::exp(zs.max - fs.lse);
       }
@@ -315,7 +327,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       if (!row_stats(scaled.data(), V, &ss)) return unhandled();
       en[b] = -t[b] * ss.lse;
       if (filtered) {
-        filter_row(scaled.data(), V, k[b], p[b], ss.max, filt, work);
+        filter_row(scaled.data(), V, k[b], p[b], m_b, ss.max, filt, work);
         row_stats(filt.data(), V, &fs);
         tok[b] = gumbel_argmax(filt.data(), V, sd[b], off[b], kPurposeDraftSample, 0, ss.argmax);
         pr[b] = std::exp(filt[tok[b]] - fs.lse);
@@ -344,7 +356,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_verify_draft(
     const at::Tensor& draft_ids, const at::Tensor& logits, int64_t mode, const at::Tensor& rollback_threshold,
     const std::optional<at::Tensor>& draft_probs, const at::Tensor& temperature, const at::Tensor& top_k,
-    const at::Tensor& top_p, const at::Tensor& seed, const at::Tensor& offset, const std::optional<at::Tensor>& row_max,
+    const at::Tensor& top_p, const at::Tensor& seed, const at::Tensor& offset, const std::optional<at::Tensor>& min_p,
+    const std::optional<at::Tensor>& row_max,
     const std::optional<at::Tensor>& row_lse, const std::optional<at::Tensor>& row_argmax) {
   constexpr const char* op = "cpu_verify_draft";
   check_logits(op, logits, 3);
@@ -377,6 +390,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_verif
     }
   }
   check_sampling_rows(op, B, temperature, top_k, top_p, seed, offset);
+  if (min_p.has_value()) check_rows(op, "min_p", *min_p, B, at::kFloat);
   const auto f32 = logits.options();
   at::Tensor num_accepted = at::empty({B}, f32.dtype(at::kInt));
   at::Tensor out_ids = at::full({B, K1}, -1, f32.dtype(at::kLong));
@@ -385,6 +399,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_verif
   const float* t = temperature.data_ptr<float>();
   const int32_t* tk = top_k.data_ptr<int32_t>();
   const float* tp_ = top_p.data_ptr<float>();
+  const float* mn = min_p.has_value() ? min_p->data_ptr<float>() : nullptr;
 #ifdef BILD_X86
   const int64_t* ids = draft_ids.data_ptr<int64_t>();
   const float* z = logits.data_ptr<float>();
@@ -425,6 +440,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_verif
   for (int64_t b = 0; b < B; ++b) {
     const int64_t* row = ids + b * K;
     const bool sampling = !(t[b] <= 0.0f);
+    const float m_b = mn != nullptr ? mn[b] : 0.0f;
     const int64_t n = drafted[b];
     int64_t c = -1;       // the cut: the first position not accepted
     int64_t emitted = 0;  // argmax at the cut
@@ -444,7 +460,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_verif
           if (c < 0) {  // past the cut nothing is accepted: no q needed there
             float qd = d == s.argmax ? 1.0f : 0.0f;  // a greedy row's q: one-hot at the argmax
             if (sampling) {
-              if (!target_q(zj, V, t[b], tk[b], tp_[b], q, filt, work, &q_am)) return unhandled();
+              if (!target_q(zj, V, t[b], tk[b], tp_[b], m_b, q, filt, work, &q_am)) return unhandled();
               q_pos = j;
               qd = q[d];
             }
@@ -462,7 +478,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_verif
     // c <= n always: position n is never accepted. Positions past the cut still get their distances and
     // target probabilities (the reference reports them for every drafted position).
     if (sampling) {  // a sampling row draws its token at the cut from w = q_c (or mode 2's residual)
-      if (q_pos != c && !target_q(z + (b * K1 + c) * V, V, t[b], tk[b], tp_[b], q, filt, work, &q_am)) {
+      if (q_pos != c && !target_q(z + (b * K1 + c) * V, V, t[b], tk[b], tp_[b], m_b, q, filt, work, &q_am)) {
         return unhandled();
       }
       int64_t hint = q_am;
@@ -495,10 +511,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_verif
 // The CUDA kernels' top-k / top-p cut-off search (cut_search.h, filter_cut in common.cuh) run on the host, one
 // row at a time, each pass's histogram summed in order: the same bucket, bracket and settle code as on the GPU,
 // so the tests check it against the reference on the CPU. scaled: [R, V] float32, the rows' z / t; top_k [R]
-// int32, top_p [R] float32. Returns tau [R] int32 (keys >= it are kept), kept_sum [R] float32 (sum of
-// exp(s - s_max) over them) and passes [R] int32 (passes over the row the search made).
+// int32, top_p [R] float32, min_p None or [R] float32. Returns tau [R] int32 (keys >= it are kept), kept_sum [R]
+// float32 (sum of exp(s - s_max) over them) and passes [R] int32 (passes over the row the search made).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_filter_cut(const at::Tensor& scaled, const at::Tensor& top_k,
-                                                             const at::Tensor& top_p) {
+                                                             const at::Tensor& top_p,
+                                                             const std::optional<at::Tensor>& min_p) {
   TORCH_CHECK(scaled.dim() == 2 && scaled.scalar_type() == at::kFloat && scaled.is_contiguous(),
               "cpu_filter_cut: scaled must be a contiguous [R, V] float32 tensor");
   const int64_t R = scaled.size(0), V = scaled.size(1);
@@ -507,12 +524,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_filter_cut(const at::Tensor& 
               "cpu_filter_cut: top_k must be a contiguous [R] int32 tensor");
   TORCH_CHECK(top_p.dim() == 1 && top_p.size(0) == R && top_p.scalar_type() == at::kFloat && top_p.is_contiguous(),
               "cpu_filter_cut: top_p must be a contiguous [R] float32 tensor");
+  TORCH_CHECK(!min_p.has_value() || (min_p->dim() == 1 && min_p->size(0) == R && min_p->scalar_type() == at::kFloat &&
+                                     min_p->is_contiguous()),
+              "cpu_filter_cut: min_p must be a contiguous [R] float32 tensor");
   at::Tensor tau = at::empty({R}, at::TensorOptions().dtype(at::kInt));
   at::Tensor kept = at::empty({R}, at::TensorOptions().dtype(at::kFloat));
   at::Tensor passes = at::empty({R}, at::TensorOptions().dtype(at::kInt));
   const float* s_all = scaled.const_data_ptr<float>();
   const int32_t* kk = top_k.const_data_ptr<int32_t>();
   const float* pp = top_p.const_data_ptr<float>();
+  const float* mm = min_p.has_value() ? min_p->const_data_ptr<float>() : nullptr;
   std::vector<unsigned int> cnt(kCutBuckets);
   std::vector<unsigned long long> mass(kCutBuckets);
   for (int64_t r = 0; r < R; ++r) {
@@ -522,7 +543,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_filter_cut(const at::Tensor& 
     float s_sum = 0.0f;
     for (int64_t i = 0; i < V; ++i) s_sum += s_max == -std::numeric_limits<float>::infinity() ? 0.0f : std::exp(s[i] - s_max);
     CutSearch cs;
-    cs.init(s_max, s_sum, kk[r], pp[r], static_cast<int>(V));
+    cs.init(s_max, s_sum, kk[r], pp[r], static_cast<int>(V), mm != nullptr ? mm[r] : 0.0f);
     int n = 0;
     while (!cs.done()) {
       cs.begin_pass();
@@ -545,7 +566,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_filter_cut(const at::Tensor& 
         m_excl = m;
         c += cnt[j];
         m += mass[j];
-        if (cs.satisfied(c, m)) {
+        if (cs.satisfied(j, c, m)) {
           first = j;
           break;
         }
@@ -567,13 +588,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_filter_cut(const at::Tensor& 
 }  // namespace bild
 
 TORCH_LIBRARY_FRAGMENT(bild_kernels_cpu, m) {
-  m.def("cpu_filter_cut(Tensor scaled, Tensor top_k, Tensor top_p) -> (Tensor, Tensor, Tensor)");
+  m.def("cpu_filter_cut(Tensor scaled, Tensor top_k, Tensor top_p, Tensor? min_p=None) -> (Tensor, Tensor, Tensor)");
   m.def("cpu_sample_draft(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor seed, "
-        "Tensor offset, Tensor fallback_threshold) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "Tensor offset, Tensor fallback_threshold, Tensor? min_p=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, "
+        "Tensor)");
   m.def("cpu_verify_draft(Tensor draft_ids, Tensor logits, int mode, Tensor rollback_threshold, "
         "Tensor? draft_probs, Tensor temperature, Tensor top_k, Tensor top_p, Tensor seed, Tensor offset, "
-        "Tensor? row_max=None, Tensor? row_lse=None, Tensor? row_argmax=None) -> (Tensor, Tensor, Tensor, Tensor, "
-        "Tensor)");
+        "Tensor? min_p=None, Tensor? row_max=None, Tensor? row_lse=None, Tensor? row_argmax=None) -> (Tensor, "
+        "Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(bild_kernels_cpu, CPU, m) {

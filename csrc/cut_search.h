@@ -6,8 +6,11 @@
 // What it finds (reference._filter_top_k_top_p): with s = z / t the scaled logits of a row, top-k keeps
 // s >= the k-th largest, i.e. the keys up to the largest c with count(key >= c) >= k; top-p keeps the keys up
 // to the largest c with mass(key >= c) >= top_p * total, mass = sum of exp(s - s_max). A token must pass both,
-// so the cut-off is the largest c where either holds; both only fall as c grows. key = order_key(s), an int32
-// in the float order.
+// so the cut-off is the largest c where either holds; both only fall as c grows. min-p keeps s >= s_max +
+// log(min_p) (float sums): the keys from c_m = order_key(s_max + log(min_p)) up, the third condition "c <= c_m",
+// which also only falls as c grows; the largest c where any of the three holds is the intersection's cut-off,
+// and the search finds it (and the kept set's exact mass) like the other two. key = order_key(s), an int32 in the
+// float order.
 //
 // How: a bracket [lo, hi) of keys (lo satisfies, hi does not) narrowed by passes over the row, each pass a
 // histogram of the keys inside the bracket over kCutBuckets buckets (counts, and masses in fixed point so that
@@ -65,22 +68,26 @@ struct CutSearch {
   unsigned long long kept_mass = 0;   // the mass of the keys >= lo, once a pass proved lo (lo_found)
   bool lo_found = false;
   bool by_value = false;  // the next pass buckets by value
-  bool use_k = false, use_p = false;
+  bool use_k = false, use_p = false, use_m = false;
   float s_max = 0.0f;
+  long long min_key = kLowestKey;  // min-p's c_m (use_m): keys below it are never kept
   unsigned int top_k = 0;
   unsigned long long target = 0;  // top_p * total in units of 2^-40
   long long width = 1;            // a key pass's bucket width
   long long bottom = 0;           // the value pass's lowest bucket bound
 
-  // s_max: the row's largest s; s_sum: sum of exp(s - s_max) (the first pass's); V: the row's length.
-  BILD_HD void init(float s_max_, float s_sum, int top_k_, float top_p, int V) {
+  // s_max: the row's largest s; s_sum: sum of exp(s - s_max) (the first pass's); V: the row's length;
+  // min_p: 0 (off) or in (0, 1] (a row whose s_max is not finite keeps everything, as the reference's).
+  BILD_HD void init(float s_max_, float s_sum, int top_k_, float top_p, int V, float min_p = 0.0f) {
     use_k = top_k_ > 0 && top_k_ < V;
     use_p = top_p < 1.0f;
+    use_m = min_p > 0.0f && s_max_ - s_max_ == 0.0f;
+    min_key = use_m ? order_key(s_max_ + logf(min_p)) : kLowestKey;
     s_max = s_max_;
     top_k = use_k ? static_cast<unsigned int>(top_k_) : 0u;
     target = use_p ? static_cast<unsigned long long>(ceil(static_cast<double>(top_p) * s_sum * kCutMassUnit)) : 0ull;
     lo = kLowestKey;
-    hi = (use_k || use_p) ? static_cast<long long>(order_key(s_max_)) + 1 : kLowestKey + 1;
+    hi = (use_k || use_p || use_m) ? static_cast<long long>(order_key(s_max_)) + 1 : kLowestKey + 1;
     above_cnt = 0;
     above_mass = kept_mass = 0;
     lo_found = false;
@@ -138,10 +145,11 @@ struct CutSearch {
     return a;
   }
 
-  // Whether the lower bound of a bucket satisfies, given the counts and masses of this pass's buckets down to
+  // Whether the lower bound of bucket j satisfies, given the counts and masses of this pass's buckets down to
   // it (inclusive).
-  BILD_HD bool satisfied(unsigned int cnt_incl, unsigned long long mass_incl) const {
-    return (use_k && above_cnt + cnt_incl >= top_k) || (use_p && above_mass + mass_incl >= target);
+  BILD_HD bool satisfied(int j, unsigned int cnt_incl, unsigned long long mass_incl) const {
+    return (use_k && above_cnt + cnt_incl >= top_k) || (use_p && above_mass + mass_incl >= target) ||
+           (use_m && lower(j) <= min_key);
   }
 
   // After a pass: j, the first bucket from the top that satisfies (-1: none), with the sums of the buckets

@@ -28,8 +28,9 @@ int64_t set_first_pass(int64_t kind) {
   return g_first_pass.exchange(static_cast<int>(kind));
 }
 
-// Which top-k / top-p cut-off search (kCutSearchBlock, kCutSearchSplit or kCutSearchAuto: common.cuh) the two ops
-// run, for the whole process; bild_kernels._C.set_cut_search(kind) sets it. Auto decides per launch (use_cut_split).
+// Which top-k / top-p / min-p cut-off search (kCutSearchBlock, kCutSearchSplit or kCutSearchAuto: common.cuh) the two
+// ops run, for the whole process; bild_kernels._C.set_cut_search(kind) sets it. Auto decides per launch
+// (use_cut_split).
 static std::atomic<int> g_cut_search{kCutSearchAuto};
 
 int current_cut_search() { return g_cut_search.load(std::memory_order_relaxed); }
@@ -95,10 +96,14 @@ int64_t resolve_first_pass_for(int64_t rows, int64_t V, int64_t elem_size, bool 
 }
 
 // The per-row parameter vectors of sample_draft and verify_draft: [B] each, of the reference's dtypes.
-void check_row_params(const char* op, int64_t B, const at::Tensor& temperature, const at::Tensor& top_k,
-                      const at::Tensor& top_p, const at::Tensor& seed, const at::Tensor& offset) {
-  const std::pair<const char*, const at::Tensor*> params[] = {
-      {"temperature", &temperature}, {"top_k", &top_k}, {"top_p", &top_p}, {"seed", &seed}, {"offset", &offset}};
+// min_p may be absent (off): the kernels then read a null pointer as 0 for every row.
+const float* check_row_params(const char* op, int64_t B, const at::Tensor& temperature, const at::Tensor& top_k,
+                              const at::Tensor& top_p, const at::Tensor& seed, const at::Tensor& offset,
+                              const std::optional<at::Tensor>& min_p) {
+  const at::Tensor& mp = min_p.has_value() ? *min_p : temperature;  // (temperature: checked as itself twice)
+  const std::pair<const char*, const at::Tensor*> params[] = {{"temperature", &temperature}, {"top_k", &top_k},
+                                                              {"top_p", &top_p},             {"seed", &seed},
+                                                              {"offset", &offset},           {"min_p", &mp}};
   for (const auto& [name, t] : params) {
     TORCH_CHECK(t->dim() == 1 && t->size(0) == B, "bild_kernels_C::", op, ": ", name, " must be [B] = [", B,
                 "], got ", t->sizes());
@@ -109,23 +114,27 @@ void check_row_params(const char* op, int64_t B, const at::Tensor& temperature, 
   check_dtype(op, "top_p", top_p, at::kFloat);
   check_dtype(op, "seed", seed, at::kLong);
   check_dtype(op, "offset", offset, at::kLong);
+  check_dtype(op, "min_p", mp, at::kFloat);
+  return min_p.has_value() ? min_p->const_data_ptr<float>() : nullptr;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_draft(
     const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k, const at::Tensor& top_p,
-    const at::Tensor& seed, const at::Tensor& offset, const at::Tensor& fallback_threshold, int64_t rows) {
+    const at::Tensor& seed, const at::Tensor& offset, const at::Tensor& fallback_threshold,
+    const std::optional<at::Tensor>& min_p, int64_t rows) {
   constexpr const char* op = "sample_draft";
   TORCH_CHECK(rows >= 0 && rows <= kRowsUnknown, op, ": rows must be in [0, 7] (1: some row samples, 2: some row uses "
-              "top-k / top-p, 4: the 2 is a guess), got ", rows);
+              "top-k / top-p / min-p, 4: the 2 is a guess), got ", rows);
   check_cuda(op, {{"logits", &logits}, {"temperature", &temperature}, {"top_k", &top_k}, {"top_p", &top_p},
-                  {"seed", &seed}, {"offset", &offset}, {"fallback_threshold", &fallback_threshold}});
+                  {"seed", &seed}, {"offset", &offset}, {"fallback_threshold", &fallback_threshold},
+                  {"min_p", min_p.has_value() ? &*min_p : &temperature}});
   // logits: [B, V] float16 / bfloat16 / float32 (float64 is computed in float32, as the Triton backend)
   TORCH_CHECK(logits.dim() == 2 && logits.size(1) > 0, op, ": logits must be [B, V] with V > 0");
   const at::Tensor z = (logits.scalar_type() == at::kDouble ? logits.to(at::kFloat) : logits).contiguous();
   const int64_t B = z.size(0), V = z.size(1);
   TORCH_CHECK(V < (1LL << 24), op, ": V must be below 2^24, got ", V);
-  // temperature, top_p: [B] f32; top_k: [B] i32; seed, offset: [B] i64
-  check_row_params(op, B, temperature, top_k, top_p, seed, offset);
+  // temperature, top_p, min_p: [B] f32; top_k: [B] i32; seed, offset: [B] i64
+  const float* min_p_ptr = check_row_params(op, B, temperature, top_k, top_p, seed, offset, min_p);
   // fallback_threshold: [B] f32
   check_dtype(op, "fallback_threshold", fallback_threshold, at::kFloat);
   TORCH_CHECK(fallback_threshold.dim() == 1 && fallback_threshold.size(0) == B && fallback_threshold.is_contiguous(),
@@ -137,8 +146,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_dr
   at::Tensor token_probs = at::empty({B}, f32), max_probs = at::empty({B}, f32), energies = at::empty({B}, f32);
   at::Tensor fallback = at::empty({B}, z.options().dtype(at::kBool));
   const SampleDraftParams prm{temperature.const_data_ptr<float>(), top_k.const_data_ptr<int>(),
-                              top_p.const_data_ptr<float>(),       seed.const_data_ptr<int64_t>(),
-                              offset.const_data_ptr<int64_t>(),    fallback_threshold.const_data_ptr<float>()};
+                              top_p.const_data_ptr<float>(),       min_p_ptr,
+                              seed.const_data_ptr<int64_t>(),      offset.const_data_ptr<int64_t>(),
+                              fallback_threshold.const_data_ptr<float>()};
   const SampleDraftOutputs out{token_ids.data_ptr<int64_t>(), token_probs.data_ptr<float>(),
                                max_probs.data_ptr<float>(), energies.data_ptr<float>(), fallback.data_ptr<bool>()};
   at::Tensor split_buf;

@@ -6,11 +6,12 @@
 namespace bild {
 
 // Per-row inputs, all [B]: temperature f32 (<= 0: greedy), top_k i32 (0: off), top_p f32 (1: off),
-// seed/offset i64 (Philox key and step counter), fallback_threshold f32.
+// min_p f32 (0: off), seed/offset i64 (Philox key and step counter), fallback_threshold f32.
 struct SampleDraftParams {
   const float* temperature;
   const int* top_k;
   const float* top_p;
+  const float* min_p;  // null: 0 (off) for every row
   const int64_t* seed;
   const int64_t* offset;
   const float* fallback_threshold;
@@ -26,7 +27,7 @@ struct SampleDraftOutputs {
 };
 
 // The first pass's task for row b: the logsumexp of z (max_probs) and of s = z / T (energies), the
-// argmax of z (greedy rows), and for sampling rows without top-k/top-p the Gumbel-max draw over s.
+// argmax of z (greedy rows), and for sampling rows without top-k / top-p / min-p the Gumbel-max draw over s.
 struct SampleRows {
   SampleDraftParams prm;
   int V;
@@ -36,7 +37,7 @@ struct SampleRows {
     const float temp = prm.temperature[b];
     task.scaled = !(temp <= 0.0f);
     task.t = task.scaled ? temp : 1.0f;
-    task.draw = task.scaled && !top_k_top_p_on(prm.top_k[b], prm.top_p[b], V);
+    task.draw = task.scaled && !filter_on(prm.top_k[b], prm.top_p[b], row_min_p(prm.min_p, b), V);
     task.seed = prm.seed[b];
     task.offset = prm.offset[b];
     task.purpose = kPurposeDraftSample;
@@ -44,19 +45,20 @@ struct SampleRows {
   }
 };
 
-// The split cut-off search's view of row b (common.cuh CutRow): every row with top-k / top-p searches, greedy
-// rows at temperature 1 (their token probability is over the kept set).
+// The split cut-off search's view of row b (common.cuh CutRow): every row with top-k / top-p / min-p searches,
+// greedy rows at temperature 1 (their token probability is over the kept set).
 struct SampleCutRows {
   SampleDraftParams prm;
   int V;
   __device__ CutRow operator()(int b) const {
     CutRow row;
-    row.filtered = top_k_top_p_on(prm.top_k[b], prm.top_p[b], V);
+    row.filtered = filter_on(prm.top_k[b], prm.top_p[b], row_min_p(prm.min_p, b), V);
     const float temp = prm.temperature[b];
     row.use_z = temp <= 0.0f;
     row.t = row.use_z ? 1.0f : temp;
     row.top_k = prm.top_k[b];
     row.top_p = prm.top_p[b];
+    row.min_p = row_min_p(prm.min_p, b);
     return row;
   }
 };
@@ -82,7 +84,7 @@ __device__ ArgMax draw_kept(Visit&& visit, float t, int tau, float s_max, int ar
 }
 
 // Grid (B * S,), kChunkThreads threads, S = row_splits<T>(V), after the split cut-off search (cut_state): block
-// b * S + c of a sampling row with top-k / top-p leaves the draw over the kept set's elements in chunk c in
+// b * S + c of a sampling row with top-k / top-p / min-p leaves the draw over the kept set's elements in chunk c in
 // draws[b * S + c]; SampleDraftKernel merges a row's S draws (ties to the lower index: the block draw's token).
 template <typename T>
 __global__ void __launch_bounds__(kChunkThreads)
@@ -92,7 +94,9 @@ __global__ void __launch_bounds__(kChunkThreads)
   __shared__ float smem[2 * 32];  // 32 ArgMax records (no constructor runs on __shared__ memory)
   const int b = blockIdx.x / S, c = blockIdx.x % S;
   const float temp = prm.temperature[b];
-  if (temp <= 0.0f || !top_k_top_p_on(prm.top_k[b], prm.top_p[b], V)) return;  // block-uniform
+  if (temp <= 0.0f || !filter_on(prm.top_k[b], prm.top_p[b], row_min_p(prm.min_p, b), V)) {
+    return;  // block-uniform
+  }
   const RowPartial stats = warp_merge_partials(partials + static_cast<int64_t>(b) * S_first, S_first);
   const T* row = logits + static_cast<int64_t>(b) * V;
   const ArgMax d = draw_kept([&](auto&& f) { for_each_in_chunk(row, V, S, c, f); }, temp, cut_state[b].tau(),
@@ -116,8 +120,8 @@ __device__ inline void write_draft_sample(const SampleDraftParams& prm, const Sa
 
 // Grid (B,), kRowThreads threads, after RowChunkStatsKernel made the one pass over every row (split
 // into S chunks, see common.cuh): one block per row merges its S partials; the softmax never reaches
-// memory. Rows with top-k/top-p add the cut-off search (filter_cut: about three histogram passes, which also
-// sum the kept set; or, with cut_state, the split search's result), and sampling rows among them one pass that
+// memory. Rows with top-k / top-p / min-p add the cut-off search (filter_cut: about three histogram passes, which
+// also sum the kept set; or, with cut_state, the split search's result), and sampling rows among them one pass that
 // draws over the kept set (or, with draws, the merge of SampleCutDrawKernel's chunk draws, S_draw a row).
 // One block an SM asked for: a grid of B rows rarely fills the GPU, and without it ptxas caps the registers
 // at 64 and spills filter_cut's state.
@@ -134,8 +138,8 @@ __global__ void __launch_bounds__(kRowThreads, 1)
   const bool greedy = temp <= 0.0f;
   const float t = greedy ? 1.0f : temp;  // greedy rows report probabilities at temperature 1
   const int top_k = prm.top_k[b];
-  const float top_p = prm.top_p[b];
-  const bool filtered = top_k_top_p_on(top_k, top_p, V);
+  const float top_p = prm.top_p[b], min_p = row_min_p(prm.min_p, b);
+  const bool filtered = filter_on(top_k, top_p, min_p, V);
   const int64_t seed = prm.seed[b], offset = prm.offset[b];
   const bool draw_now = !greedy && !filtered;  // filtered rows draw over the kept set instead
 
@@ -148,7 +152,8 @@ __global__ void __launch_bounds__(kRowThreads, 1)
   float kept_sum = s_lse.s;
   if (filtered) {
     const CutSearch cut =
-        cut_state != nullptr ? cut_state[b] : filter_cut(row, V, t, s_lse.m, s_lse.s, top_k, top_p, cut_smem);
+        cut_state != nullptr ? cut_state[b]
+                             : filter_cut(row, V, t, s_lse.m, s_lse.s, top_k, top_p, min_p, cut_smem);
     kept_sum = cut.kept_sum(s_lse.s);  // the search's exact sum over the kept set
     if (!greedy && draws != nullptr) {  // sampling rows: the split draws, merged (every lane of every warp)
       ArgMax k_max;

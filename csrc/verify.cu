@@ -8,8 +8,9 @@
 
 namespace bild {
 
-void check_row_params(const char* op, int64_t B, const at::Tensor& temperature, const at::Tensor& top_k,
-                      const at::Tensor& top_p, const at::Tensor& seed, const at::Tensor& offset);  // sampling.cu
+const float* check_row_params(const char* op, int64_t B, const at::Tensor& temperature, const at::Tensor& top_k,
+                              const at::Tensor& top_p, const at::Tensor& seed, const at::Tensor& offset,
+                              const std::optional<at::Tensor>& min_p);  // sampling.cu
 int current_first_pass();  // sampling.cu
 int device_sms();          // sampling.cu
 const CutSplit* cut_split_scratch(int64_t R, int64_t D, const at::Tensor& like, at::Tensor& buf, CutSplit& split,
@@ -20,13 +21,15 @@ int* fused_tail_counts(int64_t n, const at::Tensor& like, at::Tensor& buf, int r
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_draft(
     const at::Tensor& draft_ids, const at::Tensor& target_logits, int64_t mode, const at::Tensor& rollback_threshold,
     const std::optional<at::Tensor>& draft_probs, const at::Tensor& temperature, const at::Tensor& top_k,
-    const at::Tensor& top_p, const at::Tensor& seed, const at::Tensor& offset, int64_t rows) {
+    const at::Tensor& top_p, const at::Tensor& seed, const at::Tensor& offset, const std::optional<at::Tensor>& min_p,
+    int64_t rows) {
   constexpr const char* op = "verify_draft";
   TORCH_CHECK(rows >= 0 && rows <= kRowsUnknown, op, ": rows must be in [0, 7] (1: some row samples, 2: some row uses "
-              "top-k / top-p, 4: the 2 is a guess), got ", rows);
+              "top-k / top-p / min-p, 4: the 2 is a guess), got ", rows);
   check_cuda(op, {{"target_logits", &target_logits}, {"draft_ids", &draft_ids},
                   {"rollback_threshold", &rollback_threshold}, {"temperature", &temperature}, {"top_k", &top_k},
-                  {"top_p", &top_p}, {"seed", &seed}, {"offset", &offset}});
+                  {"top_p", &top_p}, {"seed", &seed}, {"offset", &offset},
+                  {"min_p", min_p.has_value() ? &*min_p : &temperature}});
   TORCH_CHECK(mode == kModeGreedy || mode == kModeBild || mode == kModeSample, op,
               ": mode must be 0 (greedy), 1 (bild) or 2 (sample), got ", mode);
   // target_logits: [B, K+1, V] float16 / bfloat16 / float32 (float64 is computed in float32)
@@ -45,8 +48,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_draft(
   check_dtype(op, "rollback_threshold", rollback_threshold, at::kFloat);
   TORCH_CHECK(rollback_threshold.dim() == 1 && rollback_threshold.size(0) == B && rollback_threshold.is_contiguous(),
               op, ": rollback_threshold must be a contiguous [B] tensor");
-  // temperature, top_p: [B] f32; top_k: [B] i32; seed, offset: [B] i64
-  check_row_params(op, B, temperature, top_k, top_p, seed, offset);
+  // temperature, top_p, min_p: [B] f32; top_k: [B] i32; seed, offset: [B] i64
+  const float* min_p_ptr = check_row_params(op, B, temperature, top_k, top_p, seed, offset, min_p);
   // draft_probs: [B, K, V] any float dtype (read as f32), sample mode only
   at::Tensor probs;
   if (mode == kModeSample) {
@@ -66,7 +69,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_draft(
   at::Tensor scratch_i = at::empty({3, B * K1}, i32), scratch_f = at::empty({2, B * K1}, f32);  // see VerifyScratch
   const VerifyParams prm{rollback_threshold.const_data_ptr<float>(), temperature.const_data_ptr<float>(),
                          top_k.const_data_ptr<int>(),                top_p.const_data_ptr<float>(),
-                         seed.const_data_ptr<int64_t>(),             offset.const_data_ptr<int64_t>()};
+                         min_p_ptr,                                  seed.const_data_ptr<int64_t>(),
+                         offset.const_data_ptr<int64_t>()};
   const VerifyOutputs out{num_accepted.data_ptr<int>(), output_ids.data_ptr<int64_t>(), distances.data_ptr<float>(),
                           target_probs.data_ptr<float>()};
   int* si = scratch_i.data_ptr<int>();

@@ -5,12 +5,14 @@
 
 namespace bild {
 
-// Per-row inputs, all [B]: the large model's sampling parameters and BiLD's rollback threshold.
+// Per-row inputs, all [B]: the large model's sampling parameters (temperature f32, <= 0: greedy; top_k i32, 0: off;
+// top_p f32, 1: off; min_p f32, 0: off; seed/offset i64) and BiLD's rollback threshold.
 struct VerifyParams {
   const float* rollback_threshold;
   const float* temperature;
   const int* top_k;
   const float* top_p;
+  const float* min_p;  // null: 0 (off) for every row
   const int64_t* seed;
   const int64_t* offset;
 };
@@ -91,7 +93,7 @@ struct VerifyPosition {
     const float temp = prm.temperature[b];
     greedy = temp <= 0.0f;
     t = greedy ? 1.0f : temp;
-    filtered = !greedy && top_k_top_p_on(prm.top_k[b], prm.top_p[b], V);
+    filtered = !greedy && filter_on(prm.top_k[b], prm.top_p[b], row_min_p(prm.min_p, b), V);
   }
 };
 
@@ -112,7 +114,7 @@ struct VerifyRows {
 };
 
 // The split cut-off search's view of position row pid (common.cuh CutRow): the active positions of rows that
-// sample with top-k / top-p, as VerifyFilterKernel's.
+// sample with top-k / top-p / min-p, as VerifyFilterKernel's.
 struct VerifyCutRows {
   const int64_t* draft_ids;
   VerifyParams prm;
@@ -124,6 +126,7 @@ struct VerifyCutRows {
     row.t = at.t;
     row.top_k = prm.top_k[at.b];
     row.top_p = prm.top_p[at.b];
+    row.min_p = row_min_p(prm.min_p, at.b);
     return row;
   }
 };
@@ -168,8 +171,8 @@ constexpr int kMergeWarps = 4;  // positions per block of VerifyMergeKernel, one
 
 // Grid (ceil(B * (K+1) / kMergeWarps),), 32 * kMergeWarps threads: one warp per position merges the first
 // pass's S partials of z_j (logsumexp, argmax; sampling rows also the logsumexp of z_j / T) and finishes the
-// position, unless the row filters with top-k/top-p and no cut_state (the split search's) is given: then that is
-// VerifyFilterKernel's job. Positions past n_b only zero their outputs.
+// position, unless the row filters with top-k / top-p / min-p and no cut_state (the split search's) is given: then
+// that is VerifyFilterKernel's job. Positions past n_b only zero their outputs.
 template <typename T>
 __global__ void __launch_bounds__(32 * kMergeWarps)
     VerifyMergeKernel(const int64_t* __restrict__ draft_ids, const T* __restrict__ target_logits,
@@ -245,14 +248,14 @@ struct VerifyFusedTail {
   }
 };
 
-// Blocks of the kernels below that stride over their positions or chunks: without top-k / top-p, or without
+// Blocks of the kernels below that stride over their positions or chunks: without filtering rows, or without
 // sampling rows, nearly all of those return at once, and a grid of one block each cost more than their work
 // (the H200 profile of 2026-11-26b: 8.8 us for 576 such filter blocks of 512 threads, one resident an SM).
 constexpr int kVerifyLoopBlocks = 256;
 
 // Grid (min(B * (K+1), kVerifyLoopBlocks),), kRowThreads threads, striding over the positions: each active
-// position of a row that filters with top-k/top-p (the others are passed over) finds the kept set's cut-off
-// over z_j / T and its mass (filter_cut) and finishes the position.
+// position of a row that filters with top-k / top-p / min-p (the others are passed over) finds the kept set's
+// cut-off over z_j / T and its mass (filter_cut) and finishes the position.
 template <typename T>
 __global__ void __launch_bounds__(kRowThreads)
     VerifyFilterKernel(const int64_t* __restrict__ draft_ids, const T* __restrict__ target_logits,
@@ -271,7 +274,9 @@ __global__ void __launch_bounds__(kRowThreads)
     const RowPartial stats = warp_merge_partials(scr.partials + static_cast<int64_t>(at.pid) * S, S);
     const T* row = target_logits + static_cast<int64_t>(at.pid) * V;
     const float t = at.t, s_max = stats.s.m;
-    const CutSearch cut = filter_cut(row, V, t, s_max, stats.s.s, prm.top_k[at.b], prm.top_p[at.b], cut_smem);
+    const CutSearch cut =
+        filter_cut(row, V, t, s_max, stats.s.s, prm.top_k[at.b], prm.top_p[at.b], row_min_p(prm.min_p, at.b),
+                   cut_smem);
     if (threadIdx.x == 0) {  // filter_cut's trailing barrier: the next position may clear cut_smem at once
       finish_position(at, stats, cut.tau(), cut.kept_sum(stats.s.s), draft_ids, target_logits, draft_probs, K, V,
                       mode, prm, out, scr);
@@ -399,8 +404,8 @@ __global__ void __launch_bounds__(32)
 // row_splits<T>(V) must be below 2^31 (the first pass's grid). first_pass: kFirstPassChunked, kFirstPassWide,
 // kFirstPassStream or kFirstPassLong (common.cuh).
 // rows: what the caller knows of the rows (kRowsSampled | kRowsFiltered, common.cuh; kRowsAll: nothing): without
-// sampling rows the scaled statistics, top-k / top-p and sampled-token kernels are not launched (top-k / top-p
-// applies to sampling rows only); a row of a kind left out computes wrong results.
+// sampling rows the scaled statistics, top-k / top-p / min-p and sampled-token kernels are not launched (the filters
+// apply to sampling rows only); a row of a kind left out computes wrong results.
 // tail_counts: B * (K+1) + B ints of scratch for the fused tail (VerifyFusedTail: a memset and the first pass, two
 // launches instead of three) where it applies (use_fused_tail); nullptr: the launches.
 template <typename T>

@@ -32,10 +32,11 @@ POLICY_MIX = [None, {"name": "greedy", "max_draft_len": 4}, {"name": "large-only
 
 def request_mix(n: int, seed: int = 0, *, vocab: int = 96, token_prompts: bool = True, max_tokens: int = 24,
                 policies=POLICY_MIX) -> list[dict]:
-    """n distinct completion bodies: text and token-id prompts, greedy and seeded sampling, every policy, penalties
-    on about a third of them (not SmallOnly's, which refuses them)."""
+    """n distinct completion bodies: text and token-id prompts, greedy and seeded sampling (min-p on about a third of
+    the sampled ones), every policy, penalties on about a third of them (not SmallOnly's, which refuses them)."""
     rng = random.Random(seed)
     extra = random.Random(seed + 1)  # (the penalties' own draws: the bodies are otherwise what they always were)
+    more = random.Random(seed + 2)  # (and min-p's)
     bodies = []
     for i in range(n):
         policy = policies[i % len(policies)]
@@ -47,6 +48,8 @@ def request_mix(n: int, seed: int = 0, *, vocab: int = 96, token_prompts: bool =
         if policy is None or policy["name"] in ("speculative-sampling", "large-only", "bild", "ngram"):
             if rng.random() < 0.5:
                 body |= {"temperature": rng.choice([0.7, 1.0]), "top_p": rng.choice([1.0, 0.9])}
+                if more.random() < 0.35:
+                    body["min_p"] = more.choice([0.05, 0.2])
         if (policy is None or policy["name"] != "small-only") and extra.random() < 0.35:
             body |= {"repetition_penalty": extra.choice([1.0, 1.3]), "frequency_penalty": extra.choice([0.0, 0.7]),
                      "presence_penalty": extra.choice([0.0, -0.5]),

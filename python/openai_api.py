@@ -15,8 +15,8 @@ from serve_metrics import ServiceMetrics
 POLICIES = {"bild": BiLD, "greedy": Greedy, "speculative-sampling": SpeculativeSampling, "large-only": LargeOnly,
             "small-only": SmallOnly, "jacobi": Jacobi, "shallow-deep": ShallowDeep, "ngram": NGram}
 MAX_BODY = 1 << 20  # bytes
-FIELDS = {"prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "timeout", "policy",
-          "model", "n", "user", "ignore_eos", "logprobs", "presence_penalty", "frequency_penalty",
+FIELDS = {"prompt", "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stream", "timeout",
+          "policy", "model", "n", "user", "ignore_eos", "logprobs", "presence_penalty", "frequency_penalty",
           "repetition_penalty", "min_tokens", "logit_bias"}
 # Fields clients send at their neutral values: accepted there (they change nothing), refused otherwise
 NEUTRAL = {"best_of": (1,)}
@@ -139,6 +139,7 @@ class Service:
         try:
             params = SamplingParams(max_tokens=body.get("max_tokens", 16), temperature=body.get("temperature", 0.0),
                                     top_p=body.get("top_p", 1.0), top_k=body.get("top_k", 0),
+                                    min_p=body.get("min_p", 0.0),
                                     seed=_seed(body), stop=tuple(stop),
                                     ignore_eos=bool(body.get("ignore_eos", False)), timeout_s=timeout,
                                     presence_penalty=_number(body, "presence_penalty", 0.0),

@@ -11,7 +11,8 @@ Endpoints (JSON; errors are {"error": {"message", "type"}} with status 400 / 404
   POST /tokenize          {prompt: str, add_special_tokens=true} | {messages: [...]} -> {tokens, count, max_model_len}
   POST /detokenize        {tokens: [ids]} -> {prompt: text}
   POST /v1/completions    {prompt: str | [token ids] | a list of those (a batch: one choice each, not streamed),
-                           max_tokens=16, temperature=0, top_p=1, top_k=0, seed (absent or null: a random one),
+                           max_tokens=16, temperature=0, top_p=1, top_k=0, min_p=0 (vLLM's: keep tokens at least
+                           min_p times as likely as the most likely), seed (absent or null: a random one),
                            stop: str | [str | id], stream=false, timeout: seconds, policy: {"name": "bild"|
                            "greedy"|"speculative-sampling"|"large-only"|"small-only"|"jacobi"|"shallow-deep"|
                            "ngram", ...the policy's keyword arguments; "lookup": {NGram's} for the drafting ones},
@@ -32,7 +33,7 @@ and `data: [DONE]` at the end. Each choice carries, besides OpenAI's text and fi
 ("token_ids") and, at the end, the engine's "error" when the request ended early (finish_reason "error" or
 "timeout"). With "logprobs": n, each choice also carries OpenAI's "logprobs" object for its tokens: "tokens" (each
 token's own text), "token_logprobs" (under the model that decided it: the large one, SmallOnly's small one; before
-temperature, top-k and top-p), "top_logprobs" (the n most likely tokens there, text -> logprob) and "text_offset"
+temperature and the filters), "top_logprobs" (the n most likely tokens there, text -> logprob) and "text_offset"
 (where each token's text starts in the completion, counting the tokens' own texts). "echo": true (not with
 stream) puts the prompt before the text and, with logprobs, its tokens before the choice's, the first with logprob
 null: what lm-evaluation-harness's loglikelihood requests read. Every request thread calls the one Engine:

@@ -75,6 +75,19 @@ def test_generate_passes_penalties_on(capsys, pair_dirs):
     assert outs[1] and outs[0] != outs[1]
 
 
+def test_generate_min_p_one_is_greedy(capsys, pair_dirs):
+    """--min-p 1 keeps only the most likely token: sampling at temperature 1 writes the greedy reply."""
+    large, small = pair_dirs
+    outs = []
+    for extra in (["--temperature", 0], ["--temperature", 1.0, "--seed", 3, "--min-p", 1.0],
+                  ["--temperature", 1.0, "--seed", 3]):
+        code, out, err = _run(capsys, "generate", "w1 w2 w3", "--large", large, "--small", small, "--max-tokens", 12,
+                              "--no-chat-template", "--policy", "sampling", *extra)
+        assert code == 0, err
+        outs.append(out.split())
+    assert outs[0] == outs[1] != outs[2]
+
+
 def test_generate_chunks_a_long_prompt_with_the_same_text(capsys, pair_dirs):
     large, small = pair_dirs
     prompt = " ".join(f"w{i % 30}" for i in range(40))
@@ -140,6 +153,7 @@ def test_generate_reports_the_lookups_drafts(capsys, pair_dirs):
      "fallback_threshold must be in"),
     (["generate", "hi", "--large", "{large}", "--max-tokens", "0"], "max_tokens must be a positive int"),
     (["generate", "hi", "--large", "{large}", "--repetition-penalty", "0"], "repetition_penalty must be"),
+    (["generate", "hi", "--large", "{large}", "--min-p", "1.5"], "min_p must be"),
     (["generate", "hi", "--large", "{large}", "--min-tokens", "200", "--max-tokens", "8"], "min_tokens must be"),
     (["generate", "hi", "--large", "{large}", "--logit-bias", "x=2"], "--logit-bias takes TOKEN_ID=BIAS"),
     (["generate", "hi", "--large", "{large}", "--logit-bias", "3=500"], "logit_bias values must be"),

@@ -24,7 +24,7 @@ def cmd_generate(args) -> int:
     # sampling without --seed draws one (as llama.cpp and HF do), printed at the end so that the run can be repeated
     seed = args.seed if args.seed is not None else secrets.randbelow(2 ** 63) if args.temperature > 0 else 0
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, seed=seed, repetition_penalty=args.repetition_penalty,
+                            top_p=args.top_p, min_p=args.min_p, seed=seed, repetition_penalty=args.repetition_penalty,
                             presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
                             min_tokens=args.min_tokens, logit_bias=bias)
     t_load = time.perf_counter()
@@ -69,6 +69,8 @@ def add_parser(sub) -> None:
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--min-p", type=float, default=0.0,
+                   help="[0, 1]: keep tokens at least this many times as likely as the most likely one (0: off)")
     g.add_argument("--seed", type=int, default=None,
                    help="sampling seed (default: a random one when --temperature > 0, shown in the closing line)")
     g.add_argument("--repetition-penalty", type=float, default=1.0,

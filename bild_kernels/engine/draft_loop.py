@@ -99,7 +99,7 @@ class _Buffers:
     # named rows: a run's set-up is one host-to-device copy of the bytes before those (`StaticDraftLoop.run`), and its
     # results one copy of the int32 arena back (`_results`).
     ARENAS = {torch.int64: ("pos", "seed", "offset", "tok", "step"),
-              torch.float32: ("temperature", "top_p", "threshold"),
+              torch.float32: ("temperature", "top_p", "min_p", "threshold"),
               torch.bool: ("energy", "active", "nonfinite"), torch.int32: ("cap", "top_k", "ndraft", "fed")}
     # Each step's outputs, row `step` of [MAX_STEPS, B] each (written inside the step, so a graphed run needs no copy
     # of them between replays), held in the int32 arena after its named rows (the token as int32, the two flags as
@@ -176,7 +176,7 @@ class StaticDraftLoop:
         # would read the device)
         with ops.trusted_inputs() if greedy else contextlib.nullcontext():
             res = ops.sample_draft(logits, temperature=t["temperature"], top_k=t["top_k"], top_p=t["top_p"],
-                                   seed=t["seed"], offset=t["offset"],
+                                   min_p=t["min_p"], seed=t["seed"], offset=t["offset"],
                                    fallback_threshold=torch.where(energy, torch.zeros_like(thr), thr),
                                    **(dict(sampled=False, filtered=False) if greedy else {}))
         # E-LANG: a high energy marks a hard token; BiLD: a low max probability.
@@ -189,7 +189,7 @@ class StaticDraftLoop:
             t[name].index_copy_(0, step, value[None])
         step += 1
         if "out_probs" in t:
-            t["out_probs"].copy_(ops.filtered_probs(logits, t["temperature"], t["top_k"], t["top_p"]))
+            t["out_probs"].copy_(ops.filtered_probs(logits, t["temperature"], t["top_k"], t["top_p"], t["min_p"]))
         if "pen_ids" in t:  # an accepted draft joins its row's history, at the row's length
             ids = t["pen_ids"]
             at = t["pen_len"].clamp(max=ids.shape[1] - 1)[:, None]
@@ -249,14 +249,18 @@ class StaticDraftLoop:
             penalties: tuple | None = None) -> DraftRun:
         """The draft run of `rows`, whose step-0 logits [n, V] the caller computed (the small model's cache
         then holds each row's committed tokens). caps[i] >= 1: drafts row i may propose; sampling: the
-        engine's per-row values (lists or host tensors of n: temperature, top_k, top_p, seed, offset (step 0's)).
+        engine's per-row values (lists or host tensors of n: temperature, top_k, top_p, seed, offset (step 0's), and
+        optionally min_p (default 0)).
         features [n, H]: a feature draft's step-0 output (its predicted next feature per row), required for one
         and refused otherwise. penalties: the rows' `penalizing.chain_penalties` (host tensors), None for none."""
         n, dev = len(rows), self.runner.device
         if not caps or max(caps) > MAX_STEPS or min(caps) < 1:
             raise ValueError(f"StaticDraftLoop.run: caps must be in [1, {MAX_STEPS}], got {caps!r}")
         # every row greedy and unfiltered (the padding rows are): the buffers whose sampling step is told so
-        greedy = not any(ops.known_row_kinds(sampling["temperature"], sampling["top_k"], sampling["top_p"]))
+        sampling = dict(sampling)
+        sampling.setdefault("min_p", [0.0] * n)
+        greedy = not any(ops.known_row_kinds(sampling["temperature"], sampling["top_k"], sampling["top_p"],
+                                             sampling["min_p"]))
         widths = None
         if penalties is not None:  # (the histories' width: any row's longest; E and E' rounded up to powers of two)
             r = self.runner
@@ -289,7 +293,8 @@ class StaticDraftLoop:
         # Every per-row field at once: built on the host (padding rows: nothing to draft, top_p 1), one copy of the
         # arenas' bytes (non-blocking from pageable memory: the host buffer is staged before the call returns).
         rows_of = dict(pos=starts, cap=caps, active=[True] * n, threshold=[threshold] * B, energy=[energy] * B,
-                       **{name: sampling[name] for name in ("temperature", "top_k", "top_p", "seed", "offset")})
+                       **{name: sampling[name]
+                          for name in ("temperature", "top_k", "top_p", "min_p", "seed", "offset")})
         host = torch.zeros(buf.setup_bytes, dtype=torch.uint8)
         for dtype, names in buf.ARENAS.items():
             table = []  # one Python list a name, padded to B, then one tensor a dtype: no host op a name

@@ -152,7 +152,8 @@ class Drafting:
             res = ops.sample_draft(logits, fallback_threshold=0.0 if energy else fallback_threshold, **sp)
             # E-LANG: a high energy -T logsumexp(z/T) marks a hard token; BiLD: a low max probability.
             unsure = (res.energies > fallback_threshold) if energy else res.fallback
-            row_probs = ops.filtered_probs(logits, sp["temperature"], sp["top_k"], sp["top_p"]) if out.probs else None
+            row_probs = (ops.filtered_probs(logits, sp["temperature"], sp["top_k"], sp["top_p"], sp["min_p"])
+                         if out.probs else None)
             confs = res.max_probs.tolist() if out.confidences is not None else None
             still = []
             for j, (i, tok, fb) in enumerate(zip(active, drafted_ids(res, vocab).tolist(), unsure.tolist())):

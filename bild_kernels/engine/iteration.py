@@ -31,17 +31,18 @@ class Iteration(PrefillChunks, Drafting):
     def _sampling_values(seqs: list[Sequence], offsets: list[int]) -> dict:
         """The rows' sampling parameters as host lists (what the static draft loop copies over in one go)."""
         return dict(temperature=[s.params.temperature for s in seqs], top_k=[s.params.top_k for s in seqs],
-                    top_p=[s.params.top_p for s in seqs], seed=[s.params.seed for s in seqs], offset=offsets)
+                    top_p=[s.params.top_p for s in seqs], seed=[s.params.seed for s in seqs], offset=offsets,
+                    min_p=[s.params.min_p for s in seqs])
 
     def _sampling(self, seqs: list[Sequence], offsets: list[int]) -> dict:
         """The same on the device: two host-to-device copies (the float and the integer fields), not five; with
         what the host knows of the rows (the ops' `sampled` / `filtered`: kernels for neither kind are skipped)."""
         v, dev = self._sampling_values(seqs, offsets), self.device
-        floats = to_device([v["temperature"], v["top_p"]], torch.float32, dev)
+        floats = to_device([v["temperature"], v["top_p"], v["min_p"]], torch.float32, dev)
         ints = to_device([v["top_k"], v["seed"], v["offset"]], torch.int64, dev)
-        sampled, filtered = ops.known_row_kinds(v["temperature"], v["top_k"], v["top_p"])
+        sampled, filtered = ops.known_row_kinds(v["temperature"], v["top_k"], v["top_p"], v["min_p"])
         return dict(temperature=floats[0], top_k=ints[0].to(torch.int32), top_p=floats[1], seed=ints[1],
-                    offset=ints[2], sampled=sampled, filtered=filtered)
+                    offset=ints[2], min_p=floats[2], sampled=sampled, filtered=filtered)
 
     def _step(self, running: list[Sequence], policy: Policy) -> list[list[int]]:
         """One iteration over the running batch; returns the tokens committed per sequence (none for a row whose
@@ -182,7 +183,7 @@ class Iteration(PrefillChunks, Drafting):
         if stats is not None and mode != "sample" and not os.environ.get("BILD_BACKEND"):
             res = ops.verify_draft_cpu_trusted(draft_ids, target_logits, mode, kw.get("rollback_threshold"),
                                                kw["temperature"], kw["top_k"], kw["top_p"], kw["seed"], kw["offset"],
-                                               stats)
+                                               stats, kw["min_p"])
         else:
             res = ops.verify_draft(draft_ids.to(self.device, non_blocking=True), target_logits, mode,
                                    target_stats=stats, **kw)

@@ -11,14 +11,16 @@ MAX_LOGIT_BIAS = 1024  # token ids one request's logit_bias may name (each kerne
 class SamplingParams:
     """Sampling and stopping for one request (the large model's distribution is the target).
 
-    temperature 0 is greedy. top_k 0 and top_p 1.0 disable those filters. `seed` makes sampling
+    temperature 0 is greedy. top_k 0 and top_p 1.0 disable those filters; `min_p` (0: off; in [0, 1]) keeps only
+    the tokens whose probability, after temperature, is at least min_p times the most likely one's (the min-p of
+    vLLM, Hugging Face and llama.cpp); a token must pass each filter. `seed` makes sampling
     reproducible whatever else is in the batch. `stop` holds strings and/or token ids that end the
     request (the stop text itself is not returned); the tokenizer's EOS ends it unless `ignore_eos`.
     `timeout_s` bounds the request's whole life from submission (waiting included): past it the request
     ends with finish_reason "timeout", keeps the tokens committed so far, and its KV blocks are freed.
     `logprobs` (None: none) returns, for each output token, its log-probability under the model that decided it
     (the large model; the small one under `SmallOnly()`), and with logprobs = n > 0 the n most likely tokens at that
-    position with theirs: the model's own log-softmax, before temperature, top-k and top-p (vLLM's "raw" logprobs).
+    position with theirs: the model's own log-softmax, before temperature and the filters (vLLM's "raw" logprobs).
     `prompt_logprobs` (None: none) does the same for the prompt's tokens under the large model (the first has none:
     None), from the request's own prefill pass, which then runs over the whole prompt (no prefix cache hit);
     not with `SmallOnly()` or shallow-deep decoding.
@@ -49,6 +51,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     min_tokens: int = 0
     logit_bias: tuple = ()
+    min_p: float = 0.0
 
     def __post_init__(self):
         bias = self.logit_bias
@@ -84,6 +87,8 @@ class SamplingParams:
             raise ValueError(f"top_k must be an int >= 0 (0 disables), got {self.top_k!r}")
         if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if isinstance(self.min_p, bool) or not isinstance(self.min_p, (int, float)) or not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be a number in [0, 1] (0 disables), got {self.min_p!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be an int in [0, 2**63), got {self.seed!r}")
         t = self.timeout_s

@@ -92,11 +92,11 @@ if torch.ops.bild_kernels_cpu.cpu_linear_q4_1x16_supported():  # AVX-512 VNNI: e
 
 
 # sample_draft and verify_draft: csrc/cpu_sampling.cpp computes calls over finite logits, greedy and sampling rows
-# with or without top-k / top-p, in every mode of verify_draft (speculative sampling's too): every step of a CPU
-# engine. It reports the other calls unhandled (a row whose max is not finite, float64 logits go
+# with or without top-k / top-p / min-p, in every mode of verify_draft (speculative sampling's too): every step of a
+# CPU engine. It reports the other calls unhandled (a row whose max is not finite, float64 logits go
 # straight to the reference), and the reference computes those (the same definitions; tested against each other).
 @torch.library.register_fake("bild_kernels_cpu::cpu_sample_draft")
-def _cpu_sample_draft_fake(logits, temperature, top_k, top_p, seed, offset, fallback_threshold):
+def _cpu_sample_draft_fake(logits, temperature, top_k, top_p, seed, offset, fallback_threshold, min_p=None):
     B = logits.shape[0]
     f = logits.new_empty((B,), dtype=torch.float32)
     return (logits.new_empty((B,), dtype=torch.int64), f, f.clone(), f.clone(),
@@ -105,7 +105,7 @@ def _cpu_sample_draft_fake(logits, temperature, top_k, top_p, seed, offset, fall
 
 @torch.library.register_fake("bild_kernels_cpu::cpu_verify_draft")
 def _cpu_verify_draft_fake(draft_ids, logits, mode, rollback_threshold, draft_probs, temperature, top_k, top_p, seed,
-                           offset, row_max=None, row_lse=None, row_argmax=None):
+                           offset, min_p=None, row_max=None, row_lse=None, row_argmax=None):
     B, K1, _ = logits.shape
     return (logits.new_empty((B,), dtype=torch.int32), logits.new_empty((B, K1), dtype=torch.int64),
             logits.new_empty((B, K1 - 1), dtype=torch.float32), logits.new_empty((B, K1), dtype=torch.float32),
@@ -117,17 +117,17 @@ def _as_f32(logits):
     return logits if logits.dtype == torch.float32 else logits.float()
 
 
-def cpu_sample_draft(logits, temperature, top_k, top_p, seed, offset, fallback_threshold):
+def cpu_sample_draft(logits, temperature, top_k, top_p, seed, offset, fallback_threshold, min_p=None):
     if logits.dtype != torch.float64:
         *out, handled = torch.ops.bild_kernels_cpu.cpu_sample_draft(
-            _as_f32(logits).contiguous(), temperature, top_k, top_p, seed, offset, fallback_threshold)
+            _as_f32(logits).contiguous(), temperature, top_k, top_p, seed, offset, fallback_threshold, min_p)
         if handled:
             return tuple(out)
-    return R.sample_draft_ref(logits, temperature, top_k, top_p, seed, offset, fallback_threshold)
+    return R.sample_draft_ref(logits, temperature, top_k, top_p, seed, offset, fallback_threshold, min_p)
 
 
 def cpu_verify_draft(draft_ids, target_logits, mode, rollback_threshold, draft_probs, temperature, top_k, top_p,
-                     seed, offset, target_stats=None):
+                     seed, offset, min_p=None, target_stats=None):
     """target_stats: (row_max, row_lse, row_argmax) [B, K+1] of float32 target_logits, used instead of a pass over
     them (`verify_draft`'s); ignored where the reference runs."""
     if target_logits.dtype != torch.float64:
@@ -136,11 +136,11 @@ def cpu_verify_draft(draft_ids, target_logits, mode, rollback_threshold, draft_p
         given = target_stats if target_stats is not None and target_logits.dtype == torch.float32 else (None,) * 3
         *out, handled = torch.ops.bild_kernels_cpu.cpu_verify_draft(
             draft_ids, _as_f32(target_logits).contiguous(), mode, rollback_threshold, probs, temperature, top_k,
-            top_p, seed, offset, *given)
+            top_p, seed, offset, min_p, *given)
         if handled:
             return tuple(out)
     return R.verify_draft_ref(draft_ids, target_logits, mode, rollback_threshold, draft_probs, temperature, top_k,
-                              top_p, seed, offset)
+                              top_p, seed, offset, min_p)
 
 
 register("sample_draft", "cpu", cpu_sample_draft)

@@ -10,14 +10,14 @@ def gather_paged_kv(key_cache, value_cache, block_tables, context_lens):
     return key_cache.new_empty(shape), value_cache.new_empty(shape)
 
 
-def sample_draft(logits, temperature, top_k, top_p, seed, offset, fallback_threshold, rows=7):
+def sample_draft(logits, temperature, top_k, top_p, seed, offset, fallback_threshold, min_p=None, rows=7):
     B = logits.shape[0]
     f = lambda dt: logits.new_empty((B,), dtype=dt)  # noqa: E731
     return f(torch.int64), f(torch.float32), f(torch.float32), f(torch.float32), f(torch.bool)
 
 
 def verify_draft(draft_ids, target_logits, mode, rollback_threshold, draft_probs, temperature, top_k, top_p, seed,
-                 offset, rows=7):
+                 offset, min_p=None, rows=7):
     B, K1 = target_logits.shape[:2]
     return (target_logits.new_empty((B,), dtype=torch.int32), target_logits.new_empty((B, K1), dtype=torch.int64),
             target_logits.new_empty((B, K1 - 1), dtype=torch.float32),

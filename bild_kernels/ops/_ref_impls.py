@@ -11,9 +11,9 @@ register("apply_penalties", "ref", R.apply_penalties_ref)
 
 
 def _verify_draft(draft_ids, target_logits, mode, rollback_threshold, draft_probs, temperature, top_k, top_p,
-                  seed, offset):
+                  seed, offset, min_p=None):
     return R.verify_draft_ref(draft_ids, target_logits, mode, rollback_threshold, draft_probs, temperature,
-                              top_k, top_p, seed, offset)
+                              top_k, top_p, seed, offset, min_p)
 
 
 register("verify_draft", "ref", _verify_draft)

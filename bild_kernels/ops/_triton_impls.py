@@ -48,18 +48,20 @@ def gather_paged_kv_triton(key_cache: torch.Tensor, value_cache: torch.Tensor, b
 
 @torch.library.custom_op("bild_kernels::sample_draft_triton", mutates_args=())
 def sample_draft_triton(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                        seed: torch.Tensor, offset: torch.Tensor, fallback_threshold: torch.Tensor
+                        seed: torch.Tensor, offset: torch.Tensor, fallback_threshold: torch.Tensor,
+                        min_p: torch.Tensor | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _smp.sample_draft(logits, temperature, top_k, top_p, seed, offset, fallback_threshold)
+    return _smp.sample_draft(logits, temperature, top_k, top_p, seed, offset, fallback_threshold, min_p)
 
 
 @torch.library.custom_op("bild_kernels::verify_draft_triton", mutates_args=())
 def verify_draft_triton(draft_ids: torch.Tensor, target_logits: torch.Tensor, mode: int,
                         rollback_threshold: torch.Tensor, draft_probs: torch.Tensor | None,
                         temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, seed: torch.Tensor,
-                        offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                        offset: torch.Tensor, min_p: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _vfy.verify_draft(draft_ids, target_logits, mode, rollback_threshold, draft_probs, temperature, top_k,
-                             top_p, seed, offset)
+                             top_p, seed, offset, min_p)
 
 
 @torch.library.custom_op("bild_kernels::apply_penalties_triton", mutates_args=())

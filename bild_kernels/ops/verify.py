@@ -27,7 +27,8 @@ class VerifyResult(NamedTuple):
 
 
 def verify_draft(draft_ids, target_logits, mode: str = "greedy", *, rollback_threshold=None, draft_probs=None,
-                 temperature=None, top_k=None, top_p=None, seed=None, offset=None, sampled: bool | None = None,
+                 temperature=None, top_k=None, top_p=None, seed=None, offset=None, min_p=None,
+                 sampled: bool | None = None,
                  filtered: bool | None = None, target_stats=None, backend: str | None = None) -> VerifyResult:
     """Accept a prefix of each row's draft and emit the large model's next token.
 
@@ -40,10 +41,11 @@ def verify_draft(draft_ids, target_logits, mode: str = "greedy", *, rollback_thr
         `rollback_threshold`), or "sample" (lossless speculative sampling with `draft_probs`).
     rollback_threshold : number or [B] float >= 0, required for "bild".
     draft_probs : [B, K, V] float, required for "sample": the distributions the drafts were drawn from.
-    temperature, top_k, top_p, seed, offset : the large model's sampling parameters, per row.
-    sampled, filtered : whether some row samples (temperature > 0) / samples with top-k or top-p, where the caller
-        knows it on the host (as in `sample_draft`: None is known for numbers, else assumed; a False lets the CUDA
-        backend skip the kernels only those rows need, checked unless value checks are off).
+    temperature, top_k, top_p, seed, offset, min_p : the large model's sampling parameters, per row (as in
+        `sample_draft`).
+    sampled, filtered : whether some row samples (temperature > 0) / samples with top-k, top-p or min-p, where the
+        caller knows it on the host (as in `sample_draft`: None is known for numbers, else assumed; a False lets the
+        CUDA backend skip the kernels only those rows need, checked unless value checks are off).
     target_stats : None, or (row_max, row_lse, row_argmax) [B, K+1] (float32, float32, int64) of float32
         target_logits: each position's max, logsumexp and first argmax, as an LM head that took them gives them
         (`cpu_linear_q8_0x16_stats`, every logit finite). Trusted, not checked against the logits: the "cpu"
@@ -69,9 +71,10 @@ def verify_draft(draft_ids, target_logits, mode: str = "greedy", *, rollback_thr
         real = draft_ids >= 0
         if bool((real[:, 1:] & ~real[:, :-1]).any()):
             raise ValueError("draft_ids: each row must hold its drafted ids first, then only -1 padding")
-    given = (temperature, top_k, top_p)
-    temperature, top_k, top_p, seed, offset = sampling_params(B, dev, temperature, top_k, top_p, seed, offset)
-    rows = row_kinds(V, given, (temperature, top_k, top_p), sampled, filtered, filter_needs_sampling=True)
+    given = (temperature, top_k, top_p, min_p)
+    temperature, top_k, top_p, seed, offset, min_p = sampling_params(B, dev, temperature, top_k, top_p, seed, offset,
+                                                                     min_p)
+    rows = row_kinds(V, given, (temperature, top_k, top_p, min_p), sampled, filtered, filter_needs_sampling=True)
     if mode == "bild":
         if rollback_threshold is None:
             raise ValueError("mode='bild' needs rollback_threshold")
@@ -91,26 +94,26 @@ def verify_draft(draft_ids, target_logits, mode: str = "greedy", *, rollback_thr
         target_stats = _check_stats(target_stats, target_logits)
     fn = resolve("verify_draft", dev, backend)
     args = (draft_ids.to(torch.int64).contiguous(), target_logits.contiguous(), MODES[mode], rollback_threshold,
-            draft_probs, temperature, top_k, top_p, seed, offset)
+            draft_probs, temperature, top_k, top_p, seed, offset, min_p)
     if target_stats is not None and fn is registered("verify_draft", "cpu"):
         return VerifyResult(*fn(*args, target_stats=target_stats))
     return VerifyResult(*call_with_rows("verify_draft", fn, args, rows))
 
 
 def verify_draft_cpu_trusted(draft_ids, target_logits, mode: str, rollback_threshold: float | None, temperature,
-                             top_k, top_p, seed, offset, target_stats) -> VerifyResult:
+                             top_k, top_p, seed, offset, target_stats, min_p=None) -> VerifyResult:
     """`verify_draft` on the CPU backend for an engine's own inputs, none of them checked (the engine built them):
     draft_ids [B, K] int64 (contiguous, -1 padded), float32 target_logits [B, K+1, V] with their target_stats
     (as `verify_draft` takes them), mode "greedy" or "bild" (rollback_threshold a number for "bild"), the sampling
-    parameters as [B] CPU tensors (float32, int32, float32, int64, int64). What a CPU engine step calls after the
-    large model's head took its logits' statistics: the argument checks, the backend's resolution and the tensors
-    built from numbers cost ~0.1 ms there, run cold after the forward."""
+    parameters as [B] CPU tensors (float32, int32, float32, int64, int64; min_p float32 or None). What a CPU engine
+    step calls after the large model's head took its logits' statistics: the argument checks, the backend's
+    resolution and the tensors built from numbers cost ~0.1 ms there, run cold after the forward."""
     B = target_logits.shape[0]
     thr = (torch.full((B,), float(rollback_threshold), dtype=torch.float32) if mode == "bild"
            else _zeros(B, target_logits.device))
     fn = registered("verify_draft", "cpu")
     return VerifyResult(*fn(draft_ids, target_logits, MODES[mode], thr, None, temperature, top_k, top_p, seed, offset,
-                            target_stats=target_stats))
+                            min_p, target_stats=target_stats))
 
 
 def _check_stats(stats, target_logits) -> tuple:

@@ -20,13 +20,18 @@ def _chain_penalties(logits, b, penalty_ids, penalty_rows, penalty_values, banne
                                bias_ids, bias_values)[0, 0]
 
 
-def _filter_top_k_top_p(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Mask (to -inf) what top-k and top-p exclude from rows of scaled logits [R, V].
+def _filter_top_k_top_p(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                        min_p: torch.Tensor | None = None) -> torch.Tensor:
+    """Mask (to -inf) what top-k, top-p and min-p exclude from rows of scaled logits [R, V].
 
     top-k keeps every token whose value is >= the k-th largest (ties at the threshold kept);
     top_k <= 0 or >= V disables it. top-p keeps the smallest set of most probable tokens whose
     probability sums to >= top_p, again with ties at the threshold kept; top_p >= 1 disables it.
-    Both apply to the same row: a token must pass both (top-p measured on the unfiltered row).
+    min-p (None or [R]; 0 disables it) keeps s >= s_max + log(min_p), i.e. probability >= min_p times the
+    largest (as a float sum in the row's dtype, log(min_p) in float32 for float32 rows; a row whose max is
+    not finite keeps everything). All apply to the same row: a token must pass each (top-p measured on the
+    unfiltered row; min-p's ratio to the largest is the same before and after the others, as in Hugging Face's
+    top-k, top-p, min-p order).
     """
     R, V = scaled.shape
     keep = torch.ones_like(scaled, dtype=torch.bool)
@@ -45,6 +50,12 @@ def _filter_top_k_top_p(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.
         n_keep = (excl < top_p.unsqueeze(1)).sum(1).clamp(min=1)
         thr = sp.gather(1, (n_keep - 1).unsqueeze(1))
         keep &= ~use_p.unsqueeze(1) | (probs >= thr)
+    if min_p is not None:
+        smax = scaled.max(1, keepdim=True).values
+        use_m = (min_p > 0).unsqueeze(1) & torch.isfinite(smax)
+        if capturing or bool(use_m.any()):
+            cut = smax + torch.log(min_p.float()).to(scaled.dtype).unsqueeze(1)  # -inf where min_p = 0
+            keep &= ~use_m | (scaled >= cut)
     return scaled.masked_fill(~keep, float("-inf"))
 
 
@@ -54,10 +65,11 @@ def _pick(scaled_filtered, greedy, noise):
     return torch.argmax(pert, dim=1)
 
 
-def sample_draft_ref(logits, temperature, top_k, top_p, seed, offset, fallback_threshold):
+def sample_draft_ref(logits, temperature, top_k, top_p, seed, offset, fallback_threshold, min_p=None):
     """Sample one token per row of small-model logits [B, V] and report BiLD/E-LANG signals.
 
-    temperature, top_p, fallback_threshold: [B] float32; top_k: [B] int32; seed, offset: [B] int64.
+    temperature, top_p, fallback_threshold: [B] float32; top_k: [B] int32; seed, offset: [B] int64;
+    min_p: None or [B] float32 (0: off). filter = top-k, top-p and min-p (`_filter_top_k_top_p`).
     Temperature 0 is greedy (argmax, first index on ties). Otherwise the token is
     argmax(filter(z / T) + g_v) with Gumbel noise g_v = gumbel(seed, v, offset, DRAFT_SAMPLE, 0),
     which samples softmax(filter(z / T)) exactly.
@@ -72,14 +84,14 @@ def sample_draft_ref(logits, temperature, top_k, top_p, seed, offset, fallback_t
     z = logits.float() if logits.dtype != torch.float64 else logits
     B, V = z.shape
     greedy = temperature <= 0
-    if _plain_greedy(z, greedy, top_k, top_p):
+    if _plain_greedy(z, greedy, top_k, top_p, min_p):
         # Every row is an unfiltered argmax: z / 1 is z, so one logsumexp and one max give every output
         # with the same bits as the general path below (tested against it).
         lse = torch.logsumexp(z, dim=1)
         zmax, token = z.max(1)  # first index on ties, like argmax
         p = torch.exp(zmax - lse)
         return token, p.float(), p.float(), (-lse).float(), p < fallback_threshold.to(p.dtype)
-    return _sample_draft_general(z, greedy, temperature, top_k, top_p, seed, offset, fallback_threshold)
+    return _sample_draft_general(z, greedy, temperature, top_k, top_p, seed, offset, fallback_threshold, min_p)
 
 
 def _all_greedy(z, greedy) -> bool:
@@ -87,17 +99,18 @@ def _all_greedy(z, greedy) -> bool:
     return not (z.is_cuda and torch.cuda.is_current_stream_capturing()) and bool(greedy.all())
 
 
-def _plain_greedy(z, greedy, top_k, top_p) -> bool:
-    """True when every row is greedy with no top-k / top-p filter."""
+def _plain_greedy(z, greedy, top_k, top_p, min_p=None) -> bool:
+    """True when every row is greedy with no top-k / top-p / min-p filter."""
     V = z.shape[1]
-    return _all_greedy(z, greedy) and not bool(((top_k > 0) & (top_k < V)).any()) and not bool((top_p < 1.0).any())
+    return (_all_greedy(z, greedy) and not bool(((top_k > 0) & (top_k < V)).any()) and not bool((top_p < 1.0).any())
+            and (min_p is None or not bool((min_p > 0).any())))
 
 
-def _sample_draft_general(z, greedy, temperature, top_k, top_p, seed, offset, fallback_threshold):
+def _sample_draft_general(z, greedy, temperature, top_k, top_p, seed, offset, fallback_threshold, min_p=None):
     B, V = z.shape
     t = torch.where(greedy, torch.ones_like(temperature), temperature).to(z.dtype).unsqueeze(1)
     scaled = z / t
-    filt = _filter_top_k_top_p(scaled, top_k, top_p)
+    filt = _filter_top_k_top_p(scaled, top_k, top_p, min_p)
     idx = torch.arange(V, device=z.device).unsqueeze(0)
     if bool(greedy.all()):  # no row samples: its random numbers would go unused
         token = torch.argmax(filt, dim=1)

@@ -12,7 +12,7 @@ MODES = {"greedy": MODE_GREEDY, "bild": MODE_BILD, "sample": MODE_SAMPLE}
 
 
 def verify_draft_ref(draft_ids, target_logits, mode, rollback_threshold=None, draft_probs=None,
-                     temperature=None, top_k=None, top_p=None, seed=None, offset=None):
+                     temperature=None, top_k=None, top_p=None, seed=None, offset=None, min_p=None):
     """Verify a ragged batch of drafts against the large model's logits.
 
     draft_ids: [B, K] int64, each row's drafted tokens then -1 padding (n_b = drafted count).
@@ -21,10 +21,11 @@ def verify_draft_ref(draft_ids, target_logits, mode, rollback_threshold=None, dr
     mode: "greedy" | "bild" | "sample".
     rollback_threshold: [B] float32 (bild). draft_probs: [B, K, V] (sample): the small model's
         probabilities that each draft was sampled from.
-    temperature, top_p: [B] f32; top_k: [B] int32; seed, offset: [B] int64 — the sampling
-        parameters of the large model's tokens (all None = greedy).
+    temperature, top_p: [B] f32; top_k: [B] int32; seed, offset: [B] int64; min_p: None or [B] f32
+        (0: off) — the sampling parameters of the large model's tokens (all None = greedy).
 
-    Per position j the target distribution is q_j = softmax(filter(z_j / T)) (argmax at T = 0).
+    Per position j the target distribution is q_j = softmax(filter(z_j / T)) (argmax at T = 0), filter =
+    top-k, top-p and min-p (`_filter_top_k_top_p`).
     - greedy: accept draft[j] while draft[j] == argmax z_j.
     - bild:   d_j = -log softmax(z_j)[draft[j]] (temperature 1); cut at the first j with
               d_j > rollback_threshold and draft[j] != argmax z_j; accept everything before it.
@@ -73,7 +74,8 @@ def verify_draft_ref(draft_ids, target_logits, mode, rollback_threshold=None, dr
         t = torch.where(greedy, torch.ones_like(temperature), temperature).to(z.dtype)
         scaled = z / t[:, None, None]
         filt = _filter_top_k_top_p(scaled.reshape(B * K1, V), top_k.repeat_interleave(K1),
-                                   top_p.repeat_interleave(K1)).reshape(B, K1, V)
+                                   top_p.repeat_interleave(K1),
+                                   None if min_p is None else min_p.repeat_interleave(K1)).reshape(B, K1, V)
         q = torch.softmax(filt, dim=2)
         q_greedy = torch.nn.functional.one_hot(amax, V).to(q.dtype)
         q = torch.where(greedy[:, None, None], q_greedy, q)

@@ -17,18 +17,19 @@ _LOWEST_KEY = tl.constexpr(-2147483647)  # below the key of every float, -inf in
 
 
 @triton.jit
-def row_params(temperature_ptr, top_k_ptr, top_p_ptr, seed_ptr, offset_ptr, row, V):
+def row_params(temperature_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr, offset_ptr, row, V):
     # One row's sampling parameters, and what they imply: greedy (T <= 0), the divisor t (1 when greedy),
-    # and whether top-k/top-p filter anything.
+    # and whether top-k/top-p/min-p filter anything.
     temp = tl.load(temperature_ptr + row)
     top_k = tl.load(top_k_ptr + row)
     top_p = tl.load(top_p_ptr + row)
+    min_p = tl.load(min_p_ptr + row)
     seed = tl.load(seed_ptr + row)
     offset = tl.load(offset_ptr + row)
     greedy = temp <= 0.0
     t = tl.where(greedy, 1.0, temp)
-    filtered = ((top_k > 0) & (top_k < V)) | (top_p < 1.0)
-    return top_k, top_p, seed, offset, greedy, t, filtered
+    filtered = ((top_k > 0) & (top_k < V)) | (top_p < 1.0) | (min_p > 0.0)
+    return top_k, top_p, min_p, seed, offset, greedy, t, filtered
 
 
 @triton.jit
@@ -124,12 +125,13 @@ def _value_lower(smax, j):
 
 
 @triton.jit
-def filter_threshold(row_ptr, V, t, smax, ssum, top_k, top_p, hist_ptr, BLOCK_V: tl.constexpr):
-    """Key of the smallest scaled logit that top-k and top-p both keep (_LOWEST_KEY when neither is on).
+def filter_threshold(row_ptr, V, t, smax, ssum, top_k, top_p, min_p, hist_ptr, BLOCK_V: tl.constexpr):
+    """Key of the smallest scaled logit that top-k, top-p and min-p all keep (_LOWEST_KEY when none is on).
 
     top-k keeps s >= the k-th largest value, i.e. keys up to the largest c with count(key >= c) >= k;
-    top-p keeps s >= the largest value c with mass(key >= c) >= top_p * total. A token must pass both,
-    so the answer is the larger of the two cut-offs: the largest c where either condition holds. The search
+    top-p keeps s >= the largest value c with mass(key >= c) >= top_p * total; min-p keeps keys from
+    c_m = key(smax + log(min_p)) up (condition "c <= c_m"). A token must pass each, so the answer is the largest
+    of the cut-offs: the largest c where any condition holds. The search
     of the CUDA kernels (csrc/cut_search.h): a bracket [lo, hi) of keys narrowed by passes over the row, each a
     histogram of the bracket's keys over CUT_BUCKETS buckets (counts and fixed-point masses, summed by integer
     atomics into this program's hist_ptr[2, CUT_BUCKETS] of int64), then the first bucket from the top whose lower
@@ -138,13 +140,15 @@ def filter_threshold(row_ptr, V, t, smax, ssum, top_k, top_p, hist_ptr, BLOCK_V:
     """
     use_k = (top_k > 0) & (top_k < V)
     use_p = top_p < 1.0
+    by_value = smax - smax == 0.0  # finite
+    use_m = (min_p > 0.0) & by_value
+    min_key = tl.where(use_m, order_key(smax + tl.log(tl.where(use_m, min_p, 1.0))).to(tl.int64), _LOWEST_KEY)
     lo = tl.full([], _LOWEST_KEY, tl.int64)
-    hi = tl.where(use_k | use_p, order_key(smax).to(tl.int64) + 1, lo + 1)  # lo satisfies, hi does not
+    hi = tl.where(use_k | use_p | use_m, order_key(smax).to(tl.int64) + 1, lo + 1)  # lo satisfies, hi does not
     target = (top_p * ssum * _CUT_UNIT).to(tl.int64)
     k64 = top_k.to(tl.int64)
     above_cnt = tl.zeros([], tl.int64)
     above_mass = tl.zeros([], tl.int64)
-    by_value = smax - smax == 0.0  # finite
     idx = tl.arange(0, CUT_BUCKETS)
     lanes = tl.arange(0, BLOCK_V)
     while hi - lo > 1:
@@ -179,7 +183,12 @@ def filter_threshold(row_ptr, V, t, smax, ssum, top_k, top_p, hist_ptr, BLOCK_V:
         mass = tl.load(hist_ptr + CUT_BUCKETS + idx, volatile=True)
         ccum = tl.cumsum(cnt, 0)
         mcum = tl.cumsum(mass, 0)
-        ok = tl.where(use_k, above_cnt + ccum >= k64, False) | tl.where(use_p, above_mass + mcum >= target, False)
+        if by_value:
+            lower = _value_lower(smax, idx)
+        else:
+            lower = tl.maximum(lo, hi - (idx + 1).to(tl.int64) * width)
+        ok = (tl.where(use_k, above_cnt + ccum >= k64, False) | tl.where(use_p, above_mass + mcum >= target, False)
+              | tl.where(use_m, lower <= min_key, False))
         first = tl.min(tl.where(ok, idx, CUT_BUCKETS), 0)
         if first < CUT_BUCKETS:
             c_excl = tl.sum(tl.where(idx < first, cnt, 0), 0)

@@ -23,13 +23,13 @@ PURPOSE_DRAFT_SAMPLE = tl.constexpr(R.PURPOSE_DRAFT_SAMPLE)
 # add the cut-off search (a few histogram passes) and one pass that samples over the kept set.
 # Greedy rows compile to a loop without scaling or Philox, sampling rows to one with both.
 @triton.jit
-def _sample_draft_kernel(logits_ptr, temperature_ptr, top_k_ptr, top_p_ptr, seed_ptr, offset_ptr,
+def _sample_draft_kernel(logits_ptr, temperature_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr, offset_ptr,
                          fallback_threshold_ptr, token_ids_ptr, token_probs_ptr, max_probs_ptr, energies_ptr,
                          fallback_ptr, hist_ptr, V, BLOCK_V: tl.constexpr):
     row = tl.program_id(0)
     row_ptr = logits_ptr + row.to(tl.int64) * V
-    top_k, top_p, seed, offset, greedy, t, filtered = row_params(temperature_ptr, top_k_ptr, top_p_ptr, seed_ptr,
-                                                                 offset_ptr, row, V)
+    top_k, top_p, min_p, seed, offset, greedy, t, filtered = row_params(temperature_ptr, top_k_ptr, top_p_ptr,
+                                                                        min_p_ptr, seed_ptr, offset_ptr, row, V)
     if greedy:
         zm, zidx, zs, sm, ss, gidx = row_pass(row_ptr, V, t, seed, offset, 0, PURPOSE_DRAFT_SAMPLE, False, False,
                                               BLOCK_V)
@@ -44,8 +44,8 @@ def _sample_draft_kernel(logits_ptr, temperature_ptr, top_k_ptr, top_p_ptr, seed
         token = gidx
     kept_sum = ss
     if filtered:
-        tau = filter_threshold(row_ptr, V, t, sm, ss, top_k, top_p, hist_ptr + row.to(tl.int64) * 2 * CUT_BUCKETS,
-                               BLOCK_V)
+        tau = filter_threshold(row_ptr, V, t, sm, ss, top_k, top_p, min_p,
+                               hist_ptr + row.to(tl.int64) * 2 * CUT_BUCKETS, BLOCK_V)
         if greedy:
             kept_sum, _ = kept_pass(row_ptr, V, t, sm, tau, seed, offset, 0, PURPOSE_DRAFT_SAMPLE, False, BLOCK_V)
         else:
@@ -69,7 +69,7 @@ def _block_v(V: int) -> tuple[int, int]:
     return min(triton.next_power_of_2(V), 4096), 16
 
 
-def sample_draft(logits, temperature, top_k, top_p, seed, offset, fallback_threshold):
+def sample_draft(logits, temperature, top_k, top_p, seed, offset, fallback_threshold, min_p=None):
     B, V = logits.shape
     if logits.dtype == torch.float64:
         logits = logits.float()  # the kernels compute in fp32 whatever the input
@@ -83,19 +83,20 @@ def sample_draft(logits, temperature, top_k, top_p, seed, offset, fallback_thres
         return token_ids, token_probs, max_probs, energies, fallback
     BLOCK_V, warps = _block_v(V)
     hist = torch.empty((B, 2, CUT_BUCKETS), dtype=torch.int64, device=dev)  # each row's cut-off search histogram
+    min_p = torch.zeros(B, dtype=torch.float32, device=dev) if min_p is None else min_p
     _sample_draft_kernel[(B,)](logits.contiguous(), temperature.float().contiguous(), top_k.int().contiguous(),
-                               top_p.float().contiguous(), seed.long().contiguous(), offset.long().contiguous(),
-                               fallback_threshold.float().contiguous(), token_ids, token_probs, max_probs, energies,
-                               fallback, hist, V, BLOCK_V=BLOCK_V, num_warps=warps)
+                               top_p.float().contiguous(), min_p.float().contiguous(), seed.long().contiguous(),
+                               offset.long().contiguous(), fallback_threshold.float().contiguous(), token_ids,
+                               token_probs, max_probs, energies, fallback, hist, V, BLOCK_V=BLOCK_V, num_warps=warps)
     return token_ids, token_probs, max_probs, energies, fallback
 
 
 # One representative compilation per logits dtype (bf16 serving, fp16, fp32), for the sm_90 AOT check.
 def _aot_spec(dtype: str) -> tuple:
     sig = {"logits_ptr": f"*{dtype}", "temperature_ptr": "*fp32", "top_k_ptr": "*i32", "top_p_ptr": "*fp32",
-           "seed_ptr": "*i64", "offset_ptr": "*i64", "fallback_threshold_ptr": "*fp32", "token_ids_ptr": "*i64",
-           "token_probs_ptr": "*fp32", "max_probs_ptr": "*fp32", "energies_ptr": "*fp32", "fallback_ptr": "*i1",
-           "hist_ptr": "*i64", "V": "i32", "BLOCK_V": "constexpr"}
+           "min_p_ptr": "*fp32", "seed_ptr": "*i64", "offset_ptr": "*i64", "fallback_threshold_ptr": "*fp32",
+           "token_ids_ptr": "*i64", "token_probs_ptr": "*fp32", "max_probs_ptr": "*fp32", "energies_ptr": "*fp32",
+           "fallback_ptr": "*i1", "hist_ptr": "*i64", "V": "i32", "BLOCK_V": "constexpr"}
     assert list(sig) == _sample_draft_kernel.arg_names, (list(sig), _sample_draft_kernel.arg_names)
     return _sample_draft_kernel, sig, {"BLOCK_V": 4096}
 

@@ -59,15 +59,15 @@ def _emit_pass(row_ptr, probs_ptr, cut, V, t, smax, kept_sum, tau, seed, offset,
 
 
 # Grid (B * (K+1),): one program per (row b, position j <= n_b) makes one pass over that position's V logits
-# (online logsumexp, argmax; rows that sample at a filtered temperature add the top-k/top-p cut-off search) and
+# (online logsumexp, argmax; rows that sample at a filtered temperature add the top-k/top-p/min-p cut-off search) and
 # writes distance, target prob and its accept verdict. Verdicts need every position of the row, so each
 # program then bumps the row's arrival counter; the last of the row's n_b + 1 programs reads the verdicts,
 # cuts at the first rejection c, writes the row's outputs and, for sampling rows, draws the emitted token
 # in one more pass over position c (Gumbel-max over q_c or the residual max(0, q_c - p_S)).
 @triton.jit
 def _verify_draft_kernel(draft_ids_ptr, target_logits_ptr, draft_probs_ptr, rollback_threshold_ptr, temperature_ptr,
-                         top_k_ptr, top_p_ptr, seed_ptr, offset_ptr, num_accepted_ptr, output_ids_ptr, distances_ptr,
-                         target_probs_ptr, scratch_i_ptr, scratch_f_ptr, arrivals_ptr, hist_ptr, K, V,
+                         top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr, offset_ptr, num_accepted_ptr, output_ids_ptr,
+                         distances_ptr, target_probs_ptr, scratch_i_ptr, scratch_f_ptr, arrivals_ptr, hist_ptr, K, V,
                          MODE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):
     pid = tl.program_id(0)
     K1 = K + 1
@@ -81,8 +81,8 @@ def _verify_draft_kernel(draft_ids_ptr, target_logits_ptr, draft_probs_ptr, roll
         tl.store(distances_ptr + b * K + j, 0.0, mask=j < K)
     else:
         row_ptr = target_logits_ptr + pid.to(tl.int64) * V
-        top_k, top_p, seed, offset, greedy, t, filtered = row_params(temperature_ptr, top_k_ptr, top_p_ptr,
-                                                                     seed_ptr, offset_ptr, b, V)
+        top_k, top_p, min_p, seed, offset, greedy, t, filtered = row_params(temperature_ptr, top_k_ptr, top_p_ptr,
+                                                                            min_p_ptr, seed_ptr, offset_ptr, b, V)
         if greedy:
             zm, zidx, zs, sm, ss, _ = row_pass(row_ptr, V, t, seed, offset, j, PURPOSE_VERIFY_TOKEN, False, False,
                                                BLOCK_V)
@@ -100,7 +100,7 @@ def _verify_draft_kernel(draft_ids_ptr, target_logits_ptr, draft_probs_ptr, roll
         tau = tl.full([], -2147483647, tl.int32)
         kept_sum = ss
         if filtered & (greedy == 0):
-            tau = filter_threshold(row_ptr, V, t, sm, ss, top_k, top_p,
+            tau = filter_threshold(row_ptr, V, t, sm, ss, top_k, top_p, min_p,
                                    hist_ptr + pid.to(tl.int64) * 2 * CUT_BUCKETS, BLOCK_V)
             kept_sum, _ = kept_pass(row_ptr, V, t, sm, tau, seed, offset, j, PURPOSE_VERIFY_TOKEN, False, BLOCK_V)
         hit = draft == zidx
@@ -148,7 +148,7 @@ def _block_v(V: int) -> tuple[int, int]:
 
 
 def verify_draft(draft_ids, target_logits, mode, rollback_threshold, draft_probs, temperature, top_k, top_p, seed,
-                 offset):
+                 offset, min_p=None):
     B, K1, V = target_logits.shape
     K = K1 - 1
     if target_logits.dtype == torch.float64:
@@ -166,12 +166,13 @@ def verify_draft(draft_ids, target_logits, mode, rollback_threshold, draft_probs
     hist = torch.empty((B * K1, 2, CUT_BUCKETS), dtype=torch.int64, device=dev)  # each position's cut-off search
     if draft_probs is None:
         draft_probs = target_logits  # never read outside sample mode
+    min_p = torch.zeros(B, dtype=torch.float32, device=dev) if min_p is None else min_p
     BLOCK_V, warps = _block_v(V)
     _verify_draft_kernel[(B * K1,)](
         draft_ids.long().contiguous(), target_logits.contiguous(), draft_probs.contiguous(),
         rollback_threshold.float().contiguous(), temperature.float().contiguous(), top_k.int().contiguous(),
-        top_p.float().contiguous(), seed.long().contiguous(), offset.long().contiguous(), num_accepted, output_ids,
-        distances, target_probs, scratch_i, scratch_f, arrivals, hist, K, V, MODE=int(mode),
+        top_p.float().contiguous(), min_p.float().contiguous(), seed.long().contiguous(), offset.long().contiguous(),
+        num_accepted, output_ids, distances, target_probs, scratch_i, scratch_f, arrivals, hist, K, V, MODE=int(mode),
         BLOCK_K=triton.next_power_of_2(K1), BLOCK_V=BLOCK_V, num_warps=warps)
     return num_accepted, output_ids, distances, target_probs
 
@@ -180,10 +181,11 @@ def verify_draft(draft_ids, target_logits, mode, rollback_threshold, draft_probs
 def _aot_spec(mode: int, dtype: str = "bf16") -> tuple:
     sig = {"draft_ids_ptr": "*i64", "target_logits_ptr": f"*{dtype}",
            "draft_probs_ptr": "*fp32" if mode == R.MODE_SAMPLE else f"*{dtype}", "rollback_threshold_ptr": "*fp32",
-           "temperature_ptr": "*fp32", "top_k_ptr": "*i32", "top_p_ptr": "*fp32", "seed_ptr": "*i64",
-           "offset_ptr": "*i64", "num_accepted_ptr": "*i32", "output_ids_ptr": "*i64", "distances_ptr": "*fp32",
-           "target_probs_ptr": "*fp32", "scratch_i_ptr": "*i32", "scratch_f_ptr": "*fp32", "arrivals_ptr": "*i32",
-           "hist_ptr": "*i64", "K": "i32", "V": "i32", "MODE": "constexpr", "BLOCK_K": "constexpr", "BLOCK_V": "constexpr"}
+           "temperature_ptr": "*fp32", "top_k_ptr": "*i32", "top_p_ptr": "*fp32", "min_p_ptr": "*fp32",
+           "seed_ptr": "*i64", "offset_ptr": "*i64", "num_accepted_ptr": "*i32", "output_ids_ptr": "*i64",
+           "distances_ptr": "*fp32", "target_probs_ptr": "*fp32", "scratch_i_ptr": "*i32", "scratch_f_ptr": "*fp32",
+           "arrivals_ptr": "*i32", "hist_ptr": "*i64", "K": "i32", "V": "i32", "MODE": "constexpr", "BLOCK_K": "constexpr",
+           "BLOCK_V": "constexpr"}
     assert list(sig) == _verify_draft_kernel.arg_names, (list(sig), _verify_draft_kernel.arg_names)
     return _verify_draft_kernel, sig, {"MODE": mode, "BLOCK_K": 16, "BLOCK_V": 2048}
 

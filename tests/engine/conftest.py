@@ -108,18 +108,20 @@ def flat_pair(vocab: int = 12):
     return large, small
 
 
-def assert_follows_the_large_model(large, prompt: list[int], outs) -> None:
+def assert_follows_the_large_model(large, prompt: list[int], outs, warp=None) -> None:
     """The outputs' first tokens follow the large model's distribution after `prompt`, and their second tokens its
-    distribution after the most frequent first token: total variation within a few standard errors."""
+    distribution after the most frequent first token: total variation within a few standard errors. warp: None, or
+    what turns the large model's logits [1, V] into those of the distribution sampled (a Hugging Face warper)."""
     V = large.config.vocab_size
+    warp = warp or (lambda z: z)
     with torch.no_grad():
-        p = torch.softmax(large(torch.tensor([prompt])).logits[0, -1], -1)
+        p = torch.softmax(warp(large(torch.tensor([prompt])).logits[0, -1:])[0], -1)
     second = {}
     for o in outs:
         second.setdefault(o.token_ids[0], []).append(o.token_ids[1])
     t1, seconds = max(second.items(), key=lambda kv: len(kv[1]))
     with torch.no_grad():
-        q = torch.softmax(large(torch.tensor([prompt + [t1]])).logits[0, -1], -1)
+        q = torch.softmax(warp(large(torch.tensor([prompt + [t1]])).logits[0, -1:])[0], -1)
     for samples, target in (([o.token_ids[0] for o in outs], p), (seconds, q)):
         emp = torch.bincount(torch.tensor(samples), minlength=V).double() / len(samples)
         tv = 0.5 * (emp - target).abs().sum().item()

@@ -26,10 +26,11 @@ SCHEMAS = {
     "gather_paged_kv": "(Tensor key_cache, Tensor value_cache, Tensor block_tables, Tensor context_lens) "
                        "-> (Tensor, Tensor)",
     "sample_draft": "(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor seed, Tensor offset, "
-                    "Tensor fallback_threshold, int rows=7) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+                    "Tensor fallback_threshold, Tensor? min_p=None, int rows=7) -> (Tensor, Tensor, Tensor, Tensor, "
+                    "Tensor)",
     "verify_draft": "(Tensor draft_ids, Tensor target_logits, int mode, Tensor rollback_threshold, "
                     "Tensor? draft_probs, Tensor temperature, Tensor top_k, Tensor top_p, Tensor seed, "
-                    "Tensor offset, int rows=7) -> (Tensor, Tensor, Tensor, Tensor)",
+                    "Tensor offset, Tensor? min_p=None, int rows=7) -> (Tensor, Tensor, Tensor, Tensor)",
     "apply_penalties": "(Tensor logits, Tensor token_ids, Tensor prompt_lens, Tensor draft_ids, "
                        "Tensor repetition_penalty, Tensor presence_penalty, Tensor frequency_penalty, "
                        "Tensor min_tokens, Tensor banned_ids, Tensor bias_ids, Tensor bias_values) -> Tensor",

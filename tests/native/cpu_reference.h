@@ -29,8 +29,8 @@ inline float logsumexp(const std::vector<float>& x) {
   return m + static_cast<float>(std::log(s));
 }
 
-// reference._filter_top_k_top_p on one row of scaled logits.
-inline std::vector<float> filter_top_k_top_p(const std::vector<float>& s, int top_k, float top_p) {
+// reference._filter_top_k_top_p on one row of scaled logits: top-k, top-p and min-p (0: off).
+inline std::vector<float> filter_top_k_top_p(const std::vector<float>& s, int top_k, float top_p, float min_p) {
   const int V = static_cast<int>(s.size());
   std::vector<float> out = s;
   if (top_k > 0 && top_k < V) {
@@ -52,6 +52,14 @@ inline std::vector<float> filter_top_k_top_p(const std::vector<float>& s, int to
     for (int v = 0; v < V; ++v)
       if (p[v] < thr) out[v] = -kInf;
   }
+  if (min_p > 0.0f) {  // s >= s_max + log(min_p), float sums; a row whose max is not finite keeps everything
+    const float s_max = *std::max_element(s.begin(), s.end());
+    if (std::isfinite(s_max)) {
+      const float cut = s_max + std::log(min_p);
+      for (int v = 0; v < V; ++v)
+        if (s[v] < cut) out[v] = -kInf;
+    }
+  }
   return out;
 }
 
@@ -61,14 +69,14 @@ struct Sample {
   bool fallback;
 };
 
-inline Sample sample_draft(const std::vector<float>& z, float temp, int top_k, float top_p, int64_t seed,
+inline Sample sample_draft(const std::vector<float>& z, float temp, int top_k, float top_p, float min_p, int64_t seed,
                            int64_t offset, float fallback_threshold) {
   const int V = static_cast<int>(z.size());
   const bool greedy = temp <= 0;
   const float t = greedy ? 1.0f : temp;
   std::vector<float> s(V);
   for (int v = 0; v < V; ++v) s[v] = z[v] / t;
-  const std::vector<float> filt = filter_top_k_top_p(s, top_k, top_p);
+  const std::vector<float> filt = filter_top_k_top_p(s, top_k, top_p, min_p);
   std::vector<float> pert = filt;
   if (!greedy)
     for (int v = 0; v < V; ++v) pert[v] += bild::gumbel(seed, v, offset, bild::kPurposeDraftSample, 0);
@@ -82,7 +90,7 @@ inline Sample sample_draft(const std::vector<float>& z, float temp, int top_k, f
 }
 
 // q_j of reference.verify_draft_ref: softmax of the filtered scaled logits, one-hot at temperature 0.
-inline std::vector<float> target_dist(const std::vector<float>& z, float temp, int top_k, float top_p) {
+inline std::vector<float> target_dist(const std::vector<float>& z, float temp, int top_k, float top_p, float min_p) {
   const int V = static_cast<int>(z.size());
   std::vector<float> q(V, 0.0f);
   if (temp <= 0) {
@@ -91,7 +99,7 @@ inline std::vector<float> target_dist(const std::vector<float>& z, float temp, i
   }
   std::vector<float> s(V);
   for (int v = 0; v < V; ++v) s[v] = z[v] / temp;
-  const std::vector<float> filt = filter_top_k_top_p(s, top_k, top_p);
+  const std::vector<float> filt = filter_top_k_top_p(s, top_k, top_p, min_p);
   const float lse = logsumexp(filt);
   for (int v = 0; v < V; ++v) q[v] = std::exp(filt[v] - lse);
   return q;
@@ -107,7 +115,7 @@ struct Verify {
 // One row: ids [K], logits [K+1][V], probs [K][V] (sample mode).
 inline Verify verify_draft(const std::vector<int64_t>& ids, const std::vector<std::vector<float>>& z, int mode,
                            float rollback_threshold, const std::vector<std::vector<float>>& probs, float temp,
-                           int top_k, float top_p, int64_t seed, int64_t offset) {
+                           int top_k, float top_p, float min_p, int64_t seed, int64_t offset) {
   const int K = static_cast<int>(ids.size());
   int n = 0;
   while (n < K && ids[n] >= 0) ++n;
@@ -124,14 +132,14 @@ inline Verify verify_draft(const std::vector<int64_t>& ids, const std::vector<st
     if (mode == bild::kModeBild) ok = !(r.distances[j] > rollback_threshold && d != amax);
     if (mode == bild::kModeSample) {
       const float u = bild::uniform(seed, 0, offset, bild::kPurposeVerifyAccept, j);
-      ok = u * probs[j][d] < target_dist(z[j], temp, top_k, top_p)[d];
+      ok = u * probs[j][d] < target_dist(z[j], temp, top_k, top_p, min_p)[d];
     }
     if (!ok && c == n) c = j;
   }
   const int V = static_cast<int>(z[c].size());
   int64_t emitted = argmax(z[c]);
   if (temp > 0) {
-    std::vector<float> w = target_dist(z[c], temp, top_k, top_p);
+    std::vector<float> w = target_dist(z[c], temp, top_k, top_p, min_p);
     if (mode == bild::kModeSample && c < n) {
       std::vector<float> resid(V);
       double sum = 0;

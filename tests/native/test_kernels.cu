@@ -144,24 +144,31 @@ static void test_paged_kv(std::mt19937& rng) {
 }
 
 // V = 1111 is one chunk of the first pass; V = 9001 is three (fp32: 4096 a chunk) with an odd tail.
-// split: the split top-k / top-p cut-off search (CutSplitPassKernel) instead of filter_cut. greedy_only: every row
-// greedy without top-k / top-p, launched with rows = 0 (the kernels for other kinds of row left out).
+// split: the split top-k / top-p / min-p cut-off search (CutSplitPassKernel) instead of filter_cut. greedy_only: every
+// row greedy without top-k / top-p / min-p, launched with rows = 0 (the kernels for other kinds of row left out).
 static void test_sample_draft(std::mt19937& rng, int V, int first_pass, bool split = false, bool greedy_only = false,
                               bool fused = false) {
-  const int B = 6;
+  const int B = 12;
   std::vector<float> logits(B * V);
   std::normal_distribution<float> normal(0.0f, 3.0f);
   for (auto& x : logits) x = std::round(normal(rng) * 4.0f) / 4.0f;  // coarse values: ties are common
-  std::vector<float> temp = {0.0f, 0.7f, 1.0f, 1.3f, 0.0f, 0.9f}, top_p = {1.0f, 1.0f, 0.8f, 1.0f, 0.5f, 0.9f};
-  std::vector<int> top_k = {0, 0, 0, 5, 1, 50};
+  // Rows 6-11 use min-p: alone in a greedy row (0.2) and sampling rows (0.05; 1e-20, whose cut-off 46 nats below
+  // the max lies under the value pass's 32: the key passes find it; 1, which keeps the ties at the max only), and
+  // with top-k / top-p in a greedy and a sampling row.
+  std::vector<float> temp = {0.0f, 0.7f, 1.0f, 1.3f, 0.0f, 0.9f, 0.0f, 0.8f, 1.0f, 1.0f, 0.0f, 1.1f};
+  std::vector<float> top_p = {1.0f, 1.0f, 0.8f, 1.0f, 0.5f, 0.9f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 0.9f};
+  std::vector<float> min_p = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.2f, 0.05f, 1e-20f, 1.0f, 0.1f, 0.3f};
+  std::vector<int> top_k = {0, 0, 0, 5, 1, 50, 0, 0, 0, 0, 5, 50};
   if (greedy_only) {
     temp.assign(B, 0.0f);
     top_p.assign(B, 1.0f);
+    min_p.assign(B, 0.0f);
     top_k.assign(B, 0);
   }
-  const std::vector<int64_t> seed = {1, 2, 3, 4, 5, -6}, offset = {0, 7, 1LL << 33, 2, 0, 9};
-  const std::vector<float> thr = {0.1f, 0.5f, 0.0f, 1.0f, 0.2f, 0.3f};
-  Dev<float> dz(logits), dt(temp), dp(top_p), dthr(thr);
+  const std::vector<int64_t> seed = {1, 2, 3, 4, 5, -6, 7, 8, 9, 10, 11, 12};
+  const std::vector<int64_t> offset = {0, 7, 1LL << 33, 2, 0, 9, 3, 5, 1LL << 40, 6, 1, 4};
+  const std::vector<float> thr = {0.1f, 0.5f, 0.0f, 1.0f, 0.2f, 0.3f, 0.4f, 0.1f, 0.2f, 0.6f, 0.3f, 0.05f};
+  Dev<float> dz(logits), dt(temp), dp(top_p), dmp(min_p), dthr(thr);
   Dev<int> dk(top_k);
   Dev<int64_t> dseed(seed), doff(offset), tok(zeros<int64_t>(B));
   Dev<float> tp(zeros<float>(B)), mp(zeros<float>(B)), en(zeros<float>(B));
@@ -176,8 +183,8 @@ static void test_sample_draft(std::mt19937& rng, int V, int first_pass, bool spl
     cs = bild::cut_split_carve(split_buf, B, draws);
   }
   Dev<int> counts(std::vector<int>(B, 5));  // the fused tail's counts, left nonzero on purpose: the launch clears them
-  CUDA_OK(bild::SampleDraft(dz.p, B, V, {dt.p, dk.p, dp.p, dseed.p, doff.p, dthr.p}, {tok.p, tp.p, mp.p, en.p, dfb},
-                            part.p, nullptr, first_pass, split ? &cs : nullptr,
+  CUDA_OK(bild::SampleDraft(dz.p, B, V, {dt.p, dk.p, dp.p, dmp.p, dseed.p, doff.p, dthr.p},
+                            {tok.p, tp.p, mp.p, en.p, dfb}, part.p, nullptr, first_pass, split ? &cs : nullptr,
                             greedy_only ? 0 : bild::kRowsAll, fused ? counts.p : nullptr));
   if (fused) {  // and left them at zero
     const auto left = counts.get();
@@ -194,7 +201,7 @@ static void test_sample_draft(std::mt19937& rng, int V, int first_pass, bool spl
   const auto gtp = tp.get(), gmp = mp.get(), gen = en.get();
   for (int b = 0; b < B; ++b) {
     const std::vector<float> z(logits.begin() + b * V, logits.begin() + (b + 1) * V);
-    const ref::Sample r = ref::sample_draft(z, temp[b], top_k[b], top_p[b], seed[b], offset[b], thr[b]);
+    const ref::Sample r = ref::sample_draft(z, temp[b], top_k[b], top_p[b], min_p[b], seed[b], offset[b], thr[b]);
     EXPECT(gtok[b] == r.token, "sample_draft (first pass %d, split %d) row %d: token %lld != %lld", first_pass, split, b,
            static_cast<long long>(gtok[b]),
            static_cast<long long>(r.token));
@@ -207,7 +214,7 @@ static void test_sample_draft(std::mt19937& rng, int V, int first_pass, bool spl
 
 static void test_verify_draft(std::mt19937& rng, int mode, int V, int first_pass, bool split = false,
                               bool greedy_only = false, bool fused = false) {
-  const int B = 5, K = 4, K1 = K + 1;
+  const int B = 8, K = 4, K1 = K + 1;
   std::vector<float> logits(B * K1 * V), probs(B * K * V);
   std::normal_distribution<float> normal(0.0f, 2.0f);
   for (auto& x : logits) x = normal(rng);
@@ -216,21 +223,25 @@ static void test_verify_draft(std::mt19937& rng, int mode, int V, int first_pass
     for (int v = 0; v < V; ++v) s += probs[r * V + v] = std::exp(normal(rng));
     for (int v = 0; v < V; ++v) probs[r * V + v] = static_cast<float>(probs[r * V + v] / s);
   }
+  const std::vector<int> drafted = {4, 3, 2, 1, 0, 4, 3, 2};  // (K = 4)
   std::vector<int64_t> ids(B * K);
   for (int b = 0; b < B; ++b)
-    for (int j = 0; j < K; ++j) {  // row b drafts K - b tokens (b >= K: none); half of them the argmax
+    for (int j = 0; j < K; ++j) {  // row b drafts drafted[b] tokens; half of them the argmax
       const float* z = &logits[(b * K1 + j) * V];
-      ids[b * K + j] = j >= K - b ? -1 : (j % 2 == 0 ? std::max_element(z, z + V) - z : (b * 37 + j) % V);
+      ids[b * K + j] = j >= drafted[b] ? -1 : (j % 2 == 0 ? std::max_element(z, z + V) - z : (b * 37 + j) % V);
     }
-  const std::vector<float> thr = {1.0f, 5.0f, 0.0f, 3.0f, 2.0f};
-  std::vector<float> temp = {0.0f, 0.8f, 1.0f, 0.0f, 1.5f}, top_p = {1.0f, 0.9f, 1.0f, 1.0f, 0.7f};
-  std::vector<int> top_k = {0, 0, 20, 3, 0};
-  if (greedy_only) {  // (top-k / top-p of greedy rows filters nothing in verify_draft)
+  const std::vector<float> thr = {1.0f, 5.0f, 0.0f, 3.0f, 2.0f, 4.0f, 1.5f, 2.5f};
+  // Rows 5-7 use min-p: alone in a sampling row, with top-k / top-p in another, and in a greedy row (no effect).
+  std::vector<float> temp = {0.0f, 0.8f, 1.0f, 0.0f, 1.5f, 0.9f, 1.2f, 0.0f};
+  std::vector<float> top_p = {1.0f, 0.9f, 1.0f, 1.0f, 0.7f, 1.0f, 0.95f, 1.0f};
+  std::vector<float> min_p = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.1f, 0.3f, 0.3f};
+  std::vector<int> top_k = {0, 0, 20, 3, 0, 0, 200, 0};
+  if (greedy_only) {  // (top-k / top-p / min-p of greedy rows filters nothing in verify_draft)
     temp.assign(B, 0.0f);
   }
-  const std::vector<int64_t> seed = {11, 12, 13, 14, 15}, offset = {0, 1, 2, 3, 4};
+  const std::vector<int64_t> seed = {11, 12, 13, 14, 15, 16, 17, 18}, offset = {0, 1, 2, 3, 4, 5, 6, 7};
   Dev<int64_t> dids(ids), dseed(seed), doff(offset), oids(zeros<int64_t>(B * K1));
-  Dev<float> dz(logits), dprobs(probs), dthr(thr), dt(temp), dp(top_p);
+  Dev<float> dz(logits), dprobs(probs), dthr(thr), dt(temp), dp(top_p), dmp(min_p);
   Dev<int> dk(top_k), nacc(zeros<int>(B)), si(zeros<int>(3 * B * K1));
   Dev<float> dist(zeros<float>(B * K)), tprob(zeros<float>(B * K1)), sf(zeros<float>(2 * B * K1));
   const int n = B * K1;
@@ -244,7 +255,7 @@ static void test_verify_draft(std::mt19937& rng, int mode, int V, int first_pass
   }
   // the fused tail's counts, left nonzero on purpose: the launch clears them
   Dev<int> counts(std::vector<int>(n + B, 7));
-  CUDA_OK(bild::VerifyDraft(dids.p, dz.p, dprobs.p, B, K, V, mode, {dthr.p, dt.p, dk.p, dp.p, dseed.p, doff.p},
+  CUDA_OK(bild::VerifyDraft(dids.p, dz.p, dprobs.p, B, K, V, mode, {dthr.p, dt.p, dk.p, dp.p, dmp.p, dseed.p, doff.p},
                             {nacc.p, oids.p, dist.p, tprob.p},
                             {si.p, si.p + n, si.p + 2 * n, sf.p, sf.p + n, part.p, cut.p}, nullptr, first_pass,
                             split ? &cs : nullptr, greedy_only ? 0 : bild::kRowsAll, fused ? counts.p : nullptr));
@@ -264,7 +275,8 @@ static void test_verify_draft(std::mt19937& rng, int mode, int V, int first_pass
     for (int j = 0; j < K1; ++j) z[j].assign(&logits[(b * K1 + j) * V], &logits[(b * K1 + j + 1) * V]);
     for (int j = 0; j < K; ++j) ps[j].assign(&probs[(b * K + j) * V], &probs[(b * K + j + 1) * V]);
     const std::vector<int64_t> row(ids.begin() + b * K, ids.begin() + (b + 1) * K);
-    const ref::Verify r = ref::verify_draft(row, z, mode, thr[b], ps, temp[b], top_k[b], top_p[b], seed[b], offset[b]);
+    const ref::Verify r =
+        ref::verify_draft(row, z, mode, thr[b], ps, temp[b], top_k[b], top_p[b], min_p[b], seed[b], offset[b]);
     EXPECT(gn[b] == r.num_accepted, "verify mode %d (first pass %d, split %d) row %d: accepted %d != %d", mode,
            first_pass, split, b, gn[b], r.num_accepted);
     EXPECT(std::equal(r.output_ids.begin(), r.output_ids.end(), gids.begin() + b * K1), "verify mode %d row %d: ids",
@@ -351,7 +363,7 @@ int main() {
       for (int mode : {bild::kModeGreedy, bild::kModeBild, bild::kModeSample})
         test_verify_draft(rng, mode, V, first_pass);
   }
-  // Greedy rows launched with rows = 0: no scaled statistics, top-k / top-p or sampled-token kernels.
+  // Greedy rows launched with rows = 0: no scaled statistics, top-k / top-p / min-p or sampled-token kernels.
   for (int first_pass : {bild::kFirstPassChunked, bild::kFirstPassStream}) {
     for (int V : {1111, 70001}) test_sample_draft(rng, V, first_pass, /*split=*/false, /*greedy_only=*/true);
     for (int V : {333, 70001})
