@@ -53,7 +53,8 @@
 #   tell sample_draft so (~40 s by 2026-11-27c's run); fused: the fused tails, written after the H100 run: where no row samples (sample_draft: or filters), the first
 #   pass merges, finishes (and cuts) in the blocks that write a position's / a row's last result: a memset and one
 #   kernel (after the H100 run verify_draft's first pass alone is ~80% of HBM at B = 64, the launches after it ~12
-#   of 67 us); their tests and the native binary first, then their timing beside cuda-hinted; flashinfer: FlashInfer 0.3.1's top-k /
+#   of 67 us); their tests and the native binary first (with min-p's CUDA twin since 2026-11-29, never run: its
+#   kernel tests against the reference, and the native binary's min-p rows), then their timing beside cuda-hinted; flashinfer: FlashInfer 0.3.1's top-k /
 #   top-p sampling and chain speculative sampling beside ours, never measured; split: the split search in
 #   verify_draft, and sample_draft's auto choice; profile_step: the host's time around the graphs after the
 #   host-side changes);
@@ -152,8 +153,9 @@ for s in "$@"; do
                   -n "$WORKERS" -k "cuda or cut_search or host_knows or rows_hint or native_kernel_binary" \
                   tests/kernels/test_verify_draft.py tests/kernels/test_sample_draft.py tests/kernels/test_cuda_extension.py ;;
         fused) stage fused_tests 120 "$PY" -m pytest -q -rfE -p no:cacheprovider -p no:benchmark --timeout 120 \
-                  -n "$WORKERS" -k "cuda-fused or cuda-block or fused_tail or cut_search or native_kernel_binary" \
-                  tests/kernels/test_verify_draft.py tests/kernels/test_sample_draft.py tests/kernels/test_cuda_extension.py
+                  -n "$WORKERS" -k "cuda-fused or cuda-block or fused_tail or cut_search or native_kernel_binary or min_p" \
+                  tests/kernels/test_verify_draft.py tests/kernels/test_sample_draft.py tests/kernels/test_cuda_extension.py \
+                  tests/kernels/test_min_p.py tests/engine/test_min_p.py
                # whether the extension's own checks raise on this torch, or crash (scripts/probe_cpp_errors.py), then
                # the test that crashed its worker on the H100 (2026-11-27c), alone, with a native backtrace where gdb is
                stage cpp_errors 60 "$PY" scripts/probe_cpp_errors.py

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 
 import torch
 
+from bild_kernels.engine.aio import AsyncAPI
 from bild_kernels.engine.draft_loop import StaticDraftLoop
 from bild_kernels.engine.iteration import Iteration
 from bild_kernels.engine.params import SamplingParams
@@ -66,7 +67,7 @@ def _recommended_draft_max_batch(small, device: torch.device) -> int | None:
     return limit
 
 
-class Engine(Prefixing, TokenizerMethods, Iteration):
+class Engine(Prefixing, TokenizerMethods, Iteration, AsyncAPI):
     """Big-little speculative decoding over a paged KV cache.
 
     Parameters
@@ -300,9 +301,7 @@ class Engine(Prefixing, TokenizerMethods, Iteration):
         `error` set (token_ids empty); one that ends early ("timeout", "cancelled", or "error" from a
         NaN/inf in a model's logits) keeps the tokens committed before; a timeout or fault says why in `error`.
         """
-        single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts
-                                              and isinstance(prompts[0], (int, dict)))  # ids, or one conversation
-        prompts = [prompts] if single else list(prompts)
+        prompts, _ = self._prompt_list(prompts)
         reqs = self._scheduler.submit(prompts, params, policy, chat_template)
         outputs = {}
         try:
@@ -313,6 +312,14 @@ class Engine(Prefixing, TokenizerMethods, Iteration):
             for r in reqs:  # an exception (or KeyboardInterrupt) here must not leave requests running
                 self._scheduler.cancel(r)
         return [outputs[r.seq.request_id] for r in reqs]
+
+    @staticmethod
+    def _prompt_list(prompts) -> tuple[list, bool]:
+        """`generate`'s prompts as a list, and whether one prompt was given alone (a string, a list of token ids, or
+        one conversation)."""
+        single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts
+                                              and isinstance(prompts[0], (int, dict)))  # ids, or one conversation
+        return ([prompts] if single else list(prompts)), bool(single)
 
     def stream(self, prompt, params: SamplingParams | None = None, policy: Policy | None = None,
                *, chat_template: bool = False) -> Iterator[StreamChunk]:
