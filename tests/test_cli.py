@@ -439,3 +439,75 @@ def test_bild_knobs_keep_the_default_policys_lookup_unless_told():
     assert policy("--policy", "greedy", "--lookup", "0").lookup is None
     with pytest.raises(cli.UsageError, match="without --lookup"):
         policy("--lookup", "0", "--max-ngram", "2")
+
+
+@pytest.fixture(scope="module")
+def chat_dir(tmp_path_factory, pair_dirs):
+    """The tiny large model with a word tokenizer that has a chat template."""
+    import shutil
+    large, _ = pair_dirs
+    chat = tmp_path_factory.mktemp("chat") / "large"
+    shutil.copytree(large, chat)
+    tok = word_tokenizer([f"w{i}" for i in range(90)] + ["turn", "system", "user", "assistant", "endturn"])
+    tok.chat_template = ("{% for m in messages %}turn {{ m['role'] }} {{ m['content'] }} endturn {% endfor %}"
+                         "{% if add_generation_prompt %}turn assistant{% endif %}")
+    tok.save_pretrained(chat)
+    return chat
+
+
+def _chat(capsys, monkeypatch, lines, *argv):
+    import io
+    monkeypatch.setattr("sys.stdin", io.StringIO("".join(f"{x}\n" for x in lines)))
+    return _run(capsys, "chat", *argv)
+
+
+def test_chat_keeps_the_conversation_and_forgets_it_on_reset(capsys, monkeypatch, chat_dir):
+    """Each line is a user turn answered through the chat template with the turns before it (the engine's own reply
+    to the same conversation), /reset forgets them, commands and blank lines are not turns."""
+    from bild_kernels import Engine, SamplingParams
+    code, out, err = _chat(capsys, monkeypatch, ["w1 w2", "", "/help", "w3 w4", "/reset", "w1 w2", "/exit", "w9"],
+                           "--large", chat_dir, "--max-tokens", 6, "--policy", "large-only", "--system", "w5")
+    assert code == 0, err
+    replies = out.splitlines()
+    assert len(replies) == 3 and replies[0] == replies[2]  # after /reset the same first turn, the same reply
+    eng = Engine(large=str(chat_dir), max_batch_size=1, max_model_len=2048)
+    sp = SamplingParams(max_tokens=6)
+    sys_msg = [{"role": "system", "content": "w5"}]
+    first = eng.generate([sys_msg + [{"role": "user", "content": "w1 w2"}]], sp)[0].text
+    second = eng.generate([sys_msg + [{"role": "user", "content": "w1 w2"}, {"role": "assistant", "content": first},
+                                      {"role": "user", "content": "w3 w4"}]], sp)[0].text
+    assert replies[:2] == [first, second]
+    assert "unknown command /help" in err and "conversation forgotten" in err
+    assert err.count("tokens/s") == 3  # a metrics line a turn, none for /exit's unread "w9"
+
+
+def test_chat_leaves_out_old_turns_that_no_longer_fit(capsys, monkeypatch, chat_dir):
+    lines = [" ".join(f"w{(i * 7 + j) % 90}" for j in range(12)) for i in range(5)]
+    code, out, err = _chat(capsys, monkeypatch, lines, "--large", chat_dir, "--max-tokens", 4, "--max-model-len", 64,
+                           "--policy", "large-only")
+    assert code == 0, err
+    assert len(out.splitlines()) == 5 and "oldest turns no longer fit max_model_len=64" in err
+
+
+def test_chat_samples_with_a_seed_per_turn(capsys, monkeypatch, chat_dir):
+    outs = []
+    for _ in range(2):
+        code, out, err = _chat(capsys, monkeypatch, ["w1", "w1"], "--large", chat_dir, "--max-tokens", 8,
+                               "--policy", "large-only", "--temperature", 1.5, "--seed", 41)
+        assert code == 0, err
+        outs.append(out)
+        assert " | seed 41" in err and " | seed 42" in err
+    assert outs[0] == outs[1]
+
+
+def test_chat_bad_input(capsys, monkeypatch, chat_dir, pair_dirs):
+    large, _ = pair_dirs
+    code, out, err = _chat(capsys, monkeypatch, ["w1"], "--large", large, "--policy", "large-only")
+    assert code == 2 and "needs a model with a chat template" in err and "Traceback" not in err
+    code, out, err = _chat(capsys, monkeypatch, ["w1"], "--large", chat_dir, "--min-p", 3)
+    assert code == 2 and "min_p must be" in err
+    # a turn the engine refuses (longer than max_model_len) fails alone; the next one is answered
+    long = " ".join(["w3"] * 80)
+    code, out, err = _chat(capsys, monkeypatch, [long, "w1 w2"], "--large", chat_dir, "--max-tokens", 4,
+                           "--max-model-len", 64, "--policy", "large-only")
+    assert code == 0 and "[error:" in err and "max_model_len" in err and len(out.splitlines()) == 1

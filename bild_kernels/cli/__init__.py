@@ -1,6 +1,7 @@
 """`bild`: generate, benchmark, evaluate and distil from the command line.
 
   bild generate "prompt"     stream a reply from the default pair (or --large/--small) with BiLD
+  bild chat                  a conversation in the terminal: each line a turn, replies streamed
   bild eval                  quality and speed of policies vs the large model alone on held-out prompts
   bild bench                 speed only: policies vs LargeOnly vs Hugging Face generate / assisted generation
   bild distill --out DIR     train a draft model for a large model and write a shippable draft directory
@@ -15,7 +16,7 @@ import argparse
 import os
 import sys
 
-from bild_kernels.cli import distill, evaluation, generate
+from bild_kernels.cli import chat, distill, evaluation, generate
 from bild_kernels.cli.common import POLICY_NAMES, UsageError, _policy
 
 __all__ = ["POLICY_NAMES", "UsageError", "_policy", "build_parser", "main"]
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
 
     generate.add_parser(sub)
+    chat.add_parser(sub)
     evaluation.add_parsers(sub)
     distill.add_parser(sub)
     return ap

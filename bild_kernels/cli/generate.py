@@ -8,12 +8,9 @@ import time
 from bild_kernels.cli.common import UsageError, _engine, _model_args, _policy, _policy_args
 
 
-def cmd_generate(args) -> int:
+def sampling_params(args, seed: int):
+    """The SamplingParams of the sampling options (`sampling_args`), with `seed`."""
     from bild_kernels import SamplingParams
-    from bild_kernels.evaluate import describe
-    prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
-    if not prompt.strip():
-        raise UsageError("the prompt is empty")
     bias = {}
     for item in args.logit_bias or []:
         tok, _, val = item.partition("=")
@@ -21,12 +18,37 @@ def cmd_generate(args) -> int:
             bias[int(tok)] = float(val)
         except ValueError:
             raise UsageError(f"--logit-bias takes TOKEN_ID=BIAS (e.g. 13=-100), got {item!r}") from None
-    # sampling without --seed draws one (as llama.cpp and HF do), printed at the end so that the run can be repeated
-    seed = args.seed if args.seed is not None else secrets.randbelow(2 ** 63) if args.temperature > 0 else 0
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, min_p=args.min_p, seed=seed, repetition_penalty=args.repetition_penalty,
-                            presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-                            min_tokens=args.min_tokens, logit_bias=bias)
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, min_p=args.min_p, seed=seed, repetition_penalty=args.repetition_penalty,
+                          presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                          min_tokens=args.min_tokens, logit_bias=bias)
+
+
+def session_seed(args) -> int:
+    """--seed, or (sampling without one, as llama.cpp and HF do) a random one, shown at the end so that the run can
+    be repeated; 0 when greedy."""
+    return args.seed if args.seed is not None else secrets.randbelow(2 ** 62) if args.temperature > 0 else 0
+
+
+def run_line(policy, m) -> str:
+    """One request's closing line: the policy, tokens/s, the first token's latency, the passes and the drafts."""
+    from bild_kernels.evaluate import describe
+    line = (f"[{describe(policy)}] {m.generated_tokens} tokens in {m.wall_time:.2f} s = {m.tokens_per_s:.1f} tokens/s"
+            f" (first after {m.time_to_first_token * 1e3:.0f} ms)" + f" | large passes {m.large_passes}")
+    if policy.drafts:
+        line += (f" | acceptance {m.acceptance_rate:.0%}, mean accepted {m.mean_accepted_length:.2f}"
+                 f" | fallbacks {m.fallbacks} | rollbacks {m.rollbacks}")
+        if m.lookup_drafted_tokens:
+            line += f" | n-gram lookup: {m.lookup_accepted_tokens} of {m.lookup_drafted_tokens} drafts kept"
+    return line
+
+
+def cmd_generate(args) -> int:
+    prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
+    if not prompt.strip():
+        raise UsageError("the prompt is empty")
+    seed = session_seed(args)
+    params = sampling_params(args, seed)
     t_load = time.perf_counter()
     engine = _engine(args, max_model_len=args.max_model_len)
     policy = _policy(args, engine)
@@ -45,14 +67,7 @@ def cmd_generate(args) -> int:
         sys.stdout.flush()
         out = chunk.output or out
     sys.stdout.write("\n")
-    m = out.metrics
-    line = (f"[{describe(policy)}] {m.generated_tokens} tokens in {m.wall_time:.2f} s = {m.tokens_per_s:.1f} tokens/s"
-            f" (first after {m.time_to_first_token * 1e3:.0f} ms)" + f" | large passes {m.large_passes}")
-    if policy.drafts:
-        line += (f" | acceptance {m.acceptance_rate:.0%}, mean accepted {m.mean_accepted_length:.2f}"
-                 f" | fallbacks {m.fallbacks} | rollbacks {m.rollbacks}")
-        if m.lookup_drafted_tokens:
-            line += f" | n-gram lookup: {m.lookup_accepted_tokens} of {m.lookup_drafted_tokens} drafts kept"
+    line = run_line(policy, out.metrics)
     if params.temperature > 0:
         line += f" | seed {seed}"
     print(line + f" | models loaded in {load_s:.1f} s", file=sys.stderr)
@@ -64,7 +79,15 @@ def add_parser(sub) -> None:
     g.add_argument("prompt", help="the prompt ('-' reads stdin)")
     _model_args(g)
     _policy_args(g, default_policy=None)
-    g.add_argument("--max-tokens", type=int, default=128)
+    sampling_args(g)
+    g.add_argument("--no-chat-template", action="store_true", help="send the prompt as raw text")
+    g.add_argument("--system", metavar="TEXT", help="a system message before the prompt (through the chat template)")
+    g.set_defaults(func=cmd_generate)
+
+
+def sampling_args(g) -> None:
+    """The length and sampling options `generate` and `chat` share."""
+    g.add_argument("--max-tokens", type=int, default=128, help="tokens a reply may have")
     g.add_argument("--max-model-len", type=int, default=2048)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-k", type=int, default=0)
@@ -80,6 +103,3 @@ def add_parser(sub) -> None:
     g.add_argument("--min-tokens", type=int, default=0, help="no EOS before the reply has this many tokens")
     g.add_argument("--logit-bias", action="append", metavar="ID=BIAS",
                    help="add BIAS (in [-100, 100]) to token ID's logit; repeatable")
-    g.add_argument("--no-chat-template", action="store_true", help="send the prompt as raw text")
-    g.add_argument("--system", metavar="TEXT", help="a system message before the prompt (through the chat template)")
-    g.set_defaults(func=cmd_generate)

@@ -63,6 +63,7 @@ bad_prompt = st.one_of(st.just([]), st.lists(st.integers(VOCAB, 10**6), min_size
                        st.lists(st.integers(0, VOCAB - 1), min_size=MAX_LEN, max_size=MAX_LEN + 5))
 sampling = st.builds(SamplingParams, max_tokens=st.integers(1, 16), temperature=st.sampled_from([0.0, 0.5, 1.0, 2.5]),
                      top_k=st.sampled_from([0, 1, 5, 200]), top_p=st.sampled_from([1.0, 0.9, 0.3]),
+                     min_p=st.sampled_from([0.0, 0.0, 0.05, 0.5, 1.0]),
                      seed=st.integers(0, 2**63 - 1), stop=st.lists(st.integers(0, VOCAB - 1), max_size=2))
 
 
