@@ -56,14 +56,33 @@ def _recommended_policy(small) -> Policy:
     return BiLD()
 
 
+CPU_KINDS = ("default", "amx")  # the keys a manifest's cpu_draft_max_batch may give a limit for
+
+
+def cpu_kind() -> str:
+    """Which of CPU_KINDS this CPU is: "amx" where it has AMX tiles (Intel Xeon 4th generation on: two 512-bit FMA
+    units a core, where a verify pass of several rows costs less against a decode step than on the AMD EPYC the
+    default limits were measured on), else "default"."""
+    return "amx" if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)() else "default"
+
+
 def _recommended_draft_max_batch(small, device: torch.device) -> int | None:
-    """draft_max_batch="auto": the shipped draft's manifest's `cpu_draft_max_batch` on a CPU, else None."""
+    """draft_max_batch="auto": the shipped draft's manifest's `cpu_draft_max_batch` on a CPU, else None. It is an int
+    for every CPU or {cpu kind: int} with a "default" (`cpu_kind`)."""
     from bild_kernels.models.draft import is_draft_dir, read_manifest
     if device.type != "cpu" or small is None or not isinstance(small, (str, os.PathLike)) or not is_draft_dir(small):
         return None
     limit = read_manifest(small).get("cpu_draft_max_batch")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"{small}: cpu_draft_max_batch must be an int >= 1, got {limit!r}")
+    if isinstance(limit, dict):
+        if "default" not in limit or set(limit) - set(CPU_KINDS):
+            raise ValueError(f"{small}: cpu_draft_max_batch as a dict needs a \"default\" and only keys of "
+                             f"{CPU_KINDS}, got {sorted(limit)}")
+        values = list(limit.values())
+        limit = limit.get(cpu_kind(), limit["default"])
+    else:
+        values = [limit]
+    if any(v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1) for v in values):
+        raise ValueError(f"{small}: cpu_draft_max_batch must be an int >= 1 (or a dict of them), got {values!r}")
     return limit
 
 
@@ -113,8 +132,9 @@ class Engine(Prefixing, TokenizerMethods, Iteration, AsyncAPI):
         among the rows, and on a CPU a verify pass over batch x (k + 1) tokens becomes compute-bound: with
         the default pair on the 2-core AMD EPYC, the default BiLD ran 1.34x LargeOnly at batch 2 but 0.85x
         at batch 4 and 0.65x at batch 8. None: no limit. "auto" (the default): the shipped draft's
-        recommendation for the device (`cpu_draft_max_batch` in its bild_draft.json: 1 for the default
-        pair since its kernels got faster, batch 2 then ran 0.94-1.01x with drafting) on a CPU, else no limit.
+        recommendation for the device (`cpu_draft_max_batch` in its bild_draft.json, per `cpu_kind`: for the
+        default pair 1, where batch 2 ran 0.94-1.01x with drafting on the AMD EPYC, and 2 on a CPU with AMX, where
+        it ran 1.29-1.31x on a 2-core Intel Xeon) on a CPU, else no limit.
     prefix_cache : keep the large model's keys and values (and, with a feature draft, its hidden states) of up
         to this many recent prompt positions, outside the KV pool, and copy the longest kept prefix of a new
         prompt into its blocks at admission instead of prefilling it (`bild_kernels.engine.prefix_cache`): what

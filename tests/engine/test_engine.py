@@ -209,7 +209,20 @@ def test_draft_max_batch_values(large_model, small_model):
     eng = Engine(large=large_model, small=small_model, dtype=torch.float64, max_model_len=64)
     assert eng.draft_max_batch is None  # "auto" without a shipped draft's recommendation: no limit
     # the standalone draft recommends 2 on a CPU (measured: BiLD won at batch 2, lost from 4 on), nothing on CUDA;
-    # the default feature draft 1 (with the integer-activation kernels batch 2 decodes well enough alone)
-    assert _recommended_draft_max_batch(str(DRAFT_DIR), torch.device("cpu")) == 2
-    assert _recommended_draft_max_batch(str(FEATURE_DRAFT_DIR), torch.device("cpu")) == 1
+    # the default feature draft 1 (with the integer-activation kernels batch 2 decodes well enough alone), 2 on a CPU
+    # with AMX (where drafting still paid at batch 2)
+    import bild_kernels.engine.engine as engine_mod
+    for kind, want in (("default", 1), ("amx", 2)):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(engine_mod, "cpu_kind", lambda kind=kind: kind)
+            assert _recommended_draft_max_batch(str(DRAFT_DIR), torch.device("cpu")) == 2
+            assert _recommended_draft_max_batch(str(FEATURE_DRAFT_DIR), torch.device("cpu")) == want
+    assert engine_mod.cpu_kind() in engine_mod.CPU_KINDS
+    import bild_kernels.models.draft as draft_mod
+    for bad in ({"amx": 2}, {"default": 1, "arm": 2}, {"default": 0}, {"default": 1, "amx": "2"}, 0, True):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(draft_mod, "is_draft_dir", lambda path: True)
+            mp.setattr(draft_mod, "read_manifest", lambda path, bad=bad: {"cpu_draft_max_batch": bad})
+            with pytest.raises(ValueError, match="cpu_draft_max_batch"):
+                _recommended_draft_max_batch("a-draft", torch.device("cpu"))
     assert _recommended_draft_max_batch(str(DRAFT_DIR), torch.device("cuda")) is None

