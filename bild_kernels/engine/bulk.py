@@ -51,6 +51,7 @@ class _Loop:
     temperature: torch.Tensor  # [B] float32
     top_k: torch.Tensor  # [B] int32
     top_p: torch.Tensor  # [B] float32
+    min_p: torch.Tensor  # [B] float32
     seed: torch.Tensor  # [B] int64
     offset: torch.Tensor  # [B] int64
     graph: object = None
@@ -95,12 +96,13 @@ class BatchGenerator:
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seeds: list[int] | None = None, stop_ids=(), check_every: int = 16,
-                 prefill_tokens: int = 16384) -> list[list[int]]:
+                 prefill_tokens: int = 16384, min_p: float = 0.0) -> list[list[int]]:
         """The answer (new token ids) to each prompt: up to and including its first stop id, else
-        max_new_tokens ids. seeds[i] seeds row i's sampling (default: i); temperature 0 is greedy.
+        max_new_tokens ids. seeds[i] seeds row i's sampling (default: i); temperature 0 is greedy; top_k, top_p and
+        min_p filter as SamplingParams' do.
         prefill_tokens: prompt tokens per eager prefill forward (bounds its activations)."""
         B = len(prompts)
-        self._check(prompts, max_new_tokens, temperature, top_k, top_p, seeds, stop_ids, check_every)
+        self._check(prompts, max_new_tokens, temperature, top_k, top_p, seeds, stop_ids, check_every, min_p)
         seeds = list(range(B)) if seeds is None else [int(s) for s in seeds]
         N, dev = max_new_tokens, self.device
         lp = self._loop(B, N)
@@ -115,6 +117,7 @@ class BatchGenerator:
                 lp.temperature.fill_(temperature)
                 lp.top_k.fill_(top_k)
                 lp.top_p.fill_(top_p)
+                lp.min_p.fill_(min_p)
                 lp.seed.copy_(to_device(seeds, torch.int64, dev))
                 lp.offset.zero_()
                 lp.out.zero_()
@@ -144,7 +147,8 @@ class BatchGenerator:
         stop_set = set(stop_ids)
         return [until_stop(row, stop_set) for row in out]
 
-    def _check(self, prompts, max_new_tokens, temperature, top_k, top_p, seeds, stop_ids, check_every) -> None:
+    def _check(self, prompts, max_new_tokens, temperature, top_k, top_p, seeds, stop_ids, check_every,
+               min_p=0.0) -> None:
         if not isinstance(prompts, (list, tuple)) or not prompts:
             raise ValueError("prompts must be a non-empty list of token-id lists")
         if len(prompts) > self.max_batch_size:
@@ -161,7 +165,7 @@ class BatchGenerator:
             if len(p) + max_new_tokens > self.max_model_len:
                 raise ValueError(f"prompts[{i}]: {len(p)} tokens + max_new_tokens={max_new_tokens} exceed "
                                  f"max_model_len={self.max_model_len}")
-        SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)  # the engine's checks of them
+        SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)  # the engine's checks
         if seeds is not None and (len(seeds) != len(prompts) or any(
                 isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2**63 for s in seeds)):
             raise ValueError(f"seeds must hold one int in [0, 2**63) per prompt ({len(prompts)})")
@@ -183,7 +187,7 @@ class BatchGenerator:
     def _sample(self, lp: _Loop, logits: torch.Tensor) -> torch.Tensor:
         """One sampled id per row from logits [B, V] (LargeOnly's verification with nothing drafted)."""
         res = ops.verify_draft(lp.empty_draft, logits[:, None], "greedy", temperature=lp.temperature,
-                               top_k=lp.top_k, top_p=lp.top_p, seed=lp.seed, offset=lp.offset)
+                               top_k=lp.top_k, top_p=lp.top_p, min_p=lp.min_p, seed=lp.seed, offset=lp.offset)
         return res.output_ids[:, 0]
 
     def _decode_step(self, lp: _Loop) -> None:
@@ -216,7 +220,8 @@ class BatchGenerator:
                    query_start_loc=torch.arange(B + 1, **i32), block_tables=torch.full((B, M), -1, **i32),
                    context_lens=torch.zeros(B, **i32), step=torch.zeros(1, **i64), out=torch.zeros(B, N, **i64),
                    empty_draft=torch.zeros(B, 0, **i64), temperature=torch.zeros(B, **f32),
-                   top_k=torch.zeros(B, **i32), top_p=torch.ones(B, **f32), seed=torch.zeros(B, **i64),
+                   top_k=torch.zeros(B, **i32), top_p=torch.ones(B, **f32), min_p=torch.zeros(B, **f32),
+                   seed=torch.zeros(B, **i64),
                    offset=torch.zeros(B, **i64))
         if self.graph and N > 1:
             # Recorded on empty buffers: every slot -1 and every context empty, so the warm-up runs write

@@ -26,19 +26,21 @@ def gen(large_model):
     return BatchGenerator(large_model, dtype=torch.float64, max_batch_size=8, max_model_len=128)
 
 
-@pytest.mark.parametrize("temperature, top_k, top_p", [(0.0, 0, 1.0), (0.8, 0, 1.0), (1.0, 0, 0.9), (1.0, 5, 1.0),
-                                                       (1.3, 3, 0.7)])
-def test_answers_equal_the_engines_large_only_answers(engine, gen, temperature, top_k, top_p):
+@pytest.mark.parametrize("temperature, top_k, top_p, min_p", [(0.0, 0, 1.0, 0.0), (0.8, 0, 1.0, 0.0), (1.0, 0, 0.9, 0.0),
+                                                              (1.0, 5, 1.0, 0.0), (1.3, 3, 0.7, 0.0), (1.5, 0, 1.0, 0.1),
+                                                              (1.2, 8, 0.95, 0.3)])
+def test_answers_equal_the_engines_large_only_answers(engine, gen, temperature, top_k, top_p, min_p):
     """Same sampling op, same per-row seed and offsets: token for token the engine's answer, batch or not."""
     prompts = _prompts(97)
     seeds = [100 + 7 * i for i in range(len(prompts))]
-    params = [SamplingParams(max_tokens=20, temperature=temperature, top_k=top_k, top_p=top_p, seed=s) for s in seeds]
+    params = [SamplingParams(max_tokens=20, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=s)
+              for s in seeds]
     want = [o.token_ids for o in engine.generate(prompts, params, policy=LargeOnly())]
-    got = gen.generate(prompts, max_new_tokens=20, temperature=temperature, top_k=top_k, top_p=top_p, seeds=seeds)
+    kw = dict(max_new_tokens=20, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    got = gen.generate(prompts, seeds=seeds, **kw)
     assert got == want
     # one prompt alone, in a batch of another size: the same answer
-    assert gen.generate(prompts[4:5], max_new_tokens=20, temperature=temperature, top_k=top_k, top_p=top_p,
-                        seeds=seeds[4:5]) == want[4:5]
+    assert gen.generate(prompts[4:5], seeds=seeds[4:5], **kw) == want[4:5]
     assert gen.runner.num_free_blocks() == gen.runner.blocks.num_blocks  # every block back in the pool
 
 
@@ -77,6 +79,7 @@ def test_one_new_token_and_a_prompt_at_the_length_limit(large_model):
     (dict(temperature=-1.0), "temperature must be >= 0"),
     (dict(top_k=-2), "top_k must be an int >= 0"),
     (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+    (dict(min_p=1.5), r"min_p must be a number in \[0, 1\]"),
     (dict(seeds=[1, 2]), "seeds must hold one int"),
     (dict(stop_ids=[-3]), "stop_ids must be token ids >= 0"),
     (dict(check_every=0), "check_every must be a positive int"),
