@@ -26,9 +26,9 @@ def gen(large_model):
     return BatchGenerator(large_model, dtype=torch.float64, max_batch_size=8, max_model_len=128)
 
 
-@pytest.mark.parametrize("temperature, top_k, top_p, min_p", [(0.0, 0, 1.0, 0.0), (0.8, 0, 1.0, 0.0), (1.0, 0, 0.9, 0.0),
-                                                              (1.0, 5, 1.0, 0.0), (1.3, 3, 0.7, 0.0), (1.5, 0, 1.0, 0.1),
-                                                              (1.2, 8, 0.95, 0.3)])
+@pytest.mark.parametrize("temperature, top_k, top_p, min_p", [
+    (0.0, 0, 1.0, 0.0), (0.8, 0, 1.0, 0.0), (1.0, 0, 0.9, 0.0), (1.0, 5, 1.0, 0.0), (1.3, 3, 0.7, 0.0),
+    (1.5, 0, 1.0, 0.1), (1.2, 8, 0.95, 0.3)])
 def test_answers_equal_the_engines_large_only_answers(engine, gen, temperature, top_k, top_p, min_p):
     """Same sampling op, same per-row seed and offsets: token for token the engine's answer, batch or not."""
     prompts = _prompts(97)
