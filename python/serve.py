@@ -234,7 +234,8 @@ def build_engine(args) -> Engine:
     kw = dict(device=args.device, dtype=dtype, max_batch_size=args.max_batch_size, max_model_len=args.max_model_len,
               prefill_chunk=_count_or("--prefill-chunk", args.prefill_chunk, "auto"),
               prefix_cache=_count_or("--prefix-cache", args.prefix_cache, "auto"),
-              draft_max_batch=_count_or("--draft-max-batch", args.draft_max_batch, "auto", "none"))
+              draft_max_batch=_count_or("--draft-max-batch", args.draft_max_batch, "auto", "none"),
+              large_weights=None if args.large_weights == "as-loaded" else args.large_weights)
     if kw["draft_max_batch"] == 0:
         raise SystemExit("--draft-max-batch must be a positive number, none or auto, got 0")
     if args.kv_cache_blocks:
@@ -266,6 +267,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--draft-max-batch", default="auto", metavar="N",
                     help="draft only while at most N requests run together (Engine's draft_max_batch): N, none (no "
                          "limit: BiLD's text then does not depend on the load), or auto (the draft's recommendation)")
+    ap.add_argument("--large-weights", default="as-loaded", choices=["as-loaded", "int8"],
+                    help="the large model's weights: as loaded, or int8 per output channel (a float checkpoint on a "
+                         "CPU: a quarter of the bytes a step reads; Engine's large_weights)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
     ap.add_argument("--max-pending", type=int, default=256, help="requests in flight before 503")
     ap.add_argument("--request-timeout", type=float, default=600.0, help="default per-request timeout, seconds")

@@ -511,3 +511,24 @@ def test_chat_bad_input(capsys, monkeypatch, chat_dir, pair_dirs):
     code, out, err = _chat(capsys, monkeypatch, [long, "w1 w2"], "--large", chat_dir, "--max-tokens", 4,
                            "--max-model-len", 64, "--policy", "large-only")
     assert code == 0 and "[error:" in err and "max_model_len" in err and len(out.splitlines()) == 1
+
+
+def test_generate_large_weights_int8(capsys, pair_dirs, monkeypatch):
+    """--large-weights int8 runs the float checkpoint's large model as int8 (lossless policies exact against it)."""
+    from bild_kernels import Engine
+    large, small = pair_dirs
+    seen = {}
+    real_init = Engine.__init__
+
+    def spy(self, *a, **kw):
+        real_init(self, *a, **kw)
+        seen["format"] = self.runners["large"].executor.weight_format
+
+    monkeypatch.setattr(Engine, "__init__", spy)
+    texts = []
+    for policy in ("large-only", "greedy"):
+        code, out, err = _run(capsys, "generate", "w4 w8", "--large", large, "--small", small, "--max-tokens", 10,
+                              "--no-chat-template", "--policy", policy, "--large-weights", "int8")
+        assert code == 0, err
+        texts.append(out)
+    assert seen["format"] == "int8" and texts[0] == texts[1] and texts[0].split()

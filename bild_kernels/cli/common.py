@@ -20,6 +20,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     g.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: float32 on CPU, bf16 on CUDA)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
+    g.add_argument("--large-weights", default="as-loaded", choices=("as-loaded", "int8"),
+                   help="large model's weights: as loaded, or int8 per output channel (a float checkpoint on a CPU: "
+                        "a quarter of the bytes a step reads; the large model is then the int8 one)")
     g.add_argument("--small-weights", default="auto", choices=("auto", "int8", "as-loaded"),
                    help="small model's weights: int8 (CPU; bf16 activations), as-loaded, or auto (int8 on a CPU "
                         "when --dtype is not given)")
@@ -87,6 +90,7 @@ def _engine(args, *, max_batch_size: int = 1, max_model_len: int = 1024):
             raise UsageError(f"--draft-max-batch must be a positive int, none or auto, got {given!r}")
     return Engine(large=args.large, small=args.small, device=device, dtype=dtype, max_batch_size=max_batch_size,
                   max_model_len=max_model_len, small_weights=weights,
+                  large_weights={"as-loaded": None}.get(getattr(args, "large_weights", "as-loaded"), "int8"),
                   draft_max_batch=None if limit == "none" else limit,
                   draft_loop=None if getattr(args, "draft_loop", "auto") == "auto" else args.draft_loop,
                   prefix_cache=_tokens_or_auto("--prefix-cache", getattr(args, "prefix_cache", "auto")),

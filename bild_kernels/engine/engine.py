@@ -124,6 +124,11 @@ class Engine(Prefixing, TokenizerMethods, Iteration, AsyncAPI):
         dtype nor small_dtype is given and a kernel serves it (the weights stay as loaded if the model's
         widths do not suit torch's kernel), else as loaded. None: as loaded. Lossless policies give the same tokens
         either way; the draft's proposals may differ in rare near-ties.
+    large_weights : None (as loaded) or "int8": the large model's projections and head as int8 per output channel
+        (weight-only, as small_weights' int8), for a float checkpoint on a CPU, where a decode step is bound by
+        reading the weights: a quarter of float32's bytes. The large model is then that int8 model (every lossless
+        policy exact against it; its text within the quantisation's effect of the float one's). Refused for a large
+        model that already runs from a GGUF's quantised blocks, and where no int8 kernel serves the dtype.
     draft_max_batch : draft only while at most this many requests run together; a step over a larger batch
         is a plain large-model step for every row (no draft, nothing to verify: what the policy would emit
         with nothing drafted, so greedy lossless policies give the same tokens; BiLD's text then depends on what
@@ -158,7 +163,9 @@ class Engine(Prefixing, TokenizerMethods, Iteration, AsyncAPI):
                  draft_loop: str | None = None, small_dtype: torch.dtype | None = None,
                  small_weights: str | None = "auto", extend_passes: str | None = None,
                  draft_max_batch: int | str | None = "auto", prefix_cache: int | str | None = "auto",
-                 prefill_chunk: int | str | None = "auto"):
+                 prefill_chunk: int | str | None = "auto", large_weights: str | None = None):
+        if large_weights not in (None, "int8"):
+            raise ValueError(f"large_weights must be None (as loaded) or 'int8', got {large_weights!r}")
         if large is None:
             if small is not None:
                 raise ValueError("small given without large: name both models, or neither for the default pair")
@@ -210,6 +217,11 @@ class Engine(Prefixing, TokenizerMethods, Iteration, AsyncAPI):
         large_exec, large_tok = load_executor(large, "large", dtype, self.device)
         small_exec, small_tok = ((None, None) if small is None
                                  else load_executor(small, "small", small_dtype, self.device, base=large_exec))
+        if large_weights == "int8":  # (after the small model borrowed what it shares with the large one)
+            if large_exec.layer_blocks is not None or large_exec.head_blocks is not None:
+                raise ValueError(f"large_weights='int8' quantises a float checkpoint; this large model already runs "
+                                 f"from its GGUF's blocks ({large_exec.layer_blocks or large_exec.head_blocks})")
+            large_exec.quantize_weights("int8")
         if small_exec is not None and small_weights == "int8":
             try:
                 small_exec.quantize_weights("int8")

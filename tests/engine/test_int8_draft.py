@@ -142,3 +142,44 @@ def test_int8_weights_run_packed_for_int16_activations_where_vnni():
     odd, _ = load_model(tiny_llama(4, 2, hidden=64, vocab=97, dtype=torch.float32), dtype=torch.float32)
     odd.quantize_weights("int8")
     assert odd.layer_blocks is None and odd.head_blocks is None  # 97 head rows do not pack: none of it does
+
+
+def test_engine_int8_large_model(large_model, small_model):
+    """large_weights="int8": the large model runs as its int8 weights (the same tokens as an executor of those
+    weights dequantized would give: Greedy exact against the engine's own LargeOnly, which is within the
+    quantisation of the float model's greedy text), every block back in the pool."""
+    eng = Engine(large=large_model, small=small_model, dtype=torch.float32, large_weights="int8", max_batch_size=2,
+                 max_model_len=64, block_size=4)
+    large = eng.runners["large"].executor
+    assert large.weight_format == "int8" and large.dtype == torch.float32
+    prompts = [[5, 17, 3], [8, 9]]
+    params = SamplingParams(max_tokens=12)
+    alone = eng.generate(prompts, params, policy=LargeOnly())
+    outs = eng.generate(prompts, params, policy=Greedy(max_draft_len=3))
+    assert [o.token_ids for o in outs] == [o.token_ids for o in alone]
+    assert sum(o.metrics.accepted_tokens for o in outs) > 0
+    # its logits are those of the HF model with every projection and the head replaced by their int8 values (per
+    # output channel, so quantising q, k, v apart is quantising the fused qkv), within the activations' rounding
+    import copy
+    deq = copy.deepcopy(large_model).float()
+    with torch.no_grad():
+        for mod in [*deq.model.layers.modules(), deq.lm_head]:
+            if isinstance(mod, torch.nn.Linear):
+                mod.weight.copy_(Int8Weight.of(mod.weight).dequantize())
+        ids = [5, 17, 3, 44, 2]
+        want = deq(torch.tensor([ids])).logits[0]
+        plain = large_model(torch.tensor([ids])).logits[0].float()
+    got = _logits(large, ids)
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
+    assert (got - plain).abs().max() > 10 * (got - want).abs().max()  # nearer the int8 model than the float one
+    float_greedy = [hf_greedy(large_model, p, 12) for p in prompts]
+    agree = sum(a == b for o, f in zip(alone, float_greedy) for a, b in zip(o.token_ids, f))
+    assert agree >= 12  # mostly the float model's text (a random tiny model's near-ties may flip)
+    assert_all_free(eng)
+
+
+def test_large_weights_refusals(large_model, small_model):
+    with pytest.raises(ValueError, match="large_weights must be"):
+        Engine(large="/nonexistent/large", large_weights="int4")  # checked before any load
+    with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
+        Engine(large=large_model, dtype=torch.float64, large_weights="int8", max_batch_size=1, max_model_len=32)

@@ -56,3 +56,10 @@ def test_hf_assisted_generation_gets_the_standalone_draft_of_the_default_pair():
     assert small is not None and small.config.num_hidden_layers == read_manifest(
         default.default_standalone_draft())["num_layers"]
     assert large.config.num_hidden_layers == 30
+
+
+def test_large_weights_int8_is_refused_for_the_gguf_blocks():
+    """The default large model runs from its GGUF's Q4_1 / Q8_0 blocks: large_weights="int8" (for float checkpoints)
+    says so instead of requantising them."""
+    with pytest.raises(ValueError, match="already runs from its GGUF's blocks"):
+        Engine(large=str(default.default_large()), large_weights="int8", max_batch_size=1, max_model_len=64)
