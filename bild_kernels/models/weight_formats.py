@@ -137,11 +137,13 @@ class WeightFormats:
     def rows_independent(self) -> bool:
         """Whether each token's keys, values and logits come out the same bits whatever else its pass holds (for
         passes of up to fused_max_tokens): the fused CPU layers and the head on GGUF blocks packed for integer
-        activations, which round and multiply each row on its own (tests/engine/test_int16_activations.py). Where
-        it holds, a prompt prefix copied from the prefix cache changes nothing but the time."""
+        activations, or on int8 weights packed alike (`quantize_weights`), which round and multiply each row on its
+        own (tests/engine/test_int16_activations.py). Where it holds, a prompt prefix copied from the prefix cache
+        changes nothing but the time."""
         attn = self.attn_backend or default_attention_backend(self.device, self.dtype)
-        return (self.device.type == "cpu" and self._fused is not None and attn == "cpu"
-                and self.layer_blocks in ("q4_1x16", "q4_1x16i8") and self.head_blocks in ("q8_0x16", "q8_0x16i8"))
+        gguf = self.layer_blocks in ("q4_1x16", "q4_1x16i8") and self.head_blocks in ("q8_0x16", "q8_0x16i8")
+        int8 = self.layer_blocks == "int8x16" and self.head_blocks == "int8x16"
+        return self.device.type == "cpu" and self._fused is not None and attn == "cpu" and (gguf or int8)
 
     @property
     def fused_max_tokens(self) -> int:

@@ -319,3 +319,27 @@ def test_the_default_pair_keeps_prompt_prefixes_by_default(monkeypatch):
     monkeypatch.setenv("BILD_GGUF_ACTIVATIONS", "float32")  # float kernels: a hit could round otherwise
     eng = Engine()
     assert eng.prefix_cache is None and eng.prefill_chunk is None
+
+
+@needs_x16
+def test_an_int8_large_model_is_row_independent_and_gets_the_prefix_cache():
+    """large_weights="int8" packs the projections and head for int16 activations as well: each row rounds and
+    multiplies on its own, so the prefix cache and chunked prefill are on by default and change no bit."""
+    from bild_kernels import Engine, Greedy, LargeOnly, SamplingParams
+    from tests.engine.conftest import shallow_copy
+    large = tiny_llama(6, 3, hidden=64, vocab=112, dtype=torch.float32)
+    small = shallow_copy(large, layers=2, noise=0.3).float()
+    kw = dict(dtype=torch.float32, max_batch_size=2, max_model_len=64, block_size=4, large_weights="int8")
+    auto = Engine(large=large, small=small, **kw)
+    ex = auto.runners["large"].executor
+    assert ex.layer_blocks == ex.head_blocks == "int8x16" and ex.rows_independent
+    assert auto.prefix_cache is not None and auto.prefill_chunk
+    plain = Engine(large=large, small=small, prefix_cache=0, prefill_chunk=0, **kw)
+    system = [5, 17, 3, 44, 2, 90, 61, 7, 7, 12, 30, 1, 0, 15, 101, 64, 33] * 2
+    prompts = [system + [33, 34, 35], system + [8, 9], system[:6] + [50, 51]]
+    params = SamplingParams(max_tokens=12, logprobs=2)
+    for policy in (LargeOnly(), Greedy(max_draft_len=3)):
+        for p in prompts:
+            a, b = plain.generate([p], params, policy=policy)[0], auto.generate([p], params, policy=policy)[0]
+            assert a.token_ids == b.token_ids and a.logprobs == b.logprobs
+    assert auto.prefix_cache.hits > 0
