@@ -125,7 +125,8 @@ class Engine(Prefixing, TokenizerMethods, Iteration, AsyncAPI):
         widths do not suit torch's kernel), else as loaded. None: as loaded. Lossless policies give the same tokens
         either way; the draft's proposals may differ in rare near-ties.
     large_weights : None (as loaded) or "int8": the large model's projections and head as int8 per output channel
-        (weight-only, as small_weights' int8), for a float checkpoint on a CPU, where a decode step is bound by
+        (weight-only, as small_weights' int8), for a float checkpoint on a CPU (or a GGUF whose types have no CPU
+        kernel here, Q4_K for one: those load as float weights), where a decode step is bound by
         reading the weights: a quarter of float32's bytes. The large model is then that int8 model (every lossless
         policy exact against it; its text within the quantisation's effect of the float one's). Refused for a large
         model that already runs from a GGUF's quantised blocks, and where no int8 kernel serves the dtype.
