@@ -468,7 +468,7 @@ class Engine(Prefixing, TokenizerMethods, Iteration, AsyncAPI):
                 seq.finish_reason = "length"
         del new[len(seq.tokens) - first_new:]
         stop_strs = [s for s in seq.params.stop if isinstance(s, str)]
-        if stop_strs and self.tokenizer is not None and seq.finish_reason is None:
+        if stop_strs and self.tokenizer is not None:  # (also where a length limit, EOS or a stop id ended it after)
             if Detokenizer.truncate_at_stop(self.tokenizer, seq, stop_strs, first_new):
                 del new[max(len(seq.tokens) - first_new, 0):]
                 seq.finish_reason = "stop"

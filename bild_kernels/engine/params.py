@@ -15,7 +15,9 @@ class SamplingParams:
     the tokens whose probability, after temperature, is at least min_p times the most likely one's (the min-p of
     vLLM, Hugging Face and llama.cpp); a token must pass each filter. `seed` makes sampling
     reproducible whatever else is in the batch. `stop` holds strings and/or token ids that end the
-    request (the stop text itself is not returned); the tokenizer's EOS ends it unless `ignore_eos`.
+    request: a stop id is the last output token; a stop string ends the text where it begins (the output's token ids
+    end with the token that completed it, as vLLM's do, and a stream holds back a tail that could be its start); the
+    tokenizer's EOS ends it unless `ignore_eos`.
     `timeout_s` bounds the request's whole life from submission (waiting included): past it the request
     ends with finish_reason "timeout", keeps the tokens committed so far, and its KV blocks are freed.
     `logprobs` (None: none) returns, for each output token, its log-probability under the model that decided it

@@ -296,7 +296,8 @@ class Scheduler:
         else:
             with self.tok_lock:
                 text = self.detok.text(seq)
+                tail = self.detok.delta(seq)  # what the stream held back (a stop string's possible start), now final
             out = RequestOutput(seq.request_id, seq.tokens[:seq.prompt_len], seq.output_ids, text, reason,
                                 seq.metrics, error, *seq.logprobs_of(0), seq.prompt_logprobs, seq.prompt_top_logprobs)
-            r.chunks.append(StreamChunk(seq.request_id, [], "", True, reason, out, *seq.logprobs_of(0, 0)))
+            r.chunks.append(StreamChunk(seq.request_id, [], tail, True, reason, out, *seq.logprobs_of(0, 0)))
         r.done = True

@@ -169,6 +169,7 @@ class Sequence:
         self.finish_reason: str | None = None
         self.metrics = RequestMetrics(prompt_tokens=len(prompt_ids), start_time=time.perf_counter())
         self.text_len = 0  # characters of output text already streamed
+        self.text_cut: int | None = None  # a stop string's start in the output text, where the text ends
         # SamplingParams.logprobs: per output token, its log-probability and the top alternatives at its position
         self.logprobs: list[float] | None = None if params.logprobs is None else []
         self.top_logprobs: list[list[tuple[int, float]]] | None = None if params.logprobs is None else []

@@ -70,6 +70,18 @@ def resolve_prompts(prompts, tokenizer, vocab_size: int, chat_template: bool):
                          f"got {type(p).__name__}")
 
 
+def _stop_prefix_len(text: str, stops) -> int:
+    """The longest tail of `text` that is a proper start of one of the stop strings among `stops` (0: none)."""
+    best = 0
+    for s in stops:
+        if isinstance(s, str):
+            for k in range(min(len(s) - 1, len(text)), best, -1):
+                if text.endswith(s[:k]):
+                    best = k
+                    break
+    return best
+
+
 class Detokenizer:
     """Turns each request's committed tokens into text, streaming only what is new and stable."""
 
@@ -77,24 +89,31 @@ class Detokenizer:
         self.tokenizer = tokenizer
 
     def text(self, seq: Sequence) -> str | None:
+        """The output's text: its tokens decoded, ending where a stop string begins (`truncate_at_stop`)."""
         if self.tokenizer is None:
             return None
-        return self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+        full = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+        return full if seq.text_cut is None else full[:seq.text_cut]
 
     def delta(self, seq: Sequence) -> str:
+        """The text committed since the last call that can no longer change: while the request runs, a trailing
+        replacement char (the next token may complete a multi-byte character) and a tail that could be the start of
+        one of its stop strings (it is not returned if the stop string completes) are held back."""
         if self.tokenizer is None:
             return ""
         full = self.text(seq)
-        # Hold back a trailing replacement char: the next token may complete a multi-byte character.
         stable = full[:-1] if full.endswith("\ufffd") else full
+        if seq.finish_reason is None:
+            stable = stable[:len(stable) - _stop_prefix_len(stable, seq.params.stop)]
         new = stable[seq.text_len:] if len(stable) > seq.text_len else ""
         seq.text_len = max(seq.text_len, len(stable))
         return new
 
     @staticmethod
     def truncate_at_stop(tokenizer, seq: Sequence, stops: list[str], first_new: int) -> bool:
-        """If a stop string appears in the output, cut the tokens that complete it; True if cut. With `min_tokens`,
-        only an occurrence that ends past the text of the output's first min_tokens tokens (which stay)."""
+        """If a stop string appears in the output, end the request at the token that completes it (kept, as vLLM
+        keeps it) and its text where the earliest such stop string begins (`text_cut`); True if so. With
+        `min_tokens`, only an occurrence that ends past the text of the output's first min_tokens tokens counts."""
         out = seq.output_ids
         floor = seq.params.min_tokens
         base = max(first_new - seq.prompt_len, floor, 0)
@@ -103,8 +122,10 @@ class Detokenizer:
         skip = len(tokenizer.decode(out[:floor], skip_special_tokens=True)) if floor > 0 else 0
         for n in range(base + 1, len(out) + 1):
             text = tokenizer.decode(out[:n], skip_special_tokens=True)
-            if any(text.find(s, max(skip - len(s) + 1, 0)) >= 0 for s in stops):
-                del seq.tokens[seq.prompt_len + n - 1:]
+            found = [i for i in (text.find(s, max(skip - len(s) + 1, 0)) for s in stops) if i >= 0]
+            if found:
+                del seq.tokens[seq.prompt_len + n:]
+                seq.text_cut = min(found)
                 return True
         return False
 

@@ -1,0 +1,81 @@
+"""Stop strings end the text where they begin, at the character (vLLM's and OpenAI's rule: the stop string is not
+returned), while the token ids end with the token that completed it; a stream holds back a tail that could be a
+stop string's start, so its chunks add up to the final text; a stop string wins over a length limit reached in the
+same step."""
+import pytest
+import torch
+
+from bild_kernels import Engine, Greedy, LargeOnly, SamplingParams
+
+from .conftest import assert_all_free, word_tokenizer
+
+N = 16
+PROMPT = [3, 1, 4, 1, 5]
+
+
+@pytest.fixture(scope="module")
+def engine(large_model, small_model):
+    words = [f"w{i}" for i in range(large_model.config.vocab_size - 1)]
+    return Engine(large=large_model, small=small_model, tokenizer=word_tokenizer(words), dtype=torch.float64,
+                  max_batch_size=2, max_model_len=64, block_size=4)
+
+
+@pytest.fixture(scope="module")
+def plain(engine):
+    return engine.generate([PROMPT], SamplingParams(max_tokens=N), policy=LargeOnly())[0]
+
+
+def _cases(plain):
+    """Stop strings cut out of the plain text: inside one token, across two (the end of one word, the space and the
+    start of the next), and a whole word; with the token that completes each."""
+    text = plain.text
+    words = text.split(" ")
+    out = []
+    for k in (3, 6, 9):
+        w, nxt = words[k], words[k + 1]
+        for stop in (w[1:], w[-1] + " " + nxt[:2], w):
+            out.append((stop, text.find(stop)))  # the earliest occurrence ends the text
+    return out
+
+
+@pytest.mark.parametrize("policy", [LargeOnly(), Greedy(max_draft_len=3)])
+def test_the_text_ends_where_the_stop_string_begins(engine, plain, policy):
+    ids = plain.token_ids
+    for stop, first in _cases(plain):
+        out = engine.generate([PROMPT], SamplingParams(max_tokens=N, stop=(stop,)), policy=policy)[0]
+        assert out.finish_reason == "stop" and out.text == plain.text[:first], stop
+        # the ids: the plain ones up to the first whose text completes the stop string
+        n = next(n for n in range(1, len(ids) + 1) if stop in engine.tokenizer.decode(ids[:n]))
+        assert out.token_ids == ids[:n], stop
+    assert_all_free(engine)
+
+
+def test_a_stream_adds_up_to_the_final_text(engine, plain):
+    for stop, first in _cases(plain):
+        chunks = list(engine.stream(PROMPT, SamplingParams(max_tokens=N, stop=(stop,)), policy=Greedy(max_draft_len=2)))
+        assert "".join(c.text for c in chunks) == chunks[-1].output.text == plain.text[:first], stop
+    # a held-back tail that turns out not to be a stop string is sent (here a stop string that never completes)
+    never = plain.text.split(" ")[4] + " w999"
+    chunks = list(engine.stream(PROMPT, SamplingParams(max_tokens=N, stop=(never,)), policy=LargeOnly()))
+    assert "".join(c.text for c in chunks) == chunks[-1].output.text == plain.text
+    assert chunks[-1].finish_reason == "length"
+
+
+def test_a_stop_string_completed_by_the_last_allowed_token_still_stops(engine, plain):
+    last = plain.text.split(" ")[N - 1]
+    out = engine.generate([PROMPT], SamplingParams(max_tokens=N, stop=(last,)), policy=LargeOnly())[0]
+    first = plain.text.find(last)
+    assert out.finish_reason == "stop" and out.text == plain.text[:first]
+
+
+def test_a_cancelled_stream_sends_what_it_held_back(engine, plain):
+    """A request that ends early (here: cancelled) sends the tail it held back with its last chunk."""
+    stop = plain.text.split(" ")[0] + " zzz"  # the first word is this stop string's start: held back
+    stream = engine.stream(PROMPT, SamplingParams(max_tokens=N, stop=(stop,)), policy=LargeOnly())
+    first = next(stream)
+    assert first.token_ids and first.text == ""
+    assert engine.cancel(first.request_id)
+    rest = list(stream)
+    assert rest[-1].finish_reason == "cancelled"
+    assert "".join(c.text for c in [first, *rest]) == rest[-1].output.text == plain.text.split(" ")[0]
+    assert_all_free(engine)
