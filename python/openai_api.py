@@ -17,7 +17,7 @@ POLICIES = {"bild": BiLD, "greedy": Greedy, "speculative-sampling": SpeculativeS
 MAX_BODY = 1 << 20  # bytes
 FIELDS = {"prompt", "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stream", "timeout",
           "policy", "model", "n", "user", "ignore_eos", "logprobs", "presence_penalty", "frequency_penalty",
-          "repetition_penalty", "min_tokens", "logit_bias"}
+          "repetition_penalty", "min_tokens", "logit_bias", "include_stop_str_in_output", "skip_special_tokens"}
 # Fields clients send at their neutral values: accepted there (they change nothing), refused otherwise
 NEUTRAL = {"best_of": (1,)}
 CHAT_NEUTRAL = {k: v for k, v in NEUTRAL.items() if k != "best_of"}
@@ -140,6 +140,8 @@ class Service:
             params = SamplingParams(max_tokens=body.get("max_tokens", 16), temperature=body.get("temperature", 0.0),
                                     top_p=body.get("top_p", 1.0), top_k=body.get("top_k", 0),
                                     min_p=body.get("min_p", 0.0),
+                                    include_stop_str_in_output=body.get("include_stop_str_in_output", False),
+                                    skip_special_tokens=body.get("skip_special_tokens", True),
                                     seed=_seed(body), stop=tuple(stop),
                                     ignore_eos=bool(body.get("ignore_eos", False)), timeout_s=timeout,
                                     presence_penalty=_number(body, "presence_penalty", 0.0),

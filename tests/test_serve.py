@@ -90,6 +90,8 @@ BODIES = [{"prompt": "w1 w2 w3", "max_tokens": 12},
           {"prompt": [8], "max_tokens": 7, "policy": {"name": "bild", "fallback_threshold": 0.4,
                                                       "rollback_threshold": 2.0}},
           {"prompt": "w7 w7 w7", "max_tokens": 8, "policy": {"name": "jacobi", "block_size": 3}, "stop": ["w50"]},
+          {"prompt": "w7 w8", "max_tokens": 12, "stop": ["5", "w2"], "include_stop_str_in_output": True,
+           "skip_special_tokens": False},
           {"prompt": "w3 w4 w5 w3 w4", "max_tokens": 10, "policy": {"name": "ngram", "max_draft_len": 3}},
           {"prompt": "w3 w4 w5 w3 w4", "max_tokens": 10, "temperature": 0.8, "seed": 2,
            "policy": {"name": "greedy", "max_draft_len": 2, "lookup": {"max_draft_len": 4, "min_ngram": 2}}}]

@@ -17,7 +17,9 @@ class SamplingParams:
     reproducible whatever else is in the batch. `stop` holds strings and/or token ids that end the
     request: a stop id is the last output token; a stop string ends the text where it begins (the output's token ids
     end with the token that completed it, as vLLM's do, and a stream holds back a tail that could be its start); the
-    tokenizer's EOS ends it unless `ignore_eos`.
+    tokenizer's EOS ends it unless `ignore_eos`. `include_stop_str_in_output` (vLLM's) ends the text after the stop
+    string instead; `skip_special_tokens` (True, vLLM's default) leaves special tokens (EOS, chat markers) out of the
+    text.
     `timeout_s` bounds the request's whole life from submission (waiting included): past it the request
     ends with finish_reason "timeout", keeps the tokens committed so far, and its KV blocks are freed.
     `logprobs` (None: none) returns, for each output token, its log-probability under the model that decided it
@@ -54,6 +56,8 @@ class SamplingParams:
     min_tokens: int = 0
     logit_bias: tuple = ()
     min_p: float = 0.0
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
 
     def __post_init__(self):
         bias = self.logit_bias
@@ -89,6 +93,9 @@ class SamplingParams:
             raise ValueError(f"top_k must be an int >= 0 (0 disables), got {self.top_k!r}")
         if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        for name in ("include_stop_str_in_output", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if isinstance(self.min_p, bool) or not isinstance(self.min_p, (int, float)) or not 0 <= self.min_p <= 1:
             raise ValueError(f"min_p must be a number in [0, 1] (0 disables), got {self.min_p!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:

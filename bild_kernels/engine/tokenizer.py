@@ -92,7 +92,7 @@ class Detokenizer:
         """The output's text: its tokens decoded, ending where a stop string begins (`truncate_at_stop`)."""
         if self.tokenizer is None:
             return None
-        full = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+        full = self.tokenizer.decode(seq.output_ids, skip_special_tokens=seq.params.skip_special_tokens)
         return full if seq.text_cut is None else full[:seq.text_cut]
 
     def delta(self, seq: Sequence) -> str:
@@ -112,20 +112,22 @@ class Detokenizer:
     @staticmethod
     def truncate_at_stop(tokenizer, seq: Sequence, stops: list[str], first_new: int) -> bool:
         """If a stop string appears in the output, end the request at the token that completes it (kept, as vLLM
-        keeps it) and its text where the earliest such stop string begins (`text_cut`); True if so. With
-        `min_tokens`, only an occurrence that ends past the text of the output's first min_tokens tokens counts."""
-        out = seq.output_ids
+        keeps it) and its text where the earliest such stop string begins, or ends with include_stop_str_in_output
+        (`text_cut`); True if so. With `min_tokens`, only an occurrence that ends past the text of the output's first
+        min_tokens tokens counts."""
+        out, special = seq.output_ids, seq.params.skip_special_tokens
         floor = seq.params.min_tokens
         base = max(first_new - seq.prompt_len, floor, 0)
         if base >= len(out):
             return False
-        skip = len(tokenizer.decode(out[:floor], skip_special_tokens=True)) if floor > 0 else 0
+        skip = len(tokenizer.decode(out[:floor], skip_special_tokens=special)) if floor > 0 else 0
         for n in range(base + 1, len(out) + 1):
-            text = tokenizer.decode(out[:n], skip_special_tokens=True)
-            found = [i for i in (text.find(s, max(skip - len(s) + 1, 0)) for s in stops) if i >= 0]
+            text = tokenizer.decode(out[:n], skip_special_tokens=special)
+            found = [(i, s) for i, s in ((text.find(s, max(skip - len(s) + 1, 0)), s) for s in stops) if i >= 0]
             if found:
                 del seq.tokens[seq.prompt_len + n:]
-                seq.text_cut = min(found)
+                at, stop = min(found, key=lambda f: (f[0], -len(f[1])))
+                seq.text_cut = at + len(stop) if seq.params.include_stop_str_in_output else at
                 return True
         return False
 

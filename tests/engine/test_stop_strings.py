@@ -79,3 +79,25 @@ def test_a_cancelled_stream_sends_what_it_held_back(engine, plain):
     assert rest[-1].finish_reason == "cancelled"
     assert "".join(c.text for c in [first, *rest]) == rest[-1].output.text == plain.text.split(" ")[0]
     assert_all_free(engine)
+
+
+def test_include_stop_str_in_output_and_skip_special_tokens(engine, plain):
+    for stop, first in _cases(plain):
+        out = engine.generate([PROMPT], SamplingParams(max_tokens=N, stop=(stop,), include_stop_str_in_output=True),
+                              policy=LargeOnly())[0]
+        assert out.finish_reason == "stop" and out.text == plain.text[:first + len(stop)], stop
+        chunks = list(engine.stream(PROMPT, SamplingParams(max_tokens=N, stop=(stop,), include_stop_str_in_output=True),
+                                    policy=LargeOnly()))
+        assert "".join(c.text for c in chunks) == out.text
+    # a special token (here the word tokenizer's <unk>, the last id) shows in the text only when asked
+    unk = engine.vocab_size - 1
+    ids = [PROMPT + [unk]]
+    bias = {unk: 100.0}  # the first output token is <unk>
+    skipped = engine.generate(ids, SamplingParams(max_tokens=3, logit_bias=bias), policy=LargeOnly())[0]
+    shown = engine.generate(ids, SamplingParams(max_tokens=3, logit_bias=bias, skip_special_tokens=False),
+                            policy=LargeOnly())[0]
+    assert skipped.token_ids == shown.token_ids and skipped.token_ids[0] == unk
+    assert "<unk>" in shown.text and "<unk>" not in skipped.text
+    for name in ("include_stop_str_in_output", "skip_special_tokens"):
+        with pytest.raises(ValueError, match=name):
+            SamplingParams(**{name: 1})
