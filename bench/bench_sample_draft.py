@@ -1,8 +1,8 @@
 """Benchmark sample_draft: one token per row of bf16 small-model logits, every usable backend.
 
 GPU shapes: B in {1, 8, 64, 256}, V in {32000, 128256}; rows greedy, sampling (T = 0.8), sampling with
-top-k 50 / top-p 0.9, or sampling with min-p 0.05. Bandwidth counts one read of the logits (the floor any implementation pays); the
-speed-up is against the PyTorch reference ("ref"); "compile" is torch.compile of that reference;
+top-k 50 / top-p 0.9, or sampling with min-p 0.05. Bandwidth counts one read of the logits (the floor any
+implementation pays); the speed-up is against the PyTorch reference ("ref"); "compile" is torch.compile of that reference;
 "cuda+graph" and "triton+graph" time the kernels replayed from a CUDA graph (no Python or launch cost).
 "flashinfer" (on a GPU, where `import flashinfer` works: `bash scripts/flashinfer_build.sh` makes a benchmark-only
 install in .flashinfer/, to put on PYTHONPATH) times FlashInfer's own sampling from logits as its users call it:

@@ -184,8 +184,8 @@ def _aot_spec(mode: int, dtype: str = "bf16") -> tuple:
            "temperature_ptr": "*fp32", "top_k_ptr": "*i32", "top_p_ptr": "*fp32", "min_p_ptr": "*fp32",
            "seed_ptr": "*i64", "offset_ptr": "*i64", "num_accepted_ptr": "*i32", "output_ids_ptr": "*i64",
            "distances_ptr": "*fp32", "target_probs_ptr": "*fp32", "scratch_i_ptr": "*i32", "scratch_f_ptr": "*fp32",
-           "arrivals_ptr": "*i32", "hist_ptr": "*i64", "K": "i32", "V": "i32", "MODE": "constexpr", "BLOCK_K": "constexpr",
-           "BLOCK_V": "constexpr"}
+           "arrivals_ptr": "*i32", "hist_ptr": "*i64", "K": "i32", "V": "i32", "MODE": "constexpr",
+           "BLOCK_K": "constexpr", "BLOCK_V": "constexpr"}
     assert list(sig) == _verify_draft_kernel.arg_names, (list(sig), _verify_draft_kernel.arg_names)
     return _verify_draft_kernel, sig, {"MODE": mode, "BLOCK_K": 16, "BLOCK_V": 2048}
 
