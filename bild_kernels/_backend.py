@@ -99,6 +99,11 @@ def cpu_extension():
     return _cpu if torch.ops.bild_kernels_cpu.cpu_linear_supported() else None
 
 
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles (torch's probe: Intel Xeon 4th generation on)."""
+    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
 @functools.lru_cache(None)
 def triton_available() -> bool:
     try:

@@ -884,12 +884,6 @@ struct CutSmem {
   CutSums first_excl, first_incl;  // the sums of the buckets above it and down to it
 };
 
-// Whether a row's top-k / top-p / min-p settings may filter anything out of V tokens (min-p: a row whose s_max
-// turns out not finite then keeps everything, which its search finds at once).
-__device__ inline bool filter_on(int top_k, float top_p, float min_p, int V) {
-  return (top_k > 0 && top_k < V) || top_p < 1.0f || min_p > 0.0f;
-}
-
 // Row b's min_p from the ops' optional [B] vector (null: none given, 0 for every row).
 __device__ inline float row_min_p(const float* min_p, int b) { return min_p != nullptr ? min_p[b] : 0.0f; }
 

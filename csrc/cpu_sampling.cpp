@@ -143,11 +143,6 @@ void check_sampling_rows(const char* op, int64_t B, const at::Tensor& temperatur
   check_rows(op, "offset", offset, B, at::kLong);
 }
 
-// Whether a row's top-k / top-p / min-p may remove any of V tokens (common.cuh's filter_on).
-inline bool filters(int32_t top_k, float top_p, float min_p, int64_t V) {
-  return (top_k > 0 && top_k < V) || top_p < 1.0f || min_p > 0.0f;
-}
-
 // reference._filter_top_k_top_p on one row s [V] (scaled logits, finite max): filt[v] = s[v] where v passes
 // both filters, else -inf. top-k keeps s[v] >= the k-th largest s (exact: the same comparisons). top-p keeps
 // q[v] >= thr, q = softmax(s) in float32, thr the n-th largest q where n = max(1, #{i : excl_i < top_p}) over
@@ -215,7 +210,7 @@ bool target_q(const float* z, int64_t V, float t, int32_t top_k, float top_p, fl
     }
   }
   if (!std::isfinite(m)) return false;
-  if (filters(top_k, top_p, min_p, V)) {  // the filters keep the max, so m stays the filtered row's max
+  if (filter_on(top_k, top_p, min_p, V)) {  // the filters keep the max, so m stays the filtered row's max
     filter_row(q.data(), V, top_k, top_p, min_p, m, filt, work);
     q.swap(filt);
   }
@@ -306,7 +301,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   for (int64_t b = 0; b < B; ++b) {
     const float* zr = z + b * V;
     const float m_b = mn != nullptr ? mn[b] : 0.0f;
-    const bool filtered = filters(k[b], p[b], m_b, V);
+    const bool filtered = filter_on(k[b], p[b], m_b, V);
     RowStats zs, fs;  // fs: the filtered row's (exp8 counts its -inf entries as ~e^-87 each: nothing a sum can tell)
     if (!row_stats(zr, V, &zs)) return unhandled();
     mp[b] = std::exp(zs.max - zs.lse);  // at temperature 1, unfiltered

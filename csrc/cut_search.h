@@ -46,6 +46,12 @@ BILD_HD inline int order_key(float s) {
   return bits ^ ((bits >> 31) & 0x7FFFFFFF);
 }
 
+// Whether a row's top-k / top-p / min-p settings may filter anything out of V tokens (a row whose s_max turns out
+// not to be finite then keeps everything, which its search finds at once): the kernels' and the CPU extension's test.
+BILD_HD inline bool filter_on(int top_k, float top_p, float min_p, long long V) {
+  return (top_k > 0 && top_k < V) || top_p < 1.0f || min_p > 0.0f;
+}
+
 constexpr int kCutBuckets = 1024;
 constexpr float kCutStep = 0.03125f;            // the value pass's bucket: 1/32 nat (exact multiples below)
 constexpr double kCutMassUnit = 1099511627776.0;  // 2^40: masses exp(s - s_max) <= 1 as multiples of 2^-40; the

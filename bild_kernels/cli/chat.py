@@ -3,6 +3,7 @@ is a user turn, the reply streams through the model's chat template with the tur
 metrics follows on stderr. Commands: /reset (forget the turns, keep --system), /exit (or end of input)."""
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 
@@ -60,7 +61,7 @@ def cmd_chat(args) -> int:
             print(f"[the {dropped} oldest turns no longer fit max_model_len={engine.max_model_len}: left out]",
                   file=sys.stderr)
         # each turn its own seed (seed + turn), so a session with --seed repeats
-        turn_params = params if params.temperature <= 0 else _with_seed(params, (seed + n) % 2 ** 63)
+        turn_params = params if params.temperature <= 0 else dataclasses.replace(params, seed=(seed + n) % 2 ** 63)
         n += 1
         out = error = None
         for chunk in engine.stream(system + turns, turn_params, policy=policy, chat_template=True):
@@ -80,11 +81,6 @@ def cmd_chat(args) -> int:
         line = run_line(policy, out.metrics)
         print(line + (f" | seed {turn_params.seed}" if params.temperature > 0 else ""), file=sys.stderr)
     return 0
-
-
-def _with_seed(params, seed: int):
-    import dataclasses
-    return dataclasses.replace(params, seed=seed)
 
 
 def add_parser(sub) -> None:

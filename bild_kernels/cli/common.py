@@ -90,7 +90,7 @@ def _engine(args, *, max_batch_size: int = 1, max_model_len: int = 1024):
             raise UsageError(f"--draft-max-batch must be a positive int, none or auto, got {given!r}")
     return Engine(large=args.large, small=args.small, device=device, dtype=dtype, max_batch_size=max_batch_size,
                   max_model_len=max_model_len, small_weights=weights,
-                  large_weights={"as-loaded": None}.get(getattr(args, "large_weights", "as-loaded"), "int8"),
+                  large_weights=None if getattr(args, "large_weights", "as-loaded") == "as-loaded" else "int8",
                   draft_max_batch=None if limit == "none" else limit,
                   draft_loop=None if getattr(args, "draft_loop", "auto") == "auto" else args.draft_loop,
                   prefix_cache=_tokens_or_auto("--prefix-cache", getattr(args, "prefix_cache", "auto")),

@@ -18,6 +18,7 @@ from collections import Counter
 import torch
 import torch.nn.functional as F
 
+from bild_kernels._backend import cpu_has_amx
 from bild_kernels.distill.corpus import model_device
 
 
@@ -26,9 +27,7 @@ def fast_bf16(device: str = "cpu") -> bool:
     AVX512-BF16 (measured on a Sapphire Rapids core: 680 vs 181 GFLOP/s at 1024 x 576 x 1536)."""
     if str(device).startswith("cuda"):
         return True
-    cpu = torch.cpu
-    return bool(getattr(cpu, "_is_amx_tile_supported", lambda: False)()
-                or getattr(cpu, "_is_avx512_bf16_supported", lambda: False)())
+    return cpu_has_amx() or bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
 
 
 def build_draft(teacher, init_layers: list[int]):

@@ -84,7 +84,7 @@ class AsyncAPI:
                         ) -> list[RequestOutput]:
         """`generate` for an event loop: the same arguments and outputs; other coroutines run while the engine
         steps. Cancelling the awaiting task cancels every request of the call and frees their KV blocks."""
-        prompts, _ = self._prompt_list(prompts)
+        prompts = self._prompt_list(prompts)
         reqs = self._scheduler.submit(prompts, params, policy, chat_template)
         outputs = {}
         async with contextlib.aclosing(_chunks(self._scheduler, reqs)) as chunks:

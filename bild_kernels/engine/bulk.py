@@ -148,7 +148,7 @@ class BatchGenerator:
         return [until_stop(row, stop_set) for row in out]
 
     def _check(self, prompts, max_new_tokens, temperature, top_k, top_p, seeds, stop_ids, check_every,
-               min_p=0.0) -> None:
+               min_p) -> None:
         if not isinstance(prompts, (list, tuple)) or not prompts:
             raise ValueError("prompts must be a non-empty list of token-id lists")
         if len(prompts) > self.max_batch_size:
@@ -221,8 +221,7 @@ class BatchGenerator:
                    context_lens=torch.zeros(B, **i32), step=torch.zeros(1, **i64), out=torch.zeros(B, N, **i64),
                    empty_draft=torch.zeros(B, 0, **i64), temperature=torch.zeros(B, **f32),
                    top_k=torch.zeros(B, **i32), top_p=torch.ones(B, **f32), min_p=torch.zeros(B, **f32),
-                   seed=torch.zeros(B, **i64),
-                   offset=torch.zeros(B, **i64))
+                   seed=torch.zeros(B, **i64), offset=torch.zeros(B, **i64))
         if self.graph and N > 1:
             # Recorded on empty buffers: every slot -1 and every context empty, so the warm-up runs write
             # no KV; their counter moves are reset by `generate` before each use.

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 
 import torch
 
+from bild_kernels._backend import cpu_has_amx
 from bild_kernels.engine.aio import AsyncAPI
 from bild_kernels.engine.draft_loop import StaticDraftLoop
 from bild_kernels.engine.iteration import Iteration
@@ -63,7 +64,7 @@ def cpu_kind() -> str:
     """Which of CPU_KINDS this CPU is: "amx" where it has AMX tiles (Intel Xeon 4th generation on: two 512-bit FMA
     units a core, where a verify pass of several rows costs less against a decode step than on the AMD EPYC the
     default limits were measured on), else "default"."""
-    return "amx" if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)() else "default"
+    return "amx" if cpu_has_amx() else "default"
 
 
 def _recommended_draft_max_batch(small, device: torch.device) -> int | None:
@@ -334,7 +335,7 @@ class Engine(Prefixing, TokenizerMethods, Iteration, AsyncAPI):
         `error` set (token_ids empty); one that ends early ("timeout", "cancelled", or "error" from a
         NaN/inf in a model's logits) keeps the tokens committed before; a timeout or fault says why in `error`.
         """
-        prompts, _ = self._prompt_list(prompts)
+        prompts = self._prompt_list(prompts)
         reqs = self._scheduler.submit(prompts, params, policy, chat_template)
         outputs = {}
         try:
@@ -347,12 +348,12 @@ class Engine(Prefixing, TokenizerMethods, Iteration, AsyncAPI):
         return [outputs[r.seq.request_id] for r in reqs]
 
     @staticmethod
-    def _prompt_list(prompts) -> tuple[list, bool]:
-        """`generate`'s prompts as a list, and whether one prompt was given alone (a string, a list of token ids, or
-        one conversation)."""
+    def _prompt_list(prompts) -> list:
+        """`generate`'s prompts as a list: one prompt given alone (a string, a list of token ids, or one conversation)
+        as a list of one."""
         single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts
                                               and isinstance(prompts[0], (int, dict)))  # ids, or one conversation
-        return ([prompts] if single else list(prompts)), bool(single)
+        return [prompts] if single else list(prompts)
 
     def stream(self, prompt, params: SamplingParams | None = None, policy: Policy | None = None,
                *, chat_template: bool = False) -> Iterator[StreamChunk]:
