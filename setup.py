@@ -110,7 +110,8 @@ def _cpu_extension():
                                                                os.path.join("csrc", "cpu_sampling.cpp"),
                                                                os.path.join("csrc", "cpu_decoder_layer.cpp"),
                                                                os.path.join("csrc", "cpu_feature_draft.cpp"),
-                                                               os.path.join("csrc", "cpu_penalties.cpp")],
+                                                               os.path.join("csrc", "cpu_penalties.cpp"),
+                                                               os.path.join("csrc", "cpu_token_bitmask.cpp")],
                         extra_compile_args={"cxx": ["-O3", "-fopenmp"]}, extra_link_args=["-fopenmp"]), None
 
 

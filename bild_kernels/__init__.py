@@ -1,7 +1,7 @@
 """bild-kernels: big-little speculative decoding on fused CUDA/Triton kernels."""
 from bild_kernels._backend import backends, cuda_cut_search, cuda_first_pass, cuda_fused_tail
-from bild_kernels.ops import (DraftSample, VerifyResult, apply_penalties, gather_paged_kv, reserve_paged_kv,
-                              rollback_paged_kv, sample_draft, verify_draft, write_paged_kv)
+from bild_kernels.ops import (DraftSample, VerifyResult, apply_penalties, apply_token_bitmask, gather_paged_kv,
+                              reserve_paged_kv, rollback_paged_kv, sample_draft, verify_draft, write_paged_kv)
 
 __version__ = "0.1.0"
 
@@ -9,7 +9,7 @@ _ENGINE_NAMES = {"Engine": "engine", "SamplingParams": "params", "RequestOutput"
                  "RequestMetrics": "sequence", "StreamChunk": "sequence", "Policy": "policies", "BiLD": "policies",
                  "Greedy": "policies", "SpeculativeSampling": "policies", "LargeOnly": "policies",
                  "SmallOnly": "policies", "Jacobi": "policies", "ShallowDeep": "policies", "NGram": "policies",
-                 "BatchGenerator": "bulk"}
+                 "BatchGenerator": "bulk", "StructuredOutputs": "params"}
 
 
 def __getattr__(name):
@@ -21,4 +21,5 @@ def __getattr__(name):
 
 
 __all__ = ["backends", "cuda_cut_search", "cuda_first_pass", "cuda_fused_tail", "write_paged_kv", "reserve_paged_kv", "rollback_paged_kv", "gather_paged_kv",
-           "sample_draft", "DraftSample", "verify_draft", "VerifyResult", "apply_penalties", *_ENGINE_NAMES]
+           "sample_draft", "DraftSample", "verify_draft", "VerifyResult", "apply_penalties", "apply_token_bitmask",
+           *_ENGINE_NAMES]

@@ -18,7 +18,7 @@ BACKENDS = ("cuda", "triton", "cpu", "ref")
 # what bild_kernels._cpu implements (ops/_cpu_impls.py)
 CPU_EXTENSION_OPS = ("cpu_linear", "cpu_linear_int8", "cpu_linear_q8_0", "cpu_linear_q4_1", "reserve_paged_kv",
                      "rollback_paged_kv", "cpu_decoder_layer", "cpu_rms_norm", "cpu_feature_input",
-                     "cpu_feature_draft_chain", "apply_penalties")
+                     "cpu_feature_draft_chain", "apply_penalties", "apply_token_bitmask")
 # ops whose "cpu" backend needs bild_kernels._cpu through a Python wrapper (rows without top-k/top-p; the reference
 # otherwise)
 CPU_WRAPPED_OPS = ("sample_draft", "verify_draft")

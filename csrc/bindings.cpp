@@ -24,6 +24,8 @@ at::Tensor apply_penalties(const at::Tensor& logits, const at::Tensor& token_ids
                            const at::Tensor& presence_penalty, const at::Tensor& frequency_penalty,
                            const at::Tensor& min_tokens, const at::Tensor& banned_ids, const at::Tensor& bias_ids,
                            const at::Tensor& bias_values);
+// token_bitmask.cu
+at::Tensor apply_token_bitmask(const at::Tensor& logits, const at::Tensor& bitmask);
 // sampling.cu
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_draft(
     const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k, const at::Tensor& top_p,
@@ -68,6 +70,8 @@ TORCH_LIBRARY(bild_kernels_C, m) {
   m.def("apply_penalties(Tensor logits, Tensor token_ids, Tensor prompt_lens, Tensor draft_ids, "
         "Tensor repetition_penalty, Tensor presence_penalty, Tensor frequency_penalty, Tensor min_tokens, "
         "Tensor banned_ids, Tensor bias_ids, Tensor bias_values) -> Tensor");
+  // bitmask: [..., ceil(V / 32)] int32 (xgrammar's layout) for logits [..., V]
+  m.def("apply_token_bitmask(Tensor logits, Tensor bitmask) -> Tensor");
 }
 
 // The same functions serve the CPU key only to fail with a message that names the op, the tensor and
@@ -79,7 +83,8 @@ TORCH_LIBRARY(bild_kernels_C, m) {
   m.impl("gather_paged_kv", &bild::gather_paged_kv);         \
   m.impl("sample_draft", &bild::sample_draft);               \
   m.impl("verify_draft", &bild::verify_draft);               \
-  m.impl("apply_penalties", &bild::apply_penalties)
+  m.impl("apply_penalties", &bild::apply_penalties);         \
+  m.impl("apply_token_bitmask", &bild::apply_token_bitmask)
 
 TORCH_LIBRARY_IMPL(bild_kernels_C, CUDA, m) { BILD_REGISTER_ALL(m); }
 TORCH_LIBRARY_IMPL(bild_kernels_C, CPU, m) { BILD_REGISTER_ALL(m); }

@@ -15,7 +15,7 @@ else
 fi
 echo "== end to end: policies vs LargeOnly vs Hugging Face"
 python bench/bench_e2e.py "${E2E_ARGS[@]}" "$@"
-for op in write_paged_kv rollback_paged_kv gather_paged_kv sample_draft verify_draft paged_attention; do
+for op in write_paged_kv rollback_paged_kv gather_paged_kv sample_draft verify_draft paged_attention apply_token_bitmask; do
     echo "== bench_$op"
     python "bench/bench_$op.py" "$@"
 done

@@ -7,7 +7,7 @@ from bild_kernels import backends, verify_draft
 from bild_kernels._backend import cpu_extension, triton_available, triton_interpret
 
 OPS = {"write_paged_kv", "reserve_paged_kv", "rollback_paged_kv", "gather_paged_kv", "sample_draft", "verify_draft",
-       "apply_penalties"}
+       "apply_penalties", "apply_token_bitmask"}
 CPU_OPS = {"cpu_linear", "cpu_linear_int8", "cpu_linear_q8_0", "cpu_linear_q4_1", "cpu_linear_q4_1x16",
            "cpu_linear_q8_0x16", "cpu_linear_q8_0x16_stats", "cpu_decoder_layer", "cpu_rms_norm", "cpu_feature_input",
            "cpu_feature_draft_chain"}  # CPU-only ops: the extension bild_kernels._cpu and a reference

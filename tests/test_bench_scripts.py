@@ -10,7 +10,7 @@ import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 OPS = ["write_paged_kv", "rollback_paged_kv", "gather_paged_kv", "sample_draft", "verify_draft", "paged_attention",
-       "apply_penalties"]
+       "apply_penalties", "apply_token_bitmask"]
 
 
 def _run(script: str, *args: str) -> list[str]:
@@ -33,7 +33,8 @@ def test_op_benchmark_prints_rows(op):
     rows = [line.split() for line in _run(f"bench_{op}.py") if " median " in line]
     assert {r[1] for r in rows} >= {"ref", "triton"}
     from bild_kernels._backend import cpu_extension
-    if op in ("paged_attention", "sample_draft", "verify_draft", "apply_penalties") and cpu_extension() is not None:
+    if (op in ("paged_attention", "sample_draft", "verify_draft", "apply_penalties", "apply_token_bitmask")
+            and cpu_extension() is not None):
         # bild_kernels._cpu's too
         assert "cpu" in {r[1] for r in rows}
     assert all(r[0].endswith(op.split("_", 1)[1]) and float(r[r.index("median") + 1]) > 0 for r in rows)

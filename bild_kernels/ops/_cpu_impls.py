@@ -80,6 +80,11 @@ def _apply_penalties_fake(logits, *args):
     return logits.new_empty(logits.shape)
 
 
+@torch.library.register_fake("bild_kernels_cpu::apply_token_bitmask")
+def _apply_token_bitmask_fake(logits, bitmask):
+    return logits.new_empty(logits.shape)
+
+
 for _op in ("reserve_paged_kv", "rollback_paged_kv"):  # in place: their fakes return nothing
     torch.library.register_fake(f"bild_kernels_cpu::{_op}")(lambda *args: None)
 

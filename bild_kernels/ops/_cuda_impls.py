@@ -15,7 +15,7 @@ from bild_kernels._backend import register
 from bild_kernels.ops import _fake
 
 _OPS = ("write_paged_kv", "reserve_paged_kv", "rollback_paged_kv", "gather_paged_kv", "sample_draft", "verify_draft",
-        "apply_penalties")
+        "apply_penalties", "apply_token_bitmask")
 
 
 def _mutating_fake(*args) -> None:
@@ -27,6 +27,7 @@ torch.library.register_fake("bild_kernels_C::gather_paged_kv")(_fake.gather_page
 torch.library.register_fake("bild_kernels_C::sample_draft")(_fake.sample_draft)
 torch.library.register_fake("bild_kernels_C::verify_draft")(_fake.verify_draft)
 torch.library.register_fake("bild_kernels_C::apply_penalties")(_fake.apply_penalties)
+torch.library.register_fake("bild_kernels_C::apply_token_bitmask")(_fake.apply_token_bitmask)
 for _op in ("write_paged_kv", "reserve_paged_kv", "rollback_paged_kv"):
     torch.library.register_fake(f"bild_kernels_C::{_op}")(_mutating_fake)
 

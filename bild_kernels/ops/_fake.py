@@ -27,3 +27,7 @@ def verify_draft(draft_ids, target_logits, mode, rollback_threshold, draft_probs
 def apply_penalties(logits, token_ids, prompt_lens, draft_ids, repetition_penalty, presence_penalty, frequency_penalty,
                     min_tokens, banned_ids, bias_ids, bias_values):
     return logits.new_empty(logits.shape)
+
+
+def apply_token_bitmask(logits, bitmask):
+    return logits.new_empty(logits.shape)

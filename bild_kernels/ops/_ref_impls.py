@@ -8,6 +8,7 @@ register("rollback_paged_kv", "ref", R.rollback_paged_kv_ref)
 register("gather_paged_kv", "ref", R.gather_paged_kv_ref)
 register("sample_draft", "ref", R.sample_draft_ref)
 register("apply_penalties", "ref", R.apply_penalties_ref)
+register("apply_token_bitmask", "ref", R.apply_token_bitmask_ref)
 
 
 def _verify_draft(draft_ids, target_logits, mode, rollback_threshold, draft_probs, temperature, top_k, top_p,

@@ -16,6 +16,7 @@ from bild_kernels.ops import _fake
 from bild_kernels.triton import paged_kv as _kv
 from bild_kernels.triton import penalties as _pen
 from bild_kernels.triton import sampling as _smp
+from bild_kernels.triton import token_bitmask as _tbm
 from bild_kernels.triton import verify as _vfy
 
 
@@ -73,10 +74,16 @@ def apply_penalties_triton(logits: torch.Tensor, token_ids: torch.Tensor, prompt
                                 frequency_penalty, min_tokens, banned_ids, bias_ids, bias_values)
 
 
+@torch.library.custom_op("bild_kernels::apply_token_bitmask_triton", mutates_args=())
+def apply_token_bitmask_triton(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    return _tbm.apply_token_bitmask(logits, bitmask)
+
+
 gather_paged_kv_triton.register_fake(_fake.gather_paged_kv)
 sample_draft_triton.register_fake(_fake.sample_draft)
 verify_draft_triton.register_fake(_fake.verify_draft)
 apply_penalties_triton.register_fake(_fake.apply_penalties)
+apply_token_bitmask_triton.register_fake(_fake.apply_token_bitmask)
 
 _INTERPRETER = threading.RLock()
 _DEPTH = threading.local()
@@ -106,5 +113,5 @@ def interpreter_guard(op: str, fn, ref):
 for _op, _fn in (("write_paged_kv", write_paged_kv_triton), ("reserve_paged_kv", reserve_paged_kv_triton),
                  ("rollback_paged_kv", rollback_paged_kv_triton), ("gather_paged_kv", gather_paged_kv_triton),
                  ("sample_draft", sample_draft_triton), ("verify_draft", verify_draft_triton),
-                 ("apply_penalties", apply_penalties_triton)):
+                 ("apply_penalties", apply_penalties_triton), ("apply_token_bitmask", apply_token_bitmask_triton)):
     register(_op, "triton", interpreter_guard(_op, _fn, resolve(_op, torch.device("cpu"), "ref")))

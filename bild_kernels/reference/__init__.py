@@ -29,6 +29,7 @@ from bild_kernels.reference.cpu_layers import (
 from bild_kernels.reference.sampling import sample_draft_ref
 from bild_kernels.reference.verify import MODES, MODE_BILD, MODE_GREEDY, MODE_SAMPLE, verify_draft_ref
 from bild_kernels.reference.penalties import apply_penalties_ref
+from bild_kernels.reference.token_bitmask import apply_token_bitmask_ref, pack_token_bitmask, unpack_token_bitmask
 
 __all__ = [
     'GUMBEL_MAX', 'PURPOSE_DRAFT_SAMPLE', 'PURPOSE_VERIFY_ACCEPT', 'PURPOSE_VERIFY_TOKEN', 'gumbel_ref', 'philox_ref',
@@ -38,4 +39,4 @@ __all__ = [
     'logit_row_stats_ref', 'q4_1_dequantize', 'q4_1_quantize', 'q4_1x16_pack', 'q4_1x16_quantize_rows',
     'q4_1x16_unpack', 'q8_0x16_pack', 'cpu_decoder_layer_ref', 'cpu_feature_draft_chain_ref', 'cpu_feature_input_ref',
     'cpu_rms_norm_ref', 'sample_draft_ref', 'MODES', 'MODE_BILD', 'MODE_GREEDY', 'MODE_SAMPLE',
-    'verify_draft_ref', 'apply_penalties_ref']
+    'verify_draft_ref', 'apply_penalties_ref', 'apply_token_bitmask_ref', 'pack_token_bitmask', 'unpack_token_bitmask']

@@ -34,6 +34,7 @@ SCHEMAS = {
     "apply_penalties": "(Tensor logits, Tensor token_ids, Tensor prompt_lens, Tensor draft_ids, "
                        "Tensor repetition_penalty, Tensor presence_penalty, Tensor frequency_penalty, "
                        "Tensor min_tokens, Tensor banned_ids, Tensor bias_ids, Tensor bias_values) -> Tensor",
+    "apply_token_bitmask": "(Tensor logits, Tensor bitmask) -> Tensor",
 }
 DTYPES = [(torch.float32, 1e-5, 1e-5), (torch.float16, 1e-5, 1e-4), (torch.bfloat16, 1e-5, 1e-4)]
 
@@ -94,6 +95,18 @@ def _penalty_args(B, P, V, L, E, dtype, device, seed=0):
                                    bias_ids, bias_values)]
 
 
+def _bitmask_args(shape, dtype, device, seed=0):
+    """apply_token_bitmask's positional arguments: logits [..., V] with some -inf, and random words with every fifth row
+    all set (the bits past V too) and every fifth all clear."""
+    g = torch.Generator().manual_seed(seed + sum(shape))
+    z = torch.randn(*shape, generator=g) * 4
+    z[torch.rand(*shape, generator=g) < 0.01] = float("-inf")
+    words = torch.randint(-2**31, 2**31, (*shape[:-1], (shape[-1] + 31) // 32), generator=g).to(torch.int32)
+    rows = words.view(-1, words.shape[-1])
+    rows[1::5], rows[2::5] = -1, 0
+    return z.to(dtype).to(device), words.to(device)
+
+
 def test_every_schema_is_registered():
     for op, schema in SCHEMAS.items():
         assert str(getattr(C, op).default._schema) == f"bild_kernels_C::{op}{schema}"
@@ -113,6 +126,8 @@ def test_cpu_tensors_raise_a_clear_error():
                            torch.arange(4, dtype=torch.int32), torch.tensor([4], dtype=torch.int32), 4)
     with pytest.raises(RuntimeError, match="runs on CUDA tensors only.*logits is on cpu"):
         C.apply_penalties(*_penalty_args(B, 3, V, 4, 2, torch.float32, "cpu"))
+    with pytest.raises(RuntimeError, match="runs on CUDA tensors only.*logits is on cpu"):
+        C.apply_token_bitmask(*_bitmask_args((B, 3, V), torch.float32, "cpu"))
     with pytest.raises(RuntimeError, match="runs on CUDA tensors only"):
         C.write_paged_kv(torch.randn(1, 2, 4), torch.randn(1, 2, 4), torch.zeros(2, 4, 2, 4), torch.zeros(2, 4, 2, 4),
                          torch.zeros(1, dtype=torch.int64))
@@ -312,6 +327,20 @@ def test_apply_penalties_matches_reference(B, P, V, L, E, dtype, atol, rtol):
 
 
 @requires_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape", [(1, 111), (7, 32000), (99, 111), (3, 9, 151936), (5, 20001), (70000, 40)])
+def test_apply_token_bitmask_matches_reference(shape, dtype):
+    # 20001: the scalar kernel (rows off 16-byte alignment); 70000 rows: more than grid.y's 65535
+    logits, bitmask = _bitmask_args(shape, dtype, "cuda")
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[logits.element_size()]
+    got, want = C.apply_token_bitmask(logits, bitmask), R.apply_token_bitmask_ref(logits, bitmask)
+    assert got.dtype == dtype and torch.equal(got.view(bits), want.view(bits))
+    unaligned = torch.empty(logits.numel() + 1, dtype=dtype, device="cuda")[1:].view(shape)  # the scalar kernel
+    unaligned.copy_(logits)
+    assert torch.equal(C.apply_token_bitmask(unaligned, bitmask).view(bits), want.view(bits))
+
+
+@requires_gpu
 def test_opcheck_cuda_ops():
     B, V = 5, 53
     f = lambda x: torch.full((B,), x, device="cuda")  # noqa: E731
@@ -319,6 +348,8 @@ def test_opcheck_cuda_ops():
             torch.arange(B, device="cuda"), torch.arange(B, device="cuda") * 3, f(0.2))
     torch.library.opcheck(C.sample_draft.default, args, test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(C.apply_penalties.default, _penalty_args(3, 4, 29, 6, 2, torch.bfloat16, "cuda"),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(C.apply_token_bitmask.default, _bitmask_args((3, 4, 77), torch.bfloat16, "cuda"),
                           test_utils=("test_schema", "test_faketensor"))
 
 

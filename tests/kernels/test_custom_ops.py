@@ -43,10 +43,11 @@ def test_opcheck_verify_draft(backend_device, mode):
                           test_utils=("test_schema", "test_faketensor"))
 
 
-@pytest.mark.parametrize("op", ["sample_draft", "apply_penalties"])
+@pytest.mark.parametrize("op", ["sample_draft", "apply_penalties", "apply_token_bitmask"])
 def test_opcheck_row_ops(backend_device, op):
     device = _triton_device(backend_device)
-    args = {"sample_draft": _sample_args, "apply_penalties": _penalties_args}[op](device)
+    args = {"sample_draft": _sample_args, "apply_penalties": _penalties_args,
+            "apply_token_bitmask": _bitmask_args}[op](device)
     torch.library.opcheck(getattr(torch.ops.bild_kernels, f"{op}_triton").default, args,
                           test_utils=("test_schema", "test_faketensor"))
 
@@ -86,6 +87,23 @@ def test_apply_penalties_traces_through_torch_compile(backend_device):
 
     eager = step(args)
     assert torch.equal(eager, torch.compile(step, fullgraph=True, backend="eager")(args))
+
+
+def _bitmask_args(device):
+    B, P, V = 3, 4, 77  # [B, K+1, V] logits, ceil(77 / 32) = 3 words a row
+    words = torch.randint(-2**31, 2**31, (B, P, 3), generator=torch.Generator().manual_seed(0))
+    return torch.randn(B, P, V, device=device), words.to(torch.int32).to(device)
+
+
+def test_apply_token_bitmask_traces_through_torch_compile(backend_device):
+    device = _triton_device(backend_device)
+    args = _bitmask_args(device)
+
+    def step(logits, bitmask):
+        return torch.ops.bild_kernels.apply_token_bitmask_triton(logits, bitmask).softmax(-1)
+
+    eager = step(*args)
+    assert torch.equal(eager, torch.compile(step, fullgraph=True, backend="eager")(*args))
 
 
 def test_verify_and_sample_trace_through_torch_compile(backend_device):

@@ -199,4 +199,17 @@ inline std::vector<float> apply_penalties(const std::vector<float>& logits, cons
   return out;
 }
 
+// reference.apply_token_bitmask_ref for row b of logits [R, V] with bitmask [R, ceil(V / 32)]: token t's logit where
+// bit t % 32 of the row's word t / 32 is set, else -inf (the bits past V ignored); returns the row's V logits.
+inline std::vector<float> apply_token_bitmask(const std::vector<float>& logits, const std::vector<int32_t>& bitmask,
+                                              int b, int V) {
+  const int W = (V + 31) / 32;
+  std::vector<float> out(V);
+  for (int t = 0; t < V; ++t) {
+    const uint32_t word = static_cast<uint32_t>(bitmask[static_cast<size_t>(b) * W + t / 32]);
+    out[t] = (word >> (t % 32)) & 1u ? logits[static_cast<size_t>(b) * V + t] : -kInf;
+  }
+  return out;
+}
+
 }  // namespace ref

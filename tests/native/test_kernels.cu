@@ -11,6 +11,7 @@
 #include "paged_kv.cuh"
 #include "penalties.cuh"
 #include "sampling.cuh"
+#include "token_bitmask.cuh"
 #include "verify.cuh"
 
 static int g_failures = 0;
@@ -341,6 +342,48 @@ static void test_apply_penalties(std::mt19937& rng, int V) {
   }
 }
 
+// apply_token_bitmask in T = float / bf16 / half / double at V = 1111 (bf16 / half rows off 16-byte alignment: the
+// scalar kernel), 4096 (the vector kernel) and 40 (a row shorter than a block, 24 spare bits in its last word), with
+// rows all allowed, none allowed, random, and bits set past V; R = 66000 rows of V = 40 stride over grid.y's 65535.
+// Every output bit-identical: the kernel only selects.
+template <typename T>
+static void test_apply_token_bitmask(std::mt19937& rng, int R, int V) {
+  const int W = (V + 31) / 32;
+  std::normal_distribution<float> normal(0.0f, 3.0f);
+  std::vector<T> logits(static_cast<size_t>(R) * V);
+  std::vector<float> as_float(logits.size());
+  for (size_t i = 0; i < logits.size(); ++i) {
+    logits[i] = static_cast<T>(normal(rng));
+    as_float[i] = static_cast<float>(logits[i]);
+  }
+  as_float[1] = -ref::kInf;  // a -inf already there, allowed or not
+  logits[1] = static_cast<T>(-ref::kInf);
+  std::vector<int32_t> bitmask(static_cast<size_t>(R) * W);
+  for (int32_t& w : bitmask) w = static_cast<int32_t>(rng());
+  for (int b = 0; b < R; ++b) {
+    const size_t row = static_cast<size_t>(b) * W;
+    if (b % 4 == 1) std::fill_n(bitmask.begin() + row, W, -1);  // all allowed (and every bit past V set)
+    if (b % 4 == 2) std::fill_n(bitmask.begin() + row, W, 0);   // none allowed: all -inf
+  }
+  Dev<T> dz(logits), dout(std::vector<T>(logits.size()));
+  Dev<int32_t> dmask(bitmask);
+  CUDA_OK(bild::ApplyTokenBitmask<T>(dz.p, dmask.p, dout.p, R, V, nullptr));
+  const std::vector<T> got = dout.get();
+  int bad_rows = 0;
+  for (int b = 0; b < R; ++b) {
+    const std::vector<float> want = ref::apply_token_bitmask(as_float, bitmask, b, V);
+    for (int t = 0; t < V; ++t) {
+      const T w = static_cast<T>(want[t]);
+      if (std::memcmp(&got[static_cast<size_t>(b) * V + t], &w, sizeof(T)) != 0) {
+        ++bad_rows;
+        break;
+      }
+    }
+  }
+  EXPECT(bad_rows == 0, "apply_token_bitmask (%zu-byte logits, R %d, V %d): %d rows differ", sizeof(T), R, V,
+         bad_rows);
+}
+
 int main() {
   test_philox_host();
   int devices = 0;
@@ -356,6 +399,13 @@ int main() {
     test_apply_penalties<float>(rng, V);
     test_apply_penalties<__nv_bfloat16>(rng, V);
   }
+  for (int V : {1111, 4096, 40}) {
+    test_apply_token_bitmask<float>(rng, 7, V);
+    test_apply_token_bitmask<__nv_bfloat16>(rng, 7, V);
+    test_apply_token_bitmask<__half>(rng, 7, V);
+    test_apply_token_bitmask<double>(rng, 7, V);
+  }
+  test_apply_token_bitmask<__nv_bfloat16>(rng, 66000, 40);
   // V = 70001 is several chunks of the wide first pass too (fp32: 16384 a chunk; stream: 8192).
   for (int first_pass : {bild::kFirstPassChunked, bild::kFirstPassWide, bild::kFirstPassStream, bild::kFirstPassLong}) {
     for (int V : {1111, 9001, 70001}) test_sample_draft(rng, V, first_pass);
