@@ -33,10 +33,12 @@ POLICY_MIX = [None, {"name": "greedy", "max_draft_len": 4}, {"name": "large-only
 def request_mix(n: int, seed: int = 0, *, vocab: int = 96, token_prompts: bool = True, max_tokens: int = 24,
                 policies=POLICY_MIX) -> list[dict]:
     """n distinct completion bodies: text and token-id prompts, greedy and seeded sampling (min-p on about a third of
-    the sampled ones), every policy, penalties on about a third of them (not SmallOnly's, which refuses them)."""
+    the sampled ones), every policy, penalties on about a third of them (not SmallOnly's, which refuses them), an
+    output constraint (a regex or choices, ended by stop id 95) on about a fifth of the others."""
     rng = random.Random(seed)
     extra = random.Random(seed + 1)  # (the penalties' own draws: the bodies are otherwise what they always were)
     more = random.Random(seed + 2)  # (and min-p's)
+    guided = random.Random(seed + 3)  # (and the output constraints')
     bodies = []
     for i in range(n):
         policy = policies[i % len(policies)]
@@ -54,6 +56,10 @@ def request_mix(n: int, seed: int = 0, *, vocab: int = 96, token_prompts: bool =
             body |= {"repetition_penalty": extra.choice([1.0, 1.3]), "frequency_penalty": extra.choice([0.0, 0.7]),
                      "presence_penalty": extra.choice([0.0, -0.5]),
                      "min_tokens": extra.randint(0, body["max_tokens"])}
+        if (policy is None or policy["name"] != "small-only") and not body.get("min_tokens") and guided.random() < 0.2:
+            body |= guided.choice([{"guided_regex": "( w[1-9]){1,5}"},
+                                   {"guided_choice": [" w7 w8", " w9", " w3 w3 w3"]}])
+            body["stop"] = [95]
         bodies.append(body)
     return bodies
 

@@ -17,7 +17,9 @@ POLICIES = {"bild": BiLD, "greedy": Greedy, "speculative-sampling": SpeculativeS
 MAX_BODY = 1 << 20  # bytes
 FIELDS = {"prompt", "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stream", "timeout",
           "policy", "model", "n", "user", "ignore_eos", "logprobs", "presence_penalty", "frequency_penalty",
-          "repetition_penalty", "min_tokens", "logit_bias", "include_stop_str_in_output", "skip_special_tokens"}
+          "repetition_penalty", "min_tokens", "logit_bias", "include_stop_str_in_output", "skip_special_tokens",
+          "response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
+          "guided_whitespace_pattern"}
 # Fields clients send at their neutral values: accepted there (they change nothing), refused otherwise
 NEUTRAL = {"best_of": (1,)}
 CHAT_NEUTRAL = {k: v for k, v in NEUTRAL.items() if k != "best_of"}
@@ -37,6 +39,42 @@ def _logit_bias(body: dict) -> dict:
     if not isinstance(bias, dict) or not all(isinstance(k, str) and k.isdigit() for k in bias):
         raise BadRequest('logit_bias must be an object {"token id": bias}, e.g. {"50256": -100}')
     return {int(k): float(x) if isinstance(x, int) and not isinstance(x, bool) else x for k, x in bias.items()}
+
+
+def _structured(body: dict):
+    """The body's output constraint as a dict of StructuredOutputs' fields, or None: OpenAI's response_format
+    ({"type": "text" | "json_object" | "json_schema", "json_schema": {"schema": ...}}), vLLM's structured_outputs
+    ({"json" | "regex" | "choice" | "json_object": ...}) or its older guided_json / guided_regex / guided_choice
+    (with guided_whitespace_pattern). At most one of them."""
+    given = [k for k in ("response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice")
+             if body.get(k) is not None]
+    if len(given) > 1:
+        raise BadRequest(f"give one output constraint, not {' and '.join(given)}")
+    ws = body.get("guided_whitespace_pattern")
+    if ws is not None and given[:1] not in (["guided_json"], ["response_format"]):
+        raise BadRequest("guided_whitespace_pattern goes with guided_json or a JSON response_format")
+    extra = {} if ws is None else {"whitespace_pattern": ws}
+    if not given:
+        return None
+    key, value = given[0], body[given[0]]
+    if key == "response_format":
+        kind = value.get("type") if isinstance(value, dict) else None
+        if kind == "text" and set(value) == {"type"}:
+            return None
+        if kind == "json_object" and set(value) == {"type"}:
+            return {"json_object": True, **extra}
+        schema = value.get("json_schema") if kind == "json_schema" else None
+        if (isinstance(schema, dict) and isinstance(schema.get("schema"), dict)
+                and set(value) == {"type", "json_schema"}
+                and not set(schema) - {"name", "description", "schema", "strict"}):
+            return {"json": schema["schema"], **extra}
+        raise BadRequest('response_format must be {"type": "text"}, {"type": "json_object"} or {"type": "json_schema", '
+                         '"json_schema": {"name": ..., "schema": {...}}}')
+    if key == "structured_outputs":
+        if not isinstance(value, dict):
+            raise BadRequest("structured_outputs must be an object (json, regex, choice or json_object)")
+        return value
+    return {{"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice"}[key]: value, **extra}
 
 
 def _seed(body: dict):
@@ -149,7 +187,8 @@ class Service:
                                     repetition_penalty=_number(body, "repetition_penalty", 1.0),
                                     min_tokens=body.get("min_tokens", 0), logit_bias=_logit_bias(body),
                                     logprobs=body.get("logprobs"),
-                                    prompt_logprobs=body.get("logprobs") if body.get("echo") else None)
+                                    prompt_logprobs=body.get("logprobs") if body.get("echo") else None,
+                                    structured_outputs=_structured(body))
         except (TypeError, ValueError) as e:
             raise BadRequest(str(e)) from None
         if not isinstance(body.get("stream", False), bool):

@@ -27,7 +27,10 @@ Endpoints (JSON; errors are {"error": {"message", "type"}} with status 400 / 404
 presence_penalty and frequency_penalty (OpenAI's, in [-2, 2]), vLLM's repetition_penalty (> 0) and min_tokens (EOS
 and stop ids held back until the output has that many tokens), and logit_bias ({"token id": bias in [-100, 100]},
 added first) shape the large model's distribution, what every policy verifies against (SamplingParams); vLLM's
-include_stop_str_in_output and skip_special_tokens (default true) shape the text;
+include_stop_str_in_output and skip_special_tokens (default true) shape the text; an output constraint holds the
+text to a pattern (SamplingParams.structured_outputs): OpenAI's response_format ({"type": "json_object"} or
+{"type": "json_schema", "json_schema": {"name", "schema"}}), vLLM's structured_outputs ({"json" | "regex" | "choice" |
+"json_object"}) or its guided_json / guided_regex / guided_choice (+ guided_whitespace_pattern);
 (completions) best_of 1 is accepted as the no-op it is, other values refused. stream_options is accepted (the last event carries the
 usage either way). With "stream": true the reply is server-sent events, one `data: {...}` per committed run of tokens
 and `data: [DONE]` at the end. Each choice carries, besides OpenAI's text and finish_reason, the token ids

@@ -4,6 +4,7 @@ import dataclasses
 import http.client
 import importlib
 import json
+import re
 import socket
 import sys
 import threading
@@ -410,6 +411,44 @@ def test_penalties_reach_the_engine(server, path, body):
     _all_free(eng)
 
 
+@pytest.mark.parametrize("path, constraint", [
+    ("/v1/completions", {"guided_choice": [" w7 w8", " w9"]}),
+    ("/v1/chat/completions", {"guided_regex": "( w[1-3]){1,3}"}),
+    ("/v1/completions", {"structured_outputs": {"regex": "( w4| w5){2,3}"}}),
+    ("/v1/completions", {"structured_outputs": {"choice": [" w6 w0"]}, "policy": {"name": "bild"}})])
+def test_output_constraints_reach_the_engine(server, path, constraint):
+    # (the tiny tokenizer's words read " wN" after another token; it has no EOS: stop id 95 ends the text. Each
+    # pattern can be finished in tokens: " w60" could not, where " w6" is a token and "0" none, so the text would
+    # end at " w6", the way out the engine takes where no token can continue a pattern)
+    eng, svc = server.service.engine, server.service
+    body = {**({"prompt": "w1 w2"} if path == "/v1/completions" else {"messages": CHAT}), "max_tokens": 8,
+            "stop": [95], **constraint}
+    code, r = _post(server, path, body)
+    assert code == 200, r
+    prompt, params, policy, _ = svc.parse(body, "text" if path == "/v1/completions" else "chat")
+    assert params.structured_outputs is not None
+    alone = eng.generate([prompt], params, policy=policy)[0]
+    ids = r["choices"][0]["token_ids"]
+    assert ids == alone.token_ids and ids[-1] == 95
+    pattern = params.structured_outputs.pattern()
+    assert re.fullmatch(pattern, "".join(f" w{t}" for t in ids[:-1])), (ids, pattern)
+    _all_free(eng)
+
+
+def test_response_format_and_guided_json_parse_to_the_same_constraint(server):
+    svc = server.service
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    bodies = [{"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}},
+              {"guided_json": schema}, {"structured_outputs": {"json": schema}}]
+    made = {svc.parse({"prompt": "w1", **b})[1].structured_outputs for b in bodies}
+    assert len(made) == 1 and next(iter(made)).pattern().startswith(r"\{")
+    so = svc.parse({"prompt": "w1", "response_format": {"type": "json_object"}})[1].structured_outputs
+    assert so.json_object
+    assert svc.parse({"prompt": "w1", "response_format": {"type": "text"}})[1].structured_outputs is None
+    ws = svc.parse({"prompt": "w1", "guided_json": schema, "guided_whitespace_pattern": " *"})[1].structured_outputs
+    assert ws.whitespace_pattern == " *"
+
+
 def test_concurrent_clients_equal_alone(programs, server):
     lt = programs["load_test"]
     bodies = lt.request_mix(12, seed=1, max_tokens=12)
@@ -458,6 +497,14 @@ def test_concurrent_clients_equal_alone(programs, server):
     (json.dumps({"prompt": "w1", "echo": 1}), 400, "echo must be true or false"),
     (json.dumps({"prompt": "w1", "best_of": 3}), 400, "best_of is not supported"),
     (json.dumps({"prompt": "w1", "stream_options": {"include_usage": "yes"}}), 400, "stream_options must be"),
+    (json.dumps({"prompt": "w1", "guided_regex": "(?=x)"}), 400, "lookarounds"),
+    (json.dumps({"prompt": "w1", "guided_regex": "a", "guided_choice": ["b"]}), 400, "give one output constraint"),
+    (json.dumps({"prompt": "w1", "response_format": {"type": "yaml"}}), 400, "response_format must be"),
+    (json.dumps({"prompt": "w1", "guided_json": {"type": "integer", "minimum": 1}}), 400, "'minimum'"),
+    (json.dumps({"prompt": "w1", "structured_outputs": {"grammar": "x"}}), 400, "no field 'grammar'"),
+    (json.dumps({"prompt": "w1", "guided_choice": ["a"]}), 400, "end-of-sequence"),
+    (json.dumps({"prompt": "w1", "guided_choice": ["a"], "ignore_eos": True}), 400, "ignore_eos"),
+    (json.dumps({"prompt": "w1", "guided_regex": "a", "guided_whitespace_pattern": " "}), 400, "goes with"),
 ])
 def test_hostile_requests_get_clear_errors(server, body, status, match):
     body = body.encode() if isinstance(body, str) else body

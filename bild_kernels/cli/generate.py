@@ -21,7 +21,25 @@ def sampling_params(args, seed: int):
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, min_p=args.min_p, seed=seed, repetition_penalty=args.repetition_penalty,
                           presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-                          min_tokens=args.min_tokens, logit_bias=bias)
+                          min_tokens=args.min_tokens, logit_bias=bias, structured_outputs=structured_outputs(args))
+
+
+def structured_outputs(args) -> dict | None:
+    """The output constraint of --json-schema / --regex / --choice / --json-object (StructuredOutputs' fields)."""
+    if args.json_schema is not None:
+        text = args.json_schema
+        if not text.lstrip().startswith("{"):  # a file
+            try:
+                with open(text, encoding="utf-8") as f:
+                    text = f.read()
+            except OSError as e:
+                raise UsageError(f"--json-schema: cannot read {args.json_schema!r} ({e.strerror})") from None
+        return {"json": text}
+    if args.regex is not None:
+        return {"regex": args.regex}
+    if args.choice:
+        return {"choice": args.choice}
+    return {"json_object": True} if args.json_object else None
 
 
 def session_seed(args) -> int:
@@ -103,3 +121,9 @@ def sampling_args(g) -> None:
     g.add_argument("--min-tokens", type=int, default=0, help="no EOS before the reply has this many tokens")
     g.add_argument("--logit-bias", action="append", metavar="ID=BIAS",
                    help="add BIAS (in [-100, 100]) to token ID's logit; repeatable")
+    so = g.add_mutually_exclusive_group()
+    so.add_argument("--json-schema", metavar="SCHEMA", help="the reply is a JSON document this JSON Schema accepts "
+                    "(its JSON text, or a file holding it)")
+    so.add_argument("--regex", help="the reply fully matches this regular expression")
+    so.add_argument("--choice", action="append", help="the reply is one of these strings; repeatable")
+    so.add_argument("--json-object", action="store_true", help="the reply is a JSON object")

@@ -16,6 +16,7 @@ from bild_kernels.engine.calibration import labelled_pairs
 from bild_kernels.engine.drafting import Drafting, drafted_ids
 from bild_kernels.engine.host import to_device
 from bild_kernels.engine.logprobs import note_logprobs, note_prompt_logprobs
+from bild_kernels.engine.guiding import guided
 from bild_kernels.engine.penalizing import penalized
 from bild_kernels.engine.policies import Policy
 from bild_kernels.engine.prefill_chunks import PrefillChunks
@@ -177,6 +178,7 @@ class Iteration(PrefillChunks, Drafting):
         # The distribution the drafts are verified against: with penalties (SamplingParams), the penalised logits;
         # the raw ones stay for logprobs.
         raw_logits, target_logits = target_logits, penalized(target_logits, running, self.eos_ids, draft_ids)
+        target_logits = guided(target_logits, running, draft_tokens)  # (structured outputs: the pattern's masks)
         # (the large model's head took its logits' statistics: verify_draft reads only the drafted tokens' logits;
         # on the CPU backend, with the engine's own inputs unchecked, unless a backend is forced)
         stats = self.runners["large"].logit_stats(raw_logits) if target_logits is raw_logits else None
@@ -233,6 +235,8 @@ class Iteration(PrefillChunks, Drafting):
                 s.features.append(h[:valid - start])
                 s.pass_features = None
             s.tokens += new
+            if s.guide is not None:
+                s.guide.advance(new)
             s.iteration += 1
             s.cached["deep"] = min(s.cached["deep"], valid)
             for name in self.runners:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from bild_kernels.structured import StructuredOutputs
+
 MAX_LOGPROBS = 20  # alternatives per position that SamplingParams.logprobs may ask for (as OpenAI's chat API)
 MAX_LOGIT_BIAS = 1024  # token ids one request's logit_bias may name (each kernel pass compares a column with them all)
 
@@ -38,6 +40,11 @@ class SamplingParams:
     penalised distribution; not with `SmallOnly()`, which verifies nothing. `logprobs` stay the raw ones.
     `logit_bias` ({token id: bias in [-100, 100]}, OpenAI's; empty: off) is added to those ids' logits first, as
     vLLM does; it is kept as (id, bias) pairs sorted by id.
+    `structured_outputs` (None: off; a `StructuredOutputs`, or a dict of its fields) holds the output text to a
+    regular expression, a JSON Schema, a list of choices or any JSON object (vLLM's structured outputs): the large
+    model's distribution is masked to the tokens that keep the text on the pattern, at every position it verifies,
+    so every policy keeps to the constrained distribution; the request ends (EOS) once nothing may follow. Not with
+    `ignore_eos` or `min_tokens` (the pattern decides where the text ends), nor `SmallOnly()`.
     """
 
     max_tokens: int = 64
@@ -58,6 +65,7 @@ class SamplingParams:
     min_p: float = 0.0
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputs | None = None
 
     def __post_init__(self):
         bias = self.logit_bias
@@ -72,6 +80,7 @@ class SamplingParams:
                 from None
         pairs.sort(key=lambda x: x[0] if isinstance(x[0], int) else -1)  # (a bad key is reported by validate)
         object.__setattr__(self, "logit_bias", tuple(pairs))
+        object.__setattr__(self, "structured_outputs", StructuredOutputs.of(self.structured_outputs))
         if isinstance(self.stop, (str, int)):
             object.__setattr__(self, "stop", (self.stop,))
         elif not isinstance(self.stop, tuple):
@@ -128,6 +137,8 @@ class SamplingParams:
                 raise ValueError(f"logit_bias values must be numbers in [-100, 100], got {x!r} for token {i}")
         if len(set(ids)) != len(ids):
             raise ValueError("logit_bias names a token id twice")
+        if self.structured_outputs is not None and (self.ignore_eos or self.min_tokens):
+            raise ValueError("structured_outputs decides where the text ends: not with ignore_eos or min_tokens")
         for s in self.stop:
             if isinstance(s, bool) or not isinstance(s, (str, int)) or s == "" or (isinstance(s, int) and s < 0):
                 raise ValueError(f"stop entries must be non-empty strings or token ids >= 0, got {s!r}")

@@ -70,6 +70,9 @@ class SmallOnly(Policy):
         if params.penalized:
             return ("a logit bias, penalties and min_tokens shape the large model's distribution: small-only runs "
                     "the small model alone and verifies nothing")
+        if params.structured_outputs is not None:
+            return ("structured_outputs mask the large model's distribution: small-only runs the small model alone "
+                    "and verifies nothing")
         return None
 
 

@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from bild_kernels.engine.guiding import make_guide
 from bild_kernels.engine.params import SamplingParams
 from bild_kernels.engine.policies import Policy
 from bild_kernels.engine.runner import take_nonfinite
@@ -46,6 +47,24 @@ class Request:
     chunks: deque = field(default_factory=deque)  # StreamChunk, or the exception that ended the request
     end: str | None = None  # "cancelled" | "timeout": to be ended at the next reap
     done: bool = False
+
+
+def _guides(eng, params: list[SamplingParams], tok_lock) -> list[tuple]:
+    """Each request's (Guide or None, why it cannot have one or None): SamplingParams.structured_outputs."""
+    out, made = [], {}
+    for p in params:
+        if p.structured_outputs is None:
+            out.append((None, None))
+            continue
+        key = id(p)
+        if key not in made:  # (one SamplingParams for many prompts: the guides share a grammar, not a state)
+            try:
+                made[key] = make_guide(eng, p, tok_lock)
+            except ValueError as e:
+                made[key] = (None, f"structured_outputs: {e}")
+        guide, why = made[key]
+        out.append((None, why) if guide is None else (guide.copy(), None))
+    return out
 
 
 def _group_key(policy: Policy):
@@ -83,14 +102,16 @@ class Scheduler:
         policy = eng._check_policy(policy)
         with self.tok_lock:
             resolved = list(resolve_prompts(prompts, eng.tokenizer, eng.vocab_size, chat_template))
-        now = time.perf_counter()
+        guides = _guides(eng, params, self.tok_lock)  # (before the lock the stepping thread needs: a new pattern's
+        now = time.perf_counter()                      # grammar takes a moment to build)
         reqs = []
         with self.cv:
-            for (ids, error), p in zip(resolved, params):
+            for (ids, error), p, (guide, why) in zip(resolved, params, guides):
                 seq = Sequence(self.next_id, ids or [], p)
+                seq.guide = guide
                 self.next_id += 1
                 req = Request(seq, policy, None if p.timeout_s is None else now + p.timeout_s)
-                error = error or eng._admission_error(seq, policy)
+                error = error or eng._admission_error(seq, policy) or why
                 if error:
                     seq.finish_reason = "error"
                     seq.metrics.end_time = seq.metrics.start_time

@@ -165,6 +165,7 @@ class Sequence:
         self.ngram = None  # NGram / a policy's `lookup`: the NGramIndex of `tokens`, built on first use
         # SamplingParams' penalties: `tokens` as an int64 host tensor (in a head's columns), grown as tokens commit
         self.penalty_history: dict = {}
+        self.guide = None  # SamplingParams.structured_outputs: a structured.guide.Guide at the committed output
         self.iteration = 0  # verification rounds so far: addresses this request's random numbers
         self.finish_reason: str | None = None
         self.metrics = RequestMetrics(prompt_tokens=len(prompt_ids), start_time=time.perf_counter())

@@ -1,0 +1,206 @@
+"""Which tokens keep a request's output on its pattern: the regex's DFA walked over every token's text at once.
+
+A `Vocabulary` holds each token's text as code points (once per tokenizer), sorted longest first. A `Grammar`
+(one per pattern, cached) classifies them by its DFA's character classes and answers, for a DFA state, the bitmask
+of tokens whose whole text keeps the state alive: `ops.apply_token_bitmask`'s input, computed by walking all tokens
+one character position at a time (numpy: a gather per position over the tokens still that long), then cached.
+A `Guide` is one request's cursor on a grammar: its state after the committed output, advanced token by token.
+
+A token's text is what it adds to the text after another token (`decode([a, t])` less `decode([a])`), so
+SentencePiece's leading spaces count. Tokens whose text is empty, not whole characters (a piece of a multi-byte
+character: U+FFFD), or special are never allowed inside the pattern; the end-of-sequence ids (and the request's stop
+ids) are allowed exactly where the pattern may end. Where no token can continue a pattern that cannot end yet (its
+next character is in no token), the end-of-sequence ids are allowed, so the request ends instead of stalling.
+"""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+
+import numpy as np
+
+from bild_kernels.structured.regex import RegexDFA
+
+CACHE_SIZE = 32  # grammars kept per vocabulary
+
+
+def token_texts(tokenizer, vocab_size: int) -> list[str | None]:
+    """Each token id's text as it reads after another token; None where it cannot be part of a pattern."""
+    n = min(len(tokenizer), vocab_size)
+    anchor = tokenizer("a", add_special_tokens=False)["input_ids"]
+    anchor = anchor[-1:] if anchor else [0]
+    base = tokenizer.decode(anchor)
+    pairs = tokenizer.batch_decode([anchor + [t] for t in range(n)], skip_special_tokens=False,
+                                   clean_up_tokenization_spaces=False)
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    special |= {i for i, tok in added.items() if getattr(tok, "special", False)}
+    out: list[str | None] = []
+    for t, text in enumerate(pairs):
+        s = text[len(base):] if text.startswith(base) else None
+        out.append(None if t in special or not s or "\ufffd" in s else s)
+    return out + [None] * (vocab_size - n)
+
+
+class Vocabulary:
+    """Token texts as code points [V, L] (longest first; -1 pads), for every grammar over one tokenizer."""
+
+    def __init__(self, texts: list[str | None]):
+        self.size = len(texts)
+        self.words = -(-self.size // 32)
+        lengths = np.array([len(s) if s else 0 for s in texts], dtype=np.int64)
+        self.order = np.argsort(-lengths, kind="stable")  # longest first
+        self.lengths = lengths[self.order]
+        L = int(self.lengths[0]) if self.size else 0
+        codes = np.full((self.size, max(L, 1)), -1, dtype=np.int32)
+        for row, t in enumerate(self.order.tolist()):
+            s = texts[t]
+            if s:
+                codes[row, :len(s)] = np.frombuffer(s.encode("utf-32-le"), dtype=np.uint32)
+        self.codes = codes
+        self.valid = self.lengths > 0
+        self.rank = np.empty(self.size, dtype=np.int64)  # token id -> its row
+        self.rank[self.order] = np.arange(self.size)
+        # active[j]: how many rows are longer than j (they come first)
+        self.active = np.searchsorted(-self.lengths, -np.arange(L + 1), side="left").tolist()
+        self.grammars: OrderedDict = OrderedDict()
+        self.lock = threading.Lock()
+
+    def grammar(self, key, build) -> "Grammar":
+        """The cached grammar for `key`, made by build() -> RegexDFA on a miss."""
+        with self.lock:
+            g = self.grammars.get(key)
+            if g is not None:
+                self.grammars.move_to_end(key)
+                return g
+        g = Grammar(build(), self)  # (outside the lock: a large pattern takes a while)
+        with self.lock:
+            self.grammars[key] = g
+            while len(self.grammars) > CACHE_SIZE:
+                self.grammars.popitem(last=False)
+        return g
+
+
+class Grammar:
+    """A DFA over one vocabulary: per-state token bitmasks (cached) and per-token steps."""
+
+    def __init__(self, dfa: RegexDFA, vocab: Vocabulary):
+        self.dfa, self.vocab = dfa, vocab
+        pad = dfa.pad_class
+        classes = dfa.alphabet.classify(np.maximum(vocab.codes, 0).astype(np.int64))
+        dtype = np.uint8 if pad < 255 else np.int32
+        self.classes = np.where(vocab.codes >= 0, classes, pad).astype(dtype)  # [V, L]
+        self._masks: dict[int, tuple[np.ndarray, bool]] = {}
+        self.lock = threading.Lock()
+
+    @property
+    def start(self) -> int:
+        return self.dfa.start
+
+    def accepting(self, state: int) -> bool:
+        return bool(self.dfa.accepting[state])
+
+    def step(self, state: int, token: int) -> int:
+        """The state after token's text (0: dead; also for a token that is never allowed)."""
+        v = self.vocab
+        if not 0 <= token < v.size or state == 0:
+            return 0
+        row = int(v.rank[token])
+        n = int(v.lengths[row])
+        if n == 0:
+            return 0
+        trans = self.dfa.transitions
+        for c in self.classes[row, :n].tolist():
+            state = int(trans[state, c])
+            if state == 0:
+                return 0
+        return state
+
+    def allowed(self, state: int) -> tuple[np.ndarray, bool]:
+        """(int32 bitmask [ceil(V / 32)] of the tokens whose text keeps `state` alive, whether any does)."""
+        with self.lock:
+            hit = self._masks.get(state)
+        if hit is not None:
+            return hit
+        v = self.vocab
+        cur = np.full(v.size, state, dtype=np.int32)
+        trans = self.dfa.transitions
+        for j in range(self.classes.shape[1]):
+            n = v.active[j]
+            if n == 0:
+                break
+            cur[:n] = trans[cur[:n], self.classes[:n, j]]
+        alive = (cur != 0) & v.valid
+        allowed = np.zeros(v.size, dtype=bool)
+        allowed[v.order] = alive
+        out = (pack_bits(allowed, v.words), bool(alive.any()))
+        with self.lock:
+            self._masks[state] = out
+        return out
+
+
+def pack_bits(allowed: np.ndarray, words: int) -> np.ndarray:
+    """bool [V] -> int32 [words]: bit t % 32 of word t // 32 set where allowed[t]."""
+    packed = np.packbits(allowed, bitorder="little")
+    buf = np.zeros(words * 4, dtype=np.uint8)
+    buf[:packed.size] = packed
+    return buf.view("<u4").astype(np.uint32).view(np.int32)
+
+
+class Guide:
+    """One request's position in its grammar: the state after its committed output tokens."""
+
+    def __init__(self, grammar: Grammar, end_ids: set[int]):
+        self.grammar = grammar
+        self.end_ids = sorted(t for t in end_ids if 0 <= t < grammar.vocab.size)
+        self.state = grammar.start
+
+    def copy(self) -> "Guide":
+        """A new cursor on the same grammar, at its start."""
+        return Guide(self.grammar, set(self.end_ids))
+
+    def advance(self, tokens: list[int]) -> None:
+        for t in tokens:
+            if t in self.end_ids:
+                return
+            self.state = self.grammar.step(self.state, t)
+
+    def mask(self, state: int) -> np.ndarray:
+        """The bitmask of the tokens allowed in `state`: those that keep it alive, and the end ids where the pattern
+        may end (or where nothing can continue it)."""
+        bits, any_alive = self.grammar.allowed(state)
+        if self.end_ids and (self.grammar.accepting(state) or not any_alive):
+            bits = bits.copy()
+            for t in self.end_ids:
+                bits[t // 32] |= np.int32(np.uint32(1 << (t % 32)).view(np.int32))
+        return bits
+
+    def masks_along(self, draft: list[int], positions: int) -> np.ndarray:
+        """int32 [positions, W]: the masks at the guide's state and after each prefix of `draft` (positions past
+        the draft, and past a draft token the pattern does not allow, are left all set: the verification cuts
+        before them)."""
+        out = np.full((positions, self.grammar.vocab.words), -1, dtype=np.int32)
+        state = self.state
+        for p in range(min(len(draft) + 1, positions)):
+            out[p] = self.mask(state)
+            if p == len(draft):
+                break
+            t = draft[p]
+            if t in self.end_ids or not _is_set(out[p], t):
+                break
+            state = self.grammar.step(state, t)
+            if state == 0:
+                break
+        return out
+
+    def state_after(self, draft: list[int]) -> int:
+        state = self.state
+        for t in draft:
+            if t in self.end_ids:
+                return 0
+            state = self.grammar.step(state, t)
+        return state
+
+
+def _is_set(bits: np.ndarray, t: int) -> bool:
+    return bool((int(bits[t // 32]) >> (t % 32)) & 1)
