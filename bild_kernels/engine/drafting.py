@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from bild_kernels import ops
-from bild_kernels.engine.guiding import guided_drafts
+from bild_kernels.engine.guiding import cut_drafts
 from bild_kernels.engine.host import to_device
 from bild_kernels.engine.lookup import NGramIndex
 from bild_kernels.engine.penalizing import chain_penalties, head_columns, penalized
@@ -100,10 +100,11 @@ class Drafting:
         """Autoregressive drafting by the small model, or by the large model's shallow layers (none for the
         rows in `skip`)."""
         shallow = policy.drafter == "shallow"
-        # Rows with structured outputs draft under their pattern's masks: in this eager loop only (the native and the
-        # fixed-buffer loops run a whole draft run without the host, which walks the patterns).
+        # Rows with structured outputs draft from the unmasked distribution, and a run ends at the first token its
+        # pattern does not allow (discarded, as an unsure one is): in every loop the same drafts (the native and the
+        # fixed-buffer loops, which run without the host, are cut after the run; `cut_drafts`).
         guides = any(s.guide is not None for s in running)
-        if not shallow and self._static is not None and not guides:
+        if not shallow and self._static is not None:
             return self._draft_static(running, policy, skip)
         # Rows with penalties draft from their penalised distribution (what the penalised large model keeps), in every
         # loop: this eager one, the native one, the fixed-buffer and graphed ones (_draft_static).
@@ -122,10 +123,10 @@ class Drafting:
         vocab = None if shallow or out.probs is not None else self._head_vocab(running)
         active = [i for i, c in enumerate(caps) if c > 0]
         columns = self._head_columns(vocab) if penalties else None
-        if (feature and self.draft_loop == "native" and active and out.probs is None and not guides
+        if (feature and self.draft_loop == "native" and active and out.probs is None
                 and all(running[i].params.temperature <= 0 for i in active)
                 and self._draft_native(running, active, caps, policy, out)):
-            return out
+            return cut_drafts(running, out) if guides else out
         fixed = None  # the rows' sampling tensors but the offsets, built once while the same rows draft
         step = 0
         while active:
@@ -142,9 +143,6 @@ class Drafting:
                 logits = self.runners["small"].extend(rows, toks, [1] * len(seqs), full_vocab=vocab is None)
             if penalties:  # (each row's drafts so far count as its output)
                 logits = penalized(logits, seqs, self.eos_ids, columns=columns, drafted=[drafts[i] for i in active])
-            open_rows = None
-            if guides:  # (a row its pattern leaves no drafted token stops drafting: the large model goes on)
-                logits, open_rows = guided_drafts(logits, seqs, [drafts[i] for i in active], vocab)
             logits = logits[:, 0]  # [n, V]
             for i, s in zip(active, seqs):
                 # (a feature draft's position t reads token t + 1: it holds one position fewer than the tokens)
@@ -164,13 +162,13 @@ class Drafting:
             confs = res.max_probs.tolist() if out.confidences is not None else None
             still = []
             for j, (i, tok, fb) in enumerate(zip(active, drafted_ids(res, vocab).tolist(), unsure.tolist())):
-                if open_rows is not None and not open_rows[j]:
-                    continue
                 if fb:  # the drafter is unsure: its token is discarded and the large model takes over
                     running[i].metrics.fallbacks += 1
                     if confs is not None:
                         out.unsure[i] = (tok, confs[j])
                     continue
+                if guides and running[i].guide is not None and not running[i].guide.allows(drafts[i], tok):
+                    continue  # (its pattern ends the run: the large model takes over)
                 drafts[i].append(tok)
                 if out.probs is not None:
                     out.probs[i].append(row_probs[j])
@@ -291,7 +289,7 @@ class Drafting:
                 out.probs[i] = run.probs[j]
             if out.confidences is not None:
                 out.confidences[i], out.unsure[i] = run.confidences[j], run.unsure[j]
-        return out
+        return cut_drafts(running, out) if any(s.guide is not None for s in running) else out
 
 
 def _pending_features(s: Sequence) -> int:

@@ -1,6 +1,6 @@
-"""SamplingParams.structured_outputs in the engine: each request's `Guide`, and its token masks on a pass's logits
-(`ops.apply_token_bitmask`) for the verification (the large model's distribution, the one every policy keeps to)
-and for the drafts (the small model's, so that it proposes what the constrained large model keeps)."""
+"""SamplingParams.structured_outputs in the engine: each request's `Guide`, its token masks on a verification pass's
+logits (`ops.apply_token_bitmask`: the large model's distribution, the one every policy keeps to), and its drafts cut
+at the first token the pattern does not allow."""
 from __future__ import annotations
 
 import threading
@@ -10,7 +10,7 @@ import torch
 
 from bild_kernels import ops
 from bild_kernels.engine.params import SamplingParams
-from bild_kernels.engine.sequence import Sequence
+from bild_kernels.engine.sequence import Drafts, Sequence
 from bild_kernels.structured import dfa
 from bild_kernels.structured.guide import Guide, Vocabulary, token_texts
 
@@ -55,31 +55,15 @@ def guided(logits: torch.Tensor, seqs: list[Sequence], drafts: list[list[int]]) 
     return ops.apply_token_bitmask(logits, torch.from_numpy(bits).to(logits.device, non_blocking=True))
 
 
-def guided_drafts(logits: torch.Tensor, seqs: list[Sequence], drafted: list[list[int]],
-                  head_vocab: torch.Tensor | None) -> tuple[torch.Tensor, list[bool]]:
-    """A draft step's logits [n, 1, V'] masked for each guided row at the state after what it drafted so far
-    (head_vocab: the ids of the V' columns when the logits score a reduced head), and per row whether any token is
-    left (a row with none must stop drafting; its logits stay as they were)."""
-    if not any(s.guide is not None for s in seqs):
-        return logits, [True] * len(seqs)
-    n, P, Vc = logits.shape
-    words = -(-Vc // 32)
-    bits = np.full((n, P, words), -1, dtype=np.int32)
-    alive = [True] * n
-    cols = None if head_vocab is None else head_vocab.cpu().numpy()
-    for i, (s, d) in enumerate(zip(seqs, drafted)):
-        g = s.guide
-        if g is None:
-            continue
-        state = g.state_after(d)
-        full = g.mask(state) if state else np.zeros(g.grammar.vocab.words, dtype=np.int32)
-        if cols is not None:
-            allowed = np.unpackbits(full.view(np.uint8), bitorder="little")[cols].astype(bool)
-            packed = np.packbits(allowed, bitorder="little")
-            row = np.zeros(words * 4, dtype=np.uint8)
-            row[:packed.size] = packed
-            full = row.view("<u4").astype(np.uint32).view(np.int32)
-        alive[i] = bool(state) and bool(full.any())
-        if alive[i]:  # (a row with nothing left keeps its logits: its token is dropped, and no row is all -inf)
-            bits[i, :] = full
-    return ops.apply_token_bitmask(logits, torch.from_numpy(bits).to(logits.device, non_blocking=True)), alive
+def cut_drafts(seqs: list[Sequence], out: Drafts) -> Drafts:
+    """Each guided row's drafts (and their distributions and confidences) cut before the first token its pattern does
+    not allow: what the eager loop stops at, for the loops that run without the host."""
+    for i, s in enumerate(seqs):
+        if s.guide is not None and out.tokens[i]:
+            keep = s.guide.allowed_prefix(out.tokens[i])
+            del out.tokens[i][keep:]
+            if out.probs is not None and out.probs[i]:
+                del out.probs[i][keep:]
+            if out.confidences is not None and out.confidences[i]:
+                del out.confidences[i][keep:]
+    return out

@@ -193,6 +193,20 @@ class Guide:
                 break
         return out
 
+    def allows(self, draft: list[int], token: int) -> bool:
+        """Whether `token` may follow the output and then `draft` (all allowed)."""
+        state = self.state_after(draft)
+        return state != 0 and _is_set(self.mask(state), token)
+
+    def allowed_prefix(self, draft: list[int]) -> int:
+        """How many of `draft`'s first tokens the pattern allows in a row after the output."""
+        state = self.state
+        for n, t in enumerate(draft):
+            if state == 0 or not _is_set(self.mask(state), t):
+                return n
+            state = 0 if t in self.end_ids else self.grammar.step(state, t)
+        return len(draft)
+
     def state_after(self, draft: list[int]) -> int:
         state = self.state
         for t in draft:
