@@ -8,6 +8,8 @@ import re
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from bild_kernels import BiLD, Engine, Greedy, LargeOnly, SamplingParams, SmallOnly, SpeculativeSampling
@@ -254,6 +256,44 @@ def test_a_feature_draft_drafts_the_same_under_a_pattern_in_every_draft_loop(tmp
         runs[loop] = [(out, d) for step in seen for _, out, d in step]
         assert_all_free(eng)
     assert all(r == runs["eager"] for r in runs.values())
+
+
+ATOMS = [r"[a-c]", r"\d", r"(yes|no)", r"ab", r" ", r"[^{}]", r"(x1|12|-)", r"\u00e9"]
+QUANTS = ["", "?", "{1,3}", "{2}", "*"]
+pattern_st = st.lists(st.tuples(st.sampled_from(ATOMS), st.sampled_from(QUANTS)), min_size=1, max_size=4).map(
+    lambda parts: "".join(f"(?:{a}){q}" for a, q in parts))
+policy_st = st.sampled_from([LargeOnly(), Greedy(max_draft_len=3), BiLD(0.0, 0.0, 4), BiLD(0.3, 3.0, 3),
+                             NGram(max_draft_len=3, max_ngram=2, min_ngram=1), Jacobi(block_size=3),
+                             SpeculativeSampling(max_draft_len=3),
+                             BiLD(0.2, 2.0, 3, lookup=NGram(max_draft_len=3, max_ngram=2, min_ngram=1))])
+request_st = st.tuples(st.lists(st.integers(0, V - 1), min_size=1, max_size=8), st.one_of(st.none(), pattern_st),
+                       st.sampled_from([0.0, 0.0, 1.0]), st.integers(0, 1000), st.integers(1, 12))
+
+
+@settings(max_examples=25, deadline=None, database=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(st.lists(request_st, min_size=1, max_size=4), policy_st)
+def test_fuzz_patterns_batches_and_policies(engine, reqs, policy):
+    """Random patterns, policies and batches: a request gives the same tokens alone as in its batch, greedy lossless
+    policies LargeOnly()'s, every text stays on its pattern (matches it in full when the request ended with EOS), and
+    no KV block leaks."""
+    prompts = [r[0] for r in reqs]
+    greedy_only = policy.name == "jacobi"  # (Jacobi decoding refuses temperatures)
+    params = [SamplingParams(max_tokens=n, temperature=0.0 if greedy_only else t, seed=seed,
+                             structured_outputs=None if p is None else StructuredOutputs(regex=p))
+              for _, p, t, seed, n in reqs]
+    outs = engine.generate(prompts, params, policy=policy)
+    for (prompt, p, t, seed, n), sp, o in zip(reqs, params, outs):
+        assert o.error is None, o.error
+        assert o.token_ids == engine.generate([prompt], sp, policy=policy)[0].token_ids
+        if p is not None:
+            if o.finish_reason == "eos":
+                assert re.fullmatch(p, o.text), (p, o.text)
+            else:
+                assert compile_regex(p).walk(compile_regex(p).start, o.text) != 0, (p, o.text)
+        if sp.temperature == 0 and policy.name in ("greedy", "ngram", "jacobi") or policy == BiLD(0.0, 0.0, 4):
+            assert o.token_ids == engine.generate([prompt], sp, policy=LargeOnly())[0].token_ids
+    assert_all_free(engine)
 
 
 @requires_gpu
