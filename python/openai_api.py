@@ -4,6 +4,7 @@ outputs; vLLM's tokenizer routes. No HTTP here: serve.py's handler calls `Servic
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import threading
 
@@ -24,7 +25,8 @@ FIELDS = {"prompt", "max_tokens", "temperature", "top_p", "top_k", "min_p", "see
 NEUTRAL = {"best_of": (1,)}
 CHAT_NEUTRAL = {k: v for k, v in NEUTRAL.items() if k != "best_of"}
 FIELDS |= set(NEUTRAL) | {"stream_options", "echo"}
-CHAT_FIELDS = FIELDS - {"prompt", "echo", "best_of"} | {"messages", "max_completion_tokens", "top_logprobs"}
+CHAT_FIELDS = FIELDS - {"prompt", "echo", "best_of"} | {"messages", "max_completion_tokens", "top_logprobs", "tools",
+                                                       "tool_choice", "parallel_tool_calls"}
 ROUTES = {"/v1/completions": "text", "/v1/chat/completions": "chat"}
 TOKENIZER_ROUTES = {"/tokenize": "tokenize", "/detokenize": "detokenize"}
 MAX_N = 16  # completions one request may ask for per prompt (n)
@@ -75,6 +77,76 @@ def _structured(body: dict):
             raise BadRequest("structured_outputs must be an object (json, regex, choice or json_object)")
         return value
     return {{"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice"}[key]: value, **extra}
+
+
+def tool_spec(body: dict) -> dict | None:
+    """What a chat body's tools and tool_choice ask for: None (no tool call: no tools, or tool_choice "none"), or
+    {"mode": "named", "name": the function, "json": its parameters' schema, "tools": [...]} (tool_choice naming a
+    function: the reply is one call of it) or {"mode": "required", "json": a schema of a list of calls, "tools": [...]}
+    (tool_choice "required": one or more calls of any of them; one with parallel_tool_calls false). The arguments are
+    held to the functions' parameter schemas by structured outputs. "auto" (OpenAI's default with tools) needs a
+    parser of each model's own tool-call format: refused."""
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    if tools is None:
+        if choice not in (None, "none"):
+            raise BadRequest("tool_choice needs tools")
+        return None
+    if not isinstance(tools, list) or not tools:
+        raise BadRequest('tools must be a non-empty list of {"type": "function", "function": {"name": ..., '
+                         '"parameters": {...}}}')
+    specs = {}
+    for t in tools:
+        ok = isinstance(t, dict) and t.get("type") == "function" and set(t) == {"type", "function"}
+        fn = t.get("function") if ok else None
+        if (not isinstance(fn, dict) or not isinstance(fn.get("name"), str)
+                or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", fn["name"])
+                or set(fn) - {"name", "description", "parameters", "strict"}
+                or not isinstance(fn.get("parameters", {}), dict)):
+            raise BadRequest('each tool must be {"type": "function", "function": {"name": letters, digits, _ or - (at '
+                             'most 64), "description": ..., "parameters": a JSON Schema}}')
+        if fn["name"] in specs:
+            raise BadRequest(f"tools name the function {fn['name']!r} twice")
+        specs[fn["name"]] = fn.get("parameters") or {"type": "object"}
+    parallel = body.get("parallel_tool_calls", True)
+    if not isinstance(parallel, bool):
+        raise BadRequest("parallel_tool_calls must be true or false")
+    if choice is None or choice == "auto":
+        raise BadRequest('tool_choice "auto" (the default with tools) needs a parser of the model\'s own tool-call '
+                         'format, which this server lacks: name a function ({"type": "function", "function": {"name": '
+                         '...}}), or say "required" or "none"')
+    if choice == "none":
+        return None
+    if choice == "required":
+        calls = [{"type": "object", "properties": {"name": {"const": n}, "parameters": p},
+                  "required": ["name", "parameters"]} for n, p in specs.items()]
+        schema = {"type": "array", "items": {"anyOf": calls}, "minItems": 1, **({} if parallel else {"maxItems": 1})}
+        return {"mode": "required", "json": schema, "tools": tools}
+    name = choice.get("function", {}).get("name") if isinstance(choice, dict) and choice.get("type") == "function" \
+        and isinstance(choice.get("function"), dict) else None
+    if name not in specs:
+        raise BadRequest(f'tool_choice must be "none", "required", or {{"type": "function", "function": {{"name": one '
+                         f'of {sorted(specs)}}}}}')
+    return {"mode": "named", "name": name, "json": specs[name], "tools": tools}
+
+
+def tool_message(text: str, finish_reason: str, spec: dict, call_id: str) -> tuple[dict, str]:
+    """(the chat message, finish_reason) of a tool-call reply: the calls, once the JSON was finished (by EOS); the text
+    as content otherwise (the request ended first: max_tokens, a timeout; or the model's tokens could not write the
+    rest, where structured outputs let it end)."""
+    try:
+        if finish_reason != "eos":
+            raise ValueError
+        doc = json.loads(text)
+    except ValueError:  # (json.JSONDecodeError included)
+        return {"role": "assistant", "content": text}, "stop" if finish_reason == "eos" else finish_reason
+    if spec["mode"] == "named":
+        calls, reason = [(spec["name"], text)], "stop"  # (OpenAI's finish_reason for a named tool_choice)
+    else:
+        calls = [(c["name"], json.dumps(c["parameters"])) for c in doc]
+        reason = "tool_calls"
+    return {"role": "assistant", "content": None,
+            "tool_calls": [{"id": f"{call_id}-{i}", "type": "function", "function": {"name": n, "arguments": a}}
+                           for i, (n, a) in enumerate(calls)]}, reason
 
 
 def _seed(body: dict):
@@ -153,8 +225,19 @@ class Service:
                                  or not isinstance(opts.get("include_usage", True), bool)):
             raise BadRequest('stream_options must be {"include_usage": true|false} (the last event carries the '
                              'usage either way)')
+        tools = tool_spec(body) if kind == "chat" else None
+        if tools is not None:
+            if _structured(body) is not None:
+                raise BadRequest("tool_choice holds the reply to its functions' schemas: no other output constraint")
+            if body.get("stream"):
+                raise BadRequest("stream is not supported with tool_choice")
         if kind == "chat":
             prompt, body = self._chat_body(body)
+            if tools is not None:
+                try:  # (the template shows the tools where it can)
+                    prompt = self.engine.tokenize(prompt, tools=tools["tools"])
+                except ValueError as e:
+                    raise BadRequest(str(e)) from None
         else:
             prompt = body.get("prompt")
             if is_batch(prompt):
@@ -188,7 +271,7 @@ class Service:
                                     min_tokens=body.get("min_tokens", 0), logit_bias=_logit_bias(body),
                                     logprobs=body.get("logprobs"),
                                     prompt_logprobs=body.get("logprobs") if body.get("echo") else None,
-                                    structured_outputs=_structured(body))
+                                    structured_outputs=_structured(body) if tools is None else {"json": tools["json"]})
         except (TypeError, ValueError) as e:
             raise BadRequest(str(e)) from None
         if not isinstance(body.get("stream", False), bool):

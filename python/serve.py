@@ -30,7 +30,11 @@ added first) shape the large model's distribution, what every policy verifies ag
 include_stop_str_in_output and skip_special_tokens (default true) shape the text; an output constraint holds the
 text to a pattern (SamplingParams.structured_outputs): OpenAI's response_format ({"type": "json_object"} or
 {"type": "json_schema", "json_schema": {"name", "schema"}}), vLLM's structured_outputs ({"json" | "regex" | "choice" |
-"json_object"}) or its guided_json / guided_regex / guided_choice (+ guided_whitespace_pattern);
+"json_object"}) or its guided_json / guided_regex / guided_choice (+ guided_whitespace_pattern); (chat) tools with
+tool_choice naming a function (the reply is message.tool_calls: one call, its arguments held to the function's
+parameters schema, finish_reason "stop") or "required" (one or more calls, finish_reason "tool_calls"; one with
+parallel_tool_calls false), the tools shown to the chat template; "auto" is refused (it needs a parser of the model's
+own tool-call format), "none" ignores them; not streamed;
 (completions) best_of 1 is accepted as the no-op it is, other values refused. stream_options is accepted (the last event carries the
 usage either way). With "stream": true the reply is server-sent events, one `data: {...}` per committed run of tokens
 and `data: [DONE]` at the end. Each choice carries, besides OpenAI's text and finish_reason, the token ids
@@ -57,7 +61,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import torch
 
 from bild_kernels import Engine
-from openai_api import MAX_BODY, ROUTES, TOKENIZER_ROUTES, BadRequest, Service, _chain, _refused, _usage, is_batch
+from openai_api import (MAX_BODY, ROUTES, TOKENIZER_ROUTES, BadRequest, Service, _chain, _refused, _usage, is_batch,
+                        tool_message, tool_spec)
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
@@ -128,7 +133,7 @@ class Handler(BaseHTTPRequestHandler):
                 self._stream(prompt, params, policy, kind)
             else:
                 self._complete(prompt, params, policy, kind, echo=kind == "text" and body.get("echo", False),
-                               n=body.get("n", 1))
+                               n=body.get("n", 1), tools=tool_spec(body) if kind == "chat" else None)
         except (TypeError, ValueError) as e:  # the engine's documented argument errors
             self._error(400, str(e))
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
@@ -138,7 +143,7 @@ class Handler(BaseHTTPRequestHandler):
         finally:
             svc.slots.release()
 
-    def _complete(self, prompt, params, policy, kind="text", echo=False, n=1):
+    def _complete(self, prompt, params, policy, kind="text", echo=False, n=1, tools=None):
         svc, created = self.service, int(time.time())
         # each prompt n times, the i-th with seed + i (OpenAI's order: a prompt's n choices together)
         prompts = [p for p in (prompt if kind == "text" and is_batch(prompt) else [prompt]) for _ in range(n)]
@@ -157,6 +162,9 @@ class Handler(BaseHTTPRequestHandler):
             choice = svc.choice(out.text or "", out.token_ids, out.finish_reason, out.error, out.logprobs,
                                 out.top_logprobs, kind=kind)
             choice["index"] = i
+            if tools is not None:  # (tool_choice: the reply's JSON as the calls' arguments)
+                choice["message"], choice["finish_reason"] = tool_message(
+                    out.text or "", out.finish_reason, tools, f"call-{out.request_id}")
             if echo:
                 svc.echo(choice, p, out)
             choices.append(choice)

@@ -548,3 +548,103 @@ def test_client_leaving_mid_stream_frees_its_blocks(server, monkeypatch):
     assert eng._scheduler.running, "the request should still be running"
     sock.close()
     _all_free(eng)
+
+
+@pytest.fixture(scope="module")
+def json_server(programs):
+    """A server on a tiny pair whose tokenizer can write JSON (tests/engine/test_structured_outputs.py's pieces: no
+    "_", so the functions' names are letters), with a chat template that shows whether it was given tools."""
+    import torch
+
+    from bild_kernels import Engine
+
+    from .engine.conftest import shallow_copy, tiny_llama
+    from .engine.test_structured_outputs import EOS, V, _tokenizer
+    large = tiny_llama(21, layers=3, vocab=V)
+    large.config.eos_token_id = EOS
+    small = shallow_copy(large, layers=2, noise=0.3)
+    small.config.eos_token_id = EOS
+    tok = _tokenizer()
+    tok.chat_template = "{% if tools %}yes{% else %}no{% endif %}"  # (the whole text is one piece)
+    engine = Engine(large=large, small=small, tokenizer=tok, dtype=torch.float64, max_model_len=96, block_size=4)
+    srv = programs["serve"].make_server(engine, port=0, max_pending=16)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+WEATHER = {"type": "function", "function": {"name": "weather", "description": "the weather in a city",
+                                            "parameters": {"type": "object", "properties": {
+                                                "city": {"type": "string", "maxLength": 4},
+                                                "unit": {"enum": ["c", "f"]}, "rain": {"type": "boolean"}},
+                                                "required": ["city", "unit"]}}}
+TIME = {"type": "function", "function": {"name": "clock", "parameters": {
+    "type": "object", "properties": {"zone": {"enum": ["utc", "cet"]}}, "required": ["zone"]}}}
+
+
+@pytest.mark.parametrize("choice, parallel", [({"type": "function", "function": {"name": "weather"}}, True),
+                                              ("required", False), ("required", True)])
+def test_tool_calls_hold_to_the_functions_schemas(json_server, choice, parallel):
+    svc = json_server.service
+    body = {"messages": [{"role": "user", "content": "weather?"}], "max_tokens": 60, "tools": [WEATHER, TIME],
+            "tool_choice": choice, "parallel_tool_calls": parallel, "policy": {"name": "bild"}}
+    code, r = _post(json_server, "/v1/chat/completions", body)
+    assert code == 200, r
+    c = r["choices"][0]
+    prompt, params, policy, _ = svc.parse(body, "chat")
+    assert prompt == [svc.engine.tokenize("yes", add_special_tokens=False)[0]]  # (the template was given the tools)
+    alone = svc.engine.generate([prompt], params, policy=policy)[0]
+    assert c["token_ids"] == alone.token_ids
+    assert alone.finish_reason == "eos", alone  # (bounded schemas: the JSON always ends)
+    calls = c["message"]["tool_calls"]
+    assert c["message"]["content"] is None and calls and all(k["type"] == "function" for k in calls)
+    if choice == "required":
+        assert c["finish_reason"] == "tool_calls" and (parallel or len(calls) == 1)
+    else:
+        assert c["finish_reason"] == "stop" and len(calls) == 1 and calls[0]["function"]["name"] == "weather"
+    for k in calls:
+        args = json.loads(k["function"]["arguments"])
+        if k["function"]["name"] == "weather":
+            assert set(args) >= {"city", "unit"} and len(args["city"]) <= 4 and args["unit"] in ("c", "f")
+        else:
+            assert args == {"zone": "utc"} or args == {"zone": "cet"}
+    assert len({k["id"] for k in calls}) == len(calls)
+
+
+@pytest.mark.parametrize("extra, match", [
+    ({"tools": [WEATHER]}, 'tool_choice "auto"'), ({"tools": [WEATHER], "tool_choice": "auto"}, 'tool_choice "auto"'),
+    ({"tool_choice": "required"}, "tool_choice needs tools"),
+    ({"tools": [{"type": "function", "function": {"name": "a b"}}], "tool_choice": "required"}, "each tool must be"),
+    ({"tools": [WEATHER, WEATHER], "tool_choice": "required"}, "twice"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice must be"),
+    ({"tools": [WEATHER], "tool_choice": "required", "stream": True}, "stream is not supported"),
+    ({"tools": [WEATHER], "tool_choice": "required", "guided_regex": "a"}, "no other output constraint"),
+    ({"tools": [WEATHER], "tool_choice": "required", "parallel_tool_calls": "no"}, "parallel_tool_calls"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "integer", "minimum": 2}}}],
+      "tool_choice": "required"}, "'minimum'")])
+def test_tool_requests_it_cannot_serve_get_clear_errors(json_server, extra, match):
+    body = {"messages": [{"role": "user", "content": "weather?"}], "max_tokens": 8, **extra}
+    code, r = _post(json_server, "/v1/chat/completions", body)
+    assert code == 400 and match in r["error"]["message"], r
+
+
+def test_tool_choice_none_is_a_plain_reply(json_server):
+    body = {"messages": [{"role": "user", "content": "weather?"}], "max_tokens": 5, "tools": [WEATHER],
+            "tool_choice": "none"}
+    code, r = _post(json_server, "/v1/chat/completions", body)
+    assert code == 200 and "tool_calls" not in r["choices"][0]["message"]
+
+
+def test_a_tool_reply_that_is_not_whole_json_comes_back_as_content(programs):
+    # (max_tokens, a timeout, or tokens that cannot write a function's name: the text, no calls)
+    tool_message = programs["serve"].tool_message
+    named = {"mode": "named", "name": "f"}
+    assert tool_message('{"a": 1}', "eos", named, "c")[0]["tool_calls"][0]["function"] == {"name": "f",
+                                                                                          "arguments": '{"a": 1}'}
+    assert tool_message('{"a": ', "length", named, "c") == ({"role": "assistant", "content": '{"a": '}, "length")
+    assert tool_message('[{"name": "ge', "eos", {"mode": "required"}, "c") == (
+        {"role": "assistant", "content": '[{"name": "ge'}, "stop")
+    msg, reason = tool_message('[{"name": "f", "parameters": {}}, {"name": "g", "parameters": {"x": 1}}]', "eos",
+                               {"mode": "required"}, "c")
+    assert reason == "tool_calls" and [c["function"]["arguments"] for c in msg["tool_calls"]] == ["{}", '{"x": 1}']

@@ -12,9 +12,10 @@ def is_conversation(p) -> bool:
     return isinstance(p, (list, tuple)) and len(p) > 0 and all(isinstance(m, dict) for m in p)
 
 
-def conversation_ids(tokenizer, messages) -> tuple[list[int] | None, str | None]:
+def conversation_ids(tokenizer, messages, tools=None) -> tuple[list[int] | None, str | None]:
     """(token ids, None) of chat messages through the tokenizer's chat template, with the assistant's generation
-    prompt appended; (None, why) when the messages or the tokenizer cannot make one."""
+    prompt appended (and `tools`, OpenAI's function specs, handed to the template as Hugging Face's `tools`); (None,
+    why) when the messages or the tokenizer cannot make one."""
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         return None, "a conversation needs a chat template, and the tokenizer has none (pass a string or token ids)"
     for j, m in enumerate(messages):
@@ -22,15 +23,16 @@ def conversation_ids(tokenizer, messages) -> tuple[list[int] | None, str | None]
             return None, (f"message {j} must be {{'role': one of {list(ROLES)}, 'content': a string}}, "
                           f"got {str(m)[:80]}")
     try:
-        ids = template_ids(tokenizer, messages)
+        ids = template_ids(tokenizer, messages, tools)
     except Exception as e:  # the template's own checks (roles out of order, say) raise from Jinja
         return None, f"the chat template refused these messages: {type(e).__name__}: {e}"
     return (ids, None) if ids else (None, "the chat template made no tokens of these messages")
 
 
-def template_ids(tokenizer, messages) -> list[int]:
+def template_ids(tokenizer, messages, tools=None) -> list[int]:
     """The chat template's token ids for `messages`, the assistant's generation prompt appended."""
-    ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+    kw = {} if tools is None else {"tools": list(tools)}
+    ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True, **kw)
     return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
 
@@ -144,15 +146,18 @@ class TokenizerMethods:
         with self._scheduler.tok_lock:  # (the tokenizer is not shared across threads)
             return [self.tokenizer.decode([t]) for t in ids]
 
-    def tokenize(self, prompt, *, add_special_tokens: bool = True) -> list[int]:
+    def tokenize(self, prompt, *, add_special_tokens: bool = True, tools=None) -> list[int]:
         """The token ids `generate` would run for `prompt`: a string (with add_special_tokens, the tokenizer's own
         BOS and the like, as generate adds them), or a conversation (a list of {"role", "content"} messages, through
-        the chat template with the assistant's generation prompt). ValueError for what generate would refuse."""
+        the chat template with the assistant's generation prompt; `tools`, OpenAI's function specs, go to the template
+        too, for the templates that show them). ValueError for what generate would refuse."""
         if self.tokenizer is None:
             raise ValueError("the engine has no tokenizer: it takes token ids only")
+        if tools is not None and not is_conversation(prompt):
+            raise ValueError("tools go with a conversation (a list of chat messages)")
         if is_conversation(prompt):
             with self._scheduler.tok_lock:
-                ids, why = conversation_ids(self.tokenizer, prompt)
+                ids, why = conversation_ids(self.tokenizer, prompt, tools)
             if why is not None:
                 raise ValueError(why)
             return ids
