@@ -500,7 +500,7 @@ def test_concurrent_clients_equal_alone(programs, server):
     (json.dumps({"prompt": "w1", "guided_regex": "(?=x)"}), 400, "lookarounds"),
     (json.dumps({"prompt": "w1", "guided_regex": "a", "guided_choice": ["b"]}), 400, "give one output constraint"),
     (json.dumps({"prompt": "w1", "response_format": {"type": "yaml"}}), 400, "response_format must be"),
-    (json.dumps({"prompt": "w1", "guided_json": {"type": "integer", "minimum": 1}}), 400, "'minimum'"),
+    (json.dumps({"prompt": "w1", "guided_json": {"type": "number", "minimum": 1}}), 400, "'minimum'"),
     (json.dumps({"prompt": "w1", "structured_outputs": {"grammar": "x"}}), 400, "no field 'grammar'"),
     (json.dumps({"prompt": "w1", "guided_choice": ["a"]}), 400, "end-of-sequence"),
     (json.dumps({"prompt": "w1", "guided_choice": ["a"], "ignore_eos": True}), 400, "ignore_eos"),
@@ -621,7 +621,7 @@ def test_tool_calls_hold_to_the_functions_schemas(json_server, choice, parallel)
     ({"tools": [WEATHER], "tool_choice": "required", "stream": True}, "stream is not supported"),
     ({"tools": [WEATHER], "tool_choice": "required", "guided_regex": "a"}, "no other output constraint"),
     ({"tools": [WEATHER], "tool_choice": "required", "parallel_tool_calls": "no"}, "parallel_tool_calls"),
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "integer", "minimum": 2}}}],
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "number", "minimum": 2}}}],
       "tool_choice": "required"}, "'minimum'")])
 def test_tool_requests_it_cannot_serve_get_clear_errors(json_server, extra, match):
     body = {"messages": [{"role": "user", "content": "weather?"}], "max_tokens": 8, **extra}

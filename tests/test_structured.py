@@ -81,8 +81,49 @@ def test_json_object_is_any_object_nested_up_to_the_depth():
         assert not d.fullmatch(doc), doc
 
 
+@pytest.mark.parametrize("lo,hi", [(0, None), (1, None), (5, 5), (-5, 5), (None, -3), (None, 0), (17, 1234),
+                                   (-1000, -7), (99, 101), (-12, None), (None, 250), (3, 3000000)])
+def test_integer_bounds_become_exactly_the_integers_between_them(lo, hi):
+    schema = {"type": "integer", **({} if lo is None else {"minimum": lo}), **({} if hi is None else {"maximum": hi})}
+    d = compile_regex(schema_to_regex(schema))
+    rng = random.Random(lo or 0)
+    for v in list(range(-1100, 1200)) + [rng.randint(-10**7, 10**7) for _ in range(500)]:
+        assert d.fullmatch(str(v)) == ((lo is None or v >= lo) and (hi is None or v <= hi)), v
+    for bad in ["-0", "007", "01", "+5", "", "-", "1.0"]:
+        assert not d.fullmatch(bad), bad
+    strict = compile_regex(schema_to_regex({"type": "integer", "exclusiveMinimum": 2.5, "exclusiveMaximum": 7}))
+    assert [v for v in range(-3, 12) if strict.fullmatch(str(v))] == [3, 4, 5, 6]
+
+
+def test_a_pydantic_model_is_taken_by_its_schema():
+    pydantic = pytest.importorskip("pydantic")
+    from enum import Enum
+    from typing import Literal, Optional
+
+    class Color(str, Enum):
+        red = "red"
+        blue = "blue"
+
+    class Pet(pydantic.BaseModel):
+        name: str = pydantic.Field(max_length=8)
+        age: int = pydantic.Field(ge=0, le=30)
+        color: Color
+        kind: Literal["cat", "dog"]
+        owner: Optional[str] = None
+        tags: list[str] = []
+
+    d = compile_regex(StructuredOutputs(json=Pet).pattern())
+    for doc, ok in [('{"name": "Tom", "age": 3, "color": "red", "kind": "cat"}', True),
+                    ('{"name": "Tom", "age": 3, "color": "red", "kind": "cat", "owner": null, "tags": ["a"]}', True),
+                    ('{"name": "Tom", "age": 31, "color": "red", "kind": "cat"}', False),
+                    ('{"name": "Tom", "age": 3, "color": "green", "kind": "cat"}', False)]:
+        assert d.fullmatch(doc) == ok, doc
+        if ok:
+            Pet.model_validate_json(doc)
+
+
 @pytest.mark.parametrize("schema,what", [
-    ({"type": "integer", "minimum": 0}, "'minimum'"), ({"type": "string", "format": "email"}, "'email'"),
+    ({"type": "number", "minimum": 0}, "'minimum'"), ({"type": "integer", "minimum": 3, "maximum": 2}, "no integer"), ({"type": "string", "format": "email"}, "'email'"),
     ({"$ref": "#/$defs/a", "$defs": {"a": {"$ref": "#/$defs/a"}}}, "recursive"),
     ({"type": "object", "properties": {"a": {}}, "required": ["b"]}, "'b'"), ({"type": "wat"}, "'wat'"),
     ({"type": "array", "prefixItems": []}, "'prefixItems'"), ("{not json", "not valid JSON")])
@@ -98,7 +139,7 @@ def test_structured_outputs_take_exactly_one_kind_and_check_it_up_front():
     for kw, what in [({}, "exactly one"), ({"regex": "a", "choice": ["a"]}, "exactly one"),
                      ({"choice": []}, "non-empty"), ({"choice": ["a", ""]}, "non-empty"),
                      ({"regex": "(?!x)"}, "lookaround"),
-                     ({"json": {"type": "integer", "maximum": 3}}, "'maximum'"), ({"regex": 5}, "string")]:
+                     ({"json": {"type": "number", "maximum": 3}}, "'maximum'"), ({"regex": 5}, "string")]:
         with pytest.raises(ValueError, match=re.escape(what)):
             StructuredOutputs(**kw)
     with pytest.raises(ValueError, match="no field 'grammar'"):

@@ -22,7 +22,8 @@ __all__ = ["StructuredOutputs", "compile_regex", "schema_to_regex", "RegexDFA"]
 
 @dataclass(frozen=True)
 class StructuredOutputs:
-    """Exactly one of: `json` (a JSON Schema, as a dict or a JSON string: the text is a JSON document it accepts),
+    """Exactly one of: `json` (a JSON Schema, as a dict or a JSON string, or a pydantic model: the text is a JSON
+    document it accepts),
     `regex` (the text fully matches it), `choice` (the text is one of these strings), `json_object=True` (the text
     is a JSON object, nested at most `DEFAULT_DEPTH` deep). `whitespace_pattern` (a regex; default `[ ]?`) is what
     may stand between JSON tokens. The request ends (EOS) once the text is complete and nothing may follow; it may
@@ -36,6 +37,8 @@ class StructuredOutputs:
     whitespace_pattern: str | None = None
 
     def __post_init__(self):
+        if callable(getattr(self.json, "model_json_schema", None)):  # a pydantic model (class): its schema
+            object.__setattr__(self, "json", self.json.model_json_schema())
         if isinstance(self.json, dict):  # (kept as its JSON text: hashable, and the property order stays)
             object.__setattr__(self, "json", _json.dumps(self.json))
         if isinstance(self.choice, list):

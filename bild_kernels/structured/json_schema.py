@@ -6,13 +6,15 @@ tokens follows `whitespace` (default `[ ]?`: compact JSON, one optional space). 
 any JSON value is any JSON value nested at most `max_depth` deep (a regular expression cannot count brackets). What
 is supported: "type" (one or a list), "enum", "const", "anyOf" / "oneOf", "allOf" of one schema, "$ref" to "#/$defs/..."
 or "#/definitions/..." (not recursive), strings' "minLength" / "maxLength" / "pattern" / "format" (date, time,
-date-time, uuid), arrays' "items" / "minItems" / "maxItems", objects' "properties" / "required" /
+date-time, uuid), integers' "minimum" / "maximum" / "exclusiveMinimum" / "exclusiveMaximum", arrays' "items" /
+"minItems" / "maxItems", objects' "properties" / "required" /
 "additionalProperties". Any other constraint keyword raises a ValueError naming it rather than being ignored;
 annotations (title, description, examples, ...) are ignored.
 """
 from __future__ import annotations
 
 import json
+import math
 import re
 
 STRING_CHAR = r'(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})'
@@ -31,6 +33,57 @@ FORMATS = {
 ANNOTATIONS = {"title", "description", "examples", "default", "$schema", "$id", "$comment", "$defs", "definitions",
                "readOnly", "writeOnly", "deprecated"}
 DEFAULT_DEPTH = 3
+
+
+def _same_length(a: str, b: str) -> str:
+    """A regex of the digit strings of len(a) from a to b (a <= b; leading zeros allowed: a suffix's range)."""
+    if a == b:
+        return a
+    i = 0
+    while a[i] == b[i]:
+        i += 1
+    if i:
+        return a[:i] + _same_length(a[i:], b[i:])
+    if len(a) == 1:
+        return f"[{a}-{b}]"
+    rest = len(a) - 1
+    parts, lo, hi = [], int(a[0]), int(b[0])
+    if a[1:] != "0" * rest:  # a[0] then a[1:] .. 9...9
+        parts.append(a[0] + _same_length(a[1:], "9" * rest))
+        lo += 1
+    upper = None
+    if b[1:] != "9" * rest:  # b[0] then 0...0 .. b[1:]
+        upper = b[0] + _same_length("0" * rest, b[1:])
+        hi -= 1
+    if lo <= hi:
+        parts.append(f"{lo}[0-9]{{{rest}}}" if lo == hi else f"[{lo}-{hi}][0-9]{{{rest}}}")
+    if upper is not None:
+        parts.append(upper)
+    return "(?:" + "|".join(parts) + ")"
+
+
+def _natural(lo: int, hi: int | None) -> str:
+    """A regex of the decimal integers lo..hi (0 <= lo; hi None: no bound), no leading zeros."""
+    parts = []
+    d = len(str(lo))
+    top = hi if hi is not None else 10 ** d - 1
+    while lo <= top:
+        end = min(top, 10 ** len(str(lo)) - 1)
+        parts.append(_same_length(str(lo), str(end)))
+        lo = end + 1
+    if hi is None:  # every number with more digits
+        parts.append(f"[1-9][0-9]{{{len(str(top))},}}")
+    return "(?:" + "|".join(parts) + ")"
+
+
+def integer_range(lo: int | None, hi: int | None) -> str:
+    """A regex of the JSON integers in [lo, hi] (None: unbounded on that side)."""
+    parts = []
+    if hi is None or hi >= 0:
+        parts.append(_natural(max(lo, 0) if lo is not None else 0, hi))
+    if lo is None or lo < 0:  # "-" and a magnitude from |the largest negative| to |lo|
+        parts.append("-" + _natural(1 if hi is None or hi >= 0 else -hi, None if lo is None else -lo))
+    return "(?:" + "|".join(parts) + ")"
 
 
 def any_json(depth: int, ws: str) -> str:
@@ -116,7 +169,9 @@ class _Converter:
             return "(?:" + "|".join(self.convert({**schema, "type": k}, path, depth) for k in kind) + ")"
         if kind == "string":
             return self._string(schema, path)
-        if kind in ("integer", "number", "boolean", "null"):
+        if kind == "integer":
+            return self._integer(schema, path)
+        if kind in ("number", "boolean", "null"):
             self._only(schema, path, {"type"})
             return {"integer": INTEGER, "number": NUMBER, "boolean": BOOLEAN, "null": NULL}[kind]
         if kind == "array":
@@ -144,6 +199,22 @@ class _Converter:
             return self.convert(self.root[m.group(1)][m.group(2)], ref[1:], depth)
         finally:
             self.refs.pop()
+
+    def _integer(self, schema: dict, path: str) -> str:
+        bounds = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+        self._only(schema, path, {"type", *bounds})
+        for name in bounds:
+            x = schema.get(name)
+            if x is not None and (isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x)):
+                raise self.error(path, f"{name} must be a finite number")
+        los = [math.ceil(schema["minimum"])] if "minimum" in schema else []
+        los += [math.floor(schema["exclusiveMinimum"]) + 1] if "exclusiveMinimum" in schema else []
+        his = [math.floor(schema["maximum"])] if "maximum" in schema else []
+        his += [math.ceil(schema["exclusiveMaximum"]) - 1] if "exclusiveMaximum" in schema else []
+        lo, hi = max(los, default=None), min(his, default=None)
+        if lo is not None and hi is not None and lo > hi:
+            raise self.error(path, f"no integer lies in [{lo}, {hi}]")
+        return INTEGER if lo is None and hi is None else integer_range(lo, hi)
 
     def _string(self, schema: dict, path: str) -> str:
         self._only(schema, path, {"type", "minLength", "maxLength", "pattern", "format"})
