@@ -123,7 +123,8 @@ def test_a_pydantic_model_is_taken_by_its_schema():
 
 
 @pytest.mark.parametrize("schema,what", [
-    ({"type": "number", "minimum": 0}, "'minimum'"), ({"type": "integer", "minimum": 3, "maximum": 2}, "no integer"), ({"type": "string", "format": "email"}, "'email'"),
+    ({"type": "number", "minimum": 0}, "'minimum'"), ({"type": "integer", "minimum": 3, "maximum": 2}, "no integer"),
+    ({"type": "string", "format": "email"}, "'email'"),
     ({"$ref": "#/$defs/a", "$defs": {"a": {"$ref": "#/$defs/a"}}}, "recursive"),
     ({"type": "object", "properties": {"a": {}}, "required": ["b"]}, "'b'"), ({"type": "wat"}, "'wat'"),
     ({"type": "array", "prefixItems": []}, "'prefixItems'"), ("{not json", "not valid JSON")])
