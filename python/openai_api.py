@@ -149,6 +149,17 @@ def tool_message(text: str, finish_reason: str, spec: dict, call_id: str) -> tup
                            for i, (n, a) in enumerate(calls)]}, reason
 
 
+def tool_delta(delta: dict, spec: dict, call_id: str, first: bool) -> dict:
+    """A streamed chat delta of a named tool_choice's reply: its text as the call's arguments (the call's id, type
+    and name in the first), as vLLM streams tool calls."""
+    call = {"index": 0, "function": {"arguments": delta.get("content", "")}}
+    if first:
+        call = {"index": 0, "id": f"{call_id}-0", "type": "function",
+                "function": {"name": spec["name"], "arguments": delta.get("content", "")}}
+        return {"role": "assistant", "content": None, "tool_calls": [call]}
+    return {"tool_calls": [call]}
+
+
 def _seed(body: dict):
     """The request's sampling seed; absent or null, a fresh random one (OpenAI's and vLLM's meaning: two such requests
     sample independently), below 2^63 - MAX_N so that the n choices' seed + i stay seeds. Give one to reproduce."""
@@ -229,8 +240,8 @@ class Service:
         if tools is not None:
             if _structured(body) is not None:
                 raise BadRequest("tool_choice holds the reply to its functions' schemas: no other output constraint")
-            if body.get("stream"):
-                raise BadRequest("stream is not supported with tool_choice")
+            if body.get("stream") and tools["mode"] == "required":
+                raise BadRequest('stream is supported with a named tool_choice, not "required"')
         if kind == "chat":
             prompt, body = self._chat_body(body)
             if tools is not None:

@@ -34,7 +34,8 @@ text to a pattern (SamplingParams.structured_outputs): OpenAI's response_format 
 tool_choice naming a function (the reply is message.tool_calls: one call, its arguments held to the function's
 parameters schema, finish_reason "stop") or "required" (one or more calls, finish_reason "tool_calls"; one with
 parallel_tool_calls false), the tools shown to the chat template; "auto" is refused (it needs a parser of the model's
-own tool-call format), "none" ignores them; not streamed;
+own tool-call format), "none" ignores them; a named one streams (delta.tool_calls[0].function.arguments), "required"
+does not;
 (completions) best_of 1 is accepted as the no-op it is, other values refused. stream_options is accepted (the last event carries the
 usage either way). With "stream": true the reply is server-sent events, one `data: {...}` per committed run of tokens
 and `data: [DONE]` at the end. Each choice carries, besides OpenAI's text and finish_reason, the token ids
@@ -62,7 +63,7 @@ import torch
 
 from bild_kernels import Engine
 from openai_api import (MAX_BODY, ROUTES, TOKENIZER_ROUTES, BadRequest, Service, _chain, _refused, _usage, is_batch,
-                        tool_message, tool_spec)
+                        tool_delta, tool_message, tool_spec)
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
@@ -130,7 +131,7 @@ class Handler(BaseHTTPRequestHandler):
             return self._error(503, "server busy: too many requests in flight", "overloaded")
         try:
             if stream:
-                self._stream(prompt, params, policy, kind)
+                self._stream(prompt, params, policy, kind, tools=tool_spec(body) if kind == "chat" else None)
             else:
                 self._complete(prompt, params, policy, kind, echo=kind == "text" and body.get("echo", False),
                                n=body.get("n", 1), tools=tool_spec(body) if kind == "chat" else None)
@@ -173,7 +174,7 @@ class Handler(BaseHTTPRequestHandler):
         reply["choices"] = choices
         self._json(200, reply)
 
-    def _stream(self, prompt, params, policy, kind="text"):
+    def _stream(self, prompt, params, policy, kind="text", tools=None):
         svc, created = self.service, int(time.time())
         with closing(svc.engine.stream(prompt, params, policy=policy)) as chunks:  # closing cancels the request
             first = next(chunks)
@@ -197,6 +198,8 @@ class Handler(BaseHTTPRequestHandler):
                                         c.top_logprobs, offset, kind, first=i == 0, stream=True)
                     if c.logprobs and kind == "text":
                         offset += sum(len(t) for t in choice["logprobs"]["tokens"])
+                    if tools is not None:  # (a named tool_choice: the text streams as the call's arguments)
+                        choice["delta"] = tool_delta(choice["delta"], tools, f"call-{c.request_id}", i == 0)
                     event = svc.envelope(c.request_id, choice, created, _usage(o) if o else None, kind, stream=True)
                     self.wfile.write(b"data: " + json.dumps(event).encode() + b"\n\n")
                     self.wfile.flush()

@@ -618,7 +618,7 @@ def test_tool_calls_hold_to_the_functions_schemas(json_server, choice, parallel)
     ({"tools": [{"type": "function", "function": {"name": "a b"}}], "tool_choice": "required"}, "each tool must be"),
     ({"tools": [WEATHER, WEATHER], "tool_choice": "required"}, "twice"),
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice must be"),
-    ({"tools": [WEATHER], "tool_choice": "required", "stream": True}, "stream is not supported"),
+    ({"tools": [WEATHER], "tool_choice": "required", "stream": True}, "stream is supported with a named"),
     ({"tools": [WEATHER], "tool_choice": "required", "guided_regex": "a"}, "no other output constraint"),
     ({"tools": [WEATHER], "tool_choice": "required", "parallel_tool_calls": "no"}, "parallel_tool_calls"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "number", "minimum": 2}}}],
@@ -648,3 +648,18 @@ def test_a_tool_reply_that_is_not_whole_json_comes_back_as_content(programs):
     msg, reason = tool_message('[{"name": "f", "parameters": {}}, {"name": "g", "parameters": {"x": 1}}]', "eos",
                                {"mode": "required"}, "c")
     assert reason == "tool_calls" and [c["function"]["arguments"] for c in msg["tool_calls"]] == ["{}", '{"x": 1}']
+
+
+def test_a_named_tool_call_streams_its_arguments(json_server):
+    body = {"messages": [{"role": "user", "content": "weather?"}], "max_tokens": 60, "tools": [WEATHER, TIME],
+            "tool_choice": {"type": "function", "function": {"name": "weather"}}}
+    code, whole = _post(json_server, "/v1/chat/completions", body)
+    code2, events = _post(json_server, "/v1/chat/completions", {**body, "stream": True})
+    assert code == code2 == 200
+    deltas = [e["choices"][0]["delta"] for e in events]
+    first = deltas[0]["tool_calls"][0]
+    assert deltas[0]["content"] is None and first["function"]["name"] == "weather" and first["type"] == "function"
+    args = "".join(d["tool_calls"][0]["function"]["arguments"] for d in deltas)
+    call = whole["choices"][0]["message"]["tool_calls"][0]
+    assert args == call["function"]["arguments"] and first["id"].startswith("call-")  # (ids: per request)
+    assert events[-1]["choices"][0]["finish_reason"] == "stop"
