@@ -182,6 +182,10 @@ def test_generate_reports_the_lookups_drafts(capsys, pair_dirs):
      "--prompts must be in [1, 59]"),
     (["distill", "--large", "{large}", "--out", "{tmp}/d", "--work-dir", "{tmp}/w", "--prompts", "30000"],
      "prompts must be in [1, 23704]"),
+    (["generate", "hi", "--large", "{large}", "--regex", "(?=a)b"], "lookarounds"),
+    (["generate", "hi", "--large", "{large}", "--json-schema", "{tmp}/none.json"], "--json-schema: cannot read"),
+    (["generate", "hi", "--large", "{large}", "--json-schema", '{{"type": "number", "minimum": 1}}'], "'minimum'"),
+    (["generate", "hi", "--large", "{large}", "--choice", " w7"], "end-of-sequence"),  # (the tiny model has no EOS)
 ])
 def test_bad_input_is_one_line_on_stderr(capsys, tmp_path, pair_dirs, argv, match):
     large, small = pair_dirs
@@ -532,3 +536,24 @@ def test_generate_large_weights_int8(capsys, pair_dirs, monkeypatch):
         assert code == 0, err
         texts.append(out)
     assert seen["format"] == "int8" and texts[0] == texts[1] and texts[0].split()
+
+
+def test_generate_holds_the_reply_to_a_pattern(capsys, pair_dirs, tmp_path):
+    """--choice / --regex / --json-schema (a file too) through SamplingParams.structured_outputs; the tiny model's
+    config is given an EOS (w95), which the pattern allows where it may end."""
+    large, small = pair_dirs
+    eos = tmp_path / "large"
+    eos.mkdir()
+    for f in large.iterdir():
+        (eos / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((eos / "config.json").read_text())
+    (eos / "config.json").write_text(json.dumps({**cfg, "eos_token_id": 95}))
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps({"enum": ["x"]}))
+    for flags, expect in ((["--choice", " w7 w8", "--choice", " w9"], {"w7 w8", "w9"}),
+                          (["--regex", "( w1){2}"], {"w1 w1"}), (["--json-schema", str(schema)], {""})):
+        code, out, err = _run(capsys, "generate", "w1 w2 w3", "--large", eos, "--small", small, "--max-tokens", 12,
+                              "--no-chat-template", "--policy", "bild", *flags)
+        # (w95 is a plain word of this tokenizer: the text shows it; the word tokenizer cannot write '"x"', so the
+        # schema's reply ends at once)
+        assert code == 0 and out.split()[-1] == "w95" and " ".join(out.split()[:-1]) in expect, (out, err)
