@@ -270,13 +270,26 @@ request_st = st.tuples(st.lists(st.integers(0, V - 1), min_size=1, max_size=8), 
                        st.sampled_from([0.0, 0.0, 1.0]), st.integers(0, 1000), st.integers(1, 12))
 
 
+@pytest.fixture(scope="module")
+def chunked(pair):
+    """The pair on an engine that prefills in chunks of 3 and keeps a prefix cache."""
+    eng = Engine(large=pair[0], small=pair[1], tokenizer=_tokenizer(), dtype=torch.float64, max_model_len=96,
+                 block_size=4, prefill_chunk=3, prefix_cache=64)
+    assert eng.prefill_chunk == 3 and eng.prefix_cache is not None
+    return eng
+
+
+# (a 400-example campaign a engine, 2026-11-29, found nothing but a bug of this test's own: BiLD(0, 0) is lossless
+# only when greedy)
+@pytest.mark.parametrize("which", ["plain", "chunked"])
 @settings(max_examples=25, deadline=None, database=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-@given(st.lists(request_st, min_size=1, max_size=4), policy_st)
-def test_fuzz_patterns_batches_and_policies(engine, reqs, policy):
+@given(reqs=st.lists(request_st, min_size=1, max_size=4), policy=policy_st)
+def test_fuzz_patterns_batches_and_policies(request, which, reqs, policy):
     """Random patterns, policies and batches: a request gives the same tokens alone as in its batch, greedy lossless
     policies LargeOnly()'s, every text stays on its pattern (matches it in full when the request ended with EOS), and
-    no KV block leaks."""
+    no KV block leaks; also with chunked prefills and a prefix cache."""
+    engine = request.getfixturevalue("engine" if which == "plain" else "chunked")
     prompts = [r[0] for r in reqs]
     greedy_only = policy.name == "jacobi"  # (Jacobi decoding refuses temperatures)
     params = [SamplingParams(max_tokens=n, temperature=0.0 if greedy_only else t, seed=seed,
@@ -291,7 +304,7 @@ def test_fuzz_patterns_batches_and_policies(engine, reqs, policy):
                 assert re.fullmatch(p, o.text), (p, o.text)
             else:
                 assert compile_regex(p).walk(compile_regex(p).start, o.text) != 0, (p, o.text)
-        if sp.temperature == 0 and policy.name in ("greedy", "ngram", "jacobi") or policy == BiLD(0.0, 0.0, 4):
+        if sp.temperature == 0 and (policy.name in ("greedy", "ngram", "jacobi") or policy == BiLD(0.0, 0.0, 4)):
             assert o.token_ids == engine.generate([prompt], sp, policy=LargeOnly())[0].token_ids
     assert_all_free(engine)
 
