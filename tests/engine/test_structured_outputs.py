@@ -279,7 +279,7 @@ def chunked(pair):
     return eng
 
 
-# (a 400-example campaign a engine, 2026-11-29, found nothing but a bug of this test's own: BiLD(0, 0) is lossless
+# (a 400-example campaign per engine, 2026-11-29, found nothing but a bug of this test's own: BiLD(0, 0) is lossless
 # only when greedy)
 @pytest.mark.parametrize("which", ["plain", "chunked"])
 @settings(max_examples=25, deadline=None, database=None, derandomize=True,
