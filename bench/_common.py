@@ -250,3 +250,21 @@ def record(bench: str, device: str, backend: str, config: dict, stats: dict, byt
     if save:
         append_rows(f"{bench}.csv", [row])
     return row
+
+
+def time_backend(bench: str, backend: str, fn, args, config: dict, moved: int, base: float | None, *, gpu: bool,
+                 iters: int, context=contextlib.nullcontext) -> float | None:
+    """Time one backend's call `fn` at `config` (a row), and on a GPU, where the backend is one of GRAPHED, replayed
+    from a CUDA graph (a "+graph" row); print its speed-up over the reference's median `base`. Returns the reference's
+    median: this call's where backend is "ref", else `base`. context: what each timing runs inside (first_pass_of)."""
+    with context():
+        stats = timeit(fn, args.device, warmup=2 if gpu else 1, iters=iters)
+    base = stats["median_us"] if backend == "ref" else base
+    row = record(bench, args.device, backend, config, stats, moved, save=not args.no_save)
+    if base and backend != "ref":
+        print(f"{'':<22} {backend:<8} speed-up vs ref: {base / row['median_us']:.2f}x")
+    if gpu and backend in GRAPHED:
+        with context():
+            stats = timeit(graph_replay(fn), args.device, warmup=2, iters=iters)
+        record(bench, args.device, backend + "+graph", config, stats, moved, save=not args.no_save)
+    return base

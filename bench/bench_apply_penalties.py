@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # run from a checkout
-from _common import GRAPHED, graph_replay, parser, pick_shapes, record, runs_at, timeit, usable_backends  # noqa: E402
+from _common import parser, pick_shapes, runs_at, time_backend, usable_backends  # noqa: E402
 
 from bild_kernels import reference as R  # noqa: E402
 from bild_kernels._backend import resolve  # noqa: E402
@@ -67,14 +67,7 @@ def main() -> None:
         base = None
         # (on a CPU the interpreted Triton kernels only at the small vocabulary)
         for b in [b for b in backends if runs_at(b, config) and (gpu or b != "triton" or V <= 1000)]:
-            stats = timeit(lambda: fns[b](*x), args.device, warmup=2 if gpu else 1, iters=iters)
-            base = stats["median_us"] if b == "ref" else base
-            row = record("apply_penalties", args.device, b, config, stats, moved, save=not args.no_save)
-            if base and b != "ref":
-                print(f"{'':<22} {b:<8} speed-up vs ref: {base / row['median_us']:.2f}x")
-            if gpu and b in GRAPHED:
-                stats = timeit(graph_replay(lambda: fns[b](*x)), args.device, warmup=2, iters=iters)
-                record("apply_penalties", args.device, b + "+graph", config, stats, moved, save=not args.no_save)
+            base = time_backend("apply_penalties", b, lambda: fns[b](*x), args, config, moved, base, gpu=gpu, iters=iters)
 
 
 if __name__ == "__main__":

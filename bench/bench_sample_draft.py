@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # run from a checkout
-from _common import FUSED, GRAPHED, HINTED, first_pass_of, flashinfer_sampling, graph_replay, parser, pick_shapes, record, runs_at, timeit, usable_backends  # noqa: E402
+from _common import FUSED, HINTED, first_pass_of, flashinfer_sampling, parser, pick_shapes, runs_at, time_backend, usable_backends  # noqa: E402
 
 from bild_kernels import reference as R  # noqa: E402
 from bild_kernels._backend import resolve  # noqa: E402
@@ -86,18 +86,9 @@ def main() -> None:
                 fn = functools.partial(fns[b], rows=HINTS[rows]) if b in (HINTED, FUSED) else fns.get(b)
                 if b == "flashinfer" and (fn := flashinfer_call(rows)) is None:
                     continue
-                with first_pass_of(b):
-                    stats = timeit(lambda: fn(*x), args.device, warmup=2 if gpu else 1, iters=iters)
-                base = stats["median_us"] if b == "ref" else base
-                row = record("sample_draft", args.device, b, {"B": B, "V": V, "rows": rows, "dtype": "bf16"}, stats,
-                             B * V * 2, save=not args.no_save)
-                if base and b != "ref":
-                    print(f"{'':<22} {b:<8} speed-up vs ref: {base / row['median_us']:.2f}x")
-                if gpu and b in GRAPHED:
-                    with first_pass_of(b):
-                        stats = timeit(graph_replay(lambda: fn(*x)), args.device, warmup=2, iters=iters)
-                    record("sample_draft", args.device, b + "+graph", {"B": B, "V": V, "rows": rows, "dtype": "bf16"}, stats,
-                           B * V * 2, save=not args.no_save)
+                base = time_backend("sample_draft", b, lambda: fn(*x), args,
+                                    {"B": B, "V": V, "rows": rows, "dtype": "bf16"}, B * V * 2, base, gpu=gpu,
+                                    iters=iters, context=lambda: first_pass_of(b))
 
 
 if __name__ == "__main__":
