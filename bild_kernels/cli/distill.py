@@ -26,6 +26,7 @@ def cmd_distill(args) -> int:
             corpus_seed=args.corpus_seed,
             corpus_batch_size=args.corpus_batch_size, train_batch_size=args.train_batch_size, lr=args.lr,
             feature_layers=args.feature_layers, self_prompts=args.self_prompts, topic_prompts=args.topic_prompts,
+            json_prompts=args.json_prompts,
             corpus_backend=args.corpus_backend,
             feature_cache=not args.no_feature_cache, log=lambda s: print(s, file=sys.stderr, flush=True))
     if args.split_mib is not None:
@@ -77,6 +78,9 @@ def add_parser(sub) -> None:
     g.add_argument("--topic-prompts", type=int, default=0, metavar="N",
                    help="N more training prompts about everyday topics from WordNet (~10,000, none held out), each "
                         "under a random training template, mixed with the others")
+    g.add_argument("--json-prompts", type=int, default=0, metavar="N",
+                   help="N more training prompts that ask for JSON about WordNet topics (what structured outputs ask "
+                        "of a draft), mixed with the others")
     g.add_argument("--corpus-seed", type=int, default=0, metavar="S",
                    help="sampling seed of the corpus (default 0): another seed, other answers to the same prompts")
     g.add_argument("--corpus-backend", default="auto", choices=("auto", "bild", "hf"),

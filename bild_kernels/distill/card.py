@@ -96,12 +96,15 @@ def _data(s: dict) -> str:
     if s.get("corpus_seed"):
         what = what[:-1] + f"; sampling seed {s['corpus_seed']})"
     n_self = s.get("self_prompts", 0)
-    n_topics = s.get("topic_prompts", 0)
+    n_topics, n_json = s.get("topic_prompts", 0), s.get("json_prompts", 0)
     own = (f", {n_topics} more under the same templates about everyday topics from WordNet 3.0's nouns\n"
            f"  (bild_kernels/data/wordnet_topics.txt: none of them held out)" if n_topics else "")
+    own += (f", {n_json} asking for JSON about such topics (bild_kernels/distill/prompts.py's JSON_TEMPLATES)"
+            if n_json else "")
+    n_topics += n_json
     own += (f" and {n_self} prompts it wrote itself\n  (sampled from its chat template's user-turn header, T = 1.0, "
             f"top-p 0.95; Magpie-style)" if n_self else "")
-    source = " No external data set" + (" besides that list of topics." if n_topics else ".")
+    source = " No external data set" + (" besides that list of topics." if n_topics else ".")  # (JSON's too)
     if k == 1 and s.get("corpus_planned", s["corpus_sequences"]) == s["corpus_sequences"]:
         return (f"the large model's own answers (temperature 0.7) to {s['corpus_sequences'] - n_self - n_topics} "
                 f"templated chat\n  prompts {what}{own}, {s['corpus_tokens']}\n  tokens with the prompts.{_writer(s)}"

@@ -113,7 +113,7 @@ def distill(*, large=None, out, prompts: int = 512, max_new_tokens: int = 96, mi
             samples_per_prompt: int = 1, init_draft=None, corpus_minutes: float | None = None, corpus_seed: int = 0,
             corpus_batch_size: int | None = None, train_batch_size: int | None = None, lr: float | None = None,
             feature_layers: int | None = None, self_prompts: int = 0, topic_prompts: int = 0,
-            corpus_backend: str = "auto", feature_cache: bool = True, log=print) -> dict:
+            json_prompts: int = 0, corpus_backend: str = "auto", feature_cache: bool = True, log=print) -> dict:
     """Train a draft for `large` (default: SmolLM2-135M-Instruct) and write it to `out`; returns its stats.
 
     `bf16` (default: where it is fast, see `fast_bf16`): the teacher writes the training corpus and its
@@ -150,11 +150,14 @@ def distill(*, large=None, out, prompts: int = 512, max_new_tokens: int = 96, mi
     ~10,000 topics, none held out, each under a random training template, seeded by corpus_seed), mixed with
     the others before the corpus answers them all: the held-out misses are word pieces of topics the ~400
     templated ones never name.
+    `json_prompts`: that many more prompts asking for JSON about WordNet topics (`prompts.json_prompts`, seeded by
+    corpus_seed), mixed in the same way: structured outputs' JSON, which the chat prompts never ask for.
     `corpus_backend`: what writes the training answers and self-written prompts (see `generate_corpus`):
     "bild" (bild's host-free batch decode loop, CUDA graphs; the default on CUDA), "hf" (transformers'
     `generate`; the default on a CPU) or "auto". The held-out references always come from "hf"."""
     from bild_kernels.distill.corpus import _backend, _user_turn, chat_ids, generate_corpus, generate_self_prompts
     from bild_kernels.distill.prompts import all_train_prompts, held_out_prompts, tune_topics
+    from bild_kernels.distill.prompts import json_prompts as json_prompt_list
     from bild_kernels.distill.prompts import topic_prompts as wordnet_prompts
     from bild_kernels.distill.train import agreement, build_draft, fast_bf16, teacher_targets, train
     from bild_kernels.models import load_model
@@ -200,6 +203,7 @@ def distill(*, large=None, out, prompts: int = 512, max_new_tokens: int = 96, mi
     train_set = all_train_prompts(prompts)  # refuses more prompts than there are
     # (refuses a count out of range; never a topic of the tuning set that `bild eval --prompt-set tune` asks)
     topical = wordnet_prompts(topic_prompts, seed=corpus_seed, skip_topics=tune_topics())
+    topical += json_prompt_list(json_prompts, seed=corpus_seed, skip_topics=tune_topics())
     if threads is not None:
         torch.set_num_threads(threads)
     teacher, tok, source = _teacher(large)
@@ -249,7 +253,9 @@ def distill(*, large=None, out, prompts: int = 512, max_new_tokens: int = 96, mi
         random.Random(corpus_seed).shuffle(train_set)
     # The corpus is cut by its time budget at an arbitrary point: such a corpus gets a name of its own.
     tag = (f"{len(train_set)}_{max_new_tokens}{'_bf16' if bf16 else ''}"
-           f"{f'_self{len(self_written)}' if self_written else ''}{f'_topics{len(topical)}' if topical else ''}"
+           f"{f'_self{len(self_written)}' if self_written else ''}"
+           f"{f'_topics{len(topical) - json_prompts}' if len(topical) > json_prompts else ''}"
+           f"{f'_json{json_prompts}' if json_prompts else ''}"
            f"{f'_x{samples_per_prompt}' if samples_per_prompt > 1 else ''}"
            f"{f'_{corpus_minutes:g}min' if corpus_minutes is not None else ''}"
            f"{f'_seed{corpus_seed}' if corpus_seed else ''}{'_bild' if corpus_backend == 'bild' else ''}")
@@ -271,7 +277,8 @@ def distill(*, large=None, out, prompts: int = 512, max_new_tokens: int = 96, mi
             fast_teacher, corpus, k=32, batch_tokens=16384 if dev.type == "cuda" else 4096, device=dev, log=log))
     targets_s = time.perf_counter() - t_data - corpus_s
     fast_teacher = None  # its memory back (on a GPU too): training reads only the corpus and targets
-    corpus_info = {"prompts": templated, "topic_prompts": len(topical), "self_prompts": len(self_written),
+    corpus_info = {"prompts": templated, "topic_prompts": len(topical) - json_prompts, "json_prompts": json_prompts,
+                   "self_prompts": len(self_written),
                    "self_prompts_seconds": round(self_s, 1),
                    "samples_per_prompt": samples_per_prompt, "corpus_seed": corpus_seed,
                    "corpus_minutes": corpus_minutes, "corpus_backend": corpus_backend,

@@ -291,6 +291,37 @@ def _topic_pairs(n: int, seed: int, skip: frozenset) -> list[tuple[str, str]]:
     return out
 
 
+JSON_TEMPLATES = [
+    "Give the key facts about {t} as a JSON object.",
+    "Return a JSON object describing {t}, with a name field and two other fields.",
+    "Write {t} as JSON: an object with fields for its name, its kind and a short description.",
+    "List three things related to {t} as a JSON array of strings.",
+    'Summarize {t} in JSON with the keys "title" and "summary".',
+    'Output only JSON: an object whose "topic" is {t} and whose "facts" is a list of short facts.',
+    "Describe {t} as a JSON object. Use numbers and booleans where they fit.",
+    "Answer in JSON only: what is {t}, and what is it used for?",
+]
+
+
+def json_prompts(n: int, seed: int = 0, skip_topics=()) -> list[str]:
+    """n training prompts that ask for JSON (`JSON_TEMPLATES`) about WordNet topics, each topic once in a seeded
+    order (then again under another template): so a draft learns the large model's JSON (its structural tokens,
+    its keys), what structured outputs ask of it. `skip_topics`: topics to leave out (the tuning set's)."""
+    topics = [t for t in wordnet_topics() if t not in frozenset(skip_topics)]
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= len(topics) * len(JSON_TEMPLATES):
+        raise ValueError(f"json_prompts must be an int in [0, {len(topics) * len(JSON_TEMPLATES)}], got {n!r}")
+    rng = random.Random(seed)
+    out: list[str] = []
+    while len(out) < n:
+        order = list(topics)
+        rng.shuffle(order)
+        taken = set(out)
+        for topic in order[:n - len(out)]:
+            free = [p for p in (t.format(t=topic) for t in JSON_TEMPLATES) if p not in taken]
+            out.append(rng.choice(free))
+    return out
+
+
 TUNE_SEED = 101  # topic_prompts' seed for the tuning set
 
 

@@ -704,6 +704,32 @@ def test_distill_mixes_topic_prompts_into_the_corpus(large_dir, tmp_path):
     assert not (tmp_path / "o2").exists()
 
 
+def test_distill_mixes_json_prompts_into_the_corpus(large_dir, tmp_path):
+    work = _work(large_dir, tmp_path)
+    stats = distill(large=large_dir, out=tmp_path / "out", prompts=3, max_new_tokens=4, minutes=0.003, bf16=False,
+                    work_dir=work, topic_prompts=1, json_prompts=2, corpus_seed=1, **QUIET)
+    assert (stats["prompts"], stats["topic_prompts"], stats["json_prompts"], stats["corpus_sequences"]) == (3, 1, 2, 6)
+    assert (work / "corpus_train_6_4_topics1_json2_seed1.pt").is_file()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "2 asking for JSON about such topics" in card and "3 templated chat" in card
+    with pytest.raises(ValueError, match="json_prompts must be an int in"):
+        distill(large=large_dir, out=tmp_path / "o2", json_prompts=-1, **QUIET)
+    assert not (tmp_path / "o2").exists()
+
+
+def test_json_prompts_ask_for_json_about_topics_none_of_the_tuning_set():
+    from bild_kernels.distill import prompts as P
+    got = P.json_prompts(300, seed=2, skip_topics=P.tune_topics())
+    assert len(got) == 300 == len(set(got)) and got == P.json_prompts(300, seed=2, skip_topics=P.tune_topics())
+    assert all("JSON" in p for p in got) and got != P.json_prompts(300, seed=3)
+    assert not set(got) & set(P.held_out_prompts())
+    tune = {t for t in P.tune_topics()}
+    assert not any(p == t.format(t=topic) for p in got for t in P.JSON_TEMPLATES for topic in tune)
+    assert P.json_prompts(0) == []
+    many = P.json_prompts(len(P.wordnet_topics()) + 5, seed=1)  # (past one pass: topics again, other templates)
+    assert len(many) == len(set(many))
+
+
 def test_an_auto_corpus_falls_back_to_hf_when_batch_generator_fails(large_dir, monkeypatch):
     """backend="auto" (BatchGenerator on CUDA) must still write a corpus if BatchGenerator cannot: a build or
     first-batch failure is logged and HF generate answers; an explicit backend="bild" raises instead."""
