@@ -59,7 +59,10 @@
 #   verify_draft, and sample_draft's auto choice; profile_step: the host's time around the graphs after the
 #   host-side changes);
 #   call 2 (carry .carry2): `DISTILL_TIMEOUT=<what is left, minus 40 s> bash scripts/gpu_distill.sh .carry2 --prompts
-#   23704 --topic-prompts 60000 --self-prompts 8000 --corpus-seed 4 --corpus-minutes 2 --minutes 3` (more distinct
+#   23704 --topic-prompts 60000 --self-prompts 8000 --json-prompts 4000 --corpus-seed 4 --corpus-minutes 2 --minutes 3`
+#   (--json-prompts since 2026-11-29: JSON answers for structured outputs, ~4% of the corpus; a CPU pilot moved
+#   constrained acceptance 0.50 -> 0.57 but, alone in a tiny corpus, cost chat agreement:
+#   bench/results/distill_cpu_json_2026-11-29.md) (more distinct
 #   prompts rather than more answers to the same ones: the CPU ablations found data variety the lever, and the held-out
 #   misses are word pieces of topics the ~400 templated ones never name; --topic-prompts puts ~10,000 WordNet topics
 #   under the same templates (bild_kernels/data/wordnet_topics.txt, none held out); 91,704 answers, ~12 M tokens,
