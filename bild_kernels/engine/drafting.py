@@ -100,12 +100,12 @@ class Drafting:
         """Autoregressive drafting by the small model, or by the large model's shallow layers (none for the
         rows in `skip`)."""
         shallow = policy.drafter == "shallow"
+        if not shallow and self._static is not None:
+            return self._draft_static(running, policy, skip)
         # Rows with structured outputs draft from the unmasked distribution, and a run ends at the first token its
         # pattern does not allow (discarded, as an unsure one is): in every loop the same drafts (the native and the
         # fixed-buffer loops, which run without the host, are cut after the run; `cut_drafts`).
         guides = any(s.guide is not None for s in running)
-        if not shallow and self._static is not None:
-            return self._draft_static(running, policy, skip)
         # Rows with penalties draft from their penalised distribution (what the penalised large model keeps), in every
         # loop: this eager one, the native one, the fixed-buffer and graphed ones (_draft_static).
         penalties = any(s.params.penalized for s in running)
@@ -167,7 +167,8 @@ class Drafting:
                     if confs is not None:
                         out.unsure[i] = (tok, confs[j])
                     continue
-                if guides and running[i].guide is not None and not running[i].guide.allows(drafts[i], tok):
+                if guides and running[i].guide is not None and \
+                        running[i].guide.allowed_prefix(drafts[i] + [tok]) == len(drafts[i]):
                     continue  # (its pattern ends the run: the large model takes over)
                 drafts[i].append(tok)
                 if out.probs is not None:

@@ -18,7 +18,9 @@ import threading
 from collections import OrderedDict
 
 import numpy as np
+import torch
 
+from bild_kernels.reference.token_bitmask import pack_token_bitmask
 from bild_kernels.structured.regex import RegexDFA
 
 CACHE_SIZE = 32  # grammars kept per vocabulary
@@ -133,18 +135,10 @@ class Grammar:
         alive = (cur != 0) & v.valid
         allowed = np.zeros(v.size, dtype=bool)
         allowed[v.order] = alive
-        out = (pack_bits(allowed, v.words), bool(alive.any()))
+        out = (pack_token_bitmask(torch.from_numpy(allowed)).numpy(), bool(alive.any()))
         with self.lock:
             self._masks[state] = out
         return out
-
-
-def pack_bits(allowed: np.ndarray, words: int) -> np.ndarray:
-    """bool [V] -> int32 [words]: bit t % 32 of word t // 32 set where allowed[t]."""
-    packed = np.packbits(allowed, bitorder="little")
-    buf = np.zeros(words * 4, dtype=np.uint8)
-    buf[:packed.size] = packed
-    return buf.view("<u4").astype(np.uint32).view(np.int32)
 
 
 class Guide:
@@ -175,45 +169,32 @@ class Guide:
                 bits[t // 32] |= np.int32(np.uint32(1 << (t % 32)).view(np.int32))
         return bits
 
+    def _walk(self, draft: list[int]) -> tuple[list[np.ndarray], int]:
+        """(the masks at the output's state and after each of `draft`'s first tokens the pattern allows, how many it
+        allows in a row): one mask more than tokens allowed, unless the last allowed one ends the text (an end id)."""
+        masks, state = [], self.state
+        for n, t in enumerate(draft):
+            masks.append(self.mask(state))
+            if not _is_set(masks[-1], t):
+                return masks, n
+            if t in self.end_ids:
+                return masks, n + 1
+            state = self.grammar.step(state, t)  # (alive: the mask allowed it)
+        masks.append(self.mask(state))
+        return masks, len(draft)
+
     def masks_along(self, draft: list[int], positions: int) -> np.ndarray:
         """int32 [positions, W]: the masks at the guide's state and after each prefix of `draft` (positions past
         the draft, and past a draft token the pattern does not allow, are left all set: the verification cuts
         before them)."""
         out = np.full((positions, self.grammar.vocab.words), -1, dtype=np.int32)
-        state = self.state
-        for p in range(min(len(draft) + 1, positions)):
-            out[p] = self.mask(state)
-            if p == len(draft):
-                break
-            t = draft[p]
-            if t in self.end_ids or not _is_set(out[p], t):
-                break
-            state = self.grammar.step(state, t)
-            if state == 0:
-                break
+        masks = self._walk(draft)[0][:positions]
+        out[:len(masks)] = masks
         return out
-
-    def allows(self, draft: list[int], token: int) -> bool:
-        """Whether `token` may follow the output and then `draft` (all allowed)."""
-        state = self.state_after(draft)
-        return state != 0 and _is_set(self.mask(state), token)
 
     def allowed_prefix(self, draft: list[int]) -> int:
         """How many of `draft`'s first tokens the pattern allows in a row after the output."""
-        state = self.state
-        for n, t in enumerate(draft):
-            if state == 0 or not _is_set(self.mask(state), t):
-                return n
-            state = 0 if t in self.end_ids else self.grammar.step(state, t)
-        return len(draft)
-
-    def state_after(self, draft: list[int]) -> int:
-        state = self.state
-        for t in draft:
-            if t in self.end_ids:
-                return 0
-            state = self.grammar.step(state, t)
-        return state
+        return self._walk(draft)[1]
 
 
 def _is_set(bits: np.ndarray, t: int) -> bool:

@@ -234,24 +234,24 @@ class _Converter:
             if "minLength" in schema or "maxLength" in schema:
                 raise self.error(path, "format is supported without minLength or maxLength")
             return FORMATS[schema["format"]]
-        lo, hi = schema.get("minLength", 0), schema.get("maxLength")
-        for name, n in (("minLength", lo), ("maxLength", hi)):
-            if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
-                raise self.error(path, f"{name} must be an int >= 0")
-        if hi is not None and hi < lo:
-            raise self.error(path, "maxLength < minLength")
+        lo, hi = self._count_bounds(schema, path, "minLength", "maxLength")
         if lo == 0 and hi is None:
             return STRING
         return f'"{STRING_CHAR}{{{lo},{"" if hi is None else hi}}}"'
 
-    def _array(self, schema: dict, path: str, depth: int) -> str:
-        self._only(schema, path, {"type", "items", "minItems", "maxItems"})
-        lo, hi = schema.get("minItems", 0), schema.get("maxItems")
-        for name, n in (("minItems", lo), ("maxItems", hi)):
+    def _count_bounds(self, schema: dict, path: str, low: str, high: str) -> tuple[int, int | None]:
+        """(schema[low] or 0, schema[high] or None): counts (a string's length, an array's items), checked."""
+        lo, hi = schema.get(low, 0), schema.get(high)
+        for name, n in ((low, lo), (high, hi)):
             if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
                 raise self.error(path, f"{name} must be an int >= 0")
         if hi is not None and hi < lo:
-            raise self.error(path, "maxItems < minItems")
+            raise self.error(path, f"{high} < {low}")
+        return lo, hi
+
+    def _array(self, schema: dict, path: str, depth: int) -> str:
+        self._only(schema, path, {"type", "items", "minItems", "maxItems"})
+        lo, hi = self._count_bounds(schema, path, "minItems", "maxItems")
         item = self.convert(schema.get("items", True), f"{path}/items", depth + 1)
         return _array_of(item, self.ws, lo, hi)
 
