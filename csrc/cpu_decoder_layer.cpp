@@ -11,8 +11,9 @@
 // cpu_paged_attention), called directly.
 //
 // Semantics, per token row (rows are independent but for attention, which reads each sequence's cache):
-//   h = in_norm * (x * rsqrt(mean(x^2) + eps)); qkv = h @ Wqkv^T (+ b); q, k rotated by (cos, sin) in the
-//   rotate-half convention (cos/sin [T, D] already scaled); k, v written to slot_mapping[t];
+//   h = in_norm * (x * rsqrt(mean(x^2) + eps)); qkv = h @ Wqkv^T (+ b); with q_norm / k_norm (Qwen3) every q and
+//   k head RMS-normalised alike over its D values; q, k rotated by (cos, sin) in the rotate-half convention
+//   (cos/sin [T, D] already scaled); k, v written to slot_mapping[t];
 //   x1 = x + attention(q) @ Wo^T (+ b); h2 = post_norm * (x1 * rsqrt(mean(x1^2) + eps));
 //   [g, u] = h2 @ Wgu^T (+ b); out = x1 + (silu(g) * u) @ Wd^T (+ b).
 // Weights are float32 [N, K] (scale None), int8 with a float32 per-row scale (w ~= q * scale), or Q4_1 blocks
@@ -31,6 +32,7 @@
 #include <cmath>
 #include <cstdint>
 #include <optional>
+#include <vector>
 
 #include "cpu_ops.h"
 #include "cpu_simd.h"  // reduce_lanes; defines BILD_X86 on x86-64
@@ -155,7 +157,8 @@ at::Tensor cpu_decoder_layer(const at::Tensor& x, const at::Tensor& cos, const a
                              const at::Tensor& slot_mapping, const at::Tensor& query_start_loc,
                              const at::Tensor& positions, const at::Tensor& block_tables,
                              const at::Tensor& context_lens, int64_t num_heads, int64_t num_kv_heads, double scale,
-                             int64_t sliding_window, double eps, int64_t activation_bits) {
+                             int64_t sliding_window, double eps, int64_t activation_bits,
+                             const std::optional<at::Tensor>& q_norm, const std::optional<at::Tensor>& k_norm) {
   TORCH_CHECK(cpu_linear_supported(), "cpu_decoder_layer: this CPU lacks AVX2/FMA (use the reference)");
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
               "cpu_decoder_layer: x must be a contiguous float32 [T, hidden] CPU tensor");
@@ -191,6 +194,12 @@ at::Tensor cpu_decoder_layer(const at::Tensor& x, const at::Tensor& cos, const a
   const int64_t I = gu_rows / 2;
   check_weight("gate_up", gate_up_w, gate_up_scale, gate_up_bias, 2 * I, H);
   check_weight("down", down_w, down_scale, down_bias, H, I);
+  TORCH_CHECK(q_norm.has_value() == k_norm.has_value(),
+              "cpu_decoder_layer: q_norm and k_norm come together (Qwen3's per-head norms)");
+  if (q_norm.has_value()) {
+    check_vector("q_norm", *q_norm, D);
+    check_vector("k_norm", *k_norm, D);
+  }
   const int64_t num_slots = key_cache.size(0) * key_cache.size(1);
   const int64_t* slots = slot_mapping.data_ptr<int64_t>();
   for (int64_t t = 0; t < T; ++t) {
@@ -212,6 +221,9 @@ at::Tensor cpu_decoder_layer(const at::Tensor& x, const at::Tensor& cos, const a
     float* kc = key_cache.data_ptr<float>();
     float* vc = value_cache.data_ptr<float>();
     const int64_t half = D / 2;
+    const float* qn = q_norm.has_value() ? q_norm->data_ptr<float>() : nullptr;
+    const float* kn = k_norm.has_value() ? k_norm->data_ptr<float>() : nullptr;
+    std::vector<float> normed(qn != nullptr ? D : 0);  // a head after its RMSNorm (Qwen3), before RoPE
     for (int64_t t = 0; t < T; ++t) {
       const float* row = src + t * qkv_n;
       const float* ct = c + t * D;
@@ -227,6 +239,10 @@ at::Tensor cpu_decoder_layer(const at::Tensor& x, const at::Tensor& cos, const a
           continue;
         }
         const float* xh = row + head * D;
+        if (qn != nullptr) {
+          rms_norm(xh, head < Hq ? qn : kn, 1, D, fe, normed.data());
+          xh = normed.data();
+        }
         for (int64_t d = 0; d < half; ++d) {
           const float a = xh[d] * ct[d];
           const float b = -xh[d + half] * st[d];
@@ -281,7 +297,8 @@ TORCH_LIBRARY_FRAGMENT(bild_kernels_cpu, m) {
         "Tensor? gate_up_scale, Tensor? gate_up_bias, Tensor down_w, Tensor? down_scale, Tensor? down_bias, "
         "Tensor(a!) key_cache, Tensor(b!) value_cache, Tensor slot_mapping, Tensor query_start_loc, "
         "Tensor positions, Tensor block_tables, Tensor context_lens, int num_heads, int num_kv_heads, "
-        "float scale, int sliding_window, float eps, int activation_bits=16) -> Tensor");
+        "float scale, int sliding_window, float eps, int activation_bits=16, Tensor? q_norm=None, "
+        "Tensor? k_norm=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(bild_kernels_cpu, CPU, m) { m.impl("cpu_decoder_layer", &bild::cpu_decoder_layer); }

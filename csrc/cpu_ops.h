@@ -36,7 +36,9 @@ at::Tensor cpu_decoder_layer(const at::Tensor& x, const at::Tensor& cos, const a
                              const at::Tensor& slot_mapping, const at::Tensor& query_start_loc,
                              const at::Tensor& positions, const at::Tensor& block_tables,
                              const at::Tensor& context_lens, int64_t num_heads, int64_t num_kv_heads, double scale,
-                             int64_t sliding_window, double eps, int64_t activation_bits);
+                             int64_t sliding_window, double eps, int64_t activation_bits,
+                             const std::optional<at::Tensor>& q_norm = std::nullopt,
+                             const std::optional<at::Tensor>& k_norm = std::nullopt);
 
 // x [M, K] @ W.T (+ bias) for a projection in any weight form cpu_decoder_layer takes (w, scale: see there).
 at::Tensor project(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& scale,

@@ -7,8 +7,8 @@ from pathlib import Path
 def _feature_layers(s: dict) -> str:
     layers = s["init_layers"]
     if len(layers) == 1:
-        return f"one Llama decoder layer initialised from the large model's layer {layers[0]}"
-    return f"{len(layers)} Llama decoder layers initialised from the large model's layers {layers}"
+        return f"one decoder layer initialised from the large model's layer {layers[0]}"
+    return f"{len(layers)} decoder layers initialised from the large model's layers {layers}"
 
 
 def _batch(s: dict) -> str:
@@ -70,7 +70,7 @@ An EAGLE-style draft for big-little speculative decoding with bild-kernels, made
 
 A draft for big-little speculative decoding with bild-kernels, made by `bild distill`.
 
-- **Architecture**: {len(s['init_layers'])} Llama decoder layers initialised from the large model's layers
+- **Architecture**: {len(s['init_layers'])} decoder layers initialised from the large model's layers
   {s['init_layers']}, its own final norm; the large model's token embedding and LM head are borrowed at
   load time (frozen during training, not stored here). The head scores {vocab}; any other token is
   never proposed (the verifier supplies it).

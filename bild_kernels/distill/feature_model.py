@@ -1,4 +1,5 @@
-"""An EAGLE-style feature draft (Li et al. 2024) for a large Llama, trained offline by distillation.
+"""An EAGLE-style feature draft (Li et al. 2024) for a large Llama-family model (Llama, Mistral, Qwen2, Qwen3), trained
+offline by distillation.
 
 The draft predicts the large model's top-layer feature sequence instead of its tokens. Feature f_t is
 the large model's hidden state after its last decoder layer, before the final norm, at position t.
@@ -38,13 +39,25 @@ class _RMSNorm(nn.Module):
 
 
 class _Attn(nn.Module):
-    def __init__(self, h, nh, nkv, hd):
+    def __init__(self, h, nh, nkv, hd, *, bias: bool = False, qk_norm: bool = False, eps: float = 1e-6):
         super().__init__()
         self.nh, self.nkv, self.hd = nh, nkv, hd
-        self.q_proj = nn.Linear(h, nh * hd, bias=False)
-        self.k_proj = nn.Linear(h, nkv * hd, bias=False)
-        self.v_proj = nn.Linear(h, nkv * hd, bias=False)
+        self.q_proj = nn.Linear(h, nh * hd, bias=bias)
+        self.k_proj = nn.Linear(h, nkv * hd, bias=bias)
+        self.v_proj = nn.Linear(h, nkv * hd, bias=bias)
         self.o_proj = nn.Linear(nh * hd, h, bias=False)
+        if qk_norm:  # Qwen3: every query / key head RMS-normalised before RoPE
+            self.q_norm, self.k_norm = _RMSNorm(hd, eps), _RMSNorm(hd, eps)
+
+    def qkv(self, hN, cos, sin):
+        """Queries, keys (normed where the family norms them, then rotated) and values [B, heads, S, hd]."""
+        B, S, _ = hN.shape
+        q = self.q_proj(hN).view(B, S, self.nh, self.hd)
+        k = self.k_proj(hN).view(B, S, self.nkv, self.hd)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        v = self.v_proj(hN).view(B, S, self.nkv, self.hd).transpose(1, 2)
+        return _rope(q.transpose(1, 2), cos, sin), _rope(k.transpose(1, 2), cos, sin), v
 
 
 class _MLP(nn.Module):
@@ -59,11 +72,13 @@ class _MLP(nn.Module):
 
 
 class _Layer(nn.Module):
-    """A Llama decoder layer (same parameter names as transformers' LlamaDecoderLayer)."""
+    """A Llama decoder layer (same parameter names as transformers' LlamaDecoderLayer), with Qwen2's q/k/v biases
+    or Qwen3's per-head q/k norms where the teacher's layers have them."""
 
     def __init__(self, cfg: dict):
         super().__init__()
-        self.self_attn = _Attn(cfg["hidden"], cfg["heads"], cfg["kv_heads"], cfg["head_dim"])
+        self.self_attn = _Attn(cfg["hidden"], cfg["heads"], cfg["kv_heads"], cfg["head_dim"],
+                               bias=cfg.get("attn_bias", False), qk_norm=cfg.get("qk_norm", False), eps=cfg["eps"])
         self.mlp = _MLP(cfg["hidden"], cfg["intermediate"])
         self.input_layernorm = _RMSNorm(cfg["hidden"], cfg["eps"])
         self.post_attention_layernorm = _RMSNorm(cfg["hidden"], cfg["eps"])
@@ -76,13 +91,27 @@ def _rope(x, cos, sin):  # x [B, h, S, d]; cos/sin [S, d] or [B, S, d] broadcast
 
 
 def teacher_config(teacher) -> dict:
+    """The draft's shape and its layer's form from the teacher: q/k/v biases (Qwen2), per-head q/k norms (Qwen3),
+    and the RoPE frequencies with their scaling (llama3 / linear / yarn) exactly as the engine's executor has them."""
+    from bild_kernels.models.config import ModelConfig
     c = teacher.config
-    rp = getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {}
-    theta = rp.get("rope_theta", None) or getattr(c, "rope_theta", None) or 10000.0
+    mc = ModelConfig.from_hf(c)  # refuses what the engine could not run either
+    last = teacher.model.layers[-1].self_attn
     return dict(hidden=c.hidden_size, heads=c.num_attention_heads, kv_heads=c.num_key_value_heads,
-                head_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
-                intermediate=c.intermediate_size, eps=float(c.rms_norm_eps), rope_theta=float(theta),
-                vocab_size=c.vocab_size)
+                head_dim=mc.head_dim, intermediate=c.intermediate_size, eps=float(c.rms_norm_eps),
+                rope_theta=mc.rope_theta, vocab_size=c.vocab_size, attn_bias=last.q_proj.bias is not None,
+                qk_norm=mc.qk_norm, inv_freq=mc.inv_freq.tolist(), rope_scaling=mc.attention_scaling)
+
+
+def check_feature_teacher(teacher) -> None:
+    """Refuses (ValueError, naming them) a teacher whose last layer has weights a feature draft's layer cannot
+    copy (an o_proj or MLP bias: no family the engine runs has them by default)."""
+    own = set(_Layer(teacher_config(teacher)).state_dict())
+    extra = sorted(k for k in teacher.model.layers[-1].state_dict() if k not in own)
+    if extra:
+        raise ValueError(f"kind='feature' copies the large model's last layer, whose weights "
+                         f"{', '.join(extra[:4])} a feature draft's layer does not have: distill a layers draft "
+                         "(kind='layers') for it")
 
 
 class FeatureDraft(nn.Module):
@@ -105,8 +134,12 @@ class FeatureDraft(nn.Module):
         self.register_buffer("norm_w", torch.ones(h), persistent=False)
         self.vocab = vocab
         hd = cfg["head_dim"]
-        inv = 1.0 / (cfg["rope_theta"] ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+        if cfg.get("inv_freq") is not None:  # the teacher's own (scaled) frequencies
+            inv = torch.tensor(cfg["inv_freq"], dtype=torch.float32)
+        else:  # (a checkpoint from before they were kept: plain RoPE)
+            inv = 1.0 / (cfg["rope_theta"] ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
         self.register_buffer("inv_freq", inv.float(), persistent=False)
+        self.rope_scaling = float(cfg.get("rope_scaling", 1.0))
 
     # --- construction
     @classmethod
@@ -166,7 +199,7 @@ class FeatureDraft(nn.Module):
     def _cs(self, pos):
         ang = pos.float()[..., None] * self.inv_freq
         ang = torch.cat([ang, ang], -1)
-        return ang.cos(), ang.sin()
+        return ang.cos() * self.rope_scaling, ang.sin() * self.rope_scaling
 
     def _forward(self, x, pos, base_kv, chain_kv):
         """One pass through the layers. x [B, S, H] at positions pos [S] (or [B, S]).
@@ -179,12 +212,8 @@ class FeatureDraft(nn.Module):
         new_kv = []
         for li, layer in enumerate(self.layers):
             a = layer.self_attn
-            hN = layer.input_layernorm(x)
             B, S, _ = x.shape
-            q = a.q_proj(hN).view(B, S, a.nh, a.hd).transpose(1, 2)
-            k = a.k_proj(hN).view(B, S, a.nkv, a.hd).transpose(1, 2)
-            v = a.v_proj(hN).view(B, S, a.nkv, a.hd).transpose(1, 2)
-            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+            q, k, v = a.qkv(layer.input_layernorm(x), cos, sin)
             new_kv.append((k, v))
             rep = a.nh // a.nkv
             if base_kv is None:
@@ -240,11 +269,7 @@ class FeatureDraft(nn.Module):
         cos, sin = self._cs(torch.tensor([pos]))
         for li, layer in enumerate(self.layers):
             a = layer.self_attn
-            hN = layer.input_layernorm(x)
-            q = a.q_proj(hN).view(1, 1, a.nh, a.hd).transpose(1, 2)
-            k = a.k_proj(hN).view(1, 1, a.nkv, a.hd).transpose(1, 2)
-            v = a.v_proj(hN).view(1, 1, a.nkv, a.hd).transpose(1, 2)
-            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+            q, k, v = a.qkv(layer.input_layernorm(x), cos, sin)
             if cache[li] is None:
                 cache[li] = [k, v]
             else:

@@ -207,6 +207,9 @@ def distill(*, large=None, out, prompts: int = 512, max_new_tokens: int = 96, mi
     if threads is not None:
         torch.set_num_threads(threads)
     teacher, tok, source = _teacher(large)
+    if kind == "feature":
+        from bild_kernels.distill.feature_model import check_feature_teacher
+        check_feature_teacher(teacher)
     if self_prompts:
         _user_turn(tok)  # a tokenizer that cannot frame a user turn is refused before any generation
     L = teacher.config.num_hidden_layers

@@ -31,13 +31,17 @@ def fast_bf16(device: str = "cpu") -> bool:
 
 
 def build_draft(teacher, init_layers: list[int]):
-    """A LlamaForCausalLM with len(init_layers) layers copied from the teacher's, sharing its embedding."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    cfg = LlamaConfig.from_dict(teacher.config.to_dict())
-    cfg.num_hidden_layers = len(init_layers)
-    cfg.layer_types = None
-    cfg.max_window_layers = None
-    draft = LlamaForCausalLM(cfg).to(torch.float32)
+    """A model of the teacher's own family (Llama, Mistral, Qwen2 with its biases, Qwen3 with its per-head q/k
+    norms) with len(init_layers) layers copied from the teacher's, sharing its embedding; each layer keeps the
+    attention kind (full or sliding) of the teacher's layer it copies, as the engine runs it."""
+    from transformers import AutoModelForCausalLM
+    spec = teacher.config.to_dict()
+    spec["num_hidden_layers"] = len(init_layers)
+    types = getattr(teacher.config, "layer_types", None)
+    if types:
+        spec["layer_types"] = [types[j] for j in init_layers]
+    cfg = type(teacher.config).from_dict(spec)
+    draft = AutoModelForCausalLM.from_config(cfg).to(torch.float32)
     src = teacher.model
     with torch.no_grad():
         draft.model.embed_tokens.weight.copy_(src.embed_tokens.weight)

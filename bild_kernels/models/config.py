@@ -12,7 +12,9 @@ import math
 
 import torch
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# families whose attention normalises each query and key head (an RMSNorm over head_dim) before RoPE
+QK_NORM_MODEL_TYPES = ("qwen3",)
 # rope types whose frequencies do not depend on the current sequence length
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
@@ -37,6 +39,7 @@ class ModelConfig:
     max_position_embeddings: int
     bos_token_id: int | None = None
     eos_token_ids: tuple = ()
+    qk_norm: bool = False  # Qwen3: RMSNorm of every query and key head (weights [head_dim]) before RoPE
 
     @property
     def group_size(self) -> int:
@@ -70,7 +73,8 @@ class ModelConfig:
             tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
             sliding_windows=_sliding_windows(hf_config, model_type),
             max_position_embeddings=getattr(hf_config, "max_position_embeddings", 0) or 0,
-            bos_token_id=getattr(hf_config, "bos_token_id", None), eos_token_ids=eos)
+            bos_token_id=getattr(hf_config, "bos_token_id", None), eos_token_ids=eos,
+            qk_norm=model_type in QK_NORM_MODEL_TYPES)
 
 
 def _rope_parameters(hf_config) -> dict:

@@ -1,4 +1,4 @@
-"""LlamaExecutor: the Llama-family forward (Llama 2/3, Mistral, Qwen2, SmolLM2) over the paged KV cache.
+"""LlamaExecutor: the Llama-family forward (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2) over the paged KV cache.
 
 One batched forward of ragged sequences serves prefill, one-token decode and multi-token extend: each
 layer writes the new tokens' K/V to their cache slots (`slot_mapping`, -1 rows skipped), then the new
@@ -9,7 +9,8 @@ the residual stream, which a later call over layers L_s..N continues.
 The math mirrors transformers' modeling_llama op for op (RMSNorm in fp32 cast back before the weight,
 RoPE cos/sin computed in fp32, SwiGLU), so logits agree with the HF model to rounding. Q/K/V and
 gate/up projections are fused into one matmul each; biases are used where the checkpoint has them
-(Qwen2's q/k/v, Llama's attention_bias / mlp_bias).
+(Qwen2's q/k/v, Llama's attention_bias / mlp_bias); Qwen3's per-head RMSNorm of the queries and keys
+(`q_norm` / `k_norm`, weights [head_dim]) runs between the projection and RoPE.
 """
 from __future__ import annotations
 
@@ -50,6 +51,8 @@ class _LayerWeights:
     # or packed for int16 activations (reference.q4_1x16_pack) (LlamaExecutor.use_q4_1_layers); the fused CPU layer
     # reads them, every other path the float weights above
     blocks: dict | None = None
+    q_norm: torch.Tensor | None = None  # [D] (Qwen3), with k_norm
+    k_norm: torch.Tensor | None = None
 
     def __setattr__(self, name, value):  # a weight replaced: the fused layer's argument tuple is stale
         object.__setattr__(self, name, value)
@@ -58,9 +61,9 @@ class _LayerWeights:
             object.__setattr__(self, "blocks", None)  # blocks of the old weights no longer stand for them
 
     def fused_args(self) -> tuple:
-        """This layer's weights as cpu_decoder_layer's 14 positional arguments (built once, until a weight is
-        replaced): a projection is (weight, None, bias), (int8 weight, scale, bias), or (Q4_1 q, dm, bias) when
-        the layer has blocks."""
+        """This layer's weights as cpu_decoder_layer's 14 positional arguments, then q_norm and k_norm where the
+        layer has them (built once, until a weight is replaced): a projection is (weight, None, bias), (int8
+        weight, scale, bias), or (Q4_1 q, dm, bias) when the layer has blocks."""
         args = self.__dict__.get("_fused_args")
         if args is None:
             def proj(name, b):
@@ -71,6 +74,8 @@ class _LayerWeights:
             args = layer_args(LayerWeights(self.input_norm, proj("qkv", self.qkv_bias), proj("o", self.o_bias),
                                            self.post_norm, proj("gate_up", self.gate_up_bias),
                                            proj("down", self.down_bias)))
+            if self.q_norm is not None:  # the op's trailing (q_norm, k_norm)
+                args += (self.q_norm.contiguous(), self.k_norm.contiguous())
             self.__dict__["_fused_args"] = args
         return args
 
@@ -119,7 +124,9 @@ class LlamaExecutor(WeightFormats):
                 post_norm=take(p + "post_attention_layernorm.weight", (H,)),
                 gate_up=torch.cat([take(f"{m}{n}_proj.weight", (I, H)) for n in ("gate", "up")]),
                 gate_up_bias=_cat_optional(gate_up_b, ((I, H), (I, H)), self.embed),
-                down=take(m + "down_proj.weight", (H, I)), down_bias=take.optional(m + "down_proj.bias", (H,))))
+                down=take(m + "down_proj.weight", (H, I)), down_bias=take.optional(m + "down_proj.bias", (H,)),
+                q_norm=take(a + "q_norm.weight", (D,)) if c.qk_norm else None,
+                k_norm=take(a + "k_norm.weight", (D,)) if c.qk_norm else None))
         take.check_all_used()
         self.inv_freq = c.inv_freq.to(self.device, torch.float32)
         self.scale = c.head_dim ** -0.5
@@ -290,9 +297,10 @@ class LlamaExecutor(WeightFormats):
         x = x.contiguous()
         for i in range(start, end):
             kc, vc = kv_caches[i]
-            x = op(x, cos2, sin2, *self.layers[i].fused_args(), kc, vc, slot_mapping, qsl, pos, tables, lens,
-                   c.num_heads, c.num_kv_heads, self.scale, c.sliding_windows[i] or 0, c.rms_norm_eps,
-                   self.activation_bits)
+            args = self.layers[i].fused_args()
+            x = op(x, cos2, sin2, *args[:14], kc, vc, slot_mapping, qsl, pos, tables, lens, c.num_heads,
+                   c.num_kv_heads, self.scale, c.sliding_windows[i] or 0, c.rms_norm_eps, self.activation_bits,
+                   *args[14:])
         return x
 
     def _op_layers(self, x, cos, sin, meta, kv_caches, slot_mapping, start, end, attn_backend):
@@ -321,7 +329,11 @@ class LlamaExecutor(WeightFormats):
         c, w = self.config, self.layers[i]
         T, Hq, Hkv, D = x.shape[0], c.num_heads, c.num_kv_heads, c.head_dim
         qkv = self._linear(self._rms_norm(x, w.input_norm), w.qkv, w.qkv_bias)
-        qk = _rotate(qkv[:, :(Hq + Hkv) * D].view(T, Hq + Hkv, D), cos, sin)  # q and k rotated in one go
+        qk = qkv[:, :(Hq + Hkv) * D].view(T, Hq + Hkv, D)
+        if w.q_norm is not None:  # Qwen3: each head RMS-normalised before RoPE
+            qk = torch.cat((self._rms_norm(qk[:, :Hq].reshape(T * Hq, D), w.q_norm).view(T, Hq, D),
+                            self._rms_norm(qk[:, Hq:].reshape(T * Hkv, D), w.k_norm).view(T, Hkv, D)), dim=1)
+        qk = _rotate(qk, cos, sin)  # q and k rotated in one go
         q, k = qk[:, :Hq], qk[:, Hq:]
         v = qkv[:, (Hq + Hkv) * D:].view(T, Hkv, D)
         key_cache, value_cache = cache

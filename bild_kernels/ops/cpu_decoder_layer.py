@@ -26,13 +26,16 @@ from bild_kernels.ops.cpu_linear import check_activation_bits
 class LayerWeights(NamedTuple):
     """One layer's weights as cpu_decoder_layer takes them: a projection is (weight, scale or None, bias or
     None), weight [N, K] float32, int8 with scale [N] float32, Q4_1 blocks uint8 [N, K / 2] with scale = dm
-    [N, K / 32, 2] float32, or packed blocks (5-D: `reference.q4_1x16_pack` / `q8_0x16_pack`)."""
+    [N, K / 32, 2] float32, or packed blocks (5-D: `reference.q4_1x16_pack` / `q8_0x16_pack`). q_norm / k_norm
+    [head_dim] float32 (Qwen3's per-head RMSNorm of the queries and keys before RoPE; both or neither)."""
     input_norm: torch.Tensor
     qkv: tuple
     o: tuple
     post_norm: torch.Tensor
     gate_up: tuple
     down: tuple
+    q_norm: torch.Tensor | None = None
+    k_norm: torch.Tensor | None = None
 
 
 def cpu_decoder_layer(x, cos, sin, weights: LayerWeights, key_cache, value_cache, slot_mapping, query_start_loc,
@@ -68,6 +71,13 @@ def cpu_decoder_layer(x, cos, sin, weights: LayerWeights, key_cache, value_cache
     for name in ("input_norm", "post_norm"):
         v.tensor(name, getattr(weights, name), dtypes=(torch.float32,), ndim=1, device=x.device)
         v.shape(name, getattr(weights, name), (H,))
+    if (weights.q_norm is None) != (weights.k_norm is None):
+        raise ValueError("q_norm and k_norm come together (Qwen3's per-head norms): got only "
+                         f"{'q_norm' if weights.k_norm is None else 'k_norm'}")
+    for name in ("q_norm", "k_norm"):
+        if getattr(weights, name) is not None:
+            v.tensor(name, getattr(weights, name), dtypes=(torch.float32,), ndim=1, device=x.device)
+            v.shape(name, getattr(weights, name), (D,))
     qkv_n = (num_heads + 2 * num_kv_heads) * D
     gu = weights.gate_up[0]
     inter = gu.shape[0] * (16 if isinstance(gu, torch.Tensor) and gu.dim() == 5 else 1) // 2
@@ -101,11 +111,18 @@ def cpu_decoder_layer(x, cos, sin, weights: LayerWeights, key_cache, value_cache
     fn = resolve("cpu_decoder_layer", x.device, backend)
     return fn(x.contiguous(), cos.contiguous(), sin.contiguous(), *layer_args(weights), key_cache, value_cache,
               slot_mapping.contiguous(), query_start_loc, positions, block_tables, context_lens, num_heads,
-              num_kv_heads, float(scale), int(sliding_window), float(eps), int(activation_bits))
+              num_kv_heads, float(scale), int(sliding_window), float(eps), int(activation_bits), *qk_norm_args(weights))
+
+
+def qk_norm_args(weights: LayerWeights) -> tuple:
+    """The op's trailing (q_norm, k_norm) arguments: () for a layer without them (every family but Qwen3)."""
+    if weights.q_norm is None:
+        return ()
+    return weights.q_norm.contiguous(), weights.k_norm.contiguous()
 
 
 def layer_args(weights: LayerWeights) -> tuple:
-    """The weights as the op's 14 positional arguments (contiguous)."""
+    """The weights as the op's 14 positional arguments (contiguous; the per-head norms: `qk_norm_args`)."""
     def c(t):
         return None if t is None else t.contiguous()
     out = [c(weights.input_norm)]

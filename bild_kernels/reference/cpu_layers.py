@@ -15,7 +15,8 @@ def cpu_decoder_layer_ref(x, cos, sin, input_norm, qkv_w, qkv_scale, qkv_bias, o
                           gate_up_w, gate_up_scale, gate_up_bias, down_w, down_scale, down_bias, key_cache,
                           value_cache, slot_mapping, query_start_loc, positions, block_tables, context_lens,
                           num_heads: int, num_kv_heads: int, scale: float, sliding_window: int, eps: float,
-                          activation_bits: int = 16, *, linear=None, linear_int8=None, attention=None):
+                          activation_bits: int = 16, q_norm=None, k_norm=None, *, linear=None, linear_int8=None,
+                          attention=None):
     """One Llama-family decoder layer over T new tokens x [T, hidden] (the LlamaExecutor's layer, op for op):
     RMSNorm, the fused q/k/v product, RoPE (cos/sin [T, D], rotate-half), the K/V written to the paged cache at
     slot_mapping (slot -1 skipped), paged attention, the output product and residual, RMSNorm, the fused
@@ -23,7 +24,8 @@ def cpu_decoder_layer_ref(x, cos, sin, input_norm, qkv_w, qkv_scale, qkv_bias, o
     (w ~= q * scale, `cpu_linear_int8_ref`) or, when uint8, Q4_1 blocks with dm [N, K / 32, 2] as the scale
     (`q4_1_dequantize`), or 5-D: Q4_1 (uint8) or Q8_0 (int8) blocks packed 16 rows a register, their products
     against activations rounded to activation_bits (`cpu_linear_q4_1x16_ref`, `cpu_linear_q8_0x16_ref`), else
-    float (`cpu_linear_ref`). Returns the new stream [T, hidden];
+    float (`cpu_linear_ref`). q_norm / k_norm [D] (Qwen3; both or neither): every query / key head RMS-normalised
+    before RoPE. Returns the new stream [T, hidden];
     the caches are written in place. linear / linear_int8 / attention: other implementations of the products
     and the attention with the references' signatures (a benchmark's "PyTorch ops on the extension's kernels")."""
     from bild_kernels.models.attention import paged_attention_ref
@@ -40,6 +42,8 @@ def cpu_decoder_layer_ref(x, cos, sin, input_norm, qkv_w, qkv_scale, qkv_bias, o
     Hq, Hkv = num_heads, num_kv_heads
     qkv = project(norm(x, input_norm), qkv_w, qkv_scale, qkv_bias)
     qk = qkv[:, :(Hq + Hkv) * D].view(T, Hq + Hkv, D)
+    if q_norm is not None:
+        qk = torch.cat((norm(qk[:, :Hq], q_norm), norm(qk[:, Hq:], k_norm)), dim=1)
     half = D // 2
     qk = qk * cos[:, None] + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin[:, None]
     q, k = qk[:, :Hq], qk[:, Hq:]

@@ -35,6 +35,68 @@ def test_a_draft_with_every_layer_agrees_with_its_teacher_everywhere():
     assert 0.0 <= agreement(shallow, pairs) < 1.0
 
 
+def test_a_qwen3_teachers_layers_draft_keeps_its_norms_and_loads_beside_it(tmp_path):
+    """A Qwen3 teacher: the draft is a Qwen3 model (per-head q/k norms, each layer's sliding or full attention
+    kept), saved as a draft directory that the engine loads beside the teacher."""
+    from bild_kernels import Engine, Greedy, LargeOnly, SamplingParams
+    from bild_kernels.distill.feature_model import check_feature_teacher
+    from bild_kernels.models import load_model
+    from bild_kernels.models.draft import save_draft
+
+    from .test_qwen3 import tiny_qwen3
+    teacher = tiny_qwen3(5, 3, torch.float32, window=8)
+    prompts = [[5, 17, 3], [44, 2, 90, 61]]
+    pairs = [(p + hf_greedy(teacher, p, 8), len(p)) for p in prompts]
+    full = build_draft(teacher, [0, 1, 2])
+    assert type(full).__name__ == "Qwen3ForCausalLM" and agreement(full, pairs) == 1.0
+    draft = build_draft(teacher, [0, 2])
+    assert draft.config.layer_types == ["full_attention", "sliding_attention"]
+    assert torch.equal(draft.model.layers[1].self_attn.k_norm.weight, teacher.model.layers[2].self_attn.k_norm.weight)
+    teacher.save_pretrained(tmp_path / "large")
+    save_draft(tmp_path / "draft", draft.state_dict(), base=load_model(teacher, dtype=torch.float32)[0],
+               init_layers=[0, 2], base_name="tiny-qwen3", dtype=torch.float32)
+    engine = Engine(large=str(tmp_path / "large"), small=str(tmp_path / "draft"), dtype=torch.float32,
+                    max_model_len=64, block_size=4)
+    assert engine.runners["small"].executor.layers[1].k_norm is not None
+    params = SamplingParams(max_tokens=8)
+    want = [o.token_ids for o in engine.generate(prompts, params, policy=LargeOnly())]
+    outs = engine.generate(prompts, params, policy=Greedy(max_draft_len=3))
+    assert [o.token_ids for o in outs] == want and sum(o.metrics.accepted_tokens for o in outs) > 0
+    check_feature_teacher(teacher)  # a feature draft copies its layer too (tests/engine/test_feature_draft_engine.py)
+    check_feature_teacher(_teacher())
+
+
+@pytest.mark.parametrize("kind", ["layers", "feature"])
+def test_distill_a_qwen3_teacher_end_to_end(tmp_path, kind):
+    """`bild distill` on a Qwen3 teacher (its own tokenizer on disk): a draft the engine loads beside it, lossless."""
+    from bild_kernels import Engine, Greedy, LargeOnly, SamplingParams
+
+    from .test_qwen3 import tiny_qwen3
+    tiny_qwen3(5, 3, torch.float32).save_pretrained(tmp_path / "large")
+    _tokenizer().save_pretrained(tmp_path / "large")
+    stats = distill(large=tmp_path / "large", out=tmp_path / "out", prompts=4, max_new_tokens=4, minutes=0.003,
+                    bf16=False, work_dir=tmp_path / "work", draft_vocab=30, kind=kind, **QUIET)
+    assert stats.get("kind", "layers") == kind
+    engine = Engine(large=str(tmp_path / "large"), small=str(tmp_path / "out"), dtype=torch.float32,
+                    max_model_len=64, block_size=4)
+    assert all(w.q_norm is not None for w in engine.runners["small"].executor.layers)
+    prompts, params = [[5, 17, 3], [44, 2, 90, 61]], SamplingParams(max_tokens=8)
+    want = [o.token_ids for o in engine.generate(prompts, params, policy=LargeOnly())]
+    assert [o.token_ids for o in engine.generate(prompts, params, policy=Greedy(max_draft_len=3))] == want
+
+
+def test_a_feature_draft_refuses_a_teacher_whose_last_layer_it_cannot_copy():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from bild_kernels.distill.feature_model import check_feature_teacher
+    teacher = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, mlp_bias=True))
+    with pytest.raises(ValueError, match=r"kind='feature' copies the large model's last layer, whose weights "
+                                         r"mlp.down_proj.bias, mlp.gate_proj.bias, mlp.up_proj.bias a feature draft's "
+                                         r"layer does not have: distill a layers draft \(kind='layers'\)"):
+        check_feature_teacher(teacher)
+
+
 def test_targets_are_top_k_and_training_updates_only_the_layers():
     teacher = _teacher()
     corpus = [[int(x) for x in torch.randint(0, 97, (12,))] for _ in range(6)]
@@ -457,7 +519,7 @@ def test_a_feature_draft_of_two_layers(large_dir, tmp_path):
     L = hf_model(large_dir).config.num_hidden_layers
     manifest = json.loads((out / "bild_draft.json").read_text())
     assert stats["init_layers"] == manifest["init_layers"] == [L - 2, L - 1] and manifest["num_layers"] == 2
-    assert f"2 Llama decoder layers initialised from the large model's layers [{L - 2}, {L - 1}]" in (
+    assert f"2 decoder layers initialised from the large model's layers [{L - 2}, {L - 1}]" in (
         out / "README.md").read_text()
     assert len(FeatureDraft.from_dir(out, hf_model(large_dir)).layers) == 2
     eng = Engine(large=str(large_dir), small=str(out), max_batch_size=2, max_model_len=64)

@@ -23,7 +23,8 @@ def _teacher():
 def _draft(teacher, vocab=VOCAB):
     """A feature draft trained for a few seconds on the teacher's greedy text (it then agrees with the teacher
     often but not always: the tests need acceptances and rejections)."""
-    t32 = _teacher().float()
+    import copy
+    t32 = copy.deepcopy(teacher).float()
     prompts = [[5, 17, 3], [44, 2, 90, 61], [7, 7, 30], [1, 50, 3, 3], [60, 12], [33, 34, 35]]
     corpus = [p + hf_greedy(t32, p, 24) for p in prompts]
     feats = teacher_features(t32, corpus, log=lambda s: None)
@@ -132,6 +133,62 @@ def test_engine_drafts_what_the_reference_drafts_and_stays_lossless(pair):
         assert out.token_ids == want == hf_greedy(teacher, p, n)
         assert [s[0] for s in seen] == [[]] + runs  # the prefill drafts nothing, then the same proposals
         assert 0 < out.metrics.accepted_tokens < out.metrics.drafted_tokens  # acceptances and rejections
+    assert_all_free(eng)
+
+
+def _family_teacher(family):
+    """A tiny float64 teacher of another family, its head sharpened as tiny_llama's: Qwen2 (q/k/v biases), Qwen3
+    (per-head q/k norms, head_dim 24), Llama 3 (llama3-scaled RoPE frequencies)."""
+    import transformers
+    common = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, eos_token_id=None, bos_token_id=None,
+                  pad_token_id=None, tie_word_embeddings=False)
+    cfg = {"qwen2": lambda: transformers.Qwen2Config(**common),
+           "qwen3": lambda: transformers.Qwen3Config(head_dim=24, **common),
+           "llama3-rope": lambda: transformers.LlamaConfig(rope_parameters={
+               "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}, **common)}[family]()
+    torch.manual_seed(5)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).to(F64).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(16.0)
+        for layer in model.model.layers:
+            a = layer.self_attn
+            for t in [a.q_proj.bias, a.k_proj.bias, a.v_proj.bias] if family == "qwen2" else []:
+                t.normal_(0, 0.3)
+            for t in [a.q_norm.weight, a.k_norm.weight] if family == "qwen3" else []:
+                t.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "llama3-rope"])
+def test_feature_drafts_of_other_families_draft_in_the_engine_what_they_trained_as(family, tmp_path):
+    """The training module copies the teacher's last layer as it is (biases, per-head norms, scaled RoPE), and the
+    engine's draft executor then proposes exactly what the training module does: the same chains, lossless."""
+    teacher = _family_teacher(family)
+    draft = _draft(teacher)
+    a = draft.layers[0].self_attn
+    assert (a.q_proj.bias is not None) == (family == "qwen2") and hasattr(a, "q_norm") == (family == "qwen3")
+    base, _ = load_model(teacher, dtype=F64)
+    torch.testing.assert_close(draft.inv_freq, base.inv_freq)  # the teacher's (scaled) frequencies
+    path = draft.save_dir(tmp_path / "draft", base, base_name="tiny", dtype=F64)
+    eng = _engine(teacher, path)
+    seen, verify = [], eng._verify
+
+    def spy(running, policy, drafts):
+        seen.append([list(d) for d in drafts.tokens])
+        return verify(running, policy, drafts)
+
+    eng._verify = spy
+    accepted = 0
+    for p in ([5, 17, 3], [44, 2, 90, 61, 8, 8, 1]):
+        seen.clear()
+        (out,) = eng.generate([p], SamplingParams(max_tokens=20), policy=Greedy(max_draft_len=3))
+        want, runs = feature_speculative_reference(teacher, draft, p, 20, 3)
+        assert out.token_ids == want == hf_greedy(teacher, p, 20)
+        assert [s[0] for s in seen] == [[]] + runs
+        accepted += out.metrics.accepted_tokens
+    assert accepted > 0
     assert_all_free(eng)
 
 

@@ -21,6 +21,9 @@ FAMILIES = {
     "llama-tied": lambda: transformers.LlamaConfig(num_hidden_layers=2, tie_word_embeddings=True, **COMMON),
     "qwen2-tied-bias": lambda: transformers.Qwen2Config(num_hidden_layers=2, tie_word_embeddings=True, **COMMON),
     "mistral-window8": lambda: transformers.MistralConfig(num_hidden_layers=2, sliding_window=8, **COMMON),
+    # Qwen3: per-head q/k RMSNorm, a head_dim wider than hidden / heads, the last two layers sliding
+    "qwen3-window8": lambda: transformers.Qwen3Config(num_hidden_layers=3, head_dim=24, sliding_window=8,
+                                                      use_sliding_window=True, max_window_layers=1, **COMMON),
 }
 
 
@@ -32,6 +35,11 @@ def hf_model(family, dtype=torch.float64, seed=0):
             for layer in model.model.layers:
                 layer.self_attn.q_proj.bias.normal_(0, 0.5)
                 layer.self_attn.k_proj.bias.normal_(0, 0.5)
+    if family.startswith("qwen3"):  # HF initialises the per-head norms to ones; make them matter
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
+                layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
     return model
 
 
@@ -131,11 +139,12 @@ def test_dtypes(dtype, atol):
     torch.testing.assert_close(got.float(), _expected(model, batch, new).float(), atol=atol, rtol=atol)
 
 
-def test_triton_backend_executor(backend_device):
+@pytest.mark.parametrize("family", ["qwen2-tied-bias", "qwen3-window8"])
+def test_triton_backend_executor(backend_device, family):
     backend, device = backend_device
     if backend == "cuda":
         pytest.skip("the executor's Triton path is the one tested here")
-    model = hf_model("qwen2-tied-bias", dtype=torch.float32).to(device)
+    model = hf_model(family, dtype=torch.float32).to(device)
     ex, _ = load_model(model, backend="triton", device=device)
     batch = Batch(ex, 2)
     for new in ([[5, 6, 7, 8, 9], [10, 11]], [[12], [13, 14, 15]]):

@@ -1,6 +1,6 @@
 """cpu_decoder_layer (one decoder layer in one call of the CPU extension) against its reference twin: outputs and
-cache writes for decode, verify and ragged batches with padding, GQA, biases, int8 weights and a sliding
-window; batch invariance (bit for bit); the executor using it; bad input."""
+cache writes for decode, verify and ragged batches with padding, GQA, biases, int8 weights, a sliding
+window and Qwen3's per-head q/k norms; batch invariance (bit for bit); the executor using it; bad input."""
 import pytest
 import torch
 
@@ -19,7 +19,7 @@ PADDED = [(1, 0), (5, 21), (1, 0), (2, 2)]  # context 0: padding rows (slot -1),
 MIXED = [(4, 13), (1, 30), (3, 12)]
 
 
-def _weights(H, Hq, Hkv, D, inter, *, bias, int8, gen):
+def _weights(H, Hq, Hkv, D, inter, *, bias, int8, gen, qk_norm=False):
     def w(n, k):
         t = torch.randn(n, k, generator=gen) * k ** -0.5
         return (*Int8Weight.of(t), None) if int8 else (t, None, None)
@@ -27,12 +27,14 @@ def _weights(H, Hq, Hkv, D, inter, *, bias, int8, gen):
     def with_bias(p, n):
         return (p[0], p[1], torch.randn(n, generator=gen) * 0.1) if bias else p
     qkv_n = (Hq + 2 * Hkv) * D
+    norms = (0.5 + torch.rand(D, generator=gen), 0.5 + torch.rand(D, generator=gen)) if qk_norm else (None, None)
     return LayerWeights(input_norm=1 + 0.1 * torch.randn(H, generator=gen), qkv=with_bias(w(qkv_n, H), qkv_n),
                         o=with_bias(w(H, Hq * D), H), post_norm=1 + 0.1 * torch.randn(H, generator=gen),
-                        gate_up=with_bias(w(2 * inter, H), 2 * inter), down=with_bias(w(H, inter), H))
+                        gate_up=with_bias(w(2 * inter, H), 2 * inter), down=with_bias(w(H, inter), H), q_norm=norms[0],
+                        k_norm=norms[1])
 
 
-def _case(seqs, *, H=48, Hq=4, Hkv=2, D=16, inter=40, block_size=4, bias=False, int8=False, seed=0):
+def _case(seqs, *, H=48, Hq=4, Hkv=2, D=16, inter=40, block_size=4, bias=False, int8=False, seed=0, qk_norm=False):
     gen = torch.Generator().manual_seed(seed)
     max_blocks = max(-(-c // block_size) for _, c in seqs) + 1
     num_blocks = len(seqs) * max_blocks + 2
@@ -44,7 +46,8 @@ def _case(seqs, *, H=48, Hq=4, Hkv=2, D=16, inter=40, block_size=4, bias=False, 
     x = torch.randn(T, H, generator=gen)
     angle = meta.positions.float()[:, None] * (10000.0 ** (-torch.arange(0, D // 2) / (D // 2)))[None]
     emb = torch.cat((angle, angle), dim=-1)
-    return x, emb.cos(), emb.sin(), _weights(H, Hq, Hkv, D, inter, bias=bias, int8=int8, gen=gen), caches, meta, Hq, Hkv
+    weights = _weights(H, Hq, Hkv, D, inter, bias=bias, int8=int8, gen=gen, qk_norm=qk_norm)
+    return x, emb.cos(), emb.sin(), weights, caches, meta, Hq, Hkv
 
 
 def _run(case, backend, window=0, caches=None, bits=16):
@@ -76,6 +79,21 @@ def test_cpu_decoder_layer_matches_reference(seqs, bias, int8, window):
 
 
 @needs_ext
+@pytest.mark.parametrize("seqs", [DECODE, VERIFY, PADDED, MIXED], ids=["decode", "verify", "padded", "mixed"])
+@pytest.mark.parametrize("int8", [False, True])
+def test_cpu_decoder_layer_qk_norm_matches_reference(seqs, int8):
+    """Qwen3's layer: every query and key head RMS-normalised before RoPE (the keys in the cache are normed)."""
+    case = _case(seqs, int8=int8, qk_norm=True, D=24, seed=3)
+    want, want_k, want_v = _run(case, "ref", 3)
+    got, got_k, got_v = _run(case, "cpu", 3)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got_k, want_k, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_v, want_v, atol=1e-5, rtol=1e-5)
+    plain, plain_k, _ = _run(case[:3] + (case[3]._replace(q_norm=None, k_norm=None),) + case[4:], "cpu", 3)
+    assert not torch.allclose(plain, got, atol=1e-3) and not torch.allclose(plain_k, got_k, atol=1e-3)
+
+
+@needs_ext
 def test_cpu_decoder_layer_shapes_of_the_default_pair():
     # SmolLM2-135M's layer: hidden 576, 9 query heads over 3 kv heads of 64, intermediate 1536
     case = _case(VERIFY, H=576, Hq=9, Hkv=3, D=64, inter=1536, block_size=16)
@@ -83,10 +101,11 @@ def test_cpu_decoder_layer_shapes_of_the_default_pair():
 
 
 @needs_ext
-def test_cpu_decoder_layer_is_batch_invariant():
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_cpu_decoder_layer_is_batch_invariant(qk_norm):
     """A sequence's rows get the same bits whatever else is in the pass (a verified token gets its decode
     logits: Greedy equals LargeOnly token for token)."""
-    case = _case(MIXED, bias=True)
+    case = _case(MIXED, bias=True, qk_norm=qk_norm)
     x, cos, sin, weights, (kc, vc), meta, Hq, Hkv = case
     full, _, _ = _run(case, "cpu")
     for b, (q, c) in enumerate(MIXED):
@@ -200,13 +219,26 @@ def test_cpu_decoder_layer_q4_1_bad_input():
             _run((x, cos, sin, weights._replace(o=bad), caches, meta, Hq, Hkv), "cpu")
 
 
-def test_cpu_decoder_layer_ref_is_the_executors_layer():
+def _hf(family, **kw):
+    """A tiny random Llama or Qwen3 (per-head q/k norms, not all ones) of `kw`'s shape."""
+    import transformers
+    cls = transformers.Qwen3Config if family == "qwen3" else transformers.LlamaConfig
+    hf = transformers.AutoModelForCausalLM.from_config(cls(**kw))
+    if family == "qwen3":
+        with torch.no_grad():
+            for layer in hf.model.layers:
+                layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
+                layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
+    return hf
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_cpu_decoder_layer_ref_is_the_executors_layer(family):
     """The reference twin is the executor's own PyTorch layer (LlamaExecutor._layer), op for op."""
     from bild_kernels.models import load_model
-    from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
-    hf = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    hf = _hf(family, vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, head_dim=8)
     ex, _ = load_model(hf, dtype=torch.float32, device=torch.device("cpu"), role="large", backend="ref")
     assert ex._fused is None  # backend "ref": F.linear and the reference ops
     w = ex.layers[0]
@@ -220,7 +252,8 @@ def test_cpu_decoder_layer_ref_is_the_executors_layer():
                      meta.slot_mapping, lambda q, kc, vc, win: paged_attention(q, kc, vc, meta, scale=ex.scale,
                                                                                backend="ref"))
     weights = LayerWeights(w.input_norm, (w.qkv, None, w.qkv_bias), (w.o, None, w.o_bias), w.post_norm,
-                           (w.gate_up, None, w.gate_up_bias), (w.down, None, w.down_bias))
+                           (w.gate_up, None, w.gate_up_bias), (w.down, None, w.down_bias), w.q_norm, w.k_norm)
+    assert (w.q_norm is not None) == (family == "qwen3")
     kc2, vc2 = caches[0][0].clone(), caches[0][1].clone()
     got = cpu_decoder_layer(x, cos.view(3, -1), sin.view(3, -1), weights, kc2, vc2, meta.slot_mapping,
                             meta.query_start_loc, meta.positions, meta.block_tables, meta.context_lens,
@@ -229,15 +262,14 @@ def test_cpu_decoder_layer_ref_is_the_executors_layer():
 
 
 @needs_ext
-def test_executor_takes_the_fused_layer_for_short_float32_passes():
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_executor_takes_the_fused_layer_for_short_float32_passes(family):
     """A float32 CPU executor runs passes of up to 16 tokens through the fused layer (int8 weights too) and
     longer ones (prefill) through PyTorch ops; both agree with the unfused executor."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from bild_kernels.models import load_model
     torch.manual_seed(1)
-    hf = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=80, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128))
+    hf = _hf(family, vocab_size=96, hidden_size=64, intermediate_size=80, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, head_dim=16)
     for int8 in (False, True):
         ex, _ = load_model(hf, dtype=torch.float32, device=torch.device("cpu"), role="large")
         if int8:
@@ -277,6 +309,9 @@ def test_executor_takes_the_fused_layer_for_short_float32_passes():
     (dict(down=lambda c: (c[3].down[0].to(torch.int8), None, None)), TypeError, "down weight must have dtype"),
     (dict(heads=3), ValueError, "num_heads"),
     (dict(bits=12), ValueError, "activation_bits must be 8 or 16, got 12"),
+    (dict(norms=lambda c: (torch.ones(16), None)), ValueError, "q_norm and k_norm come together.*only q_norm"),
+    (dict(norms=lambda c: (torch.ones(16), torch.ones(15))), ValueError, r"k_norm must have shape \[16\], got \[15\]"),
+    (dict(norms=lambda c: (torch.ones(16, dtype=torch.float64),) * 2), TypeError, "q_norm must have dtype"),
 ])
 def test_cpu_decoder_layer_bad_input(change, exc, match):
     case = _case(DECODE)
@@ -291,6 +326,9 @@ def test_cpu_decoder_layer_bad_input(change, exc, match):
     for name in ("qkv", "down"):
         if name in change:
             weights = weights._replace(**{name: change[name](case)})
+    if "norms" in change:
+        q_norm, k_norm = change["norms"](case)
+        weights = weights._replace(q_norm=q_norm, k_norm=k_norm)
     Hq = change.get("heads", Hq)
     before = kc.clone()
     with pytest.raises(exc, match=match):
@@ -301,11 +339,12 @@ def test_cpu_decoder_layer_bad_input(change, exc, match):
 
 
 @needs_ext
-def test_cpu_decoder_layer_fake_impl():
-    case = _case(DECODE)
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_cpu_decoder_layer_fake_impl(qk_norm):
+    case = _case(DECODE, qk_norm=qk_norm)
     x, cos, sin, weights, (kc, vc), meta, Hq, Hkv = case
-    from bild_kernels.ops.cpu_decoder_layer import layer_args
+    from bild_kernels.ops.cpu_decoder_layer import layer_args, qk_norm_args
     args = (x, cos, sin, *layer_args(weights), kc, vc, meta.slot_mapping, meta.query_start_loc, meta.positions,
-            meta.block_tables, meta.context_lens, Hq, Hkv, 0.25, 0, 1e-5)
+            meta.block_tables, meta.context_lens, Hq, Hkv, 0.25, 0, 1e-5, 16, *qk_norm_args(weights))
     torch.library.opcheck(torch.ops.bild_kernels_cpu.cpu_decoder_layer, args,
                           test_utils=("test_schema", "test_faketensor"))
