@@ -104,8 +104,13 @@ def teacher_config(teacher) -> dict:
 
 
 def check_feature_teacher(teacher) -> None:
-    """Refuses (ValueError, naming them) a teacher whose last layer has weights a feature draft's layer cannot
-    copy (an o_proj or MLP bias: no family the engine runs has them by default)."""
+    """Refuses (ValueError, naming what) a teacher whose last layer a feature draft's layer cannot copy: Gemma's
+    layer form ((1 + w) norms, sandwich norms, GeGLU), or weights it does not have (an o_proj or MLP bias)."""
+    from bild_kernels.models.config import ModelConfig
+    mc = ModelConfig.from_hf(teacher.config)
+    if mc.gemma or mc.activation != "silu":
+        raise ValueError(f"kind='feature' copies a Llama-form layer (SwiGLU, pre-norms); the large model's "
+                         f"({mc.model_type}) has another form: distill a layers draft (kind='layers') for it")
     own = set(_Layer(teacher_config(teacher)).state_dict())
     extra = sorted(k for k in teacher.model.layers[-1].state_dict() if k not in own)
     if extra:

@@ -12,9 +12,15 @@ import math
 
 import torch
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 # families whose attention normalises each query and key head (an RMSNorm over head_dim) before RoPE
-QK_NORM_MODEL_TYPES = ("qwen3",)
+QK_NORM_MODEL_TYPES = ("qwen3", "gemma3_text")
+# Gemma's layer: RMSNorms scale by (1 + w) in float32, the attention's and the MLP's outputs are normed too before
+# their residual adds, the embedding is scaled by sqrt(hidden), GELU (tanh) gates the MLP, sliding layers rotate
+# with a RoPE of their own, and the attention scales by query_pre_attn_scalar ** -0.5
+GEMMA_MODEL_TYPES = ("gemma3_text",)
+# activations of the gated MLP: the config's name -> the executor's
+ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 # rope types whose frequencies do not depend on the current sequence length
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
@@ -39,7 +45,13 @@ class ModelConfig:
     max_position_embeddings: int
     bos_token_id: int | None = None
     eos_token_ids: tuple = ()
-    qk_norm: bool = False  # Qwen3: RMSNorm of every query and key head (weights [head_dim]) before RoPE
+    qk_norm: bool = False  # Qwen3, Gemma 3: RMSNorm of every query and key head (weights [head_dim]) before RoPE
+    activation: str = "silu"  # the gated MLP's: "silu" (SwiGLU) or "gelu_tanh" (Gemma's GeGLU)
+    gemma: bool = False  # Gemma's (1 + w) float32 norms, sandwich norms and embedding scale (GEMMA_MODEL_TYPES)
+    embed_scale: float = 1.0  # the input embedding's multiplier (Gemma: sqrt(hidden), rounded to float32)
+    attn_scale: float | None = None  # the attention's score scale (None: head_dim ** -0.5)
+    local_inv_freq: torch.Tensor | None = None  # the sliding layers' own RoPE frequencies (Gemma 3), else None
+    local_attention_scaling: float = 1.0
 
     @property
     def group_size(self) -> int:
@@ -54,15 +66,27 @@ class ModelConfig:
             archs = getattr(hf_config, "architectures", None)
             raise ValueError(f"unsupported architecture: model_type={model_type!r} (architectures={archs}); "
                              f"the executor runs {', '.join(SUPPORTED_MODEL_TYPES)}")
-        act = getattr(hf_config, "hidden_act", "silu")
-        if act != "silu":
-            raise ValueError(f"unsupported hidden_act {act!r}: the executor implements SwiGLU (silu)")
+        gemma = model_type in GEMMA_MODEL_TYPES
+        act = (getattr(hf_config, "hidden_activation", None) if gemma else None) or getattr(hf_config, "hidden_act",
+                                                                                           "silu")
+        if act not in ACTIVATIONS:
+            raise ValueError(f"unsupported hidden_act {act!r}: the executor's gated MLP takes {', '.join(ACTIVATIONS)}")
+        for name in ("final_logit_softcapping", "attn_logit_softcapping"):
+            if getattr(hf_config, name, None) is not None:
+                raise ValueError(f"unsupported {name}={getattr(hf_config, name)}: the executor does not soft-cap")
+        if getattr(hf_config, "use_bidirectional_attention", False):
+            raise ValueError("unsupported use_bidirectional_attention=True: the executor's attention is causal")
         num_heads = hf_config.num_attention_heads
         num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or num_heads
         if num_heads % num_kv_heads:
             raise ValueError(f"num_attention_heads={num_heads} is not a multiple of num_key_value_heads={num_kv_heads}")
         head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
-        inv_freq, attention_scaling, rope_type, theta = _rope(hf_config, head_dim)
+        local = None
+        if gemma:  # one RoPE for the full-attention layers, another for the sliding ones
+            inv_freq, attention_scaling, rope_type, theta = _rope(hf_config, head_dim, "full_attention")
+            local = _rope(hf_config, head_dim, "sliding_attention")
+        else:
+            inv_freq, attention_scaling, rope_type, theta = _rope(hf_config, head_dim)
         eos = getattr(hf_config, "eos_token_id", None)
         eos = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
         return cls(
@@ -74,12 +98,21 @@ class ModelConfig:
             sliding_windows=_sliding_windows(hf_config, model_type),
             max_position_embeddings=getattr(hf_config, "max_position_embeddings", 0) or 0,
             bos_token_id=getattr(hf_config, "bos_token_id", None), eos_token_ids=eos,
-            qk_norm=model_type in QK_NORM_MODEL_TYPES)
+            qk_norm=model_type in QK_NORM_MODEL_TYPES, activation=ACTIVATIONS[act], gemma=gemma,
+            embed_scale=float(torch.tensor(hf_config.hidden_size ** 0.5)) if gemma else 1.0,
+            attn_scale=float(hf_config.query_pre_attn_scalar) ** -0.5 if gemma else None,
+            local_inv_freq=None if local is None else local[0],
+            local_attention_scaling=1.0 if local is None else local[1])
 
 
-def _rope_parameters(hf_config) -> dict:
-    # transformers 5 keeps theta and scaling together in `rope_parameters`; older configs split them.
+def _rope_parameters(hf_config, layer_type: str | None = None) -> dict:
+    # transformers 5 keeps theta and scaling together in `rope_parameters` (Gemma 3: one such dict per layer
+    # type); older configs split them.
     params = getattr(hf_config, "rope_parameters", None)
+    if layer_type is not None:
+        params = (params or {}).get(layer_type)
+        if params is None:
+            raise ValueError(f"the config has no rope_parameters for its {layer_type} layers")
     if params is None:
         params = dict(getattr(hf_config, "rope_scaling", None) or {})
         params.setdefault("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
@@ -88,8 +121,8 @@ def _rope_parameters(hf_config) -> dict:
     return params
 
 
-def _rope(hf_config, head_dim: int):
-    params = _rope_parameters(hf_config)
+def _rope(hf_config, head_dim: int, layer_type: str | None = None):
+    params = _rope_parameters(hf_config, layer_type)
     rope_type = params["rope_type"]
     if rope_type not in STATIC_ROPE_TYPES:
         raise ValueError(f"unsupported rope scaling {rope_type!r}: the executor supports {STATIC_ROPE_TYPES}")
@@ -101,7 +134,8 @@ def _rope(hf_config, head_dim: int):
         scaling = 1.0
     else:
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"))
+        kw = {} if layer_type is None else {"layer_type": layer_type}
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"), **kw)
     inv_freq = inv_freq.to(torch.float32)
     if inv_freq.shape != (head_dim // 2,) or not math.isfinite(float(scaling)):
         raise ValueError(f"rope initialiser for {rope_type!r} gave inv_freq {tuple(inv_freq.shape)}, "

@@ -1,4 +1,4 @@
-"""LlamaExecutor: the Llama-family forward (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2) over the paged KV cache.
+"""LlamaExecutor: the Llama-family forward (Llama 2/3, Mistral, Qwen2, Qwen3, Gemma 3, SmolLM2) over a paged KV cache.
 
 One batched forward of ragged sequences serves prefill, one-token decode and multi-token extend: each
 layer writes the new tokens' K/V to their cache slots (`slot_mapping`, -1 rows skipped), then the new
@@ -10,7 +10,10 @@ The math mirrors transformers' modeling_llama op for op (RMSNorm in fp32 cast ba
 RoPE cos/sin computed in fp32, SwiGLU), so logits agree with the HF model to rounding. Q/K/V and
 gate/up projections are fused into one matmul each; biases are used where the checkpoint has them
 (Qwen2's q/k/v, Llama's attention_bias / mlp_bias); Qwen3's per-head RMSNorm of the queries and keys
-(`q_norm` / `k_norm`, weights [head_dim]) runs between the projection and RoPE.
+(`q_norm` / `k_norm`, weights [head_dim]) runs between the projection and RoPE. Gemma 3 adds its own
+layer form (`ModelConfig.gemma`): (1 + w) norms in float32, the attention's and the MLP's outputs normed before
+their residual adds, a scaled embedding, GeGLU, and a second RoPE for its sliding layers; it runs as PyTorch ops
+around the kernels (the CPU extension's fused layer is Llama's).
 """
 from __future__ import annotations
 
@@ -51,8 +54,10 @@ class _LayerWeights:
     # or packed for int16 activations (reference.q4_1x16_pack) (LlamaExecutor.use_q4_1_layers); the fused CPU layer
     # reads them, every other path the float weights above
     blocks: dict | None = None
-    q_norm: torch.Tensor | None = None  # [D] (Qwen3), with k_norm
+    q_norm: torch.Tensor | None = None  # [D] (Qwen3, Gemma 3), with k_norm
     k_norm: torch.Tensor | None = None
+    attn_out_norm: torch.Tensor | None = None  # [hidden] (Gemma: the attention's output normed before its residual)
+    mlp_out_norm: torch.Tensor | None = None  # [hidden] (Gemma: the MLP's output normed before its residual)
 
     def __setattr__(self, name, value):  # a weight replaced: the fused layer's argument tuple is stale
         object.__setattr__(self, name, value)
@@ -99,7 +104,11 @@ class LlamaExecutor(WeightFormats):
         c = config
         self.embed = take("embed_tokens.weight", (c.vocab_size, c.hidden_size))
         self.dtype, self.device = self.embed.dtype, self.embed.device
-        self.norm = take("norm.weight", (c.hidden_size,))
+        # Gemma's norms scale by (1 + w), computed in float32 whatever the model's dtype: kept so, as float32
+        norm_w = (lambda t: 1.0 + t.float()) if c.gemma else (lambda t: t)
+        self.norm = norm_w(take("norm.weight", (c.hidden_size,)))
+        self.embed_scale = (None if c.embed_scale == 1.0
+                            else torch.tensor(c.embed_scale, dtype=torch.float32).to(self.device, self.dtype))
         if c.tie_word_embeddings:
             self.lm_head = self.embed
         else:
@@ -118,18 +127,24 @@ class LlamaExecutor(WeightFormats):
             qkv_b = [take.optional(f"{a}{n}_proj.bias", (s[0],)) for n, s in zip("qkv", qkv_shapes)]
             gate_up_b = [take.optional(f"{m}{n}_proj.bias", (I,)) for n in ("gate", "up")]
             self.layers.append(_LayerWeights(
-                input_norm=take(p + "input_layernorm.weight", (H,)),
+                input_norm=norm_w(take(p + "input_layernorm.weight", (H,))),
                 qkv=torch.cat(qkv), qkv_bias=_cat_optional(qkv_b, qkv_shapes, self.embed),
                 o=take(a + "o_proj.weight", (H, Hq * D)), o_bias=take.optional(a + "o_proj.bias", (H,)),
-                post_norm=take(p + "post_attention_layernorm.weight", (H,)),
+                post_norm=norm_w(take(p + ("pre_feedforward_layernorm.weight" if c.gemma
+                                           else "post_attention_layernorm.weight"), (H,))),
                 gate_up=torch.cat([take(f"{m}{n}_proj.weight", (I, H)) for n in ("gate", "up")]),
                 gate_up_bias=_cat_optional(gate_up_b, ((I, H), (I, H)), self.embed),
                 down=take(m + "down_proj.weight", (H, I)), down_bias=take.optional(m + "down_proj.bias", (H,)),
-                q_norm=take(a + "q_norm.weight", (D,)) if c.qk_norm else None,
-                k_norm=take(a + "k_norm.weight", (D,)) if c.qk_norm else None))
+                q_norm=norm_w(take(a + "q_norm.weight", (D,))) if c.qk_norm else None,
+                k_norm=norm_w(take(a + "k_norm.weight", (D,))) if c.qk_norm else None,
+                attn_out_norm=norm_w(take(p + "post_attention_layernorm.weight", (H,))) if c.gemma else None,
+                mlp_out_norm=norm_w(take(p + "post_feedforward_layernorm.weight", (H,))) if c.gemma else None))
         take.check_all_used()
         self.inv_freq = c.inv_freq.to(self.device, torch.float32)
-        self.scale = c.head_dim ** -0.5
+        # the sliding layers' own RoPE (Gemma 3): (inv_freq, attention scaling), or None
+        self.local_rope = (None if c.local_inv_freq is None
+                           else (c.local_inv_freq.to(self.device, torch.float32), c.local_attention_scaling))
+        self.scale = c.attn_scale if c.attn_scale is not None else c.head_dim ** -0.5
         # float64 runs only on the reference kernels (exactness tests).
         self.backend = "ref" if self.dtype == torch.float64 else backend
         self.attn_backend = {"cuda": None}.get(self.backend, self.backend)  # no CUDA attention kernel: Triton
@@ -186,8 +201,9 @@ class LlamaExecutor(WeightFormats):
         runs the layer's matmuls (float32 weights through cpu_linear, int8 ones through cpu_linear_int8) and its
         attention; else None (the layer runs as PyTorch ops)."""
         op = self._cpu_op("cpu_decoder_layer")
-        if op is None:
-            return None
+        c = self.config
+        if op is None or c.gemma or c.activation != "silu" or self.local_rope is not None:
+            return None  # (the fused layer is Llama's: SwiGLU, pre-norms only, one RoPE)
         kind = "cpu_linear_int8" if self.weight_format == "int8" else "cpu_linear"
         if resolve(kind, self.device, None) is not registered(kind, "cpu"):
             return None
@@ -252,6 +268,8 @@ class LlamaExecutor(WeightFormats):
             if input_ids.device != self.device:
                 raise ValueError(f"input_ids are on {input_ids.device}, the model on {self.device}")
             x = F.embedding(input_ids, self.embed)
+            if self.embed_scale is not None:  # Gemma: sqrt(hidden), in the model's dtype as HF rounds it
+                x = x * self.embed_scale
         else:  # the stream entering layer `start` (at 0: input embeddings computed by the caller)
             if hidden_states.shape != (T, self.config.hidden_size):
                 raise ValueError(f"hidden_states must be [T={T}, {self.config.hidden_size}], "
@@ -260,6 +278,9 @@ class LlamaExecutor(WeightFormats):
                 raise ValueError(f"hidden_states are on {hidden_states.device}, the model on {self.device}")
             x = hidden_states.to(self.dtype)
         cos, sin = self._rope_cos_sin(meta.positions)
+        if self.local_rope is not None:  # the sliding layers' rotary rows beside the full layers'
+            local_cos, local_sin = self._rope_cos_sin(meta.positions, local=True)
+            cos, sin = (cos, local_cos), (sin, local_sin)
         slot_mapping = meta.slot_mapping.to(torch.int64)
         # The attention backend is chosen once per forward.
         attn_backend = self.attn_backend or default_attention_backend(self.device, self.dtype)
@@ -322,7 +343,11 @@ class LlamaExecutor(WeightFormats):
             attend = lambda q, kc, vc, window: paged_attention(  # noqa: E731
                 q, kc, vc, meta, scale=self.scale, sliding_window=window, backend=attn_backend)
         for i in range(start, end):
-            x = self._layer(i, x, cos, sin, kv_caches[i], write_kv, slot_mapping, attend)
+            cs = (cos, sin)
+            if self.local_rope is not None:  # (full, local) pairs: a sliding layer takes the local rows
+                k = 1 if self.config.sliding_windows[i] else 0
+                cs = (cos[k], sin[k])
+            x = self._layer(i, x, *cs, kv_caches[i], write_kv, slot_mapping, attend)
         return x
 
     def _layer(self, i, x, cos, sin, cache, write_kv, slot_mapping, attend):
@@ -339,41 +364,54 @@ class LlamaExecutor(WeightFormats):
         key_cache, value_cache = cache
         write_kv(k.contiguous(), v.contiguous(), key_cache, value_cache, slot_mapping)
         attn = attend(q, key_cache, value_cache, c.sliding_windows[i] or 0)
-        x = x + self._linear(attn.reshape(T, Hq * D), w.o, w.o_bias)
+        o = self._linear(attn.reshape(T, Hq * D), w.o, w.o_bias)
+        x = x + (o if w.attn_out_norm is None else self._rms_norm(o, w.attn_out_norm))
         gate, up = self._linear(self._rms_norm(x, w.post_norm), w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
-        return x + self._linear(F.silu(gate) * up, w.down, w.down_bias)
+        act = F.silu(gate) if c.activation == "silu" else F.gelu(gate, approximate="tanh")
+        m = self._linear(act * up, w.down, w.down_bias)
+        return x + (m if w.mlp_out_norm is None else self._rms_norm(m, w.mlp_out_norm))
 
     def _rms_norm(self, x, weight):
         if self._norm_op is not None and x.dtype == torch.float32:  # csrc: the fused layer's own RMSNorm
             return self._norm_op(x.contiguous(), weight, self.config.rms_norm_eps)
-        # HF normalises in fp32 (even for float64 models), casts back, then scales.
+        # HF normalises in fp32 (even for float64 models), casts back, then scales (Gemma: scales by its float32
+        # (1 + w), then casts back).
         if x.dtype == torch.float32:  # the same ops without the no-op casts (each costs a dispatch)
             return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.config.rms_norm_eps))
         x32 = x.to(torch.float32)
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.config.rms_norm_eps)
+        if self.config.gemma:
+            return (normed * weight).to(x.dtype)
         return weight * normed.to(x.dtype)
 
-    def _rope_cos_sin(self, positions):
+    def _rope_cos_sin(self, positions, local: bool = False):
+        """cos / sin rows [T, 1, D] of the positions (local: the sliding layers' own RoPE, Gemma 3)."""
         if self.device.type == "cpu":  # rows of a table of every position so far: one index_select a step
-            cos, sin = self._rope_table_to(int(positions.max()) + 1 if positions.numel() else 0)
+            cos, sin = self._rope_table_to(int(positions.max()) + 1 if positions.numel() else 0, local)
             return cos.index_select(0, positions), sin.index_select(0, positions)
-        return self._rope_rows_of(positions)
+        return self._rope_rows_of(positions, local)
 
     _rope_rows, _rope_table = 0, None
+    _local_rows, _local_table = 0, None
 
-    def _rope_table_to(self, n: int):
+    def _rope_table_to(self, n: int, local: bool = False):
         """The CPU table of cos / sin rows [P, 1, D] by position, grown to cover positions below n."""
+        if local:
+            if n > self._local_rows:
+                self._local_table = self._rope_rows_of(torch.arange(max(n, 2 * self._local_rows, 256)), True)
+                self._local_rows = self._local_table[0].shape[0]
+            return self._local_table
         if n > self._rope_rows:
             self._rope_table = self._rope_rows_of(torch.arange(max(n, 2 * self._rope_rows, 256)))
             self._rope_rows = self._rope_table[0].shape[0]
         return self._rope_table
 
-    def _rope_rows_of(self, positions):
+    def _rope_rows_of(self, positions, local: bool = False):
         # Elementwise in the position. On a CPU its rows come from one table (above), so a position reads the
         # same cos/sin in every pass, whatever the other positions of the pass.
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2], fp32 as in HF
+        inv_freq, scaling = self.local_rope if local else (self.inv_freq, self.config.attention_scaling)
+        freqs = positions.float()[:, None] * inv_freq[None, :]  # [T, D/2], fp32 as in HF
         emb = torch.cat((freqs, freqs), dim=-1)
-        scaling = self.config.attention_scaling
         return (emb.cos() * scaling).to(self.dtype)[:, None, :], (emb.sin() * scaling).to(self.dtype)[:, None, :]
 
     def _layer_range(self, layers) -> tuple[int, int]:

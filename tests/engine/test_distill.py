@@ -43,7 +43,7 @@ def test_a_qwen3_teachers_layers_draft_keeps_its_norms_and_loads_beside_it(tmp_p
     from bild_kernels.models import load_model
     from bild_kernels.models.draft import save_draft
 
-    from .test_qwen3 import tiny_qwen3
+    from .test_model_families import tiny_qwen3
     teacher = tiny_qwen3(5, 3, torch.float32, window=8)
     prompts = [[5, 17, 3], [44, 2, 90, 61]]
     pairs = [(p + hf_greedy(teacher, p, 8), len(p)) for p in prompts]
@@ -66,16 +66,25 @@ def test_a_qwen3_teachers_layers_draft_keeps_its_norms_and_loads_beside_it(tmp_p
     check_feature_teacher(_teacher())
 
 
-@pytest.mark.parametrize("kind", ["layers", "feature"])
-def test_distill_a_qwen3_teacher_end_to_end(tmp_path, kind):
-    """`bild distill` on a Qwen3 teacher (its own tokenizer on disk): a draft the engine loads beside it, lossless."""
+@pytest.mark.parametrize("family, kind", [("qwen3", "layers"), ("qwen3", "feature"), ("gemma3", "layers"),
+                                          ("gemma3", "feature")])
+def test_distill_other_families_end_to_end(tmp_path, family, kind):
+    """`bild distill` on a Qwen3 or Gemma 3 teacher (its own tokenizer on disk): a draft the engine loads beside it,
+    lossless; a feature draft of Gemma's layer form is refused before any work."""
     from bild_kernels import Engine, Greedy, LargeOnly, SamplingParams
 
-    from .test_qwen3 import tiny_qwen3
-    tiny_qwen3(5, 3, torch.float32).save_pretrained(tmp_path / "large")
+    from .test_model_families import tiny_model
+    tiny_model(family, 5, 3, torch.float32, window=8).save_pretrained(tmp_path / "large")
     _tokenizer().save_pretrained(tmp_path / "large")
-    stats = distill(large=tmp_path / "large", out=tmp_path / "out", prompts=4, max_new_tokens=4, minutes=0.003,
-                    bf16=False, work_dir=tmp_path / "work", draft_vocab=30, kind=kind, **QUIET)
+    run = lambda: distill(large=tmp_path / "large", out=tmp_path / "out", prompts=4, max_new_tokens=4,  # noqa: E731
+                          minutes=0.003, bf16=False, work_dir=tmp_path / "work", draft_vocab=30, kind=kind, **QUIET)
+    if (family, kind) == ("gemma3", "feature"):
+        with pytest.raises(ValueError, match=r"kind='feature' copies a Llama-form layer \(SwiGLU, pre-norms\); the "
+                                             r"large model's \(gemma3_text\) has another form"):
+            run()
+        assert not (tmp_path / "work").exists() or not any((tmp_path / "work").iterdir())
+        return
+    stats = run()
     assert stats.get("kind", "layers") == kind
     engine = Engine(large=str(tmp_path / "large"), small=str(tmp_path / "out"), dtype=torch.float32,
                     max_model_len=64, block_size=4)

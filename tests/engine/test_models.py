@@ -24,6 +24,14 @@ FAMILIES = {
     # Qwen3: per-head q/k RMSNorm, a head_dim wider than hidden / heads, the last two layers sliding
     "qwen3-window8": lambda: transformers.Qwen3Config(num_hidden_layers=3, head_dim=24, sliding_window=8,
                                                       use_sliding_window=True, max_window_layers=1, **COMMON),
+    # Gemma 3: (1 + w) norms, sandwich norms, scaled embedding, GeGLU, q/k norms, query_pre_attn_scalar, sliding
+    # layers (window 8) with their own RoPE beside a full layer with a linearly scaled one
+    "gemma3-tied-window8": lambda: transformers.Gemma3TextConfig(
+        num_hidden_layers=3, head_dim=24, sliding_window=8, query_pre_attn_scalar=20,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0, "factor": 8.0}},
+        **COMMON),
 }
 
 
@@ -35,6 +43,11 @@ def hf_model(family, dtype=torch.float64, seed=0):
             for layer in model.model.layers:
                 layer.self_attn.q_proj.bias.normal_(0, 0.5)
                 layer.self_attn.k_proj.bias.normal_(0, 0.5)
+    if family.startswith("gemma3"):  # HF initialises its (1 + w) norms' w to zeros; make them matter
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.uniform_(-0.5, 0.5)
     if family.startswith("qwen3"):  # HF initialises the per-head norms to ones; make them matter
         with torch.no_grad():
             for layer in model.model.layers:
@@ -128,9 +141,10 @@ def test_logits_indices_and_layer_ranges():
     torch.testing.assert_close(got, _expected(model, batch, [[20], [21]]), atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("family", ["llama-tied", "gemma3-tied-window8"])
 @pytest.mark.parametrize("dtype, atol", [(torch.float32, 2e-4), (torch.bfloat16, 0.1), (torch.float16, 2e-2)])
-def test_dtypes(dtype, atol):
-    model = hf_model("llama-tied", dtype=dtype)
+def test_dtypes(dtype, atol, family):
+    model = hf_model(family, dtype=dtype)
     ex, _ = load_model(model)
     assert ex.dtype == dtype and ex.allocate_kv_cache(2, 8)[0][0].dtype == dtype
     batch = Batch(ex, 2)
@@ -139,7 +153,7 @@ def test_dtypes(dtype, atol):
     torch.testing.assert_close(got.float(), _expected(model, batch, new).float(), atol=atol, rtol=atol)
 
 
-@pytest.mark.parametrize("family", ["qwen2-tied-bias", "qwen3-window8"])
+@pytest.mark.parametrize("family", ["qwen2-tied-bias", "qwen3-window8", "gemma3-tied-window8"])
 def test_triton_backend_executor(backend_device, family):
     backend, device = backend_device
     if backend == "cuda":
