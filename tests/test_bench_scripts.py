@@ -104,10 +104,12 @@ def test_cpu_decoder_layer_benchmark_compares_with_reference():
     import torch
     packed = ["q4_1x16", "q4_1x16i8", "int8x16"] if torch.ops.bild_kernels_cpu.cpu_linear_q4_1x16_supported() else []
     assert sorted((r[1], r[2], r[4]) for r in rows) == sorted(
-        [(b, f"weights={w}", f"T={t}") for b in ("cpu", "ref", "torch-ops") for w in ("float32", "int8") for t in (1, 3)]
+        [(b, f"weights={w}", f"T={t}") for b in ("cpu", "ref", "torch-ops") for w in ("float32", "float32+qk_norm",
+                                                                                         "int8") for t in (1, 3)]
         + [(b, "weights=q4_1", f"T={t}") for b in ("cpu", "ref") for t in (1, 3)]  # Q4_1: no torch-ops twin
         + [("cpu", f"weights={w}", f"T={t}") for w in packed for t in (1, 3)])  # packed: the kernel alone
-    assert sum("torch-ops/cpu" in line for line in lines) == 4
+    assert sum("torch-ops/cpu" in line for line in lines) == 6
+    assert sum("float32 (no norms)/float32+qk_norm" in line for line in lines) == 2
     assert sum("(float activations)/" in line for line in lines) == 2 * len(packed)
 
 
