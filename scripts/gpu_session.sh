@@ -143,7 +143,8 @@ for s in "$@"; do
                               tests/engine/test_static_extend.py tests/engine/test_logprobs.py \
                               tests/engine/test_penalties.py tests/kernels/test_apply_penalties.py \
                               tests/engine/test_prefill_chunks.py tests/kernels/test_apply_token_bitmask.py \
-                              tests/engine/test_structured_outputs.py ;;
+                              tests/engine/test_structured_outputs.py tests/engine/test_model_families.py \
+                              tests/engine/test_models.py ;;
         tests) stage tests 240 env OMP_NUM_THREADS=2 "$PY" -m pytest -q -rfE -m "not slow" -p no:cacheprovider \
                    -p no:benchmark --maxfail 20 --timeout 200 -n "$WORKERS" --dist loadfile $TESTS ;;
         profile) stage profile 240 ncu --set basic --kernel-name regex:"Kernel" --launch-skip 30 --launch-count 15 \

@@ -8,6 +8,7 @@ import torch
 
 from bild_kernels import BiLD, Engine, Greedy, Jacobi, LargeOnly, SamplingParams, ShallowDeep, SmallOnly
 from bild_kernels._backend import cpu_extension
+from tests.conftest import requires_gpu
 
 from .conftest import assert_all_free, hf_greedy
 
@@ -132,3 +133,21 @@ def test_a_checkpoint_without_its_norms_is_refused(tmp_path, pair):
     save_file(weights, path)
     with pytest.raises(ValueError, match=r"missing weight 'layers.0.self_attn.k_norm.weight'"):
         Engine(large=str(tmp_path / "m"), dtype=torch.float64, max_model_len=64, block_size=4)
+
+
+@requires_gpu
+@pytest.mark.parametrize("family", FAMILIES)
+def test_families_on_gpu_under_the_graphed_loops(family):
+    """On a GPU (float32, Triton attention, graphed extend passes and draft runs): the large model's greedy text
+    under LargeOnly and HF's, and Greedy / lossless BiLD give LargeOnly's tokens."""
+    import copy
+    large, small = family_pair(family, torch.float32, window=8)
+    oracle = [hf_greedy(large, p, N) for p in PROMPTS]  # (on the CPU, before the engine takes copies to the GPU)
+    engine = Engine(large=copy.deepcopy(large), small=copy.deepcopy(small), device="cuda", dtype=torch.float32,
+                    max_batch_size=4, max_model_len=64, block_size=4)
+    params = SamplingParams(max_tokens=N)
+    base = [o.token_ids for o in engine.generate(PROMPTS, params, policy=LargeOnly())]
+    assert base == oracle
+    for policy in (Greedy(max_draft_len=3), BiLD(0.0, 0.0, 4)):
+        assert [o.token_ids for o in engine.generate(PROMPTS, params, policy=policy)] == base
+    assert_all_free(engine)
