@@ -6,9 +6,9 @@ Shapes: SmolLM2-135M's layer (hidden 576, 9 query heads over 3 kv heads of 64, i
 of distinct layers (30 float32 ones: the default large model's decode step or verify pass; 30 with Q4_1 blocks:
 the same from its GGUF's blocks; 4 int8 ones: the shipped draft's step; where the CPU has AVX-512 VNNI, the same
 stacks packed for integer activations as the executor runs them there: q4_1x16 (int16), q4_1x16i8 (int8) and
-int8x16, the cpu backend only; and the float32 stack with Qwen3's per-head q/k norms, "float32+qk_norm"), T = 1 or
-3 new tokens of one sequence over a 96-token context. Prints median and 20th/80th percentile µs per stack, and the
-ratios to cpu. CPU only; one thread unless --threads.
+int8x16, the cpu backend only; and the float32 stack with Qwen3's per-head q/k norms, "float32+qk_norm", or in
+Gemma's form, "float32+gemma"), T = 1 or 3 new tokens of one sequence over a 96-token context. Prints median and
+20th/80th percentile µs per stack, and the ratios to cpu. CPU only; one thread unless --threads.
 
   python bench/bench_cpu_decoder_layer.py [--threads 1] [--rows 1,3] [--no-save]
 """
@@ -25,7 +25,7 @@ from _common import cpu_extension_rows, parser, record, timeit  # noqa: E402
 from bild_kernels import reference as R  # noqa: E402
 from bild_kernels.models.attention import AttentionMetadata  # noqa: E402
 from bild_kernels.models.llama import Int8Weight, int8_x16  # noqa: E402
-from bild_kernels.ops.cpu_decoder_layer import LayerWeights, layer_args, qk_norm_args  # noqa: E402
+from bild_kernels.ops.cpu_decoder_layer import LayerWeights, layer_args, layer_extras  # noqa: E402
 from bild_kernels.ops.cpu_linear import MAX_ROWS  # noqa: E402
 
 H, HQ, HKV, D, INTER, BLOCK, CONTEXT = 576, 9, 3, 64, 1536, 16, 96
@@ -59,16 +59,22 @@ def main():
     blocks = -(-(CONTEXT + 16) // BLOCK)
     totals = {}  # (kind, T) -> the cpu backend's median
     built = {}
-    kinds = [(args.layers, "float32"), (args.layers, "float32+qk_norm"), (args.layers, "q4_1"), (4, "int8")]
+    kinds = [(args.layers, "float32"), (args.layers, "float32+qk_norm"), (args.layers, "float32+gemma"),
+             (args.layers, "q4_1"), (4, "int8")]
     if ext.cpu_linear_q4_1x16_supported():  # AVX-512 VNNI: the packed forms the executor runs here
         kinds += [(args.layers, "q4_1x16"), (args.layers, "q4_1x16i8"), (4, "int8x16")]
     for stack, kind in kinds:
         bits = 8 if kind.endswith("i8") else 16
-        if kind == "float32+qk_norm":  # the float32 stack's own weights and caches, with per-head norms added
-            layers = [(a, (0.5 + torch.rand(D), 0.5 + torch.rand(D))) for a, _ in built["float32"][0]]
+        if kind in ("float32+qk_norm", "float32+gemma"):  # the float32 stack's own weights and caches, with
+            # Qwen3's per-head norms added, or Gemma's form (those, its output norms and GeGLU)
+            def extra(n):
+                return 0.5 + torch.rand(n)
+            gemma = kind == "float32+gemma"
+            layers = [(a, (extra(D), extra(D), extra(H) if gemma else None, extra(H) if gemma else None, int(gemma)))
+                      for a, _ in built["float32"][0]]
             caches = built["float32"][1]
         else:
-            layers = [(layer_args(w), qk_norm_args(w)) for w in (_layer(kind) for _ in range(stack))]
+            layers = [(layer_args(w), layer_extras(w)) for w in (_layer(kind) for _ in range(stack))]
             caches = [(torch.randn(blocks, BLOCK, HKV, D), torch.randn(blocks, BLOCK, HKV, D)) for _ in range(stack)]
         if kind == "float32":
             built[kind] = layers, caches
@@ -104,8 +110,8 @@ def main():
             unpacked = {"q4_1x16": "q4_1", "q4_1x16i8": "q4_1", "int8x16": "int8"}.get(kind)
             if unpacked:
                 line += f", {unpacked} (float activations)/{kind} {totals[unpacked, T] / medians['cpu']:.2f}x"
-            if kind == "float32+qk_norm":
-                line += f", float32 (no norms)/{kind} {totals['float32', T] / medians['cpu']:.3f}x"
+            if kind.startswith("float32+"):
+                line += f", float32 (Llama's form)/{kind} {totals['float32', T] / medians['cpu']:.3f}x"
             if "torch-ops" in medians:
                 line += (f", torch-ops/cpu {medians['torch-ops'] / medians['cpu']:.2f}x "
                          f"({(medians['torch-ops'] - medians['cpu']) / stack:.0f} us a layer saved)")

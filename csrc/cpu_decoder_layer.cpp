@@ -16,6 +16,8 @@
 //   (cos/sin [T, D] already scaled); k, v written to slot_mapping[t];
 //   x1 = x + attention(q) @ Wo^T (+ b); h2 = post_norm * (x1 * rsqrt(mean(x1^2) + eps));
 //   [g, u] = h2 @ Wgu^T (+ b); out = x1 + (silu(g) * u) @ Wd^T (+ b).
+//   Gemma's form: attn_out_norm / mlp_out_norm RMS-normalise the attention's and the MLP's outputs before their
+//   residual adds, activation 1 is gelu_tanh instead of silu (its (1 + w) norm weights come precomputed).
 // Weights are float32 [N, K] (scale None), int8 with a float32 per-row scale (w ~= q * scale), or Q4_1 blocks
 // (uint8 [N, K / 2] with dm [N, K / 32, 2] as the scale: cpu_linear_q4_1, the same bits as their float32 weights),
 // or Q4_1 blocks packed for integer activations (uint8 [N / 16, K / 32, 4, 16, 4] with dm [N / 16, K / 32, 2, 16]:
@@ -86,6 +88,25 @@ __attribute__((target("avx2,fma"))) void silu_mul(const float* g, const float* u
     _mm256_storeu_ps(a + i, _mm256_mul_ps(s, _mm256_loadu_ps(u + i)));
   }
   for (; i < I; ++i) a[i] = (g[i] / (1.0f + std::exp(-g[i]))) * u[i];
+}
+
+// a = gelu_tanh(g) * u (Gemma's GeGLU): 0.5 g (1 + tanh(c (g + 0.044715 g^3))) = g * sigmoid(2 c (g + 0.044715 g^3)),
+// c = sqrt(2 / pi), written as the sigmoid so that a large |g| gives g or -0 (no inf / inf).
+__attribute__((target("avx2,fma"))) void gelu_tanh_mul(const float* g, const float* u, float* a, int64_t I) {
+  constexpr float k2c = 2.0f * 0.7978845608028654f, cubic = 0.044715f;
+  const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps(), vk = _mm256_set1_ps(k2c),
+               vc = _mm256_set1_ps(cubic);
+  int64_t i = 0;
+  for (; i + 8 <= I; i += 8) {
+    const __m256 gv = _mm256_loadu_ps(g + i);
+    const __m256 inner = _mm256_mul_ps(vk, _mm256_fmadd_ps(_mm256_mul_ps(vc, gv), _mm256_mul_ps(gv, gv), gv));
+    const __m256 s = _mm256_div_ps(gv, _mm256_add_ps(one, exp8(_mm256_sub_ps(zero, inner))));
+    _mm256_storeu_ps(a + i, _mm256_mul_ps(s, _mm256_loadu_ps(u + i)));
+  }
+  for (; i < I; ++i) {
+    const float inner = k2c * std::fma(cubic * g[i], g[i] * g[i], g[i]);
+    a[i] = (g[i] / (1.0f + std::exp(-inner))) * u[i];
+  }
 }
 #endif
 
@@ -158,7 +179,9 @@ at::Tensor cpu_decoder_layer(const at::Tensor& x, const at::Tensor& cos, const a
                              const at::Tensor& positions, const at::Tensor& block_tables,
                              const at::Tensor& context_lens, int64_t num_heads, int64_t num_kv_heads, double scale,
                              int64_t sliding_window, double eps, int64_t activation_bits,
-                             const std::optional<at::Tensor>& q_norm, const std::optional<at::Tensor>& k_norm) {
+                             const std::optional<at::Tensor>& q_norm, const std::optional<at::Tensor>& k_norm,
+                             const std::optional<at::Tensor>& attn_out_norm,
+                             const std::optional<at::Tensor>& mlp_out_norm, int64_t activation) {
   TORCH_CHECK(cpu_linear_supported(), "cpu_decoder_layer: this CPU lacks AVX2/FMA (use the reference)");
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
               "cpu_decoder_layer: x must be a contiguous float32 [T, hidden] CPU tensor");
@@ -200,6 +223,10 @@ at::Tensor cpu_decoder_layer(const at::Tensor& x, const at::Tensor& cos, const a
     check_vector("q_norm", *q_norm, D);
     check_vector("k_norm", *k_norm, D);
   }
+  if (attn_out_norm.has_value()) check_vector("attn_out_norm", *attn_out_norm, H);
+  if (mlp_out_norm.has_value()) check_vector("mlp_out_norm", *mlp_out_norm, H);
+  TORCH_CHECK(activation == 0 || activation == 1,
+              "cpu_decoder_layer: activation must be 0 (silu) or 1 (gelu_tanh), got ", activation);
   const int64_t num_slots = key_cache.size(0) * key_cache.size(1);
   const int64_t* slots = slot_mapping.data_ptr<int64_t>();
   for (int64_t t = 0; t < T; ++t) {
@@ -264,6 +291,10 @@ at::Tensor cpu_decoder_layer(const at::Tensor& x, const at::Tensor& cos, const a
                                               context_lens, scale, sliding_window);  // [T, Hq, D]
   const at::Tensor o = project(attn.view({T, Hq * D}), o_w, o_scale, o_bias, activation_bits);
   at::Tensor x1 = at::empty({T, H}, x.options());
+  if (attn_out_norm.has_value()) {  // Gemma: the attention's output normed before its residual add
+    rms_norm(o.data_ptr<float>(), attn_out_norm->data_ptr<float>(), T, H, fe, h.data_ptr<float>());
+    std::copy(h.data_ptr<float>(), h.data_ptr<float>() + T * H, o.data_ptr<float>());
+  }
   {
     const float* xa = x.data_ptr<float>();
     const float* ob = o.data_ptr<float>();
@@ -276,9 +307,19 @@ at::Tensor cpu_decoder_layer(const at::Tensor& x, const at::Tensor& cos, const a
   {
     const float* g = gu.data_ptr<float>();
     float* a = act.data_ptr<float>();
-    for (int64_t t = 0; t < T; ++t) silu_mul(g + t * 2 * I, g + t * 2 * I + I, a + t * I, I);
+    for (int64_t t = 0; t < T; ++t) {
+      if (activation == 1) {
+        gelu_tanh_mul(g + t * 2 * I, g + t * 2 * I + I, a + t * I, I);
+      } else {
+        silu_mul(g + t * 2 * I, g + t * 2 * I + I, a + t * I, I);
+      }
+    }
   }
   const at::Tensor down = project(act, down_w, down_scale, down_bias, activation_bits);
+  if (mlp_out_norm.has_value()) {  // Gemma: the MLP's output normed before its residual add
+    rms_norm(down.data_ptr<float>(), mlp_out_norm->data_ptr<float>(), T, H, fe, h.data_ptr<float>());
+    std::copy(h.data_ptr<float>(), h.data_ptr<float>() + T * H, down.data_ptr<float>());
+  }
   {
     const float* x1d = x1.data_ptr<float>();
     const float* dd = down.data_ptr<float>();
@@ -298,7 +339,7 @@ TORCH_LIBRARY_FRAGMENT(bild_kernels_cpu, m) {
         "Tensor(a!) key_cache, Tensor(b!) value_cache, Tensor slot_mapping, Tensor query_start_loc, "
         "Tensor positions, Tensor block_tables, Tensor context_lens, int num_heads, int num_kv_heads, "
         "float scale, int sliding_window, float eps, int activation_bits=16, Tensor? q_norm=None, "
-        "Tensor? k_norm=None) -> Tensor");
+        "Tensor? k_norm=None, Tensor? attn_out_norm=None, Tensor? mlp_out_norm=None, int activation=0) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(bild_kernels_cpu, CPU, m) { m.impl("cpu_decoder_layer", &bild::cpu_decoder_layer); }

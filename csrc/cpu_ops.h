@@ -38,7 +38,9 @@ at::Tensor cpu_decoder_layer(const at::Tensor& x, const at::Tensor& cos, const a
                              const at::Tensor& context_lens, int64_t num_heads, int64_t num_kv_heads, double scale,
                              int64_t sliding_window, double eps, int64_t activation_bits,
                              const std::optional<at::Tensor>& q_norm = std::nullopt,
-                             const std::optional<at::Tensor>& k_norm = std::nullopt);
+                             const std::optional<at::Tensor>& k_norm = std::nullopt,
+                             const std::optional<at::Tensor>& attn_out_norm = std::nullopt,
+                             const std::optional<at::Tensor>& mlp_out_norm = std::nullopt, int64_t activation = 0);
 
 // x [M, K] @ W.T (+ bias) for a projection in any weight form cpu_decoder_layer takes (w, scale: see there).
 at::Tensor project(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& scale,

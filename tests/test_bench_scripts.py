@@ -24,7 +24,7 @@ def _run(script: str, *args: str) -> list[str]:
 def test_every_op_has_a_benchmark():
     assert sorted(p.stem[len("bench_"):] for p in BENCH.glob("bench_*.py")) == sorted(
         OPS + ["e2e", "draft_weights", "cpu_linear", "cpu_decoder_layer", "cpu_feature_draft", "sampled_decoding",
-               "bulk", "prefill_chunks"])
+               "bulk", "prefill_chunks", "model_families"])
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -104,13 +104,22 @@ def test_cpu_decoder_layer_benchmark_compares_with_reference():
     import torch
     packed = ["q4_1x16", "q4_1x16i8", "int8x16"] if torch.ops.bild_kernels_cpu.cpu_linear_q4_1x16_supported() else []
     assert sorted((r[1], r[2], r[4]) for r in rows) == sorted(
-        [(b, f"weights={w}", f"T={t}") for b in ("cpu", "ref", "torch-ops") for w in ("float32", "float32+qk_norm",
-                                                                                         "int8") for t in (1, 3)]
+        [(b, f"weights={w}", f"T={t}") for b in ("cpu", "ref", "torch-ops")
+         for w in ("float32", "float32+qk_norm", "float32+gemma", "int8") for t in (1, 3)]
         + [(b, "weights=q4_1", f"T={t}") for b in ("cpu", "ref") for t in (1, 3)]  # Q4_1: no torch-ops twin
         + [("cpu", f"weights={w}", f"T={t}") for w in packed for t in (1, 3)])  # packed: the kernel alone
-    assert sum("torch-ops/cpu" in line for line in lines) == 6
-    assert sum("float32 (no norms)/float32+qk_norm" in line for line in lines) == 2
+    assert sum("torch-ops/cpu" in line for line in lines) == 8
+    assert sum("float32 (Llama's form)/float32+" in line for line in lines) == 4
     assert sum("(float activations)/" in line for line in lines) == 2 * len(packed)
+
+
+def test_model_families_benchmark_compares_the_fused_layer_with_pytorch_ops():
+    from bild_kernels._backend import cpu_extension
+    if cpu_extension() is None:
+        pytest.skip("bild_kernels._cpu not built, or this CPU lacks AVX2/FMA")
+    lines = _run("bench_model_families.py", "--layers", "2", "--tokens", "4", "--repeat", "1", "--threads", "1")
+    assert [line.split()[0] for line in lines] == ["llama", "qwen3", "gemma3"]
+    assert all("fused/ops" in line and "layers=2" in line and "same tokens: True" in line for line in lines)
 
 
 def test_cpu_feature_draft_benchmark_compares_with_reference():

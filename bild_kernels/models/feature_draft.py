@@ -90,10 +90,10 @@ class FeatureDraftExecutor(LlamaExecutor):
         """Whether `draft_chain` runs here with a first step of `first_tokens` positions: the CPU extension
         serves every piece of a step (the fused layer, the fc and the head's products) at float32. With packed
         int8 weights (the shipped draft on an AVX-512 VNNI CPU) that includes a request's first run, which
-        feeds the whole prompt's features. (Not for layers with Qwen3's per-head norms: the chain's C++ passes
-        14 weights a layer; those drafts step through `forward` instead.)"""
+        feeds the whole prompt's features. (Not for layers of Qwen3's form: the chain's C++ passes a Llama
+        layer's 14 weights; those drafts step through `forward` instead.)"""
         return (self._chain_op is not None and self._fused is not None and self._fc_args is not None
-                and all(w.q_norm is None for w in self.layers)
+                and all(len(w.fused_args()) == 14 for w in self.layers)
                 and self._head_args is not None and self.embed.is_contiguous()
                 and 1 <= first_tokens <= min(self.fused_max_tokens, self._input_rows_max))
 

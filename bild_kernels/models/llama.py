@@ -12,8 +12,8 @@ gate/up projections are fused into one matmul each; biases are used where the ch
 (Qwen2's q/k/v, Llama's attention_bias / mlp_bias); Qwen3's per-head RMSNorm of the queries and keys
 (`q_norm` / `k_norm`, weights [head_dim]) runs between the projection and RoPE. Gemma 3 adds its own
 layer form (`ModelConfig.gemma`): (1 + w) norms in float32, the attention's and the MLP's outputs normed before
-their residual adds, a scaled embedding, GeGLU, and a second RoPE for its sliding layers; it runs as PyTorch ops
-around the kernels (the CPU extension's fused layer is Llama's).
+their residual adds, a scaled embedding, GeGLU, and a second RoPE for its sliding layers (on a CPU in the
+extension's one-call layer too).
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from bild_kernels.models.config import ModelConfig
 from bild_kernels.models.linear import (CPU_LINEAR_MAX_ROWS, Int8Weight, _linear, check_int8_kernel,
                                         int8_activation_dtype, int8_x16)
 from bild_kernels.models.weight_formats import Q4_1_FUSED_MAX_TOKENS, Q4_1X16_FUSED_MAX_TOKENS, WeightFormats
-from bild_kernels.ops.cpu_decoder_layer import LayerWeights, layer_args
+from bild_kernels.ops.cpu_decoder_layer import LayerWeights, layer_args, layer_extras
 
 # (the products' and weight formats' names, imported from here elsewhere)
 __all__ = ["CPU_LINEAR_MAX_ROWS", "Int8Weight", "LlamaExecutor", "Q4_1_FUSED_MAX_TOKENS", "Q4_1X16_FUSED_MAX_TOKENS",
@@ -58,6 +58,7 @@ class _LayerWeights:
     k_norm: torch.Tensor | None = None
     attn_out_norm: torch.Tensor | None = None  # [hidden] (Gemma: the attention's output normed before its residual)
     mlp_out_norm: torch.Tensor | None = None  # [hidden] (Gemma: the MLP's output normed before its residual)
+    activation: str = "silu"  # the gated MLP's ("gelu_tanh": Gemma's GeGLU)
 
     def __setattr__(self, name, value):  # a weight replaced: the fused layer's argument tuple is stale
         object.__setattr__(self, name, value)
@@ -66,9 +67,10 @@ class _LayerWeights:
             object.__setattr__(self, "blocks", None)  # blocks of the old weights no longer stand for them
 
     def fused_args(self) -> tuple:
-        """This layer's weights as cpu_decoder_layer's 14 positional arguments, then q_norm and k_norm where the
-        layer has them (built once, until a weight is replaced): a projection is (weight, None, bias), (int8
-        weight, scale, bias), or (Q4_1 q, dm, bias) when the layer has blocks."""
+        """This layer's weights as cpu_decoder_layer's 14 positional arguments, then, for Qwen3's or Gemma's form,
+        the op's arguments after activation_bits (`layer_extras`) (built once, until a weight is replaced): a
+        projection is (weight, None, bias), (int8 weight, scale, bias), or (Q4_1 q, dm, bias) when the layer has
+        blocks."""
         args = self.__dict__.get("_fused_args")
         if args is None:
             def proj(name, b):
@@ -76,11 +78,10 @@ class _LayerWeights:
                 if self.blocks is not None:
                     return (*self.blocks[name], b)
                 return (w.q, w.scale.float(), b) if isinstance(w, Int8Weight) else (w.contiguous(), None, b)
-            args = layer_args(LayerWeights(self.input_norm, proj("qkv", self.qkv_bias), proj("o", self.o_bias),
-                                           self.post_norm, proj("gate_up", self.gate_up_bias),
-                                           proj("down", self.down_bias)))
-            if self.q_norm is not None:  # the op's trailing (q_norm, k_norm)
-                args += (self.q_norm.contiguous(), self.k_norm.contiguous())
+            weights = LayerWeights(self.input_norm, proj("qkv", self.qkv_bias), proj("o", self.o_bias),
+                                   self.post_norm, proj("gate_up", self.gate_up_bias), proj("down", self.down_bias),
+                                   self.q_norm, self.k_norm, self.attn_out_norm, self.mlp_out_norm)
+            args = layer_args(weights) + layer_extras(weights, self.activation)  # (Qwen3's / Gemma's after 14)
             self.__dict__["_fused_args"] = args
         return args
 
@@ -138,7 +139,8 @@ class LlamaExecutor(WeightFormats):
                 q_norm=norm_w(take(a + "q_norm.weight", (D,))) if c.qk_norm else None,
                 k_norm=norm_w(take(a + "k_norm.weight", (D,))) if c.qk_norm else None,
                 attn_out_norm=norm_w(take(p + "post_attention_layernorm.weight", (H,))) if c.gemma else None,
-                mlp_out_norm=norm_w(take(p + "post_feedforward_layernorm.weight", (H,))) if c.gemma else None))
+                mlp_out_norm=norm_w(take(p + "post_feedforward_layernorm.weight", (H,))) if c.gemma else None,
+                activation=c.activation))
         take.check_all_used()
         self.inv_freq = c.inv_freq.to(self.device, torch.float32)
         # the sliding layers' own RoPE (Gemma 3): (inv_freq, attention scaling), or None
@@ -201,9 +203,8 @@ class LlamaExecutor(WeightFormats):
         runs the layer's matmuls (float32 weights through cpu_linear, int8 ones through cpu_linear_int8) and its
         attention; else None (the layer runs as PyTorch ops)."""
         op = self._cpu_op("cpu_decoder_layer")
-        c = self.config
-        if op is None or c.gemma or c.activation != "silu" or self.local_rope is not None:
-            return None  # (the fused layer is Llama's: SwiGLU, pre-norms only, one RoPE)
+        if op is None:
+            return None
         kind = "cpu_linear_int8" if self.weight_format == "int8" else "cpu_linear"
         if resolve(kind, self.device, None) is not registered(kind, "cpu"):
             return None
@@ -312,12 +313,17 @@ class LlamaExecutor(WeightFormats):
     def _fused_layers(self, x, cos, sin, meta, kv_caches, slot_mapping, start, end):
         """Layers [start, end), each in one call of the CPU extension (csrc/cpu_decoder_layer.cpp)."""
         op, c, T = self._fused, self.config, x.shape[0]
-        cos2, sin2 = cos.view(T, -1), sin.view(T, -1)
+        if self.local_rope is None:
+            cos2, sin2 = cos.view(T, -1), sin.view(T, -1)
+        else:  # Gemma 3: (full, local) tables, a sliding layer takes the local one
+            rope_tables = [(cs.view(T, -1), sn.view(T, -1)) for cs, sn in zip(cos, sin)]
         qsl, pos, tables, lens = (meta.query_start_loc, meta.positions, meta.block_tables.contiguous(),
                                   meta.context_lens)
         x = x.contiguous()
         for i in range(start, end):
             kc, vc = kv_caches[i]
+            if self.local_rope is not None:
+                cos2, sin2 = rope_tables[1 if c.sliding_windows[i] else 0]
             args = self.layers[i].fused_args()
             x = op(x, cos2, sin2, *args[:14], kc, vc, slot_mapping, qsl, pos, tables, lens, c.num_heads,
                    c.num_kv_heads, self.scale, c.sliding_windows[i] or 0, c.rms_norm_eps, self.activation_bits,

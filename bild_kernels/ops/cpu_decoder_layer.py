@@ -27,7 +27,8 @@ class LayerWeights(NamedTuple):
     """One layer's weights as cpu_decoder_layer takes them: a projection is (weight, scale or None, bias or
     None), weight [N, K] float32, int8 with scale [N] float32, Q4_1 blocks uint8 [N, K / 2] with scale = dm
     [N, K / 32, 2] float32, or packed blocks (5-D: `reference.q4_1x16_pack` / `q8_0x16_pack`). q_norm / k_norm
-    [head_dim] float32 (Qwen3's per-head RMSNorm of the queries and keys before RoPE; both or neither)."""
+    [head_dim] float32 (Qwen3's and Gemma's per-head RMSNorm of the queries and keys before RoPE; both or neither);
+    attn_out_norm / mlp_out_norm [hidden] float32 (Gemma's norms of the attention's and the MLP's outputs)."""
     input_norm: torch.Tensor
     qkv: tuple
     o: tuple
@@ -36,11 +37,13 @@ class LayerWeights(NamedTuple):
     down: tuple
     q_norm: torch.Tensor | None = None
     k_norm: torch.Tensor | None = None
+    attn_out_norm: torch.Tensor | None = None
+    mlp_out_norm: torch.Tensor | None = None
 
 
 def cpu_decoder_layer(x, cos, sin, weights: LayerWeights, key_cache, value_cache, slot_mapping, query_start_loc,
                       positions, block_tables, context_lens, *, num_heads: int, num_kv_heads: int, scale: float,
-                      sliding_window: int = 0, eps: float, activation_bits: int = 16,
+                      sliding_window: int = 0, eps: float, activation_bits: int = 16, activation: str = "silu",
                       backend: str | None = None) -> torch.Tensor:
     """x [T, hidden] float32 -> the layer's output [T, hidden]; the new tokens' K/V are written into
     key_cache / value_cache [blocks, block_size, H_kv, D] at slot_mapping [T] (-1: skipped).
@@ -48,6 +51,7 @@ def cpu_decoder_layer(x, cos, sin, weights: LayerWeights, key_cache, value_cache
     cos, sin [T, D]: the tokens' rotary tables (scaled). The attention metadata are those of
     `paged_attention` (query_start_loc [B + 1], positions [T], block_tables [B, max_blocks], context_lens [B]).
     activation_bits: how packed (5-D) weights round the activations (16 or 8; see `cpu_linear_q4_1x16`).
+    activation: the gated MLP's, "silu" (SwiGLU) or "gelu_tanh" (Gemma's GeGLU).
     backend: "cpu" (the extension), "ref", or None (the extension where it runs)."""
     v.tensor("x", x, dtypes=(torch.float32,), ndim=2)
     if x.device.type != "cpu":
@@ -74,10 +78,12 @@ def cpu_decoder_layer(x, cos, sin, weights: LayerWeights, key_cache, value_cache
     if (weights.q_norm is None) != (weights.k_norm is None):
         raise ValueError("q_norm and k_norm come together (Qwen3's per-head norms): got only "
                          f"{'q_norm' if weights.k_norm is None else 'k_norm'}")
-    for name in ("q_norm", "k_norm"):
+    for name, n in (("q_norm", D), ("k_norm", D), ("attn_out_norm", H), ("mlp_out_norm", H)):
         if getattr(weights, name) is not None:
             v.tensor(name, getattr(weights, name), dtypes=(torch.float32,), ndim=1, device=x.device)
-            v.shape(name, getattr(weights, name), (D,))
+            v.shape(name, getattr(weights, name), (n,))
+    if activation not in ACTIVATION_CODES:
+        raise ValueError(f"activation must be one of {tuple(ACTIVATION_CODES)}, got {activation!r}")
     qkv_n = (num_heads + 2 * num_kv_heads) * D
     gu = weights.gate_up[0]
     inter = gu.shape[0] * (16 if isinstance(gu, torch.Tensor) and gu.dim() == 5 else 1) // 2
@@ -111,18 +117,24 @@ def cpu_decoder_layer(x, cos, sin, weights: LayerWeights, key_cache, value_cache
     fn = resolve("cpu_decoder_layer", x.device, backend)
     return fn(x.contiguous(), cos.contiguous(), sin.contiguous(), *layer_args(weights), key_cache, value_cache,
               slot_mapping.contiguous(), query_start_loc, positions, block_tables, context_lens, num_heads,
-              num_kv_heads, float(scale), int(sliding_window), float(eps), int(activation_bits), *qk_norm_args(weights))
+              num_kv_heads, float(scale), int(sliding_window), float(eps), int(activation_bits),
+              *layer_extras(weights, activation))
 
 
-def qk_norm_args(weights: LayerWeights) -> tuple:
-    """The op's trailing (q_norm, k_norm) arguments: () for a layer without them (every family but Qwen3)."""
-    if weights.q_norm is None:
+ACTIVATION_CODES = {"silu": 0, "gelu_tanh": 1}  # the op's `activation`
+
+
+def layer_extras(weights: LayerWeights, activation: str = "silu") -> tuple:
+    """The op's trailing arguments after activation_bits, (q_norm, k_norm, attn_out_norm, mlp_out_norm, activation
+    code), or () for a plain Llama layer (SwiGLU, pre-norms only): what Qwen3 and Gemma add."""
+    norms = (weights.q_norm, weights.k_norm, weights.attn_out_norm, weights.mlp_out_norm)
+    if all(t is None for t in norms) and activation == "silu":
         return ()
-    return weights.q_norm.contiguous(), weights.k_norm.contiguous()
+    return (*(None if t is None else t.contiguous() for t in norms), ACTIVATION_CODES[activation])
 
 
 def layer_args(weights: LayerWeights) -> tuple:
-    """The weights as the op's 14 positional arguments (contiguous; the per-head norms: `qk_norm_args`)."""
+    """The weights as the op's 14 positional arguments (contiguous; what Qwen3 and Gemma add: `layer_extras`)."""
     def c(t):
         return None if t is None else t.contiguous()
     out = [c(weights.input_norm)]

@@ -15,8 +15,8 @@ def cpu_decoder_layer_ref(x, cos, sin, input_norm, qkv_w, qkv_scale, qkv_bias, o
                           gate_up_w, gate_up_scale, gate_up_bias, down_w, down_scale, down_bias, key_cache,
                           value_cache, slot_mapping, query_start_loc, positions, block_tables, context_lens,
                           num_heads: int, num_kv_heads: int, scale: float, sliding_window: int, eps: float,
-                          activation_bits: int = 16, q_norm=None, k_norm=None, *, linear=None, linear_int8=None,
-                          attention=None):
+                          activation_bits: int = 16, q_norm=None, k_norm=None, attn_out_norm=None, mlp_out_norm=None,
+                          activation: int = 0, *, linear=None, linear_int8=None, attention=None):
     """One Llama-family decoder layer over T new tokens x [T, hidden] (the LlamaExecutor's layer, op for op):
     RMSNorm, the fused q/k/v product, RoPE (cos/sin [T, D], rotate-half), the K/V written to the paged cache at
     slot_mapping (slot -1 skipped), paged attention, the output product and residual, RMSNorm, the fused
@@ -25,7 +25,9 @@ def cpu_decoder_layer_ref(x, cos, sin, input_norm, qkv_w, qkv_scale, qkv_bias, o
     (`q4_1_dequantize`), or 5-D: Q4_1 (uint8) or Q8_0 (int8) blocks packed 16 rows a register, their products
     against activations rounded to activation_bits (`cpu_linear_q4_1x16_ref`, `cpu_linear_q8_0x16_ref`), else
     float (`cpu_linear_ref`). q_norm / k_norm [D] (Qwen3; both or neither): every query / key head RMS-normalised
-    before RoPE. Returns the new stream [T, hidden];
+    before RoPE. Gemma's form: attn_out_norm / mlp_out_norm [hidden] RMS-normalise the attention's and the MLP's
+    outputs before their residual adds, activation 1 gates with gelu_tanh instead of silu (0). Returns the new
+    stream [T, hidden];
     the caches are written in place. linear / linear_int8 / attention: other implementations of the products
     and the attention with the references' signatures (a benchmark's "PyTorch ops on the extension's kernels")."""
     from bild_kernels.models.attention import paged_attention_ref
@@ -51,9 +53,12 @@ def cpu_decoder_layer_ref(x, cos, sin, input_norm, qkv_w, qkv_scale, qkv_bias, o
     write_paged_kv_ref(k, v, key_cache, value_cache, slot_mapping)
     attn = attention(q.contiguous(), key_cache, value_cache, query_start_loc, positions, block_tables, context_lens,
                      scale, sliding_window)
-    x = x + project(attn.reshape(T, Hq * D), o_w, o_scale, o_bias)
+    o = project(attn.reshape(T, Hq * D), o_w, o_scale, o_bias)
+    x = x + (o if attn_out_norm is None else norm(o, attn_out_norm))
     gate, up = project(norm(x, post_norm), gate_up_w, gate_up_scale, gate_up_bias).chunk(2, dim=-1)
-    return x + project(torch.nn.functional.silu(gate) * up, down_w, down_scale, down_bias)
+    act = torch.nn.functional.gelu(gate, approximate="tanh") if activation == 1 else torch.nn.functional.silu(gate)
+    m = project(act * up, down_w, down_scale, down_bias)
+    return x + (m if mlp_out_norm is None else norm(m, mlp_out_norm))
 
 
 def _project_ref(v, w, s, b, activation_bits: int, linear=None, linear_int8=None):

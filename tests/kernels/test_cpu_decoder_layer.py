@@ -19,7 +19,7 @@ PADDED = [(1, 0), (5, 21), (1, 0), (2, 2)]  # context 0: padding rows (slot -1),
 MIXED = [(4, 13), (1, 30), (3, 12)]
 
 
-def _weights(H, Hq, Hkv, D, inter, *, bias, int8, gen, qk_norm=False):
+def _weights(H, Hq, Hkv, D, inter, *, bias, int8, gen, qk_norm=False, gemma=False):
     def w(n, k):
         t = torch.randn(n, k, generator=gen) * k ** -0.5
         return (*Int8Weight.of(t), None) if int8 else (t, None, None)
@@ -28,13 +28,15 @@ def _weights(H, Hq, Hkv, D, inter, *, bias, int8, gen, qk_norm=False):
         return (p[0], p[1], torch.randn(n, generator=gen) * 0.1) if bias else p
     qkv_n = (Hq + 2 * Hkv) * D
     norms = (0.5 + torch.rand(D, generator=gen), 0.5 + torch.rand(D, generator=gen)) if qk_norm else (None, None)
+    outs = (0.5 + torch.rand(H, generator=gen), 0.5 + torch.rand(H, generator=gen)) if gemma else (None, None)
     return LayerWeights(input_norm=1 + 0.1 * torch.randn(H, generator=gen), qkv=with_bias(w(qkv_n, H), qkv_n),
                         o=with_bias(w(H, Hq * D), H), post_norm=1 + 0.1 * torch.randn(H, generator=gen),
                         gate_up=with_bias(w(2 * inter, H), 2 * inter), down=with_bias(w(H, inter), H), q_norm=norms[0],
-                        k_norm=norms[1])
+                        k_norm=norms[1], attn_out_norm=outs[0], mlp_out_norm=outs[1])
 
 
-def _case(seqs, *, H=48, Hq=4, Hkv=2, D=16, inter=40, block_size=4, bias=False, int8=False, seed=0, qk_norm=False):
+def _case(seqs, *, H=48, Hq=4, Hkv=2, D=16, inter=40, block_size=4, bias=False, int8=False, seed=0, qk_norm=False,
+          gemma=False):
     gen = torch.Generator().manual_seed(seed)
     max_blocks = max(-(-c // block_size) for _, c in seqs) + 1
     num_blocks = len(seqs) * max_blocks + 2
@@ -46,17 +48,17 @@ def _case(seqs, *, H=48, Hq=4, Hkv=2, D=16, inter=40, block_size=4, bias=False, 
     x = torch.randn(T, H, generator=gen)
     angle = meta.positions.float()[:, None] * (10000.0 ** (-torch.arange(0, D // 2) / (D // 2)))[None]
     emb = torch.cat((angle, angle), dim=-1)
-    weights = _weights(H, Hq, Hkv, D, inter, bias=bias, int8=int8, gen=gen, qk_norm=qk_norm)
+    weights = _weights(H, Hq, Hkv, D, inter, bias=bias, int8=int8, gen=gen, qk_norm=qk_norm or gemma, gemma=gemma)
     return x, emb.cos(), emb.sin(), weights, caches, meta, Hq, Hkv
 
 
-def _run(case, backend, window=0, caches=None, bits=16):
+def _run(case, backend, window=0, caches=None, bits=16, activation="silu"):
     x, cos, sin, weights, (kc, vc), meta, Hq, Hkv = case
     kc, vc = (kc.clone(), vc.clone()) if caches is None else caches
     out = cpu_decoder_layer(x, cos, sin, weights, kc, vc, meta.slot_mapping, meta.query_start_loc, meta.positions,
                             meta.block_tables, meta.context_lens, num_heads=Hq, num_kv_heads=Hkv,
                             scale=kc.shape[3] ** -0.5, sliding_window=window, eps=1e-5, activation_bits=bits,
-                            backend=backend)
+                            activation=activation, backend=backend)
     return out, kc, vc
 
 
@@ -94,6 +96,38 @@ def test_cpu_decoder_layer_qk_norm_matches_reference(seqs, int8):
 
 
 @needs_ext
+@pytest.mark.parametrize("seqs", [DECODE, VERIFY, PADDED, MIXED], ids=["decode", "verify", "padded", "mixed"])
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("activation", ["gelu_tanh", "silu"])
+def test_cpu_decoder_layer_gemma_form_matches_reference(seqs, int8, activation):
+    """Gemma's layer: q/k norms, the attention's and the MLP's outputs normed before their residual adds, GeGLU."""
+    case = _case(seqs, int8=int8, gemma=True, D=24, seed=4)
+    want, want_k, want_v = _run(case, "ref", 3, activation=activation)
+    got, got_k, got_v = _run(case, "cpu", 3, activation=activation)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got_k, want_k, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_v, want_v, atol=1e-5, rtol=1e-5)
+    for change in (dict(attn_out_norm=None), dict(mlp_out_norm=None)):  # each piece matters
+        other = _run(case[:3] + (case[3]._replace(**change),) + case[4:], "cpu", 3, activation=activation)[0]
+        assert not torch.allclose(other, got, atol=1e-3)
+    if activation == "gelu_tanh":
+        assert not torch.allclose(_run(case, "cpu", 3)[0], got, atol=1e-3)
+
+
+@needs_ext
+def test_cpu_decoder_layer_gelu_tanh_at_large_and_tiny_gates():
+    """GeGLU's gate at |g| up to 1e4 and near 0 (the sigmoid form: no inf / inf), against PyTorch's tanh form."""
+    case = _case(DECODE, gemma=True, D=24, seed=5)
+    x, cos, sin, weights, caches, meta, Hq, Hkv = case
+    w, s, b = weights.gate_up
+    scaled = weights._replace(gate_up=(w * torch.logspace(-6, 4, w.shape[0])[:, None], s, b))
+    case = (x, cos, sin, scaled, caches, meta, Hq, Hkv)
+    got, want = (_run(case, be, activation="gelu_tanh")[0] for be in ("cpu", "ref"))
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-4)
+
+
+@needs_ext
 def test_cpu_decoder_layer_shapes_of_the_default_pair():
     # SmolLM2-135M's layer: hidden 576, 9 query heads over 3 kv heads of 64, intermediate 1536
     case = _case(VERIFY, H=576, Hq=9, Hkv=3, D=64, inter=1536, block_size=16)
@@ -101,17 +135,19 @@ def test_cpu_decoder_layer_shapes_of_the_default_pair():
 
 
 @needs_ext
-@pytest.mark.parametrize("qk_norm", [False, True])
-def test_cpu_decoder_layer_is_batch_invariant(qk_norm):
+@pytest.mark.parametrize("form", ["llama", "qwen3", "gemma"])
+def test_cpu_decoder_layer_is_batch_invariant(form):
     """A sequence's rows get the same bits whatever else is in the pass (a verified token gets its decode
     logits: Greedy equals LargeOnly token for token)."""
-    case = _case(MIXED, bias=True, qk_norm=qk_norm)
+    case = _case(MIXED, bias=True, qk_norm=form == "qwen3", gemma=form == "gemma")
+    act = "gelu_tanh" if form == "gemma" else "silu"
     x, cos, sin, weights, (kc, vc), meta, Hq, Hkv = case
-    full, _, _ = _run(case, "cpu")
+    full, _, _ = _run(case, "cpu", activation=act)
     for b, (q, c) in enumerate(MIXED):
         s = int(meta.query_start_loc[b])
         one = AttentionMetadata.build([q], [c], meta.block_tables[b:b + 1], kc.shape[1])
-        alone, _, _ = _run((x[s:s + q], cos[s:s + q], sin[s:s + q], weights, (kc, vc), one, Hq, Hkv), "cpu")
+        alone, _, _ = _run((x[s:s + q], cos[s:s + q], sin[s:s + q], weights, (kc, vc), one, Hq, Hkv), "cpu",
+                           activation=act)
         assert torch.equal(alone, full[s:s + q])
 
 
@@ -222,8 +258,17 @@ def test_cpu_decoder_layer_q4_1_bad_input():
 def _hf(family, **kw):
     """A tiny random Llama or Qwen3 (per-head q/k norms, not all ones) of `kw`'s shape."""
     import transformers
-    cls = transformers.Qwen3Config if family == "qwen3" else transformers.LlamaConfig
+    cls = {"qwen3": transformers.Qwen3Config, "gemma3": transformers.Gemma3TextConfig}.get(family,
+                                                                                           transformers.LlamaConfig)
+    if family == "gemma3":  # a sliding layer (its own RoPE) after a full one
+        kw = dict(kw, sliding_window=4, layer_types=["full_attention", "sliding_attention"][:kw["num_hidden_layers"]],
+                  query_pre_attn_scalar=12)
     hf = transformers.AutoModelForCausalLM.from_config(cls(**kw))
+    if family == "gemma3":
+        with torch.no_grad():
+            for name, p in hf.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.uniform_(-0.5, 0.5)
     if family == "qwen3":
         with torch.no_grad():
             for layer in hf.model.layers:
@@ -232,7 +277,7 @@ def _hf(family, **kw):
     return hf
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3"])
 def test_cpu_decoder_layer_ref_is_the_executors_layer(family):
     """The reference twin is the executor's own PyTorch layer (LlamaExecutor._layer), op for op."""
     from bild_kernels.models import load_model
@@ -252,17 +297,19 @@ def test_cpu_decoder_layer_ref_is_the_executors_layer(family):
                      meta.slot_mapping, lambda q, kc, vc, win: paged_attention(q, kc, vc, meta, scale=ex.scale,
                                                                                backend="ref"))
     weights = LayerWeights(w.input_norm, (w.qkv, None, w.qkv_bias), (w.o, None, w.o_bias), w.post_norm,
-                           (w.gate_up, None, w.gate_up_bias), (w.down, None, w.down_bias), w.q_norm, w.k_norm)
-    assert (w.q_norm is not None) == (family == "qwen3")
+                           (w.gate_up, None, w.gate_up_bias), (w.down, None, w.down_bias), w.q_norm, w.k_norm,
+                           w.attn_out_norm, w.mlp_out_norm)
+    assert (w.q_norm is not None) == (family != "llama") and (w.mlp_out_norm is not None) == (family == "gemma3")
     kc2, vc2 = caches[0][0].clone(), caches[0][1].clone()
     got = cpu_decoder_layer(x, cos.view(3, -1), sin.view(3, -1), weights, kc2, vc2, meta.slot_mapping,
                             meta.query_start_loc, meta.positions, meta.block_tables, meta.context_lens,
-                            num_heads=4, num_kv_heads=2, scale=ex.scale, eps=ex.config.rms_norm_eps, backend="ref")
+                            num_heads=4, num_kv_heads=2, scale=ex.scale, eps=ex.config.rms_norm_eps,
+                            activation=w.activation, backend="ref")
     assert torch.equal(got, want) and torch.equal(kc1, kc2) and torch.equal(vc1, vc2)
 
 
 @needs_ext
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3"])
 def test_executor_takes_the_fused_layer_for_short_float32_passes(family):
     """A float32 CPU executor runs passes of up to 16 tokens through the fused layer (int8 weights too) and
     longer ones (prefill) through PyTorch ops; both agree with the unfused executor."""
@@ -312,6 +359,8 @@ def test_executor_takes_the_fused_layer_for_short_float32_passes(family):
     (dict(norms=lambda c: (torch.ones(16), None)), ValueError, "q_norm and k_norm come together.*only q_norm"),
     (dict(norms=lambda c: (torch.ones(16), torch.ones(15))), ValueError, r"k_norm must have shape \[16\], got \[15\]"),
     (dict(norms=lambda c: (torch.ones(16, dtype=torch.float64),) * 2), TypeError, "q_norm must have dtype"),
+    (dict(outs=lambda c: (torch.ones(47), None)), ValueError, r"attn_out_norm must have shape \[48\], got \[47\]"),
+    (dict(act="gelu"), ValueError, r"activation must be one of \('silu', 'gelu_tanh'\), got 'gelu'"),
 ])
 def test_cpu_decoder_layer_bad_input(change, exc, match):
     case = _case(DECODE)
@@ -329,22 +378,26 @@ def test_cpu_decoder_layer_bad_input(change, exc, match):
     if "norms" in change:
         q_norm, k_norm = change["norms"](case)
         weights = weights._replace(q_norm=q_norm, k_norm=k_norm)
+    if "outs" in change:
+        attn_out_norm, mlp_out_norm = change["outs"](case)
+        weights = weights._replace(attn_out_norm=attn_out_norm, mlp_out_norm=mlp_out_norm)
     Hq = change.get("heads", Hq)
     before = kc.clone()
     with pytest.raises(exc, match=match):
         cpu_decoder_layer(x, cos, sin, weights, kc, vc, slot, meta.query_start_loc, meta.positions,
                           meta.block_tables, meta.context_lens, num_heads=Hq, num_kv_heads=Hkv, scale=0.25, eps=1e-5,
-                          activation_bits=change.get("bits", 16))
+                          activation_bits=change.get("bits", 16), activation=change.get("act", "silu"))
     assert torch.equal(kc, before)  # nothing written
 
 
 @needs_ext
-@pytest.mark.parametrize("qk_norm", [False, True])
-def test_cpu_decoder_layer_fake_impl(qk_norm):
-    case = _case(DECODE, qk_norm=qk_norm)
+@pytest.mark.parametrize("form", ["llama", "qwen3", "gemma"])
+def test_cpu_decoder_layer_fake_impl(form):
+    case = _case(DECODE, qk_norm=form == "qwen3", gemma=form == "gemma")
     x, cos, sin, weights, (kc, vc), meta, Hq, Hkv = case
-    from bild_kernels.ops.cpu_decoder_layer import layer_args, qk_norm_args
+    from bild_kernels.ops.cpu_decoder_layer import layer_args, layer_extras
     args = (x, cos, sin, *layer_args(weights), kc, vc, meta.slot_mapping, meta.query_start_loc, meta.positions,
-            meta.block_tables, meta.context_lens, Hq, Hkv, 0.25, 0, 1e-5, 16, *qk_norm_args(weights))
+            meta.block_tables, meta.context_lens, Hq, Hkv, 0.25, 0, 1e-5, 16,
+            *layer_extras(weights, "gelu_tanh" if form == "gemma" else "silu"))
     torch.library.opcheck(torch.ops.bild_kernels_cpu.cpu_decoder_layer, args,
                           test_utils=("test_schema", "test_faketensor"))
