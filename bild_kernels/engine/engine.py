@@ -219,6 +219,16 @@ class Engine(Prefixing, TokenizerMethods, Iteration, AsyncAPI):
         large_exec, large_tok = load_executor(large, "large", dtype, self.device)
         small_exec, small_tok = ((None, None) if small is None
                                  else load_executor(small, "small", small_dtype, self.device, base=large_exec))
+        if small_exec is not None and small_exec.config.vocab_size != large_exec.config.vocab_size:
+            vs, vl = small_exec.config.vocab_size, large_exec.config.vocab_size
+            # One tokenizer whose checkpoints pad the embedding to different sizes: the draft takes the large
+            # model's size (ids it lacks never drafted); anything else is two vocabularies.
+            if large_tok is None or small_tok is None or large_tok.get_vocab() != small_tok.get_vocab() \
+                    or len(large_tok) > min(vs, vl):
+                raise ValueError(f"the small model's vocabulary ({vs}) differs from the large model's ({vl}): they "
+                                 f"must share a tokenizer (checkpoints of one tokenizer whose embeddings are padded "
+                                 f"to different sizes are accepted where both directories hold that tokenizer)")
+            small_exec.match_vocab(vl)
         if large_weights == "int8":  # (after the small model borrowed what it shares with the large one)
             if large_exec.layer_blocks is not None or large_exec.head_blocks is not None:
                 raise ValueError(f"large_weights='int8' quantises a float checkpoint; this large model already runs "
@@ -244,9 +254,6 @@ class Engine(Prefixing, TokenizerMethods, Iteration, AsyncAPI):
         if isinstance(kv_cache_blocks, bool) or not isinstance(kv_cache_blocks, int) or kv_cache_blocks < 1:
             raise ValueError(f"kv_cache_blocks must be a positive int, got {kv_cache_blocks!r}")
         self.kv_cache_blocks = kv_cache_blocks
-        if small_exec is not None and small_exec.config.vocab_size != large_exec.config.vocab_size:
-            raise ValueError(f"the small model's vocabulary ({small_exec.config.vocab_size}) differs from the large "
-                             f"model's ({large_exec.config.vocab_size}): they must share a tokenizer")
         if large_tok is not None and small_tok is not None and large_tok.get_vocab() != small_tok.get_vocab():
             raise ValueError("the small model's tokenizer differs from the large model's: they must share one")
         self.tokenizer = tokenizer if tokenizer is not None else large_tok

@@ -167,6 +167,32 @@ class LlamaExecutor(WeightFormats):
         # how the fused CPU layer's packed (5-D) weights round the activations (cpu_decoder_layer's activation_bits)
         self.activation_bits = 16
 
+    def match_vocab(self, n: int) -> "LlamaExecutor":
+        """Give this model (a draft) a vocabulary of n ids, in place: a pair's checkpoints may pad the embedding of
+        one shared tokenizer to different sizes (Qwen2.5 0.5B-3B: 151,936 rows, 7B and up: 152,064). Ids this model
+        lacks embed as zeros and are never scored (-inf); ids beyond n are dropped. Its head then runs as a
+        reduced one (`head_vocab`), its products on plain float weights (call before quantising)."""
+        c = self.config
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"match_vocab: n must be a positive int, got {n!r}")
+        if n == c.vocab_size:
+            return self
+        if self.head_vocab is not None or self.weight_format == "int8":
+            raise ValueError("match_vocab: this model's head is already reduced or quantised")
+        keep = min(n, c.vocab_size)
+        old_embed = self.embed
+        if n > c.vocab_size:
+            self.embed = torch.cat((old_embed, old_embed.new_zeros(n - c.vocab_size, c.hidden_size)))
+        else:
+            self.embed = old_embed[:n]
+        tied = self.lm_head is old_embed
+        self.lm_head = (self.embed if tied else self.lm_head)[:keep]  # a view: no second copy of the head
+        self.head_vocab = torch.arange(keep, device=self.device) if keep < n else None
+        self.config = dataclasses.replace(c, vocab_size=n)
+        self._head_linear, self.head_blocks, self._head_stats = self._linear, None, None
+        self._head_args = self._native_args(self.lm_head, None)
+        return self
+
     def _cpu_op(self, op: str):
         """The CPU extension's implementation of `op` where it serves this model (float32 on a CPU, the backend
         not forced to "ref"), else None."""
