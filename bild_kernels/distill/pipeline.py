@@ -207,6 +207,11 @@ def distill(*, large=None, out, prompts: int = 512, max_new_tokens: int = 96, mi
     if threads is not None:
         torch.set_num_threads(threads)
     teacher, tok, source = _teacher(large)
+    from bild_kernels.models.config import MULTIMODAL_TEXT
+    if teacher.config.model_type in MULTIMODAL_TEXT:
+        raise ValueError(f"large model: {str(source)!r} is an image-text model ({teacher.config.model_type}); bild "
+                         f"distill trains drafts for text models (the engine runs this one's language model, and a "
+                         f"text model of its family, e.g. Gemma 3 1B or 270M for Gemma 3 4B, can draft for it)")
     if kind == "feature":
         from bild_kernels.distill.feature_model import check_feature_teacher
         check_feature_teacher(teacher)

@@ -19,6 +19,12 @@ QK_NORM_MODEL_TYPES = ("qwen3", "gemma3_text")
 # their residual adds, the embedding is scaled by sqrt(hidden), GELU (tanh) gates the MLP, sliding layers rotate
 # with a RoPE of their own, and the attention scales by query_pre_attn_scalar ** -0.5
 GEMMA_MODEL_TYPES = ("gemma3_text",)
+# image-text models whose language model the executor runs alone (text in, text out): model_type -> the text
+# model's config attribute, and the prefixes their checkpoints give its weights (in memory / on disk) -> ours
+MULTIMODAL_TEXT = {"gemma3": "text_config"}
+MULTIMODAL_PREFIXES = {"model.language_model.": "model.", "language_model.model.": "model.",
+                       "language_model.lm_head.": "lm_head."}
+MULTIMODAL_DROPPED = ("model.vision_tower.", "vision_tower.", "model.multi_modal_projector.", "multi_modal_projector.")
 # activations of the gated MLP: the config's name -> the executor's
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 # rope types whose frequencies do not depend on the current sequence length
@@ -58,14 +64,32 @@ class ModelConfig:
         """Query heads per KV head (grouped-query attention)."""
         return self.num_heads // self.num_kv_heads
 
+    @staticmethod
+    def text_weights(hf_config, weights: dict) -> dict:
+        """An image-text model's checkpoint (MULTIMODAL_TEXT) as its language model's weights under the executor's
+        names (the vision tower and projector dropped); any other model's as they are."""
+        if getattr(hf_config, "model_type", None) not in MULTIMODAL_TEXT:
+            return weights
+        out = {}
+        for k, v in weights.items():
+            if k.startswith(MULTIMODAL_DROPPED):
+                continue
+            prefix = next((p for p in MULTIMODAL_PREFIXES if k.startswith(p)), None)
+            out[MULTIMODAL_PREFIXES[prefix] + k[len(prefix):] if prefix else k] = v
+        return out
+
     @classmethod
     def from_hf(cls, hf_config) -> "ModelConfig":
-        """From a transformers PretrainedConfig; raises ValueError for what the executor cannot run."""
-        model_type = getattr(hf_config, "model_type", None)
+        """From a transformers PretrainedConfig; raises ValueError for what the executor cannot run. An image-text
+        model's (Gemma 3 4B and up) is its language model's: the executor runs it on text."""
+        model_type, outer = getattr(hf_config, "model_type", None), hf_config
+        if model_type in MULTIMODAL_TEXT and getattr(hf_config, MULTIMODAL_TEXT[model_type], None) is not None:
+            hf_config = getattr(hf_config, MULTIMODAL_TEXT[model_type])
+            model_type = getattr(hf_config, "model_type", None)
         if model_type not in SUPPORTED_MODEL_TYPES:
             archs = getattr(hf_config, "architectures", None)
             raise ValueError(f"unsupported architecture: model_type={model_type!r} (architectures={archs}); "
-                             f"the executor runs {', '.join(SUPPORTED_MODEL_TYPES)}")
+                             f"the executor runs {', '.join(SUPPORTED_MODEL_TYPES)} (and gemma3's language model)")
         gemma = model_type in GEMMA_MODEL_TYPES
         act = (getattr(hf_config, "hidden_activation", None) if gemma else None) or getattr(hf_config, "hidden_act",
                                                                                            "silu")
@@ -87,7 +111,8 @@ class ModelConfig:
             local = _rope(hf_config, head_dim, "sliding_attention")
         else:
             inv_freq, attention_scaling, rope_type, theta = _rope(hf_config, head_dim)
-        eos = getattr(hf_config, "eos_token_id", None)
+        eos = getattr(outer, "eos_token_id", None)  # (an image-text model's own, where it names one)
+        eos = eos if eos is not None else getattr(hf_config, "eos_token_id", None)
         eos = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
         return cls(
             model_type=model_type, vocab_size=hf_config.vocab_size, hidden_size=hf_config.hidden_size,

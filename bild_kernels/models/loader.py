@@ -84,7 +84,7 @@ def _executor(config, weights, dtype, device, backend, who) -> LlamaExecutor:
 
 def _from_module(model, dtype, device, backend, who) -> LlamaExecutor:
     config = _config(model.config, who)
-    state = model.state_dict()
+    state = ModelConfig.text_weights(model.config, model.state_dict())
     if dtype is None:
         dtype = next(v.dtype for v in state.values() if v.is_floating_point())
     return _executor(config, state, dtype, device, backend, who)
@@ -123,7 +123,7 @@ def _from_dir(path: Path, dtype, device, backend, who) -> LlamaExecutor:
             raise ValueError(f"{who}: cannot read {path / shard}: {exc}") from None
         # Convert shard by shard so that peak memory stays near one copy of the model.
         weights.update({k: v.to(device=device, dtype=dtype) for k, v in part.items() if v.is_floating_point()})
-    return _executor(config, weights, dtype, device, backend, who)
+    return _executor(config, ModelConfig.text_weights(hf_config, weights), dtype, device, backend, who)
 
 
 _DIGESTS: dict[tuple, str] = {}  # (resolved path, size, mtime) -> SHA-256 of the file: hashed once per process

@@ -94,6 +94,17 @@ def test_distill_other_families_end_to_end(tmp_path, family, kind):
     assert [o.token_ids for o in engine.generate(prompts, params, policy=Greedy(max_draft_len=3))] == want
 
 
+def test_distill_refuses_an_image_text_teacher_by_name(tmp_path):
+    from .test_model_families import tiny_gemma3_image_text
+    tiny_gemma3_image_text().save_pretrained(tmp_path / "mm")
+    _tokenizer().save_pretrained(tmp_path / "mm")
+    with pytest.raises(ValueError, match=r"is an image-text model \(gemma3\); bild distill trains drafts for text "
+                                         r"models"):
+        distill(large=tmp_path / "mm", out=tmp_path / "out", prompts=4, max_new_tokens=4, minutes=0.003,
+                work_dir=tmp_path / "work", **QUIET)
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_feature_draft_refuses_a_teacher_whose_last_layer_it_cannot_copy():
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -151,3 +151,54 @@ def test_families_on_gpu_under_the_graphed_loops(family):
     for policy in (Greedy(max_draft_len=3), BiLD(0.0, 0.0, 4)):
         assert [o.token_ids for o in engine.generate(PROMPTS, params, policy=policy)] == base
     assert_all_free(engine)
+
+
+def tiny_gemma3_image_text(seed: int = 1):
+    """A tiny Gemma3ForConditionalGeneration (Gemma 3 4B and up: a vision tower and a projector beside the language
+    model), its language model's head sharpened and norms random."""
+    import transformers
+    torch.manual_seed(seed)
+    text = transformers.Gemma3TextConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+                                         query_pre_attn_scalar=20, sliding_window=8,
+                                         layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                                         eos_token_id=None, bos_token_id=None, pad_token_id=None)
+    vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=28, patch_size=14)
+    cfg = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=1,
+                                    image_token_index=96, boi_token_index=94, eoi_token_index=95)
+    model = transformers.Gemma3ForConditionalGeneration(cfg).to(torch.float64).eval()
+    with torch.no_grad():
+        model.model.language_model.embed_tokens.weight.mul_(16.0)  # (the head is tied to it)
+        for name, p in model.model.language_model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(-0.5, 0.5)
+    return model
+
+
+def test_an_image_text_gemma3_runs_as_its_language_model(tmp_path):
+    """Gemma 3 4B and up are image-text models: the engine runs their language model on text, from the model object
+    (transformers' weight names) or its saved directory (the checkpoint's), as Hugging Face generates from text."""
+    model = tiny_gemma3_image_text()
+    prompts = [[5, 17, 3], [44, 2, 90, 61, 7, 7, 12, 30, 1, 0, 15]]
+    oracle = [hf_greedy(model, p, N) for p in prompts]
+    model.save_pretrained(tmp_path / "mm")
+    for source in (model, str(tmp_path / "mm")):
+        engine = Engine(large=source, dtype=torch.float64, max_model_len=64, block_size=4)
+        ex = engine.runners["large"].executor
+        assert ex.config.model_type == "gemma3_text" and ex.config.num_layers == 3
+        outs = engine.generate(prompts, SamplingParams(max_tokens=N), policy=LargeOnly())
+        assert [o.token_ids for o in outs] == oracle
+    # the text-only Gemma 3 drafting for it: a noisy copy of its language model's first two layers
+    small = tiny_model("gemma3", 2, 2, window=8)
+    with torch.no_grad():
+        lm = model.model.language_model
+        small.model.embed_tokens.weight.copy_(lm.embed_tokens.weight)
+        small.lm_head.weight.copy_(lm.embed_tokens.weight)
+        small.model.norm.weight.copy_(lm.norm.weight)
+        for i in range(2):
+            small.model.layers[i].load_state_dict(lm.layers[i].state_dict())
+    engine = Engine(large=model, small=small, dtype=torch.float64, max_model_len=64, block_size=4)
+    outs = engine.generate(prompts, SamplingParams(max_tokens=N), policy=Greedy(max_draft_len=3))
+    assert [o.token_ids for o in outs] == oracle and sum(o.metrics.accepted_tokens for o in outs) > 0
+    assert_all_free(engine)
