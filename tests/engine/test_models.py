@@ -217,6 +217,20 @@ def test_bad_input(tmp_path):
     cfg.rope_parameters = {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}
     with pytest.raises(ValueError, match="rope"):
         ModelConfig.from_hf(cfg)
+    for name, value, match in (("final_logit_softcapping", 30.0, "unsupported final_logit_softcapping=30.0: the "
+                                                                 "executor does not soft-cap"),
+                               ("attn_logit_softcapping", 50.0, "unsupported attn_logit_softcapping=50.0"),
+                               ("use_bidirectional_attention", True, "unsupported use_bidirectional_attention"),
+                               ("hidden_activation", "relu", r"unsupported hidden_act 'relu': the executor's gated "
+                                                             r"MLP takes silu, gelu_pytorch_tanh")):
+        cfg = FAMILIES["gemma3-tied-window8"]()
+        setattr(cfg, name, value)
+        with pytest.raises(ValueError, match=match):
+            ModelConfig.from_hf(cfg)
+    cfg = FAMILIES["gemma3-tied-window8"]()
+    cfg.rope_parameters = {"full_attention": cfg.rope_parameters["full_attention"]}
+    with pytest.raises(ValueError, match="the config has no rope_parameters for its sliding_attention layers"):
+        ModelConfig.from_hf(cfg)
     ex, _ = load_model(model)
     meta = AttentionMetadata.build([2], [2], torch.arange(4).view(1, 4).int(), 4)
     caches = ex.allocate_kv_cache(4, 4)
