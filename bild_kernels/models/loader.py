@@ -121,9 +121,11 @@ def _from_dir(path: Path, dtype, device, backend, who) -> LlamaExecutor:
             part = load_file(path / shard)
         except (SafetensorError, OSError) as exc:
             raise ValueError(f"{who}: cannot read {path / shard}: {exc}") from None
-        # Convert shard by shard so that peak memory stays near one copy of the model.
+        # Convert shard by shard so that peak memory stays near one copy of the model (an image-text model's
+        # language model only).
+        part = ModelConfig.text_weights(hf_config, part)
         weights.update({k: v.to(device=device, dtype=dtype) for k, v in part.items() if v.is_floating_point()})
-    return _executor(config, ModelConfig.text_weights(hf_config, weights), dtype, device, backend, who)
+    return _executor(config, weights, dtype, device, backend, who)
 
 
 _DIGESTS: dict[tuple, str] = {}  # (resolved path, size, mtime) -> SHA-256 of the file: hashed once per process
