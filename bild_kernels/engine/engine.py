@@ -222,12 +222,15 @@ class Engine(Prefixing, TokenizerMethods, Iteration, AsyncAPI):
         if small_exec is not None and small_exec.config.vocab_size != large_exec.config.vocab_size:
             vs, vl = small_exec.config.vocab_size, large_exec.config.vocab_size
             # One tokenizer whose checkpoints pad the embedding to different sizes: the draft takes the large
-            # model's size (ids it lacks never drafted); anything else is two vocabularies.
-            if large_tok is None or small_tok is None or large_tok.get_vocab() != small_tok.get_vocab() \
-                    or len(large_tok) > min(vs, vl):
+            # model's size (ids it lacks never drafted); anything else is two vocabularies. The tokenizer is shown
+            # shared by both directories holding it, or given (tokenizer=) for two models that hold none.
+            shared = (large_tok.get_vocab() == small_tok.get_vocab() if large_tok is not None and small_tok is not None
+                      else tokenizer is not None and large_tok is None and small_tok is None)
+            if not shared or len(tokenizer if tokenizer is not None else large_tok) > min(vs, vl):
                 raise ValueError(f"the small model's vocabulary ({vs}) differs from the large model's ({vl}): they "
                                  f"must share a tokenizer (checkpoints of one tokenizer whose embeddings are padded "
-                                 f"to different sizes are accepted where both directories hold that tokenizer)")
+                                 f"to different sizes are accepted where both directories hold that tokenizer, or "
+                                 f"where tokenizer= gives it for two models that hold none)")
             small_exec.match_vocab(vl)
         if large_weights == "int8":  # (after the small model borrowed what it shares with the large one)
             if large_exec.layer_blocks is not None or large_exec.head_blocks is not None:

@@ -71,6 +71,13 @@ def test_padded_vocabularies_need_both_tokenizers_and_their_agreement(tmp_path):
     large, small = _pair(90)
     with pytest.raises(ValueError, match=r"the small model's vocabulary \(90\) differs from the large model's \(97\)"):
         Engine(large=large, small=small, dtype=torch.float64)  # in memory: no tokenizer says they share one
+    # in memory with tokenizer= naming the one they share: accepted, lossless
+    engine = Engine(large=large, small=small, tokenizer=word_tokenizer(WORDS), dtype=torch.float64, max_model_len=64,
+                    block_size=4)
+    outs = engine.generate(PROMPTS, SamplingParams(max_tokens=N), policy=Greedy(max_draft_len=3))
+    assert [o.token_ids for o in outs] == [hf_greedy(large, p, N) for p in PROMPTS]
+    with pytest.raises(ValueError, match="vocabulary"):  # a tokenizer with more ids than the draft has rows
+        Engine(large=large, small=small, tokenizer=word_tokenizer([f"w{i}" for i in range(95)]), dtype=torch.float64)
     dirs = _save(tmp_path, large, small)
     word_tokenizer(WORDS[:-1] + ["other"]).save_pretrained(dirs[1])
     with pytest.raises(ValueError, match="vocabulary"):
