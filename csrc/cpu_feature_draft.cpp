@@ -42,6 +42,7 @@ namespace bild {
 // The fc and head products take int16 activations when packed, as the executor's (`_packed_linear`).
 constexpr int64_t kProductBits = 16;
 constexpr int64_t kLayerArgs = 14;  // cpu_decoder_layer's weights per layer (ops.cpu_decoder_layer.layer_args)
+constexpr int64_t kLayerNorms = 4;  // q_norm, k_norm, attn_out_norm, mlp_out_norm (ops.cpu_decoder_layer.layer_extras)
 
 namespace {
 
@@ -144,7 +145,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_feature_draft_chain(
     const at::Tensor& slot_mapping, const at::Tensor& block_tables, const at::Tensor& counts, const at::Tensor& starts,
     const at::Tensor& caps, int64_t num_heads, int64_t num_kv_heads, double scale, at::IntArrayRef sliding_windows,
     double eps, int64_t activation_bits, double fallback_threshold, bool energy,
-    const std::optional<at::Tensor>& penalty_ids, const std::optional<at::Tensor>& penalty_rows,
+    const c10::List<std::optional<at::Tensor>>& layer_norms, const std::optional<at::Tensor>& penalty_ids, const std::optional<at::Tensor>& penalty_rows,
     const std::optional<at::Tensor>& penalty_values, const std::optional<at::Tensor>& banned_ids,
     const std::optional<at::Tensor>& bias_ids, const std::optional<at::Tensor>& bias_values) {
   constexpr const char* op = "cpu_feature_draft_chain";
@@ -177,6 +178,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_feature_draft_chain(
                   static_cast<int64_t>(sliding_windows.size()) == L,
               op, ": ", L, " key caches need as many value caches and sliding windows and ", kLayerArgs * L,
               " layer weights, got ", value_caches.size(), ", ", sliding_windows.size(), " and ", layers.size());
+  // Qwen3's per-head q/k norms and Gemma's output norms: none, or four a layer (cpu_decoder_layer checks them)
+  TORCH_CHECK(layer_norms.empty() || static_cast<int64_t>(layer_norms.size()) == kLayerNorms * L, op,
+              ": layer_norms must be empty or hold ", kLayerNorms, " a layer (", kLayerNorms * L, "), got ",
+              layer_norms.size());
   check_float(op, "norm", norm, 1);
   TORCH_CHECK(norm.size(0) == H, op, ": norm must be [", H, "]");
   check_float(op, "cos", cos, 2);
@@ -233,6 +238,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_feature_draft_chain(
   }
   std::vector<std::vector<int64_t>> chain_cols(B);  // each sequence's drafted columns so far
   std::vector<std::optional<at::Tensor>> w(layers.begin(), layers.end());
+  std::vector<std::optional<at::Tensor>> ln(layer_norms.begin(), layer_norms.end());
   for (int64_t i = 0; i < L; ++i) {
     for (int64_t j : {0, 1, 4, 7, 8, 11}) {  // input_norm, qkv, o, post_norm, gate_up, down: required
       TORCH_CHECK(w[i * kLayerArgs + j].has_value(), op, ": layer ", i, "'s weight ", j, " is missing");
@@ -288,9 +294,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_feature_draft_chain(
     TORCH_CHECK(q[n] == T, op, ": internal: ", T, " rows fed for ", q[n], " positions");
     for (int64_t i = 0; i < L; ++i) {
       const std::optional<at::Tensor>* a = w.data() + i * kLayerArgs;
+      const std::optional<at::Tensor> none;
+      const std::optional<at::Tensor>* e = ln.empty() ? nullptr : ln.data() + i * kLayerNorms;
       x = cpu_decoder_layer(x, c, s, *a[0], *a[1], a[2], a[3], *a[4], a[5], a[6], *a[7], *a[8], a[9], a[10], *a[11],
                             a[12], a[13], key_caches[i], value_caches[i], slots, qsl, positions, table, lens,
-                            num_heads, num_kv_heads, scale, sliding_windows[i], eps, activation_bits);
+                            num_heads, num_kv_heads, scale, sliding_windows[i], eps, activation_bits,
+                            e ? e[0] : none, e ? e[1] : none, e ? e[2] : none, e ? e[3] : none);
     }
     // each sequence's last position: its output (the next step's feature), normed, then the head
     at::Tensor last = at::empty({n, H}, opt), h = at::empty({n, H}, opt);
@@ -363,6 +372,7 @@ TORCH_LIBRARY_FRAGMENT(bild_kernels_cpu, m) {
         "Tensor? head_bias, Tensor? head_vocab, Tensor cos, Tensor sin, Tensor slot_mapping, Tensor block_tables, "
         "Tensor counts, Tensor starts, Tensor caps, int num_heads, int num_kv_heads, float scale, "
         "int[] sliding_windows, float eps, int activation_bits, float fallback_threshold, bool energy, "
+        "Tensor?[] layer_norms, "
         "Tensor? penalty_ids=None, Tensor? penalty_rows=None, Tensor? penalty_values=None, Tensor? banned_ids=None, "
         "Tensor? bias_ids=None, Tensor? bias_values=None) "
         "-> (Tensor, Tensor, Tensor)");

@@ -90,10 +90,10 @@ class FeatureDraftExecutor(LlamaExecutor):
         """Whether `draft_chain` runs here with a first step of `first_tokens` positions: the CPU extension
         serves every piece of a step (the fused layer, the fc and the head's products) at float32. With packed
         int8 weights (the shipped draft on an AVX-512 VNNI CPU) that includes a request's first run, which
-        feeds the whole prompt's features. (Not for layers of Qwen3's form: the chain's C++ passes a Llama
-        layer's 14 weights; those drafts step through `forward` instead.)"""
+        feeds the whole prompt's features. Its layers may have Qwen3's per-head norms; a GeGLU one (Gemma's form,
+        which no feature draft has) steps through `forward` instead."""
         return (self._chain_op is not None and self._fused is not None and self._fc_args is not None
-                and all(len(w.fused_args()) == 14 for w in self.layers)
+                and all(w.activation == "silu" for w in self.layers)
                 and self._head_args is not None and self.embed.is_contiguous()
                 and 1 <= first_tokens <= min(self.fused_max_tokens, self._input_rows_max))
 
@@ -107,7 +107,12 @@ class FeatureDraftExecutor(LlamaExecutor):
         every position it may feed; block_tables [B, M]. penalties: as `ops.cpu_feature_draft_chain`'s."""
         c = self.config
         cos, sin = self._rope_table_to(max(s + n + k - 1 for s, n, k in zip(starts, counts, caps)))
-        flat = [a for w in self.layers for a in w.fused_args()]
+        args = [w.fused_args() for w in self.layers]
+        flat = [a for w in args for a in w[:14]]
+        # Qwen3's per-head norms (4 a layer: q, k, and the output norms a Llama-form layer lacks) where any layer has
+        # them, else none
+        norms = [t for w in args for t in (w[14:18] if len(w) > 14 else (None,) * 4)] if any(
+            len(w) > 14 for w in args) else []
         i64 = dict(dtype=torch.int64)
         out = self._chain_op(
             features.to(self.dtype).contiguous(), torch.tensor(next_ids, **i64), self.shift, self.inv_std, self.embed,
@@ -115,7 +120,8 @@ class FeatureDraftExecutor(LlamaExecutor):
             self.norm, *self._head_args, self.head_vocab, cos.view(cos.shape[0], -1), sin.view(sin.shape[0], -1),
             slot_mapping, block_tables.contiguous(), torch.tensor(counts, **i64), torch.tensor(starts, **i64),
             torch.tensor(caps, **i64), c.num_heads, c.num_kv_heads, self.scale, [w or 0 for w in c.sliding_windows],
-            c.rms_norm_eps, self.activation_bits, float(fallback_threshold), bool(energy), *(penalties or (None,) * 6))
+            c.rms_norm_eps, self.activation_bits, float(fallback_threshold), bool(energy), norms,
+            *(penalties or (None,) * 6))
         return chain_result(*out)
 
     def quantize_weights(self, kind: str = "int8") -> "FeatureDraftExecutor":

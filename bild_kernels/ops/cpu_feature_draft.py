@@ -15,7 +15,7 @@ import torch
 
 from bild_kernels._backend import resolve
 from bild_kernels.ops import _validate as v
-from bild_kernels.ops.cpu_decoder_layer import LayerWeights, layer_args
+from bild_kernels.ops.cpu_decoder_layer import LayerWeights, layer_args, layer_extras
 
 
 class DraftChain(NamedTuple):
@@ -79,7 +79,8 @@ def cpu_feature_draft_chain(features, next_ids, *, counts, starts, caps, shift, 
 
     features [sum(counts), H] float32 and next_ids [sum(counts)] int64: each sequence's verified positions
     starts[b] .. starts[b] + counts[b] - 1 not yet fed (the large model's features, the token after each), in
-    sequence order. counts, starts, caps: B ints. layers: each layer's `LayerWeights`, with its key and value caches
+    sequence order. counts, starts, caps: B ints. layers: each layer's `LayerWeights` (SwiGLU; per-head q/k norms and
+    output norms where they are set), with its key and value caches
     [blocks, block_size, H_kv, D]. head: (weight, scale, bias) like fc; head_vocab [V_head] int64: the ids it scores
     (None: all). cos, sin [P, D]: rotary rows by position (P >= every starts[b] + counts[b] + caps[b] - 1).
     slot_mapping [sum(counts + caps - 1)] int64: each sequence's run of the cache slots of its step 0's positions,
@@ -135,13 +136,18 @@ def cpu_feature_draft_chain(features, next_ids, *, counts, starts, caps, shift, 
         penalties = tuple(t.contiguous() for t in penalties)
     fn = resolve("cpu_feature_draft_chain", features.device, backend)
     flat = [a for w in layers for a in layer_args(w)]
+    extras = [layer_extras(w) for w in layers]  # Qwen3's q/k norms (a feature draft's layer is Llama's or Qwen's)
+    if any(e and e[4] != 0 for e in extras):
+        raise ValueError("cpu_feature_draft_chain runs SwiGLU layers; a layer asks for another activation")
+    norms = [] if not any(extras) else [t for e in extras for t in (e[:4] if e else (None,) * 4)]
     i64 = dict(dtype=torch.int64)
     out = fn(features.contiguous(), next_ids.contiguous(), shift.contiguous(), inv_std.contiguous(),
              embed.contiguous(), float(inv_emb_scale), *fc, flat, list(key_caches), list(value_caches),
              norm.contiguous(), *head, head_vocab, cos.contiguous(), sin.contiguous(), slot_mapping.contiguous(),
              block_tables.contiguous(), torch.tensor(counts, **i64), torch.tensor(starts, **i64),
              torch.tensor(caps, **i64), num_heads, num_kv_heads, float(scale), [int(w) for w in sliding_windows],
-             float(eps), int(activation_bits), float(fallback_threshold), bool(energy), *(penalties or (None,) * 6))
+             float(eps), int(activation_bits), float(fallback_threshold), bool(energy), norms,
+             *(penalties or (None,) * 6))
     return chain_result(*out)
 
 

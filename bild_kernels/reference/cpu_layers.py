@@ -92,16 +92,17 @@ def cpu_feature_draft_chain_ref(features, next_ids, shift, inv_std, embed, inv_e
                                 fc_bias, layers, key_caches, value_caches, norm, head_w, head_scale, head_bias,
                                 head_vocab, cos, sin, slot_mapping, block_tables, counts, starts, caps,
                                 num_heads: int, num_kv_heads: int, scale: float, sliding_windows, eps: float,
-                                activation_bits: int, fallback_threshold: float, energy: bool, penalty_ids=None,
-                                penalty_rows=None, penalty_values=None, banned_ids=None, bias_ids=None,
-                                bias_values=None):
+                                activation_bits: int, fallback_threshold: float, energy: bool, layer_norms=(),
+                                penalty_ids=None, penalty_rows=None, penalty_values=None, banned_ids=None,
+                                bias_ids=None, bias_values=None):
     """A feature draft's greedy draft runs of B sequences (the engine's eager loop, step for step; each sequence's
     run depends on nothing but its own inputs, so this twin runs them one after the other).
 
     Sequence b: step 0 feeds its counts[b] verified positions starts[b] .. starts[b] + counts[b] - 1 (its rows of
     features [sum(counts), H] and next_ids, in sequence order); each later step one position: the draft's own last
     output (before the final norm) and its last token. A step is `cpu_feature_input_ref`, the layers
-    (`cpu_decoder_layer_ref`, 14 weights each in `layers`, K/V written at the sequence's run of counts[b] + caps[b]
+    (`cpu_decoder_layer_ref`, 14 weights each in `layers`, and where `layer_norms` holds them four norms each: q_norm,
+    k_norm, attn_out_norm, mlp_out_norm, SwiGLU always; K/V written at the sequence's run of counts[b] + caps[b]
     - 1 slots of slot_mapping in order, rotary rows cos/sin [P, D] at the positions, its block_tables row), then the
     head (head_w / head_scale / head_bias in any weight form, packed ones at int16 activations) on the last
     position's RMSNorm. Its token: the first argmax, through head_vocab [V_head] when given; its confidence: the max
@@ -140,7 +141,8 @@ def cpu_feature_draft_chain_ref(features, next_ids, shift, inv_std, embed, inv_e
                 x = cpu_decoder_layer_ref(x, cos[pos:pos + T], sin[pos:pos + T], *layers[14 * i:14 * (i + 1)],
                                           key_caches[i], value_caches[i], slots[used:used + T], qsl, positions,
                                           block_tables[b:b + 1], lens, num_heads, num_kv_heads, scale,
-                                          sliding_windows[i], eps, activation_bits)
+                                          sliding_windows[i], eps, activation_bits,
+                                          *(layer_norms[4 * i:4 * (i + 1)] if layer_norms else ()))
             logits = _project_ref(cpu_rms_norm_ref(x[-1:], norm, eps), head_w, head_scale, head_bias, 16)[0]
             if penalty_ids is not None:
                 logits = _chain_penalties(logits, b, penalty_ids, penalty_rows, penalty_values, banned_ids, cols,

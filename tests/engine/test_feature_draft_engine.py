@@ -192,6 +192,34 @@ def test_feature_drafts_of_other_families_draft_in_the_engine_what_they_trained_
     assert_all_free(eng)
 
 
+@pytest.mark.parametrize("small_weights", [None, "int8"])
+def test_a_qwen3_feature_drafts_native_runs_equal_the_eager_loop(tmp_path, small_weights):
+    """A Qwen3 teacher's feature draft (per-head q/k norms in its layer) in float32 on a CPU: the native draft runs
+    (csrc/cpu_feature_draft.cpp with its layer norms) propose what the eager loop proposes, the same tokens."""
+    from bild_kernels._backend import cpu_extension
+    if cpu_extension() is None:
+        pytest.skip("bild_kernels._cpu not built, or this CPU lacks AVX2/FMA")
+    teacher = _family_teacher("qwen3").float()
+    draft = _draft(teacher)
+    path = draft.float().save_dir(tmp_path / "d", load_model(teacher, dtype=torch.float32)[0])
+    prompts = [[5, 17, 3], [44, 2, 90, 61, 8, 8, 1], [9]]
+    seen, outs = {}, {}
+    for loop in ("eager", "native"):
+        eng = Engine(large=teacher, small=str(path), max_batch_size=2, max_model_len=64, block_size=4, draft_loop=loop,
+                     small_weights=small_weights)
+        ex, chains = eng.runners["small"].executor, []
+        chain = ex.draft_chain
+        ex.draft_chain = lambda *a, **k: chains.append(1) or chain(*a, **k)
+        seen[loop], verify = [], eng._verify
+        eng._verify = lambda running, policy, drafts, log=seen[loop], verify=verify: (
+            log.append(tuple(map(tuple, drafts.tokens))) or verify(running, policy, drafts))
+        outs[loop] = [eng.generate([p], SamplingParams(max_tokens=16), policy=pol)[0].token_ids
+                      for pol in (Greedy(max_draft_len=3), BiLD(0.3, 2.0, 4)) for p in prompts]
+        assert (len(chains) > 5) == (loop == "native")
+        assert_all_free(eng)
+    assert seen["native"] == seen["eager"] and outs["native"] == outs["eager"]
+
+
 def test_batched_and_other_policies(pair):
     teacher, _, path = pair
     eng = _engine(teacher, path)

@@ -32,14 +32,17 @@ def _proj(t, form, bias=None):
     return (*int8_x16(w), bias) if form == "int8x16" else (w.q, w.scale.float(), bias)
 
 
-def _case(form, *, layers=1, vocab=True, seed=0, seqs=1):
+def _case(form, *, layers=1, vocab=True, seed=0, seqs=1, qk_norm=False):
     g = torch.Generator().manual_seed(seed)
 
     def w(n, k):
         return torch.randn(n, k, generator=g) * k ** -0.5
+
+    def norms():  # Qwen3's per-head norms, or none
+        return (0.5 + torch.rand(D, generator=g), 0.5 + torch.rand(D, generator=g)) if qk_norm else (None, None)
     lw = [LayerWeights(1 + 0.1 * torch.randn(H, generator=g), _proj(w((HQ + 2 * HKV) * D, H), form),
                        _proj(w(H, HQ * D), form), 1 + 0.1 * torch.randn(H, generator=g),
-                       _proj(w(2 * INTER, H), form), _proj(w(H, INTER), form)) for _ in range(layers)]
+                       _proj(w(2 * INTER, H), form), _proj(w(H, INTER), form), *norms()) for _ in range(layers)]
     head_vocab = torch.randperm(V, generator=g)[:48].sort().values if vocab else None
     n_head = 48 if vocab else 96  # a packed head needs a multiple of 16 rows
     blocks = 12
@@ -174,6 +177,32 @@ def test_cpu_feature_input_and_rms_norm_match_reference(form):
 
 
 @needs_ext
+@pytest.mark.parametrize("form", FORMS)
+def test_cpu_feature_draft_chain_with_qk_norms_matches_reference(form):
+    """A Qwen3 teacher's feature draft: its layers RMS-normalise each query and key head before RoPE."""
+    case = _case(form, layers=2, vocab=False, qk_norm=True, seed=2)
+    want, want_k, want_v = _run(case, "ref")
+    got, got_k, got_v = _run(case, "cpu")
+    assert got.tokens == want.tokens and got.steps == want.steps == 5
+    tol = TOL[form]
+    torch.testing.assert_close(torch.tensor(got.max_probs), torch.tensor(want.max_probs), atol=tol / 10, rtol=tol)
+    for a, b in zip(got_k + got_v, want_k + want_v):
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+    plain = {**case, "layers": [w._replace(q_norm=None, k_norm=None) for w in case["layers"]]}
+    _, plain_k, _ = _run(plain, "cpu")
+    assert not all(torch.allclose(a, b, atol=1e-3) for a, b in zip(plain_k, got_k))  # the norms were applied
+    with pytest.raises(RuntimeError, match="layer_norms must be empty or hold 4 a layer"):
+        f, ids = _inputs([3])
+        c = {k: v for k, v in case.items() if k != "layers"}
+        torch.ops.bild_kernels_cpu.cpu_feature_draft_chain(
+            f, ids, c["shift"], c["inv_std"], c["embed"], 0.5, *c["fc"],
+            [a for w in case["layers"] for a in layer_args(w)], c["key_caches"], c["value_caches"], c["norm"],
+            *c["head"], None, c["cos"], c["sin"], _slots(c["block_tables"][0], 5, 7), c["block_tables"],
+            torch.tensor([3]), torch.tensor([5]), torch.tensor([5]), HQ, HKV, D ** -0.5, [0, 0], 1e-5, 16, 0.0, False,
+            [case["layers"][0].q_norm])
+
+
+@needs_ext
 @pytest.mark.parametrize("change, exc, match", [
     (dict(features=torch.randn(3, H).double()), TypeError, "features"),
     (dict(next_ids=torch.tensor([0, 1, V])), ValueError, "next_ids"),
@@ -210,7 +239,7 @@ def test_cpu_feature_draft_chain_fake_impl():
             torch.empty(H, 2 * H), None, None, flat, [torch.empty(24, BS, HKV, D)], [torch.empty(24, BS, HKV, D)],
             torch.empty(H), torch.empty(48, H), None, None, None, torch.empty(64, D), torch.empty(64, D),
             torch.empty(11, **i64), torch.empty(2, 12, dtype=torch.int32), torch.empty(2, **i64),
-            torch.empty(2, **i64), torch.empty(2, **i64), HQ, HKV, 0.25, [0], 1e-5, 16, 0.5, False)
+            torch.empty(2, **i64), torch.empty(2, **i64), HQ, HKV, 0.25, [0], 1e-5, 16, 0.5, False, [])
     assert [t.dim() for t in out] == [2, 2, 2] and [t.shape[0] for t in out] == [2, 2, 2] and out[2].shape[1] == 3
     assert [t.dtype for t in out] == [torch.int64, torch.float32, torch.int64]
 
