@@ -145,7 +145,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_feature_draft_chain(
     const at::Tensor& slot_mapping, const at::Tensor& block_tables, const at::Tensor& counts, const at::Tensor& starts,
     const at::Tensor& caps, int64_t num_heads, int64_t num_kv_heads, double scale, at::IntArrayRef sliding_windows,
     double eps, int64_t activation_bits, double fallback_threshold, bool energy,
-    const c10::List<std::optional<at::Tensor>>& layer_norms, const std::optional<at::Tensor>& penalty_ids, const std::optional<at::Tensor>& penalty_rows,
+    const c10::List<std::optional<at::Tensor>>& layer_norms, const std::optional<at::Tensor>& penalty_ids,
+    const std::optional<at::Tensor>& penalty_rows,
     const std::optional<at::Tensor>& penalty_values, const std::optional<at::Tensor>& banned_ids,
     const std::optional<at::Tensor>& bias_ids, const std::optional<at::Tensor>& bias_values) {
   constexpr const char* op = "cpu_feature_draft_chain";
