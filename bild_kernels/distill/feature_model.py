@@ -105,10 +105,12 @@ def teacher_config(teacher) -> dict:
 
 def check_feature_teacher(teacher) -> None:
     """Refuses (ValueError, naming what) a teacher whose last layer a feature draft's layer cannot copy: Gemma's
-    layer form ((1 + w) norms, sandwich norms, GeGLU), or weights it does not have (an o_proj or MLP bias)."""
+    layer form ((1 + w) norms, sandwich norms, GeGLU), Granite's multipliers, or weights it does not have (an
+    o_proj or MLP bias)."""
     from bild_kernels.models.config import ModelConfig
     mc = ModelConfig.from_hf(teacher.config)
-    if mc.gemma or mc.activation != "silu":
+    if mc.gemma or mc.activation != "silu" or (mc.embedding_multiplier, mc.residual_multiplier,
+                                                mc.logits_scaling) != (1.0, 1.0, 1.0):
         raise ValueError(f"kind='feature' copies a Llama-form layer (SwiGLU, pre-norms); the large model's "
                          f"({mc.model_type}) has another form: distill a layers draft (kind='layers') for it")
     own = set(_Layer(teacher_config(teacher)).state_dict())

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "granite")
 # families whose attention normalises each query and key head (an RMSNorm over head_dim) before RoPE
 QK_NORM_MODEL_TYPES = ("qwen3", "gemma3_text")
 # Gemma's layer: RMSNorms scale by (1 + w) in float32, the attention's and the MLP's outputs are normed too before
@@ -58,6 +58,17 @@ class ModelConfig:
     attn_scale: float | None = None  # the attention's score scale (None: head_dim ** -0.5)
     local_inv_freq: torch.Tensor | None = None  # the sliding layers' own RoPE frequencies (Gemma 3), else None
     local_attention_scaling: float = 1.0
+    # Granite's multipliers: the input embedding's, each residual branch's (attention and MLP outputs), and the
+    # divisor of the logits (1.0 elsewhere; the attention's own is attn_scale)
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    logits_scaling: float = 1.0
+
+    @property
+    def plain_layers(self) -> bool:
+        """Whether the layers are Llama's form up to what the CPU extension's one-call layer takes (q/k norms,
+        Gemma's norms and GeGLU): not Granite's scaled residual branches."""
+        return self.residual_multiplier == 1.0
 
     @property
     def group_size(self) -> int:
@@ -111,6 +122,8 @@ class ModelConfig:
             local = _rope(hf_config, head_dim, "sliding_attention")
         else:
             inv_freq, attention_scaling, rope_type, theta = _rope(hf_config, head_dim)
+        granite = _granite(hf_config, model_type)
+        attn_scale = granite.pop("attn_scale", float(hf_config.query_pre_attn_scalar) ** -0.5 if gemma else None)
         eos = getattr(outer, "eos_token_id", None)  # (an image-text model's own, where it names one)
         eos = eos if eos is not None else getattr(hf_config, "eos_token_id", None)
         eos = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
@@ -125,9 +138,22 @@ class ModelConfig:
             bos_token_id=getattr(hf_config, "bos_token_id", None), eos_token_ids=eos,
             qk_norm=model_type in QK_NORM_MODEL_TYPES, activation=ACTIVATIONS[act], gemma=gemma,
             embed_scale=float(torch.tensor(hf_config.hidden_size ** 0.5)) if gemma else 1.0,
-            attn_scale=float(hf_config.query_pre_attn_scalar) ** -0.5 if gemma else None,
+            attn_scale=attn_scale,
             local_inv_freq=None if local is None else local[0],
-            local_attention_scaling=1.0 if local is None else local[1])
+            local_attention_scaling=1.0 if local is None else local[1], **granite)
+
+
+def _granite(hf_config, model_type: str) -> dict:
+    """Granite's multipliers (ModelConfig's fields), its attention's scale among them; {} for other families."""
+    if model_type != "granite":
+        return {}
+    values = {k: float(getattr(hf_config, k)) for k in ("embedding_multiplier", "residual_multiplier",
+                                                         "attention_multiplier", "logits_scaling")}
+    bad = [f"{k}={v}" for k, v in values.items() if not (math.isfinite(v) and v > 0)]
+    if bad:
+        raise ValueError(f"Granite's multipliers must be finite and > 0, got {', '.join(bad)}")
+    return dict(embedding_multiplier=values["embedding_multiplier"], residual_multiplier=values["residual_multiplier"],
+                logits_scaling=values["logits_scaling"], attn_scale=values["attention_multiplier"])
 
 
 def _rope_parameters(hf_config, layer_type: str | None = None) -> dict:

@@ -229,7 +229,7 @@ class LlamaExecutor(WeightFormats):
         runs the layer's matmuls (float32 weights through cpu_linear, int8 ones through cpu_linear_int8) and its
         attention; else None (the layer runs as PyTorch ops)."""
         op = self._cpu_op("cpu_decoder_layer")
-        if op is None:
+        if op is None or not self.config.plain_layers:  # (Granite's scaled residual branches: PyTorch ops)
             return None
         kind = "cpu_linear_int8" if self.weight_format == "int8" else "cpu_linear"
         if resolve(kind, self.device, None) is not registered(kind, "cpu"):
@@ -297,6 +297,8 @@ class LlamaExecutor(WeightFormats):
             x = F.embedding(input_ids, self.embed)
             if self.embed_scale is not None:  # Gemma: sqrt(hidden), in the model's dtype as HF rounds it
                 x = x * self.embed_scale
+            if self.config.embedding_multiplier != 1.0:  # Granite's (a Python float, as HF multiplies)
+                x = x * self.config.embedding_multiplier
         else:  # the stream entering layer `start` (at 0: input embeddings computed by the caller)
             if hidden_states.shape != (T, self.config.hidden_size):
                 raise ValueError(f"hidden_states must be [T={T}, {self.config.hidden_size}], "
@@ -326,11 +328,14 @@ class LlamaExecutor(WeightFormats):
         x = self._rms_norm(hidden, self.norm)
         self.last_head_stats = None
         if self._head_stats is not None and x.dim() == 2 and 1 <= x.shape[0] <= CPU_LINEAR_MAX_ROWS \
-                and x.dtype == torch.float32:  # (the rows _head_linear's blocks serve; head_vocab is None here)
+                and x.dtype == torch.float32 and self.config.logits_scaling == 1.0:
+            # (the rows _head_linear's blocks serve; head_vocab is None here)
             logits, *stats = self._head_stats(x.contiguous())
             self.last_head_stats = (logits, stats)
             return logits
         logits = self._head_linear(x, self.lm_head)
+        if self.config.logits_scaling != 1.0:  # Granite divides its logits
+            logits = logits / self.config.logits_scaling
         if self.head_vocab is not None and full_vocab:
             full = logits.new_full((logits.shape[0], self.config.vocab_size), float("-inf"))
             logits = full.index_copy_(1, self.head_vocab, logits)
@@ -397,11 +402,14 @@ class LlamaExecutor(WeightFormats):
         write_kv(k.contiguous(), v.contiguous(), key_cache, value_cache, slot_mapping)
         attn = attend(q, key_cache, value_cache, c.sliding_windows[i] or 0)
         o = self._linear(attn.reshape(T, Hq * D), w.o, w.o_bias)
-        x = x + (o if w.attn_out_norm is None else self._rms_norm(o, w.attn_out_norm))
+        r = c.residual_multiplier  # (Granite's; 1 elsewhere)
+        o = o if w.attn_out_norm is None else self._rms_norm(o, w.attn_out_norm)
+        x = x + (o if r == 1.0 else o * r)
         gate, up = self._linear(self._rms_norm(x, w.post_norm), w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
         act = F.silu(gate) if c.activation == "silu" else F.gelu(gate, approximate="tanh")
         m = self._linear(act * up, w.down, w.down_bias)
-        return x + (m if w.mlp_out_norm is None else self._rms_norm(m, w.mlp_out_norm))
+        m = m if w.mlp_out_norm is None else self._rms_norm(m, w.mlp_out_norm)
+        return x + (m if r == 1.0 else m * r)
 
     def _rms_norm(self, x, weight):
         if self._norm_op is not None and x.dtype == torch.float32:  # csrc: the fused layer's own RMSNorm

@@ -67,10 +67,10 @@ def test_a_qwen3_teachers_layers_draft_keeps_its_norms_and_loads_beside_it(tmp_p
 
 
 @pytest.mark.parametrize("family, kind", [("qwen3", "layers"), ("qwen3", "feature"), ("gemma3", "layers"),
-                                          ("gemma3", "feature")])
+                                          ("gemma3", "feature"), ("granite", "layers"), ("granite", "feature")])
 def test_distill_other_families_end_to_end(tmp_path, family, kind):
-    """`bild distill` on a Qwen3 or Gemma 3 teacher (its own tokenizer on disk): a draft the engine loads beside it,
-    lossless; a feature draft of Gemma's layer form is refused before any work."""
+    """`bild distill` on a Qwen3, Gemma 3 or Granite teacher (its own tokenizer on disk): a draft the engine loads
+    beside it, lossless; a feature draft of Gemma's or Granite's layer form is refused before any work."""
     from bild_kernels import Engine, Greedy, LargeOnly, SamplingParams
 
     from .test_model_families import tiny_model
@@ -78,9 +78,9 @@ def test_distill_other_families_end_to_end(tmp_path, family, kind):
     _tokenizer().save_pretrained(tmp_path / "large")
     run = lambda: distill(large=tmp_path / "large", out=tmp_path / "out", prompts=4, max_new_tokens=4,  # noqa: E731
                           minutes=0.003, bf16=False, work_dir=tmp_path / "work", draft_vocab=30, kind=kind, **QUIET)
-    if (family, kind) == ("gemma3", "feature"):
+    if family != "qwen3" and kind == "feature":
         with pytest.raises(ValueError, match=r"kind='feature' copies a Llama-form layer \(SwiGLU, pre-norms\); the "
-                                             r"large model's \(gemma3_text\) has another form"):
+                                             rf"large model's \({family}(_text)?\) has another form"):
             run()
         assert not (tmp_path / "work").exists() or not any((tmp_path / "work").iterdir())
         return
@@ -88,7 +88,7 @@ def test_distill_other_families_end_to_end(tmp_path, family, kind):
     assert stats.get("kind", "layers") == kind
     engine = Engine(large=str(tmp_path / "large"), small=str(tmp_path / "out"), dtype=torch.float32,
                     max_model_len=64, block_size=4)
-    assert all(w.q_norm is not None for w in engine.runners["small"].executor.layers)
+    assert all((w.q_norm is not None) == (family != "granite") for w in engine.runners["small"].executor.layers)
     prompts, params = [[5, 17, 3], [44, 2, 90, 61]], SamplingParams(max_tokens=8)
     want = [o.token_ids for o in engine.generate(prompts, params, policy=LargeOnly())]
     assert [o.token_ids for o in engine.generate(prompts, params, policy=Greedy(max_draft_len=3))] == want

@@ -1,6 +1,7 @@
 """Pairs of the other families through the engine: Qwen3 (per-head q/k RMSNorm before RoPE, a head_dim wider than
-hidden / heads, sliding-window layers) and Gemma 3 (its (1 + w) float32 norms, sandwich norms, scaled embedding,
-GeGLU, q/k norms and a second RoPE for its sliding layers): every lossless policy reproduces Hugging Face's greedy
+hidden / heads, sliding-window layers), Gemma 3 (its (1 + w) float32 norms, sandwich norms, scaled embedding,
+GeGLU, q/k norms and a second RoPE for its sliding layers) and Granite (embedding, residual and attention
+multipliers, a logits divisor): every lossless policy reproduces Hugging Face's greedy
 text of the large model, in float64 on the reference ops and in float32 on the CPU (on the extension's one-call
 layer); loading from a saved directory; a checkpoint missing a norm is refused."""
 import pytest
@@ -14,7 +15,7 @@ from .conftest import assert_all_free, hf_greedy
 
 PROMPTS = [[5, 17, 3], [44, 2, 90, 61, 7, 7, 12, 30, 1, 0, 15], [8], [33, 34, 35, 36, 37, 38]]
 N = 12
-FAMILIES = ["qwen3", "gemma3"]
+FAMILIES = ["qwen3", "gemma3", "granite"]
 
 
 def tiny_model(family: str, seed: int, layers: int, dtype=torch.float64, window: int | None = None):
@@ -28,6 +29,9 @@ def tiny_model(family: str, seed: int, layers: int, dtype=torch.float64, window:
     if family == "qwen3":
         cfg = transformers.Qwen3Config(sliding_window=window, use_sliding_window=window is not None,
                                        max_window_layers=1, **common)
+    elif family == "granite":  # (no sliding windows)
+        cfg = transformers.GraniteConfig(embedding_multiplier=0.5, residual_multiplier=1.5, attention_multiplier=0.08,
+                                         logits_scaling=0.5, **common)
     else:  # Gemma 3: every other layer sliding (with a window), the others full with a linearly scaled RoPE
         types = ["sliding_attention" if i % 2 == 0 and window else "full_attention" for i in range(layers)]
         cfg = transformers.Gemma3TextConfig(sliding_window=window or 4096, layer_types=types, query_pre_attn_scalar=20,
@@ -108,8 +112,8 @@ def test_float32_on_the_cpu(family):
     large, small = family_pair(family, torch.float32, window=8)
     engine = Engine(large=large, small=small, dtype=torch.float32, max_batch_size=4, max_model_len=64, block_size=4)
     ex = engine.runners["large"].executor
-    assert ex.layers[0].q_norm is not None
-    assert (ex._fused is not None) == (cpu_extension() is not None)
+    assert (ex.layers[0].q_norm is not None) == (family != "granite")
+    assert (ex._fused is not None) == (cpu_extension() is not None and family != "granite")  # (Granite: ops)
     params = SamplingParams(max_tokens=N)
     base = [o.token_ids for o in engine.generate(PROMPTS, params, policy=LargeOnly())]
     assert base == [hf_greedy(large, p, N) for p in PROMPTS]
@@ -129,9 +133,10 @@ def test_a_checkpoint_without_its_norms_is_refused(tmp_path, pair):
     from safetensors.torch import load_file, save_file
     pair[0].save_pretrained(tmp_path / "m")
     path = tmp_path / "m" / "model.safetensors"
-    weights = {k: v for k, v in load_file(path).items() if "k_norm" not in k}
-    save_file(weights, path)
-    with pytest.raises(ValueError, match=r"missing weight 'layers.0.self_attn.k_norm.weight'"):
+    weights = load_file(path)
+    norm = "self_attn.k_norm" if any("k_norm" in k for k in weights) else "post_attention_layernorm"
+    save_file({k: v for k, v in weights.items() if norm not in k}, path)
+    with pytest.raises(ValueError, match=rf"missing weight 'layers.0.{norm}.weight'"):
         Engine(large=str(tmp_path / "m"), dtype=torch.float64, max_model_len=64, block_size=4)
 
 

@@ -26,6 +26,10 @@ FAMILIES = {
                                                       use_sliding_window=True, max_window_layers=1, **COMMON),
     # Gemma 3: (1 + w) norms, sandwich norms, scaled embedding, GeGLU, q/k norms, query_pre_attn_scalar, sliding
     # layers (window 8) with their own RoPE beside a full layer with a linearly scaled one
+    # Granite: embedding, residual and attention multipliers and a logits divisor
+    "granite": lambda: transformers.GraniteConfig(num_hidden_layers=2, embedding_multiplier=6.0,
+                                                  residual_multiplier=0.3, attention_multiplier=0.07,
+                                                  logits_scaling=4.0, **COMMON),
     "gemma3-tied-window8": lambda: transformers.Gemma3TextConfig(
         num_hidden_layers=3, head_dim=24, sliding_window=8, query_pre_attn_scalar=20,
         layer_types=["sliding_attention", "full_attention", "sliding_attention"],
@@ -141,7 +145,7 @@ def test_logits_indices_and_layer_ranges():
     torch.testing.assert_close(got, _expected(model, batch, [[20], [21]]), atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("family", ["llama-tied", "gemma3-tied-window8"])
+@pytest.mark.parametrize("family", ["llama-tied", "gemma3-tied-window8", "granite"])
 @pytest.mark.parametrize("dtype, atol", [(torch.float32, 2e-4), (torch.bfloat16, 0.1), (torch.float16, 2e-2)])
 def test_dtypes(dtype, atol, family):
     model = hf_model(family, dtype=dtype)
