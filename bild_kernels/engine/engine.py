@@ -226,7 +226,7 @@ class Engine(Prefixing, TokenizerMethods, Iteration, AsyncAPI):
             # shared by both directories holding it, or given (tokenizer=) for two models that hold none.
             shared = (large_tok.get_vocab() == small_tok.get_vocab() if large_tok is not None and small_tok is not None
                       else tokenizer is not None and large_tok is None and small_tok is None)
-            if not shared or len(tokenizer if tokenizer is not None else large_tok) > min(vs, vl):
+            if not shared:  # (ids beyond the large model's embedding are refused in prompts: engine.vocab_size)
                 raise ValueError(f"the small model's vocabulary ({vs}) differs from the large model's ({vl}): they "
                                  f"must share a tokenizer (checkpoints of one tokenizer whose embeddings are padded "
                                  f"to different sizes are accepted where both directories hold that tokenizer, or "
