@@ -211,7 +211,7 @@ def distill(*, large=None, out, prompts: int = 512, max_new_tokens: int = 96, mi
     if teacher.config.model_type in MULTIMODAL_TEXT:
         raise ValueError(f"large model: {str(source)!r} is an image-text model ({teacher.config.model_type}); bild "
                          f"distill trains drafts for text models (the engine runs this one's language model, and a "
-                         f"text model of its family, e.g. Gemma 3 1B or 270M for Gemma 3 4B, can draft for it)")
+                         f"text model with its tokenizer can draft for it, e.g. Gemma 3 1B or 270M for Gemma 3 4B)")
     if kind == "feature":
         from bild_kernels.distill.feature_model import check_feature_teacher
         check_feature_teacher(teacher)

@@ -21,7 +21,7 @@ QK_NORM_MODEL_TYPES = ("qwen3", "gemma3_text")
 GEMMA_MODEL_TYPES = ("gemma3_text",)
 # image-text models whose language model the executor runs alone (text in, text out): model_type -> the text
 # model's config attribute, and the prefixes their checkpoints give its weights (in memory / on disk) -> ours
-MULTIMODAL_TEXT = {"gemma3": "text_config"}
+MULTIMODAL_TEXT = {"gemma3": "text_config", "mistral3": "text_config"}
 MULTIMODAL_PREFIXES = {"model.language_model.": "model.", "language_model.model.": "model.",
                        "language_model.lm_head.": "lm_head."}
 MULTIMODAL_DROPPED = ("model.vision_tower.", "vision_tower.", "model.multi_modal_projector.", "multi_modal_projector.")
@@ -92,7 +92,8 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, hf_config) -> "ModelConfig":
         """From a transformers PretrainedConfig; raises ValueError for what the executor cannot run. An image-text
-        model's (Gemma 3 4B and up) is its language model's: the executor runs it on text."""
+        model's (Gemma 3 4B and up, Mistral Small 3.x) is its language model's: the executor runs it on text (the
+        outer config says whether its head is tied, as transformers ties it)."""
         model_type, outer = getattr(hf_config, "model_type", None), hf_config
         if model_type in MULTIMODAL_TEXT and getattr(hf_config, MULTIMODAL_TEXT[model_type], None) is not None:
             hf_config = getattr(hf_config, MULTIMODAL_TEXT[model_type])
@@ -100,7 +101,8 @@ class ModelConfig:
         if model_type not in SUPPORTED_MODEL_TYPES:
             archs = getattr(hf_config, "architectures", None)
             raise ValueError(f"unsupported architecture: model_type={model_type!r} (architectures={archs}); "
-                             f"the executor runs {', '.join(SUPPORTED_MODEL_TYPES)} (and gemma3's language model)")
+                             f"the executor runs {', '.join(SUPPORTED_MODEL_TYPES)} (and the language model of "
+                             f"{', '.join(MULTIMODAL_TEXT)})")
         gemma = model_type in GEMMA_MODEL_TYPES
         act = (getattr(hf_config, "hidden_activation", None) if gemma else None) or getattr(hf_config, "hidden_act",
                                                                                            "silu")
@@ -132,7 +134,9 @@ class ModelConfig:
             num_layers=hf_config.num_hidden_layers, num_heads=num_heads, num_kv_heads=num_kv_heads,
             head_dim=head_dim, intermediate_size=hf_config.intermediate_size, rms_norm_eps=hf_config.rms_norm_eps,
             rope_theta=theta, rope_type=rope_type, inv_freq=inv_freq, attention_scaling=attention_scaling,
-            tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+            tie_word_embeddings=bool(getattr(outer, "tie_word_embeddings", None) if outer is not hf_config
+                                     and getattr(outer, "tie_word_embeddings", None) is not None
+                                     else getattr(hf_config, "tie_word_embeddings", False)),
             sliding_windows=_sliding_windows(hf_config, model_type),
             max_position_embeddings=getattr(hf_config, "max_position_embeddings", 0) or 0,
             bos_token_id=getattr(hf_config, "bos_token_id", None), eos_token_ids=eos,

@@ -181,6 +181,35 @@ def tiny_gemma3_image_text(seed: int = 1):
     return model
 
 
+def tiny_mistral3_image_text(seed: int = 1):
+    """A tiny Mistral3ForConditionalGeneration (Mistral Small 3.x: a Pixtral vision tower beside a Mistral)."""
+    import transformers
+    torch.manual_seed(seed)
+    text = transformers.MistralConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=24, eos_token_id=None,
+                                      bos_token_id=None, pad_token_id=None)
+    vision = transformers.PixtralVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                              num_attention_heads=2, image_size=28, patch_size=14, head_dim=16)
+    cfg = transformers.Mistral3Config(text_config=text, vision_config=vision, image_token_index=96,
+                                      spatial_merge_size=1)
+    model = transformers.Mistral3ForConditionalGeneration(cfg).to(torch.float64).eval()
+    with torch.no_grad():
+        model.model.language_model.embed_tokens.weight.mul_(16.0)  # (tied to the head, as the outer config says)
+    return model
+
+
+def test_an_image_text_mistral3_runs_as_its_language_model(tmp_path):
+    model = tiny_mistral3_image_text()
+    prompts = [[5, 17, 3], [44, 2, 90, 61, 7, 7, 12, 30, 1, 0, 15]]
+    oracle = [hf_greedy(model, p, N) for p in prompts]
+    model.save_pretrained(tmp_path / "mm")
+    for source in (model, str(tmp_path / "mm")):
+        engine = Engine(large=source, dtype=torch.float64, max_model_len=64, block_size=4)
+        assert engine.runners["large"].executor.config.model_type == "mistral"
+        outs = engine.generate(prompts, SamplingParams(max_tokens=N), policy=LargeOnly())
+        assert [o.token_ids for o in outs] == oracle
+
+
 def test_an_image_text_gemma3_runs_as_its_language_model(tmp_path):
     """Gemma 3 4B and up are image-text models: the engine runs their language model on text, from the model object
     (transformers' weight names) or its saved directory (the checkpoint's), as Hugging Face generates from text."""
