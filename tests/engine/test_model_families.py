@@ -198,31 +198,23 @@ def tiny_mistral3_image_text(seed: int = 1):
     return model
 
 
-def test_an_image_text_mistral3_runs_as_its_language_model(tmp_path):
-    model = tiny_mistral3_image_text()
-    prompts = [[5, 17, 3], [44, 2, 90, 61, 7, 7, 12, 30, 1, 0, 15]]
-    oracle = [hf_greedy(model, p, N) for p in prompts]
-    model.save_pretrained(tmp_path / "mm")
-    for source in (model, str(tmp_path / "mm")):
-        engine = Engine(large=source, dtype=torch.float64, max_model_len=64, block_size=4)
-        assert engine.runners["large"].executor.config.model_type == "mistral"
-        outs = engine.generate(prompts, SamplingParams(max_tokens=N), policy=LargeOnly())
-        assert [o.token_ids for o in outs] == oracle
-
-
-def test_an_image_text_gemma3_runs_as_its_language_model(tmp_path):
-    """Gemma 3 4B and up are image-text models: the engine runs their language model on text, from the model object
-    (transformers' weight names) or its saved directory (the checkpoint's), as Hugging Face generates from text."""
-    model = tiny_gemma3_image_text()
+@pytest.mark.parametrize("family, text_type", [("gemma3", "gemma3_text"), ("mistral3", "mistral")])
+def test_an_image_text_model_runs_as_its_language_model(tmp_path, family, text_type):
+    """Gemma 3 4B and up and Mistral Small 3.x are image-text models: the engine runs their language model on text,
+    from the model object (transformers' weight names) or its saved directory (the checkpoint's), as Hugging Face
+    generates from text; a text Gemma 3 drafts for Gemma's."""
+    model = tiny_gemma3_image_text() if family == "gemma3" else tiny_mistral3_image_text()
     prompts = [[5, 17, 3], [44, 2, 90, 61, 7, 7, 12, 30, 1, 0, 15]]
     oracle = [hf_greedy(model, p, N) for p in prompts]
     model.save_pretrained(tmp_path / "mm")
     for source in (model, str(tmp_path / "mm")):
         engine = Engine(large=source, dtype=torch.float64, max_model_len=64, block_size=4)
         ex = engine.runners["large"].executor
-        assert ex.config.model_type == "gemma3_text" and ex.config.num_layers == 3
+        assert ex.config.model_type == text_type and ex.config.num_layers == 3
         outs = engine.generate(prompts, SamplingParams(max_tokens=N), policy=LargeOnly())
         assert [o.token_ids for o in outs] == oracle
+    if family != "gemma3":
+        return
     # the text-only Gemma 3 drafting for it: a noisy copy of its language model's first two layers
     small = tiny_model("gemma3", 2, 2, window=8)
     with torch.no_grad():
