@@ -140,6 +140,18 @@ def graph_replay(fn):
     return graph.replay
 
 
+def implementation(op: str, ref, backend: str, device: str):
+    """A backend's function for an op's benchmark: its reference twin `ref` ("ref"), torch.compile of it
+    ("compile"), else the op's kernel without the op's input checks ("cuda-chunked", "cuda-split", ...: the CUDA
+    kernel, run under first_pass_of)."""
+    if backend == "ref":
+        return ref
+    if backend == "compile":
+        return torch.compile(ref, dynamic=False)
+    from bild_kernels._backend import resolve
+    return resolve(op, torch.device(device), "cuda" if backend.startswith("cuda-") else backend)
+
+
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -19,10 +19,9 @@ from pathlib import Path
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # run from a checkout
-from _common import parser, pick_shapes, runs_at, time_backend, usable_backends  # noqa: E402
+from _common import implementation, parser, pick_shapes, runs_at, time_backend, usable_backends  # noqa: E402
 
 from bild_kernels import reference as R  # noqa: E402
-from bild_kernels._backend import resolve  # noqa: E402
 
 
 def inputs(B, P, V, L, device):
@@ -42,14 +41,6 @@ def inputs(B, P, V, L, device):
                                    banned_ids, bias_ids, bias_values)]
 
 
-def implementation(backend, device):
-    if backend == "ref":
-        return R.apply_penalties_ref
-    if backend == "compile":
-        return torch.compile(R.apply_penalties_ref, dynamic=False)
-    return resolve("apply_penalties", torch.device(device), backend)  # the kernel without the op's input checks
-
-
 def main() -> None:
     args = parser(__doc__.splitlines()[0]).parse_args()
     gpu = args.device == "cuda"
@@ -59,7 +50,7 @@ def main() -> None:
     iters = args.iters or (50 if gpu else 3)
     backends = usable_backends(args.device, args.backends, cpu_kernel=True)
     backends.sort(key=lambda b: b != "ref")  # ref first: the others report their speed-up against it
-    fns = {b: implementation(b, args.device) for b in backends}
+    fns = {b: implementation("apply_penalties", R.apply_penalties_ref, b, args.device) for b in backends}
     for B, P, V in shapes:
         x = inputs(B, P, V, L, args.device)
         config = {"B": B, "P": P, "V": V, "L": L, "dtype": "bf16"}

@@ -22,10 +22,9 @@ from pathlib import Path
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # run from a checkout
-from _common import FUSED, HINTED, first_pass_of, flashinfer_sampling, parser, pick_shapes, runs_at, time_backend, usable_backends  # noqa: E402
+from _common import implementation, FUSED, HINTED, first_pass_of, flashinfer_sampling, parser, pick_shapes, runs_at, time_backend, usable_backends  # noqa: E402
 
 from bild_kernels import reference as R  # noqa: E402
-from bild_kernels._backend import resolve  # noqa: E402
 
 ROWS = {"greedy": (0.0, 0, 1.0, 0.0), "sample": (0.8, 0, 1.0, 0.0), "topk_topp": (0.8, 50, 0.9, 0.0),
         "min_p": (0.8, 0, 1.0, 0.05)}
@@ -41,15 +40,6 @@ def inputs(B, V, rows, device):
     return (logits, f(temp, torch.float32), f(k, torch.int32), f(p, torch.float32),
             torch.arange(B, device=device, dtype=torch.int64), f(7, torch.int64), f(0.3, torch.float32),
             f(m, torch.float32))
-
-
-def implementation(backend, device):
-    if backend == "ref":
-        return R.sample_draft_ref
-    if backend == "compile":
-        return torch.compile(R.sample_draft_ref, dynamic=False)
-    # the kernel without the op's input checks ("cuda-chunked", "cuda-wide", "cuda-stream", "cuda-long", "cuda-split", "cuda-block": the CUDA kernel, run under first_pass_of)
-    return resolve("sample_draft", torch.device(device), "cuda" if backend.startswith("cuda-") else backend)
 
 
 def flashinfer_call(rows: str):
@@ -74,7 +64,7 @@ def main() -> None:
     iters = args.iters or (50 if gpu else 3)
     backends = usable_backends(args.device, args.backends, first_pass=True, cpu_kernel=True)
     backends.sort(key=lambda b: b != "ref")  # ref first: the others report their speed-up against it
-    fns = {b: implementation(b, args.device) for b in backends}
+    fns = {b: implementation("sample_draft", R.sample_draft_ref, b, args.device) for b in backends}
     if gpu and (args.backends is None or "flashinfer" in args.backends.split(",")) and flashinfer_call("sample"):
         backends.append("flashinfer")
     for B, V in shapes:

@@ -22,10 +22,9 @@ from pathlib import Path
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # run from a checkout
-from _common import FUSED, HINTED, first_pass_of, flashinfer_sampling, parser, pick_shapes, runs_at, time_backend, usable_backends  # noqa: E402
+from _common import implementation, FUSED, HINTED, first_pass_of, flashinfer_sampling, parser, pick_shapes, runs_at, time_backend, usable_backends  # noqa: E402
 
 from bild_kernels import reference as R  # noqa: E402
-from bild_kernels._backend import resolve  # noqa: E402
 
 
 # mode name -> (op mode, temperature, top_k, top_p) of the large model's tokens
@@ -46,15 +45,6 @@ def inputs(B, K, V, mode_name, device):
     return (draft_ids, target_logits, mode, f(2.0, torch.float32), draft_probs, f(temp, torch.float32),
             f(top_k, torch.int32), f(top_p, torch.float32), torch.arange(B, device=device, dtype=torch.int64),
             f(3, torch.int64))
-
-
-def implementation(backend, device):
-    if backend == "ref":
-        return R.verify_draft_ref
-    if backend == "compile":
-        return torch.compile(R.verify_draft_ref, dynamic=False)
-    # the kernel without the op's input checks ("cuda-chunked", "cuda-wide", "cuda-stream", "cuda-long", "cuda-split", "cuda-block": the CUDA kernel, run under first_pass_of)
-    return resolve("verify_draft", torch.device(device), "cuda" if backend.startswith("cuda-") else backend)
 
 
 def flashinfer_verify(mode_name: str):
@@ -85,7 +75,7 @@ def main() -> None:
     iters = args.iters or (50 if gpu else 3)
     backends = usable_backends(args.device, args.backends, first_pass=True, cpu_kernel=True)
     backends.sort(key=lambda b: b != "ref")  # ref first: the others report their speed-up against it
-    fns = {b: implementation(b, args.device) for b in backends}
+    fns = {b: implementation("verify_draft", R.verify_draft_ref, b, args.device) for b in backends}
     if gpu and (args.backends is None or "flashinfer" in args.backends.split(",")) and flashinfer_verify("sample"):
         backends.append("flashinfer")
     for B, K, V in shapes:

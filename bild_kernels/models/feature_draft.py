@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from bild_kernels.models.config import ModelConfig
 from bild_kernels.models.llama import CPU_LINEAR_MAX_ROWS, Int8Weight, LlamaExecutor
-from bild_kernels.ops.cpu_feature_draft import DraftChain, chain_result
+from bild_kernels.ops.cpu_feature_draft import DraftChain, chain_layer_norms, chain_result
 
 
 class FeatureDraftExecutor(LlamaExecutor):
@@ -109,10 +109,7 @@ class FeatureDraftExecutor(LlamaExecutor):
         cos, sin = self._rope_table_to(max(s + n + k - 1 for s, n, k in zip(starts, counts, caps)))
         args = [w.fused_args() for w in self.layers]
         flat = [a for w in args for a in w[:14]]
-        # Qwen3's per-head norms (4 a layer: q, k, and the output norms a Llama-form layer lacks) where any layer has
-        # them, else none
-        norms = [t for w in args for t in (w[14:18] if len(w) > 14 else (None,) * 4)] if any(
-            len(w) > 14 for w in args) else []
+        norms = chain_layer_norms([w[14:] for w in args])  # (Qwen3's per-head norms, where the layers have them)
         i64 = dict(dtype=torch.int64)
         out = self._chain_op(
             features.to(self.dtype).contiguous(), torch.tensor(next_ids, **i64), self.shift, self.inv_std, self.embed,

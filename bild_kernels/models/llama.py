@@ -147,6 +147,7 @@ class LlamaExecutor(WeightFormats):
         self.local_rope = (None if c.local_inv_freq is None
                            else (c.local_inv_freq.to(self.device, torch.float32), c.local_attention_scaling))
         self.scale = c.attn_scale if c.attn_scale is not None else c.head_dim ** -0.5
+        self._rope_tables = {False: None, True: None}  # the CPU's cos / sin tables by position (_rope_table_to)
         # float64 runs only on the reference kernels (exactness tests).
         self.backend = "ref" if self.dtype == torch.float64 else backend
         self.attn_backend = {"cuda": None}.get(self.backend, self.backend)  # no CUDA attention kernel: Triton
@@ -431,20 +432,14 @@ class LlamaExecutor(WeightFormats):
             return cos.index_select(0, positions), sin.index_select(0, positions)
         return self._rope_rows_of(positions, local)
 
-    _rope_rows, _rope_table = 0, None
-    _local_rows, _local_table = 0, None
-
     def _rope_table_to(self, n: int, local: bool = False):
-        """The CPU table of cos / sin rows [P, 1, D] by position, grown to cover positions below n."""
-        if local:
-            if n > self._local_rows:
-                self._local_table = self._rope_rows_of(torch.arange(max(n, 2 * self._local_rows, 256)), True)
-                self._local_rows = self._local_table[0].shape[0]
-            return self._local_table
-        if n > self._rope_rows:
-            self._rope_table = self._rope_rows_of(torch.arange(max(n, 2 * self._rope_rows, 256)))
-            self._rope_rows = self._rope_table[0].shape[0]
-        return self._rope_table
+        """The CPU table of cos / sin rows [P, 1, D] by position (local: the sliding layers' RoPE), grown to cover
+        positions below n."""
+        table = self._rope_tables[local]
+        rows = 0 if table is None else table[0].shape[0]
+        if n > rows:
+            table = self._rope_tables[local] = self._rope_rows_of(torch.arange(max(n, 2 * rows, 256)), local)
+        return table
 
     def _rope_rows_of(self, positions, local: bool = False):
         # Elementwise in the position. On a CPU its rows come from one table (above), so a position reads the

@@ -139,7 +139,7 @@ def cpu_feature_draft_chain(features, next_ids, *, counts, starts, caps, shift, 
     extras = [layer_extras(w) for w in layers]  # Qwen3's q/k norms (a feature draft's layer is Llama's or Qwen's)
     if any(e and e[4] != 0 for e in extras):
         raise ValueError("cpu_feature_draft_chain runs SwiGLU layers; a layer asks for another activation")
-    norms = [] if not any(extras) else [t for e in extras for t in (e[:4] if e else (None,) * 4)]
+    norms = chain_layer_norms(extras)
     i64 = dict(dtype=torch.int64)
     out = fn(features.contiguous(), next_ids.contiguous(), shift.contiguous(), inv_std.contiguous(),
              embed.contiguous(), float(inv_emb_scale), *fc, flat, list(key_caches), list(value_caches),
@@ -149,6 +149,14 @@ def cpu_feature_draft_chain(features, next_ids, *, counts, starts, caps, shift, 
              float(eps), int(activation_bits), float(fallback_threshold), bool(energy), norms,
              *(penalties or (None,) * 6))
     return chain_result(*out)
+
+
+def chain_layer_norms(extras: list[tuple]) -> list:
+    """The op's layer_norms from each layer's `layer_extras` (() or (q_norm, k_norm, attn_out_norm, mlp_out_norm,
+    activation)): none where no layer has any, else four a layer."""
+    if not any(extras):
+        return []
+    return [t for e in extras for t in (e[:4] if e else (None,) * 4)]
 
 
 def chain_result(tokens, probs, status) -> list[DraftChain]:

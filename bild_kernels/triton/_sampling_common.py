@@ -13,7 +13,22 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from bild_kernels._backend import triton_interpret
+
 _LOWEST_KEY = tl.constexpr(-2147483647)  # below the key of every float, -inf included
+
+
+def stream_block(rows: int, n: int) -> tuple[int, int]:
+    """(elements a program, warps) for a kernel that streams `rows` rows of n elements once (penalties, token
+    bitmasks; host side). 2048 a program (8 bf16 per thread at 8 warps), narrower where that leaves fewer than ~2
+    programs per SM of an H100/H200 (a batch of one row): the work is a stream, and idle SMs are lost bandwidth.
+    Under the interpreter few, wide NumPy steps."""
+    if triton_interpret():
+        return min(triton.next_power_of_2(n), 16384), 4
+    block = 2048
+    while block > 256 and rows * triton.cdiv(n, block) < 264:
+        block //= 2
+    return min(block, triton.next_power_of_2(n)), 8 if block >= 2048 else 4
 
 
 @triton.jit

@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from bild_kernels._backend import triton_interpret
+from bild_kernels.triton._sampling_common import stream_block
 
 # A histogram entry is the token's count in the row's output (bits 0-29: L < 2**30) with bit 30 set where the
 # prompt holds it: one int32 per (row, token) to zero, fill and read.
@@ -98,18 +99,6 @@ def _apply_penalties_kernel(logits_ptr, out_ptr, hist_ptr, n_out_ptr, draft_ids_
         tl.store(out_ptr + offs, _to_logits(z, out_ptr, ROUND_BF16), mask=in_row)
 
 
-def _block_v(B: int, V: int) -> tuple[int, int]:
-    # (BLOCK_V, warps)
-    if triton_interpret():
-        return min(triton.next_power_of_2(V), 16384), 4  # few, wide NumPy steps
-    # 2048 tokens a program (8 bf16 per thread at 8 warps), narrower where that leaves fewer than ~2 programs per SM
-    # of an H100/H200 (a batch of one row): the work is a stream, and idle SMs are lost bandwidth.
-    block = 2048
-    while block > 256 and B * triton.cdiv(V, block) < 264:
-        block //= 2
-    return min(block, triton.next_power_of_2(V)), 8 if block >= 2048 else 4
-
-
 def apply_penalties(logits, token_ids, prompt_lens, draft_ids, repetition_penalty, presence_penalty,
                     frequency_penalty, min_tokens, banned_ids, bias_ids, bias_values):
     B, P, V = logits.shape
@@ -124,7 +113,7 @@ def apply_penalties(logits, token_ids, prompt_lens, draft_ids, repetition_penalt
         BLOCK_L = min(triton.next_power_of_2(L), 1024)
         _penalty_counts_kernel[(triton.cdiv(L, BLOCK_L), B)](token_ids, prompt_lens, hist, n_out, L, V,
                                                              BLOCK_L=BLOCK_L, num_warps=4)
-    BLOCK_V, warps = _block_v(B, V)
+    BLOCK_V, warps = stream_block(B, V)
     round_bf16 = triton_interpret() and logits.dtype == torch.bfloat16
     _apply_penalties_kernel[(triton.cdiv(V, BLOCK_V), B)](
         logits, out, hist, n_out, draft_ids, repetition_penalty, presence_penalty, frequency_penalty, min_tokens,

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from bild_kernels._backend import triton_interpret
+from bild_kernels.triton._sampling_common import stream_block
 
 _BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # the integer of each logits width
 # -inf's bits in each logits dtype, read as the signed integer of its width (bf16 0xFF80, fp16 0xFC00, ...)
@@ -37,18 +37,6 @@ def _apply_token_bitmask_kernel(logits_ptr, bitmask_ptr, out_ptr, V, W, NEG_INF:
     tl.store(out_ptr + row * V + cols, z, mask=in_row)
 
 
-def _block_words(R: int, W: int) -> tuple[int, int]:
-    # (WORDS, warps)
-    if triton_interpret():
-        return min(triton.next_power_of_2(W), 512), 4  # few, wide NumPy steps
-    # 2048 tokens a program (8 bf16 per thread at 8 warps), narrower where that leaves fewer than ~2 programs per SM
-    # of an H100/H200 (a batch of one row): the work is a stream, and idle SMs are lost bandwidth.
-    words = 64
-    while words > 8 and R * triton.cdiv(W, words) < 264:
-        words //= 2
-    return min(words, triton.next_power_of_2(W)), 8 if words >= 64 else 4
-
-
 def apply_token_bitmask(logits, bitmask):
     out = torch.empty_like(logits)
     if out.numel() == 0:
@@ -56,7 +44,8 @@ def apply_token_bitmask(logits, bitmask):
     V, W = logits.shape[-1], bitmask.shape[-1]
     R = logits.numel() // V
     bits = _BITS[logits.element_size()]
-    WORDS, warps = _block_words(R, W)
+    tokens, warps = stream_block(R, 32 * W)  # the penalties' rule, over the W words' 32 W tokens
+    WORDS = tokens // 32
     _apply_token_bitmask_kernel[(R, triton.cdiv(W, WORDS))](logits.view(bits), bitmask, out.view(bits), V, W,
                                                            NEG_INF=_NEG_INF[logits.dtype], WORDS=WORDS,
                                                            num_warps=warps)
