@@ -250,7 +250,8 @@ def build_engine(args) -> Engine:
               prefill_chunk=_count_or("--prefill-chunk", args.prefill_chunk, "auto"),
               prefix_cache=_count_or("--prefix-cache", args.prefix_cache, "auto"),
               draft_max_batch=_count_or("--draft-max-batch", args.draft_max_batch, "auto", "none"),
-              large_weights=None if args.large_weights == "as-loaded" else args.large_weights)
+              large_weights=None if args.large_weights == "as-loaded" else args.large_weights,
+              kv_admission=args.kv_admission)
     if kw["draft_max_batch"] == 0:
         raise SystemExit("--draft-max-batch must be a positive number, none or auto, got 0")
     if args.kv_cache_blocks:
@@ -273,6 +274,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-batch-size", type=int, default=8)
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--kv-cache-blocks", type=int, default=None)
+    ap.add_argument("--kv-admission", default="preempt", choices=["preempt", "reserve"],
+                    help="admit a request when its next step fits and preempt the newest when the pool runs short "
+                         "(it recomputes its KV when re-admitted), or reserve each request's worst case "
+                         "(Engine's kv_admission)")
     ap.add_argument("--prefill-chunk", default="auto", metavar="TOKENS",
                     help="prefill prompts longer than this a chunk of TOKENS a step, so that running streams go on "
                          "between the chunks (Engine's prefill_chunk): TOKENS, 0 (whole prompts), or auto")

@@ -16,6 +16,7 @@ COUNTERS = {  # RequestMetrics field -> (metric, help)
     "accepted_tokens": ("bild_accepted_tokens_total", "Drafted tokens the large model kept."),
     "fallbacks": ("bild_fallbacks_total", "Draft runs the small model ended itself (BiLD's fallback)."),
     "rollbacks": ("bild_rollbacks_total", "Verification passes that rejected a drafted token."),
+    "preemptions": ("bild_preemptions_total", "Times a running request's KV blocks were taken back for others."),
 }
 HISTOGRAMS = {
     "time_to_first_token": ("bild_time_to_first_token_seconds", "From a request's arrival to its first token."),

@@ -95,6 +95,14 @@ class BlockManager:
         pos = torch.arange(start, end, device=self.device)
         return self.block_tables[cache, row].long()[pos // bs] * bs + pos % bs
 
+    def blocks_held(self, rows, cache: int = 0) -> list[int]:
+        """Blocks each of `rows` holds (an inactive row: 0): counted in host tables (a rollback that kept its emptied
+        blocks), else those its context length fills (every rollback there returns the blocks it empties)."""
+        if self.host_slots:
+            bt = self._np[0][cache]
+            return [int((bt[r] >= 0).sum()) for r in rows]
+        return [-(-max(n, 0) // self.block_size) for n in self.context_lens_of(rows, cache)]
+
     def active_rows(self, cache: int = 0) -> list[int]:
         return [r for r, n in enumerate(self._mirror(cache)) if n >= 0]
 

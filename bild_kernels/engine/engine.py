@@ -157,6 +157,23 @@ class Engine(Prefixing, TokenizerMethods, Iteration, AsyncAPI):
         one chunk's pass a step for a newcomer's prompt. None or 0: every prompt in one pass. "auto" (the default):
         PREFILL_CHUNK_AUTO_TOKENS where chunking provably changes nothing but the time (as for prefix_cache), else
         None.
+    kv_admission : how requests get KV blocks. "preempt" (the default; vLLM's way): a request is admitted when its
+        next step fits in the free blocks and takes more as it grows; when the running requests' next steps do not
+        fit, the one admitted last is preempted: its blocks return to the pool, and it waits at the head of the
+        queue to be re-admitted, its keys and values copied back or recomputed (`preemption`; its tokens so far,
+        its random numbers and its stream go on unchanged; `metrics.preemptions` counts it). More requests then
+        run together where most end well before max_tokens. "reserve": each request reserves its worst case
+        (prompt + max_tokens + a draft run) at admission and is never preempted. Either way a request whose worst
+        case exceeds the pool is refused, and the oldest running request always goes on. The default pool
+        (kv_cache_blocks=None) holds every request's worst case, so neither ever waits for blocks there.
+    preemption : what a preempted request keeps. "swap": copies of its keys and values, in host memory outside the
+        pool (one copy per preempted request, freed at re-admission), copied back into its new blocks as they were:
+        the same bits, at the cost of a copy. "recompute": nothing; its keys and values are recomputed by a prefill
+        of its tokens (vLLM's way; frees the memory at once): the same bits where the model computes each token's
+        row on its own (`LlamaExecutor.rows_independent`, as for prefix_cache="auto"); elsewhere a prefill may
+        round a row differently from the decode steps it replaces, as any change of batch shape may. "auto" (the
+        default): "swap" on a CPU (the copy is ~1000x cheaper than a CPU prefill, and the host memory is the same
+        memory), "recompute" on a GPU.
     """
 
     def __init__(self, large=None, small=None, *, device: str = "cpu", dtype: torch.dtype | None = None,
@@ -165,7 +182,8 @@ class Engine(Prefixing, TokenizerMethods, Iteration, AsyncAPI):
                  draft_loop: str | None = None, small_dtype: torch.dtype | None = None,
                  small_weights: str | None = "auto", extend_passes: str | None = None,
                  draft_max_batch: int | str | None = "auto", prefix_cache: int | str | None = "auto",
-                 prefill_chunk: int | str | None = "auto", large_weights: str | None = None):
+                 prefill_chunk: int | str | None = "auto", large_weights: str | None = None,
+                 kv_admission: str = "preempt", preemption: str = "auto"):
         if large_weights not in (None, "int8"):
             raise ValueError(f"large_weights must be None (as loaded) or 'int8', got {large_weights!r}")
         if large is None:
@@ -188,6 +206,11 @@ class Engine(Prefixing, TokenizerMethods, Iteration, AsyncAPI):
                                                     or not isinstance(prefill_chunk, int) or prefill_chunk < 0):
             raise ValueError(f"prefill_chunk must be a number of tokens (an int >= 0), 'auto' or None, "
                              f"got {prefill_chunk!r}")
+        if kv_admission not in ("preempt", "reserve"):
+            raise ValueError(f"kv_admission must be 'preempt' or 'reserve', got {kv_admission!r}")
+        self.kv_admission = kv_admission
+        if preemption not in ("auto", "swap", "recompute"):
+            raise ValueError(f"preemption must be 'auto', 'swap' or 'recompute', got {preemption!r}")
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device='cuda' but no CUDA device is available")
@@ -280,6 +303,14 @@ class Engine(Prefixing, TokenizerMethods, Iteration, AsyncAPI):
         if extend_passes != "eager":
             for runner in self.runners.values():
                 runner.use_static(max_batch_size, STATIC_EXTEND_TOKENS, capture=extend_passes == "graph")
+        movable = all(r.kv_movable for r in self.runners.values())
+        if preemption == "swap" and not movable:
+            raise ValueError("preemption='swap' copies a request's keys and values out and back, but this pair's "
+                             "caches are not views of one tensor each (LlamaExecutor.allocate_kv_cache): use "
+                             "'recompute'")
+        if preemption == "auto":  # on a CPU the copy is ~1000x cheaper than the prefill that recomputes it
+            preemption = "swap" if movable and self.device.type == "cpu" else "recompute"
+        self.preemption = preemption
         # "layers": a standalone small model (tokens in); "feature": it reads the large model's hidden states
         self.small_kind = getattr(small_exec, "kind", "layers") if small_exec is not None else None
         # a feature draft's keys and values of kept prompts too, where its caches move the same way
@@ -432,6 +463,34 @@ class Engine(Prefixing, TokenizerMethods, Iteration, AsyncAPI):
     def _worst_blocks(self, seq: Sequence, policy: Policy) -> int:
         """Blocks a request can ever hold: its whole output plus one draft run."""
         return -(-(seq.prompt_len + self._max_new(seq) + policy.max_run + 1) // self.block_size)
+
+    def _step_blocks(self, seq: Sequence, policy: Policy) -> int:
+        """Blocks a request may hold by the end of its next step: its tokens, one draft run past them and the token
+        emitted on top (kv_admission="preempt" keeps them free for the running requests)."""
+        return min(self._worst_blocks(seq, policy), -(-(len(seq.tokens) + policy.max_run + 1) // self.block_size))
+
+    @staticmethod
+    def _caches_of(policy: Policy) -> tuple[str, ...]:
+        """The models whose caches a request of this policy fills."""
+        if policy.uses_small and not policy.drafts:
+            return ("small",)
+        return ("large", "small") if policy.uses_small else ("large",)
+
+    def _swap_out(self, seq: Sequence) -> dict:
+        """Copies of each model's keys and values of the row's positions (preemption="swap"), before its blocks go."""
+        out = {}
+        for name, runner in self.runners.items():
+            n = runner.blocks.context_lens_of([seq.row])[0]
+            if n > 0:
+                kv = runner.read_kv(seq.row, n)
+                out[name] = (kv.to("cpu", non_blocking=False) if kv.device.type != "cpu" else kv, n)
+        return out
+
+    def _swap_in(self, seq: Sequence) -> None:
+        """Copy a swapped-out request's keys and values back into its new row, as they were."""
+        for name, (kv, n) in seq.swapped.items():
+            self.runners[name].write_kv(seq.row, kv, n)
+        seq.swapped = None
 
     def _max_new(self, seq: Sequence) -> int:
         return min(seq.params.max_tokens, self.max_model_len - seq.prompt_len)

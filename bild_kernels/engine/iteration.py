@@ -88,6 +88,7 @@ class Iteration(PrefillChunks, Drafting):
         for s in running:
             s.cached["small"] = len(s.tokens)
             s.metrics.small_steps += 1
+            s.resumed = False
         res = ops.sample_draft(logits[:, 0], **self._sampling(running, [s.iteration for s in running]))
         new = [[t] for t in drafted_ids(res, vocab).tolist()]
         ask = [i for i, s in enumerate(running) if s.logprobs is not None]
@@ -143,6 +144,7 @@ class Iteration(PrefillChunks, Drafting):
         for s, d in zip(running, drafts):
             s.cached["large"] = len(s.tokens) + len(d)
             s.metrics.large_passes += 1
+            s.resumed = False
         return target_logits
 
     def _score_prompts(self, running, drafts, toks, n_logits, scored, logits: torch.Tensor) -> torch.Tensor:

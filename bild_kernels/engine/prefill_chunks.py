@@ -12,6 +12,10 @@ cached ones exactly as a prefix copied from the prefix cache does, so where that
 (`LlamaExecutor.rows_independent`), chunking does not either; elsewhere float32 / bf16 products may round a chunked
 row differently from the whole prompt's pass. ShallowDeep prefills its prompts whole (its two layer groups cache
 apart).
+
+The same passes rebuild a preempted request's caches (`Engine(preemption="recompute")`): once re-admitted, its tokens
+but the last go through (a chunk a step where prefill_chunk is set, else in one pass) before it steps on, so that it
+then drafts and verifies as it would have (a feature draft fed every position's hidden state again).
 """
 from __future__ import annotations
 
@@ -32,26 +36,36 @@ class PrefillChunks:
         return policy.uses_small and not policy.drafts  # SmallOnly: the small model decides every token
 
     def _prefilling(self, s: Sequence, policy: Policy) -> bool:
-        """Whether row s still has more than one chunk of its prompt to go through before its first pass."""
-        chunk = self.prefill_chunk
-        if not chunk or policy.drafter == "shallow":
+        """Whether row s still has more than one chunk of its prompt to go through before its first pass, or (a
+        preempted request, re-admitted) tokens to recompute before it steps on."""
+        if policy.drafter == "shallow":  # (its layer groups catch up within the step)
             return False
-        if self._prefills_small(policy):
-            return s.metrics.small_steps == 0 and len(s.tokens) - s.cached["small"] > chunk
-        return s.metrics.large_passes == 0 and len(s.tokens) - s.cached["large"] > chunk
+        model = "small" if self._prefills_small(policy) else "large"
+        if s.resumed:
+            return s.cached[model] < len(s.tokens) - 1
+        chunk = self.prefill_chunk
+        if not chunk:
+            return False
+        first = s.metrics.small_steps == 0 if model == "small" else s.metrics.large_passes == 0
+        return first and len(s.tokens) - s.cached[model] > chunk
 
     def _prefill_chunk(self, s: Sequence, policy: Policy) -> None:
-        """The next chunk of row s's prompt through its model(s), keeping what its first pass would keep."""
-        chunk, t0 = self.prefill_chunk, time.perf_counter()
-        if self._prefills_small(policy):
-            start = s.cached["small"]
+        """The next chunk of row s's prompt through its model(s), keeping what its first pass would keep; of a
+        preempted request, its tokens but the last (in chunks where prefill_chunk is set): the caches as its last step
+        left them, the feature draft's features included, so that it then drafts and steps as it would have."""
+        t0 = time.perf_counter()
+        model = "small" if self._prefills_small(policy) else "large"
+        start = s.cached[model]
+        chunk = (min(self.prefill_chunk or len(s.tokens), len(s.tokens) - 1 - start) if s.resumed
+                 else self.prefill_chunk)
+        if model == "small":
             self.runners["small"].extend([s.row], [s.tokens[start:start + chunk]], [1])
             s.cached["small"] = start + chunk
         else:
-            start = s.cached["large"]
-            scored = s.params.prompt_logprobs is not None
+            first = s.metrics.large_passes == 0  # (not a preempted request's recomputation)
+            scored = s.params.prompt_logprobs is not None and first
             keeps = self._keeps_features(policy)  # a feature draft reads every verified position's hidden state
-            kept = self._keeps_prompt_features(policy)
+            kept = self._keeps_prompt_features(policy) and first
             out = self.runners["large"].extend([s.row], [s.tokens[start:start + chunk]], [chunk if scored else 1],
                                                return_hidden=keeps or kept)
             logits, hidden = out if keeps or kept else (out, None)
@@ -66,5 +80,6 @@ class PrefillChunks:
                 # (a layer draft would otherwise catch up on the whole prompt at its first draft)
                 self.runners["small"].extend([s.row], [s.tokens[s.cached["small"]:start + chunk]], [1])
                 s.cached["small"] = start + chunk
-        s.metrics.prefill_chunks += 1
+        if not s.resumed:
+            s.metrics.prefill_chunks += 1
         self.time_split["verify"] += time.perf_counter() - t0

@@ -30,7 +30,7 @@ class Prefixing:
 
     def _prefix_restore(self, seq: Sequence, policy: Policy) -> None:
         """At admission (the row holds nothing yet): copy the longest kept prefix of the prompt into the large
-        model's cache; the first pass then prefills only the rest."""
+        model's cache; the first pass then prefills only the rest (of a preempted request: the rest of its tokens)."""
         if not self._prefix_applies(policy) or seq.params.prompt_logprobs is not None:  # (its prefill scores it)
             return
         keeps = self._keeps_features(policy)
@@ -39,9 +39,12 @@ class Prefixing:
             return
         self.runners["large"].write_kv(seq.row, entry.kv, n)
         seq.cached["large"] = n
-        seq.metrics.cached_prompt_tokens = n
+        first = seq.metrics.large_passes == 0  # (else a preempted request's recomputation, its prompt long kept)
+        if first:
+            seq.metrics.cached_prompt_tokens = n
         if entry.features is not None:
-            seq.prompt_features = [entry.features[:n]]
+            if first:
+                seq.prompt_features = [entry.features[:n]]
             m = 0  # the feature draft's own positions restored too (position t reads token t + 1: n - 1 at most)
             if keeps and entry.small_kv is not None and self._prefix_small:
                 m = min(n - 1, entry.small_kv.shape[2])

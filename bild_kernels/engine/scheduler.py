@@ -2,10 +2,12 @@
 
 Continuous batching without a background thread: a thread that waits for its requests' chunks steps the
 whole engine when no other thread is stepping ("whoever waits, steps"). One engine iteration admits
-waiting requests (FIFO; each reserves its worst case of KV blocks, so a running request never runs out
-and a waiting one is admitted as soon as blocks free up), steps each policy group of the running batch in
-turn, and hands every request's chunks to its own queue. A thread never steps across a `yield`, so a
-paused stream stalls nobody; its chunks wait in its queue while the others step.
+waiting requests (FIFO: the head is admitted once its next step fits in the free KV blocks; when the running
+requests' next steps do not fit, the one admitted last is preempted back to the head of the queue, its keys and
+values swapped out or to be recomputed; with Engine(kv_admission="reserve") each request reserves its worst case
+instead and is never preempted), steps each policy group of the running batch in turn, and hands every request's
+chunks to its own queue. A thread never steps across a `yield`, so a paused stream stalls nobody; its chunks wait
+in its queue while the others step.
 
 Requests end in one of these ways, each freeing the request's blocks before anyone can see it end:
   "length" | "stop" | "eos"   stop conditions (Engine._finish)
@@ -271,6 +273,44 @@ class Scheduler:
         return faulted
 
     def _admit(self) -> None:
+        if self.engine.kv_admission == "reserve":
+            self._admit_reserving()
+            return
+        spare = self._make_room()
+        eng = self.engine
+        # vLLM's watermark: a newcomer leaves ~1% of the pool free beside a running batch, so that it is not preempted
+        # again at the next block boundary of the requests before it
+        watermark = eng.kv_cache_blocks // 100
+        while self.waiting and len(self.running) < eng.max_batch_size:
+            req = self.waiting[0]
+            need = eng._step_blocks(req.seq, req.policy)
+            names = eng._caches_of(req.policy)
+            if any(need + (watermark if self.running else 0) > spare[n] for n in names):
+                break  # FIFO: the head (a preempted request first) waits for blocks, and nobody overtakes it
+            self._start(req)
+            for n in names:
+                spare[n] -= need
+
+    def _make_room(self) -> dict[str, int]:
+        """Preempt running requests, the one admitted last first, until every running request's next step fits in the
+        free blocks (kv_admission="preempt"); the oldest is never preempted (its worst case fits the pool). Returns
+        the blocks each cache has spare beyond those steps."""
+        eng = self.engine
+        while True:
+            spare = {name: r.num_free_blocks() for name, r in eng.runners.items()}
+            for r in self.running:
+                bound = eng._step_blocks(r.seq, r.policy)
+                for name in eng._caches_of(r.policy):
+                    spare[name] -= max(0, bound - eng.runners[name].blocks.blocks_held([r.seq.row])[0])
+            if len(self.running) <= 1 or min(spare.values()) >= 0:
+                return spare
+            victim = self.running[-1]
+            swapped = eng._swap_out(victim.seq) if eng.preemption == "swap" else None
+            self._release(victim)
+            victim.seq.evict(swapped)
+            self.waiting.appendleft(victim)
+
+    def _admit_reserving(self) -> None:
         eng = self.engine
         used = sum(eng._worst_blocks(r.seq, r.policy) for r in self.running)
         while self.waiting and len(self.running) < eng.max_batch_size:
@@ -278,13 +318,20 @@ class Scheduler:
             need = eng._worst_blocks(req.seq, req.policy)
             if used + need > eng.kv_cache_blocks:
                 break  # FIFO: the head waits for blocks, and nobody overtakes it (no starvation)
-            self.waiting.popleft()
-            req.seq.row = min(set(range(eng.max_batch_size)) - {r.seq.row for r in self.running})
-            for runner in eng.runners.values():
-                runner.add(req.seq.row)
-            self.running.append(req)
-            eng._prefix_restore(req.seq, req.policy)
+            self._start(req)
             used += need
+
+    def _start(self, req: Request) -> None:
+        eng = self.engine
+        self.waiting.popleft()
+        req.seq.row = min(set(range(eng.max_batch_size)) - {r.seq.row for r in self.running})
+        for runner in eng.runners.values():
+            runner.add(req.seq.row)
+        self.running.append(req)
+        if req.seq.swapped is not None:
+            eng._swap_in(req.seq)
+        else:
+            eng._prefix_restore(req.seq, req.policy)
 
     def _reap(self) -> None:
         now = time.perf_counter()

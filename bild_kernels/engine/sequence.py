@@ -24,6 +24,7 @@ class RequestMetrics:
     lookup_accepted_tokens: int = 0  # of those, the ones the large model kept
     fallbacks: int = 0  # draft runs the small model ended itself (low confidence)
     rollbacks: int = 0  # verification passes that rejected at least one drafted token
+    preemptions: int = 0  # times its KV blocks were taken back for others (Engine's kv_admission="preempt")
     accepted_lengths: Counter = field(default_factory=Counter)  # accepted tokens per verification -> count
     start_time: float = 0.0
     end_time: float = 0.0
@@ -71,7 +72,7 @@ class RequestMetrics:
             "acceptance_rate": round(self.acceptance_rate, 4),
             "mean_accepted_length": round(self.mean_accepted_length, 4),
             "accepted_length_histogram": dict(sorted(self.accepted_lengths.items())),
-            "fallbacks": self.fallbacks, "rollbacks": self.rollbacks,
+            "fallbacks": self.fallbacks, "rollbacks": self.rollbacks, "preemptions": self.preemptions,
             "iterations_per_token": round(self.iterations_per_token, 4),
             "wall_time_s": round(self.wall_time, 6), "tokens_per_s": round(self.tokens_per_s, 2),
             "time_to_first_token_s": round(self.time_to_first_token, 6), "decode_time_s": round(self.decode_time, 6),
@@ -84,7 +85,7 @@ class RequestMetrics:
         for m in items:
             for name in ("prompt_tokens", "cached_prompt_tokens", "generated_tokens", "large_passes", "small_steps",
                          "prefill_chunks", "drafted_tokens", "accepted_tokens", "lookup_drafted_tokens",
-                         "lookup_accepted_tokens", "fallbacks", "rollbacks"):
+                         "lookup_accepted_tokens", "fallbacks", "rollbacks", "preemptions"):
                 setattr(total, name, getattr(total, name) + getattr(m, name))
             total.accepted_lengths.update(m.accepted_lengths)
         if items:
@@ -167,6 +168,10 @@ class Sequence:
         self.penalty_history: dict = {}
         self.guide = None  # SamplingParams.structured_outputs: a structured.guide.Guide at the committed output
         self.iteration = 0  # verification rounds so far: addresses this request's random numbers
+        # Preempted (its KV blocks taken back) after its first pass, to recompute: once re-admitted, its caches are
+        # rebuilt from `tokens` (all but the last, as a step leaves them: `prefill_chunks`) before it steps on
+        self.resumed = False
+        self.swapped: dict | None = None  # preempted by swapping: {model: (keys and values [layers, 2, n, H, D], n)}
         self.finish_reason: str | None = None
         self.metrics = RequestMetrics(prompt_tokens=len(prompt_ids), start_time=time.perf_counter())
         self.text_len = 0  # characters of output text already streamed
@@ -196,6 +201,19 @@ class Sequence:
         if self.logprobs is None:
             return None, None
         return self.logprobs[start:end], self.top_logprobs[start:end]
+
+    def evict(self, swapped: dict | None = None) -> None:
+        """Its blocks were freed (preempted). swapped: each model's keys and values of its positions, copied out, to be
+        copied back at re-admission (everything else as it was); None: forget what the caches held, and recompute
+        them from `tokens` once re-admitted. What was committed, and everything that addresses it (iteration,
+        penalties, guide, n-gram index), stays either way."""
+        self.metrics.preemptions += 1
+        if swapped is not None:
+            self.swapped = swapped
+            return
+        self.cached = dict.fromkeys(self.cached, 0)
+        self.hidden, self.features, self.pass_features, self.prompt_features = [], [], None, None
+        self.resumed = self.metrics.large_passes > 0 or self.metrics.small_steps > 0
 
     def pending(self, model: str) -> list[int]:
         """Committed tokens the model has not cached yet (at least the last one)."""
