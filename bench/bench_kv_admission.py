@@ -99,7 +99,8 @@ def main():
     ap.add_argument("--policy", default="large-only", choices=("large-only", "default"),
                     help="large-only, or the engine's default policy (the default pair's BiLD)")
     ap.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (request i: seed i)")
-    ap.add_argument("--eos", type=int, default=0, help="random pairs: the end-of-sequence id their answers stop at")
+    ap.add_argument("--eos", type=int, default=None, help="random pairs: an end-of-sequence id their answers stop at "
+                                                          "(default: none; every answer runs to --max-tokens)")
     ap.add_argument("--repeat", type=int, default=1, help="rounds, the settings alternating")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-save", action="store_true")

@@ -69,7 +69,9 @@ class ServiceMetrics:
                     lines.append(f'{name}_bucket{{le="{b}"}} {total}')
                 lines += [f"{name}_sum {self.sums[k]:.6f}", f"{name}_count {total}"]
         gauges = [("bild_running_requests", "Requests in the running batch.", load["running"]),
-                  ("bild_waiting_requests", "Requests waiting for KV blocks or a batch row.", load["waiting"])]
+                  ("bild_waiting_requests", "Requests waiting for KV blocks or a batch row.", load["waiting"]),
+                  ("bild_preempted_requests", "Of the waiting requests, those preempted (waiting to resume).",
+                   load["preempted"])]
         gauges += [(f"bild_free_kv_blocks{{model=\"{m}\"}}", "Free blocks of the KV pool, per model.", n)
                    for m, n in load["free_kv_blocks"].items()]
         if "prefix_cache" in load:

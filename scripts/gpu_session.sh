@@ -48,7 +48,7 @@
 # tree packed as above, two calls, the second started within 30 s of the first's end):
 #   call 1: bash scripts/gpu_carry.sh stash .carry1 >/dev/null && BILD_REV=<rev> DEADLINE=330 GPU_TEST_WORKERS=12 bash
 #           scripts/gpu_session.sh build engine_gpu_tests fused flashinfer split profile_step
-#   (engine_gpu_tests: since 2026-11-29 also apply_penalties' CUDA and Triton tests and the engine's penalties test
+#   (engine_gpu_tests: since 2026-11-29 also preemption under the graphed loops (test_preemption.py), and apply_penalties' CUDA and Triton tests and the engine's penalties test
 #   under the graphed loop, never run on a GPU; the draft loop now records a second set of graphs for runs of greedy, unfiltered rows, which
 #   tell sample_draft so (~40 s by 2026-11-27c's run); fused: the fused tails, written after the H100 run: where no row samples (sample_draft: or filters), the first
 #   pass merges, finishes (and cuts) in the blocks that write a position's / a row's last result: a memset and one
@@ -144,7 +144,7 @@ for s in "$@"; do
                               tests/engine/test_penalties.py tests/kernels/test_apply_penalties.py \
                               tests/engine/test_prefill_chunks.py tests/kernels/test_apply_token_bitmask.py \
                               tests/engine/test_structured_outputs.py tests/engine/test_model_families.py \
-                              tests/engine/test_models.py ;;
+                              tests/engine/test_models.py tests/engine/test_preemption.py ;;
         tests) stage tests 240 env OMP_NUM_THREADS=2 "$PY" -m pytest -q -rfE -m "not slow" -p no:cacheprovider \
                    -p no:benchmark --maxfail 20 --timeout 200 -n "$WORKERS" --dist loadfile $TESTS ;;
         profile) stage profile 240 ncu --set basic --kernel-name regex:"Kernel" --launch-skip 30 --launch-count 15 \

@@ -24,7 +24,7 @@ def _run(script: str, *args: str) -> list[str]:
 def test_every_op_has_a_benchmark():
     assert sorted(p.stem[len("bench_"):] for p in BENCH.glob("bench_*.py")) == sorted(
         OPS + ["e2e", "draft_weights", "cpu_linear", "cpu_decoder_layer", "cpu_feature_draft", "sampled_decoding",
-               "bulk", "prefill_chunks", "model_families"])
+               "bulk", "prefill_chunks", "model_families", "kv_admission"])
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -151,3 +151,17 @@ def test_prefill_chunks_benchmark_compares_chunked_and_whole_prefills():
     rows = [ast.literal_eval(line) for line in lines if line.startswith("{")]
     assert [(r["prefill_chunk"], r["chunks"]) for r in rows] == [(16, 7), (0, 0)]
     assert all(r["max_gap_ms"] > 0 and r["long_ttft_ms"] > 0 for r in rows)
+
+
+def test_kv_admission_benchmark_compares_reserving_with_preempting():
+    lines = _run("bench_kv_admission.py", "--pair", "tiny", "--prompts", "6", "--max-tokens", "24", "--max-model-len",
+                 "64", "--batch", "4")
+    rows = [ast.literal_eval(line) for line in lines if line.startswith("{")]
+    assert [r["kv_admission"] for r in rows] == ["reserve", "preempt-swap", "preempt-recompute"]
+    reserve, swap, recompute = rows
+    # the pool holds two of the longest prompt's worst cases: reserving runs two or three at a time and never
+    # preempts; preempting runs all four
+    assert reserve["max_running"] in (2, 3) and reserve["preemptions"] == 0
+    assert swap["max_running"] == recompute["max_running"] == 4 and swap["preemptions"] > 0
+    assert all(r["tokens"] == 6 * 24 and r["tokens_per_s"] > 0 for r in rows)
+    assert any(line.startswith("preempt-swap / reserve: ") for line in lines)

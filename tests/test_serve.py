@@ -349,6 +349,7 @@ def test_metrics_count_what_the_service_served(server):
     assert delta("bild_time_to_first_token_seconds_count") == 3 and delta("bild_request_duration_seconds_count") == 4
     assert delta('bild_request_duration_seconds_bucket{le="+Inf"}') == 4
     assert after["bild_running_requests"] == 0 and after["bild_waiting_requests"] == 0
+    assert after["bild_preempted_requests"] == 0 and after["bild_preemptions_total"] == 0
     assert after['bild_free_kv_blocks{model="large"}'] == eng.kv_cache_blocks
     health = json.loads(_raw(server, "GET", "/health")[1])
     assert health["load"]["running"] == 0 and health["load"]["free_kv_blocks"]["small"] == eng.kv_cache_blocks

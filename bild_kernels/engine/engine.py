@@ -547,11 +547,14 @@ class Engine(Prefixing, TokenizerMethods, Iteration, AsyncAPI):
         return seq.finish_reason
 
     def load(self) -> dict:
-        """What the engine holds now (a snapshot, for monitoring): requests running and waiting, each model's free KV
-        blocks of kv_cache_blocks, and the prefix cache's positions and hits."""
+        """What the engine holds now (a snapshot, for monitoring): requests running and waiting (of those, the ones
+        preempted, waiting to resume), each model's free KV blocks of kv_cache_blocks, and the prefix cache's positions
+        and hits."""
         sch = self._scheduler
         with sch.cv:
-            out = {"running": len(sch.running), "waiting": len(sch.waiting), "kv_cache_blocks": self.kv_cache_blocks,
+            out = {"running": len(sch.running), "waiting": len(sch.waiting),
+                   "preempted": sum(r.seq.metrics.preemptions > 0 for r in sch.waiting),
+                   "kv_cache_blocks": self.kv_cache_blocks,
                    "free_kv_blocks": {name: r.num_free_blocks() for name, r in self.runners.items()}}
         pc = self.prefix_cache
         if pc is not None:

@@ -11,8 +11,9 @@ from bild_kernels import (BiLD, Greedy, Jacobi, LargeOnly, SamplingParams, Shall
                           SpeculativeSampling)
 from bild_kernels.engine.policies import NGram
 from bild_kernels.structured import StructuredOutputs
+from tests.conftest import requires_gpu
 
-from .conftest import assert_all_free, tiny_engine
+from .conftest import assert_all_free, hf_greedy, tiny_engine
 from .test_feature_draft_engine import pair as feature_pair  # noqa: F401  (the module's feature-draft fixture)
 from .test_feature_draft_engine import _engine as feature_engine
 
@@ -184,6 +185,7 @@ def test_a_preempted_request_can_be_cancelled(large_model, small_model, mode):
         for r in sch.waiting:
             if r.seq.metrics.preemptions and not seen:
                 seen.append(r.seq.request_id)
+                assert eng.load()["preempted"] >= 1  # (what /health and /metrics show)
                 r.end = "cancelled"  # (what Engine.cancel asks from another thread; reaped after this step)
         return step(running, pol)
     eng._step = spy
@@ -239,3 +241,23 @@ def test_preemptions_are_counted_in_the_aggregate(large_model, small_model):
     total = RequestMetrics.aggregate(o.metrics for o in got)
     assert total.preemptions == sum(o.metrics.preemptions for o in got) > 0
     assert got[0].metrics.as_dict()["preemptions"] == got[0].metrics.preemptions
+
+
+@requires_gpu
+@pytest.mark.parametrize("mode", MODES)
+def test_preemption_on_gpu_under_the_graphed_loops(large_model, small_model, mode):
+    """On a GPU (float32, graphed draft runs and passes; "recompute" its default): the large model's greedy text for
+    the lossless policies, with requests preempted and re-admitted into other rows of the graphs' buffers."""
+    import torch
+    from bild_kernels import Engine
+    eng = Engine(large=large_model, small=small_model, device="cuda", dtype=torch.float32, max_batch_size=8,
+                 max_model_len=64, block_size=4, kv_cache_blocks=16, preemption=mode)
+    assert Engine(large=large_model, device="cuda", dtype=torch.float32, max_model_len=64).preemption == "recompute"
+    items = _items(8, 3, sampled=False)
+    want = [hf_greedy(large_model, p, s.max_tokens) for p, s in items]
+    for policy in (LargeOnly(), Greedy(max_draft_len=3), BiLD(fallback_threshold=0.0, rollback_threshold=0.0,
+                                                             max_draft_len=4)):
+        got = eng.generate([p for p, _ in items], [s for _, s in items], policy=policy)
+        assert [o.token_ids for o in got] == want, policy.name
+        assert sum(o.metrics.preemptions for o in got) > 0
+    assert_all_free(eng)
