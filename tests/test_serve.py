@@ -463,6 +463,7 @@ def test_concurrent_clients_equal_alone(programs, server):
     (b"{not json", 400, "invalid JSON"), (b"[1, 2]", 400, "JSON object"), (b"{}", 400, "prompt must be"),
     (json.dumps({"prompt": "w1", "max_tokens": -1}), 400, "max_tokens"),
     (json.dumps({"prompt": "w1", "temperature": "hot"}), 400, "temperature"),
+    (json.dumps({"prompt": "w1", "priority": "high"}), 400, "priority must be an int"),
     (json.dumps({"prompt": "w1", "temperature": 1, "min_p": 2}), 400, "min_p must be"),
     (json.dumps({"prompt": "w1", "policy": {"name": "magic"}}), 400, "unknown policy"),
     (json.dumps({"prompt": "w1", "policy": {"name": "bild", "fallback_threshold": 7}}), 400, "fallback_threshold"),
@@ -664,3 +665,15 @@ def test_a_named_tool_call_streams_its_arguments(json_server):
     call = whole["choices"][0]["message"]["tool_calls"][0]
     assert args == call["function"]["arguments"] and first["id"].startswith("call-")  # (ids: per request)
     assert events[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_priority_reaches_the_engine(server):
+    """vLLM's `priority` field (the lower, the sooner) in both routes."""
+    svc = server.service
+    for path, body in (("/v1/completions", {"prompt": [5, 17, 3], "max_tokens": 4, "priority": -2}),
+                       ("/v1/chat/completions", {"messages": CHAT, "max_tokens": 4, "priority": 7})):
+        code, r = _post(server, path, body)
+        assert code == 200, r
+        _, params, _, _ = svc.parse(body, "text" if path == "/v1/completions" else "chat")
+        assert params.priority == body["priority"]
+    _all_free(svc.engine)

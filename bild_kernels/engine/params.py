@@ -45,6 +45,10 @@ class SamplingParams:
     model's distribution is masked to the tokens that keep the text on the pattern, at every position it verifies,
     so every policy keeps to the constrained distribution; the request ends (EOS) once nothing may follow. Not with
     `ignore_eos` or `min_tokens` (the pattern decides where the text ends), nor `SmallOnly()`.
+    `priority` (0; any int, the lower the sooner, vLLM's convention): waiting requests are admitted in priority order
+    (arrival order among equals); under Engine(kv_admission="preempt") a request that finds no free blocks or batch
+    row preempts running requests of a later priority (the latest admitted first) when that lets it in, and a pool
+    running short preempts the latest priority first. A later priority may wait as long as earlier ones keep coming.
     """
 
     max_tokens: int = 64
@@ -66,6 +70,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     structured_outputs: StructuredOutputs | None = None
+    priority: int = 0
 
     def __post_init__(self):
         bias = self.logit_bias
@@ -94,6 +99,8 @@ class SamplingParams:
                 or self.min_tokens > 0 or bool(self.logit_bias))
 
     def validate(self) -> None:
+        if isinstance(self.priority, bool) or not isinstance(self.priority, int):
+            raise ValueError(f"priority must be an int (the lower, the sooner), got {self.priority!r}")
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
             raise ValueError(f"max_tokens must be a positive int, got {self.max_tokens!r}")
         if not isinstance(self.temperature, (int, float)) or not 0 <= self.temperature < float("inf"):

@@ -23,6 +23,7 @@ Only the stepping thread touches the block tables; `cancel` and `exclusive` wait
 """
 from __future__ import annotations
 
+import bisect
 import threading
 import time
 from collections import deque
@@ -69,6 +70,11 @@ def _guides(eng, params: list[SamplingParams], tok_lock) -> list[tuple]:
     return out
 
 
+def _order(req: Request) -> tuple[int, int]:
+    """A waiting request's place in the queue: its priority, then its arrival."""
+    return req.seq.params.priority, req.seq.request_id
+
+
 def _group_key(policy: Policy):
     # Equal fixed policies share a batch; a calibrated one carries its own state, so it steps alone.
     if policy.calibration is not None:
@@ -85,7 +91,7 @@ class Scheduler:
         self.detok = Detokenizer(engine.tokenizer)
         self.cv = threading.Condition()
         self.tok_lock = threading.RLock()
-        self.waiting: deque[Request] = deque()
+        self.waiting: list[Request] = []  # in admission order: by priority, then arrival (`_wait`)
         self.running: list[Request] = []
         self.stepper: int | None = None  # ident of the thread stepping (or otherwise owning the tables) now
         self.next_id = 0
@@ -121,7 +127,7 @@ class Scheduler:
                                                   eng._output(seq, self.detok, error), *seq.logprobs_of(0)))
                     req.done = True
                 else:
-                    self.waiting.append(req)
+                    self._wait(req)
                 reqs.append(req)
             self.cv.notify_all()
         return reqs
@@ -272,6 +278,11 @@ class Scheduler:
                 faulted.setdefault(row, name)
         return faulted
 
+    def _wait(self, req: Request) -> None:
+        """Queue `req` in admission order: by priority, then by arrival (a preempted request goes back to its place:
+        before every later arrival of its priority)."""
+        bisect.insort(self.waiting, req, key=_order)
+
     def _admit(self) -> None:
         if self.engine.kv_admission == "reserve":
             self._admit_reserving()
@@ -281,39 +292,73 @@ class Scheduler:
         # vLLM's watermark: a newcomer leaves ~1% of the pool free beside a running batch, so that it is not preempted
         # again at the next block boundary of the requests before it
         watermark = eng.kv_cache_blocks // 100
-        while self.waiting and len(self.running) < eng.max_batch_size:
+        while self.waiting:
             req = self.waiting[0]
             need = eng._step_blocks(req.seq, req.policy)
             names = eng._caches_of(req.policy)
-            if any(need + (watermark if self.running else 0) > spare[n] for n in names):
-                break  # FIFO: the head (a preempted request first) waits for blocks, and nobody overtakes it
+            want = need + (watermark if self.running else 0)
+            if len(self.running) >= eng.max_batch_size or any(want > spare[n] for n in names):
+                if not self._preempt_for(req, want, names, spare):
+                    break  # the head (a preempted request first) waits for blocks, and nobody overtakes it
+                spare = self._spare()
+                continue
             self._start(req)
             for n in names:
                 spare[n] -= need
 
-    def _make_room(self) -> dict[str, int]:
-        """Preempt running requests, the one admitted last first, until every running request's next step fits in the
-        free blocks (kv_admission="preempt"); the oldest is never preempted (its worst case fits the pool). Returns
-        the blocks each cache has spare beyond those steps."""
+    def _spare(self) -> dict[str, int]:
+        """The blocks each cache has free beyond what the running requests' next steps may take."""
         eng = self.engine
+        spare = {name: r.num_free_blocks() for name, r in eng.runners.items()}
+        for r in self.running:
+            bound = eng._step_blocks(r.seq, r.policy)
+            for name in eng._caches_of(r.policy):
+                spare[name] -= max(0, bound - eng.runners[name].blocks.blocks_held([r.seq.row])[0])
+        return spare
+
+    def _make_room(self) -> dict[str, int]:
+        """Preempt running requests, the latest priority and the latest admitted first, until every running request's
+        next step fits in the free blocks (kv_admission="preempt"); the last one is never preempted (its worst case
+        fits the pool). Returns `_spare()`."""
         while True:
-            spare = {name: r.num_free_blocks() for name, r in eng.runners.items()}
-            for r in self.running:
-                bound = eng._step_blocks(r.seq, r.policy)
-                for name in eng._caches_of(r.policy):
-                    spare[name] -= max(0, bound - eng.runners[name].blocks.blocks_held([r.seq.row])[0])
+            spare = self._spare()
             if len(self.running) <= 1 or min(spare.values()) >= 0:
                 return spare
-            victim = self.running[-1]
-            swapped = eng._swap_out(victim.seq) if eng.preemption == "swap" else None
-            self._release(victim)
-            victim.seq.evict(swapped)
-            self.waiting.appendleft(victim)
+            self._preempt(self._victim())
+
+    def _victim(self) -> Request:
+        """The running request to preempt first: of the latest priority, the one admitted last."""
+        i = max(range(len(self.running)), key=lambda i: (self.running[i].seq.params.priority, i))
+        return self.running[i]
+
+    def _preempt_for(self, req: Request, need: int, names, spare: dict[str, int]) -> bool:
+        """Preempt the running requests of a later priority than `req` (the latest first) if that lets it in: a batch
+        row and `need` blocks in each of its caches. False, preempting nobody, if it would not."""
+        later = [r for r in self.running if r.seq.params.priority > req.seq.params.priority]
+        if not later:
+            return False
+        eng = self.engine
+        freed = dict.fromkeys(spare, 0)  # a preempted request gives back its blocks and what its next step would take
+        for r in later:
+            bound = eng._step_blocks(r.seq, r.policy)
+            for name in eng._caches_of(r.policy):
+                freed[name] += max(bound, eng.runners[name].blocks.blocks_held([r.seq.row])[0])
+        if any(need > spare[n] + freed[n] for n in names):
+            return False
+        self._preempt(self._victim())
+        return True
+
+    def _preempt(self, victim: Request) -> None:
+        eng = self.engine
+        swapped = eng._swap_out(victim.seq) if eng.preemption == "swap" else None
+        self._release(victim)
+        victim.seq.evict(swapped)
+        self._wait(victim)
 
     def _admit_reserving(self) -> None:
         eng = self.engine
         used = sum(eng._worst_blocks(r.seq, r.policy) for r in self.running)
-        while self.waiting and len(self.running) < eng.max_batch_size:
+        while self.waiting and len(self.running) < eng.max_batch_size:  # (by priority, then arrival)
             req = self.waiting[0]
             need = eng._worst_blocks(req.seq, req.policy)
             if used + need > eng.kv_cache_blocks:
@@ -323,7 +368,7 @@ class Scheduler:
 
     def _start(self, req: Request) -> None:
         eng = self.engine
-        self.waiting.popleft()
+        self.waiting.pop(0)
         req.seq.row = min(set(range(eng.max_batch_size)) - {r.seq.row for r in self.running})
         for runner in eng.runners.values():
             runner.add(req.seq.row)

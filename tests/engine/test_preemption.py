@@ -261,3 +261,70 @@ def test_preemption_on_gpu_under_the_graphed_loops(large_model, small_model, mod
         assert [o.token_ids for o in got] == want, policy.name
         assert sum(o.metrics.preemptions for o in got) > 0
     assert_all_free(eng)
+
+
+@pytest.mark.parametrize("admission", ["preempt", "reserve"])
+def test_waiting_requests_are_admitted_by_priority_then_arrival(large_model, small_model, admission):
+    eng = tiny_engine(large_model, small_model, max_batch_size=1, kv_admission=admission)
+    order, step = [], eng._step
+    eng._step = lambda running, pol: order.append(running[0].request_id) or step(running, pol)
+    prios = [2, 0, 1, 0, -3]
+    outs = eng.generate([[5, 17, 3]] * 5, [SamplingParams(max_tokens=3, priority=p) for p in prios], policy=LargeOnly())
+    first = outs[0].request_id
+    assert list(dict.fromkeys(order)) == [first + i for i in (4, 1, 3, 2, 0)]
+    assert len({tuple(o.token_ids) for o in outs}) == 1
+    assert_all_free(eng)
+
+
+@pytest.mark.parametrize("admission", ["preempt", "reserve"])
+def test_an_earlier_priority_preempts_its_way_in(large_model, small_model, admission):
+    """A running request of priority 5 holds the only batch row when one of priority 0 arrives: under "preempt" it is
+    preempted and the newcomer ends first; under "reserve" the newcomer waits. Both give what they give alone."""
+    eng = tiny_engine(large_model, small_model, max_batch_size=1, kv_admission=admission)
+    policy = Greedy(max_draft_len=3)
+    low_p, high_p = SamplingParams(max_tokens=40, priority=5), SamplingParams(max_tokens=6, priority=0)
+    alone = tiny_engine(large_model, small_model, max_batch_size=1)
+    want_low = alone.generate([[3, 1, 4]], low_p, policy=policy)[0].token_ids
+    want_high = alone.generate([[9, 2, 6]], high_p, policy=policy)[0].token_ids
+    box = []
+    it = eng.stream([3, 1, 4], low_p, policy=policy)
+    chunks = [next(it)]
+    t = threading.Thread(target=lambda: box.append(eng.generate([[9, 2, 6]], high_p, policy=policy)[0]))
+    t.start()
+    while t.is_alive():  # step the engine from this thread too, keeping the low request's stream read
+        chunks.append(next(it))
+        if chunks[-1].finished:
+            break
+    t.join(timeout=120)
+    chunks += list(it)
+    low, high = chunks[-1].output, box[0]
+    assert low.token_ids == sum((c.token_ids for c in chunks), []) == want_low and high.token_ids == want_high
+    if admission == "preempt":
+        assert low.metrics.preemptions == 1 and high.metrics.preemptions == 0
+        assert high.metrics.end_time < low.metrics.end_time
+    else:
+        assert low.metrics.preemptions == 0 and high.metrics.end_time > low.metrics.end_time
+    assert_all_free(eng)
+
+
+def test_a_short_pool_preempts_the_latest_priority_first(large_model, small_model):
+    items = _items(6, 3, sampled=False)
+    prios = [3, 0, 2, 1, 5, 4]
+    params = [SamplingParams(max_tokens=s.max_tokens, priority=p) for (_, s), p in zip(items, prios)]
+    want = _solo(tiny_engine(large_model, small_model, max_batch_size=6), [(p, s) for (p, _), s in zip(items, params)],
+                 LargeOnly())
+    eng = tiny_engine(large_model, small_model, max_batch_size=6, kv_cache_blocks=14)
+    got = eng.generate([p for p, _ in items], params, policy=LargeOnly())
+    _same(got, want)
+    assert got[1].metrics.preemptions == 0  # priority 0 is never the one preempted
+    by_prio = {p: o for p, o in zip(prios, got)}
+    ends = [by_prio[p].metrics.end_time for p in range(4)]
+    assert ends == sorted(ends)  # the earlier priorities run on while the later ones wait
+    assert sum(o.metrics.preemptions for o in got) > 0
+    assert_all_free(eng)
+
+
+@pytest.mark.parametrize("bad", [1.5, "high", True, None])
+def test_a_bad_priority_is_refused(bad):
+    with pytest.raises(ValueError, match="priority must be an int"):
+        SamplingParams(priority=bad)
