@@ -24,7 +24,7 @@ def _run(script: str, *args: str) -> list[str]:
 def test_every_op_has_a_benchmark():
     assert sorted(p.stem[len("bench_"):] for p in BENCH.glob("bench_*.py")) == sorted(
         OPS + ["e2e", "draft_weights", "cpu_linear", "cpu_decoder_layer", "cpu_feature_draft", "sampled_decoding",
-               "bulk", "prefill_chunks", "model_families", "kv_admission"])
+               "bulk", "prefill_chunks", "model_families", "kv_admission", "priority"])
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -165,3 +165,13 @@ def test_kv_admission_benchmark_compares_reserving_with_preempting():
     assert swap["max_running"] == recompute["max_running"] == 4 and swap["preemptions"] > 0
     assert all(r["tokens"] == 6 * 24 and r["tokens_per_s"] > 0 for r in rows)
     assert any(line.startswith("preempt-swap / reserve: ") for line in lines)
+
+
+def test_priority_benchmark_times_an_interactive_request_beside_a_batch_job():
+    lines = _run("bench_priority.py", "--pair", "tiny", "--background", "5", "--batch", "2", "--max-tokens", "24",
+                 "--probe-tokens", "8")
+    rows = [ast.literal_eval(line) for line in lines if line.startswith("{")]
+    assert [r["probe_priority"] for r in rows] == [10, 0]
+    fcfs, first = rows
+    assert fcfs["preemptions"] == 0 and first["preemptions"] >= 1  # priority 0 preempted a job request to get in
+    assert all(r["probe_tokens"] == 8 and r["probe_ttft_ms"] > 0 for r in rows)

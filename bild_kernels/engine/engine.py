@@ -167,7 +167,8 @@ class Engine(Prefixing, TokenizerMethods, Iteration, AsyncAPI):
         case exceeds the pool is refused, and the oldest running request always goes on. The default pool
         (kv_cache_blocks=None) holds every request's worst case, so neither ever waits for blocks there.
     preemption : what a preempted request keeps. "swap": copies of its keys and values, in host memory outside the
-        pool (one copy per preempted request, freed at re-admission), copied back into its new blocks as they were:
+        pool (one copy per preempted request, freed at re-admission: at most max_batch_size requests' of each
+        priority, as no request is admitted while an earlier one of its priority waits), copied back as they were:
         the same bits, at the cost of a copy. "recompute": nothing; its keys and values are recomputed by a prefill
         of its tokens (vLLM's way; frees the memory at once): the same bits where the model computes each token's
         row on its own (`LlamaExecutor.rows_independent`, as for prefix_cache="auto"); elsewhere a prefill may
