@@ -47,9 +47,11 @@ def run_one(args, eng, job, probe, priority: int, policy) -> dict:
     params = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True, priority=JOB_PRIORITY)
     t0 = time.perf_counter()
     it = eng.stream(job[0], params, policy=policy)  # one job request streamed here: it keeps the engine stepping
+    chunks = [next(it)]
     others = threading.Thread(target=lambda: done.append(eng.generate(job[1:], params, policy=policy)))
     others.start()
-    chunks = [next(it), next(it)]  # the job runs
+    while not chunks[-1].finished and eng.load()["running"] < min(args.batch, len(job)):
+        chunks.append(next(it))  # until the job runs in every row
     box = []
     sent = time.perf_counter()
     asker = threading.Thread(target=lambda: box.append(eng.generate(

@@ -20,7 +20,7 @@ FIELDS = {"prompt", "max_tokens", "temperature", "top_p", "top_k", "min_p", "see
           "policy", "model", "n", "user", "ignore_eos", "logprobs", "presence_penalty", "frequency_penalty",
           "repetition_penalty", "min_tokens", "logit_bias", "include_stop_str_in_output", "skip_special_tokens",
           "response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
-          "guided_whitespace_pattern", "priority"}
+          "guided_whitespace_pattern", "priority", "allowed_token_ids", "bad_words"}
 # Fields clients send at their neutral values: accepted there (they change nothing), refused otherwise
 NEUTRAL = {"best_of": (1,)}
 CHAT_NEUTRAL = {k: v for k, v in NEUTRAL.items() if k != "best_of"}
@@ -281,6 +281,8 @@ class Service:
                                     repetition_penalty=_number(body, "repetition_penalty", 1.0),
                                     min_tokens=body.get("min_tokens", 0), logit_bias=_logit_bias(body),
                                     priority=body.get("priority", 0),
+                                    allowed_token_ids=body.get("allowed_token_ids"),
+                                    bad_words=body.get("bad_words") or (),
                                     logprobs=body.get("logprobs"),
                                     prompt_logprobs=body.get("logprobs") if body.get("echo") else None,
                                     structured_outputs=_structured(body) if tools is None else {"json": tools["json"]})

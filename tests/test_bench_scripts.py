@@ -168,7 +168,7 @@ def test_kv_admission_benchmark_compares_reserving_with_preempting():
 
 
 def test_priority_benchmark_times_an_interactive_request_beside_a_batch_job():
-    lines = _run("bench_priority.py", "--pair", "tiny", "--background", "5", "--batch", "2", "--max-tokens", "24",
+    lines = _run("bench_priority.py", "--pair", "tiny", "--background", "5", "--batch", "2", "--max-tokens", "48",
                  "--probe-tokens", "8")
     rows = [ast.literal_eval(line) for line in lines if line.startswith("{")]
     assert [r["probe_priority"] for r in rows] == [10, 0]

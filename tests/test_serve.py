@@ -52,8 +52,9 @@ def test_engine_flags_reach_the_engine_and_bad_ones_exit_with_a_message(programs
                                                                   "--prefill-chunk", "5"]))
     assert engine.prefix_cache is not None and engine.prefix_cache.max_tokens == 32
     assert engine.draft_max_batch == 2 and engine.prefill_chunk == 5
-    engine = serve.build_engine(serve.parser().parse_args(base + ["--prefix-cache", "0", "--draft-max-batch", "none"]))
-    assert engine.prefix_cache is None and engine.draft_max_batch is None
+    engine = serve.build_engine(serve.parser().parse_args(base + ["--prefix-cache", "0", "--draft-max-batch", "none",
+                                                                  "--kv-admission", "reserve"]))
+    assert engine.prefix_cache is None and engine.draft_max_batch is None and engine.kv_admission == "reserve"
     for flag, value in (("--prefix-cache", "-1"), ("--prefix-cache", "lots"), ("--draft-max-batch", "0"),
                         ("--draft-max-batch", "x"), ("--prefill-chunk", "auto-ish"), ("--threads", "0")):
         with pytest.raises(SystemExit, match=flag):
@@ -464,6 +465,9 @@ def test_concurrent_clients_equal_alone(programs, server):
     (json.dumps({"prompt": "w1", "max_tokens": -1}), 400, "max_tokens"),
     (json.dumps({"prompt": "w1", "temperature": "hot"}), 400, "temperature"),
     (json.dumps({"prompt": "w1", "priority": "high"}), 400, "priority must be an int"),
+    (json.dumps({"prompt": "w1", "allowed_token_ids": []}), 400, "allowed_token_ids must be"),
+    (json.dumps({"prompt": "w1", "bad_words": [""]}), 400, "bad_words must be"),
+    (json.dumps({"prompt": "w1", "allowed_token_ids": [1, 500]}), 400, "allowed_token_ids names token id 500"),
     (json.dumps({"prompt": "w1", "temperature": 1, "min_p": 2}), 400, "min_p must be"),
     (json.dumps({"prompt": "w1", "policy": {"name": "magic"}}), 400, "unknown policy"),
     (json.dumps({"prompt": "w1", "policy": {"name": "bild", "fallback_threshold": 7}}), 400, "fallback_threshold"),
@@ -677,3 +681,16 @@ def test_priority_reaches_the_engine(server):
         _, params, _, _ = svc.parse(body, "text" if path == "/v1/completions" else "chat")
         assert params.priority == body["priority"]
     _all_free(svc.engine)
+
+
+def test_allowed_token_ids_and_bad_words_reach_the_engine(server):
+    """vLLM's `allowed_token_ids` and `bad_words` fields."""
+    eng, svc = server.service.engine, server.service
+    body = {"prompt": [5, 17, 3], "max_tokens": 6, "allowed_token_ids": [2, 4, 6, 8, 10], "bad_words": ["w4"]}
+    code, r = _post(server, "/v1/completions", body)
+    assert code == 200, r
+    ids = r["choices"][0]["token_ids"]
+    assert set(ids) <= {2, 6, 8, 10}
+    prompt, params, policy, _ = svc.parse(body, "text")
+    assert ids == eng.generate([prompt], params, policy=policy)[0].token_ids
+    _all_free(eng)

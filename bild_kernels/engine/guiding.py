@@ -1,6 +1,6 @@
-"""SamplingParams.structured_outputs in the engine: each request's `Guide`, its token masks on a verification pass's
-logits (`ops.apply_token_bitmask`: the large model's distribution, the one every policy keeps to), and its drafts cut
-at the first token the pattern does not allow."""
+"""SamplingParams.structured_outputs, allowed_token_ids and bad_words in the engine: each request's `Guide`, its
+token masks on a verification pass's logits (`ops.apply_token_bitmask`: the large model's distribution, the one every
+policy keeps to), and its drafts cut at the first token the pattern (or the rules) does not allow."""
 from __future__ import annotations
 
 import threading
@@ -12,34 +12,62 @@ from bild_kernels import ops
 from bild_kernels.engine.params import SamplingParams
 from bild_kernels.engine.sequence import Drafts, Sequence
 from bild_kernels.structured import dfa
-from bild_kernels.structured.guide import Guide, Vocabulary, token_texts
+from bild_kernels.structured.guide import Guide, TokenRules, Vocabulary, token_texts
 
 _VOCAB_LOCK = threading.Lock()
 
 
 def make_guide(engine, params: SamplingParams, tok_lock) -> tuple[Guide | None, str | None]:
-    """(the request's Guide, None), (None, None) without structured_outputs, or (None, why) when it cannot have one.
-    The first request builds the engine's token texts (under the tokenizer's lock); a pattern's grammar is built
-    once and cached."""
-    so = params.structured_outputs
-    if so is None:
+    """(the request's Guide, None), (None, None) without structured_outputs, allowed_token_ids or bad_words, or
+    (None, why) when it cannot have one. The first structured request builds the engine's token texts (under the
+    tokenizer's lock); a pattern's grammar is built once and cached."""
+    if not params.guided:
         return None, None
-    if engine.tokenizer is None:
-        return None, "structured_outputs need the engine's tokenizer (a token's text decides what it may be)"
-    with _VOCAB_LOCK:
-        vocab = getattr(engine, "_structured_vocab", None)
-        if vocab is None:
-            with tok_lock:
-                vocab = Vocabulary(token_texts(engine.tokenizer, engine.vocab_size))
-            engine._structured_vocab = vocab
-    pattern = so.pattern()
-    grammar = vocab.grammar(pattern, lambda: dfa(pattern))
-    if grammar.start == 0:
-        return None, "structured_outputs: the pattern matches no text"
+    grammar = rules = None
     ends = set(engine.eos_ids) | {t for t in params.stop if isinstance(t, int)}
-    if not ends:
-        return None, "structured_outputs need an end-of-sequence token (the model's config names none)"
-    return Guide(grammar, ends), None
+    so = params.structured_outputs
+    if so is not None:
+        if engine.tokenizer is None:
+            return None, "structured_outputs need the engine's tokenizer (a token's text decides what it may be)"
+        with _VOCAB_LOCK:
+            vocab = getattr(engine, "_structured_vocab", None)
+            if vocab is None:
+                with tok_lock:
+                    vocab = Vocabulary(token_texts(engine.tokenizer, engine.vocab_size))
+                engine._structured_vocab = vocab
+        pattern = so.pattern()
+        grammar = vocab.grammar(pattern, lambda: dfa(pattern))
+        if grammar.start == 0:
+            return None, "structured_outputs: the pattern matches no text"
+        if not ends:
+            return None, "structured_outputs need an end-of-sequence token (the model's config names none)"
+    if params.allowed_token_ids is not None or params.bad_words:
+        allowed = params.allowed_token_ids
+        if allowed is not None and max(allowed) >= engine.vocab_size:
+            return None, (f"allowed_token_ids names token id {max(allowed)}, outside the vocabulary "
+                          f"[0, {engine.vocab_size})")
+        bad = []
+        if params.bad_words:
+            if engine.tokenizer is None:
+                return None, "bad_words need the engine's tokenizer (to find the words' tokens)"
+            with tok_lock:
+                bad = bad_word_ids(engine.tokenizer, params.bad_words)
+        rules = TokenRules(engine.vocab_size, allowed, bad)
+    return Guide(grammar, ends, rules), None
+
+
+def bad_word_ids(tokenizer, words) -> list[tuple[int, ...]]:
+    """Each bad word's token sequences, by vLLM's rule: the word (leading spaces stripped), and the word after a space
+    where that makes another first token in as many tokens (a word inside a sentence)."""
+    out = []
+    for word in words:
+        plain = tuple(tokenizer.encode(word.lstrip(), add_special_tokens=False))
+        spaced = tuple(tokenizer.encode(" " + word.lstrip(), add_special_tokens=False))
+        for ids in (plain, spaced) if spaced and plain and spaced[0] != plain[0] and len(spaced) == len(plain) \
+                else (plain,):
+            if ids and ids not in out:
+                out.append(ids)
+    return out
 
 
 def guided(logits: torch.Tensor, seqs: list[Sequence], drafts: list[list[int]]) -> torch.Tensor:

@@ -45,6 +45,11 @@ class SamplingParams:
     model's distribution is masked to the tokens that keep the text on the pattern, at every position it verifies,
     so every policy keeps to the constrained distribution; the request ends (EOS) once nothing may follow. Not with
     `ignore_eos` or `min_tokens` (the pattern decides where the text ends), nor `SmallOnly()`.
+    `allowed_token_ids` (None: all; vLLM's) keeps the large model's distribution to those ids (EOS only if listed), and
+    `bad_words` (strings; vLLM's) bans the last token of each word's token sequence (the word as written and after a
+    space) wherever the output's last tokens are the rest of it: both mask the distribution every policy verifies
+    against, as structured outputs do (and beside them); where the bad words would leave no allowed token, they give
+    way. Not with `SmallOnly()`.
     `priority` (0; any int, the lower the sooner, vLLM's convention): waiting requests are admitted in priority order
     (arrival order among equals); under Engine(kv_admission="preempt") a request that finds no free blocks or batch
     row preempts running requests of a later priority (the latest admitted first) when that lets it in, and a pool
@@ -71,6 +76,8 @@ class SamplingParams:
     skip_special_tokens: bool = True
     structured_outputs: StructuredOutputs | None = None
     priority: int = 0
+    allowed_token_ids: tuple | None = None
+    bad_words: tuple = ()
 
     def __post_init__(self):
         bias = self.logit_bias
@@ -86,11 +93,22 @@ class SamplingParams:
         pairs.sort(key=lambda x: x[0] if isinstance(x[0], int) else -1)  # (a bad key is reported by validate)
         object.__setattr__(self, "logit_bias", tuple(pairs))
         object.__setattr__(self, "structured_outputs", StructuredOutputs.of(self.structured_outputs))
+        for name in ("allowed_token_ids", "bad_words"):
+            v = getattr(self, name)
+            if isinstance(v, (list, set, frozenset)):
+                object.__setattr__(self, name, tuple(sorted(v)) if name == "allowed_token_ids" else tuple(v))
+            elif isinstance(v, str) and name == "bad_words":
+                object.__setattr__(self, name, (v,))
         if isinstance(self.stop, (str, int)):
             object.__setattr__(self, "stop", (self.stop,))
         elif not isinstance(self.stop, tuple):
             object.__setattr__(self, "stop", tuple(self.stop))
         self.validate()
+
+    @property
+    def guided(self) -> bool:
+        """Whether the large model's distribution is masked by a Guide (structured outputs, allowed ids, bad words)."""
+        return self.structured_outputs is not None or self.allowed_token_ids is not None or bool(self.bad_words)
 
     @property
     def penalized(self) -> bool:
@@ -99,6 +117,13 @@ class SamplingParams:
                 or self.min_tokens > 0 or bool(self.logit_bias))
 
     def validate(self) -> None:
+        a = self.allowed_token_ids
+        if a is not None and (not isinstance(a, tuple) or not a
+                              or any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in a)):
+            raise ValueError(f"allowed_token_ids must be None or a non-empty list of token ids (ints >= 0), got {a!r}")
+        if not isinstance(self.bad_words, tuple) or any(not isinstance(w, str) or not w.strip()
+                                                        for w in self.bad_words):
+            raise ValueError(f"bad_words must be a list of non-empty strings, got {self.bad_words!r}")
         if isinstance(self.priority, bool) or not isinstance(self.priority, int):
             raise ValueError(f"priority must be an int (the lower, the sooner), got {self.priority!r}")
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens <= 0:

@@ -56,7 +56,7 @@ def _guides(eng, params: list[SamplingParams], tok_lock) -> list[tuple]:
     """Each request's (Guide or None, why it cannot have one or None): SamplingParams.structured_outputs."""
     out, made = [], {}
     for p in params:
-        if p.structured_outputs is None:
+        if not p.guided:
             out.append((None, None))
             continue
         key = id(p)

@@ -141,29 +141,88 @@ class Grammar:
         return out
 
 
-class Guide:
-    """One request's position in its grammar: the state after its committed output tokens."""
+class TokenRules:
+    """SamplingParams' allowed_token_ids and bad words as rules over token ids (vLLM's): only the allowed ids (all when
+    None), and never the last token of a bad word's token sequence where the output's last tokens are the rest of it.
+    Where the bad words would leave nothing allowed, they give way (the allowed ids stay)."""
 
-    def __init__(self, grammar: Grammar, end_ids: set[int]):
-        self.grammar = grammar
-        self.end_ids = sorted(t for t in end_ids if 0 <= t < grammar.vocab.size)
-        self.state = grammar.start
+    def __init__(self, size: int, allowed=None, bad=()):
+        self.size, self.words = size, -(-size // 32)
+        ok = np.zeros(size, dtype=bool)
+        if allowed is None:
+            ok[:] = True
+        else:
+            ok[[t for t in allowed if 0 <= t < size]] = True
+        self.allowed = _pack(ok)
+        self.banned: dict[tuple[int, ...], list[int]] = {}  # the tokens before -> the last tokens banned after them
+        for seq in bad:
+            if seq and 0 <= seq[-1] < size:
+                self.banned.setdefault(tuple(seq[:-1]), []).append(seq[-1])
+        self.depth = max((len(k) for k in self.banned), default=0)  # output tokens a state keeps
+        self.lengths = sorted({len(k) for k in self.banned})
+        base = ok.copy()
+        base[self.banned.get((), [])] = False
+        self.base = _pack(base) if base.any() else self.allowed
+
+    @property
+    def start(self) -> tuple[int, ...]:
+        return ()
+
+    def step(self, tail: tuple[int, ...], token: int) -> tuple[int, ...]:
+        return (tail + (token,))[-self.depth:] if self.depth else ()
+
+    def mask(self, tail: tuple[int, ...]) -> np.ndarray:
+        bits = self.base
+        for n in self.lengths:
+            last = self.banned.get(tail[len(tail) - n:]) if 0 < n <= len(tail) else None
+            if last:
+                bits = bits.copy()
+                for t in last:
+                    bits[t // 32] &= ~np.int32(np.uint32(1 << (t % 32)).view(np.int32))
+        return bits if bits.any() else self.allowed
+
+
+class Guide:
+    """One request's position in its grammar and its token rules (either may be None): the state after its committed
+    output tokens."""
+
+    def __init__(self, grammar: Grammar | None, end_ids: set[int], rules: TokenRules | None = None):
+        if grammar is None and rules is None:
+            raise ValueError("a Guide needs a grammar or token rules")
+        self.grammar, self.rules = grammar, rules
+        size = grammar.vocab.size if grammar is not None else rules.size
+        self.words = -(-size // 32)
+        self.end_ids = sorted(t for t in end_ids if 0 <= t < size)
+        self.state = (grammar.start if grammar is not None else 1, rules.start if rules is not None else ())
 
     def copy(self) -> "Guide":
-        """A new cursor on the same grammar, at its start."""
-        return Guide(self.grammar, set(self.end_ids))
+        """A new cursor on the same grammar and rules, at their start."""
+        return Guide(self.grammar, set(self.end_ids), self.rules)
+
+    def _step(self, state: tuple, token: int) -> tuple:
+        g, tail = state
+        return (self.grammar.step(g, token) if self.grammar is not None else g,
+                self.rules.step(tail, token) if self.rules is not None else tail)
 
     def advance(self, tokens: list[int]) -> None:
         for t in tokens:
             if t in self.end_ids:
                 return
-            self.state = self.grammar.step(self.state, t)
+            self.state = self._step(self.state, t)
 
-    def mask(self, state: int) -> np.ndarray:
-        """The bitmask of the tokens allowed in `state`: those that keep it alive, and the end ids where the pattern
-        may end (or where nothing can continue it)."""
-        bits, any_alive = self.grammar.allowed(state)
-        if self.end_ids and (self.grammar.accepting(state) or not any_alive):
+    def mask(self, state: tuple) -> np.ndarray:
+        """The bitmask of the tokens allowed in `state`: those that keep the grammar alive and pass the rules, and the
+        end ids where the pattern may end (or where nothing can continue it)."""
+        g, tail = state
+        bits, may_end = None, False
+        if self.grammar is not None:
+            bits, alive = self.grammar.allowed(g)
+            may_end = self.grammar.accepting(g) or not alive
+        if self.rules is not None:
+            rule = self.rules.mask(tail)
+            bits = rule if bits is None else bits & rule
+            may_end = may_end or (self.grammar is not None and not bits.any())
+        if self.end_ids and may_end:
             bits = bits.copy()
             for t in self.end_ids:
                 bits[t // 32] |= np.int32(np.uint32(1 << (t % 32)).view(np.int32))
@@ -179,7 +238,7 @@ class Guide:
                 return masks, n
             if t in self.end_ids:
                 return masks, n + 1
-            state = self.grammar.step(state, t)  # (alive: the mask allowed it)
+            state = self._step(state, t)  # (alive: the mask allowed it)
         masks.append(self.mask(state))
         return masks, len(draft)
 
@@ -187,7 +246,7 @@ class Guide:
         """int32 [positions, W]: the masks at the guide's state and after each prefix of `draft` (positions past
         the draft, and past a draft token the pattern does not allow, are left all set: the verification cuts
         before them)."""
-        out = np.full((positions, self.grammar.vocab.words), -1, dtype=np.int32)
+        out = np.full((positions, self.words), -1, dtype=np.int32)
         masks = self._walk(draft)[0][:positions]
         out[:len(masks)] = masks
         return out
@@ -195,6 +254,10 @@ class Guide:
     def allowed_prefix(self, draft: list[int]) -> int:
         """How many of `draft`'s first tokens the pattern allows in a row after the output."""
         return self._walk(draft)[1]
+
+
+def _pack(ok: np.ndarray) -> np.ndarray:
+    return pack_token_bitmask(torch.from_numpy(ok)).numpy()
 
 
 def _is_set(bits: np.ndarray, t: int) -> bool:
