@@ -18,6 +18,7 @@ from bild_kernels.engine.host import to_device
 from bild_kernels.engine.logprobs import note_logprobs, note_prompt_logprobs
 from bild_kernels.engine.guiding import guided
 from bild_kernels.engine.penalizing import penalized
+from bild_kernels.engine.processing import processed
 from bild_kernels.engine.policies import Policy
 from bild_kernels.engine.prefill_chunks import PrefillChunks
 from bild_kernels.engine.runner import forget_nonfinite, nonfinite_flags
@@ -181,6 +182,7 @@ class Iteration(PrefillChunks, Drafting):
         # the raw ones stay for logprobs.
         raw_logits, target_logits = target_logits, penalized(target_logits, running, self.eos_ids, draft_ids)
         target_logits = guided(target_logits, running, draft_tokens)  # (structured outputs: the pattern's masks)
+        target_logits = processed(target_logits, running, draft_tokens)  # (SamplingParams.logits_processors)
         # (the large model's head took its logits' statistics: verify_draft reads only the drafted tokens' logits;
         # on the CPU backend, with the engine's own inputs unchecked, unless a backend is forced)
         stats = self.runners["large"].logit_stats(raw_logits) if target_logits is raw_logits else None

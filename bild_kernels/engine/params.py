@@ -50,6 +50,10 @@ class SamplingParams:
     space) wherever the output's last tokens are the rest of it: both mask the distribution every policy verifies
     against, as structured outputs do (and beside them); where the bad words would leave no allowed token, they give
     way. Not with `SmallOnly()`.
+    `logits_processors` (vLLM's): functions f(output_ids, logits) or f(prompt_ids, output_ids, logits) -> logits on
+    the large model's logits row at every position it verifies (the output so far plus the drafts before that position
+    as output_ids), after the penalties and masks, in order: every policy verifies against what they return, so
+    `Greedy()` is exactly the processed greedy text. One that raises fails its request alone. Not with `SmallOnly()`.
     `priority` (0; any int, the lower the sooner, vLLM's convention): waiting requests are admitted in priority order
     (arrival order among equals); under Engine(kv_admission="preempt") a request that finds no free blocks or batch
     row preempts running requests of a later priority (the latest admitted first) when that lets it in, and a pool
@@ -78,6 +82,7 @@ class SamplingParams:
     priority: int = 0
     allowed_token_ids: tuple | None = None
     bad_words: tuple = ()
+    logits_processors: tuple = ()
 
     def __post_init__(self):
         bias = self.logit_bias
@@ -93,6 +98,9 @@ class SamplingParams:
         pairs.sort(key=lambda x: x[0] if isinstance(x[0], int) else -1)  # (a bad key is reported by validate)
         object.__setattr__(self, "logit_bias", tuple(pairs))
         object.__setattr__(self, "structured_outputs", StructuredOutputs.of(self.structured_outputs))
+        if isinstance(self.logits_processors, list) or callable(self.logits_processors):
+            fns = self.logits_processors
+            object.__setattr__(self, "logits_processors", (fns,) if callable(fns) else tuple(fns))
         for name in ("allowed_token_ids", "bad_words"):
             v = getattr(self, name)
             if isinstance(v, (list, set, frozenset)):
@@ -124,6 +132,11 @@ class SamplingParams:
         if not isinstance(self.bad_words, tuple) or any(not isinstance(w, str) or not w.strip()
                                                         for w in self.bad_words):
             raise ValueError(f"bad_words must be a list of non-empty strings, got {self.bad_words!r}")
+        if not isinstance(self.logits_processors, tuple):
+            raise ValueError(f"logits_processors must be a list of callables, got {self.logits_processors!r}")
+        from bild_kernels.engine.processing import arity
+        for fn in self.logits_processors:
+            arity(fn)
         if isinstance(self.priority, bool) or not isinstance(self.priority, int):
             raise ValueError(f"priority must be an int (the lower, the sooner), got {self.priority!r}")
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens <= 0:

@@ -70,6 +70,9 @@ class SmallOnly(Policy):
         if params.penalized:
             return ("a logit bias, penalties and min_tokens shape the large model's distribution: small-only runs "
                     "the small model alone and verifies nothing")
+        if params.logits_processors:
+            return ("logits_processors act on the large model's distribution: small-only runs the small model alone "
+                    "and verifies nothing")
         if params.guided:
             what = "structured_outputs" if params.structured_outputs is not None else "allowed_token_ids and bad_words"
             return (f"{what} mask the large model's distribution: small-only runs the small model alone "

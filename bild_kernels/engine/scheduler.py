@@ -242,6 +242,11 @@ class Scheduler:
                 continue
             with self.cv, self.tok_lock:
                 for r, new in zip(group, committed):
+                    if r.seq.fault is not None:  # (a logits processor failed: its output is the step's last)
+                        del r.seq.tokens[len(r.seq.tokens) - len(new):]
+                        r.seq.trim_logprobs()
+                        self._end(r, "error", r.seq.fault)
+                        continue
                     if r.seq.row in faulted:
                         del r.seq.tokens[len(r.seq.tokens) - len(new):]  # tokens drawn from the faulty step
                         r.seq.trim_logprobs()

@@ -167,6 +167,7 @@ class Sequence:
         # SamplingParams' penalties: `tokens` as an int64 host tensor (in a head's columns), grown as tokens commit
         self.penalty_history: dict = {}
         self.guide = None  # SamplingParams.structured_outputs: a structured.guide.Guide at the committed output
+        self.fault: str | None = None  # why this request fails after the step (a logits processor raised)
         self.iteration = 0  # verification rounds so far: addresses this request's random numbers
         # Preempted (its KV blocks taken back) after its first pass, to recompute: once re-admitted, its caches are
         # rebuilt from `tokens` (all but the last, as a step leaves them: `prefill_chunks`) before it steps on
