@@ -164,6 +164,26 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def engine_parser(description: str) -> argparse.ArgumentParser:
+    """The options of the engine-level benchmarks (a model pair, rounds, threads); `engine_args` parses them."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--pair", default="default", help="default (SmolLM2-135M-Instruct + its draft) or tiny / llama-1b "
+                                                     "(random, bench_e2e.PAIRS)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--repeat", type=int, default=1, help="rounds, the settings alternating")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-save", action="store_true")
+    return p
+
+
+def engine_args(p: argparse.ArgumentParser):
+    """`p`'s arguments, with torch's threads set as asked."""
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args
+
+
 def pick_shapes(args, default: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
     """The shapes to run: --shapes if given (each with as many dims as the defaults have), else `default`."""
     if not args.shapes:

@@ -14,7 +14,6 @@ bench/results/kv_admission.csv.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import sys
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # run from a checkout
-from _common import append_rows, device_name, git_rev  # noqa: E402
+from _common import append_rows, device_name, engine_args, engine_parser, git_rev  # noqa: E402
 from bench_e2e import random_pair  # noqa: E402
 
 from bild_kernels import Engine, LargeOnly, SamplingParams  # noqa: E402
@@ -86,10 +85,7 @@ def run_one(args, mode: str, device: str, policy) -> tuple[dict, list[list[int]]
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--pair", default="default", help="default (SmolLM2-135M-Instruct + its draft) or tiny / llama-1b "
-                                                      "(random, bench_e2e.PAIRS)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap = engine_parser(__doc__.splitlines()[0])
     ap.add_argument("--prompts", type=int, default=16, help="requests sent together (the default pair: held-out "
                                                             "chat prompts)")
     ap.add_argument("--max-tokens", type=int, default=256)
@@ -101,12 +97,7 @@ def main():
     ap.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (request i: seed i)")
     ap.add_argument("--eos", type=int, default=None, help="random pairs: an end-of-sequence id their answers stop at "
                                                           "(default: none; every answer runs to --max-tokens)")
-    ap.add_argument("--repeat", type=int, default=1, help="rounds, the settings alternating")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--no-save", action="store_true")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = engine_args(ap)
     policy = LargeOnly() if args.policy == "large-only" else "default"
     rows, first = [], None
     for _ in range(args.repeat):

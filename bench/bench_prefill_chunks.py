@@ -11,7 +11,6 @@ to bench/results/prefill_chunks.csv.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import statistics
 import sys
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # run from a checkout
-from _common import append_rows, device_name, git_rev  # noqa: E402
+from _common import append_rows, device_name, engine_args, engine_parser, git_rev  # noqa: E402
 from bench_e2e import random_pair  # noqa: E402
 
 from bild_kernels import BiLD, Engine, LargeOnly, SamplingParams  # noqa: E402
@@ -75,21 +74,13 @@ def run_one(args, chunk: int, device: str, policy) -> dict:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--pair", default="default", help="default (SmolLM2-135M-Instruct + its draft) or tiny / llama-1b "
-                                                      "(random, bench_e2e.PAIRS)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap = engine_parser(__doc__.splitlines()[0])
     ap.add_argument("--prompt-tokens", type=int, default=1500)
     ap.add_argument("--chunks", default="512,0", help="prefill_chunk settings, comma-separated (0: whole prompts)")
     ap.add_argument("--decode-tokens", type=int, default=64, help="the running stream's tokens")
     ap.add_argument("--warm", type=int, default=4, help="stream chunks before the long prompt is sent")
     ap.add_argument("--policy", default="large-only", choices=("large-only", "bild"))
-    ap.add_argument("--repeat", type=int, default=1, help="rounds, the settings alternating")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--no-save", action="store_true")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = engine_args(ap)
     chunks = [int(c) for c in args.chunks.split(",")]
     if args.policy == "large-only":
         policy = LargeOnly()

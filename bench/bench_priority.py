@@ -11,7 +11,6 @@ batch job's tokens/s, and the preemptions. Rows go to bench/results/priority.csv
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import sys
 import threading
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # run from a checkout
-from _common import append_rows, device_name, git_rev  # noqa: E402
+from _common import append_rows, device_name, engine_args, engine_parser, git_rev  # noqa: E402
 from bench_e2e import random_pair  # noqa: E402
 
 from bild_kernels import Engine, LargeOnly, SamplingParams  # noqa: E402
@@ -75,21 +74,13 @@ def run_one(args, eng, job, probe, priority: int, policy) -> dict:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--pair", default="default", help="default (SmolLM2-135M-Instruct + its draft) or tiny / llama-1b "
-                                                      "(random, bench_e2e.PAIRS)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap = engine_parser(__doc__.splitlines()[0])
     ap.add_argument("--background", type=int, default=8, help="the batch job's requests")
     ap.add_argument("--batch", type=int, default=4, help="the engine's max_batch_size")
     ap.add_argument("--max-tokens", type=int, default=128, help="each job request's tokens")
     ap.add_argument("--probe-tokens", type=int, default=32, help="the interactive request's tokens")
     ap.add_argument("--policy", default="large-only", choices=("large-only", "default"))
-    ap.add_argument("--repeat", type=int, default=1, help="rounds, the settings alternating")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--no-save", action="store_true")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = engine_args(ap)
     eng, job, probe = _engine(args, args.device)
     policy = LargeOnly() if args.policy == "large-only" else eng.default_policy
     eng.generate([probe], SamplingParams(max_tokens=4), policy=policy)  # warm-up

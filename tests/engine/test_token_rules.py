@@ -6,13 +6,12 @@ import pytest
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from bild_kernels import (BiLD, Engine, Greedy, Jacobi, LargeOnly, SamplingParams, ShallowDeep, SmallOnly,
-                          SpeculativeSampling)
+from bild_kernels import BiLD, Engine, Greedy, LargeOnly, SamplingParams, SmallOnly, SpeculativeSampling
 from bild_kernels.engine.guiding import bad_word_ids
-from bild_kernels.engine.policies import NGram
 from bild_kernels.structured.guide import Guide, TokenRules
 
 from .conftest import assert_all_free, word_tokenizer
+from .test_structured_outputs import IDS, LOSSLESS, PROMPTS
 
 WORDS = [f"w{i}" for i in range(97)]
 
@@ -82,11 +81,6 @@ def engine(large_model, small_model):
                   max_model_len=64, block_size=4)
 
 
-PROMPTS = [[5, 17, 3], [44, 2, 90, 61, 7, 7, 12, 30], [8], [33, 34, 35]]
-LOSSLESS = [LargeOnly(), Greedy(max_draft_len=4), BiLD(fallback_threshold=0.0, rollback_threshold=0.0, max_draft_len=5),
-            Greedy(max_draft_len=3, lookup=NGram(max_draft_len=3, max_ngram=2, min_ngram=1)),
-            NGram(max_draft_len=4, max_ngram=2, min_ngram=1), Jacobi(block_size=4), ShallowDeep(exit_layer=2)]
-IDS = ["large-only", "greedy-4", "bild-lossless", "greedy-lookup", "ngram", "jacobi", "shallow-deep"]
 
 
 @pytest.mark.parametrize("policy", LOSSLESS, ids=IDS)
