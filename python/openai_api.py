@@ -20,7 +20,8 @@ FIELDS = {"prompt", "max_tokens", "temperature", "top_p", "top_k", "min_p", "see
           "policy", "model", "n", "user", "ignore_eos", "logprobs", "presence_penalty", "frequency_penalty",
           "repetition_penalty", "min_tokens", "logit_bias", "include_stop_str_in_output", "skip_special_tokens",
           "response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
-          "guided_whitespace_pattern", "priority", "allowed_token_ids", "bad_words"}
+          "guided_whitespace_pattern", "priority", "allowed_token_ids", "bad_words", "stop_token_ids",
+          "truncate_prompt_tokens"}
 # Fields clients send at their neutral values: accepted there (they change nothing), refused otherwise
 NEUTRAL = {"best_of": (1,)}
 CHAT_NEUTRAL = {k: v for k, v in NEUTRAL.items() if k != "best_of"}
@@ -267,6 +268,10 @@ class Service:
         stop = () if stop is None else (stop,) if isinstance(stop, (str, int)) else stop
         if not isinstance(stop, list | tuple):
             raise BadRequest("stop must be a string, a token id, or a list of them")
+        stop_ids = body.get("stop_token_ids") or []  # (vLLM's: ids that end the request, as ints in `stop` do)
+        if not isinstance(stop_ids, list) or any(isinstance(t, bool) or not isinstance(t, int) for t in stop_ids):
+            raise BadRequest("stop_token_ids must be a list of token ids")
+        stop = list(stop) + stop_ids
         timeout = body.get("timeout", self.default_timeout)
         try:
             params = SamplingParams(max_tokens=body.get("max_tokens", 16), temperature=body.get("temperature", 0.0),
@@ -283,6 +288,7 @@ class Service:
                                     priority=body.get("priority", 0),
                                     allowed_token_ids=body.get("allowed_token_ids"),
                                     bad_words=body.get("bad_words") or (),
+                                    truncate_prompt_tokens=body.get("truncate_prompt_tokens"),
                                     logprobs=body.get("logprobs"),
                                     prompt_logprobs=body.get("logprobs") if body.get("echo") else None,
                                     structured_outputs=_structured(body) if tools is None else {"json": tools["json"]})

@@ -466,6 +466,8 @@ def test_concurrent_clients_equal_alone(programs, server):
     (json.dumps({"prompt": "w1", "temperature": "hot"}), 400, "temperature"),
     (json.dumps({"prompt": "w1", "priority": "high"}), 400, "priority must be an int"),
     (json.dumps({"prompt": "w1", "allowed_token_ids": []}), 400, "allowed_token_ids must be"),
+    (json.dumps({"prompt": "w1", "stop_token_ids": [1, "x"]}), 400, "stop_token_ids must be a list of token ids"),
+    (json.dumps({"prompt": "w1", "truncate_prompt_tokens": 0}), 400, "truncate_prompt_tokens must be"),
     (json.dumps({"prompt": "w1", "bad_words": [""]}), 400, "bad_words must be"),
     (json.dumps({"prompt": "w1", "allowed_token_ids": [1, 500]}), 400, "allowed_token_ids names token id 500"),
     (json.dumps({"prompt": "w1", "temperature": 1, "min_p": 2}), 400, "min_p must be"),
@@ -693,4 +695,20 @@ def test_allowed_token_ids_and_bad_words_reach_the_engine(server):
     assert set(ids) <= {2, 6, 8, 10}
     prompt, params, policy, _ = svc.parse(body, "text")
     assert ids == eng.generate([prompt], params, policy=policy)[0].token_ids
+    _all_free(eng)
+
+
+def test_stop_token_ids_and_truncate_prompt_tokens_reach_the_engine(server):
+    """vLLM's `stop_token_ids` (ids that end the request) and `truncate_prompt_tokens` (the prompt's last k)."""
+    eng, svc = server.service.engine, server.service
+    code, r = _post(server, "/v1/completions", {"prompt": [5, 17, 3], "max_tokens": 8})
+    first = r["choices"][0]["token_ids"]
+    code, r = _post(server, "/v1/completions", {"prompt": [5, 17, 3], "max_tokens": 8, "stop_token_ids": [first[2]]})
+    assert code == 200 and r["choices"][0]["token_ids"] == first[:first.index(first[2]) + 1]
+    assert r["choices"][0]["finish_reason"] == "stop"
+    long = [(5 * i + 2) % 90 for i in range(70)]
+    code, r = _post(server, "/v1/completions", {"prompt": long, "max_tokens": 4, "truncate_prompt_tokens": 10})
+    assert code == 200 and r["usage"]["prompt_tokens"] == 10
+    assert r["choices"][0]["token_ids"] == eng.generate([long[-10:]], SamplingParams(max_tokens=4),
+                                                        policy=svc.policy(None))[0].token_ids
     _all_free(eng)

@@ -54,6 +54,8 @@ class SamplingParams:
     the large model's logits row at every position it verifies (the output so far plus the drafts before that position
     as output_ids), after the penalties and masks, in order: every policy verifies against what they return, so
     `Greedy()` is exactly the processed greedy text. One that raises fails its request alone. Not with `SmallOnly()`.
+    `truncate_prompt_tokens` (None: off; an int >= 1, vLLM's) keeps only the prompt's last that many tokens (after its
+    chat template): a long conversation's oldest turns give way instead of the request failing as too long.
     `priority` (0; any int, the lower the sooner, vLLM's convention): waiting requests are admitted in priority order
     (arrival order among equals); under Engine(kv_admission="preempt") a request that finds no free blocks or batch
     row preempts running requests of a later priority (the latest admitted first) when that lets it in, and a pool
@@ -83,6 +85,7 @@ class SamplingParams:
     allowed_token_ids: tuple | None = None
     bad_words: tuple = ()
     logits_processors: tuple = ()
+    truncate_prompt_tokens: int | None = None
 
     def __post_init__(self):
         bias = self.logit_bias
@@ -132,6 +135,9 @@ class SamplingParams:
         if not isinstance(self.bad_words, tuple) or any(not isinstance(w, str) or not w.strip()
                                                         for w in self.bad_words):
             raise ValueError(f"bad_words must be a list of non-empty strings, got {self.bad_words!r}")
+        k = self.truncate_prompt_tokens
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise ValueError(f"truncate_prompt_tokens must be None or an int >= 1, got {k!r}")
         if not isinstance(self.logits_processors, tuple):
             raise ValueError(f"logits_processors must be a list of callables, got {self.logits_processors!r}")
         from bild_kernels.engine.processing import arity

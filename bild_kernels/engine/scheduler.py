@@ -115,6 +115,8 @@ class Scheduler:
         reqs = []
         with self.cv:
             for (ids, error), p, (guide, why) in zip(resolved, params, guides):
+                if ids and p.truncate_prompt_tokens is not None:
+                    ids = ids[-p.truncate_prompt_tokens:]  # (vLLM's left truncation)
                 seq = Sequence(self.next_id, ids or [], p)
                 seq.guide = guide
                 self.next_id += 1
