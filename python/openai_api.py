@@ -80,13 +80,18 @@ def _structured(body: dict):
     return {{"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice"}[key]: value, **extra}
 
 
-def tool_spec(body: dict) -> dict | None:
+TOOL_CALL_PARSERS = ("hermes",)  # serve.py --tool-call-parser: the models' own tool-call formats read for "auto"
+TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"  # Hermes' (Qwen 2.5 / 3, Hermes, SmolLM3 templates write it)
+
+
+def tool_spec(body: dict, parser: str | None = None) -> dict | None:
     """What a chat body's tools and tool_choice ask for: None (no tool call: no tools, or tool_choice "none"), or
     {"mode": "named", "name": the function, "json": its parameters' schema, "tools": [...]} (tool_choice naming a
     function: the reply is one call of it) or {"mode": "required", "json": a schema of a list of calls, "tools": [...]}
     (tool_choice "required": one or more calls of any of them; one with parallel_tool_calls false). The arguments are
-    held to the functions' parameter schemas by structured outputs. "auto" (OpenAI's default with tools) needs a
-    parser of each model's own tool-call format: refused."""
+    held to the functions' parameter schemas by structured outputs. "auto" (OpenAI's default with tools): the model
+    decides, and `parser` reads the calls it writes in its own format ({"mode": "auto", "names": [...], "tools": [...],
+    "parser": parser}); refused without one."""
     tools, choice = body.get("tools"), body.get("tool_choice")
     if tools is None:
         if choice not in (None, "none"):
@@ -111,10 +116,13 @@ def tool_spec(body: dict) -> dict | None:
     parallel = body.get("parallel_tool_calls", True)
     if not isinstance(parallel, bool):
         raise BadRequest("parallel_tool_calls must be true or false")
+    if (choice is None or choice == "auto") and parser is not None:
+        return {"mode": "auto", "names": list(specs), "tools": tools, "parser": parser}
     if choice is None or choice == "auto":
         raise BadRequest('tool_choice "auto" (the default with tools) needs a parser of the model\'s own tool-call '
-                         'format, which this server lacks: name a function ({"type": "function", "function": {"name": '
-                         '...}}), or say "required" or "none"')
+                         'format (serve.py --tool-call-parser hermes, for models that write <tool_call> blocks): '
+                         'name a function ({"type": "function", "function": {"name": ...}}), or say "required" or '
+                         '"none"')
     if choice == "none":
         return None
     if choice == "required":
@@ -130,10 +138,42 @@ def tool_spec(body: dict) -> dict | None:
     return {"mode": "named", "name": name, "json": specs[name], "tools": tools}
 
 
+def parse_tool_calls(text: str, names) -> tuple[str | None, list[tuple[str, str]]] | None:
+    """Hermes' tool calls in a reply (`<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, one block a call):
+    (the content before the first, or None where there is none; [(name, arguments as JSON text)]). None where the text
+    holds no call, or a block that is not a JSON call of one of `names` (the reply is then its text, as vLLM's parser
+    has it). A last block the reply ended inside (no closing tag) is read as far as it goes."""
+    start = text.find(TOOL_OPEN)
+    if start < 0:
+        return None
+    calls = []
+    for block in text[start:].split(TOOL_OPEN)[1:]:
+        body = block.split(TOOL_CLOSE)[0].strip()
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            return None
+        if not isinstance(doc, dict) or doc.get("name") not in names:
+            return None
+        args = doc.get("arguments", doc.get("parameters", {}))
+        calls.append((doc["name"], args if isinstance(args, str) else json.dumps(args)))
+    return (text[:start].strip() or None), calls
+
+
+def _calls(calls: list[tuple[str, str]], call_id: str, stream: bool = False) -> list[dict]:
+    return [{**({"index": i} if stream else {}), "id": f"{call_id}-{i}", "type": "function",
+             "function": {"name": n, "arguments": a}} for i, (n, a) in enumerate(calls)]
+
+
 def tool_message(text: str, finish_reason: str, spec: dict, call_id: str) -> tuple[dict, str]:
     """(the chat message, finish_reason) of a tool-call reply: the calls, once the JSON was finished (by EOS); the text
     as content otherwise (the request ended first: max_tokens, a timeout; or the model's tokens could not write the
-    rest, where structured outputs let it end)."""
+    rest, where structured outputs let it end). "auto": the calls the model wrote in its format, after its content."""
+    if spec["mode"] == "auto":
+        got = parse_tool_calls(text, spec["names"])
+        if got is None:
+            return {"role": "assistant", "content": text}, "stop" if finish_reason == "eos" else finish_reason
+        return {"role": "assistant", "content": got[0], "tool_calls": _calls(got[1], call_id)}, "tool_calls"
     try:
         if finish_reason != "eos":
             raise ValueError
@@ -148,6 +188,33 @@ def tool_message(text: str, finish_reason: str, spec: dict, call_id: str) -> tup
     return {"role": "assistant", "content": None,
             "tool_calls": [{"id": f"{call_id}-{i}", "type": "function", "function": {"name": n, "arguments": a}}
                            for i, (n, a) in enumerate(calls)]}, reason
+
+
+class AutoToolStream:
+    """A streamed "auto" reply: its text streams as content until a tool call may begin (a tail that could start the
+    opening tag is held back); from the first tag on it is held, and the last event carries the calls (finish_reason
+    "tool_calls"), or, where the text held no well-formed call, the rest as content."""
+
+    def __init__(self, spec: dict, call_id: str):
+        self.spec, self.call_id, self.text, self.sent = spec, call_id, "", 0
+
+    def delta(self, delta: dict, finished: bool, finish_reason: str | None) -> tuple[dict, str | None]:
+        self.text += delta.get("content") or ""
+        out = {k: v for k, v in delta.items() if k != "content"}
+        if finished:
+            got = parse_tool_calls(self.text, self.spec["names"])
+            if got is not None:
+                content = self.text[:self.text.find(TOOL_OPEN)].rstrip()
+                out.update(content=content[self.sent:] or None, tool_calls=_calls(got[1], self.call_id, True))
+                return out, "tool_calls"
+            out["content"], self.sent = self.text[self.sent:], len(self.text)
+            return out, finish_reason
+        at = self.text.find(TOOL_OPEN)
+        if at < 0:  # (hold back a tail that could be the tag's start)
+            at = len(self.text) - next((n for n in range(min(len(TOOL_OPEN) - 1, len(self.text)), 0, -1)
+                                        if TOOL_OPEN.startswith(self.text[-n:])), 0)
+        out["content"], self.sent = self.text[self.sent:max(at, self.sent)], max(at, self.sent)
+        return out, finish_reason
 
 
 def tool_delta(delta: dict, spec: dict, call_id: str, first: bool) -> dict:
@@ -184,12 +251,19 @@ class Service:
     """The engine plus what the HTTP layer needs: request parsing, a policy cache, an admission bound."""
 
     def __init__(self, engine: Engine, *, model_name: str = "bild", max_pending: int = 256,
-                 default_timeout: float | None = 600.0):
+                 default_timeout: float | None = 600.0, tool_call_parser: str | None = None):
+        if tool_call_parser not in (None, *TOOL_CALL_PARSERS):
+            raise ValueError(f"tool_call_parser must be one of {TOOL_CALL_PARSERS} or None, got {tool_call_parser!r}")
         self.engine, self.model_name, self.default_timeout = engine, model_name, default_timeout
+        self.tool_call_parser = tool_call_parser
         self.slots = threading.BoundedSemaphore(max_pending)
         self.metrics = ServiceMetrics()
         self._policies: dict[str, object] = {}
         self._lock = threading.Lock()
+
+    def tool_spec(self, body: dict) -> dict | None:
+        """`tool_spec` with this service's tool-call parser."""
+        return tool_spec(body, self.tool_call_parser)
 
     def policy(self, spec):
         """One policy object per distinct spec: equal requests share a batch, and "auto" thresholds keep
@@ -237,8 +311,8 @@ class Service:
                                  or not isinstance(opts.get("include_usage", True), bool)):
             raise BadRequest('stream_options must be {"include_usage": true|false} (the last event carries the '
                              'usage either way)')
-        tools = tool_spec(body) if kind == "chat" else None
-        if tools is not None:
+        tools = self.tool_spec(body) if kind == "chat" else None
+        if tools is not None and tools["mode"] != "auto":
             if _structured(body) is not None:
                 raise BadRequest("tool_choice holds the reply to its functions' schemas: no other output constraint")
             if body.get("stream") and tools["mode"] == "required":
@@ -291,7 +365,8 @@ class Service:
                                     truncate_prompt_tokens=body.get("truncate_prompt_tokens"),
                                     logprobs=body.get("logprobs"),
                                     prompt_logprobs=body.get("logprobs") if body.get("echo") else None,
-                                    structured_outputs=_structured(body) if tools is None else {"json": tools["json"]})
+                                    structured_outputs=(_structured(body) if tools is None or "json" not in tools
+                                                        else {"json": tools["json"]}))
         except (TypeError, ValueError) as e:
             raise BadRequest(str(e)) from None
         if not isinstance(body.get("stream", False), bool):

@@ -33,9 +33,9 @@ text to a pattern (SamplingParams.structured_outputs): OpenAI's response_format 
 "json_object"}) or its guided_json / guided_regex / guided_choice (+ guided_whitespace_pattern); (chat) tools with
 tool_choice naming a function (the reply is message.tool_calls: one call, its arguments held to the function's
 parameters schema, finish_reason "stop") or "required" (one or more calls, finish_reason "tool_calls"; one with
-parallel_tool_calls false), the tools shown to the chat template; "auto" is refused (it needs a parser of the model's
-own tool-call format), "none" ignores them; a named one streams (delta.tool_calls[0].function.arguments), "required"
-does not;
+parallel_tool_calls false), the tools shown to the chat template; "auto" (the model decides; its calls read by
+--tool-call-parser hermes, refused without one), "none" ignores them; a named one streams
+(delta.tool_calls[0].function.arguments), "auto" streams its content and ends with the calls, "required" does not;
 (completions) best_of 1 is accepted as the no-op it is, other values refused. stream_options is accepted (the last event carries the
 usage either way). With "stream": true the reply is server-sent events, one `data: {...}` per committed run of tokens
 and `data: [DONE]` at the end. Each choice carries, besides OpenAI's text and finish_reason, the token ids
@@ -63,7 +63,7 @@ import torch
 
 from bild_kernels import Engine
 from openai_api import (MAX_BODY, ROUTES, TOKENIZER_ROUTES, BadRequest, Service, _chain, _refused, _usage, is_batch,
-                        tool_delta, tool_message, tool_spec)
+                        AutoToolStream, tool_delta, tool_message)
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
@@ -131,10 +131,10 @@ class Handler(BaseHTTPRequestHandler):
             return self._error(503, "server busy: too many requests in flight", "overloaded")
         try:
             if stream:
-                self._stream(prompt, params, policy, kind, tools=tool_spec(body) if kind == "chat" else None)
+                self._stream(prompt, params, policy, kind, tools=svc.tool_spec(body) if kind == "chat" else None)
             else:
                 self._complete(prompt, params, policy, kind, echo=kind == "text" and body.get("echo", False),
-                               n=body.get("n", 1), tools=tool_spec(body) if kind == "chat" else None)
+                               n=body.get("n", 1), tools=svc.tool_spec(body) if kind == "chat" else None)
         except (TypeError, ValueError) as e:  # the engine's documented argument errors
             self._error(400, str(e))
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
@@ -188,6 +188,8 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
             self.end_headers()
             self.close_connection = True
+            auto = (AutoToolStream(tools, f"call-{first.request_id}") if tools is not None and tools["mode"] == "auto"
+                    else None)
             try:
                 offset = 0  # tokens' texts so far (completions' logprobs text_offset)
                 for i, c in enumerate(_chain(first, chunks)):
@@ -198,7 +200,10 @@ class Handler(BaseHTTPRequestHandler):
                                         c.top_logprobs, offset, kind, first=i == 0, stream=True)
                     if c.logprobs and kind == "text":
                         offset += sum(len(t) for t in choice["logprobs"]["tokens"])
-                    if tools is not None:  # (a named tool_choice: the text streams as the call's arguments)
+                    if auto is not None:  # ("auto": content until a call begins; the calls at the end)
+                        choice["delta"], reason = auto.delta(choice["delta"], c.finished, choice["finish_reason"])
+                        choice["finish_reason"] = reason
+                    elif tools is not None:  # (a named tool_choice: the text streams as the call's arguments)
                         choice["delta"] = tool_delta(choice["delta"], tools, f"call-{c.request_id}", i == 0)
                     event = svc.envelope(c.request_id, choice, created, _usage(o) if o else None, kind, stream=True)
                     self.wfile.write(b"data: " + json.dumps(event).encode() + b"\n\n")
@@ -293,6 +298,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
     ap.add_argument("--max-pending", type=int, default=256, help="requests in flight before 503")
     ap.add_argument("--request-timeout", type=float, default=600.0, help="default per-request timeout, seconds")
+    ap.add_argument("--tool-call-parser", default=None, choices=["hermes"],
+                    help='read the tool calls a model writes in its own format, for tool_choice "auto" (the default '
+                         'with tools): hermes, <tool_call>{"name": ..., "arguments": ...}</tool_call> blocks (Qwen 2.5 '
+                         '/ 3, Hermes and SmolLM3 chat templates)')
     ap.add_argument("--log", action="store_true", help="log every HTTP request to stderr")
     return ap
 
@@ -301,7 +310,7 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     engine = build_engine(args)
     server = make_server(engine, args.host, args.port, max_pending=args.max_pending,
-                         default_timeout=args.request_timeout)
+                         default_timeout=args.request_timeout, tool_call_parser=args.tool_call_parser)
     server.log = args.log
     host, port = server.server_address[:2]
     print(f"serving on http://{host}:{port}/v1/completions", file=sys.stderr, flush=True)

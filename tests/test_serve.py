@@ -621,7 +621,8 @@ def test_tool_calls_hold_to_the_functions_schemas(json_server, choice, parallel)
 
 
 @pytest.mark.parametrize("extra, match", [
-    ({"tools": [WEATHER]}, 'tool_choice "auto"'), ({"tools": [WEATHER], "tool_choice": "auto"}, 'tool_choice "auto"'),
+    ({"tools": [WEATHER]}, "--tool-call-parser hermes"),
+    ({"tools": [WEATHER], "tool_choice": "auto"}, 'tool_choice "auto"'),
     ({"tool_choice": "required"}, "tool_choice needs tools"),
     ({"tools": [{"type": "function", "function": {"name": "a b"}}], "tool_choice": "required"}, "each tool must be"),
     ({"tools": [WEATHER, WEATHER], "tool_choice": "required"}, "twice"),
@@ -712,3 +713,92 @@ def test_stop_token_ids_and_truncate_prompt_tokens_reach_the_engine(server):
     assert r["choices"][0]["token_ids"] == eng.generate([long[-10:]], SamplingParams(max_tokens=4),
                                                         policy=svc.policy(None))[0].token_ids
     _all_free(eng)
+
+
+def test_hermes_tool_calls_are_read_from_a_reply(programs):
+    api = importlib.import_module("openai_api")
+    names = ["weather", "clock"]
+    call = '<tool_call>\n{"name": "weather", "arguments": {"city": "oslo"}}\n</tool_call>'
+    assert api.parse_tool_calls("no calls here", names) is None
+    assert api.parse_tool_calls(call, names) == (None, [("weather", '{"city": "oslo"}')])
+    two = f'Let me look.\n{call}\n<tool_call>{{"name": "clock", "parameters": {{"zone": "utc"}}}}</tool_call>'
+    assert api.parse_tool_calls(two, names) == ("Let me look.", [("weather", '{"city": "oslo"}'),
+                                                                 ("clock", '{"zone": "utc"}')])
+    # (the reply ended inside its last block, its JSON whole: read; cut inside the JSON: no call)
+    assert api.parse_tool_calls('<tool_call>{"name": "clock", "arguments": "{}"}', names) == (None, [("clock", "{}")])
+    assert api.parse_tool_calls('<tool_call>{"name": "clock", "argu', names) is None
+    assert api.parse_tool_calls('<tool_call>{"name": "rm", "arguments": {}}</tool_call>', names) is None  # unknown
+    assert api.parse_tool_calls("<tool_call>{not json}</tool_call>", names) is None
+    # streamed: the content goes out until a call may begin (a split tag held back), the calls come at the end
+    spec = {"mode": "auto", "names": names}
+    text = f"Sure <tool_c, hm. {call}"
+    pieces = [text[i:i + 3] for i in range(0, len(text), 3)]
+    s = api.AutoToolStream(spec, "call-7")
+    outs = [s.delta({"content": p}, i == len(pieces) - 1, None) for i, p in enumerate(pieces)]
+    sent = "".join(d.get("content") or "" for d, _ in outs)
+    assert sent == "Sure <tool_c, hm. " and outs[-1][1] == "tool_calls"  # (the space went out before the tag came)
+    assert outs[-1][0]["tool_calls"] == [{"index": 0, "id": "call-7-0", "type": "function",
+                                          "function": {"name": "weather", "arguments": '{"city": "oslo"}'}}]
+    assert all("tool_calls" not in d for d, _ in outs[:-1])
+    s = api.AutoToolStream(spec, "call-8")  # no call after all: the held tail goes out at the end
+    outs = [s.delta({"content": "a <tool"}, False, None), s.delta({"content": "box>"}, True, "stop")]
+    assert [d["content"] for d, _ in outs] == ["a ", "<toolbox>"] and outs[-1][1] == "stop"
+
+
+@pytest.fixture(scope="module")
+def hermes_server(programs):
+    """A tiny pair whose tokenizer can write Hermes' tool-call tags and JSON, served with --tool-call-parser hermes."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    from bild_kernels import Engine
+
+    from .engine.conftest import shallow_copy, tiny_llama
+    from .engine.test_structured_outputs import EOS, PIECES, V
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(PIECES))}
+    vocab.update({"<unk>": len(PIECES), "</s>": EOS, "<tool_call>": EOS + 1, "</tool_call>": EOS + 2})
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="</s>")
+    tok.chat_template = "{% if tools %}yes{% else %}no{% endif %}"
+    large = tiny_llama(21, layers=3, vocab=V)
+    large.config.eos_token_id = EOS
+    small = shallow_copy(large, layers=2, noise=0.3)
+    small.config.eos_token_id = EOS
+    engine = Engine(large=large, small=small, tokenizer=tok, dtype=torch.float64, max_model_len=128, block_size=4)
+    srv = programs["serve"].make_server(engine, port=0, max_pending=16, tool_call_parser="hermes")
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_tool_choice_auto_reads_the_calls_the_model_writes(hermes_server, stream):
+    """The model's reply held (by a guided regex) to content and then a Hermes call: the reply's message carries the
+    content and the call, finish_reason "tool_calls"; held to plain text, it is a plain reply."""
+    call = r'ok <tool_call>\{"name": "weather", "arguments": \{"city": "[a-z]{1,4}", "unit": "c"\}\}</tool_call>'
+    base = {"messages": [{"role": "user", "content": "weather?"}], "max_tokens": 60, "tools": [WEATHER, TIME],
+            "stream": stream}
+    code, r = _post(hermes_server, "/v1/chat/completions", {**base, "guided_regex": call})
+    assert code == 200, r
+    if stream:
+        content = "".join(e["choices"][0]["delta"].get("content") or "" for e in r)
+        calls = [k for e in r for k in e["choices"][0]["delta"].get("tool_calls", [])]
+        reason = r[-1]["choices"][0]["finish_reason"]
+    else:
+        msg = r["choices"][0]["message"]
+        content, calls, reason = msg["content"], msg["tool_calls"], r["choices"][0]["finish_reason"]
+    assert content.strip() == "ok" and reason == "tool_calls" and len(calls) == 1
+    assert calls[0]["function"]["name"] == "weather" and calls[0]["type"] == "function"
+    args = json.loads(calls[0]["function"]["arguments"])
+    assert set(args) == {"city", "unit"} and args["unit"] == "c"
+    code, r = _post(hermes_server, "/v1/chat/completions", {**base, "guided_regex": "(yes|no)"})
+    assert code == 200, r
+    if stream:
+        assert "".join(e["choices"][0]["delta"].get("content") or "" for e in r) in ("yes", "no")
+        assert not any("tool_calls" in e["choices"][0]["delta"] for e in r)
+    else:
+        assert r["choices"][0]["message"]["content"] in ("yes", "no") and "tool_calls" not in r["choices"][0]["message"]
+    _all_free(hermes_server.service.engine)
