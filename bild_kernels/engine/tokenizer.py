@@ -1,10 +1,48 @@
 """Prompts in, text out: tokenisation with per-prompt errors, and incremental detokenisation."""
 from __future__ import annotations
 
+import json
+
 from bild_kernels.engine.sequence import Sequence
 
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+_SHAPE = ("{'role': system | user | assistant | tool, 'content': a string} (an assistant's content may be None beside "
+          "its 'tool_calls': [{'id', 'type': 'function', 'function': {'name', 'arguments'}}]; a tool's message may "
+          "carry its 'tool_call_id' and 'name')")
+
+
+def checked_message(m: dict) -> dict | None:
+    """A chat message as the template gets it (OpenAI's shape; an assistant's calls' arguments, JSON text in OpenAI's
+    messages, as the objects Hugging Face's templates read, as vLLM hands them), or None where it is malformed."""
+    role = m.get("role")
+    if role not in ROLES or set(m) - {"role", "content", "tool_calls", "tool_call_id", "name"}:
+        return None
+    calls = m.get("tool_calls")
+    if not isinstance(m.get("content"), str) and not (role == "assistant" and calls and m.get("content", 0) is None):
+        return None
+    if ("tool_call_id" in m and (role != "tool" or not isinstance(m["tool_call_id"], str))) or (
+            "name" in m and not isinstance(m["name"], str)):
+        return None
+    if "tool_calls" not in m:
+        return dict(m)
+    if role != "assistant" or not isinstance(calls, list) or not calls:
+        return None
+    out = []
+    for c in calls:
+        fn = c.get("function") if isinstance(c, dict) else None
+        if (not isinstance(fn, dict) or c.get("type", "function") != "function" or not isinstance(fn.get("name"), str)
+                or not isinstance(fn.get("arguments", "{}"), (str, dict))):
+            return None
+        args = fn.get("arguments", "{}")
+        if isinstance(args, str):
+            try:
+                parsed = json.loads(args)
+            except ValueError:
+                parsed = None
+            args = parsed if isinstance(parsed, dict) else args
+        out.append({**c, "type": "function", "function": {**fn, "arguments": args}})
+    return {**m, "tool_calls": out}
 
 
 def is_conversation(p) -> bool:
@@ -18,10 +56,11 @@ def conversation_ids(tokenizer, messages, tools=None) -> tuple[list[int] | None,
     why) when the messages or the tokenizer cannot make one."""
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         return None, "a conversation needs a chat template, and the tokenizer has none (pass a string or token ids)"
-    for j, m in enumerate(messages):
-        if set(m) != {"role", "content"} or m["role"] not in ROLES or not isinstance(m["content"], str):
-            return None, (f"message {j} must be {{'role': one of {list(ROLES)}, 'content': a string}}, "
-                          f"got {str(m)[:80]}")
+    checked = [checked_message(m) for m in messages]
+    for j, m in enumerate(checked):
+        if m is None:
+            return None, f"message {j} must be {_SHAPE}, got {str(messages[j])[:80]}"
+    messages = checked
     try:
         ids = template_ids(tokenizer, messages, tools)
     except Exception as e:  # the template's own checks (roles out of order, say) raise from Jinja

@@ -7,7 +7,7 @@ from bild_kernels import Engine, Greedy, SamplingParams
 
 from .conftest import assert_all_free, hf_greedy, word_tokenizer
 
-WORDS = [f"w{i}" for i in range(90)] + ["turn", "system", "user", "assistant", "endturn"]
+WORDS = [f"w{i}" for i in range(89)] + ["tool", "turn", "system", "user", "assistant", "endturn"]
 TEMPLATE = ("{% for m in messages %}turn {{ m['role'] }} {{ m['content'] }} endturn {% endfor %}"
             "{% if add_generation_prompt %}turn assistant{% endif %}")
 CHAT = [{"role": "system", "content": "w5 w6"}, {"role": "user", "content": "w1 w2 w3"}]
@@ -37,7 +37,12 @@ def test_a_conversation_is_its_chat_template_s_tokens(engine, large_model):
 @pytest.mark.parametrize("bad, match", [
     ([{"role": "robot", "content": "w1"}], "message 0 must be"),
     ([{"role": "user", "content": "w1"}, {"role": "user", "content": 7}], "message 1 must be"),
-    ([{"role": "user", "content": "w1", "name": "x"}], "message 0 must be"),
+    ([{"role": "user", "content": "w1", "colour": "x"}], "message 0 must be"),
+    ([{"role": "user", "content": None}], "message 0 must be"),  # (None only beside an assistant's tool calls)
+    ([{"role": "user", "content": "w1", "tool_call_id": "c1"}], "message 0 must be"),
+    ([{"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {"arguments": "{}"}}]}],
+     "message 0 must be"),
+    ([{"role": "assistant", "content": None, "tool_calls": []}], "message 0 must be"),
     ([{"role": "user"}], "message 0 must be"),
 ])
 def test_a_bad_conversation_fails_that_request_only(engine, large_model, bad, match):
@@ -45,6 +50,26 @@ def test_a_bad_conversation_fails_that_request_only(engine, large_model, bad, ma
     assert outs[0].finish_reason == "error" and match in outs[0].error and outs[0].error.startswith("prompt 0: ")
     assert outs[1].error is None and len(outs[1].token_ids) == 6
     assert_all_free(engine)
+
+
+def test_a_tool_calling_conversation_reaches_the_template(large_model):
+    """OpenAI's agent turns: an assistant message of tool calls (content None, arguments as JSON text) and the tool's
+    reply; the template sees the calls' arguments as objects (as Hugging Face's templates read them)."""
+    tok = word_tokenizer(WORDS)
+    tok.chat_template = ("{% for m in messages %}turn {{ m['role'] }} {% if m['tool_calls'] %}"
+                         "{% for c in m['tool_calls'] %}{{ c['function']['name'] }} {{ c['function']['arguments']['a'] }}"
+                         " {% endfor %}{% else %}{{ m['content'] }} {% endif %}endturn {% endfor %}"
+                         "{% if add_generation_prompt %}turn assistant{% endif %}")
+    eng = Engine(large=large_model, dtype=torch.float64, max_model_len=64, block_size=4, tokenizer=tok)
+    conv = [{"role": "user", "content": "w1 w2"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "call-1", "type": "function", "function": {"name": "w7", "arguments": '{"a": "w8"}'}}]},
+            {"role": "tool", "tool_call_id": "call-1", "name": "w7", "content": "w9"}]
+    out = eng.generate([conv], SamplingParams(max_tokens=3))[0]
+    assert out.error is None
+    assert eng.tokenizer.decode(out.prompt_token_ids) == ("turn user w1 w2 endturn turn assistant w7 w8 endturn "
+                                                           "turn tool w9 endturn turn assistant")
+    assert conv[1]["tool_calls"][0]["function"]["arguments"] == '{"a": "w8"}'  # (the caller's messages untouched)
 
 
 def test_a_template_that_raises_is_a_clear_error(large_model, small_model):
