@@ -57,8 +57,8 @@ def test_a_tool_calling_conversation_reaches_the_template(large_model):
     reply; the template sees the calls' arguments as objects (as Hugging Face's templates read them)."""
     tok = word_tokenizer(WORDS)
     tok.chat_template = ("{% for m in messages %}turn {{ m['role'] }} {% if m['tool_calls'] %}"
-                         "{% for c in m['tool_calls'] %}{{ c['function']['name'] }} {{ c['function']['arguments']['a'] }}"
-                         " {% endfor %}{% else %}{{ m['content'] }} {% endif %}endturn {% endfor %}"
+                         "{% for c in m['tool_calls'] %}{{ c['function']['name'] }} "
+                         "{{ c['function']['arguments']['a'] }} {% endfor %}{% else %}{{ m['content'] }} {% endif %}endturn {% endfor %}"
                          "{% if add_generation_prompt %}turn assistant{% endif %}")
     eng = Engine(large=large_model, dtype=torch.float64, max_model_len=64, block_size=4, tokenizer=tok)
     conv = [{"role": "user", "content": "w1 w2"},
