@@ -80,8 +80,9 @@ def _structured(body: dict):
     return {{"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice"}[key]: value, **extra}
 
 
-TOOL_CALL_PARSERS = ("hermes",)  # serve.py --tool-call-parser: the models' own tool-call formats read for "auto"
 TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"  # Hermes' (Qwen 2.5 / 3, Hermes, SmolLM3 templates write it)
+MISTRAL_CALLS = "[TOOL_CALLS]"  # Mistral's (a special token: its replies keep special tokens in their text)
+PYTHON_TAG = "<|python_tag|>"  # Llama 3.1+'s, before a JSON call (a special token, skipped from the text by default)
 
 
 def tool_spec(body: dict, parser: str | None = None) -> dict | None:
@@ -138,26 +139,92 @@ def tool_spec(body: dict, parser: str | None = None) -> dict | None:
     return {"mode": "named", "name": name, "json": specs[name], "tools": tools}
 
 
-def parse_tool_calls(text: str, names) -> tuple[str | None, list[tuple[str, str]]] | None:
-    """Hermes' tool calls in a reply (`<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, one block a call):
-    (the content before the first, or None where there is none; [(name, arguments as JSON text)]). None where the text
-    holds no call, or a block that is not a JSON call of one of `names` (the reply is then its text, as vLLM's parser
-    has it). A last block the reply ended inside (no closing tag) is read as far as it goes."""
+def _call_of(doc, names) -> tuple[str, str] | None:
+    """(name, arguments as JSON text) of one call object {"name", "arguments" | "parameters"} of one of `names`."""
+    if not isinstance(doc, dict) or doc.get("name") not in names:
+        return None
+    args = doc.get("arguments", doc.get("parameters", {}))
+    return doc["name"], args if isinstance(args, str) else json.dumps(args)
+
+
+def _hermes(text: str, names):
+    """Hermes: `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks, one a call, after the content; a last
+    block the reply ended inside (no closing tag) is read as far as its JSON goes."""
     start = text.find(TOOL_OPEN)
     if start < 0:
         return None
     calls = []
     for block in text[start:].split(TOOL_OPEN)[1:]:
-        body = block.split(TOOL_CLOSE)[0].strip()
         try:
-            doc = json.loads(body)
+            call = _call_of(json.loads(block.split(TOOL_CLOSE)[0].strip()), names)
         except ValueError:
             return None
-        if not isinstance(doc, dict) or doc.get("name") not in names:
+        if call is None:
             return None
-        args = doc.get("arguments", doc.get("parameters", {}))
-        calls.append((doc["name"], args if isinstance(args, str) else json.dumps(args)))
+        calls.append(call)
     return (text[:start].strip() or None), calls
+
+
+def _mistral(text: str, names):
+    """Mistral: `[TOOL_CALLS]` and a JSON list of {"name", "arguments"} after the content."""
+    start = text.find(MISTRAL_CALLS)
+    if start < 0:
+        return None
+    try:
+        docs = json.loads(text[start + len(MISTRAL_CALLS):].strip())
+    except ValueError:
+        return None
+    calls = [_call_of(d, names) for d in (docs if isinstance(docs, list) else [docs])]
+    if not calls or None in calls:
+        return None
+    return (text[:start].strip() or None), calls
+
+
+def _llama3_json(text: str, names):
+    """Llama 3.1+'s JSON calls: the whole reply (after an optional `<|python_tag|>`) one or more {"name", "parameters"}
+    objects separated by `;`, and no other content."""
+    body = text.strip()
+    body = body[len(PYTHON_TAG):].strip() if body.startswith(PYTHON_TAG) else body
+    if not body.startswith("{"):
+        return None
+    dec, calls, at = json.JSONDecoder(), [], 0
+    while at < len(body):
+        try:
+            doc, end = dec.raw_decode(body, at)
+        except ValueError:
+            return None
+        call = _call_of(doc, names)
+        if call is None:
+            return None
+        calls.append(call)
+        at = end
+        while at < len(body) and body[at] in " \n\t;":
+            at += 1
+    return None, calls
+
+
+TOOL_CALL_PARSERS = {"hermes": _hermes, "mistral": _mistral, "llama3_json": _llama3_json}  # serve.py --tool-call-parser
+
+
+def parse_tool_calls(text: str, names, parser: str = "hermes") -> tuple[str | None, list[tuple[str, str]]] | None:
+    """The tool calls a reply wrote in `parser`'s format: (the content before them, or None where there is none;
+    [(name, arguments as JSON text)]). None where the text holds no call, or one that is not a JSON call of one of
+    `names` (the reply is then its text, as vLLM's parsers have it)."""
+    return TOOL_CALL_PARSERS[parser](text, names)
+
+
+def call_start(text: str, parser: str) -> int:
+    """Where a tool call may begin in a reply streamed so far (its content goes out before that), in `parser`'s
+    format: the marker, or the start of a tail that could be the marker's beginning; len(text) where none may."""
+    if parser == "llama3_json":  # (a call is the whole reply: it may begin only at its start)
+        head = text.lstrip()
+        return 0 if head.startswith(("{", PYTHON_TAG)) or (PYTHON_TAG.startswith(head)) else len(text)
+    marker = TOOL_OPEN if parser == "hermes" else MISTRAL_CALLS
+    at = text.find(marker)
+    if at >= 0:
+        return at
+    return len(text) - next((n for n in range(min(len(marker) - 1, len(text)), 0, -1)
+                             if marker.startswith(text[-n:])), 0)
 
 
 def _calls(calls: list[tuple[str, str]], call_id: str, stream: bool = False) -> list[dict]:
@@ -170,7 +237,7 @@ def tool_message(text: str, finish_reason: str, spec: dict, call_id: str) -> tup
     as content otherwise (the request ended first: max_tokens, a timeout; or the model's tokens could not write the
     rest, where structured outputs let it end). "auto": the calls the model wrote in its format, after its content."""
     if spec["mode"] == "auto":
-        got = parse_tool_calls(text, spec["names"])
+        got = parse_tool_calls(text, spec["names"], spec["parser"])
         if got is None:
             return {"role": "assistant", "content": text}, "stop" if finish_reason == "eos" else finish_reason
         return {"role": "assistant", "content": got[0], "tool_calls": _calls(got[1], call_id)}, "tool_calls"
@@ -201,19 +268,17 @@ class AutoToolStream:
     def delta(self, delta: dict, finished: bool, finish_reason: str | None) -> tuple[dict, str | None]:
         self.text += delta.get("content") or ""
         out = {k: v for k, v in delta.items() if k != "content"}
+        parser = self.spec["parser"]
         if finished:
-            got = parse_tool_calls(self.text, self.spec["names"])
+            got = parse_tool_calls(self.text, self.spec["names"], parser)
             if got is not None:
-                content = self.text[:self.text.find(TOOL_OPEN)].rstrip()
-                out.update(content=content[self.sent:] or None, tool_calls=_calls(got[1], self.call_id, True))
+                content = self.text[:call_start(self.text, parser)].rstrip()[self.sent:]
+                out.update(content=content or None, tool_calls=_calls(got[1], self.call_id, True))
                 return out, "tool_calls"
             out["content"], self.sent = self.text[self.sent:], len(self.text)
             return out, finish_reason
-        at = self.text.find(TOOL_OPEN)
-        if at < 0:  # (hold back a tail that could be the tag's start)
-            at = len(self.text) - next((n for n in range(min(len(TOOL_OPEN) - 1, len(self.text)), 0, -1)
-                                        if TOOL_OPEN.startswith(self.text[-n:])), 0)
-        out["content"], self.sent = self.text[self.sent:max(at, self.sent)], max(at, self.sent)
+        at = max(call_start(self.text, parser), self.sent)
+        out["content"], self.sent = self.text[self.sent:at], at
         return out, finish_reason
 
 
@@ -253,7 +318,8 @@ class Service:
     def __init__(self, engine: Engine, *, model_name: str = "bild", max_pending: int = 256,
                  default_timeout: float | None = 600.0, tool_call_parser: str | None = None):
         if tool_call_parser not in (None, *TOOL_CALL_PARSERS):
-            raise ValueError(f"tool_call_parser must be one of {TOOL_CALL_PARSERS} or None, got {tool_call_parser!r}")
+            raise ValueError(f"tool_call_parser must be one of {sorted(TOOL_CALL_PARSERS)} or None, got "
+                             f"{tool_call_parser!r}")
         self.engine, self.model_name, self.default_timeout = engine, model_name, default_timeout
         self.tool_call_parser = tool_call_parser
         self.slots = threading.BoundedSemaphore(max_pending)
@@ -352,7 +418,10 @@ class Service:
                                     top_p=body.get("top_p", 1.0), top_k=body.get("top_k", 0),
                                     min_p=body.get("min_p", 0.0),
                                     include_stop_str_in_output=body.get("include_stop_str_in_output", False),
-                                    skip_special_tokens=body.get("skip_special_tokens", True),
+                                    # (a format whose marker is a special token keeps them in the text, as vLLM's
+                                    # Mistral parser does)
+                                    skip_special_tokens=body.get("skip_special_tokens", True) and not (
+                                        tools is not None and tools.get("parser") == "mistral"),
                                     seed=_seed(body), stop=tuple(stop),
                                     ignore_eos=bool(body.get("ignore_eos", False)), timeout_s=timeout,
                                     presence_penalty=_number(body, "presence_penalty", 0.0),

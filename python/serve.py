@@ -34,7 +34,7 @@ text to a pattern (SamplingParams.structured_outputs): OpenAI's response_format 
 tool_choice naming a function (the reply is message.tool_calls: one call, its arguments held to the function's
 parameters schema, finish_reason "stop") or "required" (one or more calls, finish_reason "tool_calls"; one with
 parallel_tool_calls false), the tools shown to the chat template; "auto" (the model decides; its calls read by
---tool-call-parser hermes, refused without one), "none" ignores them; a named one streams
+--tool-call-parser hermes | mistral | llama3_json, refused without one), "none" ignores them; a named one streams
 (delta.tool_calls[0].function.arguments), "auto" streams its content and ends with the calls, "required" does not;
 (completions) best_of 1 is accepted as the no-op it is, other values refused. stream_options is accepted (the last event carries the
 usage either way). With "stream": true the reply is server-sent events, one `data: {...}` per committed run of tokens
@@ -298,10 +298,11 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
     ap.add_argument("--max-pending", type=int, default=256, help="requests in flight before 503")
     ap.add_argument("--request-timeout", type=float, default=600.0, help="default per-request timeout, seconds")
-    ap.add_argument("--tool-call-parser", default=None, choices=["hermes"],
+    ap.add_argument("--tool-call-parser", default=None, choices=["hermes", "mistral", "llama3_json"],
                     help='read the tool calls a model writes in its own format, for tool_choice "auto" (the default '
                          'with tools): hermes, <tool_call>{"name": ..., "arguments": ...}</tool_call> blocks (Qwen 2.5 '
-                         '/ 3, Hermes and SmolLM3 chat templates)')
+                         '/ 3, Hermes and SmolLM3 chat templates); mistral, [TOOL_CALLS][{"name": ..., "arguments": '
+                         '...}]; llama3_json, a reply of {"name": ..., "parameters": ...} objects (Llama 3.1+)')
     ap.add_argument("--log", action="store_true", help="log every HTTP request to stderr")
     return ap
 

@@ -730,7 +730,7 @@ def test_hermes_tool_calls_are_read_from_a_reply(programs):
     assert api.parse_tool_calls('<tool_call>{"name": "rm", "arguments": {}}</tool_call>', names) is None  # unknown
     assert api.parse_tool_calls("<tool_call>{not json}</tool_call>", names) is None
     # streamed: the content goes out until a call may begin (a split tag held back), the calls come at the end
-    spec = {"mode": "auto", "names": names}
+    spec = {"mode": "auto", "names": names, "parser": "hermes"}
     text = f"Sure <tool_c, hm. {call}"
     pieces = [text[i:i + 3] for i in range(0, len(text), 3)]
     s = api.AutoToolStream(spec, "call-7")
@@ -802,3 +802,41 @@ def test_tool_choice_auto_reads_the_calls_the_model_writes(hermes_server, stream
     else:
         assert r["choices"][0]["message"]["content"] in ("yes", "no") and "tool_calls" not in r["choices"][0]["message"]
     _all_free(hermes_server.service.engine)
+
+
+@pytest.mark.parametrize("parser, text, want", [
+    ("mistral", 'Checking.[TOOL_CALLS][{"name": "weather", "arguments": {"city": "oslo"}}, '
+                '{"name": "clock", "arguments": {"zone": "utc"}}]',
+     ("Checking.", [("weather", '{"city": "oslo"}'), ("clock", '{"zone": "utc"}')])),
+    ("mistral", '[TOOL_CALLS] {"name": "clock", "arguments": {}}', (None, [("clock", "{}")])),
+    ("mistral", "[TOOL_CALLS][{\"name\": \"clock\", \"argu", None),  # (cut inside the JSON)
+    ("mistral", "no calls", None),
+    ("llama3_json", '{"name": "weather", "parameters": {"city": "oslo"}}', (None, [("weather", '{"city": "oslo"}')])),
+    ("llama3_json", '<|python_tag|>{"name": "clock", "parameters": {"zone": "utc"}}; {"name": "weather", '
+                    '"parameters": {}}', (None, [("clock", '{"zone": "utc"}'), ("weather", "{}")])),
+    ("llama3_json", 'It is {"name": "clock"}', None),  # (a call is the whole reply)
+    ("llama3_json", '{"name": "rm", "parameters": {}}', None),
+    ("llama3_json", '{"name": "clock", "parameters": {}} and more', None)])
+def test_mistral_and_llama3_tool_calls_are_read_from_a_reply(programs, parser, text, want):
+    api = importlib.import_module("openai_api")
+    assert api.parse_tool_calls(text, ["weather", "clock"], parser) == want
+    # streamed in pieces of 4: what went out as content, then the calls at the end (or the rest as content)
+    s = api.AutoToolStream({"mode": "auto", "names": ["weather", "clock"], "parser": parser}, "call-1")
+    pieces = [text[i:i + 4] for i in range(0, len(text), 4)]
+    outs = [s.delta({"content": p}, i == len(pieces) - 1, "stop") for i, p in enumerate(pieces)]
+    content = "".join(d.get("content") or "" for d, _ in outs)
+    if want is None:
+        assert content == text and outs[-1][1] == "stop"
+    else:
+        assert content.strip() == (want[0] or "") and outs[-1][1] == "tool_calls"
+        assert [(k["function"]["name"], k["function"]["arguments"]) for k in outs[-1][0]["tool_calls"]] == want[1]
+
+
+def test_the_mistral_parser_keeps_special_tokens_in_the_text(programs, server):
+    api = importlib.import_module("openai_api")
+    svc = api.Service(server.service.engine, tool_call_parser="mistral")
+    body = {"messages": CHAT, "max_tokens": 4, "tools": [WEATHER]}
+    assert svc.parse(body, "chat")[1].skip_special_tokens is False
+    assert svc.parse({"messages": CHAT, "max_tokens": 4}, "chat")[1].skip_special_tokens is True
+    with pytest.raises(ValueError, match="tool_call_parser must be one of"):
+        api.Service(server.service.engine, tool_call_parser="xml")
