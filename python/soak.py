@@ -52,14 +52,15 @@ def run_soak(engine: Engine, *, requests: int, threads: int, window: int, pool_s
     alone = [engine.generate([p], s, policy=pol)[0].token_ids for p, s, pol in pool]
     proc = psutil.Process()
     lock = threading.Lock()
-    state = {"issued": 0, "done": 0, "tokens": 0, "mismatches": [], "errors": [], "kinds": {}}
+    state = {"issued": 0, "done": 0, "tokens": 0, "mismatches": [], "errors": [], "kinds": {}, "preemptions": 0}
     windows: list[dict] = []
     t_start = time.perf_counter()
     mark = {"t": t_start, "tokens": 0}
 
-    def finish(kind: str, toks: int) -> None:
+    def finish(kind: str, toks: int, out=None) -> None:
         with lock:
             state["done"] += 1
+            state["preemptions"] += out.metrics.preemptions if out is not None else 0
             state["tokens"] += toks
             state["kinds"][kind] = state["kinds"].get(kind, 0) + 1
             if state["done"] % window == 0:
@@ -93,12 +94,12 @@ def run_soak(engine: Engine, *, requests: int, threads: int, window: int, pool_s
                 if r < 0.6:
                     out = engine.generate([prompt], params, policy=policy)[0]
                     check(k, out.token_ids, True, "generate")
-                    finish("generate", len(out.token_ids))
+                    finish("generate", len(out.token_ids), out)
                 elif r < 0.85:
                     chunks = list(engine.stream(prompt, params, policy=policy))
                     toks = sum((c.token_ids for c in chunks), [])
                     check(k, toks, True, "stream")
-                    finish("stream", len(toks))
+                    finish("stream", len(toks), chunks[-1].output)
                 elif r < 0.92:  # abandoned after its first chunk
                     it = engine.stream(prompt, params, policy=policy)
                     toks = next(it).token_ids
@@ -110,7 +111,7 @@ def run_soak(engine: Engine, *, requests: int, threads: int, window: int, pool_s
                                        timeout_s=rng.choice([1e-4, 2e-3, 1e-2]))
                     out = engine.generate([prompt], p, policy=policy)[0]
                     check(k, out.token_ids, out.finish_reason != "timeout", "deadline")
-                    finish("deadline-" + out.finish_reason, len(out.token_ids))
+                    finish("deadline-" + out.finish_reason, len(out.token_ids), out)
             except Exception as e:
                 with lock:
                     state["errors"].append(f"{type(e).__name__}: {e}")
@@ -136,6 +137,7 @@ def run_soak(engine: Engine, *, requests: int, threads: int, window: int, pool_s
     summary = {"requests": state["done"], "threads": threads, "wall_s": round(wall, 1),
                "req_per_s": round(state["done"] / wall, 1), "tokens_per_s": round(state["tokens"] / wall, 1),
                "mismatches": len(state["mismatches"]), "exceptions": len(state["errors"]), "leaked_blocks": leaked,
+               "preemptions": state["preemptions"],
                "in_flight_at_end": len(sched.running) + len(sched.waiting), "invariants": invariants,
                "rss_first_mb": full[0]["rss_mb"] if full else None, "rss_last_mb": full[-1]["rss_mb"] if full else None,
                "rss_growth_mb": round(rss_growth, 1), "throughput_last_over_first": round(tput_ratio, 2),
