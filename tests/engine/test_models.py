@@ -2,7 +2,6 @@
 layer ranges (FREE's shallow and deep passes), loading from sharded safetensors and GGUF, bad input."""
 import json
 import time
-from pathlib import Path
 
 import pytest
 import torch

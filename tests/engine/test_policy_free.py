@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bild_kernels import BiLD, Engine, SamplingParams
-from bild_kernels.engine.calibration import (GRID, BetaMixture, BetaParams, Calibration, Calibrator, fit_beta,
+from bild_kernels.engine.calibration import (BetaMixture, BetaParams, Calibration, Calibrator, fit_beta,
                                              fit_beta_mixture, labelled_pairs, select_threshold)
 
 from .conftest import assert_all_free
