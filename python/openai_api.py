@@ -414,7 +414,11 @@ class Service:
         stop = list(stop) + stop_ids
         timeout = body.get("timeout", self.default_timeout)
         try:
-            params = SamplingParams(max_tokens=body.get("max_tokens", 16), temperature=body.get("temperature", 0.0),
+            # max_tokens absent: OpenAI's defaults, 16 for completions, the rest of the context for chat (the engine
+            # stops a request at max_model_len); null: the rest of the context (vLLM's reading)
+            max_tokens = body.get("max_tokens", 16 if kind == "text" else None)
+            max_tokens = self.engine.max_model_len if max_tokens is None else max_tokens
+            params = SamplingParams(max_tokens=max_tokens, temperature=body.get("temperature", 0.0),
                                     top_p=body.get("top_p", 1.0), top_k=body.get("top_k", 0),
                                     min_p=body.get("min_p", 0.0),
                                     include_stop_str_in_output=body.get("include_stop_str_in_output", False),

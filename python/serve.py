@@ -11,16 +11,18 @@ Endpoints (JSON; errors are {"error": {"message", "type"}} with status 400 / 404
   POST /tokenize          {prompt: str, add_special_tokens=true} | {messages: [...]} -> {tokens, count, max_model_len}
   POST /detokenize        {tokens: [ids]} -> {prompt: text}
   POST /v1/completions    {prompt: str | [token ids] | a list of those (a batch: one choice each, not streamed),
-                           max_tokens=16, temperature=0, top_p=1, top_k=0, min_p=0 (vLLM's: keep tokens at least
-                           min_p times as likely as the most likely), seed (absent or null: a random one),
+                           max_tokens=16 (null: the rest of the context), temperature=0, top_p=1, top_k=0,
+                           min_p=0 (vLLM's: keep tokens at least min_p times as likely as the most likely), seed
+                           (absent or null: a random one),
                            stop: str | [str | id], stream=false, timeout: seconds, policy: {"name": "bild"|
                            "greedy"|"speculative-sampling"|"large-only"|"small-only"|"jacobi"|"shallow-deep"|
                            "ngram", ...the policy's keyword arguments; "lookup": {NGram's} for the drafting ones},
                            logprobs: null | 0..20, n=1..16: choices per prompt, the i-th sampled with seed + i,
                            not streamed}
   POST /v1/chat/completions
-                          {messages: [{role: "system"|"user"|"assistant", content: str}, ...], max_tokens (or
-                           max_completion_tokens)=16, logprobs: bool, top_logprobs: 0..20, and the fields above
+                          {messages: [{role: "system"|"user"|"assistant"|"tool", content: str, ...}, ...],
+                           max_tokens (or max_completion_tokens; absent or null: the rest of the context),
+                           logprobs: bool, top_logprobs: 0..20, and the fields above
                            but prompt}: the messages through the model's chat template; OpenAI's chat.completion
                            reply (choices[0].message.content, or with "stream": true chat.completion.chunk events
                            whose choices[0].delta carries the new text); finish_reason "stop" for an EOS

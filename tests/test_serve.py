@@ -840,3 +840,19 @@ def test_the_mistral_parser_keeps_special_tokens_in_the_text(programs, server):
     assert svc.parse({"messages": CHAT, "max_tokens": 4}, "chat")[1].skip_special_tokens is True
     with pytest.raises(ValueError, match="tool_call_parser must be one of"):
         api.Service(server.service.engine, tool_call_parser="xml")
+
+
+def test_max_tokens_defaults_as_openai_s(server):
+    """Absent: 16 for completions, the rest of the context for chat (OpenAI's defaults); null: the rest of the
+    context (vLLM's reading), where the engine stops the request (finish_reason "length")."""
+    eng, limit = server.service.engine, server.service.engine.max_model_len
+    code, r = _post(server, "/v1/completions", {"prompt": [5, 17, 3]})
+    assert code == 200 and r["usage"]["completion_tokens"] == 16
+    for path, body in (("/v1/completions", {"prompt": [5, 17, 3], "max_tokens": None}),
+                       ("/v1/chat/completions", {"messages": CHAT}),
+                       ("/v1/chat/completions", {"messages": CHAT, "max_completion_tokens": None})):
+        code, r = _post(server, path, {**body, "ignore_eos": True})
+        assert code == 200, r
+        assert r["usage"]["prompt_tokens"] + r["usage"]["completion_tokens"] == limit
+        assert r["choices"][0]["finish_reason"] == "length"
+    _all_free(eng)
