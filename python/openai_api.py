@@ -252,9 +252,7 @@ def tool_message(text: str, finish_reason: str, spec: dict, call_id: str) -> tup
     else:
         calls = [(c["name"], json.dumps(c["parameters"])) for c in doc]
         reason = "tool_calls"
-    return {"role": "assistant", "content": None,
-            "tool_calls": [{"id": f"{call_id}-{i}", "type": "function", "function": {"name": n, "arguments": a}}
-                           for i, (n, a) in enumerate(calls)]}, reason
+    return {"role": "assistant", "content": None, "tool_calls": _calls(calls, call_id)}, reason
 
 
 class AutoToolStream:
@@ -285,12 +283,10 @@ class AutoToolStream:
 def tool_delta(delta: dict, spec: dict, call_id: str, first: bool) -> dict:
     """A streamed chat delta of a named tool_choice's reply: its text as the call's arguments (the call's id, type
     and name in the first), as vLLM streams tool calls."""
-    call = {"index": 0, "function": {"arguments": delta.get("content", "")}}
     if first:
-        call = {"index": 0, "id": f"{call_id}-0", "type": "function",
-                "function": {"name": spec["name"], "arguments": delta.get("content", "")}}
-        return {"role": "assistant", "content": None, "tool_calls": [call]}
-    return {"tool_calls": [call]}
+        return {"role": "assistant", "content": None,
+                "tool_calls": _calls([(spec["name"], delta.get("content", ""))], call_id, stream=True)}
+    return {"tool_calls": [{"index": 0, "function": {"arguments": delta.get("content", "")}}]}
 
 
 def _seed(body: dict):

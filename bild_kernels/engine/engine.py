@@ -483,8 +483,7 @@ class Engine(Prefixing, TokenizerMethods, Iteration, AsyncAPI):
         for name, runner in self.runners.items():
             n = runner.blocks.context_lens_of([seq.row])[0]
             if n > 0:
-                kv = runner.read_kv(seq.row, n)
-                out[name] = (kv.to("cpu", non_blocking=False) if kv.device.type != "cpu" else kv, n)
+                out[name] = (runner.read_kv(seq.row, n).to("cpu"), n)  # (a copy already: to() keeps a CPU one)
         return out
 
     def _swap_in(self, seq: Sequence) -> None:

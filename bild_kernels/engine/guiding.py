@@ -63,10 +63,10 @@ def bad_word_ids(tokenizer, words) -> list[tuple[int, ...]]:
     for word in words:
         plain = tuple(tokenizer.encode(word.lstrip(), add_special_tokens=False))
         spaced = tuple(tokenizer.encode(" " + word.lstrip(), add_special_tokens=False))
-        for ids in (plain, spaced) if spaced and plain and spaced[0] != plain[0] and len(spaced) == len(plain) \
-                else (plain,):
-            if ids and ids not in out:
-                out.append(ids)
+        found = [plain]
+        if spaced and plain and spaced[0] != plain[0] and len(spaced) == len(plain):
+            found.append(spaced)
+        out += [ids for ids in found if ids and ids not in out]
     return out
 
 

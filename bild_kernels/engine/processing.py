@@ -41,11 +41,12 @@ def processed(logits: torch.Tensor, seqs: list[Sequence], drafts: list[list[int]
         s, d = seqs[i], drafts[i]
         prompt, output = s.tokens[:s.prompt_len], s.output_ids
         try:
+            fns = [(fn, arity(fn) == 3) for fn in s.params.logits_processors]  # (once a row, not once a position)
             for p in range(len(d) + 1):
                 history = output + d[:p]
                 row = out[i, p]
-                for fn in s.params.logits_processors:
-                    got = fn(prompt, history, row) if arity(fn) == 3 else fn(history, row)
+                for fn, with_prompt in fns:
+                    got = fn(prompt, history, row) if with_prompt else fn(history, row)
                     if not isinstance(got, torch.Tensor) or got.shape != row.shape:
                         raise ValueError(f"returned {type(got).__name__} "
                                          f"{tuple(got.shape) if isinstance(got, torch.Tensor) else ''}, not a "

@@ -53,7 +53,8 @@ class Request:
 
 
 def _guides(eng, params: list[SamplingParams], tok_lock) -> list[tuple]:
-    """Each request's (Guide or None, why it cannot have one or None): SamplingParams.structured_outputs."""
+    """Each request's (Guide or None, why it cannot have one or None): SamplingParams.structured_outputs,
+    allowed_token_ids and bad_words."""
     out, made = [], {}
     for p in params:
         if not p.guided:
@@ -244,16 +245,13 @@ class Scheduler:
                 continue
             with self.cv, self.tok_lock:
                 for r, new in zip(group, committed):
-                    if r.seq.fault is not None:  # (a logits processor failed: its output is the step's last)
+                    # a logits processor failed, or a model's logits went NaN / inf: the request ends before the
+                    # tokens drawn from this step
+                    if r.seq.fault is not None or r.seq.row in faulted:
                         del r.seq.tokens[len(r.seq.tokens) - len(new):]
                         r.seq.trim_logprobs()
-                        self._end(r, "error", r.seq.fault)
-                        continue
-                    if r.seq.row in faulted:
-                        del r.seq.tokens[len(r.seq.tokens) - len(new):]  # tokens drawn from the faulty step
-                        r.seq.trim_logprobs()
-                        self._end(r, "error", f"the {faulted[r.seq.row]} model produced non-finite logits (NaN or "
-                                              f"inf) after {len(r.seq.output_ids)} output tokens")
+                        self._end(r, "error", r.seq.fault or f"the {faulted[r.seq.row]} model produced non-finite "
+                                  f"logits (NaN or inf) after {len(r.seq.output_ids)} output tokens")
                         continue
                     if new and not r.seq.metrics.first_token_time:
                         r.seq.metrics.first_token_time = time.perf_counter()
@@ -313,14 +311,20 @@ class Scheduler:
             for n in names:
                 spare[n] -= need
 
+    def _holds(self, r: Request):
+        """(cache, blocks the running request `r` holds in it, blocks it may hold by the end of its next step), for
+        each cache its policy fills."""
+        eng = self.engine
+        bound = eng._step_blocks(r.seq, r.policy)
+        for name in eng._caches_of(r.policy):
+            yield name, eng.runners[name].blocks.blocks_held([r.seq.row])[0], bound
+
     def _spare(self) -> dict[str, int]:
         """The blocks each cache has free beyond what the running requests' next steps may take."""
-        eng = self.engine
-        spare = {name: r.num_free_blocks() for name, r in eng.runners.items()}
+        spare = {name: r.num_free_blocks() for name, r in self.engine.runners.items()}
         for r in self.running:
-            bound = eng._step_blocks(r.seq, r.policy)
-            for name in eng._caches_of(r.policy):
-                spare[name] -= max(0, bound - eng.runners[name].blocks.blocks_held([r.seq.row])[0])
+            for name, held, bound in self._holds(r):
+                spare[name] -= max(0, bound - held)
         return spare
 
     def _make_room(self) -> dict[str, int]:
@@ -344,12 +348,10 @@ class Scheduler:
         later = [r for r in self.running if r.seq.params.priority > req.seq.params.priority]
         if not later:
             return False
-        eng = self.engine
         freed = dict.fromkeys(spare, 0)  # a preempted request gives back its blocks and what its next step would take
         for r in later:
-            bound = eng._step_blocks(r.seq, r.policy)
-            for name in eng._caches_of(r.policy):
-                freed[name] += max(bound, eng.runners[name].blocks.blocks_held([r.seq.row])[0])
+            for name, held, bound in self._holds(r):
+                freed[name] += max(bound, held)
         if any(need > spare[n] + freed[n] for n in names):
             return False
         self._preempt(self._victim())

@@ -147,7 +147,7 @@ class TokenRules:
     Where the bad words would leave nothing allowed, they give way (the allowed ids stay)."""
 
     def __init__(self, size: int, allowed=None, bad=()):
-        self.size, self.words = size, -(-size // 32)
+        self.size = size
         ok = np.zeros(size, dtype=bool)
         if allowed is None:
             ok[:] = True
@@ -178,7 +178,7 @@ class TokenRules:
             if last:
                 bits = bits.copy()
                 for t in last:
-                    bits[t // 32] &= ~np.int32(np.uint32(1 << (t % 32)).view(np.int32))
+                    bits[t // 32] &= ~_bit(t)
         return bits if bits.any() else self.allowed
 
 
@@ -225,7 +225,7 @@ class Guide:
         if self.end_ids and may_end:
             bits = bits.copy()
             for t in self.end_ids:
-                bits[t // 32] |= np.int32(np.uint32(1 << (t % 32)).view(np.int32))
+                bits[t // 32] |= _bit(t)
         return bits
 
     def _walk(self, draft: list[int]) -> tuple[list[np.ndarray], int]:
@@ -254,6 +254,11 @@ class Guide:
     def allowed_prefix(self, draft: list[int]) -> int:
         """How many of `draft`'s first tokens the pattern allows in a row after the output."""
         return self._walk(draft)[1]
+
+
+def _bit(t: int) -> np.int32:
+    """Token t's bit in its int32 word of a token bitmask."""
+    return np.uint32(1 << (t % 32)).view(np.int32)
 
 
 def _pack(ok: np.ndarray) -> np.ndarray:
