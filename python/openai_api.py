@@ -7,10 +7,12 @@ import json
 import re
 import secrets
 import threading
+from typing import NamedTuple
 
 from bild_kernels import (BiLD, Engine, Greedy, Jacobi, LargeOnly, NGram, SamplingParams, ShallowDeep, SmallOnly,
                           SpeculativeSampling)
 from bild_kernels.engine.policies import with_lookup
+from reasoning import REASONING_PARSERS
 from serve_metrics import ServiceMetrics
 
 POLICIES = {"bild": BiLD, "greedy": Greedy, "speculative-sampling": SpeculativeSampling, "large-only": LargeOnly,
@@ -26,8 +28,9 @@ FIELDS = {"prompt", "max_tokens", "temperature", "top_p", "top_k", "min_p", "see
 NEUTRAL = {"best_of": (1,)}
 CHAT_NEUTRAL = {k: v for k, v in NEUTRAL.items() if k != "best_of"}
 FIELDS |= set(NEUTRAL) | {"stream_options", "echo"}
+TEMPLATE_FIELDS = ("chat_template_kwargs", "add_generation_prompt", "continue_final_message")  # vLLM's
 CHAT_FIELDS = FIELDS - {"prompt", "echo", "best_of"} | {"messages", "max_completion_tokens", "top_logprobs", "tools",
-                                                       "tool_choice", "parallel_tool_calls"}
+                                                       "tool_choice", "parallel_tool_calls", *TEMPLATE_FIELDS}
 ROUTES = {"/v1/completions": "text", "/v1/chat/completions": "chat"}
 TOKENIZER_ROUTES = {"/tokenize": "tokenize", "/detokenize": "detokenize"}
 MAX_N = 16  # completions one request may ask for per prompt (n)
@@ -302,6 +305,16 @@ def _number(body: dict, key: str, default: float):
     return float(x) if isinstance(x, int) and not isinstance(x, bool) else x
 
 
+class Request(NamedTuple):
+    """What a request body asks for, in the engine's terms and the reply's."""
+    prompt: object  # a string, token ids, a batch of those, or chat messages
+    params: SamplingParams
+    policy: object
+    stream: bool
+    tools: dict | None  # tool_spec's: how the reply's calls are read (chat)
+    reasoning: str | None  # the reasoning parser that splits the reply's thinking from its answer (chat)
+
+
 class BadRequest(ValueError):
     def __init__(self, message: str, status: int = 400):
         super().__init__(message)
@@ -312,20 +325,32 @@ class Service:
     """The engine plus what the HTTP layer needs: request parsing, a policy cache, an admission bound."""
 
     def __init__(self, engine: Engine, *, model_name: str = "bild", max_pending: int = 256,
-                 default_timeout: float | None = 600.0, tool_call_parser: str | None = None):
+                 default_timeout: float | None = 600.0, tool_call_parser: str | None = None,
+                 reasoning_parser: str | None = None):
         if tool_call_parser not in (None, *TOOL_CALL_PARSERS):
             raise ValueError(f"tool_call_parser must be one of {sorted(TOOL_CALL_PARSERS)} or None, got "
                              f"{tool_call_parser!r}")
+        if reasoning_parser not in (None, *REASONING_PARSERS):
+            raise ValueError(f"reasoning_parser must be one of {list(REASONING_PARSERS)} or None, got "
+                             f"{reasoning_parser!r}")
         self.engine, self.model_name, self.default_timeout = engine, model_name, default_timeout
-        self.tool_call_parser = tool_call_parser
-        self.slots = threading.BoundedSemaphore(max_pending)
+        self.tool_call_parser, self.reasoning_parser = tool_call_parser, reasoning_parser
+        self.max_pending, self.in_flight = max_pending, 0  # requests being served (admit / done)
         self.metrics = ServiceMetrics()
         self._policies: dict[str, object] = {}
         self._lock = threading.Lock()
 
-    def tool_spec(self, body: dict) -> dict | None:
-        """`tool_spec` with this service's tool-call parser."""
-        return tool_spec(body, self.tool_call_parser)
+    def admit(self) -> bool:
+        """Count a request in, unless max_pending are in flight already."""
+        with self._lock:
+            if self.in_flight >= self.max_pending:
+                return False
+            self.in_flight += 1
+            return True
+
+    def done(self) -> None:
+        with self._lock:
+            self.in_flight -= 1
 
     def policy(self, spec):
         """One policy object per distinct spec: equal requests share a batch, and "auto" thresholds keep
@@ -351,9 +376,9 @@ class Service:
                 self._policies.pop(next(iter(self._policies)))
             return self._policies.setdefault(key, pol)
 
-    def parse(self, body: dict, kind: str = "text"):
-        """(prompt, SamplingParams, policy, stream) of a completions body (kind "text") or a chat completions one
-        ("chat": the prompt is its messages, which the engine puts through the chat template)."""
+    def parse(self, body: dict, kind: str = "text") -> Request:
+        """What a completions body (kind "text") or a chat completions one ("chat": the prompt is its messages,
+        which the engine puts through the chat template) asks for."""
         if not isinstance(body, dict):
             raise BadRequest("the request body must be a JSON object")
         unknown = set(body) - (FIELDS if kind == "text" else CHAT_FIELDS)
@@ -373,17 +398,18 @@ class Service:
                                  or not isinstance(opts.get("include_usage", True), bool)):
             raise BadRequest('stream_options must be {"include_usage": true|false} (the last event carries the '
                              'usage either way)')
-        tools = self.tool_spec(body) if kind == "chat" else None
+        tools = tool_spec(body, self.tool_call_parser) if kind == "chat" else None
         if tools is not None and tools["mode"] != "auto":
             if _structured(body) is not None:
                 raise BadRequest("tool_choice holds the reply to its functions' schemas: no other output constraint")
             if body.get("stream") and tools["mode"] == "required":
                 raise BadRequest('stream is supported with a named tool_choice, not "required"')
         if kind == "chat":
+            template = {k: body[k] for k in TEMPLATE_FIELDS if k in body}
             prompt, body = self._chat_body(body)
-            if tools is not None:
+            if tools is not None or template:
                 try:  # (the template shows the tools where it can)
-                    prompt = self.engine.tokenize(prompt, tools=tools["tools"])
+                    prompt = self.engine.tokenize(prompt, tools=tools and tools["tools"], **template)
                 except ValueError as e:
                     raise BadRequest(str(e)) from None
         else:
@@ -440,7 +466,9 @@ class Service:
             raise BadRequest(str(e)) from None
         if not isinstance(body.get("stream", False), bool):
             raise BadRequest("stream must be true or false")
-        return prompt, params, self.policy(body.get("policy")), body.get("stream", False)
+        # (an output constraint holds the whole reply, thinking included: such a reply is all answer)
+        reasoning = self.reasoning_parser if kind == "chat" and params.structured_outputs is None else None
+        return Request(prompt, params, self.policy(body.get("policy")), body.get("stream", False), tools, reasoning)
 
     def _chat_body(self, body: dict):
         """The messages of a chat body, and the body in the completions fields the rest of `parse` reads."""
@@ -452,7 +480,8 @@ class Service:
             raise BadRequest("logprobs must be true or false (top_logprobs says how many alternatives)")
         if top is not None and not logprobs:
             raise BadRequest("top_logprobs needs logprobs: true")
-        rest = {k: v for k, v in body.items() if k not in ("messages", "max_completion_tokens", "top_logprobs")}
+        rest = {k: v for k, v in body.items() if k not in ("messages", "max_completion_tokens", "top_logprobs",
+                                                           *TEMPLATE_FIELDS)}
         if "max_completion_tokens" in body:
             rest["max_tokens"] = body["max_completion_tokens"]
         rest["logprobs"] = (0 if top is None else top) if logprobs else None
@@ -487,17 +516,24 @@ class Service:
                 "model_max_length": eng.max_model_len, "vocab_size": eng.vocab_size}
 
     def tokenize(self, body) -> dict:
-        """{prompt: str, add_special_tokens=true} or {messages: [...]} -> {tokens, count, max_model_len}."""
+        """{prompt: str, add_special_tokens=true} or {messages: [...], tools, chat_template_kwargs,
+        add_generation_prompt, continue_final_message} -> {tokens, count, max_model_len}."""
+        chat = {"tools", *TEMPLATE_FIELDS}
         if not isinstance(body, dict) or ("prompt" in body) == ("messages" in body) \
-                or set(body) - {"prompt", "messages", "add_special_tokens", "model"}:
-            raise BadRequest('tokenize takes {"prompt": str, "add_special_tokens": bool} or {"messages": [...]}')
+                or set(body) - {"prompt", "messages", "add_special_tokens", "model", *chat} \
+                or ("prompt" in body and chat & set(body)):
+            raise BadRequest('tokenize takes {"prompt": str, "add_special_tokens": bool} or {"messages": [...], and '
+                             'optionally "tools", "chat_template_kwargs", "add_generation_prompt", '
+                             '"continue_final_message"}')
         special = body.get("add_special_tokens", True)
         if not isinstance(special, bool):
             raise BadRequest("add_special_tokens must be true or false")
         if "prompt" in body and not isinstance(body["prompt"], str):
             raise BadRequest("prompt must be a string")
         prompt = body["prompt"] if "prompt" in body else _checked_messages(body["messages"])
-        ids = self.engine.tokenize(prompt, add_special_tokens=special)
+        if body.get("tools") is not None and not isinstance(body["tools"], list):
+            raise BadRequest("tools must be a list of OpenAI's function specs")
+        ids = self.engine.tokenize(prompt, add_special_tokens=special, **{k: body[k] for k in chat if k in body})
         return {"tokens": ids, "count": len(ids), "max_model_len": self.engine.max_model_len}
 
     def detokenize(self, body) -> dict:

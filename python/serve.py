@@ -50,13 +50,25 @@ stream) puts the prompt before the text and, with logprobs, its tokens before th
 null: what lm-evaluation-harness's loglikelihood requests read. Every request thread calls the one Engine:
 requests join its running batch as they come. A client that goes away mid-stream cancels its request, which frees
 its KV blocks at once. The request and reply formats are python/openai_api.py's; this file is the HTTP.
+
+Chat requests also take vLLM's chat_template_kwargs (the template's variables: Qwen3's {"enable_thinking": false}),
+add_generation_prompt and continue_final_message (the assistant's last message left open: the reply goes on from
+it). --reasoning-parser deepseek_r1 | qwen3 puts a reply's thinking in message.reasoning_content (streamed:
+delta.reasoning_content) and the rest in content (python/reasoning.py); a reply held by an output constraint is all
+content. --api-key (or $BILD_API_KEY) makes the /v1 routes ask for `Authorization: Bearer <key>` (401 otherwise;
+/health, /metrics and the tokenizer routes stay open, as vLLM's). SIGTERM or Ctrl-C drains: /health and new requests
+get a 503 at once, the requests in flight finish (up to --shutdown-timeout seconds), then the server exits 0.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hmac
 import json
+import os
+import signal
 import sys
+import threading
 import time
 from contextlib import closing
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -66,6 +78,7 @@ import torch
 from bild_kernels import Engine
 from openai_api import (MAX_BODY, ROUTES, TOKENIZER_ROUTES, BadRequest, Service, _chain, _refused, _usage, is_batch,
                         AutoToolStream, tool_delta, tool_message)
+from reasoning import REASONING_PARSERS, ReasoningStream, reasoning_delta, reasoning_message
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
@@ -89,11 +102,34 @@ class Handler(BaseHTTPRequestHandler):
     def _error(self, status: int, message: str, kind: str = "invalid_request_error") -> None:
         self._json(status, {"error": {"message": message, "type": kind}})
 
+    def _authorized(self) -> bool:
+        """Whether the request may go on: the /v1 routes need `Authorization: Bearer <key>` when the server has an
+        API key (vLLM's --api-key); otherwise a 401 is sent."""
+        key = getattr(self.server, "api_key", None)
+        if key is None or not self.path.startswith("/v1/"):
+            return True
+        if hmac.compare_digest(self.headers.get("Authorization", "").encode(), f"Bearer {key}".encode()):
+            return True
+        self.close_connection = True  # (a body left unread)
+        self.send_response(401)
+        self.send_header("WWW-Authenticate", "Bearer")
+        data = json.dumps({"error": {"message": "missing or wrong API key (Authorization: Bearer <key>)",
+                                     "type": "authentication_error"}}).encode()
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+        return False
+
     def do_GET(self):
+        if not self._authorized():
+            return
         if self.path == "/health":
             eng = self.service.engine
-            self._json(200, {"status": "ok", "max_batch_size": eng.max_batch_size,
-                             "kv_cache_blocks": eng.kv_cache_blocks, "load": eng.load()})
+            draining = getattr(self.server, "draining", False)  # (a load balancer stops sending work here)
+            self._json(503 if draining else 200, {
+                "status": "draining" if draining else "ok", "max_batch_size": eng.max_batch_size,
+                "kv_cache_blocks": eng.kv_cache_blocks, "load": eng.load()})
         elif self.path == "/v1/models":
             self._json(200, {"object": "list", "data": [{"id": self.service.model_name, "object": "model"}]})
         elif self.path == "/metrics":
@@ -105,6 +141,8 @@ class Handler(BaseHTTPRequestHandler):
             self._error(404, f"no route {self.path}", "not_found")
 
     def do_POST(self):
+        if not self._authorized():
+            return
         kind = ROUTES.get(self.path) or TOKENIZER_ROUTES.get(self.path)
         if kind is None:
             return self._error(404, f"no route {self.path}", "not_found")
@@ -126,17 +164,18 @@ class Handler(BaseHTTPRequestHandler):
             except (BadRequest, ValueError) as e:
                 return self._error(400, str(e))
         try:
-            prompt, params, policy, stream = svc.parse(body, kind)
+            req = svc.parse(body, kind)
         except BadRequest as e:
             return self._error(e.status, str(e))
-        if not svc.slots.acquire(blocking=False):
+        if getattr(self.server, "draining", False):
+            return self._error(503, "server shutting down", "unavailable")
+        if not svc.admit():
             return self._error(503, "server busy: too many requests in flight", "overloaded")
         try:
-            if stream:
-                self._stream(prompt, params, policy, kind, tools=svc.tool_spec(body) if kind == "chat" else None)
+            if req.stream:
+                self._stream(req, kind)
             else:
-                self._complete(prompt, params, policy, kind, echo=kind == "text" and body.get("echo", False),
-                               n=body.get("n", 1), tools=svc.tool_spec(body) if kind == "chat" else None)
+                self._complete(req, kind, echo=kind == "text" and body.get("echo", False), n=body.get("n", 1))
         except (TypeError, ValueError) as e:  # the engine's documented argument errors
             self._error(400, str(e))
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
@@ -144,10 +183,11 @@ class Handler(BaseHTTPRequestHandler):
         except Exception as e:  # the engine re-raises a failed step here; the service goes on
             self._error(500, f"{type(e).__name__}: {e}", "server_error")
         finally:
-            svc.slots.release()
+            svc.done()
 
-    def _complete(self, prompt, params, policy, kind="text", echo=False, n=1, tools=None):
+    def _complete(self, req, kind="text", echo=False, n=1):
         svc, created = self.service, int(time.time())
+        prompt, params, policy, tools = req.prompt, req.params, req.policy, req.tools
         # each prompt n times, the i-th with seed + i (OpenAI's order: a prompt's n choices together)
         prompts = [p for p in (prompt if kind == "text" and is_batch(prompt) else [prompt]) for _ in range(n)]
         try:
@@ -165,9 +205,14 @@ class Handler(BaseHTTPRequestHandler):
             choice = svc.choice(out.text or "", out.token_ids, out.finish_reason, out.error, out.logprobs,
                                 out.top_logprobs, kind=kind)
             choice["index"] = i
+            if req.reasoning is not None:  # (its thinking apart from its answer, before the answer's tool calls)
+                choice["message"] = reasoning_message(choice["message"], req.reasoning)
             if tools is not None:  # (tool_choice: the reply's JSON as the calls' arguments)
-                choice["message"], choice["finish_reason"] = tool_message(
-                    out.text or "", out.finish_reason, tools, f"call-{out.request_id}")
+                msg, choice["finish_reason"] = tool_message(
+                    choice["message"]["content"] or "", out.finish_reason, tools, f"call-{out.request_id}")
+                choice["message"] = {**choice["message"], **msg}
+                if req.reasoning is not None and not msg["content"]:
+                    choice["message"]["content"] = None  # (all thinking, or calls alone)
             if echo:
                 svc.echo(choice, p, out)
             choices.append(choice)
@@ -176,9 +221,9 @@ class Handler(BaseHTTPRequestHandler):
         reply["choices"] = choices
         self._json(200, reply)
 
-    def _stream(self, prompt, params, policy, kind="text", tools=None):
-        svc, created = self.service, int(time.time())
-        with closing(svc.engine.stream(prompt, params, policy=policy)) as chunks:  # closing cancels the request
+    def _stream(self, req, kind="text"):
+        svc, created, tools = self.service, int(time.time()), req.tools
+        with closing(svc.engine.stream(req.prompt, req.params, policy=req.policy)) as chunks:  # closing cancels it
             first = next(chunks)
             out = first.output
             if first.finished and _refused(out):
@@ -192,6 +237,7 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             auto = (AutoToolStream(tools, f"call-{first.request_id}") if tools is not None and tools["mode"] == "auto"
                     else None)
+            thinking = ReasoningStream(req.reasoning) if req.reasoning is not None else None
             try:
                 offset = 0  # tokens' texts so far (completions' logprobs text_offset)
                 for i, c in enumerate(_chain(first, chunks)):
@@ -202,6 +248,8 @@ class Handler(BaseHTTPRequestHandler):
                                         c.top_logprobs, offset, kind, first=i == 0, stream=True)
                     if c.logprobs and kind == "text":
                         offset += sum(len(t) for t in choice["logprobs"]["tokens"])
+                    if thinking is not None:  # (reasoning_content until </think>, then content)
+                        choice["delta"] = reasoning_delta(thinking, choice["delta"], c.finished)
                     if auto is not None:  # ("auto": content until a call begins; the calls at the end)
                         choice["delta"], reason = auto.delta(choice["delta"], c.finished, choice["finish_reason"])
                         choice["finish_reason"] = reason
@@ -222,14 +270,33 @@ class Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 256  # the listen backlog: the default 5 resets connections under a burst of clients
+    draining = False
+    api_key: str | None = None
+    service: Service
+
+    def drain(self, timeout: float) -> int:
+        """Shut down gracefully: new completions get a 503 and /health says "draining" (503) at once, the requests in
+        flight go on until they end or `timeout` seconds pass, then serve_forever returns. The number of requests
+        still in flight then (0: all finished)."""
+        self.draining = True
+        deadline = time.monotonic() + timeout
+        while self.service.in_flight and time.monotonic() < deadline:
+            time.sleep(0.02)
+        left = self.service.in_flight
+        self.shutdown()
+        return left
 
 
-def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 0, **kw) -> ThreadingHTTPServer:
-    """A ThreadingHTTPServer serving `engine` (port 0: a free port, read it from server.server_address)."""
+def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 0, api_key: str | None = None,
+                **kw) -> ThreadingHTTPServer:
+    """A ThreadingHTTPServer serving `engine` (port 0: a free port, read it from server.server_address); with
+    `api_key`, the /v1 routes need `Authorization: Bearer <api_key>`."""
+    if api_key is not None and (not isinstance(api_key, str) or not api_key):
+        raise ValueError("api_key must be a non-empty string or None")
     svc = Service(engine, **kw)
     handler = type("BoundHandler", (Handler,), {"service": svc})
     server = _Server((host, port), handler)
-    server.service = svc
+    server.service, server.api_key = svc, api_key
     return server
 
 
@@ -305,24 +372,52 @@ def parser() -> argparse.ArgumentParser:
                          'with tools): hermes, <tool_call>{"name": ..., "arguments": ...}</tool_call> blocks (Qwen 2.5 '
                          '/ 3, Hermes and SmolLM3 chat templates); mistral, [TOOL_CALLS][{"name": ..., "arguments": '
                          '...}]; llama3_json, a reply of {"name": ..., "parameters": ...} objects (Llama 3.1+)')
+    ap.add_argument("--reasoning-parser", default=None, choices=list(REASONING_PARSERS),
+                    help="put a chat reply's thinking (<think> ... </think>) in message.reasoning_content (streamed: "
+                         "delta.reasoning_content) and the rest in content: deepseek_r1, everything before </think> "
+                         "(DeepSeek-R1 and its distillations, QwQ, Qwen3 2507 thinking models, whose templates open "
+                         "<think> in the prompt); qwen3, a reply that opens with <think> (Qwen3's hybrid models)")
+    ap.add_argument("--api-key", default=os.environ.get("BILD_API_KEY"),
+                    help="require `Authorization: Bearer KEY` on the /v1 routes (default: $BILD_API_KEY; none: open)")
+    ap.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
+                    help="on SIGTERM or Ctrl-C, refuse new requests (503) and let those in flight finish for up to "
+                         "SECONDS before exiting (a second signal exits at once)")
     ap.add_argument("--log", action="store_true", help="log every HTTP request to stderr")
     return ap
 
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    if args.shutdown_timeout < 0:
+        raise SystemExit(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+    if args.api_key == "":
+        raise SystemExit("--api-key must not be empty")
     engine = build_engine(args)
-    server = make_server(engine, args.host, args.port, max_pending=args.max_pending,
-                         default_timeout=args.request_timeout, tool_call_parser=args.tool_call_parser)
+    server = make_server(engine, args.host, args.port, api_key=args.api_key, max_pending=args.max_pending,
+                         default_timeout=args.request_timeout, tool_call_parser=args.tool_call_parser,
+                         reasoning_parser=args.reasoning_parser)
     server.log = args.log
+    left = []
+
+    def stop(signum, frame):
+        if server.draining:  # (a second signal: now)
+            raise KeyboardInterrupt
+        print(f"{signal.Signals(signum).name}: draining ({server.service.in_flight} requests in flight, at most "
+              f"{args.shutdown_timeout:g} s)", file=sys.stderr, flush=True)
+        threading.Thread(target=lambda: left.append(server.drain(args.shutdown_timeout)), daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     host, port = server.server_address[:2]
     print(f"serving on http://{host}:{port}/v1/completions", file=sys.stderr, flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
-        pass
+        return 1
     finally:
         server.server_close()
+    if left and left[0]:
+        print(f"stopped with {left[0]} requests unfinished", file=sys.stderr, flush=True)
     return 0
 
 

@@ -1,5 +1,9 @@
 """Shared fixtures: deterministic seeds, the backends to test, and the GPU skip marker."""
+import importlib
 import os
+import sys
+import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -82,3 +86,32 @@ def _seed():
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long statistical or soak runs, outside the default test command")
+
+
+PYTHON = Path(__file__).resolve().parent.parent / "python"  # python/: the service and tools, not a package
+
+
+@pytest.fixture(scope="module")
+def programs():
+    """python/'s serve, load_test and tiny_pair modules, imported."""
+    sys.path.insert(0, str(PYTHON))
+    try:
+        yield {m: importlib.import_module(m) for m in ("serve", "load_test", "tiny_pair")}
+    finally:
+        sys.path.remove(str(PYTHON))
+
+
+@pytest.fixture(scope="module")
+def server(programs, tmp_path_factory):
+    """python/serve.py's server on a tiny pair saved to disk (float64, 64 positions, prefills in chunks of 4)."""
+    serve = programs["serve"]
+    large, small = programs["tiny_pair"].save_tiny_pair(tmp_path_factory.mktemp("pair"))
+    args = serve.parser().parse_args(["--large", str(large), "--small", str(small), "--dtype", "float64",
+                                      "--max-batch-size", "4", "--max-model-len", "64", "--port", "0",
+                                      "--prefill-chunk", "4"])  # (a chat prompt's prefill then takes chunks)
+    srv = serve.make_server(serve.build_engine(args), port=0, max_pending=64)
+    assert srv.service.engine.prefill_chunk == 4
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()

@@ -6,43 +6,14 @@ import importlib
 import json
 import re
 import socket
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
 from bild_kernels import SamplingParams
 
 from .engine.conftest import assert_all_free
-
-PYTHON = Path(__file__).resolve().parent.parent / "python"
-
-
-@pytest.fixture(scope="module")
-def programs():
-    sys.path.insert(0, str(PYTHON))
-    try:
-        yield {m: importlib.import_module(m) for m in ("serve", "load_test", "tiny_pair")}
-    finally:
-        sys.path.remove(str(PYTHON))
-
-
-@pytest.fixture(scope="module")
-def server(programs, tmp_path_factory):
-    serve = programs["serve"]
-    large, small = programs["tiny_pair"].save_tiny_pair(tmp_path_factory.mktemp("pair"))
-    args = serve.parser().parse_args(["--large", str(large), "--small", str(small), "--dtype", "float64",
-                                      "--max-batch-size", "4", "--max-model-len", "64", "--port", "0",
-                                      "--prefill-chunk", "4"])  # (a chat prompt's prefill then takes chunks)
-    srv = serve.make_server(serve.build_engine(args), port=0, max_pending=64)
-    assert srv.service.engine.prefill_chunk == 4
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-
 
 def test_engine_flags_reach_the_engine_and_bad_ones_exit_with_a_message(programs, tmp_path):
     serve = programs["serve"]
@@ -105,7 +76,7 @@ def test_streamed_equals_complete_equals_engine(programs, server):
     for body in BODIES:
         full = lt.complete(_url(server), body, stream=False)
         streamed = lt.complete(_url(server), body, stream=True)
-        _, params, policy, _ = svc.parse(body)
+        _, params, policy, *_ = svc.parse(body)
         alone = eng.generate([body["prompt"]], params, policy=policy)[0]
         assert full["status"] == streamed["status"] == 200
         assert full["token_ids"] == streamed["token_ids"] == alone.token_ids and alone.token_ids
@@ -131,7 +102,7 @@ def test_logprobs_as_openai_completions_give_them(server, stream):
     choices = [e["choices"][0] for e in (_sse(data) if stream else [json.loads(data)])]
     lp = {k: sum((c["logprobs"][k] for c in choices), []) for k in ("tokens", "token_logprobs", "top_logprobs",
                                                                       "text_offset")}
-    _, params, policy, _ = server.service.parse(body)
+    _, params, policy, *_ = server.service.parse(body)
     alone = eng.generate([body["prompt"]], params, policy=policy)[0]
     ids = sum((c["token_ids"] for c in choices), [])
     assert ids == alone.token_ids and len(ids) == 10
@@ -163,7 +134,7 @@ def _post(server, path, body):
      "policy": {"name": "bild", "fallback_threshold": 0.3, "rollback_threshold": 2.0}}])
 def test_chat_completions_streamed_equal_complete_equal_engine(server, body):
     eng = server.service.engine
-    _, params, policy, _ = server.service.parse(body, "chat")
+    _, params, policy, *_ = server.service.parse(body, "chat")
     alone = eng.generate([body["messages"]], params, policy=policy)[0]
     want_ids = eng.tokenizer.apply_chat_template(body["messages"], add_generation_prompt=True, tokenize=True)
     assert alone.prompt_token_ids == list(want_ids["input_ids"]) and alone.token_ids
@@ -281,7 +252,7 @@ def test_n_choices_are_the_prompt_sampled_with_seed_plus_i(server, path, body):
     assert code == 200, r
     prompts = body["prompt"] if kind == "text" else [body["messages"]]
     assert [c["index"] for c in r["choices"]] == list(range(3 * len(prompts)))
-    _, params, policy, _ = server.service.parse({**body, "n": 1}, kind)
+    _, params, policy, *_ = server.service.parse({**body, "n": 1}, kind)
     for j, p in enumerate(prompts):
         for i in range(3):
             alone = eng.generate([p], dataclasses.replace(params, seed=7 + i), policy=policy)[0]
@@ -305,7 +276,7 @@ def test_a_request_without_a_seed_samples_with_a_fresh_random_one(server, monkey
     outs = [_post(server, "/v1/completions", b) for b in (body, {**body, "seed": None}, {**body, "seed": 41})]
     assert all(code == 200 for code, _ in outs), outs
     assert bounds == [2 ** 63 - openai_api.MAX_N] * 2  # drawn for the two requests without a seed, not the third
-    _, params, policy, _ = server.service.parse({**body, "n": 1, "seed": 0}, "text")
+    _, params, policy, *_ = server.service.parse({**body, "n": 1, "seed": 0}, "text")
     for (_, r), seed in zip(outs, (41, 42, 41)):
         for i in range(2):
             alone = eng.generate(["w1 w2"], dataclasses.replace(params, seed=seed + i), policy=policy)[0]
@@ -402,7 +373,7 @@ def test_penalties_reach_the_engine(server, path, body):
     code, r = _post(server, path, body)
     assert code == 200, r
     kind = "text" if path == "/v1/completions" else "chat"
-    prompt, params, policy, _ = svc.parse(body, kind)
+    prompt, params, policy, *_ = svc.parse(body, kind)
     assert (params.presence_penalty, params.frequency_penalty, params.repetition_penalty, params.min_tokens) == (
         body.get("presence_penalty", 0), body.get("frequency_penalty", 0), body.get("repetition_penalty", 1),
         body["min_tokens"])
@@ -427,7 +398,7 @@ def test_output_constraints_reach_the_engine(server, path, constraint):
             "stop": [95], **constraint}
     code, r = _post(server, path, body)
     assert code == 200, r
-    prompt, params, policy, _ = svc.parse(body, "text" if path == "/v1/completions" else "chat")
+    prompt, params, policy, *_ = svc.parse(body, "text" if path == "/v1/completions" else "chat")
     assert params.structured_outputs is not None
     alone = eng.generate([prompt], params, policy=policy)[0]
     ids = r["choices"][0]["token_ids"]
@@ -600,7 +571,7 @@ def test_tool_calls_hold_to_the_functions_schemas(json_server, choice, parallel)
     code, r = _post(json_server, "/v1/chat/completions", body)
     assert code == 200, r
     c = r["choices"][0]
-    prompt, params, policy, _ = svc.parse(body, "chat")
+    prompt, params, policy, *_ = svc.parse(body, "chat")
     assert prompt == [svc.engine.tokenize("yes", add_special_tokens=False)[0]]  # (the template was given the tools)
     alone = svc.engine.generate([prompt], params, policy=policy)[0]
     assert c["token_ids"] == alone.token_ids
@@ -681,7 +652,7 @@ def test_priority_reaches_the_engine(server):
                        ("/v1/chat/completions", {"messages": CHAT, "max_tokens": 4, "priority": 7})):
         code, r = _post(server, path, body)
         assert code == 200, r
-        _, params, _, _ = svc.parse(body, "text" if path == "/v1/completions" else "chat")
+        _, params, *_ = svc.parse(body, "text" if path == "/v1/completions" else "chat")
         assert params.priority == body["priority"]
     _all_free(svc.engine)
 
@@ -694,7 +665,7 @@ def test_allowed_token_ids_and_bad_words_reach_the_engine(server):
     assert code == 200, r
     ids = r["choices"][0]["token_ids"]
     assert set(ids) <= {2, 6, 8, 10}
-    prompt, params, policy, _ = svc.parse(body, "text")
+    prompt, params, policy, *_ = svc.parse(body, "text")
     assert ids == eng.generate([prompt], params, policy=policy)[0].token_ids
     _all_free(eng)
 

@@ -1,6 +1,7 @@
 """Prompts in, text out: tokenisation with per-prompt errors, and incremental detokenisation."""
 from __future__ import annotations
 
+import inspect
 import json
 
 from bild_kernels.engine.sequence import Sequence
@@ -50,10 +51,11 @@ def is_conversation(p) -> bool:
     return isinstance(p, (list, tuple)) and len(p) > 0 and all(isinstance(m, dict) for m in p)
 
 
-def conversation_ids(tokenizer, messages, tools=None) -> tuple[list[int] | None, str | None]:
+def conversation_ids(tokenizer, messages, tools=None, template=None) -> tuple[list[int] | None, str | None]:
     """(token ids, None) of chat messages through the tokenizer's chat template, with the assistant's generation
-    prompt appended (and `tools`, OpenAI's function specs, handed to the template as Hugging Face's `tools`); (None,
-    why) when the messages or the tokenizer cannot make one."""
+    prompt appended (and `tools`, OpenAI's function specs, handed to the template as Hugging Face's `tools`;
+    `template`, a checked `template_options` dict, its other arguments); (None, why) when the messages or the
+    tokenizer cannot make one."""
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         return None, "a conversation needs a chat template, and the tokenizer has none (pass a string or token ids)"
     checked = [checked_message(m) for m in messages]
@@ -61,18 +63,54 @@ def conversation_ids(tokenizer, messages, tools=None) -> tuple[list[int] | None,
         if m is None:
             return None, f"message {j} must be {_SHAPE}, got {str(messages[j])[:80]}"
     messages = checked
+    if (template or {}).get("continue_final_message") and messages[-1]["role"] != "assistant":
+        return None, "continue_final_message continues the last message, which must be the assistant's"
     try:
-        ids = template_ids(tokenizer, messages, tools)
+        ids = template_ids(tokenizer, messages, tools, template)
     except Exception as e:  # the template's own checks (roles out of order, say) raise from Jinja
         return None, f"the chat template refused these messages: {type(e).__name__}: {e}"
     return (ids, None) if ids else (None, "the chat template made no tokens of these messages")
 
 
-def template_ids(tokenizer, messages, tools=None) -> list[int]:
-    """The chat template's token ids for `messages`, the assistant's generation prompt appended."""
-    kw = {} if tools is None else {"tools": list(tools)}
-    ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True, **kw)
+def template_ids(tokenizer, messages, tools=None, template=None) -> list[int]:
+    """The chat template's token ids for `messages`, the assistant's generation prompt appended (unless `template`,
+    a checked `template_options` dict, says otherwise)."""
+    template = template or {}
+    kw = dict(template.get("chat_template_kwargs") or {})
+    if tools is not None:
+        kw["tools"] = list(tools)
+    if template.get("continue_final_message"):
+        kw["continue_final_message"] = True
+    ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=template.get("add_generation_prompt",
+                                                                                            True),
+                                        tokenize=True, **kw)
     return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+
+def template_options(tokenizer, chat_template_kwargs=None, add_generation_prompt=None,
+                     continue_final_message=False) -> dict:
+    """How a conversation goes through the chat template, checked (vLLM's request fields): `chat_template_kwargs`,
+    variables the template reads (Qwen3's {"enable_thinking": False}, say); `add_generation_prompt` (default: True,
+    False with continue_final_message), the assistant's header after the messages; `continue_final_message`, the
+    last (assistant's) message left open for the model to go on with. ValueError names what is wrong."""
+    if chat_template_kwargs is not None:
+        if not isinstance(chat_template_kwargs, dict) or not all(isinstance(k, str) for k in chat_template_kwargs):
+            raise ValueError("chat_template_kwargs must be an object of the template's variables, e.g. "
+                             '{"enable_thinking": false}')
+        own = set(inspect.signature(tokenizer.apply_chat_template).parameters) if tokenizer is not None else set()
+        clash = sorted(own & set(chat_template_kwargs) | {"tools", "messages"} & set(chat_template_kwargs))
+        if clash:
+            raise ValueError(f"chat_template_kwargs may not set {clash}: the request's own fields say those")
+    for name, value in (("add_generation_prompt", add_generation_prompt),
+                        ("continue_final_message", continue_final_message)):
+        if value is not None and not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false, got {value!r}")
+    if continue_final_message and add_generation_prompt:
+        raise ValueError("continue_final_message and add_generation_prompt exclude each other: the first goes on "
+                         "with the last message, the second opens a new one")
+    return {"chat_template_kwargs": dict(chat_template_kwargs or {}),
+            "add_generation_prompt": not continue_final_message if add_generation_prompt is None
+            else add_generation_prompt, "continue_final_message": bool(continue_final_message)}
 
 
 def resolve_prompts(prompts, tokenizer, vocab_size: int, chat_template: bool):
@@ -185,18 +223,25 @@ class TokenizerMethods:
         with self._scheduler.tok_lock:  # (the tokenizer is not shared across threads)
             return [self.tokenizer.decode([t]) for t in ids]
 
-    def tokenize(self, prompt, *, add_special_tokens: bool = True, tools=None) -> list[int]:
+    def tokenize(self, prompt, *, add_special_tokens: bool = True, tools=None, chat_template_kwargs=None,
+                 add_generation_prompt: bool | None = None, continue_final_message: bool = False) -> list[int]:
         """The token ids `generate` would run for `prompt`: a string (with add_special_tokens, the tokenizer's own
         BOS and the like, as generate adds them), or a conversation (a list of {"role", "content"} messages, through
         the chat template with the assistant's generation prompt; `tools`, OpenAI's function specs, go to the template
-        too, for the templates that show them). ValueError for what generate would refuse."""
+        too, for the templates that show them; `chat_template_kwargs`, the template's own variables such as Qwen3's
+        {"enable_thinking": False}; `continue_final_message`, the last assistant message left open for the model to
+        go on with, vLLM's and Hugging Face's meanings). ValueError for what generate would refuse."""
         if self.tokenizer is None:
             raise ValueError("the engine has no tokenizer: it takes token ids only")
-        if tools is not None and not is_conversation(prompt):
-            raise ValueError("tools go with a conversation (a list of chat messages)")
+        template = template_options(self.tokenizer, chat_template_kwargs, add_generation_prompt,
+                                    continue_final_message)
+        given = tools is not None or chat_template_kwargs is not None or add_generation_prompt is not None \
+            or continue_final_message
+        if given and not is_conversation(prompt):
+            raise ValueError("tools and the chat template's options go with a conversation (a list of chat messages)")
         if is_conversation(prompt):
             with self._scheduler.tok_lock:
-                ids, why = conversation_ids(self.tokenizer, prompt, tools)
+                ids, why = conversation_ids(self.tokenizer, prompt, tools, template)
             if why is not None:
                 raise ValueError(why)
             return ids

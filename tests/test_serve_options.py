@@ -1,0 +1,271 @@
+"""python/serve.py's service options: reasoning parsers (a reply's thinking apart from its answer), the chat
+template's options (vLLM's chat_template_kwargs, add_generation_prompt, continue_final_message), an API key, and a
+graceful shutdown that lets the requests in flight finish."""
+import importlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from .engine.conftest import shallow_copy, tiny_llama
+from .conftest import PYTHON
+from .test_serve import _all_free, _post, _raw
+
+TEXTS = ["<think>a b</think>c d", "  <think>\nplan</think>\n\nanswer", "<think>still thinking", "no tags at all",
+         "a</think>b", "</think>", "<think></think>", "", "<thin", "x <think>y</think>z", "<think>a</think>b</think>c"]
+
+
+@pytest.mark.parametrize("parser, text, want", [
+    ("deepseek_r1", "<think>a b</think>c d", ("a b", "c d")),
+    ("deepseek_r1", "plan</think>\n\nanswer", ("plan", "\n\nanswer")),  # (the template opened <think>)
+    ("deepseek_r1", "cut while thinking", ("cut while thinking", None)),
+    ("deepseek_r1", "  <think>x</think>", ("x", None)),
+    ("qwen3", "<think>a b</think>c d", ("a b", "c d")),
+    ("qwen3", "no thinking</think>here", (None, "no thinking</think>here")),  # (only a reply that opens with it)
+    ("qwen3", "<think>cut", ("cut", None)),
+    ("qwen3", "plain answer", (None, "plain answer")),
+    ("qwen3", "", (None, None))])
+def test_split_reasoning(programs, parser, text, want):
+    assert importlib.import_module("reasoning").split_reasoning(text, parser) == want
+
+
+@pytest.mark.parametrize("parser", ["deepseek_r1", "qwen3"])
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 100])
+def test_a_streamed_reply_splits_as_the_whole_one(programs, parser, size):
+    """Fed in pieces of any size, the pieces joined equal the whole split, and no tag's piece leaks into either."""
+    r = importlib.import_module("reasoning")
+    for text in TEXTS:
+        s = r.ReasoningStream(parser)
+        pieces = [text[i:i + size] for i in range(0, len(text), size)] or [""]
+        outs = [s.feed(p, i == len(pieces) - 1) for i, p in enumerate(pieces)]
+        got = ("".join(a for a, _ in outs) or None, "".join(b for _, b in outs) or None)
+        assert got == r.split_reasoning(text, parser), (text, size)
+    with pytest.raises(ValueError, match="reasoning parser must be one of"):
+        r.ReasoningStream("r1")
+
+
+def _renamed_pair(programs):
+    """A tiny pair and a word tokenizer in which the large model's greedy reply to a prompt opens with <think> and
+    closes it a few tokens on: its ids are named after what the model writes (the words are the test's choice)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from bild_kernels import Engine, LargeOnly, SamplingParams
+    V = 64
+    large = tiny_llama(31, layers=3, vocab=V)
+    small = shallow_copy(large, layers=2, noise=0.3)
+    plain = Engine(large=large, small=small, dtype=torch.float64, max_model_len=64, block_size=4)
+    for prompt in ([a, b] for a in range(1, 12) for b in range(12, 20)):
+        out = plain.generate([prompt], SamplingParams(max_tokens=12, ignore_eos=True), policy=LargeOnly())[0]
+        ids = out.token_ids  # (each tag's id once in the reply, neither in the prompt)
+        close = next((k for k in range(2, 10) if ids.count(ids[k]) == 1), None)
+        if close is not None and ids.count(ids[0]) == 1 and not {ids[0], ids[close]} & set(prompt):
+            break
+    else:
+        pytest.fail("no prompt whose reply can be named <think> ... </think> ...")
+    words = [f"a{i}" for i in range(V)]
+    eos, unk = [t for t in range(V) if t not in ids + prompt][:2]  # (an EOS for the constrained reply)
+    words[ids[0]], words[ids[close]], words[eos], words[unk] = "<think>", "</think>", "</s>", "<unk>"
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tk.decoder = decoders.Fuse()  # (each token's text as it is: what structured outputs read)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="</s>")
+    large.config.eos_token_id = small.config.eos_token_id = eos
+    tok.chat_template = "{{ messages[-1]['content'] }}"
+    engine = Engine(large=large, small=small, tokenizer=tok, dtype=torch.float64, max_model_len=64, block_size=4)
+    return engine, " ".join(words[t] for t in prompt)
+
+
+@pytest.fixture(scope="module")
+def thinking_server(programs):
+    engine, prompt = _renamed_pair(programs)
+    srv = programs["serve"].make_server(engine, port=0, max_pending=16, reasoning_parser="qwen3")
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield srv, prompt
+    srv.shutdown()
+    srv.server_close()
+
+
+@pytest.mark.parametrize("parser", ["qwen3", "deepseek_r1"])
+@pytest.mark.parametrize("policy", [{"name": "large-only"}, {"name": "greedy", "max_draft_len": 3},
+                                    {"name": "bild", "fallback_threshold": 0.3, "rollback_threshold": 1.0}])
+def test_a_reasoning_reply_comes_apart_whole_and_streamed(thinking_server, parser, policy):
+    """The model's reply opens with <think>, closes it and goes on: message.reasoning_content holds what it wrote
+    between the tags, content the rest (as split_reasoning reads the reply's text), and the stream's
+    reasoning_content / content deltas join to the same; the tags reach neither."""
+    srv, prompt = thinking_server
+    svc = srv.service
+    r = importlib.import_module("reasoning")
+    svc.reasoning_parser = parser
+    base = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 12, "ignore_eos": True,
+            "policy": policy}
+    code, plain = _post(srv, "/v1/completions", {"prompt": prompt, "max_tokens": 12, "ignore_eos": True,
+                                                  "policy": policy})
+    assert code == 200, plain
+    text = plain["choices"][0]["text"]
+    want = r.split_reasoning(text, parser)
+    assert want[0] and want[1] and text.lstrip().startswith("<think>")  # (both parts are there to split)
+    code, whole = _post(srv, "/v1/chat/completions", base)
+    assert code == 200, whole
+    msg = whole["choices"][0]["message"]
+    assert (msg["reasoning_content"], msg["content"]) == want
+    assert "think>" not in msg["reasoning_content"] + msg["content"]
+    code, events = _post(srv, "/v1/chat/completions", {**base, "stream": True})
+    assert code == 200, events
+    deltas = [e["choices"][0]["delta"] for e in events]
+    got = ("".join(d.get("reasoning_content") or "" for d in deltas), "".join(d.get("content") or "" for d in deltas))
+    assert got == want and deltas[0]["role"] == "assistant"
+    # an output constraint holds the whole reply (thinking included): it is all answer
+    code, held = _post(srv, "/v1/chat/completions", {**base, "ignore_eos": False, "guided_choice": prompt.split()})
+    assert code == 200 and held["choices"][0]["message"]["content"] in prompt.split(), held
+    assert held["choices"][0]["message"].get("reasoning_content") is None
+    svc.reasoning_parser = "qwen3"
+    _all_free(svc.engine)
+
+
+def test_reasoning_parser_names_are_checked(programs, server):
+    api = importlib.import_module("openai_api")
+    with pytest.raises(ValueError, match="reasoning_parser must be one of"):
+        api.Service(server.service.engine, reasoning_parser="o1")
+    with pytest.raises(SystemExit):
+        programs["serve"].parser().parse_args(["--reasoning-parser", "o1"])
+
+
+def test_chat_template_options_reach_the_template(server):
+    """continue_final_message leaves the assistant's last message open (the reply goes on from it), and the same
+    messages tokenize through /tokenize as the engine tokenizes them; bad options get a 400 naming them."""
+    eng = server.service.engine
+    messages = [{"role": "user", "content": "w1 w2"}, {"role": "assistant", "content": "w3 w4"}]
+    want = eng.tokenize(messages, continue_final_message=True)
+    assert want[-2:] == [3, 4]  # (no turn end, no new header after the assistant's words)
+    code, r = _raw(server, "POST", "/tokenize", json.dumps({"messages": messages, "continue_final_message": True,
+                                                            "add_generation_prompt": False}).encode())
+    assert code == 200 and json.loads(r)["tokens"] == want
+    body = {"messages": messages, "max_tokens": 6, "continue_final_message": True, "add_generation_prompt": False}
+    code, chat = _post(server, "/v1/chat/completions", body)
+    assert code == 200, chat
+    code, text = _post(server, "/v1/completions", {"prompt": want, "max_tokens": 6})
+    assert chat["choices"][0]["token_ids"] == text["choices"][0]["token_ids"]
+    code, r = _post(server, "/v1/chat/completions", {**body, "chat_template_kwargs": {"enable_thinking": False}})
+    assert code == 200 and r["choices"][0]["token_ids"] == chat["choices"][0]["token_ids"]  # (a variable it ignores)
+    for bad, match in (({"chat_template_kwargs": {"tokenize": False}}, "may not set"),
+                       ({"chat_template_kwargs": ["x"]}, "chat_template_kwargs must be an object"),
+                       ({"add_generation_prompt": True}, "exclude each other"),
+                       ({"continue_final_message": "yes"}, "must be true or false")):
+        code, r = _post(server, "/v1/chat/completions", {**body, **bad})
+        assert code == 400 and match in r["error"]["message"], (bad, r)
+    code, r = _post(server, "/v1/chat/completions", {"messages": messages[:1], "continue_final_message": True,
+                                                    "max_tokens": 2})
+    assert code == 400 and "must be the assistant's" in r["error"]["message"]
+    code, r = _raw(server, "POST", "/tokenize", json.dumps({"prompt": "w1", "continue_final_message": True}).encode())
+    assert code == 400
+    _all_free(eng)
+
+
+def test_an_api_key_guards_the_v1_routes(programs, server):
+    serve = programs["serve"]
+    srv = serve.make_server(server.service.engine, port=0, api_key="sekrit")
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        body = json.dumps({"prompt": [5, 17, 3], "max_tokens": 3}).encode()
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekrit"}):
+            code, r = _raw(srv, "POST", "/v1/completions", body, headers)
+            assert code == 401 and json.loads(r)["error"]["type"] == "authentication_error"
+            assert _raw(srv, "GET", "/v1/models", None, headers)[0] == 401
+        ok = {"Authorization": "Bearer sekrit"}
+        assert _raw(srv, "POST", "/v1/completions", body, ok)[0] == 200
+        assert _raw(srv, "GET", "/v1/models", None, ok)[0] == 200
+        for path in ("/health", "/metrics"):  # (probes and scrapers need no key, as vLLM's)
+            assert _raw(srv, "GET", path)[0] == 200
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    for bad in ("", 5):
+        with pytest.raises(ValueError, match="api_key"):
+            serve.make_server(server.service.engine, port=0, api_key=bad)
+
+
+class _HeldEngine:
+    """The engine, with each stream held after its first chunk until `release` is set."""
+
+    def __init__(self, engine):
+        self._engine, self.release, self.started = engine, threading.Event(), threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def stream(self, *a, **kw):
+        chunks = self._engine.stream(*a, **kw)
+        yield next(chunks)
+        self.started.set()
+        self.release.wait(30)
+        yield from chunks
+
+
+def test_drain_lets_requests_in_flight_finish_and_refuses_new_ones(programs, server):
+    serve = programs["serve"]
+    srv = serve.make_server(server.service.engine, port=0)
+    held = srv.service.engine = _HeldEngine(server.service.engine)
+    loop = threading.Thread(target=srv.serve_forever, daemon=True)
+    loop.start()
+    got = {}
+    body = {"prompt": [5, 17, 3], "max_tokens": 8, "stream": True}
+    client = threading.Thread(target=lambda: got.update(r=_post(srv, "/v1/completions", body)))
+    client.start()
+    assert held.started.wait(30)
+    left = []
+    drainer = threading.Thread(target=lambda: left.append(srv.drain(30)))
+    drainer.start()
+    deadline = time.monotonic() + 10
+    while not srv.draining:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    code, r = _raw(srv, "GET", "/health")
+    assert code == 503 and json.loads(r)["status"] == "draining"
+    code, r = _post(srv, "/v1/completions", {"prompt": [5], "max_tokens": 2})
+    assert code == 503 and "shutting down" in r["error"]["message"]
+    assert drainer.is_alive()  # (the stream is still in flight)
+    held.release.set()
+    drainer.join(30)
+    client.join(30)
+    loop.join(30)
+    assert left == [0] and not loop.is_alive()
+    code, events = got["r"]
+    alone = server.service.engine.generate([[5, 17, 3]], server.service.parse({**body, "stream": False})[1])[0]
+    assert code == 200 and [t for e in events for t in e["choices"][0]["token_ids"]] == alone.token_ids
+    srv.server_close()
+    # a request that outlasts the timeout: drain returns the number left in flight
+    srv = serve.make_server(server.service.engine, port=0)
+    held = srv.service.engine = _HeldEngine(server.service.engine)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    client = threading.Thread(target=lambda: _post(srv, "/v1/completions", body))
+    client.start()
+    assert held.started.wait(30)
+    assert srv.drain(0.2) == 1
+    held.release.set()
+    client.join(30)
+    srv.server_close()
+    _all_free(server.service.engine)
+
+
+def test_sigterm_drains_and_exits_cleanly(programs, tmp_path):
+    large, small = programs["tiny_pair"].save_tiny_pair(tmp_path / "pair")
+    env = {**os.environ, "PYTHONPATH": str(PYTHON), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(PYTHON / "serve.py"), "--large", str(large), "--small", str(small),
+                             "--dtype", "float64", "--max-model-len", "64", "--port", "0", "--shutdown-timeout", "20"],
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stderr.readline()
+        assert "serving on" in line, line + proc.stderr.read()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        assert "SIGTERM: draining" in proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()
