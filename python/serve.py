@@ -5,8 +5,9 @@
 Endpoints (JSON; errors are {"error": {"message", "type"}} with status 400 / 404 / 413 / 503):
   GET  /health            {"status": "ok", ...}
   GET  /v1/models         the loaded pair
-  GET  /metrics           Prometheus text: requests by finish reason, tokens, drafts kept, latency histograms,
-                          the engine's load (python/serve_metrics.py)
+  GET  /metrics           Prometheus text: requests by finish reason, tokens, drafts kept (by accepted length),
+                          vLLM's request histograms (TTFT, TPOT, queue time, ...), the engine's load and KV usage
+                          (python/serve_metrics.py)
   GET  /tokenizer_info    the tokenizer's special tokens and chat template (as vLLM's)
   POST /tokenize          {prompt: str, add_special_tokens=true} | {messages: [...]} -> {tokens, count, max_model_len}
   POST /detokenize        {tokens: [ids]} -> {prompt: text}

@@ -378,6 +378,8 @@ class Scheduler:
     def _start(self, req: Request) -> None:
         eng = self.engine
         self.waiting.pop(0)
+        if not req.seq.metrics.scheduled_time:
+            req.seq.metrics.scheduled_time = time.perf_counter()
         req.seq.row = min(set(range(eng.max_batch_size)) - {r.seq.row for r in self.running})
         for runner in eng.runners.values():
             runner.add(req.seq.row)

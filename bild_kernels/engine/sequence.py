@@ -29,6 +29,7 @@ class RequestMetrics:
     start_time: float = 0.0
     end_time: float = 0.0
     first_token_time: float = 0.0  # when the step that produced the first output token ended (0: none yet)
+    scheduled_time: float = 0.0  # when it first got a row of the running batch (0: never)
 
     @property
     def acceptance_rate(self) -> float:
@@ -58,6 +59,16 @@ class RequestMetrics:
         return max(self.first_token_time - self.start_time, 0.0) if self.first_token_time else 0.0
 
     @property
+    def queue_time(self) -> float:
+        """Seconds from the request's arrival to its first row in the running batch (waiting for a row or blocks)."""
+        return max(self.scheduled_time - self.start_time, 0.0) if self.scheduled_time else 0.0
+
+    @property
+    def time_per_output_token(self) -> float:
+        """The decode phase's seconds per token after the first (vLLM's time per output token; 0 below two)."""
+        return self.decode_time / (self.generated_tokens - 1) if self.generated_tokens > 1 else 0.0
+
+    @property
     def decode_time(self) -> float:
         """Seconds from the first output token to the last: the decode phase, where speculation acts."""
         return max(self.end_time - self.first_token_time, 0.0) if self.first_token_time else 0.0
@@ -76,6 +87,8 @@ class RequestMetrics:
             "iterations_per_token": round(self.iterations_per_token, 4),
             "wall_time_s": round(self.wall_time, 6), "tokens_per_s": round(self.tokens_per_s, 2),
             "time_to_first_token_s": round(self.time_to_first_token, 6), "decode_time_s": round(self.decode_time, 6),
+            "queue_time_s": round(self.queue_time, 6),
+            "time_per_output_token_s": round(self.time_per_output_token, 6),
         }
 
     @staticmethod

@@ -57,6 +57,9 @@ def test_drafting_really_happens_and_metrics_add_up(engine):
         assert x.time_to_first_token + x.decode_time == pytest.approx(x.wall_time)
         d = x.as_dict()
         assert d["time_to_first_token_s"] == round(x.time_to_first_token, 6)
+        assert x.start_time <= x.scheduled_time <= x.first_token_time and 0 <= x.queue_time <= x.time_to_first_token
+        assert x.time_per_output_token == pytest.approx(x.decode_time / (x.generated_tokens - 1))
+        assert d["queue_time_s"] == round(x.queue_time, 6)
 
 
 def test_bild_with_loose_rollback_differs_but_keeps_length(engine, oracle):
