@@ -7,6 +7,7 @@ import json
 import re
 import secrets
 import threading
+import time
 from typing import NamedTuple
 
 from bild_kernels import (BiLD, Engine, Greedy, Jacobi, LargeOnly, NGram, SamplingParams, ShallowDeep, SmallOnly,
@@ -324,7 +325,7 @@ class BadRequest(ValueError):
 class Service:
     """The engine plus what the HTTP layer needs: request parsing, a policy cache, an admission bound."""
 
-    def __init__(self, engine: Engine, *, model_name: str = "bild", max_pending: int = 256,
+    def __init__(self, engine: Engine, *, model_name: str = "bild", strict_model: bool = False, max_pending: int = 256,
                  default_timeout: float | None = 600.0, tool_call_parser: str | None = None,
                  reasoning_parser: str | None = None):
         if tool_call_parser not in (None, *TOOL_CALL_PARSERS):
@@ -334,7 +335,9 @@ class Service:
             raise ValueError(f"reasoning_parser must be one of {list(REASONING_PARSERS)} or None, got "
                              f"{reasoning_parser!r}")
         self.engine, self.model_name, self.default_timeout = engine, model_name, default_timeout
+        self.strict_model = strict_model  # a request's "model" must then be model_name (404 otherwise, as vLLM's)
         self.tool_call_parser, self.reasoning_parser = tool_call_parser, reasoning_parser
+        self.created = int(time.time())
         self.max_pending, self.in_flight = max_pending, 0  # requests being served (admit / done)
         self.metrics = ServiceMetrics()
         self._policies: dict[str, object] = {}
@@ -384,6 +387,9 @@ class Service:
         unknown = set(body) - (FIELDS if kind == "text" else CHAT_FIELDS)
         if unknown:
             raise BadRequest(f"unsupported field(s): {sorted(unknown)}")
+        if self.strict_model and body.get("model", self.model_name) != self.model_name:
+            raise BadRequest(f"the model {str(body['model'])[:80]!r} does not exist (this server serves "
+                             f"{self.model_name!r})", 404)
         n = body.get("n", 1)
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
             raise BadRequest(f"n must be an int in [1, {MAX_N}]")

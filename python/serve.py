@@ -4,7 +4,7 @@
 
 Endpoints (JSON; errors are {"error": {"message", "type"}} with status 400 / 404 / 413 / 503):
   GET  /health            {"status": "ok", ...}
-  GET  /v1/models         the loaded pair
+  GET  /v1/models         the served model (its name, max_model_len)
   GET  /metrics           Prometheus text: requests by finish reason, tokens, drafts kept (by accepted length),
                           vLLM's request histograms (TTFT, TPOT, queue time, ...), the engine's load and KV usage
                           (python/serve_metrics.py)
@@ -57,7 +57,8 @@ add_generation_prompt and continue_final_message (the assistant's last message l
 it). --reasoning-parser deepseek_r1 | qwen3 puts a reply's thinking in message.reasoning_content (streamed:
 delta.reasoning_content) and the rest in content (python/reasoning.py); a reply held by an output constraint is all
 content. --api-key (or $BILD_API_KEY) makes the /v1 routes ask for `Authorization: Bearer <key>` (401 otherwise;
-/health, /metrics and the tokenizer routes stay open, as vLLM's). SIGTERM or Ctrl-C drains: /health and new requests
+/health, /metrics and the tokenizer routes stay open, as vLLM's); --served-model-name NAME names the model and refuses
+requests naming another (404). SIGTERM or Ctrl-C drains: /health and new requests
 get a 503 at once, the requests in flight finish (up to --shutdown-timeout seconds), then the server exits 0.
 """
 from __future__ import annotations
@@ -132,7 +133,10 @@ class Handler(BaseHTTPRequestHandler):
                 "status": "draining" if draining else "ok", "max_batch_size": eng.max_batch_size,
                 "kv_cache_blocks": eng.kv_cache_blocks, "load": eng.load()})
         elif self.path == "/v1/models":
-            self._json(200, {"object": "list", "data": [{"id": self.service.model_name, "object": "model"}]})
+            svc = self.service
+            self._json(200, {"object": "list", "data": [{
+                "id": svc.model_name, "object": "model", "created": svc.created, "owned_by": "bild",
+                "max_model_len": svc.engine.max_model_len}]})
         elif self.path == "/metrics":
             text = self.service.metrics.render(self.service.engine.load())
             self._send(200, text.encode(), "text/plain; version=0.0.4")
@@ -378,6 +382,9 @@ def parser() -> argparse.ArgumentParser:
                          "delta.reasoning_content) and the rest in content: deepseek_r1, everything before </think> "
                          "(DeepSeek-R1 and its distillations, QwQ, Qwen3 2507 thinking models, whose templates open "
                          "<think> in the prompt); qwen3, a reply that opens with <think> (Qwen3's hybrid models)")
+    ap.add_argument("--served-model-name", default=None, metavar="NAME",
+                    help='the model name replies carry and /v1/models lists; given, a request naming another model '
+                         'gets a 404, as vLLM\'s (default: "bild", and any name a request gives is accepted)')
     ap.add_argument("--api-key", default=os.environ.get("BILD_API_KEY"),
                     help="require `Authorization: Bearer KEY` on the /v1 routes (default: $BILD_API_KEY; none: open)")
     ap.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
@@ -396,7 +403,9 @@ def main(argv=None) -> int:
     engine = build_engine(args)
     server = make_server(engine, args.host, args.port, api_key=args.api_key, max_pending=args.max_pending,
                          default_timeout=args.request_timeout, tool_call_parser=args.tool_call_parser,
-                         reasoning_parser=args.reasoning_parser)
+                         reasoning_parser=args.reasoning_parser,
+                         **({} if args.served_model_name is None else
+                            {"model_name": args.served_model_name, "strict_model": True}))
     server.log = args.log
     left = []
 

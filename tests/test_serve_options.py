@@ -269,3 +269,26 @@ def test_sigterm_drains_and_exits_cleanly(programs, tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_served_model_name_is_listed_and_held_to(programs, server):
+    """--served-model-name: replies and /v1/models carry it, and a request naming another model gets a 404;
+    without it any name is accepted (the replies say "bild")."""
+    serve = programs["serve"]
+    args = serve.parser().parse_args(["--served-model-name", "smol"])
+    assert args.served_model_name == "smol"
+    srv = serve.make_server(server.service.engine, port=0, model_name="smol", strict_model=True)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        models = json.loads(_raw(srv, "GET", "/v1/models")[1])["data"]
+        assert [m["id"] for m in models] == ["smol"] and models[0]["max_model_len"] == server.service.engine.max_model_len
+        code, r = _post(srv, "/v1/completions", {"prompt": [5, 17], "max_tokens": 2, "model": "smol"})
+        assert code == 200 and r["model"] == "smol"
+        code, r = _post(srv, "/v1/chat/completions", {"messages": [{"role": "user", "content": "w1"}],
+                                                     "max_tokens": 2, "model": "gpt-4o"})
+        assert code == 404 and "does not exist" in r["error"]["message"]
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    code, r = _post(server, "/v1/completions", {"prompt": [5, 17], "max_tokens": 2, "model": "gpt-4o"})
+    assert code == 200 and r["model"] == "bild"
