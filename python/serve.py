@@ -49,8 +49,8 @@ temperature and the filters), "top_logprobs" (the n most likely tokens there, te
 (where each token's text starts in the completion, counting the tokens' own texts). "echo": true (not with
 stream) puts the prompt before the text and, with logprobs, its tokens before the choice's, the first with logprob
 null: what lm-evaluation-harness's loglikelihood requests read. Every request thread calls the one Engine:
-requests join its running batch as they come. A client that goes away mid-stream cancels its request, which frees
-its KV blocks at once. The request and reply formats are python/openai_api.py's; this file is the HTTP.
+requests join its running batch as they come. A client that goes away (mid-stream, or before a whole reply: its
+connection is watched) cancels its requests, which frees their KV blocks at once. The request and reply formats are python/openai_api.py's; this file is the HTTP.
 
 Chat requests also take vLLM's chat_template_kwargs (the template's variables: Qwen3's {"enable_thinking": false}),
 add_generation_prompt and continue_final_message (the assistant's last message left open: the reply goes on from
@@ -68,7 +68,9 @@ import dataclasses
 import hmac
 import json
 import os
+import select
 import signal
+import socket
 import sys
 import threading
 import time
@@ -199,7 +201,15 @@ class Handler(BaseHTTPRequestHandler):
             per = [dataclasses.replace(params, seed=params.seed + i % n) for i in range(len(prompts))]
         except ValueError as e:
             return self._error(400, f"n = {n}: {e}")
-        outs = svc.engine.generate(prompts, per, policy=policy)  # (a batch joins the running batch together)
+        watch = _ClientWatch(self.connection, svc.engine)  # (a client that leaves cancels its requests)
+        try:  # (a batch joins the running batch together)
+            outs = svc.engine.generate(prompts, per, policy=policy, on_submit=watch.start)
+        finally:
+            watch.stop()
+        if watch.left:
+            for o in outs:
+                svc.metrics.observe(o)
+            return
         for o in outs:
             svc.metrics.observe(o)
         refused = next((o for o in outs if _refused(o)), None)
@@ -270,6 +280,40 @@ class Handler(BaseHTTPRequestHandler):
             except Exception as e:  # a failed engine step, after the headers went out: say so in the stream
                 err = {"error": {"message": f"{type(e).__name__}: {e}", "type": "server_error"}}
                 self.wfile.write(b"data: " + json.dumps(err).encode() + b"\n\n")
+
+
+class _ClientWatch:
+    """Cancels a non-streamed request's engine requests when its client goes away before the reply (its socket
+    reads as closed), as vLLM does: a client that timed out and retried would otherwise leave its first request
+    running to the end. Polls the socket every `period` seconds from a thread of its own."""
+
+    def __init__(self, sock, engine, period: float = 0.2):
+        self.sock, self.engine, self.period = sock, engine, period
+        self.done, self.left, self.thread = threading.Event(), False, None
+
+    def start(self, request_ids: list[int]) -> None:
+        self.thread = threading.Thread(target=self._watch, args=(request_ids,), daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.done.set()
+        if self.thread is not None:
+            self.thread.join()
+
+    def _gone(self) -> bool:
+        try:
+            readable, _, _ = select.select([self.sock], [], [], 0)
+            return bool(readable) and self.sock.recv(1, socket.MSG_PEEK) == b""  # (EOF; a pipelined request is not)
+        except (OSError, ValueError):
+            return True
+
+    def _watch(self, request_ids: list[int]) -> None:
+        while not self.done.wait(self.period):
+            if self._gone():
+                self.left = True
+                for rid in request_ids:
+                    self.engine.cancel(rid)
+                return
 
 
 class _Server(ThreadingHTTPServer):

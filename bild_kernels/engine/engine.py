@@ -366,7 +366,8 @@ class Engine(Prefixing, TokenizerMethods, Iteration, AsyncAPI):
 
     # ------------------------------------------------------------------------------------------
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
-                 policy: Policy | None = None, *, chat_template: bool = False) -> list[RequestOutput]:
+                 policy: Policy | None = None, *, chat_template: bool = False,
+                 on_submit=None) -> list[RequestOutput]:
         """Generate for every prompt (a string, a list of token ids, or a conversation: a list of {"role", "content"}
         messages, put through the tokenizer's chat template); one RequestOutput each, in order. `params` is one
         SamplingParams for all prompts or a list with one per prompt.
@@ -376,11 +377,15 @@ class Engine(Prefixing, TokenizerMethods, Iteration, AsyncAPI):
         else runs beside it. A request that cannot be served comes back with finish_reason "error" and
         `error` set (token_ids empty); one that ends early ("timeout", "cancelled", or "error" from a
         NaN/inf in a model's logits) keeps the tokens committed before; a timeout or fault says why in `error`.
+        `on_submit`, if given, is called with the requests' ids once they are queued, before any step runs: another
+        thread may then `cancel` them (a service whose client went away, say).
         """
         prompts = self._prompt_list(prompts)
         reqs = self._scheduler.submit(prompts, params, policy, chat_template)
         outputs = {}
         try:
+            if on_submit is not None:
+                on_submit([r.seq.request_id for r in reqs])
             for chunk in self._scheduler.chunks(reqs):
                 if chunk.finished:
                     outputs[chunk.request_id] = chunk.output

@@ -160,6 +160,28 @@ def test_closed_garbage_collected_and_cancelled_streams_free_their_blocks(engine
     assert not engine.cancel(first.request_id)
 
 
+def test_generate_hands_its_request_ids_out_to_cancel_them(engine, alone, reqs):
+    """generate(on_submit=f) calls f with the requests' ids before any step: another thread can cancel them (the
+    others of the batch go on); a callback that raises ends the call with its exception and frees every block."""
+    got = []
+
+    def cancel_first(ids):
+        got.append(ids)
+        threading.Thread(target=engine.cancel, args=(ids[0],)).start()
+    p, s, pol = reqs[0]
+    outs = engine.generate([[5, 17, 3], p], [SamplingParams(max_tokens=55, ignore_eos=True), s], policy=pol,
+                           on_submit=cancel_first)
+    assert [o.request_id for o in outs] == got[0] and len(got) == 1
+    assert outs[0].finish_reason == "cancelled" and len(outs[0].token_ids) < 55
+    assert outs[1].token_ids == alone[0]
+
+    def fail(ids):
+        raise RuntimeError("no")
+    with pytest.raises(RuntimeError, match="no"):
+        engine.generate([[5, 17, 3]], SamplingParams(max_tokens=8), on_submit=fail)
+    _all_free(engine)
+
+
 def test_cancelled_request_leaves_the_others_intact(engine, reqs, alone):
     victim = engine.stream([4, 4, 4], SamplingParams(max_tokens=40), policy=Greedy())
     first = next(victim)
