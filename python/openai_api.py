@@ -602,8 +602,20 @@ class Service:
 
 
 def _usage(out) -> dict:
+    """OpenAI's usage of one output: its prompt positions the prefix cache served as prompt_tokens_details'
+    cached_tokens."""
     p, g = len(out.prompt_token_ids), len(out.token_ids)
-    return {"prompt_tokens": p, "completion_tokens": g, "total_tokens": p + g}
+    return {"prompt_tokens": p, "completion_tokens": g, "total_tokens": p + g,
+            "prompt_tokens_details": {"cached_tokens": out.metrics.cached_prompt_tokens}}
+
+
+def total_usage(outs) -> dict:
+    """The usage of a reply of several outputs (a batch, n choices): the sums."""
+    usages = [_usage(o) for o in outs]
+    total = {k: sum(u[k] for u in usages) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+    total["prompt_tokens_details"] = {"cached_tokens": sum(u["prompt_tokens_details"]["cached_tokens"]
+                                                           for u in usages)}
+    return total
 
 
 def _checked_messages(messages) -> list[dict]:

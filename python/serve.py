@@ -58,7 +58,8 @@ it). --reasoning-parser deepseek_r1 | qwen3 puts a reply's thinking in message.r
 delta.reasoning_content) and the rest in content (python/reasoning.py); a reply held by an output constraint is all
 content. --api-key (or $BILD_API_KEY) makes the /v1 routes ask for `Authorization: Bearer <key>` (401 otherwise;
 /health, /metrics and the tokenizer routes stay open, as vLLM's); --served-model-name NAME names the model and refuses
-requests naming another (404). SIGTERM or Ctrl-C drains: /health and new requests
+requests naming another (404); --chat-template replaces the tokenizer's chat template; usage carries
+prompt_tokens_details.cached_tokens (the prefix cache's share of the prompt); GET /version. SIGTERM or Ctrl-C drains: /health and new requests
 get a 503 at once, the requests in flight finish (up to --shutdown-timeout seconds), then the server exits 0.
 """
 from __future__ import annotations
@@ -79,9 +80,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
 
+import bild_kernels
 from bild_kernels import Engine
 from openai_api import (MAX_BODY, ROUTES, TOKENIZER_ROUTES, BadRequest, Service, _chain, _refused, _usage, is_batch,
-                        AutoToolStream, tool_delta, tool_message)
+                        AutoToolStream, tool_delta, tool_message, total_usage)
 from reasoning import REASONING_PARSERS, ReasoningStream, reasoning_delta, reasoning_message
 
 class Handler(BaseHTTPRequestHandler):
@@ -134,6 +136,8 @@ class Handler(BaseHTTPRequestHandler):
             self._json(503 if draining else 200, {
                 "status": "draining" if draining else "ok", "max_batch_size": eng.max_batch_size,
                 "kv_cache_blocks": eng.kv_cache_blocks, "load": eng.load()})
+        elif self.path == "/version":
+            self._json(200, {"version": bild_kernels.__version__})
         elif self.path == "/v1/models":
             svc = self.service
             self._json(200, {"object": "list", "data": [{
@@ -231,7 +235,7 @@ class Handler(BaseHTTPRequestHandler):
             if echo:
                 svc.echo(choice, p, out)
             choices.append(choice)
-        usage = {k: sum(_usage(o)[k] for o in outs) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+        usage = total_usage(outs)
         reply = svc.envelope(outs[0].request_id, choices[0], created, usage, kind)
         reply["choices"] = choices
         self._json(200, reply)
@@ -386,6 +390,26 @@ def build_engine(args) -> Engine:
     return Engine(large=args.large, small=args.small, **kw)
 
 
+def set_chat_template(engine: Engine, template: str) -> None:
+    """The engine's tokenizer gets `template` (a file's path, or the Jinja text itself) as its chat template, checked
+    by laying out a one-message conversation; a clear exit otherwise."""
+    if engine.tokenizer is None:
+        raise SystemExit("--chat-template needs a tokenizer, and the engine has none")
+    path = os.path.expanduser(template)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            template = f.read()
+    elif "{" not in template:
+        raise SystemExit(f"--chat-template: {template!r} is neither a file nor a Jinja template")
+    old = engine.tokenizer.chat_template
+    engine.tokenizer.chat_template = template
+    try:
+        engine.tokenize([{"role": "user", "content": "hi"}])
+    except Exception as e:
+        engine.tokenizer.chat_template = old
+        raise SystemExit(f"--chat-template does not lay out a conversation: {type(e).__name__}: {e}") from None
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--large", help="large model: HF directory or .gguf (default: the engine's default pair)")
@@ -426,6 +450,9 @@ def parser() -> argparse.ArgumentParser:
                          "delta.reasoning_content) and the rest in content: deepseek_r1, everything before </think> "
                          "(DeepSeek-R1 and its distillations, QwQ, Qwen3 2507 thinking models, whose templates open "
                          "<think> in the prompt); qwen3, a reply that opens with <think> (Qwen3's hybrid models)")
+    ap.add_argument("--chat-template", default=None, metavar="FILE_OR_TEXT",
+                    help="the chat template (a Jinja file, or the template itself) in place of the tokenizer's: for a "
+                         "base model that has none, or to change how conversations are laid out (vLLM's)")
     ap.add_argument("--served-model-name", default=None, metavar="NAME",
                     help='the model name replies carry and /v1/models lists; given, a request naming another model '
                          'gets a 404, as vLLM\'s (default: "bild", and any name a request gives is accepted)')
@@ -445,6 +472,8 @@ def main(argv=None) -> int:
     if args.api_key == "":
         raise SystemExit("--api-key must not be empty")
     engine = build_engine(args)
+    if args.chat_template is not None:
+        set_chat_template(engine, args.chat_template)
     server = make_server(engine, args.host, args.port, api_key=args.api_key, max_pending=args.max_pending,
                          default_timeout=args.request_timeout, tool_call_parser=args.tool_call_parser,
                          reasoning_parser=args.reasoning_parser,

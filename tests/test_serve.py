@@ -226,7 +226,8 @@ def test_a_batch_prompt_gets_one_choice_each_as_alone(server):
         assert c["logprobs"]["tokens"] == alone["logprobs"]["tokens"]
         assert c["logprobs"]["token_logprobs"][1:] == pytest.approx(alone["logprobs"]["token_logprobs"][1:], abs=1e-9)
     n_prompt = sum(len(p) if isinstance(p, list) else len(eng.tokenizer(p)["input_ids"]) for p in batch)
-    assert r["usage"] == {"prompt_tokens": n_prompt, "completion_tokens": 3, "total_tokens": n_prompt + 3}
+    assert r["usage"] == {"prompt_tokens": n_prompt, "completion_tokens": 3, "total_tokens": n_prompt + 3,
+                          "prompt_tokens_details": {"cached_tokens": 0}}  # (no prefix cache here)
     _all_free(eng)
 
 

@@ -318,3 +318,45 @@ def test_a_client_that_leaves_before_a_whole_reply_cancels_its_requests(programs
         time.sleep(0.02)
     assert len(cancelled) == 2  # (both choices' requests)
     _all_free(eng)
+
+
+def test_usage_counts_the_prompt_positions_the_prefix_cache_served(programs, tmp_path):
+    """OpenAI's usage.prompt_tokens_details.cached_tokens: 0 for a first prompt, the reused positions for one that
+    opens like it (RequestOutput.metrics.cached_prompt_tokens), whole and streamed."""
+    serve = programs["serve"]
+    large, small = programs["tiny_pair"].save_tiny_pair(tmp_path / "pair")
+    args = serve.parser().parse_args(["--large", str(large), "--small", str(small), "--dtype", "float64",
+                                      "--max-model-len", "64", "--prefix-cache", "256"])
+    srv = serve.make_server(serve.build_engine(args), port=0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        words = " ".join(f"w{i}" for i in range(1, 30))
+        first = _post(srv, "/v1/completions", {"prompt": words, "max_tokens": 3})[1]["usage"]
+        again = _post(srv, "/v1/completions", {"prompt": words + " w40", "max_tokens": 3})[1]["usage"]
+        events = _post(srv, "/v1/completions", {"prompt": words + " w41", "max_tokens": 3, "stream": True})[1]
+        assert first["prompt_tokens_details"]["cached_tokens"] == 0
+        assert 0 < again["prompt_tokens_details"]["cached_tokens"] < again["prompt_tokens"]
+        assert events[-1]["usage"]["prompt_tokens_details"] == again["prompt_tokens_details"]
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_a_chat_template_from_the_command_line_replaces_the_tokenizer_s(programs, server, tmp_path):
+    serve, eng = programs["serve"], server.service.engine
+    messages = [{"role": "user", "content": "w5 w6"}]
+    old = eng.tokenizer.chat_template
+    try:
+        serve.set_chat_template(eng, "{% for m in messages %}w7 {{ m['content'] }} {% endfor %}w8")
+        assert eng.tokenize(messages) == [7, 5, 6, 8]
+        (tmp_path / "t.jinja").write_text("{{ messages[0]['content'] }} w9")
+        serve.set_chat_template(eng, str(tmp_path / "t.jinja"))
+        assert eng.tokenize(messages) == [5, 6, 9]
+        for bad, match in (("no/such/file.jinja", "neither a file nor"), ("{{ messages[5]['x'] }}", "does not lay")):
+            with pytest.raises(SystemExit, match=match):
+                serve.set_chat_template(eng, bad)
+            assert eng.tokenize(messages) == [5, 6, 9]  # (a bad one leaves the one before)
+    finally:
+        eng.tokenizer.chat_template = old
+    code, r = _raw(server, "GET", "/version")
+    assert code == 200 and json.loads(r)["version"]
