@@ -32,7 +32,7 @@ FIELDS |= set(NEUTRAL) | {"stream_options", "echo"}
 TEMPLATE_FIELDS = ("chat_template_kwargs", "add_generation_prompt", "continue_final_message")  # vLLM's
 CHAT_FIELDS = FIELDS - {"prompt", "echo", "best_of"} | {"messages", "max_completion_tokens", "top_logprobs", "tools",
                                                        "tool_choice", "parallel_tool_calls", *TEMPLATE_FIELDS}
-ROUTES = {"/v1/completions": "text", "/v1/chat/completions": "chat"}
+ROUTES = {"/v1/completions": "text", "/v1/chat/completions": "chat", "/v1/responses": "responses"}
 TOKENIZER_ROUTES = {"/tokenize": "tokenize", "/detokenize": "detokenize"}
 MAX_N = 16  # completions one request may ask for per prompt (n)
 MAX_BATCH_PROMPTS = 64  # prompts one completions request may carry (each a choice of the reply)

@@ -27,6 +27,9 @@ Endpoints (JSON; errors are {"error": {"message", "type"}} with status 400 / 404
                            but prompt}: the messages through the model's chat template; OpenAI's chat.completion
                            reply (choices[0].message.content, or with "stream": true chat.completion.chunk events
                            whose choices[0].delta carries the new text); finish_reason "stop" for an EOS
+  POST /v1/responses      OpenAI's Responses API, served as the chat request it asks for (python/responses_api.py):
+                          {input: text | items, instructions, max_output_tokens, tools, tool_choice, text.format,
+                           stream, ...} -> a response object, or its typed events
 presence_penalty and frequency_penalty (OpenAI's, in [-2, 2]), vLLM's repetition_penalty (> 0) and min_tokens (EOS
 and stop ids held back until the output has that many tokens), and logit_bias ({"token id": bias in [-100, 100]},
 added first) shape the large model's distribution, what every policy verifies against (SamplingParams); vLLM's
@@ -85,6 +88,7 @@ from bild_kernels import Engine
 from openai_api import (MAX_BODY, ROUTES, TOKENIZER_ROUTES, BadRequest, Service, _chain, _refused, _usage, is_batch,
                         AutoToolStream, tool_delta, tool_message, total_usage)
 from reasoning import REASONING_PARSERS, ReasoningStream, reasoning_delta, reasoning_message
+from responses_api import ResponseStream, chat_body, response_object
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
@@ -174,7 +178,10 @@ class Handler(BaseHTTPRequestHandler):
                 return self._json(200, svc.tokenize(body) if kind == "tokenize" else svc.detokenize(body))
             except (BadRequest, ValueError) as e:
                 return self._error(400, str(e))
+        responses = None  # (the Responses API's body: it is served as the chat request it asks for)
         try:
+            if kind == "responses":
+                responses, body, kind = body, chat_body(body), "chat"
             req = svc.parse(body, kind)
         except BadRequest as e:
             return self._error(e.status, str(e))
@@ -184,9 +191,10 @@ class Handler(BaseHTTPRequestHandler):
             return self._error(503, "server busy: too many requests in flight", "overloaded")
         try:
             if req.stream:
-                self._stream(req, kind)
+                self._stream(req, kind, responses)
             else:
-                self._complete(req, kind, echo=kind == "text" and body.get("echo", False), n=body.get("n", 1))
+                self._complete(req, kind, echo=kind == "text" and body.get("echo", False), n=body.get("n", 1),
+                               responses=responses)
         except (TypeError, ValueError) as e:  # the engine's documented argument errors
             self._error(400, str(e))
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
@@ -196,7 +204,15 @@ class Handler(BaseHTTPRequestHandler):
         finally:
             svc.done()
 
-    def _complete(self, req, kind="text", echo=False, n=1):
+    def _count_tokens(self, text: str) -> int:
+        return len(self.service.engine.tokenize(text, add_special_tokens=False))
+
+    def _sse(self, data: dict, event: str | None = None) -> None:
+        self.wfile.write((f"event: {event}\n" if event else "").encode() + b"data: " + json.dumps(data).encode()
+                         + b"\n\n")
+        self.wfile.flush()
+
+    def _complete(self, req, kind="text", echo=False, n=1, responses=None):
         svc, created = self.service, int(time.time())
         prompt, params, policy, tools = req.prompt, req.params, req.policy, req.tools
         # each prompt n times, the i-th with seed + i (OpenAI's order: a prompt's n choices together)
@@ -238,9 +254,11 @@ class Handler(BaseHTTPRequestHandler):
         usage = total_usage(outs)
         reply = svc.envelope(outs[0].request_id, choices[0], created, usage, kind)
         reply["choices"] = choices
+        if responses is not None:
+            return self._json(200, response_object(reply, responses, svc.model_name, self._count_tokens))
         self._json(200, reply)
 
-    def _stream(self, req, kind="text"):
+    def _stream(self, req, kind="text", responses=None):
         svc, created, tools = self.service, int(time.time()), req.tools
         with closing(svc.engine.stream(req.prompt, req.params, policy=req.policy)) as chunks:  # closing cancels it
             first = next(chunks)
@@ -257,6 +275,7 @@ class Handler(BaseHTTPRequestHandler):
             auto = (AutoToolStream(tools, f"call-{first.request_id}") if tools is not None and tools["mode"] == "auto"
                     else None)
             thinking = ReasoningStream(req.reasoning) if req.reasoning is not None else None
+            typed = ResponseStream(responses, svc.model_name, self._count_tokens) if responses is not None else None
             try:
                 offset = 0  # tokens' texts so far (completions' logprobs text_offset)
                 for i, c in enumerate(_chain(first, chunks)):
@@ -275,15 +294,19 @@ class Handler(BaseHTTPRequestHandler):
                     elif tools is not None:  # (a named tool_choice: the text streams as the call's arguments)
                         choice["delta"] = tool_delta(choice["delta"], tools, f"call-{c.request_id}", i == 0)
                     event = svc.envelope(c.request_id, choice, created, _usage(o) if o else None, kind, stream=True)
-                    self.wfile.write(b"data: " + json.dumps(event).encode() + b"\n\n")
+                    for name, data in typed.feed(event) if typed is not None else [(None, event)]:
+                        self._sse(data, name)
+                if typed is None:  # (the Responses API's stream ends with its response.completed event)
+                    self.wfile.write(b"data: [DONE]\n\n")
                     self.wfile.flush()
-                self.wfile.write(b"data: [DONE]\n\n")
-                self.wfile.flush()
             except (BrokenPipeError, ConnectionResetError, TimeoutError):
                 svc.metrics.ended("cancelled")  # the client left: closing the stream cancels it, frees its blocks
             except Exception as e:  # a failed engine step, after the headers went out: say so in the stream
                 err = {"error": {"message": f"{type(e).__name__}: {e}", "type": "server_error"}}
-                self.wfile.write(b"data: " + json.dumps(err).encode() + b"\n\n")
+                if typed is not None:
+                    err = {"type": "error", "code": "server_error", "message": err["error"]["message"], "param": None,
+                           "sequence_number": typed.seq}
+                self._sse(err, "error" if typed is not None else None)
 
 
 class _ClientWatch:

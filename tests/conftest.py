@@ -115,3 +115,27 @@ def server(programs, tmp_path_factory):
     yield srv
     srv.shutdown()
     srv.server_close()
+
+
+@pytest.fixture(scope="module")
+def json_server(programs):
+    """A server on a tiny pair whose tokenizer can write JSON (tests/engine/test_structured_outputs.py's pieces: no
+    "_", so the functions' names are letters), with a chat template that shows whether it was given tools."""
+    import torch
+
+    from bild_kernels import Engine
+
+    from .engine.conftest import shallow_copy, tiny_llama
+    from .engine.test_structured_outputs import EOS, V, _tokenizer
+    large = tiny_llama(21, layers=3, vocab=V)
+    large.config.eos_token_id = EOS
+    small = shallow_copy(large, layers=2, noise=0.3)
+    small.config.eos_token_id = EOS
+    tok = _tokenizer()
+    tok.chat_template = "{% if tools %}yes{% else %}no{% endif %}"  # (the whole text is one piece)
+    engine = Engine(large=large, small=small, tokenizer=tok, dtype=torch.float64, max_model_len=96, block_size=4)
+    srv = programs["serve"].make_server(engine, port=0, max_pending=16)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()

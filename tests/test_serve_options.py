@@ -129,6 +129,30 @@ def test_a_reasoning_reply_comes_apart_whole_and_streamed(thinking_server, parse
     _all_free(svc.engine)
 
 
+def test_a_reasoning_reply_s_thinking_is_a_reasoning_item_of_its_response(thinking_server):
+    """POST /v1/responses with a reasoning parser: a reasoning item (its reasoning_text the thinking) before the
+    message item (the answer), whole and streamed; usage counts the thinking's tokens."""
+    from .test_serve_responses import _events
+    srv, prompt = thinking_server
+    r = importlib.import_module("reasoning")
+    body = {"input": prompt, "max_output_tokens": 12, "ignore_eos": True}
+    text = _post(srv, "/v1/completions", {"prompt": prompt, "max_tokens": 12, "ignore_eos": True})[1]["choices"][0]
+    thinking, answer = r.split_reasoning(text["text"], "qwen3")
+    code, resp = _post(srv, "/v1/responses", body)
+    assert code == 200, resp
+    kinds = [it["type"] for it in resp["output"]]
+    assert kinds == ["reasoning", "message"]
+    assert resp["output"][0]["content"][0]["text"] == thinking and resp["output"][1]["content"][0]["text"] == answer
+    assert resp["usage"]["output_tokens_details"]["reasoning_tokens"] == len(srv.service.engine.tokenize(
+        thinking, add_special_tokens=False)) > 0
+    events = _events(srv, body)
+    assert "".join(d["delta"] for n, d in events if n == "response.reasoning_text.delta") == thinking
+    assert "".join(d["delta"] for n, d in events if n == "response.output_text.delta") == answer
+    assert [(it["type"], it["content"]) for it in events[-1][1]["response"]["output"]] == [
+        (it["type"], it["content"]) for it in resp["output"]]
+    _all_free(srv.service.engine)
+
+
 def test_reasoning_parser_names_are_checked(programs, server):
     api = importlib.import_module("openai_api")
     with pytest.raises(ValueError, match="reasoning_parser must be one of"):

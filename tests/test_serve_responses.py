@@ -1,0 +1,132 @@
+"""python/serve.py's POST /v1/responses (OpenAI's Responses API, python/responses_api.py): the same tokens as the chat
+request it asks for, whole and as typed stream events; input items, function tools and text formats; what it cannot
+serve refused with a 400."""
+import importlib
+import json
+
+import pytest
+
+from .test_serve import CHAT, _all_free, _post
+
+WEATHER = {"type": "function", "name": "weather", "description": "the weather in a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 4},
+                                                           "unit": {"enum": ["c", "f"]}},
+                          "required": ["city", "unit"]}}
+
+
+def _text(resp) -> str:
+    return "".join(p["text"] for it in resp["output"] if it["type"] == "message" for p in it["content"])
+
+
+def _events(srv, body):
+    """(event name, data) of a streamed Responses request, as the SSE lines name them."""
+    from .test_serve import _raw
+    code, data = _raw(srv, "POST", "/v1/responses", json.dumps({**body, "stream": True}).encode())
+    assert code == 200, data
+    out, name = [], None
+    for line in data.decode().split("\n"):
+        if line.startswith("event: "):
+            name = line[7:]
+        elif line.startswith("data: "):
+            out.append((name, json.loads(line[6:])))
+    return out
+
+
+@pytest.mark.parametrize("extra", [{"max_output_tokens": 8}, {"max_output_tokens": 9, "temperature": 0.8, "seed": 4,
+                                                              "policy": {"name": "speculative-sampling"}}])
+def test_a_response_is_its_chat_reply(server, extra):
+    """instructions + input = a chat's system and user messages: the same tokens as the chat completion, whole and
+    streamed; the stream's typed events in order, numbered, its deltas joining to the text."""
+    body = {"instructions": CHAT[0]["content"], "input": [{"role": "user", "content": [
+        {"type": "input_text", "text": CHAT[1]["content"]}]}], "metadata": {"k": "v"}, **extra}
+    chat = {"messages": CHAT, "max_tokens": extra["max_output_tokens"],
+            **{k: v for k, v in extra.items() if k != "max_output_tokens"}}
+    code, want = _post(server, "/v1/chat/completions", chat)
+    assert code == 200
+    code, resp = _post(server, "/v1/responses", body)
+    assert code == 200, resp
+    assert resp["object"] == "response" and resp["id"].startswith("resp_") and resp["metadata"] == {"k": "v"}
+    assert _text(resp) == want["choices"][0]["message"]["content"]
+    assert resp["status"] == "incomplete" and resp["incomplete_details"] == {"reason": "max_output_tokens"}
+    assert resp["usage"]["input_tokens"] == want["usage"]["prompt_tokens"]
+    assert resp["usage"]["output_tokens"] == extra["max_output_tokens"]
+    assert resp["usage"]["output_tokens_details"] == {"reasoning_tokens": 0}
+    events = _events(server, body)
+    names = [n for n, _ in events]
+    assert names[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]
+    assert names[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          "response.incomplete"]
+    assert all(n == d["type"] for n, d in events) and [d["sequence_number"] for _, d in events] == list(range(len(events)))
+    deltas = "".join(d["delta"] for n, d in events if n == "response.output_text.delta")
+    final = events[-1][1]["response"]
+    assert deltas == _text(final) == _text(resp) and final["usage"] == resp["usage"]
+    assert events[0][1]["response"]["status"] == "in_progress" and events[0][1]["response"]["output"] == []
+    _all_free(server.service.engine)
+
+
+def test_input_items_become_the_conversation(programs):
+    """Messages (developer as system, output_text parts), function calls (parallel ones in one assistant turn) and
+    their outputs, reasoning items dropped: the chat messages the template gets."""
+    api = importlib.import_module("responses_api")
+    body = {"input": [{"type": "message", "role": "developer", "content": "be brief"},
+                      {"role": "user", "content": "weather?"},
+                      {"type": "reasoning", "id": "rs_1", "summary": []},
+                      {"type": "function_call", "call_id": "c1", "name": "weather", "arguments": '{"city": "oslo"}'},
+                      {"type": "function_call", "call_id": "c2", "name": "clock", "arguments": "{}"},
+                      {"type": "function_call_output", "call_id": "c1", "output": "rain"},
+                      {"type": "function_call_output", "call_id": "c2", "output": {"t": 9}},
+                      {"role": "assistant", "content": [{"type": "output_text", "text": "It rains."}]}],
+            "tools": [WEATHER], "tool_choice": {"type": "function", "name": "weather"},
+            "text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "object"}}}}
+    chat = api.chat_body(body)
+    assert chat["messages"] == [
+        {"role": "system", "content": "be brief"}, {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "oslo"}'}},
+            {"id": "c2", "type": "function", "function": {"name": "clock", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "rain"},
+        {"role": "tool", "tool_call_id": "c2", "content": '{"t": 9}'},
+        {"role": "assistant", "content": "It rains."}]
+    assert chat["tools"] == [{"type": "function", "function": {k: v for k, v in WEATHER.items() if k != "type"}}]
+    assert chat["tool_choice"] == {"type": "function", "function": {"name": "weather"}}
+    assert chat["response_format"] == {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_function_call_is_an_output_item(json_server, stream):
+    """tool_choice naming a function: the reply is one function_call item whose arguments hold to its parameters."""
+    body = {"input": "weather?", "max_output_tokens": 60, "tools": [WEATHER],
+            "tool_choice": {"type": "function", "name": "weather"}}
+    if stream:
+        events = _events(json_server, body)
+        resp = events[-1][1]["response"]
+        done = [d for n, d in events if n == "response.function_call_arguments.done"]
+        assert len(done) == 1 and done[0]["arguments"] == resp["output"][-1]["arguments"]
+    else:
+        code, resp = _post(json_server, "/v1/responses", body)
+        assert code == 200, resp
+    calls = [it for it in resp["output"] if it["type"] == "function_call"]
+    assert resp["status"] == "completed" and len(calls) == 1 and calls[0]["name"] == "weather"
+    args = json.loads(calls[0]["arguments"])
+    assert set(args) >= {"city", "unit"} and args["unit"] in ("c", "f") and calls[0]["call_id"]
+    _all_free(json_server.service.engine)
+
+
+@pytest.mark.parametrize("body, match", [
+    ({"input": "hi", "previous_response_id": "resp_1"}, "nothing is stored"),
+    ({"input": "hi", "store": True}, "store is not supported"),
+    ({"input": "hi", "background": True}, "background"),
+    ({"input": "hi", "reasoning": {"effort": "high"}}, "chat_template_kwargs"),
+    ({"input": "hi", "tools": [{"type": "web_search"}]}, "no built-in tools"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "no images"),
+    ({"input": []}, "non-empty list"),
+    ({"input": [{"type": "item_reference", "id": "x"}]}, "must be a message"),
+    ({"input": "hi", "n": 2}, "unsupported field"),
+    ({"input": "hi", "tool_choice": {"type": "function"}}, "tool_choice must be"),
+    ({"input": "hi", "text": {"format": "json"}}, "text must be"),
+    ({"input": "hi", "include": ["reasoning.encrypted_content"]}, "include"),
+    ({"input": "hi", "max_output_tokens": 0}, "max_tokens")])
+def test_what_it_cannot_serve_gets_a_clear_400(server, body, match):
+    code, r = _post(server, "/v1/responses", body)
+    assert code == 400 and match in r["error"]["message"], r
