@@ -136,7 +136,8 @@ def _finish(resp: dict, finish_reason: str | None, error: str | None) -> dict:
 
 
 def _reasoning_item(rid: str, text: str) -> dict:
-    return {"type": "reasoning", "id": f"rs_{rid}", "summary": [], "content": [{"type": "reasoning_text", "text": text}]}
+    return {"type": "reasoning", "id": f"rs_{rid}", "summary": [],
+            "content": [{"type": "reasoning_text", "text": text}]}
 
 
 def _message_item(rid: str, text: str) -> dict:

@@ -53,7 +53,8 @@ temperature and the filters), "top_logprobs" (the n most likely tokens there, te
 stream) puts the prompt before the text and, with logprobs, its tokens before the choice's, the first with logprob
 null: what lm-evaluation-harness's loglikelihood requests read. Every request thread calls the one Engine:
 requests join its running batch as they come. A client that goes away (mid-stream, or before a whole reply: its
-connection is watched) cancels its requests, which frees their KV blocks at once. The request and reply formats are python/openai_api.py's; this file is the HTTP.
+connection is watched) cancels its requests, which frees their KV blocks at once. The request and reply formats
+are python/openai_api.py's; this file is the HTTP.
 
 Chat requests also take vLLM's chat_template_kwargs (the template's variables: Qwen3's {"enable_thinking": false}),
 add_generation_prompt and continue_final_message (the assistant's last message left open: the reply goes on from
@@ -62,8 +63,9 @@ delta.reasoning_content) and the rest in content (python/reasoning.py); a reply 
 content. --api-key (or $BILD_API_KEY) makes the /v1 routes ask for `Authorization: Bearer <key>` (401 otherwise;
 /health, /metrics and the tokenizer routes stay open, as vLLM's); --served-model-name NAME names the model and refuses
 requests naming another (404); --chat-template replaces the tokenizer's chat template; usage carries
-prompt_tokens_details.cached_tokens (the prefix cache's share of the prompt); GET /version. SIGTERM or Ctrl-C drains: /health and new requests
-get a 503 at once, the requests in flight finish (up to --shutdown-timeout seconds), then the server exits 0.
+prompt_tokens_details.cached_tokens (the prefix cache's share of the prompt); GET /version. SIGTERM or Ctrl-C
+drains: /health and new requests get a 503 at once, the requests in flight finish (up to --shutdown-timeout
+seconds), then the server exits 0.
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ import threading
 # seconds: a CPU's time to first token is ~20 ms for the default pair, a GPU's far less; long answers take seconds
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
-# a token's seconds in the decode phase: ~1-6 ms on a GPU or the default pair's CPU, tens of ms for larger models on a CPU
+# a token's seconds in the decode phase: ~1-6 ms on a GPU or the default pair's CPU, tens of ms for larger CPU models
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
 COUNTERS = {  # RequestMetrics field -> (metric, help)
     "prompt_tokens": ("bild_prompt_tokens_total", "Prompt tokens of the requests served."),

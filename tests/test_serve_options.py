@@ -305,7 +305,8 @@ def test_a_served_model_name_is_listed_and_held_to(programs, server):
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
         models = json.loads(_raw(srv, "GET", "/v1/models")[1])["data"]
-        assert [m["id"] for m in models] == ["smol"] and models[0]["max_model_len"] == server.service.engine.max_model_len
+        assert [m["id"] for m in models] == ["smol"]
+        assert models[0]["max_model_len"] == server.service.engine.max_model_len
         code, r = _post(srv, "/v1/completions", {"prompt": [5, 17], "max_tokens": 2, "model": "smol"})
         assert code == 200 and r["model"] == "smol"
         code, r = _post(srv, "/v1/chat/completions", {"messages": [{"role": "user", "content": "w1"}],

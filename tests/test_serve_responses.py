@@ -57,7 +57,8 @@ def test_a_response_is_its_chat_reply(server, extra):
                          "response.content_part.added"]
     assert names[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
                           "response.incomplete"]
-    assert all(n == d["type"] for n, d in events) and [d["sequence_number"] for _, d in events] == list(range(len(events)))
+    assert all(n == d["type"] for n, d in events)
+    assert [d["sequence_number"] for _, d in events] == list(range(len(events)))
     deltas = "".join(d["delta"] for n, d in events if n == "response.output_text.delta")
     final = events[-1][1]["response"]
     assert deltas == _text(final) == _text(resp) and final["usage"] == resp["usage"]
@@ -90,7 +91,8 @@ def test_input_items_become_the_conversation(programs):
         {"role": "assistant", "content": "It rains."}]
     assert chat["tools"] == [{"type": "function", "function": {k: v for k, v in WEATHER.items() if k != "type"}}]
     assert chat["tool_choice"] == {"type": "function", "function": {"name": "weather"}}
-    assert chat["response_format"] == {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
+    assert chat["response_format"] == {"type": "json_schema",
+                                       "json_schema": {"name": "x", "schema": {"type": "object"}}}
 
 
 @pytest.mark.parametrize("stream", [False, True])
