@@ -362,6 +362,10 @@ def test_usage_counts_the_prompt_positions_the_prefix_cache_served(programs, tmp
         assert first["prompt_tokens_details"]["cached_tokens"] == 0
         assert 0 < again["prompt_tokens_details"]["cached_tokens"] < again["prompt_tokens"]
         assert events[-1]["usage"]["prompt_tokens_details"] == again["prompt_tokens_details"]
+        metrics = _raw(srv, "GET", "/metrics")[1].decode()  # (the cache's lookups and hits, as counters)
+        got = {k: float(v) for k, v in (line.rsplit(" ", 1) for line in metrics.splitlines()
+                                        if line.startswith("bild_prefix_cache_"))}
+        assert got["bild_prefix_cache_queries_total"] >= 3 and 2 <= got["bild_prefix_cache_hits_total"]
     finally:
         srv.shutdown()
         srv.server_close()
