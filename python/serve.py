@@ -223,7 +223,7 @@ class Handler(BaseHTTPRequestHandler):
             per = [dataclasses.replace(params, seed=params.seed + i % n) for i in range(len(prompts))]
         except ValueError as e:
             return self._error(400, f"n = {n}: {e}")
-        watch = _ClientWatch(self.connection, svc.engine)  # (a client that leaves cancels its requests)
+        watch = self.server.client_watch(self.connection)  # (a client that leaves cancels its requests)
         try:  # (a batch joins the running batch together)
             outs = svc.engine.generate(prompts, per, policy=policy, on_submit=watch.start)
         finally:
@@ -311,38 +311,81 @@ class Handler(BaseHTTPRequestHandler):
                 self._sse(err, "error" if typed is not None else None)
 
 
-class _ClientWatch:
-    """Cancels a non-streamed request's engine requests when its client goes away before the reply (its socket
-    reads as closed), as vLLM does: a client that timed out and retried would otherwise leave its first request
-    running to the end. Polls the socket every `period` seconds from a thread of its own."""
+class _Watched:
+    """A non-streamed request's connection and its engine requests, while `_ClientWatch` watches them."""
 
-    def __init__(self, sock, engine, period: float = 0.2):
-        self.sock, self.engine, self.period = sock, engine, period
-        self.done, self.left, self.thread = threading.Event(), False, None
+    def __init__(self, watch, sock):
+        self.watch, self.sock, self.request_ids, self.left = watch, sock, [], False
 
-    def start(self, request_ids: list[int]) -> None:
-        self.thread = threading.Thread(target=self._watch, args=(request_ids,), daemon=True)
-        self.thread.start()
+    def start(self, request_ids: list[int]) -> None:  # (Engine.generate's on_submit)
+        self.request_ids = list(request_ids)
+        self.watch.add(self)
 
     def stop(self) -> None:
-        self.done.set()
-        if self.thread is not None:
-            self.thread.join()
+        self.watch.discard(self)
 
-    def _gone(self) -> bool:
-        try:
-            readable, _, _ = select.select([self.sock], [], [], 0)
-            return bool(readable) and self.sock.recv(1, socket.MSG_PEEK) == b""  # (EOF; a pipelined request is not)
-        except (OSError, ValueError):
-            return True
 
-    def _watch(self, request_ids: list[int]) -> None:
-        while not self.done.wait(self.period):
-            if self._gone():
-                self.left = True
-                for rid in request_ids:
+class _ClientWatch:
+    """Cancels a non-streamed request's engine requests when its client goes away before the reply (its socket reads
+    as closed), as vLLM does: a client that timed out and retried would otherwise leave its first request running to
+    the end. One thread a server polls every watched socket each `period` seconds (none while nothing is watched)."""
+
+    def __init__(self, engine, period: float = 0.2):
+        self.engine, self.period = engine, period
+        self.cv = threading.Condition()
+        self.watched: set[_Watched] = set()
+        self.thread: threading.Thread | None = None
+
+    def __call__(self, sock) -> _Watched:
+        return _Watched(self, sock)
+
+    def add(self, w: _Watched) -> None:
+        with self.cv:
+            self.watched.add(w)
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="bild-client-watch", daemon=True)
+                self.thread.start()
+            self.cv.notify()
+
+    def discard(self, w: _Watched) -> None:
+        with self.cv:
+            self.watched.discard(w)
+
+    def _gone(self, now: list[_Watched]) -> list[_Watched]:
+        """Those of `now` whose client closed its side (poll: no limit on descriptor numbers, as select has)."""
+        poller, by_fd, gone = select.poll(), {}, []
+        for w in now:
+            fd = w.sock.fileno()
+            if fd < 0:
+                gone.append(w)
+            else:
+                by_fd[fd] = w
+                poller.register(fd, select.POLLIN | select.POLLPRI)
+        for fd, ev in poller.poll(0):
+            w = by_fd[fd]
+            try:
+                closed = bool(ev & (select.POLLHUP | select.POLLERR | select.POLLNVAL)) or \
+                    w.sock.recv(1, socket.MSG_PEEK) == b""  # (EOF; a pipelined request is not)
+            except (BlockingIOError, InterruptedError):
+                closed = False
+            except OSError:
+                closed = True
+            if closed:
+                gone.append(w)
+        return gone
+
+    def _run(self) -> None:
+        while True:
+            with self.cv:
+                while not self.watched:
+                    self.cv.wait()
+                self.cv.wait(self.period)
+                now = list(self.watched)
+            for w in self._gone(now):
+                w.left = True
+                self.discard(w)
+                for rid in w.request_ids:
                     self.engine.cancel(rid)
-                return
 
 
 class _Server(ThreadingHTTPServer):
@@ -374,7 +417,7 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 0, api_key:
     svc = Service(engine, **kw)
     handler = type("BoundHandler", (Handler,), {"service": svc})
     server = _Server((host, port), handler)
-    server.service, server.api_key = svc, api_key
+    server.service, server.api_key, server.client_watch = svc, api_key, _ClientWatch(engine)
     return server
 
 
