@@ -341,11 +341,12 @@ class _ClientWatch:
 
     def add(self, w: _Watched) -> None:
         with self.cv:
+            if not self.watched:
+                self.cv.notify()  # (wakes the thread from idle; more requests do not cut its period short)
             self.watched.add(w)
             if self.thread is None:
                 self.thread = threading.Thread(target=self._run, name="bild-client-watch", daemon=True)
                 self.thread.start()
-            self.cv.notify()
 
     def discard(self, w: _Watched) -> None:
         with self.cv:
@@ -379,7 +380,8 @@ class _ClientWatch:
             with self.cv:
                 while not self.watched:
                     self.cv.wait()
-                self.cv.wait(self.period)
+            time.sleep(self.period)
+            with self.cv:
                 now = list(self.watched)
             for w in self._gone(now):
                 w.left = True
