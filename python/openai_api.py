@@ -441,6 +441,10 @@ class Service:
             raise BadRequest("stop_token_ids must be a list of token ids")
         stop = list(stop) + stop_ids
         timeout = body.get("timeout", self.default_timeout)
+        constraint = _structured(body) if tools is None or "json" not in tools else {"json": tools["json"]}
+        reasoning = self.reasoning_parser if kind == "chat" else None
+        if constraint is not None and reasoning is not None:  # (its thinking free, the constraint on its answer)
+            constraint = {"reasoning": reasoning, **constraint}
         try:
             # max_tokens absent: OpenAI's defaults, 16 for completions, the rest of the context for chat (the engine
             # stops a request at max_model_len); null: the rest of the context (vLLM's reading)
@@ -466,14 +470,11 @@ class Service:
                                     truncate_prompt_tokens=body.get("truncate_prompt_tokens"),
                                     logprobs=body.get("logprobs"),
                                     prompt_logprobs=body.get("logprobs") if body.get("echo") else None,
-                                    structured_outputs=(_structured(body) if tools is None or "json" not in tools
-                                                        else {"json": tools["json"]}))
+                                    structured_outputs=constraint)
         except (TypeError, ValueError) as e:
             raise BadRequest(str(e)) from None
         if not isinstance(body.get("stream", False), bool):
             raise BadRequest("stream must be true or false")
-        # (an output constraint holds the whole reply, thinking included: such a reply is all answer)
-        reasoning = self.reasoning_parser if kind == "chat" and params.structured_outputs is None else None
         return Request(prompt, params, self.policy(body.get("policy")), body.get("stream", False), tools, reasoning)
 
     def _chat_body(self, body: dict):

@@ -59,8 +59,8 @@ are python/openai_api.py's; this file is the HTTP.
 Chat requests also take vLLM's chat_template_kwargs (the template's variables: Qwen3's {"enable_thinking": false}),
 add_generation_prompt and continue_final_message (the assistant's last message left open: the reply goes on from
 it). --reasoning-parser deepseek_r1 | qwen3 puts a reply's thinking in message.reasoning_content (streamed:
-delta.reasoning_content) and the rest in content (python/reasoning.py); a reply held by an output constraint is all
-content. --api-key (or $BILD_API_KEY) makes the /v1 routes ask for `Authorization: Bearer <key>` (401 otherwise;
+delta.reasoning_content) and the rest in content (python/reasoning.py); an output constraint then holds the answer
+after the thinking, which stays free. --api-key (or $BILD_API_KEY) makes the /v1 routes ask for `Authorization: Bearer <key>` (401 otherwise;
 /health, /metrics and the tokenizer routes stay open, as vLLM's); --served-model-name NAME names the model and refuses
 requests naming another (404); --chat-template replaces the tokenizer's chat template; usage carries
 prompt_tokens_details.cached_tokens (the prefix cache's share of the prompt); GET /version. SIGTERM or Ctrl-C
@@ -294,7 +294,9 @@ class Handler(BaseHTTPRequestHandler):
                         choice["delta"], reason = auto.delta(choice["delta"], c.finished, choice["finish_reason"])
                         choice["finish_reason"] = reason
                     elif tools is not None:  # (a named tool_choice: the text streams as the call's arguments)
-                        choice["delta"] = tool_delta(choice["delta"], tools, f"call-{c.request_id}", i == 0)
+                        thought = {k: v for k, v in choice["delta"].items() if k == "reasoning_content"}
+                        choice["delta"] = {**thought, **tool_delta(choice["delta"], tools, f"call-{c.request_id}",
+                                                                   i == 0)}
                     event = svc.envelope(c.request_id, choice, created, _usage(o) if o else None, kind, stream=True)
                     for name, data in typed.feed(event) if typed is not None else [(None, event)]:
                         self._sse(data, name)

@@ -70,13 +70,15 @@ def _renamed_pair(programs):
     else:
         pytest.fail("no prompt whose reply can be named <think> ... </think> ...")
     words = [f"a{i}" for i in range(V)]
-    eos, unk = [t for t in range(V) if t not in ids + prompt][:2]  # (an EOS for the constrained reply)
-    words[ids[0]], words[ids[close]], words[eos], words[unk] = "<think>", "</think>", "</s>", "<unk>"
+    free = [t for t in range(V) if t not in ids + prompt]  # (an EOS, and JSON's pieces for a constrained reply)
+    for t, w in zip(free, ["</s>", "<unk>", "{", "}", '"', ":", "x"]):
+        words[t] = w
+    words[ids[0]], words[ids[close]] = "<think>", "</think>"
     tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tk.decoder = decoders.Fuse()  # (each token's text as it is: what structured outputs read)
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="</s>")
-    large.config.eos_token_id = small.config.eos_token_id = eos
+    large.config.eos_token_id = small.config.eos_token_id = free[0]
     tok.chat_template = "{{ messages[-1]['content'] }}"
     engine = Engine(large=large, small=small, tokenizer=tok, dtype=torch.float64, max_model_len=64, block_size=4)
     return engine, " ".join(words[t] for t in prompt)
@@ -121,10 +123,17 @@ def test_a_reasoning_reply_comes_apart_whole_and_streamed(thinking_server, parse
     deltas = [e["choices"][0]["delta"] for e in events]
     got = ("".join(d.get("reasoning_content") or "" for d in deltas), "".join(d.get("content") or "" for d in deltas))
     assert got == want and deltas[0]["role"] == "assistant"
-    # an output constraint holds the whole reply (thinking included): it is all answer
-    code, held = _post(srv, "/v1/chat/completions", {**base, "ignore_eos": False, "guided_choice": prompt.split()})
-    assert code == 200 and held["choices"][0]["message"]["content"] in prompt.split(), held
-    assert held["choices"][0]["message"].get("reasoning_content") is None
+    # an output constraint holds the answer, the thinking free (the same thinking as without it), whole and streamed
+    held = {**base, "ignore_eos": False, "guided_choice": prompt.split()}
+    code, r = _post(srv, "/v1/chat/completions", held)
+    assert code == 200, r
+    msg = r["choices"][0]["message"]
+    assert msg["reasoning_content"] == want[0] and msg["content"] in prompt.split()
+    assert r["choices"][0]["finish_reason"] == "stop"
+    code, events = _post(srv, "/v1/chat/completions", {**held, "stream": True})
+    deltas = [e["choices"][0]["delta"] for e in events]
+    assert ("".join(d.get("reasoning_content") or "" for d in deltas),
+            "".join(d.get("content") or "" for d in deltas)) == (msg["reasoning_content"], msg["content"])
     svc.reasoning_parser = "qwen3"
     _all_free(svc.engine)
 
@@ -150,6 +159,30 @@ def test_a_reasoning_reply_s_thinking_is_a_reasoning_item_of_its_response(thinki
     assert "".join(d["delta"] for n, d in events if n == "response.output_text.delta") == answer
     assert [(it["type"], it["content"]) for it in events[-1][1]["response"]["output"]] == [
         (it["type"], it["content"]) for it in resp["output"]]
+    _all_free(srv.service.engine)
+
+
+def test_a_reasoning_reply_thinks_before_its_tool_call(thinking_server):
+    """A named tool_choice with a reasoning parser: the thinking is free (as without the call), the call's arguments
+    hold to the function's schema after it; streamed, reasoning_content deltas then the arguments."""
+    srv, prompt = thinking_server
+    r = importlib.import_module("reasoning")
+    text = _post(srv, "/v1/completions", {"prompt": prompt, "max_tokens": 12, "ignore_eos": True})[1]["choices"][0]
+    thinking = r.split_reasoning(text["text"], "qwen3")[0]
+    fn = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"x": {"enum": ["a1"]}}, "required": ["x"]}}}
+    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 30, "tools": [fn],
+            "tool_choice": {"type": "function", "function": {"name": "f"}}}
+    code, out = _post(srv, "/v1/chat/completions", body)
+    assert code == 200, out
+    msg = out["choices"][0]["message"]
+    assert msg["reasoning_content"] == thinking and msg["content"] is None
+    assert json.loads(msg["tool_calls"][0]["function"]["arguments"]) == {"x": "a1"}
+    code, events = _post(srv, "/v1/chat/completions", {**body, "stream": True})
+    deltas = [e["choices"][0]["delta"] for e in events]
+    assert "".join(d.get("reasoning_content") or "" for d in deltas) == thinking
+    args = "".join(k["function"].get("arguments") or "" for d in deltas for k in d.get("tool_calls", []))
+    assert json.loads(args) == {"x": "a1"}
     _all_free(srv.service.engine)
 
 

@@ -187,3 +187,34 @@ def test_a_guide_allows_the_end_ids_exactly_where_the_pattern_may_end():
     assert (masks[1] == -1).all() and (masks[2] == -1).all()
     guide.advance([2])
     assert allowed(guide.mask(guide.state)) == {20}
+
+
+def test_a_reasoning_guide_leaves_the_thinking_free_and_holds_the_answer():
+    """Guide(think=(mode, open, close)): deepseek_r1 thinks from the first token (every token allowed, the end too)
+    until the close id, then holds to the pattern; qwen3 may open its thinking at the first token (the open id beside
+    the pattern's first tokens) and otherwise is held from there."""
+    texts = TEXTS + [None, "<think>", "</think>"]  # ids 20: end, 21: open, 22: close
+    vocab = Vocabulary(texts)
+    grammar = Grammar(compile_regex(r"ab?"), vocab)
+
+    def allowed(bits):
+        return set(np.flatnonzero(np.unpackbits(bits.view(np.uint8), bitorder="little")).tolist()) & set(range(23))
+
+    r1 = Guide(grammar, {20}, think=("deepseek_r1", 21, 22))
+    assert allowed(r1.mask(r1.state)) == set(range(23))
+    masks = r1.masks_along([4, 13, 22, 0, 1], 6)  # "1", "yes", </think>, then "a", "b"
+    assert [allowed(m) == set(range(23)) for m in masks[:3]] == [True] * 3
+    assert allowed(masks[3]) == {0, 2} and allowed(masks[4]) == {1, 20} and allowed(masks[5]) == {20}
+    assert r1.allowed_prefix([4, 22, 1]) == 2  # ("b" cannot begin the answer)
+    qwen = Guide(grammar, {20}, think=("qwen3", 21, 22))
+    assert allowed(qwen.mask(qwen.state)) == {0, 2, 21}
+    masks = qwen.masks_along([21, 13, 22, 2], 5)
+    assert allowed(masks[1]) == set(range(23)) and allowed(masks[3]) == {0, 2} and allowed(masks[4]) == {20}
+    masks = qwen.masks_along([0, 1], 3)  # no thinking: held from the first token, as without `think`
+    assert allowed(masks[1]) == {1, 20} and allowed(masks[2]) == {20}
+    copy = qwen.copy()
+    copy.advance([21, 4])
+    assert allowed(copy.mask(copy.state)) == set(range(23)) and copy.think == qwen.think
+    with pytest.raises(ValueError, match="reasoning must be one of"):
+        StructuredOutputs(regex="a", reasoning="o1")
+    assert StructuredOutputs.of({"choice": ["x"], "reasoning": "qwen3"}).reasoning == "qwen3"

@@ -11,7 +11,7 @@ import torch
 from bild_kernels import ops
 from bild_kernels.engine.params import SamplingParams
 from bild_kernels.engine.sequence import Drafts, Sequence
-from bild_kernels.structured import dfa
+from bild_kernels.structured import THINK_TAGS, dfa
 from bild_kernels.structured.guide import Guide, TokenRules, Vocabulary, token_texts
 
 _VOCAB_LOCK = threading.Lock()
@@ -23,7 +23,7 @@ def make_guide(engine, params: SamplingParams, tok_lock) -> tuple[Guide | None, 
     tokenizer's lock); a pattern's grammar is built once and cached."""
     if not params.guided:
         return None, None
-    grammar = rules = None
+    grammar = rules = think = None
     ends = set(engine.eos_ids) | {t for t in params.stop if isinstance(t, int)}
     so = params.structured_outputs
     if so is not None:
@@ -41,6 +41,13 @@ def make_guide(engine, params: SamplingParams, tok_lock) -> tuple[Guide | None, 
             return None, "structured_outputs: the pattern matches no text"
         if not ends:
             return None, "structured_outputs need an end-of-sequence token (the model's config names none)"
+        if so.reasoning is not None:
+            with tok_lock:
+                tags = [engine.tokenizer.encode(t, add_special_tokens=False) for t in THINK_TAGS]
+            if any(len(ids) != 1 for ids in tags):
+                return None, (f"structured_outputs.reasoning needs {' and '.join(THINK_TAGS)} to be tokens of the "
+                              f"tokenizer's own (they make {tags})")
+            think = (so.reasoning, tags[0][0], tags[1][0])
     if params.allowed_token_ids is not None or params.bad_words:
         allowed = params.allowed_token_ids
         if allowed is not None and max(allowed) >= engine.vocab_size:
@@ -53,7 +60,7 @@ def make_guide(engine, params: SamplingParams, tok_lock) -> tuple[Guide | None, 
             with tok_lock:
                 bad = bad_word_ids(engine.tokenizer, params.bad_words)
         rules = TokenRules(engine.vocab_size, allowed, bad)
-    return Guide(grammar, ends, rules), None
+    return Guide(grammar, ends, rules, think), None
 
 
 def bad_word_ids(tokenizer, words) -> list[tuple[int, ...]]:

@@ -18,6 +18,8 @@ from bild_kernels.structured.json_schema import DEFAULT_DEPTH, any_json_object, 
 from bild_kernels.structured.regex import RegexDFA, compile_regex
 
 __all__ = ["StructuredOutputs", "compile_regex", "schema_to_regex", "RegexDFA"]
+REASONING = ("deepseek_r1", "qwen3")  # how a reply's thinking stands before its answer (StructuredOutputs.reasoning)
+THINK_TAGS = ("<think>", "</think>")
 
 
 @dataclass(frozen=True)
@@ -28,13 +30,20 @@ class StructuredOutputs:
     is a JSON object, nested at most `DEFAULT_DEPTH` deep). `whitespace_pattern` (a regex; default `[ ]?`) is what
     may stand between JSON tokens. The request ends (EOS) once the text is complete and nothing may follow; it may
     also end with max_tokens before that, as in vLLM. See `bild_kernels.structured.json_schema` for the schema
-    keywords supported (any other is refused, not ignored)."""
+    keywords supported (any other is refused, not ignored).
+
+    `reasoning` ("deepseek_r1" or "qwen3", the formats of `python/serve.py --reasoning-parser`): a reasoning model's
+    thinking goes free and the pattern holds its answer after `</think>` (vLLM's structured outputs with a reasoning
+    parser). "deepseek_r1" thinks from the first token (its template opened `<think>` in the prompt); "qwen3" thinks
+    where the reply opens with `<think>`, and otherwise holds the reply to the pattern from its first token (thinking
+    turned off). Both tags must be tokens of the tokenizer's own."""
 
     json: object = None
     regex: str | None = None
     choice: tuple | None = None
     json_object: bool = False
     whitespace_pattern: str | None = None
+    reasoning: str | None = None
 
     def __post_init__(self):
         if callable(getattr(self.json, "model_json_schema", None)):  # a pydantic model (class): its schema
@@ -62,6 +71,9 @@ class StructuredOutputs:
         if self.json is not None and not isinstance(self.json, str):
             raise ValueError(f"structured_outputs.json must be a JSON Schema (a dict or its JSON text), "
                              f"got {type(self.json).__name__}")
+        if self.reasoning not in (None, *REASONING):
+            raise ValueError(f"structured_outputs.reasoning must be one of {list(REASONING)} or None, got "
+                             f"{self.reasoning!r}")
         w = self.whitespace_pattern
         if w is not None and not isinstance(w, str):
             raise ValueError(f"structured_outputs.whitespace_pattern must be a string, got {type(w).__name__}")
@@ -84,10 +96,11 @@ class StructuredOutputs:
         if value is None or isinstance(value, cls):
             return value
         if isinstance(value, dict):
-            unknown = sorted(set(value) - {"json", "regex", "choice", "json_object", "whitespace_pattern"})
+            unknown = sorted(set(value) - {"json", "regex", "choice", "json_object", "whitespace_pattern",
+                                           "reasoning"})
             if unknown:
                 raise ValueError(f"structured_outputs has no field {unknown[0]!r} (json, regex, choice, json_object, "
-                                 "whitespace_pattern)")
+                                 "whitespace_pattern, reasoning)")
             return cls(**value)
         raise ValueError(f"structured_outputs must be a StructuredOutputs or a dict of its fields, "
                          f"got {type(value).__name__}")

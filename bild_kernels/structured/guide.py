@@ -182,27 +182,41 @@ class TokenRules:
         return bits if bits.any() else self.allowed
 
 
+# A reasoning reply's phases under its grammar (Guide's `think`): "start" (it may open a <think> or begin its answer),
+# "think" (free until its </think>), "answer" (held to the grammar).
+START, THINK, ANSWER = 0, 1, 2
+
+
 class Guide:
     """One request's position in its grammar and its token rules (either may be None): the state after its committed
-    output tokens."""
+    output tokens. With `think` = (mode, open id, close id), a reasoning model's thinking goes free of the grammar
+    (the token rules still hold) and the grammar holds its answer after the close id: mode "deepseek_r1" thinks from
+    the first token (its template opened the <think>), "qwen3" thinks only where the reply opens with the open id and
+    otherwise holds its first token to the grammar (thinking turned off)."""
 
-    def __init__(self, grammar: Grammar | None, end_ids: set[int], rules: TokenRules | None = None):
+    def __init__(self, grammar: Grammar | None, end_ids: set[int], rules: TokenRules | None = None,
+                 think: tuple[str, int, int] | None = None):
         if grammar is None and rules is None:
             raise ValueError("a Guide needs a grammar or token rules")
-        self.grammar, self.rules = grammar, rules
+        self.grammar, self.rules, self.think = grammar, rules, think if grammar is not None else None
         size = grammar.vocab.size if grammar is not None else rules.size
         self.words = -(-size // 32)
         self.end_ids = sorted(t for t in end_ids if 0 <= t < size)
-        self.state = (grammar.start if grammar is not None else 1, rules.start if rules is not None else ())
+        phase = ANSWER if self.think is None else THINK if self.think[0] == "deepseek_r1" else START
+        self.state = (grammar.start if grammar is not None else 1, rules.start if rules is not None else (), phase)
 
     def copy(self) -> "Guide":
         """A new cursor on the same grammar and rules, at their start."""
-        return Guide(self.grammar, set(self.end_ids), self.rules)
+        return Guide(self.grammar, set(self.end_ids), self.rules, self.think)
 
     def _step(self, state: tuple, token: int) -> tuple:
-        g, tail = state
-        return (self.grammar.step(g, token) if self.grammar is not None else g,
-                self.rules.step(tail, token) if self.rules is not None else tail)
+        g, tail, phase = state
+        tail = self.rules.step(tail, token) if self.rules is not None else tail
+        if phase == THINK:
+            return g, tail, ANSWER if token == self.think[2] else THINK
+        if phase == START and token == self.think[1]:
+            return g, tail, THINK
+        return self.grammar.step(g, token) if self.grammar is not None else g, tail, ANSWER
 
     def advance(self, tokens: list[int]) -> None:
         for t in tokens:
@@ -213,15 +227,20 @@ class Guide:
     def mask(self, state: tuple) -> np.ndarray:
         """The bitmask of the tokens allowed in `state`: those that keep the grammar alive and pass the rules, and the
         end ids where the pattern may end (or where nothing can continue it)."""
-        g, tail = state
+        g, tail, phase = state
         bits, may_end = None, False
-        if self.grammar is not None:
+        if phase == THINK:  # (free, and it may end)
+            bits, may_end = np.full(self.words, -1, dtype=np.int32), True
+        elif self.grammar is not None:
             bits, alive = self.grammar.allowed(g)
             may_end = self.grammar.accepting(g) or not alive
+            if phase == START:  # (or it opens its thinking)
+                bits = bits.copy()
+                bits[self.think[1] // 32] |= _bit(self.think[1])
         if self.rules is not None:
             rule = self.rules.mask(tail)
             bits = rule if bits is None else bits & rule
-            may_end = may_end or (self.grammar is not None and not bits.any())
+            may_end = may_end or (self.grammar is not None and phase != THINK and not bits.any())
         if self.end_ids and may_end:
             bits = bits.copy()
             for t in self.end_ids:
