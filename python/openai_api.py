@@ -1,6 +1,7 @@
 """OpenAI's completions and chat completions in bild_kernels' terms, for python/serve.py: what a request body asks
-for (a prompt, SamplingParams, a policy), and the reply's choices (text or message, logprobs, echo) from the engine's
-outputs; vLLM's tokenizer routes. No HTTP here: serve.py's handler calls `Service`."""
+for (a prompt, SamplingParams, a policy, the tools: `tool_spec`), and the reply's choices (text or message, logprobs,
+echo) from the engine's outputs; vLLM's tokenizer routes. No HTTP here: serve.py's handler calls `Service`; the tool
+calls' formats are python/tool_calls.py's."""
 from __future__ import annotations
 
 import json
@@ -14,6 +15,7 @@ from bild_kernels import (BiLD, Engine, Greedy, Jacobi, LargeOnly, NGram, Sampli
                           SpeculativeSampling)
 from bild_kernels.engine.policies import with_lookup
 from reasoning import REASONING_PARSERS
+from tool_calls import TOOL_CALL_PARSERS
 from serve_metrics import ServiceMetrics
 
 POLICIES = {"bild": BiLD, "greedy": Greedy, "speculative-sampling": SpeculativeSampling, "large-only": LargeOnly,
@@ -84,11 +86,6 @@ def _structured(body: dict):
     return {{"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice"}[key]: value, **extra}
 
 
-TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"  # Hermes' (Qwen 2.5 / 3, Hermes, SmolLM3 templates write it)
-MISTRAL_CALLS = "[TOOL_CALLS]"  # Mistral's (a special token: its replies keep special tokens in their text)
-PYTHON_TAG = "<|python_tag|>"  # Llama 3.1+'s, before a JSON call (a special token, skipped from the text by default)
-
-
 def tool_spec(body: dict, parser: str | None = None) -> dict | None:
     """What a chat body's tools and tool_choice ask for: None (no tool call: no tools, or tool_choice "none"), or
     {"mode": "named", "name": the function, "json": its parameters' schema, "tools": [...]} (tool_choice naming a
@@ -141,156 +138,6 @@ def tool_spec(body: dict, parser: str | None = None) -> dict | None:
         raise BadRequest(f'tool_choice must be "none", "required", or {{"type": "function", "function": {{"name": one '
                          f'of {sorted(specs)}}}}}')
     return {"mode": "named", "name": name, "json": specs[name], "tools": tools}
-
-
-def _call_of(doc, names) -> tuple[str, str] | None:
-    """(name, arguments as JSON text) of one call object {"name", "arguments" | "parameters"} of one of `names`."""
-    if not isinstance(doc, dict) or doc.get("name") not in names:
-        return None
-    args = doc.get("arguments", doc.get("parameters", {}))
-    return doc["name"], args if isinstance(args, str) else json.dumps(args)
-
-
-def _hermes(text: str, names):
-    """Hermes: `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks, one a call, after the content; a last
-    block the reply ended inside (no closing tag) is read as far as its JSON goes."""
-    start = text.find(TOOL_OPEN)
-    if start < 0:
-        return None
-    calls = []
-    for block in text[start:].split(TOOL_OPEN)[1:]:
-        try:
-            call = _call_of(json.loads(block.split(TOOL_CLOSE)[0].strip()), names)
-        except ValueError:
-            return None
-        if call is None:
-            return None
-        calls.append(call)
-    return (text[:start].strip() or None), calls
-
-
-def _mistral(text: str, names):
-    """Mistral: `[TOOL_CALLS]` and a JSON list of {"name", "arguments"} after the content."""
-    start = text.find(MISTRAL_CALLS)
-    if start < 0:
-        return None
-    try:
-        docs = json.loads(text[start + len(MISTRAL_CALLS):].strip())
-    except ValueError:
-        return None
-    calls = [_call_of(d, names) for d in (docs if isinstance(docs, list) else [docs])]
-    if not calls or None in calls:
-        return None
-    return (text[:start].strip() or None), calls
-
-
-def _llama3_json(text: str, names):
-    """Llama 3.1+'s JSON calls: the whole reply (after an optional `<|python_tag|>`) one or more {"name", "parameters"}
-    objects separated by `;`, and no other content."""
-    body = text.strip()
-    body = body[len(PYTHON_TAG):].strip() if body.startswith(PYTHON_TAG) else body
-    if not body.startswith("{"):
-        return None
-    dec, calls, at = json.JSONDecoder(), [], 0
-    while at < len(body):
-        try:
-            doc, end = dec.raw_decode(body, at)
-        except ValueError:
-            return None
-        call = _call_of(doc, names)
-        if call is None:
-            return None
-        calls.append(call)
-        at = end
-        while at < len(body) and body[at] in " \n\t;":
-            at += 1
-    return None, calls
-
-
-TOOL_CALL_PARSERS = {"hermes": _hermes, "mistral": _mistral, "llama3_json": _llama3_json}  # serve.py --tool-call-parser
-
-
-def parse_tool_calls(text: str, names, parser: str = "hermes") -> tuple[str | None, list[tuple[str, str]]] | None:
-    """The tool calls a reply wrote in `parser`'s format: (the content before them, or None where there is none;
-    [(name, arguments as JSON text)]). None where the text holds no call, or one that is not a JSON call of one of
-    `names` (the reply is then its text, as vLLM's parsers have it)."""
-    return TOOL_CALL_PARSERS[parser](text, names)
-
-
-def call_start(text: str, parser: str) -> int:
-    """Where a tool call may begin in a reply streamed so far (its content goes out before that), in `parser`'s
-    format: the marker, or the start of a tail that could be the marker's beginning; len(text) where none may."""
-    if parser == "llama3_json":  # (a call is the whole reply: it may begin only at its start)
-        head = text.lstrip()
-        return 0 if head.startswith(("{", PYTHON_TAG)) or (PYTHON_TAG.startswith(head)) else len(text)
-    marker = TOOL_OPEN if parser == "hermes" else MISTRAL_CALLS
-    at = text.find(marker)
-    if at >= 0:
-        return at
-    return len(text) - next((n for n in range(min(len(marker) - 1, len(text)), 0, -1)
-                             if marker.startswith(text[-n:])), 0)
-
-
-def _calls(calls: list[tuple[str, str]], call_id: str, stream: bool = False) -> list[dict]:
-    return [{**({"index": i} if stream else {}), "id": f"{call_id}-{i}", "type": "function",
-             "function": {"name": n, "arguments": a}} for i, (n, a) in enumerate(calls)]
-
-
-def tool_message(text: str, finish_reason: str, spec: dict, call_id: str) -> tuple[dict, str]:
-    """(the chat message, finish_reason) of a tool-call reply: the calls, once the JSON was finished (by EOS); the text
-    as content otherwise (the request ended first: max_tokens, a timeout; or the model's tokens could not write the
-    rest, where structured outputs let it end). "auto": the calls the model wrote in its format, after its content."""
-    if spec["mode"] == "auto":
-        got = parse_tool_calls(text, spec["names"], spec["parser"])
-        if got is None:
-            return {"role": "assistant", "content": text}, "stop" if finish_reason == "eos" else finish_reason
-        return {"role": "assistant", "content": got[0], "tool_calls": _calls(got[1], call_id)}, "tool_calls"
-    try:
-        if finish_reason != "eos":
-            raise ValueError
-        doc = json.loads(text)
-    except ValueError:  # (json.JSONDecodeError included)
-        return {"role": "assistant", "content": text}, "stop" if finish_reason == "eos" else finish_reason
-    if spec["mode"] == "named":
-        calls, reason = [(spec["name"], text)], "stop"  # (OpenAI's finish_reason for a named tool_choice)
-    else:
-        calls = [(c["name"], json.dumps(c["parameters"])) for c in doc]
-        reason = "tool_calls"
-    return {"role": "assistant", "content": None, "tool_calls": _calls(calls, call_id)}, reason
-
-
-class AutoToolStream:
-    """A streamed "auto" reply: its text streams as content until a tool call may begin (a tail that could start the
-    opening tag is held back); from the first tag on it is held, and the last event carries the calls (finish_reason
-    "tool_calls"), or, where the text held no well-formed call, the rest as content."""
-
-    def __init__(self, spec: dict, call_id: str):
-        self.spec, self.call_id, self.text, self.sent = spec, call_id, "", 0
-
-    def delta(self, delta: dict, finished: bool, finish_reason: str | None) -> tuple[dict, str | None]:
-        self.text += delta.get("content") or ""
-        out = {k: v for k, v in delta.items() if k != "content"}
-        parser = self.spec["parser"]
-        if finished:
-            got = parse_tool_calls(self.text, self.spec["names"], parser)
-            if got is not None:
-                content = self.text[:call_start(self.text, parser)].rstrip()[self.sent:]
-                out.update(content=content or None, tool_calls=_calls(got[1], self.call_id, True))
-                return out, "tool_calls"
-            out["content"], self.sent = self.text[self.sent:], len(self.text)
-            return out, finish_reason
-        at = max(call_start(self.text, parser), self.sent)
-        out["content"], self.sent = self.text[self.sent:at], at
-        return out, finish_reason
-
-
-def tool_delta(delta: dict, spec: dict, call_id: str, first: bool) -> dict:
-    """A streamed chat delta of a named tool_choice's reply: its text as the call's arguments (the call's id, type
-    and name in the first), as vLLM streams tool calls."""
-    if first:
-        return {"role": "assistant", "content": None,
-                "tool_calls": _calls([(spec["name"], delta.get("content", ""))], call_id, stream=True)}
-    return {"tool_calls": [{"index": 0, "function": {"arguments": delta.get("content", "")}}]}
 
 
 def _seed(body: dict):

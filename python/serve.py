@@ -88,9 +88,10 @@ import torch
 import bild_kernels
 from bild_kernels import Engine
 from openai_api import (MAX_BODY, ROUTES, TOKENIZER_ROUTES, BadRequest, Service, _chain, _refused, _usage, is_batch,
-                        AutoToolStream, tool_delta, tool_message, total_usage)
+                        total_usage)
 from reasoning import REASONING_PARSERS, ReasoningStream, reasoning_delta, reasoning_message
 from responses_api import ResponseStream, chat_body, response_object
+from tool_calls import AutoToolStream, tool_delta, tool_message
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"

@@ -672,7 +672,7 @@ def test_stop_token_ids_and_truncate_prompt_tokens_reach_the_engine(server):
 
 
 def test_hermes_tool_calls_are_read_from_a_reply(programs):
-    api = importlib.import_module("openai_api")
+    api = importlib.import_module("tool_calls")
     names = ["weather", "clock"]
     call = '<tool_call>\n{"name": "weather", "arguments": {"city": "oslo"}}\n</tool_call>'
     assert api.parse_tool_calls("no calls here", names) is None
@@ -774,7 +774,7 @@ def test_tool_choice_auto_reads_the_calls_the_model_writes(hermes_server, stream
     ("llama3_json", '{"name": "rm", "parameters": {}}', None),
     ("llama3_json", '{"name": "clock", "parameters": {}} and more', None)])
 def test_mistral_and_llama3_tool_calls_are_read_from_a_reply(programs, parser, text, want):
-    api = importlib.import_module("openai_api")
+    api = importlib.import_module("tool_calls")
     assert api.parse_tool_calls(text, ["weather", "clock"], parser) == want
     # streamed in pieces of 4: what went out as content, then the calls at the end (or the rest as content)
     s = api.AutoToolStream({"mode": "auto", "names": ["weather", "clock"], "parser": parser}, "call-1")
