@@ -41,7 +41,8 @@ tool_choice naming a function (the reply is message.tool_calls: one call, its ar
 parameters schema, finish_reason "stop") or "required" (one or more calls, finish_reason "tool_calls"; one with
 parallel_tool_calls false), the tools shown to the chat template; "auto" (the model decides; its calls read by
 --tool-call-parser hermes | mistral | llama3_json, refused without one), "none" ignores them; a named one streams
-(delta.tool_calls[0].function.arguments), "auto" streams its content and ends with the calls, "required" does not;
+(delta.tool_calls[0].function.arguments), "auto" streams its content, then Hermes' calls as they come (others at the
+end: python/tool_calls.py), "required" does not;
 (completions) best_of 1 is accepted as the no-op it is, other values refused. stream_options is accepted (the last event carries the
 usage either way). With "stream": true the reply is server-sent events, one `data: {...}` per committed run of tokens
 and `data: [DONE]` at the end. Each choice carries, besides OpenAI's text and finish_reason, the token ids
@@ -291,7 +292,7 @@ class Handler(BaseHTTPRequestHandler):
                         offset += sum(len(t) for t in choice["logprobs"]["tokens"])
                     if thinking is not None:  # (reasoning_content until </think>, then content)
                         choice["delta"] = reasoning_delta(thinking, choice["delta"], c.finished)
-                    if auto is not None:  # ("auto": content until a call begins; the calls at the end)
+                    if auto is not None:  # ("auto": content until a call begins, then the calls)
                         choice["delta"], reason = auto.delta(choice["delta"], c.finished, choice["finish_reason"])
                         choice["finish_reason"] = reason
                     elif tools is not None:  # (a named tool_choice: the text streams as the call's arguments)

@@ -4,6 +4,7 @@ the calls' arguments) as OpenAI's message.tool_calls. No HTTP here."""
 from __future__ import annotations
 
 import json
+import re
 
 TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"  # Hermes' (Qwen 2.5 / 3, Hermes, SmolLM3 templates write it)
 MISTRAL_CALLS = "[TOOL_CALLS]"  # Mistral's (a special token: its replies keep special tokens in their text)
@@ -18,20 +19,62 @@ def _call_of(doc, names) -> tuple[str, str] | None:
     return doc["name"], args if isinstance(args, str) else json.dumps(args)
 
 
+# A Hermes call written name first, up to its arguments object: what lets the arguments stream as they come
+_HEADER = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*(?=\{)')
+
+
+def _value_end(text: str, at: int) -> int | None:
+    """Where the JSON object or array that opens at text[at] ends (the index after it); None where it has not yet."""
+    depth, in_string, escaped = 0, False, False
+    for i in range(at, len(text)):
+        c = text[i]
+        if in_string:
+            if escaped:
+                escaped = False
+            elif c == "\\":
+                escaped = True
+            elif c == '"':
+                in_string = False
+        elif c == '"':
+            in_string = True
+        elif c in "{[":
+            depth += 1
+        elif c in "}]":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+    return None
+
+
+def _raw_arguments(body: str) -> tuple[str, int, int] | None:
+    """(name, where its arguments object starts, where it ends or -1) of a Hermes call's JSON written name first;
+    None where it is not (yet) written so."""
+    m = _HEADER.match(body)
+    if m is None:
+        return None
+    end = _value_end(body, m.end())
+    return json.loads(f'"{m.group(1)}"'), m.end(), -1 if end is None else end
+
+
 def _hermes(text: str, names):
     """Hermes: `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks, one a call, after the content; a last
-    block the reply ended inside (no closing tag) is read as far as its JSON goes."""
+    block the reply ended inside (no closing tag) is read as far as its JSON goes. A call written name first keeps its
+    arguments' text as the model wrote it (what streams as it comes), others get it as JSON re-serialises it."""
     start = text.find(TOOL_OPEN)
     if start < 0:
         return None
     calls = []
     for block in text[start:].split(TOOL_OPEN)[1:]:
+        body = block.split(TOOL_CLOSE)[0].strip()
         try:
-            call = _call_of(json.loads(block.split(TOOL_CLOSE)[0].strip()), names)
+            call = _call_of(json.loads(body), names)
         except ValueError:
             return None
         if call is None:
             return None
+        raw = _raw_arguments(body)
+        if raw is not None and raw[2] > 0 and body[raw[2]:].strip() == "}":
+            call = (call[0], body[raw[1]:raw[2]])
         calls.append(call)
     return (text[:start].strip() or None), calls
 
@@ -128,11 +171,34 @@ def tool_message(text: str, finish_reason: str, spec: dict, call_id: str) -> tup
 
 class AutoToolStream:
     """A streamed "auto" reply: its text streams as content until a tool call may begin (a tail that could start the
-    opening tag is held back); from the first tag on it is held, and the last event carries the calls (finish_reason
-    "tool_calls"), or, where the text held no well-formed call, the rest as content."""
+    opening tag is held back). Hermes' calls written name first stream as they come, as vLLM streams them: a call's
+    id and name once its arguments begin, then their text piece by piece (`tool_calls` deltas by index); the rest is
+    held, and the last event carries what remains of the calls (finish_reason "tool_calls"), or, where the text held no
+    well-formed call and none had begun to stream, the rest as content. A reply that turns malformed after a call began
+    to stream ends with the calls as they went out."""
 
     def __init__(self, spec: dict, call_id: str):
         self.spec, self.call_id, self.text, self.sent = spec, call_id, "", 0
+        self.streamed: list[list] = []  # per call streamed so far: [name, arguments' text sent]
+
+    def _stream_calls(self) -> list[dict]:
+        """The tool_calls deltas of what Hermes' blocks hold now beyond what went out."""
+        start, out = self.text.find(TOOL_OPEN), []
+        blocks = self.text[start:].split(TOOL_OPEN)[1:] if start >= 0 else []
+        for k, block in enumerate(blocks):
+            raw = _raw_arguments(block.split(TOOL_CLOSE)[0])
+            if raw is None or raw[0] not in self.spec["names"]:
+                break  # (not written name first, or not yet: it goes out whole at the end, and so do those after it)
+            args = block[raw[1]:raw[2] if raw[2] > 0 else len(block)]
+            if k == len(self.streamed):
+                self.streamed.append([raw[0], ""])
+                out.append({"index": k, "id": f"{self.call_id}-{k}", "type": "function",
+                            "function": {"name": raw[0], "arguments": ""}})
+            new = args[len(self.streamed[k][1]):]
+            if new:
+                self.streamed[k][1] = args
+                out.append({"index": k, "function": {"arguments": new}})
+        return out
 
     def delta(self, delta: dict, finished: bool, finish_reason: str | None) -> tuple[dict, str | None]:
         self.text += delta.get("content") or ""
@@ -140,14 +206,27 @@ class AutoToolStream:
         parser = self.spec["parser"]
         if finished:
             got = parse_tool_calls(self.text, self.spec["names"], parser)
-            if got is not None:
-                content = self.text[:call_start(self.text, parser)].rstrip()[self.sent:]
-                out.update(content=content or None, tool_calls=_calls(got[1], self.call_id, True))
-                return out, "tool_calls"
-            out["content"], self.sent = self.text[self.sent:], len(self.text)
-            return out, finish_reason
+            if got is None and not self.streamed:
+                out["content"], self.sent = self.text[self.sent:], len(self.text)
+                return out, finish_reason
+            content = self.text[:call_start(self.text, parser)].rstrip()[self.sent:]
+            calls = self._stream_calls() if parser == "hermes" else []
+            if got is not None:  # (what did not stream: the arguments' rest, the calls written otherwise)
+                for k, (name, args) in enumerate(got[1]):
+                    if k < len(self.streamed):
+                        rest = args[len(self.streamed[k][1]):] if args.startswith(self.streamed[k][1]) else ""
+                        calls += [{"index": k, "function": {"arguments": rest}}] if rest else []
+                    else:
+                        calls.append({"index": k, "id": f"{self.call_id}-{k}", "type": "function",
+                                      "function": {"name": name, "arguments": args}})
+            out.update(content=content or None, tool_calls=calls)
+            return out, "tool_calls"
         at = max(call_start(self.text, parser), self.sent)
         out["content"], self.sent = self.text[self.sent:at], at
+        if parser == "hermes":
+            calls = self._stream_calls()
+            if calls:
+                out["tool_calls"] = calls
         return out, finish_reason
 
 

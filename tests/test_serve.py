@@ -685,7 +685,8 @@ def test_hermes_tool_calls_are_read_from_a_reply(programs):
     assert api.parse_tool_calls('<tool_call>{"name": "clock", "argu', names) is None
     assert api.parse_tool_calls('<tool_call>{"name": "rm", "arguments": {}}</tool_call>', names) is None  # unknown
     assert api.parse_tool_calls("<tool_call>{not json}</tool_call>", names) is None
-    # streamed: the content goes out until a call may begin (a split tag held back), the calls come at the end
+    # streamed: the content goes out until a call may begin (a split tag held back), then the call's id and name once
+    # its arguments begin, and their text as it comes
     spec = {"mode": "auto", "names": names, "parser": "hermes"}
     text = f"Sure <tool_c, hm. {call}"
     pieces = [text[i:i + 3] for i in range(0, len(text), 3)]
@@ -693,12 +694,58 @@ def test_hermes_tool_calls_are_read_from_a_reply(programs):
     outs = [s.delta({"content": p}, i == len(pieces) - 1, None) for i, p in enumerate(pieces)]
     sent = "".join(d.get("content") or "" for d, _ in outs)
     assert sent == "Sure <tool_c, hm. " and outs[-1][1] == "tool_calls"  # (the space went out before the tag came)
-    assert outs[-1][0]["tool_calls"] == [{"index": 0, "id": "call-7-0", "type": "function",
-                                          "function": {"name": "weather", "arguments": '{"city": "oslo"}'}}]
-    assert all("tool_calls" not in d for d, _ in outs[:-1])
+    assert joined_calls(d for d, _ in outs) == [("call-7-0", "weather", '{"city": "oslo"}')]
+    assert sum("tool_calls" in d for d, _ in outs[:-1]) > 3  # (not all at the end)
     s = api.AutoToolStream(spec, "call-8")  # no call after all: the held tail goes out at the end
     outs = [s.delta({"content": "a <tool"}, False, None), s.delta({"content": "box>"}, True, "stop")]
     assert [d["content"] for d, _ in outs] == ["a ", "<toolbox>"] and outs[-1][1] == "stop"
+
+
+def joined_calls(deltas) -> list[tuple[str, str, str]]:
+    """Streamed tool_calls deltas put together by index: [(id, name, arguments)]."""
+    calls: dict = {}
+    for d in deltas:
+        for k in d.get("tool_calls") or []:
+            c = calls.setdefault(k["index"], ["", "", ""])
+            c[0] = k.get("id") or c[0]
+            c[1] = k.get("function", {}).get("name") or c[1]
+            c[2] += k.get("function", {}).get("arguments") or ""
+    return [tuple(c) for _, c in sorted(calls.items())]
+
+
+ARGS = '{"city": "o\\"s}lo", "n": [1, {"a": "]"}], "x": null}'  # (escaped quotes, brackets inside strings)
+
+
+@pytest.mark.parametrize("size", [1, 2, 5, 11, 1000])
+@pytest.mark.parametrize("text, want", [
+    (f'<tool_call>{{"name": "weather", "arguments": {ARGS}}}</tool_call>', [("weather", ARGS)]),
+    (f'Two. <tool_call>\n{{"name": "weather", "arguments": {{}}}}\n</tool_call>\n<tool_call>{{"name":"clock",'
+     f'"arguments":{ARGS} }}</tool_call>', [("weather", "{}"), ("clock", ARGS)]),
+    ('<tool_call>{"arguments": {"zone": "utc"}, "name": "clock"}</tool_call>',  # (arguments first: whole, at the end)
+     [("clock", '{"zone": "utc"}')]),
+    ('<tool_call>{"name": "clock", "arguments": "{}"}</tool_call>', [("clock", "{}")])])  # (a string: at the end)
+def test_hermes_calls_stream_as_they_come_and_join_to_the_whole(programs, size, text, want):
+    """Streamed in pieces of any size, a Hermes reply's calls join to what the whole reply's parse gives (the
+    arguments' text as written where the call is written name first), ids in order."""
+    api = importlib.import_module("tool_calls")
+    names = ["weather", "clock"]
+    assert api.parse_tool_calls(text, names)[1] == want
+    s = api.AutoToolStream({"mode": "auto", "names": names, "parser": "hermes"}, "call-3")
+    pieces = [text[i:i + size] for i in range(0, len(text), size)]
+    outs = [s.delta({"content": p}, i == len(pieces) - 1, "stop") for i, p in enumerate(pieces)]
+    assert joined_calls(d for d, _ in outs) == [(f"call-3-{k}", n, a) for k, (n, a) in enumerate(want)]
+    assert outs[-1][1] == "tool_calls"
+    content = "".join(d.get("content") or "" for d, _ in outs)
+    assert content.strip() == (api.parse_tool_calls(text, names)[0] or "")
+
+
+def test_a_hermes_reply_that_breaks_after_its_call_began_keeps_what_streamed(programs):
+    api = importlib.import_module("tool_calls")
+    s = api.AutoToolStream({"mode": "auto", "names": ["clock"], "parser": "hermes"}, "call-4")
+    outs = [s.delta({"content": '<tool_call>{"name": "clock", "arguments": {"zone": '}, False, None),
+            s.delta({"content": '"utc"'}, True, "length")]  # (cut by max_tokens: no whole JSON)
+    assert joined_calls(d for d, _ in outs) == [("call-4-0", "clock", '{"zone": "utc"')]
+    assert outs[-1][1] == "tool_calls"
 
 
 @pytest.fixture(scope="module")
@@ -741,7 +788,8 @@ def test_tool_choice_auto_reads_the_calls_the_model_writes(hermes_server, stream
     assert code == 200, r
     if stream:
         content = "".join(e["choices"][0]["delta"].get("content") or "" for e in r)
-        calls = [k for e in r for k in e["choices"][0]["delta"].get("tool_calls", [])]
+        calls = [{"id": i, "type": "function", "function": {"name": n, "arguments": a}}
+                 for i, n, a in joined_calls(e["choices"][0]["delta"] for e in r)]
         reason = r[-1]["choices"][0]["finish_reason"]
     else:
         msg = r["choices"][0]["message"]
