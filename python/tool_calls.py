@@ -23,27 +23,34 @@ def _call_of(doc, names) -> tuple[str, str] | None:
 _HEADER = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*(?=\{)')
 
 
-def _value_end(text: str, at: int) -> int | None:
-    """Where the JSON object or array that opens at text[at] ends (the index after it); None where it has not yet."""
-    depth, in_string, escaped = 0, False, False
-    for i in range(at, len(text)):
-        c = text[i]
-        if in_string:
-            if escaped:
-                escaped = False
-            elif c == "\\":
-                escaped = True
+class _Scan:
+    """Where a JSON object or array ends, found as its text grows: `run` goes on from where the last call stopped."""
+
+    def __init__(self):
+        self.depth, self.in_string, self.escaped, self.pos, self.end = 0, False, False, 0, None
+
+    def run(self, text: str) -> int | None:
+        """The index after the value that opens text[0] (the same text, longer), or None where it has not ended."""
+        for i in range(self.pos, len(text) if self.end is None else self.pos):
+            c = text[i]
+            if self.in_string:
+                if self.escaped:
+                    self.escaped = False
+                elif c == "\\":
+                    self.escaped = True
+                elif c == '"':
+                    self.in_string = False
             elif c == '"':
-                in_string = False
-        elif c == '"':
-            in_string = True
-        elif c in "{[":
-            depth += 1
-        elif c in "}]":
-            depth -= 1
-            if depth == 0:
-                return i + 1
-    return None
+                self.in_string = True
+            elif c in "{[":
+                self.depth += 1
+            elif c in "}]":
+                self.depth -= 1
+                if self.depth == 0:
+                    self.end = i + 1
+                    break
+        self.pos = len(text) if self.end is None else self.end
+        return self.end
 
 
 def _raw_arguments(body: str) -> tuple[str, int, int] | None:
@@ -52,8 +59,8 @@ def _raw_arguments(body: str) -> tuple[str, int, int] | None:
     m = _HEADER.match(body)
     if m is None:
         return None
-    end = _value_end(body, m.end())
-    return json.loads(f'"{m.group(1)}"'), m.end(), -1 if end is None else end
+    end = _Scan().run(body[m.end():])
+    return json.loads(f'"{m.group(1)}"'), m.end(), -1 if end is None else m.end() + end
 
 
 def _hermes(text: str, names):
@@ -179,25 +186,30 @@ class AutoToolStream:
 
     def __init__(self, spec: dict, call_id: str):
         self.spec, self.call_id, self.text, self.sent = spec, call_id, "", 0
-        self.streamed: list[list] = []  # per call streamed so far: [name, arguments' text sent]
+        self.streamed: list[dict] = []  # per call streamed so far: where its arguments start, their scan, what went out
 
     def _stream_calls(self) -> list[dict]:
-        """The tool_calls deltas of what Hermes' blocks hold now beyond what went out."""
+        """The tool_calls deltas of what Hermes' blocks hold now beyond what went out (each call's arguments scanned
+        once, however many pieces they come in)."""
         start, out = self.text.find(TOOL_OPEN), []
         blocks = self.text[start:].split(TOOL_OPEN)[1:] if start >= 0 else []
         for k, block in enumerate(blocks):
-            raw = _raw_arguments(block.split(TOOL_CLOSE)[0])
-            if raw is None or raw[0] not in self.spec["names"]:
-                break  # (not written name first, or not yet: it goes out whole at the end, and so do those after it)
-            args = block[raw[1]:raw[2] if raw[2] > 0 else len(block)]
+            block = block.split(TOOL_CLOSE)[0]
             if k == len(self.streamed):
-                self.streamed.append([raw[0], ""])
+                m = _HEADER.match(block)
+                name = json.loads(f'"{m.group(1)}"') if m else None
+                if name not in self.spec["names"]:
+                    break  # (not written name first, or not yet: it goes out whole at the end, and those after it)
+                self.streamed.append({"at": m.end(), "scan": _Scan(), "sent": ""})
                 out.append({"index": k, "id": f"{self.call_id}-{k}", "type": "function",
-                            "function": {"name": raw[0], "arguments": ""}})
-            new = args[len(self.streamed[k][1]):]
-            if new:
-                self.streamed[k][1] = args
-                out.append({"index": k, "function": {"arguments": new}})
+                            "function": {"name": name, "arguments": ""}})
+            call = self.streamed[k]
+            body = block[call["at"]:]
+            end = call["scan"].run(body)
+            args = body if end is None else body[:end]
+            if len(args) > len(call["sent"]):
+                out.append({"index": k, "function": {"arguments": args[len(call["sent"]):]}})
+                call["sent"] = args
         return out
 
     def delta(self, delta: dict, finished: bool, finish_reason: str | None) -> tuple[dict, str | None]:
@@ -214,7 +226,8 @@ class AutoToolStream:
             if got is not None:  # (what did not stream: the arguments' rest, the calls written otherwise)
                 for k, (name, args) in enumerate(got[1]):
                     if k < len(self.streamed):
-                        rest = args[len(self.streamed[k][1]):] if args.startswith(self.streamed[k][1]) else ""
+                        sent = self.streamed[k]["sent"]
+                        rest = args[len(sent):] if args.startswith(sent) else ""
                         calls += [{"index": k, "function": {"arguments": rest}}] if rest else []
                     else:
                         calls.append({"index": k, "id": f"{self.call_id}-{k}", "type": "function",
