@@ -90,12 +90,13 @@ def _rope(x, cos, sin):  # x [B, h, S, d]; cos/sin [S, d] or [B, S, d] broadcast
     return x * cos + rot * sin
 
 
-def teacher_config(teacher) -> dict:
+def teacher_config(teacher, mc=None) -> dict:
     """The draft's shape and its layer's form from the teacher: q/k/v biases (Qwen2), per-head q/k norms (Qwen3),
-    and the RoPE frequencies with their scaling (llama3 / linear / yarn) exactly as the engine's executor has them."""
+    and the RoPE frequencies with their scaling (llama3 / linear / yarn) exactly as the engine's executor has them
+    (`mc`: the teacher's ModelConfig, where the caller read it already)."""
     from bild_kernels.models.config import ModelConfig
     c = teacher.config
-    mc = ModelConfig.from_hf(c)  # refuses what the engine could not run either
+    mc = mc or ModelConfig.from_hf(c)  # refuses what the engine could not run either
     last = teacher.model.layers[-1].self_attn
     return dict(hidden=c.hidden_size, heads=c.num_attention_heads, kv_heads=c.num_key_value_heads,
                 head_dim=mc.head_dim, intermediate=c.intermediate_size, eps=float(c.rms_norm_eps),
@@ -113,7 +114,7 @@ def check_feature_teacher(teacher) -> None:
                                                 mc.logits_scaling) != (1.0, 1.0, 1.0):
         raise ValueError(f"kind='feature' copies a Llama-form layer (SwiGLU, pre-norms); the large model's "
                          f"({mc.model_type}) has another form: distill a layers draft (kind='layers') for it")
-    own = set(_Layer(teacher_config(teacher)).state_dict())
+    own = set(_Layer(teacher_config(teacher, mc)).state_dict())
     extra = sorted(k for k in teacher.model.layers[-1].state_dict() if k not in own)
     if extra:
         raise ValueError(f"kind='feature' copies the large model's last layer, whose weights "
