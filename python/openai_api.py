@@ -240,8 +240,6 @@ class Service:
         n = body.get("n", 1)
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
             raise BadRequest(f"n must be an int in [1, {MAX_N}]")
-        if n > 1 and body.get("stream"):
-            raise BadRequest("stream takes n = 1")
         for k, ok in (NEUTRAL if kind == "text" else CHAT_NEUTRAL).items():
             if k in body and not any(body[k] == v and type(body[k]) is type(v) for v in ok):
                 raise BadRequest(f"{k} is not supported (only {' or '.join(json.dumps(v) for v in ok)}, which "
@@ -271,8 +269,6 @@ class Service:
                 if len(prompt) > MAX_BATCH_PROMPTS or not all(_one_prompt(p) for p in prompt):
                     raise BadRequest(f"a batch prompt must be a list of up to {MAX_BATCH_PROMPTS} prompts, each a "
                                      f"string or a list of token ids")
-                if body.get("stream"):
-                    raise BadRequest("stream takes one prompt, not a batch")
             elif not _one_prompt(prompt):
                 raise BadRequest("prompt must be a string, a list of token ids, or a list of those (a batch)")
             if not isinstance(body.get("echo", False), bool):

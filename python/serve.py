@@ -11,15 +11,16 @@ Endpoints (JSON; errors are {"error": {"message", "type"}} with status 400 / 404
   GET  /tokenizer_info    the tokenizer's special tokens and chat template (as vLLM's)
   POST /tokenize          {prompt: str, add_special_tokens=true} | {messages: [...]} -> {tokens, count, max_model_len}
   POST /detokenize        {tokens: [ids]} -> {prompt: text}
-  POST /v1/completions    {prompt: str | [token ids] | a list of those (a batch: one choice each, not streamed),
+  POST /v1/completions    {prompt: str | [token ids] | a list of those (a batch: one choice each),
                            max_tokens=16 (null: the rest of the context), temperature=0, top_p=1, top_k=0,
                            min_p=0 (vLLM's: keep tokens at least min_p times as likely as the most likely), seed
                            (absent or null: a random one),
                            stop: str | [str | id], stream=false, timeout: seconds, policy: {"name": "bild"|
                            "greedy"|"speculative-sampling"|"large-only"|"small-only"|"jacobi"|"shallow-deep"|
                            "ngram", ...the policy's keyword arguments; "lookup": {NGram's} for the drafting ones},
-                           logprobs: null | 0..20, n=1..16: choices per prompt, the i-th sampled with seed + i,
-                           not streamed}
+                           logprobs: null | 0..20, n=1..16: choices per prompt, the i-th sampled with seed + i;
+                           several choices stream as OpenAI's do: an event a choice's delta, by index, then one
+                           with no choice and the usage}
   POST /v1/chat/completions
                           {messages: [{role: "system"|"user"|"assistant"|"tool", content: str, ...}, ...],
                            max_tokens (or max_completion_tokens; absent or null: the rest of the context),
@@ -195,7 +196,7 @@ class Handler(BaseHTTPRequestHandler):
             return self._error(503, "server busy: too many requests in flight", "overloaded")
         try:
             if req.stream:
-                self._stream(req, kind, responses)
+                self._stream(req, kind, responses, n=body.get("n", 1))
             else:
                 self._complete(req, kind, echo=kind == "text" and body.get("echo", False), n=body.get("n", 1),
                                responses=responses)
@@ -216,13 +217,19 @@ class Handler(BaseHTTPRequestHandler):
                          + b"\n\n")
         self.wfile.flush()
 
+    @staticmethod
+    def _choices(req, kind: str, n: int) -> tuple[list, list]:
+        """(prompts, SamplingParams) of a request's choices: each prompt n times, the i-th with seed + i (OpenAI's
+        order: a prompt's n choices together). ValueError where a seed + i is no seed."""
+        prompts = [p for p in (req.prompt if kind == "text" and is_batch(req.prompt) else [req.prompt])
+                   for _ in range(n)]
+        return prompts, [dataclasses.replace(req.params, seed=req.params.seed + i % n) for i in range(len(prompts))]
+
     def _complete(self, req, kind="text", echo=False, n=1, responses=None):
         svc, created = self.service, int(time.time())
-        prompt, params, policy, tools = req.prompt, req.params, req.policy, req.tools
-        # each prompt n times, the i-th with seed + i (OpenAI's order: a prompt's n choices together)
-        prompts = [p for p in (prompt if kind == "text" and is_batch(prompt) else [prompt]) for _ in range(n)]
+        policy, tools = req.policy, req.tools
         try:
-            per = [dataclasses.replace(params, seed=params.seed + i % n) for i in range(len(prompts))]
+            prompts, per = self._choices(req, kind, n)
         except ValueError as e:
             return self._error(400, f"n = {n}: {e}")
         watch = self.server.client_watch(self.connection)  # (a client that leaves cancels its requests)
@@ -262,9 +269,19 @@ class Handler(BaseHTTPRequestHandler):
             return self._json(200, response_object(reply, responses, svc.model_name, self._count_tokens))
         self._json(200, reply)
 
-    def _stream(self, req, kind="text", responses=None):
-        svc, created, tools = self.service, int(time.time()), req.tools
-        with closing(svc.engine.stream(req.prompt, req.params, policy=req.policy)) as chunks:  # closing cancels it
+    def _stream(self, req, kind="text", responses=None, n=1):
+        svc, created = self.service, int(time.time())
+        try:
+            prompts, per = self._choices(req, kind, n)
+        except ValueError as e:
+            return self._error(400, f"n = {n}: {e}")
+        index: dict[int, int] = {}  # request id -> its choice's index
+        if len(prompts) == 1:
+            chunks = svc.engine.stream(prompts[0], per[0], policy=req.policy)
+        else:  # (n choices, or a batch of prompts: their chunks as they come, each event one choice's)
+            chunks = svc.engine.stream_many(prompts, per, policy=req.policy,
+                                            on_submit=lambda ids: index.update((r, i) for i, r in enumerate(ids)))
+        with closing(chunks):  # (closing cancels what still runs)
             first = next(chunks)
             out = first.output
             if first.finished and _refused(out):
@@ -276,32 +293,26 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
             self.end_headers()
             self.close_connection = True
-            auto = (AutoToolStream(tools, f"call-{first.request_id}") if tools is not None and tools["mode"] == "auto"
-                    else None)
-            thinking = ReasoningStream(req.reasoning) if req.reasoning is not None else None
             typed = ResponseStream(responses, svc.model_name, self._count_tokens) if responses is not None else None
+            choices: dict[int, _StreamedChoice] = {}
+            usages = []
             try:
-                offset = 0  # tokens' texts so far (completions' logprobs text_offset)
-                for i, c in enumerate(_chain(first, chunks)):
+                for c in _chain(first, chunks):
                     o = c.output
                     if o is not None:
                         svc.metrics.observe(o)
-                    choice = svc.choice(c.text, c.token_ids, c.finish_reason, o.error if o else None, c.logprobs,
-                                        c.top_logprobs, offset, kind, first=i == 0, stream=True)
-                    if c.logprobs and kind == "text":
-                        offset += sum(len(t) for t in choice["logprobs"]["tokens"])
-                    if thinking is not None:  # (reasoning_content until </think>, then content)
-                        choice["delta"] = reasoning_delta(thinking, choice["delta"], c.finished)
-                    if auto is not None:  # ("auto": content until a call begins, then the calls)
-                        choice["delta"], reason = auto.delta(choice["delta"], c.finished, choice["finish_reason"])
-                        choice["finish_reason"] = reason
-                    elif tools is not None:  # (a named tool_choice: the text streams as the call's arguments)
-                        thought = {k: v for k, v in choice["delta"].items() if k == "reasoning_content"}
-                        choice["delta"] = {**thought, **tool_delta(choice["delta"], tools, f"call-{c.request_id}",
-                                                                   i == 0)}
-                    event = svc.envelope(c.request_id, choice, created, _usage(o) if o else None, kind, stream=True)
+                        usages.append(o)
+                    choice = choices.setdefault(c.request_id, _StreamedChoice(req, c.request_id)).event(svc, c, kind)
+                    choice["index"] = index.get(c.request_id, 0)
+                    single = len(prompts) == 1  # (several choices: the usage of all in a last event of its own)
+                    event = svc.envelope(min(index) if index else c.request_id, choice, created,
+                                         _usage(o) if o and single else None, kind, stream=True)
                     for name, data in typed.feed(event) if typed is not None else [(None, event)]:
                         self._sse(data, name)
+                if len(prompts) > 1:
+                    last = svc.envelope(min(index), {}, created, total_usage(usages), kind, stream=True)
+                    last["choices"] = []
+                    self._sse(last)
                 if typed is None:  # (the Responses API's stream ends with its response.completed event)
                     self.wfile.write(b"data: [DONE]\n\n")
                     self.wfile.flush()
@@ -313,6 +324,36 @@ class Handler(BaseHTTPRequestHandler):
                     err = {"type": "error", "code": "server_error", "message": err["error"]["message"], "param": None,
                            "sequence_number": typed.seq}
                 self._sse(err, "error" if typed is not None else None)
+
+
+class _StreamedChoice:
+    """One choice of a streamed reply: its events' deltas (the role in its first; its thinking apart, its tool calls
+    read, with a reasoning or tool-call parser), and its completions logprobs' text offsets."""
+
+    def __init__(self, req, request_id: int):
+        tools = req.tools
+        self.req, self.count, self.offset = req, 0, 0  # (events so far; tokens' texts so far)
+        self.call_id = f"call-{request_id}"
+        self.auto = AutoToolStream(tools, self.call_id) if tools is not None and tools["mode"] == "auto" else None
+        self.thinking = ReasoningStream(req.reasoning) if req.reasoning is not None else None
+
+    def event(self, svc, c, kind: str) -> dict:
+        """The choice of chunk `c`'s event."""
+        o, tools = c.output, self.req.tools
+        choice = svc.choice(c.text, c.token_ids, c.finish_reason, o.error if o else None, c.logprobs,
+                            c.top_logprobs, self.offset, kind, first=self.count == 0, stream=True)
+        if c.logprobs and kind == "text":
+            self.offset += sum(len(t) for t in choice["logprobs"]["tokens"])
+        if self.thinking is not None:  # (reasoning_content until </think>, then content)
+            choice["delta"] = reasoning_delta(self.thinking, choice["delta"], c.finished)
+        if self.auto is not None:  # ("auto": content until a call begins, then the calls)
+            choice["delta"], choice["finish_reason"] = self.auto.delta(choice["delta"], c.finished,
+                                                                       choice["finish_reason"])
+        elif tools is not None:  # (a named tool_choice: the text streams as the call's arguments)
+            thought = {k: v for k, v in choice["delta"].items() if k == "reasoning_content"}
+            choice["delta"] = {**thought, **tool_delta(choice["delta"], tools, self.call_id, self.count == 0)}
+        self.count += 1
+        return choice
 
 
 class _Watched:

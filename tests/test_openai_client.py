@@ -40,6 +40,15 @@ def test_the_three_apis_parse_as_openai_s(server):
                                      max_output_tokens=6, stream=True))
     assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == text
     assert events[-1].type == "response.incomplete" and events[-1].response.output_text == text
+    many = list(c.chat.completions.create(model="bild", messages=CHAT, max_tokens=4, n=2, temperature=1.0, seed=3,
+                                          stream=True, stream_options={"include_usage": True}))
+    texts = {0: "", 1: ""}
+    for ch in many:
+        for choice in ch.choices:
+            texts[choice.index] += choice.delta.content or ""
+    whole = c.chat.completions.create(model="bild", messages=CHAT, max_tokens=4, n=2, temperature=1.0, seed=3)
+    assert texts == {ch.index: ch.message.content for ch in whole.choices}
+    assert many[-1].choices == [] and many[-1].usage.completion_tokens == 8
     assert [m.id for m in c.models.list()] == ["bild"]
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         c.completions.create(model="bild", prompt="w1", max_tokens=0)

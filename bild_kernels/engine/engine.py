@@ -416,6 +416,22 @@ class Engine(Prefixing, TokenizerMethods, Iteration, AsyncAPI):
         finally:
             self._scheduler.cancel(reqs[0])  # an abandoned stream frees its blocks at once
 
+    def stream_many(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
+                    policy: Policy | None = None, *, chat_template: bool = False,
+                    on_submit=None) -> Iterator[StreamChunk]:
+        """`stream` for several requests at once (`generate`'s arguments, `on_submit` too: it gets the requests' ids in
+        the prompts' order): their chunks as each is committed, in the order they come, each naming its `request_id`;
+        each request's last chunk carries its output. The requests join the running batch together; closing the
+        generator cancels those still running."""
+        reqs = self._scheduler.submit(self._prompt_list(prompts), params, policy, chat_template)
+        try:
+            if on_submit is not None:
+                on_submit([r.seq.request_id for r in reqs])
+            yield from self._scheduler.chunks(reqs)
+        finally:
+            for r in reqs:
+                self._scheduler.cancel(r)
+
     def cancel(self, request_id: int) -> bool:
         """End a waiting or running request (finish_reason "cancelled") and free its blocks before
         returning. False if no such request is in flight."""

@@ -182,6 +182,23 @@ def test_generate_hands_its_request_ids_out_to_cancel_them(engine, alone, reqs):
     _all_free(engine)
 
 
+def test_stream_many_yields_each_request_s_chunks_as_generate_gives_them(engine, reqs, alone):
+    """stream_many: the chunks of several requests (mixed parameters) as they come, joining per request to what each
+    gives alone; on_submit gets their ids in the prompts' order; closing it early cancels the rest."""
+    items = reqs[:6]
+    ids, got = [], {}
+    prompts, params = [p for p, _, _ in items], [s for _, s, _ in items]
+    for c in engine.stream_many(prompts, params, policy=items[0][2], on_submit=ids.extend):
+        got.setdefault(c.request_id, []).extend(c.token_ids)
+    assert sorted(got) == ids == sorted(ids)
+    want = engine.generate(prompts, params, policy=items[0][2])
+    assert [got[i] for i in ids] == [o.token_ids for o in want]
+    it = engine.stream_many([[5, 17, 3], [8, 9]], SamplingParams(max_tokens=40, ignore_eos=True))
+    next(it)
+    it.close()
+    _all_free(engine)
+
+
 def test_cancelled_request_leaves_the_others_intact(engine, reqs, alone):
     victim = engine.stream([4, 4, 4], SamplingParams(max_tokens=40), policy=Greedy())
     first = next(victim)
