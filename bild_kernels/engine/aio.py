@@ -1,5 +1,5 @@
-"""The engine's asyncio front door: `Engine.astream` and `Engine.agenerate`, for services built on an event loop
-(FastAPI, aiohttp, ...), beside the thread-safe `stream` and `generate`.
+"""The engine's asyncio front door: `Engine.astream`, `astream_many` and `agenerate`, for services built on an event
+loop (FastAPI, aiohttp, ...), beside the thread-safe `stream`, `stream_many` and `generate`.
 
 The engine steps in threads: a request's consumer steps it whenever nobody else is (`Scheduler.chunks`). Here a
 worker thread per call consumes the call's chunks and hands them to the event loop, which never waits on a step:
@@ -77,6 +77,15 @@ class AsyncAPI:
         request and frees its KV blocks; so do `cancel(chunk.request_id)` and `SamplingParams(timeout_s=...)`."""
         reqs = self._scheduler.submit([prompt], params, policy, chat_template)
         async with contextlib.aclosing(_chunks(self._scheduler, reqs)) as chunks:  # (closed with this one)
+            async for chunk in chunks:
+                yield chunk
+
+    async def astream_many(self, prompts, params=None, policy=None, *, chat_template: bool = False
+                           ) -> AsyncIterator[StreamChunk]:
+        """`stream_many` for an event loop: several requests' chunks as they are committed, each naming its
+        request_id (ascending in the prompts' order). Closing the generator or cancelling its task cancels them."""
+        reqs = self._scheduler.submit(self._prompt_list(prompts), params, policy, chat_template)
+        async with contextlib.aclosing(_chunks(self._scheduler, reqs)) as chunks:
             async for chunk in chunks:
                 yield chunk
 

@@ -31,9 +31,12 @@ def test_agenerate_and_astream_give_what_generate_and_stream_give(engine):
         got = await engine.agenerate(PROMPTS, params, policy=policy)
         single = await engine.agenerate(PROMPTS[1], params[1], policy=policy)  # one prompt alone: a list of one
         chunks = [c async for c in engine.astream(PROMPTS[3], params[3], policy=policy)]
-        return got, single, chunks
+        many = [c async for c in engine.astream_many(PROMPTS, params, policy=policy)]
+        return got, single, chunks, many
 
-    got, single, chunks = asyncio.run(main())
+    got, single, chunks, many = asyncio.run(main())
+    ids = sorted({c.request_id for c in many})
+    assert [sum((c.token_ids for c in many if c.request_id == i), []) for i in ids] == [o.token_ids for o in want]
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     assert [o.finish_reason for o in got] == [o.finish_reason for o in want]
     assert len(single) == 1 and single[0].token_ids == want[1].token_ids
