@@ -64,7 +64,8 @@ it). --reasoning-parser deepseek_r1 | qwen3 puts a reply's thinking in message.r
 delta.reasoning_content) and the rest in content (python/reasoning.py); an output constraint then holds the answer
 after the thinking, which stays free. --api-key (or $BILD_API_KEY) makes the /v1 routes ask for `Authorization: Bearer <key>` (401 otherwise;
 /health, /metrics and the tokenizer routes stay open, as vLLM's); --served-model-name NAME names the model and refuses
-requests naming another (404); --chat-template replaces the tokenizer's chat template; usage carries
+requests naming another (404); --chat-template replaces the tokenizer's chat template; --allowed-origins lets browser
+pages on those origins call it (CORS); usage carries
 prompt_tokens_details.cached_tokens (the prefix cache's share of the prompt); GET /version. SIGTERM or Ctrl-C
 drains: /health and new requests get a 503 at once, the requests in flight finish (up to --shutdown-timeout
 seconds), then the server exits 0.
@@ -106,6 +107,30 @@ class Handler(BaseHTTPRequestHandler):
 
     def _json(self, status: int, obj) -> None:
         self._send(status, json.dumps(obj).encode(), "application/json")
+
+    def _cors_origin(self) -> str | None:
+        """The request's Origin where the server lets browsers on it call (--allowed-origins), else None."""
+        origin, allowed = self.headers.get("Origin"), getattr(self.server, "allowed_origins", ())
+        return origin if origin and ("*" in allowed or origin in allowed) else None
+
+    def end_headers(self) -> None:
+        origin = self._cors_origin()
+        if origin is not None:  # (CORS: a browser page on an allowed origin may read the reply)
+            self.send_header("Access-Control-Allow-Origin", origin)
+            self.send_header("Vary", "Origin")
+        super().end_headers()
+
+    def do_OPTIONS(self):
+        """A browser's CORS preflight (it carries no API key): the methods and headers a page may send, where its
+        origin is allowed; a bare 204 (which the browser refuses) otherwise."""
+        self.send_response(204)
+        if self._cors_origin() is not None:
+            self.send_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
+            self.send_header("Access-Control-Allow-Headers",
+                             self.headers.get("Access-Control-Request-Headers", "Authorization, Content-Type"))
+            self.send_header("Access-Control-Max-Age", "600")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
 
     def _send(self, status: int, data: bytes, content_type: str) -> None:
         self.send_response(status)
@@ -456,15 +481,17 @@ class _Server(ThreadingHTTPServer):
 
 
 def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 0, api_key: str | None = None,
-                **kw) -> ThreadingHTTPServer:
+                allowed_origins=(), **kw) -> ThreadingHTTPServer:
     """A ThreadingHTTPServer serving `engine` (port 0: a free port, read it from server.server_address); with
-    `api_key`, the /v1 routes need `Authorization: Bearer <api_key>`."""
+    `api_key`, the /v1 routes need `Authorization: Bearer <api_key>`; browsers on `allowed_origins` ("*": any) may call
+    it (CORS)."""
     if api_key is not None and (not isinstance(api_key, str) or not api_key):
         raise ValueError("api_key must be a non-empty string or None")
     svc = Service(engine, **kw)
     handler = type("BoundHandler", (Handler,), {"service": svc})
     server = _Server((host, port), handler)
     server.service, server.api_key, server.client_watch = svc, api_key, _ClientWatch(engine)
+    server.allowed_origins = tuple(allowed_origins)
     return server
 
 
@@ -573,6 +600,9 @@ def parser() -> argparse.ArgumentParser:
                          'gets a 404, as vLLM\'s (default: "bild", and any name a request gives is accepted)')
     ap.add_argument("--api-key", default=os.environ.get("BILD_API_KEY"),
                     help="require `Authorization: Bearer KEY` on the /v1 routes (default: $BILD_API_KEY; none: open)")
+    ap.add_argument("--allowed-origins", default="", metavar="ORIGINS",
+                    help="let browser pages on these origins call the API (CORS), comma-separated, or * for any "
+                         "(default: none)")
     ap.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
                     help="on SIGTERM or Ctrl-C, refuse new requests (503) and let those in flight finish for up to "
                          "SECONDS before exiting (a second signal exits at once)")
@@ -589,7 +619,9 @@ def main(argv=None) -> int:
     engine = build_engine(args)
     if args.chat_template is not None:
         set_chat_template(engine, args.chat_template)
-    server = make_server(engine, args.host, args.port, api_key=args.api_key, max_pending=args.max_pending,
+    origins = [o.strip() for o in args.allowed_origins.split(",") if o.strip()]
+    server = make_server(engine, args.host, args.port, api_key=args.api_key, allowed_origins=origins,
+                         max_pending=args.max_pending,
                          default_timeout=args.request_timeout, tool_call_parser=args.tool_call_parser,
                          reasoning_parser=args.reasoning_parser,
                          **({} if args.served_model_name is None else

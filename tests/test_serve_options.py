@@ -422,3 +422,43 @@ def test_a_chat_template_from_the_command_line_replaces_the_tokenizer_s(programs
         eng.tokenizer.chat_template = old
     code, r = _raw(server, "GET", "/version")
     assert code == 200 and json.loads(r)["version"]
+
+
+def test_browsers_on_allowed_origins_may_call_it(programs, server):
+    """--allowed-origins: a CORS preflight (no API key) gets the methods and headers, and replies (401s too) name the
+    origin, for allowed origins only; none by default."""
+    import http.client
+
+    def call(srv, method, path, headers, body=None):
+        conn = http.client.HTTPConnection("127.0.0.1", srv.server_address[1], timeout=60)
+        try:
+            conn.request(method, path, body, headers)
+            r = conn.getresponse()
+            r.read()
+            return r.status, dict(r.getheaders())
+        finally:
+            conn.close()
+    serve = programs["serve"]
+    assert serve.parser().parse_args(["--allowed-origins", "https://a.example, https://b.example"]).allowed_origins
+    srv = serve.make_server(server.service.engine, port=0, api_key="k", allowed_origins=["https://app.example"])
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        pre = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+               "Access-Control-Request-Headers": "authorization, content-type"}
+        code, h = call(srv, "OPTIONS", "/v1/chat/completions", pre)
+        assert code == 204 and h["Access-Control-Allow-Origin"] == "https://app.example"
+        assert "POST" in h["Access-Control-Allow-Methods"] and h["Access-Control-Allow-Headers"] == pre[
+            "Access-Control-Request-Headers"]
+        body = json.dumps({"prompt": [5, 17], "max_tokens": 2}).encode()
+        code, h = call(srv, "POST", "/v1/completions", {"Origin": "https://app.example", "Authorization": "Bearer k"},
+                       body)
+        assert code == 200 and h["Access-Control-Allow-Origin"] == "https://app.example"
+        code, h = call(srv, "POST", "/v1/completions", {"Origin": "https://app.example"}, body)
+        assert code == 401 and h["Access-Control-Allow-Origin"] == "https://app.example"
+        code, h = call(srv, "OPTIONS", "/v1/completions", {**pre, "Origin": "https://evil.example"})
+        assert code == 204 and "Access-Control-Allow-Origin" not in h
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    code, h = call(server, "GET", "/health", {"Origin": "https://app.example"})  # (the default: no CORS)
+    assert code == 200 and "Access-Control-Allow-Origin" not in h
