@@ -132,8 +132,10 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", "0")
         self.end_headers()
 
-    def _send(self, status: int, data: bytes, content_type: str) -> None:
+    def _send(self, status: int, data: bytes, content_type: str, headers: tuple = ()) -> None:
         self.send_response(status)
+        for name, value in headers:
+            self.send_header(name, value)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
@@ -151,14 +153,9 @@ class Handler(BaseHTTPRequestHandler):
         if hmac.compare_digest(self.headers.get("Authorization", "").encode(), f"Bearer {key}".encode()):
             return True
         self.close_connection = True  # (a body left unread)
-        self.send_response(401)
-        self.send_header("WWW-Authenticate", "Bearer")
-        data = json.dumps({"error": {"message": "missing or wrong API key (Authorization: Bearer <key>)",
-                                     "type": "authentication_error"}}).encode()
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        self._send(401, json.dumps({"error": {"message": "missing or wrong API key (Authorization: Bearer <key>)",
+                                              "type": "authentication_error"}}).encode(), "application/json",
+                   (("WWW-Authenticate", "Bearer"),))
         return False
 
     def do_GET(self):
