@@ -617,7 +617,7 @@ def test_tool_choice_none_is_a_plain_reply(json_server):
 
 def test_a_tool_reply_that_is_not_whole_json_comes_back_as_content(programs):
     # (max_tokens, a timeout, or tokens that cannot write a function's name: the text, no calls)
-    tool_message = programs["serve"].tool_message
+    tool_message = importlib.import_module("tool_calls").tool_message
     named = {"mode": "named", "name": "f"}
     assert tool_message('{"a": 1}', "eos", named, "c")[0]["tool_calls"][0]["function"] == {"name": "f",
                                                                                           "arguments": '{"a": 1}'}
