@@ -46,8 +46,8 @@ parallel_tool_calls false), the tools shown to the chat template; "auto" (the mo
 end: python/tool_calls.py), "required" does not;
 (completions) best_of 1 is accepted as the no-op it is, other values refused. stream_options is accepted (the last
 event carries the usage either way). With "stream": true the reply is server-sent events, one `data: {...}` per
-committed run of tokens and `data: [DONE]` at the end. Each choice carries, besides OpenAI's text and finish_reason, the token ids
-("token_ids") and, at the end, the engine's "error" when the request ended early (finish_reason "error" or
+committed run of tokens and `data: [DONE]` at the end. Each choice carries, besides OpenAI's text and
+finish_reason, the token ids ("token_ids") and, at the end, the engine's "error" when the request ended early (finish_reason "error" or
 "timeout"). With "logprobs": n, each choice also carries OpenAI's "logprobs" object for its tokens: "tokens" (each
 token's own text), "token_logprobs" (under the model that decided it: the large one, SmallOnly's small one; before
 temperature and the filters), "top_logprobs" (the n most likely tokens there, text -> logprob) and "text_offset"
