@@ -46,17 +46,16 @@ parallel_tool_calls false), the tools shown to the chat template; "auto" (the mo
 end: python/tool_calls.py), "required" does not;
 (completions) best_of 1 is accepted as the no-op it is, other values refused. stream_options is accepted (the last
 event carries the usage either way). With "stream": true the reply is server-sent events, one `data: {...}` per
-committed run of tokens and `data: [DONE]` at the end. Each choice carries, besides OpenAI's text and
-finish_reason, the token ids ("token_ids") and, at the end, the engine's "error" when the request ended early (finish_reason "error" or
-"timeout"). With "logprobs": n, each choice also carries OpenAI's "logprobs" object for its tokens: "tokens" (each
+committed run of tokens and `data: [DONE]` at the end. Each choice carries, besides OpenAI's text and finish_reason,
+the token ids ("token_ids") and, at the end, the engine's "error" when the request ended early (finish_reason "error"
+or "timeout"). With "logprobs": n, each choice also carries OpenAI's "logprobs" object for its tokens: "tokens" (each
 token's own text), "token_logprobs" (under the model that decided it: the large one, SmallOnly's small one; before
 temperature and the filters), "top_logprobs" (the n most likely tokens there, text -> logprob) and "text_offset"
-(where each token's text starts in the completion, counting the tokens' own texts). "echo": true (not with
-stream) puts the prompt before the text and, with logprobs, its tokens before the choice's, the first with logprob
-null: what lm-evaluation-harness's loglikelihood requests read. Every request thread calls the one Engine:
-requests join its running batch as they come. A client that goes away (mid-stream, or before a whole reply: its
-connection is watched) cancels its requests, which frees their KV blocks at once. The request and reply formats
-are python/openai_api.py's.
+(where each token's text starts in the completion, counting the tokens' own texts). "echo": true (not with stream)
+puts the prompt before the text and, with logprobs, its tokens before the choice's, the first with logprob null: what
+lm-evaluation-harness's loglikelihood requests read. Every request thread calls the one Engine: requests join its
+running batch as they come. A client that goes away (mid-stream, or before a whole reply: its connection is watched)
+cancels its requests, which frees their KV blocks at once. The request and reply formats are python/openai_api.py's.
 
 Chat requests also take vLLM's chat_template_kwargs (the template's variables: Qwen3's {"enable_thinking": false}),
 add_generation_prompt and continue_final_message (the assistant's last message left open: the reply goes on from
