@@ -62,6 +62,12 @@ def test_tool_calls_parse_as_openai_s(json_server, api):
                                       tools=[WEATHER], tool_choice={"type": "function",
                                                                     "function": {"name": "weather"}})
         call = r.choices[0].message.tool_calls[0].function
+        with c.chat.completions.stream(model="bild", messages=[{"role": "user", "content": "weather?"}], max_tokens=60,
+                                       tools=[WEATHER], tool_choice={"type": "function",
+                                                                     "function": {"name": "weather"}}) as stream:
+            final = stream.get_final_completion()  # (the client's helper puts the streamed deltas together)
+        streamed = final.choices[0].message.tool_calls[0].function
+        assert (streamed.name, streamed.arguments) == (call.name, call.arguments)
     else:
         r = c.responses.create(model="bild", input="weather?", max_output_tokens=60,
                                tools=[{"type": "function", **WEATHER["function"]}],
@@ -69,6 +75,15 @@ def test_tool_calls_parse_as_openai_s(json_server, api):
         call = next(it for it in r.output if it.type == "function_call")
         assert r.status == "completed"
     assert call.name == "weather" and set(json.loads(call.arguments)) >= {"city", "unit"}
+    if api == "responses":  # (the client's stream helper rebuilds the response from the events, and checks them)
+        with c.responses.stream(model="bild", input="weather?", max_output_tokens=60,
+                                tools=[{"type": "function", **WEATHER["function"]}],
+                                tool_choice={"type": "function", "name": "weather"}) as stream:
+            kinds = [e.type for e in stream]
+            final = stream.get_final_response()
+        assert final.status == "completed" and "response.function_call_arguments.done" in kinds
+        streamed = next(it for it in final.output if it.type == "function_call")
+        assert (streamed.name, streamed.arguments) == (call.name, call.arguments)
 
 
 def test_an_api_key_is_what_the_client_sends(programs, server):
