@@ -19,8 +19,11 @@ def _call_of(doc, names) -> tuple[str, str] | None:
     return doc["name"], args if isinstance(args, str) else json.dumps(args)
 
 
-# A Hermes call written name first, up to its arguments object: what lets the arguments stream as they come
-_HEADER = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*(?=\{)')
+# A call written name first, up to its arguments object: what lets the arguments stream as they come (Llama's name
+# them "parameters")
+_HEADERS = {key: re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"' + key + r'"\s*:\s*(?=\{)')
+            for key in ("arguments", "parameters")}
+_HEADER = _HEADERS["arguments"]
 
 
 class _Scan:
@@ -53,10 +56,10 @@ class _Scan:
         return self.end
 
 
-def _raw_arguments(body: str) -> tuple[str, int, int] | None:
-    """(name, where its arguments object starts, where it ends or -1) of a Hermes call's JSON written name first;
-    None where it is not (yet) written so."""
-    m = _HEADER.match(body)
+def _raw_arguments(body: str, key: str = "arguments") -> tuple[str, int, int] | None:
+    """(name, where its arguments object starts, where it ends or -1) of a call's JSON written name first; None where
+    it is not (yet) written so."""
+    m = _HEADERS[key].match(body)
     if m is None:
         return None
     end = _Scan().run(body[m.end():])
@@ -86,6 +89,30 @@ def _hermes(text: str, names):
     return (text[:start].strip() or None), calls
 
 
+def _raw_sequence(region: str, key: str) -> list[str | None]:
+    """Each call object's arguments text as written, in a whole sequence of them (a JSON list's, or `;`-separated):
+    None for one not written name first."""
+    dec, out, p = json.JSONDecoder(), [], 0
+    while True:
+        while p < len(region) and region[p] in " \n\t\r,;[]":
+            p += 1
+        if p >= len(region) or region[p] != "{":
+            return out
+        try:
+            _, end = dec.raw_decode(region, p)
+        except ValueError:
+            return out
+        raw = _raw_arguments(region[p:end], key)
+        ok = raw is not None and raw[2] > 0 and region[p + raw[2]:end].strip() == "}"
+        out.append(region[p + raw[1]:p + raw[2]] if ok else None)
+        p = end
+
+
+def _as_written(calls: list[tuple[str, str]], raws: list[str | None]) -> list[tuple[str, str]]:
+    """The calls with their arguments' texts as the model wrote them, where it wrote them name first."""
+    return [(n, raws[i] if i < len(raws) and raws[i] is not None else a) for i, (n, a) in enumerate(calls)]
+
+
 def _mistral(text: str, names):
     """Mistral: `[TOOL_CALLS]` and a JSON list of {"name", "arguments"} after the content."""
     start = text.find(MISTRAL_CALLS)
@@ -98,6 +125,7 @@ def _mistral(text: str, names):
     calls = [_call_of(d, names) for d in (docs if isinstance(docs, list) else [docs])]
     if not calls or None in calls:
         return None
+    calls = _as_written(calls, _raw_sequence(text[start + len(MISTRAL_CALLS):], "arguments"))
     return (text[:start].strip() or None), calls
 
 
@@ -121,7 +149,7 @@ def _llama3_json(text: str, names):
         at = end
         while at < len(body) and body[at] in " \n\t;":
             at += 1
-    return None, calls
+    return None, _as_written(calls, _raw_sequence(body, "parameters"))
 
 
 TOOL_CALL_PARSERS = {"hermes": _hermes, "mistral": _mistral, "llama3_json": _llama3_json}  # serve.py --tool-call-parser
@@ -188,28 +216,61 @@ class AutoToolStream:
         self.spec, self.call_id, self.text, self.sent = spec, call_id, "", 0
         self.streamed: list[dict] = []  # per call streamed so far: where its arguments start, their scan, what went out
 
+    def _objects(self) -> list[str]:
+        """The call objects' texts so far, each from its opening brace, in order (the last may be unfinished): Hermes'
+        blocks, or the objects after Mistral's marker or in Llama's reply (their ends found by the calls' scans)."""
+        parser, text = self.spec["parser"], self.text
+        if parser == "hermes":
+            start = text.find(TOOL_OPEN)
+            return [] if start < 0 else [b.split(TOOL_CLOSE)[0] for b in text[start:].split(TOOL_OPEN)[1:]]
+        if parser == "mistral":
+            start = text.find(MISTRAL_CALLS)
+            region = "" if start < 0 else text[start + len(MISTRAL_CALLS):]
+        else:
+            region = text.lstrip()
+            region = region[len(PYTHON_TAG):] if region.startswith(PYTHON_TAG) else region
+        objs, p = [], 0
+        for call in [*self.streamed, None]:
+            while p < len(region) and region[p] in " \n\t\r,;[":
+                p += 1
+            if p >= len(region) or call is None:
+                objs += [region[p:]] if p < len(region) else []
+                break
+            end = call["scan"].run(region[p + call["at"]:])
+            q = len(region) if end is None else p + call["at"] + end
+            while q < len(region) and region[q].isspace():
+                q += 1
+            if q >= len(region) or region[q] != "}":
+                objs.append(region[p:])
+                break
+            objs.append(region[p:q + 1])
+            p = q + 1
+        return objs
+
     def _stream_calls(self) -> list[dict]:
-        """The tool_calls deltas of what Hermes' blocks hold now beyond what went out (each call's arguments scanned
-        once, however many pieces they come in)."""
-        start, out = self.text.find(TOOL_OPEN), []
-        blocks = self.text[start:].split(TOOL_OPEN)[1:] if start >= 0 else []
-        for k, block in enumerate(blocks):
-            block = block.split(TOOL_CLOSE)[0]
-            if k == len(self.streamed):
-                m = _HEADER.match(block)
-                name = json.loads(f'"{m.group(1)}"') if m else None
-                if name not in self.spec["names"]:
-                    break  # (not written name first, or not yet: it goes out whole at the end, and those after it)
-                self.streamed.append({"at": m.end(), "scan": _Scan(), "sent": ""})
-                out.append({"index": k, "id": f"{self.call_id}-{k}", "type": "function",
-                            "function": {"name": name, "arguments": ""}})
-            call = self.streamed[k]
-            body = block[call["at"]:]
-            end = call["scan"].run(body)
-            args = body if end is None else body[:end]
-            if len(args) > len(call["sent"]):
-                out.append({"index": k, "function": {"arguments": args[len(call["sent"]):]}})
-                call["sent"] = args
+        """The tool_calls deltas of what the calls hold now beyond what went out (each call's arguments scanned once,
+        however many pieces they come in)."""
+        key = "parameters" if self.spec["parser"] == "llama3_json" else "arguments"
+        out, grew = [], True
+        while grew:  # (a piece may finish one call and begin the next)
+            grew = False
+            for k, body in enumerate(self._objects()):
+                if k == len(self.streamed):
+                    m = _HEADERS[key].match(body)
+                    name = json.loads(f'"{m.group(1)}"') if m else None
+                    if name not in self.spec["names"]:
+                        break  # (not written name first, or not yet: it goes out whole at the end, and those after)
+                    self.streamed.append({"at": m.end(), "scan": _Scan(), "sent": ""})
+                    out.append({"index": k, "id": f"{self.call_id}-{k}", "type": "function",
+                                "function": {"name": name, "arguments": ""}})
+                    grew = True
+                call = self.streamed[k]
+                args = body[call["at"]:]
+                end = call["scan"].run(args)
+                args = args if end is None else args[:end]
+                if len(args) > len(call["sent"]):
+                    out.append({"index": k, "function": {"arguments": args[len(call["sent"]):]}})
+                    call["sent"] = args
         return out
 
     def delta(self, delta: dict, finished: bool, finish_reason: str | None) -> tuple[dict, str | None]:
@@ -222,7 +283,7 @@ class AutoToolStream:
                 out["content"], self.sent = self.text[self.sent:], len(self.text)
                 return out, finish_reason
             content = self.text[:call_start(self.text, parser)].rstrip()[self.sent:]
-            calls = self._stream_calls() if parser == "hermes" else []
+            calls = self._stream_calls()
             if got is not None:  # (what did not stream: the arguments' rest, the calls written otherwise)
                 for k, (name, args) in enumerate(got[1]):
                     if k < len(self.streamed):
@@ -236,10 +297,9 @@ class AutoToolStream:
             return out, "tool_calls"
         at = max(call_start(self.text, parser), self.sent)
         out["content"], self.sent = self.text[self.sent:at], at
-        if parser == "hermes":
-            calls = self._stream_calls()
-            if calls:
-                out["tool_calls"] = calls
+        calls = self._stream_calls()
+        if calls:
+            out["tool_calls"] = calls
         return out, finish_reason
 
 

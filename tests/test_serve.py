@@ -822,32 +822,47 @@ def test_tool_choice_auto_reads_the_calls_the_model_writes(hermes_server, stream
     _all_free(hermes_server.service.engine)
 
 
+@pytest.mark.parametrize("size", [1, 4, 1000])
 @pytest.mark.parametrize("parser, text, want", [
     ("mistral", 'Checking.[TOOL_CALLS][{"name": "weather", "arguments": {"city": "oslo"}}, '
                 '{"name": "clock", "arguments": {"zone": "utc"}}]',
      ("Checking.", [("weather", '{"city": "oslo"}'), ("clock", '{"zone": "utc"}')])),
     ("mistral", '[TOOL_CALLS] {"name": "clock", "arguments": {}}', (None, [("clock", "{}")])),
+    ("mistral", f'[TOOL_CALLS][{{"name":"weather","arguments":{ARGS.replace(", ", ",")}}},{{"arguments": '
+                '{"zone":"utc"}, "name": "clock"}]',  # (the second written arguments first: re-serialised, at the end)
+     (None, [("weather", ARGS.replace(", ", ",")), ("clock", '{"zone": "utc"}')])),
     ("mistral", "[TOOL_CALLS][{\"name\": \"clock\", \"argu", None),  # (cut inside the JSON)
     ("mistral", "no calls", None),
     ("llama3_json", '{"name": "weather", "parameters": {"city": "oslo"}}', (None, [("weather", '{"city": "oslo"}')])),
     ("llama3_json", '<|python_tag|>{"name": "clock", "parameters": {"zone": "utc"}}; {"name": "weather", '
                     '"parameters": {}}', (None, [("clock", '{"zone": "utc"}'), ("weather", "{}")])),
     ("llama3_json", 'It is {"name": "clock"}', None),  # (a call is the whole reply)
-    ("llama3_json", '{"name": "rm", "parameters": {}}', None),
-    ("llama3_json", '{"name": "clock", "parameters": {}} and more', None)])
-def test_mistral_and_llama3_tool_calls_are_read_from_a_reply(programs, parser, text, want):
+    ("llama3_json", '{"name": "rm", "parameters": {}}', None)])
+def test_mistral_and_llama3_tool_calls_are_read_from_a_reply(programs, parser, text, want, size):
+    """Whole, and streamed in pieces: the content, then the calls as they come (those written name first; their
+    arguments as written), joining to the whole reply's calls; or, where the text holds none, the text as content."""
     api = importlib.import_module("tool_calls")
     assert api.parse_tool_calls(text, ["weather", "clock"], parser) == want
-    # streamed in pieces of 4: what went out as content, then the calls at the end (or the rest as content)
     s = api.AutoToolStream({"mode": "auto", "names": ["weather", "clock"], "parser": parser}, "call-1")
-    pieces = [text[i:i + 4] for i in range(0, len(text), 4)]
+    pieces = [text[i:i + size] for i in range(0, len(text), size)]
     outs = [s.delta({"content": p}, i == len(pieces) - 1, "stop") for i, p in enumerate(pieces)]
     content = "".join(d.get("content") or "" for d, _ in outs)
     if want is None:
-        assert content == text and outs[-1][1] == "stop"
+        assert content == text and outs[-1][1] == "stop" and not joined_calls(d for d, _ in outs)
     else:
         assert content.strip() == (want[0] or "") and outs[-1][1] == "tool_calls"
-        assert [(k["function"]["name"], k["function"]["arguments"]) for k in outs[-1][0]["tool_calls"]] == want[1]
+        assert joined_calls(d for d, _ in outs) == [(f"call-1-{k}", n, a) for k, (n, a) in enumerate(want[1])]
+
+
+def test_a_llama3_reply_that_goes_on_after_its_call_keeps_the_streamed_call(programs):
+    """Llama's calls are the whole reply: one followed by text is no call whole, but streamed, the call went out
+    before the text came (vLLM's streaming has it so too)."""
+    api = importlib.import_module("tool_calls")
+    text = '{"name": "clock", "parameters": {}} and more'
+    assert api.parse_tool_calls(text, ["clock"], "llama3_json") is None
+    s = api.AutoToolStream({"mode": "auto", "names": ["clock"], "parser": "llama3_json"}, "call-2")
+    outs = [s.delta({"content": text[i:i + 4]}, i + 4 >= len(text), "stop") for i in range(0, len(text), 4)]
+    assert joined_calls(d for d, _ in outs) == [("call-2-0", "clock", "{}")] and outs[-1][1] == "tool_calls"
 
 
 def test_the_mistral_parser_keeps_special_tokens_in_the_text(programs, server):
