@@ -31,18 +31,19 @@ Endpoints (JSON; errors are {"error": {"message", "type"}} with status 400 / 404
   POST /v1/responses      OpenAI's Responses API, served as the chat request it asks for (python/responses_api.py):
                           {input: text | items, instructions, max_output_tokens, tools, tool_choice, text.format,
                            stream, ...} -> a response object, or its typed events
-presence_penalty and frequency_penalty (OpenAI's, in [-2, 2]), vLLM's repetition_penalty (> 0) and min_tokens (EOS
-and stop ids held back until the output has that many tokens), and logit_bias ({"token id": bias in [-100, 100]},
-added first) shape the large model's distribution, what every policy verifies against (SamplingParams); vLLM's
-include_stop_str_in_output and skip_special_tokens (default true) shape the text; an output constraint holds the
-text to a pattern (SamplingParams.structured_outputs): OpenAI's response_format ({"type": "json_object"} or
-{"type": "json_schema", "json_schema": {"name", "schema"}}), vLLM's structured_outputs ({"json" | "regex" | "choice" |
+presence_penalty and frequency_penalty (OpenAI's, in [-2, 2]), vLLM's repetition_penalty (> 0) and min_tokens (EOS and
+stop ids held back until the output has that many tokens), and logit_bias ({"token id": bias in [-100, 100]}, added
+first) shape the large model's distribution, what every policy verifies against (SamplingParams); vLLM's
+include_stop_str_in_output and skip_special_tokens (default true) shape the text; an output constraint holds the text
+to a pattern (SamplingParams.structured_outputs): OpenAI's response_format ({"type": "json_object"} or {"type":
+"json_schema", "json_schema": {"name", "schema"}}), vLLM's structured_outputs ({"json" | "regex" | "choice" |
 "json_object"}) or its guided_json / guided_regex / guided_choice (+ guided_whitespace_pattern); (chat) tools with
 tool_choice naming a function (the reply is message.tool_calls: one call, its arguments held to the function's
 parameters schema, finish_reason "stop") or "required" (one or more calls, finish_reason "tool_calls"; one with
 parallel_tool_calls false), the tools shown to the chat template; "auto" (the model decides; its calls read by
 --tool-call-parser hermes | mistral | llama3_json, refused without one), "none" ignores them; a named one streams
-(delta.tool_calls[0].function.arguments), "auto" streams its content, then the calls as they come (python/tool_calls.py), "required" does not;
+(delta.tool_calls[0].function.arguments), "auto" streams its content, then the calls as they come
+(python/tool_calls.py), "required" does not;
 (completions) best_of 1 is accepted as the no-op it is, other values refused. stream_options is accepted (the last
 event carries the usage either way). With "stream": true the reply is server-sent events, one `data: {...}` per
 committed run of tokens and `data: [DONE]` at the end. Each choice carries, besides OpenAI's text and finish_reason,
