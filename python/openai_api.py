@@ -119,7 +119,7 @@ def tool_spec(body: dict, parser: str | None = None) -> dict | None:
     if not isinstance(parallel, bool):
         raise BadRequest("parallel_tool_calls must be true or false")
     if (choice is None or choice == "auto") and parser is not None:
-        return {"mode": "auto", "names": list(specs), "tools": tools, "parser": parser}
+        return {"mode": "auto", "names": list(specs), "tools": tools, "parser": parser, "parallel": parallel}
     if choice is None or choice == "auto":
         raise BadRequest('tool_choice "auto" (the default with tools) needs a parser of the model\'s own tool-call '
                          'format (serve.py --tool-call-parser hermes, for models that write <tool_call> blocks): '

@@ -189,7 +189,8 @@ def tool_message(text: str, finish_reason: str, spec: dict, call_id: str) -> tup
         got = parse_tool_calls(text, spec["names"], spec["parser"])
         if got is None:
             return {"role": "assistant", "content": text}, "stop" if finish_reason == "eos" else finish_reason
-        return {"role": "assistant", "content": got[0], "tool_calls": _calls(got[1], call_id)}, "tool_calls"
+        calls = got[1] if spec.get("parallel", True) else got[1][:1]  # (parallel_tool_calls false: the first)
+        return {"role": "assistant", "content": got[0], "tool_calls": _calls(calls, call_id)}, "tool_calls"
     try:
         if finish_reason != "eos":
             raise ValueError
@@ -215,6 +216,7 @@ class AutoToolStream:
     def __init__(self, spec: dict, call_id: str):
         self.spec, self.call_id, self.text, self.sent = spec, call_id, "", 0
         self.streamed: list[dict] = []  # per call streamed so far: where its arguments start, their scan, what went out
+        self.limit = None if spec.get("parallel", True) else 1  # (parallel_tool_calls false: the first call alone)
 
     def _objects(self) -> list[str]:
         """The call objects' texts so far, each from its opening brace, in order (the last may be unfinished): Hermes'
@@ -254,7 +256,7 @@ class AutoToolStream:
         out, grew = [], True
         while grew:  # (a piece may finish one call and begin the next)
             grew = False
-            for k, body in enumerate(self._objects()):
+            for k, body in enumerate(self._objects()[:self.limit]):
                 if k == len(self.streamed):
                     m = _HEADERS[key].match(body)
                     name = json.loads(f'"{m.group(1)}"') if m else None
@@ -285,7 +287,7 @@ class AutoToolStream:
             content = self.text[:call_start(self.text, parser)].rstrip()[self.sent:]
             calls = self._stream_calls()
             if got is not None:  # (what did not stream: the arguments' rest, the calls written otherwise)
-                for k, (name, args) in enumerate(got[1]):
+                for k, (name, args) in enumerate(got[1][:self.limit]):
                     if k < len(self.streamed):
                         sent = self.streamed[k]["sent"]
                         rest = args[len(sent):] if args.startswith(sent) else ""

@@ -753,6 +753,23 @@ def test_hermes_calls_stream_as_they_come_and_join_to_the_whole(programs, size, 
     assert content.strip() == (api.parse_tool_calls(text, names)[0] or "")
 
 
+@pytest.mark.parametrize("parser, text", [
+    ("hermes", '<tool_call>{"name": "clock", "arguments": {}}</tool_call><tool_call>{"name": "weather", "arguments": '
+               '{"city": "oslo"}}</tool_call>'),
+    ("mistral", '[TOOL_CALLS][{"name": "clock", "arguments": {}}, {"name": "weather", "arguments": {"city": "x"}}]')])
+def test_parallel_tool_calls_false_keeps_the_first_call(programs, parser, text):
+    """tool_choice "auto" with parallel_tool_calls false: the first call the model wrote, whole and streamed."""
+    api, tools = importlib.import_module("tool_calls"), importlib.import_module("openai_api")
+    spec = tools.tool_spec({"tools": [TIME, WEATHER], "parallel_tool_calls": False}, parser)
+    msg, reason = api.tool_message(text, "eos", spec, "call-5")
+    assert [c["function"]["name"] for c in msg["tool_calls"]] == ["clock"] and reason == "tool_calls"
+    s = api.AutoToolStream(spec, "call-5")
+    outs = [s.delta({"content": text[i:i + 3]}, i + 3 >= len(text), "stop") for i in range(0, len(text), 3)]
+    assert joined_calls(d for d, _ in outs) == [("call-5-0", "clock", "{}")]
+    both = api.tool_message(text, "eos", tools.tool_spec({"tools": [TIME, WEATHER]}, parser), "call-5")[0]
+    assert len(both["tool_calls"]) == 2  # (the default: every call)
+
+
 def test_a_hermes_reply_that_breaks_after_its_call_began_keeps_what_streamed(programs):
     api = importlib.import_module("tool_calls")
     s = api.AutoToolStream({"mode": "auto", "names": ["clock"], "parser": "hermes"}, "call-4")
