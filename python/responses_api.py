@@ -7,7 +7,8 @@ parts, function_call and function_call_output items; reasoning items are dropped
 `max_output_tokens`, `temperature`, `top_p`, function `tools` with `tool_choice` and `parallel_tool_calls`,
 `text.format` (text, json_object, json_schema), `stream`, `metadata`, `user`, and the extras vLLM takes (`top_k`,
 `min_p`, `seed`, penalties, `priority`, `chat_template_kwargs`) and this runtime's `policy`. Nothing is stored:
-`previous_response_id`, `conversation`, `background` and `store: true` are refused rather than ignored.
+`store: true` is taken as vLLM takes it without a store (the response says `"store": false`), and what would need a
+stored response (`previous_response_id`, `conversation`) or a background run is refused rather than ignored.
 """
 from __future__ import annotations
 
@@ -70,8 +71,10 @@ def chat_body(body) -> dict:
     unknown = set(body) - FIELDS - set(EXTRAS)
     if unknown:
         raise BadRequest(f"unsupported field(s): {sorted(unknown)}")
+    if not isinstance(body.get("store", False), bool):
+        raise BadRequest("store must be true or false")
     for key, neutral in (("previous_response_id", None), ("conversation", None), ("background", False),
-                         ("reasoning", None), ("store", False), ("truncation", "disabled")):
+                         ("reasoning", None), ("truncation", "disabled")):
         if body.get(key, neutral) != neutral and not (key == "reasoning" and body[key] == {}):
             why = ("nothing is stored: send the whole conversation as input" if key != "reasoning" else
                    "reasoning effort is the model's; chat_template_kwargs can turn a template's thinking off")

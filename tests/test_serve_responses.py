@@ -46,6 +46,7 @@ def test_a_response_is_its_chat_reply(server, extra):
     code, resp = _post(server, "/v1/responses", body)
     assert code == 200, resp
     assert resp["object"] == "response" and resp["id"].startswith("resp_") and resp["metadata"] == {"k": "v"}
+    assert resp["store"] is False and _post(server, "/v1/responses", {**body, "store": True})[1]["store"] is False
     assert _text(resp) == want["choices"][0]["message"]["content"]
     assert resp["status"] == "incomplete" and resp["incomplete_details"] == {"reason": "max_output_tokens"}
     assert resp["usage"]["input_tokens"] == want["usage"]["prompt_tokens"]
@@ -117,7 +118,7 @@ def test_a_function_call_is_an_output_item(json_server, stream):
 
 @pytest.mark.parametrize("body, match", [
     ({"input": "hi", "previous_response_id": "resp_1"}, "nothing is stored"),
-    ({"input": "hi", "store": True}, "store is not supported"),
+    ({"input": "hi", "store": "yes"}, "store must be true or false"),
     ({"input": "hi", "background": True}, "background"),
     ({"input": "hi", "reasoning": {"effort": "high"}}, "chat_template_kwargs"),
     ({"input": "hi", "tools": [{"type": "web_search"}]}, "no built-in tools"),
