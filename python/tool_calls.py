@@ -23,7 +23,6 @@ def _call_of(doc, names) -> tuple[str, str] | None:
 # them "parameters")
 _HEADERS = {key: re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"' + key + r'"\s*:\s*(?=\{)')
             for key in ("arguments", "parameters")}
-_HEADER = _HEADERS["arguments"]
 
 
 class _Scan:
@@ -56,14 +55,20 @@ class _Scan:
         return self.end
 
 
+def _header(body: str, key: str) -> tuple[str, int] | None:
+    """(name, where its arguments object starts) of a call's JSON written name first; None where it is not (yet)."""
+    m = _HEADERS[key].match(body)
+    return None if m is None else (json.loads(f'"{m.group(1)}"'), m.end())
+
+
 def _raw_arguments(body: str, key: str = "arguments") -> tuple[str, int, int] | None:
     """(name, where its arguments object starts, where it ends or -1) of a call's JSON written name first; None where
     it is not (yet) written so."""
-    m = _HEADERS[key].match(body)
-    if m is None:
+    head = _header(body, key)
+    if head is None:
         return None
-    end = _Scan().run(body[m.end():])
-    return json.loads(f'"{m.group(1)}"'), m.end(), -1 if end is None else m.end() + end
+    end = _Scan().run(body[head[1]:])
+    return head[0], head[1], -1 if end is None else head[1] + end
 
 
 def _hermes(text: str, names):
@@ -73,7 +78,7 @@ def _hermes(text: str, names):
     start = text.find(TOOL_OPEN)
     if start < 0:
         return None
-    calls = []
+    calls, raws = [], []
     for block in text[start:].split(TOOL_OPEN)[1:]:
         body = block.split(TOOL_CLOSE)[0].strip()
         try:
@@ -82,11 +87,9 @@ def _hermes(text: str, names):
             return None
         if call is None:
             return None
-        raw = _raw_arguments(body)
-        if raw is not None and raw[2] > 0 and body[raw[2]:].strip() == "}":
-            call = (call[0], body[raw[1]:raw[2]])
         calls.append(call)
-    return (text[:start].strip() or None), calls
+        raws += (_raw_sequence(body, "arguments") + [None])[:1]  # (the block's one object)
+    return (text[:start].strip() or None), _as_written(calls, raws)
 
 
 def _raw_sequence(region: str, key: str) -> list[str | None]:
@@ -258,13 +261,12 @@ class AutoToolStream:
             grew = False
             for k, body in enumerate(self._objects()[:self.limit]):
                 if k == len(self.streamed):
-                    m = _HEADERS[key].match(body)
-                    name = json.loads(f'"{m.group(1)}"') if m else None
-                    if name not in self.spec["names"]:
+                    head = _header(body, key)
+                    if head is None or head[0] not in self.spec["names"]:
                         break  # (not written name first, or not yet: it goes out whole at the end, and those after)
-                    self.streamed.append({"at": m.end(), "scan": _Scan(), "sent": ""})
+                    self.streamed.append({"at": head[1], "scan": _Scan(), "sent": ""})
                     out.append({"index": k, "id": f"{self.call_id}-{k}", "type": "function",
-                                "function": {"name": name, "arguments": ""}})
+                                "function": {"name": head[0], "arguments": ""}})
                     grew = True
                 call = self.streamed[k]
                 args = body[call["at"]:]
