@@ -42,8 +42,12 @@ def make_guide(engine, params: SamplingParams, tok_lock) -> tuple[Guide | None, 
         if not ends:
             return None, "structured_outputs need an end-of-sequence token (the model's config names none)"
         if so.reasoning is not None:
-            with tok_lock:
-                tags = [engine.tokenizer.encode(t, add_special_tokens=False) for t in THINK_TAGS]
+            with _VOCAB_LOCK:  # (the tags' ids, once an engine, as its token texts)
+                tags = getattr(engine, "_think_ids", None)
+                if tags is None:
+                    with tok_lock:
+                        tags = [engine.tokenizer.encode(t, add_special_tokens=False) for t in THINK_TAGS]
+                    engine._think_ids = tags
             if any(len(ids) != 1 for ids in tags):
                 return None, (f"structured_outputs.reasoning needs {' and '.join(THINK_TAGS)} to be tokens of the "
                               f"tokenizer's own (they make {tags})")

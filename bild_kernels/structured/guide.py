@@ -203,6 +203,7 @@ class Guide:
         self.words = -(-size // 32)
         self.end_ids = sorted(t for t in end_ids if 0 <= t < size)
         phase = ANSWER if self.think is None else THINK if self.think[0] == "deepseek_r1" else START
+        self.free = np.full(self.words, -1, dtype=np.int32) if self.think is not None else None  # (thinking's mask)
         self.state = (grammar.start if grammar is not None else 1, rules.start if rules is not None else (), phase)
 
     def copy(self) -> "Guide":
@@ -229,8 +230,8 @@ class Guide:
         end ids where the pattern may end (or where nothing can continue it)."""
         g, tail, phase = state
         bits, may_end = None, False
-        if phase == THINK:  # (free, and it may end)
-            bits, may_end = np.full(self.words, -1, dtype=np.int32), True
+        if phase == THINK:  # (free, the end ids included)
+            bits = self.free
         elif self.grammar is not None:
             bits, alive = self.grammar.allowed(g)
             may_end = self.grammar.accepting(g) or not alive
@@ -240,7 +241,7 @@ class Guide:
         if self.rules is not None:
             rule = self.rules.mask(tail)
             bits = rule if bits is None else bits & rule
-            may_end = may_end or (self.grammar is not None and phase != THINK and not bits.any())
+            may_end = phase == THINK or may_end or (self.grammar is not None and not bits.any())
         if self.end_ids and may_end:
             bits = bits.copy()
             for t in self.end_ids:
