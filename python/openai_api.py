@@ -250,8 +250,9 @@ class Service:
             raise BadRequest('stream_options must be {"include_usage": true|false} (the last event carries the '
                              'usage either way)')
         tools = tool_spec(body, self.tool_call_parser) if kind == "chat" else None
+        structured = _structured(body)
         if tools is not None and tools["mode"] != "auto":
-            if _structured(body) is not None:
+            if structured is not None:
                 raise BadRequest("tool_choice holds the reply to its functions' schemas: no other output constraint")
             if body.get("stream") and tools["mode"] == "required":
                 raise BadRequest('stream is supported with a named tool_choice, not "required"')
@@ -284,7 +285,7 @@ class Service:
             raise BadRequest("stop_token_ids must be a list of token ids")
         stop = list(stop) + stop_ids
         timeout = body.get("timeout", self.default_timeout)
-        constraint = _structured(body) if tools is None or "json" not in tools else {"json": tools["json"]}
+        constraint = structured if tools is None or "json" not in tools else {"json": tools["json"]}
         reasoning = self.reasoning_parser if kind == "chat" else None
         if constraint is not None and reasoning is not None:  # (its thinking free, the constraint on its answer)
             constraint = {"reasoning": reasoning, **constraint}

@@ -109,7 +109,7 @@ def chat_body(body) -> dict:
     return chat
 
 
-def _usage(usage: dict, reasoning_tokens: int) -> dict:
+def _response_usage(usage: dict, reasoning_tokens: int) -> dict:
     return {"input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"],
             "total_tokens": usage["total_tokens"], "input_tokens_details": usage["prompt_tokens_details"],
             "output_tokens_details": {"reasoning_tokens": reasoning_tokens}}
@@ -138,13 +138,18 @@ def _finish(resp: dict, finish_reason: str | None, error: str | None) -> dict:
     return resp
 
 
+def _out_id(rid: str, kind: str) -> str:
+    """The id of a response's reasoning or message item."""
+    return f"{'rs' if kind == 'reasoning' else 'msg'}_{rid}"
+
+
 def _reasoning_item(rid: str, text: str) -> dict:
-    return {"type": "reasoning", "id": f"rs_{rid}", "summary": [],
+    return {"type": "reasoning", "id": _out_id(rid, "reasoning"), "summary": [],
             "content": [{"type": "reasoning_text", "text": text}]}
 
 
 def _message_item(rid: str, text: str) -> dict:
-    return {"type": "message", "id": f"msg_{rid}", "status": "completed", "role": "assistant",
+    return {"type": "message", "id": _out_id(rid, "message"), "status": "completed", "role": "assistant",
             "content": [{"type": "output_text", "text": text, "annotations": []}]}
 
 
@@ -169,7 +174,7 @@ def response_object(chat: dict, body: dict, model: str, count_tokens) -> dict:
     resp = _shell(body, f"resp_{rid}", chat["created"], model)
     reasoning = msg.get("reasoning_content")
     resp["output"] = _items(rid, reasoning, msg.get("content"), msg.get("tool_calls") or [])
-    resp["usage"] = _usage(chat["usage"], count_tokens(reasoning) if reasoning else 0)
+    resp["usage"] = _response_usage(chat["usage"], count_tokens(reasoning) if reasoning else 0)
     return _finish(resp, choice["finish_reason"], choice.get("error"))
 
 
@@ -181,7 +186,8 @@ class ResponseStream:
     def __init__(self, body: dict, model: str, count_tokens):
         self.body, self.model, self.count_tokens, self.seq = body, model, count_tokens, 0
         self.rid = self.resp = None
-        self.reasoning, self.content, self.calls = "", "", {}  # (calls by index: id, name, arguments)
+        self.texts = {"reasoning": "", "message": ""}  # (each streamed item's text so far)
+        self.calls: dict = {}  # (by index: id, name, arguments)
         self.open: str | None = None  # the item whose deltas are streaming: "reasoning" | "message"
         self.items: list[dict] = []
 
@@ -193,14 +199,15 @@ class ResponseStream:
         """End the item that was streaming (its done events)."""
         out, idx = [], len(self.items)
         if self.open == "reasoning":
-            item = _reasoning_item(self.rid, self.reasoning)
+            item = _reasoning_item(self.rid, self.texts["reasoning"])
             out += [self._ev("response.reasoning_text.done", item_id=item["id"], output_index=idx, content_index=0,
-                             text=self.reasoning), self._ev("response.output_item.done", output_index=idx, item=item)]
+                             text=self.texts["reasoning"]),
+                    self._ev("response.output_item.done", output_index=idx, item=item)]
         elif self.open == "message":
-            item = _message_item(self.rid, self.content)
+            item = _message_item(self.rid, self.texts["message"])
             part = item["content"][0]
             out += [self._ev("response.output_text.done", item_id=item["id"], output_index=idx, content_index=0,
-                             text=self.content, logprobs=[]),
+                             text=self.texts["message"], logprobs=[]),
                     self._ev("response.content_part.done", item_id=item["id"], output_index=idx, content_index=0,
                              part=part), self._ev("response.output_item.done", output_index=idx, item=item)]
         if self.open is not None:
@@ -212,10 +219,9 @@ class ResponseStream:
         out, idx = self._close(), len(self.items)
         self.open = kind
         if kind == "reasoning":
-            item = {"type": "reasoning", "id": f"rs_{self.rid}", "summary": [], "content": []}
+            item = {**_reasoning_item(self.rid, ""), "content": []}
             return out + [self._ev("response.output_item.added", output_index=idx, item=item)]
-        item = {"type": "message", "id": f"msg_{self.rid}", "status": "in_progress", "role": "assistant",
-                "content": []}
+        item = {**_message_item(self.rid, ""), "status": "in_progress", "content": []}
         return out + [self._ev("response.output_item.added", output_index=idx, item=item),
                       self._ev("response.content_part.added", item_id=item["id"], output_index=idx, content_index=0,
                                part={"type": "output_text", "text": "", "annotations": []})]
@@ -235,24 +241,21 @@ class ResponseStream:
             if text:
                 if self.open != kind:
                     out += self._open(kind)
-                if kind == "reasoning":
-                    self.reasoning += text
-                else:
-                    self.content += text
+                self.texts[kind] += text
                 name = "response.reasoning_text.delta" if kind == "reasoning" else "response.output_text.delta"
                 extra = {} if kind == "reasoning" else {"logprobs": []}
-                out.append(self._ev(name, item_id=f"{'rs' if kind == 'reasoning' else 'msg'}_{self.rid}",
-                                    output_index=len(self.items), content_index=0, delta=text, **extra))
+                out.append(self._ev(name, item_id=_out_id(self.rid, kind), output_index=len(self.items),
+                                    content_index=0, delta=text, **extra))
         for c in delta.get("tool_calls") or []:  # (named: the arguments in pieces; auto: whole, at the end)
             call = self.calls.setdefault(c["index"], {"id": None, "name": None, "arguments": ""})
             call["id"] = c.get("id") or call["id"]
             call["name"] = c.get("function", {}).get("name") or call["name"]
             call["arguments"] += c.get("function", {}).get("arguments") or ""
         if choice.get("finish_reason") is not None:
-            out += self._finish(choice, event.get("usage"))
+            out += self._end(choice, event.get("usage"))
         return out
 
-    def _finish(self, choice: dict, usage: dict | None) -> list:
+    def _end(self, choice: dict, usage: dict | None) -> list:
         if not self.items and self.open is None and not self.calls:
             out = self._open("message")  # (an empty reply is an empty message)
         else:
@@ -271,6 +274,7 @@ class ResponseStream:
             self.items.append(item)
         self.resp["output"] = self.items
         if usage is not None:
-            self.resp["usage"] = _usage(usage, self.count_tokens(self.reasoning) if self.reasoning else 0)
+            thinking = self.texts["reasoning"]
+            self.resp["usage"] = _response_usage(usage, self.count_tokens(thinking) if thinking else 0)
         _finish(self.resp, choice["finish_reason"], choice.get("error"))
         return out + [self._ev(f"response.{self.resp['status']}", response=self.resp)]

@@ -183,12 +183,10 @@ class Handler(BaseHTTPRequestHandler):
             outs = svc.engine.generate(prompts, per, policy=policy, on_submit=watch.start)
         finally:
             watch.stop()
-        if watch.left:
-            for o in outs:
-                svc.metrics.observe(o)
-            return
         for o in outs:
             svc.metrics.observe(o)
+        if watch.left:  # (nobody to reply to)
+            return
         refused = next((o for o in outs if _refused(o)), None)
         if refused is not None:  # (its error names its prompt's place in the batch)
             return self._error(400, refused.error)
@@ -240,6 +238,8 @@ class Handler(BaseHTTPRequestHandler):
             self.end_headers()
             self.close_connection = True
             typed = ResponseStream(responses, svc.model_name, self._count_tokens) if responses is not None else None
+            single = len(prompts) == 1  # (several choices: the usage of all in a last event of its own)
+            reply_id = min(index) if index else first.request_id  # (one id for every event of the reply)
             choices: dict[int, StreamedChoice] = {}
             usages = []
             try:
@@ -250,13 +250,12 @@ class Handler(BaseHTTPRequestHandler):
                         usages.append(o)
                     choice = choices.setdefault(c.request_id, StreamedChoice(req, c.request_id)).event(svc, c, kind)
                     choice["index"] = index.get(c.request_id, 0)
-                    single = len(prompts) == 1  # (several choices: the usage of all in a last event of its own)
-                    event = svc.envelope(min(index) if index else c.request_id, choice, created,
-                                         _usage(o) if o and single else None, kind, stream=True)
+                    event = svc.envelope(reply_id, choice, created, _usage(o) if o and single else None, kind,
+                                         stream=True)
                     for name, data in typed.feed(event) if typed is not None else [(None, event)]:
                         self._sse(data, name)
-                if len(prompts) > 1:
-                    last = svc.envelope(min(index), {}, created, total_usage(usages), kind, stream=True)
+                if not single:
+                    last = svc.envelope(reply_id, {}, created, total_usage(usages), kind, stream=True)
                     last["choices"] = []
                     self._sse(last)
                 if typed is None:  # (the Responses API's stream ends with its response.completed event)
