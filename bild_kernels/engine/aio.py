@@ -75,8 +75,8 @@ class AsyncAPI:
         carrying the output. The request is submitted (and checked: the errors `stream` raises, raised here) at the
         first `__anext__`. Closing the generator (`aclose()`) or cancelling the task that iterates it cancels the
         request and frees its KV blocks; so do `cancel(chunk.request_id)` and `SamplingParams(timeout_s=...)`."""
-        reqs = self._scheduler.submit([prompt], params, policy, chat_template)
-        async with contextlib.aclosing(_chunks(self._scheduler, reqs)) as chunks:  # (closed with this one)
+        async with contextlib.aclosing(self.astream_many([prompt], params, policy, chat_template=chat_template)) \
+                as chunks:  # (closed with this one)
             async for chunk in chunks:
                 yield chunk
 

@@ -410,11 +410,7 @@ class Engine(Prefixing, TokenizerMethods, Iteration, AsyncAPI):
         the request and frees its KV blocks at once; so does `cancel(chunk.request_id)` from any thread
         (the stream then ends with finish_reason "cancelled") or `SamplingParams(timeout_s=...)`.
         """
-        reqs = self._scheduler.submit([prompt], params, policy, chat_template)
-        try:
-            yield from self._scheduler.chunks(reqs)
-        finally:
-            self._scheduler.cancel(reqs[0])  # an abandoned stream frees its blocks at once
+        yield from self.stream_many([prompt], params, policy, chat_template=chat_template)
 
     def stream_many(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
                     policy: Policy | None = None, *, chat_template: bool = False,
@@ -422,14 +418,14 @@ class Engine(Prefixing, TokenizerMethods, Iteration, AsyncAPI):
         """`stream` for several requests at once (`generate`'s arguments, `on_submit` too: it gets the requests' ids in
         the prompts' order): their chunks as each is committed, in the order they come, each naming its `request_id`;
         each request's last chunk carries its output. The requests join the running batch together; closing the
-        generator cancels those still running."""
+        generator (or dropping it) cancels those still running and frees their blocks at once."""
         reqs = self._scheduler.submit(self._prompt_list(prompts), params, policy, chat_template)
         try:
             if on_submit is not None:
                 on_submit([r.seq.request_id for r in reqs])
             yield from self._scheduler.chunks(reqs)
         finally:
-            for r in reqs:
+            for r in reqs:  # (an abandoned stream frees its blocks at once)
                 self._scheduler.cancel(r)
 
     def cancel(self, request_id: int) -> bool:
