@@ -67,7 +67,8 @@ NAME names the model and refuses requests naming another (404); --chat-template 
 template; --allowed-origins lets browser pages on those origins call it (CORS); usage carries
 prompt_tokens_details.cached_tokens (the prefix cache's share of the prompt); GET /version. SIGTERM or Ctrl-C
 drains: /health and new requests get a 503 at once, the requests in flight finish (up to --shutdown-timeout
-seconds), then the server exits 0.
+seconds), then the server exits 0. --ssl-certfile / --ssl-keyfile serve HTTPS (--ssl-ca-certs and --ssl-cert-reqs 2:
+clients must show a certificate that CA signed), vLLM's flags.
 
 This file is the program (its flags, the engine, the signals); the HTTP is python/serve_http.py's.
 """
@@ -76,6 +77,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import ssl
 import sys
 import threading
 
@@ -121,6 +123,32 @@ def build_engine(args) -> Engine:
             raise SystemExit("--small needs --large")
         return Engine(**kw)
     return Engine(large=args.large, small=args.small, **kw)
+
+
+def ssl_context(args) -> ssl.SSLContext | None:
+    """The server's TLS context from --ssl-certfile / --ssl-keyfile (and --ssl-ca-certs / --ssl-cert-reqs for client
+    certificates), or None for plain HTTP; a clear exit, before any model loads, for files it cannot use."""
+    if args.ssl_certfile is None:
+        given = [f for f in ("keyfile", "ca_certs", "cert_reqs") if getattr(args, f"ssl_{f}")]
+        if given:
+            raise SystemExit(f"--ssl-{given[0].replace('_', '-')} needs --ssl-certfile (the server's certificate)")
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        ctx.load_cert_chain(args.ssl_certfile, args.ssl_keyfile)
+    except (OSError, ssl.SSLError) as e:
+        key = f" / --ssl-keyfile {args.ssl_keyfile!r}" if args.ssl_keyfile else ""
+        raise SystemExit(f"--ssl-certfile {args.ssl_certfile!r}{key}: not a certificate and its private key ({e})") \
+            from None
+    if args.ssl_ca_certs:
+        try:
+            ctx.load_verify_locations(args.ssl_ca_certs)
+        except (OSError, ssl.SSLError) as e:
+            raise SystemExit(f"--ssl-ca-certs {args.ssl_ca_certs!r}: not a file of CA certificates ({e})") from None
+    elif args.ssl_cert_reqs:
+        raise SystemExit("--ssl-cert-reqs 1 or 2 needs --ssl-ca-certs (whom to trust for client certificates)")
+    ctx.verify_mode = (ssl.CERT_NONE, ssl.CERT_OPTIONAL, ssl.CERT_REQUIRED)[args.ssl_cert_reqs]
+    return ctx
 
 
 def set_chat_template(engine: Engine, template: str) -> None:
@@ -197,6 +225,14 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
                     help="on SIGTERM or Ctrl-C, refuse new requests (503) and let those in flight finish for up to "
                          "SECONDS before exiting (a second signal exits at once)")
+    ap.add_argument("--ssl-certfile", default=None, metavar="FILE",
+                    help="serve HTTPS with this certificate (PEM; its chain after it), vLLM's flag")
+    ap.add_argument("--ssl-keyfile", default=None, metavar="FILE",
+                    help="the certificate's private key (PEM; default: in --ssl-certfile)")
+    ap.add_argument("--ssl-ca-certs", default=None, metavar="FILE",
+                    help="CA certificates (PEM) that clients' certificates are checked against")
+    ap.add_argument("--ssl-cert-reqs", type=int, default=0, choices=[0, 1, 2],
+                    help="client certificates: 0 not asked for, 1 checked when given, 2 required (mutual TLS)")
     ap.add_argument("--log", action="store_true", help="log every HTTP request to stderr")
     return ap
 
@@ -207,6 +243,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
     if args.api_key == "":
         raise SystemExit("--api-key must not be empty")
+    tls = ssl_context(args)
     engine = build_engine(args)
     if args.chat_template is not None:
         set_chat_template(engine, args.chat_template)
@@ -214,7 +251,7 @@ def main(argv=None) -> int:
     server = make_server(engine, args.host, args.port, api_key=args.api_key, allowed_origins=origins,
                          max_pending=args.max_pending,
                          default_timeout=args.request_timeout, tool_call_parser=args.tool_call_parser,
-                         reasoning_parser=args.reasoning_parser,
+                         reasoning_parser=args.reasoning_parser, ssl_context=tls,
                          **({} if args.served_model_name is None else
                             {"model_name": args.served_model_name, "strict_model": True}))
     server.log = args.log
@@ -230,7 +267,7 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     host, port = server.server_address[:2]
-    print(f"serving on http://{host}:{port}/v1/completions", file=sys.stderr, flush=True)
+    print(f"serving on {'https' if tls else 'http'}://{host}:{port}/v1/completions", file=sys.stderr, flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

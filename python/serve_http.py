@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hmac
 import json
+import ssl
 import time
 from contextlib import closing
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -148,7 +149,7 @@ class Handler(BaseHTTPRequestHandler):
                                responses=responses)
         except (TypeError, ValueError) as e:  # the engine's documented argument errors
             self._error(400, str(e))
-        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+        except (BrokenPipeError, ConnectionResetError, TimeoutError, ssl.SSLError):
             pass  # the client left before the reply
         except Exception as e:  # the engine re-raises a failed step here; the service goes on
             self._error(500, f"{type(e).__name__}: {e}", "server_error")
@@ -261,7 +262,7 @@ class Handler(BaseHTTPRequestHandler):
                 if typed is None:  # (the Responses API's stream ends with its response.completed event)
                     self.wfile.write(b"data: [DONE]\n\n")
                     self.wfile.flush()
-            except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            except (BrokenPipeError, ConnectionResetError, TimeoutError, ssl.SSLError):
                 svc.metrics.ended("cancelled")  # the client left: closing the stream cancels it, frees its blocks
             except Exception as e:  # a failed engine step, after the headers went out: say so in the stream
                 err = {"error": {"message": f"{type(e).__name__}: {e}", "type": "server_error"}}
@@ -276,7 +277,23 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = 256  # the listen backlog: the default 5 resets connections under a burst of clients
     draining = False
     api_key: str | None = None
+    ssl_context: ssl.SSLContext | None = None
     service: Service
+
+    def get_request(self):
+        sock, addr = super().get_request()
+        if self.ssl_context is not None:  # (the handshake runs in the request's own thread: finish_request)
+            sock = self.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        return sock, addr
+
+    def finish_request(self, request, client_address):
+        if self.ssl_context is not None:  # (a client that stalls or fails its handshake holds no other one up)
+            request.settimeout(Handler.timeout)
+            try:
+                request.do_handshake()
+            except (ssl.SSLError, OSError):  # (plain HTTP to a TLS port, an untrusted client certificate, ...)
+                return
+        super().finish_request(request, client_address)
 
     def drain(self, timeout: float) -> int:
         """Shut down gracefully: new completions get a 503 and /health says "draining" (503) at once, the requests in
@@ -292,15 +309,18 @@ class _Server(ThreadingHTTPServer):
 
 
 def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 0, api_key: str | None = None,
-                allowed_origins=(), **kw) -> ThreadingHTTPServer:
+                allowed_origins=(), ssl_context: ssl.SSLContext | None = None, **kw) -> ThreadingHTTPServer:
     """A ThreadingHTTPServer serving `engine` (port 0: a free port, read it from server.server_address); with
     `api_key`, the /v1 routes need `Authorization: Bearer <api_key>`; browsers on `allowed_origins` ("*": any) may call
-    it (CORS)."""
+    it (CORS); with `ssl_context` (a server-side ssl.SSLContext holding its certificate) it speaks HTTPS only."""
     if api_key is not None and (not isinstance(api_key, str) or not api_key):
         raise ValueError("api_key must be a non-empty string or None")
+    if ssl_context is not None and not (isinstance(ssl_context, ssl.SSLContext) and ssl_context.protocol in
+                                        (ssl.PROTOCOL_TLS_SERVER, ssl.PROTOCOL_TLS)):
+        raise TypeError(f"ssl_context must be a server-side ssl.SSLContext or None, got {ssl_context!r}")
     svc = Service(engine, **kw)
     handler = type("BoundHandler", (Handler,), {"service": svc})
     server = _Server((host, port), handler)
     server.service, server.api_key, server.client_watch = svc, api_key, ClientWatch(engine)
-    server.allowed_origins = tuple(allowed_origins)
+    server.allowed_origins, server.ssl_context = tuple(allowed_origins), ssl_context
     return server

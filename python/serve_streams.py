@@ -10,6 +10,8 @@ import time
 from reasoning import ReasoningStream, reasoning_delta
 from tool_calls import AutoToolStream, tool_delta
 
+_RDHUP = getattr(select, "POLLRDHUP", 0)  # (Linux: the client closed its side, even behind bytes it sent before it)
+
 
 class StreamedChoice:
     """One choice of a streamed reply: its events' deltas (the role in its first; its thinking apart, its tool calls
@@ -91,12 +93,12 @@ class ClientWatch:
                 gone.append(w)
             else:
                 by_fd[fd] = w
-                poller.register(fd, select.POLLIN | select.POLLPRI)
+                poller.register(fd, select.POLLIN | select.POLLPRI | _RDHUP)
         for fd, ev in poller.poll(0):
             w = by_fd[fd]
-            try:
-                closed = bool(ev & (select.POLLHUP | select.POLLERR | select.POLLNVAL)) or \
-                    w.sock.recv(1, socket.MSG_PEEK) == b""  # (EOF; a pipelined request is not)
+            try:  # (the raw socket's bytes, TLS records on an HTTPS connection, whose recv takes no flags)
+                closed = bool(ev & (select.POLLHUP | select.POLLERR | select.POLLNVAL | _RDHUP)) or \
+                    socket.socket.recv(w.sock, 1, socket.MSG_PEEK) == b""  # (EOF; a pipelined request is not)
             except (BlockingIOError, InterruptedError):
                 closed = False
             except OSError:
