@@ -540,6 +540,7 @@ class Engine(Prefixing, TokenizerMethods, Iteration, AsyncAPI):
         first_new = len(seq.tokens) - len(new)
         limit = out_start + self._max_new(seq)
         stop_ids = {s for s in seq.params.stop if isinstance(s, int)}
+        by_token = False  # (ended by EOS or a stop id: that token's text is not the output's, as in vLLM)
         for i in range(first_new, len(seq.tokens)):
             tok = seq.tokens[i]
             if i >= limit:
@@ -549,6 +550,7 @@ class Engine(Prefixing, TokenizerMethods, Iteration, AsyncAPI):
             if (tok in self.eos_ids and not seq.params.ignore_eos) or tok in stop_ids:
                 del seq.tokens[i + 1:]
                 seq.finish_reason = "eos" if tok in self.eos_ids and tok not in stop_ids else "stop"
+                by_token = True
                 break
         else:
             if len(seq.tokens) >= limit:
@@ -559,6 +561,9 @@ class Engine(Prefixing, TokenizerMethods, Iteration, AsyncAPI):
             if Detokenizer.truncate_at_stop(self.tokenizer, seq, stop_strs, first_new):
                 del new[max(len(seq.tokens) - first_new, 0):]
                 seq.finish_reason = "stop"
+                by_token = False
+        if by_token and self.tokenizer is not None and not seq.params.include_stop_str_in_output:
+            seq.text_cut = Detokenizer.text_before_last(self.tokenizer, seq)
         seq.metrics.generated_tokens = len(seq.output_ids)
         seq.trim_logprobs()
         return seq.finish_reason

@@ -17,11 +17,11 @@ class SamplingParams:
     the tokens whose probability, after temperature, is at least min_p times the most likely one's (the min-p of
     vLLM, Hugging Face and llama.cpp); a token must pass each filter. `seed` makes sampling
     reproducible whatever else is in the batch. `stop` holds strings and/or token ids that end the
-    request: a stop id is the last output token; a stop string ends the text where it begins (the output's token ids
-    end with the token that completed it, as vLLM's do, and a stream holds back a tail that could be its start); the
-    tokenizer's EOS ends it unless `ignore_eos`. `include_stop_str_in_output` (vLLM's) ends the text after the stop
-    string instead; `skip_special_tokens` (True, vLLM's default) leaves special tokens (EOS, chat markers) out of the
-    text.
+    request: a stop id is the last output token (its text, like EOS's, is not the output's text); a stop string ends
+    the text where it begins (the output's token ids end with the token that completed it, as vLLM's do, and a stream
+    holds back a tail that could be its start); the tokenizer's EOS ends it unless `ignore_eos`.
+    `include_stop_str_in_output` (vLLM's) ends the text after the stop string, stop id or EOS instead;
+    `skip_special_tokens` (True, vLLM's default) leaves special tokens (EOS, chat markers) out of the text.
     `timeout_s` bounds the request's whole life from submission (waiting included): past it the request
     ends with finish_reason "timeout", keeps the tokens committed so far, and its KV blocks are freed.
     `logprobs` (None: none) returns, for each output token, its log-probability under the model that decided it

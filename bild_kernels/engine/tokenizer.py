@@ -189,6 +189,13 @@ class Detokenizer:
         return new
 
     @staticmethod
+    def text_before_last(tokenizer, seq: Sequence) -> int:
+        """The length of the output's text without its last token: where the text of a request that EOS or a stop id
+        ended ends (that token's text, shown where skip_special_tokens is off or the stop id is an ordinary token, is
+        not part of it unless include_stop_str_in_output; vLLM's rule)."""
+        return len(tokenizer.decode(seq.output_ids[:-1], skip_special_tokens=seq.params.skip_special_tokens))
+
+    @staticmethod
     def truncate_at_stop(tokenizer, seq: Sequence, stops: list[str], first_new: int) -> bool:
         """If a stop string appears in the output, end the request at the token that completes it (kept, as vLLM
         keeps it) and its text where the earliest such stop string begins, or ends with include_stop_str_in_output

@@ -101,3 +101,37 @@ def test_include_stop_str_in_output_and_skip_special_tokens(engine, plain):
     for name in ("include_stop_str_in_output", "skip_special_tokens"):
         with pytest.raises(ValueError, match=name):
             SamplingParams(**{name: 1})
+
+
+@pytest.mark.parametrize("policy", [LargeOnly(), Greedy(max_draft_len=3)])
+def test_the_token_that_ended_a_request_is_not_in_its_text(engine, plain, policy):
+    """A stop id (here an ordinary word) or EOS shown as text (skip_special_tokens off) ends the request and is its last
+    token id, but not part of its text, whole or streamed, unless include_stop_str_in_output (vLLM's rule: a parser
+    then reads the reply without the end-of-sequence marker)."""
+    k = 5
+    stop_id = plain.token_ids[k]
+    first = plain.token_ids.index(stop_id)
+    before = engine.tokenizer.decode(plain.token_ids[:first])
+    for params, want in [(SamplingParams(max_tokens=N, stop=(stop_id,)), before),
+                         (SamplingParams(max_tokens=N, stop=(stop_id,), include_stop_str_in_output=True),
+                          engine.tokenizer.decode(plain.token_ids[:first + 1]))]:
+        out = engine.generate([PROMPT], params, policy=policy)[0]
+        assert out.token_ids == plain.token_ids[:first + 1] and out.finish_reason == "stop"
+        assert out.text == want
+        chunks = list(engine.stream(PROMPT, params, policy=policy))
+        assert "".join(c.text for c in chunks) == out.text == chunks[-1].output.text
+    eos = engine.vocab_size - 1  # (the word tokenizer's last id, a special token: an EOS biased to come third)
+    saved = engine.eos_ids
+    engine.eos_ids = {eos}
+    try:
+        bias = SamplingParams(max_tokens=N, logit_bias={eos: 100.0}, min_tokens=2, skip_special_tokens=False)
+        out = engine.generate([PROMPT], bias, policy=policy)[0]
+        assert out.token_ids[-1] == eos and len(out.token_ids) == 3 and out.finish_reason == "eos"
+        assert out.text == engine.tokenizer.decode(out.token_ids[:-1])
+        shown = engine.generate([PROMPT], SamplingParams(max_tokens=N, logit_bias={eos: 100.0}, min_tokens=2,
+                                                         skip_special_tokens=False, include_stop_str_in_output=True),
+                                policy=policy)[0]
+        assert shown.text == engine.tokenizer.decode(out.token_ids, skip_special_tokens=False) != out.text
+    finally:
+        engine.eos_ids = saved
+    assert_all_free(engine)
