@@ -1,6 +1,7 @@
 """tool_choice "auto" through a model, in each of --tool-call-parser's formats: a tiny pair whose token names make the
 large model's greedy reply a tool call written as Mistral, Llama 3 or Hermes write theirs (special tokens where the real
-tokenizers have them), served whole, streamed, and on the Responses API, under lossless and BiLD policies."""
+tokenizers have them), and Hermes' after a reasoning model's thinking, served whole, streamed, and on the Responses API,
+under lossless and BiLD policies."""
 import importlib
 import json
 import threading
@@ -18,6 +19,7 @@ CLOCK = {"type": "function", "function": {"name": "clock", "parameters": {
     "type": "object", "properties": {"zone": {"type": "string"}}}}}
 
 # parser: (the reply's pieces, one token each; those that are special tokens; its content; its calls)
+# ("hermes+qwen3": Hermes' calls after a thinking that --reasoning-parser qwen3 puts apart)
 FORMATS = {
     "mistral": (["ok", "[TOOL_CALLS]", '[{"name": "', "weather", '", "arguments": {"city": "', "oslo", '"}}]'],
                 ["[TOOL_CALLS]"], "ok", [("weather", '{"city": "oslo"}')]),
@@ -25,6 +27,8 @@ FORMATS = {
                     ["<|python_tag|>"], None, [("clock", '{"zone": "utc"}')]),
     "hermes": (["ok", "<tool_call>", '{"name": "', "clock", '", "arguments": {"zone": "', "utc", '"}}',
                 "</tool_call>"], [], "ok", [("clock", '{"zone": "utc"}')]),
+    "hermes+qwen3": (["<think>", "hm", "</think>", "<tool_call>", '{"name": "', "weather", '", "arguments": {}}',
+                      "</tool_call>"], [], None, [("weather", "{}")]),
 }
 POLICIES = [{"name": "large-only"}, {"name": "greedy", "max_draft_len": 3},
             {"name": "bild", "fallback_threshold": 0.3, "rollback_threshold": 0.0}]
@@ -67,7 +71,9 @@ def _renamed_pair(pieces: list[str], specials: list[str]):
 def tool_server(programs, request):
     pieces, specials, content, calls = FORMATS[request.param]
     engine, prompt = _renamed_pair(pieces, specials)
-    srv = programs["serve"].make_server(engine, port=0, max_pending=16, tool_call_parser=request.param)
+    parser, _, reasoning = request.param.partition("+")
+    srv = programs["serve"].make_server(engine, port=0, max_pending=16, tool_call_parser=parser,
+                                        reasoning_parser=reasoning or None)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     yield srv, prompt, content, calls
     srv.shutdown()
@@ -82,12 +88,14 @@ def test_the_calls_a_model_writes_in_its_format_are_read(tool_server, policy):
     srv, prompt, content, calls = tool_server
     base = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 20, "tools": [WEATHER, CLOCK],
             "policy": policy}
+    thinking = "hm" if srv.service.reasoning_parser else None
     code, r = _post(srv, "/v1/chat/completions", base)
     assert code == 200, r
     msg = r["choices"][0]["message"]
     assert (msg["content"] or None) == content and r["choices"][0]["finish_reason"] == "tool_calls"
     assert [(c["function"]["name"], c["function"]["arguments"]) for c in msg["tool_calls"]] == calls
     assert all(c["type"] == "function" and c["id"] for c in msg["tool_calls"])
+    assert msg.get("reasoning_content") == thinking
 
     code, events = _post(srv, "/v1/chat/completions", {**base, "stream": True})
     assert code == 200, events
@@ -95,6 +103,7 @@ def test_the_calls_a_model_writes_in_its_format_are_read(tool_server, policy):
     from .test_serve import joined_calls
     assert [(n, a) for _, n, a in joined_calls(deltas)] == calls
     assert ("".join(d.get("content") or "" for d in deltas).strip() or None) == content
+    assert ("".join(d.get("reasoning_content") or "" for d in deltas) or None) == thinking
     assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
 
     body = {"input": prompt, "max_output_tokens": 20, "policy": policy,
@@ -103,6 +112,8 @@ def test_the_calls_a_model_writes_in_its_format_are_read(tool_server, policy):
     assert code == 200, resp
     items = [(it["name"], it["arguments"]) for it in resp["output"] if it["type"] == "function_call"]
     assert items == calls
+    thoughts = [it["content"][0]["text"] for it in resp["output"] if it["type"] == "reasoning"]
+    assert thoughts == ([thinking] if thinking else [])
     done = _events(srv, body)[-1][1]["response"]["output"]
     assert [(it["name"], it["arguments"]) for it in done if it["type"] == "function_call"] == calls
 
@@ -120,5 +131,6 @@ def test_the_reply_s_text_is_what_the_parser_reads(tool_server):
     params = svc.parse({"messages": [{"role": "user", "content": prompt}], "max_tokens": 20,
                         "tools": [WEATHER, CLOCK]}, "chat")[1]
     out = svc.engine.generate([svc.engine.tokenize([{"role": "user", "content": prompt}])], params)[0]
-    assert tools.parse_tool_calls(out.text, ["weather", "clock"], svc.tool_call_parser) == (content, calls)
-    assert json.loads(calls[0][1])
+    text = out.text.split("</think>")[-1]  # (the answer after the thinking, where there is one)
+    assert tools.parse_tool_calls(text, ["weather", "clock"], svc.tool_call_parser) == (content, calls)
+    assert isinstance(json.loads(calls[0][1]), dict)
