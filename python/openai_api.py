@@ -28,12 +28,15 @@ FIELDS = {"prompt", "max_tokens", "temperature", "top_p", "top_k", "min_p", "see
           "guided_whitespace_pattern", "priority", "allowed_token_ids", "bad_words", "stop_token_ids",
           "truncate_prompt_tokens"}
 # Fields clients send at their neutral values: accepted there (they change nothing), refused otherwise
-NEUTRAL = {"best_of": (1,)}
-CHAT_NEUTRAL = {k: v for k, v in NEUTRAL.items() if k != "best_of"}
+NEUTRAL = {"best_of": (1,), "suffix": (None,)}
+CHAT_NEUTRAL = {"store": (False,), "service_tier": ("auto", "default", None), "modalities": (["text"],),
+                "audio": (None,), "prediction": (None,), "web_search_options": (None,), "verbosity": ("medium", None)}
 FIELDS |= set(NEUTRAL) | {"stream_options", "echo"}
 TEMPLATE_FIELDS = ("chat_template_kwargs", "add_generation_prompt", "continue_final_message")  # vLLM's
-CHAT_FIELDS = FIELDS - {"prompt", "echo", "best_of"} | {"messages", "max_completion_tokens", "top_logprobs", "tools",
-                                                       "tool_choice", "parallel_tool_calls", *TEMPLATE_FIELDS}
+CHAT_FIELDS = FIELDS - {"prompt", "echo", *NEUTRAL} | {
+    "messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls", "metadata",
+    "reasoning_effort", *TEMPLATE_FIELDS, *CHAT_NEUTRAL}
+EFFORTS = ("none", "minimal", "low", "medium", "high")  # OpenAI's reasoning_effort values
 ROUTES = {"/v1/completions": "text", "/v1/chat/completions": "chat", "/v1/responses": "responses"}
 TOKENIZER_ROUTES = {"/tokenize": "tokenize", "/detokenize": "detokenize"}
 MAX_N = 16  # completions one request may ask for per prompt (n)
@@ -257,7 +260,7 @@ class Service:
             if body.get("stream") and tools["mode"] == "required":
                 raise BadRequest('stream is supported with a named tool_choice, not "required"')
         if kind == "chat":
-            template = {k: body[k] for k in TEMPLATE_FIELDS if k in body}
+            template = self._template_options(body)
             prompt, body = self._chat_body(body)
             if tools is not None or template:
                 try:  # (the template shows the tools where it can)
@@ -321,6 +324,28 @@ class Service:
             raise BadRequest("stream must be true or false")
         return Request(prompt, params, self.policy(body.get("policy")), body.get("stream", False), tools, reasoning)
 
+    def _template_options(self, body: dict) -> dict:
+        """The chat template's options a chat body gives (vLLM's), its `reasoning_effort` (OpenAI's) among the
+        template's variables where the template reads one; `metadata` checked (tags, as OpenAI takes them)."""
+        meta = body.get("metadata")
+        if meta is not None and not (isinstance(meta, dict) and len(meta) <= 16 and all(
+                isinstance(k, str) and isinstance(v, str) for k, v in meta.items())):
+            raise BadRequest("metadata must be an object of up to 16 string values")
+        template = {k: body[k] for k in TEMPLATE_FIELDS if k in body}
+        effort = body.get("reasoning_effort")
+        if effort is None:
+            return template
+        if effort not in EFFORTS:
+            raise BadRequest(f"reasoning_effort must be one of {', '.join(EFFORTS)}, got {json.dumps(effort)[:40]}")
+        kwargs = template.get("chat_template_kwargs") or {}
+        if not isinstance(kwargs, dict):
+            raise BadRequest("chat_template_kwargs must be an object")
+        if "reasoning_effort" not in str(getattr(self.engine.tokenizer, "chat_template", None) or ""):
+            raise BadRequest("reasoning_effort is not supported: this model's chat template has no reasoning effort "
+                             "(chat_template_kwargs sets the variables it has, e.g. enable_thinking)")
+        template["chat_template_kwargs"] = {"reasoning_effort": effort, **kwargs}
+        return template
+
     def _chat_body(self, body: dict):
         """The messages of a chat body, and the body in the completions fields the rest of `parse` reads."""
         messages = _checked_messages(body.get("messages"))
@@ -332,7 +357,8 @@ class Service:
         if top is not None and not logprobs:
             raise BadRequest("top_logprobs needs logprobs: true")
         rest = {k: v for k, v in body.items() if k not in ("messages", "max_completion_tokens", "top_logprobs",
-                                                           *TEMPLATE_FIELDS)}
+                                                           "metadata", "reasoning_effort", *TEMPLATE_FIELDS,
+                                                           *CHAT_NEUTRAL)}
         if "max_completion_tokens" in body:
             rest["max_tokens"] = body["max_completion_tokens"]
         rest["logprobs"] = (0 if top is None else top) if logprobs else None

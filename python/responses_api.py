@@ -5,7 +5,8 @@ becomes a `response` object (`response_object`) or the Responses API's typed str
 The subset served: `input` as text or a list of items (messages whose content is text or input_text / output_text
 parts, function_call and function_call_output items; reasoning items are dropped), `instructions`,
 `max_output_tokens`, `temperature`, `top_p`, function `tools` with `tool_choice` and `parallel_tool_calls`,
-`text.format` (text, json_object, json_schema), `stream`, `metadata`, `user`, and the extras vLLM takes (`top_k`,
+`text.format` (text, json_object, json_schema), `stream`, `metadata`, `user`, `reasoning.effort` (the chat template's
+`reasoning_effort`, where it reads one), and the extras vLLM takes (`top_k`,
 `min_p`, `seed`, penalties, `priority`, `chat_template_kwargs`) and this runtime's `policy`. Nothing is stored:
 `store: true` is taken as vLLM takes it without a store (the response says `"store": false`), and what would need a
 stored response (`previous_response_id`, `conversation`) or a background run is refused rather than ignored.
@@ -74,16 +75,23 @@ def chat_body(body) -> dict:
     if not isinstance(body.get("store", False), bool):
         raise BadRequest("store must be true or false")
     for key, neutral in (("previous_response_id", None), ("conversation", None), ("background", False),
-                         ("reasoning", None), ("truncation", "disabled")):
-        if body.get(key, neutral) != neutral and not (key == "reasoning" and body[key] == {}):
-            why = ("nothing is stored: send the whole conversation as input" if key != "reasoning" else
-                   "reasoning effort is the model's; chat_template_kwargs can turn a template's thinking off")
-            raise BadRequest(f"{key} is not supported ({why}), got {json.dumps(body[key])[:80]}")
+                         ("truncation", "disabled")):
+        if body.get(key, neutral) != neutral:
+            raise BadRequest(f"{key} is not supported (nothing is stored: send the whole conversation as input), got "
+                             f"{json.dumps(body[key])[:80]}")
+    reasoning = body.get("reasoning") or {}
+    if not isinstance(reasoning, dict) or set(reasoning) - {"effort", "summary", "generate_summary"} or \
+            reasoning.get("summary") is not None or reasoning.get("generate_summary") is not None:
+        raise BadRequest('reasoning must be {"effort": ...} (a summary of the thinking is not written; '
+                         f'--reasoning-parser puts the thinking itself in a reasoning item), got '
+                         f'{json.dumps(body.get("reasoning"))[:80]}')
     if body.get("include") not in (None, []):
         raise BadRequest("include is not supported (nothing to include)")
     chat = {"messages": _messages(body), "max_completion_tokens": body.get("max_output_tokens"),
             **{k: body[k] for k in ("model", "temperature", "top_p", "stream", "user", "parallel_tool_calls",
                                     *EXTRAS) if k in body}}
+    if reasoning.get("effort") is not None:  # (to the chat template, where it reads one: Service.parse checks)
+        chat["reasoning_effort"] = reasoning["effort"]
     tools = body.get("tools")
     if tools is not None:
         if not isinstance(tools, list) or not all(isinstance(t, dict) and t.get("type") == "function" for t in tools):
@@ -124,7 +132,8 @@ def _shell(body: dict, rid: str, created: int, model: str) -> dict:
             "parallel_tool_calls": body.get("parallel_tool_calls", True), "temperature": body.get("temperature", 0.0),
             "top_p": body.get("top_p", 1.0), "tool_choice": body.get("tool_choice", "auto"),
             "tools": body.get("tools") or [], "text": {"format": fmt}, "metadata": body.get("metadata") or {},
-            "store": False, "truncation": "disabled", "usage": None}
+            "store": False, "truncation": "disabled", "usage": None,
+            "reasoning": {"effort": (body.get("reasoning") or {}).get("effort"), "summary": None}}
 
 
 def _finish(resp: dict, finish_reason: str | None, error: str | None) -> dict:

@@ -383,6 +383,25 @@ def test_neutral_fields_clients_send_are_accepted(server):
             "stream": True, "stream_options": {"include_usage": True}}
     code, events = _post(server, "/v1/chat/completions", chat)
     assert code == 200 and events[-1]["usage"]["completion_tokens"] == 5
+    # what OpenAI's chat clients send at their defaults: the same reply as without them
+    code, plain = _post(server, "/v1/chat/completions", {"messages": CHAT, "max_tokens": 5})
+    code, r = _post(server, "/v1/chat/completions", {
+        "messages": CHAT, "max_tokens": 5, "store": False, "service_tier": "auto", "modalities": ["text"],
+        "audio": None, "prediction": None, "web_search_options": None, "verbosity": None, "metadata": {"app": "x"},
+        "reasoning_effort": None, "user": "u1"})
+    assert code == 200 and r["choices"][0]["token_ids"] == plain["choices"][0]["token_ids"]
+    code, r = _post(server, "/v1/completions", {"prompt": "w1 w2", "max_tokens": 2, "suffix": None})
+    assert code == 200
+    for field, value, match in [("store", True, "store is not supported"), ("modalities", ["text", "audio"],
+                                                                           "modalities is not supported"),
+                                ("service_tier", "flex", "service_tier is not supported"),
+                                ("metadata", {"a": 1}, "metadata must be an object of up to 16 string values"),
+                                ("reasoning_effort", "max", "reasoning_effort must be one of"),
+                                ("reasoning_effort", "low", "chat template has no reasoning effort")]:
+        code, r = _post(server, "/v1/chat/completions", {"messages": CHAT, "max_tokens": 2, field: value})
+        assert code == 400 and match in r["error"]["message"], (field, r)
+    code, r = _post(server, "/v1/completions", {"prompt": "w1", "suffix": "w2"})
+    assert code == 400 and "suffix is not supported" in r["error"]["message"]
     _all_free(server.service.engine)
 
 
@@ -483,7 +502,7 @@ def test_concurrent_clients_equal_alone(programs, server):
     (json.dumps({"prompt": "w1", "timeout": -2}), 400, "timeout_s"),
     (json.dumps({"prompt": "w1", "logprobs": 21}), 400, "logprobs"),
     (json.dumps({"prompt": "w1", "logprobs": "all"}), 400, "logprobs"),
-    (json.dumps({"prompt": "w1", "suffix": "w2"}), 400, "unsupported"),
+    (json.dumps({"prompt": "w1", "suffix": "w2"}), 400, "suffix is not supported"),
     (json.dumps({"prompt": [1, 500], "stream": True}), 400, "outside the vocabulary"),
     (json.dumps({"messages": [{"role": "user", "content": "w1"}]}), 400, "unsupported field(s): ['messages']"),
     (json.dumps({"prompt": "w1", "presence_penalty": 2.5}), 400, "presence_penalty must be a number in [-2, 2]"),

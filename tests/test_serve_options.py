@@ -225,6 +225,35 @@ def test_chat_template_options_reach_the_template(server):
     _all_free(eng)
 
 
+def test_reasoning_effort_reaches_a_template_that_reads_it(server):
+    """OpenAI's reasoning_effort (chat) and reasoning.effort (Responses) are the template's `reasoning_effort`
+    variable (as gpt-oss's template reads it), beside chat_template_kwargs; a template without one refuses it."""
+    eng = server.service.engine
+    old = eng.tokenizer.chat_template
+    eng.tokenizer.chat_template = ("{{ messages[-1]['content'] }}{% if reasoning_effort is defined %} "
+                                   "w{{ {'low': 1, 'medium': 2, 'high': 3}[reasoning_effort] }}{% endif %}")
+    try:
+        messages = [{"role": "user", "content": "w7 w8"}]
+        for effort, last in (("low", 1), ("high", 3)):
+            prompt = eng.tokenize(messages, chat_template_kwargs={"reasoning_effort": effort})
+            assert prompt[-3:] == [7, 8, last]
+            code, want = _post(server, "/v1/completions", {"prompt": prompt, "max_tokens": 5})
+            code, chat = _post(server, "/v1/chat/completions", {"messages": messages, "max_tokens": 5,
+                                                                "reasoning_effort": effort})
+            assert code == 200 and chat["choices"][0]["token_ids"] == want["choices"][0]["token_ids"]
+            assert chat["usage"]["prompt_tokens"] == len(prompt)
+            code, resp = _post(server, "/v1/responses", {"input": "w7 w8", "max_output_tokens": 5,
+                                                         "reasoning": {"effort": effort, "summary": None}})
+            assert code == 200 and resp["usage"]["input_tokens"] == len(prompt)
+            assert resp["output"][0]["content"][0]["text"] == want["choices"][0]["text"]
+        code, r = _post(server, "/v1/chat/completions", {"messages": messages, "max_tokens": 5, "reasoning_effort":
+                                                         "low", "chat_template_kwargs": {"reasoning_effort": "high"}})
+        assert code == 200 and r["usage"]["prompt_tokens"] == 3  # (the explicit variable wins)
+    finally:
+        eng.tokenizer.chat_template = old
+    _all_free(eng)
+
+
 def test_an_api_key_guards_the_v1_routes(programs, server):
     serve = programs["serve"]
     srv = serve.make_server(server.service.engine, port=0, api_key="sekrit")
