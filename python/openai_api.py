@@ -462,7 +462,7 @@ class Service:
             offset += len(t)
         return {"tokens": texts, "token_logprobs": logprobs, "top_logprobs": top, "text_offset": starts}
 
-    def envelope(self, request_id: int, choice: dict, created: int, usage=None, kind: str = "text",
+    def envelope(self, request_id: int | str, choice: dict, created: int, usage=None, kind: str = "text",
                  stream: bool = False) -> dict:
         obj = "text_completion" if kind == "text" else "chat.completion.chunk" if stream else "chat.completion"
         out = {"id": f"{'cmpl' if kind == 'text' else 'chatcmpl'}-{request_id}", "object": obj, "created": created,

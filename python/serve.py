@@ -65,7 +65,8 @@ after the thinking, which stays free. --api-key (or $BILD_API_KEY) makes the /v1
 Bearer <key>` (401 otherwise; /health, /metrics and the tokenizer routes stay open, as vLLM's); --served-model-name
 NAME names the model and refuses requests naming another (404); --chat-template replaces the tokenizer's chat
 template; --allowed-origins lets browser pages on those origins call it (CORS); usage carries
-prompt_tokens_details.cached_tokens (the prefix cache's share of the prompt); GET /version. SIGTERM or Ctrl-C
+prompt_tokens_details.cached_tokens (the prefix cache's share of the prompt); GET /version; a request's
+X-Request-Id header is its reply's id and comes back as a header (the reply's own id without one). SIGTERM or Ctrl-C
 drains: /health and new requests get a 503 at once, the requests in flight finish (up to --shutdown-timeout
 seconds), then the server exits 0. --ssl-certfile / --ssl-keyfile serve HTTPS (--ssl-ca-certs and --ssl-cert-reqs 2:
 clients must show a certificate that CA signed), vLLM's flags.

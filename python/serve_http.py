@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hmac
 import json
+import re
 import ssl
 import time
 from contextlib import closing
@@ -19,6 +20,9 @@ from reasoning import reasoning_message
 from responses_api import ResponseStream, chat_body, response_object
 from serve_streams import ClientWatch, StreamedChoice
 from tool_calls import tool_message
+
+
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -38,7 +42,11 @@ class Handler(BaseHTTPRequestHandler):
         origin, allowed = self.headers.get("Origin"), getattr(self.server, "allowed_origins", ())
         return origin if origin and ("*" in allowed or origin in allowed) else None
 
+    request_id: str | None = None  # (the reply's X-Request-Id header: the client's, else the reply's id)
+
     def end_headers(self) -> None:
+        if self.request_id is not None:
+            self.send_header("X-Request-Id", self.request_id)
         origin = self._cors_origin()
         if origin is not None:  # (CORS: a browser page on an allowed origin may read the reply)
             self.send_header("Access-Control-Allow-Origin", origin)
@@ -84,6 +92,7 @@ class Handler(BaseHTTPRequestHandler):
         return False
 
     def do_GET(self):
+        self.request_id = None
         if not self._authorized():
             return
         if self.path == "/health":
@@ -108,8 +117,12 @@ class Handler(BaseHTTPRequestHandler):
             self._error(404, f"no route {self.path}", "not_found")
 
     def do_POST(self):
+        given = self.headers.get("X-Request-Id")  # (a proxy's or client's id for the request: the reply's id too)
+        self.request_id = given if given is not None and REQUEST_ID.fullmatch(given) else None
         if not self._authorized():
             return
+        if given is not None and self.request_id is None:
+            return self._error(400, "X-Request-Id must be 1 to 128 letters, digits or ._:- characters")
         kind = ROUTES.get(self.path) or TOKENIZER_ROUTES.get(self.path)
         if kind is None:
             return self._error(404, f"no route {self.path}", "not_found")
@@ -208,10 +221,11 @@ class Handler(BaseHTTPRequestHandler):
                 svc.echo(choice, p, out)
             choices.append(choice)
         usage = total_usage(outs)
-        reply = svc.envelope(outs[0].request_id, choices[0], created, usage, kind)
+        reply = svc.envelope(self.request_id or outs[0].request_id, choices[0], created, usage, kind)
         reply["choices"] = choices
         if responses is not None:
-            return self._json(200, response_object(reply, responses, svc.model_name, self._count_tokens))
+            reply = response_object(reply, responses, svc.model_name, self._count_tokens)
+        self.request_id = self.request_id or reply["id"]
         self._json(200, reply)
 
     def _stream(self, req, kind="text", responses=None, n=1):
@@ -232,6 +246,12 @@ class Handler(BaseHTTPRequestHandler):
             if first.finished and _refused(out):
                 svc.metrics.observe(out)
                 return self._error(400, out.error)
+            reply_id = self.request_id or (min(index) if index else first.request_id)  # (every event's id)
+            if self.request_id is None:  # (the header: the reply's id, the response's for the Responses API)
+                self.request_id = svc.envelope(reply_id, {}, created, kind=kind)["id"]
+                if responses is not None:
+                    self.request_id = f"resp_{self.request_id.removeprefix('chatcmpl-')}"
+
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Cache-Control", "no-cache")
@@ -240,7 +260,6 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             typed = ResponseStream(responses, svc.model_name, self._count_tokens) if responses is not None else None
             single = len(prompts) == 1  # (several choices: the usage of all in a last event of its own)
-            reply_id = min(index) if index else first.request_id  # (one id for every event of the reply)
             choices: dict[int, StreamedChoice] = {}
             usages = []
             try:

@@ -491,3 +491,48 @@ def test_browsers_on_allowed_origins_may_call_it(programs, server):
         srv.server_close()
     code, h = call(server, "GET", "/health", {"Origin": "https://app.example"})  # (the default: no CORS)
     assert code == 200 and "Access-Control-Allow-Origin" not in h
+
+
+def _with_headers(srv, path, body, headers):
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", srv.server_address[1], timeout=60)
+    try:
+        conn.request("POST", path, json.dumps(body).encode(), {"Content-Type": "application/json", **headers})
+        r = conn.getresponse()
+        return r.status, r.getheader("X-Request-Id"), r.read()
+    finally:
+        conn.close()
+
+
+def test_a_request_id_header_names_the_reply(server):
+    """X-Request-Id (a proxy's or client's id, as vLLM takes it) is the reply's id and comes back as a header, whole,
+    streamed and on the Responses API; without one the header carries the reply's own id."""
+    from .test_serve import _sse
+    chat = {"messages": [{"role": "user", "content": "w1"}], "max_tokens": 3}
+    code, rid, data = _with_headers(server, "/v1/completions", {"prompt": "w1", "max_tokens": 3},
+                                    {"X-Request-Id": "trace-7:a.b"})
+    assert code == 200 and rid == "trace-7:a.b" and json.loads(data)["id"] == "cmpl-trace-7:a.b"
+    code, rid, data = _with_headers(server, "/v1/chat/completions", {**chat, "stream": True, "n": 2},
+                                    {"X-Request-Id": "s1"})
+    events = _sse(data)
+    assert code == 200 and rid == "s1" and {e["id"] for e in events} == {"chatcmpl-s1"} and len(events) > 2
+    code, rid, data = _with_headers(server, "/v1/responses", {"input": "w1", "max_output_tokens": 3},
+                                    {"X-Request-Id": "r1"})
+    assert code == 200 and rid == "r1" and json.loads(data)["id"] == "resp_r1"
+    for path, body, prefix in (("/v1/completions", {"prompt": "w1", "max_tokens": 3}, "cmpl-"),
+                               ("/v1/chat/completions", {**chat, "stream": True}, "chatcmpl-"),
+                               ("/v1/responses", {"input": "w1", "max_output_tokens": 3}, "resp_"),
+                               ("/v1/responses", {"input": "w1", "max_output_tokens": 3, "stream": True}, "resp_")):
+        code, rid, data = _with_headers(server, path, body, {})
+        assert code == 200 and rid.startswith(prefix), (path, rid)
+        if not body.get("stream"):
+            assert json.loads(data)["id"] == rid
+        elif path == "/v1/responses":
+            assert f'"id": "{rid}"' in data.decode()
+        else:
+            assert {e["id"] for e in _sse(data)} == {rid}
+    for bad in ("has space", "x" * 129, ""):
+        code, rid, data = _with_headers(server, "/v1/completions", {"prompt": "w1", "max_tokens": 3},
+                                        {"X-Request-Id": bad})
+        assert code == 400 and "X-Request-Id must be" in json.loads(data)["error"]["message"] and rid is None
+    _all_free(server.service.engine)
