@@ -356,6 +356,8 @@ class Service:
             raise BadRequest("logprobs must be true or false (top_logprobs says how many alternatives)")
         if top is not None and not logprobs:
             raise BadRequest("top_logprobs needs logprobs: true")
+        if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 20):
+            raise BadRequest(f"top_logprobs must be an int in [0, 20], got {json.dumps(top)[:40]}")
         rest = {k: v for k, v in body.items() if k not in ("messages", "max_completion_tokens", "top_logprobs",
                                                            "metadata", "reasoning_effort", *TEMPLATE_FIELDS,
                                                            *CHAT_NEUTRAL)}

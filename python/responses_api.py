@@ -6,7 +6,8 @@ The subset served: `input` as text or a list of items (messages whose content is
 parts, function_call and function_call_output items; reasoning items are dropped), `instructions`,
 `max_output_tokens`, `temperature`, `top_p`, function `tools` with `tool_choice` and `parallel_tool_calls`,
 `text.format` (text, json_object, json_schema), `stream`, `metadata`, `user`, `reasoning.effort` (the chat template's
-`reasoning_effort`, where it reads one), and the extras vLLM takes (`top_k`,
+`reasoning_effort`, where it reads one), `include: ["message.output_text.logprobs"]` and `top_logprobs` (the answer's
+token log-probabilities in its output_text part and text deltas), and the extras vLLM takes (`top_k`,
 `min_p`, `seed`, penalties, `priority`, `chat_template_kwargs`) and this runtime's `policy`. Nothing is stored:
 `store: true` is taken as vLLM takes it without a store (the response says `"store": false`), and what would need a
 stored response (`previous_response_id`, `conversation`) or a background run is refused rather than ignored.
@@ -20,7 +21,8 @@ from openai_api import BadRequest
 
 FIELDS = {"model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "tools", "tool_choice",
           "parallel_tool_calls", "text", "stream", "metadata", "user", "store", "truncation", "include", "reasoning",
-          "background", "previous_response_id", "conversation"}
+          "background", "previous_response_id", "conversation", "top_logprobs"}
+LOGPROBS = "message.output_text.logprobs"  # (the one `include` value served)
 EXTRAS = ("top_k", "min_p", "seed", "presence_penalty", "frequency_penalty", "repetition_penalty", "priority",
           "chat_template_kwargs", "policy", "timeout", "ignore_eos", "min_tokens")  # (vLLM's extras, and ours)
 ROLES = {"user": "user", "system": "system", "developer": "system", "assistant": "assistant"}
@@ -85,13 +87,20 @@ def chat_body(body) -> dict:
         raise BadRequest('reasoning must be {"effort": ...} (a summary of the thinking is not written; '
                          f'--reasoning-parser puts the thinking itself in a reasoning item), got '
                          f'{json.dumps(body.get("reasoning"))[:80]}')
-    if body.get("include") not in (None, []):
-        raise BadRequest("include is not supported (nothing to include)")
+    include = body.get("include") or []
+    if not isinstance(include, list) or set(include) - {LOGPROBS}:
+        raise BadRequest(f'include must be a list of "{LOGPROBS}" (the output text\'s token log-probabilities; '
+                         f'nothing else is kept to include), got {json.dumps(include)[:80]}')
+    top = body.get("top_logprobs")
     chat = {"messages": _messages(body), "max_completion_tokens": body.get("max_output_tokens"),
             **{k: body[k] for k in ("model", "temperature", "top_p", "stream", "user", "parallel_tool_calls",
                                     *EXTRAS) if k in body}}
     if reasoning.get("effort") is not None:  # (to the chat template, where it reads one: Service.parse checks)
         chat["reasoning_effort"] = reasoning["effort"]
+    if wants_logprobs(body):  # (the chat reply's logprobs, then those of its answer's text go to its output_text)
+        chat["logprobs"] = True
+        if top is not None:
+            chat["top_logprobs"] = top
     tools = body.get("tools")
     if tools is not None:
         if not isinstance(tools, list) or not all(isinstance(t, dict) and t.get("type") == "function" for t in tools):
@@ -115,6 +124,30 @@ def chat_body(body) -> dict:
     elif fmt:
         chat["response_format"] = fmt
     return chat
+
+
+def wants_logprobs(body: dict) -> bool:
+    """Whether a Responses body asks for its output text's log-probabilities (include's value, or top_logprobs)."""
+    return LOGPROBS in (body.get("include") or []) or body.get("top_logprobs") is not None
+
+
+def answer_logprobs(entries: list[dict], parsed: bool, thinking: bool, text: str | None,
+                    whole: bool = True) -> list[dict]:
+    """The chat logprobs `entries` of a reply's answer: with a reasoning parser (`parsed`), those after its
+    `</think>` token (the tags are single tokens; none while a `thinking` was cut before it), and, before tool calls
+    (`text` the answer's content, `whole` false), those whose texts cover `text`."""
+    if parsed:
+        end = next((i for i, e in enumerate(entries) if e["token"] == "</think>"), None)
+        entries = entries[end + 1:] if end is not None else [] if thinking else entries
+    if whole or text is None:
+        return entries
+    out, n = [], 0
+    for e in entries:
+        if n >= len(text.rstrip()):
+            break
+        out.append(e)
+        n += len(e["token"])
+    return out
 
 
 def _response_usage(usage: dict, reasoning_tokens: int) -> dict:
@@ -157,9 +190,12 @@ def _reasoning_item(rid: str, text: str) -> dict:
             "content": [{"type": "reasoning_text", "text": text}]}
 
 
-def _message_item(rid: str, text: str) -> dict:
+def _message_item(rid: str, text: str, logprobs: list | None = None) -> dict:
+    part = {"type": "output_text", "text": text, "annotations": []}
+    if logprobs is not None:
+        part["logprobs"] = logprobs
     return {"type": "message", "id": _out_id(rid, "message"), "status": "completed", "role": "assistant",
-            "content": [{"type": "output_text", "text": text, "annotations": []}]}
+            "content": [part]}
 
 
 def _call_item(call: dict) -> dict:
@@ -168,11 +204,11 @@ def _call_item(call: dict) -> dict:
             "name": call["function"]["name"], "arguments": call["function"]["arguments"], "status": "completed"}
 
 
-def _items(rid: str, reasoning: str | None, content: str | None, calls: list[dict]) -> list[dict]:
+def _items(rid: str, reasoning: str | None, content: str | None, calls: list[dict], logprobs=None) -> list[dict]:
     """A reply's output items: its thinking, its text (an empty one where there is nothing else), its calls."""
     items = [_reasoning_item(rid, reasoning)] if reasoning else []
     if content or not calls:
-        items.append(_message_item(rid, content or ""))
+        items.append(_message_item(rid, content or "", logprobs))
     return items + [_call_item(c) for c in calls]
 
 
@@ -181,8 +217,12 @@ def response_object(chat: dict, body: dict, model: str, count_tokens) -> dict:
     choice, rid = chat["choices"][0], chat["id"].removeprefix("chatcmpl-")
     msg = choice["message"]
     resp = _shell(body, f"resp_{rid}", chat["created"], model)
-    reasoning = msg.get("reasoning_content")
-    resp["output"] = _items(rid, reasoning, msg.get("content"), msg.get("tool_calls") or [])
+    reasoning, calls = msg.get("reasoning_content"), msg.get("tool_calls") or []
+    logprobs = None
+    if wants_logprobs(body):
+        logprobs = answer_logprobs((choice.get("logprobs") or {}).get("content") or [], "reasoning_content" in msg,
+                                   bool(reasoning), msg.get("content"), whole=not calls)
+    resp["output"] = _items(rid, reasoning, msg.get("content"), calls, logprobs)
     resp["usage"] = _response_usage(chat["usage"], count_tokens(reasoning) if reasoning else 0)
     return _finish(resp, choice["finish_reason"], choice.get("error"))
 
@@ -192,8 +232,12 @@ class ResponseStream:
     the message's and the calls' items with their deltas, then response.completed (or incomplete, or failed), whose
     response is what `response_object` gives for the whole reply."""
 
-    def __init__(self, body: dict, model: str, count_tokens):
+    def __init__(self, body: dict, model: str, count_tokens, parsed: bool = False):
         self.body, self.model, self.count_tokens, self.seq = body, model, count_tokens, 0
+        self.parsed = parsed  # (a reasoning parser splits the reply: the answer's logprobs follow its </think>)
+        self.logprobs = [] if wants_logprobs(body) else None  # (the answer's, so far)
+        self.pending: list = []  # (answer logprobs whose text has not gone out yet)
+        self.answering = not parsed
         self.rid = self.resp = None
         self.texts = {"reasoning": "", "message": ""}  # (each streamed item's text so far)
         self.calls: dict = {}  # (by index: id, name, arguments)
@@ -213,10 +257,12 @@ class ResponseStream:
                              text=self.texts["reasoning"]),
                     self._ev("response.output_item.done", output_index=idx, item=item)]
         elif self.open == "message":
-            item = _message_item(self.rid, self.texts["message"])
+            lps = None if self.logprobs is None else answer_logprobs(
+                self.logprobs + self.pending, False, False, self.texts["message"], whole=not self.calls)
+            item = _message_item(self.rid, self.texts["message"], lps)
             part = item["content"][0]
             out += [self._ev("response.output_text.done", item_id=item["id"], output_index=idx, content_index=0,
-                             text=self.texts["message"], logprobs=[]),
+                             text=self.texts["message"], logprobs=lps or []),
                     self._ev("response.content_part.done", item_id=item["id"], output_index=idx, content_index=0,
                              part=part), self._ev("response.output_item.done", output_index=idx, item=item)]
         if self.open is not None:
@@ -231,9 +277,25 @@ class ResponseStream:
             item = {**_reasoning_item(self.rid, ""), "content": []}
             return out + [self._ev("response.output_item.added", output_index=idx, item=item)]
         item = {**_message_item(self.rid, ""), "status": "in_progress", "content": []}
+        part = _message_item(self.rid, "", None if self.logprobs is None else [])["content"][0]
         return out + [self._ev("response.output_item.added", output_index=idx, item=item),
                       self._ev("response.content_part.added", item_id=item["id"], output_index=idx, content_index=0,
-                               part={"type": "output_text", "text": "", "annotations": []})]
+                               part=part)]
+
+    def _take_logprobs(self, choice: dict, delta: dict) -> None:
+        """Keep the answer's share of a chunk's logprobs (those after </think> where the reply thinks)."""
+        entries = (choice.get("logprobs") or {}).get("content") or []
+        if self.logprobs is None or not entries:
+            return
+        if not self.answering:
+            end = next((i for i, e in enumerate(entries) if e["token"] == "</think>"), None)
+            if end is not None:
+                self.answering, entries = True, entries[end + 1:]
+            elif delta.get("content") and not self.texts["reasoning"] and not delta.get("reasoning_content"):
+                self.answering = True  # (a reply that does not think)
+            else:
+                return
+        self.pending += entries
 
     def feed(self, event: dict) -> list[tuple[str, dict]]:
         """The Responses events of one chat.completion.chunk event."""
@@ -245,6 +307,7 @@ class ResponseStream:
                     self._ev("response.in_progress", response=copy.deepcopy(self.resp))]
         choice = event["choices"][0]
         delta = choice.get("delta", {})
+        self._take_logprobs(choice, delta)
         for key, kind in (("reasoning_content", "reasoning"), ("content", "message")):
             text = delta.get(key)
             if text:
@@ -252,7 +315,9 @@ class ResponseStream:
                     out += self._open(kind)
                 self.texts[kind] += text
                 name = "response.reasoning_text.delta" if kind == "reasoning" else "response.output_text.delta"
-                extra = {} if kind == "reasoning" else {"logprobs": []}
+                extra = {} if kind == "reasoning" else {"logprobs": self.pending}
+                if kind == "message" and self.logprobs is not None:
+                    self.logprobs, self.pending = self.logprobs + self.pending, []
                 out.append(self._ev(name, item_id=_out_id(self.rid, kind), output_index=len(self.items),
                                     content_index=0, delta=text, **extra))
         for c in delta.get("tool_calls") or []:  # (named: the arguments in pieces; auto: whole, at the end)

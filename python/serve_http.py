@@ -258,7 +258,8 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
             self.end_headers()
             self.close_connection = True
-            typed = ResponseStream(responses, svc.model_name, self._count_tokens) if responses is not None else None
+            typed = ResponseStream(responses, svc.model_name, self._count_tokens, parsed=req.reasoning is not None) \
+                if responses is not None else None
             single = len(prompts) == 1  # (several choices: the usage of all in a last event of its own)
             choices: dict[int, StreamedChoice] = {}
             usages = []

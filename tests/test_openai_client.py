@@ -96,3 +96,19 @@ def test_an_api_key_is_what_the_client_sends(programs, server):
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_the_responses_logprobs_parse_as_openai_s(server):
+    c = _client(server)
+    resp = c.responses.create(model="bild", input="w1 w2", max_output_tokens=4, top_logprobs=2,
+                              include=["message.output_text.logprobs"])
+    lps = resp.output[0].content[0].logprobs
+    assert len(lps) == 4 and len(lps[0].top_logprobs) == 2 and lps[0].token and lps[0].logprob <= 0
+    with c.responses.stream(model="bild", input="w1 w2", max_output_tokens=4, top_logprobs=2,
+                            include=["message.output_text.logprobs"]) as stream:
+        events = list(stream)
+    deltas = [e for e in events if e.type == "response.output_text.delta"]
+    assert [lp.token for e in deltas for lp in e.logprobs] == [lp.token for lp in lps]
+    final = events[-1].response  # (response.incomplete: cut by max_output_tokens)
+    assert events[-1].type == "response.incomplete"
+    assert [lp.logprob for lp in final.output[0].content[0].logprobs] == [lp.logprob for lp in lps]

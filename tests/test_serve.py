@@ -172,7 +172,7 @@ def test_chat_completions_streamed_equal_complete_equal_engine(server, body):
     ({"messages": [{"role": "user"}]}, "message 0 must be"),
     ({"messages": CHAT, "logprobs": 3}, "logprobs must be true or false"),
     ({"messages": CHAT, "top_logprobs": 2}, "top_logprobs needs logprobs: true"),
-    ({"messages": CHAT, "logprobs": True, "top_logprobs": 30}, "logprobs must be None or an int in [0, 20]"),
+    ({"messages": CHAT, "logprobs": True, "top_logprobs": 30}, "top_logprobs must be an int in [0, 20]"),
     ({"messages": CHAT, "max_tokens": 3, "max_completion_tokens": 3}, "not both"),
     ({"messages": CHAT, "prompt": "w1"}, "unsupported field(s): ['prompt']"),
     ({"messages": CHAT, "max_completion_tokens": 0}, "max_tokens"),

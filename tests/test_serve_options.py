@@ -162,6 +162,21 @@ def test_a_reasoning_reply_s_thinking_is_a_reasoning_item_of_its_response(thinki
     _all_free(srv.service.engine)
 
 
+def test_a_reasoning_reply_s_answer_carries_its_own_logprobs(thinking_server):
+    """The Responses API's output_text logprobs of a thinking reply are its answer's: the chat reply's after the
+    </think> token, whole and streamed alike."""
+    from .test_serve_responses import _answer_logprobs
+    srv, prompt = thinking_server
+    body = {"input": prompt, "max_output_tokens": 12, "ignore_eos": True, "top_logprobs": 1}
+    whole, deltas, done, completed, chat = _answer_logprobs(srv, body)
+    entries = chat["logprobs"]["content"]
+    end = [e["token"] for e in entries].index("</think>")
+    want = entries[end + 1:]
+    assert want and whole == done == completed == [want] and deltas == want
+    assert "".join(e["token"] for e in want) == chat["message"]["content"]
+    _all_free(srv.service.engine)
+
+
 def test_a_reasoning_reply_thinks_before_its_tool_call(thinking_server):
     """A named tool_choice with a reasoning parser: the thinking is free (as without the call), the call's arguments
     hold to the function's schema after it; streamed, reasoning_content deltas then the arguments."""

@@ -130,8 +130,45 @@ def test_a_function_call_is_an_output_item(json_server, stream):
     ({"input": "hi", "n": 2}, "unsupported field"),
     ({"input": "hi", "tool_choice": {"type": "function"}}, "tool_choice must be"),
     ({"input": "hi", "text": {"format": "json"}}, "text must be"),
-    ({"input": "hi", "include": ["reasoning.encrypted_content"]}, "include"),
+    ({"input": "hi", "include": ["reasoning.encrypted_content"]}, "include must be a list of"),
+    ({"input": "hi", "include": "message.output_text.logprobs"}, "include must be a list of"),
+    ({"input": "hi", "top_logprobs": 21}, "top_logprobs"),
     ({"input": "hi", "max_output_tokens": 0}, "max_tokens")])
 def test_what_it_cannot_serve_gets_a_clear_400(server, body, match):
     code, r = _post(server, "/v1/responses", body)
     assert code == 400 and match in r["error"]["message"], r
+
+
+def _answer_logprobs(srv, body):
+    """A Responses body's answer logprobs, whole, streamed (the deltas' joined, the done event's, the completed
+    response's), and the chat reply's logprobs of the same request."""
+    code, resp = _post(srv, "/v1/responses", body)
+    assert code == 200, resp
+    whole = [p["logprobs"] for it in resp["output"] if it["type"] == "message" for p in it["content"]]
+    events = _events(srv, body)
+    deltas = [e for n, d in events if n == "response.output_text.delta" for e in d["logprobs"]]
+    done = [d["logprobs"] for n, d in events if n == "response.output_text.done"]
+    completed = [p["logprobs"] for it in events[-1][1]["response"]["output"] if it["type"] == "message"
+                 for p in it["content"]]
+    chat = {"messages": [{"role": "user", "content": body["input"]}], "max_tokens": body["max_output_tokens"],
+            "logprobs": True, "top_logprobs": body.get("top_logprobs", 0), **{k: body[k] for k in ("policy",)
+                                                                                if k in body}}
+    code, reply = _post(srv, "/v1/chat/completions", chat)
+    assert code == 200, reply
+    return whole, deltas, done, completed, reply["choices"][0]
+
+
+@pytest.mark.parametrize("body", [
+    {"input": "w1 w2 w3", "max_output_tokens": 6, "include": ["message.output_text.logprobs"], "top_logprobs": 2},
+    {"input": "w4 w5", "max_output_tokens": 5, "top_logprobs": 0, "policy": {"name": "greedy", "max_draft_len": 3}}])
+def test_the_output_text_carries_its_logprobs_where_asked(server, body):
+    """include "message.output_text.logprobs" (or top_logprobs): the output_text part's logprobs are the chat reply's
+    (token, logprob, bytes, top_logprobs), whole, and streamed in the text deltas, the done event and the completed
+    response alike; without them, the part has none."""
+    whole, deltas, done, completed, chat = _answer_logprobs(server, body)
+    want = chat["logprobs"]["content"]
+    assert len(want) == body["max_output_tokens"] and whole == [want] and done == [want] and completed == [want]
+    assert deltas == want and all(len(e["top_logprobs"]) == body["top_logprobs"] for e in want)
+    code, resp = _post(server, "/v1/responses", {"input": body["input"], "max_output_tokens": 3})
+    assert "logprobs" not in resp["output"][0]["content"][0]
+    _all_free(server.service.engine)

@@ -116,6 +116,15 @@ def test_the_calls_a_model_writes_in_its_format_are_read(tool_server, policy):
     assert thoughts == ([thinking] if thinking else [])
     done = _events(srv, body)[-1][1]["response"]["output"]
     assert [(it["name"], it["arguments"]) for it in done if it["type"] == "function_call"] == calls
+    # the output text's logprobs are those of the content before the call (none where there is no content)
+    code, resp = _post(srv, "/v1/responses", {**body, "top_logprobs": 1})
+    events = _events(srv, {**body, "top_logprobs": 1})
+    for output in (resp["output"], events[-1][1]["response"]["output"]):
+        lps = [p["logprobs"] for it in output if it["type"] == "message" for p in it["content"]]
+        if content is None:  # (no message item)
+            assert lps == []
+        else:
+            assert len(lps) == 1 and "".join(e["token"] for e in lps[0]) == content
 
     code, plain = _post(srv, "/v1/chat/completions", {k: v for k, v in base.items() if k != "tools"})
     assert code == 200 and "tool_calls" not in plain["choices"][0]["message"]
