@@ -102,6 +102,28 @@ def _count_or(flag: str, value: str, *words: str):
     return n
 
 
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def _memory(value: str):
+    """--kv-cache-memory's value: a fraction in (0, 1] of the GPU's free memory (a float), or bytes (an int, or a
+    number with a unit: 512MiB, 4GiB, 2GB); else a clear exit."""
+    text = value.strip().upper()
+    number = text.rstrip("KMGIB")
+    unit = text[len(number):]
+    try:
+        n = float(number)
+    except ValueError:
+        n = -1.0
+    if unit in _UNITS and n > 0:
+        if unit == "" and "." in number and n <= 1:
+            return n  # (a fraction)
+        if n * _UNITS[unit] >= 1:
+            return int(n * _UNITS[unit])
+    raise SystemExit(f"--kv-cache-memory must be a fraction in (0, 1] of the GPU's free memory or a size in bytes "
+                     f"(e.g. 4GiB), got {value!r}")
+
+
 def build_engine(args) -> Engine:
     dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
              "float64": torch.float64}[args.dtype]
@@ -117,13 +139,20 @@ def build_engine(args) -> Engine:
               kv_admission=args.kv_admission)
     if kw["draft_max_batch"] == 0:
         raise SystemExit("--draft-max-batch must be a positive number, none or auto, got 0")
+    if args.kv_cache_blocks and args.kv_cache_memory:
+        raise SystemExit("give --kv-cache-blocks or --kv-cache-memory, not both")
     if args.kv_cache_blocks:
         kw["kv_cache_blocks"] = args.kv_cache_blocks
-    if args.large is None:
-        if args.small is not None:
-            raise SystemExit("--small needs --large")
-        return Engine(**kw)
-    return Engine(large=args.large, small=args.small, **kw)
+    if args.kv_cache_memory:
+        kw["kv_cache_memory"] = _memory(args.kv_cache_memory)
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        raise SystemExit("--enable-auto-tool-choice needs --tool-call-parser (how to read the calls a model writes)")
+    if args.large is None and args.small is not None:
+        raise SystemExit("--small needs --large")
+    try:
+        return Engine(**kw) if args.large is None else Engine(large=args.large, small=args.small, **kw)
+    except (ValueError, TypeError, OSError) as e:  # (the engine's own checks of what the flags gave it)
+        raise SystemExit(f"cannot build the engine: {e}") from None
 
 
 def ssl_context(args) -> ssl.SSLContext | None:
@@ -180,9 +209,14 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "float64"])
-    ap.add_argument("--max-batch-size", type=int, default=8)
+    ap.add_argument("--max-batch-size", "--max-num-seqs", type=int, default=8,
+                    help="requests decoded together (--max-num-seqs: vLLM's name)")
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--kv-cache-blocks", type=int, default=None)
+    ap.add_argument("--kv-cache-memory", default=None, metavar="FRACTION_OR_BYTES",
+                    help="one memory budget for both models' KV caches instead of --kv-cache-blocks: a fraction of "
+                         "the GPU's free memory once the models are loaded (0.9), or a size (4GiB); Engine's "
+                         "kv_cache_memory")
     ap.add_argument("--kv-admission", default="preempt", choices=["preempt", "reserve"],
                     help="admit a request when its next step fits and preempt the newest when the pool runs short "
                          "(it recomputes its KV when re-admitted), or reserve each request's worst case "
@@ -207,6 +241,9 @@ def parser() -> argparse.ArgumentParser:
                          'with tools): hermes, <tool_call>{"name": ..., "arguments": ...}</tool_call> blocks (Qwen 2.5 '
                          '/ 3, Hermes and SmolLM3 chat templates); mistral, [TOOL_CALLS][{"name": ..., "arguments": '
                          '...}]; llama3_json, a reply of {"name": ..., "parameters": ...} objects (Llama 3.1+)')
+    ap.add_argument("--enable-auto-tool-choice", action="store_true",
+                    help='vLLM\'s flag for tool_choice "auto", taken for compatibility: here --tool-call-parser alone '
+                         'turns it on (it needs one)')
     ap.add_argument("--reasoning-parser", default=None, choices=list(REASONING_PARSERS),
                     help="put a chat reply's thinking (<think> ... </think>) in message.reasoning_content (streamed: "
                          "delta.reasoning_content) and the rest in content: deepseek_r1, everything before </think> "

@@ -27,9 +27,27 @@ def test_engine_flags_reach_the_engine_and_bad_ones_exit_with_a_message(programs
                                                                   "--kv-admission", "reserve"]))
     assert engine.prefix_cache is None and engine.draft_max_batch is None and engine.kv_admission == "reserve"
     for flag, value in (("--prefix-cache", "-1"), ("--prefix-cache", "lots"), ("--draft-max-batch", "0"),
-                        ("--draft-max-batch", "x"), ("--prefill-chunk", "auto-ish"), ("--threads", "0")):
+                        ("--draft-max-batch", "x"), ("--prefill-chunk", "auto-ish"), ("--threads", "0"),
+                        ("--kv-cache-memory", "lots"), ("--kv-cache-memory", "-1GiB"), ("--kv-cache-memory", "4IB"),
+                        ("--kv-cache-memory", "0")):
         with pytest.raises(SystemExit, match=flag):
-            serve.build_engine(serve.parser().parse_args(base + [flag, value]))
+            serve.build_engine(serve.parser().parse_args(base + [f"{flag}={value}"]))
+    # vLLM's names and a memory budget for both caches (bytes on a CPU; a fraction needs a GPU)
+    args = serve.parser().parse_args(base + ["--max-num-seqs", "3", "--kv-cache-memory", "2MiB"])
+    engine = serve.build_engine(args)
+    assert engine.max_batch_size == 3 and args.max_batch_size == 3
+    per_block = engine.kv_cache_blocks  # (blocks of both caches that 2 MiB hold)
+    assert 0 < per_block < serve.build_engine(serve.parser().parse_args(
+        base + ["--kv-cache-memory", "4MiB"])).kv_cache_blocks
+    assert [serve._memory(v) for v in ("0.9", "1.0", "4GiB", "512MiB", "2GB", "1e9", "1.5kib")] == [
+        0.9, 1.0, 4 << 30, 512 << 20, 2 * 10**9, 10**9, 1536]
+    for bad, match in ((["--kv-cache-memory", "1MiB", "--kv-cache-blocks", "9"], "not both"),
+                       (["--enable-auto-tool-choice"], "needs --tool-call-parser"),
+                       (["--max-model-len", "0"], "cannot build the engine"),
+                       (["--large", str(tmp_path / "nowhere")], "cannot build the engine")):
+        with pytest.raises(SystemExit, match=match):
+            serve.build_engine(serve.parser().parse_args(base + bad))
+    assert serve.parser().parse_args(base + ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"])
 
 
 def _url(srv):
