@@ -396,24 +396,35 @@ def test_a_served_model_name_is_listed_and_held_to(programs, server):
     assert code == 200 and r["model"] == "bild"
 
 
+def slow_and_watched(eng, monkeypatch) -> list:
+    """Make `eng` slow (50 ms a step) and record the request ids it is told to cancel."""
+    step = eng._scheduler._step_all
+    monkeypatch.setattr(eng._scheduler, "_step_all", lambda: (time.sleep(0.05), step())[1])
+    cancelled = []
+    monkeypatch.setattr(eng, "cancel", lambda rid, _c=eng.cancel: (cancelled.append(rid), _c(rid))[1])
+    return cancelled
+
+
+def send_while_running(sock, eng, body: dict) -> None:
+    """POST a completions `body` over `sock` and wait until the engine runs it."""
+    data = json.dumps(body).encode()
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data)
+    deadline = time.monotonic() + 10
+    while not eng._scheduler.running:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
 def test_a_client_that_leaves_before_a_whole_reply_cancels_its_requests(programs, server, monkeypatch):
     """A non-streamed request whose client closes its connection mid-generation is cancelled at once (its blocks
     freed, counted as cancelled), not run to its max_tokens."""
     import socket
     eng, srv = server.service.engine, server
-    step = eng._scheduler._step_all
-    monkeypatch.setattr(eng._scheduler, "_step_all", lambda: (time.sleep(0.05), step())[1])  # (a slow engine)
     before = srv.service.metrics.requests.get("cancelled", 0)
-    cancelled = []
-    monkeypatch.setattr(eng, "cancel", lambda rid, _c=eng.cancel: (cancelled.append(rid), _c(rid))[1])
-    body = json.dumps({"prompt": [5, 17, 3], "max_tokens": 50, "ignore_eos": True, "n": 2}).encode()
+    cancelled = slow_and_watched(eng, monkeypatch)
     with socket.create_connection(("127.0.0.1", srv.server_address[1])) as s:
-        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-        deadline = time.monotonic() + 10
-        while not eng._scheduler.running:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        send_while_running(s, eng, {"prompt": [5, 17, 3], "max_tokens": 50, "ignore_eos": True, "n": 2})
     t0 = time.monotonic()
     while srv.service.metrics.requests.get("cancelled", 0) < before + 2:
         assert time.monotonic() - t0 < 5, "the requests ran on after their client left"

@@ -99,20 +99,12 @@ def test_plain_http_or_a_stalled_handshake_holds_no_other_client_up(tls_server):
 
 def test_a_client_that_leaves_cancels_its_request_over_https(programs, tls_server, monkeypatch):
     """The connection watch peeks at the raw socket under TLS (an SSLSocket's recv takes no flags)."""
+    from .test_serve_options import send_while_running, slow_and_watched
     eng, srv = tls_server.service.engine, tls_server
-    step = eng._scheduler._step_all
-    monkeypatch.setattr(eng._scheduler, "_step_all", lambda: (time.sleep(0.05), step())[1])  # (a slow engine)
-    cancelled = []
-    monkeypatch.setattr(eng, "cancel", lambda rid, _c=eng.cancel: (cancelled.append(rid), _c(rid))[1])
-    body = json.dumps({"prompt": [5, 17, 3], "max_tokens": 60, "ignore_eos": True}).encode()
+    cancelled = slow_and_watched(eng, monkeypatch)
     raw = socket.create_connection(("127.0.0.1", srv.server_address[1]), timeout=10)
     with _client_context().wrap_socket(raw, server_hostname="127.0.0.1") as s:
-        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-        deadline = time.monotonic() + 10
-        while not eng._scheduler.running:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        send_while_running(s, eng, {"prompt": [5, 17, 3], "max_tokens": 60, "ignore_eos": True})
         s.setblocking(False)  # (read what came, TLS 1.3's session tickets: unread, they would make the close a reset)
         with pytest.raises(ssl.SSLWantReadError):
             s.recv(1)
