@@ -1,6 +1,7 @@
 """Prompts in, text out: tokenisation with per-prompt errors, and incremental detokenisation."""
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 
@@ -87,6 +88,12 @@ def template_ids(tokenizer, messages, tools=None, template=None) -> list[int]:
     return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
 
+@functools.lru_cache(maxsize=16)
+def _template_parameters(cls) -> frozenset:
+    """apply_chat_template's own parameters for a tokenizer class (read once a class, not once a request)."""
+    return frozenset(inspect.signature(cls.apply_chat_template).parameters)
+
+
 def template_options(tokenizer, chat_template_kwargs=None, add_generation_prompt=None,
                      continue_final_message=False) -> dict:
     """How a conversation goes through the chat template, checked (vLLM's request fields): `chat_template_kwargs`,
@@ -97,7 +104,7 @@ def template_options(tokenizer, chat_template_kwargs=None, add_generation_prompt
         if not isinstance(chat_template_kwargs, dict) or not all(isinstance(k, str) for k in chat_template_kwargs):
             raise ValueError("chat_template_kwargs must be an object of the template's variables, e.g. "
                              '{"enable_thinking": false}')
-        own = set(inspect.signature(tokenizer.apply_chat_template).parameters) if tokenizer is not None else set()
+        own = _template_parameters(type(tokenizer)) if tokenizer is not None else frozenset()
         clash = sorted(own & set(chat_template_kwargs) | {"tools", "messages"} & set(chat_template_kwargs))
         if clash:
             raise ValueError(f"chat_template_kwargs may not set {clash}: the request's own fields say those")
