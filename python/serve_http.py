@@ -315,6 +315,15 @@ class _Server(ThreadingHTTPServer):
                 return
         super().finish_request(request, client_address)
 
+    def shutdown_request(self, request):
+        if isinstance(request, ssl.SSLSocket):  # (TLS's close_notify first: a bare EOF reads as a truncated reply)
+            try:
+                request.setblocking(False)  # (send ours; do not wait for the client's)
+                request.unwrap()
+            except (ssl.SSLError, OSError, ValueError):
+                pass
+        super().shutdown_request(request)
+
     def drain(self, timeout: float) -> int:
         """Shut down gracefully: new completions get a 503 and /health says "draining" (503) at once, the requests in
         flight go on until they end or `timeout` seconds pass, then serve_forever returns. The number of requests

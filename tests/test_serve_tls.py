@@ -149,3 +149,19 @@ def test_tls_files_that_cannot_serve_exit_clearly_before_any_model_loads(program
         serve.main(flags)
     with pytest.raises(TypeError, match="ssl_context must be a server-side"):
         serve.make_server(None, port=0, ssl_context=ssl.create_default_context())
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_reply_ends_with_a_tls_close_not_a_bare_eof(tls_server, stream):
+    """A reply read to the connection's end (a stream's server-sent events) ends with TLS's close_notify, so that
+    clients that refuse a truncation attack's bare EOF (curl, OpenSSL's) read it whole."""
+    ctx = _client_context()
+    raw = socket.create_connection(("127.0.0.1", tls_server.server_address[1]), timeout=30)
+    body = json.dumps({"prompt": [5, 17], "max_tokens": 3, "stream": stream}).encode()
+    with ctx.wrap_socket(raw, server_hostname="127.0.0.1", suppress_ragged_eofs=False) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                  b"Content-Type: application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        data = b""
+        while chunk := s.recv(65536):  # (SSLEOFError on a bare EOF)
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 200") and (b"data: [DONE]" in data if stream else b'"choices"' in data)
