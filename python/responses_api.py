@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import json
 
-from openai_api import BadRequest
+from openai_fields import BadRequest
 
 FIELDS = {"model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "tools", "tool_choice",
           "parallel_tool_calls", "text", "stream", "metadata", "user", "store", "truncation", "include", "reasoning",

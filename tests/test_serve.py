@@ -299,13 +299,14 @@ def test_a_request_without_a_seed_samples_with_a_fresh_random_one(server, monkey
     """OpenAI's and vLLM's meaning: a sampled request that gives no seed (or null) draws its own, so that two alike
     requests sample independently; one that gives a seed reproduces. The drawn seeds leave room for n choices."""
     import openai_api
+    import openai_fields
     eng = server.service.engine
     drawn, bounds = iter([41, 42, 43]), []
 
     def randbelow(n):
         bounds.append(n)
         return next(drawn)
-    monkeypatch.setattr(openai_api.secrets, "randbelow", randbelow)
+    monkeypatch.setattr(openai_fields.secrets, "randbelow", randbelow)
     body = {"prompt": "w1 w2", "max_tokens": 8, "temperature": 1.0, "n": 2}
     outs = [_post(server, "/v1/completions", b) for b in (body, {**body, "seed": None}, {**body, "seed": 41})]
     assert all(code == 200 for code, _ in outs), outs
