@@ -5,7 +5,7 @@ same step."""
 import pytest
 import torch
 
-from bild_kernels import Engine, Greedy, LargeOnly, SamplingParams
+from bild_kernels import BiLD, Engine, Greedy, Jacobi, LargeOnly, NGram, SamplingParams, ShallowDeep
 
 from .conftest import assert_all_free, word_tokenizer
 
@@ -103,7 +103,8 @@ def test_include_stop_str_in_output_and_skip_special_tokens(engine, plain):
             SamplingParams(**{name: 1})
 
 
-@pytest.mark.parametrize("policy", [LargeOnly(), Greedy(max_draft_len=3)])
+@pytest.mark.parametrize("policy", [LargeOnly(), Greedy(max_draft_len=3), BiLD(0.3, 0.0, 4), Jacobi(block_size=4),
+                                    NGram(max_draft_len=3), ShallowDeep(exit_layer=1, rollback_threshold=0.0)])
 def test_the_token_that_ended_a_request_is_not_in_its_text(engine, plain, policy):
     """A stop id (here an ordinary word) or EOS shown as text (skip_special_tokens off) ends the request and is its last
     token id, but not part of its text, whole or streamed, unless include_stop_str_in_output (vLLM's rule: a parser
