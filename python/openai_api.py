@@ -5,6 +5,7 @@ a body may hold are python/openai_fields.py's, the tool calls' formats python/to
 from __future__ import annotations
 
 import json
+import random
 import threading
 import time
 from typing import NamedTuple
@@ -41,7 +42,7 @@ class Service:
 
     def __init__(self, engine: Engine, *, model_name: str = "bild", strict_model: bool = False, max_pending: int = 256,
                  default_timeout: float | None = 600.0, tool_call_parser: str | None = None,
-                 reasoning_parser: str | None = None):
+                 reasoning_parser: str | None = None, seed: int | None = None):
         if tool_call_parser not in (None, *TOOL_CALL_PARSERS):
             raise ValueError(f"tool_call_parser must be one of {sorted(TOOL_CALL_PARSERS)} or None, got "
                              f"{tool_call_parser!r}")
@@ -56,6 +57,10 @@ class Service:
         self.metrics = ServiceMetrics()
         self._policies: dict[str, object] = {}
         self._lock = threading.Lock()
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise ValueError(f"seed must be an int >= 0 or None, got {seed!r}")
+        # (with a seed, the requests that give none draw theirs from it: a restarted server samples alike)
+        self._draw = None if seed is None else random.Random(seed).randrange
 
     def admit(self) -> bool:
         """Count a request in, unless max_pending are in flight already."""
@@ -169,7 +174,7 @@ class Service:
                                     # Mistral parser does)
                                     skip_special_tokens=body.get("skip_special_tokens", True) and not (
                                         tools is not None and tools.get("parser") == "mistral"),
-                                    seed=seed_of(body), stop=tuple(stop),
+                                    seed=seed_of(body, self._draw), stop=tuple(stop),
                                     ignore_eos=bool(body.get("ignore_eos", False)), timeout_s=timeout,
                                     presence_penalty=float_field(body, "presence_penalty", 0.0),
                                     frequency_penalty=float_field(body, "frequency_penalty", 0.0),

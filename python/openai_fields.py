@@ -134,11 +134,12 @@ def tool_spec(body: dict, parser: str | None = None) -> dict | None:
     return {"mode": "named", "name": name, "json": specs[name], "tools": tools}
 
 
-def seed_of(body: dict):
+def seed_of(body: dict, draw=None):
     """The request's sampling seed; absent or null, a fresh random one (OpenAI's and vLLM's meaning: two such requests
-    sample independently), below 2^63 - MAX_N so that the n choices' seed + i stay seeds. Give one to reproduce."""
+    sample independently), below 2^63 - MAX_N so that the n choices' seed + i stay seeds; `draw(n)` draws it (a
+    server's seeded generator, serve.py --seed), else the system's randomness. Give one to reproduce."""
     seed = body.get("seed")
-    return secrets.randbelow(2 ** 63 - MAX_N) if seed is None else seed
+    return (draw or secrets.randbelow)(2 ** 63 - MAX_N) if seed is None else seed
 
 
 def float_field(body: dict, key: str, default: float):

@@ -235,6 +235,10 @@ def parser() -> argparse.ArgumentParser:
                          "CPU: a quarter of the bytes a step reads; Engine's large_weights)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
     ap.add_argument("--max-pending", type=int, default=256, help="requests in flight before 503")
+    ap.add_argument("--seed", type=int, default=None,
+                    help="draw the sampling seeds of requests that give none from a generator seeded with SEED, so "
+                         "that a restarted server samples alike for the same requests in the same order (vLLM's "
+                         "flag; default: a fresh random seed each)")
     ap.add_argument("--request-timeout", type=float, default=600.0, help="default per-request timeout, seconds")
     ap.add_argument("--tool-call-parser", default=None, choices=["hermes", "mistral", "llama3_json"],
                     help='read the tool calls a model writes in its own format, for tool_choice "auto" (the default '
@@ -279,6 +283,8 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     if args.shutdown_timeout < 0:
         raise SystemExit(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+    if args.seed is not None and args.seed < 0:
+        raise SystemExit(f"--seed must be >= 0, got {args.seed}")
     if args.api_key == "":
         raise SystemExit("--api-key must not be empty")
     tls = ssl_context(args)
@@ -289,7 +295,7 @@ def main(argv=None) -> int:
     server = make_server(engine, args.host, args.port, api_key=args.api_key, allowed_origins=origins,
                          max_pending=args.max_pending,
                          default_timeout=args.request_timeout, tool_call_parser=args.tool_call_parser,
-                         reasoning_parser=args.reasoning_parser, ssl_context=tls,
+                         reasoning_parser=args.reasoning_parser, ssl_context=tls, seed=args.seed,
                          **({} if args.served_model_name is None else
                             {"model_name": args.served_model_name, "strict_model": True}))
     server.log = args.log

@@ -320,6 +320,31 @@ def test_a_request_without_a_seed_samples_with_a_fresh_random_one(server, monkey
     _all_free(eng)
 
 
+def test_a_server_seed_makes_unseeded_requests_reproducible(programs, server):
+    """serve.py --seed (vLLM's): the seeds of requests that give none come from a generator seeded with it, so a
+    restarted server samples alike for the same requests in the same order; requests that give one keep it."""
+    serve = programs["serve"]
+    assert serve.parser().parse_args(["--seed", "7"]).seed == 7
+    body = {"prompt": "w1 w2", "max_tokens": 8, "temperature": 1.0}
+    runs = []
+    for seed in (7, 7, 8):
+        srv = serve.make_server(server.service.engine, port=0, seed=seed)
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        try:
+            runs.append([_post(srv, "/v1/completions", b)[1]["choices"][0]["token_ids"]
+                         for b in (body, body, {**body, "seed": 3})])
+        finally:
+            srv.shutdown()
+            srv.server_close()
+    assert runs[0] == runs[1] and runs[0][0] != runs[0][1]  # (a restart: the same draws; two requests: two draws)
+    assert runs[2][:2] != runs[0][:2] and runs[2][2] == runs[0][2]  # (another server seed; a request's own seed)
+    with pytest.raises(ValueError, match="seed must be an int >= 0"):
+        serve.make_server(server.service.engine, port=0, seed=-1)
+    with pytest.raises(SystemExit, match="--seed must be >= 0"):
+        serve.main(["--seed=-2"])
+    _all_free(server.service.engine)
+
+
 def _metrics(server) -> dict:
     code, data = _raw(server, "GET", "/metrics")
     assert code == 200
