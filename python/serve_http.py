@@ -44,6 +44,10 @@ class Handler(BaseHTTPRequestHandler):
 
     request_id: str | None = None  # (the reply's X-Request-Id header: the client's, else the reply's id)
 
+    def parse_request(self) -> bool:
+        self.request_id = None  # (each request on a kept-alive connection names its own reply)
+        return super().parse_request()
+
     def end_headers(self) -> None:
         if self.request_id is not None:
             self.send_header("X-Request-Id", self.request_id)
@@ -92,7 +96,6 @@ class Handler(BaseHTTPRequestHandler):
         return False
 
     def do_GET(self):
-        self.request_id = None
         if not self._authorized():
             return
         if self.path == "/health":
@@ -251,7 +254,6 @@ class Handler(BaseHTTPRequestHandler):
                 self.request_id = svc.envelope(reply_id, {}, created, kind=kind)["id"]
                 if responses is not None:
                     self.request_id = f"resp_{self.request_id.removeprefix('chatcmpl-')}"
-
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Cache-Control", "no-cache")

@@ -557,6 +557,22 @@ def test_a_request_id_header_names_the_reply(server):
             assert f'"id": "{rid}"' in data.decode()
         else:
             assert {e["id"] for e in _sse(data)} == {rid}
+    import http.client  # a kept-alive connection: the next request's reply does not carry the last one's id
+    conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=60)
+    try:
+        conn.request("POST", "/v1/completions", json.dumps({"prompt": "w1", "max_tokens": 2}).encode(),
+                     {"Content-Type": "application/json", "X-Request-Id": "first"})
+        r = conn.getresponse()
+        assert r.getheader("X-Request-Id") == "first" and json.loads(r.read())["id"] == "cmpl-first"
+        conn.request("GET", "/health")
+        r = conn.getresponse()
+        assert r.getheader("X-Request-Id") is None and r.read()
+        conn.request("POST", "/v1/completions", json.dumps({"prompt": "w1", "max_tokens": 2}).encode(),
+                     {"Content-Type": "application/json"})
+        r = conn.getresponse()
+        assert r.getheader("X-Request-Id") == json.loads(r.read())["id"] != "cmpl-first"
+    finally:
+        conn.close()
     for bad in ("has space", "x" * 129, ""):
         code, rid, data = _with_headers(server, "/v1/completions", {"prompt": "w1", "max_tokens": 3},
                                         {"X-Request-Id": bad})
