@@ -234,10 +234,10 @@ class ResponseStream:
 
     def __init__(self, body: dict, model: str, count_tokens, parsed: bool = False):
         self.body, self.model, self.count_tokens, self.seq = body, model, count_tokens, 0
-        self.parsed = parsed  # (a reasoning parser splits the reply: the answer's logprobs follow its </think>)
         self.logprobs = [] if wants_logprobs(body) else None  # (the answer's, so far)
         self.pending: list = []  # (answer logprobs whose text has not gone out yet)
-        self.answering = not parsed
+        self.answering = not parsed  # (with a reasoning parser, the answer's logprobs follow its </think>)
+        self.undecided: list = []  # (logprobs of a reply's opening that the parser held back: thinking or answer)
         self.rid = self.resp = None
         self.texts = {"reasoning": "", "message": ""}  # (each streamed item's text so far)
         self.calls: dict = {}  # (by index: id, name, arguments)
@@ -291,9 +291,13 @@ class ResponseStream:
             end = next((i for i, e in enumerate(entries) if e["token"] == "</think>"), None)
             if end is not None:
                 self.answering, entries = True, entries[end + 1:]
-            elif delta.get("content") and not self.texts["reasoning"] and not delta.get("reasoning_content"):
-                self.answering = True  # (a reply that does not think)
+            elif self.texts["reasoning"] or delta.get("reasoning_content"):
+                self.undecided = []  # (thinking)
+                return
+            elif delta.get("content"):
+                self.answering, entries = True, self.undecided + entries  # (a reply that does not think)
             else:
+                self.undecided += entries
                 return
         self.pending += entries
 

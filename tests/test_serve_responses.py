@@ -172,3 +172,29 @@ def test_the_output_text_carries_its_logprobs_where_asked(server, body):
     code, resp = _post(server, "/v1/responses", {"input": body["input"], "max_output_tokens": 3})
     assert "logprobs" not in resp["output"][0]["content"][0]
     _all_free(server.service.engine)
+
+
+def test_a_streamed_answer_keeps_the_logprobs_of_what_the_parser_held_back(programs):
+    """With a reasoning parser, a reply's opening may be held back (it could start <think>): its logprobs wait, and
+    go to the answer if the reply does not think, or are dropped with the thinking if it does."""
+    r = importlib.import_module("responses_api")
+
+    def lp(t):
+        return {"token": t, "logprob": -1.0, "bytes": list(t.encode()), "top_logprobs": []}
+
+    def chunk(delta, tokens, finish=None):
+        return {"id": "chatcmpl-1", "created": 0, "choices": [
+            {"delta": delta, "logprobs": {"content": [lp(t) for t in tokens]}, "finish_reason": finish}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4,
+                      "prompt_tokens_details": {"cached_tokens": 0}} if finish else None}
+    body = {"input": "x", "top_logprobs": 0}
+    for chunks, want in (
+            ([chunk({}, ["<"]), chunk({"content": "<a"}, ["a"]), chunk({"content": " b"}, [" b"], "stop")],
+             ["<", "a", " b"]),  # (held back, then no thinking: all the answer's)
+            ([chunk({}, ["<think>"]), chunk({"reasoning_content": "x"}, ["x"]),
+              chunk({"content": "y"}, ["</think>", "y"], "stop")], ["y"])):  # (a thinking: only after </think>)
+        s = r.ResponseStream(body, "m", lambda text: 1, parsed=True)
+        events = [e for c in chunks for e in s.feed(c)]
+        deltas = [e["token"] for n, d in events if n == "response.output_text.delta" for e in d["logprobs"]]
+        final = events[-1][1]["response"]["output"][-1]["content"][0]["logprobs"]
+        assert deltas == want and [e["token"] for e in final] == want
