@@ -4,7 +4,7 @@
 
 Endpoints (JSON; errors are {"error": {"message", "type"}} with status 400 / 404 / 413 / 503):
   GET  /health            {"status": "ok", ...}
-  GET  /v1/models         the served model (its name, max_model_len)
+  GET  /v1/models         the served model (its name, max_model_len); /v1/models/NAME: it, by name (404 otherwise)
   GET  /metrics           Prometheus text: requests by finish reason, tokens, drafts kept (by accepted length),
                           vLLM's request histograms (TTFT, TPOT, queue time, ...), the engine's load and KV usage
                           (python/serve_metrics.py)

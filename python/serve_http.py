@@ -9,6 +9,7 @@ import json
 import re
 import ssl
 import time
+import urllib.parse
 from contextlib import closing
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -107,10 +108,14 @@ class Handler(BaseHTTPRequestHandler):
         elif self.path == "/version":
             self._json(200, {"version": bild_kernels.__version__})
         elif self.path == "/v1/models":
-            svc = self.service
-            self._json(200, {"object": "list", "data": [{
-                "id": svc.model_name, "object": "model", "created": svc.created, "owned_by": "bild",
-                "max_model_len": svc.engine.max_model_len}]})
+            self._json(200, {"object": "list", "data": [self._model()]})
+        elif self.path.startswith("/v1/models/"):  # (OpenAI's retrieve: the served model, by its name)
+            name = urllib.parse.unquote(self.path[len("/v1/models/"):])
+            if name == self.service.model_name:
+                self._json(200, self._model())
+            else:
+                self._error(404, f"the model {name[:80]!r} does not exist (this server serves "
+                                 f"{self.service.model_name!r})", "not_found")
         elif self.path == "/metrics":
             text = self.service.metrics.render(self.service.engine.load())
             self._send(200, text.encode(), "text/plain; version=0.0.4")
@@ -118,6 +123,11 @@ class Handler(BaseHTTPRequestHandler):
             self._json(200, self.service.tokenizer_info())
         else:
             self._error(404, f"no route {self.path}", "not_found")
+
+    def _model(self) -> dict:
+        svc = self.service
+        return {"id": svc.model_name, "object": "model", "created": svc.created, "owned_by": "bild",
+                "max_model_len": svc.engine.max_model_len}
 
     def do_POST(self):
         given = self.headers.get("X-Request-Id")  # (a proxy's or client's id for the request: the reply's id too)

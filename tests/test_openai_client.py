@@ -112,3 +112,12 @@ def test_the_responses_logprobs_parse_as_openai_s(server):
     final = events[-1].response  # (response.incomplete: cut by max_output_tokens)
     assert events[-1].type == "response.incomplete"
     assert [lp.logprob for lp in final.output[0].content[0].logprobs] == [lp.logprob for lp in lps]
+
+
+def test_the_model_is_listed_and_retrieved_by_name(server):
+    c = _client(server)
+    assert [m.id for m in c.models.list()] == ["bild"]
+    m = c.models.retrieve("bild")
+    assert m.id == "bild" and m.object == "model"
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        c.models.retrieve("gpt-4o")
