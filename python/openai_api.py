@@ -98,9 +98,10 @@ class Service:
                 self._policies.pop(next(iter(self._policies)))
             return self._policies.setdefault(key, pol)
 
-    def parse(self, body: dict, kind: str = "text") -> Request:
+    def parse(self, body: dict, kind: str = "text", truncate: bool = False) -> Request:
         """What a completions body (kind "text") or a chat completions one ("chat": the prompt is its messages,
-        which the engine puts through the chat template) asks for."""
+        which the engine puts through the chat template) asks for; `truncate` (the Responses API's truncation
+        "auto"): a conversation too long for the context loses its earliest turns (`_fit`)."""
         if not isinstance(body, dict):
             raise BadRequest("the request body must be a JSON object")
         unknown = set(body) - (FIELDS if kind == "text" else CHAT_FIELDS)
@@ -131,6 +132,8 @@ class Service:
         if kind == "chat":
             template = self._template_options(body)
             prompt, body = self._chat_body(body)
+            if truncate:
+                prompt = self._fit(prompt, tools, template)
             if tools is not None or template:
                 try:  # (the template shows the tools where it can)
                     prompt = self.engine.tokenize(prompt, tools=tools and tools["tools"], **template)
@@ -192,6 +195,23 @@ class Service:
         if not isinstance(body.get("stream", False), bool):
             raise BadRequest("stream must be true or false")
         return Request(prompt, params, self.policy(body.get("policy")), body.get("stream", False), tools, reasoning)
+
+    def _fit(self, messages: list[dict], tools, template: dict) -> list[dict]:
+        """`messages` without their earliest turns, as few dropped as leave the prompt room for a token (OpenAI's
+        truncation "auto"): system messages stay, the last message stays, and a tool call's replies go with it."""
+        def fits(ms) -> bool:
+            try:
+                ids = self.engine.tokenize(ms, tools=tools and tools["tools"], **template)
+            except ValueError as e:
+                raise BadRequest(str(e)) from None
+            return len(ids) < self.engine.max_model_len
+        system = [m for m in messages if m.get("role") == "system"]
+        turns = [m for m in messages if m.get("role") != "system"]
+        while len(turns) > 1 and not fits(system + turns):
+            turns = turns[1:]
+            while len(turns) > 1 and turns[0].get("role") == "tool":  # (replies to a call that went)
+                turns = turns[1:]
+        return system + turns
 
     def _template_options(self, body: dict) -> dict:
         """The chat template's options a chat body gives (vLLM's), its `reasoning_effort` (OpenAI's) among the

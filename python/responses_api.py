@@ -6,7 +6,8 @@ The subset served: `input` as text or a list of items (messages whose content is
 parts, function_call and function_call_output items; reasoning items are dropped), `instructions`,
 `max_output_tokens`, `temperature`, `top_p`, function `tools` with `tool_choice` and `parallel_tool_calls`,
 `text.format` (text, json_object, json_schema), `stream`, `metadata`, `user`, `reasoning.effort` (the chat template's
-`reasoning_effort`, where it reads one), `include: ["message.output_text.logprobs"]` and `top_logprobs` (the answer's
+`reasoning_effort`, where it reads one), `truncation: "auto"` (a conversation too long for the context loses its
+earliest turns), `include: ["message.output_text.logprobs"]` and `top_logprobs` (the answer's
 token log-probabilities in its output_text part and text deltas), and the extras vLLM takes (`top_k`,
 `min_p`, `seed`, penalties, `priority`, `chat_template_kwargs`) and this runtime's `policy`. Nothing is stored:
 `store: true` is taken as vLLM takes it without a store (the response says `"store": false`), and what would need a
@@ -76,8 +77,9 @@ def chat_body(body) -> dict:
         raise BadRequest(f"unsupported field(s): {sorted(unknown)}")
     if not isinstance(body.get("store", False), bool):
         raise BadRequest("store must be true or false")
-    for key, neutral in (("previous_response_id", None), ("conversation", None), ("background", False),
-                         ("truncation", "disabled")):
+    if body.get("truncation", "disabled") not in ("disabled", "auto"):
+        raise BadRequest(f'truncation must be "disabled" or "auto", got {json.dumps(body["truncation"])[:40]}')
+    for key, neutral in (("previous_response_id", None), ("conversation", None), ("background", False)):
         if body.get(key, neutral) != neutral:
             raise BadRequest(f"{key} is not supported (nothing is stored: send the whole conversation as input), got "
                              f"{json.dumps(body[key])[:80]}")
@@ -165,7 +167,7 @@ def _shell(body: dict, rid: str, created: int, model: str) -> dict:
             "parallel_tool_calls": body.get("parallel_tool_calls", True), "temperature": body.get("temperature", 0.0),
             "top_p": body.get("top_p", 1.0), "tool_choice": body.get("tool_choice", "auto"),
             "tools": body.get("tools") or [], "text": {"format": fmt}, "metadata": body.get("metadata") or {},
-            "store": False, "truncation": "disabled", "usage": None,
+            "store": False, "truncation": body.get("truncation", "disabled"), "usage": None,
             "reasoning": {"effort": (body.get("reasoning") or {}).get("effort"), "summary": None}}
 
 

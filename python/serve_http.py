@@ -160,7 +160,7 @@ class Handler(BaseHTTPRequestHandler):
         try:
             if kind == "responses":
                 responses, body, kind = body, chat_body(body), "chat"
-            req = svc.parse(body, kind)
+            req = svc.parse(body, kind, truncate=responses is not None and responses.get("truncation") == "auto")
         except BadRequest as e:
             return self._error(e.status, str(e))
         if getattr(self.server, "draining", False):

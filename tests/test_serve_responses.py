@@ -198,3 +198,34 @@ def test_a_streamed_answer_keeps_the_logprobs_of_what_the_parser_held_back(progr
         deltas = [e["token"] for n, d in events if n == "response.output_text.delta" for e in d["logprobs"]]
         final = events[-1][1]["response"]["output"][-1]["content"][0]["logprobs"]
         assert deltas == want and [e["token"] for e in final] == want
+
+
+def test_truncation_auto_drops_the_earliest_turns_that_do_not_fit(server):
+    """truncation "auto" (OpenAI's): a conversation too long for the context loses its earliest turns, as few as leave
+    room to answer (the instructions stay; a call's replies go with it); "disabled", the default, refuses it."""
+    eng, svc = server.service.engine, server.service
+    words = " ".join(f"w{i}" for i in range(1, 10))
+    turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": words} for i in range(11)]
+    body = {"input": turns, "instructions": "w5 w6", "max_output_tokens": 3}
+    code, r = _post(server, "/v1/responses", body)
+    assert code == 400 and "max_model_len" in r["error"]["message"]
+    code, resp = _post(server, "/v1/responses", {**body, "truncation": "auto"})
+    assert code == 200 and resp["truncation"] == "auto", resp
+    system = [{"role": "system", "content": "w5 w6"}]
+    k = next(k for k in range(len(turns)) if len(eng.tokenize(system + turns[k:])) < eng.max_model_len)
+    assert k > 0 and resp["usage"]["input_tokens"] == len(eng.tokenize(system + turns[k:]))
+    want = eng.generate([system + turns[k:]], svc.parse({"messages": system + turns[k:], "max_tokens": 3},
+                                                        "chat").params)[0]
+    assert resp["output"][0]["content"][0]["text"] == want.text
+    # a call's replies go with it; the last message stays however long
+    call = [{"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
+        "name": "f", "arguments": "{}"}}]}, {"role": "tool", "tool_call_id": "c1", "content": words}]
+    kept = svc._fit(turns[:9] + call + turns[:1], None, {})
+    assert kept[0]["role"] != "tool" and kept[-1] == turns[0]
+    long = [{"role": "user", "content": " ".join([words] * 8)}]
+    assert svc._fit(system + long, None, {}) == system + long
+    code, r = _post(server, "/v1/responses", {"input": long, "max_output_tokens": 3, "truncation": "auto"})
+    assert code == 400 and "max_model_len" in r["error"]["message"]
+    code, r = _post(server, "/v1/responses", {**body, "truncation": "middle"})
+    assert code == 400 and 'truncation must be "disabled" or "auto"' in r["error"]["message"]
+    _all_free(eng)
