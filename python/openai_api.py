@@ -127,8 +127,6 @@ class Service:
         if tools is not None and tools["mode"] != "auto":
             if structured is not None:
                 raise BadRequest("tool_choice holds the reply to its functions' schemas: no other output constraint")
-            if body.get("stream") and tools["mode"] == "required":
-                raise BadRequest('stream is supported with a named tool_choice, not "required"')
         if kind == "chat":
             template = self._template_options(body)
             prompt, body = self._chat_body(body)

@@ -125,7 +125,8 @@ def tool_spec(body: dict, parser: str | None = None) -> dict | None:
         calls = [{"type": "object", "properties": {"name": {"const": n}, "parameters": p},
                   "required": ["name", "parameters"]} for n, p in specs.items()]
         schema = {"type": "array", "items": {"anyOf": calls}, "minItems": 1, **({} if parallel else {"maxItems": 1})}
-        return {"mode": "required", "json": schema, "tools": tools}
+        return {"mode": "required", "json": schema, "tools": tools, "names": list(specs), "parser": "required",
+                "parallel": parallel}
     name = choice.get("function", {}).get("name") if isinstance(choice, dict) and choice.get("type") == "function" \
         and isinstance(choice.get("function"), dict) else None
     if name not in specs:

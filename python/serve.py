@@ -43,7 +43,7 @@ parameters schema, finish_reason "stop") or "required" (one or more calls, finis
 parallel_tool_calls false), the tools shown to the chat template; "auto" (the model decides; its calls read by
 --tool-call-parser hermes | mistral | llama3_json, refused without one), "none" ignores them; a named one streams
 (delta.tool_calls[0].function.arguments), "auto" streams its content, then the calls as they come
-(python/tool_calls.py), "required" does not;
+(python/tool_calls.py), and so does "required" (its list's calls);
 (completions) best_of 1 is accepted as the no-op it is, other values refused. stream_options is accepted (the last
 event carries the usage either way). With "stream": true the reply is server-sent events, one `data: {...}` per
 committed run of tokens and `data: [DONE]` at the end. Each choice carries, besides OpenAI's text and finish_reason,

@@ -21,7 +21,8 @@ class StreamedChoice:
         tools = req.tools
         self.req, self.count, self.offset = req, 0, 0  # (events so far; tokens' texts so far)
         self.call_id = f"call-{request_id}"
-        self.auto = AutoToolStream(tools, self.call_id) if tools is not None and tools["mode"] == "auto" else None
+        self.auto = AutoToolStream(tools, self.call_id) if tools is not None and tools["mode"] in (
+            "auto", "required") else None  # (a "required" reply: its list's calls stream as "auto" ones do)
         self.thinking = ReasoningStream(req.reasoning) if req.reasoning is not None else None
 
     def event(self, svc, c, kind: str) -> dict:

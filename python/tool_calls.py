@@ -155,19 +155,34 @@ def _llama3_json(text: str, names):
     return None, _as_written(calls, _raw_sequence(body, "parameters"))
 
 
+def _required(text: str, names):
+    """tool_choice "required"'s reply, which structured outputs hold to a JSON list of {"name", "parameters"}."""
+    try:
+        docs = json.loads(text)
+    except ValueError:
+        return None
+    calls = [_call_of(d, names) for d in (docs if isinstance(docs, list) else [])]
+    if not calls or None in calls:
+        return None
+    return None, _as_written(calls, _raw_sequence(text, "parameters"))
+
+
 TOOL_CALL_PARSERS = {"hermes": _hermes, "mistral": _mistral, "llama3_json": _llama3_json}  # serve.py --tool-call-parser
+_FORMATS = {**TOOL_CALL_PARSERS, "required": _required}  # (and tool_choice "required"'s list, read alike)
 
 
 def parse_tool_calls(text: str, names, parser: str = "hermes") -> tuple[str | None, list[tuple[str, str]]] | None:
     """The tool calls a reply wrote in `parser`'s format: (the content before them, or None where there is none;
     [(name, arguments as JSON text)]). None where the text holds no call, or one that is not a JSON call of one of
     `names` (the reply is then its text, as vLLM's parsers have it)."""
-    return TOOL_CALL_PARSERS[parser](text, names)
+    return _FORMATS[parser](text, names)
 
 
 def call_start(text: str, parser: str) -> int:
     """Where a tool call may begin in a reply streamed so far (its content goes out before that), in `parser`'s
     format: the marker, or the start of a tail that could be the marker's beginning; len(text) where none may."""
+    if parser == "required":  # (the whole reply is the list of calls)
+        return 0
     if parser == "llama3_json":  # (a call is the whole reply: it may begin only at its start)
         head = text.lstrip()
         return 0 if head.startswith(("{", PYTHON_TAG)) or (PYTHON_TAG.startswith(head)) else len(text)
@@ -194,27 +209,30 @@ def tool_message(text: str, finish_reason: str, spec: dict, call_id: str) -> tup
             return {"role": "assistant", "content": text}, "stop" if finish_reason == "eos" else finish_reason
         calls = got[1] if spec.get("parallel", True) else got[1][:1]  # (parallel_tool_calls false: the first)
         return {"role": "assistant", "content": got[0], "tool_calls": _calls(calls, call_id)}, "tool_calls"
-    try:
-        if finish_reason != "eos":
-            raise ValueError
-        doc = json.loads(text)
-    except ValueError:  # (json.JSONDecodeError included)
+    got = None
+    if finish_reason == "eos":
+        if spec["mode"] == "named":
+            try:
+                json.loads(text)
+                got = [(spec["name"], text)]
+            except ValueError:  # (json.JSONDecodeError included)
+                pass
+        else:
+            got = (_required(text, spec["names"]) or (None, None))[1]
+    if got is None:
         return {"role": "assistant", "content": text}, "stop" if finish_reason == "eos" else finish_reason
-    if spec["mode"] == "named":
-        calls, reason = [(spec["name"], text)], "stop"  # (OpenAI's finish_reason for a named tool_choice)
-    else:
-        calls = [(c["name"], json.dumps(c["parameters"])) for c in doc]
-        reason = "tool_calls"
-    return {"role": "assistant", "content": None, "tool_calls": _calls(calls, call_id)}, reason
+    reason = "stop" if spec["mode"] == "named" else "tool_calls"  # (OpenAI's finish_reason for a named tool_choice)
+    return {"role": "assistant", "content": None, "tool_calls": _calls(got, call_id)}, reason
+
 
 
 class AutoToolStream:
-    """A streamed "auto" reply: its text streams as content until a tool call may begin (a tail that could start the
-    opening tag is held back). Hermes' calls written name first stream as they come, as vLLM streams them: a call's
-    id and name once its arguments begin, then their text piece by piece (`tool_calls` deltas by index); the rest is
-    held, and the last event carries what remains of the calls (finish_reason "tool_calls"), or, where the text held no
-    well-formed call and none had begun to stream, the rest as content. A reply that turns malformed after a call began
-    to stream ends with the calls as they went out."""
+    """A streamed "auto" reply (or a "required" one, its whole text the list of calls): its text streams as content
+    until a tool call may begin (a tail that could start the opening tag is held back). The calls written name first
+    stream as they come, as vLLM streams them: a call's id and name once its arguments begin, then their text piece
+    by piece (`tool_calls` deltas by index); the rest is held, and the last event carries what remains of the calls
+    (finish_reason "tool_calls"), or, where the text held no well-formed call and none had begun to stream, the rest
+    as content. A reply that turns malformed after a call began to stream ends with the calls as they went out."""
 
     def __init__(self, spec: dict, call_id: str):
         self.spec, self.call_id, self.text, self.sent = spec, call_id, "", 0
@@ -231,6 +249,8 @@ class AutoToolStream:
         if parser == "mistral":
             start = text.find(MISTRAL_CALLS)
             region = "" if start < 0 else text[start + len(MISTRAL_CALLS):]
+        elif parser == "required":
+            region = text.lstrip()
         else:
             region = text.lstrip()
             region = region[len(PYTHON_TAG):] if region.startswith(PYTHON_TAG) else region
@@ -255,7 +275,7 @@ class AutoToolStream:
     def _stream_calls(self) -> list[dict]:
         """The tool_calls deltas of what the calls hold now beyond what went out (each call's arguments scanned once,
         however many pieces they come in)."""
-        key = "parameters" if self.spec["parser"] == "llama3_json" else "arguments"
+        key = "parameters" if self.spec["parser"] in ("llama3_json", "required") else "arguments"
         out, grew = [], True
         while grew:  # (a piece may finish one call and begin the next)
             grew = False

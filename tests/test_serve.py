@@ -660,7 +660,6 @@ def test_tool_calls_hold_to_the_functions_schemas(json_server, choice, parallel)
     ({"tools": [{"type": "function", "function": {"name": "a b"}}], "tool_choice": "required"}, "each tool must be"),
     ({"tools": [WEATHER, WEATHER], "tool_choice": "required"}, "twice"),
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice must be"),
-    ({"tools": [WEATHER], "tool_choice": "required", "stream": True}, "stream is supported with a named"),
     ({"tools": [WEATHER], "tool_choice": "required", "guided_regex": "a"}, "no other output constraint"),
     ({"tools": [WEATHER], "tool_choice": "required", "parallel_tool_calls": "no"}, "parallel_tool_calls"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "number", "minimum": 2}}}],
@@ -685,11 +684,31 @@ def test_a_tool_reply_that_is_not_whole_json_comes_back_as_content(programs):
     assert tool_message('{"a": 1}', "eos", named, "c")[0]["tool_calls"][0]["function"] == {"name": "f",
                                                                                           "arguments": '{"a": 1}'}
     assert tool_message('{"a": ', "length", named, "c") == ({"role": "assistant", "content": '{"a": '}, "length")
-    assert tool_message('[{"name": "ge', "eos", {"mode": "required"}, "c") == (
+    required = {"mode": "required", "names": ["f", "g"]}
+    assert tool_message('[{"name": "ge', "eos", required, "c") == (
         {"role": "assistant", "content": '[{"name": "ge'}, "stop")
-    msg, reason = tool_message('[{"name": "f", "parameters": {}}, {"name": "g", "parameters": {"x": 1}}]', "eos",
-                               {"mode": "required"}, "c")
-    assert reason == "tool_calls" and [c["function"]["arguments"] for c in msg["tool_calls"]] == ["{}", '{"x": 1}']
+    msg, reason = tool_message('[{"name": "f", "parameters": {}}, {"name": "g", "parameters": {"x":1}}]', "eos",
+                               required, "c")
+    assert reason == "tool_calls" and [c["function"]["arguments"] for c in msg["tool_calls"]] == ["{}", '{"x":1}']
+    assert tool_message('[{"name": "h", "parameters": {}}]', "eos", required, "c")[1] == "stop"  # (not a tool's)
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_a_required_reply_streams_its_calls_as_they_come(json_server, parallel):
+    """tool_choice "required" streamed (as vLLM streams it): each call's id and name once its parameters begin, then
+    their text, joining to the whole reply's calls; finish_reason "tool_calls"."""
+    body = {"messages": [{"role": "user", "content": "weather?"}], "max_tokens": 60, "tools": [WEATHER, TIME],
+            "tool_choice": "required", "parallel_tool_calls": parallel, "policy": {"name": "bild"}}
+    code, whole = _post(json_server, "/v1/chat/completions", body)
+    code2, events = _post(json_server, "/v1/chat/completions", {**body, "stream": True})
+    assert code == code2 == 200, events
+    want = [(k["function"]["name"], k["function"]["arguments"]) for k in whole["choices"][0]["message"]["tool_calls"]]
+    deltas = [e["choices"][0]["delta"] for e in events]
+    assert [(n, a) for _, n, a in joined_calls(deltas)] == want and want
+    assert not "".join(d.get("content") or "" for d in deltas) and events[-1]["choices"][0]["finish_reason"] == \
+        "tool_calls" == whole["choices"][0]["finish_reason"]
+    assert sum("tool_calls" in d for d in deltas) > len(want)  # (the arguments in pieces, not whole at the end)
+    _all_free(json_server.service.engine)
 
 
 def test_a_named_tool_call_streams_its_arguments(json_server):

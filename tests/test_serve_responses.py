@@ -96,11 +96,13 @@ def test_input_items_become_the_conversation(programs):
                                        "json_schema": {"name": "x", "schema": {"type": "object"}}}
 
 
+@pytest.mark.parametrize("choice", [{"type": "function", "name": "weather"}, "required"])
 @pytest.mark.parametrize("stream", [False, True])
-def test_a_function_call_is_an_output_item(json_server, stream):
-    """tool_choice naming a function: the reply is one function_call item whose arguments hold to its parameters."""
-    body = {"input": "weather?", "max_output_tokens": 60, "tools": [WEATHER],
-            "tool_choice": {"type": "function", "name": "weather"}}
+def test_a_function_call_is_an_output_item(json_server, stream, choice):
+    """tool_choice naming a function (or "required", with that one function): the reply is one function_call item
+    whose arguments hold to its parameters, whole and streamed."""
+    body = {"input": "weather?", "max_output_tokens": 60, "tools": [WEATHER], "tool_choice": choice,
+            "parallel_tool_calls": False}
     if stream:
         events = _events(json_server, body)
         resp = events[-1][1]["response"]
