@@ -4,6 +4,8 @@ token and throughput are printed and appended to bench/results/serve_load_<date>
 
     python python/load_test.py --tiny --clients 16 --requests 400     # in-process server on a tiny pair
     python python/load_test.py --url http://127.0.0.1:8000 --clients 8 --requests 100 --no-token-prompts
+    python python/load_test.py --tiny --ssl-certfile tests/tls/server.pem --ssl-keyfile tests/tls/server.key \
+        --cafile tests/tls/ca.pem                                      # the same over HTTPS
 
 Exit status 1 if any response differs from its reference or fails.
 """
@@ -13,6 +15,7 @@ import argparse
 import http.client
 import json
 import random
+import ssl
 import sys
 import threading
 import time
@@ -64,10 +67,12 @@ def request_mix(n: int, seed: int = 0, *, vocab: int = 96, token_prompts: bool =
     return bodies
 
 
-def complete(url: str, body: dict, stream: bool, timeout: float = 600.0) -> dict:
-    """POST one request; {"token_ids", "text", "finish_reason", "error", "latency_s", "ttft_s", "status"}."""
+def complete(url: str, body: dict, stream: bool, timeout: float = 600.0, tls: ssl.SSLContext | None = None) -> dict:
+    """POST one request (an https URL: over TLS, `tls` the client's context, else the system's trust);
+    {"token_ids", "text", "finish_reason", "error", "latency_s", "ttft_s", "status"}."""
     u = urllib.parse.urlsplit(url)
-    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
+    conn = (http.client.HTTPSConnection(u.hostname, u.port, timeout=timeout, context=tls) if u.scheme == "https"
+            else http.client.HTTPConnection(u.hostname, u.port, timeout=timeout))
     t0 = time.perf_counter()
     try:
         data = json.dumps(body | {"stream": stream}).encode()
@@ -108,10 +113,11 @@ def complete(url: str, body: dict, stream: bool, timeout: float = 600.0) -> dict
 
 
 def run_load(url: str, bodies: list[dict], *, clients: int, requests: int, seed: int = 0,
-             reference: list[dict] | None = None) -> dict:
-    """Serve every body alone first (the reference), then `requests` draws from them by `clients` threads."""
+             reference: list[dict] | None = None, tls: ssl.SSLContext | None = None) -> dict:
+    """Serve every body alone first (the reference), then `requests` draws from them by `clients` threads (each
+    request on a new connection: over TLS, a handshake each)."""
     if reference is None:
-        reference = [complete(url, b, stream=False) for b in bodies]
+        reference = [complete(url, b, stream=False, tls=tls) for b in bodies]
     failures: list[str] = [f"body {k} fails alone: {r['status']} {r['error']!r}"
                            for k, r in enumerate(reference) if r["status"] != 200 or r["error"]]
     rng = random.Random(seed)
@@ -128,7 +134,7 @@ def run_load(url: str, bodies: list[dict], *, clients: int, requests: int, seed:
                 return
             k, stream = plan[i]
             try:
-                results[i] = complete(url, bodies[k], stream)
+                results[i] = complete(url, bodies[k], stream, tls=tls)
             except Exception as e:  # counted as a failure below
                 with lock:
                     failures.append(f"request {i}: {type(e).__name__}: {e}")
@@ -163,8 +169,10 @@ def run_load(url: str, bodies: list[dict], *, clients: int, requests: int, seed:
     return {"row": row, "failures": failures, "reference": reference}
 
 
-def tiny_server(dtype: str = "float64", max_batch_size: int = 8, device: str = "cpu"):
-    """An in-process server on the tiny pair (python/tiny_pair.py); returns (server, url)."""
+def tiny_server(dtype: str = "float64", max_batch_size: int = 8, device: str = "cpu",
+                tls: ssl.SSLContext | None = None):
+    """An in-process server on the tiny pair (python/tiny_pair.py), over HTTPS with a server-side `tls`; returns
+    (server, url)."""
     import torch
 
     from bild_kernels import Engine
@@ -173,9 +181,9 @@ def tiny_server(dtype: str = "float64", max_batch_size: int = 8, device: str = "
     large, small = tiny_models(getattr(torch, dtype))
     engine = Engine(large=large, small=small, device=device, dtype=getattr(torch, dtype), max_batch_size=max_batch_size,
                     max_model_len=128, block_size=8, tokenizer=tokenizer())
-    server = make_server(engine)
+    server = make_server(engine, ssl_context=tls)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, f"http://127.0.0.1:{server.server_address[1]}"
+    return server, f"{'https' if tls else 'http'}://127.0.0.1:{server.server_address[1]}"
 
 
 def main(argv=None) -> int:
@@ -192,21 +200,30 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu", help="--tiny: where the engine runs (cuda: measure bf16 divergence)")
     ap.add_argument("--no-token-prompts", action="store_true", help="text prompts only (any tokenizer)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cafile", default=None, help="an https URL's CA certificates (PEM; default: the system's)")
+    ap.add_argument("--ssl-certfile", default=None, help="--tiny: serve HTTPS with this certificate (and key file)")
+    ap.add_argument("--ssl-keyfile", default=None)
     ap.add_argument("--out", default=None, help="CSV to append to (default bench/results/serve_load_<date>.csv)")
     args = ap.parse_args(argv)
     server = None
+    client_tls = ssl.create_default_context(cafile=args.cafile) if args.cafile else None
     if args.tiny:
-        server, url = tiny_server(args.dtype, args.max_batch_size, args.device)
+        tls = None
+        if args.ssl_certfile:
+            tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            tls.load_cert_chain(args.ssl_certfile, args.ssl_keyfile)
+        server, url = tiny_server(args.dtype, args.max_batch_size, args.device, tls)
     else:
         url = args.url
     try:
         bodies = request_mix(args.distinct, args.seed, token_prompts=not args.no_token_prompts,
                              max_tokens=args.max_tokens)
-        res = run_load(url, bodies, clients=args.clients, requests=args.requests, seed=args.seed)
+        res = run_load(url, bodies, clients=args.clients, requests=args.requests, seed=args.seed, tls=client_tls)
     finally:
         if server is not None:
             server.shutdown()
-    row = run_info() | {"server": f"tiny-{args.device}-{args.dtype}" if args.tiny else url} | res["row"]
+    server_name = f"tiny-{args.device}-{args.dtype}{'-https' if url.startswith('https') else ''}"
+    row = run_info() | {"server": server_name if args.tiny else url} | res["row"]
     path = write_csv(args.out or dated("serve_load"), [row])
     print(" ".join(f"{k}={v}" for k, v in res["row"].items()))
     for f in res["failures"]:

@@ -165,3 +165,12 @@ def test_a_reply_ends_with_a_tls_close_not_a_bare_eof(tls_server, stream):
         while chunk := s.recv(65536):  # (SSLEOFError on a bare EOF)
             data += chunk
     assert data.startswith(b"HTTP/1.1 200") and (b"data: [DONE]" in data if stream else b'"choices"' in data)
+
+
+def test_the_load_test_runs_over_https(programs, tls_server):
+    """python/load_test.py against the HTTPS server: every response equals the same request served alone."""
+    lt = programs["load_test"]
+    bodies = lt.request_mix(6, 1, max_tokens=6)
+    res = lt.run_load(f"https://127.0.0.1:{tls_server.server_address[1]}", bodies, clients=3, requests=12,
+                      tls=_client_context())
+    assert res["row"]["mismatches"] == 0 and not res["failures"], res["failures"]
