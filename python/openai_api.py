@@ -172,9 +172,9 @@ class Service:
                                     min_p=body.get("min_p", 0.0),
                                     include_stop_str_in_output=body.get("include_stop_str_in_output", False),
                                     # (a format whose marker is a special token keeps them in the text, as vLLM's
-                                    # Mistral parser does)
+                                    # Mistral and Granite parsers do)
                                     skip_special_tokens=body.get("skip_special_tokens", True) and not (
-                                        tools is not None and tools.get("parser") == "mistral"),
+                                        tools is not None and tools.get("parser") in ("mistral", "granite")),
                                     seed=seed_of(body, self._draw), stop=tuple(stop),
                                     ignore_eos=bool(body.get("ignore_eos", False)), timeout_s=timeout,
                                     presence_penalty=float_field(body, "presence_penalty", 0.0),

@@ -41,8 +41,8 @@ to a pattern (SamplingParams.structured_outputs): OpenAI's response_format ({"ty
 tool_choice naming a function (the reply is message.tool_calls: one call, its arguments held to the function's
 parameters schema, finish_reason "stop") or "required" (one or more calls, finish_reason "tool_calls"; one with
 parallel_tool_calls false), the tools shown to the chat template; "auto" (the model decides; its calls read by
---tool-call-parser hermes | mistral | llama3_json, refused without one), "none" ignores them; a named one streams
-(delta.tool_calls[0].function.arguments), "auto" streams its content, then the calls as they come
+--tool-call-parser hermes | mistral | llama3_json | granite, refused without one), "none" ignores them; a named one
+streams (delta.tool_calls[0].function.arguments), "auto" streams its content, then the calls as they come
 (python/tool_calls.py), and so does "required" (its list's calls);
 (completions) best_of 1 is accepted as the no-op it is, other values refused. stream_options is accepted (the last
 event carries the usage either way). With "stream": true the reply is server-sent events, one `data: {...}` per
@@ -240,11 +240,12 @@ def parser() -> argparse.ArgumentParser:
                          "that a restarted server samples alike for the same requests in the same order (vLLM's "
                          "flag; default: a fresh random seed each)")
     ap.add_argument("--request-timeout", type=float, default=600.0, help="default per-request timeout, seconds")
-    ap.add_argument("--tool-call-parser", default=None, choices=["hermes", "mistral", "llama3_json"],
+    ap.add_argument("--tool-call-parser", default=None, choices=["hermes", "mistral", "llama3_json", "granite"],
                     help='read the tool calls a model writes in its own format, for tool_choice "auto" (the default '
                          'with tools): hermes, <tool_call>{"name": ..., "arguments": ...}</tool_call> blocks (Qwen 2.5 '
                          '/ 3, Hermes and SmolLM3 chat templates); mistral, [TOOL_CALLS][{"name": ..., "arguments": '
-                         '...}]; llama3_json, a reply of {"name": ..., "parameters": ...} objects (Llama 3.1+)')
+                         '...}]; llama3_json, a reply of {"name": ..., "parameters": ...} objects (Llama 3.1+); '
+                         'granite, <|tool_call|> or <tool_call> and a JSON list of calls (Granite 3.x)')
     ap.add_argument("--enable-auto-tool-choice", action="store_true",
                     help='vLLM\'s flag for tool_choice "auto", taken for compatibility: here --tool-call-parser alone '
                          'turns it on (it needs one)')

@@ -1,6 +1,6 @@
 """Tool calls in a chat reply, for python/serve.py: the calls a model writes in its own format (`--tool-call-parser`:
-hermes, mistral, llama3_json, vLLM's names) read whole or as its reply streams, and a tool_choice's reply (its JSON as
-the calls' arguments) as OpenAI's message.tool_calls. No HTTP here."""
+hermes, mistral, llama3_json, granite, vLLM's names) read whole or as its reply streams, and a tool_choice's reply (its
+JSON as the calls' arguments) as OpenAI's message.tool_calls. No HTTP here."""
 from __future__ import annotations
 
 import json
@@ -9,6 +9,7 @@ import re
 TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"  # Hermes' (Qwen 2.5 / 3, Hermes, SmolLM3 templates write it)
 MISTRAL_CALLS = "[TOOL_CALLS]"  # Mistral's (a special token: its replies keep special tokens in their text)
 PYTHON_TAG = "<|python_tag|>"  # Llama 3.1+'s, before a JSON call (a special token, skipped from the text by default)
+GRANITE_CALLS = ("<|tool_call|>", "<tool_call>")  # Granite 3.0's (a special token) and 3.1+'s, before a JSON list
 
 
 def _call_of(doc, names) -> tuple[str, str] | None:
@@ -132,6 +133,29 @@ def _mistral(text: str, names):
     return (text[:start].strip() or None), calls
 
 
+def _granite_region(text: str) -> str | None:
+    """What follows Granite's marker where the reply opens with it (its calls, a JSON list), else None."""
+    head = text.lstrip()
+    marker = next((m for m in GRANITE_CALLS if head.startswith(m)), None)
+    return None if marker is None else head[len(marker):]
+
+
+def _granite(text: str, names):
+    """Granite 3.x: the whole reply `<|tool_call|>` (3.0) or `<tool_call>` (3.1+) and a JSON list of {"name",
+    "arguments"}, and no other content."""
+    region = _granite_region(text)
+    if region is None:
+        return None
+    try:
+        docs = json.loads(region)
+    except ValueError:
+        return None
+    calls = [_call_of(d, names) for d in (docs if isinstance(docs, list) else [docs])]
+    if not calls or None in calls:
+        return None
+    return None, _as_written(calls, _raw_sequence(region, "arguments"))
+
+
 def _llama3_json(text: str, names):
     """Llama 3.1+'s JSON calls: the whole reply (after an optional `<|python_tag|>`) one or more {"name", "parameters"}
     objects separated by `;`, and no other content."""
@@ -167,7 +191,8 @@ def _required(text: str, names):
     return None, _as_written(calls, _raw_sequence(text, "parameters"))
 
 
-TOOL_CALL_PARSERS = {"hermes": _hermes, "mistral": _mistral, "llama3_json": _llama3_json}  # serve.py --tool-call-parser
+TOOL_CALL_PARSERS = {"hermes": _hermes, "mistral": _mistral, "llama3_json": _llama3_json,  # serve.py --tool-call-parser
+                     "granite": _granite}
 _FORMATS = {**TOOL_CALL_PARSERS, "required": _required}  # (and tool_choice "required"'s list, read alike)
 
 
@@ -186,6 +211,9 @@ def call_start(text: str, parser: str) -> int:
     if parser == "llama3_json":  # (a call is the whole reply: it may begin only at its start)
         head = text.lstrip()
         return 0 if head.startswith(("{", PYTHON_TAG)) or (PYTHON_TAG.startswith(head)) else len(text)
+    if parser == "granite":  # (so are Granite's, after the marker)
+        head = text.lstrip()
+        return 0 if any(head.startswith(m) or m.startswith(head) for m in GRANITE_CALLS) else len(text)
     marker = TOOL_OPEN if parser == "hermes" else MISTRAL_CALLS
     at = text.find(marker)
     if at >= 0:
@@ -251,6 +279,9 @@ class AutoToolStream:
             region = "" if start < 0 else text[start + len(MISTRAL_CALLS):]
         elif parser == "required":
             region = text.lstrip()
+        elif parser == "granite":  # (a JSON list after the marker: not Hermes' single object after <tool_call>)
+            region = _granite_region(text) or ""
+            region = region if region.lstrip().startswith("[") else ""
         else:
             region = text.lstrip()
             region = region[len(PYTHON_TAG):] if region.startswith(PYTHON_TAG) else region

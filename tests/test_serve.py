@@ -936,7 +936,13 @@ def test_tool_choice_auto_reads_the_calls_the_model_writes(hermes_server, stream
     ("llama3_json", '<|python_tag|>{"name": "clock", "parameters": {"zone": "utc"}}; {"name": "weather", '
                     '"parameters": {}}', (None, [("clock", '{"zone": "utc"}'), ("weather", "{}")])),
     ("llama3_json", 'It is {"name": "clock"}', None),  # (a call is the whole reply)
-    ("llama3_json", '{"name": "rm", "parameters": {}}', None)])
+    ("llama3_json", '{"name": "rm", "parameters": {}}', None),
+    ("granite", '<|tool_call|>[{"name": "weather", "arguments": {"city": "oslo"}}, {"name": "clock", "arguments": '
+                '{"zone": "utc"}}]', (None, [("weather", '{"city": "oslo"}'), ("clock", '{"zone": "utc"}')])),
+    ("granite", f' <tool_call>[{{"name":"weather","arguments":{ARGS.replace(", ", ",")}}}]',  # (Granite 3.1+)
+     (None, [("weather", ARGS.replace(", ", ","))])),
+    ("granite", 'Sure. <|tool_call|>[{"name": "clock", "arguments": {}}]', None),  # (the calls are the whole reply)
+    ("granite", '<tool_call>{"name": "clock", "arguments": {}}</tool_call>', None)])  # (Hermes', not a list)
 def test_mistral_and_llama3_tool_calls_are_read_from_a_reply(programs, parser, text, want, size):
     """Whole, and streamed in pieces: the content, then the calls as they come (those written name first; their
     arguments as written), joining to the whole reply's calls; or, where the text holds none, the text as content."""

@@ -1,7 +1,7 @@
 """tool_choice "auto" through a model, in each of --tool-call-parser's formats: a tiny pair whose token names make the
-large model's greedy reply a tool call written as Mistral, Llama 3 or Hermes write theirs (special tokens where the real
-tokenizers have them), and Hermes' after a reasoning model's thinking, served whole, streamed, and on the Responses API,
-under lossless and BiLD policies."""
+large model's greedy reply a tool call written as Mistral, Llama 3, Granite or Hermes write theirs (special tokens
+where the real tokenizers have them), and Hermes' after a reasoning model's thinking, served whole, streamed, and on
+the Responses API, under lossless and BiLD policies."""
 import importlib
 import json
 import threading
@@ -27,6 +27,8 @@ FORMATS = {
                     ["<|python_tag|>"], None, [("clock", '{"zone": "utc"}')]),
     "hermes": (["ok", "<tool_call>", '{"name": "', "clock", '", "arguments": {"zone": "', "utc", '"}}',
                 "</tool_call>"], [], "ok", [("clock", '{"zone": "utc"}')]),
+    "granite": (["<|tool_call|>", '[{"name": "', "clock", '", "arguments": {"zone": "', "utc", '"}}]'],
+                ["<|tool_call|>"], None, [("clock", '{"zone": "utc"}')]),
     "hermes+qwen3": (["<think>", "hm", "</think>", "<tool_call>", '{"name": "', "weather", '", "arguments": {}}',
                       "</tool_call>"], [], None, [("weather", "{}")]),
 }
