@@ -25,6 +25,7 @@ POLICIES = {"bild": BiLD, "greedy": Greedy, "speculative-sampling": SpeculativeS
 MAX_BODY = 1 << 20  # bytes
 ROUTES = {"/v1/completions": "text", "/v1/chat/completions": "chat", "/v1/responses": "responses"}
 TOKENIZER_ROUTES = {"/tokenize": "tokenize", "/detokenize": "detokenize"}
+REPLY_ID_PREFIX = {"text": "cmpl-", "chat": "chatcmpl-", "responses": "resp_"}  # (OpenAI's ids' forms)
 
 
 class Request(NamedTuple):
@@ -351,10 +352,15 @@ class Service:
             offset += len(t)
         return {"tokens": texts, "token_logprobs": logprobs, "top_logprobs": top, "text_offset": starts}
 
+    @staticmethod
+    def reply_id(request_id: int | str, kind: str = "text") -> str:
+        """A reply's id: cmpl-, chatcmpl- or (kind "responses": the Responses API's, from its chat reply's) resp_."""
+        return f"{REPLY_ID_PREFIX[kind]}{request_id}"
+
     def envelope(self, request_id: int | str, choice: dict, created: int, usage=None, kind: str = "text",
                  stream: bool = False) -> dict:
         obj = "text_completion" if kind == "text" else "chat.completion.chunk" if stream else "chat.completion"
-        out = {"id": f"{'cmpl' if kind == 'text' else 'chatcmpl'}-{request_id}", "object": obj, "created": created,
+        out = {"id": self.reply_id(request_id, kind), "object": obj, "created": created,
                "model": self.model_name, "choices": [choice]}
         if usage is not None:
             out["usage"] = usage

@@ -18,7 +18,9 @@ from __future__ import annotations
 import copy
 import json
 
+from openai_api import REPLY_ID_PREFIX
 from openai_fields import BadRequest
+from reasoning import THINK_CLOSE
 
 FIELDS = {"model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "tools", "tool_choice",
           "parallel_tool_calls", "text", "stream", "metadata", "user", "store", "truncation", "include", "reasoning",
@@ -133,13 +135,18 @@ def wants_logprobs(body: dict) -> bool:
     return LOGPROBS in (body.get("include") or []) or body.get("top_logprobs") is not None
 
 
+def _think_end(entries: list[dict]) -> int | None:
+    """The index of the `</think>` token among chat logprobs entries (the tag is a single token), or None."""
+    return next((i for i, e in enumerate(entries) if e["token"] == THINK_CLOSE), None)
+
+
 def answer_logprobs(entries: list[dict], parsed: bool, thinking: bool, text: str | None,
                     whole: bool = True) -> list[dict]:
     """The chat logprobs `entries` of a reply's answer: with a reasoning parser (`parsed`), those after its
     `</think>` token (the tags are single tokens; none while a `thinking` was cut before it), and, before tool calls
     (`text` the answer's content, `whole` false), those whose texts cover `text`."""
     if parsed:
-        end = next((i for i, e in enumerate(entries) if e["token"] == "</think>"), None)
+        end = _think_end(entries)
         entries = entries[end + 1:] if end is not None else [] if thinking else entries
     if whole or text is None:
         return entries
@@ -216,9 +223,9 @@ def _items(rid: str, reasoning: str | None, content: str | None, calls: list[dic
 
 def response_object(chat: dict, body: dict, model: str, count_tokens) -> dict:
     """The Responses API's response object of a whole chat reply (`count_tokens(text)`: the reasoning's tokens)."""
-    choice, rid = chat["choices"][0], chat["id"].removeprefix("chatcmpl-")
+    choice, rid = chat["choices"][0], chat["id"].removeprefix(REPLY_ID_PREFIX["chat"])
     msg = choice["message"]
-    resp = _shell(body, f"resp_{rid}", chat["created"], model)
+    resp = _shell(body, f"{REPLY_ID_PREFIX['responses']}{rid}", chat["created"], model)
     reasoning, calls = msg.get("reasoning_content"), msg.get("tool_calls") or []
     logprobs = None
     if wants_logprobs(body):
@@ -290,7 +297,7 @@ class ResponseStream:
         if self.logprobs is None or not entries:
             return
         if not self.answering:
-            end = next((i for i, e in enumerate(entries) if e["token"] == "</think>"), None)
+            end = _think_end(entries)
             if end is not None:
                 self.answering, entries = True, entries[end + 1:]
             elif self.texts["reasoning"] or delta.get("reasoning_content"):
@@ -307,8 +314,8 @@ class ResponseStream:
         """The Responses events of one chat.completion.chunk event."""
         out = []
         if self.rid is None:
-            self.rid = event["id"].removeprefix("chatcmpl-")
-            self.resp = _shell(self.body, f"resp_{self.rid}", event["created"], self.model)
+            self.rid = event["id"].removeprefix(REPLY_ID_PREFIX["chat"])
+            self.resp = _shell(self.body, f"{REPLY_ID_PREFIX['responses']}{self.rid}", event["created"], self.model)
             out += [self._ev("response.created", response=copy.deepcopy(self.resp)),
                     self._ev("response.in_progress", response=copy.deepcopy(self.resp))]
         choice = event["choices"][0]

@@ -261,9 +261,7 @@ class Handler(BaseHTTPRequestHandler):
                 return self._error(400, out.error)
             reply_id = self.request_id or (min(index) if index else first.request_id)  # (every event's id)
             if self.request_id is None:  # (the header: the reply's id, the response's for the Responses API)
-                self.request_id = svc.envelope(reply_id, {}, created, kind=kind)["id"]
-                if responses is not None:
-                    self.request_id = f"resp_{self.request_id.removeprefix('chatcmpl-')}"
+                self.request_id = svc.reply_id(reply_id, "responses" if responses is not None else kind)
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Cache-Control", "no-cache")

@@ -117,20 +117,24 @@ def _as_written(calls: list[tuple[str, str]], raws: list[str | None]) -> list[tu
     return [(n, raws[i] if i < len(raws) and raws[i] is not None else a) for i, (n, a) in enumerate(calls)]
 
 
+def _call_list(region: str, names, key: str = "arguments", one: bool = True) -> list[tuple[str, str]] | None:
+    """The calls `region` writes as a JSON list of {"name", key} objects (or, with `one`, as a single such object),
+    their arguments as written where written name first; None where it is not calls of `names`."""
+    try:
+        docs = json.loads(region)
+    except ValueError:
+        return None
+    calls = [_call_of(d, names) for d in (docs if isinstance(docs, list) else [docs] if one else [])]
+    if not calls or None in calls:
+        return None
+    return _as_written(calls, _raw_sequence(region, key))
+
+
 def _mistral(text: str, names):
     """Mistral: `[TOOL_CALLS]` and a JSON list of {"name", "arguments"} after the content."""
     start = text.find(MISTRAL_CALLS)
-    if start < 0:
-        return None
-    try:
-        docs = json.loads(text[start + len(MISTRAL_CALLS):].strip())
-    except ValueError:
-        return None
-    calls = [_call_of(d, names) for d in (docs if isinstance(docs, list) else [docs])]
-    if not calls or None in calls:
-        return None
-    calls = _as_written(calls, _raw_sequence(text[start + len(MISTRAL_CALLS):], "arguments"))
-    return (text[:start].strip() or None), calls
+    calls = None if start < 0 else _call_list(text[start + len(MISTRAL_CALLS):], names)
+    return None if calls is None else ((text[:start].strip() or None), calls)
 
 
 def _granite_region(text: str) -> str | None:
@@ -144,16 +148,8 @@ def _granite(text: str, names):
     """Granite 3.x: the whole reply `<|tool_call|>` (3.0) or `<tool_call>` (3.1+) and a JSON list of {"name",
     "arguments"}, and no other content."""
     region = _granite_region(text)
-    if region is None:
-        return None
-    try:
-        docs = json.loads(region)
-    except ValueError:
-        return None
-    calls = [_call_of(d, names) for d in (docs if isinstance(docs, list) else [docs])]
-    if not calls or None in calls:
-        return None
-    return None, _as_written(calls, _raw_sequence(region, "arguments"))
+    calls = None if region is None else _call_list(region, names)
+    return None if calls is None else (None, calls)
 
 
 def _llama3_json(text: str, names):
@@ -181,14 +177,8 @@ def _llama3_json(text: str, names):
 
 def _required(text: str, names):
     """tool_choice "required"'s reply, which structured outputs hold to a JSON list of {"name", "parameters"}."""
-    try:
-        docs = json.loads(text)
-    except ValueError:
-        return None
-    calls = [_call_of(d, names) for d in (docs if isinstance(docs, list) else [])]
-    if not calls or None in calls:
-        return None
-    return None, _as_written(calls, _raw_sequence(text, "parameters"))
+    calls = _call_list(text, names, "parameters", one=False)
+    return None if calls is None else (None, calls)
 
 
 TOOL_CALL_PARSERS = {"hermes": _hermes, "mistral": _mistral, "llama3_json": _llama3_json,  # serve.py --tool-call-parser
